@@ -1,0 +1,107 @@
+//! Frame codec: splitting a byte stream into frames and writing frames.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::{Envelope, ProtoError};
+
+/// Length of the fixed frame header: `body_len` and `env_len`, both u32 BE.
+pub const HEADER_LEN: usize = 8;
+
+/// One frame, split into its envelope bytes and its payload bytes. Both are
+/// cheap reference-counted slices of the buffer the frame was read into.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// The MessagePack envelope.
+    pub envelope: Bytes,
+    /// The opaque payload (possibly empty).
+    pub payload: Bytes,
+}
+
+impl Frame {
+    /// Decodes the envelope. The result borrows from `self`.
+    pub fn decode(&self) -> Result<Envelope<'_>, ProtoError> {
+        Envelope::decode(&self.envelope)
+    }
+}
+
+/// Splits complete frames off the front of a read buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameDecoder {
+    max_body: u32,
+}
+
+impl FrameDecoder {
+    /// A decoder that rejects frames whose body exceeds `max_body` bytes.
+    pub fn new(max_body: u32) -> Self {
+        FrameDecoder { max_body }
+    }
+
+    /// The configured body limit.
+    pub fn max_body(&self) -> u32 {
+        self.max_body
+    }
+
+    /// If `buf` holds the header of an incomplete frame, the total number of
+    /// bytes (header included) that frame needs; callers use it to reserve
+    /// the whole frame at once instead of growing the buffer repeatedly.
+    pub fn needed(&self, buf: &[u8]) -> Option<usize> {
+        if buf.len() < HEADER_LEN {
+            return None;
+        }
+        let body = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        if body > self.max_body {
+            return None;
+        }
+        let total = HEADER_LEN + body as usize;
+        (total > buf.len()).then_some(total)
+    }
+
+    /// Removes and returns the first complete frame of `buf`, or `Ok(None)`
+    /// if more bytes are needed. An error means the stream is corrupt and
+    /// the connection must be closed.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let body_len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let env_len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        if body_len > self.max_body {
+            return Err(ProtoError::FrameTooLarge {
+                len: body_len as u64,
+                max: self.max_body,
+            });
+        }
+        if env_len > body_len || env_len == 0 {
+            return Err(ProtoError::BadEnvelopeLength { env_len, body_len });
+        }
+        if buf.len() < HEADER_LEN + body_len as usize {
+            return Ok(None);
+        }
+        buf.advance(HEADER_LEN);
+        let mut body = buf.split_to(body_len as usize).freeze();
+        let envelope = body.split_to(env_len as usize);
+        Ok(Some(Frame {
+            envelope,
+            payload: body,
+        }))
+    }
+}
+
+/// Appends the header and envelope of a frame whose payload of `payload_len`
+/// bytes the caller writes next (or sends as a separate slice of a vectored
+/// write).
+pub fn encode_header(out: &mut BytesMut, env: &Envelope<'_>, payload_len: usize) {
+    let start = out.len();
+    out.put_bytes(0, HEADER_LEN);
+    env.encode(out);
+    let env_len = out.len() - start - HEADER_LEN;
+    let body_len = env_len + payload_len;
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
+    out[start + 4..start + 8].copy_from_slice(&(env_len as u32).to_be_bytes());
+}
+
+/// Appends a complete frame (header, envelope and payload) to `out`.
+pub fn encode_frame(out: &mut BytesMut, env: &Envelope<'_>, payload: &[u8]) {
+    encode_header(out, env, payload.len());
+    out.extend_from_slice(payload);
+}

@@ -1,0 +1,425 @@
+//! Message envelopes: the small MessagePack header in front of every payload.
+
+use bytes::BufMut;
+
+use crate::mp::{self, Reader};
+use crate::{ErrorCode, ProtoError};
+
+/// Flags carried by a `Call` envelope.
+pub mod flags {
+    /// Fail the call at once with `NoSuchService` when no service holds the
+    /// name, instead of waiting for one to register until the deadline.
+    pub const NO_WAIT: u32 = 1 << 0;
+    /// Do not re-deliver the call to another instance if the instance
+    /// handling it disconnects; fail it with `ServiceGone` instead.
+    pub const NO_RETRY: u32 = 1 << 1;
+}
+
+/// Numeric message kinds (the first element of every envelope array).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Peer to broker, first frame on a connection.
+    Hello = 1,
+    /// Broker to peer, answer to `Hello`.
+    Welcome = 2,
+    /// Service to broker: take a name.
+    Register = 3,
+    /// Service to broker: release a name.
+    Unregister = 4,
+    /// Broker to service: outcome of `Register`/`Unregister`.
+    Ack = 5,
+    /// Client to broker: a call.
+    Call = 6,
+    /// Broker to service: a call routed to it.
+    Request = 7,
+    /// Service to broker: the outcome of a `Request`.
+    Reply = 8,
+    /// Broker to client: the outcome of a `Call`.
+    Result = 9,
+    /// Either direction: abandon a call.
+    Cancel = 10,
+    /// Either direction: liveness probe.
+    Ping = 11,
+    /// Either direction: answer to `Ping`.
+    Pong = 12,
+    /// Broker to peer: connection-level error; the broker closes afterwards.
+    Fatal = 13,
+}
+
+/// A decoded envelope. String fields borrow from the frame they came from,
+/// so decoding allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Envelope<'a> {
+    /// `[1, version, instance, agent]`: opens a connection. `instance` is a
+    /// random id chosen once per client/service object; it survives
+    /// reconnects and, with a call id, identifies a call for de-duplication.
+    Hello {
+        /// Protocol version spoken by the peer.
+        version: u32,
+        /// Random instance id of the peer object.
+        instance: u64,
+        /// Free-form description of the peer software, for logs.
+        agent: &'a str,
+    },
+    /// `[2, version, conn_id, max_message_size]`.
+    Welcome {
+        /// Protocol version spoken by the broker.
+        version: u32,
+        /// Broker-assigned connection id.
+        conn_id: u64,
+        /// Largest `body_len` the broker accepts.
+        max_message_size: u32,
+    },
+    /// `[3, req, name, shared]`: take `name`. With `shared`, join the
+    /// instances already holding it (they must all be shared).
+    Register {
+        /// Request id echoed in the `Ack`.
+        req: u64,
+        /// Name to take.
+        name: &'a str,
+        /// Join as an additional instance.
+        shared: bool,
+    },
+    /// `[4, req, name]`: release `name`.
+    Unregister {
+        /// Request id echoed in the `Ack`.
+        req: u64,
+        /// Name to release.
+        name: &'a str,
+    },
+    /// `[5, req, code, message]`: outcome of `Register`/`Unregister`.
+    Ack {
+        /// Request id.
+        req: u64,
+        /// `None` on success.
+        code: Option<ErrorCode>,
+        /// Human-readable reason (empty on success).
+        message: &'a str,
+    },
+    /// `[6, id, service, method, timeout_ms, flags]` + payload.
+    Call {
+        /// Caller-chosen call id, unique per connection.
+        id: u64,
+        /// Target service name.
+        service: &'a str,
+        /// Target method name.
+        method: &'a str,
+        /// Remaining budget in milliseconds; `None` waits forever.
+        timeout_ms: Option<u64>,
+        /// See [`flags`].
+        flags: u32,
+    },
+    /// `[7, id, service, method, timeout_ms, caller_instance, caller_call]` +
+    /// payload.
+    Request {
+        /// Broker-assigned id; echo it in the `Reply`.
+        id: u64,
+        /// The name the call was addressed to.
+        service: &'a str,
+        /// Method to run.
+        method: &'a str,
+        /// Remaining budget in milliseconds; `None` means no deadline.
+        timeout_ms: Option<u64>,
+        /// `instance` from the caller's `Hello`.
+        caller_instance: u64,
+        /// The caller's own call id. With `caller_instance` it identifies the
+        /// call across reconnects.
+        caller_call: u64,
+    },
+    /// `[8, id, code, message]` + payload (the return value on success).
+    Reply {
+        /// The `Request` id.
+        id: u64,
+        /// `None` on success.
+        code: Option<ErrorCode>,
+        /// Error message (empty on success).
+        message: &'a str,
+    },
+    /// `[9, id, code, message]` + payload (the return value on success).
+    Result {
+        /// The `Call` id.
+        id: u64,
+        /// `None` on success.
+        code: Option<ErrorCode>,
+        /// Error message (empty on success).
+        message: &'a str,
+    },
+    /// `[10, id]`: the caller abandons its call `id` (client to broker), or
+    /// the broker abandons request `id` (broker to service).
+    Cancel {
+        /// Call or request id.
+        id: u64,
+    },
+    /// `[11, nonce]`.
+    Ping {
+        /// Echoed in the `Pong`.
+        nonce: u64,
+    },
+    /// `[12, nonce]`.
+    Pong {
+        /// The `Ping`'s nonce.
+        nonce: u64,
+    },
+    /// `[13, code, message]`: fatal connection error; the connection closes.
+    Fatal {
+        /// Why.
+        code: ErrorCode,
+        /// Human-readable reason.
+        message: &'a str,
+    },
+}
+
+fn write_code(out: &mut impl BufMut, code: Option<ErrorCode>) {
+    mp::write_uint(out, code.map_or(0, |c| c.to_u16()) as u64);
+}
+
+impl<'a> Envelope<'a> {
+    /// The message kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Envelope::Hello { .. } => Kind::Hello,
+            Envelope::Welcome { .. } => Kind::Welcome,
+            Envelope::Register { .. } => Kind::Register,
+            Envelope::Unregister { .. } => Kind::Unregister,
+            Envelope::Ack { .. } => Kind::Ack,
+            Envelope::Call { .. } => Kind::Call,
+            Envelope::Request { .. } => Kind::Request,
+            Envelope::Reply { .. } => Kind::Reply,
+            Envelope::Result { .. } => Kind::Result,
+            Envelope::Cancel { .. } => Kind::Cancel,
+            Envelope::Ping { .. } => Kind::Ping,
+            Envelope::Pong { .. } => Kind::Pong,
+            Envelope::Fatal { .. } => Kind::Fatal,
+        }
+    }
+
+    /// Appends the MessagePack encoding of the envelope to `out`.
+    pub fn encode(&self, out: &mut impl BufMut) {
+        let kind = self.kind() as u64;
+        match *self {
+            Envelope::Hello {
+                version,
+                instance,
+                agent,
+            } => {
+                mp::write_array_len(out, 4);
+                mp::write_uint(out, kind);
+                mp::write_uint(out, version as u64);
+                mp::write_uint(out, instance);
+                mp::write_str(out, agent);
+            }
+            Envelope::Welcome {
+                version,
+                conn_id,
+                max_message_size,
+            } => {
+                mp::write_array_len(out, 4);
+                mp::write_uint(out, kind);
+                mp::write_uint(out, version as u64);
+                mp::write_uint(out, conn_id);
+                mp::write_uint(out, max_message_size as u64);
+            }
+            Envelope::Register { req, name, shared } => {
+                mp::write_array_len(out, 4);
+                mp::write_uint(out, kind);
+                mp::write_uint(out, req);
+                mp::write_str(out, name);
+                mp::write_bool(out, shared);
+            }
+            Envelope::Unregister { req, name } => {
+                mp::write_array_len(out, 3);
+                mp::write_uint(out, kind);
+                mp::write_uint(out, req);
+                mp::write_str(out, name);
+            }
+            Envelope::Ack { req, code, message }
+            | Envelope::Reply {
+                id: req,
+                code,
+                message,
+            }
+            | Envelope::Result {
+                id: req,
+                code,
+                message,
+            } => {
+                mp::write_array_len(out, 4);
+                mp::write_uint(out, kind);
+                mp::write_uint(out, req);
+                write_code(out, code);
+                mp::write_str(out, message);
+            }
+            Envelope::Call {
+                id,
+                service,
+                method,
+                timeout_ms,
+                flags,
+            } => {
+                mp::write_array_len(out, 6);
+                mp::write_uint(out, kind);
+                mp::write_uint(out, id);
+                mp::write_str(out, service);
+                mp::write_str(out, method);
+                mp::write_opt_uint(out, timeout_ms);
+                mp::write_uint(out, flags as u64);
+            }
+            Envelope::Request {
+                id,
+                service,
+                method,
+                timeout_ms,
+                caller_instance,
+                caller_call,
+            } => {
+                mp::write_array_len(out, 7);
+                mp::write_uint(out, kind);
+                mp::write_uint(out, id);
+                mp::write_str(out, service);
+                mp::write_str(out, method);
+                mp::write_opt_uint(out, timeout_ms);
+                mp::write_uint(out, caller_instance);
+                mp::write_uint(out, caller_call);
+            }
+            Envelope::Cancel { id: n }
+            | Envelope::Ping { nonce: n }
+            | Envelope::Pong { nonce: n } => {
+                mp::write_array_len(out, 2);
+                mp::write_uint(out, kind);
+                mp::write_uint(out, n);
+            }
+            Envelope::Fatal { code, message } => {
+                mp::write_array_len(out, 3);
+                mp::write_uint(out, kind);
+                write_code(out, Some(code));
+                mp::write_str(out, message);
+            }
+        }
+    }
+
+    /// Decodes an envelope. Array elements beyond the ones this version knows
+    /// are skipped (they are reserved for extensions), but they must still be
+    /// well-formed, and the envelope must contain nothing after the array.
+    pub fn decode(buf: &'a [u8]) -> Result<Envelope<'a>, ProtoError> {
+        let mut r = Reader::new(buf);
+        let len = r.array_len()?;
+        if len == 0 {
+            return Err(ProtoError::Envelope("empty envelope array"));
+        }
+        let kind = r.uint()?;
+        let need = |n: u32| {
+            if len < n {
+                Err(ProtoError::Envelope("envelope has too few fields"))
+            } else {
+                Ok(())
+            }
+        };
+        let code = |r: &mut Reader<'a>| -> Result<Option<ErrorCode>, ProtoError> {
+            Ok(ErrorCode::from_u16(r.u16()?))
+        };
+        let (env, used) = match kind {
+            1 => {
+                need(4)?;
+                let env = Envelope::Hello {
+                    version: r.u32()?,
+                    instance: r.uint()?,
+                    agent: r.str()?,
+                };
+                (env, 4)
+            }
+            2 => {
+                need(4)?;
+                let env = Envelope::Welcome {
+                    version: r.u32()?,
+                    conn_id: r.uint()?,
+                    max_message_size: r.u32()?,
+                };
+                (env, 4)
+            }
+            3 => {
+                need(4)?;
+                let env = Envelope::Register {
+                    req: r.uint()?,
+                    name: r.str()?,
+                    shared: r.bool()?,
+                };
+                (env, 4)
+            }
+            4 => {
+                need(3)?;
+                let env = Envelope::Unregister {
+                    req: r.uint()?,
+                    name: r.str()?,
+                };
+                (env, 3)
+            }
+            5 | 8 | 9 => {
+                need(4)?;
+                let id = r.uint()?;
+                let code = code(&mut r)?;
+                let message = r.str()?;
+                let env = match kind {
+                    5 => Envelope::Ack {
+                        req: id,
+                        code,
+                        message,
+                    },
+                    8 => Envelope::Reply { id, code, message },
+                    _ => Envelope::Result { id, code, message },
+                };
+                (env, 4)
+            }
+            6 => {
+                need(6)?;
+                let env = Envelope::Call {
+                    id: r.uint()?,
+                    service: r.str()?,
+                    method: r.str()?,
+                    timeout_ms: r.opt_uint()?,
+                    flags: r.u32()?,
+                };
+                (env, 6)
+            }
+            7 => {
+                need(7)?;
+                let env = Envelope::Request {
+                    id: r.uint()?,
+                    service: r.str()?,
+                    method: r.str()?,
+                    timeout_ms: r.opt_uint()?,
+                    caller_instance: r.uint()?,
+                    caller_call: r.uint()?,
+                };
+                (env, 7)
+            }
+            10..=12 => {
+                need(2)?;
+                let n = r.uint()?;
+                let env = match kind {
+                    10 => Envelope::Cancel { id: n },
+                    11 => Envelope::Ping { nonce: n },
+                    _ => Envelope::Pong { nonce: n },
+                };
+                (env, 2)
+            }
+            13 => {
+                need(3)?;
+                let code = code(&mut r)?.unwrap_or(ErrorCode::Unknown(0));
+                let env = Envelope::Fatal {
+                    code,
+                    message: r.str()?,
+                };
+                (env, 3)
+            }
+            other => return Err(ProtoError::UnknownKind(other)),
+        };
+        for _ in used..len {
+            r.skip()?;
+        }
+        if r.remaining() != 0 {
+            return Err(ProtoError::Envelope("trailing bytes after envelope"));
+        }
+        Ok(env)
+    }
+}

@@ -1,0 +1,149 @@
+//! Error codes carried on the wire, and decoding errors.
+
+use thiserror::Error;
+
+/// Why a call, a registration or a connection failed, as carried in the
+/// `code` field of `Result`, `Reply`, `Ack` and `Fatal` envelopes.
+///
+/// Code `0` means success and is represented by `Option::None` in the
+/// envelope types. Unknown codes decode as [`ErrorCode::Unknown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The call's deadline passed before a reply arrived (1).
+    Timeout,
+    /// No service holds the name, and the caller asked not to wait (2).
+    NoSuchService,
+    /// The service has no method of that name (3).
+    NoSuchMethod,
+    /// The handler returned an error or panicked; the message says why (4).
+    Remote,
+    /// The service could not decode the call's payload into the method's
+    /// parameter type (5).
+    BadPayload,
+    /// The name is held by another live service (6).
+    NameTaken,
+    /// The name is not a valid service name (7).
+    InvalidName,
+    /// The service instance handling the call disconnected, and the call was
+    /// marked not to be retried (8).
+    ServiceGone,
+    /// The broker is shutting down (9).
+    Shutdown,
+    /// The peer violated the protocol (10).
+    Protocol,
+    /// The peer speaks an unsupported protocol version (11).
+    VersionMismatch,
+    /// A configured limit was exceeded (12).
+    LimitExceeded,
+    /// The call was cancelled (13).
+    Cancelled,
+    /// The name is not registered by this connection (14).
+    NotRegistered,
+    /// A code this version does not know.
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    /// The numeric wire value.
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::Timeout => 1,
+            ErrorCode::NoSuchService => 2,
+            ErrorCode::NoSuchMethod => 3,
+            ErrorCode::Remote => 4,
+            ErrorCode::BadPayload => 5,
+            ErrorCode::NameTaken => 6,
+            ErrorCode::InvalidName => 7,
+            ErrorCode::ServiceGone => 8,
+            ErrorCode::Shutdown => 9,
+            ErrorCode::Protocol => 10,
+            ErrorCode::VersionMismatch => 11,
+            ErrorCode::LimitExceeded => 12,
+            ErrorCode::Cancelled => 13,
+            ErrorCode::NotRegistered => 14,
+            ErrorCode::Unknown(v) => v,
+        }
+    }
+
+    /// Decodes a wire value; `0` (success) yields `None`.
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        Some(match v {
+            0 => return None,
+            1 => ErrorCode::Timeout,
+            2 => ErrorCode::NoSuchService,
+            3 => ErrorCode::NoSuchMethod,
+            4 => ErrorCode::Remote,
+            5 => ErrorCode::BadPayload,
+            6 => ErrorCode::NameTaken,
+            7 => ErrorCode::InvalidName,
+            8 => ErrorCode::ServiceGone,
+            9 => ErrorCode::Shutdown,
+            10 => ErrorCode::Protocol,
+            11 => ErrorCode::VersionMismatch,
+            12 => ErrorCode::LimitExceeded,
+            13 => ErrorCode::Cancelled,
+            14 => ErrorCode::NotRegistered,
+            v => ErrorCode::Unknown(v),
+        })
+    }
+
+    /// A short stable name, used in logs, statistics and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::NoSuchService => "no_such_service",
+            ErrorCode::NoSuchMethod => "no_such_method",
+            ErrorCode::Remote => "remote",
+            ErrorCode::BadPayload => "bad_payload",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::ServiceGone => "service_gone",
+            ErrorCode::Shutdown => "shutdown",
+            ErrorCode::Protocol => "protocol",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::NotRegistered => "not_registered",
+            ErrorCode::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorCode::Unknown(v) => write!(f, "unknown error code {v}"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+/// A frame or envelope could not be decoded.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ProtoError {
+    /// The frame announces a body larger than the configured limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// Announced body length.
+        len: u64,
+        /// Configured limit.
+        max: u32,
+    },
+    /// The header's envelope length is larger than the body.
+    #[error("envelope length {env_len} exceeds frame body length {body_len}")]
+    BadEnvelopeLength {
+        /// Announced envelope length.
+        env_len: u32,
+        /// Announced body length.
+        body_len: u32,
+    },
+    /// The envelope is not valid MessagePack of the expected shape.
+    #[error("malformed envelope: {0}")]
+    Envelope(&'static str),
+    /// The envelope names a message kind this version does not know.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u64),
+    /// A service or method name breaks the naming rules.
+    #[error("invalid name {0:?}: names are 1-128 ASCII letters, digits, '_', '-' or '.', starting with a letter or '_'")]
+    InvalidName(String),
+}

@@ -1,0 +1,71 @@
+//! The zrpc wire format, shared by `zrpcd`, `zrpc-service` and `zrpc-client`.
+//!
+//! A frame on the wire is:
+//!
+//! ```text
+//! +----------------+----------------+----------------------+-------------------+
+//! | body_len u32BE | env_len u32BE  | envelope (env_len)   | payload (rest)    |
+//! +----------------+----------------+----------------------+-------------------+
+//! ```
+//!
+//! `body_len` counts the envelope and the payload (not the 8 header bytes).
+//! The envelope is a small MessagePack array `[kind, fields...]` (see
+//! [`Envelope`]); the payload is one opaque MessagePack value that the broker
+//! forwards without decoding. The full specification is `docs/protocol.md`.
+
+#![warn(missing_docs)]
+
+mod codec;
+mod envelope;
+mod error;
+pub mod mp;
+mod names;
+
+pub use codec::{encode_frame, encode_header, Frame, FrameDecoder, HEADER_LEN};
+pub use envelope::{flags, Envelope, Kind};
+pub use error::{ErrorCode, ProtoError};
+pub use names::{validate_name, MAX_NAME_LEN};
+
+/// Version of the protocol spoken by this crate, sent in `Hello`/`Welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// File name of the broker's socket inside the socket directory.
+pub const SOCKET_FILE: &str = "zrpcd.sock";
+
+/// File name of the lock file the broker holds inside the socket directory.
+pub const LOCK_FILE: &str = "zrpcd.lock";
+
+/// Default socket directory (the original zrpc's default).
+pub const DEFAULT_SOCKET_DIR: &str = "/tmp/zrpc_sockets";
+
+/// Environment variable that overrides the socket directory everywhere.
+pub const SOCKET_DIR_ENV: &str = "ZRPC_SOCKET_DIR";
+
+/// Default limit on `body_len` (envelope plus payload): 16 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u32 = 16 * 1024 * 1024;
+
+/// Name under which the broker serves its own built-in service.
+pub const BROKER_SERVICE: &str = "zrpcd";
+
+/// The MessagePack encoding of nil, used as the payload of calls without one.
+pub const NIL_PAYLOAD: &[u8] = &[0xc0];
+
+/// Resolves the socket directory: an explicit value wins, then
+/// `$ZRPC_SOCKET_DIR`, then [`DEFAULT_SOCKET_DIR`].
+pub fn resolve_socket_dir(explicit: Option<&std::path::Path>) -> std::path::PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(SOCKET_DIR_ENV) {
+        Some(v) if !v.is_empty() => v.into(),
+        _ => DEFAULT_SOCKET_DIR.into(),
+    }
+}
+
+/// Path of the broker socket inside `socket_dir`.
+pub fn socket_path(socket_dir: &std::path::Path) -> std::path::PathBuf {
+    socket_dir.join(SOCKET_FILE)
+}
+
+#[cfg(test)]
+mod tests;
