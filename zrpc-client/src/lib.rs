@@ -1,0 +1,1 @@
+//! zrpc client (under construction).

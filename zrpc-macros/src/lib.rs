@@ -1,0 +1,1 @@
+//! zrpc macros (under construction).

@@ -1,0 +1,1 @@
+//! zrpc service (under construction).

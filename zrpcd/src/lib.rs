@@ -1,0 +1,1 @@
+//! zrpcd (under construction).
