@@ -1,1 +1,113 @@
-fn main(){}
+//! The `zrpcd` broker daemon.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use zrpcd::Config;
+
+/// zrpcd: the zrpc broker. Services register names over a persistent
+/// connection; clients call them; the broker routes calls, correlates replies
+/// and enforces deadlines.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Directory of the broker socket (zrpcd.sock) [default: /tmp/zrpc_sockets]
+    #[arg(long, env = "ZRPC_SOCKET_DIR")]
+    socket_dir: Option<PathBuf>,
+    /// Permission bits of the socket file, in octal (who may connect)
+    #[arg(long, default_value = "666", value_parser = parse_octal)]
+    socket_mode: u32,
+    /// Largest message (envelope + payload) accepted, in bytes
+    #[arg(long, default_value_t = zrpc_proto::DEFAULT_MAX_MESSAGE_SIZE)]
+    max_message_size: u32,
+    /// Most simultaneous connections
+    #[arg(long, default_value_t = 16_384)]
+    max_connections: usize,
+    /// Most calls pending per connection
+    #[arg(long, default_value_t = 65_536)]
+    max_pending_per_conn: usize,
+    /// Most calls pending in the whole broker
+    #[arg(long, default_value_t = 1_048_576)]
+    max_pending_total: usize,
+    /// Most names one connection may register
+    #[arg(long, default_value_t = 256)]
+    max_names_per_conn: usize,
+    /// Most bytes queued towards one peer before the broker pushes back
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    max_queued_bytes: usize,
+    /// Seconds a new connection may take to send its Hello
+    #[arg(long, default_value_t = 5.0)]
+    handshake_timeout: f64,
+    /// Seconds shutdown waits for queued frames to be flushed
+    #[arg(long, default_value_t = 2.0)]
+    shutdown_grace: f64,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8).map_err(|e| format!("not an octal mode: {e}"))
+}
+
+fn secs(v: f64, what: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v).map_err(|e| format!("--{what}: {e}"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zrpcd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = Config::new(args.socket_dir);
+    config.socket_mode = args.socket_mode;
+    config.max_message_size = args.max_message_size;
+    config.max_connections = args.max_connections;
+    config.max_pending_per_conn = args.max_pending_per_conn;
+    config.max_pending_total = args.max_pending_total;
+    config.max_names_per_conn = args.max_names_per_conn;
+    config.max_queued_bytes = args.max_queued_bytes;
+    config.handshake_timeout = secs(args.handshake_timeout, "handshake-timeout")?;
+    config.shutdown_grace = secs(args.shutdown_grace, "shutdown-grace")?;
+
+    let bound = zrpcd::socket::bind(&config.socket_dir, config.socket_mode)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    let path = bound.path.clone();
+    let result = local.block_on(&rt, async move {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tracing::info!(socket = %path.display(), pid = std::process::id(), "zrpcd listening");
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        };
+        zrpcd::server::run(config, bound.listener, shutdown).await
+    });
+    let _ = std::fs::remove_file(&bound.path);
+    tracing::info!("zrpcd stopped");
+    result?;
+    Ok(())
+}

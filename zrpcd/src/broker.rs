@@ -1,0 +1,632 @@
+//! The broker's state and its routing logic. Everything here is synchronous:
+//! connection tasks call in with a decoded frame, and frames to send are
+//! queued on the destination peers, whose writers are woken once per batch.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use zrpc_proto::{flags, validate_name, Envelope, ErrorCode, Frame, PROTOCOL_VERSION};
+
+use crate::config::Config;
+use crate::names::{Names, RegisterError};
+use crate::peers::{Creds, PeerId, Peers};
+use crate::pending::{Pending, PendingCalls, Stage};
+use crate::queue::PeerIo;
+use crate::stats::Stats;
+
+/// A connection-level error: the peer gets a `Fatal` frame and is closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fatal {
+    /// Error code sent to the peer.
+    pub code: ErrorCode,
+    /// Message sent to the peer and logged.
+    pub message: String,
+}
+
+impl Fatal {
+    fn protocol(message: impl Into<String>) -> Fatal {
+        Fatal {
+            code: ErrorCode::Protocol,
+            message: message.into(),
+        }
+    }
+}
+
+/// How a call ended.
+enum Outcome<'a> {
+    /// The service answered (successfully or with its own error).
+    Reply {
+        code: Option<ErrorCode>,
+        message: &'a str,
+        payload: Bytes,
+    },
+    /// The broker ends the call with an error.
+    Error(ErrorCode, String),
+    /// The caller cancelled or disconnected: nobody to answer.
+    CallerGone,
+}
+
+/// The fields of a `Call` envelope, re-read from a stored frame.
+struct CallFields<'a> {
+    service: &'a str,
+    method: &'a str,
+}
+
+fn call_fields(frame: &Frame) -> Option<CallFields<'_>> {
+    match frame.decode() {
+        Ok(Envelope::Call {
+            service, method, ..
+        }) => Some(CallFields { service, method }),
+        _ => None,
+    }
+}
+
+/// The whole broker state: peers, names, pending calls, statistics.
+#[derive(Debug)]
+pub struct Broker {
+    /// Limits and settings.
+    pub config: Config,
+    /// Live connections.
+    pub peers: Peers,
+    /// Service names.
+    pub names: Names,
+    /// Calls in flight.
+    pub pending: PendingCalls,
+    /// Counters.
+    pub stats: Stats,
+    /// When the broker started.
+    pub started: Instant,
+    /// Set once shutdown began: new calls are refused.
+    pub shutting_down: bool,
+    dirty: Vec<Rc<PeerIo>>,
+}
+
+impl Broker {
+    /// An empty broker.
+    pub fn new(config: Config) -> Self {
+        Broker {
+            config,
+            peers: Peers::default(),
+            names: Names::default(),
+            pending: PendingCalls::default(),
+            stats: Stats::default(),
+            started: Instant::now(),
+            shutting_down: false,
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Registers a new connection.
+    pub fn add_peer(&mut self, io: Rc<PeerIo>, creds: Creds) -> PeerId {
+        self.stats.connections_total += 1;
+        self.peers.insert(io, creds)
+    }
+
+    /// Queues a frame to `peer`; returns false if the peer is gone.
+    fn send(&mut self, peer: PeerId, env: &Envelope<'_>, payload: &Bytes) -> bool {
+        let Some(p) = self.peers.get(peer) else {
+            return false;
+        };
+        p.io.push(env, payload);
+        if !p.io.dirty.replace(true) {
+            self.dirty.push(p.io.clone());
+        }
+        true
+    }
+
+    /// Wakes the writer of every peer that got frames since the last flush.
+    pub fn flush(&mut self) {
+        for io in self.dirty.drain(..) {
+            io.dirty.set(false);
+            io.notify.notify_one();
+        }
+    }
+
+    /// Handles one frame from `peer`. An error closes the connection.
+    pub fn on_frame(&mut self, peer: PeerId, frame: Frame) -> Result<(), Fatal> {
+        let env = frame.decode().map_err(|e| Fatal::protocol(e.to_string()))?;
+        let ready = self.peers.get(peer).is_some_and(|p| p.ready);
+        if !ready {
+            return match env {
+                Envelope::Hello {
+                    version,
+                    instance,
+                    agent,
+                } => self.on_hello(peer, version, instance, agent),
+                _ => Err(Fatal::protocol("expected Hello as the first frame")),
+            };
+        }
+        match env {
+            Envelope::Call {
+                id,
+                service,
+                method,
+                timeout_ms,
+                flags,
+            } => {
+                self.on_call(peer, id, service, method, timeout_ms, flags, &frame);
+                Ok(())
+            }
+            Envelope::Reply { id, code, message } => {
+                self.on_reply(peer, id, code, message, &frame.payload);
+                Ok(())
+            }
+            Envelope::Register { req, name, shared } => {
+                self.on_register(peer, req, name, shared);
+                Ok(())
+            }
+            Envelope::Unregister { req, name } => {
+                self.on_unregister(peer, req, name);
+                Ok(())
+            }
+            Envelope::Cancel { id } => {
+                if let Some(bid) = self.pending.find_by_caller(peer, id) {
+                    self.stats.cancelled += 1;
+                    self.finish(bid, Outcome::CallerGone);
+                }
+                Ok(())
+            }
+            Envelope::Ping { nonce } => {
+                self.send(peer, &Envelope::Pong { nonce }, &Bytes::new());
+                Ok(())
+            }
+            Envelope::Pong { .. } => Ok(()),
+            Envelope::Hello { .. } => Err(Fatal::protocol("Hello sent twice")),
+            other => Err(Fatal::protocol(format!(
+                "message kind {:?} is not accepted from peers",
+                other.kind()
+            ))),
+        }
+    }
+
+    fn on_hello(
+        &mut self,
+        peer: PeerId,
+        version: u32,
+        instance: u64,
+        agent: &str,
+    ) -> Result<(), Fatal> {
+        if version != PROTOCOL_VERSION {
+            return Err(Fatal {
+                code: ErrorCode::VersionMismatch,
+                message: format!(
+                    "zrpcd speaks zrpc protocol version {PROTOCOL_VERSION}, the peer sent version {version}"
+                ),
+            });
+        }
+        let conn_id = peer;
+        let max_message_size = self.config.max_message_size;
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.ready = true;
+            p.instance = instance;
+            p.agent = agent.chars().take(256).collect();
+            tracing::debug!(peer, pid = p.creds.pid, agent = %p.agent, "peer connected");
+        }
+        let welcome = Envelope::Welcome {
+            version: PROTOCOL_VERSION,
+            conn_id,
+            max_message_size,
+        };
+        self.send(peer, &welcome, &Bytes::new());
+        Ok(())
+    }
+
+    fn ack(&mut self, peer: PeerId, req: u64, code: Option<ErrorCode>, message: &str) {
+        self.send(peer, &Envelope::Ack { req, code, message }, &Bytes::new());
+    }
+
+    fn on_register(&mut self, peer: PeerId, req: u64, name: &str, shared: bool) {
+        if let Err(e) = validate_name(name) {
+            return self.ack(peer, req, Some(ErrorCode::InvalidName), &e.to_string());
+        }
+        if name == zrpc_proto::BROKER_SERVICE {
+            let msg = format!("the name {name:?} is reserved for the broker");
+            return self.ack(peer, req, Some(ErrorCode::NameTaken), &msg);
+        }
+        let held = self.peers.get(peer).map_or(0, |p| p.names.len());
+        if held >= self.config.max_names_per_conn {
+            let msg = format!(
+                "this connection already holds {held} names, the limit (--max-names-per-conn)"
+            );
+            return self.ack(peer, req, Some(ErrorCode::LimitExceeded), &msg);
+        }
+        match self.names.register(name, peer, shared) {
+            Ok(()) => {
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.names.push(name.into());
+                }
+                tracing::info!(peer, name, shared, "name registered");
+                self.ack(peer, req, None, "");
+                for bid in self.names.take_waiting(name) {
+                    if self.pending.get(bid).is_some() {
+                        self.dispatch(bid);
+                    }
+                }
+            }
+            Err(RegisterError::AlreadyHeld) => self.ack(peer, req, None, ""),
+            Err(RegisterError::Taken) => {
+                let msg = format!(
+                    "the name {name:?} is held by another live service; to run several instances, register it as shared from every instance"
+                );
+                self.ack(peer, req, Some(ErrorCode::NameTaken), &msg);
+            }
+        }
+    }
+
+    fn on_unregister(&mut self, peer: PeerId, req: u64, name: &str) {
+        if self.names.unregister(name, peer) {
+            if let Some(p) = self.peers.get_mut(peer) {
+                p.names.retain(|n| &**n != name);
+            }
+            tracing::info!(peer, name, "name unregistered");
+            self.ack(peer, req, None, "");
+        } else {
+            let msg = format!("this connection does not hold the name {name:?}");
+            self.ack(peer, req, Some(ErrorCode::NotRegistered), &msg);
+        }
+    }
+
+    fn result_error(&mut self, peer: PeerId, id: u64, code: ErrorCode, message: &str) {
+        self.stats.error(code);
+        let env = Envelope::Result {
+            id,
+            code: Some(code),
+            message,
+        };
+        self.send(peer, &env, &Bytes::new());
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_call(
+        &mut self,
+        peer: PeerId,
+        id: u64,
+        service: &str,
+        method: &str,
+        timeout_ms: Option<u64>,
+        flags: u32,
+        frame: &Frame,
+    ) {
+        self.stats.calls += 1;
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.calls_made += 1;
+        }
+        if self.shutting_down {
+            return self.result_error(peer, id, ErrorCode::Shutdown, "zrpcd is shutting down");
+        }
+        if let Err(e) = validate_name(service).and_then(|_| validate_name(method)) {
+            return self.result_error(peer, id, ErrorCode::InvalidName, &e.to_string());
+        }
+        if self.pending.find_by_caller(peer, id).is_some() {
+            let msg = format!("call id {id} is already in flight on this connection");
+            return self.result_error(peer, id, ErrorCode::Protocol, &msg);
+        }
+        if service == zrpc_proto::BROKER_SERVICE {
+            let started = Instant::now();
+            let (code, message, payload) =
+                crate::builtin::handle(self, peer, method, &frame.payload);
+            let env = Envelope::Result {
+                id,
+                code,
+                message: &message,
+            };
+            self.send(peer, &env, &payload);
+            match code {
+                None => self.stats.calls_ok += 1,
+                Some(c) => self.stats.error(c),
+            }
+            let s = self.stats.service(service);
+            s.answered += 1;
+            s.latency.record(started.elapsed());
+            return;
+        }
+        let calling = self.peers.get(peer).map_or(0, |p| p.calling as usize);
+        if calling >= self.config.max_pending_per_conn {
+            let msg = format!(
+                "this connection has {calling} calls pending, the limit (--max-pending-per-conn)"
+            );
+            return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
+        }
+        if self.pending.len() >= self.config.max_pending_total {
+            let msg = format!(
+                "the broker has {} calls pending, the limit (--max-pending-total)",
+                self.pending.len()
+            );
+            return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
+        }
+        let now = Instant::now();
+        let bid = self.pending.insert(Pending {
+            caller: peer,
+            caller_call: id,
+            frame: frame.clone(),
+            flags,
+            deadline: timeout_ms.map(|ms| now + Duration::from_millis(ms)),
+            timer: None,
+            stage: Stage::Parked,
+            started: now,
+        });
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.calling += 1;
+        }
+        self.dispatch(bid);
+    }
+
+    /// Delivers a pending call to an instance of its service, or parks it.
+    fn dispatch(&mut self, bid: u64) {
+        let Some(p) = self.pending.get(bid) else {
+            return;
+        };
+        let frame = p.frame.clone();
+        let (caller, caller_call, deadline, call_flags) =
+            (p.caller, p.caller_call, p.deadline, p.flags);
+        let Some(f) = call_fields(&frame) else {
+            return self.finish(
+                bid,
+                Outcome::Error(ErrorCode::Protocol, "corrupt call".into()),
+            );
+        };
+        let peers = &self.peers;
+        let target = self.names.pick(f.service, |id| {
+            peers.get(id).map_or(u32::MAX, |p| p.outstanding)
+        });
+        let Some(target) = target else {
+            if call_flags & flags::NO_WAIT != 0 {
+                let msg = format!("no service is registered under the name {:?}", f.service);
+                return self.finish(bid, Outcome::Error(ErrorCode::NoSuchService, msg));
+            }
+            self.names.park(f.service, bid);
+            if let Some(p) = self.pending.get_mut(bid) {
+                p.stage = Stage::Parked;
+            }
+            return;
+        };
+        let queued = self
+            .peers
+            .get(target)
+            .map_or(0, |p| p.io.queue.borrow().len_bytes());
+        if queued > self.config.max_queued_bytes {
+            let msg = format!(
+                "service {:?} is not reading its requests ({queued} bytes queued, limit --max-queued-bytes)",
+                f.service
+            );
+            return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg));
+        }
+        let caller_instance = self.peers.get(caller).map_or(0, |p| p.instance);
+        let timeout_ms =
+            deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
+        let env = Envelope::Request {
+            id: bid,
+            service: f.service,
+            method: f.method,
+            timeout_ms,
+            caller_instance,
+            caller_call,
+        };
+        self.send(target, &env, &frame.payload);
+        if let Some(t) = self.peers.get_mut(target) {
+            t.outstanding += 1;
+        }
+        if let Some(p) = self.pending.get_mut(bid) {
+            p.stage = Stage::Delivered(target);
+        }
+    }
+
+    /// Ends a call: the one place where a pending call is removed.
+    fn finish(&mut self, bid: u64, outcome: Outcome<'_>) {
+        let Some(p) = self.pending.remove(bid) else {
+            return;
+        };
+        let fields = call_fields(&p.frame);
+        let service = fields.as_ref().map_or("", |f| f.service);
+        let replied = matches!(outcome, Outcome::Reply { .. });
+        match p.stage {
+            Stage::Delivered(svc) => {
+                let mut cancel = false;
+                if let Some(s) = self.peers.get_mut(svc) {
+                    s.outstanding = s.outstanding.saturating_sub(1);
+                    if replied {
+                        s.served += 1;
+                    } else {
+                        s.failed += 1;
+                        cancel = true;
+                    }
+                }
+                if cancel {
+                    self.send(svc, &Envelope::Cancel { id: bid }, &Bytes::new());
+                }
+            }
+            Stage::Parked => self.names.unpark(service, bid),
+        }
+        if let Some(c) = self.peers.get_mut(p.caller) {
+            c.calling = c.calling.saturating_sub(1);
+        }
+        let elapsed = p.started.elapsed();
+        match outcome {
+            Outcome::Reply {
+                code,
+                message,
+                payload,
+            } => {
+                let env = Envelope::Result {
+                    id: p.caller_call,
+                    code,
+                    message,
+                };
+                self.send(p.caller, &env, &payload);
+                self.check_backlog(p.caller);
+                match code {
+                    None => self.stats.calls_ok += 1,
+                    Some(c) => self.stats.error(c),
+                }
+                let s = self.stats.service(service);
+                s.answered += 1;
+                if code.is_some() {
+                    s.errors += 1;
+                }
+                s.latency.record(elapsed);
+            }
+            Outcome::Error(code, message) => {
+                let env = Envelope::Result {
+                    id: p.caller_call,
+                    code: Some(code),
+                    message: &message,
+                };
+                self.send(p.caller, &env, &Bytes::new());
+                self.check_backlog(p.caller);
+                self.stats.error(code);
+                if !service.is_empty() {
+                    self.stats.service(service).errors += 1;
+                }
+                tracing::debug!(bid, service, %code, %message, "call failed");
+            }
+            Outcome::CallerGone => {}
+        }
+    }
+
+    /// Disconnects a client whose results pile up unread.
+    fn check_backlog(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
+        let queued = p.io.queue.borrow().len_bytes();
+        if queued > self.config.max_queued_bytes && !p.io.closed.get() {
+            tracing::warn!(
+                peer,
+                pid = p.creds.pid,
+                queued,
+                "peer does not read its results; disconnecting it"
+            );
+            let fatal = Fatal {
+                code: ErrorCode::LimitExceeded,
+                message: format!(
+                    "{queued} bytes of results are queued unread (limit --max-queued-bytes); disconnecting"
+                ),
+            };
+            self.fatal(peer, &fatal);
+        }
+    }
+
+    /// Handles a service's answer.
+    fn on_reply(
+        &mut self,
+        peer: PeerId,
+        bid: u64,
+        code: Option<ErrorCode>,
+        message: &str,
+        payload: &Bytes,
+    ) {
+        match self.pending.get(bid) {
+            Some(p) if p.stage == Stage::Delivered(peer) => {
+                let outcome = Outcome::Reply {
+                    code,
+                    message,
+                    payload: payload.clone(),
+                };
+                self.finish(bid, outcome);
+            }
+            _ => {
+                self.stats.late_replies += 1;
+                tracing::debug!(peer, bid, "dropped a reply to a call that already ended");
+            }
+        }
+    }
+
+    /// A call's deadline passed.
+    pub fn on_timeout(&mut self, bid: u64) {
+        let msg = match self.pending.get(bid).and_then(|p| {
+            let f = call_fields(&p.frame)?;
+            Some(match p.stage {
+                Stage::Parked => format!(
+                    "no service registered the name {:?} before the deadline",
+                    f.service
+                ),
+                Stage::Delivered(_) => format!(
+                    "service {:?} did not answer {:?} before the deadline",
+                    f.service, f.method
+                ),
+            })
+        }) {
+            Some(m) => m,
+            None => "deadline passed".into(),
+        };
+        self.finish(bid, Outcome::Error(ErrorCode::Timeout, msg));
+    }
+
+    /// Sends `Fatal` and closes the connection once it is flushed. The
+    /// peer's state is released when its reader ends ([`Broker::remove_peer`]).
+    pub fn fatal(&mut self, peer: PeerId, fatal: &Fatal) {
+        if fatal.code == ErrorCode::Protocol {
+            self.stats.protocol_errors += 1;
+        }
+        if let Some(p) = self.peers.get(peer) {
+            tracing::warn!(peer, pid = p.creds.pid, code = %fatal.code, message = %fatal.message, "closing connection");
+        }
+        let env = Envelope::Fatal {
+            code: fatal.code,
+            message: &fatal.message,
+        };
+        self.send(peer, &env, &Bytes::new());
+        if let Some(p) = self.peers.get(peer) {
+            p.io.close();
+        }
+    }
+
+    /// Releases everything a closed connection held: its names (at once),
+    /// the calls it was serving (re-delivered or failed) and the calls it
+    /// made (cancelled at their services).
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.remove(peer) else {
+            return;
+        };
+        p.io.close();
+        for name in &p.names {
+            self.names.unregister(name, peer);
+        }
+        if !p.names.is_empty() {
+            tracing::info!(peer, names = ?p.names, "service disconnected, names released");
+        }
+        for bid in self
+            .pending
+            .ids_where(|c| c.stage == Stage::Delivered(peer))
+        {
+            let no_retry = self
+                .pending
+                .get(bid)
+                .is_some_and(|c| c.flags & flags::NO_RETRY != 0);
+            if no_retry {
+                let msg = "the service instance handling the call disconnected".to_string();
+                self.finish(bid, Outcome::Error(ErrorCode::ServiceGone, msg));
+            } else {
+                self.stats.redelivered += 1;
+                if let Some(c) = self.pending.get_mut(bid) {
+                    c.stage = Stage::Parked;
+                }
+                self.dispatch(bid);
+            }
+        }
+        for bid in self.pending.ids_where(|c| c.caller == peer) {
+            self.stats.cancelled += 1;
+            self.finish(bid, Outcome::CallerGone);
+        }
+    }
+
+    /// Begins shutdown: every pending call is answered with `Shutdown`,
+    /// every peer gets `Fatal{Shutdown}` and is closed once flushed.
+    pub fn shutdown(&mut self) {
+        self.shutting_down = true;
+        for bid in self.pending.ids_where(|_| true) {
+            let msg = "zrpcd is shutting down".to_string();
+            self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg));
+        }
+        let ids: Vec<PeerId> = self.peers.iter().map(|p| p.id).collect();
+        let fatal = Fatal {
+            code: ErrorCode::Shutdown,
+            message: "zrpcd is shutting down".into(),
+        };
+        for id in ids {
+            self.fatal(id, &fatal);
+        }
+        self.flush();
+    }
+}

@@ -1,0 +1,148 @@
+//! The broker's own service, callable as `zrpcd.<method>` like any other.
+//!
+//! Methods (all take no arguments; the payload is ignored):
+//! - `ping`: returns `"pong"`.
+//! - `list`: the registered names: `[{name, instances: [conn_id...]}]`.
+//! - `peers`: every connection: `[{conn_id, pid, uid, gid, agent, names,
+//!   connected_s, outstanding, calling, served, failed, calls_made}]`.
+//! - `stats`: broker-wide counters and per-service latency percentiles.
+
+use bytes::Bytes;
+use rmpv::Value;
+use zrpc_proto::ErrorCode;
+
+use crate::broker::Broker;
+use crate::peers::PeerId;
+
+fn map(pairs: Vec<(&str, Value)>) -> Value {
+    Value::Map(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect(),
+    )
+}
+
+fn encode(v: &Value) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    // Writing to a Vec cannot fail.
+    let _ = rmpv::encode::write_value(&mut out, v);
+    out.into()
+}
+
+/// Answers a call to the broker's service. Returns the error code (None on
+/// success), the error message and the payload.
+pub fn handle(
+    broker: &Broker,
+    _caller: PeerId,
+    method: &str,
+    _payload: &[u8],
+) -> (Option<ErrorCode>, String, Bytes) {
+    let value = match method {
+        "ping" => Value::from("pong"),
+        "list" => list(broker),
+        "peers" => peers(broker),
+        "stats" => stats(broker),
+        other => {
+            return (
+                Some(ErrorCode::NoSuchMethod),
+                format!("service \"zrpcd\" has no method {other:?} (try ping, list, peers, stats)"),
+                Bytes::new(),
+            )
+        }
+    };
+    (None, String::new(), encode(&value))
+}
+
+fn list(b: &Broker) -> Value {
+    Value::Array(
+        b.names
+            .list()
+            .into_iter()
+            .map(|(name, inst)| {
+                map(vec![
+                    ("name", Value::from(name)),
+                    (
+                        "instances",
+                        Value::Array(inst.iter().map(|i| Value::from(*i)).collect()),
+                    ),
+                ])
+            })
+            .collect(),
+    )
+}
+
+fn peers(b: &Broker) -> Value {
+    let mut v: Vec<_> = b.peers.iter().collect();
+    v.sort_unstable_by_key(|p| p.id);
+    Value::Array(
+        v.into_iter()
+            .map(|p| {
+                map(vec![
+                    ("conn_id", Value::from(p.id)),
+                    ("pid", Value::from(p.creds.pid)),
+                    ("uid", Value::from(p.creds.uid)),
+                    ("gid", Value::from(p.creds.gid)),
+                    ("agent", Value::from(p.agent.as_str())),
+                    (
+                        "names",
+                        Value::Array(p.names.iter().map(|n| Value::from(&**n)).collect()),
+                    ),
+                    ("connected_s", Value::from(p.since.elapsed().as_secs_f64())),
+                    ("outstanding", Value::from(p.outstanding)),
+                    ("calling", Value::from(p.calling)),
+                    ("served", Value::from(p.served)),
+                    ("failed", Value::from(p.failed)),
+                    ("calls_made", Value::from(p.calls_made)),
+                ])
+            })
+            .collect(),
+    )
+}
+
+fn stats(b: &Broker) -> Value {
+    let s = &b.stats;
+    let mut errors: Vec<_> = s.errors.iter().collect();
+    errors.sort_unstable();
+    let errors = errors
+        .into_iter()
+        .map(|(code, n)| {
+            let name = ErrorCode::from_u16(*code).map_or("ok", |c| c.as_str());
+            (Value::from(name), Value::from(*n))
+        })
+        .collect();
+    let mut services: Vec<_> = s.services.iter().collect();
+    services.sort_unstable_by_key(|(k, _)| *k);
+    let services = services
+        .into_iter()
+        .map(|(name, st)| {
+            (
+                Value::from(&**name),
+                map(vec![
+                    ("answered", Value::from(st.answered)),
+                    ("errors", Value::from(st.errors)),
+                    ("p50_us", Value::from(st.latency.quantile_us(0.5))),
+                    ("p99_us", Value::from(st.latency.quantile_us(0.99))),
+                ]),
+            )
+        })
+        .collect();
+    map(vec![
+        ("uptime_s", Value::from(b.started.elapsed().as_secs_f64())),
+        ("connections", Value::from(b.peers.len() as u64)),
+        ("connections_total", Value::from(s.connections_total)),
+        ("connections_refused", Value::from(s.connections_refused)),
+        ("names", Value::from(b.names.len() as u64)),
+        ("pending", Value::from(b.pending.len() as u64)),
+        ("timers", Value::from(b.pending.timers_len() as u64)),
+        ("calls", Value::from(s.calls)),
+        ("calls_ok", Value::from(s.calls_ok)),
+        ("timeouts", Value::from(s.timeouts)),
+        ("late_replies", Value::from(s.late_replies)),
+        ("cancelled", Value::from(s.cancelled)),
+        ("redelivered", Value::from(s.redelivered)),
+        ("protocol_errors", Value::from(s.protocol_errors)),
+        ("errors", Value::Map(errors)),
+        ("services", Value::Map(services)),
+    ])
+}

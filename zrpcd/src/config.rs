@@ -1,0 +1,51 @@
+//! Broker configuration: every limit, with its default.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the broker needs to know to run. Built from command-line flags
+/// by `main.rs`; tests and embedders can build it directly.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory holding `zrpcd.sock` and `zrpcd.lock`.
+    pub socket_dir: PathBuf,
+    /// Permission bits of the socket file (who may connect).
+    pub socket_mode: u32,
+    /// Largest frame body (envelope + payload) accepted, in bytes.
+    pub max_message_size: u32,
+    /// Most simultaneous connections; further ones get `LimitExceeded`.
+    pub max_connections: usize,
+    /// Most calls one connection may have pending at once.
+    pub max_pending_per_conn: usize,
+    /// Most calls pending in the whole broker.
+    pub max_pending_total: usize,
+    /// Most names one connection may hold.
+    pub max_names_per_conn: usize,
+    /// Most bytes queued towards one peer before the broker pushes back
+    /// (calls to a saturated service fail with `LimitExceeded`; a client that
+    /// does not read its results is disconnected).
+    pub max_queued_bytes: usize,
+    /// How long a new connection may take to send `Hello`.
+    pub handshake_timeout: Duration,
+    /// How long shutdown waits for queued frames to be flushed.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// The defaults, with the socket directory resolved from
+    /// `$ZRPC_SOCKET_DIR` or `/tmp/zrpc_sockets`.
+    pub fn new(socket_dir: Option<PathBuf>) -> Self {
+        Config {
+            socket_dir: zrpc_proto::resolve_socket_dir(socket_dir.as_deref()),
+            socket_mode: 0o666,
+            max_message_size: zrpc_proto::DEFAULT_MAX_MESSAGE_SIZE,
+            max_connections: 16_384,
+            max_pending_per_conn: 65_536,
+            max_pending_total: 1_048_576,
+            max_names_per_conn: 256,
+            max_queued_bytes: 64 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}

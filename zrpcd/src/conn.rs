@@ -1,0 +1,188 @@
+//! One connection: a reader that feeds every complete frame to the broker,
+//! and a writer that flushes the peer's queue with one vectored write per
+//! wake-up.
+
+use std::cell::RefCell;
+use std::io::IoSlice;
+use std::rc::Rc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use zrpc_proto::{ErrorCode, FrameDecoder, ProtoError};
+
+use crate::broker::{Broker, Fatal};
+use crate::peers::{Creds, PeerId};
+use crate::queue::PeerIo;
+
+/// Read buffer size for ordinary reads.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
+    let creds = stream
+        .peer_cred()
+        .map(|c| Creds {
+            pid: c.pid().unwrap_or(0),
+            uid: c.uid(),
+            gid: c.gid(),
+        })
+        .unwrap_or_default();
+    let io = Rc::new(PeerIo::default());
+    let (id, decoder, handshake) = {
+        let mut b = broker.borrow_mut();
+        let id = b.add_peer(io.clone(), creds);
+        (
+            id,
+            FrameDecoder::new(b.config.max_message_size),
+            b.config.handshake_timeout,
+        )
+    };
+    let (rd, wr) = stream.into_split();
+    let writer = tokio::task::spawn_local(write_loop(io.clone(), wr));
+    let reason = read_loop(&broker, id, rd, decoder, Instant::now() + handshake).await;
+    tracing::debug!(peer = id, pid = creds.pid, %reason, "connection closed");
+    {
+        let mut b = broker.borrow_mut();
+        b.remove_peer(id);
+        b.flush();
+    }
+    io.close();
+    let _ = writer.await;
+}
+
+async fn read_loop(
+    broker: &RefCell<Broker>,
+    id: PeerId,
+    mut rd: OwnedReadHalf,
+    decoder: FrameDecoder,
+    hello_deadline: Instant,
+) -> String {
+    let mut buf = BytesMut::new();
+    let mut ready = false;
+    loop {
+        // Reserve the whole frame at once when a large one is arriving.
+        let want = decoder.needed(&buf).map_or(READ_CHUNK, |n| n - buf.len());
+        if buf.capacity() - buf.len() < want.min(READ_CHUNK) || buf.capacity() - buf.len() < want {
+            buf.reserve(want.max(READ_CHUNK));
+        }
+        let read = if ready {
+            rd.read_buf(&mut buf).await
+        } else {
+            match tokio::time::timeout_at(hello_deadline, rd.read_buf(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let fatal = Fatal {
+                        code: ErrorCode::Protocol,
+                        message: "no Hello within the handshake timeout".into(),
+                    };
+                    close_with(broker, id, &fatal);
+                    return "handshake timeout".into();
+                }
+            }
+        };
+        match read {
+            Ok(0) => return "end of stream".into(),
+            Ok(_) => {}
+            Err(e) => return format!("read error: {e}"),
+        }
+        let mut b = broker.borrow_mut();
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    if let Err(fatal) = b.on_frame(id, frame) {
+                        b.fatal(id, &fatal);
+                        b.flush();
+                        return fatal.message;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let code = match e {
+                        ProtoError::FrameTooLarge { .. } => ErrorCode::LimitExceeded,
+                        _ => ErrorCode::Protocol,
+                    };
+                    let fatal = Fatal {
+                        code,
+                        message: e.to_string(),
+                    };
+                    b.fatal(id, &fatal);
+                    b.flush();
+                    return fatal.message;
+                }
+            }
+        }
+        b.flush();
+        ready = ready || b.peers.get(id).is_some_and(|p| p.ready);
+        drop(b);
+        // An idle connection keeps no read buffer.
+        if buf.is_empty() {
+            buf = BytesMut::new();
+        }
+    }
+}
+
+fn close_with(broker: &RefCell<Broker>, id: PeerId, fatal: &Fatal) {
+    let mut b = broker.borrow_mut();
+    b.fatal(id, fatal);
+    b.flush();
+}
+
+async fn write_loop(io: Rc<PeerIo>, mut wr: OwnedWriteHalf) {
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        io.queue.borrow_mut().take_into(&mut batch);
+        if batch.is_empty() {
+            if io.closed.get() {
+                break;
+            }
+            io.notify.notified().await;
+            continue;
+        }
+        if let Err(e) = write_all_vectored(&mut wr, &mut batch).await {
+            tracing::debug!(error = %e, "write failed");
+            io.closed.set(true);
+            break;
+        }
+        batch.clear();
+        if batch.capacity() > 1024 {
+            batch = Vec::new();
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Writes every buffer, up to 64 per `writev`.
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
+    let mut start = 0;
+    while start < bufs.len() {
+        let mut n = {
+            let end = bufs.len().min(start + 64);
+            let mut slices = [IoSlice::new(&[]); 64];
+            for (s, b) in slices.iter_mut().zip(&bufs[start..end]) {
+                *s = IoSlice::new(b);
+            }
+            let n = wr.write_vectored(&slices[..end - start]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            n
+        };
+        while n > 0 && start < bufs.len() {
+            let len = bufs[start].len();
+            if n >= len {
+                n -= len;
+                start += 1;
+            } else {
+                bufs[start].advance(n);
+                n = 0;
+            }
+        }
+        while start < bufs.len() && bufs[start].is_empty() {
+            start += 1;
+        }
+    }
+    Ok(())
+}

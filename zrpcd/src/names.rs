@@ -1,0 +1,178 @@
+//! The name registry: service name -> instances, and calls waiting for a
+//! name to appear.
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+
+use crate::peers::PeerId;
+
+/// One service name.
+#[derive(Debug, Default)]
+pub struct NameEntry {
+    /// Connections holding the name (more than one only if shared).
+    pub instances: Vec<PeerId>,
+    /// Whether the instances registered as shared.
+    pub shared: bool,
+    /// Broker call ids parked until an instance registers.
+    pub waiting: VecDeque<u64>,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegisterError {
+    /// Held by another connection, and not both shared.
+    Taken,
+    /// This connection already holds it.
+    AlreadyHeld,
+}
+
+/// All names.
+#[derive(Debug, Default)]
+pub struct Names {
+    map: FxHashMap<Box<str>, NameEntry>,
+}
+
+impl Names {
+    /// Registers `peer` under `name`.
+    pub fn register(
+        &mut self,
+        name: &str,
+        peer: PeerId,
+        shared: bool,
+    ) -> Result<(), RegisterError> {
+        let entry = match self.map.get_mut(name) {
+            Some(e) => e,
+            None => self.map.entry(name.into()).or_default(),
+        };
+        if entry.instances.contains(&peer) {
+            return Err(RegisterError::AlreadyHeld);
+        }
+        let joinable = entry.instances.is_empty() || (entry.shared && shared);
+        if !joinable {
+            return Err(RegisterError::Taken);
+        }
+        entry.shared = shared;
+        entry.instances.push(peer);
+        Ok(())
+    }
+
+    /// Removes `peer` from `name`. Returns false if it did not hold it.
+    pub fn unregister(&mut self, name: &str, peer: PeerId) -> bool {
+        let Some(entry) = self.map.get_mut(name) else {
+            return false;
+        };
+        let Some(pos) = entry.instances.iter().position(|p| *p == peer) else {
+            return false;
+        };
+        entry.instances.swap_remove(pos);
+        if entry.instances.is_empty() && entry.waiting.is_empty() {
+            self.map.remove(name);
+        }
+        true
+    }
+
+    /// Picks the instance of `name` with the fewest outstanding calls.
+    pub fn pick(&self, name: &str, outstanding: impl Fn(PeerId) -> u32) -> Option<PeerId> {
+        let entry = self.map.get(name)?;
+        match entry.instances.as_slice() {
+            [] => None,
+            [one] => Some(*one),
+            many => many.iter().copied().min_by_key(|p| outstanding(*p)),
+        }
+    }
+
+    /// Parks a call until `name` gets an instance.
+    pub fn park(&mut self, name: &str, call: u64) {
+        match self.map.get_mut(name) {
+            Some(e) => e.waiting.push_back(call),
+            None => self
+                .map
+                .entry(name.into())
+                .or_default()
+                .waiting
+                .push_back(call),
+        }
+    }
+
+    /// Removes a parked call (on timeout or cancel).
+    pub fn unpark(&mut self, name: &str, call: u64) {
+        if let Some(entry) = self.map.get_mut(name) {
+            if let Some(pos) = entry.waiting.iter().position(|c| *c == call) {
+                entry.waiting.remove(pos);
+            }
+            if entry.instances.is_empty() && entry.waiting.is_empty() {
+                self.map.remove(name);
+            }
+        }
+    }
+
+    /// Takes the calls parked on `name` (after it gained an instance).
+    pub fn take_waiting(&mut self, name: &str) -> VecDeque<u64> {
+        self.map
+            .get_mut(name)
+            .map(|e| std::mem::take(&mut e.waiting))
+            .unwrap_or_default()
+    }
+
+    /// Number of names with at least one instance.
+    pub fn len(&self) -> usize {
+        self.map
+            .values()
+            .filter(|e| !e.instances.is_empty())
+            .count()
+    }
+
+    /// True if no name has an instance.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Names with their instances, sorted by name.
+    pub fn list(&self) -> Vec<(&str, &[PeerId])> {
+        let mut v: Vec<_> = self
+            .map
+            .iter()
+            .filter(|(_, e)| !e.instances.is_empty())
+            .map(|(k, e)| (&**k, e.instances.as_slice()))
+            .collect();
+        v.sort_unstable_by_key(|(k, _)| *k);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_and_shared() {
+        let mut n = Names::default();
+        assert_eq!(n.register("a", 1, false), Ok(()));
+        assert_eq!(n.register("a", 2, false), Err(RegisterError::Taken));
+        assert_eq!(n.register("a", 2, true), Err(RegisterError::Taken));
+        assert_eq!(n.register("a", 1, false), Err(RegisterError::AlreadyHeld));
+        assert!(n.unregister("a", 1));
+        assert!(!n.unregister("a", 1));
+        assert_eq!(n.register("a", 2, true), Ok(()));
+        assert_eq!(n.register("a", 3, true), Ok(()));
+        assert_eq!(n.register("a", 4, false), Err(RegisterError::Taken));
+        let out = |p| if p == 2 { 5 } else { 1 };
+        assert_eq!(n.pick("a", out), Some(3));
+        assert_eq!(n.len(), 1);
+    }
+
+    #[test]
+    fn parking() {
+        let mut n = Names::default();
+        n.park("b", 10);
+        n.park("b", 11);
+        n.unpark("b", 10);
+        assert_eq!(n.pick("b", |_| 0), None);
+        n.register("b", 1, false).expect("free");
+        assert_eq!(n.take_waiting("b"), VecDeque::from(vec![11]));
+        n.unregister("b", 1);
+        assert!(n.is_empty());
+        assert!(n.map.is_empty(), "entry freed");
+    }
+}

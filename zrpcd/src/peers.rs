@@ -1,0 +1,117 @@
+//! The peers table: one entry per live connection.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use rustc_hash::FxHashMap;
+
+use crate::queue::PeerIo;
+
+/// Broker-assigned connection id.
+pub type PeerId = u64;
+
+/// Credentials of the process at the other end, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Creds {
+    /// Process id (0 if unknown).
+    pub pid: i32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// One connection.
+#[derive(Debug)]
+pub struct Peer {
+    /// Connection id.
+    pub id: PeerId,
+    /// Shared with the writer task.
+    pub io: Rc<PeerIo>,
+    /// `Hello` received.
+    pub ready: bool,
+    /// Instance id from `Hello`.
+    pub instance: u64,
+    /// Agent string from `Hello`.
+    pub agent: String,
+    /// From `SO_PEERCRED`, never from what the peer claims.
+    pub creds: Creds,
+    /// When the connection was accepted.
+    pub since: Instant,
+    /// Names held.
+    pub names: Vec<Box<str>>,
+    /// Calls delivered to this peer (as a service) not yet answered.
+    pub outstanding: u32,
+    /// Calls made by this peer (as a client) not yet answered.
+    pub calling: u32,
+    /// Requests this peer answered (as a service).
+    pub served: u64,
+    /// Requests delivered to this peer that ended in an error or timeout.
+    pub failed: u64,
+    /// Calls this peer made.
+    pub calls_made: u64,
+}
+
+/// All live connections.
+#[derive(Debug, Default)]
+pub struct Peers {
+    map: FxHashMap<PeerId, Peer>,
+    next_id: PeerId,
+}
+
+impl Peers {
+    /// Adds a connection and returns its id.
+    pub fn insert(&mut self, io: Rc<PeerIo>, creds: Creds) -> PeerId {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.map.insert(
+            id,
+            Peer {
+                id,
+                io,
+                ready: false,
+                instance: 0,
+                agent: String::new(),
+                creds,
+                since: Instant::now(),
+                names: Vec::new(),
+                outstanding: 0,
+                calling: 0,
+                served: 0,
+                failed: 0,
+                calls_made: 0,
+            },
+        );
+        id
+    }
+
+    /// Looks up a connection.
+    pub fn get(&self, id: PeerId) -> Option<&Peer> {
+        self.map.get(&id)
+    }
+
+    /// Looks up a connection mutably.
+    pub fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer> {
+        self.map.get_mut(&id)
+    }
+
+    /// Removes a connection.
+    pub fn remove(&mut self, id: PeerId) -> Option<Peer> {
+        self.map.remove(&id)
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True if there are no connections.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Iterates over all connections.
+    pub fn iter(&self) -> impl Iterator<Item = &Peer> {
+        self.map.values()
+    }
+}
