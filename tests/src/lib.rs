@@ -1,1 +1,266 @@
-//! test support
+//! Support for the end-to-end tests: start the real `zrpcd` binary and real
+//! helper processes in a fresh socket directory, wait on conditions with a
+//! bound, and kill every process by its pid when the test ends.
+
+#![warn(missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Default bound for waits in tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `cond` every few milliseconds until it is true or `bound` passes.
+/// Returns whether it became true.
+pub fn wait_until(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > bound {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// Path of a workspace binary, with a clear message if it is not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run the tests with `cargo test --workspace` (which builds every binary)",
+        p.display()
+    );
+    p
+}
+
+/// A fresh temporary socket directory, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a unique directory under the system temp dir.
+    pub fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!(
+            "zrpc-t{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            nanos % 100_000
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed (SIGKILL, by pid) and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// A name for messages.
+    pub name: String,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout piped (read it with [`Proc::read_line`])
+    /// and stderr inherited (shown by the test harness on failure).
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit status.
+    pub fn wait_exit(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if start.elapsed() > bound {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Reads lines from stdout until one satisfies `pred` (bounded by the
+    /// child's lifetime; the caller keeps its own bound by killing it).
+    pub fn read_until(&mut self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let out = self.child.stdout.as_mut()?;
+        let mut r = BufReader::new(out);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) if pred(line.trim_end()) => return Some(line.trim_end().to_string()),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Collects all of stdout until the process exits, with a bound: the
+    /// process is killed if it runs longer.
+    pub fn output(mut self, bound: Duration) -> (Option<std::process::ExitStatus>, String) {
+        let mut stdout = self.child.stdout.take();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(o) = stdout.as_mut() {
+                let _ = std::io::Read::read_to_string(o, &mut s);
+            }
+            s
+        });
+        let status = self.wait_exit(bound);
+        if status.is_none() {
+            self.signal(libc::SIGKILL);
+        }
+        let out = reader.join().unwrap_or_default();
+        (status, out)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `zrpcd` in its own temporary socket directory.
+#[derive(Debug)]
+pub struct Broker {
+    /// The broker process.
+    pub proc: Proc,
+    /// Its socket directory.
+    pub dir: TempDir,
+    /// Extra flags it was started with.
+    pub args: Vec<String>,
+}
+
+impl Broker {
+    /// Starts `zrpcd` in a fresh directory and waits until it accepts.
+    pub fn start() -> Broker {
+        Self::start_with(&[])
+    }
+
+    /// Same, with extra command-line flags.
+    pub fn start_with(args: &[&str]) -> Broker {
+        let dir = TempDir::new();
+        let proc = spawn_broker(dir.path(), args);
+        let b = Broker {
+            proc,
+            dir,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        b.wait_ready();
+        b
+    }
+
+    /// Kills the broker with `sig`, waits for it, and starts it again on the
+    /// same directory.
+    pub fn restart(&mut self, sig: i32) {
+        self.proc.signal(sig);
+        assert!(self.proc.wait_exit(WAIT).is_some(), "broker did not exit");
+        let args: Vec<&str> = self.args.iter().map(|s| s.as_str()).collect();
+        self.proc = spawn_broker(self.dir.path(), &args);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let sock = self.socket();
+        assert!(
+            wait_until(WAIT, || UnixStream::connect(&sock).is_ok()),
+            "zrpcd did not start listening on {}",
+            sock.display()
+        );
+    }
+
+    /// The socket directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("zrpcd.sock")
+    }
+
+    /// A command for a workspace binary with `ZRPC_SOCKET_DIR` set to this
+    /// broker's directory.
+    pub fn command(&self, name: &str) -> Command {
+        let mut c = Command::new(bin(name));
+        c.env("ZRPC_SOCKET_DIR", self.dir());
+        c
+    }
+
+    /// Starts a workspace binary against this broker.
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Proc {
+        let mut c = self.command(name);
+        c.args(args);
+        Proc::spawn(name, c)
+    }
+}
+
+fn spawn_broker(dir: &Path, args: &[&str]) -> Proc {
+    let mut c = Command::new(bin("zrpcd"));
+    c.arg("--socket-dir").arg(dir).args(args);
+    c.env("RUST_LOG", std::env::var("ZRPC_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+    Proc::spawn("zrpcd", c)
+}
