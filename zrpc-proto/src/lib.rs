@@ -20,11 +20,13 @@ mod envelope;
 mod error;
 pub mod mp;
 mod names;
+mod sd;
 
 pub use codec::{encode_frame, encode_header, Frame, FrameDecoder, HEADER_LEN};
 pub use envelope::{flags, Envelope, Kind};
 pub use error::{ErrorCode, ProtoError};
 pub use names::{validate_name, MAX_NAME_LEN};
+pub use sd::{sd_notify, watchdog_interval};
 
 /// Version of the protocol spoken by this crate, sent in `Hello`/`Welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -88,7 +88,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.handshake_timeout = secs(args.handshake_timeout, "handshake-timeout")?;
     config.shutdown_grace = secs(args.shutdown_grace, "shutdown-grace")?;
 
-    let bound = zrpcd::socket::bind(&config.socket_dir, config.socket_mode)?;
+    let bound = match zrpcd::socket::adopt_listen_fds(&config.socket_dir)? {
+        Some(b) => {
+            tracing::info!(socket = %b.path.display(), "adopted the socket passed by systemd");
+            b
+        }
+        None => zrpcd::socket::bind(&config.socket_dir, config.socket_mode)?,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -106,7 +112,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         };
         zrpcd::server::run(config, bound.listener, shutdown).await
     });
-    let _ = std::fs::remove_file(&bound.path);
+    if bound.remove_on_exit {
+        let _ = std::fs::remove_file(&bound.path);
+    }
     tracing::info!("zrpcd stopped");
     result?;
     Ok(())

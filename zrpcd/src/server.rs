@@ -25,6 +25,9 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let broker = Rc::new(RefCell::new(Broker::new(config)));
     let timers = tokio::task::spawn_local(timer_loop(broker.clone()));
+    let systemd = std::env::var_os("NOTIFY_SOCKET")
+        .map(|_| tokio::task::spawn_local(systemd_loop(broker.clone())));
+    sd_notify(&format!("READY=1\nSTATUS={}", status_line(&broker.borrow(), 0.0)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -51,6 +54,10 @@ pub async fn run(
     }
     drop(listener);
     tracing::info!("shutting down");
+    sd_notify("STOPPING=1\nSTATUS=shutting down");
+    if let Some(t) = systemd {
+        t.abort();
+    }
     broker.borrow_mut().shutdown();
     // Bounded wait for writers to flush and peers to disconnect.
     let deadline = tokio::time::Instant::now() + grace;
@@ -78,6 +85,48 @@ fn refuse(broker: &RefCell<Broker>, stream: tokio::net::UnixStream) {
     );
     // Best effort: the socket buffer of a new connection has room for it.
     let _ = stream.try_write(&out);
+}
+
+fn sd_notify(state: &str) {
+    if let Err(e) = zrpc_proto::sd_notify(state) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+fn status_line(b: &Broker, calls_per_s: f64) -> String {
+    format!(
+        "{} connections, {} services, {} pending calls, {:.0} calls/s",
+        b.peers.len(),
+        b.names.len(),
+        b.pending.len(),
+        calls_per_s
+    )
+}
+
+/// Pings the systemd watchdog from the broker's own event loop (so a wedged
+/// loop stops pinging) and keeps `STATUS=` current.
+async fn systemd_loop(broker: Rc<RefCell<Broker>>) {
+    const STATUS_EVERY: Duration = Duration::from_secs(2);
+    let watchdog = zrpc_proto::watchdog_interval().map(|d| d / 2);
+    let tick = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (tokio::time::Instant::now(), broker.borrow().stats.calls);
+    loop {
+        interval.tick().await;
+        if watchdog.is_some() {
+            sd_notify("WATCHDOG=1");
+        }
+        let now = tokio::time::Instant::now();
+        if now - last.0 >= STATUS_EVERY {
+            let b = broker.borrow();
+            let rate = (b.stats.calls - last.1) as f64 / (now - last.0).as_secs_f64();
+            let line = status_line(&b, rate);
+            last = (now, b.stats.calls);
+            drop(b);
+            sd_notify(&format!("STATUS={line}"));
+        }
+    }
 }
 
 async fn timer_loop(broker: Rc<RefCell<Broker>>) {

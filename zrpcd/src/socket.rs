@@ -56,8 +56,11 @@ fn io_err<'a>(
 pub struct BoundSocket {
     /// The listener (non-blocking is set by the caller).
     pub listener: UnixListener,
-    /// Path of the socket file, removed on shutdown.
+    /// Path of the socket file.
     pub path: PathBuf,
+    /// Whether the socket file is ours to remove on shutdown (not when it
+    /// was passed in by systemd socket activation).
+    pub remove_on_exit: bool,
     _lock: File,
 }
 
@@ -99,8 +102,9 @@ pub fn prepare_dir(dir: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// Takes the broker lock in `dir`, replaces a stale socket file, binds.
-pub fn bind(dir: &Path, mode: u32) -> Result<BoundSocket, SetupError> {
+/// Takes the broker lock in `dir`. Fails with [`SetupError::AlreadyRunning`]
+/// if another broker holds it.
+fn lock(dir: &Path) -> Result<File, SetupError> {
     prepare_dir(dir)?;
     let lock_path = dir.join(zrpc_proto::LOCK_FILE);
     let path = zrpc_proto::socket_path(dir);
@@ -134,7 +138,22 @@ pub fn bind(dir: &Path, mode: u32) -> Result<BoundSocket, SetupError> {
     }
     let _ = lock.set_len(0);
     let _ = writeln!(lock, "{}", std::process::id());
-    // We hold the lock, so any socket file here was left by a dead broker.
+    Ok(lock)
+}
+
+/// Takes the broker lock in `dir`, replaces a stale socket file, binds.
+pub fn bind(dir: &Path, mode: u32) -> Result<BoundSocket, SetupError> {
+    let lock = lock(dir)?;
+    let path = zrpc_proto::socket_path(dir);
+    // We hold the lock, so a socket file here was left by a dead broker,
+    // unless something else (systemd's zrpcd.socket, say) listens on it:
+    // never take over a live socket.
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(SetupError::AlreadyRunning {
+            path,
+            pid: "unknown: the socket accepts connections but the lock is free (systemd socket activation?)".into(),
+        });
+    }
     match fs::remove_file(&path) {
         Ok(()) => tracing::info!(path = %path.display(), "replaced stale socket file"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -146,6 +165,61 @@ pub fn bind(dir: &Path, mode: u32) -> Result<BoundSocket, SetupError> {
     Ok(BoundSocket {
         listener,
         path,
+        remove_on_exit: true,
         _lock: lock,
     })
+}
+
+/// Adopts a listening socket passed by systemd socket activation
+/// (`sd_listen_fds(3)`: `LISTEN_PID` is our pid and `LISTEN_FDS` >= 1; the
+/// socket is fd 3). Returns `Ok(None)` when not socket-activated. The lock in
+/// `dir` is still taken, so a hand-started broker on the same directory is
+/// refused.
+pub fn adopt_listen_fds(dir: &Path) -> Result<Option<BoundSocket>, SetupError> {
+    const SD_LISTEN_FDS_START: i32 = 3;
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let nfds = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .unwrap_or(0);
+    if !pid_ok || nfds < 1 {
+        return Ok(None);
+    }
+    // Not inherited by anything we might start.
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let fd = SD_LISTEN_FDS_START;
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt/fcntl on the fd systemd passed us, with valid
+    // pointers to locals.
+    let ok = unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len)
+    } == 0
+        && ty == libc::SOCK_STREAM;
+    if !ok {
+        return Err(SetupError::UnsafeDir {
+            path: dir.into(),
+            reason: "the socket passed by systemd (fd 3) is not a stream socket".into(),
+        });
+    }
+    // SAFETY: systemd hands us ownership of fd 3, a listening socket.
+    let listener = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        .unwrap_or_else(|| zrpc_proto::socket_path(dir));
+    let lock = lock(dir)?;
+    Ok(Some(BoundSocket {
+        listener,
+        path,
+        remove_on_exit: false,
+        _lock: lock,
+    }))
 }
