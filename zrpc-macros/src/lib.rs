@@ -1,1 +1,467 @@
-//! zrpc macros (under construction).
+//! Procedural macros for `zrpc-service`: [`macro@service`] and
+//! [`macro@rpc_method`].
+//!
+//! Use them through the re-exports `zrpc_service::service` and
+//! `zrpc_service::rpc_method`; the generated code refers to items of the
+//! `zrpc_service` crate by absolute path.
+//!
+//! ```ignore
+//! use zrpc_service::{service, rpc_method, Context};
+//!
+//! struct TestServer;
+//!
+//! #[service]
+//! impl TestServer {
+//!     /// Echoes its payload.
+//!     #[rpc_method]
+//!     fn func(&mut self, ctx: &Context, payload: rmpv::Value) -> (String, rmpv::Value) {
+//!         println!("RPC request [{}]: {}", ctx.counter(), payload);
+//!         ("func".into(), payload)
+//!     }
+//! }
+//! ```
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote};
+use syn::spanned::Spanned;
+use syn::{
+    parse_macro_input, Attribute, Expr, ExprLit, FnArg, ImplItem, ImplItemFn, ItemImpl, Lit,
+    LitStr, Meta, Pat, ReturnType, Type,
+};
+
+/// Turns an inherent `impl` block into a zrpc service.
+///
+/// Every method marked with `#[rpc_method]` becomes callable over zrpc under
+/// its own name; other methods stay ordinary helpers. The macro keeps the
+/// `impl` block as it is and adds an
+/// `impl zrpc_service::Service for Type`.
+///
+/// Options: `#[service(name = "custom")]` sets the service name; by default
+/// it is the type name converted from CamelCase to snake_case
+/// (`TestServer` becomes `test_server`).
+///
+/// Supported method shapes (sync or `async fn`):
+///
+/// ```text
+/// fn m(&self | &mut self [, ctx: &Context] [, payload: T]) [-> R]
+/// ```
+///
+/// * `T: serde::de::DeserializeOwned` is decoded from the call's MessagePack
+///   payload (an empty payload is nil); without a payload parameter the
+///   payload is ignored.
+/// * The context parameter is recognised by its type: a reference whose last
+///   path segment is `Context`.
+/// * `R: serde::Serialize` is encoded as the reply. When the return type is
+///   spelled `Result<X, E>` (last path segment `Result`), `Ok(x)` is the
+///   reply and `Err(e)` becomes a `Remote` error with `e.to_string()` as its
+///   message (`E: Display`).
+///
+/// `#[rpc_method(name = "other")]` exposes a method under another name.
+#[proc_macro_attribute]
+pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let mut custom_name: Option<LitStr> = None;
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("name") {
+            custom_name = Some(meta.value()?.parse()?);
+            Ok(())
+        } else {
+            Err(meta.error("unsupported #[service] option; expected `name = \"...\"`"))
+        }
+    });
+    parse_macro_input!(attr with parser);
+    let item = parse_macro_input!(item as ItemImpl);
+    match expand_service(custom_name, item) {
+        Ok(ts) => ts.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+/// Marks a method of a `#[service]` impl block as callable over zrpc (the
+/// Rust form of the original `@rpc_method` decorator).
+///
+/// It is processed by [`macro@service`], which must be on the enclosing
+/// `impl` block; used anywhere else it is an error. Like any attribute macro
+/// it must be in scope (`use zrpc_service::rpc_method;`) or written with its
+/// path (`#[zrpc_service::rpc_method]`).
+/// Optional: `#[rpc_method(name = "other")]` to expose the method under
+/// another name.
+#[proc_macro_attribute]
+pub fn rpc_method(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let attr2: TokenStream2 = attr.into();
+    if attr2.to_string() == EXPANDED_MARKER {
+        // Left behind by #[service] after it processed the method.
+        return item;
+    }
+    let item2: TokenStream2 = item.into();
+    let err = syn::Error::new(
+        Span::call_site(),
+        "#[rpc_method] must be used on a method inside an `impl` block annotated with #[service]",
+    )
+    .to_compile_error();
+    quote!(#err #item2).into()
+}
+
+/// Argument of the `#[rpc_method(...)]` attributes that [`macro@service`]
+/// leaves on the methods it processed, so that the user's `use` of
+/// `rpc_method` counts as used; the attribute then expands to the method
+/// unchanged.
+const EXPANDED_MARKER: &str = "__zrpc_expanded";
+
+/// CamelCase to snake_case; the same rule as `zrpc_service::to_snake_case`.
+fn to_snake_case(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len() + 4);
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_uppercase() {
+            if i > 0 {
+                let prev = chars[i - 1];
+                let next_lower = chars.get(i + 1).is_some_and(|n| n.is_lowercase());
+                if prev != '_'
+                    && (prev.is_lowercase()
+                        || prev.is_ascii_digit()
+                        || (prev.is_uppercase() && next_lower))
+                {
+                    out.push('_');
+                }
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A compact rendering of a type or pattern for introspection
+/// (`Result < u8 , E >` becomes `Result<u8, E>`).
+fn pretty(ts: &TokenStream2) -> String {
+    let s = ts.to_string();
+    let mut out = String::with_capacity(s.len());
+    let toks: Vec<&str> = s.split(' ').collect();
+    for (i, t) in toks.iter().enumerate() {
+        if i > 0 {
+            let prev = toks[i - 1];
+            let glue = matches!(*t, "<" | ">" | "," | "::" | ")" | "]" | ">>" | ";" | "?")
+                || matches!(prev, "<" | "::" | "&" | "(" | "[" | "'" | "#" | "!");
+            if !glue {
+                out.push(' ');
+            }
+        }
+        out.push_str(t);
+    }
+    out
+}
+
+fn is_attr(attr: &Attribute, name: &str) -> bool {
+    attr.path().segments.last().is_some_and(|s| s.ident == name)
+}
+
+fn last_segment_is(ty: &Type, name: &str) -> bool {
+    match ty {
+        Type::Path(p) => p.path.segments.last().is_some_and(|s| s.ident == name),
+        Type::Group(g) => last_segment_is(&g.elem, name),
+        Type::Paren(p) => last_segment_is(&p.elem, name),
+        _ => false,
+    }
+}
+
+fn is_context(ty: &Type) -> bool {
+    match ty {
+        Type::Reference(r) => last_segment_is(&r.elem, "Context"),
+        Type::Group(g) => is_context(&g.elem),
+        _ => false,
+    }
+}
+
+fn doc_of(attrs: &[Attribute]) -> String {
+    let mut lines = Vec::new();
+    for a in attrs {
+        if !a.path().is_ident("doc") {
+            continue;
+        }
+        if let Meta::NameValue(nv) = &a.meta {
+            if let Expr::Lit(ExprLit {
+                lit: Lit::Str(s), ..
+            }) = &nv.value
+            {
+                let v = s.value();
+                for line in v.split('\n') {
+                    lines.push(line.strip_prefix(' ').unwrap_or(line).to_string());
+                }
+            }
+        }
+    }
+    lines.join("\n").trim().to_string()
+}
+
+struct Method {
+    rpc_name: String,
+    ident: syn::Ident,
+    is_async: bool,
+    has_ctx: bool,
+    payload_ty: Option<Type>,
+    returns_result: bool,
+    doc: String,
+    params: Vec<(String, String)>,
+    returns: String,
+}
+
+fn parse_rpc_attr(attr: &Attribute) -> syn::Result<Option<String>> {
+    match &attr.meta {
+        Meta::Path(_) => Ok(None),
+        Meta::List(_) => {
+            let mut name = None;
+            attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("name") {
+                    let lit: LitStr = meta.value()?.parse()?;
+                    name = Some(lit.value());
+                    Ok(())
+                } else {
+                    Err(meta.error("unsupported #[rpc_method] option; expected `name = \"...\"`"))
+                }
+            })?;
+            Ok(name)
+        }
+        Meta::NameValue(nv) => Err(syn::Error::new(
+            nv.span(),
+            "expected #[rpc_method] or #[rpc_method(name = \"...\")]",
+        )),
+    }
+}
+
+fn analyse(f: &ImplItemFn, rename: Option<String>) -> syn::Result<Method> {
+    let sig = &f.sig;
+    if !sig.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "#[rpc_method] methods cannot be generic",
+        ));
+    }
+    let mut inputs = sig.inputs.iter();
+    match inputs.next() {
+        Some(FnArg::Receiver(r)) if r.reference.is_some() && r.colon_token.is_none() => {}
+        _ => {
+            return Err(syn::Error::new(
+                sig.span(),
+                "#[rpc_method] methods must take `&self` or `&mut self`",
+            ))
+        }
+    }
+    let mut has_ctx = false;
+    let mut payload_ty = None;
+    let mut params = Vec::new();
+    for (i, arg) in inputs.enumerate() {
+        let FnArg::Typed(pt) = arg else {
+            return Err(syn::Error::new(arg.span(), "unexpected receiver"));
+        };
+        if i == 0 && is_context(&pt.ty) {
+            has_ctx = true;
+            continue;
+        }
+        if payload_ty.is_some() {
+            return Err(syn::Error::new(
+                pt.span(),
+                "#[rpc_method] methods take at most one payload parameter (after an optional `&Context`); \
+                 use a tuple or a struct for several arguments",
+            ));
+        }
+        if let Type::Reference(_) = &*pt.ty {
+            return Err(syn::Error::new(
+                pt.ty.span(),
+                "the payload parameter must be an owned type implementing serde::de::DeserializeOwned",
+            ));
+        }
+        let ty = &pt.ty;
+        let name = match &*pt.pat {
+            Pat::Ident(pi) => pi.ident.to_string(),
+            other => pretty(&quote!(#other)),
+        };
+        params.push((name, pretty(&quote!(#ty))));
+        payload_ty = Some((*pt.ty).clone());
+    }
+    let (returns_result, returns) = match &sig.output {
+        ReturnType::Default => (false, "()".to_string()),
+        ReturnType::Type(_, ty) => (last_segment_is(ty, "Result"), pretty(&quote!(#ty))),
+    };
+    Ok(Method {
+        rpc_name: rename.unwrap_or_else(|| sig.ident.to_string()),
+        ident: sig.ident.clone(),
+        is_async: sig.asyncness.is_some(),
+        has_ctx,
+        payload_ty,
+        returns_result,
+        doc: doc_of(&f.attrs),
+        params,
+        returns,
+    })
+}
+
+fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Result<TokenStream2> {
+    if let Some((_, path, _)) = &item.trait_ {
+        return Err(syn::Error::new(
+            path.span(),
+            "#[service] goes on an inherent impl block (`impl MyType { ... }`), not a trait impl",
+        ));
+    }
+    let type_name = match &*item.self_ty {
+        Type::Path(p) => p
+            .path
+            .segments
+            .last()
+            .map(|s| s.ident.to_string())
+            .ok_or_else(|| syn::Error::new(p.span(), "cannot name this type"))?,
+        other => {
+            return Err(syn::Error::new(
+                other.span(),
+                "#[service] needs a named type (`impl MyType { ... }`)",
+            ))
+        }
+    };
+    let service_name = custom_name
+        .map(|l| l.value())
+        .unwrap_or_else(|| to_snake_case(&type_name));
+
+    let mut methods = Vec::new();
+    for it in item.items.iter_mut() {
+        let ImplItem::Fn(f) = it else { continue };
+        let mut marker = None;
+        for a in f.attrs.iter_mut() {
+            if is_attr(a, "rpc_method") {
+                if marker.is_some() {
+                    return Err(syn::Error::new(a.span(), "duplicate #[rpc_method]"));
+                }
+                marker = Some(parse_rpc_attr(a)?);
+                // Replace the options by the marker; the attribute itself
+                // stays so the user's import of it is used, and expands to
+                // nothing more than the method.
+                let path = a.path().clone();
+                let marker_ident = format_ident!("{}", EXPANDED_MARKER);
+                *a = syn::parse_quote!(#[#path(#marker_ident)]);
+            }
+        }
+        if let Some(rename) = marker {
+            methods.push(analyse(f, rename)?);
+        }
+    }
+    for (i, m) in methods.iter().enumerate() {
+        if m.rpc_name == "zrpc.describe" {
+            return Err(syn::Error::new(
+                m.ident.span(),
+                "the method name \"zrpc.describe\" is reserved for introspection",
+            ));
+        }
+        if methods[..i].iter().any(|o| o.rpc_name == m.rpc_name) {
+            return Err(syn::Error::new(
+                m.ident.span(),
+                format!("duplicate rpc method name {:?}", m.rpc_name),
+            ));
+        }
+    }
+
+    let z = quote!(::zrpc_service);
+    let infos = methods.iter().map(|m| {
+        let name = &m.rpc_name;
+        let doc = &m.doc;
+        let returns = &m.returns;
+        let params = m.params.iter().map(|(n, t)| {
+            quote!(#z::ParamInfo { name: ::std::string::String::from(#n), ty: ::std::string::String::from(#t) })
+        });
+        quote! {
+            #z::MethodInfo {
+                name: ::std::string::String::from(#name),
+                doc: ::std::string::String::from(#doc),
+                params: ::std::vec![#(#params),*],
+                returns: ::std::string::String::from(#returns),
+            }
+        }
+    });
+    let arms = methods.iter().map(|m| {
+        let name = &m.rpc_name;
+        let ident = &m.ident;
+        let arg = format_ident!("__zrpc_arg");
+        let decode = m.payload_ty.as_ref().map(|ty| {
+            quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, &__zrpc_payload)?;)
+        });
+        let mut call_args = Vec::new();
+        if m.has_ctx {
+            call_args.push(quote!(__zrpc_ctx));
+        }
+        if m.payload_ty.is_some() {
+            call_args.push(quote!(#arg));
+        }
+        let dot_await = m.is_async.then(|| quote!(.await));
+        let encode = if m.returns_result {
+            quote!(#z::__private::encode_result(__zrpc_out))
+        } else {
+            quote!(#z::__private::encode(&__zrpc_out))
+        };
+        quote! {
+            #name => #z::__private::guard(async move {
+                #decode
+                let __zrpc_out = Self::#ident(self, #(#call_args),*) #dot_await;
+                #encode
+            }),
+        }
+    });
+
+    let (impl_generics, _, where_clause) = item.generics.split_for_impl();
+    let self_ty = &item.self_ty;
+    let out = quote! {
+        #item
+
+        impl #impl_generics #z::Service for #self_ty #where_clause {
+            fn service_name(&self) -> ::std::string::String {
+                ::std::string::String::from(#service_name)
+            }
+
+            fn methods(&self) -> ::std::vec::Vec<#z::MethodInfo> {
+                ::std::vec![#(#infos),*]
+            }
+
+            #[allow(unused_variables, clippy::let_unit_value, clippy::unit_arg)]
+            fn handle<'__zrpc>(
+                &'__zrpc mut self,
+                __zrpc_ctx: &'__zrpc #z::Context,
+                __zrpc_method: &'__zrpc str,
+                __zrpc_payload: #z::Bytes,
+            ) -> #z::HandlerFuture<'__zrpc> {
+                match __zrpc_method {
+                    #(#arms)*
+                    _ => #z::__private::no_such_method(__zrpc_ctx, __zrpc_method),
+                }
+            }
+        }
+    };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snake() {
+        for (a, b) in [
+            ("TestServer", "test_server"),
+            ("HTTPServer", "http_server"),
+            ("MyClass", "my_class"),
+            ("A", "a"),
+            ("Server2Go", "server2_go"),
+            ("already_snake", "already_snake"),
+            ("My_Type", "my_type"),
+        ] {
+            assert_eq!(to_snake_case(a), b, "{a}");
+        }
+    }
+
+    #[test]
+    fn pretty_types() {
+        let t: Type = syn::parse_quote!(Result<Vec<u8>, std::io::Error>);
+        assert_eq!(pretty(&quote!(#t)), "Result<Vec<u8>, std::io::Error>");
+        let t: Type = syn::parse_quote!(&'a mut [u8]);
+        assert_eq!(pretty(&quote!(#t)), "&'a mut [u8]");
+        let t: Type = syn::parse_quote!((String, i64));
+        assert_eq!(pretty(&quote!(#t)), "(String, i64)");
+    }
+}

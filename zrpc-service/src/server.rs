@@ -1,0 +1,1030 @@
+//! The service loop: connection to the broker, request dispatch, file
+//! descriptor callbacks.
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use zrpc_proto::{
+    encode_frame, socket_path, validate_name, Envelope, ErrorCode, Frame, FrameDecoder, ProtoError,
+    DEFAULT_MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
+};
+
+use crate::unwind::{panicked, CatchUnwind};
+use crate::{Context, HandlerError, MethodInfo, Service, DESCRIBE_METHOD};
+
+/// How long connecting, the handshake and name registration may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest error message sent in a `Reply`; longer ones are truncated.
+const MAX_ERROR_MESSAGE: usize = 64 * 1024;
+
+/// Upper bound of the size of a `Reply` envelope with an empty message.
+const REPLY_ENVELOPE_MAX: usize = 16;
+
+/// Batched replies are written out at the latest when this many bytes are
+/// pending.
+const FLUSH_THRESHOLD: usize = 256 * 1024;
+
+/// The `agent` string sent in `Hello`.
+const AGENT: &str = concat!("zrpc-service/", env!("CARGO_PKG_VERSION"));
+
+/// Errors of the service loop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker socket could not be connected.
+    #[error("cannot connect to zrpcd at {}: {source} (is zrpcd running?)", path.display())]
+    Connect {
+        /// The socket path tried.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading from or writing to the broker connection failed.
+    #[error("I/O error on the zrpcd connection: {0}")]
+    Io(#[source] io::Error),
+    /// The broker closed the connection.
+    #[error("zrpcd closed the connection")]
+    Disconnected,
+    /// The broker sent a frame or envelope that does not decode.
+    #[error("protocol error from zrpcd: {0}")]
+    Protocol(#[from] ProtoError),
+    /// The broker sent a message this library does not expect.
+    #[error("unexpected message from zrpcd: {0}")]
+    Unexpected(String),
+    /// The broker reported a fatal error and closed the connection.
+    #[error("zrpcd reported a fatal error ({code}): {message}")]
+    Fatal {
+        /// The error code.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// The handshake or the registration of the names took too long.
+    #[error("zrpcd did not complete the handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// Another live service holds the name exclusively (or this server is
+    /// not shared while the holders are, or the other way round).
+    #[error("service name {name:?} is already taken (use .shared(true) on every instance to run several)")]
+    NameTaken {
+        /// The name.
+        name: String,
+    },
+    /// The service name breaks the naming rules.
+    #[error("invalid service name {name:?}: {message}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// Why.
+        message: String,
+    },
+    /// Registering a name failed for another reason (e.g. a limit).
+    #[error("cannot register service name {name:?} ({code}): {message}")]
+    Register {
+        /// The name.
+        name: String,
+        /// The broker's error code.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// The server has no name to register.
+    #[error("the server has no service name to register")]
+    NoName,
+    /// A registered file descriptor cannot be watched (e.g. it is closed or
+    /// is a regular file, which epoll does not support). The registration
+    /// is removed.
+    #[error("cannot watch file descriptor {fd}: {source}")]
+    Fd {
+        /// The descriptor.
+        fd: RawFd,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The internal tokio runtime could not be created.
+    #[error("cannot create the tokio runtime: {0}")]
+    Runtime(#[source] io::Error),
+    /// `run`/`run_once` was called from inside a tokio runtime.
+    #[error("Server::run/run_once cannot be called from within a tokio runtime; use `serve().await` or `serve_once().await`")]
+    NestedRuntime,
+}
+
+impl Error {
+    fn from_io(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof => Error::Disconnected,
+            _ => Error::Io(e),
+        }
+    }
+
+    /// Whether the error ends the broker connection (the next call of a run
+    /// method reconnects and registers the names again).
+    pub fn is_connection_error(&self) -> bool {
+        !matches!(
+            self,
+            Error::Fd { .. } | Error::Runtime(_) | Error::NestedRuntime
+        )
+    }
+}
+
+/// What one step of the service loop did ([`Server::run_once`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A request was handled and answered (successfully or with an error).
+    Request {
+        /// The called method.
+        method: String,
+    },
+    /// The broker cancelled the running request; its handler was dropped and
+    /// no reply was sent.
+    Cancelled {
+        /// The method whose handler was dropped.
+        method: String,
+    },
+    /// The callback of a registered file descriptor ran.
+    Fd(RawFd),
+}
+
+/// Duplicates `fd` (close-on-exec). The service loop watches the duplicate,
+/// which it owns, so the caller's descriptor is never closed by the library
+/// and closing it early cannot make the reactor watch a reused number.
+fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) only reads `fd`; an invalid one yields
+    // EBADF.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Something naming a file descriptor to [`Server::register`]: a raw
+/// descriptor (`RawFd`), a reference to anything implementing `AsRawFd`
+/// (`&file`, `&stream`), or a `BorrowedFd`. Owned handles are deliberately
+/// not accepted: passing one by value would close it.
+pub trait FdSource {
+    /// The raw descriptor.
+    fn raw_fd(&self) -> RawFd;
+}
+
+impl FdSource for RawFd {
+    fn raw_fd(&self) -> RawFd {
+        *self
+    }
+}
+
+impl<T: AsRawFd + ?Sized> FdSource for &T {
+    fn raw_fd(&self) -> RawFd {
+        (**self).as_raw_fd()
+    }
+}
+
+impl FdSource for BorrowedFd<'_> {
+    fn raw_fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+
+type FdCallback<S> = Box<dyn FnMut(&mut S)>;
+
+struct FdWatch<S> {
+    fd: RawFd,
+    callback: FdCallback<S>,
+    /// A duplicate of `fd`, registered with the reactor; created lazily
+    /// inside the runtime.
+    async_fd: Option<AsyncFd<OwnedFd>>,
+}
+
+/// A request received and not yet handled.
+struct Pending {
+    id: u64,
+    service: String,
+    method: String,
+    deadline: Option<std::time::Instant>,
+    caller_instance: u64,
+    caller_call: u64,
+    payload: Bytes,
+}
+
+/// What a frame asks the connection owner to do besides the bookkeeping
+/// [`Conn::handle_frame`] does itself.
+enum FrameAction {
+    None,
+    Welcome {
+        max_message_size: u32,
+    },
+    Ack {
+        req: u64,
+        code: Option<ErrorCode>,
+        message: String,
+    },
+    CancelRunning,
+}
+
+/// The broker connection: socket, buffers, and requests received but not
+/// yet handled. Reading is cancel-safe (bytes land in `rbuf`), writing is
+/// batched in `wbuf`.
+struct Conn {
+    stream: UnixStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    decoder: FrameDecoder,
+    max_message_size: u32,
+    queue: VecDeque<Pending>,
+}
+
+impl Conn {
+    fn new(stream: UnixStream) -> Self {
+        Conn {
+            stream,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(64 * 1024),
+            decoder: FrameDecoder::new(DEFAULT_MAX_MESSAGE_SIZE),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// Reads more bytes into `rbuf`. Cancel-safe.
+    async fn read_more(&mut self) -> Result<(), Error> {
+        let want = self
+            .decoder
+            .needed(&self.rbuf)
+            .map_or(16 * 1024, |total| total - self.rbuf.len());
+        self.rbuf.reserve(want.max(4096));
+        let n = self
+            .stream
+            .read_buf(&mut self.rbuf)
+            .await
+            .map_err(Error::from_io)?;
+        if n == 0 {
+            return Err(Error::Disconnected);
+        }
+        Ok(())
+    }
+
+    fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
+        Ok(self.decoder.decode(&mut self.rbuf)?)
+    }
+
+    /// Writes out `wbuf`. Cancel-safe: bytes are removed from `wbuf` only
+    /// once written.
+    async fn flush(&mut self) -> Result<(), Error> {
+        while !self.wbuf.is_empty() {
+            let n = self
+                .stream
+                .write(&self.wbuf)
+                .await
+                .map_err(Error::from_io)?;
+            if n == 0 {
+                return Err(Error::Disconnected);
+            }
+            self.wbuf.advance(n);
+        }
+        Ok(())
+    }
+
+    /// Handles one frame: queues requests, answers pings, applies cancels
+    /// of queued requests; reports what the caller must handle.
+    fn handle_frame(&mut self, frame: &Frame, running: Option<u64>) -> Result<FrameAction, Error> {
+        match frame.decode()? {
+            Envelope::Request {
+                id,
+                service,
+                method,
+                timeout_ms,
+                caller_instance,
+                caller_call,
+            } => {
+                let deadline = timeout_ms.and_then(|ms| {
+                    std::time::Instant::now().checked_add(Duration::from_millis(ms))
+                });
+                self.queue.push_back(Pending {
+                    id,
+                    service: service.to_string(),
+                    method: method.to_string(),
+                    deadline,
+                    caller_instance,
+                    caller_call,
+                    payload: frame.payload.clone(),
+                });
+                Ok(FrameAction::None)
+            }
+            Envelope::Cancel { id } => {
+                if running == Some(id) {
+                    return Ok(FrameAction::CancelRunning);
+                }
+                let before = self.queue.len();
+                self.queue.retain(|p| p.id != id);
+                if self.queue.len() == before {
+                    tracing::trace!(id, "cancel of a request that is not pending");
+                }
+                Ok(FrameAction::None)
+            }
+            Envelope::Ping { nonce } => {
+                encode_frame(&mut self.wbuf, &Envelope::Pong { nonce }, &[]);
+                Ok(FrameAction::None)
+            }
+            Envelope::Pong { .. } => Ok(FrameAction::None),
+            Envelope::Welcome {
+                max_message_size, ..
+            } => Ok(FrameAction::Welcome { max_message_size }),
+            Envelope::Ack { req, code, message } => Ok(FrameAction::Ack {
+                req,
+                code,
+                message: message.to_string(),
+            }),
+            Envelope::Fatal { code, message } => Err(Error::Fatal {
+                code,
+                message: message.to_string(),
+            }),
+            other => Err(Error::Unexpected(format!("{:?} message", other.kind()))),
+        }
+    }
+
+    /// Handles every complete frame in `rbuf`. Returns whether the running
+    /// request (`running`) was cancelled.
+    fn process(&mut self, running: Option<u64>) -> Result<bool, Error> {
+        let mut cancelled = false;
+        while let Some(frame) = self.next_frame()? {
+            match self.handle_frame(&frame, running)? {
+                FrameAction::None => {}
+                FrameAction::CancelRunning => cancelled = true,
+                FrameAction::Ack { req, code, message } => {
+                    tracing::debug!(req, ?code, message, "unexpected Ack ignored");
+                }
+                FrameAction::Welcome { .. } => {
+                    return Err(Error::Unexpected("a second Welcome".to_string()))
+                }
+            }
+        }
+        Ok(cancelled)
+    }
+
+    /// Appends the reply to request `id`.
+    fn write_reply(&mut self, id: u64, result: Result<Bytes, HandlerError>) {
+        let result = match result {
+            Ok(p) if p.len() + REPLY_ENVELOPE_MAX > self.max_message_size as usize => Err((
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the reply of {} bytes exceeds zrpcd's max message size of {} bytes",
+                    p.len(),
+                    self.max_message_size
+                ),
+            )),
+            Ok(p) => Ok(p),
+            Err(e) => Err((e.code(), e.message().to_string())),
+        };
+        match result {
+            Ok(payload) => encode_frame(
+                &mut self.wbuf,
+                &Envelope::Reply {
+                    id,
+                    code: None,
+                    message: "",
+                },
+                &payload,
+            ),
+            Err((code, message)) => encode_frame(
+                &mut self.wbuf,
+                &Envelope::Reply {
+                    id,
+                    code: Some(code),
+                    message: truncate(&message, MAX_ERROR_MESSAGE),
+                },
+                &[],
+            ),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Connects to the broker, says hello and registers `names`. This is the
+/// single place a connection is set up (a reconnect calls it again).
+async fn connect(
+    path: PathBuf,
+    instance: u64,
+    names: &[String],
+    shared: bool,
+) -> Result<Conn, Error> {
+    let stream = UnixStream::connect(&path)
+        .await
+        .map_err(|source| Error::Connect { path, source })?;
+    let mut conn = Conn::new(stream);
+    encode_frame(
+        &mut conn.wbuf,
+        &Envelope::Hello {
+            version: PROTOCOL_VERSION,
+            instance,
+            agent: AGENT,
+        },
+        &[],
+    );
+    conn.flush().await?;
+
+    // Welcome.
+    'welcome: loop {
+        while let Some(frame) = conn.next_frame()? {
+            match conn.handle_frame(&frame, None)? {
+                FrameAction::Welcome { max_message_size } => {
+                    conn.max_message_size = max_message_size;
+                    conn.decoder = FrameDecoder::new(max_message_size);
+                    break 'welcome;
+                }
+                FrameAction::None => {}
+                _ => return Err(Error::Unexpected("message before Welcome".to_string())),
+            }
+        }
+        conn.flush().await?;
+        conn.read_more().await?;
+    }
+
+    // Register every name; requests may arrive as soon as the first Ack.
+    for (i, name) in names.iter().enumerate() {
+        encode_frame(
+            &mut conn.wbuf,
+            &Envelope::Register {
+                req: i as u64 + 1,
+                name,
+                shared,
+            },
+            &[],
+        );
+    }
+    let mut acked = vec![false; names.len()];
+    while acked.iter().any(|a| !a) {
+        conn.flush().await?;
+        conn.read_more().await?;
+        while let Some(frame) = conn.next_frame()? {
+            match conn.handle_frame(&frame, None)? {
+                FrameAction::Ack { req, code, message } => {
+                    let idx = req
+                        .checked_sub(1)
+                        .and_then(|i| usize::try_from(i).ok())
+                        .filter(|&i| i < names.len())
+                        .ok_or_else(|| {
+                            Error::Unexpected(format!("Ack for unknown request {req}"))
+                        })?;
+                    let name = names[idx].clone();
+                    match code {
+                        None => {
+                            tracing::debug!(name, "registered");
+                            acked[idx] = true;
+                        }
+                        Some(ErrorCode::NameTaken) => return Err(Error::NameTaken { name }),
+                        Some(ErrorCode::InvalidName) => {
+                            return Err(Error::InvalidName { name, message })
+                        }
+                        Some(code) => {
+                            return Err(Error::Register {
+                                name,
+                                code,
+                                message,
+                            })
+                        }
+                    }
+                }
+                FrameAction::None => {}
+                FrameAction::CancelRunning => {}
+                FrameAction::Welcome { .. } => {
+                    return Err(Error::Unexpected("a second Welcome".to_string()))
+                }
+            }
+        }
+    }
+    conn.flush().await?;
+    Ok(conn)
+}
+
+/// Whether `fd` is readable right now (or at end of file / in error, which
+/// also makes a level-triggered `select` report it).
+fn fd_readable(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is a valid pollfd array of length 1 for the whole call.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    if r < 0 {
+        // EINTR and the like: say readable, the next poll decides.
+        return io::Error::last_os_error().kind() == io::ErrorKind::Interrupted;
+    }
+    r > 0 && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+#[derive(serde::Serialize)]
+struct Describe<'a> {
+    service: &'a str,
+    methods: Vec<MethodInfo>,
+}
+
+fn describe<S: Service>(service: &S, ctx: &Context) -> Result<Bytes, HandlerError> {
+    let methods =
+        catch_unwind(AssertUnwindSafe(|| service.methods())).map_err(|p| panicked(&*p))?;
+    crate::encode_value(&Describe {
+        service: ctx.service(),
+        methods,
+    })
+}
+
+/// Runs one handler to completion while still reading from the broker:
+/// pings are answered, new requests queued, and a `Cancel` of this request
+/// drops the handler (`Ok(None)`).
+async fn run_handler<S: Service>(
+    service: &mut S,
+    conn: &mut Conn,
+    ctx: &Context,
+    payload: Bytes,
+) -> Result<Option<Result<Bytes, HandlerError>>, Error> {
+    if ctx.method() == DESCRIBE_METHOD {
+        return Ok(Some(describe(service, ctx)));
+    }
+    let fut = match catch_unwind(AssertUnwindSafe(|| {
+        service.handle(ctx, ctx.method(), payload)
+    })) {
+        Ok(f) => f,
+        Err(p) => return Ok(Some(Err(panicked(&*p)))),
+    };
+    let mut fut = CatchUnwind::new(fut);
+    // Synchronous handlers finish in their first poll; only flush the
+    // replies batched so far when this one has to wait.
+    if let Poll::Ready(r) = poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await {
+        return Ok(Some(r));
+    }
+    conn.flush().await?;
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut fut => return Ok(Some(r)),
+            r = conn.read_more() => {
+                r?;
+                if conn.process(Some(ctx.request_id()))? {
+                    return Ok(None);
+                }
+                conn.flush().await?;
+            }
+        }
+    }
+}
+
+/// A zrpc server: connects a [`Service`] to the broker under one or more
+/// names and serves its requests, one at a time, plus callbacks for
+/// registered file descriptors.
+///
+/// The connection is made lazily by the first [`run`](Self::run),
+/// [`run_once`](Self::run_once), [`serve`](Self::serve) or
+/// [`serve_once`](Self::serve_once). Use either the blocking methods (which
+/// drive a private current-thread tokio runtime, kept between calls) or the
+/// async ones under your own runtime, not both: the connection and the
+/// watched descriptors belong to the runtime that created them.
+///
+/// If the connection fails, the run methods return the error; calling one
+/// again reconnects and registers the names again.
+pub struct Server<S: Service> {
+    service: S,
+    names: Vec<String>,
+    shared: bool,
+    socket_dir: Option<PathBuf>,
+    instance: u64,
+    counter: u64,
+    fds: Vec<FdWatch<S>>,
+    next_fd: usize,
+    notified: bool,
+    conn: Option<Conn>,
+    // Declared last: dropped after everything registered with it.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl<S: Service> std::fmt::Debug for Server<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("names", &self.names)
+            .field("shared", &self.shared)
+            .field("socket_dir", &self.socket_dir)
+            .field("instance", &self.instance)
+            .field("counter", &self.counter)
+            .field("fds", &self.fds.iter().map(|w| w.fd).collect::<Vec<_>>())
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl<S: Service> Server<S> {
+    /// A server for `service`, named [`Service::service_name`] (the type
+    /// name in snake_case for macro services), using the default socket
+    /// directory (`$ZRPC_SOCKET_DIR`, else `/tmp/zrpc_sockets`).
+    pub fn new(service: S) -> Self {
+        let name = service.service_name();
+        Server {
+            service,
+            names: vec![name],
+            shared: false,
+            socket_dir: None,
+            instance: random_u64(),
+            counter: 0,
+            fds: Vec::new(),
+            next_fd: 0,
+            notified: false,
+            conn: None,
+            rt: None,
+        }
+    }
+
+    /// Registers the service under `name` instead of its default name
+    /// (replaces all names set so far).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.names = vec![name.into()];
+        self
+    }
+
+    /// Registers the service under an additional name.
+    pub fn add_name(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        if !self.names.contains(&name) {
+            self.names.push(name);
+        }
+        self
+    }
+
+    /// The names the service registers.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// With `true`, join other instances of the same name (all of which must
+    /// be shared) instead of requiring the name exclusively; the broker
+    /// spreads calls over the instances.
+    pub fn shared(mut self, yes: bool) -> Self {
+        self.shared = yes;
+        self
+    }
+
+    /// The directory holding the broker socket `zrpcd.sock` (the original's
+    /// `socket_dir`). It must match the broker's.
+    pub fn socket_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.socket_dir = Some(dir.into());
+        self
+    }
+
+    /// The random instance id sent in `Hello` (kept across reconnects).
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// Calls `callback` inside the service loop whenever `fd` is ready to be
+    /// read (the original `register(fd, callback)`).
+    ///
+    /// The library never reads from, and never closes, the descriptor:
+    /// reading is the callback's job. As with the original's `select`, the
+    /// callback runs again as long as the descriptor stays readable
+    /// (level-triggered). Pass a raw descriptor or a reference to anything
+    /// implementing `AsRawFd` (`&file`; see [`FdSource`]). The loop watches a private
+    /// duplicate of the descriptor, so [`unregister`](Self::unregister) it
+    /// before closing it (otherwise the duplicate keeps the file open).
+    /// Registering a descriptor again replaces its callback. The descriptor
+    /// must be pollable by epoll (pipes, sockets, terminals, eventfds; not
+    /// regular files), otherwise the run methods return [`Error::Fd`].
+    ///
+    /// ```no_run
+    /// # use zrpc_service::{Server, ServiceBuilder};
+    /// let stdin = std::io::stdin();
+    /// let mut server = Server::new(ServiceBuilder::new("reader").build());
+    /// server.register(&stdin, |_svc| {
+    ///     let mut line = String::new();
+    ///     let _ = std::io::stdin().read_line(&mut line);
+    ///     println!("got {line:?}");
+    /// });
+    /// ```
+    pub fn register(&mut self, fd: impl FdSource, callback: impl FnMut(&mut S) + 'static) {
+        let fd = fd.raw_fd();
+        if let Some(w) = self.fds.iter_mut().find(|w| w.fd == fd) {
+            w.callback = Box::new(callback);
+        } else {
+            self.fds.push(FdWatch {
+                fd,
+                callback: Box::new(callback),
+                async_fd: None,
+            });
+        }
+    }
+
+    /// Stops watching `fd` (the original `unregister(fd)`). Unknown
+    /// descriptors are ignored.
+    pub fn unregister(&mut self, fd: impl FdSource) {
+        let fd = fd.raw_fd();
+        self.fds.retain(|w| w.fd != fd);
+    }
+
+    /// Number of requests received so far (the original `self.counter`).
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
+    /// The service.
+    pub fn service(&self) -> &S {
+        &self.service
+    }
+
+    /// The service, mutably.
+    pub fn service_mut(&mut self) -> &mut S {
+        &mut self.service
+    }
+
+    /// Consumes the server and returns the service.
+    pub fn into_service(self) -> S {
+        self.service
+    }
+
+    /// Serves forever on a private tokio runtime. Returns only on error,
+    /// e.g. [`Error::NameTaken`] or [`Error::Disconnected`].
+    pub fn run(&mut self) -> Result<(), Error> {
+        self.block_on(|s| Box::pin(s.serve()))?
+    }
+
+    /// Waits for one event, handles it and returns it: a request answered,
+    /// a request cancelled while running, or one file descriptor callback
+    /// run. Returns `Ok(None)` if nothing happened within `timeout` (`None`
+    /// waits forever). Connection and buffers persist between calls. The
+    /// timeout bounds the wait for an event, not the handler once started.
+    pub fn run_once(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, Error> {
+        self.block_on(move |s| Box::pin(s.serve_once(timeout)))?
+    }
+
+    /// Serves forever; the async form of [`run`](Self::run) for use under
+    /// an existing tokio runtime (any flavour; the future is not `Send`, so
+    /// use `block_on`, a `LocalSet` or `spawn_local`). Dropping the future
+    /// abandons the request being handled (the broker re-delivers it to
+    /// another instance, or the caller times out).
+    pub async fn serve(&mut self) -> Result<(), Error> {
+        loop {
+            // Replies are written out whenever the loop would wait, so a
+            // burst of requests is answered with one write.
+            self.step(None, false).await?;
+        }
+    }
+
+    /// The async form of [`run_once`](Self::run_once).
+    pub async fn serve_once(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, Error> {
+        self.step(timeout, true).await
+    }
+
+    /// One event; with `flush_reply` the reply is written before returning.
+    async fn step(
+        &mut self,
+        timeout: Option<Duration>,
+        flush_reply: bool,
+    ) -> Result<Option<Event>, Error> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        if self.conn.is_none() {
+            let conn = self.connect().await?;
+            self.conn = Some(conn);
+        }
+        let result = self.next_event(deadline, flush_reply).await;
+        if let Err(e) = &result {
+            if e.is_connection_error() {
+                tracing::debug!("dropping the zrpcd connection: {e}");
+                self.conn = None;
+            }
+        }
+        result
+    }
+
+    fn block_on<T>(
+        &mut self,
+        f: impl for<'a> FnOnce(&'a mut Self) -> std::pin::Pin<Box<dyn Future<Output = T> + 'a>>,
+    ) -> Result<T, Error> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::NestedRuntime);
+        }
+        let rt = match self.rt.take() {
+            Some(rt) => rt,
+            None => {
+                // A previous runtime (if any) is gone, e.g. after a panic in
+                // a callback: drop everything registered with it.
+                self.conn = None;
+                for w in &mut self.fds {
+                    w.async_fd = None;
+                }
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::Runtime)?
+            }
+        };
+        let out = rt.block_on(f(self));
+        self.rt = Some(rt);
+        Ok(out)
+    }
+
+    async fn connect(&mut self) -> Result<Conn, Error> {
+        if self.names.is_empty() {
+            return Err(Error::NoName);
+        }
+        for name in &self.names {
+            if let Err(e) = validate_name(name) {
+                return Err(Error::InvalidName {
+                    name: name.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        let dir = zrpc_proto::resolve_socket_dir(self.socket_dir.as_deref());
+        let path = socket_path(&dir);
+        tracing::debug!(path = %path.display(), names = ?self.names, "connecting to zrpcd");
+        let conn = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            connect(path, self.instance, &self.names, self.shared),
+        )
+        .await
+        .map_err(|_| Error::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+        if !self.notified {
+            self.notified = true;
+            crate::notify::notify_ready();
+        }
+        Ok(conn)
+    }
+
+    async fn next_event(
+        &mut self,
+        deadline: Option<Instant>,
+        flush_reply: bool,
+    ) -> Result<Option<Event>, Error> {
+        // Watch the registered descriptors from inside the runtime.
+        let mut i = 0;
+        while i < self.fds.len() {
+            let w = &mut self.fds[i];
+            if w.async_fd.is_none() {
+                let registered = dup_fd(w.fd).and_then(|owned| {
+                    // SAFETY: `owned` is our own descriptor; it stays open
+                    // for as long as the AsyncFd that owns it.
+                    unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
+                        .map_err(|e| e.into_parts().1)
+                });
+                match registered {
+                    Ok(a) => w.async_fd = Some(a),
+                    Err(source) => {
+                        let fd = w.fd;
+                        self.fds.remove(i);
+                        return Err(Error::Fd { fd, source });
+                    }
+                }
+            }
+            i += 1;
+        }
+
+        let Server {
+            service,
+            conn,
+            fds,
+            counter,
+            next_fd,
+            ..
+        } = self;
+        let conn = conn.as_mut().ok_or(Error::Disconnected)?;
+        loop {
+            conn.process(None)?;
+            if conn.queue.is_empty() || conn.wbuf.len() >= FLUSH_THRESHOLD {
+                conn.flush().await?;
+            }
+            while let Some(req) = conn.queue.pop_front() {
+                if req.deadline.is_some_and(|d| std::time::Instant::now() > d) {
+                    // The broker has already answered the caller with Timeout.
+                    tracing::debug!(id = req.id, method = req.method, "skipping expired request");
+                    continue;
+                }
+                *counter += 1;
+                let ctx = Context {
+                    counter: *counter,
+                    request_id: req.id,
+                    service: req.service,
+                    method: req.method,
+                    caller_instance: req.caller_instance,
+                    caller_call: req.caller_call,
+                    deadline: req.deadline,
+                };
+                let outcome = run_handler(service, conn, &ctx, req.payload).await?;
+                let method = ctx.method;
+                return match outcome {
+                    Some(result) => {
+                        if let Err(e) = &result {
+                            tracing::debug!(method, code = %e.code(), "request failed: {e}");
+                        }
+                        conn.write_reply(req.id, result);
+                        if flush_reply {
+                            conn.flush().await?;
+                        }
+                        Ok(Some(Event::Request { method }))
+                    }
+                    None => {
+                        tracing::debug!(id = req.id, method, "request cancelled");
+                        Ok(Some(Event::Cancelled { method }))
+                    }
+                };
+            }
+
+            enum Wake {
+                Read(Result<(), Error>),
+                Fd(Result<usize, Error>),
+                Timeout,
+            }
+            let start = *next_fd;
+            let fds_ref = &*fds;
+            let wake = tokio::select! {
+                r = conn.read_more() => Wake::Read(r),
+                r = poll_fn(|cx| {
+                    let n = fds_ref.len();
+                    for k in 0..n {
+                        let idx = (start + k) % n;
+                        let w = &fds_ref[idx];
+                        let Some(a) = &w.async_fd else { continue };
+                        match a.poll_read_ready(cx) {
+                            // The guard is dropped without clearing: readiness is kept
+                            // until the callback has run and poll(2) says it is gone.
+                            Poll::Ready(Ok(_guard)) => return Poll::Ready(Ok(idx)),
+                            Poll::Ready(Err(source)) => {
+                                return Poll::Ready(Err(Error::Fd { fd: w.fd, source }))
+                            }
+                            Poll::Pending => {}
+                        }
+                    }
+                    Poll::Pending
+                }), if !fds.is_empty() => Wake::Fd(r),
+                _ = sleep_until_opt(deadline) => Wake::Timeout,
+            };
+            match wake {
+                Wake::Read(r) => r?,
+                Wake::Timeout => return Ok(None),
+                Wake::Fd(r) => {
+                    let idx = r?;
+                    *next_fd = idx + 1;
+                    let w = &mut fds[idx];
+                    let fd = w.fd;
+                    (w.callback)(service);
+                    if let Some(a) = &w.async_fd {
+                        // Level-triggered semantics on top of edge-triggered
+                        // epoll: take the readiness guard first, then ask
+                        // poll(2); only clear if the fd is really drained.
+                        poll_fn(|cx| {
+                            if let Poll::Ready(Ok(mut g)) = a.poll_read_ready(cx) {
+                                if !fd_readable(a.as_raw_fd()) {
+                                    g.clear_ready();
+                                }
+                            }
+                            Poll::Ready(())
+                        })
+                        .await;
+                    }
+                    return Ok(Some(Event::Fd(fd)));
+                }
+            }
+        }
+    }
+}
