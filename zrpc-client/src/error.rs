@@ -1,0 +1,178 @@
+//! The client's error type.
+
+use std::path::PathBuf;
+
+use zrpc_proto::ErrorCode;
+
+/// Why a call or a connection attempt failed.
+///
+/// Errors reported by the broker or the service carry the service (and
+/// method) they concern; [`Error::code`] gives the wire [`ErrorCode`], handy
+/// for command-line exit codes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The call's deadline passed: the broker answered `Timeout`, or the local
+    /// safety deadline (timeout + 2 s) passed without any answer.
+    #[error("call to {service}.{method} timed out")]
+    Timeout {
+        /// Target service.
+        service: String,
+        /// Target method.
+        method: String,
+    },
+    /// No service holds the name (only with `no_wait`).
+    #[error("no service named {service:?} is registered")]
+    NoSuchService {
+        /// Target service.
+        service: String,
+    },
+    /// The service has no such method.
+    #[error("service {service:?} has no method {method:?}")]
+    NoSuchMethod {
+        /// Target service.
+        service: String,
+        /// Target method.
+        method: String,
+    },
+    /// The handler returned an error or panicked.
+    #[error("{service}.{method} failed: {message}")]
+    Remote {
+        /// Target service.
+        service: String,
+        /// Target method.
+        method: String,
+        /// The handler's error text.
+        message: String,
+    },
+    /// The service could not decode the call's arguments.
+    #[error("{service}.{method} could not decode its arguments: {message}")]
+    BadPayload {
+        /// Target service.
+        service: String,
+        /// Target method.
+        method: String,
+        /// The decoder's error text.
+        message: String,
+    },
+    /// The instance handling the call disconnected and the call had
+    /// `no_retry`.
+    #[error("the instance of service {service:?} handling the call disconnected")]
+    ServiceGone {
+        /// Target service.
+        service: String,
+    },
+    /// The broker is shutting down.
+    #[error("the zrpcd broker is shutting down")]
+    Shutdown,
+    /// The broker socket could not be connected to.
+    #[error("cannot connect to zrpcd at {}: {source} (is zrpcd running?)", path.display())]
+    Connect {
+        /// The socket path tried.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection to the broker was lost (the call may or may not have
+    /// run).
+    #[error("connection to zrpcd lost: {0}")]
+    Disconnected(String),
+    /// The broker (or this library) detected a protocol violation.
+    #[error("zrpc protocol error: {0}")]
+    Protocol(String),
+    /// The broker does not speak our protocol version.
+    #[error("zrpc protocol version mismatch: {0}")]
+    VersionMismatch(String),
+    /// A configured limit was hit, e.g. the payload exceeds the broker's
+    /// maximum message size.
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
+    /// The arguments could not be encoded as MessagePack.
+    #[error("cannot encode the call's arguments: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    /// The result could not be decoded into the requested type.
+    #[error("cannot decode the call's result: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    /// Any other error code from the broker.
+    #[error("zrpcd error ({code}): {message}")]
+    Broker {
+        /// The wire error code.
+        code: ErrorCode,
+        /// The broker's message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The wire error code this error corresponds to, if any (local errors
+    /// such as [`Error::Connect`], [`Error::Disconnected`], [`Error::Encode`]
+    /// and [`Error::Decode`] have none).
+    pub fn code(&self) -> Option<ErrorCode> {
+        Some(match self {
+            Error::Timeout { .. } => ErrorCode::Timeout,
+            Error::NoSuchService { .. } => ErrorCode::NoSuchService,
+            Error::NoSuchMethod { .. } => ErrorCode::NoSuchMethod,
+            Error::Remote { .. } => ErrorCode::Remote,
+            Error::BadPayload { .. } => ErrorCode::BadPayload,
+            Error::ServiceGone { .. } => ErrorCode::ServiceGone,
+            Error::Shutdown => ErrorCode::Shutdown,
+            Error::Protocol(_) => ErrorCode::Protocol,
+            Error::VersionMismatch(_) => ErrorCode::VersionMismatch,
+            Error::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            Error::Broker { code, .. } => *code,
+            Error::Connect { .. }
+            | Error::Disconnected(_)
+            | Error::Encode(_)
+            | Error::Decode(_) => return None,
+        })
+    }
+
+    /// Maps a call's `Result{code, message}` to an error.
+    pub(crate) fn from_call(
+        code: ErrorCode,
+        message: String,
+        service: &str,
+        method: &str,
+    ) -> Error {
+        let service = service.to_owned();
+        match code {
+            ErrorCode::Timeout => Error::Timeout {
+                service,
+                method: method.to_owned(),
+            },
+            ErrorCode::NoSuchService => Error::NoSuchService { service },
+            ErrorCode::NoSuchMethod => Error::NoSuchMethod {
+                service,
+                method: method.to_owned(),
+            },
+            ErrorCode::Remote => Error::Remote {
+                service,
+                method: method.to_owned(),
+                message,
+            },
+            ErrorCode::BadPayload => Error::BadPayload {
+                service,
+                method: method.to_owned(),
+                message,
+            },
+            ErrorCode::ServiceGone => Error::ServiceGone { service },
+            other => Error::from_fatal(other, message),
+        }
+    }
+
+    /// Maps a connection-level `Fatal{code, message}` (or a call error that
+    /// does not concern the call's target) to an error.
+    pub(crate) fn from_fatal(code: ErrorCode, message: String) -> Error {
+        match code {
+            ErrorCode::Shutdown => Error::Shutdown,
+            ErrorCode::Protocol => Error::Protocol(message),
+            ErrorCode::VersionMismatch => Error::VersionMismatch(message),
+            ErrorCode::LimitExceeded => Error::LimitExceeded(message),
+            code => Error::Broker { code, message },
+        }
+    }
+}
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

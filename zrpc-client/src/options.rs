@@ -1,0 +1,90 @@
+//! Per-call options.
+
+use std::time::Duration;
+
+/// Options of one call.
+///
+/// The default waits forever (like the original zrpc), waits for the service
+/// to register if it is not there yet, and lets the broker re-deliver the call
+/// if the instance handling it disconnects.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use zrpc_client::CallOptions;
+/// let opts = CallOptions::timeout(Duration::from_secs(5)).no_wait().no_retry();
+/// assert!(opts.no_wait && opts.no_retry);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallOptions {
+    /// Deadline of the call, enforced by the broker; `None` waits forever.
+    /// Locally the client gives up at `timeout + 2 s` if the broker does not
+    /// answer (a safety net against a wedged broker).
+    pub timeout: Option<Duration>,
+    /// Fail at once with [`Error::NoSuchService`](crate::Error::NoSuchService)
+    /// when no service holds the name, instead of waiting for one.
+    pub no_wait: bool,
+    /// Fail with [`Error::ServiceGone`](crate::Error::ServiceGone) when the
+    /// instance handling the call disconnects, instead of re-delivering it.
+    pub no_retry: bool,
+}
+
+impl CallOptions {
+    /// Default options with the given timeout.
+    pub fn timeout(timeout: Duration) -> CallOptions {
+        CallOptions {
+            timeout: Some(timeout),
+            ..CallOptions::default()
+        }
+    }
+
+    /// These options with `timeout` replaced (`None` waits forever).
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> CallOptions {
+        self.timeout = timeout;
+        self
+    }
+
+    /// These options with `no_wait` set.
+    pub fn no_wait(mut self) -> CallOptions {
+        self.no_wait = true;
+        self
+    }
+
+    /// These options with `no_retry` set.
+    pub fn no_retry(mut self) -> CallOptions {
+        self.no_retry = true;
+        self
+    }
+
+    /// The `flags` field of the `Call` envelope.
+    pub(crate) fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.no_wait {
+            f |= zrpc_proto::flags::NO_WAIT;
+        }
+        if self.no_retry {
+            f |= zrpc_proto::flags::NO_RETRY;
+        }
+        f
+    }
+
+    /// The `timeout_ms` field of the `Call` envelope (rounded up, so that a
+    /// sub-millisecond timeout does not become "expire at once").
+    pub(crate) fn timeout_ms(&self) -> Option<u64> {
+        self.timeout.map(|d| {
+            let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+            u64::try_from(ms).unwrap_or(u64::MAX)
+        })
+    }
+}
+
+impl From<Option<Duration>> for CallOptions {
+    fn from(timeout: Option<Duration>) -> CallOptions {
+        CallOptions::default().with_timeout(timeout)
+    }
+}
+
+impl From<Duration> for CallOptions {
+    fn from(timeout: Duration) -> CallOptions {
+        CallOptions::timeout(timeout)
+    }
+}

@@ -1,0 +1,1083 @@
+//! Unit tests: value round trips, error mapping, and both clients against a
+//! tiny fake broker speaking the protocol through `zrpc-proto`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use zrpc_proto::{encode_frame, Envelope, Frame, FrameDecoder};
+
+use crate::common::{call_frame, decode_payload, Payload};
+use crate::*;
+
+// ---------------------------------------------------------------- values
+
+fn all_values() -> Vec<Value> {
+    vec![
+        Value::Nil,
+        Value::Boolean(true),
+        Value::Boolean(false),
+        Value::from(u64::MAX),
+        Value::from(i64::MIN),
+        Value::from(i64::MAX),
+        Value::from(0),
+        Value::from(-1),
+        Value::F32(1.5),
+        Value::F32(f32::INFINITY),
+        Value::F32(f32::NEG_INFINITY),
+        Value::F32(f32::NAN),
+        Value::F64(0.1),
+        Value::F64(f64::INFINITY),
+        Value::F64(f64::NEG_INFINITY),
+        Value::F64(f64::NAN),
+        Value::from("héllo"),
+        Value::from(""),
+        Value::Binary(vec![]),
+        Value::Binary(vec![0, 1, 2, 255]),
+        Value::Binary(vec![7; 70_000]),
+        Value::Ext(5, vec![1, 2, 3, 4]),
+        Value::Ext(-3, vec![9; 20]),
+        Value::Ext(127, vec![]),
+        Value::Array(vec![]),
+        Value::Array(vec![Value::F32(2.0), Value::Binary(vec![1]), Value::Nil]),
+        Value::Map(vec![
+            (Value::from(1), Value::from("int key")),
+            (Value::Binary(vec![0]), Value::Nil),
+            (Value::Array(vec![Value::from(true)]), Value::F32(0.5)),
+            (Value::Nil, Value::Ext(1, vec![2])),
+        ]),
+    ]
+}
+
+/// Bitwise equality (NaN == NaN, F32 != F64).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::F32(x), Value::F32(y)) => x.to_bits() == y.to_bits(),
+        (Value::F64(x), Value::F64(y)) => x.to_bits() == y.to_bits(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        (Value::Map(x), Value::Map(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y)
+                    .all(|((ka, va), (kb, vb))| same(ka, kb) && same(va, vb))
+        }
+        _ => a == b,
+    }
+}
+
+#[test]
+fn values_round_trip_exactly() {
+    for v in all_values() {
+        // What the client puts on the wire...
+        let frame = call_frame(
+            1,
+            "svc",
+            "m",
+            &CallOptions::default(),
+            Payload::Serde(&v),
+            u32::MAX,
+        )
+        .expect("encode");
+        let f = FrameDecoder::new(u32::MAX)
+            .decode(&mut BytesMut::from(&frame[..]))
+            .expect("valid frame")
+            .expect("complete frame");
+        // ... is byte for byte the canonical rmpv encoding ...
+        let mut exact = Vec::new();
+        rmpv::encode::write_value(&mut exact, &v).expect("rmpv encode");
+        assert_eq!(&f.payload[..], &exact[..], "wire bytes of {v:?}");
+        // ... and decodes back to the same value and type.
+        let back: Value = decode_payload(&exact).expect("decode");
+        assert!(same(&v, &back), "{v:?} came back as {back:?}");
+        let via_rmpv = rmpv::decode::read_value(&mut &f.payload[..]).expect("rmpv decode");
+        assert!(same(&v, &via_rmpv));
+    }
+}
+
+#[test]
+fn empty_result_payload_is_nil() {
+    assert_eq!(decode_payload::<Value>(&[]).expect("nil"), Value::Nil);
+    decode_payload::<()>(&[]).expect("unit");
+    assert_eq!(decode_payload::<Option<u32>>(&[]).expect("none"), None);
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Args {
+    name: String,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+}
+
+#[test]
+fn structs_are_maps_and_bytes_are_bin() {
+    let a = Args {
+        name: "x".into(),
+        data: vec![1, 2],
+    };
+    let frame = call_frame(
+        1,
+        "svc",
+        "m",
+        &CallOptions::default(),
+        Payload::Serde(&a),
+        u32::MAX,
+    )
+    .expect("encode");
+    let f = FrameDecoder::new(u32::MAX)
+        .decode(&mut BytesMut::from(&frame[..]))
+        .expect("valid")
+        .expect("complete");
+    let v = rmpv::decode::read_value(&mut &f.payload[..]).expect("decode");
+    assert_eq!(
+        v,
+        Value::Map(vec![
+            (Value::from("name"), Value::from("x")),
+            (Value::from("data"), Value::Binary(vec![1, 2])),
+        ])
+    );
+    assert_eq!(decode_payload::<Args>(&f.payload).expect("decode"), a);
+}
+
+#[test]
+fn call_frame_fields_and_limits() {
+    let opts = CallOptions::timeout(Duration::from_micros(1500))
+        .no_wait()
+        .no_retry();
+    let frame = call_frame(42, "svc", "m", &opts, Payload::<()>::Raw(&[]), 1024).expect("ok");
+    let f = FrameDecoder::new(1024)
+        .decode(&mut BytesMut::from(&frame[..]))
+        .expect("valid")
+        .expect("complete");
+    assert_eq!(
+        f.decode().expect("envelope"),
+        Envelope::Call {
+            id: 42,
+            service: "svc",
+            method: "m",
+            timeout_ms: Some(2),
+            flags: zrpc_proto::flags::NO_WAIT | zrpc_proto::flags::NO_RETRY,
+        }
+    );
+    assert_eq!(
+        &f.payload[..],
+        zrpc_proto::NIL_PAYLOAD,
+        "empty raw payload becomes nil"
+    );
+    let big = vec![0u8; 2000];
+    let err = call_frame(1, "svc", "m", &opts, Payload::Serde(&big), 1024).expect_err("too big");
+    assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
+    let err =
+        call_frame(1, "svc", "m", &opts, Payload::<()>::Raw(&big), 1024).expect_err("too big");
+    assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
+    assert_eq!(CallOptions::default().timeout_ms(), None);
+    assert_eq!(CallOptions::default().flags(), 0);
+    assert_eq!(CallOptions::timeout(Duration::ZERO).timeout_ms(), Some(0));
+}
+
+#[test]
+fn error_codes_map_to_variants() {
+    use ErrorCode as C;
+    let e = |c| Error::from_call(c, "msg".into(), "svc", "meth");
+    assert!(
+        matches!(e(C::Timeout), Error::Timeout { service, method } if service == "svc" && method == "meth")
+    );
+    assert!(matches!(e(C::NoSuchService), Error::NoSuchService { service } if service == "svc"));
+    assert!(matches!(e(C::NoSuchMethod), Error::NoSuchMethod { method, .. } if method == "meth"));
+    assert!(matches!(e(C::Remote), Error::Remote { message, .. } if message == "msg"));
+    assert!(matches!(e(C::BadPayload), Error::BadPayload { message, .. } if message == "msg"));
+    assert!(matches!(e(C::ServiceGone), Error::ServiceGone { .. }));
+    assert!(matches!(e(C::Shutdown), Error::Shutdown));
+    assert!(matches!(e(C::Protocol), Error::Protocol(m) if m == "msg"));
+    assert!(matches!(e(C::VersionMismatch), Error::VersionMismatch(_)));
+    assert!(matches!(e(C::LimitExceeded), Error::LimitExceeded(_)));
+    for c in [
+        C::NameTaken,
+        C::InvalidName,
+        C::Cancelled,
+        C::NotRegistered,
+        C::Unknown(999),
+    ] {
+        assert!(matches!(e(c), Error::Broker { code, .. } if code == c));
+    }
+    // `code()` gives back the wire code for every broker-reported error.
+    for v in 1..=20u16 {
+        let c = ErrorCode::from_u16(v).expect("non-zero");
+        assert_eq!(e(c).code(), Some(c), "{c}");
+    }
+    assert_eq!(Error::Disconnected("x".into()).code(), None);
+    let msg = e(C::Remote).to_string();
+    assert!(msg.contains("svc.meth") && msg.contains("msg"), "{msg}");
+}
+
+// ------------------------------------------------------------ fake broker
+
+const BOUND: Duration = Duration::from_secs(10);
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "zrpc-client-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A listening fake broker.
+struct Fake {
+    dir: TempDir,
+    listener: UnixListener,
+}
+
+impl Fake {
+    fn new() -> Fake {
+        let dir = TempDir::new();
+        let listener = UnixListener::bind(zrpc_proto::socket_path(&dir.0)).expect("bind");
+        Fake { dir, listener }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.dir.0.clone()
+    }
+
+    /// Runs `f` on the next connection, in a thread.
+    fn serve<F>(&self, f: F) -> JoinHandle<()>
+    where
+        F: FnOnce(Peer) + Send + 'static,
+    {
+        let l = self.listener.try_clone().expect("clone listener");
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().expect("accept");
+            f(Peer::new(s))
+        })
+    }
+}
+
+/// The broker side of one connection.
+struct Peer {
+    s: UnixStream,
+    buf: BytesMut,
+    dec: FrameDecoder,
+}
+
+impl Peer {
+    fn new(s: UnixStream) -> Peer {
+        s.set_read_timeout(Some(BOUND)).expect("timeout");
+        Peer {
+            s,
+            buf: BytesMut::new(),
+            dec: FrameDecoder::new(u32::MAX),
+        }
+    }
+
+    /// The next frame, or `None` at end of stream.
+    fn try_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.dec.decode(&mut self.buf).expect("valid frame") {
+                return Some(f);
+            }
+            let mut chunk = [0u8; 65536];
+            let n = match self.s.read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+                Err(e) => panic!("fake broker read: {e}"),
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn frame(&mut self) -> Frame {
+        self.try_frame().expect("a frame, not end of stream")
+    }
+
+    fn send(&mut self, env: &Envelope<'_>, payload: &[u8]) {
+        let mut out = BytesMut::new();
+        encode_frame(&mut out, env, payload);
+        self.s.write_all(&out).expect("fake broker write");
+    }
+
+    fn handshake_with(&mut self, max_message_size: u32) {
+        let f = self.frame();
+        match f.decode().expect("envelope") {
+            Envelope::Hello { version, agent, .. } => {
+                assert_eq!(version, zrpc_proto::PROTOCOL_VERSION);
+                assert!(agent.starts_with("zrpc-client/"), "{agent}");
+            }
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        self.send(
+            &Envelope::Welcome {
+                version: zrpc_proto::PROTOCOL_VERSION,
+                conn_id: 1,
+                max_message_size,
+            },
+            &[],
+        );
+    }
+
+    fn handshake(&mut self) {
+        self.handshake_with(zrpc_proto::DEFAULT_MAX_MESSAGE_SIZE);
+    }
+
+    /// Reads the next Call: (id, method, timeout_ms, flags, payload).
+    fn call(&mut self) -> (u64, String, Option<u64>, u32, Bytes) {
+        loop {
+            let f = self.frame();
+            match f.decode().expect("envelope") {
+                Envelope::Call {
+                    id,
+                    service,
+                    method,
+                    timeout_ms,
+                    flags,
+                } => {
+                    assert_eq!(service, "svc");
+                    return (id, method.to_owned(), timeout_ms, flags, f.payload.clone());
+                }
+                Envelope::Pong { .. } | Envelope::Cancel { .. } => continue,
+                other => panic!("expected Call, got {other:?}"),
+            }
+        }
+    }
+
+    fn result(&mut self, id: u64, payload: &[u8]) {
+        self.send(
+            &Envelope::Result {
+                id,
+                code: None,
+                message: "",
+            },
+            payload,
+        );
+    }
+
+    /// Waits for the `Cancel` of call `id`.
+    fn expect_cancel(&mut self, id: u64) {
+        loop {
+            let f = self.frame();
+            match f.decode().expect("envelope") {
+                Envelope::Cancel { id: got } => {
+                    assert_eq!(got, id);
+                    return;
+                }
+                Envelope::Pong { .. } => continue,
+                other => panic!("expected Cancel, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the client to close the connection.
+    fn expect_eof(&mut self) {
+        while let Some(f) = self.try_frame() {
+            match f.decode().expect("envelope") {
+                Envelope::Cancel { .. } | Envelope::Pong { .. } => {}
+                other => panic!("expected end of stream, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// Answers `n` calls in reverse order of arrival with their own payload,
+/// pinging in between and checking the pong.
+fn echo_reversed(p: &mut Peer, n: usize) {
+    let mut calls = Vec::new();
+    for _ in 0..n {
+        calls.push(p.call());
+    }
+    p.send(&Envelope::Ping { nonce: 77 }, &[]);
+    let f = p.frame();
+    assert_eq!(
+        f.decode().expect("envelope"),
+        Envelope::Pong { nonce: 77 },
+        "pong"
+    );
+    for (id, method, _, _, payload) in calls.into_iter().rev() {
+        if method == "fail" {
+            p.send(
+                &Envelope::Result {
+                    id,
+                    code: Some(ErrorCode::Remote),
+                    message: "boom",
+                },
+                &[],
+            );
+        } else {
+            p.result(id, &payload);
+        }
+    }
+}
+
+fn rt_multi() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn rt_current() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Joins the fake broker while driving the runtime, so that the client's
+/// tasks (on a current-thread runtime) can flush and close the socket.
+fn finish(rt: &tokio::runtime::Runtime, peer: JoinHandle<()>) {
+    rt.block_on(async { bounded(tokio::task::spawn_blocking(move || peer.join())).await })
+        .expect("join task")
+        .expect("fake broker");
+}
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(BOUND, f).await.expect("bounded wait")
+}
+
+// ------------------------------------------------------------ async tests
+
+fn async_concurrent_out_of_order(rt: tokio::runtime::Runtime) {
+    const N: usize = 16;
+    let fake = Fake::new();
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        echo_reversed(&mut p, N + 1);
+        p.expect_eof();
+    });
+    let dir = fake.dir();
+    rt.block_on(async move {
+        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
+        let mut tasks = Vec::new();
+        for i in 0..N {
+            let c = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let v = Value::Array(vec![Value::from(i), Value::F32(i as f32)]);
+                let got: Value = c
+                    .call("svc", "echo", &v, Some(Duration::from_secs(30)))
+                    .await
+                    .expect("call");
+                assert!(same(&got, &v));
+            }));
+        }
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let err = c
+                .call_with::<_, Value>("svc", "fail", &(), CallOptions::default())
+                .await
+                .expect_err("remote error");
+            assert!(
+                matches!(&err, Error::Remote { message, .. } if message == "boom"),
+                "{err}"
+            );
+        }));
+        for t in tasks {
+            bounded(t).await.expect("task");
+        }
+        drop(client);
+    });
+    finish(&rt, peer);
+}
+
+#[test]
+fn async_concurrent_calls_multi_thread() {
+    async_concurrent_out_of_order(rt_multi());
+}
+
+#[test]
+fn async_concurrent_calls_current_thread() {
+    async_concurrent_out_of_order(rt_current());
+}
+
+#[test]
+fn async_call_fields_and_raw() {
+    let fake = Fake::new();
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        let (id, method, timeout_ms, flags, payload) = p.call();
+        assert_eq!(method, "raw");
+        assert_eq!(timeout_ms, Some(5000));
+        assert_eq!(flags, zrpc_proto::flags::NO_WAIT);
+        assert_eq!(&payload[..], &[0x92, 0x01, 0x02]);
+        p.result(id, &[]); // empty result payload = nil
+        let (id, _, timeout_ms, flags, _) = p.call();
+        assert_eq!((timeout_ms, flags), (None, 0));
+        p.result(id, &[0x2a]);
+        p.expect_eof();
+    });
+    let dir = fake.dir();
+    let rt = rt_current();
+    rt.block_on(async move {
+        let client = bounded(Client::builder().socket_dir(&dir).connect())
+            .await
+            .expect("connect");
+        let opts = CallOptions::timeout(Duration::from_secs(5)).no_wait();
+        let out = bounded(client.call_raw("svc", "raw", Bytes::from_static(&[0x92, 1, 2]), opts))
+            .await
+            .expect("raw");
+        assert!(out.is_empty());
+        let n: u8 = bounded(client.call("svc", "n", &(), None))
+            .await
+            .expect("call");
+        assert_eq!(n, 42);
+    });
+    finish(&rt, peer);
+}
+
+#[test]
+fn async_version_mismatch_and_fatal() {
+    let fake = Fake::new();
+    let peer = fake.serve(|mut p| {
+        p.frame();
+        p.send(
+            &Envelope::Fatal {
+                code: ErrorCode::VersionMismatch,
+                message: "only version 7",
+            },
+            &[],
+        );
+    });
+    let dir = fake.dir();
+    let rt = rt_current();
+    let err = rt
+        .block_on(bounded(Client::connect_to(&dir)))
+        .expect_err("mismatch");
+    assert!(
+        matches!(&err, Error::VersionMismatch(m) if m.contains("version 7")),
+        "{err}"
+    );
+    peer.join().expect("fake broker");
+
+    // A Welcome with another version is a mismatch too.
+    let peer = fake.serve(|mut p| {
+        p.frame();
+        p.send(
+            &Envelope::Welcome {
+                version: 2,
+                conn_id: 1,
+                max_message_size: 1024,
+            },
+            &[],
+        );
+    });
+    let err = rt
+        .block_on(bounded(Client::connect_to(&dir)))
+        .expect_err("mismatch");
+    assert!(matches!(err, Error::VersionMismatch(_)), "{err}");
+    peer.join().expect("fake broker");
+
+    // Fatal mid-call fails the pending calls with the typed error.
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        p.call();
+        p.call();
+        p.send(
+            &Envelope::Fatal {
+                code: ErrorCode::Shutdown,
+                message: "bye",
+            },
+            &[],
+        );
+    });
+    rt.block_on(async {
+        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
+        let a = client.call::<_, Value>("svc", "a", &(), None);
+        let b = client.call::<_, Value>("svc", "b", &(), None);
+        let (a, b) = bounded(async { tokio::join!(a, b) }).await;
+        assert!(matches!(a, Err(Error::Shutdown)), "{a:?}");
+        assert!(matches!(b, Err(Error::Shutdown)), "{b:?}");
+    });
+    finish(&rt, peer);
+}
+
+#[test]
+fn async_disconnect_then_lazy_reconnect() {
+    let fake = Fake::new();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        p.call();
+        seen_tx.send(()).expect("signal");
+        // Dropping `p` closes the connection mid-call.
+    });
+    let dir = fake.dir();
+    let rt = rt_multi();
+    let client = rt
+        .block_on(bounded(Client::connect_to(&dir)))
+        .expect("connect");
+    let started = Instant::now();
+    let err = rt
+        .block_on(bounded(client.call::<_, Value>("svc", "x", &(), None)))
+        .expect_err("disconnected");
+    assert!(matches!(err, Error::Disconnected(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    seen_rx.recv_timeout(BOUND).expect("call seen");
+    peer.join().expect("fake broker");
+
+    // The next call reconnects (same instance id, new Hello).
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        let (id, ..) = p.call();
+        p.result(id, &[0x07]);
+        p.expect_eof();
+    });
+    let n: u32 = rt
+        .block_on(bounded(client.call("svc", "x", &(), None)))
+        .expect("reconnected");
+    assert_eq!(n, 7);
+    drop(client);
+    finish(&rt, peer);
+}
+
+#[test]
+fn async_dropped_call_sends_cancel() {
+    let fake = Fake::new();
+    let (id_tx, id_rx) = std::sync::mpsc::channel();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let (id, ..) = p.call();
+        id_tx.send(id).expect("signal");
+        p.expect_cancel(id);
+        // The connection keeps working.
+        let (id, ..) = p.call();
+        p.result(id, &[0x01]);
+        p.expect_eof();
+    });
+    let dir = fake.dir();
+    let rt = rt_multi();
+    rt.block_on(async move {
+        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
+        let c = client.clone();
+        let task = tokio::spawn(async move { c.call::<_, Value>("svc", "slow", &(), None).await });
+        let id = bounded(tokio::task::spawn_blocking(move || {
+            id_rx.recv_timeout(BOUND)
+        }))
+        .await
+        .expect("join")
+        .expect("call seen");
+        assert!(id >= 1);
+        task.abort();
+        let _ = bounded(task).await;
+        let n: u8 = bounded(client.call("svc", "next", &(), None))
+            .await
+            .expect("call");
+        assert_eq!(n, 1);
+    });
+    finish(&rt, peer);
+}
+
+#[test]
+fn async_local_safety_timeout() {
+    let fake = Fake::new();
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        let (id, _, timeout_ms, ..) = p.call();
+        assert_eq!(timeout_ms, Some(10));
+        // Never answer: the client gives up after timeout + 2 s.
+        p.expect_cancel(id);
+        p.expect_eof();
+    });
+    let dir = fake.dir();
+    let rt = rt_current();
+    rt.block_on(async move {
+        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
+        let started = Instant::now();
+        let err =
+            bounded(client.call::<_, Value>("svc", "x", &(), Some(Duration::from_millis(10))))
+                .await
+                .expect_err("timeout");
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, Error::Timeout { service, method } if service == "svc" && method == "x"),
+            "{err}"
+        );
+        assert!(took >= Duration::from_secs(2), "{took:?}");
+        assert!(took < Duration::from_secs(6), "{took:?}");
+    });
+    finish(&rt, peer);
+}
+
+#[test]
+fn async_limit_and_connect_errors() {
+    let fake = Fake::new();
+    let peer = fake.serve(|mut p| {
+        p.handshake_with(1024);
+        // Nothing is sent for the oversized call.
+        let (id, ..) = p.call();
+        p.result(id, &[0xc3]);
+        p.expect_eof();
+    });
+    let dir = fake.dir();
+    let rt = rt_current();
+    rt.block_on(async move {
+        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
+        let big = serde_bytes::ByteBuf::from(vec![0u8; 4096]);
+        let err = client
+            .call::<_, Value>("svc", "big", &big, None)
+            .await
+            .expect_err("too big");
+        assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
+        assert_eq!(err.code(), Some(ErrorCode::LimitExceeded));
+        let ok: bool = bounded(client.call("svc", "small", &(), None))
+            .await
+            .expect("ok");
+        assert!(ok);
+    });
+    finish(&rt, peer);
+
+    let empty = TempDir::new();
+    let err = rt_current()
+        .block_on(Client::connect_to(&empty.0))
+        .expect_err("no broker");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Connect { .. }));
+    assert!(
+        msg.contains("zrpcd.sock") && msg.contains("is zrpcd running?"),
+        "{msg}"
+    );
+    let err = BlockingClient::connect_to(&empty.0).expect_err("no broker");
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+}
+
+// --------------------------------------------------------- blocking tests
+
+#[test]
+fn blocking_concurrent_calls_out_of_order() {
+    const N: usize = 8;
+    let fake = Fake::new();
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        for _ in 0..3 {
+            echo_reversed(&mut p, N + 1);
+        }
+        p.expect_eof();
+    });
+    let client = BlockingClient::connect_to(fake.dir()).expect("connect");
+    for round in 0..3 {
+        let handles: Vec<_> = (0..=N)
+            .map(|i| {
+                let c = client.clone();
+                std::thread::spawn(move || {
+                    if i == N {
+                        let err = c
+                            .call::<_, Value>("svc", "fail", &(), Some(BOUND))
+                            .expect_err("remote");
+                        assert!(matches!(err, Error::Remote { .. }), "{err}");
+                        return;
+                    }
+                    let v = Value::Map(vec![(
+                        Value::from(round * 100 + i),
+                        Value::Binary(vec![i as u8; 100_000 * (i % 2)]),
+                    )]);
+                    let got: Value = c.call("svc", "echo", &v, Some(BOUND)).expect("call");
+                    assert!(same(&got, &v));
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("caller thread");
+        }
+    }
+    drop(client);
+    peer.join().expect("fake broker");
+}
+
+#[test]
+fn blocking_partial_frames_survive_reader_change() {
+    let fake = Fake::new();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let mut ids = std::collections::HashMap::new();
+        for _ in 0..2 {
+            let (id, method, ..) = p.call();
+            ids.insert(method, id);
+        }
+        let (a, b) = (ids["a"], ids["b"]);
+        // B's full result then the first half of A's: whoever reads gets B's
+        // result and leaves a partial frame behind.
+        let mut out = BytesMut::new();
+        encode_frame(
+            &mut out,
+            &Envelope::Result {
+                id: b,
+                code: None,
+                message: "",
+            },
+            &[0x0b],
+        );
+        let mut second = BytesMut::new();
+        encode_frame(
+            &mut second,
+            &Envelope::Result {
+                id: a,
+                code: None,
+                message: "",
+            },
+            &[0x0a],
+        );
+        let cut = out.len() + 5;
+        out.extend_from_slice(&second);
+        p.s.write_all(&out[..cut]).expect("write");
+        go_rx.recv_timeout(BOUND).expect("go");
+        p.s.write_all(&out[cut..]).expect("write");
+        p.expect_eof();
+    });
+    let client = BlockingClient::connect_to(fake.dir()).expect("connect");
+    let c = client.clone();
+    let ta = std::thread::spawn(move || c.call::<_, u8>("svc", "a", &(), Some(BOUND)));
+    let c = client.clone();
+    let tb = std::thread::spawn(move || c.call::<_, u8>("svc", "b", &(), Some(BOUND)));
+    let b = tb.join().expect("thread b").expect("b");
+    go_tx.send(()).expect("go");
+    let a = ta.join().expect("thread a").expect("a");
+    assert_eq!((a, b), (0x0a, 0x0b));
+    drop(client);
+    peer.join().expect("fake broker");
+}
+
+#[test]
+fn blocking_fatal_disconnect_timeout_and_reconnect() {
+    let fake = Fake::new();
+    let dir = fake.dir();
+    // Version mismatch at connect.
+    let peer = fake.serve(|mut p| {
+        p.frame();
+        p.send(
+            &Envelope::Fatal {
+                code: ErrorCode::VersionMismatch,
+                message: "no",
+            },
+            &[],
+        );
+    });
+    let err = BlockingClient::connect_to(&dir).expect_err("mismatch");
+    assert!(matches!(err, Error::VersionMismatch(_)), "{err}");
+    peer.join().expect("fake broker");
+
+    // Fatal mid-call, then the connection closes mid-call (after a lazy
+    // reconnect), then a local safety timeout with Cancel.
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        p.call();
+        p.send(
+            &Envelope::Fatal {
+                code: ErrorCode::Protocol,
+                message: "bad",
+            },
+            &[],
+        );
+    });
+    let client = BlockingClient::builder()
+        .socket_dir(&dir)
+        .agent("zrpc-client/test")
+        .connect_blocking()
+        .expect("connect");
+    let err = client
+        .call::<_, Value>("svc", "x", &(), Some(BOUND))
+        .expect_err("fatal");
+    assert!(matches!(&err, Error::Protocol(m) if m == "bad"), "{err}");
+    peer.join().expect("fake broker");
+
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        p.call();
+    });
+    let started = Instant::now();
+    let err = client
+        .call::<_, Value>("svc", "x", &(), None)
+        .expect_err("disconnected");
+    assert!(matches!(err, Error::Disconnected(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    peer.join().expect("fake broker");
+
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        let (id, ..) = p.call();
+        p.expect_cancel(id);
+        let (id, ..) = p.call();
+        p.result(id, &[0x05]);
+        p.expect_eof();
+    });
+    let started = Instant::now();
+    let err = client
+        .call::<_, Value>("svc", "x", &(), Some(Duration::from_millis(1)))
+        .expect_err("timeout");
+    let took = started.elapsed();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    let n: u8 = client
+        .call("svc", "y", &(), Some(BOUND))
+        .expect("still usable");
+    assert_eq!(n, 5);
+    drop(client);
+    peer.join().expect("fake broker");
+}
+
+#[test]
+fn clients_are_send_sync_clone() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<Client>();
+    check::<BlockingClient>();
+    fn send_future<F: std::future::Future + Send>(_: &F) {}
+    let rt = rt_current();
+    let fake = Fake::new();
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+        p.expect_eof();
+    });
+    rt.block_on(async {
+        let c = bounded(Client::connect_to(fake.dir()))
+            .await
+            .expect("connect");
+        let fut = c.call::<_, Value>("svc", "x", &1u8, None);
+        send_future(&fut);
+    });
+    finish(&rt, peer);
+}
+
+/// Rough speed check against an echoing fake broker (no real broker in
+/// between): `cargo test -p zrpc-client --release -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn speed_against_fake_echo() {
+    fn echo_forever(mut p: Peer) {
+        p.handshake();
+        let mut out = BytesMut::new();
+        loop {
+            // Answer everything that is complete, in one write.
+            let Some(f) = p.try_frame() else { return };
+            let mut frames = vec![f];
+            while let Ok(Some(f)) = p.dec.decode(&mut p.buf) {
+                frames.push(f);
+            }
+            for f in frames {
+                if let Ok(Envelope::Call { id, .. }) = f.decode() {
+                    encode_frame(
+                        &mut out,
+                        &Envelope::Result {
+                            id,
+                            code: None,
+                            message: "",
+                        },
+                        &f.payload,
+                    );
+                }
+            }
+            if p.s.write_all(&out).is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+    const N: u32 = 20_000;
+    let payload = serde_bytes::ByteBuf::from(vec![7u8; 64]);
+
+    let fake = Fake::new();
+    // Baseline: the same exchange by hand on a raw socket.
+    let peer = fake.serve(echo_forever);
+    let mut raw =
+        Peer::new(UnixStream::connect(zrpc_proto::socket_path(&fake.dir())).expect("raw"));
+    raw.send(
+        &Envelope::Hello {
+            version: 1,
+            instance: 1,
+            agent: "zrpc-client/raw",
+        },
+        &[],
+    );
+    raw.frame();
+    let t = Instant::now();
+    for id in 0..N as u64 {
+        let mut out = BytesMut::new();
+        encode_frame(
+            &mut out,
+            &Envelope::Call {
+                id,
+                service: "svc",
+                method: "echo",
+                timeout_ms: None,
+                flags: 0,
+            },
+            &rmp_serde::to_vec(&payload).expect("enc"),
+        );
+        raw.s.write_all(&out).expect("write");
+        let f = raw.frame();
+        let _: serde_bytes::ByteBuf = rmp_serde::from_slice(&f.payload).expect("dec");
+    }
+    println!("raw socket sequential: {:?}/call", t.elapsed() / N);
+    drop(raw);
+    peer.join().expect("peer");
+
+    let peer = fake.serve(echo_forever);
+    let c = BlockingClient::connect_to(fake.dir()).expect("connect");
+    let t = Instant::now();
+    for _ in 0..N {
+        let _: serde_bytes::ByteBuf = c.call("svc", "echo", &payload, Some(BOUND)).expect("call");
+    }
+    println!("blocking sequential: {:?}/call", t.elapsed() / N);
+    drop(c);
+    peer.join().expect("peer");
+
+    for (name, rt) in [
+        ("current-thread", rt_current()),
+        ("multi-thread", rt_multi()),
+    ] {
+        let peer = fake.serve(echo_forever);
+        let dir = fake.dir();
+        let payload = payload.clone();
+        rt.block_on(async move {
+            let c = Client::connect_to(&dir).await.expect("connect");
+            let t = Instant::now();
+            for _ in 0..N {
+                let _: serde_bytes::ByteBuf = c
+                    .call("svc", "echo", &payload, Some(BOUND))
+                    .await
+                    .expect("call");
+            }
+            println!("async {name} sequential: {:?}/call", t.elapsed() / N);
+            let t = Instant::now();
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..64 {
+                let c = c.clone();
+                let payload = payload.clone();
+                set.spawn(async move {
+                    for _ in 0..N / 64 {
+                        let _: serde_bytes::ByteBuf =
+                            c.call("svc", "echo", &payload, None).await.expect("call");
+                    }
+                });
+            }
+            while set.join_next().await.is_some() {}
+            println!(
+                "async {name} 64 in flight: {:.0} calls/s",
+                (N / 64 * 64) as f64 / t.elapsed().as_secs_f64()
+            );
+        });
+        finish(&rt, peer);
+    }
+}
