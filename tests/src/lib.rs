@@ -4,6 +4,8 @@
 
 #![warn(missing_docs)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -61,7 +61,6 @@ extern crate self as zrpc_service;
 
 mod builder;
 mod context;
-mod notify;
 mod server;
 mod unwind;
 

@@ -887,7 +887,11 @@ impl<S: Service> Server<S> {
         .map_err(|_| Error::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
         if !self.notified {
             self.notified = true;
-            crate::notify::notify_ready();
+            match zrpc_proto::sd_notify("READY=1") {
+                Ok(true) => tracing::debug!("sent READY=1 to systemd"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot notify systemd"),
+            }
         }
         Ok(conn)
     }

@@ -1,0 +1,94 @@
+//! A service used by the end-to-end tests.
+//!
+//! Usage: `zrpc-test-svc [--name NAME] [--shared]` (default name `echo`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use zrpc_service::{rpc_method, service, Context, Server, Value};
+
+/// Typed payload for the typed-struct round trip.
+#[derive(Debug, Serialize, Deserialize)]
+struct Point {
+    x: i64,
+    y: f64,
+    label: String,
+    #[serde(with = "serde_bytes")]
+    raw: Vec<u8>,
+}
+
+struct TestSvc;
+
+#[service(name = "echo")]
+impl TestSvc {
+    /// Returns its payload unchanged.
+    #[rpc_method]
+    fn echo(&mut self, payload: Value) -> Value {
+        payload
+    }
+
+    /// Moves a typed point by (1, 1.5).
+    #[rpc_method]
+    fn shift(&mut self, p: Point) -> Point {
+        Point {
+            x: p.x + 1,
+            y: p.y + 1.5,
+            ..p
+        }
+    }
+
+    /// Fails with the given message.
+    #[rpc_method]
+    fn fail(&mut self, msg: String) -> Result<(), String> {
+        Err(msg)
+    }
+
+    /// Panics.
+    #[rpc_method]
+    fn panic(&mut self) -> u32 {
+        panic!("deliberate panic in a handler")
+    }
+
+    /// Sleeps `ms` milliseconds, then returns this process's pid.
+    #[rpc_method]
+    async fn sleep(&mut self, ms: u64) -> u32 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        std::process::id()
+    }
+
+    /// This process's pid.
+    #[rpc_method]
+    fn pid(&mut self) -> u32 {
+        std::process::id()
+    }
+
+    /// The request counter as the handler sees it.
+    #[rpc_method]
+    fn counter(&mut self, ctx: &Context) -> u64 {
+        ctx.counter()
+    }
+}
+
+fn main() {
+    let mut name = None;
+    let mut shared = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--name" => name = args.next(),
+            "--shared" => shared = true,
+            other => {
+                eprintln!("zrpc-test-svc: unknown argument {other:?}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let mut server = Server::new(TestSvc).shared(shared);
+    if let Some(n) = name {
+        server = server.name(n);
+    }
+    if let Err(e) = server.run() {
+        eprintln!("zrpc-test-svc: {e}");
+        std::process::exit(1);
+    }
+}
