@@ -1,14 +1,14 @@
 //! The zrpcd binary on its own, driven over a raw socket with zrpc-proto:
 //! start-up, single-instance lock, stale socket, bad input, shutdown.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use zrpc_proto::{encode_frame, Envelope, ErrorCode, FrameDecoder, PROTOCOL_VERSION};
+use zrpc_proto::{Envelope, ErrorCode};
+use zrpc_tests::raw::Raw;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -68,110 +68,6 @@ fn start(tag: &str, extra: &[&str]) -> Daemon {
         "zrpcd did not start"
     );
     d
-}
-
-/// A raw protocol connection.
-struct Raw {
-    s: UnixStream,
-    buf: BytesMut,
-}
-
-impl Raw {
-    fn connect(dir: &Path) -> Raw {
-        let s = UnixStream::connect(dir.join("zrpcd.sock")).expect("connect");
-        s.set_read_timeout(Some(WAIT)).expect("timeout");
-        Raw {
-            s,
-            buf: BytesMut::new(),
-        }
-    }
-
-    fn hello(dir: &Path) -> Raw {
-        let mut r = Raw::connect(dir);
-        r.send(
-            &Envelope::Hello {
-                version: PROTOCOL_VERSION,
-                instance: 1,
-                agent: "test",
-            },
-            b"",
-        );
-        let (kind, _) = r.recv().expect("welcome");
-        assert_eq!(kind, zrpc_proto::Kind::Welcome);
-        r
-    }
-
-    fn send(&mut self, env: &Envelope<'_>, payload: &[u8]) {
-        let mut out = BytesMut::new();
-        encode_frame(&mut out, env, payload);
-        self.s.write_all(&out).expect("write");
-    }
-
-    /// Next frame's kind and (owned) envelope bytes; None on EOF.
-    fn recv_frame(&mut self) -> Option<zrpc_proto::Frame> {
-        let dec = FrameDecoder::new(u32::MAX);
-        loop {
-            if let Some(f) = dec.decode(&mut self.buf).expect("valid frame from broker") {
-                return Some(f);
-            }
-            let mut tmp = [0u8; 65536];
-            let n = self.s.read(&mut tmp).ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&tmp[..n]);
-        }
-    }
-
-    fn recv(&mut self) -> Option<(zrpc_proto::Kind, zrpc_proto::Frame)> {
-        let f = self.recv_frame()?;
-        let kind = f.decode().expect("valid envelope").kind();
-        Some((kind, f))
-    }
-
-    fn expect_fatal(&mut self, code: ErrorCode) -> String {
-        let f = self.recv_frame().expect("a Fatal frame before close");
-        let msg = match f.decode().expect("envelope") {
-            Envelope::Fatal { code: c, message } => {
-                assert_eq!(c, code, "{message}");
-                message.to_string()
-            }
-            other => panic!("expected Fatal, got {other:?}"),
-        };
-        assert!(self.recv_frame().is_none(), "connection closed after Fatal");
-        msg
-    }
-
-    fn call(
-        &mut self,
-        id: u64,
-        service: &str,
-        method: &str,
-        timeout_ms: Option<u64>,
-    ) -> (Option<ErrorCode>, String, Bytes) {
-        self.send(
-            &Envelope::Call {
-                id,
-                service,
-                method,
-                timeout_ms,
-                flags: 0,
-            },
-            b"\xc0",
-        );
-        let f = self.recv_frame().expect("result");
-        match f.decode().expect("envelope") {
-            Envelope::Result {
-                id: rid,
-                code,
-                message,
-            } => {
-                assert_eq!(rid, id);
-                (code, message.to_string(), f.payload.clone())
-            }
-            other => panic!("expected Result, got {other:?}"),
-        }
-    }
 }
 
 #[test]
