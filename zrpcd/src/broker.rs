@@ -560,7 +560,11 @@ impl Broker {
             self.stats.protocol_errors += 1;
         }
         if let Some(p) = self.peers.get(peer) {
-            tracing::warn!(peer, pid = p.creds.pid, code = %fatal.code, message = %fatal.message, "closing connection");
+            if fatal.code == ErrorCode::Shutdown {
+                tracing::debug!(peer, pid = p.creds.pid, "closing connection for shutdown");
+            } else {
+                tracing::warn!(peer, pid = p.creds.pid, code = %fatal.code, message = %fatal.message, "closing connection");
+            }
         }
         let env = Envelope::Fatal {
             code: fatal.code,

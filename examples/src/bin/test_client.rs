@@ -1,0 +1,41 @@
+//! The original zrpc example client, in Rust (blocking).
+//!
+//! ```text
+//! client = Client()
+//! response = client.call(service='test_server', method='func',
+//!                        payload={'haha': 'brt'})
+//! ```
+//!
+//! Run `test_server` first. The socket directory comes from
+//! `$ZRPC_SOCKET_DIR` (default `/tmp/zrpc_sockets`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use zrpc_client::{BlockingClient, Value};
+
+fn main() {
+    let client = match BlockingClient::connect() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("test_client: {e}");
+            std::process::exit(1);
+        }
+    };
+    let payload = BTreeMap::from([("haha", "brt")]);
+    // Like the original, a timeout turns into a typed error; here we wait at
+    // most 10 s (None would wait indefinitely).
+    let response: Result<(String, Value), _> =
+        client.call("test_server", "func", &payload, Some(Duration::from_secs(10)));
+    let timestamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    match response {
+        Ok((name, value)) => println!("RPC response [{timestamp:.3}]: ({name:?}, {value})"),
+        Err(e) => {
+            eprintln!("test_client: {e}");
+            std::process::exit(1);
+        }
+    }
+}
