@@ -45,6 +45,8 @@ pub enum Kind {
     Pong = 12,
     /// Broker to peer: connection-level error; the broker closes afterwards.
     Fatal = 13,
+    /// Broker to a monitoring peer: one call that passed through.
+    Event = 14,
 }
 
 /// A decoded envelope. String fields borrow from the frame they came from,
@@ -161,6 +163,12 @@ pub enum Envelope<'a> {
         /// The `Ping`'s nonce.
         nonce: u64,
     },
+    /// `[14, seq]` + payload (a MessagePack map describing one finished
+    /// call): sent to connections that subscribed with `zrpcd.monitor`.
+    Event {
+        /// Sequence number of the event on this connection, from 1.
+        seq: u64,
+    },
     /// `[13, code, message]`: fatal connection error; the connection closes.
     Fatal {
         /// Why.
@@ -191,6 +199,7 @@ impl<'a> Envelope<'a> {
             Envelope::Ping { .. } => Kind::Ping,
             Envelope::Pong { .. } => Kind::Pong,
             Envelope::Fatal { .. } => Kind::Fatal,
+            Envelope::Event { .. } => Kind::Event,
         }
     }
 
@@ -284,7 +293,8 @@ impl<'a> Envelope<'a> {
             }
             Envelope::Cancel { id: n }
             | Envelope::Ping { nonce: n }
-            | Envelope::Pong { nonce: n } => {
+            | Envelope::Pong { nonce: n }
+            | Envelope::Event { seq: n } => {
                 mp::write_array_len(out, 2);
                 mp::write_uint(out, kind);
                 mp::write_uint(out, n);
@@ -393,13 +403,14 @@ impl<'a> Envelope<'a> {
                 };
                 (env, 7)
             }
-            10..=12 => {
+            10..=12 | 14 => {
                 need(2)?;
                 let n = r.uint()?;
                 let env = match kind {
                     10 => Envelope::Cancel { id: n },
                     11 => Envelope::Ping { nonce: n },
-                    _ => Envelope::Pong { nonce: n },
+                    12 => Envelope::Pong { nonce: n },
+                    _ => Envelope::Event { seq: n },
                 };
                 (env, 2)
             }

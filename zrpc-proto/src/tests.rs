@@ -60,6 +60,7 @@ fn all_envelopes() -> Vec<Envelope<'static>> {
         Envelope::Cancel { id: 5 },
         Envelope::Ping { nonce: 1 },
         Envelope::Pong { nonce: 2 },
+        Envelope::Event { seq: 3 },
         Envelope::Fatal {
             code: ErrorCode::VersionMismatch,
             message: "bye",

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use zrpc_proto::{flags, validate_name, Envelope, ErrorCode, Frame, PROTOCOL_VERSION};
 
 use crate::config::Config;
+use crate::monitor::{self, CallEvent, Monitor};
 use crate::names::{Names, RegisterError};
 use crate::peers::{Creds, PeerId, Peers};
 use crate::pending::{Pending, PendingCalls, Stage};
@@ -79,6 +80,8 @@ pub struct Broker {
     pub started: Instant,
     /// Set once shutdown began: new calls are refused.
     pub shutting_down: bool,
+    /// Connections watching calls (`zrpc monitor`).
+    pub monitors: Vec<Monitor>,
     dirty: Vec<Rc<PeerIo>>,
 }
 
@@ -93,6 +96,7 @@ impl Broker {
             stats: Stats::default(),
             started: Instant::now(),
             shutting_down: false,
+            monitors: Vec::new(),
             dirty: Vec::new(),
         }
     }
@@ -104,7 +108,7 @@ impl Broker {
     }
 
     /// Queues a frame to `peer`; returns false if the peer is gone.
-    fn send(&mut self, peer: PeerId, env: &Envelope<'_>, payload: &Bytes) -> bool {
+    pub(crate) fn send(&mut self, peer: PeerId, env: &Envelope<'_>, payload: &Bytes) -> bool {
         let Some(p) = self.peers.get(peer) else {
             return false;
         };
@@ -442,6 +446,26 @@ impl Broker {
             c.calling = c.calling.saturating_sub(1);
         }
         let elapsed = p.started.elapsed();
+        if !self.monitors.is_empty() {
+            let (outcome_name, reply_size) = match &outcome {
+                Outcome::Reply { code, payload, .. } => {
+                    (code.map_or("ok", |c| c.as_str()), payload.len())
+                }
+                Outcome::Error(code, _) => (code.as_str(), 0),
+                Outcome::CallerGone => ("cancelled", 0),
+            };
+            let event = CallEvent {
+                caller_pid: self.peers.get(p.caller).map_or(0, |c| c.creds.pid),
+                caller: p.caller,
+                service,
+                method: fields.as_ref().map_or("", |f| f.method),
+                size: p.frame.payload.len(),
+                reply_size,
+                latency: elapsed,
+                outcome: outcome_name,
+            };
+            self.emit(&event);
+        }
         match outcome {
             Outcome::Reply {
                 code,
@@ -481,6 +505,21 @@ impl Broker {
                 tracing::debug!(bid, service, %code, %message, "call failed");
             }
             Outcome::CallerGone => {}
+        }
+    }
+
+    /// Sends an event to every monitor that wants it.
+    fn emit(&mut self, event: &CallEvent<'_>) {
+        let payload = monitor::encode(event);
+        let mut targets = Vec::new();
+        for m in &mut self.monitors {
+            if m.peer != event.caller && m.wants(event.service) {
+                m.seq += 1;
+                targets.push((m.peer, m.seq));
+            }
+        }
+        for (peer, seq) in targets {
+            self.send(peer, &Envelope::Event { seq }, &payload);
         }
     }
 
@@ -584,6 +623,7 @@ impl Broker {
             return;
         };
         p.io.close();
+        self.monitors.retain(|m| m.peer != peer);
         for name in &p.names {
             self.names.unregister(name, peer);
         }

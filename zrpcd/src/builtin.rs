@@ -6,6 +6,9 @@
 //! - `peers`: every connection: `[{conn_id, pid, uid, gid, agent, names,
 //!   connected_s, outstanding, calling, served, failed, calls_made}]`.
 //! - `stats`: broker-wide counters and per-service latency percentiles.
+//! - `monitor`: payload nil (all services) or an array of service names;
+//!   from then on the connection receives an `Event` frame for each finished
+//!   call (see [`crate::monitor`]) until it disconnects. Returns `true`.
 
 use bytes::Bytes;
 use rmpv::Value;
@@ -33,12 +36,16 @@ fn encode(v: &Value) -> Bytes {
 /// Answers a call to the broker's service. Returns the error code (None on
 /// success), the error message and the payload.
 pub fn handle(
-    broker: &Broker,
-    _caller: PeerId,
+    broker: &mut Broker,
+    caller: PeerId,
     method: &str,
-    _payload: &[u8],
+    payload: &[u8],
 ) -> (Option<ErrorCode>, String, Bytes) {
     let value = match method {
+        "monitor" => match subscribe(broker, caller, payload) {
+            Ok(v) => v,
+            Err(msg) => return (Some(ErrorCode::BadPayload), msg, Bytes::new()),
+        },
         "ping" => Value::from("pong"),
         "list" => list(broker),
         "peers" => peers(broker),
@@ -46,12 +53,43 @@ pub fn handle(
         other => {
             return (
                 Some(ErrorCode::NoSuchMethod),
-                format!("service \"zrpcd\" has no method {other:?} (try ping, list, peers, stats)"),
+                format!(
+                "service \"zrpcd\" has no method {other:?} (try ping, list, peers, stats, monitor)"
+            ),
                 Bytes::new(),
             )
         }
     };
     (None, String::new(), encode(&value))
+}
+
+fn subscribe(b: &mut Broker, caller: PeerId, payload: &[u8]) -> Result<Value, String> {
+    let filter = if payload.is_empty() {
+        None
+    } else {
+        match rmpv::decode::read_value(&mut &payload[..]) {
+            Ok(Value::Nil) => None,
+            Ok(Value::Array(items)) => Some(
+                items
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::String(s) => s
+                            .into_str()
+                            .ok_or_else(|| "service names must be UTF-8".to_string()),
+                        _ => Err("monitor takes nil or an array of service names".to_string()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            _ => return Err("monitor takes nil or an array of service names".into()),
+        }
+    };
+    b.monitors.retain(|m| m.peer != caller);
+    b.monitors.push(crate::monitor::Monitor {
+        peer: caller,
+        filter,
+        seq: 0,
+    });
+    Ok(Value::Boolean(true))
 }
 
 fn list(b: &Broker) -> Value {
@@ -142,6 +180,7 @@ fn stats(b: &Broker) -> Value {
         ("cancelled", Value::from(s.cancelled)),
         ("redelivered", Value::from(s.redelivered)),
         ("protocol_errors", Value::from(s.protocol_errors)),
+        ("monitors", Value::from(b.monitors.len() as u64)),
         ("errors", Value::Map(errors)),
         ("services", Value::Map(services)),
     ])

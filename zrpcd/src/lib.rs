@@ -17,6 +17,7 @@ pub mod broker;
 pub mod builtin;
 pub mod config;
 pub mod conn;
+pub mod monitor;
 pub mod names;
 pub mod peers;
 pub mod pending;

@@ -27,7 +27,10 @@ pub async fn run(
     let timers = tokio::task::spawn_local(timer_loop(broker.clone()));
     let systemd = std::env::var_os("NOTIFY_SOCKET")
         .map(|_| tokio::task::spawn_local(systemd_loop(broker.clone())));
-    sd_notify(&format!("READY=1\nSTATUS={}", status_line(&broker.borrow(), 0.0)));
+    sd_notify(&format!(
+        "READY=1\nSTATUS={}",
+        status_line(&broker.borrow(), 0.0)
+    ));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

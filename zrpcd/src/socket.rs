@@ -199,7 +199,13 @@ pub fn adopt_listen_fds(dir: &Path) -> Result<Option<BoundSocket>, SetupError> {
     // pointers to locals.
     let ok = unsafe {
         libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
     } == 0
         && ty == libc::SOCK_STREAM;
     if !ok {
