@@ -103,7 +103,9 @@ impl Proc {
     /// Spawns `cmd` with stdout piped (read it with [`Proc::read_line`])
     /// and stderr inherited (shown by the test harness on failure).
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
@@ -263,6 +265,57 @@ impl Broker {
 fn spawn_broker(dir: &Path, args: &[&str]) -> Proc {
     let mut c = Command::new(bin("zrpcd"));
     c.arg("--socket-dir").arg(dir).args(args);
-    c.env("RUST_LOG", std::env::var("ZRPC_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+    c.env(
+        "RUST_LOG",
+        std::env::var("ZRPC_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+    );
     Proc::spawn("zrpcd", c)
+}
+
+/// Waits (bounded by [`WAIT`]) until the broker in `dir` lists `name` with
+/// exactly `instances` instances.
+pub fn wait_registered(dir: &Path, name: &str, instances: usize) {
+    let client = zrpc_client::BlockingClient::connect_to(dir).expect("connect to zrpcd");
+    let ok = wait_until(WAIT, || {
+        let list: Result<rmpv::Value, _> =
+            client.call("zrpcd", "list", &(), Some(Duration::from_secs(5)));
+        let Ok(rmpv::Value::Array(entries)) = list else {
+            return false;
+        };
+        let count = |e: &rmpv::Value| {
+            let field = |k: &str| {
+                e.as_map()
+                    .and_then(|m| m.iter().find(|(key, _)| key.as_str() == Some(k)))
+                    .map(|(_, v)| v.clone())
+            };
+            if field("name")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .as_deref()
+                == Some(name)
+            {
+                field("instances").and_then(|v| v.as_array().map(|a| a.len()))
+            } else {
+                None
+            }
+        };
+        // A name without instances is not listed at all.
+        entries.iter().find_map(count).unwrap_or(0) == instances
+    });
+    assert!(
+        ok,
+        "service {name:?} did not register {instances} instance(s)"
+    );
+}
+
+/// Reads one counter from the broker's `zrpcd.stats`.
+pub fn broker_stat(dir: &Path, key: &str) -> u64 {
+    let client = zrpc_client::BlockingClient::connect_to(dir).expect("connect to zrpcd");
+    let stats: rmpv::Value = client
+        .call("zrpcd", "stats", &(), Some(Duration::from_secs(5)))
+        .expect("zrpcd.stats");
+    stats
+        .as_map()
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some(key)))
+        .and_then(|(_, v)| v.as_u64())
+        .unwrap_or_else(|| panic!("no counter {key:?} in {stats}"))
 }

@@ -30,12 +30,19 @@ fn unit_files_verify() {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(&units).expect("systemd/ dir") {
         let path = entry.expect("entry").path();
-        let name = path.file_name().expect("name").to_string_lossy().to_string();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
         let text = std::fs::read_to_string(&path).expect("read unit");
         // Point ExecStart at the binaries just built.
         let text = text
             .replace("/usr/local/bin/zrpcd", &bin("zrpcd").to_string_lossy())
-            .replace("/usr/local/bin/test_server", &bin("test_server").to_string_lossy());
+            .replace(
+                "/usr/local/bin/test_server",
+                &bin("test_server").to_string_lossy(),
+            );
         std::fs::write(tmp.path().join(&name), text).expect("write unit");
         names.push(name);
     }
@@ -48,8 +55,14 @@ fn unit_files_verify() {
         .output()
         .expect("run systemd-analyze");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{stderr}");
-    assert!(stderr.trim().is_empty(), "systemd-analyze warnings:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
+    assert!(
+        stderr.trim().is_empty(),
+        "systemd-analyze warnings:\n{stderr}"
+    );
 }
 
 /// A datagram socket playing systemd's notify socket.
@@ -71,7 +84,10 @@ impl NotifySocket {
         let start = Instant::now();
         let mut buf = [0u8; 4096];
         while start.elapsed() < WAIT {
-            let n = self.sock.recv(&mut buf).expect("notify message within the bound");
+            let n = self
+                .sock
+                .recv(&mut buf)
+                .expect("notify message within the bound");
             let msg = String::from_utf8_lossy(&buf[..n]).to_string();
             if msg.lines().any(|l| l == needle || l.starts_with(needle)) {
                 return msg;
@@ -109,8 +125,14 @@ fn sd_notify_ready_watchdog_status_stopping() {
         pings += 1;
     }
     let per_ping = start.elapsed() / pings;
-    assert!(per_ping >= Duration::from_millis(40), "pinging too fast: {per_ping:?}");
-    assert!(per_ping <= Duration::from_millis(1500), "pinging too slowly: {per_ping:?}");
+    assert!(
+        per_ping >= Duration::from_millis(40),
+        "pinging too fast: {per_ping:?}"
+    );
+    assert!(
+        per_ping <= Duration::from_millis(1500),
+        "pinging too slowly: {per_ping:?}"
+    );
 
     // STATUS= is refreshed with a live summary.
     let status = notify.wait_for("STATUS=");
@@ -222,10 +244,15 @@ fn restart_under_a_held_socket_loses_no_connection_attempt() {
         })
         .collect();
     for _ in 0..8 {
-        rx.recv_timeout(WAIT).expect("client connected to the held socket");
+        rx.recv_timeout(WAIT)
+            .expect("client connected to the held socket");
     }
     let _broker = spawn_activated(&listener, dir.path());
     for c in clients {
-        assert_eq!(c.join().expect("client thread"), None, "every attempt served");
+        assert_eq!(
+            c.join().expect("client thread"),
+            None,
+            "every attempt served"
+        );
     }
 }

@@ -25,8 +25,12 @@ fn main() {
     let payload = BTreeMap::from([("haha", "brt")]);
     // Like the original, a timeout turns into a typed error; here we wait at
     // most 10 s (None would wait indefinitely).
-    let response: Result<(String, Value), _> =
-        client.call("test_server", "func", &payload, Some(Duration::from_secs(10)));
+    let response: Result<(String, Value), _> = client.call(
+        "test_server",
+        "func",
+        &payload,
+        Some(Duration::from_secs(10)),
+    );
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

@@ -11,7 +11,9 @@ async fn main() -> Result<(), zrpc_client::Error> {
     let client = Client::connect().await?;
     let timeout = Some(Duration::from_secs(10));
     let payload = BTreeMap::from([("haha", "brt")]);
-    let response: (String, Value) = client.call("test_server", "func", &payload, timeout).await?;
+    let response: (String, Value) = client
+        .call("test_server", "func", &payload, timeout)
+        .await?;
     println!("RPC response: ({:?}, {})", response.0, response.1);
 
     // Clones share the connection; calls run concurrently.
@@ -27,7 +29,9 @@ async fn main() -> Result<(), zrpc_client::Error> {
         joined.push(tokio::spawn(c));
     }
     for (i, j) in joined.into_iter().enumerate() {
-        let r = j.await.map_err(|e| zrpc_client::Error::Disconnected(e.to_string()))??;
+        let r = j
+            .await
+            .map_err(|e| zrpc_client::Error::Disconnected(e.to_string()))??;
         println!("concurrent call {i}: ({:?}, {})", r.0, r.1);
     }
     Ok(())

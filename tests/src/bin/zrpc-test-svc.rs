@@ -56,6 +56,14 @@ impl TestSvc {
         std::process::id()
     }
 
+    /// Blocks the service thread for `ms` milliseconds (cannot be
+    /// cancelled), then returns this process's pid.
+    #[rpc_method]
+    fn block(&mut self, ms: u64) -> u32 {
+        std::thread::sleep(Duration::from_millis(ms));
+        std::process::id()
+    }
+
     /// This process's pid.
     #[rpc_method]
     fn pid(&mut self) -> u32 {

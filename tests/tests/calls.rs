@@ -1,0 +1,432 @@
+//! The whole call path end to end: the real `zrpcd` binary, real service
+//! processes (`zrpc-test-svc`), real client processes (`zrpc-test-client`)
+//! and clients in this test process, over real UNIX sockets.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use zrpc_client::{BlockingClient, CallOptions, Client, Error, Value};
+use zrpc_tests::{broker_stat, wait_registered, wait_until, Broker, WAIT};
+
+const T: Option<Duration> = Some(Duration::from_secs(20));
+
+fn client(b: &Broker) -> BlockingClient {
+    BlockingClient::connect_to(b.dir()).expect("connect")
+}
+
+fn echo_broker() -> (Broker, zrpc_tests::Proc) {
+    let b = Broker::start();
+    let svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    (b, svc)
+}
+
+#[test]
+fn basic_call_and_request_counter() {
+    let (b, _svc) = echo_broker();
+    let c = client(&b);
+    let r: Value = c.call("echo", "echo", &"hello", T).expect("echo");
+    assert_eq!(r, Value::from("hello"));
+    let counts: Vec<u64> = (0..3)
+        .map(|_| c.call("echo", "counter", &(), T).expect("counter"))
+        .collect();
+    assert_eq!(counts, vec![2, 3, 4], "the counter counts every request");
+}
+
+#[test]
+fn every_msgpack_type_round_trips() {
+    let (b, _svc) = echo_broker();
+    let c = client(&b);
+    let values = vec![
+        Value::Nil,
+        Value::Boolean(true),
+        Value::Boolean(false),
+        Value::from(u64::MAX),
+        Value::from(i64::MIN),
+        Value::from(-1i64),
+        Value::from(0u64),
+        Value::F32(1.5),
+        Value::F32(f32::INFINITY),
+        Value::F64(f64::INFINITY),
+        Value::F64(f64::NEG_INFINITY),
+        Value::F64(-0.0),
+        Value::F64(1e300),
+        Value::from("héllo wörld"),
+        Value::from(""),
+        Value::Binary(vec![0, 1, 2, 255]),
+        Value::Binary(vec![]),
+        Value::Array(vec![Value::Nil, Value::from(1), Value::Array(vec![])]),
+        Value::Map(vec![
+            (Value::from(1), Value::from("int key")),
+            (Value::Binary(vec![9]), Value::from("bin key")),
+            (Value::Nil, Value::Boolean(true)),
+            (Value::from("k"), Value::Map(vec![])),
+        ]),
+        Value::Ext(5, vec![1, 2, 3]),
+    ];
+    for v in values {
+        let r: Value = c.call("echo", "echo", &v, T).expect("echo");
+        assert_eq!(r, v, "round trip of {v}");
+        // Same type, not just an equal value (f32 stays f32, bin stays bin).
+        assert_eq!(format!("{r:?}"), format!("{v:?}"));
+    }
+    // NaN is not equal to itself: check the type and NaN-ness.
+    for v in [Value::F64(f64::NAN), Value::F32(f32::NAN)] {
+        let r: Value = c.call("echo", "echo", &v, T).expect("echo");
+        match (&v, &r) {
+            (Value::F64(_), Value::F64(x)) => assert!(x.is_nan()),
+            (Value::F32(_), Value::F32(x)) => assert!(x.is_nan()),
+            _ => panic!("{v:?} came back as {r:?}"),
+        }
+    }
+    // Bytes through serde_bytes stay MessagePack bin on the wire.
+    let bytes = serde_bytes::ByteBuf::from(vec![7u8; 1000]);
+    let r: Value = c.call("echo", "echo", &bytes, T).expect("echo bytes");
+    assert_eq!(r, Value::Binary(vec![7u8; 1000]));
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Point {
+    x: i64,
+    y: f64,
+    label: String,
+    #[serde(with = "serde_bytes")]
+    raw: Vec<u8>,
+}
+
+#[test]
+fn typed_structs_and_large_payloads() {
+    let (b, _svc) = echo_broker();
+    let c = client(&b);
+    let p = Point {
+        x: 41,
+        y: 1.0,
+        label: "p".into(),
+        raw: vec![1, 2],
+    };
+    let r: Point = c.call("echo", "shift", &p, T).expect("shift");
+    assert_eq!(
+        r,
+        Point {
+            x: 42,
+            y: 2.5,
+            label: "p".into(),
+            raw: vec![1, 2]
+        }
+    );
+    // A 4 MiB payload goes through (forwarded without re-encoding).
+    let big = serde_bytes::ByteBuf::from((0..4 << 20).map(|i| i as u8).collect::<Vec<u8>>());
+    let r: serde_bytes::ByteBuf = c.call("echo", "echo", &big, T).expect("big echo");
+    assert!(r == big, "4 MiB payload came back intact");
+}
+
+#[test]
+fn errors_are_typed() {
+    let (b, _svc) = echo_broker();
+    let c = client(&b);
+    match c.call::<_, ()>("echo", "fail", &"disk on fire", T) {
+        Err(Error::Remote { message, .. }) => {
+            assert!(message.contains("disk on fire"), "{message}")
+        }
+        other => panic!("expected Remote, got {other:?}"),
+    }
+    match c.call::<_, u32>("echo", "panic", &(), T) {
+        Err(Error::Remote { message, .. }) => assert!(message.contains("panic"), "{message}"),
+        other => panic!("expected Remote for a panic, got {other:?}"),
+    }
+    // The service survived the panic.
+    let r: Value = c.call("echo", "echo", &1, T).expect("alive after panic");
+    assert_eq!(r, Value::from(1));
+    match c.call::<_, Value>("echo", "nope", &(), T) {
+        Err(Error::NoSuchMethod { method, .. }) => assert_eq!(method, "nope"),
+        other => panic!("expected NoSuchMethod, got {other:?}"),
+    }
+    match c.call::<_, Value>("echo", "shift", &"not a point", T) {
+        Err(Error::BadPayload { .. }) => {}
+        other => panic!("expected BadPayload, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_service_times_out_or_fails_at_once() {
+    let b = Broker::start();
+    let c = client(&b);
+    let start = Instant::now();
+    match c.call::<_, Value>("ghost", "m", &(), Some(Duration::from_millis(300))) {
+        Err(Error::Timeout { service, .. }) => assert_eq!(service, "ghost"),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(start.elapsed() >= Duration::from_millis(290));
+    let opts = CallOptions::timeout(Duration::from_secs(10)).no_wait();
+    match c.call_with::<_, Value>("ghost", "m", &(), opts) {
+        Err(Error::NoSuchService { service }) => assert_eq!(service, "ghost"),
+        other => panic!("expected NoSuchService, got {other:?}"),
+    }
+    assert_eq!(broker_stat(b.dir(), "pending"), 0);
+}
+
+#[test]
+fn call_waits_for_a_service_that_registers_later() {
+    let b = Broker::start();
+    let dir = b.dir().to_path_buf();
+    let caller = std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        c.call::<_, Value>("echo", "echo", &"late", T)
+    });
+    // The call is parked at the broker before the service exists.
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 1));
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    let r = caller.join().expect("caller thread").expect("answered");
+    assert_eq!(r, Value::from("late"));
+}
+
+#[test]
+fn service_that_never_replies_times_out_and_state_is_freed() {
+    let (b, _svc) = echo_broker();
+    let c = client(&b);
+    // An async handler: the broker's Cancel drops it.
+    let start = Instant::now();
+    match c.call::<_, u32>(
+        "echo",
+        "sleep",
+        &60_000u64,
+        Some(Duration::from_millis(300)),
+    ) {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert_eq!(broker_stat(b.dir(), "pending"), 0, "pending call freed");
+    assert_eq!(broker_stat(b.dir(), "timers"), 0, "timer freed");
+    assert_eq!(broker_stat(b.dir(), "timeouts"), 1);
+    // The service dropped the cancelled handler and serves again at once.
+    let r: Value = c
+        .call("echo", "echo", &2, Some(Duration::from_secs(5)))
+        .expect("served");
+    assert_eq!(r, Value::from(2));
+
+    // A blocking handler cannot be cancelled: its late reply is dropped and
+    // counted by the broker.
+    match c.call::<_, u32>("echo", "block", &500u64, Some(Duration::from_millis(100))) {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(
+        wait_until(WAIT, || broker_stat(b.dir(), "late_replies") == 1),
+        "late reply counted"
+    );
+    assert_eq!(broker_stat(b.dir(), "pending"), 0);
+}
+
+#[test]
+fn many_concurrent_calls_from_several_client_processes() {
+    let (b, _svc) = echo_broker();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            b.spawn(
+                "zrpc-test-client",
+                &["--calls", "500", "--concurrency", "16"],
+            )
+        })
+        .collect();
+    // And concurrent calls from this process on one shared async client.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = b.dir().to_path_buf();
+    let in_process = rt.block_on(async move {
+        let c = Client::connect_to(&dir).await.expect("connect");
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..200u64 {
+            let c = c.clone();
+            set.spawn(async move {
+                let r: Value = c.call("echo", "echo", &i, T).await.expect("echo");
+                r == Value::from(i)
+            });
+        }
+        let mut ok = 0;
+        while let Some(r) = set.join_next().await {
+            ok += r.expect("task") as u32;
+        }
+        ok
+    });
+    assert_eq!(in_process, 200);
+    for p in clients {
+        let (status, out) = p.output(WAIT * 3);
+        assert!(status.is_some_and(|s| s.success()), "client failed: {out}");
+        assert_eq!(out.trim(), "ok 500 mismatched 0 failed 0");
+    }
+    assert_eq!(broker_stat(b.dir(), "pending"), 0);
+}
+
+#[test]
+fn several_services_at_once() {
+    let b = Broker::start();
+    let names = ["alpha", "beta", "gamma"];
+    let _svcs: Vec<_> = names
+        .iter()
+        .map(|n| b.spawn("zrpc-test-svc", &["--name", n]))
+        .collect();
+    for n in names {
+        wait_registered(b.dir(), n, 1);
+    }
+    let c = client(&b);
+    let pids: HashSet<u32> = names
+        .iter()
+        .map(|n| c.call(n, "pid", &(), T).expect("pid"))
+        .collect();
+    assert_eq!(pids.len(), 3, "each name served by its own process");
+}
+
+#[test]
+fn two_instances_share_the_load() {
+    let b = Broker::start();
+    let a = b.spawn("zrpc-test-svc", &["--shared"]);
+    let bb = b.spawn("zrpc-test-svc", &["--shared"]);
+    wait_registered(b.dir(), "echo", 2);
+    let dir = b.dir().to_path_buf();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pids = rt.block_on(async move {
+        let c = Client::connect_to(&dir).await.expect("connect");
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let c = c.clone();
+            set.spawn(async move { c.call::<_, u32>("echo", "sleep", &50u64, T).await });
+        }
+        let mut pids = Vec::new();
+        while let Some(r) = set.join_next().await {
+            pids.push(r.expect("task").expect("call"));
+        }
+        pids
+    });
+    let a_n = pids.iter().filter(|p| **p == a.pid() as u32).count();
+    let b_n = pids.iter().filter(|p| **p == bb.pid() as u32).count();
+    assert_eq!(a_n + b_n, 20);
+    // Fewest outstanding first: concurrent calls alternate.
+    assert!(a_n >= 5 && b_n >= 5, "unbalanced: {a_n} vs {b_n}");
+}
+
+#[test]
+fn second_exclusive_registration_is_rejected() {
+    let (b, _first) = echo_broker();
+    let second = b.spawn("zrpc-test-svc", &[]);
+    let mut cmd = b.command("zrpc-test-svc");
+    cmd.stderr(std::process::Stdio::piped());
+    let out = cmd.output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("echo") && err.contains("taken"), "{err}");
+    // The same through a spawned process: it exits with an error.
+    let mut second = second;
+    let status = second.wait_exit(WAIT).expect("second instance exits");
+    assert!(!status.success());
+    wait_registered(b.dir(), "echo", 1);
+    // A shared instance cannot join an exclusive one either.
+    let out = b
+        .command("zrpc-test-svc")
+        .arg("--shared")
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+}
+
+#[test]
+fn killed_service_mid_call() {
+    let b = Broker::start();
+    let a = b.spawn("zrpc-test-svc", &["--shared"]);
+    wait_registered(b.dir(), "echo", 1);
+    let c = client(&b);
+
+    // NO_RETRY: the caller gets ServiceGone promptly.
+    let dir = b.dir().to_path_buf();
+    let call = std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        let opts = CallOptions::timeout(Duration::from_secs(60)).no_retry();
+        let start = Instant::now();
+        (
+            c.call_with::<_, u32>("echo", "sleep", &60_000u64, opts),
+            start,
+        )
+    });
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 1));
+    a.signal(libc::SIGKILL);
+    let (r, start) = call.join().expect("thread");
+    match r {
+        Err(Error::ServiceGone { service }) => assert_eq!(service, "echo"),
+        other => panic!("expected ServiceGone, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(30));
+    wait_registered(b.dir(), "echo", 0);
+
+    // Default (retry): the call in flight on a dying instance is re-delivered
+    // to another instance.
+    let first = b.spawn("zrpc-test-svc", &["--shared"]);
+    wait_registered(b.dir(), "echo", 1);
+    let dir = b.dir().to_path_buf();
+    let call = std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        c.call::<_, u32>("echo", "sleep", &300u64, Some(Duration::from_secs(30)))
+    });
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 1));
+    let second = b.spawn("zrpc-test-svc", &["--shared"]);
+    wait_registered(b.dir(), "echo", 2);
+    first.signal(libc::SIGKILL);
+    let pid = call
+        .join()
+        .expect("thread")
+        .expect("answered by the other instance");
+    assert_eq!(pid, second.pid() as u32);
+    assert_eq!(broker_stat(b.dir(), "redelivered"), 1);
+    drop(first);
+
+    // With no other instance, a retried call waits for a restart within
+    // its deadline, and without one it times out (never hangs).
+    let dir = b.dir().to_path_buf();
+    let call = std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        c.call::<_, u32>(
+            "echo",
+            "sleep",
+            &60_000u64,
+            Some(Duration::from_millis(1500)),
+        )
+    });
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 1));
+    second.signal(libc::SIGKILL);
+    match call.join().expect("thread") {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    let r: Result<Value, _> = c.call_with("echo", "echo", &1, CallOptions::default().no_wait());
+    assert!(matches!(r, Err(Error::NoSuchService { .. })), "{r:?}");
+}
+
+#[test]
+fn broker_sigterm_answers_pending_calls_with_shutdown() {
+    let (b, _svc) = echo_broker();
+    let dir = b.dir().to_path_buf();
+    let call = std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        c.call::<_, u32>("echo", "sleep", &60_000u64, None)
+    });
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 1));
+    let mut b = b;
+    b.proc.signal(libc::SIGTERM);
+    match call.join().expect("thread") {
+        Err(Error::Shutdown) => {}
+        other => panic!("expected Shutdown, got {other:?}"),
+    }
+    let st = b.proc.wait_exit(WAIT).expect("broker exits");
+    assert!(st.success());
+    assert!(!b.socket().exists());
+}
