@@ -1,0 +1,356 @@
+//! The zrpc side of the benchmark: the echo service, the measuring client
+//! (async on a current-thread or multi-thread runtime, or blocking), and the
+//! helpers of the memory and names scenarios, which speak the wire protocol
+//! directly through `zrpc-proto`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use serde_bytes::ByteBuf;
+use zrpc_client::{BlockingClient, Client};
+use zrpc_proto::{encode_frame, Envelope, FrameDecoder, PROTOCOL_VERSION};
+use zrpc_service::{rpc_method, service, Server};
+
+use crate::util::{barrier, die, hold, mono_ns, ClientResult};
+
+/// Name the echo service registers.
+pub const ECHO_SERVICE: &str = "bench_echo";
+
+/// The echo service: returns its `bin` payload.
+pub struct Echo;
+
+#[service(name = "bench_echo")]
+impl Echo {
+    /// Returns the payload unchanged (MessagePack `bin` both ways).
+    #[rpc_method]
+    fn echo(&mut self, payload: ByteBuf) -> ByteBuf {
+        payload
+    }
+}
+
+/// Runs the echo service until killed.
+pub fn service(dir: &Path) {
+    let mut server = Server::new(Echo).socket_dir(dir);
+    if let Err(e) = server.run() {
+        die(format!("echo service: {e}"));
+    }
+}
+
+/// Which client flavour measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    /// Async `Client` on a current-thread tokio runtime.
+    Current,
+    /// Async `Client` on a multi-thread tokio runtime (default worker count).
+    Multi,
+    /// `BlockingClient` (one call in flight).
+    Blocking,
+}
+
+impl Flavour {
+    /// Parses `current`, `multi` or `blocking`.
+    pub fn parse(s: &str) -> Option<Flavour> {
+        match s {
+            "current" => Some(Flavour::Current),
+            "multi" => Some(Flavour::Multi),
+            "blocking" => Some(Flavour::Blocking),
+            _ => None,
+        }
+    }
+}
+
+async fn run_async(client: &Client, inflight: usize, n: usize, size: usize) -> Vec<u64> {
+    let payload = Arc::new(ByteBuf::from(vec![0x5au8; size]));
+    if inflight == 1 {
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = mono_ns();
+            let r: ByteBuf = client
+                .call(ECHO_SERVICE, "echo", &*payload, None)
+                .await
+                .unwrap_or_else(|e| die(format!("call: {e}")));
+            lat.push(mono_ns() - t);
+            if r.len() != size {
+                die("echo returned a different size");
+            }
+        }
+        return lat;
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..inflight {
+        let (client, next, payload) = (client.clone(), next.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(n / inflight + 1);
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let t = mono_ns();
+                let r: ByteBuf = client
+                    .call(ECHO_SERVICE, "echo", &*payload, None)
+                    .await
+                    .unwrap_or_else(|e| die(format!("call: {e}")));
+                lat.push(mono_ns() - t);
+                if r.len() != size {
+                    die("echo returned a different size");
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await.unwrap_or_else(|e| die(e)));
+    }
+    all
+}
+
+/// The measuring client: `warmup` calls, the start barrier, then `calls`
+/// calls with `inflight` in flight; prints a result line.
+pub fn client(
+    dir: &Path,
+    flavour: Flavour,
+    inflight: usize,
+    warmup: usize,
+    calls: usize,
+    size: usize,
+) {
+    if flavour == Flavour::Blocking {
+        let c = BlockingClient::builder()
+            .socket_dir(dir)
+            .connect_blocking()
+            .unwrap_or_else(|e| die(format!("connect: {e}")));
+        let payload = ByteBuf::from(vec![0x5au8; size]);
+        let run = |n: usize| {
+            let mut lat = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = mono_ns();
+                let r: ByteBuf = c
+                    .call(ECHO_SERVICE, "echo", &payload, None)
+                    .unwrap_or_else(|e| die(format!("call: {e}")));
+                lat.push(mono_ns() - t);
+                if r.len() != size {
+                    die("echo returned a different size");
+                }
+            }
+            lat
+        };
+        run(warmup);
+        barrier();
+        let start = mono_ns();
+        let lat = run(calls);
+        let end = mono_ns();
+        println!(
+            "{}",
+            ClientResult::from_latencies(lat, start, end).to_line()
+        );
+        return;
+    }
+    let rt = match flavour {
+        Flavour::Multi => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+    .unwrap_or_else(|e| die(e));
+    rt.block_on(async {
+        let c = Client::builder()
+            .socket_dir(dir)
+            .connect()
+            .await
+            .unwrap_or_else(|e| die(format!("connect: {e}")));
+        run_async(&c, inflight, warmup, size).await;
+        // The barrier blocks this thread; nothing is in flight meanwhile.
+        barrier();
+        let start = mono_ns();
+        let lat = run_async(&c, inflight, calls, size).await;
+        let end = mono_ns();
+        println!(
+            "{}",
+            ClientResult::from_latencies(lat, start, end).to_line()
+        );
+    });
+}
+
+/// A raw protocol connection (for the memory and names helpers).
+struct RawConn {
+    s: UnixStream,
+    rbuf: BytesMut,
+    dec: FrameDecoder,
+}
+
+impl RawConn {
+    fn connect(dir: &Path) -> std::io::Result<RawConn> {
+        let mut s = UnixStream::connect(zrpc_proto::socket_path(dir))?;
+        let mut out = BytesMut::new();
+        encode_frame(
+            &mut out,
+            &Envelope::Hello {
+                version: PROTOCOL_VERSION,
+                instance: u64::from(std::process::id()) << 20 | mono_ns() & 0xfffff,
+                agent: "zrpc-bench",
+            },
+            &[],
+        );
+        s.write_all(&out)?;
+        Ok(RawConn {
+            s,
+            rbuf: BytesMut::new(),
+            dec: FrameDecoder::new(zrpc_proto::DEFAULT_MAX_MESSAGE_SIZE),
+        })
+    }
+
+    /// Reads until one frame is complete; calls `f` with its envelope.
+    fn next<T>(&mut self, mut f: impl FnMut(Envelope<'_>) -> T) -> T {
+        loop {
+            match self.dec.decode(&mut self.rbuf) {
+                Ok(Some(frame)) => match frame.decode() {
+                    Ok(env) => return f(env),
+                    Err(e) => die(format!("bad envelope: {e}")),
+                },
+                Ok(None) => {}
+                Err(e) => die(format!("bad frame: {e}")),
+            }
+            let mut tmp = [0u8; 64 * 1024];
+            match self.s.read(&mut tmp) {
+                Ok(0) => die("the broker closed the connection"),
+                Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
+                Err(e) => die(e),
+            }
+        }
+    }
+
+    fn welcome(&mut self) {
+        self.next(|env| match env {
+            Envelope::Welcome { .. } => {}
+            other => die(format!("expected Welcome, got {other:?}")),
+        });
+    }
+
+    /// Registers names (one write), waits for every Ack.
+    fn register(&mut self, names: &[String]) {
+        let mut out = BytesMut::new();
+        for (i, name) in names.iter().enumerate() {
+            encode_frame(
+                &mut out,
+                &Envelope::Register {
+                    req: i as u64 + 1,
+                    name,
+                    shared: false,
+                },
+                &[],
+            );
+        }
+        self.s.write_all(&out).unwrap_or_else(|e| die(e));
+        let mut acked = 0;
+        while acked < names.len() {
+            self.next(|env| match env {
+                Envelope::Ack { code: None, .. } => acked += 1,
+                Envelope::Ack { code, message, .. } => {
+                    die(format!("register failed: {code:?} {message}"))
+                }
+                _ => {}
+            });
+        }
+    }
+}
+
+/// Holds `count` idle connections (each said Hello and got Welcome) until
+/// stdin closes.
+pub fn idle(dir: &Path, count: usize) {
+    let limit = crate::util::raise_nofile(count as u64 + 1024);
+    if limit < count as u64 + 64 {
+        die(format!("RLIMIT_NOFILE is only {limit}"));
+    }
+    barrier();
+    let mut conns = Vec::with_capacity(count);
+    for _ in 0..count {
+        conns.push(RawConn::connect(dir).unwrap_or_else(|e| die(format!("connect: {e}"))));
+    }
+    for c in &mut conns {
+        c.welcome();
+        c.rbuf = BytesMut::new();
+    }
+    println!("done");
+    let _ = std::io::stdout().flush();
+    hold();
+}
+
+/// Registers `count` names (spread over connections of at most 10,000
+/// names each) and holds them until stdin closes.
+pub fn namer(dir: &Path, count: usize, prefix: &str) {
+    let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i:06}")).collect();
+    let mut conns = Vec::new();
+    for chunk in names.chunks(10_000) {
+        let mut c = RawConn::connect(dir).unwrap_or_else(|e| die(format!("connect: {e}")));
+        c.welcome();
+        c.register(chunk);
+        conns.push(c);
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    hold();
+}
+
+/// A service that registers `name`, reads and counts requests and never
+/// answers. Prints `done` once `count` requests arrived, then keeps reading.
+pub fn sink(dir: &Path, name: &str, count: usize) {
+    let mut c = RawConn::connect(dir).unwrap_or_else(|e| die(format!("connect: {e}")));
+    c.welcome();
+    c.register(&[name.to_string()]);
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut got = 0;
+    let mut said = false;
+    loop {
+        c.next(|env| {
+            if let Envelope::Request { .. } = env {
+                got += 1;
+            }
+        });
+        if got >= count && !said {
+            said = true;
+            println!("done");
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+/// Sends `count` calls without deadline (empty payload) to `name` after the
+/// start barrier, then holds the connection until stdin closes.
+pub fn caller(dir: &Path, name: &str, count: usize) {
+    let mut c = RawConn::connect(dir).unwrap_or_else(|e| die(format!("connect: {e}")));
+    c.welcome();
+    barrier();
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    for id in 1..=count as u64 {
+        encode_frame(
+            &mut out,
+            &Envelope::Call {
+                id,
+                service: name,
+                method: "wait",
+                timeout_ms: None,
+                flags: 0,
+            },
+            &[],
+        );
+        if out.len() > 60 * 1024 {
+            c.s.write_all(&out).unwrap_or_else(|e| die(e));
+            out.clear();
+        }
+    }
+    c.s.write_all(&out).unwrap_or_else(|e| die(e));
+    println!("sent");
+    let _ = std::io::stdout().flush();
+    hold();
+}
+
+/// The socket directory argument as a path.
+pub fn dir_arg(s: &str) -> PathBuf {
+    PathBuf::from(s)
+}
