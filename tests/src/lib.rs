@@ -208,7 +208,7 @@ impl Broker {
     pub fn start_with(args: &[&str]) -> Broker {
         let dir = TempDir::new();
         let proc = spawn_broker(dir.path(), args);
-        let b = Broker {
+        let mut b = Broker {
             proc,
             dir,
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -227,13 +227,21 @@ impl Broker {
         self.wait_ready();
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
         let sock = self.socket();
-        assert!(
-            wait_until(WAIT, || UnixStream::connect(&sock).is_ok()),
-            "zrpcd did not start listening on {}",
-            sock.display()
-        );
+        let child = &mut self.proc.child;
+        let mut exited = None;
+        let up = wait_until(WAIT, || {
+            if let Ok(Some(st)) = child.try_wait() {
+                exited = Some(st);
+                return true;
+            }
+            UnixStream::connect(&sock).is_ok()
+        });
+        if let Some(st) = exited {
+            panic!("zrpcd exited at start-up ({st}); see its stderr above");
+        }
+        assert!(up, "zrpcd did not start listening on {}", sock.display());
     }
 
     /// The socket directory.

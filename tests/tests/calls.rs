@@ -413,11 +413,17 @@ fn killed_service_mid_call() {
 
 #[test]
 fn broker_sigterm_answers_pending_calls_with_shutdown() {
-    let (b, _svc) = echo_broker();
+    // A short grace period: the call below cannot finish within it.
+    let b = Broker::start_with(&["--shutdown-grace", "0.3"]);
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
     let dir = b.dir().to_path_buf();
     let call = std::thread::spawn(move || {
         let c = BlockingClient::connect_to(&dir).expect("connect");
-        c.call::<_, u32>("echo", "sleep", &60_000u64, None)
+        // no_retry: surface the Shutdown error instead of resubmitting the
+        // call to the next broker (the default).
+        let opts = CallOptions::default().no_retry();
+        c.call_with::<_, u32>("echo", "sleep", &60_000u64, opts)
     });
     assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 1));
     let mut b = b;

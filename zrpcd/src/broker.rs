@@ -82,6 +82,7 @@ pub struct Broker {
     pub shutting_down: bool,
     /// Connections watching calls (`zrpc monitor`).
     pub monitors: Vec<Monitor>,
+    ping_nonce: u64,
     dirty: Vec<Rc<PeerIo>>,
 }
 
@@ -97,6 +98,7 @@ impl Broker {
             started: Instant::now(),
             shutting_down: false,
             monitors: Vec::new(),
+            ping_nonce: 0,
             dirty: Vec::new(),
         }
     }
@@ -655,8 +657,60 @@ impl Broker {
         }
     }
 
-    /// Begins shutdown: every pending call is answered with `Shutdown`,
-    /// every peer gets `Fatal{Shutdown}` and is closed once flushed.
+    /// Pings services and disconnects the ones that stayed silent longer
+    /// than the heartbeat timeout (a stopped process keeps its socket open
+    /// but answers nothing). Their calls are then re-delivered or failed by
+    /// [`Broker::remove_peer`]. Plain clients are not pinged.
+    pub fn heartbeat(&mut self) {
+        let now = Instant::now();
+        let timeout = self.config.heartbeat_timeout;
+        let mut dead = Vec::new();
+        let mut ping = Vec::new();
+        for p in self.peers.iter() {
+            if !p.ready || (p.names.is_empty() && p.outstanding == 0) {
+                continue;
+            }
+            if now.duration_since(p.last_seen) > timeout {
+                dead.push((p.id, p.creds.pid));
+            } else {
+                ping.push(p.id);
+            }
+        }
+        self.ping_nonce += 1;
+        let nonce = self.ping_nonce;
+        for id in ping {
+            self.send(id, &Envelope::Ping { nonce }, &Bytes::new());
+        }
+        for (id, pid) in dead {
+            tracing::warn!(
+                peer = id,
+                pid,
+                ?timeout,
+                "service stopped responding; disconnecting it"
+            );
+            self.stats.heartbeat_timeouts += 1;
+            let fatal = Fatal {
+                code: ErrorCode::Timeout,
+                message: format!("no sign of life for more than {timeout:?} (heartbeat timeout)"),
+            };
+            self.fatal(id, &fatal);
+        }
+    }
+
+    /// First step of a graceful shutdown: refuse new calls and fail the
+    /// parked ones with `Shutdown`; calls already delivered may still finish.
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        for bid in self.pending.ids_where(|c| c.stage == Stage::Parked) {
+            let msg = "zrpcd is shutting down".to_string();
+            self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg));
+        }
+        self.flush();
+    }
+
+    /// Last step of shutdown: every call still pending is answered with
+    /// `Shutdown`, every peer gets `Fatal{Shutdown}` and is closed once
+    /// flushed.
     pub fn shutdown(&mut self) {
         self.shutting_down = true;
         for bid in self.pending.ids_where(|_| true) {

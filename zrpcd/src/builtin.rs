@@ -180,6 +180,7 @@ fn stats(b: &Broker) -> Value {
         ("cancelled", Value::from(s.cancelled)),
         ("redelivered", Value::from(s.redelivered)),
         ("protocol_errors", Value::from(s.protocol_errors)),
+        ("heartbeat_timeouts", Value::from(s.heartbeat_timeouts)),
         ("monitors", Value::from(b.monitors.len() as u64)),
         ("errors", Value::Map(errors)),
         ("services", Value::Map(services)),

@@ -27,8 +27,15 @@ pub struct Config {
     pub max_queued_bytes: usize,
     /// How long a new connection may take to send `Hello`.
     pub handshake_timeout: Duration,
-    /// How long shutdown waits for queued frames to be flushed.
+    /// How long shutdown lets delivered calls finish (and queued frames
+    /// flush) before answering the rest with `Shutdown`.
     pub shutdown_grace: Duration,
+    /// How often services (connections holding names or handling calls) are
+    /// pinged.
+    pub heartbeat_interval: Duration,
+    /// A service from which nothing arrived for this long is considered dead
+    /// (a stopped process): it is disconnected and its calls re-delivered.
+    pub heartbeat_timeout: Duration,
 }
 
 impl Config {
@@ -46,6 +53,8 @@ impl Config {
             max_queued_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(15),
         }
     }
 }

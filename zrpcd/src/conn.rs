@@ -42,7 +42,7 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
     };
     let (rd, wr) = stream.into_split();
     let writer = tokio::task::spawn_local(write_loop(io.clone(), wr));
-    let reason = read_loop(&broker, id, rd, decoder, Instant::now() + handshake).await;
+    let reason = read_loop(&broker, &io, id, rd, decoder, Instant::now() + handshake).await;
     tracing::debug!(peer = id, pid = creds.pid, %reason, "connection closed");
     {
         let mut b = broker.borrow_mut();
@@ -55,6 +55,7 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
 
 async fn read_loop(
     broker: &RefCell<Broker>,
+    io: &PeerIo,
     id: PeerId,
     mut rd: OwnedReadHalf,
     decoder: FrameDecoder,
@@ -68,19 +69,16 @@ async fn read_loop(
         if buf.capacity() - buf.len() < want.min(READ_CHUNK) || buf.capacity() - buf.len() < want {
             buf.reserve(want.max(READ_CHUNK));
         }
-        let read = if ready {
-            rd.read_buf(&mut buf).await
-        } else {
-            match tokio::time::timeout_at(hello_deadline, rd.read_buf(&mut buf)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    let fatal = Fatal {
-                        code: ErrorCode::Protocol,
-                        message: "no Hello within the handshake timeout".into(),
-                    };
-                    close_with(broker, id, &fatal);
-                    return "handshake timeout".into();
-                }
+        let read = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = io.kill.notified() => return "closed by the broker".into(),
+            _ = tokio::time::sleep_until(hello_deadline), if !ready => {
+                let fatal = Fatal {
+                    code: ErrorCode::Protocol,
+                    message: "no Hello within the handshake timeout".into(),
+                };
+                close_with(broker, id, &fatal);
+                return "handshake timeout".into();
             }
         };
         match read {
@@ -89,6 +87,10 @@ async fn read_loop(
             Err(e) => return format!("read error: {e}"),
         }
         let mut b = broker.borrow_mut();
+        match b.peers.get_mut(id) {
+            Some(p) => p.last_seen = std::time::Instant::now(),
+            None => return "closed by the broker".into(),
+        }
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {

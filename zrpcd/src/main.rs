@@ -42,9 +42,16 @@ struct Args {
     /// Seconds a new connection may take to send its Hello
     #[arg(long, default_value_t = 5.0)]
     handshake_timeout: f64,
-    /// Seconds shutdown waits for queued frames to be flushed
+    /// Seconds shutdown lets delivered calls finish before answering the rest
+    /// with a Shutdown error
     #[arg(long, default_value_t = 2.0)]
     shutdown_grace: f64,
+    /// Seconds between pings to services
+    #[arg(long, default_value_t = 5.0)]
+    heartbeat_interval: f64,
+    /// Seconds of silence after which a service is considered dead
+    #[arg(long, default_value_t = 15.0)]
+    heartbeat_timeout: f64,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it
     #[arg(long, default_value = "info")]
     log: String,
@@ -87,6 +94,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_queued_bytes = args.max_queued_bytes;
     config.handshake_timeout = secs(args.handshake_timeout, "handshake-timeout")?;
     config.shutdown_grace = secs(args.shutdown_grace, "shutdown-grace")?;
+    config.heartbeat_interval = secs(args.heartbeat_interval, "heartbeat-interval")?;
+    config.heartbeat_timeout = secs(args.heartbeat_timeout, "heartbeat-timeout")?;
+    if config.heartbeat_interval.is_zero() {
+        return Err("--heartbeat-interval must be positive".into());
+    }
 
     let bound = match zrpcd::socket::adopt_listen_fds(&config.socket_dir)? {
         Some(b) => {

@@ -50,6 +50,8 @@ pub struct Peer {
     pub failed: u64,
     /// Calls this peer made.
     pub calls_made: u64,
+    /// When a frame last arrived from this peer.
+    pub last_seen: Instant,
 }
 
 /// All live connections.
@@ -80,6 +82,7 @@ impl Peers {
                 served: 0,
                 failed: 0,
                 calls_made: 0,
+                last_seen: Instant::now(),
             },
         );
         id

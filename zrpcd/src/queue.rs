@@ -68,6 +68,8 @@ pub struct PeerIo {
     pub closed: Cell<bool>,
     /// Set while the peer is on the broker's list of writers to wake.
     pub dirty: Cell<bool>,
+    /// Wakes the reader to make it stop (the broker dropped the peer).
+    pub kill: Notify,
 }
 
 impl PeerIo {
@@ -76,9 +78,12 @@ impl PeerIo {
         self.queue.borrow_mut().push(env, payload);
     }
 
-    /// Asks the writer to flush what is queued and close.
+    /// Asks the writer to flush what is queued and close, and the reader to
+    /// stop reading.
     pub fn close(&self) {
-        self.closed.set(true);
-        self.notify.notify_one();
+        if !self.closed.replace(true) {
+            self.notify.notify_one();
+            self.kill.notify_one();
+        }
     }
 }

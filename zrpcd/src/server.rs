@@ -25,6 +25,7 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let broker = Rc::new(RefCell::new(Broker::new(config)));
     let timers = tokio::task::spawn_local(timer_loop(broker.clone()));
+    let heartbeats = tokio::task::spawn_local(heartbeat_loop(broker.clone()));
     let systemd = std::env::var_os("NOTIFY_SOCKET")
         .map(|_| tokio::task::spawn_local(systemd_loop(broker.clone())));
     sd_notify(&format!(
@@ -61,13 +62,20 @@ pub async fn run(
     if let Some(t) = systemd {
         t.abort();
     }
+    // Let delivered calls finish within the grace period (bounded poll).
+    broker.borrow_mut().begin_shutdown();
+    let deadline = tokio::time::Instant::now() + grace;
+    while !broker.borrow().pending.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     broker.borrow_mut().shutdown();
     // Bounded wait for writers to flush and peers to disconnect.
-    let deadline = tokio::time::Instant::now() + grace;
+    let deadline = tokio::time::Instant::now() + FLUSH_BOUND;
     while !broker.borrow().peers.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     timers.abort();
+    heartbeats.abort();
     Ok(())
 }
 
@@ -88,6 +96,21 @@ fn refuse(broker: &RefCell<Broker>, stream: tokio::net::UnixStream) {
     );
     // Best effort: the socket buffer of a new connection has room for it.
     let _ = stream.try_write(&out);
+}
+
+/// How long shutdown waits for final frames to be flushed.
+const FLUSH_BOUND: Duration = Duration::from_secs(1);
+
+async fn heartbeat_loop(broker: Rc<RefCell<Broker>>) {
+    let every = broker.borrow().config.heartbeat_interval;
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let mut b = broker.borrow_mut();
+        b.heartbeat();
+        b.flush();
+    }
 }
 
 fn sd_notify(state: &str) {

@@ -108,6 +108,8 @@ pub struct Stats {
     pub redelivered: u64,
     /// Connections closed for protocol errors.
     pub protocol_errors: u64,
+    /// Services disconnected for not answering heartbeats.
+    pub heartbeat_timeouts: u64,
     /// Per service name.
     pub services: FxHashMap<Box<str>, ServiceStats>,
 }

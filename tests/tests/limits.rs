@@ -1,0 +1,262 @@
+//! Every limit of the broker, liveness detection and backpressure, against
+//! the real `zrpcd`: the offender gets a typed error, everybody else carries
+//! on, and the broker's memory stays bounded.
+
+use std::io::Write;
+use std::os::unix::fs::symlink;
+use std::process::Command;
+use std::time::Duration;
+
+use zrpc_client::{BlockingClient, CallOptions, Error, Value};
+use zrpc_proto::{Envelope, ErrorCode};
+use zrpc_tests::raw::Raw;
+use zrpc_tests::{bin, broker_stat, wait_registered, wait_until, Broker, TempDir, WAIT};
+
+const T: Option<Duration> = Some(Duration::from_secs(20));
+
+fn call_env<'a>(id: u64, service: &'a str) -> Envelope<'a> {
+    Envelope::Call {
+        id,
+        service,
+        method: "m",
+        timeout_ms: Some(60_000),
+        flags: 0,
+    }
+}
+
+fn result_code(r: &mut Raw, want_id: u64) -> Option<ErrorCode> {
+    loop {
+        let f = r.recv_frame().expect("a result");
+        if let Ok(Envelope::Result { id, code, .. }) = f.decode() {
+            if id == want_id {
+                return code;
+            }
+        }
+    }
+}
+
+#[test]
+fn max_connections() {
+    let b = Broker::start_with(&["--max-connections", "3"]);
+    let first = Raw::hello(b.dir());
+    let _second = Raw::hello(b.dir());
+    let _third = Raw::hello(b.dir());
+    let mut fourth = Raw::connect(b.dir());
+    let msg = fourth.expect_fatal(ErrorCode::LimitExceeded);
+    assert!(msg.contains("--max-connections"), "{msg}");
+    drop(first);
+    // Once one leaves, a new connection is accepted again.
+    assert!(wait_until(WAIT, || {
+        let mut r = Raw::connect(b.dir());
+        r.send(
+            &Envelope::Hello {
+                version: 1,
+                instance: 9,
+                agent: "t",
+            },
+            b"",
+        );
+        matches!(r.recv(), Some((zrpc_proto::Kind::Welcome, _)))
+    }));
+}
+
+#[test]
+fn max_pending_per_connection_and_total() {
+    let b = Broker::start_with(&["--max-pending-per-conn", "2", "--max-pending-total", "3"]);
+    let mut one = Raw::hello(b.dir());
+    // Calls to a missing name wait (pending) at the broker.
+    one.send(&call_env(1, "ghost"), b"\xc0");
+    one.send(&call_env(2, "ghost"), b"\xc0");
+    one.send(&call_env(3, "ghost"), b"\xc0");
+    assert_eq!(result_code(&mut one, 3), Some(ErrorCode::LimitExceeded));
+    let mut two = Raw::hello(b.dir());
+    two.send(&call_env(1, "ghost"), b"\xc0");
+    two.send(&call_env(2, "ghost"), b"\xc0");
+    assert_eq!(result_code(&mut two, 2), Some(ErrorCode::LimitExceeded));
+    assert_eq!(broker_stat(b.dir(), "pending"), 3);
+    // The connection itself stays usable.
+    assert_eq!(two.call(9, "zrpcd", "ping", None).0, None);
+}
+
+#[test]
+fn max_names_per_connection() {
+    let b = Broker::start_with(&["--max-names-per-conn", "2"]);
+    let mut r = Raw::hello(b.dir());
+    for (req, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        r.send(
+            &Envelope::Register {
+                req,
+                name,
+                shared: false,
+            },
+            b"",
+        );
+    }
+    let mut codes = Vec::new();
+    while codes.len() < 3 {
+        let f = r.recv_frame().expect("ack");
+        if let Ok(Envelope::Ack { code, .. }) = f.decode() {
+            codes.push(code);
+        }
+    }
+    assert_eq!(codes, vec![None, None, Some(ErrorCode::LimitExceeded)]);
+}
+
+#[test]
+fn stopped_service_is_detected_by_heartbeats_and_its_call_redelivered() {
+    let b = Broker::start_with(&["--heartbeat-interval", "0.1", "--heartbeat-timeout", "1"]);
+    let stopped = b.spawn("zrpc-test-svc", &["--shared"]);
+    wait_registered(b.dir(), "echo", 1);
+    stopped.signal(libc::SIGSTOP);
+    // The call is delivered to the stopped instance...
+    let dir = b.dir().to_path_buf();
+    let call = std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        c.call::<_, u32>("echo", "pid", &(), T)
+    });
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 1));
+    // ...and re-delivered to a live one once the broker declares it dead.
+    let live = b.spawn("zrpc-test-svc", &["--shared"]);
+    let pid = call.join().expect("thread").expect("answered");
+    assert_eq!(pid, live.pid() as u32);
+    assert_eq!(broker_stat(b.dir(), "heartbeat_timeouts"), 1);
+    wait_registered(b.dir(), "echo", 1);
+    stopped.signal(libc::SIGCONT);
+}
+
+#[test]
+fn client_that_never_reads_is_disconnected_and_others_carry_on() {
+    let b = Broker::start_with(&["--max-queued-bytes", "1048576"]);
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    let _other = b.spawn("zrpc-test-svc", &["--name", "other"]);
+    wait_registered(b.dir(), "echo", 1);
+    wait_registered(b.dir(), "other", 1);
+    let good = BlockingClient::connect_to(b.dir()).expect("connect");
+    // 256 KiB bin payload, echoed back: results pile up unread.
+    let mut payload = vec![0xc6, 0, 4, 0, 0];
+    payload.resize(5 + 256 * 1024, 7);
+    let mut greedy = Raw::hello(b.dir());
+    greedy
+        .s
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut sent = 0u64;
+    for id in 1..=400u64 {
+        let env = Envelope::Call {
+            id,
+            service: "echo",
+            method: "echo",
+            timeout_ms: Some(60_000),
+            flags: 0,
+        };
+        let mut out = bytes::BytesMut::new();
+        zrpc_proto::encode_frame(&mut out, &env, &payload);
+        if greedy.s.write_all(&out).is_err() {
+            break; // disconnected by the broker (or our write blocked)
+        }
+        sent += 1;
+        if id % 20 == 0 {
+            let r: Value = good
+                .call("other", "echo", &id, T)
+                .expect("others are served");
+            assert_eq!(r, Value::from(id));
+        }
+    }
+    assert!(sent > 4, "sent {sent}");
+    // The broker dropped the greedy client: our good client, the two
+    // services and the stats connection remain.
+    assert!(
+        wait_until(WAIT, || broker_stat(b.dir(), "connections") == 4),
+        "greedy client still connected"
+    );
+    let r: Value = good
+        .call("other", "echo", &"after", T)
+        .expect("still served");
+    assert_eq!(r, Value::from("after"));
+    // Memory stayed bounded: far below 400 x 256 KiB = 100 MiB.
+    let rss = vm_rss_kib(b.proc.pid());
+    assert!(rss < 64 * 1024, "broker RSS {rss} KiB");
+}
+
+#[test]
+fn service_that_never_reads_gets_calls_refused_not_memory() {
+    let b = Broker::start_with(&["--max-queued-bytes", "1048576"]);
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    // A "service" that registers and then never reads.
+    let mut sink = Raw::hello(b.dir());
+    sink.send(
+        &Envelope::Register {
+            req: 1,
+            name: "sink",
+            shared: false,
+        },
+        b"",
+    );
+    let f = sink.recv_frame().expect("ack");
+    assert!(matches!(f.decode(), Ok(Envelope::Ack { code: None, .. })));
+    let c = BlockingClient::connect_to(b.dir()).expect("connect");
+    let big = serde_bytes::ByteBuf::from(vec![1u8; 256 * 1024]);
+    let opts = CallOptions::timeout(Duration::from_millis(200));
+    let mut refused = 0;
+    for i in 0..200 {
+        match c.call_with::<_, Value>("sink", "m", &big, opts) {
+            Err(Error::LimitExceeded(msg)) => {
+                assert!(msg.contains("sink"), "{msg}");
+                refused += 1;
+                break;
+            }
+            Err(Error::Timeout { .. }) => {}
+            other => panic!("call {i}: {other:?}"),
+        }
+    }
+    assert_eq!(refused, 1, "calls to the saturated service are refused");
+    // Other services are not affected.
+    let r: Value = c.call("echo", "echo", &1, T).expect("echo served");
+    assert_eq!(r, Value::from(1));
+    let rss = vm_rss_kib(b.proc.pid());
+    assert!(rss < 64 * 1024, "broker RSS {rss} KiB");
+    drop(sink);
+}
+
+fn vm_rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn unsafe_socket_dirs_are_refused() {
+    let tmp = TempDir::new();
+    let real = tmp.path().join("real");
+    std::fs::create_dir(&real).expect("mkdir");
+    let link = tmp.path().join("link");
+    symlink(&real, &link).expect("symlink");
+    let out = Command::new(bin("zrpcd"))
+        .arg("--socket-dir")
+        .arg(&link)
+        .output()
+        .expect("run zrpcd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("symbolic link"), "{err}");
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).expect("mkdir");
+        std::os::unix::fs::chown(&other, Some(4242), Some(4242)).expect("chown");
+        let out = Command::new(bin("zrpcd"))
+            .arg("--socket-dir")
+            .arg(&other)
+            .output()
+            .expect("run zrpcd");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("owned by uid 4242"), "{err}");
+    } else {
+        eprintln!("not root: the foreign-owner check needs chown, skipped");
+    }
+}
