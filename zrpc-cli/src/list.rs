@@ -1,0 +1,215 @@
+//! `zrpc list` and `zrpc list SERVICE`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rmpv::Value;
+use zrpc_client::{CallOptions, Client, Error};
+
+use crate::cli::ListArgs;
+use crate::error::{exit, Failure};
+use crate::fmt::{self, field, s, u};
+use crate::{write_line, write_out};
+
+/// Runs `zrpc list`.
+pub async fn run(client: &Client, args: &ListArgs) -> Result<(), Failure> {
+    match &args.service {
+        None => services(client, args).await,
+        Some(name) => methods(client, name, args).await,
+    }
+}
+
+/// Calls a method of the broker's own service.
+pub async fn broker_call(
+    client: &Client,
+    method: &str,
+    timeout: Duration,
+) -> Result<Value, Failure> {
+    let opts = CallOptions::timeout(timeout);
+    let r = client
+        .call_raw(zrpc_proto::BROKER_SERVICE, method, Bytes::new(), opts)
+        .await?;
+    fmt::decode(&r)
+}
+
+fn map(pairs: Vec<(&str, Value)>) -> Value {
+    Value::Map(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect(),
+    )
+}
+
+async fn services(client: &Client, args: &ListArgs) -> Result<(), Failure> {
+    let list = broker_call(client, "list", args.timeout).await?;
+    let peers = broker_call(client, "peers", args.timeout).await?;
+    let peers: HashMap<u64, &Value> = peers
+        .as_array()
+        .map(|a| a.iter().map(|p| (u(p, "conn_id"), p)).collect())
+        .unwrap_or_default();
+    let entries = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    // One combined value: [{name, instances: [{conn_id, pid, ...}]}].
+    let combined: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let instances = field(e, "instances")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|id| {
+                    let id = id.as_u64().unwrap_or(0);
+                    let Some(p) = peers.get(&id) else {
+                        // The connection went away between the two calls.
+                        return map(vec![("conn_id", Value::from(id))]);
+                    };
+                    let keep = |k: &str| field(p, k).cloned().unwrap_or(Value::Nil);
+                    map(vec![
+                        ("conn_id", Value::from(id)),
+                        ("pid", keep("pid")),
+                        ("uid", keep("uid")),
+                        ("gid", keep("gid")),
+                        ("agent", keep("agent")),
+                        ("connected_s", keep("connected_s")),
+                        ("served", keep("served")),
+                        ("failed", keep("failed")),
+                        ("outstanding", keep("outstanding")),
+                    ])
+                })
+                .collect();
+            map(vec![
+                ("name", field(e, "name").cloned().unwrap_or(Value::Nil)),
+                ("instances", Value::Array(instances)),
+            ])
+        })
+        .collect();
+    if args.json {
+        return write_line(&fmt::json_line(&Value::Array(combined)));
+    }
+    if combined.is_empty() {
+        return write_line("no services registered");
+    }
+    let mut rows = vec![[
+        "SERVICE", "CONN", "PID", "UID", "UPTIME", "SERVED", "FAILED", "AGENT",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for e in &combined {
+        let instances = field(e, "instances").and_then(Value::as_array);
+        for i in instances.map(Vec::as_slice).unwrap_or_default() {
+            let num = |k: &str| field(i, k).map_or("-".to_string(), |v| v.to_string());
+            rows.push(vec![
+                s(e, "name").to_string(),
+                num("conn_id"),
+                num("pid"),
+                num("uid"),
+                field(i, "connected_s").map_or("-".into(), |_| fmt::secs(fmt::f(i, "connected_s"))),
+                num("served"),
+                num("failed"),
+                s(i, "agent").to_string(),
+            ]);
+        }
+    }
+    write_out(&fmt::table(&rows))
+}
+
+/// `zrpc.describe` of the broker's own service, which does not answer it.
+fn broker_description() -> Value {
+    let m = |name: &str, param: Option<(&str, &str)>, returns: &str, doc: &str| {
+        map(vec![
+            ("name", name.into()),
+            ("doc", doc.into()),
+            (
+                "params",
+                Value::Array(
+                    param
+                        .map(|(n, t)| map(vec![("name", n.into()), ("type", t.into())]))
+                        .into_iter()
+                        .collect(),
+                ),
+            ),
+            ("returns", returns.into()),
+        ])
+    };
+    map(vec![
+        ("service", "zrpcd".into()),
+        (
+            "methods",
+            Value::Array(vec![
+                m("ping", None, "String", "Returns \"pong\"."),
+                m("list", None, "Vec<{name, instances}>", "The registered service names with the connection ids of their instances, sorted by name."),
+                m("peers", None, "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}>", "Every connection; pid, uid and gid come from the socket (SO_PEERCRED)."),
+                m("stats", None, "{uptime_s, connections, calls, timeouts, errors, services, ...}", "Broker-wide counters and per-service latency percentiles (p50_us, p99_us)."),
+                m("monitor", Some(("services", "Option<Vec<String>>")), "bool", "Subscribes this connection to Event frames, one per finished call (all services, or only these). Use `zrpc monitor`."),
+            ]),
+        ),
+    ])
+}
+
+async fn methods(client: &Client, name: &str, args: &ListArgs) -> Result<(), Failure> {
+    let desc = if name == zrpc_proto::BROKER_SERVICE {
+        broker_description()
+    } else {
+        let opts = CallOptions::timeout(args.timeout).no_wait();
+        match client.call_raw(name, "zrpc.describe", Bytes::new(), opts).await {
+            Ok(r) => fmt::decode(&r)?,
+            Err(Error::NoSuchMethod { .. }) => {
+                return Err(Failure::new(
+                    exit::NO_SUCH_METHOD,
+                    format!("service {name:?} does not describe itself (it has no method \"zrpc.describe\"; services built with zrpc-service do)"),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if args.json {
+        return write_line(&fmt::json_line(&desc));
+    }
+    let methods = field(&desc, "methods")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            Failure::new(
+                exit::PROTOCOL,
+                format!(
+                    "unexpected answer to {name}.zrpc.describe: {}",
+                    fmt::json_line(&desc)
+                ),
+            )
+        })?;
+    let mut out = format!(
+        "service {}: {} method{}\n",
+        match s(&desc, "service") {
+            "" => name,
+            n => n,
+        },
+        methods.len(),
+        if methods.len() == 1 { "" } else { "s" }
+    );
+    for m in methods {
+        let params: Vec<String> = field(m, "params")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| format!("{}: {}", s(p, "name"), s(p, "type")))
+            .collect();
+        let ret = s(m, "returns");
+        out.push('\n');
+        out.push_str(&format!("{}({})", s(m, "name"), params.join(", ")));
+        if !ret.is_empty() && ret != "()" {
+            out.push_str(&format!(" -> {ret}"));
+        }
+        out.push('\n');
+        let doc = s(m, "doc").trim();
+        if doc.is_empty() {
+            out.push_str("    (undocumented)\n");
+        }
+        for line in doc.lines() {
+            out.push_str(format!("    {line}").trim_end());
+            out.push('\n');
+        }
+    }
+    write_out(&out)
+}

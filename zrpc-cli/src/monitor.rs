@@ -1,0 +1,257 @@
+//! `zrpc monitor`: a raw protocol connection (the client library does not
+//! deliver `Event` frames). `Hello` → `Welcome`, `Call zrpcd.monitor` →
+//! `Result`, then one `Event` frame per finished call; `Ping` is answered
+//! with `Pong`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rmpv::Value;
+use zrpc_proto::{encode_frame, Envelope, ErrorCode, Frame, FrameDecoder};
+
+use crate::cli::MonitorArgs;
+use crate::error::{code_exit, exit, Failure};
+use crate::fmt::{self, f, s, u};
+use crate::write_line;
+
+/// Id of the subscription call.
+const CALL_ID: u64 = 1;
+
+/// How long to wait for `Welcome` and for the subscription's `Result`.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Slack over the broker's announced maximum message size for incoming
+/// frames (an envelope may be a little longer than what it forwards).
+const SLACK: u32 = 4096;
+
+struct Conn {
+    sock: UnixStream,
+    buf: BytesMut,
+    dec: FrameDecoder,
+}
+
+fn lost(e: impl std::fmt::Display) -> Failure {
+    Failure::new(exit::CONNECTION, format!("connection to zrpcd lost: {e}"))
+}
+
+impl Conn {
+    fn send(&mut self, env: &Envelope<'_>, payload: &[u8]) -> Result<(), Failure> {
+        let mut out = BytesMut::with_capacity(64 + payload.len());
+        encode_frame(&mut out, env, payload);
+        self.sock.write_all(&out).map_err(lost)
+    }
+
+    /// The next frame; a `Fatal` frame or the end of the stream is an error.
+    fn recv(&mut self) -> Result<Frame, Failure> {
+        loop {
+            match self.dec.decode(&mut self.buf) {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Failure::new(
+                        exit::PROTOCOL,
+                        format!("bad frame from zrpcd: {e}"),
+                    ))
+                }
+            }
+            let mut tmp = [0u8; 16 * 1024];
+            let n = match self.sock.read(&mut tmp) {
+                Ok(0) => return Err(lost("the broker closed the connection")),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(Failure::new(exit::TIMEOUT, "zrpcd did not answer in time"))
+                }
+                Err(e) => return Err(lost(e)),
+            };
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+}
+
+fn fatal(code: ErrorCode, message: &str) -> Failure {
+    Failure::new(
+        code_exit(code),
+        format!("zrpcd closed the connection ({code}): {message}"),
+    )
+}
+
+fn bad_envelope(e: impl std::fmt::Display) -> Failure {
+    Failure::new(exit::PROTOCOL, format!("bad envelope from zrpcd: {e}"))
+}
+
+/// Connects, says hello and subscribes.
+fn subscribe(dir: &Path, services: &[String]) -> Result<Conn, Failure> {
+    let path = zrpc_proto::socket_path(dir);
+    let sock = UnixStream::connect(&path).map_err(|e| {
+        Failure::new(
+            exit::CONNECTION,
+            format!(
+                "cannot connect to zrpcd at {}: {e} (is zrpcd running?)",
+                path.display()
+            ),
+        )
+    })?;
+    sock.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(lost)?;
+    let mut c = Conn {
+        sock,
+        buf: BytesMut::with_capacity(16 * 1024),
+        dec: FrameDecoder::new(64 * 1024),
+    };
+    c.send(
+        &Envelope::Hello {
+            version: zrpc_proto::PROTOCOL_VERSION,
+            instance: instance_id(),
+            agent: crate::AGENT,
+        },
+        &[],
+    )?;
+    let frame = c.recv()?;
+    match frame.decode().map_err(bad_envelope)? {
+        Envelope::Welcome {
+            version,
+            max_message_size,
+            ..
+        } => {
+            if version != zrpc_proto::PROTOCOL_VERSION {
+                return Err(Failure::new(
+                    exit::PROTOCOL,
+                    format!(
+                        "zrpcd speaks protocol version {version}, zrpc version {}",
+                        zrpc_proto::PROTOCOL_VERSION
+                    ),
+                ));
+            }
+            c.dec = FrameDecoder::new(max_message_size.saturating_add(SLACK));
+        }
+        Envelope::Fatal { code, message } => return Err(fatal(code, message)),
+        other => {
+            return Err(Failure::new(
+                exit::PROTOCOL,
+                format!("expected Welcome from zrpcd, got {:?}", other.kind()),
+            ))
+        }
+    }
+    let filter = if services.is_empty() {
+        Value::Nil
+    } else {
+        Value::Array(services.iter().map(|s| Value::from(s.as_str())).collect())
+    };
+    let mut payload = Vec::new();
+    rmpv::encode::write_value(&mut payload, &filter)
+        .map_err(|e| Failure::usage(format!("cannot encode the service list: {e}")))?;
+    c.send(
+        &Envelope::Call {
+            id: CALL_ID,
+            service: zrpc_proto::BROKER_SERVICE,
+            method: "monitor",
+            timeout_ms: Some(SETUP_TIMEOUT.as_millis() as u64),
+            flags: zrpc_proto::flags::NO_WAIT,
+        },
+        &payload,
+    )?;
+    loop {
+        let frame = c.recv()?;
+        match frame.decode().map_err(bad_envelope)? {
+            Envelope::Result {
+                id: CALL_ID,
+                code,
+                message,
+            } => match code {
+                None => break,
+                Some(code) => {
+                    return Err(Failure::new(
+                        code_exit(code),
+                        format!("zrpcd.monitor failed ({code}): {message}"),
+                    ))
+                }
+            },
+            Envelope::Ping { nonce } => c.send(&Envelope::Pong { nonce }, &[])?,
+            Envelope::Fatal { code, message } => return Err(fatal(code, message)),
+            _ => {}
+        }
+    }
+    // Events may be rare: wait for them as long as it takes.
+    c.sock.set_read_timeout(None).map_err(lost)?;
+    Ok(c)
+}
+
+/// Runs `zrpc monitor`.
+pub fn run(dir: &Path, args: &MonitorArgs) -> Result<(), Failure> {
+    for name in &args.services {
+        zrpc_proto::validate_name(name)
+            .map_err(|e| Failure::usage(format!("invalid service name {name:?}: {e}")))?;
+    }
+    let mut c = subscribe(dir, &args.services)?;
+    let mut seen = 0u64;
+    while args.count.is_none_or(|n| seen < n) {
+        let frame = c.recv()?;
+        match frame.decode().map_err(bad_envelope)? {
+            Envelope::Event { .. } => {
+                let mut rd = &frame.payload[..];
+                let ev = rmpv::decode::read_value(&mut rd).map_err(|e| {
+                    Failure::new(exit::PROTOCOL, format!("bad event payload from zrpcd: {e}"))
+                })?;
+                let line = if args.json {
+                    fmt::json_line(&ev)
+                } else {
+                    human(&ev)
+                };
+                write_line(&line)?;
+                seen += 1;
+            }
+            Envelope::Ping { nonce } => c.send(&Envelope::Pong { nonce }, &[])?,
+            Envelope::Fatal { code, message } => return Err(fatal(code, message)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// One event as a line for humans:
+/// `12:34:56.789  pid 4242  echo.echo  12B -> 12B  347µs  ok`.
+fn human(ev: &Value) -> String {
+    format!(
+        "{}  pid {:<7}  {:<28}  {:>8} -> {:<8}  {:>9}  {}",
+        local_time(f(ev, "time")),
+        u(ev, "caller_pid"),
+        format!("{}.{}", s(ev, "service"), s(ev, "method")),
+        fmt::bytes(u(ev, "size")),
+        fmt::bytes(u(ev, "reply_size")),
+        fmt::micros(u(ev, "latency_us")),
+        s(ev, "outcome"),
+    )
+}
+
+/// `HH:MM:SS.mmm` in the local time zone.
+fn local_time(unix: f64) -> String {
+    let secs = unix.floor();
+    let millis = ((unix - secs) * 1000.0).floor().clamp(0.0, 999.0) as u32;
+    let t = secs as libc::time_t;
+    // SAFETY: localtime_r writes only into `tm`, which we own.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return format!("{unix:.3}");
+    }
+    format!(
+        "{:02}:{:02}:{:02}.{millis:03}",
+        tm.tm_hour, tm.tm_min, tm.tm_sec
+    )
+}
+
+/// A random-enough instance id for `Hello`.
+fn instance_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}

@@ -1,0 +1,89 @@
+//! `zrpc stats`.
+
+use rmpv::Value;
+use zrpc_client::Client;
+
+use crate::cli::StatsArgs;
+use crate::fmt::{self, field, u};
+use crate::{write_line, write_out};
+
+/// Runs `zrpc stats`.
+pub async fn run(client: &Client, args: &StatsArgs) -> Result<(), crate::error::Failure> {
+    let st = crate::list::broker_call(client, "stats", args.timeout).await?;
+    if args.json {
+        return write_line(&fmt::json_line(&st));
+    }
+    write_out(&render(&st))
+}
+
+fn pairs(v: Option<&Value>) -> &[(Value, Value)] {
+    v.and_then(Value::as_map)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// The human-readable form of a `zrpcd.stats` answer.
+fn render(st: &Value) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut row = |k: &str, v: String| rows.push(vec![k.to_string(), v]);
+    row("uptime", fmt::secs(fmt::f(st, "uptime_s")));
+    row(
+        "connections",
+        format!(
+            "{} open, {} total, {} refused",
+            u(st, "connections"),
+            u(st, "connections_total"),
+            u(st, "connections_refused")
+        ),
+    );
+    row("names", u(st, "names").to_string());
+    row(
+        "calls",
+        format!(
+            "{} total, {} ok, {} timeouts, {} cancelled, {} redelivered",
+            u(st, "calls"),
+            u(st, "calls_ok"),
+            u(st, "timeouts"),
+            u(st, "cancelled"),
+            u(st, "redelivered")
+        ),
+    );
+    row(
+        "pending",
+        format!("{} calls, {} timers", u(st, "pending"), u(st, "timers")),
+    );
+    row("late replies", u(st, "late_replies").to_string());
+    row("protocol errors", u(st, "protocol_errors").to_string());
+    row("monitors", u(st, "monitors").to_string());
+    let errors: Vec<String> = pairs(field(st, "errors"))
+        .iter()
+        .map(|(k, n)| format!("{} {}", k.as_str().unwrap_or("?"), n.as_u64().unwrap_or(0)))
+        .collect();
+    row(
+        "errors",
+        if errors.is_empty() {
+            "none".into()
+        } else {
+            errors.join(", ")
+        },
+    );
+    let mut out = fmt::table(&rows);
+    let services = pairs(field(st, "services"));
+    if !services.is_empty() {
+        let mut rows = vec![["SERVICE", "ANSWERED", "ERRORS", "P50", "P99"]
+            .map(String::from)
+            .to_vec()];
+        for (name, s) in services {
+            rows.push(vec![
+                name.as_str().unwrap_or("?").to_string(),
+                u(s, "answered").to_string(),
+                u(s, "errors").to_string(),
+                fmt::micros(u(s, "p50_us")),
+                fmt::micros(u(s, "p99_us")),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&fmt::table(&rows));
+    }
+    out
+}
