@@ -148,7 +148,7 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("expected a number of seconds, not {s:?}"))?;
-    if !(secs > 0.0) {
+    if secs.is_nan() || secs <= 0.0 {
         return Err("the timeout must be positive".into());
     }
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())

@@ -220,7 +220,7 @@ pub fn run(dir: &Path, args: &MonitorArgs) -> Result<(), Failure> {
 /// `12:34:56.789  pid 4242  echo.echo  12B -> 12B  347µs  ok`.
 fn human(ev: &Value) -> String {
     format!(
-        "{}  pid {:<7}  {:<28}  {:>8} -> {:<8}  {:>9}  {}",
+        "{}  pid {:<7}  {:<24}  {:>7} -> {:<7}  {:>8}  {}",
         local_time(f(ev, "time")),
         u(ev, "caller_pid"),
         format!("{}.{}", s(ev, "service"), s(ev, "method")),

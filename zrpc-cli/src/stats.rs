@@ -22,12 +22,33 @@ fn pairs(v: Option<&Value>) -> &[(Value, Value)] {
         .unwrap_or_default()
 }
 
+/// The keys shown by name in [`render`]; other integer counters are listed
+/// after them as they come.
+const KNOWN: &[&str] = &[
+    "uptime_s",
+    "connections",
+    "connections_total",
+    "connections_refused",
+    "names",
+    "calls",
+    "calls_ok",
+    "timeouts",
+    "cancelled",
+    "redelivered",
+    "pending",
+    "timers",
+    "late_replies",
+    "protocol_errors",
+    "monitors",
+];
+
 /// The human-readable form of a `zrpcd.stats` answer.
 fn render(st: &Value) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
-    let mut row = |k: &str, v: String| rows.push(vec![k.to_string(), v]);
-    row("uptime", fmt::secs(fmt::f(st, "uptime_s")));
+    let row = |rows: &mut Vec<Vec<String>>, k: &str, v: String| rows.push(vec![k.to_string(), v]);
+    row(&mut rows, "uptime", fmt::secs(fmt::f(st, "uptime_s")));
     row(
+        &mut rows,
         "connections",
         format!(
             "{} open, {} total, {} refused",
@@ -36,8 +57,9 @@ fn render(st: &Value) -> String {
             u(st, "connections_refused")
         ),
     );
-    row("names", u(st, "names").to_string());
+    row(&mut rows, "names", u(st, "names").to_string());
     row(
+        &mut rows,
         "calls",
         format!(
             "{} total, {} ok, {} timeouts, {} cancelled, {} redelivered",
@@ -49,17 +71,23 @@ fn render(st: &Value) -> String {
         ),
     );
     row(
+        &mut rows,
         "pending",
         format!("{} calls, {} timers", u(st, "pending"), u(st, "timers")),
     );
-    row("late replies", u(st, "late_replies").to_string());
-    row("protocol errors", u(st, "protocol_errors").to_string());
-    row("monitors", u(st, "monitors").to_string());
+    row(&mut rows, "late replies", u(st, "late_replies").to_string());
+    row(
+        &mut rows,
+        "protocol errors",
+        u(st, "protocol_errors").to_string(),
+    );
+    row(&mut rows, "monitors", u(st, "monitors").to_string());
     let errors: Vec<String> = pairs(field(st, "errors"))
         .iter()
         .map(|(k, n)| format!("{} {}", k.as_str().unwrap_or("?"), n.as_u64().unwrap_or(0)))
         .collect();
     row(
+        &mut rows,
         "errors",
         if errors.is_empty() {
             "none".into()
@@ -67,6 +95,15 @@ fn render(st: &Value) -> String {
             errors.join(", ")
         },
     );
+    // Counters this version does not know about yet.
+    for (k, v) in pairs(Some(st)) {
+        let (Some(k), Some(n)) = (k.as_str(), v.as_u64()) else {
+            continue;
+        };
+        if !KNOWN.contains(&k) {
+            rows.push(vec![k.replace('_', " "), n.to_string()]);
+        }
+    }
     let mut out = fmt::table(&rows);
     let services = pairs(field(st, "services"));
     if !services.is_empty() {
