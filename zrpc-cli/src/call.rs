@@ -161,7 +161,9 @@ async fn load(
                 first.message
             ),
         )),
-        None if interrupted => Err(Failure::new(exit::USAGE, "interrupted")),
+        // Ctrl-C is how `--count inf` ends; a finite run cut short exits
+        // like a process killed by SIGINT.
+        None if interrupted && limit.is_some() => Err(Failure::new(130, "interrupted")),
         None => Ok(()),
     }
 }

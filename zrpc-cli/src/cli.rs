@@ -69,7 +69,10 @@ Output:
   By default the result is printed as indented JSON (with the tags above).
   With --json each result is one line of compact JSON. With --concurrency,
   results are not printed; a summary is (calls, errors, calls/s, latency
-  p50/p99), as one JSON object with --json.
+  p50/p99), as one JSON object with --json. Without --concurrency, --count
+  stops at the first error; with it, errors are counted, and the exit code
+  is that of the first error. Ctrl-C ends a --concurrency run with its
+  summary (exit code 0 with --count inf, 130 otherwise).
 
 Timeout:
   By default a call waits as long as it takes (like the libraries and the
