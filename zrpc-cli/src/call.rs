@@ -163,7 +163,9 @@ async fn load(
         )),
         // Ctrl-C is how `--count inf` ends; a finite run cut short exits
         // like a process killed by SIGINT.
-        None if interrupted && limit.is_some() => Err(Failure::new(130, "interrupted")),
+        None if interrupted && limit.is_some() => {
+            Err(Failure::new(exit::INTERRUPTED, "interrupted"))
+        }
         None => Ok(()),
     }
 }

@@ -54,15 +54,21 @@ pub enum Command {
 
 fn call_help() -> String {
     format!(
-        "\
-Payload (JSON <-> MessagePack):
+        "{CALL_HELP}\n\n{}\n\n{CALL_EXAMPLES}",
+        crate::error::EXIT_CODES_HELP
+    )
+}
+
+const CALL_HELP: &str = r#"Payload (JSON <-> MessagePack):
   JSON integers become MessagePack integers (u64/i64), other numbers f64;
   strings, arrays and objects map to str, array and map. MessagePack types
   JSON lacks use tagged objects, the same way in and out:
-    {{\"$bytes\": \"<base64>\"}}           binary data (bin)
-    {{\"$map\": [[key, value], ...]}}      a map with non-string keys
-    {{\"$float\": \"inf\"|\"-inf\"|\"nan\"}}   a non-finite float
-    {{\"$ext\": [type, \"<base64>\"]}}     an extension value
+    {"$bytes": "<base64>"}            binary data (bin), standard base64
+    {"$map": [[key, value], ...]}     a map with non-string keys
+    {"$float": "inf"|"-inf"|"nan"}    a non-finite float
+    {"$ext": [type, "<base64>"]}      an extension value
+  Only an object with exactly one key that is a tag is read as a tag; a
+  map whose only key is literally "$bytes" is written with "$map".
   No PAYLOAD sends nil; '-' reads the JSON payload from standard input.
 
 Output:
@@ -77,20 +83,15 @@ Output:
 Timeout:
   By default a call waits as long as it takes (like the libraries and the
   original zrpc), including for the service to register. Use --timeout to
-  bound it and --no-wait to fail at once if the service is not registered.
+  bound it and --no-wait to fail at once if the service is not registered."#;
 
-{}
-
-Examples:
-  zrpc call echo echo '\"hello\"'
-  zrpc call echo echo '{{\"data\": {{\"$bytes\": \"AAEC\"}}}}' --json
+const CALL_EXAMPLES: &str = r#"Examples:
+  zrpc call echo echo '"hello"'
+  zrpc call echo echo '{"data": {"$bytes": "AAEC"}}' --json
   echo '[1, 2]' | zrpc call calc add -
   zrpc call echo pid --timeout 2 --no-wait
   zrpc call echo counter --count 3
-  zrpc call echo echo '\"x\"' --count 10000 --concurrency 16",
-        crate::error::EXIT_CODES_HELP
-    )
-}
+  zrpc call echo echo '"x"' --count 10000 --concurrency 16"#;
 
 const LIST_HELP: &str = "\
 Without SERVICE, lists the registered services with one line per instance:

@@ -30,6 +30,8 @@ pub mod exit {
     /// is larger than the broker's maximum message size), or an unexpected
     /// answer.
     pub const PROTOCOL: u8 = 10;
+    /// A finite `--concurrency` run was interrupted with Ctrl-C.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 /// The exit-code table as shown in `zrpc call --help`.
@@ -45,7 +47,8 @@ Exit codes:
    7  bad payload: the service could not decode the arguments
    8  service gone: the instance disconnected during the call (with --no-retry)
    9  the broker is shutting down
-  10  protocol error, version mismatch or limit exceeded";
+  10  protocol error, version mismatch or limit exceeded
+ 130  interrupted (Ctrl-C during a --concurrency run with a finite --count)";
 
 /// A failure: what to print (after `zrpc: `) and the exit code.
 #[derive(Debug)]
