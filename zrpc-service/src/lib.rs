@@ -60,6 +60,7 @@
 extern crate self as zrpc_service;
 
 mod builder;
+mod cache;
 mod context;
 mod server;
 mod unwind;

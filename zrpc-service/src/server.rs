@@ -21,6 +21,7 @@ use zrpc_proto::{
     DEFAULT_MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
 };
 
+use crate::cache::{Outcome, ReplyCache, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
 use crate::unwind::{panicked, CatchUnwind};
 use crate::{Context, HandlerError, MethodInfo, Service, DESCRIBE_METHOD};
 
@@ -36,6 +37,12 @@ const REPLY_ENVELOPE_MAX: usize = 16;
 /// Batched replies are written out at the latest when this many bytes are
 /// pending.
 const FLUSH_THRESHOLD: usize = 256 * 1024;
+
+/// Default shortest delay before a reconnection attempt.
+const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// Default longest delay between reconnection attempts.
+const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The `agent` string sent in `Hello`.
 const AGENT: &str = concat!("zrpc-service/", env!("CARGO_PKG_VERSION"));
@@ -142,6 +149,24 @@ impl Error {
             Error::Fd { .. } | Error::Runtime(_) | Error::NestedRuntime
         )
     }
+
+    /// Whether a lost connection with this error is worth reconnecting:
+    /// I/O errors, end of stream, handshake timeouts, undecodable frames
+    /// and `Fatal` of any code except `VersionMismatch` (retrying cannot
+    /// help there). Registration refusals (`NameTaken`, `InvalidName`,
+    /// other `Ack` errors) are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connect { .. }
+            | Error::Io(_)
+            | Error::Disconnected
+            | Error::Protocol(_)
+            | Error::Unexpected(_)
+            | Error::HandshakeTimeout(_) => true,
+            Error::Fatal { code, .. } => *code != ErrorCode::VersionMismatch,
+            _ => false,
+        }
+    }
 }
 
 /// What one step of the service loop did ([`Server::run_once`]).
@@ -157,6 +182,13 @@ pub enum Event {
     /// no reply was sent.
     Cancelled {
         /// The method whose handler was dropped.
+        method: String,
+    },
+    /// A re-sent request (same `(caller_instance, caller_call)` as one
+    /// already handled) was answered from the reply cache; the handler did
+    /// not run and the request counter did not change.
+    Replayed {
+        /// The called method.
         method: String,
     },
     /// The callback of a registered file descriptor ran.
@@ -381,20 +413,8 @@ impl Conn {
     }
 
     /// Appends the reply to request `id`.
-    fn write_reply(&mut self, id: u64, result: Result<Bytes, HandlerError>) {
-        let result = match result {
-            Ok(p) if p.len() + REPLY_ENVELOPE_MAX > self.max_message_size as usize => Err((
-                ErrorCode::LimitExceeded,
-                format!(
-                    "the reply of {} bytes exceeds zrpcd's max message size of {} bytes",
-                    p.len(),
-                    self.max_message_size
-                ),
-            )),
-            Ok(p) => Ok(p),
-            Err(e) => Err((e.code(), e.message().to_string())),
-        };
-        match result {
+    fn write_outcome(&mut self, id: u64, outcome: &Outcome) {
+        match outcome {
             Ok(payload) => encode_frame(
                 &mut self.wbuf,
                 &Envelope::Reply {
@@ -402,18 +422,38 @@ impl Conn {
                     code: None,
                     message: "",
                 },
-                &payload,
+                payload,
             ),
             Err((code, message)) => encode_frame(
                 &mut self.wbuf,
                 &Envelope::Reply {
                     id,
-                    code: Some(code),
-                    message: truncate(&message, MAX_ERROR_MESSAGE),
+                    code: Some(*code),
+                    message: truncate(message, MAX_ERROR_MESSAGE),
                 },
                 &[],
             ),
         }
+    }
+}
+
+/// What is sent for a handler's result: an oversized return value becomes a
+/// `LimitExceeded` error, long error messages are truncated.
+fn wire_outcome(result: Result<Bytes, HandlerError>, max_message_size: u32) -> Outcome {
+    match result {
+        Ok(p) if p.len() + REPLY_ENVELOPE_MAX > max_message_size as usize => Err((
+            ErrorCode::LimitExceeded,
+            format!(
+                "the reply of {} bytes exceeds zrpcd's max message size of {} bytes",
+                p.len(),
+                max_message_size
+            ),
+        )),
+        Ok(p) => Ok(p),
+        Err(e) => Err((
+            e.code(),
+            truncate(e.message(), MAX_ERROR_MESSAGE).to_string(),
+        )),
     }
 }
 
@@ -426,6 +466,221 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// What a connection is set up with.
+#[derive(Debug, Clone)]
+struct Setup {
+    names: Vec<String>,
+    shared: bool,
+    socket_dir: Option<PathBuf>,
+    instance: u64,
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<Conn, Error>>>>;
+
+impl Setup {
+    /// A connection attempt (connect, handshake, register every name),
+    /// bounded by [`HANDSHAKE_TIMEOUT`]. The future owns its inputs, so it
+    /// can be kept across `select!` iterations.
+    fn attempt(&self) -> Result<ConnectFuture, Error> {
+        if self.names.is_empty() {
+            return Err(Error::NoName);
+        }
+        for name in &self.names {
+            if let Err(e) = validate_name(name) {
+                return Err(Error::InvalidName {
+                    name: name.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        let dir = zrpc_proto::resolve_socket_dir(self.socket_dir.as_deref());
+        let path = socket_path(&dir);
+        tracing::debug!(path = %path.display(), names = ?self.names, "connecting to zrpcd");
+        let names = self.names.clone();
+        let (instance, shared) = (self.instance, self.shared);
+        Ok(Box::pin(async move {
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(path, instance, &names, shared))
+                .await
+                .map_err(|_| Error::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+        }))
+    }
+}
+
+/// What [`Link::work`] did.
+enum Work {
+    /// Frames were read and handled, or a reconnection attempt failed.
+    Progress,
+    /// The broker cancelled the running request.
+    CancelledRunning,
+}
+
+/// The broker connection plus everything needed to get it back when it is
+/// lost: the reconnection policy and its state.
+struct Link {
+    conn: Option<Conn>,
+    /// Incremented for every new connection: request ids are only
+    /// meaningful on the connection they arrived on.
+    generation: u64,
+    /// The reconnection attempt in progress, kept across wake-ups.
+    connecting: Option<ConnectFuture>,
+    /// No reconnection attempt before this instant (backoff).
+    retry_at: Option<Instant>,
+    /// The delay before the next attempt (before jitter).
+    backoff: Duration,
+    /// Whether a connection was ever set up (the first one fails fast).
+    ever_connected: bool,
+    /// Whether READY=1 was sent to systemd.
+    notified: bool,
+    /// The max message size of the latest connection.
+    max_message_size: u32,
+    /// A hard error met while a handler was running, returned once the
+    /// handler has finished.
+    deferred: Option<Error>,
+    reconnect: bool,
+    backoff_min: Duration,
+    backoff_max: Duration,
+}
+
+impl Link {
+    fn new() -> Self {
+        Link {
+            conn: None,
+            generation: 0,
+            connecting: None,
+            retry_at: None,
+            backoff: DEFAULT_BACKOFF_MIN,
+            ever_connected: false,
+            notified: false,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            deferred: None,
+            reconnect: true,
+            backoff_min: DEFAULT_BACKOFF_MIN,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+        }
+    }
+
+    /// Whether a lost connection is re-established by the loop itself.
+    fn reconnecting(&self) -> bool {
+        self.reconnect && self.ever_connected
+    }
+
+    /// Takes a freshly registered connection into use.
+    fn install(&mut self, conn: Conn) {
+        self.generation += 1;
+        self.max_message_size = conn.max_message_size;
+        self.conn = Some(conn);
+        self.connecting = None;
+        self.retry_at = None;
+        self.backoff = self.backoff_min;
+        if self.ever_connected {
+            tracing::info!("reconnected to zrpcd; names registered again");
+        }
+        self.ever_connected = true;
+        let state = if self.notified {
+            "STATUS=serving"
+        } else {
+            self.notified = true;
+            "READY=1\nSTATUS=serving"
+        };
+        notify(state);
+    }
+
+    /// Forgets the connection (e.g. its runtime is gone).
+    fn reset(&mut self) {
+        self.conn = None;
+        self.connecting = None;
+    }
+
+    /// The connection failed with `e`. Returns `Ok` if the loop reconnects
+    /// by itself, else the error.
+    fn lost(&mut self, e: Error) -> Result<(), Error> {
+        self.conn = None;
+        self.connecting = None;
+        if !(self.reconnecting() && e.is_transient()) {
+            tracing::debug!("dropping the zrpcd connection: {e}");
+            return Err(e);
+        }
+        tracing::warn!("lost the connection to zrpcd ({e}); reconnecting");
+        notify("STATUS=reconnecting to zrpcd");
+        self.backoff = self.backoff_min;
+        self.schedule_retry();
+        Ok(())
+    }
+
+    /// Sets the time of the next attempt: the current backoff with +-25 %
+    /// jitter; the backoff then doubles up to its cap.
+    fn schedule_retry(&mut self) {
+        let factor = 0.75 + (random_u64() % 10_001) as f64 / 20_000.0;
+        let delay = self.backoff.mul_f64(factor);
+        self.retry_at = Instant::now().checked_add(delay);
+        self.backoff = self.backoff.saturating_mul(2).min(self.backoff_max);
+    }
+
+    /// One unit of connection work; cancel-safe (all progress is kept in
+    /// `self`). Connected: reads what is available, handles the frames
+    /// (queues requests, answers pings, applies cancels; `running` is the
+    /// running request's connection generation and id) and flushes.
+    /// Disconnected (and reconnecting): waits for the backoff, then drives a
+    /// connection attempt to its end.
+    async fn work(&mut self, setup: &Setup, running: Option<(u64, u64)>) -> Result<Work, Error> {
+        let generation = self.generation;
+        if let Some(conn) = self.conn.as_mut() {
+            let running = running.filter(|(g, _)| *g == generation).map(|(_, id)| id);
+            let r = async {
+                conn.read_more().await?;
+                let cancelled = conn.process(running)?;
+                conn.flush().await?;
+                Ok(cancelled)
+            }
+            .await;
+            return match r {
+                Ok(true) => Ok(Work::CancelledRunning),
+                Ok(false) => Ok(Work::Progress),
+                Err(e) => self.lost(e).map(|()| Work::Progress),
+            };
+        }
+        if !self.reconnecting() {
+            return Err(Error::Disconnected);
+        }
+        if self.connecting.is_none() {
+            if let Some(t) = self.retry_at {
+                tokio::time::sleep_until(t).await;
+                self.retry_at = None;
+            }
+            self.connecting = Some(setup.attempt()?);
+        }
+        let Some(attempt) = self.connecting.as_mut() else {
+            return Ok(Work::Progress);
+        };
+        let r = attempt.await;
+        self.connecting = None;
+        match r {
+            Ok(conn) => {
+                self.install(conn);
+                Ok(Work::Progress)
+            }
+            Err(e) if e.is_transient() => {
+                tracing::debug!("reconnection attempt failed: {e}");
+                self.schedule_retry();
+                Ok(Work::Progress)
+            }
+            Err(e) => {
+                tracing::error!("cannot register again after reconnecting: {e}");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Sends `state` to systemd if `$NOTIFY_SOCKET` is set.
+fn notify(state: &str) {
+    match zrpc_proto::sd_notify(state) {
+        Ok(true) => tracing::debug!(state, "notified systemd"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot notify systemd"),
+    }
 }
 
 /// Connects to the broker, says hello and registers `names`. This is the
@@ -575,44 +830,56 @@ fn describe<S: Service>(service: &S, ctx: &Context) -> Result<Bytes, HandlerErro
     })
 }
 
-/// Runs one handler to completion while still reading from the broker:
-/// pings are answered, new requests queued, and a `Cancel` of this request
-/// drops the handler (`Ok(None)`).
+/// Runs one handler to completion while still serving the connection:
+/// pings are answered, new requests queued, a lost connection is
+/// re-established (when reconnecting), and a `Cancel` of this request drops
+/// the handler (`None`). A handler is never dropped because the connection
+/// is lost: it runs to its end, and a hard error met meanwhile is kept in
+/// [`Link::deferred`].
 async fn run_handler<S: Service>(
     service: &mut S,
-    conn: &mut Conn,
+    link: &mut Link,
+    setup: &Setup,
     ctx: &Context,
     payload: Bytes,
-) -> Result<Option<Result<Bytes, HandlerError>>, Error> {
+) -> Option<Result<Bytes, HandlerError>> {
     if ctx.method() == DESCRIBE_METHOD {
-        return Ok(Some(describe(service, ctx)));
+        return Some(describe(service, ctx));
     }
     let fut = match catch_unwind(AssertUnwindSafe(|| {
         service.handle(ctx, ctx.method(), payload)
     })) {
         Ok(f) => f,
-        Err(p) => return Ok(Some(Err(panicked(&*p)))),
+        Err(p) => return Some(Err(panicked(&*p))),
     };
     let mut fut = CatchUnwind::new(fut);
     // Synchronous handlers finish in their first poll; only flush the
     // replies batched so far when this one has to wait.
     if let Poll::Ready(r) = poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await {
-        return Ok(Some(r));
+        return Some(r);
     }
-    conn.flush().await?;
-    loop {
-        tokio::select! {
-            biased;
-            r = &mut fut => return Ok(Some(r)),
-            r = conn.read_more() => {
-                r?;
-                if conn.process(Some(ctx.request_id()))? {
-                    return Ok(None);
-                }
-                conn.flush().await?;
+    if let Some(conn) = link.conn.as_mut() {
+        if let Err(e) = conn.flush().await {
+            if let Err(e) = link.lost(e) {
+                link.deferred = Some(e);
             }
         }
     }
+    let running = Some((link.generation, ctx.request_id()));
+    while link.deferred.is_none() {
+        tokio::select! {
+            biased;
+            r = &mut fut => return Some(r),
+            w = link.work(setup, running) => match w {
+                Ok(Work::CancelledRunning) => return None,
+                Ok(Work::Progress) => {}
+                Err(e) => link.deferred = Some(e),
+            }
+        }
+    }
+    // The connection is gone for good: finish the handler anyway, so that
+    // its outcome is cached.
+    Some(fut.await)
 }
 
 /// A zrpc server: connects a [`Service`] to the broker under one or more
@@ -626,19 +893,19 @@ async fn run_handler<S: Service>(
 /// async ones under your own runtime, not both: the connection and the
 /// watched descriptors belong to the runtime that created them.
 ///
-/// If the connection fails, the run methods return the error; calling one
-/// again reconnects and registers the names again.
+/// If the first connection fails, the run methods return the error. Once
+/// connected, a lost connection is re-established by the loop itself (see
+/// [`reconnect`](Self::reconnect) and the crate documentation); with
+/// `reconnect(false)` the run methods return the error instead, and calling
+/// one again reconnects and registers the names again.
 pub struct Server<S: Service> {
     service: S,
-    names: Vec<String>,
-    shared: bool,
-    socket_dir: Option<PathBuf>,
-    instance: u64,
+    setup: Setup,
     counter: u64,
     fds: Vec<FdWatch<S>>,
     next_fd: usize,
-    notified: bool,
-    conn: Option<Conn>,
+    cache: ReplyCache,
+    link: Link,
     // Declared last: dropped after everything registered with it.
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -646,13 +913,15 @@ pub struct Server<S: Service> {
 impl<S: Service> std::fmt::Debug for Server<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("names", &self.names)
-            .field("shared", &self.shared)
-            .field("socket_dir", &self.socket_dir)
-            .field("instance", &self.instance)
+            .field("names", &self.setup.names)
+            .field("shared", &self.setup.shared)
+            .field("socket_dir", &self.setup.socket_dir)
+            .field("instance", &self.setup.instance)
             .field("counter", &self.counter)
             .field("fds", &self.fds.iter().map(|w| w.fd).collect::<Vec<_>>())
-            .field("connected", &self.conn.is_some())
+            .field("connected", &self.link.conn.is_some())
+            .field("reconnect", &self.link.reconnect)
+            .field("cached_replies", &self.cache.len())
             .finish()
     }
 }
@@ -665,15 +934,17 @@ impl<S: Service> Server<S> {
         let name = service.service_name();
         Server {
             service,
-            names: vec![name],
-            shared: false,
-            socket_dir: None,
-            instance: random_u64(),
+            setup: Setup {
+                names: vec![name],
+                shared: false,
+                socket_dir: None,
+                instance: random_u64(),
+            },
             counter: 0,
             fds: Vec::new(),
             next_fd: 0,
-            notified: false,
-            conn: None,
+            cache: ReplyCache::new(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES),
+            link: Link::new(),
             rt: None,
         }
     }
@@ -681,42 +952,92 @@ impl<S: Service> Server<S> {
     /// Registers the service under `name` instead of its default name
     /// (replaces all names set so far).
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.names = vec![name.into()];
+        self.setup.names = vec![name.into()];
         self
     }
 
     /// Registers the service under an additional name.
     pub fn add_name(mut self, name: impl Into<String>) -> Self {
         let name = name.into();
-        if !self.names.contains(&name) {
-            self.names.push(name);
+        if !self.setup.names.contains(&name) {
+            self.setup.names.push(name);
         }
         self
     }
 
     /// The names the service registers.
     pub fn names(&self) -> &[String] {
-        &self.names
+        &self.setup.names
     }
 
     /// With `true`, join other instances of the same name (all of which must
     /// be shared) instead of requiring the name exclusively; the broker
     /// spreads calls over the instances.
     pub fn shared(mut self, yes: bool) -> Self {
-        self.shared = yes;
+        self.setup.shared = yes;
         self
     }
 
     /// The directory holding the broker socket `zrpcd.sock` (the original's
     /// `socket_dir`). It must match the broker's.
     pub fn socket_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.socket_dir = Some(dir.into());
+        self.setup.socket_dir = Some(dir.into());
         self
+    }
+
+    /// With `true` (the default), a lost broker connection (end of stream,
+    /// I/O error, `Fatal` from the broker, e.g. `Shutdown`) is re-established
+    /// by the run methods themselves: they log a warning, reconnect with
+    /// capped exponential backoff ([`reconnect_backoff`](Self::reconnect_backoff)),
+    /// register every name again and only then take calls again; they do
+    /// not return. With `false`, they return the error (the behaviour before
+    /// reconnection existed). The very first connection fails fast either
+    /// way.
+    pub fn reconnect(mut self, yes: bool) -> Self {
+        self.link.reconnect = yes;
+        self
+    }
+
+    /// The reconnection backoff: the first attempt after a loss waits `min`
+    /// (default 10 ms), each failed attempt doubles the wait up to `max`
+    /// (default 1 s); every wait is randomised by +-25 % so that many
+    /// services do not reconnect in lock-step. `min` is at least 1 ms and
+    /// `max` at least `min`.
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
+        self.link.backoff_min = min;
+        self.link.backoff_max = max.max(min);
+        self.link.backoff = min;
+        self
+    }
+
+    /// Bounds of the reply cache (defaults: 10,000 entries and 64 MiB of
+    /// reply payloads and error messages); the oldest entry is evicted
+    /// first. Either bound 0 disables the cache, and with it the
+    /// de-duplication of re-sent calls. See the crate documentation.
+    pub fn reply_cache(mut self, max_entries: usize, max_bytes: usize) -> Self {
+        self.cache.set_bounds(max_entries, max_bytes);
+        self
+    }
+
+    /// Number of replies in the reply cache.
+    pub fn cached_replies(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Bytes of reply payloads and error messages in the reply cache.
+    pub fn cached_reply_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// Whether the server is connected to the broker right now.
+    pub fn is_connected(&self) -> bool {
+        self.link.conn.is_some()
     }
 
     /// The random instance id sent in `Hello` (kept across reconnects).
     pub fn instance(&self) -> u64 {
-        self.instance
+        self.setup.instance
     }
 
     /// Calls `callback` inside the service loop whenever `fd` is ready to be
@@ -732,6 +1053,10 @@ impl<S: Service> Server<S> {
     /// Registering a descriptor again replaces its callback. The descriptor
     /// must be pollable by epoll (pipes, sockets, terminals, eventfds; not
     /// regular files), otherwise the run methods return [`Error::Fd`].
+    ///
+    /// Callbacks keep running while the loop reconnects to the broker.
+    /// Like synchronous handlers, a callback blocks the loop (and the
+    /// answers to the broker's pings) while it runs.
     ///
     /// ```no_run
     /// # use zrpc_service::{Server, ServiceBuilder};
@@ -764,6 +1089,8 @@ impl<S: Service> Server<S> {
     }
 
     /// Number of requests received so far (the original `self.counter`).
+    /// Requests answered from the reply cache do not count: only those
+    /// whose handler ran.
     pub fn counter(&self) -> u64 {
         self.counter
     }
@@ -783,17 +1110,24 @@ impl<S: Service> Server<S> {
         self.service
     }
 
-    /// Serves forever on a private tokio runtime. Returns only on error,
-    /// e.g. [`Error::NameTaken`] or [`Error::Disconnected`].
+    /// Serves forever on a private tokio runtime. Returns only on a hard
+    /// error: the first connection failing, [`Error::NameTaken`] when
+    /// registering again after a reconnect, or (with
+    /// [`reconnect(false)`](Self::reconnect)) any connection error.
     pub fn run(&mut self) -> Result<(), Error> {
         self.block_on(|s| Box::pin(s.serve()))?
     }
 
     /// Waits for one event, handles it and returns it: a request answered,
-    /// a request cancelled while running, or one file descriptor callback
-    /// run. Returns `Ok(None)` if nothing happened within `timeout` (`None`
-    /// waits forever). Connection and buffers persist between calls. The
-    /// timeout bounds the wait for an event, not the handler once started.
+    /// a re-sent request answered from the reply cache, a request cancelled
+    /// while running, or one file descriptor callback run. Returns
+    /// `Ok(None)` if nothing happened within `timeout` (`None` waits
+    /// forever). Connection and buffers persist between calls. The timeout
+    /// bounds the wait for an event, not the handler once started.
+    ///
+    /// A lost connection is re-established within the same budget: if
+    /// `timeout` runs out while reconnecting, `run_once` returns `Ok(None)`
+    /// and the next call carries on where it stopped (same backoff).
     pub fn run_once(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, Error> {
         self.block_on(move |s| Box::pin(s.serve_once(timeout)))?
     }
@@ -823,15 +1157,20 @@ impl<S: Service> Server<S> {
         flush_reply: bool,
     ) -> Result<Option<Event>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        if self.conn.is_none() {
-            let conn = self.connect().await?;
-            self.conn = Some(conn);
+        if let Some(e) = self.link.deferred.take() {
+            return Err(e);
+        }
+        if self.link.conn.is_none() && !self.link.reconnecting() {
+            // The first connection (or any, without reconnect): fail fast.
+            let attempt = self.setup.attempt()?;
+            let conn = attempt.await?;
+            self.link.install(conn);
         }
         let result = self.next_event(deadline, flush_reply).await;
         if let Err(e) = &result {
-            if e.is_connection_error() {
+            if e.is_connection_error() && self.link.conn.is_some() {
                 tracing::debug!("dropping the zrpcd connection: {e}");
-                self.conn = None;
+                self.link.reset();
             }
         }
         result
@@ -849,7 +1188,7 @@ impl<S: Service> Server<S> {
             None => {
                 // A previous runtime (if any) is gone, e.g. after a panic in
                 // a callback: drop everything registered with it.
-                self.conn = None;
+                self.link.reset();
                 for w in &mut self.fds {
                     w.async_fd = None;
                 }
@@ -862,38 +1201,6 @@ impl<S: Service> Server<S> {
         let out = rt.block_on(f(self));
         self.rt = Some(rt);
         Ok(out)
-    }
-
-    async fn connect(&mut self) -> Result<Conn, Error> {
-        if self.names.is_empty() {
-            return Err(Error::NoName);
-        }
-        for name in &self.names {
-            if let Err(e) = validate_name(name) {
-                return Err(Error::InvalidName {
-                    name: name.clone(),
-                    message: e.to_string(),
-                });
-            }
-        }
-        let dir = zrpc_proto::resolve_socket_dir(self.socket_dir.as_deref());
-        let path = socket_path(&dir);
-        tracing::debug!(path = %path.display(), names = ?self.names, "connecting to zrpcd");
-        let conn = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            connect(path, self.instance, &self.names, self.shared),
-        )
-        .await
-        .map_err(|_| Error::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
-        if !self.notified {
-            self.notified = true;
-            match zrpc_proto::sd_notify("READY=1") {
-                Ok(true) => tracing::debug!("sent READY=1 to systemd"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot notify systemd"),
-            }
-        }
-        Ok(conn)
     }
 
     async fn next_event(
@@ -926,23 +1233,59 @@ impl<S: Service> Server<S> {
 
         let Server {
             service,
-            conn,
+            setup,
+            link,
+            cache,
             fds,
             counter,
             next_fd,
             ..
         } = self;
-        let conn = conn.as_mut().ok_or(Error::Disconnected)?;
         loop {
-            conn.process(None)?;
-            if conn.queue.is_empty() || conn.wbuf.len() >= FLUSH_THRESHOLD {
-                conn.flush().await?;
+            if let Some(conn) = link.conn.as_mut() {
+                let r = async {
+                    conn.process(None)?;
+                    if conn.queue.is_empty() || conn.wbuf.len() >= FLUSH_THRESHOLD {
+                        conn.flush().await?;
+                    }
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = r {
+                    link.lost(e)?;
+                    continue;
+                }
             }
-            while let Some(req) = conn.queue.pop_front() {
+            while let Some(req) = link.conn.as_mut().and_then(|c| c.queue.pop_front()) {
                 if req.deadline.is_some_and(|d| std::time::Instant::now() > d) {
                     // The broker has already answered the caller with Timeout.
                     tracing::debug!(id = req.id, method = req.method, "skipping expired request");
                     continue;
+                }
+                let key = if req.method == DESCRIBE_METHOD {
+                    None
+                } else {
+                    cache.key(req.caller_instance, req.caller_call)
+                };
+                if let Some(key) = key {
+                    if let Some(outcome) = cache.get(key, &req.service, &req.method) {
+                        tracing::debug!(
+                            id = req.id,
+                            method = req.method,
+                            caller_instance = req.caller_instance,
+                            caller_call = req.caller_call,
+                            "re-sent request answered from the reply cache"
+                        );
+                        if let Some(conn) = link.conn.as_mut() {
+                            conn.write_outcome(req.id, outcome);
+                            if flush_reply {
+                                if let Err(e) = conn.flush().await {
+                                    link.lost(e)?;
+                                }
+                            }
+                        }
+                        return Ok(Some(Event::Replayed { method: req.method }));
+                    }
                 }
                 *counter += 1;
                 let ctx = Context {
@@ -954,35 +1297,50 @@ impl<S: Service> Server<S> {
                     caller_call: req.caller_call,
                     deadline: req.deadline,
                 };
-                let outcome = run_handler(service, conn, &ctx, req.payload).await?;
+                let generation = link.generation;
+                let outcome = run_handler(service, link, setup, &ctx, req.payload).await;
                 let method = ctx.method;
-                return match outcome {
-                    Some(result) => {
-                        if let Err(e) = &result {
-                            tracing::debug!(method, code = %e.code(), "request failed: {e}");
-                        }
-                        conn.write_reply(req.id, result);
-                        if flush_reply {
-                            conn.flush().await?;
-                        }
-                        Ok(Some(Event::Request { method }))
-                    }
-                    None => {
-                        tracing::debug!(id = req.id, method, "request cancelled");
-                        Ok(Some(Event::Cancelled { method }))
-                    }
+                let Some(result) = outcome else {
+                    tracing::debug!(id = req.id, method, "request cancelled");
+                    return Ok(Some(Event::Cancelled { method }));
                 };
+                if let Err(e) = &result {
+                    tracing::debug!(method, code = %e.code(), "request failed: {e}");
+                }
+                let outcome = wire_outcome(result, link.max_message_size);
+                if let Some(key) = key {
+                    cache.insert(key, &ctx.service, &method, &outcome);
+                }
+                match link.conn.as_mut() {
+                    Some(conn) if link.generation == generation => {
+                        conn.write_outcome(req.id, &outcome);
+                        if flush_reply {
+                            if let Err(e) = conn.flush().await {
+                                if let Err(e) = link.lost(e) {
+                                    link.deferred = Some(e);
+                                }
+                            }
+                        }
+                    }
+                    _ => tracing::debug!(
+                        id = req.id,
+                        method,
+                        cached = key.is_some(),
+                        "the connection the request came on is gone; reply not sent"
+                    ),
+                }
+                return Ok(Some(Event::Request { method }));
             }
 
             enum Wake {
-                Read(Result<(), Error>),
+                Link(Result<Work, Error>),
                 Fd(Result<usize, Error>),
                 Timeout,
             }
             let start = *next_fd;
             let fds_ref = &*fds;
             let wake = tokio::select! {
-                r = conn.read_more() => Wake::Read(r),
+                r = link.work(setup, None) => Wake::Link(r),
                 r = poll_fn(|cx| {
                     let n = fds_ref.len();
                     for k in 0..n {
@@ -1004,7 +1362,9 @@ impl<S: Service> Server<S> {
                 _ = sleep_until_opt(deadline) => Wake::Timeout,
             };
             match wake {
-                Wake::Read(r) => r?,
+                Wake::Link(r) => {
+                    r?;
+                }
                 Wake::Timeout => return Ok(None),
                 Wake::Fd(r) => {
                     let idx = r?;

@@ -56,6 +56,22 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// A new listener on the same path, as a restarted broker would have;
+    /// the old one is closed.
+    fn restart(&mut self) {
+        let path = zrpc_proto::socket_path(&self.dir);
+        let _ = std::fs::remove_file(&path);
+        self.listener = UnixListener::bind(&path).expect("bind again");
+    }
+
+    /// No broker at all: the socket is gone.
+    fn stop(&mut self) {
+        let path = zrpc_proto::socket_path(&self.dir);
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -133,6 +149,81 @@ impl Peer {
                 other => panic!("expected Register, got {other:?}"),
             }
         }
+    }
+
+    /// Expects `Hello`; returns the instance id.
+    fn hello(&mut self) -> u64 {
+        let f = self.recv();
+        match f.decode().expect("hello") {
+            Envelope::Hello { instance, .. } => instance,
+            other => panic!("expected Hello, got {other:?}"),
+        }
+    }
+
+    fn welcome(&mut self) {
+        self.send(
+            Envelope::Welcome {
+                version: 1,
+                conn_id: 1,
+                max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            },
+            &[],
+        );
+    }
+
+    /// Expects one `Register` per name, in order, with `shared`; returns
+    /// their request numbers (not acknowledged yet).
+    fn registers(&mut self, names: &[&str], shared: bool) -> Vec<u64> {
+        names
+            .iter()
+            .map(|want| match self.recv().decode().expect("register") {
+                Envelope::Register {
+                    req,
+                    name,
+                    shared: s,
+                } => {
+                    assert_eq!(&name, want);
+                    assert_eq!(s, shared, "the shared flag of {name:?}");
+                    req
+                }
+                other => panic!("expected Register of {want:?}, got {other:?}"),
+            })
+            .collect()
+    }
+
+    fn ack(&mut self, req: u64, code: Option<ErrorCode>) {
+        self.send(
+            Envelope::Ack {
+                req,
+                code,
+                message: if code.is_some() { "refused" } else { "" },
+            },
+            &[],
+        );
+    }
+
+    /// Sends a ping and expects its pong as the next frame.
+    fn ping(&mut self, nonce: u64) {
+        self.send(Envelope::Ping { nonce }, &[]);
+        match self.recv().decode().expect("pong") {
+            Envelope::Pong { nonce: n } => assert_eq!(n, nonce),
+            other => panic!("expected Pong {nonce}, got {other:?}"),
+        }
+    }
+
+    /// A request with an explicit call identity.
+    fn call(&mut self, id: u64, method: &str, payload: &[u8], caller: (u64, u64)) {
+        self.send(
+            Envelope::Request {
+                id,
+                service: "gate",
+                method,
+                timeout_ms: Some(60_000),
+                caller_instance: caller.0,
+                caller_call: caller.1,
+            },
+            payload,
+        );
     }
 
     fn request(&mut self, id: u64, method: &str, payload: &[u8]) {
@@ -574,11 +665,11 @@ fn connect_error_names_the_socket() {
 }
 
 #[test]
-fn disconnect_then_reconnect() {
+fn disconnect_then_reconnect_without_auto_reconnect() {
     let broker = Broker::new("disconnect");
     let dir = broker.dir.clone();
     let rx = server_thread(move || {
-        let mut srv = Server::new(Echo::new()).socket_dir(dir);
+        let mut srv = Server::new(Echo::new()).socket_dir(dir).reconnect(false);
         let instance = srv.instance();
         let e1 = srv.run_once(Some(WAIT)).map_err(|e| e.to_string());
         let e2 = srv.run_once(Some(WAIT)).map_err(|e| e.to_string());
@@ -635,7 +726,7 @@ fn serve_under_a_user_runtime() {
             .enable_all()
             .build()
             .expect("runtime");
-        let mut srv = Server::new(Echo::new()).socket_dir(dir);
+        let mut srv = Server::new(Echo::new()).socket_dir(dir).reconnect(false);
         let r = rt.block_on(async {
             // run() inside a runtime is refused with a typed error.
             assert!(matches!(srv.run_once(None), Err(Error::NestedRuntime)));
@@ -656,4 +747,500 @@ fn serve_under_a_user_runtime() {
         rx.recv_timeout(WAIT).expect("server thread"),
         Err(Error::Disconnected.to_string())
     );
+}
+
+// ---------------------------------------------------------------------------
+// Reconnection and the reply cache.
+
+/// A service that counts how often its handlers ran; `held` waits until the
+/// test releases it.
+struct Gate {
+    runs: Arc<AtomicUsize>,
+    started: Option<mpsc::Sender<u64>>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl Gate {
+    fn new() -> (Gate, Arc<AtomicUsize>, Arc<tokio::sync::Notify>) {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let gate = Gate {
+            runs: runs.clone(),
+            started: None,
+            release: release.clone(),
+        };
+        (gate, runs, release)
+    }
+}
+
+#[service]
+impl Gate {
+    /// Counts the run and returns (key, run number).
+    #[rpc_method]
+    fn quick(&mut self, key: u64) -> (u64, usize) {
+        (key, self.runs.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Counts the run, says so, waits for the test, returns (key, run number).
+    #[rpc_method]
+    async fn held(&mut self, key: u64) -> (u64, usize) {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(tx) = &self.started {
+            let _ = tx.send(key);
+        }
+        self.release.notified().await;
+        (key, n)
+    }
+
+    /// Counts the run and fails.
+    #[rpc_method]
+    fn fail(&mut self) -> Result<u8, String> {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        Err(format!("failure number {n}"))
+    }
+
+    /// Counts the run and panics.
+    #[rpc_method]
+    fn boom(&mut self) -> u8 {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        panic!("panic number {n}")
+    }
+}
+
+fn pair(a: u64, n: u64) -> Option<Value> {
+    Some(Value::Array(vec![a.into(), n.into()]))
+}
+
+/// Lets a server blocked in `run()` return: the next registration is refused
+/// with `NameTaken`, which is a hard error.
+fn refuse_next_registration(broker: &mut Broker, names: &[&str], shared: bool) {
+    broker.restart();
+    let mut peer = broker.accept();
+    peer.hello();
+    peer.welcome();
+    let reqs = peer.registers(names, shared);
+    peer.ack(reqs[0], Some(ErrorCode::NameTaken));
+}
+
+#[test]
+fn reconnects_and_registers_every_name_before_serving() {
+    let mut broker = Broker::new("reconnect");
+    let dir = broker.dir.clone();
+    let (gate, runs, _) = Gate::new();
+    let (inst_tx, inst_rx) = mpsc::channel();
+    let rx = server_thread(move || {
+        let mut srv = Server::new(gate)
+            .name("gate")
+            .add_name("gate2")
+            .shared(true)
+            .socket_dir(dir)
+            .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(20));
+        let _ = inst_tx.send(srv.instance());
+        let r = srv.run();
+        (r.map_err(|e| e.to_string()), srv.counter())
+    });
+    let instance = inst_rx.recv_timeout(WAIT).expect("instance");
+    let names = ["gate", "gate2"];
+
+    // First connection: serve one call, then the broker says Shutdown.
+    let mut peer = broker.accept();
+    assert_eq!(peer.hello(), instance);
+    peer.welcome();
+    for req in peer.registers(&names, true) {
+        peer.ack(req, None);
+    }
+    peer.call(1, "quick", &enc(&1u64), (5, 1));
+    assert_eq!(peer.reply(), (1, None, String::new(), pair(1, 1)));
+    broker.restart();
+    peer.send(
+        Envelope::Fatal {
+            code: ErrorCode::Shutdown,
+            message: "zrpcd is shutting down",
+        },
+        &[],
+    );
+    drop(peer);
+
+    // Second connection, on a new listener: same instance, every name
+    // again with the same shared flag, before anything else. A request sent
+    // before the Acks is not served until every name is registered.
+    let mut peer = broker.accept();
+    assert_eq!(
+        peer.hello(),
+        instance,
+        "the instance id survives reconnects"
+    );
+    peer.welcome();
+    let reqs = peer.registers(&names, true);
+    peer.call(2, "quick", &enc(&2u64), (5, 2));
+    peer.ping(10);
+    peer.ack(reqs[0], None);
+    peer.ping(11);
+    peer.ack(reqs[1], None);
+    assert_eq!(peer.reply(), (2, None, String::new(), pair(2, 2)));
+
+    // Lost by end of stream this time (the old listener stays: plain EOF).
+    drop(peer);
+    let mut peer = broker.accept();
+    assert_eq!(peer.hello(), instance);
+    peer.welcome();
+    for req in peer.registers(&names, true) {
+        peer.ack(req, None);
+    }
+    peer.call(3, "quick", &enc(&3u64), (5, 3));
+    assert_eq!(peer.reply(), (3, None, String::new(), pair(3, 3)));
+    drop(peer);
+
+    // NameTaken when registering again is a hard error: run() returns it.
+    refuse_next_registration(&mut broker, &names, true);
+    let (r, counter) = rx.recv_timeout(WAIT).expect("server thread");
+    let err = r.expect_err("run returns NameTaken");
+    assert!(err.contains("gate") && err.contains("taken"), "{err}");
+    assert_eq!(counter, 3);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn run_once_reconnects_within_its_budget() {
+    let mut broker = Broker::new("budget");
+    let dir = broker.dir.clone();
+    let (gate, _, _) = Gate::new();
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Option<Duration>>();
+    let (ev_tx, ev_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut srv = Server::new(gate).name("gate").socket_dir(dir);
+        while let Ok(t) = cmd_rx.recv() {
+            let r = srv.run_once(t).map_err(|e| e.to_string());
+            if ev_tx.send((r, srv.is_connected())).is_err() {
+                break;
+            }
+        }
+    });
+    cmd_tx.send(Some(WAIT)).expect("cmd");
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    peer.call(1, "quick", &enc(&1u64), (5, 1));
+    assert_eq!(peer.reply(), (1, None, String::new(), pair(1, 1)));
+    let (r, connected) = ev_rx.recv_timeout(WAIT).expect("event");
+    assert_eq!(
+        r,
+        Ok(Some(Event::Request {
+            method: "quick".into()
+        }))
+    );
+    assert!(connected);
+
+    // The broker goes away and does not come back within the budget.
+    broker.stop();
+    drop(peer);
+    cmd_tx.send(Some(Duration::from_millis(300))).expect("cmd");
+    let (r, connected) = ev_rx.recv_timeout(WAIT).expect("event");
+    assert_eq!(r, Ok(None), "the budget runs out while reconnecting");
+    assert!(!connected);
+
+    // It comes back: the next run_once reconnects and serves.
+    broker.restart();
+    cmd_tx.send(Some(WAIT)).expect("cmd");
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    peer.call(2, "quick", &enc(&2u64), (5, 2));
+    assert_eq!(peer.reply(), (2, None, String::new(), pair(2, 2)));
+    let (r, connected) = ev_rx.recv_timeout(WAIT).expect("event");
+    assert_eq!(
+        r,
+        Ok(Some(Event::Request {
+            method: "quick".into()
+        }))
+    );
+    assert!(connected);
+}
+
+#[test]
+fn duplicate_request_is_answered_from_the_cache() {
+    let broker = Broker::new("dup");
+    let dir = broker.dir.clone();
+    let (gate, runs, _) = Gate::new();
+    let rx = server_thread(move || {
+        let mut srv = Server::new(gate).name("gate").socket_dir(dir);
+        let mut events = Vec::new();
+        for _ in 0..10 {
+            events.push(srv.run_once(Some(WAIT)).map_err(|e| e.to_string()));
+        }
+        (events, srv.counter(), srv.cached_replies())
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+
+    // A success, then the same call identity again under another id.
+    peer.call(1, "quick", &enc(&7u64), (9, 100));
+    assert_eq!(peer.reply(), (1, None, String::new(), pair(7, 1)));
+    peer.call(2, "quick", &enc(&7u64), (9, 100));
+    assert_eq!(peer.reply(), (2, None, String::new(), pair(7, 1)));
+    // Another caller instance with the same call number is another call.
+    peer.call(3, "quick", &enc(&7u64), (10, 100));
+    assert_eq!(peer.reply(), (3, None, String::new(), pair(7, 2)));
+
+    // A returned error and a panic are cached too.
+    peer.call(4, "fail", &[], (9, 101));
+    let (id, code, msg, _) = peer.reply();
+    assert_eq!(
+        (id, code, msg.as_str()),
+        (4, Some(ErrorCode::Remote), "failure number 3")
+    );
+    peer.call(5, "fail", &[], (9, 101));
+    let (id, code, msg, _) = peer.reply();
+    assert_eq!(
+        (id, code, msg.as_str()),
+        (5, Some(ErrorCode::Remote), "failure number 3")
+    );
+    peer.call(6, "boom", &[], (9, 102));
+    let (id, code, msg, _) = peer.reply();
+    assert_eq!(
+        (id, code, msg.as_str()),
+        (
+            6,
+            Some(ErrorCode::Remote),
+            "handler panicked: panic number 4"
+        )
+    );
+    peer.call(7, "boom", &[], (9, 102));
+    let (id, code, msg, _) = peer.reply();
+    assert_eq!(
+        (id, code, msg.as_str()),
+        (
+            7,
+            Some(ErrorCode::Remote),
+            "handler panicked: panic number 4"
+        )
+    );
+    // So is NoSuchMethod (harmless: it would be the same answer).
+    peer.call(8, "nope", &[], (9, 103));
+    assert_eq!(peer.reply().1, Some(ErrorCode::NoSuchMethod));
+    peer.call(9, "nope", &[], (9, 103));
+    assert_eq!(peer.reply().1, Some(ErrorCode::NoSuchMethod));
+    // zrpc.describe is never cached (and always answered).
+    peer.call(10, "zrpc.describe", &[], (9, 104));
+    assert_eq!(peer.reply().1, None);
+
+    let (events, counter, cached) = rx.recv_timeout(WAIT).expect("server thread");
+    let kinds: Vec<_> = events
+        .into_iter()
+        .map(|e| match e {
+            Ok(Some(Event::Request { method })) => format!("run {method}"),
+            Ok(Some(Event::Replayed { method })) => format!("replay {method}"),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run quick",
+            "replay quick",
+            "run quick",
+            "run fail",
+            "replay fail",
+            "run boom",
+            "replay boom",
+            "run nope",
+            "replay nope",
+            "run zrpc.describe"
+        ]
+    );
+    // Replays neither run the handler nor count as requests.
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+    assert_eq!(counter, 6);
+    assert_eq!(cached, 5);
+}
+
+#[test]
+fn in_flight_duplicate_waits_for_the_first_execution() {
+    let broker = Broker::new("inflight");
+    let dir = broker.dir.clone();
+    let (mut gate, runs, release) = Gate::new();
+    let (started_tx, started_rx) = mpsc::channel();
+    gate.started = Some(started_tx);
+    let rx = server_thread(move || {
+        let mut srv = Server::new(gate).name("gate").socket_dir(dir);
+        let mut events = Vec::new();
+        for _ in 0..3 {
+            events.push(srv.run_once(Some(WAIT)).map_err(|e| e.to_string()));
+        }
+        events
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    peer.call(1, "held", &enc(&5u64), (9, 1));
+    assert_eq!(started_rx.recv_timeout(WAIT).expect("started"), 5);
+    // The same call again while the first runs, and a queued duplicate of
+    // a call that has not run yet, twice.
+    peer.call(2, "held", &enc(&5u64), (9, 1));
+    peer.call(3, "quick", &enc(&6u64), (9, 2));
+    peer.call(4, "quick", &enc(&6u64), (9, 2));
+    // Pings are answered while the handler runs: all four were read.
+    peer.ping(1);
+    release.notify_one();
+    assert_eq!(peer.reply(), (1, None, String::new(), pair(5, 1)));
+    assert_eq!(peer.reply(), (2, None, String::new(), pair(5, 1)));
+    assert_eq!(peer.reply(), (3, None, String::new(), pair(6, 2)));
+    let events = rx.recv_timeout(WAIT).expect("server thread");
+    // The third run_once answered request 3; request 4 is still queued.
+    assert_eq!(
+        events,
+        [
+            Ok(Some(Event::Request {
+                method: "held".into()
+            })),
+            Ok(Some(Event::Replayed {
+                method: "held".into()
+            })),
+            Ok(Some(Event::Request {
+                method: "quick".into()
+            })),
+        ]
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn cache_bounds_evict_the_oldest_and_zero_disables() {
+    let broker = Broker::new("bounds");
+    let dir = broker.dir.clone();
+    let (gate, runs, _) = Gate::new();
+    let rx = server_thread(move || {
+        let mut srv = Server::new(gate)
+            .name("gate")
+            .socket_dir(dir)
+            .reply_cache(2, 1 << 20);
+        let mut cached = Vec::new();
+        for _ in 0..6 {
+            srv.run_once(Some(WAIT)).expect("run_once");
+            cached.push(srv.cached_replies());
+        }
+        cached
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    for (id, call) in [(1, 1), (2, 2), (3, 3)] {
+        peer.call(id, "quick", &enc(&call), (9, call));
+        assert_eq!(peer.reply(), (id, None, String::new(), pair(call, call)));
+    }
+    // Call 1 was evicted (oldest): it runs again. Call 3 is still cached.
+    peer.call(4, "quick", &enc(&3u64), (9, 3));
+    assert_eq!(peer.reply(), (4, None, String::new(), pair(3, 3)));
+    peer.call(5, "quick", &enc(&1u64), (9, 1));
+    assert_eq!(peer.reply(), (5, None, String::new(), pair(1, 4)));
+    // Re-running call 1 evicted call 2, the oldest then.
+    peer.call(6, "quick", &enc(&2u64), (9, 2));
+    assert_eq!(peer.reply(), (6, None, String::new(), pair(2, 5)));
+    assert_eq!(
+        rx.recv_timeout(WAIT).expect("server thread"),
+        [1, 2, 2, 2, 2, 2]
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 5);
+
+    // Disabled: the duplicate runs twice.
+    let broker = Broker::new("nocache");
+    let dir = broker.dir.clone();
+    let (gate, runs, _) = Gate::new();
+    let rx = server_thread(move || {
+        let mut srv = Server::new(gate)
+            .name("gate")
+            .socket_dir(dir)
+            .reply_cache(0, 0);
+        for _ in 0..2 {
+            srv.run_once(Some(WAIT)).expect("run_once");
+        }
+        srv.cached_replies()
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    peer.call(1, "quick", &enc(&1u64), (9, 1));
+    assert_eq!(peer.reply(), (1, None, String::new(), pair(1, 1)));
+    peer.call(2, "quick", &enc(&1u64), (9, 1));
+    assert_eq!(peer.reply(), (2, None, String::new(), pair(1, 2)));
+    assert_eq!(rx.recv_timeout(WAIT).expect("server thread"), 0);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn handler_running_when_the_connection_drops_completes_and_is_replayed() {
+    let mut broker = Broker::new("midcall");
+    let dir = broker.dir.clone();
+    let (mut gate, runs, release) = Gate::new();
+    let (started_tx, started_rx) = mpsc::channel();
+    gate.started = Some(started_tx);
+    let rx = server_thread(move || {
+        let mut srv = Server::new(gate)
+            .name("gate")
+            .socket_dir(dir)
+            .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(20));
+        let r = srv.run();
+        (r.map_err(|e| e.to_string()), srv.counter())
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    peer.call(1, "held", &enc(&8u64), (9, 1));
+    assert_eq!(started_rx.recv_timeout(WAIT).expect("started"), 8);
+
+    // The broker restarts while the handler runs.
+    broker.restart();
+    drop(peer);
+    // The service reconnects while the handler is still running...
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    // ...answers pings meanwhile...
+    peer.ping(3);
+    // ...and the re-sent call waits for the running execution.
+    peer.call(50, "held", &enc(&8u64), (9, 1));
+    peer.ping(4);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    release.notify_one();
+    assert_eq!(peer.reply(), (50, None, String::new(), pair(8, 1)));
+    // Re-sent once more, later: still from the cache.
+    peer.call(51, "held", &enc(&8u64), (9, 1));
+    assert_eq!(peer.reply(), (51, None, String::new(), pair(8, 1)));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    drop(peer);
+
+    refuse_next_registration(&mut broker, &["gate"], false);
+    let (r, counter) = rx.recv_timeout(WAIT).expect("server thread");
+    assert!(r.expect_err("NameTaken").contains("taken"));
+    assert_eq!(counter, 1);
+}
+
+#[test]
+fn handler_running_when_reconnect_is_off_completes_then_the_error_is_returned() {
+    let broker = Broker::new("midcall-off");
+    let dir = broker.dir.clone();
+    let (mut gate, runs, release) = Gate::new();
+    let (started_tx, started_rx) = mpsc::channel();
+    gate.started = Some(started_tx);
+    let release2 = release.clone();
+    let rx = server_thread(move || {
+        let mut srv = Server::new(gate)
+            .name("gate")
+            .socket_dir(dir)
+            .reconnect(false);
+        let e1 = srv.run_once(Some(WAIT)).map_err(|e| e.to_string());
+        let e2 = srv.run_once(Some(WAIT)).map_err(|e| e.to_string());
+        (e1, e2, srv.cached_replies())
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    peer.call(1, "held", &enc(&8u64), (9, 1));
+    assert_eq!(started_rx.recv_timeout(WAIT).expect("started"), 8);
+    drop(peer);
+    release2.notify_one();
+    let (e1, e2, cached) = rx.recv_timeout(WAIT).expect("server thread");
+    // The handler finished (its outcome is cached), then the loss is
+    // reported.
+    assert_eq!(
+        e1,
+        Ok(Some(Event::Request {
+            method: "held".into()
+        }))
+    );
+    assert_eq!(e2, Err(Error::Disconnected.to_string()));
+    assert_eq!(cached, 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
