@@ -102,7 +102,7 @@ fn main() {
             }
             std::process::exit(orchestrate::main(&a));
         }
-        "service" => roles::service(&dir_arg(a.need("dir"))),
+        "service" => roles::service(&dir_arg(a.need("dir")), a.flag("raw")),
         "client" => roles::client(
             &dir_arg(a.need("dir")),
             Flavour::parse(a.need("flavour")).unwrap_or_else(|| die("bad --flavour")),

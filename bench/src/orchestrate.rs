@@ -10,7 +10,7 @@ use serde_json::{json, Value as Json};
 use zrpc_client::{BlockingClient, CallOptions};
 
 use crate::guard::{self, Guard};
-use crate::roles::ECHO_SERVICE;
+use crate::roles::{ECHO_SERVICE, RAW_ECHO_SERVICE};
 use crate::util::{ClientResult, Proc, Spawn};
 use crate::Args;
 
@@ -465,7 +465,7 @@ fn machine() -> Json {
     json!({ "cpu": cpu, "kernel": kernel, "nproc": nproc })
 }
 
-fn wait_service(dir: &Path) -> Result<(), String> {
+fn wait_service(dir: &Path, name: &str) -> Result<(), String> {
     let until = Instant::now() + Duration::from_secs(10);
     let c = BlockingClient::builder()
         .socket_dir(dir)
@@ -474,7 +474,7 @@ fn wait_service(dir: &Path) -> Result<(), String> {
     let payload = serde_bytes::ByteBuf::from(vec![1u8; 8]);
     loop {
         let opts = CallOptions::timeout(Duration::from_secs(2)).no_wait();
-        let r: Result<serde_bytes::ByteBuf, _> = c.call_with(ECHO_SERVICE, "echo", &payload, opts);
+        let r: Result<serde_bytes::ByteBuf, _> = c.call_with(name, "echo", &payload, opts);
         match r {
             Ok(_) => return Ok(()),
             Err(e) if Instant::now() > until => return Err(format!("echo service: {e}")),
@@ -493,7 +493,11 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let service = Spawn::role(&["service", "--dir", &zd])
         .start()
         .map_err(|e| format!("spawn service: {e}"))?;
-    wait_service(&zdir)?;
+    wait_service(&zdir, ECHO_SERVICE)?;
+    let raw_service = Spawn::role(&["service", "--dir", &zd, "--raw"])
+        .start()
+        .map_err(|e| format!("spawn raw service: {e}"))?;
+    wait_service(&zdir, RAW_ECHO_SERVICE)?;
     let relay_path = ctx.tmp.join("relay.sock");
     let rp = relay_path.to_string_lossy().to_string();
     let mut relay = Spawn::role(&["relay", "--path", &rp])
@@ -504,7 +508,13 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
         .start()
         .map_err(|e| format!("spawn raw server: {e}"))?;
     raw_server.expect("ready")?;
-    let daemons = [broker.pid(), service.pid(), relay.pid(), raw_server.pid()];
+    let daemons = [
+        broker.pid(),
+        service.pid(),
+        raw_service.pid(),
+        relay.pid(),
+        raw_server.pid(),
+    ];
 
     // seq_small
     ctx.log("seq_small");
@@ -667,6 +677,38 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
         note: String::new(),
     });
 
+    // Diagnostics: the same without serde (Client::call_raw to a service
+    // that returns the request payload as is).
+    ctx.log("raw payload API");
+    let z = ctx.measure(
+        &daemons,
+        &|| vec![zrpc_client(&zdir, "raw", 1, lw, c.large, LARGE)],
+        LARGE,
+    )?;
+    rows.push(Row {
+        scenario: "large_1mib_rawapi",
+        metric: "MB/s (one way)",
+        zrpc: z.mb_per_s,
+        baseline: Some(r.mb_per_s),
+        target: None,
+        guard: Some(z.guard),
+        note: "diagnostic: call_raw + service returning the payload Bytes".into(),
+    });
+    let z = ctx.measure(
+        &daemons,
+        &|| vec![zrpc_client(&zdir, "raw", 1, c.seq_warmup, c.seq, SMALL)],
+        SMALL,
+    )?;
+    rows.push(Row {
+        scenario: "seq_small_rawapi",
+        metric: "p50 (us)",
+        zrpc: z.p50_us,
+        baseline: Some(r_seq.p50_us),
+        target: None,
+        guard: Some(z.guard),
+        note: "diagnostic: call_raw + service returning the payload Bytes".into(),
+    });
+
     // names: A (1 name) B (10,000 more) A B ..., same broker and service.
     ctx.log("names");
     let seq = || vec![zrpc_client(&zdir, "current", 1, c.seq_warmup, c.seq, SMALL)];
@@ -726,6 +768,7 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
     }
     drop(raw_server);
     drop(relay);
+    drop(raw_service);
     drop(service);
     drop(broker);
 

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use serde_bytes::ByteBuf;
-use zrpc_client::{BlockingClient, Client};
+use zrpc_client::{BlockingClient, CallOptions, Client};
 use zrpc_proto::{encode_frame, Envelope, FrameDecoder, PROTOCOL_VERSION};
-use zrpc_service::{rpc_method, service, Server};
+use zrpc_service::{rpc_method, service, Context, HandlerFuture, MethodInfo, Server, Service};
 
 use crate::util::{barrier, die, hold, mono_ns, ClientResult};
 
@@ -32,10 +32,41 @@ impl Echo {
     }
 }
 
-/// Runs the echo service until killed.
-pub fn service(dir: &Path) {
-    let mut server = Server::new(Echo).socket_dir(dir);
-    if let Err(e) = server.run() {
+/// Name the raw-payload echo service registers.
+pub const RAW_ECHO_SERVICE: &str = "bench_echo_raw";
+
+/// A hand-written service whose `echo` returns the request payload as the
+/// very `Bytes` it arrived in (no MessagePack decoding or encoding): the
+/// lower bound of what the service library can do.
+pub struct RawEcho;
+
+impl Service for RawEcho {
+    fn service_name(&self) -> String {
+        RAW_ECHO_SERVICE.to_string()
+    }
+
+    fn methods(&self) -> Vec<MethodInfo> {
+        Vec::new()
+    }
+
+    fn handle<'a>(
+        &'a mut self,
+        _ctx: &'a Context,
+        _method: &'a str,
+        payload: Bytes,
+    ) -> HandlerFuture<'a> {
+        Box::pin(std::future::ready(Ok(payload)))
+    }
+}
+
+/// Runs the echo service (`raw`: [`RawEcho`]) until killed.
+pub fn service(dir: &Path, raw: bool) {
+    let r = if raw {
+        Server::new(RawEcho).socket_dir(dir).run()
+    } else {
+        Server::new(Echo).socket_dir(dir).run()
+    };
+    if let Err(e) = r {
         die(format!("echo service: {e}"));
     }
 }
@@ -49,6 +80,9 @@ pub enum Flavour {
     Multi,
     /// `BlockingClient` (one call in flight).
     Blocking,
+    /// Async `Client::call_raw` on a current-thread runtime, to the
+    /// [`RawEcho`] service: no serde on either side.
+    Raw,
 }
 
 impl Flavour {
@@ -58,23 +92,45 @@ impl Flavour {
             "current" => Some(Flavour::Current),
             "multi" => Some(Flavour::Multi),
             "blocking" => Some(Flavour::Blocking),
+            "raw" => Some(Flavour::Raw),
             _ => None,
         }
     }
 }
 
-async fn run_async(client: &Client, inflight: usize, n: usize, size: usize) -> Vec<u64> {
+/// One echo call; returns the size of the echoed payload.
+async fn echo_once(client: &Client, raw: bool, typed: &ByteBuf, encoded: &Bytes) -> usize {
+    if raw {
+        let r = client
+            .call_raw(
+                RAW_ECHO_SERVICE,
+                "echo",
+                encoded.clone(),
+                CallOptions::default(),
+            )
+            .await
+            .unwrap_or_else(|e| die(format!("call: {e}")));
+        return r.len();
+    }
+    let r: ByteBuf = client
+        .call(ECHO_SERVICE, "echo", typed, None)
+        .await
+        .unwrap_or_else(|e| die(format!("call: {e}")));
+    r.len()
+}
+
+async fn run_async(client: &Client, raw: bool, inflight: usize, n: usize, size: usize) -> Vec<u64> {
     let payload = Arc::new(ByteBuf::from(vec![0x5au8; size]));
+    // The same value pre-encoded as MessagePack bin, for `call_raw`.
+    let encoded = Bytes::from(rmp_serde::to_vec(&*payload).unwrap_or_else(|e| die(e)));
+    let expect = if raw { encoded.len() } else { size };
     if inflight == 1 {
         let mut lat = Vec::with_capacity(n);
         for _ in 0..n {
             let t = mono_ns();
-            let r: ByteBuf = client
-                .call(ECHO_SERVICE, "echo", &*payload, None)
-                .await
-                .unwrap_or_else(|e| die(format!("call: {e}")));
+            let len = echo_once(client, raw, &payload, &encoded).await;
             lat.push(mono_ns() - t);
-            if r.len() != size {
+            if len != expect {
                 die("echo returned a different size");
             }
         }
@@ -83,17 +139,19 @@ async fn run_async(client: &Client, inflight: usize, n: usize, size: usize) -> V
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..inflight {
-        let (client, next, payload) = (client.clone(), next.clone(), payload.clone());
+        let (client, next, payload, encoded) = (
+            client.clone(),
+            next.clone(),
+            payload.clone(),
+            encoded.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(n / inflight + 1);
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let t = mono_ns();
-                let r: ByteBuf = client
-                    .call(ECHO_SERVICE, "echo", &*payload, None)
-                    .await
-                    .unwrap_or_else(|e| die(format!("call: {e}")));
+                let len = echo_once(&client, raw, &payload, &encoded).await;
                 lat.push(mono_ns() - t);
-                if r.len() != size {
+                if len != expect {
                     die("echo returned a different size");
                 }
             }
@@ -163,11 +221,12 @@ pub fn client(
             .connect()
             .await
             .unwrap_or_else(|e| die(format!("connect: {e}")));
-        run_async(&c, inflight, warmup, size).await;
+        let raw = flavour == Flavour::Raw;
+        run_async(&c, raw, inflight, warmup, size).await;
         // The barrier blocks this thread; nothing is in flight meanwhile.
         barrier();
         let start = mono_ns();
-        let lat = run_async(&c, inflight, calls, size).await;
+        let lat = run_async(&c, raw, inflight, calls, size).await;
         let end = mono_ns();
         println!(
             "{}",

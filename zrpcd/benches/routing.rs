@@ -1,0 +1,159 @@
+//! Micro-benchmark of the broker's routing step, without sockets: a client
+//! peer's `Call` (64-byte payload) goes through `Broker::on_frame` to the
+//! service peer's queue, the service's `Reply` back through `on_frame` to
+//! the client's queue; both queues are drained as the writers would. Also
+//! with 10,000 other names registered (routing must not depend on it).
+//! Run with `cargo bench -p zrpcd`.
+
+use std::hint::black_box;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use zrpc_proto::{encode_frame, Envelope, Frame, FrameDecoder, PROTOCOL_VERSION};
+use zrpcd::broker::Broker;
+use zrpcd::peers::{Creds, PeerId};
+use zrpcd::queue::PeerIo;
+
+fn frame(env: &Envelope<'_>, payload: &[u8]) -> Frame {
+    let mut buf = BytesMut::new();
+    encode_frame(&mut buf, env, payload);
+    FrameDecoder::new(u32::MAX)
+        .decode(&mut buf)
+        .expect("valid frame")
+        .expect("complete frame")
+}
+
+/// Everything queued for a peer, concatenated (what its writer would send).
+fn drain(io: &PeerIo, scratch: &mut Vec<Bytes>) -> BytesMut {
+    io.queue.borrow_mut().take_into(scratch);
+    let mut out = BytesMut::new();
+    for b in scratch.drain(..) {
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+struct Setup {
+    broker: Broker,
+    client: PeerId,
+    client_io: Rc<PeerIo>,
+    service: PeerId,
+    service_io: Rc<PeerIo>,
+    _names: Option<(PeerId, Rc<PeerIo>)>,
+}
+
+fn connect(broker: &mut Broker, instance: u64) -> (PeerId, Rc<PeerIo>) {
+    let io = Rc::new(PeerIo::default());
+    let id = broker.add_peer(io.clone(), Creds::default());
+    let hello = Envelope::Hello {
+        version: PROTOCOL_VERSION,
+        instance,
+        agent: "routing-bench",
+    };
+    broker.on_frame(id, frame(&hello, &[])).expect("hello");
+    (id, io)
+}
+
+fn register(broker: &mut Broker, peer: PeerId, names: impl Iterator<Item = String>) {
+    for (i, name) in names.enumerate() {
+        let reg = Envelope::Register {
+            req: i as u64 + 1,
+            name: &name,
+            shared: false,
+        };
+        broker.on_frame(peer, frame(&reg, &[])).expect("register");
+    }
+}
+
+fn setup(dir: &std::path::Path, other_names: usize) -> Setup {
+    let mut config = zrpcd::Config::new(Some(dir.to_path_buf()));
+    config.max_names_per_conn = other_names.max(256);
+    let mut broker = Broker::new(config);
+    let (client, client_io) = connect(&mut broker, 1);
+    let (service, service_io) = connect(&mut broker, 2);
+    register(&mut broker, service, std::iter::once("bench_echo".to_string()));
+    let names = (other_names > 0).then(|| {
+        let (p, io) = connect(&mut broker, 3);
+        register(&mut broker, p, (0..other_names).map(|i| format!("other_{i:06}")));
+        (p, io)
+    });
+    broker.flush();
+    let mut scratch = Vec::new();
+    drain(&client_io, &mut scratch);
+    drain(&service_io, &mut scratch);
+    if let Some((_, io)) = &names {
+        drain(io, &mut scratch);
+    }
+    Setup {
+        broker,
+        client,
+        client_io,
+        service,
+        service_io,
+        _names: names,
+    }
+}
+
+/// One call and its reply through the broker; returns the result bytes.
+fn round_trip(s: &mut Setup, call: &Frame, payload: &[u8], scratch: &mut Vec<Bytes>) -> usize {
+    s.broker.on_frame(s.client, call.clone()).expect("call");
+    s.broker.flush();
+    let mut req = drain(&s.service_io, scratch);
+    let f = FrameDecoder::new(u32::MAX)
+        .decode(&mut req)
+        .expect("frame")
+        .expect("request");
+    let id = match f.decode().expect("envelope") {
+        Envelope::Request { id, .. } => id,
+        other => panic!("expected a Request, got {other:?}"),
+    };
+    let reply = Envelope::Reply {
+        id,
+        code: None,
+        message: "",
+    };
+    s.broker.on_frame(s.service, frame(&reply, payload)).expect("reply");
+    s.broker.flush();
+    drain(&s.client_io, scratch).len()
+}
+
+fn routing(c: &mut Criterion) {
+    // DelayQueue (deadlines) needs a tokio time driver in context.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _enter = rt.enter();
+    let dir = std::env::temp_dir().join(format!("zrpcd-routing-bench-{}", std::process::id()));
+    let mut payload = vec![0xc4, 62];
+    payload.extend(std::iter::repeat(0x5a).take(62));
+
+    let mut g = c.benchmark_group("routing");
+    g.throughput(Throughput::Elements(1));
+    for (label, names, timeout_ms) in [
+        ("call+reply/64B/no_deadline", 0, None),
+        ("call+reply/64B/deadline", 0, Some(5_000)),
+        ("call+reply/64B/10k_names", 10_000, Some(5_000)),
+    ] {
+        let mut s = setup(&dir, names);
+        let call = frame(
+            &Envelope::Call {
+                id: 1,
+                service: "bench_echo",
+                method: "echo",
+                timeout_ms,
+                flags: 0,
+            },
+            &payload,
+        );
+        let mut scratch = Vec::new();
+        g.bench_function(label, |b| {
+            b.iter(|| black_box(round_trip(&mut s, &call, &payload, &mut scratch)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, routing);
+criterion_main!(benches);
