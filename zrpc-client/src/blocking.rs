@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -17,8 +17,9 @@ use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::client::lock;
 use crate::common::{
-    call_frame, control_frame, decode_payload, local_deadline, parse_handshake, timeout_error,
-    Dead, Outcome, Payload, Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, READ_CHUNK,
+    call_deadline, call_frame, control_frame, decode_payload, local_deadline, parse_handshake,
+    reconnect_timeout, resubmit_parts, timeout_error, Dead, Outcome, Payload, Retry, Settings,
+    Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, READ_CHUNK,
 };
 use crate::{CallOptions, ClientBuilder, Error, Result};
 
@@ -52,30 +53,9 @@ impl std::fmt::Debug for BlockingClient {
 struct Inner {
     settings: Settings,
     next_id: AtomicU64,
-    conn: Mutex<Option<Arc<Conn>>>,
-    reconnect: Mutex<()>,
-}
-
-impl Inner {
-    fn current(&self) -> Option<Arc<Conn>> {
-        lock(&self.conn)
-            .as_ref()
-            .filter(|c| !c.dead.load(Ordering::Acquire))
-            .cloned()
-    }
-
-    fn live_conn(&self) -> Result<Arc<Conn>> {
-        if let Some(c) = self.current() {
-            return Ok(c);
-        }
-        let _serialise = lock(&self.reconnect);
-        if let Some(c) = self.current() {
-            return Ok(c);
-        }
-        let conn = Conn::connect(&self.settings)?;
-        *lock(&self.conn) = Some(conn.clone());
-        Ok(conn)
-    }
+    /// The broker's limit, from the latest `Welcome`.
+    max_message_size: AtomicU32,
+    state: Mutex<State>,
 }
 
 impl BlockingClient {
@@ -98,13 +78,20 @@ impl BlockingClient {
     }
 
     pub(crate) fn from_settings(settings: Settings) -> Result<BlockingClient> {
-        let conn = Conn::connect(&settings)?;
+        let (conn, buf) = Conn::open(&settings, HANDSHAKE_TIMEOUT)?;
         Ok(BlockingClient {
             inner: Arc::new(Inner {
                 settings,
                 next_id: AtomicU64::new(1),
-                conn: Mutex::new(Some(conn)),
-                reconnect: Mutex::new(()),
+                max_message_size: AtomicU32::new(conn.welcome.max_message_size),
+                state: Mutex::new(State {
+                    reading: false,
+                    buf,
+                    slots: FxHashMap::default(),
+                    conn: Some(Arc::new(conn)),
+                    retry: Retry::default(),
+                    next_attempt: None,
+                }),
             }),
         })
     }
@@ -161,23 +148,39 @@ impl BlockingClient {
         payload: Payload<'_, P>,
         opts: CallOptions,
     ) -> Result<Bytes> {
-        let conn = self.inner.live_conn()?;
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let inner = &*self.inner;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = call_frame(
             id,
             service,
             method,
             &opts,
             payload,
-            conn.welcome.max_message_size,
+            inner.max_message_size.load(Ordering::Relaxed),
         )?;
-        let deadline = local_deadline(&opts, Instant::now());
-        conn.register(id, frame.clone(), deadline)?;
-        conn.write(&frame);
-        match conn.wait(id, deadline) {
+        let now = Instant::now();
+        let deadline = call_deadline(&opts, now);
+        let local = local_deadline(&opts, now);
+        if let Some(conn) = inner.register(id, frame.clone(), deadline, opts.no_retry) {
+            inner.write_call(&conn, id, &frame);
+        }
+        match inner.wait(id, deadline, local) {
             Some(outcome) => outcome.into_result(service, method),
             None => Err(timeout_error(service, method)),
         }
+    }
+}
+
+#[cfg(test)]
+impl BlockingClient {
+    /// Whether a live connection is installed.
+    pub(crate) fn connected(&self) -> bool {
+        lock(&self.inner.state).conn.is_some()
+    }
+
+    /// How many calls are pending.
+    pub(crate) fn pending(&self) -> usize {
+        lock(&self.inner.state).slots.len()
     }
 }
 
@@ -188,23 +191,54 @@ enum SlotState {
     Done(Outcome),
 }
 
-/// A call in flight. `frame` and `deadline` are kept so that a future
-/// version can resubmit pending calls after a reconnect.
+/// A call in flight. Slots survive connections: they are resubmitted after
+/// a reconnect.
 struct Slot {
     state: SlotState,
-    #[allow(dead_code)]
+    /// The encoded `Call` frame, for resubmission.
     frame: Bytes,
-    #[allow(dead_code)]
+    /// The call's deadline (without the local safety margin).
     deadline: Option<Instant>,
+    no_retry: bool,
+    /// Generation of the connection the call was sent on; `None` while it
+    /// waits for the next connection.
+    sent_on: Option<u64>,
+}
+
+impl Slot {
+    /// Completes a waiting slot; returns the thread to wake.
+    fn complete(&mut self, outcome: Outcome) -> Option<Thread> {
+        match std::mem::replace(&mut self.state, SlotState::Done(outcome)) {
+            SlotState::Waiting(t) => Some(t),
+            done @ SlotState::Done(_) => {
+                // Already done: keep the first outcome.
+                self.state = done;
+                None
+            }
+        }
+    }
+
+    fn waiter(&self) -> Option<&Thread> {
+        match &self.state {
+            SlotState::Waiting(t) => Some(t),
+            SlotState::Done(_) => None,
+        }
+    }
 }
 
 struct State {
     /// Some thread holds the reader role (and the read buffer).
     reading: bool,
-    /// The read buffer; partial frames stay here between readers.
+    /// The read buffer of the current connection; partial frames stay here
+    /// between readers.
     buf: BytesMut,
     slots: FxHashMap<u64, Slot>,
-    dead: Option<Dead>,
+    /// The live connection; `None` while reconnecting.
+    conn: Option<Arc<Conn>>,
+    /// Backoff position.
+    retry: Retry,
+    /// When the next reconnection attempt may start.
+    next_attempt: Option<Instant>,
 }
 
 /// `SO_RCVTIMEO` currently set, in nanoseconds; `u64::MAX` means none.
@@ -214,22 +248,453 @@ const NO_TIMEOUT: u64 = u64::MAX;
 /// per call.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(50);
 
+/// Shortest handshake timeout of a reconnection attempt made by a reader
+/// whose own call is about to expire.
+const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Connection generations, to tell a call's connection from the current
+/// one.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// One connection to the broker.
 struct Conn {
+    gen: u64,
+    /// When the handshake completed.
+    since: Instant,
     welcome: Welcome,
     dec: FrameDecoder,
+    /// Held for every write, so that frames never interleave (and, while
+    /// the pending calls are resubmitted, no new call overtakes them).
     writer: Mutex<UnixStream>,
     reader: UnixStream,
     rcv_timeout: AtomicU64,
-    state: Mutex<State>,
-    dead: AtomicBool,
+}
+
+/// What one pass over the read buffer found.
+#[derive(Default)]
+struct Dispatched {
+    /// The reader's own call got its outcome.
+    mine: bool,
+    /// The reader's own call was answered `Shutdown` and waits for the next
+    /// connection.
+    mine_requeued: bool,
+    /// The connection must end.
+    end: Option<Dead>,
+}
+
+impl Inner {
+    /// Registers a call; returns the connection to write it to (`None`:
+    /// it is sent once reconnected).
+    fn register(
+        &self,
+        id: u64,
+        frame: Bytes,
+        deadline: Option<Instant>,
+        no_retry: bool,
+    ) -> Option<Arc<Conn>> {
+        let mut st = lock(&self.state);
+        let conn = st.conn.clone();
+        st.slots.insert(
+            id,
+            Slot {
+                state: SlotState::Waiting(std::thread::current()),
+                frame,
+                deadline,
+                no_retry,
+                sent_on: conn.as_ref().map(|c| c.gen),
+            },
+        );
+        conn
+    }
+
+    /// Writes call `id`'s frame. If nothing at all could be written, the
+    /// call is known not to have been sent and waits for the next
+    /// connection (even with `no_retry`).
+    fn write_call(&self, conn: &Conn, id: u64, frame: &[u8]) {
+        if let Err((0, _)) = conn.write(frame) {
+            let mut st = lock(&self.state);
+            if let Some(slot) = st.slots.get_mut(&id) {
+                if slot.sent_on == Some(conn.gen) {
+                    slot.sent_on = None;
+                }
+            }
+        }
+    }
+
+    /// Waits for the outcome of call `id`, reading the connection (and
+    /// reconnecting) when no other thread does. `None` means the local
+    /// safety deadline passed.
+    fn wait(&self, id: u64, deadline: Option<Instant>, local: Option<Instant>) -> Option<Outcome> {
+        let mut st = lock(&self.state);
+        let result = loop {
+            let now = Instant::now();
+            let until = match st.slots.get(&id) {
+                Some(Slot {
+                    state: SlotState::Done(_),
+                    ..
+                }) => match st.slots.remove(&id) {
+                    Some(Slot {
+                        state: SlotState::Done(o),
+                        ..
+                    }) => break Some(o),
+                    _ => unreachable!("slot checked above"),
+                },
+                Some(slot) => {
+                    if slot.sent_on.is_none() {
+                        // Not on the broker: nobody else will time it out.
+                        if deadline.is_some_and(|d| now >= d) {
+                            st.slots.remove(&id);
+                            break Some(reconnect_timeout());
+                        }
+                        deadline
+                    } else {
+                        if local.is_some_and(|d| now >= d) {
+                            let sent_on = st.slots.remove(&id).and_then(|s| s.sent_on);
+                            let conn = st.conn.clone().filter(|c| Some(c.gen) == sent_on);
+                            drop(st);
+                            if let Some(c) = conn {
+                                c.send_cancel(id);
+                            }
+                            st = lock(&self.state);
+                            break None;
+                        }
+                        local
+                    }
+                }
+                None => {
+                    // Only `wait` removes slots; be defensive anyway.
+                    break Some(Outcome::Dead(Dead::Disconnected(
+                        "the call was lost".into(),
+                    )));
+                }
+            };
+            if !st.reading {
+                st.reading = true;
+                let mut buf = std::mem::take(&mut st.buf);
+                drop(st);
+                self.reader_role(id, deadline, local, &mut buf);
+                st = lock(&self.state);
+                st.buf = buf;
+                st.reading = false;
+                continue;
+            }
+            drop(st);
+            match until {
+                None => std::thread::park(),
+                Some(u) => std::thread::park_timeout(u.saturating_duration_since(now)),
+            }
+            st = lock(&self.state);
+        };
+        // Hand the reader role on to a thread still waiting.
+        if !st.reading {
+            if let Some(t) = st.slots.values().find_map(Slot::waiter) {
+                t.unpark();
+            }
+        }
+        result
+    }
+
+    /// The reader role: reads and dispatches frames, and reconnects when the
+    /// connection is lost, until call `id` has its outcome or its deadline
+    /// passes (the call's own deadline while it is not on the broker, the
+    /// local safety deadline while it is).
+    fn reader_role(
+        &self,
+        id: u64,
+        deadline: Option<Instant>,
+        local: Option<Instant>,
+        buf: &mut BytesMut,
+    ) {
+        loop {
+            let (conn, until) = {
+                let st = lock(&self.state);
+                let Some(slot) = st.slots.get(&id) else {
+                    return;
+                };
+                if slot.waiter().is_none() {
+                    return;
+                }
+                let until = if slot.sent_on.is_none() {
+                    deadline
+                } else {
+                    local
+                };
+                if until.is_some_and(|u| Instant::now() >= u) {
+                    return;
+                }
+                (st.conn.clone(), until)
+            };
+            match conn {
+                Some(conn) => {
+                    if let Some(why) = self.read_conn(&conn, id, until, buf) {
+                        self.connection_lost(&conn, why, buf);
+                    }
+                }
+                None => self.reconnect_step(until, buf),
+            }
+        }
+    }
+
+    /// Reads `conn` until call `my_id` has its outcome or was requeued, or
+    /// `until` passes (`None`), or the connection must end (`Some`).
+    fn read_conn(
+        &self,
+        conn: &Conn,
+        my_id: u64,
+        until: Option<Instant>,
+        buf: &mut BytesMut,
+    ) -> Option<Dead> {
+        loop {
+            let d = self.dispatch(conn, my_id, buf);
+            if d.end.is_some() {
+                return d.end;
+            }
+            if d.mine || d.mine_requeued {
+                return None;
+            }
+            if let Err(e) = conn.set_timeout(until) {
+                return Some(Dead::Disconnected(format!(
+                    "cannot set a read timeout: {e}"
+                )));
+            }
+            match conn.dec.needed(buf) {
+                Some(total) => buf.reserve(total - buf.len()),
+                None => {
+                    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                        buf.reserve(READ_CHUNK);
+                    }
+                }
+            }
+            match read_into(&conn.reader, buf) {
+                Ok(0) => {
+                    return Some(Dead::Disconnected(
+                        "the broker closed the connection".into(),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    if until.is_some_and(|d| Instant::now() >= d) {
+                        return None;
+                    }
+                }
+                Err(e) => return Some(Dead::Disconnected(format!("read error: {e}"))),
+            }
+        }
+    }
+
+    /// `conn` ended for `why`: calls sent on it with `no_retry` fail, calls
+    /// whose deadline passed time out, the rest wait for the next
+    /// connection (their threads are woken to re-arm their timers).
+    fn connection_lost(&self, conn: &Conn, why: Dead, buf: &mut BytesMut) {
+        let _ = conn.reader.shutdown(std::net::Shutdown::Both);
+        let backoff = self.settings.backoff;
+        let mut st = lock(&self.state);
+        if st.conn.as_ref().is_some_and(|c| c.gen == conn.gen) {
+            st.conn = None;
+            buf.clear();
+        }
+        st.retry.connection_ended(&backoff, conn.since.elapsed());
+        let now = Instant::now();
+        st.next_attempt = Some(now + st.retry.next_delay(&backoff));
+        let mut wake = Vec::new();
+        for slot in st.slots.values_mut() {
+            if slot.waiter().is_none() {
+                continue;
+            }
+            if slot.deadline.is_some_and(|d| now >= d) {
+                wake.extend(slot.complete(reconnect_timeout()));
+            } else if slot.sent_on == Some(conn.gen) {
+                if slot.no_retry {
+                    wake.extend(slot.complete(Outcome::Dead(why.clone())));
+                } else {
+                    slot.sent_on = None;
+                    wake.extend(slot.waiter().cloned());
+                }
+            }
+        }
+        let waiting = st.slots.len();
+        drop(st);
+        for t in wake {
+            t.unpark();
+        }
+        tracing::debug!(
+            reason = ?why,
+            waiting,
+            "zrpc-client: connection to zrpcd lost; reconnecting"
+        );
+    }
+
+    /// While disconnected: waits for the next attempt (at most until
+    /// `until`), or makes the attempt.
+    fn reconnect_step(&self, until: Option<Instant>, buf: &mut BytesMut) {
+        let now = Instant::now();
+        let next = lock(&self.state).next_attempt.unwrap_or(now);
+        if now < next {
+            let wake = until.map_or(next, |u| u.min(next));
+            std::thread::sleep(wake.saturating_duration_since(now));
+            return;
+        }
+        let handshake_timeout = until.map_or(HANDSHAKE_TIMEOUT, |u| {
+            u.saturating_duration_since(now)
+                .clamp(MIN_HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT)
+        });
+        match Conn::open(&self.settings, handshake_timeout) {
+            Ok((conn, leftover)) => {
+                *buf = leftover;
+                self.install(conn);
+            }
+            Err(e) => {
+                let backoff = self.settings.backoff;
+                let mut st = lock(&self.state);
+                let attempt = st.retry.attempt;
+                st.next_attempt = Some(Instant::now() + st.retry.next_delay(&backoff));
+                drop(st);
+                tracing::debug!(error = %e, attempt, "zrpc-client: reconnect failed");
+            }
+        }
+    }
+
+    /// Makes `conn` the live connection and resubmits every waiting call on
+    /// it (same id, remaining budget), holding the writer lock throughout so
+    /// that calls made meanwhile are written after the resubmissions.
+    fn install(&self, conn: Conn) {
+        let conn = Arc::new(conn);
+        let max = conn.welcome.max_message_size;
+        let w = lock(&conn.writer);
+        let mut out = BytesMut::new();
+        let mut wake = Vec::new();
+        let mut resent = 0usize;
+        {
+            let mut st = lock(&self.state);
+            self.max_message_size.store(max, Ordering::Relaxed);
+            let now = Instant::now();
+            for slot in st.slots.values_mut() {
+                if slot.waiter().is_none() || slot.sent_on.is_some() {
+                    continue;
+                }
+                let remaining = match slot.deadline {
+                    None => None,
+                    Some(d) => match d.checked_duration_since(now) {
+                        Some(r) if !r.is_zero() => Some(r),
+                        _ => {
+                            wake.extend(slot.complete(reconnect_timeout()));
+                            continue;
+                        }
+                    },
+                };
+                match resubmit_parts(&slot.frame, remaining, max) {
+                    Ok((head, payload)) => {
+                        out.extend_from_slice(&head);
+                        out.extend_from_slice(&payload);
+                        slot.sent_on = Some(conn.gen);
+                        resent += 1;
+                    }
+                    Err(e) => wake.extend(slot.complete(Outcome::Failed(
+                        e.code().unwrap_or(ErrorCode::Protocol),
+                        e.to_string(),
+                    ))),
+                }
+            }
+            st.conn = Some(conn.clone());
+            st.next_attempt = None;
+        }
+        for t in wake {
+            t.unpark();
+        }
+        if !out.is_empty() {
+            // A failure shuts the socket down; the reader then sees the
+            // connection end and starts over.
+            let _ = conn.write_locked(&w, &out);
+        }
+        drop(w);
+        tracing::debug!(resent, "zrpc-client: reconnected to zrpcd");
+    }
+
+    /// Handles every complete frame in `buf`.
+    fn dispatch(&self, conn: &Conn, my_id: u64, buf: &mut BytesMut) -> Dispatched {
+        let mut st: Option<MutexGuard<'_, State>> = None;
+        let mut pongs = Vec::new();
+        let mut out = Dispatched::default();
+        loop {
+            let frame = match conn.dec.decode(buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    out.end = Some(Dead::Fatal(
+                        ErrorCode::Protocol,
+                        format!("bad frame from the broker: {e}"),
+                    ));
+                    break;
+                }
+            };
+            match frame.decode() {
+                Ok(Envelope::Result { id, code, message }) => {
+                    let st = st.get_or_insert_with(|| lock(&self.state));
+                    let Some(slot) = st.slots.get_mut(&id) else {
+                        continue;
+                    };
+                    if code == Some(ErrorCode::Shutdown) && !slot.no_retry {
+                        // The broker is going away without having run the
+                        // call: send it again to the next broker.
+                        if let Some(t) = slot.waiter().cloned() {
+                            slot.sent_on = None;
+                            if id == my_id {
+                                out.mine_requeued = true;
+                            } else {
+                                // Re-arms its timer for the call's deadline.
+                                t.unpark();
+                            }
+                        }
+                        continue;
+                    }
+                    let outcome = Outcome::from_result(code, message, frame.payload.clone());
+                    if let Some(t) = slot.complete(outcome) {
+                        if id == my_id {
+                            out.mine = true;
+                        } else {
+                            t.unpark();
+                        }
+                    }
+                }
+                Ok(Envelope::Ping { nonce }) => pongs.push(nonce),
+                Ok(Envelope::Pong { .. }) => {}
+                Ok(Envelope::Fatal { code, message }) => {
+                    out.end = Some(Dead::Fatal(code, message.to_owned()));
+                    break;
+                }
+                Ok(other) => {
+                    tracing::debug!(kind = ?other.kind(), "zrpc-client: ignoring unexpected frame");
+                }
+                Err(e) => {
+                    out.end = Some(Dead::Fatal(
+                        ErrorCode::Protocol,
+                        format!("bad envelope from the broker: {e}"),
+                    ));
+                    break;
+                }
+            }
+        }
+        drop(st);
+        if !pongs.is_empty() && out.end.is_none() {
+            let mut f = BytesMut::with_capacity(16 * pongs.len());
+            for nonce in pongs {
+                control_frame(&mut f, &Envelope::Pong { nonce });
+            }
+            let _ = conn.write(&f);
+        }
+        out
+    }
 }
 
 impl Conn {
-    fn connect(settings: &Settings) -> Result<Arc<Conn>> {
+    /// Connects and performs the handshake; returns the connection and the
+    /// bytes read after `Welcome`.
+    fn open(settings: &Settings, handshake_timeout: Duration) -> Result<(Conn, BytesMut)> {
         let err = |e| settings.connect_error(e);
         let stream = UnixStream::connect(settings.socket_path()).map_err(err)?;
         stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .set_read_timeout(Some(handshake_timeout))
             .map_err(err)?;
         (&stream).write_all(&settings.hello()).map_err(err)?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -252,7 +717,7 @@ impl Conn {
                 Err(e) if is_timeout(&e) => {
                     return Err(err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        format!("no answer to Hello within {HANDSHAKE_TIMEOUT:?}"),
+                        format!("no answer to Hello within {handshake_timeout:?}"),
                     )))
                 }
                 Err(e) => return Err(err(e)),
@@ -260,182 +725,66 @@ impl Conn {
         };
         stream.set_read_timeout(None).map_err(err)?;
         let writer = stream.try_clone().map_err(err)?;
-        Ok(Arc::new(Conn {
+        let conn = Conn {
+            gen: GENERATION.fetch_add(1, Ordering::Relaxed),
+            since: Instant::now(),
             welcome,
             dec: FrameDecoder::new(welcome.incoming_limit()),
             writer: Mutex::new(writer),
             reader: stream,
             rcv_timeout: AtomicU64::new(NO_TIMEOUT),
-            state: Mutex::new(State {
-                reading: false,
-                buf,
-                slots: FxHashMap::default(),
-                dead: None,
-            }),
-            dead: AtomicBool::new(false),
-        }))
+        };
+        Ok((conn, buf))
     }
 
-    fn register(&self, id: u64, frame: Bytes, deadline: Option<Instant>) -> Result<()> {
-        let mut st = lock(&self.state);
-        if let Some(d) = &st.dead {
-            return Err(d.to_error());
+    /// Writes a frame. A failure shuts the socket down, so that the reader
+    /// notices and reconnects; the error carries how many bytes were
+    /// written.
+    fn write(&self, frame: &[u8]) -> std::result::Result<(), (usize, std::io::Error)> {
+        let w = lock(&self.writer);
+        self.write_locked(&w, frame)
+    }
+
+    /// [`write`](Conn::write) with the writer lock already held.
+    fn write_locked(
+        &self,
+        w: &UnixStream,
+        frame: &[u8],
+    ) -> std::result::Result<(), (usize, std::io::Error)> {
+        let mut done = 0;
+        while done < frame.len() {
+            let rest = &frame[done..];
+            // SAFETY: `rest` is valid readable memory of `rest.len()` bytes.
+            // MSG_NOSIGNAL: a broker gone away is an error, not a SIGPIPE.
+            let n = unsafe {
+                libc::send(
+                    w.as_raw_fd(),
+                    rest.as_ptr().cast::<libc::c_void>(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let _ = self.reader.shutdown(std::net::Shutdown::Both);
+                return Err((done, e));
+            }
+            if n == 0 {
+                let _ = self.reader.shutdown(std::net::Shutdown::Both);
+                return Err((done, std::io::ErrorKind::WriteZero.into()));
+            }
+            done += n as usize;
         }
-        st.slots.insert(
-            id,
-            Slot {
-                state: SlotState::Waiting(std::thread::current()),
-                frame,
-                deadline,
-            },
-        );
         Ok(())
     }
 
-    /// Writes a frame; a failure kills the connection (and so fails every
-    /// pending call, including the caller's).
-    fn write(&self, frame: &[u8]) {
-        let r = {
-            let w = lock(&self.writer);
-            (&*w).write_all(frame)
-        };
-        if let Err(e) = r {
-            self.fail_all(Dead::Disconnected(format!("write error: {e}")));
-        }
-    }
-
-    /// Marks the connection dead and fails every pending call. Idempotent:
-    /// the first reason wins.
-    fn fail_all(&self, why: Dead) {
-        let mut st = lock(&self.state);
-        let why = st.dead.get_or_insert(why).clone();
-        self.dead.store(true, Ordering::Release);
-        for slot in st.slots.values_mut() {
-            if let SlotState::Waiting(t) =
-                std::mem::replace(&mut slot.state, SlotState::Done(Outcome::Dead(why.clone())))
-            {
-                t.unpark();
-            }
-        }
-        drop(st);
-        let _ = self.reader.shutdown(std::net::Shutdown::Both);
-    }
-
-    /// Waits for the outcome of call `id`, reading the connection when no
-    /// other thread does. `None` means the local deadline passed.
-    fn wait(&self, id: u64, deadline: Option<Instant>) -> Option<Outcome> {
-        let mut st = lock(&self.state);
-        let result = loop {
-            match st.slots.get(&id).map(|s| &s.state) {
-                Some(SlotState::Done(_)) => match st.slots.remove(&id) {
-                    Some(Slot {
-                        state: SlotState::Done(o),
-                        ..
-                    }) => break Some(o),
-                    _ => unreachable!("slot checked above"),
-                },
-                Some(SlotState::Waiting(_)) => {}
-                None => {
-                    // Only `wait` removes slots; be defensive anyway.
-                    let why = st
-                        .dead
-                        .clone()
-                        .unwrap_or_else(|| Dead::Disconnected("the call was lost".into()));
-                    break Some(Outcome::Dead(why));
-                }
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                st.slots.remove(&id);
-                drop(st);
-                self.send_cancel(id);
-                st = lock(&self.state);
-                break None;
-            }
-            if !st.reading {
-                st.reading = true;
-                let mut buf = std::mem::take(&mut st.buf);
-                drop(st);
-                self.read_until(id, deadline, &mut buf);
-                st = lock(&self.state);
-                st.buf = buf;
-                st.reading = false;
-                continue;
-            }
-            drop(st);
-            match deadline {
-                None => std::thread::park(),
-                Some(d) => std::thread::park_timeout(d.saturating_duration_since(now)),
-            }
-            st = lock(&self.state);
-        };
-        // Hand the reader role on to a thread still waiting.
-        if !st.reading {
-            if let Some(t) = st.slots.values().find_map(|s| match &s.state {
-                SlotState::Waiting(t) => Some(t),
-                SlotState::Done(_) => None,
-            }) {
-                t.unpark();
-            }
-        }
-        result
-    }
-
     fn send_cancel(&self, id: u64) {
-        if self.dead.load(Ordering::Acquire) {
-            return;
-        }
         let mut f = BytesMut::with_capacity(16);
         control_frame(&mut f, &Envelope::Cancel { id });
-        self.write(&f);
-    }
-
-    /// The reader role: reads and dispatches frames until call `id` has its
-    /// outcome, the connection dies, or `deadline` passes.
-    fn read_until(&self, id: u64, deadline: Option<Instant>, buf: &mut BytesMut) {
-        loop {
-            let (mine, end) = self.dispatch(id, buf);
-            if let Some(why) = end {
-                self.fail_all(why);
-                return;
-            }
-            if mine {
-                return;
-            }
-            if let Err(e) = self.set_timeout(deadline) {
-                self.fail_all(Dead::Disconnected(format!(
-                    "cannot set a read timeout: {e}"
-                )));
-                return;
-            }
-            match self.dec.needed(buf) {
-                Some(total) => buf.reserve(total - buf.len()),
-                None => {
-                    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                        buf.reserve(READ_CHUNK);
-                    }
-                }
-            }
-            match read_into(&self.reader, buf) {
-                Ok(0) => {
-                    self.fail_all(Dead::Disconnected(
-                        "the broker closed the connection".into(),
-                    ));
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    self.fail_all(Dead::Disconnected(format!("read error: {e}")));
-                    return;
-                }
-            }
-        }
+        let _ = self.write(&f);
     }
 
     /// Sets `SO_RCVTIMEO` for the reader's deadline, skipping the syscall
@@ -463,70 +812,6 @@ impl Conn {
             self.rcv_timeout.store(nanos, Ordering::Relaxed);
         }
         Ok(())
-    }
-
-    /// Handles every complete frame in `buf`. Returns whether call `my_id`
-    /// got its outcome, and why the connection must end, if it must.
-    fn dispatch(&self, my_id: u64, buf: &mut BytesMut) -> (bool, Option<Dead>) {
-        let mut st: Option<MutexGuard<'_, State>> = None;
-        let mut pongs = Vec::new();
-        let mut mine = false;
-        let mut end = None;
-        loop {
-            let frame = match self.dec.decode(buf) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    end = Some(Dead::Fatal(
-                        ErrorCode::Protocol,
-                        format!("bad frame from the broker: {e}"),
-                    ));
-                    break;
-                }
-            };
-            match frame.decode() {
-                Ok(Envelope::Result { id, code, message }) => {
-                    let st = st.get_or_insert_with(|| lock(&self.state));
-                    if let Some(slot) = st.slots.get_mut(&id) {
-                        let outcome = Outcome::from_result(code, message, frame.payload.clone());
-                        if let SlotState::Waiting(t) =
-                            std::mem::replace(&mut slot.state, SlotState::Done(outcome))
-                        {
-                            if id == my_id {
-                                mine = true;
-                            } else {
-                                t.unpark();
-                            }
-                        }
-                    }
-                }
-                Ok(Envelope::Ping { nonce }) => pongs.push(nonce),
-                Ok(Envelope::Pong { .. }) => {}
-                Ok(Envelope::Fatal { code, message }) => {
-                    end = Some(Dead::Fatal(code, message.to_owned()));
-                    break;
-                }
-                Ok(other) => {
-                    tracing::debug!(kind = ?other.kind(), "zrpc-client: ignoring unexpected frame");
-                }
-                Err(e) => {
-                    end = Some(Dead::Fatal(
-                        ErrorCode::Protocol,
-                        format!("bad envelope from the broker: {e}"),
-                    ));
-                    break;
-                }
-            }
-        }
-        drop(st);
-        if !pongs.is_empty() && end.is_none() {
-            let mut f = BytesMut::with_capacity(16 * pongs.len());
-            for nonce in pongs {
-                control_frame(&mut f, &Envelope::Pong { nonce });
-            }
-            self.write(&f);
-        }
-        (mine, end)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,9 @@ use tokio::sync::{oneshot, Notify};
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::common::{
-    call_frame, control_frame, decode_payload, local_deadline, parse_handshake, timeout_error,
-    Dead, Outcome, Payload, Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, LARGE_FRAME,
-    READ_CHUNK,
+    call_deadline, call_frame, control_frame, decode_payload, local_deadline, parse_handshake,
+    reconnect_timeout, resubmit_parts, timeout_error, Backoff, Dead, Outcome, Payload, Retry,
+    Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, LARGE_FRAME, READ_CHUNK,
 };
 use crate::{BlockingClient, CallOptions, Error, Result};
 
@@ -44,6 +44,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct ClientBuilder {
     socket_dir: Option<PathBuf>,
     agent: Option<String>,
+    backoff: Backoff,
 }
 
 impl ClientBuilder {
@@ -61,26 +62,56 @@ impl ClientBuilder {
         self
     }
 
+    /// Sets the delays between reconnection attempts after the connection
+    /// to the broker is lost: the first attempt waits `min`, each further
+    /// one twice as long as the previous, up to `max`; every delay is then
+    /// multiplied by a random factor between 0.75 and 1.25 (jitter, so that
+    /// many clients do not all reconnect at the same instant). The defaults
+    /// are 10 ms and 1 s. `min` is at least 1 ms, and `max` at least `min`.
+    ///
+    /// The sequence starts over once a connection has stayed up for at least
+    /// `max`.
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> ClientBuilder {
+        self.backoff = Backoff::new(min, max);
+        self
+    }
+
     pub(crate) fn settings(self) -> Settings {
-        Settings::new(self.socket_dir.as_deref(), self.agent)
+        Settings::new(self.socket_dir.as_deref(), self.agent, self.backoff)
     }
 
     /// Connects an async [`Client`]. Must be called inside a tokio runtime
     /// (with timers enabled); the connection's tasks run on that runtime.
+    ///
+    /// Fails with [`Error::Connect`] if the broker cannot be reached now;
+    /// once connected, the client reconnects by itself (see [`Client`]).
     pub async fn connect(self) -> Result<Client> {
         let settings = self.settings();
-        let conn = Conn::connect(&settings).await?;
-        Ok(Client {
-            inner: Arc::new(Inner {
-                settings,
-                next_id: AtomicU64::new(1),
-                conn: Mutex::new(Some(conn)),
-                reconnect: tokio::sync::Mutex::new(()),
+        let (conn, rd, buf) = Conn::open(&settings).await?;
+        let shared = Arc::new(Shared {
+            settings,
+            next_id: AtomicU64::new(1),
+            max_message_size: AtomicU32::new(conn.welcome.max_message_size),
+            state: Mutex::new(State {
+                pending: FxHashMap::default(),
+                conn: Some(conn.clone()),
+                closed: false,
+                supervised: true,
             }),
+            wake: Notify::new(),
+        });
+        tokio::spawn(writer_task(conn.clone()));
+        tokio::spawn(supervise(shared.clone(), Some((conn, rd, buf))));
+        Ok(Client {
+            inner: Arc::new(Inner { shared }),
         })
     }
 
     /// Connects a [`BlockingClient`].
+    ///
+    /// Fails with [`Error::Connect`] if the broker cannot be reached now;
+    /// once connected, the client reconnects by itself (see
+    /// [`BlockingClient`]).
     pub fn connect_blocking(self) -> Result<BlockingClient> {
         BlockingClient::from_settings(self.settings())
     }
@@ -90,11 +121,15 @@ impl ClientBuilder {
 ///
 /// Cheap to clone: clones share one connection to the broker and multiplex
 /// their calls over it, so many calls may be in flight at once (from one
-/// task with `join!`, or from many tasks). The connection's reader and
-/// writer tasks run on the runtime that connected; they end, and the socket
-/// closes, when the last clone is dropped. If the connection is lost,
-/// pending calls fail with [`Error::Disconnected`] and the next call
-/// reconnects.
+/// task with `join!`, or from many tasks). The connection's tasks run on the
+/// runtime that connected; they end, and the socket closes, when the last
+/// clone is dropped.
+///
+/// If the connection to the broker is lost (the broker restarted, crashed
+/// or closed it), calls in flight do not fail: the client reconnects and
+/// resubmits them, so callers see only extra latency. See the
+/// [crate documentation](crate#restarts-and-reconnection) for the exact
+/// rules, and [`CallOptions::no_retry`] for at-most-once calls.
 ///
 /// Payloads are MessagePack: arguments are encoded with
 /// `rmp_serde::encode::to_vec_named` semantics (structs as maps), results
@@ -109,49 +144,247 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("socket_dir", &self.inner.settings.socket_dir)
-            .field("instance", &self.inner.settings.instance)
+            .field("socket_dir", &self.inner.shared.settings.socket_dir)
+            .field("instance", &self.inner.shared.settings.instance)
             .finish_non_exhaustive()
     }
 }
 
+/// Held by the `Client` clones only: dropping the last one closes the
+/// client.
 struct Inner {
-    settings: Settings,
-    next_id: AtomicU64,
-    conn: Mutex<Option<Arc<Conn>>>,
-    reconnect: tokio::sync::Mutex<()>,
+    shared: Arc<Shared>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(conn) = lock(&self.conn).take() {
-            conn.close();
-        }
+        self.shared.close();
     }
 }
 
-impl Inner {
-    fn current(&self) -> Option<Arc<Conn>> {
-        lock(&self.conn)
-            .as_ref()
-            .filter(|c| !c.dead.load(Ordering::Acquire))
-            .cloned()
+/// State shared by the client handles, the supervisor task and the
+/// connection tasks.
+struct Shared {
+    settings: Settings,
+    next_id: AtomicU64,
+    /// The broker's limit, from the latest `Welcome`.
+    max_message_size: AtomicU32,
+    state: Mutex<State>,
+    /// Wakes the supervisor: a call was queued while disconnected, or the
+    /// client was closed.
+    wake: Notify,
+}
+
+struct State {
+    /// Every call not answered yet, sent or waiting to be (re)sent. Calls
+    /// survive connections: they are resubmitted after a reconnect.
+    pending: FxHashMap<u64, Pending>,
+    /// The live connection; `None` while reconnecting.
+    conn: Option<Arc<Conn>>,
+    /// The last `Client` handle was dropped.
+    closed: bool,
+    /// A supervisor task is running (it is restarted by the next call if
+    /// its runtime shut down).
+    supervised: bool,
+}
+
+/// A call waiting for its result.
+struct Pending {
+    tx: oneshot::Sender<Outcome>,
+    /// The encoded `Call` frame, for resubmission.
+    frame: Bytes,
+    /// The call's deadline (without the local safety margin).
+    deadline: Option<Instant>,
+    no_retry: bool,
+    /// Generation of the connection the call was sent on; `None` while it
+    /// waits for the next connection (queued while disconnected, or
+    /// answered `Shutdown` by a broker that is going away).
+    sent_on: Option<u64>,
+}
+
+/// Connection generations, to tell a call's connection from the current
+/// one.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+impl Shared {
+    /// Registers a call. Returns the connection to send it on (`None`: it
+    /// is queued and sent once connected) and the number of calls pending.
+    fn submit(self: &Arc<Self>, id: u64, mut p: Pending) -> Result<(Option<Arc<Conn>>, usize)> {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Err(Error::Disconnected("the client was closed".into()));
+        }
+        let conn = st.conn.clone().filter(|c| !c.dead.load(Ordering::Acquire));
+        p.sent_on = conn.as_ref().map(|c| c.gen);
+        st.pending.insert(id, p);
+        let n = st.pending.len();
+        let spawn = !st.supervised;
+        st.supervised = true;
+        drop(st);
+        if spawn {
+            // The previous supervisor's runtime is gone; reconnect on ours.
+            tokio::spawn(supervise(self.clone(), None));
+        } else if conn.is_none() {
+            self.wake.notify_one();
+        }
+        Ok((conn, n))
     }
 
-    /// The live connection, reconnecting once if the current one is dead.
-    async fn live_conn(&self) -> Result<Arc<Conn>> {
-        if let Some(c) = self.current() {
-            return Ok(c);
+    /// The call's own deadline passed: if it is not on the broker (waiting
+    /// for a reconnect), forget it and return true; nobody else would
+    /// answer it.
+    fn expire_unsent(&self, id: u64) -> bool {
+        let mut st = lock(&self.state);
+        match st.pending.get(&id) {
+            Some(p) if p.sent_on.is_none() => {
+                st.pending.remove(&id);
+                true
+            }
+            _ => false,
         }
-        let _serialise = self.reconnect.lock().await;
-        if let Some(c) = self.current() {
-            return Ok(c);
+    }
+
+    /// Abandons call `id`: forgets it, and tells the broker if it was sent
+    /// on the current connection.
+    fn cancel(&self, id: u64) {
+        let conn = {
+            let mut st = lock(&self.state);
+            match (st.pending.remove(&id).and_then(|p| p.sent_on), &st.conn) {
+                (Some(g), Some(c)) if c.gen == g => Some(c.clone()),
+                _ => None,
+            }
+        };
+        if let Some(c) = conn {
+            c.send_cancel(id);
         }
-        let conn = Conn::connect(&self.settings).await?;
-        if let Some(old) = lock(&self.conn).replace(conn.clone()) {
-            old.close();
+    }
+
+    /// The last handle was dropped: fail what is left, end the tasks.
+    fn close(&self) {
+        let (conn, pending) = {
+            let mut st = lock(&self.state);
+            st.closed = true;
+            (st.conn.take(), std::mem::take(&mut st.pending))
+        };
+        let why = Dead::Disconnected("the client was closed".into());
+        for (_, p) in pending {
+            let _ = p.tx.send(Outcome::Dead(why.clone()));
         }
-        Ok(conn)
+        if let Some(c) = conn {
+            c.kill(why);
+        }
+        self.wake.notify_one();
+    }
+
+    /// `conn` ended for `why`: calls sent on it with `no_retry` fail, calls
+    /// whose deadline passed time out, the rest wait for the next
+    /// connection. Returns false if the client is closed.
+    fn connection_lost(&self, conn: &Arc<Conn>, why: Dead) -> bool {
+        conn.kill(why.clone());
+        let mut st = lock(&self.state);
+        if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            st.conn = None;
+        }
+        if st.closed {
+            return false;
+        }
+        let now = Instant::now();
+        let mut ended = Vec::new();
+        for (&id, p) in st.pending.iter_mut() {
+            if p.deadline.is_some_and(|d| now >= d) {
+                ended.push((id, reconnect_timeout()));
+            } else if p.sent_on == Some(conn.gen) {
+                if p.no_retry {
+                    ended.push((id, Outcome::Dead(why.clone())));
+                } else {
+                    p.sent_on = None;
+                }
+            }
+        }
+        for (id, outcome) in ended {
+            if let Some(p) = st.pending.remove(&id) {
+                let _ = p.tx.send(outcome);
+            }
+        }
+        let waiting = st.pending.len();
+        drop(st);
+        tracing::debug!(
+            reason = ?why,
+            waiting,
+            "zrpc-client: connection to zrpcd lost; reconnecting"
+        );
+        true
+    }
+
+    /// Makes `conn` the live connection and resubmits every pending call on
+    /// it (same id, remaining budget). Returns false if the client is
+    /// closed.
+    fn install(&self, conn: &Arc<Conn>) -> bool {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return false;
+        }
+        let max = conn.welcome.max_message_size;
+        self.max_message_size.store(max, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut ended = Vec::new();
+        let mut resent = 0usize;
+        {
+            let mut q = lock(&conn.wq);
+            for (&id, p) in st.pending.iter_mut() {
+                let remaining = match p.deadline {
+                    None => None,
+                    Some(d) => match d.checked_duration_since(now) {
+                        Some(r) if !r.is_zero() => Some(r),
+                        _ => {
+                            ended.push((id, reconnect_timeout()));
+                            continue;
+                        }
+                    },
+                };
+                match resubmit_parts(&p.frame, remaining, max) {
+                    Ok((head, payload)) => {
+                        q.push(&head);
+                        q.push(&payload);
+                        p.sent_on = Some(conn.gen);
+                        resent += 1;
+                    }
+                    Err(e) => ended.push((
+                        id,
+                        Outcome::Failed(e.code().unwrap_or(ErrorCode::Protocol), e.to_string()),
+                    )),
+                }
+            }
+        }
+        for (id, outcome) in ended {
+            if let Some(p) = st.pending.remove(&id) {
+                let _ = p.tx.send(outcome);
+            }
+        }
+        st.conn = Some(conn.clone());
+        drop(st);
+        conn.writer_wake.notify_one();
+        tracing::debug!(resent, "zrpc-client: reconnected to zrpcd");
+        true
+    }
+
+    /// Whether the client was closed.
+    fn is_closed(&self) -> bool {
+        lock(&self.state).closed
+    }
+
+    /// Runs `fut` unless the client is closed first (`None`).
+    async fn unless_closed<F: std::future::Future>(&self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            if self.is_closed() {
+                return None;
+            }
+            tokio::select! {
+                r = &mut fut => return Some(r),
+                _ = self.wake.notified() => {}
+            }
+        }
     }
 }
 
@@ -230,55 +463,93 @@ impl Client {
         payload: Payload<'_, P>,
         opts: CallOptions,
     ) -> Result<Bytes> {
-        let conn = self.inner.live_conn().await?;
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = &self.inner.shared;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = call_frame(
             id,
             service,
             method,
             &opts,
             payload,
-            conn.welcome.max_message_size,
+            shared.max_message_size.load(Ordering::Relaxed),
         )?;
-        let deadline = local_deadline(&opts, Instant::now());
-        let (tx, rx) = oneshot::channel();
-        let in_flight = conn.register(
+        let now = Instant::now();
+        let deadline = call_deadline(&opts, now);
+        let local = local_deadline(&opts, now);
+        let (tx, mut rx) = oneshot::channel();
+        let (conn, in_flight) = shared.submit(
             id,
             Pending {
                 tx,
                 frame: frame.clone(),
                 deadline,
+                no_retry: opts.no_retry,
+                sent_on: None,
             },
         )?;
         let mut guard = CancelGuard {
-            conn: &conn,
+            shared,
             id,
             armed: true,
         };
         // A lone call is written at once by the caller (one task hop less);
         // concurrent calls are batched by the writer task (one syscall for
         // many frames).
-        conn.send(frame, in_flight == 1);
-        let received = match deadline {
-            None => rx.await,
-            Some(d) => match tokio::time::timeout_at(d.into(), rx).await {
-                Ok(r) => r,
+        if let Some(conn) = conn {
+            conn.send(frame, in_flight == 1);
+        }
+        // Wait for the result; at the call's deadline, a call that is not on
+        // the broker (the client is reconnecting) times out at once; one
+        // that is gets until the local safety deadline.
+        let mut past_deadline = false;
+        let received = loop {
+            let wake_at = if past_deadline { local } else { deadline };
+            let Some(at) = wake_at else {
+                break (&mut rx).await;
+            };
+            match tokio::time::timeout_at(at.into(), &mut rx).await {
+                Ok(r) => break r,
+                Err(_) if !past_deadline => {
+                    past_deadline = true;
+                    if shared.expire_unsent(id) {
+                        guard.armed = false;
+                        return Err(timeout_error(service, method));
+                    }
+                }
                 // The guard removes the call and sends `Cancel`.
                 Err(_) => return Err(timeout_error(service, method)),
-            },
+            }
         };
         guard.armed = false;
         match received {
             Ok(outcome) => outcome.into_result(service, method),
-            Err(_) => Err(conn.dead_error()),
+            Err(_) => Err(Error::Disconnected(
+                "the client's connection task stopped".into(),
+            )),
         }
+    }
+}
+
+#[cfg(test)]
+impl Client {
+    /// Whether a live connection is installed.
+    pub(crate) fn connected(&self) -> bool {
+        lock(&self.inner.shared.state)
+            .conn
+            .as_ref()
+            .is_some_and(|c| !c.dead.load(Ordering::Acquire))
+    }
+
+    /// How many calls are pending.
+    pub(crate) fn pending(&self) -> usize {
+        lock(&self.inner.shared.state).pending.len()
     }
 }
 
 /// Sends `Cancel` for a call whose future is dropped (or times out locally)
 /// before its result arrived.
 struct CancelGuard<'a> {
-    conn: &'a Conn,
+    shared: &'a Shared,
     id: u64,
     armed: bool,
 }
@@ -286,25 +557,95 @@ struct CancelGuard<'a> {
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.conn.cancel(self.id);
+            self.shared.cancel(self.id);
         }
     }
 }
 
-/// A call waiting for its result. `frame` and `deadline` are kept so that a
-/// future version can resubmit pending calls after a reconnect.
-struct Pending {
-    tx: oneshot::Sender<Outcome>,
-    #[allow(dead_code)]
-    frame: Bytes,
-    #[allow(dead_code)]
-    deadline: Option<Instant>,
+/// Owns the connection life cycle: reads the live connection, and when it
+/// is lost reconnects (with backoff) and resubmits the pending calls. Runs
+/// until the client is closed.
+async fn supervise(shared: Arc<Shared>, mut first: Option<(Arc<Conn>, OwnedReadHalf, BytesMut)>) {
+    let guard = SupervisorGuard(shared);
+    let shared = &guard.0;
+    let mut retry = Retry::default();
+    loop {
+        let (conn, rd, buf) = match first.take() {
+            Some(c) => c,
+            None => match reconnect(shared, &mut retry).await {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let up = Instant::now();
+        let why = read_loop(shared, &conn, rd, buf).await;
+        retry.connection_ended(&shared.settings.backoff, up.elapsed());
+        if !shared.connection_lost(&conn, why) {
+            return;
+        }
+    }
 }
 
-#[derive(Default)]
-struct ConnState {
-    pending: FxHashMap<u64, Pending>,
-    dead: Option<Dead>,
+/// Connects again, after the backoff delay, while calls are waiting.
+/// `None`: the client was closed.
+async fn reconnect(
+    shared: &Arc<Shared>,
+    retry: &mut Retry,
+) -> Option<(Arc<Conn>, OwnedReadHalf, BytesMut)> {
+    loop {
+        // An idle client reconnects when it is next used.
+        loop {
+            {
+                let st = lock(&shared.state);
+                if st.closed {
+                    return None;
+                }
+                if !st.pending.is_empty() {
+                    break;
+                }
+            }
+            shared.wake.notified().await;
+        }
+        let delay = retry.next_delay(&shared.settings.backoff);
+        shared.unless_closed(tokio::time::sleep(delay)).await?;
+        match shared.unless_closed(Conn::open(&shared.settings)).await? {
+            Ok((conn, rd, buf)) => {
+                tokio::spawn(writer_task(conn.clone()));
+                if !shared.install(&conn) {
+                    conn.kill(Dead::Disconnected("the client was closed".into()));
+                    return None;
+                }
+                return Some((conn, rd, buf));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, attempt = retry.attempt, "zrpc-client: reconnect failed");
+            }
+        }
+    }
+}
+
+/// Fails the pending calls if the supervisor ends for any reason, including
+/// being dropped by a runtime that shuts down; the next call starts a new
+/// supervisor.
+struct SupervisorGuard(Arc<Shared>);
+
+impl Drop for SupervisorGuard {
+    fn drop(&mut self) {
+        let (conn, pending) = {
+            let mut st = lock(&self.0.state);
+            st.supervised = false;
+            (st.conn.take(), std::mem::take(&mut st.pending))
+        };
+        let why = Dead::Disconnected(
+            "the client's connection task stopped (was its runtime shut down?)".into(),
+        );
+        for (_, p) in pending {
+            let _ = p.tx.send(Outcome::Dead(why.clone()));
+        }
+        if let Some(c) = conn {
+            c.kill(why);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -342,11 +683,15 @@ impl WriteQueue {
     }
 }
 
-/// One connection to the broker and its two tasks.
+/// One connection to the broker. The supervisor reads it; the writer task
+/// writes what callers queue.
 struct Conn {
+    gen: u64,
     welcome: Welcome,
-    state: Mutex<ConnState>,
     dead: AtomicBool,
+    /// Why the connection was killed (by a write error or `close`), for the
+    /// reader.
+    why: Mutex<Option<Dead>>,
     wq: Mutex<WriteQueue>,
     wr: OwnedWriteHalf,
     writer_wake: Notify,
@@ -354,7 +699,8 @@ struct Conn {
 }
 
 impl Conn {
-    async fn connect(settings: &Settings) -> Result<Arc<Conn>> {
+    /// Connects and performs the handshake.
+    async fn open(settings: &Settings) -> Result<(Arc<Conn>, OwnedReadHalf, BytesMut)> {
         let stream = UnixStream::connect(settings.socket_path())
             .await
             .map_err(|e| settings.connect_error(e))?;
@@ -393,41 +739,30 @@ impl Conn {
             }
         };
         let conn = Arc::new(Conn {
+            gen: GENERATION.fetch_add(1, Ordering::Relaxed),
             welcome,
-            state: Mutex::new(ConnState::default()),
             dead: AtomicBool::new(false),
+            why: Mutex::new(None),
             wq: Mutex::new(WriteQueue::default()),
             wr,
             writer_wake: Notify::new(),
             reader_stop: Notify::new(),
         });
-        tokio::spawn(reader_task(conn.clone(), rd, buf));
-        tokio::spawn(writer_task(conn.clone()));
-        Ok(conn)
+        Ok((conn, rd, buf))
     }
 
-    fn dead_error(&self) -> Error {
-        match &lock(&self.state).dead {
-            Some(d) => d.to_error(),
-            None => Error::Disconnected("the connection closed".into()),
-        }
+    /// Ends the connection: the writer flushes what is queued (best effort)
+    /// and exits, the reader stops. Idempotent: the first reason wins.
+    fn kill(&self, why: Dead) {
+        lock(&self.why).get_or_insert(why);
+        self.dead.store(true, Ordering::Release);
+        lock(&self.wq).closed = true;
+        self.writer_wake.notify_one();
+        self.reader_stop.notify_one();
     }
 
-    /// Adds a pending call; returns how many calls are now pending.
-    fn register(&self, id: u64, p: Pending) -> Result<usize> {
-        let mut st = lock(&self.state);
-        if let Some(d) = &st.dead {
-            return Err(d.to_error());
-        }
-        st.pending.insert(id, p);
-        Ok(st.pending.len())
-    }
-
-    /// Abandons call `id`: forgets it and tells the broker if it was still
-    /// pending.
-    fn cancel(&self, id: u64) {
-        let was_pending = lock(&self.state).pending.remove(&id).is_some();
-        if was_pending && !self.dead.load(Ordering::Acquire) {
+    fn send_cancel(&self, id: u64) {
+        if !self.dead.load(Ordering::Acquire) {
             let mut f = BytesMut::with_capacity(16);
             control_frame(&mut f, &Envelope::Cancel { id });
             self.send(f.freeze(), false);
@@ -459,8 +794,7 @@ impl Conn {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
             Err(e) => {
                 lock(&self.wq).writing = false;
-                self.fail_all(Dead::Disconnected(format!("write error: {e}")));
-                self.reader_stop.notify_one();
+                self.kill(Dead::Disconnected(format!("write error: {e}")));
                 return;
             }
         };
@@ -477,103 +811,77 @@ impl Conn {
             self.writer_wake.notify_one();
         }
     }
+}
 
-    /// Marks the connection dead, fails every pending call, and lets the
-    /// writer end. Idempotent: the first reason wins.
-    fn fail_all(&self, why: Dead) {
-        {
-            let mut st = lock(&self.state);
-            let why = st.dead.get_or_insert(why).clone();
-            self.dead.store(true, Ordering::Release);
-            for (_, p) in st.pending.drain() {
-                let _ = p.tx.send(Outcome::Dead(why.clone()));
+/// Handles every complete frame in `buf`. Returns why the connection must
+/// end, if it must.
+fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut) -> Option<Dead> {
+    let mut st: Option<MutexGuard<'_, State>> = None;
+    let mut pongs = Vec::new();
+    let mut end = None;
+    loop {
+        let frame = match dec.decode(buf) {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                end = Some(Dead::Fatal(
+                    ErrorCode::Protocol,
+                    format!("bad frame from the broker: {e}"),
+                ));
+                break;
             }
-        }
-        lock(&self.wq).closed = true;
-        self.writer_wake.notify_one();
-    }
-
-    /// The client was dropped (or replaced): end both tasks.
-    fn close(&self) {
-        self.fail_all(Dead::Disconnected("the client was closed".into()));
-        self.reader_stop.notify_one();
-    }
-
-    /// Handles every complete frame in `buf`. Returns why the connection
-    /// must end, if it must.
-    fn dispatch(&self, dec: &FrameDecoder, buf: &mut BytesMut) -> Option<Dead> {
-        let mut st: Option<MutexGuard<'_, ConnState>> = None;
-        let mut pongs = Vec::new();
-        let mut end = None;
-        loop {
-            let frame = match dec.decode(buf) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    end = Some(Dead::Fatal(
-                        ErrorCode::Protocol,
-                        format!("bad frame from the broker: {e}"),
-                    ));
-                    break;
-                }
-            };
-            match frame.decode() {
-                Ok(Envelope::Result { id, code, message }) => {
-                    let st = st.get_or_insert_with(|| lock(&self.state));
-                    if let Some(p) = st.pending.remove(&id) {
-                        let _ =
-                            p.tx.send(Outcome::from_result(code, message, frame.payload.clone()));
+        };
+        match frame.decode() {
+            Ok(Envelope::Result { id, code, message }) => {
+                let st = st.get_or_insert_with(|| lock(&shared.state));
+                if code == Some(ErrorCode::Shutdown) {
+                    // The broker is going away without having run the call:
+                    // send it again to the next broker.
+                    if let Some(p) = st.pending.get_mut(&id).filter(|p| !p.no_retry) {
+                        p.sent_on = None;
+                        continue;
                     }
                 }
-                Ok(Envelope::Ping { nonce }) => pongs.push(nonce),
-                Ok(Envelope::Pong { .. }) => {}
-                Ok(Envelope::Fatal { code, message }) => {
-                    end = Some(Dead::Fatal(code, message.to_owned()));
-                    break;
-                }
-                Ok(other) => {
-                    tracing::debug!(kind = ?other.kind(), "zrpc-client: ignoring unexpected frame");
-                }
-                Err(e) => {
-                    end = Some(Dead::Fatal(
-                        ErrorCode::Protocol,
-                        format!("bad envelope from the broker: {e}"),
-                    ));
-                    break;
+                if let Some(p) = st.pending.remove(&id) {
+                    let _ =
+                        p.tx.send(Outcome::from_result(code, message, frame.payload.clone()));
                 }
             }
-        }
-        drop(st);
-        if !pongs.is_empty() {
-            let mut f = BytesMut::with_capacity(16 * pongs.len());
-            for nonce in pongs {
-                control_frame(&mut f, &Envelope::Pong { nonce });
+            Ok(Envelope::Ping { nonce }) => pongs.push(nonce),
+            Ok(Envelope::Pong { .. }) => {}
+            Ok(Envelope::Fatal { code, message }) => {
+                end = Some(Dead::Fatal(code, message.to_owned()));
+                break;
             }
-            self.send(f.freeze(), false);
+            Ok(other) => {
+                tracing::debug!(kind = ?other.kind(), "zrpc-client: ignoring unexpected frame");
+            }
+            Err(e) => {
+                end = Some(Dead::Fatal(
+                    ErrorCode::Protocol,
+                    format!("bad envelope from the broker: {e}"),
+                ));
+                break;
+            }
         }
-        end
     }
+    drop(st);
+    if !pongs.is_empty() {
+        let mut f = BytesMut::with_capacity(16 * pongs.len());
+        for nonce in pongs {
+            control_frame(&mut f, &Envelope::Pong { nonce });
+        }
+        conn.send(f.freeze(), false);
+    }
+    end
 }
 
-/// Fails the connection if the reader task ends for any reason, including
-/// being dropped by a runtime that shuts down.
-struct FailOnDrop(Arc<Conn>);
-
-impl Drop for FailOnDrop {
-    fn drop(&mut self) {
-        self.0.fail_all(Dead::Disconnected(
-            "the connection's reader task stopped (was its runtime shut down?)".into(),
-        ));
-    }
-}
-
-async fn reader_task(conn: Arc<Conn>, mut rd: OwnedReadHalf, mut buf: BytesMut) {
-    let guard = FailOnDrop(conn);
-    let conn = &guard.0;
+/// Reads `conn` until it ends; returns why.
+async fn read_loop(shared: &Shared, conn: &Conn, mut rd: OwnedReadHalf, mut buf: BytesMut) -> Dead {
     let dec = FrameDecoder::new(conn.welcome.incoming_limit());
-    let why = loop {
-        if let Some(why) = conn.dispatch(&dec, &mut buf) {
-            break why;
+    loop {
+        if let Some(why) = dispatch(shared, conn, &dec, &mut buf) {
+            return why;
         }
         match dec.needed(&buf) {
             Some(total) => buf.reserve(total - buf.len()),
@@ -586,16 +894,17 @@ async fn reader_task(conn: Arc<Conn>, mut rd: OwnedReadHalf, mut buf: BytesMut) 
         tokio::select! {
             biased;
             _ = conn.reader_stop.notified() => {
-                break Dead::Disconnected("the client was closed".into());
+                return lock(&conn.why)
+                    .clone()
+                    .unwrap_or_else(|| Dead::Disconnected("the connection was closed".into()));
             }
             r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => break Dead::Disconnected("the broker closed the connection".into()),
+                Ok(0) => return Dead::Disconnected("the broker closed the connection".into()),
                 Ok(_) => {}
-                Err(e) => break Dead::Disconnected(format!("read error: {e}")),
+                Err(e) => return Dead::Disconnected(format!("read error: {e}")),
             }
         }
-    };
-    conn.fail_all(why);
+    }
 }
 
 enum WriterStep {
@@ -656,8 +965,7 @@ async fn writer_task(conn: Arc<Conn>) {
                 spare.clear();
                 lock(&conn.wq).writing = false;
                 if let Err(e) = result {
-                    conn.fail_all(Dead::Disconnected(format!("write error: {e}")));
-                    conn.reader_stop.notify_one();
+                    conn.kill(Dead::Disconnected(format!("write error: {e}")));
                     break;
                 }
             }

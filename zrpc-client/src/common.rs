@@ -32,20 +32,116 @@ pub(crate) const LARGE_FRAME: usize = 64 * 1024;
 /// Minimum free space kept in the read buffer before each read.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
+/// Default first reconnection delay.
+pub(crate) const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// Default cap of the reconnection delay.
+pub(crate) const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Capped exponential backoff with ±25% jitter: the delay before attempt
+/// `n` (counting from 0) is `min(min * 2^n, max)`, multiplied by a random
+/// factor in `[0.75, 1.25]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            min: DEFAULT_BACKOFF_MIN,
+            max: DEFAULT_BACKOFF_MAX,
+        }
+    }
+}
+
+impl Backoff {
+    /// A backoff from `min` to `max`; `min` is at least 1 ms and `max` at
+    /// least `min`.
+    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
+        let min = min.max(Duration::from_millis(1));
+        Backoff {
+            min,
+            max: max.max(min),
+        }
+    }
+
+    /// The un-jittered delay before attempt `attempt`.
+    pub(crate) fn base(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        self.min.saturating_mul(factor).min(self.max)
+    }
+
+    /// The jittered delay before attempt `attempt`.
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+        // A factor in [0.75, 1.25), in 1/1024 steps.
+        let r = random_u64() % 513;
+        self.base(attempt).mul_f64((768 + r) as f64 / 1024.0)
+    }
+}
+
+/// Where a reconnecting client is in its backoff sequence.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Retry {
+    /// Attempts made since the last connection that lasted.
+    pub attempt: u32,
+}
+
+impl Retry {
+    /// The delay before the next attempt; counts the attempt.
+    pub(crate) fn next_delay(&mut self, b: &Backoff) -> Duration {
+        let d = b.delay(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        d
+    }
+
+    /// A connection that stayed up for `up` ended: start the sequence over
+    /// if it lasted at least the backoff cap (so that a broker accepting and
+    /// dropping connections at once is not hammered).
+    pub(crate) fn connection_ended(&mut self, b: &Backoff, up: Duration) {
+        if up >= b.max {
+            self.attempt = 0;
+        }
+    }
+}
+
+/// A cheap random number (xorshift64*, seeded from the OS-seeded instance
+/// id generator); only used for jitter.
+fn random_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let mut x = STATE.load(Ordering::Relaxed);
+    if x == 0 {
+        x = new_instance_id();
+    }
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    STATE.store(x, Ordering::Relaxed);
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
 /// Settings of a client, shared by its reconnects.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub socket_dir: PathBuf,
     pub agent: String,
     pub instance: u64,
+    pub backoff: Backoff,
 }
 
 impl Settings {
-    pub(crate) fn new(socket_dir: Option<&Path>, agent: Option<String>) -> Settings {
+    pub(crate) fn new(
+        socket_dir: Option<&Path>,
+        agent: Option<String>,
+        backoff: Backoff,
+    ) -> Settings {
         Settings {
             socket_dir: zrpc_proto::resolve_socket_dir(socket_dir),
             agent: agent.unwrap_or_else(default_agent),
             instance: new_instance_id(),
+            backoff,
         }
     }
 
@@ -155,10 +251,15 @@ pub(crate) enum Dead {
 }
 
 impl Dead {
+    /// The error of a call that was on the lost connection and may not be
+    /// resubmitted (`no_retry`): it may or may not have run.
     pub(crate) fn to_error(&self) -> Error {
         match self {
             Dead::Disconnected(m) => Error::Disconnected(m.clone()),
-            Dead::Fatal(code, m) => Error::from_fatal(*code, m.clone()),
+            Dead::Fatal(code, m) => Error::Disconnected(format!(
+                "the broker closed the connection with {}: {m}",
+                code.as_str()
+            )),
         }
     }
 }
@@ -192,6 +293,15 @@ impl Outcome {
     }
 }
 
+/// The outcome of a call whose deadline passed while the client was
+/// reconnecting (the broker never had it, or lost it).
+pub(crate) fn reconnect_timeout() -> Outcome {
+    Outcome::Failed(
+        ErrorCode::Timeout,
+        "the deadline passed while reconnecting to zrpcd".into(),
+    )
+}
+
 /// A local `Timeout` error.
 pub(crate) fn timeout_error(service: &str, method: &str) -> Error {
     Error::Timeout {
@@ -205,6 +315,62 @@ pub(crate) fn local_deadline(opts: &CallOptions, now: Instant) -> Option<Instant
     opts.timeout
         .and_then(|t| t.checked_add(SAFETY_MARGIN))
         .and_then(|t| now.checked_add(t))
+}
+
+/// The deadline of a call started `now` (without the safety margin).
+pub(crate) fn call_deadline(opts: &CallOptions, now: Instant) -> Option<Instant> {
+    opts.timeout.and_then(|t| now.checked_add(t))
+}
+
+/// Milliseconds of `d`, rounded up (so that a sub-millisecond budget does
+/// not become "expire at once").
+pub(crate) fn duration_ms(d: Duration) -> u64 {
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+/// The `Call` frame `frame` again, for a new connection: the envelope is
+/// re-encoded with `timeout_ms` set to the remaining budget (`None`: no
+/// deadline), the payload bytes are reused as they are. Returns the new
+/// header and envelope, and the payload slice to write after them.
+pub(crate) fn resubmit_parts(
+    frame: &Bytes,
+    remaining: Option<Duration>,
+    max_message_size: u32,
+) -> Result<(Bytes, Bytes)> {
+    let bad = || Error::Protocol("corrupt stored call frame".into());
+    if frame.len() < HEADER_LEN {
+        return Err(bad());
+    }
+    let env_len = u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]) as usize;
+    let env_end = HEADER_LEN.checked_add(env_len).ok_or_else(bad)?;
+    if env_end > frame.len() {
+        return Err(bad());
+    }
+    let payload = frame.slice(env_end..);
+    let head = match Envelope::decode(&frame[HEADER_LEN..env_end]) {
+        Ok(Envelope::Call {
+            id,
+            service,
+            method,
+            flags,
+            ..
+        }) => {
+            let env = Envelope::Call {
+                id,
+                service,
+                method,
+                timeout_ms: remaining.map(duration_ms),
+                flags,
+            };
+            let mut out = BytesMut::with_capacity(HEADER_LEN + 40 + service.len() + method.len());
+            encode_header(&mut out, &env, payload.len());
+            out
+        }
+        _ => return Err(bad()),
+    };
+    check_size(head.len() - HEADER_LEN + payload.len(), max_message_size)?;
+    Ok((head.freeze(), payload))
 }
 
 /// The payload of a call, before framing.

@@ -70,10 +70,7 @@ impl CallOptions {
     /// The `timeout_ms` field of the `Call` envelope (rounded up, so that a
     /// sub-millisecond timeout does not become "expire at once").
     pub(crate) fn timeout_ms(&self) -> Option<u64> {
-        self.timeout.map(|d| {
-            let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
-            u64::try_from(ms).unwrap_or(u64::MAX)
-        })
+        self.timeout.map(crate::common::duration_ms)
     }
 }
 

@@ -242,21 +242,37 @@ impl Drop for TempDir {
     }
 }
 
-/// A listening fake broker.
+/// A listening fake broker; it can stop listening and listen again on the
+/// same path (a broker restart).
 struct Fake {
     dir: TempDir,
-    listener: UnixListener,
+    listener: Option<UnixListener>,
 }
 
 impl Fake {
     fn new() -> Fake {
         let dir = TempDir::new();
         let listener = UnixListener::bind(zrpc_proto::socket_path(&dir.0)).expect("bind");
-        Fake { dir, listener }
+        Fake {
+            dir,
+            listener: Some(listener),
+        }
     }
 
     fn dir(&self) -> PathBuf {
         self.dir.0.clone()
+    }
+
+    /// Stops listening and removes the socket: connection attempts fail.
+    fn stop(&mut self) {
+        self.listener = None;
+        let _ = std::fs::remove_file(zrpc_proto::socket_path(&self.dir.0));
+    }
+
+    /// Listens again on the same path.
+    fn start(&mut self) {
+        self.listener =
+            Some(UnixListener::bind(zrpc_proto::socket_path(&self.dir.0)).expect("bind"));
     }
 
     /// Runs `f` on the next connection, in a thread.
@@ -264,7 +280,12 @@ impl Fake {
     where
         F: FnOnce(Peer) + Send + 'static,
     {
-        let l = self.listener.try_clone().expect("clone listener");
+        let l = self
+            .listener
+            .as_ref()
+            .expect("listening")
+            .try_clone()
+            .expect("clone listener");
         std::thread::spawn(move || {
             let (s, _) = l.accept().expect("accept");
             f(Peer::new(s))
@@ -318,15 +339,21 @@ impl Peer {
         self.s.write_all(&out).expect("fake broker write");
     }
 
-    fn handshake_with(&mut self, max_message_size: u32) {
+    /// Answers the client's `Hello`; returns its instance id.
+    fn handshake_with(&mut self, max_message_size: u32) -> u64 {
         let f = self.frame();
-        match f.decode().expect("envelope") {
-            Envelope::Hello { version, agent, .. } => {
+        let instance = match f.decode().expect("envelope") {
+            Envelope::Hello {
+                version,
+                agent,
+                instance,
+            } => {
                 assert_eq!(version, zrpc_proto::PROTOCOL_VERSION);
                 assert!(agent.starts_with("zrpc-client/"), "{agent}");
+                instance
             }
             other => panic!("expected Hello, got {other:?}"),
-        }
+        };
         self.send(
             &Envelope::Welcome {
                 version: zrpc_proto::PROTOCOL_VERSION,
@@ -335,10 +362,41 @@ impl Peer {
             },
             &[],
         );
+        instance
     }
 
-    fn handshake(&mut self) {
-        self.handshake_with(zrpc_proto::DEFAULT_MAX_MESSAGE_SIZE);
+    fn handshake(&mut self) -> u64 {
+        self.handshake_with(zrpc_proto::DEFAULT_MAX_MESSAGE_SIZE)
+    }
+
+    /// Reads `n` calls, keyed by method name.
+    fn calls(&mut self, n: usize) -> std::collections::HashMap<String, SeenCall> {
+        let mut out = std::collections::HashMap::new();
+        for _ in 0..n {
+            let (id, method, timeout_ms, flags, payload) = self.call();
+            let prev = out.insert(
+                method.clone(),
+                SeenCall {
+                    id,
+                    timeout_ms,
+                    flags,
+                    payload,
+                },
+            );
+            assert!(prev.is_none(), "call {method:?} seen twice");
+        }
+        out
+    }
+
+    fn error(&mut self, id: u64, code: ErrorCode) {
+        self.send(
+            &Envelope::Result {
+                id,
+                code: Some(code),
+                message: "fake",
+            },
+            &[],
+        );
     }
 
     /// Reads the next Call: (id, method, timeout_ms, flags, payload).
@@ -397,6 +455,15 @@ impl Peer {
             }
         }
     }
+}
+
+/// A `Call` as the fake broker saw it.
+#[derive(Debug, Clone)]
+struct SeenCall {
+    id: u64,
+    timeout_ms: Option<u64>,
+    flags: u32,
+    payload: Bytes,
 }
 
 /// Answers `n` calls in reverse order of arrival with their own payload,
@@ -546,7 +613,7 @@ fn async_call_fields_and_raw() {
 }
 
 #[test]
-fn async_version_mismatch_and_fatal() {
+fn async_version_mismatch() {
     let fake = Fake::new();
     let peer = fake.serve(|mut p| {
         p.frame();
@@ -586,68 +653,6 @@ fn async_version_mismatch_and_fatal() {
         .expect_err("mismatch");
     assert!(matches!(err, Error::VersionMismatch(_)), "{err}");
     peer.join().expect("fake broker");
-
-    // Fatal mid-call fails the pending calls with the typed error.
-    let peer = fake.serve(|mut p| {
-        p.handshake();
-        p.call();
-        p.call();
-        p.send(
-            &Envelope::Fatal {
-                code: ErrorCode::Shutdown,
-                message: "bye",
-            },
-            &[],
-        );
-    });
-    rt.block_on(async {
-        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
-        let a = client.call::<_, Value>("svc", "a", &(), None);
-        let b = client.call::<_, Value>("svc", "b", &(), None);
-        let (a, b) = bounded(async { tokio::join!(a, b) }).await;
-        assert!(matches!(a, Err(Error::Shutdown)), "{a:?}");
-        assert!(matches!(b, Err(Error::Shutdown)), "{b:?}");
-    });
-    finish(&rt, peer);
-}
-
-#[test]
-fn async_disconnect_then_lazy_reconnect() {
-    let fake = Fake::new();
-    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
-    let peer = fake.serve(move |mut p| {
-        p.handshake();
-        p.call();
-        seen_tx.send(()).expect("signal");
-        // Dropping `p` closes the connection mid-call.
-    });
-    let dir = fake.dir();
-    let rt = rt_multi();
-    let client = rt
-        .block_on(bounded(Client::connect_to(&dir)))
-        .expect("connect");
-    let started = Instant::now();
-    let err = rt
-        .block_on(bounded(client.call::<_, Value>("svc", "x", &(), None)))
-        .expect_err("disconnected");
-    assert!(matches!(err, Error::Disconnected(_)), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5));
-    seen_rx.recv_timeout(BOUND).expect("call seen");
-    peer.join().expect("fake broker");
-
-    // The next call reconnects (same instance id, new Hello).
-    let peer = fake.serve(|mut p| {
-        p.handshake();
-        let (id, ..) = p.call();
-        p.result(id, &[0x07]);
-        p.expect_eof();
-    });
-    let n: u32 = rt
-        .block_on(bounded(client.call("svc", "x", &(), None)))
-        .expect("reconnected");
-    assert_eq!(n, 7);
-    drop(client);
-    finish(&rt, peer);
 }
 
 #[test]
@@ -858,7 +863,7 @@ fn blocking_partial_frames_survive_reader_change() {
 }
 
 #[test]
-fn blocking_fatal_disconnect_timeout_and_reconnect() {
+fn blocking_version_mismatch_and_local_timeout() {
     let fake = Fake::new();
     let dir = fake.dir();
     // Version mismatch at connect.
@@ -876,42 +881,7 @@ fn blocking_fatal_disconnect_timeout_and_reconnect() {
     assert!(matches!(err, Error::VersionMismatch(_)), "{err}");
     peer.join().expect("fake broker");
 
-    // Fatal mid-call, then the connection closes mid-call (after a lazy
-    // reconnect), then a local safety timeout with Cancel.
-    let peer = fake.serve(|mut p| {
-        p.handshake();
-        p.call();
-        p.send(
-            &Envelope::Fatal {
-                code: ErrorCode::Protocol,
-                message: "bad",
-            },
-            &[],
-        );
-    });
-    let client = BlockingClient::builder()
-        .socket_dir(&dir)
-        .agent("zrpc-client/test")
-        .connect_blocking()
-        .expect("connect");
-    let err = client
-        .call::<_, Value>("svc", "x", &(), Some(BOUND))
-        .expect_err("fatal");
-    assert!(matches!(&err, Error::Protocol(m) if m == "bad"), "{err}");
-    peer.join().expect("fake broker");
-
-    let peer = fake.serve(|mut p| {
-        p.handshake();
-        p.call();
-    });
-    let started = Instant::now();
-    let err = client
-        .call::<_, Value>("svc", "x", &(), None)
-        .expect_err("disconnected");
-    assert!(matches!(err, Error::Disconnected(_)), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5));
-    peer.join().expect("fake broker");
-
+    // A local safety timeout sends Cancel; the connection stays usable.
     let peer = fake.serve(|mut p| {
         p.handshake();
         let (id, ..) = p.call();
@@ -920,6 +890,11 @@ fn blocking_fatal_disconnect_timeout_and_reconnect() {
         p.result(id, &[0x05]);
         p.expect_eof();
     });
+    let client = BlockingClient::builder()
+        .socket_dir(&dir)
+        .agent("zrpc-client/test")
+        .connect_blocking()
+        .expect("connect");
     let started = Instant::now();
     let err = client
         .call::<_, Value>("svc", "x", &(), Some(Duration::from_millis(1)))
@@ -936,6 +911,396 @@ fn blocking_fatal_disconnect_timeout_and_reconnect() {
     assert_eq!(n, 5);
     drop(client);
     peer.join().expect("fake broker");
+}
+
+// ------------------------------------------------ reconnection (both flavours)
+
+/// Either client, with a blocking `call` so that one scenario serves both.
+#[derive(Clone)]
+enum Caller {
+    Async(std::sync::Arc<tokio::runtime::Runtime>, Client),
+    Blocking(BlockingClient),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Flavor {
+    Async,
+    Blocking,
+}
+
+impl Caller {
+    fn connect(flavor: Flavor, dir: &std::path::Path) -> Caller {
+        let b = Client::builder()
+            .socket_dir(dir)
+            .reconnect_backoff(Duration::from_millis(5), Duration::from_millis(50));
+        match flavor {
+            Flavor::Async => {
+                let rt = std::sync::Arc::new(rt_multi());
+                let c = rt.block_on(bounded(b.connect())).expect("connect");
+                Caller::Async(rt, c)
+            }
+            Flavor::Blocking => Caller::Blocking(b.connect_blocking().expect("connect")),
+        }
+    }
+
+    /// Calls `svc.method(method)`: the payload is the method name.
+    fn call(&self, method: &str, opts: CallOptions) -> Result<String> {
+        match self {
+            Caller::Async(rt, c) => rt.block_on(c.call_with("svc", method, &method, opts)),
+            Caller::Blocking(c) => c.call_with("svc", method, &method, opts),
+        }
+    }
+
+    /// The same in a thread; also returns how long the call took.
+    fn spawn(&self, method: &str, opts: CallOptions) -> JoinHandle<(Result<String>, Duration)> {
+        let c = self.clone();
+        let method = method.to_owned();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = c.call(&method, opts);
+            (r, t.elapsed())
+        })
+    }
+
+    fn connected(&self) -> bool {
+        match self {
+            Caller::Async(_, c) => c.connected(),
+            Caller::Blocking(c) => c.connected(),
+        }
+    }
+
+    fn pending(&self) -> usize {
+        match self {
+            Caller::Async(_, c) => c.pending(),
+            Caller::Blocking(c) => c.pending(),
+        }
+    }
+}
+
+/// Polls `cond` until true, panicking after [`BOUND`].
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < BOUND, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn join_call(h: JoinHandle<(Result<String>, Duration)>) -> (Result<String>, Duration) {
+    let start = Instant::now();
+    while !h.is_finished() {
+        assert!(start.elapsed() < BOUND, "call did not finish");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    h.join().expect("caller thread")
+}
+
+/// Answers every call of `calls` with its payload (the method name).
+fn echo_all(p: &mut Peer, calls: &std::collections::HashMap<String, SeenCall>) {
+    for c in calls.values() {
+        p.result(c.id, &c.payload);
+    }
+}
+
+fn msgpack_str(s: &str) -> Bytes {
+    Bytes::from(rmp_serde::to_vec(s).expect("encode"))
+}
+
+/// The connection drops mid-call and the broker comes back on the same
+/// path: the client reconnects with the same instance id and resubmits
+/// every call with the same id, flags and payload and a smaller budget; a
+/// call made while disconnected is queued and sent after the handshake.
+fn reconnect_resubmits(flavor: Flavor) {
+    let mut fake = Fake::new();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let peer = fake.serve(move |mut p| {
+        let instance = p.handshake();
+        let calls = p.calls(2);
+        seen_tx.send((instance, calls)).expect("signal");
+        go_rx.recv_timeout(BOUND).expect("go");
+        // Dropping `p` closes the connection mid-call.
+    });
+    let c = Caller::connect(flavor, &fake.dir());
+    let a = c.spawn("a", CallOptions::timeout(Duration::from_secs(30)));
+    let b = c.spawn("b", CallOptions::default().no_wait());
+    let (instance, first) = seen_rx.recv_timeout(BOUND).expect("calls seen");
+    // The broker goes away: nothing listens until `start`.
+    fake.stop();
+    go_tx.send(()).expect("go");
+    peer.join().expect("fake broker");
+    wait_for("the client to notice", || !c.connected());
+    let queued = c.spawn("c", CallOptions::timeout(Duration::from_secs(30)));
+    wait_for("the queued call", || c.pending() == 3);
+
+    fake.start();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let peer = fake.serve(move |mut p| {
+        let instance = p.handshake();
+        let calls = p.calls(3);
+        echo_all(&mut p, &calls);
+        seen_tx.send((instance, calls)).expect("signal");
+        p.expect_eof();
+    });
+    for (h, want) in [(a, "a"), (b, "b"), (queued, "c")] {
+        let (r, _) = join_call(h);
+        assert_eq!(r.expect("answered after the reconnect"), want);
+    }
+    let (instance2, second) = seen_rx.recv_timeout(BOUND).expect("calls seen");
+    assert_eq!(
+        instance2, instance,
+        "the same instance id across reconnects"
+    );
+    for m in ["a", "b"] {
+        let (x, y) = (&first[m], &second[m]);
+        assert_eq!(y.id, x.id, "{m}: same call id");
+        assert_eq!(y.flags, x.flags, "{m}: same flags");
+        assert_eq!(y.payload, x.payload, "{m}: same payload");
+        assert_eq!(&y.payload[..], &msgpack_str(m)[..]);
+    }
+    assert_eq!(first["b"].flags, zrpc_proto::flags::NO_WAIT);
+    assert_eq!(second["b"].timeout_ms, None, "no deadline stays none");
+    let (t1, t2) = (
+        first["a"].timeout_ms.expect("budget"),
+        second["a"].timeout_ms.expect("budget"),
+    );
+    assert!(t1 <= 30_000 && t2 < t1, "remaining budget: {t1} then {t2}");
+    assert_eq!(second["c"].timeout_ms.map(|t| t <= 30_000), Some(true));
+    assert!(![first["a"].id, first["b"].id].contains(&second["c"].id));
+    drop(c);
+    peer.join().expect("fake broker");
+}
+
+#[test]
+fn async_reconnect_resubmits() {
+    reconnect_resubmits(Flavor::Async);
+}
+
+#[test]
+fn blocking_reconnect_resubmits() {
+    reconnect_resubmits(Flavor::Blocking);
+}
+
+/// `Result{Shutdown}` keeps a call pending for the next broker (then comes
+/// `Fatal{Shutdown}`); with `no_retry` it surfaces as `Error::Shutdown`.
+fn shutdown_result_resubmits(flavor: Flavor) {
+    let mut fake = Fake::new();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let calls = p.calls(2);
+        p.error(calls["a"].id, ErrorCode::Shutdown);
+        p.error(calls["n"].id, ErrorCode::Shutdown);
+        seen_tx.send(calls).expect("signal");
+        go_rx.recv_timeout(BOUND).expect("go");
+        p.send(
+            &Envelope::Fatal {
+                code: ErrorCode::Shutdown,
+                message: "bye",
+            },
+            &[],
+        );
+    });
+    let c = Caller::connect(flavor, &fake.dir());
+    let a = c.spawn("a", CallOptions::timeout(Duration::from_secs(30)));
+    let n = c.spawn(
+        "n",
+        CallOptions::timeout(Duration::from_secs(30)).no_retry(),
+    );
+    let first = seen_rx.recv_timeout(BOUND).expect("calls seen");
+    let (r, _) = join_call(n);
+    assert!(matches!(r, Err(Error::Shutdown)), "{r:?}");
+    assert!(!a.is_finished(), "the retried call still waits");
+    fake.stop();
+    go_tx.send(()).expect("go");
+    peer.join().expect("fake broker");
+    wait_for("the client to notice", || !c.connected());
+    fake.start();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let calls = p.calls(1);
+        assert_eq!(calls["a"].id, first["a"].id, "same id");
+        echo_all(&mut p, &calls);
+        p.expect_eof();
+    });
+    let (r, _) = join_call(a);
+    assert_eq!(r.expect("answered by the next broker"), "a");
+    drop(c);
+    peer.join().expect("fake broker");
+}
+
+#[test]
+fn async_shutdown_result_resubmits() {
+    shutdown_result_resubmits(Flavor::Async);
+}
+
+#[test]
+fn blocking_shutdown_result_resubmits() {
+    shutdown_result_resubmits(Flavor::Blocking);
+}
+
+/// `no_retry` calls on a lost connection fail at once with `Disconnected`
+/// and are not resubmitted; the others are.
+fn no_retry_fails_on_loss(flavor: Flavor) {
+    let mut fake = Fake::new();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        seen_tx.send(p.calls(2)).expect("signal");
+        go_rx.recv_timeout(BOUND).expect("go");
+    });
+    let c = Caller::connect(flavor, &fake.dir());
+    let a = c.spawn("a", CallOptions::default());
+    let n = c.spawn("n", CallOptions::default().no_retry());
+    seen_rx.recv_timeout(BOUND).expect("calls seen");
+    fake.stop();
+    go_tx.send(()).expect("go");
+    peer.join().expect("fake broker");
+    // Fails while no broker listens, i.e. without waiting for a reconnect.
+    let (r, _) = join_call(n);
+    assert!(matches!(r, Err(Error::Disconnected(_))), "{r:?}");
+    fake.start();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let calls = p.calls(1);
+        assert!(calls.contains_key("a"));
+        echo_all(&mut p, &calls);
+        // `n` is never resubmitted (expect_eof fails on a Call).
+        p.expect_eof();
+    });
+    let (r, _) = join_call(a);
+    assert_eq!(r.expect("resubmitted"), "a");
+    drop(c);
+    peer.join().expect("fake broker");
+}
+
+#[test]
+fn async_no_retry_fails_on_loss() {
+    no_retry_fails_on_loss(Flavor::Async);
+}
+
+#[test]
+fn blocking_no_retry_fails_on_loss() {
+    no_retry_fails_on_loss(Flavor::Blocking);
+}
+
+/// A call whose deadline passes while the client is disconnected fails with
+/// `Timeout` at its deadline (not at the local safety deadline) and is not
+/// resubmitted; a call without a deadline waits for the broker.
+fn deadline_passes_while_disconnected(flavor: Flavor) {
+    let mut fake = Fake::new();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        seen_tx.send(p.calls(2)).expect("signal");
+        go_rx.recv_timeout(BOUND).expect("go");
+    });
+    let c = Caller::connect(flavor, &fake.dir());
+    // `long` first, so that (blocking) the short call's thread is likely to
+    // be the reader and must hand the role on when it gives up.
+    let long = c.spawn("long", CallOptions::default());
+    let short = c.spawn("short", CallOptions::timeout(Duration::from_millis(400)));
+    seen_rx.recv_timeout(BOUND).expect("calls seen");
+    fake.stop();
+    go_tx.send(()).expect("go");
+    peer.join().expect("fake broker");
+    wait_for("the client to notice", || !c.connected());
+    let queued = c.spawn("queued", CallOptions::timeout(Duration::from_millis(200)));
+    for h in [short, queued] {
+        let (r, took) = join_call(h);
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
+    assert!(!long.is_finished(), "a call without a deadline waits");
+    fake.start();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let calls = p.calls(1);
+        assert!(calls.contains_key("long"), "{calls:?}");
+        echo_all(&mut p, &calls);
+        p.expect_eof();
+    });
+    let (r, _) = join_call(long);
+    assert_eq!(r.expect("answered after the reconnect"), "long");
+    drop(c);
+    peer.join().expect("fake broker");
+}
+
+#[test]
+fn async_deadline_passes_while_disconnected() {
+    deadline_passes_while_disconnected(Flavor::Async);
+}
+
+#[test]
+fn blocking_deadline_passes_while_disconnected() {
+    deadline_passes_while_disconnected(Flavor::Blocking);
+}
+
+/// The connection is lost while the client is idle: the next call, even a
+/// `no_retry` one, goes to the new connection (it was never sent on the
+/// old one).
+fn idle_loss_then_call(flavor: Flavor) {
+    let fake = Fake::new();
+    let peer = fake.serve(|mut p| {
+        p.handshake();
+    });
+    let c = Caller::connect(flavor, &fake.dir());
+    peer.join().expect("fake broker");
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let calls = p.calls(1);
+        echo_all(&mut p, &calls);
+        p.expect_eof();
+    });
+    let r = c.call("n", CallOptions::timeout(BOUND).no_retry());
+    assert_eq!(r.expect("sent on the new connection"), "n");
+    drop(c);
+    peer.join().expect("fake broker");
+}
+
+#[test]
+fn async_idle_loss_then_call() {
+    idle_loss_then_call(Flavor::Async);
+}
+
+#[test]
+fn blocking_idle_loss_then_call() {
+    idle_loss_then_call(Flavor::Blocking);
+}
+
+#[test]
+fn backoff_doubles_caps_and_jitters() {
+    use crate::common::{Backoff, Retry};
+    let b = Backoff::default();
+    assert_eq!(b.min, Duration::from_millis(10));
+    assert_eq!(b.max, Duration::from_secs(1));
+    let bases: Vec<_> = (0..10).map(|n| b.base(n).as_millis()).collect();
+    assert_eq!(bases, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+    assert_eq!(b.base(u32::MAX), Duration::from_secs(1));
+    let mut seen = std::collections::HashSet::new();
+    for n in 0..200 {
+        let base = b.base(n % 12);
+        let d = b.delay(n % 12);
+        assert!(d >= base.mul_f64(0.75) && d <= base.mul_f64(1.25), "{d:?}");
+        seen.insert(d);
+    }
+    assert!(seen.len() > 20, "jitter varies the delays");
+    let mut r = Retry::default();
+    r.next_delay(&b);
+    r.next_delay(&b);
+    assert_eq!(r.attempt, 2);
+    r.connection_ended(&b, Duration::from_millis(10));
+    assert_eq!(r.attempt, 2, "a short-lived connection does not reset");
+    r.connection_ended(&b, Duration::from_secs(1));
+    assert_eq!(r.attempt, 0);
+    let odd = Backoff::new(Duration::ZERO, Duration::ZERO);
+    assert_eq!(
+        (odd.min, odd.max),
+        (Duration::from_millis(1), Duration::from_millis(1))
+    );
 }
 
 #[test]
