@@ -2,6 +2,7 @@
 //!
 //! Usage: `zrpc-test-svc [--name NAME] [--shared]` (default name `echo`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,11 @@ struct Point {
     raw: Vec<u8>,
 }
 
-struct TestSvc;
+#[derive(Default)]
+struct TestSvc {
+    /// How often `record` ran for each key (to detect double execution).
+    executions: HashMap<u64, u64>,
+}
 
 #[service(name = "echo")]
 impl TestSvc {
@@ -75,6 +80,23 @@ impl TestSvc {
     fn counter(&mut self, ctx: &Context) -> u64 {
         ctx.counter()
     }
+
+    /// Counts one execution for `key`, sleeps `ms` milliseconds
+    /// (asynchronously), then returns `(key, executions so far for key)`.
+    #[rpc_method]
+    async fn record(&mut self, (key, ms): (u64, u64)) -> (u64, u64) {
+        let n = self.executions.entry(key).or_insert(0);
+        *n += 1;
+        let n = *n;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        (key, n)
+    }
+
+    /// How often `record` ran for `key` in this process.
+    #[rpc_method]
+    fn executions(&mut self, key: u64) -> u64 {
+        self.executions.get(&key).copied().unwrap_or(0)
+    }
 }
 
 fn main() {
@@ -91,7 +113,7 @@ fn main() {
             }
         }
     }
-    let mut server = Server::new(TestSvc).shared(shared);
+    let mut server = Server::new(TestSvc::default()).shared(shared);
     if let Some(n) = name {
         server = server.name(n);
     }
