@@ -115,54 +115,17 @@ async fn services(client: &Client, args: &ListArgs) -> Result<(), Failure> {
     write_out(&fmt::table(&rows))
 }
 
-/// `zrpc.describe` of the broker's own service, which does not answer it.
-fn broker_description() -> Value {
-    let m = |name: &str, param: Option<(&str, &str)>, returns: &str, doc: &str| {
-        map(vec![
-            ("name", name.into()),
-            ("doc", doc.into()),
-            (
-                "params",
-                Value::Array(
-                    param
-                        .map(|(n, t)| map(vec![("name", n.into()), ("type", t.into())]))
-                        .into_iter()
-                        .collect(),
-                ),
-            ),
-            ("returns", returns.into()),
-        ])
-    };
-    map(vec![
-        ("service", "zrpcd".into()),
-        (
-            "methods",
-            Value::Array(vec![
-                m("ping", None, "String", "Returns \"pong\"."),
-                m("list", None, "Vec<{name, instances}>", "The registered service names with the connection ids of their instances, sorted by name."),
-                m("peers", None, "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}>", "Every connection; pid, uid and gid come from the socket (SO_PEERCRED)."),
-                m("stats", None, "{uptime_s, connections, calls, timeouts, errors, services, ...}", "Broker-wide counters and per-service latency percentiles (p50_us, p99_us)."),
-                m("monitor", Some(("services", "Option<Vec<String>>")), "bool", "Subscribes this connection to Event frames, one per finished call (all services, or only these). Use `zrpc monitor`."),
-            ]),
-        ),
-    ])
-}
-
 async fn methods(client: &Client, name: &str, args: &ListArgs) -> Result<(), Failure> {
-    let desc = if name == zrpc_proto::BROKER_SERVICE {
-        broker_description()
-    } else {
-        let opts = CallOptions::timeout(args.timeout).no_wait();
-        match client.call_raw(name, "zrpc.describe", Bytes::new(), opts).await {
-            Ok(r) => fmt::decode(&r)?,
-            Err(Error::NoSuchMethod { .. }) => {
-                return Err(Failure::new(
-                    exit::NO_SUCH_METHOD,
-                    format!("service {name:?} does not describe itself (it has no method \"zrpc.describe\"; services built with zrpc-service do)"),
-                ))
-            }
-            Err(e) => return Err(e.into()),
+    let opts = CallOptions::timeout(args.timeout).no_wait();
+    let desc = match client.call_raw(name, "zrpc.describe", Bytes::new(), opts).await {
+        Ok(r) => fmt::decode(&r)?,
+        Err(Error::NoSuchMethod { .. }) => {
+            return Err(Failure::new(
+                exit::NO_SUCH_METHOD,
+                format!("service {name:?} does not describe itself (it has no method \"zrpc.describe\"; services built with zrpc-service do)"),
+            ))
         }
+        Err(e) => return Err(e.into()),
     };
     if args.json {
         return write_line(&fmt::json_line(&desc));

@@ -2,6 +2,8 @@
 //!
 //! Methods (all take no arguments; the payload is ignored):
 //! - `ping`: returns `"pong"`.
+//! - `zrpc.describe`: the method list below, in the format every
+//!   `zrpc-service` service uses.
 //! - `list`: the registered names: `[{name, instances: [conn_id...]}]`.
 //! - `peers`: every connection: `[{conn_id, pid, uid, gid, agent, names,
 //!   connected_s, outstanding, calling, served, failed, calls_made}]`.
@@ -47,6 +49,7 @@ pub fn handle(
             Err(msg) => return (Some(ErrorCode::BadPayload), msg, Bytes::new()),
         },
         "ping" => Value::from("pong"),
+        "zrpc.describe" => describe(),
         "list" => list(broker),
         "peers" => peers(broker),
         "stats" => stats(broker),
@@ -54,13 +57,62 @@ pub fn handle(
             return (
                 Some(ErrorCode::NoSuchMethod),
                 format!(
-                "service \"zrpcd\" has no method {other:?} (try ping, list, peers, stats, monitor)"
+                "service \"zrpcd\" has no method {other:?} (try ping, list, peers, stats, monitor, zrpc.describe)"
             ),
                 Bytes::new(),
             )
         }
     };
     (None, String::new(), encode(&value))
+}
+
+/// The broker's own service described like any `zrpc-service` service.
+fn describe() -> Value {
+    let m = |name: &str, param: Option<(&str, &str)>, returns: &str, doc: &str| {
+        let params = param
+            .map(|(n, t)| map(vec![("name", n.into()), ("type", t.into())]))
+            .into_iter()
+            .collect();
+        map(vec![
+            ("name", name.into()),
+            ("doc", doc.into()),
+            ("params", Value::Array(params)),
+            ("returns", returns.into()),
+        ])
+    };
+    map(vec![
+        ("service", "zrpcd".into()),
+        (
+            "methods",
+            Value::Array(vec![
+                m("ping", None, "String", "Returns \"pong\"."),
+                m(
+                    "list",
+                    None,
+                    "Vec<{name, instances}>",
+                    "The registered service names with the connection ids of their instances, sorted by name.",
+                ),
+                m(
+                    "peers",
+                    None,
+                    "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}>",
+                    "Every connection; pid, uid and gid come from the socket (SO_PEERCRED).",
+                ),
+                m(
+                    "stats",
+                    None,
+                    "{uptime_s, connections, calls, timeouts, errors, services, ...}",
+                    "Broker-wide counters and per-service latency percentiles (p50_us, p99_us).",
+                ),
+                m(
+                    "monitor",
+                    Some(("services", "Option<Vec<String>>")),
+                    "bool",
+                    "Subscribes this connection to Event frames, one per finished call (all services, or only these). Use `zrpc monitor`.",
+                ),
+            ]),
+        ),
+    ])
 }
 
 fn subscribe(b: &mut Broker, caller: PeerId, payload: &[u8]) -> Result<Value, String> {
