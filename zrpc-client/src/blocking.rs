@@ -33,9 +33,17 @@ use crate::{CallOptions, ClientBuilder, Error, Result};
 /// reader role is free. A single-threaded caller therefore costs no more
 /// than a raw socket round trip.
 ///
+/// If the connection to the broker is lost, pending calls do not fail: the
+/// thread acting as reader reconnects (with backoff, bounded by its own
+/// call's deadline) and resubmits every pending call, holding the write lock
+/// so that calls made meanwhile are written after them; the other threads
+/// keep waiting for their results. See the
+/// [crate documentation](crate#restarts-and-reconnection) for the exact
+/// rules, and [`CallOptions::no_retry`] for at-most-once calls.
+///
 /// Pings from the broker are answered while some thread is inside a call;
-/// an idle client does not read the socket (the broker's liveness checks,
-/// if any, must tolerate that).
+/// an idle client does not read the socket, so it answers late (see
+/// [heartbeats](crate#heartbeats)).
 #[derive(Clone)]
 pub struct BlockingClient {
     inner: Arc<Inner>,

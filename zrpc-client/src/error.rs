@@ -12,8 +12,9 @@ use zrpc_proto::ErrorCode;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The call's deadline passed: the broker answered `Timeout`, or the local
-    /// safety deadline (timeout + 2 s) passed without any answer.
+    /// The call's deadline passed: the broker answered `Timeout`, the
+    /// deadline passed while the client was reconnecting to the broker, or
+    /// the local safety deadline (timeout + 2 s) passed without any answer.
     #[error("call to {service}.{method} timed out")]
     Timeout {
         /// Target service.
@@ -62,7 +63,9 @@ pub enum Error {
         /// Target service.
         service: String,
     },
-    /// The broker is shutting down.
+    /// The broker is shutting down: it did not finish a `no_retry` call
+    /// (other calls are resubmitted to the next broker instead), or it
+    /// refused a new connection.
     #[error("the zrpcd broker is shutting down")]
     Shutdown,
     /// The broker socket could not be connected to.
@@ -74,8 +77,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The connection to the broker was lost (the call may or may not have
-    /// run).
+    /// The connection to the broker was lost while a `no_retry` call was on
+    /// the broker (the call may or may not have run), or the client's
+    /// connection task stopped. Calls without `no_retry` are resubmitted
+    /// after reconnecting instead.
     #[error("connection to zrpcd lost: {0}")]
     Disconnected(String),
     /// The broker (or this library) detected a protocol violation.

@@ -23,6 +23,66 @@
 //! `f32`, `bin` stays `bin`, `ext` stays `ext`, maps may have non-string
 //! keys); the only exception is a `str` holding invalid UTF-8, which comes
 //! back as `bin` (use [`Client::call_raw`] for byte-exact handling).
+//!
+//! # Restarts and reconnection
+//!
+//! A restart of the broker is invisible to callers, apart from extra
+//! latency. Both clients behave the same way:
+//!
+//! - **Connection loss does not fail calls.** When the connection to the
+//!   broker ends (end of stream, a read or write error, or a `Fatal` frame of
+//!   any code, including `Shutdown`), the client reconnects by itself and
+//!   resubmits every call still pending, with the **same call id** and the
+//!   **remaining budget** as its `timeout_ms` (the arguments are not encoded
+//!   again). It keeps its `instance` id in `Hello`, so a call keeps its
+//!   identity (instance id, call id) across reconnects: the service library
+//!   uses it to answer a resubmitted call from its reply cache instead of
+//!   running it twice.
+//! - **Backoff.** Reconnection attempts are spaced by a capped exponential
+//!   backoff with jitter: the first attempt waits 10 ms, each further one
+//!   twice as long, up to 1 s, and every delay is multiplied by a random
+//!   factor between 0.75 and 1.25. The sequence starts over once a
+//!   connection has stayed up for at least the cap. Both bounds are set with
+//!   [`ClientBuilder::reconnect_backoff`].
+//! - **Deadlines still hold.** A call whose deadline passes while the
+//!   client is disconnected fails at that moment with [`Error::Timeout`]; it
+//!   is not resubmitted. A call without a deadline waits for as long as it
+//!   takes: there is no limit on reconnection attempts (give calls a timeout
+//!   to bound them). The local safety deadline (the call's timeout plus 2 s,
+//!   for a broker that never answers) applies as before.
+//! - **New calls while reconnecting** are queued and sent right after the
+//!   handshake on the new connection, after the resubmitted calls.
+//! - **`Result{Shutdown}`.** A broker that shuts down answers the calls it
+//!   could not finish within its grace period with `Shutdown`, then closes.
+//!   Such a call is treated like connection loss: it stays pending and is
+//!   resubmitted to the next broker.
+//! - **At-most-once calls: [`CallOptions::no_retry`].** A `no_retry` call is
+//!   never resubmitted: if the connection is lost while it is on the broker,
+//!   it fails at once with [`Error::Disconnected`] (it may or may not have
+//!   run), and a `Shutdown` result surfaces as [`Error::Shutdown`]. A
+//!   `no_retry` call that was never written to the broker (made while the
+//!   client was reconnecting, or whose write failed before any byte was
+//!   sent) is simply sent on the next connection. `no_retry` also tells the
+//!   broker not to re-deliver the call to another instance if the service
+//!   instance handling it disconnects ([`Error::ServiceGone`]).
+//! - **The first connection is not retried.** [`Client::connect`] and
+//!   [`BlockingClient::connect`] fail with [`Error::Connect`] when no broker
+//!   is running; reconnection only starts once a client has connected.
+//! - **Idle clients.** The async client notices a lost connection at once
+//!   and reconnects when it is next used (or at once, if calls are pending).
+//!   The blocking client has no background thread: it notices a lost
+//!   connection when a thread next reads or writes it, and the thread
+//!   currently acting as reader reconnects (bounded by its own call's
+//!   deadline; when its call completes, another waiting thread takes over).
+//!
+//! # Heartbeats
+//!
+//! The broker may `Ping` a connection; the clients answer `Pong`. The async
+//! client always reads its connection, so it answers at once. The blocking
+//! client reads only while some thread is inside a call, so an idle
+//! `BlockingClient` answers pings late (when it is next used); a broker that
+//! treats an unanswered ping as a dead peer closes such a connection, and
+//! the next call reconnects transparently.
 
 #![warn(missing_docs)]
 

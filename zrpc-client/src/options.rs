@@ -5,8 +5,10 @@ use std::time::Duration;
 /// Options of one call.
 ///
 /// The default waits forever (like the original zrpc), waits for the service
-/// to register if it is not there yet, and lets the broker re-deliver the call
-/// if the instance handling it disconnects.
+/// to register if it is not there yet, lets the broker re-deliver the call
+/// if the instance handling it disconnects, and lets the client resubmit it
+/// after a reconnection to the broker (see the
+/// [crate documentation](crate#restarts-and-reconnection)).
 ///
 /// ```
 /// # use std::time::Duration;
@@ -23,8 +25,15 @@ pub struct CallOptions {
     /// Fail at once with [`Error::NoSuchService`](crate::Error::NoSuchService)
     /// when no service holds the name, instead of waiting for one.
     pub no_wait: bool,
-    /// Fail with [`Error::ServiceGone`](crate::Error::ServiceGone) when the
-    /// instance handling the call disconnects, instead of re-delivering it.
+    /// At most once: never send the call a second time. The broker fails it
+    /// with [`Error::ServiceGone`](crate::Error::ServiceGone) when the
+    /// instance handling it disconnects, instead of re-delivering it; the
+    /// client fails it with
+    /// [`Error::Disconnected`](crate::Error::Disconnected) when the
+    /// connection to the broker is lost while the call is on the broker
+    /// (and with [`Error::Shutdown`](crate::Error::Shutdown) when a broker
+    /// shutting down answers it so), instead of resubmitting it after
+    /// reconnecting. In every such case the call may or may not have run.
     pub no_retry: bool,
 }
 
@@ -49,7 +58,8 @@ impl CallOptions {
         self
     }
 
-    /// These options with `no_retry` set.
+    /// These options with `no_retry` set: the call is sent at most once
+    /// (see [`no_retry`](CallOptions#structfield.no_retry)).
     pub fn no_retry(mut self) -> CallOptions {
         self.no_retry = true;
         self
