@@ -6,14 +6,20 @@
 //! fail promptly instead (`Disconnected` when the broker is killed,
 //! `Shutdown` when it answers them during its shutdown). Every call is
 //! counted, and every wait is bounded.
+//!
+//! The service process (`zrpc-test-svc`) reconnects and registers its name
+//! again by itself; it runs its handlers one at a time, so the latencies
+//! printed include queueing behind the `sleep` calls.
 
+use std::os::unix::net::UnixStream;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use zrpc_client::{BlockingClient, CallOptions, Client, Error, Value};
-use zrpc_tests::{broker_stat, wait_registered, wait_until, Broker, WAIT};
+use zrpc_tests::{bin, broker_stat, wait_registered, wait_until, Broker, Proc, WAIT};
 
 /// Deadline of the calls expected to succeed: far more than a restart
 /// takes.
@@ -91,7 +97,7 @@ fn sig_name(sig: i32) -> &'static str {
     }
 }
 
-fn restart_is_invisible(sig: i32) {
+fn restart_is_invisible(sig: i32, outage: bool) {
     let mut b = Broker::start();
     let mut svc = b.spawn("zrpc-test-svc", &[]);
     wait_registered(b.dir(), "echo", 1);
@@ -211,7 +217,23 @@ fn restart_is_invisible(sig: i32) {
         issued_async.load(Ordering::Relaxed) >= 2 && issued_blocking.load(Ordering::Relaxed) >= 2
     }));
     let down = Instant::now();
-    b.restart(sig);
+    if outage {
+        // Stop the broker, let both clients make new calls while none runs,
+        // then start it again.
+        b.proc.signal(sig);
+        assert!(b.proc.wait_exit(WAIT).is_some(), "broker did not exit");
+        let (a0, b0) = (
+            issued_async.load(Ordering::Relaxed),
+            issued_blocking.load(Ordering::Relaxed),
+        );
+        assert!(wait_until(WAIT, || {
+            issued_async.load(Ordering::Relaxed) >= a0 + 3
+                && issued_blocking.load(Ordering::Relaxed) >= b0 + 3
+        }));
+        b.proc = start_broker(&b);
+    } else {
+        b.restart(sig);
+    }
     let up = Instant::now();
     // The service reconnects and registers again by itself.
     wait_registered(b.dir(), "echo", 1);
@@ -304,15 +326,16 @@ fn restart_is_invisible(sig: i32) {
     };
     for who in ["async new", "blocking new"] {
         assert!(across(who) > 0, "{who}: no call pending across the restart");
-        if sig == libc::SIGTERM {
+        if sig == libc::SIGTERM || outage {
             assert!(during(who) > 0, "{who}: no call made during the shutdown");
         }
     }
     let slowest = log.iter().map(|r| r.took).max().unwrap_or_default();
     assert!(slowest < T, "{slowest:?}");
     println!(
-        "{}: restart took {:?}; {} calls in flight, {} new calls ({} pending across the restart, {} made during it), all ok; slowest {:?}",
+        "{}{}: restart took {:?}; {} calls in flight, {} new calls ({} pending across the restart, {} made during it), all ok; slowest {:?}",
         sig_name(sig),
+        if outage { " with an outage" } else { "" },
         up - down,
         ASYNC_IN_FLIGHT + BLOCKING_IN_FLIGHT,
         issued_async + issued_blocking,
@@ -322,12 +345,36 @@ fn restart_is_invisible(sig: i32) {
     );
 }
 
+/// Starts `zrpcd` again on `b`'s directory, as the harness does, and waits
+/// until it listens.
+fn start_broker(b: &Broker) -> Proc {
+    let mut c = Command::new(bin("zrpcd"));
+    c.arg("--socket-dir").arg(b.dir()).args(&b.args);
+    c.env(
+        "RUST_LOG",
+        std::env::var("ZRPC_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+    );
+    let p = Proc::spawn("zrpcd", c);
+    assert!(
+        wait_until(WAIT, || UnixStream::connect(b.socket()).is_ok()),
+        "zrpcd did not start listening"
+    );
+    p
+}
+
 #[test]
 fn broker_sigkill_restart_is_invisible_to_callers() {
-    restart_is_invisible(libc::SIGKILL);
+    restart_is_invisible(libc::SIGKILL, false);
 }
 
 #[test]
 fn broker_sigterm_restart_is_invisible_to_callers() {
-    restart_is_invisible(libc::SIGTERM);
+    restart_is_invisible(libc::SIGTERM, false);
+}
+
+/// The same with the broker down for a while: calls made while no broker
+/// runs are queued by both clients and sent once it is back.
+#[test]
+fn calls_made_while_no_broker_runs_succeed() {
+    restart_is_invisible(libc::SIGKILL, true);
 }
