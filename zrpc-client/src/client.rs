@@ -230,6 +230,17 @@ impl Shared {
         Ok((conn, n))
     }
 
+    /// Call `id` was certainly not written to connection `gen`: it waits
+    /// for the next connection.
+    fn unsend(&self, id: u64, gen: u64) {
+        let mut st = lock(&self.state);
+        if let Some(p) = st.pending.get_mut(&id) {
+            if p.sent_on == Some(gen) {
+                p.sent_on = None;
+            }
+        }
+    }
+
     /// The call's own deadline passed: if it is not on the broker (waiting
     /// for a reconnect), forget it and return true; nobody else would
     /// answer it.
@@ -496,7 +507,12 @@ impl Client {
         // concurrent calls are batched by the writer task (one syscall for
         // many frames).
         if let Some(conn) = conn {
-            conn.send(frame, in_flight == 1);
+            if let Some(why) = conn.send_unless_failed(frame, in_flight == 1) {
+                // Not sent: the call waits for the next connection, even
+                // with `no_retry`.
+                shared.unsend(id, conn.gen);
+                conn.kill(why);
+            }
         }
         // Wait for the result; at the call's deadline, a call that is not on
         // the broker (the client is reconnecting) times out at once; one
@@ -769,15 +785,27 @@ impl Conn {
         }
     }
 
+    /// Sends a control frame (see [`send_unless_failed`](Conn::send_unless_failed)).
+    fn send(&self, frame: Bytes, direct: bool) {
+        if let Some(why) = self.send_unless_failed(frame, direct) {
+            self.kill(why);
+        }
+    }
+
     /// Sends a frame. With `direct`, and if nothing else is being written,
     /// the caller writes it itself (saving a task hop); otherwise it is
     /// queued for the writer task, which writes everything queued with as few
     /// syscalls as it can.
-    fn send(&self, frame: Bytes, direct: bool) {
+    ///
+    /// `Some` means the caller's own write failed before any byte of the
+    /// frame was written: the frame was certainly not sent, and the caller
+    /// must [`kill`](Conn::kill) the connection with the reason given.
+    #[must_use]
+    fn send_unless_failed(&self, frame: Bytes, direct: bool) -> Option<Dead> {
         {
             let mut q = lock(&self.wq);
             if q.closed {
-                return;
+                return None;
             }
             if !direct || q.writing || !q.is_empty() {
                 let wake = q.push(&frame);
@@ -785,7 +813,7 @@ impl Conn {
                 if wake {
                     self.writer_wake.notify_one();
                 }
-                return;
+                return None;
             }
             q.writing = true;
         }
@@ -794,8 +822,7 @@ impl Conn {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
             Err(e) => {
                 lock(&self.wq).writing = false;
-                self.kill(Dead::Disconnected(format!("write error: {e}")));
-                return;
+                return Some(Dead::Disconnected(format!("write error: {e}")));
             }
         };
         let wake = {
@@ -810,6 +837,7 @@ impl Conn {
         if wake {
             self.writer_wake.notify_one();
         }
+        None
     }
 }
 
