@@ -60,11 +60,14 @@
 //!   never resubmitted: if the connection is lost while it is on the broker,
 //!   it fails at once with [`Error::Disconnected`] (it may or may not have
 //!   run), and a `Shutdown` result surfaces as [`Error::Shutdown`]. A
-//!   `no_retry` call that was never written to the broker (made while the
-//!   client was reconnecting, or whose write failed before any byte was
-//!   sent) is simply sent on the next connection. `no_retry` also tells the
-//!   broker not to re-deliver the call to another instance if the service
-//!   instance handling it disconnects ([`Error::ServiceGone`]).
+//!   `no_retry` call made while the client is reconnecting is simply sent
+//!   on the next connection, and so is one whose write fails before any
+//!   byte of it was sent, where the client can tell (always for the
+//!   blocking client; for the async client when the caller writes the frame
+//!   itself, which it does when no other call is in flight). `no_retry`
+//!   also tells the broker not to re-deliver the call to another instance
+//!   if the service instance handling it disconnects
+//!   ([`Error::ServiceGone`]).
 //! - **The first connection is not retried.** [`Client::connect`] and
 //!   [`BlockingClient::connect`] fail with [`Error::Connect`] when no broker
 //!   is running; reconnection only starts once a client has connected.
