@@ -30,6 +30,9 @@ usage: zrpc-bench [--quick] [--json] [--zrpcd PATH] [--threshold CORES] [--max-w
 
   --quick          smaller counts; finishes in under a minute
   --json           print the results as JSON instead of a table
+  --json-out FILE  also write the JSON to FILE
+  --only A,B       run only these scenarios (seq_small, conc_small_64, many_clients,
+                   large_1mib, names, client_flavour, idle_connections, pending_calls)
   --zrpcd PATH     the broker binary (default: zrpcd next to this executable)
   --threshold C    other processes may use at most C cores for a run to be clean (default 0.15)
   --max-wait S     longest wait for a quiet machine before each run (default 60, quick 10)

@@ -107,9 +107,15 @@ struct Ctx {
     zrpcd: PathBuf,
     tmp: PathBuf,
     verbose: bool,
+    /// Run only these scenarios (all when empty).
+    only: Vec<String>,
 }
 
 impl Ctx {
+    fn want(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == scenario)
+    }
+
     fn log(&self, msg: &str) {
         if self.verbose {
             eprintln!("zrpc-bench: {msg}");
@@ -408,6 +414,15 @@ pub fn main(a: &Args) -> i32 {
         zrpcd,
         tmp: tmp.clone(),
         verbose: true,
+        only: a
+            .str("only")
+            .map(|s| {
+                s.split(',')
+                    .filter(|x| !x.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
     let started = Instant::now();
     let result = run_all(&ctx);
@@ -420,15 +435,21 @@ pub fn main(a: &Args) -> i32 {
         }
     };
     let elapsed = started.elapsed().as_secs_f64();
+    let doc = json!({
+        "mode": if quick { "quick" } else { "full" },
+        "elapsed_s": round(elapsed, 1),
+        "guard_threshold_cores": ctx.guard.threshold,
+        "machine": machine(),
+        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+    });
+    let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    if let Some(path) = a.str("json-out") {
+        if let Err(e) = std::fs::write(path, &text) {
+            eprintln!("zrpc-bench: {path}: {e}");
+        }
+    }
     if a.flag("json") {
-        let doc = json!({
-            "mode": if quick { "quick" } else { "full" },
-            "elapsed_s": round(elapsed, 1),
-            "guard_threshold_cores": ctx.guard.threshold,
-            "machine": machine(),
-            "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        println!("{text}");
     } else {
         let m = machine();
         println!(
@@ -516,339 +537,366 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
         raw_server.pid(),
     ];
 
-    // seq_small
-    ctx.log("seq_small");
-    let z_seq = ctx.measure(
-        &daemons,
-        &|| vec![zrpc_client(&zdir, "current", 1, c.seq_warmup, c.seq, SMALL)],
-        SMALL,
-    )?;
-    let r_seq = ctx.measure(
-        &daemons,
-        &|| vec![raw_client(&relay_path, 1, c.seq_warmup, c.seq, SMALL)],
-        SMALL,
-    )?;
-    rows.push(Row {
-        scenario: "seq_small",
-        metric: "p50 (us)",
-        zrpc: z_seq.p50_us,
-        baseline: Some(r_seq.p50_us),
-        target: Some(Target::RatioAtMost(1.25)),
-        guard: Some(z_seq.guard),
-        note: guard_note(&r_seq),
-    });
-    rows.push(Row {
-        scenario: "seq_small",
-        metric: "p99 (us)",
-        zrpc: z_seq.p99_us,
-        baseline: Some(r_seq.p99_us),
-        target: None,
-        guard: None,
-        note: String::new(),
-    });
-    rows.push(Row {
-        scenario: "seq_small",
-        metric: "calls/s",
-        zrpc: z_seq.calls_per_s,
-        baseline: Some(r_seq.calls_per_s),
-        target: None,
-        guard: None,
-        note: String::new(),
-    });
-
-    // conc_small_64
-    ctx.log("conc_small_64");
-    let z = ctx.measure(
-        &daemons,
-        &|| {
-            vec![zrpc_client(
-                &zdir,
-                "current",
-                CONC_INFLIGHT,
-                c.seq_warmup,
-                c.conc,
-                SMALL,
-            )]
-        },
-        SMALL,
-    )?;
-    let r = ctx.measure(
-        &daemons,
-        &|| {
-            vec![raw_client(
-                &relay_path,
-                CONC_INFLIGHT,
-                c.seq_warmup,
-                c.conc,
-                SMALL,
-            )]
-        },
-        SMALL,
-    )?;
-    rows.push(Row {
-        scenario: "conc_small_64",
-        metric: "calls/s",
-        zrpc: z.calls_per_s,
-        baseline: Some(r.calls_per_s),
-        target: Some(Target::RatioAtLeast(0.5)),
-        guard: Some(z.guard),
-        note: guard_note(&r),
-    });
-    rows.push(Row {
-        scenario: "conc_small_64",
-        metric: "p50 (us)",
-        zrpc: z.p50_us,
-        baseline: Some(r.p50_us),
-        target: None,
-        guard: None,
-        note: String::new(),
-    });
-    rows.push(Row {
-        scenario: "conc_small_64",
-        metric: "p99 (us)",
-        zrpc: z.p99_us,
-        baseline: Some(r.p99_us),
-        target: None,
-        guard: None,
-        note: String::new(),
-    });
-
-    // many_clients
-    ctx.log("many_clients");
-    let per = c.many_per_client;
-    let warm = c.seq_warmup / 4;
-    let z = ctx.measure(
-        &daemons,
-        &|| {
-            (0..MANY_CLIENTS)
-                .map(|_| zrpc_client(&zdir, "current", MANY_INFLIGHT, warm, per, SMALL))
-                .collect()
-        },
-        SMALL,
-    )?;
-    let r = ctx.measure(
-        &daemons,
-        &|| {
-            (0..MANY_CLIENTS)
-                .map(|_| raw_client(&relay_path, MANY_INFLIGHT, warm, per, SMALL))
-                .collect()
-        },
-        SMALL,
-    )?;
-    rows.push(Row {
-        scenario: "many_clients",
-        metric: "calls/s (16x16)",
-        zrpc: z.calls_per_s,
-        baseline: Some(r.calls_per_s),
-        target: Some(Target::RatioAtLeast(0.5)),
-        guard: Some(z.guard),
-        note: guard_note(&r),
-    });
-
-    // large_1mib
-    ctx.log("large_1mib");
-    let lw = (c.large / 10).max(5);
-    let z = ctx.measure(
-        &daemons,
-        &|| vec![zrpc_client(&zdir, "current", 1, lw, c.large, LARGE)],
-        LARGE,
-    )?;
-    let r = ctx.measure(
-        &daemons,
-        &|| vec![raw_client(&relay_path, 1, lw, c.large, LARGE)],
-        LARGE,
-    )?;
-    rows.push(Row {
-        scenario: "large_1mib",
-        metric: "MB/s (one way)",
-        zrpc: z.mb_per_s,
-        baseline: Some(r.mb_per_s),
-        target: Some(Target::RatioAtLeast(0.7)),
-        guard: Some(z.guard),
-        note: guard_note(&r),
-    });
-    rows.push(Row {
-        scenario: "large_1mib",
-        metric: "p50 (us)",
-        zrpc: z.p50_us,
-        baseline: Some(r.p50_us),
-        target: None,
-        guard: None,
-        note: String::new(),
-    });
-
-    // Diagnostics: the same without serde (Client::call_raw to a service
-    // that returns the request payload as is).
-    ctx.log("raw payload API");
-    let z = ctx.measure(
-        &daemons,
-        &|| vec![zrpc_client(&zdir, "raw", 1, lw, c.large, LARGE)],
-        LARGE,
-    )?;
-    rows.push(Row {
-        scenario: "large_1mib_rawapi",
-        metric: "MB/s (one way)",
-        zrpc: z.mb_per_s,
-        baseline: Some(r.mb_per_s),
-        target: None,
-        guard: Some(z.guard),
-        note: "diagnostic: call_raw + service returning the payload Bytes".into(),
-    });
-    let z = ctx.measure(
-        &daemons,
-        &|| vec![zrpc_client(&zdir, "raw", 1, c.seq_warmup, c.seq, SMALL)],
-        SMALL,
-    )?;
-    rows.push(Row {
-        scenario: "seq_small_rawapi",
-        metric: "p50 (us)",
-        zrpc: z.p50_us,
-        baseline: Some(r_seq.p50_us),
-        target: None,
-        guard: Some(z.guard),
-        note: "diagnostic: call_raw + service returning the payload Bytes".into(),
-    });
-
-    // names: A (1 name) B (10,000 more) A B ..., same broker and service.
-    ctx.log("names");
-    let seq = || vec![zrpc_client(&zdir, "current", 1, c.seq_warmup, c.seq, SMALL)];
-    let mut one = vec![z_seq.p50_us];
-    let mut many = Vec::new();
-    let mut many_guard = GuardInfo::default();
-    for round_no in 0..c.names_rounds {
-        if round_no > 0 {
-            one.push(ctx.measure(&daemons, &seq, SMALL)?.p50_us);
-        }
-        let mut namer = Spawn::role(&["namer", "--dir", &zd, "--count", &c.names.to_string()])
-            .start()
-            .map_err(|e| format!("spawn namer: {e}"))?;
-        namer.expect("ready")?;
-        let mut d2 = daemons.to_vec();
-        d2.push(namer.pid());
-        let m = ctx.measure(&d2, &seq, SMALL)?;
-        many.push(m.p50_us);
-        many_guard = m.guard;
-        namer.finish(Duration::from_secs(2));
-    }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    rows.push(Row {
-        scenario: "names",
-        metric: "seq p50, 10k names (us)",
-        zrpc: mean(&many),
-        baseline: Some(mean(&one)),
-        target: Some(Target::RatioAtMost(1.05)),
-        guard: Some(many_guard),
-        note: format!(
-            "baseline = zrpc with 1 name; runs 1-name {:?} / 10k {:?}",
-            one.iter().map(|x| round(*x, 1)).collect::<Vec<_>>(),
-            many.iter().map(|x| round(*x, 1)).collect::<Vec<_>>()
-        ),
-    });
-
-    // Client runtime flavours for seq_small.
-    ctx.log("flavours");
-    for (flavour, metric) in [
-        ("multi", "seq p50, multi-thread rt"),
-        ("blocking", "seq p50, BlockingClient"),
-    ] {
-        let m = ctx.measure(
+    // seq_small (also the reference of names, client_flavour and the
+    // raw-API diagnostic).
+    let need_seq = ["seq_small", "large_1mib", "names", "client_flavour"]
+        .iter()
+        .any(|s| ctx.want(s));
+    let (z_seq, r_seq) = if need_seq {
+        ctx.log("seq_small");
+        let z = ctx.measure(
             &daemons,
-            &|| vec![zrpc_client(&zdir, flavour, 1, c.seq_warmup, c.seq, SMALL)],
+            &|| vec![zrpc_client(&zdir, "current", 1, c.seq_warmup, c.seq, SMALL)],
+            SMALL,
+        )?;
+        let r = ctx.measure(
+            &daemons,
+            &|| vec![raw_client(&relay_path, 1, c.seq_warmup, c.seq, SMALL)],
+            SMALL,
+        )?;
+        (z, r)
+    } else {
+        (Measure::default(), Measure::default())
+    };
+    if ctx.want("seq_small") {
+        rows.push(Row {
+            scenario: "seq_small",
+            metric: "p50 (us)",
+            zrpc: z_seq.p50_us,
+            baseline: Some(r_seq.p50_us),
+            target: Some(Target::RatioAtMost(1.25)),
+            guard: Some(z_seq.guard),
+            note: guard_note(&r_seq),
+        });
+        rows.push(Row {
+            scenario: "seq_small",
+            metric: "p99 (us)",
+            zrpc: z_seq.p99_us,
+            baseline: Some(r_seq.p99_us),
+            target: None,
+            guard: None,
+            note: String::new(),
+        });
+        rows.push(Row {
+            scenario: "seq_small",
+            metric: "calls/s",
+            zrpc: z_seq.calls_per_s,
+            baseline: Some(r_seq.calls_per_s),
+            target: None,
+            guard: None,
+            note: String::new(),
+        });
+    }
+
+    if ctx.want("conc_small_64") {
+        // conc_small_64
+        ctx.log("conc_small_64");
+        let z = ctx.measure(
+            &daemons,
+            &|| {
+                vec![zrpc_client(
+                    &zdir,
+                    "current",
+                    CONC_INFLIGHT,
+                    c.seq_warmup,
+                    c.conc,
+                    SMALL,
+                )]
+            },
+            SMALL,
+        )?;
+        let r = ctx.measure(
+            &daemons,
+            &|| {
+                vec![raw_client(
+                    &relay_path,
+                    CONC_INFLIGHT,
+                    c.seq_warmup,
+                    c.conc,
+                    SMALL,
+                )]
+            },
             SMALL,
         )?;
         rows.push(Row {
-            scenario: "client_flavour",
-            metric,
-            zrpc: m.p50_us,
-            baseline: Some(z_seq.p50_us),
+            scenario: "conc_small_64",
+            metric: "calls/s",
+            zrpc: z.calls_per_s,
+            baseline: Some(r.calls_per_s),
+            target: Some(Target::RatioAtLeast(0.5)),
+            guard: Some(z.guard),
+            note: guard_note(&r),
+        });
+        rows.push(Row {
+            scenario: "conc_small_64",
+            metric: "p50 (us)",
+            zrpc: z.p50_us,
+            baseline: Some(r.p50_us),
             target: None,
-            guard: Some(m.guard),
-            note: "baseline = current-thread client (seq_small)".into(),
+            guard: None,
+            note: String::new(),
+        });
+        rows.push(Row {
+            scenario: "conc_small_64",
+            metric: "p99 (us)",
+            zrpc: z.p99_us,
+            baseline: Some(r.p99_us),
+            target: None,
+            guard: None,
+            note: String::new(),
         });
     }
+
+    if ctx.want("many_clients") {
+        // many_clients
+        ctx.log("many_clients");
+        let per = c.many_per_client;
+        let warm = c.seq_warmup / 4;
+        let z = ctx.measure(
+            &daemons,
+            &|| {
+                (0..MANY_CLIENTS)
+                    .map(|_| zrpc_client(&zdir, "current", MANY_INFLIGHT, warm, per, SMALL))
+                    .collect()
+            },
+            SMALL,
+        )?;
+        let r = ctx.measure(
+            &daemons,
+            &|| {
+                (0..MANY_CLIENTS)
+                    .map(|_| raw_client(&relay_path, MANY_INFLIGHT, warm, per, SMALL))
+                    .collect()
+            },
+            SMALL,
+        )?;
+        rows.push(Row {
+            scenario: "many_clients",
+            metric: "calls/s (16x16)",
+            zrpc: z.calls_per_s,
+            baseline: Some(r.calls_per_s),
+            target: Some(Target::RatioAtLeast(0.5)),
+            guard: Some(z.guard),
+            note: guard_note(&r),
+        });
+    }
+
+    if ctx.want("large_1mib") {
+        // large_1mib
+        ctx.log("large_1mib");
+        let lw = (c.large / 10).max(5);
+        let z = ctx.measure(
+            &daemons,
+            &|| vec![zrpc_client(&zdir, "current", 1, lw, c.large, LARGE)],
+            LARGE,
+        )?;
+        let r = ctx.measure(
+            &daemons,
+            &|| vec![raw_client(&relay_path, 1, lw, c.large, LARGE)],
+            LARGE,
+        )?;
+        rows.push(Row {
+            scenario: "large_1mib",
+            metric: "MB/s (one way)",
+            zrpc: z.mb_per_s,
+            baseline: Some(r.mb_per_s),
+            target: Some(Target::RatioAtLeast(0.7)),
+            guard: Some(z.guard),
+            note: guard_note(&r),
+        });
+        rows.push(Row {
+            scenario: "large_1mib",
+            metric: "p50 (us)",
+            zrpc: z.p50_us,
+            baseline: Some(r.p50_us),
+            target: None,
+            guard: None,
+            note: String::new(),
+        });
+
+        // Diagnostics: the same without serde (Client::call_raw to a service
+        // that returns the request payload as is).
+        ctx.log("raw payload API");
+        let z = ctx.measure(
+            &daemons,
+            &|| vec![zrpc_client(&zdir, "raw", 1, lw, c.large, LARGE)],
+            LARGE,
+        )?;
+        rows.push(Row {
+            scenario: "large_1mib_rawapi",
+            metric: "MB/s (one way)",
+            zrpc: z.mb_per_s,
+            baseline: Some(r.mb_per_s),
+            target: None,
+            guard: Some(z.guard),
+            note: "diagnostic: call_raw + service returning the payload Bytes".into(),
+        });
+        let z = ctx.measure(
+            &daemons,
+            &|| vec![zrpc_client(&zdir, "raw", 1, c.seq_warmup, c.seq, SMALL)],
+            SMALL,
+        )?;
+        rows.push(Row {
+            scenario: "seq_small_rawapi",
+            metric: "p50 (us)",
+            zrpc: z.p50_us,
+            baseline: Some(r_seq.p50_us),
+            target: None,
+            guard: Some(z.guard),
+            note: "diagnostic: call_raw + service returning the payload Bytes".into(),
+        });
+    }
+
+    if ctx.want("names") {
+        // names: A (1 name) B (10,000 more) A B ..., same broker and service.
+        ctx.log("names");
+        let seq = || vec![zrpc_client(&zdir, "current", 1, c.seq_warmup, c.seq, SMALL)];
+        let mut one = vec![z_seq.p50_us];
+        let mut many = Vec::new();
+        let mut many_guard = GuardInfo::default();
+        for round_no in 0..c.names_rounds {
+            if round_no > 0 {
+                one.push(ctx.measure(&daemons, &seq, SMALL)?.p50_us);
+            }
+            let mut namer = Spawn::role(&["namer", "--dir", &zd, "--count", &c.names.to_string()])
+                .start()
+                .map_err(|e| format!("spawn namer: {e}"))?;
+            namer.expect("ready")?;
+            let mut d2 = daemons.to_vec();
+            d2.push(namer.pid());
+            let m = ctx.measure(&d2, &seq, SMALL)?;
+            many.push(m.p50_us);
+            many_guard = m.guard;
+            namer.finish(Duration::from_secs(2));
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        rows.push(Row {
+            scenario: "names",
+            metric: "seq p50, 10k names (us)",
+            zrpc: mean(&many),
+            baseline: Some(mean(&one)),
+            target: Some(Target::RatioAtMost(1.05)),
+            guard: Some(many_guard),
+            note: format!(
+                "baseline = zrpc with 1 name; runs 1-name {:?} / 10k {:?}",
+                one.iter().map(|x| round(*x, 1)).collect::<Vec<_>>(),
+                many.iter().map(|x| round(*x, 1)).collect::<Vec<_>>()
+            ),
+        });
+    }
+
+    if ctx.want("client_flavour") {
+        // Client runtime flavours for seq_small.
+        ctx.log("flavours");
+        for (flavour, metric) in [
+            ("multi", "seq p50, multi-thread rt"),
+            ("blocking", "seq p50, BlockingClient"),
+        ] {
+            let m = ctx.measure(
+                &daemons,
+                &|| vec![zrpc_client(&zdir, flavour, 1, c.seq_warmup, c.seq, SMALL)],
+                SMALL,
+            )?;
+            rows.push(Row {
+                scenario: "client_flavour",
+                metric,
+                zrpc: m.p50_us,
+                baseline: Some(z_seq.p50_us),
+                target: None,
+                guard: Some(m.guard),
+                note: "baseline = current-thread client (seq_small)".into(),
+            });
+        }
+    }
+
     drop(raw_server);
     drop(relay);
     drop(raw_service);
     drop(service);
     drop(broker);
 
-    // idle_connections: a fresh broker.
-    ctx.log("idle_connections");
-    let (broker, bdir) = ctx.broker("idle", &[])?;
-    let bd = bdir.to_string_lossy().to_string();
-    let mut idle = Spawn::role(&["idle", "--dir", &bd, "--count", &c.idle.to_string()])
-        .start()
-        .map_err(|e| format!("spawn idle: {e}"))?;
-    idle.expect("ready")?;
-    std::thread::sleep(Duration::from_millis(200));
-    let before = crate::util::rss_bytes(broker.pid()).unwrap_or(0);
-    idle.send("go");
-    idle.expect("done")?;
-    std::thread::sleep(Duration::from_millis(500));
-    let after = crate::util::rss_bytes(broker.pid()).unwrap_or(0);
-    rows.push(Row {
-        scenario: "idle_connections",
-        metric: "broker B/connection",
-        zrpc: after.saturating_sub(before) as f64 / c.idle as f64,
-        baseline: None,
-        target: Some(Target::AtMost(8192.0)),
-        guard: None,
-        note: format!(
-            "{} conns; broker RSS {} -> {} KiB",
-            c.idle,
-            before / 1024,
-            after / 1024
-        ),
-    });
-    drop(idle);
-    drop(broker);
+    if ctx.want("idle_connections") {
+        // idle_connections: a fresh broker.
+        ctx.log("idle_connections");
+        let (broker, bdir) = ctx.broker("idle", &[])?;
+        let bd = bdir.to_string_lossy().to_string();
+        let mut idle = Spawn::role(&["idle", "--dir", &bd, "--count", &c.idle.to_string()])
+            .start()
+            .map_err(|e| format!("spawn idle: {e}"))?;
+        idle.expect("ready")?;
+        std::thread::sleep(Duration::from_millis(200));
+        let before = crate::util::rss_bytes(broker.pid()).unwrap_or(0);
+        idle.send("go");
+        idle.expect("done")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let after = crate::util::rss_bytes(broker.pid()).unwrap_or(0);
+        rows.push(Row {
+            scenario: "idle_connections",
+            metric: "broker B/connection",
+            zrpc: after.saturating_sub(before) as f64 / c.idle as f64,
+            baseline: None,
+            target: Some(Target::AtMost(8192.0)),
+            guard: None,
+            note: format!(
+                "{} conns; broker RSS {} -> {} KiB",
+                c.idle,
+                before / 1024,
+                after / 1024
+            ),
+        });
+        drop(idle);
+        drop(broker);
+    }
 
-    // pending_calls: a fresh broker and a service that never answers.
-    ctx.log("pending_calls");
-    let limit = (c.pending + 1000).to_string();
-    let (broker, pdir) = ctx.broker("pending", &["--max-pending-per-conn", &limit])?;
-    let pd = pdir.to_string_lossy().to_string();
-    let n = c.pending.to_string();
-    let mut sink = Spawn::role(&["sink", "--dir", &pd, "--name", "bench_sink", "--count", &n])
+    if ctx.want("pending_calls") {
+        // pending_calls: a fresh broker and a service that never answers.
+        ctx.log("pending_calls");
+        let limit = (c.pending + 1000).to_string();
+        let (broker, pdir) = ctx.broker("pending", &["--max-pending-per-conn", &limit])?;
+        let pd = pdir.to_string_lossy().to_string();
+        let n = c.pending.to_string();
+        let mut sink = Spawn::role(&["sink", "--dir", &pd, "--name", "bench_sink", "--count", &n])
+            .start()
+            .map_err(|e| format!("spawn sink: {e}"))?;
+        sink.expect("ready")?;
+        let mut caller = Spawn::role(&[
+            "caller",
+            "--dir",
+            &pd,
+            "--name",
+            "bench_sink",
+            "--count",
+            &n,
+        ])
         .start()
-        .map_err(|e| format!("spawn sink: {e}"))?;
-    sink.expect("ready")?;
-    let mut caller = Spawn::role(&[
-        "caller",
-        "--dir",
-        &pd,
-        "--name",
-        "bench_sink",
-        "--count",
-        &n,
-    ])
-    .start()
-    .map_err(|e| format!("spawn caller: {e}"))?;
-    caller.expect("ready")?;
-    std::thread::sleep(Duration::from_millis(200));
-    let before = crate::util::rss_bytes(broker.pid()).unwrap_or(0);
-    caller.send("go");
-    caller.expect("sent")?;
-    sink.expect("done")?;
-    std::thread::sleep(Duration::from_millis(500));
-    let after = crate::util::rss_bytes(broker.pid()).unwrap_or(0);
-    rows.push(Row {
-        scenario: "pending_calls",
-        metric: "broker B/pending call",
-        zrpc: after.saturating_sub(before) as f64 / c.pending as f64,
-        baseline: None,
-        target: Some(Target::AtMost(256.0)),
-        guard: None,
-        note: format!(
-            "{} calls, empty payload; broker RSS {} -> {} KiB",
-            c.pending,
-            before / 1024,
-            after / 1024
-        ),
-    });
-    drop(caller);
-    drop(sink);
-    drop(broker);
+        .map_err(|e| format!("spawn caller: {e}"))?;
+        caller.expect("ready")?;
+        std::thread::sleep(Duration::from_millis(200));
+        let before = crate::util::rss_bytes(broker.pid()).unwrap_or(0);
+        caller.send("go");
+        caller.expect("sent")?;
+        sink.expect("done")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let after = crate::util::rss_bytes(broker.pid()).unwrap_or(0);
+        rows.push(Row {
+            scenario: "pending_calls",
+            metric: "broker B/pending call",
+            zrpc: after.saturating_sub(before) as f64 / c.pending as f64,
+            baseline: None,
+            target: Some(Target::AtMost(256.0)),
+            guard: None,
+            note: format!(
+                "{} calls, empty payload; broker RSS {} -> {} KiB",
+                c.pending,
+                before / 1024,
+                after / 1024
+            ),
+        });
+        drop(caller);
+        drop(sink);
+        drop(broker);
+    }
+
     Ok(rows)
 }
 

@@ -72,10 +72,18 @@ fn setup(dir: &std::path::Path, other_names: usize) -> Setup {
     let mut broker = Broker::new(config);
     let (client, client_io) = connect(&mut broker, 1);
     let (service, service_io) = connect(&mut broker, 2);
-    register(&mut broker, service, std::iter::once("bench_echo".to_string()));
+    register(
+        &mut broker,
+        service,
+        std::iter::once("bench_echo".to_string()),
+    );
     let names = (other_names > 0).then(|| {
         let (p, io) = connect(&mut broker, 3);
-        register(&mut broker, p, (0..other_names).map(|i| format!("other_{i:06}")));
+        register(
+            &mut broker,
+            p,
+            (0..other_names).map(|i| format!("other_{i:06}")),
+        );
         (p, io)
     });
     broker.flush();
@@ -113,7 +121,9 @@ fn round_trip(s: &mut Setup, call: &Frame, payload: &[u8], scratch: &mut Vec<Byt
         code: None,
         message: "",
     };
-    s.broker.on_frame(s.service, frame(&reply, payload)).expect("reply");
+    s.broker
+        .on_frame(s.service, frame(&reply, payload))
+        .expect("reply");
     s.broker.flush();
     drain(&s.client_io, scratch).len()
 }
