@@ -31,6 +31,7 @@ usage: zrpc-bench [--quick] [--json] [--zrpcd PATH] [--threshold CORES] [--max-w
   --quick          smaller counts; finishes in under a minute
   --json           print the results as JSON instead of a table
   --json-out FILE  also write the JSON to FILE
+  --no-cache       diagnostic: run the echo services with the reply cache off
   --only A,B       run only these scenarios (seq_small, conc_small_64, many_clients,
                    large_1mib, names, client_flavour, idle_connections, pending_calls)
   --zrpcd PATH     the broker binary (default: zrpcd next to this executable)
@@ -105,7 +106,7 @@ fn main() {
             }
             std::process::exit(orchestrate::main(&a));
         }
-        "service" => roles::service(&dir_arg(a.need("dir")), a.flag("raw")),
+        "service" => roles::service(&dir_arg(a.need("dir")), a.flag("raw"), a.flag("no-cache")),
         "client" => roles::client(
             &dir_arg(a.need("dir")),
             Flavour::parse(a.need("flavour")).unwrap_or_else(|| die("bad --flavour")),

@@ -109,6 +109,8 @@ struct Ctx {
     verbose: bool,
     /// Run only these scenarios (all when empty).
     only: Vec<String>,
+    /// Echo services with the reply cache off (diagnostic).
+    no_cache: bool,
 }
 
 impl Ctx {
@@ -414,6 +416,7 @@ pub fn main(a: &Args) -> i32 {
         zrpcd,
         tmp: tmp.clone(),
         verbose: true,
+        no_cache: a.flag("no-cache"),
         only: a
             .str("only")
             .map(|s| {
@@ -511,11 +514,16 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
     // Broker A: the latency/throughput scenarios.
     let (broker, zdir) = ctx.broker("a", &["--max-names-per-conn", "20000"])?;
     let zd = zdir.to_string_lossy().to_string();
-    let service = Spawn::role(&["service", "--dir", &zd])
+    let mut svc_args = vec!["service", "--dir", zd.as_str()];
+    if ctx.no_cache {
+        svc_args.push("--no-cache");
+    }
+    let service = Spawn::role(&svc_args)
         .start()
         .map_err(|e| format!("spawn service: {e}"))?;
     wait_service(&zdir, ECHO_SERVICE)?;
-    let raw_service = Spawn::role(&["service", "--dir", &zd, "--raw"])
+    svc_args.push("--raw");
+    let raw_service = Spawn::role(&svc_args)
         .start()
         .map_err(|e| format!("spawn raw service: {e}"))?;
     wait_service(&zdir, RAW_ECHO_SERVICE)?;

@@ -59,12 +59,21 @@ impl Service for RawEcho {
     }
 }
 
-/// Runs the echo service (`raw`: [`RawEcho`]) until killed.
-pub fn service(dir: &Path, raw: bool) {
+/// Runs the echo service (`raw`: [`RawEcho`]) until killed; `no_cache`
+/// turns the library's reply cache off (a diagnostic).
+pub fn service(dir: &Path, raw: bool, no_cache: bool) {
     let r = if raw {
-        Server::new(RawEcho).socket_dir(dir).run()
+        let mut s = Server::new(RawEcho).socket_dir(dir);
+        if no_cache {
+            s = s.reply_cache(0, 0);
+        }
+        s.run()
     } else {
-        Server::new(Echo).socket_dir(dir).run()
+        let mut s = Server::new(Echo).socket_dir(dir);
+        if no_cache {
+            s = s.reply_cache(0, 0);
+        }
+        s.run()
     };
     if let Err(e) = r {
         die(format!("echo service: {e}"));

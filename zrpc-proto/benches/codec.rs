@@ -12,7 +12,7 @@ use zrpc_proto::{encode_frame, Envelope, FrameDecoder};
 /// `serde_bytes` encodes it.
 fn payload() -> Vec<u8> {
     let mut p = vec![0xc4, 62];
-    p.extend(std::iter::repeat(0x5a).take(62));
+    p.extend_from_slice(&[0x5a; 62]);
     p
 }
 

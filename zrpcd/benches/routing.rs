@@ -137,7 +137,7 @@ fn routing(c: &mut Criterion) {
     let _enter = rt.enter();
     let dir = std::env::temp_dir().join(format!("zrpcd-routing-bench-{}", std::process::id()));
     let mut payload = vec![0xc4, 62];
-    payload.extend(std::iter::repeat(0x5a).take(62));
+    payload.extend_from_slice(&[0x5a; 62]);
 
     let mut g = c.benchmark_group("routing");
     g.throughput(Throughput::Elements(1));
