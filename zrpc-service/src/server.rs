@@ -38,6 +38,11 @@ const REPLY_ENVELOPE_MAX: usize = 16;
 /// pending.
 const FLUSH_THRESHOLD: usize = 256 * 1024;
 
+/// Batched replies are written out at the latest this long after the last
+/// write, even while requests are still queued (a burst of slow synchronous
+/// handlers must not hold back earlier replies, nor pongs, for long).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(2);
+
 /// Default shortest delay before a reconnection attempt.
 const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 
@@ -282,6 +287,10 @@ struct Conn {
     decoder: FrameDecoder,
     max_message_size: u32,
     queue: VecDeque<Pending>,
+    /// A `Pong` waits in `wbuf`: write it out before the next handler.
+    pong_pending: bool,
+    /// When `wbuf` was last written out completely.
+    last_flush: std::time::Instant,
 }
 
 impl Conn {
@@ -293,6 +302,8 @@ impl Conn {
             decoder: FrameDecoder::new(DEFAULT_MAX_MESSAGE_SIZE),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             queue: VecDeque::new(),
+            pong_pending: false,
+            last_flush: std::time::Instant::now(),
         }
     }
 
@@ -332,6 +343,8 @@ impl Conn {
             }
             self.wbuf.advance(n);
         }
+        self.pong_pending = false;
+        self.last_flush = std::time::Instant::now();
         Ok(())
     }
 
@@ -374,6 +387,7 @@ impl Conn {
             }
             Envelope::Ping { nonce } => {
                 encode_frame(&mut self.wbuf, &Envelope::Pong { nonce }, &[]);
+                self.pong_pending = true;
                 Ok(FrameAction::None)
             }
             Envelope::Pong { .. } => Ok(FrameAction::None),
@@ -529,6 +543,8 @@ struct Link {
     retry_at: Option<Instant>,
     /// The delay before the next attempt (before jitter).
     backoff: Duration,
+    /// Failed attempts since the connection was lost.
+    attempts: u32,
     /// Whether a connection was ever set up (the first one fails fast).
     ever_connected: bool,
     /// Whether READY=1 was sent to systemd.
@@ -551,6 +567,7 @@ impl Link {
             connecting: None,
             retry_at: None,
             backoff: DEFAULT_BACKOFF_MIN,
+            attempts: 0,
             ever_connected: false,
             notified: false,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
@@ -575,8 +592,12 @@ impl Link {
         self.retry_at = None;
         self.backoff = self.backoff_min;
         if self.ever_connected {
-            tracing::info!("reconnected to zrpcd; names registered again");
+            tracing::info!(
+                attempts = self.attempts + 1,
+                "reconnected to zrpcd; names registered again"
+            );
         }
+        self.attempts = 0;
         self.ever_connected = true;
         let state = if self.notified {
             "STATUS=serving"
@@ -605,6 +626,7 @@ impl Link {
         tracing::warn!("lost the connection to zrpcd ({e}); reconnecting");
         notify("STATUS=reconnecting to zrpcd");
         self.backoff = self.backoff_min;
+        self.attempts = 0;
         self.schedule_retry();
         Ok(())
     }
@@ -662,7 +684,12 @@ impl Link {
                 Ok(Work::Progress)
             }
             Err(e) if e.is_transient() => {
-                tracing::debug!("reconnection attempt failed: {e}");
+                self.attempts = self.attempts.saturating_add(1);
+                if self.attempts == 10 || self.attempts.checked_rem(100) == Some(0) {
+                    tracing::warn!(attempts = self.attempts, "still reconnecting to zrpcd: {e}");
+                } else {
+                    tracing::debug!("reconnection attempt failed: {e}");
+                }
                 self.schedule_retry();
                 Ok(Work::Progress)
             }
@@ -1245,7 +1272,11 @@ impl<S: Service> Server<S> {
             if let Some(conn) = link.conn.as_mut() {
                 let r = async {
                     conn.process(None)?;
-                    if conn.queue.is_empty() || conn.wbuf.len() >= FLUSH_THRESHOLD {
+                    if conn.queue.is_empty()
+                        || conn.wbuf.len() >= FLUSH_THRESHOLD
+                        || conn.pong_pending
+                        || conn.last_flush.elapsed() >= FLUSH_INTERVAL
+                    {
                         conn.flush().await?;
                     }
                     Ok(())

@@ -792,6 +792,13 @@ impl Gate {
         (key, n)
     }
 
+    /// Blocks the loop for `ms` milliseconds (a slow synchronous handler).
+    #[rpc_method]
+    fn spin(&mut self, ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+
     /// Counts the run and fails.
     #[rpc_method]
     fn fail(&mut self) -> Result<u8, String> {
@@ -1243,4 +1250,46 @@ fn handler_running_when_reconnect_is_off_completes_then_the_error_is_returned() 
     assert_eq!(e2, Err(Error::Disconnected.to_string()));
     assert_eq!(cached, 1);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn pings_are_answered_before_a_queue_of_slow_synchronous_requests() {
+    let broker = Broker::new("pingq");
+    let dir = broker.dir.clone();
+    let (gate, _, _) = Gate::new();
+    let rx = server_thread(move || {
+        let mut srv = Server::new(gate).name("gate").socket_dir(dir);
+        for _ in 0..4 {
+            srv.run_once(Some(WAIT)).expect("run_once");
+        }
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    // Four slow requests and a ping in one write: the pong goes out first,
+    // not after the queue is drained.
+    let mut out = BytesMut::new();
+    for id in 1..=4u64 {
+        encode_frame(
+            &mut out,
+            &Envelope::Request {
+                id,
+                service: "gate",
+                method: "spin",
+                timeout_ms: None,
+                caller_instance: 9,
+                caller_call: id,
+            },
+            &enc(&30u64),
+        );
+    }
+    encode_frame(&mut out, &Envelope::Ping { nonce: 5 }, &[]);
+    peer.stream.write_all(&out).expect("write");
+    match peer.recv().decode().expect("frame") {
+        Envelope::Pong { nonce } => assert_eq!(nonce, 5),
+        other => panic!("expected the Pong first, got {other:?}"),
+    }
+    for id in 1..=4u64 {
+        assert_eq!(peer.reply(), (id, None, String::new(), Some(30.into())));
+    }
+    rx.recv_timeout(WAIT).expect("server thread");
 }
