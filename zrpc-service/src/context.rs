@@ -44,7 +44,8 @@ impl Context {
     }
 
     /// Number of requests this server has received so far, including this
-    /// one (the original `self.counter`).
+    /// one (the original `self.counter`). Re-sent calls answered from the
+    /// reply cache do not count.
     pub fn counter(&self) -> u64 {
         self.counter
     }

@@ -9,7 +9,8 @@
 //! [`ServiceBuilder`] registers closures instead.
 //!
 //! A [`Server`] connects the service to the broker, registers its name(s),
-//! and answers requests one at a time:
+//! and answers requests one at a time (reconnecting by itself when the
+//! broker restarts, see [Reliability](#reliability)):
 //!
 //! ```no_run
 //! use zrpc_service::{rpc_method, service, Context, Server, Value};
@@ -54,6 +55,94 @@
 //! ```
 //!
 //! built from [`Service::methods`].
+//!
+//! # Reliability
+//!
+//! ## Reconnection
+//!
+//! The first connection fails fast: if zrpcd is not running (or a name is
+//! taken), the run methods return the error at once. Once the names have
+//! been registered, a lost connection (end of stream, I/O error, a `Fatal`
+//! frame of any code, including `Shutdown` when zrpcd stops) does not end
+//! [`Server::run`] or [`Server::serve`]: the loop logs a warning, reconnects
+//! with capped exponential backoff plus jitter (first attempt after 10 ms,
+//! doubling up to 1 s, each wait randomised by +-25 %;
+//! [`Server::reconnect_backoff`]), keeps the same instance id, and registers
+//! every name again, with its `shared` flag, **before** it handles any
+//! request from the new connection. A warning is logged again after 10
+//! failed attempts and then every 100.
+//!
+//! * `NameTaken` when registering again (another exclusive instance took
+//!   the name meanwhile) is a hard error: run/serve return
+//!   [`Error::NameTaken`]. So are the other registration refusals and a
+//!   `Fatal{VersionMismatch}` ([`Error::is_transient`]).
+//! * [`Server::run_once`] reconnects within its timeout budget; if the budget
+//!   runs out while reconnecting it returns `Ok(None)`
+//!   ([`Server::is_connected`] tells), and the next call carries on.
+//! * Requests received on the lost connection but not started are dropped:
+//!   the broker re-delivers them (or the client resubmits them).
+//! * File descriptor callbacks keep running while the loop reconnects.
+//! * [`Server::reconnect`]`(false)` restores the fail-fast behaviour: the
+//!   run methods return the error, and the next call connects again.
+//! * Under systemd (`$NOTIFY_SOCKET` set) the server sends `READY=1` once,
+//!   after the first registration, and `STATUS=reconnecting to zrpcd` /
+//!   `STATUS=serving` when the connection is lost / registered again.
+//!
+//! A handler that is running when the connection drops is **not** dropped:
+//! it runs to its end (the loop reconnects and answers pings meanwhile). Its
+//! reply cannot be delivered on the old connection, but it goes into the
+//! reply cache, so the call re-sent after the reconnect is answered from
+//! there. Only a `Cancel` from the broker, or dropping the
+//! [`Server::serve`] future, drops a running handler.
+//!
+//! ## Reply cache: at most one execution per call in this process
+//!
+//! Every `Request` carries the identity of the call, `(caller_instance,
+//! caller_call)`, which survives client reconnects, re-deliveries and broker
+//! restarts ([`Context::caller_instance`], [`Context::caller_call`]). The
+//! server keeps the outcomes of recent calls by identity, bounded by count
+//! (default 10,000) and by bytes of reply payloads and error messages
+//! (default 64 MiB), evicting the oldest first ([`Server::reply_cache`];
+//! either bound 0 disables it). The cache is consulted **before** a handler
+//! runs:
+//!
+//! * a hit re-sends the cached outcome (the return value, or the error code
+//!   and message) under the new request id, without running the handler and
+//!   without incrementing the request counter ([`Context::counter`],
+//!   [`Server::counter`]); `run_once` reports it as [`Event::Replayed`];
+//! * a duplicate that arrives while the first execution runs or is queued
+//!   waits for it (requests are handled one at a time, in order) and then
+//!   gets its outcome from the cache;
+//! * every outcome of a handler that ran is cached: return values, returned
+//!   errors (`Remote`), panics, and also `NoSuchMethod` / `BadPayload`
+//!   (harmless: a re-run would answer the same). Oversized return values are
+//!   cached as the `LimitExceeded` error that was sent instead.
+//!   [`DESCRIBE_METHOD`] calls are not cached. Neither are requests with a
+//!   `caller_instance` of 0 (no identity).
+//! * A cached outcome is only used for a request to the same service name
+//!   and method; an identity re-used for another method runs (and logs a
+//!   warning).
+//!
+//! Limits: an outcome larger than the byte bound is not cached; an entry
+//! evicted before its call is re-sent, or a re-send to another instance or
+//! to a restarted process, runs the handler again. A handler dropped by a
+//! `Cancel` leaves no outcome, so a later re-send of the same call runs it
+//! again. The guarantee is therefore *at most one execution per call per
+//! service process, within the cache's bounds*.
+//!
+//! ## Liveness
+//!
+//! zrpcd pings services periodically and disconnects one from which nothing
+//! arrived within its heartbeat timeout (`--heartbeat-timeout`, default
+//! 15 s). The server answers `Ping` while waiting, while an `async` handler
+//! runs, and during registration; pongs and batched replies are written out
+//! at least every 2 ms while requests are queued, and replies count as signs
+//! of life too. A **synchronous** handler (or a file descriptor callback)
+//! blocks the loop: if it runs longer than the broker's heartbeat timeout,
+//! the service is disconnected (its call is re-delivered, and this server
+//! reconnects afterwards and serves the re-sent call from its cache). Write
+//! long work as an `async` handler, or move it to
+//! `tokio::task::spawn_blocking` and await it.
 
 #![warn(missing_docs)]
 

@@ -179,6 +179,9 @@ impl Error {
 #[non_exhaustive]
 pub enum Event {
     /// A request was handled and answered (successfully or with an error).
+    /// If the connection it came on was lost while its handler ran, the
+    /// answer could not be sent; it is in the reply cache for the re-sent
+    /// call.
     Request {
         /// The called method.
         method: String,
