@@ -127,7 +127,8 @@
 //! evicted before its call is re-sent, or a re-send to another instance or
 //! to a restarted process, runs the handler again. A handler dropped by a
 //! `Cancel` leaves no outcome, so a later re-send of the same call runs it
-//! again. The guarantee is therefore *at most one execution per call per
+//! again (a `Cancel` that arrives together with the end of the connection,
+//! as in zrpcd's shutdown, is ignored: the handler finishes). The guarantee is therefore *at most one execution per call per
 //! service process, within the cache's bounds*.
 //!
 //! ## Liveness

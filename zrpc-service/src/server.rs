@@ -411,7 +411,10 @@ impl Conn {
     }
 
     /// Handles every complete frame in `rbuf`. Returns whether the running
-    /// request (`running`) was cancelled.
+    /// request (`running`) was cancelled. A connection error in the same
+    /// batch wins over a cancel: zrpcd's shutdown cancels delivered calls
+    /// right before `Fatal{Shutdown}`, and the clients resubmit them, so the
+    /// handler had better finish and leave its outcome in the reply cache.
     fn process(&mut self, running: Option<u64>) -> Result<bool, Error> {
         let mut cancelled = false;
         while let Some(frame) = self.next_frame()? {

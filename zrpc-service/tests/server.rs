@@ -1293,3 +1293,50 @@ fn pings_are_answered_before_a_queue_of_slow_synchronous_requests() {
     }
     rx.recv_timeout(WAIT).expect("server thread");
 }
+
+#[test]
+fn cancel_then_shutdown_in_one_batch_keeps_the_handler_running() {
+    // zrpcd's shutdown cancels every delivered call and then sends
+    // Fatal{Shutdown}; the client resubmits those calls to the next broker.
+    // Seen together, the loss wins: the handler finishes and the re-sent
+    // call is answered from the cache.
+    let mut broker = Broker::new("cancel-shutdown");
+    let dir = broker.dir.clone();
+    let (mut gate, runs, release) = Gate::new();
+    let (started_tx, started_rx) = mpsc::channel();
+    gate.started = Some(started_tx);
+    let rx = server_thread(move || {
+        let mut srv = Server::new(gate)
+            .name("gate")
+            .socket_dir(dir)
+            .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(20));
+        srv.run().map_err(|e| e.to_string())
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    peer.call(1, "held", &enc(&3u64), (9, 1));
+    assert_eq!(started_rx.recv_timeout(WAIT).expect("started"), 3);
+    broker.restart();
+    let mut out = BytesMut::new();
+    encode_frame(&mut out, &Envelope::Cancel { id: 1 }, &[]);
+    encode_frame(
+        &mut out,
+        &Envelope::Fatal {
+            code: ErrorCode::Shutdown,
+            message: "zrpcd is shutting down",
+        },
+        &[],
+    );
+    peer.stream.write_all(&out).expect("write");
+    drop(peer);
+    let mut peer = broker.accept();
+    peer.handshake(&["gate"], false);
+    peer.call(2, "held", &enc(&3u64), (9, 1));
+    peer.ping(1);
+    release.notify_one();
+    assert_eq!(peer.reply(), (2, None, String::new(), pair(3, 1)));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    drop(peer);
+    refuse_next_registration(&mut broker, &["gate"], false);
+    assert!(rx.recv_timeout(WAIT).expect("server thread").is_err());
+}
