@@ -121,11 +121,12 @@ impl Broker {
         true
     }
 
-    /// Wakes the writer of every peer that got frames since the last flush.
+    /// Writes out every peer that got frames since the last flush: one
+    /// vectored write per peer per batch, directly from this task.
     pub fn flush(&mut self) {
         for io in self.dirty.drain(..) {
             io.dirty.set(false);
-            io.notify.notify_one();
+            io.flush();
         }
     }
 

@@ -3,12 +3,11 @@
 //! wake-up.
 
 use std::cell::RefCell;
-use std::io::IoSlice;
 use std::rc::Rc;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 use zrpc_proto::{ErrorCode, FrameDecoder, ProtoError};
@@ -30,7 +29,8 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
             gid: c.gid(),
         })
         .unwrap_or_default();
-    let io = Rc::new(PeerIo::default());
+    let (rd, wr) = stream.into_split();
+    let io = Rc::new(PeerIo::new(wr));
     let (id, decoder, handshake) = {
         let mut b = broker.borrow_mut();
         let id = b.add_peer(io.clone(), creds);
@@ -40,8 +40,7 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
             b.config.handshake_timeout,
         )
     };
-    let (rd, wr) = stream.into_split();
-    let writer = tokio::task::spawn_local(write_loop(io.clone(), wr));
+    let writer = tokio::task::spawn_local(write_loop(io.clone()));
     let reason = read_loop(&broker, &io, id, rd, decoder, Instant::now() + handshake).await;
     tracing::debug!(peer = id, pid = creds.pid, %reason, "connection closed");
     {
@@ -132,59 +131,29 @@ fn close_with(broker: &RefCell<Broker>, id: PeerId, fatal: &Fatal) {
     b.flush();
 }
 
-async fn write_loop(io: Rc<PeerIo>, mut wr: OwnedWriteHalf) {
-    let mut batch: Vec<Bytes> = Vec::new();
+/// Takes over flushing when the socket is full (waits until it is
+/// writable), and on close flushes what is left and shuts the socket down.
+async fn write_loop(io: Rc<PeerIo>) {
     loop {
-        io.queue.borrow_mut().take_into(&mut batch);
-        if batch.is_empty() {
+        if io.queue.borrow().is_empty() {
+            io.writer_busy.set(false);
             if io.closed.get() {
                 break;
             }
             io.notify.notified().await;
             continue;
         }
-        if let Err(e) = write_all_vectored(&mut wr, &mut batch).await {
+        io.writer_busy.set(true);
+        if io.wr.writable().await.is_err() {
+            break;
+        }
+        let result = io.queue.borrow_mut().write_now(&io.wr);
+        if let Err(e) = result {
             tracing::debug!(error = %e, "write failed");
             io.closed.set(true);
             break;
         }
-        batch.clear();
-        if batch.capacity() > 1024 {
-            batch = Vec::new();
-        }
     }
-    let _ = wr.shutdown().await;
-}
-
-/// Writes every buffer, up to 64 per `writev`.
-async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
-    let mut start = 0;
-    while start < bufs.len() {
-        let mut n = {
-            let end = bufs.len().min(start + 64);
-            let mut slices = [IoSlice::new(&[]); 64];
-            for (s, b) in slices.iter_mut().zip(&bufs[start..end]) {
-                *s = IoSlice::new(b);
-            }
-            let n = wr.write_vectored(&slices[..end - start]).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            n
-        };
-        while n > 0 && start < bufs.len() {
-            let len = bufs[start].len();
-            if n >= len {
-                n -= len;
-                start += 1;
-            } else {
-                bufs[start].advance(n);
-                n = 0;
-            }
-        }
-        while start < bufs.len() && bufs[start].is_empty() {
-            start += 1;
-        }
-    }
-    Ok(())
+    io.writer_busy.set(false);
+    io.shutdown_write();
 }

@@ -65,7 +65,20 @@ fn secs(v: f64, what: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|e| format!("--{what}: {e}"))
 }
 
+/// Keeps large freed buffers in the heap for reuse. By default glibc returns
+/// them to the kernel, so every megabyte-sized message would be page-faulted
+/// in again (measured: 480 faults and 3 brk calls per 1 MiB call).
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));

@@ -1,11 +1,14 @@
-//! Per-peer outbound queue: frames are appended by the routing code and
-//! flushed by the peer's writer task, all queued frames in one vectored write
-//! per wake-up.
+//! Per-peer outbound queue. Frames are appended by the routing code; at the
+//! end of each batch the broker writes every dirty peer's queue directly with
+//! one vectored write (no task hop). Only when a socket is full does the
+//! peer's writer task take over and wait for it to become writable.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::io::IoSlice;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 use zrpc_proto::{encode_header, Envelope};
 
@@ -43,39 +46,119 @@ impl OutQueue {
         self.bytes
     }
 
-    /// Takes everything queued, in order, into `out`.
-    pub fn take_into(&mut self, out: &mut Vec<Bytes>) {
-        out.extend(self.chunks.drain(..));
+    /// True if nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.cur.is_empty()
+    }
+
+    /// Writes as much as the socket accepts without blocking, up to 64
+    /// slices per `writev`. Returns `Ok(true)` once everything is written,
+    /// `Ok(false)` if the socket is full.
+    pub fn write_now(&mut self, wr: &OwnedWriteHalf) -> std::io::Result<bool> {
         if !self.cur.is_empty() {
-            out.push(self.cur.split().freeze());
+            self.chunks.push_back(self.cur.split().freeze());
+        }
+        while !self.chunks.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 64];
+            let n = self.chunks.len().min(slices.len());
+            for (s, b) in slices.iter_mut().zip(self.chunks.iter()) {
+                *s = IoSlice::new(b);
+            }
+            let mut written = match wr.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            self.bytes = self.bytes.saturating_sub(written);
+            while written > 0 {
+                let Some(front) = self.chunks.front_mut() else {
+                    break;
+                };
+                if written >= front.len() {
+                    written -= front.len();
+                    self.chunks.pop_front();
+                } else {
+                    front.advance(written);
+                    written = 0;
+                }
+            }
         }
         self.bytes = 0;
-        // Give back memory from a burst once idle (small idle connections).
+        // Give back memory from a burst once drained (small idle connections).
         if self.cur.capacity() > 256 * 1024 {
             self.cur = BytesMut::new();
         }
+        Ok(true)
     }
 }
 
 /// The part of a peer its writer task shares with the routing code.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PeerIo {
     /// Frames to write.
     pub queue: RefCell<OutQueue>,
-    /// Wakes the writer.
+    /// The socket's write half.
+    pub wr: OwnedWriteHalf,
+    /// Wakes the writer task (socket full, or closing).
     pub notify: Notify,
+    /// Set while the writer task owns the flushing (the socket was full).
+    pub writer_busy: Cell<bool>,
     /// Set when the connection is to be closed once the queue is flushed.
     pub closed: Cell<bool>,
-    /// Set while the peer is on the broker's list of writers to wake.
+    /// Set while the peer is on the broker's list of writers to flush.
     pub dirty: Cell<bool>,
     /// Wakes the reader to make it stop (the broker dropped the peer).
     pub kill: Notify,
 }
 
 impl PeerIo {
-    /// Queues a frame (the caller wakes the writer via the dirty list).
+    /// Shared state around a connection's write half.
+    pub fn new(wr: OwnedWriteHalf) -> Self {
+        PeerIo {
+            queue: RefCell::default(),
+            wr,
+            notify: Notify::new(),
+            writer_busy: Cell::new(false),
+            closed: Cell::new(false),
+            dirty: Cell::new(false),
+            kill: Notify::new(),
+        }
+    }
+
+    /// Queues a frame (the broker flushes it at the end of the batch).
     pub fn push(&self, env: &Envelope<'_>, payload: &Bytes) {
         self.queue.borrow_mut().push(env, payload);
+    }
+
+    /// Writes what is queued now if the socket takes it; otherwise hands
+    /// the rest to the writer task.
+    pub fn flush(&self) {
+        if self.writer_busy.get() {
+            return; // the writer task is waiting for the socket; it flushes
+        }
+        let result = self.queue.borrow_mut().write_now(&self.wr);
+        match result {
+            Ok(true) => {}
+            Ok(false) => {
+                self.writer_busy.set(true);
+                self.notify.notify_one();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "write failed");
+                self.close();
+            }
+        }
+    }
+
+    /// Shuts down the write side: the peer sees end of stream.
+    pub fn shutdown_write(&self) {
+        use std::os::fd::AsRawFd;
+        let fd = self.wr.as_ref().as_raw_fd();
+        // SAFETY: shutdown(2) on a socket this struct keeps open.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_WR);
+        }
     }
 
     /// Asks the writer to flush what is queued and close, and the reader to
