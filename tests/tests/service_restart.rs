@@ -205,3 +205,42 @@ fn resent_call_after_broker_sigkill_runs_once() {
 fn resent_call_after_broker_sigterm_runs_once() {
     resent_call_runs_once(libc::SIGTERM);
 }
+
+/// End to end with the real client library: a call in flight while zrpcd is
+/// killed is resubmitted by the client after the restart and answered from
+/// the service's reply cache; the handler ran once.
+fn client_call_across_restart_runs_once(sig: i32) {
+    let mut b = Broker::start();
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let key = 77;
+    let dir = b.dir().to_path_buf();
+    let call = std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        c.call::<_, (u64, u64)>("echo", "record", &(key, 4000u64), T)
+    });
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "pending") == 1),
+        "the call did not reach the broker"
+    );
+    b.restart(sig);
+    let r = call
+        .join()
+        .expect("thread")
+        .expect("answered after the restart");
+    assert_eq!(r, (key, 1));
+    let n: u64 = client(&b)
+        .call("echo", "executions", &key, T)
+        .expect("executions");
+    assert_eq!(n, 1, "the handler ran once");
+}
+
+#[test]
+fn client_call_across_broker_sigkill_runs_once() {
+    client_call_across_restart_runs_once(libc::SIGKILL);
+}
+
+#[test]
+fn client_call_across_broker_sigterm_runs_once() {
+    client_call_across_restart_runs_once(libc::SIGTERM);
+}
