@@ -244,3 +244,28 @@ fn client_call_across_broker_sigkill_runs_once() {
 fn client_call_across_broker_sigterm_runs_once() {
     client_call_across_restart_runs_once(libc::SIGTERM);
 }
+
+/// A client that loses only its own connection (the broker stays up) and
+/// re-sends its call with the same identity: the broker did not cancel the
+/// first execution, so the service answers the re-sent call from its cache.
+#[test]
+fn client_reconnect_without_broker_restart_runs_once() {
+    let b = Broker::start();
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let instance = 0x0c11_0000_0000_0000 | u64::from(std::process::id());
+    let key = 77;
+    let mut r = raw_client(&b, instance);
+    send_record(&mut r, 3, key, 500);
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "pending") == 1),
+        "the call did not reach the broker"
+    );
+    drop(r); // the client's connection is lost mid-call
+    let mut r = raw_client(&b, instance);
+    send_record(&mut r, 3, key, 500);
+    assert_eq!(result(&mut r), (3, None, Some((key, 1))));
+    let c = client(&b);
+    let n: u64 = c.call("echo", "executions", &key, T).expect("executions");
+    assert_eq!(n, 1, "the handler ran once");
+}

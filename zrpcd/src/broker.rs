@@ -44,8 +44,13 @@ enum Outcome<'a> {
     },
     /// The broker ends the call with an error.
     Error(ErrorCode, String),
-    /// The caller cancelled or disconnected: nobody to answer.
+    /// The caller cancelled the call: nobody to answer, and the service is
+    /// told to stop.
     CallerGone,
+    /// The caller disconnected: nobody to answer. The service is *not* told
+    /// to stop: the client may reconnect and resubmit the call, and the
+    /// service's reply cache can then answer it without a second execution.
+    CallerLeft,
 }
 
 /// The fields of a `Call` envelope, re-read from a stored frame.
@@ -427,6 +432,14 @@ impl Broker {
         let fields = call_fields(&p.frame);
         let service = fields.as_ref().map_or("", |f| f.service);
         let replied = matches!(outcome, Outcome::Reply { .. });
+        // Stop the service's work when the call is really over; not when the
+        // caller only lost its connection (it will resubmit) or the broker is
+        // shutting down (the next broker gets the call again).
+        let cancel_service = match &outcome {
+            Outcome::Reply { .. } | Outcome::CallerLeft => false,
+            Outcome::Error(code, _) => *code != ErrorCode::Shutdown,
+            Outcome::CallerGone => true,
+        };
         match p.stage {
             Stage::Delivered(svc) => {
                 let mut cancel = false;
@@ -436,7 +449,7 @@ impl Broker {
                         s.served += 1;
                     } else {
                         s.failed += 1;
-                        cancel = true;
+                        cancel = cancel_service;
                     }
                 }
                 if cancel {
@@ -455,7 +468,7 @@ impl Broker {
                     (code.map_or("ok", |c| c.as_str()), payload.len())
                 }
                 Outcome::Error(code, _) => (code.as_str(), 0),
-                Outcome::CallerGone => ("cancelled", 0),
+                Outcome::CallerGone | Outcome::CallerLeft => ("cancelled", 0),
             };
             let event = CallEvent {
                 caller_pid: self.peers.get(p.caller).map_or(0, |c| c.creds.pid),
@@ -507,7 +520,7 @@ impl Broker {
                 }
                 tracing::debug!(bid, service, %code, %message, "call failed");
             }
-            Outcome::CallerGone => {}
+            Outcome::CallerGone | Outcome::CallerLeft => {}
         }
     }
 
@@ -654,7 +667,7 @@ impl Broker {
         }
         for bid in self.pending.ids_where(|c| c.caller == peer) {
             self.stats.cancelled += 1;
-            self.finish(bid, Outcome::CallerGone);
+            self.finish(bid, Outcome::CallerLeft);
         }
     }
 
