@@ -256,3 +256,19 @@ fn restart_under_a_held_socket_loses_no_connection_attempt() {
         );
     }
 }
+
+#[test]
+fn service_library_sends_ready_once_registered() {
+    let b = zrpc_tests::Broker::start();
+    let notify = NotifySocket::bind(b.dir());
+    let mut cmd = b.command("zrpc-test-svc");
+    cmd.env("NOTIFY_SOCKET", &notify.path);
+    let _svc = Proc::spawn("zrpc-test-svc", cmd);
+    notify.wait_for("READY=1");
+    // READY=1 came after the registration: the name is listed right now.
+    let c = zrpc_client::BlockingClient::connect_to(b.dir()).expect("connect");
+    let list: rmpv::Value = c
+        .call("zrpcd", "list", &(), Some(Duration::from_secs(5)))
+        .expect("list");
+    assert!(list.to_string().contains("\"echo\""), "{list}");
+}
