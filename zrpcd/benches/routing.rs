@@ -43,8 +43,18 @@ struct Setup {
     _names: Option<(PeerId, Rc<PeerIo>)>,
 }
 
+/// A `PeerIo` over one end of a socket pair (the other end is dropped: the
+/// benchmark drains the queue itself and never writes). Needs a runtime.
+fn peer_io() -> PeerIo {
+    let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    a.set_nonblocking(true).expect("nonblocking");
+    let stream = tokio::net::UnixStream::from_std(a).expect("tokio stream");
+    let (_rd, wr) = stream.into_split();
+    PeerIo::new(wr)
+}
+
 fn connect(broker: &mut Broker, instance: u64) -> (PeerId, Rc<PeerIo>) {
-    let io = Rc::new(PeerIo::default());
+    let io = Rc::new(peer_io());
     let id = broker.add_peer(io.clone(), Creds::default());
     let hello = Envelope::Hello {
         version: PROTOCOL_VERSION,

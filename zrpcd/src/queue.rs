@@ -46,6 +46,16 @@ impl OutQueue {
         self.bytes
     }
 
+    /// Takes everything queued, in order, into `out` (what a write would
+    /// send); used by benchmarks and tests that have no socket.
+    pub fn take_into(&mut self, out: &mut Vec<Bytes>) {
+        out.extend(self.chunks.drain(..));
+        if !self.cur.is_empty() {
+            out.push(self.cur.split().freeze());
+        }
+        self.bytes = 0;
+    }
+
     /// True if nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.chunks.is_empty() && self.cur.is_empty()

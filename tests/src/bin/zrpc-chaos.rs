@@ -109,7 +109,11 @@ fn client(args: &[String]) {
                 while Instant::now() < end {
                     seq += 1;
                     let nonce = format!("{pid}-{task}-{seq}");
-                    let service = if seq % 3 == 0 { "chaos_b" } else { "chaos_a" };
+                    let service = if seq.is_multiple_of(3) {
+                        "chaos_b"
+                    } else {
+                        "chaos_a"
+                    };
                     let start = Instant::now();
                     t.issued += 1;
                     let r: Result<Value, _> =
