@@ -241,6 +241,7 @@ impl Broker {
             let msg = format!(
                 "this connection already holds {held} names, the limit (--max-names-per-conn)"
             );
+            self.log_limit(peer, &msg);
             return self.ack(peer, req, Some(ErrorCode::LimitExceeded), &msg);
         }
         match self.names.register(name, peer, shared) {
@@ -279,7 +280,29 @@ impl Broker {
         }
     }
 
+    /// Logs a limit hit by `peer`: at warn level the first time per
+    /// connection, at debug level after that (a flood must not flood logs).
+    fn log_limit(&mut self, peer: PeerId, message: &str) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if p.limit_logged {
+            tracing::debug!(peer, pid = p.creds.pid, message, "limit exceeded");
+        } else {
+            p.limit_logged = true;
+            tracing::warn!(
+                peer,
+                pid = p.creds.pid,
+                message,
+                "limit exceeded (further ones on this connection are logged at debug level)"
+            );
+        }
+    }
+
     fn result_error(&mut self, peer: PeerId, id: u64, code: ErrorCode, message: &str) {
+        if code == ErrorCode::LimitExceeded {
+            self.log_limit(peer, message);
+        }
         self.stats.error(code);
         let env = Envelope::Result {
             id,
@@ -402,6 +425,7 @@ impl Broker {
                 "service {:?} is not reading its requests ({queued} bytes queued, limit --max-queued-bytes)",
                 f.service
             );
+            self.log_limit(target, &msg);
             return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg));
         }
         let caller_instance = self.peers.get(caller).map_or(0, |p| p.instance);

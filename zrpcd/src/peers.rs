@@ -52,6 +52,8 @@ pub struct Peer {
     pub calls_made: u64,
     /// When a frame last arrived from this peer.
     pub last_seen: Instant,
+    /// A limit hit by this peer was already logged at warn level.
+    pub limit_logged: bool,
 }
 
 /// All live connections.
@@ -83,6 +85,7 @@ impl Peers {
                 failed: 0,
                 calls_made: 0,
                 last_seen: Instant::now(),
+                limit_logged: false,
             },
         );
         id
