@@ -2,10 +2,11 @@
 //! after a reconnect (of the client, of this service, or a broker restart)
 //! is answered again instead of running twice.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
+use rustc_hash::{FxHashMap, FxHasher};
 use zrpc_proto::ErrorCode;
 
 /// What was (or will be) sent in a `Reply`: the return value, or an error
@@ -36,7 +37,7 @@ struct Entry {
 pub(crate) struct ReplyCache {
     max_entries: usize,
     max_bytes: usize,
-    map: HashMap<CallKey, Entry>,
+    map: FxHashMap<CallKey, Entry>,
     order: VecDeque<CallKey>,
     bytes: usize,
 }
@@ -46,7 +47,7 @@ impl ReplyCache {
         ReplyCache {
             max_entries,
             max_bytes,
-            map: HashMap::new(),
+            map: FxHashMap::default(),
             order: VecDeque::new(),
             bytes: 0,
         }
@@ -96,16 +97,26 @@ impl ReplyCache {
 
     /// Remembers the outcome of call `key`. An outcome larger than the byte
     /// bound is not kept.
-    pub(crate) fn insert(&mut self, key: CallKey, service: &str, method: &str, outcome: &Outcome) {
+    ///
+    /// A successful payload is kept by reference (no copy) when `owned`
+    /// says the `Bytes` is the sole handle to a buffer of its own (e.g. the
+    /// `Vec` a handler encoded its return value into); otherwise it may be
+    /// a view into a larger buffer the cache must not pin (the read buffer
+    /// a request arrived in, a user's shared buffer), and it is copied.
+    pub(crate) fn insert(
+        &mut self,
+        key: CallKey,
+        service: &str,
+        method: &str,
+        outcome: &Outcome,
+        owned: bool,
+    ) {
         if !self.enabled() {
             return;
         }
-        // Copy the payload: the handler's `Bytes` may be a view into a
-        // larger buffer (or a `Vec` with spare capacity) that the cache
-        // must not pin.
-        let (outcome, cost) = match outcome {
-            Ok(p) => (Ok(Bytes::copy_from_slice(p)), p.len()),
-            Err((code, msg)) => (Err((*code, msg.clone())), msg.len()),
+        let cost = match outcome {
+            Ok(p) => p.len(),
+            Err((_, msg)) => msg.len(),
         };
         if cost > self.max_bytes {
             tracing::debug!(
@@ -115,6 +126,11 @@ impl ReplyCache {
             );
             return;
         }
+        let outcome = match outcome {
+            Ok(p) if owned => Ok(p.clone()),
+            Ok(p) => Ok(Bytes::copy_from_slice(p)),
+            Err((code, msg)) => Err((*code, msg.clone())),
+        };
         if let Some(old) = self.map.remove(&key) {
             self.bytes -= old.cost;
             self.order.retain(|k| *k != key);
@@ -159,7 +175,7 @@ impl ReplyCache {
 }
 
 fn target(service: &str, method: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = FxHasher::default();
     service.hash(&mut h);
     method.hash(&mut h);
     h.finish()
@@ -176,9 +192,9 @@ mod tests {
     #[test]
     fn evicts_oldest_by_count() {
         let mut c = ReplyCache::new(2, 1000);
-        c.insert((1, 1), "s", "m", &ok(1));
-        c.insert((1, 2), "s", "m", &ok(1));
-        c.insert((1, 3), "s", "m", &ok(1));
+        c.insert((1, 1), "s", "m", &ok(1), true);
+        c.insert((1, 2), "s", "m", &ok(1), true);
+        c.insert((1, 3), "s", "m", &ok(1), true);
         assert!(c.get((1, 1), "s", "m").is_none());
         assert!(c.get((1, 2), "s", "m").is_some());
         assert!(c.get((1, 3), "s", "m").is_some());
@@ -188,13 +204,13 @@ mod tests {
     #[test]
     fn evicts_oldest_by_bytes() {
         let mut c = ReplyCache::new(100, 10);
-        c.insert((1, 1), "s", "m", &ok(4));
-        c.insert((1, 2), "s", "m", &ok(4));
-        c.insert((1, 3), "s", "m", &ok(4));
+        c.insert((1, 1), "s", "m", &ok(4), true);
+        c.insert((1, 2), "s", "m", &ok(4), true);
+        c.insert((1, 3), "s", "m", &ok(4), true);
         assert!(c.get((1, 1), "s", "m").is_none());
         assert_eq!((c.len(), c.bytes()), (2, 8));
         // Too large for the cache at all: not kept, nothing evicted.
-        c.insert((1, 4), "s", "m", &ok(11));
+        c.insert((1, 4), "s", "m", &ok(11), true);
         assert!(c.get((1, 4), "s", "m").is_none());
         assert_eq!(c.len(), 2);
         // Errors count their message.
@@ -203,6 +219,7 @@ mod tests {
             "s",
             "m",
             &Err((ErrorCode::Remote, "0123456789".into())),
+            false,
         );
         assert_eq!((c.len(), c.bytes()), (1, 10));
     }
@@ -211,7 +228,7 @@ mod tests {
     fn disabled_and_identityless() {
         let mut c = ReplyCache::new(0, 1000);
         assert!(c.key(1, 1).is_none());
-        c.insert((1, 1), "s", "m", &ok(1));
+        c.insert((1, 1), "s", "m", &ok(1), true);
         assert_eq!(c.len(), 0);
         let c = ReplyCache::new(10, 1000);
         assert!(c.key(0, 1).is_none());
@@ -221,10 +238,10 @@ mod tests {
     #[test]
     fn other_method_is_a_miss_and_shrinking_evicts() {
         let mut c = ReplyCache::new(10, 1000);
-        c.insert((1, 1), "s", "m", &ok(1));
+        c.insert((1, 1), "s", "m", &ok(1), true);
         assert!(c.get((1, 1), "s", "other").is_none());
         assert!(c.get((1, 1), "s", "m").is_some());
-        c.insert((1, 2), "s", "m", &ok(1));
+        c.insert((1, 2), "s", "m", &ok(1), true);
         c.set_bounds(1, 1000);
         assert!(c.get((1, 1), "s", "m").is_none());
         assert_eq!(c.len(), 1);

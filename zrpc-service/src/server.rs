@@ -477,6 +477,31 @@ fn wire_outcome(result: Result<Bytes, HandlerError>, max_message_size: u32) -> O
     }
 }
 
+/// Whether the reply cache may keep a successful reply payload by reference
+/// (`true`) or must copy it: only a payload that is the sole handle to an
+/// allocation of its own, not much larger than itself, and not a view into
+/// the request (whose read buffer may hold other frames). Returns the
+/// payload (same bytes, same allocation) for sending.
+fn own_reply(outcome: Outcome, request: (usize, usize)) -> (Outcome, bool) {
+    let p = match outcome {
+        Ok(p) if !p.is_empty() => p,
+        other => return (other, false),
+    };
+    let start = p.as_ptr() as usize;
+    if start >= request.0 && start <= request.1 {
+        return (Ok(p), false);
+    }
+    match p.try_into_mut() {
+        Ok(m) => {
+            // `capacity` counts the spare room after the bytes: a `Vec`
+            // grown by doubling has less than its length.
+            let owned = m.capacity() - m.len() <= m.len();
+            (Ok(m.freeze()), owned)
+        }
+        Err(p) => (Ok(p), false),
+    }
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
@@ -1335,6 +1360,8 @@ impl<S: Service> Server<S> {
                     deadline: req.deadline,
                 };
                 let generation = link.generation;
+                let request = req.payload.as_ptr_range();
+                let request = (request.start as usize, request.end as usize);
                 let outcome = run_handler(service, link, setup, &ctx, req.payload).await;
                 let method = ctx.method;
                 let Some(result) = outcome else {
@@ -1344,9 +1371,11 @@ impl<S: Service> Server<S> {
                 if let Err(e) = &result {
                     tracing::debug!(method, code = %e.code(), "request failed: {e}");
                 }
-                let outcome = wire_outcome(result, link.max_message_size);
+                let mut outcome = wire_outcome(result, link.max_message_size);
                 if let Some(key) = key {
-                    cache.insert(key, &ctx.service, &method, &outcome);
+                    let owned;
+                    (outcome, owned) = own_reply(outcome, request);
+                    cache.insert(key, &ctx.service, &method, &outcome, owned);
                 }
                 match link.conn.as_mut() {
                     Some(conn) if link.generation == generation => {
@@ -1427,5 +1456,52 @@ impl<S: Service> Server<S> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(b: &Bytes) -> (usize, usize) {
+        let r = b.as_ptr_range();
+        (r.start as usize, r.end as usize)
+    }
+
+    #[test]
+    fn own_reply_keeps_only_private_buffers() {
+        let none = (0, 0);
+        // An encoded value: its own exact allocation, kept by reference.
+        let p = Bytes::from(vec![7u8; 1000]);
+        let ptr = p.as_ptr();
+        let (o, owned) = own_reply(Ok(p), none);
+        assert!(owned);
+        assert_eq!(o.as_ref().unwrap().as_ptr(), ptr);
+        assert_eq!(o.unwrap(), vec![7u8; 1000]);
+        // A view of the request, shared or not: copied.
+        let req = Bytes::from(vec![1u8; 100]);
+        let (_, owned) = own_reply(Ok(req.slice(10..20)), range(&req));
+        assert!(!owned);
+        // Shared with another handle, or static: copied.
+        let (_, owned) = own_reply(Ok(req.clone()), none);
+        assert!(!owned);
+        // The sole handle left to the request's buffer: still copied.
+        let r = range(&req);
+        let view = req.slice(10..20);
+        drop(req);
+        assert!(view.is_unique());
+        let (_, owned) = own_reply(Ok(view), r);
+        assert!(!owned);
+        let (_, owned) = own_reply(Ok(Bytes::from_static(b"abc")), none);
+        assert!(!owned);
+        // A small value in a large allocation: copied.
+        let mut v = Vec::with_capacity(64 * 1024);
+        v.extend_from_slice(b"small");
+        let (o, owned) = own_reply(Ok(Bytes::from(v)), none);
+        assert!(!owned);
+        assert_eq!(o.unwrap(), &b"small"[..]);
+        // Errors and empty payloads are not payloads to keep.
+        let (_, owned) = own_reply(Err((ErrorCode::Remote, "x".into())), none);
+        assert!(!owned);
     }
 }
