@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 use zrpc_proto::{
-    encode_frame, socket_path, validate_name, Envelope, ErrorCode, Frame, FrameDecoder, ProtoError,
-    DEFAULT_MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
+    encode_frame, encode_header, socket_path, validate_name, Envelope, ErrorCode, Frame,
+    FrameDecoder, ProtoError, DEFAULT_MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
 };
 
 use crate::cache::{Outcome, ReplyCache, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
@@ -37,6 +37,14 @@ const REPLY_ENVELOPE_MAX: usize = 16;
 /// Batched replies are written out at the latest when this many bytes are
 /// pending.
 const FLUSH_THRESHOLD: usize = 256 * 1024;
+
+/// Reply payloads of at least this many bytes are not copied into `wbuf`:
+/// they are queued by reference and written with one `writev` together with
+/// the bytes around them.
+const LARGE_PAYLOAD: usize = 8 * 1024;
+
+/// Most slices handed to one `writev`.
+const MAX_IOVECS: usize = 64;
 
 /// Batched replies are written out at the latest this long after the last
 /// write, even while requests are still queued (a burst of slow synchronous
@@ -282,10 +290,17 @@ enum FrameAction {
 
 /// The broker connection: socket, buffers, and requests received but not
 /// yet handled. Reading is cancel-safe (bytes land in `rbuf`), writing is
-/// batched in `wbuf`.
+/// batched: `chunks` (written first) then `wbuf`.
 struct Conn {
     stream: UnixStream,
+    /// The read buffer, kept for the life of the connection: once the
+    /// frames split off it are dropped, `reserve` reuses its allocation.
     rbuf: BytesMut,
+    /// Bytes to write before `wbuf`: earlier `wbuf` contents and large reply
+    /// payloads queued by reference.
+    chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    chunk_bytes: usize,
     wbuf: BytesMut,
     decoder: FrameDecoder,
     max_message_size: u32,
@@ -301,6 +316,8 @@ impl Conn {
         Conn {
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
+            chunks: VecDeque::new(),
+            chunk_bytes: 0,
             wbuf: BytesMut::with_capacity(64 * 1024),
             decoder: FrameDecoder::new(DEFAULT_MAX_MESSAGE_SIZE),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
@@ -328,13 +345,58 @@ impl Conn {
         Ok(())
     }
 
+    /// Removes `n` written bytes from the front of `chunks`, then `wbuf`.
+    fn consume(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(c) = self.chunks.front_mut() else {
+                self.wbuf.advance(n);
+                return;
+            };
+            if n < c.len() {
+                c.advance(n);
+                self.chunk_bytes -= n;
+                return;
+            }
+            n -= c.len();
+            self.chunk_bytes -= c.len();
+            self.chunks.pop_front();
+        }
+    }
+
     fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
         Ok(self.decoder.decode(&mut self.rbuf)?)
     }
 
-    /// Writes out `wbuf`. Cancel-safe: bytes are removed from `wbuf` only
+    /// Bytes waiting to be written.
+    fn pending_write(&self) -> usize {
+        self.chunk_bytes + self.wbuf.len()
+    }
+
+    /// Writes out `chunks` and `wbuf`. Cancel-safe: bytes are removed only
     /// once written.
     async fn flush(&mut self) -> Result<(), Error> {
+        while !self.chunks.is_empty() {
+            let n = {
+                let mut iov = [io::IoSlice::new(&[]); MAX_IOVECS];
+                let mut k = 0;
+                for c in self.chunks.iter().take(MAX_IOVECS - 1) {
+                    iov[k] = io::IoSlice::new(c);
+                    k += 1;
+                }
+                if k < MAX_IOVECS && k == self.chunks.len() && !self.wbuf.is_empty() {
+                    iov[k] = io::IoSlice::new(&self.wbuf);
+                    k += 1;
+                }
+                self.stream
+                    .write_vectored(&iov[..k])
+                    .await
+                    .map_err(Error::from_io)?
+            };
+            if n == 0 {
+                return Err(Error::Disconnected);
+            }
+            self.consume(n);
+        }
         while !self.wbuf.is_empty() {
             let n = self
                 .stream
@@ -435,6 +497,21 @@ impl Conn {
     /// Appends the reply to request `id`.
     fn write_outcome(&mut self, id: u64, outcome: &Outcome) {
         match outcome {
+            Ok(payload) if payload.len() >= LARGE_PAYLOAD => {
+                encode_header(
+                    &mut self.wbuf,
+                    &Envelope::Reply {
+                        id,
+                        code: None,
+                        message: "",
+                    },
+                    payload.len(),
+                );
+                let head = self.wbuf.split().freeze();
+                self.chunk_bytes += head.len() + payload.len();
+                self.chunks.push_back(head);
+                self.chunks.push_back(payload.clone());
+            }
             Ok(payload) => encode_frame(
                 &mut self.wbuf,
                 &Envelope::Reply {
@@ -1304,7 +1381,7 @@ impl<S: Service> Server<S> {
                 let r = async {
                     conn.process(None)?;
                     if conn.queue.is_empty()
-                        || conn.wbuf.len() >= FLUSH_THRESHOLD
+                        || conn.pending_write() >= FLUSH_THRESHOLD
                         || conn.pong_pending
                         || conn.last_flush.elapsed() >= FLUSH_INTERVAL
                     {
@@ -1466,6 +1543,83 @@ mod tests {
     fn range(b: &Bytes) -> (usize, usize) {
         let r = b.as_ptr_range();
         (r.start as usize, r.end as usize)
+    }
+
+    /// Small replies, large ones queued by reference and control frames
+    /// come out whole and in order, also when the socket takes them in
+    /// pieces.
+    #[test]
+    fn large_replies_are_written_in_order() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            let mut conn = Conn::new(a);
+            let big = |n: usize, v: u8| -> Outcome { Ok(Bytes::from(vec![v; n])) };
+            let sent: Vec<(u64, Outcome)> = vec![
+                (1, Ok(Bytes::from_static(b"\xa1x"))),
+                (2, big(LARGE_PAYLOAD, 2)),
+                (3, big(3 * 1024 * 1024, 3)),
+                (4, Err((ErrorCode::Remote, "no".into()))),
+                (5, big(100_000, 5)),
+                (6, big(10, 6)),
+            ];
+            for (id, o) in &sent {
+                conn.write_outcome(*id, o);
+            }
+            encode_frame(&mut conn.wbuf, &Envelope::Pong { nonce: 9 }, &[]);
+            let reader = async move {
+                let mut buf = BytesMut::new();
+                let dec = FrameDecoder::new(DEFAULT_MAX_MESSAGE_SIZE);
+                let mut frames = Vec::new();
+                while frames.len() < 7 {
+                    while let Some(f) = dec.decode(&mut buf).unwrap() {
+                        frames.push(f);
+                    }
+                    if frames.len() < 7 {
+                        buf.reserve(64 * 1024);
+                        assert!(b.read_buf(&mut buf).await.unwrap() > 0);
+                    }
+                }
+                frames
+            };
+            let (w, frames) = tokio::join!(conn.flush(), reader);
+            w.unwrap();
+            assert_eq!(conn.pending_write(), 0);
+            assert!(conn.chunks.is_empty());
+            for ((id, o), f) in sent.iter().zip(&frames) {
+                match (f.decode().unwrap(), o) {
+                    (
+                        Envelope::Reply {
+                            id: got,
+                            code: None,
+                            ..
+                        },
+                        Ok(p),
+                    ) => {
+                        assert_eq!(got, *id);
+                        assert_eq!(&f.payload, p);
+                    }
+                    (
+                        Envelope::Reply {
+                            id: got,
+                            code: Some(c),
+                            message,
+                        },
+                        Err((code, msg)),
+                    ) => {
+                        assert_eq!((got, c, message), (*id, *code, msg.as_str()));
+                    }
+                    (e, _) => panic!("unexpected {e:?} for {id}"),
+                }
+            }
+            assert!(matches!(
+                frames[6].decode().unwrap(),
+                Envelope::Pong { nonce: 9 }
+            ));
+        });
     }
 
     #[test]
