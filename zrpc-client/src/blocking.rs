@@ -17,9 +17,9 @@ use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::client::lock;
 use crate::common::{
-    call_deadline, call_frame, control_frame, decode_payload, local_deadline, parse_handshake,
-    reconnect_timeout, resubmit_parts, timeout_error, Dead, Outcome, Payload, Retry, Settings,
-    Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, READ_CHUNK,
+    call_deadlines, call_frame, control_frame, decode_payload, parse_handshake, reconnect_timeout,
+    resubmit_parts, timeout_error, Dead, Outcome, Payload, Retry, Settings, Welcome,
+    HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, READ_CHUNK,
 };
 use crate::{CallOptions, ClientBuilder, Error, Result};
 
@@ -166,9 +166,7 @@ impl BlockingClient {
             payload,
             inner.max_message_size.load(Ordering::Relaxed),
         )?;
-        let now = Instant::now();
-        let deadline = call_deadline(&opts, now);
-        let local = local_deadline(&opts, now);
+        let (deadline, local) = call_deadlines(&opts);
         if let Some(conn) = inner.register(id, frame.clone(), deadline, opts.no_retry) {
             inner.write_call(&conn, id, &frame);
         }

@@ -17,9 +17,9 @@ use tokio::sync::{oneshot, Notify};
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::common::{
-    call_deadline, call_frame, control_frame, decode_payload, local_deadline, parse_handshake,
-    reconnect_timeout, resubmit_parts, timeout_error, Backoff, Dead, Outcome, Payload, Retry,
-    Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, LARGE_FRAME, READ_CHUNK,
+    call_deadlines, call_frame, control_frame, decode_payload, parse_handshake, reconnect_timeout,
+    resubmit_parts, timeout_error, Backoff, Dead, Outcome, Payload, Retry, Settings, Welcome,
+    HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, LARGE_FRAME, READ_CHUNK,
 };
 use crate::{BlockingClient, CallOptions, Error, Result};
 
@@ -484,9 +484,7 @@ impl Client {
             payload,
             shared.max_message_size.load(Ordering::Relaxed),
         )?;
-        let now = Instant::now();
-        let deadline = call_deadline(&opts, now);
-        let local = local_deadline(&opts, now);
+        let (deadline, local) = call_deadlines(&opts);
         let (tx, mut rx) = oneshot::channel();
         let (conn, in_flight) = shared.submit(
             id,

@@ -322,6 +322,16 @@ pub(crate) fn call_deadline(opts: &CallOptions, now: Instant) -> Option<Instant>
     opts.timeout.and_then(|t| now.checked_add(t))
 }
 
+/// The call's deadline and its local safety deadline for a call starting
+/// now; the clock is read only if the call has a timeout.
+pub(crate) fn call_deadlines(opts: &CallOptions) -> (Option<Instant>, Option<Instant>) {
+    if opts.timeout.is_none() {
+        return (None, None);
+    }
+    let now = Instant::now();
+    (call_deadline(opts, now), local_deadline(opts, now))
+}
+
 /// Milliseconds of `d`, rounded up (so that a sub-millisecond budget does
 /// not become "expire at once").
 pub(crate) fn duration_ms(d: Duration) -> u64 {
