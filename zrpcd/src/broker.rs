@@ -324,40 +324,29 @@ impl Broker {
         frame: &Frame,
     ) {
         self.stats.calls += 1;
-        if let Some(p) = self.peers.get_mut(peer) {
-            p.calls_made += 1;
-        }
         if self.shutting_down {
             return self.result_error(peer, id, ErrorCode::Shutdown, "zrpcd is shutting down");
         }
         if let Err(e) = validate_name(service).and_then(|_| validate_name(method)) {
             return self.result_error(peer, id, ErrorCode::InvalidName, &e.to_string());
         }
+        if service == zrpc_proto::BROKER_SERVICE {
+            return self.call_builtin(peer, id, method, frame);
+        }
         if self.pending.find_by_caller(peer, id).is_some() {
             let msg = format!("call id {id} is already in flight on this connection");
             return self.result_error(peer, id, ErrorCode::Protocol, &msg);
         }
-        if service == zrpc_proto::BROKER_SERVICE {
-            let started = Instant::now();
-            let (code, message, payload) =
-                crate::builtin::handle(self, peer, method, &frame.payload);
-            let env = Envelope::Result {
-                id,
-                code,
-                message: &message,
-            };
-            self.send(peer, &env, &payload);
-            match code {
-                None => self.stats.calls_ok += 1,
-                Some(c) => self.stats.error(c),
+        // One lookup of the caller: count the call, check its limit.
+        let max_per_conn = self.config.max_pending_per_conn;
+        let (calling, caller_instance) = match self.peers.get_mut(peer) {
+            Some(p) => {
+                p.calls_made += 1;
+                (p.calling as usize, p.instance)
             }
-            let s = self.stats.service(service);
-            s.answered += 1;
-            s.latency.record(started.elapsed());
-            return;
-        }
-        let calling = self.peers.get(peer).map_or(0, |p| p.calling as usize);
-        if calling >= self.config.max_pending_per_conn {
+            None => return,
+        };
+        if calling >= max_per_conn {
             let msg = format!(
                 "this connection has {calling} calls pending, the limit (--max-pending-per-conn)"
             );
@@ -370,9 +359,13 @@ impl Broker {
             );
             return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
         }
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.calling += 1;
+        }
         let now = Instant::now();
         let bid = self.pending.insert(Pending {
             caller: peer,
+            caller_instance,
             caller_call: id,
             frame: frame.clone(),
             flags,
@@ -381,67 +374,96 @@ impl Broker {
             stage: Stage::Parked,
             started: now,
         });
-        if let Some(p) = self.peers.get_mut(peer) {
-            p.calling += 1;
-        }
-        self.dispatch(bid);
+        self.route(bid, service, method, &frame.payload);
     }
 
-    /// Delivers a pending call to an instance of its service, or parks it.
+    /// A call to the broker's own service, answered at once.
+    fn call_builtin(&mut self, peer: PeerId, id: u64, method: &str, frame: &Frame) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.calls_made += 1;
+        }
+        let started = Instant::now();
+        let (code, message, payload) = crate::builtin::handle(self, peer, method, &frame.payload);
+        let env = Envelope::Result {
+            id,
+            code,
+            message: &message,
+        };
+        self.send(peer, &env, &payload);
+        match code {
+            None => self.stats.calls_ok += 1,
+            Some(c) => self.stats.error(c),
+        }
+        let s = self.stats.service(zrpc_proto::BROKER_SERVICE);
+        s.answered += 1;
+        s.latency.record(started.elapsed());
+    }
+
+    /// Re-routes a pending call (re-delivery, or its name appeared): the
+    /// service and method are read again from the stored frame.
     fn dispatch(&mut self, bid: u64) {
         let Some(p) = self.pending.get(bid) else {
             return;
         };
         let frame = p.frame.clone();
-        let (caller, caller_call, deadline, call_flags) =
-            (p.caller, p.caller_call, p.deadline, p.flags);
-        let Some(f) = call_fields(&frame) else {
-            return self.finish(
+        match call_fields(&frame) {
+            Some(f) => self.route(bid, f.service, f.method, &frame.payload),
+            None => self.finish(
                 bid,
                 Outcome::Error(ErrorCode::Protocol, "corrupt call".into()),
-            );
+            ),
+        }
+    }
+
+    /// Delivers a pending call to the instance of `service` with the fewest
+    /// outstanding calls, or parks it until the name appears.
+    fn route(&mut self, bid: u64, service: &str, method: &str, payload: &Bytes) {
+        let Some(p) = self.pending.get(bid) else {
+            return;
         };
+        let (caller_instance, caller_call, deadline, call_flags) =
+            (p.caller_instance, p.caller_call, p.deadline, p.flags);
         let peers = &self.peers;
-        let target = self.names.pick(f.service, |id| {
+        let target = self.names.pick(service, |id| {
             peers.get(id).map_or(u32::MAX, |p| p.outstanding)
         });
         let Some(target) = target else {
             if call_flags & flags::NO_WAIT != 0 {
-                let msg = format!("no service is registered under the name {:?}", f.service);
+                let msg = format!("no service is registered under the name {service:?}");
                 return self.finish(bid, Outcome::Error(ErrorCode::NoSuchService, msg));
             }
-            self.names.park(f.service, bid);
+            self.names.park(service, bid);
             if let Some(p) = self.pending.get_mut(bid) {
                 p.stage = Stage::Parked;
             }
             return;
         };
-        let queued = self
-            .peers
-            .get(target)
-            .map_or(0, |p| p.io.queue.borrow().len_bytes());
-        if queued > self.config.max_queued_bytes {
+        let max_queued = self.config.max_queued_bytes;
+        let Some(t) = self.peers.get_mut(target) else {
+            return;
+        };
+        let queued = t.io.queue.borrow().len_bytes();
+        if queued > max_queued {
             let msg = format!(
-                "service {:?} is not reading its requests ({queued} bytes queued, limit --max-queued-bytes)",
-                f.service
+                "service {service:?} is not reading its requests ({queued} bytes queued, limit --max-queued-bytes)"
             );
             self.log_limit(target, &msg);
             return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg));
         }
-        let caller_instance = self.peers.get(caller).map_or(0, |p| p.instance);
         let timeout_ms =
             deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
         let env = Envelope::Request {
             id: bid,
-            service: f.service,
-            method: f.method,
+            service,
+            method,
             timeout_ms,
             caller_instance,
             caller_call,
         };
-        self.send(target, &env, &frame.payload);
-        if let Some(t) = self.peers.get_mut(target) {
-            t.outstanding += 1;
+        t.io.push(&env, payload);
+        t.outstanding += 1;
+        if !t.io.dirty.replace(true) {
+            self.dirty.push(t.io.clone());
         }
         if let Some(p) = self.pending.get_mut(bid) {
             p.stage = Stage::Delivered(target);
@@ -517,8 +539,7 @@ impl Broker {
                     code,
                     message,
                 };
-                self.send(p.caller, &env, &payload);
-                self.check_backlog(p.caller);
+                self.send_result(p.caller, &env, &payload);
                 match code {
                     None => self.stats.calls_ok += 1,
                     Some(c) => self.stats.error(c),
@@ -536,8 +557,7 @@ impl Broker {
                     code: Some(code),
                     message: &message,
                 };
-                self.send(p.caller, &env, &Bytes::new());
-                self.check_backlog(p.caller);
+                self.send_result(p.caller, &env, &Bytes::new());
                 self.stats.error(code);
                 if !service.is_empty() {
                     self.stats.service(service).errors += 1;
@@ -560,6 +580,21 @@ impl Broker {
         }
         for (peer, seq) in targets {
             self.send(peer, &Envelope::Event { seq }, &payload);
+        }
+    }
+
+    /// Queues a `Result` to a caller, and disconnects the caller if its
+    /// results pile up unread.
+    fn send_result(&mut self, caller: PeerId, env: &Envelope<'_>, payload: &Bytes) {
+        let Some(c) = self.peers.get(caller) else {
+            return;
+        };
+        c.io.push(env, payload);
+        if !c.io.dirty.replace(true) {
+            self.dirty.push(c.io.clone());
+        }
+        if c.io.queue.borrow().len_bytes() > self.config.max_queued_bytes {
+            self.check_backlog(caller);
         }
     }
 

@@ -24,6 +24,8 @@ pub enum Stage {
 pub struct Pending {
     /// The calling connection.
     pub caller: PeerId,
+    /// The caller's instance id (from its `Hello`).
+    pub caller_instance: u64,
     /// The caller's own id for the call.
     pub caller_call: u64,
     /// The original `Call` frame: envelope (re-decoded when needed, so no
