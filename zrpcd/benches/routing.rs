@@ -44,13 +44,11 @@ struct Setup {
 }
 
 /// A `PeerIo` over one end of a socket pair (the other end is dropped: the
-/// benchmark drains the queue itself and never writes). Needs a runtime.
+/// benchmark drains the queue itself and never writes).
 fn peer_io() -> PeerIo {
     let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     a.set_nonblocking(true).expect("nonblocking");
-    let stream = tokio::net::UnixStream::from_std(a).expect("tokio stream");
-    let (_rd, wr) = stream.into_split();
-    PeerIo::new(wr)
+    PeerIo::new(a)
 }
 
 fn connect(broker: &mut Broker, instance: u64) -> (PeerId, Rc<PeerIo>) {

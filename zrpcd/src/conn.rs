@@ -3,11 +3,12 @@
 //! wake-up.
 
 use std::cell::RefCell;
+use std::io::Read;
 use std::rc::Rc;
 
-use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
-use tokio::net::unix::OwnedReadHalf;
+use bytes::{BufMut, BytesMut};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 use zrpc_proto::{ErrorCode, FrameDecoder, ProtoError};
@@ -29,8 +30,22 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
             gid: c.gid(),
         })
         .unwrap_or_default();
-    let (rd, wr) = stream.into_split();
-    let io = Rc::new(PeerIo::new(wr));
+    // Registered for readability only (see `PeerIo::sock`): the reader
+    // watches a duplicate of the socket, writes go to the original.
+    let Ok(sock) = stream.into_std() else {
+        return;
+    };
+    let rd = match sock
+        .try_clone()
+        .and_then(|d| register(d, Interest::READABLE))
+    {
+        Ok(rd) => rd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register a connection");
+            return;
+        }
+    };
+    let io = Rc::new(PeerIo::new(sock));
     let (id, decoder, handshake) = {
         let mut b = broker.borrow_mut();
         let id = b.add_peer(io.clone(), creds);
@@ -56,7 +71,7 @@ async fn read_loop(
     broker: &RefCell<Broker>,
     io: &PeerIo,
     id: PeerId,
-    mut rd: OwnedReadHalf,
+    rd: AsyncFd<std::os::unix::net::UnixStream>,
     decoder: FrameDecoder,
     hello_deadline: Instant,
 ) -> String {
@@ -69,7 +84,7 @@ async fn read_loop(
             buf.reserve(want.max(READ_CHUNK));
         }
         let read = tokio::select! {
-            r = rd.read_buf(&mut buf) => r,
+            r = read_some(&rd, &mut buf) => r,
             _ = io.kill.notified() => return "closed by the broker".into(),
             _ = tokio::time::sleep_until(hello_deadline), if !ready => {
                 let fatal = Fatal {
@@ -131,12 +146,58 @@ fn close_with(broker: &RefCell<Broker>, id: PeerId, fatal: &Fatal) {
     b.flush();
 }
 
+/// Registers a socket with the event loop for the given interest only.
+fn register(
+    sock: std::os::unix::net::UnixStream,
+    interest: Interest,
+) -> std::io::Result<AsyncFd<std::os::unix::net::UnixStream>> {
+    // SAFETY: the AsyncFd owns the socket, so its fd stays open and refers to
+    // the same file description for the AsyncFd's whole lifetime.
+    unsafe { AsyncFd::register_with_interest(sock, interest) }.map_err(std::io::Error::from)
+}
+
+/// Reads what is available into the spare capacity of `buf`.
+async fn read_some(
+    rd: &AsyncFd<std::os::unix::net::UnixStream>,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    loop {
+        let mut guard = rd.readable().await?;
+        let spare = buf.chunk_mut();
+        let cap = spare.len();
+        // SAFETY: read(2) only writes into the spare capacity, and we mark as
+        // initialised exactly the bytes it reports.
+        let res = guard.try_io(|inner| {
+            let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr(), cap) };
+            let mut sock = inner.get_ref();
+            sock.read(dst)
+        });
+        match res {
+            Ok(Ok(n)) => {
+                unsafe { buf.advance_mut(n) };
+                if n > 0 && n < cap {
+                    // A short read drained the socket: wait for the next
+                    // edge instead of paying a read that would block.
+                    guard.clear_ready();
+                }
+                return Ok(n);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
 /// Takes over flushing when the socket is full (waits until it is
-/// writable), and on close flushes what is left and shuts the socket down.
+/// writable, through a registration of its own that exists only while the
+/// socket is full), and on close flushes what is left and shuts the write
+/// side down.
 async fn write_loop(io: Rc<PeerIo>) {
+    let mut waiter: Option<AsyncFd<std::os::unix::net::UnixStream>> = None;
     loop {
         if io.queue.borrow().is_empty() {
             io.writer_busy.set(false);
+            waiter = None;
             if io.closed.get() {
                 break;
             }
@@ -144,14 +205,33 @@ async fn write_loop(io: Rc<PeerIo>) {
             continue;
         }
         io.writer_busy.set(true);
-        if io.wr.writable().await.is_err() {
-            break;
+        if waiter.is_none() {
+            match io
+                .sock
+                .try_clone()
+                .and_then(|d| register(d, Interest::WRITABLE))
+            {
+                Ok(w) => waiter = Some(w),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot wait for writability");
+                    break;
+                }
+            }
         }
-        let result = io.queue.borrow_mut().write_now(&io.wr);
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "write failed");
-            io.closed.set(true);
+        let Some(w) = waiter.as_ref() else {
             break;
+        };
+        let Ok(mut guard) = w.writable().await else {
+            break;
+        };
+        match io.queue.borrow_mut().write_now(&io.sock) {
+            Ok(true) => {}
+            Ok(false) => guard.clear_ready(),
+            Err(e) => {
+                tracing::debug!(error = %e, "write failed");
+                io.closed.set(true);
+                break;
+            }
         }
     }
     io.writer_busy.set(false);

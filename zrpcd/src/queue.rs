@@ -8,7 +8,8 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::unix::OwnedWriteHalf;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use tokio::sync::Notify;
 use zrpc_proto::{encode_header, Envelope};
 
@@ -64,7 +65,7 @@ impl OutQueue {
     /// Writes as much as the socket accepts without blocking, up to 64
     /// slices per `writev`. Returns `Ok(true)` once everything is written,
     /// `Ok(false)` if the socket is full.
-    pub fn write_now(&mut self, wr: &OwnedWriteHalf) -> std::io::Result<bool> {
+    pub fn write_now(&mut self, wr: &UnixStream) -> std::io::Result<bool> {
         if !self.cur.is_empty() {
             self.chunks.push_back(self.cur.split().freeze());
         }
@@ -74,7 +75,7 @@ impl OutQueue {
             for (s, b) in slices.iter_mut().zip(self.chunks.iter()) {
                 *s = IoSlice::new(b);
             }
-            let mut written = match wr.try_write_vectored(&slices[..n]) {
+            let mut written = match (&*wr).write_vectored(&slices[..n]) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(w) => w,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
@@ -108,8 +109,12 @@ impl OutQueue {
 pub struct PeerIo {
     /// Frames to write.
     pub queue: RefCell<OutQueue>,
-    /// The socket's write half.
-    pub wr: OwnedWriteHalf,
+    /// The socket, non-blocking, written to directly. It is not registered
+    /// with the event loop for writability: edge-triggered `EPOLLOUT` would
+    /// wake the broker each time a peer reads, for nothing. Only when the
+    /// socket is full does the writer task wait for writability (through a
+    /// registration of its own).
+    pub sock: UnixStream,
     /// Wakes the writer task (socket full, or closing).
     pub notify: Notify,
     /// Set while the writer task owns the flushing (the socket was full).
@@ -124,10 +129,10 @@ pub struct PeerIo {
 
 impl PeerIo {
     /// Shared state around a connection's write half.
-    pub fn new(wr: OwnedWriteHalf) -> Self {
+    pub fn new(sock: UnixStream) -> Self {
         PeerIo {
             queue: RefCell::default(),
-            wr,
+            sock,
             notify: Notify::new(),
             writer_busy: Cell::new(false),
             closed: Cell::new(false),
@@ -147,7 +152,7 @@ impl PeerIo {
         if self.writer_busy.get() {
             return; // the writer task is waiting for the socket; it flushes
         }
-        let result = self.queue.borrow_mut().write_now(&self.wr);
+        let result = self.queue.borrow_mut().write_now(&self.sock);
         match result {
             Ok(true) => {}
             Ok(false) => {
@@ -164,7 +169,7 @@ impl PeerIo {
     /// Shuts down the write side: the peer sees end of stream.
     pub fn shutdown_write(&self) {
         use std::os::fd::AsRawFd;
-        let fd = self.wr.as_ref().as_raw_fd();
+        let fd = self.sock.as_raw_fd();
         // SAFETY: shutdown(2) on a socket this struct keeps open.
         unsafe {
             libc::shutdown(fd, libc::SHUT_WR);
