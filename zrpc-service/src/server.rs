@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::UnixStream;
+use tokio::io::Interest;
 use tokio::time::Instant;
 use zrpc_proto::{
     encode_frame, encode_header, socket_path, validate_name, Envelope, ErrorCode, Frame,
@@ -288,11 +287,34 @@ enum FrameAction {
     CancelRunning,
 }
 
+/// A non-blocking std socket registered with the reactor.
+type Registered = AsyncFd<std::os::unix::net::UnixStream>;
+
+/// Registers a duplicate of `sock` with the reactor for `interest` only.
+fn register(sock: &std::os::unix::net::UnixStream, interest: Interest) -> io::Result<Registered> {
+    let dup = sock.try_clone()?;
+    // SAFETY: the AsyncFd owns the duplicate, so its fd stays open and refers
+    // to the same file description for the AsyncFd's whole lifetime.
+    unsafe { AsyncFd::register_with_interest(dup, interest) }.map_err(|e| e.into_parts().1)
+}
+
 /// The broker connection: socket, buffers, and requests received but not
 /// yet handled. Reading is cancel-safe (bytes land in `rbuf`), writing is
 /// batched: `chunks` (written first) then `wbuf`.
+///
+/// The socket is registered with the reactor for readability only: tokio's
+/// own `UnixStream` registers for READABLE|WRITABLE, edge-triggered, and
+/// then every time the broker reads what we wrote, `EPOLLOUT` wakes the
+/// process for nothing. Writes go straight to `sock`; only while the socket
+/// is full is a duplicate registered for writability (`wr_wait`).
 struct Conn {
-    stream: UnixStream,
+    /// The socket, non-blocking, written to directly.
+    sock: std::os::unix::net::UnixStream,
+    /// A duplicate of `sock` registered for readability.
+    rd: Registered,
+    /// A duplicate of `sock` registered for writability, only while a flush
+    /// found the socket full.
+    wr_wait: Option<Registered>,
     /// The read buffer, kept for the life of the connection: once the
     /// frames split off it are dropped, `reserve` reuses its allocation.
     rbuf: BytesMut,
@@ -312,9 +334,14 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: UnixStream) -> Self {
-        Conn {
-            stream,
+    /// Takes over a connected socket; must be called inside the runtime.
+    fn new(sock: std::os::unix::net::UnixStream) -> io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        let rd = register(&sock, Interest::READABLE)?;
+        Ok(Conn {
+            sock,
+            rd,
+            wr_wait: None,
             rbuf: BytesMut::with_capacity(64 * 1024),
             chunks: VecDeque::new(),
             chunk_bytes: 0,
@@ -324,7 +351,7 @@ impl Conn {
             queue: VecDeque::new(),
             pong_pending: false,
             last_flush: std::time::Instant::now(),
-        }
+        })
     }
 
     /// Reads more bytes into `rbuf`. Cancel-safe.
@@ -334,15 +361,30 @@ impl Conn {
             .needed(&self.rbuf)
             .map_or(16 * 1024, |total| total - self.rbuf.len());
         self.rbuf.reserve(want.max(4096));
-        let n = self
-            .stream
-            .read_buf(&mut self.rbuf)
-            .await
-            .map_err(Error::from_io)?;
-        if n == 0 {
-            return Err(Error::Disconnected);
+        loop {
+            let mut guard = self.rd.readable().await.map_err(Error::from_io)?;
+            let spare = self.rbuf.spare_capacity_mut();
+            let cap = spare.len();
+            // SAFETY: read(2) only writes into the spare capacity, and only
+            // the bytes it reports are marked as initialised below.
+            let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), cap) };
+            match (&self.sock).read(dst) {
+                Ok(0) => return Err(Error::Disconnected),
+                Ok(n) => {
+                    // SAFETY: the first `n` spare bytes were just written.
+                    unsafe { self.rbuf.set_len(self.rbuf.len() + n) };
+                    if n < cap {
+                        // A short read drained the socket: wait for the next
+                        // edge instead of paying a read that would block.
+                        guard.clear_ready();
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::from_io(e)),
+            }
         }
-        Ok(())
     }
 
     /// Removes `n` written bytes from the front of `chunks`, then `wbuf`.
@@ -372,42 +414,55 @@ impl Conn {
         self.chunk_bytes + self.wbuf.len()
     }
 
+    /// One non-blocking write of the front of `chunks` then `wbuf`.
+    fn try_write(&self) -> io::Result<usize> {
+        if self.chunks.is_empty() {
+            return (&self.sock).write(&self.wbuf);
+        }
+        let mut iov = [io::IoSlice::new(&[]); MAX_IOVECS];
+        let mut k = 0;
+        for c in self.chunks.iter().take(MAX_IOVECS - 1) {
+            iov[k] = io::IoSlice::new(c);
+            k += 1;
+        }
+        if k < MAX_IOVECS && k == self.chunks.len() && !self.wbuf.is_empty() {
+            iov[k] = io::IoSlice::new(&self.wbuf);
+            k += 1;
+        }
+        (&self.sock).write_vectored(&iov[..k])
+    }
+
     /// Writes out `chunks` and `wbuf`. Cancel-safe: bytes are removed only
     /// once written.
     async fn flush(&mut self) -> Result<(), Error> {
-        while !self.chunks.is_empty() {
-            let n = {
-                let mut iov = [io::IoSlice::new(&[]); MAX_IOVECS];
-                let mut k = 0;
-                for c in self.chunks.iter().take(MAX_IOVECS - 1) {
-                    iov[k] = io::IoSlice::new(c);
-                    k += 1;
+        while self.pending_write() > 0 {
+            let r = match self.wr_wait.as_ref() {
+                None => self.try_write(),
+                Some(w) => {
+                    let mut guard = w.writable().await.map_err(Error::from_io)?;
+                    let r = self.try_write();
+                    if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                        guard.clear_ready();
+                    }
+                    r
                 }
-                if k < MAX_IOVECS && k == self.chunks.len() && !self.wbuf.is_empty() {
-                    iov[k] = io::IoSlice::new(&self.wbuf);
-                    k += 1;
-                }
-                self.stream
-                    .write_vectored(&iov[..k])
-                    .await
-                    .map_err(Error::from_io)?
             };
-            if n == 0 {
-                return Err(Error::Disconnected);
+            match r {
+                Ok(0) => return Err(Error::Disconnected),
+                Ok(n) => self.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The socket is full: wait for writability through a
+                    // registration of its own, kept until the flush is done.
+                    if self.wr_wait.is_none() {
+                        self.wr_wait =
+                            Some(register(&self.sock, Interest::WRITABLE).map_err(Error::from_io)?);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::from_io(e)),
             }
-            self.consume(n);
         }
-        while !self.wbuf.is_empty() {
-            let n = self
-                .stream
-                .write(&self.wbuf)
-                .await
-                .map_err(Error::from_io)?;
-            if n == 0 {
-                return Err(Error::Disconnected);
-            }
-            self.wbuf.advance(n);
-        }
+        self.wr_wait = None;
         self.pong_pending = false;
         self.last_flush = std::time::Instant::now();
         Ok(())
@@ -826,10 +881,11 @@ async fn connect(
     names: &[String],
     shared: bool,
 ) -> Result<Conn, Error> {
-    let stream = UnixStream::connect(&path)
+    let stream = tokio::net::UnixStream::connect(&path)
         .await
+        .and_then(|s| s.into_std())
         .map_err(|source| Error::Connect { path, source })?;
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::new(stream).map_err(Error::from_io)?;
     encode_frame(
         &mut conn.wbuf,
         &Envelope::Hello {
@@ -1539,6 +1595,7 @@ impl<S: Service> Server<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     fn range(b: &Bytes) -> (usize, usize) {
         let r = b.as_ptr_range();
@@ -1555,8 +1612,8 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let (a, mut b) = UnixStream::pair().unwrap();
-            let mut conn = Conn::new(a);
+            let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+            let mut conn = Conn::new(a.into_std().unwrap()).unwrap();
             let big = |n: usize, v: u8| -> Outcome { Ok(Bytes::from(vec![v; n])) };
             let sent: Vec<(u64, Outcome)> = vec![
                 (1, Ok(Bytes::from_static(b"\xa1x"))),
