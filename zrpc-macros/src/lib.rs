@@ -108,31 +108,6 @@ pub fn rpc_method(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// unchanged.
 const EXPANDED_MARKER: &str = "__zrpc_expanded";
 
-/// CamelCase to snake_case; the same rule as `zrpc_service::to_snake_case`.
-fn to_snake_case(s: &str) -> String {
-    let chars: Vec<char> = s.chars().collect();
-    let mut out = String::with_capacity(s.len() + 4);
-    for (i, &c) in chars.iter().enumerate() {
-        if c.is_uppercase() {
-            if i > 0 {
-                let prev = chars[i - 1];
-                let next_lower = chars.get(i + 1).is_some_and(|n| n.is_lowercase());
-                if prev != '_'
-                    && (prev.is_lowercase()
-                        || prev.is_ascii_digit()
-                        || (prev.is_uppercase() && next_lower))
-                {
-                    out.push('_');
-                }
-            }
-            out.extend(c.to_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// A compact rendering of a type or pattern for introspection
 /// (`Result < u8 , E >` becomes `Result<u8, E>`).
 fn pretty(ts: &TokenStream2) -> String {
@@ -320,7 +295,7 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
     };
     let service_name = custom_name
         .map(|l| l.value())
-        .unwrap_or_else(|| to_snake_case(&type_name));
+        .unwrap_or_else(|| zrpc_proto::to_snake_case(&type_name));
 
     let mut methods = Vec::new();
     for it in item.items.iter_mut() {
@@ -451,7 +426,7 @@ mod tests {
             ("already_snake", "already_snake"),
             ("My_Type", "my_type"),
         ] {
-            assert_eq!(to_snake_case(a), b, "{a}");
+            assert_eq!(zrpc_proto::to_snake_case(a), b, "{a}");
         }
     }
 

@@ -25,7 +25,7 @@ mod sd;
 pub use codec::{encode_frame, encode_header, Frame, FrameDecoder, HEADER_LEN};
 pub use envelope::{flags, Envelope, Kind};
 pub use error::{ErrorCode, ProtoError};
-pub use names::{validate_name, MAX_NAME_LEN};
+pub use names::{to_snake_case, validate_name, MAX_NAME_LEN};
 pub use sd::{sd_notify, watchdog_interval};
 
 /// Version of the protocol spoken by this crate, sent in `Hello`/`Welcome`.

@@ -28,9 +28,45 @@ pub fn validate_name(name: &str) -> Result<(), ProtoError> {
     }
 }
 
+/// Converts a CamelCase name to snake_case, the way service names are
+/// derived from type names: `TestServer` -> `test_server`, `MyClass` ->
+/// `my_class`, `HTTPServer` -> `http_server`. Shared by `zrpc-service` (at
+/// run time) and its `#[service]` macro (at compile time).
+pub fn to_snake_case(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len() + 4);
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_uppercase() {
+            if i > 0 {
+                let prev = chars[i - 1];
+                let next_lower = chars.get(i + 1).is_some_and(|n| n.is_lowercase());
+                if prev != '_'
+                    && (prev.is_lowercase()
+                        || prev.is_ascii_digit()
+                        || (prev.is_uppercase() && next_lower))
+                {
+                    out.push('_');
+                }
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snake_case() {
+        assert_eq!(to_snake_case("TestServer"), "test_server");
+        assert_eq!(to_snake_case("MyClass"), "my_class");
+        assert_eq!(to_snake_case("HTTPServer"), "http_server");
+        assert_eq!(to_snake_case("echo"), "echo");
+    }
 
     #[test]
     fn accepts_and_rejects() {

@@ -165,7 +165,7 @@ pub use context::Context;
 pub use rmpv::Value;
 pub use server::{Error, Event, FdSource, Server};
 pub use zrpc_macros::{rpc_method, service};
-pub use zrpc_proto::ErrorCode;
+pub use zrpc_proto::{to_snake_case, ErrorCode};
 
 /// Name of the built-in introspection method answered by every [`Server`].
 pub const DESCRIBE_METHOD: &str = "zrpc.describe";
@@ -281,33 +281,6 @@ impl HandlerError {
     pub fn remote(err: impl Display) -> Self {
         HandlerError::Remote(err.to_string())
     }
-}
-
-/// Converts a CamelCase name to snake_case, the way service names are
-/// derived from type names: `TestServer` -> `test_server`, `MyClass` ->
-/// `my_class`, `HTTPServer` -> `http_server`.
-pub fn to_snake_case(s: &str) -> String {
-    let chars: Vec<char> = s.chars().collect();
-    let mut out = String::with_capacity(s.len() + 4);
-    for (i, &c) in chars.iter().enumerate() {
-        if c.is_uppercase() {
-            if i > 0 {
-                let prev = chars[i - 1];
-                let next_lower = chars.get(i + 1).is_some_and(|n| n.is_lowercase());
-                if prev != '_'
-                    && (prev.is_lowercase()
-                        || prev.is_ascii_digit()
-                        || (prev.is_uppercase() && next_lower))
-                {
-                    out.push('_');
-                }
-            }
-            out.extend(c.to_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Decodes a MessagePack payload; an empty payload decodes as nil.
