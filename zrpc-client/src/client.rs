@@ -1,6 +1,7 @@
 //! The async (tokio) client.
 
 use std::collections::VecDeque;
+use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,8 +11,8 @@ use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Notify};
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
@@ -579,7 +580,7 @@ impl Drop for CancelGuard<'_> {
 /// Owns the connection life cycle: reads the live connection, and when it
 /// is lost reconnects (with backoff) and resubmits the pending calls. Runs
 /// until the client is closed.
-async fn supervise(shared: Arc<Shared>, mut first: Option<(Arc<Conn>, OwnedReadHalf, BytesMut)>) {
+async fn supervise(shared: Arc<Shared>, mut first: Option<(Arc<Conn>, Registered, BytesMut)>) {
     let guard = SupervisorGuard(shared);
     let shared = &guard.0;
     let mut retry = Retry::default();
@@ -605,7 +606,7 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(Arc<Conn>, OwnedReadH
 async fn reconnect(
     shared: &Arc<Shared>,
     retry: &mut Retry,
-) -> Option<(Arc<Conn>, OwnedReadHalf, BytesMut)> {
+) -> Option<(Arc<Conn>, Registered, BytesMut)> {
     loop {
         // An idle client reconnects when it is next used.
         loop {
@@ -697,8 +698,26 @@ impl WriteQueue {
     }
 }
 
+/// A non-blocking std socket registered with the reactor.
+type Registered = AsyncFd<std::os::unix::net::UnixStream>;
+
+/// Registers a duplicate of `sock` with the reactor for `interest` only.
+fn register(sock: &std::os::unix::net::UnixStream, interest: Interest) -> io::Result<Registered> {
+    let dup = sock.try_clone()?;
+    // SAFETY: the AsyncFd owns the duplicate, so its fd stays open and refers
+    // to the same file description for the AsyncFd's whole lifetime.
+    unsafe { AsyncFd::register_with_interest(dup, interest) }.map_err(|e| e.into_parts().1)
+}
+
 /// One connection to the broker. The supervisor reads it; the writer task
 /// writes what callers queue.
+///
+/// The socket is registered with the reactor for readability only (the
+/// supervisor's duplicate): tokio's own `UnixStream` registers for
+/// READABLE|WRITABLE, edge-triggered, and then every time the broker reads
+/// what we wrote, `EPOLLOUT` wakes the process for nothing. Writes go
+/// straight to `sock`; only while the socket is full does the writer task
+/// register a duplicate for writability.
 struct Conn {
     gen: u64,
     welcome: Welcome,
@@ -707,21 +726,23 @@ struct Conn {
     /// reader.
     why: Mutex<Option<Dead>>,
     wq: Mutex<WriteQueue>,
-    wr: OwnedWriteHalf,
+    /// The socket, non-blocking, written to directly.
+    sock: std::os::unix::net::UnixStream,
     writer_wake: Notify,
     reader_stop: Notify,
 }
 
 impl Conn {
     /// Connects and performs the handshake.
-    async fn open(settings: &Settings) -> Result<(Arc<Conn>, OwnedReadHalf, BytesMut)> {
-        let stream = UnixStream::connect(settings.socket_path())
+    /// Must be called inside the runtime that will read the connection.
+    async fn open(settings: &Settings) -> Result<(Arc<Conn>, Registered, BytesMut)> {
+        let mut stream = UnixStream::connect(settings.socket_path())
             .await
             .map_err(|e| settings.connect_error(e))?;
-        let (mut rd, mut wr) = stream.into_split();
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let handshake = async {
-            wr.write_all(&settings.hello())
+            stream
+                .write_all(&settings.hello())
                 .await
                 .map_err(|e| settings.connect_error(e))?;
             let dec = FrameDecoder::new(HANDSHAKE_MAX_BODY);
@@ -731,7 +752,7 @@ impl Conn {
                     Ok(None) => {}
                     Err(e) => return Err(Error::Protocol(format!("bad handshake frame: {e}"))),
                 }
-                let n = rd
+                let n = stream
                     .read_buf(&mut buf)
                     .await
                     .map_err(|e| settings.connect_error(e))?;
@@ -752,13 +773,20 @@ impl Conn {
                 )))
             }
         };
+        // From here on: a non-blocking std socket, registered for
+        // readability only (see `Conn`).
+        let sock = stream
+            .into_std()
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| settings.connect_error(e))?;
+        let rd = register(&sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
         let conn = Arc::new(Conn {
             gen: GENERATION.fetch_add(1, Ordering::Relaxed),
             welcome,
             dead: AtomicBool::new(false),
             why: Mutex::new(None),
             wq: Mutex::new(WriteQueue::default()),
-            wr,
+            sock,
             writer_wake: Notify::new(),
             reader_stop: Notify::new(),
         });
@@ -815,9 +843,16 @@ impl Conn {
             }
             q.writing = true;
         }
-        let written = match self.wr.try_write(&frame) {
+        let written = match (&self.sock).write(&frame) {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                0
+            }
             Err(e) => {
                 lock(&self.wq).writing = false;
                 return Some(Dead::Disconnected(format!("write error: {e}")));
@@ -903,7 +938,7 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
 }
 
 /// Reads `conn` until it ends; returns why.
-async fn read_loop(shared: &Shared, conn: &Conn, mut rd: OwnedReadHalf, mut buf: BytesMut) -> Dead {
+async fn read_loop(shared: &Shared, conn: &Conn, rd: Registered, mut buf: BytesMut) -> Dead {
     let dec = FrameDecoder::new(conn.welcome.incoming_limit());
     loop {
         if let Some(why) = dispatch(shared, conn, &dec, &mut buf) {
@@ -924,11 +959,40 @@ async fn read_loop(shared: &Shared, conn: &Conn, mut rd: OwnedReadHalf, mut buf:
                     .clone()
                     .unwrap_or_else(|| Dead::Disconnected("the connection was closed".into()));
             }
-            r = rd.read_buf(&mut buf) => match r {
+            r = read_some(&rd, &mut buf) => match r {
                 Ok(0) => return Dead::Disconnected("the broker closed the connection".into()),
                 Ok(_) => {}
                 Err(e) => return Dead::Disconnected(format!("read error: {e}")),
             }
+        }
+    }
+}
+
+/// Reads what is available into the spare capacity of `buf` (which must
+/// have some). Cancel-safe: bytes land in `buf` only when read, and the read
+/// itself is not interrupted.
+async fn read_some(rd: &Registered, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        let mut guard = rd.readable().await?;
+        let spare = buf.spare_capacity_mut();
+        let cap = spare.len();
+        // SAFETY: read(2) only writes into the spare capacity, and only the
+        // bytes it reports are marked as initialised below.
+        let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), cap) };
+        match rd.get_ref().read(dst) {
+            Ok(n) => {
+                // SAFETY: the first `n` spare bytes were just written.
+                unsafe { buf.set_len(buf.len() + n) };
+                if n < cap && n > 0 {
+                    // A short read drained the socket: wait for the next
+                    // edge instead of paying a read that would block.
+                    guard.clear_ready();
+                }
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -939,13 +1003,35 @@ enum WriterStep {
     Exit,
 }
 
-/// Writes all of `buf` through the shared write half.
-async fn write_all(wr: &OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
+/// Writes all of `buf` to `sock`. While the socket is full, waits through
+/// `wait`, a duplicate registered for writability (created on the first
+/// `WouldBlock`; the caller drops it once its batch is written).
+async fn write_all(
+    sock: &std::os::unix::net::UnixStream,
+    wait: &mut Option<Registered>,
+    mut buf: &[u8],
+) -> io::Result<()> {
     while !buf.is_empty() {
-        match wr.try_write(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+        let r = match wait.as_ref() {
+            None => (&*sock).write(buf),
+            Some(w) => {
+                let mut guard = w.writable().await?;
+                let r = (&*sock).write(buf);
+                if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                    guard.clear_ready();
+                }
+                r
+            }
+        };
+        match r {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wr.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if wait.is_none() {
+                    *wait = Some(register(sock, Interest::WRITABLE)?);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
@@ -979,15 +1065,17 @@ async fn writer_task(conn: Arc<Conn>) {
             WriterStep::Wait => conn.writer_wake.notified().await,
             WriterStep::Write => {
                 let mut result = Ok(());
+                let mut wait = None;
                 for c in chunks.drain(..) {
-                    result = write_all(&conn.wr, &c).await;
+                    result = write_all(&conn.sock, &mut wait, &c).await;
                     if result.is_err() {
                         break;
                     }
                 }
                 if result.is_ok() && !spare.is_empty() {
-                    result = write_all(&conn.wr, &spare).await;
+                    result = write_all(&conn.sock, &mut wait, &spare).await;
                 }
+                drop(wait);
                 spare.clear();
                 lock(&conn.wq).writing = false;
                 if let Err(e) = result {
