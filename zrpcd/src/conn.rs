@@ -30,22 +30,19 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
             gid: c.gid(),
         })
         .unwrap_or_default();
-    // Registered for readability only (see `PeerIo::sock`): the reader
-    // watches a duplicate of the socket, writes go to the original.
-    let Ok(sock) = stream.into_std() else {
-        return;
-    };
-    let rd = match sock
-        .try_clone()
-        .and_then(|d| register(d, Interest::READABLE))
+    // Registered for readability only (see `PeerIo::sock`); one fd per
+    // connection.
+    let rd = match stream
+        .into_std()
+        .and_then(|sock| register(sock, Interest::READABLE))
     {
-        Ok(rd) => rd,
+        Ok(rd) => Rc::new(rd),
         Err(e) => {
             tracing::warn!(error = %e, "cannot register a connection");
             return;
         }
     };
-    let io = Rc::new(PeerIo::new(sock));
+    let io = Rc::new(PeerIo::new(rd.clone()));
     let (id, decoder, handshake) = {
         let mut b = broker.borrow_mut();
         let id = b.add_peer(io.clone(), creds);
@@ -71,7 +68,7 @@ async fn read_loop(
     broker: &RefCell<Broker>,
     io: &PeerIo,
     id: PeerId,
-    rd: AsyncFd<std::os::unix::net::UnixStream>,
+    rd: Rc<AsyncFd<std::os::unix::net::UnixStream>>,
     decoder: FrameDecoder,
     hello_deadline: Instant,
 ) -> String {
@@ -208,6 +205,7 @@ async fn write_loop(io: Rc<PeerIo>) {
         if waiter.is_none() {
             match io
                 .sock
+                .get_ref()
                 .try_clone()
                 .and_then(|d| register(d, Interest::WRITABLE))
             {
@@ -224,7 +222,7 @@ async fn write_loop(io: Rc<PeerIo>) {
         let Ok(mut guard) = w.writable().await else {
             break;
         };
-        match io.queue.borrow_mut().write_now(&io.sock) {
+        match io.queue.borrow_mut().write_now(io.sock.get_ref()) {
             Ok(true) => {}
             Ok(false) => guard.clear_ready(),
             Err(e) => {

@@ -10,6 +10,9 @@ use std::io::IoSlice;
 use bytes::{Buf, Bytes, BytesMut};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+
+use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use zrpc_proto::{encode_header, Envelope};
 
@@ -114,7 +117,7 @@ pub struct PeerIo {
     /// wake the broker each time a peer reads, for nothing. Only when the
     /// socket is full does the writer task wait for writability (through a
     /// registration of its own).
-    pub sock: UnixStream,
+    pub sock: Rc<AsyncFd<UnixStream>>,
     /// Wakes the writer task (socket full, or closing).
     pub notify: Notify,
     /// Set while the writer task owns the flushing (the socket was full).
@@ -129,7 +132,7 @@ pub struct PeerIo {
 
 impl PeerIo {
     /// Shared state around a connection's write half.
-    pub fn new(sock: UnixStream) -> Self {
+    pub fn new(sock: Rc<AsyncFd<UnixStream>>) -> Self {
         PeerIo {
             queue: RefCell::default(),
             sock,
@@ -152,7 +155,7 @@ impl PeerIo {
         if self.writer_busy.get() {
             return; // the writer task is waiting for the socket; it flushes
         }
-        let result = self.queue.borrow_mut().write_now(&self.sock);
+        let result = self.queue.borrow_mut().write_now(self.sock.get_ref());
         match result {
             Ok(true) => {}
             Ok(false) => {
@@ -169,7 +172,7 @@ impl PeerIo {
     /// Shuts down the write side: the peer sees end of stream.
     pub fn shutdown_write(&self) {
         use std::os::fd::AsRawFd;
-        let fd = self.sock.as_raw_fd();
+        let fd = self.sock.get_ref().as_raw_fd();
         // SAFETY: shutdown(2) on a socket this struct keeps open.
         unsafe {
             libc::shutdown(fd, libc::SHUT_WR);
