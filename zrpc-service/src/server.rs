@@ -290,6 +290,16 @@ enum FrameAction {
 /// A non-blocking std socket registered with the reactor.
 type Registered = AsyncFd<std::os::unix::net::UnixStream>;
 
+/// Registers `sock` itself with the reactor for `interest` only.
+fn register_owned(
+    sock: std::os::unix::net::UnixStream,
+    interest: Interest,
+) -> io::Result<Registered> {
+    // SAFETY: the AsyncFd owns the socket, so its fd stays open and refers
+    // to the same file description for the AsyncFd's whole lifetime.
+    unsafe { AsyncFd::register_with_interest(sock, interest) }.map_err(|e| e.into_parts().1)
+}
+
 /// Registers a duplicate of `sock` with the reactor for `interest` only.
 fn register(sock: &std::os::unix::net::UnixStream, interest: Interest) -> io::Result<Registered> {
     let dup = sock.try_clone()?;
@@ -305,12 +315,11 @@ fn register(sock: &std::os::unix::net::UnixStream, interest: Interest) -> io::Re
 /// The socket is registered with the reactor for readability only: tokio's
 /// own `UnixStream` registers for READABLE|WRITABLE, edge-triggered, and
 /// then every time the broker reads what we wrote, `EPOLLOUT` wakes the
-/// process for nothing. Writes go straight to `sock`; only while the socket
+/// process for nothing. Writes go straight to the socket; only while the socket
 /// is full is a duplicate registered for writability (`wr_wait`).
 struct Conn {
-    /// The socket, non-blocking, written to directly.
-    sock: std::os::unix::net::UnixStream,
-    /// A duplicate of `sock` registered for readability.
+    /// The socket, non-blocking, registered for readability; written to
+    /// directly through `rd.get_ref()`. One fd per connection.
     rd: Registered,
     /// A duplicate of `sock` registered for writability, only while a flush
     /// found the socket full.
@@ -337,9 +346,8 @@ impl Conn {
     /// Takes over a connected socket; must be called inside the runtime.
     fn new(sock: std::os::unix::net::UnixStream) -> io::Result<Self> {
         sock.set_nonblocking(true)?;
-        let rd = register(&sock, Interest::READABLE)?;
+        let rd = register_owned(sock, Interest::READABLE)?;
         Ok(Conn {
-            sock,
             rd,
             wr_wait: None,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -368,7 +376,7 @@ impl Conn {
             // SAFETY: read(2) only writes into the spare capacity, and only
             // the bytes it reports are marked as initialised below.
             let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), cap) };
-            match (&self.sock).read(dst) {
+            match self.rd.get_ref().read(dst) {
                 Ok(0) => return Err(Error::Disconnected),
                 Ok(n) => {
                     // SAFETY: the first `n` spare bytes were just written.
@@ -417,7 +425,7 @@ impl Conn {
     /// One non-blocking write of the front of `chunks` then `wbuf`.
     fn try_write(&self) -> io::Result<usize> {
         if self.chunks.is_empty() {
-            return (&self.sock).write(&self.wbuf);
+            return self.rd.get_ref().write(&self.wbuf);
         }
         let mut iov = [io::IoSlice::new(&[]); MAX_IOVECS];
         let mut k = 0;
@@ -429,7 +437,7 @@ impl Conn {
             iov[k] = io::IoSlice::new(&self.wbuf);
             k += 1;
         }
-        (&self.sock).write_vectored(&iov[..k])
+        self.rd.get_ref().write_vectored(&iov[..k])
     }
 
     /// Writes out `chunks` and `wbuf`. Cancel-safe: bytes are removed only
@@ -454,8 +462,10 @@ impl Conn {
                     // The socket is full: wait for writability through a
                     // registration of its own, kept until the flush is done.
                     if self.wr_wait.is_none() {
-                        self.wr_wait =
-                            Some(register(&self.sock, Interest::WRITABLE).map_err(Error::from_io)?);
+                        self.wr_wait = Some(
+                            register(self.rd.get_ref(), Interest::WRITABLE)
+                                .map_err(Error::from_io)?,
+                        );
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
