@@ -339,10 +339,10 @@ impl Broker {
         }
         // One lookup of the caller: count the call, check its limit.
         let max_per_conn = self.config.max_pending_per_conn;
-        let (calling, caller_instance) = match self.peers.get_mut(peer) {
+        let calling = match self.peers.get_mut(peer) {
             Some(p) => {
                 p.calls_made += 1;
-                (p.calling as usize, p.instance)
+                p.calling as usize
             }
             None => return,
         };
@@ -363,17 +363,9 @@ impl Broker {
             p.calling += 1;
         }
         let now = Instant::now();
-        let bid = self.pending.insert(Pending {
-            caller: peer,
-            caller_instance,
-            caller_call: id,
-            frame: frame.clone(),
-            flags,
-            deadline: timeout_ms.map(|ms| now + Duration::from_millis(ms)),
-            timer: None,
-            stage: Stage::Parked,
-            started: now,
-        });
+        let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms));
+        let pending = Pending::new(peer, id, frame.clone(), flags);
+        let bid = self.pending.insert(pending, now, deadline);
         self.route(bid, service, method, &frame.payload);
     }
 
@@ -421,8 +413,7 @@ impl Broker {
         let Some(p) = self.pending.get(bid) else {
             return;
         };
-        let (caller_instance, caller_call, deadline, call_flags) =
-            (p.caller_instance, p.caller_call, p.deadline, p.flags);
+        let (caller, caller_call, call_flags) = (p.caller, p.caller_call, p.flags);
         let peers = &self.peers;
         let target = self.names.pick(service, |id| {
             peers.get(id).map_or(u32::MAX, |p| p.outstanding)
@@ -434,11 +425,12 @@ impl Broker {
             }
             self.names.park(service, bid);
             if let Some(p) = self.pending.get_mut(bid) {
-                p.stage = Stage::Parked;
+                p.set_stage(Stage::Parked);
             }
             return;
         };
         let max_queued = self.config.max_queued_bytes;
+        let caller_instance = self.peers.get(caller).map_or(0, |p| p.instance);
         let Some(t) = self.peers.get_mut(target) else {
             return;
         };
@@ -450,8 +442,10 @@ impl Broker {
             self.log_limit(target, &msg);
             return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg));
         }
-        let timeout_ms =
-            deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
+        let timeout_ms = self
+            .pending
+            .deadline(bid)
+            .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
         let env = Envelope::Request {
             id: bid,
             service,
@@ -466,7 +460,7 @@ impl Broker {
             self.dirty.push(t.io.clone());
         }
         if let Some(p) = self.pending.get_mut(bid) {
-            p.stage = Stage::Delivered(target);
+            p.set_stage(Stage::Delivered(target));
         }
     }
 
@@ -486,7 +480,7 @@ impl Broker {
             Outcome::Error(code, _) => *code != ErrorCode::Shutdown,
             Outcome::CallerGone => true,
         };
-        match p.stage {
+        match p.stage() {
             Stage::Delivered(svc) => {
                 let mut cancel = false;
                 if let Some(s) = self.peers.get_mut(svc) {
@@ -507,7 +501,7 @@ impl Broker {
         if let Some(c) = self.peers.get_mut(p.caller) {
             c.calling = c.calling.saturating_sub(1);
         }
-        let elapsed = p.started.elapsed();
+        let elapsed = self.pending.elapsed(&p);
         if !self.monitors.is_empty() {
             let (outcome_name, reply_size) = match &outcome {
                 Outcome::Reply { code, payload, .. } => {
@@ -631,7 +625,7 @@ impl Broker {
         payload: &Bytes,
     ) {
         match self.pending.get(bid) {
-            Some(p) if p.stage == Stage::Delivered(peer) => {
+            Some(p) if p.stage() == Stage::Delivered(peer) => {
                 let outcome = Outcome::Reply {
                     code,
                     message,
@@ -650,7 +644,7 @@ impl Broker {
     pub fn on_timeout(&mut self, bid: u64) {
         let msg = match self.pending.get(bid).and_then(|p| {
             let f = call_fields(&p.frame)?;
-            Some(match p.stage {
+            Some(match p.stage() {
                 Stage::Parked => format!(
                     "no service registered the name {:?} before the deadline",
                     f.service
@@ -707,7 +701,7 @@ impl Broker {
         }
         for bid in self
             .pending
-            .ids_where(|c| c.stage == Stage::Delivered(peer))
+            .ids_where(|c| c.stage() == Stage::Delivered(peer))
         {
             let no_retry = self
                 .pending
@@ -719,7 +713,7 @@ impl Broker {
             } else {
                 self.stats.redelivered += 1;
                 if let Some(c) = self.pending.get_mut(bid) {
-                    c.stage = Stage::Parked;
+                    c.set_stage(Stage::Parked);
                 }
                 self.dispatch(bid);
             }
@@ -774,7 +768,7 @@ impl Broker {
     /// parked ones with `Shutdown`; calls already delivered may still finish.
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;
-        for bid in self.pending.ids_where(|c| c.stage == Stage::Parked) {
+        for bid in self.pending.ids_where(|c| c.stage() == Stage::Parked) {
             let msg = "zrpcd is shutting down".to_string();
             self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg));
         }

@@ -72,7 +72,7 @@ fn tune_allocator() {
     // SAFETY: mallopt only changes allocator parameters; called before any
     // other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 * 1024 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024 * 1024);
     }
 }

@@ -19,50 +19,106 @@ pub enum Stage {
     Delivered(PeerId),
 }
 
-/// One call in flight through the broker.
+/// One call in flight through the broker. Kept small (120 bytes): there
+/// can be a million of them. The deadline lives in the timer wheel only.
 #[derive(Debug)]
 pub struct Pending {
     /// The calling connection.
     pub caller: PeerId,
-    /// The caller's instance id (from its `Hello`).
-    pub caller_instance: u64,
     /// The caller's own id for the call.
     pub caller_call: u64,
     /// The original `Call` frame: envelope (re-decoded when needed, so no
     /// strings are copied per call) and payload (forwarded as is).
     pub frame: Frame,
+    /// The timer entry, if the call has a deadline.
+    pub timer: Option<delay_queue::Key>,
+    /// The service connection it was delivered to; 0 while parked.
+    target: PeerId,
+    /// When the broker accepted it, in microseconds since the table was
+    /// created.
+    started_us: u64,
     /// Call flags.
     pub flags: u32,
-    /// Absolute deadline.
-    pub deadline: Option<Instant>,
-    /// The timer entry, if any.
-    pub timer: Option<delay_queue::Key>,
+}
+
+impl Pending {
+    /// A new call, parked until routed.
+    pub fn new(caller: PeerId, caller_call: u64, frame: Frame, flags: u32) -> Self {
+        Pending {
+            caller,
+            caller_call,
+            frame,
+            timer: None,
+            target: 0,
+            started_us: 0,
+            flags,
+        }
+    }
+
     /// Where the call is.
-    pub stage: Stage,
-    /// When the broker accepted it.
-    pub started: Instant,
+    pub fn stage(&self) -> Stage {
+        match self.target {
+            0 => Stage::Parked,
+            t => Stage::Delivered(t),
+        }
+    }
+
+    /// Moves the call (peer ids start at 1, so 0 can mean parked).
+    pub fn set_stage(&mut self, stage: Stage) {
+        self.target = match stage {
+            Stage::Parked => 0,
+            Stage::Delivered(t) => t,
+        };
+    }
 }
 
 /// All pending calls, keyed by broker call id, and their timers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PendingCalls {
+    base: Instant,
     map: FxHashMap<u64, Pending>,
     by_caller: FxHashMap<(PeerId, u64), u64>,
     timers: DelayQueue<u64>,
     next_id: u64,
 }
 
+impl Default for PendingCalls {
+    fn default() -> Self {
+        PendingCalls {
+            base: Instant::now(),
+            map: FxHashMap::default(),
+            by_caller: FxHashMap::default(),
+            timers: DelayQueue::new(),
+            next_id: 0,
+        }
+    }
+}
+
 impl PendingCalls {
-    /// Stores a call, arming its deadline, and returns its broker id.
-    pub fn insert(&mut self, mut p: Pending) -> u64 {
+    /// Stores a call accepted at `now`, arming its deadline, and returns its
+    /// broker id.
+    pub fn insert(&mut self, mut p: Pending, now: Instant, deadline: Option<Instant>) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
-        if let Some(d) = p.deadline {
+        if let Some(d) = deadline {
             p.timer = Some(self.timers.insert_at(id, d.into()));
         }
+        p.started_us = now.saturating_duration_since(self.base).as_micros() as u64;
         self.by_caller.insert((p.caller, p.caller_call), id);
         self.map.insert(id, p);
         id
+    }
+
+    /// The deadline of call `id`, if it has one.
+    pub fn deadline(&self, id: u64) -> Option<Instant> {
+        let key = self.map.get(&id)?.timer.as_ref()?;
+        Some(self.timers.deadline(key).into_std())
+    }
+
+    /// How long ago call `p` was accepted.
+    pub fn elapsed(&self, p: &Pending) -> std::time::Duration {
+        let started = std::time::Duration::from_micros(p.started_us);
+        self.base.elapsed().saturating_sub(started)
     }
 
     /// The broker id of `caller`'s call `caller_call`, if pending.
@@ -130,5 +186,37 @@ impl PendingCalls {
     /// deadline; exposed so tests can check nothing leaks).
     pub fn timers_len(&self) -> usize {
         self.timers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_entries_stay_small() {
+        // The broker's memory per pending call (target: 256 bytes including
+        // the table's overhead) depends on this.
+        assert!(
+            std::mem::size_of::<Pending>() <= 120,
+            "{}",
+            std::mem::size_of::<Pending>()
+        );
+    }
+
+    #[test]
+    fn stage_round_trips() {
+        let mut buf = bytes::BytesMut::new();
+        zrpc_proto::encode_frame(&mut buf, &zrpc_proto::Envelope::Cancel { id: 1 }, b"");
+        let frame = zrpc_proto::FrameDecoder::new(1024)
+            .decode(&mut buf)
+            .expect("valid")
+            .expect("complete");
+        let mut p = Pending::new(3, 4, frame, 0);
+        assert_eq!(p.stage(), Stage::Parked);
+        p.set_stage(Stage::Delivered(9));
+        assert_eq!(p.stage(), Stage::Delivered(9));
+        p.set_stage(Stage::Parked);
+        assert_eq!(p.stage(), Stage::Parked);
     }
 }
