@@ -169,6 +169,18 @@ fn client_that_never_reads_is_disconnected_and_others_carry_on() {
         wait_until(WAIT, || broker_stat(b.dir(), "connections") == 4),
         "greedy client still connected"
     );
+    // The broker closes the greedy client's socket even though it never
+    // reads: reading what is buffered ends with end of stream.
+    greedy.s.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut sink = vec![0u8; 1 << 20];
+    let eof = loop {
+        match std::io::Read::read(&mut greedy.s, &mut sink) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    assert!(eof, "the broker closed the greedy client's socket");
     let r: Value = good
         .call("other", "echo", &"after", T)
         .expect("still served");

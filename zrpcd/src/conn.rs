@@ -17,6 +17,9 @@ use crate::broker::{Broker, Fatal};
 use crate::peers::{Creds, PeerId};
 use crate::queue::PeerIo;
 
+/// How long a closing connection may take to accept its last frames.
+const CLOSE_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Read buffer size for ordinary reads.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -219,7 +222,19 @@ async fn write_loop(io: Rc<PeerIo>) {
         let Some(w) = waiter.as_ref() else {
             break;
         };
-        let Ok(mut guard) = w.writable().await else {
+        // Wait for room in the socket; once the connection is closing, only
+        // for a bounded time: a peer that never reads must not keep its
+        // socket and its queued frames alive forever.
+        let closing = io.closed.get();
+        let ready = tokio::select! {
+            r = w.writable() => r,
+            _ = io.notify.notified(), if !closing => continue,
+            _ = tokio::time::sleep(CLOSE_FLUSH_BOUND), if closing => {
+                tracing::debug!("peer does not read; dropping its unsent frames");
+                break;
+            }
+        };
+        let Ok(mut guard) = ready else {
             break;
         };
         match io.queue.borrow_mut().write_now(io.sock.get_ref()) {
