@@ -227,6 +227,12 @@ impl Broker {
     pub fn restart(&mut self, sig: i32) {
         self.proc.signal(sig);
         assert!(self.proc.wait_exit(WAIT).is_some(), "broker did not exit");
+        self.respawn();
+    }
+
+    /// Starts the broker again on the same directory (after the previous
+    /// process exited) and waits until it accepts.
+    pub fn respawn(&mut self) {
         let args: Vec<&str> = self.args.iter().map(|s| s.as_str()).collect();
         self.proc = spawn_broker(self.dir.path(), &args);
         self.wait_ready();
