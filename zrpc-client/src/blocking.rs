@@ -17,9 +17,9 @@ use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::client::lock;
 use crate::common::{
-    call_deadlines, call_frame, control_frame, decode_payload, parse_handshake, reconnect_timeout,
-    resubmit_parts, timeout_error, Dead, Outcome, Payload, Retry, Settings, Welcome,
-    HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, READ_CHUNK,
+    call_deadlines, call_frame, control_frame, decode_payload, make_room, parse_handshake,
+    reconnect_timeout, resubmit_parts, timeout_error, Dead, OutFrame, Outcome, Payload, Retry,
+    Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, READ_CHUNK,
 };
 use crate::{CallOptions, ClientBuilder, Error, Result};
 
@@ -202,7 +202,7 @@ enum SlotState {
 struct Slot {
     state: SlotState,
     /// The encoded `Call` frame, for resubmission.
-    frame: Bytes,
+    frame: OutFrame,
     /// The call's deadline (without the local safety margin).
     deadline: Option<Instant>,
     no_retry: bool,
@@ -294,7 +294,7 @@ impl Inner {
     fn register(
         &self,
         id: u64,
-        frame: Bytes,
+        frame: OutFrame,
         deadline: Option<Instant>,
         no_retry: bool,
     ) -> Option<Arc<Conn>> {
@@ -316,8 +316,8 @@ impl Inner {
     /// Writes call `id`'s frame. If nothing at all could be written, the
     /// call is known not to have been sent and waits for the next
     /// connection (even with `no_retry`).
-    fn write_call(&self, conn: &Conn, id: u64, frame: &[u8]) {
-        if let Err((0, _)) = conn.write(frame) {
+    fn write_call(&self, conn: &Conn, id: u64, frame: &OutFrame) {
+        if let Err((0, _)) = conn.write_frame(frame) {
             let mut st = lock(&self.state);
             if let Some(slot) = st.slots.get_mut(&id) {
                 if slot.sent_on == Some(conn.gen) {
@@ -463,14 +463,7 @@ impl Inner {
                     "cannot set a read timeout: {e}"
                 )));
             }
-            match conn.dec.needed(buf) {
-                Some(total) => buf.reserve(total - buf.len()),
-                None => {
-                    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                        buf.reserve(READ_CHUNK);
-                    }
-                }
-            }
+            make_room(&conn.dec, buf);
             match read_into(&conn.reader, buf) {
                 Ok(0) => {
                     return Some(Dead::Disconnected(
@@ -590,9 +583,9 @@ impl Inner {
                     },
                 };
                 match resubmit_parts(&slot.frame, remaining, max) {
-                    Ok((head, payload)) => {
-                        out.extend_from_slice(&head);
-                        out.extend_from_slice(&payload);
+                    Ok(frame) => {
+                        out.extend_from_slice(&frame.head);
+                        out.extend_from_slice(&frame.tail);
                         slot.sent_on = Some(conn.gen);
                         resent += 1;
                     }
@@ -749,6 +742,14 @@ impl Conn {
     fn write(&self, frame: &[u8]) -> std::result::Result<(), (usize, std::io::Error)> {
         let w = lock(&self.writer);
         self.write_locked(&w, frame)
+    }
+
+    /// Writes both parts of `frame` (see [`write`](Conn::write)).
+    fn write_frame(&self, frame: &OutFrame) -> std::result::Result<(), (usize, std::io::Error)> {
+        let w = lock(&self.writer);
+        self.write_locked(&w, &frame.head)?;
+        self.write_locked(&w, &frame.tail)
+            .map_err(|(n, e)| (frame.head.len() + n, e))
     }
 
     /// [`write`](Conn::write) with the writer lock already held.

@@ -18,9 +18,9 @@ use tokio::sync::{oneshot, Notify};
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::common::{
-    call_deadlines, call_frame, control_frame, decode_payload, parse_handshake, reconnect_timeout,
-    resubmit_parts, timeout_error, Backoff, Dead, Outcome, Payload, Retry, Settings, Welcome,
-    HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, LARGE_FRAME, READ_CHUNK,
+    call_deadlines, call_frame, control_frame, decode_payload, make_room, parse_handshake,
+    reconnect_timeout, resubmit_parts, timeout_error, Backoff, Dead, OutFrame, Outcome, Payload,
+    Retry, Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, LARGE_FRAME, READ_CHUNK,
 };
 use crate::{BlockingClient, CallOptions, Error, Result};
 
@@ -193,7 +193,7 @@ struct State {
 struct Pending {
     tx: oneshot::Sender<Outcome>,
     /// The encoded `Call` frame, for resubmission.
-    frame: Bytes,
+    frame: OutFrame,
     /// The call's deadline (without the local safety margin).
     deadline: Option<Instant>,
     no_retry: bool,
@@ -355,9 +355,8 @@ impl Shared {
                     },
                 };
                 match resubmit_parts(&p.frame, remaining, max) {
-                    Ok((head, payload)) => {
-                        q.push(&head);
-                        q.push(&payload);
+                    Ok(frame) => {
+                        q.push_frame(&frame);
                         p.sent_on = Some(conn.gen);
                         resent += 1;
                     }
@@ -682,6 +681,16 @@ impl WriteQueue {
         self.chunks.is_empty() && self.tail.is_empty()
     }
 
+    /// Appends both parts of a frame; returns whether the writer task must
+    /// be woken.
+    fn push_frame(&mut self, frame: &OutFrame) -> bool {
+        let wake = self.push(&frame.head);
+        if !frame.tail.is_empty() {
+            self.push(&frame.tail);
+        }
+        wake
+    }
+
     /// Appends a frame; returns whether the writer task must be woken.
     fn push(&mut self, frame: &Bytes) -> bool {
         let wake = self.is_empty() && !self.writing;
@@ -807,12 +816,12 @@ impl Conn {
         if !self.dead.load(Ordering::Acquire) {
             let mut f = BytesMut::with_capacity(16);
             control_frame(&mut f, &Envelope::Cancel { id });
-            self.send(f.freeze(), false);
+            self.send(f.freeze().into(), false);
         }
     }
 
     /// Sends a control frame (see [`send_unless_failed`](Conn::send_unless_failed)).
-    fn send(&self, frame: Bytes, direct: bool) {
+    fn send(&self, frame: OutFrame, direct: bool) {
         if let Some(why) = self.send_unless_failed(frame, direct) {
             self.kill(why);
         }
@@ -827,14 +836,14 @@ impl Conn {
     /// frame was written: the frame was certainly not sent, and the caller
     /// must [`kill`](Conn::kill) the connection with the reason given.
     #[must_use]
-    fn send_unless_failed(&self, frame: Bytes, direct: bool) -> Option<Dead> {
+    fn send_unless_failed(&self, frame: OutFrame, direct: bool) -> Option<Dead> {
         {
             let mut q = lock(&self.wq);
             if q.closed {
                 return None;
             }
             if !direct || q.writing || !q.is_empty() {
-                let wake = q.push(&frame);
+                let wake = q.push_frame(&frame);
                 drop(q);
                 if wake {
                     self.writer_wake.notify_one();
@@ -843,7 +852,13 @@ impl Conn {
             }
             q.writing = true;
         }
-        let written = match (&self.sock).write(&frame) {
+        let result = if frame.tail.is_empty() {
+            (&self.sock).write(&frame.head)
+        } else {
+            (&self.sock)
+                .write_vectored(&[io::IoSlice::new(&frame.head), io::IoSlice::new(&frame.tail)])
+        };
+        let written = match result {
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -861,9 +876,15 @@ impl Conn {
         let wake = {
             let mut q = lock(&self.wq);
             q.writing = false;
-            if written < frame.len() {
-                // Goes before anything queued meanwhile.
-                q.chunks.push_front(frame.slice(written..));
+            // The rest goes before anything queued meanwhile.
+            let head = frame.head.len();
+            if written < head {
+                if !frame.tail.is_empty() {
+                    q.chunks.push_front(frame.tail);
+                }
+                q.chunks.push_front(frame.head.slice(written..));
+            } else if written < frame.len() {
+                q.chunks.push_front(frame.tail.slice(written - head..));
             }
             !q.is_empty() || q.closed
         };
@@ -932,7 +953,7 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
         for nonce in pongs {
             control_frame(&mut f, &Envelope::Pong { nonce });
         }
-        conn.send(f.freeze(), false);
+        conn.send(f.freeze().into(), false);
     }
     end
 }
@@ -941,16 +962,15 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
 async fn read_loop(shared: &Shared, conn: &Conn, rd: Registered, mut buf: BytesMut) -> Dead {
     let dec = FrameDecoder::new(conn.welcome.incoming_limit());
     loop {
+        let before = buf.len();
         if let Some(why) = dispatch(shared, conn, &dec, &mut buf) {
             return why;
         }
-        match dec.needed(&buf) {
-            Some(total) => buf.reserve(total - buf.len()),
-            None => {
-                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                    buf.reserve(READ_CHUNK);
-                }
-            }
+        if buf.len() != before {
+            // Frames were handed out: let the callers take (and drop) them
+            // before making room for the next read, so that the read buffer
+            // can reuse their memory (see `make_room`).
+            tokio::task::yield_now().await;
         }
         tokio::select! {
             biased;
@@ -959,7 +979,7 @@ async fn read_loop(shared: &Shared, conn: &Conn, rd: Registered, mut buf: BytesM
                     .clone()
                     .unwrap_or_else(|| Dead::Disconnected("the connection was closed".into()));
             }
-            r = read_some(&rd, &mut buf) => match r {
+            r = read_some(&rd, &dec, &mut buf) => match r {
                 Ok(0) => return Dead::Disconnected("the broker closed the connection".into()),
                 Ok(_) => {}
                 Err(e) => return Dead::Disconnected(format!("read error: {e}")),
@@ -968,12 +988,14 @@ async fn read_loop(shared: &Shared, conn: &Conn, rd: Registered, mut buf: BytesM
     }
 }
 
-/// Reads what is available into the spare capacity of `buf` (which must
-/// have some). Cancel-safe: bytes land in `buf` only when read, and the read
+/// Reads what is available into `buf`, after making room for it. Cancel-safe: bytes land in `buf` only when read, and the read
 /// itself is not interrupted.
-async fn read_some(rd: &Registered, buf: &mut BytesMut) -> io::Result<usize> {
+async fn read_some(rd: &Registered, dec: &FrameDecoder, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
         let mut guard = rd.readable().await?;
+        // Only now: the callers woken by the last batch have usually dropped
+        // their replies by the time more bytes arrive (see `make_room`).
+        make_room(dec, buf);
         let spare = buf.spare_capacity_mut();
         let cap = spare.len();
         // SAFETY: read(2) only writes into the spare capacity, and only the

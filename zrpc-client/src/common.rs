@@ -32,6 +32,26 @@ pub(crate) const LARGE_FRAME: usize = 64 * 1024;
 /// Minimum free space kept in the read buffer before each read.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
+/// Makes room in `buf` for the next read: the rest of the partial frame at
+/// its front (whole, so a large frame is read straight into place), or a
+/// chunk.
+///
+/// Call it right before reading, after the frames handed out have been
+/// consumed: frames split off `buf` share its allocation, and once their
+/// holders have dropped them `reserve` reuses that allocation instead of
+/// taking a fresh one (for a 1 MiB reply a fresh buffer costs ~256 page
+/// faults).
+pub(crate) fn make_room(dec: &zrpc_proto::FrameDecoder, buf: &mut BytesMut) {
+    match dec.needed(buf) {
+        Some(total) => buf.reserve(total.saturating_sub(buf.len())),
+        None => {
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+        }
+    }
+}
+
 /// Default first reconnection delay.
 pub(crate) const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 
@@ -341,24 +361,29 @@ pub(crate) fn duration_ms(d: Duration) -> u64 {
 
 /// The `Call` frame `frame` again, for a new connection: the envelope is
 /// re-encoded with `timeout_ms` set to the remaining budget (`None`: no
-/// deadline), the payload bytes are reused as they are. Returns the new
-/// header and envelope, and the payload slice to write after them.
+/// deadline), the payload bytes are reused as they are (by reference).
 pub(crate) fn resubmit_parts(
-    frame: &Bytes,
+    frame: &OutFrame,
     remaining: Option<Duration>,
     max_message_size: u32,
-) -> Result<(Bytes, Bytes)> {
+) -> Result<OutFrame> {
     let bad = || Error::Protocol("corrupt stored call frame".into());
-    if frame.len() < HEADER_LEN {
+    let head = &frame.head;
+    if head.len() < HEADER_LEN {
         return Err(bad());
     }
-    let env_len = u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]) as usize;
+    let env_len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
     let env_end = HEADER_LEN.checked_add(env_len).ok_or_else(bad)?;
-    if env_end > frame.len() {
+    if env_end > head.len() {
         return Err(bad());
     }
-    let payload = frame.slice(env_end..);
-    let head = match Envelope::decode(&frame[HEADER_LEN..env_end]) {
+    // The payload is either inline after the envelope or the tail.
+    let payload = match (env_end == head.len(), frame.tail.is_empty()) {
+        (_, true) => head.slice(env_end..),
+        (true, false) => frame.tail.clone(),
+        (false, false) => return Err(bad()),
+    };
+    let new_head = match Envelope::decode(&head[HEADER_LEN..env_end]) {
         Ok(Envelope::Call {
             id,
             service,
@@ -379,8 +404,96 @@ pub(crate) fn resubmit_parts(
         }
         _ => return Err(bad()),
     };
-    check_size(head.len() - HEADER_LEN + payload.len(), max_message_size)?;
-    Ok((head.freeze(), payload))
+    check_size(
+        new_head.len() - HEADER_LEN + payload.len(),
+        max_message_size,
+    )?;
+    Ok(OutFrame {
+        head: new_head.freeze(),
+        tail: payload,
+    })
+}
+
+/// An encoded frame to write: `head` then `tail`, back to back. A large
+/// raw payload is the `tail`, kept by reference instead of being copied
+/// behind its header; otherwise `tail` is empty.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OutFrame {
+    /// Header, envelope and (unless `tail` holds it) the payload.
+    pub(crate) head: Bytes,
+    /// A payload written after `head` without copying, or empty.
+    pub(crate) tail: Bytes,
+}
+
+impl OutFrame {
+    /// Total length on the wire.
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// The frame as one contiguous buffer (copies if it has a tail).
+    #[cfg(test)]
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        [&self.head[..], &self.tail[..]].concat()
+    }
+}
+
+impl From<Bytes> for OutFrame {
+    fn from(head: Bytes) -> Self {
+        OutFrame {
+            head,
+            tail: Bytes::new(),
+        }
+    }
+}
+
+/// The buffer `call_frame` encodes serde payloads into, one per thread.
+///
+/// Each frame is split off it, so frames share its allocation; once they
+/// are all written and dropped, the next frame reuses the allocation from
+/// its start (`try_reclaim`) instead of allocating, growing by doubling and
+/// page-faulting a fresh buffer for every large payload.
+struct Scratch {
+    buf: BytesMut,
+    /// Capacity of the allocation as last seen whole.
+    full: usize,
+}
+
+/// Initial size of the per-thread encode buffer.
+const SCRATCH_INITIAL: usize = 16 * 1024;
+
+/// Below this much free room the encode buffer is reclaimed or replaced.
+const SCRATCH_MIN_ROOM: usize = 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> =
+        std::cell::RefCell::new(Scratch { buf: BytesMut::new(), full: 0 });
+}
+
+/// Runs `f` on the thread's encode buffer (empty, with room) and returns
+/// what it appended as its own `Bytes`. On error nothing is kept.
+fn with_scratch(f: impl FnOnce(&mut BytesMut) -> Result<()>) -> Result<Bytes> {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = &mut *s;
+        s.buf.clear();
+        // Back to the start of the allocation if every frame cut from it is
+        // gone (cheap: nothing to copy); else go on in the room left, or
+        // start a fresh buffer.
+        if !s.buf.try_reclaim(s.full) && s.buf.capacity() < SCRATCH_MIN_ROOM {
+            s.buf = BytesMut::with_capacity(SCRATCH_INITIAL);
+            s.full = 0;
+        }
+        let r = f(&mut s.buf);
+        s.full = s.full.max(s.buf.capacity());
+        match r {
+            Ok(()) => Ok(s.buf.split().freeze()),
+            Err(e) => {
+                s.buf.clear();
+                Err(e)
+            }
+        }
+    })
 }
 
 /// The payload of a call, before framing.
@@ -388,10 +501,11 @@ pub(crate) enum Payload<'a, P: ?Sized> {
     /// Serialise this value with `rmp_serde` (structs as maps).
     Serde(&'a P),
     /// Already-encoded MessagePack bytes (empty means nil).
-    Raw(&'a [u8]),
+    Raw(&'a Bytes),
 }
 
-/// Builds a complete `Call` frame, encoding the payload straight into it.
+/// Builds a complete `Call` frame. A serde payload is encoded straight
+/// into it; a large raw payload becomes the frame's tail, not copied.
 pub(crate) fn call_frame<P: Serialize + ?Sized>(
     id: u64,
     service: &str,
@@ -399,7 +513,7 @@ pub(crate) fn call_frame<P: Serialize + ?Sized>(
     opts: &CallOptions,
     payload: Payload<'_, P>,
     max_message_size: u32,
-) -> Result<Bytes> {
+) -> Result<OutFrame> {
     let env = Envelope::Call {
         id,
         service,
@@ -407,31 +521,44 @@ pub(crate) fn call_frame<P: Serialize + ?Sized>(
         timeout_ms: opts.timeout_ms(),
         flags: opts.flags(),
     };
-    let mut out;
     match payload {
         Payload::Raw(raw) => {
-            let raw = if raw.is_empty() {
+            let bytes: &[u8] = if raw.is_empty() {
                 zrpc_proto::NIL_PAYLOAD
             } else {
                 raw
             };
             check_size(
-                32 + service.len() + method.len() + raw.len(),
+                32 + service.len() + method.len() + bytes.len(),
                 max_message_size,
             )?;
-            out =
-                BytesMut::with_capacity(HEADER_LEN + 40 + service.len() + method.len() + raw.len());
-            encode_frame(&mut out, &env, raw);
+            let large = raw.len() >= LARGE_FRAME;
+            let inline = if large { 0 } else { bytes.len() };
+            let mut out =
+                BytesMut::with_capacity(HEADER_LEN + 40 + service.len() + method.len() + inline);
+            let tail = if large {
+                encode_header(&mut out, &env, raw.len());
+                raw.clone()
+            } else {
+                encode_frame(&mut out, &env, bytes);
+                Bytes::new()
+            };
+            check_size(out.len() - HEADER_LEN + tail.len(), max_message_size)?;
+            Ok(OutFrame {
+                head: out.freeze(),
+                tail,
+            })
         }
         Payload::Serde(v) => {
-            out = BytesMut::with_capacity(128 + service.len() + method.len());
-            encode_header(&mut out, &env, 0);
-            rmp_serde::encode::write_named(&mut (&mut out).writer(), v)?;
-            patch_body_len(&mut out);
+            let head = with_scratch(|out| {
+                encode_header(out, &env, 0);
+                rmp_serde::encode::write_named(&mut out.writer(), v)?;
+                patch_body_len(out);
+                check_size(out.len() - HEADER_LEN, max_message_size)
+            })?;
+            Ok(head.into())
         }
     }
-    check_size(out.len() - HEADER_LEN, max_message_size)?;
-    Ok(out.freeze())
 }
 
 /// Fixes `body_len` of a frame whose payload was appended after

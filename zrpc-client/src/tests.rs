@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use zrpc_proto::{encode_frame, Envelope, Frame, FrameDecoder};
 
-use crate::common::{call_frame, decode_payload, Payload};
+use crate::common::{call_frame, decode_payload, resubmit_parts, Payload};
 use crate::*;
 
 // ---------------------------------------------------------------- values
@@ -86,7 +86,7 @@ fn values_round_trip_exactly() {
         )
         .expect("encode");
         let f = FrameDecoder::new(u32::MAX)
-            .decode(&mut BytesMut::from(&frame[..]))
+            .decode(&mut BytesMut::from(&frame.to_vec()[..]))
             .expect("valid frame")
             .expect("complete frame");
         // ... is byte for byte the canonical rmpv encoding ...
@@ -131,7 +131,7 @@ fn structs_are_maps_and_bytes_are_bin() {
     )
     .expect("encode");
     let f = FrameDecoder::new(u32::MAX)
-        .decode(&mut BytesMut::from(&frame[..]))
+        .decode(&mut BytesMut::from(&frame.to_vec()[..]))
         .expect("valid")
         .expect("complete");
     let v = rmpv::decode::read_value(&mut &f.payload[..]).expect("decode");
@@ -150,9 +150,17 @@ fn call_frame_fields_and_limits() {
     let opts = CallOptions::timeout(Duration::from_micros(1500))
         .no_wait()
         .no_retry();
-    let frame = call_frame(42, "svc", "m", &opts, Payload::<()>::Raw(&[]), 1024).expect("ok");
+    let frame = call_frame(
+        42,
+        "svc",
+        "m",
+        &opts,
+        Payload::<()>::Raw(&Bytes::new()),
+        1024,
+    )
+    .expect("ok");
     let f = FrameDecoder::new(1024)
-        .decode(&mut BytesMut::from(&frame[..]))
+        .decode(&mut BytesMut::from(&frame.to_vec()[..]))
         .expect("valid")
         .expect("complete");
     assert_eq!(
@@ -173,12 +181,103 @@ fn call_frame_fields_and_limits() {
     let big = vec![0u8; 2000];
     let err = call_frame(1, "svc", "m", &opts, Payload::Serde(&big), 1024).expect_err("too big");
     assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
-    let err =
-        call_frame(1, "svc", "m", &opts, Payload::<()>::Raw(&big), 1024).expect_err("too big");
+    let err = call_frame(
+        1,
+        "svc",
+        "m",
+        &opts,
+        Payload::<()>::Raw(&Bytes::from(big.clone())),
+        1024,
+    )
+    .expect_err("too big");
     assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
     assert_eq!(CallOptions::default().timeout_ms(), None);
     assert_eq!(CallOptions::default().flags(), 0);
     assert_eq!(CallOptions::timeout(Duration::ZERO).timeout_ms(), Some(0));
+}
+
+#[test]
+fn large_raw_payloads_are_sent_and_resubmitted_by_reference() {
+    let payload = Bytes::from(
+        rmp_serde::to_vec(&serde_bytes::ByteBuf::from(vec![7u8; 100_000])).expect("encode"),
+    );
+    let opts = CallOptions::timeout(Duration::from_secs(5));
+    let frame =
+        call_frame(9, "svc", "m", &opts, Payload::<()>::Raw(&payload), u32::MAX).expect("frame");
+    assert_eq!(
+        frame.tail.as_ptr(),
+        payload.as_ptr(),
+        "the payload is not copied"
+    );
+    let check = |f: &crate::common::OutFrame, timeout_ms: Option<u64>| {
+        let decoded = FrameDecoder::new(u32::MAX)
+            .decode(&mut BytesMut::from(&f.to_vec()[..]))
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(&decoded.payload[..], &payload[..]);
+        assert_eq!(
+            decoded.decode().expect("envelope"),
+            Envelope::Call {
+                id: 9,
+                service: "svc",
+                method: "m",
+                timeout_ms,
+                flags: 0
+            }
+        );
+    };
+    check(&frame, Some(5000));
+    let again = resubmit_parts(&frame, Some(Duration::from_millis(1500)), u32::MAX).expect("again");
+    assert_eq!(
+        again.tail.as_ptr(),
+        payload.as_ptr(),
+        "resubmission reuses the payload"
+    );
+    check(&again, Some(1500));
+    // A small payload stays inline, and resubmits the same way.
+    let small = Bytes::from_static(&[0xc0]);
+    let f = call_frame(9, "svc", "m", &opts, Payload::<()>::Raw(&small), u32::MAX).expect("small");
+    assert!(f.tail.is_empty());
+    let again = resubmit_parts(&f, None, u32::MAX).expect("again");
+    assert_eq!(&again.tail[..], &[0xc0]);
+    // The size limit still applies to the whole frame.
+    assert!(matches!(
+        resubmit_parts(&frame, None, 1000),
+        Err(Error::LimitExceeded(_))
+    ));
+}
+
+#[test]
+fn serde_frames_share_the_encode_buffer_safely() {
+    // Frames encoded back to back stay intact while earlier ones are alive
+    // (they share the per-thread buffer), and after they are dropped.
+    let mut kept = Vec::new();
+    for i in 0..2000u32 {
+        let v = (i, vec![i as u8; (i as usize * 37) % 3000]);
+        let f = call_frame(
+            u64::from(i),
+            "s",
+            "m",
+            &CallOptions::default(),
+            Payload::Serde(&v),
+            u32::MAX,
+        )
+        .expect("frame");
+        if i % 3 == 0 {
+            kept.push((v, f));
+        }
+        if i % 500 == 0 {
+            kept.clear();
+        }
+    }
+    for (v, f) in &kept {
+        let decoded = FrameDecoder::new(u32::MAX)
+            .decode(&mut BytesMut::from(&f.to_vec()[..]))
+            .expect("valid")
+            .expect("complete");
+        let back: (u32, Vec<u8>) = decode_payload(&decoded.payload).expect("decode");
+        assert_eq!(&back, v);
+    }
 }
 
 #[test]

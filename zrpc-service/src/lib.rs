@@ -297,10 +297,41 @@ pub fn decode_payload<T: serde::de::DeserializeOwned>(
 
 /// Encodes a value as MessagePack the way replies are encoded (structs as
 /// maps with field names).
+///
+/// The value is encoded into a per-thread buffer that is kept between
+/// replies (up to [`KEEP_ENCODE_BUFFER`] bytes of capacity) and then copied
+/// into an allocation of exactly its size: growing a fresh `Vec` by
+/// doubling would copy a large reply several times and touch fresh pages
+/// (page faults) each time.
 pub fn encode_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<Bytes, HandlerError> {
-    rmp_serde::encode::to_vec_named(value)
-        .map(Bytes::from)
-        .map_err(|e| HandlerError::Remote(format!("cannot encode the return value: {e}")))
+    let err = |e: rmp_serde::encode::Error| {
+        HandlerError::Remote(format!("cannot encode the return value: {e}"))
+    };
+    ENCODE_BUF.with(|cell| {
+        let Ok(mut buf) = cell.try_borrow_mut() else {
+            // Re-entered from inside a `Serialize` impl: no shared buffer.
+            return rmp_serde::encode::to_vec_named(value)
+                .map(Bytes::from)
+                .map_err(err);
+        };
+        buf.clear();
+        let r =
+            rmp_serde::encode::write_named(&mut *buf, value).map(|()| Bytes::copy_from_slice(&buf));
+        if buf.capacity() > KEEP_ENCODE_BUFFER {
+            *buf = Vec::new();
+        } else {
+            buf.clear();
+        }
+        r.map_err(err)
+    })
+}
+
+/// Largest capacity of the per-thread buffer [`encode_value`] keeps between
+/// replies; a larger one is freed after use.
+pub const KEEP_ENCODE_BUFFER: usize = 4 * 1024 * 1024;
+
+thread_local! {
+    static ENCODE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Support code for the macros. Not a stable API.
