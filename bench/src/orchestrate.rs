@@ -722,6 +722,24 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             note: String::new(),
         });
 
+        // Diagnostic: the same with serde_bytes::ByteBuf instead of Blob
+        // (decoding copies the megabyte on both sides).
+        let z = ctx.measure(
+            &daemons,
+            &|| vec![zrpc_client(&zdir, "bytebuf", 1, lw, c.large, LARGE)],
+            LARGE,
+        )?;
+        rows.push(Row {
+            scenario: "large_1mib_bytebuf",
+            metric: "MB/s (one way)",
+            zrpc: z.mb_per_s,
+            baseline: Some(r.mb_per_s),
+            target: None,
+            guard: Some(z.guard),
+            note: "diagnostic: serde_bytes::ByteBuf payloads (decode copies) instead of Blob"
+                .into(),
+        });
+
         // Diagnostics: the same without serde (Client::call_raw to a service
         // that returns the request payload as is).
         ctx.log("raw payload API");

@@ -13,7 +13,9 @@ use bytes::{Bytes, BytesMut};
 use serde_bytes::ByteBuf;
 use zrpc_client::{BlockingClient, CallOptions, Client};
 use zrpc_proto::{encode_frame, Envelope, FrameDecoder, PROTOCOL_VERSION};
-use zrpc_service::{rpc_method, service, Context, HandlerFuture, MethodInfo, Server, Service};
+use zrpc_service::{
+    rpc_method, service, Blob, Context, HandlerFuture, MethodInfo, Server, Service,
+};
 
 use crate::util::{barrier, die, hold, mono_ns, ClientResult};
 
@@ -25,9 +27,17 @@ pub struct Echo;
 
 #[service(name = "bench_echo")]
 impl Echo {
-    /// Returns the payload unchanged (MessagePack `bin` both ways).
+    /// Returns the payload unchanged (MessagePack `bin` both ways), as a
+    /// [`Blob`]: decoded as a view into the request, no copy.
     #[rpc_method]
-    fn echo(&mut self, payload: ByteBuf) -> ByteBuf {
+    fn echo(&mut self, payload: Blob) -> Blob {
+        payload
+    }
+
+    /// The same with `serde_bytes::ByteBuf` (decoding copies), for the
+    /// `_bytebuf` diagnostic.
+    #[rpc_method]
+    fn echo_bytebuf(&mut self, payload: ByteBuf) -> ByteBuf {
         payload
     }
 }
@@ -92,6 +102,10 @@ pub enum Flavour {
     /// Async `Client::call_raw` on a current-thread runtime, to the
     /// [`RawEcho`] service: no serde on either side.
     Raw,
+    /// Async `Client` on a current-thread runtime with
+    /// `serde_bytes::ByteBuf` payloads instead of [`Blob`]s (method
+    /// `echo_bytebuf`): decoding copies on both sides.
+    ByteBuf,
 }
 
 impl Flavour {
@@ -102,42 +116,72 @@ impl Flavour {
             "multi" => Some(Flavour::Multi),
             "blocking" => Some(Flavour::Blocking),
             "raw" => Some(Flavour::Raw),
+            "bytebuf" => Some(Flavour::ByteBuf),
             _ => None,
         }
     }
 }
 
+/// What one echo call sends: the payload as a [`Blob`], as a `ByteBuf`, or
+/// pre-encoded for `call_raw`.
+#[derive(Clone)]
+struct EchoPayload {
+    flavour: Flavour,
+    blob: Blob,
+    bytebuf: ByteBuf,
+    encoded: Bytes,
+}
+
 /// One echo call; returns the size of the echoed payload.
-async fn echo_once(client: &Client, raw: bool, typed: &ByteBuf, encoded: &Bytes) -> usize {
-    if raw {
-        let r = client
+async fn echo_once(client: &Client, p: &EchoPayload) -> usize {
+    let r = match p.flavour {
+        Flavour::Raw => client
             .call_raw(
                 RAW_ECHO_SERVICE,
                 "echo",
-                encoded.clone(),
+                p.encoded.clone(),
                 CallOptions::default(),
             )
             .await
-            .unwrap_or_else(|e| die(format!("call: {e}")));
-        return r.len();
-    }
-    let r: ByteBuf = client
-        .call(ECHO_SERVICE, "echo", typed, None)
-        .await
-        .unwrap_or_else(|e| die(format!("call: {e}")));
-    r.len()
+            .map(|r| r.len()),
+        Flavour::ByteBuf => client
+            .call::<_, ByteBuf>(ECHO_SERVICE, "echo_bytebuf", &p.bytebuf, None)
+            .await
+            .map(|r| r.len()),
+        _ => client
+            .call::<_, Blob>(ECHO_SERVICE, "echo", &p.blob, None)
+            .await
+            .map(|r| r.len()),
+    };
+    r.unwrap_or_else(|e| die(format!("call: {e}")))
 }
 
-async fn run_async(client: &Client, raw: bool, inflight: usize, n: usize, size: usize) -> Vec<u64> {
-    let payload = Arc::new(ByteBuf::from(vec![0x5au8; size]));
+async fn run_async(
+    client: &Client,
+    flavour: Flavour,
+    inflight: usize,
+    n: usize,
+    size: usize,
+) -> Vec<u64> {
+    let blob = Blob::from(vec![0x5au8; size]);
     // The same value pre-encoded as MessagePack bin, for `call_raw`.
-    let encoded = Bytes::from(rmp_serde::to_vec(&*payload).unwrap_or_else(|e| die(e)));
-    let expect = if raw { encoded.len() } else { size };
+    let encoded = Bytes::from(rmp_serde::to_vec(&blob).unwrap_or_else(|e| die(e)));
+    let expect = if flavour == Flavour::Raw {
+        encoded.len()
+    } else {
+        size
+    };
+    let payload = Arc::new(EchoPayload {
+        flavour,
+        bytebuf: ByteBuf::from(vec![0x5au8; size]),
+        blob,
+        encoded,
+    });
     if inflight == 1 {
         let mut lat = Vec::with_capacity(n);
         for _ in 0..n {
             let t = mono_ns();
-            let len = echo_once(client, raw, &payload, &encoded).await;
+            let len = echo_once(client, &payload).await;
             lat.push(mono_ns() - t);
             if len != expect {
                 die("echo returned a different size");
@@ -148,17 +192,12 @@ async fn run_async(client: &Client, raw: bool, inflight: usize, n: usize, size: 
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..inflight {
-        let (client, next, payload, encoded) = (
-            client.clone(),
-            next.clone(),
-            payload.clone(),
-            encoded.clone(),
-        );
+        let (client, next, payload) = (client.clone(), next.clone(), payload.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(n / inflight + 1);
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let t = mono_ns();
-                let len = echo_once(&client, raw, &payload, &encoded).await;
+                let len = echo_once(&client, &payload).await;
                 lat.push(mono_ns() - t);
                 if len != expect {
                     die("echo returned a different size");
@@ -189,12 +228,12 @@ pub fn client(
             .socket_dir(dir)
             .connect_blocking()
             .unwrap_or_else(|e| die(format!("connect: {e}")));
-        let payload = ByteBuf::from(vec![0x5au8; size]);
+        let payload = Blob::from(vec![0x5au8; size]);
         let run = |n: usize| {
             let mut lat = Vec::with_capacity(n);
             for _ in 0..n {
                 let t = mono_ns();
-                let r: ByteBuf = c
+                let r: Blob = c
                     .call(ECHO_SERVICE, "echo", &payload, None)
                     .unwrap_or_else(|e| die(format!("call: {e}")));
                 lat.push(mono_ns() - t);
@@ -230,12 +269,11 @@ pub fn client(
             .connect()
             .await
             .unwrap_or_else(|e| die(format!("connect: {e}")));
-        let raw = flavour == Flavour::Raw;
-        run_async(&c, raw, inflight, warmup, size).await;
+        run_async(&c, flavour, inflight, warmup, size).await;
         // The barrier blocks this thread; nothing is in flight meanwhile.
         barrier();
         let start = mono_ns();
-        let lat = run_async(&c, raw, inflight, calls, size).await;
+        let lat = run_async(&c, flavour, inflight, calls, size).await;
         let end = mono_ns();
         println!(
             "{}",

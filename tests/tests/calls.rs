@@ -150,6 +150,45 @@ fn typed_structs_and_large_payloads() {
 }
 
 #[test]
+fn blobs_round_trip_through_both_clients() {
+    let (b, _svc) = echo_broker();
+    let c = client(&b);
+    let sizes = [0usize, 1, 100, 70_000, 1 << 20, 3 << 20];
+    let blob =
+        |n: usize| zrpc_client::Blob::from((0..n).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+    for n in sizes {
+        let sent = blob(n);
+        let r: zrpc_client::Blob = c.call("echo", "blob", &sent, T).expect("blob echo");
+        assert!(r == sent, "{n} bytes came back intact (blocking)");
+        // A Blob is wire-compatible with serde_bytes::ByteBuf.
+        let r: serde_bytes::ByteBuf = c.call("echo", "blob", &sent, T).expect("as ByteBuf");
+        assert_eq!(&r[..], &sent[..]);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let ac = Client::builder()
+            .socket_dir(b.dir())
+            .connect()
+            .await
+            .expect("connect");
+        // Keep replies alive across later calls: each stays intact.
+        let mut kept = Vec::new();
+        for n in sizes.into_iter().chain(sizes) {
+            let sent = blob(n);
+            let r: zrpc_client::Blob = ac.call("echo", "blob", &sent, T).await.expect("blob echo");
+            assert!(r == sent, "{n} bytes came back intact (async)");
+            kept.push((sent, r));
+        }
+        for (sent, r) in &kept {
+            assert!(r == sent, "a kept reply was not overwritten");
+        }
+    });
+}
+
+#[test]
 fn errors_are_typed() {
     let (b, _svc) = echo_broker();
     let c = client(&b);

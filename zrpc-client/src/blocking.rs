@@ -17,7 +17,7 @@ use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::client::lock;
 use crate::common::{
-    call_deadlines, call_frame, control_frame, decode_payload, make_room, parse_handshake,
+    call_deadlines, call_frame, control_frame, decode_result, make_room, parse_handshake,
     reconnect_timeout, resubmit_parts, timeout_error, Dead, OutFrame, Outcome, Payload, Retry,
     Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, READ_CHUNK,
 };
@@ -133,7 +133,7 @@ impl BlockingClient {
         R: DeserializeOwned,
     {
         let bytes = self.call_payload(service, method, Payload::Serde(payload), opts)?;
-        decode_payload(&bytes)
+        decode_result(&bytes)
     }
 
     /// Calls with an already-encoded payload (exactly one MessagePack value;

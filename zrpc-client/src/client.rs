@@ -18,7 +18,7 @@ use tokio::sync::{oneshot, Notify};
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::common::{
-    call_deadlines, call_frame, control_frame, decode_payload, make_room, parse_handshake,
+    call_deadlines, call_frame, control_frame, decode_result, make_room, parse_handshake,
     reconnect_timeout, resubmit_parts, timeout_error, Backoff, Dead, OutFrame, Outcome, Payload,
     Retry, Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, LARGE_FRAME, READ_CHUNK,
 };
@@ -450,7 +450,7 @@ impl Client {
         let bytes = self
             .call_payload(service, method, Payload::Serde(payload), opts)
             .await?;
-        decode_payload(&bytes)
+        decode_result(&bytes)
     }
 
     /// Calls with an already-encoded payload (exactly one MessagePack value;

@@ -585,6 +585,12 @@ pub(crate) fn control_frame(out: &mut BytesMut, env: &Envelope<'_>) {
     encode_frame(out, env, &[]);
 }
 
+/// Decodes a call's result: [`Blob`](zrpc_proto::Blob)s in it are views
+/// into `payload` (no copy).
+pub(crate) fn decode_result<R: DeserializeOwned>(payload: &Bytes) -> Result<R> {
+    zrpc_proto::blob::decode_from(payload, |p| decode_payload(p))
+}
+
 /// Decodes a result payload; an empty payload means nil.
 pub(crate) fn decode_payload<R: DeserializeOwned>(payload: &[u8]) -> Result<R> {
     let payload = if payload.is_empty() {

@@ -100,7 +100,7 @@ pub use client::{Client, ClientBuilder};
 pub use error::{Error, Result};
 pub use options::CallOptions;
 pub use rmpv::Value;
-pub use zrpc_proto::ErrorCode;
+pub use zrpc_proto::{Blob, ErrorCode};
 
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod blob;
 mod codec;
 mod envelope;
 mod error;
@@ -22,6 +23,7 @@ pub mod mp;
 mod names;
 mod sd;
 
+pub use blob::Blob;
 pub use codec::{encode_frame, encode_header, Frame, FrameDecoder, HEADER_LEN};
 pub use envelope::{flags, Envelope, Kind};
 pub use error::{ErrorCode, ProtoError};

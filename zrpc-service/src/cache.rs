@@ -22,7 +22,7 @@ pub(crate) const DEFAULT_MAX_ENTRIES: usize = 10_000;
 
 /// Default bound on the bytes of cached replies (payloads and error
 /// messages).
-pub(crate) const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 struct Entry {
     /// Hash of (service, method): a re-sent call must address the same

@@ -102,7 +102,7 @@
 //! restarts ([`Context::caller_instance`], [`Context::caller_call`]). The
 //! server keeps the outcomes of recent calls by identity, bounded by count
 //! (default 10,000) and by bytes of reply payloads and error messages
-//! (default 64 MiB), evicting the oldest first ([`Server::reply_cache`];
+//! (default 16 MiB), evicting the oldest first ([`Server::reply_cache`];
 //! either bound 0 disables it). The cache is consulted **before** a handler
 //! runs:
 //!
@@ -165,7 +165,7 @@ pub use context::Context;
 pub use rmpv::Value;
 pub use server::{Error, Event, FdSource, Server};
 pub use zrpc_macros::{rpc_method, service};
-pub use zrpc_proto::{to_snake_case, ErrorCode};
+pub use zrpc_proto::{to_snake_case, Blob, ErrorCode};
 
 /// Name of the built-in introspection method answered by every [`Server`].
 pub const DESCRIBE_METHOD: &str = "zrpc.describe";
@@ -298,40 +298,28 @@ pub fn decode_payload<T: serde::de::DeserializeOwned>(
 /// Encodes a value as MessagePack the way replies are encoded (structs as
 /// maps with field names).
 ///
-/// The value is encoded into a per-thread buffer that is kept between
-/// replies (up to [`KEEP_ENCODE_BUFFER`] bytes of capacity) and then copied
-/// into an allocation of exactly its size: growing a fresh `Vec` by
-/// doubling would copy a large reply several times and touch fresh pages
-/// (page faults) each time.
+/// The value is encoded into a `Vec` sized like the previous reply encoded
+/// on this thread (replies of one method tend to have one size), so a large
+/// reply is usually written once, without the copies and fresh pages of a
+/// `Vec` grown by doubling; a buffer left more than half empty is shrunk
+/// (in place) before it is handed out.
 pub fn encode_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<Bytes, HandlerError> {
-    let err = |e: rmp_serde::encode::Error| {
-        HandlerError::Remote(format!("cannot encode the return value: {e}"))
-    };
-    ENCODE_BUF.with(|cell| {
-        let Ok(mut buf) = cell.try_borrow_mut() else {
-            // Re-entered from inside a `Serialize` impl: no shared buffer.
-            return rmp_serde::encode::to_vec_named(value)
-                .map(Bytes::from)
-                .map_err(err);
-        };
-        buf.clear();
-        let r =
-            rmp_serde::encode::write_named(&mut *buf, value).map(|()| Bytes::copy_from_slice(&buf));
-        if buf.capacity() > KEEP_ENCODE_BUFFER {
-            *buf = Vec::new();
-        } else {
-            buf.clear();
-        }
-        r.map_err(err)
-    })
+    let hint = LAST_REPLY_LEN.get();
+    let mut buf = Vec::with_capacity(hint.clamp(64, MAX_ENCODE_HINT));
+    rmp_serde::encode::write_named(&mut buf, value)
+        .map_err(|e| HandlerError::Remote(format!("cannot encode the return value: {e}")))?;
+    LAST_REPLY_LEN.set(buf.len());
+    if buf.capacity() > 2 * buf.len() + 64 {
+        buf.shrink_to_fit();
+    }
+    Ok(Bytes::from(buf))
 }
 
-/// Largest capacity of the per-thread buffer [`encode_value`] keeps between
-/// replies; a larger one is freed after use.
-pub const KEEP_ENCODE_BUFFER: usize = 4 * 1024 * 1024;
+/// Largest capacity [`encode_value`] reserves up front.
+const MAX_ENCODE_HINT: usize = 16 * 1024 * 1024;
 
 thread_local! {
-    static ENCODE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static LAST_REPLY_LEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Support code for the macros. Not a stable API.
@@ -339,11 +327,13 @@ thread_local! {
 pub mod __private {
     use super::*;
 
+    /// Decodes a method's arguments; [`Blob`]s in them are views into
+    /// `payload` (no copy).
     pub fn decode<T: serde::de::DeserializeOwned>(
         method: &str,
-        payload: &[u8],
+        payload: &Bytes,
     ) -> Result<T, HandlerError> {
-        decode_payload(payload).map_err(|e| {
+        zrpc_proto::blob::decode_from(payload, |p| decode_payload(p)).map_err(|e| {
             HandlerError::BadPayload(format!(
                 "cannot decode the payload of method {:?} as {}: {}",
                 method,

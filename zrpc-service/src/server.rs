@@ -42,6 +42,10 @@ const FLUSH_THRESHOLD: usize = 256 * 1024;
 /// the bytes around them.
 const LARGE_PAYLOAD: usize = 8 * 1024;
 
+/// Frames at least this large are read into an allocation of their own
+/// (see `Conn::read_more`).
+const OWN_BUFFER_FRAME: usize = 64 * 1024;
+
 /// Most slices handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 
@@ -270,6 +274,9 @@ struct Pending {
     caller_instance: u64,
     caller_call: u64,
     payload: Bytes,
+    /// The frame was read into an allocation of its own (see
+    /// [`Conn::read_more`]): keeping a view of it pins nothing else.
+    own_buffer: bool,
 }
 
 /// What a frame asks the connection owner to do besides the bookkeeping
@@ -340,6 +347,11 @@ struct Conn {
     pong_pending: bool,
     /// When `wbuf` was last written out completely.
     last_flush: std::time::Instant,
+    /// The regular read buffer, parked while a large frame is read into an
+    /// allocation of its own.
+    parked: Option<BytesMut>,
+    /// The frame last returned by `next_frame` had an allocation of its own.
+    frame_own_buffer: bool,
 }
 
 impl Conn {
@@ -359,16 +371,38 @@ impl Conn {
             queue: VecDeque::new(),
             pong_pending: false,
             last_flush: std::time::Instant::now(),
+            parked: None,
+            frame_own_buffer: false,
         })
     }
 
     /// Reads more bytes into `rbuf`. Cancel-safe.
+    ///
+    /// A large frame (>= [`OWN_BUFFER_FRAME`]) is read into an allocation of
+    /// exactly its size: its payload may be returned by the handler as is
+    /// (a [`Blob`](crate::Blob) argument is a view into it) and kept by the
+    /// reply cache, which must then not pin a read buffer holding other
+    /// frames, nor copy the payload.
     async fn read_more(&mut self) -> Result<(), Error> {
-        let want = self
-            .decoder
-            .needed(&self.rbuf)
-            .map_or(16 * 1024, |total| total - self.rbuf.len());
-        self.rbuf.reserve(want.max(4096));
+        let needed = self.decoder.needed(&self.rbuf);
+        if let Some(total) = needed {
+            // `needed` is `Some` only for an incomplete first frame, and
+            // complete frames are consumed before reading: `rbuf` holds
+            // just the beginning of this frame.
+            if total >= OWN_BUFFER_FRAME && self.parked.is_none() {
+                let mut own = BytesMut::with_capacity(total);
+                own.extend_from_slice(&self.rbuf);
+                self.rbuf.clear();
+                self.parked = Some(std::mem::replace(&mut self.rbuf, own));
+            }
+        }
+        let want = needed.map_or(16 * 1024, |total| total - self.rbuf.len());
+        if self.parked.is_none() {
+            self.rbuf.reserve(want.max(4096));
+        } else {
+            // Exactly the frame: no byte of the next one in its allocation.
+            self.rbuf.reserve(want);
+        }
         loop {
             let mut guard = self.rd.readable().await.map_err(Error::from_io)?;
             let spare = self.rbuf.spare_capacity_mut();
@@ -414,7 +448,18 @@ impl Conn {
     }
 
     fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
-        Ok(self.decoder.decode(&mut self.rbuf)?)
+        let frame = self.decoder.decode(&mut self.rbuf)?;
+        self.frame_own_buffer = false;
+        if frame.is_some() {
+            if let Some(mut regular) = self.parked.take() {
+                // The large frame is complete; `rbuf` is empty (exactly the
+                // frame was read), so the regular buffer takes over again.
+                regular.extend_from_slice(&self.rbuf);
+                self.rbuf = regular;
+                self.frame_own_buffer = true;
+            }
+        }
+        Ok(frame)
     }
 
     /// Bytes waiting to be written.
@@ -501,6 +546,7 @@ impl Conn {
                     caller_instance,
                     caller_call,
                     payload: frame.payload.clone(),
+                    own_buffer: self.frame_own_buffer,
                 });
                 Ok(FrameAction::None)
             }
@@ -621,17 +667,18 @@ fn wire_outcome(result: Result<Bytes, HandlerError>, max_message_size: u32) -> O
 
 /// Whether the reply cache may keep a successful reply payload by reference
 /// (`true`) or must copy it: only a payload that is the sole handle to an
-/// allocation of its own, not much larger than itself, and not a view into
-/// the request (whose read buffer may hold other frames). Returns the
-/// payload (same bytes, same allocation) for sending.
-fn own_reply(outcome: Outcome, request: (usize, usize)) -> (Outcome, bool) {
+/// allocation of its own, not much larger than itself, or a view into a
+/// request that was read into an allocation of its own (`request.2`); not a
+/// view into a request in the shared read buffer (which holds other frames).
+/// Returns the payload (same bytes, same allocation) for sending.
+fn own_reply(outcome: Outcome, request: (usize, usize, bool)) -> (Outcome, bool) {
     let p = match outcome {
         Ok(p) if !p.is_empty() => p,
         other => return (other, false),
     };
     let start = p.as_ptr() as usize;
     if start >= request.0 && start <= request.1 {
-        return (Ok(p), false);
+        return (Ok(p), request.2);
     }
     match p.try_into_mut() {
         Ok(m) => {
@@ -1212,10 +1259,17 @@ impl<S: Service> Server<S> {
         self
     }
 
-    /// Bounds of the reply cache (defaults: 10,000 entries and 64 MiB of
+    /// Bounds of the reply cache (defaults: 10,000 entries and 16 MiB of
     /// reply payloads and error messages); the oldest entry is evicted
     /// first. Either bound 0 disables the cache, and with it the
     /// de-duplication of re-sent calls. See the crate documentation.
+    ///
+    /// The cache must hold the replies sent shortly before a connection
+    /// broke, until their calls are re-sent after the reconnect; while the
+    /// broker is away no new calls arrive, so the byte bound only needs to
+    /// cover the replies of the calls in flight then (16 MiB: sixteen
+    /// 1 MiB replies). Raise it for services with many large concurrent
+    /// calls.
     pub fn reply_cache(mut self, max_entries: usize, max_bytes: usize) -> Self {
         self.cache.set_bounds(max_entries, max_bytes);
         self
@@ -1504,7 +1558,7 @@ impl<S: Service> Server<S> {
                 };
                 let generation = link.generation;
                 let request = req.payload.as_ptr_range();
-                let request = (request.start as usize, request.end as usize);
+                let request = (request.start as usize, request.end as usize, req.own_buffer);
                 let outcome = run_handler(service, link, setup, &ctx, req.payload).await;
                 let method = ctx.method;
                 let Some(result) = outcome else {
@@ -1607,9 +1661,9 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    fn range(b: &Bytes) -> (usize, usize) {
+    fn range(b: &Bytes) -> (usize, usize, bool) {
         let r = b.as_ptr_range();
-        (r.start as usize, r.end as usize)
+        (r.start as usize, r.end as usize, false)
     }
 
     /// Small replies, large ones queued by reference and control frames
@@ -1691,7 +1745,7 @@ mod tests {
 
     #[test]
     fn own_reply_keeps_only_private_buffers() {
-        let none = (0, 0);
+        let none = (0, 0, false);
         // An encoded value: its own exact allocation, kept by reference.
         let p = Bytes::from(vec![7u8; 1000]);
         let ptr = p.as_ptr();
@@ -1711,8 +1765,12 @@ mod tests {
         let view = req.slice(10..20);
         drop(req);
         assert!(view.is_unique());
-        let (_, owned) = own_reply(Ok(view), r);
+        let (_, owned) = own_reply(Ok(view.clone()), r);
         assert!(!owned);
+        // A view of a request read into an allocation of its own: kept.
+        let (o, owned) = own_reply(Ok(view.clone()), (r.0, r.1, true));
+        assert!(owned);
+        assert_eq!(o.unwrap().as_ptr(), view.as_ptr());
         let (_, owned) = own_reply(Ok(Bytes::from_static(b"abc")), none);
         assert!(!owned);
         // A small value in a large allocation: copied.

@@ -32,6 +32,13 @@ impl TestSvc {
         payload
     }
 
+    /// Returns its binary payload unchanged; `Blob` arguments are views
+    /// into the request (no copy).
+    #[rpc_method]
+    fn blob(&mut self, b: zrpc_service::Blob) -> zrpc_service::Blob {
+        b
+    }
+
     /// Moves a typed point by (1, 1.5).
     #[rpc_method]
     fn shift(&mut self, p: Point) -> Point {
