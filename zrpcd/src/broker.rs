@@ -62,6 +62,18 @@ struct CallIn<'a> {
     flags: u32,
 }
 
+/// A pending call to deliver, as [`Broker::route`] takes it.
+struct RouteCall<'a> {
+    bid: u64,
+    service: &'a str,
+    method: &'a str,
+    payload: &'a Bytes,
+    /// The budget the service is told.
+    timeout_ms: Option<u64>,
+    /// The caller's `Hello` instance, if the caller has it at hand.
+    caller_instance: Option<u64>,
+}
+
 /// The whole broker state: peers, names, pending calls, statistics.
 #[derive(Debug)]
 pub struct Broker {
@@ -350,11 +362,11 @@ impl Broker {
         let max_per_conn = self.config.max_pending_per_conn;
         let total = self.pending.len();
         let over_total = total >= self.config.max_pending_total;
-        let refused = match self.peers.get_mut(peer) {
+        let caller_instance = match self.peers.get_mut(peer) {
             Some(p) => {
                 p.calls_made += 1;
                 let calling = p.calling as usize;
-                if calling >= max_per_conn {
+                let refused = if calling >= max_per_conn {
                     Some(format!(
                         "this connection has {calling} calls pending, the limit (--max-pending-per-conn)"
                     ))
@@ -363,15 +375,16 @@ impl Broker {
                         "the broker has {total} calls pending, the limit (--max-pending-total)"
                     ))
                 } else {
-                    p.calling += 1;
                     None
+                };
+                if let Some(msg) = refused {
+                    return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
                 }
+                p.calling += 1;
+                p.instance
             }
             None => return,
         };
-        if let Some(msg) = refused {
-            return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
-        }
         let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms));
         // An empty payload keeps no reference to the read buffer.
         let payload = if frame.payload.is_empty() {
@@ -389,7 +402,15 @@ impl Broker {
             flags,
         };
         let bid = self.pending.insert(new, now, deadline);
-        self.route(bid, service, method, &frame.payload, timeout_ms, now);
+        let call = RouteCall {
+            bid,
+            service,
+            method,
+            payload: &frame.payload,
+            timeout_ms,
+            caller_instance: Some(caller_instance),
+        };
+        self.route(call, now);
     }
 
     /// A call to the broker's own service, answered at once.
@@ -426,21 +447,28 @@ impl Broker {
             .pending
             .deadline(bid)
             .map(|d| d.saturating_duration_since(now).as_millis() as u64);
-        self.route(bid, &service, &method, &payload, timeout_ms, now);
+        let call = RouteCall {
+            bid,
+            service: &service,
+            method: &method,
+            payload: &payload,
+            timeout_ms,
+            caller_instance: None,
+        };
+        self.route(call, now);
     }
 
     /// Delivers a pending call to the instance of `service` with the fewest
-    /// outstanding calls, or parks it until the name appears. `timeout_ms`
-    /// is the budget the service is told.
-    fn route(
-        &mut self,
-        bid: u64,
-        service: &str,
-        method: &str,
-        payload: &Bytes,
-        timeout_ms: Option<u64>,
-        now: Instant,
-    ) {
+    /// outstanding calls, or parks it until the name appears.
+    fn route(&mut self, call: RouteCall<'_>, now: Instant) {
+        let RouteCall {
+            bid,
+            service,
+            method,
+            payload,
+            timeout_ms,
+            caller_instance,
+        } = call;
         let Some(p) = self.pending.get(bid) else {
             return;
         };
@@ -461,7 +489,8 @@ impl Broker {
             return;
         };
         let max_queued = self.config.max_queued_bytes;
-        let caller_instance = self.peers.get(caller).map_or(0, |p| p.instance);
+        let caller_instance =
+            caller_instance.unwrap_or_else(|| self.peers.get(caller).map_or(0, |p| p.instance));
         let Some(t) = self.peers.get_mut(target) else {
             return;
         };
@@ -525,8 +554,11 @@ impl Broker {
             }
             Stage::Parked => self.names.unpark(service, bid),
         }
-        if let Some(c) = self.peers.get_mut(p.caller) {
-            c.calling = c.calling.saturating_sub(1);
+        if matches!(outcome, Outcome::CallerGone | Outcome::CallerLeft) {
+            // (otherwise `send_result` releases the call, in the same lookup)
+            if let Some(c) = self.peers.get_mut(p.caller) {
+                c.calling = c.calling.saturating_sub(1);
+            }
         }
         let elapsed = self.pending.elapsed_at(&p, now);
         if !self.monitors.is_empty() {
@@ -602,12 +634,13 @@ impl Broker {
         }
     }
 
-    /// Queues a `Result` to a caller, and disconnects the caller if its
-    /// results pile up unread.
+    /// Queues a `Result` to a caller, counts its call as no longer pending,
+    /// and disconnects the caller if its results pile up unread.
     fn send_result(&mut self, caller: PeerId, env: &Envelope<'_>, payload: &Bytes) {
-        let Some(c) = self.peers.get(caller) else {
+        let Some(c) = self.peers.get_mut(caller) else {
             return;
         };
+        c.calling = c.calling.saturating_sub(1);
         c.io.push(env, payload);
         if !c.io.dirty.replace(true) {
             self.dirty.push(c.io.clone());
