@@ -4,12 +4,17 @@
 //! the client's queue; both queues are drained as the writers would. Also
 //! with 10,000 other names registered (routing must not depend on it).
 //! Run with `cargo bench -p zrpcd`.
+//!
+//! With `ZRPCD_ROUTING_COUNT=N` in the environment it skips criterion and
+//! runs N round trips of each case once (for instruction counts, e.g.
+//! `valgrind --tool=callgrind`: the difference between two values of N
+//! divided by their difference is the cost of one call+reply).
 
 use std::hint::black_box;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use zrpc_proto::{encode_frame, Envelope, Frame, FrameDecoder, PROTOCOL_VERSION};
 use zrpcd::broker::Broker;
 use zrpcd::peers::{Creds, PeerId};
@@ -142,6 +147,68 @@ fn round_trip(s: &mut Setup, call: &Frame, payload: &[u8], scratch: &mut Vec<Byt
     drain(&s.client_io, scratch).len()
 }
 
+const CASES: [(&str, usize, Option<u64>); 3] = [
+    ("call+reply/64B/no_deadline", 0, None),
+    ("call+reply/64B/deadline", 0, Some(5_000)),
+    ("call+reply/64B/10k_names", 10_000, Some(5_000)),
+];
+
+fn call_frame(timeout_ms: Option<u64>, payload: &[u8]) -> Frame {
+    frame(
+        &Envelope::Call {
+            id: 1,
+            service: "bench_echo",
+            method: "echo",
+            timeout_ms,
+            flags: 0,
+        },
+        payload,
+    )
+}
+
+fn bench_payload() -> Vec<u8> {
+    let mut payload = vec![0xc4, 62];
+    payload.extend_from_slice(&[0x5a; 62]);
+    payload
+}
+
+/// `ZRPCD_ROUTING_COUNT=N`: N round trips per case, no criterion. The case
+/// can be narrowed with `ZRPCD_ROUTING_CASE=<substring of its label>`.
+fn count_mode(n: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _enter = rt.enter();
+    let dir = std::env::temp_dir().join(format!("zrpcd-routing-bench-{}", std::process::id()));
+    let only = std::env::var("ZRPCD_ROUTING_CASE").unwrap_or_default();
+    let payload = bench_payload();
+    for (label, names, timeout_ms) in CASES {
+        if !label.contains(&only) {
+            continue;
+        }
+        let mut s = setup(&dir, names);
+        let call = call_frame(timeout_ms, &payload);
+        let mut scratch = Vec::new();
+        let mut total = 0;
+        for _ in 0..n {
+            total += round_trip(&mut s, &call, &payload, &mut scratch);
+        }
+        println!("{label}: {n} round trips, {total} result bytes");
+    }
+}
+
+fn main() {
+    if let Some(n) = std::env::var("ZRPCD_ROUTING_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return count_mode(n);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
+
 fn routing(c: &mut Criterion) {
     // DelayQueue (deadlines) needs a tokio time driver in context.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -150,27 +217,13 @@ fn routing(c: &mut Criterion) {
         .expect("runtime");
     let _enter = rt.enter();
     let dir = std::env::temp_dir().join(format!("zrpcd-routing-bench-{}", std::process::id()));
-    let mut payload = vec![0xc4, 62];
-    payload.extend_from_slice(&[0x5a; 62]);
+    let payload = bench_payload();
 
     let mut g = c.benchmark_group("routing");
     g.throughput(Throughput::Elements(1));
-    for (label, names, timeout_ms) in [
-        ("call+reply/64B/no_deadline", 0, None),
-        ("call+reply/64B/deadline", 0, Some(5_000)),
-        ("call+reply/64B/10k_names", 10_000, Some(5_000)),
-    ] {
+    for (label, names, timeout_ms) in CASES {
         let mut s = setup(&dir, names);
-        let call = frame(
-            &Envelope::Call {
-                id: 1,
-                service: "bench_echo",
-                method: "echo",
-                timeout_ms,
-                flags: 0,
-            },
-            &payload,
-        );
+        let call = call_frame(timeout_ms, &payload);
         let mut scratch = Vec::new();
         g.bench_function(label, |b| {
             b.iter(|| black_box(round_trip(&mut s, &call, &payload, &mut scratch)))
@@ -180,4 +233,3 @@ fn routing(c: &mut Criterion) {
 }
 
 criterion_group!(benches, routing);
-criterion_main!(benches);

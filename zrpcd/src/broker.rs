@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::monitor::{self, CallEvent, Monitor};
 use crate::names::{Names, RegisterError};
 use crate::peers::{Creds, PeerId, Peers};
-use crate::pending::{Pending, PendingCalls, Stage};
+use crate::pending::{NewCall, PendingCalls, Stage};
 use crate::queue::PeerIo;
 use crate::stats::Stats;
 
@@ -53,19 +53,25 @@ enum Outcome<'a> {
     CallerLeft,
 }
 
-/// The fields of a `Call` envelope, re-read from a stored frame.
-struct CallFields<'a> {
+/// The fields of a `Call` envelope that `on_call` needs.
+struct CallIn<'a> {
+    id: u64,
     service: &'a str,
     method: &'a str,
+    timeout_ms: Option<u64>,
+    flags: u32,
 }
 
-fn call_fields(frame: &Frame) -> Option<CallFields<'_>> {
-    match frame.decode() {
-        Ok(Envelope::Call {
-            service, method, ..
-        }) => Some(CallFields { service, method }),
-        _ => None,
-    }
+/// A pending call to deliver, as [`Broker::route`] takes it.
+struct RouteCall<'a> {
+    bid: u64,
+    service: &'a str,
+    method: &'a str,
+    payload: &'a Bytes,
+    /// The budget the service is told.
+    timeout_ms: Option<u64>,
+    /// The caller's `Hello` instance, if the caller has it at hand.
+    caller_instance: Option<u64>,
 }
 
 /// The whole broker state: peers, names, pending calls, statistics.
@@ -137,6 +143,12 @@ impl Broker {
 
     /// Handles one frame from `peer`. An error closes the connection.
     pub fn on_frame(&mut self, peer: PeerId, frame: Frame) -> Result<(), Fatal> {
+        self.on_frame_at(peer, frame, Instant::now())
+    }
+
+    /// [`Broker::on_frame`] with the current time given by the caller (the
+    /// connection reads the clock once per read batch, not per frame).
+    pub fn on_frame_at(&mut self, peer: PeerId, frame: Frame, now: Instant) -> Result<(), Fatal> {
         let env = frame.decode().map_err(|e| Fatal::protocol(e.to_string()))?;
         let ready = self.peers.get(peer).is_some_and(|p| p.ready);
         if !ready {
@@ -157,15 +169,22 @@ impl Broker {
                 timeout_ms,
                 flags,
             } => {
-                self.on_call(peer, id, service, method, timeout_ms, flags, &frame);
+                let call = CallIn {
+                    id,
+                    service,
+                    method,
+                    timeout_ms,
+                    flags,
+                };
+                self.on_call(peer, call, &frame, now);
                 Ok(())
             }
             Envelope::Reply { id, code, message } => {
-                self.on_reply(peer, id, code, message, &frame.payload);
+                self.on_reply(peer, id, code, message, &frame.payload, now);
                 Ok(())
             }
             Envelope::Register { req, name, shared } => {
-                self.on_register(peer, req, name, shared);
+                self.on_register(peer, req, name, shared, now);
                 Ok(())
             }
             Envelope::Unregister { req, name } => {
@@ -175,7 +194,7 @@ impl Broker {
             Envelope::Cancel { id } => {
                 if let Some(bid) = self.pending.find_by_caller(peer, id) {
                     self.stats.cancelled += 1;
-                    self.finish(bid, Outcome::CallerGone);
+                    self.finish(bid, Outcome::CallerGone, now);
                 }
                 Ok(())
             }
@@ -228,7 +247,7 @@ impl Broker {
         self.send(peer, &Envelope::Ack { req, code, message }, &Bytes::new());
     }
 
-    fn on_register(&mut self, peer: PeerId, req: u64, name: &str, shared: bool) {
+    fn on_register(&mut self, peer: PeerId, req: u64, name: &str, shared: bool, now: Instant) {
         if let Err(e) = validate_name(name) {
             return self.ack(peer, req, Some(ErrorCode::InvalidName), &e.to_string());
         }
@@ -253,7 +272,7 @@ impl Broker {
                 self.ack(peer, req, None, "");
                 for bid in self.names.take_waiting(name) {
                     if self.pending.get(bid).is_some() {
-                        self.dispatch(bid);
+                        self.dispatch(bid, now);
                     }
                 }
             }
@@ -312,61 +331,86 @@ impl Broker {
         self.send(peer, &env, &Bytes::new());
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_call(
-        &mut self,
-        peer: PeerId,
-        id: u64,
-        service: &str,
-        method: &str,
-        timeout_ms: Option<u64>,
-        flags: u32,
-        frame: &Frame,
-    ) {
+    fn on_call(&mut self, peer: PeerId, call: CallIn<'_>, frame: &Frame, now: Instant) {
+        let CallIn {
+            id,
+            service,
+            method,
+            timeout_ms,
+            flags,
+        } = call;
         self.stats.calls += 1;
         if self.shutting_down {
             return self.result_error(peer, id, ErrorCode::Shutdown, "zrpcd is shutting down");
         }
-        if let Err(e) = validate_name(service).and_then(|_| validate_name(method)) {
-            return self.result_error(peer, id, ErrorCode::InvalidName, &e.to_string());
-        }
-        if service == zrpc_proto::BROKER_SERVICE {
-            return self.call_builtin(peer, id, method, frame);
+        // A known route was validated when it was created (and is never the
+        // broker's own service): names are validated once, not per call.
+        let route = self.pending.find_route(service, method);
+        if route.is_none() {
+            if let Err(e) = validate_name(service).and_then(|_| validate_name(method)) {
+                return self.result_error(peer, id, ErrorCode::InvalidName, &e.to_string());
+            }
+            if service == zrpc_proto::BROKER_SERVICE {
+                return self.call_builtin(peer, id, method, frame);
+            }
         }
         if self.pending.find_by_caller(peer, id).is_some() {
             let msg = format!("call id {id} is already in flight on this connection");
             return self.result_error(peer, id, ErrorCode::Protocol, &msg);
         }
-        // One lookup of the caller: count the call, check its limit.
+        // One lookup of the caller: count the call, check the limits.
         let max_per_conn = self.config.max_pending_per_conn;
-        let calling = match self.peers.get_mut(peer) {
+        let total = self.pending.len();
+        let over_total = total >= self.config.max_pending_total;
+        let caller_instance = match self.peers.get_mut(peer) {
             Some(p) => {
                 p.calls_made += 1;
-                p.calling as usize
+                let calling = p.calling as usize;
+                let refused = if calling >= max_per_conn {
+                    Some(format!(
+                        "this connection has {calling} calls pending, the limit (--max-pending-per-conn)"
+                    ))
+                } else if over_total {
+                    Some(format!(
+                        "the broker has {total} calls pending, the limit (--max-pending-total)"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(msg) = refused {
+                    return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
+                }
+                p.calling += 1;
+                p.instance
             }
             None => return,
         };
-        if calling >= max_per_conn {
-            let msg = format!(
-                "this connection has {calling} calls pending, the limit (--max-pending-per-conn)"
-            );
-            return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
-        }
-        if self.pending.len() >= self.config.max_pending_total {
-            let msg = format!(
-                "the broker has {} calls pending, the limit (--max-pending-total)",
-                self.pending.len()
-            );
-            return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
-        }
-        if let Some(p) = self.peers.get_mut(peer) {
-            p.calling += 1;
-        }
-        let now = Instant::now();
         let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms));
-        let pending = Pending::new(peer, id, frame.clone(), flags);
-        let bid = self.pending.insert(pending, now, deadline);
-        self.route(bid, service, method, &frame.payload);
+        // An empty payload keeps no reference to the read buffer.
+        let payload = if frame.payload.is_empty() {
+            Bytes::new()
+        } else {
+            frame.payload.clone()
+        };
+        let new = NewCall {
+            caller: peer,
+            caller_call: id,
+            service,
+            method,
+            route,
+            payload,
+            flags,
+        };
+        let bid = self.pending.insert(new, now, deadline);
+        let call = RouteCall {
+            bid,
+            service,
+            method,
+            payload: &frame.payload,
+            timeout_ms,
+            caller_instance: Some(caller_instance),
+        };
+        self.route(call, now);
     }
 
     /// A call to the broker's own service, answered at once.
@@ -391,25 +435,40 @@ impl Broker {
         s.latency.record(started.elapsed());
     }
 
-    /// Re-routes a pending call (re-delivery, or its name appeared): the
-    /// service and method are read again from the stored frame.
-    fn dispatch(&mut self, bid: u64) {
+    /// Re-routes a pending call (re-delivery, or its name appeared), with
+    /// what is left of its deadline.
+    fn dispatch(&mut self, bid: u64, now: Instant) {
         let Some(p) = self.pending.get(bid) else {
             return;
         };
-        let frame = p.frame.clone();
-        match call_fields(&frame) {
-            Some(f) => self.route(bid, f.service, f.method, &frame.payload),
-            None => self.finish(
-                bid,
-                Outcome::Error(ErrorCode::Protocol, "corrupt call".into()),
-            ),
-        }
+        let (service, method) = self.pending.names_rc(p);
+        let payload = p.payload.clone();
+        let timeout_ms = self
+            .pending
+            .deadline(bid)
+            .map(|d| d.saturating_duration_since(now).as_millis() as u64);
+        let call = RouteCall {
+            bid,
+            service: &service,
+            method: &method,
+            payload: &payload,
+            timeout_ms,
+            caller_instance: None,
+        };
+        self.route(call, now);
     }
 
     /// Delivers a pending call to the instance of `service` with the fewest
     /// outstanding calls, or parks it until the name appears.
-    fn route(&mut self, bid: u64, service: &str, method: &str, payload: &Bytes) {
+    fn route(&mut self, call: RouteCall<'_>, now: Instant) {
+        let RouteCall {
+            bid,
+            service,
+            method,
+            payload,
+            timeout_ms,
+            caller_instance,
+        } = call;
         let Some(p) = self.pending.get(bid) else {
             return;
         };
@@ -421,7 +480,7 @@ impl Broker {
         let Some(target) = target else {
             if call_flags & flags::NO_WAIT != 0 {
                 let msg = format!("no service is registered under the name {service:?}");
-                return self.finish(bid, Outcome::Error(ErrorCode::NoSuchService, msg));
+                return self.finish(bid, Outcome::Error(ErrorCode::NoSuchService, msg), now);
             }
             self.names.park(service, bid);
             if let Some(p) = self.pending.get_mut(bid) {
@@ -430,7 +489,8 @@ impl Broker {
             return;
         };
         let max_queued = self.config.max_queued_bytes;
-        let caller_instance = self.peers.get(caller).map_or(0, |p| p.instance);
+        let caller_instance =
+            caller_instance.unwrap_or_else(|| self.peers.get(caller).map_or(0, |p| p.instance));
         let Some(t) = self.peers.get_mut(target) else {
             return;
         };
@@ -440,12 +500,8 @@ impl Broker {
                 "service {service:?} is not reading its requests ({queued} bytes queued, limit --max-queued-bytes)"
             );
             self.log_limit(target, &msg);
-            return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg));
+            return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
         }
-        let timeout_ms = self
-            .pending
-            .deadline(bid)
-            .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
         let env = Envelope::Request {
             id: bid,
             service,
@@ -465,12 +521,12 @@ impl Broker {
     }
 
     /// Ends a call: the one place where a pending call is removed.
-    fn finish(&mut self, bid: u64, outcome: Outcome<'_>) {
-        let Some(p) = self.pending.remove(bid) else {
+    fn finish(&mut self, bid: u64, outcome: Outcome<'_>, now: Instant) {
+        let Some(removed) = self.pending.remove(bid) else {
             return;
         };
-        let fields = call_fields(&p.frame);
-        let service = fields.as_ref().map_or("", |f| f.service);
+        let p = removed.call;
+        let service: &str = &removed.service;
         let replied = matches!(outcome, Outcome::Reply { .. });
         // Stop the service's work when the call is really over; not when the
         // caller only lost its connection (it will resubmit) or the broker is
@@ -498,10 +554,13 @@ impl Broker {
             }
             Stage::Parked => self.names.unpark(service, bid),
         }
-        if let Some(c) = self.peers.get_mut(p.caller) {
-            c.calling = c.calling.saturating_sub(1);
+        if matches!(outcome, Outcome::CallerGone | Outcome::CallerLeft) {
+            // (otherwise `send_result` releases the call, in the same lookup)
+            if let Some(c) = self.peers.get_mut(p.caller) {
+                c.calling = c.calling.saturating_sub(1);
+            }
         }
-        let elapsed = self.pending.elapsed(&p);
+        let elapsed = self.pending.elapsed_at(&p, now);
         if !self.monitors.is_empty() {
             let (outcome_name, reply_size) = match &outcome {
                 Outcome::Reply { code, payload, .. } => {
@@ -514,8 +573,8 @@ impl Broker {
                 caller_pid: self.peers.get(p.caller).map_or(0, |c| c.creds.pid),
                 caller: p.caller,
                 service,
-                method: fields.as_ref().map_or("", |f| f.method),
-                size: p.frame.payload.len(),
+                method: &removed.method,
+                size: p.payload.len(),
                 reply_size,
                 latency: elapsed,
                 outcome: outcome_name,
@@ -553,9 +612,7 @@ impl Broker {
                 };
                 self.send_result(p.caller, &env, &Bytes::new());
                 self.stats.error(code);
-                if !service.is_empty() {
-                    self.stats.service(service).errors += 1;
-                }
+                self.stats.service(service).errors += 1;
                 tracing::debug!(bid, service, %code, %message, "call failed");
             }
             Outcome::CallerGone | Outcome::CallerLeft => {}
@@ -577,12 +634,13 @@ impl Broker {
         }
     }
 
-    /// Queues a `Result` to a caller, and disconnects the caller if its
-    /// results pile up unread.
+    /// Queues a `Result` to a caller, counts its call as no longer pending,
+    /// and disconnects the caller if its results pile up unread.
     fn send_result(&mut self, caller: PeerId, env: &Envelope<'_>, payload: &Bytes) {
-        let Some(c) = self.peers.get(caller) else {
+        let Some(c) = self.peers.get_mut(caller) else {
             return;
         };
+        c.calling = c.calling.saturating_sub(1);
         c.io.push(env, payload);
         if !c.io.dirty.replace(true) {
             self.dirty.push(c.io.clone());
@@ -623,6 +681,7 @@ impl Broker {
         code: Option<ErrorCode>,
         message: &str,
         payload: &Bytes,
+        now: Instant,
     ) {
         match self.pending.get(bid) {
             Some(p) if p.stage() == Stage::Delivered(peer) => {
@@ -631,7 +690,7 @@ impl Broker {
                     message,
                     payload: payload.clone(),
                 };
-                self.finish(bid, outcome);
+                self.finish(bid, outcome, now);
             }
             _ => {
                 self.stats.late_replies += 1;
@@ -642,23 +701,19 @@ impl Broker {
 
     /// A call's deadline passed.
     pub fn on_timeout(&mut self, bid: u64) {
-        let msg = match self.pending.get(bid).and_then(|p| {
-            let f = call_fields(&p.frame)?;
-            Some(match p.stage() {
-                Stage::Parked => format!(
-                    "no service registered the name {:?} before the deadline",
-                    f.service
-                ),
-                Stage::Delivered(_) => format!(
-                    "service {:?} did not answer {:?} before the deadline",
-                    f.service, f.method
-                ),
-            })
-        }) {
-            Some(m) => m,
-            None => "deadline passed".into(),
+        let Some(p) = self.pending.get(bid) else {
+            return;
         };
-        self.finish(bid, Outcome::Error(ErrorCode::Timeout, msg));
+        let (service, method) = self.pending.names(p);
+        let msg = match p.stage() {
+            Stage::Parked => {
+                format!("no service registered the name {service:?} before the deadline")
+            }
+            Stage::Delivered(_) => {
+                format!("service {service:?} did not answer {method:?} before the deadline")
+            }
+        };
+        self.finish(bid, Outcome::Error(ErrorCode::Timeout, msg), Instant::now());
     }
 
     /// Sends `Fatal` and closes the connection once it is flushed. The
@@ -691,6 +746,7 @@ impl Broker {
         let Some(p) = self.peers.remove(peer) else {
             return;
         };
+        let now = Instant::now();
         p.io.close();
         self.monitors.retain(|m| m.peer != peer);
         for name in &p.names {
@@ -709,18 +765,18 @@ impl Broker {
                 .is_some_and(|c| c.flags & flags::NO_RETRY != 0);
             if no_retry {
                 let msg = "the service instance handling the call disconnected".to_string();
-                self.finish(bid, Outcome::Error(ErrorCode::ServiceGone, msg));
+                self.finish(bid, Outcome::Error(ErrorCode::ServiceGone, msg), now);
             } else {
                 self.stats.redelivered += 1;
                 if let Some(c) = self.pending.get_mut(bid) {
                     c.set_stage(Stage::Parked);
                 }
-                self.dispatch(bid);
+                self.dispatch(bid, now);
             }
         }
         for bid in self.pending.ids_where(|c| c.caller == peer) {
             self.stats.cancelled += 1;
-            self.finish(bid, Outcome::CallerLeft);
+            self.finish(bid, Outcome::CallerLeft, now);
         }
     }
 
@@ -768,9 +824,10 @@ impl Broker {
     /// parked ones with `Shutdown`; calls already delivered may still finish.
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;
+        let now = Instant::now();
         for bid in self.pending.ids_where(|c| c.stage() == Stage::Parked) {
             let msg = "zrpcd is shutting down".to_string();
-            self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg));
+            self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg), now);
         }
         self.flush();
     }
@@ -780,9 +837,10 @@ impl Broker {
     /// flushed.
     pub fn shutdown(&mut self) {
         self.shutting_down = true;
+        let now = Instant::now();
         for bid in self.pending.ids_where(|_| true) {
             let msg = "zrpcd is shutting down".to_string();
-            self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg));
+            self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg), now);
         }
         let ids: Vec<PeerId> = self.peers.iter().map(|p| p.id).collect();
         let fatal = Fatal {

@@ -101,14 +101,16 @@ async fn read_loop(
             Err(e) => return format!("read error: {e}"),
         }
         let mut b = broker.borrow_mut();
+        // One clock read per read batch, for every frame of it.
+        let now = std::time::Instant::now();
         match b.peers.get_mut(id) {
-            Some(p) => p.last_seen = std::time::Instant::now(),
+            Some(p) => p.last_seen = now,
             None => return "closed by the broker".into(),
         }
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
-                    if let Err(fatal) = b.on_frame(id, frame) {
+                    if let Err(fatal) = b.on_frame_at(id, frame, now) {
                         b.fatal(id, &fatal);
                         b.flush();
                         return fatal.message;

@@ -1,14 +1,38 @@
 //! The pending-calls table: every call the broker has accepted and not yet
 //! answered, with its single deadline timer.
+//!
+//! Memory per call matters (there can be a million of them), so:
+//! - calls live in a slab of fixed-size pages (no hash-table slack, no
+//!   reallocation of one huge table); a broker call id is the slot index
+//!   plus the slot's generation, so a stale id never matches a reused slot;
+//! - the `(caller, caller call id)` index stores only a 4-byte slot index
+//!   per call (hashing and comparing through the slab);
+//! - the service and method names are interned once per distinct pair
+//!   ([`RouteId`]) instead of keeping each call's envelope bytes alive;
+//! - only a non-empty payload is kept (needed for re-delivery).
 
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use rustc_hash::FxHashMap;
+use bytes::Bytes;
+use hashbrown::HashTable;
+use rustc_hash::{FxBuildHasher, FxHasher};
 use tokio_util::time::{delay_queue, DelayQueue};
-use zrpc_proto::Frame;
 
 use crate::peers::PeerId;
+
+/// Index of an interned `(service, method)` pair.
+pub type RouteId = u32;
+
+/// Slots per slab page.
+const PAGE: usize = 1024;
+
+/// Interned routes nobody uses are kept (for the next call to the same
+/// method) up to this many; beyond it they are freed at once, so calls to
+/// ever new names cannot grow the table.
+const IDLE_ROUTES: usize = 1024;
 
 /// Where a pending call is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,7 +43,7 @@ pub enum Stage {
     Delivered(PeerId),
 }
 
-/// One call in flight through the broker. Kept small (120 bytes): there
+/// One call in flight through the broker. Kept small (88 bytes): there
 /// can be a million of them. The deadline lives in the timer wheel only.
 #[derive(Debug)]
 pub struct Pending {
@@ -27,11 +51,11 @@ pub struct Pending {
     pub caller: PeerId,
     /// The caller's own id for the call.
     pub caller_call: u64,
-    /// The original `Call` frame: envelope (re-decoded when needed, so no
-    /// strings are copied per call) and payload (forwarded as is).
-    pub frame: Frame,
+    /// The payload (forwarded as is; kept for re-delivery). Empty payloads
+    /// keep no reference to the read buffer.
+    pub payload: Bytes,
     /// The timer entry, if the call has a deadline.
-    pub timer: Option<delay_queue::Key>,
+    timer: Option<delay_queue::Key>,
     /// The service connection it was delivered to; 0 while parked.
     target: PeerId,
     /// When the broker accepted it, in microseconds since the table was
@@ -39,22 +63,11 @@ pub struct Pending {
     started_us: u64,
     /// Call flags.
     pub flags: u32,
+    /// Service and method.
+    pub route: RouteId,
 }
 
 impl Pending {
-    /// A new call, parked until routed.
-    pub fn new(caller: PeerId, caller_call: u64, frame: Frame, flags: u32) -> Self {
-        Pending {
-            caller,
-            caller_call,
-            frame,
-            timer: None,
-            target: 0,
-            started_us: 0,
-            flags,
-        }
-    }
-
     /// Where the call is.
     pub fn stage(&self) -> Stage {
         match self.target {
@@ -72,79 +85,355 @@ impl Pending {
     }
 }
 
+/// A call to store, as [`PendingCalls::insert`] takes it.
+#[derive(Debug)]
+pub struct NewCall<'a> {
+    /// The calling connection.
+    pub caller: PeerId,
+    /// The caller's own id for the call.
+    pub caller_call: u64,
+    /// Target service name (already validated).
+    pub service: &'a str,
+    /// Target method name (already validated).
+    pub method: &'a str,
+    /// The route of `service` and `method` if [`PendingCalls::find_route`]
+    /// found it (saves a second lookup).
+    pub route: Option<RouteId>,
+    /// The payload.
+    pub payload: Bytes,
+    /// Call flags.
+    pub flags: u32,
+}
+
+/// A call taken out of the table, with its names.
+#[derive(Debug)]
+pub struct Removed {
+    /// The call.
+    pub call: Pending,
+    /// Its service name.
+    pub service: Rc<str>,
+    /// Its method name.
+    pub method: Rc<str>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// Bumped each time the slot is freed; part of the broker call id.
+    gen: u32,
+    /// Next free slot while this one is free (`u32::MAX`: none).
+    next_free: u32,
+    call: Option<Pending>,
+}
+
+#[derive(Debug)]
+struct Route {
+    service: Rc<str>,
+    method: Rc<str>,
+    hash: u64,
+    /// Pending calls using this route.
+    refs: u32,
+}
+
+/// Interned `(service, method)` pairs, reference-counted by the calls.
+#[derive(Debug, Default)]
+struct Routes {
+    entries: Vec<Option<Route>>,
+    free: Vec<RouteId>,
+    index: HashTable<RouteId>,
+    idle: usize,
+}
+
+fn route_hash(service: &str, method: &str) -> u64 {
+    let mut h = FxHasher::default();
+    h.write(service.as_bytes());
+    h.write_u8(0xff);
+    h.write(method.as_bytes());
+    h.finish()
+}
+
+impl Routes {
+    fn find(&self, service: &str, method: &str) -> Option<RouteId> {
+        let hash = route_hash(service, method);
+        let entries = &self.entries;
+        self.index
+            .find(hash, |&id| {
+                entries[id as usize]
+                    .as_ref()
+                    .is_some_and(|r| &*r.service == service && &*r.method == method)
+            })
+            .copied()
+    }
+
+    /// Takes a reference to the route of `service` and `method`, creating it
+    /// if needed; `hint` is its id if the caller already looked it up.
+    fn acquire(&mut self, service: &str, method: &str, hint: Option<RouteId>) -> RouteId {
+        let id = match hint.or_else(|| self.find(service, method)) {
+            Some(id) => id,
+            None => self.create(service, method),
+        };
+        if let Some(r) = self.entries[id as usize].as_mut() {
+            if r.refs == 0 {
+                self.idle -= 1;
+            }
+            r.refs += 1;
+        }
+        id
+    }
+
+    fn create(&mut self, service: &str, method: &str) -> RouteId {
+        let hash = route_hash(service, method);
+        let route = Route {
+            service: service.into(),
+            method: method.into(),
+            hash,
+            refs: 0,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.entries[id as usize] = Some(route);
+                id
+            }
+            None => {
+                self.entries.push(Some(route));
+                (self.entries.len() - 1) as RouteId
+            }
+        };
+        self.idle += 1;
+        let entries = &self.entries;
+        self.index.insert_unique(hash, id, |&i| {
+            entries[i as usize].as_ref().map_or(0, |r| r.hash)
+        });
+        id
+    }
+
+    /// Drops a call's reference to route `id`.
+    fn release(&mut self, id: RouteId) {
+        let Some(r) = self.entries[id as usize].as_mut() else {
+            return;
+        };
+        r.refs -= 1;
+        if r.refs > 0 {
+            return;
+        }
+        if self.idle < IDLE_ROUTES {
+            self.idle += 1;
+            return;
+        }
+        let hash = r.hash;
+        if let Ok(e) = self.index.find_entry(hash, |&i| i == id) {
+            e.remove();
+        }
+        self.entries[id as usize] = None;
+        self.free.push(id);
+    }
+
+    fn names(&self, id: RouteId) -> (&Rc<str>, &Rc<str>) {
+        match &self.entries[id as usize] {
+            Some(r) => (&r.service, &r.method),
+            None => unreachable!("a pending call's route is alive"),
+        }
+    }
+}
+
 /// All pending calls, keyed by broker call id, and their timers.
 #[derive(Debug)]
 pub struct PendingCalls {
     base: Instant,
-    map: FxHashMap<u64, Pending>,
-    by_caller: FxHashMap<(PeerId, u64), u64>,
+    pages: Vec<Box<[Slot]>>,
+    /// Slots handed out so far (used or on the free list).
+    slots: usize,
+    free_head: u32,
+    len: usize,
+    by_caller: HashTable<u32>,
+    routes: Routes,
     timers: DelayQueue<u64>,
-    next_id: u64,
 }
 
 impl Default for PendingCalls {
     fn default() -> Self {
         PendingCalls {
             base: Instant::now(),
-            map: FxHashMap::default(),
-            by_caller: FxHashMap::default(),
+            pages: Vec::new(),
+            slots: 0,
+            free_head: u32::MAX,
+            len: 0,
+            by_caller: HashTable::new(),
+            routes: Routes::default(),
             timers: DelayQueue::new(),
-            next_id: 0,
         }
     }
 }
 
+fn caller_hash(caller: PeerId, caller_call: u64) -> u64 {
+    FxBuildHasher.hash_one((caller, caller_call))
+}
+
+/// Splits a broker call id into slot index and generation.
+fn split_id(id: u64) -> (usize, u32) {
+    ((id & 0xffff_ffff) as usize, (id >> 32) as u32)
+}
+
 impl PendingCalls {
-    /// Stores a call accepted at `now`, arming its deadline, and returns its
-    /// broker id.
-    pub fn insert(&mut self, mut p: Pending, now: Instant, deadline: Option<Instant>) -> u64 {
-        self.next_id += 1;
-        let id = self.next_id;
-        if let Some(d) = deadline {
-            p.timer = Some(self.timers.insert_at(id, d.into()));
+    fn slot(&self, idx: usize) -> &Slot {
+        &self.pages[idx / PAGE][idx % PAGE]
+    }
+
+    fn slot_mut(&mut self, idx: usize) -> &mut Slot {
+        &mut self.pages[idx / PAGE][idx % PAGE]
+    }
+
+    /// The id of the call in slot `idx`.
+    fn id_of(&self, idx: usize) -> u64 {
+        (u64::from(self.slot(idx).gen) << 32) | idx as u64
+    }
+
+    /// A free slot (taken off the free list, or a new one).
+    fn alloc_slot(&mut self) -> usize {
+        if self.free_head != u32::MAX {
+            let idx = self.free_head as usize;
+            self.free_head = self.slot(idx).next_free;
+            return idx;
         }
-        p.started_us = now.saturating_duration_since(self.base).as_micros() as u64;
-        self.by_caller.insert((p.caller, p.caller_call), id);
-        self.map.insert(id, p);
+        let idx = self.slots;
+        assert!(idx < u32::MAX as usize, "more than 2^32 - 1 pending calls");
+        if idx / PAGE == self.pages.len() {
+            let page: Box<[Slot]> = (0..PAGE)
+                .map(|_| Slot {
+                    gen: 1,
+                    next_free: u32::MAX,
+                    call: None,
+                })
+                .collect();
+            self.pages.push(page);
+        }
+        self.slots += 1;
+        idx
+    }
+
+    /// The route of `service` and `method` if some pending call (or a recent
+    /// one) used it. A route is only created for validated names, so a hit
+    /// means the names are valid.
+    pub fn find_route(&self, service: &str, method: &str) -> Option<RouteId> {
+        self.routes.find(service, method)
+    }
+
+    /// Stores a call accepted at `now`, arming its deadline, and returns its
+    /// broker id. The caller must have checked that the caller's call id is
+    /// not pending already ([`PendingCalls::find_by_caller`]).
+    pub fn insert(&mut self, call: NewCall<'_>, now: Instant, deadline: Option<Instant>) -> u64 {
+        let route = self.routes.acquire(call.service, call.method, call.route);
+        let idx = self.alloc_slot();
+        let id = self.id_of(idx);
+        let timer = deadline.map(|d| self.timers.insert_at(id, d.into()));
+        let started_us = now.saturating_duration_since(self.base).as_micros() as u64;
+        self.slot_mut(idx).call = Some(Pending {
+            caller: call.caller,
+            caller_call: call.caller_call,
+            payload: call.payload,
+            timer,
+            target: 0,
+            started_us,
+            flags: call.flags,
+            route,
+        });
+        let hash = caller_hash(call.caller, call.caller_call);
+        let pages = &self.pages;
+        self.by_caller.insert_unique(hash, idx as u32, |&i| {
+            let i = i as usize;
+            pages[i / PAGE][i % PAGE]
+                .call
+                .as_ref()
+                .map_or(0, |p| caller_hash(p.caller, p.caller_call))
+        });
+        self.len += 1;
         id
     }
 
     /// The deadline of call `id`, if it has one.
     pub fn deadline(&self, id: u64) -> Option<Instant> {
-        let key = self.map.get(&id)?.timer.as_ref()?;
+        let key = self.get(id)?.timer.as_ref()?;
         Some(self.timers.deadline(key).into_std())
     }
 
-    /// How long ago call `p` was accepted.
-    pub fn elapsed(&self, p: &Pending) -> std::time::Duration {
-        let started = std::time::Duration::from_micros(p.started_us);
-        self.base.elapsed().saturating_sub(started)
+    /// How long before `now` call `p` was accepted.
+    pub fn elapsed_at(&self, p: &Pending, now: Instant) -> Duration {
+        let started = Duration::from_micros(p.started_us);
+        now.saturating_duration_since(self.base)
+            .saturating_sub(started)
     }
 
     /// The broker id of `caller`'s call `caller_call`, if pending.
     pub fn find_by_caller(&self, caller: PeerId, caller_call: u64) -> Option<u64> {
-        self.by_caller.get(&(caller, caller_call)).copied()
+        let hash = caller_hash(caller, caller_call);
+        let idx = *self.by_caller.find(hash, |&i| {
+            self.slot(i as usize)
+                .call
+                .as_ref()
+                .is_some_and(|p| p.caller == caller && p.caller_call == caller_call)
+        })?;
+        Some(self.id_of(idx as usize))
     }
 
     /// Looks up a call.
     pub fn get(&self, id: u64) -> Option<&Pending> {
-        self.map.get(&id)
+        let (idx, gen) = split_id(id);
+        let slot = self.pages.get(idx / PAGE)?.get(idx % PAGE)?;
+        if slot.gen != gen {
+            return None;
+        }
+        slot.call.as_ref()
     }
 
     /// Looks up a call mutably.
     pub fn get_mut(&mut self, id: u64) -> Option<&mut Pending> {
-        self.map.get_mut(&id)
+        let (idx, gen) = split_id(id);
+        let slot = self.pages.get_mut(idx / PAGE)?.get_mut(idx % PAGE)?;
+        if slot.gen != gen {
+            return None;
+        }
+        slot.call.as_mut()
+    }
+
+    /// The service and method names of a call.
+    pub fn names(&self, p: &Pending) -> (&str, &str) {
+        let (s, m) = self.routes.names(p.route);
+        (s, m)
+    }
+
+    /// The service and method names of a call, as shared strings that stay
+    /// valid while the table changes.
+    pub fn names_rc(&self, p: &Pending) -> (Rc<str>, Rc<str>) {
+        let (s, m) = self.routes.names(p.route);
+        (s.clone(), m.clone())
     }
 
     /// Removes a call and disarms its timer. This is the only way a call
     /// leaves the table.
-    pub fn remove(&mut self, id: u64) -> Option<Pending> {
-        let p = self.map.remove(&id)?;
-        self.by_caller.remove(&(p.caller, p.caller_call));
+    pub fn remove(&mut self, id: u64) -> Option<Removed> {
+        let (idx, gen) = split_id(id);
+        let slot = self.pages.get_mut(idx / PAGE)?.get_mut(idx % PAGE)?;
+        if slot.gen != gen {
+            return None;
+        }
+        let p = slot.call.take()?;
+        slot.gen = slot.gen.checked_add(1).unwrap_or(1);
+        slot.next_free = self.free_head;
+        self.free_head = idx as u32;
+        self.len -= 1;
+        let hash = caller_hash(p.caller, p.caller_call);
+        if let Ok(e) = self.by_caller.find_entry(hash, |&i| i as usize == idx) {
+            e.remove();
+        }
         if let Some(key) = &p.timer {
             self.timers.remove(key);
         }
-        Some(p)
+        let (service, method) = self.names_rc(&p);
+        self.routes.release(p.route);
+        Some(Removed {
+            call: p,
+            service,
+            method,
+        })
     }
 
     /// Polls for the next call whose deadline passed. The returned id's
@@ -153,7 +442,7 @@ impl PendingCalls {
         match self.timers.poll_expired(cx) {
             Poll::Ready(Some(exp)) => {
                 let id = exp.into_inner();
-                if let Some(p) = self.map.get_mut(&id) {
+                if let Some(p) = self.get_mut(id) {
                     p.timer = None;
                 }
                 Poll::Ready(id)
@@ -163,23 +452,27 @@ impl PendingCalls {
         }
     }
 
-    /// Ids of calls matching a predicate.
+    /// Ids of calls matching a predicate, in slot order.
     pub fn ids_where(&self, f: impl Fn(&Pending) -> bool) -> Vec<u64> {
-        self.map
-            .iter()
-            .filter(|(_, p)| f(p))
-            .map(|(id, _)| *id)
-            .collect()
+        let mut ids = Vec::new();
+        for (pi, page) in self.pages.iter().enumerate() {
+            for (si, slot) in page.iter().enumerate() {
+                if slot.call.as_ref().is_some_and(&f) {
+                    ids.push((u64::from(slot.gen) << 32) | (pi * PAGE + si) as u64);
+                }
+            }
+        }
+        ids
     }
 
     /// Number of pending calls.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
     /// True if nothing is pending.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len == 0
     }
 
     /// Number of armed timers (equals the number of pending calls with a
@@ -187,36 +480,129 @@ impl PendingCalls {
     pub fn timers_len(&self) -> usize {
         self.timers.len()
     }
+
+    /// Number of interned `(service, method)` pairs, used or idle (exposed
+    /// so tests can check they stay bounded).
+    pub fn routes_len(&self) -> usize {
+        self.routes.entries.len() - self.routes.free.len()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn call<'a>(caller: PeerId, caller_call: u64, service: &'a str) -> NewCall<'a> {
+        NewCall {
+            caller,
+            caller_call,
+            service,
+            method: "m",
+            route: None,
+            payload: Bytes::new(),
+            flags: 0,
+        }
+    }
+
     #[test]
     fn pending_entries_stay_small() {
         // The broker's memory per pending call (target: 256 bytes including
         // the table's overhead) depends on this.
         assert!(
-            std::mem::size_of::<Pending>() <= 120,
+            std::mem::size_of::<Slot>() <= 96,
             "{}",
-            std::mem::size_of::<Pending>()
+            std::mem::size_of::<Slot>()
         );
     }
 
     #[test]
     fn stage_round_trips() {
-        let mut buf = bytes::BytesMut::new();
-        zrpc_proto::encode_frame(&mut buf, &zrpc_proto::Envelope::Cancel { id: 1 }, b"");
-        let frame = zrpc_proto::FrameDecoder::new(1024)
-            .decode(&mut buf)
-            .expect("valid")
-            .expect("complete");
-        let mut p = Pending::new(3, 4, frame, 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let _g = rt.enter();
+        let mut t = PendingCalls::default();
+        let id = t.insert(call(3, 4, "s"), Instant::now(), None);
+        let p = t.get_mut(id).expect("pending");
         assert_eq!(p.stage(), Stage::Parked);
         p.set_stage(Stage::Delivered(9));
         assert_eq!(p.stage(), Stage::Delivered(9));
         p.set_stage(Stage::Parked);
         assert_eq!(p.stage(), Stage::Parked);
+    }
+
+    #[test]
+    fn ids_are_not_reused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let _g = rt.enter();
+        let mut t = PendingCalls::default();
+        let now = Instant::now();
+        let a = t.insert(call(1, 1, "s"), now, Some(now + Duration::from_secs(9)));
+        assert_eq!(t.find_by_caller(1, 1), Some(a));
+        let r = t.remove(a).expect("pending");
+        assert_eq!((&*r.service, &*r.method), ("s", "m"));
+        assert!(t.remove(a).is_none());
+        assert_eq!(t.timers_len(), 0);
+        // The slot is reused, the id is not.
+        let b = t.insert(call(1, 1, "s"), now, None);
+        assert_ne!(a, b);
+        assert!(t.get(a).is_none());
+        assert!(t.get(b).is_some());
+        assert_eq!(t.find_by_caller(1, 1), Some(b));
+        assert_eq!(t.find_by_caller(1, 2), None);
+        assert_eq!(t.len(), 1);
+        // Many calls, over several pages, all found again.
+        let ids: Vec<u64> = (0..3000)
+            .map(|i| t.insert(call(2, i, "s"), now, None))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(t.find_by_caller(2, i as u64), Some(*id));
+        }
+        assert_eq!(t.ids_where(|p| p.caller == 2).len(), 3000);
+        for id in &ids {
+            t.remove(*id).expect("pending");
+        }
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.ids_where(|_| true), vec![b]);
+    }
+
+    #[test]
+    fn routes_are_shared_and_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let _g = rt.enter();
+        let mut t = PendingCalls::default();
+        let now = Instant::now();
+        let a = t.insert(call(1, 1, "s"), now, None);
+        let b = t.insert(call(1, 2, "s"), now, None);
+        assert_eq!(t.routes_len(), 1);
+        let route = t.find_route("s", "m").expect("interned");
+        assert_eq!(t.get(a).map(|p| p.route), Some(route));
+        assert_eq!(t.find_route("s", "x"), None);
+        t.remove(a);
+        t.remove(b);
+        // Kept idle for the next call.
+        assert_eq!(t.find_route("s", "m"), Some(route));
+        // Calls to ever new names: the idle routes stay bounded.
+        for i in 0..(IDLE_ROUTES as u64 + 500) {
+            let name = format!("n{i}");
+            let id = t.insert(call(1, i, &name), now, None);
+            t.remove(id);
+        }
+        assert!(t.routes_len() <= IDLE_ROUTES, "{}", t.routes_len());
+        // Used routes are never freed.
+        let c = t.insert(call(1, 1, "s"), now, None);
+        for i in 0..(IDLE_ROUTES as u64 + 10) {
+            let name = format!("o{i}");
+            let id = t.insert(call(1, 100_000 + i, &name), now, None);
+            t.remove(id);
+        }
+        assert_eq!(t.names(t.get(c).expect("pending")), ("s", "m"));
     }
 }

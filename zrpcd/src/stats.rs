@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 use zrpc_proto::ErrorCode;
 
 /// A log-scale latency histogram: 8 buckets per power of two of
@@ -110,8 +110,9 @@ pub struct Stats {
     pub protocol_errors: u64,
     /// Services disconnected for not answering heartbeats.
     pub heartbeat_timeouts: u64,
-    /// Per service name.
-    pub services: FxHashMap<Box<str>, ServiceStats>,
+    /// Per service name (hashbrown for `entry_ref`: one lookup per call,
+    /// and a key allocated only for a new name).
+    pub services: hashbrown::HashMap<String, ServiceStats, FxBuildHasher>,
 }
 
 impl Stats {
@@ -125,10 +126,7 @@ impl Stats {
 
     /// Per-service entry.
     pub fn service(&mut self, name: &str) -> &mut ServiceStats {
-        if !self.services.contains_key(name) {
-            self.services.insert(name.into(), ServiceStats::default());
-        }
-        self.services.get_mut(name).expect("inserted above")
+        self.services.entry_ref(name).or_default()
     }
 }
 

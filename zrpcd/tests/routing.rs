@@ -1,0 +1,289 @@
+//! The routing logic in process (no sockets read or written): broker call
+//! ids of reused pending-call slots, late replies, cancel, re-delivery and
+//! caller disconnect, as seen in the frames queued for each peer.
+
+use std::rc::Rc;
+
+use bytes::BytesMut;
+use zrpc_proto::{encode_frame, Envelope, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
+use zrpcd::broker::Broker;
+use zrpcd::peers::{Creds, PeerId};
+use zrpcd::queue::PeerIo;
+
+fn frame(env: &Envelope<'_>, payload: &[u8]) -> Frame {
+    let mut buf = BytesMut::new();
+    encode_frame(&mut buf, env, payload);
+    FrameDecoder::new(u32::MAX)
+        .decode(&mut buf)
+        .expect("valid frame")
+        .expect("complete frame")
+}
+
+/// A frame queued for a peer, decoded to owned parts.
+#[derive(Debug, PartialEq)]
+enum Out {
+    Request {
+        id: u64,
+        method: String,
+        caller_call: u64,
+        payload: Vec<u8>,
+    },
+    Result {
+        id: u64,
+        code: Option<ErrorCode>,
+        payload: Vec<u8>,
+    },
+    Cancel {
+        id: u64,
+    },
+    Other,
+}
+
+struct Peer {
+    id: PeerId,
+    io: Rc<PeerIo>,
+    _other_end: std::os::unix::net::UnixStream,
+}
+
+impl Peer {
+    /// Everything queued for this peer since the last call.
+    fn take(&self) -> Vec<Out> {
+        let mut chunks = Vec::new();
+        self.io.queue.borrow_mut().take_into(&mut chunks);
+        let mut buf = BytesMut::new();
+        for c in chunks {
+            buf.extend_from_slice(&c);
+        }
+        let dec = FrameDecoder::new(u32::MAX);
+        let mut out = Vec::new();
+        while let Some(f) = dec.decode(&mut buf).expect("valid frames") {
+            out.push(match f.decode().expect("valid envelope") {
+                Envelope::Request {
+                    id,
+                    method,
+                    caller_call,
+                    ..
+                } => Out::Request {
+                    id,
+                    method: method.into(),
+                    caller_call,
+                    payload: f.payload.to_vec(),
+                },
+                Envelope::Result { id, code, .. } => Out::Result {
+                    id,
+                    code,
+                    payload: f.payload.to_vec(),
+                },
+                Envelope::Cancel { id } => Out::Cancel { id },
+                _ => Out::Other,
+            });
+        }
+        out
+    }
+}
+
+fn connect(b: &mut Broker, instance: u64) -> Peer {
+    let (a, other_end) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    a.set_nonblocking(true).expect("nonblocking");
+    // SAFETY: the AsyncFd owns the socket for its whole lifetime.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(a, tokio::io::Interest::READABLE)
+    }
+    .map_err(std::io::Error::from)
+    .expect("register");
+    let io = Rc::new(PeerIo::new(Rc::new(fd)));
+    let id = b.add_peer(io.clone(), Creds::default());
+    let hello = Envelope::Hello {
+        version: PROTOCOL_VERSION,
+        instance,
+        agent: "routing-test",
+    };
+    b.on_frame(id, frame(&hello, b"")).expect("hello");
+    let p = Peer {
+        id,
+        io,
+        _other_end: other_end,
+    };
+    p.take();
+    p
+}
+
+fn register(b: &mut Broker, p: &Peer, name: &str) {
+    let reg = Envelope::Register {
+        req: 1,
+        name,
+        shared: true,
+    };
+    b.on_frame(p.id, frame(&reg, b"")).expect("register");
+    p.take();
+}
+
+fn call(b: &mut Broker, p: &Peer, id: u64, method: &str, payload: &[u8]) {
+    let env = Envelope::Call {
+        id,
+        service: "svc",
+        method,
+        timeout_ms: None,
+        flags: 0,
+    };
+    b.on_frame(p.id, frame(&env, payload)).expect("call");
+}
+
+fn reply(b: &mut Broker, p: &Peer, id: u64, payload: &[u8]) {
+    let env = Envelope::Reply {
+        id,
+        code: None,
+        message: "",
+    };
+    b.on_frame(p.id, frame(&env, payload)).expect("reply");
+}
+
+fn request_id(outs: &[Out]) -> u64 {
+    match outs {
+        [Out::Request { id, .. }] => *id,
+        other => panic!("expected one Request, got {other:?}"),
+    }
+}
+
+fn with_broker(f: impl FnOnce(&mut Broker)) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _enter = rt.enter();
+    let dir = std::env::temp_dir().join(format!("zrpcd-routing-test-{}", std::process::id()));
+    let mut b = Broker::new(zrpcd::Config::new(Some(dir)));
+    f(&mut b);
+}
+
+#[test]
+fn a_late_reply_never_reaches_the_call_that_reused_the_slot() {
+    with_broker(|b| {
+        let client = connect(b, 1);
+        let svc = connect(b, 2);
+        register(b, &svc, "svc");
+        call(b, &client, 7, "a", b"first");
+        let first = request_id(&svc.take());
+        // Cancelled: the slot is freed (and reused by the next call).
+        b.on_frame(client.id, frame(&Envelope::Cancel { id: 7 }, b""))
+            .expect("cancel");
+        assert_eq!(svc.take(), vec![Out::Cancel { id: first }]);
+        call(b, &client, 7, "b", b"second");
+        let outs = svc.take();
+        let second = request_id(&outs);
+        assert_ne!(first, second, "a reused slot gets a new id");
+        assert_eq!(
+            outs,
+            vec![Out::Request {
+                id: second,
+                method: "b".into(),
+                caller_call: 7,
+                payload: b"second".to_vec(),
+            }]
+        );
+        // The late reply to the first call is dropped.
+        reply(b, &svc, first, b"late");
+        assert_eq!(client.take(), vec![]);
+        assert_eq!(b.stats.late_replies, 1);
+        reply(b, &svc, second, b"answer");
+        assert_eq!(
+            client.take(),
+            vec![Out::Result {
+                id: 7,
+                code: None,
+                payload: b"answer".to_vec(),
+            }]
+        );
+        assert!(b.pending.is_empty());
+        assert_eq!(b.stats.services["svc"].answered, 1);
+    });
+}
+
+#[test]
+fn redelivery_keeps_the_payload_and_caller_disconnect_does_not_cancel() {
+    with_broker(|b| {
+        let client = connect(b, 1);
+        let svc1 = connect(b, 2);
+        let svc2 = connect(b, 3);
+        register(b, &svc1, "svc");
+        call(b, &client, 1, "m", b"payload");
+        call(b, &client, 2, "m", b"");
+        let mut on_1 = svc1.take();
+        let mut on_2 = svc2.take();
+        // Register the second instance now: both calls went to the first.
+        register(b, &svc2, "svc");
+        assert_eq!((on_1.len(), on_2.len()), (2, 0), "{on_1:?}");
+        b.remove_peer(svc1.id);
+        on_2.extend(svc2.take());
+        on_1.sort_by_key(|o| match o {
+            Out::Request { caller_call, .. } => *caller_call,
+            _ => 0,
+        });
+        on_2.sort_by_key(|o| match o {
+            Out::Request { caller_call, .. } => *caller_call,
+            _ => 0,
+        });
+        assert_eq!(on_1, on_2, "re-delivered with the same ids and payloads");
+        assert_eq!(b.stats.redelivered, 2);
+        // The caller leaves: its calls are freed, the service is not told.
+        b.remove_peer(client.id);
+        assert!(b.pending.is_empty());
+        assert_eq!(svc2.take(), vec![]);
+        // The answers come late and are dropped.
+        for o in &on_2 {
+            if let Out::Request { id, .. } = o {
+                reply(b, &svc2, *id, b"x");
+            }
+        }
+        assert_eq!(b.stats.late_replies, 2);
+    });
+}
+
+#[test]
+fn duplicate_ids_and_limits_are_refused() {
+    with_broker(|b| {
+        b.config.max_pending_per_conn = 2;
+        let client = connect(b, 1);
+        let svc = connect(b, 2);
+        register(b, &svc, "svc");
+        call(b, &client, 1, "m", b"");
+        call(b, &client, 1, "m", b"");
+        call(b, &client, 2, "m", b"");
+        call(b, &client, 3, "m", b"");
+        assert_eq!(
+            client.take(),
+            vec![
+                Out::Result {
+                    id: 1,
+                    code: Some(ErrorCode::Protocol),
+                    payload: vec![],
+                },
+                Out::Result {
+                    id: 3,
+                    code: Some(ErrorCode::LimitExceeded),
+                    payload: vec![],
+                },
+            ]
+        );
+        assert_eq!(svc.take().len(), 2);
+        assert_eq!(b.pending.len(), 2);
+        // Invalid names are refused before anything is stored.
+        let env = Envelope::Call {
+            id: 9,
+            service: "svc",
+            method: "bad name",
+            timeout_ms: None,
+            flags: 0,
+        };
+        b.on_frame(client.id, frame(&env, b"")).expect("call");
+        assert_eq!(
+            client.take(),
+            vec![Out::Result {
+                id: 9,
+                code: Some(ErrorCode::InvalidName),
+                payload: vec![],
+            }]
+        );
+        assert_eq!(b.pending.len(), 2);
+    });
+}
