@@ -131,21 +131,28 @@ impl ReplyCache {
             Ok(p) => Ok(Bytes::copy_from_slice(p)),
             Err((code, msg)) => Err((*code, msg.clone())),
         };
-        if let Some(old) = self.map.remove(&key) {
-            self.bytes -= old.cost;
-            self.order.retain(|k| *k != key);
-        }
+        let entry = Entry {
+            target: target(service, method),
+            outcome,
+            cost,
+        };
+        // Room first (assuming a new key: at worst one entry too many goes),
+        // then one hash operation for the insert itself.
         self.evict(cost);
         self.bytes += cost;
+        match self.map.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                // The same call again (a re-run after a cache miss): the
+                // newest outcome wins and moves to the back.
+                let old = std::mem::replace(o.get_mut(), entry);
+                self.bytes -= old.cost;
+                self.order.retain(|k| *k != key);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(entry);
+            }
+        }
         self.order.push_back(key);
-        self.map.insert(
-            key,
-            Entry {
-                target: target(service, method),
-                outcome,
-                cost,
-            },
-        );
     }
 
     /// Evicts the oldest entries until one more entry of `cost` bytes fits

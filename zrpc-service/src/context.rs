@@ -1,6 +1,53 @@
 //! The per-request context handed to handlers.
 
+use std::fmt;
 use std::time::Instant;
+
+use bytes::Bytes;
+
+/// A service or method name: UTF-8 in a [`Bytes`], usually a view into the
+/// request's envelope, so a request's names cost no allocation.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Name(Bytes);
+
+impl Name {
+    /// `s` as a view into `buf` if it lies inside it, else a copy.
+    pub(crate) fn within(buf: &Bytes, s: &str) -> Name {
+        let range = buf.as_ptr_range();
+        let p = s.as_ptr();
+        if !s.is_empty() && range.contains(&p) && p as usize + s.len() <= range.end as usize {
+            Name(buf.slice_ref(s.as_bytes()))
+        } else {
+            Name(Bytes::copy_from_slice(s.as_bytes()))
+        }
+    }
+
+    /// The name as a string slice.
+    pub(crate) fn as_str(&self) -> &str {
+        // SAFETY: every constructor (`within`, `From<String>`) takes the
+        // bytes of a `str` or `String`, whole, so they are valid UTF-8, and a
+        // `Name`'s bytes never change.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Self {
+        Name(Bytes::from(s))
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Information about the request being handled, passed to handlers that
 /// declare a `ctx: &Context` parameter.
@@ -8,8 +55,8 @@ use std::time::Instant;
 pub struct Context {
     pub(crate) counter: u64,
     pub(crate) request_id: u64,
-    pub(crate) service: String,
-    pub(crate) method: String,
+    pub(crate) service: Name,
+    pub(crate) method: Name,
     pub(crate) caller_instance: u64,
     pub(crate) caller_call: u64,
     pub(crate) deadline: Option<Instant>,
@@ -23,8 +70,8 @@ impl Context {
         Context {
             counter: 0,
             request_id: 0,
-            service: service.into(),
-            method: method.into(),
+            service: Name::from(service.into()),
+            method: Name::from(method.into()),
             caller_instance: 0,
             caller_call: 0,
             deadline: None,
@@ -58,12 +105,12 @@ impl Context {
     /// The service name the call was addressed to (one of the server's
     /// names).
     pub fn service(&self) -> &str {
-        &self.service
+        self.service.as_str()
     }
 
     /// The called method.
     pub fn method(&self) -> &str {
-        &self.method
+        self.method.as_str()
     }
 
     /// The caller's instance id (random, chosen once per client object).
@@ -88,5 +135,27 @@ impl Context {
     /// handlers are simply dropped when the broker cancels their request.)
     pub fn is_cancelled(&self) -> bool {
         self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_views_into_their_buffer_when_they_can_be() {
+        let buf = Bytes::from_static(b"xxechoyy");
+        let s = std::str::from_utf8(&buf[2..6]).expect("utf8");
+        let n = Name::within(&buf, s);
+        assert_eq!(n.as_str(), "echo");
+        assert_eq!(n.as_str().as_ptr(), s.as_ptr(), "a view, not a copy");
+        let elsewhere = String::from("echo");
+        let c = Name::within(&buf, &elsewhere);
+        assert_eq!(c.as_str(), "echo");
+        assert_ne!(c.as_str().as_ptr(), elsewhere.as_ptr(), "a copy");
+        assert_eq!(Name::within(&buf, "").as_str(), "");
+        let ctx = Context::new("svc", "méthode");
+        assert_eq!((ctx.service(), ctx.method()), ("svc", "méthode"));
+        assert_eq!(format!("{:?}", ctx.method), "\"méthode\"");
     }
 }

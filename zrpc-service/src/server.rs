@@ -21,6 +21,7 @@ use zrpc_proto::{
 };
 
 use crate::cache::{Outcome, ReplyCache, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
+use crate::context::Name;
 use crate::unwind::{panicked, CatchUnwind};
 use crate::{Context, HandlerError, MethodInfo, Service, DESCRIBE_METHOD};
 
@@ -268,8 +269,8 @@ struct FdWatch<S> {
 /// A request received and not yet handled.
 struct Pending {
     id: u64,
-    service: String,
-    method: String,
+    service: Name,
+    method: Name,
     deadline: Option<std::time::Instant>,
     caller_instance: u64,
     caller_call: u64,
@@ -540,8 +541,8 @@ impl Conn {
                 });
                 self.queue.push_back(Pending {
                     id,
-                    service: service.to_string(),
-                    method: method.to_string(),
+                    service: Name::within(&frame.envelope, service),
+                    method: Name::within(&frame.envelope, method),
                     deadline,
                     caller_instance,
                     caller_call,
@@ -1518,19 +1519,20 @@ impl<S: Service> Server<S> {
             while let Some(req) = link.conn.as_mut().and_then(|c| c.queue.pop_front()) {
                 if req.deadline.is_some_and(|d| std::time::Instant::now() > d) {
                     // The broker has already answered the caller with Timeout.
-                    tracing::debug!(id = req.id, method = req.method, "skipping expired request");
+                    tracing::debug!(id = req.id, method = %req.method, "skipping expired request");
                     continue;
                 }
-                let key = if req.method == DESCRIBE_METHOD {
+                let key = if req.method.as_str() == DESCRIBE_METHOD {
                     None
                 } else {
                     cache.key(req.caller_instance, req.caller_call)
                 };
                 if let Some(key) = key {
-                    if let Some(outcome) = cache.get(key, &req.service, &req.method) {
+                    if let Some(outcome) = cache.get(key, req.service.as_str(), req.method.as_str())
+                    {
                         tracing::debug!(
                             id = req.id,
-                            method = req.method,
+                            method = %req.method,
                             caller_instance = req.caller_instance,
                             caller_call = req.caller_call,
                             "re-sent request answered from the reply cache"
@@ -1543,7 +1545,9 @@ impl<S: Service> Server<S> {
                                 }
                             }
                         }
-                        return Ok(Some(Event::Replayed { method: req.method }));
+                        return Ok(Some(Event::Replayed {
+                            method: req.method.as_str().to_owned(),
+                        }));
                     }
                 }
                 *counter += 1;
@@ -1560,10 +1564,12 @@ impl<S: Service> Server<S> {
                 let request = req.payload.as_ptr_range();
                 let request = (request.start as usize, request.end as usize, req.own_buffer);
                 let outcome = run_handler(service, link, setup, &ctx, req.payload).await;
-                let method = ctx.method;
+                let method = ctx.method.as_str();
                 let Some(result) = outcome else {
                     tracing::debug!(id = req.id, method, "request cancelled");
-                    return Ok(Some(Event::Cancelled { method }));
+                    return Ok(Some(Event::Cancelled {
+                        method: method.to_owned(),
+                    }));
                 };
                 if let Err(e) = &result {
                     tracing::debug!(method, code = %e.code(), "request failed: {e}");
@@ -1572,7 +1578,7 @@ impl<S: Service> Server<S> {
                 if let Some(key) = key {
                     let owned;
                     (outcome, owned) = own_reply(outcome, request);
-                    cache.insert(key, &ctx.service, &method, &outcome, owned);
+                    cache.insert(key, ctx.service.as_str(), method, &outcome, owned);
                 }
                 match link.conn.as_mut() {
                     Some(conn) if link.generation == generation => {
@@ -1592,6 +1598,12 @@ impl<S: Service> Server<S> {
                         "the connection the request came on is gone; reply not sent"
                     ),
                 }
+                // `serve` drops its events: no copy of the name for it.
+                let method = if flush_reply {
+                    method.to_owned()
+                } else {
+                    String::new()
+                };
                 return Ok(Some(Event::Request { method }));
             }
 
