@@ -970,7 +970,7 @@ async fn read_loop(shared: &Shared, conn: &Conn, rd: Registered, mut buf: BytesM
             // Frames were handed out: let the callers take (and drop) them
             // before making room for the next read, so that the read buffer
             // can reuse their memory (see `make_room`).
-            tokio::task::yield_now().await;
+            yield_to_woken().await;
         }
         tokio::select! {
             biased;
@@ -986,6 +986,23 @@ async fn read_loop(shared: &Shared, conn: &Conn, rd: Registered, mut buf: BytesM
             }
         }
     }
+}
+
+/// Lets the tasks already woken run first: returns `Pending` once after
+/// re-scheduling itself. Unlike `tokio::task::yield_now` (which defers the
+/// wake-up until the runtime has polled its I/O driver, one more
+/// `epoll_wait` per batch) this only goes to the back of the run queue.
+async fn yield_to_woken() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Reads what is available into `buf`, after making room for it. Cancel-safe: bytes land in `buf` only when read, and the read
