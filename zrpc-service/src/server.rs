@@ -38,6 +38,12 @@ const REPLY_ENVELOPE_MAX: usize = 16;
 /// pending.
 const FLUSH_THRESHOLD: usize = 256 * 1024;
 
+/// Batched replies are written out at the latest after this many: with a
+/// burst of requests queued, the broker forwards the first replies (and the
+/// callers send their next calls) while the rest are handled, instead of
+/// every process waiting for the whole burst.
+const FLUSH_REPLIES: usize = 16;
+
 /// Reply payloads of at least this many bytes are not copied into `wbuf`:
 /// they are queued by reference and written with one `writev` together with
 /// the bytes around them.
@@ -353,6 +359,8 @@ struct Conn {
     parked: Option<BytesMut>,
     /// The frame last returned by `next_frame` had an allocation of its own.
     frame_own_buffer: bool,
+    /// Replies appended since the last complete flush.
+    unflushed: usize,
 }
 
 impl Conn {
@@ -374,6 +382,7 @@ impl Conn {
             last_flush: std::time::Instant::now(),
             parked: None,
             frame_own_buffer: false,
+            unflushed: 0,
         })
     }
 
@@ -520,6 +529,7 @@ impl Conn {
         }
         self.wr_wait = None;
         self.pong_pending = false;
+        self.unflushed = 0;
         self.last_flush = std::time::Instant::now();
         Ok(())
     }
@@ -608,6 +618,7 @@ impl Conn {
 
     /// Appends the reply to request `id`.
     fn write_outcome(&mut self, id: u64, outcome: &Outcome) {
+        self.unflushed += 1;
         match outcome {
             Ok(payload) if payload.len() >= LARGE_PAYLOAD => {
                 encode_header(
@@ -1503,6 +1514,7 @@ impl<S: Service> Server<S> {
                     conn.process(None)?;
                     if conn.queue.is_empty()
                         || conn.pending_write() >= FLUSH_THRESHOLD
+                        || conn.unflushed >= FLUSH_REPLIES
                         || conn.pong_pending
                         || conn.last_flush.elapsed() >= FLUSH_INTERVAL
                     {
