@@ -189,6 +189,44 @@ fn blobs_round_trip_through_both_clients() {
 }
 
 #[test]
+fn async_client_reuses_its_read_buffer_for_large_replies() {
+    // A reply dropped before the next call's reply arrives gives its memory
+    // back to the read buffer: the next large reply lands at the same
+    // address instead of in a freshly allocated (page-faulted) buffer. The
+    // caller here is the runtime's block_on future, not a spawned task.
+    let (b, _svc) = echo_broker();
+    let payload = bytes::Bytes::from(
+        rmp_serde::to_vec(&serde_bytes::ByteBuf::from(vec![5u8; 300_000])).expect("encode"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let addrs: Vec<usize> = rt.block_on(async {
+        let c = Client::builder()
+            .socket_dir(b.dir())
+            .connect()
+            .await
+            .expect("connect");
+        let mut addrs = Vec::new();
+        for _ in 0..6 {
+            let r = c
+                .call_raw("echo", "echo", payload.clone(), CallOptions::from(T))
+                .await
+                .expect("echo");
+            assert!(r == payload);
+            addrs.push(r.as_ptr() as usize);
+        }
+        addrs
+    });
+    let same = addrs[2..].iter().filter(|a| **a == addrs[1]).count();
+    assert!(
+        same >= 3,
+        "replies landed at {addrs:x?}: the read buffer was not reused"
+    );
+}
+
+#[test]
 fn errors_are_typed() {
     let (b, _svc) = echo_broker();
     let c = client(&b);
