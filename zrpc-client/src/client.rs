@@ -503,9 +503,11 @@ impl Client {
         };
         // A lone call is written at once by the caller (one task hop less);
         // concurrent calls are batched by the writer task (one syscall for
-        // many frames).
+        // many frames), also right after a batch of results woke several
+        // callers, when each sees itself alone for a moment.
         if let Some(conn) = conn {
-            if let Some(why) = conn.send_unless_failed(frame, in_flight == 1) {
+            let lone = in_flight == 1 && !conn.burst.load(Ordering::Relaxed);
+            if let Some(why) = conn.send_unless_failed(frame, lone) {
                 // Not sent: the call waits for the next connection, even
                 // with `no_retry`.
                 shared.unsend(id, conn.gen);
@@ -739,6 +741,9 @@ struct Conn {
     sock: std::os::unix::net::UnixStream,
     writer_wake: Notify,
     reader_stop: Notify,
+    /// Several results were handed out at once: their callers' next calls
+    /// go through the writer task (one write) until it has written.
+    burst: AtomicBool,
 }
 
 impl Conn {
@@ -798,6 +803,7 @@ impl Conn {
             sock,
             writer_wake: Notify::new(),
             reader_stop: Notify::new(),
+            burst: AtomicBool::new(false),
         });
         Ok((conn, rd, buf))
     }
@@ -901,6 +907,7 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
     let mut st: Option<MutexGuard<'_, State>> = None;
     let mut pongs = Vec::new();
     let mut end = None;
+    let mut delivered = 0usize;
     loop {
         let frame = match dec.decode(buf) {
             Ok(Some(f)) => f,
@@ -927,6 +934,7 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
                 if let Some(p) = st.pending.remove(&id) {
                     let _ =
                         p.tx.send(Outcome::from_result(code, message, frame.payload.clone()));
+                    delivered += 1;
                 }
             }
             Ok(Envelope::Ping { nonce }) => pongs.push(nonce),
@@ -948,6 +956,9 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
         }
     }
     drop(st);
+    if delivered > 1 {
+        conn.burst.store(true, Ordering::Relaxed);
+    }
     if !pongs.is_empty() {
         let mut f = BytesMut::with_capacity(16 * pongs.len());
         for nonce in pongs {
@@ -966,10 +977,11 @@ async fn read_loop(shared: &Shared, conn: &Conn, rd: Registered, mut buf: BytesM
         if let Some(why) = dispatch(shared, conn, &dec, &mut buf) {
             return why;
         }
-        if buf.len() != before {
-            // Frames were handed out: let the callers take (and drop) them
-            // before making room for the next read, so that the read buffer
-            // can reuse their memory (see `make_room`).
+        if before - buf.len() >= LARGE_FRAME {
+            // Large frames were handed out: let the callers take (and drop)
+            // them before making room for the next read, so that the read
+            // buffer can reuse their memory (see `make_room`). Small ones
+            // are not worth the extra `epoll_wait` this costs.
             // `yield_now`, not a plain self-wake: it defers our wake-up until
             // the runtime has polled its I/O driver, and by then a caller
             // running as the runtime's `block_on` future (not a spawned
@@ -1092,6 +1104,7 @@ async fn writer_task(conn: Arc<Conn>) {
             WriterStep::Exit => break,
             WriterStep::Wait => conn.writer_wake.notified().await,
             WriterStep::Write => {
+                conn.burst.store(false, Ordering::Relaxed);
                 let mut result = Ok(());
                 let mut wait = None;
                 for c in chunks.drain(..) {
