@@ -38,6 +38,9 @@ const REPLY_ENVELOPE_MAX: usize = 16;
 /// pending.
 const FLUSH_THRESHOLD: usize = 256 * 1024;
 
+/// `serve` lets other tasks run after this many steps (see `block_on`).
+const YIELD_EVERY_STEPS: u32 = 512;
+
 /// Batched replies are written out at the latest after this many: with a
 /// burst of requests queued, the broker forwards the first replies (and the
 /// callers send their next calls) while the rest are handled, instead of
@@ -1405,10 +1408,18 @@ impl<S: Service> Server<S> {
     /// abandons the request being handled (the broker re-delivers it to
     /// another instance, or the caller times out).
     pub async fn serve(&mut self) -> Result<(), Error> {
+        let mut steps = 0u32;
         loop {
             // Replies are written out whenever the loop would wait, so a
             // burst of requests is answered with one write.
             self.step(None, false).await?;
+            steps = steps.wrapping_add(1);
+            if steps.is_multiple_of(YIELD_EVERY_STEPS) {
+                // Under `run()` the loop is exempt from tokio's cooperative
+                // budget; let other tasks on the runtime (spawned by
+                // handlers) run now and then under sustained load.
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -1465,7 +1476,13 @@ impl<S: Service> Server<S> {
                     .map_err(Error::Runtime)?
             }
         };
-        let out = rt.block_on(f(self));
+        // Exempt from tokio's cooperative budget: the service loop is this
+        // private runtime's main work, and running out of budget in the
+        // middle of a burst of requests forced a yield and an extra
+        // `epoll_wait` every ~50 requests (3,536 epoll_waits for 1,606 reads
+        // at 64 in flight; 2,338 for 2,305 without). `serve` yields on its
+        // own every YIELD_EVERY_STEPS steps instead.
+        let out = rt.block_on(tokio::task::unconstrained(f(self)));
         self.rt = Some(rt);
         Ok(out)
     }
