@@ -15,6 +15,26 @@ fn client(b: &Broker) -> BlockingClient {
     BlockingClient::connect_to(b.dir()).expect("connect")
 }
 
+/// Runs `f` with an async client of `b`, on a current-thread runtime whose
+/// `block_on` future is the caller.
+fn on_async_client<T, F: std::future::Future<Output = T>>(
+    b: &Broker,
+    f: impl FnOnce(Client) -> F,
+) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let c = Client::builder()
+            .socket_dir(b.dir())
+            .connect()
+            .await
+            .expect("connect");
+        f(c).await
+    })
+}
+
 fn echo_broker() -> (Broker, zrpc_tests::Proc) {
     let b = Broker::start();
     let svc = b.spawn("zrpc-test-svc", &[]);
@@ -129,16 +149,7 @@ fn typed_structs_and_large_payloads() {
         r == encoded,
         "raw 4 MiB payload came back intact (blocking)"
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let ac = Client::builder()
-            .socket_dir(b.dir())
-            .connect()
-            .await
-            .expect("connect");
+    on_async_client(&b, |ac| async move {
         for _ in 0..3 {
             let r = ac
                 .call_raw("echo", "echo", encoded.clone(), CallOptions::from(T))
@@ -164,16 +175,7 @@ fn blobs_round_trip_through_both_clients() {
         let r: serde_bytes::ByteBuf = c.call("echo", "blob", &sent, T).expect("as ByteBuf");
         assert_eq!(&r[..], &sent[..]);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let ac = Client::builder()
-            .socket_dir(b.dir())
-            .connect()
-            .await
-            .expect("connect");
+    on_async_client(&b, |ac| async move {
         // Keep replies alive across later calls: each stays intact.
         let mut kept = Vec::new();
         for n in sizes.into_iter().chain(sizes) {
@@ -198,16 +200,7 @@ fn async_client_reuses_its_read_buffer_for_large_replies() {
     let payload = bytes::Bytes::from(
         rmp_serde::to_vec(&serde_bytes::ByteBuf::from(vec![5u8; 300_000])).expect("encode"),
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let addrs: Vec<usize> = rt.block_on(async {
-        let c = Client::builder()
-            .socket_dir(b.dir())
-            .connect()
-            .await
-            .expect("connect");
+    let addrs: Vec<usize> = on_async_client(&b, |c| async move {
         let mut addrs = Vec::new();
         for _ in 0..6 {
             let r = c
@@ -340,13 +333,7 @@ fn many_concurrent_calls_from_several_client_processes() {
         })
         .collect();
     // And concurrent calls from this process on one shared async client.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = b.dir().to_path_buf();
-    let in_process = rt.block_on(async move {
-        let c = Client::connect_to(&dir).await.expect("connect");
+    let in_process = on_async_client(&b, |c| async move {
         let mut set = tokio::task::JoinSet::new();
         for i in 0..200u64 {
             let c = c.clone();
@@ -395,13 +382,7 @@ fn two_instances_share_the_load() {
     let a = b.spawn("zrpc-test-svc", &["--shared"]);
     let bb = b.spawn("zrpc-test-svc", &["--shared"]);
     wait_registered(b.dir(), "echo", 2);
-    let dir = b.dir().to_path_buf();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let pids = rt.block_on(async move {
-        let c = Client::connect_to(&dir).await.expect("connect");
+    let pids = on_async_client(&b, |c| async move {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..20 {
             let c = c.clone();
