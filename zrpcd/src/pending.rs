@@ -492,6 +492,14 @@ impl PendingCalls {
 mod tests {
     use super::*;
 
+    /// A runtime to enter, for the timer wheel (DelayQueue) of the table.
+    fn timer_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+    }
+
     fn call<'a>(caller: PeerId, caller_call: u64, service: &'a str) -> NewCall<'a> {
         NewCall {
             caller,
@@ -517,10 +525,7 @@ mod tests {
 
     #[test]
     fn stage_round_trips() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
+        let rt = timer_runtime();
         let _g = rt.enter();
         let mut t = PendingCalls::default();
         let id = t.insert(call(3, 4, "s"), Instant::now(), None);
@@ -534,10 +539,7 @@ mod tests {
 
     #[test]
     fn ids_are_not_reused() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
+        let rt = timer_runtime();
         let _g = rt.enter();
         let mut t = PendingCalls::default();
         let now = Instant::now();
@@ -572,10 +574,7 @@ mod tests {
 
     #[test]
     fn routes_are_shared_and_bounded() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
+        let rt = timer_runtime();
         let _g = rt.enter();
         let mut t = PendingCalls::default();
         let now = Instant::now();
