@@ -88,7 +88,7 @@ impl ClientBuilder {
     /// once connected, the client reconnects by itself (see [`Client`]).
     pub async fn connect(self) -> Result<Client> {
         let settings = self.settings();
-        let (conn, rd, buf) = Conn::open(&settings).await?;
+        let (conn, buf) = Conn::open(&settings).await?;
         let shared = Arc::new(Shared {
             settings,
             next_id: AtomicU64::new(1),
@@ -102,7 +102,7 @@ impl ClientBuilder {
             wake: Notify::new(),
         });
         tokio::spawn(writer_task(conn.clone()));
-        tokio::spawn(supervise(shared.clone(), Some((conn, rd, buf))));
+        tokio::spawn(supervise(shared.clone(), Some((conn, buf))));
         Ok(Client {
             inner: Arc::new(Inner { shared }),
         })
@@ -581,12 +581,12 @@ impl Drop for CancelGuard<'_> {
 /// Owns the connection life cycle: reads the live connection, and when it
 /// is lost reconnects (with backoff) and resubmits the pending calls. Runs
 /// until the client is closed.
-async fn supervise(shared: Arc<Shared>, mut first: Option<(Arc<Conn>, Registered, BytesMut)>) {
+async fn supervise(shared: Arc<Shared>, mut first: Option<(Arc<Conn>, BytesMut)>) {
     let guard = SupervisorGuard(shared);
     let shared = &guard.0;
     let mut retry = Retry::default();
     loop {
-        let (conn, rd, buf) = match first.take() {
+        let (conn, buf) = match first.take() {
             Some(c) => c,
             None => match reconnect(shared, &mut retry).await {
                 Some(c) => c,
@@ -594,7 +594,7 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(Arc<Conn>, Registered
             },
         };
         let up = Instant::now();
-        let why = read_loop(shared, &conn, rd, buf).await;
+        let why = read_loop(shared, &conn, buf).await;
         retry.connection_ended(&shared.settings.backoff, up.elapsed());
         if !shared.connection_lost(&conn, why) {
             return;
@@ -604,10 +604,7 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(Arc<Conn>, Registered
 
 /// Connects again, after the backoff delay, while calls are waiting.
 /// `None`: the client was closed.
-async fn reconnect(
-    shared: &Arc<Shared>,
-    retry: &mut Retry,
-) -> Option<(Arc<Conn>, Registered, BytesMut)> {
+async fn reconnect(shared: &Arc<Shared>, retry: &mut Retry) -> Option<(Arc<Conn>, BytesMut)> {
     loop {
         // An idle client reconnects when it is next used.
         loop {
@@ -625,13 +622,13 @@ async fn reconnect(
         let delay = retry.next_delay(&shared.settings.backoff);
         shared.unless_closed(tokio::time::sleep(delay)).await?;
         match shared.unless_closed(Conn::open(&shared.settings)).await? {
-            Ok((conn, rd, buf)) => {
+            Ok((conn, buf)) => {
                 tokio::spawn(writer_task(conn.clone()));
                 if !shared.install(&conn) {
                     conn.kill(Dead::Disconnected("the client was closed".into()));
                     return None;
                 }
-                return Some((conn, rd, buf));
+                return Some((conn, buf));
             }
             Err(e) => {
                 tracing::debug!(error = %e, attempt = retry.attempt, "zrpc-client: reconnect failed");
@@ -712,6 +709,16 @@ impl WriteQueue {
 /// A non-blocking std socket registered with the reactor.
 type Registered = AsyncFd<std::os::unix::net::UnixStream>;
 
+/// Registers `sock` itself with the reactor for `interest` only.
+fn register_owned(
+    sock: std::os::unix::net::UnixStream,
+    interest: Interest,
+) -> io::Result<Registered> {
+    // SAFETY: the AsyncFd owns the socket, so its fd stays open and refers
+    // to the same file description for the AsyncFd's whole lifetime.
+    unsafe { AsyncFd::register_with_interest(sock, interest) }.map_err(|e| e.into_parts().1)
+}
+
 /// Registers a duplicate of `sock` with the reactor for `interest` only.
 fn register(sock: &std::os::unix::net::UnixStream, interest: Interest) -> io::Result<Registered> {
     let dup = sock.try_clone()?;
@@ -723,12 +730,12 @@ fn register(sock: &std::os::unix::net::UnixStream, interest: Interest) -> io::Re
 /// One connection to the broker. The supervisor reads it; the writer task
 /// writes what callers queue.
 ///
-/// The socket is registered with the reactor for readability only (the
-/// supervisor's duplicate): tokio's own `UnixStream` registers for
-/// READABLE|WRITABLE, edge-triggered, and then every time the broker reads
-/// what we wrote, `EPOLLOUT` wakes the process for nothing. Writes go
-/// straight to `sock`; only while the socket is full does the writer task
-/// register a duplicate for writability.
+/// The socket is registered with the reactor for readability only: tokio's
+/// own `UnixStream` registers for READABLE|WRITABLE, edge-triggered, and
+/// then every time the broker reads what we wrote, `EPOLLOUT` wakes the
+/// process for nothing. Writes go straight to the socket (one fd per
+/// connection); only while it is full does the writer task register a
+/// duplicate for writability.
 struct Conn {
     gen: u64,
     welcome: Welcome,
@@ -737,8 +744,10 @@ struct Conn {
     /// reader.
     why: Mutex<Option<Dead>>,
     wq: Mutex<WriteQueue>,
-    /// The socket, non-blocking, written to directly.
-    sock: std::os::unix::net::UnixStream,
+    /// The socket, non-blocking, registered for readability (the
+    /// supervisor reads through it) and written to directly through
+    /// `io.get_ref()`.
+    io: Registered,
     writer_wake: Notify,
     reader_stop: Notify,
     /// Several results were handed out at once: their callers' next calls
@@ -749,7 +758,7 @@ struct Conn {
 impl Conn {
     /// Connects and performs the handshake.
     /// Must be called inside the runtime that will read the connection.
-    async fn open(settings: &Settings) -> Result<(Arc<Conn>, Registered, BytesMut)> {
+    async fn open(settings: &Settings) -> Result<(Arc<Conn>, BytesMut)> {
         let mut stream = UnixStream::connect(settings.socket_path())
             .await
             .map_err(|e| settings.connect_error(e))?;
@@ -793,19 +802,19 @@ impl Conn {
             .into_std()
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| settings.connect_error(e))?;
-        let rd = register(&sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
+        let io = register_owned(sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
         let conn = Arc::new(Conn {
             gen: GENERATION.fetch_add(1, Ordering::Relaxed),
             welcome,
             dead: AtomicBool::new(false),
             why: Mutex::new(None),
             wq: Mutex::new(WriteQueue::default()),
-            sock,
+            io,
             writer_wake: Notify::new(),
             reader_stop: Notify::new(),
             burst: AtomicBool::new(false),
         });
-        Ok((conn, rd, buf))
+        Ok((conn, buf))
     }
 
     /// Ends the connection: the writer flushes what is queued (best effort)
@@ -859,9 +868,10 @@ impl Conn {
             q.writing = true;
         }
         let result = if frame.tail.is_empty() {
-            (&self.sock).write(&frame.head)
+            self.io.get_ref().write(&frame.head)
         } else {
-            (&self.sock)
+            self.io
+                .get_ref()
                 .write_vectored(&[io::IoSlice::new(&frame.head), io::IoSlice::new(&frame.tail)])
         };
         let written = match result {
@@ -970,7 +980,7 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
 }
 
 /// Reads `conn` until it ends; returns why.
-async fn read_loop(shared: &Shared, conn: &Conn, rd: Registered, mut buf: BytesMut) -> Dead {
+async fn read_loop(shared: &Shared, conn: &Conn, mut buf: BytesMut) -> Dead {
     let dec = FrameDecoder::new(conn.welcome.incoming_limit());
     loop {
         let before = buf.len();
@@ -997,7 +1007,7 @@ async fn read_loop(shared: &Shared, conn: &Conn, rd: Registered, mut buf: BytesM
                     .clone()
                     .unwrap_or_else(|| Dead::Disconnected("the connection was closed".into()));
             }
-            r = read_some(&rd, &dec, &mut buf) => match r {
+            r = read_some(&conn.io, &dec, &mut buf) => match r {
                 Ok(0) => return Dead::Disconnected("the broker closed the connection".into()),
                 Ok(_) => {}
                 Err(e) => return Dead::Disconnected(format!("read error: {e}")),
@@ -1108,13 +1118,13 @@ async fn writer_task(conn: Arc<Conn>) {
                 let mut result = Ok(());
                 let mut wait = None;
                 for c in chunks.drain(..) {
-                    result = write_all(&conn.sock, &mut wait, &c).await;
+                    result = write_all(conn.io.get_ref(), &mut wait, &c).await;
                     if result.is_err() {
                         break;
                     }
                 }
                 if result.is_ok() && !spare.is_empty() {
-                    result = write_all(&conn.sock, &mut wait, &spare).await;
+                    result = write_all(conn.io.get_ref(), &mut wait, &spare).await;
                 }
                 drop(wait);
                 spare.clear();
