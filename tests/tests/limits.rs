@@ -231,6 +231,41 @@ fn service_that_never_reads_gets_calls_refused_not_memory() {
     drop(sink);
 }
 
+fn vm_kib(pid: i32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("field")
+}
+
+#[test]
+fn announced_frame_sizes_do_not_reserve_memory_up_front() {
+    // Headers announcing 15 MiB frames, and nothing more, on 40
+    // connections: the broker must not reserve 40 x 15 MiB for them (it
+    // reserves at most 4 MiB up front per frame).
+    let b = Broker::start();
+    let pid = b.proc.pid();
+    let before = vm_kib(pid, "VmSize:");
+    let mut conns: Vec<_> = (0..40).map(|_| Raw::hello(b.dir())).collect();
+    for r in &mut conns {
+        let header = [&(15u32 << 20).to_be_bytes()[..], &8u32.to_be_bytes()[..]].concat();
+        r.s.write_all(&header).expect("write");
+    }
+    // The broker's single loop handles ready connections in order: once it
+    // answers a ping sent after the headers, it has read them.
+    let mut probe = Raw::hello(b.dir());
+    probe.send(&Envelope::Ping { nonce: 7 }, b"");
+    let (kind, _) = probe.recv().expect("pong");
+    assert_eq!(kind, zrpc_proto::Kind::Pong);
+    let grown_mib = vm_kib(pid, "VmSize:").saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 40 * 15 / 2,
+        "VmSize grew by {grown_mib} MiB for 40 header-only 15 MiB frames"
+    );
+    drop(conns);
+}
+
 fn vm_rss_kib(pid: i32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     s.lines()

@@ -24,6 +24,9 @@ use crate::queue::PeerIo;
 /// (zrpc-bench conc_small_64 0.26-0.28x -> 0.37-0.38x of the relay, together
 /// with the same rule in zrpc-service).
 const FLUSH_EVERY_FRAMES: usize = 16;
+
+/// Most a frame's announced length reserves before its bytes arrive.
+const UPFRONT_RESERVE: usize = 4 * 1024 * 1024;
 /// How long a closing connection may take to accept its last frames.
 const CLOSE_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -85,8 +88,13 @@ async fn read_loop(
     let mut buf = BytesMut::new();
     let mut ready = false;
     loop {
-        // Reserve the whole frame at once when a large one is arriving.
-        let want = decoder.needed(&buf).map_or(READ_CHUNK, |n| n - buf.len());
+        // Reserve a large frame at once when it arrives, up to
+        // UPFRONT_RESERVE; beyond that at most 4x what has arrived, so a peer
+        // that sends only a header announcing a huge frame cannot make the
+        // broker reserve --max-message-size of memory per connection.
+        let want = decoder.needed(&buf).map_or(READ_CHUNK, |n| {
+            (n - buf.len()).min(UPFRONT_RESERVE.max(buf.len().saturating_mul(4)))
+        });
         if buf.capacity() - buf.len() < want.min(READ_CHUNK) || buf.capacity() - buf.len() < want {
             buf.reserve(want.max(READ_CHUNK));
         }
