@@ -920,7 +920,7 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             target: Some(Target::AtMost(256.0)),
             guard: None,
             note: format!(
-                "{} calls, empty payload; broker RSS {} -> {} KiB",
+                "{} calls, nil payload; broker RSS {} -> {} KiB",
                 c.pending,
                 before / 1024,
                 after / 1024

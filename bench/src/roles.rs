@@ -426,7 +426,8 @@ pub fn sink(dir: &Path, name: &str, count: usize) {
     }
 }
 
-/// Sends `count` calls without deadline (empty payload) to `name` after the
+/// Sends `count` calls without deadline (payload: MessagePack nil, what a
+/// zrpc client sends for "no argument") to `name` after the
 /// start barrier, then holds the connection until stdin closes.
 pub fn caller(dir: &Path, name: &str, count: usize) {
     let mut c = RawConn::connect(dir).unwrap_or_else(|e| die(format!("connect: {e}")));
@@ -443,7 +444,7 @@ pub fn caller(dir: &Path, name: &str, count: usize) {
                 timeout_ms: None,
                 flags: 0,
             },
-            &[],
+            zrpc_proto::NIL_PAYLOAD,
         );
         if out.len() > 60 * 1024 {
             c.s.write_all(&out).unwrap_or_else(|e| die(e));

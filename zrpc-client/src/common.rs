@@ -449,50 +449,59 @@ impl From<Bytes> for OutFrame {
 
 /// The buffer `call_frame` encodes serde payloads into, one per thread.
 ///
-/// Each frame is split off it, so frames share its allocation; once they
-/// are all written and dropped, the next frame reuses the allocation from
-/// its start (`try_reclaim`) instead of allocating, growing by doubling and
-/// page-faulting a fresh buffer for every large payload.
+/// A small frame is copied out of it into an allocation of its own (the
+/// call keeps its frame until answered, for resubmission, and must not pin
+/// the buffer); a large one is split off it (no copy: the allocation is
+/// mostly that frame anyway), and the next frame starts over in the same
+/// allocation once the large one is gone (`try_reclaim`), instead of a `Vec`
+/// grown by doubling and page-faulted for every large payload. A buffer
+/// grown beyond [`SCRATCH_KEEP`] is not kept after a large frame.
 struct Scratch {
     buf: BytesMut,
     /// Capacity of the allocation as last seen whole.
     full: usize,
 }
 
-/// Initial size of the per-thread encode buffer.
-const SCRATCH_INITIAL: usize = 16 * 1024;
+/// Frames at least this large are split off the encode buffer, not copied.
+const SCRATCH_SPLIT: usize = 64 * 1024;
 
-/// Below this much free room the encode buffer is reclaimed or replaced.
-const SCRATCH_MIN_ROOM: usize = 1024;
+/// Largest encode buffer kept for the next frame.
+const SCRATCH_KEEP: usize = 4 * 1024 * 1024;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> =
         std::cell::RefCell::new(Scratch { buf: BytesMut::new(), full: 0 });
 }
 
-/// Runs `f` on the thread's encode buffer (empty, with room) and returns
-/// what it appended as its own `Bytes`. On error nothing is kept.
+/// Runs `f` on the thread's encode buffer (empty) and returns what it
+/// appended as its own `Bytes`. On error nothing is kept.
 fn with_scratch(f: impl FnOnce(&mut BytesMut) -> Result<()>) -> Result<Bytes> {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         let s = &mut *s;
         s.buf.clear();
-        // Back to the start of the allocation if every frame cut from it is
-        // gone (cheap: nothing to copy); else go on in the room left, or
-        // start a fresh buffer.
-        if !s.buf.try_reclaim(s.full) && s.buf.capacity() < SCRATCH_MIN_ROOM {
-            s.buf = BytesMut::with_capacity(SCRATCH_INITIAL);
+        // Back to the start of the allocation if the large frame last split
+        // off it is gone (cheap: nothing to copy); else a fresh buffer.
+        if !s.buf.try_reclaim(s.full) {
+            s.buf = BytesMut::new();
             s.full = 0;
         }
         let r = f(&mut s.buf);
         s.full = s.full.max(s.buf.capacity());
-        match r {
-            Ok(()) => Ok(s.buf.split().freeze()),
-            Err(e) => {
-                s.buf.clear();
-                Err(e)
+        let out = match r {
+            Ok(()) if s.buf.len() >= SCRATCH_SPLIT => {
+                let frame = s.buf.split().freeze();
+                if s.full > SCRATCH_KEEP {
+                    s.buf = BytesMut::new();
+                    s.full = 0;
+                }
+                Ok(frame)
             }
-        }
+            Ok(()) => Ok(Bytes::copy_from_slice(&s.buf)),
+            Err(e) => Err(e),
+        };
+        s.buf.clear();
+        out
     })
 }
 

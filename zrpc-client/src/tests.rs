@@ -270,6 +270,41 @@ fn serde_frames_share_the_encode_buffer_safely() {
             kept.clear();
         }
     }
+    // Small frames have allocations of their own (a call keeps its frame
+    // until answered: it must not pin the thread's encode buffer); large
+    // ones are split off it, and the buffer is reused once they are gone.
+    let small = call_frame(
+        1,
+        "s",
+        "m",
+        &CallOptions::default(),
+        Payload::Serde(&1u8),
+        u32::MAX,
+    )
+    .expect("small");
+    assert!(small.head.is_unique());
+    let big = vec![3u8; 200_000];
+    let first = call_frame(
+        2,
+        "s",
+        "m",
+        &CallOptions::default(),
+        Payload::Serde(&big),
+        u32::MAX,
+    )
+    .expect("big");
+    let addr = first.head.as_ptr();
+    drop(first);
+    let again = call_frame(
+        3,
+        "s",
+        "m",
+        &CallOptions::default(),
+        Payload::Serde(&big),
+        u32::MAX,
+    )
+    .expect("big");
+    assert_eq!(again.head.as_ptr(), addr, "the encode buffer is reused");
     for (v, f) in &kept {
         let decoded = FrameDecoder::new(u32::MAX)
             .decode(&mut BytesMut::from(&f.to_vec()[..]))

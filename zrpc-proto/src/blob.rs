@@ -4,10 +4,11 @@
 //! `Vec<u8>` becomes an array of integers), but decoding one always
 //! allocates and copies. A [`Blob`] is a [`Bytes`]: when it is decoded by
 //! zrpc from a received message (a service's arguments, a client's result),
-//! it is a view into the very buffer the message was read into, so a 1 MiB
-//! payload costs no copy and no allocation. Anywhere else (`rmp_serde`
-//! called directly, another serde format) it decodes by copying, like
-//! `ByteBuf`.
+//! a blob of [`MIN_VIEW`] bytes or more is a view into the very buffer the
+//! message was read into, so a 1 MiB payload costs no copy and no
+//! allocation; keeping it alive keeps that buffer alive. Smaller blobs, and
+//! blobs decoded anywhere else (`rmp_serde` called directly, another serde
+//! format), are copies, like `ByteBuf`.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -112,8 +113,16 @@ pub fn decode_from<T>(source: &Bytes, f: impl FnOnce(&[u8]) -> T) -> T {
     f(source)
 }
 
+/// Blobs shorter than this are copied even inside [`decode_from`]: a view
+/// keeps the whole buffer it points into alive (a read buffer shared with
+/// other messages), which a small value kept for long must not do.
+pub const MIN_VIEW: usize = 4096;
+
 /// `v` as a view into the current [`decode_from`] source, or a copy.
 fn view_or_copy(v: &[u8]) -> Bytes {
+    if v.len() < MIN_VIEW {
+        return Bytes::copy_from_slice(v);
+    }
     SOURCE.with(|s| {
         if let Some(src) = s.borrow().as_ref() {
             let (start, end) = (src.as_ptr() as usize, src.as_ptr() as usize + src.len());
@@ -193,6 +202,16 @@ mod tests {
         let (_, d, _): (u8, Blob, String) =
             decode_from(&wire, |_| rmp_serde::from_slice(&other)).expect("decode");
         assert!(!inside.contains(&d.as_ptr()) && d == big);
+        // A small blob is a copy even inside decode_from: it must not keep
+        // a shared read buffer alive.
+        let small = Blob::from(vec![1u8; MIN_VIEW - 1]);
+        let wire = Bytes::from(rmp_serde::to_vec(&small).expect("encode"));
+        let s: Blob = decode_from(&wire, |p| rmp_serde::from_slice(p)).expect("decode");
+        assert_eq!(s, small);
+        assert!(
+            !wire.as_ptr_range().contains(&s.as_ptr()),
+            "small blobs are copied"
+        );
         // The source is restored after a nested decode.
         SOURCE.with(|s| assert!(s.borrow().is_none()));
     }

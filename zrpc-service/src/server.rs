@@ -1592,6 +1592,10 @@ impl<S: Service> Server<S> {
                 let generation = link.generation;
                 let request = req.payload.as_ptr_range();
                 let request = (request.start as usize, request.end as usize, req.own_buffer);
+                // Kept alive until `own_reply` has compared addresses: freed
+                // earlier, its memory could be reused by an unrelated
+                // buffer the reply points into.
+                let request_alive = req.payload.clone();
                 let outcome = run_handler(service, link, setup, &ctx, req.payload).await;
                 let method = ctx.method.as_str();
                 let Some(result) = outcome else {
@@ -1609,6 +1613,7 @@ impl<S: Service> Server<S> {
                     (outcome, owned) = own_reply(outcome, request);
                     cache.insert(key, ctx.service.as_str(), method, &outcome, owned);
                 }
+                drop(request_alive);
                 match link.conn.as_mut() {
                     Some(conn) if link.generation == generation => {
                         conn.write_outcome(req.id, &outcome);

@@ -16,6 +16,9 @@ use crate::pending::{NewCall, PendingCalls, Stage};
 use crate::queue::PeerIo;
 use crate::stats::Stats;
 
+/// Payloads up to this size are copied into a pending call instead of
+/// keeping a view into the read buffer (see `on_call`).
+const SMALL_PAYLOAD_COPY: usize = 256;
 /// A connection-level error: the peer gets a `Fatal` frame and is closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fatal {
@@ -386,9 +389,11 @@ impl Broker {
             None => return,
         };
         let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms));
-        // An empty payload keeps no reference to the read buffer.
-        let payload = if frame.payload.is_empty() {
-            Bytes::new()
+        // A small payload is copied out, so that a pending call does not
+        // keep the whole read chunk it arrived in (shared with the other
+        // frames of that read) alive; a large one is kept by reference.
+        let payload = if frame.payload.len() <= SMALL_PAYLOAD_COPY {
+            Bytes::copy_from_slice(&frame.payload)
         } else {
             frame.payload.clone()
         };
