@@ -242,7 +242,12 @@ pub struct PendingCalls {
     pages: Vec<Box<[Slot]>>,
     /// Slots handed out so far (used or on the free list).
     slots: usize,
+    /// The free list, first in first out (`u32::MAX`: empty): a freed slot
+    /// is reused after every other free one, so no slot's generation runs
+    /// through its 2^32 values quickly (with a last-in-first-out list, one
+    /// call in flight at a time reused the same slot for every call).
     free_head: u32,
+    free_tail: u32,
     len: usize,
     by_caller: HashTable<u32>,
     routes: Routes,
@@ -256,6 +261,7 @@ impl Default for PendingCalls {
             pages: Vec::new(),
             slots: 0,
             free_head: u32::MAX,
+            free_tail: u32::MAX,
             len: 0,
             by_caller: HashTable::new(),
             routes: Routes::default(),
@@ -292,6 +298,9 @@ impl PendingCalls {
         if self.free_head != u32::MAX {
             let idx = self.free_head as usize;
             self.free_head = self.slot(idx).next_free;
+            if self.free_head == u32::MAX {
+                self.free_tail = u32::MAX;
+            }
             return idx;
         }
         let idx = self.slots;
@@ -417,8 +426,14 @@ impl PendingCalls {
         }
         let p = slot.call.take()?;
         slot.gen = slot.gen.checked_add(1).unwrap_or(1);
-        slot.next_free = self.free_head;
-        self.free_head = idx as u32;
+        slot.next_free = u32::MAX;
+        if self.free_tail == u32::MAX {
+            self.free_head = idx as u32;
+        } else {
+            let tail = self.free_tail as usize;
+            self.slot_mut(tail).next_free = idx as u32;
+        }
+        self.free_tail = idx as u32;
         self.len -= 1;
         let hash = caller_hash(p.caller, p.caller_call);
         if let Ok(e) = self.by_caller.find_entry(hash, |&i| i as usize == idx) {
@@ -570,6 +585,38 @@ mod tests {
         }
         assert_eq!(t.len(), 1);
         assert_eq!(t.ids_where(|_| true), vec![b]);
+    }
+
+    #[test]
+    fn freed_slots_are_reused_first_in_first_out() {
+        let rt = timer_runtime();
+        let _g = rt.enter();
+        let mut t = PendingCalls::default();
+        let now = Instant::now();
+        let ids: Vec<u64> = (0..3)
+            .map(|i| t.insert(call(1, i, "s"), now, None))
+            .collect();
+        t.remove(ids[0]).expect("pending");
+        t.remove(ids[1]).expect("pending");
+        let a = t.insert(call(1, 10, "s"), now, None);
+        let b = t.insert(call(1, 11, "s"), now, None);
+        assert_eq!(
+            split_id(a).0,
+            split_id(ids[0]).0,
+            "the first freed slot first"
+        );
+        assert_eq!(split_id(b).0, split_id(ids[1]).0);
+        assert_ne!(a, ids[0]);
+        // One call at a time: the slots take turns.
+        t.remove(a).expect("pending");
+        t.remove(b).expect("pending");
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..4 {
+            let id = t.insert(call(1, 20 + i, "s"), now, None);
+            seen.insert(split_id(id).0);
+            t.remove(id).expect("pending");
+        }
+        assert_eq!(seen.len(), 2, "both free slots are used in turn");
     }
 
     #[test]
