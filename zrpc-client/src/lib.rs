@@ -18,7 +18,9 @@
 //! Arguments are encoded as MessagePack with structs as maps
 //! (`rmp_serde::encode::to_vec_named`), results decoded with
 //! `rmp_serde::from_slice`; an empty result payload decodes as nil. Binary
-//! data should use `serde_bytes` so it travels as MessagePack `bin`. A
+//! data should be a [`Blob`] (a `Bytes`; a result blob of 4 KiB or more is a
+//! view into the buffer the reply was read into, no copy) or use
+//! `serde_bytes`, so it travels as MessagePack `bin`. A
 //! [`Value`] keeps every MessagePack type through a round trip (`f32` stays
 //! `f32`, `bin` stays `bin`, `ext` stays `ext`, maps may have non-string
 //! keys); the only exception is a `str` holding invalid UTF-8, which comes

@@ -42,6 +42,16 @@
 //! | `register(fd, callback)` / `unregister(fd)` | [`Server::register`] / [`Server::unregister`] |
 //! | `run()` / `run_once(timeout)` | [`Server::run`] / [`Server::run_once`] (and [`Server::serve`] for tokio users) |
 //!
+//! # Binary payloads
+//!
+//! Take and return binary data as [`Blob`] (a `Bytes`, MessagePack `bin`):
+//! an argument blob of 4 KiB or more is a view into the buffer the request
+//! was read into (no copy; a frame of 64 KiB or more has a buffer of its
+//! own, so keeping the blob pins nothing else); returning one costs one
+//! copy, into the encoded reply. `serde_bytes::ByteBuf` is the same on the
+//! wire and copies on decoding too. A hand-written [`Service`] can return
+//! the request payload itself with no copy at all.
+//!
 //! # Introspection
 //!
 //! Every server answers the reserved method **`zrpc.describe`** itself (the
