@@ -477,7 +477,12 @@ thread_local! {
 /// appended as its own `Bytes`. On error nothing is kept.
 fn with_scratch(f: impl FnOnce(&mut BytesMut) -> Result<()>) -> Result<Bytes> {
     SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
+        let Ok(mut s) = s.try_borrow_mut() else {
+            // Re-entered (a `Serialize` impl making a call): a buffer of
+            // its own.
+            let mut buf = BytesMut::new();
+            return f(&mut buf).map(|()| buf.freeze());
+        };
         let s = &mut *s;
         s.buf.clear();
         // Back to the start of the allocation if the large frame last split
