@@ -11,10 +11,10 @@ use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Notify};
+use zrpc_proto::reactor::{register, register_dup, Registered};
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::common::{
@@ -706,27 +706,6 @@ impl WriteQueue {
     }
 }
 
-/// A non-blocking std socket registered with the reactor.
-type Registered = AsyncFd<std::os::unix::net::UnixStream>;
-
-/// Registers `sock` itself with the reactor for `interest` only.
-fn register_owned(
-    sock: std::os::unix::net::UnixStream,
-    interest: Interest,
-) -> io::Result<Registered> {
-    // SAFETY: the AsyncFd owns the socket, so its fd stays open and refers
-    // to the same file description for the AsyncFd's whole lifetime.
-    unsafe { AsyncFd::register_with_interest(sock, interest) }.map_err(|e| e.into_parts().1)
-}
-
-/// Registers a duplicate of `sock` with the reactor for `interest` only.
-fn register(sock: &std::os::unix::net::UnixStream, interest: Interest) -> io::Result<Registered> {
-    let dup = sock.try_clone()?;
-    // SAFETY: the AsyncFd owns the duplicate, so its fd stays open and refers
-    // to the same file description for the AsyncFd's whole lifetime.
-    unsafe { AsyncFd::register_with_interest(dup, interest) }.map_err(|e| e.into_parts().1)
-}
-
 /// One connection to the broker. The supervisor reads it; the writer task
 /// writes what callers queue.
 ///
@@ -802,7 +781,7 @@ impl Conn {
             .into_std()
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| settings.connect_error(e))?;
-        let io = register_owned(sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
+        let io = register(sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
         let conn = Arc::new(Conn {
             gen: GENERATION.fetch_add(1, Ordering::Relaxed),
             welcome,
@@ -1078,7 +1057,7 @@ async fn write_all(
             Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if wait.is_none() {
-                    *wait = Some(register(sock, Interest::WRITABLE)?);
+                    *wait = Some(register_dup(sock, Interest::WRITABLE)?);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -21,6 +21,8 @@ mod envelope;
 mod error;
 pub mod mp;
 mod names;
+#[cfg(feature = "reactor")]
+pub mod reactor;
 mod sd;
 
 pub use blob::Blob;

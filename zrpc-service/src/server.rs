@@ -15,6 +15,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::time::Instant;
+use zrpc_proto::reactor::{register, register_dup, Registered};
 use zrpc_proto::{
     encode_frame, encode_header, socket_path, validate_name, Envelope, ErrorCode, Frame,
     FrameDecoder, ProtoError, DEFAULT_MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
@@ -304,27 +305,6 @@ enum FrameAction {
     CancelRunning,
 }
 
-/// A non-blocking std socket registered with the reactor.
-type Registered = AsyncFd<std::os::unix::net::UnixStream>;
-
-/// Registers `sock` itself with the reactor for `interest` only.
-fn register_owned(
-    sock: std::os::unix::net::UnixStream,
-    interest: Interest,
-) -> io::Result<Registered> {
-    // SAFETY: the AsyncFd owns the socket, so its fd stays open and refers
-    // to the same file description for the AsyncFd's whole lifetime.
-    unsafe { AsyncFd::register_with_interest(sock, interest) }.map_err(|e| e.into_parts().1)
-}
-
-/// Registers a duplicate of `sock` with the reactor for `interest` only.
-fn register(sock: &std::os::unix::net::UnixStream, interest: Interest) -> io::Result<Registered> {
-    let dup = sock.try_clone()?;
-    // SAFETY: the AsyncFd owns the duplicate, so its fd stays open and refers
-    // to the same file description for the AsyncFd's whole lifetime.
-    unsafe { AsyncFd::register_with_interest(dup, interest) }.map_err(|e| e.into_parts().1)
-}
-
 /// The broker connection: socket, buffers, and requests received but not
 /// yet handled. Reading is cancel-safe (bytes land in `rbuf`), writing is
 /// batched: `chunks` (written first) then `wbuf`.
@@ -370,7 +350,7 @@ impl Conn {
     /// Takes over a connected socket; must be called inside the runtime.
     fn new(sock: std::os::unix::net::UnixStream) -> io::Result<Self> {
         sock.set_nonblocking(true)?;
-        let rd = register_owned(sock, Interest::READABLE)?;
+        let rd = register(sock, Interest::READABLE)?;
         Ok(Conn {
             rd,
             wr_wait: None,
@@ -521,7 +501,7 @@ impl Conn {
                     // registration of its own, kept until the flush is done.
                     if self.wr_wait.is_none() {
                         self.wr_wait = Some(
-                            register(self.rd.get_ref(), Interest::WRITABLE)
+                            register_dup(self.rd.get_ref(), Interest::WRITABLE)
                                 .map_err(Error::from_io)?,
                         );
                     }

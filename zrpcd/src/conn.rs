@@ -11,6 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
+use zrpc_proto::reactor::{register, register_dup};
 use zrpc_proto::{ErrorCode, FrameDecoder, ProtoError};
 
 use crate::broker::{Broker, Fatal};
@@ -168,16 +169,6 @@ fn close_with(broker: &RefCell<Broker>, id: PeerId, fatal: &Fatal) {
     b.flush();
 }
 
-/// Registers a socket with the event loop for the given interest only.
-fn register(
-    sock: std::os::unix::net::UnixStream,
-    interest: Interest,
-) -> std::io::Result<AsyncFd<std::os::unix::net::UnixStream>> {
-    // SAFETY: the AsyncFd owns the socket, so its fd stays open and refers to
-    // the same file description for the AsyncFd's whole lifetime.
-    unsafe { AsyncFd::register_with_interest(sock, interest) }.map_err(std::io::Error::from)
-}
-
 /// Reads what is available into the spare capacity of `buf`.
 async fn read_some(
     rd: &AsyncFd<std::os::unix::net::UnixStream>,
@@ -228,12 +219,7 @@ async fn write_loop(io: Rc<PeerIo>) {
         }
         io.writer_busy.set(true);
         if waiter.is_none() {
-            match io
-                .sock
-                .get_ref()
-                .try_clone()
-                .and_then(|d| register(d, Interest::WRITABLE))
-            {
+            match register_dup(io.sock.get_ref(), Interest::WRITABLE) {
                 Ok(w) => waiter = Some(w),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot wait for writability");
