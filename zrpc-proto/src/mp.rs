@@ -201,6 +201,12 @@ impl<'a> Reader<'a> {
             _ => return Err(ProtoError::Envelope("expected a string")),
         };
         let raw = self.take(len)?;
+        // Names are ASCII in practice; checking that word by word is
+        // several times cheaper than full UTF-8 validation of a short string.
+        if raw.is_ascii() {
+            // SAFETY: every ASCII byte sequence is valid UTF-8.
+            return Ok(unsafe { std::str::from_utf8_unchecked(raw) });
+        }
         std::str::from_utf8(raw).map_err(|_| ProtoError::Envelope("string is not valid UTF-8"))
     }
 
@@ -251,5 +257,33 @@ impl<'a> Reader<'a> {
             self.skip_depth(depth + 1)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_str(s: &[u8]) -> Result<String, ProtoError> {
+        let mut buf = vec![0xa0 | s.len() as u8];
+        buf.extend_from_slice(s);
+        Reader::new(&buf).str().map(str::to_owned)
+    }
+
+    #[test]
+    fn strings_ascii_multibyte_and_invalid() {
+        assert_eq!(read_str(b"echo").ok().as_deref(), Some("echo"));
+        assert_eq!(read_str(b"").ok().as_deref(), Some(""));
+        // Not ASCII, valid UTF-8: takes the full validation path.
+        let s = "gr\u{fc}\u{df}e \u{1f600}";
+        assert_eq!(read_str(s.as_bytes()).ok().as_deref(), Some(s));
+        for bad in [
+            &[0xff, 0xfe][..],
+            b"ab\xc3",
+            b"\xed\xa0\x80",
+            b"abcdefgh\x80",
+        ] {
+            assert!(read_str(bad).is_err(), "{bad:x?}");
+        }
     }
 }

@@ -108,13 +108,13 @@ impl ReplyCache {
         key: CallKey,
         service: &str,
         method: &str,
-        outcome: &Outcome,
+        outcome: Outcome,
         owned: bool,
     ) {
         if !self.enabled() {
             return;
         }
-        let cost = match outcome {
+        let cost = match &outcome {
             Ok(p) => p.len(),
             Err((_, msg)) => msg.len(),
         };
@@ -126,10 +126,11 @@ impl ReplyCache {
             );
             return;
         }
+        // Moved in, not cloned: cloning a `Bytes` made from a `Vec` would
+        // allocate its shared header.
         let outcome = match outcome {
-            Ok(p) if owned => Ok(p.clone()),
-            Ok(p) => Ok(Bytes::copy_from_slice(p)),
-            Err((code, msg)) => Err((*code, msg.clone())),
+            Ok(p) if !owned => Ok(Bytes::copy_from_slice(&p)),
+            other => other,
         };
         let entry = Entry {
             target: target(service, method),
@@ -199,9 +200,9 @@ mod tests {
     #[test]
     fn evicts_oldest_by_count() {
         let mut c = ReplyCache::new(2, 1000);
-        c.insert((1, 1), "s", "m", &ok(1), true);
-        c.insert((1, 2), "s", "m", &ok(1), true);
-        c.insert((1, 3), "s", "m", &ok(1), true);
+        c.insert((1, 1), "s", "m", ok(1), true);
+        c.insert((1, 2), "s", "m", ok(1), true);
+        c.insert((1, 3), "s", "m", ok(1), true);
         assert!(c.get((1, 1), "s", "m").is_none());
         assert!(c.get((1, 2), "s", "m").is_some());
         assert!(c.get((1, 3), "s", "m").is_some());
@@ -211,13 +212,13 @@ mod tests {
     #[test]
     fn evicts_oldest_by_bytes() {
         let mut c = ReplyCache::new(100, 10);
-        c.insert((1, 1), "s", "m", &ok(4), true);
-        c.insert((1, 2), "s", "m", &ok(4), true);
-        c.insert((1, 3), "s", "m", &ok(4), true);
+        c.insert((1, 1), "s", "m", ok(4), true);
+        c.insert((1, 2), "s", "m", ok(4), true);
+        c.insert((1, 3), "s", "m", ok(4), true);
         assert!(c.get((1, 1), "s", "m").is_none());
         assert_eq!((c.len(), c.bytes()), (2, 8));
         // Too large for the cache at all: not kept, nothing evicted.
-        c.insert((1, 4), "s", "m", &ok(11), true);
+        c.insert((1, 4), "s", "m", ok(11), true);
         assert!(c.get((1, 4), "s", "m").is_none());
         assert_eq!(c.len(), 2);
         // Errors count their message.
@@ -225,7 +226,7 @@ mod tests {
             (1, 5),
             "s",
             "m",
-            &Err((ErrorCode::Remote, "0123456789".into())),
+            Err((ErrorCode::Remote, "0123456789".into())),
             false,
         );
         assert_eq!((c.len(), c.bytes()), (1, 10));
@@ -235,7 +236,7 @@ mod tests {
     fn disabled_and_identityless() {
         let mut c = ReplyCache::new(0, 1000);
         assert!(c.key(1, 1).is_none());
-        c.insert((1, 1), "s", "m", &ok(1), true);
+        c.insert((1, 1), "s", "m", ok(1), true);
         assert_eq!(c.len(), 0);
         let c = ReplyCache::new(10, 1000);
         assert!(c.key(0, 1).is_none());
@@ -245,10 +246,10 @@ mod tests {
     #[test]
     fn other_method_is_a_miss_and_shrinking_evicts() {
         let mut c = ReplyCache::new(10, 1000);
-        c.insert((1, 1), "s", "m", &ok(1), true);
+        c.insert((1, 1), "s", "m", ok(1), true);
         assert!(c.get((1, 1), "s", "other").is_none());
         assert!(c.get((1, 1), "s", "m").is_some());
-        c.insert((1, 2), "s", "m", &ok(1), true);
+        c.insert((1, 2), "s", "m", ok(1), true);
         c.set_bounds(1, 1000);
         assert!(c.get((1, 1), "s", "m").is_none());
         assert_eq!(c.len(), 1);

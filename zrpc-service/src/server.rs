@@ -1506,6 +1506,9 @@ impl<S: Service> Server<S> {
             ..
         } = self;
         loop {
+            // One clock read per request, for the flush interval and the
+            // request's deadline.
+            let now = std::time::Instant::now();
             if let Some(conn) = link.conn.as_mut() {
                 let r = async {
                     conn.process(None)?;
@@ -1513,7 +1516,7 @@ impl<S: Service> Server<S> {
                         || conn.pending_write() >= FLUSH_THRESHOLD
                         || conn.unflushed >= FLUSH_REPLIES
                         || conn.pong_pending
-                        || conn.last_flush.elapsed() >= FLUSH_INTERVAL
+                        || now.saturating_duration_since(conn.last_flush) >= FLUSH_INTERVAL
                     {
                         conn.flush().await?;
                     }
@@ -1526,7 +1529,7 @@ impl<S: Service> Server<S> {
                 }
             }
             while let Some(req) = link.conn.as_mut().and_then(|c| c.queue.pop_front()) {
-                if req.deadline.is_some_and(|d| std::time::Instant::now() > d) {
+                if req.deadline.is_some_and(|d| now > d) {
                     // The broker has already answered the caller with Timeout.
                     tracing::debug!(id = req.id, method = %req.method, "skipping expired request");
                     continue;
@@ -1588,29 +1591,39 @@ impl<S: Service> Server<S> {
                     tracing::debug!(method, code = %e.code(), "request failed: {e}");
                 }
                 let mut outcome = wire_outcome(result, link.max_message_size);
-                if let Some(key) = key {
-                    let owned;
+                let mut owned = false;
+                if key.is_some() {
                     (outcome, owned) = own_reply(outcome, request);
-                    cache.insert(key, ctx.service.as_str(), method, &outcome, owned);
                 }
                 drop(request_alive);
-                match link.conn.as_mut() {
+                // Written first (a small reply is copied into the write
+                // buffer), then moved into the cache: no clone of it.
+                let sent = match link.conn.as_mut() {
                     Some(conn) if link.generation == generation => {
                         conn.write_outcome(req.id, &outcome);
-                        if flush_reply {
-                            if let Err(e) = conn.flush().await {
-                                if let Err(e) = link.lost(e) {
-                                    link.deferred = Some(e);
-                                }
+                        true
+                    }
+                    _ => {
+                        tracing::debug!(
+                            id = req.id,
+                            method,
+                            cached = key.is_some(),
+                            "the connection the request came on is gone; reply not sent"
+                        );
+                        false
+                    }
+                };
+                if let Some(key) = key {
+                    cache.insert(key, ctx.service.as_str(), method, outcome, owned);
+                }
+                if sent && flush_reply {
+                    if let Some(conn) = link.conn.as_mut() {
+                        if let Err(e) = conn.flush().await {
+                            if let Err(e) = link.lost(e) {
+                                link.deferred = Some(e);
                             }
                         }
                     }
-                    _ => tracing::debug!(
-                        id = req.id,
-                        method,
-                        cached = key.is_some(),
-                        "the connection the request came on is gone; reply not sent"
-                    ),
                 }
                 // `serve` drops its events: no copy of the name for it.
                 let method = if flush_reply {
