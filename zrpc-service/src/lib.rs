@@ -370,6 +370,7 @@ pub mod __private {
     where
         F: Future<Output = Result<Bytes, HandlerError>> + 'a,
     {
+        // One allocation per call: the guard holds the future inline.
         Box::pin(unwind::CatchUnwind::new(fut))
     }
 

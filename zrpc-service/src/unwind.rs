@@ -29,16 +29,17 @@ pub(crate) fn panicked(payload: &(dyn Any + Send)) -> HandlerError {
 
 /// Wraps a handler future: a panic during any poll resolves the future to a
 /// `Remote` error instead of unwinding into the service loop. The inner
-/// future is dropped after a panic and never polled again.
+/// future is dropped (in place) after it completes or panics and is never
+/// polled again.
+///
+/// The inner future is stored inline, so wrapping allocates nothing.
 pub(crate) struct CatchUnwind<F> {
-    inner: Option<Pin<Box<F>>>,
+    inner: Option<F>,
 }
 
 impl<F> CatchUnwind<F> {
     pub(crate) fn new(fut: F) -> Self {
-        CatchUnwind {
-            inner: Some(Box::pin(fut)),
-        }
+        CatchUnwind { inner: Some(fut) }
     }
 }
 
@@ -48,22 +49,28 @@ where
 {
     type Output = Result<Bytes, HandlerError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(inner) = self.inner.as_mut() else {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: `inner` is structurally pinned: it is never moved out of
+        // `self`, only polled through a pinned reference and dropped in
+        // place by assigning `None` (dropping pinned data is allowed).
+        // `CatchUnwind` implements neither `Unpin` by hand nor `Drop`.
+        let this = unsafe { self.get_unchecked_mut() };
+        let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(Err(HandlerError::Remote(
                 "handler polled after completion".to_string(),
             )));
         };
-        match catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+        // SAFETY: see above; `inner` stays where it is until dropped.
+        let inner = unsafe { Pin::new_unchecked(inner) };
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(Poll::Ready(v)) => {
-                self.inner = None;
+                this.inner = None;
                 Poll::Ready(v)
             }
             Ok(Poll::Pending) => Poll::Pending,
             Err(payload) => {
                 // Dropping a future that panicked may panic again; contain it.
-                let inner = self.inner.take();
-                let _ = catch_unwind(AssertUnwindSafe(move || drop(inner)));
+                let _ = catch_unwind(AssertUnwindSafe(|| this.inner = None));
                 Poll::Ready(Err(panicked(&*payload)))
             }
         }
