@@ -522,3 +522,45 @@ fn broker_sigterm_answers_pending_calls_with_shutdown() {
     assert!(st.success());
     assert!(!b.socket().exists());
 }
+
+/// Busy polling (broker `--busy-poll-us`, service `ZRPC_BUSY_POLL_US`) is an
+/// optimisation only: calls, new connections and the broker's timers work
+/// the same with it off and with a window far longer than any gap here
+/// (100 ms: the processes poll through every call instead of sleeping).
+#[test]
+fn calls_and_timeouts_work_with_busy_polling_off_and_with_a_long_window() {
+    for window_us in ["0", "100000"] {
+        let b = Broker::start_with(&["--busy-poll-us", window_us]);
+        let mut cmd = b.command("zrpc-test-svc");
+        cmd.env("ZRPC_BUSY_POLL_US", window_us);
+        let _svc = zrpc_tests::Proc::spawn("zrpc-test-svc", cmd);
+        wait_registered(b.dir(), "echo", 1);
+        let c = client(&b);
+        for i in 0..200u32 {
+            let r: u32 = c.call("echo", "echo", &i, T).expect("echo");
+            assert_eq!(r, i, "window {window_us} us");
+        }
+        // A second client connects while the broker may be polling.
+        let c2 = client(&b);
+        let r: Value = c2.call("echo", "echo", &"second", T).expect("echo");
+        assert_eq!(r, Value::from("second"));
+        // The broker's deadline still fires (at most one window late).
+        let start = Instant::now();
+        match c.call::<_, u32>(
+            "echo",
+            "sleep",
+            &60_000u64,
+            Some(Duration::from_millis(200)),
+        ) {
+            Err(Error::Timeout { .. }) => {}
+            other => panic!("window {window_us} us: expected Timeout, got {other:?}"),
+        }
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_secs(10),
+            "window {window_us} us: {took:?}"
+        );
+        let r: u32 = c.call("echo", "echo", &7u32, T).expect("served after");
+        assert_eq!(r, 7);
+    }
+}

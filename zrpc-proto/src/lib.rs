@@ -16,6 +16,8 @@
 #![warn(missing_docs)]
 
 pub mod blob;
+#[cfg(feature = "reactor")]
+pub mod busy_poll;
 mod codec;
 mod envelope;
 mod error;

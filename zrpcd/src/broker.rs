@@ -15,6 +15,7 @@ use crate::peers::{Creds, PeerId, Peers};
 use crate::pending::{NewCall, PendingCalls, Stage};
 use crate::queue::PeerIo;
 use crate::stats::Stats;
+use zrpc_proto::busy_poll::BusyPoll;
 
 /// Payloads up to this size are copied into a pending call instead of
 /// keeping a view into the read buffer (see `on_call`).
@@ -98,12 +99,18 @@ pub struct Broker {
     pub monitors: Vec<Monitor>,
     ping_nonce: u64,
     dirty: Vec<Rc<PeerIo>>,
+    /// Adaptive busy polling (None: off); read batches are reported here.
+    pub busy_poll: Option<Rc<BusyPoll>>,
 }
 
 impl Broker {
     /// An empty broker.
     pub fn new(config: Config) -> Self {
         Broker {
+            busy_poll: BusyPoll::new(config.busy_poll).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "busy polling off: cannot create its epoll set");
+                None
+            }),
             config,
             peers: Peers::default(),
             names: Names::default(),

@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Default busy-poll window, microseconds (`--busy-poll-us`).
+pub const DEFAULT_BUSY_POLL_US: u64 = zrpc_proto::busy_poll::DEFAULT_WINDOW_US;
+
 /// Everything the broker needs to know to run. Built from command-line flags
 /// by `main.rs`; tests and embedders can build it directly.
 #[derive(Debug, Clone)]
@@ -36,6 +39,11 @@ pub struct Config {
     /// A service from which nothing arrived for this long is considered dead
     /// (a stopped process): it is disconnected and its calls re-delivered.
     pub heartbeat_timeout: Duration,
+    /// How long the broker keeps polling its sockets after a read batch
+    /// when frames have been arriving less than this apart, instead of
+    /// sleeping until the next one (zero: never; see
+    /// [`zrpc_proto::busy_poll`]).
+    pub busy_poll: Duration,
 }
 
 impl Config {
@@ -55,6 +63,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(2),
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
+            busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use bytes::{BufMut, BytesMut};
@@ -60,6 +61,11 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
     let (id, decoder, handshake) = {
         let mut b = broker.borrow_mut();
         let id = b.add_peer(io.clone(), creds);
+        if let Some(bp) = &b.busy_poll {
+            if let Err(e) = bp.watch(rd.as_raw_fd()) {
+                tracing::debug!(error = %e, "busy polling: cannot watch a connection");
+            }
+        }
         (
             id,
             FrameDecoder::new(b.config.max_message_size),
@@ -154,6 +160,9 @@ async fn read_loop(
             }
         }
         b.flush();
+        if let Some(bp) = &b.busy_poll {
+            bp.batch(now);
+        }
         ready = ready || b.peers.get(id).is_some_and(|p| p.ready);
         drop(b);
         // An idle connection keeps no read buffer.

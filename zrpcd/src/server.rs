@@ -2,6 +2,7 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -25,6 +26,16 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let broker = Rc::new(RefCell::new(Broker::new(config)));
     let timers = tokio::task::spawn_local(timer_loop(broker.clone()));
+    if let Some(bp) = broker.borrow().busy_poll.clone() {
+        if let Err(e) = bp.watch(listener.as_raw_fd()) {
+            tracing::debug!(error = %e, "busy polling: cannot watch the listener");
+        }
+        bp.install();
+        tracing::debug!(
+            window_us = bp.window().as_micros() as u64,
+            "busy polling on"
+        );
+    }
     let heartbeats = tokio::task::spawn_local(heartbeat_loop(broker.clone()));
     let systemd = std::env::var_os("NOTIFY_SOCKET")
         .map(|_| tokio::task::spawn_local(systemd_loop(broker.clone())));
