@@ -42,6 +42,11 @@ fn machine_busy() -> u64 {
     get(0) + get(1) + get(2) + get(5) + get(6)
 }
 
+/// CPU time (user + system) a process has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    proc_ticks(&pid.to_string(), false) as f64 / clk_tck()
+}
+
 /// utime+stime (and cutime+cstime when `children`) of a process, in ticks.
 fn proc_ticks(pid: &str, children: bool) -> u64 {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

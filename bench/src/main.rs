@@ -33,7 +33,8 @@ usage: zrpc-bench [--quick] [--json] [--zrpcd PATH] [--threshold CORES] [--max-w
   --json-out FILE  also write the JSON to FILE
   --no-cache       diagnostic: run the echo services with the reply cache off
   --only A,B       run only these scenarios (seq_small, conc_small_64, many_clients,
-                   large_1mib, names, client_flavour, idle_connections, pending_calls)
+                   large_1mib, names, client_flavour, idle_connections, pending_calls,
+                   busy_poll_cost)
   --zrpcd PATH     the broker binary (default: zrpcd next to this executable)
   --threshold C    other processes may use at most C cores for a run to be clean (default 0.15)
   --max-wait S     longest wait for a quiet machine before each run (default 60, quick 10)
@@ -114,6 +115,11 @@ fn main() {
             a.get("warmup", 0),
             a.get("calls", 1000),
             a.get("size", 64),
+        ),
+        "paced" => roles::paced(
+            &dir_arg(a.need("dir")),
+            a.get("rate", 10_000),
+            a.get("seconds", 2.0),
         ),
         "relay" => raw::relay(&PathBuf::from(a.need("path"))),
         "raw-server" => raw::server(&PathBuf::from(a.need("path"))),

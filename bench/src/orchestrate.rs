@@ -26,6 +26,8 @@ struct Counts {
     pending: usize,
     names: usize,
     names_rounds: usize,
+    /// Seconds of each paced run of `busy_poll_cost`.
+    paced_seconds: f64,
 }
 
 const FULL: Counts = Counts {
@@ -38,6 +40,7 @@ const FULL: Counts = Counts {
     pending: 100_000,
     names: 10_000,
     names_rounds: 5,
+    paced_seconds: 2.0,
 };
 
 const QUICK: Counts = Counts {
@@ -50,6 +53,7 @@ const QUICK: Counts = Counts {
     pending: 20_000,
     names: 10_000,
     names_rounds: 3,
+    paced_seconds: 1.0,
 };
 
 /// Clients of `many_clients`, and calls in flight per client.
@@ -931,7 +935,95 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
         drop(broker);
     }
 
+    if ctx.want("busy_poll_cost") {
+        busy_poll_cost(ctx, &mut rows)?;
+    }
+
     Ok(rows)
+}
+
+/// Call rates of `busy_poll_cost`, with their metric names.
+const PACED: [(u64, &str, &str); 3] = [
+    (1_000, "CPU cores at 1k calls/s", "p50 (us) at 1k calls/s"),
+    (5_000, "CPU cores at 5k calls/s", "p50 (us) at 5k calls/s"),
+    (
+        10_000,
+        "CPU cores at 10k calls/s",
+        "p50 (us) at 10k calls/s",
+    ),
+];
+
+/// busy_poll_cost: what busy polling costs and buys at moderate, paced
+/// load. One `BlockingClient` calls the echo service at a fixed rate; the
+/// broker's and the service's CPU (cores) and the call's p50 are measured
+/// with polling on (the defaults) and off (`--busy-poll-us 0`,
+/// `ZRPC_BUSY_POLL_US=0`). Informational: no target.
+fn busy_poll_cost(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<(), String> {
+    ctx.log("busy_poll_cost");
+    let secs = ctx.counts.paced_seconds.to_string();
+    // (cores, p50 us) per rate: polling on, then off.
+    let mut got: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    for (k, (tag, extra, env)) in [
+        ("poll_on", &[][..], None),
+        ("poll_off", &["--busy-poll-us", "0"][..], Some("0")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (broker, dir) = ctx.broker(tag, extra)?;
+        let d = dir.to_string_lossy().to_string();
+        let mut svc = Spawn::role(&["service", "--dir", &d]);
+        if let Some(v) = env {
+            svc = svc.env("ZRPC_BUSY_POLL_US", v);
+        }
+        let service = svc.start().map_err(|e| format!("spawn service: {e}"))?;
+        wait_service(&dir, ECHO_SERVICE)?;
+        for (rate, _, _) in PACED {
+            let rate_s = rate.to_string();
+            let mut p = Spawn::role(&["paced", "--dir", &d, "--rate", &rate_s, "--seconds", &secs])
+                .start()
+                .map_err(|e| format!("spawn paced client: {e}"))?;
+            p.expect("ready")?;
+            let cpu = || {
+                crate::guard::cpu_seconds(broker.pid()) + crate::guard::cpu_seconds(service.pid())
+            };
+            let (c0, t0) = (cpu(), Instant::now());
+            p.send("go");
+            let line = p.line()?;
+            let cores = (cpu() - c0) / t0.elapsed().as_secs_f64();
+            let p50_ns: f64 = line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|x| x.parse().ok())
+                .ok_or_else(|| format!("paced client: unexpected line {line:?}"))?;
+            got[k].push((cores, p50_ns / 1000.0));
+        }
+        drop(service);
+        drop(broker);
+    }
+    for (i, (rate, cpu_metric, p50_metric)) in PACED.into_iter().enumerate() {
+        let (on, off) = (got[0][i], got[1][i]);
+        let note = format!("broker + service; baseline = polling off; {rate} calls/s");
+        rows.push(Row {
+            scenario: "busy_poll_cost",
+            metric: cpu_metric,
+            zrpc: on.0,
+            baseline: Some(off.0),
+            target: None,
+            guard: None,
+            note: note.clone(),
+        });
+        rows.push(Row {
+            scenario: "busy_poll_cost",
+            metric: p50_metric,
+            zrpc: on.1,
+            baseline: Some(off.1),
+            target: None,
+            guard: None,
+            note,
+        });
+    }
+    Ok(())
 }
 
 fn guard_note(baseline: &Measure) -> String {

@@ -282,6 +282,44 @@ pub fn client(
     });
 }
 
+/// The paced client of `busy_poll_cost`: a `BlockingClient` calling echo
+/// at a fixed `rate` for `seconds` (spinning until each call's start time),
+/// after 200 warm-up calls and the start barrier; prints `done N P50_NS`.
+pub fn paced(dir: &Path, rate: u64, seconds: f64) {
+    let c = BlockingClient::builder()
+        .socket_dir(dir)
+        .connect_blocking()
+        .unwrap_or_else(|e| die(format!("connect: {e}")));
+    let payload = Blob::from(vec![0x5au8; 64]);
+    let call = || {
+        let r: Blob = c
+            .call(ECHO_SERVICE, "echo", &payload, None)
+            .unwrap_or_else(|e| die(format!("call: {e}")));
+        if r.len() != payload.len() {
+            die("echo returned a different size");
+        }
+    };
+    for _ in 0..200 {
+        call();
+    }
+    barrier();
+    let n = (rate.max(1) as f64 * seconds) as u64;
+    let gap = 1_000_000_000 / rate.max(1);
+    let start = mono_ns();
+    let mut lat = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let at = start + i * gap;
+        while mono_ns() < at {
+            std::hint::spin_loop();
+        }
+        let t = mono_ns();
+        call();
+        lat.push(mono_ns() - t);
+    }
+    lat.sort_unstable();
+    println!("done {n} {}", crate::util::percentile(&lat, 50.0));
+}
+
 /// A raw protocol connection (for the memory and names helpers).
 struct RawConn {
     s: UnixStream,

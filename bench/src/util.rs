@@ -168,6 +168,12 @@ impl Spawn {
         }
     }
 
+    /// Sets an environment variable of the child.
+    pub fn env(mut self, key: &str, value: &str) -> Spawn {
+        self.cmd.env(key, value);
+        self
+    }
+
     /// Starts the child with `RLIMIT_NOFILE` raised to `n` (as far as the
     /// hard limit, or beyond it when we may).
     pub fn nofile(mut self, n: u64) -> Spawn {
