@@ -283,7 +283,8 @@ pub fn client(
 }
 
 /// The paced client of `busy_poll_cost`: a `BlockingClient` calling echo
-/// at a fixed `rate` for `seconds` (spinning until each call's start time),
+/// at a fixed `rate` for `seconds` (sleeping until each call's start time,
+/// so that it does not compete for a CPU; a late call starts at once),
 /// after 200 warm-up calls and the start barrier; prints `done N P50_NS`.
 pub fn paced(dir: &Path, rate: u64, seconds: f64) {
     let c = BlockingClient::builder()
@@ -309,8 +310,9 @@ pub fn paced(dir: &Path, rate: u64, seconds: f64) {
     let mut lat = Vec::with_capacity(n as usize);
     for i in 0..n {
         let at = start + i * gap;
-        while mono_ns() < at {
-            std::hint::spin_loop();
+        let now = mono_ns();
+        if at > now {
+            std::thread::sleep(std::time::Duration::from_nanos(at - now));
         }
         let t = mono_ns();
         call();

@@ -21,14 +21,20 @@
 //! process never polls (it never parks), and timers are late by at most one
 //! window.
 //!
-//! What it costs: CPU, and only while calls are flowing. A polling round
-//! that ends without a readable socket is a miss; after two misses in a
-//! row it stops polling until two read batches arrive less than a window
-//! apart. So an idle process never polls, one receiving a call every
-//! millisecond polls at most two windows per quiet spell, and one receiving
-//! frames less than a window apart polls instead of sleeping between them.
-//! On a single CPU it is off (polling would only delay the peers it waits
-//! for).
+//! When: only while it pays. Every read batch tells whether polling would
+//! have caught it: the process had been out of work (idle) for less than
+//! the window when it arrived, or not at all. The process polls only while at least three in four recent gaps
+//! (a moving average over the last few batches) were that short. Frames
+//! arriving back to back (under load, or a caller making calls one after
+//! the other) arm it; a call every 100 us or more does not, nor does a call
+//! whose reply comes quickly followed by a pause (one gap in two). So an
+//! idle process never polls, and one that polls waits in vain in at most
+//! about one round in four. On a single CPU it is off (polling would only
+//! delay the peers it waits for).
+//!
+//! What it costs: CPU while frames arrive back to back: the process polls
+//! instead of sleeping between them (up to one CPU); the `busy_poll_cost`
+//! rows of `zrpc-bench` measure it.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -39,9 +45,11 @@ use std::time::{Duration, Instant};
 /// The default polling window, microseconds.
 pub const DEFAULT_WINDOW_US: u64 = 50;
 
-/// After this many polling rounds in a row that found nothing, polling
-/// waits for a gap shorter than the window before it starts again.
-const MAX_MISSES: u32 = 2;
+/// Weight of the newest gap in the moving average (1/8).
+const EWMA_WEIGHT: f64 = 0.125;
+
+/// Polling runs while the moving average of short gaps exceeds this.
+const ARM_ABOVE: f64 = 0.75;
 
 /// The busy poller of one runtime thread.
 #[derive(Debug)]
@@ -50,10 +58,12 @@ pub struct BusyPoll {
     /// A level-triggered epoll set holding every connection and the
     /// listener, polled with a zero timeout while polling.
     epoll: OwnedFd,
-    /// When the last read batch was handled.
-    last: Cell<Option<Instant>>,
-    /// Consecutive polling rounds that found nothing readable.
-    misses: Cell<u32>,
+    /// When the runtime last ran out of work (set on every park, cleared by
+    /// the next read batch): the start of the idle gap before that batch.
+    idle_since: Cell<Option<Instant>>,
+    /// Moving average of "the gap before a batch was shorter than the
+    /// window" (1) or not (0).
+    short_gaps: Cell<f64>,
 }
 
 thread_local! {
@@ -78,8 +88,8 @@ impl BusyPoll {
             window,
             // SAFETY: `fd` is a fresh descriptor nobody else owns.
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
-            last: Cell::new(None),
-            misses: Cell::new(0),
+            idle_since: Cell::new(None),
+            short_gaps: Cell::new(0.0),
         })))
     }
 
@@ -128,43 +138,47 @@ impl BusyPoll {
         unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) };
     }
 
-    /// Records a read batch handled at `now`: a gap shorter than the window
-    /// since the previous one re-enables polling after misses.
+    /// Records a read batch read at `now`: whether polling since the
+    /// runtime last ran out of work would have caught it. A batch read
+    /// without the runtime having run out of work in between (a busy
+    /// process) counts as caught.
     pub fn batch(&self, now: Instant) {
-        if self
-            .last
-            .replace(Some(now))
-            .is_some_and(|last| now.saturating_duration_since(last) < self.window)
-        {
-            self.misses.set(0);
-        }
+        let idle = self
+            .idle_since
+            .take()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let short = f64::from(u8::from(idle < self.window));
+        let avg = self.short_gaps.get();
+        self.short_gaps.set(avg + (short - avg) * EWMA_WEIGHT);
     }
 
-    /// Whether a polling round would run now.
+    /// Whether a polling round would run now: while most recent frames
+    /// came within a window of the previous ones.
     fn armed(&self) -> bool {
-        self.misses.get() < MAX_MISSES
+        self.short_gaps.get() > ARM_ABOVE
     }
 
-    /// One polling round: returns once a watched socket is readable or the
-    /// window has passed; counts the round as a hit or a miss.
+    /// One polling round, if armed: returns once a watched socket is
+    /// readable or the window has passed.
     fn poll_round(&self) {
+        let start = Instant::now();
+        if self.idle_since.get().is_none() {
+            self.idle_since.set(Some(start));
+        }
         if !self.armed() {
             return;
         }
-        let start = Instant::now();
         let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
         loop {
             // SAFETY: valid epoll descriptor and a one-element buffer.
             let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), ev.as_mut_ptr(), 1, 0) };
             if n > 0 {
-                self.misses.set(0);
                 return;
             }
             if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
                 return;
             }
             if start.elapsed() >= self.window {
-                self.misses.set(self.misses.get() + 1);
                 return;
             }
             // Polling is only worth it on a CPU that would otherwise idle:
@@ -201,43 +215,87 @@ mod tests {
             .is_none());
     }
 
+    /// Feeds batches that each arrive `gaps` (microseconds) after the
+    /// runtime ran out of work, starting at `t`.
+    fn feed(bp: &BusyPoll, t: &mut Instant, gaps: &[u64]) {
+        for g in gaps {
+            bp.idle_since.set(Some(*t));
+            *t += Duration::from_micros(*g);
+            bp.batch(*t);
+        }
+    }
+
     #[test]
-    fn a_readable_socket_ends_the_round_as_a_hit() {
+    fn back_to_back_frames_arm_it_and_pauses_disarm_it() {
+        let Some(bp) = poller(Duration::from_micros(50)) else {
+            return;
+        };
+        let mut t = Instant::now();
+        assert!(!bp.armed(), "nothing known yet");
+        // Frames 10-30 us apart: polling would have caught each of them
+        // (from nothing, eleven such gaps arm it).
+        feed(&bp, &mut t, &[10, 20, 30, 10, 20, 30, 10, 20, 30, 10]);
+        assert!(!bp.armed());
+        feed(&bp, &mut t, &[20]);
+        assert!(bp.armed());
+        // A call, its reply 30 us later, then a pause: one gap in two.
+        for _ in 0..20 {
+            feed(&bp, &mut t, &[170, 30]);
+        }
+        assert!(!bp.armed(), "a call every 200 us does not pay");
+        // Mostly back to back with an occasional pause: still worth it.
+        for _ in 0..10 {
+            feed(&bp, &mut t, &[5, 5, 5, 5, 5, 5, 5, 500]);
+        }
+        assert!(bp.armed());
+        // Back to back again.
+        feed(&bp, &mut t, &[15; 20]);
+        assert!(bp.armed());
+        // Idle: a few long pauses disarm it.
+        feed(&bp, &mut t, &[1_000_000; 3]);
+        assert!(!bp.armed());
+        // Batches read without the runtime running out of work in between
+        // (a busy process) count as caught.
+        for _ in 0..20 {
+            bp.batch(t);
+        }
+        assert!(bp.armed());
+    }
+
+    #[test]
+    fn a_readable_socket_ends_the_round() {
         let Some(bp) = poller(Duration::from_secs(30)) else {
             return;
         };
         let (mut a, b) = UnixStream::pair().expect("socketpair");
         bp.watch(b.as_raw_fd()).expect("watch");
         a.write_all(b"x").expect("write");
-        bp.misses.set(1);
+        bp.short_gaps.set(1.0);
         let t = Instant::now();
         bp.poll_round();
         assert!(t.elapsed() < Duration::from_secs(10), "returned at once");
-        assert_eq!(bp.misses.get(), 0);
     }
 
     #[test]
-    fn misses_disarm_until_a_short_gap() {
-        let Some(bp) = poller(Duration::from_millis(2)) else {
+    fn a_round_ends_after_the_window_and_a_disarmed_one_at_once() {
+        let Some(bp) = poller(Duration::from_millis(200)) else {
             return;
         };
         let (_a, b) = UnixStream::pair().expect("socketpair");
         bp.watch(b.as_raw_fd()).expect("watch");
-        bp.poll_round();
-        bp.poll_round();
-        assert_eq!(bp.misses.get(), MAX_MISSES);
-        assert!(!bp.armed());
-        // A disarmed round returns at once and stays a miss.
         let t = Instant::now();
         bp.poll_round();
-        assert!(t.elapsed() < Duration::from_secs(1));
-        assert!(!bp.armed());
-        // Batches far apart do not re-arm; two close together do.
-        let t0 = Instant::now();
-        bp.batch(t0);
-        bp.batch(t0 + Duration::from_millis(100));
-        assert!(!bp.armed());
-        bp.batch(t0 + Duration::from_millis(101));
-        assert!(bp.armed());
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "disarmed: no polling"
+        );
+        bp.short_gaps.set(1.0);
+        let t = Instant::now();
+        bp.poll_round();
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
     }
 }

@@ -1294,9 +1294,10 @@ impl<S: Service> Server<S> {
     /// ~1.2x the requests per second, one call at a time about half the
     /// latency, docs/performance.md), at the price of CPU while requests
     /// flow that fast: a process whose requests arrive back to back polls
-    /// instead of sleeping between them, up to one CPU. It never polls when
-    /// idle, and after two polls in a row that found nothing it waits for
-    /// two requests less than the window apart. File descriptors added with
+    /// instead of sleeping between them, up to one CPU. It polls only while
+    /// recent requests came closely enough for polling to have caught more
+    /// than it would have waited in vain: never when idle, nor for a
+    /// request every 100 us or more. File descriptors added with
     /// [`register`](Server::register) are not polled: their readiness is
     /// seen at the end of a poll, at most one window late. How it works:
     /// `zrpc_proto::busy_poll`.
