@@ -600,6 +600,7 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
         });
     }
 
+    let mut r_conc = None;
     if ctx.want("conc_small_64") {
         // conc_small_64
         ctx.log("conc_small_64");
@@ -630,6 +631,7 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             },
             SMALL,
         )?;
+        r_conc = Some(r);
         rows.push(Row {
             scenario: "conc_small_64",
             metric: "calls/s",
@@ -936,7 +938,8 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
     }
 
     if ctx.want("busy_poll_cost") {
-        busy_poll_cost(ctx, &mut rows)?;
+        let relay = need_seq.then_some(r_seq);
+        busy_poll_cost(ctx, &mut rows, relay, r_conc)?;
     }
 
     Ok(rows)
@@ -957,8 +960,15 @@ const PACED: [(u64, &str, &str); 3] = [
 /// load. One `BlockingClient` calls the echo service at a fixed rate; the
 /// broker's and the service's CPU (cores) and the call's p50 are measured
 /// with polling on (the defaults) and off (`--busy-poll-us 0`,
-/// `ZRPC_BUSY_POLL_US=0`). Informational: no target.
-fn busy_poll_cost(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<(), String> {
+/// `ZRPC_BUSY_POLL_US=0`). Informational: no target. With polling off it
+/// also measures seq_small and conc_small_64 again, against the relay's
+/// figures of this run (`relay_seq`, `relay_conc`) when they were measured.
+fn busy_poll_cost(
+    ctx: &Ctx,
+    rows: &mut Vec<Row>,
+    relay_seq: Option<Measure>,
+    relay_conc: Option<Measure>,
+) -> Result<(), String> {
     ctx.log("busy_poll_cost");
     let secs = ctx.counts.paced_seconds.to_string();
     // (cores, p50 us) per rate: polling on, then off.
@@ -997,6 +1007,51 @@ fn busy_poll_cost(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<(), String> {
                 .and_then(|x| x.parse().ok())
                 .ok_or_else(|| format!("paced client: unexpected line {line:?}"))?;
             got[k].push((cores, p50_ns / 1000.0));
+        }
+        if env.is_some() {
+            let c = ctx.counts;
+            let daemons = [broker.pid(), service.pid()];
+            if let Some(r) = relay_seq {
+                let z = ctx.measure(
+                    &daemons,
+                    &|| vec![zrpc_client(&dir, "current", 1, c.seq_warmup, c.seq, SMALL)],
+                    SMALL,
+                )?;
+                rows.push(Row {
+                    scenario: "seq_small_nopoll",
+                    metric: "p50 (us)",
+                    zrpc: z.p50_us,
+                    baseline: Some(r.p50_us),
+                    target: None,
+                    guard: Some(z.guard),
+                    note: "diagnostic: seq_small with busy polling off".into(),
+                });
+            }
+            if let Some(r) = relay_conc {
+                let z = ctx.measure(
+                    &daemons,
+                    &|| {
+                        vec![zrpc_client(
+                            &dir,
+                            "current",
+                            CONC_INFLIGHT,
+                            c.seq_warmup,
+                            c.conc,
+                            SMALL,
+                        )]
+                    },
+                    SMALL,
+                )?;
+                rows.push(Row {
+                    scenario: "conc_small_64_nopoll",
+                    metric: "calls/s",
+                    zrpc: z.calls_per_s,
+                    baseline: Some(r.calls_per_s),
+                    target: None,
+                    guard: Some(z.guard),
+                    note: "diagnostic: conc_small_64 with busy polling off".into(),
+                });
+            }
         }
         drop(service);
         drop(broker);
