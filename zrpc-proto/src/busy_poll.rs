@@ -12,19 +12,24 @@
 //!
 //! How: tokio calls [`before_park`] (installed with
 //! `Builder::on_thread_park`) when the runtime has no task left to run and
-//! is about to block. Only then, it waits for up to the window for any
-//! connection (or the listener) to become readable, polling a second,
-//! level-triggered epoll set that holds the same sockets
-//! ([`BusyPoll::watch`]) with a zero timeout, and yielding the CPU to any
-//! other runnable process between polls. As soon as a socket is readable
-//! it returns and tokio's own `epoll_wait` finds the event at once. A busy
-//! process never polls (it never parks), and timers are late by at most one
-//! window.
+//! is about to block. Only then, it waits for up to the window (at most
+//! [`MAX_WINDOW_US`]) for any watched socket (the broker's connections and
+//! listener, a service's broker connection) to become readable, polling a
+//! second, level-triggered epoll set that holds them ([`BusyPoll::watch`])
+//! with a zero timeout, and yielding the CPU to any other runnable process
+//! between polls. As soon as a socket is readable it returns and tokio's
+//! own `epoll_wait` finds the event at once. A busy process never polls
+//! (it never parks). What is not watched (timers, signals, a socket waited
+//! on for writability, other descriptors and wake-ups from other threads)
+//! is seen at the end of a round, at most one window late.
 //!
-//! When: only while it pays. Every read batch tells whether polling would
-//! have caught it: the process had been out of work (idle) for less than
-//! the window when it arrived, or not at all. The process polls only while at least three in four recent gaps
-//! (a moving average over the last few batches) were that short. Frames
+//! When: only while it pays. Every read tells whether polling would have
+//! caught it: the process had been out of work for less than the window
+//! when it arrived, or not at all, and it was smaller than 64 KiB (a large
+//! frame streaming in costs far more than a wake-up, and polling would
+//! only compete for a CPU with the peers moving it); a round that polls in
+//! vain counts like a long gap. The process polls only while at least three
+//! in four of these recent samples (a moving average) were short. Frames
 //! arriving back to back (under load, or a caller making calls one after
 //! the other) arm it; a call every 100 us or more does not, nor does a call
 //! whose reply comes quickly followed by a pause (one gap in two). So an
@@ -44,6 +49,14 @@ use std::time::{Duration, Instant};
 
 /// The default polling window, microseconds.
 pub const DEFAULT_WINDOW_US: u64 = 50;
+
+/// The longest polling window, microseconds: polling exists to save a
+/// wake-up (microseconds); a longer window would only delay what the polled
+/// set does not watch (timers, signals, writability) for longer.
+pub const MAX_WINDOW_US: u64 = 1000;
+
+/// A read at least this large does not count towards polling.
+const LARGE_READ: usize = 64 * 1024;
 
 /// Weight of the newest gap in the moving average (1/8).
 const EWMA_WEIGHT: f64 = 0.125;
@@ -71,13 +84,15 @@ thread_local! {
 }
 
 impl BusyPoll {
-    /// A busy poller with the given window; `Ok(None)` when the window is
-    /// zero or the machine offers a single CPU.
+    /// A busy poller with the given window (at most [`MAX_WINDOW_US`]);
+    /// `Ok(None)` when the window is zero or the machine offers a single
+    /// CPU.
     pub fn new(window: Duration) -> io::Result<Option<Rc<Self>>> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         if window.is_zero() || cpus < 2 {
             return Ok(None);
         }
+        let window = window.min(Duration::from_micros(MAX_WINDOW_US));
         // SAFETY: plain syscall; the returned descriptor is checked and
         // owned below.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -103,14 +118,12 @@ impl BusyPoll {
         CURRENT.with(|c| c.borrow().clone())
     }
 
-    /// Installs `bp` (or nothing) as the current thread's poller.
-    pub fn set_current(bp: Option<Rc<BusyPoll>>) {
-        CURRENT.with(|c| *c.borrow_mut() = bp);
-    }
-
-    /// Makes this the poller [`before_park`] uses on the current thread.
-    pub fn install(self: &Rc<Self>) {
-        CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
+    /// Makes `bp` (or none) the poller [`before_park`] and
+    /// [`BusyPoll::current`] see on this thread until the returned guard is
+    /// dropped (also by a panic), which restores the previous one.
+    pub fn scoped(bp: Option<Rc<BusyPoll>>) -> Installed {
+        let previous = CURRENT.with(|c| std::mem::replace(&mut *c.borrow_mut(), bp));
+        Installed { previous }
     }
 
     /// Adds a socket to the polled set. A closed descriptor leaves the set
@@ -129,27 +142,24 @@ impl BusyPoll {
         Ok(())
     }
 
-    /// Removes a socket from the polled set (needed only when the
-    /// descriptor stays open, or was duplicated).
-    pub fn unwatch(&self, fd: RawFd) {
-        let mut ev = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: valid epoll descriptor; an unknown `fd` is an error we
-        // ignore.
-        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) };
-    }
-
-    /// Records a read batch read at `now`: whether polling since the
-    /// runtime last ran out of work would have caught it. A batch read
-    /// without the runtime having run out of work in between (a busy
-    /// process) counts as caught.
-    pub fn batch(&self, now: Instant) {
+    /// Records a read of `bytes` at `now`: whether polling since the
+    /// runtime last ran out of work would have caught it. A read without
+    /// the runtime having run out of work in between (a busy process)
+    /// counts as caught; a large read (>= 64 KiB) never does: moving that
+    /// much data costs far more than a wake-up, and polling would only
+    /// compete for a CPU with the peers moving it.
+    pub fn batch(&self, now: Instant, bytes: usize) {
         let idle = self
             .idle_since
             .take()
             .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-        let short = f64::from(u8::from(idle < self.window));
+        self.sample(idle < self.window && bytes < LARGE_READ);
+    }
+
+    fn sample(&self, short: bool) {
         let avg = self.short_gaps.get();
-        self.short_gaps.set(avg + (short - avg) * EWMA_WEIGHT);
+        self.short_gaps
+            .set(avg + (f64::from(u8::from(short)) - avg) * EWMA_WEIGHT);
     }
 
     /// Whether a polling round would run now: while most recent frames
@@ -179,12 +189,31 @@ impl BusyPoll {
                 return;
             }
             if start.elapsed() >= self.window {
+                // Polled in vain: counts like a long gap, so that polling
+                // stops when frames stop even if the runtime keeps waking
+                // up for other reasons (timers, other descriptors).
+                self.sample(false);
                 return;
             }
             // Polling is only worth it on a CPU that would otherwise idle:
             // give it to any other runnable process first.
             std::thread::yield_now();
         }
+    }
+}
+
+/// Keeps a poller installed on this thread (see [`BusyPoll::scoped`]).
+#[must_use = "the poller is uninstalled when this guard is dropped"]
+#[derive(Debug)]
+pub struct Installed {
+    previous: Option<Rc<BusyPoll>>,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        // `try_with`: the thread may be exiting.
+        let _ = CURRENT.try_with(|c| *c.borrow_mut() = previous);
     }
 }
 
@@ -221,7 +250,7 @@ mod tests {
         for g in gaps {
             bp.idle_since.set(Some(*t));
             *t += Duration::from_micros(*g);
-            bp.batch(*t);
+            bp.batch(*t, 100);
         }
     }
 
@@ -257,14 +286,19 @@ mod tests {
         // Batches read without the runtime running out of work in between
         // (a busy process) count as caught.
         for _ in 0..20 {
-            bp.batch(t);
+            bp.batch(t, 100);
         }
         assert!(bp.armed());
+        // Large reads (a big frame streaming in) disarm it.
+        for _ in 0..20 {
+            bp.batch(t, LARGE_READ);
+        }
+        assert!(!bp.armed());
     }
 
     #[test]
     fn a_readable_socket_ends_the_round() {
-        let Some(bp) = poller(Duration::from_secs(30)) else {
+        let Some(bp) = poller(Duration::from_millis(1)) else {
             return;
         };
         let (mut a, b) = UnixStream::pair().expect("socketpair");
@@ -273,12 +307,17 @@ mod tests {
         bp.short_gaps.set(1.0);
         let t = Instant::now();
         bp.poll_round();
-        assert!(t.elapsed() < Duration::from_secs(10), "returned at once");
+        assert!(t.elapsed() < Duration::from_secs(10), "returned");
+        assert_eq!(
+            bp.short_gaps.get(),
+            1.0,
+            "a round that found a frame is no miss"
+        );
     }
 
     #[test]
     fn a_round_ends_after_the_window_and_a_disarmed_one_at_once() {
-        let Some(bp) = poller(Duration::from_millis(200)) else {
+        let Some(bp) = poller(Duration::from_secs(5)) else {
             return;
         };
         let (_a, b) = UnixStream::pair().expect("socketpair");
@@ -289,13 +328,18 @@ mod tests {
             t.elapsed() < Duration::from_millis(100),
             "disarmed: no polling"
         );
+        assert_eq!(bp.window(), Duration::from_micros(MAX_WINDOW_US), "capped");
         bp.short_gaps.set(1.0);
         let t = Instant::now();
         bp.poll_round();
         let took = t.elapsed();
         assert!(
-            took >= Duration::from_millis(200) && took < Duration::from_secs(10),
+            took >= Duration::from_micros(MAX_WINDOW_US) && took < Duration::from_secs(5),
             "{took:?}"
+        );
+        assert!(
+            bp.short_gaps.get() < 1.0,
+            "a round in vain counts as a long gap"
         );
     }
 }

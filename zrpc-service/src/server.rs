@@ -421,7 +421,7 @@ impl Conn {
                     // SAFETY: the first `n` spare bytes were just written.
                     unsafe { self.rbuf.set_len(self.rbuf.len() + n) };
                     if let Some(bp) = &self.busy_poll {
-                        bp.batch(std::time::Instant::now());
+                        bp.batch(std::time::Instant::now(), n);
                     }
                     if n < cap {
                         // A short read drained the socket: wait for the next
@@ -714,10 +714,14 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// The busy-poll window from `$ZRPC_BUSY_POLL_US`, else 50 us.
 fn default_busy_poll() -> Duration {
-    let us = std::env::var("ZRPC_BUSY_POLL_US")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(zrpc_proto::busy_poll::DEFAULT_WINDOW_US);
+    let default = zrpc_proto::busy_poll::DEFAULT_WINDOW_US;
+    let us = match std::env::var("ZRPC_BUSY_POLL_US") {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(value = %v, default, "ZRPC_BUSY_POLL_US is not a number of microseconds; using the default");
+            default
+        }),
+        Err(_) => default,
+    };
     Duration::from_micros(us)
 }
 
@@ -1286,8 +1290,8 @@ impl<S: Service> Server<S> {
     /// How long [`run`](Server::run) and [`run_once`](Server::run_once) keep
     /// polling the broker connection, when requests have been arriving less
     /// than this apart, before the thread sleeps until the next one (default
-    /// 50 us, or `$ZRPC_BUSY_POLL_US`; zero turns it off; always off on a
-    /// single CPU and under [`serve`](Server::serve)).
+    /// 50 us, or `$ZRPC_BUSY_POLL_US`; zero turns it off; at most 1 ms;
+    /// always off on a single CPU and under [`serve`](Server::serve)).
     ///
     /// Polling saves the wake-up of a sleeping process per request under
     /// load (on a VM the costliest part of a call: at 64 calls in flight
@@ -1295,12 +1299,14 @@ impl<S: Service> Server<S> {
     /// latency, docs/performance.md), at the price of CPU while requests
     /// flow that fast: a process whose requests arrive back to back polls
     /// instead of sleeping between them, up to one CPU. It polls only while
-    /// recent requests came closely enough for polling to have caught more
-    /// than it would have waited in vain: never when idle, nor for a
-    /// request every 100 us or more. File descriptors added with
-    /// [`register`](Server::register) are not polled: their readiness is
-    /// seen at the end of a poll, at most one window late. How it works:
-    /// `zrpc_proto::busy_poll`.
+    /// at least three in four recent requests arrived within a window of
+    /// the process running out of work: never when idle, nor for a request
+    /// every 100 us or more. Only the broker connection is polled: the
+    /// readiness of file descriptors added with
+    /// [`register`](Server::register), timers, and replies to calls a
+    /// handler makes with a zrpc client are seen at the end of a poll, at
+    /// most one window late. Set it before the first `run`/`run_once`. How
+    /// it works: `zrpc_proto::busy_poll`.
     pub fn busy_poll(mut self, window: Duration) -> Self {
         self.busy_poll_window = window;
         self.busy_poll = None;
@@ -1523,13 +1529,10 @@ impl<S: Service> Server<S> {
             });
         }
         // Installed on this thread for this call only (the park hook and a
-        // new connection find it there).
-        let previous = BusyPoll::current();
-        if let Some(bp) = &self.busy_poll {
-            bp.install();
-        }
+        // new connection find it there), also if it unwinds.
+        let installed = BusyPoll::scoped(self.busy_poll.clone());
         let out = rt.block_on(tokio::task::unconstrained(f(self)));
-        BusyPoll::set_current(previous);
+        drop(installed);
         self.rt = Some(rt);
         Ok(out)
     }
@@ -1574,8 +1577,9 @@ impl<S: Service> Server<S> {
         } = self;
         loop {
             // One clock read per request, for the flush interval and the
-            // request's deadline.
-            let now = std::time::Instant::now();
+            // request's deadline (read again after a flush that had to wait
+            // for a full socket).
+            let mut now = std::time::Instant::now();
             if let Some(conn) = link.conn.as_mut() {
                 let r = async {
                     conn.process(None)?;
@@ -1586,6 +1590,8 @@ impl<S: Service> Server<S> {
                         || now.saturating_duration_since(conn.last_flush) >= FLUSH_INTERVAL
                     {
                         conn.flush().await?;
+                        // `flush` stamped `last_flush` when it finished.
+                        now = now.max(conn.last_flush);
                     }
                     Ok(())
                 }

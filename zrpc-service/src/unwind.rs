@@ -43,6 +43,16 @@ impl<F> CatchUnwind<F> {
     }
 }
 
+impl<F> Drop for CatchUnwind<F> {
+    fn drop(&mut self) {
+        // A handler future abandoned before it finished (the call was
+        // cancelled) may panic while being dropped; contain it.
+        if self.inner.is_some() {
+            let _ = catch_unwind(AssertUnwindSafe(|| self.inner = None));
+        }
+    }
+}
+
 impl<F> Future for CatchUnwind<F>
 where
     F: Future<Output = Result<Bytes, HandlerError>>,
@@ -53,7 +63,8 @@ where
         // SAFETY: `inner` is structurally pinned: it is never moved out of
         // `self`, only polled through a pinned reference and dropped in
         // place by assigning `None` (dropping pinned data is allowed).
-        // `CatchUnwind` implements neither `Unpin` by hand nor `Drop`.
+        // `CatchUnwind` does not implement `Unpin` by hand, and its `Drop`
+        // only drops `inner` in place.
         let this = unsafe { self.get_unchecked_mut() };
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(Err(HandlerError::Remote(
@@ -64,7 +75,8 @@ where
         let inner = unsafe { Pin::new_unchecked(inner) };
         match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(Poll::Ready(v)) => {
-                this.inner = None;
+                // Dropping the finished future may panic; contain it.
+                let _ = catch_unwind(AssertUnwindSafe(|| this.inner = None));
                 Poll::Ready(v)
             }
             Ok(Poll::Pending) => Poll::Pending,
@@ -74,5 +86,53 @@ where
                 Poll::Ready(Err(panicked(&*payload)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    /// Resolves at its first or second poll, and panics when dropped.
+    struct PanicOnDrop {
+        pending_first: bool,
+    }
+
+    impl Future for PanicOnDrop {
+        type Output = Result<Bytes, HandlerError>;
+        fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+            if std::mem::take(&mut self.pending_first) {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(Bytes::from_static(b"ok")))
+            }
+        }
+    }
+
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            panic!("dropping the handler future");
+        }
+    }
+
+    #[test]
+    fn panics_while_dropping_a_handler_future_are_contained() {
+        let mut cx = Context::from_waker(Waker::noop());
+        // Finished: the result comes through, the drop's panic does not.
+        let mut f = Box::pin(CatchUnwind::new(PanicOnDrop {
+            pending_first: false,
+        }));
+        match f.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(b)) => assert_eq!(&b[..], b"ok"),
+            other => panic!("unexpected {other:?}"),
+        }
+        drop(f);
+        // Abandoned before it finished (a cancelled call).
+        let mut f = Box::pin(CatchUnwind::new(PanicOnDrop {
+            pending_first: true,
+        }));
+        assert!(f.as_mut().poll(&mut cx).is_pending());
+        drop(f);
     }
 }

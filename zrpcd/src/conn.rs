@@ -117,11 +117,11 @@ async fn read_loop(
                 return "handshake timeout".into();
             }
         };
-        match read {
+        let read_bytes = match read {
             Ok(0) => return "end of stream".into(),
-            Ok(_) => {}
+            Ok(n) => n,
             Err(e) => return format!("read error: {e}"),
-        }
+        };
         let mut b = broker.borrow_mut();
         // One clock read per read batch, for every frame of it.
         let now = std::time::Instant::now();
@@ -161,7 +161,7 @@ async fn read_loop(
         }
         b.flush();
         if let Some(bp) = &b.busy_poll {
-            bp.batch(now);
+            bp.batch(now, read_bytes);
         }
         ready = ready || b.peers.get(id).is_some_and(|p| p.ready);
         drop(b);

@@ -55,8 +55,10 @@ struct Args {
     /// Microseconds the broker keeps polling its sockets after handling
     /// frames that arrived less than this apart, instead of sleeping until
     /// the next ones: trades CPU (only while calls flow that fast) for
-    /// throughput and latency; 0 turns it off. Off on a single CPU
-    #[arg(long, default_value_t = zrpcd::config::DEFAULT_BUSY_POLL_US)]
+    /// throughput and latency; 0 turns it off, at most 1000. Off on a
+    /// single CPU
+    #[arg(long, default_value_t = zrpcd::config::DEFAULT_BUSY_POLL_US,
+          value_parser = clap::value_parser!(u64).range(0..=zrpc_proto::busy_poll::MAX_WINDOW_US))]
     busy_poll_us: u64,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it
     #[arg(long, default_value = "info")]

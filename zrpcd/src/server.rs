@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::UnixListener;
+use zrpc_proto::busy_poll::BusyPoll;
 use zrpc_proto::{encode_frame, Envelope, ErrorCode};
 
 use crate::broker::Broker;
@@ -26,16 +27,18 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let broker = Rc::new(RefCell::new(Broker::new(config)));
     let timers = tokio::task::spawn_local(timer_loop(broker.clone()));
-    if let Some(bp) = broker.borrow().busy_poll.clone() {
+    let busy_poll = broker.borrow().busy_poll.clone();
+    if let Some(bp) = &busy_poll {
         if let Err(e) = bp.watch(listener.as_raw_fd()) {
             tracing::debug!(error = %e, "busy polling: cannot watch the listener");
         }
-        bp.install();
         tracing::debug!(
             window_us = bp.window().as_micros() as u64,
             "busy polling on"
         );
     }
+    // The park hook installed by `main` finds it here while the broker runs.
+    let _installed = BusyPoll::scoped(busy_poll);
     let heartbeats = tokio::task::spawn_local(heartbeat_loop(broker.clone()));
     let systemd = std::env::var_os("NOTIFY_SOCKET")
         .map(|_| tokio::task::spawn_local(systemd_loop(broker.clone())));
