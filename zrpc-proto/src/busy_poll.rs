@@ -27,8 +27,8 @@
 //! caught it: the process had been out of work for less than the window
 //! when it arrived, or not at all, and it was smaller than 64 KiB (a large
 //! frame streaming in costs far more than a wake-up, and polling would
-//! only compete for a CPU with the peers moving it); a round that polls in
-//! vain counts like a long gap. The process polls only while at least three
+//! only compete for a CPU with the peers moving it); a second round that
+//! polls in vain without a read in between counts like a long gap. The process polls only while at least three
 //! in four of these recent samples (a moving average) were short. Frames
 //! arriving back to back (under load, or a caller making calls one after
 //! the other) arm it; a call every 100 us or more does not, nor does a call
@@ -77,6 +77,8 @@ pub struct BusyPoll {
     /// Moving average of "the gap before a batch was shorter than the
     /// window" (1) or not (0).
     short_gaps: Cell<f64>,
+    /// A polling round found nothing since the last read.
+    vain: Cell<bool>,
 }
 
 thread_local! {
@@ -105,6 +107,7 @@ impl BusyPoll {
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
             idle_since: Cell::new(None),
             short_gaps: Cell::new(0.0),
+            vain: Cell::new(false),
         })))
     }
 
@@ -149,6 +152,7 @@ impl BusyPoll {
     /// much data costs far more than a wake-up, and polling would only
     /// compete for a CPU with the peers moving it.
     pub fn batch(&self, now: Instant, bytes: usize) {
+        self.vain.set(false);
         let idle = self
             .idle_since
             .take()
@@ -189,10 +193,14 @@ impl BusyPoll {
                 return;
             }
             if start.elapsed() >= self.window {
-                // Polled in vain: counts like a long gap, so that polling
-                // stops when frames stop even if the runtime keeps waking
-                // up for other reasons (timers, other descriptors).
-                self.sample(false);
+                // Polled in vain twice without a read in between: counts
+                // like a long gap, so that polling stops when frames stop
+                // even if the runtime keeps waking up for other reasons
+                // (timers, other descriptors). One round in vain between
+                // reads is already counted by the next read's gap.
+                if self.vain.replace(true) {
+                    self.sample(false);
+                }
                 return;
             }
             // Polling is only worth it on a CPU that would otherwise idle:
@@ -337,9 +345,15 @@ mod tests {
             took >= Duration::from_micros(MAX_WINDOW_US) && took < Duration::from_secs(5),
             "{took:?}"
         );
+        assert_eq!(
+            bp.short_gaps.get(),
+            1.0,
+            "one round in vain: the next read tells"
+        );
+        bp.poll_round();
         assert!(
             bp.short_gaps.get() < 1.0,
-            "a round in vain counts as a long gap"
+            "a second round in vain without a read counts as a long gap"
         );
     }
 }
