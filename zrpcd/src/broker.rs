@@ -767,10 +767,22 @@ impl Broker {
         if !p.names.is_empty() {
             tracing::info!(peer, names = ?p.names, "service disconnected, names released");
         }
-        for bid in self
-            .pending
-            .ids_where(|c| c.stage() == Stage::Delivered(peer))
-        {
+        // The scans below walk the whole pending table; the peer's counters
+        // say whether there is anything to find (a client that disconnects
+        // after its calls completed, the usual case, costs nothing).
+        let delivered = if p.outstanding > 0 {
+            self.pending
+                .ids_where(|c| c.stage() == Stage::Delivered(peer))
+        } else {
+            debug_assert!(
+                self.pending
+                    .ids_where(|c| c.stage() == Stage::Delivered(peer))
+                    .is_empty(),
+                "outstanding count out of step"
+            );
+            Vec::new()
+        };
+        for bid in delivered {
             let no_retry = self
                 .pending
                 .get(bid)
@@ -786,7 +798,16 @@ impl Broker {
                 self.dispatch(bid, now);
             }
         }
-        for bid in self.pending.ids_where(|c| c.caller == peer) {
+        let calls = if p.calling > 0 {
+            self.pending.ids_where(|c| c.caller == peer)
+        } else {
+            debug_assert!(
+                self.pending.ids_where(|c| c.caller == peer).is_empty(),
+                "calling count out of step"
+            );
+            Vec::new()
+        };
+        for bid in calls {
             self.stats.cancelled += 1;
             self.finish(bid, Outcome::CallerLeft, now);
         }
