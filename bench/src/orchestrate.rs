@@ -234,6 +234,11 @@ impl Ctx {
     }
 }
 
+/// The zrpc client of `conc_small_64`.
+fn conc_client(dir: &Path, c: &Counts) -> Spawn {
+    zrpc_client(dir, "current", CONC_INFLIGHT, c.seq_warmup, c.conc, SMALL)
+}
+
 fn zrpc_client(
     dir: &Path,
     flavour: &str,
@@ -604,20 +609,7 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
     if ctx.want("conc_small_64") {
         // conc_small_64
         ctx.log("conc_small_64");
-        let z = ctx.measure(
-            &daemons,
-            &|| {
-                vec![zrpc_client(
-                    &zdir,
-                    "current",
-                    CONC_INFLIGHT,
-                    c.seq_warmup,
-                    c.conc,
-                    SMALL,
-                )]
-            },
-            SMALL,
-        )?;
+        let z = ctx.measure(&daemons, &|| vec![conc_client(&zdir, &c)], SMALL)?;
         let r = ctx.measure(
             &daemons,
             &|| {
@@ -1028,20 +1020,7 @@ fn busy_poll_cost(
                 });
             }
             if let Some(r) = relay_conc {
-                let z = ctx.measure(
-                    &daemons,
-                    &|| {
-                        vec![zrpc_client(
-                            &dir,
-                            "current",
-                            CONC_INFLIGHT,
-                            c.seq_warmup,
-                            c.conc,
-                            SMALL,
-                        )]
-                    },
-                    SMALL,
-                )?;
+                let z = ctx.measure(&daemons, &|| vec![conc_client(&dir, &c)], SMALL)?;
                 rows.push(Row {
                     scenario: "conc_small_64_nopoll",
                     metric: "calls/s",
