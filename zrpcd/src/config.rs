@@ -39,10 +39,9 @@ pub struct Config {
     /// A service from which nothing arrived for this long is considered dead
     /// (a stopped process): it is disconnected and its calls re-delivered.
     pub heartbeat_timeout: Duration,
-    /// How long the broker keeps polling its sockets after a read batch
-    /// when frames have been arriving less than this apart, instead of
-    /// sleeping until the next one (zero: never; see
-    /// [`zrpc_proto::busy_poll`]).
+    /// How long the broker polls its sockets before sleeping when it runs
+    /// out of work while frames arrive back to back (zero: never; at most
+    /// 1 ms; see [`zrpc_proto::busy_poll`]).
     pub busy_poll: Duration,
 }
 

@@ -52,11 +52,10 @@ struct Args {
     /// Seconds of silence after which a service is considered dead
     #[arg(long, default_value_t = 15.0)]
     heartbeat_timeout: f64,
-    /// Microseconds the broker keeps polling its sockets after handling
-    /// frames that arrived less than this apart, instead of sleeping until
-    /// the next ones: trades CPU (only while calls flow that fast) for
-    /// throughput and latency; 0 turns it off, at most 1000. Off on a
-    /// single CPU
+    /// Microseconds the broker polls its sockets before sleeping when it
+    /// runs out of work while frames arrive back to back (most within this
+    /// long): trades CPU, only while calls flow that fast, for latency and
+    /// throughput. 0 turns it off; at most 1000; off on a single CPU
     #[arg(long, default_value_t = zrpcd::config::DEFAULT_BUSY_POLL_US,
           value_parser = clap::value_parser!(u64).range(0..=zrpc_proto::busy_poll::MAX_WINDOW_US))]
     busy_poll_us: u64,
