@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use zrpc_proto::{encode_frame, Envelope, Frame, FrameDecoder};
 
-use crate::common::{call_frame, decode_payload, resubmit_parts, Payload};
+use crate::common::{call_frame, decode_payload, resubmit_parts, OutFrame, Payload};
 use crate::*;
 
 // ---------------------------------------------------------------- values
@@ -72,19 +72,28 @@ fn same(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// A `Call` frame with default options and a serde payload, no size limit.
+fn serde_frame<P: serde::Serialize + ?Sized>(
+    id: u64,
+    service: &str,
+    method: &str,
+    payload: &P,
+) -> Result<OutFrame> {
+    call_frame(
+        id,
+        service,
+        method,
+        &CallOptions::default(),
+        Payload::Serde(payload),
+        u32::MAX,
+    )
+}
+
 #[test]
 fn values_round_trip_exactly() {
     for v in all_values() {
         // What the client puts on the wire...
-        let frame = call_frame(
-            1,
-            "svc",
-            "m",
-            &CallOptions::default(),
-            Payload::Serde(&v),
-            u32::MAX,
-        )
-        .expect("encode");
+        let frame = serde_frame(1, "svc", "m", &v).expect("encode");
         let f = FrameDecoder::new(u32::MAX)
             .decode(&mut BytesMut::from(&frame.to_vec()[..]))
             .expect("valid frame")
@@ -121,15 +130,7 @@ fn structs_are_maps_and_bytes_are_bin() {
         name: "x".into(),
         data: vec![1, 2],
     };
-    let frame = call_frame(
-        1,
-        "svc",
-        "m",
-        &CallOptions::default(),
-        Payload::Serde(&a),
-        u32::MAX,
-    )
-    .expect("encode");
+    let frame = serde_frame(1, "svc", "m", &a).expect("encode");
     let f = FrameDecoder::new(u32::MAX)
         .decode(&mut BytesMut::from(&frame.to_vec()[..]))
         .expect("valid")
@@ -254,15 +255,7 @@ fn serde_frames_share_the_encode_buffer_safely() {
     let mut kept = Vec::new();
     for i in 0..2000u32 {
         let v = (i, vec![i as u8; (i as usize * 37) % 3000]);
-        let f = call_frame(
-            u64::from(i),
-            "s",
-            "m",
-            &CallOptions::default(),
-            Payload::Serde(&v),
-            u32::MAX,
-        )
-        .expect("frame");
+        let f = serde_frame(u64::from(i), "s", "m", &v).expect("frame");
         if i % 3 == 0 {
             kept.push((v, f));
         }
@@ -273,37 +266,13 @@ fn serde_frames_share_the_encode_buffer_safely() {
     // Small frames have allocations of their own (a call keeps its frame
     // until answered: it must not pin the thread's encode buffer); large
     // ones are split off it, and the buffer is reused once they are gone.
-    let small = call_frame(
-        1,
-        "s",
-        "m",
-        &CallOptions::default(),
-        Payload::Serde(&1u8),
-        u32::MAX,
-    )
-    .expect("small");
+    let small = serde_frame(1, "s", "m", &1u8).expect("small");
     assert!(small.head.is_unique());
     let big = vec![3u8; 200_000];
-    let first = call_frame(
-        2,
-        "s",
-        "m",
-        &CallOptions::default(),
-        Payload::Serde(&big),
-        u32::MAX,
-    )
-    .expect("big");
+    let first = serde_frame(2, "s", "m", &big).expect("big");
     let addr = first.head.as_ptr();
     drop(first);
-    let again = call_frame(
-        3,
-        "s",
-        "m",
-        &CallOptions::default(),
-        Payload::Serde(&big),
-        u32::MAX,
-    )
-    .expect("big");
+    let again = serde_frame(3, "s", "m", &big).expect("big");
     assert_eq!(again.head.as_ptr(), addr, "the encode buffer is reused");
     for (v, f) in &kept {
         let decoded = FrameDecoder::new(u32::MAX)

@@ -166,8 +166,8 @@ impl BusyPoll {
             .set(avg + (f64::from(u8::from(short)) - avg) * EWMA_WEIGHT);
     }
 
-    /// Whether a polling round would run now: while most recent frames
-    /// came within a window of the previous ones.
+    /// Whether a polling round would run now: while most recent reads
+    /// came within a window of the runtime running out of work.
     fn armed(&self) -> bool {
         self.short_gaps.get() > ARM_ABOVE
     }

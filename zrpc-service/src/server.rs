@@ -1309,7 +1309,6 @@ impl<S: Service> Server<S> {
     /// it works: `zrpc_proto::busy_poll`.
     pub fn busy_poll(mut self, window: Duration) -> Self {
         self.busy_poll_window = window;
-        self.busy_poll = None;
         self
     }
 
@@ -1509,6 +1508,12 @@ impl<S: Service> Server<S> {
                 for w in &mut self.fds {
                     w.async_fd = None;
                 }
+                // The busy poller lives as long as the runtime (and the
+                // connections it watches): made once here, not per call.
+                self.busy_poll = BusyPoll::new(self.busy_poll_window).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "busy polling off: cannot create its epoll set");
+                    None
+                });
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .on_thread_park(zrpc_proto::busy_poll::before_park)
@@ -1516,21 +1521,15 @@ impl<S: Service> Server<S> {
                     .map_err(Error::Runtime)?
             }
         };
+        // Installed on this thread for this call only (the park hook and a
+        // new connection find it there), also if it unwinds.
+        let installed = BusyPoll::scoped(self.busy_poll.clone());
         // Exempt from tokio's cooperative budget: the service loop is this
         // private runtime's main work, and running out of budget in the
         // middle of a burst of requests forced a yield and an extra
         // `epoll_wait` every ~50 requests (3,536 epoll_waits for 1,606 reads
         // at 64 in flight; 2,338 for 2,305 without). `serve` yields on its
         // own every YIELD_EVERY_STEPS steps instead.
-        if self.busy_poll.is_none() {
-            self.busy_poll = BusyPoll::new(self.busy_poll_window).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "busy polling off: cannot create its epoll set");
-                None
-            });
-        }
-        // Installed on this thread for this call only (the park hook and a
-        // new connection find it there), also if it unwinds.
-        let installed = BusyPoll::scoped(self.busy_poll.clone());
         let out = rt.block_on(tokio::task::unconstrained(f(self)));
         drop(installed);
         self.rt = Some(rt);

@@ -41,15 +41,20 @@ impl<F> CatchUnwind<F> {
     pub(crate) fn new(fut: F) -> Self {
         CatchUnwind { inner: Some(fut) }
     }
+
+    /// Drops the inner future in place (it may panic while being dropped:
+    /// after finishing, after panicking, or abandoned by a cancelled call;
+    /// the panic is contained).
+    fn drop_inner(&mut self) {
+        if self.inner.is_some() {
+            let _ = catch_unwind(AssertUnwindSafe(|| self.inner = None));
+        }
+    }
 }
 
 impl<F> Drop for CatchUnwind<F> {
     fn drop(&mut self) {
-        // A handler future abandoned before it finished (the call was
-        // cancelled) may panic while being dropped; contain it.
-        if self.inner.is_some() {
-            let _ = catch_unwind(AssertUnwindSafe(|| self.inner = None));
-        }
+        self.drop_inner();
     }
 }
 
@@ -75,14 +80,12 @@ where
         let inner = unsafe { Pin::new_unchecked(inner) };
         match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(Poll::Ready(v)) => {
-                // Dropping the finished future may panic; contain it.
-                let _ = catch_unwind(AssertUnwindSafe(|| this.inner = None));
+                this.drop_inner();
                 Poll::Ready(v)
             }
             Ok(Poll::Pending) => Poll::Pending,
             Err(payload) => {
-                // Dropping a future that panicked may panic again; contain it.
-                let _ = catch_unwind(AssertUnwindSafe(|| this.inner = None));
+                this.drop_inner();
                 Poll::Ready(Err(panicked(&*payload)))
             }
         }

@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, Criterion, Throughput};
+use zrpc_proto::reactor;
 use zrpc_proto::{encode_frame, Envelope, Frame, FrameDecoder, PROTOCOL_VERSION};
 use zrpcd::broker::Broker;
 use zrpcd::peers::{Creds, PeerId};
@@ -53,12 +54,7 @@ struct Setup {
 fn peer_io() -> PeerIo {
     let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     a.set_nonblocking(true).expect("nonblocking");
-    // SAFETY: the AsyncFd owns the socket for its whole lifetime.
-    let fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(a, tokio::io::Interest::READABLE)
-    }
-    .map_err(std::io::Error::from)
-    .expect("register");
+    let fd = reactor::register(a, tokio::io::Interest::READABLE).expect("register");
     PeerIo::new(Rc::new(fd))
 }
 

@@ -5,6 +5,7 @@
 use std::rc::Rc;
 
 use bytes::BytesMut;
+use zrpc_proto::reactor;
 use zrpc_proto::{encode_frame, Envelope, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
 use zrpcd::broker::Broker;
 use zrpcd::peers::{Creds, PeerId};
@@ -85,12 +86,7 @@ impl Peer {
 fn connect(b: &mut Broker, instance: u64) -> Peer {
     let (a, other_end) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     a.set_nonblocking(true).expect("nonblocking");
-    // SAFETY: the AsyncFd owns the socket for its whole lifetime.
-    let fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(a, tokio::io::Interest::READABLE)
-    }
-    .map_err(std::io::Error::from)
-    .expect("register");
+    let fd = reactor::register(a, tokio::io::Interest::READABLE).expect("register");
     let io = Rc::new(PeerIo::new(Rc::new(fd)));
     let id = b.add_peer(io.clone(), Creds::default());
     let hello = Envelope::Hello {
