@@ -1622,7 +1622,7 @@ impl<S: Service> Server<S> {
                             "re-sent request answered from the reply cache"
                         );
                         if let Some(conn) = link.conn.as_mut() {
-                            conn.write_outcome(req.id, outcome);
+                            conn.write_outcome(req.id, &outcome);
                             if flush_reply {
                                 if let Err(e) = conn.flush().await {
                                     link.lost(e)?;
@@ -1664,7 +1664,7 @@ impl<S: Service> Server<S> {
                 }
                 let mut outcome = wire_outcome(result, link.max_message_size);
                 let mut owned = false;
-                if key.is_some() {
+                if key.is_some() && !ReplyCache::stores_inline(&outcome) {
                     (outcome, owned) = own_reply(outcome, request);
                 }
                 drop(request_alive);
