@@ -95,18 +95,8 @@ async fn read_loop(
     let mut buf = BytesMut::new();
     let mut ready = false;
     loop {
-        // Reserve a large frame at once when it arrives, up to
-        // UPFRONT_RESERVE; beyond that at most 4x what has arrived, so a peer
-        // that sends only a header announcing a huge frame cannot make the
-        // broker reserve --max-message-size of memory per connection.
-        let want = decoder.needed(&buf).map_or(READ_CHUNK, |n| {
-            (n - buf.len()).min(UPFRONT_RESERVE.max(buf.len().saturating_mul(4)))
-        });
-        if buf.capacity() - buf.len() < want.min(READ_CHUNK) || buf.capacity() - buf.len() < want {
-            buf.reserve(want.max(READ_CHUNK));
-        }
         let read = tokio::select! {
-            r = read_some(&rd, &mut buf) => r,
+            r = read_some(&rd, &mut buf, &decoder) => r,
             _ = io.kill.notified() => return "closed by the broker".into(),
             _ = tokio::time::sleep_until(hello_deadline), if !ready => {
                 let fatal = Fatal {
@@ -178,13 +168,26 @@ fn close_with(broker: &RefCell<Broker>, id: PeerId, fatal: &Fatal) {
     b.flush();
 }
 
-/// Reads what is available into the spare capacity of `buf`.
+/// Waits until the socket is readable, then reads what is available into
+/// the spare capacity of `buf`, reserved only then: an idle connection
+/// holds no read buffer at all.
 async fn read_some(
     rd: &AsyncFd<std::os::unix::net::UnixStream>,
     buf: &mut BytesMut,
+    decoder: &FrameDecoder,
 ) -> std::io::Result<usize> {
     loop {
         let mut guard = rd.readable().await?;
+        // Reserve a large frame at once when it arrives, up to
+        // UPFRONT_RESERVE; beyond that at most 4x what has arrived, so a peer
+        // that sends only a header announcing a huge frame cannot make the
+        // broker reserve --max-message-size of memory per connection.
+        let want = decoder.needed(buf).map_or(READ_CHUNK, |n| {
+            (n - buf.len()).min(UPFRONT_RESERVE.max(buf.len().saturating_mul(4)))
+        });
+        if buf.capacity() - buf.len() < want.min(READ_CHUNK) || buf.capacity() - buf.len() < want {
+            buf.reserve(want.max(READ_CHUNK));
+        }
         let spare = buf.chunk_mut();
         let cap = spare.len();
         // SAFETY: read(2) only writes into the spare capacity, and we mark as
