@@ -19,14 +19,6 @@ use crate::broker::{Broker, Fatal};
 use crate::peers::{Creds, PeerId};
 use crate::queue::PeerIo;
 
-/// Within one read batch, what was routed is written out every this many
-/// frames, not only at the end: with 64 calls arriving in one read, the
-/// service starts on the first 16 while the broker routes the rest, so the
-/// three processes overlap instead of taking turns on a whole batch
-/// (zrpc-bench conc_small_64 0.26-0.28x -> 0.37-0.38x of the relay, together
-/// with the same rule in zrpc-service).
-const FLUSH_EVERY_FRAMES: usize = 16;
-
 /// Most a frame's announced length reserves before its bytes arrive.
 const UPFRONT_RESERVE: usize = 4 * 1024 * 1024;
 /// How long a closing connection may take to accept its last frames.
@@ -119,7 +111,9 @@ async fn read_loop(
             Some(p) => p.last_seen = now,
             None => return "closed by the broker".into(),
         }
-        let mut frames = 0usize;
+        // Every peer that got frames is written at the end of the batch; one
+        // that got `queue::FLUSH_EVERY_FRAMES` of them already was written
+        // then, so that it starts on them while the rest is routed.
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
@@ -127,10 +121,6 @@ async fn read_loop(
                         b.fatal(id, &fatal);
                         b.flush();
                         return fatal.message;
-                    }
-                    frames += 1;
-                    if frames.is_multiple_of(FLUSH_EVERY_FRAMES) {
-                        b.flush();
                     }
                 }
                 Ok(None) => break,

@@ -20,12 +20,22 @@ use zrpc_proto::{encode_header, Envelope};
 /// the very bytes they arrived in) instead of being copied.
 const ZERO_COPY_MIN: usize = 8 * 1024;
 
+/// A peer is written as soon as this many frames are queued to it, without
+/// waiting for the end of the read batch that produced them: the peer
+/// starts on the first frames of a burst while the broker routes the rest.
+/// Peers that get fewer frames from a batch are written once, at its end
+/// (one write, so one wake-up, per peer per batch). 8, 24, 32 and 64 were
+/// measured; 16 was best (docs/performance.md).
+pub const FLUSH_EVERY_FRAMES: u32 = 16;
+
 /// Frames waiting to be written to one peer.
 #[derive(Debug, Default)]
 pub struct OutQueue {
     chunks: VecDeque<Bytes>,
     cur: BytesMut,
     bytes: usize,
+    /// Frames pushed since the queue was last written out completely.
+    frames: u32,
 }
 
 impl OutQueue {
@@ -33,6 +43,7 @@ impl OutQueue {
     /// burst of small frames becomes one contiguous buffer; large payloads
     /// are queued by reference.
     pub fn push(&mut self, env: &Envelope<'_>, payload: &Bytes) {
+        self.frames += 1;
         let before = self.cur.len();
         encode_header(&mut self.cur, env, payload.len());
         self.bytes += self.cur.len() - before + payload.len();
@@ -58,6 +69,7 @@ impl OutQueue {
             out.push(self.cur.split().freeze());
         }
         self.bytes = 0;
+        self.frames = 0;
     }
 
     /// True if nothing is queued.
@@ -99,6 +111,7 @@ impl OutQueue {
             }
         }
         self.bytes = 0;
+        self.frames = 0;
         // Give back memory from a burst once drained (small idle connections).
         if self.cur.capacity() > 256 * 1024 {
             self.cur = BytesMut::new();
@@ -145,8 +158,12 @@ impl PeerIo {
     }
 
     /// Queues a frame (the broker flushes it at the end of the batch).
-    pub fn push(&self, env: &Envelope<'_>, payload: &Bytes) {
-        self.queue.borrow_mut().push(env, payload);
+    /// Returns true once [`FLUSH_EVERY_FRAMES`] frames are queued: time to
+    /// write them out.
+    pub fn push(&self, env: &Envelope<'_>, payload: &Bytes) -> bool {
+        let mut q = self.queue.borrow_mut();
+        q.push(env, payload);
+        q.frames >= FLUSH_EVERY_FRAMES
     }
 
     /// Writes what is queued now if the socket takes it; otherwise hands

@@ -1,6 +1,8 @@
-//! The routing logic in process (no sockets read or written): broker call
-//! ids of reused pending-call slots, late replies, cancel, re-delivery and
-//! caller disconnect, as seen in the frames queued for each peer.
+//! The routing logic in process (frames are fed to the broker directly, not
+//! read from sockets): broker call ids of reused pending-call slots, late
+//! replies, cancel, re-delivery and caller disconnect, as seen in the frames
+//! queued for each peer; and when those frames are written to the peer's
+//! socket.
 
 use std::rc::Rc;
 
@@ -43,7 +45,7 @@ enum Out {
 struct Peer {
     id: PeerId,
     io: Rc<PeerIo>,
-    _other_end: std::os::unix::net::UnixStream,
+    other_end: std::os::unix::net::UnixStream,
 }
 
 impl Peer {
@@ -55,32 +57,56 @@ impl Peer {
         for c in chunks {
             buf.extend_from_slice(&c);
         }
-        let dec = FrameDecoder::new(u32::MAX);
-        let mut out = Vec::new();
-        while let Some(f) = dec.decode(&mut buf).expect("valid frames") {
-            out.push(match f.decode().expect("valid envelope") {
-                Envelope::Request {
-                    id,
-                    method,
-                    caller_call,
-                    ..
-                } => Out::Request {
-                    id,
-                    method: method.into(),
-                    caller_call,
-                    payload: f.payload.to_vec(),
-                },
-                Envelope::Result { id, code, .. } => Out::Result {
-                    id,
-                    code,
-                    payload: f.payload.to_vec(),
-                },
-                Envelope::Cancel { id } => Out::Cancel { id },
-                _ => Out::Other,
-            });
+        decode_outs(&mut buf)
+    }
+
+    /// Frames that reached the peer's end of the socket so far.
+    fn written(&self) -> Vec<Out> {
+        use std::io::Read;
+        let mut sock = &self.other_end;
+        sock.set_nonblocking(true).expect("nonblocking");
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match sock.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("read: {e}"),
+            }
         }
+        let out = decode_outs(&mut buf);
+        assert!(buf.is_empty(), "whole frames only");
         out
     }
+}
+
+fn decode_outs(buf: &mut BytesMut) -> Vec<Out> {
+    let dec = FrameDecoder::new(u32::MAX);
+    let mut out = Vec::new();
+    while let Some(f) = dec.decode(buf).expect("valid frames") {
+        out.push(match f.decode().expect("valid envelope") {
+            Envelope::Request {
+                id,
+                method,
+                caller_call,
+                ..
+            } => Out::Request {
+                id,
+                method: method.into(),
+                caller_call,
+                payload: f.payload.to_vec(),
+            },
+            Envelope::Result { id, code, .. } => Out::Result {
+                id,
+                code,
+                payload: f.payload.to_vec(),
+            },
+            Envelope::Cancel { id } => Out::Cancel { id },
+            _ => Out::Other,
+        });
+    }
+    out
 }
 
 fn connect(b: &mut Broker, instance: u64) -> Peer {
@@ -95,11 +121,7 @@ fn connect(b: &mut Broker, instance: u64) -> Peer {
         agent: "routing-test",
     };
     b.on_frame(id, frame(&hello, b"")).expect("hello");
-    let p = Peer {
-        id,
-        io,
-        _other_end: other_end,
-    };
+    let p = Peer { id, io, other_end };
     p.take();
     p
 }
@@ -281,5 +303,54 @@ fn duplicate_ids_and_limits_are_refused() {
             }]
         );
         assert_eq!(b.pending.len(), 2);
+    });
+}
+
+fn request_ids(outs: &[Out]) -> Vec<u64> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Request { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_peer_is_written_every_16_frames_and_the_rest_at_the_end_of_the_batch() {
+    with_broker(|b| {
+        let svc = connect(b, 1);
+        register(b, &svc, "svc");
+        let clients: Vec<Peer> = (0..3).map(|i| connect(b, 10 + i)).collect();
+        // One client's burst of 20 calls: the service gets the first 16 at
+        // once, the other 4 when the batch ends.
+        for id in 0..20 {
+            call(b, &clients[0], id, "m", b"x");
+        }
+        let mut ids = request_ids(&svc.written());
+        assert_eq!(ids.len(), 16);
+        b.flush();
+        ids.extend(request_ids(&svc.written()));
+        assert_eq!(ids.len(), 20);
+        // Calls spread over two more clients (5 each): nobody reaches 16.
+        for c in &clients[1..] {
+            for id in 0..5 {
+                call(b, c, id, "m", b"x");
+            }
+        }
+        b.flush();
+        ids.extend(request_ids(&svc.written()));
+        assert_eq!(ids.len(), 30);
+        assert!(svc.take().is_empty(), "nothing left queued");
+        // All 30 answered in one batch: the first client's 20 results are
+        // written at 16 and at the end; the others' 5 each once, at the end.
+        for id in ids {
+            reply(b, &svc, id, b"r");
+        }
+        assert_eq!(clients[0].written().len(), 16);
+        assert_eq!(clients[1].written().len() + clients[2].written().len(), 0);
+        b.flush();
+        assert_eq!(clients[0].written().len(), 4);
+        assert_eq!(clients[1].written().len(), 5);
+        assert_eq!(clients[2].written().len(), 5);
     });
 }
