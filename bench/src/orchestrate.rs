@@ -1006,7 +1006,10 @@ fn busy_poll_cost(
             if let Some(r) = relay_seq {
                 let z = ctx.measure(
                     &daemons,
-                    &|| vec![zrpc_client(&dir, "current", 1, c.seq_warmup, c.seq, SMALL)],
+                    &|| {
+                        vec![zrpc_client(&dir, "current", 1, c.seq_warmup, c.seq, SMALL)
+                            .env("ZRPC_BUSY_POLL_US", "0")]
+                    },
                     SMALL,
                 )?;
                 rows.push(Row {
@@ -1020,7 +1023,11 @@ fn busy_poll_cost(
                 });
             }
             if let Some(r) = relay_conc {
-                let z = ctx.measure(&daemons, &|| vec![conc_client(&dir, &c)], SMALL)?;
+                let z = ctx.measure(
+                    &daemons,
+                    &|| vec![conc_client(&dir, &c).env("ZRPC_BUSY_POLL_US", "0")],
+                    SMALL,
+                )?;
                 rows.push(Row {
                     scenario: "conc_small_64_nopoll",
                     metric: "calls/s",

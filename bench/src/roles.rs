@@ -260,9 +260,15 @@ pub fn client(
             .build(),
         _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(zrpc_client::busy_poll::before_park)
             .build(),
     }
     .unwrap_or_else(|e| die(e));
+    // Busy polling as a client opts in to it (`zrpc_client::busy_poll`):
+    // the default window unless ZRPC_BUSY_POLL_US says otherwise (0 in the
+    // `*_nopoll` rows). Only the current-thread flavours poll.
+    let _polling = zrpc_client::busy_poll::enable(zrpc_client::busy_poll::default_window())
+        .unwrap_or_else(|e| die(e));
     rt.block_on(async {
         let c = Client::builder()
             .socket_dir(dir)

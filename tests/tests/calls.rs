@@ -557,3 +557,61 @@ fn calls_and_timeouts_work_with_busy_polling_off_and_with_a_long_window() {
         assert_eq!(r, 7);
     }
 }
+
+#[test]
+fn an_async_client_with_busy_polling_gets_every_reply_and_its_timers_fire() {
+    let (b, _svc) = echo_broker();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(zrpc_client::busy_poll::before_park)
+        .build()
+        .expect("runtime");
+    // The longest window, so that the poller is armed for sure.
+    let polling = zrpc_client::busy_poll::enable(Duration::from_micros(
+        zrpc_client::busy_poll::MAX_WINDOW_US,
+    ))
+    .expect("poller");
+    rt.block_on(async {
+        let c = Client::builder()
+            .socket_dir(b.dir())
+            .connect()
+            .await
+            .expect("connect");
+        // 16 callers in flight, 2,000 calls: every reply reaches its caller.
+        let tasks: Vec<_> = (0..16u32)
+            .map(|t| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    for i in 0..125u32 {
+                        let v = t * 1000 + i;
+                        let r: u32 = c.call("echo", "echo", &v, T).await.expect("echo");
+                        assert_eq!(r, v);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("caller");
+        }
+        // The broker's deadline reaches a polling client.
+        let r = c
+            .call::<_, u32>(
+                "echo",
+                "sleep",
+                &60_000u64,
+                Some(Duration::from_millis(200)),
+            )
+            .await;
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        // The runtime's own timers still fire while it polls.
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        let r: u32 = c.call("echo", "echo", &7u32, T).await.expect("after");
+        assert_eq!(r, 7);
+    });
+    // None on a single-CPU machine, where polling is off.
+    if let Some(s) = polling.stats() {
+        assert!(s.rounds > 0 && s.caught > 0, "the client polled: {s:?}");
+    }
+}

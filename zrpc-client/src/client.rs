@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,6 +15,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Notify};
+use zrpc_proto::busy_poll::BusyPoll;
 use zrpc_proto::reactor::{register, register_dup, Registered};
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
@@ -782,6 +784,12 @@ impl Conn {
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| settings.connect_error(e))?;
         let io = register(sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
+        if let Some(bp) = BusyPoll::current() {
+            // Polled when the runtime runs out of work (`crate::busy_poll`).
+            if let Err(e) = bp.watch(io.get_ref().as_raw_fd()) {
+                tracing::debug!(error = %e, "zrpc-client: cannot busy-poll the connection");
+            }
+        }
         let conn = Arc::new(Conn {
             gen: GENERATION.fetch_add(1, Ordering::Relaxed),
             welcome,
@@ -1012,6 +1020,7 @@ async fn read_some(rd: &Registered, dec: &FrameDecoder, buf: &mut BytesMut) -> i
             Ok(n) => {
                 // SAFETY: the first `n` spare bytes were just written.
                 unsafe { buf.set_len(buf.len() + n) };
+                BusyPoll::with_current(|bp| bp.batch(Instant::now(), n));
                 if n < cap && n > 0 {
                     // A short read drained the socket: wait for the next
                     // edge instead of paying a read that would block.

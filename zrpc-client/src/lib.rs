@@ -92,6 +92,7 @@
 #![warn(missing_docs)]
 
 mod blocking;
+pub mod busy_poll;
 mod client;
 mod common;
 mod error;

@@ -1,4 +1,5 @@
-//! Adaptive busy polling: when a process (the broker, a service) runs out
+//! Adaptive busy polling: when a process (the broker, a service, a client
+//! that opts in with `zrpc_client::busy_poll`) runs out
 //! of work while frames are arriving in quick succession, it polls its
 //! sockets for a short window before letting the runtime sleep in
 //! `epoll_wait`.
@@ -14,7 +15,8 @@
 //! `Builder::on_thread_park`) when the runtime has no task left to run and
 //! is about to block. Only then, it waits for up to the window (at most
 //! [`MAX_WINDOW_US`]) for any watched socket (the broker's connections and
-//! listener, a service's broker connection) to become readable, polling a
+//! listener, a service's broker connection, an opted-in client's
+//! connections) to become readable, polling a
 //! second, level-triggered epoll set that holds them ([`BusyPoll::watch`])
 //! with a zero timeout, and yielding the CPU to any other runnable process
 //! between polls. As soon as a socket is readable it returns and tokio's
@@ -79,6 +81,19 @@ pub struct BusyPoll {
     short_gaps: Cell<f64>,
     /// A polling round found nothing since the last read.
     vain: Cell<bool>,
+    /// Rounds that polled, and those a readable socket ended.
+    rounds: Cell<u64>,
+    caught: Cell<u64>,
+}
+
+/// What a poller has done so far ([`BusyPoll::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PollStats {
+    /// Rounds that polled (the runtime ran out of work while armed).
+    pub rounds: u64,
+    /// Rounds that ended because a watched socket became readable: the
+    /// wake-ups saved.
+    pub caught: u64,
 }
 
 thread_local! {
@@ -108,6 +123,8 @@ impl BusyPoll {
             idle_since: Cell::new(None),
             short_gaps: Cell::new(0.0),
             vain: Cell::new(false),
+            rounds: Cell::new(0),
+            caught: Cell::new(0),
         })))
     }
 
@@ -116,9 +133,27 @@ impl BusyPoll {
         self.window
     }
 
+    /// Rounds polled and wake-ups saved so far.
+    pub fn stats(&self) -> PollStats {
+        PollStats {
+            rounds: self.rounds.get(),
+            caught: self.caught.get(),
+        }
+    }
+
     /// The poller installed on the current thread, if any.
     pub fn current() -> Option<Rc<BusyPoll>> {
         CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// Runs `f` with the poller installed on the current thread, if any
+    /// (no reference count taken).
+    pub fn with_current(f: impl FnOnce(&BusyPoll)) {
+        CURRENT.with(|c| {
+            if let Some(bp) = &*c.borrow() {
+                f(bp);
+            }
+        });
     }
 
     /// Makes `bp` (or none) the poller [`before_park`] and
@@ -182,11 +217,13 @@ impl BusyPoll {
         if !self.armed() {
             return;
         }
+        self.rounds.set(self.rounds.get() + 1);
         let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
         loop {
             // SAFETY: valid epoll descriptor and a one-element buffer.
             let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), ev.as_mut_ptr(), 1, 0) };
             if n > 0 {
+                self.caught.set(self.caught.get() + 1);
                 return;
             }
             if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {

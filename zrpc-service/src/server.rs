@@ -1301,12 +1301,13 @@ impl<S: Service> Server<S> {
     /// instead of sleeping between them, up to one CPU. It polls only while
     /// at least three in four recent requests arrived within a window of
     /// the process running out of work: never when idle, nor for a request
-    /// every 100 us or more. Only the broker connection is polled: the
-    /// readiness of file descriptors added with
-    /// [`register`](Server::register), timers, and replies to calls a
-    /// handler makes with a zrpc client are seen at the end of a poll, at
-    /// most one window late. Set it before the first `run`/`run_once`. How
-    /// it works: `zrpc_proto::busy_poll`.
+    /// every 100 us or more. The broker connection is polled, and so is the
+    /// connection of a `zrpc_client::Client` that a handler connects on
+    /// this runtime (its replies are watched too); the readiness of file
+    /// descriptors added with [`register`](Server::register) and timers
+    /// are seen at the end of a poll, at most one window late. Set it
+    /// before the first `run`/`run_once`. How it works:
+    /// `zrpc_proto::busy_poll`.
     pub fn busy_poll(mut self, window: Duration) -> Self {
         self.busy_poll_window = window;
         self
