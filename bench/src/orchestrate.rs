@@ -352,10 +352,10 @@ fn fmt_num(x: f64) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<18} {:<22} {:>12} {:>12} {:>7}  {:<16} {:<5} {:<12}",
+        "{:<27} {:<22} {:>12} {:>12} {:>7}  {:<16} {:<5} {:<12}",
         "scenario", "metric", "zrpc", "relay", "ratio", "target", "", "guard"
     );
-    println!("{}", "-".repeat(114));
+    println!("{}", "-".repeat(123));
     for r in rows {
         let verdict = match r.verdict() {
             Some(true) => "PASS",
@@ -370,7 +370,7 @@ fn print_table(rows: &[Row]) {
             )
         });
         println!(
-            "{:<18} {:<22} {:>12} {:>12} {:>7}  {:<16} {:<5} {:<12} {}",
+            "{:<27} {:<22} {:>12} {:>12} {:>7}  {:<16} {:<5} {:<12} {}",
             r.scenario,
             r.metric,
             fmt_num(r.zrpc),
@@ -651,6 +651,21 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             guard: None,
             note: String::new(),
         });
+        // What a client that does not opt in to busy polling gets.
+        let q = ctx.measure(
+            &daemons,
+            &|| vec![conc_client(&zdir, &c).env("ZRPC_BUSY_POLL_US", "0")],
+            SMALL,
+        )?;
+        rows.push(Row {
+            scenario: "conc_small_64_client_nopoll",
+            metric: "calls/s",
+            zrpc: q.calls_per_s,
+            baseline: Some(r.calls_per_s),
+            target: None,
+            guard: Some(q.guard),
+            note: "diagnostic: the client not polling (broker, service as default)".into(),
+        });
     }
 
     if ctx.want("many_clients") {
@@ -684,6 +699,27 @@ fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             target: Some(Target::RatioAtLeast(0.5)),
             guard: Some(z.guard),
             note: guard_note(&r),
+        });
+        let q = ctx.measure(
+            &daemons,
+            &|| {
+                (0..MANY_CLIENTS)
+                    .map(|_| {
+                        zrpc_client(&zdir, "current", MANY_INFLIGHT, warm, per, SMALL)
+                            .env("ZRPC_BUSY_POLL_US", "0")
+                    })
+                    .collect()
+            },
+            SMALL,
+        )?;
+        rows.push(Row {
+            scenario: "many_clients_client_nopoll",
+            metric: "calls/s (16x16)",
+            zrpc: q.calls_per_s,
+            baseline: Some(r.calls_per_s),
+            target: None,
+            guard: Some(q.guard),
+            note: "diagnostic: the clients not polling (broker, service as default)".into(),
         });
     }
 
