@@ -734,6 +734,9 @@ struct Conn {
     /// Several results were handed out at once: their callers' next calls
     /// go through the writer task (one write) until it has written.
     burst: AtomicBool,
+    /// The busy poller watching the socket (`BusyPoll::id`), if any: reads
+    /// feed only that poller's rule, whichever thread reads.
+    poller: Option<u64>,
 }
 
 impl Conn {
@@ -784,12 +787,14 @@ impl Conn {
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| settings.connect_error(e))?;
         let io = register(sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
-        if let Some(bp) = BusyPoll::current() {
-            // Polled when the runtime runs out of work (`crate::busy_poll`).
-            if let Err(e) = bp.watch(io.get_ref().as_raw_fd()) {
+        // Polled when the runtime runs out of work (`crate::busy_poll`).
+        let poller = BusyPoll::current().and_then(|bp| match bp.watch(io.get_ref().as_raw_fd()) {
+            Ok(()) => Some(bp.id()),
+            Err(e) => {
                 tracing::debug!(error = %e, "zrpc-client: cannot busy-poll the connection");
+                None
             }
-        }
+        });
         let conn = Arc::new(Conn {
             gen: GENERATION.fetch_add(1, Ordering::Relaxed),
             welcome,
@@ -800,6 +805,7 @@ impl Conn {
             writer_wake: Notify::new(),
             reader_stop: Notify::new(),
             burst: AtomicBool::new(false),
+            poller,
         });
         Ok((conn, buf))
     }
@@ -994,7 +1000,7 @@ async fn read_loop(shared: &Shared, conn: &Conn, mut buf: BytesMut) -> Dead {
                     .clone()
                     .unwrap_or_else(|| Dead::Disconnected("the connection was closed".into()));
             }
-            r = read_some(&conn.io, &dec, &mut buf) => match r {
+            r = read_some(&conn.io, &dec, &mut buf, conn.poller) => match r {
                 Ok(0) => return Dead::Disconnected("the broker closed the connection".into()),
                 Ok(_) => {}
                 Err(e) => return Dead::Disconnected(format!("read error: {e}")),
@@ -1005,7 +1011,12 @@ async fn read_loop(shared: &Shared, conn: &Conn, mut buf: BytesMut) -> Dead {
 
 /// Reads what is available into `buf`, after making room for it. Cancel-safe: bytes land in `buf` only when read, and the read
 /// itself is not interrupted.
-async fn read_some(rd: &Registered, dec: &FrameDecoder, buf: &mut BytesMut) -> io::Result<usize> {
+async fn read_some(
+    rd: &Registered,
+    dec: &FrameDecoder,
+    buf: &mut BytesMut,
+    poller: Option<u64>,
+) -> io::Result<usize> {
     loop {
         let mut guard = rd.readable().await?;
         // Only now: the callers woken by the last batch have usually dropped
@@ -1020,7 +1031,13 @@ async fn read_some(rd: &Registered, dec: &FrameDecoder, buf: &mut BytesMut) -> i
             Ok(n) => {
                 // SAFETY: the first `n` spare bytes were just written.
                 unsafe { buf.set_len(buf.len() + n) };
-                BusyPoll::with_current(|bp| bp.batch(Instant::now(), n));
+                if let Some(id) = poller {
+                    BusyPoll::with_current(|bp| {
+                        if bp.id() == id {
+                            bp.batch(Instant::now(), n);
+                        }
+                    });
+                }
                 if n < cap && n > 0 {
                     // A short read drained the socket: wait for the next
                     // edge instead of paying a read that would block.

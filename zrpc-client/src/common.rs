@@ -469,6 +469,8 @@ const SCRATCH_SPLIT: usize = 64 * 1024;
 const SCRATCH_KEEP: usize = 4 * 1024 * 1024;
 
 thread_local! {
+    /// Where small raw-payload frames are encoded before `own_frame`.
+    static SMALL: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
     static SCRATCH: std::cell::RefCell<Scratch> =
         std::cell::RefCell::new(Scratch { buf: BytesMut::new(), full: 0 });
 }
@@ -592,10 +594,22 @@ pub(crate) fn call_frame<P: Serialize + ?Sized>(
                 max_message_size,
             )?;
             if bytes.len() <= INLINE_FRAME {
-                // Small: through the encode buffer into an `InlineFrame`.
-                let head = with_scratch(|out| {
+                // Small: through a small per-thread buffer into an
+                // `InlineFrame` (not through `with_scratch`: that would give
+                // up the large encode buffer while a large frame split off
+                // it is still alive).
+                let head = SMALL.with(|small| {
+                    let mut fresh = BytesMut::new();
+                    let mut held = small.try_borrow_mut();
+                    let out = match held.as_mut() {
+                        Ok(b) => &mut **b,
+                        // Re-entered (cannot happen for raw payloads, which
+                        // run no user code; kept total anyway).
+                        Err(_) => &mut fresh,
+                    };
+                    out.clear();
                     encode_frame(out, &env, bytes);
-                    check_size(out.len() - HEADER_LEN, max_message_size)
+                    check_size(out.len() - HEADER_LEN, max_message_size).map(|()| own_frame(out))
                 })?;
                 return Ok(head.into());
             }

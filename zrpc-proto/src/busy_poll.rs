@@ -66,9 +66,14 @@ const EWMA_WEIGHT: f64 = 0.125;
 /// Polling runs while the moving average of short gaps exceeds this.
 const ARM_ABOVE: f64 = 0.75;
 
+/// Identities of pollers, from 1 (see [`BusyPoll::id`]).
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// The busy poller of one runtime thread.
 #[derive(Debug)]
 pub struct BusyPoll {
+    /// Unique in the process, never reused.
+    id: u64,
     window: Duration,
     /// A level-triggered epoll set holding every connection and the
     /// listener, polled with a zero timeout while polling.
@@ -117,6 +122,7 @@ impl BusyPoll {
             return Err(io::Error::last_os_error());
         }
         Ok(Some(Rc::new(BusyPoll {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             window,
             // SAFETY: `fd` is a fresh descriptor nobody else owns.
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
@@ -126,6 +132,13 @@ impl BusyPoll {
             rounds: Cell::new(0),
             caught: Cell::new(0),
         })))
+    }
+
+    /// This poller's identity, unique in the process and never reused: a
+    /// socket watched by one poller should feed [`batch`](Self::batch)
+    /// only of that poller, also when it is read on another thread.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The polling window.
@@ -159,9 +172,18 @@ impl BusyPoll {
     /// Makes `bp` (or none) the poller [`before_park`] and
     /// [`BusyPoll::current`] see on this thread until the returned guard is
     /// dropped (also by a panic), which restores the previous one.
+    ///
+    /// Guards dropped out of order (possible with guards a user holds) do
+    /// not bring back a poller whose own guard is gone: a guard restores
+    /// only if its poller is still the current one, and only a previous
+    /// poller that something else still keeps alive.
     pub fn scoped(bp: Option<Rc<BusyPoll>>) -> Installed {
+        let mine = bp.as_ref().map(Rc::as_ptr);
         let previous = CURRENT.with(|c| std::mem::replace(&mut *c.borrow_mut(), bp));
-        Installed { previous }
+        Installed {
+            previous: previous.as_ref().map(Rc::downgrade),
+            mine,
+        }
     }
 
     /// Adds a socket to the polled set. A closed descriptor leaves the set
@@ -251,14 +273,21 @@ impl BusyPoll {
 #[must_use = "the poller is uninstalled when this guard is dropped"]
 #[derive(Debug)]
 pub struct Installed {
-    previous: Option<Rc<BusyPoll>>,
+    previous: Option<std::rc::Weak<BusyPoll>>,
+    /// What this guard installed (`None`: no poller).
+    mine: Option<*const BusyPoll>,
 }
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        let previous = self.previous.take();
+        let previous = self.previous.take().and_then(|w| w.upgrade());
         // `try_with`: the thread may be exiting.
-        let _ = CURRENT.try_with(|c| *c.borrow_mut() = previous);
+        let _ = CURRENT.try_with(|c| {
+            let mut c = c.borrow_mut();
+            if c.as_ref().map(Rc::as_ptr) == self.mine {
+                *c = previous;
+            }
+        });
     }
 }
 
@@ -280,6 +309,35 @@ mod tests {
     fn poller(window: Duration) -> Option<Rc<BusyPoll>> {
         // None on a single-CPU machine: nothing to test there.
         BusyPoll::new(window).expect("epoll_create1")
+    }
+
+    #[test]
+    fn guards_restore_only_what_is_still_theirs() {
+        let (Some(p1), Some(p2)) = (
+            poller(Duration::from_micros(50)),
+            poller(Duration::from_micros(50)),
+        ) else {
+            return; // one CPU: no pollers
+        };
+        assert_ne!(p1.id(), p2.id());
+        let current = || BusyPoll::current().map(|p| p.id());
+        // Nested: each guard restores the one before.
+        let a = BusyPoll::scoped(Some(p1.clone()));
+        let b = BusyPoll::scoped(Some(p2.clone()));
+        assert_eq!(current(), Some(p2.id()));
+        drop(b);
+        assert_eq!(current(), Some(p1.id()));
+        drop(a);
+        assert_eq!(current(), None);
+        // Out of order, the first poller gone with its guard: dropping the
+        // second guard does not bring it back.
+        let a = BusyPoll::scoped(Some(p1.clone()));
+        let b = BusyPoll::scoped(Some(p2.clone()));
+        drop(a);
+        assert_eq!(current(), Some(p2.id()), "a guard leaves another's poller");
+        drop(p1);
+        drop(b);
+        assert_eq!(current(), None);
     }
 
     #[test]

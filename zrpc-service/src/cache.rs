@@ -190,6 +190,18 @@ impl ReplyCache {
         if !self.enabled() {
             return;
         }
+        let cost = match &outcome {
+            Ok(p) => p.len(),
+            Err((_, msg)) => msg.len(),
+        };
+        if cost > self.max_bytes {
+            tracing::debug!(
+                cost,
+                max_bytes = self.max_bytes,
+                "reply too large for the reply cache; not cached"
+            );
+            return;
+        }
         let stored = match outcome {
             Ok(p) if p.len() <= INLINE => {
                 let mut buf = [0; INLINE];
@@ -209,15 +221,7 @@ impl ReplyCache {
             target: target(service, method),
             stored,
         };
-        let cost = slot.cost();
-        if cost > self.max_bytes {
-            tracing::debug!(
-                cost,
-                max_bytes = self.max_bytes,
-                "reply too large for the reply cache; not cached"
-            );
-            return;
-        }
+        debug_assert_eq!(cost, slot.cost());
         let h = hash(key);
         let Self {
             slots,

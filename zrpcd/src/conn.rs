@@ -252,7 +252,8 @@ async fn write_loop(io: Rc<PeerIo>) {
             Ok(false) => guard.clear_ready(),
             Err(e) => {
                 tracing::debug!(error = %e, "write failed");
-                io.closed.set(true);
+                // Also stops the reader: nothing can be sent to this peer.
+                io.close();
                 break;
             }
         }

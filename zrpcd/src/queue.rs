@@ -169,8 +169,12 @@ impl PeerIo {
     /// Writes what is queued now if the socket takes it; otherwise hands
     /// the rest to the writer task.
     pub fn flush(&self) {
-        if self.writer_busy.get() {
-            return; // the writer task is waiting for the socket; it flushes
+        if self.writer_busy.get() || self.closed.get() {
+            // The writer task is waiting for the socket, or the connection
+            // is closing and the writer task writes what is left (bounded):
+            // either way it flushes, not us. (A peer whose writes fail is
+            // closed, so routing to it costs no failing write per frame.)
+            return;
         }
         let result = self.queue.borrow_mut().write_now(self.sock.get_ref());
         match result {

@@ -354,3 +354,26 @@ fn a_peer_is_written_every_16_frames_and_the_rest_at_the_end_of_the_batch() {
         assert_eq!(clients[2].written().len(), 5);
     });
 }
+
+#[test]
+fn a_closing_peer_is_left_to_its_writer_task() {
+    with_broker(|b| {
+        let svc = connect(b, 1);
+        register(b, &svc, "svc");
+        let c = connect(b, 2);
+        // Closing (e.g. its writes failed): the writer task writes what is
+        // left, within a bound; routing does not write to it any more, even
+        // past 16 frames.
+        svc.io.close();
+        for id in 0..20 {
+            call(b, &c, id, "m", b"x");
+        }
+        b.flush();
+        assert!(svc.written().is_empty());
+        assert_eq!(
+            request_ids(&svc.take()).len(),
+            20,
+            "queued for the writer task"
+        );
+    });
+}
