@@ -25,14 +25,15 @@ fn on_async_client<T, F: std::future::Future<Output = T>>(
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async {
-        let c = Client::builder()
-            .socket_dir(b.dir())
-            .connect()
-            .await
-            .expect("connect");
-        f(c).await
-    })
+    rt.block_on(async { f(async_client(b).await).await })
+}
+
+async fn async_client(b: &Broker) -> Client {
+    Client::builder()
+        .socket_dir(b.dir())
+        .connect()
+        .await
+        .expect("connect")
 }
 
 fn echo_broker() -> (Broker, zrpc_tests::Proc) {
@@ -572,11 +573,7 @@ fn an_async_client_with_busy_polling_gets_every_reply_and_its_timers_fire() {
     ))
     .expect("poller");
     rt.block_on(async {
-        let c = Client::builder()
-            .socket_dir(b.dir())
-            .connect()
-            .await
-            .expect("connect");
+        let c = async_client(&b).await;
         // 16 callers in flight, 2,000 calls: every reply reaches its caller.
         let tasks: Vec<_> = (0..16u32)
             .map(|t| {
