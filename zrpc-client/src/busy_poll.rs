@@ -45,9 +45,8 @@
 //! [`BlockingClient`]: crate::BlockingClient
 
 use std::io;
-use std::time::Duration;
-
 use std::rc::Rc;
+use std::time::Duration;
 
 use zrpc_proto::busy_poll::{BusyPoll, Installed};
 
@@ -63,14 +62,7 @@ pub const DEFAULT_WINDOW_US: u64 = 200;
 /// `$ZRPC_BUSY_POLL_US` microseconds if set (0 turns polling off), else
 /// [`DEFAULT_WINDOW_US`]. An unreadable value is logged and ignored.
 pub fn default_window() -> Duration {
-    let us = match std::env::var("ZRPC_BUSY_POLL_US") {
-        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-            tracing::warn!(value = %v, default = DEFAULT_WINDOW_US, "ZRPC_BUSY_POLL_US is not a number of microseconds; using the default");
-            DEFAULT_WINDOW_US
-        }),
-        Err(_) => DEFAULT_WINDOW_US,
-    };
-    Duration::from_micros(us)
+    BusyPoll::window_from_env(DEFAULT_WINDOW_US)
 }
 
 /// Keeps busy polling enabled on this thread; dropping it restores what was

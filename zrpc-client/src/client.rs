@@ -788,13 +788,9 @@ impl Conn {
             .map_err(|e| settings.connect_error(e))?;
         let io = register(sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
         // Polled when the runtime runs out of work (`crate::busy_poll`).
-        let poller = BusyPoll::current().and_then(|bp| match bp.watch(io.get_ref().as_raw_fd()) {
-            Ok(()) => Some(bp.id()),
-            Err(e) => {
-                tracing::debug!(error = %e, "zrpc-client: cannot busy-poll the connection");
-                None
-            }
-        });
+        let poller = BusyPoll::current()
+            .filter(|bp| bp.watch_or_log(io.get_ref().as_raw_fd()))
+            .map(|bp| bp.id());
         let conn = Arc::new(Conn {
             gen: GENERATION.fetch_add(1, Ordering::Relaxed),
             welcome,

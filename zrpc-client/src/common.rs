@@ -598,15 +598,8 @@ pub(crate) fn call_frame<P: Serialize + ?Sized>(
                 // `InlineFrame` (not through `with_scratch`: that would give
                 // up the large encode buffer while a large frame split off
                 // it is still alive).
-                let head = SMALL.with(|small| {
-                    let mut fresh = BytesMut::new();
-                    let mut held = small.try_borrow_mut();
-                    let out = match held.as_mut() {
-                        Ok(b) => &mut **b,
-                        // Re-entered (cannot happen for raw payloads, which
-                        // run no user code; kept total anyway).
-                        Err(_) => &mut fresh,
-                    };
+                // No user code runs while it is borrowed (no re-entry).
+                let head = SMALL.with_borrow_mut(|out| {
                     out.clear();
                     encode_frame(out, &env, bytes);
                     check_size(out.len() - HEADER_LEN, max_message_size).map(|()| own_frame(out))

@@ -141,6 +141,28 @@ impl BusyPoll {
         self.id
     }
 
+    /// [`BusyPoll::new`] for a process that would rather run without
+    /// polling than fail: an error (no epoll set) is logged, polling is off.
+    pub fn new_or_off(window: Duration) -> Option<Rc<Self>> {
+        BusyPoll::new(window).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "busy polling off: cannot create its epoll set");
+            None
+        })
+    }
+
+    /// The window from `$ZRPC_BUSY_POLL_US` (microseconds; 0 turns polling
+    /// off), else `default_us`. An unreadable value is logged and ignored.
+    pub fn window_from_env(default_us: u64) -> Duration {
+        let us = match std::env::var("ZRPC_BUSY_POLL_US") {
+            Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+                tracing::warn!(value = %v, default_us, "ZRPC_BUSY_POLL_US is not a number of microseconds; using the default");
+                default_us
+            }),
+            Err(_) => default_us,
+        };
+        Duration::from_micros(us)
+    }
+
     /// The polling window.
     pub fn window(&self) -> Duration {
         self.window
@@ -200,6 +222,19 @@ impl BusyPoll {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// [`watch`](Self::watch), for callers that carry on without polling
+    /// the socket if it cannot be watched: the error is logged; returns
+    /// whether the socket is watched.
+    pub fn watch_or_log(&self, fd: RawFd) -> bool {
+        match self.watch(fd) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, fd, "busy polling: cannot watch a socket");
+                false
+            }
+        }
     }
 
     /// Records a read of `bytes` at `now`: whether polling since the

@@ -358,9 +358,7 @@ impl Conn {
         // Only inside `run`/`run_once` (the server's own runtime).
         let busy_poll = BusyPoll::current();
         if let Some(bp) = &busy_poll {
-            if let Err(e) = bp.watch(rd.as_raw_fd()) {
-                tracing::debug!(error = %e, "busy polling: cannot watch the connection");
-            }
+            bp.watch_or_log(rd.as_raw_fd());
         }
         Ok(Conn {
             busy_poll,
@@ -710,19 +708,6 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// The busy-poll window from `$ZRPC_BUSY_POLL_US`, else 50 us.
-fn default_busy_poll() -> Duration {
-    let default = zrpc_proto::busy_poll::DEFAULT_WINDOW_US;
-    let us = match std::env::var("ZRPC_BUSY_POLL_US") {
-        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-            tracing::warn!(value = %v, default, "ZRPC_BUSY_POLL_US is not a number of microseconds; using the default");
-            default
-        }),
-        Err(_) => default,
-    };
-    Duration::from_micros(us)
 }
 
 /// What a connection is set up with.
@@ -1219,7 +1204,7 @@ impl<S: Service> Server<S> {
             next_fd: 0,
             cache: ReplyCache::new(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES),
             link: Link::new(),
-            busy_poll_window: default_busy_poll(),
+            busy_poll_window: BusyPoll::window_from_env(zrpc_proto::busy_poll::DEFAULT_WINDOW_US),
             busy_poll: None,
             rt: None,
         }
@@ -1511,10 +1496,7 @@ impl<S: Service> Server<S> {
                 }
                 // The busy poller lives as long as the runtime (and the
                 // connections it watches): made once here, not per call.
-                self.busy_poll = BusyPoll::new(self.busy_poll_window).unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "busy polling off: cannot create its epoll set");
-                    None
-                });
+                self.busy_poll = BusyPoll::new_or_off(self.busy_poll_window);
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .on_thread_park(zrpc_proto::busy_poll::before_park)

@@ -107,10 +107,7 @@ impl Broker {
     /// An empty broker.
     pub fn new(config: Config) -> Self {
         Broker {
-            busy_poll: BusyPoll::new(config.busy_poll).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "busy polling off: cannot create its epoll set");
-                None
-            }),
+            busy_poll: BusyPoll::new_or_off(config.busy_poll),
             config,
             peers: Peers::default(),
             names: Names::default(),
@@ -761,18 +758,9 @@ impl Broker {
         // The scans below walk the whole pending table; the peer's counters
         // say whether there is anything to find (a client that disconnects
         // after its calls completed, the usual case, costs nothing).
-        let delivered = if p.outstanding > 0 {
-            self.pending
-                .ids_where(|c| c.stage() == Stage::Delivered(peer))
-        } else {
-            debug_assert!(
-                self.pending
-                    .ids_where(|c| c.stage() == Stage::Delivered(peer))
-                    .is_empty(),
-                "outstanding count out of step"
-            );
-            Vec::new()
-        };
+        let delivered = self
+            .pending
+            .ids_where_counted(p.outstanding > 0, |c| c.stage() == Stage::Delivered(peer));
         for bid in delivered {
             let no_retry = self
                 .pending
@@ -789,15 +777,9 @@ impl Broker {
                 self.dispatch(bid, now);
             }
         }
-        let calls = if p.calling > 0 {
-            self.pending.ids_where(|c| c.caller == peer)
-        } else {
-            debug_assert!(
-                self.pending.ids_where(|c| c.caller == peer).is_empty(),
-                "calling count out of step"
-            );
-            Vec::new()
-        };
+        let calls = self
+            .pending
+            .ids_where_counted(p.calling > 0, |c| c.caller == peer);
         for bid in calls {
             self.stats.cancelled += 1;
             self.finish(bid, Outcome::CallerLeft, now);

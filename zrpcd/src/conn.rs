@@ -54,9 +54,7 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
         let mut b = broker.borrow_mut();
         let id = b.add_peer(io.clone(), creds);
         if let Some(bp) = &b.busy_poll {
-            if let Err(e) = bp.watch(rd.as_raw_fd()) {
-                tracing::debug!(error = %e, "busy polling: cannot watch a connection");
-            }
+            bp.watch_or_log(rd.as_raw_fd());
         }
         (
             id,

@@ -467,6 +467,21 @@ impl PendingCalls {
         }
     }
 
+    /// [`ids_where`](Self::ids_where) when a counter the caller keeps says
+    /// whether any call matches (`any`): the scan of the whole table is
+    /// skipped when it says none. Debug builds check the counter against
+    /// the scan.
+    pub fn ids_where_counted(&self, any: bool, f: impl Fn(&Pending) -> bool) -> Vec<u64> {
+        if any {
+            return self.ids_where(f);
+        }
+        debug_assert!(
+            self.ids_where(f).is_empty(),
+            "a peer's pending-call counter is out of step with the table"
+        );
+        Vec::new()
+    }
+
     /// Ids of calls matching a predicate, in slot order.
     pub fn ids_where(&self, f: impl Fn(&Pending) -> bool) -> Vec<u64> {
         let mut ids = Vec::new();

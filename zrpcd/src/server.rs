@@ -29,9 +29,7 @@ pub async fn run(
     let timers = tokio::task::spawn_local(timer_loop(broker.clone()));
     let busy_poll = broker.borrow().busy_poll.clone();
     if let Some(bp) = &busy_poll {
-        if let Err(e) = bp.watch(listener.as_raw_fd()) {
-            tracing::debug!(error = %e, "busy polling: cannot watch the listener");
-        }
+        bp.watch_or_log(listener.as_raw_fd());
         tracing::debug!(
             window_us = bp.window().as_micros() as u64,
             "busy polling on"
