@@ -11,6 +11,7 @@ use zrpc_proto::{flags, validate_name, Envelope, ErrorCode, Frame, PROTOCOL_VERS
 use crate::config::Config;
 use crate::monitor::{self, CallEvent, Monitor};
 use crate::names::{Names, RegisterError};
+use crate::outbox::Outbox;
 use crate::peers::{Creds, PeerId, Peers};
 use crate::pending::{NewCall, PendingCalls, Stage};
 use crate::queue::PeerIo;
@@ -98,7 +99,8 @@ pub struct Broker {
     /// Connections watching calls (`zrpc monitor`).
     pub monitors: Vec<Monitor>,
     ping_nonce: u64,
-    dirty: Vec<Rc<PeerIo>>,
+    /// Peers with frames queued, written once per wake-up (see [`Outbox`]).
+    pub out: Outbox,
     /// Adaptive busy polling (None: off); read batches are reported here.
     pub busy_poll: Option<Rc<BusyPoll>>,
 }
@@ -117,7 +119,7 @@ impl Broker {
             shutting_down: false,
             monitors: Vec::new(),
             ping_nonce: 0,
-            dirty: Vec::new(),
+            out: Outbox::default(),
         }
     }
 
@@ -132,17 +134,14 @@ impl Broker {
         let Some(p) = self.peers.get(peer) else {
             return false;
         };
-        enqueue(&mut self.dirty, &p.io, env, payload);
+        self.out.enqueue(&p.io, env, payload);
         true
     }
 
     /// Writes out every peer that got frames since the last flush: one
     /// vectored write per peer per batch, directly from this task.
     pub fn flush(&mut self) {
-        for io in self.dirty.drain(..) {
-            io.dirty.set(false);
-            io.flush();
-        }
+        self.out.flush();
     }
 
     /// Handles one frame from `peer`. An error closes the connection.
@@ -517,7 +516,7 @@ impl Broker {
             caller_call,
         };
         t.outstanding += 1;
-        enqueue(&mut self.dirty, &t.io, &env, payload);
+        self.out.enqueue(&t.io, &env, payload);
         if let Some(p) = self.pending.get_mut(bid) {
             p.set_stage(Stage::Delivered(target));
         }
@@ -644,7 +643,7 @@ impl Broker {
             return;
         };
         c.calling = c.calling.saturating_sub(1);
-        enqueue(&mut self.dirty, &c.io, env, payload);
+        self.out.enqueue(&c.io, env, payload);
         if c.io.queue.borrow().len_bytes() > self.config.max_queued_bytes {
             self.check_backlog(caller);
         }
@@ -857,23 +856,5 @@ impl Broker {
             self.fatal(id, &fatal);
         }
         self.flush();
-    }
-}
-
-/// Queues a frame to a peer and puts the peer on the list of those to write
-/// at the end of the batch; writes it out at once when a burst for it
-/// reaches [`FLUSH_EVERY_FRAMES`](crate::queue::FLUSH_EVERY_FRAMES) frames
-/// (with 64 calls arriving in one read, the service starts on the first 16
-/// while the broker routes the rest: the three processes overlap instead of
-/// taking turns on a whole batch). Counting per peer, not per batch, means
-/// a batch that spreads over many peers (16 clients' replies in one read
-/// from a service) writes each of them once, at its end: one wake-up each.
-fn enqueue(dirty: &mut Vec<Rc<PeerIo>>, io: &Rc<PeerIo>, env: &Envelope<'_>, payload: &Bytes) {
-    let full = io.push(env, payload);
-    if !io.dirty.replace(true) {
-        dirty.push(io.clone());
-    }
-    if full {
-        io.flush();
     }
 }

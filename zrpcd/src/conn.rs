@@ -109,9 +109,11 @@ async fn read_loop(
             Some(p) => p.last_seen = now,
             None => return "closed by the broker".into(),
         }
-        // Every peer that got frames is written at the end of the batch; one
-        // that got `queue::FLUSH_EVERY_FRAMES` of them already was written
-        // then, so that it starts on them while the rest is routed.
+        // Every peer that got frames is written once this wake-up's other
+        // reads are routed too (`Outbox`); one that got
+        // `queue::FLUSH_EVERY_FRAMES` of them from this read is written at
+        // once, so that it starts on them while the rest is routed.
+        b.out.begin_batch();
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
@@ -137,7 +139,7 @@ async fn read_loop(
                 }
             }
         }
-        b.flush();
+        b.out.end_batch();
         if let Some(bp) = &b.busy_poll {
             bp.batch(now, read_bytes);
         }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod conn;
 pub mod monitor;
 pub mod names;
+pub mod outbox;
 pub mod peers;
 pub mod pending;
 pub mod queue;

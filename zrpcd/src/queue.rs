@@ -20,12 +20,14 @@ use zrpc_proto::{encode_header, Envelope};
 /// the very bytes they arrived in) instead of being copied.
 const ZERO_COPY_MIN: usize = 8 * 1024;
 
-/// A peer is written as soon as this many frames are queued to it, without
-/// waiting for the end of the read batch that produced them: the peer
+/// A peer is written as soon as one read batch has queued this many frames
+/// to it, without waiting for the end of the broker's wake-up: the peer
 /// starts on the first frames of a burst while the broker routes the rest.
-/// Peers that get fewer frames from a batch are written once, at its end
-/// (one write, so one wake-up, per peer per batch). 8, 24, 32 and 64 were
-/// measured; 16 was best (docs/performance.md).
+/// Frames that arrive in smaller numbers per read batch (16 clients with a
+/// few calls each) are written once per wake-up, after every connection
+/// that was readable has been read (one write, so one wake-up of the peer,
+/// per wake-up of the broker). 8, 24, 32 and 64 were measured; 16 was best
+/// (docs/performance.md).
 pub const FLUSH_EVERY_FRAMES: u32 = 16;
 
 /// Frames waiting to be written to one peer.
@@ -34,15 +36,22 @@ pub struct OutQueue {
     chunks: VecDeque<Bytes>,
     cur: BytesMut,
     bytes: usize,
-    /// Frames pushed since the queue was last written out completely.
+    /// Frames pushed by read batch `batch` since the queue was last
+    /// written out completely.
     frames: u32,
+    /// The read batch that pushed the last frame (`Broker::begin_batch`).
+    batch: u32,
 }
 
 impl OutQueue {
     /// Appends a frame. Small payloads are copied next to their header so a
     /// burst of small frames becomes one contiguous buffer; large payloads
     /// are queued by reference.
-    pub fn push(&mut self, env: &Envelope<'_>, payload: &Bytes) {
+    pub fn push(&mut self, env: &Envelope<'_>, payload: &Bytes, batch: u32) {
+        if self.batch != batch {
+            self.batch = batch;
+            self.frames = 0;
+        }
         self.frames += 1;
         let before = self.cur.len();
         encode_header(&mut self.cur, env, payload.len());
@@ -157,12 +166,12 @@ impl PeerIo {
         }
     }
 
-    /// Queues a frame (the broker flushes it at the end of the batch).
-    /// Returns true once [`FLUSH_EVERY_FRAMES`] frames are queued: time to
-    /// write them out.
-    pub fn push(&self, env: &Envelope<'_>, payload: &Bytes) -> bool {
+    /// Queues a frame for read batch `batch` (the broker flushes it at the
+    /// end of its wake-up). Returns true once that batch has queued
+    /// [`FLUSH_EVERY_FRAMES`] frames: time to write them out.
+    pub fn push(&self, env: &Envelope<'_>, payload: &Bytes, batch: u32) -> bool {
         let mut q = self.queue.borrow_mut();
-        q.push(env, payload);
+        q.push(env, payload, batch);
         q.frames >= FLUSH_EVERY_FRAMES
     }
 

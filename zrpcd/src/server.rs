@@ -27,6 +27,7 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let broker = Rc::new(RefCell::new(Broker::new(config)));
     let timers = tokio::task::spawn_local(timer_loop(broker.clone()));
+    let flusher = tokio::task::spawn_local(flush_loop(broker.clone()));
     let busy_poll = broker.borrow().busy_poll.clone();
     if let Some(bp) = &busy_poll {
         bp.watch_or_log(listener.as_raw_fd());
@@ -87,6 +88,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     timers.abort();
+    flusher.abort();
     heartbeats.abort();
     Ok(())
 }
@@ -164,6 +166,16 @@ async fn systemd_loop(broker: Rc<RefCell<Broker>>) {
             drop(b);
             sd_notify(&format!("STATUS={line}"));
         }
+    }
+}
+
+/// Writes the peers that read batches queued frames to, once per wake-up of
+/// the runtime (see [`crate::outbox`]).
+async fn flush_loop(broker: Rc<RefCell<Broker>>) {
+    let wake = broker.borrow().out.waker();
+    loop {
+        wake.notified().await;
+        broker.borrow_mut().flush();
     }
 }
 

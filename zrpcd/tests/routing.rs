@@ -356,6 +356,40 @@ fn a_peer_is_written_every_16_frames_and_the_rest_at_the_end_of_the_batch() {
 }
 
 #[test]
+fn frames_from_several_read_batches_wait_for_the_end_of_the_wake_up() {
+    with_broker(|b| {
+        let svc = connect(b, 1);
+        register(b, &svc, "svc");
+        let clients: Vec<Peer> = (0..3).map(|i| connect(b, 10 + i)).collect();
+        // Three connections read in one wake-up, 10 calls each: 30 frames
+        // for the service, but no read batch reaches 16, so nothing is
+        // written until the flusher runs, and then all 30 go at once.
+        for c in &clients {
+            b.out.begin_batch();
+            for id in 0..10 {
+                call(b, c, id, "m", b"x");
+            }
+            b.out.end_batch();
+        }
+        assert!(svc.written().is_empty(), "written before the wake-up ended");
+        b.flush();
+        assert_eq!(request_ids(&svc.written()).len(), 30);
+        // A read batch of 16 is still written at once, along with what
+        // earlier batches left queued.
+        b.out.begin_batch();
+        for id in 10..15 {
+            call(b, &clients[0], id, "m", b"x");
+        }
+        b.out.begin_batch();
+        for id in 10..26 {
+            call(b, &clients[1], id, "m", b"x");
+        }
+        assert_eq!(request_ids(&svc.written()).len(), 21);
+        assert!(svc.take().is_empty(), "nothing left queued");
+    });
+}
+
+#[test]
 fn a_closing_peer_is_left_to_its_writer_task() {
     with_broker(|b| {
         let svc = connect(b, 1);
