@@ -17,7 +17,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Notify};
 use zrpc_proto::busy_poll::BusyPoll;
 use zrpc_proto::reactor::{register, register_dup, Registered};
-use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
+use zrpc_proto::{Envelope, ErrorCode, Frame, FrameDecoder};
 
 use crate::common::{
     call_deadlines, call_frame, control_frame, decode_result, make_room, parse_handshake,
@@ -919,7 +919,8 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
                 break;
             }
         };
-        match frame.decode() {
+        let Frame { envelope, payload } = frame;
+        match Envelope::decode(&envelope) {
             Ok(Envelope::Result { id, code, message }) => {
                 let st = st.get_or_insert_with(|| lock(&shared.state));
                 if code == Some(ErrorCode::Shutdown) {
@@ -931,8 +932,7 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
                     }
                 }
                 if let Some(p) = st.pending.remove(&id) {
-                    let _ =
-                        p.tx.send(Outcome::from_result(code, message, frame.payload.clone()));
+                    let _ = p.tx.send(Outcome::from_result(code, message, payload));
                     delivered += 1;
                 }
             }

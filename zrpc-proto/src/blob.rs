@@ -101,6 +101,14 @@ thread_local! {
 /// Runs `f` (a decode of `source`'s bytes) so that every [`Blob`] decoded
 /// from a slice of `source` is a view into it instead of a copy.
 pub fn decode_from<T>(source: &Bytes, f: impl FnOnce(&[u8]) -> T) -> T {
+    if source.len() < MIN_VIEW {
+        // No blob in it can be long enough to become a view (a blob found
+        // by an enclosing `decode_from` is shorter than `MIN_VIEW` too, so
+        // it is copied whatever the current source): skip the
+        // thread-local, a reference-count increment and decrement, per
+        // small call and reply.
+        return f(source);
+    }
     struct Restore(Option<Bytes>);
     impl Drop for Restore {
         fn drop(&mut self) {
