@@ -1,11 +1,13 @@
 //! The async (tokio) client.
 
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -14,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 use zrpc_proto::busy_poll::BusyPoll;
 use zrpc_proto::reactor::{register, register_dup, Registered};
 use zrpc_proto::{Envelope, ErrorCode, Frame, FrameDecoder};
@@ -179,8 +181,9 @@ struct Shared {
 }
 
 struct State {
-    /// Every call not answered yet, sent or waiting to be (re)sent. Calls
-    /// survive connections: they are resubmitted after a reconnect.
+    /// Every call whose caller has not taken its outcome yet: sent, waiting
+    /// to be (re)sent, or answered ([`Pending::done`]). Calls survive
+    /// connections: unanswered ones are resubmitted after a reconnect.
     pending: FxHashMap<u64, Pending>,
     /// The live connection; `None` while reconnecting.
     conn: Option<Arc<Conn>>,
@@ -192,8 +195,17 @@ struct State {
 }
 
 /// A call waiting for its result.
+///
+/// The outcome is left in the entry for the caller to take (see
+/// [`Shared::poll_outcome`]), with the caller's waker next to it: this
+/// replaces a `oneshot` channel per call (an allocation and its atomic
+/// operations) with the state lock the call takes anyway.
 struct Pending {
-    tx: oneshot::Sender<Outcome>,
+    /// The outcome, once known; the entry is then only waiting for its
+    /// caller, and is skipped by everything else.
+    done: Option<Outcome>,
+    /// The caller, once it has waited for the outcome.
+    waker: Option<Waker>,
     /// The encoded `Call` frame, for resubmission.
     frame: OutFrame,
     /// The call's deadline (without the local safety margin).
@@ -209,7 +221,42 @@ struct Pending {
 /// one.
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
+impl Pending {
+    /// Hands the call its outcome and wakes its caller. The call is then
+    /// no longer on any connection (nothing to cancel or resend).
+    fn finish(&mut self, outcome: Outcome) {
+        self.done = Some(outcome);
+        self.sent_on = None;
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn answered(&self) -> bool {
+        self.done.is_some()
+    }
+}
+
 impl Shared {
+    /// The outcome of call `id` if it is known (the entry is removed);
+    /// otherwise remembers the caller's waker. `Ready(None)`: the call is
+    /// neither pending nor done, i.e. the client's tasks stopped and
+    /// dropped it.
+    fn poll_outcome(&self, id: u64, cx: &mut std::task::Context<'_>) -> Poll<Option<Outcome>> {
+        let mut st = lock(&self.state);
+        match st.pending.entry(id) {
+            Entry::Occupied(e) if e.get().answered() => Poll::Ready(e.remove().done),
+            Entry::Occupied(mut e) => {
+                let p = e.get_mut();
+                if !p.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    p.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Entry::Vacant(_) => Poll::Ready(None),
+        }
+    }
+
     /// Registers a call. Returns the connection to send it on (`None`: it
     /// is queued and sent once connected) and the number of calls pending.
     fn submit(self: &Arc<Self>, id: u64, mut p: Pending) -> Result<(Option<Arc<Conn>>, usize)> {
@@ -250,7 +297,7 @@ impl Shared {
     fn expire_unsent(&self, id: u64) -> bool {
         let mut st = lock(&self.state);
         match st.pending.get(&id) {
-            Some(p) if p.sent_on.is_none() => {
+            Some(p) if p.sent_on.is_none() && !p.answered() => {
                 st.pending.remove(&id);
                 true
             }
@@ -263,6 +310,7 @@ impl Shared {
     fn cancel(&self, id: u64) {
         let conn = {
             let mut st = lock(&self.state);
+            // An answered call has `sent_on` `None`: nothing to cancel.
             match (st.pending.remove(&id).and_then(|p| p.sent_on), &st.conn) {
                 (Some(g), Some(c)) if c.gen == g => Some(c.clone()),
                 _ => None,
@@ -275,15 +323,15 @@ impl Shared {
 
     /// The last handle was dropped: fail what is left, end the tasks.
     fn close(&self) {
-        let (conn, pending) = {
+        let why = Dead::Disconnected("the client was closed".into());
+        let conn = {
             let mut st = lock(&self.state);
             st.closed = true;
-            (st.conn.take(), std::mem::take(&mut st.pending))
+            for p in st.pending.values_mut().filter(|p| !p.answered()) {
+                p.finish(Outcome::Dead(why.clone()));
+            }
+            st.conn.take()
         };
-        let why = Dead::Disconnected("the client was closed".into());
-        for (_, p) in pending {
-            let _ = p.tx.send(Outcome::Dead(why.clone()));
-        }
         if let Some(c) = conn {
             c.kill(why);
         }
@@ -303,24 +351,19 @@ impl Shared {
             return false;
         }
         let now = Instant::now();
-        let mut ended = Vec::new();
-        for (&id, p) in st.pending.iter_mut() {
+        let mut waiting = 0usize;
+        for p in st.pending.values_mut().filter(|p| !p.answered()) {
             if p.deadline.is_some_and(|d| now >= d) {
-                ended.push((id, reconnect_timeout()));
-            } else if p.sent_on == Some(conn.gen) {
-                if p.no_retry {
-                    ended.push((id, Outcome::Dead(why.clone())));
-                } else {
+                p.finish(reconnect_timeout());
+            } else if p.sent_on == Some(conn.gen) && p.no_retry {
+                p.finish(Outcome::Dead(why.clone()));
+            } else {
+                if p.sent_on == Some(conn.gen) {
                     p.sent_on = None;
                 }
+                waiting += 1;
             }
         }
-        for (id, outcome) in ended {
-            if let Some(p) = st.pending.remove(&id) {
-                let _ = p.tx.send(outcome);
-            }
-        }
-        let waiting = st.pending.len();
         drop(st);
         tracing::debug!(
             reason = ?why,
@@ -341,17 +384,16 @@ impl Shared {
         let max = conn.welcome.max_message_size;
         self.max_message_size.store(max, Ordering::Relaxed);
         let now = Instant::now();
-        let mut ended = Vec::new();
         let mut resent = 0usize;
         {
             let mut q = lock(&conn.wq);
-            for (&id, p) in st.pending.iter_mut() {
+            for p in st.pending.values_mut().filter(|p| !p.answered()) {
                 let remaining = match p.deadline {
                     None => None,
                     Some(d) => match d.checked_duration_since(now) {
                         Some(r) if !r.is_zero() => Some(r),
                         _ => {
-                            ended.push((id, reconnect_timeout()));
+                            p.finish(reconnect_timeout());
                             continue;
                         }
                     },
@@ -362,16 +404,11 @@ impl Shared {
                         p.sent_on = Some(conn.gen);
                         resent += 1;
                     }
-                    Err(e) => ended.push((
-                        id,
-                        Outcome::Failed(e.code().unwrap_or(ErrorCode::Protocol), e.to_string()),
+                    Err(e) => p.finish(Outcome::Failed(
+                        e.code().unwrap_or(ErrorCode::Protocol),
+                        e.to_string(),
                     )),
                 }
-            }
-        }
-        for (id, outcome) in ended {
-            if let Some(p) = st.pending.remove(&id) {
-                let _ = p.tx.send(outcome);
             }
         }
         st.conn = Some(conn.clone());
@@ -487,11 +524,11 @@ impl Client {
             shared.max_message_size.load(Ordering::Relaxed),
         )?;
         let (deadline, local) = call_deadlines(&opts);
-        let (tx, mut rx) = oneshot::channel();
         let (conn, in_flight) = shared.submit(
             id,
             Pending {
-                tx,
+                done: None,
+                waker: None,
                 frame: frame.clone(),
                 deadline,
                 no_retry: opts.no_retry,
@@ -522,10 +559,11 @@ impl Client {
         let mut past_deadline = false;
         let received = loop {
             let wake_at = if past_deadline { local } else { deadline };
+            let outcome = std::future::poll_fn(|cx| shared.poll_outcome(id, cx));
             let Some(at) = wake_at else {
-                break (&mut rx).await;
+                break outcome.await;
             };
-            match tokio::time::timeout_at(at.into(), &mut rx).await {
+            match tokio::time::timeout_at(at.into(), outcome).await {
                 Ok(r) => break r,
                 Err(_) if !past_deadline => {
                     past_deadline = true;
@@ -540,8 +578,8 @@ impl Client {
         };
         guard.armed = false;
         match received {
-            Ok(outcome) => outcome.into_result(service, method),
-            Err(_) => Err(Error::Disconnected(
+            Some(outcome) => outcome.into_result(service, method),
+            None => Err(Error::Disconnected(
                 "the client's connection task stopped".into(),
             )),
         }
@@ -558,9 +596,19 @@ impl Client {
             .is_some_and(|c| !c.dead.load(Ordering::Acquire))
     }
 
-    /// How many calls are pending.
+    /// How many calls are pending (answered ones whose callers have not
+    /// taken the outcome included).
     pub(crate) fn pending(&self) -> usize {
         lock(&self.inner.shared.state).pending.len()
+    }
+
+    /// How many answered calls wait for their callers.
+    pub(crate) fn answered(&self) -> usize {
+        lock(&self.inner.shared.state)
+            .pending
+            .values()
+            .filter(|p| p.answered())
+            .count()
     }
 }
 
@@ -615,7 +663,7 @@ async fn reconnect(shared: &Arc<Shared>, retry: &mut Retry) -> Option<(Arc<Conn>
                 if st.closed {
                     return None;
                 }
-                if !st.pending.is_empty() {
+                if st.pending.values().any(|p| !p.answered()) {
                     break;
                 }
             }
@@ -646,17 +694,17 @@ struct SupervisorGuard(Arc<Shared>);
 
 impl Drop for SupervisorGuard {
     fn drop(&mut self) {
-        let (conn, pending) = {
-            let mut st = lock(&self.0.state);
-            st.supervised = false;
-            (st.conn.take(), std::mem::take(&mut st.pending))
-        };
         let why = Dead::Disconnected(
             "the client's connection task stopped (was its runtime shut down?)".into(),
         );
-        for (_, p) in pending {
-            let _ = p.tx.send(Outcome::Dead(why.clone()));
-        }
+        let conn = {
+            let mut st = lock(&self.0.state);
+            st.supervised = false;
+            for p in st.pending.values_mut().filter(|p| !p.answered()) {
+                p.finish(Outcome::Dead(why.clone()));
+            }
+            st.conn.take()
+        };
         if let Some(c) = conn {
             c.kill(why);
         }
@@ -926,13 +974,17 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
                 if code == Some(ErrorCode::Shutdown) {
                     // The broker is going away without having run the call:
                     // send it again to the next broker.
-                    if let Some(p) = st.pending.get_mut(&id).filter(|p| !p.no_retry) {
+                    if let Some(p) = st
+                        .pending
+                        .get_mut(&id)
+                        .filter(|p| !p.no_retry && !p.answered())
+                    {
                         p.sent_on = None;
                         continue;
                     }
                 }
-                if let Some(p) = st.pending.remove(&id) {
-                    let _ = p.tx.send(Outcome::from_result(code, message, payload));
+                if let Some(p) = st.pending.get_mut(&id).filter(|p| !p.answered()) {
+                    p.finish(Outcome::from_result(code, message, payload));
                     delivered += 1;
                 }
             }

@@ -801,6 +801,56 @@ fn async_dropped_call_sends_cancel() {
 }
 
 #[test]
+fn async_answered_call_dropped_before_its_caller_looks_sends_no_cancel() {
+    let fake = Fake::new();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let (id, ..) = p.call();
+        p.result(id, &[0x07]);
+        // The next frame is the next call: no `Cancel` for the answered
+        // call whose caller went away without taking its outcome.
+        loop {
+            let f = p.frame();
+            match f.decode().expect("envelope") {
+                Envelope::Call { id, method, .. } => {
+                    assert_eq!(method, "next");
+                    p.result(id, &[0x01]);
+                    break;
+                }
+                Envelope::Pong { .. } => continue,
+                other => panic!("expected the next Call, got {other:?}"),
+            }
+        }
+        p.expect_eof();
+    });
+    let dir = fake.dir();
+    let rt = rt_multi();
+    rt.block_on(async move {
+        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
+        let mut call = Box::pin(client.call::<_, Value>("svc", "m", &(), None));
+        // Polled once: the call is sent and its caller registered.
+        tokio::select! {
+            biased;
+            r = &mut call => panic!("answered before the broker saw it: {r:?}"),
+            () = std::future::ready(()) => {}
+        }
+        let deadline = std::time::Instant::now() + BOUND;
+        while client.answered() != 1 {
+            assert!(std::time::Instant::now() < deadline, "never answered");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(client.pending(), 1, "the outcome waits for its caller");
+        drop(call);
+        assert_eq!(client.pending(), 0, "dropping the caller drops the outcome");
+        let n: u8 = bounded(client.call("svc", "next", &(), None))
+            .await
+            .expect("call");
+        assert_eq!(n, 1);
+    });
+    finish(&rt, peer);
+}
+
+#[test]
 fn async_local_safety_timeout() {
     let fake = Fake::new();
     let peer = fake.serve(|mut p| {
