@@ -515,8 +515,13 @@ impl Broker {
             caller_instance,
             caller_call,
         };
+        // Requests written to it and not answered yet.
+        let working = t
+            .outstanding
+            .saturating_sub(t.io.queue.borrow().queued_frames());
+        let busy = working >= crate::queue::FLUSH_EVERY_FRAMES;
         t.outstanding += 1;
-        self.out.enqueue(&t.io, &env, payload);
+        self.out.enqueue_for(&t.io, &env, payload, busy);
         if let Some(p) = self.pending.get_mut(bid) {
             p.set_stage(Stage::Delivered(target));
         }

@@ -13,7 +13,11 @@
 //! [`FLUSH_EVERY_FRAMES`](crate::queue::FLUSH_EVERY_FRAMES) frames to a peer,
 //! that peer is written at once (with 64 calls arriving in one read, the
 //! service starts on the first 16 while the broker routes the rest: the
-//! three processes overlap instead of taking turns on a whole batch).
+//! three processes overlap instead of taking turns on a whole batch),
+//! unless the peer is a service that already has that many requests written
+//! to it and unanswered: it has work, so the early write would not start it
+//! sooner, and waiting lets the burst share the wake-up's one write (16
+//! clients x 16 calls: 4 times fewer writes to the service, measured).
 
 use std::rc::Rc;
 
@@ -40,7 +44,23 @@ impl Outbox {
     /// once if the current read batch has now queued
     /// [`FLUSH_EVERY_FRAMES`](crate::queue::FLUSH_EVERY_FRAMES) frames to it.
     pub fn enqueue(&mut self, io: &Rc<PeerIo>, env: &Envelope<'_>, payload: &Bytes) {
-        let full = io.push(env, payload, self.batch);
+        self.enqueue_for(io, env, payload, false);
+    }
+
+    /// [`Outbox::enqueue`] for a request to a service; `busy`: the service
+    /// already has [`FLUSH_EVERY_FRAMES`](crate::queue::FLUSH_EVERY_FRAMES)
+    /// written requests to work on, so an early write would not start it
+    /// any sooner: the frame waits for the end of the wake-up, where it
+    /// shares one write with the rest (when 16 clients call at once, the
+    /// service gets a few large writes instead of one per client read).
+    pub fn enqueue_for(
+        &mut self,
+        io: &Rc<PeerIo>,
+        env: &Envelope<'_>,
+        payload: &Bytes,
+        busy: bool,
+    ) {
+        let full = io.push(env, payload, self.batch) && !busy;
         if !io.dirty.replace(true) {
             self.dirty.push(io.clone());
         }

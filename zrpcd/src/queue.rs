@@ -41,6 +41,8 @@ pub struct OutQueue {
     frames: u32,
     /// The read batch that pushed the last frame (`Broker::begin_batch`).
     batch: u32,
+    /// Frames pushed since the queue was last written out completely.
+    queued: u32,
 }
 
 impl OutQueue {
@@ -53,6 +55,7 @@ impl OutQueue {
             self.frames = 0;
         }
         self.frames += 1;
+        self.queued += 1;
         let before = self.cur.len();
         encode_header(&mut self.cur, env, payload.len());
         self.bytes += self.cur.len() - before + payload.len();
@@ -79,6 +82,12 @@ impl OutQueue {
         }
         self.bytes = 0;
         self.frames = 0;
+        self.queued = 0;
+    }
+
+    /// Frames queued and not written yet.
+    pub fn queued_frames(&self) -> u32 {
+        self.queued
     }
 
     /// True if nothing is queued.
@@ -121,6 +130,7 @@ impl OutQueue {
         }
         self.bytes = 0;
         self.frames = 0;
+        self.queued = 0;
         // Give back memory from a burst once drained (small idle connections).
         if self.cur.capacity() > 256 * 1024 {
             self.cur = BytesMut::new();

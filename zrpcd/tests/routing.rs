@@ -373,18 +373,30 @@ fn frames_from_several_read_batches_wait_for_the_end_of_the_wake_up() {
         }
         assert!(svc.written().is_empty(), "written before the wake-up ended");
         b.flush();
-        assert_eq!(request_ids(&svc.written()).len(), 30);
-        // A read batch of 16 is still written at once, along with what
-        // earlier batches left queued.
-        b.out.begin_batch();
-        for id in 10..15 {
-            call(b, &clients[0], id, "m", b"x");
-        }
+        let first = request_ids(&svc.written());
+        assert_eq!(first.len(), 30);
+        // The service has 30 requests to work on: a read batch of 16 more
+        // waits for the end of the wake-up too (writing it early would not
+        // start the service any sooner).
         b.out.begin_batch();
         for id in 10..26 {
             call(b, &clients[1], id, "m", b"x");
         }
-        assert_eq!(request_ids(&svc.written()).len(), 21);
+        assert!(svc.written().is_empty(), "written early to a busy service");
+        b.flush();
+        let second = request_ids(&svc.written());
+        assert_eq!(second.len(), 16);
+        // Answered down to 15 open requests, it is short of work: the next
+        // read batch of 16 is written as soon as it reaches 16.
+        for &id in first.iter().chain(&second).take(31) {
+            reply(b, &svc, id, b"r");
+        }
+        b.flush();
+        b.out.begin_batch();
+        for id in 10..26 {
+            call(b, &clients[2], id, "m", b"x");
+        }
+        assert_eq!(request_ids(&svc.written()).len(), 16);
         assert!(svc.take().is_empty(), "nothing left queued");
     });
 }
