@@ -584,7 +584,7 @@ impl Inner {
                 };
                 match resubmit_parts(&slot.frame, remaining, max) {
                     Ok(frame) => {
-                        out.extend_from_slice(&frame.head);
+                        out.extend_from_slice(frame.head());
                         out.extend_from_slice(&frame.tail);
                         slot.sent_on = Some(conn.gen);
                         resent += 1;
@@ -747,9 +747,9 @@ impl Conn {
     /// Writes both parts of `frame` (see [`write`](Conn::write)).
     fn write_frame(&self, frame: &OutFrame) -> std::result::Result<(), (usize, std::io::Error)> {
         let w = lock(&self.writer);
-        self.write_locked(&w, &frame.head)?;
+        self.write_locked(&w, frame.head())?;
         self.write_locked(&w, &frame.tail)
-            .map_err(|(n, e)| (frame.head.len() + n, e))
+            .map_err(|(n, e)| (frame.head().len() + n, e))
     }
 
     /// [`write`](Conn::write) with the writer lock already held.

@@ -733,7 +733,13 @@ impl WriteQueue {
     /// Appends both parts of a frame; returns whether the writer task must
     /// be woken.
     fn push_frame(&mut self, frame: &OutFrame) -> bool {
-        let wake = self.push(&frame.head);
+        let wake = self.is_empty() && !self.writing;
+        let head = frame.head();
+        if head.len() < LARGE_FRAME {
+            self.tail.extend_from_slice(head);
+        } else {
+            self.push(&frame.head_from(0));
+        }
         if !frame.tail.is_empty() {
             self.push(&frame.tail);
         }
@@ -905,11 +911,12 @@ impl Conn {
             q.writing = true;
         }
         let result = if frame.tail.is_empty() {
-            self.io.get_ref().write(&frame.head)
+            self.io.get_ref().write(frame.head())
         } else {
-            self.io
-                .get_ref()
-                .write_vectored(&[io::IoSlice::new(&frame.head), io::IoSlice::new(&frame.tail)])
+            self.io.get_ref().write_vectored(&[
+                io::IoSlice::new(frame.head()),
+                io::IoSlice::new(&frame.tail),
+            ])
         };
         let written = match result {
             Ok(n) => n,
@@ -930,12 +937,13 @@ impl Conn {
             let mut q = lock(&self.wq);
             q.writing = false;
             // The rest goes before anything queued meanwhile.
-            let head = frame.head.len();
+            let head = frame.head().len();
             if written < head {
+                let rest = frame.head_from(written);
                 if !frame.tail.is_empty() {
                     q.chunks.push_front(frame.tail);
                 }
-                q.chunks.push_front(frame.head.slice(written..));
+                q.chunks.push_front(rest);
             } else if written < frame.len() {
                 q.chunks.push_front(frame.tail.slice(written - head..));
             }

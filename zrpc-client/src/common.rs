@@ -368,7 +368,7 @@ pub(crate) fn resubmit_parts(
     max_message_size: u32,
 ) -> Result<OutFrame> {
     let bad = || Error::Protocol("corrupt stored call frame".into());
-    let head = &frame.head;
+    let head = frame.head();
     if head.len() < HEADER_LEN {
         return Err(bad());
     }
@@ -379,7 +379,7 @@ pub(crate) fn resubmit_parts(
     }
     // The payload is either inline after the envelope or the tail.
     let payload = match (env_end == head.len(), frame.tail.is_empty()) {
-        (_, true) => head.slice(env_end..),
+        (_, true) => frame.head_from(env_end),
         (true, false) => frame.tail.clone(),
         (false, false) => return Err(bad()),
     };
@@ -409,7 +409,7 @@ pub(crate) fn resubmit_parts(
         max_message_size,
     )?;
     Ok(OutFrame {
-        head: new_head.freeze(),
+        head: Head::Shared(new_head.freeze()),
         tail: payload,
     })
 }
@@ -420,28 +420,75 @@ pub(crate) fn resubmit_parts(
 #[derive(Debug, Clone, Default)]
 pub(crate) struct OutFrame {
     /// Header, envelope and (unless `tail` holds it) the payload.
-    pub(crate) head: Bytes,
+    head: Head,
     /// A payload written after `head` without copying, or empty.
     pub(crate) tail: Bytes,
+}
+
+/// The head of an [`OutFrame`]: a small one (most calls) inline, so that a
+/// call's frame, kept for resubmission until the call is answered, costs no
+/// allocation; a larger one in `Bytes`.
+#[derive(Clone)]
+enum Head {
+    Inline { len: u8, buf: [u8; INLINE_FRAME] },
+    Shared(Bytes),
+}
+
+impl Default for Head {
+    fn default() -> Self {
+        Head::Shared(Bytes::new())
+    }
+}
+
+impl std::fmt::Debug for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Head::Inline { len, .. } => write!(f, "Inline({len} bytes)"),
+            Head::Shared(b) => write!(f, "Shared({} bytes)", b.len()),
+        }
+    }
 }
 
 impl OutFrame {
     /// Total length on the wire.
     pub(crate) fn len(&self) -> usize {
-        self.head.len() + self.tail.len()
+        self.head().len() + self.tail.len()
+    }
+
+    /// The head bytes.
+    pub(crate) fn head(&self) -> &[u8] {
+        match &self.head {
+            Head::Inline { len, buf } => &buf[..usize::from(*len)],
+            Head::Shared(b) => b,
+        }
+    }
+
+    /// The head from byte `at` on, as `Bytes` (a view of a shared head, a
+    /// copy of an inline one).
+    pub(crate) fn head_from(&self, at: usize) -> Bytes {
+        match &self.head {
+            Head::Inline { .. } => Bytes::copy_from_slice(&self.head()[at..]),
+            Head::Shared(b) => b.slice(at..),
+        }
     }
 
     /// The frame as one contiguous buffer (copies if it has a tail).
     #[cfg(test)]
     pub(crate) fn to_vec(&self) -> Vec<u8> {
-        [&self.head[..], &self.tail[..]].concat()
+        [self.head(), &self.tail[..]].concat()
+    }
+
+    /// Whether the head is stored inline.
+    #[cfg(test)]
+    pub(crate) fn is_inline(&self) -> bool {
+        matches!(self.head, Head::Inline { .. })
     }
 }
 
 impl From<Bytes> for OutFrame {
     fn from(head: Bytes) -> Self {
         OutFrame {
-            head,
+            head: Head::Shared(head),
             tail: Bytes::new(),
         }
     }
@@ -477,13 +524,13 @@ thread_local! {
 
 /// Runs `f` on the thread's encode buffer (empty) and returns what it
 /// appended as its own `Bytes`. On error nothing is kept.
-fn with_scratch(f: impl FnOnce(&mut BytesMut) -> Result<()>) -> Result<Bytes> {
+fn with_scratch(f: impl FnOnce(&mut BytesMut) -> Result<()>) -> Result<OutFrame> {
     SCRATCH.with(|s| {
         let Ok(mut s) = s.try_borrow_mut() else {
             // Re-entered (a `Serialize` impl making a call): a buffer of
             // its own.
             let mut buf = BytesMut::new();
-            return f(&mut buf).map(|()| buf.freeze());
+            return f(&mut buf).map(|()| buf.freeze().into());
         };
         let s = &mut *s;
         s.buf.clear();
@@ -502,7 +549,7 @@ fn with_scratch(f: impl FnOnce(&mut BytesMut) -> Result<()>) -> Result<Bytes> {
                     s.buf = BytesMut::new();
                     s.full = 0;
                 }
-                Ok(frame)
+                Ok(frame.into())
             }
             Ok(()) => Ok(own_frame(&s.buf)),
             Err(e) => Err(e),
@@ -521,39 +568,25 @@ pub(crate) fn scratch_range() -> (usize, usize) {
     })
 }
 
-/// Frames up to this many bytes are copied into an [`InlineFrame`]. With
-/// `Bytes`' reference count the allocation is 120 bytes: glibc's fastbin
-/// range (chunks up to 128 bytes), which stays cheap when a burst of calls
-/// frees more blocks than its per-thread cache holds (7 per size).
+/// Frames up to this many bytes are stored inline in their [`OutFrame`]
+/// (a call with a payload of about 64 bytes and ordinary names fits).
 const INLINE_FRAME: usize = 111;
 
-/// A small frame stored inline, so that `Bytes::from_owner` puts it and its
-/// reference count in one allocation.
-struct InlineFrame {
-    len: u8,
-    buf: [u8; INLINE_FRAME],
-}
-
-impl AsRef<[u8]> for InlineFrame {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..usize::from(self.len)]
-    }
-}
-
-/// A copy of frame `b` in an allocation of its own, which its clones share.
-///
-/// Every call's frame is cloned once (one handle is written, the other is
-/// kept for resubmission). A `Vec`-backed `Bytes` allocates a shared header
-/// on its first clone, so a small frame goes into one allocation that is
-/// reference-counted from the start: one `malloc` per call instead of two.
-pub(crate) fn own_frame(b: &[u8]) -> Bytes {
-    match u8::try_from(b.len()) {
+/// A copy of frame `b` that pins no shared buffer: inline if small (no
+/// allocation: every call's frame is kept until the call is answered, for
+/// resubmission, and one copy is written), else an allocation of its own.
+pub(crate) fn own_frame(b: &[u8]) -> OutFrame {
+    let head = match u8::try_from(b.len()) {
         Ok(len) if b.len() <= INLINE_FRAME => {
             let mut buf = [0; INLINE_FRAME];
             buf[..b.len()].copy_from_slice(b);
-            Bytes::from_owner(InlineFrame { len, buf })
+            Head::Inline { len, buf }
         }
-        _ => Bytes::copy_from_slice(b),
+        _ => Head::Shared(Bytes::copy_from_slice(b)),
+    };
+    OutFrame {
+        head,
+        tail: Bytes::new(),
     }
 }
 
@@ -599,12 +632,11 @@ pub(crate) fn call_frame<P: Serialize + ?Sized>(
                 // up the large encode buffer while a large frame split off
                 // it is still alive).
                 // No user code runs while it is borrowed (no re-entry).
-                let head = SMALL.with_borrow_mut(|out| {
+                return SMALL.with_borrow_mut(|out| {
                     out.clear();
                     encode_frame(out, &env, bytes);
                     check_size(out.len() - HEADER_LEN, max_message_size).map(|()| own_frame(out))
-                })?;
-                return Ok(head.into());
+                });
             }
             let large = raw.len() >= LARGE_FRAME;
             let inline = if large { 0 } else { bytes.len() };
@@ -619,19 +651,16 @@ pub(crate) fn call_frame<P: Serialize + ?Sized>(
             };
             check_size(out.len() - HEADER_LEN + tail.len(), max_message_size)?;
             Ok(OutFrame {
-                head: out.freeze(),
+                head: Head::Shared(out.freeze()),
                 tail,
             })
         }
-        Payload::Serde(v) => {
-            let head = with_scratch(|out| {
-                encode_header(out, &env, 0);
-                rmp_serde::encode::write_named(&mut out.writer(), v)?;
-                patch_body_len(out);
-                check_size(out.len() - HEADER_LEN, max_message_size)
-            })?;
-            Ok(head.into())
-        }
+        Payload::Serde(v) => with_scratch(|out| {
+            encode_header(out, &env, 0);
+            rmp_serde::encode::write_named(&mut out.writer(), v)?;
+            patch_body_len(out);
+            check_size(out.len() - HEADER_LEN, max_message_size)
+        }),
     }
 }
 

@@ -267,18 +267,21 @@ fn serde_frames_share_the_encode_buffer_safely() {
     // until answered: it must not pin the thread's encode buffer); large
     // ones are split off it, and the buffer is reused once they are gone.
     let small = serde_frame(1, "s", "m", &1u8).expect("small");
-    let at = small.head.as_ptr() as usize;
+    assert!(small.is_inline(), "a small frame is stored inline");
+    let medium = serde_frame(1, "s", "m", &vec![7u8; 1000]).expect("medium");
+    assert!(!medium.is_inline());
+    let at = medium.head().as_ptr() as usize;
     let (base, cap) = crate::common::scratch_range();
     assert!(
         at < base || at >= base + cap,
-        "a small frame is outside the encode buffer"
+        "a medium frame is outside the encode buffer"
     );
     let big = vec![3u8; 200_000];
     let first = serde_frame(2, "s", "m", &big).expect("big");
-    let addr = first.head.as_ptr();
+    let addr = first.head().as_ptr();
     drop(first);
     let again = serde_frame(3, "s", "m", &big).expect("big");
-    assert_eq!(again.head.as_ptr(), addr, "the encode buffer is reused");
+    assert_eq!(again.head().as_ptr(), addr, "the encode buffer is reused");
     for (v, f) in &kept {
         let decoded = FrameDecoder::new(u32::MAX)
             .decode(&mut BytesMut::from(&f.to_vec()[..]))
