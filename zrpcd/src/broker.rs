@@ -13,14 +13,11 @@ use crate::monitor::{self, CallEvent, Monitor};
 use crate::names::{Names, RegisterError};
 use crate::outbox::Outbox;
 use crate::peers::{Creds, PeerId, Peers};
-use crate::pending::{NewCall, PendingCalls, Stage};
+use crate::pending::{KeptPayload, NewCall, PendingCalls, Stage};
 use crate::queue::PeerIo;
 use crate::stats::Stats;
 use zrpc_proto::busy_poll::BusyPoll;
 
-/// Payloads up to this size are copied into a pending call instead of
-/// keeping a view into the read buffer (see `on_call`).
-const SMALL_PAYLOAD_COPY: usize = 256;
 /// A connection-level error: the peer gets a `Fatal` frame and is closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fatal {
@@ -389,14 +386,7 @@ impl Broker {
             None => return,
         };
         let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms));
-        // A small payload is copied out, so that a pending call does not
-        // keep the whole read chunk it arrived in (shared with the other
-        // frames of that read) alive; a large one is kept by reference.
-        let payload = if frame.payload.len() <= SMALL_PAYLOAD_COPY {
-            Bytes::copy_from_slice(&frame.payload)
-        } else {
-            frame.payload.clone()
-        };
+        let payload = KeptPayload::new(&frame.payload);
         let new = NewCall {
             caller: peer,
             caller_call: id,
@@ -447,7 +437,7 @@ impl Broker {
             return;
         };
         let (service, method) = self.pending.names_rc(p);
-        let payload = p.payload.clone();
+        let payload = p.payload.to_bytes();
         let timeout_ms = self
             .pending
             .deadline(bid)
