@@ -315,6 +315,10 @@ impl Routes {
 #[derive(Debug)]
 pub struct PendingCalls {
     base: Instant,
+    /// The last `now` turned into microseconds since `base`: a read batch
+    /// gives all its frames the same `now`, so each call's two conversions
+    /// (at insert and at the end) are mostly a comparison.
+    last_now: std::cell::Cell<(Instant, u64)>,
     pages: Vec<Box<[Slot]>>,
     /// Slots handed out so far (used or on the free list).
     slots: usize,
@@ -332,8 +336,10 @@ pub struct PendingCalls {
 
 impl Default for PendingCalls {
     fn default() -> Self {
+        let base = Instant::now();
         PendingCalls {
-            base: Instant::now(),
+            base,
+            last_now: std::cell::Cell::new((base, 0)),
             pages: Vec::new(),
             slots: 0,
             free_head: u32::MAX,
@@ -410,7 +416,7 @@ impl PendingCalls {
         let idx = self.alloc_slot();
         let id = self.id_of(idx);
         let timer = deadline.map(|d| self.timers.insert_at(id, d.into()));
-        let started_us = now.saturating_duration_since(self.base).as_micros() as u64;
+        let started_us = self.micros(now);
         self.slot_mut(idx).call = Some(Pending {
             caller: call.caller,
             caller_call: call.caller_call,
@@ -442,9 +448,18 @@ impl PendingCalls {
 
     /// How long before `now` call `p` was accepted.
     pub fn elapsed_at(&self, p: &Pending, now: Instant) -> Duration {
-        let started = Duration::from_micros(p.started_us);
-        now.saturating_duration_since(self.base)
-            .saturating_sub(started)
+        Duration::from_micros(self.micros(now).saturating_sub(p.started_us))
+    }
+
+    /// Microseconds from the table's creation to `now` (0 before it).
+    fn micros(&self, now: Instant) -> u64 {
+        let (last, us) = self.last_now.get();
+        if now == last {
+            return us;
+        }
+        let us = now.saturating_duration_since(self.base).as_micros() as u64;
+        self.last_now.set((now, us));
+        us
     }
 
     /// The broker id of `caller`'s call `caller_call`, if pending.
