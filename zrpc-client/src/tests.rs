@@ -806,9 +806,12 @@ fn async_dropped_call_sends_cancel() {
 #[test]
 fn async_answered_call_dropped_before_its_caller_looks_sends_no_cancel() {
     let fake = Fake::new();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let peer = fake.serve(move |mut p| {
         p.handshake();
         let (id, ..) = p.call();
+        // Answered only once the caller has been polled (and is pending).
+        go_rx.recv_timeout(BOUND).expect("go");
         p.result(id, &[0x07]);
         // The next frame is the next call: no `Cancel` for the answered
         // call whose caller went away without taking its outcome.
@@ -831,12 +834,14 @@ fn async_answered_call_dropped_before_its_caller_looks_sends_no_cancel() {
     rt.block_on(async move {
         let client = bounded(Client::connect_to(&dir)).await.expect("connect");
         let mut call = Box::pin(client.call::<_, Value>("svc", "m", &(), None));
-        // Polled once: the call is sent and its caller registered.
+        // Polled once: the call is sent and its caller registered (the
+        // fake broker answers only after this).
         tokio::select! {
             biased;
-            r = &mut call => panic!("answered before the broker saw it: {r:?}"),
+            r = &mut call => panic!("answered before the broker answered: {r:?}"),
             () = std::future::ready(()) => {}
         }
+        go_tx.send(()).expect("go");
         let deadline = std::time::Instant::now() + BOUND;
         while client.answered() != 1 {
             assert!(std::time::Instant::now() < deadline, "never answered");
