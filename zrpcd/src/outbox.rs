@@ -9,7 +9,10 @@
 //! write, not one write per client: one write per peer per wake-up of the
 //! broker, as the raw relay does with its `epoll_wait` batch.
 //!
-//! The exception is a burst: once one read batch has queued
+//! Frames with a large payload (8 KiB or more, queued by reference) are
+//! written at once: batching saves nothing there.
+//!
+//! The other exception is a burst: once one read batch has queued
 //! [`FLUSH_EVERY_FRAMES`](crate::queue::FLUSH_EVERY_FRAMES) frames to a peer,
 //! that peer is written at once (with 64 calls arriving in one read, the
 //! service starts on the first 16 while the broker routes the rest: the
@@ -60,7 +63,10 @@ impl Outbox {
         payload: &Bytes,
         busy: bool,
     ) {
-        let full = io.push(env, payload, self.batch) && !busy;
+        // A large payload is written at once: batching saves nothing on a
+        // write that large, and the peer starts on it sooner.
+        let large = payload.len() >= crate::queue::ZERO_COPY_MIN;
+        let full = (io.push(env, payload, self.batch) && !busy) || large;
         if !io.dirty.replace(true) {
             self.dirty.push(io.clone());
         }

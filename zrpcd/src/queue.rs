@@ -18,7 +18,7 @@ use zrpc_proto::{encode_header, Envelope};
 
 /// Payloads at least this large are queued as their own slice (forwarded as
 /// the very bytes they arrived in) instead of being copied.
-const ZERO_COPY_MIN: usize = 8 * 1024;
+pub const ZERO_COPY_MIN: usize = 8 * 1024;
 
 /// A peer is written as soon as one read batch has queued this many frames
 /// to it, without waiting for the end of the broker's wake-up: the peer

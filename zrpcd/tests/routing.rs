@@ -402,6 +402,25 @@ fn frames_from_several_read_batches_wait_for_the_end_of_the_wake_up() {
 }
 
 #[test]
+fn a_large_payload_is_written_at_once() {
+    with_broker(|b| {
+        let svc = connect(b, 1);
+        register(b, &svc, "svc");
+        let c = connect(b, 2);
+        b.out.begin_batch();
+        call(b, &c, 1, "m", b"small");
+        assert!(
+            svc.written().is_empty(),
+            "a small frame waits for the flusher"
+        );
+        let big = vec![7u8; zrpcd::queue::ZERO_COPY_MIN];
+        call(b, &c, 2, "m", &big);
+        // Written with what was queued before it, without waiting.
+        assert_eq!(request_ids(&svc.written()).len(), 2);
+    });
+}
+
+#[test]
 fn a_closing_peer_is_left_to_its_writer_task() {
     with_broker(|b| {
         let svc = connect(b, 1);
