@@ -9,6 +9,42 @@ use bytes::BufMut;
 
 use crate::ProtoError;
 
+/// Why an envelope could not be read: a static message, behind a thin
+/// pointer so that every `Result` of the reader fits in two registers
+/// (with `ProtoError` they were returned through memory, field by field).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Malformed(&'static Why);
+
+/// The message of a [`Malformed`].
+#[derive(PartialEq, Eq)]
+pub struct Why(&'static str);
+
+impl Malformed {
+    /// What was wrong.
+    pub fn message(self) -> &'static str {
+        self.0 .0
+    }
+}
+
+impl std::fmt::Debug for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Malformed({:?})", self.message())
+    }
+}
+
+impl From<Malformed> for ProtoError {
+    fn from(m: Malformed) -> ProtoError {
+        ProtoError::Envelope(m.message())
+    }
+}
+
+/// A [`Malformed`] with a literal message.
+macro_rules! bad {
+    ($m:literal) => {
+        Malformed(&Why($m))
+    };
+}
+
 /// Maximum nesting depth accepted when skipping unknown values.
 const MAX_SKIP_DEPTH: u32 = 32;
 
@@ -98,50 +134,47 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
-    fn byte(&mut self) -> Result<u8, ProtoError> {
-        let b = *self
-            .buf
-            .get(self.pos)
-            .ok_or(ProtoError::Envelope("truncated envelope"))?;
+    fn byte(&mut self) -> Result<u8, Malformed> {
+        let b = *self.buf.get(self.pos).ok_or(bad!("truncated envelope"))?;
         self.pos += 1;
         Ok(b)
     }
 
-    fn peek(&self) -> Result<u8, ProtoError> {
+    fn peek(&self) -> Result<u8, Malformed> {
         self.buf
             .get(self.pos)
             .copied()
-            .ok_or(ProtoError::Envelope("truncated envelope"))
+            .ok_or(bad!("truncated envelope"))
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.buf.len())
-            .ok_or(ProtoError::Envelope("truncated envelope"))?;
+            .ok_or(bad!("truncated envelope"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
     }
 
-    fn be(&mut self, n: usize) -> Result<u64, ProtoError> {
+    fn be(&mut self, n: usize) -> Result<u64, Malformed> {
         let s = self.take(n)?;
         Ok(s.iter().fold(0u64, |acc, &b| (acc << 8) | b as u64))
     }
 
     /// Reads an array header and returns its length.
-    pub fn array_len(&mut self) -> Result<u32, ProtoError> {
+    pub fn array_len(&mut self) -> Result<u32, Malformed> {
         match self.byte()? {
             b @ 0x90..=0x9f => Ok((b & 0x0f) as u32),
             0xdc => Ok(self.be(2)? as u32),
             0xdd => Ok(self.be(4)? as u32),
-            _ => Err(ProtoError::Envelope("envelope is not a MessagePack array")),
+            _ => Err(bad!("envelope is not a MessagePack array")),
         }
     }
 
     /// Reads a non-negative integer (any MessagePack integer encoding).
-    pub fn uint(&mut self) -> Result<u64, ProtoError> {
+    pub fn uint(&mut self) -> Result<u64, Malformed> {
         let b = self.byte()?;
         match b {
             0x00..=0x7f => Ok(b as u64),
@@ -154,25 +187,24 @@ impl<'a> Reader<'a> {
                 let raw = self.be(n)?;
                 let shift = 64 - 8 * n as u32;
                 let v = ((raw << shift) as i64) >> shift;
-                u64::try_from(v)
-                    .map_err(|_| ProtoError::Envelope("expected a non-negative integer"))
+                u64::try_from(v).map_err(|_| bad!("expected a non-negative integer"))
             }
-            _ => Err(ProtoError::Envelope("expected an integer")),
+            _ => Err(bad!("expected an integer")),
         }
     }
 
     /// Reads an integer that must fit in a `u32`.
-    pub fn u32(&mut self) -> Result<u32, ProtoError> {
-        u32::try_from(self.uint()?).map_err(|_| ProtoError::Envelope("integer out of range"))
+    pub fn u32(&mut self) -> Result<u32, Malformed> {
+        u32::try_from(self.uint()?).map_err(|_| bad!("integer out of range"))
     }
 
     /// Reads an integer that must fit in a `u16`.
-    pub fn u16(&mut self) -> Result<u16, ProtoError> {
-        u16::try_from(self.uint()?).map_err(|_| ProtoError::Envelope("integer out of range"))
+    pub fn u16(&mut self) -> Result<u16, Malformed> {
+        u16::try_from(self.uint()?).map_err(|_| bad!("integer out of range"))
     }
 
     /// Reads nil as `None`, or an integer as `Some`.
-    pub fn opt_uint(&mut self) -> Result<Option<u64>, ProtoError> {
+    pub fn opt_uint(&mut self) -> Result<Option<u64>, Malformed> {
         if self.peek()? == 0xc0 {
             self.pos += 1;
             Ok(None)
@@ -182,23 +214,23 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a boolean.
-    pub fn bool(&mut self) -> Result<bool, ProtoError> {
+    pub fn bool(&mut self) -> Result<bool, Malformed> {
         match self.byte()? {
             0xc2 => Ok(false),
             0xc3 => Ok(true),
-            _ => Err(ProtoError::Envelope("expected a boolean")),
+            _ => Err(bad!("expected a boolean")),
         }
     }
 
     /// Reads a UTF-8 string, borrowed from the envelope.
-    pub fn str(&mut self) -> Result<&'a str, ProtoError> {
+    pub fn str(&mut self) -> Result<&'a str, Malformed> {
         let b = self.byte()?;
         let len = match b {
             0xa0..=0xbf => (b & 0x1f) as usize,
             0xd9 => self.be(1)? as usize,
             0xda => self.be(2)? as usize,
             0xdb => self.be(4)? as usize,
-            _ => return Err(ProtoError::Envelope("expected a string")),
+            _ => return Err(bad!("expected a string")),
         };
         let raw = self.take(len)?;
         // Names are ASCII in practice; checking that word by word is
@@ -207,17 +239,17 @@ impl<'a> Reader<'a> {
             // SAFETY: every ASCII byte sequence is valid UTF-8.
             return Ok(unsafe { std::str::from_utf8_unchecked(raw) });
         }
-        std::str::from_utf8(raw).map_err(|_| ProtoError::Envelope("string is not valid UTF-8"))
+        std::str::from_utf8(raw).map_err(|_| bad!("string is not valid UTF-8"))
     }
 
     /// Skips one complete value of any type.
-    pub fn skip(&mut self) -> Result<(), ProtoError> {
+    pub fn skip(&mut self) -> Result<(), Malformed> {
         self.skip_depth(0)
     }
 
-    fn skip_depth(&mut self, depth: u32) -> Result<(), ProtoError> {
+    fn skip_depth(&mut self, depth: u32) -> Result<(), Malformed> {
         if depth > MAX_SKIP_DEPTH {
-            return Err(ProtoError::Envelope("envelope nested too deeply"));
+            return Err(bad!("envelope nested too deeply"));
         }
         let b = self.byte()?;
         let (skip_bytes, children): (usize, u64) = match b {
@@ -225,7 +257,7 @@ impl<'a> Reader<'a> {
             0x80..=0x8f => (0, 2 * (b & 0x0f) as u64),
             0x90..=0x9f => (0, (b & 0x0f) as u64),
             0xa0..=0xbf => ((b & 0x1f) as usize, 0),
-            0xc1 => return Err(ProtoError::Envelope("invalid MessagePack byte 0xc1")),
+            0xc1 => return Err(bad!("invalid MessagePack byte 0xc1")),
             0xc4 | 0xd9 => (self.be(1)? as usize, 0),
             0xc5 | 0xda => (self.be(2)? as usize, 0),
             0xc6 | 0xdb => (self.be(4)? as usize, 0),
@@ -251,7 +283,7 @@ impl<'a> Reader<'a> {
         self.take(skip_bytes)?;
         // Every child needs at least one byte: reject absurd counts early.
         if children > self.remaining() as u64 {
-            return Err(ProtoError::Envelope("truncated envelope"));
+            return Err(bad!("truncated envelope"));
         }
         for _ in 0..children {
             self.skip_depth(depth + 1)?;
@@ -264,7 +296,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn read_str(s: &[u8]) -> Result<String, ProtoError> {
+    fn read_str(s: &[u8]) -> Result<String, Malformed> {
         let mut buf = vec![0xa0 | s.len() as u8];
         buf.extend_from_slice(s);
         Reader::new(&buf).str().map(str::to_owned)
