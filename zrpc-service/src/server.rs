@@ -339,6 +339,9 @@ struct Conn {
     pong_pending: bool,
     /// When `wbuf` was last written out completely.
     last_flush: std::time::Instant,
+    /// `last_flush + FLUSH_INTERVAL`, so that the per-request check is a
+    /// comparison, not a subtraction.
+    flush_due: std::time::Instant,
     /// The regular read buffer, parked while a large frame is read into an
     /// allocation of its own.
     parked: Option<BytesMut>,
@@ -373,6 +376,7 @@ impl Conn {
             queue: VecDeque::new(),
             pong_pending: false,
             last_flush: std::time::Instant::now(),
+            flush_due: std::time::Instant::now() + FLUSH_INTERVAL,
             parked: None,
             frame_own_buffer: false,
             unflushed: 0,
@@ -527,6 +531,7 @@ impl Conn {
         self.pong_pending = false;
         self.unflushed = 0;
         self.last_flush = std::time::Instant::now();
+        self.flush_due = self.last_flush + FLUSH_INTERVAL;
         Ok(())
     }
 
@@ -1569,7 +1574,7 @@ impl<S: Service> Server<S> {
                         || conn.pending_write() >= FLUSH_THRESHOLD
                         || conn.unflushed >= FLUSH_REPLIES
                         || conn.pong_pending
-                        || now.saturating_duration_since(conn.last_flush) >= FLUSH_INTERVAL
+                        || now >= conn.flush_due
                     {
                         conn.flush().await?;
                         // `flush` stamped `last_flush` when it finished.
