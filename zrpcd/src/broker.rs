@@ -397,6 +397,17 @@ impl Broker {
             flags,
         };
         let bid = self.pending.insert(new, now, deadline);
+        if route.is_none() {
+            // `insert` created (or found) the route: keep the service's
+            // statistics slot with it, so that ending a call needs no name
+            // lookup for them.
+            if let Some(r) = self.pending.get(bid).map(|p| p.route) {
+                if self.pending.route_tag(r).is_none() {
+                    let slot = self.stats.service_slot(service);
+                    self.pending.set_route_tag(r, slot);
+                }
+            }
+        }
         let call = RouteCall {
             bid,
             service,
@@ -524,6 +535,7 @@ impl Broker {
         };
         let p = removed.call;
         let service: &str = &removed.service;
+        let stats_slot = removed.route_tag;
         let replied = matches!(outcome, Outcome::Reply { .. });
         // Stop the service's work when the call is really over; not when the
         // caller only lost its connection (it will resubmit) or the broker is
@@ -594,7 +606,10 @@ impl Broker {
                     None => self.stats.calls_ok += 1,
                     Some(c) => self.stats.error(c),
                 }
-                let s = self.stats.service(service);
+                let s = match stats_slot {
+                    Some(slot) => self.stats.service_at(slot),
+                    None => self.stats.service(service),
+                };
                 s.answered += 1;
                 if code.is_some() {
                     s.errors += 1;
@@ -609,7 +624,11 @@ impl Broker {
                 };
                 self.send_result(p.caller, &env, &Bytes::new());
                 self.stats.error(code);
-                self.stats.service(service).errors += 1;
+                match stats_slot {
+                    Some(slot) => self.stats.service_at(slot),
+                    None => self.stats.service(service),
+                }
+                .errors += 1;
                 tracing::debug!(bid, service, %code, %message, "call failed");
             }
             Outcome::CallerGone | Outcome::CallerLeft => {}

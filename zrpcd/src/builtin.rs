@@ -201,7 +201,7 @@ fn stats(b: &Broker) -> Value {
             (Value::from(name), Value::from(*n))
         })
         .collect();
-    let mut services: Vec<_> = s.services.iter().collect();
+    let mut services: Vec<_> = s.services.iter().map(|(k, v)| (k, v)).collect();
     services.sort_unstable_by_key(|(k, _)| *k);
     let services = services
         .into_iter()

@@ -191,6 +191,8 @@ pub struct Removed {
     pub service: Rc<str>,
     /// Its method name.
     pub method: Rc<str>,
+    /// The tag of its route ([`PendingCalls::set_route_tag`]), if set.
+    pub route_tag: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -209,6 +211,9 @@ struct Route {
     hash: u64,
     /// Pending calls using this route.
     refs: u32,
+    /// A value the broker keeps with the route (its per-service statistics
+    /// slot), `u32::MAX` while unset.
+    tag: u32,
 }
 
 /// Interned `(service, method)` pairs, reference-counted by the calls.
@@ -264,6 +269,7 @@ impl Routes {
             method: method.into(),
             hash,
             refs: 0,
+            tag: u32::MAX,
         };
         let id = match self.free.pop() {
             Some(id) => {
@@ -501,6 +507,19 @@ impl PendingCalls {
         (s, m)
     }
 
+    /// The tag kept with route `route`, if set.
+    pub fn route_tag(&self, route: RouteId) -> Option<u32> {
+        let r = self.routes.entries.get(route as usize)?.as_ref()?;
+        (r.tag != u32::MAX).then_some(r.tag)
+    }
+
+    /// Keeps `tag` with route `route` (for as long as the route lives).
+    pub fn set_route_tag(&mut self, route: RouteId, tag: u32) {
+        if let Some(Some(r)) = self.routes.entries.get_mut(route as usize) {
+            r.tag = tag;
+        }
+    }
+
     /// The service and method names of a call, as shared strings that stay
     /// valid while the table changes.
     pub fn names_rc(&self, p: &Pending) -> (Rc<str>, Rc<str>) {
@@ -535,11 +554,13 @@ impl PendingCalls {
             self.timers.remove(key);
         }
         let (service, method) = self.names_rc(&p);
+        let route_tag = self.route_tag(p.route);
         self.routes.release(p.route);
         Some(Removed {
             call: p,
             service,
             method,
+            route_tag,
         })
     }
 

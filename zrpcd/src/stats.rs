@@ -110,9 +110,13 @@ pub struct Stats {
     pub protocol_errors: u64,
     /// Services disconnected for not answering heartbeats.
     pub heartbeat_timeouts: u64,
-    /// Per service name (hashbrown for `entry_ref`: one lookup per call,
-    /// and a key allocated only for a new name).
-    pub services: hashbrown::HashMap<String, ServiceStats, FxBuildHasher>,
+    /// Per service name, in order of first use; a slot number never
+    /// changes, so the broker keeps it with the call's interned route and
+    /// finds the entry without a name lookup per call.
+    pub services: Vec<(String, ServiceStats)>,
+    /// Slot in `services` by name (hashbrown for `entry_ref`: a key
+    /// allocated only for a new name).
+    slots: hashbrown::HashMap<String, u32, FxBuildHasher>,
 }
 
 impl Stats {
@@ -126,7 +130,24 @@ impl Stats {
 
     /// Per-service entry.
     pub fn service(&mut self, name: &str) -> &mut ServiceStats {
-        self.services.entry_ref(name).or_default()
+        let slot = self.service_slot(name);
+        self.service_at(slot)
+    }
+
+    /// The slot of `name`'s entry (created if needed).
+    pub fn service_slot(&mut self, name: &str) -> u32 {
+        let next = self.services.len() as u32;
+        let slot = *self.slots.entry_ref(name).or_insert(next);
+        if slot == next {
+            self.services
+                .push((name.to_owned(), ServiceStats::default()));
+        }
+        slot
+    }
+
+    /// The entry in slot `slot` (from [`Stats::service_slot`]).
+    pub fn service_at(&mut self, slot: u32) -> &mut ServiceStats {
+        &mut self.services[slot as usize].1
     }
 }
 

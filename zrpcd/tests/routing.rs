@@ -213,7 +213,7 @@ fn a_late_reply_never_reaches_the_call_that_reused_the_slot() {
             }]
         );
         assert!(b.pending.is_empty());
-        assert_eq!(b.stats.services["svc"].answered, 1);
+        assert_eq!(b.stats.service("svc").answered, 1);
     });
 }
 
