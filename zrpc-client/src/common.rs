@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use zrpc_proto::{encode_frame, encode_header, Envelope, ErrorCode, Frame, HEADER_LEN};
+use zrpc_proto::{
+    encode_frame, encode_header, Envelope, ErrorCode, Frame, InlineBytes, HEADER_LEN,
+};
 
 use crate::{CallOptions, Error, Result};
 
@@ -430,7 +432,7 @@ pub(crate) struct OutFrame {
 /// allocation; a larger one in `Bytes`.
 #[derive(Clone)]
 enum Head {
-    Inline { len: u8, buf: [u8; INLINE_FRAME] },
+    Inline(InlineBytes<INLINE_FRAME>),
     Shared(Bytes),
 }
 
@@ -443,7 +445,7 @@ impl Default for Head {
 impl std::fmt::Debug for Head {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Head::Inline { len, .. } => write!(f, "Inline({len} bytes)"),
+            Head::Inline(b) => write!(f, "Inline({} bytes)", b.len()),
             Head::Shared(b) => write!(f, "Shared({} bytes)", b.len()),
         }
     }
@@ -458,7 +460,7 @@ impl OutFrame {
     /// The head bytes.
     pub(crate) fn head(&self) -> &[u8] {
         match &self.head {
-            Head::Inline { len, buf } => &buf[..usize::from(*len)],
+            Head::Inline(b) => b,
             Head::Shared(b) => b,
         }
     }
@@ -467,7 +469,7 @@ impl OutFrame {
     /// copy of an inline one).
     pub(crate) fn head_from(&self, at: usize) -> Bytes {
         match &self.head {
-            Head::Inline { .. } => Bytes::copy_from_slice(&self.head()[at..]),
+            Head::Inline(b) => Bytes::copy_from_slice(&b[at..]),
             Head::Shared(b) => b.slice(at..),
         }
     }
@@ -481,7 +483,7 @@ impl OutFrame {
     /// Whether the head is stored inline.
     #[cfg(test)]
     pub(crate) fn is_inline(&self) -> bool {
-        matches!(self.head, Head::Inline { .. })
+        matches!(self.head, Head::Inline(_))
     }
 }
 
@@ -576,14 +578,8 @@ const INLINE_FRAME: usize = 111;
 /// allocation: every call's frame is kept until the call is answered, for
 /// resubmission, and one copy is written), else an allocation of its own.
 pub(crate) fn own_frame(b: &[u8]) -> OutFrame {
-    let head = match u8::try_from(b.len()) {
-        Ok(len) if b.len() <= INLINE_FRAME => {
-            let mut buf = [0; INLINE_FRAME];
-            buf[..b.len()].copy_from_slice(b);
-            Head::Inline { len, buf }
-        }
-        _ => Head::Shared(Bytes::copy_from_slice(b)),
-    };
+    let head =
+        InlineBytes::new(b).map_or_else(|| Head::Shared(Bytes::copy_from_slice(b)), Head::Inline);
     OutFrame {
         head,
         tail: Bytes::new(),
@@ -627,8 +623,8 @@ pub(crate) fn call_frame<P: Serialize + ?Sized>(
                 max_message_size,
             )?;
             if bytes.len() <= INLINE_FRAME {
-                // Small: through a small per-thread buffer into an
-                // `InlineFrame` (not through `with_scratch`: that would give
+                // Small: through a small per-thread buffer into an inline
+                // head (not through `with_scratch`: that would give
                 // up the large encode buffer while a large frame split off
                 // it is still alive).
                 // No user code runs while it is borrowed (no re-entry).

@@ -21,6 +21,7 @@ pub mod busy_poll;
 mod codec;
 mod envelope;
 mod error;
+mod inline;
 pub mod mp;
 mod names;
 #[cfg(feature = "reactor")]
@@ -31,6 +32,7 @@ pub use blob::Blob;
 pub use codec::{encode_frame, encode_header, Frame, FrameDecoder, HEADER_LEN};
 pub use envelope::{flags, Envelope, Kind};
 pub use error::{ErrorCode, ProtoError};
+pub use inline::InlineBytes;
 pub use names::{to_snake_case, validate_name, MAX_NAME_LEN};
 pub use sd::{sd_notify, watchdog_interval};
 

@@ -24,7 +24,7 @@ use std::hash::{Hash, Hasher};
 use bytes::Bytes;
 use hashbrown::HashTable;
 use rustc_hash::FxHasher;
-use zrpc_proto::ErrorCode;
+use zrpc_proto::{ErrorCode, InlineBytes};
 
 /// What was (or will be) sent in a `Reply`: the return value, or an error
 /// code and message.
@@ -48,7 +48,7 @@ pub(crate) const INLINE: usize = 102;
 /// A cached outcome.
 enum Stored {
     /// A small successful reply, copied.
-    Inline { len: u8, buf: [u8; INLINE] },
+    Inline(InlineBytes<INLINE>),
     /// A larger successful reply, by reference.
     Shared(Bytes),
     /// An error reply.
@@ -69,7 +69,7 @@ impl Slot {
     /// Bytes counted against the byte bound.
     fn cost(&self) -> usize {
         match &self.stored {
-            Stored::Inline { len, .. } => usize::from(*len),
+            Stored::Inline(b) => b.len(),
             Stored::Shared(p) => p.len(),
             Stored::Failed(_, msg) => msg.len(),
             Stored::Dead => 0,
@@ -161,9 +161,7 @@ impl ReplyCache {
             return None;
         }
         match &slot.stored {
-            Stored::Inline { len, buf } => {
-                Some(Ok(Bytes::copy_from_slice(&buf[..usize::from(*len)])))
-            }
+            Stored::Inline(b) => Some(Ok(Bytes::copy_from_slice(b))),
             Stored::Shared(p) => Some(Ok(p.clone())),
             Stored::Failed(code, msg) => Some(Err((*code, msg.clone()))),
             Stored::Dead => None,
@@ -203,17 +201,11 @@ impl ReplyCache {
             return;
         }
         let stored = match outcome {
-            Ok(p) if p.len() <= INLINE => {
-                let mut buf = [0; INLINE];
-                buf[..p.len()].copy_from_slice(&p);
-                // `INLINE` < 256.
-                Stored::Inline {
-                    len: p.len() as u8,
-                    buf,
-                }
-            }
-            Ok(p) if !owned => Stored::Shared(Bytes::copy_from_slice(&p)),
-            Ok(p) => Stored::Shared(p),
+            Ok(p) => match InlineBytes::new(&p) {
+                Some(b) => Stored::Inline(b),
+                None if !owned => Stored::Shared(Bytes::copy_from_slice(&p)),
+                None => Stored::Shared(p),
+            },
             Err((code, msg)) => Stored::Failed(code, msg),
         };
         let slot = Slot {

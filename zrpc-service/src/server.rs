@@ -363,6 +363,7 @@ impl Conn {
         if let Some(bp) = &busy_poll {
             bp.watch_or_log(rd.as_raw_fd());
         }
+        let now = std::time::Instant::now();
         Ok(Conn {
             busy_poll,
             rd,
@@ -375,8 +376,8 @@ impl Conn {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             queue: VecDeque::new(),
             pong_pending: false,
-            last_flush: std::time::Instant::now(),
-            flush_due: std::time::Instant::now() + FLUSH_INTERVAL,
+            last_flush: now,
+            flush_due: now + FLUSH_INTERVAL,
             parked: None,
             frame_own_buffer: false,
             unflushed: 0,

@@ -397,16 +397,16 @@ impl Broker {
             flags,
         };
         let bid = self.pending.insert(new, now, deadline);
-        if route.is_none() {
-            // `insert` created (or found) the route: keep the service's
-            // statistics slot with it, so that ending a call needs no name
-            // lookup for them.
-            if let Some(r) = self.pending.get(bid).map(|p| p.route) {
-                if self.pending.route_tag(r).is_none() {
-                    let slot = self.stats.service_slot(service);
-                    self.pending.set_route_tag(r, slot);
-                }
-            }
+        // A route `insert` created gets the service's statistics slot as its
+        // tag, so that ending a call needs no name lookup for them.
+        let new_route = route
+            .is_none()
+            .then(|| self.pending.get(bid).map(|p| p.route))
+            .flatten()
+            .filter(|&r| self.pending.route_tag(r).is_none());
+        if let Some(r) = new_route {
+            let slot = self.stats.service_slot(service);
+            self.pending.set_route_tag(r, slot);
         }
         let call = RouteCall {
             bid,
@@ -606,10 +606,7 @@ impl Broker {
                     None => self.stats.calls_ok += 1,
                     Some(c) => self.stats.error(c),
                 }
-                let s = match stats_slot {
-                    Some(slot) => self.stats.service_at(slot),
-                    None => self.stats.service(service),
-                };
+                let s = self.stats.service_in(stats_slot, service);
                 s.answered += 1;
                 if code.is_some() {
                     s.errors += 1;
@@ -624,11 +621,7 @@ impl Broker {
                 };
                 self.send_result(p.caller, &env, &Bytes::new());
                 self.stats.error(code);
-                match stats_slot {
-                    Some(slot) => self.stats.service_at(slot),
-                    None => self.stats.service(service),
-                }
-                .errors += 1;
+                self.stats.service_in(stats_slot, service).errors += 1;
                 tracing::debug!(bid, service, %code, %message, "call failed");
             }
             Outcome::CallerGone | Outcome::CallerLeft => {}

@@ -201,8 +201,8 @@ fn stats(b: &Broker) -> Value {
             (Value::from(name), Value::from(*n))
         })
         .collect();
-    let mut services: Vec<_> = s.services.iter().map(|(k, v)| (k, v)).collect();
-    services.sort_unstable_by_key(|(k, _)| *k);
+    let mut services: Vec<_> = s.services.iter().collect();
+    services.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let services = services
         .into_iter()
         .map(|(name, st)| {

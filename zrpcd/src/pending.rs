@@ -20,6 +20,7 @@ use bytes::Bytes;
 use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHasher};
 use tokio_util::time::{delay_queue, DelayQueue};
+use zrpc_proto::InlineBytes;
 
 use crate::peers::PeerId;
 
@@ -52,12 +53,7 @@ pub const SMALL_PAYLOAD_COPY: usize = 256;
 #[derive(Clone)]
 pub enum KeptPayload {
     /// A small payload, copied in place.
-    Inline {
-        /// Bytes used in `buf`.
-        len: u8,
-        /// The payload.
-        buf: [u8; INLINE_PAYLOAD],
-    },
+    Inline(InlineBytes<INLINE_PAYLOAD>),
     /// A larger payload: a copy, or a view into the buffer it arrived in.
     Shared(Bytes),
 }
@@ -65,23 +61,19 @@ pub enum KeptPayload {
 impl KeptPayload {
     /// What a pending call keeps of `payload`.
     pub fn new(payload: &Bytes) -> KeptPayload {
-        match u8::try_from(payload.len()) {
-            Ok(len) if payload.len() <= INLINE_PAYLOAD => {
-                let mut buf = [0; INLINE_PAYLOAD];
-                buf[..payload.len()].copy_from_slice(payload);
-                KeptPayload::Inline { len, buf }
-            }
-            _ if payload.len() <= SMALL_PAYLOAD_COPY => {
-                KeptPayload::Shared(Bytes::copy_from_slice(payload))
-            }
-            _ => KeptPayload::Shared(payload.clone()),
+        if let Some(inline) = InlineBytes::new(payload) {
+            KeptPayload::Inline(inline)
+        } else if payload.len() <= SMALL_PAYLOAD_COPY {
+            KeptPayload::Shared(Bytes::copy_from_slice(payload))
+        } else {
+            KeptPayload::Shared(payload.clone())
         }
     }
 
     /// The payload bytes.
     pub fn as_slice(&self) -> &[u8] {
         match self {
-            KeptPayload::Inline { len, buf } => &buf[..usize::from(*len)],
+            KeptPayload::Inline(b) => b,
             KeptPayload::Shared(b) => b,
         }
     }
@@ -99,7 +91,7 @@ impl KeptPayload {
     /// The payload as `Bytes` (a copy of an inline one), for re-delivery.
     pub fn to_bytes(&self) -> Bytes {
         match self {
-            KeptPayload::Inline { .. } => Bytes::copy_from_slice(self.as_slice()),
+            KeptPayload::Inline(b) => Bytes::copy_from_slice(b),
             KeptPayload::Shared(b) => b.clone(),
         }
     }
@@ -670,7 +662,7 @@ mod tests {
     fn small_payloads_are_kept_inline_and_large_ones_by_reference() {
         let small = Bytes::from(vec![7u8; INLINE_PAYLOAD]);
         let kept = KeptPayload::new(&small);
-        assert!(matches!(kept, KeptPayload::Inline { .. }));
+        assert!(matches!(kept, KeptPayload::Inline(_)));
         assert_eq!(kept.as_slice(), &small[..]);
         assert_eq!(kept.to_bytes(), small);
         let copied = Bytes::from(vec![8u8; INLINE_PAYLOAD + 1]);
@@ -679,12 +671,12 @@ mod tests {
                 assert_eq!(b, copied);
                 assert_ne!(b.as_ptr(), copied.as_ptr(), "a copy, not a view");
             }
-            KeptPayload::Inline { .. } => panic!("too large to be inline"),
+            KeptPayload::Inline(_) => panic!("too large to be inline"),
         }
         let large = Bytes::from(vec![9u8; SMALL_PAYLOAD_COPY + 1]);
         match KeptPayload::new(&large) {
             KeptPayload::Shared(b) => assert_eq!(b.as_ptr(), large.as_ptr(), "a view"),
-            KeptPayload::Inline { .. } => panic!("too large to be inline"),
+            KeptPayload::Inline(_) => panic!("too large to be inline"),
         }
         assert!(KeptPayload::new(&Bytes::new()).is_empty());
     }

@@ -149,6 +149,14 @@ impl Stats {
     pub fn service_at(&mut self, slot: u32) -> &mut ServiceStats {
         &mut self.services[slot as usize].1
     }
+
+    /// The entry in `slot` if known, else `name`'s.
+    pub fn service_in(&mut self, slot: Option<u32>, name: &str) -> &mut ServiceStats {
+        match slot {
+            Some(slot) => self.service_at(slot),
+            None => self.service(name),
+        }
+    }
 }
 
 #[cfg(test)]
