@@ -2,6 +2,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::mp::Writer;
 use crate::{Envelope, ProtoError};
 
 /// Length of the fixed frame header: `body_len` and `env_len`, both u32 BE.
@@ -91,13 +92,18 @@ impl FrameDecoder {
 /// bytes the caller writes next (or sends as a separate slice of a vectored
 /// write).
 pub fn encode_header(out: &mut BytesMut, env: &Envelope<'_>, payload_len: usize) {
-    let start = out.len();
-    out.put_bytes(0, HEADER_LEN);
-    env.encode(out);
-    let env_len = out.len() - start - HEADER_LEN;
+    out.reserve(HEADER_LEN + env.max_encoded_len());
+    let env_len = {
+        let mut w = Writer::new(&mut out.chunk_mut()[HEADER_LEN..]);
+        env.write(&mut w);
+        w.len()
+    };
     let body_len = env_len + payload_len;
-    out[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
-    out[start + 4..start + 8].copy_from_slice(&(env_len as u32).to_be_bytes());
+    let dst = out.chunk_mut();
+    dst[..4].copy_from_slice(&(body_len as u32).to_be_bytes());
+    dst[4..HEADER_LEN].copy_from_slice(&(env_len as u32).to_be_bytes());
+    // SAFETY: the header and the `env_len` bytes after it were just written.
+    unsafe { out.advance_mut(HEADER_LEN + env_len) };
 }
 
 /// Appends a complete frame (header, envelope and payload) to `out`.

@@ -1,8 +1,8 @@
 //! Message envelopes: the small MessagePack header in front of every payload.
 
-use bytes::BufMut;
+use bytes::{BufMut, BytesMut};
 
-use crate::mp::{self, Reader};
+use crate::mp::{self, Reader, Writer};
 use crate::{ErrorCode, ProtoError};
 
 /// Flags carried by a `Call` envelope.
@@ -178,8 +178,8 @@ pub enum Envelope<'a> {
     },
 }
 
-fn write_code(out: &mut impl BufMut, code: Option<ErrorCode>) {
-    mp::write_uint(out, code.map_or(0, |c| c.to_u16()) as u64);
+fn code_value(code: Option<ErrorCode>) -> u64 {
+    code.map_or(0, |c| c.to_u16()) as u64
 }
 
 impl<'a> Envelope<'a> {
@@ -204,7 +204,59 @@ impl<'a> Envelope<'a> {
     }
 
     /// Appends the MessagePack encoding of the envelope to `out`.
+    ///
+    /// The hot paths use [`encode_header`](crate::encode_header), which
+    /// writes straight into the spare capacity of a `BytesMut`; this generic
+    /// form goes through a temporary buffer.
     pub fn encode(&self, out: &mut impl BufMut) {
+        let mut tmp = BytesMut::with_capacity(self.max_encoded_len());
+        self.encode_into(&mut tmp);
+        out.put_slice(&tmp);
+    }
+
+    /// Appends the encoding to `out`, reserving room for it first.
+    pub fn encode_into(&self, out: &mut BytesMut) {
+        out.reserve(self.max_encoded_len());
+        let n = {
+            let mut w = Writer::new(out.chunk_mut());
+            self.write(&mut w);
+            w.len()
+        };
+        // SAFETY: `write` initialised the first `n` bytes of the spare
+        // capacity (`Writer` writes contiguously from its start).
+        unsafe { out.advance_mut(n) };
+    }
+
+    /// The most bytes [`Envelope::write`] can write for this envelope.
+    pub fn max_encoded_len(&self) -> usize {
+        const U: usize = mp::MAX_UINT_LEN;
+        // Array header and kind.
+        2 + match *self {
+            Envelope::Hello { agent, .. } => 2 * U + mp::max_str_len(agent),
+            Envelope::Welcome { .. } => 3 * U,
+            Envelope::Register { name, .. } => U + mp::max_str_len(name) + 1,
+            Envelope::Unregister { name, .. } => U + mp::max_str_len(name),
+            Envelope::Ack { message, .. }
+            | Envelope::Reply { message, .. }
+            | Envelope::Result { message, .. } => 2 * U + mp::max_str_len(message),
+            Envelope::Call {
+                service, method, ..
+            } => 3 * U + mp::max_str_len(service) + mp::max_str_len(method),
+            Envelope::Request {
+                service, method, ..
+            } => 4 * U + mp::max_str_len(service) + mp::max_str_len(method),
+            Envelope::Cancel { .. }
+            | Envelope::Ping { .. }
+            | Envelope::Pong { .. }
+            | Envelope::Event { .. } => U,
+            Envelope::Fatal { message, .. } => U + mp::max_str_len(message),
+        }
+    }
+
+    /// Writes the encoding through `out`, which must have room for
+    /// [`Envelope::max_encoded_len`] bytes.
+    #[inline]
+    pub fn write(&self, out: &mut Writer<'_>) {
         let kind = self.kind() as u64;
         match *self {
             Envelope::Hello {
@@ -212,35 +264,35 @@ impl<'a> Envelope<'a> {
                 instance,
                 agent,
             } => {
-                mp::write_array_len(out, 4);
-                mp::write_uint(out, kind);
-                mp::write_uint(out, version as u64);
-                mp::write_uint(out, instance);
-                mp::write_str(out, agent);
+                out.array_len(4);
+                out.uint(kind);
+                out.uint(version as u64);
+                out.uint(instance);
+                out.str(agent);
             }
             Envelope::Welcome {
                 version,
                 conn_id,
                 max_message_size,
             } => {
-                mp::write_array_len(out, 4);
-                mp::write_uint(out, kind);
-                mp::write_uint(out, version as u64);
-                mp::write_uint(out, conn_id);
-                mp::write_uint(out, max_message_size as u64);
+                out.array_len(4);
+                out.uint(kind);
+                out.uint(version as u64);
+                out.uint(conn_id);
+                out.uint(max_message_size as u64);
             }
             Envelope::Register { req, name, shared } => {
-                mp::write_array_len(out, 4);
-                mp::write_uint(out, kind);
-                mp::write_uint(out, req);
-                mp::write_str(out, name);
-                mp::write_bool(out, shared);
+                out.array_len(4);
+                out.uint(kind);
+                out.uint(req);
+                out.str(name);
+                out.bool(shared);
             }
             Envelope::Unregister { req, name } => {
-                mp::write_array_len(out, 3);
-                mp::write_uint(out, kind);
-                mp::write_uint(out, req);
-                mp::write_str(out, name);
+                out.array_len(3);
+                out.uint(kind);
+                out.uint(req);
+                out.str(name);
             }
             Envelope::Ack { req, code, message }
             | Envelope::Reply {
@@ -253,11 +305,11 @@ impl<'a> Envelope<'a> {
                 code,
                 message,
             } => {
-                mp::write_array_len(out, 4);
-                mp::write_uint(out, kind);
-                mp::write_uint(out, req);
-                write_code(out, code);
-                mp::write_str(out, message);
+                out.array_len(4);
+                out.uint(kind);
+                out.uint(req);
+                out.uint(code_value(code));
+                out.str(message);
             }
             Envelope::Call {
                 id,
@@ -266,13 +318,13 @@ impl<'a> Envelope<'a> {
                 timeout_ms,
                 flags,
             } => {
-                mp::write_array_len(out, 6);
-                mp::write_uint(out, kind);
-                mp::write_uint(out, id);
-                mp::write_str(out, service);
-                mp::write_str(out, method);
-                mp::write_opt_uint(out, timeout_ms);
-                mp::write_uint(out, flags as u64);
+                out.array_len(6);
+                out.uint(kind);
+                out.uint(id);
+                out.str(service);
+                out.str(method);
+                out.opt_uint(timeout_ms);
+                out.uint(flags as u64);
             }
             Envelope::Request {
                 id,
@@ -282,28 +334,28 @@ impl<'a> Envelope<'a> {
                 caller_instance,
                 caller_call,
             } => {
-                mp::write_array_len(out, 7);
-                mp::write_uint(out, kind);
-                mp::write_uint(out, id);
-                mp::write_str(out, service);
-                mp::write_str(out, method);
-                mp::write_opt_uint(out, timeout_ms);
-                mp::write_uint(out, caller_instance);
-                mp::write_uint(out, caller_call);
+                out.array_len(7);
+                out.uint(kind);
+                out.uint(id);
+                out.str(service);
+                out.str(method);
+                out.opt_uint(timeout_ms);
+                out.uint(caller_instance);
+                out.uint(caller_call);
             }
             Envelope::Cancel { id: n }
             | Envelope::Ping { nonce: n }
             | Envelope::Pong { nonce: n }
             | Envelope::Event { seq: n } => {
-                mp::write_array_len(out, 2);
-                mp::write_uint(out, kind);
-                mp::write_uint(out, n);
+                out.array_len(2);
+                out.uint(kind);
+                out.uint(n);
             }
             Envelope::Fatal { code, message } => {
-                mp::write_array_len(out, 3);
-                mp::write_uint(out, kind);
-                write_code(out, Some(code));
-                mp::write_str(out, message);
+                out.array_len(3);
+                out.uint(kind);
+                out.uint(code_value(Some(code)));
+                out.str(message);
             }
         }
     }
@@ -325,9 +377,10 @@ impl<'a> Envelope<'a> {
                 Ok(())
             }
         };
-        let code = |r: &mut Reader<'a>| -> Result<Option<ErrorCode>, ProtoError> {
+        #[inline(always)]
+        fn code(r: &mut Reader<'_>) -> Result<Option<ErrorCode>, ProtoError> {
             Ok(ErrorCode::from_u16(r.u16()?))
-        };
+        }
         let (env, used) = match kind {
             1 => {
                 need(4)?;

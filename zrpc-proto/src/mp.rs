@@ -5,7 +5,7 @@
 //! free of allocation and of generic serde machinery, and makes the decoder
 //! small enough to fuzz exhaustively. Payloads never pass through here.
 
-use bytes::BufMut;
+use bytes::buf::UninitSlice;
 
 use crate::ProtoError;
 
@@ -48,125 +48,195 @@ macro_rules! bad {
 /// Maximum nesting depth accepted when skipping unknown values.
 const MAX_SKIP_DEPTH: u32 = 32;
 
-/// Writes an array header for `len` elements.
-pub fn write_array_len(out: &mut impl BufMut, len: u32) {
-    if len < 16 {
-        out.put_u8(0x90 | len as u8);
-    } else if len <= u16::MAX as u32 {
-        out.put_u8(0xdc);
-        out.put_u16(len as u16);
-    } else {
-        out.put_u8(0xdd);
-        out.put_u32(len);
+/// Writes MessagePack values into memory reserved for them: the caller
+/// reserves an upper bound of what it writes (see
+/// [`Envelope::max_encoded_len`](crate::Envelope::max_encoded_len)), so
+/// no write checks or grows capacity, and a small integer costs one store.
+pub struct Writer<'a> {
+    dst: &'a mut UninitSlice,
+    len: usize,
+}
+
+impl<'a> Writer<'a> {
+    /// A writer that fills `dst` from its start.
+    pub fn new(dst: &'a mut UninitSlice) -> Self {
+        Writer { dst, len: 0 }
+    }
+
+    /// Bytes written so far (all of `dst[..len]` is initialised).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes raw bytes. Panics if they do not fit (a wrong bound).
+    #[inline(always)]
+    pub fn bytes(&mut self, s: &[u8]) {
+        self.dst[self.len..self.len + s.len()].copy_from_slice(s);
+        self.len += s.len();
+    }
+
+    #[inline(always)]
+    fn byte(&mut self, b: u8) {
+        self.dst.write_byte(self.len, b);
+        self.len += 1;
+    }
+
+    /// Writes an array header for `len` elements.
+    #[inline(always)]
+    pub fn array_len(&mut self, len: u32) {
+        if len < 16 {
+            self.byte(0x90 | len as u8);
+        } else if len <= u16::MAX as u32 {
+            let b = (len as u16).to_be_bytes();
+            self.bytes(&[0xdc, b[0], b[1]]);
+        } else {
+            let b = len.to_be_bytes();
+            self.bytes(&[0xdd, b[0], b[1], b[2], b[3]]);
+        }
+    }
+
+    /// Writes an unsigned integer in its most compact form.
+    #[inline(always)]
+    pub fn uint(&mut self, v: u64) {
+        if v < 128 {
+            self.byte(v as u8);
+        } else if v <= u8::MAX as u64 {
+            self.bytes(&[0xcc, v as u8]);
+        } else if v <= u16::MAX as u64 {
+            let b = (v as u16).to_be_bytes();
+            self.bytes(&[0xcd, b[0], b[1]]);
+        } else if v <= u32::MAX as u64 {
+            let b = (v as u32).to_be_bytes();
+            self.bytes(&[0xce, b[0], b[1], b[2], b[3]]);
+        } else {
+            let b = v.to_be_bytes();
+            self.bytes(&[0xcf, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        }
+    }
+
+    /// Writes a UTF-8 string.
+    #[inline(always)]
+    pub fn str(&mut self, s: &str) {
+        let len = s.len();
+        if len < 32 {
+            self.byte(0xa0 | len as u8);
+        } else if len <= u8::MAX as usize {
+            self.bytes(&[0xd9, len as u8]);
+        } else if len <= u16::MAX as usize {
+            let b = (len as u16).to_be_bytes();
+            self.bytes(&[0xda, b[0], b[1]]);
+        } else {
+            let b = (len as u32).to_be_bytes();
+            self.bytes(&[0xdb, b[0], b[1], b[2], b[3]]);
+        }
+        self.bytes(s.as_bytes());
+    }
+
+    /// Writes nil.
+    #[inline(always)]
+    pub fn nil(&mut self) {
+        self.byte(0xc0);
+    }
+
+    /// Writes a boolean.
+    #[inline(always)]
+    pub fn bool(&mut self, v: bool) {
+        self.byte(if v { 0xc3 } else { 0xc2 });
+    }
+
+    /// Writes `Some(v)` as an unsigned integer and `None` as nil.
+    #[inline(always)]
+    pub fn opt_uint(&mut self, v: Option<u64>) {
+        match v {
+            Some(v) => self.uint(v),
+            None => self.nil(),
+        }
     }
 }
 
-/// Writes an unsigned integer in its most compact form.
-pub fn write_uint(out: &mut impl BufMut, v: u64) {
-    if v < 128 {
-        out.put_u8(v as u8);
-    } else if v <= u8::MAX as u64 {
-        out.put_u8(0xcc);
-        out.put_u8(v as u8);
-    } else if v <= u16::MAX as u64 {
-        out.put_u8(0xcd);
-        out.put_u16(v as u16);
-    } else if v <= u32::MAX as u64 {
-        out.put_u8(0xce);
-        out.put_u32(v as u32);
-    } else {
-        out.put_u8(0xcf);
-        out.put_u64(v);
-    }
-}
+/// Most bytes [`Writer::uint`] writes.
+pub const MAX_UINT_LEN: usize = 9;
 
-/// Writes a UTF-8 string.
-pub fn write_str(out: &mut impl BufMut, s: &str) {
-    let len = s.len();
-    if len < 32 {
-        out.put_u8(0xa0 | len as u8);
-    } else if len <= u8::MAX as usize {
-        out.put_u8(0xd9);
-        out.put_u8(len as u8);
-    } else if len <= u16::MAX as usize {
-        out.put_u8(0xda);
-        out.put_u16(len as u16);
-    } else {
-        out.put_u8(0xdb);
-        out.put_u32(len as u32);
-    }
-    out.put_slice(s.as_bytes());
-}
-
-/// Writes nil.
-pub fn write_nil(out: &mut impl BufMut) {
-    out.put_u8(0xc0);
-}
-
-/// Writes a boolean.
-pub fn write_bool(out: &mut impl BufMut, v: bool) {
-    out.put_u8(if v { 0xc3 } else { 0xc2 });
-}
-
-/// Writes `Some(v)` as an unsigned integer and `None` as nil.
-pub fn write_opt_uint(out: &mut impl BufMut, v: Option<u64>) {
-    match v {
-        Some(v) => write_uint(out, v),
-        None => write_nil(out),
-    }
+/// Most bytes [`Writer::str`] writes for `s`.
+pub fn max_str_len(s: &str) -> usize {
+    5 + s.len()
 }
 
 /// A cursor over an envelope's bytes.
+///
+/// The common encodings (a positive fixint, a fixstr) are read inline; the
+/// longer forms go through out-of-line functions, so the reader costs a few
+/// instructions per field of a typical envelope.
 #[derive(Debug)]
 pub struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+    /// The bytes not yet consumed.
+    rest: &'a [u8],
 }
+
+const TRUNCATED: Malformed = bad!("truncated envelope");
 
 impl<'a> Reader<'a> {
     /// Starts reading at the beginning of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
+        Reader { rest: buf }
     }
 
     /// Bytes not yet consumed.
     pub fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
+        self.rest.len()
     }
 
+    #[inline(always)]
     fn byte(&mut self) -> Result<u8, Malformed> {
-        let b = *self.buf.get(self.pos).ok_or(bad!("truncated envelope"))?;
-        self.pos += 1;
+        let (&b, rest) = self.rest.split_first().ok_or(TRUNCATED)?;
+        self.rest = rest;
         Ok(b)
     }
 
-    fn peek(&self) -> Result<u8, Malformed> {
-        self.buf
-            .get(self.pos)
-            .copied()
-            .ok_or(bad!("truncated envelope"))
-    }
-
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or(bad!("truncated envelope"))?;
-        let s = &self.buf[self.pos..end];
-        self.pos = end;
+        if n > self.rest.len() {
+            return Err(TRUNCATED);
+        }
+        let (s, rest) = self.rest.split_at(n);
+        self.rest = rest;
         Ok(s)
     }
 
+    #[inline(always)]
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
+        let s = self.take(N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
     fn be(&mut self, n: usize) -> Result<u64, Malformed> {
-        let s = self.take(n)?;
-        Ok(s.iter().fold(0u64, |acc, &b| (acc << 8) | b as u64))
+        Ok(match n {
+            1 => u8::from_be_bytes(self.array()?) as u64,
+            2 => u16::from_be_bytes(self.array()?) as u64,
+            4 => u32::from_be_bytes(self.array()?) as u64,
+            _ => u64::from_be_bytes(self.array()?),
+        })
     }
 
     /// Reads an array header and returns its length.
+    #[inline(always)]
     pub fn array_len(&mut self) -> Result<u32, Malformed> {
         match self.byte()? {
             b @ 0x90..=0x9f => Ok((b & 0x0f) as u32),
+            b => self.array_len_long(b),
+        }
+    }
+
+    #[cold]
+    fn array_len_long(&mut self, b: u8) -> Result<u32, Malformed> {
+        match b {
             0xdc => Ok(self.be(2)? as u32),
             0xdd => Ok(self.be(4)? as u32),
             _ => Err(bad!("envelope is not a MessagePack array")),
@@ -174,14 +244,30 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a non-negative integer (any MessagePack integer encoding).
+    #[inline(always)]
     pub fn uint(&mut self) -> Result<u64, Malformed> {
-        let b = self.byte()?;
+        match self.byte()? {
+            b @ 0x00..=0x7f => Ok(b as u64),
+            b => self.uint_long(b),
+        }
+    }
+
+    /// The unsigned integer encodings after a first byte that is not a
+    /// fixint (ids and counters soon outgrow the fixints).
+    #[inline(always)]
+    fn uint_long(&mut self, b: u8) -> Result<u64, Malformed> {
         match b {
-            0x00..=0x7f => Ok(b as u64),
-            0xcc => self.be(1),
-            0xcd => self.be(2),
-            0xce => self.be(4),
-            0xcf => self.be(8),
+            0xcc => Ok(u8::from_be_bytes(self.array()?) as u64),
+            0xcd => Ok(u16::from_be_bytes(self.array()?) as u64),
+            0xce => Ok(u32::from_be_bytes(self.array()?) as u64),
+            0xcf => Ok(u64::from_be_bytes(self.array()?)),
+            b => self.int_signed(b),
+        }
+    }
+
+    /// A signed integer encoding, accepted when the value is not negative.
+    fn int_signed(&mut self, b: u8) -> Result<u64, Malformed> {
+        match b {
             0xd0..=0xd3 => {
                 let n = 1usize << (b - 0xd0);
                 let raw = self.be(n)?;
@@ -194,26 +280,29 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads an integer that must fit in a `u32`.
+    #[inline(always)]
     pub fn u32(&mut self) -> Result<u32, Malformed> {
         u32::try_from(self.uint()?).map_err(|_| bad!("integer out of range"))
     }
 
     /// Reads an integer that must fit in a `u16`.
+    #[inline(always)]
     pub fn u16(&mut self) -> Result<u16, Malformed> {
         u16::try_from(self.uint()?).map_err(|_| bad!("integer out of range"))
     }
 
     /// Reads nil as `None`, or an integer as `Some`.
+    #[inline(always)]
     pub fn opt_uint(&mut self) -> Result<Option<u64>, Malformed> {
-        if self.peek()? == 0xc0 {
-            self.pos += 1;
-            Ok(None)
-        } else {
-            self.uint().map(Some)
+        match self.byte()? {
+            0xc0 => Ok(None),
+            b @ 0x00..=0x7f => Ok(Some(b as u64)),
+            b => self.uint_long(b).map(Some),
         }
     }
 
     /// Reads a boolean.
+    #[inline]
     pub fn bool(&mut self) -> Result<bool, Malformed> {
         match self.byte()? {
             0xc2 => Ok(false),
@@ -223,23 +312,29 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a UTF-8 string, borrowed from the envelope.
+    #[inline(always)]
     pub fn str(&mut self) -> Result<&'a str, Malformed> {
-        let b = self.byte()?;
-        let len = match b {
-            0xa0..=0xbf => (b & 0x1f) as usize,
-            0xd9 => self.be(1)? as usize,
-            0xda => self.be(2)? as usize,
-            0xdb => self.be(4)? as usize,
-            _ => return Err(bad!("expected a string")),
+        let len = match self.byte()? {
+            b @ 0xa0..=0xbf => (b & 0x1f) as usize,
+            b => self.str_len_long(b)?,
         };
         let raw = self.take(len)?;
         // Names are ASCII in practice; checking that word by word is
         // several times cheaper than full UTF-8 validation of a short string.
-        if raw.is_ascii() {
+        if raw.is_empty() || raw.is_ascii() {
             // SAFETY: every ASCII byte sequence is valid UTF-8.
             return Ok(unsafe { std::str::from_utf8_unchecked(raw) });
         }
         std::str::from_utf8(raw).map_err(|_| bad!("string is not valid UTF-8"))
+    }
+
+    fn str_len_long(&mut self, b: u8) -> Result<usize, Malformed> {
+        match b {
+            0xd9 => Ok(self.be(1)? as usize),
+            0xda => Ok(self.be(2)? as usize),
+            0xdb => Ok(self.be(4)? as usize),
+            _ => Err(bad!("expected a string")),
+        }
     }
 
     /// Skips one complete value of any type.

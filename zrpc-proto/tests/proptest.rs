@@ -454,6 +454,9 @@ proptest! {
         let mut b = BytesMut::new();
         e.encode(&mut b);
         prop_assert_eq!(&Envelope::decode(&b)?, &e);
+        // The writer reserves `max_encoded_len` and panics past it: the
+        // bound must hold for every envelope (and stay an upper bound).
+        prop_assert!(b.len() <= e.max_encoded_len());
 
         let mut f = BytesMut::new();
         encode_frame(&mut f, &e, &p);
