@@ -380,6 +380,36 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         }
     });
 
+    // The synchronous methods again, run to completion by `handle_now`
+    // without a boxed future.
+    let now_arms = methods.iter().filter(|m| !m.is_async).map(|m| {
+        let name = &m.rpc_name;
+        let ident = &m.ident;
+        let arg = format_ident!("__zrpc_arg");
+        let decode = m.payload_ty.as_ref().map(|ty| {
+            quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, __zrpc_payload)?;)
+        });
+        let mut call_args = Vec::new();
+        if m.has_ctx {
+            call_args.push(quote!(__zrpc_ctx));
+        }
+        if m.payload_ty.is_some() {
+            call_args.push(quote!(#arg));
+        }
+        let encode = if m.returns_result {
+            quote!(#z::__private::encode_result(__zrpc_out))
+        } else {
+            quote!(#z::__private::encode(&__zrpc_out))
+        };
+        quote! {
+            #name => ::std::option::Option::Some((|| {
+                #decode
+                let __zrpc_out = Self::#ident(self, #(#call_args),*);
+                #encode
+            })()),
+        }
+    });
+
     let (impl_generics, _, where_clause) = item.generics.split_for_impl();
     let self_ty = &item.self_ty;
     let out = quote! {
@@ -404,6 +434,19 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
                 match __zrpc_method {
                     #(#arms)*
                     _ => #z::__private::no_such_method(__zrpc_ctx, __zrpc_method),
+                }
+            }
+
+            #[allow(unused_variables, clippy::let_unit_value, clippy::unit_arg, clippy::redundant_closure_call)]
+            fn handle_now(
+                &mut self,
+                __zrpc_ctx: &#z::Context,
+                __zrpc_method: &str,
+                __zrpc_payload: &#z::Bytes,
+            ) -> ::std::option::Option<::std::result::Result<#z::Bytes, #z::HandlerError>> {
+                match __zrpc_method {
+                    #(#now_arms)*
+                    _ => ::std::option::Option::None,
                 }
             }
         }

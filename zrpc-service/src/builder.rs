@@ -190,4 +190,20 @@ impl Service for FnService {
             },
         }
     }
+
+    fn handle_now(
+        &mut self,
+        ctx: &Context,
+        method: &str,
+        payload: &Bytes,
+    ) -> Option<Result<Bytes, HandlerError>> {
+        let entry = self.entries.iter_mut().find(|e| e.info.name == method)?;
+        match &mut entry.handler {
+            Handler::Sync(f) => Some(
+                catch_unwind(AssertUnwindSafe(|| f(ctx, payload.clone())))
+                    .unwrap_or_else(|p| Err(panicked(&*p))),
+            ),
+            Handler::Async(_) => None,
+        }
+    }
 }

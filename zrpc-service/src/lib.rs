@@ -171,6 +171,7 @@ use std::pin::Pin;
 
 pub use builder::{FnService, ServiceBuilder};
 pub use bytes::Bytes;
+use bytes::{BufMut, BytesMut};
 pub use context::Context;
 pub use rmpv::Value;
 pub use server::{Error, Event, FdSource, Server};
@@ -216,6 +217,25 @@ pub trait Service: 'static {
         method: &'a str,
         payload: Bytes,
     ) -> HandlerFuture<'a>;
+
+    /// Runs `method` to completion at once if it never waits (a method
+    /// that is not `async`), without the boxed future of
+    /// [`handle`](Self::handle); `None` means "call `handle` instead".
+    ///
+    /// The server tries this first for every request. The `#[service]`
+    /// macro and [`ServiceBuilder`] implement it for their synchronous
+    /// methods; the default returns `None`, so a hand-written service needs
+    /// only `handle`. When it returns `Some`, the outcome must be the one
+    /// `handle` would have produced.
+    fn handle_now(
+        &mut self,
+        ctx: &Context,
+        method: &str,
+        payload: &Bytes,
+    ) -> Option<Result<Bytes, HandlerError>> {
+        let _ = (ctx, method, payload);
+        None
+    }
 }
 
 /// Description of one RPC method, for introspection.
@@ -308,16 +328,44 @@ pub fn decode_payload<T: serde::de::DeserializeOwned>(
 /// Encodes a value as MessagePack the way replies are encoded (structs as
 /// maps with field names).
 ///
-/// The value is encoded into a `Vec` sized like the previous reply encoded
-/// on this thread (replies of one method tend to have one size), so a large
-/// reply is usually written once, without the copies and fresh pages of a
-/// `Vec` grown by doubling; a buffer left more than half empty is shrunk
-/// (in place) before it is handed out.
+/// A reply expected to be small (the previous reply encoded on this thread
+/// was at most [`POOLED_REPLY_MAX`] bytes; replies of one method tend to
+/// have one size) is encoded into a per-thread buffer and handed out as a
+/// slice of it: no allocation per reply, the buffer's room is reused once
+/// the replies written from it are dropped. A larger one gets a `Vec`
+/// sized like the previous reply, so it is usually written once, without
+/// the copies and fresh pages of a `Vec` grown by doubling; a buffer left
+/// more than half empty is shrunk (in place) before it is handed out.
 pub fn encode_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<Bytes, HandlerError> {
     let hint = LAST_REPLY_LEN.get();
+    if hint <= POOLED_REPLY_MAX {
+        // `try_with`/`try_borrow_mut`: a `Serialize` impl that encodes a
+        // reply itself, or a call during thread teardown, takes the `Vec`
+        // path instead.
+        let pooled = REPLY_POOL.try_with(|pool| {
+            let mut pool = pool.try_borrow_mut().ok()?;
+            if pool.capacity() == 0 {
+                *pool = BytesMut::with_capacity(REPLY_POOL_CHUNK);
+            }
+            pool.reserve(hint.max(64));
+            let r = rmp_serde::encode::write_named(&mut (&mut *pool).writer(), value);
+            Some(match r {
+                Ok(()) => {
+                    LAST_REPLY_LEN.set(pool.len());
+                    Ok(pool.split().freeze())
+                }
+                Err(e) => {
+                    pool.clear();
+                    Err(encode_error(e))
+                }
+            })
+        });
+        if let Ok(Some(r)) = pooled {
+            return r;
+        }
+    }
     let mut buf = Vec::with_capacity(hint.clamp(64, MAX_ENCODE_HINT));
-    rmp_serde::encode::write_named(&mut buf, value)
-        .map_err(|e| HandlerError::Remote(format!("cannot encode the return value: {e}")))?;
+    rmp_serde::encode::write_named(&mut buf, value).map_err(encode_error)?;
     LAST_REPLY_LEN.set(buf.len());
     if buf.capacity() > 2 * buf.len() + 64 {
         buf.shrink_to_fit();
@@ -325,11 +373,24 @@ pub fn encode_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<Bytes, Ha
     Ok(Bytes::from(buf))
 }
 
+fn encode_error(e: rmp_serde::encode::Error) -> HandlerError {
+    HandlerError::Remote(format!("cannot encode the return value: {e}"))
+}
+
+/// Replies expected to be at most this long are encoded into a per-thread
+/// buffer (see [`encode_value`]).
+pub const POOLED_REPLY_MAX: usize = 1024;
+
+/// Size of the per-thread reply buffer: room for a few hundred small
+/// replies between reallocations.
+const REPLY_POOL_CHUNK: usize = 16 * 1024;
+
 /// Largest capacity [`encode_value`] reserves up front.
 const MAX_ENCODE_HINT: usize = 16 * 1024 * 1024;
 
 thread_local! {
     static LAST_REPLY_LEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static REPLY_POOL: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
 }
 
 /// Support code for the macros. Not a stable API.
@@ -390,6 +451,59 @@ mod tests {
         assert_eq!(to_snake_case("HTTPServer"), "http_server");
         assert_eq!(to_snake_case("MyClass"), "my_class");
         assert_eq!(to_snake_case("x"), "x");
+    }
+
+    /// Replies encoded into the per-thread buffer keep their own bytes
+    /// while later replies are encoded, kept or dropped, across the
+    /// buffer's reallocations and a switch to the `Vec` path and back.
+    #[test]
+    fn pooled_replies_keep_their_bytes() {
+        let value = |i: usize| -> Vec<u64> { (0..(i % 40) as u64).map(|k| k * i as u64).collect() };
+        let mut kept = Vec::new();
+        for i in 0..3000 {
+            let b = encode_value(&value(i)).expect("encode");
+            if i % 3 == 0 {
+                kept.push((i, b));
+            }
+            if i == 1500 {
+                // A large reply in between (pooled: the hint was small),
+                // then one on the `Vec` path (the hint is now large).
+                let big = vec![7u8; 100_000];
+                let b1 = encode_value(&serde_bytes::Bytes::new(&big)).expect("big");
+                assert!(LAST_REPLY_LEN.get() > POOLED_REPLY_MAX);
+                let b2 = encode_value(&serde_bytes::Bytes::new(&big)).expect("big");
+                assert_eq!(b1, b2);
+                let back: serde_bytes::ByteBuf = rmp_serde::from_slice(&b2).expect("decode");
+                assert_eq!(back.as_slice(), &big[..]);
+            }
+        }
+        for (i, b) in &kept {
+            let back: Vec<u64> = rmp_serde::from_slice(b).expect("decode");
+            assert_eq!(back, value(*i), "reply {i}");
+        }
+        // Small replies are consecutive slices of one buffer (no
+        // allocation each).
+        let a = encode_value(&1u8).expect("encode");
+        let b = encode_value(&2u8).expect("encode");
+        assert_eq!(a.as_ptr() as usize + a.len(), b.as_ptr() as usize);
+    }
+
+    /// A `Serialize` impl that encodes a reply itself (the buffer is
+    /// borrowed then) gets a correct reply from the `Vec` path.
+    #[test]
+    fn reentrant_encode_is_correct() {
+        struct Nested;
+        impl serde::Serialize for Nested {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let inner = encode_value(&"inner").map_err(serde::ser::Error::custom)?;
+                s.serialize_bytes(&inner)
+            }
+        }
+        LAST_REPLY_LEN.set(0);
+        let outer = encode_value(&Nested).expect("encode");
+        let bytes: serde_bytes::ByteBuf = rmp_serde::from_slice(&outer).expect("decode");
+        let inner: String = rmp_serde::from_slice(&bytes).expect("inner");
+        assert_eq!(inner, "inner");
     }
 
     #[test]

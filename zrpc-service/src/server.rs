@@ -1108,6 +1108,14 @@ async fn run_handler<S: Service>(
     if ctx.method() == DESCRIBE_METHOD {
         return Some(describe(service, ctx));
     }
+    // A synchronous method runs here, without a boxed future.
+    match catch_unwind(AssertUnwindSafe(|| {
+        service.handle_now(ctx, ctx.method(), &payload)
+    })) {
+        Ok(Some(r)) => return Some(r),
+        Ok(None) => {}
+        Err(p) => return Some(Err(panicked(&*p))),
+    }
     let fut = match catch_unwind(AssertUnwindSafe(|| {
         service.handle(ctx, ctx.method(), payload)
     })) {

@@ -313,3 +313,81 @@ fn builder_service() {
         Err(HandlerError::NoSuchMethod(_))
     ));
 }
+
+/// `handle_now` (the server's path for synchronous methods) gives what
+/// `handle` gives, for the synchronous methods only.
+#[test]
+fn handle_now_runs_synchronous_methods_as_handle_does() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let cases: Vec<(&str, Bytes)> = vec![
+        ("func", enc(&("haha", "brt"))),
+        ("func", Bytes::new()),
+        ("add", enc(&5)),
+        ("add", enc(&"not a number")),
+        ("add", enc(&3)),
+        ("total", enc(&"ignored")),
+        ("checked_div", enc(&(9, 3))),
+        ("checked_div", enc(&(9, 0))),
+        ("renamed", Bytes::new()),
+    ];
+    // Two servers fed the same calls, one through each path.
+    let (mut now, mut later) = (TestServer::default(), TestServer::default());
+    for (i, (method, payload)) in cases.into_iter().enumerate() {
+        let ctx = Context::new("test_server", method).with_counter(i as u64);
+        let a = now
+            .handle_now(&ctx, method, &payload)
+            .unwrap_or_else(|| panic!("{method} is synchronous"));
+        let b = rt.block_on(later.handle(&ctx, method, payload));
+        assert_eq!(a, b, "{method}");
+    }
+    assert_eq!(now.total, 8);
+    // Asynchronous, unknown and unexposed methods are left to `handle`.
+    for method in [
+        "sum",
+        "whoami",
+        "async_boom",
+        "nope",
+        "helper",
+        "original_name",
+    ] {
+        let ctx = Context::new("test_server", method);
+        assert!(
+            now.handle_now(&ctx, method, &Bytes::new()).is_none(),
+            "{method}"
+        );
+    }
+    // A panic unwinds out of `handle_now`; the server catches it (and the
+    // integration tests check the caller's error).
+    let ctx = Context::new("test_server", "boom");
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        now.handle_now(&ctx, "boom", &Bytes::new())
+    }));
+    assert!(r.is_err());
+
+    let mut svc = zrpc_service::ServiceBuilder::new("calc")
+        .method("add", |_ctx: &Context, (a, b): (i64, i64)| {
+            Ok::<_, String>(a + b)
+        })
+        .method("panic", |_ctx: &Context, _p: Value| -> Result<(), String> {
+            panic!("closure panic")
+        })
+        .async_method("later", |_ctx: Context, p: String| async move {
+            Ok::<_, String>(p)
+        })
+        .build();
+    let ctx = Context::new("calc", "add");
+    assert_eq!(
+        svc.handle_now(&ctx, "add", &enc(&(2, 3))),
+        Some(Ok(enc(&5)))
+    );
+    assert_eq!(
+        svc.handle_now(&ctx, "panic", &Bytes::new()),
+        Some(Err(HandlerError::Remote(
+            "handler panicked: closure panic".into()
+        )))
+    );
+    assert_eq!(svc.handle_now(&ctx, "later", &enc(&"x")), None);
+    assert_eq!(svc.handle_now(&ctx, "zzz", &Bytes::new()), None);
+}
