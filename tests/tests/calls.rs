@@ -612,3 +612,66 @@ fn an_async_client_with_busy_polling_gets_every_reply_and_its_timers_fire() {
         assert!(s.rounds > 0 && s.caught > 0, "the client polled: {s:?}");
     }
 }
+
+/// Calls written in one go with payloads on both sides of the broker's
+/// in-place limit (frames with payloads up to 256 bytes are handled where
+/// they lie in the read buffer, larger ones are split off and forwarded by
+/// reference), and a frame cut across two writes: each call is answered
+/// with its own payload.
+#[test]
+fn payloads_of_every_size_in_one_write_are_each_routed() {
+    use std::io::Write;
+    use zrpc_proto::{encode_frame, Envelope};
+
+    let (b, _svc) = echo_broker();
+    let mut raw = zrpc_tests::raw::Raw::hello(b.dir());
+    // Encoded lengths (bin8 adds 2 bytes, bin16 3): 2, 3, 72, 73, 255,
+    // 256, 257, 259, 303, 9003, 5, 20003.
+    let sizes = [0usize, 1, 70, 71, 253, 254, 255, 256, 300, 9000, 3, 20000];
+    let payload = |id: u64, n: usize| -> Vec<u8> {
+        rmp_serde::to_vec(&serde_bytes::Bytes::new(&vec![id as u8; n])).expect("encode")
+    };
+    let call = |id: u64| Envelope::Call {
+        id,
+        service: "echo",
+        method: "echo",
+        timeout_ms: Some(20_000),
+        flags: 0,
+    };
+    let mut out = bytes::BytesMut::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        encode_frame(&mut out, &call(i as u64 + 1), &payload(i as u64 + 1, n));
+    }
+    let last_id = sizes.len() as u64 + 1;
+    let mut last = bytes::BytesMut::new();
+    encode_frame(&mut last, &call(last_id), &payload(last_id, 40));
+    let cut = last.len() / 2;
+    out.extend_from_slice(&last[..cut]);
+    raw.s.write_all(&out).expect("write");
+
+    let mut expect: std::collections::HashMap<u64, Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (i as u64 + 1, payload(i as u64 + 1, n)))
+        .collect();
+    let check = |raw: &mut zrpc_tests::raw::Raw,
+                 expect: &mut std::collections::HashMap<u64, Vec<u8>>| {
+        let f = raw.recv_frame().expect("a result");
+        match f.decode().expect("envelope") {
+            Envelope::Result { id, code, message } => {
+                assert_eq!(code, None, "call {id}: {message}");
+                let want = expect.remove(&id).expect("one result per call");
+                assert_eq!(&f.payload[..], &want[..], "call {id}");
+            }
+            other => panic!("expected a Result, got {other:?}"),
+        }
+    };
+    for _ in 0..sizes.len() {
+        check(&mut raw, &mut expect);
+    }
+    // The rest of the cut frame completes it.
+    expect.insert(last_id, payload(last_id, 40));
+    raw.s.write_all(&last[cut..]).expect("write");
+    check(&mut raw, &mut expect);
+    assert!(expect.is_empty());
+}

@@ -57,15 +57,18 @@ impl FrameDecoder {
         (total > buf.len()).then_some(total)
     }
 
-    /// Removes and returns the first complete frame of `buf`, or `Ok(None)`
-    /// if more bytes are needed. An error means the stream is corrupt and
-    /// the connection must be closed.
-    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {
-        if buf.len() < HEADER_LEN {
+    /// The sizes of the frame at the front of `buf` if it is complete,
+    /// `Ok(None)` if more bytes are needed. Nothing is consumed: a caller
+    /// that handles frames in place reads them at
+    /// `buf[..size.total()]` and advances past them itself. An error means
+    /// the stream is corrupt and the connection must be closed.
+    #[inline]
+    pub fn complete(&self, buf: &[u8]) -> Result<Option<FrameSize>, ProtoError> {
+        let Some(header) = buf.get(..HEADER_LEN) else {
             return Ok(None);
-        }
-        let body_len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        let env_len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        };
+        let body_len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let env_len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
         if body_len > self.max_body {
             return Err(ProtoError::FrameTooLarge {
                 len: body_len as u64,
@@ -78,13 +81,58 @@ impl FrameDecoder {
         if buf.len() < HEADER_LEN + body_len as usize {
             return Ok(None);
         }
+        Ok(Some(FrameSize {
+            env_len: env_len as usize,
+            body_len: body_len as usize,
+        }))
+    }
+
+    /// Removes and returns the first complete frame of `buf`, or `Ok(None)`
+    /// if more bytes are needed. An error means the stream is corrupt and
+    /// the connection must be closed.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {
+        Ok(self.complete(buf)?.map(|size| size.split_off(buf)))
+    }
+}
+
+/// The sizes of a complete frame (see [`FrameDecoder::complete`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSize {
+    /// Length of the envelope.
+    pub env_len: usize,
+    /// Length of the envelope and payload.
+    pub body_len: usize,
+}
+
+impl FrameSize {
+    /// Length of the whole frame, header included.
+    pub fn total(&self) -> usize {
+        HEADER_LEN + self.body_len
+    }
+
+    /// Length of the payload.
+    pub fn payload_len(&self) -> usize {
+        self.body_len - self.env_len
+    }
+
+    /// Removes the frame at the front of `buf` (which holds at least
+    /// [`FrameSize::total`] bytes) and returns it as reference-counted
+    /// slices of the buffer.
+    pub fn split_off(&self, buf: &mut BytesMut) -> Frame {
         buf.advance(HEADER_LEN);
-        let mut body = buf.split_to(body_len as usize).freeze();
-        let envelope = body.split_to(env_len as usize);
-        Ok(Some(Frame {
+        let mut body = buf.split_to(self.body_len).freeze();
+        let envelope = body.split_to(self.env_len);
+        Frame {
             envelope,
             payload: body,
-        }))
+        }
+    }
+
+    /// The envelope and the payload of the frame at the front of `buf`
+    /// (which holds at least [`FrameSize::total`] bytes).
+    pub fn parts<'a>(&self, buf: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+        let env_end = HEADER_LEN + self.env_len;
+        (&buf[HEADER_LEN..env_end], &buf[env_end..self.total()])
     }
 }
 

@@ -5,13 +5,13 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use zrpc_proto::{flags, validate_name, Envelope, ErrorCode, Frame, PROTOCOL_VERSION};
 
 use crate::config::Config;
 use crate::monitor::{self, CallEvent, Monitor};
 use crate::names::{Names, RegisterError};
 use crate::outbox::Outbox;
+use crate::payload::Payload;
 use crate::peers::{Creds, PeerId, Peers};
 use crate::pending::{KeptPayload, NewCall, PendingCalls, Stage};
 use crate::queue::PeerIo;
@@ -42,7 +42,7 @@ enum Outcome<'a> {
     Reply {
         code: Option<ErrorCode>,
         message: &'a str,
-        payload: Bytes,
+        payload: Payload<'a>,
     },
     /// The broker ends the call with an error.
     Error(ErrorCode, String),
@@ -69,7 +69,7 @@ struct RouteCall<'a> {
     bid: u64,
     service: &'a str,
     method: &'a str,
-    payload: &'a Bytes,
+    payload: Payload<'a>,
     /// The budget the service is told.
     timeout_ms: Option<u64>,
     /// The caller's `Hello` instance, if the caller has it at hand.
@@ -127,7 +127,7 @@ impl Broker {
     }
 
     /// Queues a frame to `peer`; returns false if the peer is gone.
-    pub(crate) fn send(&mut self, peer: PeerId, env: &Envelope<'_>, payload: &Bytes) -> bool {
+    pub(crate) fn send(&mut self, peer: PeerId, env: &Envelope<'_>, payload: Payload<'_>) -> bool {
         let Some(p) = self.peers.get(peer) else {
             return false;
         };
@@ -149,7 +149,20 @@ impl Broker {
     /// [`Broker::on_frame`] with the current time given by the caller (the
     /// connection reads the clock once per read batch, not per frame).
     pub fn on_frame_at(&mut self, peer: PeerId, frame: Frame, now: Instant) -> Result<(), Fatal> {
-        let env = frame.decode().map_err(|e| Fatal::protocol(e.to_string()))?;
+        self.on_frame_parts(peer, &frame.envelope, Payload::Shared(&frame.payload), now)
+    }
+
+    /// [`Broker::on_frame_at`] for a frame given as its envelope bytes and
+    /// its payload, which may be borrowed from the read buffer (the
+    /// connection handles frames with small payloads in place).
+    pub fn on_frame_parts(
+        &mut self,
+        peer: PeerId,
+        envelope: &[u8],
+        payload: Payload<'_>,
+        now: Instant,
+    ) -> Result<(), Fatal> {
+        let env = Envelope::decode(envelope).map_err(|e| Fatal::protocol(e.to_string()))?;
         let ready = self.peers.get(peer).is_some_and(|p| p.ready);
         if !ready {
             return match env {
@@ -176,11 +189,11 @@ impl Broker {
                     timeout_ms,
                     flags,
                 };
-                self.on_call(peer, call, &frame, now);
+                self.on_call(peer, call, payload, now);
                 Ok(())
             }
             Envelope::Reply { id, code, message } => {
-                self.on_reply(peer, id, code, message, &frame.payload, now);
+                self.on_reply(peer, id, code, message, payload, now);
                 Ok(())
             }
             Envelope::Register { req, name, shared } => {
@@ -199,7 +212,7 @@ impl Broker {
                 Ok(())
             }
             Envelope::Ping { nonce } => {
-                self.send(peer, &Envelope::Pong { nonce }, &Bytes::new());
+                self.send(peer, &Envelope::Pong { nonce }, Payload::EMPTY);
                 Ok(())
             }
             Envelope::Pong { .. } => Ok(()),
@@ -239,12 +252,12 @@ impl Broker {
             conn_id,
             max_message_size,
         };
-        self.send(peer, &welcome, &Bytes::new());
+        self.send(peer, &welcome, Payload::EMPTY);
         Ok(())
     }
 
     fn ack(&mut self, peer: PeerId, req: u64, code: Option<ErrorCode>, message: &str) {
-        self.send(peer, &Envelope::Ack { req, code, message }, &Bytes::new());
+        self.send(peer, &Envelope::Ack { req, code, message }, Payload::EMPTY);
     }
 
     fn on_register(&mut self, peer: PeerId, req: u64, name: &str, shared: bool, now: Instant) {
@@ -328,10 +341,10 @@ impl Broker {
             code: Some(code),
             message,
         };
-        self.send(peer, &env, &Bytes::new());
+        self.send(peer, &env, Payload::EMPTY);
     }
 
-    fn on_call(&mut self, peer: PeerId, call: CallIn<'_>, frame: &Frame, now: Instant) {
+    fn on_call(&mut self, peer: PeerId, call: CallIn<'_>, payload: Payload<'_>, now: Instant) {
         let CallIn {
             id,
             service,
@@ -351,7 +364,7 @@ impl Broker {
                 return self.result_error(peer, id, ErrorCode::InvalidName, &e.to_string());
             }
             if service == zrpc_proto::BROKER_SERVICE {
-                return self.call_builtin(peer, id, method, frame);
+                return self.call_builtin(peer, id, method, payload.as_slice());
             }
         }
         if self.pending.find_by_caller(peer, id).is_some() {
@@ -386,14 +399,14 @@ impl Broker {
             None => return,
         };
         let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms));
-        let payload = KeptPayload::new(&frame.payload);
+        let kept = KeptPayload::new(payload);
         let new = NewCall {
             caller: peer,
             caller_call: id,
             service,
             method,
             route,
-            payload,
+            payload: kept,
             flags,
         };
         let bid = self.pending.insert(new, now, deadline);
@@ -412,7 +425,7 @@ impl Broker {
             bid,
             service,
             method,
-            payload: &frame.payload,
+            payload,
             timeout_ms,
             caller_instance: Some(caller_instance),
         };
@@ -420,18 +433,18 @@ impl Broker {
     }
 
     /// A call to the broker's own service, answered at once.
-    fn call_builtin(&mut self, peer: PeerId, id: u64, method: &str, frame: &Frame) {
+    fn call_builtin(&mut self, peer: PeerId, id: u64, method: &str, payload: &[u8]) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.calls_made += 1;
         }
         let started = Instant::now();
-        let (code, message, payload) = crate::builtin::handle(self, peer, method, &frame.payload);
+        let (code, message, payload) = crate::builtin::handle(self, peer, method, payload);
         let env = Envelope::Result {
             id,
             code,
             message: &message,
         };
-        self.send(peer, &env, &payload);
+        self.send(peer, &env, Payload::Shared(&payload));
         match code {
             None => self.stats.calls_ok += 1,
             Some(c) => self.stats.error(c),
@@ -457,7 +470,7 @@ impl Broker {
             bid,
             service: &service,
             method: &method,
-            payload: &payload,
+            payload: Payload::Shared(&payload),
             timeout_ms,
             caller_instance: None,
         };
@@ -558,7 +571,7 @@ impl Broker {
                     }
                 }
                 if cancel {
-                    self.send(svc, &Envelope::Cancel { id: bid }, &Bytes::new());
+                    self.send(svc, &Envelope::Cancel { id: bid }, Payload::EMPTY);
                 }
             }
             Stage::Parked => self.names.unpark(service, bid),
@@ -601,7 +614,7 @@ impl Broker {
                     code,
                     message,
                 };
-                self.send_result(p.caller, &env, &payload);
+                self.send_result(p.caller, &env, payload);
                 match code {
                     None => self.stats.calls_ok += 1,
                     Some(c) => self.stats.error(c),
@@ -619,7 +632,7 @@ impl Broker {
                     code: Some(code),
                     message: &message,
                 };
-                self.send_result(p.caller, &env, &Bytes::new());
+                self.send_result(p.caller, &env, Payload::EMPTY);
                 self.stats.error(code);
                 self.stats.service_in(stats_slot, service).errors += 1;
                 tracing::debug!(bid, service, %code, %message, "call failed");
@@ -639,13 +652,13 @@ impl Broker {
             }
         }
         for (peer, seq) in targets {
-            self.send(peer, &Envelope::Event { seq }, &payload);
+            self.send(peer, &Envelope::Event { seq }, Payload::Shared(&payload));
         }
     }
 
     /// Queues a `Result` to a caller, counts its call as no longer pending,
     /// and disconnects the caller if its results pile up unread.
-    fn send_result(&mut self, caller: PeerId, env: &Envelope<'_>, payload: &Bytes) {
+    fn send_result(&mut self, caller: PeerId, env: &Envelope<'_>, payload: Payload<'_>) {
         let Some(c) = self.peers.get_mut(caller) else {
             return;
         };
@@ -686,7 +699,7 @@ impl Broker {
         bid: u64,
         code: Option<ErrorCode>,
         message: &str,
-        payload: &Bytes,
+        payload: Payload<'_>,
         now: Instant,
     ) {
         match self.pending.get(bid) {
@@ -694,7 +707,7 @@ impl Broker {
                 let outcome = Outcome::Reply {
                     code,
                     message,
-                    payload: payload.clone(),
+                    payload,
                 };
                 self.finish(bid, outcome, now);
             }
@@ -739,7 +752,7 @@ impl Broker {
             code: fatal.code,
             message: &fatal.message,
         };
-        self.send(peer, &env, &Bytes::new());
+        self.send(peer, &env, Payload::EMPTY);
         if let Some(p) = self.peers.get(peer) {
             p.io.close();
         }
@@ -814,7 +827,7 @@ impl Broker {
         self.ping_nonce += 1;
         let nonce = self.ping_nonce;
         for id in ping {
-            self.send(id, &Envelope::Ping { nonce }, &Bytes::new());
+            self.send(id, &Envelope::Ping { nonce }, Payload::EMPTY);
         }
         for (id, pid) in dead {
             tracing::warn!(

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
@@ -16,7 +16,9 @@ use zrpc_proto::reactor::{register, register_dup};
 use zrpc_proto::{ErrorCode, FrameDecoder, ProtoError};
 
 use crate::broker::{Broker, Fatal};
+use crate::payload::Payload;
 use crate::peers::{Creds, PeerId};
+use crate::pending::SMALL_PAYLOAD_COPY;
 use crate::queue::PeerIo;
 
 /// Most a frame's announced length reserves before its bytes arrive.
@@ -26,6 +28,12 @@ const CLOSE_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(2)
 
 /// Read buffer size for ordinary reads.
 const READ_CHUNK: usize = 8 * 1024;
+
+/// Frames with payloads up to this size are handled in place in the read
+/// buffer (their payload is copied wherever it goes, pending slots
+/// included); larger ones are split off as `Bytes` and forwarded by
+/// reference.
+const IN_PLACE_MAX: usize = SMALL_PAYLOAD_COPY;
 
 /// Serves one accepted connection until it closes.
 pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
@@ -114,15 +122,12 @@ async fn read_loop(
         // `queue::FLUSH_EVERY_FRAMES` of them from this read is written at
         // once, so that it starts on them while the rest is routed.
         b.out.begin_batch();
+        // Bytes at the front of `buf` already handled in place; advanced
+        // past once, at the end of the batch.
+        let mut done = 0;
         loop {
-            match decoder.decode(&mut buf) {
-                Ok(Some(frame)) => {
-                    if let Err(fatal) = b.on_frame_at(id, frame, now) {
-                        b.fatal(id, &fatal);
-                        b.flush();
-                        return fatal.message;
-                    }
-                }
+            let size = match decoder.complete(&buf[done..]) {
+                Ok(Some(size)) => size,
                 Ok(None) => break,
                 Err(e) => {
                     let code = match e {
@@ -137,8 +142,28 @@ async fn read_loop(
                     b.flush();
                     return fatal.message;
                 }
+            };
+            let handled = if size.payload_len() <= IN_PLACE_MAX {
+                // A small payload is copied wherever it goes (the
+                // recipient's output buffer, the pending slot): the frame
+                // is handled where it lies, with no reference-counted
+                // handles to split off and drop.
+                let (env, payload) = size.parts(&buf[done..]);
+                done += size.total();
+                b.on_frame_parts(id, env, Payload::Borrowed(payload), now)
+            } else {
+                // A large payload is split off and forwarded by reference.
+                buf.advance(std::mem::take(&mut done));
+                let frame = size.split_off(&mut buf);
+                b.on_frame_at(id, frame, now)
+            };
+            if let Err(fatal) = handled {
+                b.fatal(id, &fatal);
+                b.flush();
+                return fatal.message;
             }
         }
+        buf.advance(done);
         b.out.end_batch();
         if let Some(bp) = &b.busy_poll {
             bp.batch(now, read_bytes);

@@ -24,10 +24,10 @@
 
 use std::rc::Rc;
 
-use bytes::Bytes;
 use tokio::sync::Notify;
 use zrpc_proto::Envelope;
 
+use crate::payload::Payload;
 use crate::queue::PeerIo;
 
 /// The peers with queued frames, and the flusher's wake-up.
@@ -46,7 +46,7 @@ impl Outbox {
     /// Queues a frame to `io` and remembers `io` as dirty; writes it out at
     /// once if the current read batch has now queued
     /// [`FLUSH_EVERY_FRAMES`](crate::queue::FLUSH_EVERY_FRAMES) frames to it.
-    pub fn enqueue(&mut self, io: &Rc<PeerIo>, env: &Envelope<'_>, payload: &Bytes) {
+    pub fn enqueue(&mut self, io: &Rc<PeerIo>, env: &Envelope<'_>, payload: Payload<'_>) {
         self.enqueue_for(io, env, payload, false);
     }
 
@@ -60,7 +60,7 @@ impl Outbox {
         &mut self,
         io: &Rc<PeerIo>,
         env: &Envelope<'_>,
-        payload: &Bytes,
+        payload: Payload<'_>,
         busy: bool,
     ) {
         // A large payload is written at once: batching saves nothing on a

@@ -22,6 +22,7 @@ use rustc_hash::{FxBuildHasher, FxHasher};
 use tokio_util::time::{delay_queue, DelayQueue};
 use zrpc_proto::InlineBytes;
 
+use crate::payload::Payload;
 use crate::peers::PeerId;
 
 /// Index of an interned `(service, method)` pair.
@@ -60,13 +61,15 @@ pub enum KeptPayload {
 
 impl KeptPayload {
     /// What a pending call keeps of `payload`.
-    pub fn new(payload: &Bytes) -> KeptPayload {
-        if let Some(inline) = InlineBytes::new(payload) {
+    pub fn new(payload: Payload<'_>) -> KeptPayload {
+        if let Some(inline) = InlineBytes::new(payload.as_slice()) {
             KeptPayload::Inline(inline)
         } else if payload.len() <= SMALL_PAYLOAD_COPY {
-            KeptPayload::Shared(Bytes::copy_from_slice(payload))
+            KeptPayload::Shared(Bytes::copy_from_slice(payload.as_slice()))
         } else {
-            KeptPayload::Shared(payload.clone())
+            // A view into a large payload's own split-off buffer, or a
+            // copy of a borrowed one.
+            KeptPayload::Shared(payload.to_bytes())
         }
     }
 
@@ -642,7 +645,7 @@ mod tests {
             service,
             method: "m",
             route: None,
-            payload: KeptPayload::new(&Bytes::new()),
+            payload: KeptPayload::new(Payload::EMPTY),
             flags: 0,
         }
     }
@@ -661,12 +664,12 @@ mod tests {
     #[test]
     fn small_payloads_are_kept_inline_and_large_ones_by_reference() {
         let small = Bytes::from(vec![7u8; INLINE_PAYLOAD]);
-        let kept = KeptPayload::new(&small);
+        let kept = KeptPayload::new(Payload::Shared(&small));
         assert!(matches!(kept, KeptPayload::Inline(_)));
         assert_eq!(kept.as_slice(), &small[..]);
         assert_eq!(kept.to_bytes(), small);
         let copied = Bytes::from(vec![8u8; INLINE_PAYLOAD + 1]);
-        match KeptPayload::new(&copied) {
+        match KeptPayload::new(Payload::Shared(&copied)) {
             KeptPayload::Shared(b) => {
                 assert_eq!(b, copied);
                 assert_ne!(b.as_ptr(), copied.as_ptr(), "a copy, not a view");
@@ -674,11 +677,19 @@ mod tests {
             KeptPayload::Inline(_) => panic!("too large to be inline"),
         }
         let large = Bytes::from(vec![9u8; SMALL_PAYLOAD_COPY + 1]);
-        match KeptPayload::new(&large) {
+        match KeptPayload::new(Payload::Shared(&large)) {
             KeptPayload::Shared(b) => assert_eq!(b.as_ptr(), large.as_ptr(), "a view"),
             KeptPayload::Inline(_) => panic!("too large to be inline"),
         }
-        assert!(KeptPayload::new(&Bytes::new()).is_empty());
+        // A large payload borrowed from elsewhere is copied.
+        match KeptPayload::new(Payload::Borrowed(&large)) {
+            KeptPayload::Shared(b) => {
+                assert_eq!(b, large);
+                assert_ne!(b.as_ptr(), large.as_ptr(), "a copy, not a view");
+            }
+            KeptPayload::Inline(_) => panic!("too large to be inline"),
+        }
+        assert!(KeptPayload::new(Payload::EMPTY).is_empty());
     }
 
     #[test]

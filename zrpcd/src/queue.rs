@@ -16,6 +16,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use zrpc_proto::{encode_header, Envelope};
 
+use crate::payload::Payload;
+
 /// Payloads at least this large are queued as their own slice (forwarded as
 /// the very bytes they arrived in) instead of being copied.
 pub const ZERO_COPY_MIN: usize = 8 * 1024;
@@ -49,7 +51,7 @@ impl OutQueue {
     /// Appends a frame. Small payloads are copied next to their header so a
     /// burst of small frames becomes one contiguous buffer; large payloads
     /// are queued by reference.
-    pub fn push(&mut self, env: &Envelope<'_>, payload: &Bytes, batch: u32) {
+    pub fn push(&mut self, env: &Envelope<'_>, payload: Payload<'_>, batch: u32) {
         if self.batch != batch {
             self.batch = batch;
             self.frames = 0;
@@ -62,9 +64,9 @@ impl OutQueue {
         if payload.len() >= ZERO_COPY_MIN {
             let head = self.cur.split().freeze();
             self.chunks.push_back(head);
-            self.chunks.push_back(payload.clone());
+            self.chunks.push_back(payload.to_bytes());
         } else {
-            self.cur.extend_from_slice(payload);
+            self.cur.extend_from_slice(payload.as_slice());
         }
     }
 
@@ -179,7 +181,7 @@ impl PeerIo {
     /// Queues a frame for read batch `batch` (the broker flushes it at the
     /// end of its wake-up). Returns true once that batch has queued
     /// [`FLUSH_EVERY_FRAMES`] frames: time to write them out.
-    pub fn push(&self, env: &Envelope<'_>, payload: &Bytes, batch: u32) -> bool {
+    pub fn push(&self, env: &Envelope<'_>, payload: Payload<'_>, batch: u32) -> bool {
         let mut q = self.queue.borrow_mut();
         q.push(env, payload, batch);
         q.frames >= FLUSH_EVERY_FRAMES
