@@ -19,7 +19,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use zrpc_proto::busy_poll::BusyPoll;
 use zrpc_proto::reactor::{register, register_dup, Registered};
-use zrpc_proto::{Envelope, ErrorCode, Frame, FrameDecoder};
+use zrpc_proto::{Envelope, ErrorCode, FrameDecoder, HEADER_LEN};
 
 use crate::common::{
     call_deadlines, call_frame, control_frame, decode_result, make_room, parse_handshake,
@@ -959,13 +959,14 @@ impl Conn {
 /// Handles every complete frame in `buf`. Returns why the connection must
 /// end, if it must.
 fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut) -> Option<Dead> {
-    let mut st: Option<MutexGuard<'_, State>> = None;
-    let mut pongs = Vec::new();
+    // The complete frames at the front of `buf`, taken off as one shared
+    // buffer and read where they lie: only a result payload takes a handle
+    // on it (no envelope or per-frame split to take and drop).
     let mut end = None;
-    let mut delivered = 0usize;
+    let mut total = 0;
     loop {
-        let frame = match dec.decode(buf) {
-            Ok(Some(f)) => f,
+        match dec.complete(&buf[total..]) {
+            Ok(Some(size)) => total += size.total(),
             Ok(None) => break,
             Err(e) => {
                 end = Some(Dead::Fatal(
@@ -974,9 +975,22 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
                 ));
                 break;
             }
-        };
-        let Frame { envelope, payload } = frame;
-        match Envelope::decode(&envelope) {
+        }
+    }
+    if total == 0 {
+        return end;
+    }
+    let batch = buf.split_to(total).freeze();
+    let mut st: Option<MutexGuard<'_, State>> = None;
+    let mut pongs = Vec::new();
+    let mut delivered = 0usize;
+    let mut at = 0;
+    // (`complete` accepted every frame of the batch above.)
+    while let Ok(Some(size)) = dec.complete(&batch[at..]) {
+        let start = at;
+        at += size.total();
+        let (envelope, payload) = size.parts(&batch[start..]);
+        match Envelope::decode(envelope) {
             Ok(Envelope::Result { id, code, message }) => {
                 let st = st.get_or_insert_with(|| lock(&shared.state));
                 if code == Some(ErrorCode::Shutdown) {
@@ -992,7 +1006,12 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
                     }
                 }
                 if let Some(p) = st.pending.get_mut(&id).filter(|p| !p.answered()) {
-                    p.finish(Outcome::from_result(code, message, payload));
+                    let outcome = match code {
+                        Some(code) => Outcome::Failed(code, message.to_owned()),
+                        None if payload.is_empty() => Outcome::Ok(Bytes::new()),
+                        None => Outcome::Ok(batch.slice(start + HEADER_LEN + size.env_len..at)),
+                    };
+                    p.finish(outcome);
                     delivered += 1;
                 }
             }

@@ -688,6 +688,98 @@ fn async_concurrent_calls_current_thread() {
     async_concurrent_out_of_order(rt_current());
 }
 
+/// Results answered in one write (the client reads them where they lie in
+/// its read buffer), small and large, empty and not, for typed and raw
+/// calls, with a `Ping` and an error among them: every caller gets its own.
+#[test]
+fn async_results_of_every_size_in_one_write() {
+    // Encoded sizes of the typed results: 2, 3, 68, 69, 70, 71, 202, 5003;
+    // the "nil" call's result is empty.
+    const TYPED: [usize; 8] = [0, 1, 66, 67, 68, 69, 200, 5000];
+    // Raw results (one MessagePack bin each): 12, 70, 102 bytes.
+    const RAW: [usize; 3] = [10, 68, 100];
+    let value = |i: usize, n: usize| Value::Binary(vec![i as u8; n]);
+    let encoded = |v: &Value| {
+        let mut b = Vec::new();
+        rmpv::encode::write_value(&mut b, v).expect("encode");
+        b
+    };
+    let fake = Fake::new();
+    let calls = TYPED.len() + RAW.len() + 2;
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let mut all = BytesMut::new();
+        for k in 0..calls {
+            let (id, method, _, _, payload) = p.call();
+            if k == calls / 2 {
+                encode_frame(&mut all, &Envelope::Ping { nonce: 5 }, &[]);
+            }
+            let env = Envelope::Result {
+                id,
+                code: (method == "fail").then_some(ErrorCode::Remote),
+                message: if method == "fail" { "no" } else { "" },
+            };
+            // Echo: each result is the call's own payload.
+            let payload = if method == "nil" {
+                Bytes::new()
+            } else {
+                payload
+            };
+            encode_frame(&mut all, &env, &payload);
+        }
+        p.s.write_all(&all).expect("write");
+        let f = p.frame();
+        assert_eq!(f.decode().expect("envelope"), Envelope::Pong { nonce: 5 });
+        p.expect_eof();
+    });
+    let dir = fake.dir();
+    let rt = rt_current();
+    rt.block_on(async move {
+        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
+        let mut tasks = Vec::new();
+        for (i, &n) in TYPED.iter().enumerate() {
+            let c = client.clone();
+            let v = value(i, n);
+            tasks.push(tokio::spawn(async move {
+                let got: Value = c.call("svc", "typed", &v, None).await.expect("call");
+                assert_eq!(got, v, "typed result of {n} bytes");
+            }));
+        }
+        for (i, &n) in RAW.iter().enumerate() {
+            let c = client.clone();
+            let raw = Bytes::from(encoded(&value(100 + i, n)));
+            tasks.push(tokio::spawn(async move {
+                let got = c
+                    .call_raw("svc", "raw", raw.clone(), CallOptions::default())
+                    .await
+                    .expect("call");
+                assert_eq!(got, raw, "raw result of {} bytes", raw.len());
+            }));
+        }
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let got: Value = c.call("svc", "nil", &1, None).await.expect("call");
+            assert_eq!(got, Value::Nil);
+        }));
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let err = c
+                .call::<_, Value>("svc", "fail", &(), None)
+                .await
+                .expect_err("remote error");
+            assert!(
+                matches!(&err, Error::Remote { message, .. } if message == "no"),
+                "{err}"
+            );
+        }));
+        for t in tasks {
+            bounded(t).await.expect("task");
+        }
+        drop(client);
+    });
+    finish(&rt, peer);
+}
+
 #[test]
 fn async_call_fields_and_raw() {
     let fake = Fake::new();
