@@ -539,7 +539,25 @@ impl Conn {
     /// Handles one frame: queues requests, answers pings, applies cancels
     /// of queued requests; reports what the caller must handle.
     fn handle_frame(&mut self, frame: &Frame, running: Option<u64>) -> Result<FrameAction, Error> {
-        match frame.decode()? {
+        self.handle_parts(
+            &frame.envelope,
+            &frame.envelope,
+            || frame.payload.clone(),
+            running,
+        )
+    }
+
+    /// [`Conn::handle_frame`] for a frame given as its envelope bytes, a
+    /// buffer that holds them (names are kept as views into it) and its
+    /// payload, made only for a request.
+    fn handle_parts(
+        &mut self,
+        holder: &Bytes,
+        envelope: &[u8],
+        payload: impl FnOnce() -> Bytes,
+        running: Option<u64>,
+    ) -> Result<FrameAction, Error> {
+        match Envelope::decode(envelope)? {
             Envelope::Request {
                 id,
                 service,
@@ -553,12 +571,12 @@ impl Conn {
                 });
                 self.queue.push_back(Pending {
                     id,
-                    service: Name::within(&frame.envelope, service),
-                    method: Name::within(&frame.envelope, method),
+                    service: Name::within(holder, service),
+                    method: Name::within(holder, method),
                     deadline,
                     caller_instance,
                     caller_call,
-                    payload: frame.payload.clone(),
+                    payload: payload(),
                     own_buffer: self.frame_own_buffer,
                 });
                 Ok(FrameAction::None)
@@ -603,19 +621,69 @@ impl Conn {
     /// handler had better finish and leave its outcome in the reply cache.
     fn process(&mut self, running: Option<u64>) -> Result<bool, Error> {
         let mut cancelled = false;
-        while let Some(frame) = self.next_frame()? {
-            match self.handle_frame(&frame, running)? {
-                FrameAction::None => {}
-                FrameAction::CancelRunning => cancelled = true,
-                FrameAction::Ack { req, code, message } => {
-                    tracing::debug!(req, ?code, message, "unexpected Ack ignored");
-                }
-                FrameAction::Welcome { .. } => {
-                    return Err(Error::Unexpected("a second Welcome".to_string()))
+        while self.parked.is_some() {
+            // A large frame read into an allocation of its own: taken as
+            // it is (`next_frame` then returns to the regular buffer).
+            let Some(frame) = self.next_frame()? else {
+                return Ok(cancelled);
+            };
+            let action = self.handle_frame(&frame, running)?;
+            cancelled |= Self::after(action)?;
+        }
+        // Every complete frame in `rbuf`, taken off as one shared buffer and
+        // read where it lies: a request's payload and names are slices of
+        // it, nothing else takes a handle.
+        let mut total = 0;
+        let mut corrupt = None;
+        loop {
+            match self.decoder.complete(&self.rbuf[total..]) {
+                Ok(Some(size)) => total += size.total(),
+                Ok(None) => break,
+                Err(e) => {
+                    corrupt = Some(e);
+                    break;
                 }
             }
         }
-        Ok(cancelled)
+        if total > 0 {
+            self.frame_own_buffer = false;
+            let batch = self.rbuf.split_to(total).freeze();
+            let mut at = 0;
+            // (`complete` accepted every frame of the batch above.)
+            while let Ok(Some(size)) = self.decoder.complete(&batch[at..]) {
+                let start = at;
+                at += size.total();
+                let (envelope, payload) = size.parts(&batch[start..]);
+                let from = at - payload.len();
+                let payload = || {
+                    if from == at {
+                        Bytes::new()
+                    } else {
+                        batch.slice(from..at)
+                    }
+                };
+                let action = self.handle_parts(&batch, envelope, payload, running)?;
+                cancelled |= Self::after(action)?;
+            }
+        }
+        match corrupt {
+            Some(e) => Err(e.into()),
+            None => Ok(cancelled),
+        }
+    }
+
+    /// What [`Conn::process`] does with a frame's action: whether it
+    /// cancelled the running request.
+    fn after(action: FrameAction) -> Result<bool, Error> {
+        match action {
+            FrameAction::None => Ok(false),
+            FrameAction::CancelRunning => Ok(true),
+            FrameAction::Ack { req, code, message } => {
+                tracing::debug!(req, ?code, message, "unexpected Ack ignored");
+                Ok(false)
+            }
+            FrameAction::Welcome { .. } => Err(Error::Unexpected("a second Welcome".to_string())),
+        }
     }
 
     /// Appends the reply to request `id`.

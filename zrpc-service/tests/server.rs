@@ -1340,3 +1340,78 @@ fn cancel_then_shutdown_in_one_batch_keeps_the_handler_running() {
     refuse_next_registration(&mut broker, &["gate"], false);
     assert!(rx.recv_timeout(WAIT).expect("server thread").is_err());
 }
+
+/// Requests of every size in one write: small ones read where they lie in
+/// the read buffer, a 100 KiB one read into an allocation of its own
+/// (larger than `OWN_BUFFER_FRAME`), small ones after it, a request with
+/// an empty payload (nil) and a ping: each gets its own answer.
+#[test]
+fn requests_of_every_size_in_one_write() {
+    let broker = Broker::new("sizes");
+    let dir = broker.dir.clone();
+    let sizes = [0usize, 1, 60, 300, 5000, 100_000, 2, 70, 0];
+    let n = sizes.len() + 1;
+    let rx = server_thread(move || {
+        let mut srv = Server::new(Echo::new()).socket_dir(dir);
+        for _ in 0..n {
+            srv.run_once(Some(WAIT)).expect("run_once");
+        }
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["echo"], false);
+    let value = |i: usize, n: usize| Value::Binary(vec![i as u8; n]);
+    let mut out = BytesMut::new();
+    for (i, &len) in sizes.iter().enumerate() {
+        let env = Envelope::Request {
+            id: i as u64 + 1,
+            service: "echo",
+            method: "func",
+            timeout_ms: None,
+            caller_instance: 77,
+            caller_call: i as u64 + 1000,
+        };
+        encode_frame(&mut out, &env, &enc(&value(i, len)));
+        if i == 3 {
+            encode_frame(&mut out, &Envelope::Ping { nonce: 8 }, &[]);
+        }
+    }
+    let nil = Envelope::Request {
+        id: 99,
+        service: "echo",
+        method: "func",
+        timeout_ms: None,
+        caller_instance: 77,
+        caller_call: 1099,
+    };
+    encode_frame(&mut out, &nil, &[]);
+    peer.stream.write_all(&out).expect("write");
+    let mut replies = std::collections::HashMap::new();
+    while replies.len() < n {
+        let f = peer.recv();
+        match f.decode().expect("frame") {
+            Envelope::Pong { nonce } => assert_eq!(nonce, 8),
+            Envelope::Reply { id, code, message } => {
+                assert_eq!(code, None, "{message}");
+                let v = rmpv::decode::read_value(&mut &f.payload[..]).expect("msgpack payload");
+                replies.insert(id, v);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for (i, &len) in sizes.iter().enumerate() {
+        let Value::Array(fields) = &replies[&(i as u64 + 1)] else {
+            panic!("reply {i} is not an array");
+        };
+        assert_eq!(fields[1], value(i, len), "payload of request {i}");
+        assert_eq!(
+            fields[4],
+            Value::from(i as u64 + 1000),
+            "caller_call of {i}"
+        );
+    }
+    let Value::Array(fields) = &replies[&99] else {
+        panic!("reply 99 is not an array");
+    };
+    assert_eq!(fields[1], Value::Nil);
+    rx.recv_timeout(WAIT).expect("server thread");
+}
