@@ -524,11 +524,15 @@ impl Client {
             shared.max_message_size.load(Ordering::Relaxed),
         )?;
         let (deadline, local) = call_deadlines(&opts);
+        // The caller's waker goes into the entry with the call: the first
+        // wait below is in this same poll, so it need not look the entry
+        // up again to register it.
+        let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
         let (conn, in_flight) = shared.submit(
             id,
             Pending {
                 done: None,
-                waker: None,
+                waker: Some(waker),
                 frame: frame.clone(),
                 deadline,
                 no_retry: opts.no_retry,
@@ -557,9 +561,17 @@ impl Client {
         // the broker (the client is reconnecting) times out at once; one
         // that is gets until the local safety deadline.
         let mut past_deadline = false;
+        let mut registered = true;
         let received = loop {
             let wake_at = if past_deadline { local } else { deadline };
-            let outcome = std::future::poll_fn(|cx| shared.poll_outcome(id, cx));
+            let outcome = std::future::poll_fn(|cx| {
+                if std::mem::take(&mut registered) {
+                    // Still the poll that submitted the call with this
+                    // context's waker: an outcome that arrives wakes it.
+                    return Poll::Pending;
+                }
+                shared.poll_outcome(id, cx)
+            });
             let Some(at) = wake_at else {
                 break outcome.await;
             };
