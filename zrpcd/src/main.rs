@@ -161,7 +161,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 _ = int.recv() => tracing::info!("SIGINT received"),
             }
         };
-        zrpcd::server::run(config, bound.listener, shutdown).await
+        // The broker runs as a task of its own: `block_on` polls this
+        // future at every wake-up of any task of the LocalSet (every read
+        // batch), so it only waits on that task's handle, a cheap check,
+        // instead of polling the listener and the signal streams each time.
+        let broker = tokio::task::spawn_local(zrpcd::server::run(config, bound.listener, shutdown));
+        broker.await.unwrap_or_else(|e| {
+            Err(std::io::Error::other(format!(
+                "the broker task failed: {e}"
+            )))
+        })
     });
     if bound.remove_on_exit {
         let _ = std::fs::remove_file(&bound.path);
