@@ -2,6 +2,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::envelope::{write_plain_answer, PLAIN_ANSWER_MAX};
 use crate::mp::Writer;
 use crate::{Envelope, ProtoError};
 
@@ -140,6 +141,21 @@ impl FrameSize {
 /// bytes the caller writes next (or sends as a separate slice of a vectored
 /// write).
 pub fn encode_header(out: &mut BytesMut, env: &Envelope<'_>, payload_len: usize) {
+    if let Some((kind, id)) = env.plain_answer() {
+        // The envelope of every answered call: built on the stack and
+        // copied as one fixed-size block.
+        let mut frame = [0u8; HEADER_LEN + PLAIN_ANSWER_MAX];
+        let (head, envelope) = frame.split_at_mut(HEADER_LEN);
+        let env_len = write_plain_answer(kind, id, envelope);
+        head[..4].copy_from_slice(&((env_len + payload_len) as u32).to_be_bytes());
+        head[4..].copy_from_slice(&(env_len as u32).to_be_bytes());
+        out.reserve(frame.len());
+        out.chunk_mut()[..frame.len()].copy_from_slice(&frame);
+        // SAFETY: the header and the `env_len` bytes after it were just
+        // written (and the rest of `frame` after them, beyond the length).
+        unsafe { out.advance_mut(HEADER_LEN + env_len) };
+        return;
+    }
     out.reserve(HEADER_LEN + env.max_encoded_len());
     let env_len = {
         let mut w = Writer::new(&mut out.chunk_mut()[HEADER_LEN..]);

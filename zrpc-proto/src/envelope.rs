@@ -253,6 +253,60 @@ impl<'a> Envelope<'a> {
         }
     }
 
+    /// `(kind, id)` of a successful `Reply` or `Result` with an empty
+    /// message: the envelope of every answered call, twice per call (the
+    /// service's `Reply`, the broker's `Result`), encoded and decoded by a
+    /// short path of its own ([`write_plain_answer`],
+    /// [`Envelope::decode`]).
+    #[inline]
+    pub(crate) fn plain_answer(&self) -> Option<(u8, u64)> {
+        match *self {
+            Envelope::Reply {
+                id,
+                code: None,
+                message: "",
+            } => Some((Kind::Reply as u8, id)),
+            Envelope::Result {
+                id,
+                code: None,
+                message: "",
+            } => Some((Kind::Result as u8, id)),
+            _ => None,
+        }
+    }
+
+    /// `[8 or 9, id, 0, ""]`, the canonical and the non-canonical unsigned
+    /// forms of `id` included, exactly filling `buf`; `None` for anything
+    /// else (the general decoder then reads it, or rejects it).
+    #[inline]
+    pub(crate) fn decode_plain_answer(buf: &'a [u8]) -> Option<Envelope<'a>> {
+        let n = buf.len();
+        if n < 5 || buf[0] != 0x94 || buf[n - 2] != 0x00 || buf[n - 1] != 0xa0 {
+            return None;
+        }
+        let id = match buf[2..n - 2] {
+            [b] if b < 0x80 => b as u64,
+            [0xcc, b] => b as u64,
+            [0xcd, a, b] => u16::from_be_bytes([a, b]) as u64,
+            [0xce, a, b, c, d] => u32::from_be_bytes([a, b, c, d]) as u64,
+            [0xcf, a, b, c, d, e, f, g, h] => u64::from_be_bytes([a, b, c, d, e, f, g, h]),
+            _ => return None,
+        };
+        match buf[1] {
+            8 => Some(Envelope::Reply {
+                id,
+                code: None,
+                message: "",
+            }),
+            9 => Some(Envelope::Result {
+                id,
+                code: None,
+                message: "",
+            }),
+            _ => None,
+        }
+    }
+
     /// Writes the encoding through `out`, which must have room for
     /// [`Envelope::max_encoded_len`] bytes.
     #[inline]
@@ -364,6 +418,16 @@ impl<'a> Envelope<'a> {
     /// are skipped (they are reserved for extensions), but they must still be
     /// well-formed, and the envelope must contain nothing after the array.
     pub fn decode(buf: &'a [u8]) -> Result<Envelope<'a>, ProtoError> {
+        if let Some(env) = Self::decode_plain_answer(buf) {
+            return Ok(env);
+        }
+        Self::decode_general(buf)
+    }
+
+    /// [`Envelope::decode`] without the plain answer's short path (which
+    /// must agree with it: see the tests).
+    #[inline]
+    pub(crate) fn decode_general(buf: &'a [u8]) -> Result<Envelope<'a>, ProtoError> {
         let mut r = Reader::new(buf);
         let len = r.array_len()?;
         if len == 0 {
@@ -486,4 +550,39 @@ impl<'a> Envelope<'a> {
         }
         Ok(env)
     }
+}
+
+/// Most bytes of a plain answer's envelope (see [`write_plain_answer`]).
+pub(crate) const PLAIN_ANSWER_MAX: usize = 13;
+
+/// Writes `[kind, id, 0, ""]` (the envelope [`Envelope::plain_answer`]
+/// describes) at the start of `out`, which holds at least
+/// [`PLAIN_ANSWER_MAX`] bytes; returns its length.
+#[inline]
+pub(crate) fn write_plain_answer(kind: u8, id: u64, out: &mut [u8]) -> usize {
+    out[0] = 0x94;
+    out[1] = kind;
+    let n = if id < 0x80 {
+        out[2] = id as u8;
+        1
+    } else if id <= u8::MAX as u64 {
+        out[2] = 0xcc;
+        out[3] = id as u8;
+        2
+    } else if id <= u16::MAX as u64 {
+        out[2] = 0xcd;
+        out[3..5].copy_from_slice(&(id as u16).to_be_bytes());
+        3
+    } else if id <= u32::MAX as u64 {
+        out[2] = 0xce;
+        out[3..7].copy_from_slice(&(id as u32).to_be_bytes());
+        5
+    } else {
+        out[2] = 0xcf;
+        out[3..11].copy_from_slice(&id.to_be_bytes());
+        9
+    };
+    out[2 + n] = 0x00;
+    out[3 + n] = 0xa0;
+    4 + n
 }

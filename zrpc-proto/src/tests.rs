@@ -173,3 +173,115 @@ fn error_codes_round_trip() {
     }
     assert_eq!(ErrorCode::from_u16(0), None);
 }
+
+/// The successful `Reply`/`Result` with an empty message (every answered
+/// call's envelope) has a short path in `encode_header` and
+/// `Envelope::decode`: it writes the canonical bytes, and it reads exactly
+/// what the general decoder reads.
+#[test]
+fn plain_answers_take_the_short_path_and_agree_with_the_general_one() {
+    let ids = [
+        0,
+        1,
+        127,
+        128,
+        255,
+        256,
+        65_535,
+        65_536,
+        u32::MAX as u64,
+        u32::MAX as u64 + 1,
+        u64::MAX,
+    ];
+    for id in ids {
+        for env in [
+            Envelope::Reply {
+                id,
+                code: None,
+                message: "",
+            },
+            Envelope::Result {
+                id,
+                code: None,
+                message: "",
+            },
+        ] {
+            let mut out = BytesMut::new();
+            encode_header(&mut out, &env, 3);
+            let env_len = u32::from_be_bytes([out[4], out[5], out[6], out[7]]) as usize;
+            let body_len = u32::from_be_bytes([out[0], out[1], out[2], out[3]]) as usize;
+            assert_eq!(out.len(), HEADER_LEN + env_len);
+            assert_eq!(body_len, env_len + 3);
+            // The canonical encoding, as the general writer makes it.
+            let mut general = BytesMut::new();
+            env.encode_into(&mut general);
+            assert_eq!(&out[HEADER_LEN..], &general[..], "{env:?}");
+            let v = rmpv::Value::Array(vec![
+                (env.kind() as u8).into(),
+                id.into(),
+                0.into(),
+                "".into(),
+            ]);
+            let mut exact = Vec::new();
+            rmpv::encode::write_value(&mut exact, &v).expect("encode");
+            assert_eq!(&general[..], &exact[..], "{env:?}");
+            assert_eq!(Envelope::decode_plain_answer(&exact), Some(env.clone()));
+            assert_eq!(Envelope::decode(&exact), Ok(env));
+        }
+    }
+    // Anything the short path accepts, the general decoder reads the same
+    // way: every middle of up to 10 bytes drawn at random between the
+    // fixed ends, and fully random short buffers.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut short = 0;
+    for i in 0..200_000 {
+        let mut buf = Vec::new();
+        if i % 2 == 0 {
+            buf.extend_from_slice(&[0x94, 8 + (next() % 2) as u8]);
+            let lead = [0x00, 0x7f, 0x80, 0xcc, 0xcd, 0xce, 0xcf, 0xd0, 0xa0, 0xc0];
+            let b = lead[(next() % lead.len() as u64) as usize];
+            // Half the time the length the lead byte calls for.
+            let n = match (b, next() % 2) {
+                (0xcc, 0) => 2,
+                (0xcd, 0) => 3,
+                (0xce, 0) => 5,
+                (0xcf, 0) => 9,
+                _ => 1 + (next() % 10) as usize,
+            };
+            buf.push(b);
+            for _ in 1..n {
+                buf.push(next() as u8);
+            }
+            buf.extend_from_slice(&[0x00, 0xa0]);
+        } else {
+            let n = (next() % 16) as usize;
+            for _ in 0..n {
+                buf.push(next() as u8);
+            }
+        }
+        if let Some(fast) = Envelope::decode_plain_answer(&buf) {
+            short += 1;
+            assert_eq!(Envelope::decode_general(&buf), Ok(fast), "{buf:x?}");
+        }
+    }
+    assert!(short > 20_000, "the short path was taken {short} times");
+    // The general path still reads answers the short one leaves to it.
+    let signed = [0x94, 0x08, 0xd0, 0x05, 0x00, 0xa0];
+    assert_eq!(Envelope::decode_plain_answer(&signed), None);
+    assert_eq!(
+        Envelope::decode(&signed),
+        Ok(Envelope::Reply {
+            id: 5,
+            code: None,
+            message: ""
+        })
+    );
+    let trailing = [0x94, 0x08, 0x05, 0x00, 0xa0, 0x00];
+    assert!(Envelope::decode(&trailing).is_err());
+}
