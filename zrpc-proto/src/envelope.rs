@@ -421,7 +421,39 @@ impl<'a> Envelope<'a> {
         if let Some(env) = Self::decode_plain_answer(buf) {
             return Ok(env);
         }
+        if let Some(env) = Self::decode_call_or_request(buf) {
+            return Ok(env);
+        }
         Self::decode_general(buf)
+    }
+
+    /// A `Call` or `Request` with its exact number of fields, names of at
+    /// most 31 bytes of ASCII and unsigned integers: every call's envelope
+    /// in practice (the broker decodes the `Call`, the service the
+    /// `Request`). `None` for anything else, which the general decoder then
+    /// reads (or rejects) the same way as before.
+    #[inline]
+    pub(crate) fn decode_call_or_request(buf: &'a [u8]) -> Option<Envelope<'a>> {
+        let mut c = Cursor(buf.get(2..)?);
+        let env = match (buf[0], buf[1]) {
+            (0x96, 6) => Envelope::Call {
+                id: c.uint()?,
+                service: c.name()?,
+                method: c.name()?,
+                timeout_ms: c.opt_uint()?,
+                flags: u32::try_from(c.uint()?).ok()?,
+            },
+            (0x97, 7) => Envelope::Request {
+                id: c.uint()?,
+                service: c.name()?,
+                method: c.name()?,
+                timeout_ms: c.opt_uint()?,
+                caller_instance: c.uint()?,
+                caller_call: c.uint()?,
+            },
+            _ => return None,
+        };
+        c.0.is_empty().then_some(env)
     }
 
     /// [`Envelope::decode`] without the plain answer's short path (which
@@ -585,4 +617,58 @@ pub(crate) fn write_plain_answer(kind: u8, id: u64, out: &mut [u8]) -> usize {
     out[2 + n] = 0x00;
     out[3 + n] = 0xa0;
     4 + n
+}
+
+/// The reader of [`Envelope::decode_call_or_request`]: the common forms
+/// only, `None` for anything else.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    #[inline(always)]
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+
+    #[inline(always)]
+    fn uint(&mut self) -> Option<u64> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(match b {
+            0x00..=0x7f => b as u64,
+            0xcc => u8::from_be_bytes(self.take(1)?.try_into().ok()?) as u64,
+            0xcd => u16::from_be_bytes(self.take(2)?.try_into().ok()?) as u64,
+            0xce => u32::from_be_bytes(self.take(4)?.try_into().ok()?) as u64,
+            0xcf => u64::from_be_bytes(self.take(8)?.try_into().ok()?),
+            _ => return None,
+        })
+    }
+
+    #[inline(always)]
+    fn opt_uint(&mut self) -> Option<Option<u64>> {
+        if self.0.first() == Some(&0xc0) {
+            self.0 = &self.0[1..];
+            return Some(None);
+        }
+        self.uint().map(Some)
+    }
+
+    #[inline(always)]
+    fn name(&mut self) -> Option<&'a str> {
+        let (&b, rest) = self.0.split_first()?;
+        if b & 0xe0 != 0xa0 {
+            return None;
+        }
+        self.0 = rest;
+        let raw = self.take((b & 0x1f) as usize)?;
+        if !raw.is_ascii() {
+            return None;
+        }
+        // SAFETY: every ASCII byte sequence is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(raw) })
+    }
 }

@@ -285,3 +285,126 @@ fn plain_answers_take_the_short_path_and_agree_with_the_general_one() {
     let trailing = [0x94, 0x08, 0x05, 0x00, 0xa0, 0x00];
     assert!(Envelope::decode(&trailing).is_err());
 }
+
+/// `Call` and `Request` envelopes with short ASCII names have a short path
+/// in `Envelope::decode`: whatever it accepts, the general decoder reads
+/// identically; what it leaves (long or non-ASCII names, signed or
+/// oversized integers, extra fields) the general decoder still reads.
+#[test]
+fn calls_and_requests_take_the_short_path_and_agree_with_the_general_one() {
+    let long = "n".repeat(40);
+    let cases = [
+        Envelope::Call {
+            id: 7,
+            service: "bench_echo",
+            method: "echo",
+            timeout_ms: Some(30_000),
+            flags: 0,
+        },
+        Envelope::Call {
+            id: u64::MAX,
+            service: "s",
+            method: "",
+            timeout_ms: None,
+            flags: u32::MAX,
+        },
+        Envelope::Request {
+            id: 1 << 40,
+            service: "svc",
+            method: "m",
+            timeout_ms: Some(0),
+            caller_instance: u64::MAX,
+            caller_call: 128,
+        },
+    ];
+    for env in cases {
+        let mut b = BytesMut::new();
+        env.encode_into(&mut b);
+        assert_eq!(Envelope::decode_call_or_request(&b), Some(env.clone()));
+        assert_eq!(Envelope::decode(&b), Ok(env));
+    }
+    // Left to the general path, and read by it.
+    for env in [
+        Envelope::Call {
+            id: 1,
+            service: &long,
+            method: "m",
+            timeout_ms: None,
+            flags: 0,
+        },
+        Envelope::Request {
+            id: 1,
+            service: "gr\u{fc}n",
+            method: "m",
+            timeout_ms: None,
+            caller_instance: 1,
+            caller_call: 2,
+        },
+    ] {
+        let mut b = BytesMut::new();
+        env.encode_into(&mut b);
+        assert_eq!(Envelope::decode_call_or_request(&b), None);
+        assert_eq!(Envelope::decode(&b), Ok(env));
+    }
+    // Random mutations of valid envelopes and random fields: whatever the
+    // short path accepts, the general decoder reads the same way.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let field = |r: u64, out: &mut Vec<u8>| match r % 9 {
+        0 => out.push((r >> 8) as u8 & 0x7f),
+        1 => out.extend_from_slice(&[0xcc, (r >> 8) as u8]),
+        2 => out.extend_from_slice(&[0xcd, (r >> 8) as u8, (r >> 16) as u8]),
+        3 => out.extend_from_slice(&[0xce, 1, 2, 3, (r >> 8) as u8]),
+        4 => out.extend_from_slice(&[0xcf, 0, 0, 0, 1, 2, 3, 4, (r >> 8) as u8]),
+        5 => out.push(0xc0),
+        6 => out.extend_from_slice(&[0xa3, b'a', b'b', (r >> 8) as u8]),
+        7 => out.extend_from_slice(&[0xd0, (r >> 8) as u8]),
+        _ => out.push(0xa0),
+    };
+    let mut short = 0;
+    for i in 0..200_000 {
+        let mut buf = Vec::new();
+        if i % 2 == 0 {
+            buf.extend_from_slice(&[0x96, 6]);
+        } else {
+            buf.extend_from_slice(&[0x97, 7]);
+        }
+        // Mostly the right kind of value at each position (an integer, two
+        // names, an integer or nil, integers), sometimes anything, and
+        // sometimes a field too few or too many.
+        let n = if i % 2 == 0 { 5 } else { 6 };
+        let fields = match next() % 8 {
+            0 => n - 1,
+            1 => n + 1,
+            _ => n,
+        };
+        for k in 0..fields {
+            let r = next();
+            let valid: &[u64] = match k {
+                1 | 2 => &[6, 8],
+                3 => &[0, 1, 2, 3, 4, 5],
+                _ => &[0, 1, 2, 3, 4],
+            };
+            let pick = if r % 5 == 0 {
+                r >> 3
+            } else {
+                valid[((r >> 3) % valid.len() as u64) as usize] + 9 * (r >> 32)
+            };
+            field(pick, &mut buf);
+        }
+        if next() % 8 == 0 && !buf.is_empty() {
+            let at = (next() as usize) % buf.len();
+            buf[at] = next() as u8;
+        }
+        if let Some(fast) = Envelope::decode_call_or_request(&buf) {
+            short += 1;
+            assert_eq!(Envelope::decode_general(&buf), Ok(fast), "{buf:x?}");
+        }
+    }
+    assert!(short > 20_000, "the short path was taken {short} times");
+}
