@@ -174,12 +174,7 @@ impl ReplyCache {
 
     /// Ring position of sequence number `seq`.
     fn pos(&self, seq: u32) -> usize {
-        let p = self.head + seq.wrapping_sub(self.first) as usize;
-        if p >= self.meta.len() {
-            p - self.meta.len()
-        } else {
-            p
-        }
+        ring_pos(self.head, self.first, self.meta.len(), seq)
     }
 
     /// The cached outcome of call `key` if it addressed the same
@@ -244,16 +239,8 @@ impl ReplyCache {
             return;
         }
         let h = hash(key);
-        let Self {
-            meta,
-            head,
-            first,
-            index,
-            ..
-        } = self;
-        let cap = meta.len();
-        let at = |seq: u32| (*head + seq.wrapping_sub(*first) as usize) % cap.max(1);
-        if let Ok(old) = index.find_entry(h, |&s| meta[at(s)].key == key) {
+        let (index, ring) = self.index_and_ring();
+        if let Ok(old) = index.find_entry(h, |&s| ring.key(s) == key) {
             // The same call again (a re-run after a cache miss): the
             // newest outcome wins and moves to the back.
             let (seq, _) = old.remove();
@@ -288,16 +275,18 @@ impl ReplyCache {
         self.count += 1;
         self.bytes += cost;
         let seq = self.first.wrapping_add((self.count - 1) as u32);
-        let Self {
-            meta,
-            head,
-            first,
-            index,
-            ..
-        } = self;
-        let cap = meta.len();
-        let at = |seq: u32| (*head + seq.wrapping_sub(*first) as usize) % cap;
-        index.insert_unique(h, seq, |&s| hash(meta[at(s)].key));
+        let (index, ring) = self.index_and_ring();
+        index.insert_unique(h, seq, |&s| hash(ring.key(s)));
+    }
+
+    /// The index, and the ring its entries point into, borrowed apart.
+    fn index_and_ring(&mut self) -> (&mut HashTable<u32>, Ring<'_>) {
+        let ring = Ring {
+            meta: &self.meta,
+            head: self.head,
+            first: self.first,
+        };
+        (&mut self.index, ring)
     }
 
     /// Puts an outcome in the side table; returns its place.
@@ -381,6 +370,31 @@ impl ReplyCache {
     /// Bytes of cached replies.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
+    }
+}
+
+/// The metadata ring, as the index's lookups see it.
+struct Ring<'a> {
+    meta: &'a [Meta],
+    head: usize,
+    first: u32,
+}
+
+impl Ring<'_> {
+    /// The key of the slot with sequence number `seq`.
+    fn key(&self, seq: u32) -> CallKey {
+        self.meta[ring_pos(self.head, self.first, self.meta.len(), seq)].key
+    }
+}
+
+/// Position in a ring of `cap` places whose oldest slot, at `head`, has
+/// sequence number `first`, of the slot with sequence number `seq`.
+fn ring_pos(head: usize, first: u32, cap: usize, seq: u32) -> usize {
+    let p = head + seq.wrapping_sub(first) as usize;
+    if p >= cap {
+        p - cap
+    } else {
+        p
     }
 }
 
