@@ -107,11 +107,13 @@ pub struct FrameSize {
 
 impl FrameSize {
     /// Length of the whole frame, header included.
+    #[inline]
     pub fn total(&self) -> usize {
         HEADER_LEN + self.body_len
     }
 
     /// Length of the payload.
+    #[inline]
     pub fn payload_len(&self) -> usize {
         self.body_len - self.env_len
     }
@@ -131,6 +133,7 @@ impl FrameSize {
 
     /// The envelope and the payload of the frame at the front of `buf`
     /// (which holds at least [`FrameSize::total`] bytes).
+    #[inline]
     pub fn parts<'a>(&self, buf: &'a [u8]) -> (&'a [u8], &'a [u8]) {
         let env_end = HEADER_LEN + self.env_len;
         (&buf[HEADER_LEN..env_end], &buf[env_end..self.total()])
