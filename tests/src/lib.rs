@@ -105,7 +105,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Spawns `cmd` with stdout piped (read it with [`Proc::read_line`])
+    /// Spawns `cmd` with stdout piped (read it with [`Proc::read_until`] or [`Proc::output`])
     /// and stderr inherited (shown by the test harness on failure).
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
         cmd.stdin(Stdio::null())
