@@ -222,7 +222,8 @@ pub trait Service: 'static {
     /// that is not `async`), without the boxed future of
     /// [`handle`](Self::handle); `None` means "call `handle` instead".
     ///
-    /// The server tries this first for every request. The `#[service]`
+    /// The server tries this first for every request (except the built-in
+    /// `zrpc.describe`). The `#[service]`
     /// macro and [`ServiceBuilder`] implement it for their synchronous
     /// methods; the default returns `None`, so a hand-written service needs
     /// only `handle`. When it returns `Some`, the outcome must be the one
@@ -344,6 +345,9 @@ pub fn encode_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<Bytes, Ha
         // path instead.
         let pooled = REPLY_POOL.try_with(|pool| {
             let mut pool = pool.try_borrow_mut().ok()?;
+            // Empty but for what a `Serialize` impl that panicked part way
+            // left behind (the server catches handler panics).
+            pool.clear();
             if pool.capacity() == 0 {
                 *pool = BytesMut::with_capacity(REPLY_POOL_CHUNK);
             }
@@ -352,7 +356,16 @@ pub fn encode_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<Bytes, Ha
             Some(match r {
                 Ok(()) => {
                     LAST_REPLY_LEN.set(pool.len());
-                    Ok(pool.split().freeze())
+                    if pool.len() > POOLED_REPLY_MAX {
+                        // Larger than expected: the reply takes the whole
+                        // buffer (usually an allocation of its own, grown
+                        // for it), so that it pins no small replies' chunk
+                        // and the reply cache can keep it by reference; the
+                        // next reply starts a fresh chunk.
+                        Ok(std::mem::take(&mut *pool).freeze())
+                    } else {
+                        Ok(pool.split().freeze())
+                    }
                 }
                 Err(e) => {
                     pool.clear();
@@ -486,6 +499,36 @@ mod tests {
         let a = encode_value(&1u8).expect("encode");
         let b = encode_value(&2u8).expect("encode");
         assert_eq!(a.as_ptr() as usize + a.len(), b.as_ptr() as usize);
+    }
+
+    /// A `Serialize` impl that panics part way leaves nothing behind for
+    /// the next reply; a reply larger than expected on the pooled path gets
+    /// a buffer of its own.
+    #[test]
+    fn a_panic_while_encoding_does_not_leak_into_the_next_reply() {
+        struct Half;
+        impl serde::Serialize for Half {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeSeq;
+                let mut seq = s.serialize_seq(Some(2))?;
+                seq.serialize_element("written before the panic")?;
+                panic!("half way");
+            }
+        }
+        LAST_REPLY_LEN.set(0);
+        let r = std::panic::catch_unwind(|| encode_value(&Half));
+        assert!(r.is_err());
+        let b = encode_value(&7u8).expect("encode");
+        assert_eq!(&b[..], &[7]);
+
+        LAST_REPLY_LEN.set(0);
+        let big = vec![3u8; 100_000];
+        let b = encode_value(&serde_bytes::Bytes::new(&big)).expect("encode");
+        let back: serde_bytes::ByteBuf = rmp_serde::from_slice(&b).expect("decode");
+        assert_eq!(back.as_slice(), &big[..]);
+        // Sole owner of its buffer: the reply cache may keep it by
+        // reference.
+        assert!(b.try_into_mut().is_ok());
     }
 
     /// A `Serialize` impl that encodes a reply itself (the buffer is
