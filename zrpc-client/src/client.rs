@@ -19,7 +19,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use zrpc_proto::busy_poll::BusyPoll;
 use zrpc_proto::reactor::{register, register_dup, Registered};
-use zrpc_proto::{Envelope, ErrorCode, FrameDecoder, HEADER_LEN};
+use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::common::{
     call_deadlines, call_frame, control_frame, decode_result, make_room, parse_handshake,
@@ -204,7 +204,8 @@ struct Pending {
     /// The outcome, once known; the entry is then only waiting for its
     /// caller, and is skipped by everything else.
     done: Option<Outcome>,
-    /// The caller, once it has waited for the outcome.
+    /// The caller's waker: stored by `submit` with the call, replaced by
+    /// a later poll from another context.
     waker: Option<Waker>,
     /// The encoded `Call` frame, for resubmission.
     frame: OutFrame,
@@ -1021,7 +1022,7 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
                     let outcome = match code {
                         Some(code) => Outcome::Failed(code, message.to_owned()),
                         None if payload.is_empty() => Outcome::Ok(Bytes::new()),
-                        None => Outcome::Ok(batch.slice(start + HEADER_LEN + size.env_len..at)),
+                        None => Outcome::Ok(batch.slice(at - payload.len()..at)),
                     };
                     p.finish(outcome);
                     delivered += 1;

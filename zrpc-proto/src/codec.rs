@@ -96,16 +96,27 @@ impl FrameDecoder {
     }
 }
 
-/// The sizes of a complete frame (see [`FrameDecoder::complete`]).
+/// The sizes of a complete frame, as [`FrameDecoder::complete`] found them
+/// valid (only it makes one: `1 <= env_len <= body_len`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameSize {
-    /// Length of the envelope.
-    pub env_len: usize,
-    /// Length of the envelope and payload.
-    pub body_len: usize,
+    env_len: usize,
+    body_len: usize,
 }
 
 impl FrameSize {
+    /// Length of the envelope.
+    #[inline]
+    pub fn env_len(&self) -> usize {
+        self.env_len
+    }
+
+    /// Length of the envelope and payload.
+    #[inline]
+    pub fn body_len(&self) -> usize {
+        self.body_len
+    }
+
     /// Length of the whole frame, header included.
     #[inline]
     pub fn total(&self) -> usize {

@@ -456,8 +456,8 @@ impl<'a> Envelope<'a> {
         c.0.is_empty().then_some(env)
     }
 
-    /// [`Envelope::decode`] without the plain answer's short path (which
-    /// must agree with it: see the tests).
+    /// [`Envelope::decode`] without its short paths (the plain answer, the
+    /// short call), which must agree with it: see the tests.
     #[inline]
     pub(crate) fn decode_general(buf: &'a [u8]) -> Result<Envelope<'a>, ProtoError> {
         let mut r = Reader::new(buf);

@@ -169,8 +169,9 @@ pub fn max_str_len(s: &str) -> usize {
 
 /// A cursor over an envelope's bytes.
 ///
-/// The common encodings (a positive fixint, a fixstr) are read inline; the
-/// longer forms go through out-of-line functions, so the reader costs a few
+/// The common encodings (fixints, fixstrs, the unsigned integer forms) are
+/// read inline; the rest (signed integers, long array and string headers)
+/// goes through out-of-line functions, so the reader costs a few
 /// instructions per field of a typical envelope.
 #[derive(Debug)]
 pub struct Reader<'a> {
