@@ -975,34 +975,17 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
     // The complete frames at the front of `buf`, taken off as one shared
     // buffer and read where they lie: only a result payload takes a handle
     // on it (no envelope or per-frame split to take and drop).
-    let mut end = None;
-    let mut total = 0;
-    loop {
-        match dec.complete(&buf[total..]) {
-            Ok(Some(size)) => total += size.total(),
-            Ok(None) => break,
-            Err(e) => {
-                end = Some(Dead::Fatal(
-                    ErrorCode::Protocol,
-                    format!("bad frame from the broker: {e}"),
-                ));
-                break;
-            }
-        }
-    }
-    if total == 0 {
-        return end;
-    }
-    let batch = buf.split_to(total).freeze();
+    let (batch, corrupt) = dec.take_batch(buf);
+    let mut end = corrupt.map(|e| {
+        Dead::Fatal(
+            ErrorCode::Protocol,
+            format!("bad frame from the broker: {e}"),
+        )
+    });
     let mut st: Option<MutexGuard<'_, State>> = None;
     let mut pongs = Vec::new();
     let mut delivered = 0usize;
-    let mut at = 0;
-    // (`complete` accepted every frame of the batch above.)
-    while let Ok(Some(size)) = dec.complete(&batch[at..]) {
-        let start = at;
-        at += size.total();
-        let (envelope, payload) = size.parts(&batch[start..]);
+    for (envelope, payload) in batch.frames() {
         match Envelope::decode(envelope) {
             Ok(Envelope::Result { id, code, message }) => {
                 let st = st.get_or_insert_with(|| lock(&shared.state));
@@ -1021,8 +1004,7 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
                 if let Some(p) = st.pending.get_mut(&id).filter(|p| !p.answered()) {
                     let outcome = match code {
                         Some(code) => Outcome::Failed(code, message.to_owned()),
-                        None if payload.is_empty() => Outcome::Ok(Bytes::new()),
-                        None => Outcome::Ok(batch.slice(at - payload.len()..at)),
+                        None => Outcome::Ok(batch.payload(payload)),
                     };
                     p.finish(outcome);
                     delivered += 1;

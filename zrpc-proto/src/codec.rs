@@ -94,6 +94,91 @@ impl FrameDecoder {
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {
         Ok(self.complete(buf)?.map(|size| size.split_off(buf)))
     }
+
+    /// Removes every complete frame at the front of `buf` as one [`Batch`]
+    /// (one shared buffer, however many frames), and the error that ended
+    /// it if the stream is corrupt after them: the frames before the
+    /// corruption are still in the batch, and the connection must be
+    /// closed once they are handled.
+    #[inline]
+    pub fn take_batch(&self, buf: &mut BytesMut) -> (Batch, Option<ProtoError>) {
+        let mut total = 0;
+        let mut corrupt = None;
+        loop {
+            match self.complete(&buf[total..]) {
+                Ok(Some(size)) => total += size.total(),
+                Ok(None) => break,
+                Err(e) => {
+                    corrupt = Some(e);
+                    break;
+                }
+            }
+        }
+        let bytes = if total == 0 {
+            Bytes::new()
+        } else {
+            buf.split_to(total).freeze()
+        };
+        (Batch(bytes), corrupt)
+    }
+}
+
+/// Complete, valid frames taken off a read buffer together
+/// ([`FrameDecoder::take_batch`]), read where they lie: a frame's envelope
+/// and payload are slices of the batch, and only what must outlive it (a
+/// payload kept as [`Bytes`]) takes a handle on the buffer.
+#[derive(Debug, Default)]
+pub struct Batch(Bytes);
+
+impl Batch {
+    /// The whole buffer, to take handles on slices of it.
+    #[inline]
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    /// Whether the batch holds no frame.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The frames, in order, as `(envelope, payload)`.
+    #[inline]
+    pub fn frames(&self) -> BatchFrames<'_> {
+        BatchFrames(&self.0)
+    }
+
+    /// `payload` (a slice of this batch, as [`Batch::frames`] gives it)
+    /// as its own handle; an empty one takes none. Panics if `payload` is
+    /// not a slice of this batch.
+    #[inline]
+    pub fn payload(&self, payload: &[u8]) -> Bytes {
+        if payload.is_empty() {
+            return Bytes::new();
+        }
+        let from = (payload.as_ptr() as usize).wrapping_sub(self.0.as_ptr() as usize);
+        self.0.slice(from..from + payload.len())
+    }
+}
+
+/// The frames of a [`Batch`] ([`Batch::frames`]).
+#[derive(Debug)]
+pub struct BatchFrames<'a>(&'a [u8]);
+
+impl<'a> Iterator for BatchFrames<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        // The frames were validated when the batch was taken.
+        let header = self.0.get(..HEADER_LEN)?;
+        let body_len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let env_len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        let body = self.0.get(HEADER_LEN..HEADER_LEN + body_len)?;
+        self.0 = &self.0[HEADER_LEN + body_len..];
+        (env_len <= body_len).then(|| body.split_at(env_len))
+    }
 }
 
 /// The sizes of a complete frame, as [`FrameDecoder::complete`] found them
@@ -161,8 +246,7 @@ pub fn encode_header(out: &mut BytesMut, env: &Envelope<'_>, payload_len: usize)
         let mut frame = [0u8; HEADER_LEN + PLAIN_ANSWER_MAX];
         let (head, envelope) = frame.split_at_mut(HEADER_LEN);
         let env_len = write_plain_answer(kind, id, envelope);
-        head[..4].copy_from_slice(&((env_len + payload_len) as u32).to_be_bytes());
-        head[4..].copy_from_slice(&(env_len as u32).to_be_bytes());
+        head.copy_from_slice(&header(env_len, payload_len));
         out.reserve(frame.len());
         out.chunk_mut()[..frame.len()].copy_from_slice(&frame);
         // SAFETY: the header and the `env_len` bytes after it were just
@@ -176,12 +260,18 @@ pub fn encode_header(out: &mut BytesMut, env: &Envelope<'_>, payload_len: usize)
         env.write(&mut w);
         w.len()
     };
-    let body_len = env_len + payload_len;
-    let dst = out.chunk_mut();
-    dst[..4].copy_from_slice(&(body_len as u32).to_be_bytes());
-    dst[4..HEADER_LEN].copy_from_slice(&(env_len as u32).to_be_bytes());
+    out.chunk_mut()[..HEADER_LEN].copy_from_slice(&header(env_len, payload_len));
     // SAFETY: the header and the `env_len` bytes after it were just written.
     unsafe { out.advance_mut(HEADER_LEN + env_len) };
+}
+
+/// The frame header for an envelope and a payload of these lengths.
+#[inline]
+fn header(env_len: usize, payload_len: usize) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&((env_len + payload_len) as u32).to_be_bytes());
+    h[4..].copy_from_slice(&(env_len as u32).to_be_bytes());
+    h
 }
 
 /// Appends a complete frame (header, envelope and payload) to `out`.

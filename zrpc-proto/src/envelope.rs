@@ -1,5 +1,6 @@
 //! Message envelopes: the small MessagePack header in front of every payload.
 
+use bytes::buf::UninitSlice;
 use bytes::{BufMut, BytesMut};
 
 use crate::mp::{self, Reader, Writer};
@@ -585,42 +586,28 @@ impl<'a> Envelope<'a> {
 }
 
 /// Most bytes of a plain answer's envelope (see [`write_plain_answer`]).
-pub(crate) const PLAIN_ANSWER_MAX: usize = 13;
+pub(crate) const PLAIN_ANSWER_MAX: usize = 4 + mp::MAX_UINT_LEN;
 
 /// Writes `[kind, id, 0, ""]` (the envelope [`Envelope::plain_answer`]
 /// describes) at the start of `out`, which holds at least
 /// [`PLAIN_ANSWER_MAX`] bytes; returns its length.
 #[inline]
 pub(crate) fn write_plain_answer(kind: u8, id: u64, out: &mut [u8]) -> usize {
-    out[0] = 0x94;
-    out[1] = kind;
-    let n = if id < 0x80 {
-        out[2] = id as u8;
-        1
-    } else if id <= u8::MAX as u64 {
-        out[2] = 0xcc;
-        out[3] = id as u8;
-        2
-    } else if id <= u16::MAX as u64 {
-        out[2] = 0xcd;
-        out[3..5].copy_from_slice(&(id as u16).to_be_bytes());
-        3
-    } else if id <= u32::MAX as u64 {
-        out[2] = 0xce;
-        out[3..7].copy_from_slice(&(id as u32).to_be_bytes());
-        5
-    } else {
-        out[2] = 0xcf;
-        out[3..11].copy_from_slice(&id.to_be_bytes());
-        9
-    };
-    out[2 + n] = 0x00;
-    out[3 + n] = 0xa0;
-    4 + n
+    let mut w = Writer::new(UninitSlice::new(out));
+    w.bytes(&[0x94, kind]);
+    w.uint(id);
+    // code 0 (success), message "".
+    w.bytes(&[0x00, 0xa0]);
+    w.len()
 }
 
 /// The reader of [`Envelope::decode_call_or_request`]: the common forms
 /// only, `None` for anything else.
+///
+/// A narrower copy of what [`Reader`] reads, kept because it is measurably
+/// cheaper on every call: with `Reader` (and `.ok()?`) decoding a `Call`
+/// cost 272 instructions instead of 238, a `Request` 319 instead of 273.
+/// The agreement test in `tests.rs` holds the two readers together.
 struct Cursor<'a>(&'a [u8]);
 
 impl<'a> Cursor<'a> {

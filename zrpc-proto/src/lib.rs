@@ -29,7 +29,9 @@ pub mod reactor;
 mod sd;
 
 pub use blob::Blob;
-pub use codec::{encode_frame, encode_header, Frame, FrameDecoder, FrameSize, HEADER_LEN};
+pub use codec::{
+    encode_frame, encode_header, Batch, BatchFrames, Frame, FrameDecoder, FrameSize, HEADER_LEN,
+};
 pub use envelope::{flags, Envelope, Kind};
 pub use error::{ErrorCode, ProtoError};
 pub use inline::InlineBytes;

@@ -408,3 +408,52 @@ fn calls_and_requests_take_the_short_path_and_agree_with_the_general_one() {
     }
     assert!(short > 20_000, "the short path was taken {short} times");
 }
+
+/// `take_batch` takes every complete frame off the front of the buffer as
+/// one batch (a cut frame stays behind), reports corruption after them,
+/// and the batch's frames and payloads are the frames' own.
+#[test]
+fn batches_take_whole_frames_and_stop_at_corruption() {
+    let dec = FrameDecoder::new(1024);
+    let mut buf = BytesMut::new();
+    let envs = [
+        Envelope::Cancel { id: 1 },
+        Envelope::Ping { nonce: 2 },
+        Envelope::Cancel { id: 3 },
+    ];
+    for (i, e) in envs.iter().enumerate() {
+        encode_frame(&mut buf, e, &vec![i as u8; i]);
+    }
+    let mut cut = BytesMut::new();
+    encode_frame(&mut cut, &Envelope::Pong { nonce: 4 }, b"tail");
+    buf.extend_from_slice(&cut[..cut.len() - 1]);
+    let (batch, corrupt) = dec.take_batch(&mut buf);
+    assert!(corrupt.is_none());
+    assert_eq!(buf.len(), cut.len() - 1, "the cut frame stays");
+    let frames: Vec<_> = batch.frames().collect();
+    assert_eq!(frames.len(), envs.len());
+    for (i, (env, payload)) in frames.into_iter().enumerate() {
+        assert_eq!(Envelope::decode(env), Ok(envs[i].clone()));
+        assert_eq!(payload, &vec![i as u8; i][..]);
+        let owned = batch.payload(payload);
+        assert_eq!(&owned[..], payload);
+        if payload.is_empty() {
+            assert!(owned.is_empty());
+        } else {
+            assert_eq!(owned.as_ptr(), payload.as_ptr(), "a view, not a copy");
+        }
+    }
+    // Corruption after a complete frame: the frame is taken, the error
+    // reported; nothing at all: an empty batch.
+    let mut buf = BytesMut::new();
+    encode_frame(&mut buf, &Envelope::Cancel { id: 9 }, &[]);
+    buf.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 9, 0, 0, 0, 0]);
+    let (batch, corrupt) = dec.take_batch(&mut buf);
+    assert_eq!(batch.frames().count(), 1);
+    assert!(matches!(
+        corrupt,
+        Some(ProtoError::BadEnvelopeLength { .. })
+    ));
+    let (batch, corrupt) = dec.take_batch(&mut BytesMut::new());
+    assert!(batch.is_empty() && corrupt.is_none());
+}

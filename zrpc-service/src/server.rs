@@ -633,38 +633,14 @@ impl Conn {
         // Every complete frame in `rbuf`, taken off as one shared buffer and
         // read where it lies: a request's payload and names are slices of
         // it, nothing else takes a handle.
-        let mut total = 0;
-        let mut corrupt = None;
-        loop {
-            match self.decoder.complete(&self.rbuf[total..]) {
-                Ok(Some(size)) => total += size.total(),
-                Ok(None) => break,
-                Err(e) => {
-                    corrupt = Some(e);
-                    break;
-                }
-            }
-        }
-        if total > 0 {
+        let (batch, corrupt) = self.decoder.take_batch(&mut self.rbuf);
+        if !batch.is_empty() {
             self.frame_own_buffer = false;
-            let batch = self.rbuf.split_to(total).freeze();
-            let mut at = 0;
-            // (`complete` accepted every frame of the batch above.)
-            while let Ok(Some(size)) = self.decoder.complete(&batch[at..]) {
-                let start = at;
-                at += size.total();
-                let (envelope, payload) = size.parts(&batch[start..]);
-                let from = at - payload.len();
-                let payload = || {
-                    if from == at {
-                        Bytes::new()
-                    } else {
-                        batch.slice(from..at)
-                    }
-                };
-                let action = self.handle_parts(&batch, envelope, payload, running)?;
-                cancelled |= Self::after(action)?;
-            }
+        }
+        for (envelope, payload) in batch.frames() {
+            let action =
+                self.handle_parts(batch.bytes(), envelope, || batch.payload(payload), running)?;
+            cancelled |= Self::after(action)?;
         }
         match corrupt {
             Some(e) => Err(e.into()),
