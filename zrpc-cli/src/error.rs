@@ -80,7 +80,7 @@ impl Failure {
 /// The exit code for a wire error code.
 pub fn code_exit(code: ErrorCode) -> u8 {
     match code {
-        ErrorCode::Timeout => exit::TIMEOUT,
+        ErrorCode::Timeout | ErrorCode::TimeoutNoService => exit::TIMEOUT,
         ErrorCode::NoSuchService => exit::NO_SUCH_SERVICE,
         ErrorCode::NoSuchMethod => exit::NO_SUCH_METHOD,
         ErrorCode::Remote => exit::REMOTE,

@@ -329,6 +329,7 @@ pub(crate) fn timeout_error(service: &str, method: &str) -> Error {
     Error::Timeout {
         service: service.to_owned(),
         method: method.to_owned(),
+        no_service: false,
     }
 }
 
@@ -690,12 +691,7 @@ pub(crate) fn decode_result<R: DeserializeOwned>(payload: &Bytes) -> Result<R> {
     zrpc_proto::blob::decode_from(payload, |p| decode_payload(p))
 }
 
-/// Decodes a result payload; an empty payload means nil.
+/// Decodes a result payload: exactly one value; an empty payload means nil.
 pub(crate) fn decode_payload<R: DeserializeOwned>(payload: &[u8]) -> Result<R> {
-    let payload = if payload.is_empty() {
-        zrpc_proto::NIL_PAYLOAD
-    } else {
-        payload
-    };
-    Ok(rmp_serde::from_slice(payload)?)
+    Ok(zrpc_proto::decode_payload(payload)?)
 }

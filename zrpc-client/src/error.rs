@@ -12,15 +12,25 @@ use zrpc_proto::ErrorCode;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The call's deadline passed: the broker answered `Timeout`, the
-    /// deadline passed while the client was reconnecting to the broker, or
-    /// the local safety deadline (timeout + 2 s) passed without any answer.
-    #[error("call to {service}.{method} timed out")]
+    /// The call's deadline passed: the broker answered `Timeout` (or
+    /// `TimeoutNoService`: no service held the name while the call waited,
+    /// so it never ran), the deadline passed while the client was
+    /// reconnecting to the broker, or the local safety deadline (timeout +
+    /// 2 s) passed without any answer.
+    #[error("call to {service}.{method} timed out{}", if *no_service {
+        format!(": no service registered the name {service:?} before the deadline")
+    } else {
+        String::new()
+    })]
     Timeout {
         /// Target service.
         service: String,
         /// Target method.
         method: String,
+        /// True when the broker reports that no service held the name until
+        /// the deadline passed (a misspelt or stopped service): the call was
+        /// never delivered.
+        no_service: bool,
     },
     /// No service holds the name (only with `no_wait`).
     #[error("no service named {service:?} is registered")]
@@ -115,6 +125,9 @@ impl Error {
     /// and [`Error::Decode`] have none).
     pub fn code(&self) -> Option<ErrorCode> {
         Some(match self {
+            Error::Timeout {
+                no_service: true, ..
+            } => ErrorCode::TimeoutNoService,
             Error::Timeout { .. } => ErrorCode::Timeout,
             Error::NoSuchService { .. } => ErrorCode::NoSuchService,
             Error::NoSuchMethod { .. } => ErrorCode::NoSuchMethod,
@@ -142,9 +155,10 @@ impl Error {
     ) -> Error {
         let service = service.to_owned();
         match code {
-            ErrorCode::Timeout => Error::Timeout {
+            ErrorCode::Timeout | ErrorCode::TimeoutNoService => Error::Timeout {
                 service,
                 method: method.to_owned(),
+                no_service: code == ErrorCode::TimeoutNoService,
             },
             ErrorCode::NoSuchService => Error::NoSuchService { service },
             ErrorCode::NoSuchMethod => Error::NoSuchMethod {

@@ -297,7 +297,22 @@ fn error_codes_map_to_variants() {
     use ErrorCode as C;
     let e = |c| Error::from_call(c, "msg".into(), "svc", "meth");
     assert!(
-        matches!(e(C::Timeout), Error::Timeout { service, method } if service == "svc" && method == "meth")
+        matches!(e(C::Timeout), Error::Timeout { service, method, no_service: false } if service == "svc" && method == "meth")
+    );
+    let unserved = e(C::TimeoutNoService);
+    assert!(matches!(
+        &unserved,
+        Error::Timeout {
+            no_service: true,
+            ..
+        }
+    ));
+    assert_eq!(unserved.code(), Some(C::TimeoutNoService));
+    assert!(
+        unserved
+            .to_string()
+            .contains("no service registered the name \"svc\""),
+        "{unserved}"
     );
     assert!(matches!(e(C::NoSuchService), Error::NoSuchService { service } if service == "svc"));
     assert!(matches!(e(C::NoSuchMethod), Error::NoSuchMethod { method, .. } if method == "meth"));
@@ -972,7 +987,7 @@ fn async_local_safety_timeout() {
                 .expect_err("timeout");
         let took = started.elapsed();
         assert!(
-            matches!(&err, Error::Timeout { service, method } if service == "svc" && method == "x"),
+            matches!(&err, Error::Timeout { service, method, .. } if service == "svc" && method == "x"),
             "{err}"
         );
         assert!(took >= Duration::from_secs(2), "{took:?}");

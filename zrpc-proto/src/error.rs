@@ -39,6 +39,10 @@ pub enum ErrorCode {
     Cancelled,
     /// The name is not registered by this connection (14).
     NotRegistered,
+    /// The call's deadline passed while no service held the name: it was
+    /// never delivered (15). A kind of timeout: clients report it as their
+    /// timeout error, saying that the name was not registered.
+    TimeoutNoService,
     /// A code this version does not know.
     Unknown(u16),
 }
@@ -61,6 +65,7 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => 12,
             ErrorCode::Cancelled => 13,
             ErrorCode::NotRegistered => 14,
+            ErrorCode::TimeoutNoService => 15,
             ErrorCode::Unknown(v) => v,
         }
     }
@@ -83,8 +88,15 @@ impl ErrorCode {
             12 => ErrorCode::LimitExceeded,
             13 => ErrorCode::Cancelled,
             14 => ErrorCode::NotRegistered,
+            15 => ErrorCode::TimeoutNoService,
             v => ErrorCode::Unknown(v),
         })
+    }
+
+    /// Whether the code is a timeout ([`ErrorCode::Timeout`] or
+    /// [`ErrorCode::TimeoutNoService`]).
+    pub fn is_timeout(self) -> bool {
+        matches!(self, ErrorCode::Timeout | ErrorCode::TimeoutNoService)
     }
 
     /// A short stable name, used in logs, statistics and the CLI.
@@ -104,6 +116,7 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::NotRegistered => "not_registered",
+            ErrorCode::TimeoutNoService => "timeout_no_service",
             ErrorCode::Unknown(_) => "unknown",
         }
     }

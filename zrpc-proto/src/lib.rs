@@ -24,6 +24,7 @@ mod error;
 mod inline;
 pub mod mp;
 mod names;
+pub mod payload;
 #[cfg(feature = "reactor")]
 pub mod reactor;
 mod sd;
@@ -36,6 +37,7 @@ pub use envelope::{flags, Envelope, Kind};
 pub use error::{ErrorCode, ProtoError};
 pub use inline::InlineBytes;
 pub use names::{to_snake_case, validate_name, MAX_NAME_LEN};
+pub use payload::{decode_payload, MAX_TIMEOUT_MS};
 pub use sd::{sd_notify, watchdog_interval};
 
 /// Version of the protocol spoken by this crate, sent in `Hello`/`Welcome`.

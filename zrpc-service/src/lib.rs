@@ -314,17 +314,9 @@ impl HandlerError {
     }
 }
 
-/// Decodes a MessagePack payload; an empty payload decodes as nil.
-pub fn decode_payload<T: serde::de::DeserializeOwned>(
-    payload: &[u8],
-) -> Result<T, rmp_serde::decode::Error> {
-    let bytes = if payload.is_empty() {
-        zrpc_proto::NIL_PAYLOAD
-    } else {
-        payload
-    };
-    rmp_serde::from_slice(bytes)
-}
+/// Decodes a MessagePack payload that must be exactly one value (bytes
+/// left after it are an error); an empty payload decodes as nil.
+pub use zrpc_proto::decode_payload;
 
 /// Encodes a value as MessagePack the way replies are encoded (structs as
 /// maps with field names).

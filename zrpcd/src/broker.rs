@@ -5,7 +5,9 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use zrpc_proto::{flags, validate_name, Envelope, ErrorCode, Frame, PROTOCOL_VERSION};
+use zrpc_proto::{
+    flags, validate_name, Envelope, ErrorCode, Frame, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
+};
 
 use crate::config::Config;
 use crate::monitor::{self, CallEvent, Monitor};
@@ -15,7 +17,7 @@ use crate::payload::Payload;
 use crate::peers::{Creds, PeerId, Peers};
 use crate::pending::{KeptPayload, NewCall, PendingCalls, Stage};
 use crate::queue::PeerIo;
-use crate::stats::Stats;
+use crate::stats::{Stats, Tracked};
 use zrpc_proto::busy_poll::BusyPoll;
 
 /// A connection-level error: the peer gets a `Fatal` frame and is closed.
@@ -100,23 +102,28 @@ pub struct Broker {
     pub out: Outbox,
     /// Adaptive busy polling (None: off); read batches are reported here.
     pub busy_poll: Option<Rc<BusyPoll>>,
+    /// Read buffer bytes held for partly received frames, all connections
+    /// together (see [`crate::partial`]).
+    pub partial_total: usize,
 }
 
 impl Broker {
     /// An empty broker.
     pub fn new(config: Config) -> Self {
+        let max_stats_names = config.max_stats_names;
         Broker {
             busy_poll: BusyPoll::new_or_off(config.busy_poll),
             config,
             peers: Peers::default(),
             names: Names::default(),
             pending: PendingCalls::default(),
-            stats: Stats::default(),
+            stats: Stats::new(max_stats_names),
             started: Instant::now(),
             shutting_down: false,
             monitors: Vec::new(),
             ping_nonce: 0,
             out: Outbox::default(),
+            partial_total: 0,
         }
     }
 
@@ -282,6 +289,7 @@ impl Broker {
                     p.names.push(name.into());
                 }
                 tracing::info!(peer, name, shared, "name registered");
+                self.track_stats(name);
                 self.ack(peer, req, None, "");
                 for bid in self.names.take_waiting(name) {
                     if self.pending.get(bid).is_some() {
@@ -296,6 +304,15 @@ impl Broker {
                 );
                 self.ack(peer, req, Some(ErrorCode::NameTaken), &msg);
             }
+        }
+    }
+
+    /// Gives a newly registered name its statistics row, and keeps the
+    /// route tags (statistics slots kept with interned routes) right.
+    fn track_stats(&mut self, name: &str) {
+        let names = &self.names;
+        if let Tracked::New { slot, evicted } = self.stats.track(name, |n| names.is_held(n)) {
+            self.pending.retag_routes(name, slot, evicted);
         }
     }
 
@@ -371,6 +388,14 @@ impl Broker {
             let msg = format!("call id {id} is already in flight on this connection");
             return self.result_error(peer, id, ErrorCode::Protocol, &msg);
         }
+        // A deadline already past fails at once, without a timer; one
+        // beyond `MAX_TIMEOUT_MS` means no deadline (the timer wheel holds
+        // about two years, and nobody can tell a year from forever).
+        let timeout_ms = match timeout_ms {
+            Some(0) => return self.expired_on_arrival(peer, id, service, flags),
+            Some(ms) if ms <= MAX_TIMEOUT_MS => Some(ms),
+            _ => None,
+        };
         // One lookup of the caller: count the call, check the limits.
         let max_per_conn = self.config.max_pending_per_conn;
         let total = self.pending.len();
@@ -398,7 +423,7 @@ impl Broker {
             }
             None => return,
         };
-        let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms));
+        let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         let kept = KeptPayload::new(payload);
         let new = NewCall {
             caller: peer,
@@ -418,8 +443,11 @@ impl Broker {
             .flatten()
             .filter(|&r| self.pending.route_tag(r).is_none());
         if let Some(r) = new_route {
-            let slot = self.stats.service_slot(service);
-            self.pending.set_route_tag(r, slot);
+            // Only names with a row of their own (registered ones) get a
+            // tag; calls to other names are counted under `stats::OTHER`.
+            if let Some(slot) = self.stats.slot(service) {
+                self.pending.set_route_tag(r, slot);
+            }
         }
         let call = RouteCall {
             bid,
@@ -430,6 +458,28 @@ impl Broker {
             caller_instance: Some(caller_instance),
         };
         self.route(call, now);
+    }
+
+    /// Answers a call that arrived with a deadline already past (timeout
+    /// 0): `NoSuchService` if it may not wait and nobody holds the name,
+    /// else a timeout that says whether a service held the name.
+    fn expired_on_arrival(&mut self, peer: PeerId, id: u64, service: &str, call_flags: u32) {
+        if self.names.is_held(service) {
+            let msg = format!(
+                "the call to {service:?} arrived with its deadline already passed (timeout 0)"
+            );
+            return self.result_error(peer, id, ErrorCode::Timeout, &msg);
+        }
+        let (code, msg) = if call_flags & flags::NO_WAIT != 0 {
+            let msg = format!("no service is registered under the name {service:?}");
+            (ErrorCode::NoSuchService, msg)
+        } else {
+            let msg = format!(
+                "no service registered the name {service:?} before the deadline (timeout 0)"
+            );
+            (ErrorCode::TimeoutNoService, msg)
+        };
+        self.result_error(peer, id, code, &msg);
     }
 
     /// A call to the broker's own service, answered at once.
@@ -449,7 +499,7 @@ impl Broker {
             None => self.stats.calls_ok += 1,
             Some(c) => self.stats.error(c),
         }
-        let s = self.stats.service(zrpc_proto::BROKER_SERVICE);
+        let s = self.stats.broker_service();
         s.answered += 1;
         s.latency.record(started.elapsed());
     }
@@ -724,15 +774,17 @@ impl Broker {
             return;
         };
         let (service, method) = self.pending.names(p);
-        let msg = match p.stage() {
-            Stage::Parked => {
-                format!("no service registered the name {service:?} before the deadline")
-            }
-            Stage::Delivered(_) => {
-                format!("service {service:?} did not answer {method:?} before the deadline")
-            }
+        let (code, msg) = match p.stage() {
+            Stage::Parked => (
+                ErrorCode::TimeoutNoService,
+                format!("no service registered the name {service:?} before the deadline"),
+            ),
+            Stage::Delivered(_) => (
+                ErrorCode::Timeout,
+                format!("service {service:?} did not answer {method:?} before the deadline"),
+            ),
         };
-        self.finish(bid, Outcome::Error(ErrorCode::Timeout, msg), Instant::now());
+        self.finish(bid, Outcome::Error(code, msg), Instant::now());
     }
 
     /// Sends `Fatal` and closes the connection once it is flushed. The
@@ -767,6 +819,7 @@ impl Broker {
         };
         let now = Instant::now();
         p.io.close();
+        self.forget_partial(p.partial_bytes);
         self.monitors.retain(|m| m.peer != peer);
         for name in &p.names {
             self.names.unregister(name, peer);

@@ -201,7 +201,12 @@ fn stats(b: &Broker) -> Value {
             (Value::from(name), Value::from(*n))
         })
         .collect();
-    let mut services: Vec<_> = s.services.iter().collect();
+    // The `(other)` row only once something was counted in it.
+    let mut services: Vec<_> = s
+        .services
+        .iter()
+        .filter(|(name, st)| name != crate::stats::OTHER || st.answered + st.errors > 0)
+        .collect();
     services.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let services = services
         .into_iter()

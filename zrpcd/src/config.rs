@@ -6,6 +6,18 @@ use std::time::Duration;
 /// Default busy-poll window, microseconds (`--busy-poll-us`).
 pub const DEFAULT_BUSY_POLL_US: u64 = zrpc_proto::busy_poll::DEFAULT_WINDOW_US;
 
+/// Default `--frame-timeout`: a frame on a local socket arrives in
+/// milliseconds; 30 s leaves room for a stopped-and-resumed or swapping
+/// sender.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default `--max-partial-bytes`: 256 MiB, sixteen maximum-size messages in
+/// flight at once.
+pub const DEFAULT_MAX_PARTIAL_BYTES: usize = 256 * 1024 * 1024;
+
+/// Default `--max-stats-names`.
+pub const DEFAULT_MAX_STATS_NAMES: usize = 1024;
+
 /// Everything the broker needs to know to run. Built from command-line flags
 /// by `main.rs`; tests and embedders can build it directly.
 #[derive(Debug, Clone)]
@@ -39,6 +51,19 @@ pub struct Config {
     /// A service from which nothing arrived for this long is considered dead
     /// (a stopped process): it is disconnected and its calls re-delivered.
     pub heartbeat_timeout: Duration,
+    /// How long a frame may take to arrive completely once its first bytes
+    /// arrived; a connection whose frame stalls longer is closed with
+    /// `Fatal{Timeout}` (`--frame-timeout`).
+    pub frame_timeout: Duration,
+    /// Most bytes of read buffer the broker holds for partly received
+    /// frames, across all connections; the connection whose partial frame
+    /// would take it past this gets `Fatal{LimitExceeded}`
+    /// (`--max-partial-bytes`).
+    pub max_partial_bytes: usize,
+    /// Most service names with statistics of their own in `zrpcd.stats`
+    /// (names that are or were registered); further ones are counted under
+    /// [`crate::stats::OTHER`] (`--max-stats-names`).
+    pub max_stats_names: usize,
     /// How long the broker polls its sockets before sleeping when it runs
     /// out of work while frames arrive back to back (zero: never; at most
     /// 1 ms; see [`zrpc_proto::busy_poll`]).
@@ -63,6 +88,9 @@ impl Config {
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
             busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),
+            frame_timeout: DEFAULT_FRAME_TIMEOUT,
+            max_partial_bytes: DEFAULT_MAX_PARTIAL_BYTES,
+            max_stats_names: DEFAULT_MAX_STATS_NAMES,
         }
     }
 }

@@ -71,15 +71,46 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
         )
     };
     let writer = tokio::task::spawn_local(write_loop(io.clone()));
+    let teardown = Teardown {
+        broker: &broker,
+        io: &io,
+        id,
+    };
     let reason = read_loop(&broker, &io, id, rd, decoder, Instant::now() + handshake).await;
     tracing::debug!(peer = id, pid = creds.pid, %reason, "connection closed");
-    {
-        let mut b = broker.borrow_mut();
-        b.remove_peer(id);
-        b.flush();
-    }
-    io.close();
+    drop(teardown);
     let _ = writer.await;
+}
+
+/// Releases what a connection holds in the broker (names, calls, its slot)
+/// when its task ends, however it ends: at the end of the read loop, or
+/// while unwinding from a panic (which tokio catches, so the process stays
+/// up): a broken connection is torn down by the same path as a disconnect.
+struct Teardown<'a> {
+    broker: &'a RefCell<Broker>,
+    io: &'a PeerIo,
+    id: PeerId,
+}
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                peer = self.id,
+                "a connection task panicked (a bug in zrpcd); tearing the connection down"
+            );
+        }
+        // A borrow held by the panicking code was released while unwinding
+        // (borrows end before this guard, which was created first).
+        match self.broker.try_borrow_mut() {
+            Ok(mut b) => {
+                b.remove_peer(self.id);
+                b.flush();
+            }
+            Err(_) => tracing::error!(peer = self.id, "cannot release a connection: broker busy"),
+        }
+        self.io.close();
+    }
 }
 
 async fn read_loop(
@@ -92,6 +123,9 @@ async fn read_loop(
 ) -> String {
     let mut buf = BytesMut::new();
     let mut ready = false;
+    // Read buffer held for a partly received frame, as last reported to the
+    // broker (`Broker::note_partial`).
+    let mut held = 0;
     loop {
         let read = tokio::select! {
             r = read_some(&rd, &mut buf, &decoder) => r,
@@ -125,6 +159,8 @@ async fn read_loop(
         // Bytes at the front of `buf` already handled in place; advanced
         // past once, at the end of the batch.
         let mut done = 0;
+        // Frames completed in this batch.
+        let mut frames = 0u32;
         loop {
             let size = match decoder.complete(&buf[done..]) {
                 Ok(Some(size)) => size,
@@ -143,6 +179,7 @@ async fn read_loop(
                     return fatal.message;
                 }
             };
+            frames += 1;
             let handled = if size.payload_len() <= IN_PLACE_MAX {
                 // A small payload is copied wherever it goes (the
                 // recipient's output buffer, the pending slot): the frame
@@ -165,6 +202,15 @@ async fn read_loop(
         }
         buf.advance(done);
         b.out.end_batch();
+        let now_held = if buf.is_empty() { 0 } else { buf.capacity() };
+        if now_held != held || (held != 0 && frames > 0) {
+            held = now_held;
+            if let Err(fatal) = b.note_partial(id, held, frames > 0, now) {
+                b.fatal(id, &fatal);
+                b.flush();
+                return fatal.message;
+            }
+        }
         if let Some(bp) = &b.busy_poll {
             bp.batch(now, read_bytes);
         }
@@ -285,4 +331,81 @@ async fn write_loop(io: Rc<PeerIo>) {
     }
     io.writer_busy.set(false);
     io.shutdown_write();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zrpc_proto::{Envelope, PROTOCOL_VERSION};
+
+    fn frame(env: &Envelope<'_>) -> zrpc_proto::Frame {
+        let mut out = BytesMut::new();
+        zrpc_proto::encode_frame(&mut out, env, b"");
+        FrameDecoder::new(u32::MAX)
+            .decode(&mut out)
+            .expect("valid frame")
+            .expect("complete frame")
+    }
+
+    /// A connection task that panics is torn down like a disconnect: its
+    /// slot, its names and its pending calls are released.
+    #[test]
+    fn a_panicking_connection_task_releases_everything() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let broker = Rc::new(RefCell::new(Broker::new(crate::Config::new(None))));
+            let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+            a.set_nonblocking(true).expect("nonblocking");
+            let rd = Rc::new(register(a, Interest::READABLE).expect("register"));
+            let io = Rc::new(PeerIo::new(rd));
+            let id = broker.borrow_mut().add_peer(io.clone(), Creds::default());
+            {
+                let mut b = broker.borrow_mut();
+                let hello = Envelope::Hello {
+                    version: PROTOCOL_VERSION,
+                    instance: 1,
+                    agent: "t",
+                };
+                b.on_frame(id, frame(&hello)).expect("hello");
+                let reg = Envelope::Register {
+                    req: 1,
+                    name: "held",
+                    shared: false,
+                };
+                b.on_frame(id, frame(&reg)).expect("register");
+                let call = Envelope::Call {
+                    id: 1,
+                    service: "nobody",
+                    method: "m",
+                    timeout_ms: None,
+                    flags: 0,
+                };
+                b.on_frame(id, frame(&call)).expect("call");
+                assert!(b.names.is_held("held"));
+                assert_eq!(b.pending.len(), 1);
+            }
+            let (broker2, io2) = (broker.clone(), io.clone());
+            let task = tokio::task::spawn_local(async move {
+                let _teardown = Teardown {
+                    broker: &broker2,
+                    io: &io2,
+                    id,
+                };
+                // A bug, with the broker borrowed, as in `read_loop`.
+                let _b = broker2.borrow_mut();
+                panic!("deliberate panic in a connection task");
+            });
+            let err = task.await.expect_err("the task panicked");
+            assert!(err.is_panic());
+            let b = broker.borrow();
+            assert!(b.peers.get(id).is_none(), "connection slot released");
+            assert!(!b.names.is_held("held"), "names released");
+            assert_eq!(b.pending.len(), 0, "calls released");
+            assert!(io.closed.get(), "connection closed");
+        });
+    }
 }

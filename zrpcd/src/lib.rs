@@ -20,6 +20,7 @@ pub mod conn;
 pub mod monitor;
 pub mod names;
 pub mod outbox;
+pub mod partial;
 pub mod payload;
 pub mod peers;
 pub mod pending;

@@ -42,6 +42,18 @@ struct Args {
     /// Seconds a new connection may take to send its Hello
     #[arg(long, default_value_t = 5.0)]
     handshake_timeout: f64,
+    /// Seconds a frame may take to arrive completely once its first bytes
+    /// arrived; a connection whose frame stalls longer is closed
+    #[arg(long, default_value_t = zrpcd::config::DEFAULT_FRAME_TIMEOUT.as_secs_f64())]
+    frame_timeout: f64,
+    /// Most bytes of read buffer held for partly received frames, all
+    /// connections together; the connection that would pass it is closed
+    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_PARTIAL_BYTES)]
+    max_partial_bytes: usize,
+    /// Most service names with rows of their own in `zrpc stats` (names that
+    /// are or were registered); the rest are counted under "(other)"
+    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_STATS_NAMES)]
+    max_stats_names: usize,
     /// Seconds shutdown lets delivered calls finish before answering the rest
     /// with a Shutdown error
     #[arg(long, default_value_t = 2.0)]
@@ -134,10 +146,28 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.heartbeat_interval = secs(args.heartbeat_interval, "heartbeat-interval")?;
     config.heartbeat_timeout = secs(args.heartbeat_timeout, "heartbeat-timeout")?;
     config.busy_poll = std::time::Duration::from_micros(args.busy_poll_us);
+    config.frame_timeout = secs(args.frame_timeout, "frame-timeout")?;
+    config.max_partial_bytes = args.max_partial_bytes;
+    config.max_stats_names = args.max_stats_names;
     if config.heartbeat_interval.is_zero() {
         return Err("--heartbeat-interval must be positive".into());
     }
 
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(zrpc_proto::busy_poll::before_park)
+        .build()?;
+    // Signal handling is installed before the socket exists: a SIGTERM or
+    // SIGINT sent as soon as the socket accepts connections must stop the
+    // broker cleanly (exit 0, socket removed), not kill it by the signal's
+    // default action.
+    let (mut term, mut int) = {
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
     let bound = match zrpcd::socket::adopt_listen_fds(&config.socket_dir)? {
         Some(b) => {
             tracing::info!(socket = %b.path.display(), "adopted the socket passed by systemd");
@@ -145,15 +175,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => zrpcd::socket::bind(&config.socket_dir, config.socket_mode)?,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .on_thread_park(zrpc_proto::busy_poll::before_park)
-        .build()?;
     let local = tokio::task::LocalSet::new();
     let path = bound.path.clone();
     let result = local.block_on(&rt, async move {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         tracing::info!(socket = %path.display(), pid = std::process::id(), "zrpcd listening");
         let shutdown = async move {
             tokio::select! {

@@ -72,6 +72,11 @@ impl Names {
         true
     }
 
+    /// Whether at least one connection holds `name`.
+    pub fn is_held(&self, name: &str) -> bool {
+        self.map.get(name).is_some_and(|e| !e.instances.is_empty())
+    }
+
     /// Picks the instance of `name` with the fewest outstanding calls.
     pub fn pick(&self, name: &str, outstanding: impl Fn(PeerId) -> u32) -> Option<PeerId> {
         let entry = self.map.get(name)?;

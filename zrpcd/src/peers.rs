@@ -54,6 +54,11 @@ pub struct Peer {
     pub last_seen: Instant,
     /// A limit hit by this peer was already logged at warn level.
     pub limit_logged: bool,
+    /// When the frame this peer is in the middle of sending began to
+    /// arrive (None: no partial frame).
+    pub partial_since: Option<Instant>,
+    /// Read buffer bytes held for that partial frame.
+    pub partial_bytes: usize,
 }
 
 /// All live connections.
@@ -86,6 +91,8 @@ impl Peers {
                 calls_made: 0,
                 last_seen: Instant::now(),
                 limit_logged: false,
+                partial_since: None,
+                partial_bytes: 0,
             },
         );
         id

@@ -26,8 +26,8 @@ pub async fn run(
     let listener = UnixListener::from_std(listener)?;
     let grace = config.shutdown_grace;
     let broker = Rc::new(RefCell::new(Broker::new(config)));
-    let timers = tokio::task::spawn_local(timer_loop(broker.clone()));
-    let flusher = tokio::task::spawn_local(flush_loop(broker.clone()));
+    let mut timers = tokio::task::spawn_local(timer_loop(broker.clone()));
+    let mut flusher = tokio::task::spawn_local(flush_loop(broker.clone()));
     let busy_poll = broker.borrow().busy_poll.clone();
     if let Some(bp) = &busy_poll {
         bp.watch_or_log(listener.as_raw_fd());
@@ -38,7 +38,8 @@ pub async fn run(
     }
     // The park hook installed by `main` finds it here while the broker runs.
     let _installed = BusyPoll::scoped(busy_poll);
-    let heartbeats = tokio::task::spawn_local(heartbeat_loop(broker.clone()));
+    let mut heartbeats = tokio::task::spawn_local(heartbeat_loop(broker.clone()));
+    let mut sweeper = tokio::task::spawn_local(sweep_loop(broker.clone()));
     let systemd = std::env::var_os("NOTIFY_SOCKET")
         .map(|_| tokio::task::spawn_local(systemd_loop(broker.clone())));
     sd_notify(&format!(
@@ -46,8 +47,16 @@ pub async fn run(
         status_line(&broker.borrow(), 0.0)
     ));
     tokio::pin!(shutdown);
-    loop {
+    // The broker's own tasks never end while it runs; one that does
+    // panicked (a bug): the broker then shuts down and exits with an error,
+    // so that its supervisor restarts it, rather than run on without
+    // deadlines or heartbeats.
+    let failed = loop {
         tokio::select! {
+            _ = &mut timers => break Some("timer"),
+            _ = &mut flusher => break Some("flush"),
+            _ = &mut heartbeats => break Some("heartbeat"),
+            _ = &mut sweeper => break Some("partial-frame sweep"),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let full = {
@@ -66,8 +75,14 @@ pub async fn run(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => break None,
         }
+    };
+    if let Some(task) = failed {
+        tracing::error!(
+            task,
+            "an internal task of zrpcd ended (a bug); shutting down"
+        );
     }
     drop(listener);
     tracing::info!("shutting down");
@@ -90,7 +105,13 @@ pub async fn run(
     timers.abort();
     flusher.abort();
     heartbeats.abort();
-    Ok(())
+    sweeper.abort();
+    match failed {
+        None => Ok(()),
+        Some(task) => Err(std::io::Error::other(format!(
+            "the broker's {task} task ended unexpectedly"
+        ))),
+    }
 }
 
 fn refuse(broker: &RefCell<Broker>, stream: tokio::net::UnixStream) {
@@ -176,6 +197,20 @@ async fn flush_loop(broker: Rc<RefCell<Broker>>) {
     loop {
         wake.notified().await;
         broker.borrow_mut().flush();
+    }
+}
+
+/// Closes connections whose partly received frame stalled (see
+/// [`crate::partial`]).
+async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
+    let every = crate::partial::sweep_interval(broker.borrow().config.frame_timeout);
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let mut b = broker.borrow_mut();
+        b.expire_partial_frames(std::time::Instant::now());
+        b.flush();
     }
 }
 

@@ -176,3 +176,27 @@ fn pings_are_answered() {
     let f = r.recv_frame().expect("pong");
     assert_eq!(f.decode().expect("env"), Envelope::Pong { nonce: 42 });
 }
+
+/// SIGINT sent as soon as the socket accepts connections stops the broker
+/// cleanly: exit status 0 and the socket removed, every time (signal
+/// handling is installed before the socket is bound).
+#[test]
+fn signal_right_after_start_exits_cleanly() {
+    for i in 0..200 {
+        let dir = zrpc_tests::TempDir::new();
+        let sock = dir.path().join("zrpcd.sock");
+        let mut c = Command::new(bin("zrpcd"));
+        c.arg("--socket-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "error");
+        let mut p = zrpc_tests::Proc::spawn("zrpcd", c);
+        let up = zrpc_tests::wait_until(WAIT, || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        assert!(up, "start {i}: zrpcd did not accept");
+        p.signal(libc::SIGINT);
+        let status = p.wait_exit(WAIT).expect("zrpcd exits on SIGINT");
+        assert!(status.success(), "start {i}: {status:?}");
+        assert!(!sock.exists(), "start {i}: socket left behind");
+    }
+}

@@ -1,0 +1,408 @@
+//! Input a hostile local program can send, against the real `zrpcd`: huge
+//! and zero deadlines, made-up names, stalled and oversized partial frames,
+//! payloads with trailing bytes. Each gets a typed answer or a typed
+//! `Fatal`, and nothing it did stays behind in the broker.
+
+use std::io::Write;
+use std::time::Duration;
+
+use zrpc_client::{BlockingClient, CallOptions, Error, Value};
+use zrpc_proto::{flags, Envelope, ErrorCode, Kind, MAX_TIMEOUT_MS};
+use zrpc_tests::raw::Raw;
+use zrpc_tests::{broker_stat, wait_registered, wait_until, Broker, WAIT};
+
+/// Registers `name` on a raw connection and waits for its `Ack`.
+fn register(r: &mut Raw, name: &str) {
+    r.send(
+        &Envelope::Register {
+            req: 1,
+            name,
+            shared: false,
+        },
+        b"",
+    );
+    match r.recv_frame().expect("ack").decode().expect("envelope") {
+        Envelope::Ack { code, message, .. } => assert_eq!(code, None, "{message}"),
+        other => panic!("expected Ack, got {other:?}"),
+    }
+}
+
+/// Sends a call with a nil payload.
+fn send_call(r: &mut Raw, id: u64, service: &str, timeout_ms: Option<u64>, call_flags: u32) {
+    r.send(
+        &Envelope::Call {
+            id,
+            service,
+            method: "m",
+            timeout_ms,
+            flags: call_flags,
+        },
+        b"\xc0",
+    );
+}
+
+/// The next `Result` on `r`: (id, code, message).
+fn next_result(r: &mut Raw) -> (u64, Option<ErrorCode>, String) {
+    loop {
+        let f = r.recv_frame().expect("a Result frame");
+        if let Ok(Envelope::Result { id, code, message }) = f.decode() {
+            return (id, code, message.to_string());
+        }
+    }
+}
+
+/// The next `Request` on a service connection: (broker id, timeout_ms).
+fn next_request(r: &mut Raw) -> (u64, Option<u64>) {
+    loop {
+        let f = r.recv_frame().expect("a Request frame");
+        match f.decode().expect("envelope") {
+            Envelope::Request { id, timeout_ms, .. } => return (id, timeout_ms),
+            Envelope::Ping { nonce } => r.send(&Envelope::Pong { nonce }, b""),
+            _ => {}
+        }
+    }
+}
+
+fn reply(r: &mut Raw, id: u64, payload: &[u8]) {
+    r.send(
+        &Envelope::Reply {
+            id,
+            code: None,
+            message: "",
+        },
+        payload,
+    );
+}
+
+/// Item 1: any `timeout_ms` up to u64::MAX is accepted. Beyond the
+/// documented maximum it means "no deadline": the service is told none,
+/// the call is answered, and the broker (whose timer wheel panicked on
+/// 2^36 ms before) keeps serving the connection.
+#[test]
+fn huge_timeouts_mean_no_deadline_and_every_call_is_answered() {
+    let b = Broker::start();
+    let mut svc = Raw::hello(b.dir());
+    register(&mut svc, "svc");
+    let mut caller = Raw::hello(b.dir());
+    // The caller also holds a name: a connection torn down by a panic used
+    // to keep it forever.
+    register(&mut caller, "callers-name");
+    for (i, ms) in [
+        1u64 << 36,
+        1 << 40,
+        u64::MAX - 1,
+        u64::MAX,
+        MAX_TIMEOUT_MS + 1,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = 10 + i as u64;
+        send_call(&mut caller, id, "svc", Some(ms), 0);
+        let (bid, told) = next_request(&mut svc);
+        assert_eq!(
+            told, None,
+            "timeout_ms {ms} is beyond the maximum: no deadline"
+        );
+        reply(&mut svc, bid, b"\x2a");
+        assert_eq!(next_result(&mut caller), (id, None, String::new()));
+    }
+    // At the maximum, the deadline is kept and passed on.
+    send_call(&mut caller, 20, "svc", Some(MAX_TIMEOUT_MS), 0);
+    let (bid, told) = next_request(&mut svc);
+    assert!(
+        told.is_some_and(|t| t > MAX_TIMEOUT_MS - 60_000),
+        "{told:?}"
+    );
+    reply(&mut svc, bid, b"\xc0");
+    assert_eq!(next_result(&mut caller).1, None);
+    // Parked (no service) and not allowed to wait: an immediate answer.
+    send_call(&mut caller, 21, "nobody", Some(1 << 40), flags::NO_WAIT);
+    assert_eq!(next_result(&mut caller).1, Some(ErrorCode::NoSuchService));
+    // Parked with a huge timeout, then the caller leaves: nothing stays.
+    send_call(&mut caller, 22, "nobody", Some(u64::MAX), 0);
+    assert_eq!(caller.call(23, "zrpcd", "ping", None).0, None);
+    assert_eq!(broker_stat(b.dir(), "pending"), 1);
+    assert_eq!(
+        broker_stat(b.dir(), "timers"),
+        0,
+        "no timer for 'no deadline'"
+    );
+    drop(caller);
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 0));
+    let mut again = Raw::hello(b.dir());
+    assert!(wait_until(WAIT, || {
+        again.send(
+            &Envelope::Register {
+                req: 2,
+                name: "callers-name",
+                shared: false,
+            },
+            b"",
+        );
+        matches!(
+            again.recv_frame().map(|f| f
+                .decode()
+                .map(|e| matches!(e, Envelope::Ack { code: None, .. }))),
+            Some(Ok(true))
+        )
+    }));
+}
+
+/// Item 2: a deadline already past (timeout 0) fails at once with a typed
+/// timeout, without a timer and without reaching the service.
+#[test]
+fn timeout_zero_fails_at_once_without_delivery() {
+    let b = Broker::start();
+    let mut svc = Raw::hello(b.dir());
+    register(&mut svc, "svc");
+    let mut caller = Raw::hello(b.dir());
+    send_call(&mut caller, 1, "svc", Some(0), 0);
+    let (id, code, msg) = next_result(&mut caller);
+    assert_eq!((id, code), (1, Some(ErrorCode::Timeout)), "{msg}");
+    // The service never saw it: the next request it gets is call 2's.
+    send_call(&mut caller, 2, "svc", Some(60_000), 0);
+    let (bid, _) = next_request(&mut svc);
+    reply(&mut svc, bid, b"\x02");
+    assert_eq!(next_result(&mut caller), (2, None, String::new()));
+    // To a name nobody holds: TimeoutNoService, or NoSuchService with
+    // NO_WAIT.
+    send_call(&mut caller, 3, "nobody", Some(0), 0);
+    assert_eq!(
+        next_result(&mut caller).1,
+        Some(ErrorCode::TimeoutNoService)
+    );
+    send_call(&mut caller, 4, "nobody", Some(0), flags::NO_WAIT);
+    assert_eq!(next_result(&mut caller).1, Some(ErrorCode::NoSuchService));
+
+    // The original's promise, through the async library: 1001 calls with
+    // timeout 0 to an unserved name all fail with a timeout that names the
+    // missing service, and nothing leaks.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = b.dir().to_path_buf();
+    rt.block_on(async move {
+        let client = zrpc_client::Client::connect_to(&dir)
+            .await
+            .expect("connect");
+        for _ in 0..1001 {
+            let r: Result<Value, Error> = client
+                .call("unserved", "m", &(), Some(Duration::ZERO))
+                .await;
+            match r {
+                Err(Error::Timeout {
+                    no_service: true, ..
+                }) => {}
+                other => panic!("expected a timeout naming the missing service, got {other:?}"),
+            }
+        }
+    });
+    assert_eq!(broker_stat(b.dir(), "pending"), 0);
+    assert_eq!(broker_stat(b.dir(), "timers"), 0);
+}
+
+/// Item 7 (library part): a timeout while no service held the name says so.
+#[test]
+fn timeout_while_unregistered_names_the_missing_service() {
+    let b = Broker::start();
+    let client = BlockingClient::connect_to(b.dir()).expect("connect");
+    let err = client
+        .call::<_, Value>("nosvc", "foo", &(), Some(Duration::from_millis(50)))
+        .expect_err("nobody serves nosvc");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                no_service: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("no service registered the name \"nosvc\""),
+        "{err}"
+    );
+    // A service that holds the name but does not answer: a plain timeout.
+    let mut svc = Raw::hello(b.dir());
+    register(&mut svc, "slow");
+    let opts = CallOptions::timeout(Duration::from_millis(50)).no_retry();
+    let err = client
+        .call_with::<_, Value>("slow", "m", &(), opts)
+        .expect_err("slow does not answer");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                no_service: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+/// Item 4: calls to made-up names do not grow the statistics table.
+#[test]
+fn stats_rows_are_bounded() {
+    let b = Broker::start_with(&["--max-stats-names", "3"]);
+    let mut r = Raw::hello(b.dir());
+    for i in 0..200u64 {
+        let name = format!("made-up-{i}");
+        send_call(&mut r, i, &name, None, flags::NO_WAIT);
+        assert_eq!(next_result(&mut r).1, Some(ErrorCode::NoSuchService));
+    }
+    // Five registered names, three rows at most: names no longer registered
+    // give theirs up.
+    let mut svcs = Vec::new();
+    for i in 0..5 {
+        let mut s = Raw::hello(b.dir());
+        register(&mut s, &format!("real-{i}"));
+        svcs.push(s);
+    }
+    let client = BlockingClient::connect_to(b.dir()).expect("connect");
+    let stats: Value = client
+        .call("zrpcd", "stats", &(), Some(WAIT))
+        .expect("stats");
+    let services = stats
+        .as_map()
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("services")))
+        .and_then(|(_, v)| v.as_map())
+        .expect("services")
+        .iter()
+        .map(|(k, _)| k.as_str().unwrap_or("?").to_string())
+        .collect::<Vec<_>>();
+    // zrpcd, (other), and at most 3 registered names.
+    assert!(services.len() <= 5, "{services:?}");
+    assert!(services.iter().any(|s| s == "(other)"), "{services:?}");
+    assert!(
+        !services.iter().any(|s| s.starts_with("made-up")),
+        "{services:?}"
+    );
+    let other_errors = stats
+        .as_map()
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("services")))
+        .and_then(|(_, v)| v.as_map())
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("(other)")))
+        .and_then(|(_, v)| v.as_map())
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("errors")))
+        .and_then(|(_, v)| v.as_u64());
+    assert_eq!(other_errors, Some(200));
+}
+
+/// The header of a frame announcing `body` bytes with a `Call` envelope to
+/// the broker's `ping`, and that envelope: the caller sends the rest of
+/// the body (payload bytes) itself.
+fn big_call_head(id: u64, payload_len: usize) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    zrpc_proto::encode_header(
+        &mut out,
+        &Envelope::Call {
+            id,
+            service: "zrpcd",
+            method: "ping",
+            timeout_ms: None,
+            flags: 0,
+        },
+        payload_len,
+    );
+    out.to_vec()
+}
+
+/// A MessagePack `bin 32` payload of `len` bytes in all.
+fn bin_payload(len: usize) -> Vec<u8> {
+    let n = len - 5;
+    let mut p = vec![0xc6];
+    p.extend_from_slice(&(n as u32).to_be_bytes());
+    p.resize(len, 0x55);
+    p
+}
+
+/// Item 5: a frame that stalls half-sent is closed after --frame-timeout
+/// with `Fatal{Timeout}`, and partial frames together cannot hold more than
+/// --max-partial-bytes.
+#[test]
+fn stalled_and_oversized_partial_frames_are_bounded() {
+    let b = Broker::start_with(&["--frame-timeout", "0.3", "--max-partial-bytes", "3000000"]);
+    // Stalls: closed with a timeout.
+    let mut stalled = Raw::hello(b.dir());
+    let head = big_call_head(1, 1 << 20);
+    stalled.s.write_all(&head).expect("write");
+    stalled
+        .s
+        .write_all(&bin_payload(1 << 20)[..100_000])
+        .expect("write");
+    let msg = stalled.expect_fatal(ErrorCode::Timeout);
+    assert!(msg.contains("--frame-timeout"), "{msg}");
+
+    // Two connections hold about 1 MiB each; the third passes 3,000,000
+    // bytes and is closed; the first two complete their frames normally.
+    let b = Broker::start_with(&["--max-partial-bytes", "3000000"]);
+    let payload = bin_payload(1 << 20);
+    let mut holders: Vec<Raw> = (0..2).map(|_| Raw::hello(b.dir())).collect();
+    for (i, h) in holders.iter_mut().enumerate() {
+        h.s.write_all(&big_call_head(i as u64, payload.len()))
+            .expect("write");
+        h.s.write_all(&payload[..600_000]).expect("write");
+    }
+    // Wait until the broker has read what the two sent.
+    let mut third = Raw::hello(b.dir());
+    assert_eq!(third.call(1, "zrpcd", "ping", None).0, None);
+    third
+        .s
+        .write_all(&big_call_head(7, payload.len()))
+        .expect("write");
+    // The broker may close the connection before it has taken all of it.
+    let _ = third.s.write_all(&payload[..600_000]);
+    let msg = third.expect_fatal(ErrorCode::LimitExceeded);
+    assert!(msg.contains("--max-partial-bytes"), "{msg}");
+    for (i, h) in holders.iter_mut().enumerate() {
+        h.s.write_all(&payload[600_000..]).expect("write");
+        let (id, code, msg) = next_result(h);
+        assert_eq!((id, code), (i as u64, None), "{msg}");
+    }
+}
+
+/// Item 6: a payload with bytes after its value is `BadPayload`, not its
+/// first value.
+#[test]
+fn trailing_bytes_after_a_payload_are_bad_payload() {
+    let b = Broker::start();
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let mut r = Raw::hello(b.dir());
+    r.send(
+        &Envelope::Call {
+            id: 1,
+            service: "echo",
+            method: "echo",
+            timeout_ms: Some(20_000),
+            flags: 0,
+        },
+        b"\x01\x02",
+    );
+    let (_, code, msg) = next_result(&mut r);
+    assert_eq!(code, Some(ErrorCode::BadPayload), "{msg}");
+    assert!(msg.contains("bytes left"), "{msg}");
+    // The exact value still works.
+    r.send(
+        &Envelope::Call {
+            id: 2,
+            service: "echo",
+            method: "echo",
+            timeout_ms: Some(20_000),
+            flags: 0,
+        },
+        b"\x01",
+    );
+    let f = loop {
+        let f = r.recv_frame().expect("result");
+        if f.decode().expect("envelope").kind() == Kind::Result {
+            break f;
+        }
+    };
+    assert_eq!(&f.payload[..], b"\x01");
+}

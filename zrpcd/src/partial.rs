@@ -1,0 +1,89 @@
+//! Bounds on partly received frames: how long one may take to complete
+//! (`--frame-timeout`) and how much read buffer all of them together may
+//! hold (`--max-partial-bytes`). A peer that sends 15 MiB of a 16 MiB frame
+//! and stops must not hold that memory forever, nor may many such peers
+//! together exhaust the broker.
+
+use std::time::{Duration, Instant};
+
+use zrpc_proto::ErrorCode;
+
+use crate::broker::{Broker, Fatal};
+use crate::peers::PeerId;
+
+impl Broker {
+    /// Records, after a read batch of `peer`, that `held` bytes of read
+    /// buffer now hold a partly received frame (0: none). `new_frame` says
+    /// that frames completed in this batch, so a partial frame left is a new
+    /// one and its clock starts now. Fails if the broker-wide total would
+    /// pass `--max-partial-bytes` because this peer's hold grew.
+    pub fn note_partial(
+        &mut self,
+        peer: PeerId,
+        held: usize,
+        new_frame: bool,
+        now: Instant,
+    ) -> Result<(), Fatal> {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return Ok(());
+        };
+        let before = p.partial_bytes;
+        p.partial_bytes = held;
+        p.partial_since = match (held, p.partial_since) {
+            (0, _) => None,
+            (_, Some(since)) if !new_frame => Some(since),
+            _ => Some(now),
+        };
+        self.partial_total = self.partial_total - before + held;
+        let max = self.config.max_partial_bytes;
+        if held > before && self.partial_total > max {
+            let total = self.partial_total;
+            return Err(Fatal {
+                code: ErrorCode::LimitExceeded,
+                message: format!(
+                    "zrpcd holds {total} bytes of partly received frames, more than the limit of {max} (--max-partial-bytes)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Forgets the partial frame of a peer that is going away.
+    pub(crate) fn forget_partial(&mut self, held: usize) {
+        self.partial_total -= held;
+    }
+
+    /// Closes, with `Fatal{Timeout}`, every connection whose partial frame
+    /// began longer than `--frame-timeout` ago.
+    pub fn expire_partial_frames(&mut self, now: Instant) {
+        if self.partial_total == 0 {
+            return;
+        }
+        let limit = self.config.frame_timeout;
+        let stalled: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|p| {
+                !p.io.closed.get()
+                    && p.partial_since
+                        .is_some_and(|since| now.saturating_duration_since(since) > limit)
+            })
+            .map(|p| p.id)
+            .collect();
+        for id in stalled {
+            let fatal = Fatal {
+                code: ErrorCode::Timeout,
+                message: format!(
+                    "a frame was not completed within {limit:?} of its first bytes (--frame-timeout)"
+                ),
+            };
+            self.fatal(id, &fatal);
+        }
+    }
+}
+
+/// How often the broker looks for stalled partial frames: a quarter of the
+/// frame timeout, between 10 ms and 1 s.
+pub fn sweep_interval(frame_timeout: Duration) -> Duration {
+    (frame_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
