@@ -6,6 +6,12 @@
 
 pub mod raw;
 
+/// Every `rust` code block of the README, compiled as a doc-test (`no_run`:
+/// they need a broker), so that the README's code cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -21,3 +21,15 @@ fn chaos_loses_no_call_and_executes_none_twice() {
     assert!(out.contains("chaos: PASS"), "chaos test failed:\n{out}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
+
+/// `zrpc-chaos run --help` prints its usage and exits; it does not start a
+/// chaos run.
+#[test]
+fn chaos_help_does_not_start_a_run() {
+    let mut c = std::process::Command::new(bin("zrpc-chaos"));
+    c.args(["run", "--help"]);
+    let (status, out) = Proc::spawn("zrpc-chaos", c).output(WAIT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{out}");
+    assert!(out.contains("Usage: zrpc-chaos run"), "{out}");
+    assert!(!out.contains("chaos: seed"), "{out}");
+}

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use rmpv::Value;
 use zrpc_client::{CallOptions, Client};
 
-use crate::cli::{CallArgs, Count};
+use crate::cli::{CallArgs, CallTimeout, Count};
 use crate::error::{error_exit, error_kind, exit, Failure};
 use crate::fmt;
 use crate::{write_line, write_out};
@@ -18,7 +18,7 @@ use crate::{write_line, write_out};
 /// Runs `zrpc call`.
 pub async fn run(client: Client, args: CallArgs) -> Result<(), Failure> {
     let payload = read_payload(args.payload.as_deref())?;
-    let mut opts = CallOptions::default().with_timeout(args.timeout);
+    let mut opts = CallOptions::default().with_timeout(args.timeout.0);
     opts.no_wait = args.no_wait;
     opts.no_retry = args.no_retry;
     match args.concurrency {
@@ -69,14 +69,60 @@ async fn sequential(
 ) -> Result<(), Failure> {
     let mut done = 0u64;
     while args.count == Count::Inf || Count::N(done) != args.count {
-        let result = client
-            .call_raw(&args.service, &args.method, payload.clone(), opts)
-            .await?;
+        let call = client.call_raw(&args.service, &args.method, payload.clone(), opts);
+        let result = if done == 0 && !opts.no_wait {
+            with_waiting_notice(client, &args.service, args.timeout, call).await?
+        } else {
+            call.await?
+        };
         let v = fmt::decode(&result)?;
         write_line(&render(&v, args.json))?;
         done += 1;
     }
     Ok(())
+}
+
+/// How long a call runs before `zrpc` checks whether it is waiting for an
+/// unregistered name.
+const NOTICE_AFTER: Duration = Duration::from_secs(1);
+
+/// Runs `call`; if it takes longer than [`NOTICE_AFTER`] and no service
+/// holds `service`, says on standard error that the call waits for one (a
+/// misspelt name would otherwise wait in silence).
+async fn with_waiting_notice<F: std::future::Future>(
+    client: &Client,
+    service: &str,
+    timeout: CallTimeout,
+    call: F,
+) -> F::Output {
+    tokio::pin!(call);
+    tokio::select! {
+        r = &mut call => return r,
+        () = tokio::time::sleep(NOTICE_AFTER) => {}
+    }
+    if let Ok(false) = is_registered(client, service).await {
+        let until = match timeout.0 {
+            Some(t) => format!("up to {}s in all", t.as_secs_f64()),
+            None => "with no timeout".to_string(),
+        };
+        eprintln!(
+            "zrpc: no service {service:?} is registered; waiting for one to register ({until}; --no-wait fails at once)..."
+        );
+    }
+    call.await
+}
+
+/// Whether a service holds `name`, from `zrpcd.list`.
+async fn is_registered(client: &Client, name: &str) -> Result<bool, Failure> {
+    let list = crate::list::broker_call(client, "list", Duration::from_secs(5)).await?;
+    Ok(list.as_array().is_some_and(|entries| {
+        entries.iter().any(|e| {
+            e.as_map().is_some_and(|m| {
+                m.iter()
+                    .any(|(k, v)| k.as_str() == Some("name") && v.as_str() == Some(name))
+            })
+        })
+    }))
 }
 
 /// What a load run measured.

@@ -81,9 +81,12 @@ Output:
   summary (exit code 0 with --count inf, 130 otherwise).
 
 Timeout:
-  By default a call waits as long as it takes (like the libraries and the
-  original zrpc), including for the service to register. Use --timeout to
-  bound it and --no-wait to fail at once if the service is not registered."#;
+  A call gives up after --timeout seconds, 30 by default; --timeout inf
+  waits as long as it takes (like the libraries and the original zrpc).
+  Meanwhile it waits for the service to register if nobody holds the name:
+  after a second of that, zrpc says so on standard error, and the timeout
+  error says the name was never registered. --no-wait fails at once
+  instead (exit code 4)."#;
 
 const CALL_EXAMPLES: &str = r#"Examples:
   zrpc call echo echo '"hello"'
@@ -155,7 +158,27 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     if secs.is_nan() || secs <= 0.0 {
         return Err("the timeout must be positive".into());
     }
-    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+    if secs.is_infinite() {
+        return Err("expected a finite number of seconds".into());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s} seconds is too long a timeout"))
+}
+
+/// `zrpc call`'s default `--timeout`, in seconds.
+pub const DEFAULT_CALL_TIMEOUT_S: u64 = 30;
+
+/// A call's `--timeout`: seconds, or `inf` for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallTimeout(pub Option<Duration>);
+
+fn parse_call_timeout(s: &str) -> Result<CallTimeout, String> {
+    if ["inf", "infinity", "none"]
+        .iter()
+        .any(|w| s.eq_ignore_ascii_case(w))
+    {
+        return Ok(CallTimeout(None));
+    }
+    parse_timeout(s).map(|d| CallTimeout(Some(d)))
 }
 
 fn parse_concurrency(s: &str) -> Result<usize, String> {
@@ -174,10 +197,11 @@ pub struct CallArgs {
     pub method: String,
     /// Arguments as JSON ('-' reads them from standard input; none sends nil).
     pub payload: Option<String>,
-    /// Give up after this many seconds (fractions allowed); default: wait
-    /// forever.
-    #[arg(long, short = 't', value_name = "SECONDS", value_parser = parse_timeout)]
-    pub timeout: Option<Duration>,
+    /// Give up after this many seconds (fractions allowed), or "inf" to
+    /// wait as long as it takes.
+    #[arg(long, short = 't', value_name = "SECONDS|inf", value_parser = parse_call_timeout,
+          default_value_t = CallTimeout(Some(Duration::from_secs(DEFAULT_CALL_TIMEOUT_S))))]
+    pub timeout: CallTimeout,
     /// Fail at once (exit code 4) if no service holds the name, instead of
     /// waiting for one to register.
     #[arg(long)]
@@ -241,4 +265,31 @@ pub struct CompletionsArgs {
     /// The shell to generate completions for.
     #[arg(value_enum)]
     pub shell: Shell,
+}
+
+impl std::fmt::Display for CallTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("inf"),
+            Some(d) => write!(f, "{}", d.as_secs_f64()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_timeouts() {
+        assert_eq!(parse_call_timeout("inf"), Ok(CallTimeout(None)));
+        assert_eq!(parse_call_timeout("INF"), Ok(CallTimeout(None)));
+        assert_eq!(
+            parse_call_timeout("1.5"),
+            Ok(CallTimeout(Some(Duration::from_millis(1500))))
+        );
+        assert!(parse_call_timeout("0").is_err());
+        assert!(parse_call_timeout("1e300").is_err_and(|e| e.contains("too long")));
+        assert!(parse_timeout("inf").is_err_and(|e| e.contains("finite")));
+    }
 }

@@ -91,14 +91,11 @@ fn bad_envelope(e: impl std::fmt::Display) -> Failure {
 /// Connects, says hello and subscribes.
 fn subscribe(dir: &Path, services: &[String]) -> Result<Conn, Failure> {
     let path = zrpc_proto::socket_path(dir);
-    let sock = UnixStream::connect(&path).map_err(|e| {
-        Failure::new(
-            exit::CONNECTION,
-            format!(
-                "cannot connect to zrpcd at {}: {e} (is zrpcd running?)",
-                path.display()
-            ),
-        )
+    let sock = UnixStream::connect(&path).map_err(|source| {
+        Failure::from(zrpc_client::Error::Connect {
+            path: path.clone(),
+            source,
+        })
     })?;
     sock.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(lost)?;
     let mut c = Conn {
@@ -184,15 +181,54 @@ fn subscribe(dir: &Path, services: &[String]) -> Result<Conn, Failure> {
     Ok(c)
 }
 
-/// Runs `zrpc monitor`.
+/// Runs `zrpc monitor`. If the connection to the broker is lost (the
+/// broker restarts or stops), it says so on standard error and subscribes
+/// again once a broker accepts, with the clients' backoff; it ends only with
+/// `--count`, Ctrl-C or an error that reconnecting cannot fix.
 pub fn run(dir: &Path, args: &MonitorArgs) -> Result<(), Failure> {
     for name in &args.services {
         zrpc_proto::validate_name(name)
             .map_err(|e| Failure::usage(format!("invalid service name {name:?}: {e}")))?;
     }
+    let backoff = zrpc_client::Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
+    // The first connection fails at once: no broker to watch is a mistake.
     let mut c = subscribe(dir, &args.services)?;
     let mut seen = 0u64;
-    while args.count.is_none_or(|n| seen < n) {
+    loop {
+        let lost = match watch(&mut c, args, &mut seen) {
+            Ok(()) => return Ok(()),
+            Err(f) if reconnectable(&f) => f,
+            Err(f) => return Err(f),
+        };
+        eprintln!("zrpc: {}; reconnecting...", lost.message);
+        let mut attempt = 0;
+        c = loop {
+            std::thread::sleep(backoff.delay(attempt));
+            attempt = attempt.saturating_add(1);
+            match subscribe(dir, &args.services) {
+                Ok(c) => break c,
+                Err(f) if reconnectable(&f) => continue,
+                Err(f) => return Err(f),
+            }
+        };
+        eprintln!("zrpc: reconnected to zrpcd; watching again");
+    }
+}
+
+/// First delay before subscribing again after the broker went away.
+const RECONNECT_MIN: Duration = Duration::from_millis(20);
+/// Largest delay between attempts to subscribe again.
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// Whether a failure is the broker going away (restart, stop, not up
+/// yet), which reconnecting fixes.
+fn reconnectable(f: &Failure) -> bool {
+    matches!(f.code, exit::CONNECTION | exit::SHUTDOWN)
+}
+
+/// Prints events until `--count` is reached (`Ok`) or the connection fails.
+fn watch(c: &mut Conn, args: &MonitorArgs, seen: &mut u64) -> Result<(), Failure> {
+    while args.count.is_none_or(|n| *seen < n) {
         let frame = c.recv()?;
         match frame.decode().map_err(bad_envelope)? {
             Envelope::Event { .. } => {
@@ -206,7 +242,7 @@ pub fn run(dir: &Path, args: &MonitorArgs) -> Result<(), Failure> {
                     human(&ev)
                 };
                 write_line(&line)?;
-                seen += 1;
+                *seen += 1;
             }
             Envelope::Ping { nonce } => c.send(&Envelope::Pong { nonce }, &[])?,
             Envelope::Fatal { code, message } => return Err(fatal(code, message)),

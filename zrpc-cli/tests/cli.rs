@@ -486,3 +486,107 @@ fn completions_and_help() {
     }
     assert!(zrpc(&b, &["--help"]).ok().stdout.contains("Examples"));
 }
+
+#[test]
+fn a_call_to_an_unregistered_name_says_so_and_times_out() {
+    let b = Broker::start();
+    let out = zrpc(&b, &["call", "nosvc", "foo", "--timeout", "2"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("no service \"nosvc\" is registered; waiting for one to register"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr
+            .contains("no service registered the name \"nosvc\" before the deadline"),
+        "{out:?}"
+    );
+    // A registered service that is slow gets no such notice.
+    let (b, _svc) = echo_broker();
+    let out = zrpc(&b, &["call", "echo", "sleep", "1500", "--timeout", "0.2"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(!out.stderr.contains("registered"), "{out:?}");
+}
+
+#[test]
+fn call_timeout_defaults_to_30_s_and_inf_means_none() {
+    let (b, _svc) = echo_broker();
+    let help = zrpc(&b, &["call", "--help"]).ok();
+    assert!(help.stdout.contains("[default: 30]"), "{}", help.stdout);
+    let out = zrpc(
+        &b,
+        &[
+            "call",
+            "echo",
+            "echo",
+            "\"no deadline\"",
+            "--timeout",
+            "inf",
+        ],
+    )
+    .ok();
+    assert_eq!(out.json(), json!("no deadline"));
+    let out = zrpc(&b, &["call", "echo", "echo", "--timeout", "abc"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("seconds"), "{out:?}");
+}
+
+#[test]
+fn monitor_reconnects_after_a_broker_restart() {
+    let (mut b, _svc) = echo_broker();
+    let mon = b.spawn("zrpc", &["monitor", "echo", "--count", "2", "--json"]);
+    let subscribed = |b: &Broker| {
+        wait_until(WAIT, || {
+            let out = zrpc(b, &["stats", "--json"]);
+            out.code == 0 && out.json()["monitors"].as_u64().unwrap_or(0) >= 1
+        })
+    };
+    assert!(subscribed(&b), "the monitor did not subscribe");
+    zrpc(&b, &["call", "echo", "echo", "\"before\""]).ok();
+    b.restart(libc::SIGTERM);
+    assert!(subscribed(&b), "the monitor did not subscribe again");
+    // The service reconnects on its own too.
+    assert!(
+        wait_until(WAIT, || listed(&b).iter().any(|(n, _)| n == "echo")),
+        "echo did not come back"
+    );
+    zrpc(&b, &["call", "echo", "echo", "\"after\""]).ok();
+    let (status, out) = mon.output(WAIT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?} {out:?}");
+    let methods: Vec<Json> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Json>(l).expect("JSON event")["method"].clone())
+        .collect();
+    assert_eq!(methods, vec![json!("echo"), json!("echo")], "{out}");
+}
+
+/// A user who may not open the socket is told it is a permission problem,
+/// not that zrpcd is not running. Needs root (to run `zrpc` as another
+/// uid).
+#[test]
+fn permission_denied_is_reported_as_such() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIPPED permission_denied_is_reported_as_such: needs root to run as another uid"
+        );
+        return;
+    }
+    let b = Broker::start_with(&["--socket-mode", "600"]);
+    for args in [&["call", "zrpcd", "ping"][..], &["monitor"]] {
+        let mut c = b.command("zrpc");
+        c.args(args).uid(65534).gid(65534);
+        let out = run_cmd(c, None);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("a permission problem"),
+            "{args:?}: {out:?}"
+        );
+        assert!(
+            !out.stderr.contains("is zrpcd running"),
+            "{args:?}: {out:?}"
+        );
+    }
+}

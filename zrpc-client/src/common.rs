@@ -62,10 +62,14 @@ pub(crate) const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Capped exponential backoff with ±25% jitter: the delay before attempt
 /// `n` (counting from 0) is `min(min * 2^n, max)`, multiplied by a random
-/// factor in `[0.75, 1.25]`.
+/// factor in `[0.75, 1.25]`. The one reconnection backoff of zrpc: the
+/// clients use it, and so do tools that keep their own connection (such as
+/// `zrpc monitor`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Backoff {
+pub struct Backoff {
+    /// The first delay.
     pub min: Duration,
+    /// The largest delay.
     pub max: Duration,
 }
 
@@ -81,7 +85,7 @@ impl Default for Backoff {
 impl Backoff {
     /// A backoff from `min` to `max`; `min` is at least 1 ms and `max` at
     /// least `min`.
-    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
         let min = min.max(Duration::from_millis(1));
         Backoff {
             min,
@@ -90,13 +94,13 @@ impl Backoff {
     }
 
     /// The un-jittered delay before attempt `attempt`.
-    pub(crate) fn base(&self, attempt: u32) -> Duration {
+    pub fn base(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
         self.min.saturating_mul(factor).min(self.max)
     }
 
     /// The jittered delay before attempt `attempt`.
-    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+    pub fn delay(&self, attempt: u32) -> Duration {
         // A factor in [0.75, 1.25), in 1/1024 steps.
         let r = random_u64() % 513;
         self.base(attempt).mul_f64((768 + r) as f64 / 1024.0)

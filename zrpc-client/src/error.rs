@@ -78,8 +78,10 @@ pub enum Error {
     /// refused a new connection.
     #[error("the zrpcd broker is shutting down")]
     Shutdown,
-    /// The broker socket could not be connected to.
-    #[error("cannot connect to zrpcd at {}: {source} (is zrpcd running?)", path.display())]
+    /// The broker socket could not be connected to. The message says what
+    /// to check: whether zrpcd runs (no socket, connection refused), or
+    /// whether this user may open its socket (permission denied).
+    #[error("cannot connect to zrpcd at {}: {source}{}", path.display(), connect_hint(source))]
     Connect {
         /// The socket path tried.
         path: PathBuf,
@@ -190,6 +192,20 @@ impl Error {
             ErrorCode::LimitExceeded => Error::LimitExceeded(message),
             code => Error::Broker { code, message },
         }
+    }
+}
+
+/// What to check when connecting to the broker's socket failed with `e`.
+fn connect_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::PermissionDenied => {
+            " (a permission problem, not a missing broker: this user may not open zrpcd's socket or its directory; check their owner and mode, see zrpcd --socket-mode)"
+        }
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => {
+            " (is zrpcd running? is the socket directory right? see --socket-dir and $ZRPC_SOCKET_DIR)"
+        }
+        _ => "",
     }
 }
 

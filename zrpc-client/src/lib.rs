@@ -100,6 +100,7 @@ mod options;
 
 pub use blocking::BlockingClient;
 pub use client::{Client, ClientBuilder};
+pub use common::Backoff;
 pub use error::{Error, Result};
 pub use options::CallOptions;
 pub use rmpv::Value;

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use zrpc_client::{Client, Value};
 use zrpc_service::{Context, Server, ServiceBuilder};
 use zrpc_tests::{bin, wait_registered, wait_until, Proc, TempDir, WAIT};
@@ -28,33 +29,76 @@ use zrpc_tests::{bin, wait_registered, wait_until, Proc, TempDir, WAIT};
 /// Extra time past a call's deadline before it counts as "unanswered".
 const SLACK: Duration = Duration::from_secs(3);
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// The chaos test: a broker, services and clients under SIGKILL/SIGTERM.
+#[derive(Debug, Parser)]
+#[command(name = "zrpc-chaos")]
+enum Cmd {
+    /// Run the whole chaos test and print its totals (exit 1 if a
+    /// must-be-zero count is not zero).
+    Run(RunArgs),
+    /// Role: a service logging every execution (started by `run`).
+    Service(ServiceArgs),
+    /// Role: a client process making calls (started by `run`).
+    Client(ClientArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Seconds of chaos.
+    #[arg(long, default_value_t = 20.0)]
+    duration: f64,
+    /// Client processes.
+    #[arg(long, default_value_t = 3)]
+    clients: u32,
+    /// Calls in flight per client process.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u32,
+    /// Timeout of each call, in milliseconds.
+    #[arg(long, default_value_t = 4000)]
+    timeout_ms: u64,
+    /// Seed of the chaos schedule (default: from the pid).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServiceArgs {
+    /// Name to serve.
+    #[arg(long, default_value = "chaos_a")]
+    name: String,
+    /// Register the name as shared.
+    #[arg(long)]
+    shared: bool,
+    /// File that gets one line per execution.
+    #[arg(long, default_value = "/dev/null")]
+    log: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// Seconds to keep calling.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Calls in flight.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u64,
+    /// Timeout of each call, in milliseconds.
+    #[arg(long, default_value_t = 4000)]
+    timeout_ms: u64,
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("run") => std::process::exit(run(&args)),
-        Some("service") => service(&args),
-        Some("client") => client(&args),
-        _ => {
-            eprintln!("usage: zrpc-chaos run [--duration SECS] [--clients N] [--concurrency K] [--timeout-ms MS] [--seed N]");
-            std::process::exit(2);
-        }
+    match Cmd::parse() {
+        Cmd::Run(a) => std::process::exit(run(&a)),
+        Cmd::Service(a) => service(a),
+        Cmd::Client(a) => client(&a),
     }
 }
 
 /// A service that logs every execution (one nonce per line, in a file of
 /// its own process) and answers with the nonce after a short pause.
-fn service(args: &[String]) {
-    let name: String = arg(args, "--name", "chaos_a".to_string());
-    let log: PathBuf = arg(args, "--log", PathBuf::from("/dev/null"));
-    let shared = args.iter().any(|a| a == "--shared");
+fn service(args: ServiceArgs) {
+    let ServiceArgs { name, shared, log } = args;
     let svc = ServiceBuilder::new(name)
         .async_method("nonce", move |_ctx: Context, nonce: String| {
             let log = log.clone();
@@ -88,10 +132,10 @@ struct Tally {
 }
 
 /// A client process: `--concurrency` tasks calling until `--duration` ends.
-fn client(args: &[String]) {
-    let duration = Duration::from_secs_f64(arg(args, "--duration", 10.0));
-    let concurrency: u64 = arg(args, "--concurrency", 4);
-    let timeout = Duration::from_millis(arg(args, "--timeout-ms", 4000));
+fn client(args: &ClientArgs) {
+    let duration = Duration::try_from_secs_f64(args.duration).unwrap_or(Duration::ZERO);
+    let concurrency = args.concurrency;
+    let timeout = Duration::from_millis(args.timeout_ms);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -274,16 +318,12 @@ impl Chaos {
     }
 }
 
-fn run(args: &[String]) -> i32 {
-    let duration = Duration::from_secs_f64(arg(args, "--duration", 20.0));
-    let clients: u32 = arg(args, "--clients", 3);
-    let concurrency: u32 = arg(args, "--concurrency", 4);
-    let timeout_ms: u64 = arg(args, "--timeout-ms", 4000);
-    let seed: u64 = arg(
-        args,
-        "--seed",
-        0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64,
-    );
+fn run(args: &RunArgs) -> i32 {
+    let duration = Duration::try_from_secs_f64(args.duration).unwrap_or(Duration::ZERO);
+    let (clients, concurrency, timeout_ms) = (args.clients, args.concurrency, args.timeout_ms);
+    let seed = args
+        .seed
+        .unwrap_or(0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64);
     let mut rng = Rng(seed | 1);
     println!("chaos: seed {seed}, {clients} clients x {concurrency} in flight, {duration:?}");
 
