@@ -3,7 +3,7 @@
 #
 #   bash scripts/fuzz.sh [SECONDS] [TARGET...]
 #
-# Runs each target (default: frame_decoder and envelope) for its share of
+# Runs each target (default: frame_decoder, envelope and broker) for its share of
 # SECONDS (default 60, split evenly). Installs cargo-fuzz from crates.io if it
 # is missing. cargo-fuzz wants a nightly toolchain for -Zsanitizer; on a
 # stable toolchain RUSTC_BOOTSTRAP=1 unlocks the same flags. AddressSanitizer
@@ -27,7 +27,7 @@ total=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(frame_decoder envelope)
+    targets=(frame_decoder envelope broker)
 fi
 per=$((total / ${#targets[@]}))
 [ "$per" -ge 1 ] || per=1

@@ -25,6 +25,7 @@ pub mod payload;
 pub mod peers;
 pub mod pending;
 pub mod queue;
+pub mod replay;
 pub mod server;
 pub mod socket;
 pub mod stats;
