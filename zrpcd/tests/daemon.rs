@@ -190,10 +190,13 @@ fn signal_right_after_start_exits_cleanly() {
             .arg(dir.path())
             .env("RUST_LOG", "error");
         let mut p = zrpc_tests::Proc::spawn("zrpcd", c);
-        let up = zrpc_tests::wait_until(WAIT, || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        });
-        assert!(up, "start {i}: zrpcd did not accept");
+        // Poll without pausing (bounded in time): the signal must land as
+        // close as possible to the moment the socket starts accepting.
+        let t0 = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(t0.elapsed() < WAIT, "start {i}: zrpcd did not accept");
+            std::hint::spin_loop();
+        }
         p.signal(libc::SIGINT);
         let status = p.wait_exit(WAIT).expect("zrpcd exits on SIGINT");
         assert!(status.success(), "start {i}: {status:?}");
