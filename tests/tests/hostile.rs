@@ -406,3 +406,174 @@ fn trailing_bytes_after_a_payload_are_bad_payload() {
     };
     assert_eq!(&f.payload[..], b"\x01");
 }
+
+/// A call the broker accepts at the message size limit reaches its service:
+/// the `Request` the broker sends is longer than the `Call`, and the
+/// service used to refuse it as too large, reconnect, and get it again.
+#[test]
+fn a_call_at_the_size_limit_reaches_the_service() {
+    let b = Broker::start_with(&["--max-message-size", "4096"]);
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let mut r = Raw::hello(b.dir());
+    let env = Envelope::Call {
+        id: 1,
+        service: "echo",
+        method: "echo",
+        timeout_ms: Some(20_000),
+        flags: flags::NO_RETRY,
+    };
+    let mut head = bytes::BytesMut::new();
+    env.encode(&mut head);
+    // A bin payload that makes the body exactly 4096 bytes.
+    let payload = bin_payload(4096 - head.len());
+    r.send(&env, &payload);
+    let (id, code, msg) = next_result(&mut r);
+    assert_eq!((id, code), (1, None), "{msg}");
+    assert_eq!(broker_stat(b.dir(), "redelivered"), 0);
+}
+
+/// A monitor that never reads is disconnected once its events pass
+/// --max-queued-bytes, like a client that never reads its results.
+#[test]
+fn a_monitor_that_never_reads_is_disconnected() {
+    let b = Broker::start_with(&["--max-queued-bytes", "20000"]);
+    let mut mon = Raw::hello(b.dir());
+    mon.send(
+        &Envelope::Call {
+            id: 1,
+            service: "zrpcd",
+            method: "monitor",
+            timeout_ms: None,
+            flags: 0,
+        },
+        b"\xc0",
+    );
+    assert_eq!(next_result(&mut mon).1, None);
+    assert_eq!(broker_stat(b.dir(), "monitors"), 1);
+    // Each failed call is one event (~100 bytes) for the monitor, which
+    // does not read: past the socket buffer, they queue in the broker.
+    let mut caller = Raw::hello(b.dir());
+    let mut id = 0;
+    let gone = wait_until(WAIT, || {
+        for _ in 0..200 {
+            id += 1;
+            send_call(&mut caller, id, "nobody", None, flags::NO_WAIT);
+        }
+        for _ in 0..200 {
+            assert_eq!(next_result(&mut caller).1, Some(ErrorCode::NoSuchService));
+        }
+        broker_stat(b.dir(), "monitors") == 0
+    });
+    assert!(gone, "the monitor was not disconnected after {id} events");
+    // What it finds when it finally reads: events, then the reason.
+    let fatal = loop {
+        let f = mon.recv_frame().expect("a Fatal frame before close");
+        if let Ok(Envelope::Fatal { code, message }) = f.decode() {
+            break (code, message.to_string());
+        }
+    };
+    assert_eq!(fatal.0, ErrorCode::LimitExceeded, "{}", fatal.1);
+    assert!(fatal.1.contains("--max-queued-bytes"), "{}", fatal.1);
+}
+
+/// The arguments of pending calls are bounded in bytes, per connection and
+/// in total, not only in number.
+#[test]
+fn pending_call_bytes_are_bounded() {
+    let b = Broker::start_with(&[
+        "--max-pending-bytes-per-conn",
+        "12000",
+        "--max-pending-bytes",
+        "20000",
+    ]);
+    let payload = bin_payload(4500);
+    let call = |r: &mut Raw, id: u64| {
+        r.send(
+            &Envelope::Call {
+                id,
+                service: "nobody",
+                method: "m",
+                timeout_ms: None,
+                flags: 0,
+            },
+            &payload,
+        );
+    };
+    let mut one = Raw::hello(b.dir());
+    call(&mut one, 1);
+    call(&mut one, 2);
+    call(&mut one, 3);
+    let (id, code, msg) = next_result(&mut one);
+    assert_eq!((id, code), (3, Some(ErrorCode::LimitExceeded)), "{msg}");
+    assert!(msg.contains("--max-pending-bytes-per-conn"), "{msg}");
+    let mut two = Raw::hello(b.dir());
+    call(&mut two, 1);
+    let mut three = Raw::hello(b.dir());
+    call(&mut three, 1);
+    call(&mut three, 2);
+    let (id, code, msg) = next_result(&mut three);
+    assert_eq!((id, code), (2, Some(ErrorCode::LimitExceeded)), "{msg}");
+    assert!(msg.contains("--max-pending-bytes)"), "{msg}");
+    assert_eq!(broker_stat(b.dir(), "pending"), 4);
+    // Freed when the callers leave.
+    drop((one, two, three));
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 0));
+    let mut four = Raw::hello(b.dir());
+    call(&mut four, 1);
+    call(&mut four, 2);
+    assert_eq!(four.call(3, "zrpcd", "ping", None).0, None);
+    assert_eq!(broker_stat(b.dir(), "pending"), 2);
+}
+
+/// A built-in answer larger than the caller could receive is refused with
+/// `LimitExceeded` instead of breaking the caller's connection.
+#[test]
+fn an_oversized_builtin_answer_is_refused() {
+    let b = Broker::start_with(&["--max-message-size", "4096"]);
+    let _many: Vec<Raw> = (0..40).map(|_| Raw::hello(b.dir())).collect();
+    let mut r = Raw::hello(b.dir());
+    let (code, msg, _) = r.call(1, "zrpcd", "peers", None);
+    assert_eq!(code, Some(ErrorCode::LimitExceeded), "{msg}");
+    assert!(msg.contains("--max-message-size"), "{msg}");
+    // The connection is fine.
+    assert_eq!(r.call(2, "zrpcd", "ping", None).0, None);
+}
+
+/// A service that sends without reading what it is answered (acks here) is
+/// disconnected once they pass twice --max-queued-bytes: the broker's
+/// memory for it stays bounded.
+#[test]
+fn a_service_that_never_reads_its_acks_is_disconnected() {
+    let b = Broker::start_with(&["--max-queued-bytes", "20000"]);
+    let mut svc = Raw::hello(b.dir());
+    register(&mut svc, "svc");
+    let mut frame = bytes::BytesMut::new();
+    for _ in 0..1000 {
+        zrpc_proto::encode_frame(
+            &mut frame,
+            &Envelope::Register {
+                req: 2,
+                name: "svc",
+                shared: false,
+            },
+            b"",
+        );
+    }
+    // Each batch of 1000 registrations gets 1000 acks nobody reads: past
+    // the socket buffer they queue in the broker, until it gives up.
+    let gone = wait_until(WAIT, || {
+        if svc.s.write_all(&frame).is_err() {
+            return true;
+        }
+        Raw::hello(b.dir()).call(1, "zrpcd", "list", None).2.len() < 4
+    });
+    assert!(gone, "the service was not disconnected");
+    let fatal = loop {
+        let f = svc.recv_frame().expect("a Fatal frame before close");
+        if let Ok(Envelope::Fatal { code, message }) = f.decode() {
+            break (code, message.to_string());
+        }
+    };
+    assert_eq!(fatal.0, ErrorCode::LimitExceeded, "{}", fatal.1);
+}

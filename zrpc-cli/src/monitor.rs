@@ -23,10 +23,6 @@ const CALL_ID: u64 = 1;
 /// How long to wait for `Welcome` and for the subscription's `Result`.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Slack over the broker's announced maximum message size for incoming
-/// frames (an envelope may be a little longer than what it forwards).
-const SLACK: u32 = 4096;
-
 struct Conn {
     sock: UnixStream,
     buf: BytesMut,
@@ -127,7 +123,7 @@ fn subscribe(dir: &Path, services: &[String]) -> Result<Conn, Failure> {
                     ),
                 ));
             }
-            c.dec = FrameDecoder::new(max_message_size.saturating_add(SLACK));
+            c.dec = FrameDecoder::new(max_message_size.saturating_add(zrpc_proto::INCOMING_SLACK));
         }
         Envelope::Fatal { code, message } => return Err(fatal(code, message)),
         other => {

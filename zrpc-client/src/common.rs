@@ -23,10 +23,6 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame accepted during the handshake.
 pub(crate) const HANDSHAKE_MAX_BODY: u32 = 64 * 1024;
 
-/// Slack added to the broker's announced limit for incoming frames: a
-/// `Result` envelope may be a few bytes longer than the `Reply` it forwards.
-pub(crate) const INCOMING_SLACK: u32 = 4096;
-
 /// Frames at least this large are queued as their own chunk instead of being
 /// copied into the shared write buffer.
 pub(crate) const LARGE_FRAME: usize = 64 * 1024;
@@ -235,7 +231,8 @@ pub(crate) struct Welcome {
 impl Welcome {
     /// Decoder limit for frames coming from the broker.
     pub(crate) fn incoming_limit(&self) -> u32 {
-        self.max_message_size.saturating_add(INCOMING_SLACK)
+        self.max_message_size
+            .saturating_add(zrpc_proto::INCOMING_SLACK)
     }
 }
 

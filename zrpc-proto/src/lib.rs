@@ -58,6 +58,14 @@ pub const SOCKET_DIR_ENV: &str = "ZRPC_SOCKET_DIR";
 /// Default limit on `body_len` (envelope plus payload): 16 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u32 = 16 * 1024 * 1024;
 
+/// Slack a receiver adds to the broker's announced maximum message size
+/// for frames *from* the broker: the envelope the broker sends may be a
+/// little longer than the one it forwards (a `Request` carries the broker's
+/// call id and the caller's identity where the `Call` had only flags), so a
+/// call the broker accepted at the limit must not be refused by its
+/// service.
+pub const INCOMING_SLACK: u32 = 4096;
+
 /// Name under which the broker serves its own built-in service.
 pub const BROKER_SERVICE: &str = "zrpcd";
 

@@ -1018,7 +1018,9 @@ async fn connect(
             match conn.handle_frame(&frame, None)? {
                 FrameAction::Welcome { max_message_size } => {
                     conn.max_message_size = max_message_size;
-                    conn.decoder = FrameDecoder::new(max_message_size);
+                    conn.decoder = FrameDecoder::new(
+                        max_message_size.saturating_add(zrpc_proto::INCOMING_SLACK),
+                    );
                     break 'welcome;
                 }
                 FrameAction::None => {}

@@ -17,7 +17,7 @@ use crate::payload::Payload;
 use crate::peers::{Creds, PeerId, Peers};
 use crate::pending::{KeptPayload, NewCall, PendingCalls, Stage};
 use crate::queue::PeerIo;
-use crate::stats::{Stats, Tracked};
+use crate::stats::Stats;
 use zrpc_proto::busy_poll::BusyPoll;
 
 /// A connection-level error: the peer gets a `Fatal` frame and is closed.
@@ -105,6 +105,8 @@ pub struct Broker {
     /// Read buffer bytes held for partly received frames, all connections
     /// together (see [`crate::partial`]).
     pub partial_total: usize,
+    /// Payload bytes of all pending calls (`--max-pending-bytes`).
+    pub pending_bytes: usize,
 }
 
 impl Broker {
@@ -124,6 +126,7 @@ impl Broker {
             ping_nonce: 0,
             out: Outbox::default(),
             partial_total: 0,
+            pending_bytes: 0,
         }
     }
 
@@ -133,12 +136,25 @@ impl Broker {
         self.peers.insert(io, creds)
     }
 
-    /// Queues a frame to `peer`; returns false if the peer is gone.
+    /// Queues a frame to `peer`; returns false if the peer is gone. A peer
+    /// that does not read what it is sent (pongs, acks, errors, monitor
+    /// events, built-in answers) is disconnected once its queue passes
+    /// `--max-queued-bytes`; a service (which may be busy with a burst of
+    /// requests, refused past that limit) only at twice that.
     pub(crate) fn send(&mut self, peer: PeerId, env: &Envelope<'_>, payload: Payload<'_>) -> bool {
         let Some(p) = self.peers.get(peer) else {
             return false;
         };
         self.out.enqueue(&p.io, env, payload);
+        let max = self.config.max_queued_bytes;
+        let limit = if p.names.is_empty() && p.outstanding == 0 {
+            max
+        } else {
+            max.saturating_mul(2)
+        };
+        if p.io.queue.borrow().len_bytes() > limit {
+            self.check_backlog(peer, limit);
+        }
         true
     }
 
@@ -289,10 +305,13 @@ impl Broker {
                     p.names.push(name.into());
                 }
                 tracing::info!(peer, name, shared, "name registered");
-                self.track_stats(name);
+                let tag = self.stats.registered(name);
                 self.ack(peer, req, None, "");
                 for bid in self.names.take_waiting(name) {
-                    if self.pending.get(bid).is_some() {
+                    if let Some(p) = self.pending.get(bid) {
+                        if let Some(tag) = tag {
+                            self.pending.set_route_tag(p.route, tag);
+                        }
                         self.dispatch(bid, now);
                     }
                 }
@@ -307,19 +326,13 @@ impl Broker {
         }
     }
 
-    /// Gives a newly registered name its statistics row, and keeps the
-    /// route tags (statistics slots kept with interned routes) right.
-    fn track_stats(&mut self, name: &str) {
-        let names = &self.names;
-        if let Tracked::New { slot, evicted } = self.stats.track(name, |n| names.is_held(n)) {
-            self.pending.retag_routes(name, slot, evicted);
-        }
-    }
-
     fn on_unregister(&mut self, peer: PeerId, req: u64, name: &str) {
         if self.names.unregister(name, peer) {
             if let Some(p) = self.peers.get_mut(peer) {
                 p.names.retain(|n| &**n != name);
+            }
+            if !self.names.is_held(name) {
+                self.stats.unregistered(name);
             }
             tracing::info!(peer, name, "name unregistered");
             self.ack(peer, req, None, "");
@@ -400,6 +413,10 @@ impl Broker {
         let max_per_conn = self.config.max_pending_per_conn;
         let total = self.pending.len();
         let over_total = total >= self.config.max_pending_total;
+        let size = payload.len();
+        let total_bytes = self.pending_bytes;
+        let over_total_bytes = total_bytes + size > self.config.max_pending_bytes;
+        let max_bytes_per_conn = self.config.max_pending_bytes_per_conn;
         let caller_instance = match self.peers.get_mut(peer) {
             Some(p) => {
                 p.calls_made += 1;
@@ -412,6 +429,15 @@ impl Broker {
                     Some(format!(
                         "the broker has {total} calls pending, the limit (--max-pending-total)"
                     ))
+                } else if p.calling_bytes + size > max_bytes_per_conn {
+                    Some(format!(
+                        "this connection's pending calls hold {} bytes of arguments; {size} more would pass the limit of {max_bytes_per_conn} (--max-pending-bytes-per-conn)",
+                        p.calling_bytes
+                    ))
+                } else if over_total_bytes {
+                    Some(format!(
+                        "the broker's pending calls hold {total_bytes} bytes of arguments; {size} more would pass the limit (--max-pending-bytes)"
+                    ))
                 } else {
                     None
                 };
@@ -419,10 +445,12 @@ impl Broker {
                     return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
                 }
                 p.calling += 1;
+                p.calling_bytes += size;
                 p.instance
             }
             None => return,
         };
+        self.pending_bytes += size;
         let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         let kept = KeptPayload::new(payload);
         let new = NewCall {
@@ -435,18 +463,16 @@ impl Broker {
             flags,
         };
         let bid = self.pending.insert(new, now, deadline);
-        // A route `insert` created gets the service's statistics slot as its
-        // tag, so that ending a call needs no name lookup for them.
-        let new_route = route
-            .is_none()
-            .then(|| self.pending.get(bid).map(|p| p.route))
-            .flatten()
-            .filter(|&r| self.pending.route_tag(r).is_none());
-        if let Some(r) = new_route {
-            // Only names with a row of their own (registered ones) get a
-            // tag; calls to other names are counted under `stats::OTHER`.
-            if let Some(slot) = self.stats.slot(service) {
-                self.pending.set_route_tag(r, slot);
+        // The call's route keeps the tag of the service's statistics row
+        // (registered names only; calls to others count under
+        // `stats::OTHER`), so that ending a call needs no name lookup. A
+        // route made before its name was registered, or whose row went to
+        // another name, is tagged again here.
+        if let Some(r) = self.pending.get(bid).map(|p| p.route) {
+            if !self.stats.tag_is_current(self.pending.route_tag(r)) {
+                if let Some(tag) = self.stats.tag_of(service) {
+                    self.pending.set_route_tag(r, tag);
+                }
             }
         }
         let call = RouteCall {
@@ -488,7 +514,19 @@ impl Broker {
             p.calls_made += 1;
         }
         let started = Instant::now();
-        let (code, message, payload) = crate::builtin::handle(self, peer, method, payload);
+        let (mut code, mut message, mut payload) =
+            crate::builtin::handle(self, peer, method, payload);
+        // An answer the caller could not receive (a list of every name of
+        // thousands of connections) is refused instead.
+        let max = self.config.max_message_size as usize;
+        if payload.len() + message.len() + 64 > max {
+            code = Some(ErrorCode::LimitExceeded);
+            message = format!(
+                "the answer of zrpcd.{method} ({} bytes) exceeds --max-message-size ({max})",
+                payload.len()
+            );
+            payload = bytes::Bytes::new();
+        }
         let env = Envelope::Result {
             id,
             code,
@@ -626,10 +664,13 @@ impl Broker {
             }
             Stage::Parked => self.names.unpark(service, bid),
         }
+        let size = p.payload.len();
+        self.pending_bytes -= size;
         if matches!(outcome, Outcome::CallerGone | Outcome::CallerLeft) {
             // (otherwise `send_result` releases the call, in the same lookup)
             if let Some(c) = self.peers.get_mut(p.caller) {
                 c.calling = c.calling.saturating_sub(1);
+                c.calling_bytes = c.calling_bytes.saturating_sub(size);
             }
         }
         let elapsed = self.pending.elapsed_at(&p, now);
@@ -664,7 +705,7 @@ impl Broker {
                     code,
                     message,
                 };
-                self.send_result(p.caller, &env, payload);
+                self.send_result(p.caller, size, &env, payload);
                 match code {
                     None => self.stats.calls_ok += 1,
                     Some(c) => self.stats.error(c),
@@ -682,7 +723,7 @@ impl Broker {
                     code: Some(code),
                     message: &message,
                 };
-                self.send_result(p.caller, &env, Payload::EMPTY);
+                self.send_result(p.caller, size, &env, Payload::EMPTY);
                 self.stats.error(code);
                 self.stats.service_in(stats_slot, service).errors += 1;
                 tracing::debug!(bid, service, %code, %message, "call failed");
@@ -708,34 +749,42 @@ impl Broker {
 
     /// Queues a `Result` to a caller, counts its call as no longer pending,
     /// and disconnects the caller if its results pile up unread.
-    fn send_result(&mut self, caller: PeerId, env: &Envelope<'_>, payload: Payload<'_>) {
+    fn send_result(
+        &mut self,
+        caller: PeerId,
+        arg_size: usize,
+        env: &Envelope<'_>,
+        payload: Payload<'_>,
+    ) {
         let Some(c) = self.peers.get_mut(caller) else {
             return;
         };
         c.calling = c.calling.saturating_sub(1);
+        c.calling_bytes = c.calling_bytes.saturating_sub(arg_size);
         self.out.enqueue(&c.io, env, payload);
-        if c.io.queue.borrow().len_bytes() > self.config.max_queued_bytes {
-            self.check_backlog(caller);
+        let max = self.config.max_queued_bytes;
+        if c.io.queue.borrow().len_bytes() > max {
+            self.check_backlog(caller, max);
         }
     }
 
-    /// Disconnects a client whose results pile up unread.
-    fn check_backlog(&mut self, peer: PeerId) {
+    /// Disconnects a peer whose frames pile up unread past `limit` bytes.
+    fn check_backlog(&mut self, peer: PeerId, limit: usize) {
         let Some(p) = self.peers.get(peer) else {
             return;
         };
         let queued = p.io.queue.borrow().len_bytes();
-        if queued > self.config.max_queued_bytes && !p.io.closed.get() {
+        if queued > limit && !p.io.closed.get() {
             tracing::warn!(
                 peer,
                 pid = p.creds.pid,
                 queued,
-                "peer does not read its results; disconnecting it"
+                "peer does not read what the broker sends it; disconnecting it"
             );
             let fatal = Fatal {
                 code: ErrorCode::LimitExceeded,
                 message: format!(
-                    "{queued} bytes of results are queued unread (limit --max-queued-bytes); disconnecting"
+                    "{queued} bytes of frames for this connection (results, events, answers) are queued unread (limit --max-queued-bytes); disconnecting"
                 ),
             };
             self.fatal(peer, &fatal);
@@ -804,8 +853,9 @@ impl Broker {
             code: fatal.code,
             message: &fatal.message,
         };
-        self.send(peer, &env, Payload::EMPTY);
+        // Queued without the backlog check of `send` (which ends here).
         if let Some(p) = self.peers.get(peer) {
+            self.out.enqueue(&p.io, &env, Payload::EMPTY);
             p.io.close();
         }
     }
@@ -823,6 +873,9 @@ impl Broker {
         self.monitors.retain(|m| m.peer != peer);
         for name in &p.names {
             self.names.unregister(name, peer);
+            if !self.names.is_held(name) {
+                self.stats.unregistered(name);
+            }
         }
         if !p.names.is_empty() {
             tracing::info!(peer, names = ?p.names, "service disconnected, names released");

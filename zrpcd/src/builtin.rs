@@ -116,25 +116,7 @@ fn describe() -> Value {
 }
 
 fn subscribe(b: &mut Broker, caller: PeerId, payload: &[u8]) -> Result<Value, String> {
-    let filter = if payload.is_empty() {
-        None
-    } else {
-        match rmpv::decode::read_value(&mut &payload[..]) {
-            Ok(Value::Nil) => None,
-            Ok(Value::Array(items)) => Some(
-                items
-                    .into_iter()
-                    .map(|v| match v {
-                        Value::String(s) => s
-                            .into_str()
-                            .ok_or_else(|| "service names must be UTF-8".to_string()),
-                        _ => Err("monitor takes nil or an array of service names".to_string()),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            _ => return Err("monitor takes nil or an array of service names".into()),
-        }
-    };
+    let filter = crate::monitor::parse_filter(payload)?;
     b.monitors.retain(|m| m.peer != caller);
     b.monitors.push(crate::monitor::Monitor {
         peer: caller,

@@ -15,8 +15,15 @@ pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// flight at once.
 pub const DEFAULT_MAX_PARTIAL_BYTES: usize = 256 * 1024 * 1024;
 
+/// Default `--max-pending-bytes-per-conn`: 256 MiB (sixteen calls of the
+/// largest message size).
+pub const DEFAULT_MAX_PENDING_BYTES_PER_CONN: usize = 256 * 1024 * 1024;
+
+/// Default `--max-pending-bytes`: 1 GiB.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 1024 * 1024 * 1024;
+
 /// Default `--max-stats-names`.
-pub const DEFAULT_MAX_STATS_NAMES: usize = 1024;
+pub const DEFAULT_MAX_STATS_NAMES: u64 = 1024;
 
 /// Everything the broker needs to know to run. Built from command-line flags
 /// by `main.rs`; tests and embedders can build it directly.
@@ -34,6 +41,11 @@ pub struct Config {
     pub max_pending_per_conn: usize,
     /// Most calls pending in the whole broker.
     pub max_pending_total: usize,
+    /// Most payload bytes of one connection's pending calls (kept by the
+    /// broker until answered, for re-delivery).
+    pub max_pending_bytes_per_conn: usize,
+    /// Most payload bytes of pending calls in the whole broker.
+    pub max_pending_bytes: usize,
     /// Most names one connection may hold.
     pub max_names_per_conn: usize,
     /// Most bytes queued towards one peer before the broker pushes back
@@ -61,7 +73,8 @@ pub struct Config {
     /// (`--max-partial-bytes`).
     pub max_partial_bytes: usize,
     /// Most service names with statistics of their own in `zrpcd.stats`
-    /// (names that are or were registered); further ones are counted under
+    /// (names that are or were registered; at most
+    /// [`crate::stats::MAX_STATS_NAMES`]); further ones are counted under
     /// [`crate::stats::OTHER`] (`--max-stats-names`).
     pub max_stats_names: usize,
     /// How long the broker polls its sockets before sleeping when it runs
@@ -81,6 +94,8 @@ impl Config {
             max_connections: 16_384,
             max_pending_per_conn: 65_536,
             max_pending_total: 1_048_576,
+            max_pending_bytes_per_conn: DEFAULT_MAX_PENDING_BYTES_PER_CONN,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             max_names_per_conn: 256,
             max_queued_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(5),
@@ -90,7 +105,7 @@ impl Config {
             busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
             max_partial_bytes: DEFAULT_MAX_PARTIAL_BYTES,
-            max_stats_names: DEFAULT_MAX_STATS_NAMES,
+            max_stats_names: DEFAULT_MAX_STATS_NAMES as usize,
         }
     }
 }

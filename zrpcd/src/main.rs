@@ -33,6 +33,12 @@ struct Args {
     /// Most calls pending in the whole broker
     #[arg(long, default_value_t = 1_048_576)]
     max_pending_total: usize,
+    /// Most payload bytes of one connection's pending calls
+    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_PENDING_BYTES_PER_CONN)]
+    max_pending_bytes_per_conn: usize,
+    /// Most payload bytes of pending calls in the whole broker
+    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_PENDING_BYTES)]
+    max_pending_bytes: usize,
     /// Most names one connection may register
     #[arg(long, default_value_t = 256)]
     max_names_per_conn: usize,
@@ -52,8 +58,9 @@ struct Args {
     max_partial_bytes: usize,
     /// Most service names with rows of their own in `zrpc stats` (names that
     /// are or were registered); the rest are counted under "(other)"
-    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_STATS_NAMES)]
-    max_stats_names: usize,
+    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_STATS_NAMES,
+          value_parser = clap::value_parser!(u64).range(0..=zrpcd::stats::MAX_STATS_NAMES as u64))]
+    max_stats_names: u64,
     /// Seconds shutdown lets delivered calls finish before answering the rest
     /// with a Shutdown error
     #[arg(long, default_value_t = 2.0)]
@@ -140,6 +147,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_pending_per_conn = args.max_pending_per_conn;
     config.max_pending_total = args.max_pending_total;
     config.max_names_per_conn = args.max_names_per_conn;
+    config.max_pending_bytes_per_conn = args.max_pending_bytes_per_conn;
+    config.max_pending_bytes = args.max_pending_bytes;
     config.max_queued_bytes = args.max_queued_bytes;
     config.handshake_timeout = secs(args.handshake_timeout, "handshake-timeout")?;
     config.shutdown_grace = secs(args.shutdown_grace, "shutdown-grace")?;
@@ -148,7 +157,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.busy_poll = std::time::Duration::from_micros(args.busy_poll_us);
     config.frame_timeout = secs(args.frame_timeout, "frame-timeout")?;
     config.max_partial_bytes = args.max_partial_bytes;
-    config.max_stats_names = args.max_stats_names;
+    config.max_stats_names = args.max_stats_names as usize;
     if config.heartbeat_interval.is_zero() {
         return Err("--heartbeat-interval must be positive".into());
     }

@@ -14,8 +14,9 @@ use crate::peers::PeerId;
 pub struct Monitor {
     /// The subscribed connection.
     pub peer: PeerId,
-    /// Only calls to these services (all if `None`).
-    pub filter: Option<Vec<String>>,
+    /// Only calls to these services (all if `None`); at most
+    /// [`MAX_FILTER_NAMES`] valid names.
+    pub filter: Option<rustc_hash::FxHashSet<Box<str>>>,
     /// Last event sequence number sent.
     pub seq: u64,
 }
@@ -44,10 +45,39 @@ pub struct CallEvent<'a> {
 impl Monitor {
     /// Whether this subscriber wants events about `service`.
     pub fn wants(&self, service: &str) -> bool {
-        self.filter
-            .as_ref()
-            .is_none_or(|f| f.iter().any(|s| s == service))
+        self.filter.as_ref().is_none_or(|f| f.contains(service))
     }
+}
+
+/// Most service names one `zrpcd.monitor` subscription may list.
+pub const MAX_FILTER_NAMES: u32 = 256;
+
+/// Reads a `zrpcd.monitor` argument: nil (or no payload) for all services,
+/// or an array of at most [`MAX_FILTER_NAMES`] valid service names. The
+/// array's length is checked before anything is decoded, so a huge
+/// argument costs nothing.
+pub fn parse_filter(payload: &[u8]) -> Result<Option<rustc_hash::FxHashSet<Box<str>>>, String> {
+    const USAGE: &str = "monitor takes nil or an array of service names";
+    if payload.is_empty() || payload == zrpc_proto::NIL_PAYLOAD {
+        return Ok(None);
+    }
+    let mut r = zrpc_proto::mp::Reader::new(payload);
+    let n = r.array_len().map_err(|_| USAGE.to_string())?;
+    if n > MAX_FILTER_NAMES {
+        return Err(format!(
+            "monitor takes at most {MAX_FILTER_NAMES} service names, not {n}"
+        ));
+    }
+    let mut names = rustc_hash::FxHashSet::default();
+    for _ in 0..n {
+        let name = r.str().map_err(|_| USAGE.to_string())?;
+        zrpc_proto::validate_name(name).map_err(|e| e.to_string())?;
+        names.insert(Box::from(name));
+    }
+    if r.remaining() != 0 {
+        return Err("the monitor argument has bytes after its array".into());
+    }
+    Ok(Some(names))
 }
 
 /// Encodes an event as the payload of an `Event` frame: a map with keys
@@ -76,4 +106,23 @@ pub fn encode(e: &CallEvent<'_>) -> Bytes {
     // Writing to a Vec cannot fail.
     let _ = rmpv::encode::write_value(&mut out, &v);
     out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_are_bounded_and_validated() {
+        assert_eq!(parse_filter(b""), Ok(None));
+        assert_eq!(parse_filter(b"\xc0"), Ok(None));
+        let two = parse_filter(b"\x92\xa4echo\xa4calc").expect("two names");
+        assert!(two.is_some_and(|f| f.len() == 2 && f.contains("echo")));
+        // An array announcing 16M entries is refused before decoding.
+        let err = parse_filter(b"\xdd\x01\x00\x00\x00\xa0").expect_err("too many");
+        assert!(err.contains("at most 256"), "{err}");
+        assert!(parse_filter(b"\x91\xa0").is_err(), "empty name");
+        assert!(parse_filter(b"\x91\x01").is_err(), "not a string");
+        assert!(parse_filter(b"\x91\xa4echo\x00").is_err(), "trailing bytes");
+    }
 }

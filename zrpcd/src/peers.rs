@@ -44,6 +44,8 @@ pub struct Peer {
     pub outstanding: u32,
     /// Calls made by this peer (as a client) not yet answered.
     pub calling: u32,
+    /// Payload bytes of those calls, kept by the broker.
+    pub calling_bytes: usize,
     /// Requests this peer answered (as a service).
     pub served: u64,
     /// Requests delivered to this peer that ended in an error or timeout.
@@ -86,6 +88,7 @@ impl Peers {
                 names: Vec::new(),
                 outstanding: 0,
                 calling: 0,
+                calling_bytes: 0,
                 served: 0,
                 failed: 0,
                 calls_made: 0,

@@ -515,19 +515,6 @@ impl PendingCalls {
         }
     }
 
-    /// Tags every route of `service` with `tag`; if `evicted`, first
-    /// drops `tag` from the routes that had it (it belonged to another
-    /// name). Walks every route: for a name's first registration only.
-    pub fn retag_routes(&mut self, service: &str, tag: u32, evicted: bool) {
-        for r in self.routes.entries.iter_mut().flatten() {
-            if &*r.service == service {
-                r.tag = tag;
-            } else if evicted && r.tag == tag {
-                r.tag = u32::MAX;
-            }
-        }
-    }
-
     /// The service and method names of a call, as shared strings that stay
     /// valid while the table changes.
     pub fn names_rc(&self, p: &Pending) -> (Rc<str>, Rc<str>) {

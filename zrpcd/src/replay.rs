@@ -102,6 +102,8 @@ fn drive_in_runtime(data: &[u8]) {
     config.max_names_per_conn = 2;
     config.max_stats_names = 2;
     config.max_partial_bytes = 1 << 20;
+    config.max_pending_bytes_per_conn = 12;
+    config.max_pending_bytes = 20;
     let broker = Rc::new(RefCell::new(Broker::new(config)));
     let mut b = broker.borrow_mut();
     let mut keep = Vec::new();
@@ -231,6 +233,7 @@ fn drive_in_runtime(data: &[u8]) {
     assert_eq!(b.pending.len(), 0, "calls left once every peer is gone");
     assert_eq!(b.names.len(), 0, "names left once every peer is gone");
     assert_eq!(b.partial_total, 0, "partial-frame bytes left");
+    assert_eq!(b.pending_bytes, 0, "pending payload bytes left");
 }
 
 #[cfg(test)]

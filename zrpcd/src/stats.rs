@@ -1,5 +1,6 @@
 //! Broker-wide counters and per-service latency histograms.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
@@ -91,25 +92,6 @@ pub struct ServiceStats {
 /// service name, so it cannot clash with one.
 pub const OTHER: &str = "(other)";
 
-/// What [`Stats::track`] did for a registered name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tracked {
-    /// The name already had its row, in this slot.
-    Existing(u32),
-    /// A new row was made, in this slot; if it reused the slot of a name no
-    /// longer registered (`evicted`), keys kept elsewhere for that slot
-    /// (route tags) must be dropped.
-    New {
-        /// The slot.
-        slot: u32,
-        /// Whether it held another name's row before.
-        evicted: bool,
-    },
-    /// No row: the table is full of registered names; counted under
-    /// [`OTHER`].
-    Full,
-}
-
 /// Broker-wide counters.
 #[derive(Debug)]
 pub struct Stats {
@@ -136,11 +118,16 @@ pub struct Stats {
     /// Services disconnected for not answering heartbeats.
     pub heartbeat_timeouts: u64,
     /// Per service name: the broker's own service, [`OTHER`], then names
-    /// that are or were registered, at most `max_names` of them. A slot
-    /// number is kept with the call's interned route so that ending a call
-    /// finds its entry without a name lookup; a slot is reused only by
-    /// [`Stats::track`], which says so.
+    /// that are or were registered, at most `max_names` of them. A call's
+    /// interned route keeps the row's [tag](Stats::tag_of) so that ending
+    /// the call finds its row without a name lookup; a row given to another
+    /// name gets a new generation, so old tags stop matching it.
     pub services: Vec<(String, ServiceStats)>,
+    /// Per row: generation, registered now, waiting in `idle`.
+    rows: Vec<RowState>,
+    /// Rows whose name stopped being registered, oldest first: the next
+    /// ones to give to a new name (checked again when taken).
+    idle: VecDeque<u32>,
     /// Slot in `services` by name (hashbrown for `entry_ref`: a key
     /// allocated only for a new name).
     slots: hashbrown::HashMap<String, u32, FxBuildHasher>,
@@ -148,13 +135,25 @@ pub struct Stats {
     max_names: usize,
 }
 
+#[derive(Debug, Default, Clone, Copy)]
+struct RowState {
+    generation: u16,
+    registered: bool,
+    in_idle: bool,
+}
+
+/// Most rows for registered names that `--max-stats-names` may ask for (a
+/// row's slot and generation share one 32-bit tag).
+pub const MAX_STATS_NAMES: usize = 65_000;
+
 /// Slot of the broker's own service.
 const BROKER_SLOT: u32 = 0;
 /// Slot of [`OTHER`].
 const OTHER_SLOT: u32 = 1;
 
 impl Stats {
-    /// Empty counters, with rows for at most `max_names` registered names.
+    /// Empty counters, with rows for at most `max_names` registered names
+    /// (capped at [`MAX_STATS_NAMES`]).
     pub fn new(max_names: usize) -> Stats {
         let mut s = Stats {
             connections_total: 0,
@@ -169,8 +168,10 @@ impl Stats {
             protocol_errors: 0,
             heartbeat_timeouts: 0,
             services: Vec::new(),
+            rows: Vec::new(),
+            idle: VecDeque::new(),
             slots: hashbrown::HashMap::default(),
-            max_names,
+            max_names: max_names.min(MAX_STATS_NAMES),
         };
         s.push_row(zrpc_proto::BROKER_SERVICE);
         s.push_row(OTHER);
@@ -181,8 +182,27 @@ impl Stats {
         let slot = self.services.len() as u32;
         self.services
             .push((name.to_owned(), ServiceStats::default()));
+        self.rows.push(RowState::default());
         self.slots.insert(name.to_owned(), slot);
         slot
+    }
+
+    fn tag(&self, slot: u32) -> u32 {
+        slot | (u32::from(self.rows[slot as usize].generation) << 16)
+    }
+
+    /// The slot a tag names, if the row still belongs to the name it was
+    /// taken for.
+    fn slot_of_tag(&self, tag: u32) -> Option<u32> {
+        let slot = tag & 0xffff;
+        let row = self.rows.get(slot as usize)?;
+        (u32::from(row.generation) == tag >> 16).then_some(slot)
+    }
+
+    /// Whether `tag` still names its row (see [`Stats::tag_of`]).
+    #[inline]
+    pub fn tag_is_current(&self, tag: Option<u32>) -> bool {
+        tag.is_some_and(|t| self.slot_of_tag(t).is_some())
     }
 
     /// Counts an error outcome.
@@ -195,62 +215,71 @@ impl Stats {
 
     /// The entry of `name`, or of [`OTHER`] if it has none.
     pub fn service(&mut self, name: &str) -> &mut ServiceStats {
-        let slot = self.slot(name).unwrap_or(OTHER_SLOT);
-        self.service_at(slot)
+        let slot = self.slots.get(name).copied().unwrap_or(OTHER_SLOT);
+        &mut self.services[slot as usize].1
     }
 
     /// The broker's own service's entry.
     pub fn broker_service(&mut self) -> &mut ServiceStats {
-        self.service_at(BROKER_SLOT)
+        &mut self.services[BROKER_SLOT as usize].1
     }
 
-    /// The slot of `name`'s entry, if it has one.
-    pub fn slot(&self, name: &str) -> Option<u32> {
-        self.slots.get(name).copied()
+    /// The tag of `name`'s row, if it has one: kept with a route, it finds
+    /// the row without a name lookup ([`Stats::service_in`]).
+    pub fn tag_of(&self, name: &str) -> Option<u32> {
+        self.slots.get(name).map(|&slot| self.tag(slot))
     }
 
-    /// Gives the registered name `name` a row if it has none: a new one
-    /// while there are fewer than `max_names`, else the row of a name that
-    /// `is_registered` says is no longer registered (its counts are lost).
-    pub fn track(&mut self, name: &str, is_registered: impl Fn(&str) -> bool) -> Tracked {
-        if let Some(slot) = self.slot(name) {
-            return Tracked::Existing(slot);
+    /// `name` was registered: gives it a row if it has none, while there
+    /// are fewer than `max_names`, else the row of the name that stopped
+    /// being registered longest ago (its counts are dropped). Returns the
+    /// row's tag; `None` when every row belongs to a registered name (the
+    /// name is then counted under [`OTHER`]). O(1) amortised.
+    pub fn registered(&mut self, name: &str) -> Option<u32> {
+        if let Some(&slot) = self.slots.get(name) {
+            self.rows[slot as usize].registered = true;
+            return Some(self.tag(slot));
         }
         if self.services.len() - 2 < self.max_names {
             let slot = self.push_row(name);
-            return Tracked::New {
-                slot,
-                evicted: false,
-            };
+            self.rows[slot as usize].registered = true;
+            return Some(self.tag(slot));
         }
-        let victim = self
-            .services
-            .iter()
-            .skip(2)
-            .position(|(n, _)| !is_registered(n))
-            .map(|i| i as u32 + 2);
-        let Some(slot) = victim else {
-            return Tracked::Full;
+        while let Some(slot) = self.idle.pop_front() {
+            let row = &mut self.rows[slot as usize];
+            row.in_idle = false;
+            if row.registered {
+                continue;
+            }
+            row.registered = true;
+            row.generation = row.generation.wrapping_add(1);
+            let entry = &mut self.services[slot as usize];
+            self.slots.remove(&entry.0);
+            *entry = (name.to_owned(), ServiceStats::default());
+            self.slots.insert(name.to_owned(), slot);
+            return Some(self.tag(slot));
+        }
+        None
+    }
+
+    /// No connection holds `name` any more: its row may go to a new name.
+    pub fn unregistered(&mut self, name: &str) {
+        let Some(&slot) = self.slots.get(name) else {
+            return;
         };
-        let row = &mut self.services[slot as usize];
-        self.slots.remove(&row.0);
-        *row = (name.to_owned(), ServiceStats::default());
-        self.slots.insert(name.to_owned(), slot);
-        Tracked::New {
-            slot,
-            evicted: true,
+        let row = &mut self.rows[slot as usize];
+        row.registered = false;
+        if slot >= 2 && !row.in_idle {
+            row.in_idle = true;
+            self.idle.push_back(slot);
         }
     }
 
-    /// The entry in slot `slot` (from [`Stats::slot`] or [`Stats::track`]).
-    pub fn service_at(&mut self, slot: u32) -> &mut ServiceStats {
-        &mut self.services[slot as usize].1
-    }
-
-    /// The entry in `slot` if known, else `name`'s (or [`OTHER`]'s).
-    pub fn service_in(&mut self, slot: Option<u32>, name: &str) -> &mut ServiceStats {
-        match slot {
-            Some(slot) => self.service_at(slot),
+    /// The entry a route's tag names if it is current, else `name`'s (or
+    /// [`OTHER`]'s).
+    pub fn service_in(&mut self, tag: Option<u32>, name: &str) -> &mut ServiceStats {
+        match tag.and_then(|t| self.slot_of_tag(t)) {
+            Some(slot) => &mut self.services[slot as usize].1,
             None => self.service(name),
         }
     }
@@ -263,37 +292,38 @@ mod tests {
     #[test]
     fn rows_are_bounded_and_reused_only_for_unregistered_names() {
         let mut s = Stats::new(2);
-        assert_eq!(
-            s.track("a", |_| true),
-            Tracked::New {
-                slot: 2,
-                evicted: false
-            }
-        );
-        assert_eq!(
-            s.track("b", |_| true),
-            Tracked::New {
-                slot: 3,
-                evicted: false
-            }
-        );
-        assert_eq!(s.track("a", |_| true), Tracked::Existing(2));
+        let a = s.registered("a").expect("row for a");
+        let b = s.registered("b").expect("row for b");
+        assert_eq!(s.registered("a"), Some(a));
         // Full of registered names: "c" is counted under OTHER.
-        assert_eq!(s.track("c", |_| true), Tracked::Full);
+        assert_eq!(s.registered("c"), None);
         s.service("c").answered += 1;
         s.service("never-registered").answered += 1;
         assert_eq!(s.services[OTHER_SLOT as usize].1.answered, 2);
-        // "a" went away: its row is reused.
-        assert_eq!(
-            s.track("c", |n| n != "a"),
-            Tracked::New {
-                slot: 2,
-                evicted: true
-            }
-        );
-        assert_eq!(s.slot("a"), None);
-        assert_eq!(s.slot("c"), Some(2));
+        // "a" went away: its row goes to "c", with a new generation.
+        s.service_in(Some(a), "a").answered += 5;
+        s.unregistered("a");
+        let c = s.registered("c").expect("a's row");
+        assert_ne!(c, a);
+        assert_eq!(c & 0xffff, a & 0xffff);
+        assert!(!s.tag_is_current(Some(a)));
+        assert!(s.tag_is_current(Some(c)));
+        assert_eq!(s.tag_of("a"), None);
+        assert_eq!(s.service_in(Some(c), "c").answered, 0, "counts start anew");
+        // A stale tag falls back to the name: "a" is now under OTHER.
+        s.service_in(Some(a), "a").answered += 1;
+        assert_eq!(s.services[OTHER_SLOT as usize].1.answered, 3);
         assert_eq!(s.services.len(), 4);
+        // Registered again before its row was taken: it keeps it.
+        s.unregistered("b");
+        assert_eq!(s.registered("b"), Some(b));
+        assert_eq!(s.registered("d"), None, "b's row is not free any more");
+        // Churn does not grow the idle queue.
+        for _ in 0..1000 {
+            s.unregistered("b");
+            s.registered("b");
+        }
+        assert!(s.idle.len() <= 2, "{}", s.idle.len());
     }
 
     #[test]
