@@ -36,16 +36,22 @@ impl Raw {
 
     /// Sends `Hello` and expects `Welcome`.
     pub fn handshake(&mut self) {
+        let (kind, _) = self.hello_as(1).expect("welcome");
+        assert_eq!(kind, zrpc_proto::Kind::Welcome);
+    }
+
+    /// Sends `Hello` with instance id `instance` and returns the answer
+    /// (`Welcome`, or `Fatal`).
+    pub fn hello_as(&mut self, instance: u64) -> Option<(zrpc_proto::Kind, zrpc_proto::Frame)> {
         self.send(
             &Envelope::Hello {
                 version: PROTOCOL_VERSION,
-                instance: 1,
+                instance,
                 agent: "test",
             },
             b"",
         );
-        let (kind, _) = self.recv().expect("welcome");
-        assert_eq!(kind, zrpc_proto::Kind::Welcome);
+        self.recv()
     }
 
     /// Sends one frame.

@@ -30,6 +30,9 @@ pub mod exit {
     /// is larger than the broker's maximum message size), or an unexpected
     /// answer.
     pub const PROTOCOL: u8 = 10;
+    /// The broker's access policy refused the call (or the broker is not
+    /// one this user trusts).
+    pub const ACCESS_DENIED: u8 = 11;
     /// A finite `--concurrency` run was interrupted with Ctrl-C.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -48,6 +51,7 @@ Exit codes:
    8  service gone: the instance disconnected during the call (with --no-retry)
    9  the broker is shutting down
   10  protocol error, version mismatch or limit exceeded
+  11  access denied by the broker's policy, or an untrusted broker
  130  interrupted (Ctrl-C during a --concurrency run with a finite --count)";
 
 /// A failure: what to print (after `zrpc: `) and the exit code.
@@ -88,6 +92,7 @@ pub fn code_exit(code: ErrorCode) -> u8 {
         ErrorCode::ServiceGone => exit::SERVICE_GONE,
         ErrorCode::Shutdown => exit::SHUTDOWN,
         ErrorCode::InvalidName => exit::USAGE,
+        ErrorCode::AccessDenied => exit::ACCESS_DENIED,
         ErrorCode::Protocol
         | ErrorCode::VersionMismatch
         | ErrorCode::LimitExceeded

@@ -38,6 +38,17 @@ pub enum Error {
         /// Target service.
         service: String,
     },
+    /// The broker's access policy does not allow this caller to call the
+    /// service or method (or to use the broker's introspection).
+    #[error("not allowed to call {service}.{method}: {message}")]
+    AccessDenied {
+        /// Target service.
+        service: String,
+        /// Target method.
+        method: String,
+        /// The broker's explanation (which rule, which uid).
+        message: String,
+    },
     /// The service has no such method.
     #[error("service {service:?} has no method {method:?}")]
     NoSuchMethod {
@@ -81,7 +92,7 @@ pub enum Error {
     /// The broker socket could not be connected to. The message says what
     /// to check: whether zrpcd runs (no socket, connection refused), or
     /// whether this user may open its socket (permission denied).
-    #[error("cannot connect to zrpcd at {}: {source}{}", path.display(), connect_hint(source))]
+    #[error("cannot connect to zrpcd at {}: {source}{}", path.display(), zrpc_proto::connect_hint(source))]
     Connect {
         /// The socket path tried.
         path: PathBuf,
@@ -135,6 +146,7 @@ impl Error {
             Error::NoSuchMethod { .. } => ErrorCode::NoSuchMethod,
             Error::Remote { .. } => ErrorCode::Remote,
             Error::BadPayload { .. } => ErrorCode::BadPayload,
+            Error::AccessDenied { .. } => ErrorCode::AccessDenied,
             Error::ServiceGone { .. } => ErrorCode::ServiceGone,
             Error::Shutdown => ErrorCode::Shutdown,
             Error::Protocol(_) => ErrorCode::Protocol,
@@ -178,6 +190,11 @@ impl Error {
                 message,
             },
             ErrorCode::ServiceGone => Error::ServiceGone { service },
+            ErrorCode::AccessDenied => Error::AccessDenied {
+                service,
+                method: method.to_owned(),
+                message,
+            },
             other => Error::from_fatal(other, message),
         }
     }
@@ -192,20 +209,6 @@ impl Error {
             ErrorCode::LimitExceeded => Error::LimitExceeded(message),
             code => Error::Broker { code, message },
         }
-    }
-}
-
-/// What to check when connecting to the broker's socket failed with `e`.
-fn connect_hint(e: &std::io::Error) -> &'static str {
-    use std::io::ErrorKind;
-    match e.kind() {
-        ErrorKind::PermissionDenied => {
-            " (a permission problem, not a missing broker: this user may not open zrpcd's socket or its directory; check their owner and mode, see zrpcd --socket-mode)"
-        }
-        ErrorKind::NotFound | ErrorKind::ConnectionRefused => {
-            " (is zrpcd running? is the socket directory right? see --socket-dir and $ZRPC_SOCKET_DIR)"
-        }
-        _ => "",
     }
 }
 

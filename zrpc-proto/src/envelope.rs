@@ -50,6 +50,20 @@ pub enum Kind {
     Event = 14,
 }
 
+/// The identity of a caller as the kernel reported it to the broker
+/// (`SO_PEERCRED` when the caller connected): carried in every `Request`
+/// so that a service can authorise calls itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Caller {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Process id when the caller connected (0 if unknown). A pid is a
+    /// snapshot: the process may have exited and the number been reused.
+    pub pid: u32,
+}
+
 /// A decoded envelope. String fields borrow from the frame they came from,
 /// so decoding allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,8 +127,10 @@ pub enum Envelope<'a> {
         /// See [`flags`].
         flags: u32,
     },
-    /// `[7, id, service, method, timeout_ms, caller_instance, caller_call]` +
-    /// payload.
+    /// `[7, id, service, method, timeout_ms, caller_instance, caller_call,
+    /// caller_uid, caller_gid, caller_pid]` + payload (the last three since
+    /// the security model; a `Request` without them decodes with `caller`
+    /// `None`).
     Request {
         /// Broker-assigned id; echo it in the `Reply`.
         id: u64,
@@ -129,6 +145,9 @@ pub enum Envelope<'a> {
         /// The caller's own call id. With `caller_instance` it identifies the
         /// call across reconnects.
         caller_call: u64,
+        /// Who the caller is, as the kernel told the broker (`SO_PEERCRED`
+        /// of the caller's connection), never what the caller claims.
+        caller: Option<Caller>,
     },
     /// `[8, id, code, message]` + payload (the return value on success).
     Reply {
@@ -245,7 +264,7 @@ impl<'a> Envelope<'a> {
             } => 3 * U + mp::max_str_len(service) + mp::max_str_len(method),
             Envelope::Request {
                 service, method, ..
-            } => 4 * U + mp::max_str_len(service) + mp::max_str_len(method),
+            } => 7 * U + mp::max_str_len(service) + mp::max_str_len(method),
             Envelope::Cancel { .. }
             | Envelope::Ping { .. }
             | Envelope::Pong { .. }
@@ -388,8 +407,9 @@ impl<'a> Envelope<'a> {
                 timeout_ms,
                 caller_instance,
                 caller_call,
+                caller,
             } => {
-                out.array_len(7);
+                out.array_len(if caller.is_some() { 10 } else { 7 });
                 out.uint(kind);
                 out.uint(id);
                 out.str(service);
@@ -397,6 +417,11 @@ impl<'a> Envelope<'a> {
                 out.opt_uint(timeout_ms);
                 out.uint(caller_instance);
                 out.uint(caller_call);
+                if let Some(c) = caller {
+                    out.uint(u64::from(c.uid));
+                    out.uint(u64::from(c.gid));
+                    out.uint(u64::from(c.pid));
+                }
             }
             Envelope::Cancel { id: n }
             | Envelope::Ping { nonce: n }
@@ -444,13 +469,18 @@ impl<'a> Envelope<'a> {
                 timeout_ms: c.opt_uint()?,
                 flags: u32::try_from(c.uint()?).ok()?,
             },
-            (0x97, 7) => Envelope::Request {
+            (0x9a, 7) => Envelope::Request {
                 id: c.uint()?,
                 service: c.name()?,
                 method: c.name()?,
                 timeout_ms: c.opt_uint()?,
                 caller_instance: c.uint()?,
                 caller_call: c.uint()?,
+                caller: Some(Caller {
+                    uid: u32::try_from(c.uint()?).ok()?,
+                    gid: u32::try_from(c.uint()?).ok()?,
+                    pid: u32::try_from(c.uint()?).ok()?,
+                }),
             },
             _ => return None,
         };
@@ -543,15 +573,28 @@ impl<'a> Envelope<'a> {
             }
             7 => {
                 need(7)?;
-                let env = Envelope::Request {
-                    id: r.uint()?,
-                    service: r.str()?,
-                    method: r.str()?,
-                    timeout_ms: r.opt_uint()?,
-                    caller_instance: r.uint()?,
-                    caller_call: r.uint()?,
+                let (id, service, method) = (r.uint()?, r.str()?, r.str()?);
+                let (timeout_ms, caller_instance, caller_call) =
+                    (r.opt_uint()?, r.uint()?, r.uint()?);
+                let caller = if len >= 10 {
+                    Some(Caller {
+                        uid: r.u32()?,
+                        gid: r.u32()?,
+                        pid: r.u32()?,
+                    })
+                } else {
+                    None
                 };
-                (env, 7)
+                let env = Envelope::Request {
+                    id,
+                    service,
+                    method,
+                    timeout_ms,
+                    caller_instance,
+                    caller_call,
+                    caller,
+                };
+                (env, if caller.is_some() { 10 } else { 7 })
             }
             10..=12 | 14 => {
                 need(2)?;

@@ -43,6 +43,10 @@ pub enum ErrorCode {
     /// never delivered (15). A kind of timeout: clients report it as their
     /// timeout error, saying that the name was not registered.
     TimeoutNoService,
+    /// The broker's access policy does not allow this (calling the service
+    /// or method, owning the name, using the broker's introspection); the
+    /// message says which rule and for which uid (16).
+    AccessDenied,
     /// A code this version does not know.
     Unknown(u16),
 }
@@ -66,6 +70,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => 13,
             ErrorCode::NotRegistered => 14,
             ErrorCode::TimeoutNoService => 15,
+            ErrorCode::AccessDenied => 16,
             ErrorCode::Unknown(v) => v,
         }
     }
@@ -89,6 +94,7 @@ impl ErrorCode {
             13 => ErrorCode::Cancelled,
             14 => ErrorCode::NotRegistered,
             15 => ErrorCode::TimeoutNoService,
+            16 => ErrorCode::AccessDenied,
             v => ErrorCode::Unknown(v),
         })
     }
@@ -117,6 +123,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::NotRegistered => "not_registered",
             ErrorCode::TimeoutNoService => "timeout_no_service",
+            ErrorCode::AccessDenied => "access_denied",
             ErrorCode::Unknown(_) => "unknown",
         }
     }

@@ -33,7 +33,7 @@ pub use blob::Blob;
 pub use codec::{
     encode_frame, encode_header, Batch, BatchFrames, Frame, FrameDecoder, FrameSize, HEADER_LEN,
 };
-pub use envelope::{flags, Envelope, Kind};
+pub use envelope::{flags, Caller, Envelope, Kind};
 pub use error::{ErrorCode, ProtoError};
 pub use inline::InlineBytes;
 pub use names::{to_snake_case, validate_name, MAX_NAME_LEN};
@@ -81,6 +81,23 @@ pub fn resolve_socket_dir(explicit: Option<&std::path::Path>) -> std::path::Path
     match std::env::var_os(SOCKET_DIR_ENV) {
         Some(v) if !v.is_empty() => v.into(),
         _ => DEFAULT_SOCKET_DIR.into(),
+    }
+}
+
+/// What to check when connecting to the broker's socket failed with `e`,
+/// as a parenthesised hint to append to the error message: whether zrpcd
+/// runs (no socket, connection refused), or whether this user may open its
+/// socket (permission denied).
+pub fn connect_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::PermissionDenied => {
+            " (a permission problem, not a missing broker: this user may not open zrpcd's socket or its directory; check their owner and mode, see zrpcd --socket-mode)"
+        }
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => {
+            " (is zrpcd running? is the socket directory right? see --socket-dir and $ZRPC_SOCKET_DIR)"
+        }
+        _ => "",
     }
 }
 

@@ -46,6 +46,20 @@ fn all_envelopes() -> Vec<Envelope<'static>> {
             timeout_ms: Some(5),
             caller_instance: 42,
             caller_call: 43,
+            caller: Some(Caller {
+                uid: 1000,
+                gid: 1000,
+                pid: 4242,
+            }),
+        },
+        Envelope::Request {
+            id: 2,
+            service: "svc",
+            method: "m",
+            timeout_ms: None,
+            caller_instance: 42,
+            caller_call: 44,
+            caller: None,
         },
         Envelope::Reply {
             id: 9,
@@ -315,6 +329,11 @@ fn calls_and_requests_take_the_short_path_and_agree_with_the_general_one() {
             timeout_ms: Some(0),
             caller_instance: u64::MAX,
             caller_call: 128,
+            caller: Some(Caller {
+                uid: u32::MAX,
+                gid: 0,
+                pid: 1,
+            }),
         },
     ];
     for env in cases {
@@ -339,6 +358,7 @@ fn calls_and_requests_take_the_short_path_and_agree_with_the_general_one() {
             timeout_ms: None,
             caller_instance: 1,
             caller_call: 2,
+            caller: None,
         },
     ] {
         let mut b = BytesMut::new();
@@ -372,12 +392,12 @@ fn calls_and_requests_take_the_short_path_and_agree_with_the_general_one() {
         if i % 2 == 0 {
             buf.extend_from_slice(&[0x96, 6]);
         } else {
-            buf.extend_from_slice(&[0x97, 7]);
+            buf.extend_from_slice(&[0x9a, 7]);
         }
         // Mostly the right kind of value at each position (an integer, two
         // names, an integer or nil, integers), sometimes anything, and
         // sometimes a field too few or too many.
-        let n = if i % 2 == 0 { 5 } else { 6 };
+        let n = if i % 2 == 0 { 5 } else { 9 };
         let fields = match next() % 8 {
             0 => n - 1,
             1 => n + 1,

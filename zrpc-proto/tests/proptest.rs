@@ -44,7 +44,15 @@ enum Owned {
     Unregister(u64, String),
     Ack(u64, Option<ErrorCode>, String),
     Call(u64, String, String, Option<u64>, u32),
-    Request(u64, String, String, Option<u64>, u64, u64),
+    Request(
+        u64,
+        String,
+        String,
+        Option<u64>,
+        u64,
+        u64,
+        Option<(u32, u32, u32)>,
+    ),
     Reply(u64, Option<ErrorCode>, String),
     Result(u64, Option<ErrorCode>, String),
     Cancel(u64),
@@ -85,13 +93,14 @@ impl Owned {
                 timeout_ms: *timeout_ms,
                 flags: *flags,
             },
-            Owned::Request(id, service, method, timeout_ms, ci, cc) => Envelope::Request {
+            Owned::Request(id, service, method, timeout_ms, ci, cc, who) => Envelope::Request {
                 id: *id,
                 service,
                 method,
                 timeout_ms: *timeout_ms,
                 caller_instance: *ci,
                 caller_call: *cc,
+                caller: who.map(|(uid, gid, pid)| zrpc_proto::Caller { uid, gid, pid }),
             },
             Owned::Reply(id, code, message) => Envelope::Reply {
                 id: *id,
@@ -132,8 +141,12 @@ impl Owned {
                 vec![u(*r), code(*c), s(m)]
             }
             Owned::Call(i, sv, m, t, f) => vec![u(*i), s(sv), s(m), opt(*t), u(*f as u64)],
-            Owned::Request(i, sv, m, t, ci, cc) => {
-                vec![u(*i), s(sv), s(m), opt(*t), u(*ci), u(*cc)]
+            Owned::Request(i, sv, m, t, ci, cc, who) => {
+                let mut v = vec![u(*i), s(sv), s(m), opt(*t), u(*ci), u(*cc)];
+                if let Some((uid, gid, pid)) = who {
+                    v.extend([u(*uid as u64), u(*gid as u64), u(*pid as u64)]);
+                }
+                v
             }
             Owned::Cancel(n) | Owned::Ping(n) | Owned::Pong(n) | Owned::Event(n) => vec![u(*n)],
             Owned::Fatal(c, m) => vec![code(Some(*c)), s(m)],
@@ -200,8 +213,11 @@ fn owned() -> impl Strategy<Value = Owned> {
         (int(), code(), string()).prop_map(|(a, b, c)| Owned::Ack(a, b, c)),
         (int(), string(), string(), opt_int(), int32())
             .prop_map(|(a, b, c, d, e)| Owned::Call(a, b, c, d, e)),
-        (int(), string(), string(), opt_int(), int(), int())
-            .prop_map(|(a, b, c, d, e, f)| Owned::Request(a, b, c, d, e, f)),
+        (
+            (int(), string(), string(), opt_int(), int(), int()),
+            proptest::option::of((int32(), int32(), int32()))
+        )
+            .prop_map(|((a, b, c, d, e, f), g)| Owned::Request(a, b, c, d, e, f, g)),
         (int(), code(), string()).prop_map(|(a, b, c)| Owned::Reply(a, b, c)),
         (int(), code(), string()).prop_map(|(a, b, c)| Owned::Result(a, b, c)),
         int().prop_map(Owned::Cancel),
@@ -726,6 +742,11 @@ fn write_fuzz_seed_corpus() {
                 timeout_ms: None,
                 caller_instance: u64::MAX,
                 caller_call: 300,
+                caller: Some(zrpc_proto::Caller {
+                    uid: 1000,
+                    gid: 100,
+                    pid: 4242,
+                }),
             },
         ),
         (

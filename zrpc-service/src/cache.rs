@@ -34,8 +34,10 @@ use zrpc_proto::ErrorCode;
 pub(crate) type Outcome = Result<Bytes, (ErrorCode, String)>;
 
 /// The identity of a call that survives reconnects and re-deliveries:
-/// `(caller_instance, caller_call)` from the `Request`.
-pub(crate) type CallKey = (u64, u64);
+/// `(caller_instance, caller_call, caller_uid)` from the `Request`. The uid
+/// is the one the broker read from the kernel, so a caller of another uid
+/// that presents the same instance and call id never reaches this entry.
+pub(crate) type CallKey = (u64, u64, u32);
 
 /// Default bound on the number of cached replies.
 pub(crate) const DEFAULT_MAX_ENTRIES: usize = 10_000;
@@ -64,17 +66,27 @@ enum Kind {
 #[derive(Clone, Copy)]
 #[repr(align(32))]
 struct Meta {
-    key: CallKey,
+    instance: u64,
+    call: u64,
+    uid: u32,
     /// Hash of (service, method): a re-sent call must address the same
     /// method to be answered from the cache.
-    target: u64,
+    target: u32,
     /// `Inline`: the reply's length; `Side`: its place in the side table.
     aux: u32,
     kind: Kind,
 }
 
+impl Meta {
+    fn key(&self) -> CallKey {
+        (self.instance, self.call, self.uid)
+    }
+}
+
 const EMPTY: Meta = Meta {
-    key: (0, 0),
+    instance: 0,
+    call: 0,
+    uid: 0,
     target: 0,
     aux: 0,
     kind: Kind::Dead,
@@ -162,8 +174,17 @@ impl ReplyCache {
     /// The key under which a request is cached, if it has an identity (a
     /// caller instance of 0 means none: the broker sends 0 when the caller
     /// is unknown) and the cache is on.
-    pub(crate) fn key(&self, caller_instance: u64, caller_call: u64) -> Option<CallKey> {
-        (self.enabled() && caller_instance != 0).then_some((caller_instance, caller_call))
+    pub(crate) fn key(
+        &self,
+        caller_instance: u64,
+        caller_call: u64,
+        caller_uid: u32,
+    ) -> Option<CallKey> {
+        (self.enabled() && caller_instance != 0).then_some((
+            caller_instance,
+            caller_call,
+            caller_uid,
+        ))
     }
 
     /// Whether [`insert`](Self::insert) copies this outcome into its slot
@@ -182,13 +203,14 @@ impl ReplyCache {
     pub(crate) fn get(&self, key: CallKey, service: &str, method: &str) -> Option<Outcome> {
         let seq = *self
             .index
-            .find(hash(key), |&s| self.meta[self.pos(s)].key == key)?;
+            .find(hash(key), |&s| self.meta[self.pos(s)].key() == key)?;
         let p = self.pos(seq);
         let m = self.meta[p];
         if m.target != target(service, method) {
             tracing::warn!(
                 caller_instance = key.0,
                 caller_call = key.1,
+                caller_uid = key.2,
                 service,
                 method,
                 "a call re-uses the identity of an earlier call to another method; running it"
@@ -267,7 +289,9 @@ impl ReplyCache {
             Err((code, msg)) => (Kind::Side, self.keep(Side::Failed(code, msg))),
         };
         self.meta[p] = Meta {
-            key,
+            instance: key.0,
+            call: key.1,
+            uid: key.2,
             target: target(service, method),
             aux,
             kind,
@@ -356,7 +380,7 @@ impl ReplyCache {
                 continue;
             }
             self.kill(p);
-            if let Ok(e) = self.index.find_entry(hash(m.key), |&s| s == seq) {
+            if let Ok(e) = self.index.find_entry(hash(m.key()), |&s| s == seq) {
                 e.remove();
             }
         }
@@ -383,7 +407,7 @@ struct Ring<'a> {
 impl Ring<'_> {
     /// The key of the slot with sequence number `seq`.
     fn key(&self, seq: u32) -> CallKey {
-        self.meta[ring_pos(self.head, self.first, self.meta.len(), seq)].key
+        self.meta[ring_pos(self.head, self.first, self.meta.len(), seq)].key()
     }
 }
 
@@ -404,11 +428,12 @@ fn hash(key: CallKey) -> u64 {
     h.finish()
 }
 
-fn target(service: &str, method: &str) -> u64 {
+fn target(service: &str, method: &str) -> u32 {
     let mut h = FxHasher::default();
     service.hash(&mut h);
     method.hash(&mut h);
-    h.finish()
+    // The upper half: FxHash mixes its input into the high bits.
+    (h.finish() >> 32) as u32
 }
 
 #[cfg(test)]
@@ -444,7 +469,7 @@ mod tests {
             // (key, outcome, cost); `None` once superseded.
             let mut model: VecDeque<(CallKey, Option<Outcome>, usize)> = VecDeque::new();
             for _ in 0..3_000 {
-                let key = (1 + next(2), next(40));
+                let key = (1 + next(2), next(40), next(2) as u32);
                 let outcome = match next(10) {
                     0 => Err((ErrorCode::Remote, "e".repeat(next(30) as usize))),
                     1 => ok(INLINE + 1 + next(200) as usize),
@@ -478,7 +503,9 @@ mod tests {
                     c.count
                 );
                 assert_eq!(c.bytes(), live.iter().map(|e| e.2).sum::<usize>());
-                for k in (1..3).flat_map(|i| (0..40).map(move |j| (i, j))) {
+                for k in
+                    (1..3).flat_map(|i| (0..40).flat_map(move |j| (0..2).map(move |u| (i, j, u))))
+                {
                     let want = live.iter().find(|e| e.0 == k).and_then(|e| e.1.clone());
                     assert_eq!(c.get(k, "s", "m"), want, "key {k:?}");
                 }
@@ -489,30 +516,42 @@ mod tests {
     #[test]
     fn evicts_oldest_by_count() {
         let mut c = ReplyCache::new(2, 1000);
-        c.insert((1, 1), "s", "m", ok(1), true);
-        c.insert((1, 2), "s", "m", ok(1), true);
-        c.insert((1, 3), "s", "m", ok(1), true);
-        assert!(c.get((1, 1), "s", "m").is_none());
-        assert!(c.get((1, 2), "s", "m").is_some());
-        assert!(c.get((1, 3), "s", "m").is_some());
+        c.insert((1, 1, 0), "s", "m", ok(1), true);
+        c.insert((1, 2, 0), "s", "m", ok(1), true);
+        c.insert((1, 3, 0), "s", "m", ok(1), true);
+        assert!(c.get((1, 1, 0), "s", "m").is_none());
+        assert!(c.get((1, 2, 0), "s", "m").is_some());
+        assert!(c.get((1, 3, 0), "s", "m").is_some());
         assert_eq!((c.len(), c.bytes()), (2, 2));
+    }
+
+    #[test]
+    fn another_uid_never_reaches_an_entry() {
+        let mut c = ReplyCache::new(10, 1000);
+        c.insert((7, 1, 0), "s", "m", ok(3), true);
+        // Same instance and call id from uid 1001: a miss, run as its own
+        // call; its outcome does not replace root's.
+        assert!(c.get((7, 1, 1001), "s", "m").is_none());
+        c.insert((7, 1, 1001), "s", "m", ok(5), true);
+        assert_eq!(c.get((7, 1, 0), "s", "m"), Some(ok(3)));
+        assert_eq!(c.get((7, 1, 1001), "s", "m"), Some(ok(5)));
     }
 
     #[test]
     fn evicts_oldest_by_bytes() {
         let mut c = ReplyCache::new(100, 10);
-        c.insert((1, 1), "s", "m", ok(4), true);
-        c.insert((1, 2), "s", "m", ok(4), true);
-        c.insert((1, 3), "s", "m", ok(4), true);
-        assert!(c.get((1, 1), "s", "m").is_none());
+        c.insert((1, 1, 0), "s", "m", ok(4), true);
+        c.insert((1, 2, 0), "s", "m", ok(4), true);
+        c.insert((1, 3, 0), "s", "m", ok(4), true);
+        assert!(c.get((1, 1, 0), "s", "m").is_none());
         assert_eq!((c.len(), c.bytes()), (2, 8));
         // Too large for the cache at all: not kept, nothing evicted.
-        c.insert((1, 4), "s", "m", ok(11), true);
-        assert!(c.get((1, 4), "s", "m").is_none());
+        c.insert((1, 4, 0), "s", "m", ok(11), true);
+        assert!(c.get((1, 4, 0), "s", "m").is_none());
         assert_eq!(c.len(), 2);
         // Errors count their message.
         c.insert(
-            (1, 5),
+            (1, 5, 0),
             "s",
             "m",
             Err((ErrorCode::Remote, "0123456789".into())),
@@ -524,23 +563,23 @@ mod tests {
     #[test]
     fn disabled_and_identityless() {
         let mut c = ReplyCache::new(0, 1000);
-        assert!(c.key(1, 1).is_none());
-        c.insert((1, 1), "s", "m", ok(1), true);
+        assert!(c.key(1, 1, 0).is_none());
+        c.insert((1, 1, 0), "s", "m", ok(1), true);
         assert_eq!(c.len(), 0);
         let c = ReplyCache::new(10, 1000);
-        assert!(c.key(0, 1).is_none());
-        assert_eq!(c.key(3, 1), Some((3, 1)));
+        assert!(c.key(0, 1, 0).is_none());
+        assert_eq!(c.key(3, 1, 1000), Some((3, 1, 1000)));
     }
 
     #[test]
     fn other_method_is_a_miss_and_shrinking_evicts() {
         let mut c = ReplyCache::new(10, 1000);
-        c.insert((1, 1), "s", "m", ok(1), true);
-        assert!(c.get((1, 1), "s", "other").is_none());
-        assert!(c.get((1, 1), "s", "m").is_some());
-        c.insert((1, 2), "s", "m", ok(1), true);
+        c.insert((1, 1, 0), "s", "m", ok(1), true);
+        assert!(c.get((1, 1, 0), "s", "other").is_none());
+        assert!(c.get((1, 1, 0), "s", "m").is_some());
+        c.insert((1, 2, 0), "s", "m", ok(1), true);
         c.set_bounds(1, 1000);
-        assert!(c.get((1, 1), "s", "m").is_none());
+        assert!(c.get((1, 1, 0), "s", "m").is_none());
         assert_eq!(c.len(), 1);
         c.set_bounds(0, 0);
         assert_eq!(c.len(), 0);

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Instant;
 
+pub use zrpc_proto::Caller;
+
 use bytes::Bytes;
 
 /// A service or method name: UTF-8 in a [`Bytes`], usually a view into the
@@ -59,6 +61,7 @@ pub struct Context {
     pub(crate) method: Name,
     pub(crate) caller_instance: u64,
     pub(crate) caller_call: u64,
+    pub(crate) caller: Option<Caller>,
     pub(crate) deadline: Option<Instant>,
 }
 
@@ -74,8 +77,15 @@ impl Context {
             method: Name::from(method.into()),
             caller_instance: 0,
             caller_call: 0,
+            caller: None,
             deadline: None,
         }
+    }
+
+    /// Sets the caller (builder style, for direct calls).
+    pub fn with_caller(mut self, caller: Option<Caller>) -> Self {
+        self.caller = caller;
+        self
     }
 
     /// Sets the request counter (builder style, for direct calls).
@@ -123,6 +133,25 @@ impl Context {
     /// across reconnects and re-deliveries, e.g. to de-duplicate.
     pub fn caller_call(&self) -> u64 {
         self.caller_call
+    }
+
+    /// Who is calling: uid, gid and pid as the kernel reported them to the
+    /// broker when the caller connected (`SO_PEERCRED`), never what the
+    /// caller claims; `None` only with a broker older than the security
+    /// model. A service can authorise by it:
+    ///
+    /// ```
+    /// # use zrpc_service::Context;
+    /// fn only_root(ctx: &Context) -> Result<(), String> {
+    ///     match ctx.caller() {
+    ///         Some(c) if c.uid == 0 => Ok(()),
+    ///         other => Err(format!("access denied for {other:?}")),
+    ///     }
+    /// }
+    /// # assert!(only_root(&Context::new("s", "m")).is_err());
+    /// ```
+    pub fn caller(&self) -> Option<Caller> {
+        self.caller
     }
 
     /// When the caller stops waiting, if it set a timeout.

@@ -172,7 +172,7 @@ use std::pin::Pin;
 pub use builder::{FnService, ServiceBuilder};
 pub use bytes::Bytes;
 use bytes::{BufMut, BytesMut};
-pub use context::Context;
+pub use context::{Caller, Context};
 pub use rmpv::Value;
 pub use server::{Error, Event, FdSource, Server};
 pub use zrpc_macros::{rpc_method, service};

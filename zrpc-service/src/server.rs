@@ -24,7 +24,7 @@ use zrpc_proto::{
 use crate::cache::{Outcome, ReplyCache, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
 use crate::context::Name;
 use crate::unwind::{panicked, CatchUnwind};
-use crate::{Context, HandlerError, MethodInfo, Service, DESCRIBE_METHOD};
+use crate::{Caller, Context, HandlerError, MethodInfo, Service, DESCRIBE_METHOD};
 use std::rc::Rc;
 use zrpc_proto::busy_poll::BusyPoll;
 
@@ -81,7 +81,7 @@ const AGENT: &str = concat!("zrpc-service/", env!("CARGO_PKG_VERSION"));
 #[non_exhaustive]
 pub enum Error {
     /// The broker socket could not be connected.
-    #[error("cannot connect to zrpcd at {}: {source} (is zrpcd running?)", path.display())]
+    #[error("cannot connect to zrpcd at {}: {source}{}", path.display(), zrpc_proto::connect_hint(source))]
     Connect {
         /// The socket path tried.
         path: PathBuf,
@@ -118,6 +118,15 @@ pub enum Error {
     NameTaken {
         /// The name.
         name: String,
+    },
+    /// The broker's access policy does not let this user own the name (it
+    /// is reserved for another user, or held by another user's service).
+    #[error("not allowed to register service name {name:?}: {message}")]
+    AccessDenied {
+        /// The name.
+        name: String,
+        /// The broker's explanation (which rule, which uid).
+        message: String,
     },
     /// The service name breaks the naming rules.
     #[error("invalid service name {name:?}: {message}")]
@@ -286,6 +295,7 @@ struct Pending {
     deadline: Option<std::time::Instant>,
     caller_instance: u64,
     caller_call: u64,
+    caller: Option<Caller>,
     payload: Bytes,
     /// The frame was read into an allocation of its own (see
     /// [`Conn::read_more`]): keeping a view of it pins nothing else.
@@ -565,6 +575,7 @@ impl Conn {
                 timeout_ms,
                 caller_instance,
                 caller_call,
+                caller,
             } => {
                 let deadline = timeout_ms.and_then(|ms| {
                     std::time::Instant::now().checked_add(Duration::from_millis(ms))
@@ -576,6 +587,7 @@ impl Conn {
                     deadline,
                     caller_instance,
                     caller_call,
+                    caller,
                     payload: payload(),
                     own_buffer: self.frame_own_buffer,
                 });
@@ -1064,6 +1076,9 @@ async fn connect(
                             acked[idx] = true;
                         }
                         Some(ErrorCode::NameTaken) => return Err(Error::NameTaken { name }),
+                        Some(ErrorCode::AccessDenied) => {
+                            return Err(Error::AccessDenied { name, message })
+                        }
                         Some(ErrorCode::InvalidName) => {
                             return Err(Error::InvalidName { name, message })
                         }
@@ -1652,7 +1667,13 @@ impl<S: Service> Server<S> {
                 let key = if req.method.as_str() == DESCRIBE_METHOD {
                     None
                 } else {
-                    cache.key(req.caller_instance, req.caller_call)
+                    // A broker without the security model sends no caller:
+                    // uid 0 then (the key as before it).
+                    cache.key(
+                        req.caller_instance,
+                        req.caller_call,
+                        req.caller.map_or(0, |c| c.uid),
+                    )
                 };
                 if let Some(key) = key {
                     if let Some(outcome) = cache.get(key, req.service.as_str(), req.method.as_str())
@@ -1685,6 +1706,7 @@ impl<S: Service> Server<S> {
                     method: req.method,
                     caller_instance: req.caller_instance,
                     caller_call: req.caller_call,
+                    caller: req.caller,
                     deadline: req.deadline,
                 };
                 let generation = link.generation;

@@ -221,6 +221,7 @@ impl Peer {
                 timeout_ms: Some(60_000),
                 caller_instance: caller.0,
                 caller_call: caller.1,
+                caller: None,
             },
             payload,
         );
@@ -235,6 +236,7 @@ impl Peer {
                 timeout_ms: Some(60_000),
                 caller_instance: 77,
                 caller_call: id + 1000,
+                caller: None,
             },
             payload,
         );
@@ -1278,6 +1280,7 @@ fn pings_are_answered_before_a_queue_of_slow_synchronous_requests() {
                 timeout_ms: None,
                 caller_instance: 9,
                 caller_call: id,
+                caller: None,
             },
             &enc(&30u64),
         );
@@ -1369,6 +1372,7 @@ fn requests_of_every_size_in_one_write() {
             timeout_ms: None,
             caller_instance: 77,
             caller_call: i as u64 + 1000,
+            caller: None,
         };
         encode_frame(&mut out, &env, &enc(&value(i, len)));
         if i == 3 {
@@ -1382,6 +1386,7 @@ fn requests_of_every_size_in_one_write() {
         timeout_ms: None,
         caller_instance: 77,
         caller_call: 1099,
+        caller: None,
     };
     encode_frame(&mut out, &nil, &[]);
     peer.stream.write_all(&out).expect("write");

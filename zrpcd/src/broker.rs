@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use zrpc_proto::{
-    flags, validate_name, Envelope, ErrorCode, Frame, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
+    flags, validate_name, Caller, Envelope, ErrorCode, Frame, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
 };
 
 use crate::config::Config;
@@ -74,8 +74,9 @@ struct RouteCall<'a> {
     payload: Payload<'a>,
     /// The budget the service is told.
     timeout_ms: Option<u64>,
-    /// The caller's `Hello` instance, if the caller has it at hand.
-    caller_instance: Option<u64>,
+    /// The caller's `Hello` instance and kernel identity, if the caller
+    /// has them at hand.
+    caller_ident: Option<(u64, Caller)>,
 }
 
 /// The whole broker state: peers, names, pending calls, statistics.
@@ -107,6 +108,10 @@ pub struct Broker {
     pub partial_total: usize,
     /// Payload bytes of all pending calls (`--max-pending-bytes`).
     pub pending_bytes: usize,
+    /// `Hello` instance ids of live connections: the uid that presented
+    /// each, and on how many connections (an instance id is bound to one
+    /// uid while in use).
+    instances: rustc_hash::FxHashMap<u64, (u32, u32)>,
 }
 
 impl Broker {
@@ -127,6 +132,7 @@ impl Broker {
             out: Outbox::default(),
             partial_total: 0,
             pending_bytes: 0,
+            instances: Default::default(),
         }
     }
 
@@ -265,6 +271,23 @@ impl Broker {
         let conn_id = peer;
         let max_message_size = self.config.max_message_size;
         if let Some(p) = self.peers.get_mut(peer) {
+            // The caller's instance id keys the services' reply caches (with
+            // the uid); one uid may not present an instance id another uid
+            // is using.
+            if instance != 0 {
+                let uid = p.creds.uid;
+                let entry = self.instances.entry(instance).or_insert((uid, 0));
+                if entry.0 != uid {
+                    return Err(Fatal {
+                        code: ErrorCode::AccessDenied,
+                        message: format!(
+                            "instance id {instance} is in use by a connection of another user (uid {}); choose a random instance id",
+                            entry.0
+                        ),
+                    });
+                }
+                entry.1 += 1;
+            }
             p.ready = true;
             p.instance = instance;
             p.agent = agent.chars().take(256).collect();
@@ -291,12 +314,17 @@ impl Broker {
             let msg = format!("the name {name:?} is reserved for the broker");
             return self.ack(peer, req, Some(ErrorCode::NameTaken), &msg);
         }
+        if let Err(msg) = self.may_own(peer, name, shared) {
+            self.stats.error(ErrorCode::AccessDenied);
+            self.log_refusal(peer, &msg);
+            return self.ack(peer, req, Some(ErrorCode::AccessDenied), &msg);
+        }
         let held = self.peers.get(peer).map_or(0, |p| p.names.len());
         if held >= self.config.max_names_per_conn {
             let msg = format!(
                 "this connection already holds {held} names, the limit (--max-names-per-conn)"
             );
-            self.log_limit(peer, &msg);
+            self.log_refusal(peer, &msg);
             return self.ack(peer, req, Some(ErrorCode::LimitExceeded), &msg);
         }
         match self.names.register(name, peer, shared) {
@@ -326,6 +354,30 @@ impl Broker {
         }
     }
 
+    /// Whether `peer` may own `name`: the policy file's rules, and never a
+    /// name that a connection of another uid holds (no taking over or
+    /// joining another user's service).
+    fn may_own(&self, peer: PeerId, name: &str, shared: bool) -> Result<(), String> {
+        let Some(p) = self.peers.get(peer) else {
+            return Ok(());
+        };
+        self.config.policy.may_own(&p.identity(), name, shared)?;
+        let uid = p.creds.uid;
+        let other = self
+            .names
+            .holders(name)
+            .iter()
+            .filter_map(|&h| self.peers.get(h))
+            .map(|h| h.creds.uid)
+            .find(|&u| u != uid);
+        match other {
+            Some(o) => Err(format!(
+                "the name {name:?} is held by a service of uid {o}; uid {uid} may not take it over or join it"
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn on_unregister(&mut self, peer: PeerId, req: u64, name: &str) {
         if self.names.unregister(name, peer) {
             if let Some(p) = self.peers.get_mut(peer) {
@@ -342,28 +394,31 @@ impl Broker {
         }
     }
 
-    /// Logs a limit hit by `peer`: at warn level the first time per
-    /// connection, at debug level after that (a flood must not flood logs).
-    fn log_limit(&mut self, peer: PeerId, message: &str) {
+    /// Logs a limit hit or an access denied to `peer`: at warn level the
+    /// first time per connection, at debug level after that (a flood must
+    /// not flood logs).
+    fn log_refusal(&mut self, peer: PeerId, message: &str) {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
+        let (uid, pid) = (p.creds.uid, p.creds.pid);
         if p.limit_logged {
-            tracing::debug!(peer, pid = p.creds.pid, message, "limit exceeded");
+            tracing::debug!(peer, uid, pid, message, "refused");
         } else {
             p.limit_logged = true;
             tracing::warn!(
                 peer,
-                pid = p.creds.pid,
+                uid,
+                pid,
                 message,
-                "limit exceeded (further ones on this connection are logged at debug level)"
+                "refused (further refusals on this connection are logged at debug level)"
             );
         }
     }
 
     fn result_error(&mut self, peer: PeerId, id: u64, code: ErrorCode, message: &str) {
-        if code == ErrorCode::LimitExceeded {
-            self.log_limit(peer, message);
+        if matches!(code, ErrorCode::LimitExceeded | ErrorCode::AccessDenied) {
+            self.log_refusal(peer, message);
         }
         self.stats.error(code);
         let env = Envelope::Result {
@@ -401,6 +456,17 @@ impl Broker {
             let msg = format!("call id {id} is already in flight on this connection");
             return self.result_error(peer, id, ErrorCode::Protocol, &msg);
         }
+        if self.config.policy.guards_calls() {
+            let denied = self.peers.get(peer).and_then(|p| {
+                self.config
+                    .policy
+                    .may_call(&p.identity(), service, method)
+                    .err()
+            });
+            if let Some(msg) = denied {
+                return self.result_error(peer, id, ErrorCode::AccessDenied, &msg);
+            }
+        }
         // A deadline already past fails at once, without a timer; one
         // beyond `MAX_TIMEOUT_MS` means no deadline (the timer wheel holds
         // about two years, and nobody can tell a year from forever).
@@ -417,7 +483,7 @@ impl Broker {
         let total_bytes = self.pending_bytes;
         let over_total_bytes = total_bytes + size > self.config.max_pending_bytes;
         let max_bytes_per_conn = self.config.max_pending_bytes_per_conn;
-        let caller_instance = match self.peers.get_mut(peer) {
+        let caller_ident = match self.peers.get_mut(peer) {
             Some(p) => {
                 p.calls_made += 1;
                 let calling = p.calling as usize;
@@ -446,7 +512,7 @@ impl Broker {
                 }
                 p.calling += 1;
                 p.calling_bytes += size;
-                p.instance
+                (p.instance, p.creds.caller())
             }
             None => return,
         };
@@ -481,7 +547,7 @@ impl Broker {
             method,
             payload,
             timeout_ms,
-            caller_instance: Some(caller_instance),
+            caller_ident: Some(caller_ident),
         };
         self.route(call, now);
     }
@@ -527,6 +593,9 @@ impl Broker {
             );
             payload = bytes::Bytes::new();
         }
+        if code == Some(ErrorCode::AccessDenied) {
+            self.log_refusal(peer, &message);
+        }
         let env = Envelope::Result {
             id,
             code,
@@ -560,7 +629,7 @@ impl Broker {
             method: &method,
             payload: Payload::Shared(&payload),
             timeout_ms,
-            caller_instance: None,
+            caller_ident: None,
         };
         self.route(call, now);
     }
@@ -574,7 +643,7 @@ impl Broker {
             method,
             payload,
             timeout_ms,
-            caller_instance,
+            caller_ident,
         } = call;
         let Some(p) = self.pending.get(bid) else {
             return;
@@ -596,8 +665,11 @@ impl Broker {
             return;
         };
         let max_queued = self.config.max_queued_bytes;
-        let caller_instance =
-            caller_instance.unwrap_or_else(|| self.peers.get(caller).map_or(0, |p| p.instance));
+        let (caller_instance, caller_id) = caller_ident.unwrap_or_else(|| {
+            self.peers
+                .get(caller)
+                .map_or((0, Caller::default()), |p| (p.instance, p.creds.caller()))
+        });
         let Some(t) = self.peers.get_mut(target) else {
             return;
         };
@@ -606,7 +678,7 @@ impl Broker {
             let msg = format!(
                 "service {service:?} is not reading its requests ({queued} bytes queued, limit --max-queued-bytes)"
             );
-            self.log_limit(target, &msg);
+            self.log_refusal(target, &msg);
             return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
         }
         let env = Envelope::Request {
@@ -616,6 +688,7 @@ impl Broker {
             timeout_ms,
             caller_instance,
             caller_call,
+            caller: Some(caller_id),
         };
         // Requests written to it and not answered yet.
         let working = t
@@ -870,6 +943,14 @@ impl Broker {
         let now = Instant::now();
         p.io.close();
         self.forget_partial(p.partial_bytes);
+        if p.ready && p.instance != 0 {
+            if let Some(e) = self.instances.get_mut(&p.instance) {
+                e.1 -= 1;
+                if e.1 == 0 {
+                    self.instances.remove(&p.instance);
+                }
+            }
+        }
         self.monitors.retain(|m| m.peer != peer);
         for name in &p.names {
             self.names.unregister(name, peer);

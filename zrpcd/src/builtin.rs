@@ -18,6 +18,7 @@ use zrpc_proto::ErrorCode;
 
 use crate::broker::Broker;
 use crate::peers::PeerId;
+use crate::policy::Introspection;
 
 fn map(pairs: Vec<(&str, Value)>) -> Value {
     Value::Map(
@@ -43,7 +44,34 @@ pub fn handle(
     method: &str,
     payload: &[u8],
 ) -> (Option<ErrorCode>, String, Bytes) {
+    let denied = |what: &str, uid: u32| {
+        (
+            Some(ErrorCode::AccessDenied),
+            format!(
+                "{} does not allow uid {uid} to use zrpcd.{what}",
+                broker.config.policy.source()
+            ),
+            Bytes::new(),
+        )
+    };
+    let (allowed, uid) = match broker.peers.get(caller) {
+        Some(p) => {
+            let who = p.identity();
+            let policy = &broker.config.policy;
+            (
+                [
+                    Introspection::Monitor,
+                    Introspection::Peers,
+                    Introspection::Stats,
+                ]
+                .map(|what| policy.may_introspect(&who, what)),
+                who.uid,
+            )
+        }
+        None => ([false; 3], u32::MAX),
+    };
     let value = match method {
+        "monitor" if !allowed[0] => return denied("monitor", uid),
         "monitor" => match subscribe(broker, caller, payload) {
             Ok(v) => v,
             Err(msg) => return (Some(ErrorCode::BadPayload), msg, Bytes::new()),
@@ -51,7 +79,10 @@ pub fn handle(
         "ping" => Value::from("pong"),
         "zrpc.describe" => describe(),
         "list" => list(broker),
-        "peers" => peers(broker),
+        // Without the right to see everyone: full entries for the caller's
+        // own uid, the connection id and names only for the others.
+        "peers" => peers(broker, (!allowed[1]).then_some(uid)),
+        "stats" if !allowed[2] => return denied("stats", uid),
         "stats" => stats(broker),
         other => {
             return (
@@ -144,22 +175,23 @@ fn list(b: &Broker) -> Value {
     )
 }
 
-fn peers(b: &Broker) -> Value {
+fn peers(b: &Broker, only_uid: Option<u32>) -> Value {
     let mut v: Vec<_> = b.peers.iter().collect();
     v.sort_unstable_by_key(|p| p.id);
     Value::Array(
         v.into_iter()
             .map(|p| {
+                let names = || Value::Array(p.names.iter().map(|n| Value::from(&**n)).collect());
+                if only_uid.is_some_and(|u| u != p.creds.uid) {
+                    return map(vec![("conn_id", Value::from(p.id)), ("names", names())]);
+                }
                 map(vec![
                     ("conn_id", Value::from(p.id)),
                     ("pid", Value::from(p.creds.pid)),
                     ("uid", Value::from(p.creds.uid)),
                     ("gid", Value::from(p.creds.gid)),
                     ("agent", Value::from(p.agent.as_str())),
-                    (
-                        "names",
-                        Value::Array(p.names.iter().map(|n| Value::from(&**n)).collect()),
-                    ),
+                    ("names", names()),
                     ("connected_s", Value::from(p.since.elapsed().as_secs_f64())),
                     ("outstanding", Value::from(p.outstanding)),
                     ("calling", Value::from(p.calling)),

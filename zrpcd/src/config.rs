@@ -77,6 +77,11 @@ pub struct Config {
     /// [`crate::stats::MAX_STATS_NAMES`]); further ones are counted under
     /// [`crate::stats::OTHER`] (`--max-stats-names`).
     pub max_stats_names: usize,
+    /// The access policy (the defaults, or the file `policy_path`).
+    pub policy: crate::policy::Policy,
+    /// The policy file, re-read on SIGHUP (None: the defaults, nothing to
+    /// reload).
+    pub policy_path: Option<PathBuf>,
     /// How long the broker polls its sockets before sleeping when it runs
     /// out of work while frames arrive back to back (zero: never; at most
     /// 1 ms; see [`zrpc_proto::busy_poll`]).
@@ -103,6 +108,9 @@ impl Config {
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
             busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),
+            // SAFETY: geteuid has no preconditions.
+            policy: crate::policy::Policy::default_for(unsafe { libc::geteuid() }),
+            policy_path: None,
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
             max_partial_bytes: DEFAULT_MAX_PARTIAL_BYTES,
             max_stats_names: DEFAULT_MAX_STATS_NAMES as usize,

@@ -58,9 +58,13 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
         }
     };
     let io = Rc::new(PeerIo::new(rd.clone()));
+    let groups = crate::peers::peer_groups(rd.as_raw_fd());
     let (id, decoder, handshake) = {
         let mut b = broker.borrow_mut();
         let id = b.add_peer(io.clone(), creds);
+        if let Some(p) = b.peers.get_mut(id) {
+            p.groups = groups;
+        }
         if let Some(bp) = &b.busy_poll {
             bp.watch_or_log(rd.as_raw_fd());
         }

@@ -24,6 +24,7 @@ pub mod partial;
 pub mod payload;
 pub mod peers;
 pub mod pending;
+pub mod policy;
 pub mod queue;
 pub mod replay;
 pub mod server;

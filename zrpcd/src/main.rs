@@ -78,6 +78,11 @@ struct Args {
     #[arg(long, default_value_t = zrpcd::config::DEFAULT_BUSY_POLL_US,
           value_parser = clap::value_parser!(u64).range(0..=zrpc_proto::busy_poll::MAX_WINDOW_US))]
     busy_poll_us: u64,
+    /// Access policy file (TOML; see docs/security.md), re-read on SIGHUP
+    /// [default: /etc/zrpc/policy.toml if it exists, else the built-in
+    /// defaults]
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it
     #[arg(long, default_value = "info")]
     log: String,
@@ -158,6 +163,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.frame_timeout = secs(args.frame_timeout, "frame-timeout")?;
     config.max_partial_bytes = args.max_partial_bytes;
     config.max_stats_names = args.max_stats_names as usize;
+    // SAFETY: geteuid has no preconditions.
+    let broker_uid = unsafe { libc::geteuid() };
+    let default_policy = std::path::Path::new(zrpcd::policy::DEFAULT_POLICY_PATH);
+    config.policy_path = match args.policy {
+        Some(p) => Some(p),
+        None if default_policy.exists() => Some(default_policy.to_path_buf()),
+        None => None,
+    };
+    if let Some(path) = &config.policy_path {
+        config.policy = zrpcd::policy::Policy::load(path, broker_uid)?;
+        tracing::info!(
+            policy = %path.display(),
+            rules = config.policy.rules(),
+            "access policy loaded"
+        );
+    }
     if config.heartbeat_interval.is_zero() {
         return Err("--heartbeat-interval must be positive".into());
     }
@@ -170,11 +191,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // SIGINT sent as soon as the socket accepts connections must stop the
     // broker cleanly (exit 0, socket removed), not kill it by the signal's
     // default action.
-    let (mut term, mut int) = {
+    let (mut term, mut int, hup) = {
         let _rt = rt.enter();
         (
             signal(SignalKind::terminate())?,
             signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
         )
     };
     let bound = match zrpcd::socket::adopt_listen_fds(&config.socket_dir)? {
@@ -198,7 +220,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // future at every wake-up of any task of the LocalSet (every read
         // batch), so it only waits on that task's handle, a cheap check,
         // instead of polling the listener and the signal streams each time.
-        let broker = tokio::task::spawn_local(zrpcd::server::run(config, bound.listener, shutdown));
+        let broker =
+            tokio::task::spawn_local(zrpcd::server::run(config, bound.listener, shutdown, hup));
         broker.await.unwrap_or_else(|e| {
             Err(std::io::Error::other(format!(
                 "the broker task failed: {e}"

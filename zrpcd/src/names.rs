@@ -72,6 +72,11 @@ impl Names {
         true
     }
 
+    /// The connections holding `name`.
+    pub fn holders(&self, name: &str) -> &[PeerId] {
+        self.map.get(name).map_or(&[], |e| e.instances.as_slice())
+    }
+
     /// Whether at least one connection holds `name`.
     pub fn is_held(&self, name: &str) -> bool {
         self.map.get(name).is_some_and(|e| !e.instances.is_empty())

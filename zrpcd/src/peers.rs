@@ -21,6 +21,62 @@ pub struct Creds {
     pub gid: u32,
 }
 
+impl Creds {
+    /// These credentials as the protocol's [`zrpc_proto::Caller`] (a pid
+    /// the kernel could not give is 0).
+    pub fn caller(&self) -> zrpc_proto::Caller {
+        zrpc_proto::Caller {
+            uid: self.uid,
+            gid: self.gid,
+            pid: u32::try_from(self.pid).unwrap_or(0),
+        }
+    }
+}
+
+/// Reads the supplementary groups of the process at the other end of
+/// `fd` (`SO_PEERGROUPS`, Linux 4.13+); empty if unavailable.
+pub fn peer_groups(fd: std::os::fd::RawFd) -> Box<[u32]> {
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * 4) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`,
+        // which has that many, and reports how many it wrote (or needs).
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / 4);
+            return groups.into_boxed_slice();
+        }
+        let need = len as usize / 4;
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE)
+            && need > groups.len()
+            && need <= 65_536
+        {
+            groups.resize(need, 0);
+            continue;
+        }
+        return Box::default();
+    }
+}
+
+impl Peer {
+    /// Who the peer is, for the access policy.
+    pub fn identity(&self) -> crate::policy::Identity<'_> {
+        crate::policy::Identity {
+            uid: self.creds.uid,
+            gid: self.creds.gid,
+            groups: &self.groups,
+        }
+    }
+}
+
 /// One connection.
 #[derive(Debug)]
 pub struct Peer {
@@ -36,6 +92,9 @@ pub struct Peer {
     pub agent: String,
     /// From `SO_PEERCRED`, never from what the peer claims.
     pub creds: Creds,
+    /// Supplementary groups from `SO_PEERGROUPS` (empty if the kernel gave
+    /// none).
+    pub groups: Box<[u32]>,
     /// When the connection was accepted.
     pub since: Instant,
     /// Names held.
@@ -84,6 +143,7 @@ impl Peers {
                 instance: 0,
                 agent: String::new(),
                 creds,
+                groups: Box::default(),
                 since: Instant::now(),
                 names: Vec::new(),
                 outstanding: 0,

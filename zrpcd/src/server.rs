@@ -16,11 +16,13 @@ use crate::config::Config;
 use crate::conn;
 
 /// Runs the broker on an already bound listener until `shutdown` resolves,
-/// then shuts down gracefully. Must run inside a `tokio::task::LocalSet`.
+/// then shuts down gracefully; each `reload` signal (SIGHUP) re-reads the
+/// policy file. Must run inside a `tokio::task::LocalSet`.
 pub async fn run(
     config: Config,
     listener: std::os::unix::net::UnixListener,
     shutdown: impl Future<Output = ()>,
+    mut reload: tokio::signal::unix::Signal,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = UnixListener::from_std(listener)?;
@@ -75,6 +77,7 @@ pub async fn run(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            _ = reload.recv() => reload_policy(&broker),
             _ = &mut shutdown => break None,
         }
     };
@@ -111,6 +114,29 @@ pub async fn run(
         Some(task) => Err(std::io::Error::other(format!(
             "the broker's {task} task ended unexpectedly"
         ))),
+    }
+}
+
+/// Re-reads the policy file (SIGHUP). A file that does not load keeps the
+/// policy in force, and says why. Connections stay; names already held are
+/// not re-checked (the new rules apply to registrations and calls from
+/// now on).
+fn reload_policy(broker: &RefCell<Broker>) {
+    let mut b = broker.borrow_mut();
+    let Some(path) = b.config.policy_path.clone() else {
+        tracing::info!("SIGHUP: no policy file to reload (the built-in defaults are in force)");
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    match crate::policy::Policy::load(&path, uid) {
+        Ok(p) => {
+            tracing::info!(policy = %path.display(), rules = p.rules(), "access policy reloaded");
+            b.config.policy = p;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: the policy file does not load; keeping the policy in force")
+        }
     }
 }
 

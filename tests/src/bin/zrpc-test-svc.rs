@@ -82,6 +82,13 @@ impl TestSvc {
         std::process::id()
     }
 
+    /// The caller's identity as the broker reported it: (uid, gid, pid),
+    /// or nil.
+    #[rpc_method]
+    fn whoami(&mut self, ctx: &Context) -> Option<(u32, u32, u32)> {
+        ctx.caller().map(|c| (c.uid, c.gid, c.pid))
+    }
+
     /// The request counter as the handler sees it.
     #[rpc_method]
     fn counter(&mut self, ctx: &Context) -> u64 {

@@ -1,0 +1,176 @@
+//! A raw protocol peer for the security tests, run as another uid
+//! (`CommandExt::uid`): it says exactly what the broker answered, on
+//! standard output, one line per answer.
+//!
+//! ```text
+//! zrpc-test-peer call --service S --method M [--instance I] [--id N] [--payload HEX]
+//!     -> "result ok <payload hex>" | "result <code> <message>" | "fatal <code> <message>"
+//! zrpc-test-peer register --name N [--shared] [--instance I]
+//!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
+//!        every request with the string "HIJACKED" and printing
+//!        "request <service>.<method> uid <caller uid>", until killed
+//! ```
+//!
+//! The socket directory comes from `ZRPC_SOCKET_DIR`.
+
+use std::io::Write;
+
+use clap::Parser;
+use zrpc_proto::{Envelope, Kind};
+use zrpc_tests::raw::Raw;
+
+#[derive(Debug, Parser)]
+enum Cmd {
+    /// Make one call and print its result.
+    Call {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        method: String,
+        #[arg(long, default_value_t = 0x5eed)]
+        instance: u64,
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+        /// The payload, in hex (default: nil).
+        #[arg(long, default_value = "c0")]
+        payload: String,
+    },
+    /// Register a name and serve it.
+    Register {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        shared: bool,
+        #[arg(long, default_value_t = 0x5eed)]
+        instance: u64,
+    },
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex payload"))
+        .collect()
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Connects with `instance`; prints the `Fatal` and exits if refused.
+fn connect(instance: u64) -> Raw {
+    let dir = zrpc_proto::resolve_socket_dir(None);
+    let mut r = Raw::connect(&dir);
+    match r.hello_as(instance) {
+        Some((Kind::Welcome, _)) => r,
+        Some((_, f)) => {
+            if let Ok(Envelope::Fatal { code, message }) = f.decode() {
+                say(&format!("fatal {code} {message}"));
+            }
+            std::process::exit(0);
+        }
+        None => {
+            say("fatal closed");
+            std::process::exit(0);
+        }
+    }
+}
+
+fn main() {
+    match Cmd::parse() {
+        Cmd::Call {
+            service,
+            method,
+            instance,
+            id,
+            payload,
+        } => {
+            let mut r = connect(instance);
+            r.send(
+                &Envelope::Call {
+                    id,
+                    service: &service,
+                    method: &method,
+                    timeout_ms: Some(10_000),
+                    flags: 0,
+                },
+                &unhex(&payload),
+            );
+            loop {
+                let Some(f) = r.recv_frame() else {
+                    say("fatal closed");
+                    return;
+                };
+                match f.decode() {
+                    Ok(Envelope::Result { code: None, .. }) => {
+                        return say(&format!("result ok {}", hex(&f.payload)));
+                    }
+                    Ok(Envelope::Result {
+                        code: Some(c),
+                        message,
+                        ..
+                    }) => return say(&format!("result {c} {message}")),
+                    Ok(Envelope::Fatal { code, message }) => {
+                        return say(&format!("fatal {code} {message}"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Cmd::Register {
+            name,
+            shared,
+            instance,
+        } => {
+            let mut r = connect(instance);
+            r.send(
+                &Envelope::Register {
+                    req: 1,
+                    name: &name,
+                    shared,
+                },
+                b"",
+            );
+            while let Some(f) = r.recv_frame() {
+                match f.decode() {
+                    Ok(Envelope::Ack { code: None, .. }) => say("ack ok"),
+                    Ok(Envelope::Ack {
+                        code: Some(c),
+                        message,
+                        ..
+                    }) => {
+                        say(&format!("ack {c} {message}"));
+                        return;
+                    }
+                    Ok(Envelope::Request {
+                        id,
+                        service,
+                        method,
+                        caller,
+                        ..
+                    }) => {
+                        say(&format!(
+                            "request {service}.{method} uid {}",
+                            caller.map_or(-1, |c| i64::from(c.uid))
+                        ));
+                        r.send(
+                            &Envelope::Reply {
+                                id,
+                                code: None,
+                                message: "",
+                            },
+                            b"\xa8HIJACKED",
+                        );
+                    }
+                    Ok(Envelope::Ping { nonce }) => r.send(&Envelope::Pong { nonce }, b""),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
