@@ -4,6 +4,7 @@
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 UNITDIR ?= /etc/systemd/system
+POLICYDIR ?= /etc/zrpc
 DESTDIR ?=
 CARGO ?= cargo
 
@@ -21,6 +22,10 @@ install: build
 	  sed 's|/usr/local/bin|$(BINDIR)|g' systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u; \
 	  chmod 644 $(DESTDIR)$(UNITDIR)/$$u; \
 	done
+	# The example access policy where zrpcd looks for it; an existing
+	# policy is never overwritten.
+	install -d $(DESTDIR)$(POLICYDIR)
+	test -e $(DESTDIR)$(POLICYDIR)/policy.toml || install -m644 systemd/policy.toml $(DESTDIR)$(POLICYDIR)/policy.toml
 
 uninstall:
 	for b in $(BINS); do rm -f $(DESTDIR)$(BINDIR)/$$b; done

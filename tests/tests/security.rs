@@ -46,6 +46,29 @@ fn policy(text: &str) -> (TempDir, String) {
     (dir, p)
 }
 
+/// Runs `cmd` with a bound (killed by pid after [`WAIT`]): whether it
+/// succeeded, and its standard error.
+fn stderr_of(mut cmd: Command) -> (bool, String) {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("spawn");
+    let mut p = Proc {
+        child,
+        name: "bounded".into(),
+    };
+    let mut stderr = p.child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let status = p.wait_exit(WAIT);
+    drop(p);
+    let err = reader.join().unwrap_or_default();
+    (status.is_some_and(|s| s.success()), err)
+}
+
 fn hex_payload(line: &str) -> rmpv::Value {
     let hex = line.rsplit(' ').next().unwrap_or("");
     let bytes: Vec<u8> = (0..hex.len() / 2)
@@ -331,4 +354,94 @@ fn a_bad_policy_file_stops_the_broker_at_start_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown user \"no-such-user-here\""), "{err}");
     assert!(err.contains("policy.toml"), "{err}");
+}
+
+#[test]
+fn a_socket_directory_another_user_could_write_is_refused() {
+    if !is_root("a_socket_directory_another_user_could_write_is_refused") {
+        return;
+    }
+    // Bounded: a broker that wrongly starts is killed after WAIT.
+    let try_start = |dir: &std::path::Path| {
+        let mut c = Command::new(bin("zrpcd"));
+        c.arg("--socket-dir").arg(dir);
+        stderr_of(c)
+    };
+    // Created by the other user first.
+    let taken = TempDir::new();
+    let d = taken.path().join("zrpc");
+    std::fs::create_dir(&d).expect("mkdir");
+    std::os::unix::fs::chown(&d, Some(OTHER), Some(OTHER)).expect("chown");
+    let (ok, err) = try_start(&d);
+    assert!(!ok, "{err}");
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    // Root's, but writable by everyone.
+    let open = TempDir::new();
+    let d = open.path().join("zrpc");
+    std::fs::create_dir(&d).expect("mkdir");
+    std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+        .expect("chmod");
+    let (ok, err) = try_start(&d);
+    assert!(!ok, "{err}");
+    assert!(err.contains("lets other users write"), "{err}");
+}
+
+#[test]
+fn clients_and_services_refuse_another_users_broker() {
+    if !is_root("clients_and_services_refuse_another_users_broker") {
+        return;
+    }
+    // The other user's broker, in a directory of theirs (the squatted
+    // /tmp/zrpc_sockets of old).
+    let base = TempDir::new();
+    let dir = base.path().join("zrpc");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::os::unix::fs::chown(&dir, Some(OTHER), Some(OTHER)).expect("chown");
+    let mut c = Command::new(bin("zrpcd"));
+    c.arg("--socket-dir").arg(&dir).uid(OTHER).gid(OTHER);
+    let _broker = Proc::spawn("zrpcd", c);
+    let sock = dir.join("zrpcd.sock");
+    assert!(
+        wait_until(WAIT, || std::os::unix::net::UnixStream::connect(&sock)
+            .is_ok()),
+        "the other user's zrpcd did not start"
+    );
+    // Root's client: refused before anything is sent.
+    let err = zrpc_client::BlockingClient::connect_to(&dir).expect_err("untrusted broker");
+    assert!(
+        matches!(err, zrpc_client::Error::UntrustedBroker(_)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("runs as uid 65534"), "{err}");
+    // Root's service: refuses to register there.
+    let mut svc = Command::new(bin("zrpc-test-svc"));
+    svc.env("ZRPC_SOCKET_DIR", &dir);
+    let (ok, err) = stderr_of(svc);
+    assert!(!ok, "{err}");
+    assert!(err.contains("refusing the zrpcd"), "{err}");
+    // The CLI: exit code 11.
+    let out = Command::new(bin("zrpc"))
+        .env("ZRPC_SOCKET_DIR", &dir)
+        .args(["call", "zrpcd", "ping"])
+        .output()
+        .expect("zrpc");
+    assert_eq!(out.status.code(), Some(11), "{out:?}");
+    // Trusting that uid explicitly works.
+    let out = Command::new(bin("zrpc"))
+        .env("ZRPC_SOCKET_DIR", &dir)
+        .env("ZRPC_BROKER_UID", OTHER.to_string())
+        .args(["call", "zrpcd", "ping"])
+        .output()
+        .expect("zrpc");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The example policy shipped in systemd/ (installed as
+/// /etc/zrpc/policy.toml) loads, and a broker starts with it.
+#[test]
+fn the_example_policy_file_loads() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/policy.toml");
+    let b = Broker::start_with(&["--policy", &example.display().to_string()]);
+    let mut r = Raw::hello(b.dir());
+    assert_eq!(r.call(1, "zrpcd", "ping", None).0, None);
 }

@@ -22,8 +22,8 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "zrpc", version, after_help = MAIN_EXAMPLES)]
 pub struct Cli {
-    /// Directory of the broker's socket (`zrpcd.sock`); default
-    /// /tmp/zrpc_sockets.
+    /// Directory of the broker's socket (`zrpcd.sock`); default /run/zrpc
+    /// (the system broker), else $XDG_RUNTIME_DIR/zrpc.
     #[arg(long, global = true, env = "ZRPC_SOCKET_DIR", value_name = "DIR")]
     pub socket_dir: Option<PathBuf>,
 

@@ -109,6 +109,7 @@ pub fn error_exit(e: &Error) -> u8 {
         Some(code) => code_exit(code),
         None => match e {
             Error::Connect { .. } | Error::Disconnected(_) => exit::CONNECTION,
+            Error::UntrustedBroker(_) => exit::ACCESS_DENIED,
             Error::Encode(_) => exit::USAGE,
             _ => exit::PROTOCOL,
         },

@@ -93,6 +93,8 @@ fn subscribe(dir: &Path, services: &[String]) -> Result<Conn, Failure> {
             source,
         })
     })?;
+    zrpc_proto::check_broker(&sock, &path)
+        .map_err(|e| Failure::from(zrpc_client::Error::from(e)))?;
     sock.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(lost)?;
     let mut c = Conn {
         sock,

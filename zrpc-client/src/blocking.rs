@@ -67,7 +67,8 @@ struct Inner {
 }
 
 impl BlockingClient {
-    /// Connects to the broker in `$ZRPC_SOCKET_DIR`, or `/tmp/zrpc_sockets`.
+    /// Connects to the broker in `$ZRPC_SOCKET_DIR`, or the default directory (`/run/zrpc`, see
+    /// `zrpc_proto::trust::default_socket_dir`).
     pub fn connect() -> Result<BlockingClient> {
         ClientBuilder::default().connect_blocking()
     }
@@ -692,6 +693,7 @@ impl Conn {
     fn open(settings: &Settings, handshake_timeout: Duration) -> Result<(Conn, BytesMut)> {
         let err = |e| settings.connect_error(e);
         let stream = UnixStream::connect(settings.socket_path()).map_err(err)?;
+        settings.check_broker(&stream)?;
         stream
             .set_read_timeout(Some(handshake_timeout))
             .map_err(err)?;

@@ -53,8 +53,8 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Uses this socket directory instead of `$ZRPC_SOCKET_DIR` or
-    /// `/tmp/zrpc_sockets`.
+    /// Uses this socket directory instead of `$ZRPC_SOCKET_DIR` or the
+    /// default ([`zrpc_proto::trust::default_socket_dir`]).
     pub fn socket_dir(mut self, dir: impl Into<PathBuf>) -> ClientBuilder {
         self.socket_dir = Some(dir.into());
         self
@@ -440,7 +440,8 @@ impl Shared {
 }
 
 impl Client {
-    /// Connects to the broker in `$ZRPC_SOCKET_DIR`, or `/tmp/zrpc_sockets`.
+    /// Connects to the broker in `$ZRPC_SOCKET_DIR`, or the default directory (`/run/zrpc`, see
+    /// `zrpc_proto::trust::default_socket_dir`).
     pub async fn connect() -> Result<Client> {
         ClientBuilder::default().connect().await
     }
@@ -813,6 +814,7 @@ impl Conn {
         let mut stream = UnixStream::connect(settings.socket_path())
             .await
             .map_err(|e| settings.connect_error(e))?;
+        settings.check_broker(&stream)?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let handshake = async {
             stream

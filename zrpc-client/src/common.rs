@@ -178,6 +178,13 @@ impl Settings {
         }
     }
 
+    /// Checks, before anything is sent, that the broker at the end of
+    /// `sock` runs as a uid this process trusts (see
+    /// [`zrpc_proto::trust`]).
+    pub(crate) fn check_broker(&self, sock: &impl std::os::fd::AsRawFd) -> Result<()> {
+        Ok(zrpc_proto::check_broker(sock, &self.socket_path())?)
+    }
+
     /// The `Hello` frame of this client.
     pub(crate) fn hello(&self) -> BytesMut {
         let mut out = BytesMut::with_capacity(64 + self.agent.len());

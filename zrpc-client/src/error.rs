@@ -100,6 +100,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The broker at the socket runs as a user this process does not trust
+    /// (not root, not itself, not `$ZRPC_BROKER_UID`): nothing was sent to
+    /// it.
+    #[error(transparent)]
+    UntrustedBroker(#[from] zrpc_proto::UntrustedBroker),
     /// The connection to the broker was lost while a `no_retry` call was on
     /// the broker (the call may or may not have run), or the client's
     /// connection task stopped. Calls without `no_retry` are resubmitted
@@ -154,6 +159,7 @@ impl Error {
             Error::LimitExceeded(_) => ErrorCode::LimitExceeded,
             Error::Broker { code, .. } => *code,
             Error::Connect { .. }
+            | Error::UntrustedBroker(_)
             | Error::Disconnected(_)
             | Error::Encode(_)
             | Error::Decode(_) => return None,

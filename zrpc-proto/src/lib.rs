@@ -28,6 +28,7 @@ pub mod payload;
 #[cfg(feature = "reactor")]
 pub mod reactor;
 mod sd;
+pub mod trust;
 
 pub use blob::Blob;
 pub use codec::{
@@ -39,6 +40,7 @@ pub use inline::InlineBytes;
 pub use names::{to_snake_case, validate_name, MAX_NAME_LEN};
 pub use payload::{decode_payload, MAX_TIMEOUT_MS};
 pub use sd::{sd_notify, watchdog_interval};
+pub use trust::{check_broker, UntrustedBroker};
 
 /// Version of the protocol spoken by this crate, sent in `Hello`/`Welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -49,8 +51,10 @@ pub const SOCKET_FILE: &str = "zrpcd.sock";
 /// File name of the lock file the broker holds inside the socket directory.
 pub const LOCK_FILE: &str = "zrpcd.lock";
 
-/// Default socket directory (the original zrpc's default).
-pub const DEFAULT_SOCKET_DIR: &str = "/tmp/zrpc_sockets";
+/// The original zrpc's socket directory. No longer the default: any local
+/// user could create it first (see [`trust::default_socket_dir`]); set
+/// `$ZRPC_SOCKET_DIR` to it to keep using it for a private broker.
+pub const LEGACY_SOCKET_DIR: &str = "/tmp/zrpc_sockets";
 
 /// Environment variable that overrides the socket directory everywhere.
 pub const SOCKET_DIR_ENV: &str = "ZRPC_SOCKET_DIR";
@@ -73,14 +77,14 @@ pub const BROKER_SERVICE: &str = "zrpcd";
 pub const NIL_PAYLOAD: &[u8] = &[0xc0];
 
 /// Resolves the socket directory: an explicit value wins, then
-/// `$ZRPC_SOCKET_DIR`, then [`DEFAULT_SOCKET_DIR`].
+/// `$ZRPC_SOCKET_DIR`, then [`trust::default_socket_dir`].
 pub fn resolve_socket_dir(explicit: Option<&std::path::Path>) -> std::path::PathBuf {
     if let Some(p) = explicit {
         return p.to_path_buf();
     }
     match std::env::var_os(SOCKET_DIR_ENV) {
         Some(v) if !v.is_empty() => v.into(),
-        _ => DEFAULT_SOCKET_DIR.into(),
+        _ => trust::default_socket_dir(),
     }
 }
 

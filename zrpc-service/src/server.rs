@@ -89,6 +89,11 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The broker at the socket runs as a user this process does not trust
+    /// (not root, not itself, not `$ZRPC_BROKER_UID`): nothing was sent to
+    /// it, and no name registered.
+    #[error(transparent)]
+    UntrustedBroker(#[from] zrpc_proto::UntrustedBroker),
     /// Reading from or writing to the broker connection failed.
     #[error("I/O error on the zrpcd connection: {0}")]
     Io(#[source] io::Error),
@@ -1011,7 +1016,11 @@ async fn connect(
     let stream = tokio::net::UnixStream::connect(&path)
         .await
         .and_then(|s| s.into_std())
-        .map_err(|source| Error::Connect { path, source })?;
+        .map_err(|source| Error::Connect {
+            path: path.clone(),
+            source,
+        })?;
+    zrpc_proto::check_broker(&stream, &path)?;
     let mut conn = Conn::new(stream).map_err(Error::from_io)?;
     encode_frame(
         &mut conn.wbuf,
@@ -1263,7 +1272,7 @@ impl<S: Service> std::fmt::Debug for Server<S> {
 impl<S: Service> Server<S> {
     /// A server for `service`, named [`Service::service_name`] (the type
     /// name in snake_case for macro services), using the default socket
-    /// directory (`$ZRPC_SOCKET_DIR`, else `/tmp/zrpc_sockets`).
+    /// directory (`$ZRPC_SOCKET_DIR`, else the default, `/run/zrpc`).
     pub fn new(service: S) -> Self {
         let name = service.service_name();
         Server {

@@ -90,7 +90,8 @@ pub struct Config {
 
 impl Config {
     /// The defaults, with the socket directory resolved from
-    /// `$ZRPC_SOCKET_DIR` or `/tmp/zrpc_sockets`.
+    /// `$ZRPC_SOCKET_DIR` or the default
+    /// ([`zrpc_proto::trust::default_socket_dir`]).
     pub fn new(socket_dir: Option<PathBuf>) -> Self {
         Config {
             socket_dir: zrpc_proto::resolve_socket_dir(socket_dir.as_deref()),

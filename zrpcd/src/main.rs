@@ -15,7 +15,8 @@ use zrpcd::Config;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Directory of the broker socket (zrpcd.sock) [default: /tmp/zrpc_sockets]
+    /// Directory of the broker socket (zrpcd.sock) [default: /run/zrpc for
+    /// root; $XDG_RUNTIME_DIR/zrpc for other users]
     #[arg(long, env = "ZRPC_SOCKET_DIR")]
     socket_dir: Option<PathBuf>,
     /// Permission bits of the socket file, in octal (who may connect)

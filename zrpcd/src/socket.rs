@@ -94,8 +94,19 @@ pub fn prepare_dir(dir: &Path) -> Result<(), SetupError> {
         return Err(SetupError::UnsafeDir {
             path: dir.into(),
             reason: format!(
-                "it is owned by uid {}, not by us (uid {me}) or root",
+                "it is owned by uid {}, not by us (uid {me}) or root: another user may have created it to catch our clients",
                 meta.uid()
+            ),
+        });
+    }
+    // Other users must not be able to put files (a socket of their own)
+    // into it either.
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(SetupError::UnsafeDir {
+            path: dir.into(),
+            reason: format!(
+                "its mode {mode:04o} lets other users write into it; make it 0755 (or 0750) and owned by the broker's user"
             ),
         });
     }

@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Run `test_server` first. The socket directory comes from
-//! `$ZRPC_SOCKET_DIR` (default `/tmp/zrpc_sockets`).
+//! `$ZRPC_SOCKET_DIR` (default `/run/zrpc`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};

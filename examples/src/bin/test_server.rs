@@ -11,7 +11,7 @@
 //! ```
 //!
 //! The service name `test_server` is derived from the type name. The socket
-//! directory comes from `$ZRPC_SOCKET_DIR` (default `/tmp/zrpc_sockets`).
+//! directory comes from `$ZRPC_SOCKET_DIR` (default `/run/zrpc`).
 
 use zrpc_service::{rpc_method, service, Context, Server, Value};
 
