@@ -445,3 +445,62 @@ fn the_example_policy_file_loads() {
     let mut r = Raw::hello(b.dir());
     assert_eq!(r.call(1, "zrpcd", "ping", None).0, None);
 }
+
+/// `zrpc-test-peer ARGS` as uid `uid`.
+fn as_uid(b: &Broker, uid: u32, args: &[&str]) -> Proc {
+    let mut c = b.command("zrpc-test-peer");
+    c.args(args).uid(uid).gid(uid);
+    Proc::spawn("zrpc-test-peer", c)
+}
+
+#[test]
+fn one_user_cannot_exhaust_the_broker_for_another() {
+    if !is_root("one_user_cannot_exhaust_the_broker_for_another") {
+        return;
+    }
+    const VICTIM: u32 = 65533;
+    let (_p, path) = policy("[quota]\nconnections = 2\npending_calls = 3\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    // Pending calls: the fourth of the other user's is refused.
+    let mut hog = as_uid(&b, OTHER, &["park", "--service", "nobody", "--count", "5"]);
+    let lines = std::cell::RefCell::new(Vec::new());
+    let sent = hog.read_until(|l| {
+        lines.borrow_mut().push(l.to_string());
+        l.starts_with("sent")
+    });
+    let lines = lines.into_inner();
+    assert!(sent.is_some(), "{lines:?}");
+    let refused: Vec<_> = lines
+        .iter()
+        .filter(|l| l.starts_with("result limit_exceeded"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{lines:?}");
+    assert!(
+        refused[0].contains("uid 65534") && refused[0].contains("pending_calls"),
+        "{lines:?}"
+    );
+    // Connections: the other user has one (the hog); a second is allowed,
+    // a third refused.
+    let mut second = as_uid(&b, OTHER, &["park", "--service", "nobody", "--count", "0"]);
+    second
+        .read_until(|l| l.starts_with("sent"))
+        .expect("second connection");
+    let line = other_says(&b, &["call", "--service", "zrpcd", "--method", "ping"]);
+    assert!(line.starts_with("fatal limit_exceeded"), "{line}");
+    assert!(
+        line.contains("uid 65534 already has 2 connections"),
+        "{line}"
+    );
+    // Meanwhile another user is unaffected: it connects, and its calls
+    // are accepted (and wait for their service like anyone's).
+    let mut victim = as_uid(&b, VICTIM, &["park", "--service", "nobody", "--count", "3"]);
+    let line = victim.read_until(|l| !l.is_empty()).expect("victim");
+    assert_eq!(line, "sent 3", "the other user's calls were all accepted");
+    let mut c = b.command("zrpc-test-peer");
+    c.args(["call", "--service", "zrpcd", "--method", "ping"])
+        .uid(VICTIM)
+        .gid(VICTIM);
+    let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
+    assert!(out.starts_with("result ok"), "{out}");
+    assert_eq!(zrpc_tests::broker_stat(b.dir(), "pending"), 6);
+}

@@ -17,6 +17,7 @@ use crate::payload::Payload;
 use crate::peers::{Creds, PeerId, Peers};
 use crate::pending::{KeptPayload, NewCall, PendingCalls, Stage};
 use crate::queue::PeerIo;
+use crate::quota::Usage;
 use crate::stats::Stats;
 use zrpc_proto::busy_poll::BusyPoll;
 
@@ -108,6 +109,10 @@ pub struct Broker {
     pub partial_total: usize,
     /// Payload bytes of all pending calls (`--max-pending-bytes`).
     pub pending_bytes: usize,
+    /// Users with live connections, and what each holds.
+    pub users: crate::quota::Users,
+    /// What one user may hold (see [`crate::quota`]).
+    pub quota: crate::quota::Quota,
     /// `Hello` instance ids of live connections: the uid that presented
     /// each, and on how many connections (an instance id is bound to one
     /// uid while in use).
@@ -118,6 +123,7 @@ impl Broker {
     /// An empty broker.
     pub fn new(config: Config) -> Self {
         let max_stats_names = config.max_stats_names;
+        let quota = crate::quota::Quota::new(&config, config.policy.quota());
         Broker {
             busy_poll: BusyPoll::new_or_off(config.busy_poll),
             config,
@@ -133,13 +139,27 @@ impl Broker {
             partial_total: 0,
             pending_bytes: 0,
             instances: Default::default(),
+            users: Default::default(),
+            quota,
         }
     }
 
     /// Registers a new connection.
     pub fn add_peer(&mut self, io: Rc<PeerIo>, creds: Creds) -> PeerId {
         self.stats.connections_total += 1;
-        self.peers.insert(io, creds)
+        let user = self.users.get(creds.uid);
+        Usage::add(&user.connections, 1);
+        self.peers.insert(io, creds, user)
+    }
+
+    /// Why a new connection of `uid` is refused, if its user is at the
+    /// per-user connection quota.
+    pub fn over_connection_quota(&self, uid: u32) -> Option<String> {
+        let max = self.quota.connections;
+        let n = self.users.connections(uid);
+        (uid != 0 && n >= max).then(|| {
+            format!("uid {uid} already has {n} connections to zrpcd, its per-user quota (connections in [quota] of the policy)")
+        })
     }
 
     /// Queues a frame to `peer`; returns false if the peer is gone. A peer
@@ -483,6 +503,7 @@ impl Broker {
         let total_bytes = self.pending_bytes;
         let over_total_bytes = total_bytes + size > self.config.max_pending_bytes;
         let max_bytes_per_conn = self.config.max_pending_bytes_per_conn;
+        let quota = self.quota;
         let caller_ident = match self.peers.get_mut(peer) {
             Some(p) => {
                 p.calls_made += 1;
@@ -504,6 +525,18 @@ impl Broker {
                     Some(format!(
                         "the broker's pending calls hold {total_bytes} bytes of arguments; {size} more would pass the limit (--max-pending-bytes)"
                     ))
+                } else if p.user.limited()
+                    && (p.user.pending_calls.get() >= quota.pending_calls
+                        || p.user.pending_bytes.get() + size > quota.pending_bytes)
+                {
+                    Some(format!(
+                        "uid {} has {} calls pending holding {} bytes of arguments, at its per-user quota ({} calls, {} bytes: pending_calls and pending_bytes in [quota] of the policy)",
+                        p.user.uid,
+                        p.user.pending_calls.get(),
+                        p.user.pending_bytes.get(),
+                        quota.pending_calls,
+                        quota.pending_bytes
+                    ))
                 } else {
                     None
                 };
@@ -512,6 +545,8 @@ impl Broker {
                 }
                 p.calling += 1;
                 p.calling_bytes += size;
+                Usage::add(&p.user.pending_calls, 1);
+                Usage::add(&p.user.pending_bytes, size);
                 (p.instance, p.creds.caller())
             }
             None => return,
@@ -744,6 +779,8 @@ impl Broker {
             if let Some(c) = self.peers.get_mut(p.caller) {
                 c.calling = c.calling.saturating_sub(1);
                 c.calling_bytes = c.calling_bytes.saturating_sub(size);
+                Usage::sub(&c.user.pending_calls, 1);
+                Usage::sub(&c.user.pending_bytes, size);
             }
         }
         let elapsed = self.pending.elapsed_at(&p, now);
@@ -834,6 +871,8 @@ impl Broker {
         };
         c.calling = c.calling.saturating_sub(1);
         c.calling_bytes = c.calling_bytes.saturating_sub(arg_size);
+        Usage::sub(&c.user.pending_calls, 1);
+        Usage::sub(&c.user.pending_bytes, arg_size);
         self.out.enqueue(&c.io, env, payload);
         let max = self.config.max_queued_bytes;
         if c.io.queue.borrow().len_bytes() > max {
@@ -943,6 +982,13 @@ impl Broker {
         let now = Instant::now();
         p.io.close();
         self.forget_partial(p.partial_bytes);
+        // Its calls are finished below without finding it: release their
+        // share of the user's quota here, once.
+        Usage::sub(&p.user.pending_calls, p.calling as usize);
+        Usage::sub(&p.user.pending_bytes, p.calling_bytes);
+        Usage::sub(&p.user.partial_bytes, p.partial_bytes);
+        Usage::sub(&p.user.connections, 1);
+        self.users.release(p.creds.uid);
         if p.ready && p.instance != 0 {
             if let Some(e) = self.instances.get_mut(&p.instance) {
                 e.1 -= 1;

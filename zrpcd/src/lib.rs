@@ -26,6 +26,7 @@ pub mod peers;
 pub mod pending;
 pub mod policy;
 pub mod queue;
+pub mod quota;
 pub mod replay;
 pub mod server;
 pub mod socket;

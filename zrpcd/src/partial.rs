@@ -10,6 +10,7 @@ use zrpc_proto::ErrorCode;
 
 use crate::broker::{Broker, Fatal};
 use crate::peers::PeerId;
+use crate::quota::Usage;
 
 impl Broker {
     /// Records, after a read batch of `peer`, that `held` bytes of read
@@ -29,6 +30,9 @@ impl Broker {
         };
         let before = p.partial_bytes;
         p.partial_bytes = held;
+        let user = p.user.clone();
+        Usage::sub(&user.partial_bytes, before);
+        Usage::add(&user.partial_bytes, held);
         p.partial_since = match (held, p.partial_since) {
             (0, _) => None,
             (_, Some(since)) if !new_frame => Some(since),
@@ -42,6 +46,17 @@ impl Broker {
                 code: ErrorCode::LimitExceeded,
                 message: format!(
                     "zrpcd holds {total} bytes of partly received frames, more than the limit of {max} (--max-partial-bytes)"
+                ),
+            });
+        }
+        let quota = self.quota.partial_bytes;
+        if held > before && user.limited() && user.partial_bytes.get() > quota {
+            return Err(Fatal {
+                code: ErrorCode::LimitExceeded,
+                message: format!(
+                    "uid {} holds {} bytes of partly received frames, more than its per-user quota of {quota} (partial_bytes in [quota] of the policy)",
+                    user.uid,
+                    user.partial_bytes.get()
                 ),
             });
         }

@@ -95,6 +95,8 @@ pub struct Peer {
     /// Supplementary groups from `SO_PEERGROUPS` (empty if the kernel gave
     /// none).
     pub groups: Box<[u32]>,
+    /// What this peer's uid holds, all its connections together.
+    pub user: Rc<crate::quota::Usage>,
     /// When the connection was accepted.
     pub since: Instant,
     /// Names held.
@@ -131,7 +133,12 @@ pub struct Peers {
 
 impl Peers {
     /// Adds a connection and returns its id.
-    pub fn insert(&mut self, io: Rc<PeerIo>, creds: Creds) -> PeerId {
+    pub fn insert(
+        &mut self,
+        io: Rc<PeerIo>,
+        creds: Creds,
+        user: Rc<crate::quota::Usage>,
+    ) -> PeerId {
         self.next_id += 1;
         let id = self.next_id;
         self.map.insert(
@@ -144,6 +151,7 @@ impl Peers {
                 agent: String::new(),
                 creds,
                 groups: Box::default(),
+                user,
                 since: Instant::now(),
                 names: Vec::new(),
                 outstanding: 0,

@@ -153,6 +153,8 @@ pub struct Policy {
     monitor: Principals,
     peers: Principals,
     stats: Principals,
+    /// Per-uid quotas set by the file (the rest are defaults).
+    quota: crate::quota::QuotaOverrides,
     /// Where it came from (for messages).
     source: String,
 }
@@ -168,6 +170,7 @@ impl Policy {
             monitor: privileged.clone(),
             peers: privileged,
             stats: Principals::everyone(),
+            quota: crate::quota::QuotaOverrides::default(),
             source: "the default policy".into(),
         }
     }
@@ -192,6 +195,7 @@ impl Policy {
             toml::from_str(text).map_err(|e| format!("{source}: not a valid policy: {e}"))?;
         let mut p = Policy::default_for(broker_uid);
         p.source = source.to_owned();
+        p.quota = raw.quota;
         let err = |what: String| format!("{source}: {what}");
         for (i, r) in raw.own.into_iter().enumerate() {
             let at = format!("[[own]] #{}", i + 1);
@@ -224,6 +228,11 @@ impl Policy {
             p.stats = set(i.stats, "stats", p.stats.clone())?;
         }
         Ok(p)
+    }
+
+    /// The per-uid quotas the file sets.
+    pub fn quota(&self) -> crate::quota::QuotaOverrides {
+        self.quota
     }
 
     /// Where the policy came from.
@@ -352,6 +361,8 @@ struct RawPolicy {
     #[serde(default)]
     call: Vec<RawCall>,
     introspect: Option<RawIntrospect>,
+    #[serde(default)]
+    quota: crate::quota::QuotaOverrides,
 }
 
 #[derive(Debug, Deserialize)]

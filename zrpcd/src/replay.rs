@@ -77,7 +77,14 @@ fn connect(broker: &mut Broker, keep: &mut Vec<std::os::unix::net::UnixStream>) 
     a.set_nonblocking(true).ok()?;
     let rd = Rc::new(register(a, Interest::READABLE).ok()?);
     keep.push(b);
-    Some(broker.add_peer(Rc::new(PeerIo::new(rd)), Creds::default()))
+    // Two users besides root, so that the per-user quotas play too.
+    let uid = [0, 1000, 1001][keep.len() % 3];
+    let creds = Creds {
+        pid: 1,
+        uid,
+        gid: uid,
+    };
+    Some(broker.add_peer(Rc::new(PeerIo::new(rd)), creds))
 }
 
 /// Ends a connection the way its task does: the broker forgets it.
@@ -234,6 +241,11 @@ fn drive_in_runtime(data: &[u8]) {
     assert_eq!(b.names.len(), 0, "names left once every peer is gone");
     assert_eq!(b.partial_total, 0, "partial-frame bytes left");
     assert_eq!(b.pending_bytes, 0, "pending payload bytes left");
+    assert!(
+        b.users.is_empty(),
+        "per-user accounts left: {}",
+        b.users.len()
+    );
 }
 
 #[cfg(test)]

@@ -61,14 +61,20 @@ pub async fn run(
             _ = &mut sweeper => break Some("partial-frame sweep"),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let full = {
+                    let refused = {
                         let b = broker.borrow();
-                        b.peers.len() >= b.config.max_connections
+                        let max = b.config.max_connections;
+                        if b.peers.len() >= max {
+                            Some(format!("zrpcd already has {max} connections, the limit (--max-connections)"))
+                        } else {
+                            stream.peer_cred().ok().and_then(|c| b.over_connection_quota(c.uid()))
+                        }
                     };
-                    if full {
-                        refuse(&broker, stream);
-                    } else {
-                        tokio::task::spawn_local(conn::serve(broker.clone(), stream));
+                    match refused {
+                        Some(msg) => refuse(&broker, stream, &msg),
+                        None => {
+                            tokio::task::spawn_local(conn::serve(broker.clone(), stream));
+                        }
                     }
                 }
                 Err(e) => {
@@ -132,6 +138,7 @@ fn reload_policy(broker: &RefCell<Broker>) {
     match crate::policy::Policy::load(&path, uid) {
         Ok(p) => {
             tracing::info!(policy = %path.display(), rules = p.rules(), "access policy reloaded");
+            b.quota = crate::quota::Quota::new(&b.config, p.quota());
             b.config.policy = p;
         }
         Err(e) => {
@@ -140,18 +147,16 @@ fn reload_policy(broker: &RefCell<Broker>) {
     }
 }
 
-fn refuse(broker: &RefCell<Broker>, stream: tokio::net::UnixStream) {
+fn refuse(broker: &RefCell<Broker>, stream: tokio::net::UnixStream, msg: &str) {
     let mut b = broker.borrow_mut();
     b.stats.connections_refused += 1;
-    let max = b.config.max_connections;
-    tracing::warn!(max, "connection refused: too many connections");
-    let msg = format!("zrpcd already has {max} connections, the limit (--max-connections)");
+    tracing::warn!(message = msg, "connection refused");
     let mut out = BytesMut::new();
     encode_frame(
         &mut out,
         &Envelope::Fatal {
             code: ErrorCode::LimitExceeded,
-            message: &msg,
+            message: msg,
         },
         &Bytes::new(),
     );

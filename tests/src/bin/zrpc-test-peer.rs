@@ -27,13 +27,25 @@ enum Cmd {
         service: String,
         #[arg(long)]
         method: String,
-        #[arg(long, default_value_t = 0x5eed)]
-        instance: u64,
+        /// Hello instance id (default: from the pid, unique per process).
+        #[arg(long)]
+        instance: Option<u64>,
         #[arg(long, default_value_t = 1)]
         id: u64,
         /// The payload, in hex (default: nil).
         #[arg(long, default_value = "c0")]
         payload: String,
+    },
+    /// Send COUNT calls without a deadline (to a name nobody serves, they
+    /// stay pending), print the immediate answers, then "sent N" and stay.
+    Park {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        count: u64,
+        /// Hello instance id (default: from the pid, unique per process).
+        #[arg(long)]
+        instance: Option<u64>,
     },
     /// Register a name and serve it.
     Register {
@@ -41,8 +53,9 @@ enum Cmd {
         name: String,
         #[arg(long)]
         shared: bool,
-        #[arg(long, default_value_t = 0x5eed)]
-        instance: u64,
+        /// Hello instance id (default: from the pid, unique per process).
+        #[arg(long)]
+        instance: Option<u64>,
     },
 }
 
@@ -63,7 +76,8 @@ fn say(line: &str) {
 }
 
 /// Connects with `instance`; prints the `Fatal` and exits if refused.
-fn connect(instance: u64) -> Raw {
+fn connect(instance: Option<u64>) -> Raw {
+    let instance = instance.unwrap_or((1 << 32) | u64::from(std::process::id()));
     let dir = zrpc_proto::resolve_socket_dir(None);
     let mut r = Raw::connect(&dir);
     match r.hello_as(instance) {
@@ -118,6 +132,38 @@ fn main() {
                     Ok(Envelope::Fatal { code, message }) => {
                         return say(&format!("fatal {code} {message}"));
                     }
+                    _ => {}
+                }
+            }
+        }
+        Cmd::Park {
+            service,
+            count,
+            instance,
+        } => {
+            let mut r = connect(instance);
+            for id in 1..=count {
+                r.send(
+                    &Envelope::Call {
+                        id,
+                        service: &service,
+                        method: "m",
+                        timeout_ms: None,
+                        flags: 0,
+                    },
+                    b"\xc0",
+                );
+            }
+            // A ping round trip: every immediate answer has arrived.
+            r.send(&Envelope::Ping { nonce: 7 }, b"");
+            while let Some(f) = r.recv_frame() {
+                match f.decode() {
+                    Ok(Envelope::Result { code, message, .. }) => say(&format!(
+                        "result {} {message}",
+                        code.map_or("ok".to_string(), |c| c.to_string())
+                    )),
+                    Ok(Envelope::Pong { nonce: 7 }) => say(&format!("sent {count}")),
+                    Ok(Envelope::Ping { nonce }) => r.send(&Envelope::Pong { nonce }, b""),
                     _ => {}
                 }
             }
