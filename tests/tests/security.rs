@@ -504,3 +504,36 @@ fn one_user_cannot_exhaust_the_broker_for_another() {
     assert!(out.starts_with("result ok"), "{out}");
     assert_eq!(zrpc_tests::broker_stat(b.dir(), "pending"), 6);
 }
+
+#[test]
+fn one_user_cannot_fill_the_broker_with_unread_frames() {
+    if !is_root("one_user_cannot_fill_the_broker_with_unread_frames") {
+        return;
+    }
+    // Each connection may queue 64 MiB (the default), the user only
+    // 600,000 bytes in all.
+    let (_p, path) = policy("[quota]\nqueued_bytes = 600000\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    let before = zrpc_tests::broker_stat(b.dir(), "connections");
+    // Three connections that send pings and never read the pongs: past
+    // their socket buffers, pongs queue in the broker.
+    let mut floods: Vec<Proc> = (0..3)
+        .map(|_| as_uid(&b, OTHER, &["flood", "--count", "60000"]))
+        .collect();
+    for f in &mut floods {
+        f.read_until(|l| l == "flooded").expect("flooded");
+    }
+    // At least one of them is disconnected for the user's quota.
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "connections")
+            < before + 3),
+        "no flooding connection was closed"
+    );
+    // Another user is unaffected.
+    let mut c = b.command("zrpc-test-peer");
+    c.args(["call", "--service", "zrpcd", "--method", "ping"])
+        .uid(65533)
+        .gid(65533);
+    let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
+    assert!(out.starts_with("result ok"), "{out}");
+}

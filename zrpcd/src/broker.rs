@@ -149,6 +149,7 @@ impl Broker {
         self.stats.connections_total += 1;
         let user = self.users.get(creds.uid);
         Usage::add(&user.connections, 1);
+        io.queue.borrow_mut().set_user(user.clone());
         self.peers.insert(io, creds, user)
     }
 
@@ -180,8 +181,33 @@ impl Broker {
         };
         if p.io.queue.borrow().len_bytes() > limit {
             self.check_backlog(peer, limit);
+        } else if p.user.limited() && p.user.queued_bytes.get() > self.quota.queued_bytes {
+            self.user_backlog(peer);
         }
         true
+    }
+
+    /// Disconnects `peer`, whose user has more bytes queued unread than its
+    /// per-user quota allows (the connection whose queue just grew).
+    fn user_backlog(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
+        if p.io.closed.get() {
+            return;
+        }
+        let (uid, queued, quota) = (
+            p.creds.uid,
+            p.user.queued_bytes.get(),
+            self.quota.queued_bytes,
+        );
+        let fatal = Fatal {
+            code: ErrorCode::LimitExceeded,
+            message: format!(
+                "uid {uid} has {queued} bytes queued unread on its connections, more than its per-user quota of {quota} (queued_bytes in [quota] of the policy); disconnecting"
+            ),
+        };
+        self.fatal(peer, &fatal);
     }
 
     /// Writes out every peer that got frames since the last flush: one
@@ -709,6 +735,15 @@ impl Broker {
             return;
         };
         let queued = t.io.queue.borrow().len_bytes();
+        if t.user.limited() && t.user.queued_bytes.get() > self.quota.queued_bytes {
+            let msg = format!(
+                "the services of uid {} do not read their requests ({} bytes queued, more than its per-user quota: queued_bytes in [quota] of the policy)",
+                t.creds.uid,
+                t.user.queued_bytes.get()
+            );
+            self.log_refusal(target, &msg);
+            return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
+        }
         if queued > max_queued {
             let msg = format!(
                 "service {service:?} is not reading its requests ({queued} bytes queued, limit --max-queued-bytes)"
@@ -877,6 +912,8 @@ impl Broker {
         let max = self.config.max_queued_bytes;
         if c.io.queue.borrow().len_bytes() > max {
             self.check_backlog(caller, max);
+        } else if c.user.limited() && c.user.queued_bytes.get() > self.quota.queued_bytes {
+            self.user_backlog(caller);
         }
     }
 

@@ -45,6 +45,15 @@ pub struct OutQueue {
     batch: u32,
     /// Frames pushed since the queue was last written out completely.
     queued: u32,
+    /// The peer's user, whose `queued_bytes` this queue's bytes count in.
+    user: Option<Rc<crate::quota::Usage>>,
+}
+
+impl Drop for OutQueue {
+    fn drop(&mut self) {
+        // Frames never written (a closed connection) leave the account.
+        self.set_bytes(0);
+    }
 }
 
 impl OutQueue {
@@ -60,7 +69,7 @@ impl OutQueue {
         self.queued += 1;
         let before = self.cur.len();
         encode_header(&mut self.cur, env, payload.len());
-        self.bytes += self.cur.len() - before + payload.len();
+        self.set_bytes(self.bytes + self.cur.len() - before + payload.len());
         if payload.len() >= ZERO_COPY_MIN {
             let head = self.cur.split().freeze();
             self.chunks.push_back(head);
@@ -68,6 +77,20 @@ impl OutQueue {
         } else {
             self.cur.extend_from_slice(payload.as_slice());
         }
+    }
+
+    /// Counts this queue's bytes in `user`'s account from now on.
+    pub fn set_user(&mut self, user: Rc<crate::quota::Usage>) {
+        crate::quota::Usage::add(&user.queued_bytes, self.bytes);
+        self.user = Some(user);
+    }
+
+    fn set_bytes(&mut self, bytes: usize) {
+        if let Some(u) = &self.user {
+            crate::quota::Usage::sub(&u.queued_bytes, self.bytes);
+            crate::quota::Usage::add(&u.queued_bytes, bytes);
+        }
+        self.bytes = bytes;
     }
 
     /// Bytes queued and not yet handed to the writer.
@@ -82,7 +105,7 @@ impl OutQueue {
         if !self.cur.is_empty() {
             out.push(self.cur.split().freeze());
         }
-        self.bytes = 0;
+        self.set_bytes(0);
         self.frames = 0;
         self.queued = 0;
     }
@@ -116,7 +139,7 @@ impl OutQueue {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             };
-            self.bytes = self.bytes.saturating_sub(written);
+            self.set_bytes(self.bytes.saturating_sub(written));
             while written > 0 {
                 let Some(front) = self.chunks.front_mut() else {
                     break;
@@ -130,7 +153,7 @@ impl OutQueue {
                 }
             }
         }
-        self.bytes = 0;
+        self.set_bytes(0);
         self.frames = 0;
         self.queued = 0;
         // Give back memory from a burst once drained (small idle connections).

@@ -24,6 +24,8 @@ pub struct Quota {
     pub pending_bytes: usize,
     /// Read buffer held for partly received frames.
     pub partial_bytes: usize,
+    /// Bytes queued towards the user's connections, unread.
+    pub queued_bytes: usize,
 }
 
 /// The `[quota]` section of the policy file.
@@ -38,6 +40,8 @@ pub struct QuotaOverrides {
     pub pending_bytes: Option<usize>,
     /// Partial-frame bytes per uid.
     pub partial_bytes: Option<usize>,
+    /// Bytes queued towards one uid's connections, unread.
+    pub queued_bytes: Option<usize>,
 }
 
 impl Quota {
@@ -58,6 +62,11 @@ impl Quota {
             partial_bytes: overrides
                 .partial_bytes
                 .unwrap_or(quarter(config.max_partial_bytes)),
+            // No broker-wide limit to take a share of: four connections'
+            // worth (--max-queued-bytes each).
+            queued_bytes: overrides
+                .queued_bytes
+                .unwrap_or(config.max_queued_bytes.saturating_mul(4)),
         }
     }
 }
@@ -75,6 +84,8 @@ pub struct Usage {
     pub pending_bytes: Cell<usize>,
     /// Partial-frame bytes.
     pub partial_bytes: Cell<usize>,
+    /// Bytes queued towards its connections and not yet written.
+    pub queued_bytes: Cell<usize>,
 }
 
 impl Usage {

@@ -47,6 +47,14 @@ enum Cmd {
         #[arg(long)]
         instance: Option<u64>,
     },
+    /// Send COUNT pings and never read the pongs; print "flooded", then
+    /// wait (until killed).
+    Flood {
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        instance: Option<u64>,
+    },
     /// Register a name and serve it.
     Register {
         #[arg(long)]
@@ -167,6 +175,17 @@ fn main() {
                     _ => {}
                 }
             }
+        }
+        Cmd::Flood { count, instance } => {
+            let mut r = connect(instance);
+            let mut out = bytes::BytesMut::new();
+            for nonce in 0..count {
+                zrpc_proto::encode_frame(&mut out, &Envelope::Ping { nonce }, b"");
+            }
+            // The broker may close the connection before taking it all.
+            let _ = std::io::Write::write_all(&mut r.s, &out);
+            say("flooded");
+            std::thread::sleep(std::time::Duration::from_secs(60));
         }
         Cmd::Register {
             name,
