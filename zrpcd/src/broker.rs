@@ -113,10 +113,6 @@ pub struct Broker {
     pub users: crate::quota::Users,
     /// What one user may hold (see [`crate::quota`]).
     pub quota: crate::quota::Quota,
-    /// `Hello` instance ids of live connections: the uid that presented
-    /// each, and on how many connections (an instance id is bound to one
-    /// uid while in use).
-    instances: rustc_hash::FxHashMap<u64, (u32, u32)>,
 }
 
 impl Broker {
@@ -138,7 +134,6 @@ impl Broker {
             out: Outbox::default(),
             partial_total: 0,
             pending_bytes: 0,
-            instances: Default::default(),
             users: Default::default(),
             quota,
         }
@@ -181,7 +176,15 @@ impl Broker {
         };
         if p.io.queue.borrow().len_bytes() > limit {
             self.check_backlog(peer, limit);
-        } else if p.user.limited() && p.user.queued_bytes.get() > self.quota.queued_bytes {
+        } else if p.user.limited()
+            && p.names.is_empty()
+            && p.outstanding == 0
+            && p.user.queued_bytes.get() > self.quota.queued_bytes
+        {
+            // Only a connection that is not serving: a service's queue is
+            // filled by other users' requests, which `route` refuses past
+            // the quota instead, so nobody can get another user's
+            // services disconnected.
             self.user_backlog(peer);
         }
         true
@@ -317,23 +320,13 @@ impl Broker {
         let conn_id = peer;
         let max_message_size = self.config.max_message_size;
         if let Some(p) = self.peers.get_mut(peer) {
-            // The caller's instance id keys the services' reply caches (with
-            // the uid); one uid may not present an instance id another uid
-            // is using.
-            if instance != 0 {
-                let uid = p.creds.uid;
-                let entry = self.instances.entry(instance).or_insert((uid, 0));
-                if entry.0 != uid {
-                    return Err(Fatal {
-                        code: ErrorCode::AccessDenied,
-                        message: format!(
-                            "instance id {instance} is in use by a connection of another user (uid {}); choose a random instance id",
-                            entry.0
-                        ),
-                    });
-                }
-                entry.1 += 1;
-            }
+            // The instance id is what the peer claims; it identifies a call
+            // to services only together with the caller's uid, which the
+            // broker sends from the kernel (every Request carries both, and
+            // the reply caches key on both): presenting another user's
+            // instance id reaches nothing of theirs. (Refusing it instead
+            // would let a user who learnt an id block its owner's
+            // reconnection.)
             p.ready = true;
             p.instance = instance;
             p.agent = agent.chars().take(256).collect();
@@ -735,7 +728,7 @@ impl Broker {
             return;
         };
         let queued = t.io.queue.borrow().len_bytes();
-        if t.user.limited() && t.user.queued_bytes.get() > self.quota.queued_bytes {
+        if t.user.limited() && t.user.queued_bytes.get() + payload.len() > self.quota.queued_bytes {
             let msg = format!(
                 "the services of uid {} do not read their requests ({} bytes queued, more than its per-user quota: queued_bytes in [quota] of the policy)",
                 t.creds.uid,
@@ -1025,15 +1018,7 @@ impl Broker {
         Usage::sub(&p.user.pending_bytes, p.calling_bytes);
         Usage::sub(&p.user.partial_bytes, p.partial_bytes);
         Usage::sub(&p.user.connections, 1);
-        self.users.release(p.creds.uid);
-        if p.ready && p.instance != 0 {
-            if let Some(e) = self.instances.get_mut(&p.instance) {
-                e.1 -= 1;
-                if e.1 == 0 {
-                    self.instances.remove(&p.instance);
-                }
-            }
-        }
+
         self.monitors.retain(|m| m.peer != peer);
         for name in &p.names {
             self.names.unregister(name, peer);
@@ -1043,6 +1028,15 @@ impl Broker {
         }
         if !p.names.is_empty() {
             tracing::info!(peer, names = ?p.names, "service disconnected, names released");
+        }
+        // The calls it made end first (nobody to answer), so that none of
+        // them is re-delivered below on behalf of a caller that is gone.
+        let calls = self
+            .pending
+            .ids_where_counted(p.calling > 0, |c| c.caller == peer);
+        for bid in calls {
+            self.stats.cancelled += 1;
+            self.finish(bid, Outcome::CallerLeft, now);
         }
         // The scans below walk the whole pending table; the peer's counters
         // say whether there is anything to find (a client that disconnects
@@ -1065,13 +1059,6 @@ impl Broker {
                 }
                 self.dispatch(bid, now);
             }
-        }
-        let calls = self
-            .pending
-            .ids_where_counted(p.calling > 0, |c| c.caller == peer);
-        for bid in calls {
-            self.stats.cancelled += 1;
-            self.finish(bid, Outcome::CallerLeft, now);
         }
     }
 

@@ -37,14 +37,19 @@ const IN_PLACE_MAX: usize = SMALL_PAYLOAD_COPY;
 
 /// Serves one accepted connection until it closes.
 pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
-    let creds = stream
-        .peer_cred()
-        .map(|c| Creds {
+    // Identity comes from the kernel or the connection is not served (a
+    // default would be uid 0: root's rights and no quota).
+    let creds = match stream.peer_cred() {
+        Ok(c) => Creds {
             pid: c.pid().unwrap_or(0),
             uid: c.uid(),
             gid: c.gid(),
-        })
-        .unwrap_or_default();
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a connection's credentials; closing it");
+            return;
+        }
+    };
     // Registered for readability only (see `PeerIo::sock`); one fd per
     // connection.
     let rd = match stream
@@ -284,6 +289,9 @@ async fn read_some(
 /// side down.
 async fn write_loop(io: Rc<PeerIo>) {
     let mut waiter: Option<AsyncFd<std::os::unix::net::UnixStream>> = None;
+    // Once the connection is closing, one deadline for all that is left: a
+    // peer that reads a little now and then must not keep it alive.
+    let mut close_deadline: Option<Instant> = None;
     loop {
         if io.queue.borrow().is_empty() {
             io.writer_busy.set(false);
@@ -311,10 +319,14 @@ async fn write_loop(io: Rc<PeerIo>) {
         // for a bounded time: a peer that never reads must not keep its
         // socket and its queued frames alive forever.
         let closing = io.closed.get();
+        if closing && close_deadline.is_none() {
+            close_deadline = Some(Instant::now() + CLOSE_FLUSH_BOUND);
+        }
+        let deadline = close_deadline.unwrap_or_else(Instant::now);
         let ready = tokio::select! {
             r = w.writable() => r,
             _ = io.notify.notified(), if !closing => continue,
-            _ = tokio::time::sleep(CLOSE_FLUSH_BOUND), if closing => {
+            _ = tokio::time::sleep_until(deadline), if closing => {
                 tracing::debug!("peer does not read; dropping its unsent frames");
                 break;
             }

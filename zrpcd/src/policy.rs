@@ -16,9 +16,11 @@
 //! users = ["root"]
 //! groups = ["billing"]
 //!
-//! # Only "alice" and group "finance" may call it; "refund" only root.
+//! # "charge" for "alice" and group "finance"; "refund" for root only;
+//! # no other method of "billing" for anyone.
 //! [[call]]
 //! service = "billing"
+//! method = "charge"
 //! users = ["alice"]
 //! groups = ["finance"]
 //! [[call]]
@@ -37,7 +39,10 @@
 //! `"*"`). A name matched by an `own` rule may be owned only by the
 //! principals of the rules that match it; a call to a service matched by a
 //! `call` rule only by the principals of the matching rules whose method
-//! matches too. Everything else keeps the defaults.
+//! matches too: rules add up (a call is allowed if any rule matching its
+//! service and method names the caller; there are no deny rules). Calls to
+//! the broker's own `zrpcd.*` methods are governed by `[introspect]`, not
+//! by `call` rules. Everything else keeps the defaults.
 
 use std::collections::BTreeSet;
 use std::path::Path;

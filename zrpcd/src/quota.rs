@@ -131,11 +131,12 @@ impl Users {
         self.map.get(&uid).map_or(0, |u| u.connections.get())
     }
 
-    /// Forgets a user whose last connection closed.
-    pub fn release(&mut self, uid: u32) {
-        if self.map.get(&uid).is_some_and(|u| u.connections.get() == 0) {
-            self.map.remove(&uid);
-        }
+    /// Forgets the users nothing refers to any more: no connection, and no
+    /// closing connection's queue still holding unsent frames (those keep
+    /// counting against their user until they are dropped, so that a user
+    /// cannot shed its account by reconnecting).
+    pub fn collect(&mut self) {
+        self.map.retain(|_, u| Rc::strong_count(u) > 1);
     }
 
     /// Users with a live connection.

@@ -140,6 +140,14 @@ fn reload_policy(broker: &RefCell<Broker>) {
             tracing::info!(policy = %path.display(), rules = p.rules(), "access policy reloaded");
             b.quota = crate::quota::Quota::new(&b.config, p.quota());
             b.config.policy = p;
+            // Subscriptions the new policy no longer allows end now.
+            let b = &mut *b;
+            let (peers, policy) = (&b.peers, &b.config.policy);
+            b.monitors.retain(|m| {
+                peers.get(m.peer).is_some_and(|p| {
+                    policy.may_introspect(&p.identity(), crate::policy::Introspection::Monitor)
+                })
+            });
         }
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: the policy file does not load; keeping the policy in force")
@@ -232,7 +240,7 @@ async fn flush_loop(broker: Rc<RefCell<Broker>>) {
 }
 
 /// Closes connections whose partly received frame stalled (see
-/// [`crate::partial`]).
+/// [`crate::partial`]), and forgets users with nothing left.
 async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
     let every = crate::partial::sweep_interval(broker.borrow().config.frame_timeout);
     let mut interval = tokio::time::interval(every);
@@ -241,6 +249,7 @@ async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
         interval.tick().await;
         let mut b = broker.borrow_mut();
         b.expire_partial_frames(std::time::Instant::now());
+        b.users.collect();
         b.flush();
     }
 }
