@@ -536,3 +536,89 @@ fn one_user_cannot_fill_the_broker_with_unread_frames() {
     let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
     assert!(out.starts_with("result ok"), "{out}");
 }
+
+#[test]
+fn one_user_cannot_take_all_pending_bytes_or_partial_frames() {
+    if !is_root("one_user_cannot_take_all_pending_bytes_or_partial_frames") {
+        return;
+    }
+    const VICTIM: u32 = 65533;
+    let (_p, path) = policy("[quota]\npending_bytes = 100000\npartial_bytes = 3000000\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    // Pending bytes: 40 KB calls; the third passes 100,000 bytes.
+    let lines = std::cell::RefCell::new(Vec::new());
+    let mut hog = as_uid(
+        &b,
+        OTHER,
+        &[
+            "park",
+            "--service",
+            "nobody",
+            "--count",
+            "4",
+            "--payload-size",
+            "40000",
+        ],
+    );
+    hog.read_until(|l| {
+        lines.borrow_mut().push(l.to_string());
+        l.starts_with("sent")
+    })
+    .expect("sent");
+    let lines = lines.into_inner();
+    let refused: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("pending_bytes"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{lines:?}");
+    // Partial frames: two 1 MiB frames half sent hold about 2 MB; the
+    // third passes 3,000,000 bytes for this user and is closed.
+    let mut holders: Vec<Proc> = (0..2)
+        .map(|_| {
+            as_uid(
+                &b,
+                OTHER,
+                &["partial", "--size", "1048576", "--sent", "600000"],
+            )
+        })
+        .collect();
+    for h in &mut holders {
+        h.read_until(|l| l == "sent").expect("sent");
+    }
+    let (_, out) = as_uid(
+        &b,
+        OTHER,
+        &["partial", "--size", "1048576", "--sent", "600000"],
+    )
+    .output(WAIT);
+    assert!(
+        out.contains("closed") && out.contains("partial_bytes"),
+        "{out}"
+    );
+    // The other user: its calls with arguments, and its own large frames,
+    // are accepted.
+    let mut victim = as_uid(
+        &b,
+        VICTIM,
+        &[
+            "park",
+            "--service",
+            "nobody",
+            "--count",
+            "2",
+            "--payload-size",
+            "40000",
+        ],
+    );
+    assert_eq!(
+        victim.read_until(|l| !l.is_empty()).as_deref(),
+        Some("sent 2")
+    );
+    let mut big = as_uid(
+        &b,
+        VICTIM,
+        &["partial", "--size", "1048576", "--sent", "600000"],
+    );
+    assert_eq!(big.read_until(|l| !l.is_empty()).as_deref(), Some("sent"));
+    assert_eq!(zrpc_tests::broker_stat(b.dir(), "pending"), 4);
+}

@@ -5,6 +5,12 @@
 //! ```text
 //! zrpc-test-peer call --service S --method M [--instance I] [--id N] [--payload HEX]
 //!     -> "result ok <payload hex>" | "result <code> <message>" | "fatal <code> <message>"
+//! zrpc-test-peer park --service S --count N [--payload-size B]
+//!     -> the immediate answers ("result ..."), then "sent N"; stays
+//! zrpc-test-peer partial --size N --sent M
+//!     -> "sent" once M bytes of an N-byte frame are written; "closed ..."
+//! zrpc-test-peer flood --count N
+//!     -> "flooded" once N pings are written (pongs never read); stays
 //! zrpc-test-peer register --name N [--shared] [--instance I]
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
 //!        every request with the string "HIJACKED" and printing
@@ -43,6 +49,9 @@ enum Cmd {
         service: String,
         #[arg(long)]
         count: u64,
+        /// Each call's payload: a bin of this many bytes (default nil).
+        #[arg(long, default_value_t = 0)]
+        payload_size: usize,
         /// Hello instance id (default: from the pid, unique per process).
         #[arg(long)]
         instance: Option<u64>,
@@ -52,6 +61,16 @@ enum Cmd {
     Flood {
         #[arg(long)]
         count: u64,
+        #[arg(long)]
+        instance: Option<u64>,
+    },
+    /// Send the first SENT bytes of a frame announcing SIZE bytes, print
+    /// "sent", then wait (printing "fatal ..." if the broker closes it).
+    Partial {
+        #[arg(long)]
+        size: u32,
+        #[arg(long)]
+        sent: usize,
         #[arg(long)]
         instance: Option<u64>,
     },
@@ -147,9 +166,18 @@ fn main() {
         Cmd::Park {
             service,
             count,
+            payload_size,
             instance,
         } => {
             let mut r = connect(instance);
+            let payload = if payload_size == 0 {
+                vec![0xc0]
+            } else {
+                let mut p = vec![0xc6];
+                p.extend_from_slice(&(payload_size as u32).to_be_bytes());
+                p.resize(5 + payload_size, 0x55);
+                p
+            };
             for id in 1..=count {
                 r.send(
                     &Envelope::Call {
@@ -159,7 +187,7 @@ fn main() {
                         timeout_ms: None,
                         flags: 0,
                     },
-                    b"\xc0",
+                    &payload,
                 );
             }
             // A ping round trip: every immediate answer has arrived.
@@ -174,6 +202,24 @@ fn main() {
                     Ok(Envelope::Ping { nonce }) => r.send(&Envelope::Pong { nonce }, b""),
                     _ => {}
                 }
+            }
+        }
+        Cmd::Partial {
+            size,
+            sent,
+            instance,
+        } => {
+            let mut r = connect(instance);
+            let mut head = size.to_be_bytes().to_vec();
+            head.extend_from_slice(&3u32.to_be_bytes());
+            let mut body = vec![0x91, 0x0b, 0x00];
+            body.resize(sent, 0);
+            let _ = std::io::Write::write_all(&mut r.s, &head);
+            let _ = std::io::Write::write_all(&mut r.s, &body);
+            say("sent");
+            match r.recv_frame().map(|f| f.decode().map(|e| format!("{e:?}"))) {
+                Some(Ok(e)) if e.starts_with("Fatal") => say(&format!("closed {e}")),
+                _ => say("closed"),
             }
         }
         Cmd::Flood { count, instance } => {
