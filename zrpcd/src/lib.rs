@@ -5,7 +5,12 @@
 //! - [`names`]: service names and their instances,
 //! - [`pending`]: calls in flight, with one timer structure for all deadlines,
 //! - [`builtin`]: the broker's own `zrpcd` service,
+//! - [`policy`]: who may own, call and watch what; [`quota`]: what one user
+//!   may hold,
 //!
+//! with the broker's handling split by concern: [`owning`] (registering
+//! names, with the access checks), [`lifecycle`] (a connection's start and
+//! end, shutdown), [`partial`] (bounds on partly received frames),
 //! tied together by [`broker::Broker`] (the routing logic) and driven by
 //! [`conn`] (one reader and one writer task per connection) and [`server`]
 //! (accept loop and shutdown). Everything runs on one thread: cross-thread
@@ -17,9 +22,11 @@ pub mod broker;
 pub mod builtin;
 pub mod config;
 pub mod conn;
+pub mod lifecycle;
 pub mod monitor;
 pub mod names;
 pub mod outbox;
+pub mod owning;
 pub mod partial;
 pub mod payload;
 pub mod peers;

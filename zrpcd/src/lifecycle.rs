@@ -1,0 +1,278 @@
+//! A connection's life in the broker: its start (accept-time quotas,
+//! `Hello`), the ways it ends (`Fatal`, a backlog nobody reads, a silent
+//! service, shutdown) and what its end releases.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use zrpc_proto::{flags, Envelope, ErrorCode, PROTOCOL_VERSION};
+
+use crate::broker::{Broker, Fatal, Outcome};
+use crate::payload::Payload;
+use crate::peers::{Creds, PeerId};
+use crate::pending::Stage;
+use crate::queue::PeerIo;
+use crate::quota::Usage;
+
+impl Broker {
+    /// Registers a new connection.
+    pub fn add_peer(&mut self, io: Rc<PeerIo>, creds: Creds) -> PeerId {
+        self.stats.connections_total += 1;
+        let user = self.users.get(creds.uid);
+        Usage::add(&user.connections, 1);
+        io.queue.borrow_mut().set_user(user.clone());
+        self.peers.insert(io, creds, user)
+    }
+
+    /// Why a new connection of `uid` is refused, if its user is at the
+    /// per-user connection quota.
+    pub fn over_connection_quota(&self, uid: u32) -> Option<String> {
+        let max = self.quota.connections;
+        let n = self.users.connections(uid);
+        (uid != 0 && n >= max).then(|| {
+            format!("uid {uid} already has {n} connections to zrpcd, its per-user quota (connections in [quota] of the policy)")
+        })
+    }
+
+    /// Disconnects `peer`, whose user has more bytes queued unread than its
+    /// per-user quota allows (the connection whose queue just grew).
+    pub(crate) fn user_backlog(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
+        if p.io.closed.get() {
+            return;
+        }
+        let (uid, queued, quota) = (
+            p.creds.uid,
+            p.user.queued_bytes.get(),
+            self.quota.queued_bytes,
+        );
+        let fatal = Fatal {
+            code: ErrorCode::LimitExceeded,
+            message: format!(
+                "uid {uid} has {queued} bytes queued unread on its connections, more than its per-user quota of {quota} (queued_bytes in [quota] of the policy); disconnecting"
+            ),
+        };
+        self.fatal(peer, &fatal);
+    }
+
+    pub(crate) fn on_hello(
+        &mut self,
+        peer: PeerId,
+        version: u32,
+        instance: u64,
+        agent: &str,
+    ) -> Result<(), Fatal> {
+        if version != PROTOCOL_VERSION {
+            return Err(Fatal {
+                code: ErrorCode::VersionMismatch,
+                message: format!(
+                    "zrpcd speaks zrpc protocol version {PROTOCOL_VERSION}, the peer sent version {version}"
+                ),
+            });
+        }
+        let conn_id = peer;
+        let max_message_size = self.config.max_message_size;
+        if let Some(p) = self.peers.get_mut(peer) {
+            // The instance id is what the peer claims; it identifies a call
+            // to services only together with the caller's uid, which the
+            // broker sends from the kernel (every Request carries both, and
+            // the reply caches key on both): presenting another user's
+            // instance id reaches nothing of theirs. (Refusing it instead
+            // would let a user who learnt an id block its owner's
+            // reconnection.)
+            p.ready = true;
+            p.instance = instance;
+            p.agent = agent.chars().take(256).collect();
+            tracing::debug!(peer, pid = p.creds.pid, agent = %p.agent, "peer connected");
+        }
+        let welcome = Envelope::Welcome {
+            version: PROTOCOL_VERSION,
+            conn_id,
+            max_message_size,
+        };
+        self.send(peer, &welcome, Payload::EMPTY);
+        Ok(())
+    }
+
+    /// Disconnects a peer whose frames pile up unread past `limit` bytes.
+    pub(crate) fn check_backlog(&mut self, peer: PeerId, limit: usize) {
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
+        let queued = p.io.queue.borrow().len_bytes();
+        if queued > limit && !p.io.closed.get() {
+            tracing::warn!(
+                peer,
+                pid = p.creds.pid,
+                queued,
+                "peer does not read what the broker sends it; disconnecting it"
+            );
+            let fatal = Fatal {
+                code: ErrorCode::LimitExceeded,
+                message: format!(
+                    "{queued} bytes of frames for this connection (results, events, answers) are queued unread (limit --max-queued-bytes); disconnecting"
+                ),
+            };
+            self.fatal(peer, &fatal);
+        }
+    }
+
+    /// Sends `Fatal` and closes the connection once it is flushed. The
+    /// peer's state is released when its reader ends ([`Broker::remove_peer`]).
+    pub fn fatal(&mut self, peer: PeerId, fatal: &Fatal) {
+        if fatal.code == ErrorCode::Protocol {
+            self.stats.protocol_errors += 1;
+        }
+        if let Some(p) = self.peers.get(peer) {
+            if fatal.code == ErrorCode::Shutdown {
+                tracing::debug!(peer, pid = p.creds.pid, "closing connection for shutdown");
+            } else {
+                tracing::warn!(peer, pid = p.creds.pid, code = %fatal.code, message = %fatal.message, "closing connection");
+            }
+        }
+        let env = Envelope::Fatal {
+            code: fatal.code,
+            message: &fatal.message,
+        };
+        // Queued without the backlog check of `send` (which ends here).
+        if let Some(p) = self.peers.get(peer) {
+            self.out.enqueue(&p.io, &env, Payload::EMPTY);
+            p.io.close();
+        }
+    }
+
+    /// Releases everything a closed connection held: its names (at once),
+    /// the calls it was serving (re-delivered or failed) and the calls it
+    /// made (cancelled at their services).
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.remove(peer) else {
+            return;
+        };
+        let now = Instant::now();
+        p.io.close();
+        self.forget_partial(p.partial_bytes);
+        // Its calls are finished below without finding it: release their
+        // share of the user's quota here, once.
+        Usage::sub(&p.user.pending_calls, p.calling as usize);
+        Usage::sub(&p.user.pending_bytes, p.calling_bytes);
+        Usage::sub(&p.user.partial_bytes, p.partial_bytes);
+        Usage::sub(&p.user.connections, 1);
+
+        self.monitors.retain(|m| m.peer != peer);
+        for name in &p.names {
+            self.names.unregister(name, peer);
+            if !self.names.is_held(name) {
+                self.stats.unregistered(name);
+            }
+        }
+        if !p.names.is_empty() {
+            tracing::info!(peer, names = ?p.names, "service disconnected, names released");
+        }
+        // The calls it made end first (nobody to answer), so that none of
+        // them is re-delivered below on behalf of a caller that is gone.
+        let calls = self
+            .pending
+            .ids_where_counted(p.calling > 0, |c| c.caller == peer);
+        for bid in calls {
+            self.stats.cancelled += 1;
+            self.finish(bid, Outcome::CallerLeft, now);
+        }
+        // The scans below walk the whole pending table; the peer's counters
+        // say whether there is anything to find (a client that disconnects
+        // after its calls completed, the usual case, costs nothing).
+        let delivered = self
+            .pending
+            .ids_where_counted(p.outstanding > 0, |c| c.stage() == Stage::Delivered(peer));
+        for bid in delivered {
+            let no_retry = self
+                .pending
+                .get(bid)
+                .is_some_and(|c| c.flags & flags::NO_RETRY != 0);
+            if no_retry {
+                let msg = "the service instance handling the call disconnected".to_string();
+                self.finish(bid, Outcome::Error(ErrorCode::ServiceGone, msg), now);
+            } else {
+                self.stats.redelivered += 1;
+                if let Some(c) = self.pending.get_mut(bid) {
+                    c.set_stage(Stage::Parked);
+                }
+                self.dispatch(bid, now);
+            }
+        }
+    }
+
+    /// Pings services and disconnects the ones that stayed silent longer
+    /// than the heartbeat timeout (a stopped process keeps its socket open
+    /// but answers nothing). Their calls are then re-delivered or failed by
+    /// [`Broker::remove_peer`]. Plain clients are not pinged.
+    pub fn heartbeat(&mut self) {
+        let now = Instant::now();
+        let timeout = self.config.heartbeat_timeout;
+        let mut dead = Vec::new();
+        let mut ping = Vec::new();
+        for p in self.peers.iter() {
+            if !p.ready || (p.names.is_empty() && p.outstanding == 0) {
+                continue;
+            }
+            if now.duration_since(p.last_seen) > timeout {
+                dead.push((p.id, p.creds.pid));
+            } else {
+                ping.push(p.id);
+            }
+        }
+        self.ping_nonce += 1;
+        let nonce = self.ping_nonce;
+        for id in ping {
+            self.send(id, &Envelope::Ping { nonce }, Payload::EMPTY);
+        }
+        for (id, pid) in dead {
+            tracing::warn!(
+                peer = id,
+                pid,
+                ?timeout,
+                "service stopped responding; disconnecting it"
+            );
+            self.stats.heartbeat_timeouts += 1;
+            let fatal = Fatal {
+                code: ErrorCode::Timeout,
+                message: format!("no sign of life for more than {timeout:?} (heartbeat timeout)"),
+            };
+            self.fatal(id, &fatal);
+        }
+    }
+
+    /// First step of a graceful shutdown: refuse new calls and fail the
+    /// parked ones with `Shutdown`; calls already delivered may still finish.
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        let now = Instant::now();
+        for bid in self.pending.ids_where(|c| c.stage() == Stage::Parked) {
+            let msg = "zrpcd is shutting down".to_string();
+            self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg), now);
+        }
+        self.flush();
+    }
+
+    /// Last step of shutdown: every call still pending is answered with
+    /// `Shutdown`, every peer gets `Fatal{Shutdown}` and is closed once
+    /// flushed.
+    pub fn shutdown(&mut self) {
+        self.shutting_down = true;
+        let now = Instant::now();
+        for bid in self.pending.ids_where(|_| true) {
+            let msg = "zrpcd is shutting down".to_string();
+            self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg), now);
+        }
+        let ids: Vec<PeerId> = self.peers.iter().map(|p| p.id).collect();
+        let fatal = Fatal {
+            code: ErrorCode::Shutdown,
+            message: "zrpcd is shutting down".into(),
+        };
+        for id in ids {
+            self.fatal(id, &fatal);
+        }
+        self.flush();
+    }
+}

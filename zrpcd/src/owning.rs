@@ -1,0 +1,113 @@
+//! Owning names: the broker's side of `Register` and `Unregister`, with
+//! the access checks (the policy file's rules, and no taking over or joining
+//! another uid's name). The registry itself is [`crate::names`].
+
+use std::time::Instant;
+
+use zrpc_proto::{validate_name, Envelope, ErrorCode};
+
+use crate::broker::Broker;
+use crate::names::RegisterError;
+use crate::payload::Payload;
+use crate::peers::PeerId;
+
+impl Broker {
+    pub(crate) fn ack(&mut self, peer: PeerId, req: u64, code: Option<ErrorCode>, message: &str) {
+        self.send(peer, &Envelope::Ack { req, code, message }, Payload::EMPTY);
+    }
+
+    pub(crate) fn on_register(
+        &mut self,
+        peer: PeerId,
+        req: u64,
+        name: &str,
+        shared: bool,
+        now: Instant,
+    ) {
+        if let Err(e) = validate_name(name) {
+            return self.ack(peer, req, Some(ErrorCode::InvalidName), &e.to_string());
+        }
+        if name == zrpc_proto::BROKER_SERVICE {
+            let msg = format!("the name {name:?} is reserved for the broker");
+            return self.ack(peer, req, Some(ErrorCode::NameTaken), &msg);
+        }
+        if let Err(msg) = self.may_own(peer, name, shared) {
+            self.stats.error(ErrorCode::AccessDenied);
+            self.log_refusal(peer, &msg);
+            return self.ack(peer, req, Some(ErrorCode::AccessDenied), &msg);
+        }
+        let held = self.peers.get(peer).map_or(0, |p| p.names.len());
+        if held >= self.config.max_names_per_conn {
+            let msg = format!(
+                "this connection already holds {held} names, the limit (--max-names-per-conn)"
+            );
+            self.log_refusal(peer, &msg);
+            return self.ack(peer, req, Some(ErrorCode::LimitExceeded), &msg);
+        }
+        match self.names.register(name, peer, shared) {
+            Ok(()) => {
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.names.push(name.into());
+                }
+                tracing::info!(peer, name, shared, "name registered");
+                let tag = self.stats.registered(name);
+                self.ack(peer, req, None, "");
+                for bid in self.names.take_waiting(name) {
+                    if let Some(p) = self.pending.get(bid) {
+                        if let Some(tag) = tag {
+                            self.pending.set_route_tag(p.route, tag);
+                        }
+                        self.dispatch(bid, now);
+                    }
+                }
+            }
+            Err(RegisterError::AlreadyHeld) => self.ack(peer, req, None, ""),
+            Err(RegisterError::Taken) => {
+                let msg = format!(
+                    "the name {name:?} is held by another live service; to run several instances, register it as shared from every instance"
+                );
+                self.ack(peer, req, Some(ErrorCode::NameTaken), &msg);
+            }
+        }
+    }
+
+    /// Whether `peer` may own `name`: the policy file's rules, and never a
+    /// name that a connection of another uid holds (no taking over or
+    /// joining another user's service).
+    pub(crate) fn may_own(&self, peer: PeerId, name: &str, shared: bool) -> Result<(), String> {
+        let Some(p) = self.peers.get(peer) else {
+            return Ok(());
+        };
+        self.config.policy.may_own(&p.identity(), name, shared)?;
+        let uid = p.creds.uid;
+        let other = self
+            .names
+            .holders(name)
+            .iter()
+            .filter_map(|&h| self.peers.get(h))
+            .map(|h| h.creds.uid)
+            .find(|&u| u != uid);
+        match other {
+            Some(o) => Err(format!(
+                "the name {name:?} is held by a service of uid {o}; uid {uid} may not take it over or join it"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn on_unregister(&mut self, peer: PeerId, req: u64, name: &str) {
+        if self.names.unregister(name, peer) {
+            if let Some(p) = self.peers.get_mut(peer) {
+                p.names.retain(|n| &**n != name);
+            }
+            if !self.names.is_held(name) {
+                self.stats.unregistered(name);
+            }
+            tracing::info!(peer, name, "name unregistered");
+            self.ack(peer, req, None, "");
+        } else {
+            let msg = format!("this connection does not hold the name {name:?}");
+            self.ack(peer, req, Some(ErrorCode::NotRegistered), &msg);
+        }
+    }
+}
