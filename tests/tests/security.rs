@@ -510,8 +510,8 @@ fn one_user_cannot_fill_the_broker_with_unread_frames() {
         return;
     }
     // Each connection may queue 64 MiB (the default), the user only
-    // 600,000 bytes in all.
-    let (_p, path) = policy("[quota]\nqueued_bytes = 600000\n");
+    // 200,000 bytes in all.
+    let (_p, path) = policy("[quota]\nqueued_bytes = 200000\n");
     let b = Broker::start_with(&["--policy", &path]);
     let before = zrpc_tests::broker_stat(b.dir(), "connections");
     // Three connections that send pings and never read the pongs: past
