@@ -41,16 +41,18 @@ impl Raw {
     }
 
     /// Sends `Hello` with instance id `instance` and returns the answer
-    /// (`Welcome`, or `Fatal`).
+    /// (`Welcome`, or `Fatal`). A broker that refused the connection at
+    /// accept may have closed it already: the write may fail, and the
+    /// `Fatal` it sent first is still there to read.
     pub fn hello_as(&mut self, instance: u64) -> Option<(zrpc_proto::Kind, zrpc_proto::Frame)> {
-        self.send(
-            &Envelope::Hello {
-                version: PROTOCOL_VERSION,
-                instance,
-                agent: "test",
-            },
-            b"",
-        );
+        let mut out = BytesMut::new();
+        let hello = Envelope::Hello {
+            version: PROTOCOL_VERSION,
+            instance,
+            agent: "test",
+        };
+        encode_frame(&mut out, &hello, b"");
+        let _ = self.s.write_all(&out);
         self.recv()
     }
 
