@@ -2,7 +2,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -1094,15 +1094,9 @@ async fn read_some(
         // Only now: the callers woken by the last batch have usually dropped
         // their replies by the time more bytes arrive (see `make_room`).
         make_room(dec, buf);
-        let spare = buf.spare_capacity_mut();
-        let cap = spare.len();
-        // SAFETY: read(2) only writes into the spare capacity, and only the
-        // bytes it reports are marked as initialised below.
-        let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), cap) };
-        match rd.get_ref().read(dst) {
+        let cap = buf.capacity() - buf.len();
+        match zrpc_proto::read_spare(rd.get_ref(), buf) {
             Ok(n) => {
-                // SAFETY: the first `n` spare bytes were just written.
-                unsafe { buf.set_len(buf.len() + n) };
                 if let Some(id) = poller {
                     BusyPoll::with_current(|bp| {
                         if bp.id() == id {

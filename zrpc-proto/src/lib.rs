@@ -105,6 +105,32 @@ pub fn connect_hint(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// Reads what `sock` has into the spare capacity of `buf` (one `read(2)`,
+/// at most the spare capacity) and extends `buf` by what was read. The one
+/// way the broker and the libraries read a socket into a buffer without
+/// initialising its spare capacity first: no `&mut [u8]` to uninitialised
+/// memory is ever made. Errors (`WouldBlock` included) are `read(2)`'s.
+pub fn read_spare(
+    sock: &impl std::os::fd::AsRawFd,
+    buf: &mut bytes::BytesMut,
+) -> std::io::Result<usize> {
+    use bytes::BufMut;
+    let spare = buf.chunk_mut();
+    let (ptr, cap) = (spare.as_mut_ptr(), spare.len());
+    // SAFETY: `ptr` points to `cap` bytes of `buf`'s spare capacity, valid
+    // for writes while `buf` is borrowed here; read(2) writes at most `cap`
+    // bytes there and nothing else, through a raw pointer (no reference to
+    // uninitialised bytes is created).
+    let n = unsafe { libc::read(sock.as_raw_fd(), ptr.cast(), cap) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n <= cap` spare bytes.
+    unsafe { buf.advance_mut(n) };
+    Ok(n)
+}
+
 /// Path of the broker socket inside `socket_dir`.
 pub fn socket_path(socket_dir: &std::path::Path) -> std::path::PathBuf {
     socket_dir.join(SOCKET_FILE)

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -428,16 +428,10 @@ impl Conn {
         }
         loop {
             let mut guard = self.rd.readable().await.map_err(Error::from_io)?;
-            let spare = self.rbuf.spare_capacity_mut();
-            let cap = spare.len();
-            // SAFETY: read(2) only writes into the spare capacity, and only
-            // the bytes it reports are marked as initialised below.
-            let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), cap) };
-            match self.rd.get_ref().read(dst) {
+            let cap = self.rbuf.capacity() - self.rbuf.len();
+            match zrpc_proto::read_spare(self.rd.get_ref(), &mut self.rbuf) {
                 Ok(0) => return Err(Error::Disconnected),
                 Ok(n) => {
-                    // SAFETY: the first `n` spare bytes were just written.
-                    unsafe { self.rbuf.set_len(self.rbuf.len() + n) };
                     if let Some(bp) = &self.busy_poll {
                         bp.batch(std::time::Instant::now(), n);
                     }

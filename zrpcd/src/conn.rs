@@ -3,11 +3,10 @@
 //! wake-up.
 
 use std::cell::RefCell;
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
@@ -258,18 +257,10 @@ async fn read_some(
         if buf.capacity() - buf.len() < want.min(READ_CHUNK) || buf.capacity() - buf.len() < want {
             buf.reserve(want.max(READ_CHUNK));
         }
-        let spare = buf.chunk_mut();
-        let cap = spare.len();
-        // SAFETY: read(2) only writes into the spare capacity, and we mark as
-        // initialised exactly the bytes it reports.
-        let res = guard.try_io(|inner| {
-            let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr(), cap) };
-            let mut sock = inner.get_ref();
-            sock.read(dst)
-        });
+        let cap = buf.capacity() - buf.len();
+        let res = guard.try_io(|inner| zrpc_proto::read_spare(inner.get_ref(), buf));
         match res {
             Ok(Ok(n)) => {
-                unsafe { buf.advance_mut(n) };
                 if n > 0 && n < cap {
                     // A short read drained the socket: wait for the next
                     // edge instead of paying a read that would block.
