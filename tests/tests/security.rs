@@ -622,3 +622,16 @@ fn one_user_cannot_take_all_pending_bytes_or_partial_frames() {
     assert_eq!(big.read_until(|l| !l.is_empty()).as_deref(), Some("sent"));
     assert_eq!(zrpc_tests::broker_stat(b.dir(), "pending"), 4);
 }
+
+/// A burst of connections, all queued before the broker runs, cannot pass
+/// the per-user connection quota: connections are counted at accept.
+#[test]
+fn a_burst_of_connections_cannot_pass_the_connection_quota() {
+    if !is_root("a_burst_of_connections_cannot_pass_the_connection_quota") {
+        return;
+    }
+    let (_p, path) = policy("[quota]\nconnections = 3\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    let line = other_says(&b, &["burst", "--count", "40"]);
+    assert_eq!(line, "welcomed 3");
+}

@@ -34,10 +34,32 @@ const READ_CHUNK: usize = 8 * 1024;
 /// reference.
 const IN_PLACE_MAX: usize = SMALL_PAYLOAD_COPY;
 
-/// Serves one accepted connection until it closes.
-pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
-    // Identity comes from the kernel or the connection is not served (a
-    // default would be uid 0: root's rights and no quota).
+/// A connection the broker took on: registered with the runtime and in the
+/// broker, counted in its user's account.
+pub struct Admitted {
+    id: PeerId,
+    creds: Creds,
+    io: Rc<PeerIo>,
+    rd: Rc<AsyncFd<std::os::unix::net::UnixStream>>,
+    decoder: FrameDecoder,
+    handshake: std::time::Duration,
+}
+
+/// Why [`admit`] did not take a connection.
+pub enum Refused {
+    /// A limit or quota: tell the peer (`message`) before closing.
+    Limit(UnixStream, String),
+    /// The connection cannot be served (no credentials, no registration);
+    /// already logged.
+    Broken,
+}
+
+/// Takes on an accepted connection, synchronously in the accept loop: its
+/// credentials (from the kernel, or it is not served: a default would be
+/// uid 0, root's rights and no quota), the connection limit and its
+/// user's quota, and its place in the broker. Counting it here, before
+/// its task runs, keeps a burst of connections from passing the limits.
+pub fn admit(broker: &RefCell<Broker>, stream: UnixStream) -> Result<Admitted, Refused> {
     let creds = match stream.peer_cred() {
         Ok(c) => Creds {
             pid: c.pid().unwrap_or(0),
@@ -46,9 +68,23 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
         },
         Err(e) => {
             tracing::warn!(error = %e, "cannot read a connection's credentials; closing it");
-            return;
+            return Err(Refused::Broken);
         }
     };
+    let refused = {
+        let b = broker.borrow();
+        let max = b.config.max_connections;
+        if b.peers.len() >= max {
+            Some(format!(
+                "zrpcd already has {max} connections, the limit (--max-connections)"
+            ))
+        } else {
+            b.over_connection_quota(creds.uid)
+        }
+    };
+    if let Some(msg) = refused {
+        return Err(Refused::Limit(stream, msg));
+    }
     // Registered for readability only (see `PeerIo::sock`); one fd per
     // connection.
     let rd = match stream
@@ -58,32 +94,46 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, stream: UnixStream) {
         Ok(rd) => Rc::new(rd),
         Err(e) => {
             tracing::warn!(error = %e, "cannot register a connection");
-            return;
+            return Err(Refused::Broken);
         }
     };
     let io = Rc::new(PeerIo::new(rd.clone()));
     let groups = crate::peers::peer_groups(rd.as_raw_fd());
-    let (id, decoder, handshake) = {
-        let mut b = broker.borrow_mut();
-        let id = b.add_peer(io.clone(), creds);
-        if let Some(p) = b.peers.get_mut(id) {
-            p.groups = groups;
-        }
-        if let Some(bp) = &b.busy_poll {
-            bp.watch_or_log(rd.as_raw_fd());
-        }
-        (
-            id,
-            FrameDecoder::new(b.config.max_message_size),
-            b.config.handshake_timeout,
-        )
-    };
-    let writer = tokio::task::spawn_local(write_loop(io.clone()));
+    let mut b = broker.borrow_mut();
+    let id = b.add_peer(io.clone(), creds);
+    if let Some(p) = b.peers.get_mut(id) {
+        p.groups = groups;
+    }
+    if let Some(bp) = &b.busy_poll {
+        bp.watch_or_log(rd.as_raw_fd());
+    }
+    Ok(Admitted {
+        id,
+        creds,
+        io,
+        rd,
+        decoder: FrameDecoder::new(b.config.max_message_size),
+        handshake: b.config.handshake_timeout,
+    })
+}
+
+/// Serves an admitted connection until it closes.
+pub async fn serve(broker: Rc<RefCell<Broker>>, conn: Admitted) {
+    let Admitted {
+        id,
+        creds,
+        io,
+        rd,
+        decoder,
+        handshake,
+    } = conn;
+    // From here on, however this task ends, the connection is released.
     let teardown = Teardown {
         broker: &broker,
         io: &io,
         id,
     };
+    let writer = tokio::task::spawn_local(write_loop(io.clone()));
     let reason = read_loop(&broker, &io, id, rd, decoder, Instant::now() + handshake).await;
     tracing::debug!(peer = id, pid = creds.pid, %reason, "connection closed");
     drop(teardown);

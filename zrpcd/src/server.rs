@@ -60,23 +60,13 @@ pub async fn run(
             _ = &mut heartbeats => break Some("heartbeat"),
             _ = &mut sweeper => break Some("partial-frame sweep"),
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let refused = {
-                        let b = broker.borrow();
-                        let max = b.config.max_connections;
-                        if b.peers.len() >= max {
-                            Some(format!("zrpcd already has {max} connections, the limit (--max-connections)"))
-                        } else {
-                            stream.peer_cred().ok().and_then(|c| b.over_connection_quota(c.uid()))
-                        }
-                    };
-                    match refused {
-                        Some(msg) => refuse(&broker, stream, &msg),
-                        None => {
-                            tokio::task::spawn_local(conn::serve(broker.clone(), stream));
-                        }
+                Ok((stream, _)) => match conn::admit(&broker, stream) {
+                    Ok(admitted) => {
+                        tokio::task::spawn_local(conn::serve(broker.clone(), admitted));
                     }
-                }
+                    Err(conn::Refused::Limit(stream, msg)) => refuse(&broker, stream, &msg),
+                    Err(conn::Refused::Broken) => {}
+                },
                 Err(e) => {
                     // EMFILE and friends: log, back off briefly, keep serving.
                     tracing::warn!(error = %e, "accept failed");

@@ -74,6 +74,13 @@ enum Cmd {
         #[arg(long)]
         instance: Option<u64>,
     },
+    /// Open COUNT connections at once (all connected before any says
+    /// Hello), then say Hello on each; print "welcomed K" with how many the
+    /// broker took.
+    Burst {
+        #[arg(long)]
+        count: usize,
+    },
     /// Register a name and serve it.
     Register {
         #[arg(long)]
@@ -221,6 +228,18 @@ fn main() {
                 Some(Ok(e)) if e.starts_with("Fatal") => say(&format!("closed {e}")),
                 _ => say("closed"),
             }
+        }
+        Cmd::Burst { count } => {
+            let dir = zrpc_proto::resolve_socket_dir(None);
+            let mut conns: Vec<Raw> = (0..count).map(|_| Raw::connect(&dir)).collect();
+            let base = (1u64 << 40) | (u64::from(std::process::id()) << 16);
+            let mut welcomed = 0;
+            for (i, r) in conns.iter_mut().enumerate() {
+                if matches!(r.hello_as(base + i as u64), Some((Kind::Welcome, _))) {
+                    welcomed += 1;
+                }
+            }
+            say(&format!("welcomed {welcomed}"));
         }
         Cmd::Flood { count, instance } => {
             let mut r = connect(instance);
