@@ -24,8 +24,13 @@ fn is_root(test: &str) -> bool {
 
 /// `zrpc-test-peer ARGS` as the other user, against `b`.
 fn other(b: &Broker, args: &[&str]) -> Proc {
+    as_uid(b, OTHER, args)
+}
+
+/// `zrpc-test-peer ARGS` as uid `uid` (gid the same), against `b`.
+fn as_uid(b: &Broker, uid: u32, args: &[&str]) -> Proc {
     let mut c = b.command("zrpc-test-peer");
-    c.args(args).uid(OTHER).gid(OTHER);
+    c.args(args).uid(uid).gid(uid);
     Proc::spawn("zrpc-test-peer", c)
 }
 
@@ -445,13 +450,6 @@ fn the_example_policy_file_loads() {
     assert_eq!(r.call(1, "zrpcd", "ping", None).0, None);
 }
 
-/// `zrpc-test-peer ARGS` as uid `uid`.
-fn as_uid(b: &Broker, uid: u32, args: &[&str]) -> Proc {
-    let mut c = b.command("zrpc-test-peer");
-    c.args(args).uid(uid).gid(uid);
-    Proc::spawn("zrpc-test-peer", c)
-}
-
 #[test]
 fn one_user_cannot_exhaust_the_broker_for_another() {
     if !is_root("one_user_cannot_exhaust_the_broker_for_another") {
@@ -495,11 +493,12 @@ fn one_user_cannot_exhaust_the_broker_for_another() {
     let mut victim = as_uid(&b, VICTIM, &["park", "--service", "nobody", "--count", "3"]);
     let line = victim.read_until(|l| !l.is_empty()).expect("victim");
     assert_eq!(line, "sent 3", "the other user's calls were all accepted");
-    let mut c = b.command("zrpc-test-peer");
-    c.args(["call", "--service", "zrpcd", "--method", "ping"])
-        .uid(VICTIM)
-        .gid(VICTIM);
-    let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
+    let (_, out) = as_uid(
+        &b,
+        VICTIM,
+        &["call", "--service", "zrpcd", "--method", "ping"],
+    )
+    .output(WAIT);
     assert!(out.starts_with("result ok"), "{out}");
     assert_eq!(zrpc_tests::broker_stat(b.dir(), "pending"), 6);
 }
@@ -529,11 +528,12 @@ fn one_user_cannot_fill_the_broker_with_unread_frames() {
         "no flooding connection was closed"
     );
     // Another user is unaffected.
-    let mut c = b.command("zrpc-test-peer");
-    c.args(["call", "--service", "zrpcd", "--method", "ping"])
-        .uid(65533)
-        .gid(65533);
-    let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
+    let (_, out) = as_uid(
+        &b,
+        65533,
+        &["call", "--service", "zrpcd", "--method", "ping"],
+    )
+    .output(WAIT);
     assert!(out.starts_with("result ok"), "{out}");
 }
 

@@ -152,18 +152,10 @@ impl Broker {
         } else {
             max.saturating_mul(2)
         };
-        if p.io.queue.borrow().len_bytes() > limit {
-            self.check_backlog(peer, limit);
-        } else if p.user.limited()
-            && p.names.is_empty()
-            && p.outstanding == 0
-            && p.user.queued_bytes.get() > self.quota.queued_bytes
+        if p.io.queue.borrow().len_bytes() > limit
+            || (p.user.limited() && p.user.queued_bytes.get() > self.quota.queued_bytes)
         {
-            // Only a connection that is not serving: a service's queue is
-            // filled by other users' requests, which `route` refuses past
-            // the quota instead, so nobody can get another user's
-            // services disconnected.
-            self.user_backlog(peer);
+            self.check_backlog(peer, limit);
         }
         true
     }
@@ -412,7 +404,7 @@ impl Broker {
         // `stats::OTHER`), so that ending a call needs no name lookup. A
         // route made before its name was registered, or whose row went to
         // another name, is tagged again here.
-        if let Some(r) = self.pending.get(bid).map(|p| p.route) {
+        if let Some(r) = route.or_else(|| self.pending.get(bid).map(|p| p.route)) {
             if !self.stats.tag_is_current(self.pending.route_tag(r)) {
                 if let Some(tag) = self.stats.tag_of(service) {
                     self.pending.set_route_tag(r, tag);
@@ -727,10 +719,10 @@ impl Broker {
         Usage::sub(&c.user.pending_bytes, arg_size);
         self.out.enqueue(&c.io, env, payload);
         let max = self.config.max_queued_bytes;
-        if c.io.queue.borrow().len_bytes() > max {
+        if c.io.queue.borrow().len_bytes() > max
+            || (c.user.limited() && c.user.queued_bytes.get() > self.quota.queued_bytes)
+        {
             self.check_backlog(caller, max);
-        } else if c.user.limited() && c.user.queued_bytes.get() > self.quota.queued_bytes {
-            self.user_backlog(caller);
         }
     }
 

@@ -54,24 +54,15 @@ pub fn handle(
             Bytes::new(),
         )
     };
-    let (allowed, uid) = match broker.peers.get(caller) {
-        Some(p) => {
-            let who = p.identity();
-            let policy = &broker.config.policy;
-            (
-                [
-                    Introspection::Monitor,
-                    Introspection::Peers,
-                    Introspection::Stats,
-                ]
-                .map(|what| policy.may_introspect(&who, what)),
-                who.uid,
-            )
-        }
-        None => ([false; 3], u32::MAX),
+    let uid = broker.peers.get(caller).map_or(u32::MAX, |p| p.creds.uid);
+    let allowed = |what| {
+        broker
+            .peers
+            .get(caller)
+            .is_some_and(|p| broker.config.policy.may_introspect(&p.identity(), what))
     };
     let value = match method {
-        "monitor" if !allowed[0] => return denied("monitor", uid),
+        "monitor" if !allowed(Introspection::Monitor) => return denied("monitor", uid),
         "monitor" => match subscribe(broker, caller, payload) {
             Ok(v) => v,
             Err(msg) => return (Some(ErrorCode::BadPayload), msg, Bytes::new()),
@@ -81,8 +72,8 @@ pub fn handle(
         "list" => list(broker),
         // Without the right to see everyone: full entries for the caller's
         // own uid, the connection id and names only for the others.
-        "peers" => peers(broker, (!allowed[1]).then_some(uid)),
-        "stats" if !allowed[2] => return denied("stats", uid),
+        "peers" => peers(broker, (!allowed(Introspection::Peers)).then_some(uid)),
+        "stats" if !allowed(Introspection::Stats) => return denied("stats", uid),
         "stats" => stats(broker),
         other => {
             return (

@@ -34,29 +34,6 @@ impl Broker {
         })
     }
 
-    /// Disconnects `peer`, whose user has more bytes queued unread than its
-    /// per-user quota allows (the connection whose queue just grew).
-    pub(crate) fn user_backlog(&mut self, peer: PeerId) {
-        let Some(p) = self.peers.get(peer) else {
-            return;
-        };
-        if p.io.closed.get() {
-            return;
-        }
-        let (uid, queued, quota) = (
-            p.creds.uid,
-            p.user.queued_bytes.get(),
-            self.quota.queued_bytes,
-        );
-        let fatal = Fatal {
-            code: ErrorCode::LimitExceeded,
-            message: format!(
-                "uid {uid} has {queued} bytes queued unread on its connections, more than its per-user quota of {quota} (queued_bytes in [quota] of the policy); disconnecting"
-            ),
-        };
-        self.fatal(peer, &fatal);
-    }
-
     pub(crate) fn on_hello(
         &mut self,
         peer: PeerId,
@@ -96,27 +73,43 @@ impl Broker {
         Ok(())
     }
 
-    /// Disconnects a peer whose frames pile up unread past `limit` bytes.
+    /// After a frame was queued to `peer`: disconnects it if it does not
+    /// read what it is sent. Its queue may hold `limit` bytes; and a
+    /// connection that is not serving is also closed once its user's
+    /// unread bytes pass the per-user quota (a service's queue is filled by
+    /// other users' requests, which `route` refuses past the quota instead,
+    /// so nobody can get another user's services disconnected).
     pub(crate) fn check_backlog(&mut self, peer: PeerId, limit: usize) {
         let Some(p) = self.peers.get(peer) else {
             return;
         };
-        let queued = p.io.queue.borrow().len_bytes();
-        if queued > limit && !p.io.closed.get() {
-            tracing::warn!(
-                peer,
-                pid = p.creds.pid,
-                queued,
-                "peer does not read what the broker sends it; disconnecting it"
-            );
-            let fatal = Fatal {
-                code: ErrorCode::LimitExceeded,
-                message: format!(
-                    "{queued} bytes of frames for this connection (results, events, answers) are queued unread (limit --max-queued-bytes); disconnecting"
-                ),
-            };
-            self.fatal(peer, &fatal);
+        if p.io.closed.get() {
+            return;
         }
+        let queued = p.io.queue.borrow().len_bytes();
+        let message = if queued > limit {
+            format!(
+                "{queued} bytes of frames for this connection (results, events, answers) are queued unread (limit --max-queued-bytes); disconnecting"
+            )
+        } else if p.user.limited()
+            && p.names.is_empty()
+            && p.outstanding == 0
+            && p.user.queued_bytes.get() > self.quota.queued_bytes
+        {
+            format!(
+                "uid {} has {} bytes queued unread on its connections, more than its per-user quota of {} (queued_bytes in [quota] of the policy); disconnecting",
+                p.creds.uid,
+                p.user.queued_bytes.get(),
+                self.quota.queued_bytes
+            )
+        } else {
+            return;
+        };
+        let fatal = Fatal {
+            code: ErrorCode::LimitExceeded,
+            message,
+        };
+        self.fatal(peer, &fatal);
     }
 
     /// Sends `Fatal` and closes the connection once it is flushed. The

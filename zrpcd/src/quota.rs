@@ -94,13 +94,12 @@ impl Usage {
         self.uid != 0
     }
 
-    /// Adds `n` to a counter (`n` may be "negative" through
-    /// [`Usage::sub`]).
+    /// Adds `n` to a counter.
     pub fn add(c: &Cell<usize>, n: usize) {
         c.set(c.get() + n);
     }
 
-    /// Subtracts `n` from a counter.
+    /// Subtracts `n` from a counter (never below zero).
     pub fn sub(c: &Cell<usize>, n: usize) {
         c.set(c.get().saturating_sub(n));
     }
