@@ -3,7 +3,6 @@
 //! `Result`, then one `Event` frame per finished call; `Ping` is answered
 //! with `Pong`.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -37,7 +36,7 @@ impl Conn {
     fn send(&mut self, env: &Envelope<'_>, payload: &[u8]) -> Result<(), Failure> {
         let mut out = BytesMut::with_capacity(64 + payload.len());
         encode_frame(&mut out, env, payload);
-        self.sock.write_all(&out).map_err(lost)
+        zrpc_io::write::write_all_blocking(&self.sock, &[&out]).map_err(|(_, e)| lost(e))
     }
 
     /// The next frame; a `Fatal` frame or the end of the stream is an error.
@@ -53,10 +52,10 @@ impl Conn {
                     ))
                 }
             }
-            let mut tmp = [0u8; 16 * 1024];
-            let n = match self.sock.read(&mut tmp) {
+            zrpc_io::ReadPolicy::CLIENT.make_room(&self.dec, &mut self.buf);
+            match zrpc_io::read_spare(&self.sock, &mut self.buf) {
                 Ok(0) => return Err(lost("the broker closed the connection")),
-                Ok(n) => n,
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e)
                     if matches!(
@@ -68,7 +67,6 @@ impl Conn {
                 }
                 Err(e) => return Err(lost(e)),
             };
-            self.buf.extend_from_slice(&tmp[..n]);
         }
     }
 }
@@ -87,54 +85,15 @@ fn bad_envelope(e: impl std::fmt::Display) -> Failure {
 /// Connects, says hello and subscribes.
 fn subscribe(dir: &Path, services: &[String]) -> Result<Conn, Failure> {
     let path = zrpc_proto::socket_path(dir);
-    let sock = UnixStream::connect(&path).map_err(|source| {
-        Failure::from(zrpc_client::Error::Connect {
-            path: path.clone(),
-            source,
-        })
-    })?;
-    zrpc_proto::check_broker(&sock, &path)
+    let hello = zrpc_io::handshake::hello_frame(zrpc_io::random_id(), crate::AGENT);
+    let c = zrpc_io::handshake::connect_blocking(&path, &hello, SETUP_TIMEOUT)
         .map_err(|e| Failure::from(zrpc_client::Error::from(e)))?;
-    sock.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(lost)?;
+    c.sock.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(lost)?;
     let mut c = Conn {
-        sock,
-        buf: BytesMut::with_capacity(16 * 1024),
-        dec: FrameDecoder::new(64 * 1024),
+        sock: c.sock,
+        buf: c.leftover,
+        dec: FrameDecoder::new(c.welcome.incoming_limit()),
     };
-    c.send(
-        &Envelope::Hello {
-            version: zrpc_proto::PROTOCOL_VERSION,
-            instance: instance_id(),
-            agent: crate::AGENT,
-        },
-        &[],
-    )?;
-    let frame = c.recv()?;
-    match frame.decode().map_err(bad_envelope)? {
-        Envelope::Welcome {
-            version,
-            max_message_size,
-            ..
-        } => {
-            if version != zrpc_proto::PROTOCOL_VERSION {
-                return Err(Failure::new(
-                    exit::PROTOCOL,
-                    format!(
-                        "zrpcd speaks protocol version {version}, zrpc version {}",
-                        zrpc_proto::PROTOCOL_VERSION
-                    ),
-                ));
-            }
-            c.dec = FrameDecoder::new(max_message_size.saturating_add(zrpc_proto::INCOMING_SLACK));
-        }
-        Envelope::Fatal { code, message } => return Err(fatal(code, message)),
-        other => {
-            return Err(Failure::new(
-                exit::PROTOCOL,
-                format!("expected Welcome from zrpcd, got {:?}", other.kind()),
-            ))
-        }
-    }
     let filter = if services.is_empty() {
         Value::Nil
     } else {
@@ -280,12 +239,4 @@ fn local_time(unix: f64) -> String {
         "{:02}:{:02}:{:02}.{millis:03}",
         tm.tm_hour, tm.tm_min, tm.tm_sec
     )
-}
-
-/// A random-enough instance id for `Hello`.
-fn instance_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish().max(1)
 }

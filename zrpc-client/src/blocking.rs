@@ -1,8 +1,6 @@
 //! The blocking client: no background thread; callers take turns as the
 //! reader of the shared connection.
 
-use std::io::Write;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,11 +15,11 @@ use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::client::lock;
 use crate::common::{
-    call_deadlines, call_frame, control_frame, decode_result, make_room, parse_handshake,
-    reconnect_timeout, resubmit_parts, timeout_error, Dead, OutFrame, Outcome, Payload, Retry,
-    Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, READ_CHUNK,
+    call_deadlines, call_frame, control_frame, decode_result, reconnect_timeout, resubmit_parts,
+    timeout_error, Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome, HANDSHAKE_TIMEOUT,
 };
 use crate::{CallOptions, ClientBuilder, Error, Result};
+use zrpc_io::ReadPolicy;
 
 /// A blocking zrpc client.
 ///
@@ -68,7 +66,7 @@ struct Inner {
 
 impl BlockingClient {
     /// Connects to the broker in `$ZRPC_SOCKET_DIR`, or the default directory (`/run/zrpc`, see
-    /// `zrpc_proto::trust::default_socket_dir`).
+    /// `zrpc_proto::default_socket_dir`).
     pub fn connect() -> Result<BlockingClient> {
         ClientBuilder::default().connect_blocking()
     }
@@ -464,8 +462,8 @@ impl Inner {
                     "cannot set a read timeout: {e}"
                 )));
             }
-            make_room(&conn.dec, buf);
-            match read_into(&conn.reader, buf) {
+            ReadPolicy::CLIENT.make_room(&conn.dec, buf);
+            match zrpc_io::read_spare(&conn.reader, buf) {
                 Ok(0) => {
                     return Some(Dead::Disconnected(
                         "the broker closed the connection".into(),
@@ -691,40 +689,16 @@ impl Conn {
     /// Connects and performs the handshake; returns the connection and the
     /// bytes read after `Welcome`.
     fn open(settings: &Settings, handshake_timeout: Duration) -> Result<(Conn, BytesMut)> {
-        let err = |e| settings.connect_error(e);
-        let stream = UnixStream::connect(settings.socket_path()).map_err(err)?;
-        settings.check_broker(&stream)?;
-        stream
-            .set_read_timeout(Some(handshake_timeout))
-            .map_err(err)?;
-        (&stream).write_all(&settings.hello()).map_err(err)?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let dec = FrameDecoder::new(HANDSHAKE_MAX_BODY);
-        let welcome = loop {
-            match dec.decode(&mut buf) {
-                Ok(Some(frame)) => break parse_handshake(&frame)?,
-                Ok(None) => {}
-                Err(e) => return Err(Error::Protocol(format!("bad handshake frame: {e}"))),
-            }
-            match read_into(&stream, &mut buf) {
-                Ok(0) => {
-                    return Err(err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the broker closed the connection during the handshake",
-                    )))
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => {
-                    return Err(err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer to Hello within {handshake_timeout:?}"),
-                    )))
-                }
-                Err(e) => return Err(err(e)),
-            }
+        let c = zrpc_io::handshake::connect_blocking(
+            &settings.socket_path(),
+            &settings.hello(),
+            handshake_timeout,
+        )?;
+        let err = |source| Error::Connect {
+            path: settings.socket_path(),
+            source,
         };
-        stream.set_read_timeout(None).map_err(err)?;
+        let (stream, welcome, buf) = (c.sock, c.welcome, c.leftover);
         let writer = stream.try_clone().map_err(err)?;
         let conn = Conn {
             gen: GENERATION.fetch_add(1, Ordering::Relaxed),
@@ -760,34 +734,9 @@ impl Conn {
         w: &UnixStream,
         frame: &[u8],
     ) -> std::result::Result<(), (usize, std::io::Error)> {
-        let mut done = 0;
-        while done < frame.len() {
-            let rest = &frame[done..];
-            // SAFETY: `rest` is valid readable memory of `rest.len()` bytes.
-            // MSG_NOSIGNAL: a broker gone away is an error, not a SIGPIPE.
-            let n = unsafe {
-                libc::send(
-                    w.as_raw_fd(),
-                    rest.as_ptr().cast::<libc::c_void>(),
-                    rest.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                let _ = self.reader.shutdown(std::net::Shutdown::Both);
-                return Err((done, e));
-            }
-            if n == 0 {
-                let _ = self.reader.shutdown(std::net::Shutdown::Both);
-                return Err((done, std::io::ErrorKind::WriteZero.into()));
-            }
-            done += n as usize;
-        }
-        Ok(())
+        zrpc_io::write::write_all_blocking(w, &[frame]).inspect_err(|_| {
+            let _ = self.reader.shutdown(std::net::Shutdown::Both);
+        })
     }
 
     fn send_cancel(&self, id: u64) {
@@ -829,28 +778,4 @@ fn is_timeout(e: &std::io::Error) -> bool {
         e.kind(),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
     )
-}
-
-/// One `read(2)` into the spare capacity of `buf` (no zero-filling).
-fn read_into(stream: &UnixStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() == buf.len() {
-        buf.reserve(READ_CHUNK);
-    }
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: `spare` is valid writable memory of `spare.len()` bytes owned
-    // by `buf`; read(2) writes at most that many bytes into it.
-    let n = unsafe {
-        libc::read(
-            stream.as_raw_fd(),
-            spare.as_mut_ptr().cast::<libc::c_void>(),
-            spare.len(),
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: read(2) initialised the first `n` bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
 }

@@ -5,7 +5,7 @@
 //! inter-processor interrupt through the hypervisor, then a context
 //! switch). `zrpcd` and services run with [`Server::run`] avoid it by
 //! polling their sockets for a short window (50 µs by default) before they
-//! sleep, while frames arrive back to back; see `zrpc_proto::busy_poll` for
+//! sleep, while frames arrive back to back; see `zrpc_io::busy_poll` for
 //! the rule (a client polls only while most recent replies came within the
 //! window of it running out of work). The client cannot install that on a runtime it does not own,
 //! so it is offered here, in two steps:
@@ -48,9 +48,9 @@ use std::io;
 use std::rc::Rc;
 use std::time::Duration;
 
-use zrpc_proto::busy_poll::{BusyPoll, Installed};
+use zrpc_io::busy_poll::{BusyPoll, Installed};
 
-pub use zrpc_proto::busy_poll::{before_park, PollStats, MAX_WINDOW_US};
+pub use zrpc_io::busy_poll::{before_park, PollStats, MAX_WINDOW_US};
 
 /// The window [`default_window`] suggests for a client, microseconds:
 /// longer than the broker's and a service's (50 µs), because what a client

@@ -14,19 +14,19 @@ use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::UnixStream;
+use tokio::io::Interest;
 use tokio::sync::Notify;
-use zrpc_proto::busy_poll::BusyPoll;
-use zrpc_proto::reactor::{register, register_dup, Registered};
+use zrpc_io::busy_poll::BusyPoll;
+use zrpc_io::reactor::{register, register_dup, Registered};
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::common::{
-    call_deadlines, call_frame, control_frame, decode_result, make_room, parse_handshake,
-    reconnect_timeout, resubmit_parts, timeout_error, Backoff, Dead, OutFrame, Outcome, Payload,
-    Retry, Settings, Welcome, HANDSHAKE_MAX_BODY, HANDSHAKE_TIMEOUT, LARGE_FRAME, READ_CHUNK,
+    call_deadlines, call_frame, control_frame, decode_result, reconnect_timeout, resubmit_parts,
+    timeout_error, Backoff, Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome,
+    HANDSHAKE_TIMEOUT, LARGE_FRAME,
 };
 use crate::{BlockingClient, CallOptions, Error, Result};
+use zrpc_io::ReadPolicy;
 
 /// Locks a mutex, ignoring poisoning (the protected state stays consistent:
 /// every critical section is a few infallible map/buffer operations).
@@ -54,7 +54,7 @@ pub struct ClientBuilder {
 
 impl ClientBuilder {
     /// Uses this socket directory instead of `$ZRPC_SOCKET_DIR` or the
-    /// default ([`zrpc_proto::trust::default_socket_dir`]).
+    /// default ([`zrpc_proto::default_socket_dir`]).
     pub fn socket_dir(mut self, dir: impl Into<PathBuf>) -> ClientBuilder {
         self.socket_dir = Some(dir.into());
         self
@@ -441,7 +441,7 @@ impl Shared {
 
 impl Client {
     /// Connects to the broker in `$ZRPC_SOCKET_DIR`, or the default directory (`/run/zrpc`, see
-    /// `zrpc_proto::trust::default_socket_dir`).
+    /// `zrpc_proto::default_socket_dir`).
     pub async fn connect() -> Result<Client> {
         ClientBuilder::default().connect().await
     }
@@ -811,51 +811,20 @@ impl Conn {
     /// Connects and performs the handshake.
     /// Must be called inside the runtime that will read the connection.
     async fn open(settings: &Settings) -> Result<(Arc<Conn>, BytesMut)> {
-        let mut stream = UnixStream::connect(settings.socket_path())
-            .await
-            .map_err(|e| settings.connect_error(e))?;
-        settings.check_broker(&stream)?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let handshake = async {
-            stream
-                .write_all(&settings.hello())
-                .await
-                .map_err(|e| settings.connect_error(e))?;
-            let dec = FrameDecoder::new(HANDSHAKE_MAX_BODY);
-            loop {
-                match dec.decode(&mut buf) {
-                    Ok(Some(frame)) => return parse_handshake(&frame),
-                    Ok(None) => {}
-                    Err(e) => return Err(Error::Protocol(format!("bad handshake frame: {e}"))),
-                }
-                let n = stream
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(|e| settings.connect_error(e))?;
-                if n == 0 {
-                    return Err(settings.connect_error(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the broker closed the connection during the handshake",
-                    )));
-                }
-            }
-        };
-        let welcome = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(settings.connect_error(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer to Hello within {HANDSHAKE_TIMEOUT:?}"),
-                )))
-            }
+        let c = zrpc_io::handshake::connect(
+            &settings.socket_path(),
+            &settings.hello(),
+            HANDSHAKE_TIMEOUT,
+        )
+        .await?;
+        let connect_error = |source| Error::Connect {
+            path: settings.socket_path(),
+            source,
         };
         // From here on: a non-blocking std socket, registered for
         // readability only (see `Conn`).
-        let sock = stream
-            .into_std()
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .map_err(|e| settings.connect_error(e))?;
-        let io = register(sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
+        let io = register(c.sock, Interest::READABLE).map_err(connect_error)?;
+        let (welcome, buf) = (c.welcome, c.leftover);
         // Polled when the runtime runs out of work (`crate::busy_poll`).
         let poller = BusyPoll::current()
             .filter(|bp| bp.watch_or_log(io.get_ref().as_raw_fd()))
@@ -1081,41 +1050,25 @@ async fn read_loop(shared: &Shared, conn: &Conn, mut buf: BytesMut) -> Dead {
     }
 }
 
-/// Reads what is available into `buf`, after making room for it. Cancel-safe: bytes land in `buf` only when read, and the read
-/// itself is not interrupted.
+/// Reads what is available into `buf`, after making room for it
+/// ([`ReadPolicy::CLIENT`]). Cancel-safe (see [`zrpc_io::read::read_some`]).
 async fn read_some(
     rd: &Registered,
     dec: &FrameDecoder,
     buf: &mut BytesMut,
     poller: Option<u64>,
 ) -> io::Result<usize> {
-    loop {
-        let mut guard = rd.readable().await?;
-        // Only now: the callers woken by the last batch have usually dropped
-        // their replies by the time more bytes arrive (see `make_room`).
-        make_room(dec, buf);
-        let cap = buf.capacity() - buf.len();
-        match zrpc_proto::read_spare(rd.get_ref(), buf) {
-            Ok(n) => {
-                if let Some(id) = poller {
-                    BusyPoll::with_current(|bp| {
-                        if bp.id() == id {
-                            bp.batch(Instant::now(), n);
-                        }
-                    });
-                }
-                if n < cap && n > 0 {
-                    // A short read drained the socket: wait for the next
-                    // edge instead of paying a read that would block.
-                    guard.clear_ready();
-                }
-                return Ok(n);
+    // Room is made only once readable: the callers woken by the last batch
+    // have usually dropped their replies by then (see `make_room`).
+    let n = zrpc_io::read::read_some(rd, buf, |b| ReadPolicy::CLIENT.make_room(dec, b)).await?;
+    if let Some(id) = poller {
+        BusyPoll::with_current(|bp| {
+            if bp.id() == id {
+                bp.batch(Instant::now(), n);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+        });
     }
+    Ok(n)
 }
 
 enum WriterStep {
@@ -1161,7 +1114,7 @@ async fn write_all(
 
 async fn writer_task(conn: Arc<Conn>) {
     let mut chunks = VecDeque::new();
-    let mut spare = BytesMut::with_capacity(READ_CHUNK);
+    let mut spare = BytesMut::with_capacity(64 * 1024);
     loop {
         let step = {
             let mut q = lock(&conn.wq);

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use zrpc_proto::{
-    encode_frame, encode_header, Envelope, ErrorCode, Frame, InlineBytes, HEADER_LEN,
-};
+use zrpc_proto::{encode_frame, encode_header, Envelope, ErrorCode, InlineBytes, HEADER_LEN};
 
 use crate::{CallOptions, Error, Result};
 
@@ -20,129 +18,11 @@ pub(crate) const SAFETY_MARGIN: Duration = Duration::from_secs(2);
 /// How long `connect` waits for the broker's `Welcome`.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Largest frame accepted during the handshake.
-pub(crate) const HANDSHAKE_MAX_BODY: u32 = 64 * 1024;
-
 /// Frames at least this large are queued as their own chunk instead of being
 /// copied into the shared write buffer.
 pub(crate) const LARGE_FRAME: usize = 64 * 1024;
 
-/// Minimum free space kept in the read buffer before each read.
-pub(crate) const READ_CHUNK: usize = 64 * 1024;
-
-/// Makes room in `buf` for the next read: the rest of the partial frame at
-/// its front (whole, so a large frame is read straight into place), or a
-/// chunk.
-///
-/// Call it right before reading, after the frames handed out have been
-/// consumed: frames split off `buf` share its allocation, and once their
-/// holders have dropped them `reserve` reuses that allocation instead of
-/// taking a fresh one (for a 1 MiB reply a fresh buffer costs ~256 page
-/// faults).
-pub(crate) fn make_room(dec: &zrpc_proto::FrameDecoder, buf: &mut BytesMut) {
-    match dec.needed(buf) {
-        Some(total) => buf.reserve(total.saturating_sub(buf.len())),
-        None => {
-            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                buf.reserve(READ_CHUNK);
-            }
-        }
-    }
-}
-
-/// Default first reconnection delay.
-pub(crate) const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-
-/// Default cap of the reconnection delay.
-pub(crate) const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Capped exponential backoff with ±25% jitter: the delay before attempt
-/// `n` (counting from 0) is `min(min * 2^n, max)`, multiplied by a random
-/// factor in `[0.75, 1.25]`. The one reconnection backoff of zrpc: the
-/// clients use it, and so do tools that keep their own connection (such as
-/// `zrpc monitor`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// The first delay.
-    pub min: Duration,
-    /// The largest delay.
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Backoff {
-        Backoff {
-            min: DEFAULT_BACKOFF_MIN,
-            max: DEFAULT_BACKOFF_MAX,
-        }
-    }
-}
-
-impl Backoff {
-    /// A backoff from `min` to `max`; `min` is at least 1 ms and `max` at
-    /// least `min`.
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        let min = min.max(Duration::from_millis(1));
-        Backoff {
-            min,
-            max: max.max(min),
-        }
-    }
-
-    /// The un-jittered delay before attempt `attempt`.
-    pub fn base(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        self.min.saturating_mul(factor).min(self.max)
-    }
-
-    /// The jittered delay before attempt `attempt`.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        // A factor in [0.75, 1.25), in 1/1024 steps.
-        let r = random_u64() % 513;
-        self.base(attempt).mul_f64((768 + r) as f64 / 1024.0)
-    }
-}
-
-/// Where a reconnecting client is in its backoff sequence.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Retry {
-    /// Attempts made since the last connection that lasted.
-    pub attempt: u32,
-}
-
-impl Retry {
-    /// The delay before the next attempt; counts the attempt.
-    pub(crate) fn next_delay(&mut self, b: &Backoff) -> Duration {
-        let d = b.delay(self.attempt);
-        self.attempt = self.attempt.saturating_add(1);
-        d
-    }
-
-    /// A connection that stayed up for `up` ended: start the sequence over
-    /// if it lasted at least the backoff cap (so that a broker accepting and
-    /// dropping connections at once is not hammered).
-    pub(crate) fn connection_ended(&mut self, b: &Backoff, up: Duration) {
-        if up >= b.max {
-            self.attempt = 0;
-        }
-    }
-}
-
-/// A cheap random number (xorshift64*, seeded from the OS-seeded instance
-/// id generator); only used for jitter.
-fn random_u64() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static STATE: AtomicU64 = AtomicU64::new(0);
-    let mut x = STATE.load(Ordering::Relaxed);
-    if x == 0 {
-        x = new_instance_id();
-    }
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    STATE.store(x, Ordering::Relaxed);
-    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-}
+pub(crate) use zrpc_io::{Backoff, Retry, Welcome};
 
 /// Settings of a client, shared by its reconnects.
 #[derive(Debug, Clone)]
@@ -171,33 +51,9 @@ impl Settings {
         zrpc_proto::socket_path(&self.socket_dir)
     }
 
-    pub(crate) fn connect_error(&self, source: std::io::Error) -> Error {
-        Error::Connect {
-            path: self.socket_path(),
-            source,
-        }
-    }
-
-    /// Checks, before anything is sent, that the broker at the end of
-    /// `sock` runs as a uid this process trusts (see
-    /// [`zrpc_proto::trust`]).
-    pub(crate) fn check_broker(&self, sock: &impl std::os::fd::AsRawFd) -> Result<()> {
-        Ok(zrpc_proto::check_broker(sock, &self.socket_path())?)
-    }
-
     /// The `Hello` frame of this client.
     pub(crate) fn hello(&self) -> BytesMut {
-        let mut out = BytesMut::with_capacity(64 + self.agent.len());
-        encode_frame(
-            &mut out,
-            &Envelope::Hello {
-                version: zrpc_proto::PROTOCOL_VERSION,
-                instance: self.instance,
-                agent: &self.agent,
-            },
-            &[],
-        );
-        out
+        zrpc_io::handshake::hello_frame(self.instance, &self.agent)
     }
 }
 
@@ -206,69 +62,9 @@ pub(crate) fn default_agent() -> String {
     concat!("zrpc-client/", env!("CARGO_PKG_VERSION")).to_owned()
 }
 
-/// A random instance id: std's `RandomState` is seeded from the OS's random
-/// source; the time, pid and a counter make ids differ even within one
-/// process.
+/// A random instance id for `Hello`.
 pub(crate) fn new_instance_id() -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-        .hash(&mut h);
-    std::process::id().hash(&mut h);
-    COUNTER.fetch_add(1, Ordering::Relaxed).hash(&mut h);
-    match h.finish() {
-        0 => 1,
-        v => v,
-    }
-}
-
-/// What the broker told us in `Welcome`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Welcome {
-    #[allow(dead_code)]
-    pub conn_id: u64,
-    pub max_message_size: u32,
-}
-
-impl Welcome {
-    /// Decoder limit for frames coming from the broker.
-    pub(crate) fn incoming_limit(&self) -> u32 {
-        self.max_message_size
-            .saturating_add(zrpc_proto::INCOMING_SLACK)
-    }
-}
-
-/// Interprets the first frame the broker sends.
-pub(crate) fn parse_handshake(frame: &Frame) -> Result<Welcome> {
-    match frame.decode() {
-        Ok(Envelope::Welcome {
-            version,
-            conn_id,
-            max_message_size,
-        }) => {
-            if version != zrpc_proto::PROTOCOL_VERSION {
-                return Err(Error::VersionMismatch(format!(
-                    "the broker speaks protocol version {version}, this client version {}",
-                    zrpc_proto::PROTOCOL_VERSION
-                )));
-            }
-            Ok(Welcome {
-                conn_id,
-                max_message_size,
-            })
-        }
-        Ok(Envelope::Fatal { code, message }) => Err(Error::from_fatal(code, message.to_owned())),
-        Ok(other) => Err(Error::Protocol(format!(
-            "expected Welcome from the broker, got {:?}",
-            other.kind()
-        ))),
-        Err(e) => Err(Error::Protocol(format!("bad handshake frame: {e}"))),
-    }
+    zrpc_io::random_id()
 }
 
 /// Why a connection is dead.

@@ -92,7 +92,7 @@ pub enum Error {
     /// The broker socket could not be connected to. The message says what
     /// to check: whether zrpcd runs (no socket, connection refused), or
     /// whether this user may open its socket (permission denied).
-    #[error("cannot connect to zrpcd at {}: {source}{}", path.display(), zrpc_proto::connect_hint(source))]
+    #[error("cannot connect to zrpcd at {}: {source}{}", path.display(), zrpc_io::connect_hint(source))]
     Connect {
         /// The socket path tried.
         path: PathBuf,
@@ -104,7 +104,7 @@ pub enum Error {
     /// (not root, not itself, not `$ZRPC_BROKER_UID`): nothing was sent to
     /// it.
     #[error(transparent)]
-    UntrustedBroker(#[from] zrpc_proto::UntrustedBroker),
+    UntrustedBroker(#[from] zrpc_io::UntrustedBroker),
     /// The connection to the broker was lost while a `no_retry` call was on
     /// the broker (the call may or may not have run), or the client's
     /// connection task stopped. Calls without `no_retry` are resubmitted
@@ -214,6 +214,19 @@ impl Error {
             ErrorCode::VersionMismatch => Error::VersionMismatch(message),
             ErrorCode::LimitExceeded => Error::LimitExceeded(message),
             code => Error::Broker { code, message },
+        }
+    }
+}
+
+impl From<zrpc_io::HandshakeError> for Error {
+    fn from(e: zrpc_io::HandshakeError) -> Error {
+        use zrpc_io::HandshakeError as H;
+        match e {
+            H::Connect { path, source } => Error::Connect { path, source },
+            H::Untrusted(u) => Error::UntrustedBroker(u),
+            v @ H::Version { .. } => Error::VersionMismatch(v.to_string()),
+            H::Fatal { code, message } => Error::from_fatal(code, message),
+            H::Protocol(m) => Error::Protocol(m),
         }
     }
 }

@@ -100,10 +100,10 @@ mod options;
 
 pub use blocking::BlockingClient;
 pub use client::{Client, ClientBuilder};
-pub use common::Backoff;
 pub use error::{Error, Result};
 pub use options::CallOptions;
 pub use rmpv::Value;
+pub use zrpc_io::Backoff;
 pub use zrpc_proto::{Blob, ErrorCode};
 
 #[cfg(test)]

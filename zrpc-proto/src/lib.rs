@@ -16,8 +16,6 @@
 #![warn(missing_docs)]
 
 pub mod blob;
-#[cfg(feature = "reactor")]
-pub mod busy_poll;
 mod codec;
 mod envelope;
 mod error;
@@ -25,10 +23,6 @@ mod inline;
 pub mod mp;
 mod names;
 pub mod payload;
-#[cfg(feature = "reactor")]
-pub mod reactor;
-mod sd;
-pub mod trust;
 
 pub use blob::Blob;
 pub use codec::{
@@ -39,8 +33,6 @@ pub use error::{ErrorCode, ProtoError};
 pub use inline::InlineBytes;
 pub use names::{to_snake_case, validate_name, MAX_NAME_LEN};
 pub use payload::{decode_payload, MAX_TIMEOUT_MS};
-pub use sd::{sd_notify, watchdog_interval};
-pub use trust::{check_broker, UntrustedBroker};
 
 /// Version of the protocol spoken by this crate, sent in `Hello`/`Welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -52,7 +44,7 @@ pub const SOCKET_FILE: &str = "zrpcd.sock";
 pub const LOCK_FILE: &str = "zrpcd.lock";
 
 /// The original zrpc's socket directory. No longer the default: any local
-/// user could create it first (see [`trust::default_socket_dir`]); set
+/// user could create it first (see [`default_socket_dir`]); set
 /// `$ZRPC_SOCKET_DIR` to it to keep using it for a private broker.
 pub const LEGACY_SOCKET_DIR: &str = "/tmp/zrpc_sockets";
 
@@ -77,63 +69,43 @@ pub const BROKER_SERVICE: &str = "zrpcd";
 pub const NIL_PAYLOAD: &[u8] = &[0xc0];
 
 /// Resolves the socket directory: an explicit value wins, then
-/// `$ZRPC_SOCKET_DIR`, then [`trust::default_socket_dir`].
+/// `$ZRPC_SOCKET_DIR`, then [`default_socket_dir`].
 pub fn resolve_socket_dir(explicit: Option<&std::path::Path>) -> std::path::PathBuf {
     if let Some(p) = explicit {
         return p.to_path_buf();
     }
     match std::env::var_os(SOCKET_DIR_ENV) {
         Some(v) if !v.is_empty() => v.into(),
-        _ => trust::default_socket_dir(),
+        _ => default_socket_dir(),
     }
-}
-
-/// What to check when connecting to the broker's socket failed with `e`,
-/// as a parenthesised hint to append to the error message: whether zrpcd
-/// runs (no socket, connection refused), or whether this user may open its
-/// socket (permission denied).
-pub fn connect_hint(e: &std::io::Error) -> &'static str {
-    use std::io::ErrorKind;
-    match e.kind() {
-        ErrorKind::PermissionDenied => {
-            " (a permission problem, not a missing broker: this user may not open zrpcd's socket or its directory; check their owner and mode, see zrpcd --socket-mode)"
-        }
-        ErrorKind::NotFound | ErrorKind::ConnectionRefused => {
-            " (is zrpcd running? is the socket directory right? see --socket-dir and $ZRPC_SOCKET_DIR)"
-        }
-        _ => "",
-    }
-}
-
-/// Reads what `sock` has into the spare capacity of `buf` (one `read(2)`,
-/// at most the spare capacity) and extends `buf` by what was read. The one
-/// way the broker and the libraries read a socket into a buffer without
-/// initialising its spare capacity first: no `&mut [u8]` to uninitialised
-/// memory is ever made. Errors (`WouldBlock` included) are `read(2)`'s.
-pub fn read_spare(
-    sock: &impl std::os::fd::AsRawFd,
-    buf: &mut bytes::BytesMut,
-) -> std::io::Result<usize> {
-    use bytes::BufMut;
-    let spare = buf.chunk_mut();
-    let (ptr, cap) = (spare.as_mut_ptr(), spare.len());
-    // SAFETY: `ptr` points to `cap` bytes of `buf`'s spare capacity, valid
-    // for writes while `buf` is borrowed here; read(2) writes at most `cap`
-    // bytes there and nothing else, through a raw pointer (no reference to
-    // uninitialised bytes is created).
-    let n = unsafe { libc::read(sock.as_raw_fd(), ptr.cast(), cap) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: the kernel initialised the first `n <= cap` spare bytes.
-    unsafe { buf.advance_mut(n) };
-    Ok(n)
 }
 
 /// Path of the broker socket inside `socket_dir`.
 pub fn socket_path(socket_dir: &std::path::Path) -> std::path::PathBuf {
     socket_dir.join(SOCKET_FILE)
+}
+
+/// The system broker's socket directory: under `/run`, which only root can
+/// write, so nobody can take it first (systemd's `RuntimeDirectory=zrpc`).
+pub const SYSTEM_SOCKET_DIR: &str = "/run/zrpc";
+
+/// The socket directory used when neither `--socket-dir` nor
+/// `$ZRPC_SOCKET_DIR` says one: the system broker's [`SYSTEM_SOCKET_DIR`]
+/// for root, and for other users when a system broker runs there;
+/// otherwise, for a user with a runtime directory (`$XDG_RUNTIME_DIR`,
+/// private to the user), `$XDG_RUNTIME_DIR/zrpc`, a per-user broker.
+pub fn default_socket_dir() -> std::path::PathBuf {
+    use std::path::Path;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let system = Path::new(SYSTEM_SOCKET_DIR);
+    if root || system.join(SOCKET_FILE).exists() {
+        return system.to_path_buf();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => Path::new(&d).join("zrpc"),
+        _ => system.to_path_buf(),
+    }
 }
 
 #[cfg(test)]

@@ -161,7 +161,12 @@ extern crate self as zrpc_service;
 
 mod builder;
 mod cache;
+mod conn;
 mod context;
+mod dispatch;
+mod error;
+mod fds;
+mod link;
 mod server;
 mod unwind;
 
@@ -173,8 +178,10 @@ pub use builder::{FnService, ServiceBuilder};
 pub use bytes::Bytes;
 use bytes::{BufMut, BytesMut};
 pub use context::{Caller, Context};
+pub use error::{Error, Event};
+pub use fds::FdSource;
 pub use rmpv::Value;
-pub use server::{Error, Event, FdSource, Server};
+pub use server::Server;
 pub use zrpc_macros::{rpc_method, service};
 pub use zrpc_proto::{to_snake_case, Blob, ErrorCode};
 

@@ -15,7 +15,7 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, Criterion, Throughput};
-use zrpc_proto::reactor;
+use zrpc_io::reactor;
 use zrpc_proto::{encode_frame, Envelope, Frame, FrameDecoder, PROTOCOL_VERSION};
 use zrpcd::broker::Broker;
 use zrpcd::peers::{Creds, PeerId};

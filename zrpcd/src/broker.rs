@@ -16,7 +16,7 @@ use crate::peers::{PeerId, Peers};
 use crate::pending::{KeptPayload, NewCall, PendingCalls, Stage};
 use crate::quota::Usage;
 use crate::stats::Stats;
-use zrpc_proto::busy_poll::BusyPoll;
+use zrpc_io::busy_poll::BusyPoll;
 
 /// A connection-level error: the peer gets a `Fatal` frame and is closed.
 #[derive(Debug, Clone, PartialEq, Eq)]

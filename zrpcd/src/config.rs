@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Default busy-poll window, microseconds (`--busy-poll-us`).
-pub const DEFAULT_BUSY_POLL_US: u64 = zrpc_proto::busy_poll::DEFAULT_WINDOW_US;
+pub const DEFAULT_BUSY_POLL_US: u64 = zrpc_io::busy_poll::DEFAULT_WINDOW_US;
 
 /// Default `--frame-timeout`: a frame on a local socket arrives in
 /// milliseconds; 30 s leaves room for a stopped-and-resumed or swapping
@@ -84,14 +84,14 @@ pub struct Config {
     pub policy_path: Option<PathBuf>,
     /// How long the broker polls its sockets before sleeping when it runs
     /// out of work while frames arrive back to back (zero: never; at most
-    /// 1 ms; see [`zrpc_proto::busy_poll`]).
+    /// 1 ms; see [`zrpc_io::busy_poll`]).
     pub busy_poll: Duration,
 }
 
 impl Config {
     /// The defaults, with the socket directory resolved from
     /// `$ZRPC_SOCKET_DIR` or the default
-    /// ([`zrpc_proto::trust::default_socket_dir`]).
+    /// ([`zrpc_proto::default_socket_dir`]).
     pub fn new(socket_dir: Option<PathBuf>) -> Self {
         Config {
             socket_dir: zrpc_proto::resolve_socket_dir(socket_dir.as_deref()),

@@ -11,7 +11,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
-use zrpc_proto::reactor::{register, register_dup};
+use zrpc_io::reactor::{register, register_dup};
+use zrpc_io::ReadPolicy;
 use zrpc_proto::{ErrorCode, FrameDecoder, ProtoError};
 
 use crate::broker::{Broker, Fatal};
@@ -20,13 +21,8 @@ use crate::peers::{Creds, PeerId};
 use crate::pending::SMALL_PAYLOAD_COPY;
 use crate::queue::PeerIo;
 
-/// Most a frame's announced length reserves before its bytes arrive.
-const UPFRONT_RESERVE: usize = 4 * 1024 * 1024;
 /// How long a closing connection may take to accept its last frames.
 const CLOSE_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Read buffer size for ordinary reads.
-const READ_CHUNK: usize = 8 * 1024;
 
 /// Frames with payloads up to this size are handled in place in the read
 /// buffer (their payload is copied wherever it goes, pending slots
@@ -289,39 +285,16 @@ fn close_with(broker: &RefCell<Broker>, id: PeerId, fatal: &Fatal) {
 
 /// Waits until the socket is readable, then reads what is available into
 /// the spare capacity of `buf`, reserved only then: an idle connection
-/// holds no read buffer at all.
+/// holds no read buffer at all. [`ReadPolicy::BROKER`]: a large
+/// frame is reserved at once up to a bound, so a peer that sends only a
+/// header announcing a huge frame cannot make the broker reserve
+/// `--max-message-size` of memory per connection).
 async fn read_some(
     rd: &AsyncFd<std::os::unix::net::UnixStream>,
     buf: &mut BytesMut,
     decoder: &FrameDecoder,
 ) -> std::io::Result<usize> {
-    loop {
-        let mut guard = rd.readable().await?;
-        // Reserve a large frame at once when it arrives, up to
-        // UPFRONT_RESERVE; beyond that at most 4x what has arrived, so a peer
-        // that sends only a header announcing a huge frame cannot make the
-        // broker reserve --max-message-size of memory per connection.
-        let want = decoder.needed(buf).map_or(READ_CHUNK, |n| {
-            (n - buf.len()).min(UPFRONT_RESERVE.max(buf.len().saturating_mul(4)))
-        });
-        if buf.capacity() - buf.len() < want.min(READ_CHUNK) || buf.capacity() - buf.len() < want {
-            buf.reserve(want.max(READ_CHUNK));
-        }
-        let cap = buf.capacity() - buf.len();
-        let res = guard.try_io(|inner| zrpc_proto::read_spare(inner.get_ref(), buf));
-        match res {
-            Ok(Ok(n)) => {
-                if n > 0 && n < cap {
-                    // A short read drained the socket: wait for the next
-                    // edge instead of paying a read that would block.
-                    guard.clear_ready();
-                }
-                return Ok(n);
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
-        }
-    }
+    zrpc_io::read::read_some(rd, buf, |b| ReadPolicy::BROKER.make_room(decoder, b)).await
 }
 
 /// Takes over flushing when the socket is full (waits until it is

@@ -77,7 +77,7 @@ struct Args {
     /// long): trades CPU, only while calls flow that fast, for latency and
     /// throughput. 0 turns it off; at most 1000; off on a single CPU
     #[arg(long, default_value_t = zrpcd::config::DEFAULT_BUSY_POLL_US,
-          value_parser = clap::value_parser!(u64).range(0..=zrpc_proto::busy_poll::MAX_WINDOW_US))]
+          value_parser = clap::value_parser!(u64).range(0..=zrpc_io::busy_poll::MAX_WINDOW_US))]
     busy_poll_us: u64,
     /// Access policy file (TOML; see docs/security.md), re-read on SIGHUP
     /// [default: /etc/zrpc/policy.toml if it exists, else the built-in
@@ -186,7 +186,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_park(zrpc_proto::busy_poll::before_park)
+        .on_thread_park(zrpc_io::busy_poll::before_park)
         .build()?;
     // Signal handling is installed before the socket exists: a SIGTERM or
     // SIGINT sent as soon as the socket accepts connections must stop the

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::Interest;
-use zrpc_proto::reactor::register;
+use zrpc_io::reactor::register;
 use zrpc_proto::{Envelope, ErrorCode, PROTOCOL_VERSION};
 
 use crate::broker::Broker;

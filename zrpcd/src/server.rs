@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::UnixListener;
-use zrpc_proto::busy_poll::BusyPoll;
+use zrpc_io::busy_poll::BusyPoll;
 use zrpc_proto::{encode_frame, Envelope, ErrorCode};
 
 use crate::broker::Broker;
@@ -178,7 +178,7 @@ async fn heartbeat_loop(broker: Rc<RefCell<Broker>>) {
 }
 
 fn sd_notify(state: &str) {
-    if let Err(e) = zrpc_proto::sd_notify(state) {
+    if let Err(e) = zrpc_io::sd::sd_notify(state) {
         tracing::warn!(error = %e, "sd_notify failed");
     }
 }
@@ -197,7 +197,7 @@ fn status_line(b: &Broker, calls_per_s: f64) -> String {
 /// loop stops pinging) and keeps `STATUS=` current.
 async fn systemd_loop(broker: Rc<RefCell<Broker>>) {
     const STATUS_EVERY: Duration = Duration::from_secs(2);
-    let watchdog = zrpc_proto::watchdog_interval().map(|d| d / 2);
+    let watchdog = zrpc_io::sd::watchdog_interval().map(|d| d / 2);
     let tick = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

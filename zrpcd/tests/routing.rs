@@ -7,7 +7,7 @@
 use std::rc::Rc;
 
 use bytes::BytesMut;
-use zrpc_proto::reactor;
+use zrpc_io::reactor;
 use zrpc_proto::{encode_frame, Envelope, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
 use zrpcd::broker::Broker;
 use zrpcd::peers::{Creds, PeerId};

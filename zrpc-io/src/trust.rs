@@ -1,4 +1,4 @@
-//! Which broker a client or a service may talk to, and where it lives.
+//! Which broker a client or a service may talk to.
 //!
 //! A process sends nothing to a broker before it has checked, with
 //! `SO_PEERCRED` on the connected socket, that the broker runs as root, as
@@ -13,10 +13,6 @@ use std::path::{Path, PathBuf};
 /// Environment variable naming one more uid whose broker is trusted (for a
 /// system broker that runs as a dedicated user).
 pub const BROKER_UID_ENV: &str = "ZRPC_BROKER_UID";
-
-/// The system broker's socket directory: under `/run`, which only root can
-/// write, so nobody can take it first (systemd's `RuntimeDirectory=zrpc`).
-pub const SYSTEM_SOCKET_DIR: &str = "/run/zrpc";
 
 /// The broker at the end of a socket is not one this process trusts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,20 +78,19 @@ pub fn check_broker(sock: &impl AsRawFd, path: &Path) -> Result<(), UntrustedBro
     })
 }
 
-/// The socket directory used when neither `--socket-dir` nor
-/// `$ZRPC_SOCKET_DIR` says one: the system broker's [`SYSTEM_SOCKET_DIR`]
-/// for root, and for other users when a system broker runs there;
-/// otherwise, for a user with a runtime directory (`$XDG_RUNTIME_DIR`,
-/// private to the user), `$XDG_RUNTIME_DIR/zrpc`, a per-user broker.
-pub fn default_socket_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let system = Path::new(SYSTEM_SOCKET_DIR);
-    if root || system.join(crate::SOCKET_FILE).exists() {
-        return system.to_path_buf();
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => Path::new(&d).join("zrpc"),
-        _ => system.to_path_buf(),
+/// What to check when connecting to the broker's socket failed with `e`,
+/// as a parenthesised hint to append to the error message: whether zrpcd
+/// runs (no socket, connection refused), or whether this user may open its
+/// socket (permission denied).
+pub fn connect_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::PermissionDenied => {
+            " (a permission problem, not a missing broker: this user may not open zrpcd's socket or its directory; check their owner and mode, see zrpcd --socket-mode)"
+        }
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => {
+            " (is zrpcd running? is the socket directory right? see --socket-dir and $ZRPC_SOCKET_DIR)"
+        }
+        _ => "",
     }
 }

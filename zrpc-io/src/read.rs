@@ -1,0 +1,181 @@
+//! Reading a socket into a frame buffer: the one read of zrpc.
+//!
+//! Every reader (the broker's connections, the service's connection, the
+//! async client's and the blocking client's) keeps one [`BytesMut`] per
+//! connection, decodes complete frames off its front with
+//! [`zrpc_proto::FrameDecoder`], and before each read makes room with
+//! [`ReadPolicy::make_room`], then reads with [`read_spare`] (one sound
+//! `read(2)` into the spare capacity, no zero-filling). The async readers
+//! wait for readability with [`read_some`].
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use bytes::{BufMut, BytesMut};
+use zrpc_proto::FrameDecoder;
+
+use crate::reactor::Registered;
+
+/// How a reader sizes its buffer. One rule with per-role sizes: a broker
+/// holds a buffer for each of thousands of connections and reads small
+/// frames from most of them; a client reads large replies on one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPolicy {
+    /// Room reserved when the buffer runs short between frames.
+    pub chunk: usize,
+    /// A read is made with at least this much free room (else `chunk` more
+    /// is reserved first).
+    pub min_free: usize,
+    /// Most room reserved at once for a frame whose header announced more
+    /// than this: beyond it, at most four times what has arrived, so that a
+    /// peer sending only a header announcing a huge frame cannot make the
+    /// reader reserve the whole maximum message size.
+    pub upfront: usize,
+}
+
+impl ReadPolicy {
+    /// The broker's connections: 8 KiB chunks (memory per connection),
+    /// large frames reserved up to 4 MiB at once.
+    pub const BROKER: ReadPolicy = ReadPolicy {
+        chunk: 8 * 1024,
+        min_free: 8 * 1024,
+        upfront: 4 * 1024 * 1024,
+    };
+
+    /// A client's connection: 64 KiB chunks (one connection carries every
+    /// call of the process), large replies reserved up to 4 MiB at once.
+    pub const CLIENT: ReadPolicy = ReadPolicy {
+        chunk: 64 * 1024,
+        min_free: 16 * 1024,
+        upfront: 4 * 1024 * 1024,
+    };
+
+    /// A service's connection: 16 KiB chunks (requests are read in
+    /// batches; large ones go to an allocation of their own, see
+    /// `zrpc-service`).
+    pub const SERVICE: ReadPolicy = ReadPolicy {
+        chunk: 16 * 1024,
+        min_free: 16 * 1024,
+        upfront: 4 * 1024 * 1024,
+    };
+
+    /// How much free room the next read wants: the rest of the partial
+    /// frame at the front of `buf` (bounded by [`upfront`](Self::upfront)),
+    /// or `min_free`.
+    pub fn wanted(&self, dec: &FrameDecoder, buf: &BytesMut) -> usize {
+        match dec.needed(buf) {
+            Some(total) => total
+                .saturating_sub(buf.len())
+                .min(self.upfront.max(buf.len().saturating_mul(4))),
+            None => self.min_free,
+        }
+    }
+
+    /// Makes room in `buf` for the next read: the rest of the partial frame
+    /// at its front (whole, up to `upfront`, so a large frame is read
+    /// straight into place), or a chunk.
+    ///
+    /// Call it right before reading, after the frames handed out have been
+    /// consumed: frames split off `buf` share its allocation, and once their
+    /// holders have dropped them `reserve` reuses that allocation instead of
+    /// taking a fresh one (for a 1 MiB reply a fresh buffer costs ~256 page
+    /// faults).
+    pub fn make_room(&self, dec: &FrameDecoder, buf: &mut BytesMut) {
+        let want = self.wanted(dec, buf);
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want.max(self.chunk));
+        }
+    }
+}
+
+/// Reads what `sock` has into the spare capacity of `buf` (one `read(2)`,
+/// at most the spare capacity) and extends `buf` by what was read. The one
+/// way zrpc reads a socket into a buffer without initialising its spare
+/// capacity first: no `&mut [u8]` to uninitialised memory is ever made.
+/// Errors (`WouldBlock` included) are `read(2)`'s.
+pub fn read_spare(sock: &impl AsRawFd, buf: &mut BytesMut) -> io::Result<usize> {
+    let spare = buf.chunk_mut();
+    let (ptr, cap) = (spare.as_mut_ptr(), spare.len());
+    // SAFETY: `ptr` points to `cap` bytes of `buf`'s spare capacity, valid
+    // for writes while `buf` is borrowed here; read(2) writes at most `cap`
+    // bytes there and nothing else, through a raw pointer (no reference to
+    // uninitialised bytes is created).
+    let n = unsafe { libc::read(sock.as_raw_fd(), ptr.cast(), cap) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n <= cap` spare bytes.
+    unsafe { buf.advance_mut(n) };
+    Ok(n)
+}
+
+/// Waits until `rd` is readable, calls `room` to size `buf` (only then: the
+/// holders of frames handed out by the last read have usually dropped them
+/// by now, see [`ReadPolicy::make_room`]) and reads once into it. Returns
+/// what `read(2)` returned; `Ok(0)` is the end of the stream.
+///
+/// Cancel-safe: bytes land in `buf` only when read, and the read itself is
+/// not interrupted. A short read is taken to have drained the socket: the
+/// next call waits for the next edge instead of paying a read that would
+/// block.
+pub async fn read_some(
+    rd: &Registered,
+    buf: &mut BytesMut,
+    mut room: impl FnMut(&mut BytesMut),
+) -> io::Result<usize> {
+    loop {
+        let mut guard = rd.readable().await?;
+        room(buf);
+        let cap = buf.capacity() - buf.len();
+        match read_spare(rd.get_ref(), buf) {
+            Ok(n) => {
+                if n > 0 && n < cap {
+                    guard.clear_ready();
+                }
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_frame_is_reserved_whole_up_to_the_bound() {
+        let dec = FrameDecoder::new(64 * 1024 * 1024);
+        let p = ReadPolicy::CLIENT;
+        // A header announcing a 1 MiB body: the whole frame.
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&(1024 * 1024u32).to_be_bytes());
+        buf.extend_from_slice(&[0, 0, 0, 1]);
+        assert_eq!(p.wanted(&dec, &buf), 1024 * 1024);
+        p.make_room(&dec, &mut buf);
+        assert!(buf.capacity() - buf.len() >= 1024 * 1024);
+        // 60 MiB announced by 8 bytes: only the bound.
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&(60 * 1024 * 1024u32).to_be_bytes());
+        buf.extend_from_slice(&[0, 0, 0, 1]);
+        assert_eq!(p.wanted(&dec, &buf), 4 * 1024 * 1024);
+        // Between frames: the chunk.
+        let mut buf = BytesMut::new();
+        p.make_room(&dec, &mut buf);
+        assert!(buf.capacity() >= p.chunk);
+    }
+
+    #[test]
+    fn read_spare_reads_into_spare_capacity() {
+        use std::io::Write;
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        a.write_all(b"hello").expect("write");
+        let mut buf = BytesMut::with_capacity(3);
+        buf.extend_from_slice(b"x");
+        let n = read_spare(&b, &mut buf).expect("read");
+        assert_eq!(&buf[..], &b"xhello"[..1 + n]);
+    }
+}

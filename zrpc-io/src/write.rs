@@ -1,0 +1,331 @@
+//! The outbound queue of one socket: the one writer of zrpc.
+//!
+//! Frames are appended in order: small ones are copied into a contiguous
+//! tail (a burst of small frames becomes one buffer), large payloads are
+//! queued by reference (forwarded as the very bytes they arrived in). The
+//! queue is written with vectored, non-blocking `sendmsg` calls that may
+//! write part of it; what is written leaves the queue, the rest stays in
+//! order. [`flush`] writes a queue out on a socket registered with tokio,
+//! waiting for writability (through a registration of its own) only while
+//! the socket is full; [`write_all_blocking`] does the same on a blocking
+//! socket.
+//!
+//! Writes use `MSG_NOSIGNAL`: a peer gone away is an error, never a
+//! `SIGPIPE`, even in a host process that does not ignore the signal.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::Interest;
+
+use crate::reactor::{register_dup, Registered};
+
+/// Most slices handed to one `sendmsg`.
+pub const MAX_IOVECS: usize = 64;
+
+/// Bytes waiting to be written to one socket, in order: `chunks` first,
+/// then `tail`.
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    /// Written first: earlier tails and large payloads, by reference.
+    chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    chunk_bytes: usize,
+    /// Small frames, appended in order after `chunks`.
+    tail: BytesMut,
+}
+
+impl OutQueue {
+    /// An empty queue whose tail starts with `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> OutQueue {
+        OutQueue {
+            tail: BytesMut::with_capacity(capacity),
+            ..OutQueue::default()
+        }
+    }
+
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.chunk_bytes + self.tail.len()
+    }
+
+    /// True if nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.chunk_bytes == 0 && self.tail.is_empty()
+    }
+
+    /// The tail, to encode small frames straight into (they are written
+    /// after everything queued before).
+    pub fn tail(&mut self) -> &mut BytesMut {
+        &mut self.tail
+    }
+
+    /// Appends `b` by copying it into the tail.
+    pub fn push_copy(&mut self, b: &[u8]) {
+        self.tail.extend_from_slice(b);
+    }
+
+    /// Appends `b` by reference (no copy): what the tail holds so far is
+    /// sealed into a chunk first, to keep the order.
+    pub fn push_shared(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        self.seal();
+        self.chunk_bytes += b.len();
+        self.chunks.push_back(b);
+    }
+
+    /// Appends `b`: by reference if it is at least `share_min` bytes long,
+    /// else by copy.
+    pub fn push(&mut self, b: &Bytes, share_min: usize) {
+        if b.len() >= share_min {
+            self.push_shared(b.clone());
+        } else {
+            self.push_copy(b);
+        }
+    }
+
+    /// Puts `b` before everything queued (the unwritten rest of a frame
+    /// written directly, outside the queue).
+    pub fn push_front(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.chunk_bytes += b.len();
+            self.chunks.push_front(b);
+        }
+    }
+
+    /// Moves the tail into `chunks`.
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            let t = self.tail.split().freeze();
+            self.chunk_bytes += t.len();
+            self.chunks.push_back(t);
+        }
+    }
+
+    /// Takes everything queued, in order, into `out` (what a write would
+    /// send); for code that has no socket (benchmarks, tests).
+    pub fn take_into(&mut self, out: &mut Vec<Bytes>) {
+        self.seal();
+        out.extend(self.chunks.drain(..));
+        self.chunk_bytes = 0;
+    }
+
+    /// Gives back the tail's memory if it grew beyond `keep` bytes (after a
+    /// burst) and nothing is queued.
+    pub fn shrink(&mut self, keep: usize) {
+        if self.is_empty() && self.tail.capacity() > keep {
+            self.tail = BytesMut::new();
+        }
+    }
+
+    /// Removes the first `n` bytes (written).
+    fn consume(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(c) = self.chunks.front_mut() else {
+                self.tail.advance(n);
+                return;
+            };
+            if n < c.len() {
+                c.advance(n);
+                self.chunk_bytes -= n;
+                return;
+            }
+            n -= c.len();
+            self.chunk_bytes -= c.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    /// One `sendmsg` of the front of the queue (up to [`MAX_IOVECS`]
+    /// slices); what was written leaves the queue. Errors are the
+    /// syscall's, `WouldBlock` included.
+    pub fn write_once(&mut self, fd: RawFd) -> io::Result<usize> {
+        let mut parts: [&[u8]; MAX_IOVECS] = [&[]; MAX_IOVECS];
+        let mut k = 0;
+        for c in self.chunks.iter().take(MAX_IOVECS) {
+            parts[k] = c;
+            k += 1;
+        }
+        if k < MAX_IOVECS && !self.tail.is_empty() {
+            parts[k] = &self.tail;
+            k += 1;
+        }
+        let n = send_vectored(fd, &parts[..k])?;
+        self.consume(n);
+        Ok(n)
+    }
+
+    /// Writes as much as the socket takes without blocking. `Ok(true)`:
+    /// everything is written; `Ok(false)`: the socket is full.
+    pub fn write_now(&mut self, fd: RawFd) -> io::Result<bool> {
+        while !self.is_empty() {
+            match self.write_once(fd) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// One `sendmsg(2)` of `parts`, in order, with `MSG_NOSIGNAL`; returns how
+/// many bytes were written (possibly fewer than all).
+pub fn send_vectored(fd: RawFd, parts: &[&[u8]]) -> io::Result<usize> {
+    let n = parts.len().min(MAX_IOVECS);
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_IOVECS];
+    for (v, p) in iov.iter_mut().zip(&parts[..n]) {
+        v.iov_base = p.as_ptr() as *mut libc::c_void;
+        v.iov_len = p.len();
+    }
+    // SAFETY: a zeroed msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = n as _;
+    // SAFETY: `msg` points to `n` iovecs, each describing readable memory
+    // borrowed from `parts` for the duration of the call; sendmsg only reads
+    // them.
+    let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// Writes all of `parts` on a blocking socket. On failure, the error comes
+/// with how many bytes were written (so a caller can tell a frame that was
+/// certainly not sent).
+pub fn write_all_blocking(sock: &UnixStream, parts: &[&[u8]]) -> Result<(), (usize, io::Error)> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0;
+    while done < total {
+        // The parts not yet written, the first one from where it stopped.
+        let mut skip = done;
+        let mut rest: [&[u8]; MAX_IOVECS] = [&[]; MAX_IOVECS];
+        let mut k = 0;
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            if k == MAX_IOVECS {
+                break;
+            }
+            rest[k] = &p[skip..];
+            skip = 0;
+            k += 1;
+        }
+        match send_vectored(sock.as_raw_fd(), &rest[..k]) {
+            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `q` out on `sock` (non-blocking, registered with tokio for
+/// readability only). While the socket is full, waits for writability
+/// through `wait`, a duplicate registered for that alone: created on the
+/// first `WouldBlock` and kept by the caller while it flushes (drop it once
+/// the queue is empty, so that an idle socket costs no `EPOLLOUT` wake-ups).
+///
+/// Cancel-safe: bytes leave `q` only once written.
+pub async fn flush(
+    q: &mut OutQueue,
+    sock: &UnixStream,
+    wait: &mut Option<Registered>,
+) -> io::Result<()> {
+    loop {
+        let r = match wait.as_ref() {
+            None => q.write_now(sock.as_raw_fd()),
+            Some(w) => {
+                let mut guard = w.writable().await?;
+                let r = q.write_now(sock.as_raw_fd());
+                if matches!(r, Ok(false)) {
+                    guard.clear_ready();
+                }
+                r
+            }
+        };
+        match r? {
+            true => return Ok(()),
+            false => {
+                if wait.is_none() {
+                    *wait = Some(register_dup(sock, Interest::WRITABLE)?);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn order_is_kept_across_copies_references_and_partial_writes() {
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let mut q = OutQueue::default();
+        q.push_copy(b"ab");
+        q.push_shared(Bytes::from_static(b"CDE"));
+        q.push_copy(b"fg");
+        q.push_front(Bytes::from_static(b"0"));
+        q.push(&Bytes::from_static(b"hi"), 1024);
+        assert_eq!(q.len(), 10);
+        assert!(q.write_now(a.as_raw_fd()).expect("write"));
+        assert!(q.is_empty());
+        let mut got = [0u8; 10];
+        b.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"0abCDEfghi");
+    }
+
+    #[test]
+    fn a_full_socket_keeps_the_rest_in_order() {
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let mut q = OutQueue::default();
+        let big: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| i as u8).collect();
+        q.push_shared(Bytes::from(big.clone()));
+        q.push_copy(b"end");
+        assert!(!q.write_now(a.as_raw_fd()).expect("write"), "socket full");
+        let left = q.len();
+        assert!(left > 0 && left < big.len() + 3);
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            b.read_to_end(&mut all).expect("read");
+            all
+        });
+        a.set_nonblocking(false).expect("blocking");
+        let mut rest = Vec::new();
+        q.take_into(&mut rest);
+        let parts: Vec<&[u8]> = rest.iter().map(|b| &b[..]).collect();
+        write_all_blocking(&a, &parts).expect("write rest");
+        drop(a);
+        let all = reader.join().expect("reader");
+        assert_eq!(&all[..big.len()], &big[..]);
+        assert_eq!(&all[big.len()..], b"end");
+    }
+
+    #[test]
+    fn a_closed_peer_is_an_error_not_a_signal() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        drop(b);
+        let err = write_all_blocking(&a, &[b"x"]).expect_err("peer gone");
+        assert_eq!(err.0, 0);
+        assert_eq!(err.1.kind(), io::ErrorKind::BrokenPipe);
+    }
+}

@@ -1,0 +1,610 @@
+//! The broker connection of a service: its socket, read buffer and
+//! outbound queue, the requests received and not yet handled, and what each
+//! frame from the broker means (requests queued, pings answered, cancels of
+//! queued requests applied). Setting it up and getting it back after a loss
+//! is [`crate::link`]'s job.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::Interest;
+use zrpc_io::busy_poll::BusyPoll;
+use zrpc_io::reactor::{register, Registered};
+use zrpc_io::{OutQueue, ReadPolicy};
+use zrpc_proto::{
+    encode_frame, encode_header, Envelope, ErrorCode, Frame, FrameDecoder, DEFAULT_MAX_MESSAGE_SIZE,
+};
+
+use crate::cache::Outcome;
+use crate::context::Name;
+use crate::error::Error;
+use crate::{Caller, HandlerError};
+
+/// Longest error message sent in a `Reply`; longer ones are truncated.
+const MAX_ERROR_MESSAGE: usize = 64 * 1024;
+
+/// Upper bound of the size of a `Reply` envelope with an empty message.
+const REPLY_ENVELOPE_MAX: usize = 16;
+
+/// Batched replies are written out at the latest when this many bytes are
+/// pending.
+const FLUSH_THRESHOLD: usize = 256 * 1024;
+
+/// Batched replies are written out at the latest after this many: with a
+/// burst of requests queued, the broker forwards the first replies (and the
+/// callers send their next calls) while the rest are handled, instead of
+/// every process waiting for the whole burst.
+const FLUSH_REPLIES: usize = 16;
+
+/// Reply payloads of at least this many bytes are not copied into the
+/// outbound queue: they are queued by reference and written with one
+/// `sendmsg` together with the bytes around them.
+const LARGE_PAYLOAD: usize = 8 * 1024;
+
+/// Frames at least this large are read into an allocation of their own
+/// (see `Conn::read_more`).
+const OWN_BUFFER_FRAME: usize = 64 * 1024;
+
+/// Batched replies are written out at the latest this long after the last
+/// write, even while requests are still queued (a burst of slow synchronous
+/// handlers must not hold back earlier replies, nor pongs, for long).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(2);
+
+/// A request received and not yet handled.
+pub(crate) struct Pending {
+    pub(crate) id: u64,
+    pub(crate) service: Name,
+    pub(crate) method: Name,
+    pub(crate) deadline: Option<std::time::Instant>,
+    pub(crate) caller_instance: u64,
+    pub(crate) caller_call: u64,
+    pub(crate) caller: Option<Caller>,
+    pub(crate) payload: Bytes,
+    /// The frame was read into an allocation of its own (see
+    /// [`Conn::read_more`]): keeping a view of it pins nothing else.
+    pub(crate) own_buffer: bool,
+}
+
+/// What a frame asks the connection owner to do besides the bookkeeping
+/// [`Conn::handle_frame`] does itself.
+pub(crate) enum FrameAction {
+    None,
+    /// A `Welcome` after the handshake (a protocol error).
+    Welcome,
+    Ack {
+        req: u64,
+        code: Option<ErrorCode>,
+        message: String,
+    },
+    CancelRunning,
+}
+
+/// The broker connection: socket, buffers, and requests received but not
+/// yet handled. Reading is cancel-safe (bytes land in `rbuf`), writing is
+/// batched in `out` (a [`zrpc_io::OutQueue`]).
+///
+/// The socket is registered with the reactor for readability only: tokio's
+/// own `UnixStream` registers for READABLE|WRITABLE, edge-triggered, and
+/// then every time the broker reads what we wrote, `EPOLLOUT` wakes the
+/// process for nothing. Writes go straight to the socket; only while the socket
+/// is full is a duplicate registered for writability (`wr_wait`).
+pub(crate) struct Conn {
+    /// The socket, non-blocking, registered for readability; written to
+    /// directly through `rd.get_ref()`. One fd per connection.
+    rd: Registered,
+    /// A duplicate of `sock` registered for writability, only while a flush
+    /// found the socket full.
+    wr_wait: Option<Registered>,
+    /// The read buffer, kept for the life of the connection: once the
+    /// frames split off it are dropped, `reserve` reuses its allocation.
+    rbuf: BytesMut,
+    /// Replies and pongs to write: small ones copied, large reply payloads
+    /// by reference.
+    out: OutQueue,
+    decoder: FrameDecoder,
+    pub(crate) max_message_size: u32,
+    /// Requests received and not yet handled.
+    pub(crate) queue: VecDeque<Pending>,
+    /// A `Pong` waits in `out`: write it out before the next handler.
+    pong_pending: bool,
+    /// When `out` was last written out completely.
+    pub(crate) last_flush: std::time::Instant,
+    /// `last_flush + FLUSH_INTERVAL`, so that the per-request check is a
+    /// comparison, not a subtraction.
+    flush_due: std::time::Instant,
+    /// The regular read buffer, parked while a large frame is read into an
+    /// allocation of its own.
+    parked: Option<BytesMut>,
+    /// The frame last returned by `next_frame` had an allocation of its own.
+    frame_own_buffer: bool,
+    /// Replies appended since the last complete flush.
+    unflushed: usize,
+    /// The busy poller watching this connection, under `run`/`run_once`.
+    busy_poll: Option<Rc<BusyPoll>>,
+}
+
+impl Conn {
+    /// Takes over a connected socket; must be called inside the runtime.
+    pub(crate) fn new(sock: std::os::unix::net::UnixStream) -> io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        let rd = register(sock, Interest::READABLE)?;
+        // Only inside `run`/`run_once` (the server's own runtime).
+        let busy_poll = BusyPoll::current();
+        if let Some(bp) = &busy_poll {
+            bp.watch_or_log(rd.as_raw_fd());
+        }
+        let now = std::time::Instant::now();
+        Ok(Conn {
+            busy_poll,
+            rd,
+            wr_wait: None,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            out: OutQueue::with_capacity(64 * 1024),
+            decoder: FrameDecoder::new(DEFAULT_MAX_MESSAGE_SIZE),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            queue: VecDeque::new(),
+            pong_pending: false,
+            last_flush: now,
+            flush_due: now + FLUSH_INTERVAL,
+            parked: None,
+            frame_own_buffer: false,
+            unflushed: 0,
+        })
+    }
+
+    /// Takes the broker's `Welcome` and the bytes read after it.
+    pub(crate) fn welcomed(&mut self, welcome: zrpc_io::Welcome, leftover: BytesMut) {
+        self.max_message_size = welcome.max_message_size;
+        self.decoder = FrameDecoder::new(welcome.incoming_limit());
+        self.rbuf.extend_from_slice(&leftover);
+    }
+
+    /// Queues a control frame (no payload) for the next flush.
+    pub(crate) fn send(&mut self, env: &Envelope<'_>) {
+        encode_frame(self.out.tail(), env, &[]);
+    }
+
+    /// Reads more bytes into `rbuf`. Cancel-safe.
+    ///
+    /// A large frame (>= [`OWN_BUFFER_FRAME`]) is read into an allocation of
+    /// exactly its size: its payload may be returned by the handler as is
+    /// (a [`Blob`](crate::Blob) argument is a view into it) and kept by the
+    /// reply cache, which must then not pin a read buffer holding other
+    /// frames, nor copy the payload.
+    pub(crate) async fn read_more(&mut self) -> Result<(), Error> {
+        let needed = self.decoder.needed(&self.rbuf);
+        if let Some(total) = needed {
+            // `needed` is `Some` only for an incomplete first frame, and
+            // complete frames are consumed before reading: `rbuf` holds
+            // just the beginning of this frame.
+            if total >= OWN_BUFFER_FRAME && self.parked.is_none() {
+                let mut own = BytesMut::with_capacity(total);
+                own.extend_from_slice(&self.rbuf);
+                self.rbuf.clear();
+                self.parked = Some(std::mem::replace(&mut self.rbuf, own));
+            }
+        }
+        if self.parked.is_none() {
+            ReadPolicy::SERVICE.make_room(&self.decoder, &mut self.rbuf);
+        } else if let Some(total) = needed {
+            // Exactly the frame: no byte of the next one in its allocation.
+            self.rbuf.reserve(total - self.rbuf.len());
+        }
+        match zrpc_io::read::read_some(&self.rd, &mut self.rbuf, |_| {}).await {
+            Ok(0) => Err(Error::Disconnected),
+            Ok(n) => {
+                if let Some(bp) = &self.busy_poll {
+                    bp.batch(std::time::Instant::now(), n);
+                }
+                Ok(())
+            }
+            Err(e) => Err(Error::from_io(e)),
+        }
+    }
+
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
+        let frame = self.decoder.decode(&mut self.rbuf)?;
+        self.frame_own_buffer = false;
+        if frame.is_some() {
+            if let Some(mut regular) = self.parked.take() {
+                // The large frame is complete; `rbuf` is empty (exactly the
+                // frame was read), so the regular buffer takes over again.
+                regular.extend_from_slice(&self.rbuf);
+                self.rbuf = regular;
+                self.frame_own_buffer = true;
+            }
+        }
+        Ok(frame)
+    }
+
+    /// Bytes waiting to be written.
+    #[cfg(test)]
+    pub(crate) fn pending_write(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether the replies batched so far are to be written out now: no
+    /// request is left to handle, or enough bytes or replies are waiting, or
+    /// a pong, or the flush interval has passed since the last write.
+    pub(crate) fn should_flush(&self, now: std::time::Instant) -> bool {
+        self.queue.is_empty()
+            || self.out.len() >= FLUSH_THRESHOLD
+            || self.unflushed >= FLUSH_REPLIES
+            || self.pong_pending
+            || now >= self.flush_due
+    }
+
+    /// Writes out everything queued. Cancel-safe: bytes leave the queue only
+    /// once written.
+    pub(crate) async fn flush(&mut self) -> Result<(), Error> {
+        if !self.out.is_empty() {
+            let r =
+                zrpc_io::write::flush(&mut self.out, self.rd.get_ref(), &mut self.wr_wait).await;
+            // Drop the writability registration once the queue is empty.
+            self.wr_wait = None;
+            r.map_err(Error::from_io)?;
+        }
+        self.pong_pending = false;
+        self.unflushed = 0;
+        self.last_flush = std::time::Instant::now();
+        self.flush_due = self.last_flush + FLUSH_INTERVAL;
+        Ok(())
+    }
+
+    /// Handles one frame: queues requests, answers pings, applies cancels
+    /// of queued requests; reports what the caller must handle.
+    pub(crate) fn handle_frame(
+        &mut self,
+        frame: &Frame,
+        running: Option<u64>,
+    ) -> Result<FrameAction, Error> {
+        self.handle_parts(
+            &frame.envelope,
+            &frame.envelope,
+            || frame.payload.clone(),
+            running,
+        )
+    }
+
+    /// [`Conn::handle_frame`] for a frame given as its envelope bytes, a
+    /// buffer that holds them (names are kept as views into it) and its
+    /// payload, made only for a request.
+    pub(crate) fn handle_parts(
+        &mut self,
+        holder: &Bytes,
+        envelope: &[u8],
+        payload: impl FnOnce() -> Bytes,
+        running: Option<u64>,
+    ) -> Result<FrameAction, Error> {
+        match Envelope::decode(envelope)? {
+            Envelope::Request {
+                id,
+                service,
+                method,
+                timeout_ms,
+                caller_instance,
+                caller_call,
+                caller,
+            } => {
+                let deadline = timeout_ms.and_then(|ms| {
+                    std::time::Instant::now().checked_add(Duration::from_millis(ms))
+                });
+                self.queue.push_back(Pending {
+                    id,
+                    service: Name::within(holder, service),
+                    method: Name::within(holder, method),
+                    deadline,
+                    caller_instance,
+                    caller_call,
+                    caller,
+                    payload: payload(),
+                    own_buffer: self.frame_own_buffer,
+                });
+                Ok(FrameAction::None)
+            }
+            Envelope::Cancel { id } => {
+                if running == Some(id) {
+                    return Ok(FrameAction::CancelRunning);
+                }
+                let before = self.queue.len();
+                self.queue.retain(|p| p.id != id);
+                if self.queue.len() == before {
+                    tracing::trace!(id, "cancel of a request that is not pending");
+                }
+                Ok(FrameAction::None)
+            }
+            Envelope::Ping { nonce } => {
+                encode_frame(self.out.tail(), &Envelope::Pong { nonce }, &[]);
+                self.pong_pending = true;
+                Ok(FrameAction::None)
+            }
+            Envelope::Pong { .. } => Ok(FrameAction::None),
+            Envelope::Welcome { .. } => Ok(FrameAction::Welcome),
+            Envelope::Ack { req, code, message } => Ok(FrameAction::Ack {
+                req,
+                code,
+                message: message.to_string(),
+            }),
+            Envelope::Fatal { code, message } => Err(Error::Fatal {
+                code,
+                message: message.to_string(),
+            }),
+            other => Err(Error::Unexpected(format!("{:?} message", other.kind()))),
+        }
+    }
+
+    /// Handles every complete frame in `rbuf`. Returns whether the running
+    /// request (`running`) was cancelled. A connection error in the same
+    /// batch wins over a cancel: zrpcd's shutdown cancels delivered calls
+    /// right before `Fatal{Shutdown}`, and the clients resubmit them, so the
+    /// handler had better finish and leave its outcome in the reply cache.
+    pub(crate) fn process(&mut self, running: Option<u64>) -> Result<bool, Error> {
+        let mut cancelled = false;
+        while self.parked.is_some() {
+            // A large frame read into an allocation of its own: taken as
+            // it is (`next_frame` then returns to the regular buffer).
+            let Some(frame) = self.next_frame()? else {
+                return Ok(cancelled);
+            };
+            let action = self.handle_frame(&frame, running)?;
+            cancelled |= Self::after(action)?;
+        }
+        // Every complete frame in `rbuf`, taken off as one shared buffer and
+        // read where it lies: a request's payload and names are slices of
+        // it, nothing else takes a handle.
+        let (batch, corrupt) = self.decoder.take_batch(&mut self.rbuf);
+        if !batch.is_empty() {
+            self.frame_own_buffer = false;
+        }
+        for (envelope, payload) in batch.frames() {
+            let action =
+                self.handle_parts(batch.bytes(), envelope, || batch.payload(payload), running)?;
+            cancelled |= Self::after(action)?;
+        }
+        match corrupt {
+            Some(e) => Err(e.into()),
+            None => Ok(cancelled),
+        }
+    }
+
+    /// What [`Conn::process`] does with a frame's action: whether it
+    /// cancelled the running request.
+    fn after(action: FrameAction) -> Result<bool, Error> {
+        match action {
+            FrameAction::None => Ok(false),
+            FrameAction::CancelRunning => Ok(true),
+            FrameAction::Ack { req, code, message } => {
+                tracing::debug!(req, ?code, message, "unexpected Ack ignored");
+                Ok(false)
+            }
+            FrameAction::Welcome => Err(Error::Unexpected("a second Welcome".to_string())),
+        }
+    }
+
+    /// Appends the reply to request `id`.
+    pub(crate) fn write_outcome(&mut self, id: u64, outcome: &Outcome) {
+        self.unflushed += 1;
+        match outcome {
+            Ok(payload) if payload.len() >= LARGE_PAYLOAD => {
+                encode_header(
+                    self.out.tail(),
+                    &Envelope::Reply {
+                        id,
+                        code: None,
+                        message: "",
+                    },
+                    payload.len(),
+                );
+                self.out.push_shared(payload.clone());
+            }
+            Ok(payload) => encode_frame(
+                self.out.tail(),
+                &Envelope::Reply {
+                    id,
+                    code: None,
+                    message: "",
+                },
+                payload,
+            ),
+            Err((code, message)) => encode_frame(
+                self.out.tail(),
+                &Envelope::Reply {
+                    id,
+                    code: Some(*code),
+                    message: truncate(message, MAX_ERROR_MESSAGE),
+                },
+                &[],
+            ),
+        }
+    }
+}
+
+/// What is sent for a handler's result: an oversized return value becomes a
+/// `LimitExceeded` error, long error messages are truncated.
+pub(crate) fn wire_outcome(result: Result<Bytes, HandlerError>, max_message_size: u32) -> Outcome {
+    match result {
+        Ok(p) if p.len() + REPLY_ENVELOPE_MAX > max_message_size as usize => Err((
+            ErrorCode::LimitExceeded,
+            format!(
+                "the reply of {} bytes exceeds zrpcd's max message size of {} bytes",
+                p.len(),
+                max_message_size
+            ),
+        )),
+        Ok(p) => Ok(p),
+        Err(e) => Err((
+            e.code(),
+            truncate(e.message(), MAX_ERROR_MESSAGE).to_string(),
+        )),
+    }
+}
+
+/// Whether the reply cache may keep a successful reply payload by reference
+/// (`true`) or must copy it: only a payload that is the sole handle to an
+/// allocation of its own, not much larger than itself, or a view into a
+/// request that was read into an allocation of its own (`request.2`); not a
+/// view into a request in the shared read buffer (which holds other frames).
+/// Returns the payload (same bytes, same allocation) for sending.
+pub(crate) fn own_reply(outcome: Outcome, request: (usize, usize, bool)) -> (Outcome, bool) {
+    let p = match outcome {
+        Ok(p) if !p.is_empty() => p,
+        other => return (other, false),
+    };
+    let start = p.as_ptr() as usize;
+    if start >= request.0 && start <= request.1 {
+        return (Ok(p), request.2);
+    }
+    match p.try_into_mut() {
+        Ok(m) => {
+            // `capacity` counts the spare room after the bytes: a `Vec`
+            // grown by doubling has less than its length.
+            let owned = m.capacity() - m.len() <= m.len();
+            (Ok(m.freeze()), owned)
+        }
+        Err(p) => (Ok(p), false),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn range(b: &Bytes) -> (usize, usize, bool) {
+        let r = b.as_ptr_range();
+        (r.start as usize, r.end as usize, false)
+    }
+
+    /// Small replies, large ones queued by reference and control frames
+    /// come out whole and in order, also when the socket takes them in
+    /// pieces.
+    #[test]
+    fn large_replies_are_written_in_order() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+            let mut conn = Conn::new(a.into_std().unwrap()).unwrap();
+            let big = |n: usize, v: u8| -> Outcome { Ok(Bytes::from(vec![v; n])) };
+            let sent: Vec<(u64, Outcome)> = vec![
+                (1, Ok(Bytes::from_static(b"\xa1x"))),
+                (2, big(LARGE_PAYLOAD, 2)),
+                (3, big(3 * 1024 * 1024, 3)),
+                (4, Err((ErrorCode::Remote, "no".into()))),
+                (5, big(100_000, 5)),
+                (6, big(10, 6)),
+            ];
+            for (id, o) in &sent {
+                conn.write_outcome(*id, o);
+            }
+            encode_frame(conn.out.tail(), &Envelope::Pong { nonce: 9 }, &[]);
+            let reader = async move {
+                let mut buf = BytesMut::new();
+                let dec = FrameDecoder::new(DEFAULT_MAX_MESSAGE_SIZE);
+                let mut frames = Vec::new();
+                while frames.len() < 7 {
+                    while let Some(f) = dec.decode(&mut buf).unwrap() {
+                        frames.push(f);
+                    }
+                    if frames.len() < 7 {
+                        buf.reserve(64 * 1024);
+                        assert!(b.read_buf(&mut buf).await.unwrap() > 0);
+                    }
+                }
+                frames
+            };
+            let (w, frames) = tokio::join!(conn.flush(), reader);
+            w.unwrap();
+            assert_eq!(conn.pending_write(), 0);
+            assert!(conn.out.is_empty());
+            for ((id, o), f) in sent.iter().zip(&frames) {
+                match (f.decode().unwrap(), o) {
+                    (
+                        Envelope::Reply {
+                            id: got,
+                            code: None,
+                            ..
+                        },
+                        Ok(p),
+                    ) => {
+                        assert_eq!(got, *id);
+                        assert_eq!(&f.payload, p);
+                    }
+                    (
+                        Envelope::Reply {
+                            id: got,
+                            code: Some(c),
+                            message,
+                        },
+                        Err((code, msg)),
+                    ) => {
+                        assert_eq!((got, c, message), (*id, *code, msg.as_str()));
+                    }
+                    (e, _) => panic!("unexpected {e:?} for {id}"),
+                }
+            }
+            assert!(matches!(
+                frames[6].decode().unwrap(),
+                Envelope::Pong { nonce: 9 }
+            ));
+        });
+    }
+
+    #[test]
+    fn own_reply_keeps_only_private_buffers() {
+        let none = (0, 0, false);
+        // An encoded value: its own exact allocation, kept by reference.
+        let p = Bytes::from(vec![7u8; 1000]);
+        let ptr = p.as_ptr();
+        let (o, owned) = own_reply(Ok(p), none);
+        assert!(owned);
+        assert_eq!(o.as_ref().unwrap().as_ptr(), ptr);
+        assert_eq!(o.unwrap(), vec![7u8; 1000]);
+        // A view of the request, shared or not: copied.
+        let req = Bytes::from(vec![1u8; 100]);
+        let (_, owned) = own_reply(Ok(req.slice(10..20)), range(&req));
+        assert!(!owned);
+        // Shared with another handle, or static: copied.
+        let (_, owned) = own_reply(Ok(req.clone()), none);
+        assert!(!owned);
+        // The sole handle left to the request's buffer: still copied.
+        let r = range(&req);
+        let view = req.slice(10..20);
+        drop(req);
+        assert!(view.is_unique());
+        let (_, owned) = own_reply(Ok(view.clone()), r);
+        assert!(!owned);
+        // A view of a request read into an allocation of its own: kept.
+        let (o, owned) = own_reply(Ok(view.clone()), (r.0, r.1, true));
+        assert!(owned);
+        assert_eq!(o.unwrap().as_ptr(), view.as_ptr());
+        let (_, owned) = own_reply(Ok(Bytes::from_static(b"abc")), none);
+        assert!(!owned);
+        // A small value in a large allocation: copied.
+        let mut v = Vec::with_capacity(64 * 1024);
+        v.extend_from_slice(b"small");
+        let (o, owned) = own_reply(Ok(Bytes::from(v)), none);
+        assert!(!owned);
+        assert_eq!(o.unwrap(), &b"small"[..]);
+        // Errors and empty payloads are not payloads to keep.
+        let (_, owned) = own_reply(Err((ErrorCode::Remote, "x".into())), none);
+        assert!(!owned);
+    }
+}

@@ -1,0 +1,345 @@
+//! The reconnecting link to the broker: how a connection is set up
+//! (connect, handshake, register every name) and how it is got back when it
+//! is lost (backoff, the same names again), plus the systemd notifications
+//! that follow it.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use zrpc_io::handshake::hello_frame;
+use zrpc_io::{Backoff, Retry};
+use zrpc_proto::{socket_path, validate_name, Envelope, ErrorCode, DEFAULT_MAX_MESSAGE_SIZE};
+
+use crate::conn::{Conn, FrameAction, Pending};
+use crate::error::Error;
+
+/// How long connecting, the handshake and name registration may take.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `agent` string sent in `Hello`.
+const AGENT: &str = concat!("zrpc-service/", env!("CARGO_PKG_VERSION"));
+
+/// What a connection is set up with.
+#[derive(Debug, Clone)]
+pub(crate) struct Setup {
+    pub(crate) names: Vec<String>,
+    pub(crate) shared: bool,
+    pub(crate) socket_dir: Option<PathBuf>,
+    pub(crate) instance: u64,
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<Conn, Error>>>>;
+
+impl Setup {
+    /// A connection attempt (connect, handshake, register every name),
+    /// bounded by [`HANDSHAKE_TIMEOUT`]. The future owns its inputs, so it
+    /// can be kept across `select!` iterations.
+    pub(crate) fn attempt(&self) -> Result<ConnectFuture, Error> {
+        if self.names.is_empty() {
+            return Err(Error::NoName);
+        }
+        for name in &self.names {
+            if let Err(e) = validate_name(name) {
+                return Err(Error::InvalidName {
+                    name: name.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        let dir = zrpc_proto::resolve_socket_dir(self.socket_dir.as_deref());
+        let path = socket_path(&dir);
+        tracing::debug!(path = %path.display(), names = ?self.names, "connecting to zrpcd");
+        let names = self.names.clone();
+        let (instance, shared) = (self.instance, self.shared);
+        Ok(Box::pin(async move {
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(path, instance, &names, shared))
+                .await
+                .map_err(|_| Error::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+        }))
+    }
+}
+
+/// What [`Link::work`] did.
+pub(crate) enum Work {
+    /// Frames were read and handled, or a reconnection attempt failed.
+    Progress,
+    /// The broker cancelled the running request.
+    CancelledRunning,
+}
+
+/// The broker connection plus everything needed to get it back when it is
+/// lost: the reconnection policy and its state.
+pub(crate) struct Link {
+    pub(crate) conn: Option<Conn>,
+    /// Incremented for every new connection: request ids are only
+    /// meaningful on the connection they arrived on.
+    pub(crate) generation: u64,
+    /// The reconnection attempt in progress, kept across wake-ups.
+    connecting: Option<ConnectFuture>,
+    /// No reconnection attempt before this instant (backoff).
+    retry_at: Option<Instant>,
+    /// Attempts since the connection was lost (the backoff's position).
+    retry: Retry,
+    /// Whether a connection was ever set up (the first one fails fast).
+    ever_connected: bool,
+    /// Whether READY=1 was sent to systemd.
+    notified: bool,
+    /// The max message size of the latest connection.
+    pub(crate) max_message_size: u32,
+    /// A hard error met while a handler was running, returned once the
+    /// handler has finished.
+    pub(crate) deferred: Option<Error>,
+    pub(crate) reconnect: bool,
+    pub(crate) backoff: Backoff,
+}
+
+impl Link {
+    pub(crate) fn new() -> Self {
+        Link {
+            conn: None,
+            generation: 0,
+            connecting: None,
+            retry_at: None,
+            retry: Retry::default(),
+            ever_connected: false,
+            notified: false,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            deferred: None,
+            reconnect: true,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Whether a lost connection is re-established by the loop itself.
+    pub(crate) fn reconnecting(&self) -> bool {
+        self.reconnect && self.ever_connected
+    }
+
+    /// Takes a freshly registered connection into use.
+    pub(crate) fn install(&mut self, conn: Conn) {
+        self.generation += 1;
+        self.max_message_size = conn.max_message_size;
+        self.conn = Some(conn);
+        self.connecting = None;
+        self.retry_at = None;
+        if self.ever_connected {
+            tracing::info!(
+                attempts = self.retry.attempt,
+                "reconnected to zrpcd; names registered again"
+            );
+        }
+        self.retry.reset();
+        self.ever_connected = true;
+        let state = if self.notified {
+            "STATUS=serving"
+        } else {
+            self.notified = true;
+            "READY=1\nSTATUS=serving"
+        };
+        notify(state);
+    }
+
+    /// Forgets the connection (e.g. its runtime is gone).
+    pub(crate) fn reset(&mut self) {
+        self.conn = None;
+        self.connecting = None;
+    }
+
+    /// The connection failed with `e`. Returns `Ok` if the loop reconnects
+    /// by itself, else the error.
+    pub(crate) fn lost(&mut self, e: Error) -> Result<(), Error> {
+        self.conn = None;
+        self.connecting = None;
+        if !(self.reconnecting() && e.is_transient()) {
+            tracing::debug!("dropping the zrpcd connection: {e}");
+            return Err(e);
+        }
+        tracing::warn!("lost the connection to zrpcd ({e}); reconnecting");
+        notify("STATUS=reconnecting to zrpcd");
+        self.retry.reset();
+        self.schedule_retry();
+        Ok(())
+    }
+
+    /// Sets the time of the next attempt (the backoff's next delay).
+    fn schedule_retry(&mut self) {
+        let delay = self.retry.next_delay(&self.backoff);
+        self.retry_at = Instant::now().checked_add(delay);
+    }
+
+    /// Handles the frames read so far (requests queued, pings answered,
+    /// cancels applied) and writes the batched replies out if
+    /// [`Conn::should_flush`] says so. Returns the time, read once per
+    /// request for the flush interval and the request's deadline (again
+    /// after a flush that had to wait for a full socket).
+    pub(crate) async fn pump(&mut self) -> Result<std::time::Instant, Error> {
+        let mut now = std::time::Instant::now();
+        if let Some(conn) = self.conn.as_mut() {
+            conn.process(None)?;
+            if conn.should_flush(now) {
+                conn.flush().await?;
+                // `flush` stamped `last_flush` when it finished.
+                now = now.max(conn.last_flush);
+            }
+        }
+        Ok(now)
+    }
+
+    /// The next request to handle, skipping those whose deadline passed at
+    /// `now` (the broker has already answered their callers with Timeout).
+    pub(crate) fn next_request(&mut self, now: std::time::Instant) -> Option<Pending> {
+        while let Some(req) = self.conn.as_mut().and_then(|c| c.queue.pop_front()) {
+            if req.deadline.is_some_and(|d| now > d) {
+                tracing::debug!(id = req.id, method = %req.method, "skipping expired request");
+                continue;
+            }
+            return Some(req);
+        }
+        None
+    }
+
+    /// One unit of connection work; cancel-safe (all progress is kept in
+    /// `self`). Connected: reads what is available, handles the frames
+    /// (queues requests, answers pings, applies cancels; `running` is the
+    /// running request's connection generation and id) and flushes.
+    /// Disconnected (and reconnecting): waits for the backoff, then drives a
+    /// connection attempt to its end.
+    pub(crate) async fn work(
+        &mut self,
+        setup: &Setup,
+        running: Option<(u64, u64)>,
+    ) -> Result<Work, Error> {
+        let generation = self.generation;
+        if let Some(conn) = self.conn.as_mut() {
+            let running = running.filter(|(g, _)| *g == generation).map(|(_, id)| id);
+            let r = async {
+                conn.read_more().await?;
+                let cancelled = conn.process(running)?;
+                conn.flush().await?;
+                Ok(cancelled)
+            }
+            .await;
+            return match r {
+                Ok(true) => Ok(Work::CancelledRunning),
+                Ok(false) => Ok(Work::Progress),
+                Err(e) => self.lost(e).map(|()| Work::Progress),
+            };
+        }
+        if !self.reconnecting() {
+            return Err(Error::Disconnected);
+        }
+        if self.connecting.is_none() {
+            if let Some(t) = self.retry_at {
+                tokio::time::sleep_until(t).await;
+                self.retry_at = None;
+            }
+            self.connecting = Some(setup.attempt()?);
+        }
+        let Some(attempt) = self.connecting.as_mut() else {
+            return Ok(Work::Progress);
+        };
+        let r = attempt.await;
+        self.connecting = None;
+        match r {
+            Ok(conn) => {
+                self.install(conn);
+                Ok(Work::Progress)
+            }
+            Err(e) if e.is_transient() => {
+                let attempts = self.retry.attempt;
+                if attempts == 10 || attempts.checked_rem(100) == Some(0) {
+                    tracing::warn!(attempts, "still reconnecting to zrpcd: {e}");
+                } else {
+                    tracing::debug!("reconnection attempt failed: {e}");
+                }
+                self.schedule_retry();
+                Ok(Work::Progress)
+            }
+            Err(e) => {
+                tracing::error!("cannot register again after reconnecting: {e}");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Sends `state` to systemd if `$NOTIFY_SOCKET` is set.
+fn notify(state: &str) {
+    match zrpc_io::sd::sd_notify(state) {
+        Ok(true) => tracing::debug!(state, "notified systemd"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot notify systemd"),
+    }
+}
+
+/// Connects to the broker, says hello and registers `names`. This is the
+/// single place a connection is set up (a reconnect calls it again).
+async fn connect(
+    path: PathBuf,
+    instance: u64,
+    names: &[String],
+    shared: bool,
+) -> Result<Conn, Error> {
+    let c = zrpc_io::handshake::connect(&path, &hello_frame(instance, AGENT), HANDSHAKE_TIMEOUT)
+        .await?;
+    let mut conn = Conn::new(c.sock).map_err(Error::from_io)?;
+    conn.welcomed(c.welcome, c.leftover);
+
+    // Register every name; requests may arrive as soon as the first Ack.
+    for (i, name) in names.iter().enumerate() {
+        conn.send(&Envelope::Register {
+            req: i as u64 + 1,
+            name,
+            shared,
+        });
+    }
+    let mut acked = vec![false; names.len()];
+    while acked.iter().any(|a| !a) {
+        conn.flush().await?;
+        conn.read_more().await?;
+        while let Some(frame) = conn.next_frame()? {
+            match conn.handle_frame(&frame, None)? {
+                FrameAction::Ack { req, code, message } => {
+                    let idx = req
+                        .checked_sub(1)
+                        .and_then(|i| usize::try_from(i).ok())
+                        .filter(|&i| i < names.len())
+                        .ok_or_else(|| {
+                            Error::Unexpected(format!("Ack for unknown request {req}"))
+                        })?;
+                    let name = names[idx].clone();
+                    match code {
+                        None => {
+                            tracing::debug!(name, "registered");
+                            acked[idx] = true;
+                        }
+                        Some(ErrorCode::NameTaken) => return Err(Error::NameTaken { name }),
+                        Some(ErrorCode::AccessDenied) => {
+                            return Err(Error::AccessDenied { name, message })
+                        }
+                        Some(ErrorCode::InvalidName) => {
+                            return Err(Error::InvalidName { name, message })
+                        }
+                        Some(code) => {
+                            return Err(Error::Register {
+                                name,
+                                code,
+                                message,
+                            })
+                        }
+                    }
+                }
+                FrameAction::None => {}
+                FrameAction::CancelRunning => {}
+                FrameAction::Welcome => {
+                    return Err(Error::Unexpected("a second Welcome".to_string()))
+                }
+            }
+        }
+    }
+    conn.flush().await?;
+    Ok(conn)
+}
