@@ -3,23 +3,23 @@
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::Thread;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 use crate::client::lock;
 use crate::common::{
-    call_deadlines, call_frame, control_frame, decode_result, reconnect_timeout, resubmit_parts,
-    timeout_error, Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome, HANDSHAKE_TIMEOUT,
+    call_deadlines, call_frame, control_frame, decode_result, reconnect_timeout, timeout_error,
+    Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome, HANDSHAKE_TIMEOUT, LARGE_FRAME,
 };
+use crate::core::{Core, Dispatched, Stand, Waiter};
 use crate::{CallOptions, ClientBuilder, Error, Result};
-use zrpc_io::ReadPolicy;
+use std::os::fd::AsRawFd;
+use zrpc_io::{OutQueue, ReadPolicy};
 
 /// A blocking zrpc client.
 ///
@@ -94,7 +94,7 @@ impl BlockingClient {
                 state: Mutex::new(State {
                     reading: false,
                     buf,
-                    slots: FxHashMap::default(),
+                    core: Core::default(),
                     conn: Some(Arc::new(conn)),
                     retry: Retry::default(),
                     next_attempt: None,
@@ -166,7 +166,7 @@ impl BlockingClient {
             inner.max_message_size.load(Ordering::Relaxed),
         )?;
         let (deadline, local) = call_deadlines(&opts);
-        if let Some(conn) = inner.register(id, frame.clone(), deadline, opts.no_retry) {
+        if let Some(conn) = inner.register(id, frame.clone(), deadline, opts.no_retry)? {
             inner.write_call(&conn, id, &frame);
         }
         match inner.wait(id, deadline, local) {
@@ -185,49 +185,7 @@ impl BlockingClient {
 
     /// How many calls are pending.
     pub(crate) fn pending(&self) -> usize {
-        lock(&self.inner.state).slots.len()
-    }
-}
-
-enum SlotState {
-    /// The caller thread waiting for the result.
-    Waiting(Thread),
-    /// The result, to be taken by the caller.
-    Done(Outcome),
-}
-
-/// A call in flight. Slots survive connections: they are resubmitted after
-/// a reconnect.
-struct Slot {
-    state: SlotState,
-    /// The encoded `Call` frame, for resubmission.
-    frame: OutFrame,
-    /// The call's deadline (without the local safety margin).
-    deadline: Option<Instant>,
-    no_retry: bool,
-    /// Generation of the connection the call was sent on; `None` while it
-    /// waits for the next connection.
-    sent_on: Option<u64>,
-}
-
-impl Slot {
-    /// Completes a waiting slot; returns the thread to wake.
-    fn complete(&mut self, outcome: Outcome) -> Option<Thread> {
-        match std::mem::replace(&mut self.state, SlotState::Done(outcome)) {
-            SlotState::Waiting(t) => Some(t),
-            done @ SlotState::Done(_) => {
-                // Already done: keep the first outcome.
-                self.state = done;
-                None
-            }
-        }
-    }
-
-    fn waiter(&self) -> Option<&Thread> {
-        match &self.state {
-            SlotState::Waiting(t) => Some(t),
-            SlotState::Done(_) => None,
-        }
+        lock(&self.inner.state).core.len()
     }
 }
 
@@ -237,7 +195,8 @@ struct State {
     /// The read buffer of the current connection; partial frames stay here
     /// between readers.
     buf: BytesMut,
-    slots: FxHashMap<u64, Slot>,
+    /// The calls in flight (see [`Core`]).
+    core: Core,
     /// The live connection; `None` while reconnecting.
     conn: Option<Arc<Conn>>,
     /// Backoff position.
@@ -275,18 +234,6 @@ struct Conn {
     rcv_timeout: AtomicU64,
 }
 
-/// What one pass over the read buffer found.
-#[derive(Default)]
-struct Dispatched {
-    /// The reader's own call got its outcome.
-    mine: bool,
-    /// The reader's own call was answered `Shutdown` and waits for the next
-    /// connection.
-    mine_requeued: bool,
-    /// The connection must end.
-    end: Option<Dead>,
-}
-
 impl Inner {
     /// Registers a call; returns the connection to write it to (`None`:
     /// it is sent once reconnected).
@@ -296,20 +243,19 @@ impl Inner {
         frame: OutFrame,
         deadline: Option<Instant>,
         no_retry: bool,
-    ) -> Option<Arc<Conn>> {
+    ) -> Result<Option<Arc<Conn>>> {
         let mut st = lock(&self.state);
         let conn = st.conn.clone();
-        st.slots.insert(
+        let on = conn.as_ref().map(|c| c.gen);
+        st.core.submit(
             id,
-            Slot {
-                state: SlotState::Waiting(std::thread::current()),
-                frame,
-                deadline,
-                no_retry,
-                sent_on: conn.as_ref().map(|c| c.gen),
-            },
-        );
-        conn
+            frame,
+            deadline,
+            no_retry,
+            Waiter::Thread(std::thread::current()),
+            on,
+        )?;
+        Ok(conn)
     }
 
     /// Writes call `id`'s frame. If nothing at all could be written, the
@@ -317,12 +263,7 @@ impl Inner {
     /// connection (even with `no_retry`).
     fn write_call(&self, conn: &Conn, id: u64, frame: &OutFrame) {
         if let Err((0, _)) = conn.write_frame(frame) {
-            let mut st = lock(&self.state);
-            if let Some(slot) = st.slots.get_mut(&id) {
-                if slot.sent_on == Some(conn.gen) {
-                    slot.sent_on = None;
-                }
-            }
+            lock(&self.state).core.unsend(id, conn.gen);
         }
     }
 
@@ -333,41 +274,30 @@ impl Inner {
         let mut st = lock(&self.state);
         let result = loop {
             let now = Instant::now();
-            let until = match st.slots.get(&id) {
-                Some(Slot {
-                    state: SlotState::Done(_),
-                    ..
-                }) => match st.slots.remove(&id) {
-                    Some(Slot {
-                        state: SlotState::Done(o),
-                        ..
-                    }) => break Some(o),
-                    _ => unreachable!("slot checked above"),
-                },
-                Some(slot) => {
-                    if slot.sent_on.is_none() {
-                        // Not on the broker: nobody else will time it out.
-                        if deadline.is_some_and(|d| now >= d) {
-                            st.slots.remove(&id);
-                            break Some(reconnect_timeout());
-                        }
-                        deadline
-                    } else {
-                        if local.is_some_and(|d| now >= d) {
-                            let sent_on = st.slots.remove(&id).and_then(|s| s.sent_on);
-                            let conn = st.conn.clone().filter(|c| Some(c.gen) == sent_on);
-                            drop(st);
-                            if let Some(c) = conn {
-                                c.send_cancel(id);
-                            }
-                            st = lock(&self.state);
-                            break None;
-                        }
-                        local
+            let until = match st.core.stand(id) {
+                Stand::Done(o) => break Some(o),
+                Stand::Waiting { sent: false } => {
+                    // Not on the broker: nobody else will time it out.
+                    if deadline.is_some_and(|d| now >= d) && st.core.expire_unsent(id) {
+                        break Some(reconnect_timeout());
                     }
+                    deadline
                 }
-                None => {
-                    // Only `wait` removes slots; be defensive anyway.
+                Stand::Waiting { sent: true } => {
+                    if local.is_some_and(|d| now >= d) {
+                        let sent_on = st.core.cancel(id);
+                        let conn = st.conn.clone().filter(|c| Some(c.gen) == sent_on);
+                        drop(st);
+                        if let Some(c) = conn {
+                            c.send_cancel(id);
+                        }
+                        st = lock(&self.state);
+                        break None;
+                    }
+                    local
+                }
+                Stand::Gone => {
+                    // Only `wait` removes calls; be defensive anyway.
                     break Some(Outcome::Dead(Dead::Disconnected(
                         "the call was lost".into(),
                     )));
@@ -392,9 +322,7 @@ impl Inner {
         };
         // Hand the reader role on to a thread still waiting.
         if !st.reading {
-            if let Some(t) = st.slots.values().find_map(Slot::waiter) {
-                t.unpark();
-            }
+            st.core.wake_one();
         }
         result
     }
@@ -413,17 +341,10 @@ impl Inner {
         loop {
             let (conn, until) = {
                 let st = lock(&self.state);
-                let Some(slot) = st.slots.get(&id) else {
+                let Some(sent) = st.core.waiting(id) else {
                     return;
                 };
-                if slot.waiter().is_none() {
-                    return;
-                }
-                let until = if slot.sent_on.is_none() {
-                    deadline
-                } else {
-                    local
-                };
+                let until = if sent { local } else { deadline };
                 if until.is_some_and(|u| Instant::now() >= u) {
                     return;
                 }
@@ -454,7 +375,7 @@ impl Inner {
             if d.end.is_some() {
                 return d.end;
             }
-            if d.mine || d.mine_requeued {
+            if d.watched {
                 return None;
             }
             if let Err(e) = conn.set_timeout(until) {
@@ -495,27 +416,9 @@ impl Inner {
         st.retry.connection_ended(&backoff, conn.since.elapsed());
         let now = Instant::now();
         st.next_attempt = Some(now + st.retry.next_delay(&backoff));
-        let mut wake = Vec::new();
-        for slot in st.slots.values_mut() {
-            if slot.waiter().is_none() {
-                continue;
-            }
-            if slot.deadline.is_some_and(|d| now >= d) {
-                wake.extend(slot.complete(reconnect_timeout()));
-            } else if slot.sent_on == Some(conn.gen) {
-                if slot.no_retry {
-                    wake.extend(slot.complete(Outcome::Dead(why.clone())));
-                } else {
-                    slot.sent_on = None;
-                    wake.extend(slot.waiter().cloned());
-                }
-            }
-        }
-        let waiting = st.slots.len();
+        st.core.lost(conn.gen, &why, now);
+        let waiting = st.core.len();
         drop(st);
-        for t in wake {
-            t.unpark();
-        }
         tracing::debug!(
             reason = ?why,
             waiting,
@@ -560,50 +463,23 @@ impl Inner {
         let conn = Arc::new(conn);
         let max = conn.welcome.max_message_size;
         let w = lock(&conn.writer);
-        let mut out = BytesMut::new();
-        let mut wake = Vec::new();
-        let mut resent = 0usize;
-        {
+        let mut out = OutQueue::default();
+        let resent = {
             let mut st = lock(&self.state);
             self.max_message_size.store(max, Ordering::Relaxed);
-            let now = Instant::now();
-            for slot in st.slots.values_mut() {
-                if slot.waiter().is_none() || slot.sent_on.is_some() {
-                    continue;
-                }
-                let remaining = match slot.deadline {
-                    None => None,
-                    Some(d) => match d.checked_duration_since(now) {
-                        Some(r) if !r.is_zero() => Some(r),
-                        _ => {
-                            wake.extend(slot.complete(reconnect_timeout()));
-                            continue;
-                        }
-                    },
-                };
-                match resubmit_parts(&slot.frame, remaining, max) {
-                    Ok(frame) => {
-                        out.extend_from_slice(frame.head());
-                        out.extend_from_slice(&frame.tail);
-                        slot.sent_on = Some(conn.gen);
-                        resent += 1;
-                    }
-                    Err(e) => wake.extend(slot.complete(Outcome::Failed(
-                        e.code().unwrap_or(ErrorCode::Protocol),
-                        e.to_string(),
-                    ))),
-                }
-            }
+            let resent = st.core.install(conn.gen, max, Instant::now(), |f| {
+                out.push_copy(f.head());
+                out.push(&f.tail, LARGE_FRAME);
+            });
             st.conn = Some(conn.clone());
             st.next_attempt = None;
-        }
-        for t in wake {
-            t.unpark();
-        }
-        if !out.is_empty() {
-            // A failure shuts the socket down; the reader then sees the
-            // connection end and starts over.
-            let _ = conn.write_locked(&w, &out);
+            resent
+        };
+        // A failure shuts the socket down; the reader then sees the
+        // connection end and starts over.
+        if let Err(e) = out.write_now(w.as_raw_fd()) {
+            tracing::debug!(error = %e, "zrpc-client: resubmitting failed");
+            let _ = conn.reader.shutdown(std::net::Shutdown::Both);
         }
         drop(w);
         tracing::debug!(resent, "zrpc-client: reconnected to zrpcd");
@@ -611,77 +487,24 @@ impl Inner {
 
     /// Handles every complete frame in `buf`.
     fn dispatch(&self, conn: &Conn, my_id: u64, buf: &mut BytesMut) -> Dispatched {
-        let mut st: Option<MutexGuard<'_, State>> = None;
-        let mut pongs = Vec::new();
-        let mut out = Dispatched::default();
-        loop {
-            let frame = match conn.dec.decode(buf) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    out.end = Some(Dead::Fatal(
-                        ErrorCode::Protocol,
-                        format!("bad frame from the broker: {e}"),
-                    ));
-                    break;
-                }
-            };
-            match frame.decode() {
-                Ok(Envelope::Result { id, code, message }) => {
-                    let st = st.get_or_insert_with(|| lock(&self.state));
-                    let Some(slot) = st.slots.get_mut(&id) else {
-                        continue;
-                    };
-                    if code == Some(ErrorCode::Shutdown) && !slot.no_retry {
-                        // The broker is going away without having run the
-                        // call: send it again to the next broker.
-                        if let Some(t) = slot.waiter().cloned() {
-                            slot.sent_on = None;
-                            if id == my_id {
-                                out.mine_requeued = true;
-                            } else {
-                                // Re-arms its timer for the call's deadline.
-                                t.unpark();
-                            }
-                        }
-                        continue;
-                    }
-                    let outcome = Outcome::from_result(code, message, frame.payload.clone());
-                    if let Some(t) = slot.complete(outcome) {
-                        if id == my_id {
-                            out.mine = true;
-                        } else {
-                            t.unpark();
-                        }
-                    }
-                }
-                Ok(Envelope::Ping { nonce }) => pongs.push(nonce),
-                Ok(Envelope::Pong { .. }) => {}
-                Ok(Envelope::Fatal { code, message }) => {
-                    out.end = Some(Dead::Fatal(code, message.to_owned()));
-                    break;
-                }
-                Ok(other) => {
-                    tracing::debug!(kind = ?other.kind(), "zrpc-client: ignoring unexpected frame");
-                }
-                Err(e) => {
-                    out.end = Some(Dead::Fatal(
-                        ErrorCode::Protocol,
-                        format!("bad envelope from the broker: {e}"),
-                    ));
-                    break;
-                }
+        let (batch, corrupt) = conn.dec.take_batch(buf);
+        let mut d = if batch.is_empty() {
+            Dispatched::default()
+        } else {
+            lock(&self.state).core.dispatch(&batch, Some(my_id))
+        };
+        if d.end.is_none() {
+            if let Some(e) = corrupt {
+                d.end = Some(Dead::Fatal(
+                    ErrorCode::Protocol,
+                    format!("bad frame from the broker: {e}"),
+                ));
             }
         }
-        drop(st);
-        if !pongs.is_empty() && out.end.is_none() {
-            let mut f = BytesMut::with_capacity(16 * pongs.len());
-            for nonce in pongs {
-                control_frame(&mut f, &Envelope::Pong { nonce });
-            }
-            let _ = conn.write(&f);
+        if let Some(pongs) = d.pongs.take().filter(|_| d.end.is_none()) {
+            let _ = conn.write(&pongs);
         }
-        out
+        d
     }
 }
 
@@ -717,24 +540,23 @@ impl Conn {
     /// written.
     fn write(&self, frame: &[u8]) -> std::result::Result<(), (usize, std::io::Error)> {
         let w = lock(&self.writer);
-        self.write_locked(&w, frame)
+        self.write_locked_parts(&w, &[frame])
     }
 
     /// Writes both parts of `frame` (see [`write`](Conn::write)).
     fn write_frame(&self, frame: &OutFrame) -> std::result::Result<(), (usize, std::io::Error)> {
         let w = lock(&self.writer);
-        self.write_locked(&w, frame.head())?;
-        self.write_locked(&w, &frame.tail)
-            .map_err(|(n, e)| (frame.head().len() + n, e))
+        self.write_locked_parts(&w, &[frame.head(), &frame.tail])
     }
 
-    /// [`write`](Conn::write) with the writer lock already held.
-    fn write_locked(
+    /// [`write`](Conn::write) of several parts, with the writer lock
+    /// already held.
+    fn write_locked_parts(
         &self,
         w: &UnixStream,
-        frame: &[u8],
+        parts: &[&[u8]],
     ) -> std::result::Result<(), (usize, std::io::Error)> {
-        zrpc_io::write::write_all_blocking(w, &[frame]).inspect_err(|_| {
+        zrpc_io::write::write_all_blocking(w, parts).inspect_err(|_| {
             let _ = self.reader.shutdown(std::net::Shutdown::Both);
         })
     }

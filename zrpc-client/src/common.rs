@@ -102,14 +102,6 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    /// The outcome of a `Result` frame.
-    pub(crate) fn from_result(code: Option<ErrorCode>, message: &str, payload: Bytes) -> Outcome {
-        match code {
-            None => Outcome::Ok(payload),
-            Some(code) => Outcome::Failed(code, message.to_owned()),
-        }
-    }
-
     pub(crate) fn into_result(self, service: &str, method: &str) -> Result<Bytes> {
         match self {
             Outcome::Ok(b) => Ok(b),

@@ -95,6 +95,8 @@ mod blocking;
 pub mod busy_poll;
 mod client;
 mod common;
+mod conn;
+mod core;
 mod error;
 mod options;
 
