@@ -44,7 +44,7 @@ use zrpc_io::{OutQueue, ReadPolicy};
 /// [heartbeats](crate#heartbeats)).
 #[derive(Clone)]
 pub struct BlockingClient {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for BlockingClient {
@@ -56,7 +56,7 @@ impl std::fmt::Debug for BlockingClient {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     settings: Settings,
     next_id: AtomicU64,
     /// The broker's limit, from the latest `Welcome`.
@@ -327,6 +327,41 @@ impl Inner {
         result
     }
 
+    /// The next monitor event: reads the connection (taking the reader
+    /// role) until the broker sends one. An error means the connection was
+    /// lost, and the subscription with it; the next call reconnects.
+    pub(crate) fn next_event(&self) -> Result<Bytes> {
+        loop {
+            let (conn, mut buf) = {
+                let mut st = lock(&self.state);
+                if let Some(ev) = st.core.pop_event() {
+                    return Ok(ev);
+                }
+                if st.reading {
+                    return Err(Error::Protocol(
+                        "a monitor's client is read by another thread".into(),
+                    ));
+                }
+                let Some(conn) = st.conn.clone() else {
+                    return Err(Error::Disconnected("not connected to zrpcd".into()));
+                };
+                st.reading = true;
+                (conn, std::mem::take(&mut st.buf))
+            };
+            let lost = self.read_conn(&conn, None, None, &mut buf);
+            if let Some(why) = &lost {
+                self.connection_lost(&conn, why.clone(), &mut buf);
+            }
+            let mut st = lock(&self.state);
+            st.buf = buf;
+            st.reading = false;
+            drop(st);
+            if let Some(why) = lost {
+                return Err(why.to_error());
+            }
+        }
+    }
+
     /// The reader role: reads and dispatches frames, and reconnects when the
     /// connection is lost, until call `id` has its outcome or its deadline
     /// passes (the call's own deadline while it is not on the broker, the
@@ -352,7 +387,7 @@ impl Inner {
             };
             match conn {
                 Some(conn) => {
-                    if let Some(why) = self.read_conn(&conn, id, until, buf) {
+                    if let Some(why) = self.read_conn(&conn, Some(id), until, buf) {
                         self.connection_lost(&conn, why, buf);
                     }
                 }
@@ -361,12 +396,13 @@ impl Inner {
         }
     }
 
-    /// Reads `conn` until call `my_id` has its outcome or was requeued, or
-    /// `until` passes (`None`), or the connection must end (`Some`).
+    /// Reads `conn` until call `my_id` has its outcome or was requeued (or,
+    /// without a call, until a monitor event is queued), or `until` passes
+    /// (`None`), or the connection must end (`Some`).
     fn read_conn(
         &self,
         conn: &Conn,
-        my_id: u64,
+        my_id: Option<u64>,
         until: Option<Instant>,
         buf: &mut BytesMut,
     ) -> Option<Dead> {
@@ -375,7 +411,7 @@ impl Inner {
             if d.end.is_some() {
                 return d.end;
             }
-            if d.watched {
+            if d.watched || (my_id.is_none() && d.events > 0) {
                 return None;
             }
             if let Err(e) = conn.set_timeout(until) {
@@ -486,12 +522,12 @@ impl Inner {
     }
 
     /// Handles every complete frame in `buf`.
-    fn dispatch(&self, conn: &Conn, my_id: u64, buf: &mut BytesMut) -> Dispatched {
+    fn dispatch(&self, conn: &Conn, my_id: Option<u64>, buf: &mut BytesMut) -> Dispatched {
         let (batch, corrupt) = conn.dec.take_batch(buf);
         let mut d = if batch.is_empty() {
             Dispatched::default()
         } else {
-            lock(&self.state).core.dispatch(&batch, Some(my_id))
+            lock(&self.state).core.dispatch(&batch, my_id)
         };
         if d.end.is_none() {
             if let Some(e) = corrupt {

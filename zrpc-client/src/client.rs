@@ -19,7 +19,7 @@ use crate::common::{
 };
 use crate::conn::{supervise, Conn};
 use crate::core::{Core, Waiter};
-use crate::{BlockingClient, CallOptions, Error, Result};
+use crate::{BlockingClient, CallOptions, Error, Monitor, Result};
 
 /// Locks a mutex, ignoring poisoning (the protected state stays consistent:
 /// every critical section is a few infallible map/buffer operations).
@@ -111,6 +111,13 @@ impl ClientBuilder {
     /// [`BlockingClient`]).
     pub fn connect_blocking(self) -> Result<BlockingClient> {
         BlockingClient::from_settings(self.settings())
+    }
+
+    /// Connects a [`Monitor`]: a blocking connection of its own, subscribed
+    /// to the broker's events for `services` (every service if empty). The
+    /// access policy decides who may watch (see docs/security.md).
+    pub fn monitor(self, services: &[String]) -> Result<Monitor> {
+        Monitor::start(self, services)
     }
 }
 

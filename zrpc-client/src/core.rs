@@ -19,12 +19,18 @@ use std::task::{Poll, Waker};
 use std::thread::Thread;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use zrpc_proto::{Batch, Envelope, ErrorCode};
 
 use crate::common::{control_frame, reconnect_timeout, resubmit_parts, Dead, OutFrame, Outcome};
 use crate::{Error, Result};
+
+/// Most `Event` payloads kept for a monitor that does not take them (the
+/// broker disconnects a monitor that does not read long before this).
+const MAX_EVENTS: usize = 65_536;
 
 /// Who waits for a call's outcome.
 #[derive(Debug)]
@@ -111,6 +117,8 @@ pub(crate) struct Dispatched {
     pub pongs: Option<BytesMut>,
     /// Calls that got their outcome.
     pub delivered: usize,
+    /// `Event` frames queued.
+    pub events: usize,
     /// The call `watch` got its outcome or went back to waiting for a
     /// connection.
     pub watched: bool,
@@ -121,6 +129,9 @@ pub(crate) struct Dispatched {
 #[derive(Debug, Default)]
 pub(crate) struct Core {
     calls: FxHashMap<u64, Call>,
+    /// Payloads of the broker's `Event` frames not taken yet (a monitor
+    /// subscription, see `zrpc_client::Monitor`), at most [`MAX_EVENTS`].
+    events: VecDeque<Bytes>,
     /// The client was closed: no more calls.
     closed: bool,
 }
@@ -235,6 +246,11 @@ impl Core {
         for c in self.calls.values_mut() {
             c.finish(Outcome::Dead(why.clone()));
         }
+    }
+
+    /// The oldest `Event` payload not taken yet.
+    pub fn pop_event(&mut self) -> Option<Bytes> {
+        self.events.pop_front()
     }
 
     /// Whether the client was closed.
@@ -364,6 +380,16 @@ impl Core {
                     control_frame(pongs, &Envelope::Pong { nonce });
                 }
                 Ok(Envelope::Pong { .. }) => {}
+                Ok(Envelope::Event { .. }) => {
+                    if self.events.len() == MAX_EVENTS {
+                        tracing::debug!(
+                            "zrpc-client: monitor events not taken; dropping the oldest"
+                        );
+                        self.events.pop_front();
+                    }
+                    self.events.push_back(batch.payload(payload));
+                    out.events += 1;
+                }
                 Ok(Envelope::Fatal { code, message }) => {
                     out.end = Some(Dead::Fatal(code, message.to_owned()));
                     break;

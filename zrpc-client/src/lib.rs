@@ -98,11 +98,13 @@ mod common;
 mod conn;
 mod core;
 mod error;
+mod monitor;
 mod options;
 
 pub use blocking::BlockingClient;
 pub use client::{Client, ClientBuilder};
 pub use error::{Error, Result};
+pub use monitor::Monitor;
 pub use options::CallOptions;
 pub use rmpv::Value;
 pub use zrpc_io::Backoff;

@@ -27,34 +27,37 @@ pub(crate) fn panicked(payload: &(dyn Any + Send)) -> HandlerError {
     HandlerError::Remote(format!("handler panicked: {}", panic_message(payload)))
 }
 
-/// Wraps a handler future: a panic during any poll resolves the future to a
-/// `Remote` error instead of unwinding into the service loop. The inner
-/// future is dropped (in place) after it completes or panics and is never
-/// polled again.
-///
-/// The inner future is stored inline, so wrapping allocates nothing.
-pub(crate) struct CatchUnwind<F> {
-    inner: Option<F>,
+pin_project_lite::pin_project! {
+    /// Wraps a handler future: a panic during any poll resolves the future
+    /// to a `Remote` error instead of unwinding into the service loop. The
+    /// inner future is dropped (in place) after it completes or panics and
+    /// is never polled again.
+    ///
+    /// The inner future is stored inline, so wrapping allocates nothing.
+    pub(crate) struct CatchUnwind<F> {
+        #[pin]
+        inner: Option<F>,
+    }
+
+    impl<F> PinnedDrop for CatchUnwind<F> {
+        fn drop(this: Pin<&mut Self>) {
+            drop_inner(this.project().inner);
+        }
+    }
 }
 
 impl<F> CatchUnwind<F> {
     pub(crate) fn new(fut: F) -> Self {
         CatchUnwind { inner: Some(fut) }
     }
-
-    /// Drops the inner future in place (it may panic while being dropped:
-    /// after finishing, after panicking, or abandoned by a cancelled call;
-    /// the panic is contained).
-    fn drop_inner(&mut self) {
-        if self.inner.is_some() {
-            let _ = catch_unwind(AssertUnwindSafe(|| self.inner = None));
-        }
-    }
 }
 
-impl<F> Drop for CatchUnwind<F> {
-    fn drop(&mut self) {
-        self.drop_inner();
+/// Drops the inner future in place (it may panic while being dropped:
+/// after finishing, after panicking, or abandoned by a cancelled call; the
+/// panic is contained).
+fn drop_inner<F>(mut inner: Pin<&mut Option<F>>) {
+    if inner.is_some() {
+        let _ = catch_unwind(AssertUnwindSafe(|| inner.set(None)));
     }
 }
 
@@ -65,27 +68,20 @@ where
     type Output = Result<Bytes, HandlerError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // SAFETY: `inner` is structurally pinned: it is never moved out of
-        // `self`, only polled through a pinned reference and dropped in
-        // place by assigning `None` (dropping pinned data is allowed).
-        // `CatchUnwind` does not implement `Unpin` by hand, and its `Drop`
-        // only drops `inner` in place.
-        let this = unsafe { self.get_unchecked_mut() };
-        let Some(inner) = this.inner.as_mut() else {
+        let mut inner = self.project().inner;
+        let Some(fut) = inner.as_mut().as_pin_mut() else {
             return Poll::Ready(Err(HandlerError::Remote(
                 "handler polled after completion".to_string(),
             )));
         };
-        // SAFETY: see above; `inner` stays where it is until dropped.
-        let inner = unsafe { Pin::new_unchecked(inner) };
-        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+        match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
             Ok(Poll::Ready(v)) => {
-                this.drop_inner();
+                drop_inner(inner);
                 Poll::Ready(v)
             }
             Ok(Poll::Pending) => Poll::Pending,
             Err(payload) => {
-                this.drop_inner();
+                drop_inner(inner);
                 Poll::Ready(Err(panicked(&*payload)))
             }
         }
