@@ -16,7 +16,7 @@ use crate::common::{
     call_deadlines, call_frame, control_frame, decode_result, reconnect_timeout, timeout_error,
     Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome, HANDSHAKE_TIMEOUT, LARGE_FRAME,
 };
-use crate::core::{Core, Dispatched, Stand, Waiter};
+use crate::core::{Call, Core, Dispatched, Stand, Waiter};
 use crate::{CallOptions, ClientBuilder, Error, Result};
 use std::os::fd::AsRawFd;
 use zrpc_io::{OutQueue, ReadPolicy};
@@ -246,15 +246,13 @@ impl Inner {
     ) -> Result<Option<Arc<Conn>>> {
         let mut st = lock(&self.state);
         let conn = st.conn.clone();
-        let on = conn.as_ref().map(|c| c.gen);
-        st.core.submit(
-            id,
+        let call = Call::new(
             frame,
             deadline,
             no_retry,
             Waiter::Thread(std::thread::current()),
-            on,
-        )?;
+        );
+        st.core.submit(id, call, conn.as_ref().map(|c| c.gen))?;
         Ok(conn)
     }
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Poll, Waker};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,11 +14,11 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::common::{
-    call_deadlines, call_frame, decode_result, timeout_error, Backoff, Dead, OutFrame, Payload,
+    call_deadlines, call_frame, decode_result, timeout_error, Backoff, Dead, Outcome, Payload,
     Settings,
 };
 use crate::conn::{supervise, Conn};
-use crate::core::{Core, Waiter};
+use crate::core::{Call, Core, Waiter};
 use crate::{BlockingClient, CallOptions, Error, Monitor, Result};
 
 /// Locks a mutex, ignoring poisoning (the protected state stays consistent:
@@ -192,24 +192,11 @@ pub(crate) struct State {
 impl Shared {
     /// Registers a call. Returns the connection to send it on (`None`: it
     /// is queued and sent once connected) and the number of calls pending.
-    fn submit(
-        self: &Arc<Self>,
-        id: u64,
-        frame: OutFrame,
-        deadline: Option<Instant>,
-        no_retry: bool,
-        waker: Waker,
-    ) -> Result<(Option<Arc<Conn>>, usize)> {
+    #[inline]
+    fn submit(self: &Arc<Self>, id: u64, call: Call) -> Result<(Option<Arc<Conn>>, usize)> {
         let mut st = lock(&self.state);
         let conn = st.conn.clone().filter(|c| !c.is_dead());
-        let n = st.core.submit(
-            id,
-            frame,
-            deadline,
-            no_retry,
-            Waiter::Task(waker),
-            conn.as_ref().map(|c| c.gen),
-        )?;
+        let n = st.core.submit(id, call, conn.as_ref().map(|c| c.gen))?;
         let spawn = !st.supervised;
         st.supervised = true;
         drop(st);
@@ -220,6 +207,12 @@ impl Shared {
             self.wake.notify_one();
         }
         Ok((conn, n))
+    }
+
+    /// The outcome of call `id` if it is known, else remembers the caller's
+    /// waker (see [`Core::poll`]).
+    fn poll_outcome(&self, id: u64, cx: &mut std::task::Context<'_>) -> Poll<Option<Outcome>> {
+        lock(&self.state).core.poll(id, cx.waker())
     }
 
     /// Abandons call `id`: forgets it, and tells the broker if it was sent
@@ -399,7 +392,8 @@ impl Client {
         // wait below is in this same poll, so it need not look the entry
         // up again to register it.
         let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
-        let (conn, in_flight) = shared.submit(id, frame.clone(), deadline, opts.no_retry, waker)?;
+        let call = Call::new(frame.clone(), deadline, opts.no_retry, Waiter::Task(waker));
+        let (conn, in_flight) = shared.submit(id, call)?;
         let mut guard = CancelGuard {
             shared,
             id,
@@ -431,7 +425,7 @@ impl Client {
                     // context's waker: an outcome that arrives wakes it.
                     return Poll::Pending;
                 }
-                lock(&shared.state).core.poll(id, cx.waker())
+                shared.poll_outcome(id, cx)
             });
             let Some(at) = wake_at else {
                 break outcome.await;

@@ -42,9 +42,19 @@ pub(crate) enum Waiter {
 }
 
 impl Waiter {
-    fn wake(&self) {
+    /// Wakes the caller and keeps the waiter (the call goes on).
+    fn wake_by_ref(&self) {
         match self {
             Waiter::Task(w) => w.wake_by_ref(),
+            Waiter::Thread(t) => t.unpark(),
+        }
+    }
+
+    /// Wakes the caller for the last time (its call is answered): the
+    /// waker is consumed, no reference to it is left to drop later.
+    fn wake(self) {
+        match self {
+            Waiter::Task(w) => w.wake(),
             Waiter::Thread(t) => t.unpark(),
         }
     }
@@ -52,7 +62,7 @@ impl Waiter {
 
 /// A call whose caller has not taken its outcome yet.
 #[derive(Debug)]
-struct Call {
+pub(crate) struct Call {
     /// The outcome, once known; the call is then only waiting for its
     /// caller, and is skipped by everything else.
     done: Option<Outcome>,
@@ -71,6 +81,20 @@ struct Call {
 }
 
 impl Call {
+    /// A call about to be submitted: its frame (kept for resubmission), its
+    /// deadline, whether it may be retried, and who waits for it.
+    #[inline]
+    pub fn new(frame: OutFrame, deadline: Option<Instant>, no_retry: bool, waiter: Waiter) -> Call {
+        Call {
+            done: None,
+            waiter: Some(waiter),
+            frame,
+            deadline,
+            no_retry,
+            sent_on: None,
+        }
+    }
+
     /// Hands the call its outcome and wakes its caller. The call is then no
     /// longer on any connection (nothing to cancel or resend).
     fn finish(&mut self, outcome: Outcome) {
@@ -79,7 +103,7 @@ impl Call {
         }
         self.done = Some(outcome);
         self.sent_on = None;
-        if let Some(w) = &self.waiter {
+        if let Some(w) = self.waiter.take() {
             w.wake();
         }
     }
@@ -88,7 +112,7 @@ impl Call {
     fn requeue(&mut self) {
         self.sent_on = None;
         if let Some(w) = &self.waiter {
-            w.wake();
+            w.wake_by_ref();
         }
     }
 
@@ -139,29 +163,13 @@ pub(crate) struct Core {
 impl Core {
     /// Registers call `id`, about to be sent on connection `on` (`None`: it
     /// is sent once connected). Returns the number of calls in the core.
-    pub fn submit(
-        &mut self,
-        id: u64,
-        frame: OutFrame,
-        deadline: Option<Instant>,
-        no_retry: bool,
-        waiter: Waiter,
-        on: Option<u64>,
-    ) -> Result<usize> {
+    #[inline]
+    pub fn submit(&mut self, id: u64, mut call: Call, on: Option<u64>) -> Result<usize> {
         if self.closed {
             return Err(Error::Disconnected("the client was closed".into()));
         }
-        self.calls.insert(
-            id,
-            Call {
-                done: None,
-                waiter: Some(waiter),
-                frame,
-                deadline,
-                no_retry,
-                sent_on: on,
-            },
-        );
+        call.sent_on = on;
+        self.calls.insert(id, call);
         Ok(self.calls.len())
     }
 
@@ -284,7 +292,7 @@ impl Core {
             .filter(|c| !c.answered())
             .find_map(|c| c.waiter.as_ref())
         {
-            w.wake();
+            w.wake_by_ref();
         }
     }
 

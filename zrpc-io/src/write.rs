@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -64,6 +65,7 @@ impl OutQueue {
     }
 
     /// Appends `b` by copying it into the tail.
+    #[inline]
     pub fn push_copy(&mut self, b: &[u8]) {
         self.tail.extend_from_slice(b);
     }
@@ -81,7 +83,11 @@ impl OutQueue {
 
     /// Appends `b`: by reference if it is at least `share_min` bytes long,
     /// else by copy.
+    #[inline]
     pub fn push(&mut self, b: &Bytes, share_min: usize) {
+        if b.is_empty() {
+            return;
+        }
         if b.len() >= share_min {
             self.push_shared(b.clone());
         } else {
@@ -145,17 +151,12 @@ impl OutQueue {
     /// slices); what was written leaves the queue. Errors are the
     /// syscall's, `WouldBlock` included.
     pub fn write_once(&mut self, fd: RawFd) -> io::Result<usize> {
-        let mut parts: [&[u8]; MAX_IOVECS] = [&[]; MAX_IOVECS];
-        let mut k = 0;
-        for c in self.chunks.iter().take(MAX_IOVECS) {
-            parts[k] = c;
-            k += 1;
-        }
-        if k < MAX_IOVECS && !self.tail.is_empty() {
-            parts[k] = &self.tail;
-            k += 1;
-        }
-        let n = send_vectored(fd, &parts[..k])?;
+        let parts = self
+            .chunks
+            .iter()
+            .map(|c| &c[..])
+            .chain(std::iter::once(&self.tail[..]));
+        let n = send_parts(fd, parts)?;
         self.consume(n);
         Ok(n)
     }
@@ -179,23 +180,40 @@ impl OutQueue {
 /// One `sendmsg(2)` of `parts`, in order, with `MSG_NOSIGNAL`; returns how
 /// many bytes were written (possibly fewer than all).
 pub fn send_vectored(fd: RawFd, parts: &[&[u8]]) -> io::Result<usize> {
-    let n = parts.len().min(MAX_IOVECS);
-    let mut iov = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; MAX_IOVECS];
-    for (v, p) in iov.iter_mut().zip(&parts[..n]) {
-        v.iov_base = p.as_ptr() as *mut libc::c_void;
-        v.iov_len = p.len();
+    send_parts(fd, parts.iter().copied())
+}
+
+/// [`send_vectored`] of the first [`MAX_IOVECS`] non-empty parts `parts`
+/// yields. A single part is sent with `send(2)` (no message header to
+/// build: the common case of small frames copied into one buffer).
+fn send_parts<'a>(fd: RawFd, parts: impl Iterator<Item = &'a [u8]>) -> io::Result<usize> {
+    let mut iov = [const { MaybeUninit::<libc::iovec>::uninit() }; MAX_IOVECS];
+    let mut n = 0;
+    let mut first: &[u8] = &[];
+    for p in parts.filter(|p| !p.is_empty()).take(MAX_IOVECS) {
+        if n == 0 {
+            first = p;
+        }
+        iov[n].write(libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        });
+        n += 1;
     }
-    // SAFETY: a zeroed msghdr is valid (no name, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = n as _;
-    // SAFETY: `msg` points to `n` iovecs, each describing readable memory
-    // borrowed from `parts` for the duration of the call; sendmsg only reads
-    // them.
-    let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    let r = if n <= 1 {
+        // SAFETY: `first` is readable memory of `first.len()` bytes for the
+        // duration of the call; send only reads it.
+        unsafe { libc::send(fd, first.as_ptr().cast(), first.len(), libc::MSG_NOSIGNAL) }
+    } else {
+        // SAFETY: a zeroed msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr().cast();
+        msg.msg_iovlen = n as _;
+        // SAFETY: `msg` points to the first `n` entries of `iov`, all
+        // initialised above, each describing readable memory borrowed from
+        // `parts` for the duration of the call; sendmsg only reads them.
+        unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -211,21 +229,17 @@ pub fn write_all_blocking(sock: &UnixStream, parts: &[&[u8]]) -> Result<(), (usi
     while done < total {
         // The parts not yet written, the first one from where it stopped.
         let mut skip = done;
-        let mut rest: [&[u8]; MAX_IOVECS] = [&[]; MAX_IOVECS];
-        let mut k = 0;
-        for p in parts {
+        let rest = parts.iter().filter_map(|p| {
             if skip >= p.len() {
                 skip -= p.len();
-                continue;
+                None
+            } else {
+                let r = &p[skip..];
+                skip = 0;
+                Some(r)
             }
-            if k == MAX_IOVECS {
-                break;
-            }
-            rest[k] = &p[skip..];
-            skip = 0;
-            k += 1;
-        }
-        match send_vectored(sock.as_raw_fd(), &rest[..k]) {
+        });
+        match send_parts(sock.as_raw_fd(), rest) {
             Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

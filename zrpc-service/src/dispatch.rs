@@ -102,11 +102,16 @@ pub(crate) struct Dispatch<'a, S: Service> {
 }
 
 impl<S: Service> Dispatch<'_, S> {
-    /// Handles one request: answered from the reply cache if it is a
-    /// re-sent call already handled, else its handler runs (while the
-    /// connection is still served) and the reply is written and cached.
-    /// With `flush_reply` the reply is written out before returning.
-    pub(crate) async fn handle(&mut self, req: Pending, flush_reply: bool) -> Result<Event, Error> {
+    /// Handles the request at the front of the connection's queue (taken
+    /// off it here, not moved through a call): answered from the reply
+    /// cache if it is a re-sent call already handled, else its handler runs
+    /// (while the connection is still served) and the reply is written and
+    /// cached. With `flush_reply` the reply is written out before
+    /// returning. `None`: there was no request.
+    pub(crate) async fn handle_next(&mut self, flush_reply: bool) -> Result<Option<Event>, Error> {
+        let Some(req) = self.link.conn.as_mut().and_then(|c| c.queue.pop_front()) else {
+            return Ok(None);
+        };
         let key = if req.method.as_str() == DESCRIBE_METHOD {
             None
         } else {
@@ -123,7 +128,7 @@ impl<S: Service> Dispatch<'_, S> {
                 .cache
                 .get(key, req.service.as_str(), req.method.as_str())
             {
-                return self.replay(req, &outcome, flush_reply).await;
+                return self.replay(req, &outcome, flush_reply).await.map(Some);
             }
         }
         *self.counter += 1;
@@ -148,9 +153,9 @@ impl<S: Service> Dispatch<'_, S> {
         let method = ctx.method.as_str();
         let Some(result) = outcome else {
             tracing::debug!(id = req.id, method, "request cancelled");
-            return Ok(Event::Cancelled {
+            return Ok(Some(Event::Cancelled {
                 method: method.to_owned(),
-            });
+            }));
         };
         if let Err(e) = &result {
             tracing::debug!(method, code = %e.code(), "request failed: {e}");
@@ -197,7 +202,7 @@ impl<S: Service> Dispatch<'_, S> {
         } else {
             String::new()
         };
-        Ok(Event::Request { method })
+        Ok(Some(Event::Request { method }))
     }
 
     /// Answers a re-sent request from the reply cache.

@@ -68,7 +68,11 @@ pub(crate) struct FdWatch<S> {
 /// Registers every descriptor not registered yet with the runtime (from
 /// inside it). A descriptor that cannot be watched is removed, and its
 /// error returned.
+#[inline]
 pub(crate) fn watch_all<S>(fds: &mut Vec<FdWatch<S>>) -> Result<(), Error> {
+    if fds.iter().all(|w| w.async_fd.is_some()) {
+        return Ok(());
+    }
     let mut i = 0;
     while i < fds.len() {
         let w = &mut fds[i];

@@ -13,7 +13,7 @@ use zrpc_io::handshake::hello_frame;
 use zrpc_io::{Backoff, Retry};
 use zrpc_proto::{socket_path, validate_name, Envelope, ErrorCode, DEFAULT_MAX_MESSAGE_SIZE};
 
-use crate::conn::{Conn, FrameAction, Pending};
+use crate::conn::{Conn, FrameAction};
 use crate::error::Error;
 
 /// How long connecting, the handshake and name registration may take.
@@ -170,35 +170,22 @@ impl Link {
         self.retry_at = Instant::now().checked_add(delay);
     }
 
-    /// Handles the frames read so far (requests queued, pings answered,
-    /// cancels applied) and writes the batched replies out if
-    /// [`Conn::should_flush`] says so. Returns the time, read once per
-    /// request for the flush interval and the request's deadline (again
-    /// after a flush that had to wait for a full socket).
-    pub(crate) async fn pump(&mut self) -> Result<std::time::Instant, Error> {
-        let mut now = std::time::Instant::now();
-        if let Some(conn) = self.conn.as_mut() {
-            conn.process(None)?;
-            if conn.should_flush(now) {
-                conn.flush().await?;
-                // `flush` stamped `last_flush` when it finished.
-                now = now.max(conn.last_flush);
+    /// Drops the requests at the front of the queue whose deadline passed
+    /// at `now` (the broker has already answered their callers with
+    /// Timeout); returns whether a request is left to handle.
+    #[inline]
+    pub(crate) fn has_request(&mut self, now: std::time::Instant) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
+        while let Some(req) = conn.queue.front() {
+            if req.deadline.is_none_or(|d| now <= d) {
+                return true;
             }
+            tracing::debug!(id = req.id, method = %req.method, "skipping expired request");
+            conn.queue.pop_front();
         }
-        Ok(now)
-    }
-
-    /// The next request to handle, skipping those whose deadline passed at
-    /// `now` (the broker has already answered their callers with Timeout).
-    pub(crate) fn next_request(&mut self, now: std::time::Instant) -> Option<Pending> {
-        while let Some(req) = self.conn.as_mut().and_then(|c| c.queue.pop_front()) {
-            if req.deadline.is_some_and(|d| now > d) {
-                tracing::debug!(id = req.id, method = %req.method, "skipping expired request");
-                continue;
-            }
-            return Some(req);
-        }
-        None
+        false
     }
 
     /// One unit of connection work; cancel-safe (all progress is kept in

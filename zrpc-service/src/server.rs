@@ -399,9 +399,9 @@ impl<S: Service> Server<S> {
     }
 
     /// The loop behind every run method: handles the frames read so far
-    /// and writes replies out ([`Link::pump`]), handles the next request
-    /// ([`dispatch::handle`]), or else waits for the broker, a watched
-    /// descriptor or the timeout ([`Self::wait`]).
+    /// and writes replies out, handles the next request
+    /// ([`dispatch::Dispatch::handle_next`]), or else waits for the broker, a
+    /// watched descriptor or the timeout ([`Self::wait`]).
     async fn next_event(
         &mut self,
         deadline: Option<Instant>,
@@ -409,14 +409,28 @@ impl<S: Service> Server<S> {
     ) -> Result<Option<Event>, Error> {
         fds::watch_all(&mut self.fds)?;
         loop {
-            let now = match self.link.pump().await {
-                Ok(now) => now,
-                Err(e) => {
+            // Handle the frames read so far (requests queued, pings
+            // answered, cancels applied) and write the batched replies out
+            // if the flush policy says so. One clock read per request, for
+            // the flush interval and the request's deadline (again after a
+            // flush that had to wait for a full socket).
+            let mut now = std::time::Instant::now();
+            if let Some(conn) = self.link.conn.as_mut() {
+                let r = async {
+                    conn.process(None)?;
+                    if conn.should_flush(now) {
+                        conn.flush().await?;
+                        now = now.max(conn.last_flush);
+                    }
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = r {
                     self.link.lost(e)?;
                     continue;
                 }
-            };
-            if let Some(req) = self.link.next_request(now) {
+            }
+            if self.link.has_request(now) {
                 let mut d = dispatch::Dispatch {
                     service: &mut self.service,
                     link: &mut self.link,
@@ -424,7 +438,9 @@ impl<S: Service> Server<S> {
                     cache: &mut self.cache,
                     counter: &mut self.counter,
                 };
-                return d.handle(req, flush_reply).await.map(Some);
+                if let Some(event) = d.handle_next(flush_reply).await? {
+                    return Ok(Some(event));
+                }
             }
             match self.wait(deadline).await {
                 Wake::Link(r) => {
