@@ -81,14 +81,13 @@ impl OutQueue {
 
     /// Counts this queue's bytes in `user`'s account from now on.
     pub fn set_user(&mut self, user: Rc<crate::quota::Usage>) {
-        crate::quota::Usage::add(&user.queued_bytes, self.bytes);
+        user.requeue(0, self.bytes);
         self.user = Some(user);
     }
 
     fn set_bytes(&mut self, bytes: usize) {
         if let Some(u) = &self.user {
-            crate::quota::Usage::sub(&u.queued_bytes, self.bytes);
-            crate::quota::Usage::add(&u.queued_bytes, bytes);
+            u.requeue(self.bytes, bytes);
         }
         self.bytes = bytes;
     }

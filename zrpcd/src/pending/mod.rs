@@ -331,6 +331,8 @@ pub struct PendingCalls {
     free_head: u32,
     free_tail: u32,
     len: usize,
+    /// Payload bytes kept by all pending calls (`--max-pending-bytes`).
+    payload_bytes: usize,
     by_caller: HashTable<u32>,
     routes: Routes,
     timers: DelayQueue<u64>,
@@ -347,6 +349,7 @@ impl Default for PendingCalls {
             free_head: u32::MAX,
             free_tail: u32::MAX,
             len: 0,
+            payload_bytes: 0,
             by_caller: HashTable::new(),
             routes: Routes::default(),
             timers: DelayQueue::new(),
@@ -419,6 +422,7 @@ impl PendingCalls {
         let id = self.id_of(idx);
         let timer = deadline.map(|d| self.timers.insert_at(id, d.into()));
         let started_us = self.micros(now);
+        self.payload_bytes += call.payload.len();
         self.slot_mut(idx).call = Some(Pending {
             caller: call.caller,
             caller_call: call.caller_call,
@@ -541,6 +545,7 @@ impl PendingCalls {
         }
         self.free_tail = idx as u32;
         self.len -= 1;
+        self.payload_bytes -= p.payload.len();
         let hash = caller_hash(p.caller, p.caller_call);
         if let Ok(e) = self.by_caller.find_entry(hash, |&i| i as usize == idx) {
             e.remove();
@@ -606,6 +611,11 @@ impl PendingCalls {
     /// Number of pending calls.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Payload bytes kept by all pending calls.
+    pub fn payload_bytes(&self) -> usize {
+        self.payload_bytes
     }
 
     /// True if nothing is pending.
