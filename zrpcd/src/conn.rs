@@ -1,6 +1,11 @@
-//! One connection: a reader that feeds every complete frame to the broker,
-//! and a writer that flushes the peer's queue with one vectored write per
-//! wake-up.
+//! One connection: its admission ([`admit`]: credentials, limits), a
+//! reader that feeds every complete frame to the broker, one read batch at
+//! a time, and a writer task that takes over flushing the peer's queue
+//! when its socket is full (ordinary writes are made by the broker's
+//! flusher, see [`crate::outbox`]) and flushes what is left at close. The
+//! connection talks to the broker through its methods only
+//! (`begin_read_batch`, `on_frame_parts`, `note_partial`,
+//! `end_read_batch`, `close_with`, `remove_peer`).
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;

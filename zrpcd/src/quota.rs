@@ -44,29 +44,45 @@ pub struct QuotaOverrides {
     pub queued_bytes: Option<usize>,
 }
 
+/// The broker-wide limits a quota's defaults are shares of (from the
+/// [`crate::Config`], [`crate::Config::quota_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// `--max-pending-total`.
+    pub max_pending_total: usize,
+    /// `--max-pending-bytes`.
+    pub max_pending_bytes: usize,
+    /// `--max-partial-bytes`.
+    pub max_partial_bytes: usize,
+    /// `--max-queued-bytes` (per connection).
+    pub max_queued_bytes: usize,
+}
+
 impl Quota {
     /// The quota from the broker-wide limits (a quarter of each, at least
     /// one) and the policy file's overrides.
-    pub fn new(config: &crate::Config, overrides: QuotaOverrides) -> Quota {
+    pub fn new(limits: Limits, overrides: QuotaOverrides) -> Quota {
         let quarter = |n: usize| (n / 4).max(1);
         Quota {
             connections: overrides
                 .connections
-                .unwrap_or(quarter(config.max_connections)),
+                .unwrap_or(quarter(limits.max_connections)),
             pending_calls: overrides
                 .pending_calls
-                .unwrap_or(quarter(config.max_pending_total)),
+                .unwrap_or(quarter(limits.max_pending_total)),
             pending_bytes: overrides
                 .pending_bytes
-                .unwrap_or(quarter(config.max_pending_bytes)),
+                .unwrap_or(quarter(limits.max_pending_bytes)),
             partial_bytes: overrides
                 .partial_bytes
-                .unwrap_or(quarter(config.max_partial_bytes)),
+                .unwrap_or(quarter(limits.max_partial_bytes)),
             // No broker-wide limit to take a share of: four connections'
             // worth (--max-queued-bytes each).
             queued_bytes: overrides
                 .queued_bytes
-                .unwrap_or(config.max_queued_bytes.saturating_mul(4)),
+                .unwrap_or(limits.max_queued_bytes.saturating_mul(4)),
         }
     }
 }

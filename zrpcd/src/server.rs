@@ -1,4 +1,7 @@
-//! The accept loop, the timer task and graceful shutdown.
+//! The broker's event loop: the accept loop (admitting connections with
+//! [`crate::conn::admit`]), the broker's own tasks (deadlines, the flusher,
+//! heartbeats, the partial-frame sweep, systemd notifications), policy
+//! reloads on SIGHUP, and graceful shutdown.
 
 use std::cell::RefCell;
 use std::future::Future;

@@ -1,56 +1,23 @@
 //! A call's way through the broker, the hot path: a client's `Call` is
 //! checked against the limits, stored ([`crate::pending`]), delivered to
 //! the least busy instance of its service (or parked until the name
-//! appears), and ended exactly once, by [`Broker::finish`]: with the
+//! appears), and ended exactly once, by `Broker::finish`: with the
 //! service's `Reply`, an error, its deadline, or its caller going away.
 //!
-//! Every count a call holds is taken when it is accepted and given back in
-//! `finish`: the caller's pending calls and bytes ([`Peer::charge_call`]
-//! and [`Peer::release_call`]) and the service's outstanding requests
-//! ([`Peer::deliver`] and [`Peer::settle`]).
-//!
-//! [`Peer::charge_call`]: crate::peers::Peer::charge_call
-//! [`Peer::release_call`]: crate::peers::Peer::release_call
-//! [`Peer::deliver`]: crate::peers::Peer::deliver
-//! [`Peer::settle`]: crate::peers::Peer::settle
+//! Every count a call holds is taken when it is accepted or delivered and
+//! given back in `finish`: the caller's pending calls and bytes
+//! (`Peer::charge_call` and `Peer::release_call`) and the service's
+//! outstanding requests (`Peer::deliver` and `Peer::settle`).
 
 use std::time::{Duration, Instant};
 
 use zrpc_proto::{flags, validate_name, Caller, Envelope, ErrorCode, MAX_TIMEOUT_MS};
 
-use super::Broker;
+use super::{Broker, CallIn, Outcome};
 use crate::monitor::{self, CallEvent};
 use crate::payload::Payload;
 use crate::peers::PeerId;
 use crate::pending::{KeptPayload, NewCall, Stage};
-
-/// How a call ended.
-pub(crate) enum Outcome<'a> {
-    /// The service answered (successfully or with its own error).
-    Reply {
-        code: Option<ErrorCode>,
-        message: &'a str,
-        payload: Payload<'a>,
-    },
-    /// The broker ends the call with an error.
-    Error(ErrorCode, String),
-    /// The caller cancelled the call: nobody to answer, and the service is
-    /// told to stop.
-    CallerGone,
-    /// The caller disconnected: nobody to answer. The service is *not* told
-    /// to stop: the client may reconnect and resubmit the call, and the
-    /// service's reply cache can then answer it without a second execution.
-    CallerLeft,
-}
-
-/// The fields of a `Call` envelope that `on_call` needs.
-pub(super) struct CallIn<'a> {
-    pub(super) id: u64,
-    pub(super) service: &'a str,
-    pub(super) method: &'a str,
-    pub(super) timeout_ms: Option<u64>,
-    pub(super) flags: u32,
-}
 
 /// A pending call to deliver, as [`Broker::route`] takes it.
 struct RouteCall<'a> {

@@ -32,8 +32,6 @@ use crate::quota::{Quota, Users};
 use crate::stats::Stats;
 use zrpc_proto::busy_poll::BusyPoll;
 
-pub(crate) use calls::Outcome;
-
 /// A connection-level error: the peer gets a `Fatal` frame and is closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fatal {
@@ -50,6 +48,34 @@ impl Fatal {
             message: message.into(),
         }
     }
+}
+
+/// How a call ended.
+pub(crate) enum Outcome<'a> {
+    /// The service answered (successfully or with its own error).
+    Reply {
+        code: Option<ErrorCode>,
+        message: &'a str,
+        payload: Payload<'a>,
+    },
+    /// The broker ends the call with an error.
+    Error(ErrorCode, String),
+    /// The caller cancelled the call: nobody to answer, and the service is
+    /// told to stop.
+    CallerGone,
+    /// The caller disconnected: nobody to answer. The service is *not* told
+    /// to stop: the client may reconnect and resubmit the call, and the
+    /// service's reply cache can then answer it without a second execution.
+    CallerLeft,
+}
+
+/// The fields of a `Call` envelope that `on_call` needs.
+struct CallIn<'a> {
+    id: u64,
+    service: &'a str,
+    method: &'a str,
+    timeout_ms: Option<u64>,
+    flags: u32,
 }
 
 /// The whole broker state: peers, names, pending calls, statistics.
@@ -91,7 +117,7 @@ impl Broker {
     /// An empty broker.
     pub fn new(config: Config) -> Self {
         let max_stats_names = config.max_stats_names;
-        let quota = Quota::new(&config, config.policy.quota());
+        let quota = Quota::new(config.quota_limits(), config.policy.quota());
         Broker {
             busy_poll: BusyPoll::new_or_off(config.busy_poll),
             config,
@@ -138,7 +164,7 @@ impl Broker {
     /// the monitor subscriptions it no longer allows end now. Connections
     /// stay, and names already held are not re-checked.
     pub fn set_policy(&mut self, policy: crate::policy::Policy) {
-        self.quota = Quota::new(&self.config, policy.quota());
+        self.quota = Quota::new(self.config.quota_limits(), policy.quota());
         self.config.policy = policy;
         let (peers, policy) = (&self.peers, &self.config.policy);
         self.monitors.retain(|m| {
@@ -220,7 +246,7 @@ impl Broker {
                 timeout_ms,
                 flags,
             } => {
-                let call = calls::CallIn {
+                let call = CallIn {
                     id,
                     service,
                     method,

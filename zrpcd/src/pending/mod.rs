@@ -2,7 +2,7 @@
 //! answered. This file owns the calls themselves and their two ways in:
 //! the broker call id and the caller's own id. The parts each call refers
 //! to are in the submodules: [`routes`] (interned service and method
-//! names), [`timers`] (deadlines and the table's clock) and [`kept`] (the
+//! names), `timers` (deadlines and the table's clock) and [`kept`] (the
 //! payload kept for re-delivery).
 //!
 //! Memory per call matters (there can be a million of them), so:
