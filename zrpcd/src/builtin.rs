@@ -1,9 +1,12 @@
-//! The broker's own service, callable as `zrpcd.<method>` like any other.
+//! The broker's own service, callable as `zrpcd.<method>` like any other,
+//! and built like any service: a table of methods ([`METHODS`]), each with
+//! its handler and its description, from which the answer to
+//! `zrpc.describe` is generated (in the format every `zrpc-service`
+//! service uses). Handlers see the broker's state through a [`View`]: the
+//! registries they read and the monitor list they add to, not the broker.
 //!
-//! Methods (all take no arguments; the payload is ignored):
+//! Methods (the payload is ignored unless said otherwise):
 //! - `ping`: returns `"pong"`.
-//! - `zrpc.describe`: the method list below, in the format every
-//!   `zrpc-service` service uses.
 //! - `list`: the registered names: `[{name, instances: [conn_id...]}]`.
 //! - `peers`: every connection: `[{conn_id, pid, uid, gid, agent, names,
 //!   connected_s, outstanding, calling, served, failed, calls_made}]`.
@@ -11,14 +14,140 @@
 //! - `monitor`: payload nil (all services) or an array of service names;
 //!   from then on the connection receives an `Event` frame for each finished
 //!   call (see [`crate::monitor`]) until it disconnects. Returns `true`.
+//! - `zrpc.describe`: the methods above.
+
+use std::time::Instant;
 
 use bytes::Bytes;
 use rmpv::Value;
 use zrpc_proto::ErrorCode;
 
-use crate::broker::Broker;
-use crate::peers::PeerId;
-use crate::policy::Introspection;
+use crate::monitor::Monitors;
+use crate::names::Names;
+use crate::peers::{Peer, PeerId, Peers};
+use crate::pending::PendingCalls;
+use crate::policy::{Introspection, Policy};
+use crate::stats::Stats;
+
+/// What the built-in methods see of the broker: the registries they read,
+/// and the monitor list (`monitor` subscribes the caller).
+#[derive(Debug)]
+pub struct View<'a> {
+    /// The calling connection.
+    pub caller: PeerId,
+    /// Live connections.
+    pub peers: &'a Peers,
+    /// Service names.
+    pub names: &'a Names,
+    /// Calls in flight.
+    pub pending: &'a PendingCalls,
+    /// Counters.
+    pub stats: &'a Stats,
+    /// The access policy in force.
+    pub policy: &'a Policy,
+    /// Connections watching calls.
+    pub monitors: &'a mut Monitors,
+    /// When the broker started.
+    pub started: Instant,
+}
+
+impl View<'_> {
+    fn caller(&self) -> Option<&Peer> {
+        self.peers.get(self.caller)
+    }
+
+    /// Whether the policy lets the caller use `what`.
+    fn allowed(&self, what: Introspection) -> bool {
+        self.caller()
+            .is_some_and(|p| self.policy.may_introspect(&p.identity(), what))
+    }
+}
+
+/// A method's answer: its result, or an error code and message.
+type Answer = Result<Value, (ErrorCode, String)>;
+
+/// One parameter of a method, as `zrpc.describe` shows it.
+#[derive(Debug)]
+pub struct Param {
+    /// Parameter name.
+    pub name: &'static str,
+    /// Its type, as the Rust type a `zrpc-service` method would take.
+    pub ty: &'static str,
+}
+
+/// One method of the broker's service.
+#[derive(Debug)]
+pub struct Method {
+    /// Method name.
+    pub name: &'static str,
+    /// Parameters.
+    pub params: &'static [Param],
+    /// What it returns, as a Rust-like type.
+    pub returns: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+    /// The right a caller needs (else `AccessDenied`); `None`: anyone may
+    /// call it (the handler may still show less to some callers).
+    pub requires: Option<Introspection>,
+    handler: fn(&mut View<'_>, &[u8]) -> Answer,
+}
+
+/// The methods of the broker's service, in the order `zrpc.describe` lists
+/// them.
+pub const METHODS: &[Method] = &[
+    Method {
+        name: "ping",
+        params: &[],
+        returns: "String",
+        doc: "Returns \"pong\".",
+        requires: None,
+        handler: |_, _| Ok(Value::from("pong")),
+    },
+    Method {
+        name: "list",
+        params: &[],
+        returns: "Vec<{name, instances}>",
+        doc: "The registered service names with the connection ids of their instances, sorted by name.",
+        requires: None,
+        handler: |v, _| Ok(list(v.names)),
+    },
+    Method {
+        name: "peers",
+        params: &[],
+        returns: "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}>",
+        doc: "Every connection; pid, uid and gid come from the socket (SO_PEERCRED).",
+        requires: None,
+        // Without the right to see everyone: full entries for the caller's
+        // own uid, the connection id and names only for the others.
+        handler: |v, _| {
+            let only_uid = (!v.allowed(Introspection::Peers))
+                .then(|| v.caller().map_or(u32::MAX, |p| p.creds().uid));
+            Ok(peers(v.peers, only_uid))
+        },
+    },
+    Method {
+        name: "stats",
+        params: &[],
+        returns: "{uptime_s, connections, calls, timeouts, errors, services, ...}",
+        doc: "Broker-wide counters and per-service latency percentiles (p50_us, p99_us).",
+        requires: Some(Introspection::Stats),
+        handler: |v, _| Ok(stats(v)),
+    },
+    Method {
+        name: "monitor",
+        params: &[Param {
+            name: "services",
+            ty: "Option<Vec<String>>",
+        }],
+        returns: "bool",
+        doc: "Subscribes this connection to Event frames, one per finished call (all services, or only these). Use `zrpc monitor`.",
+        requires: Some(Introspection::Monitor),
+        handler: subscribe,
+    },
+];
+
+/// The method every `zrpc-service` service answers with its description.
+const DESCRIBE: &str = "zrpc.describe";
 
 fn map(pairs: Vec<(&str, Value)>) -> Value {
     Value::Map(
@@ -39,118 +168,84 @@ fn encode(v: &Value) -> Bytes {
 /// Answers a call to the broker's service. Returns the error code (None on
 /// success), the error message and the payload.
 pub fn handle(
-    broker: &mut Broker,
-    caller: PeerId,
+    mut view: View<'_>,
     method: &str,
     payload: &[u8],
 ) -> (Option<ErrorCode>, String, Bytes) {
-    let denied = |what: &str, uid: u32| {
-        (
-            Some(ErrorCode::AccessDenied),
-            format!(
-                "{} does not allow uid {uid} to use zrpcd.{what}",
-                broker.config.policy.source()
-            ),
-            Bytes::new(),
-        )
-    };
-    let uid = broker.peers.get(caller).map_or(u32::MAX, |p| p.creds.uid);
-    let allowed = |what| {
-        broker
-            .peers
-            .get(caller)
-            .is_some_and(|p| broker.config.policy.may_introspect(&p.identity(), what))
-    };
-    let value = match method {
-        "monitor" if !allowed(Introspection::Monitor) => return denied("monitor", uid),
-        "monitor" => match subscribe(broker, caller, payload) {
-            Ok(v) => v,
-            Err(msg) => return (Some(ErrorCode::BadPayload), msg, Bytes::new()),
-        },
-        "ping" => Value::from("pong"),
-        "zrpc.describe" => describe(),
-        "list" => list(broker),
-        // Without the right to see everyone: full entries for the caller's
-        // own uid, the connection id and names only for the others.
-        "peers" => peers(broker, (!allowed(Introspection::Peers)).then_some(uid)),
-        "stats" if !allowed(Introspection::Stats) => return denied("stats", uid),
-        "stats" => stats(broker),
-        other => {
-            return (
-                Some(ErrorCode::NoSuchMethod),
-                format!(
-                "service \"zrpcd\" has no method {other:?} (try ping, list, peers, stats, monitor, zrpc.describe)"
-            ),
-                Bytes::new(),
-            )
+    let answer = if method == DESCRIBE {
+        Ok(describe())
+    } else {
+        match METHODS.iter().find(|m| m.name == method) {
+            Some(m) => call(&mut view, m, payload),
+            None => Err((ErrorCode::NoSuchMethod, no_such_method(method))),
         }
     };
-    (None, String::new(), encode(&value))
+    match answer {
+        Ok(value) => (None, String::new(), encode(&value)),
+        Err((code, message)) => (Some(code), message, Bytes::new()),
+    }
 }
 
-/// The broker's own service described like any `zrpc-service` service.
+/// Calls `m` after checking the caller's right to.
+fn call(view: &mut View<'_>, m: &Method, payload: &[u8]) -> Answer {
+    if let Some(what) = m.requires {
+        if !view.allowed(what) {
+            let uid = view.caller().map_or(u32::MAX, |p| p.creds().uid);
+            let msg = format!(
+                "{} does not allow uid {uid} to use zrpcd.{}",
+                view.policy.source(),
+                m.name
+            );
+            return Err((ErrorCode::AccessDenied, msg));
+        }
+    }
+    (m.handler)(view, payload)
+}
+
+fn no_such_method(method: &str) -> String {
+    let mut known: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
+    known.push(DESCRIBE);
+    format!(
+        "service \"zrpcd\" has no method {method:?} (try {})",
+        known.join(", ")
+    )
+}
+
+/// The broker's own service described like any `zrpc-service` service,
+/// from [`METHODS`].
 fn describe() -> Value {
-    let m = |name: &str, param: Option<(&str, &str)>, returns: &str, doc: &str| {
-        let params = param
-            .map(|(n, t)| map(vec![("name", n.into()), ("type", t.into())]))
-            .into_iter()
+    let method = |m: &Method| {
+        let params = m
+            .params
+            .iter()
+            .map(|p| map(vec![("name", p.name.into()), ("type", p.ty.into())]))
             .collect();
         map(vec![
-            ("name", name.into()),
-            ("doc", doc.into()),
+            ("name", m.name.into()),
+            ("doc", m.doc.into()),
             ("params", Value::Array(params)),
-            ("returns", returns.into()),
+            ("returns", m.returns.into()),
         ])
     };
     map(vec![
-        ("service", "zrpcd".into()),
+        ("service", zrpc_proto::BROKER_SERVICE.into()),
         (
             "methods",
-            Value::Array(vec![
-                m("ping", None, "String", "Returns \"pong\"."),
-                m(
-                    "list",
-                    None,
-                    "Vec<{name, instances}>",
-                    "The registered service names with the connection ids of their instances, sorted by name.",
-                ),
-                m(
-                    "peers",
-                    None,
-                    "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}>",
-                    "Every connection; pid, uid and gid come from the socket (SO_PEERCRED).",
-                ),
-                m(
-                    "stats",
-                    None,
-                    "{uptime_s, connections, calls, timeouts, errors, services, ...}",
-                    "Broker-wide counters and per-service latency percentiles (p50_us, p99_us).",
-                ),
-                m(
-                    "monitor",
-                    Some(("services", "Option<Vec<String>>")),
-                    "bool",
-                    "Subscribes this connection to Event frames, one per finished call (all services, or only these). Use `zrpc monitor`.",
-                ),
-            ]),
+            Value::Array(METHODS.iter().map(method).collect()),
         ),
     ])
 }
 
-fn subscribe(b: &mut Broker, caller: PeerId, payload: &[u8]) -> Result<Value, String> {
-    let filter = crate::monitor::parse_filter(payload)?;
-    b.monitors.retain(|m| m.peer != caller);
-    b.monitors.push(crate::monitor::Monitor {
-        peer: caller,
-        filter,
-        seq: 0,
-    });
+fn subscribe(v: &mut View<'_>, payload: &[u8]) -> Answer {
+    let filter =
+        crate::monitor::parse_filter(payload).map_err(|msg| (ErrorCode::BadPayload, msg))?;
+    v.monitors.subscribe(v.caller, filter);
     Ok(Value::Boolean(true))
 }
 
-fn list(b: &Broker) -> Value {
+fn list(names: &Names) -> Value {
     Value::Array(
-        b.names
+        names
             .list()
             .into_iter()
             .map(|(name, inst)| {
@@ -166,37 +261,41 @@ fn list(b: &Broker) -> Value {
     )
 }
 
-fn peers(b: &Broker, only_uid: Option<u32>) -> Value {
-    let mut v: Vec<_> = b.peers.iter().collect();
-    v.sort_unstable_by_key(|p| p.id);
+fn peers(all: &Peers, only_uid: Option<u32>) -> Value {
+    let mut v: Vec<_> = all.iter().collect();
+    v.sort_unstable_by_key(|p| p.id());
     Value::Array(
         v.into_iter()
             .map(|p| {
-                let names = || Value::Array(p.names.iter().map(|n| Value::from(&**n)).collect());
-                if only_uid.is_some_and(|u| u != p.creds.uid) {
-                    return map(vec![("conn_id", Value::from(p.id)), ("names", names())]);
+                let names = || Value::Array(p.names().iter().map(|n| Value::from(&**n)).collect());
+                let creds = p.creds();
+                if only_uid.is_some_and(|u| u != creds.uid) {
+                    return map(vec![("conn_id", Value::from(p.id())), ("names", names())]);
                 }
                 map(vec![
-                    ("conn_id", Value::from(p.id)),
-                    ("pid", Value::from(p.creds.pid)),
-                    ("uid", Value::from(p.creds.uid)),
-                    ("gid", Value::from(p.creds.gid)),
-                    ("agent", Value::from(p.agent.as_str())),
+                    ("conn_id", Value::from(p.id())),
+                    ("pid", Value::from(creds.pid)),
+                    ("uid", Value::from(creds.uid)),
+                    ("gid", Value::from(creds.gid)),
+                    ("agent", Value::from(p.agent())),
                     ("names", names()),
-                    ("connected_s", Value::from(p.since.elapsed().as_secs_f64())),
-                    ("outstanding", Value::from(p.outstanding)),
-                    ("calling", Value::from(p.calling)),
-                    ("served", Value::from(p.served)),
-                    ("failed", Value::from(p.failed)),
-                    ("calls_made", Value::from(p.calls_made)),
+                    (
+                        "connected_s",
+                        Value::from(p.since().elapsed().as_secs_f64()),
+                    ),
+                    ("outstanding", Value::from(p.outstanding())),
+                    ("calling", Value::from(p.calling())),
+                    ("served", Value::from(p.served())),
+                    ("failed", Value::from(p.failed())),
+                    ("calls_made", Value::from(p.calls_made())),
                 ])
             })
             .collect(),
     )
 }
 
-fn stats(b: &Broker) -> Value {
-    let s = &b.stats;
+fn stats(b: &View<'_>) -> Value {
+    let s = b.stats;
     let mut errors: Vec<_> = s.errors.iter().collect();
     errors.sort_unstable();
     let errors = errors
@@ -247,4 +346,72 @@ fn stats(b: &Broker) -> Value {
         ("errors", Value::Map(errors)),
         ("services", Value::Map(services)),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written description the table replaced, kept to check that
+    /// the generated one is the same, byte for byte.
+    fn hand_written() -> Value {
+        let m = |name: &str, param: Option<(&str, &str)>, returns: &str, doc: &str| {
+            let params = param
+                .map(|(n, t)| map(vec![("name", n.into()), ("type", t.into())]))
+                .into_iter()
+                .collect();
+            map(vec![
+                ("name", name.into()),
+                ("doc", doc.into()),
+                ("params", Value::Array(params)),
+                ("returns", returns.into()),
+            ])
+        };
+        map(vec![
+            ("service", "zrpcd".into()),
+            (
+                "methods",
+                Value::Array(vec![
+                    m("ping", None, "String", "Returns \"pong\"."),
+                    m(
+                        "list",
+                        None,
+                        "Vec<{name, instances}>",
+                        "The registered service names with the connection ids of their instances, sorted by name.",
+                    ),
+                    m(
+                        "peers",
+                        None,
+                        "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}>",
+                        "Every connection; pid, uid and gid come from the socket (SO_PEERCRED).",
+                    ),
+                    m(
+                        "stats",
+                        None,
+                        "{uptime_s, connections, calls, timeouts, errors, services, ...}",
+                        "Broker-wide counters and per-service latency percentiles (p50_us, p99_us).",
+                    ),
+                    m(
+                        "monitor",
+                        Some(("services", "Option<Vec<String>>")),
+                        "bool",
+                        "Subscribes this connection to Event frames, one per finished call (all services, or only these). Use `zrpc monitor`.",
+                    ),
+                ]),
+            ),
+        ])
+    }
+
+    #[test]
+    fn the_generated_description_is_the_hand_written_one() {
+        assert_eq!(encode(&describe()), encode(&hand_written()));
+    }
+
+    #[test]
+    fn an_unknown_method_lists_the_table() {
+        assert_eq!(
+            no_such_method("nope"),
+            "service \"zrpcd\" has no method \"nope\" (try ping, list, peers, stats, monitor, zrpc.describe)"
+        );
+    }
 }

@@ -89,6 +89,18 @@ pub struct Config {
 }
 
 impl Config {
+    /// The broker-wide limits that per-user quotas take their defaults
+    /// from ([`crate::quota::Quota::new`]).
+    pub fn quota_limits(&self) -> crate::quota::Limits {
+        crate::quota::Limits {
+            max_connections: self.max_connections,
+            max_pending_total: self.max_pending_total,
+            max_pending_bytes: self.max_pending_bytes,
+            max_partial_bytes: self.max_partial_bytes,
+            max_queued_bytes: self.max_queued_bytes,
+        }
+    }
+
     /// The defaults, with the socket directory resolved from
     /// `$ZRPC_SOCKET_DIR` or the default
     /// ([`zrpc_proto::default_socket_dir`]).

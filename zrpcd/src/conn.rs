@@ -1,6 +1,11 @@
-//! One connection: a reader that feeds every complete frame to the broker,
-//! and a writer that flushes the peer's queue with one vectored write per
-//! wake-up.
+//! One connection: its admission ([`admit`]: credentials, limits), a
+//! reader that feeds every complete frame to the broker, one read batch at
+//! a time, and a writer task that takes over flushing the peer's queue
+//! when its socket is full (ordinary writes are made by the broker's
+//! flusher, see [`crate::outbox`]) and flushes what is left at close. The
+//! connection talks to the broker through its methods only
+//! (`begin_read_batch`, `on_frame_parts`, `note_partial`,
+//! `end_read_batch`, `close_with`, `remove_peer`).
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
@@ -67,17 +72,7 @@ pub fn admit(broker: &RefCell<Broker>, stream: UnixStream) -> Result<Admitted, R
             return Err(Refused::Broken);
         }
     };
-    let refused = {
-        let b = broker.borrow();
-        let max = b.config.max_connections;
-        if b.peers.len() >= max {
-            Some(format!(
-                "zrpcd already has {max} connections, the limit (--max-connections)"
-            ))
-        } else {
-            b.over_connection_quota(creds.uid)
-        }
-    };
+    let refused = broker.borrow().refuse_connection(creds.uid);
     if let Some(msg) = refused {
         return Err(Refused::Limit(stream, msg));
     }
@@ -96,11 +91,8 @@ pub fn admit(broker: &RefCell<Broker>, stream: UnixStream) -> Result<Admitted, R
     let io = Rc::new(PeerIo::new(rd.clone()));
     let groups = crate::peers::peer_groups(rd.as_raw_fd());
     let mut b = broker.borrow_mut();
-    let id = b.add_peer(io.clone(), creds);
-    if let Some(p) = b.peers.get_mut(id) {
-        p.groups = groups;
-    }
-    if let Some(bp) = &b.busy_poll {
+    let id = b.admit_peer(io.clone(), creds, groups);
+    if let Some(bp) = b.busy_poll() {
         bp.watch_or_log(rd.as_raw_fd());
     }
     Ok(Admitted {
@@ -189,7 +181,7 @@ async fn read_loop(
                     code: ErrorCode::Protocol,
                     message: "no Hello within the handshake timeout".into(),
                 };
-                close_with(broker, id, &fatal);
+                broker.borrow_mut().close_with(id, &fatal);
                 return "handshake timeout".into();
             }
         };
@@ -201,15 +193,13 @@ async fn read_loop(
         let mut b = broker.borrow_mut();
         // One clock read per read batch, for every frame of it.
         let now = std::time::Instant::now();
-        match b.peers.get_mut(id) {
-            Some(p) => p.last_seen = now,
-            None => return "closed by the broker".into(),
-        }
         // Every peer that got frames is written once this wake-up's other
         // reads are routed too (`Outbox`); one that got
         // `queue::FLUSH_EVERY_FRAMES` of them from this read is written at
         // once, so that it starts on them while the rest is routed.
-        b.out.begin_batch();
+        if !b.begin_read_batch(id, now) {
+            return "closed by the broker".into();
+        }
         // Bytes at the front of `buf` already handled in place; advanced
         // past once, at the end of the batch.
         let mut done = 0;
@@ -228,8 +218,7 @@ async fn read_loop(
                         code,
                         message: e.to_string(),
                     };
-                    b.fatal(id, &fatal);
-                    b.flush();
+                    b.close_with(id, &fatal);
                     return fatal.message;
                 }
             };
@@ -249,38 +238,27 @@ async fn read_loop(
                 b.on_frame_at(id, frame, now)
             };
             if let Err(fatal) = handled {
-                b.fatal(id, &fatal);
-                b.flush();
+                b.close_with(id, &fatal);
                 return fatal.message;
             }
         }
         buf.advance(done);
-        b.out.end_batch();
         let now_held = if buf.is_empty() { 0 } else { buf.capacity() };
         if now_held != held || (held != 0 && frames > 0) {
             held = now_held;
             if let Err(fatal) = b.note_partial(id, held, frames > 0, now) {
-                b.fatal(id, &fatal);
-                b.flush();
+                b.close_with(id, &fatal);
                 return fatal.message;
             }
         }
-        if let Some(bp) = &b.busy_poll {
-            bp.batch(now, read_bytes);
-        }
-        ready = ready || b.peers.get(id).is_some_and(|p| p.ready);
+        b.end_read_batch(now, read_bytes);
+        ready = ready || b.is_ready(id);
         drop(b);
         // An idle connection keeps no read buffer.
         if buf.is_empty() {
             buf = BytesMut::new();
         }
     }
-}
-
-fn close_with(broker: &RefCell<Broker>, id: PeerId, fatal: &Fatal) {
-    let mut b = broker.borrow_mut();
-    b.fatal(id, fatal);
-    b.flush();
 }
 
 /// Waits until the socket is readable, then reads what is available into
@@ -415,7 +393,7 @@ mod tests {
                     flags: 0,
                 };
                 b.on_frame(id, frame(&call)).expect("call");
-                assert!(b.names.is_held("held"));
+                assert!(b.names().is_held("held"));
                 assert_eq!(b.pending.len(), 1);
             }
             let (broker2, io2) = (broker.clone(), io.clone());
@@ -432,8 +410,8 @@ mod tests {
             let err = task.await.expect_err("the task panicked");
             assert!(err.is_panic());
             let b = broker.borrow();
-            assert!(b.peers.get(id).is_none(), "connection slot released");
-            assert!(!b.names.is_held("held"), "names released");
+            assert!(b.peers().get(id).is_none(), "connection slot released");
+            assert!(!b.names().is_held("held"), "names released");
             assert_eq!(b.pending.len(), 0, "calls released");
             assert!(io.closed.get(), "connection closed");
         });

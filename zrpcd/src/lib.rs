@@ -1,20 +1,27 @@
 //! `zrpcd`, the zrpc broker, as a library: `main.rs` is a thin wrapper.
 //!
-//! The state is split the way `dbus-broker` splits it:
-//! - [`peers`]: connections and their outbound queues,
+//! The state is split the way `dbus-broker` splits it, each registry with
+//! a narrow API of its own:
+//! - [`peers`]: connections and what each holds (counters changed only in
+//!   charge/release pairs), with [`queue`] (a peer's outbound frames) and
+//!   [`outbox`] (which peers to write, and when),
 //! - [`names`]: service names and their instances,
-//! - [`pending`]: calls in flight, with one timer structure for all deadlines,
-//! - [`builtin`]: the broker's own `zrpcd` service,
+//! - [`pending`]: calls in flight (slab, route interner, deadlines, kept
+//!   payloads),
+//! - [`monitor`]: `zrpc monitor` subscriptions; [`stats`]: counters,
 //! - [`policy`]: who may own, call and watch what; [`quota`]: what one user
 //!   may hold,
+//! - [`builtin`]: the broker's own `zrpcd` service, a table of methods over
+//!   a read-only view of those registries,
 //!
-//! with the broker's handling split by concern: [`owning`] (registering
-//! names, with the access checks), [`lifecycle`] (a connection's start and
-//! end, shutdown), [`partial`] (bounds on partly received frames),
-//! tied together by [`broker::Broker`] (the routing logic) and driven by
+//! tied together by [`broker::Broker`], whose handling is split by concern
+//! ([`broker::calls`]: the call path; [`broker::owning`]: registering
+//! names; [`broker::lifecycle`]: a connection's start and end, shutdown;
+//! [`broker::partial`]: bounds on partly received frames), and driven by
 //! [`conn`] (one reader and one writer task per connection) and [`server`]
-//! (accept loop and shutdown). Everything runs on one thread: cross-thread
-//! wake-ups are the largest per-call cost on small machines.
+//! (accept loop, the broker's tasks, shutdown). Everything runs on one
+//! thread: cross-thread wake-ups are the largest per-call cost on small
+//! machines.
 
 #![warn(missing_docs)]
 
@@ -22,12 +29,9 @@ pub mod broker;
 pub mod builtin;
 pub mod config;
 pub mod conn;
-pub mod lifecycle;
 pub mod monitor;
 pub mod names;
 pub mod outbox;
-pub mod owning;
-pub mod partial;
 pub mod payload;
 pub mod peers;
 pub mod pending;

@@ -49,6 +49,57 @@ impl Monitor {
     }
 }
 
+/// Every subscriber, in the order they subscribed.
+#[derive(Debug, Default)]
+pub struct Monitors {
+    list: Vec<Monitor>,
+}
+
+impl Monitors {
+    /// Subscribes `peer` (again: its earlier subscription is replaced).
+    pub fn subscribe(&mut self, peer: PeerId, filter: Option<rustc_hash::FxHashSet<Box<str>>>) {
+        self.list.retain(|m| m.peer != peer);
+        self.list.push(Monitor {
+            peer,
+            filter,
+            seq: 0,
+        });
+    }
+
+    /// Ends the subscriptions for which `keep` says false.
+    pub fn retain(&mut self, keep: impl FnMut(&Monitor) -> bool) {
+        self.list.retain(keep);
+    }
+
+    /// Ends `peer`'s subscription, if any.
+    pub fn remove(&mut self, peer: PeerId) {
+        self.list.retain(|m| m.peer != peer);
+    }
+
+    /// Number of subscribers.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// True without subscribers (the routing path's only cost then).
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The subscribers that get `event`, each with the event's sequence
+    /// number for it (counted here); not the caller itself.
+    pub fn recipients(&mut self, event: &CallEvent<'_>) -> Vec<(PeerId, u64)> {
+        let mut targets = Vec::new();
+        for m in &mut self.list {
+            if m.peer != event.caller && m.wants(event.service) {
+                m.seq += 1;
+                targets.push((m.peer, m.seq));
+            }
+        }
+        targets
+    }
+}
+
 /// Most service names one `zrpcd.monitor` subscription may list.
 pub const MAX_FILTER_NAMES: u32 = 256;
 

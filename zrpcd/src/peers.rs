@@ -6,6 +6,7 @@ use std::time::Instant;
 use rustc_hash::FxHashMap;
 
 use crate::queue::PeerIo;
+use crate::quota::Usage;
 
 /// Broker-assigned connection id.
 pub type PeerId = u64;
@@ -66,7 +67,87 @@ pub fn peer_groups(fd: std::os::fd::RawFd) -> Box<[u32]> {
     }
 }
 
+/// One connection. Its fields are private: the broker changes them only
+/// through the methods below, which keep each counter paired with its
+/// release (and the user's account, [`crate::quota::Usage`], in step with
+/// the connection's own counters).
+#[derive(Debug)]
+pub struct Peer {
+    /// Connection id.
+    id: PeerId,
+    /// Shared with the writer task.
+    io: Rc<PeerIo>,
+    /// `Hello` received.
+    ready: bool,
+    /// Instance id from `Hello`.
+    instance: u64,
+    /// Agent string from `Hello`.
+    agent: String,
+    /// From `SO_PEERCRED`, never from what the peer claims.
+    creds: Creds,
+    /// Supplementary groups from `SO_PEERGROUPS` (empty if the kernel gave
+    /// none).
+    groups: Box<[u32]>,
+    /// What this peer's uid holds, all its connections together.
+    user: Rc<Usage>,
+    /// When the connection was accepted.
+    since: Instant,
+    /// Names held.
+    names: Vec<Box<str>>,
+    /// Calls delivered to this peer (as a service) not yet answered.
+    outstanding: u32,
+    /// Calls made by this peer (as a client) not yet answered.
+    calling: u32,
+    /// Payload bytes of those calls, kept by the broker.
+    calling_bytes: usize,
+    /// Requests this peer answered (as a service).
+    served: u64,
+    /// Requests delivered to this peer that ended in an error or timeout.
+    failed: u64,
+    /// Calls this peer made.
+    calls_made: u64,
+    /// When a frame last arrived from this peer.
+    last_seen: Instant,
+    /// A limit hit by this peer was already logged at warn level.
+    limit_logged: bool,
+    /// When the frame this peer is in the middle of sending began to
+    /// arrive (None: no partial frame).
+    partial_since: Option<Instant>,
+    /// Read buffer bytes held for that partial frame.
+    partial_bytes: usize,
+}
+
 impl Peer {
+    /// Connection id.
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+
+    /// The queue and socket shared with the connection's tasks.
+    pub fn io(&self) -> &Rc<PeerIo> {
+        &self.io
+    }
+
+    /// Whether its `Hello` was received.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// Instance id from `Hello` (0 before it).
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// Agent string from `Hello`.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    /// Credentials from the kernel.
+    pub fn creds(&self) -> Creds {
+        self.creds
+    }
+
     /// Who the peer is, for the access policy.
     pub fn identity(&self) -> crate::policy::Identity<'_> {
         crate::policy::Identity {
@@ -75,72 +156,190 @@ impl Peer {
             groups: &self.groups,
         }
     }
-}
 
-/// One connection.
-#[derive(Debug)]
-pub struct Peer {
-    /// Connection id.
-    pub id: PeerId,
-    /// Shared with the writer task.
-    pub io: Rc<PeerIo>,
-    /// `Hello` received.
-    pub ready: bool,
-    /// Instance id from `Hello`.
-    pub instance: u64,
-    /// Agent string from `Hello`.
-    pub agent: String,
-    /// From `SO_PEERCRED`, never from what the peer claims.
-    pub creds: Creds,
-    /// Supplementary groups from `SO_PEERGROUPS` (empty if the kernel gave
-    /// none).
-    pub groups: Box<[u32]>,
     /// What this peer's uid holds, all its connections together.
-    pub user: Rc<crate::quota::Usage>,
+    pub fn user(&self) -> &Usage {
+        &self.user
+    }
+
     /// When the connection was accepted.
-    pub since: Instant,
-    /// Names held.
-    pub names: Vec<Box<str>>,
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// Names held, in the order they were registered.
+    pub fn names(&self) -> &[Box<str>] {
+        &self.names
+    }
+
     /// Calls delivered to this peer (as a service) not yet answered.
-    pub outstanding: u32,
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding
+    }
+
     /// Calls made by this peer (as a client) not yet answered.
-    pub calling: u32,
+    pub fn calling(&self) -> u32 {
+        self.calling
+    }
+
     /// Payload bytes of those calls, kept by the broker.
-    pub calling_bytes: usize,
+    pub fn calling_bytes(&self) -> usize {
+        self.calling_bytes
+    }
+
     /// Requests this peer answered (as a service).
-    pub served: u64,
+    pub fn served(&self) -> u64 {
+        self.served
+    }
+
     /// Requests delivered to this peer that ended in an error or timeout.
-    pub failed: u64,
-    /// Calls this peer made.
-    pub calls_made: u64,
+    pub fn failed(&self) -> u64 {
+        self.failed
+    }
+
+    /// Calls this peer made (refused ones included).
+    pub fn calls_made(&self) -> u64 {
+        self.calls_made
+    }
+
     /// When a frame last arrived from this peer.
-    pub last_seen: Instant,
-    /// A limit hit by this peer was already logged at warn level.
-    pub limit_logged: bool,
-    /// When the frame this peer is in the middle of sending began to
-    /// arrive (None: no partial frame).
-    pub partial_since: Option<Instant>,
-    /// Read buffer bytes held for that partial frame.
-    pub partial_bytes: usize,
+    pub fn last_seen(&self) -> Instant {
+        self.last_seen
+    }
+
+    /// When its partly received frame began to arrive (None: no partial
+    /// frame).
+    pub fn partial_since(&self) -> Option<Instant> {
+        self.partial_since
+    }
+
+    /// Read buffer bytes held for its partly received frame.
+    pub fn partial_bytes(&self) -> usize {
+        self.partial_bytes
+    }
+
+    /// A service: holds a name or has calls to answer.
+    pub fn is_serving(&self) -> bool {
+        !self.names.is_empty() || self.outstanding != 0
+    }
+
+    /// Requests written to this service and not answered yet (the ones
+    /// still in its queue are not in its hands; the queue also holds other
+    /// frames, hence the floor at zero).
+    pub fn requests_in_hand(&self) -> u32 {
+        self.outstanding
+            .saturating_sub(self.io.queue.borrow().queued_frames())
+    }
+
+    /// `Hello` received: the peer is ready, with what it says it is.
+    pub(crate) fn greet(&mut self, instance: u64, agent: &str) {
+        self.ready = true;
+        self.instance = instance;
+        self.agent = agent.chars().take(256).collect();
+    }
+
+    /// A frame arrived from this peer at `now`.
+    pub(crate) fn saw(&mut self, now: Instant) {
+        self.last_seen = now;
+    }
+
+    /// Records that a refusal is logged; true the first time (logged at
+    /// warn level then, at debug level after).
+    pub(crate) fn first_refusal(&mut self) -> bool {
+        !std::mem::replace(&mut self.limit_logged, true)
+    }
+
+    /// Records a name this peer now holds.
+    pub(crate) fn add_name(&mut self, name: &str) {
+        self.names.push(name.into());
+    }
+
+    /// Records a name this peer no longer holds.
+    pub(crate) fn remove_name(&mut self, name: &str) {
+        self.names.retain(|n| &**n != name);
+    }
+
+    /// Counts a call this peer made (accepted or not).
+    pub(crate) fn count_call(&mut self) {
+        self.calls_made += 1;
+    }
+
+    /// Charges an accepted call of `size` payload bytes to this peer and
+    /// its user, until [`Peer::release_call`] with the same size (or the
+    /// peer's removal, which releases all of them, [`Peers::remove`]).
+    pub(crate) fn charge_call(&mut self, size: usize) {
+        self.calling += 1;
+        self.calling_bytes += size;
+        self.user.charge_call(size);
+    }
+
+    /// Releases a call charged by [`Peer::charge_call`].
+    pub(crate) fn release_call(&mut self, size: usize) {
+        debug_assert!(
+            self.calling > 0 && self.calling_bytes >= size,
+            "peer {}: a call released that was not charged",
+            self.id
+        );
+        self.calling -= 1;
+        self.calling_bytes -= size;
+        self.user.release_call(size);
+    }
+
+    /// A request is delivered to this peer (as a service), until
+    /// [`Peer::settle`].
+    pub(crate) fn deliver(&mut self) {
+        self.outstanding += 1;
+    }
+
+    /// A request delivered by [`Peer::deliver`] ended: answered
+    /// (`replied`), or failed (timeout, cancel, error).
+    pub(crate) fn settle(&mut self, replied: bool) {
+        debug_assert!(
+            self.outstanding > 0,
+            "peer {}: a request settled that was not delivered",
+            self.id
+        );
+        self.outstanding -= 1;
+        if replied {
+            self.served += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
 }
 
-/// All live connections.
+/// What [`Peers::hold_partial`] changed.
+#[derive(Debug, Clone, Copy)]
+pub struct PartialHold {
+    /// The peer's hold before.
+    pub before: usize,
+    /// All peers' holds together, now.
+    pub total: usize,
+}
+
+/// All live connections, and the totals of what they hold together.
 #[derive(Debug, Default)]
 pub struct Peers {
     map: FxHashMap<PeerId, Peer>,
     next_id: PeerId,
+    /// Read buffer bytes held for partly received frames, all connections
+    /// together (the sum of their `partial_bytes`).
+    partial_total: usize,
 }
 
 impl Peers {
-    /// Adds a connection and returns its id.
+    /// Adds a connection of `user` (counted in its account until
+    /// [`Peers::remove`]) and returns its id.
     pub fn insert(
         &mut self,
         io: Rc<PeerIo>,
         creds: Creds,
-        user: Rc<crate::quota::Usage>,
+        groups: Box<[u32]>,
+        user: Rc<Usage>,
     ) -> PeerId {
         self.next_id += 1;
         let id = self.next_id;
+        user.charge_connection();
         self.map.insert(
             id,
             Peer {
@@ -150,7 +349,7 @@ impl Peers {
                 instance: 0,
                 agent: String::new(),
                 creds,
-                groups: Box::default(),
+                groups,
                 user,
                 since: Instant::now(),
                 names: Vec::new(),
@@ -179,9 +378,48 @@ impl Peers {
         self.map.get_mut(&id)
     }
 
-    /// Removes a connection.
+    /// Removes a connection, releasing all it holds in its user's account
+    /// (its pending calls, its partial frame, the connection itself) and in
+    /// the partial-frame total. The peer returned keeps its counters, to
+    /// say what there is to clean up.
     pub fn remove(&mut self, id: PeerId) -> Option<Peer> {
-        self.map.remove(&id)
+        let p = self.map.remove(&id)?;
+        self.partial_total -= p.partial_bytes;
+        p.user
+            .release_peer(p.calling as usize, p.calling_bytes, p.partial_bytes);
+        Some(p)
+    }
+
+    /// Records that `held` bytes of `id`'s read buffer now hold a partly
+    /// received frame (0: none); `new_frame`: frames completed since the
+    /// last report, so a partial frame is a new one and its clock starts
+    /// at `now`. None if the peer is gone.
+    pub fn hold_partial(
+        &mut self,
+        id: PeerId,
+        held: usize,
+        new_frame: bool,
+        now: Instant,
+    ) -> Option<PartialHold> {
+        let p = self.map.get_mut(&id)?;
+        let before = std::mem::replace(&mut p.partial_bytes, held);
+        p.user.hold_partial(before, held);
+        p.partial_since = match (held, p.partial_since) {
+            (0, _) => None,
+            (_, Some(since)) if !new_frame => Some(since),
+            _ => Some(now),
+        };
+        self.partial_total = self.partial_total - before + held;
+        Some(PartialHold {
+            before,
+            total: self.partial_total,
+        })
+    }
+
+    /// Read buffer bytes held for partly received frames, all connections
+    /// together.
+    pub fn partial_total(&self) -> usize {
+        self.partial_total
     }
 
     /// Number of live connections.

@@ -1,7 +1,10 @@
-//! Per-peer outbound queue. Frames are appended by the routing code; at the
-//! end of each batch the broker writes every dirty peer's queue directly with
-//! one vectored write (no task hop). Only when a socket is full does the
-//! peer's writer task take over and wait for it to become writable.
+//! Per-peer outbound queue. Frames are appended by the routing code; the
+//! queue is written with one vectored write, straight to the non-blocking
+//! socket, by whoever flushes it: the broker's flusher task once per
+//! wake-up, or the routing code at once for a burst or a large payload (see
+//! [`crate::outbox`] for when). Only when a socket is full does the peer's
+//! writer task ([`crate::conn`]) take over and wait for it to become
+//! writable.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -81,14 +84,13 @@ impl OutQueue {
 
     /// Counts this queue's bytes in `user`'s account from now on.
     pub fn set_user(&mut self, user: Rc<crate::quota::Usage>) {
-        crate::quota::Usage::add(&user.queued_bytes, self.bytes);
+        user.requeue(0, self.bytes);
         self.user = Some(user);
     }
 
     fn set_bytes(&mut self, bytes: usize) {
         if let Some(u) = &self.user {
-            crate::quota::Usage::sub(&u.queued_bytes, self.bytes);
-            crate::quota::Usage::add(&u.queued_bytes, bytes);
+            u.requeue(self.bytes, bytes);
         }
         self.bytes = bytes;
     }

@@ -44,64 +44,151 @@ pub struct QuotaOverrides {
     pub queued_bytes: Option<usize>,
 }
 
+/// The broker-wide limits a quota's defaults are shares of (from the
+/// [`crate::Config`], [`crate::Config::quota_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// `--max-pending-total`.
+    pub max_pending_total: usize,
+    /// `--max-pending-bytes`.
+    pub max_pending_bytes: usize,
+    /// `--max-partial-bytes`.
+    pub max_partial_bytes: usize,
+    /// `--max-queued-bytes` (per connection).
+    pub max_queued_bytes: usize,
+}
+
 impl Quota {
     /// The quota from the broker-wide limits (a quarter of each, at least
     /// one) and the policy file's overrides.
-    pub fn new(config: &crate::Config, overrides: QuotaOverrides) -> Quota {
+    pub fn new(limits: Limits, overrides: QuotaOverrides) -> Quota {
         let quarter = |n: usize| (n / 4).max(1);
         Quota {
             connections: overrides
                 .connections
-                .unwrap_or(quarter(config.max_connections)),
+                .unwrap_or(quarter(limits.max_connections)),
             pending_calls: overrides
                 .pending_calls
-                .unwrap_or(quarter(config.max_pending_total)),
+                .unwrap_or(quarter(limits.max_pending_total)),
             pending_bytes: overrides
                 .pending_bytes
-                .unwrap_or(quarter(config.max_pending_bytes)),
+                .unwrap_or(quarter(limits.max_pending_bytes)),
             partial_bytes: overrides
                 .partial_bytes
-                .unwrap_or(quarter(config.max_partial_bytes)),
+                .unwrap_or(quarter(limits.max_partial_bytes)),
             // No broker-wide limit to take a share of: four connections'
             // worth (--max-queued-bytes each).
             queued_bytes: overrides
                 .queued_bytes
-                .unwrap_or(config.max_queued_bytes.saturating_mul(4)),
+                .unwrap_or(limits.max_queued_bytes.saturating_mul(4)),
         }
     }
 }
 
-/// What one uid's connections hold now.
+/// What one uid's connections hold now. The counters change only in
+/// pairs (charge and release), through the methods below, called by the
+/// peers table ([`crate::peers`]) and the peers' outbound queues
+/// ([`crate::queue`]).
 #[derive(Debug, Default)]
 pub struct Usage {
-    /// The uid.
-    pub uid: u32,
+    uid: u32,
     /// Live connections.
-    pub connections: Cell<usize>,
+    connections: Cell<usize>,
     /// Calls pending.
-    pub pending_calls: Cell<usize>,
+    pending_calls: Cell<usize>,
     /// Argument bytes of pending calls.
-    pub pending_bytes: Cell<usize>,
+    pending_bytes: Cell<usize>,
     /// Partial-frame bytes.
-    pub partial_bytes: Cell<usize>,
+    partial_bytes: Cell<usize>,
     /// Bytes queued towards its connections and not yet written.
-    pub queued_bytes: Cell<usize>,
+    queued_bytes: Cell<usize>,
+}
+
+fn add(c: &Cell<usize>, n: usize) {
+    c.set(c.get() + n);
+}
+
+/// Takes back `n` of what [`add`] counted: never more than was counted
+/// (the pairs above see to it; debug builds check).
+fn sub(c: &Cell<usize>, n: usize) {
+    debug_assert!(c.get() >= n, "a user's account released more than it held");
+    c.set(c.get() - n);
 }
 
 impl Usage {
+    /// The uid.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
     /// Whether quotas apply to this user (not to root).
     pub fn limited(&self) -> bool {
         self.uid != 0
     }
 
-    /// Adds `n` to a counter.
-    pub fn add(c: &Cell<usize>, n: usize) {
-        c.set(c.get() + n);
+    /// Live connections.
+    pub fn connections(&self) -> usize {
+        self.connections.get()
     }
 
-    /// Subtracts `n` from a counter (never below zero).
-    pub fn sub(c: &Cell<usize>, n: usize) {
-        c.set(c.get().saturating_sub(n));
+    /// Calls pending.
+    pub fn pending_calls(&self) -> usize {
+        self.pending_calls.get()
+    }
+
+    /// Argument bytes of pending calls.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes.get()
+    }
+
+    /// Read buffer held for partly received frames.
+    pub fn partial_bytes(&self) -> usize {
+        self.partial_bytes.get()
+    }
+
+    /// Bytes queued towards its connections and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.get()
+    }
+
+    /// A connection of this user was accepted.
+    pub(crate) fn charge_connection(&self) {
+        add(&self.connections, 1);
+    }
+
+    /// A connection of this user went away, with `calls` pending calls of
+    /// `call_bytes` argument bytes and `partial` bytes of partial frame.
+    pub(crate) fn release_peer(&self, calls: usize, call_bytes: usize, partial: usize) {
+        sub(&self.connections, 1);
+        sub(&self.pending_calls, calls);
+        sub(&self.pending_bytes, call_bytes);
+        sub(&self.partial_bytes, partial);
+    }
+
+    /// A call with `size` argument bytes is pending.
+    pub(crate) fn charge_call(&self, size: usize) {
+        add(&self.pending_calls, 1);
+        add(&self.pending_bytes, size);
+    }
+
+    /// A call charged by [`Usage::charge_call`] ended.
+    pub(crate) fn release_call(&self, size: usize) {
+        sub(&self.pending_calls, 1);
+        sub(&self.pending_bytes, size);
+    }
+
+    /// A connection's partial frame went from `before` to `after` bytes.
+    pub(crate) fn hold_partial(&self, before: usize, after: usize) {
+        sub(&self.partial_bytes, before);
+        add(&self.partial_bytes, after);
+    }
+
+    /// A queue's unwritten bytes went from `before` to `after`.
+    pub(crate) fn requeue(&self, before: usize, after: usize) {
+        sub(&self.queued_bytes, before);
+        add(&self.queued_bytes, after);
     }
 }
 
@@ -127,7 +214,7 @@ impl Users {
 
     /// Connections `uid` has now.
     pub fn connections(&self, uid: u32) -> usize {
-        self.map.get(&uid).map_or(0, |u| u.connections.get())
+        self.map.get(&uid).map_or(0, |u| u.connections())
     }
 
     /// Forgets the users nothing refers to any more: no connection, and no

@@ -239,16 +239,16 @@ fn drive_in_runtime(data: &[u8]) {
     }
     // Closed connections' unsent frames go with the last write.
     b.flush();
-    b.users.collect();
-    assert!(b.peers.is_empty(), "peers left: {}", b.peers.len());
+    b.collect_users();
+    assert!(b.peers().is_empty(), "peers left: {}", b.peers().len());
     assert_eq!(b.pending.len(), 0, "calls left once every peer is gone");
-    assert_eq!(b.names.len(), 0, "names left once every peer is gone");
-    assert_eq!(b.partial_total, 0, "partial-frame bytes left");
-    assert_eq!(b.pending_bytes, 0, "pending payload bytes left");
+    assert_eq!(b.names().len(), 0, "names left once every peer is gone");
+    assert_eq!(b.peers().partial_total(), 0, "partial-frame bytes left");
+    assert_eq!(b.pending.payload_bytes(), 0, "pending payload bytes left");
     assert!(
-        b.users.is_empty(),
+        b.users().is_empty(),
         "per-user accounts left: {}",
-        b.users.len()
+        b.users().len()
     );
 }
 
@@ -256,35 +256,35 @@ fn drive_in_runtime(data: &[u8]) {
 fn check_accounts(b: &Broker) {
     let mut sums: std::collections::BTreeMap<u32, (usize, usize, usize, usize, usize)> =
         Default::default();
-    for p in b.peers.iter() {
-        let e = sums.entry(p.creds.uid).or_default();
+    for p in b.peers().iter() {
+        let e = sums.entry(p.creds().uid).or_default();
         e.0 += 1;
-        e.1 += p.calling as usize;
-        e.2 += p.calling_bytes;
-        e.3 += p.partial_bytes;
-        e.4 += p.io.queue.borrow().len_bytes();
+        e.1 += p.calling() as usize;
+        e.2 += p.calling_bytes();
+        e.3 += p.partial_bytes();
+        e.4 += p.io().queue.borrow().len_bytes();
     }
-    for p in b.peers.iter() {
-        let u = &p.user;
-        let want = sums[&p.creds.uid];
+    for p in b.peers().iter() {
+        let u = p.user();
+        let want = sums[&p.creds().uid];
         let have = (
-            u.connections.get(),
-            u.pending_calls.get(),
-            u.pending_bytes.get(),
-            u.partial_bytes.get(),
+            u.connections(),
+            u.pending_calls(),
+            u.pending_bytes(),
+            u.partial_bytes(),
         );
         assert_eq!(
             have,
             (want.0, want.1, want.2, want.3),
             "uid {}: account vs connections",
-            p.creds.uid
+            p.creds().uid
         );
         // Closed connections' unsent frames still count until written or
         // dropped.
         assert!(
-            u.queued_bytes.get() >= want.4,
+            u.queued_bytes() >= want.4,
             "uid {}: queued bytes",
-            p.creds.uid
+            p.creds().uid
         );
     }
 }

@@ -1,4 +1,7 @@
-//! The accept loop, the timer task and graceful shutdown.
+//! The broker's event loop: the accept loop (admitting connections with
+//! [`crate::conn::admit`]), the broker's own tasks (deadlines, the flusher,
+//! heartbeats, the partial-frame sweep, systemd notifications), policy
+//! reloads on SIGHUP, and graceful shutdown.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -30,7 +33,7 @@ pub async fn run(
     let broker = Rc::new(RefCell::new(Broker::new(config)));
     let mut timers = tokio::task::spawn_local(timer_loop(broker.clone()));
     let mut flusher = tokio::task::spawn_local(flush_loop(broker.clone()));
-    let busy_poll = broker.borrow().busy_poll.clone();
+    let busy_poll = broker.borrow().busy_poll().cloned();
     if let Some(bp) = &busy_poll {
         bp.watch_or_log(listener.as_raw_fd());
         tracing::debug!(
@@ -98,7 +101,7 @@ pub async fn run(
     broker.borrow_mut().shutdown();
     // Bounded wait for writers to flush and peers to disconnect.
     let deadline = tokio::time::Instant::now() + FLUSH_BOUND;
-    while !broker.borrow().peers.is_empty() && tokio::time::Instant::now() < deadline {
+    while !broker.borrow().peers().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     timers.abort();
@@ -118,8 +121,7 @@ pub async fn run(
 /// not re-checked (the new rules apply to registrations and calls from
 /// now on).
 fn reload_policy(broker: &RefCell<Broker>) {
-    let mut b = broker.borrow_mut();
-    let Some(path) = b.config.policy_path.clone() else {
+    let Some(path) = broker.borrow().config.policy_path.clone() else {
         tracing::info!("SIGHUP: no policy file to reload (the built-in defaults are in force)");
         return;
     };
@@ -128,16 +130,7 @@ fn reload_policy(broker: &RefCell<Broker>) {
     match crate::policy::Policy::load(&path, uid) {
         Ok(p) => {
             tracing::info!(policy = %path.display(), rules = p.rules(), "access policy reloaded");
-            b.quota = crate::quota::Quota::new(&b.config, p.quota());
-            b.config.policy = p;
-            // Subscriptions the new policy no longer allows end now.
-            let b = &mut *b;
-            let (peers, policy) = (&b.peers, &b.config.policy);
-            b.monitors.retain(|m| {
-                peers.get(m.peer).is_some_and(|p| {
-                    policy.may_introspect(&p.identity(), crate::policy::Introspection::Monitor)
-                })
-            });
+            broker.borrow_mut().set_policy(p);
         }
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: the policy file does not load; keeping the policy in force")
@@ -186,8 +179,8 @@ fn sd_notify(state: &str) {
 fn status_line(b: &Broker, calls_per_s: f64) -> String {
     format!(
         "{} connections, {} services, {} pending calls, {:.0} calls/s",
-        b.peers.len(),
-        b.names.len(),
+        b.peers().len(),
+        b.names().len(),
         b.pending.len(),
         calls_per_s
     )
@@ -230,16 +223,16 @@ async fn flush_loop(broker: Rc<RefCell<Broker>>) {
 }
 
 /// Closes connections whose partly received frame stalled (see
-/// [`crate::partial`]), and forgets users with nothing left.
+/// [`crate::broker::partial`]), and forgets users with nothing left.
 async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
-    let every = crate::partial::sweep_interval(broker.borrow().config.frame_timeout);
+    let every = crate::broker::partial::sweep_interval(broker.borrow().config.frame_timeout);
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
         let mut b = broker.borrow_mut();
         b.expire_partial_frames(std::time::Instant::now());
-        b.users.collect();
+        b.collect_users();
         b.flush();
     }
 }

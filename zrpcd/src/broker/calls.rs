@@ -1,68 +1,23 @@
-//! The broker's state and its routing logic. Everything here is synchronous:
-//! connection tasks call in with a decoded frame, and frames to send are
-//! queued on the destination peers, whose writers are woken once per batch.
+//! A call's way through the broker, the hot path: a client's `Call` is
+//! checked against the limits, stored ([`crate::pending`]), delivered to
+//! the least busy instance of its service (or parked until the name
+//! appears), and ended exactly once, by `Broker::finish`: with the
+//! service's `Reply`, an error, its deadline, or its caller going away.
+//!
+//! Every count a call holds is taken when it is accepted or delivered and
+//! given back in `finish`: the caller's pending calls and bytes
+//! (`Peer::charge_call` and `Peer::release_call`) and the service's
+//! outstanding requests (`Peer::deliver` and `Peer::settle`).
 
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use zrpc_proto::{flags, validate_name, Caller, Envelope, ErrorCode, Frame, MAX_TIMEOUT_MS};
+use zrpc_proto::{flags, validate_name, Caller, Envelope, ErrorCode, MAX_TIMEOUT_MS};
 
-use crate::config::Config;
-use crate::monitor::{self, CallEvent, Monitor};
-use crate::names::Names;
-use crate::outbox::Outbox;
+use super::{Broker, CallIn, Outcome};
+use crate::monitor::{self, CallEvent};
 use crate::payload::Payload;
-use crate::peers::{PeerId, Peers};
-use crate::pending::{KeptPayload, NewCall, PendingCalls, Stage};
-use crate::quota::Usage;
-use crate::stats::Stats;
-use zrpc_io::busy_poll::BusyPoll;
-
-/// A connection-level error: the peer gets a `Fatal` frame and is closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fatal {
-    /// Error code sent to the peer.
-    pub code: ErrorCode,
-    /// Message sent to the peer and logged.
-    pub message: String,
-}
-
-impl Fatal {
-    pub(crate) fn protocol(message: impl Into<String>) -> Fatal {
-        Fatal {
-            code: ErrorCode::Protocol,
-            message: message.into(),
-        }
-    }
-}
-
-/// How a call ended.
-pub(crate) enum Outcome<'a> {
-    /// The service answered (successfully or with its own error).
-    Reply {
-        code: Option<ErrorCode>,
-        message: &'a str,
-        payload: Payload<'a>,
-    },
-    /// The broker ends the call with an error.
-    Error(ErrorCode, String),
-    /// The caller cancelled the call: nobody to answer, and the service is
-    /// told to stop.
-    CallerGone,
-    /// The caller disconnected: nobody to answer. The service is *not* told
-    /// to stop: the client may reconnect and resubmit the call, and the
-    /// service's reply cache can then answer it without a second execution.
-    CallerLeft,
-}
-
-/// The fields of a `Call` envelope that `on_call` needs.
-struct CallIn<'a> {
-    id: u64,
-    service: &'a str,
-    method: &'a str,
-    timeout_ms: Option<u64>,
-    flags: u32,
-}
+use crate::peers::PeerId;
+use crate::pending::{KeptPayload, NewCall, Stage};
 
 /// A pending call to deliver, as [`Broker::route`] takes it.
 struct RouteCall<'a> {
@@ -77,200 +32,7 @@ struct RouteCall<'a> {
     caller_ident: Option<(u64, Caller)>,
 }
 
-/// The whole broker state: peers, names, pending calls, statistics.
-#[derive(Debug)]
-pub struct Broker {
-    /// Limits and settings.
-    pub config: Config,
-    /// Live connections.
-    pub peers: Peers,
-    /// Service names.
-    pub names: Names,
-    /// Calls in flight.
-    pub pending: PendingCalls,
-    /// Counters.
-    pub stats: Stats,
-    /// When the broker started.
-    pub started: Instant,
-    /// Set once shutdown began: new calls are refused.
-    pub shutting_down: bool,
-    /// Connections watching calls (`zrpc monitor`).
-    pub monitors: Vec<Monitor>,
-    pub(crate) ping_nonce: u64,
-    /// Peers with frames queued, written once per wake-up (see [`Outbox`]).
-    pub out: Outbox,
-    /// Adaptive busy polling (None: off); read batches are reported here.
-    pub busy_poll: Option<Rc<BusyPoll>>,
-    /// Read buffer bytes held for partly received frames, all connections
-    /// together (see [`crate::partial`]).
-    pub partial_total: usize,
-    /// Payload bytes of all pending calls (`--max-pending-bytes`).
-    pub pending_bytes: usize,
-    /// Users with live connections, and what each holds.
-    pub users: crate::quota::Users,
-    /// What one user may hold (see [`crate::quota`]).
-    pub quota: crate::quota::Quota,
-}
-
 impl Broker {
-    /// An empty broker.
-    pub fn new(config: Config) -> Self {
-        let max_stats_names = config.max_stats_names;
-        let quota = crate::quota::Quota::new(&config, config.policy.quota());
-        Broker {
-            busy_poll: BusyPoll::new_or_off(config.busy_poll),
-            config,
-            peers: Peers::default(),
-            names: Names::default(),
-            pending: PendingCalls::default(),
-            stats: Stats::new(max_stats_names),
-            started: Instant::now(),
-            shutting_down: false,
-            monitors: Vec::new(),
-            ping_nonce: 0,
-            out: Outbox::default(),
-            partial_total: 0,
-            pending_bytes: 0,
-            users: Default::default(),
-            quota,
-        }
-    }
-
-    /// Queues a frame to `peer`; returns false if the peer is gone. A peer
-    /// that does not read what it is sent (pongs, acks, errors, monitor
-    /// events, built-in answers) is disconnected once its queue passes
-    /// `--max-queued-bytes`; a service (which may be busy with a burst of
-    /// requests, refused past that limit) only at twice that.
-    pub(crate) fn send(&mut self, peer: PeerId, env: &Envelope<'_>, payload: Payload<'_>) -> bool {
-        let Some(p) = self.peers.get(peer) else {
-            return false;
-        };
-        self.out.enqueue(&p.io, env, payload);
-        let max = self.config.max_queued_bytes;
-        let limit = if p.names.is_empty() && p.outstanding == 0 {
-            max
-        } else {
-            max.saturating_mul(2)
-        };
-        if p.io.queue.borrow().len_bytes() > limit
-            || (p.user.limited() && p.user.queued_bytes.get() > self.quota.queued_bytes)
-        {
-            self.check_backlog(peer, limit);
-        }
-        true
-    }
-
-    /// Writes out every peer that got frames since the last flush: one
-    /// vectored write per peer per batch, directly from this task.
-    pub fn flush(&mut self) {
-        self.out.flush();
-    }
-
-    /// Handles one frame from `peer`. An error closes the connection.
-    pub fn on_frame(&mut self, peer: PeerId, frame: Frame) -> Result<(), Fatal> {
-        self.on_frame_at(peer, frame, Instant::now())
-    }
-
-    /// [`Broker::on_frame`] with the current time given by the caller (the
-    /// connection reads the clock once per read batch, not per frame).
-    pub fn on_frame_at(&mut self, peer: PeerId, frame: Frame, now: Instant) -> Result<(), Fatal> {
-        self.on_frame_parts(peer, &frame.envelope, Payload::Shared(&frame.payload), now)
-    }
-
-    /// [`Broker::on_frame_at`] for a frame given as its envelope bytes and
-    /// its payload, which may be borrowed from the read buffer (the
-    /// connection handles frames with small payloads in place).
-    pub fn on_frame_parts(
-        &mut self,
-        peer: PeerId,
-        envelope: &[u8],
-        payload: Payload<'_>,
-        now: Instant,
-    ) -> Result<(), Fatal> {
-        let env = Envelope::decode(envelope).map_err(|e| Fatal::protocol(e.to_string()))?;
-        let ready = self.peers.get(peer).is_some_and(|p| p.ready);
-        if !ready {
-            return match env {
-                Envelope::Hello {
-                    version,
-                    instance,
-                    agent,
-                } => self.on_hello(peer, version, instance, agent),
-                _ => Err(Fatal::protocol("expected Hello as the first frame")),
-            };
-        }
-        match env {
-            Envelope::Call {
-                id,
-                service,
-                method,
-                timeout_ms,
-                flags,
-            } => {
-                let call = CallIn {
-                    id,
-                    service,
-                    method,
-                    timeout_ms,
-                    flags,
-                };
-                self.on_call(peer, call, payload, now);
-                Ok(())
-            }
-            Envelope::Reply { id, code, message } => {
-                self.on_reply(peer, id, code, message, payload, now);
-                Ok(())
-            }
-            Envelope::Register { req, name, shared } => {
-                self.on_register(peer, req, name, shared, now);
-                Ok(())
-            }
-            Envelope::Unregister { req, name } => {
-                self.on_unregister(peer, req, name);
-                Ok(())
-            }
-            Envelope::Cancel { id } => {
-                if let Some(bid) = self.pending.find_by_caller(peer, id) {
-                    self.stats.cancelled += 1;
-                    self.finish(bid, Outcome::CallerGone, now);
-                }
-                Ok(())
-            }
-            Envelope::Ping { nonce } => {
-                self.send(peer, &Envelope::Pong { nonce }, Payload::EMPTY);
-                Ok(())
-            }
-            Envelope::Pong { .. } => Ok(()),
-            Envelope::Hello { .. } => Err(Fatal::protocol("Hello sent twice")),
-            other => Err(Fatal::protocol(format!(
-                "message kind {:?} is not accepted from peers",
-                other.kind()
-            ))),
-        }
-    }
-
-    /// Logs a limit hit or an access denied to `peer`: at warn level the
-    /// first time per connection, at debug level after that (a flood must
-    /// not flood logs).
-    pub(crate) fn log_refusal(&mut self, peer: PeerId, message: &str) {
-        let Some(p) = self.peers.get_mut(peer) else {
-            return;
-        };
-        let (uid, pid) = (p.creds.uid, p.creds.pid);
-        if p.limit_logged {
-            tracing::debug!(peer, uid, pid, message, "refused");
-        } else {
-            p.limit_logged = true;
-            tracing::warn!(
-                peer,
-                uid,
-                pid,
-                message,
-                "refused (further refusals on this connection are logged at debug level)"
-            );
-        }
-    }
-
     fn result_error(&mut self, peer: PeerId, id: u64, code: ErrorCode, message: &str) {
         if matches!(code, ErrorCode::LimitExceeded | ErrorCode::AccessDenied) {
             self.log_refusal(peer, message);
@@ -284,7 +46,13 @@ impl Broker {
         self.send(peer, &env, Payload::EMPTY);
     }
 
-    fn on_call(&mut self, peer: PeerId, call: CallIn<'_>, payload: Payload<'_>, now: Instant) {
+    pub(super) fn on_call(
+        &mut self,
+        peer: PeerId,
+        call: CallIn<'_>,
+        payload: Payload<'_>,
+        now: Instant,
+    ) {
         let CallIn {
             id,
             service,
@@ -335,14 +103,14 @@ impl Broker {
         let total = self.pending.len();
         let over_total = total >= self.config.max_pending_total;
         let size = payload.len();
-        let total_bytes = self.pending_bytes;
+        let total_bytes = self.pending.payload_bytes();
         let over_total_bytes = total_bytes + size > self.config.max_pending_bytes;
         let max_bytes_per_conn = self.config.max_pending_bytes_per_conn;
         let quota = self.quota;
         let caller_ident = match self.peers.get_mut(peer) {
             Some(p) => {
-                p.calls_made += 1;
-                let calling = p.calling as usize;
+                p.count_call();
+                let calling = p.calling() as usize;
                 let refused = if calling >= max_per_conn {
                     Some(format!(
                         "this connection has {calling} calls pending, the limit (--max-pending-per-conn)"
@@ -351,24 +119,25 @@ impl Broker {
                     Some(format!(
                         "the broker has {total} calls pending, the limit (--max-pending-total)"
                     ))
-                } else if p.calling_bytes + size > max_bytes_per_conn {
+                } else if p.calling_bytes() + size > max_bytes_per_conn {
                     Some(format!(
                         "this connection's pending calls hold {} bytes of arguments; {size} more would pass the limit of {max_bytes_per_conn} (--max-pending-bytes-per-conn)",
-                        p.calling_bytes
+                        p.calling_bytes()
                     ))
                 } else if over_total_bytes {
                     Some(format!(
                         "the broker's pending calls hold {total_bytes} bytes of arguments; {size} more would pass the limit (--max-pending-bytes)"
                     ))
-                } else if p.user.limited()
-                    && (p.user.pending_calls.get() >= quota.pending_calls
-                        || p.user.pending_bytes.get() + size > quota.pending_bytes)
+                } else if p.user().limited()
+                    && (p.user().pending_calls() >= quota.pending_calls
+                        || p.user().pending_bytes() + size > quota.pending_bytes)
                 {
+                    let user = p.user();
                     Some(format!(
                         "uid {} has {} calls pending holding {} bytes of arguments, at its per-user quota ({} calls, {} bytes: pending_calls and pending_bytes in [quota] of the policy)",
-                        p.user.uid,
-                        p.user.pending_calls.get(),
-                        p.user.pending_bytes.get(),
+                        user.uid(),
+                        user.pending_calls(),
+                        user.pending_bytes(),
                         quota.pending_calls,
                         quota.pending_bytes
                     ))
@@ -378,15 +147,11 @@ impl Broker {
                 if let Some(msg) = refused {
                     return self.result_error(peer, id, ErrorCode::LimitExceeded, &msg);
                 }
-                p.calling += 1;
-                p.calling_bytes += size;
-                Usage::add(&p.user.pending_calls, 1);
-                Usage::add(&p.user.pending_bytes, size);
-                (p.instance, p.creds.caller())
+                p.charge_call(size);
+                (p.instance(), p.creds().caller())
             }
             None => return,
         };
-        self.pending_bytes += size;
         let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         let kept = KeptPayload::new(payload);
         let new = NewCall {
@@ -447,11 +212,20 @@ impl Broker {
     /// A call to the broker's own service, answered at once.
     fn call_builtin(&mut self, peer: PeerId, id: u64, method: &str, payload: &[u8]) {
         if let Some(p) = self.peers.get_mut(peer) {
-            p.calls_made += 1;
+            p.count_call();
         }
         let started = Instant::now();
-        let (mut code, mut message, mut payload) =
-            crate::builtin::handle(self, peer, method, payload);
+        let view = crate::builtin::View {
+            caller: peer,
+            peers: &self.peers,
+            names: &self.names,
+            pending: &self.pending,
+            stats: &self.stats,
+            policy: &self.config.policy,
+            monitors: &mut self.monitors,
+            started: self.started,
+        };
+        let (mut code, mut message, mut payload) = crate::builtin::handle(view, method, payload);
         // An answer the caller could not receive (a list of every name of
         // thousands of connections) is refused instead.
         let max = self.config.max_message_size as usize;
@@ -521,7 +295,7 @@ impl Broker {
         let (caller, caller_call, call_flags) = (p.caller, p.caller_call, p.flags);
         let peers = &self.peers;
         let target = self.names.pick(service, |id| {
-            peers.get(id).map_or(u32::MAX, |p| p.outstanding)
+            peers.get(id).map_or(u32::MAX, |p| p.outstanding())
         });
         let Some(target) = target else {
             if call_flags & flags::NO_WAIT != 0 {
@@ -536,19 +310,20 @@ impl Broker {
         };
         let max_queued = self.config.max_queued_bytes;
         let (caller_instance, caller_id) = caller_ident.unwrap_or_else(|| {
-            self.peers
-                .get(caller)
-                .map_or((0, Caller::default()), |p| (p.instance, p.creds.caller()))
+            self.peers.get(caller).map_or((0, Caller::default()), |p| {
+                (p.instance(), p.creds().caller())
+            })
         });
         let Some(t) = self.peers.get_mut(target) else {
             return;
         };
-        let queued = t.io.queue.borrow().len_bytes();
-        if t.user.limited() && t.user.queued_bytes.get() + payload.len() > self.quota.queued_bytes {
+        let queued = t.io().queue.borrow().len_bytes();
+        let user = t.user();
+        if user.limited() && user.queued_bytes() + payload.len() > self.quota.queued_bytes {
             let msg = format!(
                 "the services of uid {} do not read their requests ({} bytes queued, more than its per-user quota: queued_bytes in [quota] of the policy)",
-                t.creds.uid,
-                t.user.queued_bytes.get()
+                t.creds().uid,
+                user.queued_bytes()
             );
             self.log_refusal(target, &msg);
             return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
@@ -569,13 +344,9 @@ impl Broker {
             caller_call,
             caller: Some(caller_id),
         };
-        // Requests written to it and not answered yet.
-        let working = t
-            .outstanding
-            .saturating_sub(t.io.queue.borrow().queued_frames());
-        let busy = working >= crate::queue::FLUSH_EVERY_FRAMES;
-        t.outstanding += 1;
-        self.out.enqueue_for(&t.io, &env, payload, busy);
+        let busy = t.requests_in_hand() >= crate::queue::FLUSH_EVERY_FRAMES;
+        t.deliver();
+        self.out.enqueue_for(t.io(), &env, payload, busy);
         if let Some(p) = self.pending.get_mut(bid) {
             p.set_stage(Stage::Delivered(target));
         }
@@ -602,13 +373,8 @@ impl Broker {
             Stage::Delivered(svc) => {
                 let mut cancel = false;
                 if let Some(s) = self.peers.get_mut(svc) {
-                    s.outstanding = s.outstanding.saturating_sub(1);
-                    if replied {
-                        s.served += 1;
-                    } else {
-                        s.failed += 1;
-                        cancel = cancel_service;
-                    }
+                    s.settle(replied);
+                    cancel = !replied && cancel_service;
                 }
                 if cancel {
                     self.send(svc, &Envelope::Cancel { id: bid }, Payload::EMPTY);
@@ -617,14 +383,10 @@ impl Broker {
             Stage::Parked => self.names.unpark(service, bid),
         }
         let size = p.payload.len();
-        self.pending_bytes -= size;
         if matches!(outcome, Outcome::CallerGone | Outcome::CallerLeft) {
             // (otherwise `send_result` releases the call, in the same lookup)
             if let Some(c) = self.peers.get_mut(p.caller) {
-                c.calling = c.calling.saturating_sub(1);
-                c.calling_bytes = c.calling_bytes.saturating_sub(size);
-                Usage::sub(&c.user.pending_calls, 1);
-                Usage::sub(&c.user.pending_bytes, size);
+                c.release_call(size);
             }
         }
         let elapsed = self.pending.elapsed_at(&p, now);
@@ -637,7 +399,7 @@ impl Broker {
                 Outcome::CallerGone | Outcome::CallerLeft => ("cancelled", 0),
             };
             let event = CallEvent {
-                caller_pid: self.peers.get(p.caller).map_or(0, |c| c.creds.pid),
+                caller_pid: self.peers.get(p.caller).map_or(0, |c| c.creds().pid),
                 caller: p.caller,
                 service,
                 method: &removed.method,
@@ -689,14 +451,7 @@ impl Broker {
     /// Sends an event to every monitor that wants it.
     fn emit(&mut self, event: &CallEvent<'_>) {
         let payload = monitor::encode(event);
-        let mut targets = Vec::new();
-        for m in &mut self.monitors {
-            if m.peer != event.caller && m.wants(event.service) {
-                m.seq += 1;
-                targets.push((m.peer, m.seq));
-            }
-        }
-        for (peer, seq) in targets {
+        for (peer, seq) in self.monitors.recipients(event) {
             self.send(peer, &Envelope::Event { seq }, Payload::Shared(&payload));
         }
     }
@@ -713,21 +468,18 @@ impl Broker {
         let Some(c) = self.peers.get_mut(caller) else {
             return;
         };
-        c.calling = c.calling.saturating_sub(1);
-        c.calling_bytes = c.calling_bytes.saturating_sub(arg_size);
-        Usage::sub(&c.user.pending_calls, 1);
-        Usage::sub(&c.user.pending_bytes, arg_size);
-        self.out.enqueue(&c.io, env, payload);
+        c.release_call(arg_size);
+        self.out.enqueue(c.io(), env, payload);
         let max = self.config.max_queued_bytes;
-        if c.io.queue.borrow().len_bytes() > max
-            || (c.user.limited() && c.user.queued_bytes.get() > self.quota.queued_bytes)
+        if c.io().queue.borrow().len_bytes() > max
+            || (c.user().limited() && c.user().queued_bytes() > self.quota.queued_bytes)
         {
             self.check_backlog(caller, max);
         }
     }
 
     /// Handles a service's answer.
-    fn on_reply(
+    pub(super) fn on_reply(
         &mut self,
         peer: PeerId,
         bid: u64,

@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use zrpc_proto::ErrorCode;
 
-use crate::broker::{Broker, Fatal};
+use super::{Broker, Fatal};
 use crate::peers::PeerId;
-use crate::quota::Usage;
 
 impl Broker {
     /// Records, after a read batch of `peer`, that `held` bytes of read
@@ -25,23 +24,15 @@ impl Broker {
         new_frame: bool,
         now: Instant,
     ) -> Result<(), Fatal> {
-        let Some(p) = self.peers.get_mut(peer) else {
+        let Some(hold) = self.peers.hold_partial(peer, held, new_frame, now) else {
             return Ok(());
         };
-        let before = p.partial_bytes;
-        p.partial_bytes = held;
-        let user = p.user.clone();
-        Usage::sub(&user.partial_bytes, before);
-        Usage::add(&user.partial_bytes, held);
-        p.partial_since = match (held, p.partial_since) {
-            (0, _) => None,
-            (_, Some(since)) if !new_frame => Some(since),
-            _ => Some(now),
-        };
-        self.partial_total = self.partial_total - before + held;
+        if held <= hold.before {
+            return Ok(());
+        }
         let max = self.config.max_partial_bytes;
-        if held > before && self.partial_total > max {
-            let total = self.partial_total;
+        if hold.total > max {
+            let total = hold.total;
             return Err(Fatal {
                 code: ErrorCode::LimitExceeded,
                 message: format!(
@@ -50,28 +41,24 @@ impl Broker {
             });
         }
         let quota = self.quota.partial_bytes;
-        if held > before && user.limited() && user.partial_bytes.get() > quota {
+        let user = self.peers.get(peer).map(|p| p.user());
+        if let Some(user) = user.filter(|u| u.limited() && u.partial_bytes() > quota) {
             return Err(Fatal {
                 code: ErrorCode::LimitExceeded,
                 message: format!(
                     "uid {} holds {} bytes of partly received frames, more than its per-user quota of {quota} (partial_bytes in [quota] of the policy)",
-                    user.uid,
-                    user.partial_bytes.get()
+                    user.uid(),
+                    user.partial_bytes()
                 ),
             });
         }
         Ok(())
     }
 
-    /// Forgets the partial frame of a peer that is going away.
-    pub(crate) fn forget_partial(&mut self, held: usize) {
-        self.partial_total -= held;
-    }
-
     /// Closes, with `Fatal{Timeout}`, every connection whose partial frame
     /// began longer than `--frame-timeout` ago.
     pub fn expire_partial_frames(&mut self, now: Instant) {
-        if self.partial_total == 0 {
+        if self.peers.partial_total() == 0 {
             return;
         }
         let limit = self.config.frame_timeout;
@@ -79,11 +66,11 @@ impl Broker {
             .peers
             .iter()
             .filter(|p| {
-                !p.io.closed.get()
-                    && p.partial_since
+                !p.io().closed.get()
+                    && p.partial_since()
                         .is_some_and(|since| now.saturating_duration_since(since) > limit)
             })
-            .map(|p| p.id)
+            .map(|p| p.id())
             .collect();
         for id in stalled {
             let fatal = Fatal {

@@ -1,5 +1,9 @@
 //! The pending-calls table: every call the broker has accepted and not yet
-//! answered, with its single deadline timer.
+//! answered. This file owns the calls themselves and their two ways in:
+//! the broker call id and the caller's own id. The parts each call refers
+//! to are in the submodules: [`routes`] (interned service and method
+//! names), `timers` (deadlines and the table's clock) and [`kept`] (the
+//! payload kept for re-delivery).
 //!
 //! Memory per call matters (there can be a million of them), so:
 //! - calls live in a slab of fixed-size pages (no hash-table slack, no
@@ -9,102 +13,28 @@
 //!   per call (hashing and comparing through the slab);
 //! - the service and method names are interned once per distinct pair
 //!   ([`RouteId`]) instead of keeping each call's envelope bytes alive;
-//! - only a non-empty payload is kept (needed for re-delivery).
+//! - a small payload is kept inline in the call's slot ([`KeptPayload`]).
 
-use std::hash::{BuildHasher, Hasher};
+pub mod kept;
+pub mod routes;
+mod timers;
+
+use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use hashbrown::HashTable;
-use rustc_hash::{FxBuildHasher, FxHasher};
-use tokio_util::time::{delay_queue, DelayQueue};
-use zrpc_proto::InlineBytes;
+use rustc_hash::FxBuildHasher;
 
-use crate::payload::Payload;
 use crate::peers::PeerId;
-
-/// Index of an interned `(service, method)` pair.
-pub type RouteId = u32;
+pub use kept::{KeptPayload, INLINE_PAYLOAD, SMALL_PAYLOAD_COPY};
+pub use routes::RouteId;
+use routes::Routes;
+use timers::{TimerKey, Timers};
 
 /// Slots per slab page.
 const PAGE: usize = 1024;
-
-/// Interned routes nobody uses are kept (for the next call to the same
-/// method) up to this many; beyond it they are freed at once, so calls to
-/// ever new names cannot grow the table.
-const IDLE_ROUTES: usize = 1024;
-
-/// Payloads up to this many bytes are kept inline in their pending call:
-/// the copy kept for re-delivery then costs no allocation (before, one
-/// `malloc` and `free` per call, ~390 instructions, the largest single
-/// item of the routing path). 70 bytes hold a 64-byte string or binary
-/// value with its MessagePack header, and keep a slot at 136 bytes (the
-/// issue's budget is 256 bytes per pending call, index and timer included).
-pub const INLINE_PAYLOAD: usize = 70;
-
-/// Payloads up to this size are copied out of the read buffer (inline or
-/// into an allocation of their own), so that a pending call does not keep
-/// the whole read chunk it arrived in (shared with the other frames of
-/// that read) alive; larger ones are kept by reference.
-pub const SMALL_PAYLOAD_COPY: usize = 256;
-
-/// A pending call's copy of its payload, kept for re-delivery.
-#[derive(Clone)]
-pub enum KeptPayload {
-    /// A small payload, copied in place.
-    Inline(InlineBytes<INLINE_PAYLOAD>),
-    /// A larger payload: a copy, or a view into the buffer it arrived in.
-    Shared(Bytes),
-}
-
-impl KeptPayload {
-    /// What a pending call keeps of `payload`.
-    pub fn new(payload: Payload<'_>) -> KeptPayload {
-        if let Some(inline) = InlineBytes::new(payload.as_slice()) {
-            KeptPayload::Inline(inline)
-        } else if payload.len() <= SMALL_PAYLOAD_COPY {
-            KeptPayload::Shared(Bytes::copy_from_slice(payload.as_slice()))
-        } else {
-            // A view into a large payload's own split-off buffer, or a
-            // copy of a borrowed one.
-            KeptPayload::Shared(payload.to_bytes())
-        }
-    }
-
-    /// The payload bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            KeptPayload::Inline(b) => b,
-            KeptPayload::Shared(b) => b,
-        }
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.as_slice().len()
-    }
-
-    /// True for an empty (nil) payload.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The payload as `Bytes` (a copy of an inline one), for re-delivery.
-    pub fn to_bytes(&self) -> Bytes {
-        match self {
-            KeptPayload::Inline(b) => Bytes::copy_from_slice(b),
-            KeptPayload::Shared(b) => b.clone(),
-        }
-    }
-}
-
-impl std::fmt::Debug for KeptPayload {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeptPayload({} bytes)", self.len())
-    }
-}
 
 /// Where a pending call is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +57,7 @@ pub struct Pending {
     /// The payload, kept for re-delivery (see [`KeptPayload`]).
     pub payload: KeptPayload,
     /// The timer entry, if the call has a deadline.
-    timer: Option<delay_queue::Key>,
+    timer: Option<TimerKey>,
     /// The service connection it was delivered to; 0 while parked.
     target: PeerId,
     /// When the broker accepted it, in microseconds since the table was
@@ -199,128 +129,9 @@ struct Slot {
     call: Option<Pending>,
 }
 
-#[derive(Debug)]
-struct Route {
-    service: Rc<str>,
-    method: Rc<str>,
-    hash: u64,
-    /// Pending calls using this route.
-    refs: u32,
-    /// A value the broker keeps with the route (its per-service statistics
-    /// slot), `u32::MAX` while unset.
-    tag: u32,
-}
-
-/// Interned `(service, method)` pairs, reference-counted by the calls.
-#[derive(Debug, Default)]
-struct Routes {
-    entries: Vec<Option<Route>>,
-    free: Vec<RouteId>,
-    index: HashTable<RouteId>,
-    idle: usize,
-}
-
-fn route_hash(service: &str, method: &str) -> u64 {
-    let mut h = FxHasher::default();
-    h.write(service.as_bytes());
-    h.write_u8(0xff);
-    h.write(method.as_bytes());
-    h.finish()
-}
-
-impl Routes {
-    fn find(&self, service: &str, method: &str) -> Option<RouteId> {
-        let hash = route_hash(service, method);
-        let entries = &self.entries;
-        self.index
-            .find(hash, |&id| {
-                entries[id as usize]
-                    .as_ref()
-                    .is_some_and(|r| &*r.service == service && &*r.method == method)
-            })
-            .copied()
-    }
-
-    /// Takes a reference to the route of `service` and `method`, creating it
-    /// if needed; `hint` is its id if the caller already looked it up.
-    fn acquire(&mut self, service: &str, method: &str, hint: Option<RouteId>) -> RouteId {
-        let id = match hint.or_else(|| self.find(service, method)) {
-            Some(id) => id,
-            None => self.create(service, method),
-        };
-        if let Some(r) = self.entries[id as usize].as_mut() {
-            if r.refs == 0 {
-                self.idle -= 1;
-            }
-            r.refs += 1;
-        }
-        id
-    }
-
-    fn create(&mut self, service: &str, method: &str) -> RouteId {
-        let hash = route_hash(service, method);
-        let route = Route {
-            service: service.into(),
-            method: method.into(),
-            hash,
-            refs: 0,
-            tag: u32::MAX,
-        };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.entries[id as usize] = Some(route);
-                id
-            }
-            None => {
-                self.entries.push(Some(route));
-                (self.entries.len() - 1) as RouteId
-            }
-        };
-        self.idle += 1;
-        let entries = &self.entries;
-        self.index.insert_unique(hash, id, |&i| {
-            entries[i as usize].as_ref().map_or(0, |r| r.hash)
-        });
-        id
-    }
-
-    /// Drops a call's reference to route `id`.
-    fn release(&mut self, id: RouteId) {
-        let Some(r) = self.entries[id as usize].as_mut() else {
-            return;
-        };
-        r.refs -= 1;
-        if r.refs > 0 {
-            return;
-        }
-        if self.idle < IDLE_ROUTES {
-            self.idle += 1;
-            return;
-        }
-        let hash = r.hash;
-        if let Ok(e) = self.index.find_entry(hash, |&i| i == id) {
-            e.remove();
-        }
-        self.entries[id as usize] = None;
-        self.free.push(id);
-    }
-
-    fn names(&self, id: RouteId) -> (&Rc<str>, &Rc<str>) {
-        match &self.entries[id as usize] {
-            Some(r) => (&r.service, &r.method),
-            None => unreachable!("a pending call's route is alive"),
-        }
-    }
-}
-
 /// All pending calls, keyed by broker call id, and their timers.
 #[derive(Debug)]
 pub struct PendingCalls {
-    base: Instant,
-    /// The last `now` turned into microseconds since `base`: a read batch
-    /// gives all its frames the same `now`, so each call's two conversions
-    /// (at insert and at the end) are mostly a comparison.
-    last_now: std::cell::Cell<(Instant, u64)>,
     pages: Vec<Box<[Slot]>>,
     /// Slots handed out so far (used or on the free list).
     slots: usize,
@@ -331,25 +142,25 @@ pub struct PendingCalls {
     free_head: u32,
     free_tail: u32,
     len: usize,
+    /// Payload bytes kept by all pending calls (`--max-pending-bytes`).
+    payload_bytes: usize,
     by_caller: HashTable<u32>,
     routes: Routes,
-    timers: DelayQueue<u64>,
+    timers: Timers,
 }
 
 impl Default for PendingCalls {
     fn default() -> Self {
-        let base = Instant::now();
         PendingCalls {
-            base,
-            last_now: std::cell::Cell::new((base, 0)),
             pages: Vec::new(),
             slots: 0,
             free_head: u32::MAX,
             free_tail: u32::MAX,
             len: 0,
+            payload_bytes: 0,
             by_caller: HashTable::new(),
             routes: Routes::default(),
-            timers: DelayQueue::new(),
+            timers: Timers::default(),
         }
     }
 }
@@ -417,8 +228,9 @@ impl PendingCalls {
         let route = self.routes.acquire(call.service, call.method, call.route);
         let idx = self.alloc_slot();
         let id = self.id_of(idx);
-        let timer = deadline.map(|d| self.timers.insert_at(id, d.into()));
-        let started_us = self.micros(now);
+        let timer = deadline.map(|d| self.timers.arm(id, d));
+        let started_us = self.timers.micros(now);
+        self.payload_bytes += call.payload.len();
         self.slot_mut(idx).call = Some(Pending {
             caller: call.caller,
             caller_call: call.caller_call,
@@ -445,23 +257,12 @@ impl PendingCalls {
     /// The deadline of call `id`, if it has one.
     pub fn deadline(&self, id: u64) -> Option<Instant> {
         let key = self.get(id)?.timer.as_ref()?;
-        Some(self.timers.deadline(key).into_std())
+        Some(self.timers.deadline(key))
     }
 
     /// How long before `now` call `p` was accepted.
     pub fn elapsed_at(&self, p: &Pending, now: Instant) -> Duration {
-        Duration::from_micros(self.micros(now).saturating_sub(p.started_us))
-    }
-
-    /// Microseconds from the table's creation to `now` (0 before it).
-    fn micros(&self, now: Instant) -> u64 {
-        let (last, us) = self.last_now.get();
-        if now == last {
-            return us;
-        }
-        let us = now.saturating_duration_since(self.base).as_micros() as u64;
-        self.last_now.set((now, us));
-        us
+        Duration::from_micros(self.timers.micros(now).saturating_sub(p.started_us))
     }
 
     /// The broker id of `caller`'s call `caller_call`, if pending.
@@ -504,15 +305,12 @@ impl PendingCalls {
 
     /// The tag kept with route `route`, if set.
     pub fn route_tag(&self, route: RouteId) -> Option<u32> {
-        let r = self.routes.entries.get(route as usize)?.as_ref()?;
-        (r.tag != u32::MAX).then_some(r.tag)
+        self.routes.tag(route)
     }
 
     /// Keeps `tag` with route `route` (for as long as the route lives).
     pub fn set_route_tag(&mut self, route: RouteId, tag: u32) {
-        if let Some(Some(r)) = self.routes.entries.get_mut(route as usize) {
-            r.tag = tag;
-        }
+        self.routes.set_tag(route, tag);
     }
 
     /// The service and method names of a call, as shared strings that stay
@@ -541,12 +339,13 @@ impl PendingCalls {
         }
         self.free_tail = idx as u32;
         self.len -= 1;
+        self.payload_bytes -= p.payload.len();
         let hash = caller_hash(p.caller, p.caller_call);
         if let Ok(e) = self.by_caller.find_entry(hash, |&i| i as usize == idx) {
             e.remove();
         }
         if let Some(key) = &p.timer {
-            self.timers.remove(key);
+            self.timers.disarm(key);
         }
         let (service, method) = self.names_rc(&p);
         let route_tag = self.route_tag(p.route);
@@ -562,17 +361,11 @@ impl PendingCalls {
     /// Polls for the next call whose deadline passed. The returned id's
     /// timer is already consumed; the call itself is still in the table.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<u64> {
-        match self.timers.poll_expired(cx) {
-            Poll::Ready(Some(exp)) => {
-                let id = exp.into_inner();
-                if let Some(p) = self.get_mut(id) {
-                    p.timer = None;
-                }
-                Poll::Ready(id)
-            }
-            // Empty queue: the waker is kept and woken by the next insert.
-            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        let id = std::task::ready!(self.timers.poll_expired(cx));
+        if let Some(p) = self.get_mut(id) {
+            p.timer = None;
         }
+        Poll::Ready(id)
     }
 
     /// [`ids_where`](Self::ids_where) when a counter the caller keeps says
@@ -608,6 +401,11 @@ impl PendingCalls {
         self.len
     }
 
+    /// Payload bytes kept by all pending calls.
+    pub fn payload_bytes(&self) -> usize {
+        self.payload_bytes
+    }
+
     /// True if nothing is pending.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -622,13 +420,15 @@ impl PendingCalls {
     /// Number of interned `(service, method)` pairs, used or idle (exposed
     /// so tests can check they stay bounded).
     pub fn routes_len(&self) -> usize {
-        self.routes.entries.len() - self.routes.free.len()
+        self.routes.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::routes::IDLE_ROUTES;
     use super::*;
+    use crate::payload::Payload;
 
     /// A runtime to enter, for the timer wheel (DelayQueue) of the table.
     fn timer_runtime() -> tokio::runtime::Runtime {
@@ -659,37 +459,6 @@ mod tests {
             "{}",
             std::mem::size_of::<Slot>()
         );
-    }
-
-    #[test]
-    fn small_payloads_are_kept_inline_and_large_ones_by_reference() {
-        let small = Bytes::from(vec![7u8; INLINE_PAYLOAD]);
-        let kept = KeptPayload::new(Payload::Shared(&small));
-        assert!(matches!(kept, KeptPayload::Inline(_)));
-        assert_eq!(kept.as_slice(), &small[..]);
-        assert_eq!(kept.to_bytes(), small);
-        let copied = Bytes::from(vec![8u8; INLINE_PAYLOAD + 1]);
-        match KeptPayload::new(Payload::Shared(&copied)) {
-            KeptPayload::Shared(b) => {
-                assert_eq!(b, copied);
-                assert_ne!(b.as_ptr(), copied.as_ptr(), "a copy, not a view");
-            }
-            KeptPayload::Inline(_) => panic!("too large to be inline"),
-        }
-        let large = Bytes::from(vec![9u8; SMALL_PAYLOAD_COPY + 1]);
-        match KeptPayload::new(Payload::Shared(&large)) {
-            KeptPayload::Shared(b) => assert_eq!(b.as_ptr(), large.as_ptr(), "a view"),
-            KeptPayload::Inline(_) => panic!("too large to be inline"),
-        }
-        // A large payload borrowed from elsewhere is copied.
-        match KeptPayload::new(Payload::Borrowed(&large)) {
-            KeptPayload::Shared(b) => {
-                assert_eq!(b, large);
-                assert_ne!(b.as_ptr(), large.as_ptr(), "a copy, not a view");
-            }
-            KeptPayload::Inline(_) => panic!("too large to be inline"),
-        }
-        assert!(KeptPayload::new(Payload::EMPTY).is_empty());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use zrpc_proto::{validate_name, Envelope, ErrorCode};
 
-use crate::broker::Broker;
+use super::Broker;
 use crate::names::RegisterError;
 use crate::payload::Payload;
 use crate::peers::PeerId;
@@ -36,7 +36,7 @@ impl Broker {
             self.log_refusal(peer, &msg);
             return self.ack(peer, req, Some(ErrorCode::AccessDenied), &msg);
         }
-        let held = self.peers.get(peer).map_or(0, |p| p.names.len());
+        let held = self.peers.get(peer).map_or(0, |p| p.names().len());
         if held >= self.config.max_names_per_conn {
             let msg = format!(
                 "this connection already holds {held} names, the limit (--max-names-per-conn)"
@@ -47,7 +47,7 @@ impl Broker {
         match self.names.register(name, peer, shared) {
             Ok(()) => {
                 if let Some(p) = self.peers.get_mut(peer) {
-                    p.names.push(name.into());
+                    p.add_name(name);
                 }
                 tracing::info!(peer, name, shared, "name registered");
                 let tag = self.stats.registered(name);
@@ -79,13 +79,13 @@ impl Broker {
             return Ok(());
         };
         self.config.policy.may_own(&p.identity(), name, shared)?;
-        let uid = p.creds.uid;
+        let uid = p.creds().uid;
         let other = self
             .names
             .holders(name)
             .iter()
             .filter_map(|&h| self.peers.get(h))
-            .map(|h| h.creds.uid)
+            .map(|h| h.creds().uid)
             .find(|&u| u != uid);
         match other {
             Some(o) => Err(format!(
@@ -98,7 +98,7 @@ impl Broker {
     pub(crate) fn on_unregister(&mut self, peer: PeerId, req: u64, name: &str) {
         if self.names.unregister(name, peer) {
             if let Some(p) = self.peers.get_mut(peer) {
-                p.names.retain(|n| &**n != name);
+                p.remove_name(name);
             }
             if !self.names.is_held(name) {
                 self.stats.unregistered(name);

@@ -7,21 +7,37 @@ use std::time::Instant;
 
 use zrpc_proto::{flags, Envelope, ErrorCode, PROTOCOL_VERSION};
 
-use crate::broker::{Broker, Fatal, Outcome};
+use super::{Broker, Fatal, Outcome};
 use crate::payload::Payload;
 use crate::peers::{Creds, PeerId};
 use crate::pending::Stage;
 use crate::queue::PeerIo;
-use crate::quota::Usage;
 
 impl Broker {
     /// Registers a new connection.
     pub fn add_peer(&mut self, io: Rc<PeerIo>, creds: Creds) -> PeerId {
+        self.admit_peer(io, creds, Box::default())
+    }
+
+    /// Registers a new connection with its supplementary groups (from
+    /// `SO_PEERGROUPS`), counted in its user's account.
+    pub fn admit_peer(&mut self, io: Rc<PeerIo>, creds: Creds, groups: Box<[u32]>) -> PeerId {
         self.stats.connections_total += 1;
         let user = self.users.get(creds.uid);
-        Usage::add(&user.connections, 1);
         io.queue.borrow_mut().set_user(user.clone());
-        self.peers.insert(io, creds, user)
+        self.peers.insert(io, creds, groups, user)
+    }
+
+    /// Why a new connection of `uid` is refused, if the broker is at its
+    /// connection limit or the user at its quota.
+    pub fn refuse_connection(&self, uid: u32) -> Option<String> {
+        let max = self.config.max_connections;
+        if self.peers.len() >= max {
+            return Some(format!(
+                "zrpcd already has {max} connections, the limit (--max-connections)"
+            ));
+        }
+        self.over_connection_quota(uid)
     }
 
     /// Why a new connection of `uid` is refused, if its user is at the
@@ -59,10 +75,8 @@ impl Broker {
             // instance id reaches nothing of theirs. (Refusing it instead
             // would let a user who learnt an id block its owner's
             // reconnection.)
-            p.ready = true;
-            p.instance = instance;
-            p.agent = agent.chars().take(256).collect();
-            tracing::debug!(peer, pid = p.creds.pid, agent = %p.agent, "peer connected");
+            p.greet(instance, agent);
+            tracing::debug!(peer, pid = p.creds().pid, agent = %p.agent(), "peer connected");
         }
         let welcome = Envelope::Welcome {
             version: PROTOCOL_VERSION,
@@ -83,23 +97,22 @@ impl Broker {
         let Some(p) = self.peers.get(peer) else {
             return;
         };
-        if p.io.closed.get() {
+        if p.io().closed.get() {
             return;
         }
-        let queued = p.io.queue.borrow().len_bytes();
+        let queued = p.io().queue.borrow().len_bytes();
         let message = if queued > limit {
             format!(
                 "{queued} bytes of frames for this connection (results, events, answers) are queued unread (limit --max-queued-bytes); disconnecting"
             )
-        } else if p.user.limited()
-            && p.names.is_empty()
-            && p.outstanding == 0
-            && p.user.queued_bytes.get() > self.quota.queued_bytes
+        } else if p.user().limited()
+            && !p.is_serving()
+            && p.user().queued_bytes() > self.quota.queued_bytes
         {
             format!(
                 "uid {} has {} bytes queued unread on its connections, more than its per-user quota of {} (queued_bytes in [quota] of the policy); disconnecting",
-                p.creds.uid,
-                p.user.queued_bytes.get(),
+                p.creds().uid,
+                p.user().queued_bytes(),
                 self.quota.queued_bytes
             )
         } else {
@@ -120,9 +133,9 @@ impl Broker {
         }
         if let Some(p) = self.peers.get(peer) {
             if fatal.code == ErrorCode::Shutdown {
-                tracing::debug!(peer, pid = p.creds.pid, "closing connection for shutdown");
+                tracing::debug!(peer, pid = p.creds().pid, "closing connection for shutdown");
             } else {
-                tracing::warn!(peer, pid = p.creds.pid, code = %fatal.code, message = %fatal.message, "closing connection");
+                tracing::warn!(peer, pid = p.creds().pid, code = %fatal.code, message = %fatal.message, "closing connection");
             }
         }
         let env = Envelope::Fatal {
@@ -131,8 +144,8 @@ impl Broker {
         };
         // Queued without the backlog check of `send` (which ends here).
         if let Some(p) = self.peers.get(peer) {
-            self.out.enqueue(&p.io, &env, Payload::EMPTY);
-            p.io.close();
+            self.out.enqueue(p.io(), &env, Payload::EMPTY);
+            p.io().close();
         }
     }
 
@@ -140,34 +153,28 @@ impl Broker {
     /// the calls it was serving (re-delivered or failed) and the calls it
     /// made (cancelled at their services).
     pub fn remove_peer(&mut self, peer: PeerId) {
+        // Its calls are finished below without finding it: the removal
+        // releases their share of the user's account, once.
         let Some(p) = self.peers.remove(peer) else {
             return;
         };
         let now = Instant::now();
-        p.io.close();
-        self.forget_partial(p.partial_bytes);
-        // Its calls are finished below without finding it: release their
-        // share of the user's quota here, once.
-        Usage::sub(&p.user.pending_calls, p.calling as usize);
-        Usage::sub(&p.user.pending_bytes, p.calling_bytes);
-        Usage::sub(&p.user.partial_bytes, p.partial_bytes);
-        Usage::sub(&p.user.connections, 1);
-
-        self.monitors.retain(|m| m.peer != peer);
-        for name in &p.names {
+        p.io().close();
+        self.monitors.remove(peer);
+        for name in p.names() {
             self.names.unregister(name, peer);
             if !self.names.is_held(name) {
                 self.stats.unregistered(name);
             }
         }
-        if !p.names.is_empty() {
-            tracing::info!(peer, names = ?p.names, "service disconnected, names released");
+        if !p.names().is_empty() {
+            tracing::info!(peer, names = ?p.names(), "service disconnected, names released");
         }
         // The calls it made end first (nobody to answer), so that none of
         // them is re-delivered below on behalf of a caller that is gone.
         let calls = self
             .pending
-            .ids_where_counted(p.calling > 0, |c| c.caller == peer);
+            .ids_where_counted(p.calling() > 0, |c| c.caller == peer);
         for bid in calls {
             self.stats.cancelled += 1;
             self.finish(bid, Outcome::CallerLeft, now);
@@ -177,7 +184,7 @@ impl Broker {
         // after its calls completed, the usual case, costs nothing).
         let delivered = self
             .pending
-            .ids_where_counted(p.outstanding > 0, |c| c.stage() == Stage::Delivered(peer));
+            .ids_where_counted(p.outstanding() > 0, |c| c.stage() == Stage::Delivered(peer));
         for bid in delivered {
             let no_retry = self
                 .pending
@@ -206,13 +213,13 @@ impl Broker {
         let mut dead = Vec::new();
         let mut ping = Vec::new();
         for p in self.peers.iter() {
-            if !p.ready || (p.names.is_empty() && p.outstanding == 0) {
+            if !p.is_ready() || !p.is_serving() {
                 continue;
             }
-            if now.duration_since(p.last_seen) > timeout {
-                dead.push((p.id, p.creds.pid));
+            if now.duration_since(p.last_seen()) > timeout {
+                dead.push((p.id(), p.creds().pid));
             } else {
-                ping.push(p.id);
+                ping.push(p.id());
             }
         }
         self.ping_nonce += 1;
@@ -258,7 +265,7 @@ impl Broker {
             let msg = "zrpcd is shutting down".to_string();
             self.finish(bid, Outcome::Error(ErrorCode::Shutdown, msg), now);
         }
-        let ids: Vec<PeerId> = self.peers.iter().map(|p| p.id).collect();
+        let ids: Vec<PeerId> = self.peers.iter().map(|p| p.id()).collect();
         let fatal = Fatal {
             code: ErrorCode::Shutdown,
             message: "zrpcd is shutting down".into(),

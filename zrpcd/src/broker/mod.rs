@@ -1,0 +1,349 @@
+//! The broker: its state and the handling of every frame. Everything here
+//! is synchronous: connection tasks call in with a decoded frame, and
+//! frames to send are queued on the destination peers (see
+//! [`crate::outbox`]).
+//!
+//! The state's parts are private; the connection tasks ([`crate::conn`])
+//! and the server loop ([`crate::server`]) use the methods of this file.
+//! The handling is split by concern, each part an `impl Broker` of its own:
+//! [`calls`] (a call's way in, to its service and back: the hot path),
+//! [`owning`] (registering names, with the access checks), [`lifecycle`]
+//! (a connection's start and end, heartbeats, shutdown) and [`partial`]
+//! (bounds on partly received frames).
+
+pub mod calls;
+pub mod lifecycle;
+pub mod owning;
+pub mod partial;
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use zrpc_proto::{Envelope, ErrorCode, Frame};
+
+use crate::config::Config;
+use crate::monitor::Monitors;
+use crate::names::Names;
+use crate::outbox::Outbox;
+use crate::payload::Payload;
+use crate::peers::{PeerId, Peers};
+use crate::pending::PendingCalls;
+use crate::quota::{Quota, Users};
+use crate::stats::Stats;
+use zrpc_io::busy_poll::BusyPoll;
+
+/// A connection-level error: the peer gets a `Fatal` frame and is closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fatal {
+    /// Error code sent to the peer.
+    pub code: ErrorCode,
+    /// Message sent to the peer and logged.
+    pub message: String,
+}
+
+impl Fatal {
+    pub(crate) fn protocol(message: impl Into<String>) -> Fatal {
+        Fatal {
+            code: ErrorCode::Protocol,
+            message: message.into(),
+        }
+    }
+}
+
+/// How a call ended.
+pub(crate) enum Outcome<'a> {
+    /// The service answered (successfully or with its own error).
+    Reply {
+        code: Option<ErrorCode>,
+        message: &'a str,
+        payload: Payload<'a>,
+    },
+    /// The broker ends the call with an error.
+    Error(ErrorCode, String),
+    /// The caller cancelled the call: nobody to answer, and the service is
+    /// told to stop.
+    CallerGone,
+    /// The caller disconnected: nobody to answer. The service is *not* told
+    /// to stop: the client may reconnect and resubmit the call, and the
+    /// service's reply cache can then answer it without a second execution.
+    CallerLeft,
+}
+
+/// The fields of a `Call` envelope that `on_call` needs.
+struct CallIn<'a> {
+    id: u64,
+    service: &'a str,
+    method: &'a str,
+    timeout_ms: Option<u64>,
+    flags: u32,
+}
+
+/// The whole broker state: peers, names, pending calls, statistics.
+///
+/// Four parts are public fields because the routing tests and benchmark
+/// (`tests/routing.rs`, `benches/routing.rs`) read or set them directly:
+/// the settings, the pending calls, the counters and the outbox. The rest
+/// is private to this module and its children.
+#[derive(Debug)]
+pub struct Broker {
+    /// Limits and settings.
+    pub config: Config,
+    /// Calls in flight.
+    pub pending: PendingCalls,
+    /// Counters.
+    pub stats: Stats,
+    /// Peers with frames queued, written once per wake-up (see [`Outbox`]).
+    pub out: Outbox,
+    /// Live connections.
+    peers: Peers,
+    /// Service names.
+    names: Names,
+    /// When the broker started.
+    started: Instant,
+    /// Set once shutdown began: new calls are refused.
+    shutting_down: bool,
+    /// Connections watching calls (`zrpc monitor`).
+    monitors: Monitors,
+    ping_nonce: u64,
+    /// Adaptive busy polling (None: off); read batches are reported here.
+    busy_poll: Option<Rc<BusyPoll>>,
+    /// Users with live connections, and what each holds.
+    users: Users,
+    /// What one user may hold (see [`crate::quota`]).
+    quota: Quota,
+}
+
+impl Broker {
+    /// An empty broker.
+    pub fn new(config: Config) -> Self {
+        let max_stats_names = config.max_stats_names;
+        let quota = Quota::new(config.quota_limits(), config.policy.quota());
+        Broker {
+            busy_poll: BusyPoll::new_or_off(config.busy_poll),
+            config,
+            peers: Peers::default(),
+            names: Names::default(),
+            pending: PendingCalls::default(),
+            stats: Stats::new(max_stats_names),
+            started: Instant::now(),
+            shutting_down: false,
+            monitors: Monitors::default(),
+            ping_nonce: 0,
+            out: Outbox::default(),
+            users: Users::default(),
+            quota,
+        }
+    }
+
+    /// Live connections (read only).
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// Service names (read only).
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Users with live connections, and what each holds (read only).
+    pub fn users(&self) -> &Users {
+        &self.users
+    }
+
+    /// Adaptive busy polling, if on.
+    pub fn busy_poll(&self) -> Option<&Rc<BusyPoll>> {
+        self.busy_poll.as_ref()
+    }
+
+    /// Forgets the users nothing refers to any more (see [`Users::collect`]).
+    pub fn collect_users(&mut self) {
+        self.users.collect();
+    }
+
+    /// Puts a reloaded access policy in force: its quota from now on, and
+    /// the monitor subscriptions it no longer allows end now. Connections
+    /// stay, and names already held are not re-checked.
+    pub fn set_policy(&mut self, policy: crate::policy::Policy) {
+        self.quota = Quota::new(self.config.quota_limits(), policy.quota());
+        self.config.policy = policy;
+        let (peers, policy) = (&self.peers, &self.config.policy);
+        self.monitors.retain(|m| {
+            peers.get(m.peer).is_some_and(|p| {
+                policy.may_introspect(&p.identity(), crate::policy::Introspection::Monitor)
+            })
+        });
+    }
+
+    /// Queues a frame to `peer`; returns false if the peer is gone. A peer
+    /// that does not read what it is sent (pongs, acks, errors, monitor
+    /// events, built-in answers) is disconnected once its queue passes
+    /// `--max-queued-bytes`; a service (which may be busy with a burst of
+    /// requests, refused past that limit) only at twice that.
+    pub(crate) fn send(&mut self, peer: PeerId, env: &Envelope<'_>, payload: Payload<'_>) -> bool {
+        let Some(p) = self.peers.get(peer) else {
+            return false;
+        };
+        self.out.enqueue(p.io(), env, payload);
+        let max = self.config.max_queued_bytes;
+        let limit = if p.is_serving() {
+            max.saturating_mul(2)
+        } else {
+            max
+        };
+        if p.io().queue.borrow().len_bytes() > limit
+            || (p.user().limited() && p.user().queued_bytes() > self.quota.queued_bytes)
+        {
+            self.check_backlog(peer, limit);
+        }
+        true
+    }
+
+    /// Writes out every peer that got frames since the last flush: one
+    /// vectored write per peer (called by the flusher task, and wherever a
+    /// change must go out at once).
+    pub fn flush(&mut self) {
+        self.out.flush();
+    }
+
+    /// Handles one frame from `peer`. An error closes the connection.
+    pub fn on_frame(&mut self, peer: PeerId, frame: Frame) -> Result<(), Fatal> {
+        self.on_frame_at(peer, frame, Instant::now())
+    }
+
+    /// [`Broker::on_frame`] with the current time given by the caller (the
+    /// connection reads the clock once per read batch, not per frame).
+    pub fn on_frame_at(&mut self, peer: PeerId, frame: Frame, now: Instant) -> Result<(), Fatal> {
+        self.on_frame_parts(peer, &frame.envelope, Payload::Shared(&frame.payload), now)
+    }
+
+    /// [`Broker::on_frame_at`] for a frame given as its envelope bytes and
+    /// its payload, which may be borrowed from the read buffer (the
+    /// connection handles frames with small payloads in place).
+    pub fn on_frame_parts(
+        &mut self,
+        peer: PeerId,
+        envelope: &[u8],
+        payload: Payload<'_>,
+        now: Instant,
+    ) -> Result<(), Fatal> {
+        let env = Envelope::decode(envelope).map_err(|e| Fatal::protocol(e.to_string()))?;
+        let ready = self.peers.get(peer).is_some_and(|p| p.is_ready());
+        if !ready {
+            return match env {
+                Envelope::Hello {
+                    version,
+                    instance,
+                    agent,
+                } => self.on_hello(peer, version, instance, agent),
+                _ => Err(Fatal::protocol("expected Hello as the first frame")),
+            };
+        }
+        match env {
+            Envelope::Call {
+                id,
+                service,
+                method,
+                timeout_ms,
+                flags,
+            } => {
+                let call = CallIn {
+                    id,
+                    service,
+                    method,
+                    timeout_ms,
+                    flags,
+                };
+                self.on_call(peer, call, payload, now);
+                Ok(())
+            }
+            Envelope::Reply { id, code, message } => {
+                self.on_reply(peer, id, code, message, payload, now);
+                Ok(())
+            }
+            Envelope::Register { req, name, shared } => {
+                self.on_register(peer, req, name, shared, now);
+                Ok(())
+            }
+            Envelope::Unregister { req, name } => {
+                self.on_unregister(peer, req, name);
+                Ok(())
+            }
+            Envelope::Cancel { id } => {
+                if let Some(bid) = self.pending.find_by_caller(peer, id) {
+                    self.stats.cancelled += 1;
+                    self.finish(bid, Outcome::CallerGone, now);
+                }
+                Ok(())
+            }
+            Envelope::Ping { nonce } => {
+                self.send(peer, &Envelope::Pong { nonce }, Payload::EMPTY);
+                Ok(())
+            }
+            Envelope::Pong { .. } => Ok(()),
+            Envelope::Hello { .. } => Err(Fatal::protocol("Hello sent twice")),
+            other => Err(Fatal::protocol(format!(
+                "message kind {:?} is not accepted from peers",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Logs a limit hit or an access denied to `peer`: at warn level the
+    /// first time per connection, at debug level after that (a flood must
+    /// not flood logs).
+    pub(crate) fn log_refusal(&mut self, peer: PeerId, message: &str) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let (uid, pid) = (p.creds().uid, p.creds().pid);
+        if p.first_refusal() {
+            tracing::warn!(
+                peer,
+                uid,
+                pid,
+                message,
+                "refused (further refusals on this connection are logged at debug level)"
+            );
+        } else {
+            tracing::debug!(peer, uid, pid, message, "refused");
+        }
+    }
+}
+
+/// The narrow interface of a connection task ([`crate::conn`]): one read
+/// batch at a time.
+impl Broker {
+    /// A read batch of `peer` begins at `now`: the peer was seen, and the
+    /// frames it hands in belong to one batch of the outbox. False if the
+    /// broker dropped the peer (the connection is to end).
+    pub fn begin_read_batch(&mut self, peer: PeerId, now: Instant) -> bool {
+        match self.peers.get_mut(peer) {
+            Some(p) => p.saw(now),
+            None => return false,
+        }
+        self.out.begin_batch();
+        true
+    }
+
+    /// The frames of a read batch of `read_bytes` bytes are handled: the
+    /// peers they queued frames to are written after this wake-up's other
+    /// reads (see [`Outbox::end_batch`]), and busy polling hears of the
+    /// batch.
+    pub fn end_read_batch(&mut self, now: Instant, read_bytes: usize) {
+        self.out.end_batch();
+        if let Some(bp) = &self.busy_poll {
+            bp.batch(now, read_bytes);
+        }
+    }
+
+    /// Whether `peer` sent its `Hello`.
+    pub fn is_ready(&self, peer: PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.is_ready())
+    }
+
+    /// Sends `Fatal` to `peer`, closes it and writes it out now.
+    pub fn close_with(&mut self, peer: PeerId, fatal: &Fatal) {
+        self.fatal(peer, fatal);
+        self.flush();
+    }
+}
