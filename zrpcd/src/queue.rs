@@ -7,13 +7,11 @@
 //! writable.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
-use std::io::IoSlice;
-
-use bytes::{Buf, Bytes, BytesMut};
-use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
+
+use bytes::Bytes;
 
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
@@ -35,11 +33,15 @@ pub const ZERO_COPY_MIN: usize = 8 * 1024;
 /// (docs/performance.md).
 pub const FLUSH_EVERY_FRAMES: u32 = 16;
 
-/// Frames waiting to be written to one peer.
+/// Frames waiting to be written to one peer: a [`zrpc_io::OutQueue`]
+/// (small frames copied into one buffer, large payloads by reference), with
+/// the broker's bookkeeping around it: how many frames each read batch
+/// queued (for [`FLUSH_EVERY_FRAMES`]), and the bytes queued counted in the
+/// peer's user's account.
 #[derive(Debug, Default)]
 pub struct OutQueue {
-    chunks: VecDeque<Bytes>,
-    cur: BytesMut,
+    q: zrpc_io::OutQueue,
+    /// Bytes as last counted in the user's account.
     bytes: usize,
     /// Frames pushed by read batch `batch` since the queue was last
     /// written out completely.
@@ -70,16 +72,13 @@ impl OutQueue {
         }
         self.frames += 1;
         self.queued += 1;
-        let before = self.cur.len();
-        encode_header(&mut self.cur, env, payload.len());
-        self.set_bytes(self.bytes + self.cur.len() - before + payload.len());
+        encode_header(self.q.tail(), env, payload.len());
         if payload.len() >= ZERO_COPY_MIN {
-            let head = self.cur.split().freeze();
-            self.chunks.push_back(head);
-            self.chunks.push_back(payload.to_bytes());
+            self.q.push_shared(payload.to_bytes());
         } else {
-            self.cur.extend_from_slice(payload.as_slice());
+            self.q.push_copy(payload.as_slice());
         }
+        self.set_bytes(self.q.len());
     }
 
     /// Counts this queue's bytes in `user`'s account from now on.
@@ -103,13 +102,8 @@ impl OutQueue {
     /// Takes everything queued, in order, into `out` (what a write would
     /// send); used by benchmarks and tests that have no socket.
     pub fn take_into(&mut self, out: &mut Vec<Bytes>) {
-        out.extend(self.chunks.drain(..));
-        if !self.cur.is_empty() {
-            out.push(self.cur.split().freeze());
-        }
-        self.set_bytes(0);
-        self.frames = 0;
-        self.queued = 0;
+        self.q.take_into(out);
+        self.written_out();
     }
 
     /// Frames queued and not written yet.
@@ -119,50 +113,29 @@ impl OutQueue {
 
     /// True if nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty() && self.cur.is_empty()
+        self.q.is_empty()
     }
 
-    /// Writes as much as the socket accepts without blocking, up to 64
-    /// slices per `writev`. Returns `Ok(true)` once everything is written,
-    /// `Ok(false)` if the socket is full.
+    /// Writes as much as the socket accepts without blocking. Returns
+    /// `Ok(true)` once everything is written, `Ok(false)` if the socket is
+    /// full.
     pub fn write_now(&mut self, wr: &UnixStream) -> std::io::Result<bool> {
-        if !self.cur.is_empty() {
-            self.chunks.push_back(self.cur.split().freeze());
+        let done = self.q.write_now(wr.as_raw_fd());
+        if let Ok(true) = done {
+            self.written_out();
+            // Give back memory from a burst (small idle connections).
+            self.q.shrink(256 * 1024);
+        } else {
+            self.set_bytes(self.q.len());
         }
-        while !self.chunks.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 64];
-            let n = self.chunks.len().min(slices.len());
-            for (s, b) in slices.iter_mut().zip(self.chunks.iter()) {
-                *s = IoSlice::new(b);
-            }
-            let mut written = match (&*wr).write_vectored(&slices[..n]) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(w) => w,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            self.set_bytes(self.bytes.saturating_sub(written));
-            while written > 0 {
-                let Some(front) = self.chunks.front_mut() else {
-                    break;
-                };
-                if written >= front.len() {
-                    written -= front.len();
-                    self.chunks.pop_front();
-                } else {
-                    front.advance(written);
-                    written = 0;
-                }
-            }
-        }
+        done
+    }
+
+    /// Everything queued was handed on.
+    fn written_out(&mut self) {
         self.set_bytes(0);
         self.frames = 0;
         self.queued = 0;
-        // Give back memory from a burst once drained (small idle connections).
-        if self.cur.capacity() > 256 * 1024 {
-            self.cur = BytesMut::new();
-        }
-        Ok(true)
     }
 }
 
@@ -238,7 +211,6 @@ impl PeerIo {
 
     /// Shuts down the write side: the peer sees end of stream.
     pub fn shutdown_write(&self) {
-        use std::os::fd::AsRawFd;
         let fd = self.sock.get_ref().as_raw_fd();
         // SAFETY: shutdown(2) on a socket this struct keeps open.
         unsafe {
