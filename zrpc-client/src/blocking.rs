@@ -16,7 +16,7 @@ use crate::common::{
     call_deadlines, call_frame, control_frame, decode_result, reconnect_timeout, timeout_error,
     Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome, HANDSHAKE_TIMEOUT, LARGE_FRAME,
 };
-use crate::core::{Call, Core, Dispatched, Stand, Waiter};
+use crate::core::{Core, Dispatched, Stand, Waiter};
 use crate::{CallOptions, ClientBuilder, Error, Result};
 use std::os::fd::AsRawFd;
 use zrpc_io::{OutQueue, ReadPolicy};
@@ -166,7 +166,7 @@ impl BlockingClient {
             inner.max_message_size.load(Ordering::Relaxed),
         )?;
         let (deadline, local) = call_deadlines(&opts);
-        if let Some(conn) = inner.register(id, frame.clone(), deadline, opts.no_retry)? {
+        if let Some(conn) = inner.register(id, &frame, deadline, opts.no_retry)? {
             inner.write_call(&conn, id, &frame);
         }
         match inner.wait(id, deadline, local) {
@@ -240,19 +240,15 @@ impl Inner {
     fn register(
         &self,
         id: u64,
-        frame: OutFrame,
+        frame: &OutFrame,
         deadline: Option<Instant>,
         no_retry: bool,
     ) -> Result<Option<Arc<Conn>>> {
         let mut st = lock(&self.state);
         let conn = st.conn.clone();
-        let call = Call::new(
-            frame,
-            deadline,
-            no_retry,
-            Waiter::Thread(std::thread::current()),
-        );
-        st.core.submit(id, call, conn.as_ref().map(|c| c.gen))?;
+        let on = conn.as_ref().map(|c| c.gen);
+        let waiter = Waiter::Thread(std::thread::current());
+        st.core.submit(id, frame, deadline, no_retry, waiter, on)?;
         Ok(conn)
     }
 

@@ -14,11 +14,11 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::common::{
-    call_deadlines, call_frame, decode_result, timeout_error, Backoff, Dead, Outcome, Payload,
-    Settings,
+    call_deadlines, call_frame, decode_result, timeout_error, Backoff, Dead, OutFrame, Outcome,
+    Payload, Settings,
 };
 use crate::conn::{supervise, Conn};
-use crate::core::{Call, Core, Waiter};
+use crate::core::{Core, Waiter};
 use crate::{BlockingClient, CallOptions, Error, Monitor, Result};
 
 /// Locks a mutex, ignoring poisoning (the protected state stays consistent:
@@ -193,10 +193,18 @@ impl Shared {
     /// Registers a call. Returns the connection to send it on (`None`: it
     /// is queued and sent once connected) and the number of calls pending.
     #[inline]
-    fn submit(self: &Arc<Self>, id: u64, call: Call) -> Result<(Option<Arc<Conn>>, usize)> {
+    fn submit(
+        self: &Arc<Self>,
+        id: u64,
+        frame: &OutFrame,
+        deadline: Option<Instant>,
+        no_retry: bool,
+        waiter: Waiter,
+    ) -> Result<(Option<Arc<Conn>>, usize)> {
         let mut st = lock(&self.state);
         let conn = st.conn.clone().filter(|c| !c.is_dead());
-        let n = st.core.submit(id, call, conn.as_ref().map(|c| c.gen))?;
+        let on = conn.as_ref().map(|c| c.gen);
+        let n = st.core.submit(id, frame, deadline, no_retry, waiter, on)?;
         let spawn = !st.supervised;
         st.supervised = true;
         drop(st);
@@ -392,8 +400,8 @@ impl Client {
         // wait below is in this same poll, so it need not look the entry
         // up again to register it.
         let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
-        let call = Call::new(frame.clone(), deadline, opts.no_retry, Waiter::Task(waker));
-        let (conn, in_flight) = shared.submit(id, call)?;
+        let (conn, in_flight) =
+            shared.submit(id, &frame, deadline, opts.no_retry, Waiter::Task(waker))?;
         let mut guard = CancelGuard {
             shared,
             id,

@@ -62,7 +62,7 @@ impl Waiter {
 
 /// A call whose caller has not taken its outcome yet.
 #[derive(Debug)]
-pub(crate) struct Call {
+struct Call {
     /// The outcome, once known; the call is then only waiting for its
     /// caller, and is skipped by everything else.
     done: Option<Outcome>,
@@ -81,20 +81,6 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    /// A call about to be submitted: its frame (kept for resubmission), its
-    /// deadline, whether it may be retried, and who waits for it.
-    #[inline]
-    pub fn new(frame: OutFrame, deadline: Option<Instant>, no_retry: bool, waiter: Waiter) -> Call {
-        Call {
-            done: None,
-            waiter: Some(waiter),
-            frame,
-            deadline,
-            no_retry,
-            sent_on: None,
-        }
-    }
-
     /// Hands the call its outcome and wakes its caller. The call is then no
     /// longer on any connection (nothing to cancel or resend).
     fn finish(&mut self, outcome: Outcome) {
@@ -161,15 +147,35 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// Registers call `id`, about to be sent on connection `on` (`None`: it
-    /// is sent once connected). Returns the number of calls in the core.
+    /// Registers call `id` (a copy of its frame is kept for
+    /// resubmission), about to be sent on connection `on` (`None`: it is
+    /// sent once connected). Returns the number of calls in the core.
     #[inline]
-    pub fn submit(&mut self, id: u64, mut call: Call, on: Option<u64>) -> Result<usize> {
+    pub fn submit(
+        &mut self,
+        id: u64,
+        frame: &OutFrame,
+        deadline: Option<Instant>,
+        no_retry: bool,
+        waiter: Waiter,
+        on: Option<u64>,
+    ) -> Result<usize> {
         if self.closed {
             return Err(Error::Disconnected("the client was closed".into()));
         }
-        call.sent_on = on;
-        self.calls.insert(id, call);
+        // Built in place in the table: a call is ~150 bytes, not worth
+        // moving through the faces.
+        self.calls.insert(
+            id,
+            Call {
+                done: None,
+                waiter: Some(waiter),
+                frame: frame.clone(),
+                deadline,
+                no_retry,
+                sent_on: on,
+            },
+        );
         Ok(self.calls.len())
     }
 

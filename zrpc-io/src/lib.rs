@@ -4,7 +4,7 @@
 //!
 //! - [`read`]: reading a socket into a frame buffer (one sound
 //!   read-into-spare-capacity, one buffer policy with per-role sizes);
-//! - [`write`]: the outbound queue of one socket, written with vectored,
+//! - [`write`](mod@write): the outbound queue of one socket, written with vectored,
 //!   partial, non-blocking writes (and waiting for writability only while
 //!   the socket is full);
 //! - [`handshake`]: connecting to the broker, checking who it is

@@ -1,5 +1,5 @@
 //! Registering a std UNIX socket with tokio's reactor for one interest only
-//! (feature `reactor`; shared by zrpcd, zrpc-service and zrpc-client).
+//! (shared by zrpcd, zrpc-service and zrpc-client).
 //!
 //! tokio's own `UnixStream` registers for READABLE|WRITABLE, edge-triggered,
 //! and then every time the peer reads what we wrote, `EPOLLOUT` wakes the

@@ -230,6 +230,7 @@ impl Conn {
     /// Whether the replies batched so far are to be written out now: no
     /// request is left to handle, or enough bytes or replies are waiting, or
     /// a pong, or the flush interval has passed since the last write.
+    #[inline(always)]
     pub(crate) fn should_flush(&self, now: std::time::Instant) -> bool {
         self.queue.is_empty()
             || self.out.len() >= FLUSH_THRESHOLD
@@ -373,6 +374,7 @@ impl Conn {
 
     /// What [`Conn::process`] does with a frame's action: whether it
     /// cancelled the running request.
+    #[inline(always)]
     fn after(action: FrameAction) -> Result<bool, Error> {
         match action {
             FrameAction::None => Ok(false),

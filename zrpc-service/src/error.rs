@@ -145,7 +145,7 @@ impl Error {
     }
 }
 
-/// What one step of the service loop did ([`Server::run_once`]).
+/// What one step of the service loop did ([`Server::run_once`](crate::Server::run_once)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {

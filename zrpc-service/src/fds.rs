@@ -27,7 +27,7 @@ fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-/// Something naming a file descriptor to [`Server::register`]: a raw
+/// Something naming a file descriptor to [`Server::register`](crate::Server::register): a raw
 /// descriptor (`RawFd`), a reference to anything implementing `AsRawFd`
 /// (`&file`, `&stream`), or a `BorrowedFd`. Owned handles are deliberately
 /// not accepted: passing one by value would close it.

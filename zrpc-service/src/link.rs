@@ -173,7 +173,7 @@ impl Link {
     /// Drops the requests at the front of the queue whose deadline passed
     /// at `now` (the broker has already answered their callers with
     /// Timeout); returns whether a request is left to handle.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn has_request(&mut self, now: std::time::Instant) -> bool {
         let Some(conn) = self.conn.as_mut() else {
             return false;
