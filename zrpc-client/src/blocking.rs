@@ -11,10 +11,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
-use crate::client::lock;
 use crate::common::{
-    call_deadlines, call_frame, control_frame, decode_result, reconnect_timeout, timeout_error,
-    Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome, HANDSHAKE_TIMEOUT, LARGE_FRAME,
+    call_deadlines, call_frame, control_frame, decode_result, lock, reconnect_timeout,
+    timeout_error, Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome, HANDSHAKE_TIMEOUT,
+    LARGE_FRAME,
 };
 use crate::core::{Core, Dispatched, Stand, Waiter};
 use crate::{CallOptions, ClientBuilder, Error, Result};

@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -14,18 +14,12 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::common::{
-    call_deadlines, call_frame, decode_result, timeout_error, Backoff, Dead, OutFrame, Outcome,
-    Payload, Settings,
+    call_deadlines, call_frame, decode_result, lock, timeout_error, Backoff, Payload, Settings,
 };
-use crate::conn::{supervise, Conn};
+use crate::conn::Conn;
 use crate::core::{Core, Waiter};
+use crate::supervisor::{supervise, Shared, State};
 use crate::{BlockingClient, CallOptions, Error, Monitor, Result};
-
-/// Locks a mutex, ignoring poisoning (the protected state stays consistent:
-/// every critical section is a few infallible map/buffer operations).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Builder for [`Client`] and [`BlockingClient`].
 ///
@@ -163,149 +157,6 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.shared.close();
-    }
-}
-
-/// State shared by the client handles, the supervisor task and the
-/// connection tasks.
-pub(crate) struct Shared {
-    pub(crate) settings: Settings,
-    next_id: AtomicU64,
-    /// The broker's limit, from the latest `Welcome`.
-    max_message_size: AtomicU32,
-    pub(crate) state: Mutex<State>,
-    /// Wakes the supervisor: a call was queued while disconnected, or the
-    /// client was closed.
-    pub(crate) wake: Notify,
-}
-
-pub(crate) struct State {
-    /// Every call whose caller has not taken its outcome yet.
-    pub(crate) core: Core,
-    /// The live connection; `None` while reconnecting.
-    pub(crate) conn: Option<Arc<Conn>>,
-    /// A supervisor task is running (it is restarted by the next call if
-    /// its runtime shut down).
-    pub(crate) supervised: bool,
-}
-
-impl Shared {
-    /// Registers a call. Returns the connection to send it on (`None`: it
-    /// is queued and sent once connected) and the number of calls pending.
-    #[inline]
-    fn submit(
-        self: &Arc<Self>,
-        id: u64,
-        frame: &OutFrame,
-        deadline: Option<Instant>,
-        no_retry: bool,
-        waiter: Waiter,
-    ) -> Result<(Option<Arc<Conn>>, usize)> {
-        let mut st = lock(&self.state);
-        let conn = st.conn.clone().filter(|c| !c.is_dead());
-        let on = conn.as_ref().map(|c| c.gen);
-        let n = st.core.submit(id, frame, deadline, no_retry, waiter, on)?;
-        let spawn = !st.supervised;
-        st.supervised = true;
-        drop(st);
-        if spawn {
-            // The previous supervisor's runtime is gone; reconnect on ours.
-            tokio::spawn(supervise(self.clone(), None));
-        } else if conn.is_none() {
-            self.wake.notify_one();
-        }
-        Ok((conn, n))
-    }
-
-    /// The outcome of call `id` if it is known, else remembers the caller's
-    /// waker (see [`Core::poll`]).
-    fn poll_outcome(&self, id: u64, cx: &mut std::task::Context<'_>) -> Poll<Option<Outcome>> {
-        lock(&self.state).core.poll(id, cx.waker())
-    }
-
-    /// Abandons call `id`: forgets it, and tells the broker if it was sent
-    /// on the current connection.
-    fn cancel(&self, id: u64) {
-        let conn = {
-            let mut st = lock(&self.state);
-            match (st.core.cancel(id), &st.conn) {
-                (Some(g), Some(c)) if c.gen == g => Some(c.clone()),
-                _ => None,
-            }
-        };
-        if let Some(c) = conn {
-            c.send_cancel(id);
-        }
-    }
-
-    /// The last handle was dropped: fail what is left, end the tasks.
-    fn close(&self) {
-        let why = Dead::Disconnected("the client was closed".into());
-        let conn = {
-            let mut st = lock(&self.state);
-            st.core.close(&why);
-            st.conn.take()
-        };
-        if let Some(c) = conn {
-            c.kill(why);
-        }
-        self.wake.notify_one();
-    }
-
-    /// `conn` ended for `why` (see [`Core::lost`]). Returns false if the
-    /// client is closed.
-    pub(crate) fn connection_lost(&self, conn: &Arc<Conn>, why: Dead) -> bool {
-        conn.kill(why.clone());
-        let mut st = lock(&self.state);
-        if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            st.conn = None;
-        }
-        if st.core.is_closed() {
-            return false;
-        }
-        let waiting = st.core.lost(conn.gen, &why, Instant::now());
-        drop(st);
-        tracing::debug!(
-            reason = ?why,
-            waiting,
-            "zrpc-client: connection to zrpcd lost; reconnecting"
-        );
-        true
-    }
-
-    /// Makes `conn` the live connection and resubmits every pending call on
-    /// it (see [`Core::install`]). Returns false if the client is closed.
-    pub(crate) fn install(&self, conn: &Arc<Conn>) -> bool {
-        let mut st = lock(&self.state);
-        if st.core.is_closed() {
-            return false;
-        }
-        let max = conn.welcome.max_message_size;
-        self.max_message_size.store(max, Ordering::Relaxed);
-        let resent = conn.queue_all(|push| st.core.install(conn.gen, max, Instant::now(), push));
-        st.conn = Some(conn.clone());
-        drop(st);
-        tracing::debug!(resent, "zrpc-client: reconnected to zrpcd");
-        true
-    }
-
-    /// Whether the client was closed.
-    pub(crate) fn is_closed(&self) -> bool {
-        lock(&self.state).core.is_closed()
-    }
-
-    /// Runs `fut` unless the client is closed first (`None`).
-    pub(crate) async fn unless_closed<F: std::future::Future>(&self, fut: F) -> Option<F::Output> {
-        tokio::pin!(fut);
-        loop {
-            if self.is_closed() {
-                return None;
-            }
-            tokio::select! {
-                r = &mut fut => return Some(r),
-                _ = self.wake.notified() => {}
-            }
-        }
     }
 }
 

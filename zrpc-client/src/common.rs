@@ -491,3 +491,9 @@ pub(crate) fn decode_result<R: DeserializeOwned>(payload: &Bytes) -> Result<R> {
 pub(crate) fn decode_payload<R: DeserializeOwned>(payload: &[u8]) -> Result<R> {
     Ok(zrpc_proto::decode_payload(payload)?)
 }
+
+/// Locks a mutex, ignoring poisoning (the protected state stays consistent:
+/// every critical section is a few infallible map/buffer operations).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,6 +1,7 @@
-//! The async client's connection to the broker and its tasks: the
-//! supervisor (reads the connection, reconnects when it is lost) and the
-//! writer (writes what callers queue while the socket is busy or full).
+//! The async client's connection to the broker: its socket (registered for
+//! readability only), its outbound queue and the writer task that writes
+//! what callers queue while the socket is busy or full. Reading it is the
+//! supervisor's job ([`crate::supervisor`]).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -15,99 +16,16 @@ use zrpc_io::busy_poll::BusyPoll;
 use zrpc_io::reactor::{register, Registered};
 use zrpc_io::write::send_vectored;
 use zrpc_io::{OutQueue, ReadPolicy};
-use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
+use zrpc_proto::{Envelope, FrameDecoder};
 
-use crate::client::{lock, Shared};
 use crate::common::{
-    control_frame, Dead, OutFrame, Retry, Settings, Welcome, HANDSHAKE_TIMEOUT, LARGE_FRAME,
+    control_frame, lock, Dead, OutFrame, Settings, Welcome, HANDSHAKE_TIMEOUT, LARGE_FRAME,
 };
-use crate::core::Dispatched;
 use crate::{Error, Result};
 
 /// Connection generations, to tell a call's connection from the current
 /// one.
 static GENERATION: AtomicU64 = AtomicU64::new(1);
-
-/// Owns the connection life cycle: reads the live connection, and when it
-/// is lost reconnects (with backoff) and resubmits the pending calls. Runs
-/// until the client is closed.
-pub(crate) async fn supervise(shared: Arc<Shared>, mut first: Option<(Arc<Conn>, BytesMut)>) {
-    let guard = SupervisorGuard(shared);
-    let shared = &guard.0;
-    let mut retry = Retry::default();
-    loop {
-        let (conn, buf) = match first.take() {
-            Some(c) => c,
-            None => match reconnect(shared, &mut retry).await {
-                Some(c) => c,
-                None => return,
-            },
-        };
-        let up = Instant::now();
-        let why = read_loop(shared, &conn, buf).await;
-        retry.connection_ended(&shared.settings.backoff, up.elapsed());
-        if !shared.connection_lost(&conn, why) {
-            return;
-        }
-    }
-}
-
-/// Connects again, after the backoff delay, while calls are waiting.
-/// `None`: the client was closed.
-async fn reconnect(shared: &Arc<Shared>, retry: &mut Retry) -> Option<(Arc<Conn>, BytesMut)> {
-    loop {
-        // An idle client reconnects when it is next used.
-        loop {
-            {
-                let st = lock(&shared.state);
-                if st.core.is_closed() {
-                    return None;
-                }
-                if st.core.has_unanswered() {
-                    break;
-                }
-            }
-            shared.wake.notified().await;
-        }
-        let delay = retry.next_delay(&shared.settings.backoff);
-        shared.unless_closed(tokio::time::sleep(delay)).await?;
-        match shared.unless_closed(Conn::open(&shared.settings)).await? {
-            Ok((conn, buf)) => {
-                conn.start_writer();
-                if !shared.install(&conn) {
-                    conn.kill(Dead::Disconnected("the client was closed".into()));
-                    return None;
-                }
-                return Some((conn, buf));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, attempt = retry.attempt, "zrpc-client: reconnect failed");
-            }
-        }
-    }
-}
-
-/// Fails the pending calls if the supervisor ends for any reason, including
-/// being dropped by a runtime that shuts down; the next call starts a new
-/// supervisor.
-struct SupervisorGuard(Arc<Shared>);
-
-impl Drop for SupervisorGuard {
-    fn drop(&mut self) {
-        let why = Dead::Disconnected(
-            "the client's connection task stopped (was its runtime shut down?)".into(),
-        );
-        let conn = {
-            let mut st = lock(&self.0.state);
-            st.supervised = false;
-            st.core.fail_all(&why);
-            st.conn.take()
-        };
-        if let Some(c) = conn {
-            c.kill(why);
-        }
-    }
-}
 
 /// What the callers and the writer task share of a connection's write
 /// side.
@@ -218,6 +136,25 @@ impl Conn {
         self.burst.load(Ordering::Relaxed)
     }
 
+    /// Several results were handed out at once: their callers' next calls
+    /// go through the writer task (see [`Conn::send_unless_failed`]).
+    pub(crate) fn mark_burst(&self) {
+        self.burst.store(true, Ordering::Relaxed);
+    }
+
+    /// Reads what the broker sent into `buf` (see [`read_some`]).
+    pub(crate) async fn read(&self, dec: &FrameDecoder, buf: &mut BytesMut) -> io::Result<usize> {
+        read_some(&self.io, dec, buf, self.poller).await
+    }
+
+    /// Waits until the connection is killed; returns why.
+    pub(crate) async fn stopped(&self) -> Dead {
+        self.reader_stop.notified().await;
+        lock(&self.why)
+            .clone()
+            .unwrap_or_else(|| Dead::Disconnected("the connection was closed".into()))
+    }
+
     /// Starts the writer task (on the current runtime).
     pub(crate) fn start_writer(self: &Arc<Self>) {
         tokio::spawn(writer_task(self.clone()));
@@ -255,7 +192,7 @@ impl Conn {
     }
 
     /// Sends a control frame (see [`send_unless_failed`](Conn::send_unless_failed)).
-    fn send(&self, frame: OutFrame, direct: bool) {
+    pub(crate) fn send(&self, frame: OutFrame, direct: bool) {
         if let Some(why) = self.send_unless_failed(frame, direct) {
             self.kill(why);
         }
@@ -319,71 +256,6 @@ impl Conn {
             self.writer_wake.notify_one();
         }
         None
-    }
-}
-
-/// Handles every complete frame in `buf`. Returns why the connection must
-/// end, if it must.
-fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut) -> Option<Dead> {
-    // The complete frames at the front of `buf`, taken off as one shared
-    // buffer and read where they lie: only a result payload takes a handle
-    // on it (no envelope or per-frame split to take and drop).
-    let (batch, corrupt) = dec.take_batch(buf);
-    let d = if batch.is_empty() {
-        Dispatched::default()
-    } else {
-        lock(&shared.state).core.dispatch(&batch, None)
-    };
-    if d.delivered > 1 {
-        conn.burst.store(true, Ordering::Relaxed);
-    }
-    if let Some(pongs) = d.pongs {
-        conn.send(pongs.freeze().into(), false);
-    }
-    d.end.or_else(|| {
-        corrupt.map(|e| {
-            Dead::Fatal(
-                ErrorCode::Protocol,
-                format!("bad frame from the broker: {e}"),
-            )
-        })
-    })
-}
-
-/// Reads `conn` until it ends; returns why.
-async fn read_loop(shared: &Shared, conn: &Conn, mut buf: BytesMut) -> Dead {
-    let dec = FrameDecoder::new(conn.welcome.incoming_limit());
-    loop {
-        let before = buf.len();
-        if let Some(why) = dispatch(shared, conn, &dec, &mut buf) {
-            return why;
-        }
-        if before - buf.len() >= LARGE_FRAME {
-            // Large frames were handed out: let the callers take (and drop)
-            // them before making room for the next read, so that the read
-            // buffer can reuse their memory (see `make_room`). Small ones
-            // are not worth the extra `epoll_wait` this costs.
-            // `yield_now`, not a plain self-wake: it defers our wake-up until
-            // the runtime has polled its I/O driver, and by then a caller
-            // running as the runtime's `block_on` future (not a spawned
-            // task) has been polled too; a self-wake would run us again
-            // before it, with its reply still alive (measured: ~500 page
-            // faults per 1 MiB call).
-            tokio::task::yield_now().await;
-        }
-        tokio::select! {
-            biased;
-            _ = conn.reader_stop.notified() => {
-                return lock(&conn.why)
-                    .clone()
-                    .unwrap_or_else(|| Dead::Disconnected("the connection was closed".into()));
-            }
-            r = read_some(&conn.io, &dec, &mut buf, conn.poller) => match r {
-                Ok(0) => return Dead::Disconnected("the broker closed the connection".into()),
-                Ok(_) => {}
-                Err(e) => return Dead::Disconnected(format!("read error: {e}")),
-            }
-        }
     }
 }
 

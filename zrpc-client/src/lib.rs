@@ -100,6 +100,7 @@ mod core;
 mod error;
 mod monitor;
 mod options;
+mod supervisor;
 
 pub use blocking::BlockingClient;
 pub use client::{Client, ClientBuilder};

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use zrpc_proto::{ErrorCode, ProtoError};
 
-use crate::link::HANDSHAKE_TIMEOUT;
-
 /// Errors of the service loop.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -172,24 +170,4 @@ pub enum Event {
     },
     /// The callback of a registered file descriptor ran.
     Fd(RawFd),
-}
-
-impl From<zrpc_io::HandshakeError> for Error {
-    fn from(e: zrpc_io::HandshakeError) -> Error {
-        use zrpc_io::HandshakeError as H;
-        match e {
-            H::Connect { path, source } if source.kind() == io::ErrorKind::TimedOut => {
-                tracing::debug!(path = %path.display(), "{source}");
-                Error::HandshakeTimeout(HANDSHAKE_TIMEOUT)
-            }
-            H::Connect { path, source } => Error::Connect { path, source },
-            H::Untrusted(u) => Error::UntrustedBroker(u),
-            H::Fatal { code, message } => Error::Fatal { code, message },
-            v @ H::Version { .. } => Error::Fatal {
-                code: ErrorCode::VersionMismatch,
-                message: v.to_string(),
-            },
-            H::Protocol(m) => Error::Unexpected(m),
-        }
-    }
 }

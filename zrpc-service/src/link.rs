@@ -17,7 +17,7 @@ use crate::conn::{Conn, FrameAction};
 use crate::error::Error;
 
 /// How long connecting, the handshake and name registration may take.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `agent` string sent in `Hello`.
 const AGENT: &str = concat!("zrpc-service/", env!("CARGO_PKG_VERSION"));
@@ -329,4 +329,24 @@ async fn connect(
     }
     conn.flush().await?;
     Ok(conn)
+}
+
+impl From<zrpc_io::HandshakeError> for Error {
+    fn from(e: zrpc_io::HandshakeError) -> Error {
+        use zrpc_io::HandshakeError as H;
+        match e {
+            H::Connect { path, source } if source.kind() == std::io::ErrorKind::TimedOut => {
+                tracing::debug!(path = %path.display(), "{source}");
+                Error::HandshakeTimeout(HANDSHAKE_TIMEOUT)
+            }
+            H::Connect { path, source } => Error::Connect { path, source },
+            H::Untrusted(u) => Error::UntrustedBroker(u),
+            H::Fatal { code, message } => Error::Fatal { code, message },
+            v @ H::Version { .. } => Error::Fatal {
+                code: ErrorCode::VersionMismatch,
+                message: v.to_string(),
+            },
+            H::Protocol(m) => Error::Unexpected(m),
+        }
+    }
 }
