@@ -517,6 +517,10 @@ impl Inner {
 
     /// Handles every complete frame in `buf`.
     fn dispatch(&self, conn: &Conn, my_id: Option<u64>, buf: &mut BytesMut) -> Dispatched {
+        if buf.len() < zrpc_proto::HEADER_LEN {
+            // Nothing to take (the pass before the first read of a turn).
+            return Dispatched::default();
+        }
         let (batch, corrupt) = conn.dec.take_batch(buf);
         let mut d = if batch.is_empty() {
             Dispatched::default()

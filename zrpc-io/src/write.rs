@@ -224,6 +224,13 @@ fn send_parts<'a>(fd: RawFd, parts: impl Iterator<Item = &'a [u8]>) -> io::Resul
 /// with how many bytes were written (so a caller can tell a frame that was
 /// certainly not sent).
 pub fn write_all_blocking(sock: &UnixStream, parts: &[&[u8]]) -> Result<(), (usize, io::Error)> {
+    if let [one, rest @ ..] = parts {
+        if rest.iter().all(|p| p.is_empty()) {
+            // The common case (a frame without a separate payload): no
+            // vector to build.
+            return write_one_blocking(sock.as_raw_fd(), one);
+        }
+    }
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut done = 0;
     while done < total {
@@ -240,6 +247,20 @@ pub fn write_all_blocking(sock: &UnixStream, parts: &[&[u8]]) -> Result<(), (usi
             }
         });
         match send_parts(sock.as_raw_fd(), rest) {
+            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
+}
+
+/// [`write_all_blocking`] of one buffer.
+fn write_one_blocking(fd: RawFd, buf: &[u8]) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < buf.len() {
+        match send_parts(fd, std::iter::once(&buf[done..])) {
             Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
