@@ -98,6 +98,7 @@ impl BlockingClient {
                     conn: Some(Arc::new(conn)),
                     retry: Retry::default(),
                     next_attempt: None,
+                    lost: None,
                 }),
             }),
         })
@@ -203,6 +204,9 @@ struct State {
     retry: Retry,
     /// When the next reconnection attempt may start.
     next_attempt: Option<Instant>,
+    /// Why the last connection ended, until the next one is installed (a
+    /// monitor reports it, even when a call's reader saw it first).
+    lost: Option<Dead>,
 }
 
 /// `SO_RCVTIMEO` currently set, in nanoseconds; `u64::MAX` means none.
@@ -337,7 +341,10 @@ impl Inner {
                     ));
                 }
                 let Some(conn) = st.conn.clone() else {
-                    return Err(Error::Disconnected("not connected to zrpcd".into()));
+                    return Err(st.lost.as_ref().map_or_else(
+                        || Error::Disconnected("not connected to zrpcd".into()),
+                        Dead::to_lost_error,
+                    ));
                 };
                 st.reading = true;
                 (conn, std::mem::take(&mut st.buf))
@@ -351,9 +358,19 @@ impl Inner {
             st.reading = false;
             drop(st);
             if let Some(why) = lost {
-                return Err(why.to_error());
+                return Err(why.to_lost_error());
             }
         }
+    }
+
+    /// Keeps the broker's `Event` frames from now on (a monitor's client).
+    pub(crate) fn watch_events(&self) {
+        lock(&self.state).core.watch_events();
+    }
+
+    /// The oldest monitor event not taken yet.
+    pub(crate) fn pop_event(&self) -> Option<Bytes> {
+        lock(&self.state).core.pop_event()
     }
 
     /// The reader role: reads and dispatches frames, and reconnects when the
@@ -447,6 +464,7 @@ impl Inner {
         let now = Instant::now();
         st.next_attempt = Some(now + st.retry.next_delay(&backoff));
         st.core.lost(conn.gen, &why, now);
+        st.lost = Some(why.clone());
         let waiting = st.core.len();
         drop(st);
         tracing::debug!(
@@ -503,6 +521,7 @@ impl Inner {
             });
             st.conn = Some(conn.clone());
             st.next_attempt = None;
+            st.lost = None;
             resent
         };
         // A failure shuts the socket down; the reader then sees the

@@ -68,6 +68,12 @@ impl ClientBuilder {
         self
     }
 
+    /// The reconnection backoff set with
+    /// [`reconnect_backoff`](Self::reconnect_backoff).
+    pub(crate) fn backoff(&self) -> Backoff {
+        self.backoff
+    }
+
     pub(crate) fn settings(self) -> Settings {
         Settings::new(self.socket_dir.as_deref(), self.agent, self.backoff)
     }

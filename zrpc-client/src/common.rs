@@ -90,6 +90,19 @@ impl Dead {
     }
 }
 
+impl Dead {
+    /// The error of a connection that ended while nothing could be
+    /// resubmitted on it (a monitor's subscription): a `Fatal` keeps its
+    /// code (`Shutdown` is [`Error::Shutdown`], a slow monitor's
+    /// `LimitExceeded` is [`Error::LimitExceeded`]).
+    pub(crate) fn to_lost_error(&self) -> Error {
+        match self {
+            Dead::Disconnected(m) => Error::Disconnected(m.clone()),
+            Dead::Fatal(code, m) => Error::from_fatal(*code, m.clone()),
+        }
+    }
+}
+
 /// The outcome of one call as delivered by the reader.
 #[derive(Debug)]
 pub(crate) enum Outcome {

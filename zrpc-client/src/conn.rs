@@ -268,7 +268,7 @@ async fn read_some(
     poller: Option<u64>,
 ) -> io::Result<usize> {
     // Room is made only once readable: the callers woken by the last batch
-    // have usually dropped their replies by then (see `make_room`).
+    // have usually dropped their replies by then (see `ReadPolicy::make_room`).
     let n = zrpc_io::read::read_some(rd, buf, |b| ReadPolicy::CLIENT.make_room(dec, b)).await?;
     if let Some(id) = poller {
         BusyPoll::with_current(|bp| {

@@ -28,8 +28,9 @@ use zrpc_proto::{Batch, Envelope, ErrorCode};
 use crate::common::{control_frame, reconnect_timeout, resubmit_parts, Dead, OutFrame, Outcome};
 use crate::{Error, Result};
 
-/// Most `Event` payloads kept for a monitor that does not take them (the
-/// broker disconnects a monitor that does not read long before this).
+/// Most `Event` payloads kept for a monitor: a bound in case its owner
+/// stops taking them while the connection is still read (the broker itself
+/// disconnects a monitor whose connection is not read).
 const MAX_EVENTS: usize = 65_536;
 
 /// Who waits for a call's outcome.
@@ -139,9 +140,10 @@ pub(crate) struct Dispatched {
 #[derive(Debug, Default)]
 pub(crate) struct Core {
     calls: FxHashMap<u64, Call>,
-    /// Payloads of the broker's `Event` frames not taken yet (a monitor
-    /// subscription, see `zrpc_client::Monitor`), at most [`MAX_EVENTS`].
-    events: VecDeque<Bytes>,
+    /// Payloads of the broker's `Event` frames not taken yet, at most
+    /// [`MAX_EVENTS`]; `None` (the default) unless a `zrpc_client::Monitor`
+    /// owns the client: a plain client ignores `Event` frames.
+    events: Option<VecDeque<Bytes>>,
     /// The client was closed: no more calls.
     closed: bool,
 }
@@ -262,9 +264,14 @@ impl Core {
         }
     }
 
+    /// Keeps the broker's `Event` frames from now on (for a monitor).
+    pub fn watch_events(&mut self) {
+        self.events.get_or_insert_with(VecDeque::new);
+    }
+
     /// The oldest `Event` payload not taken yet.
     pub fn pop_event(&mut self) -> Option<Bytes> {
-        self.events.pop_front()
+        self.events.as_mut()?.pop_front()
     }
 
     /// Whether the client was closed.
@@ -395,14 +402,17 @@ impl Core {
                 }
                 Ok(Envelope::Pong { .. }) => {}
                 Ok(Envelope::Event { .. }) => {
-                    if self.events.len() == MAX_EVENTS {
-                        tracing::debug!(
-                            "zrpc-client: monitor events not taken; dropping the oldest"
-                        );
-                        self.events.pop_front();
+                    // Kept only for a monitor (see `watch_events`).
+                    if let Some(events) = self.events.as_mut() {
+                        if events.len() == MAX_EVENTS {
+                            tracing::debug!(
+                                "zrpc-client: monitor events not taken; dropping the oldest"
+                            );
+                            events.pop_front();
+                        }
+                        events.push_back(batch.payload(payload));
+                        out.events += 1;
                     }
-                    self.events.push_back(batch.payload(payload));
-                    out.events += 1;
                 }
                 Ok(Envelope::Fatal { code, message }) => {
                     out.end = Some(Dead::Fatal(code, message.to_owned()));

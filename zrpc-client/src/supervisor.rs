@@ -285,7 +285,7 @@ async fn read_loop(shared: &Shared, conn: &Conn, mut buf: BytesMut) -> Dead {
         if before - buf.len() >= LARGE_FRAME {
             // Large frames were handed out: let the callers take (and drop)
             // them before making room for the next read, so that the read
-            // buffer can reuse their memory (see `make_room`). Small ones
+            // buffer can reuse their memory (see `ReadPolicy::make_room`). Small ones
             // are not worth the extra `epoll_wait` this costs.
             // `yield_now`, not a plain self-wake: it defers our wake-up until
             // the runtime has polled its I/O driver, and by then a caller

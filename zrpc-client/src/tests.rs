@@ -1728,3 +1728,108 @@ fn speed_against_fake_echo() {
         finish(&rt, peer);
     }
 }
+
+/// A monitor gets the events that came in before the `Fatal` that ended its
+/// connection, then the end with the broker's code (a slow monitor's
+/// `LimitExceeded`, which `zrpc monitor` does not retry); `resubscribe`
+/// returns a refusal that reconnecting cannot fix instead of retrying it.
+#[test]
+fn a_monitor_gets_the_events_before_the_fatal_then_its_code() {
+    let fake = Fake::new();
+    let t = fake.serve(|mut p| {
+        p.handshake();
+        let f = p.frame();
+        let id = match f.decode().expect("envelope") {
+            Envelope::Call {
+                id,
+                service,
+                method,
+                ..
+            } => {
+                assert_eq!((service, method), ("zrpcd", "monitor"));
+                id
+            }
+            other => panic!("expected the subscription, got {other:?}"),
+        };
+        p.send(
+            &Envelope::Result {
+                id,
+                code: None,
+                message: "",
+            },
+            &[0xc3],
+        );
+        // Two events and the end, in one write.
+        let mut out = BytesMut::new();
+        encode_frame(&mut out, &Envelope::Event { seq: 1 }, &[0x01]);
+        encode_frame(&mut out, &Envelope::Event { seq: 2 }, &[0x02]);
+        encode_frame(
+            &mut out,
+            &Envelope::Fatal {
+                code: ErrorCode::LimitExceeded,
+                message: "the monitor reads too slowly",
+            },
+            &[],
+        );
+        p.s.write_all(&out).expect("write");
+    });
+    let mut m = ClientBuilder::default()
+        .socket_dir(fake.dir())
+        .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .monitor(&[])
+        .expect("subscribed");
+    assert_eq!(&m.next_event().expect("first event")[..], &[0x01]);
+    assert_eq!(&m.next_event().expect("second event")[..], &[0x02]);
+    match m.next_event() {
+        Err(Error::LimitExceeded(msg)) => assert!(msg.contains("too slowly"), "{msg}"),
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
+    t.join().expect("fake broker");
+    // The next broker refuses the connection: returned, not retried.
+    let t = fake.serve(|mut p| {
+        let _hello = p.frame();
+        p.send(
+            &Envelope::Fatal {
+                code: ErrorCode::AccessDenied,
+                message: "not for you",
+            },
+            &[],
+        );
+    });
+    match m.resubscribe() {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::AccessDenied), "{e}"),
+        Ok(()) => panic!("resubscribed to a broker that refused"),
+    }
+    t.join().expect("fake broker");
+}
+
+/// A plain client ignores `Event` frames (it keeps nothing of them).
+#[test]
+fn a_plain_client_keeps_no_events() {
+    let fake = Fake::new();
+    let t = fake.serve(|mut p| {
+        p.handshake();
+        let f = p.frame();
+        let Envelope::Call { id, .. } = f.decode().expect("envelope") else {
+            panic!("expected a call");
+        };
+        for seq in 0..10 {
+            p.send(&Envelope::Event { seq }, &[0x01]);
+        }
+        p.send(
+            &Envelope::Result {
+                id,
+                code: None,
+                message: "",
+            },
+            &[0x2a],
+        );
+    });
+    let c = BlockingClient::connect_to(fake.dir()).expect("connect");
+    let v: u8 = c
+        .call("zrpcd", "monitor", &(), Some(BOUND))
+        .expect("result");
+    assert_eq!(v, 42);
+    assert_eq!(c.inner.pop_event(), None);
+    t.join().expect("fake broker");
+}

@@ -43,11 +43,15 @@ impl ReadPolicy {
     };
 
     /// A client's connection: 64 KiB chunks (one connection carries every
-    /// call of the process), large replies reserved up to 4 MiB at once.
+    /// call of the process), a large reply reserved whole as soon as its
+    /// header arrives (read straight into place, no growing copies): the
+    /// broker was checked to be one this process trusts
+    /// ([`crate::trust`]), and the frame decoder bounds what it may
+    /// announce by its `Welcome`'s maximum message size.
     pub const CLIENT: ReadPolicy = ReadPolicy {
         chunk: 64 * 1024,
         min_free: 16 * 1024,
-        upfront: 4 * 1024 * 1024,
+        upfront: usize::MAX,
     };
 
     /// A service's connection: 16 KiB chunks (requests are read in
@@ -157,11 +161,13 @@ mod tests {
         assert_eq!(p.wanted(&dec, &buf), 1024 * 1024);
         p.make_room(&dec, &mut buf);
         assert!(buf.capacity() - buf.len() >= 1024 * 1024);
-        // 60 MiB announced by 8 bytes: only the bound.
+        // 60 MiB announced by 8 bytes: the whole frame for the trusted
+        // broker, only the bound from a peer of the broker.
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&(60 * 1024 * 1024u32).to_be_bytes());
         buf.extend_from_slice(&[0, 0, 0, 1]);
-        assert_eq!(p.wanted(&dec, &buf), 4 * 1024 * 1024);
+        assert_eq!(p.wanted(&dec, &buf), 60 * 1024 * 1024);
+        assert_eq!(ReadPolicy::BROKER.wanted(&dec, &buf), 4 * 1024 * 1024);
         // Between frames: the chunk.
         let mut buf = BytesMut::new();
         p.make_room(&dec, &mut buf);

@@ -280,8 +280,10 @@ impl Peer {
             "peer {}: a call released that was not charged",
             self.id
         );
-        self.calling -= 1;
-        self.calling_bytes -= size;
+        // Saturating in release builds too: a counter wrapped past zero
+        // would hold the peer over its limits for good.
+        self.calling = self.calling.saturating_sub(1);
+        self.calling_bytes = self.calling_bytes.saturating_sub(size);
         self.user.release_call(size);
     }
 
@@ -299,7 +301,7 @@ impl Peer {
             "peer {}: a request settled that was not delivered",
             self.id
         );
-        self.outstanding -= 1;
+        self.outstanding = self.outstanding.saturating_sub(1);
         if replied {
             self.served += 1;
         } else {
@@ -384,7 +386,7 @@ impl Peers {
     /// say what there is to clean up.
     pub fn remove(&mut self, id: PeerId) -> Option<Peer> {
         let p = self.map.remove(&id)?;
-        self.partial_total -= p.partial_bytes;
+        self.partial_total = self.partial_total.saturating_sub(p.partial_bytes);
         p.user
             .release_peer(p.calling as usize, p.calling_bytes, p.partial_bytes);
         Some(p)
@@ -409,7 +411,7 @@ impl Peers {
             (_, Some(since)) if !new_frame => Some(since),
             _ => Some(now),
         };
-        self.partial_total = self.partial_total - before + held;
+        self.partial_total = self.partial_total.saturating_sub(before) + held;
         Some(PartialHold {
             before,
             total: self.partial_total,

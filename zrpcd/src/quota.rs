@@ -111,10 +111,12 @@ fn add(c: &Cell<usize>, n: usize) {
 }
 
 /// Takes back `n` of what [`add`] counted: never more than was counted
-/// (the pairs above see to it; debug builds check).
+/// (the pairs above see to it; debug builds check). Saturating all the
+/// same: a release build must not wrap a user's account past zero (the
+/// user would be over quota until the broker restarts).
 fn sub(c: &Cell<usize>, n: usize) {
     debug_assert!(c.get() >= n, "a user's account released more than it held");
-    c.set(c.get() - n);
+    c.set(c.get().saturating_sub(n));
 }
 
 impl Usage {
