@@ -26,6 +26,18 @@
 //! keys); the only exception is a `str` holding invalid UTF-8, which comes
 //! back as `bin` (use [`Client::call_raw`] for byte-exact handling).
 //!
+//! # How it is built
+//!
+//! One core and two faces: `core.rs` holds the calls in flight and decides
+//! what every frame from the broker, every lost connection and every new
+//! connection does to them, without doing any I/O; the async [`Client`]
+//! (`client.rs`: the handles and the call path; `supervisor.rs`: the task
+//! that reads the connection and reconnects; `conn.rs`: the connection and
+//! its writer task) and the [`BlockingClient`] (`blocking.rs`: callers take
+//! turns reading) feed it frames and send what it hands back. Sockets are
+//! read, written and connected with `zrpc-io`, as in the broker and the
+//! service library. `docs/architecture.md` follows one call through it.
+//!
 //! # Restarts and reconnection
 //!
 //! A restart of the broker is invisible to callers, apart from extra

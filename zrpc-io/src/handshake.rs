@@ -257,3 +257,161 @@ pub fn connect_blocking(
         leftover: r.buf,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A broker at a fresh socket that reads the `Hello` and answers with
+    /// `answer` (raw bytes); returns the socket's path and the thread.
+    fn fake(answer: Vec<u8>) -> (PathBuf, std::thread::JoinHandle<Vec<u8>>) {
+        let dir = std::env::temp_dir().join(format!(
+            "zrpc-io-hs-{}-{}",
+            std::process::id(),
+            crate::backoff::random_id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("zrpcd.sock");
+        let l = UnixListener::bind(&path).expect("bind");
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let mut hello = vec![0u8; 256];
+            let n = s.read(&mut hello).expect("read hello");
+            hello.truncate(n);
+            s.write_all(&answer).expect("answer");
+            let _ = std::fs::remove_dir_all(&dir);
+            hello
+        });
+        (path, t)
+    }
+
+    fn frame(env: &Envelope<'_>) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode_frame(&mut out, env, &[]);
+        out.to_vec()
+    }
+
+    #[test]
+    fn welcome_and_the_bytes_after_it_come_back() {
+        let mut answer = frame(&Envelope::Welcome {
+            version: PROTOCOL_VERSION,
+            conn_id: 7,
+            max_message_size: 1000,
+        });
+        answer.extend_from_slice(b"next");
+        let (path, t) = fake(answer);
+        let c = connect_blocking(&path, &hello_frame(42, "t/1"), Duration::from_secs(5))
+            .expect("connected");
+        assert_eq!(
+            c.welcome,
+            Welcome {
+                conn_id: 7,
+                max_message_size: 1000
+            }
+        );
+        assert_eq!(
+            c.welcome.incoming_limit(),
+            1000 + zrpc_proto::INCOMING_SLACK
+        );
+        assert_eq!(&c.leftover[..], b"next");
+        let hello = t.join().expect("fake");
+        let mut buf = BytesMut::from(&hello[..]);
+        let f = FrameDecoder::new(MAX_BODY)
+            .decode(&mut buf)
+            .expect("frame")
+            .expect("whole");
+        match f.decode().expect("envelope") {
+            Envelope::Hello {
+                version,
+                instance,
+                agent,
+            } => assert_eq!((version, instance, agent), (PROTOCOL_VERSION, 42, "t/1")),
+            other => panic!("expected Hello, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_and_surprises_are_typed_errors() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                frame(&Envelope::Fatal {
+                    code: ErrorCode::LimitExceeded,
+                    message: "too many connections",
+                }),
+                "fatal",
+            ),
+            (
+                frame(&Envelope::Welcome {
+                    version: PROTOCOL_VERSION + 1,
+                    conn_id: 1,
+                    max_message_size: 1000,
+                }),
+                "version",
+            ),
+            (frame(&Envelope::Ping { nonce: 1 }), "protocol"),
+            (Vec::new(), "eof"),
+        ];
+        for (answer, want) in cases {
+            let (path, t) = fake(answer);
+            let e = connect_blocking(&path, &hello_frame(1, "t"), Duration::from_secs(5))
+                .expect_err(want);
+            match (&e, want) {
+                (HandshakeError::Fatal { code, message }, "fatal") => {
+                    assert_eq!(*code, ErrorCode::LimitExceeded);
+                    assert_eq!(message, "too many connections");
+                }
+                (HandshakeError::Version { broker }, "version") => {
+                    assert_eq!(*broker, PROTOCOL_VERSION + 1)
+                }
+                (HandshakeError::Protocol(m), "protocol") => assert!(m.contains("Welcome"), "{m}"),
+                (HandshakeError::Connect { source, .. }, "eof") => {
+                    assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof)
+                }
+                _ => panic!("{want}: unexpected {e:?}"),
+            }
+            t.join().expect("fake");
+        }
+    }
+
+    #[test]
+    fn no_broker_is_a_connect_error_naming_the_socket() {
+        let path = std::env::temp_dir().join(format!(
+            "zrpc-io-none-{}/zrpcd.sock",
+            crate::backoff::random_id()
+        ));
+        match connect_blocking(&path, &hello_frame(1, "t"), Duration::from_secs(1)) {
+            Err(HandshakeError::Connect { path: p, source }) => {
+                assert_eq!(p, path);
+                assert_eq!(source.kind(), io::ErrorKind::NotFound);
+                assert!(crate::connect_hint(&source).contains("is zrpcd running"));
+            }
+            other => panic!("expected a connect error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_async_handshake_agrees() {
+        let (path, t) = fake(frame(&Envelope::Welcome {
+            version: PROTOCOL_VERSION,
+            conn_id: 3,
+            max_message_size: 2000,
+        }));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let c = rt
+            .block_on(connect(&path, &hello_frame(5, "a"), Duration::from_secs(5)))
+            .expect("connected");
+        assert_eq!(c.welcome.conn_id, 3);
+        t.join().expect("fake");
+        // The async connect hands back a non-blocking socket (ready for the
+        // reactor).
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL only reads the flags of a descriptor we own.
+        let flags = unsafe { libc::fcntl(c.sock.as_raw_fd(), libc::F_GETFL) };
+        assert!(flags >= 0 && flags & libc::O_NONBLOCK != 0, "{flags:#x}");
+    }
+}

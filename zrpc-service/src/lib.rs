@@ -52,6 +52,17 @@
 //! wire and copies on decoding too. A hand-written [`Service`] can return
 //! the request payload itself with no copy at all.
 //!
+//! # How it is built
+//!
+//! `server.rs` is the public [`Server`] and its loop (`next_event`: handle
+//! the frames read, handle the next request, or wait); `conn.rs` the broker
+//! connection (its buffers, the requests received, the flush policy);
+//! `link.rs` connecting, registering the names and reconnecting;
+//! `dispatch.rs` one request (the reply cache, the handler, the reply);
+//! `fds.rs` the watched descriptors; `cache.rs` the reply cache. Sockets
+//! are read, written and connected with `zrpc-io`, as in the broker and the
+//! clients.
+//!
 //! # Introspection
 //!
 //! Every server answers the reserved method **`zrpc.describe`** itself (the
