@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod raw;
+pub mod typed;
 
 /// Every `rust` code block of the README, compiled as a doc-test (`no_run`:
 /// they need a broker), so that the README's code cannot rot.

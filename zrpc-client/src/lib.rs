@@ -121,6 +121,7 @@ pub use monitor::Monitor;
 pub use options::CallOptions;
 pub use rmpv::Value;
 pub use zrpc_io::Backoff;
+pub use zrpc_macros::interface;
 pub use zrpc_proto::{Blob, ErrorCode};
 
 #[cfg(test)]

@@ -21,6 +21,8 @@
 //! }
 //! ```
 
+mod interface;
+
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::{format_ident, quote};
@@ -58,6 +60,13 @@ use syn::{
 ///   message (`E: Display`).
 ///
 /// `#[rpc_method(name = "other")]` exposes a method under another name.
+///
+/// **On an interface.** `#[service] impl Calc for CalcServer { ... }`,
+/// where `Calc` is a trait marked `#[zrpc_client::interface]`, serves every
+/// method of the trait (no `#[rpc_method]` needed) under the interface's
+/// service name (`Calc::ZRPC_SERVICE_NAME`, unless `name = "..."` is
+/// given); callers use the generated `CalcClient` / `CalcBlockingClient`,
+/// and the compiler checks that both sides agree.
 #[proc_macro_attribute]
 pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut custom_name: Option<LitStr> = None;
@@ -72,6 +81,54 @@ pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
     parse_macro_input!(attr with parser);
     let item = parse_macro_input!(item as ItemImpl);
     match expand_service(custom_name, item) {
+        Ok(ts) => ts.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+/// Turns a trait into a zrpc interface: typed clients for callers, and the
+/// contract a service implements.
+///
+/// ```ignore
+/// #[zrpc_client::interface]            // service name: `calc` (or name = "...")
+/// pub trait Calc {
+///     /// Adds the two numbers.
+///     async fn add(&self, p: Pair) -> Result<f64, CalcError>;
+///     fn version(&self) -> String;
+/// }
+/// ```
+///
+/// generates, next to the trait (which gains an associated const
+/// `ZRPC_SERVICE_NAME`):
+/// - `CalcClient`, over an async `zrpc_client::Client`: one `async fn` per
+///   method, taking the argument type and returning
+///   `zrpc_client::Result<T>` (`T` of `Result<T, E>`, else the return
+///   type), plus a `*_with(arg, CallOptions)` form; `with_options` sets the
+///   options of every call, `with_name` the instance's name;
+/// - `CalcBlockingClient`, the same over a `zrpc_client::BlockingClient`.
+///
+/// A crate holding the trait and its types needs only `zrpc-client` and
+/// `serde`: callers depend on it without the server side. A service
+/// implements the trait with `#[zrpc_service::service] impl Calc for
+/// CalcServer { ... }`, so the compiler checks that both sides agree. Each
+/// method takes `&self` or `&mut self` and at most one argument (a tuple or
+/// a struct for several), owned, `Serialize + DeserializeOwned`; no
+/// `&Context` (the caller does not send it: use an inherent `#[service]`
+/// impl for methods that need it).
+#[proc_macro_attribute]
+pub fn interface(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let mut custom_name: Option<LitStr> = None;
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("name") {
+            custom_name = Some(meta.value()?.parse()?);
+            Ok(())
+        } else {
+            Err(meta.error("unsupported #[interface] option; expected `name = \"...\"`"))
+        }
+    });
+    parse_macro_input!(attr with parser);
+    let item = parse_macro_input!(item as syn::ItemTrait);
+    match interface::expand(custom_name, item) {
         Ok(ts) => ts.into(),
         Err(e) => e.to_compile_error().into(),
     }
@@ -273,10 +330,13 @@ fn analyse(f: &ImplItemFn, rename: Option<String>) -> syn::Result<Method> {
 }
 
 fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Result<TokenStream2> {
-    if let Some((_, path, _)) = &item.trait_ {
+    // `impl Calc for CalcServer`: a zrpc interface (see `#[interface]`);
+    // every method is callable, under the interface's service name.
+    let interface = item.trait_.as_ref().map(|(_, path, _)| path.clone());
+    if item.generics.params.iter().any(|_| interface.is_some()) {
         return Err(syn::Error::new(
-            path.span(),
-            "#[service] goes on an inherent impl block (`impl MyType { ... }`), not a trait impl",
+            item.generics.span(),
+            "#[service] on an interface impl cannot be generic",
         ));
     }
     let type_name = match &*item.self_ty {
@@ -293,9 +353,17 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
             ))
         }
     };
-    let service_name = custom_name
-        .map(|l| l.value())
-        .unwrap_or_else(|| zrpc_proto::to_snake_case(&type_name));
+    let service_name_expr = match (&custom_name, &interface) {
+        (Some(l), _) => {
+            let v = l.value();
+            quote!(#v)
+        }
+        (None, Some(path)) => quote!(<Self as #path>::ZRPC_SERVICE_NAME),
+        (None, None) => {
+            let v = zrpc_proto::to_snake_case(&type_name);
+            quote!(#v)
+        }
+    };
 
     let mut methods = Vec::new();
     for it in item.items.iter_mut() {
@@ -315,8 +383,10 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
                 *a = syn::parse_quote!(#[#path(#marker_ident)]);
             }
         }
-        if let Some(rename) = marker {
-            methods.push(analyse(f, rename)?);
+        match marker {
+            Some(rename) => methods.push(analyse(f, rename)?),
+            None if interface.is_some() => methods.push(analyse(f, None)?),
+            None => {}
         }
     }
     for (i, m) in methods.iter().enumerate() {
@@ -351,9 +421,13 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
             }
         }
     });
+    let callee_of = |ident: &syn::Ident| match &interface {
+        Some(path) => quote!(<Self as #path>::#ident),
+        None => quote!(Self::#ident),
+    };
     let arms = methods.iter().map(|m| {
         let name = &m.rpc_name;
-        let ident = &m.ident;
+        let callee = callee_of(&m.ident);
         let arg = format_ident!("__zrpc_arg");
         let decode = m.payload_ty.as_ref().map(|ty| {
             quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, &__zrpc_payload)?;)
@@ -374,7 +448,7 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         quote! {
             #name => #z::__private::guard(async move {
                 #decode
-                let __zrpc_out = Self::#ident(self, #(#call_args),*) #dot_await;
+                let __zrpc_out = #callee(self, #(#call_args),*) #dot_await;
                 #encode
             }),
         }
@@ -384,7 +458,7 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
     // without a boxed future.
     let now_arms = methods.iter().filter(|m| !m.is_async).map(|m| {
         let name = &m.rpc_name;
-        let ident = &m.ident;
+        let callee = callee_of(&m.ident);
         let arg = format_ident!("__zrpc_arg");
         let decode = m.payload_ty.as_ref().map(|ty| {
             quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, __zrpc_payload)?;)
@@ -404,7 +478,7 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         quote! {
             #name => ::std::option::Option::Some((|| {
                 #decode
-                let __zrpc_out = Self::#ident(self, #(#call_args),*);
+                let __zrpc_out = #callee(self, #(#call_args),*);
                 #encode
             })()),
         }
@@ -417,7 +491,7 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
 
         impl #impl_generics #z::Service for #self_ty #where_clause {
             fn service_name(&self) -> ::std::string::String {
-                ::std::string::String::from(#service_name)
+                ::std::string::String::from(#service_name_expr)
             }
 
             fn methods(&self) -> ::std::vec::Vec<#z::MethodInfo> {

@@ -1,0 +1,45 @@
+//! A zrpc interface for the typed-client tests: the trait and its types,
+//! shared by the service (`zrpc-test-typed`) and the tests that call it.
+
+use serde::{Deserialize, Serialize};
+
+/// Two numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Pair {
+    /// The first.
+    pub a: f64,
+    /// The second.
+    pub b: f64,
+}
+
+/// Why `divide` failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CalcError {
+    /// The divisor was zero.
+    DivisionByZero,
+}
+
+impl std::fmt::Display for CalcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CalcError::DivisionByZero => write!(f, "division by zero"),
+        }
+    }
+}
+
+/// The calculator: every kind of method a typed client calls.
+#[zrpc_client::interface]
+pub trait Calc {
+    /// A struct argument.
+    fn add(&self, p: Pair) -> f64;
+    /// No argument.
+    fn version(&self) -> String;
+    /// A `Result` with an error type.
+    fn divide(&self, p: Pair) -> Result<f64, CalcError>;
+    /// An `async fn`.
+    async fn double_later(&self, x: u64) -> u64;
+    /// State: `&mut self`, no result.
+    fn bump(&mut self);
+    /// How many times `bump` ran.
+    fn bumps(&self) -> u64;
+}
