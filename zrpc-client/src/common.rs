@@ -167,7 +167,7 @@ pub(crate) fn call_deadlines(opts: &CallOptions) -> (Option<Instant>, Option<Ins
 /// Milliseconds of `d`, rounded up (so that a sub-millisecond budget does
 /// not become "expire at once").
 pub(crate) fn duration_ms(d: Duration) -> u64 {
-    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
 

@@ -317,7 +317,7 @@ impl<S: Service> Server<S> {
             // burst of requests is answered with one write.
             self.step(None, false).await?;
             steps = steps.wrapping_add(1);
-            if steps.is_multiple_of(YIELD_EVERY_STEPS) {
+            if steps % YIELD_EVERY_STEPS == 0 {
                 // Under `run()` the loop is exempt from tokio's cooperative
                 // budget; let other tasks on the runtime (spawned by
                 // handlers) run now and then under sustained load.

@@ -153,11 +153,7 @@ fn client(args: &ClientArgs) {
                 while Instant::now() < end {
                     seq += 1;
                     let nonce = format!("{pid}-{task}-{seq}");
-                    let service = if seq.is_multiple_of(3) {
-                        "chaos_b"
-                    } else {
-                        "chaos_a"
-                    };
+                    let service = if seq % 3 == 0 { "chaos_b" } else { "chaos_a" };
                     let start = Instant::now();
                     t.issued += 1;
                     let r: Result<Value, _> =
