@@ -111,10 +111,28 @@ pub(crate) fn expand(name: Option<LitStr>, mut item: ItemTrait) -> syn::Result<T
             format!("invalid service name {service_name:?}: {e}"),
         ));
     }
-    let mut methods = Vec::new();
+    let mut methods: Vec<ClientMethod> = Vec::new();
     for it in &item.items {
         match it {
-            TraitItem::Fn(f) => methods.push(analyse(f)?),
+            TraitItem::Fn(f) => {
+                let m = analyse(f)?;
+                let name = m.ident.to_string();
+                // The clients' own methods, and each method's `*_with` form.
+                let taken = ["new", "with_name", "with_options", "client"].contains(&name.as_str())
+                    || methods.iter().any(|o| format!("{}_with", o.ident) == name)
+                    || name
+                        .strip_suffix("_with")
+                        .is_some_and(|base| methods.iter().any(|o| o.ident == base));
+                if taken || name == "zrpc.describe" {
+                    return Err(syn::Error::new(
+                        m.ident.span(),
+                        format!(
+                            "`{name}` would clash with a method of the generated clients (new, with_name, with_options, client, and `<method>_with` for each method); rename it"
+                        ),
+                    ));
+                }
+                methods.push(m);
+            }
             other => {
                 return Err(syn::Error::new(
                     other.span(),

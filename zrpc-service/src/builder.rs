@@ -56,9 +56,9 @@ impl ServiceBuilder {
             doc: String::new(),
             params: vec![ParamInfo {
                 name: "payload".to_string(),
-                ty: param_ty.to_string(),
+                ty: short_type_name(param_ty),
             }],
-            returns: returns.to_string(),
+            returns: short_type_name(returns),
         };
         // A later registration of the same name replaces the earlier one.
         self.entries.retain(|e| e.info.name != name);
@@ -204,6 +204,54 @@ impl Service for FnService {
                     .unwrap_or_else(|p| Err(panicked(&*p))),
             ),
             Handler::Async(_) => None,
+        }
+    }
+}
+
+/// A type name as a user writes it: every path shortened to its last
+/// segment (`core::result::Result<alloc::string::String, i64>` becomes
+/// `Result<String, i64>`), for introspection of closure services.
+pub(crate) fn short_type_name(full: &str) -> String {
+    let mut out = String::with_capacity(full.len());
+    // Where the path being read starts in `out`.
+    let mut path_start = 0;
+    let mut rest = full;
+    while let Some(c) = rest.chars().next() {
+        if let Some(after) = rest.strip_prefix("::") {
+            // A path separator: only the segment after it stays.
+            out.truncate(path_start);
+            rest = after;
+            continue;
+        }
+        out.push(c);
+        if !(c.is_alphanumeric() || c == '_') {
+            path_start = out.len();
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod short_name_tests {
+    use super::short_type_name;
+
+    #[test]
+    fn paths_are_shortened_to_their_last_segment() {
+        for (full, short) in [
+            (
+                "core::result::Result<alloc::string::String, i64>",
+                "Result<String, i64>",
+            ),
+            ("(i64, i64)", "(i64, i64)"),
+            (
+                "alloc::vec::Vec<std::collections::hash::map::HashMap<u8, rmpv::Value>>",
+                "Vec<HashMap<u8, Value>>",
+            ),
+            ("&[u8]", "&[u8]"),
+            ("my_crate::Pair", "Pair"),
+        ] {
+            assert_eq!(short_type_name(full), short, "{full}");
         }
     }
 }
