@@ -69,16 +69,10 @@ use syn::{
 /// and the compiler checks that both sides agree.
 #[proc_macro_attribute]
 pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
-    let mut custom_name: Option<LitStr> = None;
-    let parser = syn::meta::parser(|meta| {
-        if meta.path.is_ident("name") {
-            custom_name = Some(meta.value()?.parse()?);
-            Ok(())
-        } else {
-            Err(meta.error("unsupported #[service] option; expected `name = \"...\"`"))
-        }
-    });
-    parse_macro_input!(attr with parser);
+    let custom_name = match name_option(attr, "service") {
+        Ok(n) => n,
+        Err(e) => return e.to_compile_error().into(),
+    };
     let item = parse_macro_input!(item as ItemImpl);
     match expand_service(custom_name, item) {
         Ok(ts) => ts.into(),
@@ -117,16 +111,10 @@ pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// impl for methods that need it).
 #[proc_macro_attribute]
 pub fn interface(attr: TokenStream, item: TokenStream) -> TokenStream {
-    let mut custom_name: Option<LitStr> = None;
-    let parser = syn::meta::parser(|meta| {
-        if meta.path.is_ident("name") {
-            custom_name = Some(meta.value()?.parse()?);
-            Ok(())
-        } else {
-            Err(meta.error("unsupported #[interface] option; expected `name = \"...\"`"))
-        }
-    });
-    parse_macro_input!(attr with parser);
+    let custom_name = match name_option(attr, "interface") {
+        Ok(n) => n,
+        Err(e) => return e.to_compile_error().into(),
+    };
     let item = parse_macro_input!(item as syn::ItemTrait);
     match interface::expand(custom_name, item) {
         Ok(ts) => ts.into(),
@@ -157,6 +145,23 @@ pub fn rpc_method(attr: TokenStream, item: TokenStream) -> TokenStream {
     )
     .to_compile_error();
     quote!(#err #item2).into()
+}
+
+/// The only option of `#[service]` and `#[interface]`: `name = "..."`.
+fn name_option(attr: TokenStream, macro_name: &str) -> syn::Result<Option<LitStr>> {
+    let mut name: Option<LitStr> = None;
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("name") {
+            name = Some(meta.value()?.parse()?);
+            Ok(())
+        } else {
+            Err(meta.error(format!(
+                "unsupported #[{macro_name}] option; expected `name = \"...\"`"
+            )))
+        }
+    });
+    syn::parse::Parser::parse(parser, attr)?;
+    Ok(name)
 }
 
 /// Argument of the `#[rpc_method(...)]` attributes that [`macro@service`]
