@@ -26,6 +26,14 @@
 //! keys); the only exception is a `str` holding invalid UTF-8, which comes
 //! back as `bin` (use [`Client::call_raw`] for byte-exact handling).
 //!
+//! # Typed clients
+//!
+//! [`macro@interface`] on a trait (in a crate of its own, shared with the
+//! service) generates `<Trait>Client` and `<Trait>BlockingClient`, one typed
+//! method per trait method; the service implements the trait with
+//! `#[zrpc_service::service] impl Trait for Type`. The untyped
+//! [`Client::call`] stays for dynamic use.
+//!
 //! # How it is built
 //!
 //! One core and two faces: `core.rs` holds the calls in flight and decides
