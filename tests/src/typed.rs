@@ -42,4 +42,8 @@ pub trait Calc {
     fn bump(&mut self);
     /// How many times `bump` ran.
     fn bumps(&self) -> u64;
+    /// This request's counter, from `Context::current()`.
+    fn counter(&self) -> u64;
+    /// The same, read after an `.await` inside an `async fn`.
+    async fn counter_later(&self) -> u64;
 }

@@ -39,6 +39,12 @@ fn the_blocking_typed_client_calls_every_kind_of_method() {
     calc.bump_with(CallOptions::timeout(Duration::from_secs(5)).no_retry())
         .expect("bump with options");
     assert_eq!(calc.bumps().expect("bumps"), 2);
+    // The request's context reaches interface methods through
+    // Context::current(), also after an await.
+    let n = calc.counter().expect("counter");
+    assert!(n > 0, "no context in a sync interface method");
+    assert_eq!(calc.counter_later().expect("counter later"), n + 1);
+    assert_eq!(calc.counter().expect("counter"), n + 2);
     // Another name: nobody holds it.
     let other = calc
         .clone()

@@ -430,9 +430,23 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         Some(path) => quote!(<Self as #path>::#ident),
         None => quote!(Self::#ident),
     };
+    // A call of method `m`; an interface method (which cannot take the
+    // context) runs with it as `Context::current()`.
+    let call_of = |m: &Method, call_args: &[TokenStream2]| {
+        let callee = callee_of(&m.ident);
+        match (&interface, m.is_async) {
+            (None, false) => quote!(#callee(self, #(#call_args),*)),
+            (None, true) => quote!(#callee(self, #(#call_args),*).await),
+            (Some(_), false) => {
+                quote!(#z::__private::with_context(__zrpc_ctx, || #callee(self, #(#call_args),*)))
+            }
+            (Some(_), true) => {
+                quote!(#z::__private::in_context(__zrpc_ctx, #callee(self, #(#call_args),*)).await)
+            }
+        }
+    };
     let arms = methods.iter().map(|m| {
         let name = &m.rpc_name;
-        let callee = callee_of(&m.ident);
         let arg = format_ident!("__zrpc_arg");
         let decode = m.payload_ty.as_ref().map(|ty| {
             quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, &__zrpc_payload)?;)
@@ -444,7 +458,7 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         if m.payload_ty.is_some() {
             call_args.push(quote!(#arg));
         }
-        let dot_await = m.is_async.then(|| quote!(.await));
+        let call = call_of(m, &call_args);
         let encode = if m.returns_result {
             quote!(#z::__private::encode_result(__zrpc_out))
         } else {
@@ -453,7 +467,7 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         quote! {
             #name => #z::__private::guard(async move {
                 #decode
-                let __zrpc_out = #callee(self, #(#call_args),*) #dot_await;
+                let __zrpc_out = #call;
                 #encode
             }),
         }
@@ -463,7 +477,6 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
     // without a boxed future.
     let now_arms = methods.iter().filter(|m| !m.is_async).map(|m| {
         let name = &m.rpc_name;
-        let callee = callee_of(&m.ident);
         let arg = format_ident!("__zrpc_arg");
         let decode = m.payload_ty.as_ref().map(|ty| {
             quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, __zrpc_payload)?;)
@@ -475,6 +488,7 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         if m.payload_ty.is_some() {
             call_args.push(quote!(#arg));
         }
+        let call = call_of(m, &call_args);
         let encode = if m.returns_result {
             quote!(#z::__private::encode_result(__zrpc_out))
         } else {
@@ -483,7 +497,7 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         quote! {
             #name => ::std::option::Option::Some((|| {
                 #decode
-                let __zrpc_out = #callee(self, #(#call_args),*);
+                let __zrpc_out = #call;
                 #encode
             })()),
         }

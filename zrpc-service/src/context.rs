@@ -65,7 +65,40 @@ pub struct Context {
     pub(crate) deadline: Option<Instant>,
 }
 
+thread_local! {
+    /// The context of the interface method running on this thread (see
+    /// [`Context::current`]).
+    static CURRENT: std::cell::RefCell<Option<Context>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with `slot`'s context as [`Context::current`], and puts it back
+/// in `slot` afterwards (also if `f` unwinds): the context moves, it is not
+/// copied.
+pub(crate) fn enter<T>(slot: &mut Option<Context>, f: impl FnOnce() -> T) -> T {
+    struct Restore<'a> {
+        slot: &'a mut Option<Context>,
+        prev: Option<Context>,
+    }
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            *self.slot = CURRENT.with(|c| c.replace(self.prev.take()));
+        }
+    }
+    let prev = CURRENT.with(|c| c.replace(slot.take()));
+    let _restore = Restore { slot, prev };
+    f()
+}
+
 impl Context {
+    /// The context of the request being handled on this thread by a method
+    /// of a zrpc interface (`#[service] impl Calc for CalcServer`), whose
+    /// signature, shared with the callers, cannot take a `&Context`; `None`
+    /// anywhere else (inherent `#[service]` methods take `ctx: &Context`
+    /// instead).
+    pub fn current() -> Option<Context> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
     /// A context for calling [`Service::handle`](crate::Service::handle)
     /// directly (tests, in-process dispatch): counter 0, no caller, no
     /// deadline.

@@ -450,6 +450,42 @@ pub mod __private {
         }
     }
 
+    /// Runs the synchronous interface method `f` with `ctx` as
+    /// [`Context::current`].
+    pub fn with_context<T>(ctx: &Context, f: impl FnOnce() -> T) -> T {
+        crate::context::enter(&mut Some(ctx.clone()), f)
+    }
+
+    pin_project_lite::pin_project! {
+        /// An `async` interface method's future, polled with its context as
+        /// [`Context::current`].
+        pub struct InContext<F> {
+            ctx: Option<Context>,
+            #[pin]
+            fut: F,
+        }
+    }
+
+    /// `fut` polled with `ctx` as [`Context::current`].
+    pub fn in_context<F: Future>(ctx: &Context, fut: F) -> InContext<F> {
+        InContext {
+            ctx: Some(ctx.clone()),
+            fut,
+        }
+    }
+
+    impl<F: Future> Future for InContext<F> {
+        type Output = F::Output;
+
+        fn poll(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<F::Output> {
+            let this = self.project();
+            crate::context::enter(this.ctx, || this.fut.poll(cx))
+        }
+    }
+
     pub fn guard<'a, F>(fut: F) -> HandlerFuture<'a>
     where
         F: Future<Output = Result<Bytes, HandlerError>> + 'a,

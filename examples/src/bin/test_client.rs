@@ -9,10 +9,10 @@
 //! Run `test_server` first. The socket directory comes from
 //! `$ZRPC_SOCKET_DIR` (default `/run/zrpc`).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use zrpc_client::{BlockingClient, Value};
+use zrpc_client::{BlockingClient, CallOptions, Value};
+use zrpc_examples::TestServerBlockingClient;
 
 fn main() {
     let client = match BlockingClient::connect() {
@@ -22,15 +22,13 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let payload = BTreeMap::from([("haha", "brt")]);
-    // Like the original, a timeout turns into a typed error; here we wait at
-    // most 10 s (None would wait indefinitely).
-    let response: Result<(String, Value), _> = client.call(
-        "test_server",
-        "func",
-        &payload,
-        Some(Duration::from_secs(10)),
-    );
+    // The typed client of the shared interface: a wrong argument type does
+    // not compile. Like the original, a timeout turns into a typed error;
+    // here we wait at most 10 s (CallOptions::default() waits indefinitely).
+    let test_server = TestServerBlockingClient::new(client)
+        .with_options(CallOptions::timeout(Duration::from_secs(10)));
+    let payload = Value::Map(vec![(Value::from("haha"), Value::from("brt"))]);
+    let response = test_server.func(payload);
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

@@ -1,28 +1,24 @@
 //! The original example client with the async (tokio) client: the same call,
 //! plus ten concurrent calls multiplexed over one connection.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use zrpc_client::{Client, Value};
+use zrpc_client::{CallOptions, Client, Value};
+use zrpc_examples::TestServerClient;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), zrpc_client::Error> {
-    let client = Client::connect().await?;
-    let timeout = Some(Duration::from_secs(10));
-    let payload = BTreeMap::from([("haha", "brt")]);
-    let response: (String, Value) = client
-        .call("test_server", "func", &payload, timeout)
-        .await?;
+    // The typed client of the shared interface (zrpc_examples::TestServer).
+    let test_server = TestServerClient::new(Client::connect().await?)
+        .with_options(CallOptions::timeout(Duration::from_secs(10)));
+    let payload = Value::Map(vec![(Value::from("haha"), Value::from("brt"))]);
+    let response = test_server.func(payload).await?;
     println!("RPC response: ({:?}, {})", response.0, response.1);
 
     // Clones share the connection; calls run concurrently.
     let calls = (0..10).map(|i| {
-        let client = client.clone();
-        async move {
-            let r: (String, Value) = client.call("test_server", "func", &i, timeout).await?;
-            Ok::<_, zrpc_client::Error>(r)
-        }
+        let test_server = test_server.clone();
+        async move { test_server.func(Value::from(i)).await }
     });
     let mut joined = Vec::new();
     for c in calls {

@@ -10,26 +10,31 @@
 //! TestServer(name='test_server').run()
 //! ```
 //!
-//! The service name `test_server` is derived from the type name. The socket
-//! directory comes from `$ZRPC_SOCKET_DIR` (default `/run/zrpc`).
+//! The service name `test_server` is derived from the interface's name. The
+//! socket directory comes from `$ZRPC_SOCKET_DIR` (default `/run/zrpc`).
 
-use zrpc_service::{rpc_method, service, Context, Server, Value};
+use zrpc_examples::TestServer;
+use zrpc_service::{service, Context, Server, Value};
 
 /// The example service.
-struct TestServer;
+struct Example;
 
+// The interface (`zrpc_examples::TestServer`) is shared with the clients;
+// its service name, `test_server`, is derived from the trait's name. An
+// inherent `#[service] impl` with `#[rpc_method]` methods works too (see the
+// README): it needs no shared crate, and its methods may take `ctx:
+// &Context`.
 #[service]
-impl TestServer {
-    /// Returns `("func", payload)`: the method name and the payload it got.
-    #[rpc_method]
-    fn func(&mut self, ctx: &Context, payload: Value) -> (String, Value) {
-        println!("RPC request [{}]: {}", ctx.counter(), payload);
+impl TestServer for Example {
+    fn func(&mut self, payload: Value) -> (String, Value) {
+        let counter = Context::current().map_or(0, |c| c.counter());
+        println!("RPC request [{counter}]: {payload}");
         ("func".to_string(), payload)
     }
 }
 
 fn main() {
-    if let Err(e) = Server::new(TestServer).run() {
+    if let Err(e) = Server::new(Example).run() {
         eprintln!("test_server: {e}");
         std::process::exit(1);
     }

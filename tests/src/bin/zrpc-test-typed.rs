@@ -38,6 +38,15 @@ impl Calc for CalcServer {
     fn bumps(&self) -> u64 {
         self.bumps
     }
+
+    fn counter(&self) -> u64 {
+        zrpc_service::Context::current().map_or(0, |c| c.counter())
+    }
+
+    async fn counter_later(&self) -> u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        zrpc_service::Context::current().map_or(0, |c| c.counter())
+    }
 }
 
 fn main() -> Result<(), zrpc_service::Error> {
