@@ -45,6 +45,22 @@ fn the_blocking_typed_client_calls_every_kind_of_method() {
     assert!(n > 0, "no context in a sync interface method");
     assert_eq!(calc.counter_later().expect("counter later"), n + 1);
     assert_eq!(calc.counter().expect("counter"), n + 2);
+    // Introspection shows the interface's doc comments.
+    let d: zrpc_client::Value = calc
+        .client()
+        .call("calc", "zrpc.describe", &(), Some(Duration::from_secs(10)))
+        .expect("describe");
+    let doc_of = |method: &str| {
+        d["methods"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"].as_str() == Some(method)))
+            .and_then(|m| m["doc"].as_str().map(str::to_owned))
+    };
+    assert_eq!(doc_of("add").as_deref(), Some("A struct argument."), "{d}");
+    assert_eq!(
+        doc_of("counter_later").as_deref(),
+        Some("The same, read after an `.await` inside an `async fn`.")
+    );
     // Another name: nobody holds it.
     let other = calc
         .clone()

@@ -118,7 +118,14 @@ pub(crate) fn expand(name: Option<LitStr>, mut item: ItemTrait) -> syn::Result<T
                 let m = analyse(f)?;
                 let name = m.ident.to_string();
                 // The clients' own methods, and each method's `*_with` form.
-                let taken = ["new", "with_name", "with_options", "client"].contains(&name.as_str())
+                let taken = [
+                    "new",
+                    "with_name",
+                    "with_options",
+                    "client",
+                    "zrpc_method_doc",
+                ]
+                .contains(&name.as_str())
                     || methods.iter().any(|o| format!("{}_with", o.ident) == name)
                     || name
                         .strip_suffix("_with")
@@ -144,6 +151,27 @@ pub(crate) fn expand(name: Option<LitStr>, mut item: ItemTrait) -> syn::Result<T
     item.items.push(syn::parse_quote! {
         /// The name the service registers and the typed clients call.
         const ZRPC_SERVICE_NAME: &'static str = #service_name;
+    });
+    // The trait's doc comments, for the service's introspection
+    // (`#[service]` on the impl sees only the impl).
+    let doc_arms = methods.iter().map(|m| {
+        let name = m.ident.to_string();
+        let doc = &m.doc;
+        quote!(#name => #doc,)
+    });
+    item.items.push(syn::parse_quote! {
+        /// The doc comment of `method` in the interface (for
+        /// `zrpc.describe`); used by `#[zrpc_service::service]`.
+        #[doc(hidden)]
+        fn zrpc_method_doc(method: &str) -> &'static str
+        where
+            Self: Sized,
+        {
+            match method {
+                #(#doc_arms)*
+                _ => "",
+            }
+        }
     });
 
     let c = quote!(::zrpc_client);

@@ -413,6 +413,12 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
     let infos = methods.iter().map(|m| {
         let name = &m.rpc_name;
         let doc = &m.doc;
+        // An interface impl's methods usually carry no doc comment: the
+        // trait's is the one to show.
+        let doc = match &interface {
+            Some(path) if doc.is_empty() => quote!(<Self as #path>::zrpc_method_doc(#name)),
+            _ => quote!(#doc),
+        };
         let returns = &m.returns;
         let params = m.params.iter().map(|(n, t)| {
             quote!(#z::ParamInfo { name: ::std::string::String::from(#n), ty: ::std::string::String::from(#t) })
