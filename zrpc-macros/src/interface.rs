@@ -5,7 +5,7 @@ use quote::{format_ident, quote};
 use syn::spanned::Spanned;
 use syn::{FnArg, ItemTrait, LitStr, ReturnType, TraitItem, Type};
 
-use crate::{doc_of, is_context, last_segment_is};
+use crate::{doc_of, is_context, last_segment_is, method_params};
 
 /// One method of the interface, as the clients call it.
 struct ClientMethod {
@@ -32,22 +32,7 @@ fn result_ok(ty: &Type) -> Option<Type> {
 
 fn analyse(f: &syn::TraitItemFn) -> syn::Result<ClientMethod> {
     let sig = &f.sig;
-    if !sig.generics.params.is_empty() {
-        return Err(syn::Error::new(
-            sig.generics.span(),
-            "methods of a zrpc interface cannot be generic",
-        ));
-    }
-    let mut inputs = sig.inputs.iter();
-    match inputs.next() {
-        Some(FnArg::Receiver(r)) if r.reference.is_some() && r.colon_token.is_none() => {}
-        _ => {
-            return Err(syn::Error::new(
-                sig.span(),
-                "methods of a zrpc interface take `&self` or `&mut self`",
-            ))
-        }
-    }
+    let inputs = method_params(sig, "methods of a zrpc interface")?;
     let mut arg = None;
     for a in inputs {
         let FnArg::Typed(pt) = a else {

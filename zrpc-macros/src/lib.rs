@@ -267,24 +267,32 @@ fn parse_rpc_attr(attr: &Attribute) -> syn::Result<Option<String>> {
     }
 }
 
-fn analyse(f: &ImplItemFn, rename: Option<String>) -> syn::Result<Method> {
-    let sig = &f.sig;
+/// Checks that `sig` is a method that is not generic and takes `&self` or
+/// `&mut self` (`what` names such methods in the errors); returns its other
+/// parameters. Shared by `#[service]` and `#[interface]`.
+fn method_params<'a>(
+    sig: &'a syn::Signature,
+    what: &str,
+) -> syn::Result<syn::punctuated::Iter<'a, FnArg>> {
     if !sig.generics.params.is_empty() {
         return Err(syn::Error::new(
             sig.generics.span(),
-            "#[rpc_method] methods cannot be generic",
+            format!("{what} cannot be generic"),
         ));
     }
     let mut inputs = sig.inputs.iter();
     match inputs.next() {
-        Some(FnArg::Receiver(r)) if r.reference.is_some() && r.colon_token.is_none() => {}
-        _ => {
-            return Err(syn::Error::new(
-                sig.span(),
-                "#[rpc_method] methods must take `&self` or `&mut self`",
-            ))
-        }
+        Some(FnArg::Receiver(r)) if r.reference.is_some() && r.colon_token.is_none() => Ok(inputs),
+        _ => Err(syn::Error::new(
+            sig.span(),
+            format!("{what} must take `&self` or `&mut self`"),
+        )),
     }
+}
+
+fn analyse(f: &ImplItemFn, rename: Option<String>) -> syn::Result<Method> {
+    let sig = &f.sig;
+    let inputs = method_params(sig, "#[rpc_method] methods")?;
     let mut has_ctx = false;
     let mut payload_ty = None;
     let mut params = Vec::new();
