@@ -27,6 +27,21 @@ impl std::fmt::Display for CalcError {
     }
 }
 
+/// What `Calc::hold` saw: how its handlers overlapped and ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldStats {
+    /// `hold` handlers started.
+    pub started: u64,
+    /// Those that ran to their end.
+    pub finished: u64,
+    /// Those dropped before their end (cancelled).
+    pub dropped: u64,
+    /// Those running now.
+    pub running: u64,
+    /// The most that ran at once.
+    pub max_overlap: u64,
+}
+
 /// The calculator: every kind of method a typed client calls.
 #[zrpc_client::interface]
 pub trait Calc {
@@ -46,4 +61,9 @@ pub trait Calc {
     fn counter(&self) -> u64;
     /// The same, read after an `.await` inside an `async fn`.
     async fn counter_later(&self) -> u64;
+    /// Waits `ms` milliseconds and returns `ms` (`&self`, `async`: calls
+    /// overlap); counted in [`HoldStats`].
+    async fn hold(&self, ms: u64) -> u64;
+    /// How the `hold` handlers ran so far.
+    fn hold_stats(&self) -> HoldStats;
 }

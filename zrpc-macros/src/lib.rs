@@ -236,6 +236,8 @@ struct Method {
     rpc_name: String,
     ident: syn::Ident,
     is_async: bool,
+    /// Takes `&mut self` (exclusive access), not `&self`.
+    mut_self: bool,
     has_ctx: bool,
     payload_ty: Option<Type>,
     returns_result: bool,
@@ -333,6 +335,7 @@ fn analyse(f: &ImplItemFn, rename: Option<String>) -> syn::Result<Method> {
         rpc_name: rename.unwrap_or_else(|| sig.ident.to_string()),
         ident: sig.ident.clone(),
         is_async: sig.asyncness.is_some(),
+        mut_self: sig.receiver().is_some_and(|r| r.mutability.is_some()),
         has_ctx,
         payload_ty,
         returns_result,
@@ -444,76 +447,73 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         Some(path) => quote!(<Self as #path>::#ident),
         None => quote!(Self::#ident),
     };
-    // A call of method `m`; an interface method (which cannot take the
-    // context) runs with it as `Context::current()`.
-    let call_of = |m: &Method, call_args: &[TokenStream2]| {
+    // A call of method `m` on `recv`; an interface method (which cannot
+    // take the context) runs with it as `Context::current()`.
+    let call_of = |m: &Method, recv: &TokenStream2, call_args: &[TokenStream2]| {
         let callee = callee_of(&m.ident);
         match (&interface, m.is_async) {
-            (None, false) => quote!(#callee(self, #(#call_args),*)),
-            (None, true) => quote!(#callee(self, #(#call_args),*).await),
+            (None, false) => quote!(#callee(#recv, #(#call_args),*)),
+            (None, true) => quote!(#callee(#recv, #(#call_args),*).await),
             (Some(_), false) => {
-                quote!(#z::__private::with_context(__zrpc_ctx, || #callee(self, #(#call_args),*)))
+                quote!(#z::__private::with_context(__zrpc_ctx, || #callee(#recv, #(#call_args),*)))
             }
             (Some(_), true) => {
-                quote!(#z::__private::in_context(__zrpc_ctx, #callee(self, #(#call_args),*)).await)
+                quote!(#z::__private::in_context(__zrpc_ctx, #callee(#recv, #(#call_args),*)).await)
             }
+        }
+    };
+    // The body of one method's handler: decode the argument from
+    // `payload` (a `&Bytes` expression), call it on `recv`, encode the
+    // outcome. Every entry point below wraps it.
+    let body_of = |m: &Method, payload: TokenStream2, recv: TokenStream2| {
+        let arg = format_ident!("__zrpc_arg");
+        let decode = m.payload_ty.as_ref().map(
+            |ty| quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, #payload)?;),
+        );
+        let mut call_args = Vec::new();
+        if m.has_ctx {
+            call_args.push(quote!(__zrpc_ctx));
+        }
+        if m.payload_ty.is_some() {
+            call_args.push(quote!(#arg));
+        }
+        let call = call_of(m, &recv, &call_args);
+        let encode = if m.returns_result {
+            quote!(#z::__private::encode_result(__zrpc_out))
+        } else {
+            quote!(#z::__private::encode(&__zrpc_out))
+        };
+        quote! {
+            #decode
+            let __zrpc_out = #call;
+            #encode
         }
     };
     let arms = methods.iter().map(|m| {
         let name = &m.rpc_name;
-        let arg = format_ident!("__zrpc_arg");
-        let decode = m.payload_ty.as_ref().map(|ty| {
-            quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, &__zrpc_payload)?;)
-        });
-        let mut call_args = Vec::new();
-        if m.has_ctx {
-            call_args.push(quote!(__zrpc_ctx));
-        }
-        if m.payload_ty.is_some() {
-            call_args.push(quote!(#arg));
-        }
-        let call = call_of(m, &call_args);
-        let encode = if m.returns_result {
-            quote!(#z::__private::encode_result(__zrpc_out))
-        } else {
-            quote!(#z::__private::encode(&__zrpc_out))
-        };
-        quote! {
-            #name => #z::__private::guard(async move {
-                #decode
-                let __zrpc_out = #call;
-                #encode
-            }),
-        }
+        let body = body_of(m, quote!(&__zrpc_payload), quote!(self));
+        quote!(#name => #z::__private::guard(async move { #body }),)
     });
-
     // The synchronous methods again, run to completion by `handle_now`
     // without a boxed future.
     let now_arms = methods.iter().filter(|m| !m.is_async).map(|m| {
         let name = &m.rpc_name;
-        let arg = format_ident!("__zrpc_arg");
-        let decode = m.payload_ty.as_ref().map(|ty| {
-            quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, __zrpc_payload)?;)
-        });
-        let mut call_args = Vec::new();
-        if m.has_ctx {
-            call_args.push(quote!(__zrpc_ctx));
-        }
-        if m.payload_ty.is_some() {
-            call_args.push(quote!(#arg));
-        }
-        let call = call_of(m, &call_args);
-        let encode = if m.returns_result {
-            quote!(#z::__private::encode_result(__zrpc_out))
-        } else {
-            quote!(#z::__private::encode(&__zrpc_out))
+        let body = body_of(m, quote!(__zrpc_payload), quote!(self));
+        quote!(#name => ::std::option::Option::Some((|| { #body })()),)
+    });
+    // The `&self` methods once more, for `handle_shared`: futures that own
+    // the service's `Rc`, the context and the payload, run concurrently.
+    let shared_arms = methods.iter().filter(|m| !m.mut_self).map(|m| {
+        let name = &m.rpc_name;
+        let body = body_of(m, quote!(&__zrpc_payload), quote!(&*self));
+        let prelude = quote! {
+            let __zrpc_ctx = &__zrpc_ctx;
+            let __zrpc_method = __zrpc_ctx.method();
         };
-        quote! {
-            #name => ::std::option::Option::Some((|| {
-                #decode
-                let __zrpc_out = #call;
-                #encode
-            })()),
+        if m.is_async {
+            quote!(#name => ::std::option::Option::Some(#z::__private::guard(async move { #prelude #body })),)
+        } else {
+            quote!(#name => ::std::option::Option::Some(#z::__private::ready((|| { #prelude #body })())),)
         }
     });
 
@@ -553,6 +553,19 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
             ) -> ::std::option::Option<::std::result::Result<#z::Bytes, #z::HandlerError>> {
                 match __zrpc_method {
                     #(#now_arms)*
+                    _ => ::std::option::Option::None,
+                }
+            }
+
+            #[allow(unused_variables, clippy::let_unit_value, clippy::unit_arg, clippy::redundant_closure_call)]
+            fn handle_shared(
+                self: ::std::rc::Rc<Self>,
+                __zrpc_ctx: #z::Context,
+                __zrpc_method: &str,
+                __zrpc_payload: #z::Bytes,
+            ) -> ::std::option::Option<#z::HandlerFuture<'static>> {
+                match __zrpc_method {
+                    #(#shared_arms)*
                     _ => ::std::option::Option::None,
                 }
             }

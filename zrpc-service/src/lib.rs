@@ -9,8 +9,9 @@
 //! [`ServiceBuilder`] registers closures instead.
 //!
 //! A [`Server`] connects the service to the broker, registers its name(s),
-//! and answers requests one at a time (reconnecting by itself when the
-//! broker restarts, see [Reliability](#reliability)):
+//! and answers requests (concurrently for handlers taking `&self`, see
+//! [Concurrency](#concurrency); reconnecting by itself when the broker
+//! restarts, see [Reliability](#reliability)):
 //!
 //! ```no_run
 //! use zrpc_service::{rpc_method, service, Context, Server, Value};
@@ -132,8 +133,9 @@
 //!   without incrementing the request counter ([`Context::counter`],
 //!   [`Server::counter`]); `run_once` reports it as [`Event::Replayed`];
 //! * a duplicate that arrives while the first execution runs or is queued
-//!   waits for it (requests are handled one at a time, in order) and then
-//!   gets its outcome from the cache;
+//!   waits for it (the queue does not start it, nor the requests behind it,
+//!   until the first execution finished) and then gets its outcome from the
+//!   cache;
 //! * every outcome of a handler that ran is cached: return values, returned
 //!   errors (`Remote`), panics, and also `NoSuchMethod` / `BadPayload`
 //!   (harmless: a re-run would answer the same). Oversized return values are
@@ -152,19 +154,47 @@
 //! as in zrpcd's shutdown, is ignored: the handler finishes). The guarantee is therefore *at most one execution per call per
 //! service process, within the cache's bounds*.
 //!
+//! ## Concurrency
+//!
+//! All handlers of one [`Server`] run on its thread (the service needs
+//! neither `Send` nor `Sync`), but not necessarily one after the other:
+//!
+//! * an **`async fn` taking `&self`** is started and runs concurrently with
+//!   other such handlers: while one awaits (a timer, I/O, another call), the
+//!   server starts the next request, answers pings and introspection, and
+//!   applies `Cancel`. At most [`Server::max_concurrent`] run at once
+//!   (default 64); requests beyond that wait in the server's queue, at most
+//!   [`Server::max_queued`] (default 1024), after which the server stops
+//!   reading its connection and the broker's per-service queue fills up
+//!   (its callers then get `LimitExceeded`): backpressure, not loss;
+//! * a **synchronous `fn` taking `&self`** runs at once on the server's
+//!   thread, beside running `async` handlers (it needs no exclusive access).
+//!   It is not sent to a worker pool: that would require a `Send + Sync`
+//!   service and cost a thread hop on every call, while synchronous
+//!   handlers are expected to be short. Long blocking work belongs in
+//!   `tokio::task::spawn_blocking`, awaited from an `async fn`;
+//! * a method taking **`&mut self`** has exclusive access: it starts once
+//!   every running handler finished, and nothing else starts until it
+//!   returned. Requests stay in order around it.
+//!
+//! A handler whose caller is gone is cancelled: zrpcd sends `Cancel` when
+//! the caller disconnected and did not come back to resubmit the call
+//! within `--caller-grace` (default 5 s, capped by the call's deadline), and
+//! the server drops the handler's future (see `docs/reliability.md`).
+//!
 //! ## Liveness
 //!
 //! zrpcd pings services periodically and disconnects one from which nothing
 //! arrived within its heartbeat timeout (`--heartbeat-timeout`, default
-//! 15 s). The server answers `Ping` while waiting, while an `async` handler
-//! runs, and during registration; pongs and batched replies are written out
-//! at least every 2 ms while requests are queued, and replies count as signs
-//! of life too. A **synchronous** handler (or a file descriptor callback)
-//! blocks the loop: if it runs longer than the broker's heartbeat timeout,
-//! the service is disconnected (its call is re-delivered, and this server
-//! reconnects afterwards and serves the re-sent call from its cache). Write
-//! long work as an `async` handler, or move it to
-//! `tokio::task::spawn_blocking` and await it.
+//! 15 s). The server answers `Ping` while waiting, while `async` handlers
+//! run (however long), and during registration; pongs and batched replies
+//! are written out at least every 2 ms while requests are queued, and
+//! replies count as signs of life too. A **synchronous** handler (or a file
+//! descriptor callback) blocks the loop: if it runs longer than the
+//! broker's heartbeat timeout, the service is disconnected (its call is
+//! re-delivered, and this server reconnects afterwards and serves the
+//! re-sent call from its cache). Write long work as an `async` handler, or
+//! move it to `tokio::task::spawn_blocking` and await it.
 
 #![warn(missing_docs)]
 
@@ -178,6 +208,7 @@ mod dispatch;
 mod error;
 mod fds;
 mod link;
+mod running;
 mod server;
 mod unwind;
 
@@ -206,8 +237,10 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, HandlerEr
 /// A type whose methods can be called over zrpc.
 ///
 /// Normally generated by [`macro@service`]; implement it by hand only for
-/// custom dispatch. Handlers run one at a time, with exclusive access to the
-/// service (`&mut self`).
+/// custom dispatch. Handlers taking `&mut self` ([`handle`](Self::handle),
+/// [`handle_now`](Self::handle_now)) run one at a time, with exclusive
+/// access to the service; handlers started by
+/// [`handle_shared`](Self::handle_shared) (`&self`) run concurrently.
 pub trait Service: 'static {
     /// The default service name. The macro uses the type name converted to
     /// snake_case (or `#[service(name = "...")]`); this default
@@ -252,6 +285,31 @@ pub trait Service: 'static {
         method: &str,
         payload: &Bytes,
     ) -> Option<Result<Bytes, HandlerError>> {
+        let _ = (ctx, method, payload);
+        None
+    }
+
+    /// Starts `method` as a handler that needs only shared access to the
+    /// service (a method taking `&self`), so that it may run concurrently
+    /// with other such handlers; `None` means it needs exclusive access
+    /// (`&mut self`; call [`handle`](Self::handle) instead) or there is no
+    /// such method.
+    ///
+    /// The server calls this for requests that [`handle_now`]
+    /// (Self::handle_now) did not answer, and for every request while
+    /// other shared handlers are running. The future owns what it needs (a
+    /// clone of the `Rc`, the context and the payload) and is polled by the
+    /// server loop beside the others, up to [`Server::max_concurrent`] at a
+    /// time. The `#[service]` macro implements it for every `&self` method
+    /// (a synchronous one runs at once and returns a ready future); the
+    /// default returns `None`, so a hand-written service runs one handler at
+    /// a time.
+    fn handle_shared(
+        self: std::rc::Rc<Self>,
+        ctx: Context,
+        method: &str,
+        payload: Bytes,
+    ) -> Option<HandlerFuture<'static>> {
         let _ = (ctx, method, payload);
         None
     }
@@ -492,6 +550,11 @@ pub mod __private {
     {
         // One allocation per call: the guard holds the future inline.
         Box::pin(unwind::CatchUnwind::new(fut))
+    }
+
+    /// A synchronous handler's outcome as a (ready) handler future.
+    pub fn ready(outcome: Result<Bytes, HandlerError>) -> HandlerFuture<'static> {
+        Box::pin(std::future::ready(outcome))
     }
 
     pub fn no_such_method<'a>(ctx: &Context, method: &str) -> HandlerFuture<'a> {
