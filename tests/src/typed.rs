@@ -27,6 +27,14 @@ impl std::fmt::Display for CalcError {
     }
 }
 
+/// Why `check` refused: a serde type without `Display` (its message is
+/// its `Debug` form).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The largest accepted value.
+    pub limit: i64,
+}
+
 /// What `Calc::hold` saw: how its handlers overlapped and ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldStats {
@@ -51,6 +59,8 @@ pub trait Calc {
     fn version(&self) -> String;
     /// A `Result` with an error type.
     fn divide(&self, p: Pair) -> Result<f64, CalcError>;
+    /// A `Result` whose error type has no `Display`.
+    fn check(&self, x: i64) -> Result<i64, Refusal>;
     /// An `async fn`.
     async fn double_later(&self, x: u64) -> u64;
     /// State: `&mut self`, no result.

@@ -56,8 +56,11 @@ use syn::{
 ///   path segment is `Context`.
 /// * `R: serde::Serialize` is encoded as the reply. When the return type is
 ///   spelled `Result<X, E>` (last path segment `Result`), `Ok(x)` is the
-///   reply and `Err(e)` becomes a `Remote` error with `e.to_string()` as its
-///   message (`E: Display`).
+///   reply and `Err(e)` becomes a `Remote` error. If `E: Serialize`, the
+///   error value travels beside the message (a typed client gets `e` back
+///   as `E`) and the message is `e.to_string()` (`E: Display`) or else
+///   `format!("{e:?}")` (`E: Debug`); otherwise `E: Display` is required
+///   and the message alone is sent.
 ///
 /// `#[rpc_method(name = "other")]` exposes a method under another name.
 ///
@@ -96,8 +99,13 @@ pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// `ZRPC_SERVICE_NAME`):
 /// - `CalcClient`, over an async `zrpc_client::Client`: one `async fn` per
 ///   method, taking the argument type and returning
-///   `zrpc_client::Result<T>` (`T` of `Result<T, E>`, else the return
-///   type), plus a `*_with(arg, CallOptions)` form; `with_options` sets the
+///   `zrpc_client::Result<R>` with `R` the declared return type: for a
+///   method declared `-> Result<T, E>` that is
+///   `zrpc_client::Result<Result<T, E>>`, the outer error the call's
+///   ([`zrpc_client::Error`]: timeout, no such service, ...), the inner one
+///   the service's own `E`, decoded from the error value it sent (so `E`
+///   must be `Serialize + DeserializeOwned`); plus a
+///   `*_with(arg, CallOptions)` form; `with_options` sets the
 ///   options of every call, `with_name` the instance's name;
 /// - `CalcBlockingClient`, the same over a `zrpc_client::BlockingClient`.
 ///
@@ -479,7 +487,18 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         }
         let call = call_of(m, &recv, &call_args);
         let encode = if m.returns_result {
-            quote!(#z::__private::encode_result(__zrpc_out))
+            // The error's conversion is chosen here, where its type is
+            // concrete (see `zrpc_service::__private::ErrorOf`).
+            quote!(match __zrpc_out {
+                ::std::result::Result::Ok(__zrpc_v) => #z::__private::encode(&__zrpc_v),
+                ::std::result::Result::Err(__zrpc_e) => {
+                    #[allow(unused_imports)]
+                    use #z::__private::{
+                        DisplayError as _, SerializeDebugError as _, SerializeDisplayError as _,
+                    };
+                    ::std::result::Result::Err((&&&#z::__private::ErrorOf(&__zrpc_e)).zrpc_error())
+                }
+            })
         } else {
             quote!(#z::__private::encode(&__zrpc_out))
         };

@@ -400,14 +400,14 @@ impl Conn {
                 },
                 payload,
             ),
-            Err((code, message)) => encode_frame(
+            Err((code, message, value)) => encode_frame(
                 self.out.tail(),
                 &Envelope::Reply {
                     id,
                     code: Some(*code),
                     message: truncate(message, MAX_ERROR_MESSAGE),
                 },
-                &[],
+                value,
             ),
         }
     }
@@ -424,12 +424,18 @@ pub(crate) fn wire_outcome(result: Result<Bytes, HandlerError>, max_message_size
                 p.len(),
                 max_message_size
             ),
+            Bytes::new(),
         )),
         Ok(p) => Ok(p),
-        Err(e) => Err((
-            e.code(),
-            truncate(e.message(), MAX_ERROR_MESSAGE).to_string(),
-        )),
+        Err(e) => {
+            let message = truncate(e.message(), MAX_ERROR_MESSAGE).to_string();
+            let mut value = e.value().cloned().unwrap_or_default();
+            if value.len() + message.len() + REPLY_ENVELOPE_MAX > max_message_size as usize {
+                // Too large to send beside the message: the message alone.
+                value = Bytes::new();
+            }
+            Err((e.code(), message, value))
+        }
     }
 }
 
@@ -497,7 +503,7 @@ mod tests {
                 (1, Ok(Bytes::from_static(b"\xa1x"))),
                 (2, big(LARGE_PAYLOAD, 2)),
                 (3, big(3 * 1024 * 1024, 3)),
-                (4, Err((ErrorCode::Remote, "no".into()))),
+                (4, Err((ErrorCode::Remote, "no".into(), Bytes::new()))),
                 (5, big(100_000, 5)),
                 (6, big(10, 6)),
             ];
@@ -543,9 +549,10 @@ mod tests {
                             code: Some(c),
                             message,
                         },
-                        Err((code, msg)),
+                        Err((code, msg, value)),
                     ) => {
                         assert_eq!((got, c, message), (*id, *code, msg.as_str()));
+                        assert_eq!(&f.payload, value);
                     }
                     (e, _) => panic!("unexpected {e:?} for {id}"),
                 }
@@ -594,7 +601,7 @@ mod tests {
         assert!(!owned);
         assert_eq!(o.unwrap(), &b"small"[..]);
         // Errors and empty payloads are not payloads to keep.
-        let (_, owned) = own_reply(Err((ErrorCode::Remote, "x".into())), none);
+        let (_, owned) = own_reply(Err((ErrorCode::Remote, "x".into(), Bytes::new())), none);
         assert!(!owned);
     }
 }

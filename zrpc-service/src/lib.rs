@@ -354,6 +354,17 @@ pub enum HandlerError {
     /// The handler returned an error or panicked ([`ErrorCode::Remote`]).
     #[error("{0}")]
     Remote(String),
+    /// The handler returned an error whose type is serialisable
+    /// ([`ErrorCode::Remote`]): `message` is its text, `value` its
+    /// MessagePack encoding, sent as the `Reply`'s payload so that a typed
+    /// client gets the error back as its type.
+    #[error("{message}")]
+    RemoteValue {
+        /// The error's text (what callers that read only the message see).
+        message: String,
+        /// The error value, encoded like a return value.
+        value: Bytes,
+    },
 }
 
 impl HandlerError {
@@ -362,7 +373,15 @@ impl HandlerError {
         match self {
             HandlerError::NoSuchMethod(_) => ErrorCode::NoSuchMethod,
             HandlerError::BadPayload(_) => ErrorCode::BadPayload,
-            HandlerError::Remote(_) => ErrorCode::Remote,
+            HandlerError::Remote(_) | HandlerError::RemoteValue { .. } => ErrorCode::Remote,
+        }
+    }
+
+    /// The encoded error value sent beside the message, if any.
+    pub fn value(&self) -> Option<&Bytes> {
+        match self {
+            HandlerError::RemoteValue { value, .. } => Some(value),
+            _ => None,
         }
     }
 
@@ -371,7 +390,8 @@ impl HandlerError {
         match self {
             HandlerError::NoSuchMethod(m)
             | HandlerError::BadPayload(m)
-            | HandlerError::Remote(m) => m,
+            | HandlerError::Remote(m)
+            | HandlerError::RemoteValue { message: m, .. } => m,
         }
     }
 
@@ -387,6 +407,16 @@ impl HandlerError {
     /// A `Remote` error carrying `err`'s message.
     pub fn remote(err: impl Display) -> Self {
         HandlerError::Remote(err.to_string())
+    }
+
+    /// A `Remote` error carrying `err`'s message and, encoded, `err` itself
+    /// (what `#[service]` sends for a handler's `Err(e)` when `E` is
+    /// `Serialize`). If `err` cannot be encoded, the message alone.
+    pub fn remote_value<E: serde::Serialize + ?Sized>(err: &E, message: String) -> Self {
+        match encode_value(err) {
+            Ok(value) => HandlerError::RemoteValue { message, value },
+            Err(_) => HandlerError::Remote(message),
+        }
     }
 }
 
@@ -499,12 +529,57 @@ pub mod __private {
         encode_value(value)
     }
 
+    /// A closure's result (`ServiceBuilder`, where `E` is generic: the
+    /// message alone).
     pub fn encode_result<T: serde::Serialize, E: Display>(
         value: Result<T, E>,
     ) -> Result<Bytes, HandlerError> {
         match value {
             Ok(v) => encode_value(&v),
             Err(e) => Err(HandlerError::Remote(e.to_string())),
+        }
+    }
+
+    /// A handler's `Err(e)` as the error sent: `(&&&ErrorOf(&e)).zrpc_error()`
+    /// at a site where `E` is a concrete type picks the first of these that
+    /// `E` implements (autoref specialisation; `#[service]` expands it at
+    /// each method):
+    /// 1. `Serialize + Display`: the message is `e.to_string()`, the value
+    ///    `e` encoded ([`HandlerError::RemoteValue`]);
+    /// 2. `Serialize + Debug`: the same with `{e:?}` as the message;
+    /// 3. `Display`: the message alone ([`HandlerError::Remote`]).
+    pub struct ErrorOf<'a, E>(pub &'a E);
+
+    /// Step 1 of [`ErrorOf`].
+    pub trait SerializeDisplayError {
+        /// The error to send.
+        fn zrpc_error(&self) -> HandlerError;
+    }
+    impl<E: serde::Serialize + Display> SerializeDisplayError for &&ErrorOf<'_, E> {
+        fn zrpc_error(&self) -> HandlerError {
+            HandlerError::remote_value(self.0, self.0.to_string())
+        }
+    }
+
+    /// Step 2 of [`ErrorOf`].
+    pub trait SerializeDebugError {
+        /// The error to send.
+        fn zrpc_error(&self) -> HandlerError;
+    }
+    impl<E: serde::Serialize + std::fmt::Debug> SerializeDebugError for &ErrorOf<'_, E> {
+        fn zrpc_error(&self) -> HandlerError {
+            HandlerError::remote_value(self.0, format!("{:?}", self.0))
+        }
+    }
+
+    /// Step 3 of [`ErrorOf`].
+    pub trait DisplayError {
+        /// The error to send.
+        fn zrpc_error(&self) -> HandlerError;
+    }
+    impl<E: Display> DisplayError for ErrorOf<'_, E> {
+        fn zrpc_error(&self) -> HandlerError {
+            HandlerError::Remote(self.0.to_string())
         }
     }
 

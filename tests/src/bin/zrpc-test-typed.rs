@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::time::Duration;
 
-use zrpc_tests::typed::{Calc, CalcError, HoldStats, Pair};
+use zrpc_tests::typed::{Calc, CalcError, HoldStats, Pair, Refusal};
 
 struct CalcServer {
     bumps: u64,
@@ -61,6 +61,13 @@ impl Calc for CalcServer {
             return Err(CalcError::DivisionByZero);
         }
         Ok(p.a / p.b)
+    }
+
+    fn check(&self, x: i64) -> Result<i64, Refusal> {
+        match x {
+            ..=10 => Ok(x),
+            _ => Err(Refusal { limit: 10 }),
+        }
     }
 
     async fn double_later(&self, x: u64) -> u64 {
