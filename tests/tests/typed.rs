@@ -96,6 +96,42 @@ fn the_blocking_typed_client_calls_every_kind_of_method() {
         doc_of("counter_later").as_deref(),
         Some("The same, read after an `.await` inside an `async fn`.")
     );
+    // ... and how each argument, result and error is encoded (shapes).
+    let infos: Vec<zrpc_service::MethodInfo> =
+        rmpv::ext::from_value(d["methods"].clone()).expect("methods decode as MethodInfo");
+    let info = |name: &str| infos.iter().find(|m| m.name == name).expect(name).clone();
+    let text = |s: &Option<zrpc_service::Shape>| s.as_ref().map(|s| s.to_string());
+    let divide = info("divide");
+    assert_eq!(
+        text(&divide.params[0].shape).as_deref(),
+        Some("Pair { a: f64, b: f64 }")
+    );
+    assert_eq!(text(&divide.returns_shape).as_deref(), Some("f64"));
+    assert_eq!(
+        text(&divide.error_shape).as_deref(),
+        Some("enum CalcError { DivisionByZero }")
+    );
+    assert_eq!(
+        text(&info("check").error_shape).as_deref(),
+        Some("Refusal { limit: i64 }")
+    );
+    assert_eq!(
+        text(&info("hold_stats").returns_shape).as_deref(),
+        Some("HoldStats { started: u64, finished: u64, dropped: u64, running: u64, max_overlap: u64 }")
+    );
+    assert_eq!(info("version").params, vec![]);
+    // zrpc list shows them.
+    let (status, out) = b
+        .spawn("zrpc", &["list", "calc"])
+        .output(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{out}");
+    for want in [
+        "add(p: Pair { a: f64, b: f64 }) -> f64",
+        "divide(p: Pair { a: f64, b: f64 }) -> Result<f64, enum CalcError { DivisionByZero }>",
+        "version() -> str",
+    ] {
+        assert!(out.contains(want), "{want:?} in {out}");
+    }
     // Another name: nobody holds it.
     let other = calc
         .clone()

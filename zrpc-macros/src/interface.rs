@@ -20,7 +20,7 @@ struct ClientMethod {
 }
 
 /// The `T` and `E` of a return type spelled `Result<T, E>`.
-fn result_types(ty: &Type) -> Option<(Type, Type)> {
+pub(crate) fn result_types(ty: &Type) -> Option<(Type, Type)> {
     let Type::Path(p) = ty else { return None };
     let last = p.path.segments.last()?;
     let syn::PathArguments::AngleBracketed(a) = &last.arguments else {

@@ -211,6 +211,18 @@ fn last_segment_is(ty: &Type, name: &str) -> bool {
     }
 }
 
+/// Whether `ty` mentions a reference or a lifetime.
+fn borrows(ty: &Type) -> bool {
+    fn scan(ts: TokenStream2) -> bool {
+        ts.into_iter().any(|t| match t {
+            proc_macro2::TokenTree::Punct(p) => p.as_char() == '&' || p.as_char() == '\'',
+            proc_macro2::TokenTree::Group(g) => scan(g.stream()),
+            _ => false,
+        })
+    }
+    scan(quote!(#ty))
+}
+
 fn is_context(ty: &Type) -> bool {
     match ty {
         Type::Reference(r) => last_segment_is(&r.elem, "Context"),
@@ -249,6 +261,10 @@ struct Method {
     has_ctx: bool,
     payload_ty: Option<Type>,
     returns_result: bool,
+    /// The reply value's type (`T` of `Result<T, E>`), if known.
+    value_ty: Option<Type>,
+    /// The error's type (`E` of `Result<T, E>`).
+    error_ty: Option<Type>,
     doc: String,
     params: Vec<(String, String)>,
     returns: String,
@@ -339,6 +355,16 @@ fn analyse(f: &ImplItemFn, rename: Option<String>) -> syn::Result<Method> {
         ReturnType::Default => (false, "()".to_string()),
         ReturnType::Type(_, ty) => (last_segment_is(ty, "Result"), pretty(&quote!(#ty))),
     };
+    // The types whose shapes introspection shows: the reply's (`T` of
+    // `Result<T, E>`) and the error's.
+    let (value_ty, error_ty): (Option<Type>, Option<Type>) = match &sig.output {
+        ReturnType::Default => (Some(syn::parse_quote!(())), None),
+        ReturnType::Type(_, ty) if returns_result => match interface::result_types(ty) {
+            Some((t, e)) => (Some(t), Some(e)),
+            None => (None, None),
+        },
+        ReturnType::Type(_, ty) => (Some((**ty).clone()), None),
+    };
     Ok(Method {
         rpc_name: rename.unwrap_or_else(|| sig.ident.to_string()),
         ident: sig.ident.clone(),
@@ -347,6 +373,8 @@ fn analyse(f: &ImplItemFn, rename: Option<String>) -> syn::Result<Method> {
         has_ctx,
         payload_ty,
         returns_result,
+        value_ty,
+        error_ty,
         doc: doc_of(&f.attrs),
         params,
         returns,
@@ -439,15 +467,37 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
             _ => quote!(#doc),
         };
         let returns = &m.returns;
+        // `Some(shape)` for a type that implements DeserializeOwned, chosen
+        // here where the type is concrete (zrpc_service::__private::ShapeOf).
+        // A type with a reference or lifetime in it (`&'static str`) is
+        // never `DeserializeOwned`, and the probe would not fall back for
+        // it (a higher-ranked bound fails hard): no shape.
+        let shape = |ty: Option<&Type>| match ty.filter(|t| !borrows(t)) {
+            Some(ty) => quote! {{
+                #[allow(unused_imports)]
+                use #z::__private::{NoShape as _, TracedShape as _};
+                (&&#z::__private::ShapeOf::<#ty>::new()).zrpc_shape()
+            }},
+            None => quote!(::std::option::Option::None),
+        };
+        let param_shape = shape(m.payload_ty.as_ref());
         let params = m.params.iter().map(|(n, t)| {
-            quote!(#z::ParamInfo { name: ::std::string::String::from(#n), ty: ::std::string::String::from(#t) })
+            quote!(#z::ParamInfo {
+                name: ::std::string::String::from(#n),
+                ty: ::std::string::String::from(#t),
+                shape: #param_shape,
+            })
         });
+        let returns_shape = shape(m.value_ty.as_ref());
+        let error_shape = shape(m.error_ty.as_ref());
         quote! {
             #z::MethodInfo {
                 name: ::std::string::String::from(#name),
                 doc: ::std::string::String::from(#doc),
                 params: ::std::vec![#(#params),*],
                 returns: ::std::string::String::from(#returns),
+                returns_shape: #returns_shape,
+                error_shape: #error_shape,
             }
         }
     });

@@ -210,6 +210,7 @@ mod fds;
 mod link;
 mod running;
 mod server;
+mod shape;
 mod unwind;
 
 use std::fmt::Display;
@@ -224,7 +225,9 @@ pub use error::{Error, Event};
 pub use fds::FdSource;
 pub use rmpv::Value;
 pub use server::Server;
+pub use shape::shape_of;
 pub use zrpc_macros::{rpc_method, service};
+pub use zrpc_proto::shape::{Field, Shape, Variant};
 pub use zrpc_proto::{to_snake_case, Blob, ErrorCode};
 
 /// Name of the built-in introspection method answered by every [`Server`].
@@ -327,6 +330,15 @@ pub struct MethodInfo {
     pub params: Vec<ParamInfo>,
     /// The Rust return type, as written.
     pub returns: String,
+    /// The shape of the reply value (`T` of a `Result<T, E>`), when the
+    /// return type implements `DeserializeOwned` (see [`shape_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returns_shape: Option<Shape>,
+    /// The shape of the error value of a method returning `Result<T, E>`,
+    /// when `E` implements `Serialize` and `DeserializeOwned` (the value
+    /// sent beside the error's message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_shape: Option<Shape>,
 }
 
 /// Description of one method parameter.
@@ -337,6 +349,9 @@ pub struct ParamInfo {
     /// The Rust type as written (serialised under the key `"type"`).
     #[serde(rename = "type")]
     pub ty: String,
+    /// How the argument is encoded (see [`shape_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
 }
 
 /// Why a handler produced no return value. Each variant maps to the error
@@ -537,6 +552,41 @@ pub mod __private {
         match value {
             Ok(v) => encode_value(&v),
             Err(e) => Err(HandlerError::Remote(e.to_string())),
+        }
+    }
+
+    /// The shape of `T` if it can be derived: `(&&ShapeOf::<T>::new()).zrpc_shape()`
+    /// at a site where `T` is concrete gives `Some(shape_of::<T>())` when
+    /// `T: DeserializeOwned`, else `None` (autoref specialisation).
+    pub struct ShapeOf<T: ?Sized>(std::marker::PhantomData<T>);
+
+    impl<T: ?Sized> ShapeOf<T> {
+        /// The probe for `T`.
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Self {
+            ShapeOf(std::marker::PhantomData)
+        }
+    }
+
+    /// `T: DeserializeOwned` step of [`ShapeOf`].
+    pub trait TracedShape {
+        /// The shape, if any.
+        fn zrpc_shape(&self) -> Option<crate::Shape>;
+    }
+    impl<T: serde::de::DeserializeOwned> TracedShape for &ShapeOf<T> {
+        fn zrpc_shape(&self) -> Option<crate::Shape> {
+            Some(crate::shape_of::<T>())
+        }
+    }
+
+    /// Fallback step of [`ShapeOf`].
+    pub trait NoShape {
+        /// The shape, if any.
+        fn zrpc_shape(&self) -> Option<crate::Shape>;
+    }
+    impl<T: ?Sized> NoShape for ShapeOf<T> {
+        fn zrpc_shape(&self) -> Option<crate::Shape> {
+            None
         }
     }
 
