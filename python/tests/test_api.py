@@ -66,11 +66,16 @@ def test_explicit_name_and_socket_dir(broker, procs, monkeypatch):
     assert c.call(service="other_name", method="echo", payload=[1], timeout=5) == [1]
 
 
-@pytest.mark.parametrize("value", [
+VALUES = [
     None, True, False, 0, -1, 2**64 - 1, -2**63, 1.5, float("inf"), float("-inf"),
     "", "héllo", b"", b"\x00\xffbytes", [], [1, [2, [3]]], {}, {"a": {"b": [1, b"x"]}},
     {1: "int key"}, "x" * 100_000, b"y" * 1_000_000,
-])
+]
+
+
+# Short ids: pytest puts the id in $PYTEST_CURRENT_TEST, and a 1 MB id makes
+# the environment of spawned processes too large (E2BIG).
+@pytest.mark.parametrize("value", VALUES, ids=["%s-%d" % (type(v).__name__, i) for i, v in enumerate(VALUES)])
 def test_every_msgpack_type_round_trips(my_class, value):
     got = my_class.call("my_class", "echo", value, timeout=10)
     assert got == value and type(got) is type(value)
