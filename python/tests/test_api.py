@@ -255,3 +255,28 @@ def test_server_answers_broker_pings(procs, socket_dir, monkeypatch):
     holder = [p for p in peers if "pipe_server" in p["names"]]
     # Still the first connection: it was never dropped for silence.
     assert len(holder) == 1 and holder[0]["connected_s"] >= 2.4, holder
+
+
+class Slow(Server):
+    @rpc_method
+    def slow(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+def test_long_handler_still_answers_pings(procs, socket_dir, monkeypatch):
+    """A handler running longer than the heartbeat timeout: the keeper thread answers the pings."""
+    from conftest import Broker
+    monkeypatch.setenv("ZRPC_SOCKET_DIR", socket_dir)
+    Broker(procs, socket_dir, ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "1"])
+    s = Slow()
+    s.run_once(0)
+    client = procs.python("from zrpc.client import Client\nprint(Client().call('slow', 'slow', 2.5, timeout=20))")
+    assert s.run_once(timeout=10) is True
+    out, err = client.communicate(timeout=20)
+    assert out.strip() == "2.5", err
+    assert s.counter == 1  # ran once: the service was not dropped and the call not re-delivered
+    peers = Client().call("zrpcd", "peers", timeout=5)
+    holder = [p for p in peers if "slow" in p["names"]]
+    assert len(holder) == 1 and holder[0]["connected_s"] >= 2.4, holder
+    s.close()

@@ -36,7 +36,7 @@ class CallInfo:
     """Who made the request being handled (``Request`` fields; uid/gid/pid come from the kernel via the broker)."""
 
     __slots__ = ("service", "method", "caller_instance", "caller_call", "caller_uid", "caller_gid",
-                 "caller_pid", "deadline", "counter")
+                 "caller_pid", "deadline", "counter", "started")
 
     def __init__(self, env: list, counter: int):
         f = _proto.field
@@ -52,6 +52,8 @@ class CallInfo:
         self.caller_pid: Optional[int] = f(env, 9)
         #: The server's request counter including this request.
         self.counter = counter
+        #: ``time.monotonic()`` when the request was taken up.
+        self.started = time.monotonic()
 
 
 _current: contextvars.ContextVar = contextvars.ContextVar("zrpc_current_call", default=None)

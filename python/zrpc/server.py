@@ -20,7 +20,9 @@ again instead of running twice. A lost connection is reconnected with
 backoff and the name registered again.
 """
 
+import select
 import selectors
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional
@@ -29,6 +31,9 @@ from . import _proto, _service, errors
 from ._service import CallInfo, current_call, rpc_method
 
 __all__ = ["Server", "rpc_method", "current_call", "CallInfo"]
+
+#: Seconds a handler runs before the keeper thread reads the broker for it.
+KEEPER_AFTER = 0.5
 
 
 def _fileno(fd: Any) -> int:
@@ -69,6 +74,11 @@ class Server:
         self._up_since = 0.0
         self._next_attempt = 0.0
         self._req = 0
+        self._closed = False
+        self._running: Optional[_service.Job] = None
+        self._io_lock = threading.Lock()
+        self._keeper_lost = False
+        self._keeper: Optional[threading.Thread] = None
 
     @property
     def counter(self) -> int:
@@ -130,6 +140,9 @@ class Server:
         self._sel.register(sock, selectors.EVENT_READ, ("broker", None))
         self._ever_connected = True
         self._up_since = time.monotonic()
+        if self._keeper is None:
+            self._keeper = threading.Thread(target=self._keep, name="zrpc-keeper", daemon=True)
+            self._keeper.start()
 
     def _lost(self) -> None:
         if self._sock is not None:
@@ -162,33 +175,70 @@ class Server:
         except OSError:
             self._lost()
 
-    def _read_broker(self) -> None:
+    def _read_broker(self) -> bool:
+        """Reads the broker's frames: answers pings, drops cancelled queued requests, queues requests.
+
+        Returns False when the connection is gone (the caller calls ``_lost``).
+        """
         try:
             data = self._sock.recv(262144)
-        except OSError:
-            self._lost()
-            return
-        if not data:
-            self._lost()
-            return
-        try:
-            frames = self._reader.feed(data)
-        except errors.ZRPCError:
-            self._lost()
-            return
+            frames = self._reader.feed(data) if data else None
+        except (OSError, errors.ZRPCError):
+            return False
+        if not frames:
+            return frames is not None
         for env, payload in frames:
             kind = env[0]
             if kind == _proto.PING:
-                self._send(_proto.pong_frame(_proto.field(env, 1, 0)))
+                try:
+                    self._sock.sendall(_proto.pong_frame(_proto.field(env, 1, 0)))
+                except OSError:
+                    return False
             elif kind == _proto.CANCEL:
                 rid = _proto.field(env, 1)
                 # A cancelled request that has not started is dropped unanswered.
                 self._queue = deque(q for q in self._queue if not (q[0][0] == _proto.REQUEST and q[0][1] == rid))
             elif kind == _proto.FATAL:
-                self._lost()
-                return
+                return False
             elif kind in (_proto.REQUEST, _proto.ACK):
                 self._queue.append((env, payload))
+        return True
+
+    def _run_handler(self, job: _service.Job) -> bytes:
+        """Runs a handler; a long one is watched by the keeper thread (see :meth:`_keep`)."""
+        self._running = job
+        try:
+            return self._core.run_sync(job)
+        finally:
+            self._running = None
+            with self._io_lock:  # the keeper is not reading now, and will not until the next handler
+                pass
+            if self._keeper_lost:
+                self._keeper_lost = False
+                self._lost()
+
+    def _keep(self) -> None:
+        """The keeper thread: while a handler has run for more than :data:`KEEPER_AFTER` seconds,
+        reads the broker for it: answers pings (a handler running longer than the broker's
+        heartbeat timeout must not get the service disconnected), queues new requests and
+        drops the queued ones the broker cancels. Short handlers never see it.
+        """
+        while not self._closed:
+            job = self._running
+            if job is None or self._keeper_lost or time.monotonic() - job.info.started < KEEPER_AFTER:
+                time.sleep(KEEPER_AFTER / 2)
+                continue
+            sock = self._sock
+            try:
+                ready, _, _ = select.select([sock], [], [], 0.05)
+            except (OSError, ValueError, TypeError):
+                time.sleep(KEEPER_AFTER / 2)
+                continue
+            if not ready:
+                continue
+            with self._io_lock:
+                if self._running is job and not self._keeper_lost and not self._read_broker():
+                    self._keeper_lost = True
 
     def _handle_queued(self) -> bool:
         """Handles one queued request; returns whether there was one."""
@@ -198,7 +248,7 @@ class Server:
                 continue  # the Ack of an unregister-and-register is not an event
             reply, job = self._core.plan(env, payload)
             if job is not None:
-                reply = self._core.run_sync(job)
+                reply = self._run_handler(job)
             self._send(reply)
             return True
         return False
@@ -228,7 +278,8 @@ class Server:
             for key, _ in self._sel.select(wait):
                 what, callback = key.data
                 if what == "broker":
-                    self._read_broker()
+                    if not self._read_broker():
+                        self._lost()
                 else:
                     callback()
                     return True
@@ -243,5 +294,6 @@ class Server:
             self.run_once(None)
 
     def close(self) -> None:
-        """Disconnects from the broker (releasing the name)."""
+        """Disconnects from the broker (releasing the name) and stops the keeper thread."""
+        self._closed = True
         self._lost()
