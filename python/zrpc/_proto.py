@@ -431,6 +431,20 @@ class CallTable:
             self.finish(call, ("ok", payload))
         return call
 
+    def dispatch(self, frames: list, send) -> Optional[str]:
+        """Handles the broker's frames for a client: results to their calls, pings answered
+        through ``send(frame)``. Returns why the connection must end (``Fatal``), else ``None``.
+        """
+        for env, payload in frames:
+            kind = env[0]
+            if kind == RESULT:
+                self.on_result(env, payload)
+            elif kind == PING:
+                send(pong_frame(field(env, 1, 0)))
+            elif kind == FATAL:
+                return "zrpcd sent Fatal (%s): %s" % (errors.code_name(field(env, 1, 0)), field(env, 2, ""))
+        return None
+
     def expired(self, now: float) -> List[PendingCall]:
         """Calls whose local safety deadline (deadline + :data:`SAFETY_MARGIN`) passed."""
         return [c for c in self.calls.values()

@@ -35,7 +35,7 @@ __all__ = ["Client", "Server", "rpc_method", "current_call", "CallInfo"]
 
 
 class _Conn(asyncio.Protocol):
-    """One connection to the broker: frames in (``on_frames``), bytes out (``send``)."""
+    """One connection to the broker: frames in (``on_frames(conn, frames)``), bytes out (``send``)."""
 
     def __init__(self, reader: _proto.FrameReader, on_frames: Callable[[list], None]):
         self.reader = reader
@@ -53,7 +53,7 @@ class _Conn(asyncio.Protocol):
             self.abort(str(e))
             return
         if frames:
-            self.on_frames(frames)
+            self.on_frames(self, frames)
 
     def connection_lost(self, exc) -> None:
         if not self.closed.done():
@@ -117,7 +117,7 @@ class Client:
         for frame in self._table.resubmit(self._gen):
             conn.send(frame)
         if frames:
-            self._on_frames(frames)
+            self._on_frames(conn, frames)
 
     async def _supervise(self) -> None:
         """Watches the connection; after a loss, reconnects with backoff while calls are pending."""
@@ -145,17 +145,10 @@ class Client:
                 except errors.ZRPCError as e:
                     self._table.fail_all(lambda _c, e=e: e)
 
-    def _on_frames(self, frames: list) -> None:
-        for env, payload in frames:
-            kind = env[0]
-            if kind == _proto.RESULT:
-                self._table.on_result(env, payload)
-            elif kind == _proto.PING:
-                self._conn.send(_proto.pong_frame(_proto.field(env, 1, 0)))
-            elif kind == _proto.FATAL and self._conn is not None:
-                self._conn.abort("zrpcd sent Fatal (%s): %s" % (errors.code_name(_proto.field(env, 1, 0)),
-                                                                _proto.field(env, 2, "")))
-                return
+    def _on_frames(self, conn: _Conn, frames: list) -> None:
+        why = self._table.dispatch(frames, conn.send)
+        if why is not None:
+            conn.abort(why)
 
     async def call(self, service: str, method: str, payload: Any = None, timeout: Optional[float] = None,
                    *, no_wait: bool = False, no_retry: bool = False) -> Any:
@@ -265,7 +258,7 @@ class Server:
         self._acks[self._req] = ack
         conn.send(_service.register_frame(self._req, self.name, self.shared))
         if frames:
-            self._on_frames(frames)
+            self._on_frames(conn, frames)
         done, _ = await asyncio.wait([ack, conn.closed], return_when=asyncio.FIRST_COMPLETED)
         self._acks.pop(self._req, None)
         if ack not in done:
@@ -311,8 +304,7 @@ class Server:
         """Serves forever in a new event loop (``asyncio.run(self.serve())``)."""
         asyncio.run(self.serve())
 
-    def _on_frames(self, frames: List[tuple]) -> None:
-        conn = self._conn
+    def _on_frames(self, conn: _Conn, frames: List[tuple]) -> None:
         for env, payload in frames:
             kind = env[0]
             if kind == _proto.REQUEST:

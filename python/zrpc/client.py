@@ -104,16 +104,9 @@ class Client:
             self._lost("write error: %s" % e)
 
     def _dispatch(self, frames: list) -> None:
-        for env, payload in frames:
-            kind = env[0]
-            if kind == _proto.RESULT:
-                self._table.on_result(env, payload)
-            elif kind == _proto.PING:
-                self._send(_proto.pong_frame(_proto.field(env, 1, 0)))
-            elif kind == _proto.FATAL:
-                self._lost("zrpcd sent Fatal (%s): %s" % (errors.code_name(_proto.field(env, 1, 0)),
-                                                          _proto.field(env, 2, "")))
-                return
+        why = self._table.dispatch(frames, self._send)
+        if why is not None:
+            self._lost(why)
 
     def _read(self, wait: Optional[float]) -> None:
         """Waits up to ``wait`` seconds for frames from the broker and handles them."""
