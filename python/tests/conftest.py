@@ -1,0 +1,167 @@
+"""Fixtures: a real zrpcd per test in a fresh socket directory, and real processes.
+
+zrpcd is found through ``$ZRPCD``, else ``target/debug/zrpcd`` of the
+repository this package sits in, else ``PATH``. The Rust example binaries
+(``test_server``, ``test_client``) are looked up next to it. Every process a
+test starts is killed by its pid at the end; waits poll a condition with a
+bound instead of sleeping a fixed time.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON_DIR = os.path.join(REPO, "python")
+
+
+def find_zrpcd() -> str:
+    """The zrpcd binary to test against."""
+    env = os.environ.get("ZRPCD")
+    if env:
+        return env
+    local = os.path.join(REPO, "target", "debug", "zrpcd")
+    if os.path.exists(local):
+        return local
+    found = shutil.which("zrpcd")
+    if found:
+        return found
+    pytest.exit("zrpcd not found: set $ZRPCD, build it (cargo build -p zrpcd) or put it on PATH", returncode=2)
+
+
+def rust_bin(name: str) -> str:
+    """A Rust example binary built next to zrpcd (skips the test when it is missing)."""
+    path = os.path.join(os.path.dirname(find_zrpcd()), name)
+    if not os.path.exists(path):
+        pytest.fail("%s not found next to zrpcd (build it: cargo build -p zrpc-examples --bins)" % path)
+    return path
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    """Polls ``cond()`` every 10 ms until it is truthy (returns it) or ``timeout`` passes (fails the test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(0.01)
+
+
+class Procs:
+    """The processes a test started; all are killed by pid at the end."""
+
+    def __init__(self, env):
+        self.env = env
+        self.procs = []
+
+    def spawn(self, args, **kw):
+        """Starts a process with the test's environment; output is captured (text)."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        p = subprocess.Popen(args, env=kw.pop("env", self.env), text=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def python(self, code, **kw):
+        """Runs ``code`` in a new Python interpreter (the one running the tests)."""
+        return self.spawn([sys.executable, "-u", "-c", code], **kw)
+
+    def kill_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            for f in (p.stdout, p.stderr):
+                if f is not None:
+                    f.close()
+
+
+class Broker:
+    """A zrpcd running in its own socket directory."""
+
+    def __init__(self, procs, socket_dir, extra_args=()):
+        self.procs = procs
+        self.socket_dir = socket_dir
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.start()
+
+    @property
+    def socket(self):
+        return os.path.join(self.socket_dir, "zrpcd.sock")
+
+    def start(self):
+        """Starts zrpcd and waits until it accepts connections."""
+        self.proc = self.procs.spawn([find_zrpcd(), "--socket-dir", self.socket_dir] + self.extra_args,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._accepts, what="zrpcd to accept connections")
+
+    def _accepts(self):
+        import socket
+        if self.proc.poll() is not None:
+            raise AssertionError("zrpcd exited with %s" % self.proc.returncode)
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(self.socket)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def kill(self, sig=signal.SIGKILL):
+        """Sends ``sig`` to zrpcd and waits for it to exit."""
+        os.kill(self.proc.pid, sig)
+        self.proc.wait(timeout=10)
+
+    def restart(self):
+        """SIGKILLs zrpcd and starts a new one on the same directory."""
+        self.kill()
+        self.start()
+
+
+@pytest.fixture
+def socket_dir():
+    d = tempfile.mkdtemp(prefix="zrpc-py-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def procs(socket_dir):
+    env = dict(os.environ)
+    env["ZRPC_SOCKET_DIR"] = socket_dir
+    env["PYTHONPATH"] = PYTHON_DIR + os.pathsep + env.get("PYTHONPATH", "")
+    p = Procs(env)
+    yield p
+    p.kill_all()
+
+
+@pytest.fixture
+def broker(procs, socket_dir, monkeypatch):
+    """A fresh zrpcd; ``$ZRPC_SOCKET_DIR`` points at it in this process and its children."""
+    monkeypatch.setenv("ZRPC_SOCKET_DIR", socket_dir)
+    return Broker(procs, socket_dir)
+
+
+def service_names(socket_dir):
+    """Names registered at the broker (``zrpcd.list``)."""
+    from zrpc.client import Client
+    with Client(socket_dir) as c:
+        return [row["name"] for row in c.call("zrpcd", "list", timeout=5)]
+
+
+def wait_registered(socket_dir, name, timeout=10.0):
+    """Waits until a service holds ``name``."""
+    wait_for(lambda: name in service_names(socket_dir), timeout, "service %r to register" % name)

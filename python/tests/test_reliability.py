@@ -1,0 +1,217 @@
+"""zrpc's promises with real processes: re-delivery after a service crash, a
+broker SIGKILL mid-call answered exactly once, a killed client, Cancel, the
+reply cache, and the broker identity check."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from conftest import find_zrpcd, service_names, wait_for, wait_registered
+from zrpc import _proto, errors
+from zrpc.client import Client
+
+# A service whose `work` appends a line to $LOG, then (for `slow`) waits for
+# the file $GO, and crashes in the handler when $CRASH is set.
+WORKER = textwrap.dedent('''
+    import os, time
+    from zrpc.server import Server, rpc_method
+
+    class Worker(Server):
+        @rpc_method
+        def work(self, payload):
+            with open(os.environ["LOG"], "a") as f:
+                f.write("%s %d\\n" % (payload, os.getpid()))
+            if os.environ.get("CRASH"):
+                os._exit(3)
+            return {"done": payload, "pid": os.getpid(), "counter": self.counter}
+
+        @rpc_method
+        def slow(self, payload):
+            with open(os.environ["LOG"], "a") as f:
+                f.write("slow %s\\n" % payload)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(os.environ["GO"]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return "slow done %s" % payload
+
+    Worker(shared=True).run()
+''')
+
+
+class Call(threading.Thread):
+    """A blocking call made in a thread; ``result`` or ``error`` once ``join``\\ ed."""
+
+    def __init__(self, service, method, payload=None, **kw):
+        super().__init__(daemon=True)
+        self.args_ = (service, method, payload)
+        self.kw = kw
+        self.result = self.error = None
+        self.client = Client()
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.client.call(*self.args_, **self.kw)
+        except Exception as e:  # reported to the test
+            self.error = e
+
+    def outcome(self, timeout=30):
+        self.join(timeout)
+        assert not self.is_alive(), "the call did not return"
+        return self.result if self.error is None else self.error
+
+
+@pytest.fixture
+def files(socket_dir, procs):
+    log = os.path.join(socket_dir, "log")
+    go = os.path.join(socket_dir, "go")
+    procs.env.update(LOG=log, GO=go)
+    open(log, "w").close()
+    return log, go
+
+
+def lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def test_service_crash_mid_call_is_redelivered(broker, procs, files):
+    log, _ = files
+    crashing = procs.spawn([sys.executable, "-c", WORKER], env=dict(procs.env, CRASH="1"))
+    wait_registered(broker.socket_dir, "worker")
+    call = Call("worker", "work", "job", timeout=30)
+    crashing.wait(timeout=30)
+    assert crashing.returncode == 3
+    healthy = procs.spawn([sys.executable, "-c", WORKER])
+    got = call.outcome()
+    assert got == {"done": "job", "pid": healthy.pid, "counter": 1}, got
+    assert lines(log) == ["job %d" % crashing.pid, "job %d" % healthy.pid]
+
+
+def test_service_crash_with_no_retry_is_service_gone(broker, procs, files):
+    crashing = procs.spawn([sys.executable, "-c", WORKER], env=dict(procs.env, CRASH="1"))
+    wait_registered(broker.socket_dir, "worker")
+    with pytest.raises(errors.ServiceGoneError):
+        Client().call("worker", "work", "x", timeout=30, no_retry=True)
+    assert crashing.wait(timeout=10) == 3
+
+
+def test_broker_sigkill_mid_call_is_answered_exactly_once(broker, procs, files):
+    log, go = files
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+    call = Call("worker", "slow", 1, timeout=60)
+    wait_for(lambda: lines(log) == ["slow 1"], what="the handler to start")
+    broker.restart()
+    open(go, "w").close()
+    # The client resubmitted its call (same instance and id) to the new broker,
+    # the service re-registered and answered it from its reply cache.
+    assert call.outcome() == "slow done 1"
+    assert lines(log) == ["slow 1"], "the handler ran more than once"
+    assert Client().call("worker", "slow", 2, timeout=30) == "slow done 2"
+    assert lines(log) == ["slow 1", "slow 2"]
+
+
+def test_broker_sigkill_no_retry_call_is_disconnected(broker, procs, files):
+    log, go = files
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+    call = Call("worker", "slow", 1, timeout=60, no_retry=True)
+    wait_for(lambda: lines(log) == ["slow 1"], what="the handler to start")
+    broker.restart()
+    assert isinstance(call.outcome(), errors.DisconnectedError)
+    open(go, "w").close()
+
+
+def test_killed_client_does_not_disturb_the_service(broker, procs, files):
+    log, go = files
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+    client = procs.python("from zrpc.client import Client\nClient().call('worker', 'slow', 'killed')")
+    wait_for(lambda: lines(log) == ["slow killed"], what="the handler to start")
+    os.kill(client.pid, signal.SIGKILL)
+    client.wait(timeout=10)
+    open(go, "w").close()
+    c = Client()
+    # The service finishes the orphaned call (its reply is dropped) and serves the next one.
+    assert c.call("worker", "work", "after", timeout=30)["done"] == "after"
+    assert [ln.split()[0] for ln in lines(log)] == ["slow", "after"]
+
+
+def test_cancel_drops_a_queued_request(broker, procs, files):
+    """A request the broker cancels (its deadline passed) while queued behind a slow one never runs."""
+    log, go = files
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+    slow = Call("worker", "slow", 1, timeout=60)
+    wait_for(lambda: lines(log) == ["slow 1"], what="the slow handler to start")
+    with pytest.raises(errors.RPCTimeoutError):
+        Client().call("worker", "work", "cancelled", timeout=0.3)
+    open(go, "w").close()
+    assert slow.outcome() == "slow done 1"
+    assert Client().call("worker", "work", "next", timeout=30)["done"] == "next"
+    assert [ln.split()[0] for ln in lines(log)] == ["slow", "next"]
+
+
+def test_resubmitted_call_is_answered_from_the_reply_cache(broker, procs, files):
+    """The same (instance, call id) sent on two connections runs the handler once."""
+    log, _ = files
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+    instance = _proto.random_id()
+    answers = []
+    for _ in range(2):
+        sock, _w, reader, frames = _proto.connect(broker.socket_dir, instance)
+        sock.sendall(_proto.call_frame(7, "worker", "work", 10_000, 0, _proto.pack("once")))
+        while not frames:
+            frames = reader.feed(sock.recv(65536))
+        env, payload = frames[0]
+        assert env[:3] == [_proto.RESULT, 7, 0]
+        answers.append(_proto.unpack(payload))
+        sock.close()
+    assert answers[0] == answers[1] and answers[0]["counter"] == 1
+    assert len(lines(log)) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to run zrpcd as another uid")
+def test_untrusted_broker_is_refused(procs, socket_dir, monkeypatch):
+    # zrpcd wants a directory only its own user may write to.
+    os.chmod(socket_dir, 0o755)
+    socket_dir = os.path.join(socket_dir, "other")
+    os.mkdir(socket_dir, 0o755)
+    os.chown(socket_dir, 65534, 65534)
+    monkeypatch.setenv("ZRPC_SOCKET_DIR", socket_dir)
+    monkeypatch.delenv("ZRPC_BROKER_UID", raising=False)
+    procs.spawn(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                 find_zrpcd(), "--socket-dir", socket_dir],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(os.path.join(socket_dir, "zrpcd.sock")), what="the other user's zrpcd")
+
+    def refused():
+        try:
+            Client()
+        except errors.UntrustedBrokerError as e:
+            return e
+        except errors.ConnectError:
+            return None
+
+    e = wait_for(refused, what="the untrusted broker to be refused")
+    assert "uid 65534" in str(e)
+    monkeypatch.setenv("ZRPC_BROKER_UID", "65534")
+    assert Client().call("zrpcd", "ping", timeout=5) == "pong"
+
+
+def test_server_reconnects_after_broker_restart(broker, procs, files):
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+    broker.restart()
+    wait_registered(broker.socket_dir, "worker")
+    assert Client().call("worker", "work", "again", timeout=30)["done"] == "again"
+    assert service_names(broker.socket_dir) == ["worker"]
+

@@ -1,0 +1,474 @@
+"""The zrpc wire protocol: framing, envelopes, the handshake, the broker
+identity check, reconnect backoff and the table of pending calls.
+
+This is the one implementation of these that the blocking
+(:mod:`zrpc.client`, :mod:`zrpc.server`) and the asyncio (:mod:`zrpc.aio`)
+sides share. Internal: the format is described in ``docs/protocol.md``.
+"""
+
+import os
+import random
+import re
+import socket
+import struct
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import msgpack
+
+from . import errors
+
+PROTOCOL_VERSION = 1
+SOCKET_FILE = "zrpcd.sock"
+SOCKET_DIR_ENV = "ZRPC_SOCKET_DIR"
+BROKER_UID_ENV = "ZRPC_BROKER_UID"
+SYSTEM_SOCKET_DIR = "/run/zrpc"
+BROKER_SERVICE = "zrpcd"
+DESCRIBE_METHOD = "zrpc.describe"
+#: Timeouts above this many milliseconds (365 days) mean "no deadline".
+MAX_TIMEOUT_MS = 365 * 24 * 3600 * 1000
+#: Default broker limit on body_len (announced again in Welcome).
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: Slack added to the announced maximum for frames *from* the broker.
+INCOMING_SLACK = 4096
+#: Largest frame accepted before Welcome says the real limit.
+HANDSHAKE_MAX_BODY = 64 * 1024
+#: How long to wait for Welcome.
+HANDSHAKE_TIMEOUT = 5.0
+#: The local safety margin added to a call's timeout: if neither the broker's
+#: Timeout nor a Result arrived by then, the call fails locally.
+SAFETY_MARGIN = 2.0
+HEADER = struct.Struct(">II")
+NIL = b"\xc0"
+AGENT = "zrpc-python/0.1.0"
+
+# Message kinds.
+HELLO, WELCOME, REGISTER, UNREGISTER, ACK, CALL, REQUEST, REPLY, RESULT, \
+    CANCEL, PING, PONG, FATAL, EVENT = range(1, 15)
+
+# Call flags.
+NO_WAIT = 1
+NO_RETRY = 2
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` follows the naming rules (1-128 ASCII letters, digits, ``_-.``, starting with a letter or ``_``)."""
+    return isinstance(name, str) and _NAME.match(name) is not None and name.isascii()
+
+
+def snake_case(name: str) -> str:
+    """CamelCase to snake_case, as zrpc-proto's ``to_snake_case``: ``TestServer`` -> ``test_server``, ``HTTPServer`` -> ``http_server``."""
+    out = []
+    for i, c in enumerate(name):
+        if c.isupper():
+            prev_lower = i > 0 and (name[i - 1].islower() or name[i - 1].isdigit())
+            next_lower = i + 1 < len(name) and name[i + 1].islower()
+            prev_upper = i > 0 and name[i - 1].isupper()
+            if i > 0 and (prev_lower or (prev_upper and next_lower)) and out and out[-1] != "_":
+                out.append("_")
+            out.append(c.lower())
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def resolve_socket_dir(explicit: Optional[str] = None) -> str:
+    """The socket directory: ``explicit``, else ``$ZRPC_SOCKET_DIR``, else the default.
+
+    The default is ``/run/zrpc`` for root and whenever a system broker's
+    socket exists there, else ``$XDG_RUNTIME_DIR/zrpc`` (as the Rust libraries).
+    """
+    if explicit:
+        return os.fspath(explicit)
+    env = os.environ.get(SOCKET_DIR_ENV)
+    if env:
+        return env
+    if os.geteuid() == 0 or os.path.exists(os.path.join(SYSTEM_SOCKET_DIR, SOCKET_FILE)):
+        return SYSTEM_SOCKET_DIR
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "zrpc")
+    return SYSTEM_SOCKET_DIR
+
+
+def random_id() -> int:
+    """A random non-zero u64 (instance ids)."""
+    return random.SystemRandom().getrandbits(64) or 1
+
+
+# ---- payloads --------------------------------------------------------------
+
+def pack(value: Any) -> bytes:
+    """Encodes a payload: one MessagePack value (str as str, bytes as bin, tuples as arrays)."""
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise errors.EncodeError("cannot encode the payload as MessagePack: %s" % e) from None
+
+
+def unpack(data: bytes) -> Any:
+    """Decodes a payload: exactly one MessagePack value; empty means nil.
+
+    Raises ``ValueError`` (or a subclass) when ``data`` is not exactly one value.
+    """
+    if not data:
+        return None
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+
+
+# ---- frames ----------------------------------------------------------------
+
+def encode_frame(envelope: list, payload: bytes = b"") -> bytes:
+    """One frame: the two lengths, the envelope (a MessagePack array) and the payload."""
+    env = msgpack.packb(envelope, use_bin_type=True)
+    return HEADER.pack(len(env) + len(payload), len(env)) + env + payload
+
+
+class FrameReader:
+    """Splits a byte stream into frames, checking the two lengths.
+
+    ``feed`` returns the complete frames as ``(envelope, payload)`` pairs,
+    ``envelope`` being the decoded array (a list whose first element is the
+    kind). A bad frame raises :class:`errors.ProtocolError` (or
+    :class:`errors.LimitExceededError` for an oversized one).
+    """
+
+    def __init__(self, max_body: int = HANDSHAKE_MAX_BODY):
+        self.buf = bytearray()
+        self.max_body = max_body
+
+    def feed(self, data: bytes) -> List[Tuple[list, bytes]]:
+        """Adds ``data``; returns the frames completed by it."""
+        buf = self.buf
+        buf += data
+        out = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 8:
+            body_len, env_len = HEADER.unpack_from(buf, pos)
+            if body_len > self.max_body:
+                raise errors.LimitExceededError(
+                    "frame of %d bytes exceeds the limit of %d" % (body_len, self.max_body))
+            if env_len < 1 or env_len > body_len:
+                raise errors.ProtocolError("bad frame: env_len %d, body_len %d" % (env_len, body_len))
+            end = pos + 8 + body_len
+            if end > n:
+                break
+            env_end = pos + 8 + env_len
+            out.append((decode_envelope(bytes(buf[pos + 8:env_end])), bytes(buf[env_end:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def decode_envelope(data: bytes) -> list:
+    """Decodes an envelope: one MessagePack array whose first element is the kind."""
+    try:
+        env = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise errors.ProtocolError("bad envelope: %s" % e) from None
+    if not isinstance(env, list) or not env or not isinstance(env[0], int) or isinstance(env[0], bool):
+        raise errors.ProtocolError("bad envelope: not an array starting with a kind: %r" % (env,))
+    return env
+
+
+def field(env: list, i: int, default: Any = None) -> Any:
+    """Field ``i`` of an envelope (after the kind at 0), ``default`` when the peer sent fewer."""
+    return env[i] if len(env) > i else default
+
+
+def pong_frame(nonce: int) -> bytes:
+    """The answer to ``Ping{nonce}``."""
+    return encode_frame([PONG, nonce])
+
+
+def call_frame(cid: int, service: str, method: str, timeout_ms: Optional[int], flags: int,
+               payload: bytes) -> bytes:
+    """A ``Call`` frame."""
+    return encode_frame([CALL, cid, service, method, timeout_ms, flags], payload)
+
+
+# ---- connecting ------------------------------------------------------------
+
+def check_broker(sock: socket.socket, path: str) -> None:
+    """Continues only if the broker's uid (``SO_PEERCRED``) is 0, our own, or ``$ZRPC_BROKER_UID``.
+
+    Raises :class:`errors.UntrustedBrokerError` otherwise (nothing has been sent yet).
+    """
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    own = os.geteuid()
+    expected = None
+    try:
+        expected = int(os.environ.get(BROKER_UID_ENV, "").strip())
+    except ValueError:
+        pass
+    if uid in (0, own) or uid == expected:
+        return
+    also = " and uid %d ($%s)" % (expected, BROKER_UID_ENV) if expected is not None else ""
+    raise errors.UntrustedBrokerError(
+        "refusing the zrpcd at %s: it runs as uid %d, but this process (uid %d) trusts only "
+        "root, itself%s; another user may have taken the socket directory first (set "
+        "%s=<uid> to trust a broker that runs as that user)" % (path, uid, own, also, BROKER_UID_ENV))
+
+
+def _connect_hint(e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return (" (a permission problem, not a missing broker: this user may not open zrpcd's "
+                "socket or its directory; check their owner and mode)")
+    if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
+        return " (is zrpcd running? is the socket directory right? see $ZRPC_SOCKET_DIR)"
+    return ""
+
+
+class Welcome:
+    """What the broker's ``Welcome`` said."""
+
+    def __init__(self, conn_id: int, max_message_size: int):
+        self.conn_id = conn_id
+        self.max_message_size = max_message_size
+
+
+def connect(socket_dir: str, instance: int, agent: str = AGENT,
+            timeout: float = HANDSHAKE_TIMEOUT) -> Tuple[socket.socket, Welcome, FrameReader, list]:
+    """Connects to the broker in ``socket_dir``: checks its uid, sends ``Hello``, waits for ``Welcome``.
+
+    Returns the blocking socket, the welcome, the frame reader to keep using
+    (sized to the announced limit) and any frames that arrived after the
+    welcome. Raises :class:`errors.ConnectError`,
+    :class:`errors.UntrustedBrokerError`, :class:`errors.VersionMismatchError`
+    or the error of a ``Fatal``.
+    """
+    path = os.path.join(socket_dir, SOCKET_FILE)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except OSError as e:
+            raise errors.ConnectError("cannot connect to zrpcd at %s: %s%s" % (path, e, _connect_hint(e))) from None
+        check_broker(sock, path)
+        reader = FrameReader(HANDSHAKE_MAX_BODY)
+        try:
+            sock.sendall(encode_frame([HELLO, PROTOCOL_VERSION, instance, agent]))
+            frames: list = []
+            while not frames:
+                data = sock.recv(65536)
+                if not data:
+                    raise errors.ConnectError("the broker at %s closed the connection during the handshake" % path)
+                frames = reader.feed(data)
+        except socket.timeout:
+            raise errors.ConnectError("no answer to Hello from %s within %.1f s" % (path, timeout)) from None
+        except OSError as e:
+            raise errors.ConnectError("cannot connect to zrpcd at %s: %s" % (path, e)) from None
+        env, _ = frames[0]
+        if env[0] == FATAL:
+            raise errors.from_code(field(env, 1, errors.PROTOCOL), "zrpcd refused the connection: %s" % field(env, 2, ""))
+        if env[0] != WELCOME:
+            raise errors.ProtocolError("expected Welcome from the broker, got kind %r" % env[0])
+        if field(env, 1) != PROTOCOL_VERSION:
+            raise errors.VersionMismatchError(
+                "the broker speaks protocol version %r, this library version %d" % (field(env, 1), PROTOCOL_VERSION))
+        welcome = Welcome(field(env, 2, 0), field(env, 3, DEFAULT_MAX_MESSAGE_SIZE))
+        reader.max_body = welcome.max_message_size + INCOMING_SLACK
+        sock.settimeout(None)
+        return sock, welcome, reader, frames[1:]
+    except BaseException:
+        sock.close()
+        raise
+
+
+class Backoff:
+    """Reconnect delays: doubling from 10 ms up to 1 s, with +-25 % jitter (as zrpc-io's ``Backoff``).
+
+    ``attempt`` is reset once a connection stayed up at least ``max`` seconds.
+    """
+
+    def __init__(self, minimum: float = 0.010, maximum: float = 1.0):
+        self.min = max(minimum, 0.001)
+        self.max = max(maximum, self.min)
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt."""
+        base = min(self.min * (2 ** min(self.attempt, 31)), self.max)
+        self.attempt += 1
+        return base * random.uniform(0.75, 1.25)
+
+    def connection_ended(self, up: float) -> None:
+        """A connection that was up ``up`` seconds ended."""
+        if up >= self.max:
+            self.attempt = 0
+
+
+# ---- the client's pending calls -----------------------------------------
+
+class PendingCall:
+    """A call made and not yet answered; ``sent_on`` is the connection generation it was sent on."""
+
+    __slots__ = ("cid", "service", "method", "payload", "deadline", "flags", "sent_on", "done",
+                 "outcome", "waiter")
+
+    def __init__(self, cid, service, method, payload, deadline, flags):
+        self.cid = cid
+        self.service = service
+        self.method = method
+        self.payload = payload
+        self.deadline = deadline
+        self.flags = flags
+        self.sent_on: Optional[int] = None
+        self.done = False
+        self.outcome: Any = None  # ("ok", bytes) or an exception
+        self.waiter: Any = None   # an asyncio future (zrpc.aio)
+
+    @property
+    def no_retry(self) -> bool:
+        """Whether the call was made with ``no_retry``."""
+        return bool(self.flags & NO_RETRY)
+
+
+class CallTable:
+    """The client's pending calls, shared by the blocking and the asyncio client.
+
+    Ids come from a counter and are never reused by one instance, so that a
+    call resubmitted after a reconnect keeps its id. ``lost`` and ``frames_to_send``
+    implement the resubmission rules of ``docs/protocol.md``.
+    """
+
+    def __init__(self):
+        self.next_id = 1
+        self.calls: Dict[int, PendingCall] = {}
+
+    def new(self, service: str, method: str, payload: Any, timeout: Optional[float],
+            no_wait: bool, no_retry: bool, max_message_size: int) -> PendingCall:
+        """Registers a new call; raises for bad names, bad payloads and oversized payloads."""
+        if not valid_name(service):
+            raise errors.InvalidNameError("invalid service name %r" % (service,), service=service, method=method)
+        if not valid_name(method):
+            raise errors.InvalidNameError("invalid method name %r" % (method,), service=service, method=method)
+        data = pack(payload)
+        if len(data) + 64 + len(service) + len(method) > max_message_size:
+            raise errors.LimitExceededError(
+                "the payload of %d bytes exceeds the broker's maximum message size of %d bytes"
+                % (len(data), max_message_size), service=service, method=method)
+        if timeout is not None and timeout < 0:
+            timeout = 0
+        deadline = None if timeout is None or timeout * 1000 > MAX_TIMEOUT_MS else time.monotonic() + timeout
+        flags = (NO_WAIT if no_wait else 0) | (NO_RETRY if no_retry else 0)
+        call = PendingCall(self.next_id, service, method, data, deadline, flags)
+        self.next_id += 1
+        self.calls[call.cid] = call
+        return call
+
+    def finish(self, call: PendingCall, outcome: Any) -> None:
+        """Records the call's outcome and forgets it."""
+        if not call.done:
+            call.done = True
+            call.outcome = outcome
+            self.calls.pop(call.cid, None)
+            if call.waiter is not None and not call.waiter.done():
+                call.waiter.set_result(None)
+
+    def frame(self, call: PendingCall, gen: int, now: float) -> Optional[bytes]:
+        """The ``Call`` frame for sending ``call`` on connection ``gen`` with its remaining budget.
+
+        Finishes the call with a timeout (and returns ``None``) if no budget is left.
+        """
+        if call.deadline is None:
+            timeout_ms = None
+        else:
+            left = call.deadline - now
+            if left <= 0 and call.sent_on is not None:
+                self.finish(call, timeout_error(call, "the deadline passed while reconnecting to zrpcd"))
+                return None
+            timeout_ms = max(0, int(left * 1000 + 0.5))
+        call.sent_on = gen
+        return call_frame(call.cid, call.service, call.method, timeout_ms, call.flags, call.payload)
+
+    def resubmit(self, gen: int) -> List[bytes]:
+        """Connection ``gen`` is up: the frames of every call waiting for a connection."""
+        now = time.monotonic()
+        out = []
+        for call in sorted(self.calls.values(), key=lambda c: c.cid):
+            if call.sent_on is None:
+                f = self.frame(call, gen, now)
+                if f is not None:
+                    out.append(f)
+        return out
+
+    def lost(self, gen: int, why: str) -> None:
+        """Connection ``gen`` is gone: ``no_retry`` calls on it fail, the others wait to be resubmitted."""
+        now = time.monotonic()
+        for call in list(self.calls.values()):
+            if call.deadline is not None and now >= call.deadline:
+                self.finish(call, timeout_error(call, "the deadline passed while reconnecting to zrpcd"))
+            elif call.sent_on == gen and call.no_retry:
+                self.finish(call, errors.DisconnectedError(
+                    "connection to zrpcd lost while the no_retry call %s.%s was on the broker: %s"
+                    % (call.service, call.method, why), service=call.service, method=call.method))
+            elif call.sent_on is not None:
+                call.sent_on = None
+
+    def on_result(self, env: list, payload: bytes) -> Optional[PendingCall]:
+        """Handles a ``Result``; returns the call if it is now answered.
+
+        A ``Shutdown`` result of a call that may be retried sends it back to
+        waiting for the next broker (``sent_on = None``).
+        """
+        call = self.calls.get(field(env, 1))
+        if call is None:
+            return None
+        code = field(env, 2, 0)
+        if code == errors.SHUTDOWN and not call.no_retry:
+            call.sent_on = None
+            return None
+        if code:
+            self.finish(call, errors.from_code(code, field(env, 3, ""), call.service, call.method))
+        else:
+            self.finish(call, ("ok", payload))
+        return call
+
+    def dispatch(self, frames: list, send) -> Optional[str]:
+        """Handles the broker's frames for a client: results to their calls, pings answered
+        through ``send(frame)``. Returns why the connection must end (``Fatal``), else ``None``.
+        """
+        for env, payload in frames:
+            kind = env[0]
+            if kind == RESULT:
+                self.on_result(env, payload)
+            elif kind == PING:
+                send(pong_frame(field(env, 1, 0)))
+            elif kind == FATAL:
+                return "zrpcd sent Fatal (%s): %s" % (errors.code_name(field(env, 1, 0)), field(env, 2, ""))
+        return None
+
+    def expired(self, now: float) -> List[PendingCall]:
+        """Calls whose local safety deadline (deadline + :data:`SAFETY_MARGIN`) passed."""
+        return [c for c in self.calls.values()
+                if c.deadline is not None and now >= c.deadline + SAFETY_MARGIN]
+
+    def fail_all(self, exc_factory) -> None:
+        """Fails every pending call with ``exc_factory(call)`` (the client was closed)."""
+        for call in list(self.calls.values()):
+            self.finish(call, exc_factory(call))
+
+
+def timeout_error(call: PendingCall, why: str) -> errors.RPCTimeoutError:
+    """The local timeout error of ``call``."""
+    return errors.RPCTimeoutError("%s.%s timed out: %s" % (call.service, call.method, why),
+                                  service=call.service, method=call.method)
+
+
+def result_value(call: PendingCall) -> Any:
+    """The decoded value of an answered call, or raises its error."""
+    outcome = call.outcome
+    if isinstance(outcome, BaseException):
+        raise outcome
+    try:
+        return unpack(outcome[1])
+    except Exception as e:
+        raise errors.DecodeError("%s.%s: cannot decode the result: %s" % (call.service, call.method, e),
+                                 service=call.service, method=call.method) from None

@@ -1,0 +1,242 @@
+"""What the blocking and the asyncio service share: method discovery, the
+``Request`` decision (reply cache, ``zrpc.describe``, unknown methods, bad
+payloads), building ``Reply`` frames, and the reply cache. Internal.
+"""
+
+import contextvars
+import inspect
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from . import _proto, errors
+
+#: Default bound on the number of cached replies (as zrpc-service).
+DEFAULT_CACHE_ENTRIES = 10_000
+#: Default bound on the bytes of cached reply payloads and error messages.
+DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
+
+_MARK = "_zrpc_rpc_method"
+
+
+def rpc_method(func: Callable) -> Callable:
+    """Marks a method of a :class:`zrpc.server.Server` (or :class:`zrpc.aio.Server`) subclass as callable over zrpc.
+
+    The method is called with the decoded payload as its one argument and
+    its return value is sent back (tuples arrive as arrays). An exception it
+    raises is sent as a ``Remote`` error with its type and text; raising a
+    :class:`zrpc.errors.ZRPCError` with a wire code sends that code. Its
+    docstring is what ``zrpc.describe`` reports.
+    """
+    setattr(func, _MARK, True)
+    return func
+
+
+class CallInfo:
+    """Who made the request being handled (``Request`` fields; uid/gid/pid come from the kernel via the broker)."""
+
+    __slots__ = ("service", "method", "caller_instance", "caller_call", "caller_uid", "caller_gid",
+                 "caller_pid", "deadline", "counter", "started")
+
+    def __init__(self, env: list, counter: int):
+        f = _proto.field
+        self.service: str = f(env, 2)
+        self.method: str = f(env, 3)
+        timeout_ms = f(env, 4)
+        #: ``time.monotonic()`` deadline of the call, or ``None``.
+        self.deadline: Optional[float] = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        self.caller_instance: int = f(env, 5, 0)
+        self.caller_call: int = f(env, 6, 0)
+        self.caller_uid: Optional[int] = f(env, 7)
+        self.caller_gid: Optional[int] = f(env, 8)
+        self.caller_pid: Optional[int] = f(env, 9)
+        #: The server's request counter including this request.
+        self.counter = counter
+        #: ``time.monotonic()`` when the request was taken up.
+        self.started = time.monotonic()
+
+
+_current: contextvars.ContextVar = contextvars.ContextVar("zrpc_current_call", default=None)
+
+
+def current_call() -> Optional[CallInfo]:
+    """The :class:`CallInfo` of the request whose handler is running (``None`` outside a handler)."""
+    return _current.get()
+
+
+def methods_of(obj: Any) -> Dict[str, Callable]:
+    """The ``@rpc_method`` methods of ``obj``, bound, by name."""
+    out = {}
+    for name in dir(type(obj)):
+        attr = getattr(type(obj), name, None)
+        if callable(attr) and getattr(attr, _MARK, False):
+            out[name] = getattr(obj, name)
+    return out
+
+
+def describe(service: str, methods: Dict[str, Callable]) -> dict:
+    """The answer to ``zrpc.describe``: the service's methods with their docstrings and annotations."""
+    out = []
+    for name in sorted(methods):
+        fn = methods[name]
+        sig = inspect.signature(fn)
+        params = []
+        for p in sig.parameters.values():
+            ann = "" if p.annotation is inspect.Parameter.empty else _type_name(p.annotation)
+            params.append({"name": p.name, "type": ann})
+        ret = "" if sig.return_annotation is inspect.Signature.empty else _type_name(sig.return_annotation)
+        out.append({"name": name, "doc": inspect.getdoc(fn) or "", "params": params, "returns": ret})
+    return {"service": service, "methods": out}
+
+
+def _type_name(t: Any) -> str:
+    return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+
+
+class ReplyCache:
+    """Recent outcomes by call identity ``(caller_instance, caller_call, caller_uid)``, oldest evicted first.
+
+    An entry holds ``(service, method, code, message, payload)``; it answers
+    only a request to the same service and method.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_CACHE_ENTRIES, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def get(self, key: tuple, service: str, method: str) -> Optional[tuple]:
+        """The cached outcome ``(code, message, payload)`` of ``key`` for this service and method."""
+        e = self.entries.get(key)
+        if e is None or e[0] != service or e[1] != method:
+            return None
+        return e[2:]
+
+    def put(self, key: tuple, service: str, method: str, code: int, message: str, payload: bytes) -> None:
+        """Keeps an outcome (not when the cache is disabled or the outcome is larger than the byte bound)."""
+        size = len(payload) + len(message)
+        if self.max_entries <= 0 or size > self.max_bytes:
+            return
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old[4]) + len(old[3])
+        self.entries[key] = (service, method, code, message, payload)
+        self.bytes += size
+        while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, e = self.entries.popitem(last=False)
+            self.bytes -= len(e[4]) + len(e[3])
+
+
+def reply_frame(rid: int, code: int, message: str, payload: bytes = b"") -> bytes:
+    """A ``Reply`` frame."""
+    return _proto.encode_frame([_proto.REPLY, rid, code, message], payload if code == 0 else b"")
+
+
+class Job:
+    """A request that is to run a handler: what :meth:`ServiceCore.plan` hands to the server loop."""
+
+    __slots__ = ("rid", "key", "info", "handler", "arg")
+
+    def __init__(self, rid, key, info, handler, arg):
+        self.rid = rid
+        self.key = key
+        self.info = info
+        self.handler = handler
+        self.arg = arg
+
+
+class ServiceCore:
+    """The request logic of a service object, independent of how it does I/O."""
+
+    def __init__(self, obj: Any, name: str, cache_entries: int, cache_bytes: int):
+        if not _proto.valid_name(name) or name == _proto.BROKER_SERVICE:
+            raise errors.InvalidNameError("invalid service name %r" % (name,), service=name)
+        self.obj = obj
+        self.name = name
+        self.methods = methods_of(obj)
+        self.cache = ReplyCache(cache_entries, cache_bytes)
+        self.counter = 0
+        self.max_reply = _proto.DEFAULT_MAX_MESSAGE_SIZE
+
+    def plan(self, env: list, payload: bytes) -> Tuple[Optional[bytes], Optional[Job]]:
+        """Decides what a ``Request`` needs: ``(reply_frame, None)`` when it is answered at once
+        (reply cache, ``zrpc.describe``, unknown method, undecodable payload), else ``(None, job)``.
+        """
+        rid = _proto.field(env, 1)
+        method = _proto.field(env, 3)
+        service = _proto.field(env, 2)
+        if method == _proto.DESCRIBE_METHOD:
+            return reply_frame(rid, 0, "", _proto.pack(describe(self.name, self.methods))), None
+        instance = _proto.field(env, 5, 0)
+        key = None
+        if instance:
+            key = (instance, _proto.field(env, 6, 0), _proto.field(env, 7))
+            hit = self.cache.get(key, service, method)
+            if hit is not None:
+                return reply_frame(rid, *hit), None
+        handler = self.methods.get(method)
+        if handler is None:
+            return self._outcome(rid, key, service, method, errors.NO_SUCH_METHOD,
+                                 "service %r has no method %r" % (self.name, method), b""), None
+        try:
+            arg = _proto.unpack(payload)
+        except Exception as e:
+            return self._outcome(rid, key, service, method, errors.BAD_PAYLOAD,
+                                 "cannot decode the arguments: %s" % e, b""), None
+        self.counter += 1
+        return None, Job(rid, key, CallInfo(env, self.counter), handler, arg)
+
+    def _outcome(self, rid, key, service, method, code, message, payload) -> bytes:
+        if key is not None:
+            self.cache.put(key, service, method, code, message, payload)
+        return reply_frame(rid, code, message, payload)
+
+    def cached(self, job: Job) -> Optional[bytes]:
+        """The reply of ``job`` from the cache, if a duplicate of it finished meanwhile."""
+        if job.key is None:
+            return None
+        hit = self.cache.get(job.key, job.info.service, job.info.method)
+        return None if hit is None else reply_frame(job.rid, *hit)
+
+    def finish(self, job: Job, result: Any = None, exc: Optional[BaseException] = None) -> bytes:
+        """The ``Reply`` frame of a handler's return value (or exception); caches the outcome."""
+        if exc is None:
+            try:
+                data = _proto.pack(result)
+            except errors.EncodeError as e:
+                code, message, data = errors.REMOTE, "cannot encode the return value: %s" % e, b""
+            else:
+                code, message = 0, ""
+                if len(data) + 64 > self.max_reply:
+                    code, message, data = (errors.LIMIT_EXCEEDED,
+                                           "the reply of %d bytes exceeds the broker's maximum message size "
+                                           "of %d bytes" % (len(data), self.max_reply), b"")
+        elif isinstance(exc, errors.ZRPCError) and exc.code:
+            code, message, data = exc.code, exc.message or str(exc), b""
+        else:
+            code, message, data = errors.REMOTE, "%s: %s" % (type(exc).__name__, exc), b""
+        return self._outcome(job.rid, job.key, job.info.service, job.info.method, code, message, data)
+
+    def run_sync(self, job: Job) -> bytes:
+        """Runs a synchronous handler and returns its reply frame."""
+        token = _current.set(job.info)
+        try:
+            result = job.handler(job.arg)
+        except Exception as e:
+            return self.finish(job, exc=e)
+        finally:
+            _current.reset(token)
+        return self.finish(job, result)
+
+
+def register_frame(req: int, name: str, shared: bool) -> bytes:
+    """A ``Register`` frame."""
+    return _proto.encode_frame([_proto.REGISTER, req, name, bool(shared)])
+
+
+def check_ack(env: list, name: str) -> None:
+    """Raises the error of a failed ``Ack`` of ``Register``/``Unregister``."""
+    code = _proto.field(env, 2, 0)
+    if code:
+        raise errors.from_code(code, _proto.field(env, 3, ""), service=name)

@@ -1,0 +1,396 @@
+"""The asyncio client and server.
+
+Example::
+
+    import asyncio
+    from zrpc import aio
+
+    class Echo(aio.Server):
+        @aio.rpc_method
+        async def echo(self, payload):
+            return payload
+
+    async def main():
+        client = await aio.Client.connect()
+        print(await client.call('echo', 'echo', [1, 2], timeout=5))
+
+Many calls may be in flight on one :class:`Client`. The client reconnects
+after a lost connection and resubmits its pending calls (same instance, same
+ids, remaining budget). The :class:`Server` runs each request's handler as a
+task (``async def`` handlers run concurrently; plain functions run in the
+event loop), cancels the task on the broker's ``Cancel``, answers pings and
+``zrpc.describe``, and keeps the same reply cache as :mod:`zrpc.server`: a
+re-sent call is answered from it, and a re-sent call that arrives while the
+first execution still runs waits for that execution's outcome.
+"""
+
+import asyncio
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from . import _proto, _service, errors
+from ._service import CallInfo, current_call, rpc_method
+
+__all__ = ["Client", "Server", "rpc_method", "current_call", "CallInfo"]
+
+
+class _Conn(asyncio.Protocol):
+    """One connection to the broker: frames in (``on_frames(conn, frames)``), bytes out (``send``)."""
+
+    def __init__(self, reader: _proto.FrameReader, on_frames: Callable[[list], None]):
+        self.reader = reader
+        self.on_frames = on_frames
+        self.transport: Optional[asyncio.Transport] = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except errors.ZRPCError as e:
+            self.abort(str(e))
+            return
+        if frames:
+            self.on_frames(self, frames)
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result("the broker closed the connection" if exc is None else "connection error: %s" % exc)
+
+    def send(self, frame: bytes) -> None:
+        """Queues ``frame`` for writing (dropped once the connection is closed)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
+
+    def abort(self, why: str) -> None:
+        """Closes the connection now."""
+        if not self.closed.done():
+            self.closed.set_result(why)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def _open(socket_dir: str, instance: int, agent: str, on_frames) -> tuple:
+    """Connects and handshakes (in a thread: the blocking :func:`zrpc._proto.connect`), then hands the socket to asyncio."""
+    loop = asyncio.get_running_loop()
+    sock, welcome, reader, frames = await loop.run_in_executor(None, _proto.connect, socket_dir, instance, agent)
+    sock.setblocking(False)
+    conn = _Conn(reader, on_frames)
+    await loop.create_unix_connection(lambda: conn, sock=sock)
+    return conn, welcome, frames
+
+
+class Client:
+    """An asyncio client of the zrpcd broker; create it with ``await Client.connect(socket_dir=None)``.
+
+    ``socket_dir`` is resolved as in :class:`zrpc.client.Client`.
+    """
+
+    def __init__(self, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT):
+        self.socket_dir = _proto.resolve_socket_dir(socket_dir)
+        #: The instance id sent in ``Hello``, kept across reconnects.
+        self.instance = _proto.random_id()
+        self.agent = agent
+        self._table = _proto.CallTable()
+        self._conn: Optional[_Conn] = None
+        self._gen = 0
+        self._max = _proto.DEFAULT_MAX_MESSAGE_SIZE
+        self._supervisor: Optional[asyncio.Task] = None
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT) -> "Client":
+        """Connects to the broker (failing fast with :class:`zrpc.errors.ConnectError` if none answers)."""
+        c = cls(socket_dir, agent=agent)
+        await c._install()
+        c._supervisor = asyncio.get_running_loop().create_task(c._supervise())
+        return c
+
+    async def _install(self) -> None:
+        conn, welcome, frames = await _open(self.socket_dir, self.instance, self.agent, self._on_frames)
+        self._gen += 1
+        self._max = welcome.max_message_size
+        self._conn = conn
+        for frame in self._table.resubmit(self._gen):
+            conn.send(frame)
+        if frames:
+            self._on_frames(conn, frames)
+
+    async def _supervise(self) -> None:
+        """Watches the connection; after a loss, reconnects with backoff while calls are pending."""
+        backoff = _proto.Backoff()
+        while not self._closed:
+            conn = self._conn
+            up = time.monotonic()
+            why = await conn.closed
+            conn.abort(why)
+            self._conn = None
+            backoff.connection_ended(time.monotonic() - up)
+            self._table.lost(self._gen, why)
+            while not self._closed:
+                if not self._table.calls:
+                    # An idle client reconnects when it is next used.
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await asyncio.sleep(backoff.next_delay())
+                try:
+                    await self._install()
+                    break
+                except errors.ConnectError:
+                    self._table.lost(self._gen, "reconnecting")
+                except errors.ZRPCError as e:
+                    self._table.fail_all(lambda _c, e=e: e)
+
+    def _on_frames(self, conn: _Conn, frames: list) -> None:
+        why = self._table.dispatch(frames, conn.send)
+        if why is not None:
+            conn.abort(why)
+
+    async def call(self, service: str, method: str, payload: Any = None, timeout: Optional[float] = None,
+                   *, no_wait: bool = False, no_retry: bool = False) -> Any:
+        """Calls ``method`` of ``service``; the options and errors are those of :meth:`zrpc.client.Client.call`.
+
+        Cancelling the awaiting task sends ``Cancel`` to the broker.
+        """
+        if self._closed:
+            raise errors.DisconnectedError("the client is closed", service=service, method=method)
+        call = self._table.new(service, method, payload, timeout, no_wait, no_retry, self._max)
+        call.waiter = asyncio.get_running_loop().create_future()
+        conn = self._conn
+        if conn is not None:
+            frame = self._table.frame(call, self._gen, time.monotonic())
+            if frame is not None:
+                conn.send(frame)
+        else:
+            self._wake.set()
+        try:
+            if call.deadline is None:
+                await call.waiter
+            else:
+                left = call.deadline + _proto.SAFETY_MARGIN - time.monotonic()
+                await asyncio.wait_for(call.waiter, max(0.0, left))
+        except asyncio.TimeoutError:
+            self._cancel(call)
+            self._table.finish(call, _proto.timeout_error(call, "no answer from zrpcd"))
+        except BaseException:
+            self._cancel(call)
+            raise
+        return _proto.result_value(call)
+
+    def _cancel(self, call: _proto.PendingCall) -> None:
+        if call.done:
+            return
+        if call.sent_on == self._gen and self._conn is not None:
+            self._conn.send(_proto.encode_frame([_proto.CANCEL, call.cid]))
+        call.waiter = None
+        self._table.finish(call, errors.CancelledError("the call was cancelled", service=call.service,
+                                                       method=call.method))
+
+    async def close(self) -> None:
+        """Closes the connection; pending calls fail with :class:`zrpc.errors.DisconnectedError`."""
+        self._closed = True
+        self._wake.set()
+        if self._conn is not None:
+            self._conn.abort("closed")
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except asyncio.CancelledError:
+                pass
+        self._table.fail_all(lambda c: errors.DisconnectedError("the client was closed", service=c.service,
+                                                                method=c.method))
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class Server:
+    """An asyncio zrpc service: subclass it and mark methods (``async def`` or plain) with :func:`rpc_method`.
+
+    The arguments are those of :class:`zrpc.server.Server`. Run it with
+    ``await server.serve()`` (forever) or ``server.run()``. File descriptors
+    are watched with the event loop's own ``add_reader``.
+    """
+
+    def __init__(self, name: Optional[str] = None, socket_dir: Optional[str] = None, *,
+                 shared: bool = False, reply_cache: int = _service.DEFAULT_CACHE_ENTRIES,
+                 agent: str = _proto.AGENT):
+        self.name = name if name is not None else _proto.snake_case(type(self).__name__)
+        self.socket_dir = _proto.resolve_socket_dir(socket_dir)
+        self.shared = shared
+        self.agent = agent
+        #: The instance id sent in ``Hello``, kept across reconnects.
+        self.instance = _proto.random_id()
+        self._core = _service.ServiceCore(self, self.name, reply_cache, _service.DEFAULT_CACHE_BYTES)
+        self._conn: Optional[_Conn] = None
+        self._tasks: Dict[int, asyncio.Task] = {}
+        self._inflight: Dict[tuple, asyncio.Future] = {}
+        self._acks: Dict[int, asyncio.Future] = {}
+        self._req = 0
+        self._registered: Optional[asyncio.Event] = None
+
+    @property
+    def registered(self) -> asyncio.Event:
+        """An event set while the name is held on a live connection (use it inside the server's event loop)."""
+        if self._registered is None:
+            self._registered = asyncio.Event()
+        return self._registered
+
+    @property
+    def counter(self) -> int:
+        """Number of requests whose handler started (replies from the cache do not count)."""
+        return self._core.counter
+
+    async def _connect(self) -> _Conn:
+        conn, welcome, frames = await _open(self.socket_dir, self.instance, self.agent, self._on_frames)
+        self._conn = conn
+        self._core.max_reply = welcome.max_message_size
+        self._req += 1
+        ack = asyncio.get_running_loop().create_future()
+        self._acks[self._req] = ack
+        conn.send(_service.register_frame(self._req, self.name, self.shared))
+        if frames:
+            self._on_frames(conn, frames)
+        done, _ = await asyncio.wait([ack, conn.closed], return_when=asyncio.FIRST_COMPLETED)
+        self._acks.pop(self._req, None)
+        if ack not in done:
+            raise errors.ConnectError("the broker closed the connection while registering %r: %s"
+                                      % (self.name, conn.closed.result()))
+        try:
+            _service.check_ack(ack.result(), self.name)
+        except BaseException:
+            conn.abort("registration failed")
+            raise
+        self.registered.set()
+        return conn
+
+    async def serve(self) -> None:
+        """Registers the name and serves forever, reconnecting after a lost connection.
+
+        The first connection fails fast (its error is raised).
+        """
+        backoff = _proto.Backoff()
+        conn = await self._connect()
+        while True:
+            up = time.monotonic()
+            try:
+                await asyncio.shield(conn.closed)
+            except asyncio.CancelledError:
+                conn.abort("server stopped")
+                for t in list(self._tasks.values()):
+                    t.cancel()
+                raise
+            conn.abort("lost")
+            self.registered.clear()
+            self._conn = None
+            backoff.connection_ended(time.monotonic() - up)
+            while True:
+                await asyncio.sleep(backoff.next_delay())
+                try:
+                    conn = await self._connect()
+                    break
+                except (errors.ConnectError, errors.NameTakenError, errors.ShutdownError):
+                    continue
+
+    def run(self) -> None:
+        """Serves forever in a new event loop (``asyncio.run(self.serve())``)."""
+        asyncio.run(self.serve())
+
+    def _on_frames(self, conn: _Conn, frames: List[tuple]) -> None:
+        for env, payload in frames:
+            kind = env[0]
+            if kind == _proto.REQUEST:
+                self._request(conn, env, payload)
+            elif kind == _proto.PING:
+                conn.send(_proto.pong_frame(_proto.field(env, 1, 0)))
+            elif kind == _proto.CANCEL:
+                task = self._tasks.pop(_proto.field(env, 1), None)
+                if task is not None:
+                    task.cancel()
+            elif kind == _proto.ACK:
+                fut = self._acks.get(_proto.field(env, 1))
+                if fut is not None and not fut.done():
+                    fut.set_result(env)
+            elif kind == _proto.FATAL:
+                conn.abort("zrpcd sent Fatal (%s)" % errors.code_name(_proto.field(env, 1, 0)))
+                return
+
+    def _request(self, conn: _Conn, env: list, payload: bytes) -> None:
+        reply, job = self._core.plan(env, payload)
+        if reply is not None:
+            conn.send(reply)
+            return
+        first = self._inflight.get(job.key) if job.key is not None else None
+        if first is not None:
+            # A re-sent call while its first execution runs: wait for that outcome.
+            self._core.counter -= 1
+            self._tasks[job.rid] = asyncio.ensure_future(self._await_first(conn, job, first))
+            return
+        if not asyncio.iscoroutinefunction(job.handler):
+            conn.send(self._core.run_sync(job))
+            return
+        done: Optional[asyncio.Future] = None
+        if job.key is not None:
+            done = asyncio.get_running_loop().create_future()
+            self._inflight[job.key] = done
+        self._tasks[job.rid] = asyncio.ensure_future(self._run(conn, job, done))
+
+    async def _execute(self, job: _service.Job) -> bytes:
+        """Runs the handler of ``job`` (awaited if it is a coroutine function); returns the reply frame."""
+        if not asyncio.iscoroutinefunction(job.handler):
+            return self._core.run_sync(job)
+        token = _service._current.set(job.info)
+        try:
+            result = await job.handler(job.arg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            return self._core.finish(job, exc=e)
+        finally:
+            _service._current.reset(token)
+        return self._core.finish(job, result)
+
+    async def _run(self, conn: _Conn, job: _service.Job, done: Optional[asyncio.Future]) -> None:
+        try:
+            reply = await self._execute(job)
+        except asyncio.CancelledError:
+            return  # cancelled by the broker: no outcome, no reply
+        finally:
+            self._tasks.pop(job.rid, None)
+            if done is not None:
+                self._inflight.pop(job.key, None)
+                done.set_result(None)
+        # The request id belongs to `conn`; after a reconnect the broker
+        # re-delivers the call and the reply cache answers it.
+        if self._conn is conn:
+            conn.send(reply)
+
+    async def _await_first(self, conn: _Conn, job: _service.Job, first: asyncio.Future) -> None:
+        try:
+            await asyncio.shield(first)
+            reply = self._core.cached(job)
+            if reply is None:  # the first execution left no outcome (it was cancelled): run this one
+                self._core.counter += 1
+                reply = await self._execute(job)
+        except asyncio.CancelledError:
+            return
+        finally:
+            self._tasks.pop(job.rid, None)
+        if self._conn is conn:
+            conn.send(reply)
+
+    def register(self, fd: Any, callback: Callable[[], Any]) -> None:
+        """Calls ``callback()`` whenever ``fd`` is readable (the callback reads it)."""
+        asyncio.get_running_loop().add_reader(fd, callback)
+
+    def unregister(self, fd: Any) -> None:
+        """Stops watching ``fd``."""
+        asyncio.get_running_loop().remove_reader(fd)

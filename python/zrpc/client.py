@@ -1,0 +1,204 @@
+"""The blocking zrpc client.
+
+Example (the original zrpc's)::
+
+    from zrpc.client import Client
+
+    client = Client()
+    response = client.call(service='test_server', method='func',
+                           payload={'haha': 'brt'})
+
+A lost connection to the broker (a broker restart, for instance) is
+reconnected with backoff, and a call in flight is resubmitted with the same
+instance and call id and its remaining budget, so that it is answered exactly
+once; calls made with ``no_retry=True`` fail with
+:class:`zrpc.errors.DisconnectedError` instead.
+"""
+
+import select
+import threading
+import time
+from typing import Any, Optional
+
+from . import _proto, errors
+from .errors import RPCTimeoutError  # noqa: F401  (the original's import path)
+
+__all__ = ["Client", "RPCTimeoutError"]
+
+
+class Client:
+    """A blocking client of the zrpcd broker.
+
+    ``socket_dir`` is the broker's socket directory: when ``None``,
+    ``$ZRPC_SOCKET_DIR``, else ``/run/zrpc`` for root or when a system
+    broker runs, else ``$XDG_RUNTIME_DIR/zrpc`` (the original's default
+    ``/tmp/zrpc_sockets`` is not used unless given: any user could create it
+    first). The constructor connects and fails fast
+    (:class:`zrpc.errors.ConnectError`) when no broker answers; later losses
+    of the connection are reconnected.
+
+    A client makes one call at a time (calls from several threads are
+    serialised); use :mod:`zrpc.aio` for many calls in flight.
+    """
+
+    def __init__(self, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT):
+        self.socket_dir = _proto.resolve_socket_dir(socket_dir)
+        #: The instance id sent in ``Hello``, kept across reconnects.
+        self.instance = _proto.random_id()
+        self.agent = agent
+        self._lock = threading.Lock()
+        self._table = _proto.CallTable()
+        self._backoff = _proto.Backoff()
+        self._sock = None
+        self._reader: Optional[_proto.FrameReader] = None
+        self._gen = 0
+        self._up_since = 0.0
+        self._max = _proto.DEFAULT_MAX_MESSAGE_SIZE
+        self._closed = False
+        self._pending_frames: list = []
+        self._connect()
+
+    # -- connection -----------------------------------------------------
+
+    def _connect(self) -> None:
+        sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent)
+        self._sock, self._reader = sock, reader
+        self._gen += 1
+        self._up_since = time.monotonic()
+        self._max = welcome.max_message_size
+        #: The broker's id of the current connection.
+        self.conn_id = welcome.conn_id
+        self._pending_frames = frames
+        for frame in self._table.resubmit(self._gen):
+            self._send(frame)
+
+    def _lost(self, why: str) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._backoff.connection_ended(time.monotonic() - self._up_since)
+            self._table.lost(self._gen, why)
+
+    def _reconnect(self, call: _proto.PendingCall) -> None:
+        """One reconnect attempt, after the backoff delay (cut short by the call's safety deadline)."""
+        delay = self._backoff.next_delay()
+        if call.deadline is not None:
+            delay = max(0.0, min(delay, call.deadline - time.monotonic()))
+        time.sleep(delay)
+        if call.deadline is not None and time.monotonic() >= call.deadline:
+            self._table.finish(call, _proto.timeout_error(call, "the deadline passed while reconnecting to zrpcd"))
+            return
+        try:
+            self._connect()
+        except errors.ConnectError:
+            return
+        except errors.ZRPCError as e:  # untrusted broker, version mismatch, Fatal: not worth retrying
+            self._table.finish(call, e)
+
+    def _send(self, frame: bytes) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendall(frame)
+        except OSError as e:
+            self._lost("write error: %s" % e)
+
+    def _dispatch(self, frames: list) -> None:
+        why = self._table.dispatch(frames, self._send)
+        if why is not None:
+            self._lost(why)
+
+    def _read(self, wait: Optional[float]) -> None:
+        """Waits up to ``wait`` seconds for frames from the broker and handles them."""
+        if self._pending_frames:
+            frames, self._pending_frames = self._pending_frames, []
+            self._dispatch(frames)
+            return
+        sock = self._sock
+        try:
+            ready, _, _ = select.select([sock], [], [], wait)
+        except InterruptedError:
+            return
+        if not ready:
+            return
+        try:
+            data = sock.recv(262144)
+        except OSError as e:
+            self._lost("read error: %s" % e)
+            return
+        if not data:
+            self._lost("the broker closed the connection")
+            return
+        try:
+            frames = self._reader.feed(data)
+        except errors.ZRPCError as e:
+            self._lost(str(e))
+            return
+        self._dispatch(frames)
+
+    # -- calls ----------------------------------------------------------
+
+    def call(self, service: str, method: str, payload: Any = None, timeout: Optional[float] = None,
+             *, no_wait: bool = False, no_retry: bool = False) -> Any:
+        """Calls ``method`` of ``service`` with ``payload``; returns the decoded return value.
+
+        ``timeout`` is in seconds; ``None`` waits indefinitely; on expiry
+        :class:`zrpc.errors.RPCTimeoutError` is raised. ``no_wait``: fail at
+        once with :class:`zrpc.errors.NoSuchServiceError` when no service
+        holds the name (instead of waiting for one). ``no_retry``: do not
+        resubmit the call after a lost connection or re-deliver it after its
+        service instance died (:class:`zrpc.errors.DisconnectedError`,
+        :class:`zrpc.errors.ServiceGoneError`). Other failures raise the
+        :class:`zrpc.errors.ZRPCError` subclass of the wire error code.
+        """
+        with self._lock:
+            if self._closed:
+                raise errors.DisconnectedError("the client is closed", service=service, method=method)
+            call = self._table.new(service, method, payload, timeout, no_wait, no_retry, self._max)
+            try:
+                if self._sock is not None:
+                    frame = self._table.frame(call, self._gen, time.monotonic())
+                    if frame is not None:
+                        self._send(frame)
+                self._wait(call)
+            except BaseException:
+                if not call.done:
+                    self._cancel(call)
+                raise
+            return _proto.result_value(call)
+
+    def _wait(self, call: _proto.PendingCall) -> None:
+        while not call.done:
+            now = time.monotonic()
+            if call.deadline is not None and now >= call.deadline + _proto.SAFETY_MARGIN:
+                self._cancel(call)
+                self._table.finish(call, _proto.timeout_error(call, "no answer from zrpcd"))
+                return
+            if self._sock is None:
+                self._reconnect(call)
+                continue
+            wait = None if call.deadline is None else call.deadline + _proto.SAFETY_MARGIN - now
+            self._read(wait)
+
+    def _cancel(self, call: _proto.PendingCall) -> None:
+        """Abandons ``call``: tells the broker (``Cancel``) if it was sent on the live connection."""
+        if call.sent_on == self._gen and self._sock is not None:
+            self._send(_proto.encode_frame([_proto.CANCEL, call.cid]))
+        self._table.finish(call, errors.CancelledError("the call was cancelled", service=call.service,
+                                                       method=call.method))
+
+    def close(self) -> None:
+        """Closes the connection; later calls raise :class:`zrpc.errors.DisconnectedError`."""
+        self._closed = True
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return "Client(socket_dir=%r, instance=%#x)" % (self.socket_dir, self.instance)
