@@ -251,12 +251,29 @@ pub struct MonitorArgs {
 /// `zrpc stats`.
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// Print the broker's answer as JSON.
-    #[arg(long)]
+    /// Output format: a table, the broker's answer as JSON, or OpenMetrics
+    /// text (alias: prometheus) for node_exporter's textfile collector or a
+    /// scraper.
+    #[arg(long, value_enum, default_value_t = StatsFormat::Text)]
+    pub format: StatsFormat,
+    /// Same as --format json.
+    #[arg(long, conflicts_with = "format")]
     pub json: bool,
     /// Timeout of the call to the broker, in seconds.
     #[arg(long, short = 't', value_name = "SECONDS", value_parser = parse_timeout, default_value = "10")]
     pub timeout: Duration,
+}
+
+/// What `zrpc stats` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatsFormat {
+    /// Tables for humans.
+    Text,
+    /// The broker's answer as one line of JSON.
+    Json,
+    /// OpenMetrics text exposition (Prometheus reads it too).
+    #[value(alias = "prometheus")]
+    Openmetrics,
 }
 
 /// `zrpc completions`.

@@ -18,6 +18,7 @@ mod fmt;
 mod json;
 mod list;
 mod monitor;
+mod openmetrics;
 mod stats;
 
 use std::io::Write;
