@@ -6,6 +6,24 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use clap_complete::Shell;
 
+/// The exit-code table as shown in `zrpc call --help` (the codes of the
+/// binary's `error::exit`).
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+   0  success
+   1  usage error (bad flag, invalid JSON payload, invalid name) or other local error
+   2  cannot connect to zrpcd, or the connection was lost
+   3  timeout
+   4  no such service (with --no-wait)
+   5  no such method
+   6  remote error: the handler failed or panicked
+   7  bad payload: the service could not decode the arguments
+   8  service gone: the instance disconnected during the call (with --no-retry)
+   9  the broker is shutting down
+  10  protocol error, version mismatch or limit exceeded
+  11  access denied by the broker's policy, or an untrusted broker
+ 130  interrupted (Ctrl-C during a --concurrency run with a finite --count)";
+
 const MAIN_EXAMPLES: &str = "\
 Examples:
   zrpc call echo echo '{\"hello\": [1, 2.5, null]}'
@@ -53,10 +71,7 @@ pub enum Command {
 }
 
 fn call_help() -> String {
-    format!(
-        "{CALL_HELP}\n\n{}\n\n{CALL_EXAMPLES}",
-        crate::error::EXIT_CODES_HELP
-    )
+    format!("{CALL_HELP}\n\n{}\n\n{CALL_EXAMPLES}", EXIT_CODES_HELP)
 }
 
 const CALL_HELP: &str = r#"Payload (JSON <-> MessagePack):
