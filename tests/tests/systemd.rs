@@ -41,9 +41,9 @@ fn unit_files_verify() {
         let text = std::fs::read_to_string(&path).expect("read unit");
         // Point ExecStart at the binaries just built.
         let text = text
-            .replace("/usr/local/bin/zrpcd", &bin("zrpcd").to_string_lossy())
+            .replace("/usr/bin/zrpcd", &bin("zrpcd").to_string_lossy())
             .replace(
-                "/usr/local/bin/test_server",
+                "/usr/local/lib/zrpc/examples/test_server",
                 &bin("test_server").to_string_lossy(),
             );
         std::fs::write(tmp.path().join(&name), text).expect("write unit");

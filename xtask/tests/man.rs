@@ -95,3 +95,31 @@ fn gzipped_pages_decompress_to_the_same_text() {
     let _ = std::fs::remove_dir_all(&plain);
     let _ = std::fs::remove_dir_all(&gz);
 }
+
+/// The pages in `man/` (installed by `make install` and `cargo deb`, which
+/// gzips them) are the generated ones: a flag added without regenerating
+/// them fails here.
+#[test]
+fn committed_pages_are_up_to_date() {
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../man");
+    let fresh = fresh_dir("fresh");
+    assert!(xtask(&["man", fresh.to_str().expect("utf-8")])
+        .status
+        .success());
+    let mut names: Vec<_> = std::fs::read_dir(&fresh)
+        .expect("generated")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 7, "{names:?}");
+    for name in names {
+        let name = name.to_string_lossy();
+        let want = read(&fresh, &name);
+        let have = std::fs::read_to_string(committed.join(&*name)).unwrap_or_default();
+        assert!(
+            have == want,
+            "man/{name} is out of date: run `cargo xtask man man` and commit the result"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&fresh);
+}
