@@ -3,7 +3,7 @@
 //! with the real `systemd-socket-activate` and with a listener held across a
 //! broker restart.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -41,9 +41,9 @@ fn unit_files_verify() {
         let text = std::fs::read_to_string(&path).expect("read unit");
         // Point ExecStart at the binaries just built.
         let text = text
-            .replace("/usr/local/bin/zrpcd", &bin("zrpcd").to_string_lossy())
+            .replace("/usr/bin/zrpcd", &bin("zrpcd").to_string_lossy())
             .replace(
-                "/usr/local/bin/test_server",
+                "/usr/local/lib/zrpc/examples/test_server",
                 &bin("test_server").to_string_lossy(),
             );
         std::fs::write(tmp.path().join(&name), text).expect("write unit");
@@ -195,27 +195,107 @@ fn socket_activation_with_systemd_socket_activate() {
 /// Starts zrpcd with `listener` passed as fd 3 per the sd_listen_fds
 /// protocol (what systemd does for zrpcd.socket).
 fn spawn_activated(listener: &UnixListener, dir: &Path) -> Proc {
-    let fd = listener.as_raw_fd();
+    spawn_with_fds(&[listener.as_raw_fd()], "LISTEN_PID=$$ LISTEN_FDS=1", dir)
+}
+
+/// Starts zrpcd with `fds` passed as fds 3, 4, ... and the shell variable
+/// assignments `env` (in which `$$` is zrpcd's own pid: the shell `exec`s
+/// it). zrpcd's stderr goes to its stdout, for [`Proc::output`].
+fn spawn_with_fds(fds: &[RawFd], env: &str, dir: &Path) -> Proc {
     let mut cmd = Command::new("/bin/sh");
-    // `$$` is the shell's pid, which `exec` hands on to zrpcd.
     cmd.arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+        .arg(format!("{env} exec \"$0\" \"$@\" 2>&1"))
         .arg(bin("zrpcd"))
         .arg("--socket-dir")
         .arg(dir)
-        .env("RUST_LOG", "warn");
-    // SAFETY: dup2 and fcntl are async-signal-safe.
+        .env("RUST_LOG", "info");
+    let fds = fds.to_vec();
+    // SAFETY: fcntl and dup2 are async-signal-safe; no allocation.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
+            // First out of the way (a source may be one of 3, 4, ...), then
+            // into place without FD_CLOEXEC.
+            let mut high = [0; 8];
+            for (i, &fd) in fds.iter().enumerate() {
+                high[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
-            let flags = libc::fcntl(3, libc::F_GETFD);
-            libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            for (i, &h) in high.iter().take(fds.len()).enumerate() {
+                if libc::dup2(h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
     Proc::spawn("zrpcd", cmd)
+}
+
+#[test]
+fn activation_refuses_a_socket_that_is_not_af_unix() {
+    let dir = TempDir::new();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+    let broker = spawn_with_fds(&[tcp.as_raw_fd()], "LISTEN_PID=$$ LISTEN_FDS=1", dir.path());
+    let (status, out) = broker.output(WAIT);
+    let status = status.expect("zrpcd exits");
+    assert!(!status.success(), "a TCP socket must be refused: {out}");
+    assert!(
+        out.contains("systemd socket activation") && out.contains("AF_UNIX"),
+        "the error says what is wrong: {out}"
+    );
+    assert!(
+        !dir.path().join("zrpcd.sock").exists(),
+        "no socket of its own either"
+    );
+}
+
+#[test]
+fn activation_variables_for_another_pid_are_ignored() {
+    let dir = TempDir::new();
+    // A held socket elsewhere, passed with a LISTEN_PID that is not
+    // zrpcd's (inherited from a parent): zrpcd must bind its own.
+    let other = TempDir::new();
+    let held = UnixListener::bind(other.path().join("held.sock")).expect("bind");
+    let _broker = spawn_with_fds(&[held.as_raw_fd()], "LISTEN_PID=1 LISTEN_FDS=1", dir.path());
+    let sock = dir.path().join("zrpcd.sock");
+    assert!(
+        wait_until(WAIT, || UnixStream::connect(&sock).is_ok()),
+        "zrpcd bound its own socket"
+    );
+    let mut raw = Raw::hello(dir.path());
+    assert_eq!(raw.call(1, "zrpcd", "ping", None).0, None);
+}
+
+#[test]
+fn activation_with_several_sockets_takes_the_named_one() {
+    let dir = TempDir::new();
+    let other = TempDir::new();
+    let decoy = UnixListener::bind(other.path().join("decoy.sock")).expect("bind");
+    let sock = dir.path().join("zrpcd.sock");
+    let ours = UnixListener::bind(&sock).expect("bind");
+    let broker = spawn_with_fds(
+        &[decoy.as_raw_fd(), ours.as_raw_fd()],
+        "LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=metrics:zrpcd.socket",
+        dir.path(),
+    );
+    let mut raw = Raw::hello(dir.path());
+    assert_eq!(raw.call(1, "zrpcd", "ping", None).0, None);
+    drop(raw);
+    broker.signal(libc::SIGTERM);
+    let (status, _) = broker.output(WAIT);
+    assert!(status.expect("exits").success());
+
+    // Unnamed, the choice is ambiguous: refused with the names listed.
+    let broker = spawn_with_fds(
+        &[decoy.as_raw_fd(), ours.as_raw_fd()],
+        "LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=a:b",
+        dir.path(),
+    );
+    let (status, out) = broker.output(WAIT);
+    assert!(!status.expect("exits").success(), "{out}");
+    assert!(out.contains("none is named zrpcd.socket"), "{out}");
 }
 
 #[test]

@@ -6,6 +6,24 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use clap_complete::Shell;
 
+/// The exit-code table as shown in `zrpc call --help` (the codes of the
+/// binary's `error::exit`).
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+   0  success
+   1  usage error (bad flag, invalid JSON payload, invalid name) or other local error
+   2  cannot connect to zrpcd, or the connection was lost
+   3  timeout
+   4  no such service (with --no-wait)
+   5  no such method
+   6  remote error: the handler failed or panicked
+   7  bad payload: the service could not decode the arguments
+   8  service gone: the instance disconnected during the call (with --no-retry)
+   9  the broker is shutting down
+  10  protocol error, version mismatch or limit exceeded
+  11  access denied by the broker's policy, or an untrusted broker
+ 130  interrupted (Ctrl-C during a --concurrency run with a finite --count)";
+
 const MAIN_EXAMPLES: &str = "\
 Examples:
   zrpc call echo echo '{\"hello\": [1, 2.5, null]}'
@@ -53,10 +71,7 @@ pub enum Command {
 }
 
 fn call_help() -> String {
-    format!(
-        "{CALL_HELP}\n\n{}\n\n{CALL_EXAMPLES}",
-        crate::error::EXIT_CODES_HELP
-    )
+    format!("{CALL_HELP}\n\n{}\n\n{CALL_EXAMPLES}", EXIT_CODES_HELP)
 }
 
 const CALL_HELP: &str = r#"Payload (JSON <-> MessagePack):
@@ -251,12 +266,29 @@ pub struct MonitorArgs {
 /// `zrpc stats`.
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// Print the broker's answer as JSON.
-    #[arg(long)]
+    /// Output format: a table, the broker's answer as JSON, or OpenMetrics
+    /// text (alias: prometheus) for node_exporter's textfile collector or a
+    /// scraper.
+    #[arg(long, value_enum, default_value_t = StatsFormat::Text)]
+    pub format: StatsFormat,
+    /// Same as --format json.
+    #[arg(long, conflicts_with = "format")]
     pub json: bool,
     /// Timeout of the call to the broker, in seconds.
     #[arg(long, short = 't', value_name = "SECONDS", value_parser = parse_timeout, default_value = "10")]
     pub timeout: Duration,
+}
+
+/// What `zrpc stats` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatsFormat {
+    /// Tables for humans.
+    Text,
+    /// The broker's answer as one line of JSON.
+    Json,
+    /// OpenMetrics text exposition (Prometheus reads it too).
+    #[value(alias = "prometheus")]
+    Openmetrics,
 }
 
 /// `zrpc completions`.

@@ -37,23 +37,6 @@ pub mod exit {
     pub const INTERRUPTED: u8 = 130;
 }
 
-/// The exit-code table as shown in `zrpc call --help`.
-pub const EXIT_CODES_HELP: &str = "\
-Exit codes:
-   0  success
-   1  usage error (bad flag, invalid JSON payload, invalid name) or other local error
-   2  cannot connect to zrpcd, or the connection was lost
-   3  timeout
-   4  no such service (with --no-wait)
-   5  no such method
-   6  remote error: the handler failed or panicked
-   7  bad payload: the service could not decode the arguments
-   8  service gone: the instance disconnected during the call (with --no-retry)
-   9  the broker is shutting down
-  10  protocol error, version mismatch or limit exceeded
-  11  access denied by the broker's policy, or an untrusted broker
- 130  interrupted (Ctrl-C during a --concurrency run with a finite --count)";
-
 /// A failure: what to print (after `zrpc: `) and the exit code.
 #[derive(Debug)]
 pub struct Failure {

@@ -12,12 +12,12 @@
 #![warn(missing_docs)]
 
 mod call;
-mod cli;
 mod error;
 mod fmt;
 mod json;
 mod list;
 mod monitor;
+mod openmetrics;
 mod stats;
 
 use std::io::Write;
@@ -27,8 +27,8 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 use zrpc_client::{Client, ClientBuilder};
 
-use crate::cli::{Cli, Command};
 use crate::error::{exit, Failure};
+use zrpc_cli::cli::{self, Cli, Command};
 
 /// The agent string sent in `Hello`.
 pub const AGENT: &str = concat!("zrpc-cli/", env!("CARGO_PKG_VERSION"));

@@ -3,17 +3,18 @@
 use rmpv::Value;
 use zrpc_client::Client;
 
-use crate::cli::StatsArgs;
+use crate::cli::{StatsArgs, StatsFormat};
 use crate::fmt::{self, field, u};
 use crate::{write_line, write_out};
 
 /// Runs `zrpc stats`.
 pub async fn run(client: &Client, args: &StatsArgs) -> Result<(), crate::error::Failure> {
     let st = crate::list::broker_call(client, "stats", args.timeout).await?;
-    if args.json {
-        return write_line(&fmt::json_line(&st));
+    match (args.json, args.format) {
+        (true, _) | (_, StatsFormat::Json) => write_line(&fmt::json_line(&st)),
+        (_, StatsFormat::Openmetrics) => write_out(&crate::openmetrics::render(&st)),
+        (_, StatsFormat::Text) => write_out(&render(&st)),
     }
-    write_out(&render(&st))
 }
 
 fn pairs(v: Option<&Value>) -> &[(Value, Value)] {
@@ -107,20 +108,32 @@ fn render(st: &Value) -> String {
     let mut out = fmt::table(&rows);
     let services = pairs(field(st, "services"));
     if !services.is_empty() {
-        let mut rows = vec![["SERVICE", "ANSWERED", "ERRORS", "P50", "P99"]
-            .map(String::from)
-            .to_vec()];
+        let mut rows = vec![[
+            "SERVICE", "ANSWERED", "ERRORS", "P50", "P99", "|", "LAST 60S", "ERRORS", "P50", "P99",
+        ]
+        .map(String::from)
+        .to_vec()];
         for (name, s) in services {
+            let r = field(s, "recent").unwrap_or(&Value::Nil);
             rows.push(vec![
                 name.as_str().unwrap_or("?").to_string(),
                 u(s, "answered").to_string(),
                 u(s, "errors").to_string(),
                 fmt::micros(u(s, "p50_us")),
                 fmt::micros(u(s, "p99_us")),
+                "|".to_string(),
+                u(r, "answered").to_string(),
+                u(r, "errors").to_string(),
+                fmt::micros(u(r, "p50_us")),
+                fmt::micros(u(r, "p99_us")),
             ]);
         }
         out.push('\n');
         out.push_str(&fmt::table(&rows));
+        out.push_str(
+            "latency at the broker (accept to reply); P50/P99 are interpolated within \
+             buckets 1/8 of an octave wide (within 12.5 %); since start, and over the last minute\n",
+        );
     }
     out
 }

@@ -27,7 +27,7 @@ use crate::names::Names;
 use crate::peers::{Peer, PeerId, Peers};
 use crate::pending::PendingCalls;
 use crate::policy::{Introspection, Policy};
-use crate::stats::Stats;
+use crate::stats::{Histogram, ServiceStats, Stats};
 
 /// What the built-in methods see of the broker: the registries they read,
 /// and the monitor list (`monitor` subscribes the caller).
@@ -129,7 +129,7 @@ pub const METHODS: &[Method] = &[
         name: "stats",
         params: &[],
         returns: "{uptime_s, connections, calls, timeouts, errors, services, ...}",
-        doc: "Broker-wide counters and per-service latency percentiles (p50_us, p99_us).",
+        doc: "Broker-wide counters and per-service latency: answered, errors, p50_us/p90_us/p99_us (interpolated within 1/8-octave buckets, within 12.5 %), sum_us, buckets ([le_us, cumulative count]); the same over the last minute under recent.",
         requires: Some(Introspection::Stats),
         handler: |v, _| Ok(stats(v)),
     },
@@ -294,8 +294,52 @@ fn peers(all: &Peers, only_uid: Option<u32>) -> Value {
     )
 }
 
+/// The quantiles `stats` reports, as (key, q).
+const QUANTILES: [(&str, f64); 3] = [("p50_us", 0.5), ("p90_us", 0.9), ("p99_us", 0.99)];
+
+/// Latency figures of a histogram: the quantiles (interpolated within a
+/// fine bucket, see [`Histogram::quantile_us`]), the sum, and the
+/// cumulative export buckets as `[upper bound µs, calls at most that long]`.
+fn latency_fields(h: &Histogram, out: &mut Vec<(&'static str, Value)>) {
+    for (key, q) in QUANTILES {
+        out.push((key, Value::from(h.quantile_us(q).round() as u64)));
+    }
+    out.push(("sum_us", Value::from(h.sum_us())));
+    out.push((
+        "buckets",
+        Value::Array(
+            h.cumulative_export()
+                .map(|(le, n)| Value::Array(vec![Value::from(le), Value::from(n)]))
+                .collect(),
+        ),
+    ));
+}
+
+/// One row of `stats`' `services`: since start, and `recent` (the last
+/// minute).
+fn service_stats(st: &ServiceStats, now_epoch: u64) -> Value {
+    let mut fields = vec![
+        ("answered", Value::from(st.answered)),
+        ("errors", Value::from(st.errors)),
+    ];
+    latency_fields(&st.latency, &mut fields);
+    let recent = st.recent.view(now_epoch);
+    let mut r = vec![
+        (
+            "window_s",
+            Value::from(crate::stats::SLOT.as_secs() * crate::stats::SLOTS as u64),
+        ),
+        ("answered", Value::from(recent.latency.count())),
+        ("errors", Value::from(recent.errors)),
+    ];
+    latency_fields(&recent.latency, &mut r);
+    fields.push(("recent", map(r)));
+    map(fields)
+}
+
 fn stats(b: &View<'_>) -> Value {
     let s = b.stats;
+    let now_epoch = crate::stats::epoch(std::time::Instant::now());
     let mut errors: Vec<_> = s.errors.iter().collect();
     errors.sort_unstable();
     let errors = errors
@@ -314,17 +358,7 @@ fn stats(b: &View<'_>) -> Value {
     services.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let services = services
         .into_iter()
-        .map(|(name, st)| {
-            (
-                Value::from(&**name),
-                map(vec![
-                    ("answered", Value::from(st.answered)),
-                    ("errors", Value::from(st.errors)),
-                    ("p50_us", Value::from(st.latency.quantile_us(0.5))),
-                    ("p99_us", Value::from(st.latency.quantile_us(0.99))),
-                ]),
-            )
-        })
+        .map(|(name, st)| (Value::from(&**name), service_stats(st, now_epoch)))
         .collect();
     map(vec![
         ("uptime_s", Value::from(b.started.elapsed().as_secs_f64())),
@@ -389,7 +423,7 @@ mod tests {
                         "stats",
                         None,
                         "{uptime_s, connections, calls, timeouts, errors, services, ...}",
-                        "Broker-wide counters and per-service latency percentiles (p50_us, p99_us).",
+                        "Broker-wide counters and per-service latency: answered, errors, p50_us/p90_us/p99_us (interpolated within 1/8-octave buckets, within 12.5 %), sum_us, buckets ([le_us, cumulative count]); the same over the last minute under recent.",
                     ),
                     m(
                         "monitor",

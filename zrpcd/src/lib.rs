@@ -27,6 +27,7 @@
 
 pub mod broker;
 pub mod builtin;
+pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod monitor;

@@ -1,103 +1,13 @@
 //! The `zrpcd` broker daemon.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
+use zrpcd::cli::Args;
 use zrpcd::Config;
-
-/// zrpcd: the zrpc broker. Services register names over a persistent
-/// connection; clients call them; the broker routes calls, correlates replies
-/// and enforces deadlines.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// Directory of the broker socket (zrpcd.sock) [default: /run/zrpc for
-    /// root; $XDG_RUNTIME_DIR/zrpc for other users]
-    #[arg(long, env = "ZRPC_SOCKET_DIR")]
-    socket_dir: Option<PathBuf>,
-    /// Permission bits of the socket file, in octal (who may connect)
-    #[arg(long, default_value = "666", value_parser = parse_octal)]
-    socket_mode: u32,
-    /// Largest message (envelope + payload) accepted, in bytes
-    #[arg(long, default_value_t = zrpc_proto::DEFAULT_MAX_MESSAGE_SIZE)]
-    max_message_size: u32,
-    /// Most simultaneous connections
-    #[arg(long, default_value_t = 16_384)]
-    max_connections: usize,
-    /// Most calls pending per connection
-    #[arg(long, default_value_t = 65_536)]
-    max_pending_per_conn: usize,
-    /// Most calls pending in the whole broker
-    #[arg(long, default_value_t = 1_048_576)]
-    max_pending_total: usize,
-    /// Most payload bytes of one connection's pending calls
-    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_PENDING_BYTES_PER_CONN)]
-    max_pending_bytes_per_conn: usize,
-    /// Most payload bytes of pending calls in the whole broker
-    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_PENDING_BYTES)]
-    max_pending_bytes: usize,
-    /// Most names one connection may register
-    #[arg(long, default_value_t = 256)]
-    max_names_per_conn: usize,
-    /// Most bytes queued towards one peer before the broker pushes back
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
-    max_queued_bytes: usize,
-    /// Seconds a new connection may take to send its Hello
-    #[arg(long, default_value_t = 5.0)]
-    handshake_timeout: f64,
-    /// Seconds a frame may take to arrive completely once its first bytes
-    /// arrived; a connection whose frame stalls longer is closed
-    #[arg(long, default_value_t = zrpcd::config::DEFAULT_FRAME_TIMEOUT.as_secs_f64())]
-    frame_timeout: f64,
-    /// Most bytes of read buffer held for partly received frames, all
-    /// connections together; the connection that would pass it is closed
-    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_PARTIAL_BYTES)]
-    max_partial_bytes: usize,
-    /// Most service names with rows of their own in `zrpc stats` (names that
-    /// are or were registered); the rest are counted under "(other)"
-    #[arg(long, default_value_t = zrpcd::config::DEFAULT_MAX_STATS_NAMES,
-          value_parser = clap::value_parser!(u64).range(0..=zrpcd::stats::MAX_STATS_NAMES as u64))]
-    max_stats_names: u64,
-    /// Seconds shutdown lets delivered calls finish before answering the rest
-    /// with a Shutdown error
-    #[arg(long, default_value_t = 2.0)]
-    shutdown_grace: f64,
-    /// Seconds a call keeps running at its service after its caller
-    /// disconnected, for the caller to reconnect and resubmit it (capped by
-    /// the call's timeout); then the service is told to cancel it. 0
-    /// cancels at once
-    #[arg(long, default_value_t = zrpcd::config::DEFAULT_CALLER_GRACE.as_secs_f64())]
-    caller_grace: f64,
-    /// Seconds between pings to services
-    #[arg(long, default_value_t = 5.0)]
-    heartbeat_interval: f64,
-    /// Seconds of silence after which a service is considered dead
-    #[arg(long, default_value_t = 15.0)]
-    heartbeat_timeout: f64,
-    /// Microseconds the broker polls its sockets before sleeping when it
-    /// runs out of work while frames arrive back to back (most within this
-    /// long): trades CPU, only while calls flow that fast, for latency and
-    /// throughput. 0 turns it off; at most 1000; off on a single CPU
-    #[arg(long, default_value_t = zrpcd::config::DEFAULT_BUSY_POLL_US,
-          value_parser = clap::value_parser!(u64).range(0..=zrpc_io::busy_poll::MAX_WINDOW_US))]
-    busy_poll_us: u64,
-    /// Access policy file (TOML; see docs/security.md), re-read on SIGHUP
-    /// [default: /etc/zrpc/policy.toml if it exists, else the built-in
-    /// defaults]
-    #[arg(long, value_name = "FILE")]
-    policy: Option<PathBuf>,
-    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it
-    #[arg(long, default_value = "info")]
-    log: String,
-}
-
-fn parse_octal(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s, 8).map_err(|e| format!("not an octal mode: {e}"))
-}
 
 fn secs(v: f64, what: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|e| format!("--{what}: {e}"))

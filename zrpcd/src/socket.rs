@@ -28,6 +28,12 @@ pub enum SetupError {
         /// Why.
         reason: String,
     },
+    /// Socket activation passed something zrpcd cannot serve.
+    #[error("systemd socket activation: {reason}")]
+    Activation {
+        /// What is wrong and what to change.
+        reason: String,
+    },
     /// An I/O step failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -181,52 +187,79 @@ pub fn bind(dir: &Path, mode: u32) -> Result<BoundSocket, SetupError> {
     })
 }
 
+/// The name `zrpcd.socket` gives its socket (`FileDescriptorName=`; systemd's
+/// default is the socket unit's name). When several sockets are passed, the
+/// broker takes the one with this name.
+pub const LISTEN_FD_NAME: &str = "zrpcd.socket";
+
 /// Adopts a listening socket passed by systemd socket activation
-/// (`sd_listen_fds(3)`: `LISTEN_PID` is our pid and `LISTEN_FDS` >= 1; the
-/// socket is fd 3). Returns `Ok(None)` when not socket-activated. The lock in
-/// `dir` is still taken, so a hand-started broker on the same directory is
-/// refused.
+/// (`sd_listen_fds_with_names(3)`, read by the `sd-notify` crate:
+/// `LISTEN_PID` must be our pid, `LISTEN_FDS` >= 1, names from
+/// `LISTEN_FDNAMES`). With one socket passed it is taken whatever its name;
+/// with several, the one named [`LISTEN_FD_NAME`]. The `listenfd` crate then
+/// takes it as a `UnixListener` only if it is an `AF_UNIX` stream socket.
+///
+/// Returns `Ok(None)` when not socket-activated (no `LISTEN_FDS`, or a
+/// `LISTEN_PID` that is another process's: the variables were inherited, not
+/// meant for us). The lock in `dir` is still taken, so a hand-started broker
+/// on the same directory is refused.
 pub fn adopt_listen_fds(dir: &Path) -> Result<Option<BoundSocket>, SetupError> {
-    const SD_LISTEN_FDS_START: i32 = 3;
-    let pid_ok = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .is_some_and(|p| p == std::process::id());
-    let nfds = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        .unwrap_or(0);
-    if !pid_ok || nfds < 1 {
+    let passed: Vec<(i32, String)> = match sd_notify::listen_fds_with_names() {
+        Ok(fds) => fds.collect(),
+        Err(e) => {
+            return Err(SetupError::Activation {
+                reason: format!("{e} (LISTEN_PID, LISTEN_FDS or LISTEN_FDNAMES is malformed)"),
+            })
+        }
+    };
+    if passed.is_empty() {
+        if std::env::var_os("LISTEN_FDS").is_some() {
+            tracing::info!(
+                listen_pid = ?std::env::var_os("LISTEN_PID"),
+                "LISTEN_FDS is set for another process (LISTEN_PID is not ours): binding our own socket"
+            );
+        }
         return Ok(None);
     }
-    // Not inherited by anything we might start.
+    // listenfd reads the same variables (and has already seen LISTEN_PID
+    // is ours, since sd-notify returned fds).
+    let mut listenfds = listenfd::ListenFd::from_env();
+    // Not inherited by anything we might start. Called from main before
+    // any other thread exists.
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
     }
-    let fd = SD_LISTEN_FDS_START;
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt/fcntl on the fd systemd passed us, with valid
-    // pointers to locals.
-    let ok = unsafe {
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    } == 0
-        && ty == libc::SOCK_STREAM;
-    if !ok {
-        return Err(SetupError::UnsafeDir {
-            path: dir.into(),
-            reason: "the socket passed by systemd (fd 3) is not a stream socket".into(),
-        });
-    }
-    // SAFETY: systemd hands us ownership of fd 3, a listening socket.
-    let listener = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let index = if passed.len() == 1 {
+        0
+    } else {
+        passed
+            .iter()
+            .position(|(_, name)| name == LISTEN_FD_NAME)
+            .ok_or_else(|| SetupError::Activation {
+                reason: format!(
+                    "{} sockets were passed ({}) and none is named {LISTEN_FD_NAME}; \
+                     pass one socket, or set FileDescriptorName={LISTEN_FD_NAME} on the one zrpcd should serve",
+                    passed.len(),
+                    passed
+                        .iter()
+                        .map(|(fd, name)| format!("fd {fd} {name:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?
+    };
+    let (fd, name) = &passed[index];
+    // listenfd checks it is an AF_UNIX SOCK_STREAM socket, and leaves the
+    // fd alone if not.
+    let listener = listenfds
+        .take_unix_listener(index)
+        .and_then(|l| l.ok_or_else(|| std::io::Error::other("listenfd does not see it")))
+        .map_err(|e| SetupError::Activation {
+            reason: format!(
+            "the socket passed as fd {fd} ({name:?}) is refused: {e}; zrpcd serves only an AF_UNIX \
+             stream socket (ListenStream=/run/zrpc/zrpcd.sock in zrpcd.socket)"
+        ),
+        })?;
     let path = listener
         .local_addr()
         .ok()

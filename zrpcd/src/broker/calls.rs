@@ -257,9 +257,10 @@ impl Broker {
             None => self.stats.calls_ok += 1,
             Some(c) => self.stats.error(c),
         }
-        let s = self.stats.broker_service();
-        s.answered += 1;
-        s.latency.record(started.elapsed());
+        let now = Instant::now();
+        self.stats
+            .broker_service()
+            .answered(now.saturating_duration_since(started), false, now);
     }
 
     /// Re-routes a pending call (re-delivery, or its name appeared), with
@@ -433,12 +434,9 @@ impl Broker {
                     None => self.stats.calls_ok += 1,
                     Some(c) => self.stats.error(c),
                 }
-                let s = self.stats.service_in(stats_slot, service);
-                s.answered += 1;
-                if code.is_some() {
-                    s.errors += 1;
-                }
-                s.latency.record(elapsed);
+                self.stats
+                    .service_in(stats_slot, service)
+                    .answered(elapsed, code.is_some(), now);
             }
             Outcome::Error(code, message) => {
                 let env = Envelope::Result {
@@ -448,7 +446,7 @@ impl Broker {
                 };
                 self.send_result(p.caller, size, &env, Payload::EMPTY);
                 self.stats.error(code);
-                self.stats.service_in(stats_slot, service).errors += 1;
+                self.stats.service_in(stats_slot, service).failed(now);
                 tracing::debug!(bid, service, %code, %message, "call failed");
             }
             Outcome::CallerGone | Outcome::CallerLeft => {}

@@ -1,79 +1,17 @@
-//! Broker-wide counters and per-service latency histograms.
+//! Broker-wide counters and per-service latency histograms, since start
+//! and over the last minute.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+mod histogram;
+mod window;
+
+pub use histogram::{Histogram, EXPORT_BOUNDS_US};
+pub use window::{epoch, Recent, Window, SLOT, SLOTS};
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
 use zrpc_proto::ErrorCode;
-
-/// A log-scale latency histogram: 8 buckets per power of two of
-/// microseconds, so a percentile is exact to within about 9%.
-#[derive(Debug, Clone)]
-pub struct Histogram {
-    buckets: Vec<u64>,
-    count: u64,
-}
-
-const SUB: u32 = 8;
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            buckets: vec![0; (64 * SUB) as usize],
-            count: 0,
-        }
-    }
-}
-
-impl Histogram {
-    fn index(us: u64) -> usize {
-        if us < SUB as u64 {
-            return us as usize;
-        }
-        let exp = 63 - us.leading_zeros(); // >= 3
-        let mantissa = (us >> (exp - 3)) & (SUB as u64 - 1);
-        ((exp - 2) * SUB) as usize + mantissa as usize
-    }
-
-    fn lower_bound(idx: usize) -> u64 {
-        let idx = idx as u64;
-        if idx < SUB as u64 {
-            return idx;
-        }
-        let exp = idx / SUB as u64 + 2;
-        let mantissa = idx % SUB as u64;
-        (SUB as u64 + mantissa) << (exp - 3)
-    }
-
-    /// Records one sample.
-    pub fn record(&mut self, d: Duration) {
-        let us = d.as_micros().min(u64::MAX as u128) as u64;
-        let i = Self::index(us).min(self.buckets.len() - 1);
-        self.buckets[i] += 1;
-        self.count += 1;
-    }
-
-    /// Number of samples.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// The `q`-quantile (0.0..=1.0) in microseconds, or 0 with no samples.
-    pub fn quantile_us(&self, q: f64) -> u64 {
-        if self.count == 0 {
-            return 0;
-        }
-        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
-        let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return Self::lower_bound(i);
-            }
-        }
-        0
-    }
-}
 
 /// Counters for one service name.
 #[derive(Debug, Default, Clone)]
@@ -84,6 +22,25 @@ pub struct ServiceStats {
     pub errors: u64,
     /// Latency of answered calls, broker-side (accept to reply).
     pub latency: Histogram,
+    /// The same over the last minute.
+    pub recent: Window,
+}
+
+impl ServiceStats {
+    /// Counts a call the service answered after `latency` (`error`: with
+    /// an error of its own), at `now`.
+    pub fn answered(&mut self, latency: Duration, error: bool, now: Instant) {
+        self.answered += 1;
+        self.errors += u64::from(error);
+        self.latency.record(latency);
+        self.recent.answered(epoch(now), latency, error);
+    }
+
+    /// Counts a call that ended in an error without an answer, at `now`.
+    pub fn failed(&mut self, now: Instant) {
+        self.errors += 1;
+        self.recent.failed(epoch(now));
+    }
 }
 
 /// The row of `zrpcd.stats` that counts calls to names without a row of
@@ -324,22 +281,5 @@ mod tests {
             s.registered("b");
         }
         assert!(s.idle.len() <= 2, "{}", s.idle.len());
-    }
-
-    #[test]
-    fn quantiles_are_close() {
-        let mut h = Histogram::default();
-        for us in 1..=1000u64 {
-            h.record(Duration::from_micros(us));
-        }
-        let p50 = h.quantile_us(0.5);
-        let p99 = h.quantile_us(0.99);
-        assert!((450..=500).contains(&p50), "{p50}");
-        assert!((900..=990).contains(&p99), "{p99}");
-        assert_eq!(Histogram::default().quantile_us(0.5), 0);
-        for i in 0..200 {
-            assert!(Histogram::lower_bound(i) <= Histogram::lower_bound(i + 1));
-            assert_eq!(Histogram::index(Histogram::lower_bound(i)), i);
-        }
     }
 }

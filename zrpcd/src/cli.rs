@@ -1,0 +1,97 @@
+//! `zrpcd`'s command line (clap derive), in the library so that the man
+//! page generator (`cargo xtask man`) reads the same definitions.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// zrpcd: the zrpc broker. Services register names over a persistent
+/// connection; clients call them; the broker routes calls, correlates replies
+/// and enforces deadlines.
+#[derive(Debug, Parser)]
+#[command(name = "zrpcd", version, about)]
+pub struct Args {
+    /// Directory of the broker socket (zrpcd.sock) [default: /run/zrpc for
+    /// root; $XDG_RUNTIME_DIR/zrpc for other users]
+    #[arg(long, env = "ZRPC_SOCKET_DIR")]
+    pub socket_dir: Option<PathBuf>,
+    /// Permission bits of the socket file, in octal (who may connect)
+    #[arg(long, default_value = "666", value_parser = parse_octal)]
+    pub socket_mode: u32,
+    /// Largest message (envelope + payload) accepted, in bytes
+    #[arg(long, default_value_t = zrpc_proto::DEFAULT_MAX_MESSAGE_SIZE)]
+    pub max_message_size: u32,
+    /// Most simultaneous connections
+    #[arg(long, default_value_t = 16_384)]
+    pub max_connections: usize,
+    /// Most calls pending per connection
+    #[arg(long, default_value_t = 65_536)]
+    pub max_pending_per_conn: usize,
+    /// Most calls pending in the whole broker
+    #[arg(long, default_value_t = 1_048_576)]
+    pub max_pending_total: usize,
+    /// Most payload bytes of one connection's pending calls
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_PENDING_BYTES_PER_CONN)]
+    pub max_pending_bytes_per_conn: usize,
+    /// Most payload bytes of pending calls in the whole broker
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_PENDING_BYTES)]
+    pub max_pending_bytes: usize,
+    /// Most names one connection may register
+    #[arg(long, default_value_t = 256)]
+    pub max_names_per_conn: usize,
+    /// Most bytes queued towards one peer before the broker pushes back
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_queued_bytes: usize,
+    /// Seconds a new connection may take to send its Hello
+    #[arg(long, default_value_t = 5.0)]
+    pub handshake_timeout: f64,
+    /// Seconds a frame may take to arrive completely once its first bytes
+    /// arrived; a connection whose frame stalls longer is closed
+    #[arg(long, default_value_t = crate::config::DEFAULT_FRAME_TIMEOUT.as_secs_f64())]
+    pub frame_timeout: f64,
+    /// Most bytes of read buffer held for partly received frames, all
+    /// connections together; the connection that would pass it is closed
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_PARTIAL_BYTES)]
+    pub max_partial_bytes: usize,
+    /// Most service names with rows of their own in `zrpc stats` (names that
+    /// are or were registered); the rest are counted under "(other)"
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_STATS_NAMES,
+          value_parser = clap::value_parser!(u64).range(0..=crate::stats::MAX_STATS_NAMES as u64))]
+    pub max_stats_names: u64,
+    /// Seconds shutdown lets delivered calls finish before answering the rest
+    /// with a Shutdown error
+    #[arg(long, default_value_t = 2.0)]
+    pub shutdown_grace: f64,
+    /// Seconds a call keeps running at its service after its caller
+    /// disconnected, for the caller to reconnect and resubmit it (capped by
+    /// the call's timeout); then the service is told to cancel it. 0
+    /// cancels at once
+    #[arg(long, default_value_t = crate::config::DEFAULT_CALLER_GRACE.as_secs_f64())]
+    pub caller_grace: f64,
+    /// Seconds between pings to services
+    #[arg(long, default_value_t = 5.0)]
+    pub heartbeat_interval: f64,
+    /// Seconds of silence after which a service is considered dead
+    #[arg(long, default_value_t = 15.0)]
+    pub heartbeat_timeout: f64,
+    /// Microseconds the broker polls its sockets before sleeping when it
+    /// runs out of work while frames arrive back to back (most within this
+    /// long): trades CPU, only while calls flow that fast, for latency and
+    /// throughput. 0 turns it off; at most 1000; off on a single CPU
+    #[arg(long, default_value_t = crate::config::DEFAULT_BUSY_POLL_US,
+          value_parser = clap::value_parser!(u64).range(0..=zrpc_io::busy_poll::MAX_WINDOW_US))]
+    pub busy_poll_us: u64,
+    /// Access policy file (TOML; see docs/security.md), re-read on SIGHUP
+    /// [default: /etc/zrpc/policy.toml if it exists, else the built-in
+    /// defaults]
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+/// Parses an octal permission mode (`--socket-mode 660`).
+pub fn parse_octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8).map_err(|e| format!("not an octal mode: {e}"))
+}
