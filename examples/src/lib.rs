@@ -10,4 +10,9 @@ use zrpc_client::Value;
 pub trait TestServer {
     /// Returns `("func", payload)`: the method name and the payload it got.
     fn func(&mut self, payload: Value) -> (String, Value);
+
+    /// Sleeps `ms` milliseconds, then returns `ms`. Calls overlap: it takes
+    /// `&self` and waits asynchronously, so eight calls at once take about
+    /// `ms`, not eight times `ms`.
+    async fn sleep_ms(&self, ms: u64) -> u64;
 }

@@ -224,14 +224,27 @@ fn async_client_reuses_its_read_buffer_for_large_replies() {
 fn errors_are_typed() {
     let (b, _svc) = echo_broker();
     let c = client(&b);
+    // A serialisable error (String) arrives as its message and its value.
     match c.call::<_, ()>("echo", "fail", &"disk on fire", T) {
-        Err(Error::Remote { message, .. }) => {
-            assert!(message.contains("disk on fire"), "{message}")
+        Err(e @ Error::Remote { .. }) => {
+            assert!(e.to_string().contains("disk on fire"), "{e}");
+            assert_eq!(e.remote_value::<String>().as_deref(), Some("disk on fire"));
+        }
+        other => panic!("expected Remote, got {other:?}"),
+    }
+    // A Display-only error: the message alone, no value.
+    match c.call::<_, ()>("echo", "fail_io", &"disk on fire", T) {
+        Err(Error::Remote { message, value, .. }) => {
+            assert_eq!(message, "disk on fire");
+            assert!(value.is_empty(), "a Display-only error sent a value");
         }
         other => panic!("expected Remote, got {other:?}"),
     }
     match c.call::<_, u32>("echo", "panic", &(), T) {
-        Err(Error::Remote { message, .. }) => assert!(message.contains("panic"), "{message}"),
+        Err(Error::Remote { message, value, .. }) => {
+            assert!(message.contains("panic"), "{message}");
+            assert!(value.is_empty(), "a panic sent a value");
+        }
         other => panic!("expected Remote for a panic, got {other:?}"),
     }
     // The service survived the panic.

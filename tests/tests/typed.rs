@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use zrpc_client::{BlockingClient, CallOptions, Client, Error};
-use zrpc_tests::typed::{CalcBlockingClient, CalcClient, Pair};
+use zrpc_tests::typed::{CalcBlockingClient, CalcClient, CalcError, Pair, Refusal};
 use zrpc_tests::{wait_registered, Broker};
 
 fn with_service() -> (Broker, zrpc_tests::Proc) {
@@ -22,18 +22,53 @@ fn the_blocking_typed_client_calls_every_kind_of_method() {
         .with_options(CallOptions::timeout(Duration::from_secs(10)));
     assert_eq!(calc.add(Pair { a: 1.5, b: 2.0 }).expect("add"), 3.5);
     assert_eq!(calc.version().expect("version"), "calc/1");
-    assert_eq!(calc.divide(Pair { a: 1.0, b: 4.0 }).expect("divide"), 0.25);
-    match calc.divide(Pair { a: 1.0, b: 0.0 }) {
-        Err(Error::Remote {
+    // The outer Result is the call's, the inner one the method's: the
+    // service's error arrives as its own type.
+    assert_eq!(
+        calc.divide(Pair { a: 1.0, b: 4.0 }).expect("divide"),
+        Ok(0.25)
+    );
+    assert_eq!(
+        calc.divide(Pair { a: 1.0, b: 0.0 }).expect("divide"),
+        Err(CalcError::DivisionByZero)
+    );
+    assert_eq!(calc.check(3).expect("check"), Ok(3));
+    assert_eq!(calc.check(11).expect("check"), Err(Refusal { limit: 10 }));
+    // An untyped caller sees the message (Display, else Debug) and can
+    // decode the value itself.
+    let untyped = calc
+        .client()
+        .call::<_, f64>(
+            "calc",
+            "divide",
+            &Pair { a: 1.0, b: 0.0 },
+            Some(Duration::from_secs(10)),
+        )
+        .expect_err("divide by zero");
+    match &untyped {
+        Error::Remote {
             service,
             method,
             message,
-        }) => {
+            ..
+        } => {
             assert_eq!((service.as_str(), method.as_str()), ("calc", "divide"));
             assert_eq!(message, "division by zero");
         }
         other => panic!("expected the service's error, got {other:?}"),
     }
+    assert_eq!(
+        untyped.remote_value::<CalcError>(),
+        Some(CalcError::DivisionByZero)
+    );
+    let refused = calc
+        .client()
+        .call::<_, i64>("calc", "check", &11, Some(Duration::from_secs(10)))
+        .expect_err("check 11");
+    assert!(
+        matches!(&refused, Error::Remote { message, .. } if message == "Refusal { limit: 10 }"),
+        "{refused:?}"
+    );
     assert_eq!(calc.double_later(21).expect("async method"), 42);
     calc.bump().expect("bump");
     calc.bump_with(CallOptions::timeout(Duration::from_secs(5)).no_retry())
@@ -61,6 +96,42 @@ fn the_blocking_typed_client_calls_every_kind_of_method() {
         doc_of("counter_later").as_deref(),
         Some("The same, read after an `.await` inside an `async fn`.")
     );
+    // ... and how each argument, result and error is encoded (shapes).
+    let infos: Vec<zrpc_service::MethodInfo> =
+        rmpv::ext::from_value(d["methods"].clone()).expect("methods decode as MethodInfo");
+    let info = |name: &str| infos.iter().find(|m| m.name == name).expect(name).clone();
+    let text = |s: &Option<zrpc_service::Shape>| s.as_ref().map(|s| s.to_string());
+    let divide = info("divide");
+    assert_eq!(
+        text(&divide.params[0].shape).as_deref(),
+        Some("Pair { a: f64, b: f64 }")
+    );
+    assert_eq!(text(&divide.returns_shape).as_deref(), Some("f64"));
+    assert_eq!(
+        text(&divide.error_shape).as_deref(),
+        Some("enum CalcError { DivisionByZero }")
+    );
+    assert_eq!(
+        text(&info("check").error_shape).as_deref(),
+        Some("Refusal { limit: i64 }")
+    );
+    assert_eq!(
+        text(&info("hold_stats").returns_shape).as_deref(),
+        Some("HoldStats { started: u64, finished: u64, dropped: u64, running: u64, max_overlap: u64 }")
+    );
+    assert_eq!(info("version").params, vec![]);
+    // zrpc list shows them.
+    let (status, out) = b
+        .spawn("zrpc", &["list", "calc"])
+        .output(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{out}");
+    for want in [
+        "add(p: Pair { a: f64, b: f64 }) -> f64",
+        "divide(p: Pair { a: f64, b: f64 }) -> Result<f64, enum CalcError { DivisionByZero }>",
+        "version() -> str",
+    ] {
+        assert!(out.contains(want), "{want:?} in {out}");
+    }
     // Another name: nobody holds it.
     let other = calc
         .clone()
@@ -81,10 +152,14 @@ fn the_async_typed_client_calls_every_kind_of_method() {
             .with_options(CallOptions::timeout(Duration::from_secs(10)));
         assert_eq!(calc.add(Pair { a: 2.0, b: 3.0 }).await.expect("add"), 5.0);
         assert_eq!(calc.version().await.expect("version"), "calc/1");
-        match calc.divide(Pair { a: 1.0, b: 0.0 }).await {
-            Err(Error::Remote { message, .. }) => assert_eq!(message, "division by zero"),
-            other => panic!("expected the service's error, got {other:?}"),
-        }
+        assert_eq!(
+            calc.divide(Pair { a: 1.0, b: 0.0 }).await.expect("divide"),
+            Err(CalcError::DivisionByZero)
+        );
+        assert_eq!(
+            calc.check(12).await.expect("check"),
+            Err(Refusal { limit: 10 })
+        );
         // Concurrent typed calls on one connection.
         let (x, y) = tokio::join!(calc.double_later(1), calc.double_later(2));
         assert_eq!((x.expect("x"), y.expect("y")), (2, 4));

@@ -118,9 +118,18 @@ pub fn error_exit(e: &Error) -> u8 {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
+        let mut message = e.to_string();
+        // A service's error value (a typed error), shown as JSON unless it
+        // is just the message's text.
+        if let Some(v) = e
+            .remote_value::<zrpc_client::Value>()
+            .filter(|v| !v.is_str())
+        {
+            message.push_str(&format!(" (error value: {})", crate::fmt::json_line(&v)));
+        }
         Failure {
             code: error_exit(&e),
-            message: e.to_string(),
+            message,
         }
     }
 }

@@ -12,6 +12,16 @@ use crate::error::{exit, Failure};
 use crate::fmt::{self, field, s, u};
 use crate::{write_line, write_out};
 
+/// The shape under `key` of a described method or parameter (shapes came
+/// with zrpc.describe's `returns_shape`, `error_shape` and a parameter's
+/// `shape`; older services send none).
+/// `any` (a dynamic value) is left out: the written type says more.
+fn shape(v: &Value, key: &str) -> Option<zrpc_proto::Shape> {
+    rmpv::ext::from_value(field(v, key)?.clone())
+        .ok()
+        .filter(|s| *s != zrpc_proto::Shape::Any)
+}
+
 /// Runs `zrpc list`.
 pub async fn run(client: &Client, args: &ListArgs) -> Result<(), Failure> {
     match &args.service {
@@ -156,9 +166,20 @@ async fn methods(client: &Client, name: &str, args: &ListArgs) -> Result<(), Fai
             .map(Vec::as_slice)
             .unwrap_or_default()
             .iter()
-            .map(|p| format!("{}: {}", s(p, "name"), s(p, "type")))
+            .map(|p| match shape(p, "shape") {
+                Some(sh) => format!("{}: {sh}", s(p, "name")),
+                None => format!("{}: {}", s(p, "name"), s(p, "type")),
+            })
             .collect();
-        let ret = s(m, "returns");
+        let written = s(m, "returns");
+        let value = shape(m, "returns_shape").map(|sh| sh.to_string());
+        let ret = match (shape(m, "error_shape"), value) {
+            (Some(e), v) => format!("Result<{}, {e}>", v.as_deref().unwrap_or("any")),
+            // A `Result` whose error has no shape: as written.
+            (None, _) if written.starts_with("Result") => written.to_string(),
+            (None, Some(v)) => v,
+            (None, None) => written.to_string(),
+        };
         out.push('\n');
         out.push_str(&format!("{}({})", s(m, "name"), params.join(", ")));
         if !ret.is_empty() && ret != "()" {

@@ -363,8 +363,12 @@ fn list_service_shows_methods_and_docs() {
         "Returns its payload unchanged.",
         "sleep(ms: u64) -> u32",
         "Sleeps `ms` milliseconds, then returns this process's pid.",
-        "fail(msg: String)",
+        // Shapes: how the values are encoded, from the serde types.
+        "fail(msg: str) -> Result<(), str>",
         "Fails with the given message.",
+        "fail_io(msg: str) -> Result<(), std::io::Error>",
+        "shift(p: Point { x: i64, y: f64, label: str, raw: bytes }) \
+         -> Point { x: i64, y: f64, label: str, raw: bytes }",
     ] {
         assert!(out.stdout.contains(want), "{want:?} in {}", out.stdout);
     }
@@ -375,8 +379,18 @@ fn list_service_shows_methods_and_docs() {
         .iter()
         .find(|m| m["name"] == json!("shift"))
         .expect("shift");
-    assert_eq!(shift["params"], json!([{"name": "p", "type": "Point"}]));
+    let point = json!({"kind": "struct", "name": "Point", "fields": [
+        {"name": "x", "shape": {"kind": "i64"}},
+        {"name": "y", "shape": {"kind": "f64"}},
+        {"name": "label", "shape": {"kind": "str"}},
+        {"name": "raw", "shape": {"kind": "bytes"}},
+    ]});
+    assert_eq!(
+        shift["params"],
+        json!([{"name": "p", "type": "Point", "shape": point}])
+    );
     assert_eq!(shift["returns"], json!("Point"));
+    assert_eq!(shift["returns_shape"], point);
     assert!(shift["doc"]
         .as_str()
         .expect("doc")

@@ -108,8 +108,9 @@ impl Dead {
 pub(crate) enum Outcome {
     /// Success: the result payload.
     Ok(Bytes),
-    /// `Result` with an error code.
-    Failed(ErrorCode, String),
+    /// `Result` with an error code: the code, the message and the payload
+    /// (a `Remote` error's value; usually empty).
+    Failed(ErrorCode, String, Bytes),
     /// The connection died.
     Dead(Dead),
 }
@@ -118,7 +119,9 @@ impl Outcome {
     pub(crate) fn into_result(self, service: &str, method: &str) -> Result<Bytes> {
         match self {
             Outcome::Ok(b) => Ok(b),
-            Outcome::Failed(code, message) => Err(Error::from_call(code, message, service, method)),
+            Outcome::Failed(code, message, value) => {
+                Err(Error::from_call(code, message, value, service, method))
+            }
             Outcome::Dead(d) => Err(d.to_error()),
         }
     }
@@ -130,6 +133,7 @@ pub(crate) fn reconnect_timeout() -> Outcome {
     Outcome::Failed(
         ErrorCode::Timeout,
         "the deadline passed while reconnecting to zrpcd".into(),
+        Bytes::new(),
     )
 }
 

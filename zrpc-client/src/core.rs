@@ -364,6 +364,7 @@ impl Core {
                 Err(e) => c.finish(Outcome::Failed(
                     e.code().unwrap_or(ErrorCode::Protocol),
                     e.to_string(),
+                    Bytes::new(),
                 )),
             }
         }
@@ -389,7 +390,9 @@ impl Core {
                         c.requeue();
                     } else {
                         c.finish(match code {
-                            Some(code) => Outcome::Failed(code, message.to_owned()),
+                            Some(code) => {
+                                Outcome::Failed(code, message.to_owned(), batch.payload(payload))
+                            }
                             None => Outcome::Ok(batch.payload(payload)),
                         });
                         out.delivered += 1;

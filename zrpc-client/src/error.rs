@@ -66,6 +66,12 @@ pub enum Error {
         method: String,
         /// The handler's error text.
         message: String,
+        /// The handler's error value, MessagePack-encoded, when its type is
+        /// serialisable (a `#[service]` method returning `Result<T, E>`
+        /// with `E: Serialize`); empty otherwise (a panic, a `Display`-only
+        /// error). Decode it with [`Error::remote_value`]; the typed
+        /// clients do it for you.
+        value: bytes::Bytes,
     },
     /// The service could not decode the call's arguments.
     #[error("{service}.{method} could not decode its arguments: {message}")]
@@ -166,10 +172,33 @@ impl Error {
         })
     }
 
-    /// Maps a call's `Result{code, message}` to an error.
+    /// The service's error value of a [`Error::Remote`], decoded as `E`:
+    /// `None` for other errors, when the service sent no value, or when it
+    /// does not decode as `E`.
+    pub fn remote_value<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
+        match self {
+            Error::Remote { value, .. } if !value.is_empty() => {
+                zrpc_proto::decode_payload(value).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// `Ok(e)` if this is a [`Error::Remote`] whose value decodes as `E`,
+    /// else `Err(self)` unchanged (what a typed client returns for a method
+    /// declared `-> Result<T, E>`).
+    pub fn into_remote<E: serde::de::DeserializeOwned>(self) -> Result<E, Error> {
+        match self.remote_value() {
+            Some(e) => Ok(e),
+            None => Err(self),
+        }
+    }
+
+    /// Maps a call's `Result{code, message}` (and its payload) to an error.
     pub(crate) fn from_call(
         code: ErrorCode,
         message: String,
+        value: bytes::Bytes,
         service: &str,
         method: &str,
     ) -> Error {
@@ -189,6 +218,7 @@ impl Error {
                 service,
                 method: method.to_owned(),
                 message,
+                value,
             },
             ErrorCode::BadPayload => Error::BadPayload {
                 service,

@@ -295,7 +295,7 @@ fn serde_frames_share_the_encode_buffer_safely() {
 #[test]
 fn error_codes_map_to_variants() {
     use ErrorCode as C;
-    let e = |c| Error::from_call(c, "msg".into(), "svc", "meth");
+    let e = |c| Error::from_call(c, "msg".into(), Bytes::new(), "svc", "meth");
     assert!(
         matches!(e(C::Timeout), Error::Timeout { service, method, no_service: false } if service == "svc" && method == "meth")
     );

@@ -15,17 +15,23 @@ struct ClientMethod {
     arg: Option<(syn::Ident, Type)>,
     /// What a successful call returns (`T` of `Result<T, E>`).
     ok: Type,
+    /// The service's error type (`E` of `Result<T, E>`), if declared.
+    err: Option<Type>,
 }
 
-/// The `T` of a return type spelled `Result<T, E>`.
-fn result_ok(ty: &Type) -> Option<Type> {
+/// The `T` and `E` of a return type spelled `Result<T, E>`.
+pub(crate) fn result_types(ty: &Type) -> Option<(Type, Type)> {
     let Type::Path(p) = ty else { return None };
     let last = p.path.segments.last()?;
     let syn::PathArguments::AngleBracketed(a) = &last.arguments else {
         return None;
     };
-    match a.args.first()? {
+    let mut types = a.args.iter().filter_map(|g| match g {
         syn::GenericArgument::Type(t) => Some(t.clone()),
+        _ => None,
+    });
+    match (types.next(), types.next(), types.next()) {
+        (Some(t), Some(e), None) => Some((t, e)),
         _ => None,
     }
 }
@@ -64,18 +70,26 @@ fn analyse(f: &syn::TraitItemFn) -> syn::Result<ClientMethod> {
         };
         arg = Some((name, (*pt.ty).clone()));
     }
-    let ok: Type = match &sig.output {
-        ReturnType::Default => syn::parse_quote!(()),
+    let (ok, err): (Type, Option<Type>) = match &sig.output {
+        ReturnType::Default => (syn::parse_quote!(()), None),
         ReturnType::Type(_, ty) if last_segment_is(ty, "Result") => {
-            result_ok(ty).ok_or_else(|| syn::Error::new(ty.span(), "expected `Result<T, E>`"))?
+            let (t, e) = result_types(ty).ok_or_else(|| {
+                syn::Error::new(
+                    ty.span(),
+                    "expected `Result<T, E>` with both types spelled out (the client \
+                     needs `E` to decode the service's error)",
+                )
+            })?;
+            (t, Some(e))
         }
-        ReturnType::Type(_, ty) => (**ty).clone(),
+        ReturnType::Type(_, ty) => ((**ty).clone(), None),
     };
     Ok(ClientMethod {
         ident: sig.ident.clone(),
         doc: doc_of(&f.attrs),
         arg,
         ok,
+        err,
     })
 }
 
@@ -271,17 +285,34 @@ fn method(m: &ClientMethod, is_async: bool) -> TokenStream2 {
     } else {
         (quote!(), quote!())
     };
+    let call = quote! {
+        self.client
+            .call_with::<_, #ok>(&self.service, #rpc_name, #payload, options)
+            #dot_await
+    };
+    // A method declared `-> Result<T, E>` returns the service's `Err(e)` as
+    // `Ok(Err(e))`: the outer `Result` is the call's, the inner the method's.
+    let (ret, body) = match &m.err {
+        Some(err) => (
+            quote!(::std::result::Result<#ok, #err>),
+            quote! {
+                match #call {
+                    ::std::result::Result::Ok(v) => ::std::result::Result::Ok(::std::result::Result::Ok(v)),
+                    ::std::result::Result::Err(e) => e.into_remote::<#err>().map(::std::result::Result::Err),
+                }
+            },
+        ),
+        None => (quote!(#ok), call),
+    };
     quote! {
         #[doc = #doc]
-        pub #asyncness fn #ident(&self, #params) -> #c::Result<#ok> {
+        pub #asyncness fn #ident(&self, #params) -> #c::Result<#ret> {
             self.#with(#pass self.options) #dot_await
         }
 
         #[doc = #with_doc]
-        pub #asyncness fn #with(&self, #params options: #c::CallOptions) -> #c::Result<#ok> {
-            self.client
-                .call_with(&self.service, #rpc_name, #payload, options)
-                #dot_await
+        pub #asyncness fn #with(&self, #params options: #c::CallOptions) -> #c::Result<#ret> {
+            #body
         }
     }
 }

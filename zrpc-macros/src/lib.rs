@@ -56,8 +56,11 @@ use syn::{
 ///   path segment is `Context`.
 /// * `R: serde::Serialize` is encoded as the reply. When the return type is
 ///   spelled `Result<X, E>` (last path segment `Result`), `Ok(x)` is the
-///   reply and `Err(e)` becomes a `Remote` error with `e.to_string()` as its
-///   message (`E: Display`).
+///   reply and `Err(e)` becomes a `Remote` error. If `E: Serialize`, the
+///   error value travels beside the message (a typed client gets `e` back
+///   as `E`) and the message is `e.to_string()` (`E: Display`) or else
+///   `format!("{e:?}")` (`E: Debug`); otherwise `E: Display` is required
+///   and the message alone is sent.
 ///
 /// `#[rpc_method(name = "other")]` exposes a method under another name.
 ///
@@ -96,8 +99,13 @@ pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// `ZRPC_SERVICE_NAME`):
 /// - `CalcClient`, over an async `zrpc_client::Client`: one `async fn` per
 ///   method, taking the argument type and returning
-///   `zrpc_client::Result<T>` (`T` of `Result<T, E>`, else the return
-///   type), plus a `*_with(arg, CallOptions)` form; `with_options` sets the
+///   `zrpc_client::Result<R>` with `R` the declared return type: for a
+///   method declared `-> Result<T, E>` that is
+///   `zrpc_client::Result<Result<T, E>>`, the outer error the call's
+///   ([`zrpc_client::Error`]: timeout, no such service, ...), the inner one
+///   the service's own `E`, decoded from the error value it sent (so `E`
+///   must be `Serialize + DeserializeOwned`); plus a
+///   `*_with(arg, CallOptions)` form; `with_options` sets the
 ///   options of every call, `with_name` the instance's name;
 /// - `CalcBlockingClient`, the same over a `zrpc_client::BlockingClient`.
 ///
@@ -203,6 +211,18 @@ fn last_segment_is(ty: &Type, name: &str) -> bool {
     }
 }
 
+/// Whether `ty` mentions a reference or a lifetime.
+fn borrows(ty: &Type) -> bool {
+    fn scan(ts: TokenStream2) -> bool {
+        ts.into_iter().any(|t| match t {
+            proc_macro2::TokenTree::Punct(p) => p.as_char() == '&' || p.as_char() == '\'',
+            proc_macro2::TokenTree::Group(g) => scan(g.stream()),
+            _ => false,
+        })
+    }
+    scan(quote!(#ty))
+}
+
 fn is_context(ty: &Type) -> bool {
     match ty {
         Type::Reference(r) => last_segment_is(&r.elem, "Context"),
@@ -236,9 +256,15 @@ struct Method {
     rpc_name: String,
     ident: syn::Ident,
     is_async: bool,
+    /// Takes `&mut self` (exclusive access), not `&self`.
+    mut_self: bool,
     has_ctx: bool,
     payload_ty: Option<Type>,
     returns_result: bool,
+    /// The reply value's type (`T` of `Result<T, E>`), if known.
+    value_ty: Option<Type>,
+    /// The error's type (`E` of `Result<T, E>`).
+    error_ty: Option<Type>,
     doc: String,
     params: Vec<(String, String)>,
     returns: String,
@@ -329,13 +355,26 @@ fn analyse(f: &ImplItemFn, rename: Option<String>) -> syn::Result<Method> {
         ReturnType::Default => (false, "()".to_string()),
         ReturnType::Type(_, ty) => (last_segment_is(ty, "Result"), pretty(&quote!(#ty))),
     };
+    // The types whose shapes introspection shows: the reply's (`T` of
+    // `Result<T, E>`) and the error's.
+    let (value_ty, error_ty): (Option<Type>, Option<Type>) = match &sig.output {
+        ReturnType::Default => (Some(syn::parse_quote!(())), None),
+        ReturnType::Type(_, ty) if returns_result => match interface::result_types(ty) {
+            Some((t, e)) => (Some(t), Some(e)),
+            None => (None, None),
+        },
+        ReturnType::Type(_, ty) => (Some((**ty).clone()), None),
+    };
     Ok(Method {
         rpc_name: rename.unwrap_or_else(|| sig.ident.to_string()),
         ident: sig.ident.clone(),
         is_async: sig.asyncness.is_some(),
+        mut_self: sig.receiver().is_some_and(|r| r.mutability.is_some()),
         has_ctx,
         payload_ty,
         returns_result,
+        value_ty,
+        error_ty,
         doc: doc_of(&f.attrs),
         params,
         returns,
@@ -428,15 +467,37 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
             _ => quote!(#doc),
         };
         let returns = &m.returns;
+        // `Some(shape)` for a type that implements DeserializeOwned, chosen
+        // here where the type is concrete (zrpc_service::__private::ShapeOf).
+        // A type with a reference or lifetime in it (`&'static str`) is
+        // never `DeserializeOwned`, and the probe would not fall back for
+        // it (a higher-ranked bound fails hard): no shape.
+        let shape = |ty: Option<&Type>| match ty.filter(|t| !borrows(t)) {
+            Some(ty) => quote! {{
+                #[allow(unused_imports)]
+                use #z::__private::{NoShape as _, TracedShape as _};
+                (&&#z::__private::ShapeOf::<#ty>::new()).zrpc_shape()
+            }},
+            None => quote!(::std::option::Option::None),
+        };
+        let param_shape = shape(m.payload_ty.as_ref());
         let params = m.params.iter().map(|(n, t)| {
-            quote!(#z::ParamInfo { name: ::std::string::String::from(#n), ty: ::std::string::String::from(#t) })
+            quote!(#z::ParamInfo {
+                name: ::std::string::String::from(#n),
+                ty: ::std::string::String::from(#t),
+                shape: #param_shape,
+            })
         });
+        let returns_shape = shape(m.value_ty.as_ref());
+        let error_shape = shape(m.error_ty.as_ref());
         quote! {
             #z::MethodInfo {
                 name: ::std::string::String::from(#name),
                 doc: ::std::string::String::from(#doc),
                 params: ::std::vec![#(#params),*],
                 returns: ::std::string::String::from(#returns),
+                returns_shape: #returns_shape,
+                error_shape: #error_shape,
             }
         }
     });
@@ -444,76 +505,84 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
         Some(path) => quote!(<Self as #path>::#ident),
         None => quote!(Self::#ident),
     };
-    // A call of method `m`; an interface method (which cannot take the
-    // context) runs with it as `Context::current()`.
-    let call_of = |m: &Method, call_args: &[TokenStream2]| {
+    // A call of method `m` on `recv`; an interface method (which cannot
+    // take the context) runs with it as `Context::current()`.
+    let call_of = |m: &Method, recv: &TokenStream2, call_args: &[TokenStream2]| {
         let callee = callee_of(&m.ident);
         match (&interface, m.is_async) {
-            (None, false) => quote!(#callee(self, #(#call_args),*)),
-            (None, true) => quote!(#callee(self, #(#call_args),*).await),
+            (None, false) => quote!(#callee(#recv, #(#call_args),*)),
+            (None, true) => quote!(#callee(#recv, #(#call_args),*).await),
             (Some(_), false) => {
-                quote!(#z::__private::with_context(__zrpc_ctx, || #callee(self, #(#call_args),*)))
+                quote!(#z::__private::with_context(__zrpc_ctx, || #callee(#recv, #(#call_args),*)))
             }
             (Some(_), true) => {
-                quote!(#z::__private::in_context(__zrpc_ctx, #callee(self, #(#call_args),*)).await)
+                quote!(#z::__private::in_context(__zrpc_ctx, #callee(#recv, #(#call_args),*)).await)
             }
+        }
+    };
+    // The body of one method's handler: decode the argument from
+    // `payload` (a `&Bytes` expression), call it on `recv`, encode the
+    // outcome. Every entry point below wraps it.
+    let body_of = |m: &Method, payload: TokenStream2, recv: TokenStream2| {
+        let arg = format_ident!("__zrpc_arg");
+        let decode = m.payload_ty.as_ref().map(
+            |ty| quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, #payload)?;),
+        );
+        let mut call_args = Vec::new();
+        if m.has_ctx {
+            call_args.push(quote!(__zrpc_ctx));
+        }
+        if m.payload_ty.is_some() {
+            call_args.push(quote!(#arg));
+        }
+        let call = call_of(m, &recv, &call_args);
+        let encode = if m.returns_result {
+            // The error's conversion is chosen here, where its type is
+            // concrete (see `zrpc_service::__private::ErrorOf`).
+            quote!(match __zrpc_out {
+                ::std::result::Result::Ok(__zrpc_v) => #z::__private::encode(&__zrpc_v),
+                ::std::result::Result::Err(__zrpc_e) => {
+                    #[allow(unused_imports)]
+                    use #z::__private::{
+                        DisplayError as _, SerializeDebugError as _, SerializeDisplayError as _,
+                    };
+                    ::std::result::Result::Err((&&&#z::__private::ErrorOf(&__zrpc_e)).zrpc_error())
+                }
+            })
+        } else {
+            quote!(#z::__private::encode(&__zrpc_out))
+        };
+        quote! {
+            #decode
+            let __zrpc_out = #call;
+            #encode
         }
     };
     let arms = methods.iter().map(|m| {
         let name = &m.rpc_name;
-        let arg = format_ident!("__zrpc_arg");
-        let decode = m.payload_ty.as_ref().map(|ty| {
-            quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, &__zrpc_payload)?;)
-        });
-        let mut call_args = Vec::new();
-        if m.has_ctx {
-            call_args.push(quote!(__zrpc_ctx));
-        }
-        if m.payload_ty.is_some() {
-            call_args.push(quote!(#arg));
-        }
-        let call = call_of(m, &call_args);
-        let encode = if m.returns_result {
-            quote!(#z::__private::encode_result(__zrpc_out))
-        } else {
-            quote!(#z::__private::encode(&__zrpc_out))
-        };
-        quote! {
-            #name => #z::__private::guard(async move {
-                #decode
-                let __zrpc_out = #call;
-                #encode
-            }),
-        }
+        let body = body_of(m, quote!(&__zrpc_payload), quote!(self));
+        quote!(#name => #z::__private::guard(async move { #body }),)
     });
-
     // The synchronous methods again, run to completion by `handle_now`
     // without a boxed future.
     let now_arms = methods.iter().filter(|m| !m.is_async).map(|m| {
         let name = &m.rpc_name;
-        let arg = format_ident!("__zrpc_arg");
-        let decode = m.payload_ty.as_ref().map(|ty| {
-            quote!(let #arg: #ty = #z::__private::decode::<#ty>(__zrpc_method, __zrpc_payload)?;)
-        });
-        let mut call_args = Vec::new();
-        if m.has_ctx {
-            call_args.push(quote!(__zrpc_ctx));
-        }
-        if m.payload_ty.is_some() {
-            call_args.push(quote!(#arg));
-        }
-        let call = call_of(m, &call_args);
-        let encode = if m.returns_result {
-            quote!(#z::__private::encode_result(__zrpc_out))
-        } else {
-            quote!(#z::__private::encode(&__zrpc_out))
+        let body = body_of(m, quote!(__zrpc_payload), quote!(self));
+        quote!(#name => ::std::option::Option::Some((|| { #body })()),)
+    });
+    // The `&self` methods once more, for `handle_shared`: futures that own
+    // the service's `Rc`, the context and the payload, run concurrently.
+    let shared_arms = methods.iter().filter(|m| !m.mut_self).map(|m| {
+        let name = &m.rpc_name;
+        let body = body_of(m, quote!(&__zrpc_payload), quote!(&*self));
+        let prelude = quote! {
+            let __zrpc_ctx = &__zrpc_ctx;
+            let __zrpc_method = __zrpc_ctx.method();
         };
-        quote! {
-            #name => ::std::option::Option::Some((|| {
-                #decode
-                let __zrpc_out = #call;
-                #encode
-            })()),
+        if m.is_async {
+            quote!(#name => ::std::option::Option::Some(#z::__private::guard(async move { #prelude #body })),)
+        } else {
+            quote!(#name => ::std::option::Option::Some(#z::__private::ready((|| { #prelude #body })())),)
         }
     });
 
@@ -553,6 +622,19 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
             ) -> ::std::option::Option<::std::result::Result<#z::Bytes, #z::HandlerError>> {
                 match __zrpc_method {
                     #(#now_arms)*
+                    _ => ::std::option::Option::None,
+                }
+            }
+
+            #[allow(unused_variables, clippy::let_unit_value, clippy::unit_arg, clippy::redundant_closure_call)]
+            fn handle_shared(
+                self: ::std::rc::Rc<Self>,
+                __zrpc_ctx: #z::Context,
+                __zrpc_method: &str,
+                __zrpc_payload: #z::Bytes,
+            ) -> ::std::option::Option<#z::HandlerFuture<'static>> {
+                match __zrpc_method {
+                    #(#shared_arms)*
                     _ => ::std::option::Option::None,
                 }
             }

@@ -23,6 +23,7 @@ mod inline;
 pub mod mp;
 mod names;
 pub mod payload;
+pub mod shape;
 
 pub use blob::Blob;
 pub use codec::{
@@ -33,6 +34,7 @@ pub use error::{ErrorCode, ProtoError};
 pub use inline::InlineBytes;
 pub use names::{to_snake_case, validate_name, MAX_NAME_LEN};
 pub use payload::{decode_payload, MAX_TIMEOUT_MS};
+pub use shape::Shape;
 
 /// Version of the protocol spoken by this crate, sent in `Hello`/`Welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -50,15 +50,24 @@ impl ServiceBuilder {
         }
     }
 
-    fn push(&mut self, name: String, param_ty: &str, returns: &str, handler: Handler) {
+    fn push(
+        &mut self,
+        name: String,
+        (param_ty, param_shape): (&str, crate::Shape),
+        returns: &str,
+        handler: Handler,
+    ) {
         let info = MethodInfo {
             name: name.clone(),
             doc: String::new(),
             params: vec![ParamInfo {
                 name: "payload".to_string(),
                 ty: short_type_name(param_ty),
+                shape: Some(param_shape),
             }],
             returns: short_type_name(returns),
+            returns_shape: None,
+            error_shape: None,
         };
         // A later registration of the same name replaces the earlier one.
         self.entries.retain(|e| e.info.name != name);
@@ -84,7 +93,7 @@ impl ServiceBuilder {
         });
         self.push(
             name,
-            std::any::type_name::<A>(),
+            (std::any::type_name::<A>(), crate::shape_of::<A>()),
             std::any::type_name::<Result<R, E>>(),
             Handler::Sync(handler),
         );
@@ -113,7 +122,7 @@ impl ServiceBuilder {
         });
         self.push(
             name,
-            std::any::type_name::<A>(),
+            (std::any::type_name::<A>(), crate::shape_of::<A>()),
             std::any::type_name::<Result<R, E>>(),
             Handler::Async(handler),
         );

@@ -30,8 +30,9 @@ use rustc_hash::FxHasher;
 use zrpc_proto::ErrorCode;
 
 /// What was (or will be) sent in a `Reply`: the return value, or an error
-/// code and message.
-pub(crate) type Outcome = Result<Bytes, (ErrorCode, String)>;
+/// code, message and the handler's error value (MessagePack, sent as the
+/// `Reply`'s payload; empty when the error has no serialisable value).
+pub(crate) type Outcome = Result<Bytes, (ErrorCode, String, Bytes)>;
 
 /// The identity of a call that survives reconnects and re-deliveries:
 /// `(caller_instance, caller_call, caller_uid)` from the `Request`. The uid
@@ -96,8 +97,8 @@ const EMPTY: Meta = Meta {
 enum Side {
     /// A larger successful reply, by reference.
     Shared(Bytes),
-    /// An error reply.
-    Failed(ErrorCode, String),
+    /// An error reply: code, message, the error's value (may be empty).
+    Failed(ErrorCode, String, Bytes),
 }
 
 impl Side {
@@ -105,7 +106,7 @@ impl Side {
     fn cost(&self) -> usize {
         match self {
             Side::Shared(p) => p.len(),
-            Side::Failed(_, msg) => msg.len(),
+            Side::Failed(_, msg, value) => msg.len() + value.len(),
         }
     }
 }
@@ -221,7 +222,9 @@ impl ReplyCache {
             Kind::Inline => Some(Ok(Bytes::copy_from_slice(&self.cells[p][..m.aux as usize]))),
             Kind::Side => match self.side.get(m.aux as usize)? {
                 Some(Side::Shared(b)) => Some(Ok(b.clone())),
-                Some(Side::Failed(code, msg)) => Some(Err((*code, msg.clone()))),
+                Some(Side::Failed(code, msg, value)) => {
+                    Some(Err((*code, msg.clone(), value.clone())))
+                }
                 None => None,
             },
             Kind::Dead => None,
@@ -250,7 +253,7 @@ impl ReplyCache {
         }
         let cost = match &outcome {
             Ok(p) => p.len(),
-            Err((_, msg)) => msg.len(),
+            Err((_, msg, value)) => msg.len() + value.len(),
         };
         if cost > self.max_bytes {
             tracing::debug!(
@@ -286,7 +289,12 @@ impl ReplyCache {
                 self.keep(Side::Shared(Bytes::copy_from_slice(&b))),
             ),
             Ok(b) => (Kind::Side, self.keep(Side::Shared(b))),
-            Err((code, msg)) => (Kind::Side, self.keep(Side::Failed(code, msg))),
+            Err((code, msg, value)) => {
+                // The value may be a view into a larger buffer (the
+                // per-thread reply pool): keep a copy of its own.
+                let value = Bytes::copy_from_slice(&value);
+                (Kind::Side, self.keep(Side::Failed(code, msg, value)))
+            }
         };
         self.meta[p] = Meta {
             instance: key.0,
@@ -471,13 +479,17 @@ mod tests {
             for _ in 0..3_000 {
                 let key = (1 + next(2), next(40), next(2) as u32);
                 let outcome = match next(10) {
-                    0 => Err((ErrorCode::Remote, "e".repeat(next(30) as usize))),
+                    0 => Err((
+                        ErrorCode::Remote,
+                        "e".repeat(next(30) as usize),
+                        Bytes::new(),
+                    )),
                     1 => ok(INLINE + 1 + next(200) as usize),
                     _ => ok(next(INLINE as u64 + 1) as usize),
                 };
                 let cost = match &outcome {
                     Ok(p) => p.len(),
-                    Err((_, m)) => m.len(),
+                    Err((_, m, v)) => m.len() + v.len(),
                 };
                 c.insert(key, "s", "m", outcome.clone(), next(2) == 0);
                 if cost <= max_bytes {
@@ -554,7 +566,7 @@ mod tests {
             (1, 5, 0),
             "s",
             "m",
-            Err((ErrorCode::Remote, "0123456789".into())),
+            Err((ErrorCode::Remote, "0123456789".into(), Bytes::new())),
             false,
         );
         assert_eq!((c.len(), c.bytes()), (1, 10));

@@ -80,7 +80,6 @@ pub(crate) enum FrameAction {
         code: Option<ErrorCode>,
         message: String,
     },
-    CancelRunning,
 }
 
 /// The broker connection: socket, buffers, and requests received but not
@@ -109,6 +108,9 @@ pub(crate) struct Conn {
     pub(crate) max_message_size: u32,
     /// Requests received and not yet handled.
     pub(crate) queue: VecDeque<Pending>,
+    /// Ids of `Cancel`s for requests not in `queue` (running ones, or
+    /// unknown), for the server loop to apply.
+    pub(crate) cancels: Vec<u64>,
     /// A `Pong` waits in `out`: write it out before the next handler.
     pong_pending: bool,
     /// When `out` was last written out completely.
@@ -147,6 +149,7 @@ impl Conn {
             decoder: FrameDecoder::new(DEFAULT_MAX_MESSAGE_SIZE),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             queue: VecDeque::new(),
+            cancels: Vec::new(),
             pong_pending: false,
             last_flush: now,
             flush_due: now + FLUSH_INTERVAL,
@@ -258,17 +261,8 @@ impl Conn {
 
     /// Handles one frame: queues requests, answers pings, applies cancels
     /// of queued requests; reports what the caller must handle.
-    pub(crate) fn handle_frame(
-        &mut self,
-        frame: &Frame,
-        running: Option<u64>,
-    ) -> Result<FrameAction, Error> {
-        self.handle_parts(
-            &frame.envelope,
-            &frame.envelope,
-            || frame.payload.clone(),
-            running,
-        )
+    pub(crate) fn handle_frame(&mut self, frame: &Frame) -> Result<FrameAction, Error> {
+        self.handle_parts(&frame.envelope, &frame.envelope, || frame.payload.clone())
     }
 
     /// [`Conn::handle_frame`] for a frame given as its envelope bytes, a
@@ -279,7 +273,6 @@ impl Conn {
         holder: &Bytes,
         envelope: &[u8],
         payload: impl FnOnce() -> Bytes,
-        running: Option<u64>,
     ) -> Result<FrameAction, Error> {
         match Envelope::decode(envelope)? {
             Envelope::Request {
@@ -308,13 +301,11 @@ impl Conn {
                 Ok(FrameAction::None)
             }
             Envelope::Cancel { id } => {
-                if running == Some(id) {
-                    return Ok(FrameAction::CancelRunning);
-                }
                 let before = self.queue.len();
                 self.queue.retain(|p| p.id != id);
                 if self.queue.len() == before {
-                    tracing::trace!(id, "cancel of a request that is not pending");
+                    // Running, or already answered: the server loop looks.
+                    self.cancels.push(id);
                 }
                 Ok(FrameAction::None)
             }
@@ -338,21 +329,21 @@ impl Conn {
         }
     }
 
-    /// Handles every complete frame in `rbuf`. Returns whether the running
-    /// request (`running`) was cancelled. A connection error in the same
-    /// batch wins over a cancel: zrpcd's shutdown cancels delivered calls
-    /// right before `Fatal{Shutdown}`, and the clients resubmit them, so the
-    /// handler had better finish and leave its outcome in the reply cache.
-    pub(crate) fn process(&mut self, running: Option<u64>) -> Result<bool, Error> {
-        let mut cancelled = false;
+    /// Handles every complete frame in `rbuf`; cancels of requests that are
+    /// not queued are left in `cancels`. A connection error in the same
+    /// batch wins over a cancel (the connection and its `cancels` are
+    /// dropped): zrpcd's shutdown cancels delivered calls right before
+    /// `Fatal{Shutdown}`, and the clients resubmit them, so the handler had
+    /// better finish and leave its outcome in the reply cache.
+    pub(crate) fn process(&mut self) -> Result<(), Error> {
         while self.parked.is_some() {
             // A large frame read into an allocation of its own: taken as
             // it is (`next_frame` then returns to the regular buffer).
             let Some(frame) = self.next_frame()? else {
-                return Ok(cancelled);
+                return Ok(());
             };
-            let action = self.handle_frame(&frame, running)?;
-            cancelled |= Self::after(action)?;
+            let action = self.handle_frame(&frame)?;
+            Self::after(action)?;
         }
         // Every complete frame in `rbuf`, taken off as one shared buffer and
         // read where it lies: a request's payload and names are slices of
@@ -362,26 +353,23 @@ impl Conn {
             self.frame_own_buffer = false;
         }
         for (envelope, payload) in batch.frames() {
-            let action =
-                self.handle_parts(batch.bytes(), envelope, || batch.payload(payload), running)?;
-            cancelled |= Self::after(action)?;
+            let action = self.handle_parts(batch.bytes(), envelope, || batch.payload(payload))?;
+            Self::after(action)?;
         }
         match corrupt {
             Some(e) => Err(e.into()),
-            None => Ok(cancelled),
+            None => Ok(()),
         }
     }
 
-    /// What [`Conn::process`] does with a frame's action: whether it
-    /// cancelled the running request.
+    /// What [`Conn::process`] does with a frame's action.
     #[inline(always)]
-    fn after(action: FrameAction) -> Result<bool, Error> {
+    fn after(action: FrameAction) -> Result<(), Error> {
         match action {
-            FrameAction::None => Ok(false),
-            FrameAction::CancelRunning => Ok(true),
+            FrameAction::None => Ok(()),
             FrameAction::Ack { req, code, message } => {
                 tracing::debug!(req, ?code, message, "unexpected Ack ignored");
-                Ok(false)
+                Ok(())
             }
             FrameAction::Welcome => Err(Error::Unexpected("a second Welcome".to_string())),
         }
@@ -412,14 +400,14 @@ impl Conn {
                 },
                 payload,
             ),
-            Err((code, message)) => encode_frame(
+            Err((code, message, value)) => encode_frame(
                 self.out.tail(),
                 &Envelope::Reply {
                     id,
                     code: Some(*code),
                     message: truncate(message, MAX_ERROR_MESSAGE),
                 },
-                &[],
+                value,
             ),
         }
     }
@@ -436,12 +424,18 @@ pub(crate) fn wire_outcome(result: Result<Bytes, HandlerError>, max_message_size
                 p.len(),
                 max_message_size
             ),
+            Bytes::new(),
         )),
         Ok(p) => Ok(p),
-        Err(e) => Err((
-            e.code(),
-            truncate(e.message(), MAX_ERROR_MESSAGE).to_string(),
-        )),
+        Err(e) => {
+            let message = truncate(e.message(), MAX_ERROR_MESSAGE).to_string();
+            let mut value = e.value().cloned().unwrap_or_default();
+            if value.len() + message.len() + REPLY_ENVELOPE_MAX > max_message_size as usize {
+                // Too large to send beside the message: the message alone.
+                value = Bytes::new();
+            }
+            Err((e.code(), message, value))
+        }
     }
 }
 
@@ -509,7 +503,7 @@ mod tests {
                 (1, Ok(Bytes::from_static(b"\xa1x"))),
                 (2, big(LARGE_PAYLOAD, 2)),
                 (3, big(3 * 1024 * 1024, 3)),
-                (4, Err((ErrorCode::Remote, "no".into()))),
+                (4, Err((ErrorCode::Remote, "no".into(), Bytes::new()))),
                 (5, big(100_000, 5)),
                 (6, big(10, 6)),
             ];
@@ -555,9 +549,10 @@ mod tests {
                             code: Some(c),
                             message,
                         },
-                        Err((code, msg)),
+                        Err((code, msg, value)),
                     ) => {
                         assert_eq!((got, c, message), (*id, *code, msg.as_str()));
+                        assert_eq!(&f.payload, value);
                     }
                     (e, _) => panic!("unexpected {e:?} for {id}"),
                 }
@@ -606,7 +601,7 @@ mod tests {
         assert!(!owned);
         assert_eq!(o.unwrap(), &b"small"[..]);
         // Errors and empty payloads are not payloads to keep.
-        let (_, owned) = own_reply(Err((ErrorCode::Remote, "x".into())), none);
+        let (_, owned) = own_reply(Err((ErrorCode::Remote, "x".into(), Bytes::new())), none);
         assert!(!owned);
     }
 }

@@ -5,6 +5,7 @@
 use std::future::{poll_fn, Future};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use crate::cache::{Outcome, ReplyCache};
 use crate::conn::{own_reply, wire_outcome, Pending};
 use crate::error::{Error, Event};
 use crate::link::{Link, Setup, Work};
+use crate::running::{Meta, Running};
 use crate::unwind::{panicked, CatchUnwind};
 use crate::{Context, HandlerError, MethodInfo, Service, DESCRIBE_METHOD};
 
@@ -31,30 +33,19 @@ fn describe<S: Service>(service: &S, ctx: &Context) -> Result<Bytes, HandlerErro
     })
 }
 
-/// Runs one handler to completion while still serving the connection:
-/// pings are answered, new requests queued, a lost connection is
-/// re-established (when reconnecting), and a `Cancel` of this request drops
-/// the handler (`None`). A handler is never dropped because the connection
-/// is lost: it runs to its end, and a hard error met meanwhile is kept in
-/// [`Link::deferred`].
-async fn run_handler<S: Service>(
+/// Runs one exclusive handler (`&mut self`) to completion while still
+/// serving the connection: pings are answered, new requests queued, a lost
+/// connection is re-established (when reconnecting), and a `Cancel` of this
+/// request drops the handler (`None`). A handler is never dropped because
+/// the connection is lost: it runs to its end, and a hard error met
+/// meanwhile is kept in [`Link::deferred`].
+async fn run_exclusive<S: Service>(
     service: &mut S,
     link: &mut Link,
     setup: &Setup,
     ctx: &Context,
     payload: Bytes,
 ) -> Option<Result<Bytes, HandlerError>> {
-    if ctx.method() == DESCRIBE_METHOD {
-        return Some(describe(service, ctx));
-    }
-    // A synchronous method runs here, without a boxed future.
-    match catch_unwind(AssertUnwindSafe(|| {
-        service.handle_now(ctx, ctx.method(), &payload)
-    })) {
-        Ok(Some(r)) => return Some(r),
-        Ok(None) => {}
-        Err(p) => return Some(Err(panicked(&*p))),
-    }
     let fut = match catch_unwind(AssertUnwindSafe(|| {
         service.handle(ctx, ctx.method(), payload)
     })) {
@@ -64,22 +55,16 @@ async fn run_handler<S: Service>(
     let mut fut = CatchUnwind::new(fut);
     // Synchronous handlers finish in their first poll; only flush the
     // replies batched so far when this one has to wait.
-    if let Poll::Ready(r) = poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await {
+    if let Poll::Ready(r) = poll_once(&mut fut).await {
         return Some(r);
     }
-    if let Some(conn) = link.conn.as_mut() {
-        if let Err(e) = conn.flush().await {
-            if let Err(e) = link.lost(e) {
-                link.deferred = Some(e);
-            }
-        }
-    }
+    flush_or_defer(link).await;
     let running = Some((link.generation, ctx.request_id()));
     while link.deferred.is_none() {
         tokio::select! {
             biased;
             r = &mut fut => return Some(r),
-            w = link.work(setup, running) => match w {
+            w = link.work(setup, running, true) => match w {
                 Ok(Work::CancelledRunning) => return None,
                 Ok(Work::Progress) => {}
                 Err(e) => link.deferred = Some(e),
@@ -91,49 +76,95 @@ async fn run_handler<S: Service>(
     Some(fut.await)
 }
 
+/// Polls `fut` once with the current task's waker.
+async fn poll_once<F: Future + Unpin>(fut: &mut F) -> Poll<F::Output> {
+    poll_fn(|cx| Poll::Ready(Pin::new(&mut *fut).poll(cx))).await
+}
+
+/// Writes out the replies batched so far; a failure is handled as a lost
+/// connection (kept in [`Link::deferred`] if it is a hard error).
+async fn flush_or_defer(link: &mut Link) {
+    if let Some(conn) = link.conn.as_mut() {
+        if let Err(e) = conn.flush().await {
+            if let Err(e) = link.lost(e) {
+                link.deferred = Some(e);
+            }
+        }
+    }
+}
+
+/// What [`Dispatch::handle_next`] did.
+pub(crate) enum Next {
+    /// No request is queued.
+    Idle,
+    /// The request at the front must wait for running handlers: it needs
+    /// exclusive access, or it is a re-sent copy of a running call, or the
+    /// limit of concurrent handlers is reached.
+    Blocked,
+    /// A concurrent handler was started.
+    Started,
+    /// A request was handled.
+    Done(Event),
+}
+
 /// What handling one request needs: the service, the link its reply goes
-/// out on, the reply cache and the request counter.
+/// out on, the reply cache, the request counter and the running handlers.
 pub(crate) struct Dispatch<'a, S: Service> {
-    pub(crate) service: &'a mut S,
+    pub(crate) service: &'a mut Rc<S>,
     pub(crate) link: &'a mut Link,
     pub(crate) setup: &'a Setup,
     pub(crate) cache: &'a mut ReplyCache,
     pub(crate) counter: &'a mut u64,
+    pub(crate) running: &'a mut Running,
 }
 
 impl<S: Service> Dispatch<'_, S> {
-    /// Handles the request at the front of the connection's queue (taken
-    /// off it here, not moved through a call): answered from the reply
-    /// cache if it is a re-sent call already handled, else its handler runs
-    /// (while the connection is still served) and the reply is written and
-    /// cached. With `flush_reply` the reply is written out before
-    /// returning. `None`: there was no request.
-    pub(crate) async fn handle_next(&mut self, flush_reply: bool) -> Result<Option<Event>, Error> {
-        let Some(req) = self.link.conn.as_mut().and_then(|c| c.queue.pop_front()) else {
-            return Ok(None);
+    /// Handles the request at the front of the connection's queue:
+    /// answered from the reply cache if it is a re-sent call already
+    /// handled; else a synchronous handler runs at once, a `&self` handler
+    /// is started beside the running ones ([`Next::Started`]; its reply is
+    /// [`finish`](Self::finish)ed when it is done), and a `&mut self`
+    /// handler runs alone once the others are done (while the connection is
+    /// still served). With `flush_reply` a reply is written out before
+    /// returning.
+    pub(crate) async fn handle_next(&mut self, flush_reply: bool) -> Result<Next, Error> {
+        let Some(front) = self.link.conn.as_ref().and_then(|c| c.queue.front()) else {
+            return Ok(Next::Idle);
         };
-        let key = if req.method.as_str() == DESCRIBE_METHOD {
+        let key = if front.method.as_str() == DESCRIBE_METHOD {
             None
         } else {
             // A broker without the security model sends no caller: uid 0
             // then (the key as before it).
             self.cache.key(
-                req.caller_instance,
-                req.caller_call,
-                req.caller.map_or(0, |c| c.uid),
+                front.caller_instance,
+                front.caller_call,
+                front.caller.map_or(0, |c| c.uid),
             )
+        };
+        if !self.running.is_empty()
+            && (!self.running.has_room() || key.is_some_and(|k| self.running.runs(k)))
+        {
+            // A re-sent copy of a running call waits for its outcome (then
+            // comes from the cache): never two executions of one call.
+            return Ok(Next::Blocked);
+        }
+        let Some(req) = self.link.conn.as_mut().and_then(|c| c.queue.pop_front()) else {
+            return Ok(Next::Idle);
         };
         if let Some(key) = key {
             if let Some(outcome) = self
                 .cache
                 .get(key, req.service.as_str(), req.method.as_str())
             {
-                return self.replay(req, &outcome, flush_reply).await.map(Some);
+                return self
+                    .replay(req, &outcome, flush_reply)
+                    .await
+                    .map(Next::Done);
             }
         }
-        *self.counter += 1;
         let ctx = Context {
-            counter: *self.counter,
+            counter: *self.counter + 1,
             request_id: req.id,
             service: req.service,
             method: req.method,
@@ -142,59 +173,150 @@ impl<S: Service> Dispatch<'_, S> {
             caller: req.caller,
             deadline: req.deadline,
         };
-        let generation = self.link.generation;
         let request = req.payload.as_ptr_range();
-        let request = (request.start as usize, request.end as usize, req.own_buffer);
-        // Kept alive until `own_reply` has compared addresses: freed
-        // earlier, its memory could be reused by an unrelated buffer the
-        // reply points into.
-        let request_alive = req.payload.clone();
-        let outcome = run_handler(self.service, self.link, self.setup, &ctx, req.payload).await;
-        let method = ctx.method.as_str();
-        let Some(result) = outcome else {
-            tracing::debug!(id = req.id, method, "request cancelled");
-            return Ok(Some(Event::Cancelled {
-                method: method.to_owned(),
+        let meta = Meta {
+            id: req.id,
+            generation: self.link.generation,
+            key,
+            service: ctx.service.clone(),
+            method: ctx.method.clone(),
+            request: (request.start as usize, request.end as usize, req.own_buffer),
+            request_alive: req.payload.clone(),
+        };
+        let payload = req.payload;
+        if ctx.method() == DESCRIBE_METHOD {
+            *self.counter += 1;
+            let r = describe(&**self.service, &ctx);
+            return self
+                .finish(meta, Some(r), flush_reply)
+                .await
+                .map(Next::Done);
+        }
+        // Nothing else runs: a synchronous method runs here, without a
+        // boxed future.
+        if let Some(service) = Rc::get_mut(self.service) {
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                service.handle_now(&ctx, ctx.method(), &payload)
             }));
+            let r = match r {
+                Ok(Some(r)) => Some(r),
+                Ok(None) => None,
+                Err(p) => Some(Err(panicked(&*p))),
+            };
+            if let Some(r) = r {
+                *self.counter += 1;
+                return self
+                    .finish(meta, Some(r), flush_reply)
+                    .await
+                    .map(Next::Done);
+            }
+        }
+        // A `&self` method: started beside the running ones.
+        let shared = catch_unwind(AssertUnwindSafe(|| {
+            S::handle_shared(
+                Rc::clone(self.service),
+                ctx.clone(),
+                ctx.method(),
+                payload.clone(),
+            )
+        }));
+        match shared {
+            Ok(Some(fut)) => {
+                *self.counter += 1;
+                let mut fut = CatchUnwind::new(fut);
+                if let Poll::Ready(r) = poll_once(&mut fut).await {
+                    return self
+                        .finish(meta, Some(r), flush_reply)
+                        .await
+                        .map(Next::Done);
+                }
+                self.running.push(meta, fut);
+                return Ok(Next::Started);
+            }
+            Ok(None) => {}
+            Err(p) => {
+                *self.counter += 1;
+                let r = Err(panicked(&*p));
+                return self
+                    .finish(meta, Some(r), flush_reply)
+                    .await
+                    .map(Next::Done);
+            }
+        }
+        // A `&mut self` method: alone, once the running ones are done.
+        let Some(service) = Rc::get_mut(self.service) else {
+            let req = Pending {
+                id: meta.id,
+                service: ctx.service,
+                method: ctx.method,
+                deadline: ctx.deadline,
+                caller_instance: ctx.caller_instance,
+                caller_call: ctx.caller_call,
+                caller: ctx.caller,
+                payload,
+                own_buffer: meta.request.2,
+            };
+            if let Some(conn) = self.link.conn.as_mut() {
+                conn.queue.push_front(req);
+            }
+            return Ok(Next::Blocked);
+        };
+        *self.counter += 1;
+        let outcome = run_exclusive(service, self.link, self.setup, &ctx, payload).await;
+        self.finish(meta, outcome, flush_reply)
+            .await
+            .map(Next::Done)
+    }
+
+    /// Sends and caches the outcome of the handler of `meta`'s request
+    /// (`None`: it was cancelled). The reply is sent only on the connection
+    /// the request came on; it is cached either way, so that the call
+    /// re-sent after a reconnect is answered from the cache.
+    pub(crate) async fn finish(
+        &mut self,
+        meta: Meta,
+        outcome: Option<Result<Bytes, HandlerError>>,
+        flush_reply: bool,
+    ) -> Result<Event, Error> {
+        let method = meta.method.as_str();
+        let Some(result) = outcome else {
+            tracing::debug!(id = meta.id, method, "request cancelled");
+            return Ok(Event::Cancelled {
+                method: method.to_owned(),
+            });
         };
         if let Err(e) = &result {
             tracing::debug!(method, code = %e.code(), "request failed: {e}");
         }
         let mut outcome = wire_outcome(result, self.link.max_message_size);
         let mut owned = false;
-        if key.is_some() && !ReplyCache::stores_inline(&outcome) {
-            (outcome, owned) = own_reply(outcome, request);
+        if meta.key.is_some() && !ReplyCache::stores_inline(&outcome) {
+            (outcome, owned) = own_reply(outcome, meta.request);
         }
-        drop(request_alive);
+        drop(meta.request_alive);
         // Written first (a small reply is copied into the write buffer),
         // then moved into the cache: no clone of it.
         let sent = match self.link.conn.as_mut() {
-            Some(conn) if self.link.generation == generation => {
-                conn.write_outcome(req.id, &outcome);
+            Some(conn) if self.link.generation == meta.generation => {
+                conn.write_outcome(meta.id, &outcome);
                 true
             }
             _ => {
                 tracing::debug!(
-                    id = req.id,
+                    id = meta.id,
                     method,
-                    cached = key.is_some(),
+                    cached = meta.key.is_some(),
                     "the connection the request came on is gone; reply not sent"
                 );
                 false
             }
         };
-        if let Some(key) = key {
+        if let Some(key) = meta.key {
             self.cache
-                .insert(key, ctx.service.as_str(), method, outcome, owned);
+                .insert(key, meta.service.as_str(), method, outcome, owned);
         }
         if sent && flush_reply {
-            if let Some(conn) = self.link.conn.as_mut() {
-                if let Err(e) = conn.flush().await {
-                    if let Err(e) = self.link.lost(e) {
-                        self.link.deferred = Some(e);
-                    }
-                }
-            }
+            flush_or_defer(self.link).await;
         }
         // `serve` drops its events: no copy of the name for it.
         let method = if flush_reply {
@@ -202,7 +324,7 @@ impl<S: Service> Dispatch<'_, S> {
         } else {
             String::new()
         };
-        Ok(Some(Event::Request { method }))
+        Ok(Event::Request { method })
     }
 
     /// Answers a re-sent request from the reply cache.

@@ -9,8 +9,9 @@
 //! [`ServiceBuilder`] registers closures instead.
 //!
 //! A [`Server`] connects the service to the broker, registers its name(s),
-//! and answers requests one at a time (reconnecting by itself when the
-//! broker restarts, see [Reliability](#reliability)):
+//! and answers requests (concurrently for handlers taking `&self`, see
+//! [Concurrency](#concurrency); reconnecting by itself when the broker
+//! restarts, see [Reliability](#reliability)):
 //!
 //! ```no_run
 //! use zrpc_service::{rpc_method, service, Context, Server, Value};
@@ -132,8 +133,9 @@
 //!   without incrementing the request counter ([`Context::counter`],
 //!   [`Server::counter`]); `run_once` reports it as [`Event::Replayed`];
 //! * a duplicate that arrives while the first execution runs or is queued
-//!   waits for it (requests are handled one at a time, in order) and then
-//!   gets its outcome from the cache;
+//!   waits for it (the queue does not start it, nor the requests behind it,
+//!   until the first execution finished) and then gets its outcome from the
+//!   cache;
 //! * every outcome of a handler that ran is cached: return values, returned
 //!   errors (`Remote`), panics, and also `NoSuchMethod` / `BadPayload`
 //!   (harmless: a re-run would answer the same). Oversized return values are
@@ -152,19 +154,47 @@
 //! as in zrpcd's shutdown, is ignored: the handler finishes). The guarantee is therefore *at most one execution per call per
 //! service process, within the cache's bounds*.
 //!
+//! ## Concurrency
+//!
+//! All handlers of one [`Server`] run on its thread (the service needs
+//! neither `Send` nor `Sync`), but not necessarily one after the other:
+//!
+//! * an **`async fn` taking `&self`** is started and runs concurrently with
+//!   other such handlers: while one awaits (a timer, I/O, another call), the
+//!   server starts the next request, answers pings and introspection, and
+//!   applies `Cancel`. At most [`Server::max_concurrent`] run at once
+//!   (default 64); requests beyond that wait in the server's queue, at most
+//!   [`Server::max_queued`] (default 1024), after which the server stops
+//!   reading its connection and the broker's per-service queue fills up
+//!   (its callers then get `LimitExceeded`): backpressure, not loss;
+//! * a **synchronous `fn` taking `&self`** runs at once on the server's
+//!   thread, beside running `async` handlers (it needs no exclusive access).
+//!   It is not sent to a worker pool: that would require a `Send + Sync`
+//!   service and cost a thread hop on every call, while synchronous
+//!   handlers are expected to be short. Long blocking work belongs in
+//!   `tokio::task::spawn_blocking`, awaited from an `async fn`;
+//! * a method taking **`&mut self`** has exclusive access: it starts once
+//!   every running handler finished, and nothing else starts until it
+//!   returned. Requests stay in order around it.
+//!
+//! A handler whose caller is gone is cancelled: zrpcd sends `Cancel` when
+//! the caller disconnected and did not come back to resubmit the call
+//! within `--caller-grace` (default 5 s, capped by the call's deadline), and
+//! the server drops the handler's future (see `docs/reliability.md`).
+//!
 //! ## Liveness
 //!
 //! zrpcd pings services periodically and disconnects one from which nothing
 //! arrived within its heartbeat timeout (`--heartbeat-timeout`, default
-//! 15 s). The server answers `Ping` while waiting, while an `async` handler
-//! runs, and during registration; pongs and batched replies are written out
-//! at least every 2 ms while requests are queued, and replies count as signs
-//! of life too. A **synchronous** handler (or a file descriptor callback)
-//! blocks the loop: if it runs longer than the broker's heartbeat timeout,
-//! the service is disconnected (its call is re-delivered, and this server
-//! reconnects afterwards and serves the re-sent call from its cache). Write
-//! long work as an `async` handler, or move it to
-//! `tokio::task::spawn_blocking` and await it.
+//! 15 s). The server answers `Ping` while waiting, while `async` handlers
+//! run (however long), and during registration; pongs and batched replies
+//! are written out at least every 2 ms while requests are queued, and
+//! replies count as signs of life too. A **synchronous** handler (or a file
+//! descriptor callback) blocks the loop: if it runs longer than the
+//! broker's heartbeat timeout, the service is disconnected (its call is
+//! re-delivered, and this server reconnects afterwards and serves the
+//! re-sent call from its cache). Write long work as an `async` handler, or
+//! move it to `tokio::task::spawn_blocking` and await it.
 
 #![warn(missing_docs)]
 
@@ -178,7 +208,9 @@ mod dispatch;
 mod error;
 mod fds;
 mod link;
+mod running;
 mod server;
+mod shape;
 mod unwind;
 
 use std::fmt::Display;
@@ -193,7 +225,9 @@ pub use error::{Error, Event};
 pub use fds::FdSource;
 pub use rmpv::Value;
 pub use server::Server;
+pub use shape::shape_of;
 pub use zrpc_macros::{rpc_method, service};
+pub use zrpc_proto::shape::{Field, Shape, Variant};
 pub use zrpc_proto::{to_snake_case, Blob, ErrorCode};
 
 /// Name of the built-in introspection method answered by every [`Server`].
@@ -206,8 +240,10 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, HandlerEr
 /// A type whose methods can be called over zrpc.
 ///
 /// Normally generated by [`macro@service`]; implement it by hand only for
-/// custom dispatch. Handlers run one at a time, with exclusive access to the
-/// service (`&mut self`).
+/// custom dispatch. Handlers taking `&mut self` ([`handle`](Self::handle),
+/// [`handle_now`](Self::handle_now)) run one at a time, with exclusive
+/// access to the service; handlers started by
+/// [`handle_shared`](Self::handle_shared) (`&self`) run concurrently.
 pub trait Service: 'static {
     /// The default service name. The macro uses the type name converted to
     /// snake_case (or `#[service(name = "...")]`); this default
@@ -255,6 +291,31 @@ pub trait Service: 'static {
         let _ = (ctx, method, payload);
         None
     }
+
+    /// Starts `method` as a handler that needs only shared access to the
+    /// service (a method taking `&self`), so that it may run concurrently
+    /// with other such handlers; `None` means it needs exclusive access
+    /// (`&mut self`; call [`handle`](Self::handle) instead) or there is no
+    /// such method.
+    ///
+    /// The server calls this for requests that [`handle_now`]
+    /// (Self::handle_now) did not answer, and for every request while
+    /// other shared handlers are running. The future owns what it needs (a
+    /// clone of the `Rc`, the context and the payload) and is polled by the
+    /// server loop beside the others, up to [`Server::max_concurrent`] at a
+    /// time. The `#[service]` macro implements it for every `&self` method
+    /// (a synchronous one runs at once and returns a ready future); the
+    /// default returns `None`, so a hand-written service runs one handler at
+    /// a time.
+    fn handle_shared(
+        self: std::rc::Rc<Self>,
+        ctx: Context,
+        method: &str,
+        payload: Bytes,
+    ) -> Option<HandlerFuture<'static>> {
+        let _ = (ctx, method, payload);
+        None
+    }
 }
 
 /// Description of one RPC method, for introspection.
@@ -269,6 +330,15 @@ pub struct MethodInfo {
     pub params: Vec<ParamInfo>,
     /// The Rust return type, as written.
     pub returns: String,
+    /// The shape of the reply value (`T` of a `Result<T, E>`), when the
+    /// return type implements `DeserializeOwned` (see [`shape_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returns_shape: Option<Shape>,
+    /// The shape of the error value of a method returning `Result<T, E>`,
+    /// when `E` implements `Serialize` and `DeserializeOwned` (the value
+    /// sent beside the error's message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_shape: Option<Shape>,
 }
 
 /// Description of one method parameter.
@@ -279,6 +349,9 @@ pub struct ParamInfo {
     /// The Rust type as written (serialised under the key `"type"`).
     #[serde(rename = "type")]
     pub ty: String,
+    /// How the argument is encoded (see [`shape_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
 }
 
 /// Why a handler produced no return value. Each variant maps to the error
@@ -296,6 +369,17 @@ pub enum HandlerError {
     /// The handler returned an error or panicked ([`ErrorCode::Remote`]).
     #[error("{0}")]
     Remote(String),
+    /// The handler returned an error whose type is serialisable
+    /// ([`ErrorCode::Remote`]): `message` is its text, `value` its
+    /// MessagePack encoding, sent as the `Reply`'s payload so that a typed
+    /// client gets the error back as its type.
+    #[error("{message}")]
+    RemoteValue {
+        /// The error's text (what callers that read only the message see).
+        message: String,
+        /// The error value, encoded like a return value.
+        value: Bytes,
+    },
 }
 
 impl HandlerError {
@@ -304,7 +388,15 @@ impl HandlerError {
         match self {
             HandlerError::NoSuchMethod(_) => ErrorCode::NoSuchMethod,
             HandlerError::BadPayload(_) => ErrorCode::BadPayload,
-            HandlerError::Remote(_) => ErrorCode::Remote,
+            HandlerError::Remote(_) | HandlerError::RemoteValue { .. } => ErrorCode::Remote,
+        }
+    }
+
+    /// The encoded error value sent beside the message, if any.
+    pub fn value(&self) -> Option<&Bytes> {
+        match self {
+            HandlerError::RemoteValue { value, .. } => Some(value),
+            _ => None,
         }
     }
 
@@ -313,7 +405,8 @@ impl HandlerError {
         match self {
             HandlerError::NoSuchMethod(m)
             | HandlerError::BadPayload(m)
-            | HandlerError::Remote(m) => m,
+            | HandlerError::Remote(m)
+            | HandlerError::RemoteValue { message: m, .. } => m,
         }
     }
 
@@ -329,6 +422,16 @@ impl HandlerError {
     /// A `Remote` error carrying `err`'s message.
     pub fn remote(err: impl Display) -> Self {
         HandlerError::Remote(err.to_string())
+    }
+
+    /// A `Remote` error carrying `err`'s message and, encoded, `err` itself
+    /// (what `#[service]` sends for a handler's `Err(e)` when `E` is
+    /// `Serialize`). If `err` cannot be encoded, the message alone.
+    pub fn remote_value<E: serde::Serialize + ?Sized>(err: &E, message: String) -> Self {
+        match encode_value(err) {
+            Ok(value) => HandlerError::RemoteValue { message, value },
+            Err(_) => HandlerError::Remote(message),
+        }
     }
 }
 
@@ -441,12 +544,92 @@ pub mod __private {
         encode_value(value)
     }
 
+    /// A closure's result (`ServiceBuilder`, where `E` is generic: the
+    /// message alone).
     pub fn encode_result<T: serde::Serialize, E: Display>(
         value: Result<T, E>,
     ) -> Result<Bytes, HandlerError> {
         match value {
             Ok(v) => encode_value(&v),
             Err(e) => Err(HandlerError::Remote(e.to_string())),
+        }
+    }
+
+    /// The shape of `T` if it can be derived: `(&&ShapeOf::<T>::new()).zrpc_shape()`
+    /// at a site where `T` is concrete gives `Some(shape_of::<T>())` when
+    /// `T: DeserializeOwned`, else `None` (autoref specialisation).
+    pub struct ShapeOf<T: ?Sized>(std::marker::PhantomData<T>);
+
+    impl<T: ?Sized> ShapeOf<T> {
+        /// The probe for `T`.
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Self {
+            ShapeOf(std::marker::PhantomData)
+        }
+    }
+
+    /// `T: DeserializeOwned` step of [`ShapeOf`].
+    pub trait TracedShape {
+        /// The shape, if any.
+        fn zrpc_shape(&self) -> Option<crate::Shape>;
+    }
+    impl<T: serde::de::DeserializeOwned> TracedShape for &ShapeOf<T> {
+        fn zrpc_shape(&self) -> Option<crate::Shape> {
+            Some(crate::shape_of::<T>())
+        }
+    }
+
+    /// Fallback step of [`ShapeOf`].
+    pub trait NoShape {
+        /// The shape, if any.
+        fn zrpc_shape(&self) -> Option<crate::Shape>;
+    }
+    impl<T: ?Sized> NoShape for ShapeOf<T> {
+        fn zrpc_shape(&self) -> Option<crate::Shape> {
+            None
+        }
+    }
+
+    /// A handler's `Err(e)` as the error sent: `(&&&ErrorOf(&e)).zrpc_error()`
+    /// at a site where `E` is a concrete type picks the first of these that
+    /// `E` implements (autoref specialisation; `#[service]` expands it at
+    /// each method):
+    /// 1. `Serialize + Display`: the message is `e.to_string()`, the value
+    ///    `e` encoded ([`HandlerError::RemoteValue`]);
+    /// 2. `Serialize + Debug`: the same with `{e:?}` as the message;
+    /// 3. `Display`: the message alone ([`HandlerError::Remote`]).
+    pub struct ErrorOf<'a, E>(pub &'a E);
+
+    /// Step 1 of [`ErrorOf`].
+    pub trait SerializeDisplayError {
+        /// The error to send.
+        fn zrpc_error(&self) -> HandlerError;
+    }
+    impl<E: serde::Serialize + Display> SerializeDisplayError for &&ErrorOf<'_, E> {
+        fn zrpc_error(&self) -> HandlerError {
+            HandlerError::remote_value(self.0, self.0.to_string())
+        }
+    }
+
+    /// Step 2 of [`ErrorOf`].
+    pub trait SerializeDebugError {
+        /// The error to send.
+        fn zrpc_error(&self) -> HandlerError;
+    }
+    impl<E: serde::Serialize + std::fmt::Debug> SerializeDebugError for &ErrorOf<'_, E> {
+        fn zrpc_error(&self) -> HandlerError {
+            HandlerError::remote_value(self.0, format!("{:?}", self.0))
+        }
+    }
+
+    /// Step 3 of [`ErrorOf`].
+    pub trait DisplayError {
+        /// The error to send.
+        fn zrpc_error(&self) -> HandlerError;
+    }
+    impl<E: Display> DisplayError for ErrorOf<'_, E> {
+        fn zrpc_error(&self) -> HandlerError {
+            HandlerError::Remote(self.0.to_string())
         }
     }
 
@@ -492,6 +675,11 @@ pub mod __private {
     {
         // One allocation per call: the guard holds the future inline.
         Box::pin(unwind::CatchUnwind::new(fut))
+    }
+
+    /// A synchronous handler's outcome as a (ready) handler future.
+    pub fn ready(outcome: Result<Bytes, HandlerError>) -> HandlerFuture<'static> {
+        Box::pin(std::future::ready(outcome))
     }
 
     pub fn no_such_method<'a>(ctx: &Context, method: &str) -> HandlerFuture<'a> {

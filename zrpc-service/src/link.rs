@@ -189,22 +189,37 @@ impl Link {
     }
 
     /// One unit of connection work; cancel-safe (all progress is kept in
-    /// `self`). Connected: reads what is available, handles the frames
-    /// (queues requests, answers pings, applies cancels; `running` is the
-    /// running request's connection generation and id) and flushes.
+    /// `self`). Connected: reads what is available (unless `read` is false:
+    /// the request queue is full), handles the frames (queues requests,
+    /// answers pings, applies cancels of queued requests and reports one of
+    /// `running`, the exclusively running request's connection generation
+    /// and id) and flushes.
     /// Disconnected (and reconnecting): waits for the backoff, then drives a
     /// connection attempt to its end.
     pub(crate) async fn work(
         &mut self,
         setup: &Setup,
         running: Option<(u64, u64)>,
+        read: bool,
     ) -> Result<Work, Error> {
         let generation = self.generation;
         if let Some(conn) = self.conn.as_mut() {
             let running = running.filter(|(g, _)| *g == generation).map(|(_, id)| id);
             let r = async {
-                conn.read_more().await?;
-                let cancelled = conn.process(running)?;
+                if read {
+                    conn.read_more().await?;
+                } else {
+                    // Only the flush: wait for the handlers to drain the
+                    // queue (the caller selects on them).
+                    conn.flush().await?;
+                    std::future::pending::<()>().await;
+                }
+                conn.process()?;
+                let cancelled = running.is_some_and(|id| conn.cancels.contains(&id));
+                if running.is_some() {
+                    // Nothing else runs while an exclusive handler does.
+                    conn.cancels.clear();
+                }
                 conn.flush().await?;
                 Ok(cancelled)
             }
@@ -288,7 +303,7 @@ async fn connect(
         conn.flush().await?;
         conn.read_more().await?;
         while let Some(frame) = conn.next_frame()? {
-            match conn.handle_frame(&frame, None)? {
+            match conn.handle_frame(&frame)? {
                 FrameAction::Ack { req, code, message } => {
                     let idx = req
                         .checked_sub(1)
@@ -320,7 +335,6 @@ async fn connect(
                     }
                 }
                 FrameAction::None => {}
-                FrameAction::CancelRunning => {}
                 FrameAction::Welcome => {
                     return Err(Error::Unexpected("a second Welcome".to_string()))
                 }

@@ -11,18 +11,25 @@ use tokio::time::Instant;
 use zrpc_io::busy_poll::BusyPoll;
 
 use crate::cache::{ReplyCache, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
-use crate::dispatch;
+use crate::dispatch::{Dispatch, Next};
 use crate::error::{Error, Event};
 use crate::fds::{self, FdSource, FdWatch};
 use crate::link::{Link, Setup, Work};
-use crate::Service;
+use crate::running::{Meta, Running, DEFAULT_MAX_QUEUED};
+use crate::{HandlerError, Service};
 
 /// `serve` lets other tasks run after this many steps (see `block_on`).
 const YIELD_EVERY_STEPS: u32 = 512;
 
 /// A zrpc server: connects a [`Service`] to the broker under one or more
-/// names and serves its requests, one at a time, plus callbacks for
-/// registered file descriptors.
+/// names and serves its requests, plus callbacks for registered file
+/// descriptors.
+///
+/// Handlers taking `&self` run concurrently (`async fn`s overlap while they
+/// wait; up to [`max_concurrent`](Self::max_concurrent) at a time), all on
+/// the server's thread; a handler taking `&mut self`, and a file descriptor
+/// callback, runs alone, once the running `&self` handlers are done. Pings,
+/// cancels and `zrpc.describe` are answered while handlers run.
 ///
 /// The connection is made lazily by the first [`run`](Self::run),
 /// [`run_once`](Self::run_once), [`serve`](Self::serve) or
@@ -37,7 +44,13 @@ const YIELD_EVERY_STEPS: u32 = 512;
 /// `reconnect(false)` the run methods return the error instead, and calling
 /// one again reconnects and registers the names again.
 pub struct Server<S: Service> {
-    service: S,
+    /// Shared with the running `&self` handlers; exclusive (`Rc::get_mut`)
+    /// when none runs.
+    service: Rc<S>,
+    /// The running `&self` handlers (dropped before the runtime).
+    running: Running,
+    /// Requests queued beyond which the broker connection is not read.
+    max_queued: usize,
     setup: Setup,
     counter: u64,
     fds: Vec<FdWatch<S>>,
@@ -59,6 +72,7 @@ impl<S: Service> std::fmt::Debug for Server<S> {
             .field("socket_dir", &self.setup.socket_dir)
             .field("instance", &self.setup.instance)
             .field("counter", &self.counter)
+            .field("running", &self.running.len())
             .field("fds", &self.fds.iter().map(|w| w.fd).collect::<Vec<_>>())
             .field("connected", &self.link.conn.is_some())
             .field("reconnect", &self.link.reconnect)
@@ -74,7 +88,9 @@ impl<S: Service> Server<S> {
     pub fn new(service: S) -> Self {
         let name = service.service_name();
         Server {
-            service,
+            service: Rc::new(service),
+            running: Running::new(),
+            max_queued: DEFAULT_MAX_QUEUED,
             setup: Setup {
                 names: vec![name],
                 shared: false,
@@ -193,6 +209,34 @@ impl<S: Service> Server<S> {
         self
     }
 
+    /// How many `&self` handlers may run at once (default 64, at least 1).
+    /// Requests beyond it wait in the server's queue (see
+    /// [`max_queued`](Self::max_queued)). `&mut self` handlers always run
+    /// alone.
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.running.limit = n.max(1);
+        self
+    }
+
+    /// How many received requests may wait in the server's queue while
+    /// concurrent handlers run (default 1024, at least 1). With the queue
+    /// full the server stops reading from the broker until handlers finish:
+    /// the requests wait in the broker instead (bounded there by
+    /// `--max-queued-bytes` and the pending-call limits). Pings wait too
+    /// then; a queue that stays full for longer than the broker's heartbeat
+    /// timeout gets the service disconnected (its calls are re-delivered).
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = n.max(1);
+        self
+    }
+
+    /// Number of `&self` handlers running now (after a
+    /// [`run_once`](Self::run_once), those it started and that have not
+    /// finished yet: they go on at the next call).
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
     /// Number of replies in the reply cache.
     pub fn cached_replies(&self) -> usize {
         self.cache.len()
@@ -214,7 +258,9 @@ impl<S: Service> Server<S> {
     }
 
     /// Calls `callback` inside the service loop whenever `fd` is ready to be
-    /// read (the original `register(fd, callback)`).
+    /// read (the original `register(fd, callback)`). The callback has
+    /// exclusive access to the service: it runs when no `&self` handler
+    /// does.
     ///
     /// The library never reads from, and never closes, the descriptor:
     /// reading is the callback's job. As with the original's `select`, the
@@ -274,13 +320,44 @@ impl<S: Service> Server<S> {
     }
 
     /// The service, mutably.
+    ///
+    /// # Panics
+    ///
+    /// If `&self` handlers are still running (only possible between
+    /// [`run_once`](Self::run_once) calls: see [`running`](Self::running));
+    /// [`try_service_mut`](Self::try_service_mut) returns `None` then.
     pub fn service_mut(&mut self) -> &mut S {
-        &mut self.service
+        match Rc::get_mut(&mut self.service) {
+            Some(s) => s,
+            None => panic!(
+                "Server::service_mut: {} handler(s) taking &self are still running; \
+                 call run_once until Server::running() is 0, or use try_service_mut",
+                self.running.len()
+            ),
+        }
     }
 
-    /// Consumes the server and returns the service.
+    /// The service, mutably, unless `&self` handlers are still running.
+    pub fn try_service_mut(&mut self) -> Option<&mut S> {
+        Rc::get_mut(&mut self.service)
+    }
+
+    /// Consumes the server and returns the service. Handlers still running
+    /// are dropped (cancelled) first.
+    ///
+    /// # Panics
+    ///
+    /// If a hand-written [`Service::handle_shared`] kept a clone of the
+    /// service's `Rc` beyond its future.
     pub fn into_service(self) -> S {
-        self.service
+        let Server {
+            service, running, ..
+        } = self;
+        drop(running);
+        match Rc::try_unwrap(service) {
+            Ok(s) => s,
+            Err(_) => panic!("Server::into_service: the service's Rc is still shared"),
+        }
     }
 
     /// Serves forever on a private tokio runtime. Returns only on a hard
@@ -399,9 +476,11 @@ impl<S: Service> Server<S> {
     }
 
     /// The loop behind every run method: handles the frames read so far
-    /// and writes replies out, handles the next request
-    /// ([`dispatch::Dispatch::handle_next`]), or else waits for the broker, a
-    /// watched descriptor or the timeout ([`Self::wait`]).
+    /// and writes replies out, applies cancels to running handlers, handles
+    /// the next request ([`Dispatch::handle_next`]: answered, or started
+    /// beside the running ones), or else waits for the broker, a running
+    /// handler to finish, a watched descriptor or the timeout
+    /// ([`Self::wait`]).
     async fn next_event(
         &mut self,
         deadline: Option<Instant>,
@@ -409,6 +488,13 @@ impl<S: Service> Server<S> {
     ) -> Result<Option<Event>, Error> {
         fds::watch_all(&mut self.fds)?;
         loop {
+            if self.running.is_empty() {
+                // A hard error met while handlers ran: returned once they
+                // are done (their outcomes are cached).
+                if let Some(e) = self.link.deferred.take() {
+                    return Err(e);
+                }
+            }
             // Handle the frames read so far (requests queued, pings
             // answered, cancels applied) and write the batched replies out
             // if the flush policy says so. One clock read per request, for
@@ -417,7 +503,7 @@ impl<S: Service> Server<S> {
             let mut now = std::time::Instant::now();
             if let Some(conn) = self.link.conn.as_mut() {
                 let r = async {
-                    conn.process(None)?;
+                    conn.process()?;
                     if conn.should_flush(now) {
                         conn.flush().await?;
                         now = now.max(conn.last_flush);
@@ -426,25 +512,32 @@ impl<S: Service> Server<S> {
                 }
                 .await;
                 if let Err(e) = r {
-                    self.link.lost(e)?;
+                    self.lost(e)?;
                     continue;
+                }
+                let generation = self.link.generation;
+                for id in conn.cancels.drain(..) {
+                    if !self.running.cancel(generation, id) {
+                        tracing::trace!(id, "cancel of a request that is not running");
+                    }
                 }
             }
             if self.link.has_request(now) {
-                let mut d = dispatch::Dispatch {
-                    service: &mut self.service,
-                    link: &mut self.link,
-                    setup: &self.setup,
-                    cache: &mut self.cache,
-                    counter: &mut self.counter,
-                };
-                if let Some(event) = d.handle_next(flush_reply).await? {
-                    return Ok(Some(event));
+                match self.dispatch().handle_next(flush_reply).await? {
+                    Next::Done(event) => return Ok(Some(event)),
+                    Next::Started => continue,
+                    Next::Blocked | Next::Idle => {}
                 }
             }
             match self.wait(deadline).await {
                 Wake::Link(r) => {
-                    r?;
+                    if let Err(e) = r {
+                        self.lost(e)?;
+                    }
+                }
+                Wake::Done(meta, outcome) => {
+                    let mut d = self.dispatch();
+                    return d.finish(meta, outcome, flush_reply).await.map(Some);
                 }
                 Wake::Timeout => return Ok(None),
                 Wake::Fd(r) => {
@@ -452,21 +545,59 @@ impl<S: Service> Server<S> {
                     self.next_fd = idx + 1;
                     let w = &mut self.fds[idx];
                     let fd = w.fd;
-                    fds::run_callback(w, &mut self.service).await;
+                    // Only waited for while no `&self` handler runs.
+                    if let Some(service) = Rc::get_mut(&mut self.service) {
+                        fds::run_callback(w, service).await;
+                    }
                     return Ok(Some(Event::Fd(fd)));
                 }
             }
         }
     }
 
+    /// A hard connection error: returned at once if no handler runs, else
+    /// kept until they are done.
+    fn lost(&mut self, e: Error) -> Result<(), Error> {
+        let e = match self.link.lost(e) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if self.running.is_empty() {
+            return Err(e);
+        }
+        self.link.deferred = Some(e);
+        Ok(())
+    }
+
+    fn dispatch(&mut self) -> Dispatch<'_, S> {
+        Dispatch {
+            service: &mut self.service,
+            link: &mut self.link,
+            setup: &self.setup,
+            cache: &mut self.cache,
+            counter: &mut self.counter,
+            running: &mut self.running,
+        }
+    }
+
     /// Waits for the connection to make progress (frames read, a
-    /// reconnection attempt), a watched descriptor to become readable, or
-    /// `deadline`.
+    /// reconnection attempt; not while a hard error waits for the running
+    /// handlers, nor reading while the request queue is full), a running
+    /// handler to finish, a watched descriptor to become readable (only
+    /// while no handler runs), or `deadline`.
     async fn wait(&mut self, deadline: Option<Instant>) -> Wake {
         let fds = &self.fds;
+        let link_ok = self.link.deferred.is_none();
+        let read = self
+            .link
+            .conn
+            .as_ref()
+            .is_none_or(|c| c.queue.len() < self.max_queued);
+        let idle = self.running.is_empty();
         tokio::select! {
-            r = self.link.work(&self.setup, None) => Wake::Link(r),
-            r = fds::ready(fds, self.next_fd), if !fds.is_empty() => Wake::Fd(r),
+            r = self.link.work(&self.setup, None, read), if link_ok => Wake::Link(r),
+            (meta, outcome) = self.running.next(), if !idle => Wake::Done(meta, outcome),
+            r = fds::ready(fds, self.next_fd), if idle && !fds.is_empty() => Wake::Fd(r),
             _ = sleep_until_opt(deadline) => Wake::Timeout,
         }
     }
@@ -475,6 +606,8 @@ impl<S: Service> Server<S> {
 /// What [`Server::wait`] waited for.
 enum Wake {
     Link(Result<Work, Error>),
+    /// A running handler finished (`None`: it was cancelled).
+    Done(Meta, Option<Result<bytes::Bytes, HandlerError>>),
     Fd(Result<usize, Error>),
     Timeout,
 }

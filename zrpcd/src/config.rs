@@ -25,6 +25,12 @@ pub const DEFAULT_MAX_PENDING_BYTES: usize = 1024 * 1024 * 1024;
 /// Default `--max-stats-names`.
 pub const DEFAULT_MAX_STATS_NAMES: u64 = 1024;
 
+/// Default `--caller-grace`: a client reconnects within milliseconds when
+/// only its connection broke (its backoff starts at 10 ms and is at most
+/// 1 s), so a few seconds cover it; a caller that died does not hold its
+/// service's handler much longer.
+pub const DEFAULT_CALLER_GRACE: Duration = Duration::from_secs(5);
+
 /// Everything the broker needs to know to run. Built from command-line flags
 /// by `main.rs`; tests and embedders can build it directly.
 #[derive(Debug, Clone)]
@@ -57,6 +63,10 @@ pub struct Config {
     /// How long shutdown lets delivered calls finish (and queued frames
     /// flush) before answering the rest with `Shutdown`.
     pub shutdown_grace: Duration,
+    /// How long a delivered call keeps running at its service after its
+    /// caller disconnected, for the caller to come back and resubmit it
+    /// (capped by the call's deadline); then the service is sent `Cancel`.
+    pub caller_grace: Duration,
     /// How often services (connections holding names or handling calls) are
     /// pinged.
     pub heartbeat_interval: Duration,
@@ -118,6 +128,7 @@ impl Config {
             max_queued_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),
+            caller_grace: DEFAULT_CALLER_GRACE,
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
             busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),

@@ -31,6 +31,7 @@ pub mod config;
 pub mod conn;
 pub mod monitor;
 pub mod names;
+pub mod orphans;
 pub mod outbox;
 pub mod payload;
 pub mod peers;

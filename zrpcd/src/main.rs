@@ -66,6 +66,12 @@ struct Args {
     /// with a Shutdown error
     #[arg(long, default_value_t = 2.0)]
     shutdown_grace: f64,
+    /// Seconds a call keeps running at its service after its caller
+    /// disconnected, for the caller to reconnect and resubmit it (capped by
+    /// the call's timeout); then the service is told to cancel it. 0
+    /// cancels at once
+    #[arg(long, default_value_t = zrpcd::config::DEFAULT_CALLER_GRACE.as_secs_f64())]
+    caller_grace: f64,
     /// Seconds between pings to services
     #[arg(long, default_value_t = 5.0)]
     heartbeat_interval: f64,
@@ -158,6 +164,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_queued_bytes = args.max_queued_bytes;
     config.handshake_timeout = secs(args.handshake_timeout, "handshake-timeout")?;
     config.shutdown_grace = secs(args.shutdown_grace, "shutdown-grace")?;
+    config.caller_grace = secs(args.caller_grace, "caller-grace")?;
     config.heartbeat_interval = secs(args.heartbeat_interval, "heartbeat-interval")?;
     config.heartbeat_timeout = secs(args.heartbeat_timeout, "heartbeat-timeout")?;
     config.busy_poll = std::time::Duration::from_micros(args.busy_poll_us);

@@ -45,6 +45,7 @@ pub async fn run(
     let _installed = BusyPoll::scoped(busy_poll);
     let mut heartbeats = tokio::task::spawn_local(heartbeat_loop(broker.clone()));
     let mut sweeper = tokio::task::spawn_local(sweep_loop(broker.clone()));
+    let mut orphans = tokio::task::spawn_local(orphan_loop(broker.clone()));
     let systemd = std::env::var_os("NOTIFY_SOCKET")
         .map(|_| tokio::task::spawn_local(systemd_loop(broker.clone())));
     sd_notify(&format!(
@@ -62,6 +63,7 @@ pub async fn run(
             _ = &mut flusher => break Some("flush"),
             _ = &mut heartbeats => break Some("heartbeat"),
             _ = &mut sweeper => break Some("partial-frame sweep"),
+            _ = &mut orphans => break Some("orphan"),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match conn::admit(&broker, stream) {
                     Ok(admitted) => {
@@ -107,6 +109,7 @@ pub async fn run(
     timers.abort();
     flusher.abort();
     heartbeats.abort();
+    orphans.abort();
     sweeper.abort();
     match failed {
         None => Ok(()),
@@ -233,6 +236,30 @@ async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
         let mut b = broker.borrow_mut();
         b.expire_partial_frames(std::time::Instant::now());
         b.collect_users();
+        b.flush();
+    }
+}
+
+/// Cancels orphaned calls at their services when their caller's grace
+/// ends (see [`crate::orphans`]).
+async fn orphan_loop(broker: Rc<RefCell<Broker>>) {
+    let wake = broker.borrow().orphans().waker();
+    loop {
+        let next = broker.borrow().orphans().next_deadline();
+        match next {
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => {}
+                    _ = wake.notified() => continue,
+                }
+            }
+            None => {
+                wake.notified().await;
+                continue;
+            }
+        }
+        let mut b = broker.borrow_mut();
+        b.cancel_orphans(std::time::Instant::now());
         b.flush();
     }
 }

@@ -31,6 +31,11 @@ impl TestServer for Example {
         println!("RPC request [{counter}]: {payload}");
         ("func".to_string(), payload)
     }
+
+    async fn sleep_ms(&self, ms: u64) -> u64 {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        ms
+    }
 }
 
 fn main() {

@@ -55,6 +55,12 @@ impl TestSvc {
         Err(msg)
     }
 
+    /// Fails with an error that is `Display` only (not `Serialize`).
+    #[rpc_method]
+    fn fail_io(&mut self, msg: String) -> Result<(), std::io::Error> {
+        Err(std::io::Error::other(msg))
+    }
+
     /// Panics.
     #[rpc_method]
     fn panic(&mut self) -> u32 {

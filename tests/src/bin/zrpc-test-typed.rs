@@ -1,12 +1,49 @@
 //! A service implementing the `Calc` interface (`zrpc_tests::typed`) for
-//! the typed-client tests. Socket directory: `$ZRPC_SOCKET_DIR`.
+//! the typed-client and concurrency tests. Socket directory:
+//! `$ZRPC_SOCKET_DIR`; `$ZRPC_TEST_MAX_CONCURRENT` sets
+//! `Server::max_concurrent`.
 
+use std::cell::Cell;
 use std::time::Duration;
 
-use zrpc_tests::typed::{Calc, CalcError, Pair};
+use zrpc_tests::typed::{Calc, CalcError, HoldStats, Pair, Refusal};
 
 struct CalcServer {
     bumps: u64,
+    holds: Cell<HoldStats>,
+}
+
+/// Counts one `hold` handler from its start to its end or its drop.
+struct Holding<'a> {
+    stats: &'a Cell<HoldStats>,
+    finished: bool,
+}
+
+impl<'a> Holding<'a> {
+    fn new(stats: &'a Cell<HoldStats>) -> Self {
+        let mut s = stats.get();
+        s.started += 1;
+        s.running += 1;
+        s.max_overlap = s.max_overlap.max(s.running);
+        stats.set(s);
+        Holding {
+            stats,
+            finished: false,
+        }
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        let mut s = self.stats.get();
+        s.running -= 1;
+        if self.finished {
+            s.finished += 1;
+        } else {
+            s.dropped += 1;
+        }
+        self.stats.set(s);
+    }
 }
 
 #[zrpc_service::service]
@@ -24,6 +61,13 @@ impl Calc for CalcServer {
             return Err(CalcError::DivisionByZero);
         }
         Ok(p.a / p.b)
+    }
+
+    fn check(&self, x: i64) -> Result<i64, Refusal> {
+        match x {
+            ..=10 => Ok(x),
+            _ => Err(Refusal { limit: 10 }),
+        }
     }
 
     async fn double_later(&self, x: u64) -> u64 {
@@ -47,8 +91,29 @@ impl Calc for CalcServer {
         tokio::time::sleep(Duration::from_millis(5)).await;
         zrpc_service::Context::current().map_or(0, |c| c.counter())
     }
+
+    async fn hold(&self, ms: u64) -> u64 {
+        let mut holding = Holding::new(&self.holds);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        holding.finished = true;
+        ms
+    }
+
+    fn hold_stats(&self) -> HoldStats {
+        self.holds.get()
+    }
 }
 
 fn main() -> Result<(), zrpc_service::Error> {
-    zrpc_service::Server::new(CalcServer { bumps: 0 }).run()
+    let mut server = zrpc_service::Server::new(CalcServer {
+        bumps: 0,
+        holds: Cell::new(HoldStats::default()),
+    });
+    if let Some(n) = std::env::var("ZRPC_TEST_MAX_CONCURRENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        server = server.max_concurrent(n);
+    }
+    server.run()
 }

@@ -79,6 +79,13 @@ impl Broker {
             let msg = format!("call id {id} is already in flight on this connection");
             return self.result_error(peer, id, ErrorCode::Protocol, &msg);
         }
+        if !self.orphans.is_empty() {
+            // The resubmission of a call its caller left running: it is
+            // not cancelled at the service (whose reply cache answers it).
+            if let Some(p) = self.peers.get(peer) {
+                self.orphans.adopt((p.creds().uid, p.instance(), id));
+            }
+        }
         if self.config.policy.guards_calls() {
             let denied = self.peers.get(peer).and_then(|p| {
                 self.config

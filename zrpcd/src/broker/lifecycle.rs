@@ -8,6 +8,7 @@ use std::time::Instant;
 use zrpc_proto::{flags, Envelope, ErrorCode, PROTOCOL_VERSION};
 
 use super::{Broker, Fatal, Outcome};
+use crate::orphans::Orphan;
 use crate::payload::Payload;
 use crate::peers::{Creds, PeerId};
 use crate::pending::Stage;
@@ -175,10 +176,38 @@ impl Broker {
         let calls = self
             .pending
             .ids_where_counted(p.calling() > 0, |c| c.caller == peer);
+        let grace = self.config.caller_grace;
         for bid in calls {
             self.stats.cancelled += 1;
-            self.finish(bid, Outcome::CallerLeft, now);
+            // A delivered call keeps running at its service for the
+            // caller's grace (capped by its deadline): the caller may come
+            // back and resubmit it, to be answered by the service's reply
+            // cache. Then it is cancelled there (crate::orphans).
+            let delivered = self.pending.get(bid).and_then(|c| match c.stage() {
+                Stage::Delivered(svc) => Some((svc, c.caller_call)),
+                Stage::Parked => None,
+            });
+            let until = self
+                .pending
+                .deadline(bid)
+                .map_or(now + grace, |d| d.min(now + grace));
+            let outcome = match delivered {
+                Some(_) if until <= now => Outcome::CallerGone,
+                Some((svc, call)) => {
+                    let caller = (p.creds().uid, p.instance(), call);
+                    let orphan = Orphan {
+                        service: svc,
+                        request: bid,
+                    };
+                    self.orphans.add(caller, orphan, until);
+                    Outcome::CallerLeft
+                }
+                None => Outcome::CallerLeft,
+            };
+            self.finish(bid, outcome, now);
         }
+        // A service that leaves has no orphans left to cancel.
+        self.orphans.service_gone(peer);
         // The scans below walk the whole pending table; the peer's counters
         // say whether there is anything to find (a client that disconnects
         // after its calls completed, the usual case, costs nothing).

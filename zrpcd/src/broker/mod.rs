@@ -24,6 +24,7 @@ use zrpc_proto::{Envelope, ErrorCode, Frame};
 use crate::config::Config;
 use crate::monitor::Monitors;
 use crate::names::Names;
+use crate::orphans::Orphans;
 use crate::outbox::Outbox;
 use crate::payload::Payload;
 use crate::peers::{PeerId, Peers};
@@ -111,6 +112,9 @@ pub struct Broker {
     users: Users,
     /// What one user may hold (see [`crate::quota`]).
     quota: Quota,
+    /// Delivered calls whose caller left, cancelled at their service unless
+    /// resubmitted within the caller's grace (see [`crate::orphans`]).
+    orphans: Orphans,
 }
 
 impl Broker {
@@ -132,6 +136,31 @@ impl Broker {
             out: Outbox::default(),
             users: Users::default(),
             quota,
+            orphans: Orphans::default(),
+        }
+    }
+
+    /// Calls whose caller left while a service ran them (read only).
+    pub fn orphans(&self) -> &Orphans {
+        &self.orphans
+    }
+
+    /// Cancels, at their services, the orphaned calls whose caller did not
+    /// come back within its grace (see [`crate::orphans`]).
+    pub fn cancel_orphans(&mut self, now: Instant) {
+        for o in self.orphans.expired(now) {
+            if self.peers.get(o.service).is_some() {
+                tracing::debug!(
+                    service = o.service,
+                    request = o.request,
+                    "the caller did not come back; cancelling its call at the service"
+                );
+                self.send(
+                    o.service,
+                    &Envelope::Cancel { id: o.request },
+                    Payload::EMPTY,
+                );
+            }
         }
     }
 

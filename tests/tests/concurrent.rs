@@ -1,0 +1,178 @@
+//! Concurrent handlers inside one service process (`&self` methods), the
+//! limit on them, introspection and pings while they run, and the
+//! cancellation of a handler whose caller is gone: a real broker, the real
+//! `zrpc-test-typed` service (the `Calc` interface) and real callers.
+
+use std::time::{Duration, Instant};
+
+use zrpc_client::{BlockingClient, CallOptions, Client};
+use zrpc_tests::typed::{CalcBlockingClient, CalcClient, HoldStats};
+use zrpc_tests::{wait_registered, wait_until, Broker, Proc};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn service(b: &Broker, max_concurrent: Option<usize>) -> Proc {
+    let mut c = b.command("zrpc-test-typed");
+    if let Some(n) = max_concurrent {
+        c.env("ZRPC_TEST_MAX_CONCURRENT", n.to_string());
+    }
+    let p = Proc::spawn("zrpc-test-typed", c);
+    wait_registered(b.dir(), "calc", 1);
+    p
+}
+
+fn blocking(b: &Broker) -> CalcBlockingClient {
+    CalcBlockingClient::new(BlockingClient::connect_to(b.dir()).expect("connect"))
+        .with_options(CallOptions::timeout(WAIT))
+}
+
+fn stats(calc: &CalcBlockingClient) -> HoldStats {
+    calc.hold_stats().expect("hold_stats")
+}
+
+/// Runs `n` calls of `hold(ms)` at once on one async client; returns how
+/// long they took together.
+fn holds_at_once(b: &Broker, n: usize, ms: u64) -> Duration {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let calc = CalcClient::new(Client::connect_to(b.dir()).await.expect("connect"))
+            .with_options(CallOptions::timeout(WAIT));
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let calc = calc.clone();
+            set.spawn(async move { calc.hold(ms).await });
+        }
+        while let Some(r) = set.join_next().await {
+            assert_eq!(r.expect("task").expect("hold"), ms);
+        }
+        start.elapsed()
+    })
+}
+
+#[test]
+fn eight_async_handlers_run_at_once_in_one_process() {
+    let b = Broker::start();
+    let _svc = service(&b, None);
+    let took = holds_at_once(&b, 8, 500);
+    let s = stats(&blocking(&b));
+    assert_eq!((s.started, s.finished, s.dropped), (8, 8, 0), "{s:?}");
+    // All eight were running at the same time...
+    assert_eq!(s.max_overlap, 8, "{s:?}");
+    // ...so together they took about one handler's time, not eight.
+    assert!(
+        took < Duration::from_millis(1000),
+        "8 overlapping 500 ms handlers took {took:?}"
+    );
+}
+
+#[test]
+fn the_concurrency_limit_holds_and_the_rest_queue() {
+    let b = Broker::start();
+    let _svc = service(&b, Some(3));
+    holds_at_once(&b, 7, 150);
+    let s = stats(&blocking(&b));
+    assert_eq!((s.started, s.finished, s.dropped), (7, 7, 0), "{s:?}");
+    assert_eq!(s.max_overlap, 3, "{s:?}");
+}
+
+#[test]
+fn exclusive_and_sync_methods_still_work_beside_running_handlers() {
+    let b = Broker::start();
+    let _svc = service(&b, None);
+    let calc = blocking(&b);
+    let bg = {
+        let dir = b.dir().to_path_buf();
+        std::thread::spawn(move || {
+            let c = BlockingClient::connect_to(&dir).expect("connect");
+            CalcBlockingClient::new(c)
+                .with_options(CallOptions::timeout(WAIT))
+                .hold(800)
+        })
+    };
+    assert!(wait_until(WAIT, || stats(&calc).running == 1));
+    // A synchronous `&self` method runs beside it.
+    assert_eq!(
+        calc.add(zrpc_tests::typed::Pair { a: 1.0, b: 2.0 })
+            .expect("add"),
+        3.0
+    );
+    assert_eq!(stats(&calc).running, 1, "add waited for hold");
+    // A `&mut self` method waits for it, then runs alone.
+    calc.bump().expect("bump");
+    let s = stats(&calc);
+    assert_eq!(
+        (s.running, s.finished),
+        (0, 1),
+        "bump ran beside hold: {s:?}"
+    );
+    assert_eq!(calc.bumps().expect("bumps"), 1);
+    assert_eq!(bg.join().expect("thread").expect("hold"), 800);
+}
+
+#[test]
+fn introspection_and_pings_are_answered_while_a_handler_outlives_the_heartbeat() {
+    // The broker pings every 100 ms and cuts a service off after 600 ms
+    // of silence; the handler runs for 2 s.
+    let b = Broker::start_with(&["--heartbeat-interval", "0.1", "--heartbeat-timeout", "0.6"]);
+    let _svc = service(&b, None);
+    let calc = blocking(&b);
+    let bg = {
+        let dir = b.dir().to_path_buf();
+        std::thread::spawn(move || {
+            let c = BlockingClient::connect_to(&dir).expect("connect");
+            CalcBlockingClient::new(c)
+                .with_options(CallOptions::timeout(WAIT))
+                .hold(2000)
+        })
+    };
+    assert!(wait_until(WAIT, || stats(&calc).running == 1));
+    let d: zrpc_client::Value = calc
+        .client()
+        .call("calc", "zrpc.describe", &(), Some(Duration::from_secs(5)))
+        .expect("describe while a handler runs");
+    assert!(
+        d["methods"].as_array().is_some_and(|m| m.len() >= 10),
+        "{d}"
+    );
+    assert_eq!(
+        stats(&calc).running,
+        1,
+        "the handler ended before describe was answered"
+    );
+    assert_eq!(bg.join().expect("thread").expect("hold"), 2000);
+    // The service was never cut off: the call ran once, not re-delivered.
+    let s = stats(&calc);
+    assert_eq!((s.started, s.finished, s.dropped), (1, 1, 0), "{s:?}");
+    assert_eq!(zrpc_tests::broker_stat(b.dir(), "redelivered"), 0);
+}
+
+#[test]
+fn a_handler_whose_caller_is_gone_is_cancelled() {
+    // The caller's grace to come back and resubmit: 300 ms.
+    let b = Broker::start_with(&["--caller-grace", "0.3"]);
+    let _svc = service(&b, None);
+    let calc = blocking(&b);
+    let caller = b.spawn(
+        "zrpc",
+        &["call", "calc", "hold", "60000", "--timeout", "120"],
+    );
+    assert!(wait_until(WAIT, || stats(&calc).running == 1));
+    caller.signal(libc::SIGKILL);
+    // The broker cancels the call at the service once the caller has not
+    // come back within its grace; the handler is dropped.
+    let mut last = HoldStats::default();
+    let cancelled = wait_until(WAIT, || {
+        last = stats(&calc);
+        last.dropped == 1
+    });
+    assert!(cancelled, "the handler was not cancelled: {last:?}");
+    assert_eq!(
+        (last.started, last.finished, last.running),
+        (1, 0, 0),
+        "{last:?}"
+    );
+}
