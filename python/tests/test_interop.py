@@ -78,11 +78,15 @@ def test_rust_interface_service(rust_calc):
     d = rust_calc.call("calc", "zrpc.describe", timeout=10)
     add = next(m for m in d["methods"] if m["name"] == "add")
     assert add["doc"] == "A struct argument." and add["returns"] == "f64"
-    # Shapes (docs/protocol.md): the struct is described as the map it is sent as.
+    # Shapes: how the argument is encoded, language-neutral.
     assert add["params"] == [{"name": "p", "type": "Pair", "shape": {
-        "kind": "struct", "name": "Pair",
-        "fields": [{"name": "a", "shape": {"kind": "f64"}}, {"name": "b", "shape": {"kind": "f64"}}]}}]
+        "kind": "struct", "name": "Pair", "fields": [
+            {"name": "a", "shape": {"kind": "f64"}},
+            {"name": "b", "shape": {"kind": "f64"}}]}}]
     assert add["returns_shape"] == {"kind": "f64"}
+    divide = next(m for m in d["methods"] if m["name"] == "divide")
+    assert divide["error_shape"] == {"kind": "enum", "name": "CalcError",
+                                     "variants": [{"name": "DivisionByZero"}]}
 
 
 PY_ECHO = '''
