@@ -72,8 +72,9 @@ def test_rust_interface_service(rust_calc):
     assert rust_calc.call("calc", "bump", timeout=10) is None  # unit is nil
     assert rust_calc.call("calc", "bumps", timeout=10) == 1
     assert rust_calc.call("calc", "double_later", 21, timeout=10) == 42
-    with pytest.raises(errors.RemoteError, match="division by zero"):
+    with pytest.raises(errors.RemoteError, match="division by zero") as e:
         rust_calc.call("calc", "divide", {"a": 1.0, "b": 0.0}, timeout=10)
+    assert e.value.value == "DivisionByZero"  # the error value beside the message
     d = rust_calc.call("calc", "zrpc.describe", timeout=10)
     add = next(m for m in d["methods"] if m["name"] == "add")
     assert add["doc"] == "A struct argument." and add["returns"] == "f64"

@@ -426,7 +426,13 @@ class CallTable:
             call.sent_on = None
             return None
         if code:
-            self.finish(call, errors.from_code(code, field(env, 3, ""), call.service, call.method))
+            exc = errors.from_code(code, field(env, 3, ""), call.service, call.method)
+            if code == errors.REMOTE and payload:
+                try:
+                    exc.value = unpack(payload)
+                except Exception:  # the value is optional: the message says it all
+                    pass
+            self.finish(call, exc)
         else:
             self.finish(call, ("ok", payload))
         return call

@@ -5,7 +5,7 @@ service reports carry the wire error ``code`` (see ``docs/protocol.md``,
 "Error codes"); local errors (connection, encoding) have ``code = None``.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 # Wire error codes (docs/protocol.md, "Error codes").
 TIMEOUT = 1
@@ -59,6 +59,8 @@ class ZRPCError(Exception):
     """
 
     code: Optional[int] = None
+    #: The error value a ``Remote`` error carries (decoded), or ``None``.
+    value: Any = None
 
     def __init__(self, message: str = "", code: Optional[int] = None,
                  service: Optional[str] = None, method: Optional[str] = None):
@@ -98,7 +100,12 @@ class NoSuchMethodError(ZRPCError):
 
 
 class RemoteError(ZRPCError):
-    """The handler raised an exception (or the Rust handler returned an error or panicked)."""
+    """The handler raised an exception (or the Rust handler returned an error or panicked).
+
+    ``value`` is the error value a Rust handler sent beside the message (its
+    ``Serialize`` error type, e.g. the string ``"DivisionByZero"`` for a unit
+    enum variant), or ``None``.
+    """
 
     code = REMOTE
 
