@@ -212,7 +212,7 @@ class Client:
         await self.close()
 
 
-class Server:
+class Server(_service.ServerBase):
     """An asyncio zrpc service: subclass it and mark methods (``async def`` or plain) with :func:`rpc_method`.
 
     The arguments are those of :class:`zrpc.server.Server`. Run it with
@@ -223,13 +223,7 @@ class Server:
     def __init__(self, name: Optional[str] = None, socket_dir: Optional[str] = None, *,
                  shared: bool = False, reply_cache: int = _service.DEFAULT_CACHE_ENTRIES,
                  agent: str = _proto.AGENT):
-        self.name = name if name is not None else _proto.snake_case(type(self).__name__)
-        self.socket_dir = _proto.resolve_socket_dir(socket_dir)
-        self.shared = shared
-        self.agent = agent
-        #: The instance id sent in ``Hello``, kept across reconnects.
-        self.instance = _proto.random_id()
-        self._core = _service.ServiceCore(self, self.name, reply_cache, _service.DEFAULT_CACHE_BYTES)
+        _service.ServerBase.__init__(self, name, socket_dir, shared, reply_cache, agent)
         self._conn: Optional[_Conn] = None
         self._tasks: Dict[int, asyncio.Task] = {}
         self._inflight: Dict[tuple, asyncio.Future] = {}
