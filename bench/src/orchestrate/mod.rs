@@ -14,6 +14,7 @@ use crate::roles::{ECHO_SERVICE, RAW_ECHO_SERVICE};
 use crate::util::{ClientResult, Proc, Spawn};
 use crate::Args;
 
+mod defaults;
 mod scenarios;
 use scenarios::run_all;
 
