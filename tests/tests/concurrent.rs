@@ -176,3 +176,85 @@ fn a_handler_whose_caller_is_gone_is_cancelled() {
         "{last:?}"
     );
 }
+
+/// A raw caller with instance id `instance` sends `hold ms` as its call 7.
+fn raw_hold(b: &Broker, instance: u64, ms: u16) -> zrpc_tests::raw::Raw {
+    let mut raw = zrpc_tests::raw::Raw::connect(b.dir());
+    let (kind, _) = raw.hello_as(instance).expect("welcome");
+    assert_eq!(kind, zrpc_proto::Kind::Welcome);
+    raw.send(
+        &zrpc_proto::Envelope::Call {
+            id: 7,
+            service: "calc",
+            method: "hold",
+            timeout_ms: Some(30_000),
+            flags: 0,
+        },
+        &uint16(ms),
+    );
+    raw
+}
+
+/// `n` as a MessagePack uint 16.
+fn uint16(n: u16) -> [u8; 3] {
+    let [hi, lo] = n.to_be_bytes();
+    [0xcd, hi, lo]
+}
+
+#[test]
+fn a_caller_that_comes_back_within_its_grace_gets_the_first_execution() {
+    // The caller's connection breaks while the broker stays up; it comes
+    // back with the same instance and call id within its grace (1 s): the
+    // handler (2.5 s, longer than the grace) is not cancelled when the
+    // grace ends, and the resubmission is answered from it (one
+    // execution). Without the adoption it would be dropped at 1 s and run
+    // again for the resubmission (started 2).
+    let b = Broker::start_with(&["--caller-grace", "1"]);
+    let _svc = service(&b, None);
+    let calc = blocking(&b);
+    let first = raw_hold(&b, 42, 2500);
+    assert!(wait_until(WAIT, || stats(&calc).running == 1));
+    let before = zrpc_tests::broker_stat(b.dir(), "cancelled");
+    drop(first);
+    // The broker has seen the caller leave (its call counted as cancelled
+    // by the caller) before the resubmission arrives.
+    assert!(wait_until(WAIT, || {
+        zrpc_tests::broker_stat(b.dir(), "cancelled") > before
+    }));
+    let mut again = raw_hold(&b, 42, 2500);
+    let f = again.recv_frame().expect("the resubmission's result");
+    match f.decode().expect("envelope") {
+        zrpc_proto::Envelope::Result { id, code, message } => {
+            assert_eq!((id, code), (7, None), "{message}");
+            assert_eq!(&f.payload[..], &uint16(2500));
+        }
+        other => panic!("expected the Result, got {other:?}"),
+    }
+    let s = stats(&calc);
+    assert_eq!((s.started, s.finished, s.dropped), (1, 1, 0), "{s:?}");
+}
+
+#[test]
+fn a_caller_that_comes_back_after_its_grace_runs_the_call_again() {
+    // Past the grace (0.3 s) the first execution was cancelled: it left no
+    // outcome, so the late resubmission runs the handler again.
+    let b = Broker::start_with(&["--caller-grace", "0.3"]);
+    let _svc = service(&b, None);
+    let calc = blocking(&b);
+    let first = raw_hold(&b, 43, 800);
+    assert!(wait_until(WAIT, || stats(&calc).running == 1));
+    drop(first);
+    assert!(wait_until(WAIT, || stats(&calc).dropped == 1));
+    let mut again = raw_hold(&b, 43, 800);
+    let f = again.recv_frame().expect("the resubmission's result");
+    assert!(matches!(
+        f.decode().expect("envelope"),
+        zrpc_proto::Envelope::Result {
+            id: 7,
+            code: None,
+            ..
+        }
+    ));
+    let s = stats(&calc);
+    assert_eq!((s.started, s.finished, s.dropped), (2, 1, 1), "{s:?}");
+}
