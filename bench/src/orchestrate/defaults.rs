@@ -43,7 +43,7 @@ pub(super) fn default_client(
                     (procs, inflight, calls): (usize, usize, usize),
                     target: Option<Target>,
                     latency: bool|
-     -> Result<(), String> {
+     -> Result<Measure, String> {
         let z = ctx.measure(daemons, &|| zrpc(procs, inflight, calls), SMALL)?;
         let r = ctx.measure(daemons, &|| relay(procs, inflight, calls), SMALL)?;
         let (zv, rv) = if latency {
@@ -60,9 +60,9 @@ pub(super) fn default_client(
             guard: Some(z.guard),
             note: guard_note(&r),
         });
-        Ok(())
+        Ok(z)
     };
-    pair("default_seq", "p50 (us)", (1, 1, c.seq), None, true)?;
+    let seq = pair("default_seq", "p50 (us)", (1, 1, c.seq), None, true)?;
     pair(
         "default_conc_64",
         "calls/s",
@@ -93,5 +93,49 @@ pub(super) fn default_client(
             false,
         )?;
     }
+    // What the defaults cost in CPU during the sequential loop (busy
+    // polling in the broker and the service), per process, and at rest.
+    let broker = seq.daemon_cores.first().copied().unwrap_or(0.0);
+    let service = seq.daemon_cores.get(1).copied().unwrap_or(0.0);
+    let client = seq.client_cores.unwrap_or(0.0);
+    for (metric, cores, target) in [
+        ("cores, broker", broker, None),
+        ("cores, service", service, None),
+        ("cores, client", client, None),
+        (
+            "cores, broker + service + client",
+            broker + service + client,
+            Some(Target::AtMost(1.0)),
+        ),
+    ] {
+        rows.push(Row {
+            scenario: "default_seq_cpu",
+            metric,
+            zrpc: cores,
+            baseline: None,
+            target,
+            guard: None,
+            note: "CPU during the default_seq loop (/proc/<pid>/stat, 10 ms ticks)".into(),
+        });
+    }
+    rows.push(Row {
+        scenario: "default_idle_cpu",
+        metric: "cores, broker + service, 2 s idle",
+        zrpc: idle_cores(&daemons[..2.min(daemons.len())]),
+        baseline: None,
+        target: Some(Target::AtMost(0.01)),
+        guard: None,
+        note: "no calls: an idle system spends nothing".into(),
+    });
     Ok(())
+}
+
+/// CPU (cores) the processes `pids` use together over 2 s without calls.
+fn idle_cores(pids: &[u32]) -> f64 {
+    let cpu = || -> f64 { pids.iter().map(|p| crate::guard::cpu_seconds(*p)).sum() };
+    // The busy-polling windows of the last calls end within milliseconds.
+    std::thread::sleep(Duration::from_millis(200));
+    let (c0, t0) = (cpu(), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    (cpu() - c0) / t0.elapsed().as_secs_f64()
 }

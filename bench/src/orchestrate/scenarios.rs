@@ -110,7 +110,7 @@ pub(super) fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             },
             SMALL,
         )?;
-        r_conc = Some(r);
+        r_conc = Some(r.clone());
         rows.push(Row {
             scenario: "conc_small_64",
             metric: "calls/s",
@@ -530,7 +530,7 @@ fn busy_poll_cost(
         if env.is_some() {
             let c = ctx.counts;
             let daemons = [broker.pid(), service.pid()];
-            if let Some(r) = relay_seq {
+            if let Some(r) = &relay_seq {
                 let z = ctx.measure(
                     &daemons,
                     &|| {
@@ -551,7 +551,7 @@ fn busy_poll_cost(
                     note: "seq_small with busy polling off everywhere".into(),
                 });
             }
-            if let Some(r) = relay_conc {
+            if let Some(r) = &relay_conc {
                 let z = ctx.measure(
                     &daemons,
                     &|| vec![conc_client(&dir, &c).env("ZRPC_BUSY_POLL_US", "0")],
