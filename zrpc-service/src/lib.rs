@@ -334,9 +334,9 @@ pub struct MethodInfo {
     /// return type implements `DeserializeOwned` (see [`shape_of`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub returns_shape: Option<Shape>,
-    /// The shape of the error value of a method returning `Result<T, E>`,
-    /// when `E` implements `Serialize` and `DeserializeOwned` (the value
-    /// sent beside the error's message).
+    /// The shape of `E` of a method returning `Result<T, E>`, when `E`
+    /// implements `DeserializeOwned`: the shape of the value sent beside
+    /// the error's message (sent when `E` is also `Serialize`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_shape: Option<Shape>,
 }
