@@ -132,10 +132,10 @@
 //!   and message) under the new request id, without running the handler and
 //!   without incrementing the request counter ([`Context::counter`],
 //!   [`Server::counter`]); `run_once` reports it as [`Event::Replayed`];
-//! * a duplicate that arrives while the first execution runs or is queued
-//!   waits for it (the queue does not start it, nor the requests behind it,
-//!   until the first execution finished) and then gets its outcome from the
-//!   cache;
+//! * a duplicate that arrives while the first execution runs waits for it,
+//!   set aside (the requests behind it go on), and then gets its outcome
+//!   from the cache; one that arrives while the first is still queued is
+//!   handled after it, from the cache;
 //! * every outcome of a handler that ran is cached: return values, returned
 //!   errors (`Remote`), panics, and also `NoSuchMethod` / `BadPayload`
 //!   (harmless: a re-run would answer the same). Oversized return values are
