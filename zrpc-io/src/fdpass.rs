@@ -136,11 +136,6 @@ impl SealedFd {
         self.len == 0
     }
 
-    /// The descriptor.
-    pub fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
     /// The payload through a read-only shared mapping (prefaulted: it is
     /// about to be read whole), as [`Bytes`] that keep the mapping alive.
     pub fn map(&self) -> io::Result<Bytes> {
@@ -156,6 +151,12 @@ impl SealedFd {
                 .map(self.fd.as_raw_fd())?
         };
         Ok(Bytes::from_owner(map))
+    }
+}
+
+impl AsRawFd for SealedFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 }
 
@@ -249,6 +250,10 @@ pub fn read_spare_fds(
 
 /// [`crate::read::read_some`] that also takes descriptors
 /// ([`read_spare_fds`]).
+///
+/// The kernel ends a read at a message that carries descriptors, so a
+/// short read that took descriptors does not mean the socket is drained:
+/// readiness is kept and the next call reads on without waiting.
 pub async fn read_some_fds(
     rd: &Registered,
     buf: &mut BytesMut,
@@ -259,9 +264,10 @@ pub async fn read_some_fds(
         let mut guard = rd.readable().await?;
         room(buf);
         let cap = buf.capacity() - buf.len();
+        let before = fds.len();
         match read_spare_fds(rd.get_ref(), buf, fds) {
             Ok(n) => {
-                if n > 0 && n < cap {
+                if n > 0 && n < cap && fds.len() == before {
                     guard.clear_ready();
                 }
                 return Ok(n);
@@ -276,7 +282,7 @@ pub async fn read_some_fds(
 /// One `sendmsg(2)` of `parts` with `fds` attached (`SCM_RIGHTS`, at most
 /// [`MAX_FDS_PER_MSG`]), `MSG_NOSIGNAL`. The descriptors are sent if any
 /// byte is (`Ok(n > 0)`).
-pub(crate) fn send_with_fds(fd: RawFd, parts: &[&[u8]], fds: &[RawFd]) -> io::Result<usize> {
+pub fn send_with_fds(fd: RawFd, parts: &[&[u8]], fds: &[RawFd]) -> io::Result<usize> {
     debug_assert!(!fds.is_empty() && fds.len() <= MAX_FDS_PER_MSG);
     let iov: Vec<libc::iovec> = parts
         .iter()

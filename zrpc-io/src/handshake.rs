@@ -98,6 +98,7 @@ pub fn hello_frame(instance: u64, agent: &str) -> BytesMut {
             version: PROTOCOL_VERSION,
             instance,
             agent,
+            caps: 0,
         },
         &[],
     );
@@ -111,6 +112,7 @@ pub fn parse_welcome(frame: &Frame) -> Result<Welcome, HandshakeError> {
             version,
             conn_id,
             max_message_size,
+            caps: 0,
         }) => {
             if version != PROTOCOL_VERSION {
                 return Err(HandshakeError::Version { broker: version });
@@ -299,6 +301,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             conn_id: 7,
             max_message_size: 1000,
+            caps: 0,
         });
         answer.extend_from_slice(b"next");
         let (path, t) = fake(answer);
@@ -327,6 +330,7 @@ mod tests {
                 version,
                 instance,
                 agent,
+                ..
             } => assert_eq!((version, instance, agent), (PROTOCOL_VERSION, 42, "t/1")),
             other => panic!("expected Hello, got {other:?}"),
         }
@@ -347,6 +351,7 @@ mod tests {
                     version: PROTOCOL_VERSION + 1,
                     conn_id: 1,
                     max_message_size: 1000,
+                    caps: 0,
                 }),
                 "version",
             ),
@@ -397,6 +402,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             conn_id: 3,
             max_message_size: 2000,
+            caps: 0,
         }));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
