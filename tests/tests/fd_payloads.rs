@@ -241,3 +241,134 @@ fn descriptor_passing_can_be_turned_off() {
     r.send_fd(&call_env(1, "nobody"), &memfd, &[]);
     r.expect_fatal(ErrorCode::Protocol);
 }
+
+/// A blob of `n` bytes with a recognisable pattern.
+fn blob(n: usize, seed: u8) -> zrpc_client::Blob {
+    zrpc_client::Blob::from(
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// Whether `p` points into a mapping of a payload memfd of this process
+/// (`/proc/self/maps` names them `/memfd:zrpc-payload`).
+fn in_payload_memfd(p: *const u8) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    let p = p as usize;
+    maps.lines().any(|l| {
+        let Some((range, _)) = l.split_once(' ') else {
+            return false;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            return false;
+        };
+        let (a, b) = (
+            usize::from_str_radix(a, 16).unwrap_or(0),
+            usize::from_str_radix(b, 16).unwrap_or(0),
+        );
+        a <= p && p < b && l.contains("memfd:zrpc-payload")
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The libraries use descriptors on their own: the async client and the
+/// service negotiate them, 1 and 8 MiB echoes round-trip exactly, and the
+/// result the client gets is a view into a memfd mapping (it crossed no
+/// socket). The blocking client, which does not negotiate them, gets the
+/// same bytes inline, to and from the same service.
+#[test]
+fn library_echoes_of_large_blobs_travel_in_memfds_and_inline_for_the_blocking_client() {
+    let broker = Broker::start();
+    let _svc = broker.spawn("zrpc-test-svc", &[]);
+    zrpc_tests::wait_registered(broker.dir(), "echo", 1);
+    let rt = runtime();
+    let c = rt
+        .block_on(zrpc_client::Client::connect_to(broker.dir()))
+        .expect("connect");
+    let bc = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect blocking");
+    for (i, n) in [(1u8, 1usize << 20), (2, 8 << 20), (3, 100_000)] {
+        let b = blob(n, i);
+        let back: zrpc_client::Blob = rt
+            .block_on(c.call("echo", "blob", &b, Some(WAIT)))
+            .expect("echo");
+        assert!(back == b, "{n} bytes came back exactly");
+        assert!(
+            in_payload_memfd(back.as_ptr()),
+            "the {n}-byte result is a view into a payload memfd"
+        );
+        let back: zrpc_client::Blob = bc.call("echo", "blob", &b, Some(WAIT)).expect("echo");
+        assert!(
+            back == b,
+            "{n} bytes came back exactly to the blocking client"
+        );
+        assert!(!in_payload_memfd(back.as_ptr()), "inline for it");
+    }
+    // Small payloads stay inline.
+    let small = blob(1000, 9);
+    let back: zrpc_client::Blob = rt
+        .block_on(c.call("echo", "blob", &small, Some(WAIT)))
+        .expect("echo");
+    assert!(back == small && !in_payload_memfd(back.as_ptr()));
+}
+
+/// A large call in flight while the broker is killed and restarted is
+/// resubmitted with its payload (the client keeps the bytes and makes a new
+/// memfd for the new broker: the first broker's descriptor died with it),
+/// and answered exactly once: the service ran it once.
+#[test]
+fn a_large_call_resubmitted_after_a_broker_restart_is_answered_exactly_once() {
+    let mut broker = Broker::start();
+    let _svc = broker.spawn("zrpc-test-svc", &[]);
+    zrpc_tests::wait_registered(broker.dir(), "echo", 1);
+    let rt = runtime();
+    let c = rt
+        .block_on(zrpc_client::Client::connect_to(broker.dir()))
+        .expect("connect");
+    let b = blob(2 << 20, 42);
+    let key = 4242u64;
+    let call = {
+        let (c, b) = (c.clone(), b.clone());
+        rt.spawn(async move {
+            c.call::<_, (u64, zrpc_client::Blob)>(
+                "echo",
+                "record_blob",
+                &(key, 1500u64, b),
+                Some(std::time::Duration::from_secs(30)),
+            )
+            .await
+        })
+    };
+    // The call is running at the service when the broker dies.
+    assert!(
+        wait_until(WAIT, || {
+            let bc = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect");
+            bc.call::<_, u64>("echo", "executions", &key, Some(WAIT))
+                .is_ok_and(|n| n == 1)
+        }),
+        "the call reached the service"
+    );
+    broker.restart(libc::SIGKILL);
+    let (n, back) = rt
+        .block_on(call)
+        .expect("task")
+        .expect("the call succeeds after the restart");
+    assert!(
+        back == b,
+        "the resubmitted call still had its 2 MiB payload"
+    );
+    assert_eq!(n, 1, "answered from the first execution");
+    zrpc_tests::wait_registered(broker.dir(), "echo", 1);
+    let bc = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect");
+    let runs: u64 = bc
+        .call("echo", "executions", &key, Some(WAIT))
+        .expect("executions");
+    assert_eq!(runs, 1, "the service ran the call exactly once");
+}
