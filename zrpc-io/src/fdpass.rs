@@ -29,9 +29,16 @@ use rustix::fs::{MemfdFlags, SealFlags};
 use crate::reactor::Registered;
 
 /// Payloads at least this large travel as a sealed memfd between peers that
-/// negotiated it (below it, one copy through the socket is cheaper than
-/// creating, sealing and mapping a file).
-pub const FD_PAYLOAD_MIN: usize = 64 * 1024;
+/// negotiated it. A sealed memfd is single-use: every message allocates and
+/// zeroes its shmem pages, copies the payload in, and maps and unmaps them
+/// at the receiver. Measured on the project's 2-core VMs (one client,
+/// echo service, `bench/scripts/run.sh current SIZE 1 200`, p50 of the
+/// round trip, memfd vs inline): 1 MiB 0.78 vs 0.77 ms, 2 MiB 1.5-1.8 vs
+/// 1.5-3.0 ms, 4 MiB 3.2-5.8 vs 9.7-10.8 ms, 8 MiB 6.6-7.5 vs 18.5-19.9 ms
+/// (broker CPU 8 vs 207 ticks per 200 calls); and `zrpc-bench --only
+/// large_1mib` with its busy-polling client was slower with memfds at
+/// 1 MiB (0.72-0.92x the relay vs 0.87-1.15x inline). So from 2 MiB on.
+pub const FD_PAYLOAD_MIN: usize = 2 * 1024 * 1024;
 
 /// Most descriptors attached to one `sendmsg`, and taken by one `recvmsg`.
 pub const MAX_FDS_PER_MSG: usize = 32;
