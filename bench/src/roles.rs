@@ -349,6 +349,7 @@ impl RawConn {
                 version: PROTOCOL_VERSION,
                 instance: u64::from(std::process::id()) << 20 | mono_ns() & 0xfffff,
                 agent: "zrpc-bench",
+                caps: 0,
             },
             &[],
         );

@@ -1,11 +1,13 @@
 //! A raw protocol connection for tests that need to speak frames directly.
 
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
-use zrpc_proto::{encode_frame, Envelope, ErrorCode, FrameDecoder, PROTOCOL_VERSION};
+use zrpc_io::fdpass::{read_spare_fds, FdQueue};
+use zrpc_proto::{caps, encode_frame, Envelope, ErrorCode, FrameDecoder, PROTOCOL_VERSION};
 
 use crate::WAIT;
 
@@ -14,6 +16,8 @@ pub struct Raw {
     /// The socket.
     pub s: UnixStream,
     buf: BytesMut,
+    /// Descriptors received and not yet claimed by a frame.
+    fds: FdQueue,
 }
 
 impl Raw {
@@ -24,6 +28,7 @@ impl Raw {
         Raw {
             s,
             buf: BytesMut::new(),
+            fds: FdQueue::new(),
         }
     }
 
@@ -45,11 +50,32 @@ impl Raw {
     /// accept may have closed it already: the write may fail, and the
     /// `Fatal` it sent first is still there to read.
     pub fn hello_as(&mut self, instance: u64) -> Option<(zrpc_proto::Kind, zrpc_proto::Frame)> {
+        self.hello_caps(instance, 0)
+    }
+
+    /// Connects and completes a handshake offering payloads in descriptors;
+    /// returns the capabilities the broker's `Welcome` accepted.
+    pub fn hello_fds(dir: &Path) -> (Raw, u32) {
+        let mut r = Raw::connect(dir);
+        let (_, f) = r.hello_caps(1, caps::FD_PAYLOADS).expect("welcome");
+        match f.decode().expect("envelope") {
+            Envelope::Welcome { caps, .. } => (r, caps),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Sends `Hello` offering `caps`; returns the answer.
+    pub fn hello_caps(
+        &mut self,
+        instance: u64,
+        caps: u32,
+    ) -> Option<(zrpc_proto::Kind, zrpc_proto::Frame)> {
         let mut out = BytesMut::new();
         let hello = Envelope::Hello {
             version: PROTOCOL_VERSION,
             instance,
             agent: "test",
+            caps,
         };
         encode_frame(&mut out, &hello, b"");
         let _ = self.s.write_all(&out);
@@ -63,20 +89,53 @@ impl Raw {
         self.s.write_all(&out).expect("write");
     }
 
-    /// Next frame; None on EOF or error.
+    /// Sends one frame whose payload is the descriptor `fd`
+    /// ([`zrpc_proto::FD_PAYLOAD_FLAG`]), attached with `SCM_RIGHTS`; any
+    /// `extra` descriptors are attached to the same message (a flood).
+    pub fn send_fd(&mut self, env: &Envelope<'_>, fd: &impl AsRawFd, extra: &[&dyn AsRawFd]) {
+        let mut out = BytesMut::new();
+        zrpc_proto::encode_fd_header(&mut out, env);
+        let all: Vec<i32> = std::iter::once(fd.as_raw_fd())
+            .chain(extra.iter().map(|f| f.as_raw_fd()))
+            .collect();
+        let n = zrpc_io::fdpass::send_with_fds(self.s.as_raw_fd(), &[&out], &all).expect("sendmsg");
+        assert_eq!(n, out.len(), "sent whole");
+    }
+
+    /// Next frame; None on EOF or error. A frame that came with a
+    /// descriptor is returned with it by [`Raw::recv_frame_fd`] only.
     pub fn recv_frame(&mut self) -> Option<zrpc_proto::Frame> {
-        let dec = FrameDecoder::new(u32::MAX);
+        self.recv_frame_fd().map(|(f, _)| f)
+    }
+
+    /// Next frame, and the descriptor its payload travels in, if any.
+    pub fn recv_frame_fd(&mut self) -> Option<(zrpc_proto::Frame, Option<OwnedFd>)> {
+        let dec = FrameDecoder::new(u32::MAX).with_fds(true);
         loop {
-            if let Some(f) = dec.decode(&mut self.buf).expect("valid frame from broker") {
-                return Some(f);
+            let fd_frame = dec
+                .complete(&self.buf)
+                .expect("valid frame from broker")
+                .map(|size| size.has_fd());
+            if let Some(has_fd) = fd_frame {
+                let fd = if has_fd {
+                    Some(self.fds.pop_front().expect("the frame's descriptor"))
+                } else {
+                    None
+                };
+                let size = dec.complete(&self.buf).ok()??;
+                return Some((size.split_off(&mut self.buf), fd));
             }
-            let mut tmp = [0u8; 65536];
-            let n = self.s.read(&mut tmp).ok()?;
+            self.buf.reserve(65536);
+            let n = read_spare_fds(&self.s, &mut self.buf, &mut self.fds).ok()?;
             if n == 0 {
                 return None;
             }
-            self.buf.extend_from_slice(&tmp[..n]);
         }
+    }
+
+    /// Descriptors received that no frame claimed.
+    pub fn unclaimed_fds(&self) -> usize {
+        self.fds.len()
     }
 
     /// Next frame with its kind.

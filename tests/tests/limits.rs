@@ -53,6 +53,7 @@ fn max_connections() {
                 version: 1,
                 instance: 9,
                 agent: "t",
+                caps: 0,
             },
             b"",
         );

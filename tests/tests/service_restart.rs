@@ -114,6 +114,7 @@ fn raw_client(b: &Broker, instance: u64) -> Raw {
             version: PROTOCOL_VERSION,
             instance,
             agent: "service_restart test",
+            caps: 0,
         },
         b"",
     );

@@ -544,7 +544,11 @@ impl Inner {
         let mut d = if batch.is_empty() {
             Dispatched::default()
         } else {
-            lock(&self.state).core.dispatch(&batch, my_id)
+            // The blocking client does not negotiate descriptor passing:
+            // no frame of its comes with one.
+            lock(&self.state)
+                .core
+                .dispatch(&batch, my_id, &mut std::collections::VecDeque::new())
         };
         if d.end.is_none() {
             if let Some(e) = corrupt {

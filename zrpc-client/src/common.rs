@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use zrpc_io::fdpass::SealedFd;
 use zrpc_proto::{encode_frame, encode_header, Envelope, ErrorCode, InlineBytes, HEADER_LEN};
 
 use crate::{CallOptions, Error, Result};
@@ -54,6 +55,16 @@ impl Settings {
     /// The `Hello` frame of this client.
     pub(crate) fn hello(&self) -> BytesMut {
         zrpc_io::handshake::hello_frame(self.instance, &self.agent)
+    }
+
+    /// The `Hello` frame of this client, offering payloads in descriptors
+    /// (the async client reads them; see [`zrpc_io::fdpass`]).
+    pub(crate) fn hello_fds(&self) -> BytesMut {
+        zrpc_io::handshake::hello_frame_caps(
+            self.instance,
+            &self.agent,
+            zrpc_proto::caps::FD_PAYLOADS,
+        )
     }
 }
 
@@ -286,6 +297,44 @@ impl OutFrame {
             Head::Inline(b) => Bytes::copy_from_slice(&b[at..]),
             Head::Shared(b) => b.slice(at..),
         }
+    }
+
+    /// Length of its payload, if the frame is well formed.
+    pub(crate) fn payload_len(&self) -> Option<usize> {
+        let head = self.head();
+        let body = u32::from_be_bytes(head.get(..4)?.try_into().ok()?) as usize;
+        let env = u32::from_be_bytes(head.get(4..8)?.try_into().ok()?) as usize;
+        body.checked_sub(env)
+    }
+
+    /// The same frame with its payload in a new sealed memfd: the head to
+    /// send (header with [`zrpc_proto::FD_PAYLOAD_FLAG`], envelope) and
+    /// the descriptor. Each send makes its own memfd from the bytes the
+    /// frame keeps, so a call resubmitted to another broker (which may not
+    /// take descriptors) still has its payload.
+    pub(crate) fn to_fd_form(&self) -> std::io::Result<(Bytes, SealedFd)> {
+        let head = self.head();
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt frame");
+        let env_len = u32::from_be_bytes(
+            head.get(4..8)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        ) as usize;
+        let env_end = HEADER_LEN + env_len;
+        let envelope = head.get(HEADER_LEN..env_end).ok_or_else(bad)?;
+        let fd = if self.tail.is_empty() {
+            SealedFd::create(&head[env_end..])?
+        } else if env_end == head.len() {
+            SealedFd::create(&self.tail)?
+        } else {
+            return Err(bad());
+        };
+        let mut out = BytesMut::with_capacity(HEADER_LEN + env_len);
+        out.extend_from_slice(&(env_len as u32).to_be_bytes());
+        out.extend_from_slice(&(env_len as u32 | zrpc_proto::FD_PAYLOAD_FLAG).to_be_bytes());
+        out.extend_from_slice(envelope);
+        Ok((out.freeze(), fd))
     }
 
     /// The frame as one contiguous buffer (copies if it has a tail).

@@ -13,6 +13,7 @@ use bytes::BytesMut;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 use zrpc_io::busy_poll::BusyPoll;
+use zrpc_io::fdpass::{FdQueue, FD_PAYLOAD_MIN};
 use zrpc_io::reactor::{register, Registered};
 use zrpc_io::write::send_vectored;
 use zrpc_io::{OutQueue, ReadPolicy};
@@ -41,7 +42,37 @@ struct Outgoing {
     closed: bool,
 }
 
+/// Whether `frame` goes with its payload in a sealed memfd on a
+/// connection that negotiated it (`fds`).
+fn fd_sized(frame: &OutFrame, fds: bool) -> bool {
+    fds && frame.payload_len().is_some_and(|n| n >= FD_PAYLOAD_MIN)
+}
+
 impl Outgoing {
+    /// Appends a frame whose payload travels in `fd` (`head`: its header
+    /// and envelope); returns whether the writer task must be woken.
+    fn push_fd_frame(&mut self, head: &[u8], fd: zrpc_io::fdpass::SealedFd) -> bool {
+        let wake = self.queue.is_empty() && !self.writing;
+        self.queue.push_fd(Arc::new(fd));
+        self.queue.push_copy(head);
+        wake
+    }
+
+    /// Appends a frame, its payload in a sealed memfd if `fds` and it is
+    /// large (inline if the memfd cannot be made); returns whether the
+    /// writer task must be woken.
+    fn push_frame_fds(&mut self, frame: &OutFrame, fds: bool) -> bool {
+        if fd_sized(frame, fds) {
+            match frame.to_fd_form() {
+                Ok((head, fd)) => return self.push_fd_frame(&head, fd),
+                Err(e) => {
+                    tracing::debug!(error = %e, "zrpc-client: cannot put a payload in a memfd; sending it inline");
+                }
+            }
+        }
+        self.push_frame(frame)
+    }
+
     /// Appends both parts of a frame (a large part by reference); returns
     /// whether the writer task must be woken.
     fn push_frame(&mut self, frame: &OutFrame) -> bool {
@@ -86,6 +117,10 @@ pub(crate) struct Conn {
     /// The busy poller watching the socket (`BusyPoll::id`), if any: reads
     /// feed only that poller's rule, whichever thread reads.
     poller: Option<u64>,
+    /// The broker accepted payloads in descriptors on this connection.
+    pub(crate) fd_payloads: bool,
+    /// Descriptors read with the `Welcome`, for the reader to take.
+    leftover_fds: Mutex<FdQueue>,
 }
 
 impl Conn {
@@ -94,7 +129,7 @@ impl Conn {
     pub(crate) async fn open(settings: &Settings) -> Result<(Arc<Conn>, BytesMut)> {
         let c = zrpc_io::handshake::connect(
             &settings.socket_path(),
-            &settings.hello(),
+            &settings.hello_fds(),
             HANDSHAKE_TIMEOUT,
         )
         .await?;
@@ -105,14 +140,13 @@ impl Conn {
         // From here on: a non-blocking std socket, registered for
         // readability only (see `Conn`).
         let io = register(c.sock, Interest::READABLE).map_err(connect_error)?;
-        let (welcome, buf) = (c.welcome, c.leftover);
+        let (welcome, buf, fds) = (c.welcome, c.leftover, c.leftover_fds);
         // Polled when the runtime runs out of work (`crate::busy_poll`).
         let poller = BusyPoll::current()
             .filter(|bp| bp.watch_or_log(io.get_ref().as_raw_fd()))
             .map(|bp| bp.id());
         let conn = Arc::new(Conn {
             gen: GENERATION.fetch_add(1, Ordering::Relaxed),
-            welcome,
             dead: AtomicBool::new(false),
             why: Mutex::new(None),
             out: Mutex::new(Outgoing::default()),
@@ -121,6 +155,9 @@ impl Conn {
             reader_stop: Notify::new(),
             burst: AtomicBool::new(false),
             poller,
+            fd_payloads: welcome.fd_payloads(),
+            leftover_fds: Mutex::new(fds),
+            welcome,
         });
         Ok((conn, buf))
     }
@@ -142,9 +179,21 @@ impl Conn {
         self.burst.store(true, Ordering::Relaxed);
     }
 
-    /// Reads what the broker sent into `buf` (see [`read_some`]).
-    pub(crate) async fn read(&self, dec: &FrameDecoder, buf: &mut BytesMut) -> io::Result<usize> {
-        read_some(&self.io, dec, buf, self.poller).await
+    /// Reads what the broker sent into `buf`, and the descriptors sent
+    /// with it into `fds` (see [`read_some`]).
+    pub(crate) async fn read(
+        &self,
+        dec: &FrameDecoder,
+        buf: &mut BytesMut,
+        fds: &mut FdQueue,
+    ) -> io::Result<usize> {
+        let fds = self.fd_payloads.then_some(fds);
+        read_some(&self.io, dec, buf, fds, self.poller).await
+    }
+
+    /// The descriptors read with the `Welcome` (once).
+    pub(crate) fn take_leftover_fds(&self) -> FdQueue {
+        std::mem::take(&mut *lock(&self.leftover_fds))
     }
 
     /// Waits until the connection is killed; returns why.
@@ -166,7 +215,7 @@ impl Conn {
         let t = {
             let mut q = lock(&self.out);
             fill(&mut |f: &OutFrame| {
-                q.push_frame(f);
+                q.push_frame_fds(f, self.fd_payloads);
             })
         };
         self.writer_wake.notify_one();
@@ -208,6 +257,28 @@ impl Conn {
     /// must [`kill`](Conn::kill) the connection with the reason given.
     #[must_use]
     pub(crate) fn send_unless_failed(&self, frame: OutFrame, direct: bool) -> Option<Dead> {
+        if fd_sized(&frame, self.fd_payloads) {
+            // Made before taking the lock (a copy of the payload into the
+            // memfd); the frame and its descriptor go through the queue.
+            match frame.to_fd_form() {
+                Ok((head, fd)) => {
+                    let wake = {
+                        let mut q = lock(&self.out);
+                        if q.closed {
+                            return None;
+                        }
+                        q.push_fd_frame(&head, fd)
+                    };
+                    if wake {
+                        self.writer_wake.notify_one();
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "zrpc-client: cannot put a payload in a memfd; sending it inline");
+                }
+            }
+        }
         {
             let mut q = lock(&self.out);
             if q.closed {
@@ -265,11 +336,16 @@ async fn read_some(
     rd: &Registered,
     dec: &FrameDecoder,
     buf: &mut BytesMut,
+    fds: Option<&mut FdQueue>,
     poller: Option<u64>,
 ) -> io::Result<usize> {
     // Room is made only once readable: the callers woken by the last batch
     // have usually dropped their replies by then (see `ReadPolicy::make_room`).
-    let n = zrpc_io::read::read_some(rd, buf, |b| ReadPolicy::CLIENT.make_room(dec, b)).await?;
+    let room = |b: &mut BytesMut| ReadPolicy::CLIENT.make_room(dec, b);
+    let n = match fds {
+        Some(fds) => zrpc_io::fdpass::read_some_fds(rd, buf, fds, room).await?,
+        None => zrpc_io::read::read_some(rd, buf, room).await?,
+    };
     if let Some(id) = poller {
         BusyPoll::with_current(|bp| {
             if bp.id() == id {

@@ -376,9 +376,20 @@ impl Core {
     /// waiting for the next broker), pings are answered, `Fatal` or a bad
     /// frame ends the connection. `watch` is a call whose change the face
     /// wants to know about (see [`Dispatched::watched`]).
-    pub fn dispatch(&mut self, batch: &Batch, watch: Option<u64>) -> Dispatched {
+    ///
+    /// `mapped` holds, in order, the payloads of the batch's frames that
+    /// came in descriptors (already verified and mapped by the face).
+    pub fn dispatch(
+        &mut self,
+        batch: &Batch,
+        watch: Option<u64>,
+        mapped: &mut VecDeque<Bytes>,
+    ) -> Dispatched {
         let mut out = Dispatched::default();
-        for (envelope, payload) in batch.frames() {
+        let mut frames = batch.frames();
+        while let Some((envelope, payload, has_fd)) = frames.next_with_fd() {
+            let in_fd = if has_fd { mapped.pop_front() } else { None };
+            let payload_of = |p: &[u8]| in_fd.clone().unwrap_or_else(|| batch.payload(p));
             match Envelope::decode(envelope) {
                 Ok(Envelope::Result { id, code, message }) => {
                     let Some(c) = self.calls.get_mut(&id).filter(|c| !c.answered()) else {
@@ -393,10 +404,10 @@ impl Core {
                             Some(code) => {
                                 // An error's value is copied: kept in an
                                 // `Error`, a view would pin the whole batch.
-                                let value = Bytes::copy_from_slice(&batch.payload(payload));
+                                let value = Bytes::copy_from_slice(&payload_of(payload));
                                 Outcome::Failed(code, message.to_owned(), value)
                             }
-                            None => Outcome::Ok(batch.payload(payload)),
+                            None => Outcome::Ok(payload_of(payload)),
                         });
                         out.delivered += 1;
                     }
@@ -416,7 +427,7 @@ impl Core {
                             );
                             events.pop_front();
                         }
-                        events.push_back(batch.payload(payload));
+                        events.push_back(payload_of(payload));
                         out.events += 1;
                     }
                 }

@@ -4,6 +4,7 @@
 //! backoff when it is lost. The connection itself is [`crate::conn`]; the
 //! handles and the call path are [`crate::client`].
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::sync::Notify;
+use zrpc_io::fdpass::{FdQueue, SealedFd};
 use zrpc_proto::{ErrorCode, FrameDecoder};
 
 use crate::common::{lock, Dead, OutFrame, Outcome, Retry, Settings, LARGE_FRAME};
@@ -248,15 +250,33 @@ impl Drop for SupervisorGuard {
 
 /// Handles every complete frame in `buf`. Returns why the connection must
 /// end, if it must.
-fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut) -> Option<Dead> {
+fn dispatch(
+    shared: &Shared,
+    conn: &Conn,
+    dec: &FrameDecoder,
+    buf: &mut BytesMut,
+    fds: &mut FdQueue,
+) -> Option<Dead> {
     // The complete frames at the front of `buf`, taken off as one shared
     // buffer and read where they lie: only a result payload takes a handle
     // on it (no envelope or per-frame split to take and drop).
     let (batch, corrupt) = dec.take_batch(buf);
+    // Payloads that came in descriptors: verified and mapped here, outside
+    // the lock, in frame order.
+    let mut mapped = VecDeque::new();
+    let mut frames = batch.frames();
+    while let Some((_, _, has_fd)) = frames.next_with_fd() {
+        if has_fd {
+            match map_fd_payload(fds, conn.welcome.max_message_size) {
+                Ok(b) => mapped.push_back(b),
+                Err(why) => return Some(why),
+            }
+        }
+    }
     let d = if batch.is_empty() {
         Dispatched::default()
     } else {
-        lock(&shared.state).core.dispatch(&batch, None)
+        lock(&shared.state).core.dispatch(&batch, None, &mut mapped)
     };
     if d.delivered > 1 {
         conn.mark_burst();
@@ -274,12 +294,28 @@ fn dispatch(shared: &Shared, conn: &Conn, dec: &FrameDecoder, buf: &mut BytesMut
     })
 }
 
+/// The next received descriptor as a payload: verified to be a sealed
+/// memfd of at most `max` bytes before it is mapped read-only. A missing or
+/// refused descriptor ends the connection (the broker broke the protocol).
+fn map_fd_payload(fds: &mut FdQueue, max: u32) -> Result<bytes::Bytes, Dead> {
+    let bad = |m: String| Dead::Fatal(ErrorCode::Protocol, m);
+    let fd = fds.pop_front().ok_or_else(|| {
+        bad("a frame from the broker announced a descriptor that did not come".into())
+    })?;
+    let sealed = SealedFd::verify(fd, max as usize)
+        .map_err(|e| bad(format!("bad payload descriptor from the broker: {e}")))?;
+    sealed
+        .map()
+        .map_err(|e| Dead::Disconnected(format!("cannot map a payload descriptor: {e}")))
+}
+
 /// Reads `conn` until it ends; returns why.
 async fn read_loop(shared: &Shared, conn: &Conn, mut buf: BytesMut) -> Dead {
-    let dec = FrameDecoder::new(conn.welcome.incoming_limit());
+    let dec = FrameDecoder::new(conn.welcome.incoming_limit()).with_fds(conn.fd_payloads);
+    let mut fds = conn.take_leftover_fds();
     loop {
         let before = buf.len();
-        if let Some(why) = dispatch(shared, conn, &dec, &mut buf) {
+        if let Some(why) = dispatch(shared, conn, &dec, &mut buf, &mut fds) {
             return why;
         }
         if before - buf.len() >= LARGE_FRAME {
@@ -298,7 +334,7 @@ async fn read_loop(shared: &Shared, conn: &Conn, mut buf: BytesMut) -> Dead {
         tokio::select! {
             biased;
             why = conn.stopped() => return why,
-            r = conn.read(&dec, &mut buf) => match r {
+            r = conn.read(&dec, &mut buf, &mut fds) => match r {
                 Ok(0) => return Dead::Disconnected("the broker closed the connection".into()),
                 Ok(_) => {}
                 Err(e) => return Dead::Disconnected(format!("read error: {e}")),

@@ -473,6 +473,7 @@ impl Peer {
                 version,
                 agent,
                 instance,
+                ..
             } => {
                 assert_eq!(version, zrpc_proto::PROTOCOL_VERSION);
                 assert!(agent.starts_with("zrpc-client/"), "{agent}");
@@ -485,6 +486,7 @@ impl Peer {
                 version: zrpc_proto::PROTOCOL_VERSION,
                 conn_id: 1,
                 max_message_size,
+                caps: 0,
             },
             &[],
         );
@@ -862,6 +864,7 @@ fn async_version_mismatch() {
                 version: 2,
                 conn_id: 1,
                 max_message_size: 1024,
+                caps: 0,
             },
             &[],
         );
@@ -1654,6 +1657,7 @@ fn speed_against_fake_echo() {
             version: 1,
             instance: 1,
             agent: "zrpc-client/raw",
+            caps: 0,
         },
         &[],
     );

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use zrpc_proto::{encode_frame, Envelope, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
 
-use crate::read::read_spare;
+use crate::fdpass::{read_spare_fds, FdQueue};
 use crate::trust::{check_broker, UntrustedBroker};
 
 /// Largest frame accepted during the handshake.
@@ -29,6 +29,9 @@ pub struct Welcome {
     pub conn_id: u64,
     /// The broker's limit on `body_len`.
     pub max_message_size: u32,
+    /// The capabilities of `Hello` the broker accepted
+    /// ([`zrpc_proto::caps`]).
+    pub caps: u32,
 }
 
 impl Welcome {
@@ -87,10 +90,27 @@ pub struct Connected {
     pub welcome: Welcome,
     /// Bytes read after `Welcome` (the beginning of the next frames).
     pub leftover: BytesMut,
+    /// Descriptors received with those bytes (for frames that carry one).
+    pub leftover_fds: FdQueue,
 }
 
-/// The `Hello` frame of a peer with this `instance` id and `agent` string.
+impl Welcome {
+    /// Whether the broker accepted payloads in descriptors on this
+    /// connection (see [`crate::fdpass`]).
+    pub fn fd_payloads(&self) -> bool {
+        self.caps & zrpc_proto::caps::FD_PAYLOADS != 0
+    }
+}
+
+/// The `Hello` frame of a peer with this `instance` id and `agent` string,
+/// offering no capabilities.
 pub fn hello_frame(instance: u64, agent: &str) -> BytesMut {
+    hello_frame_caps(instance, agent, 0)
+}
+
+/// The `Hello` frame of a peer with this `instance` id and `agent` string,
+/// offering `caps` ([`zrpc_proto::caps`]).
+pub fn hello_frame_caps(instance: u64, agent: &str, caps: u32) -> BytesMut {
     let mut out = BytesMut::with_capacity(64 + agent.len());
     encode_frame(
         &mut out,
@@ -98,6 +118,7 @@ pub fn hello_frame(instance: u64, agent: &str) -> BytesMut {
             version: PROTOCOL_VERSION,
             instance,
             agent,
+            caps,
         },
         &[],
     );
@@ -111,6 +132,7 @@ pub fn parse_welcome(frame: &Frame) -> Result<Welcome, HandshakeError> {
             version,
             conn_id,
             max_message_size,
+            caps,
         }) => {
             if version != PROTOCOL_VERSION {
                 return Err(HandshakeError::Version { broker: version });
@@ -118,6 +140,7 @@ pub fn parse_welcome(frame: &Frame) -> Result<Welcome, HandshakeError> {
             Ok(Welcome {
                 conn_id,
                 max_message_size,
+                caps,
             })
         }
         Ok(Envelope::Fatal { code, message }) => Err(HandshakeError::Fatal {
@@ -137,6 +160,9 @@ pub fn parse_welcome(frame: &Frame) -> Result<Welcome, HandshakeError> {
 /// The handshake's reading side: bytes in, `Welcome` out.
 struct Reading {
     buf: BytesMut,
+    /// Descriptors read with the bytes (they belong to frames after
+    /// `Welcome`: read with the descriptors, so that none is lost).
+    fds: FdQueue,
     dec: FrameDecoder,
 }
 
@@ -144,6 +170,7 @@ impl Reading {
     fn new() -> Reading {
         Reading {
             buf: BytesMut::with_capacity(16 * 1024),
+            fds: FdQueue::new(),
             dec: FrameDecoder::new(MAX_BODY),
         }
     }
@@ -189,27 +216,38 @@ pub async fn connect(
     let stream = tokio::net::UnixStream::connect(path).await.map_err(err)?;
     check_broker(&stream, path)?;
     let exchange = async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let mut stream = stream;
         stream.write_all(hello).await.map_err(err)?;
         let mut r = Reading::new();
         loop {
             if let Some(w) = r.welcome() {
-                return Ok((stream, w?, r.buf));
+                return Ok((stream, w?, r));
             }
-            if stream.read_buf(&mut r.buf).await.map_err(err)? == 0 {
-                return Err(err(closed()));
+            if r.buf.capacity() == r.buf.len() {
+                r.buf.reserve(16 * 1024);
+            }
+            stream.readable().await.map_err(err)?;
+            let read = stream.try_io(tokio::io::Interest::READABLE, || {
+                read_spare_fds(&stream, &mut r.buf, &mut r.fds)
+            });
+            match read {
+                Ok(0) => return Err(err(closed())),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(err(e)),
             }
         }
     };
-    let (stream, welcome, leftover) = tokio::time::timeout(timeout, exchange)
+    let (stream, welcome, r) = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| err(timed_out(timeout)))??;
     let sock = stream.into_std().map_err(err)?;
     Ok(Connected {
         sock,
         welcome,
-        leftover,
+        leftover: r.buf,
+        leftover_fds: r.fds,
     })
 }
 
@@ -235,7 +273,7 @@ pub fn connect_blocking(
         if r.buf.capacity() == r.buf.len() {
             r.buf.reserve(16 * 1024);
         }
-        match read_spare(&sock, &mut r.buf) {
+        match read_spare_fds(&sock, &mut r.buf, &mut r.fds) {
             Ok(0) => return Err(err(closed())),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -255,6 +293,7 @@ pub fn connect_blocking(
         sock,
         welcome,
         leftover: r.buf,
+        leftover_fds: r.fds,
     })
 }
 
@@ -299,6 +338,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             conn_id: 7,
             max_message_size: 1000,
+            caps: 0,
         });
         answer.extend_from_slice(b"next");
         let (path, t) = fake(answer);
@@ -308,7 +348,8 @@ mod tests {
             c.welcome,
             Welcome {
                 conn_id: 7,
-                max_message_size: 1000
+                max_message_size: 1000,
+                caps: 0,
             }
         );
         assert_eq!(
@@ -327,6 +368,7 @@ mod tests {
                 version,
                 instance,
                 agent,
+                ..
             } => assert_eq!((version, instance, agent), (PROTOCOL_VERSION, 42, "t/1")),
             other => panic!("expected Hello, got {other:?}"),
         }
@@ -347,6 +389,7 @@ mod tests {
                     version: PROTOCOL_VERSION + 1,
                     conn_id: 1,
                     max_message_size: 1000,
+                    caps: 0,
                 }),
                 "version",
             ),
@@ -397,6 +440,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             conn_id: 3,
             max_message_size: 2000,
+            caps: 0,
         }));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -10,6 +10,9 @@
 //! - [`handshake`]: connecting to the broker, checking who it is
 //!   ([`trust`]) and the `Hello`/`Welcome` exchange, async and blocking;
 //! - [`backoff`]: the reconnection backoff and the process's random ids;
+//! - [`fdpass`]: large payloads as sealed memfds passed with
+//!   `SCM_RIGHTS` (creating, verifying, mapping; reading descriptors off a
+//!   socket);
 //! - [`reactor`]: registering a socket with tokio for one interest only;
 //! - [`busy_poll`]: adaptive busy polling before a runtime parks;
 //! - [`sd`]: the systemd notification protocol.
@@ -21,6 +24,7 @@
 
 pub mod backoff;
 pub mod busy_poll;
+pub mod fdpass;
 pub mod handshake;
 pub mod reactor;
 pub mod read;

@@ -18,10 +18,12 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::Interest;
 
+use crate::fdpass::{send_with_fds, SealedFd, MAX_FDS_PER_MSG};
 use crate::reactor::{register_dup, Registered};
 
 /// Most slices handed to one `sendmsg`.
@@ -37,6 +39,13 @@ pub struct OutQueue {
     chunk_bytes: usize,
     /// Small frames, appended in order after `chunks`.
     tail: BytesMut,
+    /// Descriptors to send, each with the stream position (see `written`)
+    /// of the first byte of its frame: it is attached to the `sendmsg`
+    /// that starts at or before that byte ([`crate::fdpass`]).
+    fds: VecDeque<(u64, Arc<SealedFd>)>,
+    /// Stream position of the first queued byte (wrapping; positions are
+    /// compared as offsets from it).
+    written: u64,
 }
 
 impl OutQueue {
@@ -95,10 +104,24 @@ impl OutQueue {
         }
     }
 
+    /// Attaches `fd` to the frame whose first byte is queued next: call it
+    /// right before queuing that frame's header. The queue keeps `fd` open
+    /// until it is sent.
+    pub fn push_fd(&mut self, fd: Arc<SealedFd>) {
+        let at = self.written.wrapping_add(self.len() as u64);
+        self.fds.push_back((at, fd));
+    }
+
+    /// Descriptors queued and not yet sent.
+    pub fn fds_queued(&self) -> usize {
+        self.fds.len()
+    }
+
     /// Puts `b` before everything queued (the unwritten rest of a frame
     /// written directly, outside the queue).
     pub fn push_front(&mut self, b: Bytes) {
         if !b.is_empty() {
+            self.written = self.written.wrapping_sub(b.len() as u64);
             self.chunk_bytes += b.len();
             self.chunks.push_front(b);
         }
@@ -117,6 +140,8 @@ impl OutQueue {
     /// send); for code that has no socket (benchmarks, tests).
     pub fn take_into(&mut self, out: &mut Vec<Bytes>) {
         self.seal();
+        self.written = self.written.wrapping_add(self.chunk_bytes as u64);
+        self.fds.clear();
         out.extend(self.chunks.drain(..));
         self.chunk_bytes = 0;
     }
@@ -131,6 +156,7 @@ impl OutQueue {
 
     /// Removes the first `n` bytes (written).
     fn consume(&mut self, mut n: usize) {
+        self.written = self.written.wrapping_add(n as u64);
         while n > 0 {
             let Some(c) = self.chunks.front_mut() else {
                 self.tail.advance(n);
@@ -151,12 +177,56 @@ impl OutQueue {
     /// slices); what was written leaves the queue. Errors are the
     /// syscall's, `WouldBlock` included.
     pub fn write_once(&mut self, fd: RawFd) -> io::Result<usize> {
+        if !self.fds.is_empty() {
+            return self.write_once_with_fds(fd);
+        }
         let parts = self
             .chunks
             .iter()
             .map(|c| &c[..])
             .chain(std::iter::once(&self.tail[..]));
         let n = send_parts(fd, parts)?;
+        self.consume(n);
+        Ok(n)
+    }
+
+    /// [`OutQueue::write_once`] with the first queued descriptors attached
+    /// (sent early is fine: the receiver queues them in order); the bytes
+    /// offered stop before the frame of the first descriptor that does not
+    /// fit in this message, so that no descriptor arrives after its frame.
+    fn write_once_with_fds(&mut self, fd: RawFd) -> io::Result<usize> {
+        let attach = self.fds.len().min(MAX_FDS_PER_MSG);
+        let mut limit = self
+            .fds
+            .get(attach)
+            .map_or(usize::MAX, |(at, _)| at.wrapping_sub(self.written) as usize);
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(MAX_IOVECS);
+        for c in self
+            .chunks
+            .iter()
+            .map(|c| &c[..])
+            .chain(std::iter::once(&self.tail[..]))
+            .filter(|c| !c.is_empty())
+            .take(MAX_IOVECS)
+        {
+            if limit == 0 {
+                break;
+            }
+            let c = &c[..c.len().min(limit)];
+            limit -= c.len();
+            parts.push(c);
+        }
+        let raw: Vec<RawFd> = self
+            .fds
+            .iter()
+            .take(attach)
+            .map(|(_, f)| f.as_raw_fd())
+            .collect();
+        let n = send_with_fds(fd, &parts, &raw)?;
+        if n > 0 {
+            // Sent with the first byte: the queue's copies can be closed.
+            self.fds.drain(..attach);
+        }
         self.consume(n);
         Ok(n)
     }
@@ -353,6 +423,41 @@ mod tests {
         let all = reader.join().expect("reader");
         assert_eq!(&all[..big.len()], &big[..]);
         assert_eq!(&all[big.len()..], b"end");
+    }
+
+    #[test]
+    fn descriptors_travel_no_later_than_their_frames() {
+        use crate::fdpass::{read_spare_fds, FdQueue};
+        let (a, b) = UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let mut q = OutQueue::default();
+        q.push_copy(b"before");
+        // More descriptors than one message carries, one per 4-byte frame.
+        let n = MAX_FDS_PER_MSG + 3;
+        for i in 0..n {
+            let f = SealedFd::create(&[i as u8 + 1; 3]).expect("memfd");
+            q.push_fd(Arc::new(f));
+            q.push_copy(&(i as u32).to_be_bytes());
+        }
+        assert_eq!(q.fds_queued(), n);
+        let first = q.write_once(a.as_raw_fd()).expect("write");
+        assert_eq!(
+            first,
+            6 + 4 * MAX_FDS_PER_MSG,
+            "stops before an unsent fd's frame"
+        );
+        assert!(q.write_now(a.as_raw_fd()).expect("write"));
+        assert_eq!(q.fds_queued(), 0);
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut fds = FdQueue::new();
+        while buf.len() < 6 + 4 * n {
+            read_spare_fds(&b, &mut buf, &mut fds).expect("read");
+        }
+        assert_eq!(fds.len(), n);
+        for (i, fd) in fds.into_iter().enumerate() {
+            let s = SealedFd::verify(fd, 10).expect("sealed");
+            assert_eq!(&s.map().expect("map")[..], &[i as u8 + 1; 3]);
+        }
     }
 
     #[test]

@@ -9,6 +9,13 @@ use crate::{Envelope, ProtoError};
 /// Length of the fixed frame header: `body_len` and `env_len`, both u32 BE.
 pub const HEADER_LEN: usize = 8;
 
+/// Set in `env_len` of a frame whose payload travels in a descriptor (a
+/// sealed memfd sent with the frame, see `docs/protocol.md`): such a frame
+/// has no payload bytes (`body_len` = `env_len` without the flag). Only a
+/// decoder made [`with_fds`](FrameDecoder::with_fds) accepts it; to any
+/// other, `env_len` is larger than `body_len`, a malformed frame.
+pub const FD_PAYLOAD_FLAG: u32 = 1 << 31;
+
 /// One frame, split into its envelope bytes and its payload bytes. Both are
 /// cheap reference-counted slices of the buffer the frame was read into.
 #[derive(Debug, Clone)]
@@ -30,12 +37,27 @@ impl Frame {
 #[derive(Debug, Clone, Copy)]
 pub struct FrameDecoder {
     max_body: u32,
+    fds: bool,
 }
 
 impl FrameDecoder {
     /// A decoder that rejects frames whose body exceeds `max_body` bytes.
     pub fn new(max_body: u32) -> Self {
-        FrameDecoder { max_body }
+        FrameDecoder {
+            max_body,
+            fds: false,
+        }
+    }
+
+    /// The same decoder, accepting frames with [`FD_PAYLOAD_FLAG`]
+    /// (`true`) or refusing them as malformed (`false`, the default).
+    pub fn with_fds(self, fds: bool) -> Self {
+        FrameDecoder { fds, ..self }
+    }
+
+    /// Whether frames with [`FD_PAYLOAD_FLAG`] are accepted.
+    pub fn accepts_fds(&self) -> bool {
+        self.fds
     }
 
     /// The configured body limit.
@@ -69,7 +91,14 @@ impl FrameDecoder {
             return Ok(None);
         };
         let body_len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        let env_len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        let mut env_len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        let fd = self.fds && env_len & FD_PAYLOAD_FLAG != 0;
+        if fd {
+            env_len &= !FD_PAYLOAD_FLAG;
+            if env_len != body_len {
+                return Err(ProtoError::BadEnvelopeLength { env_len, body_len });
+            }
+        }
         if body_len > self.max_body {
             return Err(ProtoError::FrameTooLarge {
                 len: body_len as u64,
@@ -85,6 +114,7 @@ impl FrameDecoder {
         Ok(Some(FrameSize {
             env_len: env_len as usize,
             body_len: body_len as usize,
+            fd,
         }))
     }
 
@@ -166,18 +196,34 @@ impl Batch {
 #[derive(Debug)]
 pub struct BatchFrames<'a>(&'a [u8]);
 
+impl<'a> BatchFrames<'a> {
+    /// The next frame as `(envelope, payload, has_fd)`: `has_fd` for a
+    /// frame with [`FD_PAYLOAD_FLAG`] (its payload travels in the next
+    /// descriptor received; only a decoder made
+    /// [`with_fds`](FrameDecoder::with_fds) lets one into a batch).
+    #[inline]
+    pub fn next_with_fd(&mut self) -> Option<(&'a [u8], &'a [u8], bool)> {
+        // The frames were validated when the batch was taken.
+        let header = self.0.get(..HEADER_LEN)?;
+        let body_len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let raw_env = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        let fd = raw_env & FD_PAYLOAD_FLAG != 0;
+        let env_len = (raw_env & !FD_PAYLOAD_FLAG) as usize;
+        let body = self.0.get(HEADER_LEN..HEADER_LEN + body_len)?;
+        self.0 = &self.0[HEADER_LEN + body_len..];
+        (env_len <= body_len).then(|| {
+            let (e, p) = body.split_at(env_len);
+            (e, p, fd)
+        })
+    }
+}
+
 impl<'a> Iterator for BatchFrames<'a> {
     type Item = (&'a [u8], &'a [u8]);
 
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
-        // The frames were validated when the batch was taken.
-        let header = self.0.get(..HEADER_LEN)?;
-        let body_len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let env_len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        let body = self.0.get(HEADER_LEN..HEADER_LEN + body_len)?;
-        self.0 = &self.0[HEADER_LEN + body_len..];
-        (env_len <= body_len).then(|| body.split_at(env_len))
+        self.next_with_fd().map(|(e, p, _)| (e, p))
     }
 }
 
@@ -187,9 +233,17 @@ impl<'a> Iterator for BatchFrames<'a> {
 pub struct FrameSize {
     env_len: usize,
     body_len: usize,
+    fd: bool,
 }
 
 impl FrameSize {
+    /// Whether the frame's payload travels in the next descriptor received
+    /// ([`FD_PAYLOAD_FLAG`]); its payload bytes are then empty.
+    #[inline]
+    pub fn has_fd(&self) -> bool {
+        self.fd
+    }
+
     /// Length of the envelope.
     #[inline]
     pub fn env_len(&self) -> usize {
@@ -263,6 +317,15 @@ pub fn encode_header(out: &mut BytesMut, env: &Envelope<'_>, payload_len: usize)
     out.chunk_mut()[..HEADER_LEN].copy_from_slice(&header(env_len, payload_len));
     // SAFETY: the header and the `env_len` bytes after it were just written.
     unsafe { out.advance_mut(HEADER_LEN + env_len) };
+}
+
+/// Appends the header and envelope of a frame whose payload travels in a
+/// descriptor sent with it ([`FD_PAYLOAD_FLAG`]; no payload bytes follow).
+pub fn encode_fd_header(out: &mut BytesMut, env: &Envelope<'_>) {
+    let at = out.len();
+    encode_header(out, env, 0);
+    let env_len = u32::from_be_bytes([out[at + 4], out[at + 5], out[at + 6], out[at + 7]]);
+    out[at + 4..at + 8].copy_from_slice(&(env_len | FD_PAYLOAD_FLAG).to_be_bytes());
 }
 
 /// The frame header for an envelope and a payload of these lengths.

@@ -6,6 +6,16 @@ use bytes::{BufMut, BytesMut};
 use crate::mp::{self, Reader, Writer};
 use crate::{ErrorCode, ProtoError};
 
+/// Capability bits of `Hello` and `Welcome` (their optional 5th element).
+pub mod caps {
+    /// Payloads of [`crate::FD_PAYLOAD_FLAG`] frames: the payload travels
+    /// as a sealed memfd passed with `SCM_RIGHTS` (docs/protocol.md,
+    /// "Payloads in descriptors"). In `Hello`: the peer can send and
+    /// receive them; in `Welcome`: the broker accepts them from this
+    /// connection and may send them to it.
+    pub const FD_PAYLOADS: u32 = 1;
+}
+
 /// Flags carried by a `Call` envelope.
 pub mod flags {
     /// Fail the call at once with `NoSuchService` when no service holds the
@@ -78,6 +88,9 @@ pub enum Envelope<'a> {
         instance: u64,
         /// Free-form description of the peer software, for logs.
         agent: &'a str,
+        /// Capabilities the peer offers ([`caps`] bits; 0, and not sent,
+        /// when none: the 5th element, absent from older peers).
+        caps: u32,
     },
     /// `[2, version, conn_id, max_message_size]`.
     Welcome {
@@ -87,6 +100,9 @@ pub enum Envelope<'a> {
         conn_id: u64,
         /// Largest `body_len` the broker accepts.
         max_message_size: u32,
+        /// Capabilities of the peer's `Hello` that the broker accepts on
+        /// this connection ([`caps`] bits; 0, and not sent, when none).
+        caps: u32,
     },
     /// `[3, req, name, shared]`: take `name`. With `shared`, join the
     /// instances already holding it (they must all be shared).
@@ -252,8 +268,8 @@ impl<'a> Envelope<'a> {
         const U: usize = mp::MAX_UINT_LEN;
         // Array header and kind.
         2 + match *self {
-            Envelope::Hello { agent, .. } => 2 * U + mp::max_str_len(agent),
-            Envelope::Welcome { .. } => 3 * U,
+            Envelope::Hello { agent, .. } => 3 * U + mp::max_str_len(agent),
+            Envelope::Welcome { .. } => 4 * U,
             Envelope::Register { name, .. } => U + mp::max_str_len(name) + 1,
             Envelope::Unregister { name, .. } => U + mp::max_str_len(name),
             Envelope::Ack { message, .. }
@@ -337,23 +353,31 @@ impl<'a> Envelope<'a> {
                 version,
                 instance,
                 agent,
+                caps,
             } => {
-                out.array_len(4);
+                out.array_len(if caps == 0 { 4 } else { 5 });
                 out.uint(kind);
                 out.uint(version as u64);
                 out.uint(instance);
                 out.str(agent);
+                if caps != 0 {
+                    out.uint(caps as u64);
+                }
             }
             Envelope::Welcome {
                 version,
                 conn_id,
                 max_message_size,
+                caps,
             } => {
-                out.array_len(4);
+                out.array_len(if caps == 0 { 4 } else { 5 });
                 out.uint(kind);
                 out.uint(version as u64);
                 out.uint(conn_id);
                 out.uint(max_message_size as u64);
+                if caps != 0 {
+                    out.uint(caps as u64);
+                }
             }
             Envelope::Register { req, name, shared } => {
                 out.array_len(4);
@@ -515,8 +539,9 @@ impl<'a> Envelope<'a> {
                     version: r.u32()?,
                     instance: r.uint()?,
                     agent: r.str()?,
+                    caps: if len >= 5 { r.u32()? } else { 0 },
                 };
-                (env, 4)
+                (env, 4 + u32::from(len >= 5))
             }
             2 => {
                 need(4)?;
@@ -524,8 +549,9 @@ impl<'a> Envelope<'a> {
                     version: r.u32()?,
                     conn_id: r.uint()?,
                     max_message_size: r.u32()?,
+                    caps: if len >= 5 { r.u32()? } else { 0 },
                 };
-                (env, 4)
+                (env, 4 + u32::from(len >= 5))
             }
             3 => {
                 need(4)?;

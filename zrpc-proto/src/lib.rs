@@ -27,9 +27,10 @@ pub mod shape;
 
 pub use blob::Blob;
 pub use codec::{
-    encode_frame, encode_header, Batch, BatchFrames, Frame, FrameDecoder, FrameSize, HEADER_LEN,
+    encode_fd_header, encode_frame, encode_header, Batch, BatchFrames, Frame, FrameDecoder,
+    FrameSize, FD_PAYLOAD_FLAG, HEADER_LEN,
 };
-pub use envelope::{flags, Caller, Envelope, Kind};
+pub use envelope::{caps, flags, Caller, Envelope, Kind};
 pub use error::{ErrorCode, ProtoError};
 pub use inline::InlineBytes;
 pub use names::{to_snake_case, validate_name, MAX_NAME_LEN};

@@ -8,11 +8,13 @@ fn all_envelopes() -> Vec<Envelope<'static>> {
             version: PROTOCOL_VERSION,
             instance: u64::MAX,
             agent: "zrpc-client/0.1",
+            caps: 0,
         },
         Envelope::Welcome {
             version: 1,
             conn_id: 7,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            caps: 0,
         },
         Envelope::Register {
             req: 1,

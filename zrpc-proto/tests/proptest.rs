@@ -69,11 +69,13 @@ impl Owned {
                 version: *version,
                 instance: *instance,
                 agent,
+                caps: 0,
             },
             Owned::Welcome(version, conn_id, max) => Envelope::Welcome {
                 version: *version,
                 conn_id: *conn_id,
                 max_message_size: *max,
+                caps: 0,
             },
             Owned::Register(req, name, shared) => Envelope::Register {
                 req: *req,
@@ -666,6 +668,7 @@ fn str32_strings_round_trip() {
         version: 1,
         instance: 3,
         agent: &long,
+        caps: 0,
     };
     let mut b = BytesMut::new();
     e.encode(&mut b);
@@ -690,6 +693,7 @@ fn write_fuzz_seed_corpus() {
                 version: 1,
                 instance: 0x0123_4567_89ab_cdef,
                 agent: "zrpc-client/0.1",
+                caps: 0,
             },
         ),
         (
@@ -698,6 +702,7 @@ fn write_fuzz_seed_corpus() {
                 version: 1,
                 conn_id: 7,
                 max_message_size: 16 << 20,
+                caps: 0,
             },
         ),
         (

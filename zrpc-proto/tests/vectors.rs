@@ -31,18 +31,26 @@ fn meaning(env: &Envelope<'_>) -> (u8, Value) {
             version,
             instance,
             agent,
-        } => (
-            1,
-            json!({"version": version, "instance": instance, "agent": agent}),
-        ),
+            caps,
+        } => {
+            let mut v = json!({"version": version, "instance": instance, "agent": agent});
+            if caps != 0 {
+                v["caps"] = json!(caps);
+            }
+            (1, v)
+        }
         Envelope::Welcome {
             version,
             conn_id,
             max_message_size,
-        } => (
-            2,
-            json!({"version": version, "conn_id": conn_id, "max_message_size": max_message_size}),
-        ),
+            caps,
+        } => {
+            let mut v = json!({"version": version, "conn_id": conn_id, "max_message_size": max_message_size});
+            if caps != 0 {
+                v["caps"] = json!(caps);
+            }
+            (2, v)
+        }
         Envelope::Register { req, name, shared } => {
             (3, json!({"req": req, "name": name, "shared": shared}))
         }

@@ -13,10 +13,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::Interest;
 use zrpc_io::busy_poll::BusyPoll;
+use zrpc_io::fdpass::{FdQueue, SealedFd, FD_PAYLOAD_MIN};
 use zrpc_io::reactor::{register, Registered};
 use zrpc_io::{OutQueue, ReadPolicy};
 use zrpc_proto::{
-    encode_frame, encode_header, Envelope, ErrorCode, Frame, FrameDecoder, DEFAULT_MAX_MESSAGE_SIZE,
+    encode_fd_header, encode_frame, encode_header, Envelope, ErrorCode, Frame, FrameDecoder,
+    DEFAULT_MAX_MESSAGE_SIZE,
 };
 
 use crate::cache::Outcome;
@@ -127,6 +129,11 @@ pub(crate) struct Conn {
     unflushed: usize,
     /// The busy poller watching this connection, under `run`/`run_once`.
     busy_poll: Option<Rc<BusyPoll>>,
+    /// Descriptors received and not yet claimed by their frames.
+    fds: FdQueue,
+    /// The broker accepted payloads in descriptors (`Welcome`): large
+    /// replies go as sealed memfds, requests may come as them.
+    fd_payloads: bool,
 }
 
 impl Conn {
@@ -156,14 +163,37 @@ impl Conn {
             parked: None,
             frame_own_buffer: false,
             unflushed: 0,
+            fds: FdQueue::new(),
+            fd_payloads: false,
         })
     }
 
     /// Takes the broker's `Welcome` and the bytes read after it.
-    pub(crate) fn welcomed(&mut self, welcome: zrpc_io::Welcome, leftover: BytesMut) {
+    pub(crate) fn welcomed(
+        &mut self,
+        welcome: zrpc_io::Welcome,
+        leftover: BytesMut,
+        leftover_fds: FdQueue,
+    ) {
         self.max_message_size = welcome.max_message_size;
-        self.decoder = FrameDecoder::new(welcome.incoming_limit());
+        self.fd_payloads = welcome.fd_payloads();
+        self.decoder = FrameDecoder::new(welcome.incoming_limit()).with_fds(self.fd_payloads);
         self.rbuf.extend_from_slice(&leftover);
+        self.fds = leftover_fds;
+    }
+
+    /// The payload of a frame that came in a descriptor: the next one
+    /// received, verified (a sealed memfd no larger than a message) before
+    /// it is mapped read-only.
+    fn fd_payload(&mut self) -> Result<Bytes, Error> {
+        let fd = self.fds.pop_front().ok_or_else(|| {
+            Error::FdPayload("a frame announced a descriptor that was not sent with it".into())
+        })?;
+        let sealed = SealedFd::verify(fd, self.max_message_size as usize)
+            .map_err(|e| Error::FdPayload(e.to_string()))?;
+        sealed
+            .map()
+            .map_err(|e| Error::FdPayload(format!("cannot map it: {e}")))
     }
 
     /// Queues a control frame (no payload) for the next flush.
@@ -197,7 +227,18 @@ impl Conn {
             // Exactly the frame: no byte of the next one in its allocation.
             self.rbuf.reserve(total - self.rbuf.len());
         }
-        match zrpc_io::read::read_some(&self.rd, &mut self.rbuf, |_| {}).await {
+        let read = if self.fd_payloads {
+            zrpc_io::fdpass::read_some_fds(&self.rd, &mut self.rbuf, &mut self.fds, |_| {}).await
+        } else {
+            zrpc_io::read::read_some(&self.rd, &mut self.rbuf, |_| {}).await
+        };
+        if self.fds.len() > zrpc_io::fdpass::MAX_FDS_PER_MSG * 4 {
+            return Err(Error::FdPayload(format!(
+                "{} descriptors received ahead of their frames",
+                self.fds.len()
+            )));
+        }
+        match read {
             Ok(0) => Err(Error::Disconnected),
             Ok(n) => {
                 if let Some(bp) = &self.busy_poll {
@@ -357,8 +398,19 @@ impl Conn {
         if !batch.is_empty() {
             self.frame_own_buffer = false;
         }
-        for (envelope, payload) in batch.frames() {
-            let action = self.handle_parts(batch.bytes(), envelope, || batch.payload(payload))?;
+        let mut frames = batch.frames();
+        while let Some((envelope, payload, has_fd)) = frames.next_with_fd() {
+            let action = if has_fd {
+                let mapped = self.fd_payload()?;
+                // The mapping is an allocation of its own: the reply
+                // cache may keep a view of it.
+                self.frame_own_buffer = true;
+                let a = self.handle_parts(batch.bytes(), envelope, || mapped);
+                self.frame_own_buffer = false;
+                a?
+            } else {
+                self.handle_parts(batch.bytes(), envelope, || batch.payload(payload))?
+            };
             Self::after(action)?;
         }
         match corrupt {
@@ -384,6 +436,24 @@ impl Conn {
     pub(crate) fn write_outcome(&mut self, id: u64, outcome: &Outcome) {
         self.unflushed += 1;
         match outcome {
+            Ok(payload) if self.fd_payloads && payload.len() >= FD_PAYLOAD_MIN => {
+                let reply = Envelope::Reply {
+                    id,
+                    code: None,
+                    message: "",
+                };
+                match SealedFd::create(payload) {
+                    Ok(fd) => {
+                        self.out.push_fd(std::sync::Arc::new(fd));
+                        encode_fd_header(self.out.tail(), &reply);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot put a reply in a memfd; sending it inline");
+                        encode_header(self.out.tail(), &reply, payload.len());
+                        self.out.push_shared(payload.clone());
+                    }
+                }
+            }
             Ok(payload) if payload.len() >= LARGE_PAYLOAD => {
                 encode_header(
                     self.out.tail(),

@@ -37,6 +37,10 @@ pub enum Error {
     /// The broker sent a message this library does not expect.
     #[error("unexpected message from zrpcd: {0}")]
     Unexpected(String),
+    /// A payload descriptor from the broker was missing, not a sealed
+    /// memfd, or could not be mapped.
+    #[error("bad payload descriptor from zrpcd: {0}")]
+    FdPayload(String),
     /// The broker reported a fatal error and closed the connection.
     #[error("zrpcd reported a fatal error ({code}): {message}")]
     Fatal {
@@ -136,6 +140,7 @@ impl Error {
             | Error::Disconnected
             | Error::Protocol(_)
             | Error::Unexpected(_)
+            | Error::FdPayload(_)
             | Error::HandshakeTimeout(_) => true,
             Error::Fatal { code, .. } => *code != ErrorCode::VersionMismatch,
             _ => false,

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use zrpc_io::handshake::hello_frame;
+use zrpc_io::handshake::hello_frame_caps;
 use zrpc_io::{Backoff, Retry};
 use zrpc_proto::{socket_path, validate_name, Envelope, ErrorCode, DEFAULT_MAX_MESSAGE_SIZE};
 
@@ -285,10 +285,14 @@ async fn connect(
     names: &[String],
     shared: bool,
 ) -> Result<Conn, Error> {
-    let c = zrpc_io::handshake::connect(&path, &hello_frame(instance, AGENT), HANDSHAKE_TIMEOUT)
-        .await?;
+    let c = zrpc_io::handshake::connect(
+        &path,
+        &hello_frame_caps(instance, AGENT, zrpc_proto::caps::FD_PAYLOADS),
+        HANDSHAKE_TIMEOUT,
+    )
+    .await?;
     let mut conn = Conn::new(c.sock).map_err(Error::from_io)?;
-    conn.welcomed(c.welcome, c.leftover);
+    conn.welcomed(c.welcome, c.leftover, c.leftover_fds);
 
     // Register every name; requests may arrive as soon as the first Ack.
     for (i, name) in names.iter().enumerate() {

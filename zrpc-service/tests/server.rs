@@ -124,6 +124,7 @@ impl Peer {
                 version: 1,
                 conn_id: 1,
                 max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+                caps: 0,
             },
             &[],
         );
@@ -166,6 +167,7 @@ impl Peer {
                 version: 1,
                 conn_id: 1,
                 max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+                caps: 0,
             },
             &[],
         );
@@ -627,6 +629,7 @@ fn name_taken_is_a_typed_error() {
             version: 1,
             conn_id: 1,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            caps: 0,
         },
         &[],
     );
@@ -690,6 +693,7 @@ fn disconnect_then_reconnect_without_auto_reconnect() {
             version: 1,
             conn_id: 2,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            caps: 0,
         },
         &[],
     );

@@ -65,6 +65,7 @@ fn connect(broker: &mut Broker, instance: u64) -> (PeerId, Rc<PeerIo>) {
         version: PROTOCOL_VERSION,
         instance,
         agent: "routing-bench",
+        caps: 0,
     };
     broker.on_frame(id, frame(&hello, &[])).expect("hello");
     (id, io)

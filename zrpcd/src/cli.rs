@@ -53,6 +53,14 @@ pub struct Args {
     /// connections together; the connection that would pass it is closed
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_PARTIAL_BYTES)]
     pub max_partial_bytes: usize,
+    /// Most payload descriptors (sealed memfds carrying large payloads)
+    /// held for one connection; 0 turns descriptor passing off (payloads
+    /// then travel inline)
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_FDS_PER_CONN)]
+    pub max_fds_per_conn: usize,
+    /// Most payload descriptors held by the broker in all
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_FDS)]
+    pub max_fds: usize,
     /// Most service names with rows of their own in `zrpc stats` (names that
     /// are or were registered); the rest are counted under "(other)"
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_STATS_NAMES,

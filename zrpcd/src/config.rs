@@ -22,6 +22,13 @@ pub const DEFAULT_MAX_PENDING_BYTES_PER_CONN: usize = 256 * 1024 * 1024;
 /// Default `--max-pending-bytes`: 1 GiB.
 pub const DEFAULT_MAX_PENDING_BYTES: usize = 1024 * 1024 * 1024;
 
+/// Default `--max-fds-per-conn`: payload descriptors held by the broker
+/// for one connection.
+pub const DEFAULT_MAX_FDS_PER_CONN: usize = 64;
+
+/// Default `--max-fds`: payload descriptors held by the broker in all.
+pub const DEFAULT_MAX_FDS: usize = 4096;
+
 /// Default `--max-stats-names`.
 pub const DEFAULT_MAX_STATS_NAMES: u64 = 1024;
 
@@ -96,6 +103,14 @@ pub struct Config {
     /// out of work while frames arrive back to back (zero: never; at most
     /// 1 ms; see [`zrpc_io::busy_poll`]).
     pub busy_poll: Duration,
+    /// Most payload descriptors (sealed memfds, see `docs/protocol.md`)
+    /// the broker holds for one connection: received and kept for its
+    /// calls, or queued towards it; 0 turns descriptor passing off for
+    /// everyone (payloads then travel inline) (`--max-fds-per-conn`).
+    pub max_fds_per_conn: usize,
+    /// Most payload descriptors the broker holds in all
+    /// (`--max-fds`); a user's quota defaults to a quarter of it.
+    pub max_fds: usize,
 }
 
 impl Config {
@@ -108,6 +123,7 @@ impl Config {
             max_pending_bytes: self.max_pending_bytes,
             max_partial_bytes: self.max_partial_bytes,
             max_queued_bytes: self.max_queued_bytes,
+            max_fds: self.max_fds,
         }
     }
 
@@ -138,6 +154,8 @@ impl Config {
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
             max_partial_bytes: DEFAULT_MAX_PARTIAL_BYTES,
             max_stats_names: DEFAULT_MAX_STATS_NAMES as usize,
+            max_fds_per_conn: DEFAULT_MAX_FDS_PER_CONN,
+            max_fds: DEFAULT_MAX_FDS,
         }
     }
 }

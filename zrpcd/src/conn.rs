@@ -16,6 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
+use zrpc_io::fdpass::{FdQueue, MAX_FDS_PER_MSG};
 use zrpc_io::reactor::{register, register_dup};
 use zrpc_io::ReadPolicy;
 use zrpc_proto::{ErrorCode, FrameDecoder, ProtoError};
@@ -164,17 +165,19 @@ async fn read_loop(
     io: &PeerIo,
     id: PeerId,
     rd: Rc<AsyncFd<std::os::unix::net::UnixStream>>,
-    decoder: FrameDecoder,
+    mut decoder: FrameDecoder,
     hello_deadline: Instant,
 ) -> String {
     let mut buf = BytesMut::new();
+    // Descriptors received and not yet claimed by their frames, in order.
+    let mut fds = FdQueue::new();
     let mut ready = false;
     // Read buffer held for a partly received frame, as last reported to the
     // broker (`Broker::note_partial`).
     let mut held = 0;
     loop {
         let read = tokio::select! {
-            r = read_some(&rd, &mut buf, &decoder) => r,
+            r = read_some(&rd, &mut buf, &mut fds, &decoder) => r,
             _ = io.kill.notified() => return "closed by the broker".into(),
             _ = tokio::time::sleep_until(hello_deadline), if !ready => {
                 let fatal = Fatal {
@@ -188,9 +191,40 @@ async fn read_loop(
         let read_bytes = match read {
             Ok(0) => return "end of stream".into(),
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // Descriptors lost to truncation: the rest cannot be
+                // matched to their frames.
+                let fatal = Fatal {
+                    code: ErrorCode::LimitExceeded,
+                    message: format!("{e}; send at most {MAX_FDS_PER_MSG} at once"),
+                };
+                broker.borrow_mut().close_with(id, &fatal);
+                return fatal.message;
+            }
             Err(e) => return format!("read error: {e}"),
         };
         let mut b = broker.borrow_mut();
+        if !fds.is_empty() {
+            if !decoder.accepts_fds() {
+                // Not negotiated: descriptors sent anyway are closed unread.
+                tracing::debug!(
+                    peer = id,
+                    n = fds.len(),
+                    "closing descriptors sent without negotiating them"
+                );
+                fds.clear();
+            } else if fds.len() > b.max_unclaimed_fds() {
+                let fatal = Fatal {
+                    code: ErrorCode::LimitExceeded,
+                    message: format!(
+                        "{} descriptors sent ahead of their frames (limit --max-fds-per-conn)",
+                        fds.len()
+                    ),
+                };
+                b.close_with(id, &fatal);
+                return fatal.message;
+            }
+        }
         // One clock read per read batch, for every frame of it.
         let now = std::time::Instant::now();
         // Every peer that got frames is written once this wake-up's other
@@ -223,7 +257,16 @@ async fn read_loop(
                 }
             };
             frames += 1;
-            let handled = if size.payload_len() <= IN_PLACE_MAX {
+            let handled = if size.has_fd() {
+                let (env, _) = size.parts(&buf[done..]);
+                done += size.total();
+                match fds.pop_front() {
+                    Some(fd) => b.on_fd_frame(id, env, fd, now),
+                    None => Err(Fatal::protocol(
+                        "a frame announced a payload descriptor that was not sent with it",
+                    )),
+                }
+            } else if size.payload_len() <= IN_PLACE_MAX {
                 // A small payload is copied wherever it goes (the
                 // recipient's output buffer, the pending slot): the frame
                 // is handled where it lies, with no reference-counted
@@ -252,7 +295,12 @@ async fn read_loop(
             }
         }
         b.end_read_batch(now, read_bytes);
-        ready = ready || b.is_ready(id);
+        if !ready && b.is_ready(id) {
+            ready = true;
+            // Frames after `Hello` may carry descriptors if it offered them
+            // and the broker accepted (its `Welcome` said so).
+            decoder = decoder.with_fds(b.takes_fds(id));
+        }
         drop(b);
         // An idle connection keeps no read buffer.
         if buf.is_empty() {
@@ -267,12 +315,17 @@ async fn read_loop(
 /// frame is reserved at once up to a bound, so a peer that sends only a
 /// header announcing a huge frame cannot make the broker reserve
 /// `--max-message-size` of memory per connection).
+///
+/// Descriptors sent with the bytes are appended to `fds` (every
+/// connection is read this way: descriptors a peer sends without having
+/// negotiated them are taken off the socket and closed by the caller).
 async fn read_some(
     rd: &AsyncFd<std::os::unix::net::UnixStream>,
     buf: &mut BytesMut,
+    fds: &mut FdQueue,
     decoder: &FrameDecoder,
 ) -> std::io::Result<usize> {
-    zrpc_io::read::read_some(rd, buf, |b| ReadPolicy::BROKER.make_room(decoder, b)).await
+    zrpc_io::fdpass::read_some_fds(rd, buf, fds, |b| ReadPolicy::BROKER.make_room(decoder, b)).await
 }
 
 /// Takes over flushing when the socket is full (waits until it is
@@ -377,6 +430,7 @@ mod tests {
                     version: PROTOCOL_VERSION,
                     instance: 1,
                     agent: "t",
+                    caps: 0,
                 };
                 b.on_frame(id, frame(&hello)).expect("hello");
                 let reg = Envelope::Register {

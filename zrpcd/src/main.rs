@@ -80,6 +80,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.busy_poll = std::time::Duration::from_micros(args.busy_poll_us);
     config.frame_timeout = secs(args.frame_timeout, "frame-timeout")?;
     config.max_partial_bytes = args.max_partial_bytes;
+    config.max_fds_per_conn = args.max_fds_per_conn;
+    config.max_fds = args.max_fds;
     config.max_stats_names = args.max_stats_names as usize;
     // SAFETY: geteuid has no preconditions.
     let broker_uid = unsafe { libc::geteuid() };

@@ -110,6 +110,9 @@ pub struct Peer {
     last_seen: Instant,
     /// A limit hit by this peer was already logged at warn level.
     limit_logged: bool,
+    /// Payload descriptors received from this peer that the broker holds
+    /// (see [`crate::payload::FdHold`]).
+    fds: Rc<std::cell::Cell<usize>>,
     /// When the frame this peer is in the middle of sending began to
     /// arrive (None: no partial frame).
     partial_since: Option<Instant>,
@@ -160,6 +163,17 @@ impl Peer {
     /// What this peer's uid holds, all its connections together.
     pub fn user(&self) -> &Usage {
         &self.user
+    }
+
+    /// Its user's account, as a handle.
+    pub fn user_rc(&self) -> &Rc<Usage> {
+        &self.user
+    }
+
+    /// The count of payload descriptors received from it that the broker
+    /// holds.
+    pub fn fds(&self) -> &Rc<std::cell::Cell<usize>> {
+        &self.fds
     }
 
     /// When the connection was accepted.
@@ -365,6 +379,7 @@ impl Peers {
                 limit_logged: false,
                 partial_since: None,
                 partial_bytes: 0,
+                fds: Rc::default(),
             },
         );
         id

@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
-use zrpc_proto::{encode_header, Envelope};
+use zrpc_proto::{encode_fd_header, encode_header, Envelope};
 
 use crate::payload::Payload;
 
@@ -52,12 +52,18 @@ pub struct OutQueue {
     queued: u32,
     /// The peer's user, whose `queued_bytes` this queue's bytes count in.
     user: Option<Rc<crate::quota::Usage>>,
+    /// Descriptors queued, as last counted in `fds_total`.
+    fds: usize,
+    /// The broker's count of payload descriptors it holds, which the
+    /// descriptors queued here count in.
+    fds_total: Option<Rc<Cell<usize>>>,
 }
 
 impl Drop for OutQueue {
     fn drop(&mut self) {
         // Frames never written (a closed connection) leave the account.
         self.set_bytes(0);
+        self.fds = self.set_fds(0);
     }
 }
 
@@ -65,20 +71,73 @@ impl OutQueue {
     /// Appends a frame. Small payloads are copied next to their header so a
     /// burst of small frames becomes one contiguous buffer; large payloads
     /// are queued by reference.
-    pub fn push(&mut self, env: &Envelope<'_>, payload: Payload<'_>, batch: u32) {
+    ///
+    /// A payload in a memfd goes as the descriptor if the peer takes
+    /// descriptors (`fds`), else inline, through a read-only mapping of
+    /// it (the broker still copies nothing itself). A memfd that cannot be
+    /// mapped is an error (nothing is queued).
+    pub fn push(
+        &mut self,
+        env: &Envelope<'_>,
+        payload: Payload<'_>,
+        batch: u32,
+        fds: bool,
+    ) -> std::io::Result<()> {
+        let inline;
+        let payload = match payload {
+            Payload::Fd(f) if fds => {
+                self.q.push_fd(f.fd.clone());
+                encode_fd_header(self.q.tail(), env);
+                self.count_frame(batch);
+                self.set_bytes(self.q.len());
+                self.fds = self.set_fds(self.q.fds_queued());
+                return Ok(());
+            }
+            Payload::Fd(_) => {
+                inline = payload.to_bytes()?;
+                Payload::Shared(&inline)
+            }
+            other => other,
+        };
+        self.count_frame(batch);
+        encode_header(self.q.tail(), env, payload.len());
+        match payload {
+            Payload::Shared(b) if b.len() >= ZERO_COPY_MIN => self.q.push_shared(b.clone()),
+            Payload::Shared(b) => self.q.push_copy(b),
+            Payload::Borrowed(b) => self.q.push_copy(b),
+            Payload::Fd(_) => unreachable!("mapped above"),
+        }
+        self.set_bytes(self.q.len());
+        Ok(())
+    }
+
+    /// One more frame queued by read batch `batch`.
+    fn count_frame(&mut self, batch: u32) {
         if self.batch != batch {
             self.batch = batch;
             self.frames = 0;
         }
         self.frames += 1;
         self.queued += 1;
-        encode_header(self.q.tail(), env, payload.len());
-        if payload.len() >= ZERO_COPY_MIN {
-            self.q.push_shared(payload.to_bytes());
-        } else {
-            self.q.push_copy(payload.as_slice());
+    }
+
+    /// Counts this queue's descriptors in the broker's total from now on.
+    pub fn set_fds_total(&mut self, total: Rc<Cell<usize>>) {
+        self.fds_total = Some(total);
+    }
+
+    /// Moves the count of queued descriptors in the broker's total from
+    /// `self.fds` to `n`; returns `n`.
+    fn set_fds(&self, n: usize) -> usize {
+        if let Some(t) = &self.fds_total {
+            t.set(t.get().saturating_sub(self.fds) + n);
         }
-        self.set_bytes(self.q.len());
+        n
+    }
+
+    /// Descriptors queued and not yet sent.
+    pub fn fds_queued(&self) -> usize {
+        self.fds
     }
 
     /// Counts this queue's bytes in `user`'s account from now on.
@@ -121,6 +180,7 @@ impl OutQueue {
     /// full.
     pub fn write_now(&mut self, wr: &UnixStream) -> std::io::Result<bool> {
         let done = self.q.write_now(wr.as_raw_fd());
+        self.fds = self.set_fds(self.q.fds_queued());
         if let Ok(true) = done {
             self.written_out();
             // Give back memory from a burst (small idle connections).
@@ -160,6 +220,8 @@ pub struct PeerIo {
     pub dirty: Cell<bool>,
     /// Wakes the reader to make it stop (the broker dropped the peer).
     pub kill: Notify,
+    /// The peer takes payloads in descriptors (negotiated in `Hello`).
+    pub fds: Cell<bool>,
 }
 
 impl PeerIo {
@@ -173,15 +235,23 @@ impl PeerIo {
             closed: Cell::new(false),
             dirty: Cell::new(false),
             kill: Notify::new(),
+            fds: Cell::new(false),
         }
     }
 
     /// Queues a frame for read batch `batch` (the broker flushes it at the
     /// end of its wake-up). Returns true once that batch has queued
-    /// [`FLUSH_EVERY_FRAMES`] frames: time to write them out.
+    /// [`FLUSH_EVERY_FRAMES`] frames: time to write them out. A payload
+    /// in a memfd that cannot be mapped for a peer that takes no
+    /// descriptors closes the connection (it cannot be given the frame).
     pub fn push(&self, env: &Envelope<'_>, payload: Payload<'_>, batch: u32) -> bool {
         let mut q = self.queue.borrow_mut();
-        q.push(env, payload, batch);
+        if let Err(e) = q.push(env, payload, batch, self.fds.get()) {
+            tracing::warn!(error = %e, "cannot map a payload memfd for a peer without descriptor passing; closing it");
+            drop(q);
+            self.close();
+            return false;
+        }
         q.frames >= FLUSH_EVERY_FRAMES
     }
 

@@ -26,6 +26,9 @@ pub struct Quota {
     pub partial_bytes: usize,
     /// Bytes queued towards the user's connections, unread.
     pub queued_bytes: usize,
+    /// Payload descriptors (sealed memfds) the broker holds for the
+    /// user's connections.
+    pub fds: usize,
 }
 
 /// The `[quota]` section of the policy file.
@@ -42,6 +45,8 @@ pub struct QuotaOverrides {
     pub partial_bytes: Option<usize>,
     /// Bytes queued towards one uid's connections, unread.
     pub queued_bytes: Option<usize>,
+    /// Payload descriptors held for one uid's connections.
+    pub fds: Option<usize>,
 }
 
 /// The broker-wide limits a quota's defaults are shares of (from the
@@ -58,6 +63,8 @@ pub struct Limits {
     pub max_partial_bytes: usize,
     /// `--max-queued-bytes` (per connection).
     pub max_queued_bytes: usize,
+    /// `--max-fds`.
+    pub max_fds: usize,
 }
 
 impl Quota {
@@ -83,6 +90,7 @@ impl Quota {
             queued_bytes: overrides
                 .queued_bytes
                 .unwrap_or(limits.max_queued_bytes.saturating_mul(4)),
+            fds: overrides.fds.unwrap_or(quarter(limits.max_fds)),
         }
     }
 }
@@ -104,6 +112,8 @@ pub struct Usage {
     partial_bytes: Cell<usize>,
     /// Bytes queued towards its connections and not yet written.
     queued_bytes: Cell<usize>,
+    /// Payload descriptors held for its connections.
+    fds: Cell<usize>,
 }
 
 fn add(c: &Cell<usize>, n: usize) {
@@ -153,6 +163,21 @@ impl Usage {
     /// Bytes queued towards its connections and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.get()
+    }
+
+    /// Payload descriptors held for its connections.
+    pub fn fds(&self) -> usize {
+        self.fds.get()
+    }
+
+    /// The broker took (`true`) or let go of (`false`) one payload
+    /// descriptor of this user ([`crate::payload::FdHold`]).
+    pub(crate) fn hold_fd(&self, held: bool) {
+        if held {
+            add(&self.fds, 1);
+        } else {
+            sub(&self.fds, 1);
+        }
     }
 
     /// A connection of this user was accepted.

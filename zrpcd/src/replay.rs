@@ -134,6 +134,7 @@ fn drive_in_runtime(data: &[u8]) {
                 version: if input.u8() == 0 { 2 } else { PROTOCOL_VERSION },
                 instance: input.num(),
                 agent: "replay",
+                caps: 0,
             },
             1 => Envelope::Register {
                 req: input.num(),

@@ -116,6 +116,7 @@ fn bad_input_closes_only_the_offender() {
             version: 99,
             instance: 1,
             agent: "future",
+            caps: 0,
         },
         b"",
     );

@@ -119,6 +119,7 @@ fn connect(b: &mut Broker, instance: u64) -> Peer {
         version: PROTOCOL_VERSION,
         instance,
         agent: "routing-test",
+        caps: 0,
     };
     b.on_frame(id, frame(&hello, b"")).expect("hello");
     let p = Peer { id, io, other_end };

@@ -67,6 +67,9 @@ const CONC_INFLIGHT: usize = 64;
 const SMALL: usize = 64;
 const LARGE: usize = 1 << 20;
 
+/// The payload of `large_8mib` (travels in a sealed memfd).
+const HUGE: usize = 8 << 20;
+
 /// What the guard saw around one measured run.
 #[derive(Debug, Clone, Copy, Default)]
 struct GuardInfo {

@@ -214,6 +214,33 @@ pub(super) fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
         defaults::default_client(ctx, &daemons, &zdir, &relay_path, &mut rows)?;
     }
 
+    if ctx.want("large_8mib") {
+        // Payloads in sealed memfds (descriptor passing, from
+        // `zrpc_io::fdpass::FD_PAYLOAD_MIN` on): the bytes cross no socket.
+        ctx.log("large_8mib");
+        let n = (c.large / 4).max(10);
+        let lw = (n / 10).max(2);
+        let z = ctx.measure(
+            &daemons,
+            &|| vec![zrpc_client(&zdir, "current", 1, lw, n, HUGE)],
+            HUGE,
+        )?;
+        let r = ctx.measure(
+            &daemons,
+            &|| vec![raw_client(&relay_path, 1, lw, n, HUGE)],
+            HUGE,
+        )?;
+        rows.push(Row {
+            scenario: "large_8mib",
+            metric: "MB/s (one way)",
+            zrpc: z.mb_per_s,
+            baseline: Some(r.mb_per_s),
+            target: None,
+            guard: Some(z.guard),
+            note: format!("payloads in sealed memfds (fd passing); {}", guard_note(&r)),
+        });
+    }
+
     if ctx.want("large_1mib") {
         // large_1mib
         ctx.log("large_1mib");
@@ -233,7 +260,9 @@ pub(super) fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             metric: "MB/s (one way)",
             zrpc: z.mb_per_s,
             baseline: Some(r.mb_per_s),
-            target: Some(Target::RatioAtLeast(0.7)),
+            // Issue 19's target (it was 0.7x); not met: see
+            // docs/performance.md, "Payloads in descriptors".
+            target: Some(Target::RatioAtLeast(3.0)),
             guard: Some(z.guard),
             note: guard_note(&r),
         });

@@ -112,6 +112,22 @@ impl TestSvc {
         (key, n)
     }
 
+    /// [`record`](Self::record) with a binary payload: counts one
+    /// execution for `key`, sleeps `ms` milliseconds, then returns the
+    /// executions so far and the bytes unchanged (large payloads travel as
+    /// sealed memfds; resubmissions must still have them).
+    #[rpc_method]
+    async fn record_blob(
+        &mut self,
+        (key, ms, b): (u64, u64, zrpc_service::Blob),
+    ) -> (u64, zrpc_service::Blob) {
+        let n = self.executions.entry(key).or_insert(0);
+        *n += 1;
+        let n = *n;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        (n, b)
+    }
+
     /// How often `record` ran for `key` in this process.
     #[rpc_method]
     fn executions(&mut self, key: u64) -> u64 {

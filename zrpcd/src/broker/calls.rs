@@ -76,7 +76,13 @@ impl Broker {
                 return self.result_error(peer, id, ErrorCode::InvalidName, &e.to_string());
             }
             if service == zrpc_proto::BROKER_SERVICE {
-                return self.call_builtin(peer, id, method, payload.as_slice());
+                return match payload.to_bytes() {
+                    Ok(p) => self.call_builtin(peer, id, method, &p),
+                    Err(e) => {
+                        let msg = format!("zrpcd cannot map the call's payload: {e}");
+                        self.result_error(peer, id, ErrorCode::LimitExceeded, &msg)
+                    }
+                };
             }
         }
         if self.pending.find_by_caller(peer, id).is_some() {
@@ -279,7 +285,8 @@ impl Broker {
             return;
         };
         let (service, method) = self.pending.names_rc(p);
-        let payload = p.payload.to_bytes();
+        // A handle (a refcount, or the memfd), not a copy of the bytes.
+        let kept = p.payload.clone();
         let timeout_ms = self
             .pending
             .deadline(bid)
@@ -288,7 +295,7 @@ impl Broker {
             bid,
             service: &service,
             method: &method,
-            payload: Payload::Shared(&payload),
+            payload: kept.as_payload(),
             timeout_ms,
             caller_ident: None,
             prefer: None,

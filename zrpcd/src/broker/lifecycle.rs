@@ -26,6 +26,7 @@ impl Broker {
         self.stats.connections_total += 1;
         let user = self.users.get(creds.uid);
         io.queue.borrow_mut().set_user(user.clone());
+        io.queue.borrow_mut().set_fds_total(self.fds_total.clone());
         self.peers.insert(io, creds, groups, user)
     }
 
@@ -57,6 +58,7 @@ impl Broker {
         version: u32,
         instance: u64,
         agent: &str,
+        caps: u32,
     ) -> Result<(), Fatal> {
         if version != PROTOCOL_VERSION {
             return Err(Fatal {
@@ -68,7 +70,17 @@ impl Broker {
         }
         let conn_id = peer;
         let max_message_size = self.config.max_message_size;
+        // Payloads in descriptors, if the peer offers them and the broker
+        // passes descriptors at all (`--max-fds-per-conn` 0: never).
+        let accepted = if self.config.max_fds_per_conn > 0 {
+            caps & zrpc_proto::caps::FD_PAYLOADS
+        } else {
+            0
+        };
         if let Some(p) = self.peers.get_mut(peer) {
+            p.io()
+                .fds
+                .set(accepted & zrpc_proto::caps::FD_PAYLOADS != 0);
             // The instance id is what the peer claims; it identifies a call
             // to services only together with the caller's uid, which the
             // broker sends from the kernel (every Request carries both, and
@@ -83,6 +95,7 @@ impl Broker {
             version: PROTOCOL_VERSION,
             conn_id,
             max_message_size,
+            caps: accepted,
         };
         self.send(peer, &welcome, Payload::EMPTY);
         Ok(())
@@ -102,7 +115,12 @@ impl Broker {
             return;
         }
         let queued = p.io().queue.borrow().len_bytes();
-        let message = if queued > limit {
+        let queued_fds = p.io().queue.borrow().fds_queued();
+        let message = if queued_fds > self.config.max_fds_per_conn {
+            format!(
+                "{queued_fds} payload descriptors for this connection are queued unread (limit --max-fds-per-conn); disconnecting"
+            )
+        } else if queued > limit {
             format!(
                 "{queued} bytes of frames for this connection (results, events, answers) are queued unread (limit --max-queued-bytes); disconnecting"
             )

@@ -12,6 +12,7 @@
 //! (bounds on partly received frames).
 
 pub mod calls;
+pub mod fds;
 pub mod lifecycle;
 pub mod owning;
 pub mod partial;
@@ -115,6 +116,9 @@ pub struct Broker {
     /// Delivered calls whose caller left, cancelled at their service unless
     /// resubmitted within the caller's grace (see [`crate::orphans`]).
     orphans: Orphans,
+    /// Payload descriptors the broker holds: received and kept, or queued
+    /// towards peers (`--max-fds`).
+    fds_total: Rc<std::cell::Cell<usize>>,
 }
 
 impl Broker {
@@ -137,6 +141,7 @@ impl Broker {
             users: Users::default(),
             quota,
             orphans: Orphans::default(),
+            fds_total: Rc::default(),
         }
     }
 
@@ -263,7 +268,8 @@ impl Broker {
                     version,
                     instance,
                     agent,
-                } => self.on_hello(peer, version, instance, agent),
+                    caps,
+                } => self.on_hello(peer, version, instance, agent, caps),
                 _ => Err(Fatal::protocol("expected Hello as the first frame")),
             };
         }

@@ -3,10 +3,12 @@
 //! copy of their own or a view into the buffer they arrived in (see
 //! [`KeptPayload::new`]).
 
+use std::rc::Rc;
+
 use bytes::Bytes;
 use zrpc_proto::InlineBytes;
 
-use crate::payload::Payload;
+use crate::payload::{FdPayload, Payload};
 
 /// Payloads up to this many bytes are kept inline in their pending call:
 /// the copy kept for re-delivery then costs no allocation (before, one
@@ -29,33 +31,43 @@ pub enum KeptPayload {
     Inline(InlineBytes<INLINE_PAYLOAD>),
     /// A larger payload: a copy, or a view into the buffer it arrived in.
     Shared(Bytes),
+    /// A payload in a sealed memfd: the descriptor, kept open (and counted
+    /// against its sender) until the call ends, so that a re-delivery has
+    /// it.
+    Fd(Rc<FdPayload>),
 }
 
 impl KeptPayload {
     /// What a pending call keeps of `payload`.
     pub fn new(payload: Payload<'_>) -> KeptPayload {
-        if let Some(inline) = InlineBytes::new(payload.as_slice()) {
+        let bytes = match payload {
+            Payload::Fd(f) => return KeptPayload::Fd(f.clone()),
+            Payload::Shared(b) if b.len() > SMALL_PAYLOAD_COPY => {
+                // A view into a large payload's own split-off buffer.
+                return KeptPayload::Shared(b.clone());
+            }
+            Payload::Borrowed(b) => b,
+            Payload::Shared(b) => &b[..],
+        };
+        if let Some(inline) = InlineBytes::new(bytes) {
             KeptPayload::Inline(inline)
-        } else if payload.len() <= SMALL_PAYLOAD_COPY {
-            KeptPayload::Shared(Bytes::copy_from_slice(payload.as_slice()))
         } else {
-            // A view into a large payload's own split-off buffer, or a
-            // copy of a borrowed one.
-            KeptPayload::Shared(payload.to_bytes())
+            KeptPayload::Shared(Bytes::copy_from_slice(bytes))
         }
     }
 
-    /// The payload bytes.
-    pub fn as_slice(&self) -> &[u8] {
+    /// The payload as the broker forwards it.
+    pub fn as_payload(&self) -> Payload<'_> {
         match self {
-            KeptPayload::Inline(b) => b,
-            KeptPayload::Shared(b) => b,
+            KeptPayload::Inline(b) => Payload::Borrowed(b),
+            KeptPayload::Shared(b) => Payload::Shared(b),
+            KeptPayload::Fd(f) => Payload::Fd(f),
         }
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.as_slice().len()
+        self.as_payload().len()
     }
 
     /// True for an empty (nil) payload.
@@ -63,12 +75,11 @@ impl KeptPayload {
         self.len() == 0
     }
 
-    /// The payload as `Bytes` (a copy of an inline one), for re-delivery.
+    /// The payload as `Bytes` (a copy of an inline one, a mapping of a
+    /// memfd).
+    #[cfg(test)]
     pub fn to_bytes(&self) -> Bytes {
-        match self {
-            KeptPayload::Inline(b) => Bytes::copy_from_slice(b),
-            KeptPayload::Shared(b) => b.clone(),
-        }
+        self.as_payload().to_bytes().expect("mappable")
     }
 }
 
@@ -87,7 +98,7 @@ mod tests {
         let small = Bytes::from(vec![7u8; INLINE_PAYLOAD]);
         let kept = KeptPayload::new(Payload::Shared(&small));
         assert!(matches!(kept, KeptPayload::Inline(_)));
-        assert_eq!(kept.as_slice(), &small[..]);
+        assert_eq!(kept.as_payload().bytes(), Some(&small[..]));
         assert_eq!(kept.to_bytes(), small);
         let copied = Bytes::from(vec![8u8; INLINE_PAYLOAD + 1]);
         match KeptPayload::new(Payload::Shared(&copied)) {
@@ -95,12 +106,12 @@ mod tests {
                 assert_eq!(b, copied);
                 assert_ne!(b.as_ptr(), copied.as_ptr(), "a copy, not a view");
             }
-            KeptPayload::Inline(_) => panic!("too large to be inline"),
+            KeptPayload::Inline(_) | KeptPayload::Fd(_) => panic!("too large to be inline"),
         }
         let large = Bytes::from(vec![9u8; SMALL_PAYLOAD_COPY + 1]);
         match KeptPayload::new(Payload::Shared(&large)) {
             KeptPayload::Shared(b) => assert_eq!(b.as_ptr(), large.as_ptr(), "a view"),
-            KeptPayload::Inline(_) => panic!("too large to be inline"),
+            KeptPayload::Inline(_) | KeptPayload::Fd(_) => panic!("too large to be inline"),
         }
         // A large payload borrowed from elsewhere is copied.
         match KeptPayload::new(Payload::Borrowed(&large)) {
@@ -108,7 +119,7 @@ mod tests {
                 assert_eq!(b, large);
                 assert_ne!(b.as_ptr(), large.as_ptr(), "a copy, not a view");
             }
-            KeptPayload::Inline(_) => panic!("too large to be inline"),
+            KeptPayload::Inline(_) | KeptPayload::Fd(_) => panic!("too large to be inline"),
         }
         assert!(KeptPayload::new(Payload::EMPTY).is_empty());
     }

@@ -1,0 +1,114 @@
+//! Frames whose payload arrives in a descriptor (a sealed memfd, see
+//! [`zrpc_io::fdpass`]): verified before anything else, counted against
+//! the sender's connection, its user and the broker-wide limit, then
+//! routed like any frame, the descriptor forwarded without the broker
+//! touching the bytes.
+
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::time::Instant;
+
+use zrpc_io::fdpass::SealedFd;
+use zrpc_proto::{Envelope, ErrorCode};
+
+use super::{Broker, Fatal};
+use crate::payload::{FdHold, FdPayload, Payload};
+use crate::peers::PeerId;
+
+impl Broker {
+    /// Whether `peer` negotiated payloads in descriptors (its frames may
+    /// then carry them, see [`zrpc_proto::FD_PAYLOAD_FLAG`]).
+    pub fn takes_fds(&self, peer: PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.io().fds.get())
+    }
+
+    /// Most descriptors a connection may have sent ahead of the frames
+    /// they belong to (received, not yet claimed): more is a flood.
+    pub fn max_unclaimed_fds(&self) -> usize {
+        self.config.max_fds_per_conn
+    }
+
+    /// Handles a frame of `peer` whose payload is the descriptor `fd`.
+    ///
+    /// A descriptor that is not a sealed memfd of an accepted size is a
+    /// protocol error (`Fatal`): it is closed, never mapped. One past the
+    /// limits (`--max-fds-per-conn`, `--max-fds`, the user's `fds` quota)
+    /// is closed and refused with `LimitExceeded`: the `Result` of a
+    /// `Call` (the connection stays), `Fatal` for any other frame.
+    pub fn on_fd_frame(
+        &mut self,
+        peer: PeerId,
+        envelope: &[u8],
+        fd: OwnedFd,
+        now: Instant,
+    ) -> Result<(), Fatal> {
+        let max = self.config.max_message_size as usize;
+        let sealed = SealedFd::verify(fd, max).map_err(|e| {
+            let code = match e {
+                zrpc_io::fdpass::FdError::BadSize { .. } => ErrorCode::LimitExceeded,
+                _ => ErrorCode::Protocol,
+            };
+            Fatal {
+                code,
+                message: e.to_string(),
+            }
+        })?;
+        let Some(p) = self.peers.get(peer) else {
+            return Ok(());
+        };
+        let (conn, user) = (p.fds().clone(), p.user_rc().clone());
+        let over = if conn.get() >= self.config.max_fds_per_conn {
+            Some(format!(
+                "this connection already has {} payload descriptors held by zrpcd, the limit (--max-fds-per-conn)",
+                conn.get()
+            ))
+        } else if self.fds_total.get() >= self.config.max_fds {
+            Some(format!(
+                "zrpcd already holds {} payload descriptors, the limit (--max-fds)",
+                self.fds_total.get()
+            ))
+        } else if user.limited() && user.fds() >= self.quota.fds {
+            Some(format!(
+                "uid {} already has {} payload descriptors held by zrpcd, its per-user quota (fds in [quota] of the policy)",
+                user.uid(),
+                user.fds()
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = over {
+            drop(sealed);
+            return match Envelope::decode(envelope) {
+                Ok(Envelope::Call { id, .. }) if self.is_ready(peer) => {
+                    self.refuse_call(peer, id, &message);
+                    Ok(())
+                }
+                _ => Err(Fatal {
+                    code: ErrorCode::LimitExceeded,
+                    message,
+                }),
+            };
+        }
+        let hold = FdHold::new(conn, user, self.fds_total.clone());
+        let payload = Rc::new(FdPayload::new(sealed, hold));
+        self.on_frame_parts(peer, envelope, Payload::Fd(&payload), now)
+    }
+
+    /// Answers call `id` of `peer` with `LimitExceeded` (`message`).
+    fn refuse_call(&mut self, peer: PeerId, id: u64, message: &str) {
+        self.log_refusal(peer, message);
+        self.stats.error(ErrorCode::LimitExceeded);
+        let env = Envelope::Result {
+            id,
+            code: Some(ErrorCode::LimitExceeded),
+            message,
+        };
+        self.send(peer, &env, Payload::EMPTY);
+    }
+
+    /// Payload descriptors the broker holds in all (received and kept, or
+    /// queued towards peers).
+    pub fn fds_held(&self) -> usize {
+        self.fds_total.get()
+    }
+}
