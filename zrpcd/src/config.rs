@@ -96,6 +96,10 @@ pub struct Config {
     /// out of work while frames arrive back to back (zero: never; at most
     /// 1 ms; see [`zrpc_io::busy_poll`]).
     pub busy_poll: Duration,
+    /// The bridge to NATS (`--bridge FILE`, docs/bridge.md); None: no
+    /// bridge.
+    #[cfg(feature = "nats")]
+    pub bridge: Option<crate::bridge::BridgeConfig>,
 }
 
 impl Config {
@@ -138,6 +142,8 @@ impl Config {
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
             max_partial_bytes: DEFAULT_MAX_PARTIAL_BYTES,
             max_stats_names: DEFAULT_MAX_STATS_NAMES as usize,
+            #[cfg(feature = "nats")]
+            bridge: None,
         }
     }
 }

@@ -1,0 +1,315 @@
+//! The NATS bridge (docs/bridge.md) with real processes: a `nats-server`
+//! on 127.0.0.1 and a free port, two `zrpcd` brokers built with the
+//! feature `nats` (`cargo build -p zrpcd --features nats`), each in its own
+//! socket directory standing for one host, services on host A and clients
+//! on host B.
+//!
+//! Skipped, saying so loudly, when `nats-server` is missing or `zrpcd` was
+//! built without the feature; under `CI=true` that is a failure instead.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use zrpc_client::{BlockingClient, Error};
+use zrpc_tests::typed::{CalcBlockingClient, CalcError, Pair, Refusal};
+use zrpc_tests::{bin, broker_stat, wait_registered, wait_until, Broker, Proc, TempDir, WAIT};
+
+/// The uid remote callers have on the exporting host (the bridge's
+/// configured `uid`), chosen to be no real user's.
+const BRIDGE_UID: u32 = 4242;
+
+fn skip(why: &str) {
+    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+    eprintln!("!!! SKIPPED: the NATS bridge tests did not run: {why}");
+    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: the NATS bridge tests must run ({why})"
+    );
+}
+
+fn nats_server_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// Starts `nats-server` on 127.0.0.1 and a free port; None (and a loud
+/// skip) if it cannot.
+fn start_nats() -> Option<(Proc, String)> {
+    let Some(exe) = nats_server_binary() else {
+        skip("nats-server is not installed (apt-get install nats-server)");
+        return None;
+    };
+    let port = free_port();
+    let mut c = Command::new(exe);
+    c.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+    let mut proc = Proc::spawn("nats-server", c);
+    let addr = format!("127.0.0.1:{port}");
+    let up = wait_until(WAIT, || {
+        matches!(proc.child.try_wait(), Ok(Some(_))) || TcpStream::connect(&addr).is_ok()
+    });
+    if !up || matches!(proc.child.try_wait(), Ok(Some(_))) {
+        skip(&format!("nats-server did not start on {addr}"));
+        return None;
+    }
+    Some((proc, format!("nats://{addr}")))
+}
+
+/// Whether this `zrpcd` was built with the bridge.
+fn zrpcd_has_bridge() -> bool {
+    Command::new(bin("zrpcd"))
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--bridge"))
+        .unwrap_or(false)
+}
+
+/// Two hosts on one NATS server: A serves `echo` and `calc` (exported) and
+/// `secret` (not exported); B imports all three and `nobody`.
+struct Hosts {
+    a: Broker,
+    b: Broker,
+    _services: Vec<Proc>,
+    _nats: Proc,
+    _configs: TempDir,
+}
+
+fn write_config(dir: &TempDir, host: &str, nats: &str, export: &str, import: &str) -> String {
+    let path = dir.path().join(format!("{host}.toml"));
+    let text = format!(
+        "host_id = \"{host}\"\nuid = {BRIDGE_UID}\ngid = {BRIDGE_UID}\n\
+         [nats]\nservers = [\"{nats}\"]\n\
+         [export]\nnames = [{export}]\n[import]\nnames = [{import}]\n"
+    );
+    std::fs::write(&path, text).expect("write the bridge configuration");
+    path.to_string_lossy().into_owned()
+}
+
+fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
+    if !zrpcd_has_bridge() {
+        skip("zrpcd was built without the feature `nats` (cargo build -p zrpcd --features nats)");
+        return None;
+    }
+    let (nats, url) = start_nats()?;
+    let configs = TempDir::new();
+    let a_conf = write_config(&configs, "host-a", &url, "\"echo\", \"ca*\"", "");
+    let b_conf = write_config(
+        &configs,
+        "host-b",
+        &url,
+        "",
+        "\"echo\", \"calc\", \"secret\", \"nobody\"",
+    );
+    let mut a_args = vec!["--bridge", a_conf.as_str()];
+    a_args.extend_from_slice(a_extra);
+    let a = Broker::start_with(&a_args);
+    let b = Broker::start_with(&["--bridge", &b_conf]);
+    let services = vec![
+        a.spawn("zrpc-test-svc", &[]),
+        a.spawn("zrpc-test-typed", &[]),
+        a.spawn("zrpc-test-svc", &["--name", "secret"]),
+    ];
+    wait_registered(a.dir(), "echo", 1);
+    wait_registered(a.dir(), "calc", 1);
+    wait_registered(a.dir(), "secret", 1);
+    // B's bridge holds the imported names.
+    for name in ["echo", "calc", "secret", "nobody"] {
+        wait_registered(b.dir(), name, 1);
+    }
+    let hosts = Hosts {
+        a,
+        b,
+        _services: services,
+        _nats: nats,
+        _configs: configs,
+    };
+    // A subscribes what it serves within its sync interval: wait until a
+    // call from B gets through.
+    let client = hosts.client_b();
+    let across = wait_until(WAIT, || {
+        client
+            .call::<_, u32>("echo", "pid", &(), Some(Duration::from_secs(5)))
+            .is_ok()
+    });
+    assert!(across, "host A's echo never became reachable from host B");
+    Some(hosts)
+}
+
+impl Hosts {
+    fn client_b(&self) -> BlockingClient {
+        BlockingClient::connect_to(self.b.dir()).expect("connect to host B")
+    }
+}
+
+fn secs(s: u64) -> Option<Duration> {
+    Some(Duration::from_secs(s))
+}
+
+#[test]
+fn a_call_crosses_from_one_host_to_the_other_unchanged() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let client = h.client_b();
+    let value = rmpv::Value::Map(vec![
+        ("bytes".into(), rmpv::Value::Binary(vec![0, 1, 2, 255])),
+        ("n".into(), rmpv::Value::from(-7)),
+        ("s".into(), "héllo".into()),
+    ]);
+    let back: rmpv::Value = client.call("echo", "echo", &value, secs(10)).expect("echo");
+    assert_eq!(back, value, "the payload travels unchanged");
+    // The service on A ran it: its pid is A's service's, not B's anything.
+    let pid: u32 = client.call("echo", "pid", &(), secs(10)).expect("pid");
+    let local: u32 = BlockingClient::connect_to(h.a.dir())
+        .expect("connect to A")
+        .call("echo", "pid", &(), secs(10))
+        .expect("local pid");
+    assert_eq!(pid, local);
+    // The remote caller appears on A as the bridge's configured uid.
+    let who: Option<(u32, u32, u32)> = client
+        .call("echo", "whoami", &(), secs(10))
+        .expect("whoami");
+    let (uid, gid, _pid) = who.expect("a caller identity");
+    assert_eq!((uid, gid), (BRIDGE_UID, BRIDGE_UID));
+}
+
+#[test]
+fn typed_errors_cross_with_their_values() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let calc = CalcBlockingClient::new(h.client_b());
+    assert_eq!(calc.add(Pair { a: 1.5, b: 2.0 }).expect("add"), 3.5);
+    assert_eq!(
+        calc.divide(Pair { a: 1.0, b: 0.0 }).expect("divide"),
+        Err(CalcError::DivisionByZero)
+    );
+    assert_eq!(calc.check(11).expect("check"), Err(Refusal { limit: 10 }));
+    // An untyped caller sees the message and the code.
+    let err = h
+        .client_b()
+        .call::<_, ()>("echo", "fail", &"boom", secs(10))
+        .expect_err("fail");
+    match err {
+        Error::Remote { message, .. } => assert_eq!(message, "boom"),
+        other => panic!("expected Remote, got {other:?}"),
+    }
+    let err = h
+        .client_b()
+        .call::<_, ()>("echo", "no_such", &(), secs(10))
+        .expect_err("no such method");
+    assert!(matches!(err, Error::NoSuchMethod { .. }), "got {err:?}");
+}
+
+#[test]
+fn the_deadline_travels_and_is_enforced_when_the_remote_service_stalls() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let before = broker_stat(h.a.dir(), "timeouts");
+    let start = Instant::now();
+    let err = h
+        .client_b()
+        .call::<_, u32>(
+            "echo",
+            "sleep",
+            &10_000u64,
+            Some(Duration::from_millis(500)),
+        )
+        .expect_err("the service sleeps 10 s");
+    let took = start.elapsed();
+    assert!(matches!(err, Error::Timeout { .. }), "got {err:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "timed out only after {took:?}"
+    );
+    // A's broker had the remaining deadline too: it timed the call out
+    // itself (and cancelled its service), not 10 s later.
+    assert!(
+        wait_until(Duration::from_secs(3), || broker_stat(
+            h.a.dir(),
+            "timeouts"
+        ) > before),
+        "host A's broker did not time the bridged call out"
+    );
+}
+
+#[test]
+fn no_responders_is_no_such_service_and_unexported_names_are_unreachable() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let client = h.client_b();
+    for name in ["nobody", "secret"] {
+        let start = Instant::now();
+        let err = client
+            .call::<_, u32>(name, "pid", &(), secs(10))
+            .expect_err("nobody serves it on NATS");
+        assert!(
+            matches!(err, Error::NoSuchService { .. }),
+            "{name}: got {err:?}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{name}: not at once"
+        );
+    }
+    // `secret` does run on A, for A's own callers.
+    let local: u32 = BlockingClient::connect_to(h.a.dir())
+        .expect("connect to A")
+        .call("secret", "pid", &(), secs(10))
+        .expect("secret on A");
+    assert!(local > 0);
+}
+
+#[test]
+fn the_exporting_hosts_policy_applies_to_remote_callers() {
+    let dir = TempDir::new();
+    let policy = dir.path().join("policy.toml");
+    // `pid` of echo only for root: the bridge's uid may not call it.
+    std::fs::write(
+        &policy,
+        "[[call]]\nservice = \"echo\"\nmethod = \"pid\"\nusers = [0]\n\
+         [[call]]\nservice = \"echo\"\nmethod = \"echo\"\nusers = [\"*\"]\n",
+    )
+    .expect("write policy");
+    let policy = policy.to_string_lossy().into_owned();
+    if !zrpcd_has_bridge() {
+        skip("zrpcd was built without the feature `nats`");
+        return;
+    }
+    // start_hosts waits with echo.pid, which this policy denies: set up
+    // by hand.
+    let Some((nats, url)) = start_nats() else {
+        return;
+    };
+    let configs = TempDir::new();
+    let a_conf = write_config(&configs, "host-a", &url, "\"echo\"", "");
+    let b_conf = write_config(&configs, "host-b", &url, "", "\"echo\"");
+    let a = Broker::start_with(&["--bridge", &a_conf, "--policy", &policy]);
+    let b = Broker::start_with(&["--bridge", &b_conf]);
+    let _svc = a.spawn("zrpc-test-svc", &[]);
+    let _nats = nats;
+    wait_registered(a.dir(), "echo", 1);
+    wait_registered(b.dir(), "echo", 1);
+    let client = BlockingClient::connect_to(b.dir()).expect("connect to B");
+    let allowed = wait_until(WAIT, || {
+        client
+            .call::<_, String>("echo", "echo", &"hi", secs(5))
+            .is_ok()
+    });
+    assert!(allowed, "echo.echo never became reachable from B");
+    let err = client
+        .call::<_, u32>("echo", "pid", &(), secs(10))
+        .expect_err("denied");
+    match err {
+        Error::AccessDenied { message, .. } => {
+            assert!(message.contains(&BRIDGE_UID.to_string()), "{message}")
+        }
+        other => panic!("expected AccessDenied, got {other:?}"),
+    }
+}

@@ -1,0 +1,101 @@
+//! Import: a call the broker delivers to the bridge (which holds the
+//! `[import]` names) goes out as a NATS request with the remaining
+//! deadline; the reply becomes the call's `Reply`, code and payload
+//! unchanged.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use async_nats::{HeaderMap, RequestErrorKind};
+use bytes::Bytes;
+use zrpc_proto::{Envelope, ErrorCode};
+
+use super::{header, Shared, H_CALLER, H_CODE, H_MESSAGE, H_METHOD, H_ORIGIN, H_TIMEOUT_MS};
+
+/// One call delivered to the bridge.
+pub(super) struct Forward {
+    /// The broker's id of the call.
+    pub id: u64,
+    pub service: String,
+    pub method: String,
+    pub timeout_ms: Option<u64>,
+    /// `<uid>.<instance>.<call>` of the caller.
+    pub caller: String,
+    pub payload: Bytes,
+}
+
+/// Spawns the forwarding of one call; `Cancel` aborts it ([`cancel`]).
+pub(super) fn forward(shared: &Rc<Shared>, call: Forward) {
+    let id = call.id;
+    let task = tokio::task::spawn_local(run(shared.clone(), call));
+    shared.imports.borrow_mut().insert(id, task.abort_handle());
+}
+
+/// The broker cancelled call `id` (its caller gave up or its deadline
+/// passed): the NATS request is abandoned.
+pub(super) fn cancel(shared: &Shared, id: u64) {
+    if let Some(task) = shared.imports.borrow_mut().remove(&id) {
+        task.abort();
+    }
+}
+
+async fn run(shared: Rc<Shared>, call: Forward) {
+    let (code, message, payload) = request(&shared, &call).await;
+    shared.imports.borrow_mut().remove(&call.id);
+    shared.link.send(
+        &Envelope::Reply {
+            id: call.id,
+            code,
+            message: &message,
+        },
+        &payload,
+    );
+}
+
+async fn request(shared: &Shared, call: &Forward) -> (Option<ErrorCode>, String, Bytes) {
+    let mut headers = HeaderMap::new();
+    headers.insert(H_METHOD, call.method.as_str());
+    if let Some(ms) = call.timeout_ms {
+        headers.insert(H_TIMEOUT_MS, ms.to_string().as_str());
+    }
+    headers.insert(H_ORIGIN, shared.config.host_id.as_str());
+    headers.insert(H_CALLER, call.caller.as_str());
+    let subject = shared.config.subject(&call.service);
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(call.payload.clone())
+        .timeout(call.timeout_ms.map(Duration::from_millis));
+    match shared.nats.send_request(subject.clone(), request).await {
+        Ok(msg) => {
+            let headers = msg.headers.as_ref();
+            let code = header(headers, H_CODE)
+                .and_then(|c| c.parse::<u16>().ok())
+                .and_then(ErrorCode::from_u16);
+            let message = header(headers, H_MESSAGE).unwrap_or_default().to_owned();
+            (code, message, msg.payload)
+        }
+        Err(e) => {
+            let (code, message) = match e.kind() {
+                RequestErrorKind::NoResponders => (
+                    ErrorCode::NoSuchService,
+                    format!(
+                        "no host serves {} on NATS (subject {subject}; is it exported there?)",
+                        call.service
+                    ),
+                ),
+                RequestErrorKind::TimedOut => (
+                    ErrorCode::Timeout,
+                    format!(
+                        "{} did not answer over NATS within the deadline",
+                        call.service
+                    ),
+                ),
+                RequestErrorKind::Other => (
+                    ErrorCode::ServiceGone,
+                    format!("the NATS request to {subject} failed: {e}"),
+                ),
+            };
+            (Some(code), message, Bytes::new())
+        }
+    }
+}
