@@ -335,3 +335,64 @@ fn the_exporting_hosts_policy_applies_to_remote_callers() {
         other => panic!("expected AccessDenied, got {other:?}"),
     }
 }
+
+/// The pid of the process that serves `echo` for `client`.
+fn echo_pid(client: &BlockingClient) -> Option<u32> {
+    client.call("echo", "pid", &(), secs(5)).ok()
+}
+
+#[test]
+fn a_local_service_takes_precedence_over_an_imported_name() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let client = h.client_b();
+    let remote = echo_pid(&client).expect("echo from A");
+    // A local echo on B displaces the bridge's hold on the imported name.
+    let mut local = h.b.spawn("zrpc-test-svc", &[]);
+    let local_pid = local.child.id();
+    assert!(
+        wait_until(WAIT, || echo_pid(&client) == Some(local_pid)),
+        "calls did not go to B's own echo"
+    );
+    // When it leaves, the bridge takes the name again: calls cross again.
+    local.signal(libc::SIGKILL);
+    assert!(local.wait_exit(WAIT).is_some(), "local echo did not exit");
+    assert!(
+        wait_until(WAIT, || echo_pid(&client) == Some(remote)),
+        "calls did not go back to A's echo"
+    );
+}
+
+#[test]
+fn two_exporting_hosts_share_a_names_calls() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // A third host C exports echo too, on the same NATS server.
+    let configs = TempDir::new();
+    let url = {
+        // Host A's configuration names the server.
+        let text = std::fs::read_to_string(h._configs.path().join("host-a.toml"))
+            .expect("read A's configuration");
+        let start = text.find("nats://").expect("a server URL");
+        let end = text[start..].find('"').expect("end of URL") + start;
+        text[start..end].to_owned()
+    };
+    let c_conf = write_config(&configs, "host-c", &url, "\"echo\"", "");
+    let c = Broker::start_with(&["--bridge", &c_conf]);
+    let c_svc = c.spawn("zrpc-test-svc", &[]);
+    let c_pid = c_svc.child.id();
+    let a_pid: u32 = BlockingClient::connect_to(h.a.dir())
+        .expect("connect to A")
+        .call("echo", "pid", &(), secs(10))
+        .expect("A's echo");
+    let client = h.client_b();
+    // NATS spreads a queue group's messages at random: within a bounded
+    // number of calls both hosts answer, and only they do.
+    let mut seen = std::collections::BTreeSet::new();
+    let both = wait_until(WAIT, || {
+        if let Some(pid) = echo_pid(&client) {
+            assert!(pid == a_pid || pid == c_pid, "unexpected pid {pid}");
+            seen.insert(pid);
+        }
+        seen.len() == 2
+    });
+    assert!(both, "only {seen:?} answered; A is {a_pid}, C is {c_pid}");
+}

@@ -119,6 +119,13 @@ pub fn admit_as(
     })
 }
 
+impl Admitted {
+    /// The connection's id in the broker.
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+}
+
 /// Serves an admitted connection until it closes.
 pub async fn serve(broker: Rc<RefCell<Broker>>, conn: Admitted) {
     let Admitted {

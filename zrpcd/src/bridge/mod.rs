@@ -96,6 +96,7 @@ pub fn start(broker: &Rc<RefCell<Broker>>, config: BridgeConfig) -> std::io::Res
     };
     match crate::conn::admit_as(broker, theirs, creds, Some(Box::new([]))) {
         Ok(admitted) => {
+            broker.borrow_mut().set_bridge_peer(admitted.id());
             tokio::task::spawn_local(crate::conn::serve(broker.clone(), admitted));
         }
         Err(_) => {

@@ -11,6 +11,8 @@
 //! (a connection's start and end, heartbeats, shutdown) and [`partial`]
 //! (bounds on partly received frames).
 
+#[cfg(feature = "nats")]
+pub mod bridged;
 pub mod calls;
 pub mod lifecycle;
 pub mod owning;
@@ -115,6 +117,9 @@ pub struct Broker {
     /// Delivered calls whose caller left, cancelled at their service unless
     /// resubmitted within the caller's grace (see [`crate::orphans`]).
     orphans: Orphans,
+    /// The NATS bridge's connection (see [`bridged`]).
+    #[cfg(feature = "nats")]
+    bridge_peer: Option<PeerId>,
 }
 
 impl Broker {
@@ -137,6 +142,8 @@ impl Broker {
             users: Users::default(),
             quota,
             orphans: Orphans::default(),
+            #[cfg(feature = "nats")]
+            bridge_peer: None,
         }
     }
 
