@@ -396,3 +396,36 @@ fn two_exporting_hosts_share_a_names_calls() {
     });
     assert!(both, "only {seen:?} answered; A is {a_pid}, C is {c_pid}");
 }
+
+#[test]
+fn a_caller_giving_up_cancels_the_call_on_the_remote_host() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let before = broker_stat(h.a.dir(), "cancelled");
+    // Multi-threaded: the client's tasks (sending `Cancel`) run while the
+    // test waits outside the runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let dir = h.b.dir().to_path_buf();
+    let _client = rt.block_on(async move {
+        let client = zrpc_client::Client::connect_to(&dir)
+            .await
+            .expect("connect to B");
+        // A 30 s call with a 60 s deadline, given up after 300 ms: dropping
+        // its future sends `Cancel`.
+        let call = client.call::<_, u32>("echo", "sleep", &30_000u64, secs(60));
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), call).await;
+        assert!(gave_up.is_err(), "the call answered: {gave_up:?}");
+        client
+    });
+    // Without propagation host A would run it for 30 s more.
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(
+            h.a.dir(),
+            "cancelled"
+        ) > before),
+        "host A's call was not cancelled"
+    );
+}

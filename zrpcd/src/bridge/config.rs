@@ -238,6 +238,11 @@ impl BridgeConfig {
         format!("{}.svc.{name}", self.subject_prefix)
     }
 
+    /// The subject of cancel messages for calls to `name`.
+    pub fn cancel_subject(&self, name: &str) -> String {
+        format!("{}.cancel.{name}", self.subject_prefix)
+    }
+
     /// The queue group of the exporters of `name`.
     pub fn queue_group(&self, name: &str) -> String {
         format!("{}.q.{name}", self.subject_prefix)

@@ -11,7 +11,7 @@ use rmpv::Value;
 use zrpc_proto::ErrorCode;
 
 use super::{header, reply_headers, AbortOnDrop, Shared, H_CALLER, H_METHOD, H_ORIGIN};
-use super::{H_TIMEOUT_MS, SYNC_INTERVAL};
+use super::{H_REQUEST, H_TIMEOUT_MS, SYNC_INTERVAL};
 
 /// Every [`SYNC_INTERVAL`]: subscribes the exported names a local service
 /// holds and unsubscribes those no longer held; registers the imported
@@ -57,15 +57,26 @@ pub(super) async fn sync_loop(shared: Rc<Shared>) {
                 continue;
             }
             let subject = shared.config.subject(name);
-            match shared
-                .nats
-                .queue_subscribe(subject.clone(), shared.config.queue_group(name))
-                .await
-            {
-                Ok(sub) => {
+            let subscribed = async {
+                let calls = shared
+                    .nats
+                    .queue_subscribe(subject.clone(), shared.config.queue_group(name))
+                    .await?;
+                let cancels = shared
+                    .nats
+                    .subscribe(shared.config.cancel_subject(name))
+                    .await?;
+                Ok::<_, async_nats::SubscribeError>((calls, cancels))
+            };
+            match subscribed.await {
+                Ok((calls, cancels)) => {
                     tracing::info!(service = %name, %subject, "exported on NATS");
-                    let task =
-                        tokio::task::spawn_local(serve(shared.clone(), name.to_owned(), sub));
+                    let task = tokio::task::spawn_local(serve(
+                        shared.clone(),
+                        name.to_owned(),
+                        calls,
+                        cancels,
+                    ));
                     subs.insert(name.to_owned(), AbortOnDrop(task.abort_handle()));
                 }
                 Err(e) => {
@@ -109,11 +120,44 @@ fn held_names(payload: &[u8]) -> Option<BTreeMap<String, Vec<u64>>> {
     Some(out)
 }
 
-/// Serves one exported name's NATS requests until unsubscribed.
-async fn serve(shared: Rc<Shared>, name: String, mut sub: async_nats::Subscriber) {
-    while let Some(msg) = sub.next().await {
-        tokio::task::spawn_local(answer(shared.clone(), name.clone(), msg));
+/// Serves one exported name's NATS requests and cancel messages until
+/// unsubscribed.
+async fn serve(
+    shared: Rc<Shared>,
+    name: String,
+    mut calls: async_nats::Subscriber,
+    mut cancels: async_nats::Subscriber,
+) {
+    loop {
+        tokio::select! {
+            msg = calls.next() => match msg {
+                Some(msg) => {
+                    tokio::task::spawn_local(answer(shared.clone(), name.clone(), msg));
+                }
+                None => return,
+            },
+            msg = cancels.next() => match msg {
+                Some(msg) => {
+                    let headers = msg.headers.as_ref();
+                    if let Some(key) = call_key(headers) {
+                        let id = shared.exports.borrow().get(&key).copied();
+                        if let Some(id) = id {
+                            tracing::debug!(service = %name, origin = %key.0, "the remote caller cancelled");
+                            shared.link.cancel_call(id);
+                        }
+                    }
+                }
+                None => return,
+            },
+        }
     }
+}
+
+/// (origin, request number) of a request or cancel message.
+fn call_key(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u64)> {
+    let origin = header(headers, H_ORIGIN)?;
+    let request = header(headers, H_REQUEST)?.parse().ok()?;
+    Some((origin.to_owned(), request))
 }
 
 /// Makes one NATS request a local call and publishes its outcome.
@@ -136,11 +180,24 @@ async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
                 caller = header(headers, H_CALLER).unwrap_or("?"),
                 "a call from NATS"
             );
-            match shared
+            let key = call_key(headers);
+            let answer = match shared
                 .link
-                .call(&name, method, timeout_ms, &msg.payload)
-                .await
+                .start_call(&name, method, timeout_ms, &msg.payload)
             {
+                Some((id, rx)) => {
+                    if let Some(key) = &key {
+                        shared.exports.borrow_mut().insert(key.clone(), id);
+                    }
+                    let answer = rx.await.ok();
+                    if let Some(key) = &key {
+                        shared.exports.borrow_mut().remove(key);
+                    }
+                    answer
+                }
+                None => None,
+            };
+            match answer {
                 Some(a) => (a.code, a.message, a.payload),
                 None => (
                     Some(ErrorCode::Shutdown),

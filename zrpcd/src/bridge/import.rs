@@ -10,7 +10,15 @@ use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
 use zrpc_proto::{Envelope, ErrorCode};
 
-use super::{header, Shared, H_CALLER, H_CODE, H_MESSAGE, H_METHOD, H_ORIGIN, H_TIMEOUT_MS};
+use super::H_TIMEOUT_MS;
+use super::{header, Shared, H_CALLER, H_CODE, H_MESSAGE, H_METHOD, H_ORIGIN, H_REQUEST};
+
+/// An imported call being forwarded.
+pub(super) struct InFlight {
+    task: tokio::task::AbortHandle,
+    service: String,
+    request: u64,
+}
 
 /// One call delivered to the bridge.
 pub(super) struct Forward {
@@ -27,20 +35,46 @@ pub(super) struct Forward {
 /// Spawns the forwarding of one call; `Cancel` aborts it ([`cancel`]).
 pub(super) fn forward(shared: &Rc<Shared>, call: Forward) {
     let id = call.id;
-    let task = tokio::task::spawn_local(run(shared.clone(), call));
-    shared.imports.borrow_mut().insert(id, task.abort_handle());
+    let request = shared.next_request.get();
+    shared.next_request.set(request.wrapping_add(1));
+    let service = call.service.clone();
+    let task = tokio::task::spawn_local(run(shared.clone(), call, request));
+    shared.imports.borrow_mut().insert(
+        id,
+        InFlight {
+            task: task.abort_handle(),
+            service,
+            request,
+        },
+    );
 }
 
 /// The broker cancelled call `id` (its caller gave up or its deadline
-/// passed): the NATS request is abandoned.
-pub(super) fn cancel(shared: &Shared, id: u64) {
-    if let Some(task) = shared.imports.borrow_mut().remove(&id) {
-        task.abort();
-    }
+/// passed): the NATS request is abandoned, and the exporting hosts are
+/// told (`<prefix>.cancel.<name>`), so that the one running it cancels it.
+pub(super) fn cancel(shared: &Rc<Shared>, id: u64) {
+    let Some(call) = shared.imports.borrow_mut().remove(&id) else {
+        return;
+    };
+    call.task.abort();
+    let shared = shared.clone();
+    tokio::task::spawn_local(async move {
+        let mut headers = HeaderMap::new();
+        headers.insert(H_ORIGIN, shared.config.host_id.as_str());
+        headers.insert(H_REQUEST, call.request.to_string().as_str());
+        let subject = shared.config.cancel_subject(&call.service);
+        if let Err(e) = shared
+            .nats
+            .publish_with_headers(subject, headers, Bytes::new())
+            .await
+        {
+            tracing::debug!(error = %e, "cannot send a cancel message on NATS");
+        }
+    });
 }
 
-async fn run(shared: Rc<Shared>, call: Forward) {
-    let (code, message, payload) = request(&shared, &call).await;
+async fn run(shared: Rc<Shared>, call: Forward, request_no: u64) {
+    let (code, message, payload) = request(&shared, &call, request_no).await;
     shared.imports.borrow_mut().remove(&call.id);
     shared.link.send(
         &Envelope::Reply {
@@ -52,8 +86,13 @@ async fn run(shared: Rc<Shared>, call: Forward) {
     );
 }
 
-async fn request(shared: &Shared, call: &Forward) -> (Option<ErrorCode>, String, Bytes) {
+async fn request(
+    shared: &Shared,
+    call: &Forward,
+    request_no: u64,
+) -> (Option<ErrorCode>, String, Bytes) {
     let mut headers = HeaderMap::new();
+    headers.insert(H_REQUEST, request_no.to_string().as_str());
     headers.insert(H_METHOD, call.method.as_str());
     if let Some(ms) = call.timeout_ms {
         headers.insert(H_TIMEOUT_MS, ms.to_string().as_str());

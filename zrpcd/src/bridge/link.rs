@@ -74,6 +74,21 @@ impl Link {
         timeout_ms: Option<u64>,
         payload: &[u8],
     ) -> Option<Answer> {
+        self.start_call(service, method, timeout_ms, payload)?
+            .1
+            .await
+            .ok()
+    }
+
+    /// Sends a call; its id (for [`Link::cancel_call`]) and where its
+    /// answer arrives. None if the link is closed.
+    pub fn start_call(
+        &self,
+        service: &str,
+        method: &str,
+        timeout_ms: Option<u64>,
+        payload: &[u8],
+    ) -> Option<(u64, oneshot::Receiver<Answer>)> {
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
         self.calls.borrow_mut().insert(id, tx);
@@ -91,7 +106,20 @@ impl Link {
             self.calls.borrow_mut().remove(&id);
             return None;
         }
-        rx.await.ok()
+        Some((id, rx))
+    }
+
+    /// Cancels call `id` at the broker (which then sends no `Result`); its
+    /// answer is `Cancelled`.
+    pub fn cancel_call(&self, id: u64) {
+        if let Some(tx) = self.calls.borrow_mut().remove(&id) {
+            self.send(&zrpc_proto::Envelope::Cancel { id }, &[]);
+            let _ = tx.send(Answer {
+                code: Some(ErrorCode::Cancelled),
+                message: "the remote caller cancelled the call".to_owned(),
+                payload: Bytes::new(),
+            });
+        }
     }
 
     /// Registers `name` (not shared); the `Ack`'s error code, or None

@@ -36,6 +36,9 @@ pub const H_TIMEOUT_MS: &str = "Zrpc-Timeout-Ms";
 pub const H_ORIGIN: &str = "Zrpc-Origin";
 /// Request header: `<uid>.<instance>.<call>` of the original caller.
 pub const H_CALLER: &str = "Zrpc-Caller";
+/// Request and cancel header: the origin bridge's number for the request
+/// (with `Zrpc-Origin`, names it in a cancel message).
+pub const H_REQUEST: &str = "Zrpc-Request";
 /// Reply header: the error code (absent: success).
 pub const H_CODE: &str = "Zrpc-Code";
 /// Reply header: the error's message.
@@ -78,7 +81,12 @@ struct Shared {
     nats: async_nats::Client,
     link: Link,
     /// Imported calls in flight, by the broker's id: aborted on `Cancel`.
-    imports: RefCell<rustc_hash::FxHashMap<u64, tokio::task::AbortHandle>>,
+    imports: RefCell<rustc_hash::FxHashMap<u64, import::InFlight>>,
+    /// The number of the next imported call's NATS request.
+    next_request: std::cell::Cell<u64>,
+    /// Exported calls in flight, by (origin host, request number): their
+    /// local call ids, for cancel messages.
+    exports: RefCell<rustc_hash::FxHashMap<(String, u64), u64>>,
 }
 
 /// Starts the bridge: admits its connection to `broker` and spawns its
@@ -152,6 +160,8 @@ async fn run(config: BridgeConfig, stream: tokio::net::UnixStream) -> Result<(),
         nats,
         link: Link::new(tx),
         imports: RefCell::default(),
+        next_request: std::cell::Cell::new(1),
+        exports: RefCell::default(),
     });
     shared.link.send(
         &Envelope::Hello {
