@@ -70,11 +70,15 @@ fn free_port() -> u16 {
 /// Starts `nats-server` on 127.0.0.1 and a free port; None (and a loud
 /// skip) if it cannot.
 fn start_nats() -> Option<(Proc, String)> {
+    start_nats_on(free_port())
+}
+
+/// Starts `nats-server` on 127.0.0.1:`port`.
+fn start_nats_on(port: u16) -> Option<(Proc, String)> {
     let Some(exe) = nats_server_binary() else {
         skip_nats("nats-server is not installed (apt-get install nats-server)");
         return None;
     };
-    let port = free_port();
     let mut c = Command::new(exe);
     c.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
     let mut proc = Proc::spawn("nats-server", c);
@@ -104,7 +108,8 @@ struct Hosts {
     a: Broker,
     b: Broker,
     _services: Vec<Proc>,
-    _nats: Proc,
+    nats: Proc,
+    nats_url: String,
     _configs: TempDir,
 }
 
@@ -125,12 +130,13 @@ fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
         return None;
     }
     let (nats, url) = start_nats()?;
+    let url_for_hosts = url.clone();
     let configs = TempDir::new();
-    let a_conf = write_config(&configs, "host-a", &url, "\"echo\", \"ca*\"", "");
+    let a_conf = write_config(&configs, "host-a", &url_for_hosts, "\"echo\", \"ca*\"", "");
     let b_conf = write_config(
         &configs,
         "host-b",
-        &url,
+        &url_for_hosts,
         "",
         "\"echo\", \"calc\", \"secret\", \"nobody\"",
     );
@@ -154,7 +160,8 @@ fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
         a,
         b,
         _services: services,
-        _nats: nats,
+        nats,
+        nats_url: url,
         _configs: configs,
     };
     // A subscribes what it serves within its sync interval: wait until a
@@ -367,14 +374,7 @@ fn two_exporting_hosts_share_a_names_calls() {
     let Some(h) = start_hosts(&[]) else { return };
     // A third host C exports echo too, on the same NATS server.
     let configs = TempDir::new();
-    let url = {
-        // Host A's configuration names the server.
-        let text = std::fs::read_to_string(h._configs.path().join("host-a.toml"))
-            .expect("read A's configuration");
-        let start = text.find("nats://").expect("a server URL");
-        let end = text[start..].find('"').expect("end of URL") + start;
-        text[start..end].to_owned()
-    };
+    let url = h.nats_url.clone();
     let c_conf = write_config(&configs, "host-c", &url, "\"echo\"", "");
     let c = Broker::start_with(&["--bridge", &c_conf]);
     let c_svc = c.spawn("zrpc-test-svc", &[]);
@@ -428,4 +428,119 @@ fn a_caller_giving_up_cancels_the_call_on_the_remote_host() {
         ) > before),
         "host A's call was not cancelled"
     );
+}
+
+/// Runs `echo.record((key, ms))` from host B in a thread, with `timeout`.
+fn record_in_background(
+    h: &Hosts,
+    key: u64,
+    ms: u64,
+    timeout: Duration,
+) -> std::thread::JoinHandle<(Result<(u64, u64), Error>, Duration)> {
+    let client = h.client_b();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let r = client.call("echo", "record", &(key, ms), Some(timeout));
+        (r, start.elapsed())
+    })
+}
+
+/// How often `echo.record` ran for `key` on host A.
+fn executions_on_a(h: &Hosts, key: u64) -> u64 {
+    BlockingClient::connect_to(h.a.dir())
+        .expect("connect to A")
+        .call("echo", "executions", &key, secs(10))
+        .expect("executions")
+}
+
+/// Waits until `key`'s call started on host A.
+fn wait_started(h: &Hosts, key: u64) {
+    assert!(
+        wait_until(WAIT, || executions_on_a(h, key) == 1),
+        "the call never reached host A's service"
+    );
+}
+
+#[test]
+fn nats_restarted_mid_call_answers_within_the_deadline_and_runs_once() {
+    let Some(mut h) = start_hosts(&[]) else {
+        return;
+    };
+    let key = 0xa11ce;
+    let timeout = Duration::from_secs(4);
+    let call = record_in_background(&h, key, 1_000, timeout);
+    wait_started(&h, key);
+    // Kill nats-server mid-call and start it again on the same port.
+    h.nats.signal(libc::SIGKILL);
+    assert!(h.nats.wait_exit(WAIT).is_some(), "nats-server did not exit");
+    let port: u16 = h
+        .nats_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the port of the NATS URL");
+    let Some((nats, _)) = start_nats_on(port) else {
+        return;
+    };
+    h.nats = nats;
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert!(
+        took < timeout + Duration::from_secs(2),
+        "answered after {took:?}, past the deadline {timeout:?}"
+    );
+    match result {
+        Ok(v) => assert_eq!(v, (key, 1)),
+        Err(e) => assert!(
+            matches!(
+                e,
+                Error::Timeout { .. } | Error::ServiceGone { .. } | Error::NoSuchService { .. }
+            ),
+            "not a typed error a caller can act on: {e:?}"
+        ),
+    }
+    // Never executed twice, and calls cross again once both bridges
+    // reconnected.
+    let client = h.client_b();
+    assert!(
+        wait_until(WAIT, || echo_pid(&client).is_some()),
+        "calls did not cross again after nats-server came back"
+    );
+    assert_eq!(executions_on_a(&h, key), 1);
+}
+
+#[test]
+fn the_remote_broker_restarted_mid_call_fails_the_call_in_time_and_runs_it_once() {
+    let Some(mut h) = start_hosts(&[]) else {
+        return;
+    };
+    let key = 0xb0b;
+    let timeout = Duration::from_secs(3);
+    let call = record_in_background(&h, key, 1_500, timeout);
+    wait_started(&h, key);
+    // Host A's broker dies mid-call (its bridge with it) and comes back;
+    // its service reconnects and registers again.
+    h.a.restart(libc::SIGKILL);
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert!(
+        took < timeout + Duration::from_secs(2),
+        "answered after {took:?}, past the deadline {timeout:?}"
+    );
+    match result {
+        // The service's reply cache answered a re-delivery, or the reply
+        // got through before the broker died.
+        Ok(v) => assert_eq!(v, (key, 1)),
+        Err(e) => assert!(
+            matches!(e, Error::Timeout { .. } | Error::ServiceGone { .. }),
+            "not a typed error a caller can act on: {e:?}"
+        ),
+    }
+    wait_registered(h.a.dir(), "echo", 1);
+    let client = h.client_b();
+    assert!(
+        wait_until(WAIT, || echo_pid(&client).is_some()),
+        "calls did not cross again after host A's broker came back"
+    );
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
 }
