@@ -430,13 +430,16 @@ fn a_caller_giving_up_cancels_the_call_on_the_remote_host() {
     );
 }
 
+/// A call's result and how long it took.
+type Outcome = (Result<(u64, u64), Error>, Duration);
+
 /// Runs `echo.record((key, ms))` from host B in a thread, with `timeout`.
 fn record_in_background(
     h: &Hosts,
     key: u64,
     ms: u64,
     timeout: Duration,
-) -> std::thread::JoinHandle<(Result<(u64, u64), Error>, Duration)> {
+) -> std::thread::JoinHandle<Outcome> {
     let client = h.client_b();
     std::thread::spawn(move || {
         let start = Instant::now();
