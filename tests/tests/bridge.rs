@@ -547,3 +547,75 @@ fn the_remote_broker_restarted_mid_call_fails_the_call_in_time_and_runs_it_once(
     );
     assert_eq!(executions_on_a(&h, key), 1, "executed twice");
 }
+
+/// One field of a map value.
+fn get<'a>(v: &'a rmpv::Value, key: &str) -> Option<&'a rmpv::Value> {
+    v.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
+}
+
+/// Whether `zrpcd.list` in `dir` marks `name` as remote.
+fn listed_remote(dir: &std::path::Path, name: &str) -> Option<bool> {
+    let list: rmpv::Value = BlockingClient::connect_to(dir)
+        .expect("connect")
+        .call("zrpcd", "list", &(), secs(5))
+        .expect("zrpcd.list");
+    let entry = list
+        .as_array()?
+        .iter()
+        .find(|e| get(e, "name").and_then(|n| n.as_str()) == Some(name))?;
+    Some(get(entry, "remote").and_then(|r| r.as_bool()) == Some(true))
+}
+
+/// One counter of `zrpcd.stats`'s `bridge` map in `dir`.
+fn bridge_stat(dir: &std::path::Path, key: &str) -> u64 {
+    let stats: rmpv::Value = BlockingClient::connect_to(dir)
+        .expect("connect")
+        .call("zrpcd", "stats", &(), secs(5))
+        .expect("zrpcd.stats");
+    get(&stats, "bridge")
+        .and_then(|b| get(b, key))
+        .and_then(|v| v.as_u64())
+        .unwrap_or_else(|| panic!("no bridge.{key} in zrpcd.stats: {stats}"))
+}
+
+#[test]
+fn list_marks_remote_names_and_stats_count_bridged_calls() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // Imported on B (held by its bridge), local on A.
+    assert_eq!(listed_remote(h.b.dir(), "echo"), Some(true));
+    assert_eq!(listed_remote(h.a.dir(), "echo"), Some(false));
+    let (imported, exported) = (
+        bridge_stat(h.b.dir(), "imported"),
+        bridge_stat(h.a.dir(), "exported"),
+    );
+    let client = h.client_b();
+    for _ in 0..3 {
+        let _: u32 = client.call("echo", "pid", &(), secs(10)).expect("pid");
+    }
+    let _ = client.call::<_, ()>("echo", "fail", &"x", secs(10));
+    assert_eq!(bridge_stat(h.b.dir(), "imported"), imported + 4);
+    assert_eq!(bridge_stat(h.a.dir(), "exported"), exported + 4);
+    assert!(bridge_stat(h.b.dir(), "imported_errors") >= 1);
+    assert!(bridge_stat(h.a.dir(), "exported_errors") >= 1);
+    // The CLI shows both.
+    let out = Command::new(bin("zrpc"))
+        .env("ZRPC_SOCKET_DIR", h.b.dir())
+        .arg("list")
+        .output()
+        .expect("run zrpc list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("echo (remote, NATS)"),
+        "zrpc list said:\n{text}"
+    );
+    let out = Command::new(bin("zrpc"))
+        .env("ZRPC_SOCKET_DIR", h.b.dir())
+        .arg("stats")
+        .output()
+        .expect("run zrpc stats");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("bridged (NATS)"), "zrpc stats said:\n{text}");
+}

@@ -12,6 +12,7 @@ use zrpc_proto::ErrorCode;
 
 use super::{header, reply_headers, AbortOnDrop, Shared, H_CALLER, H_METHOD, H_ORIGIN};
 use super::{H_REQUEST, H_TIMEOUT_MS, SYNC_INTERVAL};
+use crate::broker::bridged::BridgeCounters;
 
 /// Every [`SYNC_INTERVAL`]: subscribes the exported names a local service
 /// holds and unsubscribes those no longer held; registers the imported
@@ -144,6 +145,7 @@ async fn serve(
                         if let Some(id) = id {
                             tracing::debug!(service = %name, origin = %key.0, "the remote caller cancelled");
                             shared.link.cancel_call(id);
+                            BridgeCounters::bump(&shared.counters.cancels_received);
                         }
                     }
                 }
@@ -212,6 +214,10 @@ async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
             bytes::Bytes::new(),
         ),
     };
+    BridgeCounters::bump(&shared.counters.exported);
+    if code.is_some() {
+        BridgeCounters::bump(&shared.counters.exported_errors);
+    }
     if let Err(e) = shared
         .nats
         .publish_with_headers(reply, reply_headers(code, &message), payload)

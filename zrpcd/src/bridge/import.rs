@@ -12,6 +12,7 @@ use zrpc_proto::{Envelope, ErrorCode};
 
 use super::H_TIMEOUT_MS;
 use super::{header, Shared, H_CALLER, H_CODE, H_MESSAGE, H_METHOD, H_ORIGIN, H_REQUEST};
+use crate::broker::bridged::BridgeCounters;
 
 /// An imported call being forwarded.
 pub(super) struct InFlight {
@@ -57,6 +58,7 @@ pub(super) fn cancel(shared: &Rc<Shared>, id: u64) {
         return;
     };
     call.task.abort();
+    BridgeCounters::bump(&shared.counters.cancels_sent);
     let shared = shared.clone();
     tokio::task::spawn_local(async move {
         let mut headers = HeaderMap::new();
@@ -75,6 +77,10 @@ pub(super) fn cancel(shared: &Rc<Shared>, id: u64) {
 
 async fn run(shared: Rc<Shared>, call: Forward, request_no: u64) {
     let (code, message, payload) = request(&shared, &call, request_no).await;
+    BridgeCounters::bump(&shared.counters.imported);
+    if code.is_some() {
+        BridgeCounters::bump(&shared.counters.imported_errors);
+    }
     shared.imports.borrow_mut().remove(&call.id);
     shared.link.send(
         &Envelope::Reply {

@@ -24,6 +24,7 @@ use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
 
 pub use config::{BridgeConfig, BridgeConfigError};
 
+use crate::broker::bridged::BridgeCounters;
 use crate::broker::Broker;
 use crate::peers::Creds;
 use link::{Answer, Link};
@@ -87,6 +88,8 @@ struct Shared {
     /// Exported calls in flight, by (origin host, request number): their
     /// local call ids, for cancel messages.
     exports: RefCell<rustc_hash::FxHashMap<(String, u64), u64>>,
+    /// What `zrpcd.stats` shows under `bridge`.
+    counters: Rc<BridgeCounters>,
 }
 
 /// Starts the bridge: admits its connection to `broker` and spawns its
@@ -102,20 +105,21 @@ pub fn start(broker: &Rc<RefCell<Broker>>, config: BridgeConfig) -> std::io::Res
         uid: config.uid,
         gid: config.gid,
     };
-    match crate::conn::admit_as(broker, theirs, creds, Some(Box::new([]))) {
+    let counters = match crate::conn::admit_as(broker, theirs, creds, Some(Box::new([]))) {
         Ok(admitted) => {
-            broker.borrow_mut().set_bridge_peer(admitted.id());
+            let counters = broker.borrow_mut().set_bridge_peer(admitted.id());
             tokio::task::spawn_local(crate::conn::serve(broker.clone(), admitted));
+            counters
         }
         Err(_) => {
             return Err(std::io::Error::other(
                 "the broker refused the NATS bridge's connection (connection limit or quota)",
             ))
         }
-    }
+    };
     let ours = tokio::net::UnixStream::from_std(ours)?;
     let task = tokio::task::spawn_local(async move {
-        if let Err(e) = run(config, ours).await {
+        if let Err(e) = run(config, ours, counters).await {
             tracing::error!(error = %e, "the NATS bridge stopped; local calls are not affected");
         }
     });
@@ -149,7 +153,11 @@ async fn connect(config: &BridgeConfig) -> Result<async_nats::Client, BridgeErro
         })
 }
 
-async fn run(config: BridgeConfig, stream: tokio::net::UnixStream) -> Result<(), BridgeError> {
+async fn run(
+    config: BridgeConfig,
+    stream: tokio::net::UnixStream,
+    counters: Rc<BridgeCounters>,
+) -> Result<(), BridgeError> {
     let nats = connect(&config).await?;
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -162,6 +170,7 @@ async fn run(config: BridgeConfig, stream: tokio::net::UnixStream) -> Result<(),
         imports: RefCell::default(),
         next_request: std::cell::Cell::new(1),
         exports: RefCell::default(),
+        counters,
     });
     shared.link.send(
         &Envelope::Hello {

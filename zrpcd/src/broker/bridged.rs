@@ -4,25 +4,56 @@
 //! local service that registers it and may own it; the bridge takes it
 //! again when it is free.
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use super::Broker;
 use crate::peers::PeerId;
 
+/// Calls through the bridge, counted by the bridge and shown by
+/// `zrpcd.stats` (under `bridge`).
+#[derive(Debug, Default)]
+pub struct BridgeCounters {
+    /// Local calls sent to NATS (to imported names).
+    pub imported: Cell<u64>,
+    /// Of those, answered with an error (any code).
+    pub imported_errors: Cell<u64>,
+    /// Calls from NATS run here (on exported names).
+    pub exported: Cell<u64>,
+    /// Of those, answered with an error (any code).
+    pub exported_errors: Cell<u64>,
+    /// Cancel messages published (local callers that gave up).
+    pub cancels_sent: Cell<u64>,
+    /// Cancel messages that cancelled a call here.
+    pub cancels_received: Cell<u64>,
+}
+
+impl BridgeCounters {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &Cell<u64>) {
+        counter.set(counter.get() + 1);
+    }
+}
+
 impl Broker {
-    /// Marks `peer` as the bridge's connection.
-    pub fn set_bridge_peer(&mut self, peer: PeerId) {
-        self.bridge_peer = Some(peer);
+    /// Marks `peer` as the bridge's connection; the counters the bridge
+    /// keeps for `zrpcd.stats`.
+    pub fn set_bridge_peer(&mut self, peer: PeerId) -> Rc<BridgeCounters> {
+        let counters = Rc::new(BridgeCounters::default());
+        self.bridge = Some((peer, counters.clone()));
+        counters
     }
 
     /// The bridge's connection, if any.
     pub fn bridge_peer(&self) -> Option<PeerId> {
-        self.bridge_peer
+        self.bridge.as_ref().map(|b| b.0)
     }
 
     /// Before `peer` registers `name`: if only the bridge holds it and
     /// `peer` (not the bridge) may own it by the policy, the bridge's hold
     /// is released. Calls already delivered to the bridge finish there.
     pub(crate) fn yield_imported(&mut self, peer: PeerId, name: &str, shared: bool) {
-        let Some(bridge) = self.bridge_peer else {
+        let Some(bridge) = self.bridge_peer() else {
             return;
         };
         if peer == bridge || self.names.holders(name) != [bridge] {

@@ -231,6 +231,8 @@ impl Broker {
             policy: &self.config.policy,
             monitors: &mut self.monitors,
             started: self.started,
+            #[cfg(feature = "nats")]
+            bridge: self.bridge.as_ref().map(|(p, c)| (*p, &**c)),
         };
         let (mut code, mut message, mut payload) = crate::builtin::handle(view, method, payload);
         // An answer the caller could not receive (a list of every name of

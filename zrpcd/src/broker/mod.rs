@@ -117,9 +117,9 @@ pub struct Broker {
     /// Delivered calls whose caller left, cancelled at their service unless
     /// resubmitted within the caller's grace (see [`crate::orphans`]).
     orphans: Orphans,
-    /// The NATS bridge's connection (see [`bridged`]).
+    /// The NATS bridge's connection and counters (see [`bridged`]).
     #[cfg(feature = "nats")]
-    bridge_peer: Option<PeerId>,
+    bridge: Option<(PeerId, Rc<bridged::BridgeCounters>)>,
 }
 
 impl Broker {
@@ -143,7 +143,7 @@ impl Broker {
             quota,
             orphans: Orphans::default(),
             #[cfg(feature = "nats")]
-            bridge_peer: None,
+            bridge: None,
         }
     }
 
