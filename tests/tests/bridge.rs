@@ -619,3 +619,49 @@ fn list_marks_remote_names_and_stats_count_bridged_calls() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("bridged (NATS)"), "zrpc stats said:\n{text}");
 }
+
+#[test]
+fn a_call_resubmitted_after_the_callers_broker_restarted_runs_once_on_the_remote_host() {
+    let Some(mut h) = start_hosts(&[]) else {
+        return;
+    };
+    let key = 0xc0ffee;
+    let timeout = Duration::from_secs(15);
+    let call = record_in_background(&h, key, 1_500, timeout);
+    wait_started(&h, key);
+    // Host B's broker (and bridge) dies mid-call and comes back: the
+    // client resubmits the call, B's new bridge sends it again with the
+    // same origin and caller, and A's bridge joins it to the call if it
+    // still runs (or, if it finished meanwhile, sends it again with the
+    // same local id, below) instead of running it twice.
+    h.b.restart(libc::SIGKILL);
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert_eq!(result.expect("answered once B came back"), (key, 1));
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+    // Again, with B down until A's run finished: A's bridge sends the
+    // resubmission again with the same local call id, and the service's
+    // reply cache answers it.
+    let key = 0xdecaf;
+    let answered = broker_stat(h.a.dir(), "calls_ok");
+    let call = record_in_background(&h, key, 1_500, timeout);
+    wait_started(&h, key);
+    h.b.proc.signal(libc::SIGKILL);
+    assert!(
+        h.b.proc.wait_exit(WAIT).is_some(),
+        "B's broker did not exit"
+    );
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "calls_ok") > answered),
+        "A's service did not finish the call"
+    );
+    h.b.respawn();
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert!(
+        took > Duration::from_millis(1_500),
+        "answered before B died"
+    );
+    assert_eq!(result.expect("answered once B came back"), (key, 1));
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+}

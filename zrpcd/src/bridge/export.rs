@@ -10,6 +10,8 @@ use futures_util::StreamExt;
 use rmpv::Value;
 use zrpc_proto::ErrorCode;
 
+use super::dedupe::Plan;
+use super::link::Answer;
 use super::{header, reply_headers, AbortOnDrop, Shared, H_CALLER, H_METHOD, H_ORIGIN};
 use super::{H_REQUEST, H_TIMEOUT_MS, SYNC_INTERVAL};
 use crate::broker::bridged::BridgeCounters;
@@ -162,6 +164,39 @@ fn call_key(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u64)> {
     Some((origin.to_owned(), request))
 }
 
+/// A local call to make for a NATS request.
+struct LocalCall<'a> {
+    name: &'a str,
+    method: &'a str,
+    timeout_ms: Option<u64>,
+    payload: &'a [u8],
+    /// The at-most-once key (origin, caller).
+    once: Option<super::dedupe::Key>,
+    /// (origin, request number), named by cancel messages.
+    cancel_key: Option<(String, u64)>,
+}
+
+/// Makes the local call (with local id `id`, or a new one) and waits for
+/// its answer; None if the link to the broker closed.
+async fn call_local(shared: &Shared, call: LocalCall<'_>, id: Option<u64>) -> Option<Answer> {
+    let (id, rx) =
+        shared
+            .link
+            .start_call(id, call.name, call.method, call.timeout_ms, call.payload)?;
+    if let Some(k) = call.once {
+        shared.dedupe.borrow_mut().started(k, id);
+    }
+    if let Some(key) = &call.cancel_key {
+        shared.exports.borrow_mut().insert(key.clone(), id);
+    }
+    let answer = rx.await.ok();
+    if let Some(key) = &call.cancel_key {
+        shared.exports.borrow_mut().remove(key);
+    }
+    shared.dedupe.borrow_mut().finished(id, answer.as_ref());
+    answer
+}
+
 /// Makes one NATS request a local call and publishes its outcome.
 async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
     let Some(reply) = msg.reply else {
@@ -183,21 +218,31 @@ async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
                 "a call from NATS"
             );
             let key = call_key(headers);
-            let answer = match shared
-                .link
-                .start_call(&name, method, timeout_ms, &msg.payload)
-            {
-                Some((id, rx)) => {
-                    if let Some(key) = &key {
-                        shared.exports.borrow_mut().insert(key.clone(), id);
-                    }
-                    let answer = rx.await.ok();
-                    if let Some(key) = &key {
-                        shared.exports.borrow_mut().remove(key);
-                    }
-                    answer
+            let once = header(headers, H_ORIGIN)
+                .zip(header(headers, H_CALLER))
+                .map(|(o, c)| (o.to_owned(), c.to_owned()));
+            let plan = match &once {
+                Some(k) => shared.dedupe.borrow_mut().plan(k),
+                None => Plan::New,
+            };
+            let local = LocalCall {
+                name: &name,
+                method,
+                timeout_ms,
+                payload: &msg.payload,
+                once,
+                cancel_key: key,
+            };
+            let answer = match plan {
+                Plan::Join(rx) => {
+                    tracing::debug!(service = %name, "a resubmitted call joins the one running");
+                    rx.await.ok()
                 }
-                None => None,
+                Plan::Resend(id) => {
+                    tracing::debug!(service = %name, id, "a resubmitted call is sent again with its id");
+                    call_local(&shared, local, Some(id)).await
+                }
+                Plan::New => call_local(&shared, local, None).await,
             };
             match answer {
                 Some(a) => (a.code, a.message, a.payload),

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use zrpc_proto::{encode_frame, Envelope, ErrorCode};
 
 /// A call's outcome: the broker's `Result`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Answer {
     /// The error code (None: success).
     pub code: Option<ErrorCode>,
@@ -74,22 +74,24 @@ impl Link {
         timeout_ms: Option<u64>,
         payload: &[u8],
     ) -> Option<Answer> {
-        self.start_call(service, method, timeout_ms, payload)?
+        self.start_call(None, service, method, timeout_ms, payload)?
             .1
             .await
             .ok()
     }
 
-    /// Sends a call; its id (for [`Link::cancel_call`]) and where its
-    /// answer arrives. None if the link is closed.
+    /// Sends a call, with the given id (one not in flight) or a new one;
+    /// its id (for [`Link::cancel_call`]) and where its answer arrives.
+    /// None if the link is closed.
     pub fn start_call(
         &self,
+        id: Option<u64>,
         service: &str,
         method: &str,
         timeout_ms: Option<u64>,
         payload: &[u8],
     ) -> Option<(u64, oneshot::Receiver<Answer>)> {
-        let id = self.next_id();
+        let id = id.unwrap_or_else(|| self.next_id());
         let (tx, rx) = oneshot::channel();
         self.calls.borrow_mut().insert(id, tx);
         let sent = self.send(

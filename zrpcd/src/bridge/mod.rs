@@ -9,6 +9,7 @@
 //! holds imported names and forwards their calls to NATS.
 
 mod config;
+mod dedupe;
 mod export;
 mod import;
 mod link;
@@ -90,6 +91,8 @@ struct Shared {
     exports: RefCell<rustc_hash::FxHashMap<(String, u64), u64>>,
     /// What `zrpcd.stats` shows under `bridge`.
     counters: Rc<BridgeCounters>,
+    /// Resubmitted exported calls (at most once).
+    dedupe: RefCell<dedupe::Dedupe>,
 }
 
 /// Starts the bridge: admits its connection to `broker` and spawns its
@@ -171,6 +174,7 @@ async fn run(
         next_request: std::cell::Cell::new(1),
         exports: RefCell::default(),
         counters,
+        dedupe: RefCell::default(),
     });
     shared.link.send(
         &Envelope::Hello {
