@@ -665,3 +665,27 @@ fn a_call_resubmitted_after_the_callers_broker_restarted_runs_once_on_the_remote
     assert_eq!(result.expect("answered once B came back"), (key, 1));
     assert_eq!(executions_on_a(&h, key), 1, "executed twice");
 }
+
+#[test]
+fn monitor_marks_bridged_calls_on_both_hosts() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mon_a = h.a.spawn("zrpc", &["monitor", "echo", "--count", "1"]);
+    let mon_b =
+        h.b.spawn("zrpc", &["monitor", "echo", "--count", "1", "--json"]);
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "monitors") == 1
+            && broker_stat(h.b.dir(), "monitors") == 1),
+        "the monitors did not subscribe"
+    );
+    let _: u32 = h
+        .client_b()
+        .call("echo", "pid", &(), secs(10))
+        .expect("pid");
+    let (_, out_a) = mon_a.output(WAIT);
+    assert!(
+        out_a.contains("echo.pid") && out_a.contains("[from NATS]"),
+        "A's monitor: {out_a}"
+    );
+    let (_, out_b) = mon_b.output(WAIT);
+    assert!(out_b.contains("to NATS"), "B's monitor: {out_b}");
+}

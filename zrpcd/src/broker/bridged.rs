@@ -49,6 +49,23 @@ impl Broker {
         self.bridge.as_ref().map(|b| b.0)
     }
 
+    /// How `zrpc monitor` marks a call of `caller` at `stage`: from NATS
+    /// (the bridge called), to NATS (delivered to the bridge), or neither.
+    pub(crate) fn bridged_mark(
+        &self,
+        caller: PeerId,
+        stage: crate::pending::Stage,
+    ) -> Option<&'static str> {
+        let bridge = self.bridge_peer()?;
+        if caller == bridge {
+            Some("from NATS")
+        } else if matches!(stage, crate::pending::Stage::Delivered(s) if s == bridge) {
+            Some("to NATS")
+        } else {
+            None
+        }
+    }
+
     /// Before `peer` registers `name`: if only the bridge holds it and
     /// `peer` (not the bridge) may own it by the policy, the bridge's hold
     /// is released. Calls already delivered to the bridge finish there.

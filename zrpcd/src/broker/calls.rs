@@ -408,6 +408,10 @@ impl Broker {
                 Outcome::Error(code, _) => (code.as_str(), 0),
                 Outcome::CallerGone | Outcome::CallerLeft => ("cancelled", 0),
             };
+            #[cfg(feature = "nats")]
+            let bridged = self.bridged_mark(p.caller, p.stage());
+            #[cfg(not(feature = "nats"))]
+            let bridged = None;
             let event = CallEvent {
                 caller_pid: self.peers.get(p.caller).map_or(0, |c| c.creds().pid),
                 caller: p.caller,
@@ -417,6 +421,7 @@ impl Broker {
                 reply_size,
                 latency: elapsed,
                 outcome: outcome_name,
+                bridged,
             };
             self.emit(&event);
         }
