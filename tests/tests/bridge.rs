@@ -75,12 +75,18 @@ fn start_nats() -> Option<(Proc, String)> {
 
 /// Starts `nats-server` on 127.0.0.1:`port`.
 fn start_nats_on(port: u16) -> Option<(Proc, String)> {
+    start_nats_with(port, &[])
+}
+
+/// Starts `nats-server` on 127.0.0.1:`port` with extra arguments.
+fn start_nats_with(port: u16, extra: &[&str]) -> Option<(Proc, String)> {
     let Some(exe) = nats_server_binary() else {
         skip_nats("nats-server is not installed (apt-get install nats-server)");
         return None;
     };
     let mut c = Command::new(exe);
-    c.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+    c.args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .args(extra);
     let mut proc = Proc::spawn("nats-server", c);
     let addr = format!("127.0.0.1:{port}");
     let up = wait_until(WAIT, || {
@@ -114,13 +120,28 @@ struct Hosts {
 }
 
 fn write_config(dir: &TempDir, host: &str, nats: &str, export: &str, import: &str) -> String {
+    write_config_with(dir, host, nats, export, import, "")
+}
+
+/// Same, with more lines in `[nats]` (credentials).
+fn write_config_with(
+    dir: &TempDir,
+    host: &str,
+    nats: &str,
+    export: &str,
+    import: &str,
+    nats_extra: &str,
+) -> String {
+    use std::os::unix::fs::PermissionsExt;
     let path = dir.path().join(format!("{host}.toml"));
     let text = format!(
         "host_id = \"{host}\"\nuid = {BRIDGE_UID}\ngid = {BRIDGE_UID}\n\
-         [nats]\nservers = [\"{nats}\"]\n\
+         [nats]\nservers = [\"{nats}\"]\n{nats_extra}\
          [export]\nnames = [{export}]\n[import]\nnames = [{import}]\n"
     );
     std::fs::write(&path, text).expect("write the bridge configuration");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600 the bridge configuration");
     path.to_string_lossy().into_owned()
 }
 
@@ -688,4 +709,67 @@ fn monitor_marks_bridged_calls_on_both_hosts() {
     );
     let (_, out_b) = mon_b.output(WAIT);
     assert!(out_b.contains("to NATS"), "B's monitor: {out_b}");
+}
+
+#[test]
+fn nats_credentials_come_from_the_config_file_only() {
+    if !zrpcd_has_bridge() {
+        skip("zrpcd was built without the feature `nats`");
+        return;
+    }
+    // A server that requires a user and password.
+    let Some((_nats, url)) =
+        start_nats_with(free_port(), &["--user", "zrpc", "--pass", "s3cret-pw"])
+    else {
+        return;
+    };
+    let configs = TempDir::new();
+    let creds = "user = \"zrpc\"\npassword = \"s3cret-pw\"\n";
+    let a_conf = write_config_with(&configs, "host-a", &url, "\"echo\"", "", creds);
+    let b_conf = write_config_with(&configs, "host-b", &url, "", "\"echo\"", creds);
+    let a = Broker::start_with(&["--bridge", &a_conf]);
+    let b = Broker::start_with(&["--bridge", &b_conf]);
+    let _svc = a.spawn("zrpc-test-svc", &[]);
+    wait_registered(a.dir(), "echo", 1);
+    wait_registered(b.dir(), "echo", 1);
+    let client = BlockingClient::connect_to(b.dir()).expect("connect to B");
+    assert!(
+        wait_until(WAIT, || echo_pid(&client).is_some()),
+        "no call crossed with credentials"
+    );
+    // The secret is on no command line.
+    for pid in [a.proc.pid(), b.proc.pid()] {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("read cmdline");
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("s3cret-pw"),
+            "the NATS password is on zrpcd's command line"
+        );
+    }
+    // A bridge with the wrong password gets no connection, so it does not
+    // take its imported name: a call to it waits for it until its
+    // deadline (zrpcd logs the authorization error).
+    let c_conf = write_config_with(
+        &configs,
+        "host-c",
+        &url,
+        "",
+        "\"echo\"",
+        "user = \"zrpc\"\npassword = \"wrong\"\n",
+    );
+    let c = Broker::start_with(&["--bridge", &c_conf]);
+    let c_client = BlockingClient::connect_to(c.dir()).expect("connect to C");
+    let err = c_client
+        .call_with::<_, u32>(
+            "echo",
+            "pid",
+            &(),
+            zrpc_client::CallOptions::timeout(Duration::from_millis(1_000)),
+        )
+        .expect_err("C's bridge is not connected");
+    match err {
+        Error::Timeout {
+            no_service: true, ..
+        } => {}
+        other => panic!("expected a timeout without service, got {other:?}"),
+    }
 }

@@ -87,8 +87,12 @@ pub(super) async fn sync_loop(shared: Rc<Shared>) {
                 }
             }
         }
+        // Imported names are taken only while NATS is reachable: a call
+        // to one waits (within its deadline) for the bridge to connect,
+        // e.g. a call resubmitted just after this broker restarted.
+        let connected = shared.nats.connection_state() == async_nats::connection::State::Connected;
         for name in &shared.config.import {
-            if held.contains_key(name) {
+            if !connected || held.contains_key(name) {
                 continue;
             }
             match shared.link.register(name).await {

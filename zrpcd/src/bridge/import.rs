@@ -106,6 +106,19 @@ async fn request(
     headers.insert(H_ORIGIN, shared.config.host_id.as_str());
     headers.insert(H_CALLER, call.caller.as_str());
     let subject = shared.config.subject(&call.service);
+    // Not connected (NATS down, or refusing the credentials): fail now
+    // rather than wait out the deadline for a reconnection.
+    if shared.nats.connection_state() != async_nats::connection::State::Connected {
+        return (
+            Some(ErrorCode::ServiceGone),
+            format!(
+                "the broker's NATS bridge is not connected to NATS ({}), so {} is unreachable; see zrpcd's log",
+                shared.config.servers.join(","),
+                call.service
+            ),
+            Bytes::new(),
+        );
+    }
     let request = async_nats::Request::new()
         .headers(headers)
         .payload(call.payload.clone())

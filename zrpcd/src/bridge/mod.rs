@@ -132,7 +132,16 @@ pub fn start(broker: &Rc<RefCell<Broker>>, config: BridgeConfig) -> std::io::Res
 async fn connect(config: &BridgeConfig) -> Result<async_nats::Client, BridgeError> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(format!("zrpcd-bridge {}", config.host_id))
-        .retry_on_initial_connect();
+        .retry_on_initial_connect()
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("the bridge is connected to NATS"),
+                async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_) => {
+                    tracing::error!(%event, "NATS bridge: check [nats] in the bridge configuration")
+                }
+                _ => tracing::warn!(%event, "NATS bridge"),
+            }
+        });
     if let Some((user, password)) = &config.user_password {
         opts = opts.user_and_password(user.clone(), password.clone());
     }
