@@ -61,6 +61,9 @@ pub enum BridgeError {
         /// The cause.
         source: async_nats::ConnectError,
     },
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    Shutdown,
     /// The link to the broker broke.
     #[error("the bridge's link to the broker failed: {0}")]
     Link(String),
@@ -122,8 +125,11 @@ pub fn start(broker: &Rc<RefCell<Broker>>, config: BridgeConfig) -> std::io::Res
     };
     let ours = tokio::net::UnixStream::from_std(ours)?;
     let task = tokio::task::spawn_local(async move {
-        if let Err(e) = run(config, ours, counters).await {
-            tracing::error!(error = %e, "the NATS bridge stopped; local calls are not affected");
+        match run(config, ours, counters).await {
+            Ok(()) | Err(BridgeError::Shutdown) => tracing::info!("the NATS bridge stopped"),
+            Err(e) => {
+                tracing::error!(error = %e, "the NATS bridge stopped; local calls are not affected")
+            }
         }
     });
     Ok(Bridge { task })
@@ -136,9 +142,14 @@ async fn connect(config: &BridgeConfig) -> Result<async_nats::Client, BridgeErro
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Connected => tracing::info!("the bridge is connected to NATS"),
-                async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_) => {
-                    tracing::error!(%event, "NATS bridge: check [nats] in the bridge configuration")
+                async_nats::Event::Closed => {
+                    tracing::info!("the bridge's NATS connection is closed")
                 }
+                // Authorization errors come from the server.
+                async_nats::Event::ServerError(_) => tracing::error!(
+                    %event,
+                    "the NATS server refused the bridge: check [nats] in the bridge configuration"
+                ),
                 _ => tracing::warn!(%event, "NATS bridge"),
             }
         });
@@ -259,6 +270,10 @@ fn on_frame(
             },
         ),
         Envelope::Cancel { id } => import::cancel(shared, id),
+        Envelope::Fatal {
+            code: ErrorCode::Shutdown,
+            ..
+        } => return Err(BridgeError::Shutdown),
         Envelope::Fatal { code, message } => {
             return Err(BridgeError::Link(format!(
                 "the broker closed the link: {} ({message})",
