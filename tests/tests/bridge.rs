@@ -773,3 +773,148 @@ fn nats_credentials_come_from_the_config_file_only() {
         other => panic!("expected a timeout without service, got {other:?}"),
     }
 }
+
+/// Makes a CA and a certificate for 127.0.0.1 signed by it in `dir` with
+/// the `openssl` tool: (ca.pem, server.pem, server.key). None (and a loud
+/// skip) without `openssl`.
+fn make_certificates(dir: &std::path::Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let run = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .expect("write ext.cnf");
+    let ok = run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=zrpc-test-ca",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    if !ok {
+        skip("the openssl tool is missing or failed: the TLS test did not run");
+        return None;
+    }
+    Some((
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    ))
+}
+
+#[test]
+fn tls_to_nats_is_configured_in_the_file_and_an_unknown_ca_is_refused() {
+    if !zrpcd_has_bridge() {
+        skip("zrpcd was built without the feature `nats`");
+        return;
+    }
+    let certs = TempDir::new();
+    let Some((ca, cert, key)) = make_certificates(certs.path()) else {
+        return;
+    };
+    let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+    let port = free_port();
+    let Some((_nats, _)) = start_nats_with(
+        port,
+        &[
+            "--tls",
+            "--tlscert",
+            cert.as_ref(),
+            "--tlskey",
+            key.as_ref(),
+        ],
+    ) else {
+        return;
+    };
+    let url = format!("tls://127.0.0.1:{port}");
+    let tls = format!(
+        "tls_required = true\nroot_certificates = \"{}\"\n",
+        ca.to_string_lossy()
+    );
+    let configs = TempDir::new();
+    let a_conf = write_config_with(&configs, "host-a", &url, "\"echo\"", "", &tls);
+    let b_conf = write_config_with(&configs, "host-b", &url, "", "\"echo\"", &tls);
+    let a = Broker::start_with(&["--bridge", &a_conf]);
+    let b = Broker::start_with(&["--bridge", &b_conf]);
+    let _svc = a.spawn("zrpc-test-svc", &[]);
+    wait_registered(a.dir(), "echo", 1);
+    wait_registered(b.dir(), "echo", 1);
+    let client = BlockingClient::connect_to(b.dir()).expect("connect to B");
+    assert!(
+        wait_until(WAIT, || echo_pid(&client).is_some()),
+        "no call crossed over TLS"
+    );
+    // Without the CA, the server's certificate is not trusted: no
+    // connection, so the imported name is not taken.
+    let c_conf = write_config_with(
+        &configs,
+        "host-c",
+        &url,
+        "",
+        "\"echo\"",
+        "tls_required = true\n",
+    );
+    let c = Broker::start_with(&["--bridge", &c_conf]);
+    let err = BlockingClient::connect_to(c.dir())
+        .expect("connect to C")
+        .call_with::<_, u32>(
+            "echo",
+            "pid",
+            &(),
+            zrpc_client::CallOptions::timeout(Duration::from_millis(1_000)),
+        )
+        .expect_err("C's bridge is not connected");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                no_service: true,
+                ..
+            }
+        ),
+        "expected a timeout without service, got {err:?}"
+    );
+}
