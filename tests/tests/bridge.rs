@@ -918,3 +918,27 @@ fn tls_to_nats_is_configured_in_the_file_and_an_unknown_ca_is_refused() {
         "expected a timeout without service, got {err:?}"
     );
 }
+
+#[test]
+fn values_larger_than_natss_max_payload_fail_at_once_with_limit_exceeded() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // nats-server's default max_payload is 1 MiB.
+    let big = serde_bytes::ByteBuf::from(vec![7u8; 2 * 1024 * 1024]);
+    let start = Instant::now();
+    let err = h
+        .client_b()
+        .call::<_, serde_bytes::ByteBuf>("echo", "blob", &big, secs(10))
+        .expect_err("2 MiB does not fit in a NATS message");
+    assert!(
+        matches!(&err, Error::LimitExceeded(m) if m.contains("max_payload")),
+        "got {err:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5), "not at once");
+    // Below the limit it crosses.
+    let small = serde_bytes::ByteBuf::from(vec![7u8; 512 * 1024]);
+    let back: serde_bytes::ByteBuf = h
+        .client_b()
+        .call("echo", "blob", &small, secs(10))
+        .expect("512 KiB crosses");
+    assert_eq!(back, small);
+}

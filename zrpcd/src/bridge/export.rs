@@ -12,7 +12,7 @@ use zrpc_proto::ErrorCode;
 
 use super::dedupe::Plan;
 use super::link::Answer;
-use super::{header, reply_headers, AbortOnDrop, Shared, H_CALLER, H_METHOD, H_ORIGIN};
+use super::{header, reply_headers, too_large, AbortOnDrop, Shared, H_CALLER, H_METHOD, H_ORIGIN};
 use super::{H_REQUEST, H_TIMEOUT_MS, SYNC_INTERVAL};
 use crate::broker::bridged::BridgeCounters;
 
@@ -262,6 +262,11 @@ async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
             format!("a NATS request needs the header {H_METHOD} and a numeric {H_TIMEOUT_MS} (docs/bridge.md)"),
             bytes::Bytes::new(),
         ),
+    };
+    let (code, message, payload) = match too_large(&shared.nats, payload.len(), "the reply's value")
+    {
+        Some(m) => (Some(ErrorCode::LimitExceeded), m, bytes::Bytes::new()),
+        None => (code, message, payload),
     };
     BridgeCounters::bump(&shared.counters.exported);
     if code.is_some() {

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use zrpc_proto::{Envelope, ErrorCode};
 
 use super::H_TIMEOUT_MS;
-use super::{header, Shared, H_CALLER, H_CODE, H_MESSAGE, H_METHOD, H_ORIGIN, H_REQUEST};
+use super::{
+    header, too_large, Shared, H_CALLER, H_CODE, H_MESSAGE, H_METHOD, H_ORIGIN, H_REQUEST,
+};
 use crate::broker::bridged::BridgeCounters;
 
 /// An imported call being forwarded.
@@ -118,6 +120,9 @@ async fn request(
             ),
             Bytes::new(),
         );
+    }
+    if let Some(message) = too_large(&shared.nats, call.payload.len(), "the arguments") {
+        return (Some(ErrorCode::LimitExceeded), message, Bytes::new());
     }
     let request = async_nats::Request::new()
         .headers(headers)

@@ -315,6 +315,23 @@ fn reply_headers(code: Option<ErrorCode>, message: &str) -> HeaderMap {
     headers
 }
 
+/// Room left for the headers of a message when checking its payload
+/// against the server's `max_payload` (which counts both).
+const HEADER_ROOM: usize = 1024;
+
+/// The error for a payload of `len` bytes the NATS server would refuse,
+/// if it would: NATS closes a connection that sends one, so it is checked
+/// before sending.
+fn too_large(nats: &async_nats::Client, len: usize, what: &str) -> Option<String> {
+    let max = nats.server_info().max_payload;
+    (max > 0 && len + HEADER_ROOM > max).then(|| {
+        format!(
+            "{what} ({len} bytes) do not fit in a NATS message (max_payload {max} bytes, \
+             less {HEADER_ROOM} for headers); raise max_payload on the NATS servers"
+        )
+    })
+}
+
 /// A header's value, if present.
 fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers.and_then(|h| h.get(name)).map(|v| v.as_str())
