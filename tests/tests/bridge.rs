@@ -159,7 +159,7 @@ fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
         "host-b",
         &url_for_hosts,
         "",
-        "\"echo\", \"calc\", \"secret\", \"nobody\"",
+        "\"echo\", \"calc\", \"secret\", \"nobody\", \"cable\"",
     );
     let mut a_args = vec!["--bridge", a_conf.as_str()];
     a_args.extend_from_slice(a_extra);
@@ -174,7 +174,7 @@ fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
     wait_registered(a.dir(), "calc", 1);
     wait_registered(a.dir(), "secret", 1);
     // B's bridge holds the imported names.
-    for name in ["echo", "calc", "secret", "nobody"] {
+    for name in ["echo", "calc", "secret", "nobody", "cable"] {
         wait_registered(b.dir(), name, 1);
     }
     let hosts = Hosts {
@@ -295,9 +295,15 @@ fn no_responders_is_no_such_service_and_unexported_names_are_unreachable() {
     let Some(h) = start_hosts(&[]) else { return };
     let client = h.client_b();
     for name in ["nobody", "secret"] {
+        // NO_WAIT: at once.
         let start = Instant::now();
         let err = client
-            .call::<_, u32>(name, "pid", &(), secs(10))
+            .call_with::<_, u32>(
+                name,
+                "pid",
+                &(),
+                zrpc_client::CallOptions::timeout(Duration::from_secs(10)).no_wait(),
+            )
             .expect_err("nobody serves it on NATS");
         assert!(
             matches!(err, Error::NoSuchService { .. }),
@@ -306,6 +312,27 @@ fn no_responders_is_no_such_service_and_unexported_names_are_unreachable() {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "{name}: not at once"
+        );
+        // Without: it waits for a host until its deadline, as a local call
+        // waits for its name.
+        let start = Instant::now();
+        let err = client
+            .call::<_, u32>(name, "pid", &(), Some(Duration::from_millis(800)))
+            .expect_err("nobody serves it on NATS");
+        let took = start.elapsed();
+        assert!(
+            matches!(
+                err,
+                Error::Timeout {
+                    no_service: true,
+                    ..
+                }
+            ),
+            "{name}: got {err:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+            "{name}: took {took:?} for an 800 ms deadline"
         );
     }
     // `secret` does run on A, for A's own callers.
@@ -941,4 +968,37 @@ fn values_larger_than_natss_max_payload_fail_at_once_with_limit_exceeded() {
         .call("echo", "blob", &small, secs(10))
         .expect("512 KiB crosses");
     assert_eq!(back, small);
+}
+
+#[test]
+fn a_call_waits_for_a_remote_exporter_that_appears_within_its_deadline() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // B imports `cable`; no host serves it yet. A exports `ca*`.
+    let client = h.client_b();
+    let call = std::thread::spawn(move || {
+        let start = Instant::now();
+        let r = client.call::<_, u32>("cable", "pid", &(), secs(15));
+        (r, start.elapsed())
+    });
+    // The call is out and waiting (no NO_WAIT) before the service exists.
+    assert!(
+        wait_until(WAIT, || bridge_stat_opt(h.b.dir(), "imported").is_some()
+            && broker_stat(h.b.dir(), "pending") >= 1),
+        "the call never left host B"
+    );
+    let svc = h.a.spawn("zrpc-test-svc", &["--name", "cable"]);
+    let (r, took) = call.join().expect("the calling thread");
+    assert_eq!(r.expect("answered once A served cable"), svc.child.id());
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+/// One counter of `zrpcd.stats`'s `bridge` map, if there is one.
+fn bridge_stat_opt(dir: &std::path::Path, key: &str) -> Option<u64> {
+    let stats: rmpv::Value = BlockingClient::connect_to(dir)
+        .ok()?
+        .call("zrpcd", "stats", &(), secs(5))
+        .ok()?;
+    get(&stats, "bridge")
+        .and_then(|b| get(b, key))
+        .and_then(|v| v.as_u64())
 }

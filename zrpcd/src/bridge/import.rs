@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
-use zrpc_proto::{Envelope, ErrorCode};
+use tokio::time::Instant;
+use zrpc_proto::{flags, Envelope, ErrorCode};
 
 use super::H_TIMEOUT_MS;
 use super::{
@@ -27,6 +28,8 @@ pub(super) struct InFlight {
 pub(super) struct Forward {
     /// The broker's id of the call.
     pub id: u64,
+    /// The call's flags (`NO_WAIT`).
+    pub flags: u32,
     pub service: String,
     pub method: String,
     pub timeout_ms: Option<u64>,
@@ -94,19 +97,20 @@ async fn run(shared: Rc<Shared>, call: Forward, request_no: u64) {
     );
 }
 
+/// The first pause before asking NATS again when no host serves a name
+/// (doubling up to [`RETRY_MAX`]).
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two attempts.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How long before the deadline the bridge gives up waiting for a host,
+/// so that its `TimeoutNoService` arrives before the broker's `Timeout`.
+const MARGIN: Duration = Duration::from_millis(20);
+
 async fn request(
     shared: &Shared,
     call: &Forward,
     request_no: u64,
 ) -> (Option<ErrorCode>, String, Bytes) {
-    let mut headers = HeaderMap::new();
-    headers.insert(H_REQUEST, request_no.to_string().as_str());
-    headers.insert(H_METHOD, call.method.as_str());
-    if let Some(ms) = call.timeout_ms {
-        headers.insert(H_TIMEOUT_MS, ms.to_string().as_str());
-    }
-    headers.insert(H_ORIGIN, shared.config.host_id.as_str());
-    headers.insert(H_CALLER, call.caller.as_str());
     let subject = shared.config.subject(&call.service);
     // Not connected (NATS down, or refusing the credentials): fail now
     // rather than wait out the deadline for a reconnection.
@@ -124,41 +128,75 @@ async fn request(
     if let Some(message) = too_large(&shared.nats, call.payload.len(), "the arguments") {
         return (Some(ErrorCode::LimitExceeded), message, Bytes::new());
     }
-    let request = async_nats::Request::new()
-        .headers(headers)
-        .payload(call.payload.clone())
-        .timeout(call.timeout_ms.map(Duration::from_millis));
-    match shared.nats.send_request(subject.clone(), request).await {
-        Ok(msg) => {
-            let headers = msg.headers.as_ref();
-            let code = header(headers, H_CODE)
-                .and_then(|c| c.parse::<u16>().ok())
-                .and_then(ErrorCode::from_u16);
-            let message = header(headers, H_MESSAGE).unwrap_or_default().to_owned();
-            (code, message, msg.payload)
+    let deadline = call
+        .timeout_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let mut pause = RETRY_FIRST;
+    loop {
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let mut headers = HeaderMap::new();
+        headers.insert(H_REQUEST, request_no.to_string().as_str());
+        headers.insert(H_METHOD, call.method.as_str());
+        if let Some(r) = remaining {
+            headers.insert(H_TIMEOUT_MS, (r.as_millis() as u64).to_string().as_str());
         }
-        Err(e) => {
-            let (code, message) = match e.kind() {
-                RequestErrorKind::NoResponders => (
-                    ErrorCode::NoSuchService,
-                    format!(
-                        "no host serves {} on NATS (subject {subject}; is it exported there?)",
-                        call.service
-                    ),
+        headers.insert(H_ORIGIN, shared.config.host_id.as_str());
+        headers.insert(H_CALLER, call.caller.as_str());
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(call.payload.clone())
+            .timeout(remaining);
+        let e = match shared.nats.send_request(subject.clone(), request).await {
+            Ok(msg) => {
+                let headers = msg.headers.as_ref();
+                let code = header(headers, H_CODE)
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .and_then(ErrorCode::from_u16);
+                let message = header(headers, H_MESSAGE).unwrap_or_default().to_owned();
+                return (code, message, msg.payload);
+            }
+            Err(e) => e,
+        };
+        let (code, message) = match e.kind() {
+            // Like a local call to a name nobody holds: fail at once with
+            // NO_WAIT, else wait (within the deadline) for a host to serve
+            // it.
+            RequestErrorKind::NoResponders if call.flags & flags::NO_WAIT == 0 => match remaining {
+                Some(r) if r <= pause + MARGIN => {
+                    tokio::time::sleep(r.saturating_sub(MARGIN)).await;
+                    (
+                        ErrorCode::TimeoutNoService,
+                        format!(
+                            "no host served {} on NATS (subject {subject}) before the deadline",
+                            call.service
+                        ),
+                    )
+                }
+                _ => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MAX);
+                    continue;
+                }
+            },
+            RequestErrorKind::NoResponders => (
+                ErrorCode::NoSuchService,
+                format!(
+                    "no host serves {} on NATS (subject {subject}; is it exported there?)",
+                    call.service
                 ),
-                RequestErrorKind::TimedOut => (
-                    ErrorCode::Timeout,
-                    format!(
-                        "{} did not answer over NATS within the deadline",
-                        call.service
-                    ),
+            ),
+            RequestErrorKind::TimedOut => (
+                ErrorCode::Timeout,
+                format!(
+                    "{} did not answer over NATS within the deadline",
+                    call.service
                 ),
-                RequestErrorKind::Other => (
-                    ErrorCode::ServiceGone,
-                    format!("the NATS request to {subject} failed: {e}"),
-                ),
-            };
-            (Some(code), message, Bytes::new())
-        }
+            ),
+            RequestErrorKind::Other => (
+                ErrorCode::ServiceGone,
+                format!("the NATS request to {subject} failed: {e}"),
+            ),
+        };
+        return (Some(code), message, Bytes::new());
     }
 }

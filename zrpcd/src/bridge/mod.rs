@@ -259,6 +259,7 @@ fn on_frame(
             shared,
             import::Forward {
                 id,
+                flags: shared.counters.flags.borrow_mut().remove(&id).unwrap_or(0),
                 service: service.to_owned(),
                 method: method.to_owned(),
                 timeout_ms,
@@ -269,7 +270,10 @@ fn on_frame(
                 payload,
             },
         ),
-        Envelope::Cancel { id } => import::cancel(shared, id),
+        Envelope::Cancel { id } => {
+            shared.counters.flags.borrow_mut().remove(&id);
+            import::cancel(shared, id)
+        }
         Envelope::Fatal {
             code: ErrorCode::Shutdown,
             ..

@@ -4,7 +4,9 @@
 //! local service that registers it and may own it; the bridge takes it
 //! again when it is free.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+
+use rustc_hash::FxHashMap;
 use std::rc::Rc;
 
 use super::Broker;
@@ -26,6 +28,10 @@ pub struct BridgeCounters {
     pub cancels_sent: Cell<u64>,
     /// Cancel messages that cancelled a call here.
     pub cancels_received: Cell<u64>,
+    /// The flags of calls delivered to the bridge, by broker id (a
+    /// `Request` does not carry them), taken by the bridge when the
+    /// `Request` arrives.
+    pub flags: RefCell<FxHashMap<u64, u32>>,
 }
 
 impl BridgeCounters {
@@ -47,6 +53,17 @@ impl Broker {
     /// The bridge's connection, if any.
     pub fn bridge_peer(&self) -> Option<PeerId> {
         self.bridge.as_ref().map(|b| b.0)
+    }
+
+    /// After delivering call `bid` to `target`: if that is the bridge,
+    /// tells it the call's flags (`NO_WAIT` decides whether it waits for a
+    /// remote exporter).
+    pub(crate) fn note_bridged_flags(&self, target: PeerId, bid: u64, flags: u32) {
+        if let Some((bridge, shared)) = &self.bridge {
+            if *bridge == target && flags != 0 {
+                shared.flags.borrow_mut().insert(bid, flags);
+            }
+        }
     }
 
     /// How `zrpc monitor` marks a call of `caller` at `stage`: from NATS

@@ -360,6 +360,8 @@ impl Broker {
         if let Some(p) = self.pending.get_mut(bid) {
             p.set_stage(Stage::Delivered(target));
         }
+        #[cfg(feature = "nats")]
+        self.note_bridged_flags(target, bid, call_flags);
     }
 
     /// Ends a call: the one place where a pending call is removed.
