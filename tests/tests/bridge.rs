@@ -159,7 +159,7 @@ fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
         "host-b",
         &url_for_hosts,
         "",
-        "\"echo\", \"calc\", \"secret\", \"nobody\", \"cable\"",
+        "\"echo\", \"calc\", \"secret\", \"nobody\", \"cable\", \"cabi*\"",
     );
     let mut a_args = vec!["--bridge", a_conf.as_str()];
     a_args.extend_from_slice(a_extra);
@@ -1001,4 +1001,37 @@ fn bridge_stat_opt(dir: &std::path::Path, key: &str) -> Option<u64> {
     get(&stats, "bridge")
         .and_then(|b| get(b, key))
         .and_then(|v| v.as_u64())
+}
+
+#[test]
+fn an_import_pattern_routes_unheld_names_to_nats_and_local_services_still_come_first() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // B imports `cabi*` (a pattern: not registered, routed by B's broker
+    // while nobody holds the name); A exports `ca*` and serves `cabin`.
+    let remote = h.a.spawn("zrpc-test-svc", &["--name", "cabin"]);
+    wait_registered(h.a.dir(), "cabin", 1);
+    let client = h.client_b();
+    let pid = |c: &BlockingClient| c.call::<_, u32>("cabin", "pid", &(), secs(10)).ok();
+    assert!(
+        wait_until(WAIT, || pid(&client) == Some(remote.child.id())),
+        "cabin on A was not reachable from B through the pattern"
+    );
+    // Not a registered name on B: zrpcd.list does not show it.
+    assert_eq!(listed_remote(h.b.dir(), "cabin"), None);
+    // A local `cabin` on B takes precedence.
+    let local = h.b.spawn("zrpc-test-svc", &["--name", "cabin"]);
+    wait_registered(h.b.dir(), "cabin", 1);
+    assert_eq!(pid(&client), Some(local.child.id()));
+    // A name matching no pattern is not sent to NATS: with NO_WAIT it
+    // fails at once on B.
+    let err = client
+        .call_with::<_, u32>(
+            "cabal",
+            "pid",
+            &(),
+            zrpc_client::CallOptions::timeout(Duration::from_secs(5)).no_wait(),
+        )
+        .expect_err("cabal is not imported");
+    assert!(matches!(err, Error::NoSuchService { .. }), "got {err:?}");
+    assert_eq!(bridge_stat(h.b.dir(), "imported_errors"), 0);
 }

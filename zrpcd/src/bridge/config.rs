@@ -58,7 +58,9 @@ pub struct BridgeConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Names offered on NATS: exact, or a prefix ending in `*`.
     pub export: Vec<String>,
-    /// Names called on NATS when no local service holds them (exact).
+    /// Names called on NATS when no local service holds them: exact
+    /// (registered by the bridge), or a prefix ending in `*` (routed to
+    /// the bridge by the broker when nobody holds the name).
     pub import: Vec<String>,
 }
 
@@ -200,10 +202,15 @@ impl BridgeConfig {
                 )));
             }
         }
-        for name in &file.import.names {
-            if zrpc_proto::validate_name(name).is_err() || name == zrpc_proto::BROKER_SERVICE {
+        for pattern in &file.import.names {
+            let name = pattern.strip_suffix('*').unwrap_or(pattern);
+            let valid = (pattern.ends_with('*') && (name.is_empty() || name.ends_with('.')))
+                || zrpc_proto::validate_name(name).is_ok();
+            if !valid || pattern == zrpc_proto::BROKER_SERVICE || pattern == "*" {
                 return Err(ParseError::Invalid(format!(
-                    "[import] {name:?} is not a service name one may import (exact names only)"
+                    "[import] {pattern:?} is neither a service name nor a prefix ending in '*' \
+                     (\"*\" alone would import every name, {:?} included)",
+                    zrpc_proto::BROKER_SERVICE
                 )));
             }
         }
@@ -231,6 +238,25 @@ impl BridgeConfig {
                 Some(prefix) => name.starts_with(prefix),
                 None => p == name,
             })
+    }
+
+    /// The exact `[import]` names (the bridge registers them).
+    pub fn imported_names(&self) -> impl Iterator<Item = &str> {
+        self.import
+            .iter()
+            .filter(|p| !p.ends_with('*'))
+            .map(String::as_str)
+    }
+
+    /// Whether `name` matches an `[import]` prefix pattern (the broker
+    /// routes calls to such a name to the bridge while nobody holds it).
+    pub fn imports_by_pattern(&self, name: &str) -> bool {
+        name != zrpc_proto::BROKER_SERVICE
+            && self
+                .import
+                .iter()
+                .filter_map(|p| p.strip_suffix('*'))
+                .any(|prefix| name.starts_with(prefix))
     }
 
     /// The subject of calls to `name`.
@@ -310,6 +336,14 @@ mod tests {
             !format!("{c:?}").contains("\"p\""),
             "secrets are not printed"
         );
+        let c = BridgeConfig::parse(
+            "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[import]\nnames = [\"inv\", \"shop.*\"]",
+        )
+        .ok()
+        .expect("valid");
+        assert_eq!(c.imported_names().collect::<Vec<_>>(), ["inv"]);
+        assert!(c.imports_by_pattern("shop.cart"));
+        assert!(!c.imports_by_pattern("inv") && !c.imports_by_pattern("shopping"));
     }
 
     #[test]
@@ -319,7 +353,8 @@ mod tests {
             "host_id = \"a\"\n[nats]\nservers = []",
             "host_id = \"a\"\nsubject_prefix = \"z.*\"\n[nats]\nservers = [\"x\"]",
             "host_id = \"a\"\n[nats]\nservers = [\"x\"]\nuser = \"u\"",
-            "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[import]\nnames = [\"a*\"]",
+            "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[import]\nnames = [\"*\"]",
+            "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[import]\nnames = [\"a b*\"]",
             "host_id = \"a\"\n[nats]\nservers = [\"x\"]\nbogus = 1",
         ] {
             assert!(BridgeConfig::parse(bad).is_err(), "accepted: {bad}");

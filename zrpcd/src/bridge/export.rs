@@ -91,7 +91,7 @@ pub(super) async fn sync_loop(shared: Rc<Shared>) {
         // to one waits (within its deadline) for the bridge to connect,
         // e.g. a call resubmitted just after this broker restarted.
         let connected = shared.nats.connection_state() == async_nats::connection::State::Connected;
-        for name in &shared.config.import {
+        for name in shared.config.imported_names() {
             if !connected || held.contains_key(name) {
                 continue;
             }

@@ -66,6 +66,14 @@ impl Broker {
         }
     }
 
+    /// The bridge, for a call to `service` that nobody holds, if it
+    /// matches an `[import]` prefix pattern.
+    pub(crate) fn bridge_by_pattern(&self, service: &str) -> Option<PeerId> {
+        let config = self.config.bridge.as_ref()?;
+        let bridge = self.bridge_peer()?;
+        config.imports_by_pattern(service).then_some(bridge)
+    }
+
     /// How `zrpc monitor` marks a call of `caller` at `stage`: from NATS
     /// (the bridge called), to NATS (delivered to the bridge), or neither.
     pub(crate) fn bridged_mark(

@@ -307,6 +307,8 @@ impl Broker {
         let target = self.names.pick(service, |id| {
             peers.get(id).map_or(u32::MAX, |p| p.outstanding())
         });
+        #[cfg(feature = "nats")]
+        let target = target.or_else(|| self.bridge_by_pattern(service));
         let Some(target) = target else {
             if call_flags & flags::NO_WAIT != 0 {
                 let msg = format!("no service is registered under the name {service:?}");
