@@ -33,8 +33,8 @@ usage: zrpc-bench [--quick] [--json] [--zrpcd PATH] [--threshold CORES] [--max-w
   --json-out FILE  also write the JSON to FILE
   --no-cache       diagnostic: run the echo services with the reply cache off
   --only A,B       run only these scenarios (seq_small, conc_small_64, many_clients,
-                   large_1mib, names, client_flavour, idle_connections, pending_calls,
-                   busy_poll_cost)
+                   default_client, large_1mib, names, client_flavour, idle_connections,
+                   pending_calls, busy_poll_cost)
   --zrpcd PATH     the broker binary (default: zrpcd next to this executable)
   --threshold C    other processes may use at most C cores for a run to be clean (default 0.15)
   --max-wait S     longest wait for a quiet machine before each run (default 60, quick 10)

@@ -76,6 +76,9 @@ pub struct ClientResult {
     pub p50: u64,
     /// 99th percentile round trip.
     pub p99: u64,
+    /// CPU time (user + system, all threads) the client used in the
+    /// measured phase, in milliseconds, when it reports it.
+    pub cpu_ms: Option<u64>,
 }
 
 impl ClientResult {
@@ -88,15 +91,26 @@ impl ClientResult {
             end,
             p50: percentile(&lat, 50.0),
             p99: percentile(&lat, 99.0),
+            cpu_ms: None,
         }
+    }
+
+    /// The same with the client's CPU time in the measured phase.
+    pub fn with_cpu(mut self, cpu_seconds: f64) -> Self {
+        self.cpu_ms = Some((cpu_seconds * 1e3).round() as u64);
+        self
     }
 
     /// The line a client prints on stdout.
     pub fn to_line(self) -> String {
-        format!(
+        let line = format!(
             "result {} {} {} {} {}",
             self.calls, self.start, self.end, self.p50, self.p99
-        )
+        );
+        match self.cpu_ms {
+            Some(ms) => format!("{line} {ms}"),
+            None => line,
+        }
     }
 
     /// Parses [`ClientResult::to_line`].
@@ -109,6 +123,7 @@ impl ClientResult {
             end: next()?,
             p50: next()?,
             p99: next()?,
+            cpu_ms: next(),
         })
     }
 }

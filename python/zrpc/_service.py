@@ -146,6 +146,22 @@ class Job:
         self.arg = arg
 
 
+class ServerBase:
+    """What the blocking and the asyncio ``Server`` share: the service's
+    name (derived from the class name when not given), socket directory,
+    ``shared`` flag, agent string, instance id and :class:`ServiceCore`."""
+
+    def __init__(self, name: Optional[str], socket_dir: Optional[str], shared: bool,
+                 reply_cache: int, agent: str):
+        self.name = name if name is not None else _proto.snake_case(type(self).__name__)
+        self.socket_dir = _proto.resolve_socket_dir(socket_dir)
+        self.shared = shared
+        self.agent = agent
+        #: The instance id sent in ``Hello``, kept across reconnects.
+        self.instance = _proto.random_id()
+        self._core = ServiceCore(self, self.name, reply_cache, DEFAULT_CACHE_BYTES)
+
+
 class ServiceCore:
     """The request logic of a service object, independent of how it does I/O."""
 

@@ -212,7 +212,7 @@ class Client:
         await self.close()
 
 
-class Server:
+class Server(_service.ServerBase):
     """An asyncio zrpc service: subclass it and mark methods (``async def`` or plain) with :func:`rpc_method`.
 
     The arguments are those of :class:`zrpc.server.Server`. Run it with
@@ -223,13 +223,7 @@ class Server:
     def __init__(self, name: Optional[str] = None, socket_dir: Optional[str] = None, *,
                  shared: bool = False, reply_cache: int = _service.DEFAULT_CACHE_ENTRIES,
                  agent: str = _proto.AGENT):
-        self.name = name if name is not None else _proto.snake_case(type(self).__name__)
-        self.socket_dir = _proto.resolve_socket_dir(socket_dir)
-        self.shared = shared
-        self.agent = agent
-        #: The instance id sent in ``Hello``, kept across reconnects.
-        self.instance = _proto.random_id()
-        self._core = _service.ServiceCore(self, self.name, reply_cache, _service.DEFAULT_CACHE_BYTES)
+        _service.ServerBase.__init__(self, name, socket_dir, shared, reply_cache, agent)
         self._conn: Optional[_Conn] = None
         self._tasks: Dict[int, asyncio.Task] = {}
         self._inflight: Dict[tuple, asyncio.Future] = {}
@@ -312,7 +306,7 @@ class Server:
             elif kind == _proto.PING:
                 conn.send(_proto.pong_frame(_proto.field(env, 1, 0)))
             elif kind == _proto.CANCEL:
-                task = self._tasks.pop(_proto.field(env, 1), None)
+                task = self._tasks.pop((conn, _proto.field(env, 1)), None)
                 if task is not None:
                     task.cancel()
             elif kind == _proto.ACK:
@@ -332,7 +326,7 @@ class Server:
         if first is not None:
             # A re-sent call while its first execution runs: wait for that outcome.
             self._core.counter -= 1
-            self._tasks[job.rid] = asyncio.ensure_future(self._await_first(conn, job, first))
+            self._tasks[(conn, job.rid)] = asyncio.ensure_future(self._await_first(conn, job, first))
             return
         if not asyncio.iscoroutinefunction(job.handler):
             conn.send(self._core.run_sync(job))
@@ -341,7 +335,14 @@ class Server:
         if job.key is not None:
             done = asyncio.get_running_loop().create_future()
             self._inflight[job.key] = done
-        self._tasks[job.rid] = asyncio.ensure_future(self._run(conn, job, done))
+        self._tasks[(conn, job.rid)] = asyncio.ensure_future(self._run(conn, job, done))
+
+    def _forget_task(self, conn: _Conn, rid: int) -> None:
+        """Drops the entry of request ``rid`` on ``conn`` if it is the current task's (request
+        ids are per connection: after a reconnect another task may hold the same id)."""
+        key = (conn, rid)
+        if self._tasks.get(key) is asyncio.current_task():
+            del self._tasks[key]
 
     async def _execute(self, job: _service.Job) -> bytes:
         """Runs the handler of ``job`` (awaited if it is a coroutine function); returns the reply frame."""
@@ -364,9 +365,10 @@ class Server:
         except asyncio.CancelledError:
             return  # cancelled by the broker: no outcome, no reply
         finally:
-            self._tasks.pop(job.rid, None)
+            self._forget_task(conn, job.rid)
             if done is not None:
-                self._inflight.pop(job.key, None)
+                if self._inflight.get(job.key) is done:
+                    del self._inflight[job.key]
                 done.set_result(None)
         # The request id belongs to `conn`; after a reconnect the broker
         # re-delivers the call and the reply cache answers it.
@@ -374,16 +376,29 @@ class Server:
             conn.send(reply)
 
     async def _await_first(self, conn: _Conn, job: _service.Job, first: asyncio.Future) -> None:
+        done: Optional[asyncio.Future] = None
         try:
             await asyncio.shield(first)
             reply = self._core.cached(job)
             if reply is None:  # the first execution left no outcome (it was cancelled): run this one
-                self._core.counter += 1
-                reply = await self._execute(job)
+                later = self._inflight.get(job.key)
+                if later is not None:
+                    # Another copy runs it already: wait for that one instead.
+                    await asyncio.shield(later)
+                    reply = self._core.cached(job)
+                if reply is None:
+                    done = asyncio.get_running_loop().create_future()
+                    self._inflight[job.key] = done
+                    self._core.counter += 1
+                    reply = await self._execute(job)
         except asyncio.CancelledError:
             return
         finally:
-            self._tasks.pop(job.rid, None)
+            self._forget_task(conn, job.rid)
+            if done is not None:
+                if self._inflight.get(job.key) is done:
+                    del self._inflight[job.key]
+                done.set_result(None)
         if self._conn is conn:
             conn.send(reply)
 

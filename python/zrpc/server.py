@@ -40,7 +40,7 @@ def _fileno(fd: Any) -> int:
     return fd if isinstance(fd, int) else fd.fileno()
 
 
-class Server:
+class Server(_service.ServerBase):
     """A zrpc service: subclass it and mark methods with :func:`rpc_method`.
 
     ``name``: the service name; ``None`` derives it from the class name
@@ -57,13 +57,7 @@ class Server:
     def __init__(self, name: Optional[str] = None, socket_dir: Optional[str] = None, *,
                  shared: bool = False, reply_cache: int = _service.DEFAULT_CACHE_ENTRIES,
                  agent: str = _proto.AGENT):
-        self.name = name if name is not None else _proto.snake_case(type(self).__name__)
-        self.socket_dir = _proto.resolve_socket_dir(socket_dir)
-        self.shared = shared
-        self.agent = agent
-        #: The instance id sent in ``Hello``, kept across reconnects.
-        self.instance = _proto.random_id()
-        self._core = _service.ServiceCore(self, self.name, reply_cache, _service.DEFAULT_CACHE_BYTES)
+        _service.ServerBase.__init__(self, name, socket_dir, shared, reply_cache, agent)
         self._sel = selectors.DefaultSelector()
         self._fds: Dict[int, Callable[[], Any]] = {}
         self._sock = None

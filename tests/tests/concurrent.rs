@@ -101,6 +101,16 @@ fn exclusive_and_sync_methods_still_work_beside_running_handlers() {
         3.0
     );
     assert_eq!(stats(&calc).running, 1, "add waited for hold");
+    // An unknown method is answered at once too (it needs no exclusive
+    // access).
+    match calc
+        .client()
+        .call::<_, zrpc_client::Value>("calc", "nope", &(), Some(WAIT))
+    {
+        Err(zrpc_client::Error::NoSuchMethod { method, .. }) => assert_eq!(method, "nope"),
+        other => panic!("expected NoSuchMethod, got {other:?}"),
+    }
+    assert_eq!(stats(&calc).running, 1, "nope waited for hold");
     // A `&mut self` method waits for it, then runs alone.
     calc.bump().expect("bump");
     let s = stats(&calc);
@@ -175,4 +185,223 @@ fn a_handler_whose_caller_is_gone_is_cancelled() {
         (1, 0, 0),
         "{last:?}"
     );
+}
+
+/// A raw caller with instance id `instance` sends `hold ms` as its call 7.
+fn raw_hold(b: &Broker, instance: u64, ms: u16) -> zrpc_tests::raw::Raw {
+    let mut raw = zrpc_tests::raw::Raw::connect(b.dir());
+    let (kind, _) = raw.hello_as(instance).expect("welcome");
+    assert_eq!(kind, zrpc_proto::Kind::Welcome);
+    raw.send(
+        &zrpc_proto::Envelope::Call {
+            id: 7,
+            service: "calc",
+            method: "hold",
+            timeout_ms: Some(30_000),
+            flags: 0,
+        },
+        &uint16(ms),
+    );
+    raw
+}
+
+/// `n` as a MessagePack uint 16.
+fn uint16(n: u16) -> [u8; 3] {
+    let [hi, lo] = n.to_be_bytes();
+    [0xcd, hi, lo]
+}
+
+#[test]
+fn a_caller_that_comes_back_within_its_grace_gets_the_first_execution() {
+    // The caller's connection breaks while the broker stays up; it comes
+    // back with the same instance and call id within its grace (1 s): the
+    // handler (2.5 s, longer than the grace) is not cancelled when the
+    // grace ends, and the resubmission is answered from it (one
+    // execution). Without the adoption it would be dropped at 1 s and run
+    // again for the resubmission (started 2).
+    let b = Broker::start_with(&["--caller-grace", "1"]);
+    let _svc = service(&b, None);
+    let calc = blocking(&b);
+    let first = raw_hold(&b, 42, 2500);
+    assert!(wait_until(WAIT, || stats(&calc).running == 1));
+    let before = zrpc_tests::broker_stat(b.dir(), "cancelled");
+    drop(first);
+    // The broker has seen the caller leave (its call counted as cancelled
+    // by the caller) before the resubmission arrives.
+    assert!(wait_until(WAIT, || {
+        zrpc_tests::broker_stat(b.dir(), "cancelled") > before
+    }));
+    let mut again = raw_hold(&b, 42, 2500);
+    let f = again.recv_frame().expect("the resubmission's result");
+    match f.decode().expect("envelope") {
+        zrpc_proto::Envelope::Result { id, code, message } => {
+            assert_eq!((id, code), (7, None), "{message}");
+            assert_eq!(&f.payload[..], &uint16(2500));
+        }
+        other => panic!("expected the Result, got {other:?}"),
+    }
+    let s = stats(&calc);
+    assert_eq!((s.started, s.finished, s.dropped), (1, 1, 0), "{s:?}");
+}
+
+#[test]
+fn a_caller_that_comes_back_after_its_grace_runs_the_call_again() {
+    // Past the grace (0.3 s) the first execution was cancelled: it left no
+    // outcome, so the late resubmission runs the handler again.
+    let b = Broker::start_with(&["--caller-grace", "0.3"]);
+    let _svc = service(&b, None);
+    let calc = blocking(&b);
+    let first = raw_hold(&b, 43, 800);
+    assert!(wait_until(WAIT, || stats(&calc).running == 1));
+    drop(first);
+    assert!(wait_until(WAIT, || stats(&calc).dropped == 1));
+    let mut again = raw_hold(&b, 43, 800);
+    let f = again.recv_frame().expect("the resubmission's result");
+    assert!(matches!(
+        f.decode().expect("envelope"),
+        zrpc_proto::Envelope::Result {
+            id: 7,
+            code: None,
+            ..
+        }
+    ));
+    let s = stats(&calc);
+    assert_eq!((s.started, s.finished, s.dropped), (2, 1, 1), "{s:?}");
+}
+
+/// Calls outstanding at services, by the broker's `zrpcd.peers`.
+fn outstanding(b: &Broker) -> u64 {
+    let c = BlockingClient::connect_to(b.dir()).expect("connect");
+    let peers: zrpc_client::Value = c
+        .call("zrpcd", "peers", &(), Some(WAIT))
+        .expect("zrpcd.peers");
+    peers
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["outstanding"].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+/// `hold(ms)` on a thread of its own, with a client of its own.
+fn hold_in_background(b: &Broker, ms: u64) -> std::thread::JoinHandle<zrpc_client::Result<u64>> {
+    let dir = b.dir().to_path_buf();
+    std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        CalcBlockingClient::new(c)
+            .with_options(CallOptions::timeout(WAIT))
+            .hold(ms)
+    })
+}
+
+#[test]
+fn a_resent_copy_of_a_running_call_does_not_hold_up_the_requests_behind_it() {
+    let b = Broker::start();
+    let _svc = service(&b, None);
+    let calc = blocking(&b);
+    // The same call (instance 44, call 7) on two connections at once: the
+    // second reaches the service while the first runs.
+    let mut first = raw_hold(&b, 44, 1500);
+    assert!(wait_until(WAIT, || stats(&calc).running == 1));
+    let mut copy = raw_hold(&b, 44, 1500);
+    // Requests behind the copy are not held up by it.
+    let version = calc.version().expect("version");
+    assert_eq!(version, "calc/1");
+    assert_eq!(stats(&calc).running, 1, "version waited for hold");
+    // Both get the one execution's result.
+    for raw in [&mut first, &mut copy] {
+        let f = raw.recv_frame().expect("result");
+        assert!(
+            matches!(
+                f.decode().expect("envelope"),
+                zrpc_proto::Envelope::Result {
+                    id: 7,
+                    code: None,
+                    ..
+                }
+            ),
+            "{:?}",
+            f.decode()
+        );
+        assert_eq!(&f.payload[..], &uint16(1500));
+    }
+    let s = stats(&calc);
+    assert_eq!((s.started, s.finished, s.dropped), (1, 1, 0), "{s:?}");
+}
+
+#[test]
+fn introspection_does_not_wait_for_blocked_requests() {
+    // One handler at a time: a second hold waits in the queue.
+    let b = Broker::start();
+    let _svc = service(&b, Some(1));
+    let calc = blocking(&b);
+    // (With the limit reached every method waits, `hold_stats` too: the
+    // broker's count of outstanding calls tells where the calls are.)
+    let first = hold_in_background(&b, 1500);
+    assert!(wait_until(WAIT, || outstanding(&b) == 1));
+    let second = hold_in_background(&b, 10);
+    // The second hold reaches the service (two calls outstanding there,
+    // by the broker's count).
+    assert!(wait_until(WAIT, || outstanding(&b) == 2));
+    // Behind it, describe is answered at once.
+    let d: zrpc_client::Value = calc
+        .client()
+        .call("calc", "zrpc.describe", &(), Some(WAIT))
+        .expect("describe");
+    assert!(
+        d["methods"].as_array().is_some_and(|m| !m.is_empty()),
+        "{d}"
+    );
+    assert!(!first.is_finished(), "describe waited for the first hold");
+    assert_eq!(first.join().expect("thread").expect("hold"), 1500);
+    assert_eq!(second.join().expect("thread").expect("hold"), 10);
+}
+
+#[test]
+fn a_resubmission_within_the_grace_goes_to_the_instance_running_the_call() {
+    // Two instances share the name. The caller's call runs on one of them
+    // when its connection breaks; by the time it comes back the other
+    // instance is the less loaded one. The resubmission still goes to the
+    // instance running the call, whose reply cache answers it: the answer
+    // is the first execution's (3000), not a new run of the resubmitted
+    // arguments (100).
+    let b = Broker::start_with(&["--caller-grace", "5"]);
+    let mut procs = Vec::new();
+    for _ in 0..2 {
+        let mut c = b.command("zrpc-test-typed");
+        c.env("ZRPC_TEST_SHARED", "1");
+        procs.push(Proc::spawn("zrpc-test-typed", c));
+    }
+    wait_registered(b.dir(), "calc", 2);
+    // Instance loads (outstanding calls): one busy with a long hold ...
+    let busy = hold_in_background(&b, 6000);
+    assert!(wait_until(WAIT, || outstanding(&b) == 1));
+    // ... so the caller's call goes to the other one.
+    let first = raw_hold(&b, 45, 3000);
+    assert!(wait_until(WAIT, || outstanding(&b) == 2));
+    let before = zrpc_tests::broker_stat(b.dir(), "cancelled");
+    drop(first);
+    assert!(wait_until(WAIT, || {
+        zrpc_tests::broker_stat(b.dir(), "cancelled") > before
+    }));
+    // Now both instances have one call running; a second background hold
+    // makes the caller's instance the more loaded one by the broker's
+    // count (the left caller's call no longer counts there).
+    let busy2 = hold_in_background(&b, 6000);
+    assert!(wait_until(WAIT, || outstanding(&b) == 2));
+    let mut again = raw_hold(&b, 45, 100);
+    let f = again.recv_frame().expect("the resubmission's result");
+    assert!(matches!(
+        f.decode().expect("envelope"),
+        zrpc_proto::Envelope::Result {
+            id: 7,
+            code: None,
+            ..
+        }
+    ));
+    assert_eq!(
+        &f.payload[..],
+        &uint16(3000),
+        "the resubmission ran again elsewhere instead of getting the first execution's result"
+    );
+    assert_eq!(busy.join().expect("thread").expect("hold"), 6000);
+    assert_eq!(busy2.join().expect("thread").expect("hold"), 6000);
 }

@@ -1,7 +1,8 @@
 //! `zrpc stats --format openmetrics` against a real `zrpcd` with a real
 //! service, parsed by a real OpenMetrics parser: Python's
 //! `prometheus_client` (`prometheus_client.openmetrics.parser`), which
-//! `.ci/run` installs into `target/metrics-venv`. Without it the test is
+//! `.ci/run` installs into `target/pyvenv` (the venv of the Python
+//! package's tests). Without it the test is
 //! skipped with a message on stderr, and fails when `CI=true`.
 
 use std::io::Write;
@@ -26,11 +27,13 @@ for fam in text_string_to_metric_families(sys.stdin.read()):
 print(json.dumps(out))
 "#;
 
-/// The Python that has `prometheus_client`, if any: `$ZRPC_METRICS_PYTHON`,
-/// else `target/metrics-venv/bin/python`, else `python3` on PATH.
+/// The Python that has `prometheus_client`, if any: `$ZRPC_PYTHON` (as for
+/// the Python package's tests), else `target/pyvenv/bin/python`, else
+/// `python3` on PATH.
 fn parser_python() -> Option<PathBuf> {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/metrics-venv/bin/python");
-    let candidates = std::env::var_os("ZRPC_METRICS_PYTHON")
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/pyvenv/bin/python");
+    let candidates = std::env::var_os("ZRPC_PYTHON")
+        .filter(|p| !p.is_empty())
         .map(PathBuf::from)
         .into_iter()
         .chain([venv, PathBuf::from("python3")]);
@@ -106,8 +109,8 @@ fn sample(parsed: &[Json], sample: &str, labels: &[(&str, &str)]) -> f64 {
 fn openmetrics_export_parses_and_counts_the_calls() {
     let Some(python) = parser_python() else {
         let msg = "prometheus_client (Python) is not installed: the OpenMetrics export is not \
-                   checked by a parser. .ci/run installs it into target/metrics-venv \
-                   (python3 -m venv target/metrics-venv && target/metrics-venv/bin/pip install prometheus_client)";
+                   checked by a parser. .ci/run installs it into target/pyvenv \
+                   (python3 -m venv target/pyvenv && target/pyvenv/bin/pip install prometheus_client)";
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("{msg}");
         }

@@ -294,6 +294,8 @@ async fn writer_task(conn: Arc<Conn>) {
     // The queue being written, swapped with the shared one: callers keep
     // appending to the other while this one is written.
     let mut writing = OutQueue::with_capacity(64 * 1024);
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     loop {
         let step = {
             let mut q = lock(&conn.out);
@@ -314,7 +316,22 @@ async fn writer_task(conn: Arc<Conn>) {
         };
         match step {
             WriterStep::Exit => break,
-            WriterStep::Wait => conn.writer_wake.notified().await,
+            WriterStep::Wait => {
+                conn.writer_wake.notified().await;
+                if multi {
+                    // On a multi-thread runtime the callers woken by one
+                    // batch of results run on both workers while this task
+                    // is woken by the first of them: one round of yielding
+                    // lets the others queue their frames, so one write
+                    // carries them all. Measured (zrpc-bench client
+                    // --flavour multi --inflight 64, same broker and
+                    // service, alternating): 412-428k calls/s without,
+                    // 441-542k with. A lone call does not come here (its
+                    // caller writes it), so sequential latency is
+                    // unchanged; the current-thread runtime already batches.
+                    tokio::task::yield_now().await;
+                }
+            }
             WriterStep::Write => {
                 conn.burst.store(false, Ordering::Relaxed);
                 let mut wait = None;

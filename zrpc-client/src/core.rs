@@ -391,7 +391,10 @@ impl Core {
                     } else {
                         c.finish(match code {
                             Some(code) => {
-                                Outcome::Failed(code, message.to_owned(), batch.payload(payload))
+                                // An error's value is copied: kept in an
+                                // `Error`, a view would pin the whole batch.
+                                let value = Bytes::copy_from_slice(&batch.payload(payload));
+                                Outcome::Failed(code, message.to_owned(), value)
                             }
                             None => Outcome::Ok(batch.payload(payload)),
                         });

@@ -585,6 +585,17 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
             quote!(#name => ::std::option::Option::Some(#z::__private::ready((|| { #prelude #body })())),)
         }
     });
+    // The `&mut self` methods: not here (they run alone, through `handle`).
+    let exclusive_names = methods
+        .iter()
+        .filter(|m| m.mut_self)
+        .map(|m| &m.rpc_name)
+        .collect::<Vec<_>>();
+    let exclusive_arm = if exclusive_names.is_empty() {
+        quote!()
+    } else {
+        quote!(#(#exclusive_names)|* => ::std::option::Option::None,)
+    };
 
     let (impl_generics, _, where_clause) = item.generics.split_for_impl();
     let self_ty = &item.self_ty;
@@ -635,7 +646,13 @@ fn expand_service(custom_name: Option<LitStr>, mut item: ItemImpl) -> syn::Resul
             ) -> ::std::option::Option<#z::HandlerFuture<'static>> {
                 match __zrpc_method {
                     #(#shared_arms)*
-                    _ => ::std::option::Option::None,
+                    #exclusive_arm
+                    // An unknown method is answered at once, without
+                    // waiting for exclusive access.
+                    _ => ::std::option::Option::Some(#z::__private::no_such_method(
+                        &__zrpc_ctx,
+                        __zrpc_method,
+                    )),
                 }
             }
         }

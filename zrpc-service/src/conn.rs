@@ -224,6 +224,11 @@ impl Conn {
         Ok(frame)
     }
 
+    /// Whether anything waits to be written.
+    pub(crate) fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// Bytes waiting to be written.
     #[cfg(test)]
     pub(crate) fn pending_write(&self) -> usize {

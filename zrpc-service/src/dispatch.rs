@@ -45,6 +45,7 @@ async fn run_exclusive<S: Service>(
     setup: &Setup,
     ctx: &Context,
     payload: Bytes,
+    max_queued: usize,
 ) -> Option<Result<Bytes, HandlerError>> {
     let fut = match catch_unwind(AssertUnwindSafe(|| {
         service.handle(ctx, ctx.method(), payload)
@@ -61,10 +62,16 @@ async fn run_exclusive<S: Service>(
     flush_or_defer(link).await;
     let running = Some((link.generation, ctx.request_id()));
     while link.deferred.is_none() {
+        // Requests read meanwhile queue up to `max_queued`, then the
+        // connection is not read (backpressure to the broker).
+        let read = link
+            .conn
+            .as_ref()
+            .is_none_or(|c| c.queue.len() < max_queued);
         tokio::select! {
             biased;
             r = &mut fut => return Some(r),
-            w = link.work(setup, running, true) => match w {
+            w = link.work(setup, running, read) => match w {
                 Ok(Work::CancelledRunning) => return None,
                 Ok(Work::Progress) => {}
                 Err(e) => link.deferred = Some(e),
@@ -98,10 +105,10 @@ pub(crate) enum Next {
     /// No request is queued.
     Idle,
     /// The request at the front must wait for running handlers: it needs
-    /// exclusive access, or it is a re-sent copy of a running call, or the
-    /// limit of concurrent handlers is reached.
+    /// exclusive access, or the limit of concurrent handlers is reached.
     Blocked,
-    /// A concurrent handler was started.
+    /// A concurrent handler was started, or a re-sent copy of a running
+    /// call was set aside until that call's execution ends.
     Started,
     /// A request was handled.
     Done(Event),
@@ -116,6 +123,8 @@ pub(crate) struct Dispatch<'a, S: Service> {
     pub(crate) cache: &'a mut ReplyCache,
     pub(crate) counter: &'a mut u64,
     pub(crate) running: &'a mut Running,
+    /// [`Server::max_queued`](crate::Server::max_queued).
+    pub(crate) max_queued: usize,
 }
 
 impl<S: Service> Dispatch<'_, S> {
@@ -142,11 +151,17 @@ impl<S: Service> Dispatch<'_, S> {
                 front.caller.map_or(0, |c| c.uid),
             )
         };
-        if !self.running.is_empty()
-            && (!self.running.has_room() || key.is_some_and(|k| self.running.runs(k)))
-        {
+        let describe_front = front.method.as_str() == DESCRIBE_METHOD;
+        if let Some(k) = key.filter(|k| self.running.runs(*k)) {
             // A re-sent copy of a running call waits for its outcome (then
-            // comes from the cache): never two executions of one call.
+            // comes from the cache): never two executions of one call. It
+            // waits aside, so that the requests behind it go on.
+            if let Some(req) = self.link.conn.as_mut().and_then(|c| c.queue.pop_front()) {
+                self.running.park(self.link.generation, k, req);
+            }
+            return Ok(Next::Started);
+        }
+        if !describe_front && !self.running.is_empty() && !self.running.has_room() {
             return Ok(Next::Blocked);
         }
         let Some(req) = self.link.conn.as_mut().and_then(|c| c.queue.pop_front()) else {
@@ -262,10 +277,40 @@ impl<S: Service> Dispatch<'_, S> {
             return Ok(Next::Blocked);
         };
         *self.counter += 1;
-        let outcome = run_exclusive(service, self.link, self.setup, &ctx, payload).await;
+        let outcome = run_exclusive(
+            service,
+            self.link,
+            self.setup,
+            &ctx,
+            payload,
+            self.max_queued,
+        )
+        .await;
         self.finish(meta, outcome, flush_reply)
             .await
             .map(Next::Done)
+    }
+
+    /// Moves the first queued `zrpc.describe` request to the front of the
+    /// queue, if one waits behind others: introspection is answered while
+    /// the request at the front is blocked. Whether one was moved.
+    pub(crate) fn describe_first(&mut self) -> bool {
+        let Some(conn) = self.link.conn.as_mut() else {
+            return false;
+        };
+        match conn
+            .queue
+            .iter()
+            .position(|r| r.method.as_str() == DESCRIBE_METHOD)
+        {
+            Some(pos) if pos > 0 => {
+                if let Some(req) = conn.queue.remove(pos) {
+                    conn.queue.push_front(req);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Sends and caches the outcome of the handler of `meta`'s request

@@ -12,6 +12,7 @@ use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::cache::CallKey as Key;
+use crate::conn::Pending;
 use crate::context::Name;
 use crate::unwind::CatchUnwind;
 use crate::{HandlerError, HandlerFuture};
@@ -70,6 +71,11 @@ pub(crate) struct Running {
     /// running handler: found by id to cancel it, by key to hold back a
     /// re-sent copy of its call.
     handles: Vec<(u64, u64, Option<Key>, AbortHandle)>,
+    /// Re-sent copies of running calls, with the connection generation
+    /// they came on: set aside (so that the requests behind them go on)
+    /// until their first execution ends, then queued again and answered
+    /// from the reply cache.
+    parked: Vec<(u64, Key, Pending)>,
     pub(crate) limit: usize,
 }
 
@@ -78,6 +84,7 @@ impl Running {
         Running {
             set: FuturesUnordered::new(),
             handles: Vec::new(),
+            parked: Vec::new(),
             limit: DEFAULT_MAX_CONCURRENT,
         }
     }
@@ -98,6 +105,32 @@ impl Running {
     /// Whether the call `key` identifies is running.
     pub(crate) fn runs(&self, key: Key) -> bool {
         self.handles.iter().any(|h| h.2 == Some(key))
+    }
+
+    /// Sets aside `req`, a re-sent copy of the running call `key`, that
+    /// came on connection `generation`.
+    pub(crate) fn park(&mut self, generation: u64, key: Key, req: Pending) {
+        self.parked.push((generation, key, req));
+    }
+
+    /// The copies set aside for the call `key` (whose execution ended), in
+    /// arrival order, that came on connection `generation` (copies from an
+    /// earlier connection are dropped: the broker re-delivers them).
+    pub(crate) fn unpark(&mut self, generation: u64, key: Option<Key>) -> Vec<Pending> {
+        let Some(key) = key else {
+            return Vec::new();
+        };
+        if !self.parked.iter().any(|p| p.1 == key) {
+            return Vec::new();
+        }
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|p| p.1 == key);
+        self.parked = rest;
+        mine.into_iter()
+            .filter(|p| p.0 == generation)
+            .map(|p| p.2)
+            .collect()
     }
 
     /// Adds a started handler.

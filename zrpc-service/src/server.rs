@@ -415,8 +415,11 @@ impl<S: Service> Server<S> {
         flush_reply: bool,
     ) -> Result<Option<Event>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        if let Some(e) = self.link.deferred.take() {
-            return Err(e);
+        if self.running.is_empty() {
+            // A hard error kept while handlers ran (see `next_event`).
+            if let Some(e) = self.link.deferred.take() {
+                return Err(e);
+            }
         }
         if self.link.conn.is_none() && !self.link.reconnecting() {
             // The first connection (or any, without reconnect): fail fast.
@@ -526,7 +529,18 @@ impl<S: Service> Server<S> {
                 match self.dispatch().handle_next(flush_reply).await? {
                     Next::Done(event) => return Ok(Some(event)),
                     Next::Started => continue,
+                    // Introspection does not wait behind a blocked request.
+                    Next::Blocked if self.dispatch().describe_first() => continue,
                     Next::Blocked | Next::Idle => {}
+                }
+            }
+            // About to wait: nothing batched may stay unsent meanwhile
+            // (the flush policy above may have held replies back for a
+            // request that cannot start yet).
+            if let Some(conn) = self.link.conn.as_mut().filter(|c| c.has_output()) {
+                if let Err(e) = conn.flush().await {
+                    self.lost(e)?;
+                    continue;
                 }
             }
             match self.wait(deadline).await {
@@ -536,8 +550,19 @@ impl<S: Service> Server<S> {
                     }
                 }
                 Wake::Done(meta, outcome) => {
+                    let generation = self.link.generation;
+                    let copies = self.running.unpark(generation, meta.key);
                     let mut d = self.dispatch();
-                    return d.finish(meta, outcome, flush_reply).await.map(Some);
+                    let event = d.finish(meta, outcome, flush_reply).await;
+                    // Re-sent copies of that call, set aside while it ran:
+                    // next in line, answered from the cache (or run, if it
+                    // was cancelled and left no outcome).
+                    if let Some(conn) = self.link.conn.as_mut() {
+                        for req in copies.into_iter().rev() {
+                            conn.queue.push_front(req);
+                        }
+                    }
+                    return event.map(Some);
                 }
                 Wake::Timeout => return Ok(None),
                 Wake::Fd(r) => {
@@ -577,6 +602,7 @@ impl<S: Service> Server<S> {
             cache: &mut self.cache,
             counter: &mut self.counter,
             running: &mut self.running,
+            max_queued: self.max_queued,
         }
     }
 

@@ -82,6 +82,13 @@ impl Names {
         self.map.get(name).is_some_and(|e| !e.instances.is_empty())
     }
 
+    /// Whether `peer` holds `name`.
+    pub fn is_instance(&self, name: &str, peer: PeerId) -> bool {
+        self.map
+            .get(name)
+            .is_some_and(|e| e.instances.contains(&peer))
+    }
+
     /// Picks the instance of `name` with the fewest outstanding calls.
     pub fn pick(&self, name: &str, outstanding: impl Fn(PeerId) -> u32) -> Option<PeerId> {
         let entry = self.map.get(name)?;

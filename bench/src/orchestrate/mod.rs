@@ -14,6 +14,7 @@ use crate::roles::{ECHO_SERVICE, RAW_ECHO_SERVICE};
 use crate::util::{ClientResult, Proc, Spawn};
 use crate::Args;
 
+mod defaults;
 mod scenarios;
 use scenarios::run_all;
 
@@ -94,13 +95,19 @@ impl GuardInfo {
 }
 
 /// The aggregate of one measured run.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Measure {
     calls_per_s: f64,
     p50_us: f64,
     p99_us: f64,
     mb_per_s: f64,
     guard: GuardInfo,
+    /// CPU (cores) of each daemon passed to `measure`, in its order, over
+    /// the measured window.
+    daemon_cores: Vec<f64>,
+    /// CPU (cores) of the clients together over the measured window, when
+    /// they report it.
+    client_cores: Option<f64>,
 }
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -160,8 +167,8 @@ impl Ctx {
         &self,
         daemons: &[u32],
         spawns: &dyn Fn() -> Vec<Spawn>,
-    ) -> Result<(Vec<ClientResult>, GuardInfo), String> {
-        let mut best: Option<(Vec<ClientResult>, GuardInfo)> = None;
+    ) -> Result<(Vec<ClientResult>, GuardInfo, Vec<f64>), String> {
+        let mut best: Option<(Vec<ClientResult>, GuardInfo, Vec<f64>)> = None;
         let mut waited = 0.0;
         for attempt in 1..=self.guard.retries + 1 {
             let mut procs = Vec::new();
@@ -176,6 +183,8 @@ impl Ctx {
             let (before, w) = self.guard.wait_quiet(&pids);
             waited += w.as_secs_f64();
             let a = guard::snap(&pids);
+            let cpu = || -> Vec<f64> { daemons.iter().map(|d| guard::cpu_seconds(*d)).collect() };
+            let (cpu0, t0) = (cpu(), Instant::now());
             for p in &mut procs {
                 p.send("go");
             }
@@ -183,6 +192,12 @@ impl Ctx {
             for p in &mut procs {
                 results.push(p.result()?);
             }
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            let daemon_cores: Vec<f64> = cpu()
+                .iter()
+                .zip(&cpu0)
+                .map(|(b, a)| (b - a) / secs)
+                .collect();
             for p in procs {
                 p.finish(Duration::from_secs(2));
             }
@@ -196,19 +211,19 @@ impl Ctx {
                 clean: during < self.guard.threshold,
             };
             if info.clean {
-                return Ok((results, info));
+                return Ok((results, info, daemon_cores));
             }
             self.log(&format!(
                 "run disturbed (others used {during:.2} cores), attempt {attempt}"
             ));
-            if !matches!(&best, Some((_, g)) if g.during <= during) {
-                best = Some((results, info));
+            if !matches!(&best, Some((_, g, _)) if g.during <= during) {
+                best = Some((results, info, daemon_cores));
             }
         }
-        let (r, mut g) = best.ok_or("no attempt")?;
+        let (r, mut g, d) = best.ok_or("no attempt")?;
         g.waited_s = waited;
         g.attempts = self.guard.retries + 1;
-        Ok((r, g))
+        Ok((r, g, d))
     }
 
     fn measure(
@@ -217,7 +232,7 @@ impl Ctx {
         spawns: &dyn Fn() -> Vec<Spawn>,
         size: usize,
     ) -> Result<Measure, String> {
-        let (rs, g) = self.guarded(daemons, spawns)?;
+        let (rs, g, daemon_cores) = self.guarded(daemons, spawns)?;
         let calls: u64 = rs.iter().map(|r| r.calls).sum();
         let start = rs.iter().map(|r| r.start).min().unwrap_or(0);
         let end = rs.iter().map(|r| r.end).max().unwrap_or(0);
@@ -233,6 +248,12 @@ impl Ctx {
             p99_us: p99s[p99s.len() / 2] as f64 / 1e3,
             mb_per_s: cps * size as f64 / 1e6,
             guard: g,
+            daemon_cores,
+            client_cores: rs
+                .iter()
+                .map(|r| r.cpu_ms)
+                .sum::<Option<u64>>()
+                .map(|ms| ms as f64 / 1e3 / secs.max(1e-9)),
         })
     }
 }

@@ -110,7 +110,7 @@ pub(super) fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             },
             SMALL,
         )?;
-        r_conc = Some(r);
+        r_conc = Some(r.clone());
         rows.push(Row {
             scenario: "conc_small_64",
             metric: "calls/s",
@@ -208,6 +208,10 @@ pub(super) fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             guard: Some(q.guard),
             note: "diagnostic: the clients not polling (broker, service as default)".into(),
         });
+    }
+
+    if ctx.want("default_client") {
+        defaults::default_client(ctx, &daemons, &zdir, &relay_path, &mut rows)?;
     }
 
     if ctx.want("large_1mib") {
@@ -526,7 +530,7 @@ fn busy_poll_cost(
         if env.is_some() {
             let c = ctx.counts;
             let daemons = [broker.pid(), service.pid()];
-            if let Some(r) = relay_seq {
+            if let Some(r) = &relay_seq {
                 let z = ctx.measure(
                     &daemons,
                     &|| {
@@ -540,12 +544,14 @@ fn busy_poll_cost(
                     metric: "p50 (us)",
                     zrpc: z.p50_us,
                     baseline: Some(r.p50_us),
-                    target: None,
+                    // Issue 19: with every kind of polling off, at most
+                    // the relay's p50.
+                    target: Some(Target::RatioAtMost(1.0)),
                     guard: Some(z.guard),
-                    note: "diagnostic: seq_small with busy polling off".into(),
+                    note: "seq_small with busy polling off everywhere".into(),
                 });
             }
-            if let Some(r) = relay_conc {
+            if let Some(r) = &relay_conc {
                 let z = ctx.measure(
                     &daemons,
                     &|| vec![conc_client(&dir, &c).env("ZRPC_BUSY_POLL_US", "0")],
@@ -590,7 +596,7 @@ fn busy_poll_cost(
     Ok(())
 }
 
-fn guard_note(baseline: &Measure) -> String {
+pub(super) fn guard_note(baseline: &Measure) -> String {
     let g = baseline.guard;
     format!(
         "relay run {} ({:.2} cores)",

@@ -115,5 +115,8 @@ fn main() -> Result<(), zrpc_service::Error> {
     {
         server = server.max_concurrent(n);
     }
+    if std::env::var_os("ZRPC_TEST_SHARED").is_some() {
+        server = server.shared(true);
+    }
     server.run()
 }

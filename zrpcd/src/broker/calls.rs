@@ -30,6 +30,10 @@ struct RouteCall<'a> {
     /// The caller's `Hello` instance and kernel identity, if the caller
     /// has them at hand.
     caller_ident: Option<(u64, Caller)>,
+    /// The instance to deliver to if it still holds the name: the one
+    /// already running this call for a caller that left (an adopted
+    /// orphan), so that its reply cache answers it.
+    prefer: Option<PeerId>,
 }
 
 impl Broker {
@@ -78,13 +82,6 @@ impl Broker {
         if self.pending.find_by_caller(peer, id).is_some() {
             let msg = format!("call id {id} is already in flight on this connection");
             return self.result_error(peer, id, ErrorCode::Protocol, &msg);
-        }
-        if !self.orphans.is_empty() {
-            // The resubmission of a call its caller left running: it is
-            // not cancelled at the service (whose reply cache answers it).
-            if let Some(p) = self.peers.get(peer) {
-                self.orphans.adopt((p.creds().uid, p.instance(), id));
-            }
         }
         if self.config.policy.guards_calls() {
             let denied = self.peers.get(peer).and_then(|p| {
@@ -159,6 +156,17 @@ impl Broker {
             }
             None => return,
         };
+        // The resubmission of a call its caller left running (accepted:
+        // past the policy and the limits): not cancelled at the service,
+        // and delivered to that same instance, whose reply cache answers
+        // it with the one execution.
+        let prefer = if self.orphans.is_empty() {
+            None
+        } else {
+            self.orphans
+                .adopt((caller_ident.1.uid, caller_ident.0, id))
+                .map(|o| o.service)
+        };
         let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         let kept = KeptPayload::new(payload);
         let new = NewCall {
@@ -190,6 +198,7 @@ impl Broker {
             payload,
             timeout_ms,
             caller_ident: Some(caller_ident),
+            prefer,
         };
         self.route(call, now);
     }
@@ -284,6 +293,7 @@ impl Broker {
             payload: Payload::Shared(&payload),
             timeout_ms,
             caller_ident: None,
+            prefer: None,
         };
         self.route(call, now);
     }
@@ -298,15 +308,20 @@ impl Broker {
             payload,
             timeout_ms,
             caller_ident,
+            prefer,
         } = call;
         let Some(p) = self.pending.get(bid) else {
             return;
         };
         let (caller, caller_call, call_flags) = (p.caller, p.caller_call, p.flags);
         let peers = &self.peers;
-        let target = self.names.pick(service, |id| {
-            peers.get(id).map_or(u32::MAX, |p| p.outstanding())
-        });
+        let target = prefer
+            .filter(|p| self.names.is_instance(service, *p))
+            .or_else(|| {
+                self.names.pick(service, |id| {
+                    peers.get(id).map_or(u32::MAX, |p| p.outstanding())
+                })
+            });
         #[cfg(feature = "nats")]
         let target = target.or_else(|| self.bridge_by_pattern(service));
         let Some(target) = target else {
