@@ -961,6 +961,17 @@ fn values_larger_than_natss_max_payload_fail_at_once_with_limit_exceeded() {
         "got {err:?}"
     );
     assert!(start.elapsed() < Duration::from_secs(5), "not at once");
+    // A reply too large: the exporting host answers LimitExceeded instead.
+    let start = Instant::now();
+    let err = h
+        .client_b()
+        .call::<_, serde_bytes::ByteBuf>("echo", "bytes", &(2u64 << 20), secs(10))
+        .expect_err("a 2 MiB reply does not fit in a NATS message");
+    assert!(
+        matches!(&err, Error::LimitExceeded(m) if m.contains("max_payload")),
+        "got {err:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5), "not at once");
     // Below the limit it crosses.
     let small = serde_bytes::ByteBuf::from(vec![7u8; 512 * 1024]);
     let back: serde_bytes::ByteBuf = h
