@@ -102,7 +102,7 @@ pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///   `zrpc_client::Result<R>` with `R` the declared return type: for a
 ///   method declared `-> Result<T, E>` that is
 ///   `zrpc_client::Result<Result<T, E>>`, the outer error the call's
-///   ([`zrpc_client::Error`]: timeout, no such service, ...), the inner one
+///   (`zrpc_client::Error`: timeout, no such service, ...), the inner one
 ///   the service's own `E`, decoded from the error value it sent (so `E`
 ///   must be `Serialize + DeserializeOwned`); plus a
 ///   `*_with(arg, CallOptions)` form; `with_options` sets the

@@ -298,7 +298,7 @@ pub trait Service: 'static {
     /// (`&mut self`; call [`handle`](Self::handle) instead) or there is no
     /// such method.
     ///
-    /// The server calls this for requests that [`handle_now`]
+    /// The server calls this for requests that [`handle_now`](Self::handle_now)
     /// (Self::handle_now) did not answer, and for every request while
     /// other shared handlers are running. The future owns what it needs (a
     /// clone of the `Rc`, the context and the payload) and is polled by the
