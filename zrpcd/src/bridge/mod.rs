@@ -4,8 +4,8 @@
 //! The bridge is a peer of the broker inside its process: [`start`] makes
 //! a socket pair, admits one end with the bridge's configured credentials
 //! ([`crate::conn::admit_as`]) and runs the bridge on the other end, where
-//! it speaks the ordinary protocol ([`link`]). The broker's call path is
-//! untouched. [`export`] offers locally served names on NATS; [`import`]
+//! it speaks the ordinary protocol (module `link`). The broker's call path is
+//! untouched. Module `export` offers locally served names on NATS; `import`
 //! holds imported names and forwards their calls to NATS.
 
 mod config;
