@@ -89,10 +89,16 @@ async fn services(client: &Client, args: &ListArgs) -> Result<(), Failure> {
                     ])
                 })
                 .collect();
-            map(vec![
+            let mut entry = vec![
                 ("name", field(e, "name").cloned().unwrap_or(Value::Nil)),
                 ("instances", Value::Array(instances)),
-            ])
+            ];
+            // An imported name, served on another host through the
+            // broker's NATS bridge.
+            if let Some(remote) = field(e, "remote") {
+                entry.push(("remote", remote.clone()));
+            }
+            map(entry)
         })
         .collect();
     if args.json {
@@ -110,8 +116,13 @@ async fn services(client: &Client, args: &ListArgs) -> Result<(), Failure> {
         let instances = field(e, "instances").and_then(Value::as_array);
         for i in instances.map(Vec::as_slice).unwrap_or_default() {
             let num = |k: &str| field(i, k).map_or("-".to_string(), |v| v.to_string());
+            let remote = field(e, "remote").and_then(Value::as_bool) == Some(true);
             rows.push(vec![
-                s(e, "name").to_string(),
+                if remote {
+                    format!("{} (remote, NATS)", s(e, "name"))
+                } else {
+                    s(e, "name").to_string()
+                },
                 num("conn_id"),
                 num("pid"),
                 num("uid"),

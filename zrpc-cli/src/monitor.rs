@@ -81,8 +81,16 @@ fn print_event(payload: &[u8], args: &MonitorArgs) -> Result<(), Failure> {
 /// One event as a line for humans:
 /// `12:34:56.789  pid 4242  echo.echo  12B -> 12B  347µs  ok`.
 fn human(ev: &Value) -> String {
+    let bridged = match ev.as_map().and_then(|m| {
+        m.iter()
+            .find(|(k, _)| k.as_str() == Some("bridged"))
+            .and_then(|(_, v)| v.as_str())
+    }) {
+        Some(b) => format!("  [{b}]"),
+        None => String::new(),
+    };
     format!(
-        "{}  pid {:<7}  {:<24}  {:>7} -> {:<7}  {:>8}  {}",
+        "{}  pid {:<7}  {:<24}  {:>7} -> {:<7}  {:>8}  {}{bridged}",
         local_time(f(ev, "time")),
         u(ev, "caller_pid"),
         format!("{}.{}", s(ev, "service"), s(ev, "method")),

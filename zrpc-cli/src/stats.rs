@@ -96,6 +96,22 @@ fn render(st: &Value) -> String {
             errors.join(", ")
         },
     );
+    // The NATS bridge's calls (a broker built with it and running it).
+    if let Some(b) = field(st, "bridge") {
+        row(
+            &mut rows,
+            "bridged (NATS)",
+            format!(
+                "{} imported ({} errors), {} exported ({} errors), {} cancels sent, {} received",
+                u(b, "imported"),
+                u(b, "imported_errors"),
+                u(b, "exported"),
+                u(b, "exported_errors"),
+                u(b, "cancels_sent"),
+                u(b, "cancels_received")
+            ),
+        );
+    }
     // Counters this version does not know about yet.
     for (k, v) in pairs(Some(st)) {
         let (Some(k), Some(n)) = (k.as_str(), v.as_u64()) else {

@@ -49,6 +49,9 @@ pub struct View<'a> {
     pub monitors: &'a mut Monitors,
     /// When the broker started.
     pub started: Instant,
+    /// The NATS bridge's connection and counters, if it runs.
+    #[cfg(feature = "nats")]
+    pub bridge: Option<(PeerId, &'a crate::broker::bridged::BridgeCounters)>,
 }
 
 impl View<'_> {
@@ -109,7 +112,7 @@ pub const METHODS: &[Method] = &[
         returns: "Vec<{name, instances}>",
         doc: "The registered service names with the connection ids of their instances, sorted by name.",
         requires: None,
-        handler: |v, _| Ok(list(v.names)),
+        handler: |v, _| Ok(list(v)),
     },
     Method {
         name: "peers",
@@ -243,22 +246,52 @@ fn subscribe(v: &mut View<'_>, payload: &[u8]) -> Answer {
     Ok(Value::Boolean(true))
 }
 
-fn list(names: &Names) -> Value {
+fn list(v: &View<'_>) -> Value {
+    #[cfg(feature = "nats")]
+    let bridge = v.bridge.map(|(peer, _)| peer);
+    #[cfg(not(feature = "nats"))]
+    let bridge: Option<PeerId> = None;
     Value::Array(
-        names
+        v.names
             .list()
             .into_iter()
             .map(|(name, inst)| {
-                map(vec![
+                let mut entry = vec![
                     ("name", Value::from(name)),
                     (
                         "instances",
                         Value::Array(inst.iter().map(|i| Value::from(*i)).collect()),
                     ),
-                ])
+                ];
+                // Held by the NATS bridge: an imported name, served on
+                // another host (docs/bridge.md).
+                if bridge.is_some_and(|b| inst == [b]) {
+                    entry.push(("remote", Value::from(true)));
+                }
+                map(entry)
             })
             .collect(),
     )
+}
+
+/// The bridge's counters for `zrpcd.stats`, if it runs.
+fn bridge_stats(v: &View<'_>) -> Option<(&'static str, Value)> {
+    #[cfg(feature = "nats")]
+    if let Some((_, c)) = v.bridge {
+        return Some((
+            "bridge",
+            map(vec![
+                ("imported", Value::from(c.imported.get())),
+                ("imported_errors", Value::from(c.imported_errors.get())),
+                ("exported", Value::from(c.exported.get())),
+                ("exported_errors", Value::from(c.exported_errors.get())),
+                ("cancels_sent", Value::from(c.cancels_sent.get())),
+                ("cancels_received", Value::from(c.cancels_received.get())),
+            ]),
+        ));
+    }
+    let _ = v;
+    None
 }
 
 fn peers(all: &Peers, only_uid: Option<u32>) -> Value {
@@ -360,7 +393,7 @@ fn stats(b: &View<'_>) -> Value {
         .into_iter()
         .map(|(name, st)| (Value::from(&**name), service_stats(st, now_epoch)))
         .collect();
-    map(vec![
+    let mut fields = vec![
         ("uptime_s", Value::from(b.started.elapsed().as_secs_f64())),
         ("connections", Value::from(b.peers.len() as u64)),
         ("connections_total", Value::from(s.connections_total)),
@@ -379,7 +412,9 @@ fn stats(b: &View<'_>) -> Value {
         ("monitors", Value::from(b.monitors.len() as u64)),
         ("errors", Value::Map(errors)),
         ("services", Value::Map(services)),
-    ])
+    ];
+    fields.extend(bridge_stats(b));
+    map(fields)
 }
 
 #[cfg(test)]

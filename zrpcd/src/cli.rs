@@ -94,6 +94,11 @@ pub struct Args {
     /// defaults]
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Bridge to NATS: its configuration file (TOML; see docs/bridge.md).
+    /// Credentials stay in the file, never on the command line
+    #[cfg(feature = "nats")]
+    #[arg(long, value_name = "FILE")]
+    pub bridge: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it
     #[arg(long, default_value = "info")]
     pub log: String,

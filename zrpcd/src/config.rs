@@ -111,6 +111,10 @@ pub struct Config {
     /// Most payload descriptors the broker holds in all
     /// (`--max-fds`); a user's quota defaults to a quarter of it.
     pub max_fds: usize,
+    /// The bridge to NATS (`--bridge FILE`, docs/bridge.md); None: no
+    /// bridge.
+    #[cfg(feature = "nats")]
+    pub bridge: Option<crate::bridge::BridgeConfig>,
 }
 
 impl Config {
@@ -156,6 +160,8 @@ impl Config {
             max_stats_names: DEFAULT_MAX_STATS_NAMES as usize,
             max_fds_per_conn: DEFAULT_MAX_FDS_PER_CONN,
             max_fds: DEFAULT_MAX_FDS,
+            #[cfg(feature = "nats")]
+            bridge: None,
         }
     }
 }

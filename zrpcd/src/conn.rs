@@ -73,6 +73,20 @@ pub fn admit(broker: &RefCell<Broker>, stream: UnixStream) -> Result<Admitted, R
             return Err(Refused::Broken);
         }
     };
+    admit_as(broker, stream, creds, None)
+}
+
+/// [`admit`] with credentials the broker chose itself instead of
+/// `SO_PEERCRED`'s, and the given supplementary groups (None: read
+/// `SO_PEERGROUPS`): for a connection made inside the broker's process,
+/// such as the NATS bridge's (docs/bridge.md), whose kernel credentials
+/// would be the broker's own.
+pub fn admit_as(
+    broker: &RefCell<Broker>,
+    stream: UnixStream,
+    creds: Creds,
+    groups: Option<Box<[u32]>>,
+) -> Result<Admitted, Refused> {
     let refused = broker.borrow().refuse_connection(creds.uid);
     if let Some(msg) = refused {
         return Err(Refused::Limit(stream, msg));
@@ -90,7 +104,7 @@ pub fn admit(broker: &RefCell<Broker>, stream: UnixStream) -> Result<Admitted, R
         }
     };
     let io = Rc::new(PeerIo::new(rd.clone()));
-    let groups = crate::peers::peer_groups(rd.as_raw_fd());
+    let groups = groups.unwrap_or_else(|| crate::peers::peer_groups(rd.as_raw_fd()));
     let mut b = broker.borrow_mut();
     let id = b.admit_peer(io.clone(), creds, groups);
     if let Some(bp) = b.busy_poll() {
@@ -104,6 +118,13 @@ pub fn admit(broker: &RefCell<Broker>, stream: UnixStream) -> Result<Admitted, R
         decoder: FrameDecoder::new(b.config.max_message_size),
         handshake: b.config.handshake_timeout,
     })
+}
+
+impl Admitted {
+    /// The connection's id in the broker.
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
 }
 
 /// Serves an admitted connection until it closes.

@@ -25,6 +25,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "nats")]
+pub mod bridge;
 pub mod broker;
 pub mod builtin;
 pub mod cli;

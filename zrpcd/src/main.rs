@@ -99,6 +99,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "access policy loaded"
         );
     }
+    #[cfg(feature = "nats")]
+    if let Some(path) = &args.bridge {
+        let bridge = zrpcd::bridge::BridgeConfig::load(path)?;
+        tracing::info!(bridge = %path.display(), host_id = %bridge.host_id, "NATS bridge configured");
+        config.bridge = Some(bridge);
+    }
     if config.heartbeat_interval.is_zero() {
         return Err("--heartbeat-interval must be positive".into());
     }

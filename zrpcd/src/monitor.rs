@@ -40,6 +40,9 @@ pub struct CallEvent<'a> {
     pub latency: Duration,
     /// `"ok"`, an error code name, or `"cancelled"`.
     pub outcome: &'a str,
+    /// A call through the NATS bridge: `"from NATS"` (a remote caller's,
+    /// run here) or `"to NATS"` (a local caller's, sent to another host).
+    pub bridged: Option<&'static str>,
 }
 
 impl Monitor {
@@ -153,6 +156,13 @@ pub fn encode(e: &CallEvent<'_>) -> Bytes {
         ),
         ("outcome".into(), Value::from(e.outcome)),
     ]);
+    let v = match (v, e.bridged) {
+        (Value::Map(mut m), Some(b)) => {
+            m.push(("bridged".into(), Value::from(b)));
+            Value::Map(m)
+        }
+        (v, _) => v,
+    };
     let mut out = Vec::with_capacity(160);
     // Writing to a Vec cannot fail.
     let _ = rmpv::encode::write_value(&mut out, &v);

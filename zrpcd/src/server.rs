@@ -43,6 +43,14 @@ pub async fn run(
     }
     // The park hook installed by `main` finds it here while the broker runs.
     let _installed = BusyPoll::scoped(busy_poll);
+    #[cfg(feature = "nats")]
+    let _bridge = {
+        let config = broker.borrow().config.bridge.clone();
+        match config {
+            Some(bridge) => Some(crate::bridge::start(&broker, bridge)?),
+            None => None,
+        }
+    };
     let mut heartbeats = tokio::task::spawn_local(heartbeat_loop(broker.clone()));
     let mut sweeper = tokio::task::spawn_local(sweep_loop(broker.clone()));
     let mut orphans = tokio::task::spawn_local(orphan_loop(broker.clone()));

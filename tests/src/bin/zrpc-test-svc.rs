@@ -49,6 +49,12 @@ impl TestSvc {
         }
     }
 
+    /// `n` bytes (a reply larger than its arguments).
+    #[rpc_method]
+    fn bytes(&mut self, n: u64) -> serde_bytes::ByteBuf {
+        serde_bytes::ByteBuf::from(vec![0x5a; usize::try_from(n).unwrap_or(0).min(16 << 20)])
+    }
+
     /// Fails with the given message.
     #[rpc_method]
     fn fail(&mut self, msg: String) -> Result<(), String> {

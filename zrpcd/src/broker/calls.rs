@@ -246,6 +246,8 @@ impl Broker {
             policy: &self.config.policy,
             monitors: &mut self.monitors,
             started: self.started,
+            #[cfg(feature = "nats")]
+            bridge: self.bridge.as_ref().map(|(p, c)| (*p, &**c)),
         };
         let (mut code, mut message, mut payload) = crate::builtin::handle(view, method, payload);
         // An answer the caller could not receive (a list of every name of
@@ -327,6 +329,8 @@ impl Broker {
                     peers.get(id).map_or(u32::MAX, |p| p.outstanding())
                 })
             });
+        #[cfg(feature = "nats")]
+        let target = target.or_else(|| self.bridge_by_pattern(service));
         let Some(target) = target else {
             if call_flags & flags::NO_WAIT != 0 {
                 let msg = format!("no service is registered under the name {service:?}");
@@ -380,6 +384,8 @@ impl Broker {
         if let Some(p) = self.pending.get_mut(bid) {
             p.set_stage(Stage::Delivered(target));
         }
+        #[cfg(feature = "nats")]
+        self.note_bridged_flags(target, bid, call_flags);
     }
 
     /// Ends a call: the one place where a pending call is removed.
@@ -428,6 +434,10 @@ impl Broker {
                 Outcome::Error(code, _) => (code.as_str(), 0),
                 Outcome::CallerGone | Outcome::CallerLeft => ("cancelled", 0),
             };
+            #[cfg(feature = "nats")]
+            let bridged = self.bridged_mark(p.caller, p.stage());
+            #[cfg(not(feature = "nats"))]
+            let bridged = None;
             let event = CallEvent {
                 caller_pid: self.peers.get(p.caller).map_or(0, |c| c.creds().pid),
                 caller: p.caller,
@@ -437,6 +447,7 @@ impl Broker {
                 reply_size,
                 latency: elapsed,
                 outcome: outcome_name,
+                bridged,
             };
             self.emit(&event);
         }

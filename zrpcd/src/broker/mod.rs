@@ -11,6 +11,8 @@
 //! (a connection's start and end, heartbeats, shutdown) and [`partial`]
 //! (bounds on partly received frames).
 
+#[cfg(feature = "nats")]
+pub mod bridged;
 pub mod calls;
 pub mod fds;
 pub mod lifecycle;
@@ -119,6 +121,9 @@ pub struct Broker {
     /// Payload descriptors the broker holds: received and kept, or queued
     /// towards peers (`--max-fds`).
     fds_total: Rc<std::cell::Cell<usize>>,
+    /// The NATS bridge's connection and counters (see [`bridged`]).
+    #[cfg(feature = "nats")]
+    bridge: Option<(PeerId, Rc<bridged::BridgeCounters>)>,
 }
 
 impl Broker {
@@ -142,6 +147,8 @@ impl Broker {
             quota,
             orphans: Orphans::default(),
             fds_total: Rc::default(),
+            #[cfg(feature = "nats")]
+            bridge: None,
         }
     }
 

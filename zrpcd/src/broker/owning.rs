@@ -31,6 +31,8 @@ impl Broker {
             let msg = format!("the name {name:?} is reserved for the broker");
             return self.ack(peer, req, Some(ErrorCode::NameTaken), &msg);
         }
+        #[cfg(feature = "nats")]
+        self.yield_imported(peer, name, shared);
         if let Err(msg) = self.may_own(peer, name, shared) {
             self.stats.error(ErrorCode::AccessDenied);
             self.log_refusal(peer, &msg);

@@ -1,0 +1,1049 @@
+//! The NATS bridge (docs/bridge.md) with real processes: a `nats-server`
+//! on 127.0.0.1 and a free port, two `zrpcd` brokers built with the
+//! feature `nats` (`cargo build -p zrpcd --features nats`), each in its own
+//! socket directory standing for one host, services on host A and clients
+//! on host B.
+//!
+//! Skipped, saying so loudly, when `nats-server` is missing or `zrpcd` was
+//! built without the feature. Under `ZRPC_TEST_BRIDGE=1` (set by
+//! `scripts/test.sh`, the README's test command, which builds `zrpcd` with
+//! the feature) a skip is a failure instead; and a missing or broken
+//! `nats-server` fails under `CI=true` too. (`cargo test --workspace` builds
+//! `zrpcd` without the feature, so there these tests are skipped, and
+//! `scripts/test.sh` runs them next.)
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use zrpc_client::{BlockingClient, Error};
+use zrpc_tests::typed::{CalcBlockingClient, CalcError, Pair, Refusal};
+use zrpc_tests::{bin, broker_stat, wait_registered, wait_until, Broker, Proc, TempDir, WAIT};
+
+/// The uid remote callers have on the exporting host (the bridge's
+/// configured `uid`), chosen to be no real user's.
+const BRIDGE_UID: u32 = 4242;
+
+/// Whether a skip is a failure: in `scripts/test.sh`'s bridge part.
+fn required() -> bool {
+    std::env::var("ZRPC_TEST_BRIDGE").as_deref() == Ok("1")
+}
+
+fn skip(why: &str) {
+    // Straight to the process's stderr: the harness captures eprintln!.
+    let bar = "!".repeat(72);
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{bar}\n!!! SKIPPED: the NATS bridge tests did not run: {why}\n{bar}\n"
+    );
+    assert!(
+        !required(),
+        "ZRPC_TEST_BRIDGE=1: the NATS bridge tests must run ({why})"
+    );
+}
+
+/// A missing or broken `nats-server` also fails under `CI=true`.
+fn skip_nats(why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: the NATS bridge tests need nats-server ({why})"
+    );
+    skip(why);
+}
+
+fn nats_server_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// Starts `nats-server` on 127.0.0.1 and a free port; None (and a loud
+/// skip) if it cannot.
+fn start_nats() -> Option<(Proc, String)> {
+    start_nats_on(free_port())
+}
+
+/// Starts `nats-server` on 127.0.0.1:`port`.
+fn start_nats_on(port: u16) -> Option<(Proc, String)> {
+    start_nats_with(port, &[])
+}
+
+/// Starts `nats-server` on 127.0.0.1:`port` with extra arguments.
+fn start_nats_with(port: u16, extra: &[&str]) -> Option<(Proc, String)> {
+    let Some(exe) = nats_server_binary() else {
+        skip_nats("nats-server is not installed (apt-get install nats-server)");
+        return None;
+    };
+    let mut c = Command::new(exe);
+    c.args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .args(extra);
+    let mut proc = Proc::spawn("nats-server", c);
+    let addr = format!("127.0.0.1:{port}");
+    let up = wait_until(WAIT, || {
+        matches!(proc.child.try_wait(), Ok(Some(_))) || TcpStream::connect(&addr).is_ok()
+    });
+    if !up || matches!(proc.child.try_wait(), Ok(Some(_))) {
+        skip_nats(&format!("nats-server did not start on {addr}"));
+        return None;
+    }
+    Some((proc, format!("nats://{addr}")))
+}
+
+/// Whether this `zrpcd` was built with the bridge.
+fn zrpcd_has_bridge() -> bool {
+    Command::new(bin("zrpcd"))
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--bridge"))
+        .unwrap_or(false)
+}
+
+/// Two hosts on one NATS server: A serves `echo` and `calc` (exported) and
+/// `secret` (not exported); B imports all three and `nobody`.
+struct Hosts {
+    a: Broker,
+    b: Broker,
+    _services: Vec<Proc>,
+    nats: Proc,
+    nats_url: String,
+    _configs: TempDir,
+}
+
+fn write_config(dir: &TempDir, host: &str, nats: &str, export: &str, import: &str) -> String {
+    write_config_with(dir, host, nats, export, import, "")
+}
+
+/// Same, with more lines in `[nats]` (credentials).
+fn write_config_with(
+    dir: &TempDir,
+    host: &str,
+    nats: &str,
+    export: &str,
+    import: &str,
+    nats_extra: &str,
+) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.path().join(format!("{host}.toml"));
+    let text = format!(
+        "host_id = \"{host}\"\nuid = {BRIDGE_UID}\ngid = {BRIDGE_UID}\n\
+         [nats]\nservers = [\"{nats}\"]\n{nats_extra}\
+         [export]\nnames = [{export}]\n[import]\nnames = [{import}]\n"
+    );
+    std::fs::write(&path, text).expect("write the bridge configuration");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600 the bridge configuration");
+    path.to_string_lossy().into_owned()
+}
+
+fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
+    if !zrpcd_has_bridge() {
+        skip("zrpcd was built without the feature `nats` (cargo build -p zrpcd --features nats)");
+        return None;
+    }
+    let (nats, url) = start_nats()?;
+    let url_for_hosts = url.clone();
+    let configs = TempDir::new();
+    let a_conf = write_config(&configs, "host-a", &url_for_hosts, "\"echo\", \"ca*\"", "");
+    let b_conf = write_config(
+        &configs,
+        "host-b",
+        &url_for_hosts,
+        "",
+        "\"echo\", \"calc\", \"secret\", \"nobody\", \"cable\", \"cabi*\"",
+    );
+    let mut a_args = vec!["--bridge", a_conf.as_str()];
+    a_args.extend_from_slice(a_extra);
+    let a = Broker::start_with(&a_args);
+    let b = Broker::start_with(&["--bridge", &b_conf]);
+    let services = vec![
+        a.spawn("zrpc-test-svc", &[]),
+        a.spawn("zrpc-test-typed", &[]),
+        a.spawn("zrpc-test-svc", &["--name", "secret"]),
+    ];
+    wait_registered(a.dir(), "echo", 1);
+    wait_registered(a.dir(), "calc", 1);
+    wait_registered(a.dir(), "secret", 1);
+    // B's bridge holds the imported names.
+    for name in ["echo", "calc", "secret", "nobody", "cable"] {
+        wait_registered(b.dir(), name, 1);
+    }
+    let hosts = Hosts {
+        a,
+        b,
+        _services: services,
+        nats,
+        nats_url: url,
+        _configs: configs,
+    };
+    // A subscribes what it serves within its sync interval: wait until a
+    // call from B gets through.
+    let client = hosts.client_b();
+    let across = wait_until(WAIT, || {
+        client
+            .call::<_, u32>("echo", "pid", &(), Some(Duration::from_secs(5)))
+            .is_ok()
+    });
+    assert!(across, "host A's echo never became reachable from host B");
+    Some(hosts)
+}
+
+impl Hosts {
+    fn client_b(&self) -> BlockingClient {
+        BlockingClient::connect_to(self.b.dir()).expect("connect to host B")
+    }
+}
+
+fn secs(s: u64) -> Option<Duration> {
+    Some(Duration::from_secs(s))
+}
+
+#[test]
+fn a_call_crosses_from_one_host_to_the_other_unchanged() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let client = h.client_b();
+    let value = rmpv::Value::Map(vec![
+        ("bytes".into(), rmpv::Value::Binary(vec![0, 1, 2, 255])),
+        ("n".into(), rmpv::Value::from(-7)),
+        ("s".into(), "héllo".into()),
+    ]);
+    let back: rmpv::Value = client.call("echo", "echo", &value, secs(10)).expect("echo");
+    assert_eq!(back, value, "the payload travels unchanged");
+    // The service on A ran it: its pid is A's service's, not B's anything.
+    let pid: u32 = client.call("echo", "pid", &(), secs(10)).expect("pid");
+    let local: u32 = BlockingClient::connect_to(h.a.dir())
+        .expect("connect to A")
+        .call("echo", "pid", &(), secs(10))
+        .expect("local pid");
+    assert_eq!(pid, local);
+    // The remote caller appears on A as the bridge's configured uid.
+    let who: Option<(u32, u32, u32)> = client
+        .call("echo", "whoami", &(), secs(10))
+        .expect("whoami");
+    let (uid, gid, _pid) = who.expect("a caller identity");
+    assert_eq!((uid, gid), (BRIDGE_UID, BRIDGE_UID));
+}
+
+#[test]
+fn typed_errors_cross_with_their_values() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let calc = CalcBlockingClient::new(h.client_b());
+    assert_eq!(calc.add(Pair { a: 1.5, b: 2.0 }).expect("add"), 3.5);
+    assert_eq!(
+        calc.divide(Pair { a: 1.0, b: 0.0 }).expect("divide"),
+        Err(CalcError::DivisionByZero)
+    );
+    assert_eq!(calc.check(11).expect("check"), Err(Refusal { limit: 10 }));
+    // An untyped caller sees the message and the code.
+    let err = h
+        .client_b()
+        .call::<_, ()>("echo", "fail", &"boom", secs(10))
+        .expect_err("fail");
+    match err {
+        Error::Remote { message, .. } => assert_eq!(message, "boom"),
+        other => panic!("expected Remote, got {other:?}"),
+    }
+    let err = h
+        .client_b()
+        .call::<_, ()>("echo", "no_such", &(), secs(10))
+        .expect_err("no such method");
+    assert!(matches!(err, Error::NoSuchMethod { .. }), "got {err:?}");
+}
+
+#[test]
+fn the_deadline_travels_and_is_enforced_when_the_remote_service_stalls() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let before = broker_stat(h.a.dir(), "timeouts");
+    let start = Instant::now();
+    let err = h
+        .client_b()
+        .call::<_, u32>(
+            "echo",
+            "sleep",
+            &10_000u64,
+            Some(Duration::from_millis(500)),
+        )
+        .expect_err("the service sleeps 10 s");
+    let took = start.elapsed();
+    assert!(matches!(err, Error::Timeout { .. }), "got {err:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "timed out only after {took:?}"
+    );
+    // A's broker had the remaining deadline too: it timed the call out
+    // itself (and cancelled its service), not 10 s later.
+    assert!(
+        wait_until(Duration::from_secs(3), || broker_stat(
+            h.a.dir(),
+            "timeouts"
+        ) > before),
+        "host A's broker did not time the bridged call out"
+    );
+}
+
+#[test]
+fn no_responders_is_no_such_service_and_unexported_names_are_unreachable() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let client = h.client_b();
+    for name in ["nobody", "secret"] {
+        // NO_WAIT: at once.
+        let start = Instant::now();
+        let err = client
+            .call_with::<_, u32>(
+                name,
+                "pid",
+                &(),
+                zrpc_client::CallOptions::timeout(Duration::from_secs(10)).no_wait(),
+            )
+            .expect_err("nobody serves it on NATS");
+        assert!(
+            matches!(err, Error::NoSuchService { .. }),
+            "{name}: got {err:?}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{name}: not at once"
+        );
+        // Without: it waits for a host until its deadline, as a local call
+        // waits for its name.
+        let start = Instant::now();
+        let err = client
+            .call::<_, u32>(name, "pid", &(), Some(Duration::from_millis(800)))
+            .expect_err("nobody serves it on NATS");
+        let took = start.elapsed();
+        assert!(
+            matches!(
+                err,
+                Error::Timeout {
+                    no_service: true,
+                    ..
+                }
+            ),
+            "{name}: got {err:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+            "{name}: took {took:?} for an 800 ms deadline"
+        );
+    }
+    // `secret` does run on A, for A's own callers.
+    let local: u32 = BlockingClient::connect_to(h.a.dir())
+        .expect("connect to A")
+        .call("secret", "pid", &(), secs(10))
+        .expect("secret on A");
+    assert!(local > 0);
+}
+
+#[test]
+fn the_exporting_hosts_policy_applies_to_remote_callers() {
+    let dir = TempDir::new();
+    let policy = dir.path().join("policy.toml");
+    // `pid` of echo only for root: the bridge's uid may not call it.
+    std::fs::write(
+        &policy,
+        "[[call]]\nservice = \"echo\"\nmethod = \"pid\"\nusers = [0]\n\
+         [[call]]\nservice = \"echo\"\nmethod = \"echo\"\nusers = [\"*\"]\n",
+    )
+    .expect("write policy");
+    let policy = policy.to_string_lossy().into_owned();
+    if !zrpcd_has_bridge() {
+        skip("zrpcd was built without the feature `nats`");
+        return;
+    }
+    // start_hosts waits with echo.pid, which this policy denies: set up
+    // by hand.
+    let Some((nats, url)) = start_nats() else {
+        return;
+    };
+    let configs = TempDir::new();
+    let a_conf = write_config(&configs, "host-a", &url, "\"echo\"", "");
+    let b_conf = write_config(&configs, "host-b", &url, "", "\"echo\"");
+    let a = Broker::start_with(&["--bridge", &a_conf, "--policy", &policy]);
+    let b = Broker::start_with(&["--bridge", &b_conf]);
+    let _svc = a.spawn("zrpc-test-svc", &[]);
+    let _nats = nats;
+    wait_registered(a.dir(), "echo", 1);
+    wait_registered(b.dir(), "echo", 1);
+    let client = BlockingClient::connect_to(b.dir()).expect("connect to B");
+    let allowed = wait_until(WAIT, || {
+        client
+            .call::<_, String>("echo", "echo", &"hi", secs(5))
+            .is_ok()
+    });
+    assert!(allowed, "echo.echo never became reachable from B");
+    let err = client
+        .call::<_, u32>("echo", "pid", &(), secs(10))
+        .expect_err("denied");
+    match err {
+        Error::AccessDenied { message, .. } => {
+            assert!(message.contains(&BRIDGE_UID.to_string()), "{message}")
+        }
+        other => panic!("expected AccessDenied, got {other:?}"),
+    }
+}
+
+/// The pid of the process that serves `echo` for `client`.
+fn echo_pid(client: &BlockingClient) -> Option<u32> {
+    client.call("echo", "pid", &(), secs(5)).ok()
+}
+
+#[test]
+fn a_local_service_takes_precedence_over_an_imported_name() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let client = h.client_b();
+    let remote = echo_pid(&client).expect("echo from A");
+    // A local echo on B displaces the bridge's hold on the imported name.
+    let mut local = h.b.spawn("zrpc-test-svc", &[]);
+    let local_pid = local.child.id();
+    assert!(
+        wait_until(WAIT, || echo_pid(&client) == Some(local_pid)),
+        "calls did not go to B's own echo"
+    );
+    // When it leaves, the bridge takes the name again: calls cross again.
+    local.signal(libc::SIGKILL);
+    assert!(local.wait_exit(WAIT).is_some(), "local echo did not exit");
+    assert!(
+        wait_until(WAIT, || echo_pid(&client) == Some(remote)),
+        "calls did not go back to A's echo"
+    );
+}
+
+#[test]
+fn two_exporting_hosts_share_a_names_calls() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // A third host C exports echo too, on the same NATS server.
+    let configs = TempDir::new();
+    let url = h.nats_url.clone();
+    let c_conf = write_config(&configs, "host-c", &url, "\"echo\"", "");
+    let c = Broker::start_with(&["--bridge", &c_conf]);
+    let c_svc = c.spawn("zrpc-test-svc", &[]);
+    let c_pid = c_svc.child.id();
+    let a_pid: u32 = BlockingClient::connect_to(h.a.dir())
+        .expect("connect to A")
+        .call("echo", "pid", &(), secs(10))
+        .expect("A's echo");
+    let client = h.client_b();
+    // NATS spreads a queue group's messages at random: within a bounded
+    // number of calls both hosts answer, and only they do.
+    let mut seen = std::collections::BTreeSet::new();
+    let both = wait_until(WAIT, || {
+        if let Some(pid) = echo_pid(&client) {
+            assert!(pid == a_pid || pid == c_pid, "unexpected pid {pid}");
+            seen.insert(pid);
+        }
+        seen.len() == 2
+    });
+    assert!(both, "only {seen:?} answered; A is {a_pid}, C is {c_pid}");
+}
+
+#[test]
+fn a_caller_giving_up_cancels_the_call_on_the_remote_host() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let before = broker_stat(h.a.dir(), "cancelled");
+    // Multi-threaded: the client's tasks (sending `Cancel`) run while the
+    // test waits outside the runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let dir = h.b.dir().to_path_buf();
+    let _client = rt.block_on(async move {
+        let client = zrpc_client::Client::connect_to(&dir)
+            .await
+            .expect("connect to B");
+        // A 30 s call with a 60 s deadline, given up after 300 ms: dropping
+        // its future sends `Cancel`.
+        let call = client.call::<_, u32>("echo", "sleep", &30_000u64, secs(60));
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), call).await;
+        assert!(gave_up.is_err(), "the call answered: {gave_up:?}");
+        client
+    });
+    // Without propagation host A would run it for 30 s more.
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(
+            h.a.dir(),
+            "cancelled"
+        ) > before),
+        "host A's call was not cancelled"
+    );
+}
+
+/// A call's result and how long it took.
+type Outcome = (Result<(u64, u64), Error>, Duration);
+
+/// Runs `echo.record((key, ms))` from host B in a thread, with `timeout`.
+fn record_in_background(
+    h: &Hosts,
+    key: u64,
+    ms: u64,
+    timeout: Duration,
+) -> std::thread::JoinHandle<Outcome> {
+    let client = h.client_b();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let r = client.call("echo", "record", &(key, ms), Some(timeout));
+        (r, start.elapsed())
+    })
+}
+
+/// How often `echo.record` ran for `key` on host A.
+fn executions_on_a(h: &Hosts, key: u64) -> u64 {
+    BlockingClient::connect_to(h.a.dir())
+        .expect("connect to A")
+        .call("echo", "executions", &key, secs(10))
+        .expect("executions")
+}
+
+/// Waits until `key`'s call started on host A.
+fn wait_started(h: &Hosts, key: u64) {
+    assert!(
+        wait_until(WAIT, || executions_on_a(h, key) == 1),
+        "the call never reached host A's service"
+    );
+}
+
+#[test]
+fn nats_restarted_mid_call_answers_within_the_deadline_and_runs_once() {
+    let Some(mut h) = start_hosts(&[]) else {
+        return;
+    };
+    let key = 0xa11ce;
+    let timeout = Duration::from_secs(4);
+    let call = record_in_background(&h, key, 1_000, timeout);
+    wait_started(&h, key);
+    // Kill nats-server mid-call and start it again on the same port.
+    h.nats.signal(libc::SIGKILL);
+    assert!(h.nats.wait_exit(WAIT).is_some(), "nats-server did not exit");
+    let port: u16 = h
+        .nats_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the port of the NATS URL");
+    let Some((nats, _)) = start_nats_on(port) else {
+        return;
+    };
+    h.nats = nats;
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert!(
+        took < timeout + Duration::from_secs(2),
+        "answered after {took:?}, past the deadline {timeout:?}"
+    );
+    match result {
+        Ok(v) => assert_eq!(v, (key, 1)),
+        Err(e) => assert!(
+            matches!(
+                e,
+                Error::Timeout { .. } | Error::ServiceGone { .. } | Error::NoSuchService { .. }
+            ),
+            "not a typed error a caller can act on: {e:?}"
+        ),
+    }
+    // Never executed twice, and calls cross again once both bridges
+    // reconnected.
+    let client = h.client_b();
+    assert!(
+        wait_until(WAIT, || echo_pid(&client).is_some()),
+        "calls did not cross again after nats-server came back"
+    );
+    assert_eq!(executions_on_a(&h, key), 1);
+}
+
+#[test]
+fn the_remote_broker_restarted_mid_call_fails_the_call_in_time_and_runs_it_once() {
+    let Some(mut h) = start_hosts(&[]) else {
+        return;
+    };
+    let key = 0xb0b;
+    let timeout = Duration::from_secs(3);
+    let call = record_in_background(&h, key, 1_500, timeout);
+    wait_started(&h, key);
+    // Host A's broker dies mid-call (its bridge with it) and comes back;
+    // its service reconnects and registers again.
+    h.a.restart(libc::SIGKILL);
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert!(
+        took < timeout + Duration::from_secs(2),
+        "answered after {took:?}, past the deadline {timeout:?}"
+    );
+    match result {
+        // The service's reply cache answered a re-delivery, or the reply
+        // got through before the broker died.
+        Ok(v) => assert_eq!(v, (key, 1)),
+        Err(e) => assert!(
+            matches!(e, Error::Timeout { .. } | Error::ServiceGone { .. }),
+            "not a typed error a caller can act on: {e:?}"
+        ),
+    }
+    wait_registered(h.a.dir(), "echo", 1);
+    let client = h.client_b();
+    assert!(
+        wait_until(WAIT, || echo_pid(&client).is_some()),
+        "calls did not cross again after host A's broker came back"
+    );
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+}
+
+/// One field of a map value.
+fn get<'a>(v: &'a rmpv::Value, key: &str) -> Option<&'a rmpv::Value> {
+    v.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
+}
+
+/// Whether `zrpcd.list` in `dir` marks `name` as remote.
+fn listed_remote(dir: &std::path::Path, name: &str) -> Option<bool> {
+    let list: rmpv::Value = BlockingClient::connect_to(dir)
+        .expect("connect")
+        .call("zrpcd", "list", &(), secs(5))
+        .expect("zrpcd.list");
+    let entry = list
+        .as_array()?
+        .iter()
+        .find(|e| get(e, "name").and_then(|n| n.as_str()) == Some(name))?;
+    Some(get(entry, "remote").and_then(|r| r.as_bool()) == Some(true))
+}
+
+/// One counter of `zrpcd.stats`'s `bridge` map in `dir`.
+fn bridge_stat(dir: &std::path::Path, key: &str) -> u64 {
+    let stats: rmpv::Value = BlockingClient::connect_to(dir)
+        .expect("connect")
+        .call("zrpcd", "stats", &(), secs(5))
+        .expect("zrpcd.stats");
+    get(&stats, "bridge")
+        .and_then(|b| get(b, key))
+        .and_then(|v| v.as_u64())
+        .unwrap_or_else(|| panic!("no bridge.{key} in zrpcd.stats: {stats}"))
+}
+
+#[test]
+fn list_marks_remote_names_and_stats_count_bridged_calls() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // Imported on B (held by its bridge), local on A.
+    assert_eq!(listed_remote(h.b.dir(), "echo"), Some(true));
+    assert_eq!(listed_remote(h.a.dir(), "echo"), Some(false));
+    let (imported, exported) = (
+        bridge_stat(h.b.dir(), "imported"),
+        bridge_stat(h.a.dir(), "exported"),
+    );
+    let client = h.client_b();
+    for _ in 0..3 {
+        let _: u32 = client.call("echo", "pid", &(), secs(10)).expect("pid");
+    }
+    let _ = client.call::<_, ()>("echo", "fail", &"x", secs(10));
+    assert_eq!(bridge_stat(h.b.dir(), "imported"), imported + 4);
+    assert_eq!(bridge_stat(h.a.dir(), "exported"), exported + 4);
+    assert!(bridge_stat(h.b.dir(), "imported_errors") >= 1);
+    assert!(bridge_stat(h.a.dir(), "exported_errors") >= 1);
+    // The CLI shows both.
+    let out = Command::new(bin("zrpc"))
+        .env("ZRPC_SOCKET_DIR", h.b.dir())
+        .arg("list")
+        .output()
+        .expect("run zrpc list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("echo (remote, NATS)"),
+        "zrpc list said:\n{text}"
+    );
+    let out = Command::new(bin("zrpc"))
+        .env("ZRPC_SOCKET_DIR", h.b.dir())
+        .arg("stats")
+        .output()
+        .expect("run zrpc stats");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("bridged (NATS)"), "zrpc stats said:\n{text}");
+}
+
+#[test]
+fn a_call_resubmitted_after_the_callers_broker_restarted_runs_once_on_the_remote_host() {
+    let Some(mut h) = start_hosts(&[]) else {
+        return;
+    };
+    let key = 0xc0ffee;
+    let timeout = Duration::from_secs(15);
+    let call = record_in_background(&h, key, 1_500, timeout);
+    wait_started(&h, key);
+    // Host B's broker (and bridge) dies mid-call and comes back: the
+    // client resubmits the call, B's new bridge sends it again with the
+    // same origin and caller, and A's bridge joins it to the call if it
+    // still runs (or, if it finished meanwhile, sends it again with the
+    // same local id, below) instead of running it twice.
+    h.b.restart(libc::SIGKILL);
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert_eq!(result.expect("answered once B came back"), (key, 1));
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+    // Again, with B down until A's run finished: A's bridge sends the
+    // resubmission again with the same local call id, and the service's
+    // reply cache answers it.
+    let key = 0xdecaf;
+    let answered = broker_stat(h.a.dir(), "calls_ok");
+    let call = record_in_background(&h, key, 1_500, timeout);
+    wait_started(&h, key);
+    h.b.proc.signal(libc::SIGKILL);
+    assert!(
+        h.b.proc.wait_exit(WAIT).is_some(),
+        "B's broker did not exit"
+    );
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "calls_ok") > answered),
+        "A's service did not finish the call"
+    );
+    h.b.respawn();
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert!(
+        took > Duration::from_millis(1_500),
+        "answered before B died"
+    );
+    assert_eq!(result.expect("answered once B came back"), (key, 1));
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+}
+
+#[test]
+fn monitor_marks_bridged_calls_on_both_hosts() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mon_a = h.a.spawn("zrpc", &["monitor", "echo", "--count", "1"]);
+    let mon_b =
+        h.b.spawn("zrpc", &["monitor", "echo", "--count", "1", "--json"]);
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "monitors") == 1
+            && broker_stat(h.b.dir(), "monitors") == 1),
+        "the monitors did not subscribe"
+    );
+    let _: u32 = h
+        .client_b()
+        .call("echo", "pid", &(), secs(10))
+        .expect("pid");
+    let (_, out_a) = mon_a.output(WAIT);
+    assert!(
+        out_a.contains("echo.pid") && out_a.contains("[from NATS]"),
+        "A's monitor: {out_a}"
+    );
+    let (_, out_b) = mon_b.output(WAIT);
+    assert!(out_b.contains("to NATS"), "B's monitor: {out_b}");
+}
+
+#[test]
+fn nats_credentials_come_from_the_config_file_only() {
+    if !zrpcd_has_bridge() {
+        skip("zrpcd was built without the feature `nats`");
+        return;
+    }
+    // A server that requires a user and password.
+    let Some((_nats, url)) =
+        start_nats_with(free_port(), &["--user", "zrpc", "--pass", "s3cret-pw"])
+    else {
+        return;
+    };
+    let configs = TempDir::new();
+    let creds = "user = \"zrpc\"\npassword = \"s3cret-pw\"\n";
+    let a_conf = write_config_with(&configs, "host-a", &url, "\"echo\"", "", creds);
+    let b_conf = write_config_with(&configs, "host-b", &url, "", "\"echo\"", creds);
+    let a = Broker::start_with(&["--bridge", &a_conf]);
+    let b = Broker::start_with(&["--bridge", &b_conf]);
+    let _svc = a.spawn("zrpc-test-svc", &[]);
+    wait_registered(a.dir(), "echo", 1);
+    wait_registered(b.dir(), "echo", 1);
+    let client = BlockingClient::connect_to(b.dir()).expect("connect to B");
+    assert!(
+        wait_until(WAIT, || echo_pid(&client).is_some()),
+        "no call crossed with credentials"
+    );
+    // The secret is on no command line.
+    for pid in [a.proc.pid(), b.proc.pid()] {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("read cmdline");
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("s3cret-pw"),
+            "the NATS password is on zrpcd's command line"
+        );
+    }
+    // A bridge with the wrong password gets no connection, so it does not
+    // take its imported name: a call to it waits for it until its
+    // deadline (zrpcd logs the authorization error).
+    let c_conf = write_config_with(
+        &configs,
+        "host-c",
+        &url,
+        "",
+        "\"echo\"",
+        "user = \"zrpc\"\npassword = \"wrong\"\n",
+    );
+    let c = Broker::start_with(&["--bridge", &c_conf]);
+    let c_client = BlockingClient::connect_to(c.dir()).expect("connect to C");
+    let err = c_client
+        .call_with::<_, u32>(
+            "echo",
+            "pid",
+            &(),
+            zrpc_client::CallOptions::timeout(Duration::from_millis(1_000)),
+        )
+        .expect_err("C's bridge is not connected");
+    match err {
+        Error::Timeout {
+            no_service: true, ..
+        } => {}
+        other => panic!("expected a timeout without service, got {other:?}"),
+    }
+}
+
+/// Makes a CA and a certificate for 127.0.0.1 signed by it in `dir` with
+/// the `openssl` tool: (ca.pem, server.pem, server.key). None (and a loud
+/// skip) without `openssl`.
+fn make_certificates(dir: &std::path::Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let run = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .expect("write ext.cnf");
+    let ok = run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=zrpc-test-ca",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    if !ok {
+        skip("the openssl tool is missing or failed: the TLS test did not run");
+        return None;
+    }
+    Some((
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    ))
+}
+
+#[test]
+fn tls_to_nats_is_configured_in_the_file_and_an_unknown_ca_is_refused() {
+    if !zrpcd_has_bridge() {
+        skip("zrpcd was built without the feature `nats`");
+        return;
+    }
+    let certs = TempDir::new();
+    let Some((ca, cert, key)) = make_certificates(certs.path()) else {
+        return;
+    };
+    let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+    let port = free_port();
+    let Some((_nats, _)) = start_nats_with(
+        port,
+        &[
+            "--tls",
+            "--tlscert",
+            cert.as_ref(),
+            "--tlskey",
+            key.as_ref(),
+        ],
+    ) else {
+        return;
+    };
+    let url = format!("tls://127.0.0.1:{port}");
+    let tls = format!(
+        "tls_required = true\nroot_certificates = \"{}\"\n",
+        ca.to_string_lossy()
+    );
+    let configs = TempDir::new();
+    let a_conf = write_config_with(&configs, "host-a", &url, "\"echo\"", "", &tls);
+    let b_conf = write_config_with(&configs, "host-b", &url, "", "\"echo\"", &tls);
+    let a = Broker::start_with(&["--bridge", &a_conf]);
+    let b = Broker::start_with(&["--bridge", &b_conf]);
+    let _svc = a.spawn("zrpc-test-svc", &[]);
+    wait_registered(a.dir(), "echo", 1);
+    wait_registered(b.dir(), "echo", 1);
+    let client = BlockingClient::connect_to(b.dir()).expect("connect to B");
+    assert!(
+        wait_until(WAIT, || echo_pid(&client).is_some()),
+        "no call crossed over TLS"
+    );
+    // Without the CA, the server's certificate is not trusted: no
+    // connection, so the imported name is not taken.
+    let c_conf = write_config_with(
+        &configs,
+        "host-c",
+        &url,
+        "",
+        "\"echo\"",
+        "tls_required = true\n",
+    );
+    let c = Broker::start_with(&["--bridge", &c_conf]);
+    let err = BlockingClient::connect_to(c.dir())
+        .expect("connect to C")
+        .call_with::<_, u32>(
+            "echo",
+            "pid",
+            &(),
+            zrpc_client::CallOptions::timeout(Duration::from_millis(1_000)),
+        )
+        .expect_err("C's bridge is not connected");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                no_service: true,
+                ..
+            }
+        ),
+        "expected a timeout without service, got {err:?}"
+    );
+}
+
+#[test]
+fn values_larger_than_natss_max_payload_fail_at_once_with_limit_exceeded() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // nats-server's default max_payload is 1 MiB.
+    let big = serde_bytes::ByteBuf::from(vec![7u8; 2 * 1024 * 1024]);
+    let start = Instant::now();
+    let err = h
+        .client_b()
+        .call::<_, serde_bytes::ByteBuf>("echo", "blob", &big, secs(10))
+        .expect_err("2 MiB does not fit in a NATS message");
+    assert!(
+        matches!(&err, Error::LimitExceeded(m) if m.contains("max_payload")),
+        "got {err:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5), "not at once");
+    // A reply too large: the exporting host answers LimitExceeded instead.
+    let start = Instant::now();
+    let err = h
+        .client_b()
+        .call::<_, serde_bytes::ByteBuf>("echo", "bytes", &(2u64 << 20), secs(10))
+        .expect_err("a 2 MiB reply does not fit in a NATS message");
+    assert!(
+        matches!(&err, Error::LimitExceeded(m) if m.contains("max_payload")),
+        "got {err:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5), "not at once");
+    // Below the limit it crosses.
+    let small = serde_bytes::ByteBuf::from(vec![7u8; 512 * 1024]);
+    let back: serde_bytes::ByteBuf = h
+        .client_b()
+        .call("echo", "blob", &small, secs(10))
+        .expect("512 KiB crosses");
+    assert_eq!(back, small);
+}
+
+#[test]
+fn a_call_waits_for_a_remote_exporter_that_appears_within_its_deadline() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // B imports `cable`; no host serves it yet. A exports `ca*`.
+    let client = h.client_b();
+    let call = std::thread::spawn(move || {
+        let start = Instant::now();
+        let r = client.call::<_, u32>("cable", "pid", &(), secs(15));
+        (r, start.elapsed())
+    });
+    // The call is out and waiting (no NO_WAIT) before the service exists.
+    assert!(
+        wait_until(WAIT, || bridge_stat_opt(h.b.dir(), "imported").is_some()
+            && broker_stat(h.b.dir(), "pending") >= 1),
+        "the call never left host B"
+    );
+    let svc = h.a.spawn("zrpc-test-svc", &["--name", "cable"]);
+    let (r, took) = call.join().expect("the calling thread");
+    assert_eq!(r.expect("answered once A served cable"), svc.child.id());
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+/// One counter of `zrpcd.stats`'s `bridge` map, if there is one.
+fn bridge_stat_opt(dir: &std::path::Path, key: &str) -> Option<u64> {
+    let stats: rmpv::Value = BlockingClient::connect_to(dir)
+        .ok()?
+        .call("zrpcd", "stats", &(), secs(5))
+        .ok()?;
+    get(&stats, "bridge")
+        .and_then(|b| get(b, key))
+        .and_then(|v| v.as_u64())
+}
+
+#[test]
+fn an_import_pattern_routes_unheld_names_to_nats_and_local_services_still_come_first() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // B imports `cabi*` (a pattern: not registered, routed by B's broker
+    // while nobody holds the name); A exports `ca*` and serves `cabin`.
+    let remote = h.a.spawn("zrpc-test-svc", &["--name", "cabin"]);
+    wait_registered(h.a.dir(), "cabin", 1);
+    let client = h.client_b();
+    let pid = |c: &BlockingClient| c.call::<_, u32>("cabin", "pid", &(), secs(10)).ok();
+    assert!(
+        wait_until(WAIT, || pid(&client) == Some(remote.child.id())),
+        "cabin on A was not reachable from B through the pattern"
+    );
+    // Not a registered name on B: zrpcd.list does not show it.
+    assert_eq!(listed_remote(h.b.dir(), "cabin"), None);
+    // A local `cabin` on B takes precedence.
+    let local = h.b.spawn("zrpc-test-svc", &["--name", "cabin"]);
+    wait_registered(h.b.dir(), "cabin", 1);
+    assert_eq!(pid(&client), Some(local.child.id()));
+    // A name matching no pattern is not sent to NATS: with NO_WAIT it
+    // fails at once on B.
+    let err = client
+        .call_with::<_, u32>(
+            "cabal",
+            "pid",
+            &(),
+            zrpc_client::CallOptions::timeout(Duration::from_secs(5)).no_wait(),
+        )
+        .expect_err("cabal is not imported");
+    assert!(matches!(err, Error::NoSuchService { .. }), "got {err:?}");
+    assert_eq!(bridge_stat(h.b.dir(), "imported_errors"), 0);
+}

@@ -1,0 +1,282 @@
+//! Export: locally served names matching `[export]` are subscribed on NATS
+//! (one queue group per name); each NATS request becomes a local call whose
+//! `Result` is the reply. Also keeps the `[import]` names registered
+//! ([`sync_loop`] reads the broker's `zrpcd.list` for both).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+use futures_util::StreamExt;
+use rmpv::Value;
+use zrpc_proto::ErrorCode;
+
+use super::dedupe::Plan;
+use super::link::Answer;
+use super::{header, reply_headers, too_large, AbortOnDrop, Shared, H_CALLER, H_METHOD, H_ORIGIN};
+use super::{H_REQUEST, H_TIMEOUT_MS, SYNC_INTERVAL};
+use crate::broker::bridged::BridgeCounters;
+
+/// Every [`SYNC_INTERVAL`]: subscribes the exported names a local service
+/// holds and unsubscribes those no longer held; registers the imported
+/// names nobody holds.
+pub(super) async fn sync_loop(shared: Rc<Shared>) {
+    let mut subs: BTreeMap<String, AbortOnDrop> = BTreeMap::new();
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(answer) = shared
+            .link
+            .call(zrpc_proto::BROKER_SERVICE, "list", Some(5_000), &[])
+            .await
+        else {
+            return;
+        };
+        if let Some(code) = answer.code {
+            tracing::warn!(code = code.as_str(), message = %answer.message, "the bridge cannot list the broker's names");
+            continue;
+        }
+        let Some(held) = held_names(&answer.payload) else {
+            tracing::warn!("the bridge cannot read the broker's zrpcd.list answer");
+            continue;
+        };
+        let own = shared.link.conn_id();
+        let served: BTreeSet<&str> = held
+            .iter()
+            .filter(|(name, holders)| {
+                shared.config.exports(name) && holders.iter().any(|&h| h != own)
+            })
+            .map(|(name, _)| name.as_str())
+            .collect();
+        subs.retain(|name, _| {
+            let keep = served.contains(name.as_str());
+            if !keep {
+                tracing::info!(service = %name, "no longer served here: withdrawn from NATS");
+            }
+            keep
+        });
+        for name in served {
+            if subs.contains_key(name) {
+                continue;
+            }
+            let subject = shared.config.subject(name);
+            let subscribed = async {
+                let calls = shared
+                    .nats
+                    .queue_subscribe(subject.clone(), shared.config.queue_group(name))
+                    .await?;
+                let cancels = shared
+                    .nats
+                    .subscribe(shared.config.cancel_subject(name))
+                    .await?;
+                Ok::<_, async_nats::SubscribeError>((calls, cancels))
+            };
+            match subscribed.await {
+                Ok((calls, cancels)) => {
+                    tracing::info!(service = %name, %subject, "exported on NATS");
+                    let task = tokio::task::spawn_local(serve(
+                        shared.clone(),
+                        name.to_owned(),
+                        calls,
+                        cancels,
+                    ));
+                    subs.insert(name.to_owned(), AbortOnDrop(task.abort_handle()));
+                }
+                Err(e) => {
+                    tracing::warn!(service = %name, error = %e, "cannot subscribe on NATS; retrying")
+                }
+            }
+        }
+        // Imported names are taken only while NATS is reachable: a call
+        // to one waits (within its deadline) for the bridge to connect,
+        // e.g. a call resubmitted just after this broker restarted.
+        let connected = shared.nats.connection_state() == async_nats::connection::State::Connected;
+        for name in shared.config.imported_names() {
+            if !connected || held.contains_key(name) {
+                continue;
+            }
+            match shared.link.register(name).await {
+                None => return,
+                Some(None) => tracing::info!(service = %name, "imported from NATS"),
+                Some(Some(code)) => {
+                    tracing::debug!(service = %name, code = code.as_str(), "cannot hold an imported name; retrying")
+                }
+            }
+        }
+    }
+}
+
+/// The names in a `zrpcd.list` answer with their holders' connection ids.
+fn held_names(payload: &[u8]) -> Option<BTreeMap<String, Vec<u64>>> {
+    let value = rmpv::decode::read_value(&mut &payload[..]).ok()?;
+    let mut out = BTreeMap::new();
+    for entry in value.as_array()? {
+        let mut name = None;
+        let mut holders = Vec::new();
+        for (k, v) in entry.as_map()? {
+            match k.as_str() {
+                Some("name") => name = v.as_str().map(str::to_owned),
+                Some("instances") => {
+                    holders = v.as_array()?.iter().filter_map(Value::as_u64).collect();
+                }
+                _ => {}
+            }
+        }
+        out.insert(name?, holders);
+    }
+    Some(out)
+}
+
+/// Serves one exported name's NATS requests and cancel messages until
+/// unsubscribed.
+async fn serve(
+    shared: Rc<Shared>,
+    name: String,
+    mut calls: async_nats::Subscriber,
+    mut cancels: async_nats::Subscriber,
+) {
+    loop {
+        tokio::select! {
+            msg = calls.next() => match msg {
+                Some(msg) => {
+                    tokio::task::spawn_local(answer(shared.clone(), name.clone(), msg));
+                }
+                None => return,
+            },
+            msg = cancels.next() => match msg {
+                Some(msg) => {
+                    let headers = msg.headers.as_ref();
+                    if let Some(key) = call_key(headers) {
+                        let id = shared.exports.borrow().get(&key).copied();
+                        if let Some(id) = id {
+                            tracing::debug!(service = %name, origin = %key.0, "the remote caller cancelled");
+                            shared.link.cancel_call(id);
+                            BridgeCounters::bump(&shared.counters.cancels_received);
+                        }
+                    }
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// (origin, request number) of a request or cancel message.
+fn call_key(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u64)> {
+    let origin = header(headers, H_ORIGIN)?;
+    let request = header(headers, H_REQUEST)?.parse().ok()?;
+    Some((origin.to_owned(), request))
+}
+
+/// A local call to make for a NATS request.
+struct LocalCall<'a> {
+    name: &'a str,
+    method: &'a str,
+    timeout_ms: Option<u64>,
+    payload: &'a [u8],
+    /// The at-most-once key (origin, caller).
+    once: Option<super::dedupe::Key>,
+    /// (origin, request number), named by cancel messages.
+    cancel_key: Option<(String, u64)>,
+}
+
+/// Makes the local call (with local id `id`, or a new one) and waits for
+/// its answer; None if the link to the broker closed.
+async fn call_local(shared: &Shared, call: LocalCall<'_>, id: Option<u64>) -> Option<Answer> {
+    let (id, rx) =
+        shared
+            .link
+            .start_call(id, call.name, call.method, call.timeout_ms, call.payload)?;
+    if let Some(k) = call.once {
+        shared.dedupe.borrow_mut().started(k, id);
+    }
+    if let Some(key) = &call.cancel_key {
+        shared.exports.borrow_mut().insert(key.clone(), id);
+    }
+    let answer = rx.await.ok();
+    if let Some(key) = &call.cancel_key {
+        shared.exports.borrow_mut().remove(key);
+    }
+    shared.dedupe.borrow_mut().finished(id, answer.as_ref());
+    answer
+}
+
+/// Makes one NATS request a local call and publishes its outcome.
+async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
+    let Some(reply) = msg.reply else {
+        tracing::debug!(service = %name, "a NATS message without reply subject: ignored");
+        return;
+    };
+    let headers = msg.headers.as_ref();
+    let method = header(headers, H_METHOD);
+    let timeout = header(headers, H_TIMEOUT_MS).map(str::parse::<u64>);
+    let (code, message, payload) = match (method, timeout) {
+        (Some(method), None | Some(Ok(_))) => {
+            let timeout_ms = header(headers, H_TIMEOUT_MS).and_then(|t| t.parse::<u64>().ok());
+            tracing::debug!(
+                service = %name,
+                method,
+                timeout_ms,
+                origin = header(headers, H_ORIGIN).unwrap_or("?"),
+                caller = header(headers, H_CALLER).unwrap_or("?"),
+                "a call from NATS"
+            );
+            let key = call_key(headers);
+            let once = header(headers, H_ORIGIN)
+                .zip(header(headers, H_CALLER))
+                .map(|(o, c)| (o.to_owned(), c.to_owned()));
+            let plan = match &once {
+                Some(k) => shared.dedupe.borrow_mut().plan(k),
+                None => Plan::New,
+            };
+            let local = LocalCall {
+                name: &name,
+                method,
+                timeout_ms,
+                payload: &msg.payload,
+                once,
+                cancel_key: key,
+            };
+            let answer = match plan {
+                Plan::Join(rx) => {
+                    tracing::debug!(service = %name, "a resubmitted call joins the one running");
+                    rx.await.ok()
+                }
+                Plan::Resend(id) => {
+                    tracing::debug!(service = %name, id, "a resubmitted call is sent again with its id");
+                    call_local(&shared, local, Some(id)).await
+                }
+                Plan::New => call_local(&shared, local, None).await,
+            };
+            match answer {
+                Some(a) => (a.code, a.message, a.payload),
+                None => (
+                    Some(ErrorCode::Shutdown),
+                    "the exporting broker's bridge stopped".to_owned(),
+                    bytes::Bytes::new(),
+                ),
+            }
+        }
+        _ => (
+            Some(ErrorCode::Protocol),
+            format!("a NATS request needs the header {H_METHOD} and a numeric {H_TIMEOUT_MS} (docs/bridge.md)"),
+            bytes::Bytes::new(),
+        ),
+    };
+    let (code, message, payload) = match too_large(&shared.nats, payload.len(), "the reply's value")
+    {
+        Some(m) => (Some(ErrorCode::LimitExceeded), m, bytes::Bytes::new()),
+        None => (code, message, payload),
+    };
+    BridgeCounters::bump(&shared.counters.exported);
+    if code.is_some() {
+        BridgeCounters::bump(&shared.counters.exported_errors);
+    }
+    if let Err(e) = shared
+        .nats
+        .publish_with_headers(reply, reply_headers(code, &message), payload)
+        .await
+    {
+        tracing::warn!(service = %name, error = %e, "cannot send a reply on NATS");
+    }
+}

@@ -1,0 +1,202 @@
+//! Import: a call the broker delivers to the bridge (which holds the
+//! `[import]` names) goes out as a NATS request with the remaining
+//! deadline; the reply becomes the call's `Reply`, code and payload
+//! unchanged.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use async_nats::{HeaderMap, RequestErrorKind};
+use bytes::Bytes;
+use tokio::time::Instant;
+use zrpc_proto::{flags, Envelope, ErrorCode};
+
+use super::H_TIMEOUT_MS;
+use super::{
+    header, too_large, Shared, H_CALLER, H_CODE, H_MESSAGE, H_METHOD, H_ORIGIN, H_REQUEST,
+};
+use crate::broker::bridged::BridgeCounters;
+
+/// An imported call being forwarded.
+pub(super) struct InFlight {
+    task: tokio::task::AbortHandle,
+    service: String,
+    request: u64,
+}
+
+/// One call delivered to the bridge.
+pub(super) struct Forward {
+    /// The broker's id of the call.
+    pub id: u64,
+    /// The call's flags (`NO_WAIT`).
+    pub flags: u32,
+    pub service: String,
+    pub method: String,
+    pub timeout_ms: Option<u64>,
+    /// `<uid>.<instance>.<call>` of the caller.
+    pub caller: String,
+    pub payload: Bytes,
+}
+
+/// Spawns the forwarding of one call; `Cancel` aborts it ([`cancel`]).
+pub(super) fn forward(shared: &Rc<Shared>, call: Forward) {
+    let id = call.id;
+    let request = shared.next_request.get();
+    shared.next_request.set(request.wrapping_add(1));
+    let service = call.service.clone();
+    let task = tokio::task::spawn_local(run(shared.clone(), call, request));
+    shared.imports.borrow_mut().insert(
+        id,
+        InFlight {
+            task: task.abort_handle(),
+            service,
+            request,
+        },
+    );
+}
+
+/// The broker cancelled call `id` (its caller gave up or its deadline
+/// passed): the NATS request is abandoned, and the exporting hosts are
+/// told (`<prefix>.cancel.<name>`), so that the one running it cancels it.
+pub(super) fn cancel(shared: &Rc<Shared>, id: u64) {
+    let Some(call) = shared.imports.borrow_mut().remove(&id) else {
+        return;
+    };
+    call.task.abort();
+    BridgeCounters::bump(&shared.counters.cancels_sent);
+    let shared = shared.clone();
+    tokio::task::spawn_local(async move {
+        let mut headers = HeaderMap::new();
+        headers.insert(H_ORIGIN, shared.config.host_id.as_str());
+        headers.insert(H_REQUEST, call.request.to_string().as_str());
+        let subject = shared.config.cancel_subject(&call.service);
+        if let Err(e) = shared
+            .nats
+            .publish_with_headers(subject, headers, Bytes::new())
+            .await
+        {
+            tracing::debug!(error = %e, "cannot send a cancel message on NATS");
+        }
+    });
+}
+
+async fn run(shared: Rc<Shared>, call: Forward, request_no: u64) {
+    let (code, message, payload) = request(&shared, &call, request_no).await;
+    BridgeCounters::bump(&shared.counters.imported);
+    if code.is_some() {
+        BridgeCounters::bump(&shared.counters.imported_errors);
+    }
+    shared.imports.borrow_mut().remove(&call.id);
+    shared.link.send(
+        &Envelope::Reply {
+            id: call.id,
+            code,
+            message: &message,
+        },
+        &payload,
+    );
+}
+
+/// The first pause before asking NATS again when no host serves a name
+/// (doubling up to [`RETRY_MAX`]).
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two attempts.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How long before the deadline the bridge gives up waiting for a host,
+/// so that its `TimeoutNoService` arrives before the broker's `Timeout`.
+const MARGIN: Duration = Duration::from_millis(20);
+
+async fn request(
+    shared: &Shared,
+    call: &Forward,
+    request_no: u64,
+) -> (Option<ErrorCode>, String, Bytes) {
+    let subject = shared.config.subject(&call.service);
+    // Not connected (NATS down, or refusing the credentials): fail now
+    // rather than wait out the deadline for a reconnection.
+    if shared.nats.connection_state() != async_nats::connection::State::Connected {
+        return (
+            Some(ErrorCode::ServiceGone),
+            format!(
+                "the broker's NATS bridge is not connected to NATS ({}), so {} is unreachable; see zrpcd's log",
+                shared.config.servers.join(","),
+                call.service
+            ),
+            Bytes::new(),
+        );
+    }
+    if let Some(message) = too_large(&shared.nats, call.payload.len(), "the arguments") {
+        return (Some(ErrorCode::LimitExceeded), message, Bytes::new());
+    }
+    let deadline = call
+        .timeout_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let mut pause = RETRY_FIRST;
+    loop {
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let mut headers = HeaderMap::new();
+        headers.insert(H_REQUEST, request_no.to_string().as_str());
+        headers.insert(H_METHOD, call.method.as_str());
+        if let Some(r) = remaining {
+            headers.insert(H_TIMEOUT_MS, (r.as_millis() as u64).to_string().as_str());
+        }
+        headers.insert(H_ORIGIN, shared.config.host_id.as_str());
+        headers.insert(H_CALLER, call.caller.as_str());
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(call.payload.clone())
+            .timeout(remaining);
+        let e = match shared.nats.send_request(subject.clone(), request).await {
+            Ok(msg) => {
+                let headers = msg.headers.as_ref();
+                let code = header(headers, H_CODE)
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .and_then(ErrorCode::from_u16);
+                let message = header(headers, H_MESSAGE).unwrap_or_default().to_owned();
+                return (code, message, msg.payload);
+            }
+            Err(e) => e,
+        };
+        let (code, message) = match e.kind() {
+            // Like a local call to a name nobody holds: fail at once with
+            // NO_WAIT, else wait (within the deadline) for a host to serve
+            // it.
+            RequestErrorKind::NoResponders if call.flags & flags::NO_WAIT == 0 => match remaining {
+                Some(r) if r <= pause + MARGIN => {
+                    tokio::time::sleep(r.saturating_sub(MARGIN)).await;
+                    (
+                        ErrorCode::TimeoutNoService,
+                        format!(
+                            "no host served {} on NATS (subject {subject}) before the deadline",
+                            call.service
+                        ),
+                    )
+                }
+                _ => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MAX);
+                    continue;
+                }
+            },
+            RequestErrorKind::NoResponders => (
+                ErrorCode::NoSuchService,
+                format!(
+                    "no host serves {} on NATS (subject {subject}; is it exported there?)",
+                    call.service
+                ),
+            ),
+            RequestErrorKind::TimedOut => (
+                ErrorCode::Timeout,
+                format!(
+                    "{} did not answer over NATS within the deadline",
+                    call.service
+                ),
+            ),
+            RequestErrorKind::Other => (
+                ErrorCode::ServiceGone,
+                format!("the NATS request to {subject} failed: {e}"),
+            ),
+        };
+        return (Some(code), message, Bytes::new());
+    }
+}

@@ -1,0 +1,345 @@
+//! The bridge from this broker to NATS (feature `nats`, `zrpcd --bridge
+//! FILE`; design and semantics in docs/bridge.md).
+//!
+//! The bridge is a peer of the broker inside its process: [`start`] makes
+//! a socket pair, admits one end with the bridge's configured credentials
+//! ([`crate::conn::admit_as`]) and runs the bridge on the other end, where
+//! it speaks the ordinary protocol (module `link`). The broker's call path is
+//! untouched. Module `export` offers locally served names on NATS; `import`
+//! holds imported names and forwards their calls to NATS.
+
+mod config;
+mod dedupe;
+mod export;
+mod import;
+mod link;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use async_nats::HeaderMap;
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
+
+pub use config::{BridgeConfig, BridgeConfigError};
+
+use crate::broker::bridged::BridgeCounters;
+use crate::broker::Broker;
+use crate::peers::Creds;
+use link::{Answer, Link};
+
+/// Request header: the method.
+pub const H_METHOD: &str = "Zrpc-Method";
+/// Request header: the remaining budget in ms when sent (absent: none).
+pub const H_TIMEOUT_MS: &str = "Zrpc-Timeout-Ms";
+/// Request header: the origin host's id.
+pub const H_ORIGIN: &str = "Zrpc-Origin";
+/// Request header: `<uid>.<instance>.<call>` of the original caller.
+pub const H_CALLER: &str = "Zrpc-Caller";
+/// Request and cancel header: the origin bridge's number for the request
+/// (with `Zrpc-Origin`, names it in a cancel message).
+pub const H_REQUEST: &str = "Zrpc-Request";
+/// Reply header: the error code (absent: success).
+pub const H_CODE: &str = "Zrpc-Code";
+/// Reply header: the error's message.
+pub const H_MESSAGE: &str = "Zrpc-Message";
+
+/// How often the bridge reads the broker's names to (un)subscribe exported
+/// names and register imported ones.
+const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Why the bridge stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The NATS connection could not be set up.
+    #[error("cannot connect to NATS ({servers}): {source}")]
+    Connect {
+        /// The configured servers.
+        servers: String,
+        /// The cause.
+        source: async_nats::ConnectError,
+    },
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    Shutdown,
+    /// The link to the broker broke.
+    #[error("the bridge's link to the broker failed: {0}")]
+    Link(String),
+}
+
+/// The running bridge; stops it when dropped.
+pub struct Bridge {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Everything the bridge's tasks share.
+struct Shared {
+    config: BridgeConfig,
+    nats: async_nats::Client,
+    link: Link,
+    /// Imported calls in flight, by the broker's id: aborted on `Cancel`.
+    imports: RefCell<rustc_hash::FxHashMap<u64, import::InFlight>>,
+    /// The number of the next imported call's NATS request.
+    next_request: std::cell::Cell<u64>,
+    /// Exported calls in flight, by (origin host, request number): their
+    /// local call ids, for cancel messages.
+    exports: RefCell<rustc_hash::FxHashMap<(String, u64), u64>>,
+    /// What `zrpcd.stats` shows under `bridge`.
+    counters: Rc<BridgeCounters>,
+    /// Resubmitted exported calls (at most once).
+    dedupe: RefCell<dedupe::Dedupe>,
+}
+
+/// Starts the bridge: admits its connection to `broker` and spawns its
+/// task (on the current `LocalSet`). Errors only if the connection cannot
+/// be made.
+pub fn start(broker: &Rc<RefCell<Broker>>, config: BridgeConfig) -> std::io::Result<Bridge> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_nonblocking(true)?;
+    theirs.set_nonblocking(true)?;
+    let theirs = tokio::net::UnixStream::from_std(theirs)?;
+    let creds = Creds {
+        pid: i32::try_from(std::process::id()).unwrap_or(0),
+        uid: config.uid,
+        gid: config.gid,
+    };
+    let counters = match crate::conn::admit_as(broker, theirs, creds, Some(Box::new([]))) {
+        Ok(admitted) => {
+            let counters = broker.borrow_mut().set_bridge_peer(admitted.id());
+            tokio::task::spawn_local(crate::conn::serve(broker.clone(), admitted));
+            counters
+        }
+        Err(_) => {
+            return Err(std::io::Error::other(
+                "the broker refused the NATS bridge's connection (connection limit or quota)",
+            ))
+        }
+    };
+    let ours = tokio::net::UnixStream::from_std(ours)?;
+    let task = tokio::task::spawn_local(async move {
+        match run(config, ours, counters).await {
+            Ok(()) | Err(BridgeError::Shutdown) => tracing::info!("the NATS bridge stopped"),
+            Err(e) => {
+                tracing::error!(error = %e, "the NATS bridge stopped; local calls are not affected")
+            }
+        }
+    });
+    Ok(Bridge { task })
+}
+
+async fn connect(config: &BridgeConfig) -> Result<async_nats::Client, BridgeError> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("zrpcd-bridge {}", config.host_id))
+        .retry_on_initial_connect()
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("the bridge is connected to NATS"),
+                async_nats::Event::Closed => {
+                    tracing::info!("the bridge's NATS connection is closed")
+                }
+                // Authorization errors come from the server.
+                async_nats::Event::ServerError(_) => tracing::error!(
+                    %event,
+                    "the NATS server refused the bridge: check [nats] in the bridge configuration"
+                ),
+                _ => tracing::warn!(%event, "NATS bridge"),
+            }
+        });
+    if let Some((user, password)) = &config.user_password {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        opts = opts.token(token.clone());
+    }
+    if config.tls_required {
+        opts = opts.require_tls(true);
+    }
+    if let Some(ca) = &config.root_certificates {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &config.client_cert {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    opts.connect(config.servers.as_slice())
+        .await
+        .map_err(|source| BridgeError::Connect {
+            servers: config.servers.join(","),
+            source,
+        })
+}
+
+async fn run(
+    config: BridgeConfig,
+    stream: tokio::net::UnixStream,
+    counters: Rc<BridgeCounters>,
+) -> Result<(), BridgeError> {
+    let nats = connect(&config).await?;
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::task::spawn_local(link::writer(wr, rx));
+    let agent = format!("zrpcd-nats-bridge {}", config.host_id);
+    let shared = Rc::new(Shared {
+        config,
+        nats,
+        link: Link::new(tx),
+        imports: RefCell::default(),
+        next_request: std::cell::Cell::new(1),
+        exports: RefCell::default(),
+        counters,
+        dedupe: RefCell::default(),
+    });
+    shared.link.send(
+        &Envelope::Hello {
+            version: zrpc_proto::PROTOCOL_VERSION,
+            instance: instance_id(),
+            agent: &agent,
+            // No descriptor passing: the broker inlines large payloads for
+            // the bridge, which sends bytes over NATS anyway.
+            caps: 0,
+        },
+        &[],
+    );
+    let sync = tokio::task::spawn_local(export::sync_loop(shared.clone()));
+    let _stop_sync = AbortOnDrop(sync.abort_handle());
+    let decoder = FrameDecoder::new(u32::MAX);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        loop {
+            let frame = match decoder.decode(&mut buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(BridgeError::Link(format!("bad frame from broker: {e}"))),
+            };
+            let env = frame
+                .decode()
+                .map_err(|e| BridgeError::Link(format!("bad envelope from broker: {e}")))?;
+            on_frame(&shared, env, frame.payload.clone())?;
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return Err(BridgeError::Link("the broker closed the link".into())),
+            Ok(_) => {}
+            Err(e) => return Err(BridgeError::Link(e.to_string())),
+        }
+    }
+}
+
+fn on_frame(
+    shared: &Rc<Shared>,
+    env: Envelope<'_>,
+    payload: bytes::Bytes,
+) -> Result<(), BridgeError> {
+    match env {
+        Envelope::Welcome { conn_id, .. } => shared.link.welcomed(conn_id),
+        Envelope::Ping { nonce } => {
+            shared.link.send(&Envelope::Pong { nonce }, &[]);
+        }
+        Envelope::Ack { req, code, .. } => shared.link.on_ack(req, code),
+        Envelope::Result { id, code, message } => shared.link.on_result(
+            id,
+            Answer {
+                code,
+                message: message.to_owned(),
+                payload,
+            },
+        ),
+        Envelope::Request {
+            id,
+            service,
+            method,
+            timeout_ms,
+            caller_instance,
+            caller_call,
+            caller,
+        } => import::forward(
+            shared,
+            import::Forward {
+                id,
+                flags: shared.counters.flags.borrow_mut().remove(&id).unwrap_or(0),
+                service: service.to_owned(),
+                method: method.to_owned(),
+                timeout_ms,
+                caller: format!(
+                    "{}.{caller_instance}.{caller_call}",
+                    caller.map_or(u32::MAX, |c| c.uid)
+                ),
+                payload,
+            },
+        ),
+        Envelope::Cancel { id } => {
+            shared.counters.flags.borrow_mut().remove(&id);
+            import::cancel(shared, id)
+        }
+        Envelope::Fatal {
+            code: ErrorCode::Shutdown,
+            ..
+        } => return Err(BridgeError::Shutdown),
+        Envelope::Fatal { code, message } => {
+            return Err(BridgeError::Link(format!(
+                "the broker closed the link: {} ({message})",
+                code.as_str()
+            )))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A random instance id for the bridge's `Hello`.
+fn instance_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Headers of a reply carrying `code` and `message`.
+fn reply_headers(code: Option<ErrorCode>, message: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(code) = code {
+        headers.insert(H_CODE, code.to_u16().to_string().as_str());
+        let clean: String = message
+            .chars()
+            .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+            .collect();
+        headers.insert(H_MESSAGE, clean.as_str());
+    }
+    headers
+}
+
+/// Room left for the headers of a message when checking its payload
+/// against the server's `max_payload` (which counts both).
+const HEADER_ROOM: usize = 1024;
+
+/// The error for a payload of `len` bytes the NATS server would refuse,
+/// if it would: NATS closes a connection that sends one, so it is checked
+/// before sending.
+fn too_large(nats: &async_nats::Client, len: usize, what: &str) -> Option<String> {
+    let max = nats.server_info().max_payload;
+    (max > 0 && len + HEADER_ROOM > max).then(|| {
+        format!(
+            "{what} ({len} bytes) do not fit in a NATS message (max_payload {max} bytes, \
+             less {HEADER_ROOM} for headers); raise max_payload on the NATS servers"
+        )
+    })
+}
+
+/// A header's value, if present.
+fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
