@@ -15,6 +15,15 @@ cd "$(dirname "$0")/.."
 
 CRATES=(zrpc-proto zrpc-io zrpc-macros zrpc-client zrpc-service zrpcd zrpc-cli)
 
+# Verification unpacks each packaged crate under $CARGO_HOME/registry as
+# if it came from crates.io, and cargo reuses an unpacked name-version it
+# finds there: a copy left by an earlier run of this check (same version,
+# older code) would be built instead of the one just packaged. Remove ours.
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+for c in "${CRATES[@]}"; do
+    rm -rf "$cargo_home"/registry/src/*/"$c"-0.* "$cargo_home"/registry/cache/*/"$c"-0.*.crate
+done
+
 echo "package-check: cargo package (verified) for ${CRATES[*]}"
 args=()
 for c in "${CRATES[@]}"; do args+=(-p "$c"); done
