@@ -265,25 +265,14 @@ pub async fn read_some_fds(
     rd: &Registered,
     buf: &mut BytesMut,
     fds: &mut FdQueue,
-    mut room: impl FnMut(&mut BytesMut),
+    room: impl FnMut(&mut BytesMut),
 ) -> io::Result<usize> {
-    loop {
-        let mut guard = rd.readable().await?;
-        room(buf);
-        let cap = buf.capacity() - buf.len();
+    crate::read::read_with(rd, buf, room, |sock, buf| {
         let before = fds.len();
-        match read_spare_fds(rd.get_ref(), buf, fds) {
-            Ok(n) => {
-                if n > 0 && n < cap && fds.len() == before {
-                    guard.clear_ready();
-                }
-                return Ok(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+        let n = read_spare_fds(sock, buf, fds)?;
+        Ok((n, fds.len() != before))
+    })
+    .await
 }
 
 /// One `sendmsg(2)` of `parts` with `fds` attached (`SCM_RIGHTS`, at most

@@ -126,15 +126,31 @@ pub fn read_spare(sock: &impl AsRawFd, buf: &mut BytesMut) -> io::Result<usize> 
 pub async fn read_some(
     rd: &Registered,
     buf: &mut BytesMut,
+    room: impl FnMut(&mut BytesMut),
+) -> io::Result<usize> {
+    read_with(rd, buf, room, |sock, buf| {
+        Ok((read_spare(sock, buf)?, false))
+    })
+    .await
+}
+
+/// The loop of [`read_some`], with the read itself as `read`: it returns
+/// the bytes read and whether the read may have ended early with data left
+/// (the kernel ends a read at a message carrying descriptors, see
+/// [`crate::fdpass::read_some_fds`]), in which case readiness is kept.
+pub(crate) async fn read_with(
+    rd: &Registered,
+    buf: &mut BytesMut,
     mut room: impl FnMut(&mut BytesMut),
+    mut read: impl FnMut(&std::os::unix::net::UnixStream, &mut BytesMut) -> io::Result<(usize, bool)>,
 ) -> io::Result<usize> {
     loop {
         let mut guard = rd.readable().await?;
         room(buf);
         let cap = buf.capacity() - buf.len();
-        match read_spare(rd.get_ref(), buf) {
-            Ok(n) => {
-                if n > 0 && n < cap {
+        match read(rd.get_ref(), buf) {
+            Ok((n, ended_early)) => {
+                if n > 0 && n < cap && !ended_early {
                     guard.clear_ready();
                 }
                 return Ok(n);
