@@ -191,3 +191,19 @@ impl Raw {
         }
     }
 }
+
+/// Registers `name` on a raw connection and waits for its `Ack`.
+pub fn register(r: &mut Raw, name: &str) {
+    r.send(
+        &Envelope::Register {
+            req: 1,
+            name,
+            shared: false,
+        },
+        b"",
+    );
+    match r.recv_frame().expect("ack").decode().expect("envelope") {
+        Envelope::Ack { code, message, .. } => assert_eq!(code, None, "{message}"),
+        other => panic!("expected Ack, got {other:?}"),
+    }
+}

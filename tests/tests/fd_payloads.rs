@@ -13,22 +13,6 @@ use zrpc_proto::{caps, Envelope, ErrorCode};
 use zrpc_tests::raw::Raw;
 use zrpc_tests::{wait_until, Broker, WAIT};
 
-/// Registers `name` on a raw connection and waits for its `Ack`.
-fn register(r: &mut Raw, name: &str) {
-    r.send(
-        &Envelope::Register {
-            req: 1,
-            name,
-            shared: false,
-        },
-        b"",
-    );
-    match r.recv_frame().expect("ack").decode().expect("envelope") {
-        Envelope::Ack { code, message, .. } => assert_eq!(code, None, "{message}"),
-        other => panic!("expected Ack, got {other:?}"),
-    }
-}
-
 /// A MessagePack `bin` value of `n` bytes with a recognisable pattern.
 fn bin_payload(n: usize, seed: u8) -> Vec<u8> {
     let data: Vec<u8> = (0..n)
@@ -105,9 +89,9 @@ fn descriptors_are_forwarded_to_peers_that_take_them_and_inlined_for_the_others(
         caps::FD_PAYLOADS,
         "the broker accepts fd payloads"
     );
-    register(&mut fast, "fdsvc");
+    zrpc_tests::raw::register(&mut fast, "fdsvc");
     let mut plain = Raw::hello(broker.dir());
-    register(&mut plain, "plain");
+    zrpc_tests::raw::register(&mut plain, "plain");
     let (mut client, _) = Raw::hello_fds(broker.dir());
 
     for (i, size) in [(1u64, 1usize << 20), (2, 8 << 20)] {

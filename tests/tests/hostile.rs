@@ -11,22 +11,6 @@ use zrpc_proto::{flags, Envelope, ErrorCode, Kind, MAX_TIMEOUT_MS};
 use zrpc_tests::raw::Raw;
 use zrpc_tests::{broker_stat, wait_registered, wait_until, Broker, WAIT};
 
-/// Registers `name` on a raw connection and waits for its `Ack`.
-fn register(r: &mut Raw, name: &str) {
-    r.send(
-        &Envelope::Register {
-            req: 1,
-            name,
-            shared: false,
-        },
-        b"",
-    );
-    match r.recv_frame().expect("ack").decode().expect("envelope") {
-        Envelope::Ack { code, message, .. } => assert_eq!(code, None, "{message}"),
-        other => panic!("expected Ack, got {other:?}"),
-    }
-}
-
 /// Sends a call with a nil payload.
 fn send_call(r: &mut Raw, id: u64, service: &str, timeout_ms: Option<u64>, call_flags: u32) {
     r.send(
@@ -82,11 +66,11 @@ fn reply(r: &mut Raw, id: u64, payload: &[u8]) {
 fn huge_timeouts_mean_no_deadline_and_every_call_is_answered() {
     let b = Broker::start();
     let mut svc = Raw::hello(b.dir());
-    register(&mut svc, "svc");
+    zrpc_tests::raw::register(&mut svc, "svc");
     let mut caller = Raw::hello(b.dir());
     // The caller also holds a name: a connection torn down by a panic used
     // to keep it forever.
-    register(&mut caller, "callers-name");
+    zrpc_tests::raw::register(&mut caller, "callers-name");
     for (i, ms) in [
         1u64 << 36,
         1 << 40,
@@ -155,7 +139,7 @@ fn huge_timeouts_mean_no_deadline_and_every_call_is_answered() {
 fn timeout_zero_fails_at_once_without_delivery() {
     let b = Broker::start();
     let mut svc = Raw::hello(b.dir());
-    register(&mut svc, "svc");
+    zrpc_tests::raw::register(&mut svc, "svc");
     let mut caller = Raw::hello(b.dir());
     send_call(&mut caller, 1, "svc", Some(0), 0);
     let (id, code, msg) = next_result(&mut caller);
@@ -228,7 +212,7 @@ fn timeout_while_unregistered_names_the_missing_service() {
     );
     // A service that holds the name but does not answer: a plain timeout.
     let mut svc = Raw::hello(b.dir());
-    register(&mut svc, "slow");
+    zrpc_tests::raw::register(&mut svc, "slow");
     let opts = CallOptions::timeout(Duration::from_millis(50)).no_retry();
     let err = client
         .call_with::<_, Value>("slow", "m", &(), opts)
@@ -260,7 +244,7 @@ fn stats_rows_are_bounded() {
     let mut svcs = Vec::new();
     for i in 0..5 {
         let mut s = Raw::hello(b.dir());
-        register(&mut s, &format!("real-{i}"));
+        zrpc_tests::raw::register(&mut s, &format!("real-{i}"));
         svcs.push(s);
     }
     let client = BlockingClient::connect_to(b.dir()).expect("connect");
@@ -547,7 +531,7 @@ fn an_oversized_builtin_answer_is_refused() {
 fn a_service_that_never_reads_its_acks_is_disconnected() {
     let b = Broker::start_with(&["--max-queued-bytes", "20000"]);
     let mut svc = Raw::hello(b.dir());
-    register(&mut svc, "svc");
+    zrpc_tests::raw::register(&mut svc, "svc");
     let mut frame = bytes::BytesMut::new();
     for _ in 0..1000 {
         zrpc_proto::encode_frame(
