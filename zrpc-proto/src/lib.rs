@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+mod bits;
 pub mod blob;
 mod codec;
 mod envelope;
