@@ -337,6 +337,15 @@ class Server(_service.ServerBase):
             self._inflight[job.key] = done
         self._tasks[(conn, job.rid)] = asyncio.ensure_future(self._run(conn, job, done))
 
+    def _settle(self, conn: _Conn, job: _service.Job, done: Optional[asyncio.Future]) -> None:
+        """An execution of ``job`` (or a copy waiting for one) ended: its task entry goes, and
+        if it ran as the call's execution in flight (``done``), copies waiting on it wake up."""
+        self._forget_task(conn, job.rid)
+        if done is not None:
+            if self._inflight.get(job.key) is done:
+                del self._inflight[job.key]
+            done.set_result(None)
+
     def _forget_task(self, conn: _Conn, rid: int) -> None:
         """Drops the entry of request ``rid`` on ``conn`` if it is the current task's (request
         ids are per connection: after a reconnect another task may hold the same id)."""
@@ -365,11 +374,7 @@ class Server(_service.ServerBase):
         except asyncio.CancelledError:
             return  # cancelled by the broker: no outcome, no reply
         finally:
-            self._forget_task(conn, job.rid)
-            if done is not None:
-                if self._inflight.get(job.key) is done:
-                    del self._inflight[job.key]
-                done.set_result(None)
+            self._settle(conn, job, done)
         # The request id belongs to `conn`; after a reconnect the broker
         # re-delivers the call and the reply cache answers it.
         if self._conn is conn:
@@ -394,11 +399,7 @@ class Server(_service.ServerBase):
         except asyncio.CancelledError:
             return
         finally:
-            self._forget_task(conn, job.rid)
-            if done is not None:
-                if self._inflight.get(job.key) is done:
-                    del self._inflight[job.key]
-                done.set_result(None)
+            self._settle(conn, job, done)
         if self._conn is conn:
             conn.send(reply)
 
