@@ -205,6 +205,18 @@ fn raw_hold(b: &Broker, instance: u64, ms: u16) -> zrpc_tests::raw::Raw {
     raw
 }
 
+/// The result of a `raw_hold` call (call 7): a success; its payload.
+fn hold_result(raw: &mut zrpc_tests::raw::Raw) -> bytes::Bytes {
+    let f = raw.recv_frame().expect("the result of call 7");
+    match f.decode().expect("envelope") {
+        zrpc_proto::Envelope::Result { id, code, message } => {
+            assert_eq!((id, code), (7, None), "{message}");
+        }
+        other => panic!("expected the Result of call 7, got {other:?}"),
+    }
+    f.payload.clone()
+}
+
 /// `n` as a MessagePack uint 16.
 fn uint16(n: u16) -> [u8; 3] {
     let [hi, lo] = n.to_be_bytes();
@@ -232,14 +244,7 @@ fn a_caller_that_comes_back_within_its_grace_gets_the_first_execution() {
         zrpc_tests::broker_stat(b.dir(), "cancelled") > before
     }));
     let mut again = raw_hold(&b, 42, 2500);
-    let f = again.recv_frame().expect("the resubmission's result");
-    match f.decode().expect("envelope") {
-        zrpc_proto::Envelope::Result { id, code, message } => {
-            assert_eq!((id, code), (7, None), "{message}");
-            assert_eq!(&f.payload[..], &uint16(2500));
-        }
-        other => panic!("expected the Result, got {other:?}"),
-    }
+    assert_eq!(&hold_result(&mut again)[..], &uint16(2500));
     let s = stats(&calc);
     assert_eq!((s.started, s.finished, s.dropped), (1, 1, 0), "{s:?}");
 }
@@ -256,15 +261,7 @@ fn a_caller_that_comes_back_after_its_grace_runs_the_call_again() {
     drop(first);
     assert!(wait_until(WAIT, || stats(&calc).dropped == 1));
     let mut again = raw_hold(&b, 43, 800);
-    let f = again.recv_frame().expect("the resubmission's result");
-    assert!(matches!(
-        f.decode().expect("envelope"),
-        zrpc_proto::Envelope::Result {
-            id: 7,
-            code: None,
-            ..
-        }
-    ));
+    assert_eq!(&hold_result(&mut again)[..], &uint16(800));
     let s = stats(&calc);
     assert_eq!((s.started, s.finished, s.dropped), (2, 1, 1), "{s:?}");
 }
@@ -308,20 +305,7 @@ fn a_resent_copy_of_a_running_call_does_not_hold_up_the_requests_behind_it() {
     assert_eq!(stats(&calc).running, 1, "version waited for hold");
     // Both get the one execution's result.
     for raw in [&mut first, &mut copy] {
-        let f = raw.recv_frame().expect("result");
-        assert!(
-            matches!(
-                f.decode().expect("envelope"),
-                zrpc_proto::Envelope::Result {
-                    id: 7,
-                    code: None,
-                    ..
-                }
-            ),
-            "{:?}",
-            f.decode()
-        );
-        assert_eq!(&f.payload[..], &uint16(1500));
+        assert_eq!(&hold_result(raw)[..], &uint16(1500));
     }
     let s = stats(&calc);
     assert_eq!((s.started, s.finished, s.dropped), (1, 1, 0), "{s:?}");
@@ -388,17 +372,8 @@ fn a_resubmission_within_the_grace_goes_to_the_instance_running_the_call() {
     let busy2 = hold_in_background(&b, 6000);
     assert!(wait_until(WAIT, || outstanding(&b) == 2));
     let mut again = raw_hold(&b, 45, 100);
-    let f = again.recv_frame().expect("the resubmission's result");
-    assert!(matches!(
-        f.decode().expect("envelope"),
-        zrpc_proto::Envelope::Result {
-            id: 7,
-            code: None,
-            ..
-        }
-    ));
     assert_eq!(
-        &f.payload[..],
+        &hold_result(&mut again)[..],
         &uint16(3000),
         "the resubmission ran again elsewhere instead of getting the first execution's result"
     );
