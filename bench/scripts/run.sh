@@ -5,6 +5,7 @@
 # usage: bench/scripts/run.sh FLAVOUR SIZE INFLIGHT CALLS
 #   FLAVOUR   current | multi | blocking | raw | bytebuf (zrpc-bench client --flavour)
 #   env B     directory of zrpcd and zrpc-bench (default: target/release)
+#   env ZARGS  extra zrpcd arguments (e.g. --busy-poll-us 0)
 #   env PRE / PRES / PREZ   a command prefix for the client / the service / the broker,
 #             e.g. PREZ="valgrind --tool=callgrind --callgrind-out-file=broker.cg"
 # Prints the client's result line and the broker's and the service's CPU ticks.
@@ -13,7 +14,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 B=${B:-$ROOT/target/release}
 D=$(mktemp -d)
 trap 'kill $ZP $SP 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
-${PREZ:-} "$B/zrpcd" --socket-dir "$D" --log error & ZP=$!
+${PREZ:-} "$B/zrpcd" --socket-dir "$D" --log error ${ZARGS:-} & ZP=$!
 for _ in $(seq 500); do [ -S "$D/zrpcd.sock" ] && break; sleep 0.01; done
 ${PRES:-} "$B/zrpc-bench" service --dir "$D" < /dev/null & SP=$!
 # The service registers within the client's warm-up calls (they wait for it).

@@ -97,7 +97,7 @@ impl ClientBuilder {
             }),
             wake: Notify::new(),
         });
-        conn.start_writer();
+        conn.start_writer(lock(&shared.state).core.handout());
         tokio::spawn(supervise(shared.clone(), Some((conn, buf))));
         Ok(Client {
             inner: Arc::new(Inner { shared }),

@@ -968,6 +968,70 @@ fn async_answered_call_dropped_before_its_caller_looks_sends_no_cancel() {
     finish(&rt, peer);
 }
 
+/// The writer holds the next calls back while outcomes handed out by a
+/// read are not taken (so that the callers' next calls leave in one
+/// write), and an outcome whose caller drops its call counts as taken:
+/// the held call goes out once the last outcome is taken or dropped.
+#[test]
+fn async_writer_holds_calls_until_outcomes_are_taken_or_dropped() {
+    let fake = Fake::new();
+    let (sig_tx, sig_rx) = std::sync::mpsc::channel::<()>();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let mut ids = std::collections::HashMap::new();
+        for _ in 0..3 {
+            let (id, method, ..) = p.call();
+            ids.insert(method, id);
+        }
+        p.result(ids["a"], &[0x0a]);
+        p.result(ids["b"], &[0x0b]);
+        let (id, method, ..) = p.call();
+        assert_eq!(method, "c");
+        assert!(
+            sig_rx.try_recv().is_ok(),
+            "call c was written while outcomes a and b were not taken"
+        );
+        p.result(id, &[0x0c]);
+        p.result(ids["d"], &[0x0d]);
+        p.expect_eof();
+    });
+    let dir = fake.dir();
+    let rt = rt_multi();
+    rt.block_on(async move {
+        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
+        let call = |m: &'static str| {
+            let c = client.clone();
+            Box::pin(async move { c.call::<_, u8>("svc", m, &(), None).await })
+        };
+        let (mut a, mut b, mut d) = (call("a"), call("b"), call("d"));
+        for f in [&mut a, &mut b, &mut d] {
+            // Polled once: sent, its caller registered.
+            tokio::select! {
+                biased;
+                r = f => panic!("answered before the broker answered: {r:?}"),
+                () = std::future::ready(()) => {}
+            }
+        }
+        let deadline = std::time::Instant::now() + BOUND;
+        while client.answered() != 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a and b never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Three calls in flight: c goes through the writer, which holds it.
+        let c = tokio::spawn(call("c"));
+        tokio::task::yield_now().await;
+        sig_tx.send(()).expect("signal");
+        drop(a);
+        assert_eq!(bounded(b).await.expect("b"), 0x0b);
+        assert_eq!(bounded(c).await.expect("task").expect("c"), 0x0c);
+        assert_eq!(bounded(d).await.expect("d"), 0x0d);
+    });
+    finish(&rt, peer);
+}
+
 #[test]
 fn async_local_safety_timeout() {
     let fake = Fake::new();
