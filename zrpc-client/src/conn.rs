@@ -358,6 +358,12 @@ async fn read_some(
     Ok(n)
 }
 
+/// The longest the writer holds queued calls back for the callers of the
+/// last read's outcomes (see `writer_task`). The timer is only armed when
+/// the callers have not all taken their outcomes by the time the writer
+/// runs, and a normal hold ends within microseconds.
+const MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(1);
+
 enum WriterStep {
     Wait,
     Write,
@@ -372,6 +378,10 @@ async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
     // The queue being written, swapped with the shared one: callers keep
     // appending to the other while this one is written.
     let mut writing = OutQueue::with_capacity(64 * 1024);
+    // A hold ran out: some caller keeps an outcome without taking it (its
+    // task is busy elsewhere). No more holds until every outcome handed
+    // out has been taken again.
+    let mut stuck = false;
     loop {
         let step = {
             let mut q = lock(&conn.out);
@@ -394,7 +404,8 @@ async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
             WriterStep::Exit => break,
             WriterStep::Wait => {
                 conn.writer_wake.notified().await;
-                if !handout.is_clear() {
+                stuck &= !handout.is_clear();
+                if !stuck && !handout.is_clear() {
                     // The callers woken by the last read are queueing
                     // their next calls: wait until each has taken its
                     // outcome, so that one write carries them all. On a
@@ -404,11 +415,17 @@ async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
                     // (`strace -c`, 64 in flight, 50,000 calls: 5,198
                     // sendto before, 814 after; 0.53-0.56M calls/s before,
                     // 0.61-0.65M after, `bench/scripts/run.sh multi 64 64
-                    // 200000`). Killing the connection ends the wait.
+                    // 200000`). Killing the connection ends the wait, and
+                    // it lasts at most `MAX_HOLD`: a caller may keep an
+                    // outcome without taking it for as long as it likes
+                    // (say a future polled once, then left aside in a
+                    // `select!` loop), and other callers' calls must not
+                    // wait for it.
                     tokio::select! {
                         biased;
                         _ = handout.all_taken() => {}
                         _ = conn.writer_wake.notified() => {}
+                        _ = tokio::time::sleep(MAX_HOLD) => stuck = true,
                     }
                 }
             }

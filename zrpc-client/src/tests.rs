@@ -1032,6 +1032,51 @@ fn async_writer_holds_calls_until_outcomes_are_taken_or_dropped() {
     finish(&rt, peer);
 }
 
+/// An outcome its caller keeps without taking it (a future polled once,
+/// then left aside) does not hold other callers' calls back for longer
+/// than the writer's bound: they are written and answered.
+#[test]
+fn async_an_untaken_outcome_does_not_hold_other_calls() {
+    let fake = Fake::new();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let (id, method, ..) = p.call();
+        assert_eq!(method, "kept");
+        p.result(id, &[0x01]);
+        for _ in 0..2 {
+            let (id, method, ..) = p.call();
+            p.result(id, &[if method == "b" { 0x0b } else { 0x0c }]);
+        }
+        p.expect_eof();
+    });
+    let dir = fake.dir();
+    let rt = rt_multi();
+    rt.block_on(async move {
+        let client = bounded(Client::connect_to(&dir)).await.expect("connect");
+        let mut kept = Box::pin(client.call::<_, u8>("svc", "kept", &(), None));
+        tokio::select! {
+            biased;
+            r = &mut kept => panic!("answered before the broker answered: {r:?}"),
+            () = std::future::ready(()) => {}
+        }
+        let deadline = std::time::Instant::now() + BOUND;
+        while client.answered() != 1 {
+            assert!(std::time::Instant::now() < deadline, "never answered");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Three calls in flight: b and c go through the writer.
+        let call = |m: &'static str| {
+            let c = client.clone();
+            tokio::spawn(async move { c.call::<_, u8>("svc", m, &(), None).await })
+        };
+        let (b, c) = (call("b"), call("c"));
+        assert_eq!(bounded(b).await.expect("task").expect("b"), 0x0b);
+        assert_eq!(bounded(c).await.expect("task").expect("c"), 0x0c);
+        assert_eq!(bounded(kept).await.expect("kept"), 0x01);
+    });
+    finish(&rt, peer);
+}
+
 #[test]
 fn async_local_safety_timeout() {
     let fake = Fake::new();
