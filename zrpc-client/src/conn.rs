@@ -359,10 +359,10 @@ async fn read_some(
 }
 
 /// The longest the writer holds queued calls back for the callers of the
-/// last read's outcomes (see `writer_task`). The timer is only armed when
-/// the callers have not all taken their outcomes by the time the writer
-/// runs, and a normal hold ends within microseconds.
-const MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(1);
+/// last read's outcomes (see `writer_task`); a normal hold ends within
+/// microseconds. Holds share one timer, re-armed only once it has fired,
+/// so a hold may also end sooner.
+const MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(5);
 
 enum WriterStep {
     Wait,
@@ -382,6 +382,11 @@ async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
     // task is busy elsewhere). No more holds until every outcome handed
     // out has been taken again.
     let mut stuck = false;
+    // The bound of the holds, armed at most once per `MAX_HOLD` (re-armed
+    // only once it has fired: arming a timer wakes the runtime's driver, a
+    // syscall, too dear for every hold).
+    let bound = tokio::time::sleep(MAX_HOLD);
+    tokio::pin!(bound);
     loop {
         let step = {
             let mut q = lock(&conn.out);
@@ -421,11 +426,14 @@ async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
                     // (say a future polled once, then left aside in a
                     // `select!` loop), and other callers' calls must not
                     // wait for it.
+                    if bound.is_elapsed() {
+                        bound.as_mut().reset(tokio::time::Instant::now() + MAX_HOLD);
+                    }
                     tokio::select! {
                         biased;
                         _ = handout.all_taken() => {}
                         _ = conn.writer_wake.notified() => {}
-                        _ = tokio::time::sleep(MAX_HOLD) => stuck = true,
+                        _ = &mut bound => stuck = true,
                     }
                 }
             }
