@@ -1,9 +1,13 @@
 #!/bin/bash
 # User and system CPU per call of each process class over the 16-client
-# phase of many_clients, for zrpc or the raw relay (docs/performance.md).
+# phase of many_clients (or NCL x INFL), for zrpc or the raw relay
+# (docs/performance.md).
 #
 # usage: bench/scripts/ustat.sh zrpc|relay CALLS_PER_CLIENT
 #   env B      directory of zrpcd and zrpc-bench (default: target/release)
+#   env NCL    client processes (default 16), INFL calls in flight each
+#              (default 16), FLAV the zrpc client flavour (default current;
+#              multi is the README's #[tokio::main] client)
 #   env CENV   environment for the clients, e.g. CENV=ZRPC_BUSY_POLL_US=0
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -14,19 +18,19 @@ if [ "$1" = zrpc ]; then
   "$B/zrpcd" --socket-dir "$D" --log error & ZP=$!
   for _ in $(seq 500); do [ -S "$D/zrpcd.sock" ] && break; sleep 0.01; done
   "$B/zrpc-bench" service --dir "$D" < /dev/null & SP=$!
-  CL="$B/zrpc-bench client --dir $D --flavour current --inflight 16 --warmup 100 --calls $2 --size 64"
+  CL="$B/zrpc-bench client --dir $D --flavour ${FLAV:-current} --inflight ${INFL:-16} --warmup 100 --calls $2 --size 64"
 else
   "$B/zrpc-bench" relay --path "$D/relay.sock" < /dev/null > /dev/null & ZP=$!
   for _ in $(seq 500); do [ -S "$D/relay.sock" ] && break; sleep 0.01; done
   "$B/zrpc-bench" raw-server --path "$D/relay.sock" < /dev/null > /dev/null & SP=$!
-  CL="$B/zrpc-bench raw-client --path $D/relay.sock --inflight 16 --warmup 100 --calls $2 --size 64"
+  CL="$B/zrpc-bench raw-client --path $D/relay.sock --inflight ${INFL:-16} --warmup 100 --calls $2 --size 64"
 fi
 sleep 0.5
 st() { awk '{print $14, $15}' "/proc/$1/stat"; }
 read -r zu0 zs0 < <(st $ZP); read -r su0 ss0 < <(st $SP)
 cat > "$D/go.sh" <<EOS
 PIDS=""
-for i in \$(seq 16); do (echo go | env ${CENV:-} $CL > $D/out.\$i) & PIDS="\$PIDS \$!"; done
+for i in \$(seq ${NCL:-16}); do (echo go | env ${CENV:-} $CL > $D/out.\$i) & PIDS="\$PIDS \$!"; done
 wait \$PIDS
 EOS
 /usr/bin/time -f "%U %S" -o "$D/time" bash "$D/go.sh"
