@@ -378,10 +378,11 @@ async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
     // The queue being written, swapped with the shared one: callers keep
     // appending to the other while this one is written.
     let mut writing = OutQueue::with_capacity(64 * 1024);
-    // A hold ran out: some caller keeps an outcome without taking it (its
-    // task is busy elsewhere). No more holds until every outcome handed
-    // out has been taken again.
-    let mut stuck = false;
+    // A hold ran out (`Handout::clears` then): some caller may keep an
+    // outcome without taking it (its task busy elsewhere). No more holds
+    // until every outcome handed out has been taken again (the count
+    // changed), which in a busy pipeline happens between two batches.
+    let mut stuck: Option<usize> = None;
     // The bound of the holds, armed at most once per `MAX_HOLD` (re-armed
     // only once it has fired: arming a timer wakes the runtime's driver, a
     // syscall, too dear for every hold).
@@ -409,8 +410,10 @@ async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
             WriterStep::Exit => break,
             WriterStep::Wait => {
                 conn.writer_wake.notified().await;
-                stuck &= !handout.is_clear();
-                if !stuck && !handout.is_clear() {
+                if stuck.is_some_and(|at| at != handout.clears()) {
+                    stuck = None;
+                }
+                if stuck.is_none() && !handout.is_clear() {
                     // The callers woken by the last read are queueing
                     // their next calls: wait until each has taken its
                     // outcome, so that one write carries them all. On a
@@ -433,7 +436,7 @@ async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
                         biased;
                         _ = handout.all_taken() => {}
                         _ = conn.writer_wake.notified() => {}
-                        _ = &mut bound => stuck = true,
+                        _ = &mut bound => stuck = Some(handout.clears()),
                     }
                 }
             }

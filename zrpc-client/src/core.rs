@@ -82,6 +82,8 @@ pub(crate) struct Handout {
     untaken: AtomicUsize,
     /// The writer waits in [`Handout::all_taken`].
     writer_waits: AtomicBool,
+    /// Times the count went back to zero.
+    clears: AtomicUsize,
     all_taken: Notify,
 }
 
@@ -93,9 +95,18 @@ impl Handout {
     fn taken(&self) {
         // SeqCst pairs with `all_taken`: either this sees `writer_waits`
         // set, or the writer sees the count at zero.
-        if self.untaken.fetch_sub(1, SeqCst) == 1 && self.writer_waits.swap(false, SeqCst) {
-            self.all_taken.notify_one();
+        if self.untaken.fetch_sub(1, SeqCst) == 1 {
+            self.clears.fetch_add(1, SeqCst);
+            if self.writer_waits.swap(false, SeqCst) {
+                self.all_taken.notify_one();
+            }
         }
+    }
+
+    /// How many times every outcome handed out had been taken, so far: a
+    /// change tells that it happened since.
+    pub fn clears(&self) -> usize {
+        self.clears.load(SeqCst)
     }
 
     /// Whether every outcome handed out has been taken.
