@@ -86,6 +86,7 @@ fn serde_frame<P: serde::Serialize + ?Sized>(
         &CallOptions::default(),
         Payload::Serde(payload),
         u32::MAX,
+        false,
     )
 }
 
@@ -158,6 +159,7 @@ fn call_frame_fields_and_limits() {
         &opts,
         Payload::<()>::Raw(&Bytes::new()),
         1024,
+        false,
     )
     .expect("ok");
     let f = FrameDecoder::new(1024)
@@ -180,7 +182,8 @@ fn call_frame_fields_and_limits() {
         "empty raw payload becomes nil"
     );
     let big = vec![0u8; 2000];
-    let err = call_frame(1, "svc", "m", &opts, Payload::Serde(&big), 1024).expect_err("too big");
+    let err =
+        call_frame(1, "svc", "m", &opts, Payload::Serde(&big), 1024, false).expect_err("too big");
     assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
     let err = call_frame(
         1,
@@ -189,6 +192,7 @@ fn call_frame_fields_and_limits() {
         &opts,
         Payload::<()>::Raw(&Bytes::from(big.clone())),
         1024,
+        false,
     )
     .expect_err("too big");
     assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
@@ -203,8 +207,16 @@ fn large_raw_payloads_are_sent_and_resubmitted_by_reference() {
         rmp_serde::to_vec(&serde_bytes::ByteBuf::from(vec![7u8; 100_000])).expect("encode"),
     );
     let opts = CallOptions::timeout(Duration::from_secs(5));
-    let frame =
-        call_frame(9, "svc", "m", &opts, Payload::<()>::Raw(&payload), u32::MAX).expect("frame");
+    let frame = call_frame(
+        9,
+        "svc",
+        "m",
+        &opts,
+        Payload::<()>::Raw(&payload),
+        u32::MAX,
+        false,
+    )
+    .expect("frame");
     assert_eq!(
         frame.tail.as_ptr(),
         payload.as_ptr(),
@@ -237,7 +249,16 @@ fn large_raw_payloads_are_sent_and_resubmitted_by_reference() {
     check(&again, Some(1500));
     // A small payload stays inline, and resubmits the same way.
     let small = Bytes::from_static(&[0xc0]);
-    let f = call_frame(9, "svc", "m", &opts, Payload::<()>::Raw(&small), u32::MAX).expect("small");
+    let f = call_frame(
+        9,
+        "svc",
+        "m",
+        &opts,
+        Payload::<()>::Raw(&small),
+        u32::MAX,
+        false,
+    )
+    .expect("small");
     assert!(f.tail.is_empty());
     let again = resubmit_parts(&f, None, u32::MAX).expect("again");
     assert_eq!(&again.tail[..], &[0xc0]);

@@ -29,16 +29,16 @@ use rustix::fs::{MemfdFlags, SealFlags};
 use crate::reactor::Registered;
 
 /// Payloads at least this large travel as a sealed memfd between peers that
-/// negotiated it. A sealed memfd is single-use: every message allocates and
-/// zeroes its shmem pages, copies the payload in, and maps and unmaps them
-/// at the receiver. Measured on the project's 2-core VMs (one client,
-/// echo service, `bench/scripts/run.sh current SIZE 1 200`, p50 of the
-/// round trip, memfd vs inline): 1 MiB 0.78 vs 0.77 ms, 2 MiB 1.5-1.8 vs
-/// 1.5-3.0 ms, 4 MiB 3.2-5.8 vs 9.7-10.8 ms, 8 MiB 6.6-7.5 vs 18.5-19.9 ms
-/// (broker CPU 8 vs 207 ticks per 200 calls); and `zrpc-bench --only
-/// large_1mib` with its busy-polling client was slower with memfds at
-/// 1 MiB (0.72-0.92x the relay vs 0.87-1.15x inline). So from 2 MiB on.
-pub const FD_PAYLOAD_MIN: usize = 2 * 1024 * 1024;
+/// negotiated it. A sealed memfd is single-use (a seal cannot be removed):
+/// each message allocates its shmem pages and copies the payload in once
+/// (encoded straight into the memfd, [`crate::spill`]); a payload that is
+/// already a received memfd's whole content goes on as that descriptor
+/// ([`crate::mapped`]: an echo costs no copy), and receivers map lazily.
+/// On the project's 2-core VM filling a fresh 1 MiB memfd costs about
+/// 440 us (per-page work in the kernel), which is what a round trip costs
+/// at 1 MiB; see docs/performance.md, "Payloads in descriptors", for the
+/// measurements behind this threshold.
+pub const FD_PAYLOAD_MIN: usize = 1024 * 1024;
 
 /// Most descriptors attached to one `sendmsg`, and taken by one `recvmsg`.
 pub const MAX_FDS_PER_MSG: usize = 32;
@@ -97,18 +97,17 @@ impl fmt::Debug for SealedFd {
 impl SealedFd {
     /// A new memfd holding a copy of `bytes`, sealed with [`SEALS`].
     pub fn create(bytes: &[u8]) -> io::Result<SealedFd> {
-        let fd = rustix::fs::memfd_create(
-            "zrpc-payload",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )?;
-        let mut file = File::from(fd);
+        let mut file = new_memfd()?;
         file.write_all(bytes)?;
+        SealedFd::seal(file, bytes.len())
+    }
+
+    /// Seals `file`, a memfd from [`new_memfd`] holding `len` bytes written
+    /// by the caller, with [`SEALS`].
+    pub(crate) fn seal(file: File, len: usize) -> io::Result<SealedFd> {
         let fd = OwnedFd::from(file);
         rustix::fs::fcntl_add_seals(&fd, SEALS)?;
-        Ok(SealedFd {
-            fd,
-            len: bytes.len(),
-        })
+        Ok(SealedFd { fd, len })
     }
 
     /// Checks a received descriptor before anything else is done with it:
@@ -159,6 +158,15 @@ impl SealedFd {
         };
         Ok(Bytes::from_owner(map))
     }
+}
+
+/// A new, empty memfd that can be sealed (close-on-exec).
+pub(crate) fn new_memfd() -> io::Result<File> {
+    let fd = rustix::fs::memfd_create(
+        "zrpc-payload",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    Ok(File::from(fd))
 }
 
 impl AsRawFd for SealedFd {
