@@ -30,15 +30,24 @@ use crate::reactor::Registered;
 
 /// Payloads at least this large travel as a sealed memfd between peers that
 /// negotiated it. A sealed memfd is single-use (a seal cannot be removed):
-/// each message allocates its shmem pages and copies the payload in once
-/// (encoded straight into the memfd, [`crate::spill`]); a payload that is
-/// already a received memfd's whole content goes on as that descriptor
-/// ([`crate::mapped`]: an echo costs no copy), and receivers map lazily.
-/// On the project's 2-core VM filling a fresh 1 MiB memfd costs about
-/// 440 us (per-page work in the kernel), which is what a round trip costs
-/// at 1 MiB; see docs/performance.md, "Payloads in descriptors", for the
-/// measurements behind this threshold.
-pub const FD_PAYLOAD_MIN: usize = 1024 * 1024;
+/// each new payload allocates its shmem pages and is copied in once
+/// (encoded straight into the memfd by the client, [`crate::spill`]); a
+/// payload that is already a received memfd's whole content goes on as
+/// that descriptor ([`crate::mapped`]: an echo costs no copy), and
+/// receivers map lazily. Filling a fresh memfd is per-page kernel work:
+/// on the project's 2-core VM about 440 us per MiB (memfd_create, write,
+/// seal, close; a warm 1 MiB memcpy is 20 us), about what the two socket
+/// hops of one direction cost inline. Measured (`bench/scripts/run.sh`-like,
+/// one client, 300 calls, mean round trip, memfd vs `--max-fds-per-conn 0`,
+/// three alternating runs): an echo of the request's `Blob` (one memfd per
+/// round trip) wins from 256 KiB (202-211 vs 238-277 us; 512 KiB 341-410
+/// vs 496-582; 1 MiB 661-694 vs 701-970), but a service that builds a new
+/// reply (`serde_bytes::ByteBuf`, one memfd each way) loses at 1 MiB
+/// (1,525-1,616 vs 999-1,021 us p50), and so does `zrpc-bench`'s
+/// `large_1mib_bytebuf` row (0.31-0.48x the relay vs 0.59-0.69x). So from
+/// 2 MiB on, where both win (`large_8mib` 1.30-1.36x the relay, was
+/// 0.55-0.65x).
+pub const FD_PAYLOAD_MIN: usize = 2 * 1024 * 1024;
 
 /// Most descriptors attached to one `sendmsg`, and taken by one `recvmsg`.
 pub const MAX_FDS_PER_MSG: usize = 32;
