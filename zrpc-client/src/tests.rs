@@ -1858,3 +1858,32 @@ fn a_plain_client_keeps_no_events() {
     assert_eq!(c.inner.pop_event(), None);
     t.join().expect("fake broker");
 }
+
+/// On a connection that passes descriptors, a serde payload reaching
+/// `FD_PAYLOAD_MIN` is encoded straight into a sealed memfd (the frame's
+/// tail is its mapping), which is the descriptor sent, and sent again on a
+/// resubmission, not a copy; the frame's bytes are those of the inline
+/// encoding. Below the threshold, or without descriptors, it stays inline.
+#[test]
+fn large_serde_payloads_are_encoded_into_the_memfd_that_is_sent() {
+    let min = zrpc_io::fdpass::FD_PAYLOAD_MIN;
+    let blob = zrpc_proto::Blob::from(vec![0xa5u8; min]);
+    let frame = |v: &zrpc_proto::Blob, fds: bool| {
+        let opts = CallOptions::default();
+        call_frame(7, "svc", "m", &opts, Payload::Serde(v), u32::MAX, fds).expect("frame")
+    };
+    let inline = frame(&blob, false);
+    assert!(inline.tail.is_empty() || zrpc_io::mapped::sealed_whole(&inline.tail).is_none());
+    let spilled = frame(&blob, true);
+    let fd = zrpc_io::mapped::sealed_whole(&spilled.tail).expect("the tail is a sealed memfd");
+    assert_eq!(fd.len(), min + 5, "bin32 header and the bytes");
+    assert_eq!(spilled.to_vec(), inline.to_vec(), "the same frame");
+    let (_, sent) = spilled.to_fd_form().expect("fd form");
+    assert!(std::sync::Arc::ptr_eq(&sent, &fd), "that memfd is sent");
+    let again = resubmit_parts(&spilled, None, u32::MAX).expect("resubmit");
+    let (_, resent) = again.to_fd_form().expect("fd form");
+    assert!(std::sync::Arc::ptr_eq(&resent, &fd), "and sent again");
+    let small = zrpc_proto::Blob::from(vec![1u8; min / 2]);
+    let f = frame(&small, true);
+    assert!(f.tail.is_empty(), "below the threshold: inline");
+}
