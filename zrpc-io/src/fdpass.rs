@@ -30,24 +30,28 @@ use crate::reactor::Registered;
 
 /// Payloads at least this large travel as a sealed memfd between peers that
 /// negotiated it. A sealed memfd is single-use (a seal cannot be removed):
-/// each new payload allocates its shmem pages and is copied in once
-/// (encoded straight into the memfd by the client, [`crate::spill`]); a
-/// payload that is already a received memfd's whole content goes on as
-/// that descriptor ([`crate::mapped`]: an echo costs no copy), and
-/// receivers map lazily. Filling a fresh memfd is per-page kernel work:
-/// on the project's 2-core VM about 440 us per MiB (memfd_create, write,
-/// seal, close; a warm 1 MiB memcpy is 20 us), about what the two socket
-/// hops of one direction cost inline. Measured (`bench/scripts/run.sh`-like,
-/// one client, 300 calls, mean round trip, memfd vs `--max-fds-per-conn 0`,
-/// three alternating runs): an echo of the request's `Blob` (one memfd per
-/// round trip) wins from 256 KiB (202-211 vs 238-277 us; 512 KiB 341-410
-/// vs 496-582; 1 MiB 661-694 vs 701-970), but a service that builds a new
-/// reply (`serde_bytes::ByteBuf`, one memfd each way) loses at 1 MiB
-/// (1,525-1,616 vs 999-1,021 us p50), and so does `zrpc-bench`'s
-/// `large_1mib_bytebuf` row (0.31-0.48x the relay vs 0.59-0.69x). So from
-/// 2 MiB on, where both win (`large_8mib` 1.30-1.36x the relay, was
-/// 0.55-0.65x).
-pub const FD_PAYLOAD_MIN: usize = 2 * 1024 * 1024;
+/// each new payload is copied once into a fresh memfd (encoded straight
+/// into it by the client, [`crate::spill`]) whose pages were allocated
+/// ahead of need by a background thread ([`crate::prefill`]); a payload
+/// that is already a received memfd's whole content goes on as that
+/// descriptor ([`crate::mapped`]: an echo costs no copy), and receivers map
+/// lazily. Allocating shmem pages is the expensive part on the project's
+/// 2-core VM: a fresh 1 MiB memfd costs about 440 us to fill, writing into
+/// allocated pages about 70 us.
+///
+/// Measured (`bench/scripts/run.sh`-like, one client, 150-300 calls,
+/// memfd vs the same binaries with `--max-fds-per-conn 0`, p50 of the
+/// round trip, two alternating runs): an echo of the request's `Blob`
+/// wins clearly from 1 MiB (390-468 vs 872-1,114 us; 2 MiB 638-710 vs
+/// 1,446-2,347 us; at 256 KiB 217-365 vs 169-261 us, a tie); a service
+/// that decodes the payload into a new buffer and returns a new one
+/// (`serde_bytes::ByteBuf`: every page of the mapping is faulted in, one
+/// fresh memfd each way) loses at 1 MiB (1,088-1,206 vs 881-899 us) and
+/// at 2 MiB (2,306-2,758 vs 1,945-2,531 us), as it did with the previous
+/// 2 MiB threshold. From 1 MiB on: the zero-copy case halves, the broker
+/// stops copying (13-16 CPU ticks per 300 calls of 1 MiB to 0-2). See
+/// docs/performance.md, "Payloads in descriptors".
+pub const FD_PAYLOAD_MIN: usize = 1024 * 1024;
 
 /// Most descriptors attached to one `sendmsg`, and taken by one `recvmsg`.
 pub const MAX_FDS_PER_MSG: usize = 32;
@@ -106,14 +110,19 @@ impl fmt::Debug for SealedFd {
 impl SealedFd {
     /// A new memfd holding a copy of `bytes`, sealed with [`SEALS`].
     pub fn create(bytes: &[u8]) -> io::Result<SealedFd> {
-        let mut file = new_memfd()?;
+        let (mut file, cap) = crate::prefill::take(bytes.len())?;
         file.write_all(bytes)?;
-        SealedFd::seal(file, bytes.len())
+        SealedFd::seal(file, bytes.len(), cap)
     }
 
-    /// Seals `file`, a memfd from [`new_memfd`] holding `len` bytes written
-    /// by the caller, with [`SEALS`].
-    pub(crate) fn seal(file: File, len: usize) -> io::Result<SealedFd> {
+    /// Seals `file`, a fresh memfd ([`new_memfd`], or one of `cap`
+    /// allocated bytes from [`crate::prefill::take`]) into which the caller
+    /// wrote `len` bytes from its start, with [`SEALS`], after trimming it
+    /// to those bytes.
+    pub(crate) fn seal(file: File, len: usize, cap: usize) -> io::Result<SealedFd> {
+        if cap > len {
+            file.set_len(len as u64)?;
+        }
         let fd = OwnedFd::from(file);
         rustix::fs::fcntl_add_seals(&fd, SEALS)?;
         Ok(SealedFd { fd, len })

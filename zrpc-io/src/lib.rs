@@ -29,6 +29,7 @@ pub mod busy_poll;
 pub mod fdpass;
 pub mod handshake;
 pub mod mapped;
+pub mod prefill;
 pub mod reactor;
 pub mod read;
 pub mod sd;

@@ -29,7 +29,8 @@ use std::os::fd::AsFd;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::fdpass::{new_memfd, SealedFd};
+use crate::fdpass::SealedFd;
+use crate::prefill::take;
 
 /// Writes shorter than this are not looked up in [`crate::mapped`].
 const LOOKUP_MIN: usize = 16 * 1024;
@@ -61,6 +62,8 @@ pub struct PayloadWriter<'a> {
     /// Spilled: the payload so far is this memfd's content followed by
     /// `buf[start..]`.
     file: Option<File>,
+    /// Bytes allocated ahead in `file` ([`crate::prefill`]).
+    cap: usize,
     /// Payload bytes written so far.
     len: usize,
 }
@@ -75,6 +78,7 @@ impl<'a> PayloadWriter<'a> {
             spill_at,
             whole: None,
             file: None,
+            cap: 0,
             len: 0,
         }
     }
@@ -100,7 +104,7 @@ impl<'a> PayloadWriter<'a> {
         };
         file.write_all(&self.buf[self.start..])?;
         self.buf.truncate(self.start);
-        SealedFd::seal(file, self.len)?
+        SealedFd::seal(file, self.len, self.cap)?
             .into_bytes()
             .map(Encoded::Mapped)
     }
@@ -122,8 +126,8 @@ impl<'a> PayloadWriter<'a> {
         let buffered = self.buf.len() - self.start;
         if self.file.is_none() {
             match self.spill_at {
-                Some(min) if self.len + data.len() >= min => match new_memfd() {
-                    Ok(f) => self.file = Some(f),
+                Some(min) if self.len + data.len() >= min => match take(self.len + data.len()) {
+                    Ok((f, cap)) => (self.file, self.cap) = (Some(f), cap),
                     Err(e) => {
                         // Out of descriptors or memory: inline, as for a
                         // peer without descriptors.
