@@ -165,6 +165,7 @@ impl BlockingClient {
             &opts,
             payload,
             inner.max_message_size.load(Ordering::Relaxed),
+            false,
         )?;
         let (deadline, local) = call_deadlines(&opts);
         if let Some(conn) = inner.register(id, &frame, deadline, opts.no_retry)? {

@@ -3,7 +3,7 @@
 //! connection and its tasks are [`crate::conn`].
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -90,6 +90,7 @@ impl ClientBuilder {
             settings,
             next_id: AtomicU64::new(1),
             max_message_size: AtomicU32::new(conn.welcome.max_message_size),
+            fd_payloads: AtomicBool::new(conn.fd_payloads),
             state: Mutex::new(State {
                 core: Core::default(),
                 conn: Some(conn.clone()),
@@ -251,6 +252,7 @@ impl Client {
             &opts,
             payload,
             shared.max_message_size.load(Ordering::Relaxed),
+            shared.fd_payloads.load(Ordering::Relaxed),
         )?;
         let (deadline, local) = call_deadlines(&opts);
         // The caller's waker goes into the entry with the call: the first

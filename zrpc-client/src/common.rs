@@ -2,12 +2,14 @@
 //! handshake parsing, outcome mapping.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use zrpc_io::fdpass::SealedFd;
+use zrpc_io::spill::{Encoded, PayloadWriter};
 use zrpc_proto::{encode_frame, encode_header, Envelope, ErrorCode, InlineBytes, HEADER_LEN};
 
 use crate::{CallOptions, Error, Result};
@@ -307,12 +309,14 @@ impl OutFrame {
         body.checked_sub(env)
     }
 
-    /// The same frame with its payload in a new sealed memfd: the head to
+    /// The same frame with its payload in a sealed memfd: the head to
     /// send (header with [`zrpc_proto::FD_PAYLOAD_FLAG`], envelope) and
-    /// the descriptor. Each send makes its own memfd from the bytes the
-    /// frame keeps, so a call resubmitted to another broker (which may not
-    /// take descriptors) still has its payload.
-    pub(crate) fn to_fd_form(&self) -> std::io::Result<(Bytes, SealedFd)> {
+    /// the descriptor. A payload that is a whole mapped sealed memfd (encoded
+    /// into one by `call_frame`, or received) is sent as that descriptor;
+    /// any other is copied into a new one. The frame keeps its payload
+    /// either way, so a call resubmitted to another broker (which may not
+    /// take descriptors) still has it.
+    pub(crate) fn to_fd_form(&self) -> std::io::Result<(Bytes, Arc<SealedFd>)> {
         let head = self.head();
         let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt frame");
         let env_len = u32::from_be_bytes(
@@ -323,12 +327,16 @@ impl OutFrame {
         ) as usize;
         let env_end = HEADER_LEN + env_len;
         let envelope = head.get(HEADER_LEN..env_end).ok_or_else(bad)?;
-        let fd = if self.tail.is_empty() {
-            SealedFd::create(&head[env_end..])?
+        let payload = if self.tail.is_empty() {
+            &head[env_end..]
         } else if env_end == head.len() {
-            SealedFd::create(&self.tail)?
+            &self.tail[..]
         } else {
             return Err(bad());
+        };
+        let fd = match zrpc_io::mapped::sealed_whole(payload) {
+            Some(fd) => fd,
+            None => Arc::new(SealedFd::create(payload)?),
         };
         let mut out = BytesMut::with_capacity(HEADER_LEN + env_len);
         out.extend_from_slice(&(env_len as u32).to_be_bytes());
@@ -388,14 +396,18 @@ thread_local! {
 }
 
 /// Runs `f` on the thread's encode buffer (empty) and returns what it
-/// appended as its own `Bytes`. On error nothing is kept.
-fn with_scratch(f: impl FnOnce(&mut BytesMut) -> Result<()>) -> Result<OutFrame> {
+/// appended as its own `Bytes`, followed by the tail `f` returns (a
+/// payload encoded into a memfd). On error nothing is kept.
+fn with_scratch(f: impl FnOnce(&mut BytesMut) -> Result<Bytes>) -> Result<OutFrame> {
     SCRATCH.with(|s| {
         let Ok(mut s) = s.try_borrow_mut() else {
             // Re-entered (a `Serialize` impl making a call): a buffer of
             // its own.
             let mut buf = BytesMut::new();
-            return f(&mut buf).map(|()| buf.freeze().into());
+            return f(&mut buf).map(|tail| OutFrame {
+                head: Head::Shared(buf.freeze()),
+                tail,
+            });
         };
         let s = &mut *s;
         s.buf.clear();
@@ -408,20 +420,34 @@ fn with_scratch(f: impl FnOnce(&mut BytesMut) -> Result<()>) -> Result<OutFrame>
         let r = f(&mut s.buf);
         s.full = s.full.max(s.buf.capacity());
         let out = match r {
-            Ok(()) if s.buf.len() >= SCRATCH_SPLIT => {
+            Ok(tail) if s.buf.len() >= SCRATCH_SPLIT => {
                 let frame = s.buf.split().freeze();
                 if s.full > SCRATCH_KEEP {
                     s.buf = BytesMut::new();
                     s.full = 0;
                 }
-                Ok(frame.into())
+                Ok(OutFrame {
+                    head: Head::Shared(frame),
+                    tail,
+                })
             }
-            Ok(()) => Ok(own_frame(&s.buf)),
+            Ok(tail) => {
+                let mut frame = own_frame(&s.buf);
+                frame.tail = tail;
+                Ok(frame)
+            }
             Err(e) => Err(e),
         };
         s.buf.clear();
         out
     })
+}
+
+/// A payload that could not be put into a memfd.
+fn spill_error(e: std::io::Error) -> Error {
+    Error::Encode(rmp_serde::encode::Error::Syntax(format!(
+        "cannot write the payload into a memfd: {e}"
+    )))
 }
 
 /// Start and capacity of this thread's encode buffer.
@@ -466,6 +492,7 @@ pub(crate) fn call_frame<P: Serialize + ?Sized>(
     opts: &CallOptions,
     payload: Payload<'_, P>,
     max_message_size: u32,
+    fd_payloads: bool,
 ) -> Result<OutFrame> {
     let env = Envelope::Call {
         id,
@@ -516,17 +543,27 @@ pub(crate) fn call_frame<P: Serialize + ?Sized>(
         }
         Payload::Serde(v) => with_scratch(|out| {
             encode_header(out, &env, 0);
-            rmp_serde::encode::write_named(&mut out.writer(), v)?;
-            patch_body_len(out);
-            check_size(out.len() - HEADER_LEN, max_message_size)
+            // A payload reaching FD_PAYLOAD_MIN on a connection that passes
+            // descriptors is encoded straight into a memfd (one copy); one
+            // that is a received memfd's content is not copied at all.
+            let spill = fd_payloads.then_some(zrpc_io::fdpass::FD_PAYLOAD_MIN);
+            let mut w = PayloadWriter::new(out, spill);
+            rmp_serde::encode::write_named(&mut w, v)?;
+            let tail = match w.finish().map_err(spill_error)? {
+                Encoded::Inline => Bytes::new(),
+                Encoded::Mapped(m) => m,
+            };
+            patch_body_len(out, tail.len());
+            check_size(out.len() - HEADER_LEN + tail.len(), max_message_size)?;
+            Ok(tail)
         }),
     }
 }
 
 /// Fixes `body_len` of a frame whose payload was appended after
-/// `encode_header(.., 0)`.
-fn patch_body_len(frame: &mut BytesMut) {
-    let body = (frame.len() - HEADER_LEN) as u64;
+/// `encode_header(.., 0)`, or follows it as a `tail` of that many bytes.
+fn patch_body_len(frame: &mut BytesMut, tail: usize) {
+    let body = (frame.len() - HEADER_LEN + tail) as u64;
     // Oversized bodies are rejected by `check_size` right after; clamp so the
     // header is never silently truncated.
     let body = u32::try_from(body).unwrap_or(u32::MAX);

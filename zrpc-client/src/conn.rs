@@ -52,9 +52,9 @@ fn fd_sized(frame: &OutFrame, fds: bool) -> bool {
 impl Outgoing {
     /// Appends a frame whose payload travels in `fd` (`head`: its header
     /// and envelope); returns whether the writer task must be woken.
-    fn push_fd_frame(&mut self, head: &[u8], fd: zrpc_io::fdpass::SealedFd) -> bool {
+    fn push_fd_frame(&mut self, head: &[u8], fd: Arc<zrpc_io::fdpass::SealedFd>) -> bool {
         let wake = self.queue.is_empty() && !self.writing;
-        self.queue.push_fd(Arc::new(fd));
+        self.queue.push_fd(fd);
         self.queue.push_copy(head);
         wake
     }

@@ -5,7 +5,7 @@
 //! handles and the call path are [`crate::client`].
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Instant;
@@ -27,6 +27,9 @@ pub(crate) struct Shared {
     pub(crate) next_id: AtomicU64,
     /// The broker's limit, from the latest `Welcome`.
     pub(crate) max_message_size: AtomicU32,
+    /// Whether the latest connection passes payloads in descriptors (large
+    /// payloads are then encoded straight into memfds).
+    pub(crate) fd_payloads: AtomicBool,
     pub(crate) state: Mutex<State>,
     /// Wakes the supervisor: a call was queued while disconnected, or the
     /// client was closed.
@@ -140,6 +143,7 @@ impl Shared {
         }
         let max = conn.welcome.max_message_size;
         self.max_message_size.store(max, Ordering::Relaxed);
+        self.fd_payloads.store(conn.fd_payloads, Ordering::Relaxed);
         let resent = conn.queue_all(|push| st.core.install(conn.gen, max, Instant::now(), push));
         st.conn = Some(conn.clone());
         drop(st);
@@ -305,7 +309,7 @@ fn map_fd_payload(fds: &mut FdQueue, max: u32) -> Result<bytes::Bytes, Dead> {
     let sealed = SealedFd::verify(fd, max as usize)
         .map_err(|e| bad(format!("bad payload descriptor from the broker: {e}")))?;
     sealed
-        .map()
+        .into_bytes()
         .map_err(|e| Dead::Disconnected(format!("cannot map a payload descriptor: {e}")))
 }
 

@@ -86,6 +86,7 @@ fn serde_frame<P: serde::Serialize + ?Sized>(
         &CallOptions::default(),
         Payload::Serde(payload),
         u32::MAX,
+        false,
     )
 }
 
@@ -158,6 +159,7 @@ fn call_frame_fields_and_limits() {
         &opts,
         Payload::<()>::Raw(&Bytes::new()),
         1024,
+        false,
     )
     .expect("ok");
     let f = FrameDecoder::new(1024)
@@ -180,7 +182,8 @@ fn call_frame_fields_and_limits() {
         "empty raw payload becomes nil"
     );
     let big = vec![0u8; 2000];
-    let err = call_frame(1, "svc", "m", &opts, Payload::Serde(&big), 1024).expect_err("too big");
+    let err =
+        call_frame(1, "svc", "m", &opts, Payload::Serde(&big), 1024, false).expect_err("too big");
     assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
     let err = call_frame(
         1,
@@ -189,6 +192,7 @@ fn call_frame_fields_and_limits() {
         &opts,
         Payload::<()>::Raw(&Bytes::from(big.clone())),
         1024,
+        false,
     )
     .expect_err("too big");
     assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
@@ -203,8 +207,16 @@ fn large_raw_payloads_are_sent_and_resubmitted_by_reference() {
         rmp_serde::to_vec(&serde_bytes::ByteBuf::from(vec![7u8; 100_000])).expect("encode"),
     );
     let opts = CallOptions::timeout(Duration::from_secs(5));
-    let frame =
-        call_frame(9, "svc", "m", &opts, Payload::<()>::Raw(&payload), u32::MAX).expect("frame");
+    let frame = call_frame(
+        9,
+        "svc",
+        "m",
+        &opts,
+        Payload::<()>::Raw(&payload),
+        u32::MAX,
+        false,
+    )
+    .expect("frame");
     assert_eq!(
         frame.tail.as_ptr(),
         payload.as_ptr(),
@@ -237,7 +249,16 @@ fn large_raw_payloads_are_sent_and_resubmitted_by_reference() {
     check(&again, Some(1500));
     // A small payload stays inline, and resubmits the same way.
     let small = Bytes::from_static(&[0xc0]);
-    let f = call_frame(9, "svc", "m", &opts, Payload::<()>::Raw(&small), u32::MAX).expect("small");
+    let f = call_frame(
+        9,
+        "svc",
+        "m",
+        &opts,
+        Payload::<()>::Raw(&small),
+        u32::MAX,
+        false,
+    )
+    .expect("small");
     assert!(f.tail.is_empty());
     let again = resubmit_parts(&f, None, u32::MAX).expect("again");
     assert_eq!(&again.tail[..], &[0xc0]);
@@ -1945,4 +1966,33 @@ fn a_plain_client_keeps_no_events() {
     assert_eq!(v, 42);
     assert_eq!(c.inner.pop_event(), None);
     t.join().expect("fake broker");
+}
+
+/// On a connection that passes descriptors, a serde payload reaching
+/// `FD_PAYLOAD_MIN` is encoded straight into a sealed memfd (the frame's
+/// tail is its mapping), which is the descriptor sent, and sent again on a
+/// resubmission, not a copy; the frame's bytes are those of the inline
+/// encoding. Below the threshold, or without descriptors, it stays inline.
+#[test]
+fn large_serde_payloads_are_encoded_into_the_memfd_that_is_sent() {
+    let min = zrpc_io::fdpass::FD_PAYLOAD_MIN;
+    let blob = zrpc_proto::Blob::from(vec![0xa5u8; min]);
+    let frame = |v: &zrpc_proto::Blob, fds: bool| {
+        let opts = CallOptions::default();
+        call_frame(7, "svc", "m", &opts, Payload::Serde(v), u32::MAX, fds).expect("frame")
+    };
+    let inline = frame(&blob, false);
+    assert!(inline.tail.is_empty() || zrpc_io::mapped::sealed_whole(&inline.tail).is_none());
+    let spilled = frame(&blob, true);
+    let fd = zrpc_io::mapped::sealed_whole(&spilled.tail).expect("the tail is a sealed memfd");
+    assert_eq!(fd.len(), min + 5, "bin32 header and the bytes");
+    assert_eq!(spilled.to_vec(), inline.to_vec(), "the same frame");
+    let (_, sent) = spilled.to_fd_form().expect("fd form");
+    assert!(std::sync::Arc::ptr_eq(&sent, &fd), "that memfd is sent");
+    let again = resubmit_parts(&spilled, None, u32::MAX).expect("resubmit");
+    let (_, resent) = again.to_fd_form().expect("fd form");
+    assert!(std::sync::Arc::ptr_eq(&resent, &fd), "and sent again");
+    let small = zrpc_proto::Blob::from(vec![1u8; min / 2]);
+    let f = frame(&small, true);
+    assert!(f.tail.is_empty(), "below the threshold: inline");
 }

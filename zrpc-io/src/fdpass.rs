@@ -29,16 +29,29 @@ use rustix::fs::{MemfdFlags, SealFlags};
 use crate::reactor::Registered;
 
 /// Payloads at least this large travel as a sealed memfd between peers that
-/// negotiated it. A sealed memfd is single-use: every message allocates and
-/// zeroes its shmem pages, copies the payload in, and maps and unmaps them
-/// at the receiver. Measured on the project's 2-core VMs (one client,
-/// echo service, `bench/scripts/run.sh current SIZE 1 200`, p50 of the
-/// round trip, memfd vs inline): 1 MiB 0.78 vs 0.77 ms, 2 MiB 1.5-1.8 vs
-/// 1.5-3.0 ms, 4 MiB 3.2-5.8 vs 9.7-10.8 ms, 8 MiB 6.6-7.5 vs 18.5-19.9 ms
-/// (broker CPU 8 vs 207 ticks per 200 calls); and `zrpc-bench --only
-/// large_1mib` with its busy-polling client was slower with memfds at
-/// 1 MiB (0.72-0.92x the relay vs 0.87-1.15x inline). So from 2 MiB on.
-pub const FD_PAYLOAD_MIN: usize = 2 * 1024 * 1024;
+/// negotiated it. A sealed memfd is single-use (a seal cannot be removed):
+/// each new payload is copied once into a fresh memfd (encoded straight
+/// into it by the client, [`crate::spill`]) whose pages were allocated
+/// ahead of need by a background thread ([`crate::prefill`]); a payload
+/// that is already a received memfd's whole content goes on as that
+/// descriptor ([`crate::mapped`]: an echo costs no copy), and receivers map
+/// lazily. Allocating shmem pages is the expensive part on the project's
+/// 2-core VM: a fresh 1 MiB memfd costs about 440 us to fill, writing into
+/// allocated pages about 70 us.
+///
+/// Measured (`bench/scripts/run.sh`-like, one client, 150-300 calls,
+/// memfd vs the same binaries with `--max-fds-per-conn 0`, p50 of the
+/// round trip, two alternating runs): an echo of the request's `Blob`
+/// wins clearly from 1 MiB (390-468 vs 872-1,114 us; 2 MiB 638-710 vs
+/// 1,446-2,347 us; at 256 KiB 217-365 vs 169-261 us, a tie); a service
+/// that decodes the payload into a new buffer and returns a new one
+/// (`serde_bytes::ByteBuf`: every page of the mapping is faulted in, one
+/// fresh memfd each way) loses at 1 MiB (1,088-1,206 vs 881-899 us) and
+/// at 2 MiB (2,306-2,758 vs 1,945-2,531 us), as it did with the previous
+/// 2 MiB threshold. From 1 MiB on: the zero-copy case halves, the broker
+/// stops copying (13-16 CPU ticks per 300 calls of 1 MiB to 0-2). See
+/// docs/performance.md, "Payloads in descriptors".
+pub const FD_PAYLOAD_MIN: usize = 1024 * 1024;
 
 /// Most descriptors attached to one `sendmsg`, and taken by one `recvmsg`.
 pub const MAX_FDS_PER_MSG: usize = 32;
@@ -97,18 +110,22 @@ impl fmt::Debug for SealedFd {
 impl SealedFd {
     /// A new memfd holding a copy of `bytes`, sealed with [`SEALS`].
     pub fn create(bytes: &[u8]) -> io::Result<SealedFd> {
-        let fd = rustix::fs::memfd_create(
-            "zrpc-payload",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )?;
-        let mut file = File::from(fd);
+        let (mut file, cap) = crate::prefill::take(bytes.len())?;
         file.write_all(bytes)?;
+        SealedFd::seal(file, bytes.len(), cap)
+    }
+
+    /// Seals `file`, a fresh memfd ([`new_memfd`], or one of `cap`
+    /// allocated bytes from [`crate::prefill::take`]) into which the caller
+    /// wrote `len` bytes from its start, with [`SEALS`], after trimming it
+    /// to those bytes.
+    pub(crate) fn seal(file: File, len: usize, cap: usize) -> io::Result<SealedFd> {
+        if cap > len {
+            file.set_len(len as u64)?;
+        }
         let fd = OwnedFd::from(file);
         rustix::fs::fcntl_add_seals(&fd, SEALS)?;
-        Ok(SealedFd {
-            fd,
-            len: bytes.len(),
-        })
+        Ok(SealedFd { fd, len })
     }
 
     /// Checks a received descriptor before anything else is done with it:
@@ -159,6 +176,15 @@ impl SealedFd {
         };
         Ok(Bytes::from_owner(map))
     }
+}
+
+/// A new, empty memfd that can be sealed (close-on-exec).
+pub(crate) fn new_memfd() -> io::Result<File> {
+    let fd = rustix::fs::memfd_create(
+        "zrpc-payload",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    Ok(File::from(fd))
 }
 
 impl AsRawFd for SealedFd {

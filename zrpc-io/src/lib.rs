@@ -12,7 +12,9 @@
 //! - [`backoff`]: the reconnection backoff and the process's random ids;
 //! - [`fdpass`]: large payloads as sealed memfds passed with
 //!   `SCM_RIGHTS` (creating, verifying, mapping; reading descriptors off a
-//!   socket);
+//!   socket); [`mapped`]: payloads mapped from sealed memfds, recognised
+//!   by address so that they are sent again without a copy; [`spill`]:
+//!   encoding a large payload straight into a memfd;
 //! - [`reactor`]: registering a socket with tokio for one interest only;
 //! - [`busy_poll`]: adaptive busy polling before a runtime parks;
 //! - [`sd`]: the systemd notification protocol.
@@ -26,9 +28,12 @@ pub mod backoff;
 pub mod busy_poll;
 pub mod fdpass;
 pub mod handshake;
+pub mod mapped;
+pub mod prefill;
 pub mod reactor;
 pub mod read;
 pub mod sd;
+pub mod spill;
 pub mod trust;
 pub mod write;
 

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -192,7 +193,7 @@ impl Conn {
         let sealed = SealedFd::verify(fd, self.max_message_size as usize)
             .map_err(|e| Error::FdPayload(e.to_string()))?;
         sealed
-            .map()
+            .into_bytes()
             .map_err(|e| Error::FdPayload(format!("cannot map it: {e}")))
     }
 
@@ -442,9 +443,13 @@ impl Conn {
                     code: None,
                     message: "",
                 };
-                match SealedFd::create(payload) {
+                // A reply that is exactly a payload received in a memfd (an
+                // echo) goes back as that same sealed descriptor.
+                let fd = zrpc_io::mapped::sealed_whole(payload)
+                    .map_or_else(|| SealedFd::create(payload).map(Arc::new), Ok);
+                match fd {
                     Ok(fd) => {
-                        self.out.push_fd(std::sync::Arc::new(fd));
+                        self.out.push_fd(fd);
                         encode_fd_header(self.out.tail(), &reply);
                     }
                     Err(e) => {

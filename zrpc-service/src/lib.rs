@@ -490,13 +490,23 @@ pub fn encode_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<Bytes, Ha
             return r;
         }
     }
-    let mut buf = Vec::with_capacity(hint.clamp(64, MAX_ENCODE_HINT));
-    rmp_serde::encode::write_named(&mut buf, value).map_err(encode_error)?;
-    LAST_REPLY_LEN.set(buf.len());
-    if buf.capacity() > 2 * buf.len() + 64 {
-        buf.shrink_to_fit();
+    let mut buf = BytesMut::with_capacity(hint.clamp(64, MAX_ENCODE_HINT));
+    let mut w = zrpc_io::spill::PayloadWriter::new(&mut buf, None);
+    rmp_serde::encode::write_named(&mut w, value).map_err(encode_error)?;
+    LAST_REPLY_LEN.set(w.len());
+    let encoded = w
+        .finish()
+        .map_err(|e| HandlerError::Remote(e.to_string()))?;
+    if let zrpc_io::spill::Encoded::Mapped(payload) = encoded {
+        // The reply is exactly a payload received in a sealed memfd (a
+        // `Blob` argument returned as is): not copied, and sent back as
+        // that descriptor (see `zrpc_io::spill`).
+        return Ok(payload);
     }
-    Ok(Bytes::from(buf))
+    if buf.capacity() > 2 * buf.len() + 64 {
+        return Ok(Bytes::copy_from_slice(&buf));
+    }
+    Ok(buf.freeze())
 }
 
 fn encode_error(e: rmp_serde::encode::Error) -> HandlerError {
