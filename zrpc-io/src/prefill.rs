@@ -13,12 +13,15 @@
 //!
 //! The pool keeps at most [`KEEP`] memfds of the size last asked for
 //! (rounded up to [`GRAIN`], at most [`MAX_SIZE`]); a different size
-//! replaces them. A process that never sends a large payload never starts
-//! the thread.
+//! replaces them, and memfds nobody took for [`IDLE`] are dropped (a
+//! process that sent a large payload once does not hold their memory for
+//! ever). A process that never sends a large payload never starts the
+//! thread.
 
 use std::fs::File;
 use std::io;
 use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::fdpass::new_memfd;
 
@@ -31,6 +34,9 @@ const GRAIN: usize = 64 * 1024;
 /// Payloads larger than this get a memfd made on the spot.
 pub const MAX_SIZE: usize = 16 * 1024 * 1024;
 
+/// Ready memfds nobody took for this long are dropped.
+pub const IDLE: Duration = Duration::from_secs(1);
+
 struct Pool {
     state: Mutex<State>,
     wake: Condvar,
@@ -42,6 +48,8 @@ struct State {
     size: usize,
     /// Ready memfds of `size` bytes.
     ready: Vec<File>,
+    /// When a memfd was last asked for.
+    last_take: Option<Instant>,
 }
 
 fn pool() -> &'static Pool {
@@ -72,7 +80,20 @@ fn refill() {
         let size = {
             let mut st = lock(p);
             while st.size == 0 || st.ready.len() >= KEEP {
-                st = p.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                if st.ready.is_empty() {
+                    st = p.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                st = p
+                    .wake
+                    .wait_timeout(st, IDLE)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                if st.last_take.is_none_or(|t| t.elapsed() >= IDLE) {
+                    // Not used lately: give the memory back.
+                    st.ready.clear();
+                    st.size = 0;
+                }
             }
             st.size
         };
@@ -106,6 +127,7 @@ pub fn take(len: usize) -> io::Result<(File, usize)> {
     let p = pool();
     let got = {
         let mut st = lock(p);
+        st.last_take = Some(Instant::now());
         if st.size != size {
             st.size = size;
             st.ready.clear();
@@ -151,5 +173,18 @@ mod tests {
         assert_eq!(&v.map().expect("map")[..], &data[..]);
         // Larger than the pool serves: made on the spot.
         assert_eq!(take(MAX_SIZE + 1).expect("take").1, 0);
+        // Nobody asks for a while: the ready memfds are dropped.
+        let deadline = Instant::now() + IDLE * 10;
+        loop {
+            let (size, ready) = {
+                let st = lock(pool());
+                (st.size, st.ready.len())
+            };
+            if size == 0 && ready == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ready memfds kept while idle");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
