@@ -43,7 +43,7 @@ pub(super) fn default_client(
                     (procs, inflight, calls): (usize, usize, usize),
                     target: Option<Target>,
                     latency: bool|
-     -> Result<Measure, String> {
+     -> Result<(Measure, Measure), String> {
         let z = ctx.measure(daemons, &|| zrpc(procs, inflight, calls), SMALL)?;
         let r = ctx.measure(daemons, &|| relay(procs, inflight, calls), SMALL)?;
         let (zv, rv) = if latency {
@@ -60,9 +60,9 @@ pub(super) fn default_client(
             guard: Some(z.guard),
             note: guard_note(&r),
         });
-        Ok(z)
+        Ok((z, r))
     };
-    let seq = pair("default_seq", "p50 (us)", (1, 1, c.seq), None, true)?;
+    let (seq, relay_seq) = pair("default_seq", "p50 (us)", (1, 1, c.seq), None, true)?;
     pair(
         "default_conc_64",
         "calls/s",
@@ -98,6 +98,23 @@ pub(super) fn default_client(
     let broker = seq.daemon_cores.first().copied().unwrap_or(0.0);
     let service = seq.daemon_cores.get(1).copied().unwrap_or(0.0);
     let client = seq.client_cores.unwrap_or(0.0);
+    // The same in CPU time per call: the cores above grow with the calls
+    // per second (polling saves wake-ups that cost CPU too).
+    let per_call = |cores: f64| cores * 1e6 / seq.calls_per_s.max(1e-9);
+    rows.push(Row {
+        scenario: "default_seq_cpu",
+        metric: "us CPU per call, all three",
+        zrpc: per_call(broker + service + client),
+        baseline: None,
+        target: None,
+        guard: None,
+        note: format!(
+            "broker {:.1} + service {:.1} + client {:.1} us per call",
+            per_call(broker),
+            per_call(service),
+            per_call(client)
+        ),
+    });
     for (metric, cores, target) in [
         ("cores, broker", broker, None),
         ("cores, service", service, None),
@@ -118,6 +135,7 @@ pub(super) fn default_client(
             note: "CPU during the default_seq loop (/proc/<pid>/stat, 10 ms ticks)".into(),
         });
     }
+    default_seq_nopoll(ctx, &relay_seq, rows)?;
     rows.push(Row {
         scenario: "default_idle_cpu",
         metric: "cores, broker + service, 2 s idle",
@@ -126,6 +144,46 @@ pub(super) fn default_client(
         target: Some(Target::AtMost(0.01)),
         guard: None,
         note: "no calls: an idle system spends nothing".into(),
+    });
+    Ok(())
+}
+
+/// `default_seq` with every kind of polling off (`zrpcd --busy-poll-us 0`,
+/// `ZRPC_BUSY_POLL_US=0` for the service; the default client does not
+/// poll): issue 19 wants its p50 at most the relay's (`relay`, measured
+/// beside `default_seq`).
+fn default_seq_nopoll(ctx: &Ctx, relay: &Measure, rows: &mut Vec<Row>) -> Result<(), String> {
+    let c = ctx.counts;
+    let (broker, dir) = ctx.broker("default_nopoll", &["--busy-poll-us", "0"])?;
+    let d = dir.to_string_lossy().to_string();
+    let service = Spawn::role(&["service", "--dir", &d])
+        .env("ZRPC_BUSY_POLL_US", "0")
+        .start()
+        .map_err(|e| format!("spawn service: {e}"))?;
+    wait_service(&dir, ECHO_SERVICE)?;
+    let z = ctx.measure(
+        &[broker.pid(), service.pid()],
+        &|| vec![zrpc_client(&dir, "multi", 1, c.seq_warmup, c.seq, SMALL)],
+        SMALL,
+    )?;
+    rows.push(Row {
+        scenario: "default_seq_nopoll",
+        metric: "p50 (us)",
+        zrpc: z.p50_us,
+        baseline: Some(relay.p50_us),
+        target: Some(Target::RatioAtMost(1.0)),
+        guard: Some(z.guard),
+        note: "default_seq with busy polling off everywhere; relay figure of default_seq".into(),
+    });
+    let cores = z.daemon_cores.iter().sum::<f64>() + z.client_cores.unwrap_or(0.0);
+    rows.push(Row {
+        scenario: "default_seq_nopoll",
+        metric: "us CPU per call, all three",
+        zrpc: cores * 1e6 / z.calls_per_s.max(1e-9),
+        baseline: None,
+        target: None,
+        guard: None,
+        note: format!("{cores:.2} cores during the loop, against default_seq_cpu with polling"),
     });
     Ok(())
 }
