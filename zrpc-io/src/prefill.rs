@@ -11,8 +11,8 @@
 //! ([`crate::fdpass::SEALS`]). The receiver's guarantee is unchanged: it
 //! gets a sealed memfd holding exactly the payload.
 //!
-//! The pool keeps at most [`KEEP`] memfds of the size last asked for
-//! (rounded up to [`GRAIN`], at most [`MAX_SIZE`]); a different size
+//! The pool keeps at most two (`KEEP`) memfds of the size last asked for
+//! (rounded up to 64 KiB, at most [`MAX_SIZE`]); a different size
 //! replaces them, and memfds nobody took for [`IDLE`] are dropped (a
 //! process that sent a large payload once does not hold their memory for
 //! ever). A process that never sends a large payload never starts the
