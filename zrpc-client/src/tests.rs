@@ -672,6 +672,28 @@ async fn bounded<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(BOUND, f).await.expect("bounded wait")
 }
 
+/// Polls a call once (it is sent and its caller registered); it must not
+/// be answered yet.
+async fn poll_once<F: std::future::Future + Unpin>(f: &mut F)
+where
+    F::Output: std::fmt::Debug,
+{
+    tokio::select! {
+        biased;
+        r = f => panic!("answered before the broker answered: {r:?}"),
+        () = std::future::ready(()) => {}
+    }
+}
+
+/// Waits (bounded) until `n` answered calls wait for their callers.
+async fn wait_answered(client: &Client, n: usize) {
+    let deadline = std::time::Instant::now() + BOUND;
+    while client.answered() != n {
+        assert!(std::time::Instant::now() < deadline, "never answered");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 // ------------------------------------------------------------ async tests
 
 fn async_concurrent_out_of_order(rt: tokio::runtime::Runtime) {
@@ -967,17 +989,9 @@ fn async_answered_call_dropped_before_its_caller_looks_sends_no_cancel() {
         let mut call = Box::pin(client.call::<_, Value>("svc", "m", &(), None));
         // Polled once: the call is sent and its caller registered (the
         // fake broker answers only after this).
-        tokio::select! {
-            biased;
-            r = &mut call => panic!("answered before the broker answered: {r:?}"),
-            () = std::future::ready(()) => {}
-        }
+        poll_once(&mut call).await;
         go_tx.send(()).expect("go");
-        let deadline = std::time::Instant::now() + BOUND;
-        while client.answered() != 1 {
-            assert!(std::time::Instant::now() < deadline, "never answered");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_answered(&client, 1).await;
         assert_eq!(client.pending(), 1, "the outcome waits for its caller");
         drop(call);
         assert_eq!(client.pending(), 0, "dropping the caller drops the outcome");
@@ -1027,20 +1041,9 @@ fn async_writer_holds_calls_until_outcomes_are_taken_or_dropped() {
         let (mut a, mut b, mut d) = (call("a"), call("b"), call("d"));
         for f in [&mut a, &mut b, &mut d] {
             // Polled once: sent, its caller registered.
-            tokio::select! {
-                biased;
-                r = f => panic!("answered before the broker answered: {r:?}"),
-                () = std::future::ready(()) => {}
-            }
+            poll_once(f).await;
         }
-        let deadline = std::time::Instant::now() + BOUND;
-        while client.answered() != 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a and b never answered"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_answered(&client, 2).await;
         // Three calls in flight: c goes through the writer, which holds it.
         let c = tokio::spawn(call("c"));
         tokio::task::yield_now().await;
@@ -1075,16 +1078,8 @@ fn async_an_untaken_outcome_does_not_hold_other_calls() {
     rt.block_on(async move {
         let client = bounded(Client::connect_to(&dir)).await.expect("connect");
         let mut kept = Box::pin(client.call::<_, u8>("svc", "kept", &(), None));
-        tokio::select! {
-            biased;
-            r = &mut kept => panic!("answered before the broker answered: {r:?}"),
-            () = std::future::ready(()) => {}
-        }
-        let deadline = std::time::Instant::now() + BOUND;
-        while client.answered() != 1 {
-            assert!(std::time::Instant::now() < deadline, "never answered");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        poll_once(&mut kept).await;
+        wait_answered(&client, 1).await;
         // Three calls in flight: b and c go through the writer.
         let call = |m: &'static str| {
             let c = client.clone();
