@@ -266,13 +266,7 @@ fn payload_memfd_inode(p: *const u8) -> Option<u64> {
 /// comes back exactly.
 #[test]
 fn a_received_memfd_payload_is_echoed_back_as_the_same_memfd() {
-    let broker = Broker::start();
-    let _svc = broker.spawn("zrpc-test-svc", &[]);
-    zrpc_tests::wait_registered(broker.dir(), "echo", 1);
-    let rt = runtime();
-    let c = rt
-        .block_on(zrpc_client::Client::connect_to(broker.dir()))
-        .expect("connect");
+    let (broker, _svc, rt, c) = echo_setup();
     let n = zrpc_io::fdpass::FD_PAYLOAD_MIN + 1000;
     let b = blob(n, 9);
     let first: zrpc_client::Blob = rt
@@ -307,6 +301,24 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// A broker, the test service registered as `echo`, a multi-thread
+/// runtime and an async client connected on it.
+fn echo_setup() -> (
+    Broker,
+    zrpc_tests::Proc,
+    tokio::runtime::Runtime,
+    zrpc_client::Client,
+) {
+    let broker = Broker::start();
+    let svc = broker.spawn("zrpc-test-svc", &[]);
+    zrpc_tests::wait_registered(broker.dir(), "echo", 1);
+    let rt = runtime();
+    let c = rt
+        .block_on(zrpc_client::Client::connect_to(broker.dir()))
+        .expect("connect");
+    (broker, svc, rt, c)
+}
+
 /// The libraries use descriptors on their own: the async client and the
 /// service negotiate them, echoes of `FD_PAYLOAD_MIN` (1 MiB) and 8 MiB
 /// round-trip exactly, and the result the client gets is a view into a
@@ -315,13 +327,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// inline, to and from the same service.
 #[test]
 fn library_echoes_of_large_blobs_travel_in_memfds_and_inline_for_the_blocking_client() {
-    let broker = Broker::start();
-    let _svc = broker.spawn("zrpc-test-svc", &[]);
-    zrpc_tests::wait_registered(broker.dir(), "echo", 1);
-    let rt = runtime();
-    let c = rt
-        .block_on(zrpc_client::Client::connect_to(broker.dir()))
-        .expect("connect");
+    let (broker, _svc, rt, c) = echo_setup();
     let bc = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect blocking");
     let min = zrpc_io::fdpass::FD_PAYLOAD_MIN;
     for (i, n) in [(1u8, min), (2, 8 << 20), (3, min / 2)] {
