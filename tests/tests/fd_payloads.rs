@@ -266,7 +266,7 @@ fn payload_memfd_inode(p: *const u8) -> Option<u64> {
 /// comes back exactly.
 #[test]
 fn a_received_memfd_payload_is_echoed_back_as_the_same_memfd() {
-    let (broker, _svc, rt, c) = echo_setup();
+    let (_broker, _svc, rt, c) = echo_setup();
     let n = zrpc_io::fdpass::FD_PAYLOAD_MIN + 1000;
     let b = blob(n, 9);
     let first: zrpc_client::Blob = rt
