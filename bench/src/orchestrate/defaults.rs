@@ -188,6 +188,42 @@ fn default_seq_nopoll(ctx: &Ctx, relay: &Measure, rows: &mut Vec<Row>) -> Result
     Ok(())
 }
 
+/// `large_1mib` without descriptor passing (a broker with
+/// `--max-fds-per-conn 0`: the payload crosses the sockets inline), against
+/// the same relay figure (`relay`): the row with and without fd passing
+/// side by side.
+pub(super) fn large_1mib_inline(
+    ctx: &Ctx,
+    warmup: usize,
+    relay: &Measure,
+    rows: &mut Vec<Row>,
+) -> Result<(), String> {
+    let c = ctx.counts;
+    let (broker, dir) = ctx.broker("large_inline", &["--max-fds-per-conn", "0"])?;
+    let d = dir.to_string_lossy().to_string();
+    let service = Spawn::role(&["service", "--dir", &d])
+        .start()
+        .map_err(|e| format!("spawn service: {e}"))?;
+    wait_service(&dir, ECHO_SERVICE)?;
+    let z = ctx.measure(
+        &[broker.pid(), service.pid()],
+        &|| vec![zrpc_client(&dir, "current", 1, warmup, c.large, LARGE)],
+        LARGE,
+    )?;
+    rows.push(Row {
+        scenario: "large_1mib_inline",
+        metric: "MB/s (one way)",
+        zrpc: z.mb_per_s,
+        baseline: Some(relay.mb_per_s),
+        target: None,
+        guard: Some(z.guard),
+        note:
+            "large_1mib without fd passing (zrpcd --max-fds-per-conn 0); relay figure of large_1mib"
+                .into(),
+    });
+    Ok(())
+}
+
 /// CPU (cores) the processes `pids` use together over 2 s without calls.
 fn idle_cores(pids: &[u32]) -> f64 {
     let cpu = || -> f64 { pids.iter().map(|p| crate::guard::cpu_seconds(*p)).sum() };

@@ -276,6 +276,7 @@ pub(super) fn run_all(ctx: &Ctx) -> Result<Vec<Row>, String> {
             guard: None,
             note: String::new(),
         });
+        defaults::large_1mib_inline(ctx, lw, &r, &mut rows)?;
 
         // The same with the client as the README writes it (`#[tokio::main]`:
         // a multi-thread runtime, no busy polling); same relay figure.
