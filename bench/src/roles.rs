@@ -266,9 +266,13 @@ pub fn client(
     .unwrap_or_else(|e| die(e));
     // Busy polling as a client opts in to it (`zrpc_client::busy_poll`):
     // the default window unless ZRPC_BUSY_POLL_US says otherwise (0 in the
-    // `*_nopoll` rows). Only the current-thread flavours poll.
-    let _polling = zrpc_client::busy_poll::enable(zrpc_client::busy_poll::default_window())
-        .unwrap_or_else(|e| die(e));
+    // `*_nopoll` rows). Only the current-thread flavours opt in: the
+    // multi-thread one is the README's client, which does not (no poller,
+    // not even an unused one watching the socket).
+    let _polling = (flavour != Flavour::Multi).then(|| {
+        zrpc_client::busy_poll::enable(zrpc_client::busy_poll::default_window())
+            .unwrap_or_else(|e| die(e))
+    });
     rt.block_on(async {
         let c = Client::builder()
             .socket_dir(dir)
