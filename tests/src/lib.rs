@@ -51,6 +51,17 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+/// A multi-thread tokio runtime with two workers, timers and I/O: the one
+/// an async client in a test runs on (its tasks keep running while the
+/// test thread waits outside the runtime).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Path of a workspace binary, with a clear message if it is not built.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);

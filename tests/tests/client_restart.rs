@@ -81,14 +81,6 @@ fn join_bounded<T>(h: JoinHandle<T>, what: &str) -> T {
     h.join().expect(what)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn sig_name(sig: i32) -> &'static str {
     if sig == libc::SIGKILL {
         "SIGKILL"
@@ -101,7 +93,7 @@ fn restart_is_invisible(sig: i32, outage: bool) {
     let mut b = Broker::start();
     let mut svc = b.spawn("zrpc-test-svc", &[]);
     wait_registered(b.dir(), "echo", 1);
-    let rt = runtime();
+    let rt = zrpc_tests::runtime();
     let ac = rt
         .block_on(Client::connect_to(b.dir()))
         .expect("connect async");

@@ -293,14 +293,6 @@ fn a_received_memfd_payload_is_echoed_back_as_the_same_memfd() {
     assert_ne!(other, inode, "copied into a memfd of its own");
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// A broker, the test service registered as `echo`, a multi-thread
 /// runtime and an async client connected on it.
 fn echo_setup() -> (
@@ -312,7 +304,7 @@ fn echo_setup() -> (
     let broker = Broker::start();
     let svc = broker.spawn("zrpc-test-svc", &[]);
     zrpc_tests::wait_registered(broker.dir(), "echo", 1);
-    let rt = runtime();
+    let rt = zrpc_tests::runtime();
     let c = rt
         .block_on(zrpc_client::Client::connect_to(broker.dir()))
         .expect("connect");
@@ -365,7 +357,7 @@ fn resubmitted_once(size: usize, key: u64) {
     let mut broker = Broker::start();
     let _svc = broker.spawn("zrpc-test-svc", &[]);
     zrpc_tests::wait_registered(broker.dir(), "echo", 1);
-    let rt = runtime();
+    let rt = zrpc_tests::runtime();
     let c = rt
         .block_on(zrpc_client::Client::connect_to(broker.dir()))
         .expect("connect");
