@@ -532,7 +532,9 @@ impl Core {
             }
         }
         // Under the state lock, as the callers take their outcomes.
-        self.handout.handed(out.delivered);
+        if out.delivered > 0 {
+            self.handout.handed(out.delivered);
+        }
         out
     }
 }
