@@ -1,7 +1,7 @@
 #!/bin/bash
 # Sequential calls (1 in flight) through the raw relay and through zrpc's
 # client flavours, with polling off everywhere, printing calls/s, p50 and
-# the inter-processor interrupts per call ("CAL" in /proc/interrupts: a
+# the inter-processor interrupts per call ("CAL" and "RES" in /proc/interrupts: a
 # wake-up of a task on another, idle CPU). docs/performance.md ("Where the
 # sequential time goes").
 #
@@ -16,7 +16,7 @@ B=${B:-$ROOT/target/release}
 CALLS=${1:-20000}
 shift || true
 FLAVOURS=${*:-multi current blocking}
-ipis() { awk '/^ *CAL:/{n=0; for(i=2;i<=NF;i++) if ($i ~ /^[0-9]+$/) n+=$i; print n}' /proc/interrupts; }
+ipis() { awk '/^ *(CAL|RES):/{for(i=2;i<=NF;i++) if ($i ~ /^[0-9]+$/) n+=$i} END {print n}' /proc/interrupts; }
 report() { # NAME CAL0 RESULT-LINE
   awk -v name="$1" -v cal="$(( $(ipis) - $2 ))" '/^result/ {
     printf "%-9s %7.0f calls/s  p50 %6.1f us  %.2f IPIs per call\n", name, $2/(($4-$3)/1e9), $5/1000, cal/$2 }' <<<"$3"

@@ -42,6 +42,24 @@ fn machine_busy() -> u64 {
     get(0) + get(1) + get(2) + get(5) + get(6)
 }
 
+/// Inter-processor interrupts the machine has taken so far: the
+/// function-call and rescheduling interrupts (`CAL` and `RES` in
+/// `/proc/interrupts`) summed over all CPUs. A wake-up of a task on another,
+/// idle CPU is one; on a VM whose idle vCPUs halt, each costs a trip
+/// through the hypervisor (docs/performance.md, "Third pass"). `None` when
+/// the file cannot be read.
+pub fn ipis() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/interrupts").ok()?;
+    let mut n = 0;
+    for line in s.lines() {
+        let mut f = line.split_whitespace();
+        if matches!(f.next(), Some("CAL:" | "RES:")) {
+            n += f.map_while(|x| x.parse::<u64>().ok()).sum::<u64>();
+        }
+    }
+    Some(n)
+}
+
 /// CPU time (user + system) a process has used so far, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     proc_ticks(&pid.to_string(), false) as f64 / clk_tck()

@@ -5,7 +5,7 @@
 //! Each row has the raw relay beside it, measured in the same run with the
 //! same number of processes and calls in flight.
 
-use super::scenarios::guard_note;
+use super::scenarios::{guard_note, ipi_note};
 use super::*;
 
 /// Client processes of the scaling rows (one call in flight each).
@@ -58,7 +58,7 @@ pub(super) fn default_client(
             baseline: Some(rv),
             target,
             guard: Some(z.guard),
-            note: guard_note(&r),
+            note: format!("{}; {}", guard_note(&r), ipi_note(&z, &r)),
         });
         Ok((z, r))
     };
@@ -173,7 +173,10 @@ fn default_seq_nopoll(ctx: &Ctx, relay: &Measure, rows: &mut Vec<Row>) -> Result
         baseline: Some(relay.p50_us),
         target: Some(Target::RatioAtMost(1.0)),
         guard: Some(z.guard),
-        note: "default_seq with busy polling off everywhere; relay figure of default_seq".into(),
+        note: format!(
+            "default_seq with busy polling off everywhere; relay figure of default_seq; {}",
+            ipi_note(&z, relay)
+        ),
     });
     let cores = z.daemon_cores.iter().sum::<f64>() + z.client_cores.unwrap_or(0.0);
     rows.push(Row {

@@ -111,6 +111,19 @@ struct Measure {
     /// CPU (cores) of the clients together over the measured window, when
     /// they report it.
     client_cores: Option<f64>,
+    /// Inter-processor interrupts per call over the measured window
+    /// (machine-wide, [`guard::ipis`]), when they can be counted.
+    ipis_per_call: Option<f64>,
+}
+
+/// What one guarded run of a scenario gave.
+struct Run {
+    results: Vec<ClientResult>,
+    guard: GuardInfo,
+    /// CPU (cores) of each daemon over the measured window, in order.
+    daemon_cores: Vec<f64>,
+    /// Inter-processor interrupts over the measured window.
+    ipis: Option<u64>,
 }
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -166,12 +179,8 @@ impl Ctx {
     /// Spawns `procs`, waits for each to be ready (warm-up done), waits for a
     /// quiet machine, starts them all at once and collects their results.
     /// Repeats a disturbed run. `daemons` are our long-lived processes.
-    fn guarded(
-        &self,
-        daemons: &[u32],
-        spawns: &dyn Fn() -> Vec<Spawn>,
-    ) -> Result<(Vec<ClientResult>, GuardInfo, Vec<f64>), String> {
-        let mut best: Option<(Vec<ClientResult>, GuardInfo, Vec<f64>)> = None;
+    fn guarded(&self, daemons: &[u32], spawns: &dyn Fn() -> Vec<Spawn>) -> Result<Run, String> {
+        let mut best: Option<Run> = None;
         let mut waited = 0.0;
         for attempt in 1..=self.guard.retries + 1 {
             let mut procs = Vec::new();
@@ -187,7 +196,7 @@ impl Ctx {
             waited += w.as_secs_f64();
             let a = guard::snap(&pids);
             let cpu = || -> Vec<f64> { daemons.iter().map(|d| guard::cpu_seconds(*d)).collect() };
-            let (cpu0, t0) = (cpu(), Instant::now());
+            let (cpu0, ipis0, t0) = (cpu(), guard::ipis(), Instant::now());
             for p in &mut procs {
                 p.send("go");
             }
@@ -196,6 +205,7 @@ impl Ctx {
                 results.push(p.result()?);
             }
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            let ipis = guard::ipis().zip(ipis0).map(|(b, a)| b.saturating_sub(a));
             let daemon_cores: Vec<f64> = cpu()
                 .iter()
                 .zip(&cpu0)
@@ -213,20 +223,26 @@ impl Ctx {
                 attempts: attempt,
                 clean: during < self.guard.threshold,
             };
+            let run = Run {
+                results,
+                guard: info,
+                daemon_cores,
+                ipis,
+            };
             if info.clean {
-                return Ok((results, info, daemon_cores));
+                return Ok(run);
             }
             self.log(&format!(
                 "run disturbed (others used {during:.2} cores), attempt {attempt}"
             ));
-            if !matches!(&best, Some((_, g, _)) if g.during <= during) {
-                best = Some((results, info, daemon_cores));
+            if !matches!(&best, Some(b) if b.guard.during <= during) {
+                best = Some(run);
             }
         }
-        let (r, mut g, d) = best.ok_or("no attempt")?;
-        g.waited_s = waited;
-        g.attempts = self.guard.retries + 1;
-        Ok((r, g, d))
+        let mut run = best.ok_or("no attempt")?;
+        run.guard.waited_s = waited;
+        run.guard.attempts = self.guard.retries + 1;
+        Ok(run)
     }
 
     fn measure(
@@ -235,7 +251,12 @@ impl Ctx {
         spawns: &dyn Fn() -> Vec<Spawn>,
         size: usize,
     ) -> Result<Measure, String> {
-        let (rs, g, daemon_cores) = self.guarded(daemons, spawns)?;
+        let Run {
+            results: rs,
+            guard: g,
+            daemon_cores,
+            ipis,
+        } = self.guarded(daemons, spawns)?;
         let calls: u64 = rs.iter().map(|r| r.calls).sum();
         let start = rs.iter().map(|r| r.start).min().unwrap_or(0);
         let end = rs.iter().map(|r| r.end).max().unwrap_or(0);
@@ -257,6 +278,7 @@ impl Ctx {
                 .map(|r| r.cpu_ms)
                 .sum::<Option<u64>>()
                 .map(|ms| ms as f64 / 1e3 / secs.max(1e-9)),
+            ipis_per_call: ipis.map(|n| n as f64 / calls.max(1) as f64),
         })
     }
 }
@@ -492,12 +514,13 @@ pub fn main(a: &Args) -> i32 {
     } else {
         let m = machine();
         println!(
-            "zrpc-bench ({} mode, {:.0} s) on {} cores, {}, kernel {}",
+            "zrpc-bench ({} mode, {:.0} s) on {} cores, {}, kernel {}, cpuidle {}",
             if quick { "quick" } else { "full" },
             elapsed,
             m["nproc"],
             m["cpu"].as_str().unwrap_or("?"),
             m["kernel"].as_str().unwrap_or("?"),
+            m["cpuidle"].as_str().unwrap_or("?"),
         );
         println!(
             "guard: a run is clean when other processes used < {} cores during it",
@@ -522,7 +545,22 @@ fn machine() -> Json {
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    json!({ "cpu": cpu, "kernel": kernel, "nproc": nproc })
+    // How idle CPUs wait: on a VM that halts them at once, every wake-up on
+    // another CPU is a trip through the hypervisor (docs/performance.md).
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
+    let idle = match (
+        read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
+    ) {
+        (Some(d), Some(ns)) => format!("{d}, guest_halt_poll_ns {ns}"),
+        (Some(d), None) => d,
+        _ => "?".into(),
+    };
+    json!({ "cpu": cpu, "kernel": kernel, "nproc": nproc, "cpuidle": idle })
 }
 
 fn wait_service(dir: &Path, name: &str) -> Result<(), String> {

@@ -644,6 +644,14 @@ fn busy_poll_cost(
     Ok(())
 }
 
+/// The interrupts per call of a zrpc run and its relay run, for a row's
+/// note: on a VM whose idle vCPUs halt, they say which mode a run was in
+/// (docs/performance.md, "Third pass").
+pub(super) fn ipi_note(zrpc: &Measure, relay: &Measure) -> String {
+    let f = |m: &Measure| m.ipis_per_call.map_or("?".into(), |x| format!("{x:.2}"));
+    format!("IPIs per call {} zrpc, {} relay", f(zrpc), f(relay))
+}
+
 pub(super) fn guard_note(baseline: &Measure) -> String {
     let g = baseline.guard;
     format!(
