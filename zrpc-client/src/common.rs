@@ -34,6 +34,8 @@ pub(crate) struct Settings {
     pub agent: String,
     pub instance: u64,
     pub backoff: Backoff,
+    /// The async client writer's longest hold (see [`crate::hold`]).
+    pub max_hold: std::time::Duration,
 }
 
 impl Settings {
@@ -47,6 +49,7 @@ impl Settings {
             agent: agent.unwrap_or_else(default_agent),
             instance: new_instance_id(),
             backoff,
+            max_hold: crate::hold::MAX_HOLD,
         }
     }
 

@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::Interest;
@@ -23,6 +23,7 @@ use crate::common::{
     control_frame, lock, Dead, OutFrame, Settings, Welcome, HANDSHAKE_TIMEOUT, LARGE_FRAME,
 };
 use crate::core::Handout;
+use crate::hold::{Ended, Hold};
 use crate::{Error, Result};
 
 /// Connection generations, to tell a call's connection from the current
@@ -122,6 +123,12 @@ pub(crate) struct Conn {
     pub(crate) fd_payloads: bool,
     /// Descriptors read with the `Welcome`, for the reader to take.
     leftover_fds: Mutex<FdQueue>,
+    /// Holds of the writer started, and those that ran out (see
+    /// [`crate::hold`]).
+    #[cfg(test)]
+    pub(crate) holds_started: std::sync::atomic::AtomicUsize,
+    #[cfg(test)]
+    pub(crate) holds_ran_out: std::sync::atomic::AtomicUsize,
 }
 
 impl Conn {
@@ -159,6 +166,10 @@ impl Conn {
             fd_payloads: welcome.fd_payloads(),
             leftover_fds: Mutex::new(fds),
             welcome,
+            #[cfg(test)]
+            holds_started: Default::default(),
+            #[cfg(test)]
+            holds_ran_out: Default::default(),
         });
         Ok((conn, buf))
     }
@@ -207,8 +218,10 @@ impl Conn {
 
     /// Starts the writer task (on the current runtime); it holds frames
     /// back while outcomes in `handout` are not taken.
-    pub(crate) fn start_writer(self: &Arc<Self>, handout: Arc<Handout>) {
-        tokio::spawn(writer_task(self.clone(), handout));
+    /// Starts the writer task; its holds last at most `max_hold` (see
+    /// [`crate::hold`]).
+    pub(crate) fn start_writer(self: &Arc<Self>, handout: Arc<Handout>, max_hold: Duration) {
+        tokio::spawn(writer_task(self.clone(), handout, max_hold));
     }
 
     /// Queues the frames `fill` hands out, in order, before anything queued
@@ -358,12 +371,6 @@ async fn read_some(
     Ok(n)
 }
 
-/// The longest the writer holds queued calls back for the callers of the
-/// last read's outcomes (see `writer_task`); a normal hold ends within
-/// microseconds. Holds share one timer, re-armed only once it has fired,
-/// so a hold may also end sooner.
-const MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(5);
-
 enum WriterStep {
     Wait,
     Write,
@@ -374,20 +381,11 @@ enum WriterStep {
 /// queued at once, vectored. While the socket is full it waits for
 /// writability through a registration of its own (see
 /// [`zrpc_io::write::flush`]).
-async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
+async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>, max_hold: Duration) {
     // The queue being written, swapped with the shared one: callers keep
     // appending to the other while this one is written.
     let mut writing = OutQueue::with_capacity(64 * 1024);
-    // A hold ran out (`Handout::clears` then): some caller may keep an
-    // outcome without taking it (its task busy elsewhere). No more holds
-    // until every outcome handed out has been taken again (the count
-    // changed), which in a busy pipeline happens between two batches.
-    let mut stuck: Option<usize> = None;
-    // The bound of the holds, armed at most once per `MAX_HOLD` (re-armed
-    // only once it has fired: arming a timer wakes the runtime's driver, a
-    // syscall, too dear for every hold).
-    let bound = tokio::time::sleep(MAX_HOLD);
-    tokio::pin!(bound);
+    let mut hold = Hold::new(max_hold);
     loop {
         let step = {
             let mut q = lock(&conn.out);
@@ -410,33 +408,17 @@ async fn writer_task(conn: Arc<Conn>, handout: Arc<Handout>) {
             WriterStep::Exit => break,
             WriterStep::Wait => {
                 conn.writer_wake.notified().await;
-                if stuck.is_some_and(|at| at != handout.clears()) {
-                    stuck = None;
-                }
-                if stuck.is_none() && !handout.is_clear() {
+                if !conn.is_dead() && hold.wanted(&handout) {
                     // The callers woken by the last read are queueing
-                    // their next calls: wait until each has taken its
-                    // outcome, so that one write carries them all. On a
-                    // multi-thread runtime they run on several workers and
-                    // this task is woken by the first of them; yielding
-                    // once instead wrote ~10 frames per write, this ~60
-                    // (`strace -c`, 64 in flight, 50,000 calls: 5,198
-                    // sendto before, 814 after; 0.53-0.56M calls/s before,
-                    // 0.61-0.65M after, `bench/scripts/run.sh multi 64 64
-                    // 200000`). Killing the connection ends the wait, and
-                    // it lasts at most `MAX_HOLD`: a caller may keep an
-                    // outcome without taking it for as long as it likes
-                    // (say a future polled once, then left aside in a
-                    // `select!` loop), and other callers' calls must not
-                    // wait for it.
-                    if bound.is_elapsed() {
-                        bound.as_mut().reset(tokio::time::Instant::now() + MAX_HOLD);
-                    }
-                    tokio::select! {
-                        biased;
-                        _ = handout.all_taken() => {}
-                        _ = conn.writer_wake.notified() => {}
-                        _ = &mut bound => stuck = Some(handout.clears()),
+                    // their next calls: one write carries them all (see
+                    // `crate::hold`). Killing the connection ends the wait.
+                    #[cfg(test)]
+                    conn.holds_started.fetch_add(1, Ordering::Relaxed);
+                    let woken = conn.writer_wake.notified();
+                    if let Ended::RanOut = hold.wait(&handout, woken).await {
+                        tracing::trace!("zrpc-client: a hold of the writer ran out");
+                        #[cfg(test)]
+                        conn.holds_ran_out.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
