@@ -2,6 +2,7 @@
 //! handshake parsing, outcome mapping.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -52,20 +53,22 @@ impl Settings {
         zrpc_proto::socket_path(&self.socket_dir)
     }
 
-    /// The `Hello` frame of this client.
+    /// The `Hello` frame of this client (either kind), offering payloads
+    /// in descriptors (see [`crate::fds`]).
     pub(crate) fn hello(&self) -> BytesMut {
-        zrpc_io::handshake::hello_frame(self.instance, &self.agent)
-    }
-
-    /// The `Hello` frame of this client, offering payloads in descriptors
-    /// (the async client reads them; see [`crate::fds`]).
-    pub(crate) fn hello_fds(&self) -> BytesMut {
         zrpc_io::handshake::hello_frame_caps(
             self.instance,
             &self.agent,
             zrpc_proto::caps::FD_PAYLOADS,
         )
     }
+}
+
+/// A new connection generation, to tell a call's connection from the
+/// current one (unique in the process).
+pub(crate) fn next_generation() -> u64 {
+    static GENERATION: AtomicU64 = AtomicU64::new(1);
+    GENERATION.fetch_add(1, Ordering::Relaxed)
 }
 
 /// `zrpc-client/<version>`.
@@ -102,6 +105,14 @@ impl Dead {
 }
 
 impl Dead {
+    /// A frame from the broker that could not be decoded.
+    pub(crate) fn bad_frame(e: zrpc_proto::ProtoError) -> Dead {
+        Dead::Fatal(
+            ErrorCode::Protocol,
+            format!("bad frame from the broker: {e}"),
+        )
+    }
+
     /// The error of a connection that ended while nothing could be
     /// resubmitted on it (a monitor's subscription): a `Fatal` keeps its
     /// code (`Shutdown` is [`Error::Shutdown`], a slow monitor's

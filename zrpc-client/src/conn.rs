@@ -5,7 +5,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,14 +19,12 @@ use zrpc_io::write::send_vectored;
 use zrpc_io::{OutQueue, ReadPolicy};
 use zrpc_proto::{Envelope, FrameDecoder};
 
-use crate::common::{control_frame, lock, Dead, OutFrame, Settings, Welcome, HANDSHAKE_TIMEOUT};
+use crate::common::{
+    control_frame, lock, next_generation, Dead, OutFrame, Settings, Welcome, HANDSHAKE_TIMEOUT,
+};
 use crate::core::Handout;
 use crate::fds::{queue_fd_frame, queue_frame};
 use crate::{Error, Result};
-
-/// Connection generations, to tell a call's connection from the current
-/// one.
-static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// What the callers and the writer task share of a connection's write
 /// side.
@@ -113,7 +111,7 @@ impl Conn {
     pub(crate) async fn open(settings: &Settings) -> Result<(Arc<Conn>, BytesMut)> {
         let c = zrpc_io::handshake::connect(
             &settings.socket_path(),
-            &settings.hello_fds(),
+            &settings.hello(),
             HANDSHAKE_TIMEOUT,
         )
         .await?;
@@ -130,7 +128,7 @@ impl Conn {
             .filter(|bp| bp.watch_or_log(io.get_ref().as_raw_fd()))
             .map(|bp| bp.id());
         let conn = Arc::new(Conn {
-            gen: GENERATION.fetch_add(1, Ordering::Relaxed),
+            gen: next_generation(),
             dead: AtomicBool::new(false),
             why: Mutex::new(None),
             out: Mutex::new(Outgoing::default()),

@@ -5,6 +5,7 @@
 //! [`zrpc_io::fdpass`].
 
 use std::collections::VecDeque;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -119,4 +120,33 @@ pub(crate) fn map_fd_payloads(
         }
     }
     Ok(mapped)
+}
+
+/// What a blocking reader keeps of a connection between reads: the bytes
+/// of partial frames, and the descriptors that came ahead of their frames.
+#[derive(Debug, Default)]
+pub(crate) struct Incoming {
+    /// Bytes read and not yet taken as frames.
+    pub(crate) buf: BytesMut,
+    /// Descriptors read and not yet given to a frame.
+    pub(crate) fds: FdQueue,
+}
+
+impl Incoming {
+    /// One read of the blocking socket `sock` into the spare room of
+    /// `buf`, taking the descriptors sent with the bytes too if the
+    /// connection passes them (`fds`). Errors are the syscall's.
+    pub(crate) fn read(&mut self, sock: &UnixStream, fds: bool) -> std::io::Result<usize> {
+        if fds {
+            zrpc_io::fdpass::read_spare_fds(sock, &mut self.buf, &mut self.fds)
+        } else {
+            zrpc_io::read_spare(sock, &mut self.buf)
+        }
+    }
+
+    /// Forgets everything (the connection ended; its descriptors close).
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+        self.fds.clear();
+    }
 }

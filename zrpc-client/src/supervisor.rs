@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio::sync::Notify;
 use zrpc_io::fdpass::FdQueue;
-use zrpc_proto::{ErrorCode, FrameDecoder};
+use zrpc_proto::FrameDecoder;
 
 use crate::common::{lock, Dead, OutFrame, Outcome, Retry, Settings, LARGE_FRAME};
 use crate::conn::Conn;
@@ -282,14 +282,7 @@ fn dispatch(
     if let Some(pongs) = d.pongs {
         conn.send(pongs.freeze().into(), false);
     }
-    d.end.or_else(|| {
-        corrupt.map(|e| {
-            Dead::Fatal(
-                ErrorCode::Protocol,
-                format!("bad frame from the broker: {e}"),
-            )
-        })
-    })
+    d.end.or_else(|| corrupt.map(Dead::bad_frame))
 }
 
 /// Reads `conn` until it ends; returns why.

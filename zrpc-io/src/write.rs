@@ -326,6 +326,19 @@ pub fn write_all_blocking(sock: &UnixStream, parts: &[&[u8]]) -> Result<(), (usi
     Ok(())
 }
 
+/// Writes all of `q` on a blocking socket, with the descriptors queued in
+/// it ([`OutQueue::push_fd`]). On failure, the error comes with how many
+/// bytes were written, as from [`write_all_blocking`].
+pub fn write_queue_blocking(sock: &UnixStream, q: &mut OutQueue) -> Result<(), (usize, io::Error)> {
+    let total = q.len();
+    match q.write_now(sock.as_raw_fd()) {
+        Ok(true) => Ok(()),
+        // A blocking socket is never full, unless it has a send timeout.
+        Ok(false) => Err((total - q.len(), io::ErrorKind::WouldBlock.into())),
+        Err(e) => Err((total - q.len(), e)),
+    }
+}
+
 /// [`write_all_blocking`] of one buffer.
 fn write_one_blocking(fd: RawFd, buf: &[u8]) -> Result<(), (usize, io::Error)> {
     let mut done = 0;
