@@ -202,9 +202,8 @@ impl BlockingClient {
 struct State {
     /// Some thread holds the reader role (and the read buffer).
     reading: bool,
-    /// The read buffer of the current connection; partial frames (and
-    /// descriptors that came ahead of their frames) stay here between
-    /// readers.
+    /// What is read of the current connection and not dispatched yet
+    /// (partial frames, descriptors ahead of their frames), between readers.
     incoming: Incoming,
     /// The calls in flight (see [`Core`]).
     core: Core,
@@ -447,7 +446,7 @@ impl Inner {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => {
+                Err(e) if zrpc_io::read::is_timeout(&e) => {
                     if until.is_some_and(|d| Instant::now() >= d) {
                         return None;
                     }
@@ -577,12 +576,8 @@ impl Conn {
             &settings.hello(),
             handshake_timeout,
         )?;
-        let err = |source| Error::Connect {
-            path: settings.socket_path(),
-            source,
-        };
         let (stream, welcome) = (c.sock, c.welcome);
-        let writer = stream.try_clone().map_err(err)?;
+        let writer = stream.try_clone().map_err(|e| settings.connect_error(e))?;
         let fd_payloads = welcome.fd_payloads();
         let conn = Conn {
             gen: next_generation(),
@@ -663,11 +658,4 @@ impl Conn {
         }
         Ok(())
     }
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
 }

@@ -53,6 +53,15 @@ impl Settings {
         zrpc_proto::socket_path(&self.socket_dir)
     }
 
+    /// [`Error::Connect`] for this client's socket: setting up a
+    /// connection failed after the handshake.
+    pub(crate) fn connect_error(&self, source: std::io::Error) -> Error {
+        Error::Connect {
+            path: self.socket_path(),
+            source,
+        }
+    }
+
     /// The `Hello` frame of this client (either kind), offering payloads
     /// in descriptors (see [`crate::fds`]).
     pub(crate) fn hello(&self) -> BytesMut {

@@ -24,7 +24,7 @@ use crate::common::{
 };
 use crate::core::Handout;
 use crate::fds::{queue_fd_frame, queue_frame};
-use crate::{Error, Result};
+use crate::Result;
 
 /// What the callers and the writer task share of a connection's write
 /// side.
@@ -115,13 +115,9 @@ impl Conn {
             HANDSHAKE_TIMEOUT,
         )
         .await?;
-        let connect_error = |source| Error::Connect {
-            path: settings.socket_path(),
-            source,
-        };
         // From here on: a non-blocking std socket, registered for
         // readability only (see `Conn`).
-        let io = register(c.sock, Interest::READABLE).map_err(connect_error)?;
+        let io = register(c.sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
         let (welcome, buf, fds) = (c.welcome, c.leftover, c.leftover_fds);
         // Polled when the runtime runs out of work (`crate::busy_poll`).
         let poller = BusyPoll::current()

@@ -474,6 +474,32 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_with_descriptors_is_written_whole_on_a_blocking_socket() {
+        use crate::fdpass::{read_spare_fds, FdQueue};
+        let (a, b) = UnixStream::pair().expect("pair");
+        let mut q = OutQueue::default();
+        q.push_copy(b"first");
+        q.push_fd(Arc::new(SealedFd::create(b"payload").expect("memfd")));
+        q.push_copy(b"second");
+        write_queue_blocking(&a, &mut q).expect("written");
+        assert!(q.is_empty() && q.fds_queued() == 0);
+        let mut buf = BytesMut::with_capacity(64);
+        let mut fds = FdQueue::new();
+        while buf.len() < 11 {
+            read_spare_fds(&b, &mut buf, &mut fds).expect("read");
+        }
+        assert_eq!(&buf[..], b"firstsecond");
+        let fd = fds.pop_front().expect("the descriptor came");
+        let s = SealedFd::verify(fd, 100).expect("sealed");
+        assert_eq!(&s.map().expect("map")[..], b"payload");
+        // Nothing written to a peer gone away: the count says so.
+        drop(b);
+        q.push_copy(b"more");
+        let err = write_queue_blocking(&a, &mut q).expect_err("peer gone");
+        assert_eq!((err.0, err.1.kind()), (0, io::ErrorKind::BrokenPipe));
+    }
+
+    #[test]
     fn a_closed_peer_is_an_error_not_a_signal() {
         let (a, b) = UnixStream::pair().expect("pair");
         drop(b);
