@@ -267,16 +267,31 @@ fn payload_memfd_inode(p: *const u8) -> Option<u64> {
 #[test]
 fn a_received_memfd_payload_is_echoed_back_as_the_same_memfd() {
     let (_broker, _svc, rt, c) = echo_setup();
+    echoed_back_as_the_same_memfd(|b| {
+        rt.block_on(c.call("echo", "blob", b, Some(WAIT)))
+            .expect("echo")
+    });
+}
+
+/// The same with the `BlockingClient`: it negotiates descriptors too, its
+/// large result arrives in a memfd, and sent again it travels as that
+/// memfd.
+#[test]
+fn a_received_memfd_payload_is_echoed_back_as_the_same_memfd_by_the_blocking_client() {
+    let (broker, _svc) = echo_broker(&[]);
+    let c = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect blocking");
+    echoed_back_as_the_same_memfd(|b| c.call("echo", "blob", b, Some(WAIT)).expect("echo"));
+}
+
+/// The scenario of the two tests above, with `echo` calling the test
+/// service's `blob` method through one client or the other.
+fn echoed_back_as_the_same_memfd(echo: impl Fn(&zrpc_client::Blob) -> zrpc_client::Blob) {
     let n = zrpc_io::fdpass::FD_PAYLOAD_MIN + 1000;
     let b = blob(n, 9);
-    let first: zrpc_client::Blob = rt
-        .block_on(c.call("echo", "blob", &b, Some(WAIT)))
-        .expect("echo");
+    let first = echo(&b);
     assert!(first == b);
     let inode = payload_memfd_inode(first.as_ptr()).expect("the result is in a memfd");
-    let again: zrpc_client::Blob = rt
-        .block_on(c.call("echo", "blob", &first, Some(WAIT)))
-        .expect("echo");
+    let again = echo(&first);
     assert!(again == b, "the same bytes");
     assert_eq!(
         payload_memfd_inode(again.as_ptr()),
@@ -285,12 +300,18 @@ fn a_received_memfd_payload_is_echoed_back_as_the_same_memfd() {
     );
     // A part of it (not the whole memfd): a new memfd, the right bytes.
     let part = zrpc_client::Blob::from(again.clone().into_bytes().slice(1..));
-    let back: zrpc_client::Blob = rt
-        .block_on(c.call("echo", "blob", &part, Some(WAIT)))
-        .expect("echo");
+    let back = echo(&part);
     assert!(back == part, "the part came back exactly");
     let other = payload_memfd_inode(back.as_ptr()).expect("in a memfd");
     assert_ne!(other, inode, "copied into a memfd of its own");
+}
+
+/// A broker started with `args` and the test service registered as `echo`.
+fn echo_broker(args: &[&str]) -> (Broker, zrpc_tests::Proc) {
+    let broker = Broker::start_with(args);
+    let svc = broker.spawn("zrpc-test-svc", &[]);
+    zrpc_tests::wait_registered(broker.dir(), "echo", 1);
+    (broker, svc)
 }
 
 /// A broker, the test service registered as `echo`, a multi-thread
@@ -301,9 +322,7 @@ fn echo_setup() -> (
     tokio::runtime::Runtime,
     zrpc_client::Client,
 ) {
-    let broker = Broker::start();
-    let svc = broker.spawn("zrpc-test-svc", &[]);
-    zrpc_tests::wait_registered(broker.dir(), "echo", 1);
+    let (broker, svc) = echo_broker(&[]);
     let rt = zrpc_tests::runtime();
     let c = rt
         .block_on(zrpc_client::Client::connect_to(broker.dir()))
@@ -311,14 +330,12 @@ fn echo_setup() -> (
     (broker, svc, rt, c)
 }
 
-/// The libraries use descriptors on their own: the async client and the
+/// The libraries use descriptors on their own: both clients and the
 /// service negotiate them, echoes of `FD_PAYLOAD_MIN` (1 MiB) and 8 MiB
-/// round-trip exactly, and the result the client gets is a view into a
-/// memfd mapping (it crossed no socket); half of that goes inline. The
-/// blocking client, which does not negotiate them, gets the same bytes
-/// inline, to and from the same service.
+/// round-trip exactly, and the result a client gets is a view into a
+/// memfd mapping (it crossed no socket); half of that goes inline.
 #[test]
-fn library_echoes_of_large_blobs_travel_in_memfds_and_inline_for_the_blocking_client() {
+fn library_echoes_of_large_blobs_travel_in_memfds() {
     let (broker, _svc, rt, c) = echo_setup();
     let bc = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect blocking");
     let min = zrpc_io::fdpass::FD_PAYLOAD_MIN;
@@ -338,61 +355,160 @@ fn library_echoes_of_large_blobs_travel_in_memfds_and_inline_for_the_blocking_cl
             back == b,
             "{n} bytes came back exactly to the blocking client"
         );
-        assert!(!in_payload_memfd(back.as_ptr()), "inline for it");
+        assert_eq!(
+            in_payload_memfd(back.as_ptr()),
+            n >= min,
+            "the blocking client's {n}-byte result is in a payload memfd iff >= {min} bytes"
+        );
+    }
+}
+
+/// With a broker that takes no descriptors (`--max-fds-per-conn 0`), the
+/// `BlockingClient`'s large calls and their results travel inline, and
+/// arrive exactly; so does a payload that is a memfd received earlier
+/// from a broker that did take them (sent inline from its mapping).
+#[test]
+fn a_blocking_clients_large_calls_go_inline_to_a_broker_without_descriptors() {
+    let (broker, _svc) = echo_broker(&["--max-fds-per-conn", "0"]);
+    let c = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect blocking");
+    let (fd_broker, _fd_svc) = echo_broker(&[]);
+    let fd_client =
+        zrpc_client::BlockingClient::connect_to(fd_broker.dir()).expect("connect blocking");
+    let min = zrpc_io::fdpass::FD_PAYLOAD_MIN;
+    for (i, n) in [(1u8, min), (2, 3 << 20)] {
+        let b = blob(n, i);
+        let back: zrpc_client::Blob = c.call("echo", "blob", &b, Some(WAIT)).expect("echo");
+        assert!(back == b, "{n} bytes came back exactly");
+        assert!(!in_payload_memfd(back.as_ptr()), "inline");
+        let in_memfd: zrpc_client::Blob = fd_client
+            .call("echo", "blob", &b, Some(WAIT))
+            .expect("echo");
+        assert!(
+            in_payload_memfd(in_memfd.as_ptr()),
+            "a memfd from the other broker"
+        );
+        let back: zrpc_client::Blob = c.call("echo", "blob", &in_memfd, Some(WAIT)).expect("echo");
+        assert!(back == b, "a received memfd's {n} bytes, sent inline");
+        assert!(!in_payload_memfd(back.as_ptr()), "inline");
     }
 }
 
 /// A large call in flight while the broker is killed and restarted is
 /// resubmitted with its payload (the client keeps its sealed memfd and
-/// sends it again to the new broker: the first broker's copy of the
-/// descriptor died with it), and answered exactly once: the service ran it
-/// once. For 1 MiB (the size) and 3 MiB.
+/// sends that same memfd again to the new broker: the first broker's copy
+/// of the descriptor died with it), and answered exactly once: the service
+/// ran it once. For 1 MiB (the size) and 3 MiB, from either client.
 #[test]
 fn a_large_call_resubmitted_after_a_broker_restart_is_answered_exactly_once() {
-    resubmitted_once((1 << 20) + 100, 4241);
-    resubmitted_once(3 << 20, 4242);
+    resubmitted_once((1 << 20) + 100, 4241, Via::Async, &[]);
+    resubmitted_once(3 << 20, 4242, Via::Async, &[]);
 }
 
-fn resubmitted_once(size: usize, key: u64) {
-    let mut broker = Broker::start();
-    let _svc = broker.spawn("zrpc-test-svc", &[]);
-    zrpc_tests::wait_registered(broker.dir(), "echo", 1);
-    let rt = zrpc_tests::runtime();
-    let c = rt
-        .block_on(zrpc_client::Client::connect_to(broker.dir()))
-        .expect("connect");
-    let b = blob(size, key as u8);
-    let call = {
-        let (c, b) = (c.clone(), b.clone());
-        rt.spawn(async move {
-            c.call::<_, (u64, zrpc_client::Blob)>(
-                "echo",
-                "record_blob",
-                &(key, 1500u64, b),
-                Some(std::time::Duration::from_secs(30)),
-            )
-            .await
-        })
+/// The same with the `BlockingClient`.
+#[test]
+fn a_large_blocking_call_resubmitted_after_a_broker_restart_is_answered_exactly_once() {
+    resubmitted_once((1 << 20) + 100, 4243, Via::Blocking, &[]);
+    resubmitted_once(3 << 20, 4244, Via::Blocking, &[]);
+}
+
+/// A large blocking call sent in a memfd to a broker that dies, and
+/// resubmitted to one that takes no descriptors (`--max-fds-per-conn 0`):
+/// its payload goes inline, read from the memfd's mapping, exactly once.
+#[test]
+fn a_large_blocking_call_resubmitted_to_a_broker_without_descriptors_goes_inline() {
+    resubmitted_once(3 << 20, 4245, Via::Blocking, &["--max-fds-per-conn", "0"]);
+}
+
+/// Which client makes the call of [`resubmitted_once`].
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Async,
+    Blocking,
+}
+
+/// The inodes of the payload memfds mapped in this process now.
+fn mapped_payload_memfds() -> Vec<u64> {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    maps.lines()
+        .filter(|l| l.contains("memfd:zrpc-payload"))
+        .filter_map(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .collect()
+}
+
+/// Whether process `pid` holds a descriptor of a file with one of `inodes`
+/// (a memfd: the same file as one of this process's mappings).
+fn holds_one_of(pid: i32, inodes: &[u64]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
     };
-    // The call is running at the service when the broker dies.
+    dir.flatten().any(|e| {
+        let memfd = std::fs::read_link(e.path())
+            .is_ok_and(|t| t.to_string_lossy().contains("memfd:zrpc-payload"));
+        memfd && std::fs::metadata(e.path()).is_ok_and(|m| inodes.contains(&m.ino()))
+    })
+}
+
+/// A `record_blob` call of `size` bytes made through `via`, running at the
+/// service when the broker is killed (SIGKILL) and started again with
+/// `restart_args`: it is answered once, with its payload, in a memfd
+/// unless the new broker takes no descriptors. While it waits at the new
+/// broker, that broker holds the very memfd the client sent the first
+/// time (the same file, not a copy).
+fn resubmitted_once(size: usize, key: u64, via: Via, restart_args: &[&str]) {
+    let (mut broker, _svc) = echo_broker(&[]);
+    let rt = zrpc_tests::runtime();
+    let b = blob(size, key as u8);
+    let args = (key, 3000u64, b.clone());
+    let timeout = Some(std::time::Duration::from_secs(30));
+    type Answer = zrpc_client::Result<(u64, zrpc_client::Blob)>;
+    let answer: Box<dyn FnOnce() -> Answer> = match via {
+        Via::Async => {
+            let c = rt
+                .block_on(zrpc_client::Client::connect_to(broker.dir()))
+                .expect("connect");
+            let call = rt.spawn(async move { c.call("echo", "record_blob", &args, timeout).await });
+            let rt = &rt;
+            Box::new(move || rt.block_on(call).expect("task"))
+        }
+        Via::Blocking => {
+            let c = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect");
+            let call = std::thread::spawn(move || c.call("echo", "record_blob", &args, timeout));
+            Box::new(move || call.join().expect("thread"))
+        }
+    };
+    // The call is pending at the broker (delivered to the idle service,
+    // which sleeps in it) when the broker dies. Not waited for through
+    // `executions`: that method takes `&mut self` too, so it runs only once
+    // `record_blob` has returned, and by then the call is answered.
     assert!(
-        wait_until(WAIT, || {
-            let bc = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect");
-            bc.call::<_, u64>("echo", "executions", &key, Some(WAIT))
-                .is_ok_and(|n| n == 1)
-        }),
-        "the call reached the service"
+        wait_until(WAIT, || zrpc_tests::broker_stat(broker.dir(), "pending")
+            == 1),
+        "the call reached the broker"
     );
+    let sent = mapped_payload_memfds();
+    assert!(!sent.is_empty(), "the pending call keeps its memfd mapped");
+    broker.args = restart_args.iter().map(|a| a.to_string()).collect();
     broker.restart(libc::SIGKILL);
-    let (n, back) = rt
-        .block_on(call)
-        .expect("task")
-        .expect("the call succeeds after the restart");
+    let fds = restart_args.is_empty();
+    if fds {
+        let pid = broker.proc.pid();
+        assert!(
+            wait_until(WAIT, || holds_one_of(pid, &sent)),
+            "the new broker got the memfd the client sent the first time"
+        );
+    }
+    let (n, back) = answer().expect("the call succeeds after the restart");
     assert!(
         back == b,
         "the resubmitted call still had its {size}-byte payload"
     );
     assert_eq!(n, 1, "answered from the first execution");
+    assert_eq!(
+        in_payload_memfd(back.as_ptr()),
+        fds,
+        "the result in a memfd iff the new broker takes descriptors"
+    );
     zrpc_tests::wait_registered(broker.dir(), "echo", 1);
     let bc = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect");
     let runs: u64 = bc

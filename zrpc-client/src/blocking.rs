@@ -2,24 +2,28 @@
 //! reader of the shared connection.
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use zrpc_proto::{Envelope, ErrorCode, FrameDecoder};
+use zrpc_proto::{Envelope, FrameDecoder};
 
 use crate::common::{
-    call_deadlines, call_frame, control_frame, decode_result, lock, reconnect_timeout,
-    timeout_error, Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome, HANDSHAKE_TIMEOUT,
-    LARGE_FRAME,
+    call_deadlines, call_frame, control_frame, decode_result, lock, next_generation,
+    reconnect_timeout, timeout_error, Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome,
+    HANDSHAKE_TIMEOUT,
 };
 use crate::core::{Core, Dispatched, Stand, Waiter};
+use crate::fds::{map_fd_payloads, queue_frame, Incoming};
 use crate::{CallOptions, ClientBuilder, Error, Result};
-use std::os::fd::AsRawFd;
+use zrpc_io::write::{write_all_blocking, write_queue_blocking};
 use zrpc_io::{OutQueue, ReadPolicy};
+
+/// What a write returns: on failure, how many bytes were written too.
+type WriteResult = std::result::Result<(), (usize, std::io::Error)>;
 
 /// A blocking zrpc client.
 ///
@@ -61,6 +65,9 @@ pub(crate) struct Inner {
     next_id: AtomicU64,
     /// The broker's limit, from the latest `Welcome`.
     max_message_size: AtomicU32,
+    /// Whether the latest connection passes payloads in descriptors (large
+    /// payloads are then encoded straight into memfds).
+    fd_payloads: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -85,15 +92,16 @@ impl BlockingClient {
     }
 
     pub(crate) fn from_settings(settings: Settings) -> Result<BlockingClient> {
-        let (conn, buf) = Conn::open(&settings, HANDSHAKE_TIMEOUT)?;
+        let (conn, incoming) = Conn::open(&settings, HANDSHAKE_TIMEOUT)?;
         Ok(BlockingClient {
             inner: Arc::new(Inner {
                 settings,
                 next_id: AtomicU64::new(1),
                 max_message_size: AtomicU32::new(conn.welcome.max_message_size),
+                fd_payloads: AtomicBool::new(conn.fd_payloads),
                 state: Mutex::new(State {
                     reading: false,
-                    buf,
+                    incoming,
                     core: Core::default(),
                     conn: Some(Arc::new(conn)),
                     retry: Retry::default(),
@@ -165,7 +173,7 @@ impl BlockingClient {
             &opts,
             payload,
             inner.max_message_size.load(Ordering::Relaxed),
-            false,
+            inner.fd_payloads.load(Ordering::Relaxed),
         )?;
         let (deadline, local) = call_deadlines(&opts);
         if let Some(conn) = inner.register(id, &frame, deadline, opts.no_retry)? {
@@ -194,9 +202,9 @@ impl BlockingClient {
 struct State {
     /// Some thread holds the reader role (and the read buffer).
     reading: bool,
-    /// The read buffer of the current connection; partial frames stay here
-    /// between readers.
-    buf: BytesMut,
+    /// What is read of the current connection and not dispatched yet
+    /// (partial frames, descriptors ahead of their frames), between readers.
+    incoming: Incoming,
     /// The calls in flight (see [`Core`]).
     core: Core,
     /// The live connection; `None` while reconnecting.
@@ -221,16 +229,14 @@ const TIMEOUT_SLACK: Duration = Duration::from_millis(50);
 /// whose own call is about to expire.
 const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(50);
 
-/// Connection generations, to tell a call's connection from the current
-/// one.
-static GENERATION: AtomicU64 = AtomicU64::new(1);
-
 /// One connection to the broker.
 struct Conn {
     gen: u64,
     /// When the handshake completed.
     since: Instant,
     welcome: Welcome,
+    /// The broker accepted payloads in descriptors on this connection.
+    fd_payloads: bool,
     dec: FrameDecoder,
     /// Held for every write, so that frames never interleave (and, while
     /// the pending calls are resubmitted, no new call overtakes them).
@@ -304,11 +310,11 @@ impl Inner {
             };
             if !st.reading {
                 st.reading = true;
-                let mut buf = std::mem::take(&mut st.buf);
+                let mut inc = std::mem::take(&mut st.incoming);
                 drop(st);
-                self.reader_role(id, deadline, local, &mut buf);
+                self.reader_role(id, deadline, local, &mut inc);
                 st = lock(&self.state);
-                st.buf = buf;
+                st.incoming = inc;
                 st.reading = false;
                 continue;
             }
@@ -331,7 +337,7 @@ impl Inner {
     /// lost, and the subscription with it; the next call reconnects.
     pub(crate) fn next_event(&self) -> Result<Bytes> {
         loop {
-            let (conn, mut buf) = {
+            let (conn, mut inc) = {
                 let mut st = lock(&self.state);
                 if let Some(ev) = st.core.pop_event() {
                     return Ok(ev);
@@ -348,14 +354,14 @@ impl Inner {
                     ));
                 };
                 st.reading = true;
-                (conn, std::mem::take(&mut st.buf))
+                (conn, std::mem::take(&mut st.incoming))
             };
-            let lost = self.read_conn(&conn, None, None, &mut buf);
+            let lost = self.read_conn(&conn, None, None, &mut inc);
             if let Some(why) = &lost {
-                self.connection_lost(&conn, why.clone(), &mut buf);
+                self.connection_lost(&conn, why.clone(), &mut inc);
             }
             let mut st = lock(&self.state);
-            st.buf = buf;
+            st.incoming = inc;
             st.reading = false;
             drop(st);
             if let Some(why) = lost {
@@ -383,7 +389,7 @@ impl Inner {
         id: u64,
         deadline: Option<Instant>,
         local: Option<Instant>,
-        buf: &mut BytesMut,
+        inc: &mut Incoming,
     ) {
         loop {
             let (conn, until) = {
@@ -399,11 +405,11 @@ impl Inner {
             };
             match conn {
                 Some(conn) => {
-                    if let Some(why) = self.read_conn(&conn, Some(id), until, buf) {
-                        self.connection_lost(&conn, why, buf);
+                    if let Some(why) = self.read_conn(&conn, Some(id), until, inc) {
+                        self.connection_lost(&conn, why, inc);
                     }
                 }
-                None => self.reconnect_step(until, buf),
+                None => self.reconnect_step(until, inc),
             }
         }
     }
@@ -416,10 +422,10 @@ impl Inner {
         conn: &Conn,
         my_id: Option<u64>,
         until: Option<Instant>,
-        buf: &mut BytesMut,
+        inc: &mut Incoming,
     ) -> Option<Dead> {
         loop {
-            let d = self.dispatch(conn, my_id, buf);
+            let d = self.dispatch(conn, my_id, inc);
             if d.end.is_some() {
                 return d.end;
             }
@@ -431,8 +437,8 @@ impl Inner {
                     "cannot set a read timeout: {e}"
                 )));
             }
-            ReadPolicy::CLIENT.make_room(&conn.dec, buf);
-            match zrpc_io::read_spare(&conn.reader, buf) {
+            ReadPolicy::CLIENT.make_room(&conn.dec, &mut inc.buf);
+            match inc.read(&conn.reader, conn.fd_payloads) {
                 Ok(0) => {
                     return Some(Dead::Disconnected(
                         "the broker closed the connection".into(),
@@ -440,7 +446,7 @@ impl Inner {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => {
+                Err(e) if zrpc_io::read::is_timeout(&e) => {
                     if until.is_some_and(|d| Instant::now() >= d) {
                         return None;
                     }
@@ -453,13 +459,13 @@ impl Inner {
     /// `conn` ended for `why`: calls sent on it with `no_retry` fail, calls
     /// whose deadline passed time out, the rest wait for the next
     /// connection (their threads are woken to re-arm their timers).
-    fn connection_lost(&self, conn: &Conn, why: Dead, buf: &mut BytesMut) {
+    fn connection_lost(&self, conn: &Conn, why: Dead, inc: &mut Incoming) {
         let _ = conn.reader.shutdown(std::net::Shutdown::Both);
         let backoff = self.settings.backoff;
         let mut st = lock(&self.state);
         if st.conn.as_ref().is_some_and(|c| c.gen == conn.gen) {
             st.conn = None;
-            buf.clear();
+            inc.clear();
         }
         st.retry.connection_ended(&backoff, conn.since.elapsed());
         let now = Instant::now();
@@ -477,7 +483,7 @@ impl Inner {
 
     /// While disconnected: waits for the next attempt (at most until
     /// `until`), or makes the attempt.
-    fn reconnect_step(&self, until: Option<Instant>, buf: &mut BytesMut) {
+    fn reconnect_step(&self, until: Option<Instant>, inc: &mut Incoming) {
         let now = Instant::now();
         let next = lock(&self.state).next_attempt.unwrap_or(now);
         if now < next {
@@ -491,7 +497,7 @@ impl Inner {
         });
         match Conn::open(&self.settings, handshake_timeout) {
             Ok((conn, leftover)) => {
-                *buf = leftover;
+                *inc = leftover;
                 self.install(conn);
             }
             Err(e) => {
@@ -516,9 +522,9 @@ impl Inner {
         let resent = {
             let mut st = lock(&self.state);
             self.max_message_size.store(max, Ordering::Relaxed);
+            self.fd_payloads.store(conn.fd_payloads, Ordering::Relaxed);
             let resent = st.core.install(conn.gen, max, Instant::now(), |f| {
-                out.push_copy(f.head());
-                out.push(&f.tail, LARGE_FRAME);
+                queue_frame(&mut out, f, conn.fd_payloads);
             });
             st.conn = Some(conn.clone());
             st.next_attempt = None;
@@ -527,7 +533,7 @@ impl Inner {
         };
         // A failure shuts the socket down; the reader then sees the
         // connection end and starts over.
-        if let Err(e) = out.write_now(w.as_raw_fd()) {
+        if let Err((_, e)) = write_queue_blocking(&w, &mut out) {
             tracing::debug!(error = %e, "zrpc-client: resubmitting failed");
             let _ = conn.reader.shutdown(std::net::Shutdown::Both);
         }
@@ -535,29 +541,23 @@ impl Inner {
         tracing::debug!(resent, "zrpc-client: reconnected to zrpcd");
     }
 
-    /// Handles every complete frame in `buf`.
-    fn dispatch(&self, conn: &Conn, my_id: Option<u64>, buf: &mut BytesMut) -> Dispatched {
-        if buf.len() < zrpc_proto::HEADER_LEN {
+    /// Handles every complete frame in `inc`.
+    fn dispatch(&self, conn: &Conn, my_id: Option<u64>, inc: &mut Incoming) -> Dispatched {
+        if inc.buf.len() < zrpc_proto::HEADER_LEN {
             // Nothing to take (the pass before the first read of a turn).
             return Dispatched::default();
         }
-        let (batch, corrupt) = conn.dec.take_batch(buf);
-        let mut d = if batch.is_empty() {
-            Dispatched::default()
-        } else {
-            // The blocking client does not negotiate descriptor passing:
-            // no frame of its comes with one.
-            lock(&self.state)
-                .core
-                .dispatch(&batch, my_id, &mut std::collections::VecDeque::new())
+        let (batch, corrupt) = conn.dec.take_batch(&mut inc.buf);
+        // Payloads that came in descriptors: verified and mapped outside
+        // the lock, in frame order.
+        let max = conn.welcome.max_message_size;
+        let mut d = match map_fd_payloads(&batch, &mut inc.fds, max) {
+            Err(why) => Dispatched::ended(why),
+            Ok(_) if batch.is_empty() => Dispatched::default(),
+            Ok(mut mapped) => lock(&self.state).core.dispatch(&batch, my_id, &mut mapped),
         };
         if d.end.is_none() {
-            if let Some(e) = corrupt {
-                d.end = Some(Dead::Fatal(
-                    ErrorCode::Protocol,
-                    format!("bad frame from the broker: {e}"),
-                ));
-            }
+            d.end = corrupt.map(Dead::bad_frame);
         }
         if let Some(pongs) = d.pongs.take().filter(|_| d.end.is_none()) {
             let _ = conn.write(&pongs);
@@ -567,54 +567,61 @@ impl Inner {
 }
 
 impl Conn {
-    /// Connects and performs the handshake; returns the connection and the
-    /// bytes read after `Welcome`.
-    fn open(settings: &Settings, handshake_timeout: Duration) -> Result<(Conn, BytesMut)> {
+    /// Connects and performs the handshake, offering payloads in
+    /// descriptors; returns the connection and what was read after
+    /// `Welcome` (bytes and descriptors).
+    fn open(settings: &Settings, handshake_timeout: Duration) -> Result<(Conn, Incoming)> {
         let c = zrpc_io::handshake::connect_blocking(
             &settings.socket_path(),
             &settings.hello(),
             handshake_timeout,
         )?;
-        let err = |source| Error::Connect {
-            path: settings.socket_path(),
-            source,
-        };
-        let (stream, welcome, buf) = (c.sock, c.welcome, c.leftover);
-        let writer = stream.try_clone().map_err(err)?;
+        let (stream, welcome) = (c.sock, c.welcome);
+        let writer = stream.try_clone().map_err(|e| settings.connect_error(e))?;
+        let fd_payloads = welcome.fd_payloads();
         let conn = Conn {
-            gen: GENERATION.fetch_add(1, Ordering::Relaxed),
+            gen: next_generation(),
             since: Instant::now(),
             welcome,
-            dec: FrameDecoder::new(welcome.incoming_limit()),
+            fd_payloads,
+            dec: FrameDecoder::new(welcome.incoming_limit()).with_fds(fd_payloads),
             writer: Mutex::new(writer),
             reader: stream,
             rcv_timeout: AtomicU64::new(NO_TIMEOUT),
         };
-        Ok((conn, buf))
+        let incoming = Incoming {
+            buf: c.leftover,
+            fds: c.leftover_fds,
+        };
+        Ok((conn, incoming))
     }
 
     /// Writes a frame. A failure shuts the socket down, so that the reader
     /// notices and reconnects; the error carries how many bytes were
     /// written.
-    fn write(&self, frame: &[u8]) -> std::result::Result<(), (usize, std::io::Error)> {
-        let w = lock(&self.writer);
-        self.write_locked_parts(&w, &[frame])
+    fn write(&self, frame: &[u8]) -> WriteResult {
+        self.shut_on_error(write_all_blocking(&lock(&self.writer), &[frame]))
     }
 
-    /// Writes both parts of `frame` (see [`write`](Conn::write)).
-    fn write_frame(&self, frame: &OutFrame) -> std::result::Result<(), (usize, std::io::Error)> {
-        let w = lock(&self.writer);
-        self.write_locked_parts(&w, &[frame.head(), &frame.tail])
+    /// Writes `frame` (see [`write`](Conn::write)): with its payload in a
+    /// sealed memfd if it is large and the connection passes descriptors,
+    /// else both parts.
+    fn write_frame(&self, frame: &OutFrame) -> WriteResult {
+        let r = if frame.fd_sized(self.fd_payloads) {
+            // Queued (the payload copied into a memfd unless it is one
+            // already) before the lock is taken.
+            let mut q = OutQueue::default();
+            queue_frame(&mut q, frame, true);
+            write_queue_blocking(&lock(&self.writer), &mut q)
+        } else {
+            write_all_blocking(&lock(&self.writer), &[frame.head(), &frame.tail])
+        };
+        self.shut_on_error(r)
     }
 
-    /// [`write`](Conn::write) of several parts, with the writer lock
-    /// already held.
-    fn write_locked_parts(
-        &self,
-        w: &UnixStream,
-        parts: &[&[u8]],
-    ) -> std::result::Result<(), (usize, std::io::Error)> {
-        zrpc_io::write::write_all_blocking(w, parts).inspect_err(|_| {
+    /// `r`, the result of a write; a failure shuts the socket down.
+    fn shut_on_error(&self, r: WriteResult) -> WriteResult {
+        r.inspect_err(|_| {
             let _ = self.reader.shutdown(std::net::Shutdown::Both);
         })
     }
@@ -651,11 +658,4 @@ impl Conn {
         }
         Ok(())
     }
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
 }

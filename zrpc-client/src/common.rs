@@ -2,13 +2,12 @@
 //! handshake parsing, outcome mapping.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use zrpc_io::fdpass::SealedFd;
 use zrpc_io::spill::{Encoded, PayloadWriter};
 use zrpc_proto::{encode_frame, encode_header, Envelope, ErrorCode, InlineBytes, HEADER_LEN};
 
@@ -57,20 +56,31 @@ impl Settings {
         zrpc_proto::socket_path(&self.socket_dir)
     }
 
-    /// The `Hello` frame of this client.
-    pub(crate) fn hello(&self) -> BytesMut {
-        zrpc_io::handshake::hello_frame(self.instance, &self.agent)
+    /// [`Error::Connect`] for this client's socket: setting up a
+    /// connection failed after the handshake.
+    pub(crate) fn connect_error(&self, source: std::io::Error) -> Error {
+        Error::Connect {
+            path: self.socket_path(),
+            source,
+        }
     }
 
-    /// The `Hello` frame of this client, offering payloads in descriptors
-    /// (the async client reads them; see [`zrpc_io::fdpass`]).
-    pub(crate) fn hello_fds(&self) -> BytesMut {
+    /// The `Hello` frame of this client (either kind), offering payloads
+    /// in descriptors (see [`crate::fds`]).
+    pub(crate) fn hello(&self) -> BytesMut {
         zrpc_io::handshake::hello_frame_caps(
             self.instance,
             &self.agent,
             zrpc_proto::caps::FD_PAYLOADS,
         )
     }
+}
+
+/// A new connection generation, to tell a call's connection from the
+/// current one (unique in the process).
+pub(crate) fn next_generation() -> u64 {
+    static GENERATION: AtomicU64 = AtomicU64::new(1);
+    GENERATION.fetch_add(1, Ordering::Relaxed)
 }
 
 /// `zrpc-client/<version>`.
@@ -107,6 +117,14 @@ impl Dead {
 }
 
 impl Dead {
+    /// A frame from the broker that could not be decoded.
+    pub(crate) fn bad_frame(e: zrpc_proto::ProtoError) -> Dead {
+        Dead::Fatal(
+            ErrorCode::Protocol,
+            format!("bad frame from the broker: {e}"),
+        )
+    }
+
     /// The error of a connection that ended while nothing could be
     /// resubmitted on it (a monitor's subscription): a `Fatal` keeps its
     /// code (`Shutdown` is [`Error::Shutdown`], a slow monitor's
@@ -310,42 +328,6 @@ impl OutFrame {
         let body = u32::from_be_bytes(head.get(..4)?.try_into().ok()?) as usize;
         let env = u32::from_be_bytes(head.get(4..8)?.try_into().ok()?) as usize;
         body.checked_sub(env)
-    }
-
-    /// The same frame with its payload in a sealed memfd: the head to
-    /// send (header with [`zrpc_proto::FD_PAYLOAD_FLAG`], envelope) and
-    /// the descriptor. A payload that is a whole mapped sealed memfd (encoded
-    /// into one by `call_frame`, or received) is sent as that descriptor;
-    /// any other is copied into a new one. The frame keeps its payload
-    /// either way, so a call resubmitted to another broker (which may not
-    /// take descriptors) still has it.
-    pub(crate) fn to_fd_form(&self) -> std::io::Result<(Bytes, Arc<SealedFd>)> {
-        let head = self.head();
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt frame");
-        let env_len = u32::from_be_bytes(
-            head.get(4..8)
-                .ok_or_else(bad)?
-                .try_into()
-                .map_err(|_| bad())?,
-        ) as usize;
-        let env_end = HEADER_LEN + env_len;
-        let envelope = head.get(HEADER_LEN..env_end).ok_or_else(bad)?;
-        let payload = if self.tail.is_empty() {
-            &head[env_end..]
-        } else if env_end == head.len() {
-            &self.tail[..]
-        } else {
-            return Err(bad());
-        };
-        let fd = match zrpc_io::mapped::sealed_whole(payload) {
-            Some(fd) => fd,
-            None => Arc::new(SealedFd::create(payload)?),
-        };
-        let mut out = BytesMut::with_capacity(HEADER_LEN + env_len);
-        out.extend_from_slice(&(env_len as u32).to_be_bytes());
-        out.extend_from_slice(&(env_len as u32 | zrpc_proto::FD_PAYLOAD_FLAG).to_be_bytes());
-        out.extend_from_slice(envelope);
-        Ok((out.freeze(), fd))
     }
 
     /// The frame as one contiguous buffer (copies if it has a tail).

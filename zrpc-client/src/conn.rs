@@ -5,7 +5,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,22 +13,19 @@ use bytes::BytesMut;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 use zrpc_io::busy_poll::BusyPoll;
-use zrpc_io::fdpass::{FdQueue, FD_PAYLOAD_MIN};
+use zrpc_io::fdpass::FdQueue;
 use zrpc_io::reactor::{register, Registered};
 use zrpc_io::write::send_vectored;
 use zrpc_io::{OutQueue, ReadPolicy};
 use zrpc_proto::{Envelope, FrameDecoder};
 
 use crate::common::{
-    control_frame, lock, Dead, OutFrame, Settings, Welcome, HANDSHAKE_TIMEOUT, LARGE_FRAME,
+    control_frame, lock, next_generation, Dead, OutFrame, Settings, Welcome, HANDSHAKE_TIMEOUT,
 };
 use crate::core::Handout;
+use crate::fds::{queue_fd_frame, queue_frame};
 use crate::hold::{Ended, Hold};
-use crate::{Error, Result};
-
-/// Connection generations, to tell a call's connection from the current
-/// one.
-static GENERATION: AtomicU64 = AtomicU64::new(1);
+use crate::Result;
 
 /// What the callers and the writer task share of a connection's write
 /// side.
@@ -44,49 +41,33 @@ struct Outgoing {
     closed: bool,
 }
 
-/// Whether `frame` goes with its payload in a sealed memfd on a
-/// connection that negotiated it (`fds`).
-fn fd_sized(frame: &OutFrame, fds: bool) -> bool {
-    fds && frame.payload_len().is_some_and(|n| n >= FD_PAYLOAD_MIN)
-}
-
 impl Outgoing {
+    /// Whether the writer task must be woken for what is appended now.
+    fn needs_wake(&self) -> bool {
+        self.queue.is_empty() && !self.writing
+    }
+
     /// Appends a frame whose payload travels in `fd` (`head`: its header
     /// and envelope); returns whether the writer task must be woken.
     fn push_fd_frame(&mut self, head: &[u8], fd: Arc<zrpc_io::fdpass::SealedFd>) -> bool {
-        let wake = self.queue.is_empty() && !self.writing;
-        self.queue.push_fd(fd);
-        self.queue.push_copy(head);
+        let wake = self.needs_wake();
+        queue_fd_frame(&mut self.queue, head, fd);
         wake
     }
 
     /// Appends a frame, its payload in a sealed memfd if `fds` and it is
-    /// large (inline if the memfd cannot be made); returns whether the
-    /// writer task must be woken.
+    /// large (see [`queue_frame`]); returns whether the writer task must be
+    /// woken.
     fn push_frame_fds(&mut self, frame: &OutFrame, fds: bool) -> bool {
-        if fd_sized(frame, fds) {
-            match frame.to_fd_form() {
-                Ok((head, fd)) => return self.push_fd_frame(&head, fd),
-                Err(e) => {
-                    tracing::debug!(error = %e, "zrpc-client: cannot put a payload in a memfd; sending it inline");
-                }
-            }
-        }
-        self.push_frame(frame)
+        let wake = self.needs_wake();
+        queue_frame(&mut self.queue, frame, fds);
+        wake
     }
 
     /// Appends both parts of a frame (a large part by reference); returns
     /// whether the writer task must be woken.
     fn push_frame(&mut self, frame: &OutFrame) -> bool {
-        let wake = self.queue.is_empty() && !self.writing;
-        let head = frame.head();
-        if head.len() < LARGE_FRAME {
-            self.queue.push_copy(head);
-        } else {
-            self.queue.push_shared(frame.head_from(0));
-        }
-        self.queue.push(&frame.tail, LARGE_FRAME);
-        wake
+        self.push_frame_fds(frame, false)
     }
 }
 
@@ -137,24 +118,20 @@ impl Conn {
     pub(crate) async fn open(settings: &Settings) -> Result<(Arc<Conn>, BytesMut)> {
         let c = zrpc_io::handshake::connect(
             &settings.socket_path(),
-            &settings.hello_fds(),
+            &settings.hello(),
             HANDSHAKE_TIMEOUT,
         )
         .await?;
-        let connect_error = |source| Error::Connect {
-            path: settings.socket_path(),
-            source,
-        };
         // From here on: a non-blocking std socket, registered for
         // readability only (see `Conn`).
-        let io = register(c.sock, Interest::READABLE).map_err(connect_error)?;
+        let io = register(c.sock, Interest::READABLE).map_err(|e| settings.connect_error(e))?;
         let (welcome, buf, fds) = (c.welcome, c.leftover, c.leftover_fds);
         // Polled when the runtime runs out of work (`crate::busy_poll`).
         let poller = BusyPoll::current()
             .filter(|bp| bp.watch_or_log(io.get_ref().as_raw_fd()))
             .map(|bp| bp.id());
         let conn = Arc::new(Conn {
-            gen: GENERATION.fetch_add(1, Ordering::Relaxed),
+            gen: next_generation(),
             dead: AtomicBool::new(false),
             why: Mutex::new(None),
             out: Mutex::new(Outgoing::default()),
@@ -272,7 +249,7 @@ impl Conn {
     /// must [`kill`](Conn::kill) the connection with the reason given.
     #[must_use]
     pub(crate) fn send_unless_failed(&self, frame: OutFrame, direct: bool) -> Option<Dead> {
-        if fd_sized(&frame, self.fd_payloads) {
+        if frame.fd_sized(self.fd_payloads) {
             // Made before taking the lock (a copy of the payload into the
             // memfd); the frame and its descriptor go through the queue.
             match frame.to_fd_form() {

@@ -204,6 +204,16 @@ pub(crate) struct Dispatched {
     pub watched: bool,
 }
 
+impl Dispatched {
+    /// Nothing dispatched: the connection must end for `why`.
+    pub fn ended(why: Dead) -> Dispatched {
+        Dispatched {
+            end: Some(why),
+            ..Dispatched::default()
+        }
+    }
+}
+
 /// The calls of one client. Connections are told apart by generation
 /// numbers the faces give them.
 #[derive(Debug, Default)]

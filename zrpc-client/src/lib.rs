@@ -118,6 +118,7 @@ mod common;
 mod conn;
 mod core;
 mod error;
+mod fds;
 mod hold;
 mod monitor;
 mod options;

@@ -4,7 +4,6 @@
 //! backoff when it is lost. The connection itself is [`crate::conn`]; the
 //! handles and the call path are [`crate::client`].
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -12,12 +11,13 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::sync::Notify;
-use zrpc_io::fdpass::{FdQueue, SealedFd};
-use zrpc_proto::{ErrorCode, FrameDecoder};
+use zrpc_io::fdpass::FdQueue;
+use zrpc_proto::FrameDecoder;
 
 use crate::common::{lock, Dead, OutFrame, Outcome, Retry, Settings, LARGE_FRAME};
 use crate::conn::Conn;
 use crate::core::{Core, Dispatched, Waiter};
+use crate::fds::map_fd_payloads;
 use crate::Result;
 
 /// State shared by the client handles, the supervisor task and the
@@ -267,16 +267,10 @@ fn dispatch(
     let (batch, corrupt) = dec.take_batch(buf);
     // Payloads that came in descriptors: verified and mapped here, outside
     // the lock, in frame order.
-    let mut mapped = VecDeque::new();
-    let mut frames = batch.frames();
-    while let Some((_, _, has_fd)) = frames.next_with_fd() {
-        if has_fd {
-            match map_fd_payload(fds, conn.welcome.max_message_size) {
-                Ok(b) => mapped.push_back(b),
-                Err(why) => return Some(why),
-            }
-        }
-    }
+    let mut mapped = match map_fd_payloads(&batch, fds, conn.welcome.max_message_size) {
+        Ok(m) => m,
+        Err(why) => return Some(why),
+    };
     let d = if batch.is_empty() {
         Dispatched::default()
     } else {
@@ -288,29 +282,7 @@ fn dispatch(
     if let Some(pongs) = d.pongs {
         conn.send(pongs.freeze().into(), false);
     }
-    d.end.or_else(|| {
-        corrupt.map(|e| {
-            Dead::Fatal(
-                ErrorCode::Protocol,
-                format!("bad frame from the broker: {e}"),
-            )
-        })
-    })
-}
-
-/// The next received descriptor as a payload: verified to be a sealed
-/// memfd of at most `max` bytes before it is mapped read-only. A missing or
-/// refused descriptor ends the connection (the broker broke the protocol).
-fn map_fd_payload(fds: &mut FdQueue, max: u32) -> Result<bytes::Bytes, Dead> {
-    let bad = |m: String| Dead::Fatal(ErrorCode::Protocol, m);
-    let fd = fds.pop_front().ok_or_else(|| {
-        bad("a frame from the broker announced a descriptor that did not come".into())
-    })?;
-    let sealed = SealedFd::verify(fd, max as usize)
-        .map_err(|e| bad(format!("bad payload descriptor from the broker: {e}")))?;
-    sealed
-        .into_bytes()
-        .map_err(|e| Dead::Disconnected(format!("cannot map a payload descriptor: {e}")))
+    d.end.or_else(|| corrupt.map(Dead::bad_frame))
 }
 
 /// Reads `conn` until it ends; returns why.

@@ -1,6 +1,6 @@
 //! Large payloads as sealed memfds passed with `SCM_RIGHTS`: the one
-//! descriptor-passing path of zrpc, used by the broker, the service and the
-//! async client alike.
+//! descriptor-passing path of zrpc, used by the broker, the service and
+//! both clients alike.
 //!
 //! A sender puts a payload of [`FD_PAYLOAD_MIN`] bytes or more into a
 //! `memfd`, seals it against every change ([`SEALS`]: no write, no shrink,

@@ -277,14 +277,7 @@ pub fn connect_blocking(
             Ok(0) => return Err(err(closed())),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(err(timed_out(timeout)))
-            }
+            Err(e) if crate::read::is_timeout(&e) => return Err(err(timed_out(timeout))),
             Err(e) => return Err(err(e)),
         }
     };

@@ -114,6 +114,15 @@ pub fn read_spare(sock: &impl AsRawFd, buf: &mut BytesMut) -> io::Result<usize> 
     Ok(n)
 }
 
+/// Whether `e` is a read timing out on a blocking socket with
+/// `SO_RCVTIMEO` (`EAGAIN`, reported as `WouldBlock`, or `TimedOut`).
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// Waits until `rd` is readable, calls `room` to size `buf` (only then: the
 /// holders of frames handed out by the last read have usually dropped them
 /// by now, see [`ReadPolicy::make_room`]) and reads once into it. Returns

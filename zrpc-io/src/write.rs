@@ -326,6 +326,19 @@ pub fn write_all_blocking(sock: &UnixStream, parts: &[&[u8]]) -> Result<(), (usi
     Ok(())
 }
 
+/// Writes all of `q` on a blocking socket, with the descriptors queued in
+/// it ([`OutQueue::push_fd`]). On failure, the error comes with how many
+/// bytes were written, as from [`write_all_blocking`].
+pub fn write_queue_blocking(sock: &UnixStream, q: &mut OutQueue) -> Result<(), (usize, io::Error)> {
+    let total = q.len();
+    match q.write_now(sock.as_raw_fd()) {
+        Ok(true) => Ok(()),
+        // A blocking socket is never full, unless it has a send timeout.
+        Ok(false) => Err((total - q.len(), io::ErrorKind::WouldBlock.into())),
+        Err(e) => Err((total - q.len(), e)),
+    }
+}
+
 /// [`write_all_blocking`] of one buffer.
 fn write_one_blocking(fd: RawFd, buf: &[u8]) -> Result<(), (usize, io::Error)> {
     let mut done = 0;
@@ -458,6 +471,32 @@ mod tests {
             let s = SealedFd::verify(fd, 10).expect("sealed");
             assert_eq!(&s.map().expect("map")[..], &[i as u8 + 1; 3]);
         }
+    }
+
+    #[test]
+    fn a_queue_with_descriptors_is_written_whole_on_a_blocking_socket() {
+        use crate::fdpass::{read_spare_fds, FdQueue};
+        let (a, b) = UnixStream::pair().expect("pair");
+        let mut q = OutQueue::default();
+        q.push_copy(b"first");
+        q.push_fd(Arc::new(SealedFd::create(b"payload").expect("memfd")));
+        q.push_copy(b"second");
+        write_queue_blocking(&a, &mut q).expect("written");
+        assert!(q.is_empty() && q.fds_queued() == 0);
+        let mut buf = BytesMut::with_capacity(64);
+        let mut fds = FdQueue::new();
+        while buf.len() < 11 {
+            read_spare_fds(&b, &mut buf, &mut fds).expect("read");
+        }
+        assert_eq!(&buf[..], b"firstsecond");
+        let fd = fds.pop_front().expect("the descriptor came");
+        let s = SealedFd::verify(fd, 100).expect("sealed");
+        assert_eq!(&s.map().expect("map")[..], b"payload");
+        // Nothing written to a peer gone away: the count says so.
+        drop(b);
+        q.push_copy(b"more");
+        let err = write_queue_blocking(&a, &mut q).expect_err("peer gone");
+        assert_eq!((err.0, err.1.kind()), (0, io::ErrorKind::BrokenPipe));
     }
 
     #[test]
