@@ -505,10 +505,13 @@ fn executions_on_a(h: &Hosts, key: u64) -> u64 {
         .expect("executions")
 }
 
-/// Waits until `key`'s call started on host A.
-fn wait_started(h: &Hosts, key: u64) {
+/// Waits until the call is in flight on host A: pending at its broker
+/// (delivered to the service, which sleeps in it). Not `executions == 1`:
+/// `executions` takes `&mut self` like `record`, so it runs only once
+/// `record` has returned, and the call was then no longer mid-flight.
+fn wait_started(h: &Hosts) {
     assert!(
-        wait_until(WAIT, || executions_on_a(h, key) == 1),
+        wait_until(WAIT, || broker_stat(h.a.dir(), "pending") >= 1),
         "the call never reached host A's service"
     );
 }
@@ -521,7 +524,7 @@ fn nats_restarted_mid_call_answers_within_the_deadline_and_runs_once() {
     let key = 0xa11ce;
     let timeout = Duration::from_secs(4);
     let call = record_in_background(&h, key, 1_000, timeout);
-    wait_started(&h, key);
+    wait_started(&h);
     // Kill nats-server mid-call and start it again on the same port.
     h.nats.signal(libc::SIGKILL);
     assert!(h.nats.wait_exit(WAIT).is_some(), "nats-server did not exit");
@@ -569,7 +572,7 @@ fn the_remote_broker_restarted_mid_call_fails_the_call_in_time_and_runs_it_once(
     let key = 0xb0b;
     let timeout = Duration::from_secs(3);
     let call = record_in_background(&h, key, 1_500, timeout);
-    wait_started(&h, key);
+    wait_started(&h);
     // Host A's broker dies mid-call (its bridge with it) and comes back;
     // its service reconnects and registers again.
     h.a.restart(libc::SIGKILL);
@@ -677,7 +680,7 @@ fn a_call_resubmitted_after_the_callers_broker_restarted_runs_once_on_the_remote
     let key = 0xc0ffee;
     let timeout = Duration::from_secs(15);
     let call = record_in_background(&h, key, 1_500, timeout);
-    wait_started(&h, key);
+    wait_started(&h);
     // Host B's broker (and bridge) dies mid-call and comes back: the
     // client resubmits the call, B's new bridge sends it again with the
     // same origin and caller, and A's bridge joins it to the call if it
@@ -694,7 +697,7 @@ fn a_call_resubmitted_after_the_callers_broker_restarted_runs_once_on_the_remote
     let key = 0xdecaf;
     let answered = broker_stat(h.a.dir(), "calls_ok");
     let call = record_in_background(&h, key, 1_500, timeout);
-    wait_started(&h, key);
+    wait_started(&h);
     h.b.proc.signal(libc::SIGKILL);
     assert!(
         h.b.proc.wait_exit(WAIT).is_some(),
