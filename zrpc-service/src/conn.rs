@@ -381,16 +381,33 @@ impl Conn {
     /// batch wins over a cancel (the connection and its `cancels` are
     /// dropped): zrpcd's shutdown cancels delivered calls right before
     /// `Fatal{Shutdown}`, and the clients resubmit them, so the handler had
-    /// better finish and leave its outcome in the reply cache.
+    /// better finish and leave its outcome in the reply cache. An `Ack`
+    /// (unexpected once registered) is ignored.
     pub(crate) fn process(&mut self) -> Result<(), Error> {
+        self.process_acks(|req, code, message| {
+            tracing::debug!(req, ?code, message, "unexpected Ack ignored");
+            Ok(())
+        })
+    }
+
+    /// [`Conn::process`], giving each `Ack` to `ack` (registration: requests
+    /// may come right behind the first `Ack`, their descriptors with them).
+    pub(crate) fn process_acks(
+        &mut self,
+        mut ack: impl FnMut(u64, Option<ErrorCode>, String) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut after = |action| match action {
+            FrameAction::None => Ok(()),
+            FrameAction::Ack { req, code, message } => ack(req, code, message),
+            FrameAction::Welcome => Err(Error::Unexpected("a second Welcome".to_string())),
+        };
         while self.parked.is_some() {
             // A large frame read into an allocation of its own: taken as
             // it is (`next_frame` then returns to the regular buffer).
             let Some(frame) = self.next_frame()? else {
                 return Ok(());
             };
-            let action = self.handle_frame(&frame)?;
-            Self::after(action)?;
+            after(self.handle_frame(&frame)?)?;
         }
         // Every complete frame in `rbuf`, taken off as one shared buffer and
         // read where it lies: a request's payload and names are slices of
@@ -412,24 +429,11 @@ impl Conn {
             } else {
                 self.handle_parts(batch.bytes(), envelope, || batch.payload(payload))?
             };
-            Self::after(action)?;
+            after(action)?;
         }
         match corrupt {
             Some(e) => Err(e.into()),
             None => Ok(()),
-        }
-    }
-
-    /// What [`Conn::process`] does with a frame's action.
-    #[inline(always)]
-    fn after(action: FrameAction) -> Result<(), Error> {
-        match action {
-            FrameAction::None => Ok(()),
-            FrameAction::Ack { req, code, message } => {
-                tracing::debug!(req, ?code, message, "unexpected Ack ignored");
-                Ok(())
-            }
-            FrameAction::Welcome => Err(Error::Unexpected("a second Welcome".to_string())),
         }
     }
 

@@ -13,7 +13,7 @@ use zrpc_io::handshake::hello_frame_caps;
 use zrpc_io::{Backoff, Retry};
 use zrpc_proto::{socket_path, validate_name, Envelope, ErrorCode, DEFAULT_MAX_MESSAGE_SIZE};
 
-use crate::conn::{Conn, FrameAction};
+use crate::conn::Conn;
 use crate::error::Error;
 
 /// How long connecting, the handshake and name registration may take.
@@ -306,44 +306,32 @@ async fn connect(
     while acked.iter().any(|a| !a) {
         conn.flush().await?;
         conn.read_more().await?;
-        while let Some(frame) = conn.next_frame()? {
-            match conn.handle_frame(&frame)? {
-                FrameAction::Ack { req, code, message } => {
-                    let idx = req
-                        .checked_sub(1)
-                        .and_then(|i| usize::try_from(i).ok())
-                        .filter(|&i| i < names.len())
-                        .ok_or_else(|| {
-                            Error::Unexpected(format!("Ack for unknown request {req}"))
-                        })?;
-                    let name = names[idx].clone();
-                    match code {
-                        None => {
-                            tracing::debug!(name, "registered");
-                            acked[idx] = true;
-                        }
-                        Some(ErrorCode::NameTaken) => return Err(Error::NameTaken { name }),
-                        Some(ErrorCode::AccessDenied) => {
-                            return Err(Error::AccessDenied { name, message })
-                        }
-                        Some(ErrorCode::InvalidName) => {
-                            return Err(Error::InvalidName { name, message })
-                        }
-                        Some(code) => {
-                            return Err(Error::Register {
-                                name,
-                                code,
-                                message,
-                            })
-                        }
-                    }
+        // Through `process`: requests may follow the first `Ack` at once,
+        // with their descriptors (a request's payload must not be taken
+        // from the next one's).
+        conn.process_acks(|req, code, message| {
+            let idx = req
+                .checked_sub(1)
+                .and_then(|i| usize::try_from(i).ok())
+                .filter(|&i| i < names.len())
+                .ok_or_else(|| Error::Unexpected(format!("Ack for unknown request {req}")))?;
+            let name = names[idx].clone();
+            match code {
+                None => {
+                    tracing::debug!(name, "registered");
+                    acked[idx] = true;
+                    Ok(())
                 }
-                FrameAction::None => {}
-                FrameAction::Welcome => {
-                    return Err(Error::Unexpected("a second Welcome".to_string()))
-                }
+                Some(ErrorCode::NameTaken) => Err(Error::NameTaken { name }),
+                Some(ErrorCode::AccessDenied) => Err(Error::AccessDenied { name, message }),
+                Some(ErrorCode::InvalidName) => Err(Error::InvalidName { name, message }),
+                Some(code) => Err(Error::Register {
+                    name,
+                    code,
+                    message,
+                }),
             }
-        }
+        })?;
     }
     conn.flush().await?;
     Ok(conn)
