@@ -516,3 +516,96 @@ fn resubmitted_once(size: usize, key: u64, via: Via, restart_args: &[&str]) {
         .expect("executions");
     assert_eq!(runs, 1, "the service ran the call exactly once");
 }
+
+/// `n` large echoes (`echo.blob`) from `c`, one thread each, with
+/// `timeout`: whether each came back exactly, or its error.
+fn echo_threads(
+    c: &zrpc_client::BlockingClient,
+    n: usize,
+    timeout: std::time::Duration,
+) -> Vec<std::thread::JoinHandle<zrpc_client::Result<bool>>> {
+    (0..n)
+        .map(|i| {
+            let c = c.clone();
+            let b = blob(zrpc_io::fdpass::FD_PAYLOAD_MIN + 10, i as u8);
+            std::thread::spawn(move || {
+                let r: zrpc_client::Result<zrpc_client::Blob> =
+                    c.call("echo", "blob", &b, Some(timeout));
+                r.map(|back| back == b)
+            })
+        })
+        .collect()
+}
+
+/// Large calls waiting at the broker for a service that has not
+/// registered yet (clients that reconnected before it, after a restart)
+/// are sent to it with their descriptors right behind its `Ack`: each
+/// request gets its own payload. The service used to read the frames that
+/// came with the `Ack` without taking their descriptors: the first request
+/// ran with no payload and each later one with the previous one's.
+#[test]
+fn large_calls_waiting_for_a_service_reach_it_with_their_own_payloads() {
+    let broker = Broker::start();
+    let c = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect");
+    let calls = echo_threads(&c, 4, std::time::Duration::from_secs(20));
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(broker.dir(), "pending")
+            == 4),
+        "the calls did not all reach the broker"
+    );
+    let _svc = broker.spawn("zrpc-test-svc", &[]);
+    for call in calls {
+        let r = call.join().expect("thread");
+        assert!(
+            matches!(r, Ok(true)),
+            "an echo did not come back exactly: {r:?}"
+        );
+    }
+}
+
+/// More large calls resubmitted at once than the new broker lets one
+/// connection hold descriptors for (`--max-fds-per-conn 4`, 6 calls: one
+/// `sendmsg` carries all six descriptors): the calls past the limit are
+/// answered `LimitExceeded`, the others run. The broker used to count the
+/// six as "sent ahead of their frames" before the frames took them and end
+/// the connection, and the client resubmitted the same batch on every
+/// reconnection until every call timed out.
+#[test]
+fn calls_resubmitted_past_the_descriptor_limit_are_refused_one_by_one() {
+    let (mut broker, _svc) = echo_broker(&[]);
+    let c = zrpc_client::BlockingClient::connect_to(broker.dir()).expect("connect");
+    let timeout = std::time::Duration::from_secs(30);
+    let calls: Vec<_> = (0..6u64)
+        .map(|key| {
+            let c = c.clone();
+            let b = blob(zrpc_io::fdpass::FD_PAYLOAD_MIN + 10, key as u8);
+            std::thread::spawn(move || {
+                let r: zrpc_client::Result<(u64, zrpc_client::Blob)> = c.call(
+                    "echo",
+                    "record_blob",
+                    &(0x6d0 + key, 500u64, b.clone()),
+                    Some(timeout),
+                );
+                r.map(|(_, back)| back == b)
+            })
+        })
+        .collect();
+    // All six pending (the service runs them one at a time, 500 ms each).
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(broker.dir(), "pending")
+            == 6),
+        "the calls did not all reach the broker"
+    );
+    broker.args = vec!["--max-fds-per-conn".into(), "4".into()];
+    broker.restart(libc::SIGKILL);
+    let (mut ok, mut refused) = (0, 0);
+    for call in calls {
+        match call.join().expect("thread") {
+            Ok(true) => ok += 1,
+            Err(zrpc_client::Error::LimitExceeded(_)) => refused += 1,
+            other => panic!("neither answered exactly nor refused: {other:?}"),
+        }
+    }
+    assert!(refused >= 2, "{refused} of 6 refused past a limit of 4");
+    assert!(ok >= 1, "none of the calls within the limit ran");
+}

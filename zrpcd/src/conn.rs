@@ -225,26 +225,14 @@ async fn read_loop(
             Err(e) => return format!("read error: {e}"),
         };
         let mut b = broker.borrow_mut();
-        if !fds.is_empty() {
-            if !decoder.accepts_fds() {
-                // Not negotiated: descriptors sent anyway are closed unread.
-                tracing::debug!(
-                    peer = id,
-                    n = fds.len(),
-                    "closing descriptors sent without negotiating them"
-                );
-                fds.clear();
-            } else if fds.len() > b.max_unclaimed_fds() {
-                let fatal = Fatal {
-                    code: ErrorCode::LimitExceeded,
-                    message: format!(
-                        "{} descriptors sent ahead of their frames (limit --max-fds-per-conn)",
-                        fds.len()
-                    ),
-                };
-                b.close_with(id, &fatal);
-                return fatal.message;
-            }
+        if !fds.is_empty() && !decoder.accepts_fds() {
+            // Not negotiated: descriptors sent anyway are closed unread.
+            tracing::debug!(
+                peer = id,
+                n = fds.len(),
+                "closing descriptors sent without negotiating them"
+            );
+            fds.clear();
         }
         // One clock read per read batch, for every frame of it.
         let now = std::time::Instant::now();
@@ -307,6 +295,23 @@ async fn read_loop(
             }
         }
         buf.advance(done);
+        // Descriptors left once this read's frames took theirs came ahead
+        // of their frames (at most `MAX_FDS_PER_MSG` more than allowed are
+        // ever held: one message's worth). Counted after the frames, not
+        // before: one `sendmsg` may carry the descriptors of several calls,
+        // each of which is then answered `LimitExceeded` on its own if past
+        // the limits.
+        if fds.len() > b.max_unclaimed_fds() {
+            let fatal = Fatal {
+                code: ErrorCode::LimitExceeded,
+                message: format!(
+                    "{} descriptors sent ahead of their frames (limit --max-fds-per-conn)",
+                    fds.len()
+                ),
+            };
+            b.close_with(id, &fatal);
+            return fatal.message;
+        }
         let now_held = if buf.is_empty() { 0 } else { buf.capacity() };
         if now_held != held || (held != 0 && frames > 0) {
             held = now_held;
