@@ -16,10 +16,14 @@
 //! replaces them, and memfds nobody took for [`IDLE`] are dropped (a
 //! process that sent a large payload once does not hold their memory for
 //! ever). A process that never sends a large payload never starts the
-//! thread.
+//! thread. A child forked from a process with a pool makes its memfds on
+//! the spot: its copies of the ready memfds share their files (and file
+//! offsets) with the parent's, it has no refill thread, and the pool's
+//! lock may have been held by that thread at the fork.
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -52,9 +56,13 @@ struct State {
     last_take: Option<Instant>,
 }
 
+/// The process that made the pool (0: none yet).
+static POOL_PID: AtomicU32 = AtomicU32::new(0);
+
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
+        POOL_PID.store(std::process::id(), Ordering::Release);
         let ok = std::thread::Builder::new()
             .name("zrpc-memfd".into())
             .spawn(refill)
@@ -120,7 +128,10 @@ fn refill() {
 /// `cap >= len` allocated bytes (trim it to `len` before sealing), or,
 /// if none is ready, a new empty one (`cap` 0).
 pub fn take(len: usize) -> io::Result<(File, usize)> {
-    if len > MAX_SIZE {
+    let made_by = POOL_PID.load(Ordering::Acquire);
+    if len > MAX_SIZE || (made_by != 0 && made_by != std::process::id()) {
+        // Too large to keep ready, or a forked child of the pool's process
+        // (see the module docs): never touches the pool.
         return Ok((new_memfd()?, 0));
     }
     let size = len.div_ceil(GRAIN).max(1) * GRAIN;
@@ -186,5 +197,58 @@ mod tests {
             assert!(Instant::now() < deadline, "ready memfds kept while idle");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A child forked while memfds are ready must not take one of them (it
+    /// shares the file and its offset with the parent's copy: the parent's
+    /// sealed payload could hold the child's bytes), nor touch the pool's
+    /// lock (held here across the fork, as the refill thread may hold it).
+    #[test]
+    fn a_forked_child_makes_its_memfds_on_the_spot() {
+        let len: usize = 1024 * 1024 - 1000;
+        let size = len.div_ceil(GRAIN) * GRAIN;
+        // Other tests of this process change the size wanted: wait, under
+        // the lock, for two ready memfds of this size, and fork holding it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let held = loop {
+            let _ = take(len).expect("take");
+            let st = lock(pool());
+            if st.size == size && st.ready.len() == KEEP {
+                break st;
+            }
+            drop(st);
+            assert!(Instant::now() < deadline, "the pool never filled");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut pipe = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        // SAFETY: the child only makes syscalls (alarm, memfd_create,
+        // write) and leaves with _exit, allocating nothing.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            // SAFETY: as above; a child blocked on the pool's lock dies of
+            // SIGALRM, and the parent reads no byte.
+            unsafe {
+                libc::alarm(5);
+                let fresh = take(len).is_ok_and(|(_, cap)| cap == 0);
+                libc::write(pipe[1], [u8::from(fresh)].as_ptr().cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        drop(held);
+        let mut b = [9u8; 1];
+        // SAFETY: closes our write end, reads one byte into `b`, waits for
+        // the child by its pid.
+        let n = unsafe {
+            libc::close(pipe[1]);
+            let n = libc::read(pipe[0], b.as_mut_ptr().cast(), 1);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+            libc::close(pipe[0]);
+            n
+        };
+        assert_eq!(n, 1, "the forked child blocked on the pool's lock");
+        assert_eq!(b[0], 1, "the forked child took a prefilled memfd");
     }
 }
