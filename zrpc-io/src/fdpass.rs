@@ -301,11 +301,20 @@ pub async fn read_some_fds(
     .await
 }
 
-/// One `sendmsg(2)` of `parts` with `fds` attached (`SCM_RIGHTS`, at most
-/// [`MAX_FDS_PER_MSG`]), `MSG_NOSIGNAL`. The descriptors are sent if any
-/// byte is (`Ok(n > 0)`).
+/// One `sendmsg(2)` of `parts` with `fds` attached (`SCM_RIGHTS`),
+/// `MSG_NOSIGNAL`. The descriptors are sent if any byte is (`Ok(n > 0)`).
+/// From 1 to [`MAX_FDS_PER_MSG`] descriptors: others are `InvalidInput`
+/// (the control buffer holds no more, and receivers take no more).
 pub fn send_with_fds(fd: RawFd, parts: &[&[u8]], fds: &[RawFd]) -> io::Result<usize> {
-    debug_assert!(!fds.is_empty() && fds.len() <= MAX_FDS_PER_MSG);
+    if fds.is_empty() || fds.len() > MAX_FDS_PER_MSG {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} descriptors for one message (1 to {MAX_FDS_PER_MSG})",
+                fds.len()
+            ),
+        ));
+    }
     let iov: Vec<libc::iovec> = parts
         .iter()
         .filter(|p| !p.is_empty())
@@ -323,8 +332,10 @@ pub fn send_with_fds(fd: RawFd, parts: &[&[u8]], fds: &[RawFd]) -> io::Result<us
     msg.msg_control = cbuf.0.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
     // SAFETY: `msg_control` points to `space <= 512` zeroed bytes of
-    // `cbuf`, aligned for cmsghdr: CMSG_FIRSTHDR returns its start, and the
-    // header plus `fds.len()` descriptors fit in `space` bytes.
+    // `cbuf` (at most `MAX_FDS_PER_MSG` descriptors, checked above, and the
+    // `cbuf_holds_the_most_descriptors` test), aligned for cmsghdr:
+    // CMSG_FIRSTHDR returns its start, and the header plus `fds.len()`
+    // descriptors fit in `space` bytes.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
@@ -351,6 +362,24 @@ pub fn send_with_fds(fd: RawFd, parts: &[&[u8]], fds: &[RawFd]) -> io::Result<us
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn cbuf_holds_the_most_descriptors() {
+        assert!(cmsg_space(MAX_FDS_PER_MSG) <= std::mem::size_of::<CmsgBuf>());
+    }
+
+    #[test]
+    fn too_many_descriptors_for_one_message_are_refused() {
+        let (a, _b) = UnixStream::pair().expect("pair");
+        let s = SealedFd::create(b"x").expect("create");
+        let fds = vec![s.fd.as_raw_fd(); 200];
+        for n in [0, MAX_FDS_PER_MSG + 1, 200] {
+            let e = send_with_fds(a.as_raw_fd(), &[b"frame"], &fds[..n]).expect_err("refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{n}: {e}");
+        }
+        let n = send_with_fds(a.as_raw_fd(), &[b"frame"], &fds[..MAX_FDS_PER_MSG]).expect("sent");
+        assert_eq!(n, 5);
+    }
 
     #[test]
     fn a_created_payload_is_sealed_and_maps_back_exactly() {
