@@ -561,3 +561,29 @@ fn a_service_that_never_reads_its_acks_is_disconnected() {
     };
     assert_eq!(fatal.0, ErrorCode::LimitExceeded, "{}", fatal.1);
 }
+
+/// A service cannot answer with the broker's own `Shutdown`: clients take
+/// it for a broker going away and wait for the next connection to send the
+/// call again (on a healthy connection, until the call's deadline, or for
+/// ever without one). The caller gets `Remote` at once.
+#[test]
+fn a_service_cannot_answer_with_the_brokers_shutdown_code() {
+    let b = Broker::start();
+    let mut svc = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut svc, "svc");
+    let mut caller = Raw::hello(b.dir());
+    send_call(&mut caller, 1, "svc", None, 0);
+    let (bid, _) = next_request(&mut svc);
+    svc.send(
+        &Envelope::Reply {
+            id: bid,
+            code: Some(ErrorCode::Shutdown),
+            message: "going away, honest",
+        },
+        b"",
+    );
+    let (id, code, message) = next_result(&mut caller);
+    assert_eq!(id, 1);
+    assert_eq!(code, Some(ErrorCode::Remote), "{message}");
+    assert!(message.contains("Shutdown"), "{message}");
+}

@@ -528,6 +528,18 @@ impl Broker {
     ) {
         match self.pending.get(bid) {
             Some(p) if p.stage() == Stage::Delivered(peer) => {
+                // `Shutdown` is the broker's own: a caller takes it for a
+                // broker going away and waits for the next connection to
+                // send the call again. From a service it would hold the
+                // caller until its deadline (or for ever), so it reaches the
+                // caller as the service's error it is.
+                let (code, message) = match code {
+                    Some(ErrorCode::Shutdown) => (
+                        Some(ErrorCode::Remote),
+                        "the service answered with the broker's own code Shutdown",
+                    ),
+                    code => (code, message),
+                };
                 let outcome = Outcome::Reply {
                     code,
                     message,
