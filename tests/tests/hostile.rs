@@ -587,3 +587,61 @@ fn a_service_cannot_answer_with_the_brokers_shutdown_code() {
     assert_eq!(code, Some(ErrorCode::Remote), "{message}");
     assert!(message.contains("Shutdown"), "{message}");
 }
+
+/// A TCP socket whose last close(2) would wait an hour: `SO_LINGER` of
+/// 3,600 s and unsent data towards a peer that never reads. Returns it
+/// with the peer, which must stay open.
+fn lingering_socket() -> (std::net::TcpStream, std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut tcp =
+        std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (peer, _) = listener.accept().expect("accept");
+    tcp.set_nonblocking(true).expect("nonblocking");
+    // Until the send buffer is full: data that will never be acknowledged.
+    let chunk = vec![0u8; 65536];
+    while tcp.write(&chunk).is_ok() {}
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 3600,
+    };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes of `linger`.
+    let r = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_LINGER");
+    (tcp, peer)
+}
+
+/// A descriptor whose close would block, passed to the broker and then
+/// left to it (the sender closes its own copy, then the connection): the
+/// broker answers `Fatal{Protocol}` (not a memfd) and closes it on a thread
+/// of its own, its linger off. It used to hold it until the connection
+/// ended and close it on its only thread, which then waited the linger
+/// time: nobody could use the broker for an hour.
+#[test]
+fn a_descriptor_whose_close_would_block_does_not_wedge_the_broker() {
+    use std::os::fd::AsRawFd;
+    let b = Broker::start();
+    let (tcp, _peer) = lingering_socket();
+    let (mut r, caps) = Raw::hello_fds(b.dir());
+    assert_eq!(caps, zrpc_proto::caps::FD_PAYLOADS);
+    let mut ping = bytes::BytesMut::new();
+    zrpc_proto::encode_frame(&mut ping, &Envelope::Ping { nonce: 1 }, b"");
+    zrpc_io::fdpass::send_with_fds(r.s.as_raw_fd(), &[&ping], &[tcp.as_raw_fd()]).expect("send");
+    let message = r.expect_fatal(ErrorCode::Protocol);
+    assert!(message.contains("not a memfd"), "{message}");
+    drop(tcp);
+    drop(r);
+    // Another client is served.
+    assert_eq!(broker_stat(b.dir(), "pending"), 0);
+    let mut other = Raw::hello(b.dir());
+    send_call(&mut other, 1, "nobody", None, flags::NO_WAIT);
+    assert_eq!(next_result(&mut other).1, Some(ErrorCode::NoSuchService));
+}

@@ -197,6 +197,7 @@ async fn read_loop(
     // broker (`Broker::note_partial`).
     let mut held = 0;
     loop {
+        let had_fds = fds.len();
         let read = tokio::select! {
             r = read_some(&rd, &mut buf, &mut fds, &decoder) => r,
             _ = io.kill.notified() => return "closed by the broker".into(),
@@ -209,6 +210,10 @@ async fn read_loop(
                 return "handshake timeout".into();
             }
         };
+        // Anything but a memfd is closed off this thread, whatever the
+        // read's outcome: its close may block (see `crate::closer`). The
+        // descriptors left here are memfds, which may be dropped anywhere.
+        let foreign = crate::closer::sort_out(&mut fds, had_fds);
         let read_bytes = match read {
             Ok(0) => return "end of stream".into(),
             Ok(n) => n,
@@ -224,6 +229,11 @@ async fn read_loop(
             }
             Err(e) => return format!("read error: {e}"),
         };
+        if foreign > 0 && decoder.accepts_fds() {
+            let fatal = Fatal::protocol("a payload descriptor that is not a memfd");
+            broker.borrow_mut().close_with(id, &fatal);
+            return fatal.message;
+        }
         let mut b = broker.borrow_mut();
         if !fds.is_empty() && !decoder.accepts_fds() {
             // Not negotiated: descriptors sent anyway are closed unread.

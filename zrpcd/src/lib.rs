@@ -30,6 +30,7 @@ pub mod bridge;
 pub mod broker;
 pub mod builtin;
 pub mod cli;
+pub mod closer;
 pub mod config;
 pub mod conn;
 pub mod monitor;
