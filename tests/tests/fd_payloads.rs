@@ -609,3 +609,56 @@ fn calls_resubmitted_past_the_descriptor_limit_are_refused_one_by_one() {
     assert!(refused >= 2, "{refused} of 6 refused past a limit of 4");
     assert!(ok >= 1, "none of the calls within the limit ran");
 }
+
+/// Descriptors sent ahead of their frames and never claimed count like
+/// held ones: in `--max-fds` (and their user's `fds` quota). Connections
+/// that each leave 64 of them unclaimed (within `--max-fds-per-conn`) are
+/// ended with `LimitExceeded` once the broker would hold more than
+/// `--max-fds` and one message's worth; before, they were counted nowhere
+/// and one user could hold every descriptor the broker may open.
+#[test]
+fn unclaimed_descriptors_count_in_the_brokers_limit() {
+    use std::os::fd::AsRawFd;
+    let broker = Broker::start_with(&["--max-fds", "64"]);
+    let pid = broker.proc.pid();
+    let baseline = fd_count(pid);
+    let memfd = SealedFd::create(b"\xc0").expect("memfd");
+    let mut ping = bytes::BytesMut::new();
+    zrpc_proto::encode_frame(&mut ping, &Envelope::Ping { nonce: 1 }, b"");
+    let mut alive = Vec::new();
+    let mut refused = 0;
+    for _ in 0..10 {
+        let (mut r, _) = Raw::hello_fds(broker.dir());
+        for _ in 0..2 {
+            let fds = [memfd.as_raw_fd(); zrpc_io::fdpass::MAX_FDS_PER_MSG];
+            // May fail once the broker has ended the connection.
+            let _ = zrpc_io::fdpass::send_with_fds(r.s.as_raw_fd(), &[&ping], &fds);
+        }
+        // The broker has read all of it once it answers a later ping.
+        r.send(&Envelope::Ping { nonce: 2 }, b"");
+        loop {
+            match r.recv_frame().map(|f| f.decode().map(|e| format!("{e:?}"))) {
+                Some(Ok(e)) if e.contains("Pong") && e.contains('2') => {
+                    alive.push(r);
+                    break;
+                }
+                Some(Ok(e)) if e.contains("Fatal") => {
+                    assert!(e.contains("LimitExceeded"), "{e}");
+                    refused += 1;
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    refused += 1;
+                    break;
+                }
+            }
+        }
+    }
+    let held = fd_count(pid).saturating_sub(baseline + alive.len());
+    assert!(refused > 0, "no connection was refused");
+    assert!(
+        held <= 64 + zrpc_io::fdpass::MAX_FDS_PER_MSG,
+        "the broker holds {held} unclaimed descriptors past --max-fds 64"
+    );
+}

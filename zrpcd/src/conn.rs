@@ -190,8 +190,11 @@ async fn read_loop(
     hello_deadline: Instant,
 ) -> String {
     let mut buf = BytesMut::new();
-    // Descriptors received and not yet claimed by their frames, in order.
+    // Descriptors received and not yet claimed by their frames, in order,
+    // and their counts in the broker's limits between two reads
+    // (`Broker::charge_unclaimed`).
     let mut fds = FdQueue::new();
+    let mut unclaimed = Vec::new();
     let mut ready = false;
     // Read buffer held for a partly received frame, as last reported to the
     // broker (`Broker::note_partial`).
@@ -244,6 +247,8 @@ async fn read_loop(
             );
             fds.clear();
         }
+        // The frames below claim their descriptors with holds of their own.
+        unclaimed.clear();
         // One clock read per read batch, for every frame of it.
         let now = std::time::Instant::now();
         // Every peer that got frames is written once this wake-up's other
@@ -306,21 +311,19 @@ async fn read_loop(
         }
         buf.advance(done);
         // Descriptors left once this read's frames took theirs came ahead
-        // of their frames (at most `MAX_FDS_PER_MSG` more than allowed are
-        // ever held: one message's worth). Counted after the frames, not
-        // before: one `sendmsg` may carry the descriptors of several calls,
-        // each of which is then answered `LimitExceeded` on its own if past
-        // the limits.
-        if fds.len() > b.max_unclaimed_fds() {
-            let fatal = Fatal {
-                code: ErrorCode::LimitExceeded,
-                message: format!(
-                    "{} descriptors sent ahead of their frames (limit --max-fds-per-conn)",
-                    fds.len()
-                ),
-            };
-            b.close_with(id, &fatal);
-            return fatal.message;
+        // of their frames: counted like held ones until claimed (at most
+        // one message's worth, `MAX_FDS_PER_MSG`, is ever held past the
+        // limits). Counted after the frames, not before: one `sendmsg` may
+        // carry the descriptors of several calls, each of which is then
+        // answered `LimitExceeded` on its own if past the limits.
+        if !fds.is_empty() {
+            match b.charge_unclaimed(id, fds.len()) {
+                Ok(holds) => unclaimed = holds,
+                Err(fatal) => {
+                    b.close_with(id, &fatal);
+                    return fatal.message;
+                }
+            }
         }
         let now_held = if buf.is_empty() { 0 } else { buf.capacity() };
         if now_held != held || (held != 0 && frames > 0) {

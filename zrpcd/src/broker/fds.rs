@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::Instant;
 
-use zrpc_io::fdpass::SealedFd;
+use zrpc_io::fdpass::{SealedFd, MAX_FDS_PER_MSG};
 use zrpc_proto::{Envelope, ErrorCode};
 
 use super::{Broker, Fatal};
@@ -22,10 +22,47 @@ impl Broker {
         self.peers.get(peer).is_some_and(|p| p.io().fds.get())
     }
 
-    /// Most descriptors a connection may have sent ahead of the frames
-    /// they belong to (received, not yet claimed): more is a flood.
-    pub fn max_unclaimed_fds(&self) -> usize {
-        self.config.max_fds_per_conn
+    /// Counts the `n` descriptors `peer` sent ahead of the frames they
+    /// belong to (received, not yet claimed by a frame) like descriptors
+    /// the broker holds for it, in its connection's, its user's and the
+    /// broker's counts, for as long as the returned holds live. Past
+    /// `--max-fds-per-conn` unclaimed, or past its user's `fds` quota or
+    /// `--max-fds` by more than one message's worth
+    /// ([`MAX_FDS_PER_MSG`]: the descriptors of frames that arrive whole
+    /// with the next read): `Fatal{LimitExceeded}`. A peer that sends
+    /// descriptors without their frames must not hold the broker's
+    /// descriptors outside every count.
+    pub fn charge_unclaimed(&self, peer: PeerId, n: usize) -> Result<Vec<FdHold>, Fatal> {
+        let Some(p) = self.peers.get(peer) else {
+            return Ok(Vec::new());
+        };
+        let user = p.user_rc();
+        let over = if n > self.config.max_fds_per_conn {
+            Some(format!(
+                "{n} descriptors sent ahead of their frames (limit --max-fds-per-conn)"
+            ))
+        } else if self.fds_total.get() + n > self.config.max_fds + MAX_FDS_PER_MSG {
+            Some(format!(
+                "zrpcd already holds {} payload descriptors, the limit (--max-fds)",
+                self.fds_total.get()
+            ))
+        } else if user.limited() && user.fds() + n > self.quota.fds + MAX_FDS_PER_MSG {
+            Some(format!(
+                "uid {} already has {} payload descriptors held by zrpcd, its per-user quota (fds in [quota] of the policy)",
+                user.uid(),
+                user.fds()
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = over {
+            return Err(Fatal {
+                code: ErrorCode::LimitExceeded,
+                message,
+            });
+        }
+        let hold = || FdHold::new(p.fds().clone(), user.clone(), self.fds_total.clone());
+        Ok(std::iter::repeat_with(hold).take(n).collect())
     }
 
     /// Handles a frame of `peer` whose payload is the descriptor `fd`.
