@@ -635,3 +635,51 @@ fn a_burst_of_connections_cannot_pass_the_connection_quota() {
     let line = other_says(&b, &["burst", "--count", "40"]);
     assert_eq!(line, "welcomed 3");
 }
+
+/// Payload descriptors queued towards a user's connections count in that
+/// user's `fds` quota: one user whose client never reads the descriptor
+/// results of its own service is disconnected past its quota, and another
+/// user's descriptor calls are still taken. Before, the queued copies
+/// counted in no user's quota (and the per-connection limit was checked
+/// only once queued bytes passed theirs): one user filled `--max-fds`, and
+/// everyone else's descriptor calls were refused.
+#[test]
+fn descriptors_queued_to_a_user_count_in_its_quota() {
+    if !is_root("descriptors_queued_to_a_user_count_in_its_quota") {
+        return;
+    }
+    // --max-fds 256: a user's fds quota is 64.
+    let b = Broker::start_with(&["--max-fds", "256"]);
+    let open = || std::fs::read_dir(format!("/proc/{}/fd", b.proc.pid())).map_or(0, |d| d.count());
+    let baseline = open();
+    let mut hog = other(&b, &["fd-hog", "--count", "3000"]);
+    let line = hog
+        .read_until(|l| l.starts_with("hogged"))
+        .unwrap_or_default();
+    // Its client is disconnected past its quota, so its service never
+    // meets the broker-wide limit (`Fatal` for a reply past it).
+    assert_eq!(line.trim(), "hogged 3000", "one user reached --max-fds");
+    // The hog's connections (a client, a service) and at most its quota
+    // and one message's worth of descriptors.
+    let bound = baseline + 2 + 64 + zrpc_io::fdpass::MAX_FDS_PER_MSG;
+    assert!(
+        wait_until(WAIT, || open() <= bound),
+        "one user makes the broker hold {} descriptors (bound {bound}; {line})",
+        open()
+    );
+    let victim = as_uid(
+        &b,
+        65533,
+        &["fd-call", "--service", "nobody", "--count", "8"],
+    );
+    let (status, out) = victim.output(WAIT);
+    assert!(status.is_some(), "fd-call did not finish");
+    let said: Vec<&str> = out.lines().filter(|l| l.starts_with("result")).collect();
+    assert_eq!(said.len(), 8, "{out}");
+    for l in said {
+        assert!(
+            l.starts_with("result no_such_service"),
+            "another user's descriptor call was refused: {l}"
+        );
+    }
+}

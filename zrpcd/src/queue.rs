@@ -126,11 +126,14 @@ impl OutQueue {
         self.fds_total = Some(total);
     }
 
-    /// Moves the count of queued descriptors in the broker's total from
-    /// `self.fds` to `n`; returns `n`.
+    /// Moves the count of queued descriptors in the broker's total and the
+    /// peer's user's account from `self.fds` to `n`; returns `n`.
     fn set_fds(&self, n: usize) -> usize {
         if let Some(t) = &self.fds_total {
             t.set(t.get().saturating_sub(self.fds) + n);
+        }
+        if let Some(u) = &self.user {
+            u.requeue_fds(self.fds, n);
         }
         n
     }
@@ -143,6 +146,7 @@ impl OutQueue {
     /// Counts this queue's bytes in `user`'s account from now on.
     pub fn set_user(&mut self, user: Rc<crate::quota::Usage>) {
         user.requeue(0, self.bytes);
+        user.requeue_fds(0, self.fds);
         self.user = Some(user);
     }
 
@@ -244,7 +248,15 @@ impl PeerIo {
     /// [`FLUSH_EVERY_FRAMES`] frames: time to write them out. A payload
     /// in a memfd that cannot be mapped for a peer that takes no
     /// descriptors closes the connection (it cannot be given the frame).
+    ///
+    /// Nothing is queued once the connection is closing: its `Fatal` went
+    /// last, and frames routed to it until it is torn down (a peer that
+    /// keeps answering its calls meanwhile) would only hold the broker's
+    /// memory and descriptors.
     pub fn push(&self, env: &Envelope<'_>, payload: Payload<'_>, batch: u32) -> bool {
+        if self.closed.get() {
+            return false;
+        }
         let mut q = self.queue.borrow_mut();
         if let Err(e) = q.push(env, payload, batch, self.fds.get()) {
             tracing::warn!(error = %e, "cannot map a payload memfd for a peer without descriptor passing; closing it");

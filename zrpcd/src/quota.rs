@@ -114,6 +114,9 @@ pub struct Usage {
     queued_bytes: Cell<usize>,
     /// Payload descriptors held for its connections.
     fds: Cell<usize>,
+    /// Payload descriptors queued towards its connections and not yet
+    /// written.
+    queued_fds: Cell<usize>,
 }
 
 fn add(c: &Cell<usize>, n: usize) {
@@ -216,6 +219,18 @@ impl Usage {
     pub(crate) fn requeue(&self, before: usize, after: usize) {
         sub(&self.queued_bytes, before);
         add(&self.queued_bytes, after);
+    }
+
+    /// Payload descriptors queued towards its connections and not yet
+    /// written (counted in its `fds` quota beside [`Usage::fds`]).
+    pub fn queued_fds(&self) -> usize {
+        self.queued_fds.get()
+    }
+
+    /// A queue's unwritten descriptors went from `before` to `after`.
+    pub(crate) fn requeue_fds(&self, before: usize, after: usize) {
+        sub(&self.queued_fds, before);
+        add(&self.queued_fds, after);
     }
 }
 

@@ -15,6 +15,13 @@
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
 //!        every request with the string "HIJACKED" and printing
 //!        "request <service>.<method> uid <caller uid>", until killed
+//! zrpc-test-peer fd-hog --count N
+//!     -> a service of its own answers N calls of a client of its own, which
+//!        never reads, each with a payload descriptor; "hogged K" with the
+//!        replies it could send; stays
+//! zrpc-test-peer fd-call --service S [--count N]
+//!     -> N NO_WAIT calls whose argument is a payload descriptor, sent at
+//!        once; their results as `call` prints them
 //! ```
 //!
 //! The socket directory comes from `ZRPC_SOCKET_DIR`.
@@ -81,6 +88,19 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// Answer COUNT calls of a client that never reads, each with a
+    /// payload descriptor, from a service of its own (name "hog").
+    FdHog {
+        #[arg(long)]
+        count: u64,
+    },
+    /// COUNT NO_WAIT calls whose argument is a payload descriptor.
+    FdCall {
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+    },
     /// Register a name and serve it.
     Register {
         #[arg(long)]
@@ -111,10 +131,15 @@ fn say(line: &str) {
 
 /// Connects with `instance`; prints the `Fatal` and exits if refused.
 fn connect(instance: Option<u64>) -> Raw {
+    connect_caps(instance, 0)
+}
+
+/// [`connect`] offering the capabilities `caps`.
+fn connect_caps(instance: Option<u64>, caps: u32) -> Raw {
     let instance = instance.unwrap_or((1 << 32) | u64::from(std::process::id()));
     let dir = zrpc_proto::resolve_socket_dir(None);
     let mut r = Raw::connect(&dir);
-    match r.hello_as(instance) {
+    match r.hello_caps(instance, caps) {
         Some((Kind::Welcome, _)) => r,
         Some((_, f)) => {
             if let Ok(Envelope::Fatal { code, message }) = f.decode() {
@@ -129,8 +154,107 @@ fn connect(instance: Option<u64>) -> Raw {
     }
 }
 
+/// Prints the first `Result` (or `Fatal`) on `r`, as `call` does.
+fn say_result(r: &mut Raw) {
+    loop {
+        let Some(f) = r.recv_frame() else {
+            return say("fatal closed");
+        };
+        match f.decode() {
+            Ok(Envelope::Result { code: None, .. }) => {
+                return say(&format!("result ok {}", hex(&f.payload)));
+            }
+            Ok(Envelope::Result {
+                code: Some(c),
+                message,
+                ..
+            }) => return say(&format!("result {c} {message}")),
+            Ok(Envelope::Fatal { code, message }) => {
+                return say(&format!("fatal {code} {message}"));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `fd-hog`: see the module docs.
+fn fd_hog(count: u64) {
+    use std::os::fd::AsRawFd;
+    let mut svc = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
+    svc.send(
+        &Envelope::Register {
+            req: 1,
+            name: "hog",
+            shared: false,
+        },
+        b"",
+    );
+    let instance = (1 << 33) | u64::from(std::process::id());
+    let mut cli = connect_caps(Some(instance), zrpc_proto::caps::FD_PAYLOADS);
+    for id in 1..=count {
+        let call = Envelope::Call {
+            id,
+            service: "hog",
+            method: "m",
+            timeout_ms: None,
+            flags: 0,
+        };
+        cli.send(&call, b"\xc0");
+    }
+    let memfd = zrpc_io::fdpass::SealedFd::create(b"\xc0").expect("memfd");
+    let mut sent = 0;
+    while sent < count {
+        let Some(f) = svc.recv_frame() else { break };
+        match f.decode() {
+            Ok(Envelope::Request { id, .. }) => {
+                let reply = Envelope::Reply {
+                    id,
+                    code: None,
+                    message: "",
+                };
+                let mut out = bytes::BytesMut::new();
+                zrpc_proto::encode_fd_header(&mut out, &reply);
+                let fds = [memfd.as_raw_fd()];
+                if zrpc_io::fdpass::send_with_fds(svc.s.as_raw_fd(), &[&out], &fds).is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            Ok(Envelope::Ping { nonce }) => svc.send(&Envelope::Pong { nonce }, b""),
+            Ok(Envelope::Fatal { .. }) => break,
+            _ => {}
+        }
+    }
+    say(&format!("hogged {sent}"));
+    // Stays, the client never reading, until killed.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
+
 fn main() {
     match Cmd::parse() {
+        Cmd::FdHog { count } => fd_hog(count),
+        Cmd::FdCall { service, count } => {
+            let mut r = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
+            let memfd = zrpc_io::fdpass::SealedFd::create(b"\xc0").expect("memfd");
+            for id in 1..=count {
+                r.send_fd(
+                    &Envelope::Call {
+                        id,
+                        service: &service,
+                        method: "m",
+                        timeout_ms: Some(10_000),
+                        flags: zrpc_proto::flags::NO_WAIT,
+                    },
+                    &memfd,
+                    &[],
+                );
+            }
+            for _ in 0..count {
+                say_result(&mut r);
+            }
+        }
         Cmd::Call {
             service,
             method,
@@ -149,26 +273,7 @@ fn main() {
                 },
                 &unhex(&payload),
             );
-            loop {
-                let Some(f) = r.recv_frame() else {
-                    say("fatal closed");
-                    return;
-                };
-                match f.decode() {
-                    Ok(Envelope::Result { code: None, .. }) => {
-                        return say(&format!("result ok {}", hex(&f.payload)));
-                    }
-                    Ok(Envelope::Result {
-                        code: Some(c),
-                        message,
-                        ..
-                    }) => return say(&format!("result {c} {message}")),
-                    Ok(Envelope::Fatal { code, message }) => {
-                        return say(&format!("fatal {code} {message}"));
-                    }
-                    _ => {}
-                }
-            }
+            say_result(&mut r);
         }
         Cmd::Park {
             service,

@@ -369,6 +369,23 @@ impl Broker {
             self.log_refusal(target, &msg);
             return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
         }
+        // A request whose payload goes as a descriptor: refused, not queued,
+        // past the service's user's quota of queued descriptors (past it a
+        // peer is disconnected, see `check_backlog`, and other users'
+        // requests must not get a service disconnected).
+        if matches!(payload, Payload::Fd(_))
+            && t.io().fds.get()
+            && user.limited()
+            && user.queued_fds() >= self.quota.fds
+        {
+            let msg = format!(
+                "the services of uid {} do not read their requests ({} payload descriptors queued, its per-user quota: fds in [quota] of the policy)",
+                t.creds().uid,
+                user.queued_fds()
+            );
+            self.log_refusal(target, &msg);
+            return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
+        }
         let env = Envelope::Request {
             id: bid,
             service,
@@ -509,8 +526,10 @@ impl Broker {
         c.release_call(arg_size);
         self.out.enqueue(c.io(), env, payload);
         let max = self.config.max_queued_bytes;
-        if c.io().queue.borrow().len_bytes() > max
-            || (c.user().limited() && c.user().queued_bytes() > self.quota.queued_bytes)
+        if self
+            .peers
+            .get(caller)
+            .is_some_and(|c| self.over_backlog(c, max))
         {
             self.check_backlog(caller, max);
         }

@@ -107,6 +107,20 @@ impl Broker {
     /// unread bytes pass the per-user quota (a service's queue is filled by
     /// other users' requests, which `route` refuses past the quota instead,
     /// so nobody can get another user's services disconnected).
+    /// Whether `p`'s queue (or its user's queues) may hold more than they
+    /// should: then [`Broker::check_backlog`] looks closer. Descriptors
+    /// count per user here, not per connection: a burst of results routed
+    /// in one wake-up may queue more than `--max-fds-per-conn` towards a
+    /// client that reads them all right after.
+    pub(crate) fn over_backlog(&self, p: &crate::peers::Peer, limit: usize) -> bool {
+        let q = p.io().queue.borrow();
+        let user = p.user();
+        q.len_bytes() > limit
+            || (user.limited()
+                && (user.queued_bytes() > self.quota.queued_bytes
+                    || user.queued_fds() > self.quota.fds))
+    }
+
     pub(crate) fn check_backlog(&mut self, peer: PeerId, limit: usize) {
         let Some(p) = self.peers.get(peer) else {
             return;
@@ -123,6 +137,13 @@ impl Broker {
         } else if queued > limit {
             format!(
                 "{queued} bytes of frames for this connection (results, events, answers) are queued unread (limit --max-queued-bytes); disconnecting"
+            )
+        } else if p.user().limited() && !p.is_serving() && p.user().queued_fds() > self.quota.fds {
+            format!(
+                "uid {} has {} payload descriptors queued unread on its connections, more than its per-user quota of {} (fds in [quota] of the policy); disconnecting",
+                p.creds().uid,
+                p.user().queued_fds(),
+                self.quota.fds
             )
         } else if p.user().limited()
             && !p.is_serving()

@@ -231,9 +231,7 @@ impl Broker {
         } else {
             max
         };
-        if p.io().queue.borrow().len_bytes() > limit
-            || (p.user().limited() && p.user().queued_bytes() > self.quota.queued_bytes)
-        {
+        if self.over_backlog(p, limit) {
             self.check_backlog(peer, limit);
         }
         true
