@@ -250,6 +250,38 @@ fn a_caller_that_comes_back_within_its_grace_gets_the_first_execution() {
 }
 
 #[test]
+fn a_caller_that_comes_back_once_then_leaves_for_good_has_its_handler_cancelled() {
+    // Back within the grace (0.3 s), the resubmission adopts the running
+    // handler (it waits for its outcome at the service); gone again for
+    // good, the handler must be dropped when the second grace ends. The
+    // broker used to cancel only the second delivery (a copy waiting at
+    // the service), and the handler ran on.
+    let b = Broker::start_with(&["--caller-grace", "0.3"]);
+    let _svc = service(&b, None);
+    let calc = blocking(&b);
+    let pending = || zrpc_tests::broker_stat(b.dir(), "pending");
+    let first = raw_hold(&b, 46, 20_000);
+    assert!(wait_until(WAIT, || stats(&calc).running == 1));
+    drop(first);
+    // The broker has seen the caller leave: the call is no longer pending.
+    assert!(wait_until(WAIT, || pending() == 0));
+    let again = raw_hold(&b, 46, 20_000);
+    // Adopted: pending again, at the same instance.
+    assert!(wait_until(WAIT, || pending() == 1));
+    drop(again);
+    let mut last = HoldStats::default();
+    let cancelled = wait_until(WAIT, || {
+        last = stats(&calc);
+        last.dropped == 1
+    });
+    assert!(
+        cancelled,
+        "the handler of a caller gone for good runs on: {last:?}"
+    );
+    assert_eq!((last.started, last.running), (1, 0), "{last:?}");
+}
+
+#[test]
 fn a_caller_that_comes_back_after_its_grace_runs_the_call_again() {
     // Past the grace (0.3 s) the first execution was cancelled: it left no
     // outcome, so the late resubmission runs the handler again.

@@ -146,13 +146,19 @@ impl Running {
 
     /// Cancels the handler of request `id` on connection `generation`, if
     /// it runs: it is dropped at its next poll and reported as cancelled.
+    /// A copy of a running call set aside under that id is dropped (its
+    /// caller is gone: it must not run once the execution it waits for is
+    /// cancelled too, as the broker does for a call its caller resubmitted
+    /// and then left for good).
     pub(crate) fn cancel(&mut self, generation: u64, id: u64) -> bool {
+        let parked = self.parked.len();
+        self.parked.retain(|p| !(p.0 == generation && p.2.id == id));
         match self.handles.iter().find(|h| h.0 == generation && h.1 == id) {
             Some(h) => {
                 h.3.abort();
                 true
             }
-            None => false,
+            None => self.parked.len() != parked,
         }
     }
 

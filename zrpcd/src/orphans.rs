@@ -27,12 +27,27 @@ use crate::peers::PeerId;
 pub type CallerKey = (u32, u64, u64);
 
 /// A delivered call whose caller is gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Orphan {
     /// The service connection running it.
     pub service: PeerId,
     /// The broker's request id of the delivery (what `Cancel` names).
     pub request: u64,
+    /// The earlier deliveries of the same call to that service, adopted by
+    /// this one (a caller that came back, resubmitted, and left again):
+    /// the first of them is the one whose handler runs (the later ones
+    /// wait for its outcome at the service), so a `Cancel` names them all.
+    pub earlier: Vec<u64>,
+}
+
+impl Orphan {
+    /// Every request id a `Cancel` must name: the delivery and the
+    /// deliveries it adopted, latest first (the copies waiting at the
+    /// service go before the execution they wait for, which would
+    /// otherwise leave them to run again).
+    pub fn requests(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.request).chain(self.earlier.iter().rev().copied())
+    }
 }
 
 /// The orphans, by caller and by the time their grace ends.
@@ -40,6 +55,9 @@ pub struct Orphan {
 pub struct Orphans {
     by_caller: HashMap<CallerKey, (Orphan, Instant)>,
     by_time: BTreeMap<(Instant, CallerKey), ()>,
+    /// The deliveries adopted by a pending call (its request id): while it
+    /// lives, and moved into its orphan if its caller leaves again.
+    adopted: HashMap<u64, Vec<u64>>,
     /// Wakes the timer task when an earlier end of grace is added.
     wake: Rc<Notify>,
 }
@@ -65,8 +83,14 @@ impl Orphans {
         self.by_time.keys().next().map(|(t, _)| *t)
     }
 
-    /// Remembers `orphan`, made by `caller`, until `until`.
-    pub fn add(&mut self, caller: CallerKey, orphan: Orphan, until: Instant) {
+    /// Remembers the delivery `request` to `service`, made by `caller`, as
+    /// an orphan until `until` (with the deliveries it adopted).
+    pub fn add(&mut self, caller: CallerKey, service: PeerId, request: u64, until: Instant) {
+        let orphan = Orphan {
+            service,
+            request,
+            earlier: self.adopted.remove(&request).unwrap_or_default(),
+        };
         if let Some((_, old)) = self.by_caller.insert(caller, (orphan, until)) {
             self.by_time.remove(&(old, caller));
         }
@@ -79,10 +103,29 @@ impl Orphans {
 
     /// A call from `caller` arrived: if it is the resubmission of an
     /// orphan, the orphan is no longer one (its service is not cancelled).
+    /// Give the new call's request id to [`Orphans::adopted_by`].
     pub fn adopt(&mut self, caller: CallerKey) -> Option<Orphan> {
         let (orphan, until) = self.by_caller.remove(&caller)?;
         self.by_time.remove(&(until, caller));
         Some(orphan)
+    }
+
+    /// The pending call `request` adopted `orphan` (see
+    /// [`Orphans::adopt`]): if it is cancelled at the service, or orphaned
+    /// and not adopted in turn, the adopted deliveries are cancelled too.
+    pub fn adopted_by(&mut self, request: u64, orphan: Orphan) {
+        let mut earlier = orphan.earlier;
+        earlier.push(orphan.request);
+        self.adopted.insert(request, earlier);
+    }
+
+    /// The pending call `request` ended: the deliveries it adopted, if any,
+    /// to cancel at the service with it (empty at once in the usual case).
+    pub fn ended(&mut self, request: u64) -> Vec<u64> {
+        if self.adopted.is_empty() {
+            return Vec::new();
+        }
+        self.adopted.remove(&request).unwrap_or_default()
     }
 
     /// Takes the orphans whose grace ended at `now`.
@@ -127,30 +170,50 @@ mod tests {
     fn adopt_expire_and_service_gone() {
         let mut o = Orphans::default();
         let t0 = Instant::now();
-        let a = Orphan {
-            service: 7,
-            request: 1,
+        let orphan = |service, request| Orphan {
+            service,
+            request,
+            earlier: Vec::new(),
         };
-        let b = Orphan {
-            service: 8,
-            request: 2,
-        };
-        let c = Orphan {
-            service: 7,
-            request: 3,
-        };
-        o.add((1000, 1, 1), a, t0 + Duration::from_secs(1));
-        o.add((1000, 1, 2), b, t0 + Duration::from_secs(2));
-        o.add((1000, 2, 1), c, t0 + Duration::from_secs(3));
+        o.add((1000, 1, 1), 7, 1, t0 + Duration::from_secs(1));
+        o.add((1000, 1, 2), 8, 2, t0 + Duration::from_secs(2));
+        o.add((1000, 2, 1), 7, 3, t0 + Duration::from_secs(3));
         assert_eq!(o.next_deadline(), Some(t0 + Duration::from_secs(1)));
         // The resubmission of call 2 adopts it: never expires.
-        assert_eq!(o.adopt((1000, 1, 2)), Some(b));
+        assert_eq!(o.adopt((1000, 1, 2)), Some(orphan(8, 2)));
         assert_eq!(o.adopt((1000, 1, 2)), None);
         assert!(o.expired(t0).is_empty());
-        assert_eq!(o.expired(t0 + Duration::from_secs(2)), vec![a]);
+        assert_eq!(o.expired(t0 + Duration::from_secs(2)), vec![orphan(7, 1)]);
         o.service_gone(7);
         assert!(o.is_empty());
         assert_eq!(o.next_deadline(), None);
         assert!(o.expired(t0 + Duration::from_secs(9)).is_empty());
+    }
+
+    #[test]
+    fn an_adopted_delivery_is_cancelled_with_the_one_that_adopted_it() {
+        let mut o = Orphans::default();
+        let t0 = Instant::now();
+        let caller = (1000, 1, 7);
+        // Delivery 1 orphaned, adopted by delivery 2, orphaned again,
+        // adopted by 3, orphaned again: its expiry names all three.
+        o.add(caller, 5, 1, t0);
+        let adopted = o.adopt(caller).expect("orphan 1");
+        o.adopted_by(2, adopted);
+        o.add(caller, 5, 2, t0);
+        let adopted = o.adopt(caller).expect("orphan 2");
+        o.adopted_by(3, adopted);
+        o.add(caller, 5, 3, t0);
+        let gone = o.expired(t0);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].requests().collect::<Vec<_>>(), vec![3, 2, 1]);
+        // A call that adopted one and then ended otherwise hands it over
+        // once, and nothing stays behind.
+        o.add(caller, 5, 4, t0);
+        let adopted = o.adopt(caller).expect("orphan 4");
+        o.adopted_by(5, adopted);
+        assert_eq!(o.ended(5), vec![4]);
+        assert!(o.ended(5).is_empty());
+        assert!(o.adopted.is_empty() && o.is_empty());
     }
 }

@@ -166,13 +166,12 @@ impl Broker {
         // past the policy and the limits): not cancelled at the service,
         // and delivered to that same instance, whose reply cache answers
         // it with the one execution.
-        let prefer = if self.orphans.is_empty() {
+        let adopted = if self.orphans.is_empty() {
             None
         } else {
-            self.orphans
-                .adopt((caller_ident.1.uid, caller_ident.0, id))
-                .map(|o| o.service)
+            self.orphans.adopt((caller_ident.1.uid, caller_ident.0, id))
         };
+        let prefer = adopted.as_ref().map(|o| o.service);
         let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         let kept = KeptPayload::new(payload);
         let new = NewCall {
@@ -185,6 +184,9 @@ impl Broker {
             flags,
         };
         let bid = self.pending.insert(new, now, deadline);
+        if let Some(orphan) = adopted {
+            self.orphans.adopted_by(bid, orphan);
+        }
         // The call's route keeps the tag of the service's statistics row
         // (registered names only; calls to others count under
         // `stats::OTHER`), so that ending a call needs no name lookup. A
@@ -422,6 +424,9 @@ impl Broker {
             Outcome::Error(code, _) => *code != ErrorCode::Shutdown,
             Outcome::CallerGone => true,
         };
+        // The deliveries this call adopted (resubmitted within its caller's
+        // grace): their handler runs for this call, cancelled with it.
+        let adopted = self.orphans.ended(bid);
         match p.stage() {
             Stage::Delivered(svc) => {
                 let mut cancel = false;
@@ -430,7 +435,10 @@ impl Broker {
                     cancel = !replied && cancel_service;
                 }
                 if cancel {
-                    self.send(svc, &Envelope::Cancel { id: bid }, Payload::EMPTY);
+                    // Latest first (see `Orphan::requests`).
+                    for id in std::iter::once(bid).chain(adopted.into_iter().rev()) {
+                        self.send(svc, &Envelope::Cancel { id }, Payload::EMPTY);
+                    }
                 }
             }
             Stage::Parked => self.names.unpark(service, bid),

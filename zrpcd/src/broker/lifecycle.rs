@@ -8,7 +8,6 @@ use std::time::Instant;
 use zrpc_proto::{flags, Envelope, ErrorCode, PROTOCOL_VERSION};
 
 use super::{Broker, Fatal, Outcome};
-use crate::orphans::Orphan;
 use crate::payload::Payload;
 use crate::peers::{Creds, PeerId};
 use crate::pending::Stage;
@@ -234,11 +233,7 @@ impl Broker {
                 Some(_) if until <= now => Outcome::CallerGone,
                 Some((svc, call)) => {
                     let caller = (p.creds().uid, p.instance(), call);
-                    let orphan = Orphan {
-                        service: svc,
-                        request: bid,
-                    };
-                    self.orphans.add(caller, orphan, until);
+                    self.orphans.add(caller, svc, bid, until);
                     Outcome::CallerLeft
                 }
                 None => Outcome::CallerLeft,

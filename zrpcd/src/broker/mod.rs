@@ -167,11 +167,9 @@ impl Broker {
                     request = o.request,
                     "the caller did not come back; cancelling its call at the service"
                 );
-                self.send(
-                    o.service,
-                    &Envelope::Cancel { id: o.request },
-                    Payload::EMPTY,
-                );
+                for id in o.requests() {
+                    self.send(o.service, &Envelope::Cancel { id }, Payload::EMPTY);
+                }
             }
         }
     }
