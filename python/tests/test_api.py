@@ -280,3 +280,19 @@ def test_long_handler_still_answers_pings(procs, socket_dir, monkeypatch):
     holder = [p for p in peers if "slow" in p["names"]]
     assert len(holder) == 1 and holder[0]["connected_s"] >= 2.4, holder
     s.close()
+
+
+def test_local_safety_timeout_is_rpc_timeout_error(broker):
+    """A broker that stops answering (SIGSTOP): the call fails locally at its deadline plus the
+    safety margin, with RPCTimeoutError (the documented timeout error), not CancelledError."""
+    import signal
+    from zrpc import _proto
+    c = Client()
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(RPCTimeoutError) as e:
+        c.call("nobody", "f", timeout=0.3)
+    took = time.monotonic() - t0
+    assert 0.3 + _proto.SAFETY_MARGIN - 0.05 <= took < 0.3 + _proto.SAFETY_MARGIN + 1.5, took
+    assert e.value.code == errors.TIMEOUT and not e.value.no_service
+    assert "no answer from zrpcd" in str(e.value)

@@ -372,6 +372,20 @@ class CallTable:
             if call.waiter is not None and not call.waiter.done():
                 call.waiter.set_result(None)
 
+    def abandon(self, call: PendingCall, gen: int, send, outcome: Any = None) -> None:
+        """Gives ``call`` up: tells the broker (``Cancel`` through ``send(frame)``) if it was sent
+        on connection ``gen``, the live one (``send`` is ``None`` when there is none), and finishes
+        it with ``outcome``: :class:`errors.CancelledError` unless given (the local safety
+        timeout gives its :class:`errors.RPCTimeoutError`).
+        """
+        if call.done:
+            return
+        if send is not None and call.sent_on == gen:
+            send(encode_frame([CANCEL, call.cid]))
+        if outcome is None:
+            outcome = errors.CancelledError("the call was cancelled", service=call.service, method=call.method)
+        self.finish(call, outcome)
+
     def frame(self, call: PendingCall, gen: int, now: float) -> Optional[bytes]:
         """The ``Call`` frame for sending ``call`` on connection ``gen`` with its remaining budget.
 

@@ -174,21 +174,19 @@ class Client:
                 left = call.deadline + _proto.SAFETY_MARGIN - time.monotonic()
                 await asyncio.wait_for(call.waiter, max(0.0, left))
         except asyncio.TimeoutError:
-            self._cancel(call)
-            self._table.finish(call, _proto.timeout_error(call, "no answer from zrpcd"))
+            self._cancel(call, _proto.timeout_error(call, "no answer from zrpcd"))
         except BaseException:
             self._cancel(call)
             raise
         return _proto.result_value(call)
 
-    def _cancel(self, call: _proto.PendingCall) -> None:
+    def _cancel(self, call: _proto.PendingCall, outcome: Any = None) -> None:
+        """Abandons ``call`` (see :meth:`zrpc._proto.CallTable.abandon`)."""
         if call.done:
             return
-        if call.sent_on == self._gen and self._conn is not None:
-            self._conn.send(_proto.encode_frame([_proto.CANCEL, call.cid]))
         call.waiter = None
-        self._table.finish(call, errors.CancelledError("the call was cancelled", service=call.service,
-                                                       method=call.method))
+        conn = self._conn
+        self._table.abandon(call, self._gen, conn.send if conn is not None else None, outcome)
 
     async def close(self) -> None:
         """Closes the connection; pending calls fail with :class:`zrpc.errors.DisconnectedError`."""

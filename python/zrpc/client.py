@@ -171,8 +171,7 @@ class Client:
         while not call.done:
             now = time.monotonic()
             if call.deadline is not None and now >= call.deadline + _proto.SAFETY_MARGIN:
-                self._cancel(call)
-                self._table.finish(call, _proto.timeout_error(call, "no answer from zrpcd"))
+                self._cancel(call, _proto.timeout_error(call, "no answer from zrpcd"))
                 return
             if self._sock is None:
                 self._reconnect(call)
@@ -180,12 +179,9 @@ class Client:
             wait = None if call.deadline is None else call.deadline + _proto.SAFETY_MARGIN - now
             self._read(wait)
 
-    def _cancel(self, call: _proto.PendingCall) -> None:
-        """Abandons ``call``: tells the broker (``Cancel``) if it was sent on the live connection."""
-        if call.sent_on == self._gen and self._sock is not None:
-            self._send(_proto.encode_frame([_proto.CANCEL, call.cid]))
-        self._table.finish(call, errors.CancelledError("the call was cancelled", service=call.service,
-                                                       method=call.method))
+    def _cancel(self, call: _proto.PendingCall, outcome: Any = None) -> None:
+        """Abandons ``call`` (see :meth:`zrpc._proto.CallTable.abandon`)."""
+        self._table.abandon(call, self._gen, self._send if self._sock is not None else None, outcome)
 
     def close(self) -> None:
         """Closes the connection; later calls raise :class:`zrpc.errors.DisconnectedError`."""
