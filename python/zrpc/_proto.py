@@ -259,14 +259,17 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
                 data = sock.recv(65536)
                 if not data:
                     raise errors.ConnectError("the broker at %s closed the connection during the handshake" % path)
-                frames = reader.feed(data)
+                try:
+                    frames = reader.feed(data)
+                except errors.ZRPCError as e:
+                    raise errors.ProtocolError("bad answer to Hello from %s: %s" % (path, e)) from None
         except socket.timeout:
             raise errors.ConnectError("no answer to Hello from %s within %.1f s" % (path, timeout)) from None
         except OSError as e:
             raise errors.ConnectError("cannot connect to zrpcd at %s: %s" % (path, e)) from None
         env, _ = frames[0]
         if env[0] == FATAL:
-            raise errors.from_code(field(env, 1, errors.PROTOCOL), "zrpcd refused the connection: %s" % field(env, 2, ""))
+            raise fatal_error(env, "zrpcd refused the connection")
         if env[0] != WELCOME:
             raise errors.ProtocolError("expected Welcome from the broker, got kind %r" % env[0])
         if field(env, 1) != PROTOCOL_VERSION:
@@ -279,6 +282,28 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
     except BaseException:
         sock.close()
         raise
+
+
+def fatal_error(env: list, what: str) -> errors.ZRPCError:
+    """The error of a ``Fatal`` frame (``fatal`` set), its message prefixed with ``what``."""
+    e = errors.from_code(field(env, 1, errors.PROTOCOL), "%s: %s" % (what, field(env, 2, "")))
+    e.fatal = True
+    return e
+
+
+def reconnect_may_help(exc: BaseException) -> bool:
+    """Whether a failed reconnect (:func:`connect`) is worth retrying with backoff.
+
+    As ``docs/protocol.md`` says: yes when no broker answered or it closed the
+    connection (:class:`errors.ConnectError`), when its answer was not a
+    ``Welcome`` (:class:`errors.ProtocolError`), and when it answered ``Hello``
+    with ``Fatal`` of any code (a connection limit, a broker shutting down,
+    ...) but ``VersionMismatch``; not for a broker of another protocol version
+    or one running as an untrusted user.
+    """
+    if isinstance(exc, (errors.VersionMismatchError, errors.UntrustedBrokerError)):
+        return False
+    return isinstance(exc, (errors.ConnectError, errors.ProtocolError)) or getattr(exc, "fatal", False)
 
 
 class Backoff:

@@ -295,6 +295,13 @@ class ServiceCore:
         return self.finish(job, result)
 
 
+def reregister_may_help(exc: BaseException) -> bool:
+    """Whether a server's failed reconnect (connect and register) is worth retrying with backoff:
+    when :func:`zrpc._proto.reconnect_may_help` says so, and when the registration was refused
+    with ``NameTaken`` (the broker still holds the old connection's name) or ``Shutdown``."""
+    return _proto.reconnect_may_help(exc) or isinstance(exc, (errors.NameTakenError, errors.ShutdownError))
+
+
 def register_frame(req: int, name: str, shared: bool) -> bytes:
     """A ``Register`` frame."""
     return _proto.encode_frame([_proto.REGISTER, req, name, bool(shared)])

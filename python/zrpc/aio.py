@@ -140,10 +140,12 @@ class Client:
                 try:
                     await self._install()
                     break
-                except errors.ConnectError:
-                    self._table.lost(self._gen, "reconnecting")
                 except errors.ZRPCError as e:
-                    self._table.fail_all(lambda _c, e=e: e)
+                    if _proto.reconnect_may_help(e):
+                        # Retried while calls wait (each until its deadline).
+                        self._table.lost(self._gen, "reconnecting")
+                    else:
+                        self._table.fail_all(lambda _c, e=e: e)
 
     def _on_frames(self, conn: _Conn, frames: list) -> None:
         why = self._table.dispatch(frames, conn.send)
@@ -289,8 +291,10 @@ class Server(_service.ServerBase):
                 try:
                     conn = await self._connect()
                     break
-                except (errors.ConnectError, errors.NameTakenError, errors.ShutdownError):
-                    continue
+                except errors.ZRPCError as e:
+                    # Retried for ever (see zrpc._service.reregister_may_help).
+                    if not _service.reregister_may_help(e):
+                        raise
 
     def run(self) -> None:
         """Serves forever in a new event loop (``asyncio.run(self.serve())``)."""

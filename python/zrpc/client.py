@@ -90,10 +90,11 @@ class Client:
             return
         try:
             self._connect()
-        except errors.ConnectError:
-            return
-        except errors.ZRPCError as e:  # untrusted broker, version mismatch, Fatal: not worth retrying
-            self._table.finish(call, e)
+        except errors.ZRPCError as e:
+            # Retried until the call's deadline unless retrying cannot help
+            # (an untrusted broker, another protocol version).
+            if not _proto.reconnect_may_help(e):
+                self._table.finish(call, e)
 
     def _send(self, frame: bytes) -> None:
         if self._sock is None:
