@@ -343,3 +343,32 @@ def test_async_client_retries_a_fatal_answer_to_hello(procs, socket_dir, monkeyp
         return got
 
     assert asyncio.run(asyncio.wait_for(main(), 60)) == [0, 1, 2]
+
+
+# ---- Client.close() from another thread ------------------------------------
+
+def test_close_from_another_thread_fails_a_blocked_call(broker, procs, files):
+    log, go = files
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+    call = Call("worker", "slow", 1)  # no timeout
+    wait_for(lambda: lines(log) == ["slow 1"], what="the handler to start")
+    call.client.close()
+    call.join(5)
+    assert not call.is_alive(), "close() did not wake the call blocked in another thread"
+    assert isinstance(call.error, errors.DisconnectedError) and "closed" in str(call.error), call.error
+    with pytest.raises(errors.DisconnectedError):
+        call.client.call("zrpcd", "ping", timeout=5)
+    open(go, "w").close()
+
+
+def test_close_from_another_thread_fails_a_call_waiting_to_reconnect(broker, procs, files):
+    call = Call("nobody", "f")  # no timeout: waits for the name, then for a broker
+    wait_for(lambda: Client().call("zrpcd", "stats", timeout=5)["pending"] == 1, what="the call to wait at the broker")
+    broker.kill()
+    # Let the client's backoff grow past its first short delays.
+    wait_for(lambda: call.client._backoff.attempt >= 8, what="the client to retry a few times")
+    call.client.close()
+    call.join(5)
+    assert not call.is_alive(), "close() did not wake the call reconnecting in another thread"
+    assert isinstance(call.error, errors.DisconnectedError) and "closed" in str(call.error), call.error

@@ -16,6 +16,7 @@ once; calls made with ``no_retry=True`` fail with
 """
 
 import select
+import socket
 import threading
 import time
 from typing import Any, Optional
@@ -38,7 +39,9 @@ class Client:
     of the connection are reconnected.
 
     A client makes one call at a time (calls from several threads are
-    serialised); use :mod:`zrpc.aio` for many calls in flight.
+    serialised); use :mod:`zrpc.aio` for many calls in flight. :meth:`close`
+    may be called from any thread: a call blocked in another thread fails
+    at once with :class:`zrpc.errors.DisconnectedError`.
     """
 
     def __init__(self, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT):
@@ -55,6 +58,8 @@ class Client:
         self._up_since = 0.0
         self._max = _proto.DEFAULT_MAX_MESSAGE_SIZE
         self._closed = False
+        #: Set by close(): cuts a reconnect backoff delay short.
+        self._closing = threading.Event()
         self._pending_frames: list = []
         self._connect()
 
@@ -84,7 +89,8 @@ class Client:
         delay = self._backoff.next_delay()
         if call.deadline is not None:
             delay = max(0.0, min(delay, call.deadline - time.monotonic()))
-        time.sleep(delay)
+        if self._closing.wait(delay):
+            return
         if call.deadline is not None and time.monotonic() >= call.deadline:
             self._table.finish(call, _proto.timeout_error(call, "the deadline passed while reconnecting to zrpcd"))
             return
@@ -120,7 +126,9 @@ class Client:
             ready, _, _ = select.select([sock], [], [], wait)
         except InterruptedError:
             return
-        if not ready:
+        except (OSError, ValueError):  # closed under us by close()
+            ready = [sock]
+        if not ready or self._closed:
             return
         try:
             data = sock.recv(262144)
@@ -166,10 +174,16 @@ class Client:
                 if not call.done:
                     self._cancel(call)
                 raise
+            finally:
+                if self._closed:  # by another thread while this call waited
+                    self._shut()
             return _proto.result_value(call)
 
     def _wait(self, call: _proto.PendingCall) -> None:
         while not call.done:
+            if self._closed:
+                self._table.finish(call, self._closed_error(call))
+                return
             now = time.monotonic()
             if call.deadline is not None and now >= call.deadline + _proto.SAFETY_MARGIN:
                 self._cancel(call, _proto.timeout_error(call, "no answer from zrpcd"))
@@ -184,12 +198,38 @@ class Client:
         """Abandons ``call`` (see :meth:`zrpc._proto.CallTable.abandon`)."""
         self._table.abandon(call, self._gen, self._send if self._sock is not None else None, outcome)
 
+    @staticmethod
+    def _closed_error(call: _proto.PendingCall) -> errors.DisconnectedError:
+        return errors.DisconnectedError("the client was closed while %s.%s waited for its answer"
+                                        % (call.service, call.method), service=call.service, method=call.method)
+
     def close(self) -> None:
-        """Closes the connection; later calls raise :class:`zrpc.errors.DisconnectedError`."""
+        """Closes the connection; later calls raise :class:`zrpc.errors.DisconnectedError`.
+
+        From another thread, a call blocked there fails at once with
+        :class:`zrpc.errors.DisconnectedError` (the connection is shut down
+        under it, which wakes it; it closes the socket on its way out).
+        """
         self._closed = True
+        self._closing.set()
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._lock.acquire(blocking=False):
+            try:
+                self._shut()
+            finally:
+                self._lock.release()
+
+    def _shut(self) -> None:
+        """Closes the socket of a closed client (holding the lock) and fails what is still pending."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._table.fail_all(self._closed_error)
 
     def __enter__(self) -> "Client":
         return self
