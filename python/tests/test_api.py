@@ -296,3 +296,15 @@ def test_local_safety_timeout_is_rpc_timeout_error(broker):
     assert 0.3 + _proto.SAFETY_MARGIN - 0.05 <= took < 0.3 + _proto.SAFETY_MARGIN + 1.5, took
     assert e.value.code == errors.TIMEOUT and not e.value.no_service
     assert "no answer from zrpcd" in str(e.value)
+
+
+def test_deadline_is_kept_while_the_broker_is_down(broker):
+    """The reconnect backoff (up to 1 s) is cut at the call's deadline."""
+    c = Client()
+    broker.kill()
+    for timeout in (2, 0.3, 0.3, 0.3):
+        t0 = time.monotonic()
+        with pytest.raises(RPCTimeoutError):
+            c.call("nobody", "f", timeout=timeout)
+        took = time.monotonic() - t0
+        assert timeout - 0.05 <= took < timeout + 0.2, (timeout, took)

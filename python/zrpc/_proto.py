@@ -438,13 +438,32 @@ class CallTable:
                     out.append(f)
         return out
 
-    def lost(self, gen: int, why: str) -> None:
-        """Connection ``gen`` is gone: ``no_retry`` calls on it fail, the others wait to be resubmitted."""
+    def backoff_step(self, retry_at: float) -> Optional[float]:
+        """While the client waits to reconnect (at ``retry_at``, a ``time.monotonic()`` time after
+        the backoff delay): fails the calls whose deadline passed, and returns how long to wait
+        before looking again: until ``retry_at`` or the earliest deadline of the waiting calls,
+        whichever comes first, so that no deadline is overshot. ``None``: stop waiting (it is
+        time to reconnect, or no call waits any more).
+        """
         now = time.monotonic()
+        self.expire(now)
+        if now >= retry_at or not self.calls:
+            return None
+        earliest = min((c.deadline for c in self.calls.values() if c.deadline is not None), default=retry_at)
+        return max(0.0, min(retry_at, earliest) - now)
+
+    def expire(self, now: float) -> None:
+        """Calls whose deadline passed while they waited for a connection fail with a timeout."""
         for call in list(self.calls.values()):
             if call.deadline is not None and now >= call.deadline:
                 self.finish(call, timeout_error(call, "the deadline passed while reconnecting to zrpcd"))
-            elif call.sent_on == gen and call.no_retry:
+
+    def lost(self, gen: int, why: str) -> None:
+        """Connection ``gen`` is gone: calls past their deadline time out, ``no_retry`` calls on it
+        fail, the others wait to be resubmitted."""
+        self.expire(time.monotonic())
+        for call in list(self.calls.values()):
+            if call.sent_on == gen and call.no_retry:
                 self.finish(call, errors.DisconnectedError(
                     "connection to zrpcd lost while the no_retry call %s.%s was on the broker: %s"
                     % (call.service, call.method, why), service=call.service, method=call.method))

@@ -136,7 +136,8 @@ class Client:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                await asyncio.sleep(backoff.next_delay())
+                if not await self._backoff(backoff):
+                    continue
                 try:
                     await self._install()
                     break
@@ -146,6 +147,22 @@ class Client:
                         self._table.lost(self._gen, "reconnecting")
                     else:
                         self._table.fail_all(lambda _c, e=e: e)
+
+    async def _backoff(self, backoff: _proto.Backoff) -> bool:
+        """Waits the backoff delay before a reconnect attempt; calls whose deadline passes meanwhile
+        fail then, not at the end of the delay (a call made while waiting counts too: it wakes
+        the wait). Returns whether calls still wait for the connection."""
+        retry_at = time.monotonic() + backoff.next_delay()
+        while not self._closed:
+            step = self._table.backoff_step(retry_at)
+            if step is None:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), step)
+            except asyncio.TimeoutError:
+                pass
+        return not self._closed and bool(self._table.calls)
 
     def _on_frames(self, conn: _Conn, frames: list) -> None:
         why = self._table.dispatch(frames, conn.send)

@@ -85,14 +85,15 @@ class Client:
             self._table.lost(self._gen, why)
 
     def _reconnect(self, call: _proto.PendingCall) -> None:
-        """One reconnect attempt, after the backoff delay (cut short by the call's safety deadline)."""
-        delay = self._backoff.next_delay()
-        if call.deadline is not None:
-            delay = max(0.0, min(delay, call.deadline - time.monotonic()))
-        if self._closing.wait(delay):
-            return
-        if call.deadline is not None and time.monotonic() >= call.deadline:
-            self._table.finish(call, _proto.timeout_error(call, "the deadline passed while reconnecting to zrpcd"))
+        """One reconnect attempt, after the backoff delay (the call fails at its deadline meanwhile)."""
+        retry_at = time.monotonic() + self._backoff.next_delay()
+        while True:
+            step = self._table.backoff_step(retry_at)
+            if step is None:
+                break
+            if self._closing.wait(step):
+                return
+        if call.done:
             return
         try:
             self._connect()
