@@ -111,11 +111,32 @@ def pack(value: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     """Decodes a payload: exactly one MessagePack value; empty means nil.
 
+    Arrays decode as lists, except map keys that are arrays: those decode as
+    tuples (nested arrays in them too), since dict keys must be hashable. A
+    map key that is (or holds) a map has no such form: :class:`errors.DecodeError`.
     Raises ``ValueError`` (or a subclass) when ``data`` is not exactly one value.
     """
     if not data:
         return None
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except TypeError:
+        # An unhashable map key: decode again, building maps from their pairs.
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                               object_pairs_hook=_map_of_pairs)
+
+
+def _map_of_pairs(pairs: list) -> dict:
+    return {_hashable_key(k): v for k, v in pairs}
+
+
+def _hashable_key(key: Any) -> Any:
+    """A decoded map key as a dict key: arrays as tuples."""
+    if isinstance(key, list):
+        return tuple(_hashable_key(k) for k in key)
+    if isinstance(key, dict):
+        raise errors.DecodeError("a map key is itself a map, which cannot be a Python dict key")
+    return key
 
 
 # ---- frames ----------------------------------------------------------------
