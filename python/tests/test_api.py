@@ -307,7 +307,7 @@ def test_deadline_is_kept_while_the_broker_is_down(broker):
         with pytest.raises(RPCTimeoutError):
             c.call("nobody", "f", timeout=timeout)
         took = time.monotonic() - t0
-        assert timeout - 0.05 <= took < timeout + 0.2, (timeout, took)
+        assert timeout - 0.05 <= took < timeout + 0.35, (timeout, took)
 
 
 def test_maps_with_array_keys_round_trip(my_class):
