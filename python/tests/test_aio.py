@@ -171,3 +171,45 @@ def test_async_server_register_and_counter(broker):
         os.close(w)
 
     run(main())
+
+
+def test_async_local_safety_timeout_is_rpc_timeout_error(broker):
+    """A broker that stops answering (SIGSTOP): the call fails locally at its deadline plus the
+    safety margin, with RPCTimeoutError (the documented timeout error), not CancelledError."""
+    import signal
+    from zrpc import _proto
+
+    async def main():
+        c = await aio.Client.connect()
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(errors.RPCTimeoutError) as e:
+                await c.call("nobody", "f", timeout=0.3)
+        finally:
+            await c.close()
+        return e.value, time.monotonic() - t0
+
+    err, took = run(main())
+    assert 0.3 + _proto.SAFETY_MARGIN - 0.05 <= took < 0.3 + _proto.SAFETY_MARGIN + 1.5, took
+    assert err.code == errors.TIMEOUT and "no answer from zrpcd" in str(err)
+
+
+def test_async_deadline_is_kept_while_the_broker_is_down(broker):
+    """The reconnect backoff (up to 1 s) is cut at the earliest deadline of the waiting calls:
+    a call fails with RPCTimeoutError at its deadline, not up to a backoff delay later."""
+    async def main():
+        c = await aio.Client.connect()
+        await asyncio.get_running_loop().run_in_executor(None, broker.kill)
+        took = []
+        # The first call lets the backoff grow to its longest delays.
+        for timeout in (2, 0.3, 0.3, 0.3):
+            t0 = time.monotonic()
+            with pytest.raises(errors.RPCTimeoutError):
+                await c.call("nobody", "f", timeout=timeout)
+            took.append((timeout, time.monotonic() - t0))
+        await c.close()
+        return took
+
+    for timeout, took in run(main()):
+        assert timeout - 0.05 <= took < timeout + 0.35, (timeout, took)

@@ -280,3 +280,57 @@ def test_long_handler_still_answers_pings(procs, socket_dir, monkeypatch):
     holder = [p for p in peers if "slow" in p["names"]]
     assert len(holder) == 1 and holder[0]["connected_s"] >= 2.4, holder
     s.close()
+
+
+def test_local_safety_timeout_is_rpc_timeout_error(broker):
+    """A broker that stops answering (SIGSTOP): the call fails locally at its deadline plus the
+    safety margin, with RPCTimeoutError (the documented timeout error), not CancelledError."""
+    import signal
+    from zrpc import _proto
+    c = Client()
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(RPCTimeoutError) as e:
+        c.call("nobody", "f", timeout=0.3)
+    took = time.monotonic() - t0
+    assert 0.3 + _proto.SAFETY_MARGIN - 0.05 <= took < 0.3 + _proto.SAFETY_MARGIN + 1.5, took
+    assert e.value.code == errors.TIMEOUT and not e.value.no_service
+    assert "no answer from zrpcd" in str(e.value)
+
+
+def test_deadline_is_kept_while_the_broker_is_down(broker):
+    """The reconnect backoff (up to 1 s) is cut at the call's deadline."""
+    c = Client()
+    broker.kill()
+    for timeout in (2, 0.3, 0.3, 0.3):
+        t0 = time.monotonic()
+        with pytest.raises(RPCTimeoutError):
+            c.call("nobody", "f", timeout=timeout)
+        took = time.monotonic() - t0
+        assert timeout - 0.05 <= took < timeout + 0.35, (timeout, took)
+
+
+def test_maps_with_array_keys_round_trip(my_class):
+    """msgpack map keys that are arrays (a Rust map keyed by tuples, say) decode as tuples
+    (Python dict keys must be hashable); everything else decodes as before."""
+    value = {(1, 2): "a", (3, (4, b"x")): [5, 6], "s": {"t": [7]}, 8: None}
+    got = my_class.call("my_class", "echo", value, timeout=5)
+    assert got == value and isinstance(got["s"]["t"], list)
+
+
+def test_maps_with_map_keys_are_a_clear_error(my_class, broker):
+    """A map key that is itself a map has no hashable Python form: the service answers
+    BadPayload naming the problem; a client gets DecodeError."""
+    from zrpc import _proto
+    map_keyed = b"\x81\x81\x01\x02\x03"  # {{1: 2}: 3}
+    sock, _w, reader, frames = _proto.connect(broker.socket_dir, _proto.random_id())
+    sock.sendall(_proto.call_frame(1, "my_class", "echo", 10_000, 0, map_keyed))
+    while not frames:
+        frames = reader.feed(sock.recv(65536))
+    sock.close()
+    env, _ = frames[0]
+    assert env[:3] == [_proto.RESULT, 1, errors.BAD_PAYLOAD] and "map key" in env[3], env
+    with pytest.raises(errors.DecodeError, match="map key"):
+        _proto.unpack(map_keyed)
+    with pytest.raises(errors.DecodeError, match="map key"):
+        _proto.unpack(b"\x81\x91\x81\x01\x02\x03")  # {[{1: 2}]: 3}

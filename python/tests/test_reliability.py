@@ -215,3 +215,160 @@ def test_server_reconnects_after_broker_restart(broker, procs, files):
     assert Client().call("worker", "work", "again", timeout=30)["done"] == "again"
     assert service_names(broker.socket_dir) == ["worker"]
 
+
+
+# ---- a Fatal answer to Hello on reconnect --------------------------------
+#
+# docs/protocol.md: a library treats Fatal like a lost connection and reconnects
+# with backoff, unless the code is VersionMismatch. The processes under test reach
+# the broker through a symlink, $ZRPC_SOCKET_DIR/zrpcd.sock, to broker A's socket;
+# broker B runs with --max-connections 2, both taken. The symlink is switched to B
+# and A killed: the reconnect gets Fatal{LimitExceeded} until a slot is freed.
+
+ECHO_SERVICE = textwrap.dedent('''
+    from zrpc.{module} import Server, rpc_method
+
+    class Echo(Server):
+        @rpc_method
+        def echo(self, payload):
+            return payload
+
+    Echo().run()
+''')
+
+
+class Switch:
+    """Brokers A (plain) and B (two connections at most), and the symlink ``link_dir/zrpcd.sock``."""
+
+    def __init__(self, procs, socket_dir):
+        self.procs = procs
+        self.dirs = {}
+        for n in ("a", "b", "link"):
+            self.dirs[n] = os.path.join(socket_dir, n)
+            os.mkdir(self.dirs[n], 0o700)
+        from conftest import Broker
+        self.a = Broker(procs, self.dirs["a"])
+        self.b = Broker(procs, self.dirs["b"], ["--max-connections", "2"])
+        self.link = os.path.join(self.dirs["link"], _proto.SOCKET_FILE)
+        os.symlink(self.a.socket, self.link)
+        self.env = dict(procs.env, ZRPC_SOCKET_DIR=self.dirs["link"])
+
+    def to_b(self):
+        tmp = self.link + ".new"
+        os.symlink(self.b.socket, tmp)
+        os.replace(tmp, self.link)
+
+    def admitted(self, make):
+        """``make()`` once B admits it (a slot of a connection that just closed may take a moment to free)."""
+        def attempt():
+            try:
+                return make()
+            except errors.LimitExceededError:
+                return None
+        return wait_for(attempt, what="broker B to admit a connection")
+
+    def refused(self, monitor):
+        return monitor.call("zrpcd", "stats", timeout=5)["connections_refused"]
+
+
+@pytest.mark.parametrize("module", ["server", "aio"])
+def test_server_retries_a_fatal_answer_to_hello(procs, socket_dir, module):
+    sw = Switch(procs, socket_dir)
+    server = procs.spawn([sys.executable, "-c", ECHO_SERVICE.format(module=module)], env=sw.env)
+    wait_registered(sw.dirs["a"], "echo")
+    monitor = sw.admitted(lambda: Client(sw.dirs["b"]))
+    hog = sw.admitted(lambda: Client(sw.dirs["b"]))
+    refused = sw.refused(monitor)
+    sw.to_b()
+    sw.a.kill()
+    wait_for(lambda: sw.refused(monitor) >= refused + 2 or server.poll() is not None,
+             what="broker B to refuse the server twice")
+    assert server.poll() is None, server.communicate()[1]
+    hog.close()
+    wait_for(lambda: "echo" in [r["name"] for r in monitor.call("zrpcd", "list", timeout=5)],
+             what="the server to register at broker B")
+    assert monitor.call("echo", "echo", "again", timeout=10) == "again"
+
+
+def test_blocking_client_retries_a_fatal_answer_to_hello(procs, socket_dir, monkeypatch):
+    sw = Switch(procs, socket_dir)
+    # The service runs at B from the start; A has none, so the call waits there.
+    procs.spawn([sys.executable, "-c", ECHO_SERVICE.format(module="server")],
+                env=dict(procs.env, ZRPC_SOCKET_DIR=sw.dirs["b"]))
+    monitor = sw.admitted(lambda: Client(sw.dirs["b"]))
+    wait_for(lambda: "echo" in [r["name"] for r in monitor.call("zrpcd", "list", timeout=5)],
+             what="the service to register at broker B")
+    monkeypatch.setenv("ZRPC_SOCKET_DIR", sw.dirs["link"])
+    call = Call("echo", "echo", "through", timeout=30)
+    wait_for(lambda: Client(sw.dirs["a"]).call("zrpcd", "stats", timeout=5)["pending"] == 1,
+             what="the call to wait at broker A")
+    refused = sw.refused(monitor)
+    sw.to_b()
+    sw.a.kill()
+    wait_for(lambda: sw.refused(monitor) >= refused + 2 or not call.is_alive(),
+             what="broker B to refuse the client twice")
+    assert call.is_alive(), call.outcome()
+    monitor.close()
+    assert call.outcome() == "through"
+
+
+def test_async_client_retries_a_fatal_answer_to_hello(procs, socket_dir, monkeypatch):
+    import asyncio
+    from zrpc import aio
+    sw = Switch(procs, socket_dir)
+    procs.spawn([sys.executable, "-c", ECHO_SERVICE.format(module="server")],
+                env=dict(procs.env, ZRPC_SOCKET_DIR=sw.dirs["b"]))
+    monitor = sw.admitted(lambda: Client(sw.dirs["b"]))
+    wait_for(lambda: "echo" in [r["name"] for r in monitor.call("zrpcd", "list", timeout=5)],
+             what="the service to register at broker B")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def run(f, *a):
+            return loop.run_in_executor(None, f, *a)
+
+        c = await aio.Client.connect(sw.dirs["link"])
+        calls = [asyncio.ensure_future(c.call("echo", "echo", i, timeout=30)) for i in range(3)]
+        await run(wait_for, lambda: Client(sw.dirs["a"]).call("zrpcd", "stats", timeout=5)["pending"] == 3)
+        refused = sw.refused(monitor)
+        sw.to_b()
+        await run(sw.a.kill)
+        await run(wait_for, lambda: sw.refused(monitor) >= refused + 2 or any(t.done() for t in calls))
+        assert not any(t.done() for t in calls), [t.result() if not t.exception() else t.exception()
+                                                  for t in calls if t.done()]
+        await run(monitor.close)
+        got = await asyncio.gather(*calls)
+        await c.close()
+        return got
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == [0, 1, 2]
+
+
+# ---- Client.close() from another thread ------------------------------------
+
+def test_close_from_another_thread_fails_a_blocked_call(broker, procs, files):
+    log, go = files
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+    call = Call("worker", "slow", 1)  # no timeout
+    wait_for(lambda: lines(log) == ["slow 1"], what="the handler to start")
+    call.client.close()
+    call.join(5)
+    assert not call.is_alive(), "close() did not wake the call blocked in another thread"
+    assert isinstance(call.error, errors.DisconnectedError) and "closed" in str(call.error), call.error
+    with pytest.raises(errors.DisconnectedError):
+        call.client.call("zrpcd", "ping", timeout=5)
+    open(go, "w").close()
+
+
+def test_close_from_another_thread_fails_a_call_waiting_to_reconnect(broker, procs, files):
+    call = Call("nobody", "f")  # no timeout: waits for the name, then for a broker
+    wait_for(lambda: Client().call("zrpcd", "stats", timeout=5)["pending"] == 1, what="the call to wait at the broker")
+    broker.kill()
+    # Let the client's backoff grow past its first short delays.
+    wait_for(lambda: call.client._backoff.attempt >= 8, what="the client to retry a few times")
+    call.client.close()
+    call.join(5)
+    assert not call.is_alive(), "close() did not wake the call reconnecting in another thread"
+    assert isinstance(call.error, errors.DisconnectedError) and "closed" in str(call.error), call.error

@@ -111,11 +111,32 @@ def pack(value: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     """Decodes a payload: exactly one MessagePack value; empty means nil.
 
+    Arrays decode as lists, except map keys that are arrays: those decode as
+    tuples (nested arrays in them too), since dict keys must be hashable. A
+    map key that is (or holds) a map has no such form: :class:`errors.DecodeError`.
     Raises ``ValueError`` (or a subclass) when ``data`` is not exactly one value.
     """
     if not data:
         return None
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except TypeError:
+        # An unhashable map key: decode again, building maps from their pairs.
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                               object_pairs_hook=_map_of_pairs)
+
+
+def _map_of_pairs(pairs: list) -> dict:
+    return {_hashable_key(k): v for k, v in pairs}
+
+
+def _hashable_key(key: Any) -> Any:
+    """A decoded map key as a dict key: arrays as tuples."""
+    if isinstance(key, list):
+        return tuple(_hashable_key(k) for k in key)
+    if isinstance(key, dict):
+        raise errors.DecodeError("a map key is itself a map, which cannot be a Python dict key")
+    return key
 
 
 # ---- frames ----------------------------------------------------------------
@@ -259,14 +280,17 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
                 data = sock.recv(65536)
                 if not data:
                     raise errors.ConnectError("the broker at %s closed the connection during the handshake" % path)
-                frames = reader.feed(data)
+                try:
+                    frames = reader.feed(data)
+                except errors.ZRPCError as e:
+                    raise errors.ProtocolError("bad answer to Hello from %s: %s" % (path, e)) from None
         except socket.timeout:
             raise errors.ConnectError("no answer to Hello from %s within %.1f s" % (path, timeout)) from None
         except OSError as e:
             raise errors.ConnectError("cannot connect to zrpcd at %s: %s" % (path, e)) from None
         env, _ = frames[0]
         if env[0] == FATAL:
-            raise errors.from_code(field(env, 1, errors.PROTOCOL), "zrpcd refused the connection: %s" % field(env, 2, ""))
+            raise fatal_error(env, "zrpcd refused the connection")
         if env[0] != WELCOME:
             raise errors.ProtocolError("expected Welcome from the broker, got kind %r" % env[0])
         if field(env, 1) != PROTOCOL_VERSION:
@@ -279,6 +303,28 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
     except BaseException:
         sock.close()
         raise
+
+
+def fatal_error(env: list, what: str) -> errors.ZRPCError:
+    """The error of a ``Fatal`` frame (``fatal`` set), its message prefixed with ``what``."""
+    e = errors.from_code(field(env, 1, errors.PROTOCOL), "%s: %s" % (what, field(env, 2, "")))
+    e.fatal = True
+    return e
+
+
+def reconnect_may_help(exc: BaseException) -> bool:
+    """Whether a failed reconnect (:func:`connect`) is worth retrying with backoff.
+
+    As ``docs/protocol.md`` says: yes when no broker answered or it closed the
+    connection (:class:`errors.ConnectError`), when its answer was not a
+    ``Welcome`` (:class:`errors.ProtocolError`), and when it answered ``Hello``
+    with ``Fatal`` of any code (a connection limit, a broker shutting down,
+    ...) but ``VersionMismatch``; not for a broker of another protocol version
+    or one running as an untrusted user.
+    """
+    if isinstance(exc, (errors.VersionMismatchError, errors.UntrustedBrokerError)):
+        return False
+    return isinstance(exc, (errors.ConnectError, errors.ProtocolError)) or getattr(exc, "fatal", False)
 
 
 class Backoff:
@@ -372,6 +418,20 @@ class CallTable:
             if call.waiter is not None and not call.waiter.done():
                 call.waiter.set_result(None)
 
+    def abandon(self, call: PendingCall, gen: int, send, outcome: Any = None) -> None:
+        """Gives ``call`` up: tells the broker (``Cancel`` through ``send(frame)``) if it was sent
+        on connection ``gen``, the live one (``send`` is ``None`` when there is none), and finishes
+        it with ``outcome``: :class:`errors.CancelledError` unless given (the local safety
+        timeout gives its :class:`errors.RPCTimeoutError`).
+        """
+        if call.done:
+            return
+        if send is not None and call.sent_on == gen:
+            send(encode_frame([CANCEL, call.cid]))
+        if outcome is None:
+            outcome = errors.CancelledError("the call was cancelled", service=call.service, method=call.method)
+        self.finish(call, outcome)
+
     def frame(self, call: PendingCall, gen: int, now: float) -> Optional[bytes]:
         """The ``Call`` frame for sending ``call`` on connection ``gen`` with its remaining budget.
 
@@ -399,13 +459,32 @@ class CallTable:
                     out.append(f)
         return out
 
-    def lost(self, gen: int, why: str) -> None:
-        """Connection ``gen`` is gone: ``no_retry`` calls on it fail, the others wait to be resubmitted."""
+    def backoff_step(self, retry_at: float) -> Optional[float]:
+        """While the client waits to reconnect (at ``retry_at``, a ``time.monotonic()`` time after
+        the backoff delay): fails the calls whose deadline passed, and returns how long to wait
+        before looking again: until ``retry_at`` or the earliest deadline of the waiting calls,
+        whichever comes first, so that no deadline is overshot. ``None``: stop waiting (it is
+        time to reconnect, or no call waits any more).
+        """
         now = time.monotonic()
+        self.expire(now)
+        if now >= retry_at or not self.calls:
+            return None
+        earliest = min((c.deadline for c in self.calls.values() if c.deadline is not None), default=retry_at)
+        return max(0.0, min(retry_at, earliest) - now)
+
+    def expire(self, now: float) -> None:
+        """Calls whose deadline passed while they waited for a connection fail with a timeout."""
         for call in list(self.calls.values()):
             if call.deadline is not None and now >= call.deadline:
                 self.finish(call, timeout_error(call, "the deadline passed while reconnecting to zrpcd"))
-            elif call.sent_on == gen and call.no_retry:
+
+    def lost(self, gen: int, why: str) -> None:
+        """Connection ``gen`` is gone: calls past their deadline time out, ``no_retry`` calls on it
+        fail, the others wait to be resubmitted."""
+        self.expire(time.monotonic())
+        for call in list(self.calls.values()):
+            if call.sent_on == gen and call.no_retry:
                 self.finish(call, errors.DisconnectedError(
                     "connection to zrpcd lost while the no_retry call %s.%s was on the broker: %s"
                     % (call.service, call.method, why), service=call.service, method=call.method))

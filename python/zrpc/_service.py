@@ -15,6 +15,20 @@ from . import _proto, errors
 DEFAULT_CACHE_ENTRIES = 10_000
 #: Default bound on the bytes of cached reply payloads and error messages.
 DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
+#: Longest error message (UTF-8 bytes) sent in a ``Reply`` (as zrpc-service); longer ones,
+#: and ones that would not fit in the broker's max message size, are truncated.
+MAX_ERROR_MESSAGE = 64 * 1024
+#: Room kept for a ``Reply`` envelope besides its payload or message.
+REPLY_OVERHEAD = 64
+#: What ends a truncated error message.
+TRUNCATED_MARK = "... [truncated]"
+#: The error codes a service sends in a ``Reply``. A handler's :class:`zrpc.errors.ZRPCError`
+#: with another code (the broker's own: ``Shutdown``, ``Timeout``, ``ServiceGone``, ...,
+#: escaping from a nested call, say) is sent as ``Remote``: callers act on those codes as
+#: reports about the broker, their connection or the call's delivery (a ``Shutdown`` result
+#: is resent on the next connection; ``TimeoutNoService`` means that the call never ran).
+SERVICE_CODES = frozenset({errors.NO_SUCH_METHOD, errors.REMOTE, errors.BAD_PAYLOAD,
+                           errors.LIMIT_EXCEEDED, errors.ACCESS_DENIED})
 
 _MARK = "_zrpc_rpc_method"
 
@@ -25,7 +39,12 @@ def rpc_method(func: Callable) -> Callable:
     The method is called with the decoded payload as its one argument and
     its return value is sent back (tuples arrive as arrays). An exception it
     raises is sent as a ``Remote`` error with its type and text; raising a
-    :class:`zrpc.errors.ZRPCError` with a wire code sends that code. Its
+    :class:`zrpc.errors.ZRPCError` whose code a service may send
+    (``AccessDenied``, ``LimitExceeded``, ``BadPayload``, ``NoSuchMethod``,
+    ``Remote``) sends that code; one with a code only the broker sends
+    (``Shutdown``, ``Timeout``, ``ServiceGone``, ...) is sent as ``Remote``
+    too. A message too long for the broker's max message size (or longer
+    than 64 KiB) is truncated, ending with ``... [truncated]``. Its
     docstring is what ``zrpc.describe`` reports.
     """
     setattr(func, _MARK, True)
@@ -133,6 +152,19 @@ def reply_frame(rid: int, code: int, message: str, payload: bytes = b"") -> byte
     return _proto.encode_frame([_proto.REPLY, rid, code, message], payload if code == 0 else b"")
 
 
+def bound_message(message: str, room: int) -> str:
+    """``message`` cut to at most ``room`` UTF-8 bytes (and :data:`MAX_ERROR_MESSAGE`), ending
+    with :data:`TRUNCATED_MARK` when cut. Characters UTF-8 cannot encode (lone surrogates)
+    become ``?``."""
+    room = max(0, min(room, MAX_ERROR_MESSAGE))
+    data = message.encode("utf-8", "replace")
+    if len(data) <= room:
+        return data.decode("utf-8")
+    if room <= len(TRUNCATED_MARK):
+        return TRUNCATED_MARK[:room]
+    return data[:room - len(TRUNCATED_MARK)].decode("utf-8", "ignore") + TRUNCATED_MARK
+
+
 class Job:
     """A request that is to run a handler: what :meth:`ServiceCore.plan` hands to the server loop."""
 
@@ -183,14 +215,14 @@ class ServiceCore:
         method = _proto.field(env, 3)
         service = _proto.field(env, 2)
         if method == _proto.DESCRIBE_METHOD:
-            return reply_frame(rid, 0, "", _proto.pack(describe(self.name, self.methods))), None
+            return self._reply(rid, 0, "", _proto.pack(describe(self.name, self.methods))), None
         instance = _proto.field(env, 5, 0)
         key = None
         if instance:
             key = (instance, _proto.field(env, 6, 0), _proto.field(env, 7))
             hit = self.cache.get(key, service, method)
             if hit is not None:
-                return reply_frame(rid, *hit), None
+                return self._reply(rid, *hit), None
         handler = self.methods.get(method)
         if handler is None:
             return self._outcome(rid, key, service, method, errors.NO_SUCH_METHOD,
@@ -203,7 +235,24 @@ class ServiceCore:
         self.counter += 1
         return None, Job(rid, key, CallInfo(env, self.counter), handler, arg)
 
+    def _bounded(self, code: int, message: str, payload: bytes) -> Tuple[int, str, bytes]:
+        """The outcome as sent, within the broker's max message size: a return value too large
+        becomes a ``LimitExceeded`` error, an error message too long is truncated."""
+        if code == 0:
+            if len(payload) + REPLY_OVERHEAD <= self.max_reply:
+                return code, message, payload
+            code, message = (errors.LIMIT_EXCEEDED,
+                             "the reply of %d bytes exceeds the broker's maximum message size of %d bytes"
+                             % (len(payload), self.max_reply))
+        return code, bound_message(message, self.max_reply - REPLY_OVERHEAD), b""
+
+    def _reply(self, rid: int, code: int, message: str, payload: bytes) -> bytes:
+        """The ``Reply`` frame of an outcome (bounded: the limit may have changed since it was cached)."""
+        return reply_frame(rid, *self._bounded(code, message, payload))
+
     def _outcome(self, rid, key, service, method, code, message, payload) -> bytes:
+        """The ``Reply`` frame of an outcome, bounded; the bounded outcome is what is cached."""
+        code, message, payload = self._bounded(code, message, payload)
         if key is not None:
             self.cache.put(key, service, method, code, message, payload)
         return reply_frame(rid, code, message, payload)
@@ -213,10 +262,14 @@ class ServiceCore:
         if job.key is None:
             return None
         hit = self.cache.get(job.key, job.info.service, job.info.method)
-        return None if hit is None else reply_frame(job.rid, *hit)
+        return None if hit is None else self._reply(job.rid, *hit)
 
     def finish(self, job: Job, result: Any = None, exc: Optional[BaseException] = None) -> bytes:
-        """The ``Reply`` frame of a handler's return value (or exception); caches the outcome."""
+        """The ``Reply`` frame of a handler's return value (or exception); caches the outcome.
+
+        The outcome is bounded (see :meth:`_bounded`) before it is cached, so that a
+        re-sent call is answered with a frame the broker accepts too.
+        """
         if exc is None:
             try:
                 data = _proto.pack(result)
@@ -224,11 +277,7 @@ class ServiceCore:
                 code, message, data = errors.REMOTE, "cannot encode the return value: %s" % e, b""
             else:
                 code, message = 0, ""
-                if len(data) + 64 > self.max_reply:
-                    code, message, data = (errors.LIMIT_EXCEEDED,
-                                           "the reply of %d bytes exceeds the broker's maximum message size "
-                                           "of %d bytes" % (len(data), self.max_reply), b"")
-        elif isinstance(exc, errors.ZRPCError) and exc.code:
+        elif isinstance(exc, errors.ZRPCError) and exc.code in SERVICE_CODES:
             code, message, data = exc.code, exc.message or str(exc), b""
         else:
             code, message, data = errors.REMOTE, "%s: %s" % (type(exc).__name__, exc), b""
@@ -244,6 +293,13 @@ class ServiceCore:
         finally:
             _current.reset(token)
         return self.finish(job, result)
+
+
+def reregister_may_help(exc: BaseException) -> bool:
+    """Whether a server's failed reconnect (connect and register) is worth retrying with backoff:
+    when :func:`zrpc._proto.reconnect_may_help` says so, and when the registration was refused
+    with ``NameTaken`` (the broker still holds the old connection's name) or ``Shutdown``."""
+    return _proto.reconnect_may_help(exc) or isinstance(exc, (errors.NameTakenError, errors.ShutdownError))
 
 
 def register_frame(req: int, name: str, shared: bool) -> bytes:

@@ -136,14 +136,33 @@ class Client:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                await asyncio.sleep(backoff.next_delay())
+                if not await self._backoff(backoff):
+                    continue
                 try:
                     await self._install()
                     break
-                except errors.ConnectError:
-                    self._table.lost(self._gen, "reconnecting")
                 except errors.ZRPCError as e:
-                    self._table.fail_all(lambda _c, e=e: e)
+                    if _proto.reconnect_may_help(e):
+                        # Retried while calls wait (each until its deadline).
+                        self._table.lost(self._gen, "reconnecting")
+                    else:
+                        self._table.fail_all(lambda _c, e=e: e)
+
+    async def _backoff(self, backoff: _proto.Backoff) -> bool:
+        """Waits the backoff delay before a reconnect attempt; calls whose deadline passes meanwhile
+        fail then, not at the end of the delay (a call made while waiting counts too: it wakes
+        the wait). Returns whether calls still wait for the connection."""
+        retry_at = time.monotonic() + backoff.next_delay()
+        while not self._closed:
+            step = self._table.backoff_step(retry_at)
+            if step is None:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), step)
+            except asyncio.TimeoutError:
+                pass
+        return not self._closed and bool(self._table.calls)
 
     def _on_frames(self, conn: _Conn, frames: list) -> None:
         why = self._table.dispatch(frames, conn.send)
@@ -174,21 +193,19 @@ class Client:
                 left = call.deadline + _proto.SAFETY_MARGIN - time.monotonic()
                 await asyncio.wait_for(call.waiter, max(0.0, left))
         except asyncio.TimeoutError:
-            self._cancel(call)
-            self._table.finish(call, _proto.timeout_error(call, "no answer from zrpcd"))
+            self._cancel(call, _proto.timeout_error(call, "no answer from zrpcd"))
         except BaseException:
             self._cancel(call)
             raise
         return _proto.result_value(call)
 
-    def _cancel(self, call: _proto.PendingCall) -> None:
+    def _cancel(self, call: _proto.PendingCall, outcome: Any = None) -> None:
+        """Abandons ``call`` (see :meth:`zrpc._proto.CallTable.abandon`)."""
         if call.done:
             return
-        if call.sent_on == self._gen and self._conn is not None:
-            self._conn.send(_proto.encode_frame([_proto.CANCEL, call.cid]))
         call.waiter = None
-        self._table.finish(call, errors.CancelledError("the call was cancelled", service=call.service,
-                                                       method=call.method))
+        conn = self._conn
+        self._table.abandon(call, self._gen, conn.send if conn is not None else None, outcome)
 
     async def close(self) -> None:
         """Closes the connection; pending calls fail with :class:`zrpc.errors.DisconnectedError`."""
@@ -291,8 +308,10 @@ class Server(_service.ServerBase):
                 try:
                     conn = await self._connect()
                     break
-                except (errors.ConnectError, errors.NameTakenError, errors.ShutdownError):
-                    continue
+                except errors.ZRPCError as e:
+                    # Retried for ever (see zrpc._service.reregister_may_help).
+                    if not _service.reregister_may_help(e):
+                        raise
 
     def run(self) -> None:
         """Serves forever in a new event loop (``asyncio.run(self.serve())``)."""

@@ -16,6 +16,7 @@ once; calls made with ``no_retry=True`` fail with
 """
 
 import select
+import socket
 import threading
 import time
 from typing import Any, Optional
@@ -38,7 +39,9 @@ class Client:
     of the connection are reconnected.
 
     A client makes one call at a time (calls from several threads are
-    serialised); use :mod:`zrpc.aio` for many calls in flight.
+    serialised); use :mod:`zrpc.aio` for many calls in flight. :meth:`close`
+    may be called from any thread: a call blocked in another thread fails
+    at once with :class:`zrpc.errors.DisconnectedError`.
     """
 
     def __init__(self, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT):
@@ -55,6 +58,8 @@ class Client:
         self._up_since = 0.0
         self._max = _proto.DEFAULT_MAX_MESSAGE_SIZE
         self._closed = False
+        #: Set by close(): cuts a reconnect backoff delay short.
+        self._closing = threading.Event()
         self._pending_frames: list = []
         self._connect()
 
@@ -80,20 +85,23 @@ class Client:
             self._table.lost(self._gen, why)
 
     def _reconnect(self, call: _proto.PendingCall) -> None:
-        """One reconnect attempt, after the backoff delay (cut short by the call's safety deadline)."""
-        delay = self._backoff.next_delay()
-        if call.deadline is not None:
-            delay = max(0.0, min(delay, call.deadline - time.monotonic()))
-        time.sleep(delay)
-        if call.deadline is not None and time.monotonic() >= call.deadline:
-            self._table.finish(call, _proto.timeout_error(call, "the deadline passed while reconnecting to zrpcd"))
+        """One reconnect attempt, after the backoff delay (the call fails at its deadline meanwhile)."""
+        retry_at = time.monotonic() + self._backoff.next_delay()
+        while True:
+            step = self._table.backoff_step(retry_at)
+            if step is None:
+                break
+            if self._closing.wait(step):
+                return
+        if call.done:
             return
         try:
             self._connect()
-        except errors.ConnectError:
-            return
-        except errors.ZRPCError as e:  # untrusted broker, version mismatch, Fatal: not worth retrying
-            self._table.finish(call, e)
+        except errors.ZRPCError as e:
+            # Retried until the call's deadline unless retrying cannot help
+            # (an untrusted broker, another protocol version).
+            if not _proto.reconnect_may_help(e):
+                self._table.finish(call, e)
 
     def _send(self, frame: bytes) -> None:
         if self._sock is None:
@@ -119,7 +127,9 @@ class Client:
             ready, _, _ = select.select([sock], [], [], wait)
         except InterruptedError:
             return
-        if not ready:
+        except (OSError, ValueError):  # closed under us by close()
+            ready = [sock]
+        if not ready or self._closed:
             return
         try:
             data = sock.recv(262144)
@@ -165,14 +175,19 @@ class Client:
                 if not call.done:
                     self._cancel(call)
                 raise
+            finally:
+                if self._closed:  # by another thread while this call waited
+                    self._shut()
             return _proto.result_value(call)
 
     def _wait(self, call: _proto.PendingCall) -> None:
         while not call.done:
+            if self._closed:
+                self._table.finish(call, self._closed_error(call))
+                return
             now = time.monotonic()
             if call.deadline is not None and now >= call.deadline + _proto.SAFETY_MARGIN:
-                self._cancel(call)
-                self._table.finish(call, _proto.timeout_error(call, "no answer from zrpcd"))
+                self._cancel(call, _proto.timeout_error(call, "no answer from zrpcd"))
                 return
             if self._sock is None:
                 self._reconnect(call)
@@ -180,19 +195,42 @@ class Client:
             wait = None if call.deadline is None else call.deadline + _proto.SAFETY_MARGIN - now
             self._read(wait)
 
-    def _cancel(self, call: _proto.PendingCall) -> None:
-        """Abandons ``call``: tells the broker (``Cancel``) if it was sent on the live connection."""
-        if call.sent_on == self._gen and self._sock is not None:
-            self._send(_proto.encode_frame([_proto.CANCEL, call.cid]))
-        self._table.finish(call, errors.CancelledError("the call was cancelled", service=call.service,
-                                                       method=call.method))
+    def _cancel(self, call: _proto.PendingCall, outcome: Any = None) -> None:
+        """Abandons ``call`` (see :meth:`zrpc._proto.CallTable.abandon`)."""
+        self._table.abandon(call, self._gen, self._send if self._sock is not None else None, outcome)
+
+    @staticmethod
+    def _closed_error(call: _proto.PendingCall) -> errors.DisconnectedError:
+        return errors.DisconnectedError("the client was closed while %s.%s waited for its answer"
+                                        % (call.service, call.method), service=call.service, method=call.method)
 
     def close(self) -> None:
-        """Closes the connection; later calls raise :class:`zrpc.errors.DisconnectedError`."""
+        """Closes the connection; later calls raise :class:`zrpc.errors.DisconnectedError`.
+
+        From another thread, a call blocked there fails at once with
+        :class:`zrpc.errors.DisconnectedError` (the connection is shut down
+        under it, which wakes it; it closes the socket on its way out).
+        """
         self._closed = True
+        self._closing.set()
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._lock.acquire(blocking=False):
+            try:
+                self._shut()
+            finally:
+                self._lock.release()
+
+    def _shut(self) -> None:
+        """Closes the socket of a closed client (holding the lock) and fails what is still pending."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._table.fail_all(self._closed_error)
 
     def __enter__(self) -> "Client":
         return self

@@ -61,6 +61,9 @@ class ZRPCError(Exception):
     code: Optional[int] = None
     #: The error value a ``Remote`` error carries (decoded), or ``None``.
     value: Any = None
+    #: Whether the broker sent this error in a ``Fatal`` frame, ending the connection
+    #: (when it refused a connection, for instance: ``--max-connections``).
+    fatal: bool = False
 
     def __init__(self, message: str = "", code: Optional[int] = None,
                  service: Optional[str] = None, method: Optional[str] = None):

@@ -117,7 +117,7 @@ class Server(_service.ServerBase):
                         _service.check_ack(env, self.name)
                         acked = True
                     elif env[0] == _proto.FATAL:
-                        raise errors.from_code(_proto.field(env, 1, errors.PROTOCOL), _proto.field(env, 2, ""))
+                        raise _proto.fatal_error(env, "zrpcd ended the connection while registering %r" % self.name)
                     else:
                         self._queue.append((env, payload))
                 if acked:
@@ -157,8 +157,11 @@ class Server(_service.ServerBase):
             return
         try:
             self._connect()
-        except (errors.ConnectError, errors.NameTakenError, errors.ShutdownError):
-            # The broker is restarting, or still holds our old connection's name.
+        except errors.ZRPCError as e:
+            # The broker is restarting, refused the connection (Fatal), or still holds
+            # our old connection's name: retried for ever.
+            if not _service.reregister_may_help(e):
+                raise
             self._next_attempt = time.monotonic() + self._backoff.next_delay()
 
     def _send(self, frame: bytes) -> None:
