@@ -497,29 +497,38 @@ impl Conn {
     }
 }
 
-/// What is sent for a handler's result: an oversized return value becomes a
-/// `LimitExceeded` error, long error messages are truncated.
+/// What is sent for a handler's result: see [`fit_outcome`]; long error
+/// messages are truncated.
 pub(crate) fn wire_outcome(result: Result<Bytes, HandlerError>, max_message_size: u32) -> Outcome {
-    match result {
-        Ok(p) if p.len() + REPLY_ENVELOPE_MAX > max_message_size as usize => Err((
+    let outcome = result.map_err(|e| {
+        let message = truncate(e.message(), MAX_ERROR_MESSAGE).to_string();
+        (e.code(), message, e.value().cloned().unwrap_or_default())
+    });
+    fit_outcome(outcome, max_message_size)
+}
+
+/// `outcome` within a broker's max message size: an oversized value becomes
+/// a `LimitExceeded` error, an error's value that does not fit beside its
+/// message is left out (the message cut to fit). Also for an outcome from
+/// the reply cache, made under another broker's limit.
+pub(crate) fn fit_outcome(outcome: Outcome, max_message_size: u32) -> Outcome {
+    let room = (max_message_size as usize).saturating_sub(REPLY_ENVELOPE_MAX);
+    match outcome {
+        Ok(p) if p.len() > room => Err((
             ErrorCode::LimitExceeded,
             format!(
-                "the reply of {} bytes exceeds zrpcd's max message size of {} bytes",
-                p.len(),
-                max_message_size
+                "the reply of {} bytes exceeds zrpcd's max message size of {max_message_size} bytes",
+                p.len()
             ),
             Bytes::new(),
         )),
-        Ok(p) => Ok(p),
-        Err(e) => {
-            let message = truncate(e.message(), MAX_ERROR_MESSAGE).to_string();
-            let mut value = e.value().cloned().unwrap_or_default();
-            if value.len() + message.len() + REPLY_ENVELOPE_MAX > max_message_size as usize {
-                // Too large to send beside the message: the message alone.
-                value = Bytes::new();
-            }
-            Err((e.code(), message, value))
+        Err((code, message, value)) if value.len() + message.len() > room => {
+            let message = truncate(&message, room).to_string();
+            let value = Some(value).filter(|v| v.len() + message.len() <= room);
+            let value = value.unwrap_or_default();
+            Err((code, message, value))
         }
+        other => other,
     }
 }
 

@@ -387,7 +387,10 @@ impl<S: Service> Dispatch<'_, S> {
             "re-sent request answered from the reply cache"
         );
         if let Some(conn) = self.link.conn.as_mut() {
-            conn.write_outcome(req.id, outcome);
+            // Made under the broker of the first execution, whose limit
+            // may have been larger.
+            let outcome = crate::conn::fit_outcome(outcome.clone(), conn.max_message_size);
+            conn.write_outcome(req.id, &outcome);
             if flush_reply {
                 if let Err(e) = conn.flush().await {
                     self.link.lost(e)?;

@@ -1424,3 +1424,74 @@ fn requests_of_every_size_in_one_write() {
     assert_eq!(fields[1], Value::Nil);
     rx.recv_timeout(WAIT).expect("server thread");
 }
+
+struct Big;
+
+#[service]
+impl Big {
+    #[rpc_method]
+    fn make(&mut self, n: u64) -> serde_bytes::ByteBuf {
+        serde_bytes::ByteBuf::from(vec![7u8; n as usize])
+    }
+}
+
+/// A reply cached under one broker and replayed to the resubmission under
+/// a restarted broker announcing a smaller max message size: it is bounded
+/// by the new limit (`LimitExceeded`), not sent whole (the broker would
+/// answer `Fatal`, re-deliver, and the cache replay it again until the
+/// caller's deadline).
+#[test]
+fn a_cached_reply_replayed_to_a_broker_with_a_smaller_limit_fits_it() {
+    let mut broker = Broker::new("replay-max");
+    let dir = broker.dir.clone();
+    let _rx = server_thread(move || {
+        let mut srv = Server::new(Big)
+            .socket_dir(dir)
+            .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(20));
+        srv.run().map_err(|e| e.to_string())
+    });
+    let mut peer = broker.accept();
+    peer.handshake(&["big"], false);
+    let req = |peer: &mut Peer, id: u64| {
+        peer.send(
+            Envelope::Request {
+                id,
+                service: "big",
+                method: "make",
+                timeout_ms: Some(60_000),
+                caller_instance: 5,
+                caller_call: 9,
+                caller: None,
+            },
+            &enc(&200_000u64),
+        )
+    };
+    req(&mut peer, 1);
+    let (id, code, _, _) = peer.reply();
+    assert_eq!((id, code), (1, None));
+    broker.restart();
+    drop(peer);
+    let mut peer = broker.accept();
+    peer.hello();
+    peer.send(
+        Envelope::Welcome {
+            version: 1,
+            conn_id: 2,
+            max_message_size: 100_000,
+            caps: 0,
+        },
+        &[],
+    );
+    let r = peer.registers(&["big"], false);
+    peer.ack(r[0], None);
+    req(&mut peer, 2);
+    let f = peer.recv();
+    let size = f.envelope.len() + f.payload.len();
+    assert!(size <= 100_000, "a {size}-byte frame to a broker announcing 100000");
+    match f.decode().expect("reply") {
+        Envelope::Reply { id, code, .. } => {
+            assert_eq!((id, code), (2, Some(ErrorCode::LimitExceeded)));
+        }
+        other => panic!("expected Reply, got {other:?}"),
+    }
+}
