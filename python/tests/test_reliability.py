@@ -372,3 +372,72 @@ def test_close_from_another_thread_fails_a_call_waiting_to_reconnect(broker, pro
     call.join(5)
     assert not call.is_alive(), "close() did not wake the call reconnecting in another thread"
     assert isinstance(call.error, errors.DisconnectedError) and "closed" in str(call.error), call.error
+
+
+class ScriptedBroker:
+    """A fake broker on ``socket_dir/zrpcd.sock``: welcomes each connection, then acknowledges its
+    ``Register``, or, for the connections numbered in ``reset_at`` (counting from 1), closes with
+    the ``Register`` unread (the peer's next read fails with ECONNRESET). Closes each acknowledged
+    connection in ``drop_after`` right away."""
+
+    def __init__(self, socket_dir, reset_at=(), drop_after=()):
+        import socket as _socket
+        self.path = os.path.join(socket_dir, _proto.SOCKET_FILE)
+        self.listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        self.reset_at, self.drop_after = set(reset_at), set(drop_after)
+        self.acked = 0
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        import socket as _socket
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            n = self.connections
+            reader = _proto.FrameReader(1 << 20)
+            conn.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, n, 1 << 24]))
+            done = False
+            if n in self.reset_at:
+                # Closed with the Register unread: the server's next recv gets ECONNRESET.
+                conn.recv(1, _socket.MSG_PEEK)
+                conn.close()
+                continue
+            while not done:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                for env, _payload in reader.feed(data):
+                    if env[0] != _proto.REGISTER:
+                        continue
+                    conn.sendall(_proto.encode_frame([_proto.ACK, env[1], None, ""]))
+                    self.acked += 1
+                    done = n in self.drop_after
+            if done:
+                conn.close()
+            else:
+                self.keep = conn
+
+    def close(self):
+        self.listener.close()
+
+
+def test_server_retries_a_connection_reset_while_registering(procs, socket_dir):
+    # Connection 1 registers and is dropped; connection 2 is reset at its Register (an OSError
+    # in the server, which used to end it); connection 3 registers.
+    fake = ScriptedBroker(socket_dir, reset_at={2}, drop_after={1})
+    try:
+        server = procs.spawn([sys.executable, "-c", ECHO_SERVICE.format(module="server")],
+                             env=dict(procs.env, ZRPC_SOCKET_DIR=socket_dir))
+        wait_for(lambda: fake.acked >= 2 or server.poll() is not None,
+                 what="the server to register again after the reset")
+        assert server.poll() is None, server.communicate()[1]
+        assert fake.connections >= 3
+    finally:
+        fake.close()

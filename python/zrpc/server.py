@@ -107,6 +107,8 @@ class Server(_service.ServerBase):
     def _connect(self) -> None:
         sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent)
         try:
+            # A broker that accepts but never acknowledges must not hold the server for ever.
+            sock.settimeout(_proto.HANDSHAKE_TIMEOUT)
             self._req += 1
             req = self._req
             sock.sendall(_service.register_frame(req, self.name, self.shared))
@@ -126,9 +128,15 @@ class Server(_service.ServerBase):
                 if not data:
                     raise errors.ConnectError("the broker closed the connection while registering %r" % self.name)
                 frames = reader.feed(data)
+        except OSError as e:
+            # A reset, a timeout: like a lost connection (retried once connected before).
+            sock.close()
+            raise errors.ConnectError("the connection to zrpcd failed while registering %r: %s"
+                                      % (self.name, e)) from e
         except BaseException:
             sock.close()
             raise
+        sock.settimeout(None)
         self._core.max_reply = welcome.max_message_size
         self._sock, self._reader = sock, reader
         self._sel.register(sock, selectors.EVENT_READ, ("broker", None))
