@@ -441,3 +441,28 @@ def test_server_retries_a_connection_reset_while_registering(procs, socket_dir):
         assert fake.connections >= 3
     finally:
         fake.close()
+
+
+def test_a_reconnect_handshake_does_not_hold_a_call_past_its_deadline(broker, socket_dir):
+    # The broker is replaced by one that accepts and never answers Hello: the call fails at its
+    # deadline, not after the 5 s handshake timeout.
+    import socket as _socket
+    import time
+    client = Client(socket_dir)
+    assert client.call("zrpcd", "ping", timeout=5) == "pong"
+    broker.kill()
+    path = os.path.join(socket_dir, _proto.SOCKET_FILE)
+    if os.path.exists(path):
+        os.unlink(path)
+    silent = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    silent.bind(path)
+    silent.listen(8)
+    try:
+        start = time.monotonic()
+        with pytest.raises(errors.RPCTimeoutError):
+            client.call("zrpcd", "ping", timeout=0.5)
+        took = time.monotonic() - start
+        assert took < 2.0, "the call took %.2f s" % took
+    finally:
+        silent.close()
+        client.close()

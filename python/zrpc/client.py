@@ -65,8 +65,9 @@ class Client:
 
     # -- connection -----------------------------------------------------
 
-    def _connect(self) -> None:
-        sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent)
+    def _connect(self, timeout: float = _proto.HANDSHAKE_TIMEOUT) -> None:
+        sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent,
+                                                       timeout=timeout)
         self._sock, self._reader = sock, reader
         self._gen += 1
         self._up_since = time.monotonic()
@@ -95,8 +96,12 @@ class Client:
                 return
         if call.done:
             return
+        # A broker that accepts and does not answer must not hold the call past its deadline.
+        timeout = _proto.HANDSHAKE_TIMEOUT
+        if call.deadline is not None:
+            timeout = max(0.05, min(timeout, call.deadline - time.monotonic()))
         try:
-            self._connect()
+            self._connect(timeout)
         except errors.ZRPCError as e:
             # Retried until the call's deadline unless retrying cannot help
             # (an untrusted broker, another protocol version).
