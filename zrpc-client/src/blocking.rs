@@ -14,7 +14,7 @@ use zrpc_proto::{Envelope, FrameDecoder};
 use crate::common::{
     call_deadlines, call_frame, control_frame, decode_result, lock, next_generation,
     reconnect_timeout, timeout_error, Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome,
-    HANDSHAKE_TIMEOUT,
+    HANDSHAKE_TIMEOUT, SAFETY_MARGIN,
 };
 use crate::core::{Core, Dispatched, Stand, Waiter};
 use crate::fds::{map_fd_payloads, queue_frame, Incoming};
@@ -224,6 +224,12 @@ const NO_TIMEOUT: u64 = u64::MAX;
 /// Tolerated lateness of the local safety deadline, to avoid a `setsockopt`
 /// per call.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(50);
+
+/// How long one blocking send may wait for the broker to read: half the
+/// safety margin, as a frame's write may wait twice (the send that fills
+/// the socket buffer returns what it wrote when the time is up, the next
+/// one fails).
+const WRITE_STALL: Duration = Duration::from_secs(SAFETY_MARGIN.as_secs() / 2);
 
 /// Shortest handshake timeout of a reconnection attempt made by a reader
 /// whose own call is about to expire.
@@ -577,6 +583,13 @@ impl Conn {
             handshake_timeout,
         )?;
         let (stream, welcome) = (c.sock, c.welcome);
+        // A broker that stops reading (stopped, wedged) must not hold a
+        // writer, and every caller queued behind its lock, past the local
+        // safety deadline: a blocking send that waits `WRITE_STALL` fails,
+        // and the connection is shut down.
+        stream
+            .set_write_timeout(Some(WRITE_STALL))
+            .map_err(|e| settings.connect_error(e))?;
         let writer = stream.try_clone().map_err(|e| settings.connect_error(e))?;
         let fd_payloads = welcome.fd_payloads();
         let conn = Conn {
@@ -626,10 +639,17 @@ impl Conn {
         })
     }
 
+    /// Sends `Cancel` for a call past its local safety deadline, unless
+    /// another thread is writing: the broker has not answered in time
+    /// (stopped, or its socket full), and the caller must not wait behind
+    /// that write (the broker ends the call at its own deadline anyway).
     fn send_cancel(&self, id: u64) {
+        let Ok(writer) = self.writer.try_lock() else {
+            return;
+        };
         let mut f = BytesMut::with_capacity(16);
         control_frame(&mut f, &Envelope::Cancel { id });
-        let _ = self.write(&f);
+        let _ = self.shut_on_error(write_all_blocking(&writer, &[&f]));
     }
 
     /// Sets `SO_RCVTIMEO` for the reader's deadline, skipping the syscall

@@ -2086,3 +2086,86 @@ fn large_serde_payloads_are_encoded_into_the_memfd_that_is_sent() {
     let f = frame(&small, true);
     assert!(f.tail.is_empty(), "below the threshold: inline");
 }
+
+/// A fake broker that completes the handshake and then reads nothing more
+/// (stopped, or wedged) until `stop` says so.
+fn stopped_broker(fake: &Fake) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let peer = fake.serve(move |mut p| {
+        p.handshake();
+        let _ = stop_rx.recv_timeout(Duration::from_secs(30));
+        drop(p);
+    });
+    (stop_tx, peer)
+}
+
+/// A MessagePack bin of `n` zero bytes, encoded.
+fn encoded_bin(n: u32) -> Bytes {
+    let mut v = vec![0xc6u8];
+    v.extend_from_slice(&n.to_be_bytes());
+    v.resize(5 + n as usize, 0);
+    Bytes::from(v)
+}
+
+/// A blocking call whose frame does not fit in the socket buffer of a
+/// broker that stopped reading still ends by its timeout + 2 s (the
+/// client's safety deadline covers a broker "gone or stopped"): its write
+/// gives up after `SAFETY_MARGIN` without progress. It used to block in
+/// the write for ever.
+#[test]
+fn blocking_call_to_a_stopped_broker_ends_by_its_safety_deadline() {
+    let fake = Fake::new();
+    let (stop, peer) = stopped_broker(&fake);
+    let client = BlockingClient::connect_to(fake.dir()).expect("connect");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        // 600 KiB inline: more than the socket buffer.
+        let opts = CallOptions::timeout(Duration::from_millis(500));
+        let r = client.call_raw("svc", "x", encoded_bin(600 * 1024), opts);
+        let _ = tx.send((r.map(|_| ()), started.elapsed()));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    let _ = stop.send(());
+    let (r, took) = got.expect("the call did not end within 10 s");
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let _ = peer.join();
+}
+
+/// The same with many small calls from many threads, which fill the
+/// socket buffer together: every call ends by its safety deadline (a
+/// thread past it does not wait behind another's write to send `Cancel`).
+#[test]
+fn blocking_small_calls_to_a_stopped_broker_end_by_their_safety_deadline() {
+    const THREADS: usize = 64;
+    let fake = Fake::new();
+    let (stop, peer) = stopped_broker(&fake);
+    let client = BlockingClient::connect_to(fake.dir()).expect("connect");
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..THREADS {
+        let (c, tx) = (client.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            // 64 x 8 KiB: more than the socket buffer.
+            let opts = CallOptions::timeout(Duration::from_millis(200));
+            let _ = c.call_raw("svc", "x", encoded_bin(8192), opts);
+            let _ = tx.send(started.elapsed());
+        });
+    }
+    drop(tx);
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut done = 0;
+    while let Ok(took) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+        assert!(took < Duration::from_secs(5), "a call took {took:?}");
+        done += 1;
+    }
+    let _ = stop.send(());
+    assert_eq!(
+        done,
+        THREADS,
+        "{} of {THREADS} calls never ended",
+        THREADS - done
+    );
+    let _ = peer.join();
+}
