@@ -1487,7 +1487,10 @@ fn a_cached_reply_replayed_to_a_broker_with_a_smaller_limit_fits_it() {
     req(&mut peer, 2);
     let f = peer.recv();
     let size = f.envelope.len() + f.payload.len();
-    assert!(size <= 100_000, "a {size}-byte frame to a broker announcing 100000");
+    assert!(
+        size <= 100_000,
+        "a {size}-byte frame to a broker announcing 100000"
+    );
     match f.decode().expect("reply") {
         Envelope::Reply { id, code, .. } => {
             assert_eq!((id, code), (2, Some(ErrorCode::LimitExceeded)));

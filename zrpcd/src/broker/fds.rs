@@ -41,19 +41,8 @@ impl Broker {
             Some(format!(
                 "{n} descriptors sent ahead of their frames (limit --max-fds-per-conn)"
             ))
-        } else if self.fds_total.get() + n > self.config.max_fds + MAX_FDS_PER_MSG {
-            Some(format!(
-                "zrpcd already holds {} payload descriptors, the limit (--max-fds)",
-                self.fds_total.get()
-            ))
-        } else if user.limited() && user.fds() + n > self.quota.fds + MAX_FDS_PER_MSG {
-            Some(format!(
-                "uid {} already has {} payload descriptors held by zrpcd, its per-user quota (fds in [quota] of the policy)",
-                user.uid(),
-                user.fds()
-            ))
         } else {
-            None
+            self.over_fd_limits(user, n, MAX_FDS_PER_MSG)
         };
         if let Some(message) = over {
             return Err(Fatal {
@@ -99,19 +88,8 @@ impl Broker {
                 "this connection already has {} payload descriptors held by zrpcd, the limit (--max-fds-per-conn)",
                 conn.get()
             ))
-        } else if self.fds_total.get() >= self.config.max_fds {
-            Some(format!(
-                "zrpcd already holds {} payload descriptors, the limit (--max-fds)",
-                self.fds_total.get()
-            ))
-        } else if user.limited() && user.fds() >= self.quota.fds {
-            Some(format!(
-                "uid {} already has {} payload descriptors held by zrpcd, its per-user quota (fds in [quota] of the policy)",
-                user.uid(),
-                user.fds()
-            ))
         } else {
-            None
+            self.over_fd_limits(&user, 1, 0)
         };
         if let Some(message) = over {
             drop(sealed);
@@ -129,6 +107,25 @@ impl Broker {
         let hold = FdHold::new(conn, user, self.fds_total.clone());
         let payload = Rc::new(FdPayload::new(sealed, hold));
         self.on_frame_parts(peer, envelope, Payload::Fd(&payload), now)
+    }
+
+    /// Why `n` more descriptors held for `user` would pass `--max-fds` or
+    /// its `fds` quota by more than `slack`, if they would.
+    fn over_fd_limits(&self, user: &crate::quota::Usage, n: usize, slack: usize) -> Option<String> {
+        if self.fds_total.get() + n > self.config.max_fds + slack {
+            Some(format!(
+                "zrpcd already holds {} payload descriptors, the limit (--max-fds)",
+                self.fds_total.get()
+            ))
+        } else if user.limited() && user.fds() + n > self.quota.fds + slack {
+            Some(format!(
+                "uid {} already has {} payload descriptors held by zrpcd, its per-user quota (fds in [quota] of the policy)",
+                user.uid(),
+                user.fds()
+            ))
+        } else {
+            None
+        }
     }
 
     /// Answers call `id` of `peer` with `LimitExceeded` (`message`).
