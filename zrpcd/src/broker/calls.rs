@@ -534,11 +534,7 @@ impl Broker {
         c.release_call(arg_size);
         self.out.enqueue(c.io(), env, payload);
         let max = self.config.max_queued_bytes;
-        if self
-            .peers
-            .get(caller)
-            .is_some_and(|c| self.over_backlog(c, max))
-        {
+        if super::lifecycle::over_backlog(c, max, &self.quota) {
             self.check_backlog(caller, max);
         }
     }

@@ -12,6 +12,7 @@ use crate::payload::Payload;
 use crate::peers::{Creds, PeerId};
 use crate::pending::Stage;
 use crate::queue::PeerIo;
+use crate::quota::Quota;
 
 impl Broker {
     /// Registers a new connection.
@@ -106,20 +107,6 @@ impl Broker {
     /// unread bytes pass the per-user quota (a service's queue is filled by
     /// other users' requests, which `route` refuses past the quota instead,
     /// so nobody can get another user's services disconnected).
-    /// Whether `p`'s queue (or its user's queues) may hold more than they
-    /// should: then [`Broker::check_backlog`] looks closer. Descriptors
-    /// count per user here, not per connection: a burst of results routed
-    /// in one wake-up may queue more than `--max-fds-per-conn` towards a
-    /// client that reads them all right after.
-    pub(crate) fn over_backlog(&self, p: &crate::peers::Peer, limit: usize) -> bool {
-        let q = p.io().queue.borrow();
-        let user = p.user();
-        q.len_bytes() > limit
-            || (user.limited()
-                && (user.queued_bytes() > self.quota.queued_bytes
-                    || user.queued_fds() > self.quota.fds))
-    }
-
     pub(crate) fn check_backlog(&mut self, peer: PeerId, limit: usize) {
         let Some(p) = self.peers.get(peer) else {
             return;
@@ -338,4 +325,18 @@ impl Broker {
         }
         self.flush();
     }
+}
+
+/// Whether `p`'s queue (or its user's queues) may hold more than they
+/// should (`limit` bytes for the queue, `quota` for the user's): then
+/// [`Broker::check_backlog`] looks closer. Descriptors count per user
+/// here, not per connection: a burst of results routed in one wake-up may
+/// queue more than `--max-fds-per-conn` towards a client that reads them
+/// all right after. A function of the peer and the quota only, so that the
+/// call path tests it without a second lookup of the peer.
+pub(crate) fn over_backlog(p: &crate::peers::Peer, limit: usize, quota: &Quota) -> bool {
+    let user = p.user();
+    p.io().queue.borrow().len_bytes() > limit
+        || (user.limited()
+            && (user.queued_bytes() > quota.queued_bytes || user.queued_fds() > quota.fds))
 }

@@ -229,7 +229,7 @@ impl Broker {
         } else {
             max
         };
-        if self.over_backlog(p, limit) {
+        if lifecycle::over_backlog(p, limit, &self.quota) {
             self.check_backlog(peer, limit);
         }
         true
