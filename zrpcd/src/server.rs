@@ -65,8 +65,12 @@ pub async fn run(
     // panicked (a bug): the broker then shuts down and exits with an error,
     // so that its supervisor restarts it, rather than run on without
     // deadlines or heartbeats.
+    // The connection tasks, so that shutdown can wait for their writers.
+    let mut conns = tokio::task::JoinSet::new();
     let failed = loop {
         tokio::select! {
+            // Reaped as they end (a finished task's slot is freed).
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = &mut timers => break Some("timer"),
             _ = &mut flusher => break Some("flush"),
             _ = &mut heartbeats => break Some("heartbeat"),
@@ -75,7 +79,7 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match conn::admit(&broker, stream) {
                     Ok(admitted) => {
-                        tokio::task::spawn_local(conn::serve(broker.clone(), admitted));
+                        conns.spawn_local(conn::serve(broker.clone(), admitted));
                     }
                     Err(conn::Refused::Limit(stream, msg)) => refuse(&broker, stream, &msg),
                     Err(conn::Refused::Broken) => {}
@@ -109,10 +113,13 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     broker.borrow_mut().shutdown();
-    // Bounded wait for writers to flush and peers to disconnect.
-    let deadline = tokio::time::Instant::now() + FLUSH_BOUND;
-    while !broker.borrow().peers().is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    // Bounded wait for every connection task to end: each flushes what its
+    // peer was sent (a reply that came within the grace, the `Fatal`)
+    // before it ends. Not the peer table: a peer leaves it before its
+    // writer has flushed.
+    let drained = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(FLUSH_BOUND, drained).await.is_err() {
+        tracing::warn!("connections still flushing at exit");
     }
     timers.abort();
     flusher.abort();
@@ -166,8 +173,10 @@ fn refuse(broker: &RefCell<Broker>, stream: tokio::net::UnixStream, msg: &str) {
     let _ = stream.try_write(&out);
 }
 
-/// How long shutdown waits for final frames to be flushed.
-const FLUSH_BOUND: Duration = Duration::from_secs(1);
+/// How long shutdown waits for final frames to be flushed: longer than a
+/// closing connection's own bound (`conn::CLOSE_FLUSH_BOUND`, 2 s), so
+/// that each writer ends by its own rule first.
+const FLUSH_BOUND: Duration = Duration::from_secs(3);
 
 async fn heartbeat_loop(broker: Rc<RefCell<Broker>>) {
     let every = broker.borrow().config.heartbeat_interval;
