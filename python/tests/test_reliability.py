@@ -290,14 +290,20 @@ def test_server_retries_a_fatal_answer_to_hello(procs, socket_dir, module):
     assert monitor.call("echo", "echo", "again", timeout=10) == "again"
 
 
-def test_blocking_client_retries_a_fatal_answer_to_hello(procs, socket_dir, monkeypatch):
-    sw = Switch(procs, socket_dir)
-    # The service runs at B from the start; A has none, so the call waits there.
+def echo_at_b(sw, procs):
+    """Starts the echo service at broker B and waits for it; returns a client admitted at B."""
     procs.spawn([sys.executable, "-c", ECHO_SERVICE.format(module="server")],
                 env=dict(procs.env, ZRPC_SOCKET_DIR=sw.dirs["b"]))
     monitor = sw.admitted(lambda: Client(sw.dirs["b"]))
     wait_for(lambda: "echo" in [r["name"] for r in monitor.call("zrpcd", "list", timeout=5)],
              what="the service to register at broker B")
+    return monitor
+
+
+def test_blocking_client_retries_a_fatal_answer_to_hello(procs, socket_dir, monkeypatch):
+    sw = Switch(procs, socket_dir)
+    # The service runs at B from the start; A has none, so the call waits there.
+    monitor = echo_at_b(sw, procs)
     monkeypatch.setenv("ZRPC_SOCKET_DIR", sw.dirs["link"])
     call = Call("echo", "echo", "through", timeout=30)
     wait_for(lambda: Client(sw.dirs["a"]).call("zrpcd", "stats", timeout=5)["pending"] == 1,
@@ -316,11 +322,7 @@ def test_async_client_retries_a_fatal_answer_to_hello(procs, socket_dir, monkeyp
     import asyncio
     from zrpc import aio
     sw = Switch(procs, socket_dir)
-    procs.spawn([sys.executable, "-c", ECHO_SERVICE.format(module="server")],
-                env=dict(procs.env, ZRPC_SOCKET_DIR=sw.dirs["b"]))
-    monitor = sw.admitted(lambda: Client(sw.dirs["b"]))
-    wait_for(lambda: "echo" in [r["name"] for r in monitor.call("zrpcd", "list", timeout=5)],
-             what="the service to register at broker B")
+    monitor = echo_at_b(sw, procs)
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -355,36 +355,36 @@ impl Broker {
         };
         let queued = t.io().queue.borrow().len_bytes();
         let user = t.user();
-        if user.limited() && user.queued_bytes() + payload.len() > self.quota.queued_bytes {
-            let msg = format!(
+        // Refused, not queued, past the limits of what waits for the
+        // service (past them a peer is disconnected, see `check_backlog`,
+        // and other users' requests must not get a service disconnected).
+        let refused = if user.limited()
+            && user.queued_bytes() + payload.len() > self.quota.queued_bytes
+        {
+            Some(format!(
                 "the services of uid {} do not read their requests ({} bytes queued, more than its per-user quota: queued_bytes in [quota] of the policy)",
                 t.creds().uid,
                 user.queued_bytes()
-            );
-            self.log_refusal(target, &msg);
-            return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
-        }
-        if queued > max_queued {
-            let msg = format!(
+            ))
+        } else if queued > max_queued {
+            Some(format!(
                 "service {service:?} is not reading its requests ({queued} bytes queued, limit --max-queued-bytes)"
-            );
-            self.log_refusal(target, &msg);
-            return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
-        }
-        // A request whose payload goes as a descriptor: refused, not queued,
-        // past the service's user's quota of queued descriptors (past it a
-        // peer is disconnected, see `check_backlog`, and other users'
-        // requests must not get a service disconnected).
-        if matches!(payload, Payload::Fd(_))
+            ))
+        } else if matches!(payload, Payload::Fd(_))
             && t.io().fds.get()
             && user.limited()
             && user.queued_fds() >= self.quota.fds
         {
-            let msg = format!(
+            // A request whose payload goes as a descriptor.
+            Some(format!(
                 "the services of uid {} do not read their requests ({} payload descriptors queued, its per-user quota: fds in [quota] of the policy)",
                 t.creds().uid,
                 user.queued_fds()
-            );
+            ))
+        } else {
+            None
+        };
+        if let Some(msg) = refused {
             self.log_refusal(target, &msg);
             return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
         }
