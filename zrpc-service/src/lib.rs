@@ -195,6 +195,32 @@
 //! re-delivered, and this server reconnects afterwards and serves the
 //! re-sent call from its cache). Write long work as an `async` handler, or
 //! move it to `tokio::task::spawn_blocking` and await it.
+//!
+//! ## Stopping
+//!
+//! [`Server::run`] and [`Server::serve`] stop gracefully on SIGTERM (what
+//! `systemctl stop` sends), SIGINT (Ctrl-C) or [`ShutdownHandle::shutdown`]
+//! (from any thread: [`Server::shutdown_handle`]):
+//!
+//! 1. every name is released (`Unregister`): the broker delivers no new
+//!    call here; calls for the names wait for the next instance (a
+//!    restarted unit, say) within their deadline, or go to the other
+//!    instances of a shared name;
+//! 2. what was delivered before the broker took the release in is served
+//!    as usual: running handlers finish, queued requests run, pings and
+//!    cancels are answered, and the replies are written out;
+//! 3. the connection is closed and the run method returns `Ok(())`
+//!    (systemd is told `STOPPING=1`).
+//!
+//! So a restart loses no call and runs none twice, and a `no_retry` caller
+//! gets its result instead of `ServiceGone`. The drain is bounded by
+//! [`Server::drain_timeout`] (default 30 s): then the handlers still
+//! running are dropped as if the process had died (the broker re-delivers
+//! their calls). A second signal or request ends the drain at once; a lost
+//! connection during it is not set up again. [`Server::stop_on_signals`]
+//! `(false)` leaves the signals alone (then SIGTERM kills the process, as
+//! before). [`Server::run_once`] and [`Server::serve_once`] do not stop by
+//! themselves.
 
 #![warn(missing_docs)]
 
@@ -211,6 +237,7 @@ mod link;
 mod running;
 mod server;
 mod shape;
+mod stop;
 mod unwind;
 
 use std::fmt::Display;
@@ -226,6 +253,7 @@ pub use fds::FdSource;
 pub use rmpv::Value;
 pub use server::Server;
 pub use shape::shape_of;
+pub use stop::ShutdownHandle;
 pub use zrpc_macros::{rpc_method, service};
 pub use zrpc_proto::shape::{Field, Shape, Variant};
 pub use zrpc_proto::{to_snake_case, Blob, ErrorCode};

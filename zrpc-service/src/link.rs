@@ -269,7 +269,7 @@ impl Link {
 }
 
 /// Sends `state` to systemd if `$NOTIFY_SOCKET` is set.
-fn notify(state: &str) {
+pub(crate) fn notify(state: &str) {
     match zrpc_io::sd::sd_notify(state) {
         Ok(true) => tracing::debug!(state, "notified systemd"),
         Ok(false) => {}

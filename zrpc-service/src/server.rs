@@ -3,7 +3,6 @@
 //! caller's).
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -16,7 +15,10 @@ use crate::error::{Error, Event};
 use crate::fds::{self, FdSource, FdWatch};
 use crate::link::{Link, Setup, Work};
 use crate::running::{Meta, Running, DEFAULT_MAX_QUEUED};
+use crate::stop::{Step, Stop};
 use crate::{HandlerError, Service};
+
+mod settings;
 
 /// `serve` lets other tasks run after this many steps (see `block_on`).
 const YIELD_EVERY_STEPS: u32 = 512;
@@ -60,6 +62,8 @@ pub struct Server<S: Service> {
     /// Busy-poll window of `run`/`run_once`, and the poller once made.
     busy_poll_window: Duration,
     busy_poll: Option<Rc<BusyPoll>>,
+    /// Stop requests, signals and the drain in progress.
+    stop: Stop,
     // Declared last: dropped after everything registered with it.
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -104,130 +108,9 @@ impl<S: Service> Server<S> {
             link: Link::new(),
             busy_poll_window: BusyPoll::window_from_env(zrpc_io::busy_poll::DEFAULT_WINDOW_US),
             busy_poll: None,
+            stop: Stop::new(),
             rt: None,
         }
-    }
-
-    /// Registers the service under `name` instead of its default name
-    /// (replaces all names set so far).
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.setup.names = vec![name.into()];
-        self
-    }
-
-    /// Registers the service under an additional name.
-    pub fn add_name(mut self, name: impl Into<String>) -> Self {
-        let name = name.into();
-        if !self.setup.names.contains(&name) {
-            self.setup.names.push(name);
-        }
-        self
-    }
-
-    /// The names the service registers.
-    pub fn names(&self) -> &[String] {
-        &self.setup.names
-    }
-
-    /// With `true`, join other instances of the same name (all of which must
-    /// be shared) instead of requiring the name exclusively; the broker
-    /// spreads calls over the instances.
-    pub fn shared(mut self, yes: bool) -> Self {
-        self.setup.shared = yes;
-        self
-    }
-
-    /// The directory holding the broker socket `zrpcd.sock` (the original's
-    /// `socket_dir`). It must match the broker's.
-    pub fn socket_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.setup.socket_dir = Some(dir.into());
-        self
-    }
-
-    /// With `true` (the default), a lost broker connection (end of stream,
-    /// I/O error, `Fatal` from the broker, e.g. `Shutdown`) is re-established
-    /// by the run methods themselves: they log a warning, reconnect with
-    /// capped exponential backoff ([`reconnect_backoff`](Self::reconnect_backoff)),
-    /// register every name again and only then take calls again; they do
-    /// not return. With `false`, they return the error (the behaviour before
-    /// reconnection existed). The very first connection fails fast either
-    /// way.
-    pub fn reconnect(mut self, yes: bool) -> Self {
-        self.link.reconnect = yes;
-        self
-    }
-
-    /// The reconnection backoff: the first attempt after a loss waits `min`
-    /// (default 10 ms), each failed attempt doubles the wait up to `max`
-    /// (default 1 s); every wait is randomised by +-25 % so that many
-    /// services do not reconnect in lock-step. `min` is at least 1 ms and
-    /// `max` at least `min`.
-    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.link.backoff = zrpc_io::Backoff::new(min, max);
-        self
-    }
-
-    /// How long [`run`](Server::run) and [`run_once`](Server::run_once) keep
-    /// polling the broker connection, when requests have been arriving less
-    /// than this apart, before the thread sleeps until the next one (default
-    /// 50 us, or `$ZRPC_BUSY_POLL_US`; zero turns it off; at most 1 ms;
-    /// always off on a single CPU and under [`serve`](Server::serve)).
-    ///
-    /// Polling saves the wake-up of a sleeping process per request under
-    /// load (on a VM the costliest part of a call: at 64 calls in flight
-    /// ~1.2x the requests per second, one call at a time about half the
-    /// latency, docs/performance.md), at the price of CPU while requests
-    /// flow that fast: a process whose requests arrive back to back polls
-    /// instead of sleeping between them, up to one CPU. It polls only while
-    /// at least three in four recent requests arrived within a window of
-    /// the process running out of work: never when idle, nor for a request
-    /// every 100 us or more. The broker connection is polled, and so is the
-    /// connection of a `zrpc_client::Client` that a handler connects on
-    /// this runtime (its replies are watched too); the readiness of file
-    /// descriptors added with [`register`](Server::register) and timers
-    /// are seen at the end of a poll, at most one window late. Set it
-    /// before the first `run`/`run_once`. How it works:
-    /// `zrpc_io::busy_poll`.
-    pub fn busy_poll(mut self, window: Duration) -> Self {
-        self.busy_poll_window = window;
-        self
-    }
-
-    /// Bounds of the reply cache (defaults: 10,000 entries and 16 MiB of
-    /// reply payloads and error messages); the oldest entry is evicted
-    /// first. Either bound 0 disables the cache, and with it the
-    /// de-duplication of re-sent calls. See the crate documentation.
-    ///
-    /// The cache must hold the replies sent shortly before a connection
-    /// broke, until their calls are re-sent after the reconnect; while the
-    /// broker is away no new calls arrive, so the byte bound only needs to
-    /// cover the replies of the calls in flight then (16 MiB: sixteen
-    /// 1 MiB replies). Raise it for services with many large concurrent
-    /// calls.
-    pub fn reply_cache(mut self, max_entries: usize, max_bytes: usize) -> Self {
-        self.cache.set_bounds(max_entries, max_bytes);
-        self
-    }
-
-    /// How many `&self` handlers may run at once (default 64, at least 1).
-    /// Requests beyond it wait in the server's queue (see
-    /// [`max_queued`](Self::max_queued)). `&mut self` handlers always run
-    /// alone.
-    pub fn max_concurrent(mut self, n: usize) -> Self {
-        self.running.limit = n.max(1);
-        self
-    }
-
-    /// How many received requests may wait in the server's queue while
-    /// concurrent handlers run (default 1024, at least 1). With the queue
-    /// full the server stops reading from the broker until handlers finish:
-    /// the requests wait in the broker instead (bounded there by
-    /// `--max-queued-bytes` and the pending-call limits). Pings wait too
-    /// then; a queue that stays full for longer than the broker's heartbeat
-    /// timeout gets the service disconnected (its calls are re-delivered).
-    pub fn max_queued(mut self, n: usize) -> Self {
-        self.max_queued = n.max(1);
-        self
     }
 
     /// Number of `&self` handlers running now (after a
@@ -360,10 +243,12 @@ impl<S: Service> Server<S> {
         }
     }
 
-    /// Serves forever on a private tokio runtime. Returns only on a hard
-    /// error: the first connection failing, [`Error::NameTaken`] when
-    /// registering again after a reconnect, or (with
-    /// [`reconnect(false)`](Self::reconnect)) any connection error.
+    /// Serves on a private tokio runtime until stopped: returns `Ok(())`
+    /// after a graceful stop (SIGTERM, SIGINT or a [`ShutdownHandle`](crate::ShutdownHandle):
+    /// see [`stop_on_signals`](Self::stop_on_signals)), or a hard error:
+    /// the first connection failing, [`Error::NameTaken`] when registering
+    /// again after a reconnect, or (with [`reconnect(false)`](Self::reconnect))
+    /// any connection error.
     pub fn run(&mut self) -> Result<(), Error> {
         self.block_on(|s| Box::pin(s.serve()))?
     }
@@ -382,17 +267,56 @@ impl<S: Service> Server<S> {
         self.block_on(move |s| Box::pin(s.serve_once(timeout)))?
     }
 
-    /// Serves forever; the async form of [`run`](Self::run) for use under
-    /// an existing tokio runtime (any flavour; the future is not `Send`, so
-    /// use `block_on`, a `LocalSet` or `spawn_local`). Dropping the future
-    /// abandons the request being handled (the broker re-delivers it to
-    /// another instance, or the caller times out).
+    /// Serves until stopped; the async form of [`run`](Self::run) for use
+    /// under an existing tokio runtime (any flavour; the future is not
+    /// `Send`, so use `block_on`, a `LocalSet` or `spawn_local`). Returns
+    /// `Ok(())` after a graceful stop (SIGTERM, SIGINT or a
+    /// [`ShutdownHandle`](crate::ShutdownHandle): see [`stop_on_signals`](Self::stop_on_signals)),
+    /// or a hard error as `run` does. Dropping the future abandons the
+    /// request being handled (the broker re-delivers it to another
+    /// instance, or the caller times out).
     pub async fn serve(&mut self) -> Result<(), Error> {
+        self.stop.arm()?;
+        let reconnect = self.link.reconnect;
+        let r = self.serve_until_stopped().await;
+        self.link.reconnect = reconnect;
+        self.stop.disarm();
+        r
+    }
+
+    async fn serve_until_stopped(&mut self) -> Result<(), Error> {
         let mut steps = 0u32;
         loop {
             // Replies are written out whenever the loop would wait, so a
             // burst of requests is answered with one write.
-            self.step(None, false).await?;
+            let r = self.step(None, false).await;
+            if let Some(end) = self.stop.ended() {
+                if end == Step::GiveUp {
+                    // Dropped: their calls are re-delivered, or fail with
+                    // `ServiceGone` if made with `no_retry`.
+                    self.running = Running::new();
+                }
+                if let (Some(conn), Some(by)) = (self.link.conn.as_mut(), self.stop.deadline()) {
+                    // The last replies; a broker that does not read them
+                    // is given up at the drain's deadline.
+                    if let Ok(Err(e)) = tokio::time::timeout_at(by, conn.flush()).await {
+                        tracing::warn!("cannot write the last replies: {e}");
+                    }
+                }
+                // Closing the connection tells the broker we are gone.
+                self.link.reset();
+                return Ok(());
+            }
+            match r {
+                Ok(_) => {}
+                Err(e) if self.stop.is_draining() && e.is_connection_error() => {
+                    tracing::warn!("lost the zrpcd connection while stopping: {e}");
+                    self.running = Running::new();
+                    self.link.reset();
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
             steps = steps.wrapping_add(1);
             if steps % YIELD_EVERY_STEPS == 0 {
                 // Under `run()` the loop is exempt from tokio's cooperative
@@ -525,6 +449,20 @@ impl<S: Service> Server<S> {
                     }
                 }
             }
+            // A stop: the names released (sent by the flush before the
+            // wait below), or the drain over (see `crate::stop`).
+            let running = self.running.len();
+            match self
+                .stop
+                .step(&self.setup.names, self.link.conn.as_mut(), running)
+            {
+                Step::Serve if self.stop.is_draining() => {
+                    // Names released: a lost connection is not set up again.
+                    self.link.reconnect = false;
+                }
+                Step::Serve => {}
+                Step::Done | Step::GiveUp => return Ok(None),
+            }
             if self.link.has_request(now) {
                 match self.dispatch().handle_next(flush_reply).await? {
                     Next::Done(event) => return Ok(Some(event)),
@@ -565,6 +503,8 @@ impl<S: Service> Server<S> {
                     return event.map(Some);
                 }
                 Wake::Timeout => return Ok(None),
+                // Looked at on the next round.
+                Wake::Stop => {}
                 Wake::Fd(r) => {
                     let idx = r?;
                     self.next_fd = idx + 1;
@@ -625,6 +565,7 @@ impl<S: Service> Server<S> {
             (meta, outcome) = self.running.next(), if !idle => Wake::Done(meta, outcome),
             r = fds::ready(fds, self.next_fd), if idle && !fds.is_empty() => Wake::Fd(r),
             _ = sleep_until_opt(deadline) => Wake::Timeout,
+            _ = self.stop.wake() => Wake::Stop,
         }
     }
 }
@@ -636,6 +577,8 @@ enum Wake {
     Done(Meta, Option<Result<bytes::Bytes, HandlerError>>),
     Fd(Result<usize, Error>),
     Timeout,
+    /// A stop request, or a drain's deadline.
+    Stop,
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

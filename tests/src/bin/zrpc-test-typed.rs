@@ -1,7 +1,9 @@
 //! A service implementing the `Calc` interface (`zrpc_tests::typed`) for
 //! the typed-client and concurrency tests. Socket directory:
 //! `$ZRPC_SOCKET_DIR`; `$ZRPC_TEST_MAX_CONCURRENT` sets
-//! `Server::max_concurrent`.
+//! `Server::max_concurrent`, `$ZRPC_TEST_DRAIN_TIMEOUT_MS`
+//! `Server::drain_timeout`, and `$ZRPC_TEST_NO_STOP_SIGNALS` turns
+//! `Server::stop_on_signals` off.
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -117,6 +119,15 @@ fn main() -> Result<(), zrpc_service::Error> {
     }
     if std::env::var_os("ZRPC_TEST_SHARED").is_some() {
         server = server.shared(true);
+    }
+    if let Some(ms) = std::env::var("ZRPC_TEST_DRAIN_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        server = server.drain_timeout(Duration::from_millis(ms));
+    }
+    if std::env::var_os("ZRPC_TEST_NO_STOP_SIGNALS").is_some() {
+        server = server.stop_on_signals(false);
     }
     server.run()
 }

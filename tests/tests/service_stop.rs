@@ -1,0 +1,231 @@
+//! Stopping a service gracefully (`zrpc_service::Server::stop_on_signals`,
+//! `drain_timeout`, `ShutdownHandle`): a real broker, the real
+//! `zrpc-test-typed` service stopped with real signals, and real callers.
+//! A stop releases the names, answers what was delivered, and exits 0;
+//! calls made meanwhile wait for the next instance.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use zrpc_client::{BlockingClient, CallOptions, Client, Error};
+use zrpc_service::{Context, Server, ServiceBuilder};
+use zrpc_tests::typed::{CalcBlockingClient, CalcClient, HoldStats};
+use zrpc_tests::{runtime, wait_registered, wait_until, Broker, Proc, WAIT};
+
+fn service(b: &Broker, env: &[(&str, &str)]) -> Proc {
+    let mut c = b.command("zrpc-test-typed");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let p = Proc::spawn("zrpc-test-typed", c);
+    wait_registered(b.dir(), "calc", 1);
+    p
+}
+
+fn stats(b: &Broker) -> HoldStats {
+    CalcBlockingClient::new(BlockingClient::connect_to(b.dir()).expect("connect"))
+        .with_options(CallOptions::timeout(WAIT))
+        .hold_stats()
+        .expect("hold_stats")
+}
+
+/// `n` calls of `hold(ms)` with `no_retry` (a call cut off by its service's
+/// end fails with `ServiceGone` instead of running again elsewhere), on a
+/// thread of their own; their results come through the receiver.
+fn holds(b: &Broker, n: usize, ms: u64) -> mpsc::Receiver<Vec<zrpc_client::Result<u64>>> {
+    let dir = b.dir().to_path_buf();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = runtime();
+        let results = rt.block_on(async {
+            let calc = CalcClient::new(Client::connect_to(&dir).await.expect("connect"));
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                let calc = calc.clone();
+                set.spawn(async move {
+                    calc.hold_with(ms, CallOptions::timeout(WAIT).no_retry())
+                        .await
+                });
+            }
+            let mut all = Vec::new();
+            while let Some(r) = set.join_next().await {
+                all.push(r.expect("task"));
+            }
+            all
+        });
+        let _ = tx.send(results);
+    });
+    rx
+}
+
+#[test]
+fn sigterm_answers_the_running_calls_and_the_next_instance_takes_new_ones() {
+    let b = Broker::start();
+    let mut first = service(&b, &[]);
+    let running = holds(&b, 4, 1500);
+    assert!(wait_until(WAIT, || stats(&b).running == 4));
+    first.signal(libc::SIGTERM);
+    // The name is released while the four still run...
+    wait_registered(b.dir(), "calc", 0);
+    // ...so a call made now waits for the next instance.
+    let later = {
+        let dir = b.dir().to_path_buf();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let c = BlockingClient::connect_to(&dir).expect("connect");
+            let calc = CalcBlockingClient::new(c).with_options(CallOptions::timeout(WAIT));
+            let _ = tx.send(calc.hold(1));
+        });
+        rx
+    };
+    let status = first.wait_exit(WAIT).expect("the service exits");
+    assert!(
+        status.success(),
+        "the stopped service exited with {status:?}"
+    );
+    let results = running.recv_timeout(WAIT).expect("the holds end");
+    for r in &results {
+        assert!(
+            matches!(r, Ok(1500)),
+            "a running call was cut off: {results:?}"
+        );
+    }
+    assert!(
+        later.try_recv().is_err(),
+        "the call made during the stop did not wait for the next instance"
+    );
+    let _second = service(&b, &[]);
+    let r = later.recv_timeout(WAIT).expect("the later call ends");
+    assert!(matches!(r, Ok(1)), "{r:?}");
+    // It ran at the new instance.
+    let s = stats(&b);
+    assert_eq!((s.started, s.finished), (1, 1), "{s:?}");
+}
+
+#[test]
+fn a_stop_gives_up_the_handlers_still_running_at_the_drain_timeout() {
+    let b = Broker::start();
+    let mut svc = service(&b, &[("ZRPC_TEST_DRAIN_TIMEOUT_MS", "300")]);
+    let running = holds(&b, 1, 60_000);
+    assert!(wait_until(WAIT, || stats(&b).running == 1));
+    let start = Instant::now();
+    svc.signal(libc::SIGTERM);
+    let status = svc.wait_exit(WAIT).expect("the service exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the stop took {:?} with a 300 ms drain timeout",
+        start.elapsed()
+    );
+    let results = running.recv_timeout(WAIT).expect("the hold ends");
+    assert!(
+        matches!(results[..], [Err(Error::ServiceGone { .. })]),
+        "{results:?}"
+    );
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once() {
+    let b = Broker::start();
+    let mut svc = service(&b, &[]);
+    let running = holds(&b, 1, 60_000);
+    assert!(wait_until(WAIT, || stats(&b).running == 1));
+    svc.signal(libc::SIGTERM);
+    wait_registered(b.dir(), "calc", 0);
+    assert!(
+        svc.child.try_wait().expect("try_wait").is_none(),
+        "the service did not wait for its running call"
+    );
+    let start = Instant::now();
+    svc.signal(libc::SIGINT);
+    let status = svc.wait_exit(WAIT).expect("the service exits");
+    assert!(status.success(), "{status:?}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let results = running.recv_timeout(WAIT).expect("the hold ends");
+    assert!(
+        matches!(results[..], [Err(Error::ServiceGone { .. })]),
+        "{results:?}"
+    );
+}
+
+#[test]
+fn without_stop_on_signals_sigterm_kills_the_service_and_its_calls() {
+    // What the graceful stop saves its callers from: the same calls as in
+    // the first test, cut off.
+    let b = Broker::start();
+    let mut svc = service(&b, &[("ZRPC_TEST_NO_STOP_SIGNALS", "1")]);
+    let running = holds(&b, 4, 1500);
+    assert!(wait_until(WAIT, || stats(&b).running == 4));
+    svc.signal(libc::SIGTERM);
+    let status = svc.wait_exit(WAIT).expect("the service dies");
+    assert!(!status.success(), "{status:?}");
+    let results = running.recv_timeout(WAIT).expect("the holds end");
+    assert_eq!(results.len(), 4);
+    for r in &results {
+        assert!(matches!(r, Err(Error::ServiceGone { .. })), "{results:?}");
+    }
+}
+
+#[test]
+fn a_shutdown_handle_stops_run_which_can_serve_again() {
+    let b = Broker::start();
+    let dir = b.dir().to_path_buf();
+    let (tx, rx) = mpsc::channel();
+    let (handle_tx, handle_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    // A `Server` is not `Send`: made on the thread that runs it.
+    std::thread::spawn(move || {
+        let svc = ServiceBuilder::new("stopme")
+            .method("pid", |_ctx: &Context, (): ()| {
+                Ok::<_, String>(std::process::id())
+            })
+            .build();
+        let mut server = Server::new(svc).socket_dir(&dir).stop_on_signals(false);
+        let _ = handle_tx.send(server.shutdown_handle());
+        // Each round when told to.
+        while go_rx.recv().is_ok() {
+            let _ = tx.send(server.run());
+        }
+    });
+    let handle = handle_rx.recv_timeout(WAIT).expect("the server's handle");
+    let client = BlockingClient::connect_to(b.dir()).expect("connect");
+    for round in 0..2 {
+        go_tx.send(()).expect("the server thread");
+        wait_registered(b.dir(), "stopme", 1);
+        let pid: u32 = client.call("stopme", "pid", &(), Some(WAIT)).expect("call");
+        assert_eq!(pid, std::process::id());
+        handle.shutdown();
+        let r = rx.recv_timeout(WAIT).expect("run returns");
+        assert!(r.is_ok(), "round {round}: {r:?}");
+        wait_registered(b.dir(), "stopme", 0);
+    }
+}
+
+#[test]
+fn sigterm_during_an_exclusive_handler_waits_for_it() {
+    // `zrpc-test-svc`'s `sleep` takes `&mut self`: it runs alone, inside
+    // the service loop, while the signal arrives.
+    let b = Broker::start();
+    let mut svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let pid = u32::try_from(svc.pid()).expect("pid");
+    let dir = b.dir().to_path_buf();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = runtime().block_on(async {
+            let c = Client::connect_to(&dir).await.expect("connect");
+            let opts = CallOptions::timeout(WAIT).no_retry();
+            c.call_with::<_, u32>("echo", "sleep", &1500u64, opts).await
+        });
+        let _ = tx.send(r);
+    });
+    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
+        b.dir(),
+        "pending"
+    ) == 1));
+    svc.signal(libc::SIGTERM);
+    let status = svc.wait_exit(WAIT).expect("the service exits");
+    assert!(status.success(), "{status:?}");
+    let r = rx.recv_timeout(WAIT).expect("the call ends");
+    assert!(matches!(r, Ok(p) if p == pid), "{r:?}");
+}
