@@ -366,6 +366,11 @@ impl Conn {
             }
             Envelope::Pong { .. } => Ok(FrameAction::None),
             Envelope::Welcome { .. } => Ok(FrameAction::Welcome),
+            Envelope::Ack { req, .. } if req >= crate::stop::UNREGISTER_REQ => {
+                // A drain's `Unregister` (see `crate::stop`).
+                self.unregistered += 1;
+                Ok(FrameAction::None)
+            }
             Envelope::Ack { req, code, message } => Ok(FrameAction::Ack {
                 req,
                 code,
@@ -384,20 +389,13 @@ impl Conn {
     /// batch wins over a cancel (the connection and its `cancels` are
     /// dropped): zrpcd's shutdown cancels delivered calls right before
     /// `Fatal{Shutdown}`, and the clients resubmit them, so the handler had
-    /// better finish and leave its outcome in the reply cache. An `Ack` of
-    /// a drain's `Unregister` is counted, any other is ignored.
+    /// better finish and leave its outcome in the reply cache. An `Ack`
+    /// (unexpected once registered) is ignored; a drain's are counted.
     pub(crate) fn process(&mut self) -> Result<(), Error> {
-        let mut unregistered = 0;
-        let r = self.process_acks(|req, code, message| {
-            if req >= crate::stop::UNREGISTER_REQ {
-                unregistered += 1;
-            } else {
-                tracing::debug!(req, ?code, message, "unexpected Ack ignored");
-            }
+        self.process_acks(|req, code, message| {
+            tracing::debug!(req, ?code, message, "unexpected Ack ignored");
             Ok(())
-        });
-        self.unregistered += unregistered;
-        r
+        })
     }
 
     /// The drain's `Unregister`s acknowledged since the last call.

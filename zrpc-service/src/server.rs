@@ -289,30 +289,19 @@ impl<S: Service> Server<S> {
         loop {
             // Replies are written out whenever the loop would wait, so a
             // burst of requests is answered with one write.
-            let r = self.step(None, false).await;
-            if let Some(end) = self.stop.ended() {
-                if end == Step::GiveUp {
-                    // Dropped: their calls are re-delivered, or fail with
-                    // `ServiceGone` if made with `no_retry`.
-                    self.running = Running::new();
-                }
-                if let (Some(conn), Some(by)) = (self.link.conn.as_mut(), self.stop.deadline()) {
-                    // The last replies; a broker that does not read them
-                    // is given up at the drain's deadline.
-                    if let Ok(Err(e)) = tokio::time::timeout_at(by, conn.flush()).await {
-                        tracing::warn!("cannot write the last replies: {e}");
+            match self.step(None, false).await {
+                Ok(Some(_)) => {}
+                // Without a timeout, only a stop ends a step without an
+                // event.
+                Ok(None) => {
+                    if let Some(end) = self.stop.ended() {
+                        self.close_stopped(end).await;
+                        return Ok(());
                     }
                 }
-                // Closing the connection tells the broker we are gone.
-                self.link.reset();
-                return Ok(());
-            }
-            match r {
-                Ok(_) => {}
                 Err(e) if self.stop.is_draining() && e.is_connection_error() => {
                     tracing::warn!("lost the zrpcd connection while stopping: {e}");
-                    self.running = Running::new();
-                    self.link.reset();
+                    self.close_stopped(Step::GiveUp).await;
                     return Ok(());
                 }
                 Err(e) => return Err(e),
@@ -325,6 +314,23 @@ impl<S: Service> Server<S> {
                 tokio::task::yield_now().await;
             }
         }
+    }
+
+    /// The end of a stop: the handlers still running dropped (with
+    /// `GiveUp`: their calls are re-delivered, or fail with `ServiceGone`
+    /// if made with `no_retry`), the last replies written (until the
+    /// drain's deadline) and the connection closed, which tells the broker
+    /// we are gone.
+    async fn close_stopped(&mut self, end: Step) {
+        if end == Step::GiveUp {
+            self.running = Running::new();
+        }
+        if let (Some(conn), Some(by)) = (self.link.conn.as_mut(), self.stop.deadline()) {
+            if let Ok(Err(e)) = tokio::time::timeout_at(by, conn.flush()).await {
+                tracing::warn!("cannot write the last replies: {e}");
+            }
+        }
+        self.link.reset();
     }
 
     /// The async form of [`run_once`](Self::run_once).
@@ -449,20 +455,6 @@ impl<S: Service> Server<S> {
                     }
                 }
             }
-            // A stop: the names released (sent by the flush before the
-            // wait below), or the drain over (see `crate::stop`).
-            let running = self.running.len();
-            match self
-                .stop
-                .step(&self.setup.names, self.link.conn.as_mut(), running)
-            {
-                Step::Serve if self.stop.is_draining() => {
-                    // Names released: a lost connection is not set up again.
-                    self.link.reconnect = false;
-                }
-                Step::Serve => {}
-                Step::Done | Step::GiveUp => return Ok(None),
-            }
             if self.link.has_request(now) {
                 match self.dispatch().handle_next(flush_reply).await? {
                     Next::Done(event) => return Ok(Some(event)),
@@ -471,6 +463,20 @@ impl<S: Service> Server<S> {
                     Next::Blocked if self.dispatch().describe_first() => continue,
                     Next::Blocked | Next::Idle => {}
                 }
+            }
+            // Before waiting (at least once per batch read), a look at the
+            // stop: the names released (sent by the flush below), or the
+            // drain over (see `crate::stop`).
+            match self
+                .stop
+                .step(&self.setup.names, self.link.conn.as_mut(), &self.running)
+            {
+                Step::Serve if self.stop.is_draining() => {
+                    // Names released: a lost connection is not set up again.
+                    self.link.reconnect = false;
+                }
+                Step::Serve => {}
+                Step::Done | Step::GiveUp => return Ok(None),
             }
             // About to wait: nothing batched may stay unsent meanwhile
             // (the flush policy above may have held replies back for a

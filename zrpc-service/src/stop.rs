@@ -25,6 +25,7 @@ use zrpc_proto::Envelope;
 
 use crate::conn::Conn;
 use crate::error::Error;
+use crate::running::Running;
 
 /// How long a drain may take by default (see [`Server::drain_timeout`](crate::Server::drain_timeout)).
 pub(crate) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,10 +156,9 @@ impl Stop {
     }
 
     /// Whether a stop was requested since the last look, without waiting
-    /// (an atomic load: this runs once per request; signals become
-    /// requests in [`Stop::wake`]).
+    /// (signals become requests in [`Stop::wake`]).
     fn requested_now(&mut self) -> bool {
-        self.handle.shared.requested.load(Ordering::Relaxed) && self.handle.take()
+        self.handle.take()
     }
 
     /// Waits for a stop request (or, draining, for the drain's deadline);
@@ -187,7 +187,7 @@ impl Stop {
         }
     }
 
-    /// One look at the stop, at the top of the serving loop: starts a
+    /// One look at the stop, before the serving loop waits: starts a
     /// drain on a request (releasing the names on `conn`), and says when a
     /// drain is over (every release acknowledged, no handler `running`,
     /// nothing queued). Cheap unless a stop was requested or a drain runs.
@@ -196,18 +196,21 @@ impl Stop {
         &mut self,
         names: &[String],
         conn: Option<&mut Conn>,
-        running: usize,
+        running: &Running,
     ) -> Step {
-        if !self.armed {
+        if !self.armed
+            || (self.drain.is_none() && !self.handle.shared.requested.load(Ordering::Relaxed))
+        {
             return Step::Serve;
         }
-        let step = self.look(names, conn, running);
+        let step = self.look(names, conn, running.len());
         if step != Step::Serve {
             self.ended = Some(step);
         }
         step
     }
 
+    #[cold]
     fn look(&mut self, names: &[String], conn: Option<&mut Conn>, running: usize) -> Step {
         let requested = self.requested_now();
         let Some(drain) = self.drain.as_mut() else {
