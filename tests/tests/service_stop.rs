@@ -229,3 +229,42 @@ fn sigterm_during_an_exclusive_handler_waits_for_it() {
     let r = rx.recv_timeout(WAIT).expect("the call ends");
     assert!(matches!(r, Ok(p) if p == pid), "{r:?}");
 }
+
+#[test]
+fn the_drain_timeout_ends_an_exclusive_handler_too() {
+    // `block` would hold the loop for a minute; `sleep` (exclusive, async)
+    // is given up at the drain timeout.
+    let b = Broker::start();
+    let mut c = b.command("zrpc-test-svc");
+    c.env("ZRPC_TEST_DRAIN_TIMEOUT_MS", "300");
+    let mut svc = Proc::spawn("zrpc-test-svc", c);
+    wait_registered(b.dir(), "echo", 1);
+    let dir = b.dir().to_path_buf();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = runtime().block_on(async {
+            let c = Client::connect_to(&dir).await.expect("connect");
+            let opts = CallOptions::timeout(WAIT).no_retry();
+            c.call_with::<_, u32>("echo", "sleep", &60_000u64, opts)
+                .await
+        });
+        let _ = tx.send(r);
+    });
+    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
+        b.dir(),
+        "pending"
+    ) == 1));
+    let start = Instant::now();
+    svc.signal(libc::SIGTERM);
+    // The name is released at once, while the handler runs.
+    wait_registered(b.dir(), "echo", 0);
+    let status = svc.wait_exit(WAIT).expect("the service exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    let r = rx.recv_timeout(WAIT).expect("the call ends");
+    assert!(matches!(r, Err(Error::ServiceGone { .. })), "{r:?}");
+}

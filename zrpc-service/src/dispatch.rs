@@ -15,6 +15,7 @@ use crate::conn::{own_reply, wire_outcome, Pending};
 use crate::error::{Error, Event};
 use crate::link::{Link, Setup, Work};
 use crate::running::{Meta, Running};
+use crate::stop::{Step, Stop};
 use crate::unwind::{panicked, CatchUnwind};
 use crate::{Context, HandlerError, MethodInfo, Service, DESCRIBE_METHOD};
 
@@ -46,6 +47,7 @@ async fn run_exclusive<S: Service>(
     ctx: &Context,
     payload: Bytes,
     max_queued: usize,
+    stop: &mut Stop,
 ) -> Option<Result<Bytes, HandlerError>> {
     let fut = match catch_unwind(AssertUnwindSafe(|| {
         service.handle(ctx, ctx.method(), payload)
@@ -75,6 +77,14 @@ async fn run_exclusive<S: Service>(
                 Ok(Work::CancelledRunning) => return None,
                 Ok(Work::Progress) => {}
                 Err(e) => link.deferred = Some(e),
+            },
+            // A stop starts (the names released), or gives up: the handler
+            // is dropped like a cancelled one (the broker re-delivers its
+            // call once the connection is closed).
+            () = stop.wake() => {
+                if stop.step(&setup.names, link, || 1) == Step::GiveUp {
+                    return None;
+                }
             }
         }
     }
@@ -125,6 +135,8 @@ pub(crate) struct Dispatch<'a, S: Service> {
     pub(crate) running: &'a mut Running,
     /// [`Server::max_queued`](crate::Server::max_queued).
     pub(crate) max_queued: usize,
+    /// A stop that gives up ends an exclusive handler too.
+    pub(crate) stop: &'a mut Stop,
 }
 
 impl<S: Service> Dispatch<'_, S> {
@@ -284,6 +296,7 @@ impl<S: Service> Dispatch<'_, S> {
             &ctx,
             payload,
             self.max_queued,
+            self.stop,
         )
         .await;
         self.finish(meta, outcome, flush_reply)

@@ -467,14 +467,11 @@ impl<S: Service> Server<S> {
             // Before waiting (at least once per batch read), a look at the
             // stop: the names released (sent by the flush below), or the
             // drain over (see `crate::stop`).
+            let running = &self.running;
             match self
                 .stop
-                .step(&self.setup.names, self.link.conn.as_mut(), &self.running)
+                .step(&self.setup.names, &mut self.link, || running.len())
             {
-                Step::Serve if self.stop.is_draining() => {
-                    // Names released: a lost connection is not set up again.
-                    self.link.reconnect = false;
-                }
                 Step::Serve => {}
                 Step::Done | Step::GiveUp => return Ok(None),
             }
@@ -549,6 +546,7 @@ impl<S: Service> Server<S> {
             counter: &mut self.counter,
             running: &mut self.running,
             max_queued: self.max_queued,
+            stop: &mut self.stop,
         }
     }
 

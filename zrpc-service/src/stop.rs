@@ -23,9 +23,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use zrpc_proto::Envelope;
 
-use crate::conn::Conn;
 use crate::error::Error;
-use crate::running::Running;
+use crate::link::Link;
 
 /// How long a drain may take by default (see [`Server::drain_timeout`](crate::Server::drain_timeout)).
 pub(crate) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -191,19 +190,24 @@ impl Stop {
     /// drain on a request (releasing the names on `conn`), and says when a
     /// drain is over (every release acknowledged, no handler `running`,
     /// nothing queued). Cheap unless a stop was requested or a drain runs.
+    /// Also looked at while an exclusive handler runs (see
+    /// `dispatch::run_exclusive`), so that a stop that gives up ends it.
     #[inline]
     pub(crate) fn step(
         &mut self,
         names: &[String],
-        conn: Option<&mut Conn>,
-        running: &Running,
+        link: &mut Link,
+        running: impl FnOnce() -> usize,
     ) -> Step {
         if !self.armed
             || (self.drain.is_none() && !self.handle.shared.requested.load(Ordering::Relaxed))
         {
             return Step::Serve;
         }
-        let step = self.look(names, conn, running.len());
+        if let Some(end) = self.ended {
+            return end;
+        }
+        let step = self.look(names, link, running());
         if step != Step::Serve {
             self.ended = Some(step);
         }
@@ -211,11 +215,11 @@ impl Stop {
     }
 
     #[cold]
-    fn look(&mut self, names: &[String], conn: Option<&mut Conn>, running: usize) -> Step {
+    fn look(&mut self, names: &[String], link: &mut Link, running: usize) -> Step {
         let requested = self.requested_now();
         let Some(drain) = self.drain.as_mut() else {
             if requested {
-                self.begin(names, conn);
+                self.begin(names, link);
             }
             return Step::Serve;
         };
@@ -231,7 +235,7 @@ impl Stop {
             );
             return Step::GiveUp;
         }
-        let Some(conn) = conn else {
+        let Some(conn) = link.conn.as_mut() else {
             // The connection is gone: nothing more can be answered.
             return if running == 0 {
                 Step::Done
@@ -248,15 +252,17 @@ impl Stop {
         Step::Serve
     }
 
-    /// Starts a drain: releases every name.
-    fn begin(&mut self, names: &[String], conn: Option<&mut Conn>) {
+    /// Starts a drain: releases every name; a lost connection is not set
+    /// up again (the run method restores the setting).
+    fn begin(&mut self, names: &[String], link: &mut Link) {
         tracing::info!(
             names = ?names,
             timeout = ?self.timeout,
             "stopping: names released, answering what was delivered"
         );
         crate::link::notify("STOPPING=1\nSTATUS=draining");
-        let unacked = match conn {
+        link.reconnect = false;
+        let unacked = match link.conn.as_mut() {
             Some(conn) => {
                 for (i, name) in names.iter().enumerate() {
                     conn.send(&Envelope::Unregister {

@@ -1,6 +1,7 @@
 //! A service used by the end-to-end tests.
 //!
-//! Usage: `zrpc-test-svc [--name NAME] [--shared]` (default name `echo`).
+//! Usage: `zrpc-test-svc [--name NAME] [--shared]` (default name `echo`);
+//! `$ZRPC_TEST_DRAIN_TIMEOUT_MS` sets `Server::drain_timeout`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -156,6 +157,12 @@ fn main() {
         }
     }
     let mut server = Server::new(TestSvc::default()).shared(shared);
+    if let Some(ms) = std::env::var("ZRPC_TEST_DRAIN_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        server = server.drain_timeout(Duration::from_millis(ms));
+    }
     if let Some(n) = name {
         server = server.name(n);
     }
