@@ -91,7 +91,8 @@ class RPCTimeoutError(ZRPCError):
 
 
 class NoSuchServiceError(ZRPCError):
-    """No service holds the name, and the call was made with ``no_wait``."""
+    """No service holds the name, and the call was made with ``no_wait``: it
+    was never delivered."""
 
     code = NO_SUCH_SERVICE
 
@@ -132,7 +133,8 @@ class InvalidNameError(ZRPCError):
 
 
 class ServiceGoneError(ZRPCError):
-    """The service instance handling a ``no_retry`` call disconnected."""
+    """The service instance handling a ``no_retry`` call disconnected (or a
+    ``no_wait`` call's, with no other instance of the name): it may have run."""
 
     code = SERVICE_GONE
 

@@ -518,6 +518,87 @@ fn killed_service_mid_call() {
     assert!(matches!(r, Err(Error::NoSuchService { .. })), "{r:?}");
 }
 
+/// Starts a call to `echo.sleep` (60 s) with `opts` from a thread, waits
+/// until the broker delivered it to `svc` (the only instance of `echo`:
+/// a call to a held name is delivered as it is accepted, so one pending
+/// call is a delivered one), SIGKILLs `svc` and returns the call's outcome
+/// and how long it took.
+fn call_then_kill_its_instance(
+    b: &Broker,
+    svc: &zrpc_tests::Proc,
+    opts: CallOptions,
+) -> (Result<u32, Error>, Duration) {
+    let dir = b.dir().to_path_buf();
+    let call = std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        let start = Instant::now();
+        let r = c.call_with::<_, u32>("echo", "sleep", &60_000u64, opts);
+        (r, start.elapsed())
+    });
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 1));
+    svc.signal(libc::SIGKILL);
+    call.join().expect("caller thread")
+}
+
+/// A call delivered to an instance that then died may have run: with no
+/// other instance of the name, the broker must not answer it with a code
+/// that says "never ran" (`NoSuchService`, `TimeoutNoService`).
+#[test]
+fn a_call_whose_instance_died_is_not_reported_as_never_delivered() {
+    let b = Broker::start();
+
+    // `no_wait`: the dead instance may have run it, so `ServiceGone` (as
+    // a `no_retry` call gets), not `NoSuchService`.
+    let svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let opts = CallOptions::timeout(Duration::from_secs(60)).no_wait();
+    let (r, took) = call_then_kill_its_instance(&b, &svc, opts);
+    match r {
+        Err(Error::ServiceGone { service }) => assert_eq!(service, "echo"),
+        other => panic!("expected ServiceGone, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    drop(svc);
+    wait_registered(b.dir(), "echo", 0);
+
+    // Waiting for a new instance until the deadline: a plain timeout (the
+    // call may have run), not "no service held the name".
+    let svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let opts = CallOptions::timeout(Duration::from_millis(1500));
+    let (r, took) = call_then_kill_its_instance(&b, &svc, opts);
+    match r {
+        Err(Error::Timeout {
+            service,
+            no_service: false,
+            ..
+        }) => assert_eq!(service, "echo"),
+        other => panic!("expected Timeout {{ no_service: false }}, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    drop(svc);
+    wait_registered(b.dir(), "echo", 0);
+
+    // Calls that were never delivered still say so.
+    let c = client(&b);
+    let opts = CallOptions::timeout(Duration::from_secs(10)).no_wait();
+    let r = c.call_with::<_, u32>("echo", "sleep", &1u64, opts);
+    assert!(matches!(r, Err(Error::NoSuchService { .. })), "{r:?}");
+    let opts = CallOptions::timeout(Duration::from_millis(200));
+    let r = c.call_with::<_, u32>("echo", "sleep", &1u64, opts);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Timeout {
+                no_service: true,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(broker_stat(b.dir(), "pending"), 0);
+}
+
 #[test]
 fn broker_sigterm_answers_pending_calls_with_shutdown() {
     // A short grace period: the call below cannot finish within it.

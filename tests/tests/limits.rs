@@ -125,6 +125,167 @@ fn stopped_service_is_detected_by_heartbeats_and_its_call_redelivered() {
     stopped.signal(libc::SIGCONT);
 }
 
+/// Raises this process's soft limit of open descriptors to its hard limit
+/// (filling a listen backlog takes one per queued connection: up to
+/// `net.core.somaxconn`, 4096 by default).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Fills the listen backlog of the (stopped) broker at `sock` with
+/// non-blocking connections until the kernel refuses one (`EAGAIN`), and
+/// returns them (they keep the backlog full while they are open).
+fn fill_backlog(sock: &std::path::Path) -> Vec<std::os::fd::OwnedFd> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    raise_fd_limit();
+    let addr = SocketAddrUnix::new(sock).expect("socket address");
+    let mut queued = Vec::new();
+    // Bounded: somaxconn is at most 65535 (plus one the kernel lets in).
+    for _ in 0..70_000 {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socket (raise the limit of open files: ulimit -n)");
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => queued.push(fd),
+            Err(rustix::io::Errno::AGAIN) => return queued,
+            Err(e) => panic!(
+                "connect #{} to fill the backlog: {e} (ulimit -n too low?)",
+                queued.len()
+            ),
+        }
+    }
+    panic!("the listen backlog did not fill after 70,000 connections");
+}
+
+/// Runs `f` on a thread; the returned function waits until `until` at
+/// most for its result and how long it took (`None`: it is still running).
+fn by<T: Send + 'static>(
+    until: std::time::Instant,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> impl FnOnce() -> Option<(T, Duration)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        let r = f();
+        let _ = tx.send((r, start.elapsed()));
+    });
+    move || {
+        rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+            .ok()
+    }
+}
+
+/// Connecting to a broker that is stopped (SIGSTOP) or wedged with its
+/// listen backlog full is bounded by the handshake's timeout: a blocking
+/// connect to a UNIX socket whose backlog is full waits until the listener
+/// accepts, for ever, unless bounded.
+#[test]
+fn connecting_to_a_stopped_broker_with_a_full_backlog_is_bounded() {
+    use zrpc_io::handshake::{connect, connect_blocking, hello_frame, HandshakeError};
+    let mut b = Broker::start();
+    // A client connected before: its broker is replaced by one that is
+    // stopped, and its next call must reconnect.
+    let c = BlockingClient::connect_to(b.dir()).expect("connect");
+    b.restart(libc::SIGKILL);
+    b.proc.signal(libc::SIGSTOP);
+    let stat = format!("/proc/{}/stat", b.proc.pid());
+    let stopped = wait_until(WAIT, || {
+        std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    });
+    assert!(stopped, "zrpcd did not stop");
+    let sock = b.socket();
+    let queued = fill_backlog(&sock);
+    assert!(!queued.is_empty());
+
+    // Every attempt below is bounded by far less than this.
+    let until = std::time::Instant::now() + WAIT;
+    let short = Duration::from_millis(300);
+    let path = sock.clone();
+    let blocking = by(until, move || {
+        connect_blocking(&path, &hello_frame(1, "t"), short).map(|_| ())
+    });
+    let path = sock.clone();
+    let on_tokio = by(until, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(connect(&path, &hello_frame(2, "t"), short))
+            .map(|_| ())
+    });
+    // The client's connect has its own timeout (10 s).
+    let dir = b.dir().to_path_buf();
+    let client = by(until, move || BlockingClient::connect_to(&dir).map(|_| ()));
+    // The call's deadline bounds its reconnection.
+    let call = by(until, move || {
+        c.call::<_, Value>("zrpcd", "ping", &(), Some(Duration::from_secs(1)))
+    });
+    let (blocking, on_tokio, client, call) = (blocking(), on_tokio(), client(), call());
+    b.proc.signal(libc::SIGCONT);
+    drop(queued);
+
+    // Every outcome is checked before failing, so that a failure shows
+    // all of them.
+    let mut wrong = Vec::new();
+    let slow = Duration::from_secs(5);
+    let says_why = |e: &dyn std::fmt::Display| e.to_string().contains("listen backlog is full");
+    match blocking {
+        Some((Err(HandshakeError::Connect { path, source }), took))
+            if path == sock
+                && source.kind() == std::io::ErrorKind::TimedOut
+                && says_why(&source)
+                && took < slow => {}
+        Some((r, took)) => wrong.push(format!(
+            "connect_blocking: expected a TimedOut connect error within {slow:?}, got {r:?} after {took:?}"
+        )),
+        None => wrong.push("connect_blocking did not return".into()),
+    }
+    match on_tokio {
+        Some((Err(HandshakeError::Connect { path, source }), took))
+            if path == sock && says_why(&source) && took < slow => {}
+        Some((r, took)) => wrong.push(format!(
+            "connect: expected a connect error within {slow:?}, got {r:?} after {took:?}"
+        )),
+        None => wrong.push("connect did not return".into()),
+    }
+    match client {
+        Some((Err(e @ Error::Connect { .. }), _)) if says_why(&e) => {}
+        Some((r, took)) => wrong.push(format!(
+            "BlockingClient::connect: expected Connect, got {r:?} after {took:?}"
+        )),
+        None => wrong.push("BlockingClient::connect did not return".into()),
+    }
+    match call {
+        Some((Err(Error::Timeout { .. }), took)) if took < slow => {}
+        Some((r, took)) => wrong.push(format!(
+            "a call reconnecting: expected Timeout within {slow:?}, got {r:?} after {took:?}"
+        )),
+        None => wrong.push("a call reconnecting did not return".into()),
+    }
+    assert!(
+        wrong.is_empty(),
+        "against a stopped broker with a full backlog, within {WAIT:?}:\n{}",
+        wrong.join("\n")
+    );
+}
+
 #[test]
 fn client_that_never_reads_is_disconnected_and_others_carry_on() {
     let b = Broker::start_with(&["--max-queued-bytes", "1048576"]);

@@ -18,7 +18,8 @@ Exit codes:
    5  no such method
    6  remote error: the handler failed or panicked
    7  bad payload: the service could not decode the arguments
-   8  service gone: the instance disconnected during the call (with --no-retry)
+   8  service gone: the instance disconnected during the call (with --no-retry, or
+      with --no-wait when no other instance holds the name); the call may have run
    9  the broker is shutting down
   10  protocol error, version mismatch or limit exceeded
   11  access denied by the broker's policy, or an untrusted broker

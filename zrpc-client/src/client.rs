@@ -96,8 +96,10 @@ impl ClientBuilder {
     /// Connects an async [`Client`]. Must be called inside a tokio runtime
     /// (with timers enabled); the connection's tasks run on that runtime.
     ///
-    /// Fails with [`Error::Connect`] if the broker cannot be reached now;
-    /// once connected, the client reconnects by itself (see [`Client`]).
+    /// Fails with [`Error::Connect`] if the broker cannot be reached now
+    /// (at once if its listen backlog is full: a broker stopped, wedged or
+    /// overloaded), or does not complete the handshake within 10 s; once
+    /// connected, the client reconnects by itself (see [`Client`]).
     pub async fn connect(self) -> Result<Client> {
         let settings = self.settings();
         let (conn, buf) = Conn::open(&settings).await?;
@@ -122,7 +124,9 @@ impl ClientBuilder {
 
     /// Connects a [`BlockingClient`].
     ///
-    /// Fails with [`Error::Connect`] if the broker cannot be reached now;
+    /// Fails with [`Error::Connect`] if the broker cannot be reached now,
+    /// or does not complete the handshake within 10 s (a broker that is
+    /// stopped or wedged, its listen backlog full, say);
     /// once connected, the client reconnects by itself (see
     /// [`BlockingClient`]).
     pub fn connect_blocking(self) -> Result<BlockingClient> {

@@ -14,7 +14,7 @@ use zrpc_proto::ErrorCode;
 pub enum Error {
     /// The call's deadline passed: the broker answered `Timeout` (or
     /// `TimeoutNoService`: no service held the name while the call waited,
-    /// so it never ran), the deadline passed while the client was
+    /// and it was never delivered, so it never ran), the deadline passed while the client was
     /// reconnecting to the broker, or the local safety deadline (timeout +
     /// 2 s) passed without any answer.
     #[error("call to {service}.{method} timed out{}", if *no_service {
@@ -29,10 +29,12 @@ pub enum Error {
         method: String,
         /// True when the broker reports that no service held the name until
         /// the deadline passed (a misspelt or stopped service): the call was
-        /// never delivered.
+        /// never delivered. False for a call whose instance disconnected and
+        /// that then waited for a new one: it may have run.
         no_service: bool,
     },
-    /// No service holds the name (only with `no_wait`).
+    /// No service holds the name (only with `no_wait`): the call was never
+    /// delivered.
     #[error("no service named {service:?} is registered")]
     NoSuchService {
         /// Target service.
@@ -84,7 +86,8 @@ pub enum Error {
         message: String,
     },
     /// The instance handling the call disconnected and the call had
-    /// `no_retry`.
+    /// `no_retry`, or had `no_wait` and no other instance held the name.
+    /// The call may have run.
     #[error("the instance of service {service:?} handling the call disconnected")]
     ServiceGone {
         /// Target service.

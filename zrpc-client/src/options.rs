@@ -23,7 +23,10 @@ pub struct CallOptions {
     /// answer (a safety net against a wedged broker).
     pub timeout: Option<Duration>,
     /// Fail at once with [`Error::NoSuchService`](crate::Error::NoSuchService)
-    /// when no service holds the name, instead of waiting for one.
+    /// when no service holds the name, instead of waiting for one; and with
+    /// [`Error::ServiceGone`](crate::Error::ServiceGone) when the instance
+    /// handling the call disconnects and no other instance holds the name
+    /// (the call may have run).
     pub no_wait: bool,
     /// At most once: never send the call a second time. The broker fails it
     /// with [`Error::ServiceGone`](crate::Error::ServiceGone) when the

@@ -11,7 +11,7 @@
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use zrpc_proto::{encode_frame, Envelope, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
@@ -21,6 +21,10 @@ use crate::trust::{check_broker, UntrustedBroker};
 
 /// Largest frame accepted during the handshake.
 pub const MAX_BODY: u32 = 64 * 1024;
+
+/// The longest timeout [`connect_blocking`] keeps (a longer one is cut to
+/// it).
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What the broker said in `Welcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,9 +205,62 @@ fn timed_out(timeout: Duration) -> io::Error {
     )
 }
 
+/// What the broker's full listen backlog looks like to [`connect`] (at
+/// once) and to [`connect_blocking`] (after its timeout, `TimedOut`).
+fn backlog_full(kind: io::ErrorKind, waited: Option<Duration>) -> io::Error {
+    let waited = waited.map_or(String::new(), |t| format!(" within {t:?}"));
+    io::Error::new(
+        kind,
+        format!(
+            "zrpcd did not accept the connection{waited}: its listen backlog is full (is it stopped, wedged or overloaded?)"
+        ),
+    )
+}
+
+/// Connects a blocking socket to `path`, waiting until `deadline` at most
+/// for the broker to accept. A blocking `connect` to a UNIX socket whose
+/// listen backlog is full (a broker stopped or wedged) waits until the
+/// listener accepts, without bound; a non-blocking one fails at once with
+/// `EAGAIN` and, unlike TCP, leaves no connection in progress to poll for.
+/// The kernel bounds the blocking wait by the socket's send timeout
+/// (`SO_SNDTIMEO`), so the socket is made, given it, then connected (what
+/// `UnixStream::connect` cannot do); the timeout is cleared afterwards.
+fn connect_until(path: &Path, timeout: Duration, deadline: Instant) -> io::Result<UnixStream> {
+    use rustix::net::sockopt::{set_socket_timeout, Timeout};
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(backlog_full(io::ErrorKind::TimedOut, Some(timeout)));
+        }
+        set_socket_timeout(&fd, Timeout::Send, Some(left))?;
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            // A signal while waiting: the socket is still unconnected.
+            Err(rustix::io::Errno::INTR) => {}
+            // The send timeout ran out with the backlog still full.
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err(backlog_full(io::ErrorKind::TimedOut, Some(timeout)))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    set_socket_timeout(&fd, Timeout::Send, None)?;
+    Ok(UnixStream::from(fd))
+}
+
 /// Connects to the broker at `path`, checks who it is, says `hello` (see
 /// [`hello_frame`]) and waits up to `timeout` for `Welcome`. Must run inside
-/// a tokio runtime.
+/// a tokio runtime. A broker whose listen backlog is full (stopped, wedged
+/// or overloaded) fails the connection at once (`WouldBlock`): the
+/// kernel's non-blocking connect does not wait for room.
 pub async fn connect(
     path: &Path,
     hello: &[u8],
@@ -213,7 +270,13 @@ pub async fn connect(
         path: path.to_path_buf(),
         source,
     };
-    let stream = tokio::net::UnixStream::connect(path).await.map_err(err)?;
+    let stream = match tokio::net::UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            return Err(err(backlog_full(io::ErrorKind::WouldBlock, None)))
+        }
+        Err(e) => return Err(err(e)),
+    };
     check_broker(&stream, path)?;
     let exchange = async {
         use tokio::io::AsyncWriteExt;
@@ -251,7 +314,10 @@ pub async fn connect(
     })
 }
 
-/// [`connect`] on a blocking socket, for code without a runtime.
+/// [`connect`] on a blocking socket, for code without a runtime. `timeout`
+/// bounds it all: connecting (a broker whose listen backlog is full, being
+/// stopped or wedged, is waited for until then, and the error is then
+/// `TimedOut`), saying `hello` and reading `Welcome`.
 pub fn connect_blocking(
     path: &Path,
     hello: &[u8],
@@ -261,10 +327,24 @@ pub fn connect_blocking(
         path: path.to_path_buf(),
         source,
     };
-    let sock = UnixStream::connect(path).map_err(err)?;
+    // A zero timeout would mean none to the socket options; a year is as
+    // good as forever (and keeps the deadline representable).
+    let timeout = timeout.clamp(Duration::from_millis(1), YEAR);
+    let deadline = Instant::now() + timeout;
+    let sock = connect_until(path, timeout, deadline).map_err(err)?;
     check_broker(&sock, path)?;
-    sock.set_read_timeout(Some(timeout)).map_err(err)?;
-    crate::write::write_all_blocking(&sock, &[hello]).map_err(|(_, e)| err(e))?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    sock.set_read_timeout(Some(left)).map_err(err)?;
+    sock.set_write_timeout(Some(left)).map_err(err)?;
+    crate::write::write_all_blocking(&sock, &[hello]).map_err(|(_, e)| {
+        err(if crate::read::is_timeout(&e) {
+            timed_out(timeout)
+        } else {
+            e
+        })
+    })?;
     let mut r = Reading::new();
     let welcome = loop {
         if let Some(w) = r.welcome() {
@@ -282,6 +362,7 @@ pub fn connect_blocking(
         }
     };
     sock.set_read_timeout(None).map_err(err)?;
+    sock.set_write_timeout(None).map_err(err)?;
     Ok(Connected {
         sock,
         welcome,
@@ -424,6 +505,110 @@ mod tests {
                 assert!(crate::connect_hint(&source).contains("is zrpcd running"));
             }
             other => panic!("expected a connect error, got {other:?}"),
+        }
+    }
+
+    /// A listener at a fresh socket with the smallest backlog (one
+    /// connection waits to be accepted), and that connection (the backlog
+    /// is then full).
+    fn full_backlog() -> (PathBuf, UnixListener, std::os::fd::OwnedFd) {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+        let dir = std::env::temp_dir().join(format!(
+            "zrpc-io-full-{}-{}",
+            std::process::id(),
+            crate::backoff::random_id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("zrpcd.sock");
+        let addr = SocketAddrUnix::new(&path).expect("address");
+        let socket = |flags| {
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)
+                .expect("socket")
+        };
+        let l = socket(SocketFlags::CLOEXEC);
+        rustix::net::bind(&l, &addr).expect("bind");
+        rustix::net::listen(&l, 0).expect("listen");
+        let queued = socket(SocketFlags::NONBLOCK | SocketFlags::CLOEXEC);
+        rustix::net::connect(&queued, &addr).expect("the one connection the backlog holds");
+        let refused = socket(SocketFlags::NONBLOCK | SocketFlags::CLOEXEC);
+        assert_eq!(
+            rustix::net::connect(&refused, &addr),
+            Err(rustix::io::Errno::AGAIN),
+            "the backlog is full"
+        );
+        (path, UnixListener::from(l), queued)
+    }
+
+    #[test]
+    fn a_full_backlog_bounds_the_connect_and_room_in_it_ends_the_wait() {
+        // Nobody accepts: the blocking connect gives up at its timeout,
+        // the async one at once.
+        let (path, l, _queued) = full_backlog();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let r = connect_blocking(&p, &hello_frame(1, "t"), Duration::from_millis(200));
+            let _ = tx.send((r.map(|_| ()), start.elapsed()));
+        });
+        let (r, took) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("connect_blocking returned (within 10 s)");
+        match r.expect_err("nobody accepts") {
+            HandshakeError::Connect { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut, "{source}");
+                assert!(
+                    source.to_string().contains("listen backlog is full"),
+                    "{source}"
+                );
+            }
+            other => panic!("expected a connect error, got {other:?}"),
+        }
+        assert!(took >= Duration::from_millis(190), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        match rt.block_on(connect(&path, &hello_frame(1, "a"), Duration::from_secs(5))) {
+            Err(HandshakeError::Connect { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::WouldBlock, "{source}");
+                assert!(
+                    source.to_string().contains("listen backlog is full"),
+                    "{source}"
+                );
+            }
+            other => panic!("expected a connect error, got {other:?}"),
+        }
+
+        // The listener accepts (while the blocking connect waits, or
+        // before): it gets in, and the handshake completes within the same
+        // timeout.
+        let answer = frame(&Envelope::Welcome {
+            version: PROTOCOL_VERSION,
+            conn_id: 9,
+            max_message_size: 1000,
+            caps: 0,
+        });
+        let broker = std::thread::spawn(move || {
+            // The queued connection first, then the waiting one.
+            let _first = l.accept().expect("accept the queued connection");
+            let (mut s, _) = l.accept().expect("accept the waiting one");
+            let mut hello = vec![0u8; 256];
+            let n = s.read(&mut hello).expect("read hello");
+            assert!(n > 0, "a Hello");
+            s.write_all(&answer).expect("answer");
+            s
+        });
+        let c = connect_blocking(&path, &hello_frame(2, "t"), Duration::from_secs(10))
+            .expect("connected once the broker accepted");
+        assert_eq!(c.welcome.conn_id, 9);
+        let _s = broker.join().expect("broker");
+        // Blocking, and without the timeouts of the handshake.
+        assert_eq!(c.sock.read_timeout().expect("read timeout"), None);
+        assert_eq!(c.sock.write_timeout().expect("write timeout"), None);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 

@@ -14,7 +14,9 @@ pub mod caps {
 /// Flags carried by a `Call` envelope.
 pub mod flags {
     /// Fail the call at once with `NoSuchService` when no service holds the
-    /// name, instead of waiting for one to register until the deadline.
+    /// name, instead of waiting for one to register until the deadline;
+    /// with `ServiceGone` when the instance handling it disconnects and no
+    /// other instance holds the name (it may have run).
     pub const NO_WAIT: u32 = 1 << 0;
     /// Do not re-deliver the call to another instance if the instance
     /// handling it disconnects; fail it with `ServiceGone` instead.

@@ -11,7 +11,8 @@ use thiserror::Error;
 pub enum ErrorCode {
     /// The call's deadline passed before a reply arrived (1).
     Timeout,
-    /// No service holds the name, and the caller asked not to wait (2).
+    /// No service holds the name, and the caller asked not to wait (2): the
+    /// call was never delivered.
     NoSuchService,
     /// The service has no method of that name (3).
     NoSuchMethod,
@@ -25,7 +26,8 @@ pub enum ErrorCode {
     /// The name is not a valid service name (7).
     InvalidName,
     /// The service instance handling the call disconnected, and the call was
-    /// marked not to be retried (8).
+    /// marked not to be retried, or not to wait and no other instance held
+    /// the name (8). The call may have run.
     ServiceGone,
     /// The broker is shutting down (9).
     Shutdown,
@@ -40,7 +42,8 @@ pub enum ErrorCode {
     /// The name is not registered by this connection (14).
     NotRegistered,
     /// The call's deadline passed while no service held the name: it was
-    /// never delivered (15). A kind of timeout: clients report it as their
+    /// never delivered (15). A call whose instance disconnected gets
+    /// `Timeout` instead (it may have run). A kind of timeout: clients report it as their
     /// timeout error, saying that the name was not registered.
     TimeoutNoService,
     /// The broker's access policy does not allow this (calling the service

@@ -323,6 +323,7 @@ impl Broker {
             return;
         };
         let (caller, caller_call, call_flags) = (p.caller, p.caller_call, p.flags);
+        let redelivery = p.was_delivered();
         let peers = &self.peers;
         let target = prefer
             .filter(|p| self.names.is_instance(service, *p))
@@ -335,8 +336,18 @@ impl Broker {
         let target = target.or_else(|| self.bridge_by_pattern(service));
         let Some(target) = target else {
             if call_flags & flags::NO_WAIT != 0 {
-                let msg = format!("no service is registered under the name {service:?}");
-                return self.finish(bid, Outcome::Error(ErrorCode::NoSuchService, msg), now);
+                // `NoSuchService` says the call never ran: not so for a call
+                // whose instance disconnected while it had it.
+                let (code, msg) = if redelivery {
+                    let msg = format!(
+                        "the service instance handling the call disconnected and no other instance holds the name {service:?} (the call may have run)"
+                    );
+                    (ErrorCode::ServiceGone, msg)
+                } else {
+                    let msg = format!("no service is registered under the name {service:?}");
+                    (ErrorCode::NoSuchService, msg)
+                };
+                return self.finish(bid, Outcome::Error(code, msg), now);
             }
             self.names.park(service, bid);
             if let Some(p) = self.pending.get_mut(bid) {
@@ -584,6 +595,14 @@ impl Broker {
         };
         let (service, method) = self.pending.names(p);
         let (code, msg) = match p.stage() {
+            // `TimeoutNoService` says the call never ran: not so for a call
+            // whose instance disconnected while it had it.
+            Stage::Parked if p.was_delivered() => (
+                ErrorCode::Timeout,
+                format!(
+                    "the service instance handling {method:?} disconnected and no instance of {service:?} took the call over before the deadline (the call may have run)"
+                ),
+            ),
             Stage::Parked => (
                 ErrorCode::TimeoutNoService,
                 format!("no service registered the name {service:?} before the deadline"),

@@ -36,6 +36,11 @@ use timers::{TimerKey, Timers};
 /// Slots per slab page.
 const PAGE: usize = 1024;
 
+/// `Pending::target` of a call parked again after a delivery (the
+/// instance that had it disconnected). Peer ids count up from 1 and never
+/// reach it.
+const PARKED_AFTER_DELIVERY: PeerId = PeerId::MAX;
+
 /// Where a pending call is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -58,7 +63,9 @@ pub struct Pending {
     pub payload: KeptPayload,
     /// The timer entry, if the call has a deadline.
     timer: Option<TimerKey>,
-    /// The service connection it was delivered to; 0 while parked.
+    /// The service connection it was delivered to; while parked, 0 if it
+    /// was never delivered, else [`PARKED_AFTER_DELIVERY`] (no field of
+    /// its own: the slot would grow by 8 bytes).
     target: PeerId,
     /// When the broker accepted it, in microseconds since the table was
     /// created.
@@ -73,7 +80,7 @@ impl Pending {
     /// Where the call is.
     pub fn stage(&self) -> Stage {
         match self.target {
-            0 => Stage::Parked,
+            0 | PARKED_AFTER_DELIVERY => Stage::Parked,
             t => Stage::Delivered(t),
         }
     }
@@ -81,9 +88,18 @@ impl Pending {
     /// Moves the call (peer ids start at 1, so 0 can mean parked).
     pub fn set_stage(&mut self, stage: Stage) {
         self.target = match stage {
-            Stage::Parked => 0,
+            Stage::Parked if self.target == 0 => 0,
+            Stage::Parked => PARKED_AFTER_DELIVERY,
             Stage::Delivered(t) => t,
         };
+    }
+
+    /// Whether the call was ever delivered to a service, also if it is
+    /// parked again now (the instance that had it disconnected): it may
+    /// then have run, and must not be answered with a code that says it
+    /// never did (`NoSuchService`, `TimeoutNoService`).
+    pub fn was_delivered(&self) -> bool {
+        self.target != 0
     }
 }
 
@@ -469,10 +485,19 @@ mod tests {
         let id = t.insert(call(3, 4, "s"), Instant::now(), None);
         let p = t.get_mut(id).expect("pending");
         assert_eq!(p.stage(), Stage::Parked);
+        p.set_stage(Stage::Parked);
+        assert!(!p.was_delivered());
         p.set_stage(Stage::Delivered(9));
         assert_eq!(p.stage(), Stage::Delivered(9));
+        assert!(p.was_delivered());
         p.set_stage(Stage::Parked);
         assert_eq!(p.stage(), Stage::Parked);
+        assert!(p.was_delivered(), "parked again after a delivery");
+        p.set_stage(Stage::Delivered(3));
+        assert_eq!(p.stage(), Stage::Delivered(3));
+        p.set_stage(Stage::Parked);
+        assert_eq!(p.stage(), Stage::Parked);
+        assert!(p.was_delivered());
     }
 
     #[test]
