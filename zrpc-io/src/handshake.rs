@@ -217,6 +217,31 @@ fn backlog_full(kind: io::ErrorKind, waited: Option<Duration>) -> io::Error {
     )
 }
 
+/// Whether something listens on the UNIX socket at `path`, without
+/// waiting: a connection accepted, or refused only because the listen
+/// backlog is full (a listener that is stopped or wedged), counts as
+/// listening; no socket, or a socket file nobody listens on (left by a dead
+/// process), does not. (`UnixStream::connect` would block on a full
+/// backlog until the listener accepts, without bound.)
+pub fn is_listening(path: &Path) -> bool {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let Ok(addr) = SocketAddrUnix::new(path) else {
+        return false;
+    };
+    let Ok(fd) = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    ) else {
+        return false;
+    };
+    matches!(
+        rustix::net::connect(&fd, &addr),
+        Ok(()) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INPROGRESS)
+    )
+}
+
 /// Connects a blocking socket to `path`, waiting until `deadline` at most
 /// for the broker to accept. A blocking `connect` to a UNIX socket whose
 /// listen backlog is full (a broker stopped or wedged) waits until the
@@ -537,6 +562,26 @@ mod tests {
             "the backlog is full"
         );
         (path, UnixListener::from(l), queued)
+    }
+
+    #[test]
+    fn is_listening_tells_a_live_listener_even_with_a_full_backlog_from_a_stale_file() {
+        let (path, l, queued) = full_backlog();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(is_listening(&p));
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)),
+            Ok(true),
+            "a listener with a full backlog (within 10 s)"
+        );
+        drop((l, queued));
+        // The socket file stays; nobody listens on it.
+        assert!(path.exists());
+        assert!(!is_listening(&path));
+        assert!(!is_listening(&path.with_extension("absent")));
     }
 
     #[test]

@@ -165,7 +165,8 @@ pub fn bind(dir: &Path, mode: u32) -> Result<BoundSocket, SetupError> {
     // We hold the lock, so a socket file here was left by a dead broker,
     // unless something else (systemd's zrpcd.socket, say) listens on it:
     // never take over a live socket.
-    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+    // (Without waiting: a live listener whose backlog is full counts too.)
+    if zrpc_io::handshake::is_listening(&path) {
         return Err(SetupError::AlreadyRunning {
             path,
             pid: "unknown: the socket accepts connections but the lock is free (systemd socket activation?)".into(),
