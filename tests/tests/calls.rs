@@ -599,6 +599,61 @@ fn a_call_whose_instance_died_is_not_reported_as_never_delivered() {
     assert_eq!(broker_stat(b.dir(), "pending"), 0);
 }
 
+/// The same across a broker restart: the call was delivered by the first
+/// broker, its instance died with it, and the next broker (which has no
+/// instance of the name) cannot know. The client, which resubmitted the
+/// call, must not pass on "never ran" either. Both faces of the client.
+#[test]
+fn a_call_resubmitted_after_a_broker_restart_is_not_reported_as_never_delivered() {
+    let mut b = Broker::start();
+    let restart_without_the_service = |b: &mut Broker, mut svc: zrpc_tests::Proc| {
+        assert!(wait_until(WAIT, || broker_stat(b.dir(), "pending") == 1));
+        b.proc.signal(libc::SIGKILL);
+        assert!(b.proc.wait_exit(WAIT).is_some(), "broker did not exit");
+        svc.signal(libc::SIGKILL);
+        assert!(svc.wait_exit(WAIT).is_some(), "service did not exit");
+        b.respawn();
+    };
+
+    // `no_wait`, blocking client: `ServiceGone`, not `NoSuchService`.
+    let svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let dir = b.dir().to_path_buf();
+    let call = std::thread::spawn(move || {
+        let c = BlockingClient::connect_to(&dir).expect("connect");
+        let opts = CallOptions::timeout(Duration::from_secs(60)).no_wait();
+        c.call_with::<_, u32>("echo", "sleep", &60_000u64, opts)
+    });
+    restart_without_the_service(&mut b, svc);
+    match call.join().expect("caller thread") {
+        Err(Error::ServiceGone { service }) => assert_eq!(service, "echo"),
+        other => panic!("expected ServiceGone, got {other:?}"),
+    }
+
+    // Waiting until the deadline, async client: a plain `Timeout`.
+    let svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let dir = b.dir().to_path_buf();
+    let call = std::thread::spawn(move || {
+        let rt = zrpc_tests::runtime();
+        rt.block_on(async {
+            let c = Client::connect_to(&dir).await.expect("connect");
+            let opts = CallOptions::timeout(Duration::from_secs(4));
+            c.call_with::<_, u32>("echo", "sleep", &60_000u64, opts)
+                .await
+        })
+    });
+    restart_without_the_service(&mut b, svc);
+    match call.join().expect("caller thread") {
+        Err(Error::Timeout {
+            service,
+            no_service: false,
+            ..
+        }) => assert_eq!(service, "echo"),
+        other => panic!("expected Timeout {{ no_service: false }}, got {other:?}"),
+    }
+}
+
 #[test]
 fn broker_sigterm_answers_pending_calls_with_shutdown() {
     // A short grace period: the call below cannot finish within it.

@@ -148,6 +148,11 @@ struct Call {
     sent_on: Option<u64>,
     /// The outcome came from a read and is counted in [`Handout`].
     handed: bool,
+    /// The call was sent on a connection that ended (or was answered
+    /// `Shutdown`) before its outcome came: a broker may have delivered it,
+    /// so a later broker's "no service held the name" does not prove it
+    /// never ran (see [`Core::dispatch`]).
+    may_have_run: bool,
 }
 
 impl Call {
@@ -167,6 +172,7 @@ impl Call {
     /// The call goes back to waiting for the next connection.
     fn requeue(&mut self) {
         self.sent_on = None;
+        self.may_have_run = true;
         if let Some(w) = &self.waiter {
             w.wake_by_ref();
         }
@@ -214,6 +220,21 @@ impl Dispatched {
     }
 }
 
+/// The code and message of a result for a call that an earlier broker may
+/// have delivered: "no service held the name" (`NoSuchService` of a
+/// `no_wait` call, `TimeoutNoService`) speaks only for the broker that
+/// answered, so it becomes what a call that may have run gets
+/// (`ServiceGone`, `Timeout`).
+fn may_have_run(code: ErrorCode, message: &str) -> (ErrorCode, String) {
+    let code = match code {
+        ErrorCode::NoSuchService => ErrorCode::ServiceGone,
+        ErrorCode::TimeoutNoService => ErrorCode::Timeout,
+        other => return (other, message.to_owned()),
+    };
+    let message = format!("{message} (the call was sent before a reconnection and may have run)");
+    (code, message)
+}
+
 /// The calls of one client. Connections are told apart by generation
 /// numbers the faces give them.
 #[derive(Debug, Default)]
@@ -258,6 +279,7 @@ impl Core {
                 no_retry,
                 sent_on: on,
                 handed: false,
+                may_have_run: false,
             },
         );
         Ok(self.calls.len())
@@ -498,7 +520,12 @@ impl Core {
                                 // An error's value is copied: kept in an
                                 // `Error`, a view would pin the whole batch.
                                 let value = Bytes::copy_from_slice(&payload_of(payload));
-                                Outcome::Failed(code, message.to_owned(), value)
+                                let (code, message) = if c.may_have_run {
+                                    may_have_run(code, message)
+                                } else {
+                                    (code, message.to_owned())
+                                };
+                                Outcome::Failed(code, message, value)
                             }
                             None => Outcome::Ok(payload_of(payload)),
                         });
