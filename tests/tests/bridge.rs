@@ -12,6 +12,7 @@
 //! `zrpcd` without the feature, so there these tests are skipped, and
 //! `scripts/test.sh` runs them next.)
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use zrpc_client::{BlockingClient, Error};
+use zrpc_proto::ErrorCode;
+use zrpc_tests::nats::{Message, RawNats};
 use zrpc_tests::typed::{CalcBlockingClient, CalcError, Pair, Refusal};
 use zrpc_tests::{bin, broker_stat, wait_registered, wait_until, Broker, Proc, TempDir, WAIT};
 
@@ -133,12 +136,24 @@ fn write_config_with(
     import: &str,
     nats_extra: &str,
 ) -> String {
+    write_config_full(dir, host, nats, (export, ""), import, nats_extra)
+}
+
+/// Same, with more lines in `[export]` too (`export.1`).
+fn write_config_full(
+    dir: &TempDir,
+    host: &str,
+    nats: &str,
+    (export, export_extra): (&str, &str),
+    import: &str,
+    nats_extra: &str,
+) -> String {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.path().join(format!("{host}.toml"));
     let text = format!(
         "host_id = \"{host}\"\nuid = {BRIDGE_UID}\ngid = {BRIDGE_UID}\n\
          [nats]\nservers = [\"{nats}\"]\n{nats_extra}\
-         [export]\nnames = [{export}]\n[import]\nnames = [{import}]\n"
+         [export]\nnames = [{export}]\n{export_extra}[import]\nnames = [{import}]\n"
     );
     std::fs::write(&path, text).expect("write the bridge configuration");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
@@ -147,6 +162,11 @@ fn write_config_with(
 }
 
 fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
+    start_hosts_with(a_extra, "")
+}
+
+/// Same, with more lines in host A's `[export]`.
+fn start_hosts_with(a_extra: &[&str], a_export_extra: &str) -> Option<Hosts> {
     if !zrpcd_has_bridge() {
         skip("zrpcd was built without the feature `nats` (cargo build -p zrpcd --features nats)");
         return None;
@@ -154,7 +174,14 @@ fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
     let (nats, url) = start_nats()?;
     let url_for_hosts = url.clone();
     let configs = TempDir::new();
-    let a_conf = write_config(&configs, "host-a", &url_for_hosts, "\"echo\", \"ca*\"", "");
+    let a_conf = write_config_full(
+        &configs,
+        "host-a",
+        &url_for_hosts,
+        ("\"echo\", \"ca*\"", a_export_extra),
+        "",
+        "",
+    );
     let b_conf = write_config(
         &configs,
         "host-b",
@@ -1049,4 +1076,128 @@ fn an_import_pattern_routes_unheld_names_to_nats_and_local_services_still_come_f
         .expect_err("cabal is not imported");
     assert!(matches!(err, Error::NoSuchService { .. }), "got {err:?}");
     assert_eq!(bridge_stat(h.b.dir(), "imported_errors"), 0);
+}
+
+/// A remote host played by hand on raw NATS (`zrpc_tests::nats`): requests
+/// and cancel messages to host A's exported names with the headers the
+/// test chooses (origin `host-x`, no `Zrpc-Epoch`, like a bridge of a
+/// version before it), replies on its own inbox, by tag.
+struct Peer {
+    nats: RawNats,
+}
+
+/// The origin the hand-played host gives.
+const PEER_ORIGIN: &str = "host-x";
+
+/// What varies between the hand-played host's requests.
+struct Req<'a> {
+    name: &'a str,
+    method: &'a str,
+    /// `Zrpc-Caller`: the at-most-once key.
+    caller: &'a str,
+    /// `Zrpc-Request`: what its cancel names.
+    request: u64,
+    timeout_ms: Option<u64>,
+}
+
+impl Peer {
+    fn connect(h: &Hosts) -> Peer {
+        let mut nats = RawNats::connect(&h.nats_url, WAIT).expect("connect to nats-server");
+        nats.subscribe("_INBOX.peer.>", WAIT)
+            .expect("subscribe to the peer's inbox");
+        Peer { nats }
+    }
+
+    /// The bytes of a request whose reply comes back tagged `tag`.
+    fn request(r: &Req<'_>, args: &impl serde::Serialize, tag: &str) -> Vec<u8> {
+        let request = r.request.to_string();
+        let timeout = r.timeout_ms.map(|t| t.to_string());
+        let mut headers = vec![
+            ("Zrpc-Method", r.method),
+            ("Zrpc-Origin", PEER_ORIGIN),
+            ("Zrpc-Caller", r.caller),
+            ("Zrpc-Request", request.as_str()),
+        ];
+        if let Some(t) = &timeout {
+            headers.push(("Zrpc-Timeout-Ms", t.as_str()));
+        }
+        let args = rmp_serde::to_vec_named(args).expect("encode the arguments");
+        RawNats::hpub(
+            &format!("zrpc.svc.{}", r.name),
+            Some(&format!("_INBOX.peer.{tag}")),
+            &headers,
+            &args,
+        )
+    }
+
+    /// Sends `bytes` in one write.
+    fn send(&mut self, bytes: &[u8]) {
+        self.nats.send(bytes, WAIT).expect("publish on NATS");
+    }
+
+    /// The replies that arrive within `bound`, by tag, until `n` did.
+    fn replies(&mut self, n: usize, bound: Duration) -> BTreeMap<String, Message> {
+        let deadline = Instant::now() + bound;
+        let mut out = BTreeMap::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.nats.next_message(left).expect("read from NATS") {
+                Some(m) => {
+                    let tag = m.subject.trim_start_matches("_INBOX.peer.").to_owned();
+                    out.insert(tag, m);
+                }
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+/// A reply's error code (None: success).
+fn reply_code(m: &Message) -> Option<ErrorCode> {
+    m.header("Zrpc-Code")
+        .and_then(|c| c.parse().ok())
+        .and_then(ErrorCode::from_u16)
+}
+
+#[test]
+fn a_repeated_callers_key_joins_only_a_call_to_the_same_name() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mut peer = Peer::connect(&h);
+    let key = 0x4a4d_u64;
+    let echo = Req {
+        name: "echo",
+        method: "record",
+        caller: "7.1.1",
+        request: 1,
+        timeout_ms: Some(20_000),
+    };
+    peer.send(&Peer::request(&echo, &(key, 2_000u64), "echo"));
+    wait_started(&h);
+    // The same origin and caller on another exported name, while the
+    // echo call runs: a new call to calc, not a share of echo's answer.
+    let calc = Req {
+        name: "calc",
+        method: "add",
+        caller: "7.1.1",
+        request: 2,
+        ..echo
+    };
+    peer.send(&Peer::request(&calc, &Pair { a: 1.5, b: 2.0 }, "calc"));
+    let replies = peer.replies(2, WAIT);
+    let calc = replies.get("calc").expect("calc answered");
+    assert_eq!(reply_code(calc), None, "calc failed: {calc:?}");
+    let sum: Result<f64, _> = rmp_serde::from_slice(&calc.payload);
+    assert_eq!(
+        sum.ok(),
+        Some(3.5),
+        "calc's request got another answer (echo's record is {:?})",
+        rmp_serde::from_slice::<(u64, u64)>(&calc.payload).ok()
+    );
+    let echo = replies.get("echo").expect("echo answered");
+    let recorded: (u64, u64) = rmp_serde::from_slice(&echo.payload).expect("echo's record");
+    assert_eq!(recorded, (key, 1));
 }

@@ -2,7 +2,7 @@
 //! resubmits its call (same instance, same call id, docs/reliability.md);
 //! its host's new bridge sends it again with the same `Zrpc-Origin` and
 //! `Zrpc-Caller`. The exporting bridge remembers which local call id it
-//! used for each (origin, caller) key: a resubmission of a call still
+//! used for each (name, origin, caller) key: a resubmission of a call still
 //! running here waits for that call's answer; one of a finished call is
 //! sent again with the same local call id, so that the service's reply
 //! cache (keyed by the bridge's instance, that call id and the bridge's
@@ -15,12 +15,14 @@ use tokio::sync::oneshot;
 
 use super::link::Answer;
 
-/// How many (origin, caller) keys are remembered (the oldest are
-/// forgotten first); as many as a service's reply cache keeps by default.
+/// How many keys are remembered (the oldest are forgotten first); as many
+/// as a service's reply cache keeps by default.
 const MAX_KEYS: usize = 10_000;
 
-/// (origin host, `<uid>.<instance>.<call>`).
-pub(super) type Key = (String, String);
+/// (exported name, origin host, `<uid>.<instance>.<call>`). The name is
+/// part of it: a request to one name never joins, nor is sent again with
+/// the local id of, a call to another, whose answer it would receive.
+pub(super) type Key = (String, String, String);
 
 /// What to do with an incoming request.
 pub(super) enum Plan {

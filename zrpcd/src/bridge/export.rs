@@ -174,7 +174,7 @@ struct LocalCall<'a> {
     method: &'a str,
     timeout_ms: Option<u64>,
     payload: &'a [u8],
-    /// The at-most-once key (origin, caller).
+    /// The at-most-once key (name, origin, caller).
     once: Option<super::dedupe::Key>,
     /// (origin, request number), named by cancel messages.
     cancel_key: Option<(String, u64)>,
@@ -224,7 +224,7 @@ async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
             let key = call_key(headers);
             let once = header(headers, H_ORIGIN)
                 .zip(header(headers, H_CALLER))
-                .map(|(o, c)| (o.to_owned(), c.to_owned()));
+                .map(|(o, c)| (name.clone(), o.to_owned(), c.to_owned()));
             let plan = match &once {
                 Some(k) => shared.dedupe.borrow_mut().plan(k),
                 None => Plan::New,
