@@ -1080,8 +1080,8 @@ fn an_import_pattern_routes_unheld_names_to_nats_and_local_services_still_come_f
 
 /// A remote host played by hand on raw NATS (`zrpc_tests::nats`): requests
 /// and cancel messages to host A's exported names with the headers the
-/// test chooses (origin `host-x`, no `Zrpc-Epoch`, like a bridge of a
-/// version before it), replies on its own inbox, by tag.
+/// test chooses (origin `host-x`; no `Zrpc-Epoch` unless given, like a
+/// bridge of a version before it), replies on its own inbox, by tag.
 struct Peer {
     nats: RawNats,
 }
@@ -1110,6 +1110,16 @@ impl Peer {
 
     /// The bytes of a request whose reply comes back tagged `tag`.
     fn request(r: &Req<'_>, args: &impl serde::Serialize, tag: &str) -> Vec<u8> {
+        Self::request_in(None, r, args, tag)
+    }
+
+    /// Same, with a `Zrpc-Epoch`.
+    fn request_in(
+        epoch: Option<&str>,
+        r: &Req<'_>,
+        args: &impl serde::Serialize,
+        tag: &str,
+    ) -> Vec<u8> {
         let request = r.request.to_string();
         let timeout = r.timeout_ms.map(|t| t.to_string());
         let mut headers = vec![
@@ -1121,12 +1131,43 @@ impl Peer {
         if let Some(t) = &timeout {
             headers.push(("Zrpc-Timeout-Ms", t.as_str()));
         }
+        if let Some(e) = epoch {
+            headers.push(("Zrpc-Epoch", e));
+        }
         let args = rmp_serde::to_vec_named(args).expect("encode the arguments");
         RawNats::hpub(
             &format!("zrpc.svc.{}", r.name),
             Some(&format!("_INBOX.peer.{tag}")),
             &headers,
             &args,
+        )
+    }
+
+    /// The bytes of a cancel message for request number `request`, sent on
+    /// `name`'s cancel subject.
+    fn cancel(name: &str, request: u64) -> Vec<u8> {
+        Self::cancel_in(None, name, request)
+    }
+
+    /// Same, with a `Zrpc-Epoch`.
+    fn cancel_in(epoch: Option<&str>, name: &str, request: u64) -> Vec<u8> {
+        let request = request.to_string();
+        let mut headers = vec![("Zrpc-Origin", PEER_ORIGIN), ("Zrpc-Request", &request)];
+        if let Some(e) = epoch {
+            headers.push(("Zrpc-Epoch", e));
+        }
+        RawNats::hpub(&format!("zrpc.cancel.{name}"), None, &headers, &[])
+    }
+
+    /// The bytes of a request to `name` that A's bridge refuses at once
+    /// (no `Zrpc-Method`): its answer, tagged `tag`, comes after A's
+    /// bridge handled everything sent for `name` before it.
+    fn barrier(name: &str, tag: &str) -> Vec<u8> {
+        RawNats::hpub(
+            &format!("zrpc.svc.{name}"),
+            Some(&format!("_INBOX.peer.{tag}")),
+            &[("Zrpc-Origin", PEER_ORIGIN)],
+            &[],
         )
     }
 
@@ -1200,4 +1241,193 @@ fn a_repeated_callers_key_joins_only_a_call_to_the_same_name() {
     let echo = replies.get("echo").expect("echo answered");
     let recorded: (u64, u64) = rmp_serde::from_slice(&echo.payload).expect("echo's record");
     assert_eq!(recorded, (key, 1));
+}
+
+#[test]
+fn a_cancel_message_reaches_only_a_call_to_the_name_it_was_sent_for() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mut peer = Peer::connect(&h);
+    let cancelled = broker_stat(h.a.dir(), "cancelled");
+    let sleep = Req {
+        name: "echo",
+        method: "sleep",
+        caller: "7.4.1",
+        request: 1,
+        timeout_ms: None,
+    };
+    peer.send(&Peer::request(&sleep, &30_000u64, "sleep"));
+    wait_started(&h);
+    // Its origin and request number on calc's cancel subject, then a call
+    // to calc: once calc answers, A's bridge has handled that cancel
+    // (it came first, on the same connection).
+    let add = Req {
+        name: "calc",
+        method: "add",
+        caller: "7.4.2",
+        request: 2,
+        timeout_ms: Some(10_000),
+    };
+    let mut burst = Peer::cancel("calc", 1);
+    burst.extend(Peer::request(&add, &Pair { a: 1.0, b: 1.0 }, "add"));
+    peer.send(&burst);
+    let replies = peer.replies(1, WAIT);
+    assert!(
+        replies.contains_key("add"),
+        "calc did not answer first: {replies:?}"
+    );
+    assert_eq!(
+        broker_stat(h.a.dir(), "cancelled"),
+        cancelled,
+        "a cancel sent for calc cancelled a call to echo"
+    );
+    assert_eq!(broker_stat(h.a.dir(), "pending"), 1, "echo's call ended");
+    // On echo's cancel subject it does cancel it.
+    peer.send(&Peer::cancel("echo", 1));
+    let replies = peer.replies(1, Duration::from_secs(5));
+    let sleep = replies.get("sleep").expect("echo's call was not cancelled");
+    assert_eq!(reply_code(sleep), Some(ErrorCode::Cancelled));
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(
+            h.a.dir(),
+            "cancelled"
+        ) > cancelled),
+        "host A's broker did not cancel the call"
+    );
+}
+
+#[test]
+fn a_cancel_after_the_calling_hosts_broker_restarted_reaches_its_own_call() {
+    let Some(mut h) = start_hosts(&[]) else {
+        return;
+    };
+    // B's bridge numbers its requests from 1 again.
+    h.b.restart(libc::SIGTERM);
+    wait_registered(h.b.dir(), "echo", 1);
+    // A plain subscriber sees a copy of every request to echo.
+    let mut observer = RawNats::connect(&h.nats_url, WAIT).expect("connect to nats-server");
+    observer
+        .subscribe("zrpc.svc.echo", WAIT)
+        .expect("subscribe to echo's requests");
+    // The old call: B's request 1, running 6 s on A. Sent at most once:
+    // its client does not resubmit it to the next B (where it would take
+    // request number 1).
+    let old_client = h.client_b();
+    let old = std::thread::spawn(move || {
+        old_client.call_with::<_, u32>(
+            "echo",
+            "sleep",
+            &6_000u64,
+            zrpc_client::CallOptions::timeout(Duration::from_secs(30)).no_retry(),
+        )
+    });
+    wait_started(&h);
+    // B dies without cancelling it and comes back: the call runs on at A.
+    h.b.restart(libc::SIGKILL);
+    let old = old.join().expect("the old call's thread");
+    assert!(old.is_err(), "the old call answered: {old:?}");
+    wait_registered(h.b.dir(), "echo", 1);
+    // The new B's request 1: a new call, given up once the old one ended.
+    let rt = zrpc_tests::runtime();
+    let dir = h.b.dir().to_path_buf();
+    let client = rt
+        .block_on(zrpc_client::Client::connect_to(&dir))
+        .expect("connect to B");
+    let caller = client.clone();
+    let new = rt.spawn(async move {
+        caller
+            .call::<_, u32>("echo", "sleep", &30_000u64, secs(60))
+            .await
+    });
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "pending") >= 2),
+        "the old and the new call did not run together on A"
+    );
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "pending") == 1),
+        "the old call did not end on A"
+    );
+    // Both were B's request 1, each with its process's epoch.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let Some(m) = observer.next_message(WAIT).expect("read") else {
+            break;
+        };
+        seen.push((
+            m.header("Zrpc-Request").map(str::to_owned),
+            m.header("Zrpc-Epoch").map(str::to_owned),
+        ));
+    }
+    assert_eq!(seen.len(), 2, "B's requests to echo: {seen:?}");
+    assert_eq!(seen[0].0.as_deref(), Some("1"), "{seen:?}");
+    assert_eq!(seen[1].0.as_deref(), Some("1"), "{seen:?}");
+    assert!(
+        seen[0].1.is_some() && seen[0].1 != seen[1].1,
+        "B's two processes sent no epoch, or the same: {seen:?}"
+    );
+    let cancelled = broker_stat(h.a.dir(), "cancelled");
+    // Dropping the call's future sends `Cancel`; B's bridge publishes
+    // the cancel message.
+    new.abort();
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(
+            h.a.dir(),
+            "cancelled"
+        ) > cancelled),
+        "the new call's cancel did not reach it on host A"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(h.a.dir(), "pending")
+            == 0),
+        "the new call still runs on host A"
+    );
+    drop(client);
+}
+
+#[test]
+fn a_cancel_from_a_restarted_host_does_not_reach_an_older_call_of_its_request_number() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mut peer = Peer::connect(&h);
+    let (old, new) = (Some("e1"), Some("e2"));
+    let sleep = |caller, request| Req {
+        name: "echo",
+        method: "sleep",
+        caller,
+        request,
+        timeout_ms: None,
+    };
+    // The host's first process: requests 1 (X) and 2 (Y), both running.
+    let mut burst = Peer::request_in(old, &sleep("7.5.1", 1), &30_000u64, "x");
+    burst.extend(Peer::request_in(old, &sleep("7.5.2", 2), &30_000u64, "y"));
+    peer.send(&burst);
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "pending") >= 2),
+        "X and Y did not reach host A's service"
+    );
+    // Its next process resubmits Y as its request 1 (Y's resubmission
+    // joins Y, no call of its own), then gives it up.
+    let mut burst = Peer::request_in(new, &sleep("7.5.2", 1), &30_000u64, "z");
+    burst.extend(Peer::cancel_in(new, "echo", 1));
+    burst.extend(Peer::barrier("echo", "b1"));
+    peer.send(&burst);
+    let replies = peer.replies(1, WAIT);
+    assert!(replies.contains_key("b1"), "{replies:?}");
+    // Whatever that cancel reached has answered before a second barrier.
+    peer.send(&Peer::barrier("echo", "b2"));
+    let replies = peer.replies(1, WAIT);
+    assert!(
+        replies.contains_key("b2"),
+        "the cancel of the new process's request 1 reached another call: {replies:?}"
+    );
+    assert_eq!(broker_stat(h.a.dir(), "pending"), 2, "X or Y ended");
+    // X's own cancel does reach it, and Y's reaches Y and its resubmission.
+    let mut burst = Peer::cancel_in(old, "echo", 1);
+    burst.extend(Peer::cancel_in(old, "echo", 2));
+    peer.send(&burst);
+    let replies = peer.replies(3, Duration::from_secs(5));
+    for tag in ["x", "y", "z"] {
+        let m = replies
+            .get(tag)
+            .unwrap_or_else(|| panic!("{tag} got no answer: {replies:?}"));
+        assert_eq!(reply_code(m), Some(ErrorCode::Cancelled), "{tag}");
+    }
 }

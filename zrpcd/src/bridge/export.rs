@@ -10,10 +10,11 @@ use futures_util::StreamExt;
 use rmpv::Value;
 use zrpc_proto::ErrorCode;
 
+use super::cancels::Key as CancelKey;
 use super::dedupe::Plan;
 use super::link::Answer;
 use super::{header, reply_headers, too_large, AbortOnDrop, Shared, H_CALLER, H_METHOD, H_ORIGIN};
-use super::{H_REQUEST, H_TIMEOUT_MS, SYNC_INTERVAL};
+use super::{H_TIMEOUT_MS, SYNC_INTERVAL};
 use crate::broker::bridged::BridgeCounters;
 
 /// Every [`SYNC_INTERVAL`]: subscribes the exported names a local service
@@ -145,11 +146,10 @@ async fn serve(
             },
             msg = cancels.next() => match msg {
                 Some(msg) => {
-                    let headers = msg.headers.as_ref();
-                    if let Some(key) = call_key(headers) {
-                        let id = shared.exports.borrow().get(&key).copied();
+                    if let Some(key) = CancelKey::new(&name, msg.headers.as_ref()) {
+                        let id = shared.exports.borrow_mut().cancel(&key);
                         if let Some(id) = id {
-                            tracing::debug!(service = %name, origin = %key.0, "the remote caller cancelled");
+                            tracing::debug!(service = %name, ?key, "the remote caller cancelled");
                             shared.link.cancel_call(id);
                             BridgeCounters::bump(&shared.counters.cancels_received);
                         }
@@ -161,13 +161,6 @@ async fn serve(
     }
 }
 
-/// (origin, request number) of a request or cancel message.
-fn call_key(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u64)> {
-    let origin = header(headers, H_ORIGIN)?;
-    let request = header(headers, H_REQUEST)?.parse().ok()?;
-    Some((origin.to_owned(), request))
-}
-
 /// A local call to make for a NATS request.
 struct LocalCall<'a> {
     name: &'a str,
@@ -176,8 +169,8 @@ struct LocalCall<'a> {
     payload: &'a [u8],
     /// The at-most-once key (name, origin, caller).
     once: Option<super::dedupe::Key>,
-    /// (origin, request number), named by cancel messages.
-    cancel_key: Option<(String, u64)>,
+    /// What cancel messages name it by.
+    cancel_key: Option<CancelKey>,
 }
 
 /// Makes the local call (with local id `id`, or a new one) and waits for
@@ -191,11 +184,11 @@ async fn call_local(shared: &Shared, call: LocalCall<'_>, id: Option<u64>) -> Op
         shared.dedupe.borrow_mut().started(k, id);
     }
     if let Some(key) = &call.cancel_key {
-        shared.exports.borrow_mut().insert(key.clone(), id);
+        shared.exports.borrow_mut().file(key.clone(), id);
     }
     let answer = rx.await.ok();
     if let Some(key) = &call.cancel_key {
-        shared.exports.borrow_mut().remove(key);
+        shared.exports.borrow_mut().unfile(key, id);
     }
     shared.dedupe.borrow_mut().finished(id, answer.as_ref());
     answer
@@ -221,7 +214,7 @@ async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
                 caller = header(headers, H_CALLER).unwrap_or("?"),
                 "a call from NATS"
             );
-            let key = call_key(headers);
+            let key = CancelKey::new(&name, headers);
             let once = header(headers, H_ORIGIN)
                 .zip(header(headers, H_CALLER))
                 .map(|(o, c)| (name.clone(), o.to_owned(), c.to_owned()));
