@@ -1431,3 +1431,42 @@ fn a_cancel_from_a_restarted_host_does_not_reach_an_older_call_of_its_request_nu
         assert_eq!(reply_code(m), Some(ErrorCode::Cancelled), "{tag}");
     }
 }
+
+#[test]
+fn a_cancel_right_behind_its_request_cancels_the_call() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mut peer = Peer::connect(&h);
+    // Each request followed by its cancel, all in one write: A's bridge
+    // reads them together.
+    const N: u64 = 8;
+    let callers: Vec<String> = (1..=N).map(|i| format!("7.2.{i}")).collect();
+    let mut burst = Vec::new();
+    for (i, caller) in (1..=N).zip(&callers) {
+        let req = Req {
+            name: "echo",
+            method: "sleep",
+            caller,
+            request: i,
+            timeout_ms: None,
+        };
+        burst.extend(Peer::request(&req, &30_000u64, &i.to_string()));
+        burst.extend(Peer::cancel("echo", i));
+    }
+    peer.send(&burst);
+    let replies = peer.replies(N as usize, Duration::from_secs(10));
+    let cancelled = replies
+        .values()
+        .filter(|m| reply_code(m) == Some(ErrorCode::Cancelled))
+        .count();
+    assert_eq!(
+        cancelled,
+        N as usize,
+        "{} of {N} cancels right behind their requests were lost: {replies:?}",
+        N as usize - cancelled
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(h.a.dir(), "pending")
+            == 0),
+        "calls still run on host A"
+    );
+}

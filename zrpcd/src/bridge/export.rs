@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
+use std::time::Instant;
 
 use futures_util::StreamExt;
 use rmpv::Value;
@@ -147,7 +148,7 @@ async fn serve(
             msg = cancels.next() => match msg {
                 Some(msg) => {
                     if let Some(key) = CancelKey::new(&name, msg.headers.as_ref()) {
-                        let id = shared.exports.borrow_mut().cancel(&key);
+                        let id = shared.exports.borrow_mut().cancel(&key, Instant::now());
                         if let Some(id) = id {
                             tracing::debug!(service = %name, ?key, "the remote caller cancelled");
                             shared.link.cancel_call(id);
@@ -174,8 +175,26 @@ struct LocalCall<'a> {
 }
 
 /// Makes the local call (with local id `id`, or a new one) and waits for
-/// its answer; None if the link to the broker closed.
+/// its answer; None if the link to the broker closed. A call whose cancel
+/// came first is answered `Cancelled` without a local call.
 async fn call_local(shared: &Shared, call: LocalCall<'_>, id: Option<u64>) -> Option<Answer> {
+    if let Some(key) = &call.cancel_key {
+        if shared
+            .exports
+            .borrow_mut()
+            .cancelled_early(key, Instant::now())
+        {
+            tracing::debug!(service = %call.name, ?key, "the remote caller cancelled before the call started");
+            BridgeCounters::bump(&shared.counters.cancels_received);
+            return Some(Answer {
+                code: Some(ErrorCode::Cancelled),
+                message: "the remote caller cancelled the call".to_owned(),
+                payload: bytes::Bytes::new(),
+            });
+        }
+    }
+    // From here to filing the call nothing awaits: a cancel handled
+    // meanwhile was remembered above, one handled after finds the call.
     let (id, rx) =
         shared
             .link
