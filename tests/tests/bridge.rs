@@ -1470,3 +1470,70 @@ fn a_cancel_right_behind_its_request_cancels_the_call() {
         "calls still run on host A"
     );
 }
+
+#[test]
+fn requests_joining_a_running_call_are_bounded_by_max_joins() {
+    let Some(h) = start_hosts_with(&[], "max_joins = 2\n") else {
+        return;
+    };
+    let mut peer = Peer::connect(&h);
+    let call = |request, timeout_ms| Req {
+        name: "echo",
+        method: "sleep",
+        caller: "7.3.1",
+        request,
+        timeout_ms,
+    };
+    // A call without deadline, then requests repeating its caller: they
+    // join it (no local call) up to max_joins at once.
+    peer.send(&Peer::request(&call(1, None), &30_000u64, "r1"));
+    wait_started(&h);
+    let mut burst = Peer::request(&call(2, Some(1_500)), &30_000u64, "j1");
+    burst.extend(Peer::request(&call(3, None), &30_000u64, "j2"));
+    peer.send(&burst);
+    peer.send(&Peer::request(&call(4, None), &30_000u64, "j3"));
+    let replies = peer.replies(1, Duration::from_secs(5));
+    let refused = replies
+        .get("j3")
+        .unwrap_or_else(|| panic!("a third join was not refused at once: {replies:?}"));
+    assert_eq!(reply_code(refused), Some(ErrorCode::LimitExceeded));
+    assert!(
+        refused
+            .header("Zrpc-Message")
+            .is_some_and(|m| m.contains("max_joins")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        broker_stat(h.a.dir(), "pending"),
+        1,
+        "joins made local calls"
+    );
+    // A join ends at its own deadline and frees its place.
+    let replies = peer.replies(1, WAIT);
+    let timed_out = replies.get("j1").expect("j1 did not time out");
+    assert_eq!(reply_code(timed_out), Some(ErrorCode::Timeout));
+    let mut burst = Peer::request(&call(5, None), &30_000u64, "j4");
+    burst.extend(Peer::request(&call(6, None), &30_000u64, "j5"));
+    peer.send(&burst);
+    let replies = peer.replies(1, Duration::from_secs(5));
+    let (tag, refused) = replies
+        .iter()
+        .next()
+        .unwrap_or_else(|| panic!("neither j4 nor j5 was refused"));
+    assert_eq!(reply_code(refused), Some(ErrorCode::LimitExceeded), "{tag}");
+    let joined = if tag == "j4" { "j5" } else { "j4" };
+    // Cancelling the call answers it and the requests that joined it.
+    peer.send(&Peer::cancel("echo", 1));
+    let replies = peer.replies(3, Duration::from_secs(5));
+    for tag in ["r1", "j2", joined] {
+        let m = replies
+            .get(tag)
+            .unwrap_or_else(|| panic!("{tag} got no answer: {replies:?}"));
+        assert_eq!(reply_code(m), Some(ErrorCode::Cancelled), "{tag}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(h.a.dir(), "pending")
+            == 0),
+        "the call still runs on host A"
+    );
+}

@@ -193,6 +193,7 @@ async fn run(
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::task::spawn_local(link::writer(wr, rx));
     let agent = format!("zrpcd-nats-bridge {}", config.host_id);
+    let dedupe = RefCell::new(dedupe::Dedupe::new(config.max_joins));
     let shared = Rc::new(Shared {
         config,
         nats,
@@ -202,7 +203,7 @@ async fn run(
         epoch: format!("{:016x}", random_u64()),
         exports: RefCell::default(),
         counters,
-        dedupe: RefCell::default(),
+        dedupe,
     });
     shared.link.send(
         &Envelope::Hello {
