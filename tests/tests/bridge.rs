@@ -12,6 +12,7 @@
 //! `zrpcd` without the feature, so there these tests are skipped, and
 //! `scripts/test.sh` runs them next.)
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use zrpc_client::{BlockingClient, Error};
+use zrpc_proto::ErrorCode;
+use zrpc_tests::nats::{Message, RawNats};
 use zrpc_tests::typed::{CalcBlockingClient, CalcError, Pair, Refusal};
 use zrpc_tests::{bin, broker_stat, wait_registered, wait_until, Broker, Proc, TempDir, WAIT};
 
@@ -133,12 +136,24 @@ fn write_config_with(
     import: &str,
     nats_extra: &str,
 ) -> String {
+    write_config_full(dir, host, nats, (export, ""), import, nats_extra)
+}
+
+/// Same, with more lines in `[export]` too (`export.1`).
+fn write_config_full(
+    dir: &TempDir,
+    host: &str,
+    nats: &str,
+    (export, export_extra): (&str, &str),
+    import: &str,
+    nats_extra: &str,
+) -> String {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.path().join(format!("{host}.toml"));
     let text = format!(
         "host_id = \"{host}\"\nuid = {BRIDGE_UID}\ngid = {BRIDGE_UID}\n\
          [nats]\nservers = [\"{nats}\"]\n{nats_extra}\
-         [export]\nnames = [{export}]\n[import]\nnames = [{import}]\n"
+         [export]\nnames = [{export}]\n{export_extra}[import]\nnames = [{import}]\n"
     );
     std::fs::write(&path, text).expect("write the bridge configuration");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
@@ -147,6 +162,11 @@ fn write_config_with(
 }
 
 fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
+    start_hosts_with(a_extra, "")
+}
+
+/// Same, with more lines in host A's `[export]`.
+fn start_hosts_with(a_extra: &[&str], a_export_extra: &str) -> Option<Hosts> {
     if !zrpcd_has_bridge() {
         skip("zrpcd was built without the feature `nats` (cargo build -p zrpcd --features nats)");
         return None;
@@ -154,7 +174,14 @@ fn start_hosts(a_extra: &[&str]) -> Option<Hosts> {
     let (nats, url) = start_nats()?;
     let url_for_hosts = url.clone();
     let configs = TempDir::new();
-    let a_conf = write_config(&configs, "host-a", &url_for_hosts, "\"echo\", \"ca*\"", "");
+    let a_conf = write_config_full(
+        &configs,
+        "host-a",
+        &url_for_hosts,
+        ("\"echo\", \"ca*\"", a_export_extra),
+        "",
+        "",
+    );
     let b_conf = write_config(
         &configs,
         "host-b",
@@ -1049,4 +1076,464 @@ fn an_import_pattern_routes_unheld_names_to_nats_and_local_services_still_come_f
         .expect_err("cabal is not imported");
     assert!(matches!(err, Error::NoSuchService { .. }), "got {err:?}");
     assert_eq!(bridge_stat(h.b.dir(), "imported_errors"), 0);
+}
+
+/// A remote host played by hand on raw NATS (`zrpc_tests::nats`): requests
+/// and cancel messages to host A's exported names with the headers the
+/// test chooses (origin `host-x`; no `Zrpc-Epoch` unless given, like a
+/// bridge of a version before it), replies on its own inbox, by tag.
+struct Peer {
+    nats: RawNats,
+}
+
+/// The origin the hand-played host gives.
+const PEER_ORIGIN: &str = "host-x";
+
+/// What varies between the hand-played host's requests.
+struct Req<'a> {
+    name: &'a str,
+    method: &'a str,
+    /// `Zrpc-Caller`: the at-most-once key.
+    caller: &'a str,
+    /// `Zrpc-Request`: what its cancel names.
+    request: u64,
+    timeout_ms: Option<u64>,
+}
+
+impl Peer {
+    fn connect(h: &Hosts) -> Peer {
+        let mut nats = RawNats::connect(&h.nats_url, WAIT).expect("connect to nats-server");
+        nats.subscribe("_INBOX.peer.>", WAIT)
+            .expect("subscribe to the peer's inbox");
+        Peer { nats }
+    }
+
+    /// The bytes of a request whose reply comes back tagged `tag`.
+    fn request(r: &Req<'_>, args: &impl serde::Serialize, tag: &str) -> Vec<u8> {
+        Self::request_in(None, r, args, tag)
+    }
+
+    /// Same, with a `Zrpc-Epoch`.
+    fn request_in(
+        epoch: Option<&str>,
+        r: &Req<'_>,
+        args: &impl serde::Serialize,
+        tag: &str,
+    ) -> Vec<u8> {
+        let request = r.request.to_string();
+        let timeout = r.timeout_ms.map(|t| t.to_string());
+        let mut headers = vec![
+            ("Zrpc-Method", r.method),
+            ("Zrpc-Origin", PEER_ORIGIN),
+            ("Zrpc-Caller", r.caller),
+            ("Zrpc-Request", request.as_str()),
+        ];
+        if let Some(t) = &timeout {
+            headers.push(("Zrpc-Timeout-Ms", t.as_str()));
+        }
+        if let Some(e) = epoch {
+            headers.push(("Zrpc-Epoch", e));
+        }
+        let args = rmp_serde::to_vec_named(args).expect("encode the arguments");
+        RawNats::hpub(
+            &format!("zrpc.svc.{}", r.name),
+            Some(&format!("_INBOX.peer.{tag}")),
+            &headers,
+            &args,
+        )
+    }
+
+    /// The bytes of a cancel message for request number `request`, sent on
+    /// `name`'s cancel subject.
+    fn cancel(name: &str, request: u64) -> Vec<u8> {
+        Self::cancel_in(None, name, request)
+    }
+
+    /// Same, with a `Zrpc-Epoch`.
+    fn cancel_in(epoch: Option<&str>, name: &str, request: u64) -> Vec<u8> {
+        let request = request.to_string();
+        let mut headers = vec![("Zrpc-Origin", PEER_ORIGIN), ("Zrpc-Request", &request)];
+        if let Some(e) = epoch {
+            headers.push(("Zrpc-Epoch", e));
+        }
+        RawNats::hpub(&format!("zrpc.cancel.{name}"), None, &headers, &[])
+    }
+
+    /// The bytes of a request to `name` that A's bridge refuses at once
+    /// (no `Zrpc-Method`): its answer, tagged `tag`, comes after A's
+    /// bridge handled everything sent for `name` before it.
+    fn barrier(name: &str, tag: &str) -> Vec<u8> {
+        RawNats::hpub(
+            &format!("zrpc.svc.{name}"),
+            Some(&format!("_INBOX.peer.{tag}")),
+            &[("Zrpc-Origin", PEER_ORIGIN)],
+            &[],
+        )
+    }
+
+    /// Sends `bytes` in one write.
+    fn send(&mut self, bytes: &[u8]) {
+        self.nats.send(bytes, WAIT).expect("publish on NATS");
+    }
+
+    /// The replies that arrive within `bound`, by tag, until `n` did.
+    fn replies(&mut self, n: usize, bound: Duration) -> BTreeMap<String, Message> {
+        let deadline = Instant::now() + bound;
+        let mut out = BTreeMap::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.nats.next_message(left).expect("read from NATS") {
+                Some(m) => {
+                    let tag = m.subject.trim_start_matches("_INBOX.peer.").to_owned();
+                    out.insert(tag, m);
+                }
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+/// A reply's error code (None: success).
+fn reply_code(m: &Message) -> Option<ErrorCode> {
+    m.header("Zrpc-Code")
+        .and_then(|c| c.parse().ok())
+        .and_then(ErrorCode::from_u16)
+}
+
+#[test]
+fn a_repeated_callers_key_joins_only_a_call_to_the_same_name() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mut peer = Peer::connect(&h);
+    let key = 0x4a4d_u64;
+    let echo = Req {
+        name: "echo",
+        method: "record",
+        caller: "7.1.1",
+        request: 1,
+        timeout_ms: Some(20_000),
+    };
+    peer.send(&Peer::request(&echo, &(key, 2_000u64), "echo"));
+    wait_started(&h);
+    // The same origin and caller on another exported name, while the
+    // echo call runs: a new call to calc, not a share of echo's answer.
+    let calc = Req {
+        name: "calc",
+        method: "add",
+        caller: "7.1.1",
+        request: 2,
+        ..echo
+    };
+    peer.send(&Peer::request(&calc, &Pair { a: 1.5, b: 2.0 }, "calc"));
+    let replies = peer.replies(2, WAIT);
+    let calc = replies.get("calc").expect("calc answered");
+    assert_eq!(reply_code(calc), None, "calc failed: {calc:?}");
+    let sum: Result<f64, _> = rmp_serde::from_slice(&calc.payload);
+    assert_eq!(
+        sum.ok(),
+        Some(3.5),
+        "calc's request got another answer (echo's record is {:?})",
+        rmp_serde::from_slice::<(u64, u64)>(&calc.payload).ok()
+    );
+    let echo = replies.get("echo").expect("echo answered");
+    let recorded: (u64, u64) = rmp_serde::from_slice(&echo.payload).expect("echo's record");
+    assert_eq!(recorded, (key, 1));
+}
+
+#[test]
+fn a_cancel_message_reaches_only_a_call_to_the_name_it_was_sent_for() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mut peer = Peer::connect(&h);
+    let cancelled = broker_stat(h.a.dir(), "cancelled");
+    let sleep = Req {
+        name: "echo",
+        method: "sleep",
+        caller: "7.4.1",
+        request: 1,
+        timeout_ms: None,
+    };
+    peer.send(&Peer::request(&sleep, &30_000u64, "sleep"));
+    wait_started(&h);
+    // Its origin and request number on calc's cancel subject, then a call
+    // to calc: once calc answers, A's bridge has handled that cancel
+    // (it came first, on the same connection).
+    let add = Req {
+        name: "calc",
+        method: "add",
+        caller: "7.4.2",
+        request: 2,
+        timeout_ms: Some(10_000),
+    };
+    let mut burst = Peer::cancel("calc", 1);
+    burst.extend(Peer::request(&add, &Pair { a: 1.0, b: 1.0 }, "add"));
+    peer.send(&burst);
+    let replies = peer.replies(1, WAIT);
+    assert!(
+        replies.contains_key("add"),
+        "calc did not answer first: {replies:?}"
+    );
+    assert_eq!(
+        broker_stat(h.a.dir(), "cancelled"),
+        cancelled,
+        "a cancel sent for calc cancelled a call to echo"
+    );
+    assert_eq!(broker_stat(h.a.dir(), "pending"), 1, "echo's call ended");
+    // On echo's cancel subject it does cancel it.
+    peer.send(&Peer::cancel("echo", 1));
+    let replies = peer.replies(1, Duration::from_secs(5));
+    let sleep = replies.get("sleep").expect("echo's call was not cancelled");
+    assert_eq!(reply_code(sleep), Some(ErrorCode::Cancelled));
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(
+            h.a.dir(),
+            "cancelled"
+        ) > cancelled),
+        "host A's broker did not cancel the call"
+    );
+}
+
+#[test]
+fn a_cancel_after_the_calling_hosts_broker_restarted_reaches_its_own_call() {
+    let Some(mut h) = start_hosts(&[]) else {
+        return;
+    };
+    // B's bridge numbers its requests from 1 again.
+    h.b.restart(libc::SIGTERM);
+    wait_registered(h.b.dir(), "echo", 1);
+    // A plain subscriber sees a copy of every request to echo.
+    let mut observer = RawNats::connect(&h.nats_url, WAIT).expect("connect to nats-server");
+    observer
+        .subscribe("zrpc.svc.echo", WAIT)
+        .expect("subscribe to echo's requests");
+    // The old call: B's request 1, running 6 s on A. Sent at most once:
+    // its client does not resubmit it to the next B (where it would take
+    // request number 1).
+    let old_client = h.client_b();
+    let old = std::thread::spawn(move || {
+        old_client.call_with::<_, u32>(
+            "echo",
+            "sleep",
+            &6_000u64,
+            zrpc_client::CallOptions::timeout(Duration::from_secs(30)).no_retry(),
+        )
+    });
+    wait_started(&h);
+    // B dies without cancelling it and comes back: the call runs on at A.
+    h.b.restart(libc::SIGKILL);
+    let old = old.join().expect("the old call's thread");
+    assert!(old.is_err(), "the old call answered: {old:?}");
+    wait_registered(h.b.dir(), "echo", 1);
+    // The new B's request 1: a new call, given up once the old one ended.
+    let rt = zrpc_tests::runtime();
+    let dir = h.b.dir().to_path_buf();
+    let client = rt
+        .block_on(zrpc_client::Client::connect_to(&dir))
+        .expect("connect to B");
+    let caller = client.clone();
+    let new = rt.spawn(async move {
+        caller
+            .call::<_, u32>("echo", "sleep", &30_000u64, secs(60))
+            .await
+    });
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "pending") >= 2),
+        "the old and the new call did not run together on A"
+    );
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "pending") == 1),
+        "the old call did not end on A"
+    );
+    // Both were B's request 1, each with its process's epoch.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let Some(m) = observer.next_message(WAIT).expect("read") else {
+            break;
+        };
+        seen.push((
+            m.header("Zrpc-Request").map(str::to_owned),
+            m.header("Zrpc-Epoch").map(str::to_owned),
+        ));
+    }
+    assert_eq!(seen.len(), 2, "B's requests to echo: {seen:?}");
+    assert_eq!(seen[0].0.as_deref(), Some("1"), "{seen:?}");
+    assert_eq!(seen[1].0.as_deref(), Some("1"), "{seen:?}");
+    assert!(
+        seen[0].1.is_some() && seen[0].1 != seen[1].1,
+        "B's two processes sent no epoch, or the same: {seen:?}"
+    );
+    let cancelled = broker_stat(h.a.dir(), "cancelled");
+    // Dropping the call's future sends `Cancel`; B's bridge publishes
+    // the cancel message.
+    new.abort();
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(
+            h.a.dir(),
+            "cancelled"
+        ) > cancelled),
+        "the new call's cancel did not reach it on host A"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(h.a.dir(), "pending")
+            == 0),
+        "the new call still runs on host A"
+    );
+    drop(client);
+}
+
+#[test]
+fn a_cancel_from_a_restarted_host_does_not_reach_an_older_call_of_its_request_number() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mut peer = Peer::connect(&h);
+    let (old, new) = (Some("e1"), Some("e2"));
+    let sleep = |caller, request| Req {
+        name: "echo",
+        method: "sleep",
+        caller,
+        request,
+        timeout_ms: None,
+    };
+    // The host's first process: requests 1 (X) and 2 (Y), both running.
+    let mut burst = Peer::request_in(old, &sleep("7.5.1", 1), &30_000u64, "x");
+    burst.extend(Peer::request_in(old, &sleep("7.5.2", 2), &30_000u64, "y"));
+    peer.send(&burst);
+    assert!(
+        wait_until(WAIT, || broker_stat(h.a.dir(), "pending") >= 2),
+        "X and Y did not reach host A's service"
+    );
+    // Its next process resubmits Y as its request 1 (Y's resubmission
+    // joins Y, no call of its own), then gives it up.
+    let mut burst = Peer::request_in(new, &sleep("7.5.2", 1), &30_000u64, "z");
+    burst.extend(Peer::cancel_in(new, "echo", 1));
+    burst.extend(Peer::barrier("echo", "b1"));
+    peer.send(&burst);
+    let replies = peer.replies(1, WAIT);
+    assert!(replies.contains_key("b1"), "{replies:?}");
+    // Whatever that cancel reached has answered before a second barrier.
+    peer.send(&Peer::barrier("echo", "b2"));
+    let replies = peer.replies(1, WAIT);
+    assert!(
+        replies.contains_key("b2"),
+        "the cancel of the new process's request 1 reached another call: {replies:?}"
+    );
+    assert_eq!(broker_stat(h.a.dir(), "pending"), 2, "X or Y ended");
+    // X's own cancel does reach it, and Y's reaches Y and its resubmission.
+    let mut burst = Peer::cancel_in(old, "echo", 1);
+    burst.extend(Peer::cancel_in(old, "echo", 2));
+    peer.send(&burst);
+    let replies = peer.replies(3, Duration::from_secs(5));
+    for tag in ["x", "y", "z"] {
+        let m = replies
+            .get(tag)
+            .unwrap_or_else(|| panic!("{tag} got no answer: {replies:?}"));
+        assert_eq!(reply_code(m), Some(ErrorCode::Cancelled), "{tag}");
+    }
+}
+
+#[test]
+fn a_cancel_right_behind_its_request_cancels_the_call() {
+    let Some(h) = start_hosts(&[]) else { return };
+    let mut peer = Peer::connect(&h);
+    // Each request followed by its cancel, all in one write: A's bridge
+    // reads them together.
+    const N: u64 = 8;
+    let callers: Vec<String> = (1..=N).map(|i| format!("7.2.{i}")).collect();
+    let mut burst = Vec::new();
+    for (i, caller) in (1..=N).zip(&callers) {
+        let req = Req {
+            name: "echo",
+            method: "sleep",
+            caller,
+            request: i,
+            timeout_ms: None,
+        };
+        burst.extend(Peer::request(&req, &30_000u64, &i.to_string()));
+        burst.extend(Peer::cancel("echo", i));
+    }
+    peer.send(&burst);
+    let replies = peer.replies(N as usize, Duration::from_secs(10));
+    let cancelled = replies
+        .values()
+        .filter(|m| reply_code(m) == Some(ErrorCode::Cancelled))
+        .count();
+    assert_eq!(
+        cancelled,
+        N as usize,
+        "{} of {N} cancels right behind their requests were lost: {replies:?}",
+        N as usize - cancelled
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(h.a.dir(), "pending")
+            == 0),
+        "calls still run on host A"
+    );
+}
+
+#[test]
+fn requests_joining_a_running_call_are_bounded_by_max_joins() {
+    let Some(h) = start_hosts_with(&[], "max_joins = 2\n") else {
+        return;
+    };
+    let mut peer = Peer::connect(&h);
+    let call = |request, timeout_ms| Req {
+        name: "echo",
+        method: "sleep",
+        caller: "7.3.1",
+        request,
+        timeout_ms,
+    };
+    // A call without deadline, then requests repeating its caller: they
+    // join it (no local call) up to max_joins at once.
+    peer.send(&Peer::request(&call(1, None), &30_000u64, "r1"));
+    wait_started(&h);
+    let mut burst = Peer::request(&call(2, Some(1_500)), &30_000u64, "j1");
+    burst.extend(Peer::request(&call(3, None), &30_000u64, "j2"));
+    peer.send(&burst);
+    peer.send(&Peer::request(&call(4, None), &30_000u64, "j3"));
+    let replies = peer.replies(1, Duration::from_secs(5));
+    let refused = replies
+        .get("j3")
+        .unwrap_or_else(|| panic!("a third join was not refused at once: {replies:?}"));
+    assert_eq!(reply_code(refused), Some(ErrorCode::LimitExceeded));
+    assert!(
+        refused
+            .header("Zrpc-Message")
+            .is_some_and(|m| m.contains("max_joins")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        broker_stat(h.a.dir(), "pending"),
+        1,
+        "joins made local calls"
+    );
+    // A join ends at its own deadline and frees its place.
+    let replies = peer.replies(1, WAIT);
+    let timed_out = replies.get("j1").expect("j1 did not time out");
+    assert_eq!(reply_code(timed_out), Some(ErrorCode::Timeout));
+    let mut burst = Peer::request(&call(5, None), &30_000u64, "j4");
+    burst.extend(Peer::request(&call(6, None), &30_000u64, "j5"));
+    peer.send(&burst);
+    let replies = peer.replies(1, Duration::from_secs(5));
+    let (tag, refused) = replies
+        .iter()
+        .next()
+        .unwrap_or_else(|| panic!("neither j4 nor j5 was refused"));
+    assert_eq!(reply_code(refused), Some(ErrorCode::LimitExceeded), "{tag}");
+    let joined = if tag == "j4" { "j5" } else { "j4" };
+    // Cancelling the call answers it and the requests that joined it.
+    peer.send(&Peer::cancel("echo", 1));
+    let replies = peer.replies(3, Duration::from_secs(5));
+    for tag in ["r1", "j2", joined] {
+        let m = replies
+            .get(tag)
+            .unwrap_or_else(|| panic!("{tag} got no answer: {replies:?}"));
+        assert_eq!(reply_code(m), Some(ErrorCode::Cancelled), "{tag}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || broker_stat(h.a.dir(), "pending")
+            == 0),
+        "the call still runs on host A"
+    );
 }

@@ -58,6 +58,10 @@ pub struct BridgeConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Names offered on NATS: exact, or a prefix ending in `*`.
     pub export: Vec<String>,
+    /// How many requests repeating a running exported call's origin and
+    /// caller may wait for its answer at once, in all (`[export]
+    /// max_joins`); beyond, they are refused with `LimitExceeded`.
+    pub max_joins: usize,
     /// Names called on NATS when no local service holds them: exact
     /// (registered by the bridge), or a prefix ending in `*` (routed to
     /// the bridge by the broker when nobody holds the name).
@@ -74,6 +78,7 @@ impl std::fmt::Debug for BridgeConfig {
             .field("subject_prefix", &self.subject_prefix)
             .field("servers", &self.servers)
             .field("export", &self.export)
+            .field("max_joins", &self.max_joins)
             .field("import", &self.import)
             .finish_non_exhaustive()
     }
@@ -88,7 +93,7 @@ struct File {
     subject_prefix: Option<String>,
     nats: Nats,
     #[serde(default)]
-    export: Names,
+    export: Export,
     #[serde(default)]
     import: Names,
 }
@@ -113,6 +118,17 @@ struct Names {
     #[serde(default)]
     names: Vec<String>,
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Export {
+    #[serde(default)]
+    names: Vec<String>,
+    max_joins: Option<usize>,
+}
+
+/// Default `[export] max_joins`.
+const DEFAULT_MAX_JOINS: usize = 1_024;
 
 /// `nobody`: the default identity of remote callers.
 const NOBODY: u32 = 65534;
@@ -226,6 +242,7 @@ impl BridgeConfig {
             root_certificates: file.nats.root_certificates,
             client_cert,
             export: file.export.names,
+            max_joins: file.export.max_joins.unwrap_or(DEFAULT_MAX_JOINS),
             import: file.import.names,
         })
     }
@@ -332,6 +349,7 @@ mod tests {
         assert!(!c.exports("calcx"));
         assert!(!c.exports("billing"));
         assert_eq!(c.subject("billing.eu"), "zrpc.svc.billing.eu");
+        assert_eq!(c.max_joins, DEFAULT_MAX_JOINS);
         assert!(
             !format!("{c:?}").contains("\"p\""),
             "secrets are not printed"
@@ -344,6 +362,12 @@ mod tests {
         assert_eq!(c.imported_names().collect::<Vec<_>>(), ["inv"]);
         assert!(c.imports_by_pattern("shop.cart"));
         assert!(!c.imports_by_pattern("inv") && !c.imports_by_pattern("shopping"));
+        let c = BridgeConfig::parse(
+            "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[export]\nnames = [\"e\"]\nmax_joins = 0",
+        )
+        .ok()
+        .expect("valid");
+        assert_eq!(c.max_joins, 0);
     }
 
     #[test]
@@ -356,6 +380,8 @@ mod tests {
             "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[import]\nnames = [\"*\"]",
             "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[import]\nnames = [\"a b*\"]",
             "host_id = \"a\"\n[nats]\nservers = [\"x\"]\nbogus = 1",
+            "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[export]\nmax_joins = -1",
+            "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[import]\nmax_joins = 1",
         ] {
             assert!(BridgeConfig::parse(bad).is_err(), "accepted: {bad}");
         }

@@ -5,15 +5,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use rmpv::Value;
 use zrpc_proto::ErrorCode;
 
-use super::dedupe::Plan;
+use super::cancels::Key as CancelKey;
+use super::dedupe::{Joined, Plan};
 use super::link::Answer;
 use super::{header, reply_headers, too_large, AbortOnDrop, Shared, H_CALLER, H_METHOD, H_ORIGIN};
-use super::{H_REQUEST, H_TIMEOUT_MS, SYNC_INTERVAL};
+use super::{H_TIMEOUT_MS, SYNC_INTERVAL};
 use crate::broker::bridged::BridgeCounters;
 
 /// Every [`SYNC_INTERVAL`]: subscribes the exported names a local service
@@ -145,11 +147,10 @@ async fn serve(
             },
             msg = cancels.next() => match msg {
                 Some(msg) => {
-                    let headers = msg.headers.as_ref();
-                    if let Some(key) = call_key(headers) {
-                        let id = shared.exports.borrow().get(&key).copied();
+                    if let Some(key) = CancelKey::new(&name, msg.headers.as_ref()) {
+                        let id = shared.exports.borrow_mut().cancel(&key, Instant::now());
                         if let Some(id) = id {
-                            tracing::debug!(service = %name, origin = %key.0, "the remote caller cancelled");
+                            tracing::debug!(service = %name, ?key, "the remote caller cancelled");
                             shared.link.cancel_call(id);
                             BridgeCounters::bump(&shared.counters.cancels_received);
                         }
@@ -161,113 +162,108 @@ async fn serve(
     }
 }
 
-/// (origin, request number) of a request or cancel message.
-fn call_key(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u64)> {
-    let origin = header(headers, H_ORIGIN)?;
-    let request = header(headers, H_REQUEST)?.parse().ok()?;
-    Some((origin.to_owned(), request))
-}
-
 /// A local call to make for a NATS request.
 struct LocalCall<'a> {
     name: &'a str,
     method: &'a str,
     timeout_ms: Option<u64>,
-    payload: &'a [u8],
-    /// The at-most-once key (origin, caller).
+    /// The arguments, dropped once sent to the broker.
+    payload: bytes::Bytes,
+    /// The at-most-once key (name, origin, caller).
     once: Option<super::dedupe::Key>,
-    /// (origin, request number), named by cancel messages.
-    cancel_key: Option<(String, u64)>,
+    /// What cancel messages name it by.
+    cancel_key: Option<CancelKey>,
+}
+
+/// An answer made here with `code`, `message` and no value.
+fn error(code: ErrorCode, message: String) -> Answer {
+    Answer {
+        code: Some(code),
+        message,
+        payload: bytes::Bytes::new(),
+    }
 }
 
 /// Makes the local call (with local id `id`, or a new one) and waits for
-/// its answer; None if the link to the broker closed.
+/// its answer; None if the link to the broker closed. A call whose cancel
+/// came first is answered `Cancelled` without a local call.
 async fn call_local(shared: &Shared, call: LocalCall<'_>, id: Option<u64>) -> Option<Answer> {
+    if let Some(key) = &call.cancel_key {
+        if shared
+            .exports
+            .borrow_mut()
+            .cancelled_early(key, Instant::now())
+        {
+            tracing::debug!(service = %call.name, ?key, "the remote caller cancelled before the call started");
+            BridgeCounters::bump(&shared.counters.cancels_received);
+            return Some(error(
+                ErrorCode::Cancelled,
+                "the remote caller cancelled the call".to_owned(),
+            ));
+        }
+    }
+    // From here to filing the call nothing awaits: a cancel handled
+    // meanwhile was remembered above, one handled after finds the call.
     let (id, rx) =
         shared
             .link
-            .start_call(id, call.name, call.method, call.timeout_ms, call.payload)?;
+            .start_call(id, call.name, call.method, call.timeout_ms, &call.payload)?;
+    drop(call.payload);
     if let Some(k) = call.once {
         shared.dedupe.borrow_mut().started(k, id);
     }
     if let Some(key) = &call.cancel_key {
-        shared.exports.borrow_mut().insert(key.clone(), id);
+        shared.exports.borrow_mut().file(key.clone(), id);
     }
     let answer = rx.await.ok();
     if let Some(key) = &call.cancel_key {
-        shared.exports.borrow_mut().remove(key);
+        shared.exports.borrow_mut().unfile(key, id);
     }
     shared.dedupe.borrow_mut().finished(id, answer.as_ref());
     answer
 }
 
+/// Waits for the answer of the running call a request joined, at most
+/// until the request's own deadline; None if the link to the broker
+/// closed.
+async fn join(joined: Joined, timeout_ms: Option<u64>) -> Option<Answer> {
+    let Some(ms) = timeout_ms else {
+        return joined.answer.await.ok();
+    };
+    match tokio::time::timeout(Duration::from_millis(ms), joined.answer).await {
+        Ok(answer) => answer.ok(),
+        Err(_) => Some(error(
+            ErrorCode::Timeout,
+            "the call this request repeats did not answer within the request's deadline".to_owned(),
+        )),
+    }
+}
+
 /// Makes one NATS request a local call and publishes its outcome.
 async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
-    let Some(reply) = msg.reply else {
+    let async_nats::Message {
+        reply,
+        headers,
+        payload,
+        ..
+    } = msg;
+    let Some(reply) = reply else {
         tracing::debug!(service = %name, "a NATS message without reply subject: ignored");
         return;
     };
-    let headers = msg.headers.as_ref();
-    let method = header(headers, H_METHOD);
-    let timeout = header(headers, H_TIMEOUT_MS).map(str::parse::<u64>);
-    let (code, message, payload) = match (method, timeout) {
-        (Some(method), None | Some(Ok(_))) => {
-            let timeout_ms = header(headers, H_TIMEOUT_MS).and_then(|t| t.parse::<u64>().ok());
-            tracing::debug!(
-                service = %name,
-                method,
-                timeout_ms,
-                origin = header(headers, H_ORIGIN).unwrap_or("?"),
-                caller = header(headers, H_CALLER).unwrap_or("?"),
-                "a call from NATS"
-            );
-            let key = call_key(headers);
-            let once = header(headers, H_ORIGIN)
-                .zip(header(headers, H_CALLER))
-                .map(|(o, c)| (o.to_owned(), c.to_owned()));
-            let plan = match &once {
-                Some(k) => shared.dedupe.borrow_mut().plan(k),
-                None => Plan::New,
-            };
-            let local = LocalCall {
-                name: &name,
-                method,
-                timeout_ms,
-                payload: &msg.payload,
-                once,
-                cancel_key: key,
-            };
-            let answer = match plan {
-                Plan::Join(rx) => {
-                    tracing::debug!(service = %name, "a resubmitted call joins the one running");
-                    rx.await.ok()
-                }
-                Plan::Resend(id) => {
-                    tracing::debug!(service = %name, id, "a resubmitted call is sent again with its id");
-                    call_local(&shared, local, Some(id)).await
-                }
-                Plan::New => call_local(&shared, local, None).await,
-            };
-            match answer {
-                Some(a) => (a.code, a.message, a.payload),
-                None => (
-                    Some(ErrorCode::Shutdown),
-                    "the exporting broker's bridge stopped".to_owned(),
-                    bytes::Bytes::new(),
-                ),
-            }
-        }
-        _ => (
-            Some(ErrorCode::Protocol),
-            format!("a NATS request needs the header {H_METHOD} and a numeric {H_TIMEOUT_MS} (docs/bridge.md)"),
-            bytes::Bytes::new(),
-        ),
-    };
-    let (code, message, payload) = match too_large(&shared.nats, payload.len(), "the reply's value")
-    {
-        Some(m) => (Some(ErrorCode::LimitExceeded), m, bytes::Bytes::new()),
-        None => (code, message, payload),
-    };
+    let answer = outcome(&shared, &name, headers, payload)
+        .await
+        .unwrap_or_else(|| {
+            error(
+                ErrorCode::Shutdown,
+                "the exporting broker's bridge stopped".to_owned(),
+            )
+        });
+    let (code, message, payload) =
+        match too_large(&shared.nats, answer.payload.len(), "the reply's value") {
+            Some(m) => (Some(ErrorCode::LimitExceeded), m, bytes::Bytes::new()),
+            None => (answer.code, answer.message, answer.payload),
+        };
     BridgeCounters::bump(&shared.counters.exported);
     if code.is_some() {
         BridgeCounters::bump(&shared.counters.exported_errors);
@@ -279,4 +275,78 @@ async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
     {
         tracing::warn!(service = %name, error = %e, "cannot send a reply on NATS");
     }
+}
+
+/// The answer to a NATS request for `name`; None if the link to the
+/// broker closed.
+async fn outcome(
+    shared: &Shared,
+    name: &str,
+    headers: Option<async_nats::HeaderMap>,
+    payload: bytes::Bytes,
+) -> Option<Answer> {
+    let h = headers.as_ref();
+    let timeout_ms = match header(h, H_TIMEOUT_MS).map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(ms)) => Some(ms),
+        Some(Err(_)) => return Some(malformed()),
+    };
+    let Some(method) = header(h, H_METHOD) else {
+        return Some(malformed());
+    };
+    tracing::debug!(
+        service = %name,
+        method,
+        timeout_ms,
+        origin = header(h, H_ORIGIN).unwrap_or("?"),
+        caller = header(h, H_CALLER).unwrap_or("?"),
+        "a call from NATS"
+    );
+    let once = header(h, H_ORIGIN)
+        .zip(header(h, H_CALLER))
+        .map(|(o, c)| (name.to_owned(), o.to_owned(), c.to_owned()));
+    let plan = match &once {
+        Some(k) => shared.dedupe.borrow_mut().plan(k),
+        None => Plan::New,
+    };
+    let local = |payload| LocalCall {
+        name,
+        method,
+        timeout_ms,
+        payload,
+        once,
+        cancel_key: CancelKey::new(name, h),
+    };
+    match plan {
+        Plan::Full(max) => {
+            tracing::debug!(service = %name, max, "a resubmitted call refused: max_joins requests wait already");
+            Some(error(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{max} requests already wait for calls running here that they repeat \
+                     ([export] max_joins of the exporting host's bridge, docs/bridge.md)"
+                ),
+            ))
+        }
+        Plan::Join(joined) => {
+            tracing::debug!(service = %name, "a resubmitted call joins the one running");
+            // Held until the call answers: only its place in max_joins.
+            drop((payload, headers));
+            join(joined, timeout_ms).await
+        }
+        Plan::Resend(id) => {
+            tracing::debug!(service = %name, id, "a resubmitted call is sent again with its id");
+            call_local(shared, local(payload), Some(id)).await
+        }
+        Plan::New => call_local(shared, local(payload), None).await,
+    }
+}
+
+/// The answer to a request without `Zrpc-Method` or with a non-numeric
+/// `Zrpc-Timeout-Ms`.
+fn malformed() -> Answer {
+    error(
+        ErrorCode::Protocol,
+        format!("a NATS request needs the header {H_METHOD} and a numeric {H_TIMEOUT_MS} (docs/bridge.md)"),
+    )
 }

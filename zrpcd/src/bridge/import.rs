@@ -11,9 +11,9 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use zrpc_proto::{flags, Envelope, ErrorCode};
 
-use super::H_TIMEOUT_MS;
 use super::{
-    header, too_large, Shared, H_CALLER, H_CODE, H_MESSAGE, H_METHOD, H_ORIGIN, H_REQUEST,
+    header, too_large, Shared, H_CALLER, H_CODE, H_EPOCH, H_MESSAGE, H_METHOD, H_ORIGIN, H_REQUEST,
+    H_TIMEOUT_MS,
 };
 use crate::broker::bridged::BridgeCounters;
 
@@ -68,6 +68,7 @@ pub(super) fn cancel(shared: &Rc<Shared>, id: u64) {
     tokio::task::spawn_local(async move {
         let mut headers = HeaderMap::new();
         headers.insert(H_ORIGIN, shared.config.host_id.as_str());
+        headers.insert(H_EPOCH, shared.epoch.as_str());
         headers.insert(H_REQUEST, call.request.to_string().as_str());
         let subject = shared.config.cancel_subject(&call.service);
         if let Err(e) = shared
@@ -136,6 +137,7 @@ async fn request(
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let mut headers = HeaderMap::new();
         headers.insert(H_REQUEST, request_no.to_string().as_str());
+        headers.insert(H_EPOCH, shared.epoch.as_str());
         headers.insert(H_METHOD, call.method.as_str());
         if let Some(r) = remaining {
             headers.insert(H_TIMEOUT_MS, (r.as_millis() as u64).to_string().as_str());

@@ -8,6 +8,7 @@
 //! untouched. Module `export` offers locally served names on NATS; `import`
 //! holds imported names and forwards their calls to NATS.
 
+mod cancels;
 mod config;
 mod dedupe;
 mod export;
@@ -39,8 +40,12 @@ pub const H_ORIGIN: &str = "Zrpc-Origin";
 /// Request header: `<uid>.<instance>.<call>` of the original caller.
 pub const H_CALLER: &str = "Zrpc-Caller";
 /// Request and cancel header: the origin bridge's number for the request
-/// (with `Zrpc-Origin`, names it in a cancel message).
+/// (with `Zrpc-Origin` and `Zrpc-Epoch`, names it in a cancel message).
 pub const H_REQUEST: &str = "Zrpc-Request";
+/// Request and cancel header: a random number of the origin bridge's
+/// process, since its request numbers start at 1 again when it restarts
+/// (absent from bridges before it: an empty epoch).
+pub const H_EPOCH: &str = "Zrpc-Epoch";
 /// Reply header: the error code (absent: success).
 pub const H_CODE: &str = "Zrpc-Code";
 /// Reply header: the error's message.
@@ -89,9 +94,11 @@ struct Shared {
     imports: RefCell<rustc_hash::FxHashMap<u64, import::InFlight>>,
     /// The number of the next imported call's NATS request.
     next_request: std::cell::Cell<u64>,
-    /// Exported calls in flight, by (origin host, request number): their
-    /// local call ids, for cancel messages.
-    exports: RefCell<rustc_hash::FxHashMap<(String, u64), u64>>,
+    /// This process's `Zrpc-Epoch`: with the request number, names an
+    /// imported call's NATS request across restarts of this broker.
+    epoch: String,
+    /// Exported calls in flight, by what their cancel messages name.
+    exports: RefCell<cancels::Cancels>,
     /// What `zrpcd.stats` shows under `bridge`.
     counters: Rc<BridgeCounters>,
     /// Resubmitted exported calls (at most once).
@@ -186,20 +193,22 @@ async fn run(
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::task::spawn_local(link::writer(wr, rx));
     let agent = format!("zrpcd-nats-bridge {}", config.host_id);
+    let dedupe = RefCell::new(dedupe::Dedupe::new(config.max_joins));
     let shared = Rc::new(Shared {
         config,
         nats,
         link: Link::new(tx),
         imports: RefCell::default(),
         next_request: std::cell::Cell::new(1),
+        epoch: format!("{:016x}", random_u64()),
         exports: RefCell::default(),
         counters,
-        dedupe: RefCell::default(),
+        dedupe,
     });
     shared.link.send(
         &Envelope::Hello {
             version: zrpc_proto::PROTOCOL_VERSION,
-            instance: instance_id(),
+            instance: random_u64(),
             agent: &agent,
             // No descriptor passing: the broker inlines large payloads for
             // the bridge, which sends bytes over NATS anyway.
@@ -300,8 +309,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A random instance id for the bridge's `Hello`.
-fn instance_id() -> u64 {
+/// A random number (the instance id of the bridge's `Hello`, its epoch).
+fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
