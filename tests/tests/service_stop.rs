@@ -268,3 +268,43 @@ fn the_drain_timeout_ends_an_exclusive_handler_too() {
     let r = rx.recv_timeout(WAIT).expect("the call ends");
     assert!(matches!(r, Err(Error::ServiceGone { .. })), "{r:?}");
 }
+
+#[test]
+fn sigterm_during_a_long_exclusive_handler_releases_the_names_at_once() {
+    // The default drain timeout (30 s) is longer than `wait_registered`'s
+    // bound (20 s): the name must go while the handler still runs, not
+    // when the drain gives up on it.
+    // No heartbeat ping within the test either: the broker sends the
+    // service nothing while the handler runs.
+    let b = Broker::start_with(&["--heartbeat-interval", "120", "--heartbeat-timeout", "360"]);
+    let mut svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let dir = b.dir().to_path_buf();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = runtime().block_on(async {
+            let c = Client::connect_to(&dir).await.expect("connect");
+            let opts = CallOptions::timeout(Duration::from_secs(120)).no_retry();
+            c.call_with::<_, u32>("echo", "sleep", &60_000u64, opts)
+                .await
+        });
+        let _ = tx.send(r);
+    });
+    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
+        b.dir(),
+        "pending"
+    ) == 1));
+    svc.signal(libc::SIGTERM);
+    // Released at once: the `Unregister` is written, not left in the
+    // output until the broker happens to send something.
+    wait_registered(b.dir(), "echo", 0);
+    assert!(
+        svc.child.try_wait().expect("try_wait").is_none(),
+        "the service did not wait for its running handler"
+    );
+    svc.signal(libc::SIGTERM);
+    let status = svc.wait_exit(WAIT).expect("the service exits");
+    assert!(status.success(), "{status:?}");
+    let r = rx.recv_timeout(WAIT).expect("the call ends");
+    assert!(matches!(r, Err(Error::ServiceGone { .. })), "{r:?}");
+}

@@ -85,6 +85,11 @@ async fn run_exclusive<S: Service>(
                 if stop.step(&setup.names, link, || 1) == Step::GiveUp {
                     return None;
                 }
+                // The `Unregister`s a drain just queued go out now: the
+                // broker may send nothing (no call, no ping) for as long
+                // as the handler runs, and `link.work` writes only after
+                // a read.
+                flush_or_defer(link).await;
             }
         }
     }
