@@ -308,3 +308,84 @@ fn sigterm_during_a_long_exclusive_handler_releases_the_names_at_once() {
     let r = rx.recv_timeout(WAIT).expect("the call ends");
     assert!(matches!(r, Err(Error::ServiceGone { .. })), "{r:?}");
 }
+
+/// A service whose `wait` handlers (`&self`, concurrent) run until the
+/// test adds permits to `gate`.
+struct Gated {
+    started: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+#[zrpc_service::service(name = "gated")]
+impl Gated {
+    #[zrpc_service::rpc_method]
+    async fn wait(&self) -> u32 {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(p) = self.gate.acquire().await {
+            p.forget();
+        }
+        1
+    }
+}
+
+#[test]
+fn a_draining_service_does_not_register_again_after_losing_the_broker() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let mut b = Broker::start();
+    let started = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (tx, rx) = mpsc::channel();
+    let (handle_tx, handle_rx) = mpsc::channel();
+    {
+        let dir = b.dir().to_path_buf();
+        let (started, gate) = (started.clone(), gate.clone());
+        std::thread::spawn(move || {
+            let mut server = Server::new(Gated { started, gate })
+                .socket_dir(&dir)
+                .stop_on_signals(false);
+            let _ = handle_tx.send(server.shutdown_handle());
+            let _ = tx.send(server.run());
+        });
+    }
+    let handle = handle_rx.recv_timeout(WAIT).expect("the server's handle");
+    wait_registered(b.dir(), "gated", 1);
+    // Two calls running (their callers see the broker die: no_retry).
+    {
+        let dir = b.dir().to_path_buf();
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                let c = Client::connect_to(&dir).await.expect("connect");
+                let opts = CallOptions::timeout(WAIT).no_retry();
+                let a = c.call_with::<_, u32>("gated", "wait", &(), opts);
+                let b = c.call_with::<_, u32>("gated", "wait", &(), opts);
+                let _ = tokio::join!(a, b);
+            });
+        });
+    }
+    assert!(wait_until(WAIT, || started.load(Ordering::SeqCst) == 2));
+    handle.shutdown();
+    wait_registered(b.dir(), "gated", 0);
+    // The broker restarts while the two handlers still run.
+    b.restart(libc::SIGKILL);
+    // The draining server finishes its handlers and returns: a lost
+    // connection is not set up again during a stop, so the new broker
+    // never sees the name.
+    gate.add_permits(2);
+    let r = rx.recv_timeout(WAIT).expect("run returns");
+    assert!(r.is_ok(), "the stopped server: {r:?}");
+    let stats: rmpv::Value = BlockingClient::connect_to(b.dir())
+        .expect("connect")
+        .call("zrpcd", "stats", &(), Some(WAIT))
+        .expect("zrpcd.stats");
+    let services = stats
+        .as_map()
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("services")))
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_default();
+    assert!(
+        !services.contains("gated"),
+        "the draining server registered its name at the new broker: {services}"
+    );
+}

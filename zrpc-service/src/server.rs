@@ -351,7 +351,10 @@ impl<S: Service> Server<S> {
                 return Err(e);
             }
         }
-        if self.link.conn.is_none() && !self.link.reconnecting() {
+        // Never during a drain: the names were released, and a connection
+        // lost meanwhile is not set up again (that would register them
+        // again at the broker; see `crate::stop`).
+        if self.link.conn.is_none() && !self.link.reconnecting() && !self.stop.is_draining() {
             // The first connection (or any, without reconnect): fail fast.
             let attempt = self.setup.attempt()?;
             let conn = attempt.await?;
