@@ -389,3 +389,77 @@ fn a_draining_service_does_not_register_again_after_losing_the_broker() {
         "the draining server registered its name at the new broker: {services}"
     );
 }
+
+#[test]
+fn serving_again_after_dropping_a_serve_future_mid_stop_registers_the_names() {
+    // `serve` is cancel-safe by its documentation ("dropping the future
+    // abandons the request being handled"): a server whose `serve` was
+    // dropped while stopping serves its names again with `serve_once`.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let b = Broker::start();
+    let started = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (handle_tx, handle_rx) = mpsc::channel();
+    let (abandon_tx, abandon_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let (out_tx, out_rx) = mpsc::channel();
+    {
+        let dir = b.dir().to_path_buf();
+        let (started, gate) = (started.clone(), gate.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut server = Server::new(Gated { started, gate })
+                    .socket_dir(&dir)
+                    .stop_on_signals(false);
+                let _ = handle_tx.send(server.shutdown_handle());
+                tokio::select! {
+                    r = server.serve() => {
+                        let _ = out_tx.send(format!("serve returned {r:?}"));
+                        return;
+                    }
+                    _ = abandon_rx => {}
+                }
+                while done_rx.try_recv().is_err() {
+                    if let Err(e) = server.serve_once(Some(Duration::from_millis(50))).await {
+                        let _ = out_tx.send(format!("serve_once: {e}"));
+                        return;
+                    }
+                }
+                let _ = out_tx.send("done".to_string());
+            });
+        });
+    }
+    let handle = handle_rx.recv_timeout(WAIT).expect("the server's handle");
+    wait_registered(b.dir(), "gated", 1);
+    let call = {
+        let dir = b.dir().to_path_buf();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let r = runtime().block_on(async {
+                let c = Client::connect_to(&dir).await.expect("connect");
+                c.call_with::<_, u32>("gated", "wait", &(), CallOptions::timeout(WAIT))
+                    .await
+            });
+            let _ = tx.send(r);
+        });
+        rx
+    };
+    assert!(wait_until(WAIT, || started.load(Ordering::SeqCst) == 1));
+    handle.shutdown();
+    // Draining (the handler still runs) when the serve future is dropped.
+    wait_registered(b.dir(), "gated", 0);
+    abandon_tx.send(()).expect("the server thread");
+    // Served again: the name is back, and the call is answered.
+    wait_registered(b.dir(), "gated", 1);
+    gate.add_permits(1);
+    let r = call.recv_timeout(WAIT).expect("the call ends");
+    assert!(matches!(r, Ok(1)), "{r:?}");
+    done_tx.send(()).expect("the server thread");
+    let out = out_rx.recv_timeout(WAIT).expect("the server thread ends");
+    assert_eq!(out, "done");
+}

@@ -276,12 +276,29 @@ impl<S: Service> Server<S> {
     /// request being handled (the broker re-delivers it to another
     /// instance, or the caller times out).
     pub async fn serve(&mut self) -> Result<(), Error> {
-        self.stop.arm()?;
-        let reconnect = self.link.reconnect;
+        self.recover_abandoned_serve();
+        self.stop.arm(self.link.reconnect)?;
         let r = self.serve_until_stopped().await;
-        self.link.reconnect = reconnect;
+        self.link.reconnect = self.stop.saved_reconnect();
         self.stop.disarm();
         r
+    }
+
+    /// A `serve` future dropped before it returned left its stop armed
+    /// (signals still taken, `serve_once` draining) and, if it was
+    /// stopping, the names released on a connection that is still up and
+    /// reconnection turned off: undone before serving again. The names are
+    /// registered again on a new connection.
+    #[inline]
+    fn recover_abandoned_serve(&mut self) {
+        if !self.stop.is_armed() {
+            return;
+        }
+        if self.stop.is_draining() {
+            self.link.reset();
+        }
+        self.link.reconnect = self.stop.saved_reconnect();
+        self.stop.disarm();
     }
 
     async fn serve_until_stopped(&mut self) -> Result<(), Error> {
@@ -335,6 +352,7 @@ impl<S: Service> Server<S> {
 
     /// The async form of [`run_once`](Self::run_once).
     pub async fn serve_once(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, Error> {
+        self.recover_abandoned_serve();
         self.step(timeout, true).await
     }
 

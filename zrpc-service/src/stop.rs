@@ -93,8 +93,13 @@ pub(crate) struct Stop {
     pub(crate) timeout: Duration,
     /// SIGTERM and SIGINT, while `serve` runs (with `on_signals`).
     signals: Vec<Signal>,
-    /// Whether `serve` runs: only it drains (not `serve_once`).
+    /// Whether `serve` runs: only it drains (not `serve_once`). Still set
+    /// after a `serve` future was dropped before it returned (see
+    /// `Server::recover_abandoned_serve`).
     armed: bool,
+    /// The link's `reconnect` setting when `serve` started (a drain turns
+    /// it off), restored when `serve` ends.
+    reconnect: bool,
     drain: Option<Drain>,
     /// How the drain ended, once it has.
     ended: Option<Step>,
@@ -108,6 +113,7 @@ impl Stop {
             timeout: DEFAULT_DRAIN_TIMEOUT,
             signals: Vec::new(),
             armed: false,
+            reconnect: true,
             drain: None,
             ended: None,
         }
@@ -117,18 +123,37 @@ impl Stop {
         self.handle.clone()
     }
 
-    /// `serve` starts: listen for stop requests (and signals, with
-    /// `on_signals`). Must be called inside the runtime.
-    pub(crate) fn arm(&mut self) -> Result<(), Error> {
-        self.armed = true;
+    /// `serve` starts, with the link's `reconnect` setting: listen for
+    /// stop requests (and signals, with `on_signals`). Must be called
+    /// inside the runtime.
+    pub(crate) fn arm(&mut self, reconnect: bool) -> Result<(), Error> {
         self.drain = None;
         self.ended = None;
         if self.on_signals && self.signals.is_empty() {
             for kind in [SignalKind::terminate(), SignalKind::interrupt()] {
-                self.signals.push(signal(kind).map_err(Error::Runtime)?);
+                match signal(kind) {
+                    Ok(s) => self.signals.push(s),
+                    Err(e) => {
+                        self.signals.clear();
+                        return Err(Error::Runtime(e));
+                    }
+                }
             }
         }
+        self.reconnect = reconnect;
+        self.armed = true;
         Ok(())
+    }
+
+    /// Whether `serve` runs, or a `serve` future was dropped before it
+    /// returned.
+    pub(crate) fn is_armed(&self) -> bool {
+        self.armed
+    }
+
+    /// The link's `reconnect` setting when `serve` started.
+    pub(crate) fn saved_reconnect(&self) -> bool {
+        self.reconnect
     }
 
     /// `serve` ends: stop listening (signals received from now on are
