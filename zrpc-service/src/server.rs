@@ -20,6 +20,10 @@ use crate::{HandlerError, Service};
 
 mod settings;
 
+/// The least time a stop gives its last replies to be written out (see
+/// `close_stopped`).
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
 /// `serve` lets other tasks run after this many steps (see `block_on`).
 const YIELD_EVERY_STEPS: u32 = 512;
 
@@ -343,6 +347,10 @@ impl<S: Service> Server<S> {
             self.running = Running::new();
         }
         if let (Some(conn), Some(by)) = (self.link.conn.as_mut(), self.stop.deadline()) {
+            // At least a moment for replies of calls that ran (cut, their
+            // calls would be re-delivered and run again), even at the
+            // deadline.
+            let by = by.max(Instant::now() + FINAL_FLUSH);
             if let Ok(Err(e)) = tokio::time::timeout_at(by, conn.flush()).await {
                 tracing::warn!("cannot write the last replies: {e}");
             }

@@ -149,8 +149,13 @@ impl<S: Service> Server<S> {
     /// How long a graceful stop may wait for the calls already delivered
     /// (default 30 s): then the handlers still running are dropped, as if
     /// the process had died (the broker re-delivers their calls, or the
-    /// callers of `no_retry` calls get `ServiceGone`). Keep it below
-    /// systemd's `TimeoutStopSec` (90 s by default).
+    /// callers of `no_retry` calls get `ServiceGone`). The replies of the
+    /// calls that did run get at least 1 s more to be written out. Keep it
+    /// below systemd's `TimeoutStopSec` (90 s by default).
+    ///
+    /// Not bounded by it: a handler that blocks the thread (a synchronous
+    /// one), and writing replies to a broker that stopped reading (the
+    /// process then waits for systemd's `SIGKILL`).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.stop.timeout = timeout;
         self
