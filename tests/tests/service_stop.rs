@@ -58,12 +58,46 @@ fn holds(b: &Broker, n: usize, ms: u64) -> mpsc::Receiver<Vec<zrpc_client::Resul
     rx
 }
 
+/// A broker, the `calc` service (with `env`) and `n` of its `hold(ms)`
+/// calls running (see [`holds`]).
+fn holding(
+    env: &[(&str, &str)],
+    n: usize,
+    ms: u64,
+) -> (Broker, Proc, mpsc::Receiver<Vec<zrpc_client::Result<u64>>>) {
+    let b = Broker::start();
+    let svc = service(&b, env);
+    let running = holds(&b, n, ms);
+    assert!(wait_until(WAIT, || stats(&b).running == n as u64));
+    (b, svc, running)
+}
+
+/// Sends `sig` to `svc`, which must exit 0 within 10 s (not wait for its
+/// call), and its one running `no_retry` call must fail with `ServiceGone`.
+fn exits_at_once_cutting_off_its_call(
+    svc: &mut Proc,
+    sig: i32,
+    running: &mpsc::Receiver<Vec<zrpc_client::Result<u64>>>,
+) {
+    let start = Instant::now();
+    svc.signal(sig);
+    let status = svc.wait_exit(WAIT).expect("the service exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the stop took {:?}",
+        start.elapsed()
+    );
+    let results = running.recv_timeout(WAIT).expect("the hold ends");
+    assert!(
+        matches!(results[..], [Err(Error::ServiceGone { .. })]),
+        "{results:?}"
+    );
+}
+
 #[test]
 fn sigterm_answers_the_running_calls_and_the_next_instance_takes_new_ones() {
-    let b = Broker::start();
-    let mut first = service(&b, &[]);
-    let running = holds(&b, 4, 1500);
-    assert!(wait_until(WAIT, || stats(&b).running == 4));
+    let (b, mut first, running) = holding(&[], 4, 1500);
     first.signal(libc::SIGTERM);
     // The name is released while the four still run...
     wait_registered(b.dir(), "calc", 0);
@@ -104,58 +138,27 @@ fn sigterm_answers_the_running_calls_and_the_next_instance_takes_new_ones() {
 
 #[test]
 fn a_stop_gives_up_the_handlers_still_running_at_the_drain_timeout() {
-    let b = Broker::start();
-    let mut svc = service(&b, &[("ZRPC_TEST_DRAIN_TIMEOUT_MS", "300")]);
-    let running = holds(&b, 1, 60_000);
-    assert!(wait_until(WAIT, || stats(&b).running == 1));
-    let start = Instant::now();
-    svc.signal(libc::SIGTERM);
-    let status = svc.wait_exit(WAIT).expect("the service exits");
-    assert!(status.success(), "{status:?}");
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "the stop took {:?} with a 300 ms drain timeout",
-        start.elapsed()
-    );
-    let results = running.recv_timeout(WAIT).expect("the hold ends");
-    assert!(
-        matches!(results[..], [Err(Error::ServiceGone { .. })]),
-        "{results:?}"
-    );
+    let (_broker, mut svc, running) = holding(&[("ZRPC_TEST_DRAIN_TIMEOUT_MS", "300")], 1, 60_000);
+    exits_at_once_cutting_off_its_call(&mut svc, libc::SIGTERM, &running);
 }
 
 #[test]
 fn a_second_sigterm_stops_at_once() {
-    let b = Broker::start();
-    let mut svc = service(&b, &[]);
-    let running = holds(&b, 1, 60_000);
-    assert!(wait_until(WAIT, || stats(&b).running == 1));
+    let (b, mut svc, running) = holding(&[], 1, 60_000);
     svc.signal(libc::SIGTERM);
     wait_registered(b.dir(), "calc", 0);
     assert!(
         svc.child.try_wait().expect("try_wait").is_none(),
         "the service did not wait for its running call"
     );
-    let start = Instant::now();
-    svc.signal(libc::SIGINT);
-    let status = svc.wait_exit(WAIT).expect("the service exits");
-    assert!(status.success(), "{status:?}");
-    assert!(start.elapsed() < Duration::from_secs(10));
-    let results = running.recv_timeout(WAIT).expect("the hold ends");
-    assert!(
-        matches!(results[..], [Err(Error::ServiceGone { .. })]),
-        "{results:?}"
-    );
+    exits_at_once_cutting_off_its_call(&mut svc, libc::SIGINT, &running);
 }
 
 #[test]
 fn without_stop_on_signals_sigterm_kills_the_service_and_its_calls() {
     // What the graceful stop saves its callers from: the same calls as in
     // the first test, cut off.
-    let b = Broker::start();
-    let mut svc = service(&b, &[("ZRPC_TEST_NO_STOP_SIGNALS", "1")]);
-    let running = holds(&b, 4, 1500);
-    assert!(wait_until(WAIT, || stats(&b).running == 4));
+    let (_broker, mut svc, running) = holding(&[("ZRPC_TEST_NO_STOP_SIGNALS", "1")], 4, 1500);
     svc.signal(libc::SIGTERM);
     let status = svc.wait_exit(WAIT).expect("the service dies");
     assert!(!status.success(), "{status:?}");
