@@ -72,6 +72,26 @@ fn holding(
     (b, svc, running)
 }
 
+/// A `no_retry` call of `zrpc-test-svc`'s exclusive `sleep(ms)` on a
+/// thread of its own, once the broker has it pending (delivered); its
+/// result (the service's pid) comes through the receiver.
+fn sleeping(b: &Broker, ms: u64, opts: CallOptions) -> mpsc::Receiver<zrpc_client::Result<u32>> {
+    let dir = b.dir().to_path_buf();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = runtime().block_on(async {
+            let c = Client::connect_to(&dir).await.expect("connect");
+            c.call_with::<_, u32>("echo", "sleep", &ms, opts).await
+        });
+        let _ = tx.send(r);
+    });
+    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
+        b.dir(),
+        "pending"
+    ) == 1));
+    rx
+}
+
 /// Sends `sig` to `svc`, which must exit 0 within 10 s (not wait for its
 /// call), and its one running `no_retry` call must fail with `ServiceGone`.
 fn exits_at_once_cutting_off_its_call(
@@ -212,20 +232,7 @@ fn sigterm_during_an_exclusive_handler_waits_for_it() {
     let mut svc = b.spawn("zrpc-test-svc", &[]);
     wait_registered(b.dir(), "echo", 1);
     let pid = u32::try_from(svc.pid()).expect("pid");
-    let dir = b.dir().to_path_buf();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let r = runtime().block_on(async {
-            let c = Client::connect_to(&dir).await.expect("connect");
-            let opts = CallOptions::timeout(WAIT).no_retry();
-            c.call_with::<_, u32>("echo", "sleep", &1500u64, opts).await
-        });
-        let _ = tx.send(r);
-    });
-    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
-        b.dir(),
-        "pending"
-    ) == 1));
+    let rx = sleeping(&b, 1500, CallOptions::timeout(WAIT).no_retry());
     svc.signal(libc::SIGTERM);
     let status = svc.wait_exit(WAIT).expect("the service exits");
     assert!(status.success(), "{status:?}");
@@ -242,21 +249,7 @@ fn the_drain_timeout_ends_an_exclusive_handler_too() {
     c.env("ZRPC_TEST_DRAIN_TIMEOUT_MS", "300");
     let mut svc = Proc::spawn("zrpc-test-svc", c);
     wait_registered(b.dir(), "echo", 1);
-    let dir = b.dir().to_path_buf();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let r = runtime().block_on(async {
-            let c = Client::connect_to(&dir).await.expect("connect");
-            let opts = CallOptions::timeout(WAIT).no_retry();
-            c.call_with::<_, u32>("echo", "sleep", &60_000u64, opts)
-                .await
-        });
-        let _ = tx.send(r);
-    });
-    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
-        b.dir(),
-        "pending"
-    ) == 1));
+    let rx = sleeping(&b, 60_000, CallOptions::timeout(WAIT).no_retry());
     let start = Instant::now();
     svc.signal(libc::SIGTERM);
     // The name is released at once, while the handler runs.
@@ -282,21 +275,11 @@ fn sigterm_during_a_long_exclusive_handler_releases_the_names_at_once() {
     let b = Broker::start_with(&["--heartbeat-interval", "120", "--heartbeat-timeout", "360"]);
     let mut svc = b.spawn("zrpc-test-svc", &[]);
     wait_registered(b.dir(), "echo", 1);
-    let dir = b.dir().to_path_buf();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let r = runtime().block_on(async {
-            let c = Client::connect_to(&dir).await.expect("connect");
-            let opts = CallOptions::timeout(Duration::from_secs(120)).no_retry();
-            c.call_with::<_, u32>("echo", "sleep", &60_000u64, opts)
-                .await
-        });
-        let _ = tx.send(r);
-    });
-    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
-        b.dir(),
-        "pending"
-    ) == 1));
+    let rx = sleeping(
+        &b,
+        60_000,
+        CallOptions::timeout(Duration::from_secs(120)).no_retry(),
+    );
     svc.signal(libc::SIGTERM);
     // Released at once: the `Unregister` is written, not left in the
     // output until the broker happens to send something.
