@@ -1,8 +1,9 @@
-"""The graceful stop of the blocking server, with real processes and real signals: SIGTERM
-releases the name and answers what was delivered, the drain timeout and a second signal end it
-at once, ``stop_on_signals=False`` keeps the signals' default action, and ``shutdown()`` stops
-``run()`` from another thread."""
+"""The graceful stop of the blocking and the asyncio server, with real processes and real
+signals: SIGTERM releases the name and answers what was delivered, the drain timeout and a
+second signal end it at once, ``stop_on_signals=False`` keeps the signals' default action,
+and ``shutdown()`` stops ``run()``/``serve()`` from another thread or task."""
 
+import asyncio
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ import threading
 import pytest
 
 from conftest import Call, outstanding, service_names, wait_for, wait_registered
-from zrpc import errors, server
+from zrpc import aio, errors, server
 from zrpc.client import Client
 
 # A service whose `slow` appends "slow <payload> <pid>" to $LOG, then waits (up to 30 s) for
@@ -50,9 +51,30 @@ SERVICES = {
         Stopper(**eval(sys.argv[1] if len(sys.argv) > 1 else "{}")).run()
         print("run returned", flush=True)
     '''),
+    "aio": COMMON + textwrap.dedent('''
+        import asyncio
+        from zrpc import aio
+
+        class Stopper(aio.Server):
+            @aio.rpc_method
+            async def slow(self, payload):
+                note("slow %s %d" % (payload, os.getpid()))
+                deadline = time.monotonic() + 30
+                while not os.path.exists(os.environ["GO"]) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                return answer(payload)
+
+            @aio.rpc_method
+            async def work(self, payload):
+                note("work %s %d" % (payload, os.getpid()))
+                return answer(payload)
+
+        Stopper(**eval(sys.argv[1] if len(sys.argv) > 1 else "{}")).run()
+        print("run returned", flush=True)
+    '''),
 }
 
-MODULES = ["server"]
+MODULES = ["server", "aio"]
 # Far below the 30 s a `slow` handler waits: a stop that waited for it would miss this bound.
 PROMPT = 10
 
@@ -290,3 +312,48 @@ def test_run_on_the_main_thread_restores_the_signal_handlers(broker):
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGUSR1, previous_usr1)
         s.close()
+
+
+@pytest.mark.parametrize("caller", ["task", "thread"])
+def test_aio_shutdown_stops_serve(broker, caller):
+    class AsyncGate(aio.Server):
+        def __init__(self):
+            super().__init__(name="gate", stop_on_signals=False)
+            self.started = asyncio.Event()
+            self.release = asyncio.Event()
+
+        @aio.rpc_method
+        async def hold(self, payload):
+            self.started.set()
+            await self.release.wait()
+            return payload
+
+    def released():
+        return "gate" not in service_names(broker.socket_dir)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = AsyncGate()
+        serving = asyncio.ensure_future(s.serve())
+        await s.registered.wait()
+        c = await aio.Client.connect()
+        call = asyncio.ensure_future(c.call("gate", "hold", "held", timeout=60, no_retry=True))
+        await asyncio.wait_for(s.started.wait(), 10)
+        if caller == "task":
+            s.shutdown()
+        else:
+            await loop.run_in_executor(None, s.shutdown)
+        await loop.run_in_executor(None, wait_for, released)
+        assert not serving.done()
+        s.release.set()
+        assert await call == "held"
+        await asyncio.wait_for(serving, PROMPT)
+        # It can serve again, and stop again.
+        serving = asyncio.ensure_future(s.serve())
+        await asyncio.wait_for(s.registered.wait(), 10)
+        assert await c.call("gate", "hold", "again", timeout=10) == "again"
+        s.shutdown()
+        await asyncio.wait_for(serving, PROMPT)
+        await c.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
