@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -165,3 +166,35 @@ def service_names(socket_dir):
 def wait_registered(socket_dir, name, timeout=10.0):
     """Waits until a service holds ``name``."""
     wait_for(lambda: name in service_names(socket_dir), timeout, "service %r to register" % name)
+
+
+def outstanding(socket_dir, name):
+    """Calls delivered to the holder of ``name`` and not yet answered (``zrpcd.peers``)."""
+    from zrpc.client import Client
+    with Client(socket_dir) as c:
+        peers = c.call("zrpcd", "peers", timeout=5)
+    return sum(p["outstanding"] for p in peers if name in p["names"])
+
+
+class Call(threading.Thread):
+    """A blocking call made in a thread; ``result`` or ``error`` once ``join``\\ ed."""
+
+    def __init__(self, service, method, payload=None, **kw):
+        super().__init__(daemon=True)
+        self.args_ = (service, method, payload)
+        self.kw = kw
+        self.result = self.error = None
+        from zrpc.client import Client
+        self.client = Client()
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.client.call(*self.args_, **self.kw)
+        except Exception as e:  # reported to the test
+            self.error = e
+
+    def outcome(self, timeout=30):
+        self.join(timeout)
+        assert not self.is_alive(), "the call did not return"
+        return self.result if self.error is None else self.error

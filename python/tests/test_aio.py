@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import wait_for, wait_registered
+from conftest import outstanding, wait_for, wait_registered
 from zrpc import aio, errors
 from zrpc.client import Client
 
@@ -56,12 +56,6 @@ def sleeper(broker, procs, socket_dir):
     procs.spawn([sys.executable, "-c", ASYNC_SERVICE], env=dict(procs.env, LOG=log))
     wait_registered(broker.socket_dir, "sleeper")
     return log
-
-
-def outstanding(socket_dir, name):
-    """Calls delivered to the holder of ``name`` and not yet answered (``zrpcd.peers``)."""
-    peers = Client(socket_dir).call("zrpcd", "peers", timeout=5)
-    return sum(p["outstanding"] for p in peers if name in p["names"])
 
 
 def read(path):

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import find_zrpcd, service_names, wait_for, wait_registered
+from conftest import Call, find_zrpcd, service_names, wait_for, wait_registered
 from zrpc import _proto, errors
 from zrpc.client import Client
 
@@ -42,29 +42,6 @@ WORKER = textwrap.dedent('''
 
     Worker(shared=True).run()
 ''')
-
-
-class Call(threading.Thread):
-    """A blocking call made in a thread; ``result`` or ``error`` once ``join``\\ ed."""
-
-    def __init__(self, service, method, payload=None, **kw):
-        super().__init__(daemon=True)
-        self.args_ = (service, method, payload)
-        self.kw = kw
-        self.result = self.error = None
-        self.client = Client()
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.client.call(*self.args_, **self.kw)
-        except Exception as e:  # reported to the test
-            self.error = e
-
-    def outcome(self, timeout=30):
-        self.join(timeout)
-        assert not self.is_alive(), "the call did not return"
-        return self.result if self.error is None else self.error
 
 
 @pytest.fixture

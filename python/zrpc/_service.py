@@ -5,6 +5,8 @@ payloads), building ``Reply`` frames, and the reply cache. Internal.
 
 import contextvars
 import inspect
+import logging
+import signal
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -22,6 +24,20 @@ MAX_ERROR_MESSAGE = 64 * 1024
 REPLY_OVERHEAD = 64
 #: What ends a truncated error message.
 TRUNCATED_MARK = "... [truncated]"
+#: Default bound, in seconds, on a graceful stop's drain (as zrpc-service).
+DEFAULT_DRAIN_TIMEOUT = 30.0
+#: Seconds a stop gives its last replies to be written out at least, even at the drain's
+#: deadline (cut there, the calls that ran would be re-delivered and run again; as zrpc-service).
+FINAL_FLUSH = 1.0
+#: The signals on which a server's ``run()``/``serve()`` stops gracefully (unless
+#: ``stop_on_signals=False``).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: The ``req`` of the ``Unregister`` a stop sends (registrations count from 1; as zrpc-service).
+UNREGISTER_REQ = 1 << 63
+
+#: Where the servers report a stop that gave up (drain timeout, second request, lost connection).
+log = logging.getLogger("zrpc")
+
 #: The error codes a service sends in a ``Reply``. A handler's :class:`zrpc.errors.ZRPCError`
 #: with another code (the broker's own: ``Shutdown``, ``Timeout``, ``ServiceGone``, ...,
 #: escaping from a nested call, say) is sent as ``Remote``: callers act on those codes as
@@ -184,11 +200,18 @@ class ServerBase:
     ``shared`` flag, agent string, instance id and :class:`ServiceCore`."""
 
     def __init__(self, name: Optional[str], socket_dir: Optional[str], shared: bool,
-                 reply_cache: int, agent: str):
+                 reply_cache: int, agent: str, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+                 stop_on_signals: bool = True):
         self.name = name if name is not None else _proto.snake_case(type(self).__name__)
         self.socket_dir = _proto.resolve_socket_dir(socket_dir)
         self.shared = shared
         self.agent = agent
+        if not drain_timeout >= 0:
+            raise ValueError("drain_timeout must be a number of seconds >= 0, not %r" % (drain_timeout,))
+        #: Seconds a graceful stop waits for the calls already delivered (see ``shutdown``).
+        self.drain_timeout = float(drain_timeout)
+        #: Whether ``run()``/``serve()`` stop gracefully on SIGTERM and SIGINT.
+        self.stop_on_signals = bool(stop_on_signals)
         #: The instance id sent in ``Hello``, kept across reconnects.
         self.instance = _proto.random_id()
         self._core = ServiceCore(self, self.name, reply_cache, DEFAULT_CACHE_BYTES)
@@ -305,6 +328,11 @@ def reregister_may_help(exc: BaseException) -> bool:
 def register_frame(req: int, name: str, shared: bool) -> bytes:
     """A ``Register`` frame."""
     return _proto.encode_frame([_proto.REGISTER, req, name, bool(shared)])
+
+
+def unregister_frame(req: int, name: str) -> bytes:
+    """An ``Unregister`` frame."""
+    return _proto.encode_frame([_proto.UNREGISTER, req, name])
 
 
 def check_ack(env: list, name: str) -> None:

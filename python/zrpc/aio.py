@@ -21,10 +21,14 @@ task (``async def`` handlers run concurrently; plain functions run in the
 event loop), cancels the task on the broker's ``Cancel``, answers pings and
 ``zrpc.describe``, and keeps the same reply cache as :mod:`zrpc.server`: a
 re-sent call is answered from it, and a re-sent call that arrives while the
-first execution still runs waits for that execution's outcome.
+first execution still runs waits for that execution's outcome. The server
+stops gracefully on SIGTERM, SIGINT or :meth:`Server.shutdown` (see
+:meth:`Server.serve`).
 """
 
 import asyncio
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -70,6 +74,16 @@ class _Conn(asyncio.Protocol):
             self.closed.set_result(why)
         if self.transport is not None:
             self.transport.abort()
+
+    async def close(self, by: float) -> None:
+        """Closes the connection once what was sent is written, or aborts it at ``by`` (``time.monotonic()``)."""
+        if self.transport is not None and not self.closed.done():
+            self.transport.close()  # connection_lost (and `closed`) comes when the buffer is written
+            try:
+                await asyncio.wait_for(asyncio.shield(self.closed), max(0.0, by - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+        self.abort("stopped")
 
 
 async def _open(socket_dir: str, instance: int, agent: str, on_frames) -> tuple:
@@ -233,20 +247,26 @@ class Server(_service.ServerBase):
     """An asyncio zrpc service: subclass it and mark methods (``async def`` or plain) with :func:`rpc_method`.
 
     The arguments are those of :class:`zrpc.server.Server`. Run it with
-    ``await server.serve()`` (forever) or ``server.run()``. File descriptors
-    are watched with the event loop's own ``add_reader``.
+    ``await server.serve()`` (until stopped) or ``server.run()``. File
+    descriptors are watched with the event loop's own ``add_reader``.
     """
 
     def __init__(self, name: Optional[str] = None, socket_dir: Optional[str] = None, *,
                  shared: bool = False, reply_cache: int = _service.DEFAULT_CACHE_ENTRIES,
-                 agent: str = _proto.AGENT):
-        _service.ServerBase.__init__(self, name, socket_dir, shared, reply_cache, agent)
+                 agent: str = _proto.AGENT, drain_timeout: float = _service.DEFAULT_DRAIN_TIMEOUT,
+                 stop_on_signals: bool = True):
+        _service.ServerBase.__init__(self, name, socket_dir, shared, reply_cache, agent,
+                                     drain_timeout, stop_on_signals)
         self._conn: Optional[_Conn] = None
         self._tasks: Dict[int, asyncio.Task] = {}
         self._inflight: Dict[tuple, asyncio.Future] = {}
         self._acks: Dict[int, asyncio.Future] = {}
         self._req = 0
         self._registered: Optional[asyncio.Event] = None
+        # The stop: requests counted by `_request_stop` (in the loop), `_stop_wake` set on each.
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop_requests = 0
+        self._stop_wake: Optional[asyncio.Event] = None
 
     @property
     def registered(self) -> asyncio.Event:
@@ -284,27 +304,69 @@ class Server(_service.ServerBase):
         return conn
 
     async def serve(self) -> None:
-        """Registers the name and serves forever, reconnecting after a lost connection.
+        """Registers the name and serves until stopped, reconnecting after a lost connection.
 
         The first connection fails fast (its error is raised).
+
+        It stops gracefully on SIGTERM, SIGINT (with ``stop_on_signals``) or
+        :meth:`shutdown`: the name is released (``Unregister``: the broker
+        delivers no new call here; calls for the name wait for the next
+        instance, or go to the other instances of a shared name); what was
+        delivered before the broker took the release in is served as usual
+        (running handlers finish, pings are answered) and the replies are
+        written; then the connection is closed and ``serve()`` returns. The
+        drain lasts at most ``drain_timeout`` seconds; past it, on a second
+        signal or ``shutdown()``, or if the connection is lost, the handlers
+        still running are cancelled and ``serve()`` returns at once (the
+        broker re-delivers their calls, or fails the ``no_retry`` ones with
+        ``ServiceGone``).
+
+        The signals are handled with ``loop.add_signal_handler``, which works
+        in the main thread only: elsewhere ``serve()`` stops on ``shutdown()``
+        only. A signal the loop already handles (``add_signal_handler``
+        called before) is left alone. The previous handlers are put back when
+        ``serve()`` returns. A plain (not ``async``) handler blocks the loop,
+        and so the stop too, while it runs. Cancelling ``serve()`` closes the
+        connection at once and cancels the handlers.
         """
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop_wake = asyncio.Event()
+        if self._stop_requests:
+            self._stop_wake.set()
+        restore = self._install_signals(loop)
+        try:
+            await self._serve_until_stopped()
+        except asyncio.CancelledError:
+            if self._conn is not None:
+                self._conn.abort("server stopped")
+            self._cancel_tasks()
+            raise
+        finally:
+            self._restore_signals(loop, restore)
+            self._loop = None
+            self._stop_wake = None
+            self._stop_requests = 0
+
+    async def _serve_until_stopped(self) -> None:
+        if self._stop_requests:
+            return  # asked to stop before serving: nothing was delivered
         backoff = _proto.Backoff()
         conn = await self._connect()
         while True:
             up = time.monotonic()
-            try:
-                await asyncio.shield(conn.closed)
-            except asyncio.CancelledError:
-                conn.abort("server stopped")
-                for t in list(self._tasks.values()):
-                    t.cancel()
-                raise
+            if await self._stop_or_closed(conn.closed):
+                await self._drain(conn)
+                return
             conn.abort("lost")
             self.registered.clear()
             self._conn = None
             backoff.connection_ended(time.monotonic() - up)
             while True:
-                await asyncio.sleep(backoff.next_delay())
+                if await self._stop_or_closed(None, backoff.next_delay()):
+                    # Nothing can be answered; the calls were re-delivered or failed already.
+                    self._cancel_tasks()
+                    return
                 try:
                     conn = await self._connect()
                     break
@@ -313,8 +375,114 @@ class Server(_service.ServerBase):
                     if not _service.reregister_may_help(e):
                         raise
 
+    async def _stop_or_closed(self, closed: Optional[asyncio.Future], timeout: Optional[float] = None) -> bool:
+        """Waits for a stop request (returns True), ``closed`` or ``timeout`` (returns False)."""
+        wake = asyncio.ensure_future(self._stop_wake.wait())
+        try:
+            await asyncio.wait([wake] + ([closed] if closed is not None else []), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+        return self._stop_requests > 0
+
+    async def _drain(self, conn: _Conn) -> None:
+        """The stop while connected: releases the name, waits for the handlers running (within
+        the drain timeout), then closes the connection once the replies are written."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.drain_timeout
+        self._stop_requests -= 1
+        self._stop_wake.clear()
+        ack = loop.create_future()
+        self._acks[_service.UNREGISTER_REQ] = ack
+        conn.send(_service.unregister_frame(_service.UNREGISTER_REQ, self.name))
+        why = None
+        try:
+            while True:
+                if self._stop_requests:
+                    why = "second stop request"
+                elif conn.closed.done():
+                    why = "lost the zrpcd connection while stopping"
+                elif ack.done() and not self._tasks:
+                    break  # every delivered call was answered
+                elif time.monotonic() >= deadline:
+                    why = "drain timeout (%g s)" % self.drain_timeout
+                if why is not None:
+                    break
+                wake = asyncio.ensure_future(self._stop_wake.wait())
+                try:
+                    await asyncio.wait([wake, ack, conn.closed] + list(self._tasks.values()),
+                                       timeout=max(0.0, deadline - time.monotonic()),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+        finally:
+            self._acks.pop(_service.UNREGISTER_REQ, None)
+        self.registered.clear()
+        if why is not None:
+            _service.log.warning("stopping %r now: %s (%d running handlers cancelled)",
+                                 self.name, why, len(self._tasks))
+            self._cancel_tasks()
+        # The replies of the calls that ran get a moment to be written, even at the deadline.
+        await conn.close(max(deadline, time.monotonic() + _service.FINAL_FLUSH))
+        self._conn = None
+
+    def _cancel_tasks(self) -> None:
+        for t in list(self._tasks.values()):
+            t.cancel()
+
+    def shutdown(self) -> None:
+        """Asks :meth:`serve` to stop gracefully; returns at once.
+
+        Call it in the server's event loop, or from any other thread (it
+        then hands the request to the loop). A second call during the stop
+        ends it at once. A call made while ``serve()`` is not running
+        applies to the next ``serve()``.
+        """
+        loop = self._loop
+        if loop is not None:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                try:
+                    loop.call_soon_threadsafe(self._request_stop)
+                    return
+                except RuntimeError:  # the loop is closed
+                    pass
+        self._request_stop()
+
+    def _request_stop(self) -> None:
+        self._stop_requests += 1
+        if self._stop_wake is not None:
+            self._stop_wake.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> Dict[int, Any]:
+        """Installs the stop signals' handlers (``stop_on_signals``, main thread only); returns the
+        previous Python-level handlers of the signals it took."""
+        old: Dict[int, Any] = {}
+        if not self.stop_on_signals or threading.current_thread() is not threading.main_thread():
+            return old
+        loop_owned = getattr(getattr(asyncio, "unix_events", None), "_sighandler_noop", None)
+        for sig in _service.STOP_SIGNALS:
+            previous = signal.getsignal(sig)
+            if loop_owned is not None and previous is loop_owned:
+                continue  # the loop has a handler of its own for it: left alone
+            try:
+                loop.add_signal_handler(sig, self._request_stop)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue
+            old[sig] = previous
+        return old
+
+    def _restore_signals(self, loop: asyncio.AbstractEventLoop, old: Dict[int, Any]) -> None:
+        for sig, previous in old.items():
+            loop.remove_signal_handler(sig)
+            if previous is not None:
+                signal.signal(sig, previous)
+
     def run(self) -> None:
-        """Serves forever in a new event loop (``asyncio.run(self.serve())``)."""
+        """Serves until stopped in a new event loop (``asyncio.run(self.serve())``)."""
         asyncio.run(self.serve())
 
     def _on_frames(self, conn: _Conn, frames: List[tuple]) -> None:

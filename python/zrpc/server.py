@@ -18,10 +18,16 @@ broker's pings, drops a queued request the broker cancels, answers
 reconnect (of the client, of this service or of the broker) is answered
 again instead of running twice. A lost connection is reconnected with
 backoff and the name registered again.
+
+:meth:`Server.run` stops gracefully on SIGTERM, SIGINT or
+:meth:`Server.shutdown`: the name is released, the calls already delivered
+are answered, and ``run()`` returns (see :meth:`Server.run`).
 """
 
 import select
 import selectors
+import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -34,6 +40,13 @@ __all__ = ["Server", "rpc_method", "current_call", "CallInfo"]
 
 #: Seconds a handler runs before the keeper thread reads the broker for it.
 KEEPER_AFTER = 0.5
+#: How often the keeper thread looks for a stop request while a handler runs.
+KEEPER_TICK = 0.05
+
+
+class _StopNow(BaseException):
+    """Raised by the stop signal handler inside a running handler when the stop gives up
+    (second signal, drain timeout): unwinds the handler; :meth:`Server.run` catches it."""
 
 
 def _fileno(fd: Any) -> int:
@@ -48,6 +61,10 @@ class Server(_service.ServerBase):
     the broker's socket directory, resolved as in :class:`zrpc.client.Client`.
     ``shared``: register the name shared, so that several instances split the
     calls. ``reply_cache``: bound on cached replies (0 disables the cache).
+    ``drain_timeout``: seconds a graceful stop waits for the calls already
+    delivered (see :meth:`run`). ``stop_on_signals``: whether :meth:`run`
+    stops gracefully on SIGTERM and SIGINT (``False`` leaves the signals'
+    handlers alone: SIGTERM then kills the process).
 
     The first connection (at the first :meth:`run` / :meth:`run_once`) fails
     fast with :class:`zrpc.errors.ConnectError` or the registration's error
@@ -56,8 +73,10 @@ class Server(_service.ServerBase):
 
     def __init__(self, name: Optional[str] = None, socket_dir: Optional[str] = None, *,
                  shared: bool = False, reply_cache: int = _service.DEFAULT_CACHE_ENTRIES,
-                 agent: str = _proto.AGENT):
-        _service.ServerBase.__init__(self, name, socket_dir, shared, reply_cache, agent)
+                 agent: str = _proto.AGENT, drain_timeout: float = _service.DEFAULT_DRAIN_TIMEOUT,
+                 stop_on_signals: bool = True):
+        _service.ServerBase.__init__(self, name, socket_dir, shared, reply_cache, agent,
+                                     drain_timeout, stop_on_signals)
         self._sel = selectors.DefaultSelector()
         self._fds: Dict[int, Callable[[], Any]] = {}
         self._sock = None
@@ -73,6 +92,27 @@ class Server(_service.ServerBase):
         self._io_lock = threading.Lock()
         self._keeper_lost = False
         self._keeper: Optional[threading.Thread] = None
+        # The stop (see `run`). `shutdown()` and the signal handler only append to
+        # `_stop_requests` (thread-safe, and safe in a signal handler) and write a byte to
+        # `_wake_w`, which wakes the selector. The rest is done by the thread running `run()`,
+        # or by the keeper thread while a handler runs (under `_io_lock`, see `_keep`).
+        self._stop_requests: Deque[None] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        #: Whether `run()` is serving (only it stops: not `run_once()`).
+        self._armed = False
+        #: When the drain in progress gives up (None: no drain).
+        self._drain_deadline: Optional[float] = None
+        #: The `req` of the `Unregister` sent whose `Ack` has not come yet.
+        self._unacked: set = set()
+        #: The stop gives up: the connection is closed without waiting any longer.
+        self._give_up = False
+        #: The signal handler raised `_StopNow` (it does so once per `run()`).
+        self._stop_raised = False
+        #: The thread running `run()`, while the stop signals' handlers are installed.
+        self._signal_thread: Optional[int] = None
 
     @property
     def counter(self) -> int:
@@ -181,7 +221,8 @@ class Server(_service.ServerBase):
             self._lost()
 
     def _read_broker(self) -> bool:
-        """Reads the broker's frames: answers pings, drops cancelled queued requests, queues requests.
+        """Reads the broker's frames: answers pings, drops cancelled queued requests, queues
+        requests, takes the ``Ack`` of a stop's ``Unregister``.
 
         Returns False when the connection is gone (the caller calls ``_lost``).
         """
@@ -205,6 +246,9 @@ class Server(_service.ServerBase):
                 self._queue = deque(q for q in self._queue if not (q[0][0] == _proto.REQUEST and q[0][1] == rid))
             elif kind == _proto.FATAL:
                 return False
+            elif kind == _proto.ACK and _proto.field(env, 1) in self._unacked:
+                # The name is released (or was not held: NotRegistered); no call comes after this.
+                self._unacked.discard(_proto.field(env, 1))
             elif kind in (_proto.REQUEST, _proto.ACK):
                 self._queue.append((env, payload))
         return True
@@ -227,11 +271,23 @@ class Server(_service.ServerBase):
         reads the broker for it: answers pings (a handler running longer than the broker's
         heartbeat timeout must not get the service disconnected), queues new requests and
         drops the queued ones the broker cancels. Short handlers never see it.
+
+        While a handler runs under :meth:`run`, it also carries out a stop request: releases
+        the name at once (the handler may run long), and gives up the drain on a second
+        request or at its deadline (see :meth:`_keeper_stop`).
         """
-        while not self._closed:
+        me = threading.current_thread()
+        while not self._closed and self._keeper is me:
             job = self._running
-            if job is None or self._keeper_lost or time.monotonic() - job.info.started < KEEPER_AFTER:
+            if job is None or self._give_up:
                 time.sleep(KEEPER_AFTER / 2)
+                continue
+            if self._armed and (self._stop_requests or self._drain_deadline is not None):
+                with self._io_lock:
+                    if self._running is job:
+                        self._keeper_stop()
+            if self._keeper_lost or time.monotonic() - job.info.started < KEEPER_AFTER:
+                time.sleep(KEEPER_TICK)
                 continue
             sock = self._sock
             try:
@@ -244,6 +300,139 @@ class Server(_service.ServerBase):
             with self._io_lock:
                 if self._running is job and not self._keeper_lost and not self._read_broker():
                     self._keeper_lost = True
+
+    def _keeper_stop(self) -> None:
+        """The keeper's part of a stop while a handler runs (called with ``_io_lock`` held and
+        the handler still running, so that the serving thread neither writes nor stops now).
+
+        Starts the drain (sends ``Unregister``) on a first request; gives up on a second
+        request, at the drain's deadline or when the connection is lost (`_give_up_now`).
+        """
+        if self._drain_deadline is None:
+            if not self._stop_requests:
+                return
+            self._stop_requests.popleft()
+            if not self._begin_drain():  # (after a loss the keeper saw, it gives up just below)
+                self._keeper_lost = True
+        elif self._give_up:
+            return
+        why = self._give_up_reason(self._keeper_lost)
+        if why is not None:
+            self._give_up_now(why)
+
+    def _give_up_now(self, why: str) -> None:
+        """The keeper gives up the drain while a handler runs: the connection is shut down now
+        (the broker re-delivers the call, or fails it with ``ServiceGone`` for ``no_retry``),
+        and the handler is interrupted if :meth:`run` installed the stop signals' handlers
+        (the signal makes the handler raise; a handler in a thread cannot be interrupted
+        otherwise: ``run()`` then returns when it does)."""
+        _service.log.warning("stopping %r now: %s (the running handler is given up)", self.name, why)
+        self._give_up = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._keeper_lost = True
+        # `run()` cannot have restored the handlers: it waits for `_io_lock`, held now.
+        if self._signal_thread is not None and not self._stop_raised:
+            signal.pthread_kill(self._signal_thread, _service.STOP_SIGNALS[0])
+
+    # -- stopping --------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Asks :meth:`run` to stop gracefully; returns at once.
+
+        May be called from any thread (and from a signal handler). A second
+        call during the stop ends it at once. A call made while ``run()`` is
+        not serving applies to the next ``run()``; :meth:`run_once` does not
+        stop by itself.
+        """
+        self._stop_requests.append(None)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # the buffer is full (the wake is pending anyway), or closed
+            pass
+
+    def _on_signal(self, signum, frame) -> None:
+        """The handler of SIGTERM and SIGINT while :meth:`run` serves (in the serving thread)."""
+        self.shutdown()
+        if self._running is None or self._stop_raised:
+            return
+        if self._give_up or len(self._stop_requests) + (self._drain_deadline is not None) >= 2:
+            # A second signal (or the keeper's, past the deadline) while a handler runs in this
+            # thread: unwind it, `run()` closes the connection and returns.
+            self._stop_raised = True
+            raise _StopNow("drain given up" if self._give_up else "second stop request")
+
+    def _install_signals(self) -> Dict[int, Any]:
+        """Installs the stop signals' handlers (``stop_on_signals``, main thread only); returns the old ones."""
+        old: Dict[int, Any] = {}
+        if not self.stop_on_signals or threading.current_thread() is not threading.main_thread():
+            return old
+        for sig in _service.STOP_SIGNALS:
+            old[sig] = signal.signal(sig, self._on_signal)
+        self._signal_thread = threading.get_ident()
+        return old
+
+    def _restore_signals(self, old: Dict[int, Any]) -> None:
+        for sig, handler in old.items():
+            # None: a handler not installed from Python, which cannot be put back.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._signal_thread = None
+
+    def _begin_drain(self) -> bool:
+        """Starts a drain: releases the name (``Unregister``). Returns False if the connection failed."""
+        self._drain_deadline = time.monotonic() + self.drain_timeout
+        if self._sock is None:
+            return True
+        self._unacked.add(_service.UNREGISTER_REQ)
+        try:
+            self._sock.sendall(_service.unregister_frame(_service.UNREGISTER_REQ, self.name))
+        except OSError:
+            return False
+        return True
+
+    def _give_up_reason(self, lost: bool) -> Optional[str]:
+        """Why the drain in progress must give up now, if it must."""
+        if self._stop_requests:
+            return "second stop request"
+        if lost or self._sock is None:
+            return "lost the zrpcd connection while stopping"
+        if time.monotonic() >= self._drain_deadline:
+            return "drain timeout (%g s)" % self.drain_timeout
+        return None
+
+    def _stop_step(self) -> bool:
+        """One look at the stop, by the serving loop of :meth:`run` (no handler runs): starts a
+        drain on a request; returns True when ``run()`` is to close and return (the drain is
+        over, or gives up)."""
+        if self._drain_deadline is None:
+            if not self._stop_requests:
+                return False
+            self._stop_requests.popleft()
+            if not self._begin_drain():
+                self._lost()
+            if self._sock is None:
+                # Not connected (the stop came before the first connection, or while
+                # reconnecting): nothing delivered is left to answer.
+                return True
+        if self._give_up:
+            return True
+        why = self._give_up_reason(False)
+        if why is not None:
+            _service.log.warning("stopping %r now: %s", self.name, why)
+            return True
+        return not self._unacked and not any(env[0] == _proto.REQUEST for env, _ in self._queue)
+
+    def _take_wake(self) -> None:
+        """Empties the wake socket (its bytes only wake the selector)."""
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
 
     def _handle_queued(self) -> bool:
         """Handles one queued request; returns whether there was one."""
@@ -285,6 +474,8 @@ class Server(_service.ServerBase):
                 if what == "broker":
                     if not self._read_broker():
                         self._lost()
+                elif what == "wake":
+                    self._take_wake()
                 else:
                     callback()
                     return True
@@ -294,11 +485,90 @@ class Server(_service.ServerBase):
                 return False
 
     def run(self) -> None:
-        """Serves forever."""
+        """Serves until stopped, then returns.
+
+        It stops gracefully on SIGTERM, SIGINT (with ``stop_on_signals``) or
+        :meth:`shutdown`: the name is released (``Unregister``: the broker
+        delivers no new call here; calls for the name wait for the next
+        instance, or go to the other instances of a shared name); what was
+        delivered before the broker took the release in is served as usual
+        (the running handler finishes, queued requests run, pings are
+        answered) and the replies are written; then the connection is closed
+        and ``run()`` returns. So a restart loses no call and runs none
+        twice, and a ``no_retry`` caller gets its result instead of
+        ``ServiceGone``.
+
+        The drain lasts at most ``drain_timeout`` seconds; past it, or on a
+        second signal or :meth:`shutdown`, or if the connection is lost, the
+        stop gives up at once: the connection is closed (the broker
+        re-delivers the calls not answered, or fails the ``no_retry`` ones
+        with ``ServiceGone``) and the running handler is interrupted (an
+        internal ``BaseException`` raised in it by the signal handler).
+
+        Signal handlers can only be installed in the main thread: ``run()``
+        installs its SIGTERM and SIGINT handlers only when called there, and
+        puts the previous ones back when it returns. Called in another
+        thread, it stops on :meth:`shutdown` only, and cannot interrupt a
+        running handler when giving up: the connection is closed at once
+        all the same, and ``run()`` returns when the handler does.
+        """
+        old = self._install_signals()
+        self._armed = True
+        try:
+            self._serve_until_stopped()
+        except _StopNow as e:
+            if not self._give_up:  # else the keeper said why
+                _service.log.warning("stopping %r now: %s (the running handler is given up)", self.name, e)
+        finally:
+            self._armed = False
+            self._restore_signals(old)
+            self._end_stop()
+
+    def _serve_until_stopped(self) -> None:
         while True:
-            self.run_once(None)
+            if self._stop_step():
+                return
+            if self._sock is None and self._drain_deadline is None:
+                self._try_connect()
+            if self._handle_queued():
+                continue
+            now = time.monotonic()
+            wait = None
+            if self._drain_deadline is not None:
+                wait = max(0.0, self._drain_deadline - now)
+            elif self._sock is None:
+                wait = max(0.0, self._next_attempt - now)
+            for key, _ in self._sel.select(wait):
+                what, callback = key.data
+                if what == "broker":
+                    if self._sock is not None and not self._read_broker():
+                        self._lost()
+                elif what == "wake":
+                    self._take_wake()
+                else:
+                    callback()
+
+    def _end_stop(self) -> None:
+        """The end of ``run()``: closes the connection (after a stop) and resets the stop."""
+        stopped = self._drain_deadline is not None or self._give_up or self._stop_raised
+        self._running = None
+        self._drain_deadline = None
+        self._unacked.clear()
+        self._give_up = self._stop_raised = False
+        self._stop_requests.clear()
+        self._take_wake()
+        if stopped:
+            # The replies were written (sendall); closing tells the broker that we are gone.
+            self._lost()
+            self._keeper_lost = False
+            # The keeper thread ends; a later run() starts another.
+            self._keeper = None
 
     def close(self) -> None:
         """Disconnects from the broker (releasing the name) and stops the keeper thread."""
         self._closed = True
         self._lost()
+        if self._wake_r.fileno() >= 0:
+            self._sel.unregister(self._wake_r)
+            self._wake_r.close()
+            self._wake_w.close()
