@@ -37,7 +37,7 @@ def find_zrpcd() -> str:
 
 
 def rust_bin(name: str) -> str:
-    """A Rust example binary built next to zrpcd (skips the test when it is missing)."""
+    """A Rust example binary built next to zrpcd (the test fails, not skips, when it is missing)."""
     path = os.path.join(os.path.dirname(find_zrpcd()), name)
     if not os.path.exists(path):
         pytest.fail("%s not found next to zrpcd (build it: cargo build -p zrpc-examples --bins)" % path)
