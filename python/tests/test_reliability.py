@@ -106,6 +106,56 @@ def test_broker_sigkill_no_retry_call_is_disconnected(broker, procs, files):
     open(go, "w").close()
 
 
+def _restart_without_the_worker(broker, worker, log, first_line):
+    """Kills broker and worker (SIGKILL) while the worker runs a call, then starts a broker
+    on which no instance holds the name."""
+    wait_for(lambda: lines(log) == [first_line], what="the handler to start")
+    broker.kill()
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=10)
+    broker.start()
+
+
+def test_a_resubmitted_call_is_not_reported_as_never_delivered(broker, procs, files):
+    # The old broker delivered the call and its service may have run it; the
+    # new broker has no instance of the name and cannot know: the client,
+    # which resubmitted the call, must not pass on "never ran"
+    # (NoSuchService, TimeoutNoService).
+    import asyncio
+    from zrpc import aio
+    log, _ = files
+    worker = procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+    call = Call("worker", "slow", 1, timeout=60, no_wait=True)
+    _restart_without_the_worker(broker, worker, log, "slow 1")
+    assert isinstance(call.outcome(), errors.ServiceGoneError), call.outcome()
+
+    open(log, "w").close()
+    worker = procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(broker.socket_dir, "worker")
+
+    async def waiting_call():
+        c = await aio.Client.connect()
+        try:
+            return await c.call("worker", "slow", 2, timeout=4)
+        except errors.ZRPCError as e:
+            return e
+        finally:
+            await c.close()
+
+    def in_a_loop(out):
+        out.append(asyncio.run(waiting_call()))
+
+    out = []
+    t = threading.Thread(target=in_a_loop, args=(out,), daemon=True)
+    t.start()
+    _restart_without_the_worker(broker, worker, log, "slow 2")
+    t.join(30)
+    assert not t.is_alive(), "the async call did not return"
+    assert isinstance(out[0], errors.RPCTimeoutError), out
+    assert not out[0].no_service, out[0]
+
+
 def test_killed_client_does_not_disturb_the_service(broker, procs, files):
     log, go = files
     procs.spawn([sys.executable, "-c", WORKER])

@@ -356,7 +356,7 @@ class PendingCall:
     """A call made and not yet answered; ``sent_on`` is the connection generation it was sent on."""
 
     __slots__ = ("cid", "service", "method", "payload", "deadline", "flags", "sent_on", "done",
-                 "outcome", "waiter")
+                 "outcome", "waiter", "may_have_run")
 
     def __init__(self, cid, service, method, payload, deadline, flags):
         self.cid = cid
@@ -369,11 +369,19 @@ class PendingCall:
         self.done = False
         self.outcome: Any = None  # ("ok", bytes) or an exception
         self.waiter: Any = None   # an asyncio future (zrpc.aio)
+        #: Sent on a connection that ended (or answered ``Shutdown``) before its outcome came:
+        #: a broker may have delivered it (see :meth:`CallTable.on_result`).
+        self.may_have_run = False
 
     @property
     def no_retry(self) -> bool:
         """Whether the call was made with ``no_retry``."""
         return bool(self.flags & NO_RETRY)
+
+
+#: The codes of a result that say a call never ran, and what they become for
+#: a call resubmitted after a reconnection (docs/reliability.md).
+MAY_HAVE_RUN = {errors.NO_SUCH_SERVICE: errors.SERVICE_GONE, errors.TIMEOUT_NO_SERVICE: errors.TIMEOUT}
 
 
 class CallTable:
@@ -490,6 +498,7 @@ class CallTable:
                     % (call.service, call.method, why), service=call.service, method=call.method))
             elif call.sent_on is not None:
                 call.sent_on = None
+                call.may_have_run = True
 
     def on_result(self, env: list, payload: bytes) -> Optional[PendingCall]:
         """Handles a ``Result``; returns the call if it is now answered.
@@ -503,9 +512,16 @@ class CallTable:
         code = field(env, 2, 0)
         if code == errors.SHUTDOWN and not call.no_retry:
             call.sent_on = None
+            call.may_have_run = True
             return None
         if code:
-            exc = errors.from_code(code, field(env, 3, ""), call.service, call.method)
+            message = field(env, 3, "")
+            if call.may_have_run and code in MAY_HAVE_RUN:
+                # "No service held the name" speaks only for the broker
+                # that answered: an earlier one may have delivered the call.
+                code = MAY_HAVE_RUN[code]
+                message += " (the call was sent before a reconnection and may have run)"
+            exc = errors.from_code(code, message, call.service, call.method)
             if code == errors.REMOTE and payload:
                 try:
                     exc.value = unpack(payload)
