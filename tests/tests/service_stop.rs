@@ -73,9 +73,11 @@ fn holding(
 }
 
 /// A `no_retry` call of `zrpc-test-svc`'s exclusive `sleep(ms)` on a
-/// thread of its own, once the broker has it pending (delivered); its
+/// thread of its own, once the broker has it pending (delivered: one more
+/// pending call than before); its
 /// result (the service's pid) comes through the receiver.
 fn sleeping(b: &Broker, ms: u64, opts: CallOptions) -> mpsc::Receiver<zrpc_client::Result<u32>> {
+    let before = zrpc_tests::broker_stat(b.dir(), "pending");
     let dir = b.dir().to_path_buf();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -88,7 +90,7 @@ fn sleeping(b: &Broker, ms: u64, opts: CallOptions) -> mpsc::Receiver<zrpc_clien
     assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
         b.dir(),
         "pending"
-    ) == 1));
+    ) == before + 1));
     rx
 }
 
@@ -448,4 +450,30 @@ fn serving_again_after_dropping_a_serve_future_mid_stop_registers_the_names() {
     done_tx.send(()).expect("the server thread");
     let out = out_rx.recv_timeout(WAIT).expect("the server thread ends");
     assert_eq!(out, "done");
+}
+
+#[test]
+fn a_second_signal_does_not_start_the_requests_still_queued() {
+    // Three exclusive 60 s calls: one runs, two wait in the service's
+    // queue. Stopping at once must not run those two first.
+    let b = Broker::start();
+    let mut svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let opts = || CallOptions::timeout(Duration::from_secs(120)).no_retry();
+    let calls: Vec<_> = (0..3).map(|_| sleeping(&b, 60_000, opts())).collect();
+    svc.signal(libc::SIGTERM);
+    wait_registered(b.dir(), "echo", 0);
+    let start = Instant::now();
+    svc.signal(libc::SIGINT);
+    let status = svc.wait_exit(WAIT).expect("the service exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    for rx in calls {
+        let r = rx.recv_timeout(WAIT).expect("the call ends");
+        assert!(matches!(r, Err(Error::ServiceGone { .. })), "{r:?}");
+    }
 }

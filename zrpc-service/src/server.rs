@@ -484,6 +484,11 @@ impl<S: Service> Server<S> {
                     }
                 }
             }
+            if self.stop.ended().is_some() {
+                // Given up inside an exclusive handler: the requests still
+                // queued are not started (the broker re-delivers them).
+                return Ok(None);
+            }
             if self.link.has_request(now) {
                 match self.dispatch().handle_next(flush_reply).await? {
                     Next::Done(event) => return Ok(Some(event)),
