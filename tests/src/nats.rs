@@ -4,7 +4,8 @@
 //! *Subject scheme*), several in one write when the order matters.
 //!
 //! Only what those tests need: `CONNECT` with headers, `SUB`, `HPUB`,
-//! `PING`/`PONG`, and reading `MSG`/`HMSG`. Every read has a bound.
+//! `PING`/`PONG`, and reading `MSG`/`HMSG`. Every read, write and
+//! connect has a bound.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -57,8 +58,14 @@ impl RawNats {
     /// within `bound`.
     pub fn connect(url: &str, bound: Duration) -> io::Result<RawNats> {
         let addr = url.strip_prefix("nats://").unwrap_or(url);
-        let stream = TcpStream::connect(addr)?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+        let stream = TcpStream::connect_timeout(&addr, bound)?;
         stream.set_nodelay(true)?;
+        // Writes are bounded too: a server that stops reading fails the
+        // test instead of hanging it.
+        stream.set_write_timeout(Some(bound))?;
         let mut nats = RawNats {
             stream,
             buf: Vec::new(),
@@ -123,6 +130,9 @@ impl RawNats {
         }
         let deadline = Instant::now() + bound;
         loop {
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
             match self.read_op(deadline)? {
                 Some(Op::Msg(m)) => return Ok(Some(m)),
                 Some(_) => {}
@@ -137,7 +147,14 @@ impl RawNats {
         self.write(b"PING\r\n")?;
         let deadline = Instant::now() + bound;
         loop {
-            match self.read_op(deadline)? {
+            // read_op returns what is buffered before looking at the
+            // clock: a steady stream of messages must not outlast it.
+            let op = if Instant::now() >= deadline {
+                None
+            } else {
+                self.read_op(deadline)?
+            };
+            match op {
                 Some(Op::Pong) => return Ok(()),
                 Some(Op::Msg(m)) => self.queued.push_back(m),
                 Some(_) => {}

@@ -13,7 +13,9 @@
 //! they come on two subscriptions, and the task answering the request
 //! files it only when it first runs. Such a cancel is remembered (at most
 //! [`MAX_EARLY`], for [`EARLY_TTL`]), and the request finding it is
-//! answered `Cancelled` without a local call.
+//! answered `Cancelled` without a local call. Only cancels with an epoch
+//! are remembered (see [`Cancels::cancel`]), and keys with an origin or
+//! epoch longer than [`MAX_ID_LEN`] are not made at all.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use rustc_hash::FxHashMap;
 
-use super::{header, H_EPOCH, H_ORIGIN, H_REQUEST};
+use super::{header, H_EPOCH, H_ORIGIN, H_REQUEST, MAX_ID_LEN};
 
 /// What a cancel message names: (name, origin, epoch, request number).
 /// The epoch is empty for a bridge that sends none (before the header
@@ -36,12 +38,18 @@ pub(super) struct Key {
 
 impl Key {
     /// The key of a request or cancel message for `name`; None without
-    /// `Zrpc-Origin` or a numeric `Zrpc-Request`.
+    /// `Zrpc-Origin` or a numeric `Zrpc-Request`, or with an origin or
+    /// epoch longer than [`MAX_ID_LEN`].
     pub(super) fn new(name: &str, headers: Option<&HeaderMap>) -> Option<Key> {
+        let origin = header(headers, H_ORIGIN)?;
+        let epoch = header(headers, H_EPOCH).unwrap_or_default();
+        if origin.len() > MAX_ID_LEN || epoch.len() > MAX_ID_LEN {
+            return None;
+        }
         Some(Key {
             name: name.to_owned(),
-            origin: header(headers, H_ORIGIN)?.to_owned(),
-            epoch: header(headers, H_EPOCH).unwrap_or_default().to_owned(),
+            origin: origin.to_owned(),
+            epoch: epoch.to_owned(),
             request: header(headers, H_REQUEST)?.parse().ok()?,
         })
     }
@@ -72,10 +80,17 @@ pub(super) struct Cancels {
 impl Cancels {
     /// A cancel message for `key` arrived at `now`: the local call id to
     /// cancel, if a call is filed under it; else the cancel is remembered
-    /// for its request ([`Cancels::cancelled_early`]).
+    /// for its request ([`Cancels::cancelled_early`]), unless it has no
+    /// epoch: such a bridge numbers its requests from 1 again when it
+    /// restarts, so a cancel that came after its call ended (the caller
+    /// gave up as the reply crossed) would cancel the next process's
+    /// request of that number.
     pub(super) fn cancel(&mut self, key: &Key, now: Instant) -> Option<u64> {
         if let Some(&id) = self.running.get(key) {
             return Some(id);
+        }
+        if key.epoch.is_empty() {
+            return None;
         }
         while let Some((old, at)) = self.order.front() {
             if self.order.len() < MAX_EARLY && now.duration_since(*at) <= EARLY_TTL {
@@ -141,6 +156,29 @@ mod tests {
         c.file(key(3), 42);
         assert_eq!(c.cancel(&key(3), t0), Some(42));
         assert!(!c.cancelled_early(&key(3), t0));
+        // Without an epoch, a cancel finds a filed call only.
+        let bare = Key {
+            epoch: String::new(),
+            ..key(4)
+        };
+        assert_eq!(c.cancel(&bare, t0), None);
+        assert!(!c.cancelled_early(&bare, t0));
+        c.file(bare.clone(), 43);
+        assert_eq!(c.cancel(&bare, t0), Some(43));
+    }
+
+    #[test]
+    fn over_long_identities_make_no_key() {
+        let mut h = HeaderMap::new();
+        h.insert(H_REQUEST, "1");
+        h.insert(H_EPOCH, "e");
+        h.insert(H_ORIGIN, "o".repeat(MAX_ID_LEN).as_str());
+        assert!(Key::new("echo", Some(&h)).is_some());
+        h.insert(H_ORIGIN, "o".repeat(MAX_ID_LEN + 1).as_str());
+        assert!(Key::new("echo", Some(&h)).is_none());
+        h.insert(H_ORIGIN, "o");
+        h.insert(H_EPOCH, "e".repeat(MAX_ID_LEN + 1).as_str());
+        assert!(Key::new("echo", Some(&h)).is_none());
     }
 
     #[test]

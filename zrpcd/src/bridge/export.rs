@@ -15,7 +15,7 @@ use super::cancels::Key as CancelKey;
 use super::dedupe::{Joined, Plan};
 use super::link::Answer;
 use super::{header, reply_headers, too_large, AbortOnDrop, Shared, H_CALLER, H_METHOD, H_ORIGIN};
-use super::{H_TIMEOUT_MS, SYNC_INTERVAL};
+use super::{H_EPOCH, H_TIMEOUT_MS, MAX_ID_LEN, SYNC_INTERVAL};
 use crate::broker::bridged::BridgeCounters;
 
 /// Every [`SYNC_INTERVAL`]: subscribes the exported names a local service
@@ -294,6 +294,12 @@ async fn outcome(
     let Some(method) = header(h, H_METHOD) else {
         return Some(malformed());
     };
+    if [H_ORIGIN, H_CALLER, H_EPOCH]
+        .into_iter()
+        .any(|n| header(h, n).is_some_and(|v| v.len() > MAX_ID_LEN))
+    {
+        return Some(malformed());
+    }
     tracing::debug!(
         service = %name,
         method,
@@ -342,11 +348,14 @@ async fn outcome(
     }
 }
 
-/// The answer to a request without `Zrpc-Method` or with a non-numeric
-/// `Zrpc-Timeout-Ms`.
+/// The answer to a request without `Zrpc-Method`, with a non-numeric
+/// `Zrpc-Timeout-Ms`, or with an identity longer than [`MAX_ID_LEN`].
 fn malformed() -> Answer {
     error(
         ErrorCode::Protocol,
-        format!("a NATS request needs the header {H_METHOD} and a numeric {H_TIMEOUT_MS} (docs/bridge.md)"),
+        format!(
+            "a NATS request needs the header {H_METHOD}, a numeric {H_TIMEOUT_MS}, and \
+             {H_ORIGIN}, {H_CALLER} and {H_EPOCH} of at most {MAX_ID_LEN} bytes (docs/bridge.md)"
+        ),
     )
 }

@@ -46,6 +46,12 @@ pub const H_REQUEST: &str = "Zrpc-Request";
 /// process, since its request numbers start at 1 again when it restarts
 /// (absent from bridges before it: an empty epoch).
 pub const H_EPOCH: &str = "Zrpc-Epoch";
+/// The longest `Zrpc-Origin`, `Zrpc-Caller` or `Zrpc-Epoch` the exporting
+/// bridge accepts (a `host_id` is at most this long; a caller and an epoch
+/// are much shorter). It remembers them (cancels that came before their
+/// request, repeated-call keys), so their size must not be a NATS
+/// message's: a request with a longer one is refused, a cancel ignored.
+pub const MAX_ID_LEN: usize = 255;
 /// Reply header: the error code (absent: success).
 pub const H_CODE: &str = "Zrpc-Code";
 /// Reply header: the error's message.
