@@ -156,6 +156,23 @@ def broker(procs, socket_dir, monkeypatch):
     return Broker(procs, socket_dir)
 
 
+@pytest.fixture
+def files(socket_dir, procs):
+    """A log file and a "go" file path in the socket directory, passed to services as $LOG
+    and $GO (test services append to the log and wait for the go file)."""
+    log = os.path.join(socket_dir, "log")
+    go = os.path.join(socket_dir, "go")
+    procs.env.update(LOG=log, GO=go)
+    open(log, "w").close()
+    return log, go
+
+
+def lines(path):
+    """The lines of a file."""
+    with open(path) as f:
+        return f.read().splitlines()
+
+
 def service_names(socket_dir):
     """Names registered at the broker (``zrpcd.list``)."""
     from zrpc.client import Client

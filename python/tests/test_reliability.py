@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import Call, find_zrpcd, service_names, wait_for, wait_registered
+from conftest import Call, find_zrpcd, lines, service_names, wait_for, wait_registered
 from zrpc import _proto, errors
 from zrpc.client import Client
 
@@ -42,20 +42,6 @@ WORKER = textwrap.dedent('''
 
     Worker(shared=True).run()
 ''')
-
-
-@pytest.fixture
-def files(socket_dir, procs):
-    log = os.path.join(socket_dir, "log")
-    go = os.path.join(socket_dir, "go")
-    procs.env.update(LOG=log, GO=go)
-    open(log, "w").close()
-    return log, go
-
-
-def lines(path):
-    with open(path) as f:
-        return f.read().splitlines()
 
 
 def test_service_crash_mid_call_is_redelivered(broker, procs, files):

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import Call, outstanding, service_names, wait_for, wait_registered
+from conftest import Call, lines, outstanding, service_names, wait_for, wait_registered
 from zrpc import aio, errors, server
 from zrpc.client import Client
 
@@ -77,20 +77,6 @@ SERVICES = {
 MODULES = ["server", "aio"]
 # Far below the 30 s a `slow` handler waits: a stop that waited for it would miss this bound.
 PROMPT = 10
-
-
-@pytest.fixture
-def files(socket_dir, procs):
-    log = os.path.join(socket_dir, "log")
-    go = os.path.join(socket_dir, "go")
-    procs.env.update(LOG=log, GO=go)
-    open(log, "w").close()
-    return log, go
-
-
-def lines(path):
-    with open(path) as f:
-        return f.read().splitlines()
 
 
 def start(procs, module, **kw):
