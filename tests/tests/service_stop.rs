@@ -94,6 +94,18 @@ fn sleeping(b: &Broker, ms: u64, opts: CallOptions) -> mpsc::Receiver<zrpc_clien
     rx
 }
 
+/// `svc` must exit with status 0 within 10 s of `start` (a stop that
+/// waited for a 60 s handler would miss that).
+fn exits_0_within_10_s(svc: &mut Proc, start: Instant) {
+    let status = svc.wait_exit(WAIT).expect("the service exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the stop took {:?}",
+        start.elapsed()
+    );
+}
+
 /// Sends `sig` to `svc`, which must exit 0 within 10 s (not wait for its
 /// call), and its one running `no_retry` call must fail with `ServiceGone`.
 fn exits_at_once_cutting_off_its_call(
@@ -103,13 +115,7 @@ fn exits_at_once_cutting_off_its_call(
 ) {
     let start = Instant::now();
     svc.signal(sig);
-    let status = svc.wait_exit(WAIT).expect("the service exits");
-    assert!(status.success(), "{status:?}");
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "the stop took {:?}",
-        start.elapsed()
-    );
+    exits_0_within_10_s(svc, start);
     let results = running.recv_timeout(WAIT).expect("the hold ends");
     assert!(
         matches!(results[..], [Err(Error::ServiceGone { .. })]),
@@ -256,13 +262,7 @@ fn the_drain_timeout_ends_an_exclusive_handler_too() {
     svc.signal(libc::SIGTERM);
     // The name is released at once, while the handler runs.
     wait_registered(b.dir(), "echo", 0);
-    let status = svc.wait_exit(WAIT).expect("the service exits");
-    assert!(status.success(), "{status:?}");
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        start.elapsed()
-    );
+    exits_0_within_10_s(&mut svc, start);
     let r = rx.recv_timeout(WAIT).expect("the call ends");
     assert!(matches!(r, Err(Error::ServiceGone { .. })), "{r:?}");
 }
@@ -465,13 +465,7 @@ fn a_second_signal_does_not_start_the_requests_still_queued() {
     wait_registered(b.dir(), "echo", 0);
     let start = Instant::now();
     svc.signal(libc::SIGINT);
-    let status = svc.wait_exit(WAIT).expect("the service exits");
-    assert!(status.success(), "{status:?}");
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        start.elapsed()
-    );
+    exits_0_within_10_s(&mut svc, start);
     for rx in calls {
         let r = rx.recv_timeout(WAIT).expect("the call ends");
         assert!(matches!(r, Err(Error::ServiceGone { .. })), "{r:?}");
