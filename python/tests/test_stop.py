@@ -343,3 +343,83 @@ def test_aio_shutdown_stops_serve(broker, caller):
         await c.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+CAREFUL = COMMON + textwrap.dedent('''
+    import asyncio
+    from zrpc import aio
+
+    class Stopper(aio.Server):
+        @aio.rpc_method
+        async def careful(self, payload):
+            note("careful %s %d" % (payload, os.getpid()))
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.01)  # a clean-up that awaits
+                note("cleaned up %s" % payload)
+                raise
+            return answer(payload)
+
+    Stopper(drain_timeout=0.5).run()
+    note("run returned")
+''')
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_aio_handlers_given_up_finish_their_cancellation_before_serve_returns(broker, procs, files,
+                                                                              second_signal):
+    """A cancelled handler's clean-up runs before serve() returns (as a blocking handler unwinds
+    before run() returns), not cancelled again by asyncio.run() after it."""
+    log, _ = files
+    a = procs.spawn([sys.executable, "-c", CAREFUL])
+    wait_for(lambda: a.pid in holders(a) or a.poll() is not None, what="the service to register")
+    call = Call("stopper", "careful", 1, timeout=60, no_retry=True)
+    wait_for(lambda: "careful 1 %d" % a.pid in lines(log), what="the handler to start")
+    os.kill(a.pid, signal.SIGTERM)
+    if second_signal:
+        wait_for(lambda: "stopper" not in service_names(broker.socket_dir), what="the name to be released")
+        os.kill(a.pid, signal.SIGTERM)
+    code, out, err = exit_status(a)
+    assert code == 0, err
+    assert lines(log) == ["careful 1 %d" % a.pid, "cleaned up 1", "run returned"], err
+    assert isinstance(call.outcome(), errors.ServiceGoneError), call.outcome()
+
+
+def test_aio_cancelled_serve_leaves_the_server_unregistered(broker):
+    """serve() cancelled: the connection is closed, `registered` cleared, the handlers cancelled
+    and awaited, the signal handlers put back."""
+    class AsyncGate(aio.Server):
+        def __init__(self):
+            super().__init__(name="gate")
+            self.started = asyncio.Event()
+            self.cleaned = False
+
+        @aio.rpc_method
+        async def hold(self, payload):
+            self.started.set()
+            try:
+                await asyncio.sleep(30)
+            finally:
+                await asyncio.sleep(0)
+                self.cleaned = True
+
+    async def main():
+        before = signal.getsignal(signal.SIGTERM)
+        s = AsyncGate()
+        serving = asyncio.ensure_future(s.serve())
+        await asyncio.wait_for(s.registered.wait(), 10)
+        c = await aio.Client.connect()
+        call = asyncio.ensure_future(c.call("gate", "hold", "held", timeout=60, no_retry=True))
+        await asyncio.wait_for(s.started.wait(), 10)
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(serving, PROMPT)
+        assert not s.registered.is_set()
+        assert s.cleaned
+        assert signal.getsignal(signal.SIGTERM) is before
+        with pytest.raises(errors.ServiceGoneError):
+            await asyncio.wait_for(call, PROMPT)
+        await c.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

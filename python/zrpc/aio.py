@@ -317,9 +317,9 @@ class Server(_service.ServerBase):
         written; then the connection is closed and ``serve()`` returns. The
         drain lasts at most ``drain_timeout`` seconds; past it, on a second
         signal or ``shutdown()``, or if the connection is lost, the handlers
-        still running are cancelled and ``serve()`` returns at once (the
-        broker re-delivers their calls, or fails the ``no_retry`` ones with
-        ``ServiceGone``).
+        still running are cancelled and ``serve()`` returns once they have
+        unwound (at most 1 s more; the broker re-delivers their calls, or
+        fails the ``no_retry`` ones with ``ServiceGone``).
 
         The signals are handled with ``loop.add_signal_handler``, which works
         in the main thread only: elsewhere ``serve()`` stops on ``shutdown()``
@@ -327,7 +327,8 @@ class Server(_service.ServerBase):
         called before) is left alone. The previous handlers are put back when
         ``serve()`` returns. A plain (not ``async``) handler blocks the loop,
         and so the stop too, while it runs. Cancelling ``serve()`` closes the
-        connection at once and cancels the handlers.
+        connection at once, clears :attr:`registered` and cancels the
+        handlers (waiting at most 1 s for them to unwind).
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -340,7 +341,16 @@ class Server(_service.ServerBase):
         except asyncio.CancelledError:
             if self._conn is not None:
                 self._conn.abort("server stopped")
-            self._cancel_tasks()
+                self._conn = None
+            self.registered.clear()
+            cancelled = self._cancel_tasks()
+            if cancelled:
+                # The handlers unwind before serve() ends (a cancellation of this wait is
+                # absorbed by the CancelledError being raised anyway).
+                try:
+                    await asyncio.wait(cancelled, timeout=_service.FINAL_FLUSH)
+                except asyncio.CancelledError:
+                    pass
             raise
         finally:
             self._restore_signals(loop, restore)
@@ -365,7 +375,7 @@ class Server(_service.ServerBase):
             while True:
                 if await self._stop_or_closed(None, backoff.next_delay()):
                     # Nothing can be answered; the calls were re-delivered or failed already.
-                    self._cancel_tasks()
+                    await self._give_up_tasks()
                     return
                 try:
                     conn = await self._connect()
@@ -421,14 +431,30 @@ class Server(_service.ServerBase):
         if why is not None:
             _service.log.warning("stopping %r now: %s (%d running handlers cancelled)",
                                  self.name, why, len(self._tasks))
-            self._cancel_tasks()
+            cancelled = self._cancel_tasks()
         # The replies of the calls that ran get a moment to be written, even at the deadline.
         await conn.close(max(deadline, time.monotonic() + _service.FINAL_FLUSH))
         self._conn = None
+        if why is not None:
+            await self._give_up_tasks(cancelled)
 
-    def _cancel_tasks(self) -> None:
-        for t in list(self._tasks.values()):
+    def _cancel_tasks(self) -> List[asyncio.Task]:
+        """Cancels the handlers' tasks; returns them."""
+        tasks = list(self._tasks.values())
+        for t in tasks:
             t.cancel()
+        return tasks
+
+    async def _give_up_tasks(self, cancelled: Optional[List[asyncio.Task]] = None) -> None:
+        """Cancels the handlers' tasks (unless given the ones already cancelled) and waits, at
+        most :data:`zrpc._service.FINAL_FLUSH` seconds, for them to end: a handler's clean-up
+        on ``CancelledError`` runs before ``serve()`` returns (as a blocking server's handler
+        unwinds before ``run()`` returns), instead of being cancelled again by whatever ends
+        the event loop after it (``asyncio.run``)."""
+        if cancelled is None:
+            cancelled = self._cancel_tasks()
+        if cancelled:
+            await asyncio.wait(cancelled, timeout=_service.FINAL_FLUSH)
 
     def shutdown(self) -> None:
         """Asks :meth:`serve` to stop gracefully; returns at once.
