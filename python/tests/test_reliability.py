@@ -481,3 +481,49 @@ def test_a_reconnect_handshake_does_not_hold_a_call_past_its_deadline(broker, so
     finally:
         silent.close()
         client.close()
+
+
+def test_aio_server_registration_is_bounded(socket_dir):
+    # A "broker" that takes the connection and says Welcome, then never answers the Register:
+    # serve() must fail (ConnectError) within the handshake timeout, not hang.
+    import asyncio
+    import socket
+    from zrpc import aio
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
+    listener.listen(1)
+    held = []
+
+    def broker():
+        conn, _ = listener.accept()
+        held.append(conn)
+        conn.recv(4096)  # the Hello
+        conn.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0]))
+
+    threading.Thread(target=broker, daemon=True).start()
+
+    class Mute(aio.Server):
+        @aio.rpc_method
+        async def nothing(self):
+            return None
+
+    out = []
+
+    def serve():
+        try:
+            asyncio.run(Mute(name="mute", socket_dir=socket_dir, stop_on_signals=False).serve())
+            out.append("returned")
+        except errors.ZRPCError as e:
+            out.append(e)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    t.join(_proto.HANDSHAKE_TIMEOUT + 10)
+    try:
+        assert not t.is_alive(), "serve() still waits for the Ack"
+        assert isinstance(out[0], errors.ConnectError), out
+        assert "did not answer the registration" in str(out[0]), out
+    finally:
+        for c in held:
+            c.close()
+        listener.close()

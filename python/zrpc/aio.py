@@ -290,11 +290,20 @@ class Server(_service.ServerBase):
         conn.send(_service.register_frame(self._req, self.name, self.shared))
         if frames:
             self._on_frames(conn, frames)
-        done, _ = await asyncio.wait([ack, conn.closed], return_when=asyncio.FIRST_COMPLETED)
+        # Bounded like the blocking server's registration (HANDSHAKE_TIMEOUT): a broker that
+        # takes the connection but never answers must not hold serve() for ever.
+        done, _ = await asyncio.wait([ack, conn.closed], timeout=_proto.HANDSHAKE_TIMEOUT,
+                                     return_when=asyncio.FIRST_COMPLETED)
         self._acks.pop(self._req, None)
         if ack not in done:
-            raise errors.ConnectError("the broker closed the connection while registering %r: %s"
-                                      % (self.name, conn.closed.result()))
+            if conn.closed.done():
+                why = "the broker closed the connection while registering %r: %s" % (
+                    self.name, conn.closed.result())
+            else:
+                why = "the broker did not answer the registration of %r within %.0f s" % (
+                    self.name, _proto.HANDSHAKE_TIMEOUT)
+                conn.abort("registration timed out")
+            raise errors.ConnectError(why)
         try:
             _service.check_ack(ack.result(), self.name)
         except BaseException:
