@@ -350,6 +350,16 @@ class Backoff:
             self.attempt = 0
 
 
+def shut_down(sock: Optional[socket.socket]) -> None:
+    """Shuts ``sock`` down both ways (if any), waking a thread blocked on it; errors (already
+    closed, not connected) are ignored."""
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 # ---- the client's pending calls -----------------------------------------
 
 class PendingCall:

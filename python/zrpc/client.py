@@ -16,7 +16,6 @@ once; calls made with ``no_retry=True`` fail with
 """
 
 import select
-import socket
 import threading
 import time
 from typing import Any, Optional
@@ -218,12 +217,7 @@ class Client:
         """
         self._closed = True
         self._closing.set()
-        sock = self._sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _proto.shut_down(self._sock)
         if self._lock.acquire(blocking=False):
             try:
                 self._shut()

@@ -328,12 +328,7 @@ class Server(_service.ServerBase):
         otherwise: ``run()`` then returns when it does)."""
         _service.log.warning("stopping %r now: %s (the running handler is given up)", self.name, why)
         self._give_up = True
-        sock = self._sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _proto.shut_down(self._sock)
         self._keeper_lost = True
         # `run()` cannot have restored the handlers: it waits for `_io_lock`, held now.
         if self._signal_thread is not None and not self._stop_raised:
