@@ -199,6 +199,7 @@ fn without_stop_on_signals_sigterm_kills_the_service_and_its_calls() {
 
 #[test]
 fn a_shutdown_handle_stops_run_which_can_serve_again() {
+    // Two names: both are released at each stop, and registered again.
     let b = Broker::start();
     let dir = b.dir().to_path_buf();
     let (tx, rx) = mpsc::channel();
@@ -211,7 +212,10 @@ fn a_shutdown_handle_stops_run_which_can_serve_again() {
                 Ok::<_, String>(std::process::id())
             })
             .build();
-        let mut server = Server::new(svc).socket_dir(&dir).stop_on_signals(false);
+        let mut server = Server::new(svc)
+            .add_name("stopme_too")
+            .socket_dir(&dir)
+            .stop_on_signals(false);
         let _ = handle_tx.send(server.shutdown_handle());
         // Each round when told to.
         while go_rx.recv().is_ok() {
@@ -223,12 +227,15 @@ fn a_shutdown_handle_stops_run_which_can_serve_again() {
     for round in 0..2 {
         go_tx.send(()).expect("the server thread");
         wait_registered(b.dir(), "stopme", 1);
+        wait_registered(b.dir(), "stopme_too", 1);
         let pid: u32 = client.call("stopme", "pid", &(), Some(WAIT)).expect("call");
         assert_eq!(pid, std::process::id());
         handle.shutdown();
         let r = rx.recv_timeout(WAIT).expect("run returns");
         assert!(r.is_ok(), "round {round}: {r:?}");
+        // Every name is released, not only the first.
         wait_registered(b.dir(), "stopme", 0);
+        wait_registered(b.dir(), "stopme_too", 0);
     }
 }
 
