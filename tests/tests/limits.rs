@@ -230,9 +230,15 @@ fn connecting_to_a_stopped_broker_with_a_full_backlog_is_bounded() {
         rt.block_on(connect(&path, &hello_frame(2, "t"), short))
             .map(|_| ())
     });
-    // The client's connect has its own timeout (10 s).
+    // The client's connect has its own timeout (10 s by default).
     let dir = b.dir().to_path_buf();
-    let client = by(until, move || BlockingClient::connect_to(&dir).map(|_| ()));
+    let client = by(until, move || {
+        BlockingClient::builder()
+            .socket_dir(dir)
+            .connect_timeout(short)
+            .connect_blocking()
+            .map(|_| ())
+    });
     // The call's deadline bounds its reconnection.
     let call = by(until, move || {
         c.call::<_, Value>("zrpcd", "ping", &(), Some(Duration::from_secs(1)))
@@ -468,4 +474,44 @@ fn unsafe_socket_dirs_are_refused() {
     } else {
         eprintln!("not root: the foreign-owner check needs chown, skipped");
     }
+}
+
+#[test]
+fn a_connect_timeout_bounds_the_handshake_with_a_stopped_broker() {
+    // A stopped broker still has room in its listen backlog: the kernel
+    // completes the connection, but nobody answers `Hello`. Both faces
+    // give up at their connect timeout (default 10 s).
+    let b = Broker::start();
+    b.proc.signal(libc::SIGSTOP);
+    let short = Duration::from_millis(300);
+    let start = std::time::Instant::now();
+    let r = BlockingClient::builder()
+        .socket_dir(b.dir())
+        .connect_timeout(short)
+        .connect_blocking();
+    let blocking_took = start.elapsed();
+    let rt = zrpc_tests::runtime();
+    let start = std::time::Instant::now();
+    let a = rt.block_on(
+        zrpc_client::Client::builder()
+            .socket_dir(b.dir())
+            .connect_timeout(short)
+            .connect(),
+    );
+    let async_took = start.elapsed();
+    b.proc.signal(libc::SIGCONT);
+    assert!(matches!(r, Err(Error::Connect { .. })), "{r:?}");
+    assert!(matches!(a, Err(Error::Connect { .. })), "{:?}", a.err());
+    for took in [blocking_took, async_took] {
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+            "gave up after {took:?} with a 300 ms connect timeout"
+        );
+    }
+    // The broker, running again, takes the same clients.
+    BlockingClient::builder()
+        .socket_dir(b.dir())
+        .connect_timeout(short)
+        .connect_blocking()
+        .expect("connect after SIGCONT");
 }

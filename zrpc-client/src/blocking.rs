@@ -14,7 +14,7 @@ use zrpc_proto::{Envelope, FrameDecoder};
 use crate::common::{
     call_deadlines, call_frame, control_frame, decode_result, lock, next_generation,
     reconnect_timeout, timeout_error, Dead, OutFrame, Outcome, Payload, Retry, Settings, Welcome,
-    HANDSHAKE_TIMEOUT, SAFETY_MARGIN,
+    SAFETY_MARGIN,
 };
 use crate::core::{Core, Dispatched, Stand, Waiter};
 use crate::fds::{map_fd_payloads, queue_frame, Incoming};
@@ -92,7 +92,7 @@ impl BlockingClient {
     }
 
     pub(crate) fn from_settings(settings: Settings) -> Result<BlockingClient> {
-        let (conn, incoming) = Conn::open(&settings, HANDSHAKE_TIMEOUT)?;
+        let (conn, incoming) = Conn::open(&settings, settings.handshake_timeout)?;
         Ok(BlockingClient {
             inner: Arc::new(Inner {
                 settings,
@@ -497,9 +497,10 @@ impl Inner {
             std::thread::sleep(wake.saturating_duration_since(now));
             return;
         }
-        let handshake_timeout = until.map_or(HANDSHAKE_TIMEOUT, |u| {
+        let most = self.settings.handshake_timeout;
+        let handshake_timeout = until.map_or(most, |u| {
             u.saturating_duration_since(now)
-                .clamp(MIN_HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT)
+                .clamp(MIN_HANDSHAKE_TIMEOUT.min(most), most)
         });
         match Conn::open(&self.settings, handshake_timeout) {
             Ok((conn, leftover)) => {

@@ -39,6 +39,8 @@ pub struct ClientBuilder {
     backoff: Backoff,
     /// The writer's longest hold, when not [`crate::hold::MAX_HOLD`] (tests).
     max_hold: Option<Duration>,
+    /// See [`ClientBuilder::connect_timeout`].
+    connect_timeout: Option<Duration>,
 }
 
 impl ClientBuilder {
@@ -70,6 +72,18 @@ impl ClientBuilder {
         self
     }
 
+    /// How long connecting to the broker and the handshake may take, for
+    /// the first connection and every reconnection (default 10 s; at least
+    /// 1 ms). A broker that does not accept within it (stopped, wedged, or
+    /// with its listen backlog full) or does not answer `Hello` gives
+    /// [`Error::Connect`] at [`connect`](Self::connect) and
+    /// [`connect_blocking`](Self::connect_blocking); a `BlockingClient`'s
+    /// reconnection within a call is bounded by the call's deadline too.
+    pub fn connect_timeout(mut self, timeout: Duration) -> ClientBuilder {
+        self.connect_timeout = Some(timeout.max(Duration::from_millis(1)));
+        self
+    }
+
     /// The reconnection backoff set with
     /// [`reconnect_backoff`](Self::reconnect_backoff).
     pub(crate) fn backoff(&self) -> Backoff {
@@ -89,6 +103,9 @@ impl ClientBuilder {
         let mut s = Settings::new(self.socket_dir.as_deref(), self.agent, self.backoff);
         if let Some(max) = self.max_hold {
             s.max_hold = max;
+        }
+        if let Some(t) = self.connect_timeout {
+            s.handshake_timeout = t;
         }
         s
     }

@@ -35,6 +35,9 @@ pub(crate) struct Settings {
     pub backoff: Backoff,
     /// The async client writer's longest hold (see [`crate::hold`]).
     pub max_hold: std::time::Duration,
+    /// How long connecting and the handshake may take
+    /// ([`crate::ClientBuilder::connect_timeout`]).
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl Settings {
@@ -49,6 +52,7 @@ impl Settings {
             instance: new_instance_id(),
             backoff,
             max_hold: crate::hold::MAX_HOLD,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
 

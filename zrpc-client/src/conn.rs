@@ -19,9 +19,7 @@ use zrpc_io::write::send_vectored;
 use zrpc_io::{OutQueue, ReadPolicy};
 use zrpc_proto::{Envelope, FrameDecoder};
 
-use crate::common::{
-    control_frame, lock, next_generation, Dead, OutFrame, Settings, Welcome, HANDSHAKE_TIMEOUT,
-};
+use crate::common::{control_frame, lock, next_generation, Dead, OutFrame, Settings, Welcome};
 use crate::core::Handout;
 use crate::fds::{queue_fd_frame, queue_frame};
 use crate::hold::{Ended, Hold};
@@ -119,7 +117,7 @@ impl Conn {
         let c = zrpc_io::handshake::connect(
             &settings.socket_path(),
             &settings.hello(),
-            HANDSHAKE_TIMEOUT,
+            settings.handshake_timeout,
         )
         .await?;
         // From here on: a non-blocking std socket, registered for
