@@ -515,3 +515,34 @@ fn a_connect_timeout_bounds_the_handshake_with_a_stopped_broker() {
         .connect_blocking()
         .expect("connect after SIGCONT");
 }
+
+#[test]
+fn a_services_connect_timeout_bounds_its_first_connection_to_a_stopped_broker() {
+    let b = Broker::start();
+    b.proc.signal(libc::SIGSTOP);
+    let dir = b.dir().to_path_buf();
+    let start = std::time::Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A `Server` is not `Send`: made on the thread that runs it.
+    std::thread::spawn(move || {
+        let svc = zrpc_service::ServiceBuilder::new("late")
+            .method("nothing", |_ctx: &zrpc_service::Context, (): ()| {
+                Ok::<_, String>(())
+            })
+            .build();
+        let r = zrpc_service::Server::new(svc)
+            .socket_dir(&dir)
+            .stop_on_signals(false)
+            .connect_timeout(Duration::from_millis(300))
+            .run();
+        let _ = tx.send(r);
+    });
+    let r = rx.recv_timeout(WAIT).expect("run returns");
+    let took = start.elapsed();
+    b.proc.signal(libc::SIGCONT);
+    assert!(
+        matches!(r, Err(zrpc_service::Error::HandshakeTimeout(t)) if t == Duration::from_millis(300)),
+        "{r:?}"
+    );
+    assert!(took < Duration::from_secs(5), "gave up after {took:?}");
+}

@@ -16,8 +16,9 @@ use zrpc_proto::{socket_path, validate_name, Envelope, ErrorCode, DEFAULT_MAX_ME
 use crate::conn::Conn;
 use crate::error::Error;
 
-/// How long connecting, the handshake and name registration may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting, the handshake and name registration may take, by
+/// default ([`Server::connect_timeout`](crate::Server::connect_timeout)).
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `agent` string sent in `Hello`.
 const AGENT: &str = concat!("zrpc-service/", env!("CARGO_PKG_VERSION"));
@@ -29,13 +30,15 @@ pub(crate) struct Setup {
     pub(crate) shared: bool,
     pub(crate) socket_dir: Option<PathBuf>,
     pub(crate) instance: u64,
+    /// How long connecting, the handshake and registration may take.
+    pub(crate) timeout: Duration,
 }
 
 type ConnectFuture = Pin<Box<dyn Future<Output = Result<Conn, Error>>>>;
 
 impl Setup {
     /// A connection attempt (connect, handshake, register every name),
-    /// bounded by [`HANDSHAKE_TIMEOUT`]. The future owns its inputs, so it
+    /// bounded by `timeout`. The future owns its inputs, so it
     /// can be kept across `select!` iterations.
     pub(crate) fn attempt(&self) -> Result<ConnectFuture, Error> {
         if self.names.is_empty() {
@@ -53,11 +56,11 @@ impl Setup {
         let path = socket_path(&dir);
         tracing::debug!(path = %path.display(), names = ?self.names, "connecting to zrpcd");
         let names = self.names.clone();
-        let (instance, shared) = (self.instance, self.shared);
+        let (instance, shared, timeout) = (self.instance, self.shared, self.timeout);
         Ok(Box::pin(async move {
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(path, instance, &names, shared))
+            tokio::time::timeout(timeout, connect(path, instance, &names, shared, timeout))
                 .await
-                .map_err(|_| Error::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+                .map_err(|_| Error::HandshakeTimeout(timeout))?
         }))
     }
 }
@@ -284,13 +287,15 @@ async fn connect(
     instance: u64,
     names: &[String],
     shared: bool,
+    timeout: Duration,
 ) -> Result<Conn, Error> {
     let c = zrpc_io::handshake::connect(
         &path,
         &hello_frame_caps(instance, AGENT, zrpc_proto::caps::FD_PAYLOADS),
-        HANDSHAKE_TIMEOUT,
+        timeout,
     )
-    .await?;
+    .await
+    .map_err(|e| handshake_error(e, timeout))?;
     let mut conn = Conn::new(c.sock).map_err(Error::from_io)?;
     conn.welcomed(c.welcome, c.leftover, c.leftover_fds);
 
@@ -337,22 +342,21 @@ async fn connect(
     Ok(conn)
 }
 
-impl From<zrpc_io::HandshakeError> for Error {
-    fn from(e: zrpc_io::HandshakeError) -> Error {
-        use zrpc_io::HandshakeError as H;
-        match e {
-            H::Connect { path, source } if source.kind() == std::io::ErrorKind::TimedOut => {
-                tracing::debug!(path = %path.display(), "{source}");
-                Error::HandshakeTimeout(HANDSHAKE_TIMEOUT)
-            }
-            H::Connect { path, source } => Error::Connect { path, source },
-            H::Untrusted(u) => Error::UntrustedBroker(u),
-            H::Fatal { code, message } => Error::Fatal { code, message },
-            v @ H::Version { .. } => Error::Fatal {
-                code: ErrorCode::VersionMismatch,
-                message: v.to_string(),
-            },
-            H::Protocol(m) => Error::Unexpected(m),
+/// The service's error for a failed handshake whose bound was `timeout`.
+fn handshake_error(e: zrpc_io::HandshakeError, timeout: Duration) -> Error {
+    use zrpc_io::HandshakeError as H;
+    match e {
+        H::Connect { path, source } if source.kind() == std::io::ErrorKind::TimedOut => {
+            tracing::debug!(path = %path.display(), "{source}");
+            Error::HandshakeTimeout(timeout)
         }
+        H::Connect { path, source } => Error::Connect { path, source },
+        H::Untrusted(u) => Error::UntrustedBroker(u),
+        H::Fatal { code, message } => Error::Fatal { code, message },
+        v @ H::Version { .. } => Error::Fatal {
+            code: ErrorCode::VersionMismatch,
+            message: v.to_string(),
+        },
+        H::Protocol(m) => Error::Unexpected(m),
     }
 }

@@ -104,6 +104,7 @@ impl<S: Service> Server<S> {
                 shared: false,
                 socket_dir: None,
                 instance: zrpc_io::random_id(),
+                timeout: crate::link::HANDSHAKE_TIMEOUT,
             },
             counter: 0,
             fds: Vec::new(),

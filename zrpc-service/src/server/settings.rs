@@ -38,6 +38,16 @@ impl<S: Service> Server<S> {
         self
     }
 
+    /// How long connecting to the broker, the handshake and registering
+    /// the names may take, for the first connection and every reconnection
+    /// (default 10 s; at least 1 ms): past it, [`Error::HandshakeTimeout`](crate::Error::HandshakeTimeout)
+    /// (the first connection fails with it; a reconnection tries again
+    /// after its backoff).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.setup.timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
     /// The directory holding the broker socket `zrpcd.sock` (the original's
     /// `socket_dir`). It must match the broker's.
     pub fn socket_dir(mut self, dir: impl Into<PathBuf>) -> Self {
