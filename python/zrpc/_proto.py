@@ -6,6 +6,7 @@ This is the one implementation of these that the blocking
 sides share. Internal: the format is described in ``docs/protocol.md``.
 """
 
+import numbers
 import os
 import random
 import re
@@ -33,8 +34,11 @@ DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 INCOMING_SLACK = 4096
 #: Largest frame accepted before Welcome says the real limit.
 HANDSHAKE_MAX_BODY = 64 * 1024
-#: How long to wait for Welcome.
+#: Default bound, in seconds, on connecting and the handshake (and, for a server, on the
+#: registration that follows); the ``connect_timeout`` keyword of the clients and servers.
 HANDSHAKE_TIMEOUT = 5.0
+#: Exclusive upper bound on ``connect_timeout`` (a socket timeout must be finite).
+MAX_CONNECT_TIMEOUT = 1e9
 #: The local safety margin added to a call's timeout: if neither the broker's
 #: Timeout nor a Result arrived by then, the call fails locally.
 SAFETY_MARGIN = 2.0
@@ -245,6 +249,15 @@ def _connect_hint(e: OSError) -> str:
     return ""
 
 
+def check_connect_timeout(value: Any) -> float:
+    """``value`` as a ``connect_timeout``: a number of seconds > 0 and below
+    :data:`MAX_CONNECT_TIMEOUT`, as a float; anything else raises :class:`ValueError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < MAX_CONNECT_TIMEOUT:
+        raise ValueError("connect_timeout must be a number of seconds > 0 and < %g, not %r"
+                         % (MAX_CONNECT_TIMEOUT, value))
+    return float(value)
+
+
 class Welcome:
     """What the broker's ``Welcome`` said."""
 
@@ -285,7 +298,7 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
                 except errors.ZRPCError as e:
                     raise errors.ProtocolError("bad answer to Hello from %s: %s" % (path, e)) from None
         except socket.timeout:
-            raise errors.ConnectError("no answer to Hello from %s within %.1f s" % (path, timeout)) from None
+            raise errors.ConnectError("no answer to Hello from %s within %g s" % (path, timeout)) from None
         except OSError as e:
             raise errors.ConnectError("cannot connect to zrpcd at %s: %s" % (path, e)) from None
         env, _ = frames[0]

@@ -197,11 +197,15 @@ class Job:
 class ServerBase:
     """What the blocking and the asyncio ``Server`` share: the service's
     name (derived from the class name when not given), socket directory,
-    ``shared`` flag, agent string, instance id and :class:`ServiceCore`."""
+    ``shared`` flag, agent string, connect timeout, drain timeout, instance id and
+    :class:`ServiceCore`."""
 
     def __init__(self, name: Optional[str], socket_dir: Optional[str], shared: bool,
                  reply_cache: int, agent: str, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
-                 stop_on_signals: bool = True):
+                 stop_on_signals: bool = True, connect_timeout: float = _proto.HANDSHAKE_TIMEOUT):
+        #: Seconds connecting and the handshake may take, and then the registration
+        #: (each; see :class:`zrpc.server.Server`).
+        self.connect_timeout = _proto.check_connect_timeout(connect_timeout)
         self.name = name if name is not None else _proto.snake_case(type(self).__name__)
         self.socket_dir = _proto.resolve_socket_dir(socket_dir)
         self.shared = shared

@@ -86,10 +86,12 @@ class _Conn(asyncio.Protocol):
         self.abort("stopped")
 
 
-async def _open(socket_dir: str, instance: int, agent: str, on_frames) -> tuple:
-    """Connects and handshakes (in a thread: the blocking :func:`zrpc._proto.connect`), then hands the socket to asyncio."""
+async def _open(socket_dir: str, instance: int, agent: str, on_frames, timeout: float) -> tuple:
+    """Connects and handshakes within ``timeout`` seconds (in a thread: the blocking
+    :func:`zrpc._proto.connect`), then hands the socket to asyncio."""
     loop = asyncio.get_running_loop()
-    sock, welcome, reader, frames = await loop.run_in_executor(None, _proto.connect, socket_dir, instance, agent)
+    sock, welcome, reader, frames = await loop.run_in_executor(None, _proto.connect, socket_dir, instance,
+                                                               agent, timeout)
     sock.setblocking(False)
     conn = _Conn(reader, on_frames)
     await loop.create_unix_connection(lambda: conn, sock=sock)
@@ -100,9 +102,17 @@ class Client:
     """An asyncio client of the zrpcd broker; create it with ``await Client.connect(socket_dir=None)``.
 
     ``socket_dir`` is resolved as in :class:`zrpc.client.Client`.
+    ``connect_timeout`` (seconds, default 5; a number > 0, else
+    :class:`ValueError`) bounds connecting and the handshake, for the first
+    connection (``connect()`` raises :class:`zrpc.errors.ConnectError` once
+    it has passed) and every reconnection (tried again after its backoff
+    while calls wait).
     """
 
-    def __init__(self, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT):
+    def __init__(self, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT,
+                 connect_timeout: float = _proto.HANDSHAKE_TIMEOUT):
+        #: Seconds connecting and the handshake may take.
+        self.connect_timeout = _proto.check_connect_timeout(connect_timeout)
         self.socket_dir = _proto.resolve_socket_dir(socket_dir)
         #: The instance id sent in ``Hello``, kept across reconnects.
         self.instance = _proto.random_id()
@@ -116,15 +126,18 @@ class Client:
         self._closed = False
 
     @classmethod
-    async def connect(cls, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT) -> "Client":
-        """Connects to the broker (failing fast with :class:`zrpc.errors.ConnectError` if none answers)."""
-        c = cls(socket_dir, agent=agent)
+    async def connect(cls, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT,
+                      connect_timeout: float = _proto.HANDSHAKE_TIMEOUT) -> "Client":
+        """Connects to the broker (failing fast with :class:`zrpc.errors.ConnectError` if none
+        answers, or none answers within ``connect_timeout`` seconds)."""
+        c = cls(socket_dir, agent=agent, connect_timeout=connect_timeout)
         await c._install()
         c._supervisor = asyncio.get_running_loop().create_task(c._supervise())
         return c
 
     async def _install(self) -> None:
-        conn, welcome, frames = await _open(self.socket_dir, self.instance, self.agent, self._on_frames)
+        conn, welcome, frames = await _open(self.socket_dir, self.instance, self.agent, self._on_frames,
+                                            self.connect_timeout)
         self._gen += 1
         self._max = welcome.max_message_size
         self._conn = conn
@@ -254,9 +267,9 @@ class Server(_service.ServerBase):
     def __init__(self, name: Optional[str] = None, socket_dir: Optional[str] = None, *,
                  shared: bool = False, reply_cache: int = _service.DEFAULT_CACHE_ENTRIES,
                  agent: str = _proto.AGENT, drain_timeout: float = _service.DEFAULT_DRAIN_TIMEOUT,
-                 stop_on_signals: bool = True):
+                 stop_on_signals: bool = True, connect_timeout: float = _proto.HANDSHAKE_TIMEOUT):
         _service.ServerBase.__init__(self, name, socket_dir, shared, reply_cache, agent,
-                                     drain_timeout, stop_on_signals)
+                                     drain_timeout, stop_on_signals, connect_timeout)
         self._conn: Optional[_Conn] = None
         self._tasks: Dict[int, asyncio.Task] = {}
         self._inflight: Dict[tuple, asyncio.Future] = {}
@@ -281,7 +294,8 @@ class Server(_service.ServerBase):
         return self._core.counter
 
     async def _connect(self) -> _Conn:
-        conn, welcome, frames = await _open(self.socket_dir, self.instance, self.agent, self._on_frames)
+        conn, welcome, frames = await _open(self.socket_dir, self.instance, self.agent, self._on_frames,
+                                            self.connect_timeout)
         self._conn = conn
         self._core.max_reply = welcome.max_message_size
         self._req += 1
@@ -290,9 +304,9 @@ class Server(_service.ServerBase):
         conn.send(_service.register_frame(self._req, self.name, self.shared))
         if frames:
             self._on_frames(conn, frames)
-        # Bounded like the blocking server's registration (HANDSHAKE_TIMEOUT): a broker that
+        # Bounded like the blocking server's registration (connect_timeout): a broker that
         # takes the connection but never answers must not hold serve() for ever.
-        done, _ = await asyncio.wait([ack, conn.closed], timeout=_proto.HANDSHAKE_TIMEOUT,
+        done, _ = await asyncio.wait([ack, conn.closed], timeout=self.connect_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         self._acks.pop(self._req, None)
         if ack not in done:
@@ -300,8 +314,8 @@ class Server(_service.ServerBase):
                 why = "the broker closed the connection while registering %r: %s" % (
                     self.name, conn.closed.result())
             else:
-                why = "the broker did not answer the registration of %r within %.0f s" % (
-                    self.name, _proto.HANDSHAKE_TIMEOUT)
+                why = "the broker did not answer the registration of %r within %g s" % (
+                    self.name, self.connect_timeout)
                 conn.abort("registration timed out")
             raise errors.ConnectError(why)
         try:

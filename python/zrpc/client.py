@@ -37,13 +37,25 @@ class Client:
     (:class:`zrpc.errors.ConnectError`) when no broker answers; later losses
     of the connection are reconnected.
 
+    ``connect_timeout`` (seconds, default 5) bounds connecting to the broker
+    and the handshake (its ``Welcome``), for the first connection and every
+    reconnection: a broker that takes the connection and does not answer
+    (stopped, wedged) fails the constructor with
+    :class:`zrpc.errors.ConnectError` once it has passed; a reconnection for
+    a call waits at most this long, or what is left of the call's deadline
+    if that is less, and is tried again after its backoff. It must be a
+    number > 0 (else :class:`ValueError`).
+
     A client makes one call at a time (calls from several threads are
     serialised); use :mod:`zrpc.aio` for many calls in flight. :meth:`close`
     may be called from any thread: a call blocked in another thread fails
     at once with :class:`zrpc.errors.DisconnectedError`.
     """
 
-    def __init__(self, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT):
+    def __init__(self, socket_dir: Optional[str] = None, *, agent: str = _proto.AGENT,
+                 connect_timeout: float = _proto.HANDSHAKE_TIMEOUT):
+        #: Seconds connecting and the handshake may take (see the class's description).
+        self.connect_timeout = _proto.check_connect_timeout(connect_timeout)
         self.socket_dir = _proto.resolve_socket_dir(socket_dir)
         #: The instance id sent in ``Hello``, kept across reconnects.
         self.instance = _proto.random_id()
@@ -64,7 +76,10 @@ class Client:
 
     # -- connection -----------------------------------------------------
 
-    def _connect(self, timeout: float = _proto.HANDSHAKE_TIMEOUT) -> None:
+    def _connect(self, timeout: Optional[float] = None) -> None:
+        """Connects and handshakes within ``timeout`` seconds (``None``: :attr:`connect_timeout`)."""
+        if timeout is None:
+            timeout = self.connect_timeout
         sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent,
                                                        timeout=timeout)
         self._sock, self._reader = sock, reader
@@ -95,10 +110,11 @@ class Client:
                 return
         if call.done:
             return
-        # A broker that accepts and does not answer must not hold the call past its deadline.
-        timeout = _proto.HANDSHAKE_TIMEOUT
+        # A broker that accepts and does not answer must not hold the call past its deadline
+        # (nor longer than connect_timeout).
+        timeout = self.connect_timeout
         if call.deadline is not None:
-            timeout = max(0.05, min(timeout, call.deadline - time.monotonic()))
+            timeout = min(timeout, max(0.05, call.deadline - time.monotonic()))
         try:
             self._connect(timeout)
         except errors.ZRPCError as e:

@@ -64,7 +64,14 @@ class Server(_service.ServerBase):
     ``drain_timeout``: seconds a graceful stop waits for the calls already
     delivered (see :meth:`run`). ``stop_on_signals``: whether :meth:`run`
     stops gracefully on SIGTERM and SIGINT (``False`` leaves the signals'
-    handlers alone: SIGTERM then kills the process).
+    handlers alone: SIGTERM then kills the process). ``connect_timeout``
+    (seconds, default 5; a number > 0, else :class:`ValueError`) bounds
+    connecting to the broker and the handshake, and then, again, the
+    registration of the name, for the first connection and every
+    reconnection: a broker that takes the connection and does not answer
+    (stopped, wedged) fails the first connection with
+    :class:`zrpc.errors.ConnectError`; a reconnection is tried again after
+    its backoff.
 
     The first connection (at the first :meth:`run` / :meth:`run_once`) fails
     fast with :class:`zrpc.errors.ConnectError` or the registration's error
@@ -74,9 +81,9 @@ class Server(_service.ServerBase):
     def __init__(self, name: Optional[str] = None, socket_dir: Optional[str] = None, *,
                  shared: bool = False, reply_cache: int = _service.DEFAULT_CACHE_ENTRIES,
                  agent: str = _proto.AGENT, drain_timeout: float = _service.DEFAULT_DRAIN_TIMEOUT,
-                 stop_on_signals: bool = True):
+                 stop_on_signals: bool = True, connect_timeout: float = _proto.HANDSHAKE_TIMEOUT):
         _service.ServerBase.__init__(self, name, socket_dir, shared, reply_cache, agent,
-                                     drain_timeout, stop_on_signals)
+                                     drain_timeout, stop_on_signals, connect_timeout)
         self._sel = selectors.DefaultSelector()
         self._fds: Dict[int, Callable[[], Any]] = {}
         self._sock = None
@@ -145,10 +152,11 @@ class Server(_service.ServerBase):
     # -- the connection ------------------------------------------------
 
     def _connect(self) -> None:
-        sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent)
+        sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent,
+                                                       timeout=self.connect_timeout)
         try:
             # A broker that accepts but never acknowledges must not hold the server for ever.
-            sock.settimeout(_proto.HANDSHAKE_TIMEOUT)
+            sock.settimeout(self.connect_timeout)
             self._req += 1
             req = self._req
             sock.sendall(_service.register_frame(req, self.name, self.shared))

@@ -1,0 +1,212 @@
+"""The ``connect_timeout`` keyword of the clients and servers bounds connecting, the handshake
+and a server's registration (default ``_proto.HANDSHAKE_TIMEOUT``, 5 s).
+
+A real zrpcd is SIGSTOPped: connections still complete in the kernel's listen backlog, but
+``Hello`` is never answered. With ``connect_timeout=0.3`` every first connection fails with
+``ConnectError`` after 0.3 s; were the keyword ignored, after 5 s (outside the bound checked).
+"""
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from zrpc import _proto, aio, errors
+from zrpc.client import Client
+from zrpc.server import Server
+
+SHORT = 0.3
+#: The bounds on how long a failed connection with ``connect_timeout=SHORT`` may take.
+AT_LEAST, AT_MOST = 0.25, 3.0
+
+
+@contextlib.contextmanager
+def stopped(broker):
+    """zrpcd stopped (SIGSTOP) for the duration; continued (SIGCONT) after, whatever happens."""
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+
+
+def fails_in_time(run):
+    """Runs ``run()``, which must raise ConnectError within [AT_LEAST, AT_MOST] s; returns the error."""
+    start = time.monotonic()
+    with pytest.raises(errors.ConnectError) as info:
+        run()
+    took = time.monotonic() - start
+    assert AT_LEAST <= took <= AT_MOST, "failed after %.2f s: %s" % (took, info.value)
+    return info.value
+
+
+class Mute(Server):
+    pass
+
+
+class AioMute(aio.Server):
+    pass
+
+
+def test_a_clients_connect_timeout_bounds_the_handshake_with_a_stopped_broker(broker, socket_dir):
+    with stopped(broker):
+        e = fails_in_time(lambda: Client(socket_dir, connect_timeout=SHORT))
+    assert "no answer to Hello" in str(e), e
+
+
+def test_an_aio_clients_connect_timeout_bounds_the_handshake_with_a_stopped_broker(broker, socket_dir):
+    with stopped(broker):
+        e = fails_in_time(lambda: asyncio.run(aio.Client.connect(socket_dir, connect_timeout=SHORT)))
+    assert "no answer to Hello" in str(e), e
+
+
+def test_a_servers_connect_timeout_bounds_its_first_connection_to_a_stopped_broker(broker, socket_dir):
+    server = Mute(name="mute", socket_dir=socket_dir, stop_on_signals=False, connect_timeout=SHORT)
+    with stopped(broker):
+        e = fails_in_time(server.run)
+    assert "no answer to Hello" in str(e), e
+
+
+def test_an_aio_servers_connect_timeout_bounds_its_first_connection_to_a_stopped_broker(broker, socket_dir):
+    server = AioMute(name="mute", socket_dir=socket_dir, stop_on_signals=False, connect_timeout=SHORT)
+    with stopped(broker):
+        e = fails_in_time(lambda: asyncio.run(server.serve()))
+    assert "no answer to Hello" in str(e), e
+
+
+class WelcomeOnly:
+    """A "broker" that answers ``Hello`` with ``Welcome`` and then never answers (no ``Ack``)."""
+
+    def __init__(self, socket_dir):
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
+        self.listener.listen(8)
+        self.held = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.held.append(conn)
+            conn.recv(4096)  # the Hello
+            conn.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0]))
+
+    def close(self):
+        # shutdown() wakes the accept() blocked in the thread (close() alone may not).
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for c in self.held:
+            c.close()
+
+
+@pytest.mark.parametrize("kind", ["blocking", "aio"])
+def test_a_servers_connect_timeout_bounds_its_registration(socket_dir, kind):
+    fake = WelcomeOnly(socket_dir)
+    try:
+        if kind == "blocking":
+            server = Mute(name="mute", socket_dir=socket_dir, stop_on_signals=False, connect_timeout=SHORT)
+            run = server.run
+        else:
+            server = AioMute(name="mute", socket_dir=socket_dir, stop_on_signals=False, connect_timeout=SHORT)
+            run = lambda: asyncio.run(server.serve())  # noqa: E731
+        e = fails_in_time(run)
+        assert "regist" in str(e), e
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("kind", ["blocking", "aio"])
+def test_a_clients_connect_timeout_bounds_each_reconnection(broker, socket_dir, kind):
+    # The broker is replaced by a listener that takes the reconnection and never answers
+    # Hello; once a real broker is back, the call (deadline 20 s) is answered after the
+    # attempt on the silent listener gave up (0.3 s) and the next one after the backoff
+    # (at most 1 s more), not after the 5 s the attempt would wait by default.
+    result = {}
+
+    if kind == "blocking":
+        client = Client(socket_dir, connect_timeout=SHORT)
+        assert client.call("zrpcd", "ping", timeout=5) == "pong"
+
+        def call():
+            try:
+                result["value"] = client.call("zrpcd", "ping", timeout=20)
+            except Exception as e:  # reported to the test
+                result["value"] = e
+    else:
+        loop = asyncio.new_event_loop()
+        client = loop.run_until_complete(aio.Client.connect(socket_dir, connect_timeout=SHORT))
+        assert loop.run_until_complete(client.call("zrpcd", "ping", timeout=5)) == "pong"
+
+        def call():
+            try:
+                result["value"] = loop.run_until_complete(client.call("zrpcd", "ping", timeout=20))
+            except Exception as e:  # reported to the test
+                result["value"] = e
+
+    broker.kill()
+    path = os.path.join(socket_dir, _proto.SOCKET_FILE)
+    if os.path.exists(path):
+        os.unlink(path)
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(path)
+    silent.listen(8)
+    silent.settimeout(10)
+    held = []
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    try:
+        held.append(silent.accept()[0])  # the reconnection waits for Welcome from here on
+        since = time.monotonic()
+        silent.close()
+        os.unlink(path)
+        broker.start()
+        t.join(15)
+        took = time.monotonic() - since
+        assert not t.is_alive(), "the call did not return"
+        assert result["value"] == "pong", result
+        assert took <= AT_MOST, "answered %.2f s after the reconnection reached the silent listener" % took
+    finally:
+        silent.close()
+        for c in held:
+            c.close()
+        t.join(25)
+        if kind == "blocking":
+            client.close()
+        else:
+            loop.run_until_complete(client.close())
+            loop.close()
+
+
+BAD = [0, -1, 0.0, float("nan"), float("inf"), 1e10, "1", None, True]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=repr)
+def test_connect_timeout_must_be_a_positive_number(socket_dir, bad):
+    # Checked before anything connects (no broker runs here).
+    with pytest.raises(ValueError, match="connect_timeout"):
+        Client(socket_dir, connect_timeout=bad)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        aio.Client(socket_dir, connect_timeout=bad)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        asyncio.run(aio.Client.connect(socket_dir, connect_timeout=bad))
+    with pytest.raises(ValueError, match="connect_timeout"):
+        Mute(name="mute", socket_dir=socket_dir, connect_timeout=bad)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        AioMute(name="mute", socket_dir=socket_dir, connect_timeout=bad)
+
+
+def test_connect_timeout_defaults_to_the_handshake_timeout(socket_dir):
+    assert _proto.HANDSHAKE_TIMEOUT == 5.0
+    assert Mute(name="mute", socket_dir=socket_dir).connect_timeout == 5.0
+    assert AioMute(name="mute", socket_dir=socket_dir).connect_timeout == 5.0
+    assert aio.Client(socket_dir).connect_timeout == 5.0
+    assert Client.__init__.__kwdefaults__["connect_timeout"] == 5.0
