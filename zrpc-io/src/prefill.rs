@@ -160,8 +160,16 @@ mod tests {
     use std::os::fd::AsFd;
     use std::time::{Duration, Instant};
 
+    /// The two tests of the pool, one at a time: each asks for its own
+    /// size, which drops the memfds made for the other's, and the first
+    /// then waits for the pool to go idle while the second keeps asking.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
     #[test]
     fn a_prefilled_memfd_is_trimmed_to_its_payload_and_sealed() {
+        let _alone = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let len = 100_000 + 17;
         // The first one asked for may be new (none ready yet); the thread
         // makes them ahead of need.
@@ -205,20 +213,28 @@ mod tests {
     /// lock (held here across the fork, as the refill thread may hold it).
     #[test]
     fn a_forked_child_makes_its_memfds_on_the_spot() {
+        let _alone = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let len: usize = 1024 * 1024 - 1000;
         let size = len.div_ceil(GRAIN) * GRAIN;
-        // Other tests of this process change the size wanted: wait, under
-        // the lock, for two ready memfds of this size, and fork holding it.
+        // Other tests of this process change the size wanted: ask for this
+        // size, then wait (without taking one: a take pops a ready memfd)
+        // for two ready memfds of it, and fork holding the lock. Asked
+        // again after a while below `IDLE`, past which they are dropped.
         let deadline = Instant::now() + Duration::from_secs(10);
-        let held = loop {
+        let held = 'filled: loop {
             let _ = take(len).expect("take");
-            let st = lock(pool());
-            if st.size == size && st.ready.len() == KEEP {
-                break st;
+            let asked = Instant::now();
+            while asked.elapsed() < IDLE / 2 {
+                let st = lock(pool());
+                if st.size == size && st.ready.len() == KEEP {
+                    break 'filled st;
+                }
+                drop(st);
+                std::thread::sleep(Duration::from_millis(5));
             }
-            drop(st);
             assert!(Instant::now() < deadline, "the pool never filled");
-            std::thread::sleep(Duration::from_millis(20));
         };
         let mut pipe = [0; 2];
         // SAFETY: pipe writes two descriptors into the array.
