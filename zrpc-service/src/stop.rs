@@ -25,6 +25,7 @@ use zrpc_proto::Envelope;
 
 use crate::error::Error;
 use crate::link::Link;
+use crate::server::sleep_until_opt;
 
 /// How long a drain may take by default (see [`Server::drain_timeout`](crate::Server::drain_timeout)).
 pub(crate) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -212,7 +213,8 @@ impl Stop {
     }
 
     /// One look at the stop, before the serving loop waits: starts a
-    /// drain on a request (releasing the names on `conn`), and says when a
+    /// drain on a request (releasing the names on the link's connection),
+    /// and says when a
     /// drain is over (every release acknowledged, no handler `running`,
     /// nothing queued). Cheap unless a stop was requested or a drain runs.
     /// Also looked at while an exclusive handler runs (see
@@ -303,12 +305,5 @@ impl Stop {
             deadline: Instant::now() + self.timeout,
             unacked,
         });
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
