@@ -224,22 +224,30 @@ fn backlog_full(kind: io::ErrorKind, waited: Option<Duration>) -> io::Error {
 /// process), does not. (`UnixStream::connect` would block on a full
 /// backlog until the listener accepts, without bound.)
 pub fn is_listening(path: &Path) -> bool {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let Ok(addr) = SocketAddrUnix::new(path) else {
-        return false;
-    };
-    let Ok(fd) = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    ) else {
+    let Ok((fd, addr)) = unix_socket(path, rustix::net::SocketFlags::NONBLOCK) else {
         return false;
     };
     matches!(
         rustix::net::connect(&fd, &addr),
         Ok(()) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INPROGRESS)
     )
+}
+
+/// An unconnected UNIX stream socket (close-on-exec, plus `flags`) and the
+/// address of `path`, for [`is_listening`] and [`connect_until`].
+fn unix_socket(
+    path: &Path,
+    flags: rustix::net::SocketFlags,
+) -> io::Result<(std::os::fd::OwnedFd, rustix::net::SocketAddrUnix)> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | flags,
+        None,
+    )?;
+    Ok((fd, addr))
 }
 
 /// Connects a blocking socket to `path`, waiting until `deadline` at most
@@ -252,14 +260,7 @@ pub fn is_listening(path: &Path) -> bool {
 /// `UnixStream::connect` cannot do); the timeout is cleared afterwards.
 fn connect_until(path: &Path, timeout: Duration, deadline: Instant) -> io::Result<UnixStream> {
     use rustix::net::sockopt::{set_socket_timeout, Timeout};
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let addr = SocketAddrUnix::new(path)?;
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let (fd, addr) = unix_socket(path, rustix::net::SocketFlags::empty())?;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -402,16 +403,22 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
 
-    /// A broker at a fresh socket that reads the `Hello` and answers with
-    /// `answer` (raw bytes); returns the socket's path and the thread.
-    fn fake(answer: Vec<u8>) -> (PathBuf, std::thread::JoinHandle<Vec<u8>>) {
+    /// `zrpcd.sock` in a new directory of its own under the temp dir.
+    fn fresh_socket_path(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
-            "zrpc-io-hs-{}-{}",
+            "zrpc-io-{tag}-{}-{}",
             std::process::id(),
             crate::backoff::random_id()
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("zrpcd.sock");
+        dir.join("zrpcd.sock")
+    }
+
+    /// A broker at a fresh socket that reads the `Hello` and answers with
+    /// `answer` (raw bytes); returns the socket's path and the thread.
+    fn fake(answer: Vec<u8>) -> (PathBuf, std::thread::JoinHandle<Vec<u8>>) {
+        let path = fresh_socket_path("hs");
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let l = UnixListener::bind(&path).expect("bind");
         let t = std::thread::spawn(move || {
             let (mut s, _) = l.accept().expect("accept");
@@ -538,13 +545,7 @@ mod tests {
     /// is then full).
     fn full_backlog() -> (PathBuf, UnixListener, std::os::fd::OwnedFd) {
         use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-        let dir = std::env::temp_dir().join(format!(
-            "zrpc-io-full-{}-{}",
-            std::process::id(),
-            crate::backoff::random_id()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("zrpcd.sock");
+        let path = fresh_socket_path("full");
         let addr = SocketAddrUnix::new(&path).expect("address");
         let socket = |flags| {
             rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)
