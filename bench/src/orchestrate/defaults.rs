@@ -85,13 +85,7 @@ pub(super) fn default_client(
             16 => "calls/s, 16 processes x 1",
             _ => "calls/s, 64 processes x 1",
         };
-        pair(
-            "default_scaling",
-            metric,
-            (procs, 1, c.conc / 4),
-            None,
-            false,
-        )?;
+        pair("default_scaling", metric, (procs, 1, c.conc), None, false)?;
     }
     // What the defaults cost in CPU during the sequential loop (busy
     // polling in the broker and the service), per process, and at rest.
