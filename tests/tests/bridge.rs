@@ -1078,6 +1078,54 @@ fn an_import_pattern_routes_unheld_names_to_nats_and_local_services_still_come_f
     assert_eq!(bridge_stat(h.b.dir(), "imported_errors"), 0);
 }
 
+/// A call whose local instance died is re-delivered to the bridge by an
+/// import pattern; that no host serves the name on NATS must not reach the
+/// caller as "never ran" (`NoSuchService`, `TimeoutNoService`): the dead
+/// instance may have run it.
+#[test]
+fn a_call_re_delivered_to_nats_after_its_instance_died_is_not_reported_as_never_run() {
+    let Some(h) = start_hosts(&[]) else { return };
+    // B imports the pattern `cabi*`; nobody serves `cabinet` on A.
+    let call_then_kill = |opts: zrpc_client::CallOptions| {
+        let svc = h.b.spawn("zrpc-test-svc", &["--name", "cabinet"]);
+        wait_registered(h.b.dir(), "cabinet", 1);
+        let dir = h.b.dir().to_path_buf();
+        let call = std::thread::spawn(move || {
+            let c = BlockingClient::connect_to(&dir).expect("connect to host B");
+            c.call_with::<_, u32>("cabinet", "sleep", &60_000u64, opts)
+        });
+        assert!(wait_until(WAIT, || broker_stat(h.b.dir(), "pending") == 1));
+        svc.signal(libc::SIGKILL);
+        let r = call.join().expect("caller thread");
+        drop(svc);
+        wait_registered(h.b.dir(), "cabinet", 0);
+        r
+    };
+    let opts = zrpc_client::CallOptions::timeout(Duration::from_secs(60)).no_wait();
+    match call_then_kill(opts) {
+        Err(Error::ServiceGone { service }) => assert_eq!(service, "cabinet"),
+        other => panic!("expected ServiceGone, got {other:?}"),
+    }
+    // The bridge answered it (the call went to NATS).
+    assert_eq!(bridge_stat(h.b.dir(), "imported_errors"), 1);
+    // Waiting: the bridge asks NATS until just before the deadline (the
+    // broker's own timer may end it first; both must say Timeout).
+    let opts = zrpc_client::CallOptions::timeout(Duration::from_millis(1500));
+    match call_then_kill(opts) {
+        Err(Error::Timeout {
+            service,
+            no_service: false,
+            ..
+        }) => assert_eq!(service, "cabinet"),
+        other => panic!("expected Timeout {{ no_service: false }}, got {other:?}"),
+    }
+    // A call never delivered still says so.
+    let c = h.client_b();
+    let opts = zrpc_client::CallOptions::timeout(Duration::from_secs(10)).no_wait();
+    let r = c.call_with::<_, u32>("cabinet", "sleep", &1u64, opts);
+    assert!(matches!(r, Err(Error::NoSuchService { .. })), "{r:?}");
+}
+
 /// A remote host played by hand on raw NATS (`zrpc_tests::nats`): requests
 /// and cancel messages to host A's exported names with the headers the
 /// test chooses (origin `host-x`; no `Zrpc-Epoch` unless given, like a

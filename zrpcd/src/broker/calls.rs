@@ -322,7 +322,7 @@ impl Broker {
         let Some(p) = self.pending.get(bid) else {
             return;
         };
-        let (caller, caller_call, call_flags) = (p.caller, p.caller_call, p.flags);
+        let (caller, caller_call, call_flags) = (p.caller, p.caller_call, p.call_flags());
         let redelivery = p.was_delivered();
         let peers = &self.peers;
         let target = prefer
@@ -413,6 +413,9 @@ impl Broker {
         self.out.enqueue_for(t.io(), &env, payload, busy);
         if let Some(p) = self.pending.get_mut(bid) {
             p.set_stage(Stage::Delivered(target));
+            if redelivery {
+                p.mark_redelivered();
+            }
         }
         #[cfg(feature = "nats")]
         self.note_bridged_flags(target, bid, call_flags);
@@ -571,6 +574,18 @@ impl Broker {
                     Some(ErrorCode::Shutdown) => (
                         Some(ErrorCode::Remote),
                         "the service answered with the broker's own code Shutdown",
+                    ),
+                    // These two say the call never ran: not so for a call
+                    // whose first instance disconnected while it had it,
+                    // whatever the instance it was re-delivered to (the
+                    // NATS bridge, asking other hosts) found.
+                    Some(ErrorCode::NoSuchService) if p.was_redelivered() => (
+                        Some(ErrorCode::ServiceGone),
+                        "the service instance handling the call disconnected, and where it was re-delivered no service holds the name (the call may have run)",
+                    ),
+                    Some(ErrorCode::TimeoutNoService) if p.was_redelivered() => (
+                        Some(ErrorCode::Timeout),
+                        "the service instance handling the call disconnected, and where it was re-delivered no service took it before the deadline (the call may have run)",
                     ),
                     code => (code, message),
                 };

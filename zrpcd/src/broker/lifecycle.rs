@@ -239,7 +239,7 @@ impl Broker {
             let no_retry = self
                 .pending
                 .get(bid)
-                .is_some_and(|c| c.flags & flags::NO_RETRY != 0);
+                .is_some_and(|c| c.call_flags() & flags::NO_RETRY != 0);
             if no_retry {
                 let msg = "the service instance handling the call disconnected".to_string();
                 self.finish(bid, Outcome::Error(ErrorCode::ServiceGone, msg), now);

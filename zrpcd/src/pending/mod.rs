@@ -41,6 +41,11 @@ const PAGE: usize = 1024;
 /// reach it.
 const PARKED_AFTER_DELIVERY: PeerId = PeerId::MAX;
 
+/// The broker's own bit of `Pending::flags`, never a caller's (cleared when
+/// a call is stored): the call's current delivery is a re-delivery, after
+/// the instance that had it disconnected. No field of its own either.
+const REDELIVERED: u32 = 1 << 31;
+
 /// Where a pending call is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -70,13 +75,32 @@ pub struct Pending {
     /// When the broker accepted it, in microseconds since the table was
     /// created.
     started_us: u64,
-    /// Call flags.
-    pub flags: u32,
+    /// The caller's flags ([`zrpc_proto::flags`]) and [`REDELIVERED`].
+    flags: u32,
     /// Service and method.
     pub route: RouteId,
 }
 
 impl Pending {
+    /// The caller's flags ([`zrpc_proto::flags`]).
+    pub fn call_flags(&self) -> u32 {
+        self.flags & !REDELIVERED
+    }
+
+    /// Marks the call's current delivery as a re-delivery (see
+    /// [`was_redelivered`](Self::was_redelivered)).
+    pub fn mark_redelivered(&mut self) {
+        self.flags |= REDELIVERED;
+    }
+
+    /// Whether the instance that has the call now got it as a re-delivery:
+    /// an instance had it before and disconnected, so it may have run,
+    /// whatever the instance that has it now (the NATS bridge, say)
+    /// answers.
+    pub fn was_redelivered(&self) -> bool {
+        self.flags & REDELIVERED != 0
+    }
+
     /// Where the call is.
     pub fn stage(&self) -> Stage {
         match self.target {
@@ -254,7 +278,7 @@ impl PendingCalls {
             timer,
             target: 0,
             started_us,
-            flags: call.flags,
+            flags: call.flags & !REDELIVERED,
             route,
         });
         let hash = caller_hash(call.caller, call.caller_call);
