@@ -1670,6 +1670,10 @@ fn a_message_with_a_non_utf8_reply_subject_does_not_cut_the_bridge_off_nats() {
     });
     assert!(across, "host A's echo is no longer reachable from host B");
     assert!(
+        bridge_stat(h.a.dir(), "clients_replaced") >= 1,
+        "host A's NATS client did not die: the message tested nothing"
+    );
+    assert!(
         matches!(h.a.proc.child.try_wait(), Ok(None)),
         "host A's zrpcd exited"
     );

@@ -190,7 +190,8 @@ async fn run(
         let shared = shared.clone();
         async move {
             let backoff = zrpc_io::Backoff::default();
-            nats::heal(&shared.nats, &shared.config, backoff).await
+            let replaced = &shared.counters.clients_replaced;
+            nats::heal(&shared.nats, &shared.config, backoff, replaced).await
         }
     });
     let _stop_heal = AbortOnDrop(heal.abort_handle());

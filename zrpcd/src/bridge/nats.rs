@@ -19,6 +19,7 @@
 //! a cancel that met a dead client is published once more on the next
 //! ([`Nats::publish`]).
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use async_nats::client::{FlushError, PublishError, PublishErrorKind};
@@ -186,9 +187,15 @@ pub(super) async fn connect(config: &BridgeConfig) -> Result<async_nats::Client,
 }
 
 /// Keeps the bridge's NATS client alive: whenever the current one's
-/// connection task has ended, connects a new one after `backoff`. Runs
-/// until dropped (on the current `LocalSet`).
-pub(super) async fn heal(nats: &Nats, config: &BridgeConfig, backoff: Backoff) {
+/// connection task has ended, connects a new one after `backoff`, and
+/// counts it in `replaced`. Runs until dropped (on the current
+/// `LocalSet`).
+pub(super) async fn heal(
+    nats: &Nats,
+    config: &BridgeConfig,
+    backoff: Backoff,
+    replaced: &Cell<u64>,
+) {
     let mut retry = Retry::default();
     loop {
         let Generation { client, number, .. } = nats.current();
@@ -220,6 +227,7 @@ pub(super) async fn heal(nats: &Nats, config: &BridgeConfig, backoff: Backoff) {
             match made {
                 Ok(client) => {
                     let number = nats.replace(client);
+                    replaced.set(replaced.get() + 1);
                     tracing::info!(client = number, "the NATS bridge has a new NATS client");
                     break;
                 }
@@ -318,6 +326,7 @@ mod tests {
         let (url, clients) = fake_server(1).await;
         let config = config(&url);
         let nats = Nats::new(connect(&config).await.expect("a client"));
+        let replaced = Cell::new(0);
         let local = tokio::task::LocalSet::new();
         let flushed = local
             .run_until(async {
@@ -326,7 +335,7 @@ mod tests {
                     next.flush().await
                 };
                 tokio::select! {
-                    _ = heal(&nats, &config, Backoff::default()) => unreachable!("heal returned"),
+                    _ = heal(&nats, &config, Backoff::default(), &replaced) => unreachable!("heal returned"),
                     r = tokio::time::timeout(Duration::from_secs(10), flushed) => r,
                 }
             })
@@ -337,6 +346,7 @@ mod tests {
         assert_eq!((current.number, current.alive), (2, true));
         assert!(nats.connected());
         assert_eq!(clients.load(Ordering::SeqCst), 2);
+        assert_eq!(replaced.get(), 1);
     }
 
     /// CPU time of the calling thread (the runtime's, with async-nats's
@@ -359,6 +369,7 @@ mod tests {
         let (url, clients) = fake_server(usize::MAX).await;
         let config = config(&url);
         let nats = Nats::new(connect(&config).await.expect("a client"));
+        let replaced = Cell::new(0);
         let cpu = thread_cpu();
         // Not a wait for a condition: the time over which the clients are
         // counted.
@@ -367,7 +378,7 @@ mod tests {
         local
             .run_until(async {
                 tokio::select! {
-                    _ = heal(&nats, &config, Backoff::default()) => unreachable!("heal returned"),
+                    _ = heal(&nats, &config, Backoff::default(), &replaced) => unreachable!("heal returned"),
                     _ = tokio::time::sleep(window) => {}
                 }
             })
