@@ -1742,3 +1742,73 @@ fn a_peer_sending_such_messages_nonstop_neither_spins_zrpcd_nor_keeps_the_bridge
         "host A's zrpcd exited"
     );
 }
+
+/// Host B's client dies with an imported call in flight (a peer that
+/// sees B's requests sends such a message to B's reply inbox): B's bridge
+/// sends the request again on its new client, which joins the call
+/// running on host A (the repeated-call key), and the caller gets its
+/// answer; the call ran once.
+#[test]
+fn an_imported_call_whose_nats_client_died_is_sent_again_and_runs_once() {
+    let Some(h) = start_hosts(&[]) else {
+        return;
+    };
+    let mut peer = Peer::connect(&h);
+    peer.nats
+        .subscribe("zrpc.svc.echo", WAIT)
+        .expect("subscribe to echo's requests");
+    let key = 0x4ea1;
+    let call = record_in_background(&h, key, 1_500, Duration::from_secs(10));
+    let inbox = loop {
+        match peer.nats.next_message(WAIT).expect("read from NATS") {
+            Some(m) if m.subject == "zrpc.svc.echo" => break m.reply,
+            Some(_) => {}
+            None => panic!("host B's request never came"),
+        }
+    };
+    let inbox = inbox.expect("host B's request has a reply subject");
+    let mut poison = format!("PUB {inbox} _INBOX.").into_bytes();
+    poison.extend_from_slice(b"\xff\xfe 0\r\n\r\n");
+    peer.send(&poison);
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert_eq!(
+        result.ok(),
+        Some((key, 1)),
+        "the call did not get its answer"
+    );
+    assert_eq!(
+        bridge_stat(h.b.dir(), "clients_replaced"),
+        1,
+        "host B's NATS client did not die"
+    );
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+}
+
+/// Host A's client dies with an exported call running (such a message
+/// on echo's subject): the call's reply goes out on A's new client, and
+/// the caller on host B gets it.
+#[test]
+fn an_exported_call_running_when_the_nats_client_died_is_answered() {
+    let Some(h) = start_hosts(&[]) else {
+        return;
+    };
+    let mut peer = Peer::connect(&h);
+    let key = 0x4ea2;
+    let call = record_in_background(&h, key, 1_500, Duration::from_secs(10));
+    wait_started(&h);
+    peer.send(b"PUB zrpc.svc.echo _INBOX.\xff\xfe 0\r\n\r\n");
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert_eq!(
+        result.ok(),
+        Some((key, 1)),
+        "the call did not get its answer"
+    );
+    assert_eq!(
+        bridge_stat(h.a.dir(), "clients_replaced"),
+        1,
+        "host A's NATS client did not die"
+    );
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+}

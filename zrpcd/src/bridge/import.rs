@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use zrpc_proto::{flags, Envelope, ErrorCode};
 
+use super::nats::REPLACEMENT_WAIT;
 use super::{
     header, too_large, Shared, H_CALLER, H_CODE, H_EPOCH, H_MESSAGE, H_METHOD, H_ORIGIN, H_REQUEST,
     H_TIMEOUT_MS,
@@ -148,12 +149,8 @@ async fn request(
             .headers(headers)
             .payload(call.payload.clone())
             .timeout(remaining);
-        let e = match shared
-            .nats
-            .client()
-            .send_request(subject.clone(), request)
-            .await
-        {
+        let nats = shared.nats.current();
+        let e = match nats.client.send_request(subject.clone(), request).await {
             Ok(msg) => {
                 let headers = msg.headers.as_ref();
                 let code = header(headers, H_CODE)
@@ -199,10 +196,26 @@ async fn request(
                     call.service
                 ),
             ),
-            RequestErrorKind::Other => (
-                ErrorCode::ServiceGone,
-                format!("the NATS request to {subject} failed: {e}"),
-            ),
+            // The request's channel or its answer's went: its client's
+            // connection task ended (nothing else fails a request so). Sent
+            // again on the next client, within the deadline, with the same
+            // identity: the exporting bridge's repeated-call key makes that
+            // at most once, and a cancel still names it.
+            RequestErrorKind::Other => {
+                let wait = remaining.map_or(REPLACEMENT_WAIT, |r| {
+                    r.saturating_sub(MARGIN).min(REPLACEMENT_WAIT)
+                });
+                if let Ok(Some(_)) =
+                    tokio::time::timeout(wait, shared.nats.replaced(nats.number)).await
+                {
+                    tracing::debug!(service = %call.service, request_no, "sent again on the NATS bridge's new client");
+                    continue;
+                }
+                (
+                    ErrorCode::ServiceGone,
+                    format!("the NATS request to {subject} failed: {e}"),
+                )
+            }
         };
         return (Some(code), message, Bytes::new());
     }

@@ -15,9 +15,10 @@
 //! ms doubling to 1 s, started over once a client lived 1 s), so a peer
 //! sending such messages nonstop costs about one new client a second.
 //! Users take the current client each time ([`Nats::client`]): the export
-//! side subscribes again on a new one ([`Nats::changes`]), and a reply or
-//! a cancel that met a dead client is published once more on the next
-//! ([`Nats::publish`]).
+//! side subscribes again on a new one ([`Nats::changes`]); a reply or a
+//! cancel that met a dead client is published once more on the next
+//! ([`Nats::publish`]); an imported call whose request met one is sent
+//! again (module `import`).
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -33,8 +34,8 @@ use super::{BridgeConfig, BridgeError};
 /// How often [`heal`] checks that the client's connection task still runs.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How long a reply or a cancel that met a dead client waits for the
-/// next one (it comes within about 1.4 s: the
+/// How long a reply, a cancel or an imported call's request that met a
+/// dead client waits for the next one (it comes within about 1.4 s: the
 /// probe, the backoff's cap and its jitter).
 pub(super) const REPLACEMENT_WAIT: Duration = Duration::from_secs(5);
 
