@@ -102,13 +102,15 @@ fn render(st: &Value) -> String {
             &mut rows,
             "bridged (NATS)",
             format!(
-                "{} imported ({} errors), {} exported ({} errors), {} cancels sent, {} received",
+                "{} imported ({} errors), {} exported ({} errors), {} cancels sent, {} received, \
+                 {} NATS clients replaced",
                 u(b, "imported"),
                 u(b, "imported_errors"),
                 u(b, "exported"),
                 u(b, "exported_errors"),
                 u(b, "cancels_sent"),
-                u(b, "cancels_received")
+                u(b, "cancels_received"),
+                u(b, "clients_replaced")
             ),
         );
     }

@@ -287,6 +287,7 @@ fn bridge_stats(v: &View<'_>) -> Option<(&'static str, Value)> {
                 ("exported_errors", Value::from(c.exported_errors.get())),
                 ("cancels_sent", Value::from(c.cancels_sent.get())),
                 ("cancels_received", Value::from(c.cancels_received.get())),
+                ("clients_replaced", Value::from(c.clients_replaced.get())),
             ]),
         ));
     }

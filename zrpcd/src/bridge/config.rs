@@ -166,6 +166,12 @@ impl BridgeConfig {
         Ok(config)
     }
 
+    /// The configuration in `text`, if valid (for other modules' tests).
+    #[cfg(test)]
+    pub(super) fn from_text(text: &str) -> Option<BridgeConfig> {
+        Self::parse(text).ok()
+    }
+
     fn parse(text: &str) -> Result<BridgeConfig, ParseError> {
         let file: File = toml::from_str(text).map_err(|e| ParseError::Toml(Box::new(e)))?;
         let host_id = match file.host_id {

@@ -18,15 +18,22 @@ use super::{header, reply_headers, too_large, AbortOnDrop, Shared, H_CALLER, H_M
 use super::{H_EPOCH, H_TIMEOUT_MS, MAX_ID_LEN, SYNC_INTERVAL};
 use crate::broker::bridged::BridgeCounters;
 
-/// Every [`SYNC_INTERVAL`]: subscribes the exported names a local service
-/// holds and unsubscribes those no longer held; registers the imported
-/// names nobody holds.
+/// Every [`SYNC_INTERVAL`], and at once when the bridge has a new NATS
+/// client: subscribes the exported names a local service holds and
+/// unsubscribes those no longer held; registers the imported names nobody
+/// holds.
 pub(super) async fn sync_loop(shared: Rc<Shared>) {
     let mut subs: BTreeMap<String, AbortOnDrop> = BTreeMap::new();
+    // The number of the NATS client `subs` are on.
+    let mut subs_client = shared.nats.current().number;
+    let mut changes = shared.nats.changes();
     let mut tick = tokio::time::interval(SYNC_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Ok(()) = changes.changed() => {}
+        }
         let Some(answer) = shared
             .link
             .call(zrpc_proto::BROKER_SERVICE, "list", Some(5_000), &[])
@@ -42,6 +49,19 @@ pub(super) async fn sync_loop(shared: Rc<Shared>) {
             tracing::warn!("the bridge cannot read the broker's zrpcd.list answer");
             continue;
         };
+        // A dead client's subscriptions are gone with it: all are made
+        // again on the new one.
+        let nats = shared.nats.current();
+        if nats.number != subs_client {
+            if !subs.is_empty() {
+                tracing::info!(
+                    client = nats.number,
+                    "exporting again on the NATS bridge's new client"
+                );
+            }
+            subs.clear();
+            subs_client = nats.number;
+        }
         let own = shared.link.conn_id();
         let served: BTreeSet<&str> = held
             .iter()
@@ -58,17 +78,18 @@ pub(super) async fn sync_loop(shared: Rc<Shared>) {
             keep
         });
         for name in served {
-            if subs.contains_key(name) {
+            // On a dead client, until the next one.
+            if subs.contains_key(name) || !nats.alive {
                 continue;
             }
             let subject = shared.config.subject(name);
             let subscribed = async {
-                let calls = shared
-                    .nats
+                let calls = nats
+                    .client
                     .queue_subscribe(subject.clone(), shared.config.queue_group(name))
                     .await?;
-                let cancels = shared
-                    .nats
+                let cancels = nats
+                    .client
                     .subscribe(shared.config.cancel_subject(name))
                     .await?;
                 Ok::<_, async_nats::SubscribeError>((calls, cancels))
@@ -92,7 +113,7 @@ pub(super) async fn sync_loop(shared: Rc<Shared>) {
         // Imported names are taken only while NATS is reachable: a call
         // to one waits (within its deadline) for the bridge to connect,
         // e.g. a call resubmitted just after this broker restarted.
-        let connected = shared.nats.connection_state() == async_nats::connection::State::Connected;
+        let connected = shared.nats.connected();
         for name in shared.config.imported_names() {
             if !connected || held.contains_key(name) {
                 continue;
@@ -259,18 +280,23 @@ async fn answer(shared: Rc<Shared>, name: String, msg: async_nats::Message) {
                 "the exporting broker's bridge stopped".to_owned(),
             )
         });
-    let (code, message, payload) =
-        match too_large(&shared.nats, answer.payload.len(), "the reply's value") {
-            Some(m) => (Some(ErrorCode::LimitExceeded), m, bytes::Bytes::new()),
-            None => (answer.code, answer.message, answer.payload),
-        };
+    let (code, message, payload) = match too_large(
+        &shared.nats.client(),
+        answer.payload.len(),
+        "the reply's value",
+    ) {
+        Some(m) => (Some(ErrorCode::LimitExceeded), m, bytes::Bytes::new()),
+        None => (answer.code, answer.message, answer.payload),
+    };
     BridgeCounters::bump(&shared.counters.exported);
     if code.is_some() {
         BridgeCounters::bump(&shared.counters.exported_errors);
     }
+    // On the current client, which may be newer than the one the request
+    // came on: the reply subject is the requester's.
     if let Err(e) = shared
         .nats
-        .publish_with_headers(reply, reply_headers(code, &message), payload)
+        .publish(reply, || reply_headers(code, &message), payload)
         .await
     {
         tracing::warn!(service = %name, error = %e, "cannot send a reply on NATS");

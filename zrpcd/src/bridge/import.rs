@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use zrpc_proto::{flags, Envelope, ErrorCode};
 
+use super::nats::REPLACEMENT_WAIT;
 use super::{
     header, too_large, Shared, H_CALLER, H_CODE, H_EPOCH, H_MESSAGE, H_METHOD, H_ORIGIN, H_REQUEST,
     H_TIMEOUT_MS,
@@ -66,16 +67,15 @@ pub(super) fn cancel(shared: &Rc<Shared>, id: u64) {
     BridgeCounters::bump(&shared.counters.cancels_sent);
     let shared = shared.clone();
     tokio::task::spawn_local(async move {
-        let mut headers = HeaderMap::new();
-        headers.insert(H_ORIGIN, shared.config.host_id.as_str());
-        headers.insert(H_EPOCH, shared.epoch.as_str());
-        headers.insert(H_REQUEST, call.request.to_string().as_str());
-        let subject = shared.config.cancel_subject(&call.service);
-        if let Err(e) = shared
-            .nats
-            .publish_with_headers(subject, headers, Bytes::new())
-            .await
-        {
+        let headers = || {
+            let mut headers = HeaderMap::new();
+            headers.insert(H_ORIGIN, shared.config.host_id.as_str());
+            headers.insert(H_EPOCH, shared.epoch.as_str());
+            headers.insert(H_REQUEST, call.request.to_string().as_str());
+            headers
+        };
+        let subject = shared.config.cancel_subject(&call.service).into();
+        if let Err(e) = shared.nats.publish(subject, headers, Bytes::new()).await {
             tracing::debug!(error = %e, "cannot send a cancel message on NATS");
         }
     });
@@ -113,9 +113,10 @@ async fn request(
     request_no: u64,
 ) -> (Option<ErrorCode>, String, Bytes) {
     let subject = shared.config.subject(&call.service);
-    // Not connected (NATS down, or refusing the credentials): fail now
-    // rather than wait out the deadline for a reconnection.
-    if shared.nats.connection_state() != async_nats::connection::State::Connected {
+    // Not connected (NATS down, refusing the credentials, or the client
+    // died and the next one is not there yet): fail now rather than wait
+    // out the deadline for a reconnection.
+    if !shared.nats.connected() {
         return (
             Some(ErrorCode::ServiceGone),
             format!(
@@ -126,7 +127,7 @@ async fn request(
             Bytes::new(),
         );
     }
-    if let Some(message) = too_large(&shared.nats, call.payload.len(), "the arguments") {
+    if let Some(message) = too_large(&shared.nats.client(), call.payload.len(), "the arguments") {
         return (Some(ErrorCode::LimitExceeded), message, Bytes::new());
     }
     let deadline = call
@@ -148,7 +149,8 @@ async fn request(
             .headers(headers)
             .payload(call.payload.clone())
             .timeout(remaining);
-        let e = match shared.nats.send_request(subject.clone(), request).await {
+        let nats = shared.nats.current();
+        let e = match nats.client.send_request(subject.clone(), request).await {
             Ok(msg) => {
                 let headers = msg.headers.as_ref();
                 let code = header(headers, H_CODE)
@@ -194,10 +196,26 @@ async fn request(
                     call.service
                 ),
             ),
-            RequestErrorKind::Other => (
-                ErrorCode::ServiceGone,
-                format!("the NATS request to {subject} failed: {e}"),
-            ),
+            // The request's channel or its answer's went: its client's
+            // connection task ended (nothing else fails a request so). Sent
+            // again on the next client, within the deadline, with the same
+            // identity: the exporting bridge's repeated-call key makes that
+            // at most once, and a cancel still names it.
+            RequestErrorKind::Other => {
+                let wait = remaining.map_or(REPLACEMENT_WAIT, |r| {
+                    r.saturating_sub(MARGIN).min(REPLACEMENT_WAIT)
+                });
+                if let Ok(Some(_)) =
+                    tokio::time::timeout(wait, shared.nats.replaced(nats.number)).await
+                {
+                    tracing::debug!(service = %call.service, request_no, "sent again on the NATS bridge's new client");
+                    continue;
+                }
+                (
+                    ErrorCode::ServiceGone,
+                    format!("the NATS request to {subject} failed: {e}"),
+                )
+            }
         };
         return (Some(code), message, Bytes::new());
     }

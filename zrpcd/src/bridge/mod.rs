@@ -6,7 +6,8 @@
 //! ([`crate::conn::admit_as`]) and runs the bridge on the other end, where
 //! it speaks the ordinary protocol (module `link`). The broker's call path is
 //! untouched. Module `export` offers locally served names on NATS; `import`
-//! holds imported names and forwards their calls to NATS.
+//! holds imported names and forwards their calls to NATS; `nats` holds the
+//! NATS client and makes a new one when async-nats's connection task dies.
 
 mod cancels;
 mod config;
@@ -14,6 +15,7 @@ mod dedupe;
 mod export;
 mod import;
 mod link;
+mod nats;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -94,7 +96,8 @@ impl Drop for Bridge {
 /// Everything the bridge's tasks share.
 struct Shared {
     config: BridgeConfig,
-    nats: async_nats::Client,
+    /// The current NATS client (a new one after one died).
+    nats: nats::Nats,
     link: Link,
     /// Imported calls in flight, by the broker's id: aborted on `Cancel`.
     imports: RefCell<rustc_hash::FxHashMap<u64, import::InFlight>>,
@@ -148,53 +151,12 @@ pub fn start(broker: &Rc<RefCell<Broker>>, config: BridgeConfig) -> std::io::Res
     Ok(Bridge { task })
 }
 
-async fn connect(config: &BridgeConfig) -> Result<async_nats::Client, BridgeError> {
-    let mut opts = async_nats::ConnectOptions::new()
-        .name(format!("zrpcd-bridge {}", config.host_id))
-        .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("the bridge is connected to NATS"),
-                async_nats::Event::Closed => {
-                    tracing::info!("the bridge's NATS connection is closed")
-                }
-                // Authorization errors come from the server.
-                async_nats::Event::ServerError(_) => tracing::error!(
-                    %event,
-                    "the NATS server refused the bridge: check [nats] in the bridge configuration"
-                ),
-                _ => tracing::warn!(%event, "NATS bridge"),
-            }
-        });
-    if let Some((user, password)) = &config.user_password {
-        opts = opts.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(token) = &config.token {
-        opts = opts.token(token.clone());
-    }
-    if config.tls_required {
-        opts = opts.require_tls(true);
-    }
-    if let Some(ca) = &config.root_certificates {
-        opts = opts.add_root_certificates(ca.clone());
-    }
-    if let Some((cert, key)) = &config.client_cert {
-        opts = opts.add_client_certificate(cert.clone(), key.clone());
-    }
-    opts.connect(config.servers.as_slice())
-        .await
-        .map_err(|source| BridgeError::Connect {
-            servers: config.servers.join(","),
-            source,
-        })
-}
-
 async fn run(
     config: BridgeConfig,
     stream: tokio::net::UnixStream,
     counters: Rc<BridgeCounters>,
 ) -> Result<(), BridgeError> {
-    let nats = connect(&config).await?;
+    let nats = nats::Nats::new(nats::connect(&config).await?);
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::task::spawn_local(link::writer(wr, rx));
@@ -224,6 +186,15 @@ async fn run(
     );
     let sync = tokio::task::spawn_local(export::sync_loop(shared.clone()));
     let _stop_sync = AbortOnDrop(sync.abort_handle());
+    let heal = tokio::task::spawn_local({
+        let shared = shared.clone();
+        async move {
+            let backoff = zrpc_io::Backoff::default();
+            let replaced = &shared.counters.clients_replaced;
+            nats::heal(&shared.nats, &shared.config, backoff, replaced).await
+        }
+    });
+    let _stop_heal = AbortOnDrop(heal.abort_handle());
     let decoder = FrameDecoder::new(u32::MAX);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {

@@ -28,6 +28,9 @@ pub struct BridgeCounters {
     pub cancels_sent: Cell<u64>,
     /// Cancel messages that cancelled a call here.
     pub cancels_received: Cell<u64>,
+    /// New NATS clients made because the previous one died (its
+    /// connection task ended: async-nats panicked).
+    pub clients_replaced: Cell<u64>,
     /// The flags of calls delivered to the bridge, by broker id (a
     /// `Request` does not carry them), taken by the bridge when the
     /// `Request` arrives.
