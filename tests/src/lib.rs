@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod fuse;
 pub mod nats;
 pub mod raw;
 pub mod typed;

@@ -4,20 +4,65 @@
 //! A payload descriptor must be a sealed memfd (docs/protocol.md), and
 //! closing a memfd never waits. Closing other files can: the last close of
 //! a TCP socket with `SO_LINGER` and unacknowledged data waits up to the
-//! linger time, a file on a FUSE mount waits for its daemon. A peer that
-//! passes the broker such a descriptor and then closes its own copy would
-//! make the broker's close the last one, on its only thread: every user's
-//! calls would stop. So every received descriptor that is not a memfd is
-//! handed, as soon as it is read, to a thread of its own that closes it,
-//! a socket's linger turned off first (an abortive close, which does not
-//! wait). The connection that sent it gets `Fatal{Protocol}` if it
-//! negotiated descriptors (and its descriptors are closed unread if not).
+//! linger time, and every close of a file on a FUSE mount waits for its
+//! daemon's answer to `FLUSH` (forever, if a hostile user's daemon never
+//! answers: the wait cannot be interrupted). A peer that passes the broker
+//! such a descriptor would stall its only thread: every user's calls would
+//! stop. So every received descriptor that is not a memfd is handed, as
+//! soon as it is read, to a closing thread, which closes it, a socket's
+//! linger turned off first (an abortive close, which does not wait). The
+//! connection that sent it gets `Fatal{Protocol}` if it negotiated
+//! descriptors (and its descriptors are closed unread if not).
+//!
+//! A close that never returns keeps its descriptor, and every one queued
+//! behind it, open in the broker. So each uid has a closing thread of its
+//! own, started when it has descriptors to close and ending when it has
+//! none (one user's stuck close delays no other user's), and the
+//! descriptors waiting for their close are counted per uid and in all
+//! ([`waiting`]): the broker counts them in the sender's `fds` quota and
+//! in `--max-fds`, and refuses a user whose waiting descriptors fill its
+//! quota (`crate::broker::Broker::over_closing_limits`). The threads are as
+//! many as the uids with descriptors waiting, each of which counts in
+//! `--max-fds`.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 
 use zrpc_io::fdpass::FdQueue;
+
+/// Stack of a closing thread: it only calls setsockopt and close.
+const CLOSER_STACK: usize = 64 * 1024;
+
+/// One uid's descriptors waiting for their close.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Not yet taken by the uid's closing thread.
+    fds: VecDeque<OwnedFd>,
+    /// `fds` and the one being closed, if any.
+    waiting: usize,
+    /// Whether the uid's closing thread runs (it takes every descriptor
+    /// pushed while it does).
+    running: bool,
+}
+
+/// Every uid's queue (a uid is in the map while it has descriptors
+/// waiting), and their total.
+#[derive(Debug)]
+struct Closing {
+    by_uid: BTreeMap<u32, Queue>,
+    total: usize,
+}
+
+static CLOSING: Mutex<Closing> = Mutex::new(Closing {
+    by_uid: BTreeMap::new(),
+    total: 0,
+});
+
+/// The closing state (held briefly, never across a close).
+fn closing() -> MutexGuard<'static, Closing> {
+    CLOSING.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Whether `fd` is a memfd (`F_GET_SEALS` fails on anything else).
 fn is_memfd(fd: &OwnedFd) -> bool {
@@ -27,8 +72,9 @@ fn is_memfd(fd: &OwnedFd) -> bool {
 }
 
 /// Moves every descriptor of `fds[from..]` that is not a memfd to the
-/// closing thread, keeping the others in order; returns how many it moved.
-pub fn sort_out(fds: &mut FdQueue, from: usize) -> usize {
+/// closing thread of `uid`, the uid that sent them, keeping the others in
+/// order; returns how many it moved.
+pub fn sort_out(fds: &mut FdQueue, from: usize, uid: u32) -> usize {
     if fds.len() <= from || fds.iter().skip(from).all(is_memfd) {
         return 0;
     }
@@ -38,42 +84,66 @@ pub fn sort_out(fds: &mut FdQueue, from: usize) -> usize {
         if is_memfd(&fd) {
             fds.push_back(fd);
         } else {
-            close_later(fd);
+            close_later(uid, fd);
             moved += 1;
         }
     }
     moved
 }
 
-/// Closes `fd` on the closing thread (or here, its linger turned off, if
-/// that thread cannot be started).
-pub fn close_later(fd: OwnedFd) {
-    static TX: OnceLock<Option<Mutex<Sender<OwnedFd>>>> = OnceLock::new();
-    let tx = TX.get_or_init(|| {
-        let (tx, rx) = channel::<OwnedFd>();
-        let started = std::thread::Builder::new()
-            .name("zrpcd-closer".into())
-            .spawn(move || {
-                for fd in rx {
-                    close_now(fd);
-                }
-            });
-        match started {
-            Ok(_) => Some(Mutex::new(tx)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start the descriptor-closing thread");
-                None
-            }
+/// Descriptors sent by `uid` that wait for their close (queued or being
+/// closed), and those of every uid: `(uid's, all)`.
+pub fn waiting(uid: u32) -> (usize, usize) {
+    let c = closing();
+    (c.by_uid.get(&uid).map_or(0, |q| q.waiting), c.total)
+}
+
+/// Closes `fd`, sent by `uid`, on the closing thread of `uid` (started if
+/// it is not running). Never closes it here: if no thread can be started,
+/// it waits, counted, for the next call to start one.
+pub fn close_later(uid: u32, fd: OwnedFd) {
+    let mut c = closing();
+    c.total += 1;
+    let q = c.by_uid.entry(uid).or_default();
+    q.waiting += 1;
+    q.fds.push_back(fd);
+    if q.running {
+        return;
+    }
+    let started = std::thread::Builder::new()
+        .name(format!("zrpcd-closer-{uid}"))
+        .stack_size(CLOSER_STACK)
+        .spawn(move || close_all(uid));
+    match started {
+        Ok(_) => q.running = true,
+        Err(e) => tracing::warn!(
+            uid,
+            error = %e,
+            waiting = q.waiting,
+            "cannot start a descriptor-closing thread; its descriptors wait for the next try"
+        ),
+    }
+}
+
+/// The closing thread of `uid`: closes its descriptors in order until
+/// none is left, then ends (the uid leaves the map under the same lock,
+/// so a descriptor pushed later starts a new thread).
+fn close_all(uid: u32) {
+    let mut c = closing();
+    loop {
+        let next = c.by_uid.get_mut(&uid).and_then(|q| q.fds.pop_front());
+        let Some(fd) = next else {
+            c.by_uid.remove(&uid);
+            return;
+        };
+        drop(c);
+        close_now(fd);
+        c = closing();
+        c.total -= 1;
+        if let Some(q) = c.by_uid.get_mut(&uid) {
+            q.waiting -= 1;
         }
-    });
-    let fd = match tx {
-        Some(tx) => match tx.lock().unwrap_or_else(|e| e.into_inner()).send(fd) {
-            Ok(()) => return,
-            Err(e) => e.0,
-        },
-        None => fd,
-    };
-    close_now(fd);
+    }
 }
 
 /// Closes `fd`, a socket's linger turned off first.
@@ -102,6 +172,10 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
+    /// A uid no other test of this process uses (the closing state is
+    /// process-wide).
+    const UID: u32 = 4_000_000_001;
+
     #[test]
     fn only_memfds_stay() {
         let memfd = || -> OwnedFd {
@@ -118,9 +192,19 @@ mod tests {
             .into_iter()
             .collect();
         // Only from index 1 on: the first is kept whatever it is.
-        assert_eq!(sort_out(&mut fds, 1), 2);
+        assert_eq!(sort_out(&mut fds, 1, UID), 2);
         assert_eq!(fds.len(), 2);
         assert!(fds.iter().all(is_memfd));
-        assert_eq!(sort_out(&mut fds, 0), 0);
+        assert_eq!(sort_out(&mut fds, 0, UID), 0);
+        // Both closed, on the uid's thread, which then ends: nothing of
+        // the uid is left waiting.
+        let start = std::time::Instant::now();
+        while waiting(UID).0 != 0 || closing().by_uid.contains_key(&UID) {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "descriptors still waiting for their close"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }

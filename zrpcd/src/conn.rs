@@ -144,7 +144,16 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, conn: Admitted) {
         id,
     };
     let writer = tokio::task::spawn_local(write_loop(io.clone()));
-    let reason = read_loop(&broker, &io, id, rd, decoder, Instant::now() + handshake).await;
+    let reason = read_loop(
+        &broker,
+        &io,
+        id,
+        creds.uid,
+        rd,
+        decoder,
+        Instant::now() + handshake,
+    )
+    .await;
     tracing::debug!(peer = id, pid = creds.pid, %reason, "connection closed");
     drop(teardown);
     let _ = writer.await;
@@ -185,6 +194,7 @@ async fn read_loop(
     broker: &RefCell<Broker>,
     io: &PeerIo,
     id: PeerId,
+    uid: u32,
     rd: Rc<AsyncFd<std::os::unix::net::UnixStream>>,
     mut decoder: FrameDecoder,
     hello_deadline: Instant,
@@ -216,7 +226,7 @@ async fn read_loop(
         // Anything but a memfd is closed off this thread, whatever the
         // read's outcome: its close may block (see `crate::closer`). The
         // descriptors left here are memfds, which may be dropped anywhere.
-        let foreign = crate::closer::sort_out(&mut fds, had_fds);
+        let foreign = crate::closer::sort_out(&mut fds, had_fds, uid);
         let read_bytes = match read {
             Ok(0) => return "end of stream".into(),
             Ok(n) => n,
@@ -232,6 +242,20 @@ async fn read_loop(
             }
             Err(e) => return format!("read error: {e}"),
         };
+        // Descriptors waiting for their close (some closes block) count
+        // against their sender: past its quota, it is disconnected, and
+        // refused at accept until they are closed (`admit`).
+        let over = (foreign > 0)
+            .then(|| broker.borrow().over_closing_limits(uid))
+            .flatten();
+        if let Some(message) = over {
+            let fatal = Fatal {
+                code: ErrorCode::LimitExceeded,
+                message,
+            };
+            broker.borrow_mut().close_with(id, &fatal);
+            return fatal.message;
+        }
         if foreign > 0 && decoder.accepts_fds() {
             let fatal = Fatal::protocol("a payload descriptor that is not a memfd");
             broker.borrow_mut().close_with(id, &fatal);

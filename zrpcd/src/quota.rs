@@ -27,7 +27,8 @@ pub struct Quota {
     /// Bytes queued towards the user's connections, unread.
     pub queued_bytes: usize,
     /// Payload descriptors (sealed memfds) the broker holds for the
-    /// user's connections.
+    /// user's connections, with the other descriptors the user sent that
+    /// wait for their close ([`crate::closer`]).
     pub fds: usize,
 }
 

@@ -22,6 +22,12 @@
 //! zrpc-test-peer fd-call --service S [--count N]
 //!     -> N NO_WAIT calls whose argument is a payload descriptor, sent at
 //!        once; their results as `call` prints them
+//! zrpc-test-peer junk-fd --path P [--count N] [--per-conn M] [--plain]
+//!     -> on each of N connections: Hello (offering payload descriptors
+//!        unless --plain), then M pings each sent with a fresh descriptor
+//!        of P attached, all at once; then one line: "pong K" (all
+//!        answered, the descriptors closed unread), "fatal <code> <message>"
+//!        or "fatal closed"; "unsent" first if a send failed
 //! ```
 //!
 //! The socket directory comes from `ZRPC_SOCKET_DIR`.
@@ -100,6 +106,19 @@ enum Cmd {
         service: String,
         #[arg(long, default_value_t = 1)]
         count: u64,
+    },
+    /// Descriptors that are not payloads (PATH opened anew for each),
+    /// sent on COUNT connections, PER_CONN pings each.
+    JunkFd {
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        per_conn: u64,
+        /// Do not offer payload descriptors in Hello.
+        #[arg(long)]
+        plain: bool,
     },
     /// Register a name and serve it.
     Register {
@@ -232,8 +251,66 @@ fn fd_hog(count: u64) {
     }
 }
 
+/// `junk-fd`: see the module docs.
+fn junk_fd(path: &str, count: usize, per_conn: u64, plain: bool) {
+    use std::os::fd::AsRawFd;
+    let dir = zrpc_proto::resolve_socket_dir(None);
+    let caps = if plain {
+        0
+    } else {
+        zrpc_proto::caps::FD_PAYLOADS
+    };
+    for _ in 0..count {
+        let mut r = Raw::connect(&dir);
+        // Everything at once, before any answer: a connection the broker
+        // refuses at accept has the descriptors in its socket unread.
+        let mut out = bytes::BytesMut::new();
+        let hello = Envelope::Hello {
+            version: zrpc_proto::PROTOCOL_VERSION,
+            instance: (1 << 34) | u64::from(std::process::id()),
+            agent: "junk",
+            caps,
+        };
+        zrpc_proto::encode_frame(&mut out, &hello, b"");
+        let mut sent_all = std::io::Write::write_all(&mut r.s, &out).is_ok();
+        for nonce in 1..=per_conn {
+            let file = std::fs::File::open(path).expect("open the junk file");
+            let mut ping = bytes::BytesMut::new();
+            zrpc_proto::encode_frame(&mut ping, &Envelope::Ping { nonce }, b"");
+            let fds = [file.as_raw_fd()];
+            sent_all &= zrpc_io::fdpass::send_with_fds(r.s.as_raw_fd(), &[&ping], &fds).is_ok();
+        }
+        if !sent_all {
+            say("unsent");
+        }
+        let mut pongs = 0;
+        let line = loop {
+            let Some(f) = r.recv_frame() else {
+                break "fatal closed".to_string();
+            };
+            match f.decode() {
+                Ok(Envelope::Pong { .. }) => {
+                    pongs += 1;
+                    if pongs == per_conn {
+                        break format!("pong {pongs}");
+                    }
+                }
+                Ok(Envelope::Fatal { code, message }) => break format!("fatal {code} {message}"),
+                _ => {}
+            }
+        };
+        say(&line);
+    }
+}
+
 fn main() {
     match Cmd::parse() {
+        Cmd::JunkFd {
+            path,
+            count,
+            per_conn,
+            plain,
+        } => junk_fd(&path, count, per_conn, plain),
         Cmd::FdHog { count } => fd_hog(count),
         Cmd::FdCall { service, count } => {
             let mut r = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);

@@ -110,18 +110,43 @@ impl Broker {
     }
 
     /// Why `n` more descriptors held for `user` would pass `--max-fds` or
-    /// its `fds` quota by more than `slack`, if they would.
+    /// its `fds` quota by more than `slack`, if they would. Counted with
+    /// those held: the descriptors waiting for their close
+    /// ([`crate::closer`]).
     fn over_fd_limits(&self, user: &crate::quota::Usage, n: usize, slack: usize) -> Option<String> {
-        if self.fds_total.get() + n > self.config.max_fds + slack {
+        let (closing, closing_total) = crate::closer::waiting(user.uid());
+        let total = self.fds_total.get() + closing_total;
+        if total + n > self.config.max_fds + slack {
             Some(format!(
-                "zrpcd already holds {} payload descriptors, the limit (--max-fds)",
-                self.fds_total.get()
+                "zrpcd already holds {total} descriptors ({closing_total} of them waiting for their close), the limit (--max-fds)"
             ))
-        } else if user.limited() && user.fds() + n > self.quota.fds + slack {
+        } else if user.limited() && user.fds() + closing + n > self.quota.fds + slack {
             Some(format!(
-                "uid {} already has {} payload descriptors held by zrpcd, its per-user quota (fds in [quota] of the policy)",
+                "uid {} already has {} descriptors held by zrpcd ({closing} of them waiting for their close), its per-user quota (fds in [quota] of the policy)",
                 user.uid(),
-                user.fds()
+                user.fds() + closing
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Why `uid` may not connect or send more descriptors, if descriptors
+    /// it sent that are not payloads, waiting for a close that blocks
+    /// ([`crate::closer`]), fill its `fds` quota, or all users' fill
+    /// `--max-fds`. Not for root, which is trusted.
+    pub fn over_closing_limits(&self, uid: u32) -> Option<String> {
+        if uid == 0 {
+            return None;
+        }
+        let (mine, all) = crate::closer::waiting(uid);
+        if all >= self.config.max_fds {
+            Some(format!(
+                "zrpcd has {all} descriptors sent to it that wait for their close (not memfds, a close that blocks), the limit (--max-fds)"
+            ))
+        } else if mine >= self.quota.fds {
+            Some(format!(
+                "uid {uid} sent zrpcd {mine} descriptors that wait for their close (not memfds, a close that blocks), its per-user quota (fds in [quota] of the policy)"
             ))
         } else {
             None

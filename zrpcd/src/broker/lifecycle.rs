@@ -31,7 +31,9 @@ impl Broker {
     }
 
     /// Why a new connection of `uid` is refused, if the broker is at its
-    /// connection limit or the user at its quota.
+    /// connection limit, or the user at its connection quota or with
+    /// descriptors waiting for their close past its `fds` quota
+    /// ([`Broker::over_closing_limits`]).
     pub fn refuse_connection(&self, uid: u32) -> Option<String> {
         let max = self.config.max_connections;
         if self.peers.len() >= max {
@@ -40,6 +42,7 @@ impl Broker {
             ));
         }
         self.over_connection_quota(uid)
+            .or_else(|| self.over_closing_limits(uid))
     }
 
     /// Why a new connection of `uid` is refused, if its user is at the

@@ -1,0 +1,211 @@
+//! Descriptors whose close(2) never returns, against the real `zrpcd`: a
+//! file on a FUSE mount whose daemon never answers the `FLUSH` that
+//! closing it sends (a hostile user's daemon, here [`StuckFs`] in the
+//! test process). The broker closes descriptors that are not payloads off
+//! its event loop (zrpcd/src/closer.rs); these tests show that such closes
+//! cannot make it hold descriptors without bound, nor delay another user's.
+//! Not as root, or without `/dev/fuse`, each test says it was skipped and
+//! why.
+
+use std::os::unix::process::CommandExt;
+
+use zrpc_io::fdpass::MAX_FDS_PER_MSG;
+use zrpc_tests::fuse::StuckFs;
+use zrpc_tests::{wait_registered, wait_until, Broker, Proc, WAIT};
+
+/// The hostile user, and another one.
+const HOSTILE: u32 = 65534;
+const VICTIM: u32 = 65533;
+
+fn skipped(test: &str, why: &str) {
+    let bar = "!".repeat(72);
+    eprintln!("\n{bar}\n!!! SKIPPED {test}: {why}\n{bar}\n");
+}
+
+/// `zrpc-test-peer ARGS` as uid `uid` (gid the same), against `b`.
+fn as_uid(b: &Broker, uid: u32, args: &[&str]) -> Proc {
+    let mut c = b.command("zrpc-test-peer");
+    c.args(args).uid(uid).gid(uid);
+    Proc::spawn("zrpc-test-peer", c)
+}
+
+/// Runs `zrpc-test-peer ARGS` as `uid` to completion: its output lines.
+fn run_as(b: &Broker, uid: u32, args: &[&str]) -> Vec<String> {
+    let (status, out) = as_uid(b, uid, args).output(WAIT);
+    assert!(status.is_some(), "zrpc-test-peer {args:?} did not finish");
+    out.lines().map(str::to_string).collect()
+}
+
+/// One user's descriptors whose close blocks (one stuck FUSE close, then
+/// junk descriptors over many connections, with and without payload
+/// descriptors negotiated) count against that user's `fds` quota while
+/// they wait for their close: past it, the user's connections are refused
+/// (`LimitExceeded`), so the broker's open descriptors stay bounded. A
+/// descriptor left unread in a refused connection's socket is dropped by
+/// the kernel without a `FLUSH`. Another user's junk is closed at once
+/// (not behind the stuck close), and its calls are served. Before, one
+/// closing thread served everyone: after the stuck close, every later
+/// junk descriptor stayed open in the broker, counted nowhere (about one
+/// more open descriptor per junk descriptor, up to `RLIMIT_NOFILE`).
+#[test]
+fn descriptors_whose_close_blocks_are_bounded_per_user() {
+    const TEST: &str = "descriptors_whose_close_blocks_are_bounded_per_user";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(
+            TEST,
+            "needs root to mount a FUSE file system and switch uids",
+        );
+    }
+    // --max-fds 256: a user's fds quota is 64. Declared before the mount,
+    // so dropped after it: the mount's end ends the broker's blocked close,
+    // and only then can the broker be killed and reaped.
+    let b = Broker::start_with(&["--max-fds", "256"]);
+    let fs = match StuckFs::mount() {
+        Ok(fs) => fs,
+        Err(e) => return skipped(TEST, &e.0),
+    };
+    let pid = b.proc.pid();
+    fs.block_flushes_of(pid as u32);
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let stuck = fs.file().display().to_string();
+    let null = "/dev/null";
+
+    // The hostile user's stuck close.
+    let said = run_as(&b, HOSTILE, &["junk-fd", "--path", &stuck]);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        wait_until(WAIT, || fs.blocked_closes() == 1),
+        "the broker never closed the FUSE file ({said:?})"
+    );
+    let baseline = open();
+
+    // Then junk descriptors: 100 on one connection that did not negotiate
+    // payload descriptors (closed unread, the connection stays), then one
+    // each on 200 connections that did (each gets `Fatal{Protocol}`); the
+    // open count after each batch.
+    let quota = 64;
+    let bound = baseline + quota + MAX_FDS_PER_MSG;
+    let mut trend = vec![baseline];
+    let plain = run_as(
+        &b,
+        HOSTILE,
+        &["junk-fd", "--path", null, "--plain", "--per-conn", "100"],
+    );
+    trend.push(open());
+    let mut lines = Vec::new();
+    for _ in 0..4 {
+        lines.extend(run_as(
+            &b,
+            HOSTILE,
+            &["junk-fd", "--path", null, "--count", "50"],
+        ));
+        trend.push(open());
+    }
+    eprintln!("{TEST}: the broker's open descriptors, from the stuck close on: {trend:?}");
+    assert!(
+        wait_until(WAIT, || open() <= bound),
+        "the broker holds {} descriptors, more than {bound} (trend {trend:?}): one user's junk \
+         descriptors, waiting behind a close that blocks, are not bounded",
+        open()
+    );
+    assert!(
+        plain
+            .last()
+            .is_some_and(|l| l.starts_with("fatal limit_exceeded")),
+        "a connection without payload descriptors kept sending junk: {plain:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.starts_with("fatal limit_exceeded") || l.contains("uid 65534"))
+            && lines
+                .last()
+                .is_some_and(|l| l.starts_with("fatal limit_exceeded")),
+        "the user is not refused: {lines:?}"
+    );
+
+    // Refused at accept with the FUSE file unread in its socket: the
+    // kernel drops it without a FLUSH (a close on the event loop would wait
+    // for it, and the calls below would never be answered).
+    let said = run_as(&b, HOSTILE, &["junk-fd", "--path", &stuck]);
+    eprintln!("{TEST}: the FUSE file on a refused connection: {said:?}");
+    assert!(
+        said.last()
+            .is_some_and(|l| l.starts_with("fatal limit_exceeded")),
+        "{said:?}"
+    );
+
+    // Another user: its junk is closed (not queued behind the stuck
+    // close), and it is served.
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let before = open();
+    let said = run_as(&b, VICTIM, &["junk-fd", "--path", null, "--count", "20"]);
+    assert!(
+        said.iter().all(|l| !l.contains("limit_exceeded")),
+        "{said:?}"
+    );
+    assert!(
+        wait_until(WAIT, || open() <= before),
+        "another user's junk descriptors wait behind the stuck close: {} open, {before} before",
+        open()
+    );
+    let said = run_as(
+        &b,
+        VICTIM,
+        &["call", "--service", "echo", "--method", "echo"],
+    );
+    assert_eq!(said, ["result ok c0"], "another user is not served");
+    assert_eq!(
+        fs.blocked_closes(),
+        1,
+        "the broker closed a FUSE file more than once"
+    );
+}
+
+/// What the broker's refusals rely on: a file in flight (`SCM_RIGHTS`) in
+/// a socket closed unread is dropped by the kernel without a `FLUSH` (its
+/// last reference goes through fput, not close(2)), so closing such a
+/// socket does not wait for a FUSE daemon. The sockets are closed on a
+/// thread of its own, waited for with a bound.
+#[test]
+fn a_file_left_unread_in_a_closed_socket_is_dropped_without_a_flush() {
+    const TEST: &str = "a_file_left_unread_in_a_closed_socket_is_dropped_without_a_flush";
+    use std::os::fd::AsRawFd;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(TEST, "needs root to mount a FUSE file system");
+    }
+    let fs = match StuckFs::mount() {
+        Ok(fs) => fs,
+        Err(e) => return skipped(TEST, &e.0),
+    };
+    let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+    {
+        // Our own copy is closed (and flushed) before flushes block.
+        let file = std::fs::File::open(fs.file()).expect("open the FUSE file");
+        let n = zrpc_io::fdpass::send_with_fds(a.as_raw_fd(), &[b"x"], &[file.as_raw_fd()])
+            .expect("sendmsg");
+        assert_eq!(n, 1);
+    }
+    fs.block_flushes_of(std::process::id());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let closer = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            drop(b);
+            drop(a);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let closed = wait_until(WAIT, || done.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(fs.blocked_closes(), 0, "closing the socket sent a FLUSH");
+    assert!(
+        closed,
+        "closing a socket with a FUSE file unread in it blocked"
+    );
+    // (If it blocked, unmounting the file system ends the wait.)
+    drop(fs);
+    closer.join().expect("closer thread");
+}
