@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::UnixListener;
@@ -67,6 +67,7 @@ pub async fn run(
     // deadlines or heartbeats.
     // The connection tasks, so that shutdown can wait for their writers.
     let mut conns = tokio::task::JoinSet::new();
+    let mut refusals = RefusalLog::default();
     let failed = loop {
         tokio::select! {
             // Reaped as they end (a finished task's slot is freed).
@@ -81,7 +82,9 @@ pub async fn run(
                     Ok(admitted) => {
                         conns.spawn_local(conn::serve(broker.clone(), admitted));
                     }
-                    Err(conn::Refused::Limit(stream, msg)) => refuse(&broker, stream, &msg),
+                    Err(conn::Refused::Limit(stream, msg)) => {
+                        refuse(&broker, stream, &msg, &mut refusals, Instant::now())
+                    }
                     Err(conn::Refused::Broken) => {}
                 },
                 Err(e) => {
@@ -156,10 +159,53 @@ fn reload_policy(broker: &RefCell<Broker>) {
     }
 }
 
-fn refuse(broker: &RefCell<Broker>, stream: tokio::net::UnixStream, msg: &str) {
+/// Connections refused at accept are logged at warn at most once per this
+/// interval, the others at debug: a user reconnecting in a loop past a
+/// quota must not flood the log (journald would then drop other lines of
+/// zrpcd's). `zrpcd.stats` counts them all (`connections_refused`).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// When a refusal was last logged at warn, and how many were not since.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last_warn: Option<Instant>,
+    quiet: u64,
+}
+
+impl RefusalLog {
+    /// Whether a refusal at `now` is logged at warn; if so, also how many
+    /// were logged at debug only since the last one.
+    fn warn_now(&mut self, now: Instant) -> Option<u64> {
+        match self.last_warn {
+            Some(t) if now.saturating_duration_since(t) < REFUSAL_LOG_EVERY => {
+                self.quiet += 1;
+                None
+            }
+            _ => {
+                self.last_warn = Some(now);
+                Some(std::mem::take(&mut self.quiet))
+            }
+        }
+    }
+}
+
+fn refuse(
+    broker: &RefCell<Broker>,
+    stream: tokio::net::UnixStream,
+    msg: &str,
+    log: &mut RefusalLog,
+    now: Instant,
+) {
     let mut b = broker.borrow_mut();
     b.stats.connections_refused += 1;
-    tracing::warn!(message = msg, "connection refused");
+    match log.warn_now(now) {
+        Some(0) => tracing::warn!(message = msg, "connection refused"),
+        Some(quiet) => tracing::warn!(
+            message = msg,
+            "connection refused ({quiet} more refused since the last such warning, logged at debug level)"
+        ),
+        None => tracing::debug!(message = msg, "connection refused"),
+    }
     let mut out = BytesMut::new();
     encode_frame(
         &mut out,
@@ -287,5 +333,24 @@ async fn timer_loop(broker: Rc<RefCell<Broker>>) {
         let mut b = broker.borrow_mut();
         b.on_timeout(id);
         b.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_warn_at_most_once_per_interval() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.warn_now(t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(log.warn_now(t0 + Duration::from_millis(i)), None);
+        }
+        let later = t0 + REFUSAL_LOG_EVERY;
+        assert_eq!(log.warn_now(later), Some(5));
+        assert_eq!(log.warn_now(later + Duration::from_millis(1)), None);
+        assert_eq!(log.warn_now(later + REFUSAL_LOG_EVERY), Some(1));
     }
 }
