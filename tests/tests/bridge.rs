@@ -1818,19 +1818,7 @@ fn an_imported_call_whose_nats_client_died_is_sent_again_and_runs_once() {
     let mut poison = format!("PUB {inbox} _INBOX.").into_bytes();
     poison.extend_from_slice(b"\xff\xfe 0\r\n\r\n");
     peer.send(&poison);
-    let (result, took) = call.join().expect("the calling thread");
-    eprintln!("the call's outcome: {result:?} after {took:?}");
-    assert_eq!(
-        result.ok(),
-        Some((key, 1)),
-        "the call did not get its answer"
-    );
-    assert_eq!(
-        bridge_stat(h.b.dir(), "clients_replaced"),
-        1,
-        "host B's NATS client did not die"
-    );
-    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+    answered_once_across_a_replaced_client(&h, call, key, h.b.dir(), "B");
 }
 
 /// Host A's client dies with an exported call running (such a message
@@ -1846,6 +1834,18 @@ fn an_exported_call_running_when_the_nats_client_died_is_answered() {
     let call = record_in_background(&h, key, 1_500, Duration::from_secs(10));
     wait_started(&h);
     peer.send(b"PUB zrpc.svc.echo _INBOX.\xff\xfe 0\r\n\r\n");
+    answered_once_across_a_replaced_client(&h, call, key, h.a.dir(), "A");
+}
+
+/// The call `call` (tagged `key`) got its answer, ran once on host A, and
+/// host `host`'s NATS client (broker in `dir`) was replaced once.
+fn answered_once_across_a_replaced_client(
+    h: &Hosts,
+    call: std::thread::JoinHandle<Outcome>,
+    key: u64,
+    dir: &std::path::Path,
+    host: &str,
+) {
     let (result, took) = call.join().expect("the calling thread");
     eprintln!("the call's outcome: {result:?} after {took:?}");
     assert_eq!(
@@ -1854,9 +1854,9 @@ fn an_exported_call_running_when_the_nats_client_died_is_answered() {
         "the call did not get its answer"
     );
     assert_eq!(
-        bridge_stat(h.a.dir(), "clients_replaced"),
+        bridge_stat(dir, "clients_replaced"),
         1,
-        "host A's NATS client did not die"
+        "host {host}'s NATS client did not die"
     );
-    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+    assert_eq!(executions_on_a(h, key), 1, "executed twice");
 }
