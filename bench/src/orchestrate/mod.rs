@@ -514,13 +514,14 @@ pub fn main(a: &Args) -> i32 {
     } else {
         let m = machine();
         println!(
-            "zrpc-bench ({} mode, {:.0} s) on {} cores, {}, kernel {}, cpuidle {}",
+            "zrpc-bench ({} mode, {:.0} s) on {} cores, {}, kernel {}, cpuidle {}, shmem huge pages {}",
             if quick { "quick" } else { "full" },
             elapsed,
             m["nproc"],
             m["cpu"].as_str().unwrap_or("?"),
             m["kernel"].as_str().unwrap_or("?"),
             m["cpuidle"].as_str().unwrap_or("?"),
+            m["shmem_huge"].as_str().unwrap_or("?"),
         );
         println!(
             "guard: a run is clean when other processes used < {} cores during it",
@@ -560,7 +561,16 @@ fn machine() -> Json {
         (Some(d), None) => d,
         _ => "?".into(),
     };
-    json!({ "cpu": cpu, "kernel": kernel, "nproc": nproc, "cpuidle": idle })
+    // Whether fresh memfds get large folios: the large_* rows depend on it
+    // ("With shmem huge pages" in docs/performance.md). The file lists
+    // every mode, the one in force in brackets.
+    let shmem_huge = read("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .and_then(|s| {
+            let (_, rest) = s.split_once('[')?;
+            Some(rest.split_once(']')?.0.to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    json!({ "cpu": cpu, "kernel": kernel, "nproc": nproc, "cpuidle": idle, "shmem_huge": shmem_huge })
 }
 
 fn wait_service(dir: &Path, name: &str) -> Result<(), String> {
