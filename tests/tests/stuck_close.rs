@@ -209,3 +209,82 @@ fn a_file_left_unread_in_a_closed_socket_is_dropped_without_a_flush() {
     drop(fs);
     closer.join().expect("closer thread");
 }
+
+/// The quota is checked when descriptors are read, not only after: a
+/// user's connections admitted while it was under its quota cannot each
+/// bring one more message of descriptors once it is full. The hostile
+/// user, with its stuck close, greets 16 connections first (all admitted:
+/// one descriptor waits), then sends 32 junk descriptors on each in one
+/// message. The broker may take the message that fills the quota (one
+/// message's worth past it, as elsewhere), and no more: before, each
+/// connection's message was read (its descriptors queued behind the stuck
+/// close) before the connection was refused, 1 + 16 x 32 descriptors in
+/// all, whatever the quota of 64.
+#[test]
+fn connections_admitted_under_the_quota_cannot_each_add_a_message_past_it() {
+    const TEST: &str = "connections_admitted_under_the_quota_cannot_each_add_a_message_past_it";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(
+            TEST,
+            "needs root to mount a FUSE file system and switch uids",
+        );
+    }
+    // --max-fds 256: a user's fds quota is 64 (see the test above for the
+    // order of the declarations).
+    let b = Broker::start_with(&["--max-fds", "256"]);
+    let fs = match StuckFs::mount() {
+        Ok(fs) => fs,
+        Err(e) => return skipped(TEST, &e.0),
+    };
+    let pid = b.proc.pid();
+    fs.block_flushes_of(pid as u32);
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let stuck = fs.file().display().to_string();
+
+    let said = run_as(&b, HOSTILE, &["junk-fd", "--path", &stuck]);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        wait_until(WAIT, || fs.blocked_closes() == 1),
+        "the broker never closed the FUSE file ({said:?})"
+    );
+    let baseline = open();
+    let quota = 64;
+    let bound = baseline + quota + MAX_FDS_PER_MSG;
+    let per_conn = MAX_FDS_PER_MSG.to_string();
+    let lines = run_as(
+        &b,
+        HOSTILE,
+        &[
+            "junk-together",
+            "--path",
+            "/dev/null",
+            "--count",
+            "16",
+            "--per-conn",
+            &per_conn,
+        ],
+    );
+    eprintln!("{TEST}: {lines:?}");
+    // The peer is gone: its connections' sockets are closed by now or soon.
+    assert!(
+        wait_until(WAIT, || open() <= bound),
+        "the broker holds {} descriptors, more than {bound} (baseline {baseline}): \
+         connections admitted before the quota filled each added a message of \
+         descriptors past it",
+        open()
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("fatal limit_exceeded"))
+            .count()
+            >= 14,
+        "the user is not refused: {lines:?}"
+    );
+    assert_eq!(
+        fs.blocked_closes(),
+        1,
+        "the broker closed a FUSE file more than once"
+    );
+}
