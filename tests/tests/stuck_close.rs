@@ -288,3 +288,108 @@ fn connections_admitted_under_the_quota_cannot_each_add_a_message_past_it() {
         "the broker closed a FUSE file more than once"
     );
 }
+
+/// A pids cgroup holding one process, whose task limit the test sets (v1
+/// hierarchy at /sys/fs/cgroup/pids, or v2 with the pids controller).
+/// On drop: the limit lifted, the process moved back, the cgroup removed.
+struct PidsCgroup {
+    dir: std::path::PathBuf,
+    parent: std::path::PathBuf,
+    pid: i32,
+}
+
+impl PidsCgroup {
+    /// Moves `pid` into a new pids cgroup, or says why it cannot.
+    fn new(pid: i32) -> Result<PidsCgroup, String> {
+        let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+        let v2 = std::path::Path::new("/sys/fs/cgroup");
+        let parent = if v1.join("cgroup.procs").exists() {
+            v1.to_path_buf()
+        } else if std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "pids"))
+        {
+            v2.to_path_buf()
+        } else {
+            return Err("no pids cgroup controller to limit zrpcd's threads".into());
+        };
+        let dir = parent.join(format!("zrpc-test-{}-{pid}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let cg = PidsCgroup { dir, parent, pid };
+        std::fs::write(cg.dir.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| format!("cannot move zrpcd into {}: {e}", cg.dir.display()))?;
+        Ok(cg)
+    }
+
+    /// No new task (thread) may start in the cgroup.
+    fn freeze_tasks(&self) {
+        let current = std::fs::read_to_string(self.dir.join("pids.current")).expect("pids.current");
+        std::fs::write(self.dir.join("pids.max"), current.trim()).expect("pids.max");
+    }
+
+    /// Tasks may start again.
+    fn lift(&self) {
+        let _ = std::fs::write(self.dir.join("pids.max"), "max");
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        self.lift();
+        let _ = std::fs::write(self.parent.join("cgroup.procs"), self.pid.to_string());
+        // Empty once the process moved out (or exited): bounded retries.
+        wait_until(WAIT, || std::fs::remove_dir(&self.dir).is_ok());
+    }
+}
+
+/// A closing thread that could not be started (no task left to zrpcd: a
+/// pids limit, threads-max, memory) is started later by itself, not only
+/// when the same user sends another descriptor: the descriptors it would
+/// have closed are closed once threads can start again, and their count in
+/// the user's quota and in --max-fds is released. Before, they stayed open
+/// and counted until that user sent zrpcd another descriptor that is not a
+/// memfd (never, for a user refused at its quota: refused for good).
+#[test]
+fn descriptors_whose_closing_thread_could_not_start_are_closed_later() {
+    const TEST: &str = "descriptors_whose_closing_thread_could_not_start_are_closed_later";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(TEST, "needs root to limit zrpcd's tasks and switch uids");
+    }
+    let b = Broker::start();
+    let pid = b.proc.pid();
+    let cg = match PidsCgroup::new(pid) {
+        Ok(cg) => cg,
+        Err(why) => return skipped(TEST, &why),
+    };
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let baseline = open();
+    cg.freeze_tasks();
+    let said = run_as(
+        &b,
+        HOSTILE,
+        &[
+            "junk-fd",
+            "--path",
+            "/dev/null",
+            "--plain",
+            "--per-conn",
+            "3",
+        ],
+    );
+    assert_eq!(said, ["pong 3"], "the junk was not taken");
+    // Its connection is gone; the 3 descriptors are queued, no thread to
+    // close them.
+    assert!(
+        wait_until(WAIT, || open() == baseline + 3),
+        "expected the 3 junk descriptors held while no thread can start: {} open, {baseline} before",
+        open()
+    );
+    cg.lift();
+    assert!(
+        wait_until(WAIT, || open() <= baseline),
+        "the junk descriptors are still open ({} open, {baseline} before) once threads can \
+         start again: nothing retried their closing thread",
+        open()
+    );
+    drop(cg);
+}
