@@ -1792,12 +1792,12 @@ fn a_peer_sending_such_messages_nonstop_neither_spins_zrpcd_nor_keeps_the_bridge
 }
 
 /// Host B's client dies with an imported call in flight (a peer that
-/// sees B's requests sends such a message to B's reply inbox): B's bridge
-/// sends the request again on its new client, which joins the call
-/// running on host A (the repeated-call key), and the caller gets its
-/// answer; the call ran once.
+/// sees B's requests sends such a message to B's reply inbox): the
+/// request was sent, so the call may have run (here it runs on host A),
+/// and it is not sent again (see the next test for why): the caller gets
+/// `ServiceGone` at once, and the call ran once.
 #[test]
-fn an_imported_call_whose_nats_client_died_is_sent_again_and_runs_once() {
+fn an_imported_call_whose_nats_client_died_after_sending_it_is_service_gone_and_runs_once() {
     let Some(h) = start_hosts(&[]) else {
         return;
     };
@@ -1820,17 +1820,94 @@ fn an_imported_call_whose_nats_client_died_is_sent_again_and_runs_once() {
     peer.send(&poison);
     let (result, took) = call.join().expect("the calling thread");
     eprintln!("the call's outcome: {result:?} after {took:?}");
-    assert_eq!(
-        result.ok(),
-        Some((key, 1)),
-        "the call did not get its answer"
+    assert!(
+        matches!(result, Err(Error::ServiceGone { .. })),
+        "expected ServiceGone (the call may have run), got {result:?}"
     );
-    assert_eq!(
-        bridge_stat(h.b.dir(), "clients_replaced"),
-        1,
+    assert!(
+        took < Duration::from_millis(1_500),
+        "ServiceGone came after {took:?}, not at once"
+    );
+    assert!(
+        wait_until(WAIT, || bridge_stat(h.b.dir(), "clients_replaced") == 1),
         "host B's NATS client did not die"
     );
     assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+}
+
+/// Two hosts export echo: host A, and host C played by hand (a raw NATS
+/// connection in echo's queue group that notes the requests NATS gives it
+/// and answers none; a real host would run them). Host B's NATS client
+/// dies after it sent a call's request (a non-UTF-8 message on its reply
+/// inbox, as above). The call may have run on whichever host NATS gave it
+/// to, so it must not be sent again: a request sent again goes to the
+/// queue group anew, to either host, and the other host's bridge has no
+/// memory of the first (the repeated-call key is per exporting host), so
+/// the call would run on two hosts. Before, the bridge sent it again
+/// whenever its client died (1 round in 2 put the call on both hosts);
+/// now the caller gets `ServiceGone` (may have run), the same as for a
+/// local instance that disconnected. Several rounds, each one call.
+#[test]
+fn an_imported_call_whose_nats_client_died_after_sending_it_reaches_one_host_at_most() {
+    let Some(h) = start_hosts(&[]) else {
+        return;
+    };
+    // Every request to echo, whichever host NATS gives it to: B's reply
+    // inbox and the call's key.
+    let mut watcher = Peer::connect(&h);
+    watcher
+        .nats
+        .subscribe("zrpc.svc.echo", WAIT)
+        .expect("subscribe to echo's requests");
+    let mut host_c = RawNats::connect(&h.nats_url, WAIT).expect("connect to nats-server");
+    host_c
+        .send(b"SUB zrpc.svc.echo zrpc.q.echo 1\r\n", WAIT)
+        .expect("join echo's queue group");
+    let mut seen = std::collections::BTreeSet::new();
+    for round in 0..6u64 {
+        let key = 0x5ec0 + round;
+        let call = record_in_background(&h, key, 800, Duration::from_secs(3));
+        let (inbox, caller) = loop {
+            match watcher.nats.next_message(WAIT).expect("read from NATS") {
+                Some(m) if m.subject == "zrpc.svc.echo" => {
+                    let caller = m.header("Zrpc-Caller").unwrap_or_default().to_owned();
+                    if seen.insert(caller.clone()) {
+                        break (m.reply.expect("a reply subject"), caller);
+                    }
+                }
+                Some(_) => {}
+                None => panic!("host B's request never came"),
+            }
+        };
+        let mut poison = format!("PUB {inbox} _INBOX.").into_bytes();
+        poison.extend_from_slice(b"\xff\xfe 0\r\n\r\n");
+        watcher.send(&poison);
+        let (result, took) = call.join().expect("the calling thread");
+        // What NATS gave host C of this call (by now, or within a little
+        // more: a request sent again came before the call's outcome).
+        let mut on_c = 0;
+        while let Some(m) = host_c
+            .next_message(Duration::from_millis(300))
+            .expect("read from NATS")
+        {
+            if m.header("Zrpc-Caller") == Some(caller.as_str()) {
+                on_c += 1;
+            }
+        }
+        let on_a = executions_on_a(&h, key);
+        eprintln!("round {round}: {result:?} after {took:?}; ran on A {on_a} times, given to C {on_c} times");
+        assert!(
+            on_a.min(1) + on_c.min(1) <= 1,
+            "round {round}: the call reached two hosts (A ran it {on_a} times, C was given it \
+             {on_c} times): sent again after the client died ({result:?})"
+        );
+        assert!(on_a <= 1, "round {round}: executed twice on A");
+        match result {
+            Ok(_) => {}
+            Err(Error::ServiceGone { .. }) => {}
+            other => panic!("round {round}: expected the answer or ServiceGone, got {other:?}"),
+        }
+    }
 }
 
 /// Host A's client dies with an exported call running (such a message
