@@ -393,3 +393,33 @@ fn descriptors_whose_closing_thread_could_not_start_are_closed_later() {
     );
     drop(cg);
 }
+
+/// An `fds` quota of 0 (`[quota] fds = 0`), or `--max-fds 0`, leaves users
+/// no payload descriptors; it does not refuse their connections, since
+/// nothing of theirs waits for its close. Before, the closing limits
+/// (`mine >= quota`, `all >= --max-fds`) held with nothing waiting, so
+/// every connection of every user but root was refused at accept.
+#[test]
+fn a_zero_fds_limit_does_not_refuse_connections() {
+    const TEST: &str = "a_zero_fds_limit_does_not_refuse_connections";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(TEST, "needs root to switch uids");
+    }
+    let dir = zrpc_tests::TempDir::new();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "[quota]\nfds = 0\n").expect("write the policy");
+    let policy = policy.display().to_string();
+    for args in [&["--policy", policy.as_str()][..], &["--max-fds", "0"][..]] {
+        let b = Broker::start_with(args);
+        let said = run_as(
+            &b,
+            HOSTILE,
+            &["call", "--service", "zrpcd", "--method", "ping"],
+        );
+        assert!(
+            said.first().is_some_and(|l| l.starts_with("result ok")),
+            "zrpcd {args:?}: a user's call: {said:?}"
+        );
+    }
+}

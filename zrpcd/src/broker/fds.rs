@@ -134,17 +134,19 @@ impl Broker {
     /// Why `uid` may not connect or send more descriptors, if descriptors
     /// it sent that are not payloads, waiting for a close that blocks
     /// ([`crate::closer`]), fill its `fds` quota, or all users' fill
-    /// `--max-fds`. Not for root, which is trusted.
+    /// `--max-fds`. Not for root, which is trusted. A limit of 0 (no
+    /// payload descriptors) counts as 1 here: nothing waiting never fills
+    /// it, so users still connect.
     pub fn over_closing_limits(&self, uid: u32) -> Option<String> {
         if uid == 0 {
             return None;
         }
         let (mine, all) = crate::closer::waiting(uid);
-        if all >= self.config.max_fds {
+        if all >= self.config.max_fds.max(1) {
             Some(format!(
                 "zrpcd has {all} descriptors sent to it that wait for their close (not memfds, a close that blocks), the limit (--max-fds)"
             ))
-        } else if mine >= self.quota.fds {
+        } else if mine >= self.quota.fds.max(1) {
             Some(format!(
                 "uid {uid} sent zrpcd {mine} descriptors that wait for their close (not memfds, a close that blocks), its per-user quota (fds in [quota] of the policy)"
             ))
