@@ -1835,6 +1835,32 @@ fn an_imported_call_whose_nats_client_died_after_sending_it_is_service_gone_and_
     assert_eq!(executions_on_a(&h, key), 1, "executed twice");
 }
 
+/// How long a call from host B may take to appear on NATS.
+const REQUEST_BOUND: Duration = Duration::from_secs(3);
+
+/// The next request to echo's method `method` that `watcher` sees whose
+/// `Zrpc-Caller` is not in `seen` (then added): its reply subject and that
+/// key; None if none within `bound`.
+fn next_request(
+    watcher: &mut Peer,
+    seen: &mut std::collections::BTreeSet<String>,
+    method: &str,
+    bound: Duration,
+) -> Option<(String, String)> {
+    let deadline = Instant::now() + bound;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let m = watcher.nats.next_message(left).expect("read from NATS")?;
+        if m.subject != "zrpc.svc.echo" || m.header("Zrpc-Method") != Some(method) {
+            continue;
+        }
+        let caller = m.header("Zrpc-Caller").unwrap_or_default().to_owned();
+        if seen.insert(caller.clone()) {
+            return Some((m.reply.expect("a reply subject"), caller));
+        }
+    }
+}
+
 /// Two hosts export echo: host A, and host C played by hand (a raw NATS
 /// connection in echo's queue group that notes the requests NATS gives it
 /// and answers none; a real host would run them). Host B's NATS client
@@ -1844,9 +1870,10 @@ fn an_imported_call_whose_nats_client_died_after_sending_it_is_service_gone_and_
 /// queue group anew, to either host, and the other host's bridge has no
 /// memory of the first (the repeated-call key is per exporting host), so
 /// the call would run on two hosts. Before, the bridge sent it again
-/// whenever its client died (1 round in 2 put the call on both hosts);
-/// now the caller gets `ServiceGone` (may have run), the same as for a
-/// local instance that disconnected. Several rounds, each one call.
+/// whenever its client died (1 round in 2 put the call on both hosts, 1
+/// in 4 gave it to C twice); now the caller gets `ServiceGone` (may have
+/// run), the same as for a local instance that disconnected. Several
+/// rounds, each one call.
 #[test]
 fn an_imported_call_whose_nats_client_died_after_sending_it_reaches_one_host_at_most() {
     let Some(h) = start_hosts(&[]) else {
@@ -1866,17 +1893,28 @@ fn an_imported_call_whose_nats_client_died_after_sending_it_reaches_one_host_at_
     let mut seen = std::collections::BTreeSet::new();
     for round in 0..6u64 {
         let key = 0x5ec0 + round;
-        let call = record_in_background(&h, key, 800, Duration::from_secs(3));
-        let (inbox, caller) = loop {
-            match watcher.nats.next_message(WAIT).expect("read from NATS") {
-                Some(m) if m.subject == "zrpc.svc.echo" => {
-                    let caller = m.header("Zrpc-Caller").unwrap_or_default().to_owned();
-                    if seen.insert(caller.clone()) {
-                        break (m.reply.expect("a reply subject"), caller);
-                    }
+        // The call, and its request as NATS carried it: its reply inbox and
+        // key. B's bridge may still be off NATS after the last round's
+        // death (a new client every 10 ms to 1 s): the call then fails at
+        // once, before any request, and is made again.
+        let mut attempts = 0;
+        let (call, inbox, caller) = loop {
+            attempts += 1;
+            assert!(
+                attempts <= 5,
+                "round {round}: host B's bridge stays off NATS"
+            );
+            let call = record_in_background(&h, key, 800, Duration::from_secs(3));
+            let sent = next_request(&mut watcher, &mut seen, "record", REQUEST_BOUND);
+            match sent {
+                Some((inbox, caller)) => break (call, inbox, caller),
+                None => {
+                    let (result, _) = call.join().expect("the calling thread");
+                    assert!(
+                        matches!(result, Err(Error::ServiceGone { .. })),
+                        "round {round}: no request on NATS, and {result:?}"
+                    );
                 }
-                Some(_) => {}
-                None => panic!("host B's request never came"),
             }
         };
         let mut poison = format!("PUB {inbox} _INBOX.").into_bytes();
@@ -1902,6 +1940,11 @@ fn an_imported_call_whose_nats_client_died_after_sending_it_reaches_one_host_at_
              {on_c} times): sent again after the client died ({result:?})"
         );
         assert!(on_a <= 1, "round {round}: executed twice on A");
+        assert!(
+            on_c <= 1,
+            "round {round}: C was given the call {on_c} times: sent again after the client \
+             died ({result:?})"
+        );
         match result {
             Ok(_) => {}
             Err(Error::ServiceGone { .. }) => {}
