@@ -423,3 +423,86 @@ fn a_zero_fds_limit_does_not_refuse_connections() {
         );
     }
 }
+
+/// When the descriptors waiting for their close fill `--max-fds` (here 4
+/// uids each with one stuck FUSE close, `--max-fds 4`), the users with
+/// none waiting still connect and are served: only the descriptors they
+/// would send are refused (the broker reads theirs with no room, so its
+/// open descriptors stay bounded). Before, every uid but root was refused
+/// at accept, whether it had anything waiting or not: four uids (one user
+/// with subordinate uids, say) locked every other user out of zrpcd for
+/// as long as their closes block.
+#[test]
+fn users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fds() {
+    const TEST: &str =
+        "users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fds";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(
+            TEST,
+            "needs root to mount a FUSE file system and switch uids",
+        );
+    }
+    let b = Broker::start_with(&["--max-fds", "4"]);
+    let fs = match StuckFs::mount() {
+        Ok(fs) => fs,
+        Err(e) => return skipped(TEST, &e.0),
+    };
+    let pid = b.proc.pid();
+    fs.block_flushes_of(pid as u32);
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let stuck = fs.file().display().to_string();
+    for (n, uid) in (65529..65533).enumerate() {
+        let said = run_as(&b, uid, &["junk-fd", "--path", &stuck]);
+        assert_eq!(said.len(), 1, "uid {uid}: {said:?}");
+        assert!(
+            wait_until(WAIT, || fs.blocked_closes() == n + 1),
+            "the broker never closed uid {uid}'s FUSE file ({said:?})"
+        );
+    }
+    // All four wait: --max-fds is full.
+    let said = run_as(
+        &b,
+        65529,
+        &["call", "--service", "zrpcd", "--method", "ping"],
+    );
+    assert!(
+        said.first()
+            .is_some_and(|l| l.starts_with("fatal limit_exceeded")),
+        "a uid with a descriptor waiting is not refused: {said:?}"
+    );
+    let said = run_as(
+        &b,
+        HOSTILE,
+        &["call", "--service", "zrpcd", "--method", "ping"],
+    );
+    assert!(
+        said.first().is_some_and(|l| l.starts_with("result ok")),
+        "a uid with nothing waiting is refused while --max-fds is full: {said:?}"
+    );
+    // Its descriptors are refused, never installed.
+    let before = open();
+    let said = run_as(
+        &b,
+        HOSTILE,
+        &[
+            "junk-fd",
+            "--path",
+            "/dev/null",
+            "--plain",
+            "--per-conn",
+            "20",
+        ],
+    );
+    assert!(
+        said.last()
+            .is_some_and(|l| l.starts_with("fatal limit_exceeded")),
+        "{said:?}"
+    );
+    assert!(
+        wait_until(WAIT, || open() <= before),
+        "the broker took descriptors past --max-fds: {} open, {before} before",
+        open()
+    );
+    assert_eq!(fs.blocked_closes(), 4);
+}

@@ -212,12 +212,12 @@ async fn read_loop(
     loop {
         let had_fds = fds.len();
         // No room for descriptors once the sender's waiting for their
-        // close fill its quota (asked at each read: another connection of
-        // the same user may have filled it meanwhile): any it sends then
-        // fail the read and are dropped by the kernel, never installed
-        // here. So at most one message's worth passes the quota.
+        // close fill its quota, or all users' fill --max-fds (asked at
+        // each read: another connection may have filled them meanwhile):
+        // any it sends then fail the read and are dropped by the kernel,
+        // never installed here. So at most one message's worth passes.
         let fd_room = || {
-            if broker.borrow().over_closing_limits(uid).is_some() {
+            if broker.borrow().refuses_fds_from(uid).is_some() {
                 0
             } else {
                 MAX_FDS_PER_MSG
@@ -248,7 +248,7 @@ async fn read_loop(
                 // more (see `fd_room`), or there were too many at once.
                 let message = broker
                     .borrow()
-                    .over_closing_limits(uid)
+                    .refuses_fds_from(uid)
                     .unwrap_or_else(|| format!("{e}; send at most {MAX_FDS_PER_MSG} at once"));
                 let fatal = Fatal {
                     code: ErrorCode::LimitExceeded,
