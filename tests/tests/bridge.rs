@@ -1792,12 +1792,12 @@ fn a_peer_sending_such_messages_nonstop_neither_spins_zrpcd_nor_keeps_the_bridge
 }
 
 /// Host B's client dies with an imported call in flight (a peer that
-/// sees B's requests sends such a message to B's reply inbox): B's bridge
-/// sends the request again on its new client, which joins the call
-/// running on host A (the repeated-call key), and the caller gets its
-/// answer; the call ran once.
+/// sees B's requests sends such a message to B's reply inbox): the
+/// request was sent, so the call may have run (here it runs on host A),
+/// and it is not sent again (see the next test for why): the caller gets
+/// `ServiceGone` at once, and the call ran once.
 #[test]
-fn an_imported_call_whose_nats_client_died_is_sent_again_and_runs_once() {
+fn an_imported_call_whose_nats_client_died_after_sending_it_is_service_gone_and_runs_once() {
     let Some(h) = start_hosts(&[]) else {
         return;
     };
@@ -1818,7 +1818,139 @@ fn an_imported_call_whose_nats_client_died_is_sent_again_and_runs_once() {
     let mut poison = format!("PUB {inbox} _INBOX.").into_bytes();
     poison.extend_from_slice(b"\xff\xfe 0\r\n\r\n");
     peer.send(&poison);
-    answered_once_across_a_replaced_client(&h, call, key, h.b.dir(), "B");
+    let (result, took) = call.join().expect("the calling thread");
+    eprintln!("the call's outcome: {result:?} after {took:?}");
+    assert!(
+        matches!(result, Err(Error::ServiceGone { .. })),
+        "expected ServiceGone (the call may have run), got {result:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1_500),
+        "ServiceGone came after {took:?}, not at once"
+    );
+    assert!(
+        wait_until(WAIT, || bridge_stat(h.b.dir(), "clients_replaced") == 1),
+        "host B's NATS client did not die"
+    );
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
+}
+
+/// How long a call from host B may take to appear on NATS.
+const REQUEST_BOUND: Duration = Duration::from_secs(3);
+
+/// The next request to echo's method `method` that `watcher` sees whose
+/// `Zrpc-Caller` is not in `seen` (then added): its reply subject and that
+/// key; None if none within `bound`.
+fn next_request(
+    watcher: &mut Peer,
+    seen: &mut std::collections::BTreeSet<String>,
+    method: &str,
+    bound: Duration,
+) -> Option<(String, String)> {
+    let deadline = Instant::now() + bound;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let m = watcher.nats.next_message(left).expect("read from NATS")?;
+        if m.subject != "zrpc.svc.echo" || m.header("Zrpc-Method") != Some(method) {
+            continue;
+        }
+        let caller = m.header("Zrpc-Caller").unwrap_or_default().to_owned();
+        if seen.insert(caller.clone()) {
+            return Some((m.reply.expect("a reply subject"), caller));
+        }
+    }
+}
+
+/// Two hosts export echo: host A, and host C played by hand (a raw NATS
+/// connection in echo's queue group that notes the requests NATS gives it
+/// and answers none; a real host would run them). Host B's NATS client
+/// dies after it sent a call's request (a non-UTF-8 message on its reply
+/// inbox, as above). The call may have run on whichever host NATS gave it
+/// to, so it must not be sent again: a request sent again goes to the
+/// queue group anew, to either host, and the other host's bridge has no
+/// memory of the first (the repeated-call key is per exporting host), so
+/// the call would run on two hosts. Before, the bridge sent it again
+/// whenever its client died (1 round in 2 put the call on both hosts, 1
+/// in 4 gave it to C twice); now the caller gets `ServiceGone` (may have
+/// run), the same as for a local instance that disconnected. Several
+/// rounds, each one call.
+#[test]
+fn an_imported_call_whose_nats_client_died_after_sending_it_reaches_one_host_at_most() {
+    let Some(h) = start_hosts(&[]) else {
+        return;
+    };
+    // Every request to echo, whichever host NATS gives it to: B's reply
+    // inbox and the call's key.
+    let mut watcher = Peer::connect(&h);
+    watcher
+        .nats
+        .subscribe("zrpc.svc.echo", WAIT)
+        .expect("subscribe to echo's requests");
+    let mut host_c = RawNats::connect(&h.nats_url, WAIT).expect("connect to nats-server");
+    host_c
+        .send(b"SUB zrpc.svc.echo zrpc.q.echo 1\r\n", WAIT)
+        .expect("join echo's queue group");
+    let mut seen = std::collections::BTreeSet::new();
+    for round in 0..6u64 {
+        let key = 0x5ec0 + round;
+        // The call, and its request as NATS carried it: its reply inbox and
+        // key. B's bridge may still be off NATS after the last round's
+        // death (a new client every 10 ms to 1 s): the call then fails at
+        // once, before any request, and is made again.
+        let mut attempts = 0;
+        let (call, inbox, caller) = loop {
+            attempts += 1;
+            assert!(
+                attempts <= 5,
+                "round {round}: host B's bridge stays off NATS"
+            );
+            let call = record_in_background(&h, key, 800, Duration::from_secs(3));
+            let sent = next_request(&mut watcher, &mut seen, "record", REQUEST_BOUND);
+            match sent {
+                Some((inbox, caller)) => break (call, inbox, caller),
+                None => {
+                    let (result, _) = call.join().expect("the calling thread");
+                    assert!(
+                        matches!(result, Err(Error::ServiceGone { .. })),
+                        "round {round}: no request on NATS, and {result:?}"
+                    );
+                }
+            }
+        };
+        let mut poison = format!("PUB {inbox} _INBOX.").into_bytes();
+        poison.extend_from_slice(b"\xff\xfe 0\r\n\r\n");
+        watcher.send(&poison);
+        let (result, took) = call.join().expect("the calling thread");
+        // What NATS gave host C of this call (by now, or within a little
+        // more: a request sent again came before the call's outcome).
+        let mut on_c = 0;
+        while let Some(m) = host_c
+            .next_message(Duration::from_millis(300))
+            .expect("read from NATS")
+        {
+            if m.header("Zrpc-Caller") == Some(caller.as_str()) {
+                on_c += 1;
+            }
+        }
+        let on_a = executions_on_a(&h, key);
+        eprintln!("round {round}: {result:?} after {took:?}; ran on A {on_a} times, given to C {on_c} times");
+        assert!(
+            on_a.min(1) + on_c.min(1) <= 1,
+            "round {round}: the call reached two hosts (A ran it {on_a} times, C was given it \
+             {on_c} times): sent again after the client died ({result:?})"
+        );
+        assert!(on_a <= 1, "round {round}: executed twice on A");
+        assert!(
+            on_c <= 1,
+            "round {round}: C was given the call {on_c} times: sent again after the client \
+             died ({result:?})"
+        );
+        match result {
+            Ok(_) => {}
+            Err(Error::ServiceGone { .. }) => {}
+            other => panic!("round {round}: expected the answer or ServiceGone, got {other:?}"),
+        }
+    }
 }
 
 /// Host A's client dies with an exported call running (such a message
@@ -1834,18 +1966,6 @@ fn an_exported_call_running_when_the_nats_client_died_is_answered() {
     let call = record_in_background(&h, key, 1_500, Duration::from_secs(10));
     wait_started(&h);
     peer.send(b"PUB zrpc.svc.echo _INBOX.\xff\xfe 0\r\n\r\n");
-    answered_once_across_a_replaced_client(&h, call, key, h.a.dir(), "A");
-}
-
-/// The call `call` (tagged `key`) got its answer, ran once on host A, and
-/// host `host`'s NATS client (broker in `dir`) was replaced once.
-fn answered_once_across_a_replaced_client(
-    h: &Hosts,
-    call: std::thread::JoinHandle<Outcome>,
-    key: u64,
-    dir: &std::path::Path,
-    host: &str,
-) {
     let (result, took) = call.join().expect("the calling thread");
     eprintln!("the call's outcome: {result:?} after {took:?}");
     assert_eq!(
@@ -1854,9 +1974,9 @@ fn answered_once_across_a_replaced_client(
         "the call did not get its answer"
     );
     assert_eq!(
-        bridge_stat(dir, "clients_replaced"),
+        bridge_stat(h.a.dir(), "clients_replaced"),
         1,
-        "host {host}'s NATS client did not die"
+        "host A's NATS client did not die"
     );
-    assert_eq!(executions_on_a(h, key), 1, "executed twice");
+    assert_eq!(executions_on_a(&h, key), 1, "executed twice");
 }

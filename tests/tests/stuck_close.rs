@@ -209,3 +209,300 @@ fn a_file_left_unread_in_a_closed_socket_is_dropped_without_a_flush() {
     drop(fs);
     closer.join().expect("closer thread");
 }
+
+/// The quota is checked when descriptors are read, not only after: a
+/// user's connections admitted while it was under its quota cannot each
+/// bring one more message of descriptors once it is full. The hostile
+/// user, with its stuck close, greets 16 connections first (all admitted:
+/// one descriptor waits), then sends 32 junk descriptors on each in one
+/// message. The broker may take the message that fills the quota (one
+/// message's worth past it, as elsewhere), and no more: before, each
+/// connection's message was read (its descriptors queued behind the stuck
+/// close) before the connection was refused, 1 + 16 x 32 descriptors in
+/// all, whatever the quota of 64.
+#[test]
+fn connections_admitted_under_the_quota_cannot_each_add_a_message_past_it() {
+    const TEST: &str = "connections_admitted_under_the_quota_cannot_each_add_a_message_past_it";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(
+            TEST,
+            "needs root to mount a FUSE file system and switch uids",
+        );
+    }
+    // --max-fds 256: a user's fds quota is 64 (see the test above for the
+    // order of the declarations).
+    let b = Broker::start_with(&["--max-fds", "256"]);
+    let fs = match StuckFs::mount() {
+        Ok(fs) => fs,
+        Err(e) => return skipped(TEST, &e.0),
+    };
+    let pid = b.proc.pid();
+    fs.block_flushes_of(pid as u32);
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let stuck = fs.file().display().to_string();
+
+    let said = run_as(&b, HOSTILE, &["junk-fd", "--path", &stuck]);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        wait_until(WAIT, || fs.blocked_closes() == 1),
+        "the broker never closed the FUSE file ({said:?})"
+    );
+    let baseline = open();
+    let quota = 64;
+    let bound = baseline + quota + MAX_FDS_PER_MSG;
+    let per_conn = MAX_FDS_PER_MSG.to_string();
+    let lines = run_as(
+        &b,
+        HOSTILE,
+        &[
+            "junk-together",
+            "--path",
+            "/dev/null",
+            "--count",
+            "16",
+            "--per-conn",
+            &per_conn,
+        ],
+    );
+    eprintln!("{TEST}: {lines:?}");
+    // The peer is gone: its connections' sockets are closed by now or soon.
+    assert!(
+        wait_until(WAIT, || open() <= bound),
+        "the broker holds {} descriptors, more than {bound} (baseline {baseline}): \
+         connections admitted before the quota filled each added a message of \
+         descriptors past it",
+        open()
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("fatal limit_exceeded"))
+            .count()
+            >= 14,
+        "the user is not refused: {lines:?}"
+    );
+    assert_eq!(
+        fs.blocked_closes(),
+        1,
+        "the broker closed a FUSE file more than once"
+    );
+}
+
+/// A pids cgroup holding one process, whose task limit the test sets (v1
+/// hierarchy at /sys/fs/cgroup/pids, or v2 with the pids controller).
+/// On drop: the limit lifted, the process moved back, the cgroup removed.
+struct PidsCgroup {
+    dir: std::path::PathBuf,
+    parent: std::path::PathBuf,
+    pid: i32,
+}
+
+impl PidsCgroup {
+    /// Moves `pid` into a new pids cgroup, or says why it cannot.
+    fn new(pid: i32) -> Result<PidsCgroup, String> {
+        let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+        let v2 = std::path::Path::new("/sys/fs/cgroup");
+        let parent = if v1.join("cgroup.procs").exists() {
+            v1.to_path_buf()
+        } else if std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "pids"))
+        {
+            v2.to_path_buf()
+        } else {
+            return Err("no pids cgroup controller to limit zrpcd's threads".into());
+        };
+        let dir = parent.join(format!("zrpc-test-{}-{pid}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let cg = PidsCgroup { dir, parent, pid };
+        std::fs::write(cg.dir.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| format!("cannot move zrpcd into {}: {e}", cg.dir.display()))?;
+        Ok(cg)
+    }
+
+    /// No new task (thread) may start in the cgroup.
+    fn freeze_tasks(&self) {
+        let current = std::fs::read_to_string(self.dir.join("pids.current")).expect("pids.current");
+        std::fs::write(self.dir.join("pids.max"), current.trim()).expect("pids.max");
+    }
+
+    /// Tasks may start again.
+    fn lift(&self) {
+        let _ = std::fs::write(self.dir.join("pids.max"), "max");
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        self.lift();
+        let _ = std::fs::write(self.parent.join("cgroup.procs"), self.pid.to_string());
+        // Empty once the process moved out (or exited): bounded retries.
+        wait_until(WAIT, || std::fs::remove_dir(&self.dir).is_ok());
+    }
+}
+
+/// A closing thread that could not be started (no task left to zrpcd: a
+/// pids limit, threads-max, memory) is started later by itself, not only
+/// when the same user sends another descriptor: the descriptors it would
+/// have closed are closed once threads can start again, and their count in
+/// the user's quota and in --max-fds is released. Before, they stayed open
+/// and counted until that user sent zrpcd another descriptor that is not a
+/// memfd (never, for a user refused at its quota: refused for good).
+#[test]
+fn descriptors_whose_closing_thread_could_not_start_are_closed_later() {
+    const TEST: &str = "descriptors_whose_closing_thread_could_not_start_are_closed_later";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(TEST, "needs root to limit zrpcd's tasks and switch uids");
+    }
+    let b = Broker::start();
+    let pid = b.proc.pid();
+    let cg = match PidsCgroup::new(pid) {
+        Ok(cg) => cg,
+        Err(why) => return skipped(TEST, &why),
+    };
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let baseline = open();
+    cg.freeze_tasks();
+    let said = run_as(
+        &b,
+        HOSTILE,
+        &[
+            "junk-fd",
+            "--path",
+            "/dev/null",
+            "--plain",
+            "--per-conn",
+            "3",
+        ],
+    );
+    assert_eq!(said, ["pong 3"], "the junk was not taken");
+    // Its connection is gone; the 3 descriptors are queued, no thread to
+    // close them.
+    assert!(
+        wait_until(WAIT, || open() == baseline + 3),
+        "expected the 3 junk descriptors held while no thread can start: {} open, {baseline} before",
+        open()
+    );
+    cg.lift();
+    assert!(
+        wait_until(WAIT, || open() <= baseline),
+        "the junk descriptors are still open ({} open, {baseline} before) once threads can \
+         start again: nothing retried their closing thread",
+        open()
+    );
+    drop(cg);
+}
+
+/// An `fds` quota of 0 (`[quota] fds = 0`), or `--max-fds 0`, leaves users
+/// no payload descriptors; it does not refuse their connections, since
+/// nothing of theirs waits for its close. Before, the closing limits
+/// (`mine >= quota`, `all >= --max-fds`) held with nothing waiting, so
+/// every connection of every user but root was refused at accept.
+#[test]
+fn a_zero_fds_limit_does_not_refuse_connections() {
+    const TEST: &str = "a_zero_fds_limit_does_not_refuse_connections";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(TEST, "needs root to switch uids");
+    }
+    let dir = zrpc_tests::TempDir::new();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "[quota]\nfds = 0\n").expect("write the policy");
+    let policy = policy.display().to_string();
+    for args in [&["--policy", policy.as_str()][..], &["--max-fds", "0"][..]] {
+        let b = Broker::start_with(args);
+        let said = run_as(
+            &b,
+            HOSTILE,
+            &["call", "--service", "zrpcd", "--method", "ping"],
+        );
+        assert!(
+            said.first().is_some_and(|l| l.starts_with("result ok")),
+            "zrpcd {args:?}: a user's call: {said:?}"
+        );
+    }
+}
+
+/// When the descriptors waiting for their close fill `--max-fds` (here 4
+/// uids each with one stuck FUSE close, `--max-fds 4`), the users with
+/// none waiting still connect and are served: only the descriptors they
+/// would send are refused (the broker reads theirs with no room, so its
+/// open descriptors stay bounded). Before, every uid but root was refused
+/// at accept, whether it had anything waiting or not: four uids (one user
+/// with subordinate uids, say) locked every other user out of zrpcd for
+/// as long as their closes block.
+#[test]
+fn users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fds() {
+    const TEST: &str =
+        "users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fds";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skipped(
+            TEST,
+            "needs root to mount a FUSE file system and switch uids",
+        );
+    }
+    let b = Broker::start_with(&["--max-fds", "4"]);
+    let fs = match StuckFs::mount() {
+        Ok(fs) => fs,
+        Err(e) => return skipped(TEST, &e.0),
+    };
+    let pid = b.proc.pid();
+    fs.block_flushes_of(pid as u32);
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let stuck = fs.file().display().to_string();
+    for (n, uid) in (65529..65533).enumerate() {
+        let said = run_as(&b, uid, &["junk-fd", "--path", &stuck]);
+        assert_eq!(said.len(), 1, "uid {uid}: {said:?}");
+        assert!(
+            wait_until(WAIT, || fs.blocked_closes() == n + 1),
+            "the broker never closed uid {uid}'s FUSE file ({said:?})"
+        );
+    }
+    // All four wait: --max-fds is full.
+    let said = run_as(
+        &b,
+        65529,
+        &["call", "--service", "zrpcd", "--method", "ping"],
+    );
+    assert!(
+        said.first()
+            .is_some_and(|l| l.starts_with("fatal limit_exceeded")),
+        "a uid with a descriptor waiting is not refused: {said:?}"
+    );
+    let said = run_as(
+        &b,
+        HOSTILE,
+        &["call", "--service", "zrpcd", "--method", "ping"],
+    );
+    assert!(
+        said.first().is_some_and(|l| l.starts_with("result ok")),
+        "a uid with nothing waiting is refused while --max-fds is full: {said:?}"
+    );
+    // Its descriptors are refused, never installed.
+    let before = open();
+    let said = run_as(
+        &b,
+        HOSTILE,
+        &[
+            "junk-fd",
+            "--path",
+            "/dev/null",
+            "--plain",
+            "--per-conn",
+            "20",
+        ],
+    );
+    assert!(
+        said.last()
+            .is_some_and(|l| l.starts_with("fatal limit_exceeded")),
+        "{said:?}"
+    );
+    assert!(
+        wait_until(WAIT, || open() <= before),
+        "the broker took descriptors past --max-fds: {} open, {before} before",
+        open()
+    );
+    assert_eq!(fs.blocked_closes(), 4);
+}

@@ -204,6 +204,13 @@ impl AsFd for SealedFd {
 #[repr(C, align(8))]
 struct CmsgBuf([u8; 512]);
 
+/// Bytes of a control message holding `n` descriptors, without the
+/// padding after it.
+fn cmsg_len(n: usize) -> usize {
+    // SAFETY: CMSG_LEN is arithmetic on its argument only.
+    unsafe { libc::CMSG_LEN((n * std::mem::size_of::<RawFd>()) as u32) as usize }
+}
+
 /// Bytes of control data needed for `n` descriptors.
 fn cmsg_space(n: usize) -> usize {
     // SAFETY: CMSG_SPACE is arithmetic on its argument only.
@@ -222,6 +229,21 @@ pub fn read_spare_fds(
     buf: &mut BytesMut,
     fds: &mut FdQueue,
 ) -> io::Result<usize> {
+    read_spare_fds_at_most(sock, buf, fds, MAX_FDS_PER_MSG)
+}
+
+/// [`read_spare_fds`] with room for `max` descriptors (at most
+/// [`MAX_FDS_PER_MSG`]; 0: none): a message that carries more is an
+/// `InvalidData` error, its descriptors past `max` never installed in this
+/// process (the kernel drops them, as it drops those of a socket closed
+/// unread: no close(2) of them here).
+pub fn read_spare_fds_at_most(
+    sock: &impl AsRawFd,
+    buf: &mut BytesMut,
+    fds: &mut FdQueue,
+    max: usize,
+) -> io::Result<usize> {
+    let max = max.min(MAX_FDS_PER_MSG);
     let spare = buf.chunk_mut();
     let mut iov = libc::iovec {
         iov_base: spare.as_mut_ptr().cast(),
@@ -234,7 +256,10 @@ pub fn read_spare_fds(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.0.as_mut_ptr().cast();
-    msg.msg_controllen = cmsg_space(MAX_FDS_PER_MSG) as _;
+    // Room for exactly `max` (the kernel installs at most
+    // `(msg_controllen - sizeof(cmsghdr)) / sizeof(int)`, none when that is
+    // 0, and flags the rest MSG_CTRUNC).
+    msg.msg_controllen = cmsg_len(max) as _;
     // SAFETY: `iov` points to the spare capacity of `buf` (valid for
     // writes of `iov_len` bytes while `buf` is borrowed here) and
     // `msg_control` to `msg_controllen` bytes of `cbuf`; recvmsg writes
@@ -293,9 +318,22 @@ pub async fn read_some_fds(
     fds: &mut FdQueue,
     room: impl FnMut(&mut BytesMut),
 ) -> io::Result<usize> {
+    read_some_fds_at_most(rd, buf, fds, room, || MAX_FDS_PER_MSG).await
+}
+
+/// [`read_some_fds`] taking at most `max()` descriptors
+/// ([`read_spare_fds_at_most`]), `max` asked when the socket is readable,
+/// just before the read.
+pub async fn read_some_fds_at_most(
+    rd: &Registered,
+    buf: &mut BytesMut,
+    fds: &mut FdQueue,
+    room: impl FnMut(&mut BytesMut),
+    mut max: impl FnMut() -> usize,
+) -> io::Result<usize> {
     crate::read::read_with(rd, buf, room, |sock, buf| {
         let before = fds.len();
-        let n = read_spare_fds(sock, buf, fds)?;
+        let n = read_spare_fds_at_most(sock, buf, fds, max())?;
         Ok((n, fds.len() != before))
     })
     .await
@@ -455,5 +493,34 @@ mod tests {
             .map(|fd| SealedFd::verify(fd, 100).expect("verify").len())
             .collect();
         assert_eq!(lens, [11, 12]);
+    }
+
+    #[test]
+    fn descriptors_past_the_room_given_are_never_installed() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let one = SealedFd::create(b"1").expect("create");
+        let two = SealedFd::create(b"2").expect("create");
+        let both = [one.as_raw_fd(), two.as_raw_fd()];
+        for (max, installed) in [(0, 0), (1, 1), (2, 2)] {
+            send_with_fds(a.as_raw_fd(), &[b"x"], &both).expect("send");
+            let mut buf = BytesMut::with_capacity(64);
+            let mut fds = FdQueue::new();
+            let got = read_spare_fds_at_most(&b, &mut buf, &mut fds, max);
+            assert_eq!(fds.len(), installed, "room for {max}");
+            if max < 2 {
+                let e = got.expect_err("truncated");
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "room for {max}");
+            } else {
+                assert_eq!(got.expect("recv"), 1);
+            }
+        }
+        // Bytes alone are read with no room at all.
+        std::io::Write::write_all(&mut &a, b"plain").expect("write");
+        let mut buf = BytesMut::with_capacity(64);
+        let mut fds = FdQueue::new();
+        assert_eq!(
+            read_spare_fds_at_most(&b, &mut buf, &mut fds, 0).expect("recv"),
+            5
+        );
     }
 }

@@ -23,7 +23,9 @@
 //! in `--max-fds`, and refuses a user whose waiting descriptors fill its
 //! quota (`crate::broker::Broker::over_closing_limits`). The threads are as
 //! many as the uids with descriptors waiting, each of which counts in
-//! `--max-fds`.
+//! `--max-fds`. A thread that cannot be started (no task left to zrpcd) is
+//! tried again with the uid's next descriptor and periodically
+//! ([`start_stalled`]), its descriptors queued and counted meanwhile.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -44,6 +46,9 @@ struct Queue {
     /// Whether the uid's closing thread runs (it takes every descriptor
     /// pushed while it does).
     running: bool,
+    /// Whether starting that thread failed, and no try since succeeded
+    /// (logged once).
+    stalled: bool,
 }
 
 /// Every uid's queue (a uid is in the map while it has descriptors
@@ -100,14 +105,33 @@ pub fn waiting(uid: u32) -> (usize, usize) {
 
 /// Closes `fd`, sent by `uid`, on the closing thread of `uid` (started if
 /// it is not running). Never closes it here: if no thread can be started,
-/// it waits, counted, for the next call to start one.
+/// it waits, counted, for the next try ([`start_stalled`], or the uid's
+/// next descriptor).
 pub fn close_later(uid: u32, fd: OwnedFd) {
     let mut c = closing();
     c.total += 1;
     let q = c.by_uid.entry(uid).or_default();
     q.waiting += 1;
     q.fds.push_back(fd);
-    if q.running {
+    start(uid, q);
+}
+
+/// Tries again to start the closing threads that could not be started
+/// (the broker calls it periodically): their descriptors are closed, and
+/// their count released, once threads can start again, whether or not
+/// their users send more (one refused at its quota cannot).
+pub fn start_stalled() {
+    let mut c = closing();
+    for (uid, q) in c.by_uid.iter_mut() {
+        start(*uid, q);
+    }
+}
+
+/// Starts the closing thread of `uid`, whose queue is `q`, unless it runs
+/// or has nothing to close; called with the closing state locked (the
+/// thread waits for it).
+fn start(uid: u32, q: &mut Queue) {
+    if q.running || q.fds.is_empty() {
         return;
     }
     let started = std::thread::Builder::new()
@@ -115,13 +139,26 @@ pub fn close_later(uid: u32, fd: OwnedFd) {
         .stack_size(CLOSER_STACK)
         .spawn(move || close_all(uid));
     match started {
-        Ok(_) => q.running = true,
-        Err(e) => tracing::warn!(
-            uid,
-            error = %e,
-            waiting = q.waiting,
-            "cannot start a descriptor-closing thread; its descriptors wait for the next try"
-        ),
+        Ok(_) => {
+            if std::mem::take(&mut q.stalled) {
+                tracing::info!(
+                    uid,
+                    waiting = q.waiting,
+                    "a descriptor-closing thread started at last"
+                );
+            }
+            q.running = true;
+        }
+        Err(e) => {
+            if !std::mem::replace(&mut q.stalled, true) {
+                tracing::warn!(
+                    uid,
+                    error = %e,
+                    waiting = q.waiting,
+                    "cannot start a descriptor-closing thread; its descriptors wait, counted, for the next try"
+                );
+            }
+        }
     }
 }
 

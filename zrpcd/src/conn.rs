@@ -211,8 +211,20 @@ async fn read_loop(
     let mut held = 0;
     loop {
         let had_fds = fds.len();
+        // No room for descriptors once the sender's waiting for their
+        // close fill its quota, or all users' fill --max-fds (asked at
+        // each read: another connection may have filled them meanwhile):
+        // any it sends then fail the read and are dropped by the kernel,
+        // never installed here. So at most one message's worth passes.
+        let fd_room = || {
+            if broker.borrow().refuses_fds_from(uid).is_some() {
+                0
+            } else {
+                MAX_FDS_PER_MSG
+            }
+        };
         let read = tokio::select! {
-            r = read_some(&rd, &mut buf, &mut fds, &decoder) => r,
+            r = read_some(&rd, &mut buf, &mut fds, &decoder, fd_room) => r,
             _ = io.kill.notified() => return "closed by the broker".into(),
             _ = tokio::time::sleep_until(hello_deadline), if !ready => {
                 let fatal = Fatal {
@@ -232,10 +244,15 @@ async fn read_loop(
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 // Descriptors lost to truncation: the rest cannot be
-                // matched to their frames.
+                // matched to their frames. Either the user may send no
+                // more (see `fd_room`), or there were too many at once.
+                let message = broker
+                    .borrow()
+                    .refuses_fds_from(uid)
+                    .unwrap_or_else(|| format!("{e}; send at most {MAX_FDS_PER_MSG} at once"));
                 let fatal = Fatal {
                     code: ErrorCode::LimitExceeded,
-                    message: format!("{e}; send at most {MAX_FDS_PER_MSG} at once"),
+                    message,
                 };
                 broker.borrow_mut().close_with(id, &fatal);
                 return fatal.message;
@@ -381,14 +398,24 @@ async fn read_loop(
 ///
 /// Descriptors sent with the bytes are appended to `fds` (every
 /// connection is read this way: descriptors a peer sends without having
-/// negotiated them are taken off the socket and closed by the caller).
+/// negotiated them are taken off the socket and closed by the caller), at
+/// most `max_fds()` of them, asked just before the read (more fail it,
+/// `InvalidData`).
 async fn read_some(
     rd: &AsyncFd<std::os::unix::net::UnixStream>,
     buf: &mut BytesMut,
     fds: &mut FdQueue,
     decoder: &FrameDecoder,
+    max_fds: impl FnMut() -> usize,
 ) -> std::io::Result<usize> {
-    zrpc_io::fdpass::read_some_fds(rd, buf, fds, |b| ReadPolicy::BROKER.make_room(decoder, b)).await
+    zrpc_io::fdpass::read_some_fds_at_most(
+        rd,
+        buf,
+        fds,
+        |b| ReadPolicy::BROKER.make_room(decoder, b),
+        max_fds,
+    )
+    .await
 }
 
 /// Takes over flushing when the socket is full (waits until it is

@@ -289,7 +289,9 @@ async fn flush_loop(broker: Rc<RefCell<Broker>>) {
 }
 
 /// Closes connections whose partly received frame stalled (see
-/// [`crate::broker::partial`]), and forgets users with nothing left.
+/// [`crate::broker::partial`]), forgets users with nothing left, and
+/// starts the descriptor-closing threads that could not be started
+/// ([`crate::closer::start_stalled`]).
 async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
     let every = crate::broker::partial::sweep_interval(broker.borrow().config.frame_timeout);
     let mut interval = tokio::time::interval(every);
@@ -300,6 +302,8 @@ async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
         b.expire_partial_frames(std::time::Instant::now());
         b.collect_users();
         b.flush();
+        drop(b);
+        crate::closer::start_stalled();
     }
 }
 

@@ -28,6 +28,11 @@
 //!        of P attached, all at once; then one line: "pong K" (all
 //!        answered, the descriptors closed unread), "fatal <code> <message>"
 //!        or "fatal closed"; "unsent" first if a send failed
+//! zrpc-test-peer junk-together --path P --count N --per-conn M
+//!     -> N connections made and greeted (Hello without payload
+//!        descriptors, Welcome) first, then on each one ping sent with M
+//!        fresh descriptors of P attached in the same message; then one
+//!        line per connection as junk-fd prints them
 //! ```
 //!
 //! The socket directory comes from `ZRPC_SOCKET_DIR`.
@@ -119,6 +124,16 @@ enum Cmd {
         /// Do not offer payload descriptors in Hello.
         #[arg(long)]
         plain: bool,
+    },
+    /// COUNT connections greeted first, then PER_CONN descriptors of PATH
+    /// sent on each in one message.
+    JunkTogether {
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        per_conn: usize,
     },
     /// Register a name and serve it.
     Register {
@@ -303,8 +318,51 @@ fn junk_fd(path: &str, count: usize, per_conn: u64, plain: bool) {
     }
 }
 
+/// `junk-together`: see the module docs.
+fn junk_together(path: &str, count: usize, per_conn: usize) {
+    use std::os::fd::AsRawFd;
+    let dir = zrpc_proto::resolve_socket_dir(None);
+    // All greeted (admitted) before any descriptor is sent.
+    let mut conns: Vec<Raw> = (0..count)
+        .map(|_| {
+            let mut r = Raw::connect(&dir);
+            r.handshake();
+            r
+        })
+        .collect();
+    for r in &mut conns {
+        let files: Vec<std::fs::File> = (0..per_conn)
+            .map(|_| std::fs::File::open(path).expect("open the junk file"))
+            .collect();
+        let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let mut ping = bytes::BytesMut::new();
+        zrpc_proto::encode_frame(&mut ping, &Envelope::Ping { nonce: 1 }, b"");
+        if zrpc_io::fdpass::send_with_fds(r.s.as_raw_fd(), &[&ping], &fds).is_err() {
+            say("unsent");
+        }
+    }
+    for r in &mut conns {
+        let line = loop {
+            let Some(f) = r.recv_frame() else {
+                break "fatal closed".to_string();
+            };
+            match f.decode() {
+                Ok(Envelope::Pong { .. }) => break "pong 1".to_string(),
+                Ok(Envelope::Fatal { code, message }) => break format!("fatal {code} {message}"),
+                _ => {}
+            }
+        };
+        say(&line);
+    }
+}
+
 fn main() {
     match Cmd::parse() {
+        Cmd::JunkTogether {
+            path,
+            count,
+            per_conn,
+        } => junk_together(&path, count, per_conn),
         Cmd::JunkFd {
             path,
             count,

@@ -196,11 +196,24 @@ async fn request(
                     call.service
                 ),
             ),
-            // The request's channel or its answer's went: its client's
-            // connection task ended (nothing else fails a request so). Sent
-            // again on the next client, within the deadline, with the same
-            // identity: the exporting bridge's repeated-call key makes that
-            // at most once, and a cancel still names it.
+            // The request's answer went with its client's connection task,
+            // which had taken the request (nothing else fails a request
+            // so): it may have been sent, and run. Not sent again: that
+            // would go to echo's queue group anew, maybe to another
+            // exporting host, which knows nothing of the first (the
+            // repeated-call key is per exporting host), so the call could
+            // run twice. Answered as a local instance that disconnected.
+            RequestErrorKind::Other if may_have_been_sent(&e) => (
+                ErrorCode::ServiceGone,
+                format!(
+                    "the bridge's NATS client died after it took the request to {subject} \
+                     (the call may have run)"
+                ),
+            ),
+            // The client's connection task had ended before it took the
+            // request (its command channel was closed): never sent, so sent
+            // on the next client, within the deadline, with the same
+            // identity.
             RequestErrorKind::Other => {
                 let wait = remaining.map_or(REPLACEMENT_WAIT, |r| {
                     r.saturating_sub(MARGIN).min(REPLACEMENT_WAIT)
@@ -219,4 +232,12 @@ async fn request(
         };
         return (Some(code), message, Bytes::new());
     }
+}
+
+/// Whether a request that failed with [`RequestErrorKind::Other`] may have
+/// been sent: its client's connection task took it (async-nats 0.46 then
+/// fails it with the `RecvError` of the answer's channel, dropped with
+/// the task), rather than refusing it (a closed command channel).
+fn may_have_been_sent(e: &async_nats::RequestError) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.is::<tokio::sync::oneshot::error::RecvError>())
 }

@@ -17,8 +17,9 @@
 //! Users take the current client each time ([`Nats::client`]): the export
 //! side subscribes again on a new one ([`Nats::changes`]); a reply or a
 //! cancel that met a dead client is published once more on the next
-//! ([`Nats::publish`]); an imported call whose request met one is sent
-//! again (module `import`).
+//! ([`Nats::publish`]); an imported call whose request one refused is
+//! sent again, one whose request one took fails with `ServiceGone` (it
+//! may have run; module `import`).
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};

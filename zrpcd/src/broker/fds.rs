@@ -131,20 +131,35 @@ impl Broker {
         }
     }
 
-    /// Why `uid` may not connect or send more descriptors, if descriptors
-    /// it sent that are not payloads, waiting for a close that blocks
-    /// ([`crate::closer`]), fill its `fds` quota, or all users' fill
-    /// `--max-fds`. Not for root, which is trusted.
+    /// Why `uid` may not connect, nor keep a connection that sent more
+    /// descriptors, if descriptors it sent that are not payloads, waiting
+    /// for a close that blocks ([`crate::closer`]), fill its `fds` quota,
+    /// or all users' fill `--max-fds` and some of them are its own. A uid
+    /// with none waiting is not refused (all users' filling `--max-fds`
+    /// refuses only its descriptors, [`Broker::refuses_fds_from`]). Not for
+    /// root, which is trusted.
     pub fn over_closing_limits(&self, uid: u32) -> Option<String> {
+        if crate::closer::waiting(uid).0 == 0 {
+            return None;
+        }
+        self.refuses_fds_from(uid)
+    }
+
+    /// Why descriptors `uid` sends are refused now (read with no room for
+    /// them: never installed here), if they are: those it sent that wait
+    /// for their close fill its `fds` quota, or all users' fill
+    /// `--max-fds`. Not for root. A limit of 0 (no payload descriptors)
+    /// counts as 1 here: nothing waiting never fills it.
+    pub fn refuses_fds_from(&self, uid: u32) -> Option<String> {
         if uid == 0 {
             return None;
         }
         let (mine, all) = crate::closer::waiting(uid);
-        if all >= self.config.max_fds {
+        if all >= self.config.max_fds.max(1) {
             Some(format!(
                 "zrpcd has {all} descriptors sent to it that wait for their close (not memfds, a close that blocks), the limit (--max-fds)"
             ))
-        } else if mine >= self.quota.fds {
+        } else if mine >= self.quota.fds.max(1) {
             Some(format!(
                 "uid {uid} sent zrpcd {mine} descriptors that wait for their close (not memfds, a close that blocks), its per-user quota (fds in [quota] of the policy)"
             ))
