@@ -36,6 +36,49 @@ fn run_as(b: &Broker, uid: u32, args: &[&str]) -> Vec<String> {
     out.lines().map(str::to_string).collect()
 }
 
+/// A broker started with `--max-fds max_fds`, and a FUSE file system
+/// whose file that broker can never close (its `FLUSH`es get no answer).
+/// `None`, after a loud SKIPPED, when not root or without FUSE.
+struct StuckBroker {
+    // Dropped in this order: the mount's end ends the broker's blocked
+    // close, and only then can the broker be killed and reaped.
+    fs: StuckFs,
+    b: Broker,
+}
+
+impl StuckBroker {
+    fn start(test: &str, max_fds: &str) -> Option<StuckBroker> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            skipped(
+                test,
+                "needs root to mount a FUSE file system and switch uids",
+            );
+            return None;
+        }
+        let b = Broker::start_with(&["--max-fds", max_fds]);
+        let fs = match StuckFs::mount() {
+            Ok(fs) => fs,
+            Err(e) => {
+                skipped(test, &e.0);
+                return None;
+            }
+        };
+        fs.block_flushes_of(b.proc.pid() as u32);
+        Some(StuckBroker { fs, b })
+    }
+
+    /// The broker's open descriptors.
+    fn open(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.b.proc.pid())).map_or(0, |d| d.count())
+    }
+
+    /// The path of the file whose close blocks.
+    fn stuck(&self) -> String {
+        self.fs.file().display().to_string()
+    }
+}
+
 /// One user's descriptors whose close blocks (one stuck FUSE close, then
 /// junk descriptors over many connections, with and without payload
 /// descriptors negotiated) count against that user's `fds` quota while
@@ -50,29 +93,17 @@ fn run_as(b: &Broker, uid: u32, args: &[&str]) -> Vec<String> {
 #[test]
 fn descriptors_whose_close_blocks_are_bounded_per_user() {
     const TEST: &str = "descriptors_whose_close_blocks_are_bounded_per_user";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skipped(
-            TEST,
-            "needs root to mount a FUSE file system and switch uids",
-        );
-    }
-    // --max-fds 256: a user's fds quota is 64. Declared before the mount,
-    // so dropped after it: the mount's end ends the broker's blocked close,
-    // and only then can the broker be killed and reaped.
-    let b = Broker::start_with(&["--max-fds", "256"]);
-    let fs = match StuckFs::mount() {
-        Ok(fs) => fs,
-        Err(e) => return skipped(TEST, &e.0),
+    // --max-fds 256: a user's fds quota is 64.
+    let Some(sb) = StuckBroker::start(TEST, "256") else {
+        return;
     };
-    let pid = b.proc.pid();
-    fs.block_flushes_of(pid as u32);
-    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let stuck = fs.file().display().to_string();
+    let (b, fs) = (&sb.b, &sb.fs);
+    let open = || sb.open();
+    let stuck = sb.stuck();
     let null = "/dev/null";
 
     // The hostile user's stuck close.
-    let said = run_as(&b, HOSTILE, &["junk-fd", "--path", &stuck]);
+    let said = run_as(b, HOSTILE, &["junk-fd", "--path", &stuck]);
     assert_eq!(said.len(), 1, "{said:?}");
     assert!(
         wait_until(WAIT, || fs.blocked_closes() == 1),
@@ -88,7 +119,7 @@ fn descriptors_whose_close_blocks_are_bounded_per_user() {
     let bound = baseline + quota + MAX_FDS_PER_MSG;
     let mut trend = vec![baseline];
     let plain = run_as(
-        &b,
+        b,
         HOSTILE,
         &["junk-fd", "--path", null, "--plain", "--per-conn", "100"],
     );
@@ -96,7 +127,7 @@ fn descriptors_whose_close_blocks_are_bounded_per_user() {
     let mut lines = Vec::new();
     for _ in 0..4 {
         lines.extend(run_as(
-            &b,
+            b,
             HOSTILE,
             &["junk-fd", "--path", null, "--count", "50"],
         ));
@@ -128,7 +159,7 @@ fn descriptors_whose_close_blocks_are_bounded_per_user() {
     // Refused at accept with the FUSE file unread in its socket: the
     // kernel drops it without a FLUSH (a close on the event loop would wait
     // for it, and the calls below would never be answered).
-    let said = run_as(&b, HOSTILE, &["junk-fd", "--path", &stuck]);
+    let said = run_as(b, HOSTILE, &["junk-fd", "--path", &stuck]);
     eprintln!("{TEST}: the FUSE file on a refused connection: {said:?}");
     assert!(
         said.last()
@@ -141,7 +172,7 @@ fn descriptors_whose_close_blocks_are_bounded_per_user() {
     let _svc = b.spawn("zrpc-test-svc", &[]);
     wait_registered(b.dir(), "echo", 1);
     let before = open();
-    let said = run_as(&b, VICTIM, &["junk-fd", "--path", null, "--count", "20"]);
+    let said = run_as(b, VICTIM, &["junk-fd", "--path", null, "--count", "20"]);
     assert!(
         said.iter().all(|l| !l.contains("limit_exceeded")),
         "{said:?}"
@@ -152,7 +183,7 @@ fn descriptors_whose_close_blocks_are_bounded_per_user() {
         open()
     );
     let said = run_as(
-        &b,
+        b,
         VICTIM,
         &["call", "--service", "echo", "--method", "echo"],
     );
@@ -223,26 +254,15 @@ fn a_file_left_unread_in_a_closed_socket_is_dropped_without_a_flush() {
 #[test]
 fn connections_admitted_under_the_quota_cannot_each_add_a_message_past_it() {
     const TEST: &str = "connections_admitted_under_the_quota_cannot_each_add_a_message_past_it";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skipped(
-            TEST,
-            "needs root to mount a FUSE file system and switch uids",
-        );
-    }
-    // --max-fds 256: a user's fds quota is 64 (see the test above for the
-    // order of the declarations).
-    let b = Broker::start_with(&["--max-fds", "256"]);
-    let fs = match StuckFs::mount() {
-        Ok(fs) => fs,
-        Err(e) => return skipped(TEST, &e.0),
+    // --max-fds 256: a user's fds quota is 64.
+    let Some(sb) = StuckBroker::start(TEST, "256") else {
+        return;
     };
-    let pid = b.proc.pid();
-    fs.block_flushes_of(pid as u32);
-    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let stuck = fs.file().display().to_string();
+    let (b, fs) = (&sb.b, &sb.fs);
+    let open = || sb.open();
+    let stuck = sb.stuck();
 
-    let said = run_as(&b, HOSTILE, &["junk-fd", "--path", &stuck]);
+    let said = run_as(b, HOSTILE, &["junk-fd", "--path", &stuck]);
     assert_eq!(said.len(), 1, "{said:?}");
     assert!(
         wait_until(WAIT, || fs.blocked_closes() == 1),
@@ -253,7 +273,7 @@ fn connections_admitted_under_the_quota_cannot_each_add_a_message_past_it() {
     let bound = baseline + quota + MAX_FDS_PER_MSG;
     let per_conn = MAX_FDS_PER_MSG.to_string();
     let lines = run_as(
-        &b,
+        b,
         HOSTILE,
         &[
             "junk-together",
@@ -436,24 +456,14 @@ fn a_zero_fds_limit_does_not_refuse_connections() {
 fn users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fds() {
     const TEST: &str =
         "users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fds";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skipped(
-            TEST,
-            "needs root to mount a FUSE file system and switch uids",
-        );
-    }
-    let b = Broker::start_with(&["--max-fds", "4"]);
-    let fs = match StuckFs::mount() {
-        Ok(fs) => fs,
-        Err(e) => return skipped(TEST, &e.0),
+    let Some(sb) = StuckBroker::start(TEST, "4") else {
+        return;
     };
-    let pid = b.proc.pid();
-    fs.block_flushes_of(pid as u32);
-    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let stuck = fs.file().display().to_string();
+    let (b, fs) = (&sb.b, &sb.fs);
+    let open = || sb.open();
+    let stuck = sb.stuck();
     for (n, uid) in (65529..65533).enumerate() {
-        let said = run_as(&b, uid, &["junk-fd", "--path", &stuck]);
+        let said = run_as(b, uid, &["junk-fd", "--path", &stuck]);
         assert_eq!(said.len(), 1, "uid {uid}: {said:?}");
         assert!(
             wait_until(WAIT, || fs.blocked_closes() == n + 1),
@@ -462,7 +472,7 @@ fn users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fd
     }
     // All four wait: --max-fds is full.
     let said = run_as(
-        &b,
+        b,
         65529,
         &["call", "--service", "zrpcd", "--method", "ping"],
     );
@@ -472,7 +482,7 @@ fn users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fd
         "a uid with a descriptor waiting is not refused: {said:?}"
     );
     let said = run_as(
-        &b,
+        b,
         HOSTILE,
         &["call", "--service", "zrpcd", "--method", "ping"],
     );
@@ -483,7 +493,7 @@ fn users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fd
     // Its descriptors are refused, never installed.
     let before = open();
     let said = run_as(
-        &b,
+        b,
         HOSTILE,
         &[
             "junk-fd",
