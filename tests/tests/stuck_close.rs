@@ -77,6 +77,17 @@ impl StuckBroker {
     fn stuck(&self) -> String {
         self.fs.file().display().to_string()
     }
+
+    /// `uid` hands the broker the file whose close blocks; returns once
+    /// the broker is stuck closing it, the `n`th such close in all.
+    fn stick(&self, uid: u32, n: usize) {
+        let said = run_as(&self.b, uid, &["junk-fd", "--path", &self.stuck()]);
+        assert_eq!(said.len(), 1, "uid {uid}: {said:?}");
+        assert!(
+            wait_until(WAIT, || self.fs.blocked_closes() == n),
+            "the broker never closed uid {uid}'s FUSE file ({said:?})"
+        );
+    }
 }
 
 /// One user's descriptors whose close blocks (one stuck FUSE close, then
@@ -103,12 +114,7 @@ fn descriptors_whose_close_blocks_are_bounded_per_user() {
     let null = "/dev/null";
 
     // The hostile user's stuck close.
-    let said = run_as(b, HOSTILE, &["junk-fd", "--path", &stuck]);
-    assert_eq!(said.len(), 1, "{said:?}");
-    assert!(
-        wait_until(WAIT, || fs.blocked_closes() == 1),
-        "the broker never closed the FUSE file ({said:?})"
-    );
+    sb.stick(HOSTILE, 1);
     let baseline = open();
 
     // Then junk descriptors: 100 on one connection that did not negotiate
@@ -260,14 +266,8 @@ fn connections_admitted_under_the_quota_cannot_each_add_a_message_past_it() {
     };
     let (b, fs) = (&sb.b, &sb.fs);
     let open = || sb.open();
-    let stuck = sb.stuck();
 
-    let said = run_as(b, HOSTILE, &["junk-fd", "--path", &stuck]);
-    assert_eq!(said.len(), 1, "{said:?}");
-    assert!(
-        wait_until(WAIT, || fs.blocked_closes() == 1),
-        "the broker never closed the FUSE file ({said:?})"
-    );
+    sb.stick(HOSTILE, 1);
     let baseline = open();
     let quota = 64;
     let bound = baseline + quota + MAX_FDS_PER_MSG;
@@ -461,14 +461,8 @@ fn users_with_nothing_waiting_still_connect_when_waiting_descriptors_fill_max_fd
     };
     let (b, fs) = (&sb.b, &sb.fs);
     let open = || sb.open();
-    let stuck = sb.stuck();
     for (n, uid) in (65529..65533).enumerate() {
-        let said = run_as(b, uid, &["junk-fd", "--path", &stuck]);
-        assert_eq!(said.len(), 1, "uid {uid}: {said:?}");
-        assert!(
-            wait_until(WAIT, || fs.blocked_closes() == n + 1),
-            "the broker never closed uid {uid}'s FUSE file ({said:?})"
-        );
+        sb.stick(uid, n + 1);
     }
     // All four wait: --max-fds is full.
     let said = run_as(
