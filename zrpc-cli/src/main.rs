@@ -94,15 +94,13 @@ fn block_on<F: std::future::Future<Output = Result<(), Failure>>>(f: F) -> Resul
         .block_on(f)
 }
 
-/// The longest a command waits to connect to zrpcd (and for its
-/// handshake), whatever its `--timeout`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A client of the broker in `dir`. Connecting (and every reconnection) is
 /// bounded by the command's `timeout` too (`None`: no timeout), so that a
-/// stopped or wedged broker does not hold a command past it.
+/// stopped or wedged broker does not hold a command past it; never longer
+/// than the clients' default.
 async fn connect(dir: Option<&Path>, timeout: Option<Duration>) -> Result<Client, Failure> {
-    let bound = timeout.map_or(CONNECT_TIMEOUT, |t| t.min(CONNECT_TIMEOUT));
+    let most = zrpc_client::DEFAULT_CONNECT_TIMEOUT;
+    let bound = timeout.map_or(most, |t| t.min(most));
     let mut b = ClientBuilder::default().agent(AGENT).connect_timeout(bound);
     if let Some(d) = dir {
         b = b.socket_dir(PathBuf::from(d));

@@ -22,6 +22,11 @@ use crate::trust::{check_broker, UntrustedBroker};
 /// Largest frame accepted during the handshake.
 pub const MAX_BODY: u32 = 64 * 1024;
 
+/// How long connecting to the broker and the handshake may take unless the
+/// peer says otherwise (`ClientBuilder::connect_timeout`,
+/// `Server::connect_timeout`, the `zrpc` commands' `--timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The longest timeout [`connect_blocking`] keeps (a longer one is cut to
 /// it).
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
