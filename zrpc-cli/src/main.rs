@@ -94,13 +94,19 @@ fn block_on<F: std::future::Future<Output = Result<(), Failure>>>(f: F) -> Resul
         .block_on(f)
 }
 
+/// The shortest bound on connecting to zrpcd a command's `--timeout` gives:
+/// a short call timeout (0.2 s, say) must not turn a slow handshake on a
+/// loaded machine into "cannot connect" (exit 2) instead of the call's own
+/// outcome.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A client of the broker in `dir`. Connecting (and every reconnection) is
 /// bounded by the command's `timeout` too (`None`: no timeout), so that a
-/// stopped or wedged broker does not hold a command past it; never longer
-/// than the clients' default.
+/// stopped or wedged broker does not hold a command long past it: between
+/// [`MIN_CONNECT_TIMEOUT`] and the clients' default.
 async fn connect(dir: Option<&Path>, timeout: Option<Duration>) -> Result<Client, Failure> {
     let most = zrpc_client::DEFAULT_CONNECT_TIMEOUT;
-    let bound = timeout.map_or(most, |t| t.min(most));
+    let bound = timeout.map_or(most, |t| t.clamp(MIN_CONNECT_TIMEOUT, most));
     let mut b = ClientBuilder::default().agent(AGENT).connect_timeout(bound);
     if let Some(d) = dir {
         b = b.socket_dir(PathBuf::from(d));

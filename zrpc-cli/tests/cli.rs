@@ -247,8 +247,8 @@ fn connection_error_without_a_broker() {
 
 /// A stopped broker (SIGSTOP) still completes connections from its listen
 /// backlog but never answers `Hello`: `--timeout` bounds the connection
-/// too, so each command gives up (exit 2) about when it says it would, not
-/// at the client's 10 s connect timeout.
+/// too (at least 1 s), so each command gives up (exit 2) about when it says
+/// it would, not at the client's 10 s connect timeout.
 #[test]
 fn timeout_bounds_connecting_to_a_stopped_broker() {
     let b = Broker::start();
