@@ -298,6 +298,66 @@ fn a_caller_that_comes_back_after_its_grace_runs_the_call_again() {
     assert_eq!((s.started, s.finished, s.dropped), (2, 1, 1), "{s:?}");
 }
 
+/// A caller back within its grace whose call's instance gave up the name
+/// meanwhile (a graceful stop: it still runs the call) and with no other
+/// instance of it: the broker delivered the call, so the resubmission must
+/// not be answered as if it never ran (`NoSuchService` for a `no_wait`
+/// call, `TimeoutNoService` for one that waits until its deadline), the
+/// same rule as for a call whose instance died.
+#[test]
+fn a_resubmission_whose_instance_gave_up_the_name_is_not_reported_as_never_delivered() {
+    use zrpc_proto::{flags, Envelope, ErrorCode};
+    let b = Broker::start_with(&["--caller-grace", "10"]);
+    let mut svc = service(&b, None);
+    let calc = blocking(&b);
+    let pending = || zrpc_tests::broker_stat(b.dir(), "pending");
+    let call = |instance: u64, flags: u32, timeout_ms: u64| {
+        let mut raw = zrpc_tests::raw::Raw::connect(b.dir());
+        let (kind, _) = raw.hello_as(instance).expect("welcome");
+        assert_eq!(kind, zrpc_proto::Kind::Welcome);
+        raw.send(
+            &Envelope::Call {
+                id: 7,
+                service: "calc",
+                method: "hold",
+                timeout_ms: Some(timeout_ms),
+                flags,
+            },
+            &uint16(3000),
+        );
+        raw
+    };
+    let code_of = |raw: &mut zrpc_tests::raw::Raw| {
+        let f = raw.recv_frame().expect("the result of call 7");
+        match f.decode().expect("envelope") {
+            Envelope::Result {
+                id: 7,
+                code,
+                message,
+            } => (code, message.to_owned()),
+            other => panic!("expected the Result of call 7, got {other:?}"),
+        }
+    };
+    // Two callers' calls run; both callers leave.
+    let firsts = [call(44, flags::NO_WAIT, 30_000), call(45, 0, 30_000)];
+    assert!(wait_until(WAIT, || stats(&calc).running == 2));
+    drop(firsts);
+    assert!(wait_until(WAIT, || pending() == 0));
+    // The instance stops: it gives up the name and finishes the calls.
+    svc.signal(libc::SIGTERM);
+    wait_registered(b.dir(), "calc", 0);
+    // Both come back within the grace.
+    let (no_wait, no_wait_message) = code_of(&mut call(44, flags::NO_WAIT, 30_000));
+    let (waits, waits_message) = code_of(&mut call(45, 0, 300));
+    assert!(svc.wait_exit(WAIT).is_some_and(|s| s.success()));
+    // A no_wait resubmission, and one that waits until its deadline.
+    assert_eq!(
+        (no_wait, waits),
+        (Some(ErrorCode::ServiceGone), Some(ErrorCode::Timeout)),
+        "{no_wait_message:?}, {waits_message:?}"
+    );
+}
+
 /// Calls outstanding at services, by the broker's `zrpcd.peers`.
 fn outstanding(b: &Broker) -> u64 {
     let c = BlockingClient::connect_to(b.dir()).expect("connect");
