@@ -171,7 +171,10 @@ impl Broker {
         } else {
             self.orphans.adopt((caller_ident.1.uid, caller_ident.0, id))
         };
-        let prefer = adopted.as_ref().map(|o| o.service);
+        let prefer = adopted
+            .as_ref()
+            .map(|o| o.service)
+            .filter(|&s| s != crate::orphans::NO_SERVICE);
         let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         let kept = KeptPayload::new(payload);
         let new = NewCall {
@@ -185,10 +188,12 @@ impl Broker {
         };
         let bid = self.pending.insert(new, now, deadline);
         if let Some(orphan) = adopted {
-            self.orphans.adopted_by(bid, orphan);
+            if orphan.service != crate::orphans::NO_SERVICE {
+                self.orphans.adopted_by(bid, orphan);
+            }
             // Delivered before: if its instance gave up the name meanwhile
-            // (stopping, still running it), "no service" answers must not
-            // say that it never ran.
+            // (stopping, still running it) or disconnected, "no service"
+            // answers must not say that it never ran.
             if let Some(p) = self.pending.get_mut(bid) {
                 p.delivered_before();
             }
