@@ -298,6 +298,108 @@ fn a_caller_that_comes_back_after_its_grace_runs_the_call_again() {
     assert_eq!((s.started, s.finished, s.dropped), (2, 1, 1), "{s:?}");
 }
 
+/// A raw caller with `instance` making call 7, `calc.hold(3000)`, with
+/// `flags` and a deadline of `timeout_ms`.
+fn raw_hold_3s(b: &Broker, instance: u64, flags: u32, timeout_ms: u64) -> zrpc_tests::raw::Raw {
+    let mut raw = zrpc_tests::raw::Raw::connect(b.dir());
+    let (kind, _) = raw.hello_as(instance).expect("welcome");
+    assert_eq!(kind, zrpc_proto::Kind::Welcome);
+    raw.send(
+        &zrpc_proto::Envelope::Call {
+            id: 7,
+            service: "calc",
+            method: "hold",
+            timeout_ms: Some(timeout_ms),
+            flags,
+        },
+        &uint16(3000),
+    );
+    raw
+}
+
+/// The code and message of the result of call 7.
+fn code_of(raw: &mut zrpc_tests::raw::Raw) -> (Option<zrpc_proto::ErrorCode>, String) {
+    let f = raw.recv_frame().expect("the result of call 7");
+    match f.decode().expect("envelope") {
+        zrpc_proto::Envelope::Result {
+            id: 7,
+            code,
+            message,
+        } => (code, message.to_owned()),
+        other => panic!("expected the Result of call 7, got {other:?}"),
+    }
+}
+
+/// A caller back within its grace whose call's instance gave up the name
+/// meanwhile (a graceful stop: it still runs the call) and with no other
+/// instance of it: the broker delivered the call, so the resubmission must
+/// not be answered as if it never ran (`NoSuchService` for a `no_wait`
+/// call, `TimeoutNoService` for one that waits until its deadline), the
+/// same rule as for a call whose instance died.
+#[test]
+fn a_resubmission_whose_instance_gave_up_the_name_is_not_reported_as_never_delivered() {
+    use zrpc_proto::{flags, ErrorCode};
+    let b = Broker::start_with(&["--caller-grace", "10"]);
+    let mut svc = service(&b, None);
+    let calc = blocking(&b);
+    let pending = || zrpc_tests::broker_stat(b.dir(), "pending");
+    let call = |instance, flags, timeout_ms| raw_hold_3s(&b, instance, flags, timeout_ms);
+    // Two callers' calls run; both callers leave.
+    let firsts = [call(44, flags::NO_WAIT, 30_000), call(45, 0, 30_000)];
+    assert!(wait_until(WAIT, || stats(&calc).running == 2));
+    drop(firsts);
+    assert!(wait_until(WAIT, || pending() == 0));
+    // The instance stops: it gives up the name and finishes the calls.
+    svc.signal(libc::SIGTERM);
+    wait_registered(b.dir(), "calc", 0);
+    // Both come back within the grace.
+    let (no_wait, no_wait_message) = code_of(&mut call(44, flags::NO_WAIT, 30_000));
+    let (waits, waits_message) = code_of(&mut call(45, 0, 300));
+    assert!(svc.wait_exit(WAIT).is_some_and(|s| s.success()));
+    // A no_wait resubmission, and one that waits until its deadline.
+    assert_eq!(
+        (no_wait, waits),
+        (Some(ErrorCode::ServiceGone), Some(ErrorCode::Timeout)),
+        "{no_wait_message:?}, {waits_message:?}"
+    );
+}
+
+/// The same when the instance that had the call died while its caller was
+/// away: a caller that left while its call ran (an orphan) and one that
+/// left while its call waited for a new instance after the first died both
+/// come back within their grace, with no instance of the name: the broker
+/// delivered their calls, which may have run.
+#[test]
+fn a_resubmission_whose_instance_died_while_its_caller_was_away_is_not_reported_as_never_delivered()
+{
+    use zrpc_proto::{flags, ErrorCode};
+    let b = Broker::start_with(&["--caller-grace", "10"]);
+    let mut svc = service(&b, None);
+    let calc = blocking(&b);
+    let pending = || zrpc_tests::broker_stat(b.dir(), "pending");
+    let orphan = raw_hold_3s(&b, 46, flags::NO_WAIT, 30_000);
+    let parked = raw_hold_3s(&b, 47, 0, 30_000);
+    assert!(wait_until(WAIT, || stats(&calc).running == 2));
+    drop(calc);
+    // One caller leaves while its call runs...
+    drop(orphan);
+    assert!(wait_until(WAIT, || pending() == 1));
+    // ...the instance dies (the other call waits for a new one)...
+    svc.signal(libc::SIGKILL);
+    assert!(svc.wait_exit(WAIT).is_some(), "the service did not exit");
+    wait_registered(b.dir(), "calc", 0);
+    // ...and the other caller leaves too.
+    drop(parked);
+    assert!(wait_until(WAIT, || pending() == 0));
+    let (no_wait, no_wait_message) = code_of(&mut raw_hold_3s(&b, 46, flags::NO_WAIT, 30_000));
+    let (waits, waits_message) = code_of(&mut raw_hold_3s(&b, 47, 0, 300));
+    assert_eq!(
+        (no_wait, waits),
+        (Some(ErrorCode::ServiceGone), Some(ErrorCode::Timeout)),
+        "{no_wait_message:?}, {waits_message:?}"
+    );
+}
+
 /// Calls outstanding at services, by the broker's `zrpcd.peers`.
 fn outstanding(b: &Broker) -> u64 {
     let c = BlockingClient::connect_to(b.dir()).expect("connect");

@@ -23,6 +23,7 @@ mod stats;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 use zrpc_client::{Client, ClientBuilder};
@@ -71,15 +72,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             monitor::run(&zrpc_proto::resolve_socket_dir(dir.as_deref()), &args)
         }
         Command::Call(args) => block_on(async move {
-            let client = connect(dir.as_deref()).await?;
+            let client = connect(dir.as_deref(), args.timeout.0).await?;
             call::run(client, args).await
         }),
         Command::List(args) => block_on(async move {
-            let client = connect(dir.as_deref()).await?;
+            let client = connect(dir.as_deref(), Some(args.timeout)).await?;
             list::run(&client, &args).await
         }),
         Command::Stats(args) => block_on(async move {
-            let client = connect(dir.as_deref()).await?;
+            let client = connect(dir.as_deref(), Some(args.timeout)).await?;
             stats::run(&client, &args).await
         }),
     }
@@ -93,8 +94,20 @@ fn block_on<F: std::future::Future<Output = Result<(), Failure>>>(f: F) -> Resul
         .block_on(f)
 }
 
-async fn connect(dir: Option<&Path>) -> Result<Client, Failure> {
-    let mut b = ClientBuilder::default().agent(AGENT);
+/// The shortest bound on connecting to zrpcd a command's `--timeout` gives:
+/// a short call timeout (0.2 s, say) must not turn a slow handshake on a
+/// loaded machine into "cannot connect" (exit 2) instead of the call's own
+/// outcome.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A client of the broker in `dir`. Connecting (and every reconnection) is
+/// bounded by the command's `timeout` too (`None`: no timeout), so that a
+/// stopped or wedged broker does not hold a command long past it: between
+/// [`MIN_CONNECT_TIMEOUT`] and the clients' default.
+async fn connect(dir: Option<&Path>, timeout: Option<Duration>) -> Result<Client, Failure> {
+    let most = zrpc_client::DEFAULT_CONNECT_TIMEOUT;
+    let bound = timeout.map_or(most, |t| t.clamp(MIN_CONNECT_TIMEOUT, most));
+    let mut b = ClientBuilder::default().agent(AGENT).connect_timeout(bound);
     if let Some(d) = dir {
         b = b.socket_dir(PathBuf::from(d));
     }

@@ -245,6 +245,36 @@ fn connection_error_without_a_broker() {
     }
 }
 
+/// A stopped broker (SIGSTOP) still completes connections from its listen
+/// backlog but never answers `Hello`: `--timeout` bounds the connection
+/// too (at least 1 s), so each command gives up (exit 2) about when it says
+/// it would, not at the client's 10 s connect timeout.
+#[test]
+fn timeout_bounds_connecting_to_a_stopped_broker() {
+    let b = Broker::start();
+    b.proc.signal(libc::SIGSTOP);
+    let runs: Vec<_> = [
+        &["call", "echo", "echo", "1", "--timeout", "0.5"][..],
+        &["list", "--timeout", "0.5"],
+        &["stats", "--timeout", "0.5"],
+    ]
+    .into_iter()
+    .map(|args| {
+        let start = std::time::Instant::now();
+        let out = zrpc(&b, args);
+        (args, out, start.elapsed())
+    })
+    .collect();
+    b.proc.signal(libc::SIGCONT);
+    for (args, out, took) in runs {
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(
+            took < std::time::Duration::from_secs(4),
+            "{args:?} gave up after {took:?} with --timeout 0.5: {out:?}"
+        );
+    }
+}
+
 #[test]
 fn socket_dir_flag_wins_over_the_environment() {
     let (b, _svc) = echo_broker();

@@ -115,7 +115,8 @@ impl ClientBuilder {
     ///
     /// Fails with [`Error::Connect`] if the broker cannot be reached now
     /// (at once if its listen backlog is full: a broker stopped, wedged or
-    /// overloaded), or does not complete the handshake within 10 s; once
+    /// overloaded), or does not complete the handshake within the
+    /// [connect timeout](Self::connect_timeout) (10 s by default); once
     /// connected, the client reconnects by itself (see [`Client`]).
     pub async fn connect(self) -> Result<Client> {
         let settings = self.settings();
@@ -142,7 +143,8 @@ impl ClientBuilder {
     /// Connects a [`BlockingClient`].
     ///
     /// Fails with [`Error::Connect`] if the broker cannot be reached now,
-    /// or does not complete the handshake within 10 s (a broker that is
+    /// or does not complete the handshake within the
+    /// [connect timeout](Self::connect_timeout) (10 s by default: a broker that is
     /// stopped or wedged, its listen backlog full, say);
     /// once connected, the client reconnects by itself (see
     /// [`BlockingClient`]).

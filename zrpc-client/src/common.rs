@@ -17,9 +17,6 @@ use crate::{CallOptions, Error, Result};
 /// answer before giving up locally.
 pub(crate) const SAFETY_MARGIN: Duration = Duration::from_secs(2);
 
-/// How long `connect` waits for the broker's `Welcome`.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Frames at least this large are queued as their own chunk instead of being
 /// copied into the shared write buffer.
 pub(crate) const LARGE_FRAME: usize = 64 * 1024;
@@ -52,7 +49,7 @@ impl Settings {
             instance: new_instance_id(),
             backoff,
             max_hold: crate::hold::MAX_HOLD,
-            handshake_timeout: HANDSHAKE_TIMEOUT,
+            handshake_timeout: crate::DEFAULT_CONNECT_TIMEOUT,
         }
     }
 

@@ -30,11 +30,13 @@ pub enum Error {
         /// True when the broker reports that no service held the name until
         /// the deadline passed (a misspelt or stopped service): the call was
         /// never delivered. False for a call whose instance disconnected and
-        /// that then waited for a new one: it may have run.
+        /// that then waited for a new one, or that the client resubmitted
+        /// after losing its broker: it may have run.
         no_service: bool,
     },
     /// No service holds the name (only with `no_wait`): the call was never
-    /// delivered.
+    /// delivered (a call resubmitted after losing the broker gets
+    /// [`Error::ServiceGone`] instead).
     #[error("no service named {service:?} is registered")]
     NoSuchService {
         /// Target service.
@@ -86,8 +88,9 @@ pub enum Error {
         message: String,
     },
     /// The instance handling the call disconnected and the call had
-    /// `no_retry`, or had `no_wait` and no other instance held the name.
-    /// The call may have run.
+    /// `no_retry`, or had `no_wait` and no other instance held the name; or
+    /// a `no_wait` call the client resubmitted after losing its broker
+    /// found no instance of the name at the new one. The call may have run.
     #[error("the instance of service {service:?} handling the call disconnected")]
     ServiceGone {
         /// Target service.

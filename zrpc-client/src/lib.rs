@@ -130,6 +130,9 @@ pub use error::{Error, Result};
 pub use monitor::Monitor;
 pub use options::CallOptions;
 pub use rmpv::Value;
+/// How long connecting to the broker and the handshake may take unless
+/// [`ClientBuilder::connect_timeout`] says otherwise (10 s).
+pub use zrpc_io::handshake::DEFAULT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT;
 pub use zrpc_io::Backoff;
 pub use zrpc_macros::interface;
 pub use zrpc_proto::{Blob, ErrorCode};

@@ -22,6 +22,11 @@ use crate::trust::{check_broker, UntrustedBroker};
 /// Largest frame accepted during the handshake.
 pub const MAX_BODY: u32 = 64 * 1024;
 
+/// How long connecting to the broker and the handshake may take unless the
+/// peer says otherwise (`ClientBuilder::connect_timeout`,
+/// `Server::connect_timeout`, the `zrpc` commands' `--timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The longest timeout [`connect_blocking`] keeps (a longer one is cut to
 /// it).
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -359,11 +364,19 @@ pub fn connect_blocking(
     let deadline = Instant::now() + timeout;
     let sock = connect_until(path, timeout, deadline).map_err(err)?;
     check_broker(&sock, path)?;
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    sock.set_read_timeout(Some(left)).map_err(err)?;
-    sock.set_write_timeout(Some(left)).map_err(err)?;
+    // The time left, or the timeout's error once it ran out: the socket
+    // timeouts bound one send or read each, so each is given what is left
+    // (a broker answering a byte at a time, or signals restarting the
+    // reads, would otherwise stretch the handshake without bound).
+    let left = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(err(timed_out(timeout)))
+        } else {
+            Ok(left)
+        }
+    };
+    sock.set_write_timeout(Some(left()?)).map_err(err)?;
     crate::write::write_all_blocking(&sock, &[hello]).map_err(|(_, e)| {
         err(if crate::read::is_timeout(&e) {
             timed_out(timeout)
@@ -379,6 +392,7 @@ pub fn connect_blocking(
         if r.buf.capacity() == r.buf.len() {
             r.buf.reserve(16 * 1024);
         }
+        sock.set_read_timeout(Some(left()?)).map_err(err)?;
         match read_spare_fds(&sock, &mut r.buf, &mut r.fds) {
             Ok(0) => return Err(err(closed())),
             Ok(_) => {}
@@ -656,6 +670,52 @@ mod tests {
         if let Some(dir) = path.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+
+    /// A broker that answers `Hello` a byte at a time, each byte well
+    /// within the timeout but the whole `Welcome` far past it: the
+    /// timeout bounds the handshake, not each read.
+    #[test]
+    fn a_welcome_trickling_in_does_not_outlast_the_timeout() {
+        let path = fresh_socket_path("trickle");
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let l = UnixListener::bind(&path).expect("bind");
+        let answer = frame(&Envelope::Welcome {
+            version: PROTOCOL_VERSION,
+            conn_id: 4,
+            max_message_size: 1000,
+            caps: 0,
+        });
+        let whole = Duration::from_millis(150) * u32::try_from(answer.len()).expect("small");
+        assert!(whole >= Duration::from_secs(2), "{whole:?}");
+        let broker = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let mut hello = vec![0u8; 256];
+            let _ = s.read(&mut hello).expect("read hello");
+            // The pace of the broker's answer, not a synchronisation: it
+            // stops when the client gives up (EPIPE).
+            for b in answer {
+                if s.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        });
+        let timeout = Duration::from_millis(400);
+        let start = Instant::now();
+        let r = connect_blocking(&path, &hello_frame(1, "t"), timeout);
+        let took = start.elapsed();
+        match r {
+            Err(HandshakeError::Connect { source, .. })
+                if source.kind() == io::ErrorKind::TimedOut => {}
+            other => panic!(
+                "expected a TimedOut connect error after {timeout:?}, got {:?} after {took:?}",
+                other.map(|c| c.welcome)
+            ),
+        }
+        assert!(took < Duration::from_millis(1500), "gave up after {took:?}");
+        broker.join().expect("broker");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -17,8 +17,9 @@ use crate::conn::Conn;
 use crate::error::Error;
 
 /// How long connecting, the handshake and name registration may take, by
-/// default ([`Server::connect_timeout`](crate::Server::connect_timeout)).
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// default ([`Server::connect_timeout`](crate::Server::connect_timeout)):
+/// the clients' default too.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = zrpc_io::handshake::DEFAULT_TIMEOUT;
 
 /// The `agent` string sent in `Hello`.
 const AGENT: &str = concat!("zrpc-service/", env!("CARGO_PKG_VERSION"));

@@ -10,6 +10,12 @@
 //! out, the service is sent `Cancel` for the delivery and drops the
 //! handler.
 //!
+//! A call its caller left while no instance ran it any more (its instance
+//! had disconnected), or whose instance disconnects during the grace, is
+//! remembered the same way, with nothing to cancel ([`NO_SERVICE`]): its
+//! resubmission is then known as a call delivered before, which may have
+//! run.
+//!
 //! Private state behind a narrow API: [`Orphans::add`] when a caller
 //! leaves, [`Orphans::adopt`] when a call arrives, [`Orphans::expired`]
 //! when the timer fires, [`Orphans::service_gone`] when a service leaves.
@@ -26,10 +32,18 @@ use crate::peers::PeerId;
 /// (from `Hello`, kept across reconnects) and its call id.
 pub type CallerKey = (u32, u64, u64);
 
+/// [`Orphan::service`] of a call no instance runs now: its instance
+/// disconnected, or its caller left while it waited for a new instance
+/// after the first disconnected. It is kept for the caller's grace all the
+/// same, with nothing to cancel, so that a resubmission is known as a call
+/// delivered before (it may have run: no "never ran" answer for it).
+/// Peer ids start at 1.
+pub const NO_SERVICE: PeerId = 0;
+
 /// A delivered call whose caller is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Orphan {
-    /// The service connection running it.
+    /// The service connection running it ([`NO_SERVICE`]: none).
     pub service: PeerId,
     /// The broker's request id of the delivery (what `Cancel` names).
     pub request: u64,
@@ -144,20 +158,22 @@ impl Orphans {
         out
     }
 
-    /// Forgets the orphans running on `service` (it disconnected: nothing
-    /// to cancel).
+    /// The orphans running on `service` run nowhere now (it disconnected:
+    /// nothing to cancel); they stay until their grace ends, as calls
+    /// delivered before ([`NO_SERVICE`]).
     pub fn service_gone(&mut self, service: PeerId) {
         if self.is_empty() {
             return;
         }
-        let by_time = &mut self.by_time;
-        self.by_caller.retain(|caller, (o, until)| {
-            let keep = o.service != service;
-            if !keep {
-                by_time.remove(&(*until, *caller));
+        for (o, _) in self.by_caller.values_mut() {
+            if o.service == service {
+                *o = Orphan {
+                    service: NO_SERVICE,
+                    request: o.request,
+                    earlier: Vec::new(),
+                };
             }
-            keep
-        });
+        }
     }
 }
 
@@ -184,10 +200,16 @@ mod tests {
         assert_eq!(o.adopt((1000, 1, 2)), None);
         assert!(o.expired(t0).is_empty());
         assert_eq!(o.expired(t0 + Duration::from_secs(2)), vec![orphan(7, 1)]);
+        // Its service gone, call 3 is still known until its grace ends, as
+        // a call that runs nowhere.
         o.service_gone(7);
+        assert_eq!(o.len(), 1);
+        assert_eq!(o.next_deadline(), Some(t0 + Duration::from_secs(3)));
+        assert_eq!(
+            o.expired(t0 + Duration::from_secs(9)),
+            vec![orphan(NO_SERVICE, 3)]
+        );
         assert!(o.is_empty());
-        assert_eq!(o.next_deadline(), None);
-        assert!(o.expired(t0 + Duration::from_secs(9)).is_empty());
     }
 
     #[test]

@@ -171,7 +171,10 @@ impl Broker {
         } else {
             self.orphans.adopt((caller_ident.1.uid, caller_ident.0, id))
         };
-        let prefer = adopted.as_ref().map(|o| o.service);
+        let prefer = adopted
+            .as_ref()
+            .map(|o| o.service)
+            .filter(|&s| s != crate::orphans::NO_SERVICE);
         let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         let kept = KeptPayload::new(payload);
         let new = NewCall {
@@ -185,7 +188,15 @@ impl Broker {
         };
         let bid = self.pending.insert(new, now, deadline);
         if let Some(orphan) = adopted {
-            self.orphans.adopted_by(bid, orphan);
+            if orphan.service != crate::orphans::NO_SERVICE {
+                self.orphans.adopted_by(bid, orphan);
+            }
+            // Delivered before: if its instance gave up the name meanwhile
+            // (stopping, still running it) or disconnected, "no service"
+            // answers must not say that it never ran.
+            if let Some(p) = self.pending.get_mut(bid) {
+                p.delivered_before();
+            }
         }
         // The call's route keeps the tag of the service's statistics row
         // (registered names only; calls to others count under
@@ -337,10 +348,11 @@ impl Broker {
         let Some(target) = target else {
             if call_flags & flags::NO_WAIT != 0 {
                 // `NoSuchService` says the call never ran: not so for a call
-                // whose instance disconnected while it had it.
+                // whose instance disconnected while it had it (or gave up
+                // the name while its caller was away).
                 let (code, msg) = if redelivery {
                     let msg = format!(
-                        "the service instance handling the call disconnected and no other instance holds the name {service:?} (the call may have run)"
+                        "the service instance that had the call disconnected or gave up the name, and no other instance holds the name {service:?} (the call may have run)"
                     );
                     (ErrorCode::ServiceGone, msg)
                 } else {
@@ -615,7 +627,7 @@ impl Broker {
             Stage::Parked if p.was_delivered() => (
                 ErrorCode::Timeout,
                 format!(
-                    "the service instance handling {method:?} disconnected and no instance of {service:?} took the call over before the deadline (the call may have run)"
+                    "the service instance that had {method:?} disconnected or gave up the name, and no instance of {service:?} took the call over before the deadline (the call may have run)"
                 ),
             ),
             Stage::Parked => (

@@ -211,8 +211,14 @@ impl Broker {
             // caller's grace (capped by its deadline): the caller may come
             // back and resubmit it, to be answered by the service's reply
             // cache. Then it is cancelled there (crate::orphans).
+            // A call parked again after its instance disconnected is
+            // remembered too (running nowhere): its resubmission must not
+            // be answered as if it never ran.
             let delivered = self.pending.get(bid).and_then(|c| match c.stage() {
                 Stage::Delivered(svc) => Some((svc, c.caller_call)),
+                Stage::Parked if c.was_delivered() => {
+                    Some((crate::orphans::NO_SERVICE, c.caller_call))
+                }
                 Stage::Parked => None,
             });
             let until = self
@@ -230,7 +236,8 @@ impl Broker {
             };
             self.finish(bid, outcome, now);
         }
-        // A service that leaves has no orphans left to cancel.
+        // A service that leaves has no orphans left to cancel (they are
+        // remembered as delivered until their grace ends).
         self.orphans.service_gone(peer);
         // The scans below walk the whole pending table; the peer's counters
         // say whether there is anything to find (a client that disconnects

@@ -118,6 +118,17 @@ impl Pending {
         };
     }
 
+    /// The call was delivered before this entry existed: it resubmits a
+    /// call whose caller left while an instance had it (an orphan it
+    /// adopted, see `crate::orphans`). It counts as delivered (see
+    /// [`was_delivered`](Self::was_delivered)): that instance may have run
+    /// it, or still runs it.
+    pub fn delivered_before(&mut self) {
+        if self.target == 0 {
+            self.target = PARKED_AFTER_DELIVERY;
+        }
+    }
+
     /// Whether the call was ever delivered to a service, also if it is
     /// parked again now (the instance that had it disconnected): it may
     /// then have run, and must not be answered with a code that says it
@@ -522,6 +533,17 @@ mod tests {
         p.set_stage(Stage::Parked);
         assert_eq!(p.stage(), Stage::Parked);
         assert!(p.was_delivered());
+        // A resubmission adopting an orphan: parked, delivered before.
+        let id = t.insert(call(3, 5, "s"), Instant::now(), None);
+        let p = t.get_mut(id).expect("pending");
+        p.delivered_before();
+        assert_eq!(p.stage(), Stage::Parked);
+        assert!(p.was_delivered());
+        p.set_stage(Stage::Parked);
+        assert!(p.was_delivered(), "still, once parked");
+        p.set_stage(Stage::Delivered(9));
+        p.delivered_before();
+        assert_eq!(p.stage(), Stage::Delivered(9), "a delivered call stays so");
     }
 
     #[test]
