@@ -210,3 +210,126 @@ def test_connect_timeout_defaults_to_the_handshake_timeout(socket_dir):
     assert AioMute(name="mute", socket_dir=socket_dir).connect_timeout == 5.0
     assert aio.Client(socket_dir).connect_timeout == 5.0
     assert Client.__init__.__kwdefaults__["connect_timeout"] == 5.0
+
+
+class Trickle:
+    """A "broker" that answers slowly, one byte every ``GAP`` seconds (less than the connect
+    timeout, so that each read gets something in time): ``Welcome`` (padded, so that the whole
+    takes several seconds), and, with ``ack``, after a prompt ``Welcome``, the ``Ack`` of the
+    first registration. It stops writing when the peer goes away."""
+
+    GAP = 0.2
+    PAD = "x" * 24
+
+    def __init__(self, socket_dir, ack=False):
+        self.ack = ack
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
+        self.listener.listen(8)
+        self.held = []
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.held.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn, frame):
+        for i in range(len(frame)):
+            if self.closed.wait(self.GAP):
+                return
+            conn.sendall(frame[i:i + 1])
+
+    def _serve(self, conn):
+        try:
+            conn.recv(4096)  # the Hello
+            welcome = _proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0, self.PAD])
+            if not self.ack:
+                self._trickle(conn, welcome)
+                return
+            conn.sendall(welcome)
+            conn.recv(4096)  # the Register (req 1)
+            self._trickle(conn, _proto.encode_frame([_proto.ACK, 1, 0, self.PAD]))
+        except OSError:
+            pass  # the peer gave up
+
+    def close(self):
+        self.closed.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for c in self.held:
+            c.close()
+
+
+SLOW_TIMEOUT = 0.6
+
+
+def _first_connection(kind, socket_dir):
+    """Makes a first connection of ``kind`` with ``connect_timeout=SLOW_TIMEOUT`` (in a thread,
+    waited for at most 5 s: a server that connected serves, and is stopped then); returns its
+    error (``None`` if it raised none) and how long it took."""
+    server = None
+    if kind == "server":
+        server = Mute(name="mute", socket_dir=socket_dir, stop_on_signals=False, drain_timeout=1,
+                        connect_timeout=SLOW_TIMEOUT)
+        run = server.run
+    elif kind == "aio server":
+        server = AioMute(name="mute", socket_dir=socket_dir, stop_on_signals=False, drain_timeout=1,
+                        connect_timeout=SLOW_TIMEOUT)
+        run = lambda: asyncio.run(server.serve())  # noqa: E731
+    elif kind == "client":
+        run = lambda: Client(socket_dir, connect_timeout=SLOW_TIMEOUT).close()  # noqa: E731
+    else:
+        async def aio_client():
+            await (await aio.Client.connect(socket_dir, connect_timeout=SLOW_TIMEOUT)).close()
+        run = lambda: asyncio.run(aio_client())  # noqa: E731
+    out = {}
+
+    def target():
+        try:
+            run()
+        except Exception as e:  # reported to the test
+            out["error"] = e
+        out["took"] = time.monotonic() - start
+
+    start = time.monotonic()
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive() and server is not None:
+        server.shutdown()
+    t.join(15)
+    assert not t.is_alive(), "the %s did not return" % kind
+    return out.get("error"), out["took"]
+
+
+@pytest.mark.parametrize("kind", ["client", "aio client", "server", "aio server"])
+def test_connect_timeout_bounds_a_welcome_that_trickles_in(socket_dir, kind):
+    # Each byte of Welcome comes within the timeout, the whole after ~6 s: the timeout bounds
+    # the handshake as a whole, not each read of it (which let it last ~6 s, or for ever).
+    fake = Trickle(socket_dir)
+    try:
+        e, took = _first_connection(kind, socket_dir)
+        assert isinstance(e, errors.ConnectError), "%r after %.2f s" % (e, took)
+        assert SLOW_TIMEOUT - 0.05 <= took <= SLOW_TIMEOUT + 1.5, "failed after %.2f s: %s" % (took, e)
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("kind", ["server", "aio server"])
+def test_connect_timeout_bounds_a_registration_ack_that_trickles_in(socket_dir, kind):
+    # Welcome comes at once; each byte of the Ack within the timeout, the whole after ~4 s.
+    fake = Trickle(socket_dir, ack=True)
+    try:
+        e, took = _first_connection(kind, socket_dir)
+        assert isinstance(e, errors.ConnectError), "%r after %.2f s" % (e, took)
+        assert SLOW_TIMEOUT - 0.05 <= took <= SLOW_TIMEOUT + 1.5, "failed after %.2f s: %s" % (took, e)
+        assert "regist" in str(e), e
+    finally:
+        fake.close()

@@ -277,6 +277,7 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
     or the error of a ``Fatal``.
     """
     path = os.path.join(socket_dir, SOCKET_FILE)
+    deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
@@ -287,10 +288,11 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
         check_broker(sock, path)
         reader = FrameReader(HANDSHAKE_MAX_BODY)
         try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.sendall(encode_frame([HELLO, PROTOCOL_VERSION, instance, agent]))
             frames: list = []
             while not frames:
-                data = sock.recv(65536)
+                data = recv_by(sock, deadline)
                 if not data:
                     raise errors.ConnectError("the broker at %s closed the connection during the handshake" % path)
                 try:
@@ -316,6 +318,17 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
     except BaseException:
         sock.close()
         raise
+
+
+def recv_by(sock: socket.socket, deadline: float, size: int = 65536) -> bytes:
+    """``sock.recv(size)`` bounded by ``deadline`` (a ``time.monotonic()`` time) as a whole: a
+    peer trickling bytes in cannot stretch a wait bounded this way (a socket timeout bounds
+    each read only). Raises ``socket.timeout`` once the deadline has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    sock.settimeout(left)
+    return sock.recv(size)
 
 
 def fatal_error(env: list, what: str) -> errors.ZRPCError:

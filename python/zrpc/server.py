@@ -155,7 +155,9 @@ class Server(_service.ServerBase):
         sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent,
                                                        timeout=self.connect_timeout)
         try:
-            # A broker that accepts but never acknowledges must not hold the server for ever.
+            # A broker that accepts but never acknowledges (or trickles the Ack in) must not
+            # hold the server for ever: the registration as a whole is bounded.
+            deadline = time.monotonic() + self.connect_timeout
             sock.settimeout(self.connect_timeout)
             self._req += 1
             req = self._req
@@ -172,7 +174,7 @@ class Server(_service.ServerBase):
                         self._queue.append((env, payload))
                 if acked:
                     break
-                data = sock.recv(65536)
+                data = _proto.recv_by(sock, deadline)
                 if not data:
                     raise errors.ConnectError("the broker closed the connection while registering %r" % self.name)
                 frames = reader.feed(data)
