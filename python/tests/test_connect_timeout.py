@@ -333,3 +333,81 @@ def test_connect_timeout_bounds_a_registration_ack_that_trickles_in(socket_dir, 
         assert "regist" in str(e), e
     finally:
         fake.close()
+
+
+class Backlogged:
+    """A "broker" whose listen backlog is full: it accepts nothing until ``open()``, then
+    answers every ``Hello`` with ``Welcome``."""
+
+    def __init__(self, socket_dir):
+        self.path = os.path.join(socket_dir, _proto.SOCKET_FILE)
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen(0)
+        self.fillers = []
+        while True:  # fill the backlog: a non-blocking connect fails with EAGAIN once it is full
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(self.path)
+            except BlockingIOError:
+                s.close()
+                break
+            self.fillers.append(s)
+        self.held = []
+
+    def open(self):
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.held.append(conn)
+            conn.settimeout(0.2)
+            try:
+                if conn.recv(4096):  # the Hello (the fillers send none)
+                    conn.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0]))
+            except OSError:
+                pass
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for c in self.held + self.fillers:
+            c.close()
+
+
+@pytest.mark.parametrize("kind", ["client", "aio client"])
+def test_a_full_listen_backlog_is_waited_for_within_connect_timeout(socket_dir, kind):
+    # A broker too busy to accept at once (its backlog full) is waited for, up to
+    # connect_timeout, as a broker slow to answer Hello is (and as zrpc-io's blocking
+    # connect_until does), instead of failing at once with a bare EAGAIN.
+    fake = Backlogged(socket_dir)
+    try:
+        timer = threading.Timer(0.3, fake.open)
+        timer.start()
+        start = time.monotonic()
+        if kind == "client":
+            Client(socket_dir, connect_timeout=5).close()
+        else:
+            async def connect():
+                await (await aio.Client.connect(socket_dir, connect_timeout=5)).close()
+            asyncio.run(connect())
+        took = time.monotonic() - start
+        assert took >= 0.25, "connected after %.2f s, before the broker accepted?" % took
+        timer.join()
+    finally:
+        fake.close()
+
+
+def test_a_full_listen_backlog_fails_at_connect_timeout_saying_so(socket_dir):
+    fake = Backlogged(socket_dir)
+    try:
+        e = fails_in_time(lambda: Client(socket_dir, connect_timeout=SHORT))
+        assert "backlog" in str(e), e
+    finally:
+        fake.close()

@@ -258,6 +258,35 @@ def check_connect_timeout(value: Any) -> float:
     return float(value)
 
 
+#: Longest pause between two attempts to connect to a broker whose listen backlog is full.
+BACKLOG_POLL = 0.05
+
+
+def connect_by(sock: socket.socket, path: str, deadline: float, timeout: float) -> None:
+    """Connects ``sock`` to the broker's socket at ``path``, waiting until ``deadline`` (a
+    ``time.monotonic()`` time; ``timeout`` is the whole, for the message) for room in its
+    listen backlog: a UNIX socket's connect fails at once with ``EAGAIN`` when the backlog is
+    full (a broker stopped, wedged or overloaded) and leaves nothing to wait on, so it is
+    tried again, every few ms up to :data:`BACKLOG_POLL` s (as zrpc-io's ``connect_until``
+    waits). Raises :class:`errors.ConnectError`."""
+    pause = 0.001
+    while True:
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.ConnectError(
+                    "zrpcd at %s did not accept the connection within %g s: its listen backlog is "
+                    "full (is it stopped, wedged or overloaded?)" % (path, timeout)) from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, BACKLOG_POLL)
+        except OSError as e:
+            raise errors.ConnectError("cannot connect to zrpcd at %s: %s%s" % (path, e, _connect_hint(e))) from None
+
+
 class Welcome:
     """What the broker's ``Welcome`` said."""
 
@@ -280,11 +309,7 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        try:
-            sock.settimeout(timeout)
-            sock.connect(path)
-        except OSError as e:
-            raise errors.ConnectError("cannot connect to zrpcd at %s: %s%s" % (path, e, _connect_hint(e))) from None
+        connect_by(sock, path, deadline, timeout)
         check_broker(sock, path)
         reader = FrameReader(HANDSHAKE_MAX_BODY)
         try:
