@@ -411,3 +411,57 @@ def test_a_full_listen_backlog_fails_at_connect_timeout_saying_so(socket_dir):
         assert "backlog" in str(e), e
     finally:
         fake.close()
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("kind", ["aio client", "aio server"])
+def test_a_cancelled_aio_connect_closes_its_socket_at_once(socket_dir, kind):
+    # The broker takes the connection and never answers Hello. Cancelling the connect
+    # (aio.Client.connect, or serve() connecting) closes the client's socket at once, leaves
+    # no thread behind, and asyncio.run() returns at once: the handshake ran in an executor
+    # thread, which went on, socket open, until connect_timeout (5 s) had passed, and
+    # asyncio.run() waited for it.
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
+    listener.listen(8)
+    listener.setblocking(False)
+    threads = threading.active_count()
+    seen = {}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        base = _fds()
+        if kind == "aio client":
+            task = asyncio.ensure_future(aio.Client.connect(socket_dir, connect_timeout=5))
+        else:
+            server = AioMute(name="mute", socket_dir=socket_dir, stop_on_signals=False, connect_timeout=5)
+            task = asyncio.ensure_future(server.serve())
+        held, _ = await asyncio.wait_for(loop.sock_accept(listener), 5)
+        await asyncio.sleep(0.05)  # the Hello is sent, its answer awaited
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        held.setblocking(False)
+        seen["eof"] = False
+        try:
+            while not seen["eof"]:  # the Hello, then the end of the stream (if closed)
+                seen["eof"] = held.recv(4096) == b""
+        except BlockingIOError:
+            pass  # the client's end is still open
+        held.close()
+        seen["fds"] = _fds() - base
+        seen["threads"] = threading.active_count() - threads
+
+    start = time.monotonic()
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
+    took = time.monotonic() - start
+    assert seen["eof"], "the cancelled connect's socket is still open"
+    assert seen["fds"] == 0, "%d descriptors more than before the connect" % seen["fds"]
+    assert seen["threads"] == 0, "%d threads more than before the connect" % seen["threads"]
+    assert took < 2.5, "asyncio.run() returned %.2f s after the start" % took

@@ -258,35 +258,6 @@ def check_connect_timeout(value: Any) -> float:
     return float(value)
 
 
-#: Longest pause between two attempts to connect to a broker whose listen backlog is full.
-BACKLOG_POLL = 0.05
-
-
-def connect_by(sock: socket.socket, path: str, deadline: float, timeout: float) -> None:
-    """Connects ``sock`` to the broker's socket at ``path``, waiting until ``deadline`` (a
-    ``time.monotonic()`` time; ``timeout`` is the whole, for the message) for room in its
-    listen backlog: a UNIX socket's connect fails at once with ``EAGAIN`` when the backlog is
-    full (a broker stopped, wedged or overloaded) and leaves nothing to wait on, so it is
-    tried again, every few ms up to :data:`BACKLOG_POLL` s (as zrpc-io's ``connect_until``
-    waits). Raises :class:`errors.ConnectError`."""
-    pause = 0.001
-    while True:
-        try:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.connect(path)
-            return
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise errors.ConnectError(
-                    "zrpcd at %s did not accept the connection within %g s: its listen backlog is "
-                    "full (is it stopped, wedged or overloaded?)" % (path, timeout)) from None
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, BACKLOG_POLL)
-        except OSError as e:
-            raise errors.ConnectError("cannot connect to zrpcd at %s: %s%s" % (path, e, _connect_hint(e))) from None
-
-
 class Welcome:
     """What the broker's ``Welcome`` said."""
 
@@ -295,39 +266,78 @@ class Welcome:
         self.max_message_size = max_message_size
 
 
-def connect(socket_dir: str, instance: int, agent: str = AGENT,
-            timeout: float = HANDSHAKE_TIMEOUT) -> Tuple[socket.socket, Welcome, FrameReader, list]:
-    """Connects to the broker in ``socket_dir``: checks its uid, sends ``Hello``, waits for ``Welcome``.
+#: Longest pause between two attempts to connect to a broker whose listen backlog is full.
+BACKLOG_POLL = 0.05
 
-    Returns the blocking socket, the welcome, the frame reader to keep using
-    (sized to the announced limit) and any frames that arrived after the
-    welcome. Raises :class:`errors.ConnectError`,
-    :class:`errors.UntrustedBrokerError`, :class:`errors.VersionMismatchError`
-    or the error of a ``Fatal``.
+
+def broker_path(socket_dir: str) -> str:
+    """The broker's socket in ``socket_dir``."""
+    return os.path.join(socket_dir, SOCKET_FILE)
+
+
+def connect_steps(sock: socket.socket, path: str, deadline: float, timeout: float):
+    """Connects ``sock`` (non-blocking, or with a timeout) to the broker's socket at ``path``,
+    waiting until ``deadline`` (a ``time.monotonic()`` time; ``timeout`` is the whole, for the
+    message) for room in its listen backlog. A generator: it yields how many seconds to pause
+    before the next attempt (the blocking flavour sleeps, the asyncio one awaits) and ends
+    once connected.
+
+    A UNIX socket's connect fails at once with ``EAGAIN`` when the backlog is full (a broker
+    stopped, wedged or overloaded) and leaves nothing to wait on, so it is tried again, every
+    few ms up to :data:`BACKLOG_POLL` s (as zrpc-io's ``connect_until`` waits). Raises
+    :class:`errors.ConnectError`.
     """
-    path = os.path.join(socket_dir, SOCKET_FILE)
-    deadline = time.monotonic() + timeout
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        connect_by(sock, path, deadline, timeout)
-        check_broker(sock, path)
-        reader = FrameReader(HANDSHAKE_MAX_BODY)
+    pause = 0.001
+    while True:
         try:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(encode_frame([HELLO, PROTOCOL_VERSION, instance, agent]))
-            frames: list = []
-            while not frames:
-                data = recv_by(sock, deadline)
-                if not data:
-                    raise errors.ConnectError("the broker at %s closed the connection during the handshake" % path)
-                try:
-                    frames = reader.feed(data)
-                except errors.ZRPCError as e:
-                    raise errors.ProtocolError("bad answer to Hello from %s: %s" % (path, e)) from None
-        except socket.timeout:
-            raise errors.ConnectError("no answer to Hello from %s within %g s" % (path, timeout)) from None
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            pass
         except OSError as e:
-            raise errors.ConnectError("cannot connect to zrpcd at %s: %s" % (path, e)) from None
+            raise errors.ConnectError("cannot connect to zrpcd at %s: %s%s" % (path, e, _connect_hint(e))) from None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise errors.ConnectError(
+                "zrpcd at %s did not accept the connection within %g s: its listen backlog is "
+                "full (is it stopped, wedged or overloaded?)" % (path, timeout))
+        yield min(pause, left)
+        pause = min(pause * 2, BACKLOG_POLL)
+
+
+class Handshake:
+    """The client side of the handshake, without I/O: send :attr:`hello`, then :meth:`feed`
+    what the broker sends until it returns the outcome. Shared by :func:`connect` (blocking)
+    and :mod:`zrpc.aio`."""
+
+    def __init__(self, path: str, instance: int, agent: str, timeout: float):
+        self.path = path
+        self.timeout = timeout
+        self.hello = encode_frame([HELLO, PROTOCOL_VERSION, instance, agent])
+        #: The frame reader to keep using (sized to the announced limit once welcomed).
+        self.reader = FrameReader(HANDSHAKE_MAX_BODY)
+
+    def timed_out(self) -> errors.ConnectError:
+        """The error of a handshake that did not end within the timeout."""
+        return errors.ConnectError("no answer to Hello from %s within %g s" % (self.path, self.timeout))
+
+    def failed(self, e: OSError) -> errors.ConnectError:
+        """The error of a handshake whose connection failed."""
+        return errors.ConnectError("cannot connect to zrpcd at %s: %s" % (self.path, e))
+
+    def feed(self, data: bytes) -> Optional[Tuple[Welcome, list]]:
+        """Takes bytes read (``b""``: the broker closed the connection); returns ``None`` until
+        the answer to ``Hello`` is complete, then the welcome and any frames after it. Raises
+        :class:`errors.ConnectError`, :class:`errors.ProtocolError`,
+        :class:`errors.VersionMismatchError` or the error of a ``Fatal``."""
+        if not data:
+            raise errors.ConnectError("the broker at %s closed the connection during the handshake" % self.path)
+        try:
+            frames = self.reader.feed(data)
+        except errors.ZRPCError as e:
+            raise errors.ProtocolError("bad answer to Hello from %s: %s" % (self.path, e)) from None
+        if not frames:
+            return None
         env, _ = frames[0]
         if env[0] == FATAL:
             raise fatal_error(env, "zrpcd refused the connection")
@@ -337,9 +347,42 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
             raise errors.VersionMismatchError(
                 "the broker speaks protocol version %r, this library version %d" % (field(env, 1), PROTOCOL_VERSION))
         welcome = Welcome(field(env, 2, 0), field(env, 3, DEFAULT_MAX_MESSAGE_SIZE))
-        reader.max_body = welcome.max_message_size + INCOMING_SLACK
+        self.reader.max_body = welcome.max_message_size + INCOMING_SLACK
+        return welcome, frames[1:]
+
+
+def connect(socket_dir: str, instance: int, agent: str = AGENT,
+            timeout: float = HANDSHAKE_TIMEOUT) -> Tuple[socket.socket, Welcome, FrameReader, list]:
+    """Connects to the broker in ``socket_dir``: checks its uid, sends ``Hello``, waits for
+    ``Welcome``, all within ``timeout`` seconds.
+
+    Returns the blocking socket, the welcome, the frame reader to keep using
+    (sized to the announced limit) and any frames that arrived after the
+    welcome. Raises :class:`errors.ConnectError`,
+    :class:`errors.UntrustedBrokerError`, :class:`errors.VersionMismatchError`
+    or the error of a ``Fatal``.
+    """
+    path = broker_path(socket_dir)
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        for pause in connect_steps(sock, path, deadline, timeout):
+            time.sleep(pause)
+        check_broker(sock, path)
+        hs = Handshake(path, instance, agent, timeout)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(hs.hello)
+            outcome = None
+            while outcome is None:
+                outcome = hs.feed(recv_by(sock, deadline))
+        except socket.timeout:
+            raise hs.timed_out() from None
+        except OSError as e:
+            raise hs.failed(e) from None
         sock.settimeout(None)
-        return sock, welcome, reader, frames[1:]
+        return sock, outcome[0], hs.reader, outcome[1]
     except BaseException:
         sock.close()
         raise

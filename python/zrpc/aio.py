@@ -28,6 +28,7 @@ stops gracefully on SIGTERM, SIGINT or :meth:`Server.shutdown` (see
 
 import asyncio
 import signal
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -87,14 +88,38 @@ class _Conn(asyncio.Protocol):
 
 
 async def _open(socket_dir: str, instance: int, agent: str, on_frames, timeout: float) -> tuple:
-    """Connects and handshakes within ``timeout`` seconds (in a thread: the blocking
-    :func:`zrpc._proto.connect`), then hands the socket to asyncio."""
+    """Connects and handshakes within ``timeout`` seconds (the steps of the blocking
+    :func:`zrpc._proto.connect`, awaited), then hands the socket to asyncio. Cancelled, it
+    closes the socket at once."""
     loop = asyncio.get_running_loop()
-    sock, welcome, reader, frames = await loop.run_in_executor(None, _proto.connect, socket_dir, instance,
-                                                               agent, timeout)
-    sock.setblocking(False)
-    conn = _Conn(reader, on_frames)
-    await loop.create_unix_connection(lambda: conn, sock=sock)
+    path = _proto.broker_path(socket_dir)
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        for pause in _proto.connect_steps(sock, path, deadline, timeout):
+            await asyncio.sleep(pause)
+        _proto.check_broker(sock, path)
+        hs = _proto.Handshake(path, instance, agent, timeout)
+
+        async def exchange():
+            await loop.sock_sendall(sock, hs.hello)
+            outcome = None
+            while outcome is None:
+                outcome = hs.feed(await loop.sock_recv(sock, 65536))
+            return outcome
+
+        try:
+            welcome, frames = await asyncio.wait_for(exchange(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise hs.timed_out() from None
+        except OSError as e:
+            raise hs.failed(e) from None
+        conn = _Conn(hs.reader, on_frames)
+        await loop.create_unix_connection(lambda: conn, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return conn, welcome, frames
 
 
