@@ -465,3 +465,81 @@ def test_a_cancelled_aio_connect_closes_its_socket_at_once(socket_dir, kind):
     assert seen["fds"] == 0, "%d descriptors more than before the connect" % seen["fds"]
     assert seen["threads"] == 0, "%d threads more than before the connect" % seen["threads"]
     assert took < 2.5, "asyncio.run() returned %.2f s after the start" % took
+
+
+class FirstOnly:
+    """A "broker" that registers the first connection (``Welcome``, ``Ack`` of req 1), ends
+    it on ``drop()``, then takes the next connections and never answers them."""
+
+    def __init__(self, socket_dir):
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
+        self.listener.listen(8)
+        self.dropped = threading.Event()
+        self.second = threading.Event()
+        self.held = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        try:
+            first, _ = self.listener.accept()
+            self.held.append(first)
+            first.recv(4096)  # the Hello
+            first.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0]))
+            first.recv(4096)  # the Register
+            first.sendall(_proto.encode_frame([_proto.ACK, 1, 0, ""]))
+            self.dropped.wait()
+            first.shutdown(socket.SHUT_RDWR)
+            while True:
+                conn, _ = self.listener.accept()
+                self.held.append(conn)
+                self.second.set()
+        except OSError:
+            return  # closed
+
+    def close(self):
+        self.dropped.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for c in self.held:
+            c.close()
+
+
+@pytest.mark.parametrize("kind", ["server", "aio server"])
+def test_a_stop_while_reconnecting_to_a_silent_broker_does_not_wait_for_connect_timeout(socket_dir, kind):
+    # The server lost its broker; the new one takes the reconnection and never answers. A
+    # stop then has nothing to drain (nothing is delivered while not registered): run() /
+    # serve() returns at once, not once the handshake gave up (connect_timeout, 5 s) or,
+    # answered, after a registration to release again.
+    fake = FirstOnly(socket_dir)
+    if kind == "server":
+        server = Mute(name="mute", socket_dir=socket_dir, stop_on_signals=False, drain_timeout=0.5)
+        run = server.run
+    else:
+        server = AioMute(name="mute", socket_dir=socket_dir, stop_on_signals=False, drain_timeout=0.5)
+        run = lambda: asyncio.run(server.serve())  # noqa: E731
+    out = {}
+
+    def target():
+        try:
+            run()
+        except Exception as e:  # reported to the test
+            out["error"] = e
+        out["ended"] = time.monotonic()
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    try:
+        fake.dropped.set()
+        assert fake.second.wait(10), "the server did not reconnect"
+        stop = time.monotonic()
+        server.shutdown()
+        t.join(15)
+        assert not t.is_alive(), "the server did not stop"
+        assert "error" not in out, out
+        took = out["ended"] - stop
+        assert took < 1.5, "stopped %.2f s after shutdown()" % took
+    finally:
+        fake.close()
+        t.join(15)

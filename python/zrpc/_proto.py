@@ -10,6 +10,7 @@ import numbers
 import os
 import random
 import re
+import select
 import socket
 import struct
 import time
@@ -352,9 +353,10 @@ class Handshake:
 
 
 def connect(socket_dir: str, instance: int, agent: str = AGENT,
-            timeout: float = HANDSHAKE_TIMEOUT) -> Tuple[socket.socket, Welcome, FrameReader, list]:
+            timeout: float = HANDSHAKE_TIMEOUT, wake: Any = None) -> Tuple[socket.socket, Welcome, FrameReader, list]:
     """Connects to the broker in ``socket_dir``: checks its uid, sends ``Hello``, waits for
-    ``Welcome``, all within ``timeout`` seconds.
+    ``Welcome``, all within ``timeout`` seconds. ``wake``: a socket whose becoming readable
+    gives the connection up (:class:`errors.ConnectError`; a blocking server's stop request).
 
     Returns the blocking socket, the welcome, the frame reader to keep using
     (sized to the announced limit) and any frames that arrived after the
@@ -368,7 +370,8 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
     try:
         sock.settimeout(timeout)
         for pause in connect_steps(sock, path, deadline, timeout):
-            time.sleep(pause)
+            if wait_woken(wake, pause):
+                raise given_up()
         check_broker(sock, path)
         hs = Handshake(path, instance, agent, timeout)
         try:
@@ -376,7 +379,7 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
             sock.sendall(hs.hello)
             outcome = None
             while outcome is None:
-                outcome = hs.feed(recv_by(sock, deadline))
+                outcome = hs.feed(recv_by(sock, deadline, wake))
         except socket.timeout:
             raise hs.timed_out() from None
         except OSError as e:
@@ -388,15 +391,37 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
         raise
 
 
-def recv_by(sock: socket.socket, deadline: float, size: int = 65536) -> bytes:
+def recv_by(sock: socket.socket, deadline: float, wake: Any = None, size: int = 65536) -> bytes:
     """``sock.recv(size)`` bounded by ``deadline`` (a ``time.monotonic()`` time) as a whole: a
     peer trickling bytes in cannot stretch a wait bounded this way (a socket timeout bounds
-    each read only). Raises ``socket.timeout`` once the deadline has passed."""
+    each read only). Raises ``socket.timeout`` once the deadline has passed, and
+    :class:`errors.ConnectError` (see :func:`given_up`) if ``wake`` (a socket, or ``None``)
+    becomes readable first."""
     left = deadline - time.monotonic()
     if left <= 0:
         raise socket.timeout("timed out")
+    if wake is not None:
+        ready, _, _ = select.select([sock, wake], [], [], left)
+        if sock not in ready:
+            if ready:
+                raise given_up()
+            raise socket.timeout("timed out")
+        left = max(deadline - time.monotonic(), 0.001)
     sock.settimeout(left)
     return sock.recv(size)
+
+
+def wait_woken(wake: Any, seconds: float) -> bool:
+    """Sleeps ``seconds``; with ``wake`` (a socket), returns early, True, if it becomes readable."""
+    if wake is None:
+        time.sleep(seconds)
+        return False
+    return bool(select.select([wake], [], [], seconds)[0])
+
+
+def given_up() -> errors.ConnectError:
+    """The error of a connection (or registration) given up by a stop request."""
+    return errors.ConnectError("connecting to zrpcd was given up: the server is stopping")
 
 
 def fatal_error(env: list, what: str) -> errors.ZRPCError:
