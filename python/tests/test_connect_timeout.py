@@ -462,8 +462,9 @@ def test_a_cancelled_aio_connect_closes_its_socket_at_once(socket_dir, kind):
         listener.close()
     took = time.monotonic() - start
     assert seen["eof"], "the cancelled connect's socket is still open"
-    assert seen["fds"] == 0, "%d descriptors more than before the connect" % seen["fds"]
-    assert seen["threads"] == 0, "%d threads more than before the connect" % seen["threads"]
+    # (At most: the fakes of earlier tests may still be closing theirs.)
+    assert seen["fds"] <= 0, "%d descriptors more than before the connect" % seen["fds"]
+    assert seen["threads"] <= 0, "%d threads more than before the connect" % seen["threads"]
     assert took < 2.5, "asyncio.run() returned %.2f s after the start" % took
 
 
