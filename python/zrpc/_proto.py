@@ -198,7 +198,35 @@ def decode_envelope(data: bytes) -> list:
         raise errors.ProtocolError("bad envelope: %s" % e) from None
     if not isinstance(env, list) or not env or not isinstance(env[0], int) or isinstance(env[0], bool):
         raise errors.ProtocolError("bad envelope: not an array starting with a kind: %r" % (env,))
+    types = FIELD_TYPES.get(env[0])
+    if types is not None:
+        for t, v in zip(types, env[1:]):
+            if type(v) not in t:
+                raise _bad_field(env, types)
     return env
+
+
+def _bad_field(env: list, types: tuple) -> errors.ProtocolError:
+    """The error of the first field of ``env`` whose type is not the one of ``types``."""
+    i, t = next((i, t) for i, t in enumerate(types, 1) if type(env[i]) not in t)
+    return errors.ProtocolError("bad envelope of kind %d: field %d is %r, not %s"
+                                % (env[0], i, env[i], _TYPE_NAMES[t]))
+
+
+_U = frozenset({int})
+_N = frozenset({int, type(None)})
+_S = frozenset({str})
+_B = frozenset({bool})
+_TYPE_NAMES = {_U: "an integer", _N: "an integer or nil", _S: "a string", _B: "a boolean"}
+#: What each field after the kind must be, by kind (docs/protocol.md): an integer
+#: (MessagePack's, never a boolean), one or nil, a string, a boolean. A peer may send fewer
+#: fields (the readers' defaults apply) or more (later extensions: not checked). The success
+#: code of ``Ack``, ``Reply`` and ``Result`` may be nil (read as 0, as before).
+FIELD_TYPES = {HELLO: (_U, _U, _S, _U), WELCOME: (_U, _U, _U, _U), REGISTER: (_U, _S, _B),
+               UNREGISTER: (_U, _S), ACK: (_U, _N, _S), CALL: (_U, _S, _S, _N, _U),
+               REQUEST: (_U, _S, _S, _N, _U, _U, _N, _N, _N), REPLY: (_U, _N, _S),
+               RESULT: (_U, _N, _S), CANCEL: (_U,), PING: (_U,), PONG: (_U,), FATAL: (_U, _S),
+               EVENT: (_U,)}
 
 
 def field(env: list, i: int, default: Any = None) -> Any:
