@@ -472,7 +472,8 @@ class FirstOnly:
     """A "broker" that registers the first connection (``Welcome``, ``Ack`` of req 1), ends
     it on ``drop()``, then takes the next connections and never answers them."""
 
-    def __init__(self, socket_dir):
+    def __init__(self, socket_dir, then=()):
+        self.then = list(then)
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
         self.listener.listen(8)
@@ -489,6 +490,8 @@ class FirstOnly:
             first.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0]))
             first.recv(4096)  # the Register
             first.sendall(_proto.encode_frame([_proto.ACK, 1, 0, ""]))
+            for frame in self.then:
+                first.sendall(frame)
             self.dropped.wait()
             first.shutdown(socket.SHUT_RDWR)
             while True:
@@ -541,6 +544,59 @@ def test_a_stop_while_reconnecting_to_a_silent_broker_does_not_wait_for_connect_
         assert "error" not in out, out
         took = out["ended"] - stop
         assert took < 1.5, "stopped %.2f s after shutdown()" % took
+    finally:
+        fake.close()
+        t.join(15)
+
+
+class AioHang(aio.Server):
+    """An asyncio service whose ``hang`` runs until cancelled (``started``, ``unwound``)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.started = threading.Event()
+        self.unwound = threading.Event()
+
+    @aio.rpc_method
+    async def hang(self, payload):
+        self.started.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            self.unwound.set()
+
+
+def test_an_aio_stop_while_reconnecting_gives_up_the_handlers_of_the_lost_connection(socket_dir):
+    # A handler still runs from the lost connection when the stop comes during the
+    # reconnection: serve() returns once it is cancelled and unwound (as a stop while waiting
+    # out the backoff does), not leaving it running.
+    request = _proto.encode_frame([_proto.REQUEST, 1, "mute", "hang", None, 7, 1, 0, 0, 0], _proto.pack(None))
+    fake = FirstOnly(socket_dir, then=[request])
+    server = AioHang(name="mute", socket_dir=socket_dir, stop_on_signals=False, drain_timeout=0.5)
+    out = {}
+
+    async def serve():
+        await server.serve()
+        # (Checked before asyncio.run() cancels the tasks left.)
+        out["unwound"] = server.unwound.is_set()
+
+    def target():
+        try:
+            asyncio.run(serve())
+        except Exception as e:  # reported to the test
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    try:
+        assert server.started.wait(10), "the handler did not start"
+        fake.dropped.set()
+        assert fake.second.wait(10), "the server did not reconnect"
+        server.shutdown()
+        t.join(15)
+        assert not t.is_alive(), "the server did not stop"
+        assert "error" not in out, out
+        assert out["unwound"], "serve() returned with the handler still running"
     finally:
         fake.close()
         t.join(15)

@@ -439,7 +439,10 @@ class Server(_service.ServerBase):
                 try:
                     conn = await self._connect_unless_stopped()
                     if conn is None:
-                        return  # stopped while connecting: nothing was delivered
+                        # Stopped while connecting: nothing was delivered on this connection;
+                        # the handlers of the lost one are given up as just above.
+                        await self._give_up_tasks()
+                        return
                     break
                 except errors.ZRPCError as e:
                     # Retried for ever (see zrpc._service.reregister_may_help).
