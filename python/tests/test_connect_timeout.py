@@ -600,3 +600,35 @@ def test_an_aio_stop_while_reconnecting_gives_up_the_handlers_of_the_lost_connec
     finally:
         fake.close()
         t.join(15)
+
+
+def test_close_wakes_a_call_waiting_for_a_reconnection_handshake(socket_dir):
+    # Client.close() from another thread fails a call blocked there at once, also while it
+    # waits for the new broker's Welcome (not once connect_timeout has passed).
+    fake = FirstOnly(socket_dir)
+    client = Client(socket_dir, connect_timeout=5)
+    out = {}
+
+    def call():
+        try:
+            client.call("svc", "m", timeout=20)
+        except Exception as e:  # reported to the test
+            out["error"] = e
+        out["ended"] = time.monotonic()
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    try:
+        fake.dropped.set()  # once the fake has the Call
+        assert fake.second.wait(10), "the client did not reconnect"
+        time.sleep(0.05)  # (not a synchronisation: lets the Hello go out, the test holds without it)
+        closed = time.monotonic()
+        client.close()
+        t.join(15)
+        assert not t.is_alive(), "the call did not return"
+        assert isinstance(out.get("error"), errors.DisconnectedError), out
+        took = out["ended"] - closed
+        assert took < 1.0, "the call failed %.2f s after close()" % took
+    finally:
+        fake.close()
+        t.join(15)
