@@ -5,9 +5,6 @@ connection is dropped as for any bad frame)."""
 
 import asyncio
 import contextlib
-import os
-import socket
-import threading
 
 import pytest
 
@@ -15,47 +12,26 @@ from zrpc import _proto, aio, errors
 from zrpc.client import Client
 from zrpc.server import Server, rpc_method
 
+from conftest import FakeBroker
+
 WELCOME = _proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20])
 
 
-class Fake:
+class Fake(FakeBroker):
     """A "broker": answers each ``Hello`` with ``welcome``, then sends ``then`` (frames) after
     the peer's next frame (the ``Call`` or the ``Register``)."""
 
     def __init__(self, socket_dir, welcome=WELCOME, then=()):
-        self.welcome = welcome
+        self.welcome_frame = welcome
         self.then = list(then)
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
-        self.listener.listen(8)
-        self.held = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(socket_dir)
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            self.held.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        try:
-            conn.recv(4096)  # the Hello
-            conn.sendall(self.welcome)
-            if self.then and conn.recv(4096):
-                for frame in self.then:
-                    conn.sendall(frame)
-        except OSError:
-            pass
-
-    def close(self):
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for c in self.held:
-            c.close()
+    def serve(self, conn, n):
+        conn.recv(4096)  # the Hello
+        conn.sendall(self.welcome_frame)
+        if self.then and conn.recv(4096):
+            for frame in self.then:
+                conn.sendall(frame)
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from zrpc import _proto, aio, errors
 from zrpc.client import Client
 from zrpc.server import Server
 
+from conftest import FakeBroker
+
 SHORT = 0.3
 #: The bounds on how long a failed connection with ``connect_timeout=SHORT`` may take.
 AT_LEAST, AT_MOST = 0.25, 3.0
@@ -79,33 +81,11 @@ def test_an_aio_servers_connect_timeout_bounds_its_first_connection_to_a_stopped
     assert "no answer to Hello" in str(e), e
 
 
-class WelcomeOnly:
+class WelcomeOnly(FakeBroker):
     """A "broker" that answers ``Hello`` with ``Welcome`` and then never answers (no ``Ack``)."""
 
-    def __init__(self, socket_dir):
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
-        self.listener.listen(8)
-        self.held = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            self.held.append(conn)
-            conn.recv(4096)  # the Hello
-            conn.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0]))
-
-    def close(self):
-        # shutdown() wakes the accept() blocked in the thread (close() alone may not).
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for c in self.held:
-            c.close()
+    def serve(self, conn, n):
+        self.welcome(conn)
 
 
 @pytest.mark.parametrize("kind", ["blocking", "aio"])
@@ -212,7 +192,7 @@ def test_connect_timeout_defaults_to_the_handshake_timeout(socket_dir):
     assert Client.__init__.__kwdefaults__["connect_timeout"] == 5.0
 
 
-class Trickle:
+class Trickle(FakeBroker):
     """A "broker" that answers slowly, one byte every ``GAP`` seconds (less than the connect
     timeout, so that each read gets something in time): ``Welcome`` (padded, so that the whole
     takes several seconds), and, with ``ack``, after a prompt ``Welcome``, the ``Ack`` of the
@@ -223,21 +203,7 @@ class Trickle:
 
     def __init__(self, socket_dir, ack=False):
         self.ack = ack
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
-        self.listener.listen(8)
-        self.held = []
-        self.closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            self.held.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(socket_dir)
 
     def _trickle(self, conn, frame):
         for i in range(len(frame)):
@@ -245,26 +211,15 @@ class Trickle:
                 return
             conn.sendall(frame[i:i + 1])
 
-    def _serve(self, conn):
-        try:
+    def serve(self, conn, n):
+        if not self.ack:
             conn.recv(4096)  # the Hello
-            welcome = _proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0, self.PAD])
-            if not self.ack:
-                self._trickle(conn, welcome)
-                return
-            conn.sendall(welcome)
-            conn.recv(4096)  # the Register (req 1)
-            self._trickle(conn, _proto.encode_frame([_proto.ACK, 1, 0, self.PAD]))
-        except OSError:
-            pass  # the peer gave up
-
-    def close(self):
-        self.closed.set()
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for c in self.held:
-            c.close()
+            self._trickle(conn, _proto.encode_frame(
+                [_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0, self.PAD]))
+            return
+        self.welcome(conn)
+        conn.recv(4096)  # the Register (req 1)
+        self._trickle(conn, _proto.encode_frame([_proto.ACK, 1, 0, self.PAD]))
 
 
 SLOW_TIMEOUT = 0.6
@@ -335,16 +290,12 @@ def test_connect_timeout_bounds_a_registration_ack_that_trickles_in(socket_dir, 
         fake.close()
 
 
-class Backlogged:
+class Backlogged(FakeBroker):
     """A "broker" whose listen backlog is full: it accepts nothing until ``open()``, then
     answers every ``Hello`` with ``Welcome``."""
 
     def __init__(self, socket_dir):
-        self.path = os.path.join(socket_dir, _proto.SOCKET_FILE)
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(self.path)
-        self.listener.listen(0)
-        self.fillers = []
+        super().__init__(socket_dir, backlog=0, accepting=False)
         while True:  # fill the backlog: a non-blocking connect fails with EAGAIN once it is full
             s = socket.socket(socket.AF_UNIX)
             s.setblocking(False)
@@ -353,32 +304,12 @@ class Backlogged:
             except BlockingIOError:
                 s.close()
                 break
-            self.fillers.append(s)
-        self.held = []
+            self.held.append(s)
+        self.open = self.accept
 
-    def open(self):
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            self.held.append(conn)
-            conn.settimeout(0.2)
-            try:
-                if conn.recv(4096):  # the Hello (the fillers send none)
-                    conn.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0]))
-            except OSError:
-                pass
-
-    def close(self):
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for c in self.held + self.fillers:
-            c.close()
+    def serve(self, conn, n):
+        conn.settimeout(0.2)  # (the fillers send no Hello)
+        self.welcome(conn)
 
 
 @pytest.mark.parametrize("kind", ["client", "aio client"])
@@ -468,46 +399,32 @@ def test_a_cancelled_aio_connect_closes_its_socket_at_once(socket_dir, kind):
     assert took < 2.5, "asyncio.run() returned %.2f s after the start" % took
 
 
-class FirstOnly:
-    """A "broker" that registers the first connection (``Welcome``, ``Ack`` of req 1), ends
-    it on ``drop()``, then takes the next connections and never answers them."""
+class FirstOnly(FakeBroker):
+    """A "broker" that registers the first connection (``Welcome``, ``Ack`` of req 1, then the
+    frames ``then``), ends it on ``dropped``, then takes the next connections and never
+    answers them (``second`` set)."""
 
     def __init__(self, socket_dir, then=()):
         self.then = list(then)
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(os.path.join(socket_dir, _proto.SOCKET_FILE))
-        self.listener.listen(8)
         self.dropped = threading.Event()
         self.second = threading.Event()
-        self.held = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(socket_dir)
 
-    def _serve(self):
-        try:
-            first, _ = self.listener.accept()
-            self.held.append(first)
-            first.recv(4096)  # the Hello
-            first.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20, 0]))
-            first.recv(4096)  # the Register
-            first.sendall(_proto.encode_frame([_proto.ACK, 1, 0, ""]))
-            for frame in self.then:
-                first.sendall(frame)
-            self.dropped.wait()
-            first.shutdown(socket.SHUT_RDWR)
-            while True:
-                conn, _ = self.listener.accept()
-                self.held.append(conn)
-                self.second.set()
-        except OSError:
-            return  # closed
+    def serve(self, conn, n):
+        if n > 1:
+            self.second.set()
+            return
+        self.welcome(conn)
+        conn.recv(4096)  # the Register (or a client's Call)
+        conn.sendall(_proto.encode_frame([_proto.ACK, 1, 0, ""]))
+        for frame in self.then:
+            conn.sendall(frame)
+        self.dropped.wait()
+        conn.shutdown(socket.SHUT_RDWR)
 
     def close(self):
         self.dropped.set()
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for c in self.held:
-            c.close()
+        super().close()
 
 
 @pytest.mark.parametrize("kind", ["server", "aio server"])
