@@ -10,6 +10,7 @@ bound instead of sleeping a fixed time.
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,66 @@ class Broker:
         """SIGKILLs zrpcd and starts a new one on the same directory."""
         self.kill()
         self.start()
+
+
+class FakeBroker:
+    """A stand-in for zrpcd on the socket of ``socket_dir``, to script a broker's misbehaviour:
+    each connection accepted is handed to :meth:`serve` (``conn``, ``n`` counting from 1) in a
+    thread of its own; the default holds it and says nothing. An ``OSError`` in ``serve`` (the
+    peer went away, :meth:`close`) ends that connection's thread. With ``accepting=False``
+    nothing is accepted until :meth:`accept`, so that the listen backlog (``backlog``) fills.
+    ``closed`` is set by :meth:`close`, which ends everything."""
+
+    def __init__(self, socket_dir, backlog=8, accepting=True):
+        from zrpc import _proto
+        self.path = os.path.join(socket_dir, _proto.SOCKET_FILE)
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen(backlog)
+        self.held = []
+        self.closed = threading.Event()
+        if accepting:
+            self.accept()
+
+    def accept(self):
+        """Starts accepting connections."""
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        n = 0
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            n += 1
+            self.held.append(conn)
+            threading.Thread(target=self._serve, args=(conn, n), daemon=True).start()
+
+    def _serve(self, conn, n):
+        try:
+            self.serve(conn, n)
+        except OSError:
+            pass
+
+    def serve(self, conn, n):
+        """Handles connection ``n`` (override); the default says nothing."""
+
+    def welcome(self, conn, *extra):
+        """Reads the ``Hello`` on ``conn`` and answers ``Welcome`` (1 MiB limit; ``extra`` fields after it)."""
+        from zrpc import _proto
+        conn.recv(4096)
+        conn.sendall(_proto.encode_frame([_proto.WELCOME, _proto.PROTOCOL_VERSION, 1, 1 << 20] + list(extra)))
+
+    def close(self):
+        self.closed.set()
+        # shutdown() wakes the accept() and the reads blocked in the threads (close() alone may not).
+        for s in [self.listener] + self.held:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
 
 @pytest.fixture

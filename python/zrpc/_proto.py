@@ -10,6 +10,7 @@ import numbers
 import os
 import random
 import re
+import select
 import socket
 import struct
 import time
@@ -197,7 +198,35 @@ def decode_envelope(data: bytes) -> list:
         raise errors.ProtocolError("bad envelope: %s" % e) from None
     if not isinstance(env, list) or not env or not isinstance(env[0], int) or isinstance(env[0], bool):
         raise errors.ProtocolError("bad envelope: not an array starting with a kind: %r" % (env,))
+    types = FIELD_TYPES.get(env[0])
+    if types is not None:
+        for t, v in zip(types, env[1:]):
+            if type(v) not in t:
+                raise _bad_field(env, types)
     return env
+
+
+def _bad_field(env: list, types: tuple) -> errors.ProtocolError:
+    """The error of the first field of ``env`` whose type is not the one of ``types``."""
+    i, t = next((i, t) for i, t in enumerate(types, 1) if type(env[i]) not in t)
+    return errors.ProtocolError("bad envelope of kind %d: field %d is %r, not %s"
+                                % (env[0], i, env[i], _TYPE_NAMES[t]))
+
+
+_U = frozenset({int})
+_N = frozenset({int, type(None)})
+_S = frozenset({str})
+_B = frozenset({bool})
+_TYPE_NAMES = {_U: "an integer", _N: "an integer or nil", _S: "a string", _B: "a boolean"}
+#: What each field after the kind must be, by kind (docs/protocol.md): an integer
+#: (MessagePack's, never a boolean), one or nil, a string, a boolean. A peer may send fewer
+#: fields (the readers' defaults apply) or more (later extensions: not checked). The success
+#: code of ``Ack``, ``Reply`` and ``Result`` may be nil (read as 0, as before).
+FIELD_TYPES = {HELLO: (_U, _U, _S, _U), WELCOME: (_U, _U, _U, _U), REGISTER: (_U, _S, _B),
+               UNREGISTER: (_U, _S), ACK: (_U, _N, _S), CALL: (_U, _S, _S, _N, _U),
+               REQUEST: (_U, _S, _S, _N, _U, _U, _N, _N, _N), REPLY: (_U, _N, _S),
+               RESULT: (_U, _N, _S), CANCEL: (_U,), PING: (_U,), PONG: (_U,), FATAL: (_U, _S),
+               EVENT: (_U,)}
 
 
 def field(env: list, i: int, default: Any = None) -> Any:
@@ -266,41 +295,78 @@ class Welcome:
         self.max_message_size = max_message_size
 
 
-def connect(socket_dir: str, instance: int, agent: str = AGENT,
-            timeout: float = HANDSHAKE_TIMEOUT) -> Tuple[socket.socket, Welcome, FrameReader, list]:
-    """Connects to the broker in ``socket_dir``: checks its uid, sends ``Hello``, waits for ``Welcome``.
+#: Longest pause between two attempts to connect to a broker whose listen backlog is full.
+BACKLOG_POLL = 0.05
 
-    Returns the blocking socket, the welcome, the frame reader to keep using
-    (sized to the announced limit) and any frames that arrived after the
-    welcome. Raises :class:`errors.ConnectError`,
-    :class:`errors.UntrustedBrokerError`, :class:`errors.VersionMismatchError`
-    or the error of a ``Fatal``.
+
+def broker_path(socket_dir: str) -> str:
+    """The broker's socket in ``socket_dir``."""
+    return os.path.join(socket_dir, SOCKET_FILE)
+
+
+def connect_steps(sock: socket.socket, path: str, deadline: float, timeout: float):
+    """Connects ``sock`` (non-blocking, or with a timeout) to the broker's socket at ``path``,
+    waiting until ``deadline`` (a ``time.monotonic()`` time; ``timeout`` is the whole, for the
+    message) for room in its listen backlog. A generator: it yields how many seconds to pause
+    before the next attempt (the blocking flavour sleeps, the asyncio one awaits) and ends
+    once connected.
+
+    A UNIX socket's connect fails at once with ``EAGAIN`` when the backlog is full (a broker
+    stopped, wedged or overloaded) and leaves nothing to wait on, so it is tried again, every
+    few ms up to :data:`BACKLOG_POLL` s (as zrpc-io's ``connect_until`` waits). Raises
+    :class:`errors.ConnectError`.
     """
-    path = os.path.join(socket_dir, SOCKET_FILE)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+    pause = 0.001
+    while True:
         try:
-            sock.settimeout(timeout)
             sock.connect(path)
+            return
+        except BlockingIOError:
+            pass
         except OSError as e:
             raise errors.ConnectError("cannot connect to zrpcd at %s: %s%s" % (path, e, _connect_hint(e))) from None
-        check_broker(sock, path)
-        reader = FrameReader(HANDSHAKE_MAX_BODY)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise errors.ConnectError(
+                "zrpcd at %s did not accept the connection within %g s: its listen backlog is "
+                "full (is it stopped, wedged or overloaded?)" % (path, timeout))
+        yield min(pause, left)
+        pause = min(pause * 2, BACKLOG_POLL)
+
+
+class Handshake:
+    """The client side of the handshake, without I/O: send :attr:`hello`, then :meth:`feed`
+    what the broker sends until it returns the outcome. Shared by :func:`connect` (blocking)
+    and :mod:`zrpc.aio`."""
+
+    def __init__(self, path: str, instance: int, agent: str, timeout: float):
+        self.path = path
+        self.timeout = timeout
+        self.hello = encode_frame([HELLO, PROTOCOL_VERSION, instance, agent])
+        #: The frame reader to keep using (sized to the announced limit once welcomed).
+        self.reader = FrameReader(HANDSHAKE_MAX_BODY)
+
+    def timed_out(self) -> errors.ConnectError:
+        """The error of a handshake that did not end within the timeout."""
+        return errors.ConnectError("no answer to Hello from %s within %g s" % (self.path, self.timeout))
+
+    def failed(self, e: OSError) -> errors.ConnectError:
+        """The error of a handshake whose connection failed."""
+        return errors.ConnectError("cannot connect to zrpcd at %s: %s" % (self.path, e))
+
+    def feed(self, data: bytes) -> Optional[Tuple[Welcome, list]]:
+        """Takes bytes read (``b""``: the broker closed the connection); returns ``None`` until
+        the answer to ``Hello`` is complete, then the welcome and any frames after it. Raises
+        :class:`errors.ConnectError`, :class:`errors.ProtocolError`,
+        :class:`errors.VersionMismatchError` or the error of a ``Fatal``."""
+        if not data:
+            raise errors.ConnectError("the broker at %s closed the connection during the handshake" % self.path)
         try:
-            sock.sendall(encode_frame([HELLO, PROTOCOL_VERSION, instance, agent]))
-            frames: list = []
-            while not frames:
-                data = sock.recv(65536)
-                if not data:
-                    raise errors.ConnectError("the broker at %s closed the connection during the handshake" % path)
-                try:
-                    frames = reader.feed(data)
-                except errors.ZRPCError as e:
-                    raise errors.ProtocolError("bad answer to Hello from %s: %s" % (path, e)) from None
-        except socket.timeout:
-            raise errors.ConnectError("no answer to Hello from %s within %g s" % (path, timeout)) from None
-        except OSError as e:
-            raise errors.ConnectError("cannot connect to zrpcd at %s: %s" % (path, e)) from None
+            frames = self.reader.feed(data)
+        except errors.ZRPCError as e:
+            raise errors.ProtocolError("bad answer to Hello from %s: %s" % (self.path, e)) from None
+        if not frames:
+            return None
         env, _ = frames[0]
         if env[0] == FATAL:
             raise fatal_error(env, "zrpcd refused the connection")
@@ -310,12 +376,80 @@ def connect(socket_dir: str, instance: int, agent: str = AGENT,
             raise errors.VersionMismatchError(
                 "the broker speaks protocol version %r, this library version %d" % (field(env, 1), PROTOCOL_VERSION))
         welcome = Welcome(field(env, 2, 0), field(env, 3, DEFAULT_MAX_MESSAGE_SIZE))
-        reader.max_body = welcome.max_message_size + INCOMING_SLACK
+        self.reader.max_body = welcome.max_message_size + INCOMING_SLACK
+        return welcome, frames[1:]
+
+
+def connect(socket_dir: str, instance: int, agent: str = AGENT,
+            timeout: float = HANDSHAKE_TIMEOUT, wake: Any = None) -> Tuple[socket.socket, Welcome, FrameReader, list]:
+    """Connects to the broker in ``socket_dir``: checks its uid, sends ``Hello``, waits for
+    ``Welcome``, all within ``timeout`` seconds. ``wake``: a socket whose becoming readable
+    gives the connection up (:class:`errors.ConnectError`; a blocking server's stop request).
+
+    Returns the blocking socket, the welcome, the frame reader to keep using
+    (sized to the announced limit) and any frames that arrived after the
+    welcome. Raises :class:`errors.ConnectError`,
+    :class:`errors.UntrustedBrokerError`, :class:`errors.VersionMismatchError`
+    or the error of a ``Fatal``.
+    """
+    path = broker_path(socket_dir)
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        for pause in connect_steps(sock, path, deadline, timeout):
+            if wait_woken(wake, pause):
+                raise given_up()
+        check_broker(sock, path)
+        hs = Handshake(path, instance, agent, timeout)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(hs.hello)
+            outcome = None
+            while outcome is None:
+                outcome = hs.feed(recv_by(sock, deadline, wake))
+        except socket.timeout:
+            raise hs.timed_out() from None
+        except OSError as e:
+            raise hs.failed(e) from None
         sock.settimeout(None)
-        return sock, welcome, reader, frames[1:]
+        return sock, outcome[0], hs.reader, outcome[1]
     except BaseException:
         sock.close()
         raise
+
+
+def recv_by(sock: socket.socket, deadline: float, wake: Any = None, size: int = 65536) -> bytes:
+    """``sock.recv(size)`` bounded by ``deadline`` (a ``time.monotonic()`` time) as a whole: a
+    peer trickling bytes in cannot stretch a wait bounded this way (a socket timeout bounds
+    each read only). Raises ``socket.timeout`` once the deadline has passed, and
+    :class:`errors.ConnectError` (see :func:`given_up`) if ``wake`` (a socket, or ``None``)
+    becomes readable first."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    if wake is not None:
+        ready, _, _ = select.select([sock, wake], [], [], left)
+        if sock not in ready:
+            if ready:
+                raise given_up()
+            raise socket.timeout("timed out")
+        left = max(deadline - time.monotonic(), 0.001)
+    sock.settimeout(left)
+    return sock.recv(size)
+
+
+def wait_woken(wake: Any, seconds: float) -> bool:
+    """Sleeps ``seconds``; with ``wake`` (a socket), returns early, True, if it becomes readable."""
+    if wake is None:
+        time.sleep(seconds)
+        return False
+    return bool(select.select([wake], [], [], seconds)[0])
+
+
+def given_up() -> errors.ConnectError:
+    """The error of a connection (or registration) given up by a stop request."""
+    return errors.ConnectError("connecting to zrpcd was given up: the server is stopping")
 
 
 def fatal_error(env: list, what: str) -> errors.ZRPCError:

@@ -28,6 +28,7 @@ stops gracefully on SIGTERM, SIGINT or :meth:`Server.shutdown` (see
 
 import asyncio
 import signal
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -87,14 +88,38 @@ class _Conn(asyncio.Protocol):
 
 
 async def _open(socket_dir: str, instance: int, agent: str, on_frames, timeout: float) -> tuple:
-    """Connects and handshakes within ``timeout`` seconds (in a thread: the blocking
-    :func:`zrpc._proto.connect`), then hands the socket to asyncio."""
+    """Connects and handshakes within ``timeout`` seconds (the steps of the blocking
+    :func:`zrpc._proto.connect`, awaited), then hands the socket to asyncio. Cancelled, it
+    closes the socket at once."""
     loop = asyncio.get_running_loop()
-    sock, welcome, reader, frames = await loop.run_in_executor(None, _proto.connect, socket_dir, instance,
-                                                               agent, timeout)
-    sock.setblocking(False)
-    conn = _Conn(reader, on_frames)
-    await loop.create_unix_connection(lambda: conn, sock=sock)
+    path = _proto.broker_path(socket_dir)
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        for pause in _proto.connect_steps(sock, path, deadline, timeout):
+            await asyncio.sleep(pause)
+        _proto.check_broker(sock, path)
+        hs = _proto.Handshake(path, instance, agent, timeout)
+
+        async def exchange():
+            await loop.sock_sendall(sock, hs.hello)
+            outcome = None
+            while outcome is None:
+                outcome = hs.feed(await loop.sock_recv(sock, 65536))
+            return outcome
+
+        try:
+            welcome, frames = await asyncio.wait_for(exchange(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise hs.timed_out() from None
+        except OSError as e:
+            raise hs.failed(e) from None
+        conn = _Conn(hs.reader, on_frames)
+        await loop.create_unix_connection(lambda: conn, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return conn, welcome, frames
 
 
@@ -306,9 +331,16 @@ class Server(_service.ServerBase):
             self._on_frames(conn, frames)
         # Bounded like the blocking server's registration (connect_timeout): a broker that
         # takes the connection but never answers must not hold serve() for ever.
-        done, _ = await asyncio.wait([ack, conn.closed], timeout=self.connect_timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        self._acks.pop(self._req, None)
+        try:
+            done, _ = await asyncio.wait([ack, conn.closed], timeout=self.connect_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            conn.abort("registration cancelled")
+            if self._conn is conn:
+                self._conn = None
+            raise
+        finally:
+            self._acks.pop(self._req, None)
         if ack not in done:
             if conn.closed.done():
                 why = "the broker closed the connection while registering %r: %s" % (
@@ -337,7 +369,9 @@ class Server(_service.ServerBase):
         instance, or go to the other instances of a shared name); what was
         delivered before the broker took the release in is served as usual
         (running handlers finish, pings are answered) and the replies are
-        written; then the connection is closed and ``serve()`` returns. The
+        written; then the connection is closed and ``serve()`` returns (a
+        stop while connecting or registering gives that up at once: nothing
+        was delivered yet). The
         drain lasts at most ``drain_timeout`` seconds; past it, on a second
         signal or ``shutdown()``, or if the connection is lost, the handlers
         still running are cancelled and ``serve()`` returns once they have
@@ -385,7 +419,9 @@ class Server(_service.ServerBase):
         if self._stop_requests:
             return  # asked to stop before serving: nothing was delivered
         backoff = _proto.Backoff()
-        conn = await self._connect()
+        conn = await self._connect_unless_stopped()
+        if conn is None:
+            return
         while True:
             up = time.monotonic()
             if await self._stop_or_closed(conn.closed):
@@ -401,12 +437,39 @@ class Server(_service.ServerBase):
                     await self._give_up_tasks()
                     return
                 try:
-                    conn = await self._connect()
+                    conn = await self._connect_unless_stopped()
+                    if conn is None:
+                        # Stopped while connecting: nothing was delivered on this connection;
+                        # the handlers of the lost one are given up as just above.
+                        await self._give_up_tasks()
+                        return
                     break
                 except errors.ZRPCError as e:
                     # Retried for ever (see zrpc._service.reregister_may_help).
                     if not _service.reregister_may_help(e):
                         raise
+
+    async def _connect_unless_stopped(self) -> Optional[_Conn]:
+        """:meth:`_connect`, given up (``None``) on a stop request: a broker slow to answer the
+        handshake or the registration (up to ``connect_timeout`` each) does not hold the stop,
+        and nothing is delivered before the name is registered."""
+        attempt = asyncio.ensure_future(self._connect())
+        try:
+            if not await self._stop_or_closed(attempt) or attempt.done():
+                return attempt.result()
+        except asyncio.CancelledError:  # serve() is cancelled: so is the attempt (its socket closed)
+            if not attempt.done():
+                attempt.cancel()
+                try:
+                    await asyncio.wait([attempt])
+                except asyncio.CancelledError:
+                    pass
+            raise
+        attempt.cancel()
+        await asyncio.wait([attempt])  # its socket closed (a stop is no cancellation of serve())
+        if not attempt.cancelled() and attempt.exception() is None:
+            return attempt.result()  # registered just before the cancellation: drained as usual
+        return None
 
     async def _stop_or_closed(self, closed: Optional[asyncio.Future], timeout: Optional[float] = None) -> bool:
         """Waits for a stop request (returns True), ``closed`` or ``timeout`` (returns False)."""

@@ -16,6 +16,7 @@ once; calls made with ``no_retry=True`` fail with
 """
 
 import select
+import socket
 import threading
 import time
 from typing import Any, Optional
@@ -71,17 +72,21 @@ class Client:
         self._closed = False
         #: Set by close(): cuts a reconnect backoff delay short.
         self._closing = threading.Event()
+        #: A socket pair made at the first reconnection: close() writes to the second, which
+        #: gives up a reconnection's connect and handshake (`_proto.connect`'s `wake`).
+        self._wake: Optional[tuple] = None
         self._pending_frames: list = []
         self._connect()
 
     # -- connection -----------------------------------------------------
 
-    def _connect(self, timeout: Optional[float] = None) -> None:
-        """Connects and handshakes within ``timeout`` seconds (``None``: :attr:`connect_timeout`)."""
+    def _connect(self, timeout: Optional[float] = None, wake: Any = None) -> None:
+        """Connects and handshakes within ``timeout`` seconds (``None``: :attr:`connect_timeout`),
+        giving up if ``wake`` becomes readable."""
         if timeout is None:
             timeout = self.connect_timeout
         sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent,
-                                                       timeout=timeout)
+                                                       timeout=timeout, wake=wake)
         self._sock, self._reader = sock, reader
         self._gen += 1
         self._up_since = time.monotonic()
@@ -108,7 +113,11 @@ class Client:
                 break
             if self._closing.wait(step):
                 return
-        if call.done:
+        if self._wake is None:
+            self._wake = socket.socketpair()
+            for end in self._wake:
+                end.setblocking(False)
+        if call.done or self._closed:  # (close() from now on wakes the connection below)
             return
         # A broker that accepts and does not answer must not hold the call past its deadline
         # (nor longer than connect_timeout).
@@ -116,7 +125,7 @@ class Client:
         if call.deadline is not None:
             timeout = min(timeout, max(0.05, call.deadline - time.monotonic()))
         try:
-            self._connect(timeout)
+            self._connect(timeout, self._wake[0])
         except errors.ZRPCError as e:
             # Retried until the call's deadline unless retrying cannot help
             # (an untrusted broker, another protocol version).
@@ -233,6 +242,12 @@ class Client:
         """
         self._closed = True
         self._closing.set()
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake[1].send(b"\0")
+            except OSError:  # closed by the calling thread already, or full (woken anyway)
+                pass
         _proto.shut_down(self._sock)
         if self._lock.acquire(blocking=False):
             try:
@@ -245,6 +260,9 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._wake is not None:
+            for end in self._wake:
+                end.close()
         self._table.fail_all(self._closed_error)
 
     def __enter__(self) -> "Client":

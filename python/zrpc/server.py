@@ -152,10 +152,16 @@ class Server(_service.ServerBase):
     # -- the connection ------------------------------------------------
 
     def _connect(self) -> None:
+        # Under run(), a stop request (a byte on the wake socket) gives the connection up: a
+        # broker slow to answer must not hold the stop, and nothing is delivered before the
+        # name is registered.
+        wake = self._wake_r if self._armed else None
         sock, welcome, reader, frames = _proto.connect(self.socket_dir, self.instance, self.agent,
-                                                       timeout=self.connect_timeout)
+                                                       timeout=self.connect_timeout, wake=wake)
         try:
-            # A broker that accepts but never acknowledges must not hold the server for ever.
+            # A broker that accepts but never acknowledges (or trickles the Ack in) must not
+            # hold the server for ever: the registration as a whole is bounded.
+            deadline = time.monotonic() + self.connect_timeout
             sock.settimeout(self.connect_timeout)
             self._req += 1
             req = self._req
@@ -172,7 +178,7 @@ class Server(_service.ServerBase):
                         self._queue.append((env, payload))
                 if acked:
                     break
-                data = sock.recv(65536)
+                data = _proto.recv_by(sock, deadline, wake)
                 if not data:
                     raise errors.ConnectError("the broker closed the connection while registering %r" % self.name)
                 frames = reader.feed(data)
@@ -206,7 +212,11 @@ class Server(_service.ServerBase):
     def _try_connect(self) -> None:
         """Connects now if the backoff allows (the first connection raises its error; later ones retry)."""
         if not self._ever_connected:
-            self._connect()
+            try:
+                self._connect()
+            except errors.ZRPCError:
+                if not self._stopping():
+                    raise
             return
         now = time.monotonic()
         if now < self._next_attempt:
@@ -216,9 +226,14 @@ class Server(_service.ServerBase):
         except errors.ZRPCError as e:
             # The broker is restarting, refused the connection (Fatal), or still holds
             # our old connection's name: retried for ever.
-            if not _service.reregister_may_help(e):
+            if not _service.reregister_may_help(e) and not self._stopping():
                 raise
             self._next_attempt = time.monotonic() + self._backoff.next_delay()
+
+    def _stopping(self) -> bool:
+        """Whether :meth:`run` was asked to stop (a connection failing now is not reported: the
+        serving loop stops next)."""
+        return self._armed and bool(self._stop_requests)
 
     def _send(self, frame: bytes) -> None:
         if self._sock is None:
@@ -499,7 +514,9 @@ class Server(_service.ServerBase):
         answered) and the replies are written; then the connection is closed
         and ``run()`` returns. So a restart loses no call and runs none
         twice, and a ``no_retry`` caller gets its result instead of
-        ``ServiceGone``.
+        ``ServiceGone``. A stop while connecting or registering (a broker
+        slow to answer) gives that up at once and returns: nothing was
+        delivered yet.
 
         The drain lasts at most ``drain_timeout`` seconds; past it, or on a
         second signal or :meth:`shutdown`, or if the connection is lost, the
