@@ -225,6 +225,24 @@ class Trickle(FakeBroker):
 SLOW_TIMEOUT = 0.6
 
 
+def _in_thread(run, out=None):
+    """Starts ``run()`` on a daemon thread; returns the thread and ``out`` (a new dict if
+    ``None``), which gets ``error`` (what ``run()`` raised, if anything) and ``ended``
+    (``time.monotonic()`` when it returned)."""
+    out = {} if out is None else out
+
+    def target():
+        try:
+            run()
+        except Exception as e:  # reported to the test
+            out["error"] = e
+        out["ended"] = time.monotonic()
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, out
+
+
 def _first_connection(kind, socket_dir):
     """Makes a first connection of ``kind`` with ``connect_timeout=SLOW_TIMEOUT`` (in a thread,
     waited for at most 5 s: a server that connected serves, and is stopped then); returns its
@@ -244,24 +262,14 @@ def _first_connection(kind, socket_dir):
         async def aio_client():
             await (await aio.Client.connect(socket_dir, connect_timeout=SLOW_TIMEOUT)).close()
         run = lambda: asyncio.run(aio_client())  # noqa: E731
-    out = {}
-
-    def target():
-        try:
-            run()
-        except Exception as e:  # reported to the test
-            out["error"] = e
-        out["took"] = time.monotonic() - start
-
     start = time.monotonic()
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
+    t, out = _in_thread(run)
     t.join(5)
     if t.is_alive() and server is not None:
         server.shutdown()
     t.join(15)
     assert not t.is_alive(), "the %s did not return" % kind
-    return out.get("error"), out["took"]
+    return out.get("error"), out["ended"] - start
 
 
 @pytest.mark.parametrize("kind", ["client", "aio client", "server", "aio server"])
@@ -440,17 +448,7 @@ def test_a_stop_while_reconnecting_to_a_silent_broker_does_not_wait_for_connect_
     else:
         server = AioMute(name="mute", socket_dir=socket_dir, stop_on_signals=False, drain_timeout=0.5)
         run = lambda: asyncio.run(server.serve())  # noqa: E731
-    out = {}
-
-    def target():
-        try:
-            run()
-        except Exception as e:  # reported to the test
-            out["error"] = e
-        out["ended"] = time.monotonic()
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
+    t, out = _in_thread(run)
     try:
         fake.dropped.set()
         assert fake.second.wait(10), "the server did not reconnect"
@@ -497,14 +495,7 @@ def test_an_aio_stop_while_reconnecting_gives_up_the_handlers_of_the_lost_connec
         # (Checked before asyncio.run() cancels the tasks left.)
         out["unwound"] = server.unwound.is_set()
 
-    def target():
-        try:
-            asyncio.run(serve())
-        except Exception as e:  # reported to the test
-            out["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
+    t, out = _in_thread(lambda: asyncio.run(serve()), out)
     try:
         assert server.started.wait(10), "the handler did not start"
         fake.dropped.set()

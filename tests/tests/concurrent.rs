@@ -189,6 +189,17 @@ fn a_handler_whose_caller_is_gone_is_cancelled() {
 
 /// A raw caller with instance id `instance` sends `hold ms` as its call 7.
 fn raw_hold(b: &Broker, instance: u64, ms: u16) -> zrpc_tests::raw::Raw {
+    raw_hold_with(b, instance, ms, 0, 30_000)
+}
+
+/// The same with call `flags` and a deadline of `timeout_ms`.
+fn raw_hold_with(
+    b: &Broker,
+    instance: u64,
+    ms: u16,
+    flags: u32,
+    timeout_ms: u64,
+) -> zrpc_tests::raw::Raw {
     let mut raw = zrpc_tests::raw::Raw::connect(b.dir());
     let (kind, _) = raw.hello_as(instance).expect("welcome");
     assert_eq!(kind, zrpc_proto::Kind::Welcome);
@@ -197,8 +208,8 @@ fn raw_hold(b: &Broker, instance: u64, ms: u16) -> zrpc_tests::raw::Raw {
             id: 7,
             service: "calc",
             method: "hold",
-            timeout_ms: Some(30_000),
-            flags: 0,
+            timeout_ms: Some(timeout_ms),
+            flags,
         },
         &uint16(ms),
     );
@@ -301,20 +312,7 @@ fn a_caller_that_comes_back_after_its_grace_runs_the_call_again() {
 /// A raw caller with `instance` making call 7, `calc.hold(3000)`, with
 /// `flags` and a deadline of `timeout_ms`.
 fn raw_hold_3s(b: &Broker, instance: u64, flags: u32, timeout_ms: u64) -> zrpc_tests::raw::Raw {
-    let mut raw = zrpc_tests::raw::Raw::connect(b.dir());
-    let (kind, _) = raw.hello_as(instance).expect("welcome");
-    assert_eq!(kind, zrpc_proto::Kind::Welcome);
-    raw.send(
-        &zrpc_proto::Envelope::Call {
-            id: 7,
-            service: "calc",
-            method: "hold",
-            timeout_ms: Some(timeout_ms),
-            flags,
-        },
-        &uint16(3000),
-    );
-    raw
+    raw_hold_with(b, instance, 3000, flags, timeout_ms)
 }
 
 /// The code and message of the result of call 7.
