@@ -366,7 +366,9 @@ fn a_resubmission_whose_instance_gave_up_the_name_is_not_reported_as_never_deliv
 /// away: a caller that left while its call ran (an orphan) and one that
 /// left while its call waited for a new instance after the first died both
 /// come back within their grace, with no instance of the name: the broker
-/// delivered their calls, which may have run.
+/// delivered their calls, which may have run. So does a third, whose call
+/// was left running too and comes back with its deadline already passed
+/// (timeout 0: answered at once, without routing).
 #[test]
 fn a_resubmission_whose_instance_died_while_its_caller_was_away_is_not_reported_as_never_delivered()
 {
@@ -377,10 +379,12 @@ fn a_resubmission_whose_instance_died_while_its_caller_was_away_is_not_reported_
     let pending = || zrpc_tests::broker_stat(b.dir(), "pending");
     let orphan = raw_hold_3s(&b, 46, flags::NO_WAIT, 30_000);
     let parked = raw_hold_3s(&b, 47, 0, 30_000);
-    assert!(wait_until(WAIT, || stats(&calc).running == 2));
+    let expiring = raw_hold_3s(&b, 48, 0, 30_000);
+    assert!(wait_until(WAIT, || stats(&calc).running == 3));
     drop(calc);
-    // One caller leaves while its call runs...
+    // Two callers leave while their calls run...
     drop(orphan);
+    drop(expiring);
     assert!(wait_until(WAIT, || pending() == 1));
     // ...the instance dies (the other call waits for a new one)...
     svc.signal(libc::SIGKILL);
@@ -391,10 +395,15 @@ fn a_resubmission_whose_instance_died_while_its_caller_was_away_is_not_reported_
     assert!(wait_until(WAIT, || pending() == 0));
     let (no_wait, no_wait_message) = code_of(&mut raw_hold_3s(&b, 46, flags::NO_WAIT, 30_000));
     let (waits, waits_message) = code_of(&mut raw_hold_3s(&b, 47, 0, 300));
+    let (expired, expired_message) = code_of(&mut raw_hold_3s(&b, 48, 0, 0));
     assert_eq!(
-        (no_wait, waits),
-        (Some(ErrorCode::ServiceGone), Some(ErrorCode::Timeout)),
-        "{no_wait_message:?}, {waits_message:?}"
+        (no_wait, waits, expired),
+        (
+            Some(ErrorCode::ServiceGone),
+            Some(ErrorCode::Timeout),
+            Some(ErrorCode::Timeout)
+        ),
+        "{no_wait_message:?}, {waits_message:?}, {expired_message:?}"
     );
 }
 

@@ -226,6 +226,28 @@ impl Broker {
     /// 0): `NoSuchService` if it may not wait and nobody holds the name,
     /// else a timeout that says whether a service held the name.
     fn expired_on_arrival(&mut self, peer: PeerId, id: u64, service: &str, call_flags: u32) {
+        // The resubmission of a call its caller left while an instance had
+        // it (an orphan): that instance may have run it, or still runs it
+        // (it is cancelled now: the call is over), so the answer must not
+        // say that it never ran, whoever holds the name now.
+        let orphan = match self.peers.get(peer) {
+            Some(p) if !self.orphans.is_empty() => {
+                let key = (p.creds().caller().uid, p.instance(), id);
+                self.orphans.adopt(key)
+            }
+            _ => None,
+        };
+        if let Some(o) = orphan {
+            if o.service != crate::orphans::NO_SERVICE && self.peers.get(o.service).is_some() {
+                for request in o.requests() {
+                    self.send(o.service, &Envelope::Cancel { id: request }, Payload::EMPTY);
+                }
+            }
+            let msg = format!(
+                "the call to {service:?} was sent again with its deadline already passed (timeout 0); an instance had it before (it may have run)"
+            );
+            return self.result_error(peer, id, ErrorCode::Timeout, &msg);
+        }
         if self.names.is_held(service) {
             let msg = format!(
                 "the call to {service:?} arrived with its deadline already passed (timeout 0)"
