@@ -109,7 +109,12 @@ fn another_users_shared_name_cannot_be_joined() {
     wait_registered(b.dir(), "echo", 1);
     let line = other_says(&b, &["register", "--name", "echo", "--shared"]);
     assert!(line.starts_with("ack access_denied"), "{line}");
-    assert!(line.contains("uid 0") && line.contains("65534"), "{line}");
+    // Its own uid, not the holder's (private to those who may see every
+    // connection's uid).
+    assert!(
+        line.contains("uid 65534") && !line.contains("uid 0"),
+        "{line}"
+    );
     wait_registered(b.dir(), "echo", 1);
     // Calling it is still allowed for the other user.
     let line = other_says(&b, &["call", "--service", "echo", "--method", "pid"]);
@@ -208,6 +213,29 @@ fn the_reply_cache_is_not_reachable_across_uids() {
     let mut root = Raw::connect(b.dir());
     assert!(matches!(root.hello_as(INSTANCE), Some((Kind::Welcome, _))));
     assert_eq!(call(&mut root, 2, secret), secret, "root's call 2 ran");
+}
+
+#[test]
+fn a_refused_registration_does_not_name_another_users_uid() {
+    if !is_root("a_refused_registration_does_not_name_another_users_uid") {
+        return;
+    }
+    let b = Broker::start();
+    // Uid 65533 holds "private"; zrpcd.peers shows uid 65534 only the name
+    // and the connection id, never 65533.
+    let mut holder = as_uid(&b, 65533, &["register", "--name", "private", "--shared"]);
+    let ack = holder.read_until(|l| l.starts_with("ack")).expect("ack");
+    assert_eq!(ack, "ack ok");
+    let line = other_says(&b, &["register", "--name", "private", "--shared"]);
+    assert!(line.starts_with("ack access_denied"), "{line}");
+    assert!(!line.contains("65533"), "the holder's uid leaked: {line}");
+    let line = other_says(&b, &["register", "--name", "private"]);
+    assert!(line.starts_with("ack access_denied"), "{line}");
+    assert!(!line.contains("65533"), "the holder's uid leaked: {line}");
+    // Root, who may see every uid, is told whose it is.
+    let (code, msg) = register(&mut Raw::hello(b.dir()), "private", true);
+    assert_eq!(code, Some(ErrorCode::AccessDenied), "{msg}");
+    assert!(msg.contains("uid 65533"), "{msg}");
 }
 
 #[test]

@@ -80,7 +80,8 @@ impl Broker {
         let Some(p) = self.peers.get(peer) else {
             return Ok(());
         };
-        self.config.policy.may_own(&p.identity(), name, shared)?;
+        let policy = &self.config.policy;
+        policy.may_own(&p.identity(), name, shared)?;
         let uid = p.creds().uid;
         let other = self
             .names
@@ -89,9 +90,20 @@ impl Broker {
             .filter_map(|&h| self.peers.get(h))
             .map(|h| h.creds().uid)
             .find(|&u| u != uid);
+        // The holder's uid only for those who may see every connection's
+        // uid (`zrpcd.peers` in full): to the others, another user's uid is
+        // private.
+        let holder = |o: u32| {
+            if policy.may_introspect(&p.identity(), crate::policy::Introspection::Peers) {
+                format!("a service of uid {o}")
+            } else {
+                "a service of another user".to_owned()
+            }
+        };
         match other {
             Some(o) => Err(format!(
-                "the name {name:?} is held by a service of uid {o}; uid {uid} may not take it over or join it"
+                "the name {name:?} is held by {}; uid {uid} may not take it over or join it",
+                holder(o)
             )),
             None => Ok(()),
         }
