@@ -239,6 +239,41 @@ fn a_refused_registration_does_not_name_another_users_uid() {
 }
 
 #[test]
+fn a_call_refused_for_the_services_quota_does_not_name_its_uid() {
+    if !is_root("a_call_refused_for_the_services_quota_does_not_name_its_uid") {
+        return;
+    }
+    let (_p, path) = policy("[quota]\nqueued_bytes = 100000\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    // Uid 65533's service stops reading its requests: past its socket
+    // buffer they queue in the broker, on 65533's queued_bytes quota.
+    let mut svc = as_uid(&b, 65533, &["register", "--name", "private", "--stall"]);
+    let ack = svc.read_until(|l| l.starts_with("ack")).expect("ack");
+    assert_eq!(ack, "ack ok");
+    let mut caller = other(
+        &b,
+        &[
+            "park",
+            "--service",
+            "private",
+            "--count",
+            "500",
+            "--payload-size",
+            "4000",
+        ],
+    );
+    let line = caller
+        .read_until(|l| l.starts_with("result limit_exceeded") || l.starts_with("sent"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("result limit_exceeded"),
+        "the service's quota was not reached: {line}"
+    );
+    assert!(!line.contains("65533"), "the service's uid leaked: {line}");
+    assert!(line.contains("another user"), "{line}");
+}
+
+#[test]
 fn introspection_is_for_root_by_default() {
     if !is_root("introspection_is_for_root_by_default") {
         return;

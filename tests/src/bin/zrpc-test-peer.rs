@@ -15,6 +15,7 @@
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
 //!        every request with the string "HIJACKED" and printing
 //!        "request <service>.<method> uid <caller uid>", until killed
+//!        (with --stall: never reads again after "ack ok")
 //! zrpc-test-peer fd-hog --count N
 //!     -> a service of its own answers N calls of a client of its own, which
 //!        never reads, each with a payload descriptor; "hogged K" with the
@@ -144,6 +145,10 @@ enum Cmd {
         /// Hello instance id (default: from the pid, unique per process).
         #[arg(long)]
         instance: Option<u64>,
+        /// After "ack ok", never read again (a service whose requests
+        /// queue up), until killed.
+        #[arg(long)]
+        stall: bool,
     },
 }
 
@@ -496,6 +501,7 @@ fn main() {
             name,
             shared,
             instance,
+            stall,
         } => {
             let mut r = connect(instance);
             r.send(
@@ -508,7 +514,14 @@ fn main() {
             );
             while let Some(f) = r.recv_frame() {
                 match f.decode() {
-                    Ok(Envelope::Ack { code: None, .. }) => say("ack ok"),
+                    Ok(Envelope::Ack { code: None, .. }) => {
+                        say("ack ok");
+                        if stall {
+                            loop {
+                                std::thread::park();
+                            }
+                        }
+                    }
                     Ok(Envelope::Ack {
                         code: Some(c),
                         message,

@@ -266,6 +266,25 @@ impl Broker {
         self.result_error(peer, id, code, &msg);
     }
 
+    /// Whose services (`target`'s uid's) are over a quota, as `caller` may
+    /// be told: another user's uid only to those who may see every
+    /// connection's uid (`zrpcd.peers` in full).
+    fn services_of(&self, caller: PeerId, target: &crate::peers::Peer) -> String {
+        let uid = target.creds().uid;
+        let sees = self.peers.get(caller).is_some_and(|p| {
+            p.creds().uid == uid
+                || self
+                    .config
+                    .policy
+                    .may_introspect(&p.identity(), crate::policy::Introspection::Peers)
+        });
+        if sees {
+            format!("the services of uid {uid}")
+        } else {
+            "the services of another user".to_owned()
+        }
+    }
+
     /// A call to the broker's own service, answered at once.
     fn call_builtin(&mut self, peer: PeerId, id: u64, method: &str, payload: &[u8]) {
         if let Some(p) = self.peers.get_mut(peer) {
@@ -395,7 +414,7 @@ impl Broker {
                 (p.instance(), p.creds().caller())
             })
         });
-        let Some(t) = self.peers.get_mut(target) else {
+        let Some(t) = self.peers.get(target) else {
             return;
         };
         let queued = t.io().queue.borrow().len_bytes();
@@ -407,8 +426,8 @@ impl Broker {
             && user.queued_bytes() + payload.len() > self.quota.queued_bytes
         {
             Some(format!(
-                "the services of uid {} do not read their requests ({} bytes queued, more than its per-user quota: queued_bytes in [quota] of the policy)",
-                t.creds().uid,
+                "{} do not read their requests ({} bytes queued, more than its per-user quota: queued_bytes in [quota] of the policy)",
+                self.services_of(caller, t),
                 user.queued_bytes()
             ))
         } else if queued > max_queued {
@@ -422,8 +441,8 @@ impl Broker {
         {
             // A request whose payload goes as a descriptor.
             Some(format!(
-                "the services of uid {} do not read their requests ({} payload descriptors queued, its per-user quota: fds in [quota] of the policy)",
-                t.creds().uid,
+                "{} do not read their requests ({} payload descriptors queued, its per-user quota: fds in [quota] of the policy)",
+                self.services_of(caller, t),
                 user.queued_fds()
             ))
         } else {
@@ -433,6 +452,9 @@ impl Broker {
             self.log_refusal(target, &msg);
             return self.finish(bid, Outcome::Error(ErrorCode::LimitExceeded, msg), now);
         }
+        let Some(t) = self.peers.get_mut(target) else {
+            return;
+        };
         let env = Envelope::Request {
             id: bid,
             service,
