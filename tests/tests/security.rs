@@ -274,6 +274,58 @@ fn a_call_refused_for_the_services_quota_does_not_name_its_uid() {
 }
 
 #[test]
+fn a_name_squatted_before_a_reload_that_reserves_it_is_taken_back() {
+    if !is_root("a_name_squatted_before_a_reload_that_reserves_it_is_taken_back") {
+        return;
+    }
+    // No rule yet: the other user takes "billing" first.
+    let (pdir, path) = policy("[[own]]\nname = \"other\"\nusers = [\"root\"]\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    let mut squatter = other(&b, &["register", "--name", "billing", "--shared"]);
+    let ack = squatter.read_until(|l| l.starts_with("ack")).expect("ack");
+    assert_eq!(ack, "ack ok");
+    wait_registered(b.dir(), "billing", 1);
+    // The administrator reserves it for root and reloads.
+    std::fs::write(
+        pdir.path().join("policy.toml"),
+        "[[own]]\nname = \"billing\"\nusers = [\"root\"]\n",
+    )
+    .expect("rewrite policy");
+    b.proc.signal(libc::SIGHUP);
+    // Root can then own it, and calls reach root's service, not the
+    // squatter's.
+    let mut root = Raw::hello(b.dir());
+    let mut last = String::new();
+    let owned = wait_until(WAIT, || {
+        let (code, msg) = register(&mut root, "billing", false);
+        last = format!("{code:?} {msg}");
+        code.is_none()
+    });
+    assert!(owned, "root cannot own its reserved name: {last}");
+    wait_registered(b.dir(), "billing", 1);
+    let mut caller = Raw::hello(b.dir());
+    caller.send(
+        &Envelope::Call {
+            id: 1,
+            service: "billing",
+            method: "charge",
+            timeout_ms: Some(10_000),
+            flags: 0,
+        },
+        b"\xc0",
+    );
+    let got = loop {
+        let f = root.recv_frame().expect("request");
+        if let Ok(Envelope::Request { method, .. }) = f.decode() {
+            break method.to_string();
+        }
+    };
+    assert_eq!(got, "charge");
+    // The squatter's connection stays (only the name is taken).
+    assert!(squatter.child.try_wait().expect("try_wait").is_none());
+}
+
+#[test]
 fn introspection_is_for_root_by_default() {
     if !is_root("introspection_is_for_root_by_default") {
         return;

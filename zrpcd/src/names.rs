@@ -77,6 +77,11 @@ impl Names {
         self.map.get(name).map_or(&[], |e| e.instances.as_slice())
     }
 
+    /// Whether `name`'s holders registered it as shared.
+    pub fn is_shared(&self, name: &str) -> bool {
+        self.map.get(name).is_some_and(|e| e.shared)
+    }
+
     /// Whether at least one connection holds `name`.
     pub fn is_held(&self, name: &str) -> bool {
         self.map.get(name).is_some_and(|e| !e.instances.is_empty())

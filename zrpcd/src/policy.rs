@@ -272,6 +272,11 @@ impl Policy {
         Ok(())
     }
 
+    /// Whether any `[[own]]` rule reserves names.
+    pub fn reserves_names(&self) -> bool {
+        !self.own.is_empty()
+    }
+
     /// Whether any rule guards calls (without one, every call is allowed
     /// and the call path skips the check).
     #[inline]

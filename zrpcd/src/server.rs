@@ -138,9 +138,9 @@ pub async fn run(
 }
 
 /// Re-reads the policy file (SIGHUP). A file that does not load keeps the
-/// policy in force, and says why. Connections stay; names already held are
-/// not re-checked (the new rules apply to registrations and calls from
-/// now on).
+/// policy in force, and says why. Connections stay; the new rules apply to
+/// registrations and calls from now on, and names held against its
+/// `[[own]]` rules are taken back (`Broker::set_policy`).
 fn reload_policy(broker: &RefCell<Broker>) {
     let Some(path) = broker.borrow().config.policy_path.clone() else {
         tracing::info!("SIGHUP: no policy file to reload (the built-in defaults are in force)");

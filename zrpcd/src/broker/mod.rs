@@ -200,8 +200,10 @@ impl Broker {
     }
 
     /// Puts a reloaded access policy in force: its quota from now on, and
-    /// the monitor subscriptions it no longer allows end now. Connections
-    /// stay, and names already held are not re-checked.
+    /// the monitor subscriptions it no longer allows end now, as do the
+    /// holds on names its `[[own]]` rules reserve for others (a name taken
+    /// before the rule existed is not kept by the squatter). Connections
+    /// stay.
     pub fn set_policy(&mut self, policy: crate::policy::Policy) {
         self.quota = Quota::new(self.config.quota_limits(), policy.quota());
         self.config.policy = policy;
@@ -211,6 +213,47 @@ impl Broker {
                 policy.may_introspect(&p.identity(), crate::policy::Introspection::Monitor)
             })
         });
+        self.release_reserved_names();
+    }
+
+    /// Takes every name from the connections the policy's `[[own]]` rules
+    /// no longer let own it (the service is not told: calls to the name
+    /// go to the allowed holders, or wait for one to register). The NATS
+    /// bridge's imported names are left to its configuration.
+    fn release_reserved_names(&mut self) {
+        if !self.config.policy.reserves_names() {
+            return;
+        }
+        #[cfg(feature = "nats")]
+        let bridge = self.bridge.as_ref().map(|(p, _)| *p);
+        #[cfg(not(feature = "nats"))]
+        let bridge: Option<PeerId> = None;
+        let policy = &self.config.policy;
+        let mut lost: Vec<(PeerId, Box<str>)> = Vec::new();
+        for p in self.peers.iter().filter(|p| Some(p.id()) != bridge) {
+            for name in p.names() {
+                let shared = self.names.is_shared(name);
+                if policy.may_own(&p.identity(), name, shared).is_err() {
+                    lost.push((p.id(), name.clone()));
+                }
+            }
+        }
+        for (peer, name) in lost {
+            if !self.names.unregister(&name, peer) {
+                continue;
+            }
+            if let Some(p) = self.peers.get_mut(peer) {
+                p.remove_name(&name);
+            }
+            if !self.names.is_held(&name) {
+                self.stats.unregistered(&name);
+            }
+            tracing::warn!(
+                peer,
+                name = &*name,
+                "the reloaded policy reserves the name for others: taken from this connection"
+            );
+        }
     }
 
     /// Queues a frame to `peer`; returns false if the peer is gone. A peer
