@@ -326,6 +326,38 @@ fn a_name_squatted_before_a_reload_that_reserves_it_is_taken_back() {
 }
 
 #[test]
+fn a_reload_that_revokes_monitoring_ends_the_subscription() {
+    if !is_root("a_reload_that_revokes_monitoring_ends_the_subscription") {
+        return;
+    }
+    let (pdir, path) = policy("[introspect]\nmonitor = { users = [65534] }\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let mut watcher = other(&b, &["watch"]);
+    let line = watcher
+        .read_until(|l| l.starts_with("result") || l.starts_with("fatal"))
+        .unwrap_or_default();
+    assert_eq!(line, "result ok c3", "the policy allows it");
+    let mut root = Raw::hello(b.dir());
+    assert_eq!(root.call(1, "echo", "echo", Some(10_000)).0, None);
+    let line = watcher
+        .read_until(|l| l.starts_with("event"))
+        .unwrap_or_default();
+    assert_eq!(line, "event echo.echo");
+    // The monitor right is withdrawn: the subscription ends at the reload.
+    std::fs::write(pdir.path().join("policy.toml"), "").expect("rewrite policy");
+    b.proc.signal(libc::SIGHUP);
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "monitors") == 0),
+        "the revoked monitor still subscribed"
+    );
+    // A new subscription is refused.
+    let line = other_says(&b, &["call", "--service", "zrpcd", "--method", "monitor"]);
+    assert!(line.starts_with("result access_denied"), "{line}");
+}
+
+#[test]
 fn introspection_is_for_root_by_default() {
     if !is_root("introspection_is_for_root_by_default") {
         return;

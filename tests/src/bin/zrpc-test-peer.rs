@@ -9,6 +9,9 @@
 //!     -> the immediate answers ("result ..."), then "sent N"; stays
 //! zrpc-test-peer partial --size N --sent M
 //!     -> "sent" once M bytes of an N-byte frame are written; "closed ..."
+//! zrpc-test-peer watch
+//!     -> the result of zrpcd.monitor as `call` prints it, then
+//!        "event <service>.<method>" per call event; stays
 //! zrpc-test-peer flood --count N
 //!     -> "flooded" once N pings are written (pongs never read); stays
 //! zrpc-test-peer register --name N [--shared] [--instance I]
@@ -72,6 +75,12 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         payload_size: usize,
         /// Hello instance id (default: from the pid, unique per process).
+        #[arg(long)]
+        instance: Option<u64>,
+    },
+    /// Subscribe with zrpcd.monitor, print the result, then one line
+    /// "event <service>.<method>" per Event frame (until killed).
+    Watch {
         #[arg(long)]
         instance: Option<u64>,
     },
@@ -414,6 +423,38 @@ fn main() {
                 &unhex(&payload),
             );
             say_result(&mut r);
+        }
+        Cmd::Watch { instance } => {
+            let mut r = connect(instance);
+            r.send(
+                &Envelope::Call {
+                    id: 1,
+                    service: "zrpcd",
+                    method: "monitor",
+                    timeout_ms: Some(10_000),
+                    flags: 0,
+                },
+                b"\xc0",
+            );
+            say_result(&mut r);
+            while let Some(f) = r.recv_frame() {
+                match f.decode() {
+                    Ok(Envelope::Event { .. }) => {
+                        let v = rmpv::decode::read_value(&mut &f.payload[..]).ok();
+                        let field = |k: &str| {
+                            v.as_ref()
+                                .and_then(|v| v.as_map())
+                                .and_then(|m| m.iter().find(|(key, _)| key.as_str() == Some(k)))
+                                .and_then(|(_, v)| v.as_str().map(str::to_owned))
+                                .unwrap_or_default()
+                        };
+                        say(&format!("event {}.{}", field("service"), field("method")));
+                    }
+                    Ok(Envelope::Ping { nonce }) => r.send(&Envelope::Pong { nonce }, b""),
+                    _ => {}
+                }
+            }
+            say("fatal closed");
         }
         Cmd::Park {
             service,
