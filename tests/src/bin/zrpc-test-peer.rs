@@ -79,7 +79,7 @@ enum Cmd {
         instance: Option<u64>,
     },
     /// Subscribe with zrpcd.monitor, print the result, then one line
-    /// "event <service>.<method>" per Event frame (until killed).
+    /// `event <service>.<method>` per Event frame (until killed).
     Watch {
         #[arg(long)]
         instance: Option<u64>,
