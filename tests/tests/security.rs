@@ -830,3 +830,55 @@ fn descriptors_queued_to_a_user_count_in_its_quota() {
         );
     }
 }
+
+#[test]
+fn a_caller_leaving_in_a_loop_cannot_pile_up_orphaned_calls() {
+    if !is_root("a_caller_leaving_in_a_loop_cannot_pile_up_orphaned_calls") {
+        return;
+    }
+    // A delivered call whose caller leaves is kept for the caller's grace
+    // (an orphan: the caller may come back and resubmit it) and no longer
+    // counts as pending. A user that calls a slow service up to its
+    // pending_calls quota, leaves, and does it again, must not pile up
+    // more orphaned work than its quota.
+    const QUOTA: u64 = 50;
+    let (_p, path) = policy(&format!("[quota]\npending_calls = {QUOTA}\n"));
+    let b = Broker::start_with(&["--policy", &path, "--caller-grace", "600"]);
+    // Root's service, which never answers: every call stays delivered.
+    let mut svc = as_uid(&b, 0, &["register", "--name", "sink", "--silent"]);
+    svc.read_until(|l| l == "ack ok").expect("sink registered");
+    let count = QUOTA.to_string();
+    for round in 0..10 {
+        let mut caller = other(&b, &["park", "--service", "sink", "--count", &count]);
+        let line = caller.read_until(|l| l.starts_with("sent") || l.starts_with("result"));
+        assert_eq!(
+            line.as_deref(),
+            Some(&*format!("sent {QUOTA}")),
+            "round {round}: the other user's calls were not all accepted"
+        );
+        drop(caller);
+        assert!(
+            wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "pending") == 0),
+            "round {round}: the left calls are still pending"
+        );
+    }
+    let orphans = zrpc_tests::broker_stat(b.dir(), "orphans");
+    assert!(
+        orphans <= QUOTA,
+        "one uid holds {orphans} orphaned calls, past its pending_calls quota of {QUOTA}"
+    );
+    // The last round's calls are all still orphans: a caller coming back
+    // within its grace is unaffected.
+    assert_eq!(orphans, QUOTA);
+    // The calls given up were cancelled at the service (frames reach it in
+    // order: the answer counts every Cancel sent before this call).
+    let client = zrpc_client::BlockingClient::connect_to(b.dir()).expect("connect");
+    let cancels: u64 = client
+        .call("sink", "cancels", &(), Some(WAIT))
+        .expect("sink.cancels");
+    assert_eq!(
+        cancels,
+        9 * QUOTA,
+        "the calls given up were not all cancelled"
+    );
+}

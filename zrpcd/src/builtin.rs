@@ -41,6 +41,8 @@ pub struct View<'a> {
     pub names: &'a Names,
     /// Calls in flight.
     pub pending: &'a PendingCalls,
+    /// Delivered calls whose caller left, kept for its grace.
+    pub orphans: usize,
     /// Counters.
     pub stats: &'a Stats,
     /// The access policy in force.
@@ -401,6 +403,7 @@ fn stats(b: &View<'_>) -> Value {
         ("connections_refused", Value::from(s.connections_refused)),
         ("names", Value::from(b.names.len() as u64)),
         ("pending", Value::from(b.pending.len() as u64)),
+        ("orphans", Value::from(b.orphans as u64)),
         ("timers", Value::from(b.pending.timers_len() as u64)),
         ("calls", Value::from(s.calls)),
         ("calls_ok", Value::from(s.calls_ok)),

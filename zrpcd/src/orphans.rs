@@ -16,11 +16,18 @@
 //! resubmission is then known as a call delivered before, which may have
 //! run.
 //!
+//! Orphans are bounded like the pending calls they were: at most a uid's
+//! `pending_calls` quota of them per uid (root: no per-uid bound) and
+//! `--max-pending-total` in all. Past a bound, the orphans whose grace ends
+//! first are given up at once, as if their grace had ended (their calls are
+//! cancelled at the service), so a user that calls, leaves and calls again
+//! cannot keep more work going at services than its quota allows.
+//!
 //! Private state behind a narrow API: [`Orphans::add`] when a caller
 //! leaves, [`Orphans::adopt`] when a call arrives, [`Orphans::expired`]
 //! when the timer fires, [`Orphans::service_gone`] when a service leaves.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -64,11 +71,24 @@ impl Orphan {
     }
 }
 
-/// The orphans, by caller and by the time their grace ends.
+/// How many orphans [`Orphans::add`] may keep.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Of the caller's uid (`None`: no bound, root's).
+    pub per_uid: Option<usize>,
+    /// In all.
+    pub total: usize,
+}
+
+/// The orphans, by caller and by the time their grace ends (in all and
+/// per uid).
 #[derive(Debug, Default)]
 pub struct Orphans {
     by_caller: HashMap<CallerKey, (Orphan, Instant)>,
     by_time: BTreeMap<(Instant, CallerKey), ()>,
+    /// Each uid's orphans (the first element of [`CallerKey`]), for its
+    /// bound; no entry for a uid without any.
+    by_uid: HashMap<u32, BTreeSet<(Instant, CallerKey)>>,
     /// The deliveries adopted by a pending call (its request id): while it
     /// lives, and moved into its orphan if its caller leaves again.
     adopted: HashMap<u64, Vec<u64>>,
@@ -98,20 +118,70 @@ impl Orphans {
     }
 
     /// Remembers the delivery `request` to `service`, made by `caller`, as
-    /// an orphan until `until` (with the deliveries it adopted).
-    pub fn add(&mut self, caller: CallerKey, service: PeerId, request: u64, until: Instant) {
+    /// an orphan until `until` (with the deliveries it adopted). Returns
+    /// the orphans given up to stay within `bounds` (see the module docs),
+    /// whose calls are to be cancelled now, as when their grace ends; in
+    /// the usual case none.
+    pub fn add(
+        &mut self,
+        caller: CallerKey,
+        service: PeerId,
+        request: u64,
+        until: Instant,
+        bounds: Bounds,
+    ) -> Vec<Orphan> {
         let orphan = Orphan {
             service,
             request,
             earlier: self.adopted.remove(&request).unwrap_or_default(),
         };
         if let Some((_, old)) = self.by_caller.insert(caller, (orphan, until)) {
-            self.by_time.remove(&(old, caller));
+            self.unindex(old, caller);
         }
         let earliest = self.next_deadline().is_none_or(|t| until < t);
         self.by_time.insert((until, caller), ());
+        self.by_uid
+            .entry(caller.0)
+            .or_default()
+            .insert((until, caller));
         if earliest {
             self.wake.notify_one();
+        }
+        let mut given_up = Vec::new();
+        if let Some(max) = bounds.per_uid {
+            while let Some(first) = self
+                .by_uid
+                .get(&caller.0)
+                .filter(|set| set.len() > max)
+                .and_then(|set| set.first().copied())
+            {
+                given_up.extend(self.give_up(first));
+            }
+        }
+        while self.by_caller.len() > bounds.total {
+            let Some(&first) = self.by_time.keys().next() else {
+                break;
+            };
+            given_up.extend(self.give_up(first));
+        }
+        given_up
+    }
+
+    /// Forgets the orphan of `caller` whose grace ends at `until`; returns
+    /// it.
+    fn give_up(&mut self, (until, caller): (Instant, CallerKey)) -> Option<Orphan> {
+        self.unindex(until, caller);
+        self.by_caller.remove(&caller).map(|(orphan, _)| orphan)
+    }
+
+    /// Removes the time indexes' entries of an orphan.
+    fn unindex(&mut self, until: Instant, caller: CallerKey) {
+        self.by_time.remove(&(until, caller));
+        if let Some(set) = self.by_uid.get_mut(&caller.0) {
+            set.remove(&(until, caller));
+            if set.is_empty() {
+                self.by_uid.remove(&caller.0);
+            }
         }
     }
 
@@ -120,7 +190,7 @@ impl Orphans {
     /// Give the new call's request id to [`Orphans::adopted_by`].
     pub fn adopt(&mut self, caller: CallerKey) -> Option<Orphan> {
         let (orphan, until) = self.by_caller.remove(&caller)?;
-        self.by_time.remove(&(until, caller));
+        self.unindex(until, caller);
         Some(orphan)
     }
 
@@ -145,15 +215,11 @@ impl Orphans {
     /// Takes the orphans whose grace ended at `now`.
     pub fn expired(&mut self, now: Instant) -> Vec<Orphan> {
         let mut out = Vec::new();
-        while let Some(entry) = self.by_time.first_entry() {
-            let (until, caller) = *entry.key();
-            if until > now {
+        while let Some(&first) = self.by_time.keys().next() {
+            if first.0 > now {
                 break;
             }
-            entry.remove();
-            if let Some((orphan, _)) = self.by_caller.remove(&caller) {
-                out.push(orphan);
-            }
+            out.extend(self.give_up(first));
         }
         out
     }
@@ -182,6 +248,12 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// No bound.
+    const FREE: Bounds = Bounds {
+        per_uid: None,
+        total: usize::MAX,
+    };
+
     #[test]
     fn adopt_expire_and_service_gone() {
         let mut o = Orphans::default();
@@ -191,9 +263,9 @@ mod tests {
             request,
             earlier: Vec::new(),
         };
-        o.add((1000, 1, 1), 7, 1, t0 + Duration::from_secs(1));
-        o.add((1000, 1, 2), 8, 2, t0 + Duration::from_secs(2));
-        o.add((1000, 2, 1), 7, 3, t0 + Duration::from_secs(3));
+        o.add((1000, 1, 1), 7, 1, t0 + Duration::from_secs(1), FREE);
+        o.add((1000, 1, 2), 8, 2, t0 + Duration::from_secs(2), FREE);
+        o.add((1000, 2, 1), 7, 3, t0 + Duration::from_secs(3), FREE);
         assert_eq!(o.next_deadline(), Some(t0 + Duration::from_secs(1)));
         // The resubmission of call 2 adopts it: never expires.
         assert_eq!(o.adopt((1000, 1, 2)), Some(orphan(8, 2)));
@@ -219,23 +291,69 @@ mod tests {
         let caller = (1000, 1, 7);
         // Delivery 1 orphaned, adopted by delivery 2, orphaned again,
         // adopted by 3, orphaned again: its expiry names all three.
-        o.add(caller, 5, 1, t0);
+        o.add(caller, 5, 1, t0, FREE);
         let adopted = o.adopt(caller).expect("orphan 1");
         o.adopted_by(2, adopted);
-        o.add(caller, 5, 2, t0);
+        o.add(caller, 5, 2, t0, FREE);
         let adopted = o.adopt(caller).expect("orphan 2");
         o.adopted_by(3, adopted);
-        o.add(caller, 5, 3, t0);
+        o.add(caller, 5, 3, t0, FREE);
         let gone = o.expired(t0);
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].requests().collect::<Vec<_>>(), vec![3, 2, 1]);
         // A call that adopted one and then ended otherwise hands it over
         // once, and nothing stays behind.
-        o.add(caller, 5, 4, t0);
+        o.add(caller, 5, 4, t0, FREE);
         let adopted = o.adopt(caller).expect("orphan 4");
         o.adopted_by(5, adopted);
         assert_eq!(o.ended(5), vec![4]);
         assert!(o.ended(5).is_empty());
         assert!(o.adopted.is_empty() && o.is_empty());
+    }
+
+    #[test]
+    fn past_a_bound_the_orphans_whose_grace_ends_first_are_given_up() {
+        let mut o = Orphans::default();
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let two_each = Bounds {
+            per_uid: Some(2),
+            total: 3,
+        };
+        // uid 1000: its third orphan gives up its first-ending one.
+        assert!(o.add((1000, 1, 1), 7, 1, at(5), two_each).is_empty());
+        assert!(o.add((1000, 1, 2), 7, 2, at(3), two_each).is_empty());
+        let gone = o.add((1000, 1, 3), 7, 3, at(4), two_each);
+        assert_eq!(gone.iter().map(|g| g.request).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(
+            o.adopt((1000, 1, 2)),
+            None,
+            "a given-up orphan is forgotten"
+        );
+        // Root (no per-uid bound) is held by the total only: past it, the
+        // orphans whose grace ends first are given up, whoever's.
+        assert!(o.add((0, 9, 1), 8, 4, at(9), FREE).is_empty());
+        let gone = o.add((0, 9, 2), 8, 5, at(8), two_each_root(2));
+        assert_eq!(
+            gone.iter().map(|g| g.request).collect::<Vec<_>>(),
+            vec![3, 1]
+        );
+        assert_eq!(o.len(), 2);
+        // The indexes follow: nothing of uid 1000 is left behind.
+        assert!(!o.by_uid.contains_key(&1000));
+        assert_eq!(o.by_time.len(), 2);
+        assert_eq!(o.next_deadline(), Some(at(8)));
+        // Adoption and expiry leave nothing behind either.
+        assert!(o.adopt((0, 9, 2)).is_some());
+        assert_eq!(o.expired(at(60)).len(), 1);
+        assert!(o.is_empty() && o.by_time.is_empty() && o.by_uid.is_empty());
+    }
+
+    /// Root's bounds with `total` in all.
+    fn two_each_root(total: usize) -> Bounds {
+        Bounds {
+            per_uid: None,
+            total,
+        }
     }
 }

@@ -18,7 +18,9 @@
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
 //!        every request with the string "HIJACKED" and printing
 //!        "request <service>.<method> uid <caller uid>", until killed
-//!        (with --stall: never reads again after "ack ok")
+//!        (with --stall: never reads again after "ack ok"; with --silent:
+//!        answers only calls of the method "cancels", with the number of
+//!        `Cancel` frames it received, and prints nothing more)
 //! zrpc-test-peer fd-hog --count N
 //!     -> a service of its own answers N calls of a client of its own, which
 //!        never reads, each with a payload descriptor; "hogged K" with the
@@ -158,6 +160,11 @@ enum Cmd {
         /// queue up), until killed.
         #[arg(long)]
         stall: bool,
+        /// Answer only calls of the method "cancels": with the number of
+        /// `Cancel` frames received so far (a service whose calls stay
+        /// delivered).
+        #[arg(long)]
+        silent: bool,
     },
 }
 
@@ -543,8 +550,10 @@ fn main() {
             shared,
             instance,
             stall,
+            silent,
         } => {
             let mut r = connect(instance);
+            let mut cancels: u64 = 0;
             r.send(
                 &Envelope::Register {
                     req: 1,
@@ -571,6 +580,19 @@ fn main() {
                         say(&format!("ack {c} {message}"));
                         return;
                     }
+                    Ok(Envelope::Cancel { .. }) => cancels += 1,
+                    Ok(Envelope::Request { id, method, .. }) if silent && method == "cancels" => {
+                        let count = rmp_serde::to_vec(&cancels).expect("encode a count");
+                        r.send(
+                            &Envelope::Reply {
+                                id,
+                                code: None,
+                                message: "",
+                            },
+                            &count,
+                        );
+                    }
+                    Ok(Envelope::Request { .. }) if silent => {}
                     Ok(Envelope::Request {
                         id,
                         service,

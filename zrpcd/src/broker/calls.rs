@@ -238,11 +238,7 @@ impl Broker {
             _ => None,
         };
         if let Some(o) = orphan {
-            if o.service != crate::orphans::NO_SERVICE && self.peers.get(o.service).is_some() {
-                for request in o.requests() {
-                    self.send(o.service, &Envelope::Cancel { id: request }, Payload::EMPTY);
-                }
-            }
+            self.cancel_orphan(&o);
             let msg = format!(
                 "the call to {service:?} was sent again with its deadline already passed (timeout 0); an instance had it before (it may have run)"
             );
@@ -296,6 +292,7 @@ impl Broker {
             peers: &self.peers,
             names: &self.names,
             pending: &self.pending,
+            orphans: self.orphans.len(),
             stats: &self.stats,
             policy: &self.config.policy,
             monitors: &mut self.monitors,

@@ -205,6 +205,12 @@ impl Broker {
             .pending
             .ids_where_counted(p.calling() > 0, |c| c.caller == peer);
         let grace = self.config.caller_grace;
+        // Its calls left running count against its user's quota as its
+        // pending calls did (crate::orphans).
+        let bounds = crate::orphans::Bounds {
+            per_uid: p.user().limited().then_some(self.quota.pending_calls),
+            total: self.config.max_pending_total,
+        };
         for bid in calls {
             self.stats.cancelled += 1;
             // A delivered call keeps running at its service for the
@@ -229,7 +235,15 @@ impl Broker {
                 Some(_) if until <= now => Outcome::CallerGone,
                 Some((svc, call)) => {
                     let caller = (p.creds().uid, p.instance(), call);
-                    self.orphans.add(caller, svc, bid, until);
+                    for o in self.orphans.add(caller, svc, bid, until, bounds) {
+                        tracing::debug!(
+                            service = o.service,
+                            request = o.request,
+                            uid = caller.0,
+                            "too many calls whose caller left; cancelling the oldest at its service"
+                        );
+                        self.cancel_orphan(&o);
+                    }
                     Outcome::CallerLeft
                 }
                 None => Outcome::CallerLeft,

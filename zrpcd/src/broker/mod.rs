@@ -161,15 +161,21 @@ impl Broker {
     /// come back within its grace (see [`crate::orphans`]).
     pub fn cancel_orphans(&mut self, now: Instant) {
         for o in self.orphans.expired(now) {
-            if self.peers.get(o.service).is_some() {
-                tracing::debug!(
-                    service = o.service,
-                    request = o.request,
-                    "the caller did not come back; cancelling its call at the service"
-                );
-                for id in o.requests() {
-                    self.send(o.service, &Envelope::Cancel { id }, Payload::EMPTY);
-                }
+            tracing::debug!(
+                service = o.service,
+                request = o.request,
+                "the caller did not come back; cancelling its call at the service"
+            );
+            self.cancel_orphan(&o);
+        }
+    }
+
+    /// Cancels an orphaned call (and the deliveries it adopted) at the
+    /// service running it, if that service is still connected.
+    pub(crate) fn cancel_orphan(&mut self, o: &crate::orphans::Orphan) {
+        if o.service != crate::orphans::NO_SERVICE && self.peers.get(o.service).is_some() {
+            for id in o.requests() {
+                self.send(o.service, &Envelope::Cancel { id }, Payload::EMPTY);
             }
         }
     }
