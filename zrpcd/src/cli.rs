@@ -73,7 +73,9 @@ pub struct Args {
     /// Seconds a call keeps running at its service after its caller
     /// disconnected, for the caller to reconnect and resubmit it (capped by
     /// the call's timeout); then the service is told to cancel it. 0
-    /// cancels at once
+    /// cancels at once. Such calls count like pending calls: past a user's
+    /// pending_calls quota of them (or --max-pending-total in all), the
+    /// oldest are cancelled at once
     #[arg(long, default_value_t = crate::config::DEFAULT_CALLER_GRACE.as_secs_f64())]
     pub caller_grace: f64,
     /// Seconds between pings to services
