@@ -89,6 +89,10 @@ pub struct Orphans {
     /// Each uid's orphans (the first element of [`CallerKey`]), for its
     /// bound; no entry for a uid without any.
     by_uid: HashMap<u32, BTreeSet<(Instant, CallerKey)>>,
+    /// How many orphans run on each service connection (none for
+    /// [`NO_SERVICE`]), so that a connection leaving without any costs no
+    /// walk of them all.
+    per_service: HashMap<PeerId, usize>,
     /// The deliveries adopted by a pending call (its request id): while it
     /// lives, and moved into its orphan if its caller leaves again.
     adopted: HashMap<u64, Vec<u64>>,
@@ -135,8 +139,10 @@ impl Orphans {
             request,
             earlier: self.adopted.remove(&request).unwrap_or_default(),
         };
-        if let Some((_, old)) = self.by_caller.insert(caller, (orphan, until)) {
-            self.unindex(old, caller);
+        self.count(service, true);
+        if let Some((old, old_until)) = self.by_caller.insert(caller, (orphan, until)) {
+            self.count(old.service, false);
+            self.unindex(old_until, caller);
         }
         let earliest = self.next_deadline().is_none_or(|t| until < t);
         self.by_time.insert((until, caller), ());
@@ -171,7 +177,25 @@ impl Orphans {
     /// it.
     fn give_up(&mut self, (until, caller): (Instant, CallerKey)) -> Option<Orphan> {
         self.unindex(until, caller);
-        self.by_caller.remove(&caller).map(|(orphan, _)| orphan)
+        let (orphan, _) = self.by_caller.remove(&caller)?;
+        self.count(orphan.service, false);
+        Some(orphan)
+    }
+
+    /// Counts an orphan in (`true`) or out of its service's tally.
+    fn count(&mut self, service: PeerId, add: bool) {
+        if service == NO_SERVICE {
+            return;
+        }
+        let n = self.per_service.entry(service).or_default();
+        if add {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_service.remove(&service);
+            }
+        }
     }
 
     /// Removes the time indexes' entries of an orphan.
@@ -191,6 +215,7 @@ impl Orphans {
     pub fn adopt(&mut self, caller: CallerKey) -> Option<Orphan> {
         let (orphan, until) = self.by_caller.remove(&caller)?;
         self.unindex(until, caller);
+        self.count(orphan.service, false);
         Some(orphan)
     }
 
@@ -228,7 +253,7 @@ impl Orphans {
     /// nothing to cancel); they stay until their grace ends, as calls
     /// delivered before ([`NO_SERVICE`]).
     pub fn service_gone(&mut self, service: PeerId) {
-        if self.is_empty() {
+        if self.per_service.remove(&service).is_none() {
             return;
         }
         for (o, _) in self.by_caller.values_mut() {
@@ -272,9 +297,16 @@ mod tests {
         assert_eq!(o.adopt((1000, 1, 2)), None);
         assert!(o.expired(t0).is_empty());
         assert_eq!(o.expired(t0 + Duration::from_secs(2)), vec![orphan(7, 1)]);
+        // Only service 7 has an orphan left (call 3): another connection
+        // leaving changes nothing.
+        assert_eq!(o.per_service.get(&7), Some(&1));
+        assert_eq!(o.per_service.len(), 1);
+        o.service_gone(8);
+        assert_eq!(o.per_service.get(&7), Some(&1));
         // Its service gone, call 3 is still known until its grace ends, as
         // a call that runs nowhere.
         o.service_gone(7);
+        assert!(o.per_service.is_empty());
         assert_eq!(o.len(), 1);
         assert_eq!(o.next_deadline(), Some(t0 + Duration::from_secs(3)));
         assert_eq!(
@@ -347,6 +379,7 @@ mod tests {
         assert!(o.adopt((0, 9, 2)).is_some());
         assert_eq!(o.expired(at(60)).len(), 1);
         assert!(o.is_empty() && o.by_time.is_empty() && o.by_uid.is_empty());
+        assert!(o.per_service.is_empty());
     }
 
     /// Root's bounds with `total` in all.
