@@ -590,6 +590,110 @@ mod tests {
         assert_eq!((err.0, err.1.kind()), (0, io::ErrorKind::BrokenPipe));
     }
 
+    /// Signals handled by [`count_signal`].
+    static HANDLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    extern "C" fn count_signal(_: libc::c_int) {
+        HANDLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `write` in a thread of its own, which gets `SIGUSR2` (handled
+    /// without `SA_RESTART`) every millisecond until `write` returns, at
+    /// most 3000 times; returns what `write` returned and how long it took.
+    fn under_signals<T: Send + 'static>(
+        write: impl FnOnce() -> T + Send + 'static,
+    ) -> (T, std::time::Duration) {
+        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the
+        // handler only touches an atomic (async-signal-safe).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = count_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+        }
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::pthread_self() });
+            let started = Instant::now();
+            let r = write();
+            let _ = done_tx.send((r, started.elapsed()));
+            // Not ended (so never signalled after its end) until told.
+            let _ = release_rx.recv();
+        });
+        let tid = tid_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer started");
+        let mut got = None;
+        for _ in 0..3000 {
+            if let Ok(r) = done_rx.try_recv() {
+                got = Some(r);
+                break;
+            }
+            // SAFETY: the writer has not ended: it waits for `release`.
+            assert_eq!(unsafe { libc::pthread_kill(tid, libc::SIGUSR2) }, 0);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let got = got.or_else(|| done_rx.recv_timeout(Duration::from_secs(10)).ok());
+        drop(release_tx);
+        let _ = writer.join();
+        got.expect("the write never ended")
+    }
+
+    /// A blocking write to a peer that reads nothing fails by its socket's
+    /// send timeout (twice it at most: the send that fills the buffer, then
+    /// the rest) however often signals interrupt it, with the count of
+    /// what it wrote, and the socket keeps its timeout. Each interruption
+    /// used to restart the timeout: the writes below ended only once the
+    /// signals stopped (3 s and more).
+    #[test]
+    fn signals_do_not_restart_a_blocking_writes_send_timeout() {
+        let timeout = Duration::from_millis(300);
+        let (a, _b) = UnixStream::pair().expect("pair");
+        a.set_write_timeout(Some(timeout)).expect("timeout");
+        let a = Arc::new(a);
+        let before = HANDLED.load(std::sync::atomic::Ordering::Relaxed);
+        let w = a.clone();
+        let (r, took) = under_signals(move || {
+            let big = vec![7u8; 4 << 20];
+            write_all_blocking(&w, &[&big[..1 << 20], &big[1 << 20..]])
+                .map_err(|(n, e)| (n, e.kind()))
+        });
+        let (written, kind) = r.expect_err("nothing reads");
+        assert!(written > 0 && written < 4 << 20, "{written}");
+        assert!(
+            matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+            "{kind:?}"
+        );
+        assert!(took < 2 * timeout + Duration::from_millis(500), "{took:?}");
+        assert_eq!(a.write_timeout().expect("timeout"), Some(timeout));
+
+        // The socket is full now: the queue's write is interrupted at once.
+        let w = a.clone();
+        let (r, took) = under_signals(move || {
+            let mut q = OutQueue::default();
+            q.push_copy(&[1u8; 64 * 1024]);
+            write_queue_blocking(&w, &mut q).map_err(|(n, e)| (n, e.kind()))
+        });
+        // Timed out by the kernel (its timeout shrunk to what was left) or
+        // found out of time before a retry.
+        let (written, kind) = r.expect_err("nothing reads");
+        assert_eq!(written, 0);
+        assert!(
+            matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+            "{kind:?}"
+        );
+        assert!(took < 2 * timeout + Duration::from_millis(500), "{took:?}");
+        assert_eq!(a.write_timeout().expect("timeout"), Some(timeout));
+        let handled = HANDLED.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(
+            handled >= 50,
+            "only {handled} signals: the writes were hardly interrupted"
+        );
+    }
+
     #[test]
     fn a_closed_peer_is_an_error_not_a_signal() {
         let (a, b) = UnixStream::pair().expect("pair");
