@@ -527,3 +527,53 @@ def test_aio_server_registration_is_bounded(socket_dir):
         for c in held:
             c.close()
         listener.close()
+
+
+def test_a_no_retry_call_answered_shutdown_may_have_run(procs, socket_dir, files, monkeypatch):
+    """A broker stopping (SIGTERM) answers ``Shutdown`` to a ``no_retry`` call it delivered
+    and that did not finish within ``--shutdown-grace``: both clients raise
+    :class:`errors.ShutdownError` (not resubmitted, not ``DisconnectedError``), although the
+    handler ran. So ``Shutdown`` for a ``no_retry`` call says "may or may not have run", as
+    for the Rust client (``Error::Shutdown``, ``tests/tests/calls.rs``
+    ``broker_sigterm_answers_pending_calls_with_shutdown``) and docs/reliability.md."""
+    import asyncio
+    from conftest import Broker
+    from zrpc import aio
+    monkeypatch.setenv("ZRPC_SOCKET_DIR", socket_dir)
+    log, go = files
+    broker = Broker(procs, socket_dir, ["--shutdown-grace", "0.3"])
+    # Two instances: each runs one of the two calls.
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_registered(socket_dir, "worker")
+    blocking = Call("worker", "slow", 1, timeout=60, no_retry=True)
+    wait_for(lambda: lines(log) == ["slow 1"], what="the first handler to start")
+    procs.spawn([sys.executable, "-c", WORKER])
+    wait_for(lambda: instances(socket_dir, "worker") == 2, what="the second instance")
+
+    async def async_call():
+        async with await aio.Client.connect() as c:
+            try:
+                return await c.call("worker", "slow", 2, timeout=60, no_retry=True)
+            except errors.ZRPCError as e:
+                return e
+
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=asyncio.run(async_call())), daemon=True)
+    t.start()
+    wait_for(lambda: lines(log) == ["slow 1", "slow 2"], what="the second handler to start")
+    broker.proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert not t.is_alive(), "the async call did not return"
+    for got in (blocking.outcome(), result["r"]):
+        assert isinstance(got, errors.ShutdownError), repr(got)
+        assert got.code == errors.SHUTDOWN and got.service == "worker", repr(got)
+    assert broker.proc.wait(timeout=10) == 0
+    open(go, "w").close()
+    # Each handler ran once: the calls were delivered, and not sent again.
+    assert lines(log) == ["slow 1", "slow 2"]
+
+
+def instances(socket_dir, name):
+    """How many instances hold ``name`` (``zrpcd.list``)."""
+    with Client(socket_dir) as c:
+        return sum(len(row["instances"]) for row in c.call("zrpcd", "list", timeout=5) if row["name"] == name)

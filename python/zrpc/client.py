@@ -12,7 +12,9 @@ A lost connection to the broker (a broker restart, for instance) is
 reconnected with backoff, and a call in flight is resubmitted with the same
 instance and call id and its remaining budget, so that it is answered exactly
 once; calls made with ``no_retry=True`` fail with
-:class:`zrpc.errors.DisconnectedError` instead.
+:class:`zrpc.errors.DisconnectedError` instead (and with
+:class:`zrpc.errors.ShutdownError` when a broker shutting down answers them so),
+and may or may not have run.
 """
 
 import select
@@ -185,9 +187,12 @@ class Client:
         :class:`zrpc.errors.RPCTimeoutError` is raised. ``no_wait``: fail at
         once with :class:`zrpc.errors.NoSuchServiceError` when no service
         holds the name (instead of waiting for one). ``no_retry``: do not
-        resubmit the call after a lost connection or re-deliver it after its
-        service instance died (:class:`zrpc.errors.DisconnectedError`,
-        :class:`zrpc.errors.ServiceGoneError`). Other failures raise the
+        resubmit the call after a lost connection or a broker's ``Shutdown``
+        answer, nor re-deliver it after its service instance died
+        (:class:`zrpc.errors.DisconnectedError`,
+        :class:`zrpc.errors.ShutdownError`,
+        :class:`zrpc.errors.ServiceGoneError`: in every such case the call may
+        or may not have run). Other failures raise the
         :class:`zrpc.errors.ZRPCError` subclass of the wire error code.
         """
         with self._lock:

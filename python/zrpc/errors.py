@@ -140,7 +140,13 @@ class ServiceGoneError(ZRPCError):
 
 
 class ShutdownError(ZRPCError):
-    """The broker is shutting down (reported for ``no_retry`` calls only; others are resubmitted)."""
+    """The broker is shutting down: it did not finish a ``no_retry`` call (others are
+    resubmitted to the next broker instead), or it refused a new connection.
+
+    A ``no_retry`` call that gets it may or may not have run: the broker answers so both the
+    calls it never delivered and those delivered but not finished within its
+    ``--shutdown-grace`` (whose handler may still finish them), and the client cannot tell
+    them apart. As the Rust client's ``Error::Shutdown`` (docs/reliability.md)."""
 
     code = SHUTDOWN
 

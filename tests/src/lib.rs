@@ -153,6 +153,21 @@ impl Proc {
         }
     }
 
+    /// Stops the process (`SIGSTOP`) and waits (bounded by [`WAIT`]) until
+    /// the kernel shows it stopped; returns whether it did. A stopped
+    /// broker keeps its connections and its listen backlog but reads
+    /// nothing: a wedged broker, as its peers see it.
+    pub fn stop(&self) -> bool {
+        self.signal(libc::SIGSTOP);
+        let stat = format!("/proc/{}/stat", self.pid());
+        wait_until(WAIT, || {
+            std::fs::read_to_string(&stat).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+        })
+    }
+
     /// Waits (bounded) for the process to exit; returns its exit status.
     pub fn wait_exit(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();

@@ -201,15 +201,7 @@ fn connecting_to_a_stopped_broker_with_a_full_backlog_is_bounded() {
     // stopped, and its next call must reconnect.
     let c = BlockingClient::connect_to(b.dir()).expect("connect");
     b.restart(libc::SIGKILL);
-    b.proc.signal(libc::SIGSTOP);
-    let stat = format!("/proc/{}/stat", b.proc.pid());
-    let stopped = wait_until(WAIT, || {
-        std::fs::read_to_string(&stat).is_ok_and(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-        })
-    });
-    assert!(stopped, "zrpcd did not stop");
+    assert!(b.proc.stop(), "zrpcd did not stop");
     let sock = b.socket();
     let queued = fill_backlog(&sock);
     assert!(!queued.is_empty());

@@ -228,7 +228,8 @@ const TIMEOUT_SLACK: Duration = Duration::from_millis(50);
 /// How long one blocking send may wait for the broker to read: half the
 /// safety margin, as a frame's write may wait twice (the send that fills
 /// the socket buffer returns what it wrote when the time is up, the next
-/// one fails).
+/// one fails). Signals do not stretch it: a send they interrupt is retried
+/// with what is left (`zrpc_io::write::write_all_blocking`).
 const WRITE_STALL: Duration = Duration::from_secs(SAFETY_MARGIN.as_secs() / 2);
 
 /// Shortest handshake timeout of a reconnection attempt made by a reader

@@ -98,7 +98,9 @@ pub enum Error {
     },
     /// The broker is shutting down: it did not finish a `no_retry` call
     /// (other calls are resubmitted to the next broker instead), or it
-    /// refused a new connection.
+    /// refused a new connection. Such a call may or may not have run: the
+    /// broker answers so both the calls it never delivered and those
+    /// delivered but not finished within its `--shutdown-grace`.
     #[error("the zrpcd broker is shutting down")]
     Shutdown,
     /// The broker socket could not be connected to. The message says what

@@ -19,6 +19,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::Interest;
@@ -292,21 +293,24 @@ fn send_parts<'a>(fd: RawFd, parts: impl Iterator<Item = &'a [u8]>) -> io::Resul
 
 /// Writes all of `parts` on a blocking socket. On failure, the error comes
 /// with how many bytes were written (so a caller can tell a frame that was
-/// certainly not sent).
+/// certainly not sent). The socket's send timeout, if any, bounds how long
+/// the write may go without progress, signals or not (see [`SendBound`]).
 pub fn write_all_blocking(sock: &UnixStream, parts: &[&[u8]]) -> Result<(), (usize, io::Error)> {
+    let fd = sock.as_raw_fd();
     if let [one, rest @ ..] = parts {
         if rest.iter().all(|p| p.is_empty()) {
             // The common case (a frame without a separate payload): no
             // vector to build.
-            return write_one_blocking(sock.as_raw_fd(), one);
+            return write_blocking(sock, one.len(), |done| {
+                send_parts(fd, std::iter::once(&one[done..]))
+            });
         }
     }
     let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut done = 0;
-    while done < total {
+    write_blocking(sock, total, |done| {
         // The parts not yet written, the first one from where it stopped.
         let mut skip = done;
-        let rest = parts.iter().filter_map(|p| {
+        let rest = parts.iter().filter_map(move |p| {
             if skip >= p.len() {
                 skip -= p.len();
                 None
@@ -316,41 +320,128 @@ pub fn write_all_blocking(sock: &UnixStream, parts: &[&[u8]]) -> Result<(), (usi
                 Some(r)
             }
         });
-        match send_parts(sock.as_raw_fd(), rest) {
-            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((done, e)),
-        }
-    }
-    Ok(())
+        send_parts(fd, rest)
+    })
 }
 
 /// Writes all of `q` on a blocking socket, with the descriptors queued in
 /// it ([`OutQueue::push_fd`]). On failure, the error comes with how many
 /// bytes were written, as from [`write_all_blocking`].
 pub fn write_queue_blocking(sock: &UnixStream, q: &mut OutQueue) -> Result<(), (usize, io::Error)> {
-    let total = q.len();
-    match q.write_now(sock.as_raw_fd()) {
-        Ok(true) => Ok(()),
-        // A blocking socket is never full, unless it has a send timeout.
-        Ok(false) => Err((total - q.len(), io::ErrorKind::WouldBlock.into())),
-        Err(e) => Err((total - q.len(), e)),
-    }
+    let fd = sock.as_raw_fd();
+    write_blocking(sock, q.len(), |_| q.write_once(fd))
 }
 
-/// [`write_all_blocking`] of one buffer.
-fn write_one_blocking(fd: RawFd, buf: &[u8]) -> Result<(), (usize, io::Error)> {
+/// The loop of the blocking writes: `send(done)` writes some of what is
+/// left after the first `done` bytes of `total`, until all is written.
+/// A send interrupted by a signal is retried within what is left of the
+/// socket's send timeout ([`SendBound`]).
+fn write_blocking(
+    sock: &UnixStream,
+    total: usize,
+    mut send: impl FnMut(usize) -> io::Result<usize>,
+) -> Result<(), (usize, io::Error)> {
     let mut done = 0;
-    while done < buf.len() {
-        match send_parts(fd, std::iter::once(&buf[done..])) {
-            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((done, e)),
+    let mut bound = SendBound::new(sock);
+    let r = loop {
+        if done >= total {
+            break Ok(());
+        }
+        match send(done) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                done += n;
+                if done < total {
+                    bound.progress();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                if let Err(e) = bound.interrupted() {
+                    break Err(e);
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    bound.restore();
+    r.map_err(|e| (done, e))
+}
+
+/// The send timeout (`SO_SNDTIMEO`) of one blocking write, kept a bound on
+/// the time the write goes without progress however many signals
+/// interrupt it. The timeout bounds one `send`; a send interrupted by a
+/// signal fails with `EINTR` (even under `SA_RESTART`, as the socket has a
+/// timeout), and retried as it was it would wait the whole timeout again:
+/// a signal faster than the timeout (a profiler's `SIGPROF`, an interval
+/// timer) would keep a write to a peer that stopped reading blocked for as
+/// long as the signals come. So an interrupted send is retried with what
+/// is left of the timeout, counted from the write's last progress (or its
+/// first interruption, the start of a write that never made progress: the
+/// send before it waited less than the timeout), and once nothing is left
+/// the write fails with `TimedOut`. The socket gets its timeout back when
+/// the write ends. Nothing of this costs a write that is not interrupted.
+struct SendBound<'a> {
+    sock: &'a UnixStream,
+    /// The socket's send timeout, read at the first interruption (`None`
+    /// inside: the socket has none, and a send is retried as it was).
+    full: Option<Option<Duration>>,
+    /// When the write last made progress, once that matters (after a
+    /// partial send or an interruption).
+    since: Option<Instant>,
+    /// The socket's timeout is shorter than `full` (it must be put back).
+    shrunk: bool,
+}
+
+impl<'a> SendBound<'a> {
+    fn new(sock: &'a UnixStream) -> SendBound<'a> {
+        SendBound {
+            sock,
+            full: None,
+            since: None,
+            shrunk: false,
         }
     }
-    Ok(())
+
+    /// A send wrote part of what was left: the bound starts again.
+    fn progress(&mut self) {
+        self.since = Some(Instant::now());
+        self.restore();
+    }
+
+    /// A send was interrupted: sets the socket's timeout to what is left
+    /// of the bound, or fails with `TimedOut` if nothing is.
+    fn interrupted(&mut self) -> io::Result<()> {
+        let full = match self.full {
+            Some(full) => full,
+            None => *self.full.insert(self.sock.write_timeout()?),
+        };
+        let Some(full) = full else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        let left = full.saturating_sub(now.saturating_duration_since(since));
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer read nothing for {full:?} (the send timeout)"),
+            ));
+        }
+        self.sock.set_write_timeout(Some(left))?;
+        self.shrunk = true;
+        Ok(())
+    }
+
+    /// Puts the socket's own timeout back, if it was shrunk.
+    fn restore(&mut self) {
+        if self.shrunk {
+            self.shrunk = false;
+            // Cannot fail on an open socket with a valid timeout (the one
+            // read from it); if it did, the next write would only give up
+            // sooner.
+            let _ = self.sock.set_write_timeout(self.full.flatten());
+        }
+    }
 }
 
 /// Writes `q` out on `sock` (non-blocking, registered with tokio for
@@ -497,6 +588,110 @@ mod tests {
         q.push_copy(b"more");
         let err = write_queue_blocking(&a, &mut q).expect_err("peer gone");
         assert_eq!((err.0, err.1.kind()), (0, io::ErrorKind::BrokenPipe));
+    }
+
+    /// Signals handled by [`count_signal`].
+    static HANDLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    extern "C" fn count_signal(_: libc::c_int) {
+        HANDLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `write` in a thread of its own, which gets `SIGUSR2` (handled
+    /// without `SA_RESTART`) every millisecond until `write` returns, at
+    /// most 3000 times; returns what `write` returned and how long it took.
+    fn under_signals<T: Send + 'static>(
+        write: impl FnOnce() -> T + Send + 'static,
+    ) -> (T, std::time::Duration) {
+        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the
+        // handler only touches an atomic (async-signal-safe).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = count_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+        }
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::pthread_self() });
+            let started = Instant::now();
+            let r = write();
+            let _ = done_tx.send((r, started.elapsed()));
+            // Not ended (so never signalled after its end) until told.
+            let _ = release_rx.recv();
+        });
+        let tid = tid_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer started");
+        let mut got = None;
+        for _ in 0..3000 {
+            if let Ok(r) = done_rx.try_recv() {
+                got = Some(r);
+                break;
+            }
+            // SAFETY: the writer has not ended: it waits for `release`.
+            assert_eq!(unsafe { libc::pthread_kill(tid, libc::SIGUSR2) }, 0);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let got = got.or_else(|| done_rx.recv_timeout(Duration::from_secs(10)).ok());
+        drop(release_tx);
+        let _ = writer.join();
+        got.expect("the write never ended")
+    }
+
+    /// A blocking write to a peer that reads nothing fails by its socket's
+    /// send timeout (twice it at most: the send that fills the buffer, then
+    /// the rest) however often signals interrupt it, with the count of
+    /// what it wrote, and the socket keeps its timeout. Each interruption
+    /// used to restart the timeout: the writes below ended only once the
+    /// signals stopped (3 s and more).
+    #[test]
+    fn signals_do_not_restart_a_blocking_writes_send_timeout() {
+        let timeout = Duration::from_millis(300);
+        let (a, _b) = UnixStream::pair().expect("pair");
+        a.set_write_timeout(Some(timeout)).expect("timeout");
+        let a = Arc::new(a);
+        let before = HANDLED.load(std::sync::atomic::Ordering::Relaxed);
+        let w = a.clone();
+        let (r, took) = under_signals(move || {
+            let big = vec![7u8; 4 << 20];
+            write_all_blocking(&w, &[&big[..1 << 20], &big[1 << 20..]])
+                .map_err(|(n, e)| (n, e.kind()))
+        });
+        let (written, kind) = r.expect_err("nothing reads");
+        assert!(written > 0 && written < 4 << 20, "{written}");
+        assert!(
+            matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+            "{kind:?}"
+        );
+        assert!(took < 2 * timeout + Duration::from_millis(500), "{took:?}");
+        assert_eq!(a.write_timeout().expect("timeout"), Some(timeout));
+
+        // The socket is full now: the queue's write is interrupted at once.
+        let w = a.clone();
+        let (r, took) = under_signals(move || {
+            let mut q = OutQueue::default();
+            q.push_copy(&[1u8; 64 * 1024]);
+            write_queue_blocking(&w, &mut q).map_err(|(n, e)| (n, e.kind()))
+        });
+        // Timed out by the kernel (its timeout shrunk to what was left) or
+        // found out of time before a retry.
+        let (written, kind) = r.expect_err("nothing reads");
+        assert_eq!(written, 0);
+        assert!(
+            matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+            "{kind:?}"
+        );
+        assert!(took < 2 * timeout + Duration::from_millis(500), "{took:?}");
+        assert_eq!(a.write_timeout().expect("timeout"), Some(timeout));
+        let handled = HANDLED.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(
+            handled >= 50,
+            "only {handled} signals: the writes were hardly interrupted"
+        );
     }
 
     #[test]

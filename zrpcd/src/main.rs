@@ -1,6 +1,5 @@
 //! The `zrpcd` broker daemon.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -45,13 +44,7 @@ fn main() -> ExitCode {
     tune_allocator();
     raise_nofile();
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    zrpcd::log::init(&args.log);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
