@@ -161,6 +161,30 @@ fn introspection_and_pings_are_answered_while_a_handler_outlives_the_heartbeat()
 }
 
 #[test]
+fn a_service_whose_queue_is_full_is_not_cut_off_by_the_heartbeat() {
+    // One handler at a time and one request queued: the rest of the calls
+    // wait in the broker, and the service reads nothing more (not the
+    // broker's pings either) until the running handler ends, 1.5 s later,
+    // while the broker cuts off a service after 600 ms without a sign of
+    // life. A busy service must not be taken for a dead one (its calls
+    // re-delivered, its running handlers' work lost with the connection).
+    let b = Broker::start_with(&["--heartbeat-interval", "0.1", "--heartbeat-timeout", "0.6"]);
+    let mut c = b.command("zrpc-test-typed");
+    c.env("ZRPC_TEST_MAX_CONCURRENT", "1")
+        .env("ZRPC_TEST_MAX_QUEUED", "1");
+    let _svc = Proc::spawn("zrpc-test-typed", c);
+    wait_registered(b.dir(), "calc", 1);
+    let took = holds_at_once(&b, 4, 1500);
+    assert_eq!(
+        zrpc_tests::broker_stat(b.dir(), "heartbeat_timeouts"),
+        0,
+        "the busy service was cut off as dead"
+    );
+    assert_eq!(zrpc_tests::broker_stat(b.dir(), "redelivered"), 0);
+    assert!(took >= Duration::from_millis(6000), "{took:?}");
+}
+
+#[test]
 fn a_handler_whose_caller_is_gone_is_cancelled() {
     // The caller's grace to come back and resubmit: 300 ms.
     let b = Broker::start_with(&["--caller-grace", "0.3"]);

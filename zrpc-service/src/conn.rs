@@ -137,7 +137,21 @@ pub(crate) struct Conn {
     /// The broker accepted payloads in descriptors (`Welcome`): large
     /// replies go as sealed memfds, requests may come as them.
     fd_payloads: bool,
+    /// When the broker's last `Ping` arrived, and the time between its last
+    /// two: how often to send a sign of life while not reading (see
+    /// [`Conn::keepalive_every`]).
+    last_ping: Option<std::time::Instant>,
+    ping_every: Option<std::time::Duration>,
 }
+
+/// How often a connection that does not read (its request queue full)
+/// sends a sign of life before it has seen the broker ping twice; after
+/// that, as often as the broker pings, at most every [`KEEPALIVE_MAX`].
+const KEEPALIVE_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The longest interval between two signs of life of a connection that
+/// does not read.
+const KEEPALIVE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Conn {
     /// Takes over a connected socket; must be called inside the runtime.
@@ -169,7 +183,27 @@ impl Conn {
             unregistered: 0,
             fds: FdQueue::new(),
             fd_payloads: false,
+            last_ping: None,
+            ping_every: None,
         })
+    }
+
+    /// How often to send a sign of life while the connection does not read
+    /// its socket (its request queue is full, so the broker's pings are not
+    /// read either): the broker cuts off a service it hears nothing from
+    /// for its `--heartbeat-timeout`, and a busy service is not a dead one.
+    /// As often as the broker pings (the interval between its last two
+    /// pings), at most every second; 250 ms before two pings came.
+    pub(crate) fn keepalive_every(&self) -> std::time::Duration {
+        self.ping_every.map_or(KEEPALIVE_FIRST, |d| {
+            d.clamp(std::time::Duration::from_millis(10), KEEPALIVE_MAX)
+        })
+    }
+
+    /// Queues a sign of life: a `Pong` nobody asked for (nonce 0), which
+    /// the broker takes as one without answering.
+    pub(crate) fn queue_keepalive(&mut self) {
+        encode_frame(self.out.tail(), &Envelope::Pong { nonce: 0 }, &[]);
     }
 
     /// Takes the broker's `Welcome` and the bytes read after it.
@@ -360,6 +394,10 @@ impl Conn {
                 Ok(FrameAction::None)
             }
             Envelope::Ping { nonce } => {
+                let now = std::time::Instant::now();
+                if let Some(last) = self.last_ping.replace(now) {
+                    self.ping_every = Some(now.saturating_duration_since(last));
+                }
                 encode_frame(self.out.tail(), &Envelope::Pong { nonce }, &[]);
                 self.pong_pending = true;
                 Ok(FrameAction::None)

@@ -214,9 +214,16 @@ impl Link {
                     conn.read_more().await?;
                 } else {
                     // Only the flush: wait for the handlers to drain the
-                    // queue (the caller selects on them).
+                    // queue (the caller selects on them), with a sign of
+                    // life now and then: the broker's pings are not read
+                    // meanwhile, and a busy service must not be taken for
+                    // a dead one (see `Conn::keepalive_every`).
                     conn.flush().await?;
-                    std::future::pending::<()>().await;
+                    loop {
+                        tokio::time::sleep(conn.keepalive_every()).await;
+                        conn.queue_keepalive();
+                        conn.flush().await?;
+                    }
                 }
                 conn.process()?;
                 let cancelled = running.is_some_and(|id| conn.cancels.contains(&id));

@@ -1,7 +1,8 @@
 //! A service implementing the `Calc` interface (`zrpc_tests::typed`) for
 //! the typed-client and concurrency tests. Socket directory:
 //! `$ZRPC_SOCKET_DIR`; `$ZRPC_TEST_MAX_CONCURRENT` sets
-//! `Server::max_concurrent`, `$ZRPC_TEST_DRAIN_TIMEOUT_MS`
+//! `Server::max_concurrent`, `$ZRPC_TEST_MAX_QUEUED` `Server::max_queued`,
+//! `$ZRPC_TEST_DRAIN_TIMEOUT_MS`
 //! `Server::drain_timeout`, and `$ZRPC_TEST_NO_STOP_SIGNALS` turns
 //! `Server::stop_on_signals` off.
 
@@ -116,6 +117,12 @@ fn main() -> Result<(), zrpc_service::Error> {
         .and_then(|v| v.parse().ok())
     {
         server = server.max_concurrent(n);
+    }
+    if let Some(n) = std::env::var("ZRPC_TEST_MAX_QUEUED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        server = server.max_queued(n);
     }
     if std::env::var_os("ZRPC_TEST_SHARED").is_some() {
         server = server.shared(true);
