@@ -19,6 +19,12 @@
 //!        every request with the string "HIJACKED" and printing
 //!        "request <service>.<method> uid <caller uid>", until killed
 //!        (with --stall: never reads again after "ack ok")
+//! zrpc-test-peer register-many --prefix P --count N [--cycle]
+//!     -> registers P0, P1, ... P<N-1> on one connection, one at a time,
+//!        stopping at the first refusal, which it prints as
+//!        "ack <code> <message>" (with --cycle: then unregisters them all
+//!        and registers them again); then "registered K" with the names it
+//!        holds; stays (answering pings) until killed
 //! zrpc-test-peer fd-hog --count N
 //!     -> a service of its own answers N calls of a client of its own, which
 //!        never reads, each with a payload descriptor; "hogged K" with the
@@ -144,6 +150,16 @@ enum Cmd {
         count: usize,
         #[arg(long)]
         per_conn: usize,
+    },
+    /// Register `PREFIX0` to `PREFIX<COUNT-1>` on one connection.
+    RegisterMany {
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        count: u64,
+        /// Unregister them all, then register them again.
+        #[arg(long)]
+        cycle: bool,
     },
     /// Register a name and serve it.
     Register {
@@ -370,8 +386,80 @@ fn junk_together(path: &str, count: usize, per_conn: usize) {
     }
 }
 
+/// Sends `env` and waits for its ack (answering pings meanwhile): None if
+/// accepted, else the refusal as printed. Exits if the broker closes.
+fn acked(r: &mut Raw, env: &Envelope<'_>) -> Option<String> {
+    r.send(env, b"");
+    loop {
+        let Some(f) = r.recv_frame() else {
+            say("fatal closed");
+            std::process::exit(0);
+        };
+        match f.decode() {
+            Ok(Envelope::Ack { code: None, .. }) => return None,
+            Ok(Envelope::Ack {
+                code: Some(c),
+                message,
+                ..
+            }) => return Some(format!("ack {c} {message}")),
+            Ok(Envelope::Ping { nonce }) => r.send(&Envelope::Pong { nonce }, b""),
+            _ => {}
+        }
+    }
+}
+
+/// Registers `prefix`0.. on `r`, up to `count` or the first refusal
+/// (printed): how many it holds.
+fn register_all(r: &mut Raw, prefix: &str, count: u64) -> u64 {
+    for i in 0..count {
+        let name = format!("{prefix}{i}");
+        let env = Envelope::Register {
+            req: i,
+            name: &name,
+            shared: false,
+        };
+        if let Some(refused) = acked(r, &env) {
+            say(&refused);
+            return i;
+        }
+    }
+    count
+}
+
+/// `register-many`: see the module docs.
+fn register_many(prefix: &str, count: u64, cycle: bool) {
+    let mut r = connect(None);
+    let mut held = register_all(&mut r, prefix, count);
+    if cycle && held == count {
+        for i in 0..count {
+            let name = format!("{prefix}{i}");
+            if let Some(refused) = acked(
+                &mut r,
+                &Envelope::Unregister {
+                    req: i,
+                    name: &name,
+                },
+            ) {
+                say(&refused);
+            }
+        }
+        held = register_all(&mut r, prefix, count);
+    }
+    say(&format!("registered {held}"));
+    while let Some(f) = r.recv_frame() {
+        if let Ok(Envelope::Ping { nonce }) = f.decode() {
+            r.send(&Envelope::Pong { nonce }, b"");
+        }
+    }
+}
+
 fn main() {
     match Cmd::parse() {
+        Cmd::RegisterMany {
+            prefix,
+            count,
+            cycle,
+        } => register_many(&prefix, count, cycle),
         Cmd::JunkTogether {
             path,
             count,
