@@ -959,3 +959,44 @@ fn the_names_quota_is_released_on_disconnect_unregister_and_reload() {
         "the quota was not released on the take-back"
     );
 }
+
+#[test]
+fn many_names_do_not_stop_list_and_peers_for_another_user() {
+    if !is_root("many_names_do_not_stop_list_and_peers_for_another_user") {
+        return;
+    }
+    let b = Broker::start_with(&["--max-message-size", "16384"]);
+    // Four connections of 250 long names: about 60 kB of zrpcd.list, 12 kB
+    // of zrpcd.peers for each connection.
+    let prefix = "a-rather-long-service-name-to-fill-the-pages-";
+    let hogs: Vec<Proc> = (0..4)
+        .map(|i| {
+            let (refused, held, p) = register_many(&b, OTHER, &format!("{prefix}{i}-"), 250);
+            assert_eq!((held, refused.as_str()), (250, ""));
+            p
+        })
+        .collect();
+    let victim = 65533;
+    let says = |args: &[&str]| {
+        let (_, out) = as_uid(&b, victim, args).output(WAIT);
+        out.lines().next().unwrap_or("").to_string()
+    };
+    // Whole, they do not fit (and the caller is told to page).
+    let line = says(&["call", "--service", "zrpcd", "--method", "list"]);
+    assert!(
+        line.starts_with("result limit_exceeded") && line.contains("pages"),
+        "{line}"
+    );
+    // Paged, they all come.
+    let line = says(&["page", "--method", "list", "--limit", "4096"]);
+    let pages = line
+        .strip_prefix("paged 1000 in ")
+        .and_then(|r| r.strip_suffix(" pages"))
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("zrpcd.list paged: {line}"));
+    assert!(pages > 1, "{line}");
+    // The four hogs and the pager itself.
+    let line = says(&["page", "--method", "peers", "--limit", "4096"]);
+    assert!(line.starts_with("paged 5 in "), "zrpcd.peers paged: {line}");
+    drop(hogs);
+}

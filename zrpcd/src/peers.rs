@@ -1,5 +1,7 @@
 //! The peers table: one entry per live connection.
 
+use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -333,6 +335,8 @@ pub struct Peers {
     partial_total: usize,
     /// Names held, all connections together (the sum of their `names`).
     names_total: usize,
+    /// The ids of `map`, in order (for paging through `zrpcd.peers`).
+    order: BTreeSet<PeerId>,
 }
 
 impl Peers {
@@ -348,6 +352,7 @@ impl Peers {
         self.next_id += 1;
         let id = self.next_id;
         user.charge_connection();
+        self.order.insert(id);
         self.map.insert(
             id,
             Peer {
@@ -393,6 +398,7 @@ impl Peers {
     /// say what there is to clean up.
     pub fn remove(&mut self, id: PeerId) -> Option<Peer> {
         let p = self.map.remove(&id)?;
+        self.order.remove(&id);
         self.partial_total = self.partial_total.saturating_sub(p.partial_bytes);
         self.names_total = self.names_total.saturating_sub(p.names.len());
         p.user.release_peer(
@@ -432,6 +438,17 @@ impl Peers {
     /// Names held, all connections together.
     pub fn names_total(&self) -> usize {
         self.names_total
+    }
+
+    /// The connections with an id above `after` (all with `None`), by id.
+    pub fn after(&self, after: Option<PeerId>) -> impl Iterator<Item = &Peer> {
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        self.order
+            .range((from, Bound::Unbounded))
+            .filter_map(|id| self.map.get(id))
     }
 
     /// Records that `held` bytes of `id`'s read buffer now hold a partly

@@ -25,6 +25,10 @@
 //!        "ack <code> <message>" (with --cycle: then unregisters them all
 //!        and registers them again); then "registered K" with the names it
 //!        holds; stays (answering pings) until killed
+//! zrpc-test-peer page --method list|peers [--limit N]
+//!     -> pages through zrpcd.<method> ({"after", "limit"} payloads):
+//!        "paged <entries> in <pages> pages", or the failed call's
+//!        "result <code> <message>"
 //! zrpc-test-peer fd-hog --count N
 //!     -> a service of its own answers N calls of a client of its own, which
 //!        never reads, each with a payload descriptor; "hogged K" with the
@@ -52,6 +56,8 @@ use std::io::Write;
 use clap::Parser;
 use zrpc_proto::{Envelope, Kind};
 use zrpc_tests::raw::Raw;
+
+mod names;
 
 #[derive(Debug, Parser)]
 enum Cmd {
@@ -160,6 +166,13 @@ enum Cmd {
         /// Unregister them all, then register them again.
         #[arg(long)]
         cycle: bool,
+    },
+    /// Page through zrpcd.METHOD.
+    Page {
+        #[arg(long)]
+        method: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
     },
     /// Register a name and serve it.
     Register {
@@ -386,80 +399,14 @@ fn junk_together(path: &str, count: usize, per_conn: usize) {
     }
 }
 
-/// Sends `env` and waits for its ack (answering pings meanwhile): None if
-/// accepted, else the refusal as printed. Exits if the broker closes.
-fn acked(r: &mut Raw, env: &Envelope<'_>) -> Option<String> {
-    r.send(env, b"");
-    loop {
-        let Some(f) = r.recv_frame() else {
-            say("fatal closed");
-            std::process::exit(0);
-        };
-        match f.decode() {
-            Ok(Envelope::Ack { code: None, .. }) => return None,
-            Ok(Envelope::Ack {
-                code: Some(c),
-                message,
-                ..
-            }) => return Some(format!("ack {c} {message}")),
-            Ok(Envelope::Ping { nonce }) => r.send(&Envelope::Pong { nonce }, b""),
-            _ => {}
-        }
-    }
-}
-
-/// Registers `prefix`0.. on `r`, up to `count` or the first refusal
-/// (printed): how many it holds.
-fn register_all(r: &mut Raw, prefix: &str, count: u64) -> u64 {
-    for i in 0..count {
-        let name = format!("{prefix}{i}");
-        let env = Envelope::Register {
-            req: i,
-            name: &name,
-            shared: false,
-        };
-        if let Some(refused) = acked(r, &env) {
-            say(&refused);
-            return i;
-        }
-    }
-    count
-}
-
-/// `register-many`: see the module docs.
-fn register_many(prefix: &str, count: u64, cycle: bool) {
-    let mut r = connect(None);
-    let mut held = register_all(&mut r, prefix, count);
-    if cycle && held == count {
-        for i in 0..count {
-            let name = format!("{prefix}{i}");
-            if let Some(refused) = acked(
-                &mut r,
-                &Envelope::Unregister {
-                    req: i,
-                    name: &name,
-                },
-            ) {
-                say(&refused);
-            }
-        }
-        held = register_all(&mut r, prefix, count);
-    }
-    say(&format!("registered {held}"));
-    while let Some(f) = r.recv_frame() {
-        if let Ok(Envelope::Ping { nonce }) = f.decode() {
-            r.send(&Envelope::Pong { nonce }, b"");
-        }
-    }
-}
-
 fn main() {
     match Cmd::parse() {
         Cmd::RegisterMany {
             prefix,
             count,
             cycle,
-        } => register_many(&prefix, count, cycle),
+        } => names::register_many(&prefix, count, cycle),
+        Cmd::Page { method, limit } => names::page(&method, limit),
         Cmd::JunkTogether {
             path,
             count,
