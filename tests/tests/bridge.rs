@@ -445,6 +445,48 @@ fn a_local_service_takes_precedence_over_an_imported_name() {
     );
 }
 
+/// Host A's names pass one `zrpcd.list` answer (--max-message-size 16384,
+/// 1000 long names): its bridge pages through them and still exports the
+/// name that sorts after them all.
+#[test]
+fn the_bridge_pages_through_more_names_than_one_message_holds() {
+    let Some(h) = start_hosts(&["--max-message-size", "16384"]) else {
+        return;
+    };
+    let prefix = "a-rather-long-service-name-to-fill-the-pages-";
+    let mut hogs = Vec::new();
+    for i in 0..4 {
+        let mut p = h.a.spawn(
+            "zrpc-test-peer",
+            &[
+                "register-many",
+                "--prefix",
+                &format!("{prefix}{i}-"),
+                "--count",
+                "250",
+            ],
+        );
+        let line = p
+            .read_until(|l| l.starts_with("registered"))
+            .unwrap_or_default();
+        assert_eq!(line, "registered 250");
+        hogs.push(p);
+    }
+    // The whole list no longer fits.
+    let (code, msg, _) = zrpc_tests::raw::Raw::hello(h.a.dir()).call(1, "zrpcd", "list", None);
+    assert_eq!(code, Some(ErrorCode::LimitExceeded), "{msg}");
+    // "cable" (exported by A as ca*, imported by B) sorts after them.
+    let _cable = h.a.spawn("zrpc-test-svc", &["--name", "cable"]);
+    let client = h.client_b();
+    let across = wait_until(WAIT, || {
+        client.call::<_, u32>("cable", "pid", &(), secs(5)).is_ok()
+    });
+    assert!(
+        across,
+        "host A's cable, listed after a full page, was not exported"
+    );
+}
+
 #[test]
 fn two_exporting_hosts_share_a_names_calls() {
     let Some(h) = start_hosts(&[]) else { return };

@@ -538,3 +538,36 @@ fn a_services_connect_timeout_bounds_its_first_connection_to_a_stopped_broker() 
     );
     assert!(took < Duration::from_secs(5), "gave up after {took:?}");
 }
+
+#[test]
+fn max_names_in_the_whole_broker() {
+    let b = Broker::start_with(&["--max-names", "3"]);
+    let mut one = Raw::hello(b.dir());
+    let mut two = Raw::hello(b.dir());
+    for name in ["a", "b"] {
+        zrpc_tests::raw::register(&mut one, name);
+    }
+    zrpc_tests::raw::register(&mut two, "c");
+    // Root too: this limit is the broker's, not a user's quota.
+    let mut three = Raw::hello(b.dir());
+    three.send(
+        &Envelope::Register {
+            req: 9,
+            name: "d",
+            shared: false,
+        },
+        b"",
+    );
+    let msg = loop {
+        let f = three.recv_frame().expect("ack");
+        if let Ok(Envelope::Ack { code, message, .. }) = f.decode() {
+            assert_eq!(code, Some(ErrorCode::LimitExceeded), "{message}");
+            break message.to_string();
+        }
+    };
+    assert!(msg.contains("--max-names)"), "{msg}");
+    // Freed when a holder leaves.
+    drop(one);
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "names") == 1));
+    zrpc_tests::raw::register(&mut three, "d");
+}

@@ -882,3 +882,173 @@ fn a_caller_leaving_in_a_loop_cannot_pile_up_orphaned_calls() {
         "the calls given up were not all cancelled"
     );
 }
+
+/// Runs `zrpc-test-peer register-many` as `uid`: the refusal it printed
+/// (empty if none), how many names it holds, and the process (which keeps
+/// them until killed).
+fn register_many(b: &Broker, uid: u32, prefix: &str, count: u64) -> (String, u64, Proc) {
+    register_many_with(b, uid, prefix, count, &[])
+}
+
+/// [`register_many`] with more arguments (`--cycle`).
+fn register_many_with(
+    b: &Broker,
+    uid: u32,
+    prefix: &str,
+    count: u64,
+    more: &[&str],
+) -> (String, u64, Proc) {
+    let count = count.to_string();
+    let mut args = vec!["register-many", "--prefix", prefix, "--count", &count];
+    args.extend_from_slice(more);
+    let mut p = as_uid(b, uid, &args);
+    let refused = std::cell::RefCell::new(String::new());
+    let line = p
+        .read_until(|l| {
+            if l.starts_with("ack") {
+                *refused.borrow_mut() = l.to_string();
+            }
+            l.starts_with("registered") || l.starts_with("fatal")
+        })
+        .unwrap_or_default();
+    let held = line
+        .strip_prefix("registered ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("register-many: {line}"));
+    (refused.into_inner(), held, p)
+}
+
+#[test]
+fn a_user_past_its_names_quota_is_refused_and_another_user_is_not() {
+    if !is_root("a_user_past_its_names_quota_is_refused_and_another_user_is_not") {
+        return;
+    }
+    let (_p, path) = policy("[quota]\nnames = 5\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    let (refused, held, _hog) = register_many(&b, OTHER, "hog", 8);
+    assert_eq!(held, 5, "{refused}");
+    assert!(
+        refused.starts_with("ack limit_exceeded uid 65534 already holds 5 names")
+            && refused.contains("names in [quota]"),
+        "{refused}"
+    );
+    // The quota is the user's, not the connection's.
+    let line = other_says(&b, &["register", "--name", "more"]);
+    assert!(line.starts_with("ack limit_exceeded"), "{line}");
+    // Another user registers its own, and is told nothing of 65534.
+    let (refused, held, _victim) = register_many(&b, 65533, "victim", 5);
+    assert_eq!((held, refused.as_str()), (5, ""));
+    let (refused, _, _victim2) = register_many(&b, 65533, "past", 1);
+    assert!(
+        refused.starts_with("ack limit_exceeded") && !refused.contains("65534"),
+        "another user's uid leaked: {refused}"
+    );
+    // Root is exempt.
+    let mut root = Raw::hello(b.dir());
+    for i in 0..8 {
+        let (code, msg) = register(&mut root, &format!("root{i}"), false);
+        assert_eq!(code, None, "{msg}");
+    }
+}
+
+#[test]
+fn the_names_quota_is_released_on_disconnect_unregister_and_reload() {
+    if !is_root("the_names_quota_is_released_on_disconnect_unregister_and_reload") {
+        return;
+    }
+    let (pdir, path) = policy("[quota]\nnames = 3\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    // Disconnect: the names are free at once, and so is the quota.
+    let (refused, held, hog) = register_many(&b, OTHER, "a", 3);
+    assert_eq!((held, refused.as_str()), (3, ""));
+    drop(hog);
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "names") == 0),
+        "the names of the killed peer are still held"
+    );
+    let (refused, held, _again) = register_many(&b, OTHER, "b", 3);
+    assert_eq!(
+        (held, refused.as_str()),
+        (3, ""),
+        "the quota was not released on disconnect"
+    );
+    // Unregister: the same connection registers, unregisters, registers.
+    drop(_again);
+    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
+        b.dir(),
+        "names"
+    ) == 0));
+    let (refused, held, cycled) = register_many_with(&b, OTHER, "c", 3, &["--cycle"]);
+    assert_eq!(
+        (held, refused.as_str()),
+        (3, ""),
+        "the quota was not released on unregister"
+    );
+    drop(cycled);
+    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
+        b.dir(),
+        "names"
+    ) == 0));
+    // Reload: a name the policy now reserves for root is taken back, and
+    // with it its count.
+    let (refused, held, _kept) = register_many(&b, OTHER, "d", 3);
+    assert_eq!((held, refused.as_str()), (3, ""));
+    std::fs::write(
+        pdir.path().join("policy.toml"),
+        "[quota]\nnames = 3\n[[own]]\nname = \"d0\"\nusers = [\"root\"]\n",
+    )
+    .expect("rewrite policy");
+    b.proc.signal(libc::SIGHUP);
+    let mut root = Raw::hello(b.dir());
+    assert!(
+        wait_until(WAIT, || register(&mut root, "d0", false).0.is_none()),
+        "the reload did not take d0 back"
+    );
+    let mut e = other(&b, &["register", "--name", "e"]);
+    let line = e.read_until(|l| l.starts_with("ack")).unwrap_or_default();
+    assert_eq!(
+        line, "ack ok",
+        "the quota was not released on the take-back"
+    );
+}
+
+#[test]
+fn many_names_do_not_stop_list_and_peers_for_another_user() {
+    if !is_root("many_names_do_not_stop_list_and_peers_for_another_user") {
+        return;
+    }
+    let b = Broker::start_with(&["--max-message-size", "16384"]);
+    // Four connections of 250 long names: about 60 kB of zrpcd.list, 12 kB
+    // of zrpcd.peers for each connection.
+    let prefix = "a-rather-long-service-name-to-fill-the-pages-";
+    let hogs: Vec<Proc> = (0..4)
+        .map(|i| {
+            let (refused, held, p) = register_many(&b, OTHER, &format!("{prefix}{i}-"), 250);
+            assert_eq!((held, refused.as_str()), (250, ""));
+            p
+        })
+        .collect();
+    let victim = 65533;
+    let says = |args: &[&str]| {
+        let (_, out) = as_uid(&b, victim, args).output(WAIT);
+        out.lines().next().unwrap_or("").to_string()
+    };
+    // Whole, they do not fit (and the caller is told to page).
+    let line = says(&["call", "--service", "zrpcd", "--method", "list"]);
+    assert!(
+        line.starts_with("result limit_exceeded") && line.contains("pages"),
+        "{line}"
+    );
+    // Paged, they all come.
+    let line = says(&["page", "--method", "list", "--limit", "4096"]);
+    let pages = line
+        .strip_prefix("paged 1000 in ")
+        .and_then(|r| r.strip_suffix(" pages"))
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("zrpcd.list paged: {line}"));
+    assert!(pages > 1, "{line}");
+    // The four hogs and the pager itself.
+    let line = says(&["page", "--method", "peers", "--limit", "4096"]);
+    assert!(line.starts_with("paged 5 in "), "zrpcd.peers paged: {line}");
+    drop(hogs);
+}

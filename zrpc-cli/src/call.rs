@@ -114,13 +114,11 @@ async fn with_waiting_notice<F: std::future::Future>(
 
 /// Whether a service holds `name`, from `zrpcd.list`.
 async fn is_registered(client: &Client, name: &str) -> Result<bool, Failure> {
-    let list = crate::list::broker_call(client, "list", Duration::from_secs(5)).await?;
-    Ok(list.as_array().is_some_and(|entries| {
-        entries.iter().any(|e| {
-            e.as_map().is_some_and(|m| {
-                m.iter()
-                    .any(|(k, v)| k.as_str() == Some("name") && v.as_str() == Some(name))
-            })
+    let entries = crate::list::broker_entries(client, "list", Duration::from_secs(5)).await?;
+    Ok(entries.iter().any(|e| {
+        e.as_map().is_some_and(|m| {
+            m.iter()
+                .any(|(k, v)| k.as_str() == Some("name") && v.as_str() == Some(name))
         })
     }))
 }

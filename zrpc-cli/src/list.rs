@@ -43,6 +43,43 @@ pub async fn broker_call(
     fmt::decode(&r)
 }
 
+/// Most entries asked for per page of `zrpcd.list` and `zrpcd.peers`
+/// (the broker's most, `zrpcd::paging::MAX_LIMIT`).
+const PAGE: u64 = 4096;
+
+/// All the entries of `zrpcd.list` or `zrpcd.peers`, page after page
+/// (an answer of any size; a broker from before pages answers the whole
+/// array at once, and that is taken as it is).
+pub async fn broker_entries(
+    client: &Client,
+    method: &str,
+    timeout: Duration,
+) -> Result<Vec<Value>, Failure> {
+    let mut entries = Vec::new();
+    let mut after = Value::Nil;
+    loop {
+        let page = map(vec![("after", after), ("limit", Value::from(PAGE))]);
+        let mut payload = Vec::new();
+        // Writing to a Vec cannot fail.
+        let _ = rmpv::encode::write_value(&mut payload, &page);
+        let opts = CallOptions::timeout(timeout);
+        let r = client
+            .call_raw(zrpc_proto::BROKER_SERVICE, method, payload.into(), opts)
+            .await?;
+        let answer = fmt::decode(&r)?;
+        if let Value::Array(all) = answer {
+            return Ok(all);
+        }
+        if let Some(Value::Array(got)) = field(&answer, "entries") {
+            entries.extend(got.iter().cloned());
+        }
+        match field(&answer, "next") {
+            Some(next) if !next.is_nil() => after = next.clone(),
+            _ => return Ok(entries),
+        }
+    }
+}
+
 fn map(pairs: Vec<(&str, Value)>) -> Value {
     Value::Map(
         pairs
@@ -53,13 +90,9 @@ fn map(pairs: Vec<(&str, Value)>) -> Value {
 }
 
 async fn services(client: &Client, args: &ListArgs) -> Result<(), Failure> {
-    let list = broker_call(client, "list", args.timeout).await?;
-    let peers = broker_call(client, "peers", args.timeout).await?;
-    let peers: HashMap<u64, &Value> = peers
-        .as_array()
-        .map(|a| a.iter().map(|p| (u(p, "conn_id"), p)).collect())
-        .unwrap_or_default();
-    let entries = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    let entries = broker_entries(client, "list", args.timeout).await?;
+    let peers = broker_entries(client, "peers", args.timeout).await?;
+    let peers: HashMap<u64, &Value> = peers.iter().map(|p| (u(p, "conn_id"), p)).collect();
     // One combined value: [{name, instances: [{conn_id, pid, ...}]}].
     let combined: Vec<Value> = entries
         .iter()

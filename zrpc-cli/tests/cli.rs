@@ -384,6 +384,42 @@ fn list_shows_services_with_their_pids() {
     assert!(human.stdout.starts_with("SERVICE"), "{human:?}");
 }
 
+/// More names than one `zrpcd.list` answer holds (--max-message-size
+/// 16384): `zrpc list` pages through `list` and `peers`.
+#[test]
+fn list_pages_through_more_names_than_one_message_holds() {
+    let b = Broker::start_with(&["--max-message-size", "16384"]);
+    let prefix = "a-rather-long-service-name-to-fill-the-pages-";
+    let _hogs: Vec<Proc> = (0..4)
+        .map(|i| {
+            let mut p = b.spawn(
+                "zrpc-test-peer",
+                &[
+                    "register-many",
+                    "--prefix",
+                    &format!("{prefix}{i}-"),
+                    "--count",
+                    "250",
+                ],
+            );
+            let line = p
+                .read_until(|l| l.starts_with("registered"))
+                .unwrap_or_default();
+            assert_eq!(line, "registered 250");
+            p
+        })
+        .collect();
+    let j = zrpc(&b, &["list", "--json"]).ok().json();
+    let entries = j.as_array().expect("an array");
+    assert_eq!(entries.len(), 1000);
+    // Each instance found in zrpcd.peers, paged too.
+    assert!(
+        entries.iter().all(|e| !e["instances"][0]["pid"].is_null()),
+        "{}",
+        entries[999]
+    );
+}
+
 #[test]
 fn list_service_shows_methods_and_docs() {
     let (b, _svc) = echo_broker();

@@ -7,9 +7,19 @@
 //!
 //! Methods (the payload is ignored unless said otherwise):
 //! - `ping`: returns `"pong"`.
-//! - `list`: the registered names: `[{name, instances: [conn_id...]}]`.
-//! - `peers`: every connection: `[{conn_id, pid, uid, gid, agent, names,
-//!   connected_s, outstanding, calling, served, failed, calls_made}]`.
+//! - `list`: the registered names, by name: `[{name, instances:
+//!   [conn_id...]}]`.
+//! - `peers`: every connection, by conn_id: `[{conn_id, pid, uid, gid,
+//!   agent, names, connected_s, outstanding, calling, served, failed,
+//!   calls_made}]`.
+//!
+//!   `list` and `peers` take a payload: nil for the whole array (refused
+//!   with `LimitExceeded` if it passes `--max-message-size`), or
+//!   `{"after": KEY, "limit": N}` (both optional) for a page, answered as
+//!   `{"entries": [...], "next": KEY or nil}`: KEY is a name for `list`, a
+//!   conn_id for `peers`; pass `next` as `after` until it is nil (see
+//!   [`crate::paging`]). Either way the broker encodes at most one
+//!   message's worth of entries per call.
 //! - `stats`: broker-wide counters and per-service latency percentiles.
 //! - `monitor`: payload nil (all services) or an array of service names;
 //!   from then on the connection receives an `Event` frame for each finished
@@ -24,6 +34,7 @@ use zrpc_proto::ErrorCode;
 
 use crate::monitor::Monitors;
 use crate::names::Names;
+use crate::paging;
 use crate::peers::{Peer, PeerId, Peers};
 use crate::pending::PendingCalls;
 use crate::policy::{Introspection, Policy};
@@ -51,6 +62,8 @@ pub struct View<'a> {
     pub monitors: &'a mut Monitors,
     /// When the broker started.
     pub started: Instant,
+    /// Most bytes an answer's payload may take (from `--max-message-size`).
+    pub budget: usize,
     /// The NATS bridge's connection and counters, if it runs.
     #[cfg(feature = "nats")]
     pub bridge: Option<(PeerId, &'a crate::broker::bridged::BridgeCounters)>,
@@ -68,8 +81,8 @@ impl View<'_> {
     }
 }
 
-/// A method's answer: its result, or an error code and message.
-type Answer = Result<Value, (ErrorCode, String)>;
+/// A method's answer: its result, encoded, or an error code and message.
+type Answer = Result<Bytes, (ErrorCode, String)>;
 
 /// One parameter of a method, as `zrpc.describe` shows it.
 #[derive(Debug)]
@@ -106,29 +119,23 @@ pub const METHODS: &[Method] = &[
         returns: "String",
         doc: "Returns \"pong\".",
         requires: None,
-        handler: |_, _| Ok(Value::from("pong")),
+        handler: |_, _| Ok(encode(&Value::from("pong"))),
     },
     Method {
         name: "list",
-        params: &[],
-        returns: "Vec<{name, instances}>",
-        doc: "The registered service names with the connection ids of their instances, sorted by name.",
+        params: &[PAGE],
+        returns: "Vec<{name, instances}> | {entries: Vec<{name, instances}>, next: Option<String>}",
+        doc: "The registered service names with the connection ids of their instances, sorted by name. Payload nil: all of them (LimitExceeded if they pass --max-message-size); {after, limit}: the page after the name `after`, and `next` to pass as `after` for the following one (nil on the last).",
         requires: None,
-        handler: |v, _| Ok(list(v)),
+        handler: list,
     },
     Method {
         name: "peers",
-        params: &[],
-        returns: "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}>",
-        doc: "Every connection; pid, uid and gid come from the socket (SO_PEERCRED).",
+        params: &[PAGE],
+        returns: "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}> | {entries: Vec<...>, next: Option<u64>}",
+        doc: "Every connection, by conn_id; pid, uid and gid come from the socket (SO_PEERCRED). Payload nil: all of them (LimitExceeded if they pass --max-message-size); {after, limit}: the page after the conn_id `after`, and `next` to pass as `after` for the following one (nil on the last).",
         requires: None,
-        // Without the right to see everyone: full entries for the caller's
-        // own uid, the connection id and names only for the others.
-        handler: |v, _| {
-            let only_uid = (!v.allowed(Introspection::Peers))
-                .then(|| v.caller().map_or(u32::MAX, |p| p.creds().uid));
-            Ok(peers(v.peers, only_uid))
-        },
+        handler: peers,
     },
     Method {
         name: "stats",
@@ -136,7 +143,7 @@ pub const METHODS: &[Method] = &[
         returns: "{uptime_s, connections, calls, timeouts, errors, services, ...}",
         doc: "Broker-wide counters and per-service latency: answered, errors, p50_us/p90_us/p99_us (interpolated within 1/8-octave buckets, within 12.5 %), sum_us, buckets ([le_us, cumulative count]); the same over the last minute under recent.",
         requires: Some(Introspection::Stats),
-        handler: |v, _| Ok(stats(v)),
+        handler: |v, _| Ok(encode(&stats(v))),
     },
     Method {
         name: "monitor",
@@ -150,6 +157,12 @@ pub const METHODS: &[Method] = &[
         handler: subscribe,
     },
 ];
+
+/// The optional payload of `list` and `peers` ([`crate::paging`]).
+const PAGE: Param = Param {
+    name: "page",
+    ty: "Option<{after: Option<name | conn_id>, limit: Option<u32>}>",
+};
 
 /// The method every `zrpc-service` service answers with its description.
 const DESCRIBE: &str = "zrpc.describe";
@@ -178,7 +191,7 @@ pub fn handle(
     payload: &[u8],
 ) -> (Option<ErrorCode>, String, Bytes) {
     let answer = if method == DESCRIBE {
-        Ok(describe())
+        Ok(encode(&describe()))
     } else {
         match METHODS.iter().find(|m| m.name == method) {
             Some(m) => call(&mut view, m, payload),
@@ -186,7 +199,7 @@ pub fn handle(
         }
     };
     match answer {
-        Ok(value) => (None, String::new(), encode(&value)),
+        Ok(bytes) => (None, String::new(), bytes),
         Err((code, message)) => (Some(code), message, Bytes::new()),
     }
 }
@@ -245,35 +258,48 @@ fn subscribe(v: &mut View<'_>, payload: &[u8]) -> Answer {
     let filter =
         crate::monitor::parse_filter(payload).map_err(|msg| (ErrorCode::BadPayload, msg))?;
     v.monitors.subscribe(v.caller, filter);
-    Ok(Value::Boolean(true))
+    Ok(encode(&Value::Boolean(true)))
 }
 
-fn list(v: &View<'_>) -> Value {
+/// Answers `req` from `entries` within the view's budget: the paged
+/// methods' common end.
+fn paged<K: paging::Key>(
+    v: &View<'_>,
+    req: &paging::Request<K>,
+    entries: impl Iterator<Item = (K, Value)>,
+) -> Answer {
+    paging::answer(req, entries, v.budget).map_err(|e| (ErrorCode::LimitExceeded, e.to_string()))
+}
+
+fn bad_payload(msg: String) -> (ErrorCode, String) {
+    (ErrorCode::BadPayload, msg)
+}
+
+fn list(v: &mut View<'_>, payload: &[u8]) -> Answer {
+    let req = paging::parse::<String>(payload).map_err(bad_payload)?;
     #[cfg(feature = "nats")]
     let bridge = v.bridge.map(|(peer, _)| peer);
     #[cfg(not(feature = "nats"))]
     let bridge: Option<PeerId> = None;
-    Value::Array(
-        v.names
-            .list()
-            .into_iter()
-            .map(|(name, inst)| {
-                let mut entry = vec![
-                    ("name", Value::from(name)),
-                    (
-                        "instances",
-                        Value::Array(inst.iter().map(|i| Value::from(*i)).collect()),
-                    ),
-                ];
-                // Held by the NATS bridge: an imported name, served on
-                // another host (docs/bridge.md).
-                if bridge.is_some_and(|b| inst == [b]) {
-                    entry.push(("remote", Value::from(true)));
-                }
-                map(entry)
-            })
-            .collect(),
-    )
+    let entries = v
+        .names
+        .after(req.after().map(String::as_str))
+        .map(|(name, inst)| {
+            let mut entry = vec![
+                ("name", Value::from(name)),
+                (
+                    "instances",
+                    Value::Array(inst.iter().map(|i| Value::from(*i)).collect()),
+                ),
+            ];
+            // Held by the NATS bridge: an imported name, served on
+            // another host (docs/bridge.md).
+            if bridge.is_some_and(|b| inst == [b]) {
+                entry.push(("remote", Value::from(true)));
+            }
+            (name.to_owned(), map(entry))
+        });
+    paged(v, &req, entries)
 }
 
 /// The bridge's counters for `zrpcd.stats`, if it runs.
@@ -297,37 +323,43 @@ fn bridge_stats(v: &View<'_>) -> Option<(&'static str, Value)> {
     None
 }
 
-fn peers(all: &Peers, only_uid: Option<u32>) -> Value {
-    let mut v: Vec<_> = all.iter().collect();
-    v.sort_unstable_by_key(|p| p.id());
-    Value::Array(
-        v.into_iter()
-            .map(|p| {
-                let names = || Value::Array(p.names().iter().map(|n| Value::from(&**n)).collect());
-                let creds = p.creds();
-                if only_uid.is_some_and(|u| u != creds.uid) {
-                    return map(vec![("conn_id", Value::from(p.id())), ("names", names())]);
-                }
-                map(vec![
-                    ("conn_id", Value::from(p.id())),
-                    ("pid", Value::from(creds.pid)),
-                    ("uid", Value::from(creds.uid)),
-                    ("gid", Value::from(creds.gid)),
-                    ("agent", Value::from(p.agent())),
-                    ("names", names()),
-                    (
-                        "connected_s",
-                        Value::from(p.since().elapsed().as_secs_f64()),
-                    ),
-                    ("outstanding", Value::from(p.outstanding())),
-                    ("calling", Value::from(p.calling())),
-                    ("served", Value::from(p.served())),
-                    ("failed", Value::from(p.failed())),
-                    ("calls_made", Value::from(p.calls_made())),
-                ])
-            })
-            .collect(),
-    )
+fn peers(v: &mut View<'_>, payload: &[u8]) -> Answer {
+    let req = paging::parse::<u64>(payload).map_err(bad_payload)?;
+    // Without the right to see everyone: full entries for the caller's
+    // own uid, the connection id and names only for the others.
+    let only_uid =
+        (!v.allowed(Introspection::Peers)).then(|| v.caller().map_or(u32::MAX, |p| p.creds().uid));
+    let entries = v
+        .peers
+        .after(req.after().copied())
+        .map(|p| (p.id(), peer(p, only_uid)));
+    paged(v, &req, entries)
+}
+
+/// One entry of `peers`.
+fn peer(p: &Peer, only_uid: Option<u32>) -> Value {
+    let names = || Value::Array(p.names().iter().map(|n| Value::from(&**n)).collect());
+    let creds = p.creds();
+    if only_uid.is_some_and(|u| u != creds.uid) {
+        return map(vec![("conn_id", Value::from(p.id())), ("names", names())]);
+    }
+    map(vec![
+        ("conn_id", Value::from(p.id())),
+        ("pid", Value::from(creds.pid)),
+        ("uid", Value::from(creds.uid)),
+        ("gid", Value::from(creds.gid)),
+        ("agent", Value::from(p.agent())),
+        ("names", names()),
+        (
+            "connected_s",
+            Value::from(p.since().elapsed().as_secs_f64()),
+        ),
+        ("outstanding", Value::from(p.outstanding())),
+        ("calling", Value::from(p.calling())),
+        ("served", Value::from(p.served())),
+        ("failed", Value::from(p.failed())),
+        ("calls_made", Value::from(p.calls_made())),
+    ])
 }
 
 /// The quantiles `stats` reports, as (key, q).
@@ -428,6 +460,10 @@ mod tests {
     /// The hand-written description the table replaced, kept to check that
     /// the generated one is the same, byte for byte.
     fn hand_written() -> Value {
+        let page = (
+            "page",
+            "Option<{after: Option<name | conn_id>, limit: Option<u32>}>",
+        );
         let m = |name: &str, param: Option<(&str, &str)>, returns: &str, doc: &str| {
             let params = param
                 .map(|(n, t)| map(vec![("name", n.into()), ("type", t.into())]))
@@ -448,15 +484,15 @@ mod tests {
                     m("ping", None, "String", "Returns \"pong\"."),
                     m(
                         "list",
-                        None,
-                        "Vec<{name, instances}>",
-                        "The registered service names with the connection ids of their instances, sorted by name.",
+                        Some(page),
+                        "Vec<{name, instances}> | {entries: Vec<{name, instances}>, next: Option<String>}",
+                        "The registered service names with the connection ids of their instances, sorted by name. Payload nil: all of them (LimitExceeded if they pass --max-message-size); {after, limit}: the page after the name `after`, and `next` to pass as `after` for the following one (nil on the last).",
                     ),
                     m(
                         "peers",
-                        None,
-                        "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}>",
-                        "Every connection; pid, uid and gid come from the socket (SO_PEERCRED).",
+                        Some(page),
+                        "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}> | {entries: Vec<...>, next: Option<u64>}",
+                        "Every connection, by conn_id; pid, uid and gid come from the socket (SO_PEERCRED). Payload nil: all of them (LimitExceeded if they pass --max-message-size); {after, limit}: the page after the conn_id `after`, and `next` to pass as `after` for the following one (nil on the last).",
                     ),
                     m(
                         "stats",

@@ -39,6 +39,11 @@ pub struct Args {
     /// Most names one connection may register
     #[arg(long, default_value_t = 256)]
     pub max_names_per_conn: usize,
+    /// Most names registered in the whole broker (each holder of a shared
+    /// name counts); a user's quota (the policy's `names` quota) defaults
+    /// to a quarter of it
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_NAMES)]
+    pub max_names: usize,
     /// Most bytes queued towards one peer before the broker pushes back
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub max_queued_bytes: usize,

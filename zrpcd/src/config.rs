@@ -29,6 +29,11 @@ pub const DEFAULT_MAX_FDS_PER_CONN: usize = 64;
 /// Default `--max-fds`: payload descriptors held by the broker in all.
 pub const DEFAULT_MAX_FDS: usize = 4096;
 
+/// Default `--max-names`: names registered in all (a name held by several
+/// connections, shared, counts once for each); a user's quota defaults to a
+/// quarter of it.
+pub const DEFAULT_MAX_NAMES: usize = 65_536;
+
 /// Default `--max-stats-names`.
 pub const DEFAULT_MAX_STATS_NAMES: u64 = 1024;
 
@@ -61,6 +66,10 @@ pub struct Config {
     pub max_pending_bytes: usize,
     /// Most names one connection may hold.
     pub max_names_per_conn: usize,
+    /// Most names registered in the whole broker (each holder of a shared
+    /// name counts); a user's quota defaults to a quarter of it
+    /// (`--max-names`).
+    pub max_names: usize,
     /// Most bytes queued towards one peer before the broker pushes back
     /// (calls to a saturated service fail with `LimitExceeded`; a client that
     /// does not read its results is disconnected).
@@ -128,6 +137,7 @@ impl Config {
             max_partial_bytes: self.max_partial_bytes,
             max_queued_bytes: self.max_queued_bytes,
             max_fds: self.max_fds,
+            max_names: self.max_names,
         }
     }
 
@@ -145,6 +155,7 @@ impl Config {
             max_pending_bytes_per_conn: DEFAULT_MAX_PENDING_BYTES_PER_CONN,
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             max_names_per_conn: 256,
+            max_names: DEFAULT_MAX_NAMES,
             max_queued_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),

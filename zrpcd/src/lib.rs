@@ -38,6 +38,7 @@ pub mod monitor;
 pub mod names;
 pub mod orphans;
 pub mod outbox;
+pub mod paging;
 pub mod payload;
 pub mod peers;
 pub mod pending;

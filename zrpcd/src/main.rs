@@ -62,6 +62,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_pending_per_conn = args.max_pending_per_conn;
     config.max_pending_total = args.max_pending_total;
     config.max_names_per_conn = args.max_names_per_conn;
+    config.max_names = args.max_names;
     config.max_pending_bytes_per_conn = args.max_pending_bytes_per_conn;
     config.max_pending_bytes = args.max_pending_bytes;
     config.max_queued_bytes = args.max_queued_bytes;

@@ -1,7 +1,8 @@
 //! The name registry: service name -> instances, and calls waiting for a
 //! name to appear.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
+use std::ops::Bound;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -91,6 +92,9 @@ pub enum RegisterError {
 #[derive(Debug, Default)]
 pub struct Names {
     map: FxHashMap<Box<str>, NameEntry>,
+    /// The names with at least one instance, in order (for paging through
+    /// `zrpcd.list`; the call path reads only `map`).
+    held: BTreeSet<Box<str>>,
 }
 
 impl Names {
@@ -114,6 +118,9 @@ impl Names {
         }
         entry.shared = shared;
         entry.instances.push(peer);
+        if entry.instances.len() == 1 {
+            self.held.insert(name.into());
+        }
         Ok(())
     }
 
@@ -126,8 +133,11 @@ impl Names {
             return false;
         };
         entry.instances.swap_remove(pos);
-        if entry.instances.is_empty() && entry.waiting.is_empty() {
-            self.map.remove(name);
+        if entry.instances.is_empty() {
+            self.held.remove(name);
+            if entry.waiting.is_empty() {
+                self.map.remove(name);
+            }
         }
         true
     }
@@ -192,27 +202,30 @@ impl Names {
 
     /// Number of names with at least one instance.
     pub fn len(&self) -> usize {
-        self.map
-            .values()
-            .filter(|e| !e.instances.is_empty())
-            .count()
+        self.held.len()
     }
 
     /// True if no name has an instance.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.held.is_empty()
     }
 
-    /// Names with their instances, sorted by name.
-    pub fn list(&self) -> Vec<(&str, &[PeerId])> {
-        let mut v: Vec<_> = self
-            .map
-            .iter()
-            .filter(|(_, e)| !e.instances.is_empty())
-            .map(|(k, e)| (&**k, e.instances.as_slice()))
-            .collect();
-        v.sort_unstable_by_key(|(k, _)| *k);
-        v
+    /// The names with an instance that sort after `after` (all with
+    /// `None`), in order, with their instances.
+    pub fn after<'a>(
+        &'a self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = (&'a str, &'a [PeerId])> + 'a {
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        self.held
+            .range::<str, _>((from, Bound::Unbounded))
+            .filter_map(|k| {
+                let e = self.map.get(k)?;
+                Some((&**k, e.instances.as_slice()))
+            })
     }
 }
 
@@ -282,5 +295,30 @@ mod tests {
         n.unpark("y", 1);
         n.unpark("y", 2);
         assert!(!n.map.contains_key("y"));
+    }
+
+    #[test]
+    fn in_order_after_a_name() {
+        let mut n = Names::default();
+        for (name, peer) in [("c", 3), ("a", 1), ("b", 2)] {
+            n.register(name, peer, true).expect("free");
+        }
+        n.register("b", 4, true).expect("shared");
+        n.park("waiting", 9);
+        let all: Vec<_> = n.after(None).map(|(k, _)| k).collect();
+        assert_eq!(
+            all,
+            ["a", "b", "c"],
+            "a name with only waiting calls is not listed"
+        );
+        let rest: Vec<_> = n.after(Some("a")).collect();
+        assert_eq!(rest, [("b", &[2, 4][..]), ("c", &[3][..])]);
+        assert_eq!(n.after(Some("c")).count(), 0);
+        assert_eq!(n.after(Some("bb")).count(), 1, "after a name nobody holds");
+        n.unregister("b", 2);
+        assert_eq!(n.after(Some("a")).count(), 2, "b still has an instance");
+        n.unregister("b", 4);
+        assert_eq!(n.after(Some("a")).count(), 1);
+        assert_eq!(n.len(), 2);
     }
 }

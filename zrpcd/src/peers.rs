@@ -1,5 +1,7 @@
 //! The peers table: one entry per live connection.
 
+use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -263,16 +265,6 @@ impl Peer {
         !std::mem::replace(&mut self.limit_logged, true)
     }
 
-    /// Records a name this peer now holds.
-    pub(crate) fn add_name(&mut self, name: &str) {
-        self.names.push(name.into());
-    }
-
-    /// Records a name this peer no longer holds.
-    pub(crate) fn remove_name(&mut self, name: &str) {
-        self.names.retain(|n| &**n != name);
-    }
-
     /// Counts a call this peer made (accepted or not).
     pub(crate) fn count_call(&mut self) {
         self.calls_made += 1;
@@ -341,6 +333,10 @@ pub struct Peers {
     /// Read buffer bytes held for partly received frames, all connections
     /// together (the sum of their `partial_bytes`).
     partial_total: usize,
+    /// Names held, all connections together (the sum of their `names`).
+    names_total: usize,
+    /// The ids of `map`, in order (for paging through `zrpcd.peers`).
+    order: BTreeSet<PeerId>,
 }
 
 impl Peers {
@@ -356,6 +352,7 @@ impl Peers {
         self.next_id += 1;
         let id = self.next_id;
         user.charge_connection();
+        self.order.insert(id);
         self.map.insert(
             id,
             Peer {
@@ -396,15 +393,62 @@ impl Peers {
     }
 
     /// Removes a connection, releasing all it holds in its user's account
-    /// (its pending calls, its partial frame, the connection itself) and in
-    /// the partial-frame total. The peer returned keeps its counters, to
+    /// (its pending calls, its partial frame, its names, the connection
+    /// itself) and in the partial-frame and names totals. The peer returned keeps its counters, to
     /// say what there is to clean up.
     pub fn remove(&mut self, id: PeerId) -> Option<Peer> {
         let p = self.map.remove(&id)?;
+        self.order.remove(&id);
         self.partial_total = self.partial_total.saturating_sub(p.partial_bytes);
-        p.user
-            .release_peer(p.calling as usize, p.calling_bytes, p.partial_bytes);
+        self.names_total = self.names_total.saturating_sub(p.names.len());
+        p.user.release_peer(
+            p.calling as usize,
+            p.calling_bytes,
+            p.partial_bytes,
+            p.names.len(),
+        );
         Some(p)
+    }
+
+    /// Records that `id` now holds `name`, counted in its user's account
+    /// and in [`Peers::names_total`] until [`Peers::remove_name`] or the
+    /// peer's removal ([`Peers::remove`]). Nothing if the peer is gone.
+    pub(crate) fn add_name(&mut self, id: PeerId, name: &str) {
+        let Some(p) = self.map.get_mut(&id) else {
+            return;
+        };
+        p.names.push(name.into());
+        p.user.hold_name(true);
+        self.names_total += 1;
+    }
+
+    /// Records that `id` no longer holds `name` (nothing if it did not).
+    pub(crate) fn remove_name(&mut self, id: PeerId, name: &str) {
+        let Some(p) = self.map.get_mut(&id) else {
+            return;
+        };
+        let Some(pos) = p.names.iter().position(|n| &**n == name) else {
+            return;
+        };
+        p.names.remove(pos);
+        p.user.hold_name(false);
+        self.names_total = self.names_total.saturating_sub(1);
+    }
+
+    /// Names held, all connections together.
+    pub fn names_total(&self) -> usize {
+        self.names_total
+    }
+
+    /// The connections with an id above `after` (all with `None`), by id.
+    pub fn after(&self, after: Option<PeerId>) -> impl Iterator<Item = &Peer> {
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        self.order
+            .range((from, Bound::Unbounded))
+            .filter_map(|id| self.map.get(id))
     }
 
     /// Records that `held` bytes of `id`'s read buffer now hold a partly

@@ -30,6 +30,9 @@ pub struct Quota {
     /// user's connections, with the other descriptors the user sent that
     /// wait for their close ([`crate::closer`]).
     pub fds: usize,
+    /// Names registered (a name held by several of its connections, shared,
+    /// counts once for each).
+    pub names: usize,
 }
 
 /// The `[quota]` section of the policy file.
@@ -48,6 +51,8 @@ pub struct QuotaOverrides {
     pub queued_bytes: Option<usize>,
     /// Payload descriptors held for one uid's connections.
     pub fds: Option<usize>,
+    /// Names registered by one uid's connections.
+    pub names: Option<usize>,
 }
 
 /// The broker-wide limits a quota's defaults are shares of (from the
@@ -66,6 +71,8 @@ pub struct Limits {
     pub max_queued_bytes: usize,
     /// `--max-fds`.
     pub max_fds: usize,
+    /// `--max-names`.
+    pub max_names: usize,
 }
 
 impl Quota {
@@ -92,6 +99,7 @@ impl Quota {
                 .queued_bytes
                 .unwrap_or(limits.max_queued_bytes.saturating_mul(4)),
             fds: overrides.fds.unwrap_or(quarter(limits.max_fds)),
+            names: overrides.names.unwrap_or(quarter(limits.max_names)),
         }
     }
 }
@@ -118,6 +126,8 @@ pub struct Usage {
     /// Payload descriptors queued towards its connections and not yet
     /// written.
     queued_fds: Cell<usize>,
+    /// Names registered by its connections.
+    names: Cell<usize>,
 }
 
 fn add(c: &Cell<usize>, n: usize) {
@@ -174,6 +184,21 @@ impl Usage {
         self.fds.get()
     }
 
+    /// Names registered by its connections.
+    pub fn names(&self) -> usize {
+        self.names.get()
+    }
+
+    /// One of its connections registered (`true`) or let go of (`false`)
+    /// a name ([`crate::peers::Peers::add_name`]).
+    pub(crate) fn hold_name(&self, held: bool) {
+        if held {
+            add(&self.names, 1);
+        } else {
+            sub(&self.names, 1);
+        }
+    }
+
     /// The broker took (`true`) or let go of (`false`) one payload
     /// descriptor of this user ([`crate::payload::FdHold`]).
     pub(crate) fn hold_fd(&self, held: bool) {
@@ -190,9 +215,17 @@ impl Usage {
     }
 
     /// A connection of this user went away, with `calls` pending calls of
-    /// `call_bytes` argument bytes and `partial` bytes of partial frame.
-    pub(crate) fn release_peer(&self, calls: usize, call_bytes: usize, partial: usize) {
+    /// `call_bytes` argument bytes, `partial` bytes of partial frame and
+    /// `names` names.
+    pub(crate) fn release_peer(
+        &self,
+        calls: usize,
+        call_bytes: usize,
+        partial: usize,
+        names: usize,
+    ) {
         sub(&self.connections, 1);
+        sub(&self.names, names);
         sub(&self.pending_calls, calls);
         sub(&self.pending_bytes, call_bytes);
         sub(&self.partial_bytes, partial);
@@ -276,5 +309,31 @@ impl Users {
     /// True without any.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_names_quota_is_a_quarter_of_max_names_unless_set() {
+        let limits = crate::Config::new(None).quota_limits();
+        assert_eq!(limits.max_names, crate::config::DEFAULT_MAX_NAMES);
+        let q = Quota::new(limits, QuotaOverrides::default());
+        assert_eq!(q.names, crate::config::DEFAULT_MAX_NAMES / 4);
+        let set = QuotaOverrides {
+            names: Some(3),
+            ..QuotaOverrides::default()
+        };
+        assert_eq!(Quota::new(limits, set).names, 3);
+        let u = Usage::default();
+        u.charge_connection();
+        u.hold_name(true);
+        u.hold_name(true);
+        u.hold_name(false);
+        assert_eq!(u.names(), 1);
+        u.release_peer(0, 0, 0, 1);
+        assert_eq!(u.names(), 0);
     }
 }

@@ -34,20 +34,13 @@ pub(super) async fn sync_loop(shared: Rc<Shared>) {
             _ = tick.tick() => {}
             Ok(()) = changes.changed() => {}
         }
-        let Some(answer) = shared
-            .link
-            .call(zrpc_proto::BROKER_SERVICE, "list", Some(5_000), &[])
-            .await
-        else {
-            return;
-        };
-        if let Some(code) = answer.code {
-            tracing::warn!(code = code.as_str(), message = %answer.message, "the bridge cannot list the broker's names");
-            continue;
-        }
-        let Some(held) = held_names(&answer.payload) else {
-            tracing::warn!("the bridge cannot read the broker's zrpcd.list answer");
-            continue;
+        let held = match all_held(&shared).await {
+            None => return,
+            Some(Ok(held)) => held,
+            Some(Err(why)) => {
+                tracing::warn!(%why, "the bridge cannot list the broker's names");
+                continue;
+            }
         };
         // A dead client's subscriptions are gone with it: all are made
         // again on the new one.
@@ -129,11 +122,63 @@ pub(super) async fn sync_loop(shared: Rc<Shared>) {
     }
 }
 
-/// The names in a `zrpcd.list` answer with their holders' connection ids.
-fn held_names(payload: &[u8]) -> Option<BTreeMap<String, Vec<u64>>> {
-    let value = rmpv::decode::read_value(&mut &payload[..]).ok()?;
+/// Most names asked for per page of `zrpcd.list` (the broker's most,
+/// [`crate::paging::MAX_LIMIT`]).
+const PAGE: u64 = crate::paging::MAX_LIMIT as u64;
+
+/// Every name the broker holds with its holders' connection ids, from
+/// `zrpcd.list` page after page. None if the bridge's connection is gone;
+/// Err with why if an answer was refused or unreadable.
+async fn all_held(shared: &Shared) -> Option<Result<BTreeMap<String, Vec<u64>>, String>> {
     let mut out = BTreeMap::new();
-    for entry in value.as_array()? {
+    let mut after = Value::Nil;
+    loop {
+        let page = Value::Map(vec![
+            (Value::from("after"), after),
+            (Value::from("limit"), Value::from(PAGE)),
+        ]);
+        let mut payload = Vec::new();
+        // Writing to a Vec cannot fail.
+        let _ = rmpv::encode::write_value(&mut payload, &page);
+        let answer = shared
+            .link
+            .call(zrpc_proto::BROKER_SERVICE, "list", Some(5_000), &payload)
+            .await?;
+        if let Some(code) = answer.code {
+            return Some(Err(format!("{}: {}", code.as_str(), answer.message)));
+        }
+        let Some(next) = held_names(&answer.payload, &mut out) else {
+            return Some(Err("unreadable zrpcd.list answer".to_owned()));
+        };
+        match next {
+            Some(next) => after = Value::from(next),
+            None => return Some(Ok(out)),
+        }
+    }
+}
+
+/// Adds the names in a `zrpcd.list` answer (a page `{entries, next}`, or
+/// the whole array) to `out` with their holders' connection ids; returns
+/// the page's `next` (None: the last page). None if unreadable.
+fn held_names(payload: &[u8], out: &mut BTreeMap<String, Vec<u64>>) -> Option<Option<String>> {
+    let value = rmpv::decode::read_value(&mut &payload[..]).ok()?;
+    let field = |k: &str| {
+        value
+            .as_map()
+            .and_then(|m| m.iter().find(|(key, _)| key.as_str() == Some(k)))
+            .map(|(_, v)| v)
+    };
+    let (entries, next) = match &value {
+        Value::Array(all) => (all, None),
+        _ => {
+            let next = match field("next")? {
+                Value::Nil => None,
+                v => Some(v.as_str()?.to_owned()),
+            };
+            (field("entries")?.as_array()?, next)
+        }
+    };
+    for entry in entries {
         let mut name = None;
         let mut holders = Vec::new();
         for (k, v) in entry.as_map()? {
@@ -147,7 +192,7 @@ fn held_names(payload: &[u8]) -> Option<BTreeMap<String, Vec<u64>>> {
         }
         out.insert(name?, holders);
     }
-    Some(out)
+    Some(next)
 }
 
 /// Serves one exported name's NATS requests and cancel messages until
@@ -384,4 +429,48 @@ fn malformed() -> Answer {
              {H_ORIGIN}, {H_CALLER} and {H_EPOCH} of at most {MAX_ID_LEN} bytes (docs/bridge.md)"
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = rmpv::encode::write_value(&mut out, v);
+        out
+    }
+
+    fn entry(name: &str, holder: u64) -> Value {
+        Value::Map(vec![
+            (Value::from("name"), Value::from(name)),
+            (
+                Value::from("instances"),
+                Value::Array(vec![Value::from(holder)]),
+            ),
+        ])
+    }
+
+    #[test]
+    fn zrpcd_list_is_read_whole_or_paged() {
+        let mut out = BTreeMap::new();
+        let whole = Value::Array(vec![entry("a", 1)]);
+        assert_eq!(held_names(&encode(&whole), &mut out), Some(None));
+        let page = |entries, next: Value| {
+            Value::Map(vec![
+                (Value::from("entries"), Value::Array(entries)),
+                (Value::from("next"), next),
+            ])
+        };
+        let first = page(vec![entry("b", 2)], Value::from("b"));
+        assert_eq!(
+            held_names(&encode(&first), &mut out),
+            Some(Some("b".to_owned()))
+        );
+        let last = page(vec![entry("c", 3)], Value::Nil);
+        assert_eq!(held_names(&encode(&last), &mut out), Some(None));
+        let names: Vec<_> = out.keys().map(String::as_str).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(held_names(&encode(&Value::from(1)), &mut out), None);
+    }
 }

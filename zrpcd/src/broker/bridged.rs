@@ -111,9 +111,7 @@ impl Broker {
                 .is_ok()
         });
         if allowed && self.names.unregister(name, bridge) {
-            if let Some(b) = self.peers.get_mut(bridge) {
-                b.remove_name(name);
-            }
+            self.peers.remove_name(bridge, name);
             self.stats.unregistered(name);
             tracing::info!(
                 peer,

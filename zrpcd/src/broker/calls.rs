@@ -19,6 +19,11 @@ use crate::payload::Payload;
 use crate::peers::PeerId;
 use crate::pending::{KeptPayload, NewCall, Stage};
 
+/// Bytes of a message left for the `Result` envelope around a built-in
+/// method's answer: the answer's payload may take the rest of
+/// `--max-message-size`.
+const ANSWER_HEADROOM: usize = 64;
+
 /// A pending call to deliver, as [`Broker::route`] takes it.
 struct RouteCall<'a> {
     bid: u64,
@@ -297,14 +302,17 @@ impl Broker {
             policy: &self.config.policy,
             monitors: &mut self.monitors,
             started: self.started,
+            // Room for the envelope (see the check below).
+            budget: (self.config.max_message_size as usize).saturating_sub(ANSWER_HEADROOM),
             #[cfg(feature = "nats")]
             bridge: self.bridge.as_ref().map(|(p, c)| (*p, &**c)),
         };
         let (mut code, mut message, mut payload) = crate::builtin::handle(view, method, payload);
-        // An answer the caller could not receive (a list of every name of
-        // thousands of connections) is refused instead.
+        // An answer the caller could not receive is refused instead (the
+        // paged methods keep within the budget: only a single entry larger
+        // than a message, crate::paging, comes here).
         let max = self.config.max_message_size as usize;
-        if payload.len() + message.len() + 64 > max {
+        if payload.len() + message.len() + ANSWER_HEADROOM > max {
             code = Some(ErrorCode::LimitExceeded);
             message = format!(
                 "the answer of zrpcd.{method} ({} bytes) exceeds --max-message-size ({max})",

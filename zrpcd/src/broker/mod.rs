@@ -248,9 +248,7 @@ impl Broker {
             if !self.names.unregister(&name, peer) {
                 continue;
             }
-            if let Some(p) = self.peers.get_mut(peer) {
-                p.remove_name(&name);
-            }
+            self.peers.remove_name(peer, &name);
             if !self.names.is_held(&name) {
                 self.stats.unregistered(&name);
             }

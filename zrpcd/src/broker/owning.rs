@@ -38,19 +38,17 @@ impl Broker {
             self.log_refusal(peer, &msg);
             return self.ack(peer, req, Some(ErrorCode::AccessDenied), &msg);
         }
-        let held = self.peers.get(peer).map_or(0, |p| p.names().len());
-        if held >= self.config.max_names_per_conn {
-            let msg = format!(
-                "this connection already holds {held} names, the limit (--max-names-per-conn)"
-            );
+        if self.names.is_instance(name, peer) {
+            // Held already: nothing more to count.
+            return self.ack(peer, req, None, "");
+        }
+        if let Some(msg) = self.over_name_limits(peer) {
             self.log_refusal(peer, &msg);
             return self.ack(peer, req, Some(ErrorCode::LimitExceeded), &msg);
         }
         match self.names.register(name, peer, shared) {
             Ok(()) => {
-                if let Some(p) = self.peers.get_mut(peer) {
-                    p.add_name(name);
-                }
+                self.peers.add_name(peer, name);
                 tracing::info!(peer, name, shared, "name registered");
                 let tag = self.stats.registered(name);
                 self.ack(peer, req, None, "");
@@ -70,6 +68,34 @@ impl Broker {
                 );
                 self.ack(peer, req, Some(ErrorCode::NameTaken), &msg);
             }
+        }
+    }
+
+    /// Why `peer` may not register one more name, if it is at a limit: its
+    /// connection's (`--max-names-per-conn`), the broker's (`--max-names`)
+    /// or its user's quota (root exempt). The message names no uid but the
+    /// caller's own.
+    fn over_name_limits(&self, peer: PeerId) -> Option<String> {
+        let p = self.peers.get(peer)?;
+        let held = p.names().len();
+        let total = self.peers.names_total();
+        let user = p.user();
+        if held >= self.config.max_names_per_conn {
+            Some(format!(
+                "this connection already holds {held} names, the limit (--max-names-per-conn)"
+            ))
+        } else if total >= self.config.max_names {
+            Some(format!(
+                "zrpcd already holds {total} names, the limit (--max-names)"
+            ))
+        } else if user.limited() && user.names() >= self.quota.names {
+            Some(format!(
+                "uid {} already holds {} names, its per-user quota (names in [quota] of the policy)",
+                user.uid(),
+                user.names()
+            ))
+        } else {
+            None
         }
     }
 
@@ -111,9 +137,7 @@ impl Broker {
 
     pub(crate) fn on_unregister(&mut self, peer: PeerId, req: u64, name: &str) {
         if self.names.unregister(name, peer) {
-            if let Some(p) = self.peers.get_mut(peer) {
-                p.remove_name(name);
-            }
+            self.peers.remove_name(peer, name);
             if !self.names.is_held(name) {
                 self.stats.unregistered(name);
             }

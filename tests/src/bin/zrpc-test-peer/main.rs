@@ -21,6 +21,16 @@
 //!        (with --stall: never reads again after "ack ok"; with --silent:
 //!        answers only calls of the method "cancels", with the number of
 //!        `Cancel` frames it received, and prints nothing more)
+//! zrpc-test-peer register-many --prefix P --count N [--cycle]
+//!     -> registers P0, P1, ... P<N-1> on one connection, one at a time,
+//!        stopping at the first refusal, which it prints as
+//!        "ack <code> <message>" (with --cycle: then unregisters them all
+//!        and registers them again); then "registered K" with the names it
+//!        holds; stays (answering pings) until killed
+//! zrpc-test-peer page --method list|peers [--limit N]
+//!     -> pages through zrpcd.<method> ({"after", "limit"} payloads):
+//!        "paged <entries> in <pages> pages", or the failed call's
+//!        "result <code> <message>"
 //! zrpc-test-peer fd-hog --count N
 //!     -> a service of its own answers N calls of a client of its own, which
 //!        never reads, each with a payload descriptor; "hogged K" with the
@@ -48,6 +58,8 @@ use std::io::Write;
 use clap::Parser;
 use zrpc_proto::{Envelope, Kind};
 use zrpc_tests::raw::Raw;
+
+mod names;
 
 #[derive(Debug, Parser)]
 enum Cmd {
@@ -146,6 +158,23 @@ enum Cmd {
         count: usize,
         #[arg(long)]
         per_conn: usize,
+    },
+    /// Register `PREFIX0` to `PREFIX<COUNT-1>` on one connection.
+    RegisterMany {
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        count: u64,
+        /// Unregister them all, then register them again.
+        #[arg(long)]
+        cycle: bool,
+    },
+    /// Page through zrpcd.METHOD.
+    Page {
+        #[arg(long)]
+        method: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
     },
     /// Register a name and serve it.
     Register {
@@ -379,6 +408,12 @@ fn junk_together(path: &str, count: usize, per_conn: usize) {
 
 fn main() {
     match Cmd::parse() {
+        Cmd::RegisterMany {
+            prefix,
+            count,
+            cycle,
+        } => names::register_many(&prefix, count, cycle),
+        Cmd::Page { method, limit } => names::page(&method, limit),
         Cmd::JunkTogether {
             path,
             count,
