@@ -294,7 +294,7 @@ fn send_parts<'a>(fd: RawFd, parts: impl Iterator<Item = &'a [u8]>) -> io::Resul
 /// Writes all of `parts` on a blocking socket. On failure, the error comes
 /// with how many bytes were written (so a caller can tell a frame that was
 /// certainly not sent). The socket's send timeout, if any, bounds how long
-/// the write may go without progress, signals or not (see [`SendBound`]).
+/// the write may go without progress, signals or not (see `SendBound` in this file).
 pub fn write_all_blocking(sock: &UnixStream, parts: &[&[u8]]) -> Result<(), (usize, io::Error)> {
     let fd = sock.as_raw_fd();
     if let [one, rest @ ..] = parts {
@@ -335,7 +335,7 @@ pub fn write_queue_blocking(sock: &UnixStream, q: &mut OutQueue) -> Result<(), (
 /// The loop of the blocking writes: `send(done)` writes some of what is
 /// left after the first `done` bytes of `total`, until all is written.
 /// A send interrupted by a signal is retried within what is left of the
-/// socket's send timeout ([`SendBound`]).
+/// socket's send timeout (`SendBound`).
 fn write_blocking(
     sock: &UnixStream,
     total: usize,
