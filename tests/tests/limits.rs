@@ -571,3 +571,51 @@ fn max_names_in_the_whole_broker() {
     assert!(wait_until(WAIT, || broker_stat(b.dir(), "names") == 1));
     zrpc_tests::raw::register(&mut three, "d");
 }
+
+/// A service connection is given at most `--max-delivered-per-conn` calls
+/// at once; the rest wait in the broker and are delivered as answers free
+/// room, and a service that leaves has its calls re-delivered into that
+/// wait, all of them then delivered to the next instance.
+#[test]
+fn calls_past_a_services_window_wait_in_the_broker() {
+    let b = Broker::start_with(&["--max-delivered-per-conn", "4"]);
+    // A service that reads its requests and never answers.
+    let mut silent = b.spawn(
+        "zrpc-test-peer",
+        &["register", "--name", "sink", "--silent"],
+    );
+    silent
+        .read_until(|l| l == "ack ok")
+        .expect("sink registered");
+    let mut caller = b.spawn(
+        "zrpc-test-peer",
+        &["park", "--service", "sink", "--count", "10"],
+    );
+    assert_eq!(
+        caller.read_until(|l| l.starts_with("sent")).as_deref(),
+        Some("sent 10")
+    );
+    assert_eq!(broker_stat(b.dir(), "waiting"), 6, "4 delivered, 6 waiting");
+    assert_eq!(broker_stat(b.dir(), "pending"), 10);
+    // The service leaves: its 4 calls are re-delivered, and wait with the
+    // rest for an instance.
+    drop(silent);
+    assert!(
+        wait_until(WAIT, || broker_stat(b.dir(), "waiting") == 10),
+        "the departed service's calls do not wait"
+    );
+    // An instance that answers: the 10 calls go through its window of 4.
+    let mut answering = b.spawn("zrpc-test-peer", &["register", "--name", "sink"]);
+    answering.read_until(|l| l == "ack ok").expect("registered");
+    let answered = std::cell::Cell::new(0);
+    caller
+        .read_until(|l| {
+            if l.starts_with("result ok") {
+                answered.set(answered.get() + 1);
+            }
+            answered.get() == 10
+        })
+        .expect("all 10 calls answered");
+    assert_eq!(broker_stat(b.dir(), "waiting"), 0);
+    assert_eq!(broker_stat(b.dir(), "pending"), 0);
+}

@@ -1052,3 +1052,70 @@ fn many_names_do_not_stop_list_and_peers_for_another_user() {
     assert!(line.starts_with("paged 5 in "), "zrpcd.peers paged: {line}");
     drop(hogs);
 }
+
+/// `zrpcd.stats`' count of answered calls of service `name`.
+fn answered(b: &Broker, name: &str) -> u64 {
+    let client = zrpc_client::BlockingClient::connect_to(b.dir()).expect("connect");
+    let stats: rmpv::Value = client
+        .call("zrpcd", "stats", &(), Some(WAIT))
+        .expect("zrpcd.stats");
+    stats["services"][name]["answered"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no answered count of {name} in {stats}"))
+}
+
+#[test]
+fn one_users_flood_does_not_starve_another_users_calls_to_a_shared_service() {
+    if !is_root("one_users_flood_does_not_starve_another_users_calls_to_a_shared_service") {
+        return;
+    }
+    // Root's service runs one handler at a time; the broker gives it at
+    // most 4 calls at once.
+    let b = Broker::start_with(&["--max-delivered-per-conn", "4"]);
+    let mut c = b.command("zrpc-test-typed");
+    c.env("ZRPC_TEST_MAX_CONCURRENT", "1");
+    let _svc = Proc::spawn("zrpc-test-typed", c);
+    wait_registered(b.dir(), "calc", 1);
+    // One user sends 300 calls of 20 ms each (6 s of work, well within its
+    // quotas), then another user one call.
+    let mut flood = other(
+        &b,
+        &[
+            "park",
+            "--service",
+            "calc",
+            "--method",
+            "hold",
+            "--payload",
+            "14",
+            "--count",
+            "300",
+        ],
+    );
+    assert_eq!(
+        flood.read_until(|l| l.starts_with("sent")).as_deref(),
+        Some("sent 300")
+    );
+    let (_, out) = as_uid(
+        &b,
+        65533,
+        &[
+            "call",
+            "--service",
+            "calc",
+            "--method",
+            "hold",
+            "--payload",
+            "14",
+        ],
+    )
+    .output(WAIT);
+    assert!(out.starts_with("result ok"), "{out}");
+    // It waited for its turn, not behind the whole flood: the calls
+    // answered by then are the window's and a few turns'.
+    let served = answered(&b, "calc");
+    assert!(
+        served < 50,
+        "the other user's call came back after {served} answers (its own and the flood's): it waited behind the flood"
+    );
+}

@@ -436,6 +436,7 @@ fn stats(b: &View<'_>) -> Value {
         ("names", Value::from(b.names.len() as u64)),
         ("pending", Value::from(b.pending.len() as u64)),
         ("orphans", Value::from(b.orphans as u64)),
+        ("waiting", Value::from(b.names.waiting() as u64)),
         ("timers", Value::from(b.pending.timers_len() as u64)),
         ("calls", Value::from(s.calls)),
         ("calls_ok", Value::from(s.calls_ok)),

@@ -30,6 +30,12 @@ pub struct Args {
     /// Most calls pending in the whole broker
     #[arg(long, default_value_t = 1_048_576)]
     pub max_pending_total: usize,
+    /// Most calls delivered to one service connection and not yet answered;
+    /// more wait in the broker and are delivered as answers come, in turns
+    /// by caller uid, so that one user's flood cannot starve others' calls
+    /// to a shared service (at least 1)
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_DELIVERED_PER_CONN)]
+    pub max_delivered_per_conn: u32,
     /// Most payload bytes of one connection's pending calls
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_PENDING_BYTES_PER_CONN)]
     pub max_pending_bytes_per_conn: usize,

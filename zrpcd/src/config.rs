@@ -37,6 +37,11 @@ pub const DEFAULT_MAX_NAMES: usize = 65_536;
 /// Default `--max-stats-names`.
 pub const DEFAULT_MAX_STATS_NAMES: u64 = 1024;
 
+/// Default [`Config::max_delivered_per_conn`]: no more than a
+/// `zrpc-service` server takes in by default (1024 queued, 64 running), so
+/// that its own queue does not fill up before the broker holds calls back.
+pub const DEFAULT_MAX_DELIVERED_PER_CONN: u32 = 1024;
+
 /// Default `--caller-grace`: a client reconnects within milliseconds when
 /// only its connection broke (its backoff starts at 10 ms and is at most
 /// 1 s), so a few seconds cover it; a caller that died does not hold its
@@ -59,6 +64,10 @@ pub struct Config {
     pub max_pending_per_conn: usize,
     /// Most calls pending in the whole broker.
     pub max_pending_total: usize,
+    /// Most calls delivered to one service connection and not yet
+    /// answered; more wait in the broker (see [`crate::waiting`]). The
+    /// NATS bridge's connection has no such bound.
+    pub max_delivered_per_conn: u32,
     /// Most payload bytes of one connection's pending calls (kept by the
     /// broker until answered, for re-delivery).
     pub max_pending_bytes_per_conn: usize,
@@ -152,6 +161,7 @@ impl Config {
             max_connections: 16_384,
             max_pending_per_conn: 65_536,
             max_pending_total: 1_048_576,
+            max_delivered_per_conn: DEFAULT_MAX_DELIVERED_PER_CONN,
             max_pending_bytes_per_conn: DEFAULT_MAX_PENDING_BYTES_PER_CONN,
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             max_names_per_conn: 256,

@@ -49,5 +49,6 @@ pub mod replay;
 pub mod server;
 pub mod socket;
 pub mod stats;
+pub mod waiting;
 
 pub use config::Config;

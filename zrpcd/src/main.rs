@@ -60,6 +60,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_message_size = args.max_message_size;
     config.max_connections = args.max_connections;
     config.max_pending_per_conn = args.max_pending_per_conn;
+    config.max_delivered_per_conn = args.max_delivered_per_conn.max(1);
     config.max_pending_total = args.max_pending_total;
     config.max_names_per_conn = args.max_names_per_conn;
     config.max_names = args.max_names;

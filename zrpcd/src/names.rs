@@ -1,12 +1,13 @@
 //! The name registry: service name -> instances, and calls waiting for a
 //! name to appear.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::ops::Bound;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use crate::peers::PeerId;
+use crate::waiting::Waiting;
 
 /// One service name.
 #[derive(Debug, Default)]
@@ -15,68 +16,9 @@ pub struct NameEntry {
     pub instances: Vec<PeerId>,
     /// Whether the instances registered as shared.
     pub shared: bool,
-    /// Broker call ids parked until an instance registers.
+    /// Broker call ids waiting for an instance, or for room in one
+    /// (see [`crate::waiting`]).
     waiting: Waiting,
-}
-
-/// The calls parked on a name, oldest first.
-///
-/// A parked call can end in any order (its deadline, its caller's cancel
-/// or departure), and there may be hundreds of thousands: finding it in
-/// the queue to take it out would cost a search of the queue per call, on
-/// the broker's event loop (cancelling 40,000 newest first took seconds).
-/// So an ended call leaves the set of live ids at once and the queue
-/// lazily: from either end as soon as it gets there, the rest when the
-/// queue is more than twice as long as the live set (amortised constant
-/// time per call) or when it is taken.
-#[derive(Debug, Default)]
-struct Waiting {
-    /// Ids in parking order, some of them ended.
-    queue: VecDeque<u64>,
-    /// The ids still parked.
-    live: FxHashSet<u64>,
-}
-
-impl Waiting {
-    fn push(&mut self, call: u64) {
-        if self.live.insert(call) {
-            self.queue.push_back(call);
-        }
-    }
-
-    /// Takes `call` out (nothing if it is not parked here).
-    fn remove(&mut self, call: u64) {
-        if !self.live.remove(&call) {
-            return;
-        }
-        if self.live.is_empty() {
-            self.queue.clear();
-            return;
-        }
-        while self.queue.back().is_some_and(|c| !self.live.contains(c)) {
-            self.queue.pop_back();
-        }
-        while self.queue.front().is_some_and(|c| !self.live.contains(c)) {
-            self.queue.pop_front();
-        }
-        if self.queue.len() > 2 * self.live.len() + 16 {
-            let live = &self.live;
-            self.queue.retain(|c| live.contains(c));
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.live.is_empty()
-    }
-
-    /// Takes the parked ids, oldest first, each once.
-    fn take(&mut self) -> VecDeque<u64> {
-        let mut live = std::mem::take(&mut self.live);
-        std::mem::take(&mut self.queue)
-            .into_iter()
-            .filter(|c| live.remove(c))
-            .collect()
-    }
 }
 
 /// Why a registration was refused.
@@ -95,6 +37,9 @@ pub struct Names {
     /// The names with at least one instance, in order (for paging through
     /// `zrpcd.list`; the call path reads only `map`).
     held: BTreeSet<Box<str>>,
+    /// Calls waiting on all names together (a look at it tells whether
+    /// there is any to take, see [`Names::pop_waiting`]).
+    waiting: usize,
 }
 
 impl Names {
@@ -174,30 +119,45 @@ impl Names {
         }
     }
 
-    /// Parks a call until `name` gets an instance.
-    pub fn park(&mut self, name: &str, call: u64) {
-        match self.map.get_mut(name) {
-            Some(e) => e.waiting.push(call),
-            None => self.map.entry(name.into()).or_default().waiting.push(call),
-        }
+    /// Parks a call of a caller of uid `uid` until `name` has an instance
+    /// with room for it.
+    pub fn park(&mut self, name: &str, call: u64, uid: u32) {
+        let entry = match self.map.get_mut(name) {
+            Some(e) => e,
+            None => self.map.entry(name.into()).or_default(),
+        };
+        let before = entry.waiting.len();
+        entry.waiting.push(call, uid);
+        self.waiting += entry.waiting.len() - before;
     }
 
     /// Removes a parked call (on timeout or cancel).
     pub fn unpark(&mut self, name: &str, call: u64) {
         if let Some(entry) = self.map.get_mut(name) {
+            let before = entry.waiting.len();
             entry.waiting.remove(call);
+            self.waiting -= before - entry.waiting.len();
             if entry.instances.is_empty() && entry.waiting.is_empty() {
                 self.map.remove(name);
             }
         }
     }
 
-    /// Takes the calls parked on `name` (after it gained an instance).
-    pub fn take_waiting(&mut self, name: &str) -> VecDeque<u64> {
-        self.map
-            .get_mut(name)
-            .map(|e| e.waiting.take())
-            .unwrap_or_default()
+    /// Takes the next call parked on `name`, in turns by caller uid (see
+    /// [`crate::waiting`]).
+    pub fn pop_waiting(&mut self, name: &str) -> Option<u64> {
+        let entry = self.map.get_mut(name)?;
+        let call = entry.waiting.pop()?;
+        self.waiting -= 1;
+        if entry.instances.is_empty() && entry.waiting.is_empty() {
+            self.map.remove(name);
+        }
+        Some(call)
+    }
+
+    /// Calls parked on all names together.
+    pub fn waiting(&self) -> usize {
+        self.waiting
     }
 
     /// Number of names with at least one instance.
@@ -253,48 +213,18 @@ mod tests {
     #[test]
     fn parking() {
         let mut n = Names::default();
-        n.park("b", 10);
-        n.park("b", 11);
+        n.park("b", 10, 1000);
+        n.park("b", 11, 1000);
         n.unpark("b", 10);
+        assert_eq!(n.waiting(), 1);
         assert_eq!(n.pick("b", |_| 0), None);
         n.register("b", 1, false).expect("free");
-        assert_eq!(n.take_waiting("b"), VecDeque::from(vec![11]));
+        assert_eq!(n.pop_waiting("b"), Some(11));
+        assert_eq!(n.pop_waiting("b"), None);
+        assert_eq!(n.waiting(), 0);
         n.unregister("b", 1);
         assert!(n.is_empty());
         assert!(n.map.is_empty(), "entry freed");
-    }
-
-    #[test]
-    fn parked_calls_end_in_any_order_without_a_search() {
-        let mut n = Names::default();
-        for c in 0..1000 {
-            n.park("x", c);
-        }
-        // Newest first, then nine in ten of the rest from the middle: the
-        // queue stays within twice the live calls (plus a little).
-        for c in (900..1000).rev() {
-            n.unpark("x", c);
-        }
-        for c in (0..900).filter(|c| c % 10 != 0) {
-            n.unpark("x", c);
-        }
-        let w = &n.map["x"].waiting;
-        assert_eq!(w.live.len(), 90);
-        assert!(w.queue.len() <= 2 * 90 + 16, "{}", w.queue.len());
-        // An id not parked here (taken already, or another name's) changes
-        // nothing.
-        n.unpark("x", 5000);
-        n.unpark("x", 1);
-        assert_eq!(n.map["x"].waiting.live.len(), 90);
-        let taken = n.take_waiting("x");
-        assert_eq!(taken, (0..900).step_by(10).collect::<VecDeque<u64>>());
-        assert!(n.take_waiting("x").is_empty());
-        // All ended: the entry goes.
-        n.park("y", 1);
-        n.park("y", 2);
-        n.unpark("y", 1);
-        n.unpark("y", 2);
-        assert!(!n.map.contains_key("y"));
     }
 
     #[test]
@@ -304,7 +234,7 @@ mod tests {
             n.register(name, peer, true).expect("free");
         }
         n.register("b", 4, true).expect("shared");
-        n.park("waiting", 9);
+        n.park("waiting", 9, 1000);
         let all: Vec<_> = n.after(None).map(|(k, _)| k).collect();
         assert_eq!(
             all,

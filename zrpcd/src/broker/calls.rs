@@ -382,13 +382,12 @@ impl Broker {
         let (caller, caller_call, call_flags) = (p.caller, p.caller_call, p.call_flags());
         let redelivery = p.was_delivered();
         let peers = &self.peers;
-        let target = prefer
-            .filter(|p| self.names.is_instance(service, *p))
-            .or_else(|| {
-                self.names.pick(service, |id| {
-                    peers.get(id).map_or(u32::MAX, |p| p.outstanding())
-                })
-            });
+        let preferred = prefer.filter(|p| self.names.is_instance(service, *p));
+        let target = preferred.or_else(|| {
+            self.names.pick(service, |id| {
+                peers.get(id).map_or(u32::MAX, |p| p.outstanding())
+            })
+        });
         #[cfg(feature = "nats")]
         let target = target.or_else(|| self.bridge_by_pattern(service));
         let Some(target) = target else {
@@ -407,11 +406,7 @@ impl Broker {
                 };
                 return self.finish(bid, Outcome::Error(code, msg), now);
             }
-            self.names.park(service, bid);
-            if let Some(p) = self.pending.get_mut(bid) {
-                p.set_stage(Stage::Parked);
-            }
-            return;
+            return self.park(service, bid, caller, caller_ident);
         };
         let max_queued = self.config.max_queued_bytes;
         let (caller_instance, caller_id) = caller_ident.unwrap_or_else(|| {
@@ -422,6 +417,16 @@ impl Broker {
         let Some(t) = self.peers.get(target) else {
             return;
         };
+        // Every instance has its window of calls in hand (`pick` chose the
+        // one with the fewest): the call waits for an answer to free a
+        // slot (`Broker::pull_waiting`), in turns with other users' calls.
+        // A resubmission goes to the instance running it whatever its load.
+        if t.outstanding() >= self.config.max_delivered_per_conn
+            && preferred.is_none()
+            && !self.unwindowed(target)
+        {
+            return self.park(service, bid, caller, caller_ident);
+        }
         let queued = t.io().queue.borrow().len_bytes();
         let user = t.user();
         // Refused, not queued, past the limits of what waits for the
@@ -502,8 +507,14 @@ impl Broker {
         // The deliveries this call adopted (resubmitted within its caller's
         // grace): their handler runs for this call, cancelled with it.
         let adopted = self.orphans.ended(bid);
+        // A slot of this service connection's window is freed: a call
+        // waiting for one takes it, once this one is done with.
+        let mut pull = None;
         match p.stage() {
             Stage::Delivered(svc) => {
+                if self.names.waiting() > 0 {
+                    pull = Some(svc);
+                }
                 let mut cancel = false;
                 if let Some(s) = self.peers.get_mut(svc) {
                     s.settle(replied);
@@ -583,6 +594,9 @@ impl Broker {
                 tracing::debug!(bid, service, %code, %message, "call failed");
             }
             Outcome::CallerGone | Outcome::CallerLeft => {}
+        }
+        if let Some(svc) = pull {
+            self.pull_waiting(svc, now);
         }
     }
 
@@ -677,6 +691,15 @@ impl Broker {
                 ErrorCode::Timeout,
                 format!(
                     "the service instance that had {method:?} disconnected or gave up the name, and no instance of {service:?} took the call over before the deadline (the call may have run)"
+                ),
+            ),
+            // Held back while every instance had its window of calls in
+            // hand: never delivered, but a service held the name.
+            Stage::Parked if self.names.is_held(service) => (
+                ErrorCode::Timeout,
+                format!(
+                    "every instance of {service:?} had {} calls in hand (--max-delivered-per-conn) until the deadline; {method:?} waited in the broker and was never delivered",
+                    self.config.max_delivered_per_conn
                 ),
             ),
             Stage::Parked => (

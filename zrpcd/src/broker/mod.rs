@@ -8,8 +8,9 @@
 //! The handling is split by concern, each part an `impl Broker` of its own:
 //! [`calls`] (a call's way in, to its service and back: the hot path),
 //! [`owning`] (registering names, with the access checks), [`lifecycle`]
-//! (a connection's start and end, heartbeats, shutdown) and [`partial`]
-//! (bounds on partly received frames).
+//! (a connection's start and end, heartbeats, shutdown), [`turns`] (calls
+//! waiting on a name, for an instance or for room in one, taken in turns
+//! by caller uid) and [`partial`] (bounds on partly received frames).
 
 #[cfg(feature = "nats")]
 pub mod bridged;
@@ -18,6 +19,7 @@ pub mod fds;
 pub mod lifecycle;
 pub mod owning;
 pub mod partial;
+pub mod turns;
 
 use std::rc::Rc;
 use std::time::Instant;

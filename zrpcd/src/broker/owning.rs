@@ -50,16 +50,11 @@ impl Broker {
             Ok(()) => {
                 self.peers.add_name(peer, name);
                 tracing::info!(peer, name, shared, "name registered");
-                let tag = self.stats.registered(name);
+                // Its statistics row (the calls that waited for the name
+                // are moved to it as they are delivered).
+                self.stats.registered(name);
                 self.ack(peer, req, None, "");
-                for bid in self.names.take_waiting(name) {
-                    if let Some(p) = self.pending.get(bid) {
-                        if let Some(tag) = tag {
-                            self.pending.set_route_tag(p.route, tag);
-                        }
-                        self.dispatch(bid, now);
-                    }
-                }
+                self.pull_name(name, now);
             }
             Err(RegisterError::AlreadyHeld) => self.ack(peer, req, None, ""),
             Err(RegisterError::Taken) => {

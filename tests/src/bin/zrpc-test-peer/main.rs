@@ -5,7 +5,7 @@
 //! ```text
 //! zrpc-test-peer call --service S --method M [--instance I] [--id N] [--payload HEX]
 //!     -> "result ok <payload hex>" | "result <code> <message>" | "fatal <code> <message>"
-//! zrpc-test-peer park --service S --count N [--payload-size B]
+//! zrpc-test-peer park --service S --count N [--payload-size B | --payload HEX] [--method M]
 //!     -> the immediate answers ("result ..."), then "sent N"; stays
 //! zrpc-test-peer partial --size N --sent M
 //!     -> "sent" once M bytes of an N-byte frame are written; "closed ..."
@@ -88,6 +88,12 @@ enum Cmd {
         /// Each call's payload: a bin of this many bytes (default nil).
         #[arg(long, default_value_t = 0)]
         payload_size: usize,
+        /// Each call's payload, in hex (instead of --payload-size).
+        #[arg(long)]
+        payload: Option<String>,
+        /// The method called (default "m").
+        #[arg(long, default_value = "m")]
+        method: String,
         /// Hello instance id (default: from the pid, unique per process).
         #[arg(long)]
         instance: Option<u64>,
@@ -502,10 +508,14 @@ fn main() {
             service,
             count,
             payload_size,
+            payload,
+            method,
             instance,
         } => {
             let mut r = connect(instance);
-            let payload = if payload_size == 0 {
+            let payload = if let Some(hex) = payload {
+                unhex(&hex)
+            } else if payload_size == 0 {
                 vec![0xc0]
             } else {
                 let mut p = vec![0xc6];
@@ -518,7 +528,7 @@ fn main() {
                     &Envelope::Call {
                         id,
                         service: &service,
-                        method: "m",
+                        method: &method,
                         timeout_ms: None,
                         flags: 0,
                     },
