@@ -676,3 +676,69 @@ fn unclaimed_descriptors_count_in_the_brokers_limit() {
         "the broker holds {held} unclaimed descriptors past --max-fds 64"
     );
 }
+
+/// Mappings of memfd payloads the broker holds now (`/proc/PID/maps`).
+fn memfd_mappings(b: &Broker) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", b.proc.pid())).expect("maps");
+    maps.lines().filter(|l| l.contains("/memfd:")).count()
+}
+
+/// A peer that takes no descriptors gets a memfd payload's bytes inline.
+/// The broker keeps a mapping for it in the peer's queue only for a large
+/// payload and only up to `--max-fds` of them; the rest are copied.
+/// Uncounted, mappings escaped every limit (a mapping outlives its
+/// descriptor) and, past the kernel's ~65,530 per process, even the
+/// allocator failed and the broker aborted: three users answering with
+/// 8 KiB memfds to their own clients that never read were enough.
+#[test]
+fn payload_mappings_kept_for_peers_without_descriptors_are_bounded() {
+    // Small memfds: copied, none kept.
+    let b = Broker::start();
+    let mut hog = b.spawn(
+        "zrpc-test-peer",
+        &[
+            "fd-hog",
+            "--count",
+            "200",
+            "--size",
+            "8192",
+            "--plain-client",
+        ],
+    );
+    assert_eq!(
+        hog.read_until(|l| l.starts_with("hogged")).as_deref(),
+        Some("hogged 200")
+    );
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "pending") == 0),
+        "the replies were not all handled"
+    );
+    assert_eq!(memfd_mappings(&b), 0, "small payloads kept mapped");
+    assert_eq!(zrpc_tests::broker_stat(b.dir(), "mappings"), 0);
+    drop(hog);
+    drop(b);
+    // Large ones: at most --max-fds kept, the rest copied.
+    let b = Broker::start_with(&["--max-fds", "8"]);
+    let mut hog = b.spawn(
+        "zrpc-test-peer",
+        &[
+            "fd-hog",
+            "--count",
+            "20",
+            "--size",
+            "1048576",
+            "--plain-client",
+        ],
+    );
+    assert_eq!(
+        hog.read_until(|l| l.starts_with("hogged")).as_deref(),
+        Some("hogged 20")
+    );
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "pending") == 0),
+        "the replies were not all handled"
+    );
+    let kept = memfd_mappings(&b);
+    assert!(kept <= 8, "{kept} payload mappings kept, past --max-fds 8");
+    assert_eq!(zrpc_tests::broker_stat(b.dir(), "mappings"), kept as u64);
+}

@@ -437,6 +437,10 @@ fn stats(b: &View<'_>) -> Value {
         ("pending", Value::from(b.pending.len() as u64)),
         ("orphans", Value::from(b.orphans as u64)),
         ("waiting", Value::from(b.names.waiting() as u64)),
+        (
+            "mappings",
+            Value::from(crate::payload::kept_mappings() as u64),
+        ),
         ("timers", Value::from(b.pending.timers_len() as u64)),
         ("calls", Value::from(s.calls)),
         ("calls_ok", Value::from(s.calls_ok)),

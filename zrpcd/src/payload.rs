@@ -2,10 +2,11 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use zrpc_io::fdpass::SealedFd;
+use zrpc_io::fdpass::{SealedFd, FD_PAYLOAD_MIN};
 
 use crate::quota::Usage;
 
@@ -72,6 +73,73 @@ impl<'a> Payload<'a> {
             Payload::Fd(f) => f.fd.map(),
         }
     }
+}
+
+/// Payload mappings kept in outbound queues now (see [`inline_bytes`]).
+static KEPT_MAPPINGS: AtomicUsize = AtomicUsize::new(0);
+
+/// At most how many (`--max-fds`, set by [`set_max_kept_mappings`]).
+static MAX_KEPT_MAPPINGS: AtomicUsize = AtomicUsize::new(4096);
+
+/// Sets the most payload mappings kept in outbound queues at once.
+pub fn set_max_kept_mappings(n: usize) {
+    MAX_KEPT_MAPPINGS.store(n, Ordering::Relaxed);
+}
+
+/// How many payload mappings are kept in outbound queues now.
+pub fn kept_mappings() -> usize {
+    KEPT_MAPPINGS.load(Ordering::Relaxed)
+}
+
+/// A memfd payload's bytes for a peer that takes no descriptors.
+pub enum Inline {
+    /// A read-only mapping, to queue as it is (no copy) and unmap once
+    /// written; counted in [`kept_mappings`].
+    Kept(Bytes),
+    /// A mapping to copy the bytes out of at once (it is unmapped when
+    /// dropped).
+    Copy(Bytes),
+}
+
+/// A kept mapping: counted until dropped.
+struct Counted(Bytes);
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        KEPT_MAPPINGS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The bytes of `fd` for a peer that takes no descriptors. A mapping is
+/// kept in the peer's queue (the bytes go to the socket without a copy)
+/// only for a payload of [`FD_PAYLOAD_MIN`] bytes or more (no honest
+/// sender puts less in a memfd) and while fewer than the most mappings are
+/// kept; every other payload is copied into the queue and unmapped at once.
+/// Mappings escape the descriptor accounting (a mapping outlives its
+/// descriptor), and the kernel allows a process about 65,530 of them, past
+/// which even the allocator fails: uncounted, a few users answering with
+/// small memfds to peers that never read made the broker abort.
+pub fn inline_bytes(fd: &SealedFd) -> std::io::Result<Inline> {
+    if fd.len() >= FD_PAYLOAD_MIN {
+        let max = MAX_KEPT_MAPPINGS.load(Ordering::Relaxed);
+        if KEPT_MAPPINGS.fetch_add(1, Ordering::Relaxed) < max {
+            return match fd.map() {
+                Ok(m) => Ok(Inline::Kept(Bytes::from_owner(Counted(m)))),
+                Err(e) => {
+                    KEPT_MAPPINGS.fetch_sub(1, Ordering::Relaxed);
+                    Err(e)
+                }
+            };
+        }
+        KEPT_MAPPINGS.fetch_sub(1, Ordering::Relaxed);
+    }
+    fd.map().map(Inline::Copy)
 }
 
 impl<'a> From<&'a Bytes> for Payload<'a> {

@@ -17,7 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use zrpc_proto::{encode_fd_header, encode_header, Envelope};
 
-use crate::payload::Payload;
+use crate::payload::{Inline, Payload};
 
 /// Payloads at least this large are queued as their own slice (forwarded as
 /// the very bytes they arrived in) instead of being copied.
@@ -83,7 +83,6 @@ impl OutQueue {
         batch: u32,
         fds: bool,
     ) -> std::io::Result<()> {
-        let inline;
         let payload = match payload {
             Payload::Fd(f) if fds => {
                 self.q.push_fd(f.fd.clone());
@@ -93,9 +92,18 @@ impl OutQueue {
                 self.fds = self.set_fds(self.q.fds_queued());
                 return Ok(());
             }
-            Payload::Fd(_) => {
-                inline = payload.to_bytes()?;
-                Payload::Shared(&inline)
+            Payload::Fd(f) => {
+                // Its bytes, inline (see `inline_bytes`: a mapping is kept
+                // only for a large payload, and only so many of them).
+                let inline = crate::payload::inline_bytes(&f.fd)?;
+                self.count_frame(batch);
+                encode_header(self.q.tail(), env, f.fd.len());
+                match inline {
+                    Inline::Kept(b) => self.q.push_shared(b),
+                    Inline::Copy(b) => self.q.push_copy(&b),
+                }
+                self.set_bytes(self.q.len());
+                return Ok(());
             }
             other => other,
         };
@@ -105,7 +113,7 @@ impl OutQueue {
             Payload::Shared(b) if b.len() >= ZERO_COPY_MIN => self.q.push_shared(b.clone()),
             Payload::Shared(b) => self.q.push_copy(b),
             Payload::Borrowed(b) => self.q.push_copy(b),
-            Payload::Fd(_) => unreachable!("mapped above"),
+            Payload::Fd(_) => unreachable!("queued above"),
         }
         self.set_bytes(self.q.len());
         Ok(())

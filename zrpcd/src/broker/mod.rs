@@ -132,6 +132,9 @@ impl Broker {
     /// An empty broker.
     pub fn new(config: Config) -> Self {
         let max_stats_names = config.max_stats_names;
+        // Mappings of payloads kept for peers without descriptor passing
+        // share the descriptors' budget (see `payload::inline_bytes`).
+        crate::payload::set_max_kept_mappings(config.max_fds);
         let quota = Quota::new(config.quota_limits(), config.policy.quota());
         Broker {
             busy_poll: BusyPoll::new_or_off(config.busy_poll),

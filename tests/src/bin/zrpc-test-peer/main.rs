@@ -31,10 +31,11 @@
 //!     -> pages through zrpcd.<method> ({"after", "limit"} payloads):
 //!        "paged <entries> in <pages> pages", or the failed call's
 //!        "result <code> <message>"
-//! zrpc-test-peer fd-hog --count N
+//! zrpc-test-peer fd-hog --count N [--size B] [--plain-client]
 //!     -> a service of its own answers N calls of a client of its own, which
-//!        never reads, each with a payload descriptor; "hogged K" with the
-//!        replies it could send; stays
+//!        never reads, each with a payload descriptor (a sealed memfd of B
+//!        bytes, default 1; the client takes descriptors unless
+//!        --plain-client); "hogged K" with the replies it could send; stays
 //! zrpc-test-peer fd-call --service S [--count N]
 //!     -> N NO_WAIT calls whose argument is a payload descriptor, sent at
 //!        once; their results as `call` prints them
@@ -134,6 +135,13 @@ enum Cmd {
     FdHog {
         #[arg(long)]
         count: u64,
+        /// Bytes of the memfd each reply carries.
+        #[arg(long, default_value_t = 1)]
+        size: usize,
+        /// The client does not negotiate descriptor passing (the broker
+        /// sends it the replies' bytes inline).
+        #[arg(long)]
+        plain_client: bool,
     },
     /// COUNT NO_WAIT calls whose argument is a payload descriptor.
     FdCall {
@@ -268,7 +276,7 @@ fn say_result(r: &mut Raw) {
 }
 
 /// `fd-hog`: see the module docs.
-fn fd_hog(count: u64) {
+fn fd_hog(count: u64, size: usize, plain_client: bool) {
     use std::os::fd::AsRawFd;
     let mut svc = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
     svc.send(
@@ -280,7 +288,12 @@ fn fd_hog(count: u64) {
         b"",
     );
     let instance = (1 << 33) | u64::from(std::process::id());
-    let mut cli = connect_caps(Some(instance), zrpc_proto::caps::FD_PAYLOADS);
+    let client_caps = if plain_client {
+        0
+    } else {
+        zrpc_proto::caps::FD_PAYLOADS
+    };
+    let mut cli = connect_caps(Some(instance), client_caps);
     for id in 1..=count {
         let call = Envelope::Call {
             id,
@@ -291,7 +304,7 @@ fn fd_hog(count: u64) {
         };
         cli.send(&call, b"\xc0");
     }
-    let memfd = zrpc_io::fdpass::SealedFd::create(b"\xc0").expect("memfd");
+    let memfd = zrpc_io::fdpass::SealedFd::create(&vec![0xc0; size.max(1)]).expect("memfd");
     let mut sent = 0;
     while sent < count {
         let Some(f) = svc.recv_frame() else { break };
@@ -431,7 +444,11 @@ fn main() {
             per_conn,
             plain,
         } => junk_fd(&path, count, per_conn, plain),
-        Cmd::FdHog { count } => fd_hog(count),
+        Cmd::FdHog {
+            count,
+            size,
+            plain_client,
+        } => fd_hog(count, size, plain_client),
         Cmd::FdCall { service, count } => {
             let mut r = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
             let memfd = zrpc_io::fdpass::SealedFd::create(b"\xc0").expect("memfd");
