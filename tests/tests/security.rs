@@ -1119,3 +1119,52 @@ fn one_users_flood_does_not_starve_another_users_calls_to_a_shared_service() {
         "the other user's call came back after {served} answers (its own and the flood's): it waited behind the flood"
     );
 }
+
+#[test]
+fn many_users_cannot_pass_the_brokers_total_of_queued_bytes() {
+    if !is_root("many_users_cannot_pass_the_brokers_total_of_queued_bytes") {
+        return;
+    }
+    // Each user may queue 2 MB unread, but the broker holds at most 1 MB
+    // for all of them together: three users flooding 1.2 MB each would
+    // hold 3.6 MB (N uids, N quotas), past which the users holding more
+    // than their share are disconnected, and a user under it is not.
+    let (_p, path) = policy("[quota]\nqueued_bytes = 2000000\n");
+    let b = Broker::start_with(&["--policy", &path, "--max-queued-total", "1000000"]);
+    let before = zrpc_tests::broker_stat(b.dir(), "connections");
+    let mut victim = as_uid(&b, 65533, &["flood", "--count", "2000"]);
+    victim
+        .read_until(|l| l == "flooded")
+        .expect("victim flooded");
+    let mut floods: Vec<Proc> = [OTHER, 65532, 65531]
+        .iter()
+        .map(|&uid| as_uid(&b, uid, &["flood", "--count", "60000"]))
+        .collect();
+    for f in &mut floods {
+        f.read_until(|l| l == "flooded").expect("flooded");
+    }
+    // Users holding more than their share are disconnected until the
+    // total is back under the bound; the user under its share is not.
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "connections")
+            < before + 4
+            && zrpc_tests::broker_stat(b.dir(), "queued_bytes") <= 1_000_000),
+        "the total stayed past --max-queued-total: {} connections, {} bytes queued",
+        zrpc_tests::broker_stat(b.dir(), "connections"),
+        zrpc_tests::broker_stat(b.dir(), "queued_bytes")
+    );
+    let client = zrpc_client::BlockingClient::connect_to(b.dir()).expect("connect");
+    let peers: rmpv::Value = client
+        .call("zrpcd", "peers", &(), Some(WAIT))
+        .expect("zrpcd.peers");
+    let uids: Vec<u64> = peers
+        .as_array()
+        .expect("peers array")
+        .iter()
+        .filter_map(|p| p["uid"].as_u64())
+        .collect();
+    assert!(
+        uids.contains(&65533),
+        "the user under its share was disconnected: uids left {uids:?}"
+    );
+}

@@ -54,6 +54,8 @@ pub struct View<'a> {
     pub pending: &'a PendingCalls,
     /// Delivered calls whose caller left, kept for its grace.
     pub orphans: usize,
+    /// Bytes queued unread towards all connections.
+    pub queued_total: usize,
     /// Counters.
     pub stats: &'a Stats,
     /// The access policy in force.
@@ -437,6 +439,7 @@ fn stats(b: &View<'_>) -> Value {
         ("pending", Value::from(b.pending.len() as u64)),
         ("orphans", Value::from(b.orphans as u64)),
         ("waiting", Value::from(b.names.waiting() as u64)),
+        ("queued_bytes", Value::from(b.queued_total as u64)),
         (
             "mappings",
             Value::from(crate::payload::kept_mappings() as u64),

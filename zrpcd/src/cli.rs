@@ -53,6 +53,11 @@ pub struct Args {
     /// Most bytes queued towards one peer before the broker pushes back
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub max_queued_bytes: usize,
+    /// Most bytes queued unread towards all peers together: past it, the
+    /// users holding more than their share (this divided by the users
+    /// holding any) are pushed back as past their queued_bytes quota
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_QUEUED_TOTAL)]
+    pub max_queued_total: usize,
     /// Seconds a new connection may take to send its Hello
     #[arg(long, default_value_t = 5.0)]
     pub handshake_timeout: f64,

@@ -37,6 +37,10 @@ pub const DEFAULT_MAX_NAMES: usize = 65_536;
 /// Default `--max-stats-names`.
 pub const DEFAULT_MAX_STATS_NAMES: u64 = 1024;
 
+/// Default [`Config::max_queued_total`]: four users' default `queued_bytes`
+/// quota.
+pub const DEFAULT_MAX_QUEUED_TOTAL: usize = 1024 * 1024 * 1024;
+
 /// Default [`Config::max_delivered_per_conn`]: no more than a
 /// `zrpc-service` server takes in by default (1024 queued, 64 running), so
 /// that its own queue does not fill up before the broker holds calls back.
@@ -83,6 +87,9 @@ pub struct Config {
     /// (calls to a saturated service fail with `LimitExceeded`; a client that
     /// does not read its results is disconnected).
     pub max_queued_bytes: usize,
+    /// Most bytes queued unread towards all peers together (see
+    /// [`crate::quota::QueuedTotal`]).
+    pub max_queued_total: usize,
     /// How long a new connection may take to send `Hello`.
     pub handshake_timeout: Duration,
     /// How long shutdown lets delivered calls finish (and queued frames
@@ -147,6 +154,7 @@ impl Config {
             max_queued_bytes: self.max_queued_bytes,
             max_fds: self.max_fds,
             max_names: self.max_names,
+            max_queued_total: self.max_queued_total,
         }
     }
 
@@ -167,6 +175,7 @@ impl Config {
             max_names_per_conn: 256,
             max_names: DEFAULT_MAX_NAMES,
             max_queued_bytes: 64 * 1024 * 1024,
+            max_queued_total: DEFAULT_MAX_QUEUED_TOTAL,
             handshake_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),
             caller_grace: DEFAULT_CALLER_GRACE,

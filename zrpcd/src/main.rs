@@ -67,6 +67,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_pending_bytes_per_conn = args.max_pending_bytes_per_conn;
     config.max_pending_bytes = args.max_pending_bytes;
     config.max_queued_bytes = args.max_queued_bytes;
+    config.max_queued_total = args.max_queued_total;
     config.handshake_timeout = secs(args.handshake_timeout, "handshake-timeout")?;
     config.shutdown_grace = secs(args.shutdown_grace, "shutdown-grace")?;
     config.caller_grace = secs(args.caller_grace, "caller-grace")?;

@@ -33,6 +33,10 @@ pub struct Quota {
     /// Names registered (a name held by several of its connections, shared,
     /// counts once for each).
     pub names: usize,
+    /// `--max-queued-total`: not a quota of one user, but what all users'
+    /// queues may hold together before those holding more than their
+    /// share are pushed back ([`Usage::over_total`]).
+    pub queued_total: usize,
 }
 
 /// The `[quota]` section of the policy file.
@@ -73,6 +77,8 @@ pub struct Limits {
     pub max_fds: usize,
     /// `--max-names`.
     pub max_names: usize,
+    /// `--max-queued-total`.
+    pub max_queued_total: usize,
 }
 
 impl Quota {
@@ -100,8 +106,21 @@ impl Quota {
                 .unwrap_or(limits.max_queued_bytes.saturating_mul(4)),
             fds: overrides.fds.unwrap_or(quarter(limits.max_fds)),
             names: overrides.names.unwrap_or(quarter(limits.max_names)),
+            queued_total: limits.max_queued_total,
         }
     }
+}
+
+/// What the queues of all users hold together: bytes queued unread, and
+/// how many users have any. Per-user quotas bound each uid, not all of
+/// them: N uids (one user's subordinate uids, say) would hold N quotas.
+/// Past `--max-queued-total`, a user holding more than its share (the total
+/// divided by the users holding any) is pushed back as if past its own
+/// quota ([`Usage::over_total`]), so the users under their share are not.
+#[derive(Debug, Default)]
+pub struct QueuedTotal {
+    bytes: Cell<usize>,
+    holders: Cell<usize>,
 }
 
 /// What one uid's connections hold now. The counters change only in
@@ -128,6 +147,8 @@ pub struct Usage {
     queued_fds: Cell<usize>,
     /// Names registered by its connections.
     names: Cell<usize>,
+    /// All users' queued bytes (shared by every user's `Usage`).
+    total: Rc<QueuedTotal>,
 }
 
 fn add(c: &Cell<usize>, n: usize) {
@@ -177,6 +198,19 @@ impl Usage {
     /// Bytes queued towards its connections and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.get()
+    }
+
+    /// Whether all users' queues together hold more than `max` bytes and
+    /// this user more than its share of `max` (divided among the users
+    /// holding any; see [`QueuedTotal`]): then it is pushed back as past
+    /// its own quota. Returns the total and the share.
+    pub fn over_total(&self, max: usize) -> Option<(usize, usize)> {
+        let total = self.total.bytes.get();
+        if total <= max {
+            return None;
+        }
+        let share = max / self.total.holders.get().max(1);
+        (self.queued_bytes() > share).then_some((total, share))
     }
 
     /// Payload descriptors held for its connections.
@@ -251,8 +285,19 @@ impl Usage {
 
     /// A queue's unwritten bytes went from `before` to `after`.
     pub(crate) fn requeue(&self, before: usize, after: usize) {
+        let old = self.queued_bytes.get();
         sub(&self.queued_bytes, before);
         add(&self.queued_bytes, after);
+        let new = self.queued_bytes.get();
+        let t = &self.total;
+        t.bytes.set(t.bytes.get().saturating_sub(old) + new);
+        if (old == 0) != (new == 0) {
+            if new == 0 {
+                sub(&t.holders, 1);
+            } else {
+                add(&t.holders, 1);
+            }
+        }
     }
 
     /// Payload descriptors queued towards its connections and not yet
@@ -272,6 +317,8 @@ impl Usage {
 #[derive(Debug, Default)]
 pub struct Users {
     map: FxHashMap<u32, Rc<Usage>>,
+    /// What all of them have queued.
+    total: Rc<QueuedTotal>,
 }
 
 impl Users {
@@ -282,10 +329,16 @@ impl Users {
             .or_insert_with(|| {
                 Rc::new(Usage {
                     uid,
+                    total: self.total.clone(),
                     ..Usage::default()
                 })
             })
             .clone()
+    }
+
+    /// Bytes queued unread towards all users' connections.
+    pub fn queued_total(&self) -> usize {
+        self.total.bytes.get()
     }
 
     /// Connections `uid` has now.
@@ -335,5 +388,26 @@ mod tests {
         assert_eq!(u.names(), 1);
         u.release_peer(0, 0, 0, 1);
         assert_eq!(u.names(), 0);
+    }
+
+    #[test]
+    fn past_the_total_only_users_over_their_share_are_pushed_back() {
+        let mut users = Users::default();
+        let (a, b) = (users.get(1000), users.get(1001));
+        a.requeue(0, 700);
+        b.requeue(0, 100);
+        assert_eq!(users.queued_total(), 800);
+        // Under the total: nobody.
+        assert_eq!(a.over_total(1000), None);
+        // Past it (600 for two holders: a share of 300): a, not b.
+        assert_eq!(a.over_total(600), Some((800, 300)));
+        assert_eq!(b.over_total(600), None);
+        // b's queue drains: one holder left, the whole total its share.
+        b.requeue(100, 0);
+        assert_eq!(users.queued_total(), 700);
+        assert_eq!(a.over_total(600), Some((700, 600)));
+        a.requeue(700, 0);
+        assert_eq!(users.queued_total(), 0);
+        assert_eq!(users.total.holders.get(), 0);
     }
 }

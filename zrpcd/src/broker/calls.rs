@@ -298,6 +298,7 @@ impl Broker {
             names: &self.names,
             pending: &self.pending,
             orphans: self.orphans.len(),
+            queued_total: self.users.queued_total(),
             stats: &self.stats,
             policy: &self.config.policy,
             monitors: &mut self.monitors,
@@ -439,6 +440,15 @@ impl Broker {
                 "{} do not read their requests ({} bytes queued, more than its per-user quota: queued_bytes in [quota] of the policy)",
                 self.services_of(caller, t),
                 user.queued_bytes()
+            ))
+        } else if let Some((total, _)) = user
+            .limited()
+            .then(|| user.over_total(self.quota.queued_total))
+            .flatten()
+        {
+            Some(format!(
+                "{} do not read their requests (more than their share of what zrpcd holds queued for all users: {total} bytes, more than --max-queued-total)",
+                self.services_of(caller, t),
             ))
         } else if queued > max_queued {
             Some(format!(

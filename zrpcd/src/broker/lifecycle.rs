@@ -144,6 +144,15 @@ impl Broker {
                 p.user().queued_bytes(),
                 self.quota.queued_bytes
             )
+        } else if let Some((total, share)) = (p.user().limited() && !p.is_serving())
+            .then(|| p.user().over_total(self.quota.queued_total))
+            .flatten()
+        {
+            format!(
+                "zrpcd holds {total} bytes queued unread for all users together, more than --max-queued-total; uid {} has {} of them on its connections, more than its share of {share}; disconnecting",
+                p.creds().uid,
+                p.user().queued_bytes(),
+            )
         } else {
             return;
         };
@@ -362,5 +371,7 @@ pub(crate) fn over_backlog(p: &crate::peers::Peer, limit: usize, quota: &Quota) 
     let user = p.user();
     p.io().queue.borrow().len_bytes() > limit
         || (user.limited()
-            && (user.queued_bytes() > quota.queued_bytes || user.queued_fds() > quota.fds))
+            && (user.queued_bytes() > quota.queued_bytes
+                || user.queued_fds() > quota.fds
+                || user.over_total(quota.queued_total).is_some()))
 }
