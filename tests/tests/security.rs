@@ -1119,3 +1119,50 @@ fn one_users_flood_does_not_starve_another_users_calls_to_a_shared_service() {
         "the other user's call came back after {served} answers (its own and the flood's): it waited behind the flood"
     );
 }
+
+/// The per-service rows of a `zrpcd.stats` answer, by name.
+fn stats_rows(b: &Broker) -> Vec<String> {
+    let stats: rmpv::Value = zrpc_client::BlockingClient::connect_to(b.dir())
+        .expect("connect")
+        .call("zrpcd", "stats", &(), Some(WAIT))
+        .expect("zrpcd.stats");
+    stats["services"]
+        .as_map()
+        .unwrap_or_else(|| panic!("no services in {stats}"))
+        .iter()
+        .map(|(k, _)| k.as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+/// One user registers as many names as `zrpcd.stats` has rows, then
+/// leaves (the rows stay): each answer carried 1,024 rows of some 400
+/// bytes, 20-36 ms of the broker's only thread to encode, and calling
+/// `zrpcd.stats` in a loop from many connections starved every other
+/// user. A uid now has at most a quarter of the rows.
+#[test]
+fn one_user_cannot_make_every_stats_answer_large_or_costly() {
+    if !is_root("one_user_cannot_make_every_stats_answer_large_or_costly") {
+        return;
+    }
+    let b = Broker::start_with(&["--max-names-per-conn", "2048"]);
+    let (refused, held, hog) = register_many(&b, OTHER, "hog", 1024);
+    assert_eq!(held, 1024, "{refused}");
+    drop(hog);
+    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
+        b.dir(),
+        "names"
+    ) == 0));
+    let (_, held, _mine) = register_many(&b, 65533, "mine", 10);
+    assert_eq!(held, 10);
+    let mut rows = Vec::new();
+    let mine = wait_until(WAIT, || {
+        rows = stats_rows(&b);
+        rows.iter().filter(|r| r.starts_with("mine")).count() == 10
+    });
+    assert!(mine, "another user's names have no rows: {rows:?}");
+    let hogs = rows.iter().filter(|r| r.starts_with("hog")).count();
+    assert!(
+        hogs <= 256,
+        "uid {OTHER} has {hogs} rows of zrpcd.stats (of 1024), past its share of 256"
+    );
+}
