@@ -111,6 +111,8 @@ pub struct Broker {
     shutting_down: bool,
     /// Connections watching calls (`zrpc monitor`).
     monitors: Monitors,
+    /// `zrpcd.stats`' per-service rows, encoded.
+    stats_cache: crate::builtin::StatsCache,
     ping_nonce: u64,
     /// Connections closed with `Fatal` (protocol errors, quotas, dead
     /// services): logged at warn at most once per interval, the rest at
@@ -150,6 +152,7 @@ impl Broker {
             started: Instant::now(),
             shutting_down: false,
             monitors: Monitors::default(),
+            stats_cache: crate::builtin::StatsCache::default(),
             ping_nonce: 0,
             closings: RefusalLog::default(),
             refusals: RefusalLog::default(),

@@ -74,7 +74,8 @@ pub struct Stats {
     pub protocol_errors: u64,
     /// Services disconnected for not answering heartbeats.
     pub heartbeat_timeouts: u64,
-    /// Per service name: the broker's own service, [`OTHER`], then names
+    /// Per service name (read it, change it only through the methods
+    /// here): the broker's own service, [`OTHER`], then names
     /// that are or were registered, at most `max_names` of them. A call's
     /// interned route keeps the row's [tag](Stats::tag_of) so that ending
     /// the call finds its row without a name lookup; a row given to another
@@ -95,6 +96,9 @@ pub struct Stats {
     /// ([`Stats::registered`]).
     owned: FxHashMap<u32, usize>,
     max_per_uid: usize,
+    /// Moves whenever a row other than the broker's own may have changed:
+    /// see [`Stats::version`].
+    version: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -148,6 +152,7 @@ impl Stats {
             max_names: max_names.min(MAX_STATS_NAMES),
             owned: FxHashMap::default(),
             max_per_uid: per_uid_share(max_names.min(MAX_STATS_NAMES)),
+            version: 0,
         };
         s.push_row(zrpc_proto::BROKER_SERVICE);
         s.push_row(OTHER);
@@ -189,10 +194,25 @@ impl Stats {
         }
     }
 
+    /// A number that moves whenever a row of [`Stats::services`] other than
+    /// the broker's own may have changed (its counts, or the name it
+    /// belongs to); the rows are only changed through the methods here.
+    /// `zrpcd.stats` encodes them again only when it moved
+    /// ([`crate::builtin::StatsCache`]).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// The entry of `name`, or of [`OTHER`] if it has none.
     pub fn service(&mut self, name: &str) -> &mut ServiceStats {
+        self.version += 1;
         let slot = self.slots.get(name).copied().unwrap_or(OTHER_SLOT);
         &mut self.services[slot as usize].1
+    }
+
+    /// The broker's own service's entry, to read.
+    pub fn broker_row(&self) -> &ServiceStats {
+        &self.services[BROKER_SLOT as usize].1
     }
 
     /// The broker's own service's entry.
@@ -220,6 +240,7 @@ impl Stats {
             self.rows[slot as usize].registered = true;
             return Some(self.tag(slot));
         }
+        self.version += 1;
         let owned = self.owned.get(&uid).copied().unwrap_or(0);
         if uid != 0 && owned >= self.max_per_uid {
             // At its share: one of its own idle rows, if it has one.
@@ -289,6 +310,7 @@ impl Stats {
     /// The entry a route's tag names if it is current, else `name`'s (or
     /// [`OTHER`]'s).
     pub fn service_in(&mut self, tag: Option<u32>, name: &str) -> &mut ServiceStats {
+        self.version += 1;
         match tag.and_then(|t| self.slot_of_tag(t)) {
             Some(slot) => &mut self.services[slot as usize].1,
             None => self.service(name),
