@@ -1168,3 +1168,73 @@ fn many_users_cannot_pass_the_brokers_total_of_queued_bytes() {
         "the user under its share was disconnected: uids left {uids:?}"
     );
 }
+
+/// The per-service rows of a `zrpcd.stats` answer, by name.
+fn stats_rows(b: &Broker) -> Vec<String> {
+    let stats: rmpv::Value = zrpc_client::BlockingClient::connect_to(b.dir())
+        .expect("connect")
+        .call("zrpcd", "stats", &(), Some(WAIT))
+        .expect("zrpcd.stats");
+    stats["services"]
+        .as_map()
+        .unwrap_or_else(|| panic!("no services in {stats}"))
+        .iter()
+        .map(|(k, _)| k.as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+/// One user registers as many names as `zrpcd.stats` has rows, then
+/// leaves (the rows stay): each answer carried 1,024 rows of some 400
+/// bytes, 20-36 ms of the broker's only thread to encode, and calling
+/// `zrpcd.stats` in a loop from many connections starved every other
+/// user. A uid now has at most a quarter of the rows, and the rows are
+/// encoded once for many answers, not once per answer.
+#[test]
+fn one_user_cannot_make_every_stats_answer_large_or_costly() {
+    if !is_root("one_user_cannot_make_every_stats_answer_large_or_costly") {
+        return;
+    }
+    let b = Broker::start_with(&["--max-names-per-conn", "2048"]);
+    let (refused, held, hog) = register_many(&b, OTHER, "hog", 1024);
+    assert_eq!(held, 1024, "{refused}");
+    drop(hog);
+    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
+        b.dir(),
+        "names"
+    ) == 0));
+    let (_, held, _mine) = register_many(&b, 65533, "mine", 10);
+    assert_eq!(held, 10);
+    // (The rows of an answer may be a little older than its counters.)
+    let mut rows = Vec::new();
+    let mine = wait_until(WAIT, || {
+        rows = stats_rows(&b);
+        rows.iter().filter(|r| r.starts_with("mine")).count() == 10
+    });
+    assert!(mine, "another user's names have no rows: {rows:?}");
+    let hogs = rows.iter().filter(|r| r.starts_with("hog")).count();
+    assert!(
+        hogs <= 256,
+        "uid {OTHER} has {hogs} rows of zrpcd.stats (of 1024), past its share of 256"
+    );
+    // Many answers, from several connections: the rows are encoded again
+    // only when they changed (here they do not) or the last-minute window
+    // moved on (every 10 s).
+    let encoded = || zrpc_tests::broker_stat(b.dir(), "stats_rows_encoded");
+    let before = encoded();
+    let start = std::time::Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|_| zrpc_client::BlockingClient::connect_to(b.dir()).expect("connect"))
+        .collect();
+    const ANSWERS: u64 = 200;
+    for i in 0..ANSWERS {
+        let _: rmpv::Value = clients[i as usize % clients.len()]
+            .call("zrpcd", "stats", &(), Some(WAIT))
+            .expect("zrpcd.stats");
+    }
+    let windows = start.elapsed().as_secs() / 10 + 1;
+    let again = encoded() - before;
+    assert!(
+        again <= 1 + windows,
+        "the rows were encoded {again} times for {ANSWERS} answers"
+    );
+}

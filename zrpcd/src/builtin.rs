@@ -62,6 +62,8 @@ pub struct View<'a> {
     pub policy: &'a Policy,
     /// Connections watching calls.
     pub monitors: &'a mut Monitors,
+    /// `stats`' encoded per-service rows.
+    pub stats_cache: &'a mut StatsCache,
     /// When the broker started.
     pub started: Instant,
     /// Most bytes an answer's payload may take (from `--max-message-size`).
@@ -145,7 +147,7 @@ pub const METHODS: &[Method] = &[
         returns: "{uptime_s, connections, calls, timeouts, errors, services, ...}",
         doc: "Broker-wide counters and per-service latency: answered, errors, p50_us/p90_us/p99_us (interpolated within 1/8-octave buckets, within 12.5 %), sum_us, buckets ([le_us, cumulative count]); the same over the last minute under recent.",
         requires: Some(Introspection::Stats),
-        handler: |v, _| Ok(encode(&stats(v))),
+        handler: |v, _| stats(v),
     },
     Method {
         name: "monitor",
@@ -407,9 +409,107 @@ fn service_stats(st: &ServiceStats, now_epoch: u64) -> Value {
     map(fields)
 }
 
-fn stats(b: &View<'_>) -> Value {
+/// The per-service rows of `zrpcd.stats` are encoded again, when they
+/// changed, at most [`STATS_ROWS_BURST`] times at once, then at most once
+/// per this interval, whoever asks and however often. See [`StatsCache`].
+pub const STATS_ROWS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// See [`STATS_ROWS_EVERY`].
+pub const STATS_ROWS_BURST: u32 = 8;
+
+/// The per-service rows of `zrpcd.stats` (all but the broker's own),
+/// encoded once and shared by the answers that follow.
+///
+/// Each row carries two histograms and takes some 400 bytes;
+/// `--max-stats-names` rows (1,024 by default) took 20-36 ms of the
+/// broker's only thread to encode, and rows stay after their names are
+/// unregistered: any user could register many names once, then call
+/// `zrpcd.stats` in a loop from many connections and starve every other
+/// user. The rows are now encoded again only when they changed
+/// ([`Stats::version`]) or the last-minute window moved on, and then at
+/// a bounded rate ([`STATS_ROWS_EVERY`], [`STATS_ROWS_BURST`]): past it,
+/// an answer's rows may be up to that interval older than its broker-wide
+/// counters, which are always current, as is the broker's own row. The
+/// answer is the same for every caller allowed to see it.
+#[derive(Debug, Default)]
+pub struct StatsCache {
+    /// The encoded rows (map entries, name then row, by name), without the
+    /// broker's own; it goes at `split`.
+    rows: Vec<u8>,
+    split: usize,
+    count: usize,
+    /// What they were encoded from, and when.
+    version: u64,
+    epoch: u64,
+    /// Whether they were encoded yet, and the rate limit: the time by
+    /// which the encodings so far would be paid for at one per
+    /// [`STATS_ROWS_EVERY`] (a generic cell rate algorithm).
+    paid_until: Option<Instant>,
+    /// Times the rows were encoded (`stats_rows_encoded` in the answer).
+    pub encoded: u64,
+    /// Answers that reused them (`stats_rows_reused`).
+    pub reused: u64,
+}
+
+impl StatsCache {
+    /// Encodes the rows again if they are out of date and the rate limit
+    /// allows it at `now`.
+    fn refresh(&mut self, s: &Stats, now: Instant, now_epoch: u64) {
+        if let Some(paid) = self.paid_until {
+            let current = self.version == s.version() && self.epoch == now_epoch;
+            let ahead = paid.saturating_duration_since(now);
+            if current || ahead > STATS_ROWS_EVERY * (STATS_ROWS_BURST - 1) {
+                self.reused += 1;
+                return;
+            }
+        }
+        // The `(other)` row only once something was counted in it.
+        let mut rows: Vec<_> = s
+            .services
+            .iter()
+            .filter(|(name, _)| name != zrpc_proto::BROKER_SERVICE)
+            .filter(|(name, st)| name != crate::stats::OTHER || st.answered + st.errors > 0)
+            .collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.rows.clear();
+        self.split = 0;
+        for (name, st) in &rows {
+            // Writing to a Vec cannot fail.
+            let _ = rmpv::encode::write_value(&mut self.rows, &Value::from(name.as_str()));
+            let _ = rmpv::encode::write_value(&mut self.rows, &service_stats(st, now_epoch));
+            if name.as_str() < zrpc_proto::BROKER_SERVICE {
+                self.split = self.rows.len();
+            }
+        }
+        self.count = rows.len();
+        self.version = s.version();
+        self.epoch = now_epoch;
+        self.paid_until = Some(self.paid_until.map_or(now, |p| p.max(now)) + STATS_ROWS_EVERY);
+        self.encoded += 1;
+    }
+}
+
+/// Writes a MessagePack map header for `n` entries.
+fn map_len(out: &mut Vec<u8>, n: usize) {
+    match n {
+        0..=15 => out.push(0x80 | n as u8),
+        16..=0xffff => {
+            out.push(0xde);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(0xdf);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+    }
+}
+
+fn stats(b: &mut View<'_>) -> Answer {
     let s = b.stats;
-    let now_epoch = crate::stats::epoch(std::time::Instant::now());
+    let now = Instant::now();
+    let now_epoch = crate::stats::epoch(now);
+    b.stats_cache.refresh(s, now, now_epoch);
+    let cache = &*b.stats_cache;
     let mut errors: Vec<_> = s.errors.iter().collect();
     errors.sort_unstable();
     let errors = errors
@@ -419,18 +519,7 @@ fn stats(b: &View<'_>) -> Value {
             (Value::from(name), Value::from(*n))
         })
         .collect();
-    // The `(other)` row only once something was counted in it.
-    let mut services: Vec<_> = s
-        .services
-        .iter()
-        .filter(|(name, st)| name != crate::stats::OTHER || st.answered + st.errors > 0)
-        .collect();
-    services.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let services = services
-        .into_iter()
-        .map(|(name, st)| (Value::from(&**name), service_stats(st, now_epoch)))
-        .collect();
-    let mut fields = vec![
+    let fields = vec![
         ("uptime_s", Value::from(b.started.elapsed().as_secs_f64())),
         ("connections", Value::from(b.peers.len() as u64)),
         ("connections_total", Value::from(s.connections_total)),
@@ -454,11 +543,33 @@ fn stats(b: &View<'_>) -> Value {
         ("protocol_errors", Value::from(s.protocol_errors)),
         ("heartbeat_timeouts", Value::from(s.heartbeat_timeouts)),
         ("monitors", Value::from(b.monitors.len() as u64)),
+        ("stats_rows_encoded", Value::from(cache.encoded)),
+        ("stats_rows_reused", Value::from(cache.reused)),
         ("errors", Value::Map(errors)),
-        ("services", Value::Map(services)),
     ];
-    fields.extend(bridge_stats(b));
-    map(fields)
+    let bridge = bridge_stats(b);
+    // The broker's own row, always current (every call to the broker's
+    // service changes it), spliced into the encoded rows at its place by
+    // name.
+    let own = service_stats(s.broker_row(), now_epoch);
+    let mut out = Vec::with_capacity(cache.rows.len() + 2048);
+    // Writing to a Vec cannot fail.
+    map_len(&mut out, fields.len() + 1 + usize::from(bridge.is_some()));
+    for (k, v) in &fields {
+        let _ = rmpv::encode::write_value(&mut out, &Value::from(*k));
+        let _ = rmpv::encode::write_value(&mut out, v);
+    }
+    let _ = rmpv::encode::write_value(&mut out, &Value::from("services"));
+    map_len(&mut out, cache.count + 1);
+    out.extend_from_slice(&cache.rows[..cache.split]);
+    let _ = rmpv::encode::write_value(&mut out, &Value::from(zrpc_proto::BROKER_SERVICE));
+    let _ = rmpv::encode::write_value(&mut out, &own);
+    out.extend_from_slice(&cache.rows[cache.split..]);
+    if let Some((k, v)) = bridge {
+        let _ = rmpv::encode::write_value(&mut out, &Value::from(k));
+        let _ = rmpv::encode::write_value(&mut out, &v);
+    }
+    Ok(out.into())
 }
 
 #[cfg(test)]
@@ -517,6 +628,20 @@ mod tests {
                 ]),
             ),
         ])
+    }
+
+    #[test]
+    fn map_headers_are_messagepacks() {
+        for n in [0, 1, 15, 16, 0xffff, 0x1_0000] {
+            let mut ours = Vec::new();
+            map_len(&mut ours, n);
+            let mut theirs = Vec::new();
+            let _ = rmpv::encode::write_value(
+                &mut theirs,
+                &Value::Map(vec![(Value::Nil, Value::Nil); n]),
+            );
+            assert_eq!(ours, theirs[..theirs.len() - 2 * n], "{n}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 use std::backtrace::{Backtrace, BacktraceStatus};
 use std::io::IsTerminal;
 use std::panic::PanicHookInfo;
+use std::time::{Duration, Instant};
 
 /// Sends `tracing` events to stderr, filtered by `$RUST_LOG` if set and
 /// valid, else by `default_filter` (`--log`), colored only on a terminal;
@@ -60,5 +61,58 @@ pub fn log_panic(info: &PanicHookInfo<'_>) {
             thread,
             "panicked (a bug in zrpcd or a library it uses): {message}"
         );
+    }
+}
+
+/// Warnings a user can cause at will (a connection refused at accept, a
+/// connection closed for a protocol error or a quota, a request refused)
+/// are logged at warn at most once per this interval, the others at
+/// debug: a user reconnecting in a loop must not flood the log (journald's
+/// default rate limit, 10,000 lines in 30 s, would then drop zrpcd's other
+/// lines, and the log is written from the event loop). `zrpcd.stats`
+/// counts them all (`connections_refused`, `protocol_errors`).
+pub(crate) const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One kind of warning, rate-limited: when it was last logged at warn,
+/// and how many were not since ([`REFUSAL_LOG_EVERY`]).
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog {
+    last_warn: Option<Instant>,
+    quiet: u64,
+}
+
+impl RefusalLog {
+    /// Whether an occurrence at `now` is logged at warn; if so, also how
+    /// many were logged at debug only since the last one.
+    pub(crate) fn warn_now(&mut self, now: Instant) -> Option<u64> {
+        match self.last_warn {
+            Some(t) if now.saturating_duration_since(t) < REFUSAL_LOG_EVERY => {
+                self.quiet += 1;
+                None
+            }
+            _ => {
+                self.last_warn = Some(now);
+                Some(std::mem::take(&mut self.quiet))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_warn_at_most_once_per_interval() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.warn_now(t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(log.warn_now(t0 + Duration::from_millis(i)), None);
+        }
+        let later = t0 + REFUSAL_LOG_EVERY;
+        assert_eq!(log.warn_now(later), Some(5));
+        assert_eq!(log.warn_now(later + Duration::from_millis(1)), None);
+        assert_eq!(log.warn_now(later + REFUSAL_LOG_EVERY), Some(1));
     }
 }

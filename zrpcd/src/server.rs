@@ -17,6 +17,7 @@ use zrpc_proto::{encode_frame, Envelope, ErrorCode};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::conn;
+use crate::log::RefusalLog;
 
 /// Runs the broker on an already bound listener until `shutdown` resolves,
 /// then shuts down gracefully; each `reload` signal (SIGHUP) re-reads the
@@ -155,36 +156,6 @@ fn reload_policy(broker: &RefCell<Broker>) {
         }
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: the policy file does not load; keeping the policy in force")
-        }
-    }
-}
-
-/// Connections refused at accept are logged at warn at most once per this
-/// interval, the others at debug: a user reconnecting in a loop past a
-/// quota must not flood the log (journald would then drop other lines of
-/// zrpcd's). `zrpcd.stats` counts them all (`connections_refused`).
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// When a refusal was last logged at warn, and how many were not since.
-#[derive(Debug, Default)]
-struct RefusalLog {
-    last_warn: Option<Instant>,
-    quiet: u64,
-}
-
-impl RefusalLog {
-    /// Whether a refusal at `now` is logged at warn; if so, also how many
-    /// were logged at debug only since the last one.
-    fn warn_now(&mut self, now: Instant) -> Option<u64> {
-        match self.last_warn {
-            Some(t) if now.saturating_duration_since(t) < REFUSAL_LOG_EVERY => {
-                self.quiet += 1;
-                None
-            }
-            _ => {
-                self.last_warn = Some(now);
-                Some(std::mem::take(&mut self.quiet))
-            }
         }
     }
 }
@@ -337,24 +308,5 @@ async fn timer_loop(broker: Rc<RefCell<Broker>>) {
         let mut b = broker.borrow_mut();
         b.on_timeout(id);
         b.flush();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_are_logged_at_warn_at_most_once_per_interval() {
-        let mut log = RefusalLog::default();
-        let t0 = Instant::now();
-        assert_eq!(log.warn_now(t0), Some(0));
-        for i in 1..=5 {
-            assert_eq!(log.warn_now(t0 + Duration::from_millis(i)), None);
-        }
-        let later = t0 + REFUSAL_LOG_EVERY;
-        assert_eq!(log.warn_now(later), Some(5));
-        assert_eq!(log.warn_now(later + Duration::from_millis(1)), None);
-        assert_eq!(log.warn_now(later + REFUSAL_LOG_EVERY), Some(1));
     }
 }

@@ -302,6 +302,7 @@ impl Broker {
             stats: &self.stats,
             policy: &self.config.policy,
             monitors: &mut self.monitors,
+            stats_cache: &mut self.stats_cache,
             started: self.started,
             // Room for the envelope (see the check below).
             budget: (self.config.max_message_size as usize).saturating_sub(ANSWER_HEADROOM),

@@ -173,7 +173,20 @@ impl Broker {
             if fatal.code == ErrorCode::Shutdown {
                 tracing::debug!(peer, pid = p.creds().pid, "closing connection for shutdown");
             } else {
-                tracing::warn!(peer, pid = p.creds().pid, code = %fatal.code, message = %fatal.message, "closing connection");
+                let pid = p.creds().pid;
+                let (code, message) = (&fatal.code, &fatal.message);
+                match self.closings.warn_now(Instant::now()) {
+                    Some(0) => {
+                        tracing::warn!(peer, pid, code = %code, message = %message, "closing connection")
+                    }
+                    Some(quiet) => tracing::warn!(
+                        peer, pid, code = %code, message = %message,
+                        "closing connection ({quiet} more closed since the last such warning, logged at debug level)"
+                    ),
+                    None => {
+                        tracing::debug!(peer, pid, code = %code, message = %message, "closing connection")
+                    }
+                }
             }
         }
         let env = Envelope::Fatal {

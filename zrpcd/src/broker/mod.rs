@@ -27,6 +27,7 @@ use std::time::Instant;
 use zrpc_proto::{Envelope, ErrorCode, Frame};
 
 use crate::config::Config;
+use crate::log::RefusalLog;
 use crate::monitor::Monitors;
 use crate::names::Names;
 use crate::orphans::Orphans;
@@ -110,7 +111,15 @@ pub struct Broker {
     shutting_down: bool,
     /// Connections watching calls (`zrpc monitor`).
     monitors: Monitors,
+    /// `zrpcd.stats`' per-service rows, encoded.
+    stats_cache: crate::builtin::StatsCache,
     ping_nonce: u64,
+    /// Connections closed with `Fatal` (protocol errors, quotas, dead
+    /// services): logged at warn at most once per interval, the rest at
+    /// debug ([`crate::log`]).
+    closings: RefusalLog,
+    /// The first refusal of each connection: the same.
+    refusals: RefusalLog,
     /// Adaptive busy polling (None: off); read batches are reported here.
     busy_poll: Option<Rc<BusyPoll>>,
     /// Users with live connections, and what each holds.
@@ -146,7 +155,10 @@ impl Broker {
             started: Instant::now(),
             shutting_down: false,
             monitors: Monitors::default(),
+            stats_cache: crate::builtin::StatsCache::default(),
             ping_nonce: 0,
+            closings: RefusalLog::default(),
+            refusals: RefusalLog::default(),
             out: Outbox::default(),
             users: Users::default(),
             quota,
@@ -386,13 +398,28 @@ impl Broker {
             return;
         };
         let (uid, pid) = (p.creds().uid, p.creds().pid);
-        if p.first_refusal() {
+        // A connection's first refusal, unless one was logged at warn
+        // lately: a user reconnecting in a loop must not flood the log.
+        let warn = if p.first_refusal() {
+            self.refusals.warn_now(Instant::now())
+        } else {
+            None
+        };
+        if let Some(0) = warn {
             tracing::warn!(
                 peer,
                 uid,
                 pid,
                 message,
                 "refused (further refusals on this connection are logged at debug level)"
+            );
+        } else if let Some(quiet) = warn {
+            tracing::warn!(
+                peer,
+                uid,
+                pid,
+                message,
+                "refused (further refusals on this connection are logged at debug level, as were {quiet} refusals of other connections since the last such warning)"
             );
         } else {
             tracing::debug!(peer, uid, pid, message, "refused");

@@ -52,7 +52,8 @@ impl Broker {
                 tracing::info!(peer, name, shared, "name registered");
                 // Its statistics row (the calls that waited for the name
                 // are moved to it as they are delivered).
-                self.stats.registered(name);
+                let uid = self.peers.get(peer).map_or(u32::MAX, |p| p.creds().uid);
+                self.stats.registered(name, uid);
                 self.ack(peer, req, None, "");
                 self.pull_name(name, now);
             }

@@ -74,7 +74,8 @@ pub struct Stats {
     pub protocol_errors: u64,
     /// Services disconnected for not answering heartbeats.
     pub heartbeat_timeouts: u64,
-    /// Per service name: the broker's own service, [`OTHER`], then names
+    /// Per service name (read it, change it only through the methods
+    /// here): the broker's own service, [`OTHER`], then names
     /// that are or were registered, at most `max_names` of them. A call's
     /// interned route keeps the row's [tag](Stats::tag_of) so that ending
     /// the call finds its row without a name lookup; a row given to another
@@ -90,6 +91,14 @@ pub struct Stats {
     slots: hashbrown::HashMap<String, u32, FxBuildHasher>,
     /// Most rows for registered names.
     max_names: usize,
+    /// Rows per uid (the uid that registered the row's name when it got
+    /// the row), and most a uid other than root may have
+    /// ([`Stats::registered`]).
+    owned: FxHashMap<u32, usize>,
+    max_per_uid: usize,
+    /// Moves whenever a row other than the broker's own may have changed:
+    /// see [`Stats::version`].
+    version: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -97,11 +106,23 @@ struct RowState {
     generation: u16,
     registered: bool,
     in_idle: bool,
+    /// The uid the row counts against.
+    owner: u32,
 }
 
 /// Most rows for registered names that `--max-stats-names` may ask for (a
 /// row's slot and generation share one 32-bit tag).
 pub const MAX_STATS_NAMES: usize = 65_000;
+
+/// The rows one uid other than root may have: a quarter of
+/// `--max-stats-names` (at least one), the share [`crate::quota`] gives a
+/// user of the broker-wide limits by default. Every row is in every
+/// `zrpcd.stats` answer and stays after its name is unregistered, so
+/// without a share one user could fill the table with made-up names and
+/// make every answer, for everyone, as large as the table.
+pub fn per_uid_share(max_names: usize) -> usize {
+    (max_names / 4).max(1)
+}
 
 /// Slot of the broker's own service.
 const BROKER_SLOT: u32 = 0;
@@ -129,6 +150,9 @@ impl Stats {
             idle: VecDeque::new(),
             slots: hashbrown::HashMap::default(),
             max_names: max_names.min(MAX_STATS_NAMES),
+            owned: FxHashMap::default(),
+            max_per_uid: per_uid_share(max_names.min(MAX_STATS_NAMES)),
+            version: 0,
         };
         s.push_row(zrpc_proto::BROKER_SERVICE);
         s.push_row(OTHER);
@@ -170,10 +194,25 @@ impl Stats {
         }
     }
 
+    /// A number that moves whenever a row of [`Stats::services`] other than
+    /// the broker's own may have changed (its counts, or the name it
+    /// belongs to); the rows are only changed through the methods here.
+    /// `zrpcd.stats` encodes them again only when it moved
+    /// ([`crate::builtin::StatsCache`]).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// The entry of `name`, or of [`OTHER`] if it has none.
     pub fn service(&mut self, name: &str) -> &mut ServiceStats {
+        self.version += 1;
         let slot = self.slots.get(name).copied().unwrap_or(OTHER_SLOT);
         &mut self.services[slot as usize].1
+    }
+
+    /// The broker's own service's entry, to read.
+    pub fn broker_row(&self) -> &ServiceStats {
+        &self.services[BROKER_SLOT as usize].1
     }
 
     /// The broker's own service's entry.
@@ -187,19 +226,38 @@ impl Stats {
         self.slots.get(name).map(|&slot| self.tag(slot))
     }
 
-    /// `name` was registered: gives it a row if it has none, while there
-    /// are fewer than `max_names`, else the row of the name that stopped
-    /// being registered longest ago (its counts are dropped). Returns the
-    /// row's tag; `None` when every row belongs to a registered name (the
-    /// name is then counted under [`OTHER`]). O(1) amortised.
-    pub fn registered(&mut self, name: &str) -> Option<u32> {
+    /// `name` was registered by a connection of `uid`: gives it a row if
+    /// it has none, while there are fewer than `max_names`, else the row
+    /// of the name that stopped being registered longest ago (its counts
+    /// are dropped). A uid other than root has at most its share of the
+    /// rows ([`per_uid_share`]): past it, the name gets the uid's own row
+    /// that stopped being registered longest ago. Returns the row's tag;
+    /// `None` when no row may be given (the name is then counted under
+    /// [`OTHER`]). O(1) amortised; O(`max_names`) when a uid at its share
+    /// registers a new name.
+    pub fn registered(&mut self, name: &str, uid: u32) -> Option<u32> {
         if let Some(&slot) = self.slots.get(name) {
             self.rows[slot as usize].registered = true;
             return Some(self.tag(slot));
         }
+        self.version += 1;
+        let owned = self.owned.get(&uid).copied().unwrap_or(0);
+        if uid != 0 && owned >= self.max_per_uid {
+            // At its share: one of its own idle rows, if it has one.
+            let at = self.idle.iter().position(|&slot| {
+                let row = &self.rows[slot as usize];
+                row.owner == uid && !row.registered
+            })?;
+            let slot = self.idle.remove(at)?;
+            self.rows[slot as usize].in_idle = false;
+            return Some(self.give(slot, name, uid));
+        }
         if self.services.len() - 2 < self.max_names {
             let slot = self.push_row(name);
-            self.rows[slot as usize].registered = true;
+            let row = &mut self.rows[slot as usize];
+            row.registered = true;
+            row.owner = uid;
+            *self.owned.entry(uid).or_default() += 1;
             return Some(self.tag(slot));
         }
         while let Some(slot) = self.idle.pop_front() {
@@ -208,15 +266,32 @@ impl Stats {
             if row.registered {
                 continue;
             }
-            row.registered = true;
-            row.generation = row.generation.wrapping_add(1);
-            let entry = &mut self.services[slot as usize];
-            self.slots.remove(&entry.0);
-            *entry = (name.to_owned(), ServiceStats::default());
-            self.slots.insert(name.to_owned(), slot);
-            return Some(self.tag(slot));
+            return Some(self.give(slot, name, uid));
         }
         None
+    }
+
+    /// Gives the idle row `slot` to `name`, registered by `uid`, with a
+    /// new generation and its counts dropped.
+    fn give(&mut self, slot: u32, name: &str, uid: u32) -> u32 {
+        let row = &mut self.rows[slot as usize];
+        let before = std::mem::replace(&mut row.owner, uid);
+        row.registered = true;
+        row.generation = row.generation.wrapping_add(1);
+        if before != uid {
+            if let Some(n) = self.owned.get_mut(&before) {
+                *n -= 1;
+                if *n == 0 {
+                    self.owned.remove(&before);
+                }
+            }
+            *self.owned.entry(uid).or_default() += 1;
+        }
+        let entry = &mut self.services[slot as usize];
+        self.slots.remove(&entry.0);
+        *entry = (name.to_owned(), ServiceStats::default());
+        self.slots.insert(name.to_owned(), slot);
+        self.tag(slot)
     }
 
     /// No connection holds `name` any more: its row may go to a new name.
@@ -235,6 +310,7 @@ impl Stats {
     /// The entry a route's tag names if it is current, else `name`'s (or
     /// [`OTHER`]'s).
     pub fn service_in(&mut self, tag: Option<u32>, name: &str) -> &mut ServiceStats {
+        self.version += 1;
         match tag.and_then(|t| self.slot_of_tag(t)) {
             Some(slot) => &mut self.services[slot as usize].1,
             None => self.service(name),
@@ -249,18 +325,18 @@ mod tests {
     #[test]
     fn rows_are_bounded_and_reused_only_for_unregistered_names() {
         let mut s = Stats::new(2);
-        let a = s.registered("a").expect("row for a");
-        let b = s.registered("b").expect("row for b");
-        assert_eq!(s.registered("a"), Some(a));
+        let a = s.registered("a", 0).expect("row for a");
+        let b = s.registered("b", 0).expect("row for b");
+        assert_eq!(s.registered("a", 0), Some(a));
         // Full of registered names: "c" is counted under OTHER.
-        assert_eq!(s.registered("c"), None);
+        assert_eq!(s.registered("c", 0), None);
         s.service("c").answered += 1;
         s.service("never-registered").answered += 1;
         assert_eq!(s.services[OTHER_SLOT as usize].1.answered, 2);
         // "a" went away: its row goes to "c", with a new generation.
         s.service_in(Some(a), "a").answered += 5;
         s.unregistered("a");
-        let c = s.registered("c").expect("a's row");
+        let c = s.registered("c", 0).expect("a's row");
         assert_ne!(c, a);
         assert_eq!(c & 0xffff, a & 0xffff);
         assert!(!s.tag_is_current(Some(a)));
@@ -273,13 +349,50 @@ mod tests {
         assert_eq!(s.services.len(), 4);
         // Registered again before its row was taken: it keeps it.
         s.unregistered("b");
-        assert_eq!(s.registered("b"), Some(b));
-        assert_eq!(s.registered("d"), None, "b's row is not free any more");
+        assert_eq!(s.registered("b", 0), Some(b));
+        assert_eq!(s.registered("d", 0), None, "b's row is not free any more");
         // Churn does not grow the idle queue.
         for _ in 0..1000 {
             s.unregistered("b");
-            s.registered("b");
+            s.registered("b", 0);
         }
         assert!(s.idle.len() <= 2, "{}", s.idle.len());
+    }
+
+    #[test]
+    fn a_uid_has_at_most_its_share_of_the_rows() {
+        // 8 rows, 2 per uid other than root.
+        let mut s = Stats::new(8);
+        assert_eq!(per_uid_share(8), 2);
+        let a = s.registered("a1", 1000).expect("row");
+        s.registered("a2", 1000).expect("row");
+        // Past its share, while its rows are registered: under OTHER.
+        assert_eq!(s.registered("a3", 1000), None);
+        // Others still get rows; root has no share.
+        s.registered("b1", 1001).expect("row");
+        for i in 0..4 {
+            s.registered(&format!("r{i}"), 0).expect("root's row");
+        }
+        assert_eq!(s.services.len(), 2 + 7);
+        // Its names went away: a new one gets its oldest idle row, not
+        // another user's or a free one.
+        s.unregistered("b1");
+        s.unregistered("a2");
+        s.unregistered("a1");
+        let a3 = s.registered("a3", 1000).expect("a2's row");
+        assert_eq!(s.tag_of("a2"), None);
+        assert_eq!(s.tag_of("b1").map(|t| t & 0xffff), Some(4));
+        assert_eq!(s.services.len(), 2 + 7, "no new row");
+        let a4 = s.registered("a4", 1000).expect("a1's row");
+        assert_eq!(a4 & 0xffff, a & 0xffff);
+        assert_ne!(a3 & 0xffff, a & 0xffff);
+        assert_eq!(s.registered("a5", 1000), None);
+        // A row taken from uid 1001 counts against its taker.
+        s.registered("c1", 1002).expect("the last free row");
+        s.registered("c2", 1002).expect("b1's row, idle");
+        assert_eq!(s.tag_of("b1"), None);
+        assert_eq!(s.owned.get(&1001), None);
+        assert_eq!(s.owned.get(&1002), Some(&2));
+        assert_eq!(s.registered("c3", 1002), None);
     }
 }
