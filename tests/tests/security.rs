@@ -1238,3 +1238,53 @@ fn one_user_cannot_make_every_stats_answer_large_or_costly() {
         "the rows were encoded {again} times for {ANSWERS} answers"
     );
 }
+
+#[test]
+fn a_users_services_cannot_hold_unread_frames_past_its_quota() {
+    if !is_root("a_users_services_cannot_hold_unread_frames_past_its_quota") {
+        return;
+    }
+    // A connection holding a name was exempt from the user's queued_bytes
+    // quota (other users' requests fill a service's queue, and `route`
+    // refuses those at the quota instead): one user registering a name on
+    // each connection and never reading the answers to its own frames
+    // (pongs here, acks in the red-team review) held 1.1 GB.
+    // Each connection may queue 1 MB (a service's twice that), the user
+    // 200 KB in all, plus a connection's worth for a user whose services
+    // may pass it by the headers of requests they were sent.
+    let (_p, path) = policy("[quota]\nqueued_bytes = 200000\n");
+    // (No heartbeat cut-off within the test: the services never answer.)
+    let b = Broker::start_with(&[
+        "--policy",
+        &path,
+        "--max-queued-bytes",
+        "1000000",
+        "--heartbeat-interval",
+        "60",
+        "--heartbeat-timeout",
+        "180",
+    ]);
+    let before = zrpc_tests::broker_stat(b.dir(), "connections");
+    // Two services of the user (both registered before either floods),
+    // each with about 1.3 MB of pongs unread: each under its connection's
+    // limit, together past the user's.
+    let mut flood = other(
+        &b,
+        &[
+            "flood",
+            "--count",
+            "100000",
+            "--register",
+            "hog",
+            "--conns",
+            "2",
+        ],
+    );
+    flood.read_until(|l| l == "flooded").expect("flooded");
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "connections")
+            < before + 2),
+        "no flooding service was disconnected: {} bytes queued",
+        zrpc_tests::broker_stat(b.dir(), "queued_bytes")
+    );
+}

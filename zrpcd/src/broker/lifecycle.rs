@@ -105,11 +105,16 @@ impl Broker {
     }
 
     /// After a frame was queued to `peer`: disconnects it if it does not
-    /// read what it is sent. Its queue may hold `limit` bytes; and a
-    /// connection that is not serving is also closed once its user's
-    /// unread bytes pass the per-user quota (a service's queue is filled by
-    /// other users' requests, which `route` refuses past the quota instead,
-    /// so nobody can get another user's services disconnected).
+    /// read what it is sent. Its queue may hold `limit` bytes; and it is
+    /// also closed once its user's unread bytes (or descriptors) pass the
+    /// per-user quota, or its share of `--max-queued-total`. A service's
+    /// connection too: the requests other users send it cannot put its
+    /// user past these (`route` refuses them there instead, so nobody can
+    /// get another user's services disconnected), so what does is what the
+    /// user's own connections caused and do not read (acks, results,
+    /// answers; a connection holding a name was exempt, and one user
+    /// registering a name on each connection then held 1.1 GB of
+    /// unanswered `Unregister` acks).
     pub(crate) fn check_backlog(&mut self, peer: PeerId, limit: usize) {
         let Some(p) = self.peers.get(peer) else {
             return;
@@ -119,6 +124,15 @@ impl Broker {
         }
         let queued = p.io().queue.borrow().len_bytes();
         let queued_fds = p.io().queue.borrow().fds_queued();
+        // `route` checks a request's payload against the quota, not its
+        // header: a service's user may pass the quota by the headers of the
+        // requests queued to it, which is no fault of its own.
+        let slack = if p.is_serving() {
+            self.config.max_queued_bytes
+        } else {
+            0
+        };
+        let user_bytes = p.user().queued_bytes().saturating_sub(slack);
         let message = if queued_fds > self.config.max_fds_per_conn {
             format!(
                 "{queued_fds} payload descriptors for this connection are queued unread (limit --max-fds-per-conn); disconnecting"
@@ -127,26 +141,26 @@ impl Broker {
             format!(
                 "{queued} bytes of frames for this connection (results, events, answers) are queued unread (limit --max-queued-bytes); disconnecting"
             )
-        } else if p.user().limited() && !p.is_serving() && p.user().queued_fds() > self.quota.fds {
+        } else if p.user().limited() && p.user().queued_fds() > self.quota.fds {
             format!(
                 "uid {} has {} payload descriptors queued unread on its connections, more than its per-user quota of {} (fds in [quota] of the policy); disconnecting",
                 p.creds().uid,
                 p.user().queued_fds(),
                 self.quota.fds
             )
-        } else if p.user().limited()
-            && !p.is_serving()
-            && p.user().queued_bytes() > self.quota.queued_bytes
-        {
+        } else if p.user().limited() && user_bytes > self.quota.queued_bytes {
             format!(
                 "uid {} has {} bytes queued unread on its connections, more than its per-user quota of {} (queued_bytes in [quota] of the policy); disconnecting",
                 p.creds().uid,
                 p.user().queued_bytes(),
                 self.quota.queued_bytes
             )
-        } else if let Some((total, share)) = (p.user().limited() && !p.is_serving())
+        } else if let Some((total, share)) = p
+            .user()
+            .limited()
             .then(|| p.user().over_total(self.quota.queued_total))
             .flatten()
+            .filter(|&(_, share)| user_bytes > share)
         {
             format!(
                 "zrpcd holds {total} bytes queued unread for all users together, more than --max-queued-total; uid {} has {} of them on its connections, more than its share of {share}; disconnecting",

@@ -12,7 +12,7 @@
 //! zrpc-test-peer watch
 //!     -> the result of zrpcd.monitor as `call` prints it, then
 //!        "event <service>.<method>" per call event; stays
-//! zrpc-test-peer flood --count N
+//! zrpc-test-peer flood --count N [--register NAME] [--conns C]
 //!     -> "flooded" once N pings are written (pongs never read); stays
 //! zrpc-test-peer register --name N [--shared] [--instance I]
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
@@ -112,6 +112,13 @@ enum Cmd {
         count: u64,
         #[arg(long)]
         instance: Option<u64>,
+        /// Register this name first (the connection is then a service).
+        #[arg(long)]
+        register: Option<String>,
+        /// Flood on this many connections, made (and registered, NAME0,
+        /// NAME1, ...) before any floods.
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
     },
     /// Send the first SENT bytes of a frame announcing SIZE bytes, print
     /// "sent", then wait (printing "fatal ..." if the broker closes it).
@@ -596,14 +603,31 @@ fn main() {
             }
             say(&format!("welcomed {welcomed}"));
         }
-        Cmd::Flood { count, instance } => {
-            let mut r = connect(instance);
+        Cmd::Flood {
+            count,
+            instance,
+            register,
+            conns,
+        } => {
+            let mut all: Vec<_> = (0..conns.max(1)).map(|_| connect(instance)).collect();
+            if let Some(name) = register {
+                for (i, r) in all.iter_mut().enumerate() {
+                    let name = if conns > 1 {
+                        format!("{name}{i}")
+                    } else {
+                        name.clone()
+                    };
+                    zrpc_tests::raw::register(r, &name);
+                }
+            }
             let mut out = bytes::BytesMut::new();
             for nonce in 0..count {
                 zrpc_proto::encode_frame(&mut out, &Envelope::Ping { nonce }, b"");
             }
-            // The broker may close the connection before taking it all.
-            let _ = std::io::Write::write_all(&mut r.s, &out);
+            for r in &mut all {
+                // The broker may close the connection before taking it all.
+                let _ = std::io::Write::write_all(&mut r.s, &out);
+            }
             say("flooded");
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
