@@ -789,3 +789,69 @@ fn a_refusal_on_each_of_many_connections_logs_a_handful_of_warnings() {
         "{warnings} 'refused' warnings for {REFUSED} connections refused once each"
     );
 }
+
+/// A service connection serving several names shares its window among
+/// them: a flood of calls to one name does not take every slot the others
+/// need (turns were per name, and the first name with calls waiting took
+/// every freed slot of the connection).
+#[test]
+fn one_names_flood_does_not_take_a_connections_slots_from_its_other_names() {
+    let b = Broker::start_with(&["--max-delivered-per-conn", "2"]);
+    let mut svc = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut svc, "alpha");
+    zrpc_tests::raw::register(&mut svc, "beta");
+    // 20 calls to alpha: 2 delivered, 18 waiting.
+    let mut flood = Raw::hello(b.dir());
+    for id in 1..=20 {
+        send_call(&mut flood, id, "alpha", None, 0);
+    }
+    round_trip(&mut flood, 1);
+    let mut caller = Raw::hello(b.dir());
+    send_call(&mut caller, 1, "beta", None, 0);
+    round_trip(&mut caller, 2);
+    assert_eq!(broker_stat(b.dir(), "waiting"), 19);
+    // The service answers its requests one by one: beta's comes within a
+    // few of the freed slots, not after alpha's 20.
+    let mut order = Vec::new();
+    while order.len() < 21 {
+        let f = svc.recv_frame().expect("a Request");
+        match f.decode().expect("envelope") {
+            Envelope::Request { id, service, .. } => {
+                order.push(service.to_string());
+                reply(&mut svc, id, b"\xc0");
+            }
+            Envelope::Ping { nonce } => svc.send(&Envelope::Pong { nonce }, b""),
+            _ => {}
+        }
+    }
+    let at = order
+        .iter()
+        .position(|s| s == "beta")
+        .expect("beta delivered");
+    assert!(
+        at <= 4,
+        "beta's call was delivered after {at} of alpha's: {order:?}"
+    );
+    assert_eq!(next_result(&mut caller), (1, None, String::new()));
+}
+
+/// A `NO_WAIT` call held back by a full window fails as soon as the name
+/// has no instance left, as it would have on arrival (it waited for ever).
+#[test]
+fn a_no_wait_call_held_by_the_window_fails_when_the_name_goes() {
+    let b = Broker::start_with(&["--max-delivered-per-conn", "1"]);
+    let mut svc = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut svc, "one");
+    let mut caller = Raw::hello(b.dir());
+    send_call(&mut caller, 1, "one", None, 0);
+    send_call(&mut caller, 2, "one", None, flags::NO_WAIT);
+    round_trip(&mut caller, 1);
+    assert_eq!(broker_stat(b.dir(), "waiting"), 1);
+    let _ = next_request(&mut svc);
+    // The instance leaves: call 1 (delivered) waits for the next one; call
+    // 2, never delivered and not to wait, fails now.
+    drop(svc);
+    let (id, code, msg) = next_result(&mut caller);
+    assert_eq!((id, code), (2, Some(ErrorCode::NoSuchService)), "{msg}");
+    assert_eq!(broker_stat(b.dir(), "waiting"), 1);
+}

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::ops::Bound;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::peers::PeerId;
 use crate::waiting::Waiting;
@@ -40,6 +40,9 @@ pub struct Names {
     /// Calls waiting on all names together (a look at it tells whether
     /// there is any to take, see [`Names::pop_waiting`]).
     waiting: usize,
+    /// The names with calls waiting (so that a freed slot looks only at
+    /// them, not at every name of its connection).
+    waiting_names: FxHashSet<Box<str>>,
 }
 
 impl Names {
@@ -129,6 +132,9 @@ impl Names {
         let before = entry.waiting.len();
         entry.waiting.push(call, uid);
         self.waiting += entry.waiting.len() - before;
+        if before == 0 && !entry.waiting.is_empty() {
+            self.waiting_names.insert(name.into());
+        }
     }
 
     /// Removes a parked call (on timeout or cancel).
@@ -137,8 +143,13 @@ impl Names {
             let before = entry.waiting.len();
             entry.waiting.remove(call);
             self.waiting -= before - entry.waiting.len();
-            if entry.instances.is_empty() && entry.waiting.is_empty() {
-                self.map.remove(name);
+            if entry.waiting.is_empty() {
+                if before > 0 {
+                    self.waiting_names.remove(name);
+                }
+                if entry.instances.is_empty() {
+                    self.map.remove(name);
+                }
             }
         }
     }
@@ -149,10 +160,35 @@ impl Names {
         let entry = self.map.get_mut(name)?;
         let call = entry.waiting.pop()?;
         self.waiting -= 1;
-        if entry.instances.is_empty() && entry.waiting.is_empty() {
-            self.map.remove(name);
+        if entry.waiting.is_empty() {
+            self.waiting_names.remove(name);
+            if entry.instances.is_empty() {
+                self.map.remove(name);
+            }
         }
         Some(call)
+    }
+
+    /// The names with calls waiting.
+    pub fn waiting_names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.waiting_names.iter().map(|n| &**n)
+    }
+
+    /// How many names have calls waiting.
+    pub fn waiting_names_len(&self) -> usize {
+        self.waiting_names.len()
+    }
+
+    /// Whether calls wait on `name`.
+    pub fn has_waiting(&self, name: &str) -> bool {
+        self.waiting_names.contains(name)
+    }
+
+    /// The calls waiting on `name`, in no particular order.
+    pub fn waiting_ids(&self, name: &str) -> Vec<u64> {
+        self.map
+            .get(name)
+            .map_or_else(Vec::new, |e| e.waiting.ids())
     }
 
     /// Calls parked on all names together.

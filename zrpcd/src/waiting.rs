@@ -101,6 +101,11 @@ impl Waiting {
         None
     }
 
+    /// The waiting calls, in no particular order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.live.keys().copied().collect()
+    }
+
     /// How many calls wait.
     pub fn len(&self) -> usize {
         self.live.len()

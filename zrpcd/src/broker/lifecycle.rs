@@ -230,6 +230,7 @@ impl Broker {
             self.names.unregister(name, peer);
             if !self.names.is_held(name) {
                 self.stats.unregistered(name);
+                self.no_instance_left(name, now);
             }
         }
         if !p.names().is_empty() {

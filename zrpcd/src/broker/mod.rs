@@ -135,6 +135,9 @@ pub struct Broker {
     /// The NATS bridge's connection and counters (see [`bridged`]).
     #[cfg(feature = "nats")]
     bridge: Option<(PeerId, Rc<bridged::BridgeCounters>)>,
+    /// Moves on at each pull of waiting calls (see `turns`), so that a
+    /// connection's freed slots go round its names.
+    pull_turn: usize,
 }
 
 impl Broker {
@@ -163,6 +166,7 @@ impl Broker {
             users: Users::default(),
             quota,
             orphans: Orphans::default(),
+            pull_turn: 0,
             fds_total: Rc::default(),
             #[cfg(feature = "nats")]
             bridge: None,
@@ -268,6 +272,7 @@ impl Broker {
             self.peers.remove_name(peer, &name);
             if !self.names.is_held(&name) {
                 self.stats.unregistered(&name);
+                self.no_instance_left(&name, Instant::now());
             }
             tracing::warn!(
                 peer,

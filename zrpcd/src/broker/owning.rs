@@ -136,6 +136,7 @@ impl Broker {
             self.peers.remove_name(peer, name);
             if !self.names.is_held(name) {
                 self.stats.unregistered(name);
+                self.no_instance_left(name, Instant::now());
             }
             tracing::info!(peer, name, "name unregistered");
             self.ack(peer, req, None, "");

@@ -5,9 +5,9 @@
 
 use std::time::Instant;
 
-use zrpc_proto::Caller;
+use zrpc_proto::{flags, Caller, ErrorCode};
 
-use super::Broker;
+use super::{Broker, Outcome};
 use crate::peers::PeerId;
 use crate::pending::Stage;
 
@@ -44,42 +44,71 @@ impl Broker {
     }
 
     /// Delivers calls waiting on the names `svc` holds while an instance
-    /// has room for them (an answer of `svc` just freed a slot).
+    /// has room for them (an answer of `svc` just freed a slot): one call
+    /// per name in turn, starting from a name that moves on at each pull,
+    /// so that one name's flood does not take every slot of a connection
+    /// serving several. Looks only at names with calls waiting.
     pub(crate) fn pull_waiting(&mut self, svc: PeerId, now: Instant) {
-        let Some(names) = self.peers.get(svc).map(|p| p.names().to_vec()) else {
+        let Some(p) = self.peers.get(svc) else {
             return;
         };
-        for name in names {
-            if self.names.waiting() == 0 {
-                break;
+        let mut names: Vec<Box<str>> = if p.names().len() <= self.names.waiting_names_len() {
+            p.names()
+                .iter()
+                .filter(|n| self.names.has_waiting(n))
+                .cloned()
+                .collect()
+        } else {
+            self.names
+                .waiting_names()
+                .filter(|n| self.names.is_instance(n, svc))
+                .map(Box::from)
+                .collect()
+        };
+        if names.is_empty() {
+            return;
+        }
+        names.sort_unstable();
+        self.pull_turn = self.pull_turn.wrapping_add(1);
+        let first = self.pull_turn % names.len();
+        names.rotate_left(first);
+        loop {
+            let mut pulled = false;
+            for name in &names {
+                pulled |= self.pull_one(name, now);
             }
-            self.pull_name(&name, now);
+            if !pulled {
+                return;
+            }
         }
     }
 
     /// Delivers calls waiting on `name`, in turns by caller uid, while an
-    /// instance of it has room (after an answer, or a registration).
+    /// instance of it has room (after a registration).
     pub(crate) fn pull_name(&mut self, name: &str, now: Instant) {
+        while self.pull_one(name, now) {}
+    }
+
+    /// Delivers the next call waiting on `name` (in turns by caller uid)
+    /// if an instance of it has room; returns whether it did.
+    fn pull_one(&mut self, name: &str, now: Instant) -> bool {
         let window = self.config.max_delivered_per_conn;
-        loop {
-            let peers = &self.peers;
-            let room = self
-                .names
-                .pick(name, |id| {
-                    peers.get(id).map_or(u32::MAX, |p| p.outstanding())
-                })
-                .is_some_and(|t| {
-                    self.unwindowed(t) || peers.get(t).is_some_and(|p| p.outstanding() < window)
-                });
-            if !room {
-                return;
-            }
-            let Some(bid) = self.names.pop_waiting(name) else {
-                return;
-            };
-            let Some(route) = self.pending.get(bid).map(|p| p.route) else {
-                continue;
-            };
+        let peers = &self.peers;
+        let room = self
+            .names
+            .pick(name, |id| {
+                peers.get(id).map_or(u32::MAX, |p| p.outstanding())
+            })
+            .is_some_and(|t| {
+                self.unwindowed(t) || peers.get(t).is_some_and(|p| p.outstanding() < window)
+            });
+        if !room {
+            return false;
+        }
+        let Some(bid) = self.names.pop_waiting(name) else {
+            return false;
+        };
+        if let Some(route) = self.pending.get(bid).map(|p| p.route) {
             // Parked before the name was registered: its statistics row.
             if let Some(tag) = self.stats.tag_of(name) {
                 if self.pending.route_tag(route) != Some(tag) {
@@ -87,6 +116,35 @@ impl Broker {
                 }
             }
             self.dispatch(bid, now);
+        }
+        true
+    }
+
+    /// `name` lost its last instance: its waiting calls with `NO_WAIT`
+    /// (held back by a full window while it had instances) fail now, as
+    /// they would have on arrival: `NoSuchService`, or `ServiceGone` for a
+    /// call delivered before (it may have run).
+    pub(crate) fn no_instance_left(&mut self, name: &str, now: Instant) {
+        if !self.names.has_waiting(name) {
+            return;
+        }
+        for bid in self.names.waiting_ids(name) {
+            let Some(p) = self.pending.get(bid) else {
+                continue;
+            };
+            if p.call_flags() & flags::NO_WAIT == 0 {
+                continue;
+            }
+            let (code, msg) = if p.was_delivered() {
+                let msg = format!(
+                    "the service instance that had the call disconnected or gave up the name, and no other instance holds the name {name:?} (the call may have run)"
+                );
+                (ErrorCode::ServiceGone, msg)
+            } else {
+                let msg = format!("no service is registered under the name {name:?}");
+                (ErrorCode::NoSuchService, msg)
+            };
+            self.finish(bid, Outcome::Error(code, msg), now);
         }
     }
 }
