@@ -54,8 +54,9 @@ pub struct Args {
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub max_queued_bytes: usize,
     /// Most bytes queued unread towards all peers together: past it, the
-    /// users holding more than their share (this divided by the users
-    /// holding any) are pushed back as past their queued_bytes quota
+    /// users holding more than their fair share of it (max-min fair: the
+    /// level at which all holdings, capped at it, add up to this) are
+    /// pushed back as past their queued_bytes quota
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_QUEUED_TOTAL)]
     pub max_queued_total: usize,
     /// Seconds a new connection may take to send its Hello

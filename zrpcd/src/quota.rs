@@ -35,7 +35,7 @@ pub struct Quota {
     pub names: usize,
     /// `--max-queued-total`: not a quota of one user, but what all users'
     /// queues may hold together before those holding more than their
-    /// share are pushed back ([`Usage::over_total`]).
+    /// share are pushed back ([`Users::over_share`]).
     pub queued_total: usize,
 }
 
@@ -114,9 +114,11 @@ impl Quota {
 /// What the queues of all users hold together: bytes queued unread, and
 /// how many users have any. Per-user quotas bound each uid, not all of
 /// them: N uids (one user's subordinate uids, say) would hold N quotas.
-/// Past `--max-queued-total`, a user holding more than its share (the total
-/// divided by the users holding any) is pushed back as if past its own
-/// quota ([`Usage::over_total`]), so the users under their share are not.
+/// Past `--max-queued-total`, the users holding more than the fair level
+/// (max-min fair: the level at which the users' holdings, each capped at
+/// it, add up to the bound) are pushed back as if past their own quota
+/// ([`Users::over_share`]); the users under it are not, however many small
+/// holders (uids) another user brings in.
 #[derive(Debug, Default)]
 pub struct QueuedTotal {
     bytes: Cell<usize>,
@@ -200,17 +202,10 @@ impl Usage {
         self.queued_bytes.get()
     }
 
-    /// Whether all users' queues together hold more than `max` bytes and
-    /// this user more than its share of `max` (divided among the users
-    /// holding any; see [`QueuedTotal`]): then it is pushed back as past
-    /// its own quota. Returns the total and the share.
-    pub fn over_total(&self, max: usize) -> Option<(usize, usize)> {
-        let total = self.total.bytes.get();
-        if total <= max {
-            return None;
-        }
-        let share = max / self.total.holders.get().max(1);
-        (self.queued_bytes() > share).then_some((total, share))
+    /// Whether all users' queues together hold more than `max` bytes (then
+    /// [`Users::over_share`] says who is pushed back).
+    pub fn total_over(&self, max: usize) -> bool {
+        self.total.bytes.get() > max
     }
 
     /// Payload descriptors held for its connections.
@@ -313,12 +308,34 @@ impl Usage {
     }
 }
 
+/// The max-min fair level of `max` among holdings: the largest `l` such
+/// that the holdings, each capped at `l`, add up to at most `max` (all of
+/// `max` for the largest holder if it holds it alone).
+fn fair_level(holdings: impl Iterator<Item = usize>, max: usize) -> usize {
+    let mut h: Vec<usize> = holdings.filter(|&q| q > 0).collect();
+    h.sort_unstable();
+    let mut left = max;
+    let mut n = h.len();
+    for q in h {
+        if q.saturating_mul(n) <= left {
+            left -= q;
+            n -= 1;
+        } else {
+            return left / n;
+        }
+    }
+    max
+}
+
 /// Every user with a live connection.
 #[derive(Debug, Default)]
 pub struct Users {
     map: FxHashMap<u32, Rc<Usage>>,
     /// What all of them have queued.
     total: Rc<QueuedTotal>,
+    /// The last fair level computed ([`Users::over_share`]), and the total
+    /// it was computed at.
+    level: Cell<(usize, usize)>,
 }
 
 impl Users {
@@ -339,6 +356,28 @@ impl Users {
     /// Bytes queued unread towards all users' connections.
     pub fn queued_total(&self) -> usize {
         self.total.bytes.get()
+    }
+
+    /// Whether all users' queues together hold more than `max` bytes and
+    /// `user` more than the fair level (see [`QueuedTotal`]): then it is
+    /// pushed back as past its own quota. Returns the total and the level.
+    /// The level is computed again (a sort of the users' holdings) only
+    /// when the total moved by more than `max / 256` since the last time:
+    /// the total passes `max` only under pressure.
+    pub fn over_share(&self, user: &Usage, max: usize) -> Option<(usize, usize)> {
+        let total = self.total.bytes.get();
+        if total <= max {
+            return None;
+        }
+        let (at, cached) = self.level.get();
+        let level = if at != 0 && at.abs_diff(total) <= max / 256 {
+            cached
+        } else {
+            let level = fair_level(self.map.values().map(|u| u.queued_bytes()), max);
+            self.level.set((total, level));
+            level
+        };
+        (user.queued_bytes() > level).then_some((total, level))
     }
 
     /// Connections `uid` has now.
@@ -398,16 +437,32 @@ mod tests {
         b.requeue(0, 100);
         assert_eq!(users.queued_total(), 800);
         // Under the total: nobody.
-        assert_eq!(a.over_total(1000), None);
-        // Past it (600 for two holders: a share of 300): a, not b.
-        assert_eq!(a.over_total(600), Some((800, 300)));
-        assert_eq!(b.over_total(600), None);
-        // b's queue drains: one holder left, the whole total its share.
+        assert_eq!(users.over_share(&a, 1000), None);
+        // Past it (600: b's 100 fits, a's level is the other 500): a, not
+        // b.
+        assert_eq!(users.over_share(&a, 600), Some((800, 500)));
+        assert_eq!(users.over_share(&b, 600), None);
+        // b's queue drains: one holder left, the whole bound its level.
         b.requeue(100, 0);
         assert_eq!(users.queued_total(), 700);
-        assert_eq!(a.over_total(600), Some((700, 600)));
+        assert_eq!(users.over_share(&a, 600), Some((700, 600)));
         a.requeue(700, 0);
         assert_eq!(users.queued_total(), 0);
         assert_eq!(users.total.holders.get(), 0);
+    }
+
+    #[test]
+    fn the_fair_level_is_not_shrunk_by_many_small_holders() {
+        // 100 small holders and one large: the level stays where the large
+        // ones are cut, not at max / 102 (a user briefly holding 12 MB
+        // among 100 uids of 400 KB was pushed back by a plain share).
+        let mut h = vec![400_000; 100];
+        h.push(12_000_000);
+        h.push(5_000_000_000);
+        let level = fair_level(h.iter().copied(), 1 << 30);
+        assert!(level > 12_000_000, "{level}");
+        assert_eq!(fair_level([100, 700].into_iter(), 600), 500);
+        assert_eq!(fair_level([300, 300].into_iter(), 600), 600);
+        assert_eq!(fair_level(std::iter::empty(), 600), 600);
     }
 }

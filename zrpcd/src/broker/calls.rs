@@ -444,7 +444,7 @@ impl Broker {
             ))
         } else if let Some((total, _)) = user
             .limited()
-            .then(|| user.over_total(self.quota.queued_total))
+            .then(|| self.users.over_share(user, self.quota.queued_total))
             .flatten()
         {
             Some(format!(

@@ -158,7 +158,7 @@ impl Broker {
         } else if let Some((total, share)) = p
             .user()
             .limited()
-            .then(|| p.user().over_total(self.quota.queued_total))
+            .then(|| self.users.over_share(p.user(), self.quota.queued_total))
             .flatten()
             .filter(|&(_, share)| user_bytes > share)
         {
@@ -401,5 +401,5 @@ pub(crate) fn over_backlog(p: &crate::peers::Peer, limit: usize, quota: &Quota) 
         || (user.limited()
             && (user.queued_bytes() > quota.queued_bytes
                 || user.queued_fds() > quota.fds
-                || user.over_total(quota.queued_total).is_some()))
+                || user.total_over(quota.queued_total)))
 }
