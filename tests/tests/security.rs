@@ -1119,3 +1119,114 @@ fn one_users_flood_does_not_starve_another_users_calls_to_a_shared_service() {
         "the other user's call came back after {served} answers (its own and the flood's): it waited behind the flood"
     );
 }
+
+/// The uid the broker runs as in [`a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads`]
+/// (not root: the kernel's limit on descriptors in flight does not apply
+/// to a uid with `CAP_SYS_RESOURCE`).
+const BROKER_UID: u32 = 61234;
+
+/// The victim's uid.
+const VICTIM: u32 = 65533;
+
+/// Descriptors the broker has sent stay in the receiving socket until the
+/// peer reads them, charged by the kernel to the broker's uid; past its
+/// `RLIMIT_NOFILE` of them every `sendmsg` with descriptors fails
+/// (`ETOOMANYREFS`). A user whose never-reading clients are answered with
+/// tiny memfds by its own service made the broker park descriptors
+/// outside every count (they stopped counting once written), after which
+/// other users' large payloads could not be sent, and the broker closed
+/// their connections for it. Now descriptors in flight count in the
+/// receiving user's `fds` quota (past it payloads go inline), and a
+/// failed pass goes inline instead of closing the connection.
+#[test]
+fn a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads() {
+    if !is_root("a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads") {
+        return;
+    }
+    let base = TempDir::new();
+    let dir = base.path().join("zrpc");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::os::unix::fs::chown(&dir, Some(BROKER_UID), Some(BROKER_UID)).expect("chown");
+    // --max-fds 64: a quota of 16 descriptors per user. The broker's uid
+    // may have 128 descriptors in flight.
+    let mut c = Command::new("prlimit");
+    c.arg("--nofile=128:128")
+        .arg(bin("zrpcd"))
+        .arg("--socket-dir")
+        .arg(&dir)
+        .args(["--max-fds", "64"])
+        .env("RUST_LOG", "warn")
+        .uid(BROKER_UID)
+        .gid(BROKER_UID);
+    let _broker = Proc::spawn("zrpcd", c);
+    let sock = dir.join("zrpcd.sock");
+    assert!(
+        wait_until(WAIT, || std::os::unix::net::UnixStream::connect(&sock)
+            .is_ok()),
+        "zrpcd did not start"
+    );
+    let peer = |uid: u32, args: &[&str]| {
+        let mut c = Command::new(bin("zrpc-test-peer"));
+        c.env("ZRPC_SOCKET_DIR", &dir).args(args).uid(uid).gid(uid);
+        Proc::spawn("zrpc-test-peer", c)
+    };
+    // The victim's service answers with 2 MiB in a memfd.
+    let mut svc = peer(VICTIM, &["fd-serve", "--name", "vsvc", "--size", "2097152"]);
+    let ack = svc.read_until(|l| l.starts_with("ack")).unwrap_or_default();
+    assert_eq!(ack, "ack ok");
+    // The attacker: 3 never-reading clients, 100 answers in memfds each.
+    let mut hog = peer(OTHER, &["fd-hog", "--count", "100", "--clients", "3"]);
+    let hogged = hog
+        .read_until(|l| l.starts_with("hogged"))
+        .unwrap_or_default();
+    assert_eq!(hogged, "hogged 300", "the attacker's service was cut off");
+    // The victim's call still gets its payload, in a descriptor.
+    for _ in 0..3 {
+        let (status, out) = peer(VICTIM, &["fd-get", "--service", "vsvc"]).output(WAIT);
+        assert!(status.is_some(), "fd-get did not finish");
+        let line = out.lines().next().unwrap_or("").to_string();
+        assert_eq!(
+            line, "result ok fd 2097152",
+            "the victim's call failed while another user parked descriptors"
+        );
+    }
+    // The broker counts what the attacker parked, within its quota.
+    let mut stats = Command::new(bin("zrpc-test-peer"));
+    stats
+        .env("ZRPC_SOCKET_DIR", &dir)
+        .args(["call", "--service", "zrpcd", "--method", "stats"]);
+    let (_, out) = Proc::spawn("zrpc-test-peer", stats).output(WAIT);
+    let stats = hex_payload(out.lines().next().unwrap_or(""));
+    let stat = |k: &str| {
+        stats
+            .as_map()
+            .and_then(|m| m.iter().find(|(key, _)| key.as_str() == Some(k)))
+            .and_then(|(_, v)| v.as_u64())
+            .unwrap_or_else(|| panic!("no {k} in {stats}"))
+    };
+    let in_flight = stat("fds_in_flight");
+    assert!(
+        (1..=16).contains(&in_flight),
+        "{in_flight} descriptors in flight in the attacker's sockets, its quota is 16"
+    );
+    // Once the attacker is gone, so are they.
+    drop(hog);
+    let mut last = in_flight;
+    let gone = wait_until(WAIT, || {
+        let mut c = Command::new(bin("zrpc-test-peer"));
+        c.env("ZRPC_SOCKET_DIR", &dir)
+            .args(["call", "--service", "zrpcd", "--method", "stats"]);
+        let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
+        let s = hex_payload(out.lines().next().unwrap_or(""));
+        last = s
+            .as_map()
+            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("fds_in_flight")))
+            .and_then(|(_, v)| v.as_u64())
+            .unwrap_or(u64::MAX);
+        last == 0
+    });
+    assert!(
+        gone,
+        "{last} descriptors still counted in flight after the attacker left"
+    );
+}

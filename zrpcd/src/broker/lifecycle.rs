@@ -26,7 +26,9 @@ impl Broker {
         self.stats.connections_total += 1;
         let user = self.users.get(creds.uid);
         io.queue.borrow_mut().set_user(user.clone());
-        io.queue.borrow_mut().set_fds_total(self.fds_total.clone());
+        io.queue
+            .borrow_mut()
+            .set_fd_accounts(self.fd_accounts.clone());
         self.peers.insert(io, creds, groups, user)
     }
 
