@@ -1135,26 +1135,65 @@ const VICTIM: u32 = 65533;
 /// tiny memfds by its own service made the broker park descriptors
 /// outside every count (they stopped counting once written), after which
 /// other users' large payloads could not be sent, and the broker closed
-/// their connections for it. Now descriptors in flight count in the
-/// receiving user's `fds` quota (past it payloads go inline), and a
-/// failed pass goes inline instead of closing the connection.
+/// their connections for it ("fatal closed" here). Now descriptors in
+/// flight count in the receiving user's `fds` quota (past it payloads go
+/// inline), so the victim still gets its payload in a descriptor.
 #[test]
 fn a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads() {
     if !is_root("a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads") {
         return;
     }
+    // The broker's uid may have 96 descriptors in flight, the attacker 64.
+    let (lines, in_flight) = park_then_call(96);
+    for line in lines {
+        assert_eq!(
+            line, "result ok fd 2097152",
+            "the victim's call failed while another user parked descriptors"
+        );
+    }
+    assert!(
+        (1..=64).contains(&in_flight),
+        "{in_flight} descriptors in flight in the attacker's sockets, its quota is 64"
+    );
+}
+
+/// When the kernel refuses to pass more descriptors all the same (here
+/// the broker's `RLIMIT_NOFILE` of 40 is below the 64 one user may have
+/// in flight), the payloads go inline: the connection is not the one at
+/// fault, and is not closed ("fatal closed" before).
+#[test]
+fn etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection() {
+    if !is_root("etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection") {
+        return;
+    }
+    let (lines, _) = park_then_call(40);
+    for line in lines {
+        assert!(
+            line == "result ok fd 2097152" || line == "result ok inline 2097152",
+            "the victim's call failed while the broker could pass no descriptor: {line}"
+        );
+    }
+}
+
+/// Starts zrpcd as [`BROKER_UID`] with `RLIMIT_NOFILE` `nofile`, a
+/// quota of 64 descriptors per user; uid 65534 parks descriptors in 3
+/// never-reading clients (100 answers in memfds each), then uid 65533
+/// calls its own service, which answers 2 MiB in a memfd, 3 times.
+/// Returns the victim's calls' lines (`fd-get`) and the broker's
+/// `fds_in_flight` then; checks that it falls to 0 once the attacker is
+/// gone.
+fn park_then_call(nofile: u32) -> (Vec<String>, u64) {
     let base = TempDir::new();
     let dir = base.path().join("zrpc");
     std::fs::create_dir(&dir).expect("mkdir");
     std::os::unix::fs::chown(&dir, Some(BROKER_UID), Some(BROKER_UID)).expect("chown");
-    // --max-fds 64: a quota of 16 descriptors per user. The broker's uid
-    // may have 128 descriptors in flight.
+    let (_p, path) = policy("[quota]\nfds = 64\n");
     let mut c = Command::new("prlimit");
-    c.arg("--nofile=128:128")
+    c.arg(format!("--nofile={nofile}:{nofile}"))
         .arg(bin("zrpcd"))
         .arg("--socket-dir")
         .arg(&dir)
-        .args(["--max-fds", "64"])
+        .args(["--max-fds", "256", "--policy", &path])
         .env("RUST_LOG", "warn")
         .uid(BROKER_UID)
         .gid(BROKER_UID);
@@ -1170,63 +1209,48 @@ fn a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads() {
         c.env("ZRPC_SOCKET_DIR", &dir).args(args).uid(uid).gid(uid);
         Proc::spawn("zrpc-test-peer", c)
     };
-    // The victim's service answers with 2 MiB in a memfd.
-    let mut svc = peer(VICTIM, &["fd-serve", "--name", "vsvc", "--size", "2097152"]);
-    let ack = svc.read_until(|l| l.starts_with("ack")).unwrap_or_default();
-    assert_eq!(ack, "ack ok");
-    // The attacker: 3 never-reading clients, 100 answers in memfds each.
-    let mut hog = peer(OTHER, &["fd-hog", "--count", "100", "--clients", "3"]);
-    let hogged = hog
-        .read_until(|l| l.starts_with("hogged"))
-        .unwrap_or_default();
-    assert_eq!(hogged, "hogged 300", "the attacker's service was cut off");
-    // The victim's call still gets its payload, in a descriptor.
-    for _ in 0..3 {
-        let (status, out) = peer(VICTIM, &["fd-get", "--service", "vsvc"]).output(WAIT);
-        assert!(status.is_some(), "fd-get did not finish");
-        let line = out.lines().next().unwrap_or("").to_string();
-        assert_eq!(
-            line, "result ok fd 2097152",
-            "the victim's call failed while another user parked descriptors"
-        );
-    }
-    // The broker counts what the attacker parked, within its quota.
-    let mut stats = Command::new(bin("zrpc-test-peer"));
-    stats
-        .env("ZRPC_SOCKET_DIR", &dir)
-        .args(["call", "--service", "zrpcd", "--method", "stats"]);
-    let (_, out) = Proc::spawn("zrpc-test-peer", stats).output(WAIT);
-    let stats = hex_payload(out.lines().next().unwrap_or(""));
-    let stat = |k: &str| {
-        stats
-            .as_map()
-            .and_then(|m| m.iter().find(|(key, _)| key.as_str() == Some(k)))
-            .and_then(|(_, v)| v.as_u64())
-            .unwrap_or_else(|| panic!("no {k} in {stats}"))
-    };
-    let in_flight = stat("fds_in_flight");
-    assert!(
-        (1..=16).contains(&in_flight),
-        "{in_flight} descriptors in flight in the attacker's sockets, its quota is 16"
-    );
-    // Once the attacker is gone, so are they.
-    drop(hog);
-    let mut last = in_flight;
-    let gone = wait_until(WAIT, || {
+    // The root's raw peer (a client would refuse a broker of another uid).
+    let in_flight = || {
         let mut c = Command::new(bin("zrpc-test-peer"));
         c.env("ZRPC_SOCKET_DIR", &dir)
             .args(["call", "--service", "zrpcd", "--method", "stats"]);
         let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
-        let s = hex_payload(out.lines().next().unwrap_or(""));
-        last = s
+        let stats = hex_payload(out.lines().next().unwrap_or(""));
+        stats
             .as_map()
             .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("fds_in_flight")))
             .and_then(|(_, v)| v.as_u64())
-            .unwrap_or(u64::MAX);
+            .unwrap_or_else(|| panic!("no fds_in_flight in {stats}"))
+    };
+    let mut svc = peer(VICTIM, &["fd-serve", "--name", "vsvc", "--size", "2097152"]);
+    let ack = svc.read_until(|l| l.starts_with("ack")).unwrap_or_default();
+    assert_eq!(ack, "ack ok");
+    let mut hog = peer(
+        OTHER,
+        &["fd-hog", "--count", "100", "--clients", "3", "--paced"],
+    );
+    let hogged = hog
+        .read_until(|l| l.starts_with("hogged"))
+        .unwrap_or_default();
+    assert_eq!(hogged, "hogged 300", "the attacker's service was cut off");
+    let lines = (0..3)
+        .map(|_| {
+            let (status, out) = peer(VICTIM, &["fd-get", "--service", "vsvc"]).output(WAIT);
+            assert!(status.is_some(), "fd-get did not finish");
+            out.lines().next().unwrap_or("").to_string()
+        })
+        .collect();
+    let parked = in_flight();
+    // Once the attacker is gone, so are its descriptors.
+    drop(hog);
+    let mut last = parked;
+    let gone = wait_until(WAIT, || {
+        last = in_flight();
         last == 0
     });
     assert!(
         gone,
         "{last} descriptors still counted in flight after the attacker left"
     );
+    (lines, parked)
 }

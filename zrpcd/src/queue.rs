@@ -120,7 +120,7 @@ impl OutQueue {
                 encode_fd_header(self.q.tail(), env);
                 self.count_frame(batch);
                 self.set_bytes(self.q.len());
-                self.fds = self.set_fds(self.q.fds_queued());
+                self.recount();
                 return Ok(());
             }
             Payload::Fd(_) => {

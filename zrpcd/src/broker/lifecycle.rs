@@ -123,7 +123,7 @@ impl Broker {
         let queued_fds = p.io().queue.borrow().fds_queued();
         let message = if queued_fds > self.config.max_fds_per_conn {
             format!(
-                "{queued_fds} payload descriptors for this connection are queued unread (limit --max-fds-per-conn); disconnecting"
+                "{queued_fds} payload descriptors for this connection are queued or sent and unread (limit --max-fds-per-conn); disconnecting"
             )
         } else if queued > limit {
             format!(
@@ -131,7 +131,7 @@ impl Broker {
             )
         } else if p.user().limited() && !p.is_serving() && p.user().queued_fds() > self.quota.fds {
             format!(
-                "uid {} has {} payload descriptors queued unread on its connections, more than its per-user quota of {} (fds in [quota] of the policy); disconnecting",
+                "uid {} has {} payload descriptors queued or sent and unread on its connections, more than its per-user quota of {} (fds in [quota] of the policy); disconnecting",
                 p.creds().uid,
                 p.user().queued_fds(),
                 self.quota.fds

@@ -31,10 +31,12 @@
 //!     -> pages through zrpcd.<method> ({"after", "limit"} payloads):
 //!        "paged <entries> in <pages> pages", or the failed call's
 //!        "result <code> <message>"
-//! zrpc-test-peer fd-hog --count N [--clients M]
+//! zrpc-test-peer fd-hog --count N [--clients M] [--paced]
 //!     -> a service of its own answers N calls of each of M clients of its
-//!        own (default 1), which never read, each with a payload descriptor;
-//!        "hogged K" with the replies it could send; stays
+//!        own (default 1), which never read, each with a payload descriptor
+//!        (with --paced: each once the previous answer reached its client,
+//!        unpaced from the first that has not within 2 s); "hogged K" with the replies it could send;
+//!        stays
 //! zrpc-test-peer fd-serve --name N --size B
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
 //!        every request with a payload of B bytes in a sealed memfd, until
@@ -144,6 +146,8 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value_t = 1)]
         clients: u64,
+        #[arg(long)]
+        paced: bool,
     },
     /// Serve NAME, answering with SIZE bytes in a sealed memfd.
     FdServe {
@@ -290,7 +294,7 @@ fn say_result(r: &mut Raw) {
 }
 
 /// `fd-hog`: see the module docs.
-fn fd_hog(count: u64, clients: u64) {
+fn fd_hog(count: u64, clients: u64, mut paced: bool) {
     use std::os::fd::AsRawFd;
     let mut svc = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
     svc.send(
@@ -318,6 +322,18 @@ fn fd_hog(count: u64, clients: u64) {
         held.push(cli);
     }
     let count = count * clients;
+    // Bytes the clients have been sent and not read.
+    let unread = |held: &[Raw]| -> i64 {
+        held.iter()
+            .map(|c| {
+                let mut n: libc::c_int = 0;
+                // SAFETY: FIONREAD writes one int to the pointer given,
+                // which points at `n`, alive for the call.
+                unsafe { libc::ioctl(c.s.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+                i64::from(n)
+            })
+            .sum()
+    };
     let memfd = zrpc_io::fdpass::SealedFd::create(b"\xc0").expect("memfd");
     let mut sent = 0;
     while sent < count {
@@ -332,10 +348,23 @@ fn fd_hog(count: u64, clients: u64) {
                 let mut out = bytes::BytesMut::new();
                 zrpc_proto::encode_fd_header(&mut out, &reply);
                 let fds = [memfd.as_raw_fd()];
+                let before = unread(&held);
                 if zrpc_io::fdpass::send_with_fds(svc.s.as_raw_fd(), &[&out], &fds).is_err() {
                     break;
                 }
                 sent += 1;
+                if paced {
+                    let t = std::time::Instant::now();
+                    while unread(&held) <= before {
+                        if t.elapsed() > std::time::Duration::from_secs(2) {
+                            // The answer went nowhere (a client was
+                            // closed): no pacing from now on.
+                            paced = false;
+                            break;
+                        }
+                        std::thread::yield_now();
+                    }
+                }
             }
             Ok(Envelope::Ping { nonce }) => svc.send(&Envelope::Pong { nonce }, b""),
             Ok(Envelope::Fatal { .. }) => break,
@@ -544,7 +573,11 @@ fn main() {
             per_conn,
             plain,
         } => junk_fd(&path, count, per_conn, plain),
-        Cmd::FdHog { count, clients } => fd_hog(count, clients),
+        Cmd::FdHog {
+            count,
+            clients,
+            paced,
+        } => fd_hog(count, clients, paced),
         Cmd::FdServe { name, size } => fd_serve(&name, size),
         Cmd::FdGet { service } => fd_get(&service),
         Cmd::FdCall { service, count } => {
