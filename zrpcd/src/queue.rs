@@ -375,6 +375,12 @@ impl PeerIo {
             return false;
         }
         let mut q = self.queue.borrow_mut();
+        if matches!(payload, Payload::Fd(_)) && self.fds.get() && q.fds_in_flight() > 0 {
+            // Whether it goes as a descriptor depends on those in flight:
+            // counted as of now (the peer may have read since the last
+            // write).
+            q.release_received(self.sock.get_ref());
+        }
         if let Err(e) = q.push(env, payload, batch, self.fds.get()) {
             tracing::warn!(error = %e, "cannot map a payload memfd for a peer without descriptor passing; closing it");
             drop(q);
