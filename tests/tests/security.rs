@@ -1120,9 +1120,9 @@ fn one_users_flood_does_not_starve_another_users_calls_to_a_shared_service() {
     );
 }
 
-/// The uid the broker runs as in [`a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads`]
-/// (not root: the kernel's limit on descriptors in flight does not apply
-/// to a uid with `CAP_SYS_RESOURCE`).
+/// The uid the broker runs as in [`a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads`],
+/// the next ones in the tests after it (not root: the kernel's limit on
+/// descriptors in flight does not apply to a uid with `CAP_SYS_RESOURCE`).
 const BROKER_UID: u32 = 61234;
 
 /// The victim's uid.
@@ -1144,7 +1144,7 @@ fn a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads() {
         return;
     }
     // The broker's uid may have 96 descriptors in flight, the attacker 64.
-    let (lines, in_flight) = park_then_call(96);
+    let (lines, in_flight) = park_then_call(BROKER_UID, 96, "256");
     for line in lines {
         assert_eq!(
             line, "result ok fd 2097152",
@@ -1166,7 +1166,7 @@ fn etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection() {
     if !is_root("etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection") {
         return;
     }
-    let (lines, _) = park_then_call(40);
+    let (lines, _) = park_then_call(BROKER_UID + 1, 40, "256");
     for line in lines {
         assert!(
             line == "result ok fd 2097152" || line == "result ok inline 2097152",
@@ -1175,28 +1175,48 @@ fn etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection() {
     }
 }
 
-/// Starts zrpcd as [`BROKER_UID`] with `RLIMIT_NOFILE` `nofile`, a
-/// quota of 64 descriptors per user; uid 65534 parks descriptors in 3
+/// One user's descriptors in flight fill `--max-fds` (64, its quota
+/// too): another user's service still sends its answer in a memfd (the
+/// broker refused it with `Fatal` when descriptors in flight counted at
+/// receipt), and it reaches the caller, inline past the limit.
+#[test]
+fn descriptors_in_flight_do_not_get_another_users_answers_refused() {
+    if !is_root("descriptors_in_flight_do_not_get_another_users_answers_refused") {
+        return;
+    }
+    let (lines, in_flight) = park_then_call(BROKER_UID + 2, 1000, "64");
+    for line in lines {
+        assert!(
+            line == "result ok fd 2097152" || line == "result ok inline 2097152",
+            "the victim's call failed while another user's descriptors in flight filled --max-fds: {line}"
+        );
+    }
+    assert!(in_flight <= 64, "{in_flight} in flight past --max-fds 64");
+}
+
+/// Starts zrpcd as `broker_uid` (each test its own: the kernel counts
+/// descriptors in flight per uid) with `RLIMIT_NOFILE` `nofile`,
+/// `--max-fds` `max_fds`, a quota of 64 descriptors per user; uid 65534 parks descriptors in 3
 /// never-reading clients (100 answers in memfds each), then uid 65533
 /// calls its own service, which answers 2 MiB in a memfd, 3 times.
 /// Returns the victim's calls' lines (`fd-get`) and the broker's
 /// `fds_in_flight` then; checks that it falls to 0 once the attacker is
 /// gone.
-fn park_then_call(nofile: u32) -> (Vec<String>, u64) {
+fn park_then_call(broker_uid: u32, nofile: u32, max_fds: &str) -> (Vec<String>, u64) {
     let base = TempDir::new();
     let dir = base.path().join("zrpc");
     std::fs::create_dir(&dir).expect("mkdir");
-    std::os::unix::fs::chown(&dir, Some(BROKER_UID), Some(BROKER_UID)).expect("chown");
+    std::os::unix::fs::chown(&dir, Some(broker_uid), Some(broker_uid)).expect("chown");
     let (_p, path) = policy("[quota]\nfds = 64\n");
     let mut c = Command::new("prlimit");
     c.arg(format!("--nofile={nofile}:{nofile}"))
         .arg(bin("zrpcd"))
         .arg("--socket-dir")
         .arg(&dir)
-        .args(["--max-fds", "256", "--policy", &path])
+        .args(["--max-fds", max_fds, "--policy", &path])
         .env("RUST_LOG", "warn")
-        .uid(BROKER_UID)
-        .gid(BROKER_UID);
+        .uid(broker_uid)
+        .gid(broker_uid);
     let _broker = Proc::spawn("zrpcd", c);
     let sock = dir.join("zrpcd.sock");
     assert!(

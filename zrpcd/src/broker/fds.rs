@@ -112,10 +112,18 @@ impl Broker {
     /// Why `n` more descriptors held for `user` would pass `--max-fds` or
     /// its `fds` quota by more than `slack`, if they would. Counted with
     /// those held: the descriptors waiting for their close
-    /// ([`crate::closer`]).
+    /// ([`crate::closer`]). Not those in flight towards peers: they are
+    /// not open in the broker, and other users' unread ones must not get
+    /// a sender refused (a `Reply` past the limit is `Fatal`); past
+    /// `--max-fds` with them, payloads go inline instead
+    /// ([`crate::queue::FdAccounts`]).
     fn over_fd_limits(&self, user: &crate::quota::Usage, n: usize, slack: usize) -> Option<String> {
         let (closing, closing_total) = crate::closer::waiting(user.uid());
-        let total = self.fds_total.get() + closing_total;
+        let held = self
+            .fds_total
+            .get()
+            .saturating_sub(self.fd_accounts.in_flight.get());
+        let total = held + closing_total;
         if total + n > self.config.max_fds + slack {
             Some(format!(
                 "zrpcd already holds {total} descriptors ({closing_total} of them waiting for their close), the limit (--max-fds)"
