@@ -103,7 +103,8 @@ impl OutQueue {
     /// are queued by reference.
     ///
     /// A payload in a memfd goes as the descriptor if the peer takes
-    /// descriptors (`fds`), else inline, through a read-only mapping of
+    /// descriptors (`fds`: its socket), within the limits
+    /// ([`FdAccounts`]), else inline, through a read-only mapping of
     /// it (the broker still copies nothing itself). A memfd that cannot be
     /// mapped is an error (nothing is queued).
     pub fn push(
@@ -111,11 +112,11 @@ impl OutQueue {
         env: &Envelope<'_>,
         payload: Payload<'_>,
         batch: u32,
-        fds: bool,
+        fds: Option<&UnixStream>,
     ) -> std::io::Result<()> {
         let inline;
         let payload = match payload {
-            Payload::Fd(f) if fds && self.fd_room() => {
+            Payload::Fd(f) if fds.is_some_and(|sock| self.fd_room(sock)) => {
                 self.q.push_fd(f.fd.clone());
                 encode_fd_header(self.q.tail(), env);
                 self.count_frame(batch);
@@ -164,7 +165,10 @@ impl OutQueue {
     /// Past them, a payload in a memfd goes inline (any peer takes that):
     /// a peer that does not read cannot make the broker hold more
     /// descriptors in its socket than its share.
-    fn fd_room(&self) -> bool {
+    /// Those in flight are counted as of now, through `sock` (the peer
+    /// may have read since the last write).
+    fn fd_room(&mut self, sock: &UnixStream) -> bool {
+        self.release_received(sock);
         let Some(a) = &self.accounts else {
             return true;
         };
@@ -375,13 +379,8 @@ impl PeerIo {
             return false;
         }
         let mut q = self.queue.borrow_mut();
-        if matches!(payload, Payload::Fd(_)) && self.fds.get() && q.fds_in_flight() > 0 {
-            // Whether it goes as a descriptor depends on those in flight:
-            // counted as of now (the peer may have read since the last
-            // write).
-            q.release_received(self.sock.get_ref());
-        }
-        if let Err(e) = q.push(env, payload, batch, self.fds.get()) {
+        let fds = self.fds.get().then(|| self.sock.get_ref());
+        if let Err(e) = q.push(env, payload, batch, fds) {
             tracing::warn!(error = %e, "cannot map a payload memfd for a peer without descriptor passing; closing it");
             drop(q);
             self.close();
