@@ -1194,6 +1194,93 @@ fn descriptors_in_flight_do_not_get_another_users_answers_refused() {
     assert!(in_flight <= 64, "{in_flight} in flight past --max-fds 64");
 }
 
+/// A connection the broker closes while its peer has not read the
+/// descriptors sent to it: the kernel keeps them in flight, charged to the
+/// broker's uid, as long as the peer keeps its end open, whether or not
+/// the broker's end is. So the broker keeps its end (`connections_lingering`)
+/// and counts them against the user until the peer reads them or closes.
+#[test]
+fn descriptors_unread_on_a_closed_connection_stay_counted_until_the_peer_lets_go() {
+    if !is_root("descriptors_unread_on_a_closed_connection_stay_counted_until_the_peer_lets_go") {
+        return;
+    }
+    let broker_uid = BROKER_UID + 3;
+    let base = TempDir::new();
+    let dir = base.path().join("zrpc");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::os::unix::fs::chown(&dir, Some(broker_uid), Some(broker_uid)).expect("chown");
+    let (_p, path) = policy("[quota]\nfds = 64\n");
+    let mut c = Command::new(bin("zrpcd"));
+    c.arg("--socket-dir")
+        .arg(&dir)
+        .args(["--max-fds", "256", "--policy", &path])
+        .env("RUST_LOG", "error")
+        .uid(broker_uid)
+        .gid(broker_uid);
+    let _broker = Proc::spawn("zrpcd", c);
+    let sock = dir.join("zrpcd.sock");
+    assert!(
+        wait_until(WAIT, || std::os::unix::net::UnixStream::connect(&sock)
+            .is_ok()),
+        "zrpcd did not start"
+    );
+    let stat = |key: &str| {
+        let mut c = Command::new(bin("zrpc-test-peer"));
+        c.env("ZRPC_SOCKET_DIR", &dir)
+            .args(["call", "--service", "zrpcd", "--method", "stats"]);
+        let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
+        let stats = hex_payload(out.lines().next().unwrap_or(""));
+        stats
+            .as_map()
+            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some(key)))
+            .and_then(|(_, v)| v.as_u64())
+            .unwrap_or_else(|| panic!("no {key} in {stats}"))
+    };
+    let mut c = Command::new(bin("zrpc-test-peer"));
+    c.env("ZRPC_SOCKET_DIR", &dir)
+        .args([
+            "fd-hog",
+            "--count",
+            "10",
+            "--clients",
+            "3",
+            "--paced",
+            "--junk",
+        ])
+        .uid(OTHER)
+        .gid(OTHER);
+    let mut hog = Proc::spawn("zrpc-test-peer", c);
+    let hogged = hog
+        .read_until(|l| l.starts_with("hogged"))
+        .unwrap_or_default();
+    assert_eq!(hogged, "hogged 30");
+    // The three clients are closed by the broker (a malformed frame each);
+    // their 30 descriptors stay in their sockets, unread.
+    let mut lingering = 0;
+    assert!(
+        wait_until(WAIT, || {
+            lingering = stat("connections_lingering");
+            lingering == 3
+        }),
+        "{lingering} closed connections kept for their unread descriptors, not 3"
+    );
+    let in_flight = stat("fds_in_flight");
+    assert_eq!(
+        in_flight, 30,
+        "descriptors unread on closed connections are not counted"
+    );
+    // The peer lets go: nothing is left.
+    drop(hog);
+    let mut left = (0, 0);
+    assert!(
+        wait_until(WAIT, || {
+            left = (stat("fds_in_flight"), stat("connections_lingering"));
+            left == (0, 0)
+        }),
+        "(in flight, lingering) {left:?} after the peer closed its ends"
+    );
+}
+
 /// Starts zrpcd as `broker_uid` (each test its own: the kernel counts
 /// descriptors in flight per uid) with `RLIMIT_NOFILE` `nofile`,
 /// `--max-fds` `max_fds`, a quota of 64 descriptors per user; uid 65534 parks descriptors in 3

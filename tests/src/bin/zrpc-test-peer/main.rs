@@ -31,12 +31,14 @@
 //!     -> pages through zrpcd.<method> ({"after", "limit"} payloads):
 //!        "paged <entries> in <pages> pages", or the failed call's
 //!        "result <code> <message>"
-//! zrpc-test-peer fd-hog --count N [--clients M] [--paced]
+//! zrpc-test-peer fd-hog --count N [--clients M] [--paced] [--junk]
 //!     -> a service of its own answers N calls of each of M clients of its
 //!        own (default 1), which never read, each with a payload descriptor
 //!        (with --paced: each once the previous answer reached its client,
-//!        unpaced from the first that has not within 2 s); "hogged K" with the replies it could send;
-//!        stays
+//!        unpaced from the first that has not within 2 s); "hogged K" with
+//!        the replies it could send; stays (with --junk: then each client
+//!        sends a malformed frame, which gets it closed by the broker, and
+//!        keeps its end open unread)
 //! zrpc-test-peer fd-serve --name N --size B
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
 //!        every request with a payload of B bytes in a sealed memfd, until
@@ -148,6 +150,8 @@ enum Cmd {
         clients: u64,
         #[arg(long)]
         paced: bool,
+        #[arg(long)]
+        junk: bool,
     },
     /// Serve NAME, answering with SIZE bytes in a sealed memfd.
     FdServe {
@@ -294,7 +298,7 @@ fn say_result(r: &mut Raw) {
 }
 
 /// `fd-hog`: see the module docs.
-fn fd_hog(count: u64, clients: u64, mut paced: bool) {
+fn fd_hog(count: u64, clients: u64, mut paced: bool, junk: bool) {
     use std::os::fd::AsRawFd;
     let mut svc = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
     svc.send(
@@ -372,7 +376,13 @@ fn fd_hog(count: u64, clients: u64, mut paced: bool) {
         }
     }
     say(&format!("hogged {sent}"));
-    // Stays, the client never reading, until killed.
+    if junk {
+        for c in &mut held {
+            // An envelope that is not an array: Fatal{Protocol}.
+            let _ = std::io::Write::write_all(&mut c.s, b"\x00\x00\x00\x01\x00\x00\x00\x01\xc1");
+        }
+    }
+    // Stays, the clients never reading, until killed.
     loop {
         std::thread::sleep(std::time::Duration::from_secs(60));
     }
@@ -577,7 +587,8 @@ fn main() {
             count,
             clients,
             paced,
-        } => fd_hog(count, clients, paced),
+            junk,
+        } => fd_hog(count, clients, paced, junk),
         Cmd::FdServe { name, size } => fd_serve(&name, size),
         Cmd::FdGet { service } => fd_get(&service),
         Cmd::FdCall { service, count } => {
