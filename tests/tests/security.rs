@@ -1288,3 +1288,245 @@ fn a_users_services_cannot_hold_unread_frames_past_its_quota() {
         zrpc_tests::broker_stat(b.dir(), "queued_bytes")
     );
 }
+
+/// The uid the broker runs as in [`a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads`],
+/// the next ones in the tests after it (not root: the kernel's limit on
+/// descriptors in flight does not apply to a uid with `CAP_SYS_RESOURCE`).
+const BROKER_UID: u32 = 61234;
+
+/// The victim's uid.
+const VICTIM: u32 = 65533;
+
+/// Descriptors the broker has sent stay in the receiving socket until the
+/// peer reads them, charged by the kernel to the broker's uid; past its
+/// `RLIMIT_NOFILE` of them every `sendmsg` with descriptors fails
+/// (`ETOOMANYREFS`). A user whose never-reading clients are answered with
+/// tiny memfds by its own service made the broker park descriptors
+/// outside every count (they stopped counting once written), after which
+/// other users' large payloads could not be sent, and the broker closed
+/// their connections for it ("fatal closed" here). Now descriptors in
+/// flight count in the receiving user's `fds` quota (past it payloads go
+/// inline), so the victim still gets its payload in a descriptor.
+#[test]
+fn a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads() {
+    if !is_root("a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads") {
+        return;
+    }
+    // The broker's uid may have 96 descriptors in flight, the attacker 64.
+    let (lines, in_flight) = park_then_call(BROKER_UID, 96, "256");
+    for line in lines {
+        assert_eq!(
+            line, "result ok fd 2097152",
+            "the victim's call failed while another user parked descriptors"
+        );
+    }
+    assert!(
+        (1..=64).contains(&in_flight),
+        "{in_flight} descriptors in flight in the attacker's sockets, its quota is 64"
+    );
+}
+
+/// When the kernel refuses to pass more descriptors all the same (here
+/// the broker's `RLIMIT_NOFILE` of 40 is below the 64 one user may have
+/// in flight), the payloads go inline: the connection is not the one at
+/// fault, and is not closed ("fatal closed" before).
+#[test]
+fn etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection() {
+    if !is_root("etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection") {
+        return;
+    }
+    let (lines, _) = park_then_call(BROKER_UID + 1, 40, "256");
+    for line in lines {
+        assert!(
+            line == "result ok fd 2097152" || line == "result ok inline 2097152",
+            "the victim's call failed while the broker could pass no descriptor: {line}"
+        );
+    }
+}
+
+/// One user's descriptors in flight fill `--max-fds` (64, its quota
+/// too): another user's service still sends its answer in a memfd (the
+/// broker refused it with `Fatal` when descriptors in flight counted at
+/// receipt), and it reaches the caller, inline past the limit.
+#[test]
+fn descriptors_in_flight_do_not_get_another_users_answers_refused() {
+    if !is_root("descriptors_in_flight_do_not_get_another_users_answers_refused") {
+        return;
+    }
+    let (lines, in_flight) = park_then_call(BROKER_UID + 2, 1000, "64");
+    for line in lines {
+        assert!(
+            line == "result ok fd 2097152" || line == "result ok inline 2097152",
+            "the victim's call failed while another user's descriptors in flight filled --max-fds: {line}"
+        );
+    }
+    assert!(in_flight <= 64, "{in_flight} in flight past --max-fds 64");
+}
+
+/// A connection the broker closes while its peer has not read the
+/// descriptors sent to it: the kernel keeps them in flight, charged to the
+/// broker's uid, as long as the peer keeps its end open, whether or not
+/// the broker's end is. So the broker keeps its end (`connections_lingering`)
+/// and counts them against the user until the peer reads them or closes.
+#[test]
+fn descriptors_unread_on_a_closed_connection_stay_counted_until_the_peer_lets_go() {
+    if !is_root("descriptors_unread_on_a_closed_connection_stay_counted_until_the_peer_lets_go") {
+        return;
+    }
+    let broker_uid = BROKER_UID + 3;
+    let base = TempDir::new();
+    let dir = base.path().join("zrpc");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::os::unix::fs::chown(&dir, Some(broker_uid), Some(broker_uid)).expect("chown");
+    let (_p, path) = policy("[quota]\nfds = 64\n");
+    let mut c = Command::new(bin("zrpcd"));
+    c.arg("--socket-dir")
+        .arg(&dir)
+        .args(["--max-fds", "256", "--policy", &path])
+        .env("RUST_LOG", "error")
+        .uid(broker_uid)
+        .gid(broker_uid);
+    let _broker = Proc::spawn("zrpcd", c);
+    let sock = dir.join("zrpcd.sock");
+    assert!(
+        wait_until(WAIT, || std::os::unix::net::UnixStream::connect(&sock)
+            .is_ok()),
+        "zrpcd did not start"
+    );
+    let stat = |key: &str| {
+        let mut c = Command::new(bin("zrpc-test-peer"));
+        c.env("ZRPC_SOCKET_DIR", &dir)
+            .args(["call", "--service", "zrpcd", "--method", "stats"]);
+        let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
+        let stats = hex_payload(out.lines().next().unwrap_or(""));
+        stats
+            .as_map()
+            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some(key)))
+            .and_then(|(_, v)| v.as_u64())
+            .unwrap_or_else(|| panic!("no {key} in {stats}"))
+    };
+    let mut c = Command::new(bin("zrpc-test-peer"));
+    c.env("ZRPC_SOCKET_DIR", &dir)
+        .args([
+            "fd-hog",
+            "--count",
+            "10",
+            "--clients",
+            "3",
+            "--paced",
+            "--junk",
+        ])
+        .uid(OTHER)
+        .gid(OTHER);
+    let mut hog = Proc::spawn("zrpc-test-peer", c);
+    let hogged = hog
+        .read_until(|l| l.starts_with("hogged"))
+        .unwrap_or_default();
+    assert_eq!(hogged, "hogged 30");
+    // The three clients are closed by the broker (a malformed frame each);
+    // their 30 descriptors stay in their sockets, unread.
+    let mut lingering = 0;
+    assert!(
+        wait_until(WAIT, || {
+            lingering = stat("connections_lingering");
+            lingering == 3
+        }),
+        "{lingering} closed connections kept for their unread descriptors, not 3"
+    );
+    let in_flight = stat("fds_in_flight");
+    assert_eq!(
+        in_flight, 30,
+        "descriptors unread on closed connections are not counted"
+    );
+    // The peer lets go: nothing is left.
+    drop(hog);
+    let mut left = (0, 0);
+    assert!(
+        wait_until(WAIT, || {
+            left = (stat("fds_in_flight"), stat("connections_lingering"));
+            left == (0, 0)
+        }),
+        "(in flight, lingering) {left:?} after the peer closed its ends"
+    );
+}
+
+/// Starts zrpcd as `broker_uid` (each test its own: the kernel counts
+/// descriptors in flight per uid) with `RLIMIT_NOFILE` `nofile`,
+/// `--max-fds` `max_fds`, a quota of 64 descriptors per user; uid 65534 parks descriptors in 3
+/// never-reading clients (100 answers in memfds each), then uid 65533
+/// calls its own service, which answers 2 MiB in a memfd, 3 times.
+/// Returns the victim's calls' lines (`fd-get`) and the broker's
+/// `fds_in_flight` then; checks that it falls to 0 once the attacker is
+/// gone.
+fn park_then_call(broker_uid: u32, nofile: u32, max_fds: &str) -> (Vec<String>, u64) {
+    let base = TempDir::new();
+    let dir = base.path().join("zrpc");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::os::unix::fs::chown(&dir, Some(broker_uid), Some(broker_uid)).expect("chown");
+    let (_p, path) = policy("[quota]\nfds = 64\n");
+    let mut c = Command::new("prlimit");
+    c.arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(bin("zrpcd"))
+        .arg("--socket-dir")
+        .arg(&dir)
+        .args(["--max-fds", max_fds, "--policy", &path])
+        .env("RUST_LOG", "warn")
+        .uid(broker_uid)
+        .gid(broker_uid);
+    let _broker = Proc::spawn("zrpcd", c);
+    let sock = dir.join("zrpcd.sock");
+    assert!(
+        wait_until(WAIT, || std::os::unix::net::UnixStream::connect(&sock)
+            .is_ok()),
+        "zrpcd did not start"
+    );
+    let peer = |uid: u32, args: &[&str]| {
+        let mut c = Command::new(bin("zrpc-test-peer"));
+        c.env("ZRPC_SOCKET_DIR", &dir).args(args).uid(uid).gid(uid);
+        Proc::spawn("zrpc-test-peer", c)
+    };
+    // The root's raw peer (a client would refuse a broker of another uid).
+    let in_flight = || {
+        let mut c = Command::new(bin("zrpc-test-peer"));
+        c.env("ZRPC_SOCKET_DIR", &dir)
+            .args(["call", "--service", "zrpcd", "--method", "stats"]);
+        let (_, out) = Proc::spawn("zrpc-test-peer", c).output(WAIT);
+        let stats = hex_payload(out.lines().next().unwrap_or(""));
+        stats
+            .as_map()
+            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("fds_in_flight")))
+            .and_then(|(_, v)| v.as_u64())
+            .unwrap_or_else(|| panic!("no fds_in_flight in {stats}"))
+    };
+    let mut svc = peer(VICTIM, &["fd-serve", "--name", "vsvc", "--size", "2097152"]);
+    let ack = svc.read_until(|l| l.starts_with("ack")).unwrap_or_default();
+    assert_eq!(ack, "ack ok");
+    let mut hog = peer(
+        OTHER,
+        &["fd-hog", "--count", "100", "--clients", "3", "--paced"],
+    );
+    let hogged = hog
+        .read_until(|l| l.starts_with("hogged"))
+        .unwrap_or_default();
+    assert_eq!(hogged, "hogged 300", "the attacker's service was cut off");
+    let lines = (0..3)
+        .map(|_| {
+            let (status, out) = peer(VICTIM, &["fd-get", "--service", "vsvc"]).output(WAIT);
+            assert!(status.is_some(), "fd-get did not finish");
+            out.lines().next().unwrap_or("").to_string()
+        })
+        .collect();
+    let parked = in_flight();
+    // Once the attacker is gone, so are its descriptors.
+    drop(hog);
+    let mut last = parked;
+    let gone = wait_until(WAIT, || {
+        last = in_flight();
+        last == 0
+    });
+    assert!(
+        gone,
+        "{last} descriptors still counted in flight after the attacker left"
+    );
+    (lines, parked)
+}

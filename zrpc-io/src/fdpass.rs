@@ -339,6 +339,22 @@ pub async fn read_some_fds_at_most(
     .await
 }
 
+/// What the peer of the Unix stream socket `fd` has not read yet of what
+/// was sent on it, at least (`SIOCOUTQ`: the kernel's memory of the
+/// messages sent and not read whole, counting each message's overhead, so
+/// never less than their unread bytes; 0 once everything sent was read, or
+/// the peer closed its end, which discards what it had not read).
+pub fn unread_sent(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int to the pointer given,
+    // which points at `n`, alive for the call.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 /// One `sendmsg(2)` of `parts` with `fds` attached (`SCM_RIGHTS`),
 /// `MSG_NOSIGNAL`. The descriptors are sent if any byte is (`Ok(n > 0)`).
 /// From 1 to [`MAX_FDS_PER_MSG`] descriptors: others are `InvalidInput`

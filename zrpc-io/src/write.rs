@@ -47,6 +47,15 @@ pub struct OutQueue {
     /// Stream position of the first queued byte (wrapping; positions are
     /// compared as offsets from it).
     written: u64,
+    /// Descriptors sent that the peer may not have received yet, oldest
+    /// first: the stream position of the first byte of the `sendmsg` that
+    /// carried them, and how many it carried. Kept only once
+    /// [`OutQueue::track_sent_fds`] was called.
+    sent_fds: VecDeque<(u64, usize)>,
+    /// Descriptors in `sent_fds`.
+    in_flight: usize,
+    /// Whether `sent_fds` is kept.
+    track: bool,
 }
 
 impl OutQueue {
@@ -116,6 +125,118 @@ impl OutQueue {
     /// Descriptors queued and not yet sent.
     pub fn fds_queued(&self) -> usize {
         self.fds.len()
+    }
+
+    /// Keeps count, from now on, of the descriptors sent and not yet
+    /// received ([`OutQueue::fds_in_flight`], released by
+    /// [`OutQueue::release_received`]).
+    pub fn track_sent_fds(&mut self) {
+        self.track = true;
+    }
+
+    /// Descriptors sent that the peer may not have received yet (if
+    /// [`OutQueue::track_sent_fds`] was called): they stay in the socket,
+    /// charged to the sender's user by the kernel, until the peer reads
+    /// the bytes they came with or closes its end.
+    pub fn fds_in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Forgets the descriptors sent that the peer has received, given
+    /// `unread`, at least as many bytes as the peer has not read yet (for a
+    /// Unix socket, `SIOCOUTQ`: the memory of the messages not read whole,
+    /// which is never less than their unread bytes). A message is read
+    /// (its descriptors received, or discarded by the kernel) once fewer
+    /// than the bytes from its start to the end of what was written are
+    /// unread. Returns how many were forgotten.
+    pub fn release_received(&mut self, unread: usize) -> usize {
+        let mut released = 0;
+        while let Some(&(at, n)) = self.sent_fds.front() {
+            let since = self.written.wrapping_sub(at);
+            if unread as u64 >= since {
+                break;
+            }
+            self.sent_fds.pop_front();
+            released += n;
+        }
+        self.in_flight -= released;
+        released
+    }
+
+    /// Drops everything queued and not yet written (the connection is
+    /// closed), keeping the count of the descriptors in flight.
+    pub fn clear_unsent(&mut self) {
+        self.chunks.clear();
+        self.chunk_bytes = 0;
+        self.tail = BytesMut::new();
+        self.fds.clear();
+    }
+
+    /// Rewrites the frames of every queued descriptor to carry its payload
+    /// inline instead (read through a read-only mapping of the memfd), and
+    /// closes the queue's copies of the descriptors: for when descriptors
+    /// cannot be sent (`ETOOMANYREFS`). Any peer takes inline payloads.
+    /// Returns how many frames were rewritten; a memfd that cannot be
+    /// mapped is an error, and then nothing changed.
+    pub fn inline_fds(&mut self) -> io::Result<usize> {
+        if self.fds.is_empty() {
+            return Ok(0);
+        }
+        let payloads = self
+            .fds
+            .iter()
+            .map(|(_, f)| f.map())
+            .collect::<io::Result<Vec<Bytes>>>()?;
+        self.seal();
+        let mut old = std::mem::take(&mut self.chunks);
+        let mut out = VecDeque::with_capacity(old.len() + 3 * payloads.len());
+        // Moves the next `n` bytes of `old` to `out`, as they are.
+        let take = |old: &mut VecDeque<Bytes>, out: &mut VecDeque<Bytes>, mut n: usize| {
+            while n > 0 {
+                let Some(c) = old.front_mut() else { return };
+                if c.len() <= n {
+                    n -= c.len();
+                    out.extend(old.pop_front());
+                } else {
+                    out.push_back(c.split_to(n));
+                    n = 0;
+                }
+            }
+        };
+        let mut pos = 0usize;
+        let count = payloads.len();
+        for ((at, _), payload) in self.fds.drain(..).zip(payloads) {
+            let start = at.wrapping_sub(self.written) as usize;
+            take(&mut old, &mut out, start - pos);
+            // The frame's header: body length (= envelope length) and
+            // envelope length with the descriptor flag.
+            let mut h = [0u8; 8];
+            let mut got = 0;
+            while got < 8 {
+                let Some(c) = old.front_mut() else { break };
+                let k = (8 - got).min(c.len());
+                h[got..got + k].copy_from_slice(&c[..k]);
+                c.advance(k);
+                if c.is_empty() {
+                    old.pop_front();
+                }
+                got += k;
+            }
+            let env_len =
+                u32::from_be_bytes([h[4], h[5], h[6], h[7]]) & !zrpc_proto::FD_PAYLOAD_FLAG;
+            let body = env_len as usize + payload.len();
+            let mut header = BytesMut::with_capacity(8);
+            header.extend_from_slice(&(body as u32).to_be_bytes());
+            header.extend_from_slice(&env_len.to_be_bytes());
+            out.push_back(header.freeze());
+            take(&mut old, &mut out, env_len as usize);
+            out.push_back(payload);
+            pos = start + 8 + env_len as usize;
+        }
+        out.extend(old);
+        self.chunk_bytes = out.iter().map(|c| c.len()).sum();
+        self.chunks = out;
+        Ok(count)
     }
 
     /// Puts `b` before everything queued (the unwritten rest of a frame
@@ -227,6 +348,10 @@ impl OutQueue {
         if n > 0 {
             // Sent with the first byte: the queue's copies can be closed.
             self.fds.drain(..attach);
+            if self.track {
+                self.sent_fds.push_back((self.written, attach));
+                self.in_flight += attach;
+            }
         }
         self.consume(n);
         Ok(n)
@@ -562,6 +687,79 @@ mod tests {
             let s = SealedFd::verify(fd, 10).expect("sealed");
             assert_eq!(&s.map().expect("map")[..], &[i as u8 + 1; 3]);
         }
+    }
+
+    /// Frames whose descriptors cannot be sent are rewritten to carry
+    /// their payloads inline, in place, the frames around them unchanged.
+    #[test]
+    fn descriptor_frames_can_be_rewritten_inline() {
+        use zrpc_proto::{encode_fd_header, encode_frame, Envelope, FrameDecoder};
+        let mut q = OutQueue::default();
+        let ping = |nonce| Envelope::Ping { nonce };
+        encode_frame(q.tail(), &ping(1), b"ab");
+        let fd = Arc::new(SealedFd::create(b"payload one").expect("memfd"));
+        q.push_fd(fd);
+        encode_fd_header(q.tail(), &ping(2));
+        encode_frame(q.tail(), &ping(3), &[9u8; 10]);
+        let fd = Arc::new(SealedFd::create(&[5u8; 30_000]).expect("memfd"));
+        q.push_fd(fd);
+        encode_fd_header(q.tail(), &ping(4));
+        assert_eq!(q.inline_fds().expect("mapped"), 2);
+        assert_eq!(q.fds_queued(), 0);
+        let mut out = Vec::new();
+        q.take_into(&mut out);
+        let mut buf = BytesMut::new();
+        for b in out {
+            buf.extend_from_slice(&b);
+        }
+        let d = FrameDecoder::new(u32::MAX);
+        let mut got = Vec::new();
+        while let Some(f) = d.decode(&mut buf).expect("valid frame") {
+            let Ok(Envelope::Ping { nonce }) = f.decode() else {
+                panic!("not a ping");
+            };
+            got.push((nonce, f.payload.to_vec()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (1, b"ab".to_vec()),
+                (2, b"payload one".to_vec()),
+                (3, vec![9u8; 10]),
+                (4, vec![5u8; 30_000]),
+            ]
+        );
+    }
+
+    /// Descriptors sent count as in flight until the bytes sent with them
+    /// are read.
+    #[test]
+    fn sent_descriptors_are_in_flight_until_read() {
+        use zrpc_proto::{encode_fd_header, encode_frame, Envelope};
+        let (a, b) = UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let mut q = OutQueue::default();
+        q.track_sent_fds();
+        let fd = Arc::new(SealedFd::create(b"x").expect("memfd"));
+        q.push_fd(fd);
+        encode_fd_header(q.tail(), &Envelope::Ping { nonce: 1 });
+        assert!(q.write_now(a.as_raw_fd()).expect("written"));
+        encode_frame(q.tail(), &Envelope::Ping { nonce: 2 }, b"");
+        assert!(q.write_now(a.as_raw_fd()).expect("written"));
+        assert_eq!(q.fds_in_flight(), 1);
+        let unread = crate::fdpass::unread_sent(a.as_raw_fd()).expect("SIOCOUTQ");
+        assert!(unread > 0);
+        assert_eq!(q.release_received(unread), 0);
+        let mut fds = crate::fdpass::FdQueue::new();
+        let mut bm = BytesMut::new();
+        while crate::fdpass::unread_sent(a.as_raw_fd()).expect("SIOCOUTQ") > 0 {
+            bm.clear();
+            bm.reserve(4096);
+            crate::fdpass::read_spare_fds(&b, &mut bm, &mut fds).expect("read");
+        }
+        assert_eq!(fds.len(), 1);
+        assert_eq!(q.release_received(0), 1);
+        assert_eq!(q.fds_in_flight(), 0);
     }
 
     #[test]

@@ -56,6 +56,14 @@ pub struct View<'a> {
     pub orphans: usize,
     /// Bytes queued unread towards all connections.
     pub queued_total: usize,
+    /// Payload descriptors the broker holds (queued and in flight ones
+    /// included).
+    pub fds_held: usize,
+    /// Payload descriptors sent to peers and not yet received.
+    pub fds_in_flight: usize,
+    /// Closed connections kept open until their peer has received the
+    /// descriptors sent to it.
+    pub lingering: usize,
     /// Counters.
     pub stats: &'a Stats,
     /// The access policy in force.
@@ -534,6 +542,9 @@ fn stats(b: &mut View<'_>) -> Answer {
             Value::from(crate::payload::kept_mappings() as u64),
         ),
         ("timers", Value::from(b.pending.timers_len() as u64)),
+        ("fds_held", Value::from(b.fds_held as u64)),
+        ("fds_in_flight", Value::from(b.fds_in_flight as u64)),
+        ("connections_lingering", Value::from(b.lingering as u64)),
         ("calls", Value::from(s.calls)),
         ("calls_ok", Value::from(s.calls_ok)),
         ("timeouts", Value::from(s.timeouts)),

@@ -157,6 +157,11 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, conn: Admitted) {
     tracing::debug!(peer = id, pid = creds.pid, %reason, "connection closed");
     drop(teardown);
     let _ = writer.await;
+    // Its peer may not have received every descriptor sent to it: those
+    // stay counted until it has (`Broker::linger`).
+    if io.queue.borrow().fds_in_flight() > 0 {
+        broker.borrow_mut().linger(io);
+    }
 }
 
 /// Releases what a connection holds in the broker (names, calls, its slot)

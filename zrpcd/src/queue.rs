@@ -52,11 +52,40 @@ pub struct OutQueue {
     queued: u32,
     /// The peer's user, whose `queued_bytes` this queue's bytes count in.
     user: Option<Rc<crate::quota::Usage>>,
-    /// Descriptors queued, as last counted in `fds_total`.
+    /// Descriptors queued or in flight, as last counted in the accounts.
     fds: usize,
-    /// The broker's count of payload descriptors it holds, which the
-    /// descriptors queued here count in.
-    fds_total: Option<Rc<Cell<usize>>>,
+    /// Descriptors in flight, as last counted in the accounts.
+    in_flight: usize,
+    /// The broker's counts of payload descriptors, which the descriptors
+    /// queued here, and those sent and not yet received, count in.
+    accounts: Option<Rc<FdAccounts>>,
+}
+
+/// The broker's counts and limits of payload descriptors, shared with
+/// every outbound queue.
+///
+/// A descriptor the broker has sent stays in the peer's socket until the
+/// peer reads the bytes it came with (or closes its end), and the kernel
+/// charges it meanwhile to the broker's uid: past its `RLIMIT_NOFILE`
+/// of them, every `sendmsg` with descriptors fails (`ETOOMANYREFS`). So
+/// descriptors in flight count like queued ones: in the connection's
+/// count (`--max-fds-per-conn`), its user's (`fds` of the quota) and the
+/// total (`--max-fds`), until the peer has read them
+/// ([`OutQueue::release_received`]), even after the connection closed
+/// (`crate::broker::Broker::linger`).
+#[derive(Debug, Default)]
+pub struct FdAccounts {
+    /// Payload descriptors the broker holds, queued and in flight ones
+    /// included (`--max-fds` bounds it).
+    pub total: Rc<Cell<usize>>,
+    /// Of those, sent and not yet received.
+    pub in_flight: Cell<usize>,
+    /// `--max-fds-per-conn`.
+    pub per_conn: usize,
+    /// `fds` of the quota (the policy's, reloaded with it).
+    pub per_user: Cell<usize>,
+    /// `--max-fds`.
+    pub max_total: usize,
 }
 
 impl Drop for OutQueue {
@@ -64,6 +93,7 @@ impl Drop for OutQueue {
         // Frames never written (a closed connection) leave the account.
         self.set_bytes(0);
         self.fds = self.set_fds(0);
+        self.set_in_flight(0);
     }
 }
 
@@ -73,7 +103,8 @@ impl OutQueue {
     /// are queued by reference.
     ///
     /// A payload in a memfd goes as the descriptor if the peer takes
-    /// descriptors (`fds`), else inline, through a read-only mapping of
+    /// descriptors (`fds`: its socket), within the limits
+    /// ([`FdAccounts`]), else inline, through a read-only mapping of
     /// it (the broker still copies nothing itself). A memfd that cannot be
     /// mapped is an error (nothing is queued).
     pub fn push(
@@ -81,15 +112,15 @@ impl OutQueue {
         env: &Envelope<'_>,
         payload: Payload<'_>,
         batch: u32,
-        fds: bool,
+        fds: Option<&UnixStream>,
     ) -> std::io::Result<()> {
         let payload = match payload {
-            Payload::Fd(f) if fds => {
+            Payload::Fd(f) if fds.is_some_and(|sock| self.fd_room(sock)) => {
                 self.q.push_fd(f.fd.clone());
                 encode_fd_header(self.q.tail(), env);
                 self.count_frame(batch);
                 self.set_bytes(self.q.len());
-                self.fds = self.set_fds(self.q.fds_queued());
+                self.recount();
                 return Ok(());
             }
             Payload::Fd(f) => {
@@ -129,15 +160,40 @@ impl OutQueue {
         self.queued += 1;
     }
 
-    /// Counts this queue's descriptors in the broker's total from now on.
-    pub fn set_fds_total(&mut self, total: Rc<Cell<usize>>) {
-        self.fds_total = Some(total);
+    /// Counts this queue's descriptors in the broker's `accounts` from now
+    /// on, those in flight included.
+    pub fn set_fd_accounts(&mut self, accounts: Rc<FdAccounts>) {
+        self.q.track_sent_fds();
+        self.accounts = Some(accounts);
+    }
+
+    /// Whether one more descriptor may be queued here: within
+    /// `--max-fds-per-conn` for this connection, the `fds` quota of its
+    /// user and `--max-fds`, descriptors queued and in flight counted.
+    /// Past them, a payload in a memfd goes inline (any peer takes that):
+    /// a peer that does not read cannot make the broker hold more
+    /// descriptors in its socket than its share.
+    /// Those in flight are counted as of now, through `sock` (the peer
+    /// may have read since the last write).
+    fn fd_room(&mut self, sock: &UnixStream) -> bool {
+        self.release_received(sock);
+        let Some(a) = &self.accounts else {
+            return true;
+        };
+        if self.fds >= a.per_conn || a.total.get() > a.max_total {
+            return false;
+        }
+        match &self.user {
+            Some(u) if u.limited() => u.queued_fds() < a.per_user.get(),
+            _ => true,
+        }
     }
 
     /// Moves the count of queued descriptors in the broker's total and the
     /// peer's user's account from `self.fds` to `n`; returns `n`.
     fn set_fds(&self, n: usize) -> usize {
-        if let Some(t) = &self.fds_total {
+        if let Some(a) = &self.accounts {
+            let t = &a.total;
             t.set(t.get().saturating_sub(self.fds) + n);
         }
         if let Some(u) = &self.user {
@@ -146,9 +202,55 @@ impl OutQueue {
         n
     }
 
-    /// Descriptors queued and not yet sent.
+    /// Moves the count of descriptors in flight in the broker's accounts
+    /// from `self.in_flight` to `n`.
+    fn set_in_flight(&mut self, n: usize) {
+        if let Some(a) = &self.accounts {
+            let f = &a.in_flight;
+            f.set(f.get().saturating_sub(self.in_flight) + n);
+        }
+        self.in_flight = n;
+    }
+
+    /// Counts again the descriptors queued and in flight.
+    fn recount(&mut self) {
+        self.fds = self.set_fds(self.q.fds_queued() + self.q.fds_in_flight());
+        self.set_in_flight(self.q.fds_in_flight());
+    }
+
+    /// Descriptors queued and not yet sent, or sent and not yet received
+    /// by the peer (as last seen).
     pub fn fds_queued(&self) -> usize {
         self.fds
+    }
+
+    /// Descriptors sent and not yet received by the peer (as last seen).
+    pub fn fds_in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Asks the kernel what the peer has read of what was sent on `wr`
+    /// and stops counting the descriptors it has received (or that were
+    /// discarded with its end of the socket). Costs a system call, only
+    /// while descriptors are in flight.
+    pub fn release_received(&mut self, wr: &UnixStream) {
+        if self.q.fds_in_flight() == 0 {
+            return;
+        }
+        // A socket that cannot say (it cannot fail on an open socket)
+        // keeps its count: never released early.
+        if let Ok(unread) = zrpc_io::fdpass::unread_sent(wr.as_raw_fd()) {
+            self.q.release_received(unread);
+            self.recount();
+        }
+    }
+
+    /// Drops the frames not written (the connection is closed); the
+    /// descriptors in flight stay counted.
+    pub fn clear_unsent(&mut self) {
+        self.q.clear_unsent();
+        self.written_out();
+        self.recount();
     }
 
     /// Counts this queue's bytes in `user`'s account from now on.
@@ -191,8 +293,27 @@ impl OutQueue {
     /// `Ok(true)` once everything is written, `Ok(false)` if the socket is
     /// full.
     pub fn write_now(&mut self, wr: &UnixStream) -> std::io::Result<bool> {
-        let done = self.q.write_now(wr.as_raw_fd());
-        self.fds = self.set_fds(self.q.fds_queued());
+        let mut done = self.q.write_now(wr.as_raw_fd());
+        if matches!(&done, Err(e) if e.raw_os_error() == Some(libc::ETOOMANYREFS)) {
+            // The broker's uid has too many descriptors in flight in all
+            // (its RLIMIT_NOFILE): not this peer's doing, which must not
+            // lose its connection for it. Its payloads go inline instead.
+            done = match self.q.inline_fds() {
+                Ok(n) => {
+                    warn_too_many_refs(n);
+                    self.q.write_now(wr.as_raw_fd())
+                }
+                Err(e) => Err(e),
+            };
+        }
+        if self.q.fds_in_flight() > 0 {
+            if let Ok(unread) = zrpc_io::fdpass::unread_sent(wr.as_raw_fd()) {
+                self.q.release_received(unread);
+            }
+            self.recount();
+        } else if self.fds != self.q.fds_queued() {
+            self.recount();
+        }
         if let Ok(true) = done {
             self.written_out();
             // Give back memory from a burst (small idle connections).
@@ -266,7 +387,8 @@ impl PeerIo {
             return false;
         }
         let mut q = self.queue.borrow_mut();
-        if let Err(e) = q.push(env, payload, batch, self.fds.get()) {
+        let fds = self.fds.get().then(|| self.sock.get_ref());
+        if let Err(e) = q.push(env, payload, batch, fds) {
             tracing::warn!(error = %e, "cannot map a payload memfd for a peer without descriptor passing; closing it");
             drop(q);
             self.close();
@@ -316,4 +438,35 @@ impl PeerIo {
             self.kill.notify_one();
         }
     }
+}
+
+/// `ETOOMANYREFS` is logged at warn at most once per this interval, the
+/// other times at debug.
+const TOO_MANY_REFS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+thread_local! {
+    /// When `ETOOMANYREFS` was last logged at warn, and how many times it
+    /// was logged at debug only since.
+    static TOO_MANY_REFS: Cell<(Option<std::time::Instant>, u64)> = const { Cell::new((None, 0)) };
+}
+
+/// Logs that `n` payloads went inline because the kernel refused to pass
+/// more descriptors (`ETOOMANYREFS`), at warn at most once per
+/// [`TOO_MANY_REFS_LOG_EVERY`].
+fn warn_too_many_refs(n: usize) {
+    let now = std::time::Instant::now();
+    TOO_MANY_REFS.with(|c| match c.get() {
+        (Some(t), quiet) if now.saturating_duration_since(t) < TOO_MANY_REFS_LOG_EVERY => {
+            c.set((Some(t), quiet + 1));
+            tracing::debug!(frames = n, "cannot pass descriptors (ETOOMANYREFS); sending their payloads inline");
+        }
+        (_, quiet) => {
+            c.set((Some(now), 0));
+            tracing::warn!(
+                frames = n,
+                since_last_warning = quiet,
+                "cannot pass descriptors: the kernel counts too many sent by zrpcd's uid and not yet received (ETOOMANYREFS, RLIMIT_NOFILE); sending their payloads inline (later occurrences within 10 s at debug level)"
+            );
+        }
+    });
 }

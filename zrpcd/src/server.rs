@@ -260,7 +260,9 @@ async fn flush_loop(broker: Rc<RefCell<Broker>>) {
 }
 
 /// Closes connections whose partly received frame stalled (see
-/// [`crate::broker::partial`]), forgets users with nothing left, and
+/// [`crate::broker::partial`]), stops counting the descriptors peers have
+/// received since ([`Broker::release_received`]), forgets users with
+/// nothing left, and
 /// starts the descriptor-closing threads that could not be started
 /// ([`crate::closer::start_stalled`]).
 async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
@@ -271,6 +273,7 @@ async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
         interval.tick().await;
         let mut b = broker.borrow_mut();
         b.expire_partial_frames(std::time::Instant::now());
+        b.release_received();
         b.collect_users();
         b.flush();
         drop(b);

@@ -299,6 +299,9 @@ impl Broker {
             pending: &self.pending,
             orphans: self.orphans.len(),
             queued_total: self.users.queued_total(),
+            fds_held: self.fds_total.get(),
+            fds_in_flight: self.fd_accounts.in_flight.get(),
+            lingering: self.lingering.len(),
             stats: &self.stats,
             policy: &self.config.policy,
             monitors: &mut self.monitors,
@@ -431,6 +434,15 @@ impl Broker {
         }
         let queued = t.io().queue.borrow().len_bytes();
         let user = t.user();
+        if matches!(payload, Payload::Fd(_))
+            && user.limited()
+            && user.queued_fds() >= self.quota.fds
+        {
+            // Those in flight counted as of now, before refusing for them
+            // (the service may have read since the broker last wrote it).
+            let io = t.io();
+            io.queue.borrow_mut().release_received(io.sock.get_ref());
+        }
         // Refused, not queued, past the limits of what waits for the
         // service (past them a peer is disconnected, see `check_backlog`,
         // and other users' requests must not get a service disconnected).

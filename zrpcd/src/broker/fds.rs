@@ -112,10 +112,18 @@ impl Broker {
     /// Why `n` more descriptors held for `user` would pass `--max-fds` or
     /// its `fds` quota by more than `slack`, if they would. Counted with
     /// those held: the descriptors waiting for their close
-    /// ([`crate::closer`]).
+    /// ([`crate::closer`]). Not those in flight towards peers: they are
+    /// not open in the broker, and other users' unread ones must not get
+    /// a sender refused (a `Reply` past the limit is `Fatal`); past
+    /// `--max-fds` with them, payloads go inline instead
+    /// ([`crate::queue::FdAccounts`]).
     fn over_fd_limits(&self, user: &crate::quota::Usage, n: usize, slack: usize) -> Option<String> {
         let (closing, closing_total) = crate::closer::waiting(user.uid());
-        let total = self.fds_total.get() + closing_total;
+        let held = self
+            .fds_total
+            .get()
+            .saturating_sub(self.fd_accounts.in_flight.get());
+        let total = held + closing_total;
         if total + n > self.config.max_fds + slack {
             Some(format!(
                 "zrpcd already holds {total} descriptors ({closing_total} of them waiting for their close), the limit (--max-fds)"
@@ -181,8 +189,61 @@ impl Broker {
     }
 
     /// Payload descriptors the broker holds in all (received and kept, or
-    /// queued towards peers).
+    /// queued towards peers, or sent and not yet received by them).
     pub fn fds_held(&self) -> usize {
         self.fds_total.get()
+    }
+
+    /// Payload descriptors sent to peers and not yet received by them (as
+    /// last seen), closed connections' included.
+    pub fn fds_in_flight(&self) -> usize {
+        self.fd_accounts.in_flight.get()
+    }
+
+    /// Closed connections kept open until their peer has received the
+    /// descriptors sent to it.
+    pub fn lingering(&self) -> usize {
+        self.lingering.len()
+    }
+
+    /// Keeps `io`, a closed connection whose peer has not received every
+    /// descriptor sent to it, until it has: the kernel charges them to
+    /// the broker's uid until the peer reads them or closes its end,
+    /// whether or not the broker's end is open. Kept open, its socket
+    /// tells when that happens ([`Broker::release_received`]), and they
+    /// stay counted against the peer's user meanwhile (its connection
+    /// ended, but it cannot shed its count by reconnecting). At most one
+    /// per descriptor in flight, which the limits bound.
+    pub fn linger(&mut self, io: Rc<crate::queue::PeerIo>) {
+        let mut q = io.queue.borrow_mut();
+        q.clear_unsent();
+        q.release_received(io.sock.get_ref());
+        let left = q.fds_in_flight();
+        drop(q);
+        if left > 0 {
+            tracing::debug!(
+                descriptors = left,
+                "a closed connection's peer has not received every descriptor sent to it; keeping the socket until it has"
+            );
+            self.lingering.push(io);
+        }
+    }
+
+    /// Stops counting the descriptors that peers have received since last
+    /// asked, live connections' and closed ones' (run periodically: a peer
+    /// that reads while the broker writes it nothing more is seen here).
+    /// Costs a system call per connection with descriptors in flight.
+    pub fn release_received(&mut self) {
+        for p in self.peers.iter() {
+            let io = p.io();
+            if io.queue.borrow().fds_in_flight() > 0 {
+                io.queue.borrow_mut().release_received(io.sock.get_ref());
+            }
+        }
+        self.lingering.retain(|io| {
+            let mut q = io.queue.borrow_mut();
+            q.release_received(io.sock.get_ref());
+            q.fds_in_flight() > 0
+        });
     }
 }

@@ -26,7 +26,9 @@ impl Broker {
         self.stats.connections_total += 1;
         let user = self.users.get(creds.uid);
         io.queue.borrow_mut().set_user(user.clone());
-        io.queue.borrow_mut().set_fds_total(self.fds_total.clone());
+        io.queue
+            .borrow_mut()
+            .set_fd_accounts(self.fd_accounts.clone());
         self.peers.insert(io, creds, groups, user)
     }
 
@@ -135,7 +137,7 @@ impl Broker {
         let user_bytes = p.user().queued_bytes().saturating_sub(slack);
         let message = if queued_fds > self.config.max_fds_per_conn {
             format!(
-                "{queued_fds} payload descriptors for this connection are queued unread (limit --max-fds-per-conn); disconnecting"
+                "{queued_fds} payload descriptors for this connection are queued or sent and unread (limit --max-fds-per-conn); disconnecting"
             )
         } else if queued > limit {
             format!(
@@ -143,7 +145,7 @@ impl Broker {
             )
         } else if p.user().limited() && p.user().queued_fds() > self.quota.fds {
             format!(
-                "uid {} has {} payload descriptors queued unread on its connections, more than its per-user quota of {} (fds in [quota] of the policy); disconnecting",
+                "uid {} has {} payload descriptors queued or sent and unread on its connections, more than its per-user quota of {} (fds in [quota] of the policy); disconnecting",
                 p.creds().uid,
                 p.user().queued_fds(),
                 self.quota.fds

@@ -132,6 +132,13 @@ pub struct Broker {
     /// Payload descriptors the broker holds: received and kept, or queued
     /// towards peers (`--max-fds`).
     fds_total: Rc<std::cell::Cell<usize>>,
+    /// The counts and limits of descriptors queued towards peers or in
+    /// flight in their sockets (shared with their queues).
+    fd_accounts: Rc<crate::queue::FdAccounts>,
+    /// Closed connections whose peer still has descriptors to read, kept
+    /// open (counted against their user) until it has read them or closed
+    /// its end ([`Broker::linger`]).
+    lingering: Vec<Rc<crate::queue::PeerIo>>,
     /// The NATS bridge's connection and counters (see [`bridged`]).
     #[cfg(feature = "nats")]
     bridge: Option<(PeerId, Rc<bridged::BridgeCounters>)>,
@@ -148,6 +155,14 @@ impl Broker {
         // share the descriptors' budget (see `payload::inline_bytes`).
         crate::payload::set_max_kept_mappings(config.max_fds);
         let quota = Quota::new(config.quota_limits(), config.policy.quota());
+        let fds_total: Rc<std::cell::Cell<usize>> = Rc::default();
+        let fd_accounts = Rc::new(crate::queue::FdAccounts {
+            total: fds_total.clone(),
+            in_flight: Default::default(),
+            per_conn: config.max_fds_per_conn,
+            per_user: quota.fds.into(),
+            max_total: config.max_fds,
+        });
         Broker {
             busy_poll: BusyPoll::new_or_off(config.busy_poll),
             config,
@@ -167,7 +182,9 @@ impl Broker {
             quota,
             orphans: Orphans::default(),
             pull_turn: 0,
-            fds_total: Rc::default(),
+            fds_total,
+            fd_accounts,
+            lingering: Vec::new(),
             #[cfg(feature = "nats")]
             bridge: None,
         }
@@ -233,6 +250,7 @@ impl Broker {
     /// stay.
     pub fn set_policy(&mut self, policy: crate::policy::Policy) {
         self.quota = Quota::new(self.config.quota_limits(), policy.quota());
+        self.fd_accounts.per_user.set(self.quota.fds);
         self.config.policy = policy;
         let (peers, policy) = (&self.peers, &self.config.policy);
         self.monitors.retain(|m| {

@@ -31,11 +31,23 @@
 //!     -> pages through zrpcd.<method> ({"after", "limit"} payloads):
 //!        "paged <entries> in <pages> pages", or the failed call's
 //!        "result <code> <message>"
-//! zrpc-test-peer fd-hog --count N [--size B] [--plain-client]
-//!     -> a service of its own answers N calls of a client of its own, which
-//!        never reads, each with a payload descriptor (a sealed memfd of B
-//!        bytes, default 1; the client takes descriptors unless
-//!        --plain-client); "hogged K" with the replies it could send; stays
+//! zrpc-test-peer fd-hog --count N [--clients M] [--paced] [--junk] [--size B] [--plain-client]
+//!     -> a service of its own answers N calls of each of M clients of its
+//!        own (default 1), which never read, each with a payload descriptor
+//!        (a sealed memfd of B bytes, default 1; the clients take
+//!        descriptors unless --plain-client; with --paced: each once the previous answer reached its client,
+//!        unpaced from the first that has not within 2 s); "hogged K" with
+//!        the replies it could send; stays (with --junk: then each client
+//!        sends a malformed frame, which gets it closed by the broker, and
+//!        keeps its end open unread)
+//! zrpc-test-peer fd-serve --name N --size B
+//!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
+//!        every request with a payload of B bytes in a sealed memfd, until
+//!        killed
+//! zrpc-test-peer fd-get --service S
+//!     -> one call, offering payload descriptors: "result ok fd <bytes>" or
+//!        "result ok inline <bytes>" (how the payload came), or as `call`
+//!        prints the others
 //! zrpc-test-peer fd-call --service S [--count N]
 //!     -> N NO_WAIT calls whose argument is a payload descriptor, sent at
 //!        once; their results as `call` prints them
@@ -149,6 +161,24 @@ enum Cmd {
         /// sends it the replies' bytes inline).
         #[arg(long)]
         plain_client: bool,
+        #[arg(long, default_value_t = 1)]
+        clients: u64,
+        #[arg(long)]
+        paced: bool,
+        #[arg(long)]
+        junk: bool,
+    },
+    /// Serve NAME, answering with SIZE bytes in a sealed memfd.
+    FdServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        size: usize,
+    },
+    /// One call offering payload descriptors; how its payload came.
+    FdGet {
+        #[arg(long)]
+        service: String,
     },
     /// COUNT NO_WAIT calls whose argument is a payload descriptor.
     FdCall {
@@ -283,7 +313,7 @@ fn say_result(r: &mut Raw) {
 }
 
 /// `fd-hog`: see the module docs.
-fn fd_hog(count: u64, size: usize, plain_client: bool) {
+fn fd_hog(count: u64, clients: u64, mut paced: bool, junk: bool, size: usize, plain_client: bool) {
     use std::os::fd::AsRawFd;
     let mut svc = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
     svc.send(
@@ -294,23 +324,40 @@ fn fd_hog(count: u64, size: usize, plain_client: bool) {
         },
         b"",
     );
-    let instance = (1 << 33) | u64::from(std::process::id());
     let client_caps = if plain_client {
         0
     } else {
         zrpc_proto::caps::FD_PAYLOADS
     };
-    let mut cli = connect_caps(Some(instance), client_caps);
-    for id in 1..=count {
-        let call = Envelope::Call {
-            id,
-            service: "hog",
-            method: "m",
-            timeout_ms: None,
-            flags: 0,
-        };
-        cli.send(&call, b"\xc0");
+    let mut held = Vec::new();
+    for k in 0..clients {
+        let instance = (1 << 33) | (k << 40) | u64::from(std::process::id());
+        let mut cli = connect_caps(Some(instance), client_caps);
+        for id in 1..=count {
+            let call = Envelope::Call {
+                id,
+                service: "hog",
+                method: "m",
+                timeout_ms: None,
+                flags: 0,
+            };
+            cli.send(&call, b"\xc0");
+        }
+        held.push(cli);
     }
+    let count = count * clients;
+    // Bytes the clients have been sent and not read.
+    let unread = |held: &[Raw]| -> i64 {
+        held.iter()
+            .map(|c| {
+                let mut n: libc::c_int = 0;
+                // SAFETY: FIONREAD writes one int to the pointer given,
+                // which points at `n`, alive for the call.
+                unsafe { libc::ioctl(c.s.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+                i64::from(n)
+            })
+            .sum()
+    };
     let memfd = zrpc_io::fdpass::SealedFd::create(&vec![0xc0; size.max(1)]).expect("memfd");
     let mut sent = 0;
     while sent < count {
@@ -325,10 +372,23 @@ fn fd_hog(count: u64, size: usize, plain_client: bool) {
                 let mut out = bytes::BytesMut::new();
                 zrpc_proto::encode_fd_header(&mut out, &reply);
                 let fds = [memfd.as_raw_fd()];
+                let before = unread(&held);
                 if zrpc_io::fdpass::send_with_fds(svc.s.as_raw_fd(), &[&out], &fds).is_err() {
                     break;
                 }
                 sent += 1;
+                if paced {
+                    let t = std::time::Instant::now();
+                    while unread(&held) <= before {
+                        if t.elapsed() > std::time::Duration::from_secs(2) {
+                            // The answer went nowhere (a client was
+                            // closed): no pacing from now on.
+                            paced = false;
+                            break;
+                        }
+                        std::thread::yield_now();
+                    }
+                }
             }
             Ok(Envelope::Ping { nonce }) => svc.send(&Envelope::Pong { nonce }, b""),
             Ok(Envelope::Fatal { .. }) => break,
@@ -336,9 +396,101 @@ fn fd_hog(count: u64, size: usize, plain_client: bool) {
         }
     }
     say(&format!("hogged {sent}"));
-    // Stays, the client never reading, until killed.
+    if junk {
+        for c in &mut held {
+            // An envelope that is not an array: Fatal{Protocol}.
+            let _ = std::io::Write::write_all(&mut c.s, b"\x00\x00\x00\x01\x00\x00\x00\x01\xc1");
+        }
+    }
+    // Stays, the clients never reading, until killed.
     loop {
         std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
+
+/// `fd-serve`: see the module docs.
+fn fd_serve(name: &str, size: usize) {
+    use std::os::fd::AsRawFd;
+    let mut svc = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
+    svc.send(
+        &Envelope::Register {
+            req: 1,
+            name,
+            shared: false,
+        },
+        b"",
+    );
+    let memfd = zrpc_io::fdpass::SealedFd::create(&vec![0xc0u8; size]).expect("memfd");
+    loop {
+        let Some((f, fd)) = svc.recv_frame_fd() else {
+            return;
+        };
+        drop(fd);
+        match f.decode() {
+            Ok(Envelope::Ack { code: None, .. }) => say("ack ok"),
+            Ok(Envelope::Ack {
+                code: Some(c),
+                message,
+                ..
+            }) => return say(&format!("ack {c} {message}")),
+            Ok(Envelope::Request { id, .. }) => {
+                let reply = Envelope::Reply {
+                    id,
+                    code: None,
+                    message: "",
+                };
+                let mut out = bytes::BytesMut::new();
+                zrpc_proto::encode_fd_header(&mut out, &reply);
+                let fds = [memfd.as_raw_fd()];
+                if zrpc_io::fdpass::send_with_fds(svc.s.as_raw_fd(), &[&out], &fds).is_err() {
+                    return;
+                }
+            }
+            Ok(Envelope::Ping { nonce }) => svc.send(&Envelope::Pong { nonce }, b""),
+            Ok(Envelope::Fatal { code, message }) => {
+                return say(&format!("fatal {code} {message}"))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `fd-get`: see the module docs.
+fn fd_get(service: &str) {
+    let mut r = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
+    let call = Envelope::Call {
+        id: 1,
+        service,
+        method: "m",
+        timeout_ms: Some(10_000),
+        flags: 0,
+    };
+    r.send(&call, b"\xc0");
+    loop {
+        let Some((f, fd)) = r.recv_frame_fd() else {
+            return say("fatal closed");
+        };
+        match f.decode() {
+            Ok(Envelope::Result { code: None, .. }) => {
+                let line = match fd {
+                    Some(fd) => {
+                        let len = std::fs::File::from(fd).metadata().map_or(0, |m| m.len());
+                        format!("result ok fd {len}")
+                    }
+                    None => format!("result ok inline {}", f.payload.len()),
+                };
+                return say(&line);
+            }
+            Ok(Envelope::Result {
+                code: Some(c),
+                message,
+                ..
+            }) => return say(&format!("result {c} {message}")),
+            Ok(Envelope::Fatal { code, message }) => {
+                return say(&format!("fatal {code} {message}"));
+            }
+            _ => {}
+        }
     }
 }
 
@@ -453,9 +605,14 @@ fn main() {
         } => junk_fd(&path, count, per_conn, plain),
         Cmd::FdHog {
             count,
+            clients,
+            paced,
+            junk,
             size,
             plain_client,
-        } => fd_hog(count, size, plain_client),
+        } => fd_hog(count, clients, paced, junk, size, plain_client),
+        Cmd::FdServe { name, size } => fd_serve(&name, size),
+        Cmd::FdGet { service } => fd_get(&service),
         Cmd::FdCall { service, count } => {
             let mut r = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
             let memfd = zrpc_io::fdpass::SealedFd::create(b"\xc0").expect("memfd");
