@@ -40,6 +40,35 @@ pub fn wait_until(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Says loudly that `test` did not run, and why. Straight to the
+/// process's stderr: the test harness hides what a passing test prints
+/// with `eprintln!`, and a skip must be seen.
+pub fn skipped(test: &str, why: &str) {
+    let bar = "!".repeat(72);
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("\n{bar}\n!!! SKIPPED {test}: {why}\n{bar}\n").as_bytes(),
+    );
+}
+
+/// Whether the tests run as root, which `test` needs (`why`: "needs root
+/// to run processes as another uid", say). If they do not, the test is
+/// [`skipped`], saying so; under CI (`CI=true`), which runs the tests as
+/// root, it fails instead, so that a test needing root never passes there
+/// without running.
+pub fn is_root(test: &str, why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} {why}, and CI must run the tests as root"
+    );
+    skipped(test, why);
+    false
+}
+
 /// Directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     // Test executables live in target/<profile>/deps/, binaries (such as

@@ -82,4 +82,9 @@ fn python_package_pytest_suite() {
         stdout.contains(" passed"),
         "pytest ran no tests:\n{stdout}\n{stderr}"
     );
+    // A Python test that needs root says so as a pytest skip: its summary
+    // goes where it is seen (the harness hides a passing test's output).
+    if let Some(summary) = stdout.lines().rev().find(|l| l.contains(" skipped")) {
+        zrpc_tests::skipped("some Python tests", summary.trim());
+    }
 }

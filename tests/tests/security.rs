@@ -8,19 +8,13 @@ use std::process::Command;
 
 use zrpc_proto::{Envelope, ErrorCode, Kind};
 use zrpc_tests::raw::Raw;
-use zrpc_tests::{bin, wait_registered, wait_until, Broker, Proc, TempDir, WAIT};
+use zrpc_tests::{bin, is_root, wait_registered, wait_until, Broker, Proc, TempDir, WAIT};
 
 /// The uid and gid the other user's processes run as.
 const OTHER: u32 = 65534;
 
-fn is_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("SKIPPED {test}: needs root to run processes as another uid");
-    }
-    root
-}
+/// Why the tests here need root.
+const AS_OTHER: &str = "needs root to run processes as another uid";
 
 /// `zrpc-test-peer ARGS` as the other user, against `b`.
 fn other(b: &Broker, args: &[&str]) -> Proc {
@@ -101,7 +95,7 @@ fn register(r: &mut Raw, name: &str, shared: bool) -> (Option<ErrorCode>, String
 
 #[test]
 fn another_users_shared_name_cannot_be_joined() {
-    if !is_root("another_users_shared_name_cannot_be_joined") {
+    if !is_root("another_users_shared_name_cannot_be_joined", AS_OTHER) {
         return;
     }
     let b = Broker::start();
@@ -130,7 +124,7 @@ fn another_users_shared_name_cannot_be_joined() {
 
 #[test]
 fn a_name_reserved_by_the_policy_cannot_be_squatted() {
-    if !is_root("a_name_reserved_by_the_policy_cannot_be_squatted") {
+    if !is_root("a_name_reserved_by_the_policy_cannot_be_squatted", AS_OTHER) {
         return;
     }
     let (_p, path) = policy("[[own]]\nname = \"billing\"\nusers = [\"root\"]\n");
@@ -152,7 +146,7 @@ fn a_name_reserved_by_the_policy_cannot_be_squatted() {
 
 #[test]
 fn the_reply_cache_is_not_reachable_across_uids() {
-    if !is_root("the_reply_cache_is_not_reachable_across_uids") {
+    if !is_root("the_reply_cache_is_not_reachable_across_uids", AS_OTHER) {
         return;
     }
     let b = Broker::start();
@@ -217,7 +211,10 @@ fn the_reply_cache_is_not_reachable_across_uids() {
 
 #[test]
 fn a_refused_registration_does_not_name_another_users_uid() {
-    if !is_root("a_refused_registration_does_not_name_another_users_uid") {
+    if !is_root(
+        "a_refused_registration_does_not_name_another_users_uid",
+        AS_OTHER,
+    ) {
         return;
     }
     let b = Broker::start();
@@ -240,7 +237,10 @@ fn a_refused_registration_does_not_name_another_users_uid() {
 
 #[test]
 fn a_call_refused_for_the_services_quota_does_not_name_its_uid() {
-    if !is_root("a_call_refused_for_the_services_quota_does_not_name_its_uid") {
+    if !is_root(
+        "a_call_refused_for_the_services_quota_does_not_name_its_uid",
+        AS_OTHER,
+    ) {
         return;
     }
     let (_p, path) = policy("[quota]\nqueued_bytes = 100000\n");
@@ -275,7 +275,10 @@ fn a_call_refused_for_the_services_quota_does_not_name_its_uid() {
 
 #[test]
 fn a_name_squatted_before_a_reload_that_reserves_it_is_taken_back() {
-    if !is_root("a_name_squatted_before_a_reload_that_reserves_it_is_taken_back") {
+    if !is_root(
+        "a_name_squatted_before_a_reload_that_reserves_it_is_taken_back",
+        AS_OTHER,
+    ) {
         return;
     }
     // No rule yet: the other user takes "billing" first.
@@ -327,7 +330,10 @@ fn a_name_squatted_before_a_reload_that_reserves_it_is_taken_back() {
 
 #[test]
 fn a_reload_that_revokes_monitoring_ends_the_subscription() {
-    if !is_root("a_reload_that_revokes_monitoring_ends_the_subscription") {
+    if !is_root(
+        "a_reload_that_revokes_monitoring_ends_the_subscription",
+        AS_OTHER,
+    ) {
         return;
     }
     let (pdir, path) = policy("[introspect]\nmonitor = { users = [65534] }\n");
@@ -359,7 +365,7 @@ fn a_reload_that_revokes_monitoring_ends_the_subscription() {
 
 #[test]
 fn introspection_is_for_root_by_default() {
-    if !is_root("introspection_is_for_root_by_default") {
+    if !is_root("introspection_is_for_root_by_default", AS_OTHER) {
         return;
     }
     let b = Broker::start();
@@ -396,7 +402,7 @@ fn introspection_is_for_root_by_default() {
 
 #[test]
 fn services_see_the_callers_kernel_identity() {
-    if !is_root("services_see_the_callers_kernel_identity") {
+    if !is_root("services_see_the_callers_kernel_identity", AS_OTHER) {
         return;
     }
     let b = Broker::start();
@@ -427,7 +433,10 @@ users = ["*"]
 
 #[test]
 fn call_rules_deny_with_a_typed_error_and_reload_on_sighup() {
-    if !is_root("call_rules_deny_with_a_typed_error_and_reload_on_sighup") {
+    if !is_root(
+        "call_rules_deny_with_a_typed_error_and_reload_on_sighup",
+        AS_OTHER,
+    ) {
         return;
     }
     let (pdir, path) = policy(CALL_POLICY);
@@ -509,7 +518,10 @@ fn a_bad_policy_file_stops_the_broker_at_start_with_the_reason() {
 
 #[test]
 fn a_socket_directory_another_user_could_write_is_refused() {
-    if !is_root("a_socket_directory_another_user_could_write_is_refused") {
+    if !is_root(
+        "a_socket_directory_another_user_could_write_is_refused",
+        AS_OTHER,
+    ) {
         return;
     }
     // Bounded: a broker that wrongly starts is killed after WAIT.
@@ -539,7 +551,7 @@ fn a_socket_directory_another_user_could_write_is_refused() {
 
 #[test]
 fn clients_and_services_refuse_another_users_broker() {
-    if !is_root("clients_and_services_refuse_another_users_broker") {
+    if !is_root("clients_and_services_refuse_another_users_broker", AS_OTHER) {
         return;
     }
     // The other user's broker, in a directory of theirs (the squatted
@@ -599,7 +611,7 @@ fn the_example_policy_file_loads() {
 
 #[test]
 fn one_user_cannot_exhaust_the_broker_for_another() {
-    if !is_root("one_user_cannot_exhaust_the_broker_for_another") {
+    if !is_root("one_user_cannot_exhaust_the_broker_for_another", AS_OTHER) {
         return;
     }
     const VICTIM: u32 = 65533;
@@ -652,7 +664,10 @@ fn one_user_cannot_exhaust_the_broker_for_another() {
 
 #[test]
 fn one_user_cannot_fill_the_broker_with_unread_frames() {
-    if !is_root("one_user_cannot_fill_the_broker_with_unread_frames") {
+    if !is_root(
+        "one_user_cannot_fill_the_broker_with_unread_frames",
+        AS_OTHER,
+    ) {
         return;
     }
     // Each connection may queue 64 MiB (the default), the user only
@@ -686,7 +701,10 @@ fn one_user_cannot_fill_the_broker_with_unread_frames() {
 
 #[test]
 fn one_user_cannot_take_all_pending_bytes_or_partial_frames() {
-    if !is_root("one_user_cannot_take_all_pending_bytes_or_partial_frames") {
+    if !is_root(
+        "one_user_cannot_take_all_pending_bytes_or_partial_frames",
+        AS_OTHER,
+    ) {
         return;
     }
     const VICTIM: u32 = 65533;
@@ -774,7 +792,10 @@ fn one_user_cannot_take_all_pending_bytes_or_partial_frames() {
 /// the per-user connection quota: connections are counted at accept.
 #[test]
 fn a_burst_of_connections_cannot_pass_the_connection_quota() {
-    if !is_root("a_burst_of_connections_cannot_pass_the_connection_quota") {
+    if !is_root(
+        "a_burst_of_connections_cannot_pass_the_connection_quota",
+        AS_OTHER,
+    ) {
         return;
     }
     let (_p, path) = policy("[quota]\nconnections = 3\n");
@@ -792,7 +813,7 @@ fn a_burst_of_connections_cannot_pass_the_connection_quota() {
 /// everyone else's descriptor calls were refused.
 #[test]
 fn descriptors_queued_to_a_user_count_in_its_quota() {
-    if !is_root("descriptors_queued_to_a_user_count_in_its_quota") {
+    if !is_root("descriptors_queued_to_a_user_count_in_its_quota", AS_OTHER) {
         return;
     }
     // --max-fds 256: a user's fds quota is 64.
@@ -833,7 +854,10 @@ fn descriptors_queued_to_a_user_count_in_its_quota() {
 
 #[test]
 fn a_caller_leaving_in_a_loop_cannot_pile_up_orphaned_calls() {
-    if !is_root("a_caller_leaving_in_a_loop_cannot_pile_up_orphaned_calls") {
+    if !is_root(
+        "a_caller_leaving_in_a_loop_cannot_pile_up_orphaned_calls",
+        AS_OTHER,
+    ) {
         return;
     }
     // A delivered call whose caller leaves is kept for the caller's grace
@@ -920,7 +944,10 @@ fn register_many_with(
 
 #[test]
 fn a_user_past_its_names_quota_is_refused_and_another_user_is_not() {
-    if !is_root("a_user_past_its_names_quota_is_refused_and_another_user_is_not") {
+    if !is_root(
+        "a_user_past_its_names_quota_is_refused_and_another_user_is_not",
+        AS_OTHER,
+    ) {
         return;
     }
     let (_p, path) = policy("[quota]\nnames = 5\n");
@@ -953,7 +980,10 @@ fn a_user_past_its_names_quota_is_refused_and_another_user_is_not() {
 
 #[test]
 fn the_names_quota_is_released_on_disconnect_unregister_and_reload() {
-    if !is_root("the_names_quota_is_released_on_disconnect_unregister_and_reload") {
+    if !is_root(
+        "the_names_quota_is_released_on_disconnect_unregister_and_reload",
+        AS_OTHER,
+    ) {
         return;
     }
     let (pdir, path) = policy("[quota]\nnames = 3\n");
@@ -1014,7 +1044,10 @@ fn the_names_quota_is_released_on_disconnect_unregister_and_reload() {
 
 #[test]
 fn many_names_do_not_stop_list_and_peers_for_another_user() {
-    if !is_root("many_names_do_not_stop_list_and_peers_for_another_user") {
+    if !is_root(
+        "many_names_do_not_stop_list_and_peers_for_another_user",
+        AS_OTHER,
+    ) {
         return;
     }
     let b = Broker::start_with(&["--max-message-size", "16384"]);
@@ -1066,7 +1099,10 @@ fn answered(b: &Broker, name: &str) -> u64 {
 
 #[test]
 fn one_users_flood_does_not_starve_another_users_calls_to_a_shared_service() {
-    if !is_root("one_users_flood_does_not_starve_another_users_calls_to_a_shared_service") {
+    if !is_root(
+        "one_users_flood_does_not_starve_another_users_calls_to_a_shared_service",
+        AS_OTHER,
+    ) {
         return;
     }
     // Root's service runs one handler at a time; the broker gives it at
@@ -1122,7 +1158,10 @@ fn one_users_flood_does_not_starve_another_users_calls_to_a_shared_service() {
 
 #[test]
 fn many_users_cannot_pass_the_brokers_total_of_queued_bytes() {
-    if !is_root("many_users_cannot_pass_the_brokers_total_of_queued_bytes") {
+    if !is_root(
+        "many_users_cannot_pass_the_brokers_total_of_queued_bytes",
+        AS_OTHER,
+    ) {
         return;
     }
     // Each user may queue 2 MB unread, but the broker holds at most 1 MB
@@ -1191,7 +1230,10 @@ fn stats_rows(b: &Broker) -> Vec<String> {
 /// encoded once for many answers, not once per answer.
 #[test]
 fn one_user_cannot_make_every_stats_answer_large_or_costly() {
-    if !is_root("one_user_cannot_make_every_stats_answer_large_or_costly") {
+    if !is_root(
+        "one_user_cannot_make_every_stats_answer_large_or_costly",
+        AS_OTHER,
+    ) {
         return;
     }
     let b = Broker::start_with(&["--max-names-per-conn", "2048"]);
@@ -1241,7 +1283,10 @@ fn one_user_cannot_make_every_stats_answer_large_or_costly() {
 
 #[test]
 fn a_users_services_cannot_hold_unread_frames_past_its_quota() {
-    if !is_root("a_users_services_cannot_hold_unread_frames_past_its_quota") {
+    if !is_root(
+        "a_users_services_cannot_hold_unread_frames_past_its_quota",
+        AS_OTHER,
+    ) {
         return;
     }
     // A connection holding a name was exempt from the user's queued_bytes
@@ -1309,7 +1354,10 @@ const VICTIM: u32 = 65533;
 /// inline), so the victim still gets its payload in a descriptor.
 #[test]
 fn a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads() {
-    if !is_root("a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads") {
+    if !is_root(
+        "a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads",
+        AS_OTHER,
+    ) {
         return;
     }
     // The broker's uid may have 96 descriptors in flight, the attacker 64.
@@ -1332,7 +1380,10 @@ fn a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads() {
 /// fault, and is not closed ("fatal closed" before).
 #[test]
 fn etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection() {
-    if !is_root("etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection") {
+    if !is_root(
+        "etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection",
+        AS_OTHER,
+    ) {
         return;
     }
     let (lines, _) = park_then_call(BROKER_UID + 1, 40, "256");
@@ -1350,7 +1401,10 @@ fn etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection() {
 /// receipt), and it reaches the caller, inline past the limit.
 #[test]
 fn descriptors_in_flight_do_not_get_another_users_answers_refused() {
-    if !is_root("descriptors_in_flight_do_not_get_another_users_answers_refused") {
+    if !is_root(
+        "descriptors_in_flight_do_not_get_another_users_answers_refused",
+        AS_OTHER,
+    ) {
         return;
     }
     let (lines, in_flight) = park_then_call(BROKER_UID + 2, 1000, "64");
@@ -1370,7 +1424,10 @@ fn descriptors_in_flight_do_not_get_another_users_answers_refused() {
 /// and counts them against the user until the peer reads them or closes.
 #[test]
 fn descriptors_unread_on_a_closed_connection_stay_counted_until_the_peer_lets_go() {
-    if !is_root("descriptors_unread_on_a_closed_connection_stay_counted_until_the_peer_lets_go") {
+    if !is_root(
+        "descriptors_unread_on_a_closed_connection_stay_counted_until_the_peer_lets_go",
+        AS_OTHER,
+    ) {
         return;
     }
     let broker_uid = BROKER_UID + 3;

@@ -11,16 +11,11 @@ use std::os::unix::process::CommandExt;
 
 use zrpc_io::fdpass::MAX_FDS_PER_MSG;
 use zrpc_tests::fuse::StuckFs;
-use zrpc_tests::{wait_registered, wait_until, Broker, Proc, WAIT};
+use zrpc_tests::{is_root, skipped, wait_registered, wait_until, Broker, Proc, WAIT};
 
 /// The hostile user, and another one.
 const HOSTILE: u32 = 65534;
 const VICTIM: u32 = 65533;
-
-fn skipped(test: &str, why: &str) {
-    let bar = "!".repeat(72);
-    eprintln!("\n{bar}\n!!! SKIPPED {test}: {why}\n{bar}\n");
-}
 
 /// `zrpc-test-peer ARGS` as uid `uid` (gid the same), against `b`.
 fn as_uid(b: &Broker, uid: u32, args: &[&str]) -> Proc {
@@ -48,12 +43,10 @@ struct StuckBroker {
 
 impl StuckBroker {
     fn start(test: &str, max_fds: &str) -> Option<StuckBroker> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            skipped(
-                test,
-                "needs root to mount a FUSE file system and switch uids",
-            );
+        if !is_root(
+            test,
+            "needs root to mount a FUSE file system and switch uids",
+        ) {
             return None;
         }
         let b = Broker::start_with(&["--max-fds", max_fds]);
@@ -210,9 +203,8 @@ fn descriptors_whose_close_blocks_are_bounded_per_user() {
 fn a_file_left_unread_in_a_closed_socket_is_dropped_without_a_flush() {
     const TEST: &str = "a_file_left_unread_in_a_closed_socket_is_dropped_without_a_flush";
     use std::os::fd::AsRawFd;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skipped(TEST, "needs root to mount a FUSE file system");
+    if !is_root(TEST, "needs root to mount a FUSE file system") {
+        return;
     }
     let fs = match StuckFs::mount() {
         Ok(fs) => fs,
@@ -371,9 +363,8 @@ impl Drop for PidsCgroup {
 #[test]
 fn descriptors_whose_closing_thread_could_not_start_are_closed_later() {
     const TEST: &str = "descriptors_whose_closing_thread_could_not_start_are_closed_later";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skipped(TEST, "needs root to limit zrpcd's tasks and switch uids");
+    if !is_root(TEST, "needs root to limit zrpcd's tasks and switch uids") {
+        return;
     }
     let b = Broker::start();
     let pid = b.proc.pid();
@@ -422,9 +413,8 @@ fn descriptors_whose_closing_thread_could_not_start_are_closed_later() {
 #[test]
 fn a_zero_fds_limit_does_not_refuse_connections() {
     const TEST: &str = "a_zero_fds_limit_does_not_refuse_connections";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skipped(TEST, "needs root to switch uids");
+    if !is_root(TEST, "needs root to switch uids") {
+        return;
     }
     let dir = zrpc_tests::TempDir::new();
     let policy = dir.path().join("policy.toml");

@@ -647,11 +647,10 @@ fn monitor_reconnects_after_a_broker_restart() {
 #[test]
 fn permission_denied_is_reported_as_such() {
     use std::os::unix::process::CommandExt;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
-            "SKIPPED permission_denied_is_reported_as_such: needs root to run as another uid"
-        );
+    if !zrpc_tests::is_root(
+        "permission_denied_is_reported_as_such",
+        "needs root to run zrpc as another uid",
+    ) {
         return;
     }
     let b = Broker::start_with(&["--socket-mode", "600"]);
