@@ -112,7 +112,9 @@ def test_cancelling_the_caller_task_cancels_the_call(sleeper, socket_dir):
         with pytest.raises(asyncio.CancelledError):
             await task
         # The broker passes the Cancel to the service.
+        deadline = time.monotonic() + 20
         while read(sleeper) != ["cancelled 20"]:
+            assert time.monotonic() < deadline, f"the handler was not cancelled: {read(sleeper)}"
             await asyncio.sleep(0.01)
         assert await c.call("sleeper", "echo", 1) == 1
         await c.close()

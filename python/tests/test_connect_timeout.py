@@ -379,14 +379,15 @@ def test_a_cancelled_aio_connect_closes_its_socket_at_once(socket_dir, kind):
             server = AioMute(name="mute", socket_dir=socket_dir, stop_on_signals=False, connect_timeout=5)
             task = asyncio.ensure_future(server.serve())
         held, _ = await asyncio.wait_for(loop.sock_accept(listener), 5)
-        await asyncio.sleep(0.05)  # the Hello is sent, its answer awaited
+        # The Hello has arrived: the client awaits its answer.
+        assert await asyncio.wait_for(loop.sock_recv(held, 4096), 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         held.setblocking(False)
         seen["eof"] = False
         try:
-            while not seen["eof"]:  # the Hello, then the end of the stream (if closed)
+            while not seen["eof"]:  # the rest of the Hello, then the end of the stream (if closed)
                 seen["eof"] = held.recv(4096) == b""
         except BlockingIOError:
             pass  # the client's end is still open
