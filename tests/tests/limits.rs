@@ -213,13 +213,16 @@ fn connecting_to_a_stopped_broker_with_a_full_backlog_is_bounded() {
     let blocking = by(until, move || {
         connect_blocking(&path, &hello_frame(1, "t"), short).map(|_| ())
     });
+    // The async connect fails at once (a non-blocking connect to a full
+    // backlog says EAGAIN): its timeout, far longer than `slow` below,
+    // tells that apart from waiting it out.
     let path = sock.clone();
     let on_tokio = by(until, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(connect(&path, &hello_frame(2, "t"), short))
+        rt.block_on(connect(&path, &hello_frame(2, "t"), 2 * WAIT))
             .map(|_| ())
     });
     // The client's connect has its own timeout (10 s by default).
