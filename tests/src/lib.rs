@@ -265,6 +265,9 @@ pub struct Broker {
     pub dir: TempDir,
     /// Extra flags it was started with.
     pub args: Vec<String>,
+    /// The file its log (standard error) goes to, if not the test's
+    /// standard error ([`Broker::start_logged`]).
+    pub log: Option<PathBuf>,
 }
 
 impl Broker {
@@ -275,15 +278,37 @@ impl Broker {
 
     /// Same, with extra command-line flags.
     pub fn start_with(args: &[&str]) -> Broker {
+        Self::start_in(TempDir::new(), args, None)
+    }
+
+    /// Same, with the broker's log (its standard error) written to a file
+    /// in its socket directory instead of the test's standard error, kept
+    /// across restarts: read it with [`Broker::log`], to wait for a line.
+    pub fn start_logged(args: &[&str]) -> Broker {
         let dir = TempDir::new();
-        let proc = spawn_broker(dir.path(), args);
+        let log = dir.path().join("zrpcd.log");
+        Self::start_in(dir, args, Some(log))
+    }
+
+    fn start_in(dir: TempDir, args: &[&str], log: Option<PathBuf>) -> Broker {
+        let proc = spawn_broker(dir.path(), args, log.as_deref());
         let mut b = Broker {
             proc,
             dir,
             args: args.iter().map(|s| s.to_string()).collect(),
+            log,
         };
         b.wait_ready();
         b
+    }
+
+    /// What the broker has logged so far, if started with
+    /// [`Broker::start_logged`] (else nothing).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     /// Kills the broker with `sig`, waits for it, and starts it again on the
@@ -298,7 +323,7 @@ impl Broker {
     /// process exited) and waits until it accepts.
     pub fn respawn(&mut self) {
         let args: Vec<&str> = self.args.iter().map(|s| s.as_str()).collect();
-        self.proc = spawn_broker(self.dir.path(), &args);
+        self.proc = spawn_broker(self.dir.path(), &args, self.log.as_deref());
         self.wait_ready();
     }
 
@@ -345,14 +370,28 @@ impl Broker {
     }
 }
 
-fn spawn_broker(dir: &Path, args: &[&str]) -> Proc {
+fn spawn_broker(dir: &Path, args: &[&str], log: Option<&Path>) -> Proc {
     let mut c = Command::new(bin("zrpcd"));
     c.arg("--socket-dir").arg(dir).args(args);
     c.env(
         "RUST_LOG",
         std::env::var("ZRPC_TEST_LOG").unwrap_or_else(|_| "warn".into()),
     );
-    Proc::spawn("zrpcd", c)
+    let Some(log) = log else {
+        return Proc::spawn("zrpcd", c);
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(file);
+    Proc {
+        child: c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start zrpcd: {e}")),
+        name: "zrpcd".into(),
+    }
 }
 
 /// Waits (bounded by [`WAIT`]) until the broker in `dir` lists `name` with

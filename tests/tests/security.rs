@@ -99,9 +99,15 @@ fn another_users_shared_name_cannot_be_joined() {
         return;
     }
     let b = Broker::start();
-    let _svc = b.spawn("zrpc-test-svc", &["--shared"]);
+    let svc = b.spawn("zrpc-test-svc", &["--shared"]);
     wait_registered(b.dir(), "echo", 1);
-    let line = other_says(&b, &["register", "--name", "echo", "--shared"]);
+    // Refused, the other user's peer stays connected and serves the name
+    // all the same ("HIJACKED"): a broker that let it join after all would
+    // route calls to it.
+    let mut joiner = other(&b, &["register", "--name", "echo", "--shared", "--stay"]);
+    let line = joiner
+        .read_until(|l| l.starts_with("ack"))
+        .unwrap_or_default();
     assert!(line.starts_with("ack access_denied"), "{line}");
     // Its own uid, not the holder's (private to those who may see every
     // connection's uid).
@@ -109,17 +115,42 @@ fn another_users_shared_name_cannot_be_joined() {
         line.contains("uid 65534") && !line.contains("uid 0"),
         "{line}"
     );
+    // The name stays root's alone: every call reaches root's service.
+    // Twenty calls in flight at once, each 50 ms long: the broker gives each
+    // to the instance with the fewest outstanding, so a second instance
+    // would get about half of them.
+    let mut r = Raw::hello(b.dir());
+    const CALLS: u64 = 20;
+    for id in 0..CALLS {
+        r.send(
+            &Envelope::Call {
+                id,
+                service: "echo",
+                method: "sleep",
+                timeout_ms: Some(10_000),
+                flags: 0,
+            },
+            b"\x32",
+        );
+    }
+    for _ in 0..CALLS {
+        let f = r.recv_frame().expect("result");
+        let Ok(Envelope::Result { id, code, message }) = f.decode() else {
+            panic!("expected a Result");
+        };
+        assert_eq!(code, None, "call {id}: {message}");
+        let pid: u32 = rmp_serde::from_slice(&f.payload)
+            .unwrap_or_else(|_| panic!("call {id} answered {:?}", &f.payload[..]));
+        assert_eq!(pid, svc.child.id(), "call {id} answered by another process");
+    }
     wait_registered(b.dir(), "echo", 1);
+    assert!(
+        joiner.child.try_wait().ok().flatten().is_none(),
+        "the refused peer's connection was closed: the check above proved nothing"
+    );
     // Calling it is still allowed for the other user.
     let line = other_says(&b, &["call", "--service", "echo", "--method", "pid"]);
     assert!(line.starts_with("result ok"), "{line}");
-    // And the name stays root's alone: every call reaches root's service.
-    let mut r = Raw::hello(b.dir());
-    for id in 0..20 {
-        let (code, msg, payload) = r.call(id, "echo", "echo", Some(10_000));
-        assert_eq!(code, None, "{msg}");
-        assert_ne!(&payload[..], b"\xa8HIJACKED");
-    }
 }
 
 #[test]
@@ -369,30 +400,109 @@ fn introspection_is_for_root_by_default() {
         return;
     }
     let b = Broker::start();
-    let _svc = b.spawn("zrpc-test-svc", &[]);
+    let svc = b.spawn("zrpc-test-svc", &[]);
     wait_registered(b.dir(), "echo", 1);
+    // A connection of the other user's that stays, holding a name.
+    let mut theirs = other(&b, &["register", "--name", "theirs"]);
+    let ack = theirs
+        .read_until(|l| l.starts_with("ack"))
+        .unwrap_or_default();
+    assert_eq!(ack, "ack ok");
     let line = other_says(&b, &["call", "--service", "zrpcd", "--method", "monitor"]);
     assert!(line.starts_with("result access_denied"), "{line}");
     assert!(
         line.contains("uid 65534") && line.contains("monitor"),
         "{line}"
     );
+    let field = |e: &rmpv::Value, k: &str| {
+        e.as_map()
+            .and_then(|m| m.iter().find(|(key, _)| key.as_str() == Some(k)))
+            .map(|(_, v)| v.clone())
+    };
+    let names = |e: &rmpv::Value| -> Vec<String> {
+        field(e, "names")
+            .and_then(|n| {
+                n.as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let uid = |e: &rmpv::Value| field(e, "uid").and_then(|v| v.as_u64());
     let line = other_says(&b, &["call", "--service", "zrpcd", "--method", "peers"]);
     assert!(line.starts_with("result ok"), "{line}");
     let peers = hex_payload(&line);
     let entries = peers.as_array().expect("array");
-    assert!(entries.len() >= 2, "{peers}");
-    let has = |e: &rmpv::Value, k: &str| {
-        e.as_map()
-            .is_some_and(|m| m.iter().any(|(key, _)| key.as_str() == Some(k)))
-    };
-    // Its own connection in full; root's without pid, uid or agent.
-    let full: Vec<_> = entries.iter().filter(|e| has(e, "pid")).collect();
-    assert_eq!(full.len(), 1, "{peers}");
-    assert!(entries.iter().all(|e| has(e, "names")), "{peers}");
-    // Root sees everything.
+    // Its own connections (the one holding "theirs", the one asking) in
+    // full; root's (the service) with the connection id and names only:
+    // no pid, uid, gid, agent or counters.
+    let (own, others): (Vec<_>, Vec<_>) = entries
+        .iter()
+        .partition(|e| uid(e) == Some(u64::from(OTHER)));
+    assert_eq!(own.len(), 2, "{peers}");
+    for e in &own {
+        for k in ["pid", "gid", "agent", "names", "conn_id"] {
+            assert!(field(e, k).is_some(), "no {k} in its own entry {e}");
+        }
+    }
+    assert!(
+        others.iter().any(|e| names(e) == ["echo"]),
+        "root's service not listed: {peers}"
+    );
+    for e in &others {
+        let mut keys: Vec<&str> = e
+            .as_map()
+            .expect("an entry is a map")
+            .iter()
+            .filter_map(|(k, _)| k.as_str())
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["conn_id", "names"], "another user's entry {e}");
+    }
+    // Root sees everything: every connection in full, the other user's
+    // included.
     let mut r = Raw::hello(b.dir());
-    assert_eq!(r.call(1, "zrpcd", "monitor", None).0, None);
+    let (code, msg, payload) = r.call(1, "zrpcd", "peers", None);
+    assert_eq!(code, None, "{msg}");
+    let all = rmpv::decode::read_value(&mut &payload[..]).expect("msgpack payload");
+    let entries = all.as_array().expect("array");
+    for e in entries {
+        for k in ["pid", "uid", "gid", "agent", "names", "conn_id"] {
+            assert!(field(e, k).is_some(), "root sees no {k} in {e}");
+        }
+    }
+    let of = |name: &str| {
+        entries
+            .iter()
+            .find(|e| names(e) == [name])
+            .unwrap_or_else(|| panic!("no connection holding {name:?} in {all}"))
+    };
+    let e = of("theirs");
+    assert_eq!(uid(e), Some(u64::from(OTHER)), "{e}");
+    assert_eq!(
+        field(e, "pid").and_then(|v| v.as_u64()),
+        Some(u64::from(theirs.child.id())),
+        "{e}"
+    );
+    assert_eq!(
+        field(e, "agent").as_ref().and_then(|v| v.as_str()),
+        Some("test"),
+        "{e}"
+    );
+    let e = of("echo");
+    assert_eq!(uid(e), Some(0), "{e}");
+    assert_eq!(
+        field(e, "pid").and_then(|v| v.as_u64()),
+        Some(u64::from(svc.child.id())),
+        "{e}"
+    );
+    assert!(
+        field(e, "agent").is_some_and(|v| v.as_str().is_some_and(|a| !a.is_empty())),
+        "{e}"
+    );
+    assert_eq!(r.call(2, "zrpcd", "monitor", None).0, None);
     let line = other_says(&b, &["call", "--service", "zrpcd", "--method", "stats"]);
     assert!(
         line.starts_with("result ok"),
@@ -431,6 +541,19 @@ method = "echo"
 users = ["*"]
 "#;
 
+/// [`CALL_POLICY`] the other way round: `echo.pid` for everyone, `echo.echo`
+/// for root only (which no policy at all would allow everyone).
+const CALL_POLICY_RELOADED: &str = r#"
+[[call]]
+service = "echo"
+method = "pid"
+users = ["*"]
+[[call]]
+service = "echo"
+method = "echo"
+users = ["root"]
+"#;
+
 #[test]
 fn call_rules_deny_with_a_typed_error_and_reload_on_sighup() {
     if !is_root(
@@ -440,7 +563,8 @@ fn call_rules_deny_with_a_typed_error_and_reload_on_sighup() {
         return;
     }
     let (pdir, path) = policy(CALL_POLICY);
-    let mut b = Broker::start_with(&["--policy", &path]);
+    // Its log in a file: the bad reload below is waited for by its line.
+    let mut b = Broker::start_logged(&["--policy", &path]);
     let _svc = b.spawn("zrpc-test-svc", &[]);
     wait_registered(b.dir(), "echo", 1);
     let line = other_says(&b, &["call", "--service", "echo", "--method", "pid"]);
@@ -463,37 +587,46 @@ fn call_rules_deny_with_a_typed_error_and_reload_on_sighup() {
     let mut root = Raw::hello(b.dir());
     assert_eq!(root.call(1, "echo", "pid", Some(10_000)).0, None);
 
-    // A new policy on SIGHUP: echo.pid for everyone. Connections stay.
-    std::fs::write(
-        pdir.path().join("policy.toml"),
-        CALL_POLICY.replace("[\"root\"]", "[\"*\"]"),
-    )
-    .expect("rewrite policy");
+    // A new policy on SIGHUP: echo.pid for everyone, echo.echo for root
+    // only. Connections stay.
+    std::fs::write(pdir.path().join("policy.toml"), CALL_POLICY_RELOADED).expect("rewrite policy");
     b.proc.signal(libc::SIGHUP);
+    let other_calls =
+        |method: &str| other_says(&b, &["call", "--service", "echo", "--method", method]);
     assert!(
-        wait_until(WAIT, || other_says(
-            &b,
-            &["call", "--service", "echo", "--method", "pid"]
-        )
-        .starts_with("result ok")),
-        "the reloaded policy did not take effect"
+        wait_until(WAIT, || other_calls("pid").starts_with("result ok")
+            && other_calls("echo").starts_with("result access_denied")),
+        "the reloaded policy did not take effect: {}",
+        b.log()
     );
     assert_eq!(
         root.call(2, "zrpcd", "ping", None).0,
         None,
         "root's connection stayed"
     );
-    // A broken file on reload keeps the policy in force.
+    assert_eq!(root.call(3, "echo", "echo", Some(10_000)).0, None);
+    // A broken file on reload keeps the policy in force: echo.echo stays
+    // denied to the other user (with no policy, or the first one, it would
+    // be allowed), once the broker has said it keeps the policy.
     let mut f = std::fs::File::create(pdir.path().join("policy.toml")).expect("policy");
     f.write_all(b"[[call]\nbroken").expect("write");
     drop(f);
     b.proc.signal(libc::SIGHUP);
-    // (Nothing to wait for: the broker handles the signal before the next
-    // accept; two more calls confirm it is alive and unchanged.)
-    for _ in 0..2 {
-        let line = other_says(&b, &["call", "--service", "echo", "--method", "pid"]);
-        assert!(line.starts_with("result ok"), "{line}");
-    }
+    assert!(
+        wait_until(WAIT, || b.log().contains(
+            "the policy file does not load; keeping the policy in force"
+        )),
+        "the bad reload was not handled (or not logged): {}",
+        b.log()
+    );
+    let line = other_calls("echo");
+    assert!(
+        line.starts_with("result access_denied") && line.contains("echo.echo"),
+        "a bad reload dropped the policy: {line}"
+    );
+    let line = other_calls("pid");
+    assert!(line.starts_with("result ok"), "{line}");
+    assert_eq!(root.call(4, "echo", "echo", Some(10_000)).0, None);
     assert!(
         b.proc.child.try_wait().ok().flatten().is_none(),
         "zrpcd still runs"
@@ -554,8 +687,88 @@ fn clients_and_services_refuse_another_users_broker() {
     if !is_root("clients_and_services_refuse_another_users_broker", AS_OTHER) {
         return;
     }
-    // The other user's broker, in a directory of theirs (the squatted
-    // /tmp/zrpc_sockets of old).
+    // The other user's "broker", in a directory of theirs (the squatted
+    // /tmp/zrpc_sockets of old): a plain listener, run as that user, that
+    // says how many bytes each connection sent it before closing.
+    let base = TempDir::new();
+    let dir = base.path().join("zrpc");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::os::unix::fs::chown(&dir, Some(OTHER), Some(OTHER)).expect("chown");
+    let sock = dir.join("zrpcd.sock");
+    let mut c = Command::new(bin("zrpc-test-peer"));
+    c.args(["listen", "--path"])
+        .arg(&sock)
+        .uid(OTHER)
+        .gid(OTHER);
+    let mut listener = Proc::spawn("zrpc-test-peer", c);
+    let out = listener.child.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || lines.recv_timeout(WAIT).unwrap_or_default();
+    assert_eq!(next(), "listening");
+    // Each refused connection: nothing was sent on it.
+    let nothing_sent = |who: &str| {
+        assert_eq!(
+            next(),
+            "conn read 0",
+            "{who} sent something to the untrusted broker"
+        );
+    };
+    // Root's clients: refused before anything is sent.
+    let err = zrpc_client::BlockingClient::connect_to(&dir).expect_err("untrusted broker");
+    assert!(
+        matches!(err, zrpc_client::Error::UntrustedBroker(_)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("runs as uid 65534"), "{err}");
+    nothing_sent("BlockingClient");
+    let err = zrpc_tests::runtime()
+        .block_on(zrpc_client::Client::connect_to(&dir))
+        .expect_err("untrusted broker");
+    assert!(
+        matches!(err, zrpc_client::Error::UntrustedBroker(_)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("runs as uid 65534"), "{err}");
+    nothing_sent("Client");
+    // Root's service: refuses to register there.
+    let mut svc = Command::new(bin("zrpc-test-svc"));
+    svc.env("ZRPC_SOCKET_DIR", &dir);
+    let (ok, err) = stderr_of(svc);
+    assert!(!ok, "{err}");
+    assert!(err.contains("refusing the zrpcd"), "{err}");
+    nothing_sent("Server");
+    // The CLI: exit code 11.
+    let out = Command::new(bin("zrpc"))
+        .env("ZRPC_SOCKET_DIR", &dir)
+        .args(["call", "zrpcd", "ping"])
+        .output()
+        .expect("zrpc");
+    assert_eq!(out.status.code(), Some(11), "{out:?}");
+    nothing_sent("zrpc");
+    // The listener does see what a client sends: one told to trust that
+    // uid says Hello (and fails when the listener closes).
+    let mut trusting = Command::new(bin("zrpc"));
+    trusting
+        .env("ZRPC_SOCKET_DIR", &dir)
+        .env("ZRPC_BROKER_UID", OTHER.to_string())
+        .args(["call", "zrpcd", "ping"]);
+    let _ = stderr_of(trusting);
+    let line = next();
+    assert!(
+        line.starts_with("conn read ") && line != "conn read 0",
+        "{line}"
+    );
+    drop(listener);
+    // Trusting that uid explicitly works, with the other user's real
+    // broker.
     let base = TempDir::new();
     let dir = base.path().join("zrpc");
     std::fs::create_dir(&dir).expect("mkdir");
@@ -569,27 +782,6 @@ fn clients_and_services_refuse_another_users_broker() {
             .is_ok()),
         "the other user's zrpcd did not start"
     );
-    // Root's client: refused before anything is sent.
-    let err = zrpc_client::BlockingClient::connect_to(&dir).expect_err("untrusted broker");
-    assert!(
-        matches!(err, zrpc_client::Error::UntrustedBroker(_)),
-        "{err:?}"
-    );
-    assert!(err.to_string().contains("runs as uid 65534"), "{err}");
-    // Root's service: refuses to register there.
-    let mut svc = Command::new(bin("zrpc-test-svc"));
-    svc.env("ZRPC_SOCKET_DIR", &dir);
-    let (ok, err) = stderr_of(svc);
-    assert!(!ok, "{err}");
-    assert!(err.contains("refusing the zrpcd"), "{err}");
-    // The CLI: exit code 11.
-    let out = Command::new(bin("zrpc"))
-        .env("ZRPC_SOCKET_DIR", &dir)
-        .args(["call", "zrpcd", "ping"])
-        .output()
-        .expect("zrpc");
-    assert_eq!(out.status.code(), Some(11), "{out:?}");
-    // Trusting that uid explicitly works.
     let out = Command::new(bin("zrpc"))
         .env("ZRPC_SOCKET_DIR", &dir)
         .env("ZRPC_BROKER_UID", OTHER.to_string())
@@ -1361,7 +1553,7 @@ fn a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads() {
         return;
     }
     // The broker's uid may have 96 descriptors in flight, the attacker 64.
-    let (lines, in_flight) = park_then_call(BROKER_UID, 96, "256");
+    let (lines, in_flight, _) = park_then_call(BROKER_UID, 96, "256");
     for line in lines {
         assert_eq!(
             line, "result ok fd 2097152",
@@ -1377,7 +1569,11 @@ fn a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads() {
 /// When the kernel refuses to pass more descriptors all the same (here
 /// the broker's `RLIMIT_NOFILE` of 40 is below the 64 one user may have
 /// in flight), the payloads go inline: the connection is not the one at
-/// fault, and is not closed ("fatal closed" before).
+/// fault, and is not closed ("fatal closed" before). Nothing else sends
+/// the victim's payload inline here (its user has nothing in flight, and
+/// all users together stay far below `--max-fds` 256, as in
+/// [`a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads`],
+/// where it comes in a descriptor), and the broker logs the refusal.
 #[test]
 fn etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection() {
     if !is_root(
@@ -1386,13 +1582,17 @@ fn etoomanyrefs_sends_the_payload_inline_instead_of_closing_the_connection() {
     ) {
         return;
     }
-    let (lines, _) = park_then_call(BROKER_UID + 1, 40, "256");
+    let (lines, _, log) = park_then_call(BROKER_UID + 1, 40, "256");
     for line in lines {
-        assert!(
-            line == "result ok fd 2097152" || line == "result ok inline 2097152",
-            "the victim's call failed while the broker could pass no descriptor: {line}"
+        assert_eq!(
+            line, "result ok inline 2097152",
+            "the victim's payload did not go inline while the broker could pass no descriptor: {log}"
         );
     }
+    assert!(
+        log.contains("(ETOOMANYREFS, RLIMIT_NOFILE); sending their payloads inline"),
+        "the broker did not log that the kernel refused descriptors (ETOOMANYREFS): {log}"
+    );
 }
 
 /// One user's descriptors in flight fill `--max-fds` (64, its quota
@@ -1407,7 +1607,7 @@ fn descriptors_in_flight_do_not_get_another_users_answers_refused() {
     ) {
         return;
     }
-    let (lines, in_flight) = park_then_call(BROKER_UID + 2, 1000, "64");
+    let (lines, in_flight, _) = park_then_call(BROKER_UID + 2, 1000, "64");
     for line in lines {
         assert!(
             line == "result ok fd 2097152" || line == "result ok inline 2097152",
@@ -1512,10 +1712,10 @@ fn descriptors_unread_on_a_closed_connection_stay_counted_until_the_peer_lets_go
 /// `--max-fds` `max_fds`, a quota of 64 descriptors per user; uid 65534 parks descriptors in 3
 /// never-reading clients (100 answers in memfds each), then uid 65533
 /// calls its own service, which answers 2 MiB in a memfd, 3 times.
-/// Returns the victim's calls' lines (`fd-get`) and the broker's
-/// `fds_in_flight` then; checks that it falls to 0 once the attacker is
-/// gone.
-fn park_then_call(broker_uid: u32, nofile: u32, max_fds: &str) -> (Vec<String>, u64) {
+/// Returns the victim's calls' lines (`fd-get`), the broker's
+/// `fds_in_flight` then and its log (at warn); checks that
+/// `fds_in_flight` falls to 0 once the attacker is gone.
+fn park_then_call(broker_uid: u32, nofile: u32, max_fds: &str) -> (Vec<String>, u64, String) {
     let base = TempDir::new();
     let dir = base.path().join("zrpc");
     std::fs::create_dir(&dir).expect("mkdir");
@@ -1530,7 +1730,13 @@ fn park_then_call(broker_uid: u32, nofile: u32, max_fds: &str) -> (Vec<String>, 
         .env("RUST_LOG", "warn")
         .uid(broker_uid)
         .gid(broker_uid);
-    let _broker = Proc::spawn("zrpcd", c);
+    let log = ShowLog(base.path().join("zrpcd.log"));
+    c.stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log.0).expect("log file"));
+    let _broker = Proc {
+        child: c.spawn().expect("start zrpcd"),
+        name: "zrpcd".into(),
+    };
     let sock = dir.join("zrpcd.sock");
     assert!(
         wait_until(WAIT, || std::os::unix::net::UnixStream::connect(&sock)
@@ -1585,5 +1791,18 @@ fn park_then_call(broker_uid: u32, nofile: u32, max_fds: &str) -> (Vec<String>, 
         gone,
         "{last} descriptors still counted in flight after the attacker left"
     );
-    (lines, parked)
+    let log = std::fs::read_to_string(&log.0).unwrap_or_default();
+    (lines, parked, log)
+}
+
+/// A broker's log file, written to the test's standard error if the test
+/// fails before it is read (it is shown then).
+struct ShowLog(std::path::PathBuf);
+
+impl Drop for ShowLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprint!("{}", std::fs::read_to_string(&self.0).unwrap_or_default());
+        }
+    }
 }

@@ -178,12 +178,18 @@ fn pings_are_answered() {
     assert_eq!(f.decode().expect("env"), Envelope::Pong { nonce: 42 });
 }
 
-/// SIGINT sent as soon as the socket accepts connections stops the broker
-/// cleanly: exit status 0 and the socket removed, every time (signal
-/// handling is installed before the socket is bound).
+/// SIGINT or SIGTERM (each every other start) sent as soon as the socket
+/// accepts connections stops the broker cleanly: exit status 0 and the
+/// socket removed, every time (signal handling is installed before the
+/// socket is bound).
 #[test]
 fn signal_right_after_start_exits_cleanly() {
     for i in 0..200 {
+        let (sig, name) = if i % 2 == 0 {
+            (libc::SIGINT, "SIGINT")
+        } else {
+            (libc::SIGTERM, "SIGTERM")
+        };
         let dir = zrpc_tests::TempDir::new();
         let sock = dir.path().join("zrpcd.sock");
         let mut c = Command::new(bin("zrpcd"));
@@ -198,9 +204,11 @@ fn signal_right_after_start_exits_cleanly() {
             assert!(t0.elapsed() < WAIT, "start {i}: zrpcd did not accept");
             std::hint::spin_loop();
         }
-        p.signal(libc::SIGINT);
-        let status = p.wait_exit(WAIT).expect("zrpcd exits on SIGINT");
-        assert!(status.success(), "start {i}: {status:?}");
-        assert!(!sock.exists(), "start {i}: socket left behind");
+        p.signal(sig);
+        let status = p
+            .wait_exit(WAIT)
+            .unwrap_or_else(|| panic!("start {i}: zrpcd did not exit on {name}"));
+        assert!(status.success(), "start {i}, {name}: {status:?}");
+        assert!(!sock.exists(), "start {i}, {name}: socket left behind");
     }
 }

@@ -14,19 +14,27 @@
 //!        "event <service>.<method>" per call event; stays
 //! zrpc-test-peer flood --count N [--register NAME] [--conns C]
 //!     -> "flooded" once N pings are written (pongs never read); stays
-//! zrpc-test-peer register --name N [--shared] [--instance I]
+//! zrpc-test-peer register --name N [--shared] [--instance I] [--stay]
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
 //!        every request with the string "HIJACKED" and printing
 //!        "request <service>.<method> uid <caller uid>", until killed
 //!        (with --stall: never reads again after "ack ok"; with --silent:
 //!        answers only calls of the method "cancels", with the number of
-//!        `Cancel` frames it received, and prints nothing more)
+//!        `Cancel` frames it received, and prints nothing more; with
+//!        --stay: after a refusal too, staying connected and serving
+//!        whatever the broker sends it, until killed or closed, then
+//!        "fatal closed")
 //! zrpc-test-peer register-many --prefix P --count N [--cycle]
 //!     -> registers P0, P1, ... P<N-1> on one connection, one at a time,
 //!        stopping at the first refusal, which it prints as
 //!        "ack <code> <message>" (with --cycle: then unregisters them all
 //!        and registers them again); then "registered K" with the names it
 //!        holds; stays (answering pings) until killed
+//! zrpc-test-peer listen --path P
+//!     -> a plain listening socket at P (not a broker): "listening", then
+//!        per connection accepted "conn read <N>", N the bytes of its first
+//!        read (0: the peer closed its end without sending anything), and
+//!        closes it
 //! zrpc-test-peer page --method list|peers [--limit N]
 //!     -> pages through zrpcd.<method> ({"after", "limit"} payloads):
 //!        "paged <entries> in <pages> pages", or the failed call's
@@ -221,6 +229,12 @@ enum Cmd {
         #[arg(long)]
         cycle: bool,
     },
+    /// A plain listener at PATH: how many bytes each connection sent
+    /// before closing (its first read).
+    Listen {
+        #[arg(long)]
+        path: String,
+    },
     /// Page through zrpcd.METHOD.
     Page {
         #[arg(long)]
@@ -246,6 +260,10 @@ enum Cmd {
         /// delivered).
         #[arg(long)]
         silent: bool,
+        /// After a refusal, stay connected and serve anyway (so that a
+        /// broker that let it join the name after all routes calls to it).
+        #[arg(long)]
+        stay: bool,
     },
 }
 
@@ -321,6 +339,16 @@ fn main() {
             cycle,
         } => names::register_many(&prefix, count, cycle),
         Cmd::Page { method, limit } => names::page(&method, limit),
+        Cmd::Listen { path } => {
+            let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+            say("listening");
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut buf = [0u8; 4096];
+                let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
+                say(&format!("conn read {n}"));
+            }
+        }
         Cmd::JunkTogether {
             path,
             count,
@@ -523,6 +551,7 @@ fn main() {
             instance,
             stall,
             silent,
+            stay,
         } => {
             let mut r = connect(instance);
             let mut cancels: u64 = 0;
@@ -550,7 +579,12 @@ fn main() {
                         ..
                     }) => {
                         say(&format!("ack {c} {message}"));
-                        return;
+                        if !stay {
+                            return;
+                        }
+                        // Until killed: no read timeout (a refused
+                        // connection is sent nothing, not even pings).
+                        let _ = r.s.set_read_timeout(None);
                     }
                     Ok(Envelope::Cancel { .. }) => cancels += 1,
                     Ok(Envelope::Request { id, method, .. }) if silent && method == "cancels" => {
@@ -588,6 +622,9 @@ fn main() {
                     Ok(Envelope::Ping { nonce }) => r.send(&Envelope::Pong { nonce }, b""),
                     _ => {}
                 }
+            }
+            if stay {
+                say("fatal closed");
             }
         }
     }
