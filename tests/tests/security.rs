@@ -865,7 +865,7 @@ fn one_user_cannot_fill_the_broker_with_unread_frames() {
     // Each connection may queue 64 MiB (the default), the user only
     // 200,000 bytes in all.
     let (_p, path) = policy("[quota]\nqueued_bytes = 200000\n");
-    let b = Broker::start_with(&["--policy", &path]);
+    let b = Broker::start_logged(&["--policy", &path]);
     let before = zrpc_tests::broker_stat(b.dir(), "connections");
     // Three connections that send pings and never read the pongs: past
     // their socket buffers, pongs queue in the broker.
@@ -880,6 +880,12 @@ fn one_user_cannot_fill_the_broker_with_unread_frames() {
         wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "connections")
             < before + 3),
         "no flooding connection was closed"
+    );
+    // For the user's quota, not a connection's limit (64 MiB here).
+    assert!(
+        wait_until(WAIT, || b.log().contains(QUEUED_QUOTA_CLOSE)),
+        "no connection closed for the queued_bytes quota:\n{}",
+        b.log()
     );
     // Another user is unaffected.
     let (_, out) = as_uid(
@@ -1491,7 +1497,7 @@ fn a_users_services_cannot_hold_unread_frames_past_its_quota() {
     // may pass it by the headers of requests they were sent.
     let (_p, path) = policy("[quota]\nqueued_bytes = 200000\n");
     // (No heartbeat cut-off within the test: the services never answer.)
-    let b = Broker::start_with(&[
+    let b = Broker::start_logged(&[
         "--policy",
         &path,
         "--max-queued-bytes",
@@ -1524,7 +1530,18 @@ fn a_users_services_cannot_hold_unread_frames_past_its_quota() {
         "no flooding service was disconnected: {} bytes queued",
         zrpc_tests::broker_stat(b.dir(), "queued_bytes")
     );
+    // For the user's quota: each connection is under its own limit.
+    assert!(
+        wait_until(WAIT, || b.log().contains(QUEUED_QUOTA_CLOSE)),
+        "no service disconnected for the queued_bytes quota:\n{}",
+        b.log()
+    );
 }
+
+/// What zrpcd logs when it closes a connection of a user past its
+/// `queued_bytes` quota of 200,000 bytes (the policy of the tests above).
+const QUEUED_QUOTA_CLOSE: &str =
+    "more than its per-user quota of 200000 (queued_bytes in [quota] of the policy)";
 
 /// The uid the broker runs as in [`a_user_cannot_park_the_brokers_descriptors_in_sockets_it_never_reads`],
 /// the next ones in the tests after it (not root: the kernel's limit on
