@@ -264,6 +264,20 @@ fn a_refused_registration_does_not_name_another_users_uid() {
     let (code, msg) = register(&mut Raw::hello(b.dir()), "private", true);
     assert_eq!(code, Some(ErrorCode::AccessDenied), "{msg}");
     assert!(msg.contains("uid 65533"), "{msg}");
+    drop(holder);
+
+    // So is a user the policy lets see `zrpcd.peers` in full.
+    let (_p, path) = policy("[introspect]\npeers = { users = [65534] }\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    let mut holder = as_uid(&b, 65533, &["register", "--name", "private", "--shared"]);
+    let ack = holder.read_until(|l| l.starts_with("ack")).expect("ack");
+    assert_eq!(ack, "ack ok");
+    let line = other_says(&b, &["register", "--name", "private", "--shared"]);
+    assert!(line.starts_with("ack access_denied"), "{line}");
+    assert!(
+        line.contains("uid 65533"),
+        "not told whose name it is: {line}"
+    );
 }
 
 #[test]
