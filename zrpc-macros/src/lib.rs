@@ -40,8 +40,9 @@ use syn::{
 /// `impl zrpc_service::Service for Type`.
 ///
 /// Options: `#[service(name = "custom")]` sets the service name; by default
-/// it is the type name converted from CamelCase to snake_case
-/// (`TestServer` becomes `test_server`).
+/// it is the type name converted from CamelCase to snake_case by the
+/// original Python zrpc's rule (`TestServer` becomes `test_server`,
+/// `HTTPServer` becomes `httpserver`: see `zrpc_proto::to_snake_case`).
 ///
 /// Supported method shapes (sync or `async fn`):
 ///
@@ -668,12 +669,12 @@ mod tests {
     fn snake() {
         for (a, b) in [
             ("TestServer", "test_server"),
-            ("HTTPServer", "http_server"),
+            ("HTTPServer", "httpserver"),
             ("MyClass", "my_class"),
             ("A", "a"),
             ("Server2Go", "server2_go"),
             ("already_snake", "already_snake"),
-            ("My_Type", "my_type"),
+            ("My_Type", "my__type"),
         ] {
             assert_eq!(zrpc_proto::to_snake_case(a), b, "{a}");
         }

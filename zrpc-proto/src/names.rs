@@ -29,31 +29,27 @@ pub fn validate_name(name: &str) -> Result<(), ProtoError> {
 }
 
 /// Converts a CamelCase name to snake_case, the way service names are
-/// derived from type names: `TestServer` -> `test_server`, `MyClass` ->
-/// `my_class`, `HTTPServer` -> `http_server`. Shared by `zrpc-service` (at
-/// run time) and its `#[service]` macro (at compile time).
+/// derived from type names, by the original Python zrpc's rule (so that a
+/// service keeps its name when it moves from Python to Rust): an
+/// underscore before each run of capitals, underscores at either end
+/// dropped, then lower case. `TestServer` -> `test_server`, `MyClass` ->
+/// `my_class`, `HTTPServer` -> `httpserver`, `MyHTTPServer` ->
+/// `my_httpserver`, `HttpServer` -> `http_server`. Shared by
+/// `zrpc-service` (at run time) and its `#[service]` macro (at compile
+/// time); the Python package applies the same rule.
 pub fn to_snake_case(s: &str) -> String {
-    let chars: Vec<char> = s.chars().collect();
+    // Python: re.sub('([A-Z]+)', r'_\1', name).strip('_').lower()
     let mut out = String::with_capacity(s.len() + 4);
-    for (i, &c) in chars.iter().enumerate() {
-        if c.is_uppercase() {
-            if i > 0 {
-                let prev = chars[i - 1];
-                let next_lower = chars.get(i + 1).is_some_and(|n| n.is_lowercase());
-                if prev != '_'
-                    && (prev.is_lowercase()
-                        || prev.is_ascii_digit()
-                        || (prev.is_uppercase() && next_lower))
-                {
-                    out.push('_');
-                }
-            }
-            out.extend(c.to_lowercase());
-        } else {
-            out.push(c);
+    let mut in_run = false;
+    for c in s.chars() {
+        let upper = c.is_ascii_uppercase();
+        if upper && !in_run {
+            out.push('_');
         }
+        in_run = upper;
+        out.push(c);
     }
-    out
+    out.trim_matches('_').to_lowercase()
 }
 
 #[cfg(test)]
@@ -64,8 +60,21 @@ mod tests {
     fn snake_case() {
         assert_eq!(to_snake_case("TestServer"), "test_server");
         assert_eq!(to_snake_case("MyClass"), "my_class");
-        assert_eq!(to_snake_case("HTTPServer"), "http_server");
         assert_eq!(to_snake_case("echo"), "echo");
+        // The original Python zrpc's rule, acronyms included.
+        for (a, b) in [
+            ("HTTPServer", "httpserver"),
+            ("MyHTTPServer", "my_httpserver"),
+            ("HttpServer", "http_server"),
+            ("XMLRpcThing", "xmlrpc_thing"),
+            ("Server2Go", "server2_go"),
+            ("A", "a"),
+            ("My_Type", "my__type"),
+            ("_Private", "private"),
+            ("already_snake", "already_snake"),
+        ] {
+            assert_eq!(to_snake_case(a), b, "{a}");
+        }
     }
 
     #[test]

@@ -569,7 +569,7 @@ mod tests {
     #[test]
     fn snake_case() {
         assert_eq!(to_snake_case("TestServer"), "test_server");
-        assert_eq!(to_snake_case("HTTPServer"), "http_server");
+        assert_eq!(to_snake_case("HTTPServer"), "httpserver");
         assert_eq!(to_snake_case("MyClass"), "my_class");
         assert_eq!(to_snake_case("x"), "x");
     }
