@@ -64,19 +64,13 @@ def valid_name(name: str) -> bool:
 
 
 def snake_case(name: str) -> str:
-    """CamelCase to snake_case, as zrpc-proto's ``to_snake_case``: ``TestServer`` -> ``test_server``, ``HTTPServer`` -> ``http_server``."""
-    out = []
-    for i, c in enumerate(name):
-        if c.isupper():
-            prev_lower = i > 0 and (name[i - 1].islower() or name[i - 1].isdigit())
-            next_lower = i + 1 < len(name) and name[i + 1].islower()
-            prev_upper = i > 0 and name[i - 1].isupper()
-            if i > 0 and (prev_lower or (prev_upper and next_lower)) and out and out[-1] != "_":
-                out.append("_")
-            out.append(c.lower())
-        else:
-            out.append(c)
-    return "".join(out)
+    """A class name as a service name, by the original zrpc's rule (and zrpc-proto's ``to_snake_case``):
+    ``_`` before every run of capitals, ``_`` stripped at both ends, lower case.
+
+    ``TestServer`` -> ``test_server``, ``HTTPServer`` -> ``httpserver``,
+    ``MyHTTPServer`` -> ``my_httpserver``, ``Server2Go`` -> ``server2_go``.
+    """
+    return re.sub("([A-Z]+)", r"_\1", name).strip("_").lower()
 
 
 def resolve_socket_dir(explicit: Optional[str] = None) -> str:
@@ -566,7 +560,7 @@ class CallTable:
                 "the payload of %d bytes exceeds the broker's maximum message size of %d bytes"
                 % (len(data), max_message_size), service=service, method=method)
         if timeout is not None and timeout < 0:
-            timeout = 0
+            timeout = None  # as the original zrpc: a negative timeout waits indefinitely
         deadline = None if timeout is None or timeout * 1000 > MAX_TIMEOUT_MS else time.monotonic() + timeout
         flags = (NO_WAIT if no_wait else 0) | (NO_RETRY if no_retry else 0)
         call = PendingCall(self.next_id, service, method, data, deadline, flags)

@@ -183,7 +183,8 @@ class Client:
              *, no_wait: bool = False, no_retry: bool = False) -> Any:
         """Calls ``method`` of ``service`` with ``payload``; returns the decoded return value.
 
-        ``timeout`` is in seconds; ``None`` waits indefinitely; on expiry
+        ``timeout`` is in seconds; ``None`` (or a negative number, as in the
+        original zrpc) waits indefinitely; on expiry
         :class:`zrpc.errors.RPCTimeoutError` is raised. ``no_wait``: fail at
         once with :class:`zrpc.errors.NoSuchServiceError` when no service
         holds the name (instead of waiting for one). ``no_retry``: do not

@@ -3,6 +3,12 @@
 Every exception derives from :class:`ZRPCError`. Errors that the broker or a
 service reports carry the wire error ``code`` (see ``docs/protocol.md``,
 "Error codes"); local errors (connection, encoding) have ``code = None``.
+
+Two intermediate bases keep the original zrpc's hierarchy (its names are in
+:mod:`zrpc.exceptions`): :class:`RPCError`, the base of every error a call
+can fail with (a timeout, the handler's exception, ...), and
+:class:`SerializationError`, the base of :class:`EncodeError` and
+:class:`DecodeError`.
 """
 
 from typing import Any, Optional
@@ -65,6 +71,13 @@ class ZRPCError(Exception):
     #: (when it refused a connection, for instance: ``--max-connections``).
     fatal: bool = False
 
+    #: The bare text the broker or the service sent, for an error received from them
+    #: (``None`` for local errors): ``str(e)`` and :attr:`message` add the service and
+    #: method before it and the code's name after it. For a :class:`RemoteError` it is
+    #: the handler's exception as the original zrpc's ``str(RPCError)`` gave it:
+    #: ``"ValueError: bad thing 1"``.
+    remote_message: Optional[str] = None
+
     def __init__(self, message: str = "", code: Optional[int] = None,
                  service: Optional[str] = None, method: Optional[str] = None):
         super().__init__(message)
@@ -75,7 +88,28 @@ class ZRPCError(Exception):
         self.method = method
 
 
-class RPCTimeoutError(ZRPCError):
+class RPCError(ZRPCError):
+    """Base class of the errors a call can fail with (the original zrpc's ``RPCError``).
+
+    ``except RPCError`` catches, as in the original, a timeout
+    (:class:`RPCTimeoutError`) and the handler's exception (:class:`RemoteError`), and
+    also zrpc's other failures of a call: :class:`NoSuchServiceError`,
+    :class:`NoSuchMethodError`, :class:`BadPayloadError`, :class:`InvalidNameError`,
+    :class:`ServiceGoneError`, :class:`ShutdownError`, :class:`ProtocolError`,
+    :class:`LimitExceededError`, :class:`CancelledError`, :class:`AccessDeniedError`,
+    :class:`DisconnectedError` and :class:`BrokerError`. Not: :class:`ConnectError`
+    and :class:`SerializationError` (separate in the original too), nor the errors of
+    connecting (:class:`VersionMismatchError`, :class:`UntrustedBrokerError`) and of a
+    server's name (:class:`NameTakenError`, :class:`NotRegisteredError`); catch
+    :class:`ZRPCError` for everything.
+    """
+
+
+class SerializationError(ZRPCError):
+    """Base class of :class:`EncodeError` and :class:`DecodeError` (the original zrpc's ``SerializationError``)."""
+
+
+class RPCTimeoutError(RPCError):
     """The call's deadline passed (the original zrpc's ``RPCTimeoutError``).
 
     ``no_service`` is true when the broker reports that no service held the
@@ -90,31 +124,35 @@ class RPCTimeoutError(ZRPCError):
         return self.code == TIMEOUT_NO_SERVICE
 
 
-class NoSuchServiceError(ZRPCError):
+class NoSuchServiceError(RPCError):
     """No service holds the name, and the call was made with ``no_wait``: it
     was never delivered."""
 
     code = NO_SUCH_SERVICE
 
 
-class NoSuchMethodError(ZRPCError):
+class NoSuchMethodError(RPCError):
     """The service has no method of that name."""
 
     code = NO_SUCH_METHOD
 
 
-class RemoteError(ZRPCError):
+class RemoteError(RPCError):
     """The handler raised an exception (or the Rust handler returned an error or panicked).
 
     ``value`` is the error value a Rust handler sent beside the message (its
     ``Serialize`` error type, e.g. the string ``"DivisionByZero"`` for a unit
     enum variant), or ``None``.
+
+    ``str(e)`` is ``"service.method: ValueError: bad thing 1 (Remote)"``;
+    :attr:`remote_message` is the handler's text alone, ``"ValueError: bad thing 1"``
+    (what the original zrpc's ``str(RPCError)`` was).
     """
 
     code = REMOTE
 
 
-class BadPayloadError(ZRPCError):
+class BadPayloadError(RPCError):
     """The service could not decode the call's arguments."""
 
     code = BAD_PAYLOAD
@@ -126,20 +164,20 @@ class NameTakenError(ZRPCError):
     code = NAME_TAKEN
 
 
-class InvalidNameError(ZRPCError):
+class InvalidNameError(RPCError):
     """A service or method name breaks the naming rules."""
 
     code = INVALID_NAME
 
 
-class ServiceGoneError(ZRPCError):
+class ServiceGoneError(RPCError):
     """The service instance handling a ``no_retry`` call disconnected (or a
     ``no_wait`` call's, with no other instance of the name): it may have run."""
 
     code = SERVICE_GONE
 
 
-class ShutdownError(ZRPCError):
+class ShutdownError(RPCError):
     """The broker is shutting down: it did not finish a ``no_retry`` call (others are
     resubmitted to the next broker instead), or it refused a new connection.
 
@@ -151,7 +189,7 @@ class ShutdownError(ZRPCError):
     code = SHUTDOWN
 
 
-class ProtocolError(ZRPCError):
+class ProtocolError(RPCError):
     """The broker or this library detected a protocol violation."""
 
     code = PROTOCOL
@@ -163,13 +201,13 @@ class VersionMismatchError(ZRPCError):
     code = VERSION_MISMATCH
 
 
-class LimitExceededError(ZRPCError):
+class LimitExceededError(RPCError):
     """A configured limit was hit, e.g. a payload larger than the broker's maximum message size."""
 
     code = LIMIT_EXCEEDED
 
 
-class CancelledError(ZRPCError):
+class CancelledError(RPCError):
     """The call was cancelled."""
 
     code = CANCELLED
@@ -181,7 +219,7 @@ class NotRegisteredError(ZRPCError):
     code = NOT_REGISTERED
 
 
-class AccessDeniedError(ZRPCError):
+class AccessDeniedError(RPCError):
     """The broker's access policy refuses the call, the registration or the built-in method."""
 
     code = ACCESS_DENIED
@@ -198,19 +236,19 @@ class UntrustedBrokerError(ZRPCError):
     """
 
 
-class DisconnectedError(ZRPCError):
+class DisconnectedError(RPCError):
     """The connection to the broker was lost while a ``no_retry`` call was on the broker, or the client was closed."""
 
 
-class EncodeError(ZRPCError):
+class EncodeError(SerializationError):
     """The payload could not be encoded as MessagePack."""
 
 
-class DecodeError(ZRPCError):
+class DecodeError(SerializationError):
     """A payload from the broker could not be decoded as exactly one MessagePack value."""
 
 
-class BrokerError(ZRPCError):
+class BrokerError(RPCError):
     """Any other error code from the broker (codes this version does not know)."""
 
 
@@ -242,4 +280,6 @@ def from_code(code: int, message: str, service: Optional[str] = None,
     if service is not None:
         where = "%s.%s: " % (service, method) if method else "%s: " % service
     text = "%s%s (%s)" % (where, message, code_name(code))
-    return cls(text, code=code, service=service, method=method)
+    e = cls(text, code=code, service=service, method=method)
+    e.remote_message = message
+    return e

@@ -57,7 +57,9 @@ class Server(_service.ServerBase):
     """A zrpc service: subclass it and mark methods with :func:`rpc_method`.
 
     ``name``: the service name; ``None`` derives it from the class name
-    (CamelCase to snake_case: ``MyClass`` -> ``my_class``). ``socket_dir``:
+    by the original zrpc's rule (``_`` before each run of capitals, then
+    lower case: ``MyClass`` -> ``my_class``, ``MyHTTPServer`` ->
+    ``my_httpserver``). ``socket_dir``:
     the broker's socket directory, resolved as in :class:`zrpc.client.Client`.
     ``shared``: register the name shared, so that several instances split the
     calls. ``reply_cache``: bound on cached replies (0 disables the cache).

@@ -1,0 +1,74 @@
+"""``python -m zrpc SERVICE METHOD [PAYLOAD]``: the original zrpc's command line, on this client.
+
+As the original's (``zrpc/__main__.py`` of zrpc 0.1): ``PAYLOAD`` is a Python
+literal (``ast.literal_eval``: ``"{'a': [1, 2]}"``, ``42``, ``"'text'"``; none
+sends ``None``), the call waits as long as it takes, the result is printed
+with ``print()``, and an error is logged (``ERROR:root:...`` on standard
+error; a handler's exception as its bare text, ``ValueError: ...``). ``-d``
+turns on debug logs. Unlike the original, a failed call exits with status 1
+(the original exited 0). The broker's socket directory is found as by
+:class:`zrpc.client.Client` (``$ZRPC_SOCKET_DIR``, ...).
+
+The Rust ``zrpc`` tool does more (``zrpc call SERVICE METHOD JSON``, ``zrpc
+list``, timeouts, ``--json``, ...).
+"""
+
+import argparse
+import ast
+import logging
+import sys
+
+from . import errors
+from .client import Client
+
+
+def main(argv=None) -> int:
+    """Runs the command line with ``argv`` (``sys.argv[1:]`` if ``None``); returns the exit status."""
+    try:
+        args = parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
+        call(args.service, args.method, args.payload)
+    except Exception as exc:
+        if isinstance(exc, errors.RemoteError) and exc.remote_message is not None:
+            logging.error(exc.remote_message)
+        else:
+            logging.error(exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The original's arguments: ``[-d] SERVICE METHOD [PAYLOAD]``."""
+    parser = argparse.ArgumentParser(prog='zrpc',
+                                     description='CLI interface for ZRPC')
+
+    parser.add_argument('-d', '--debug',
+                        help='Turn on debug logs',
+                        action='store_true')
+    parser.add_argument('service',
+                        help='Service name',
+                        metavar='SERVICE')
+    parser.add_argument('method',
+                        help='Method to call',
+                        metavar='METHOD')
+    parser.add_argument('payload',
+                        help='Payload to send [python object]',
+                        metavar='PAYLOAD',
+                        nargs='?',
+                        type=ast.literal_eval,
+                        default=None)
+
+    return parser.parse_args(argv)
+
+
+def call(service, method, payload) -> None:
+    """Calls ``service.method`` with ``payload`` (no timeout) and prints the result."""
+    with Client() as client:
+        response = client.call(service, method, payload)
+    print(response)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
