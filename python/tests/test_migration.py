@@ -183,6 +183,36 @@ def test_zrpc_base_error_catches_connect_and_serialization_errors(socket_dir, br
 
 # -- negative timeouts ------------------------------------------------------
 
+def test_run_once_with_a_negative_timeout_waits_for_an_event(broker):
+    # The original's run_once(timeout<0) polled without a bound (zmq).
+    import os
+    import threading
+
+    class Waiter(Server):
+        pass
+
+    s = Waiter()
+    r, w = os.pipe()
+    s.register(r, lambda: os.read(r, 1))
+    out = {}
+
+    def run():
+        out["handled"] = s.run_once(timeout=-1)
+        out["at"] = time.monotonic()
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.2)  # the behaviour under test: nothing happens for a while
+    written = time.monotonic()
+    os.write(w, b"x")
+    t.join(10)
+    assert not t.is_alive()
+    assert out["handled"] is True
+    assert out["at"] >= written, "run_once(-1) returned before the event"
+    os.close(r)
+    os.close(w)
+
+
 def test_negative_timeout_waits_indefinitely(my_class):
     t0 = time.monotonic()
     assert my_class.call("my_class", "slow", 0.3, timeout=-1) == "slept 0.3"

@@ -472,11 +472,14 @@ class Server(_service.ServerBase):
     def run_once(self, timeout: Optional[float] = None) -> bool:
         """Waits for one event (a request or a readable registered descriptor) and handles it.
 
-        ``timeout`` in seconds bounds the wait (``None``: wait until an event).
-        Returns whether an event was handled. Pings, cancels and reconnecting
-        are handled on the way and are not events.
+        ``timeout`` in seconds bounds the wait (``None``, or a negative value
+        as with the original zrpc: wait until an event). Returns whether an
+        event was handled. Pings, cancels and reconnecting are handled on the
+        way and are not events.
         """
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        if timeout is not None and timeout < 0:
+            timeout = None
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._sock is None:
                 self._try_connect()
