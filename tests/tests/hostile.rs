@@ -696,38 +696,14 @@ fn parked_calls_cancelled_newest_first_all_end() {
     assert_eq!(next_result(&mut c), (1, None, String::new()));
 }
 
-/// A broker whose log (stderr, at warn) goes to a file: its directory,
-/// the file, the process.
-fn broker_logging_to_a_file(
-    args: &[&str],
-) -> (zrpc_tests::TempDir, std::path::PathBuf, zrpc_tests::Proc) {
-    let dir = zrpc_tests::TempDir::new();
-    let log = dir.path().join("zrpcd.log");
-    let mut cmd = std::process::Command::new(zrpc_tests::bin("zrpcd"));
-    cmd.arg("--socket-dir")
-        .arg(dir.path())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"));
-    let broker = zrpc_tests::Proc {
-        child: cmd.spawn().expect("start zrpcd"),
-        name: "zrpcd".into(),
-    };
-    let sock = dir.path().join("zrpcd.sock");
-    assert!(wait_until(WAIT, || {
-        std::os::unix::net::UnixStream::connect(&sock).is_ok()
-    }));
-    (dir, log, broker)
-}
-
 /// Stops the broker, then counts the warnings in its log that contain
 /// `what`.
-fn warnings_logged(mut broker: zrpc_tests::Proc, log: &std::path::Path, what: &str) -> usize {
-    broker.signal(libc::SIGTERM);
-    assert!(broker.wait_exit(WAIT).is_some(), "zrpcd did not exit");
-    let text = std::fs::read_to_string(log).expect("read the log");
-    text.lines()
+fn warnings_logged(broker: &mut Broker, what: &str) -> usize {
+    broker.proc.signal(libc::SIGTERM);
+    assert!(broker.proc.wait_exit(WAIT).is_some(), "zrpcd did not exit");
+    broker
+        .log()
+        .lines()
         .filter(|l| l.contains("WARN") && l.contains(what))
         .count()
 }
@@ -739,8 +715,8 @@ fn warnings_logged(mut broker: zrpc_tests::Proc, log: &std::path::Path, what: &s
 /// rate limit, which then dropped zrpcd's other lines).
 #[test]
 fn a_flood_of_bad_connections_logs_a_handful_of_warnings() {
-    let (dir, log, broker) = broker_logging_to_a_file(&[]);
-    let sock = dir.path().join("zrpcd.sock");
+    let mut b = Broker::start_logged(&[]);
+    let sock = b.socket();
     const BAD: u64 = 2000;
     for _ in 0..BAD {
         let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
@@ -748,10 +724,10 @@ fn a_flood_of_bad_connections_logs_a_handful_of_warnings() {
         let _ = s.write_all(b"\x00\x00\x00\x01\x00\x00\x00\x01\xc1");
     }
     assert!(
-        wait_until(WAIT, || broker_stat(dir.path(), "protocol_errors") == BAD),
+        wait_until(WAIT, || broker_stat(b.dir(), "protocol_errors") == BAD),
         "not every bad connection was closed for a protocol error"
     );
-    let warnings = warnings_logged(broker, &log, "closing connection");
+    let warnings = warnings_logged(&mut b, "closing connection");
     assert!(
         (1..=3).contains(&warnings),
         "{warnings} 'closing connection' warnings for {BAD} bad connections"
@@ -763,10 +739,10 @@ fn a_flood_of_bad_connections_logs_a_handful_of_warnings() {
 /// all connections together.
 #[test]
 fn a_refusal_on_each_of_many_connections_logs_a_handful_of_warnings() {
-    let (dir, log, broker) = broker_logging_to_a_file(&["--max-names", "0"]);
+    let mut b = Broker::start_logged(&["--max-names", "0"]);
     const REFUSED: usize = 500;
     for i in 0..REFUSED {
-        let mut r = Raw::hello(dir.path());
+        let mut r = Raw::hello(b.dir());
         r.send(
             &Envelope::Register {
                 req: 1,
@@ -783,7 +759,7 @@ fn a_refusal_on_each_of_many_connections_logs_a_handful_of_warnings() {
         };
         assert_eq!(code, Some(ErrorCode::LimitExceeded));
     }
-    let warnings = warnings_logged(broker, &log, "refused");
+    let warnings = warnings_logged(&mut b, "refused");
     assert!(
         (1..=3).contains(&warnings),
         "{warnings} 'refused' warnings for {REFUSED} connections refused once each"
