@@ -500,9 +500,9 @@ impl Broker {
         let busy = t.requests_in_hand() >= crate::queue::FLUSH_EVERY_FRAMES;
         t.deliver();
         self.out.enqueue_for(t.io(), &env, payload, busy);
-        if let Some(p) = self.pending.get_mut(bid) {
-            p.set_stage(Stage::Delivered(target));
-            if redelivery {
+        self.pending.set_stage(bid, Stage::Delivered(target));
+        if redelivery {
+            if let Some(p) = self.pending.get_mut(bid) {
                 p.mark_redelivered();
             }
         }

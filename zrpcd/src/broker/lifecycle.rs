@@ -240,9 +240,7 @@ impl Broker {
         }
         // The calls it made end first (nobody to answer), so that none of
         // them is re-delivered below on behalf of a caller that is gone.
-        let calls = self
-            .pending
-            .ids_where_counted(p.calling() > 0, |c| c.caller == peer);
+        let calls = self.pending.made_by(peer);
         let grace = self.config.caller_grace;
         // Its calls left running count against its user's quota as its
         // pending calls did (crate::orphans).
@@ -292,12 +290,9 @@ impl Broker {
         // A service that leaves has no orphans left to cancel (they are
         // remembered as delivered until their grace ends).
         self.orphans.service_gone(peer);
-        // The scans below walk the whole pending table; the peer's counters
-        // say whether there is anything to find (a client that disconnects
-        // after its calls completed, the usual case, costs nothing).
-        let delivered = self
-            .pending
-            .ids_where_counted(p.outstanding() > 0, |c| c.stage() == Stage::Delivered(peer));
+        // Each connection's calls are listed apart in the table: a
+        // departure costs in proportion to its own calls, not everyone's.
+        let delivered = self.pending.delivered_to(peer);
         for bid in delivered {
             let no_retry = self
                 .pending
@@ -308,12 +303,11 @@ impl Broker {
                 self.finish(bid, Outcome::Error(ErrorCode::ServiceGone, msg), now);
             } else {
                 self.stats.redelivered += 1;
-                if let Some(c) = self.pending.get_mut(bid) {
-                    c.set_stage(Stage::Parked);
-                }
+                self.pending.set_stage(bid, Stage::Parked);
                 self.dispatch(bid, now);
             }
         }
+        self.pending.forget_peer(peer);
     }
 
     /// Pings services and disconnects the ones that stayed silent longer

@@ -26,9 +26,7 @@ impl Broker {
             .or_else(|| self.peers.get(caller).map(|p| p.creds().uid))
             .unwrap_or(0);
         self.names.park(service, bid, uid);
-        if let Some(p) = self.pending.get_mut(bid) {
-            p.set_stage(Stage::Parked);
-        }
+        self.pending.set_stage(bid, Stage::Parked);
     }
 
     /// Whether `peer` takes calls without a window: the NATS bridge, which

@@ -13,8 +13,11 @@
 //!   per call (hashing and comparing through the slab);
 //! - the service and method names are interned once per distinct pair
 //!   ([`RouteId`]) instead of keeping each call's envelope bytes alive;
-//! - a small payload is kept inline in the call's slot ([`KeptPayload`]).
+//! - a small payload is kept inline in the call's slot ([`KeptPayload`]);
+//! - each connection's calls are two lists through the slots (`by_peer`),
+//!   so that a departure walks its own calls only.
 
+mod by_peer;
 pub mod kept;
 pub mod routes;
 mod timers;
@@ -28,6 +31,7 @@ use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
 
 use crate::peers::PeerId;
+use by_peer::{LinkStore, Links, List, PeerLists};
 pub use kept::{KeptPayload, INLINE_PAYLOAD, SMALL_PAYLOAD_COPY};
 pub use routes::RouteId;
 use routes::Routes;
@@ -109,8 +113,10 @@ impl Pending {
         }
     }
 
-    /// Moves the call (peer ids start at 1, so 0 can mean parked).
-    pub fn set_stage(&mut self, stage: Stage) {
+    /// Moves the call (peer ids start at 1, so 0 can mean parked). The
+    /// table's [`PendingCalls::set_stage`] is the way in: it keeps the
+    /// per-connection lists in step.
+    fn set_stage(&mut self, stage: Stage) {
         self.target = match stage {
             Stage::Parked if self.target == 0 => 0,
             Stage::Parked => PARKED_AFTER_DELIVERY,
@@ -177,13 +183,30 @@ struct Slot {
     gen: u32,
     /// Next free slot while this one is free (`u32::MAX`: none).
     next_free: u32,
+    /// The call's place in its connections' lists (`by_peer`).
+    links: Links,
     call: Option<Pending>,
+}
+
+/// The slab, as the per-connection lists see it.
+type Pages = Vec<Box<[Slot]>>;
+
+impl LinkStore for Pages {
+    fn links(&self, idx: u32) -> &Links {
+        let i = idx as usize;
+        &self[i / PAGE][i % PAGE].links
+    }
+
+    fn links_mut(&mut self, idx: u32) -> &mut Links {
+        let i = idx as usize;
+        &mut self[i / PAGE][i % PAGE].links
+    }
 }
 
 /// All pending calls, keyed by broker call id, and their timers.
 #[derive(Debug)]
 pub struct PendingCalls {
-    pages: Vec<Box<[Slot]>>,
+    pages: Pages,
     /// Slots handed out so far (used or on the free list).
     slots: usize,
     /// The free list, first in first out (`u32::MAX`: empty): a freed slot
@@ -196,6 +219,7 @@ pub struct PendingCalls {
     /// Payload bytes kept by all pending calls (`--max-pending-bytes`).
     payload_bytes: usize,
     by_caller: HashTable<u32>,
+    by_peer: PeerLists,
     routes: Routes,
     timers: Timers,
 }
@@ -210,6 +234,7 @@ impl Default for PendingCalls {
             len: 0,
             payload_bytes: 0,
             by_caller: HashTable::new(),
+            by_peer: PeerLists::default(),
             routes: Routes::default(),
             timers: Timers::default(),
         }
@@ -256,6 +281,7 @@ impl PendingCalls {
                 .map(|_| Slot {
                     gen: 1,
                     next_free: u32::MAX,
+                    links: Links::default(),
                     call: None,
                 })
                 .collect();
@@ -301,8 +327,69 @@ impl PendingCalls {
                 .as_ref()
                 .map_or(0, |p| caller_hash(p.caller, p.caller_call))
         });
+        self.by_peer
+            .push(&mut self.pages, List::Made, call.caller, idx as u32);
         self.len += 1;
         id
+    }
+
+    /// Moves call `id` (see [`Pending::stage`]), keeping the list of the
+    /// calls delivered to each connection in step.
+    pub fn set_stage(&mut self, id: u64, stage: Stage) {
+        let (idx, _) = split_id(id);
+        let Some(p) = self.get_mut(id) else {
+            return;
+        };
+        let old = p.stage();
+        p.set_stage(stage);
+        if old == stage {
+            return;
+        }
+        if let Stage::Delivered(t) = old {
+            self.by_peer
+                .unlink(&mut self.pages, List::Delivered, t, idx as u32);
+        }
+        if let Stage::Delivered(t) = stage {
+            self.by_peer
+                .push(&mut self.pages, List::Delivered, t, idx as u32);
+        }
+    }
+
+    /// The calls `peer` made, oldest first.
+    pub fn made_by(&self, peer: PeerId) -> Vec<u64> {
+        self.ids_of(List::Made, peer)
+    }
+
+    /// The calls delivered to `peer`, oldest delivery first.
+    pub fn delivered_to(&self, peer: PeerId) -> Vec<u64> {
+        self.ids_of(List::Delivered, peer)
+    }
+
+    fn ids_of(&self, list: List, peer: PeerId) -> Vec<u64> {
+        let ids: Vec<u64> = self
+            .by_peer
+            .slots(&self.pages, list, peer)
+            .into_iter()
+            .map(|i| self.id_of(i as usize))
+            .collect();
+        #[cfg(debug_assertions)]
+        {
+            // The lists are an index: they must find what a scan finds.
+            let mut sorted = ids.clone();
+            sorted.sort_unstable_by_key(|id| split_id(*id).0);
+            let scan = self.ids_where(|c| match list {
+                List::Made => c.caller == peer,
+                List::Delivered => c.stage() == Stage::Delivered(peer),
+            });
+            debug_assert_eq!(sorted, scan, "peer {peer}: {list:?} list out of step");
+        }
+        ids
+    }
+
+    /// Drops what the table keeps for `peer`, which left (its calls must
+    /// be gone from the table, or moved, first).
+    pub fn forget_peer(&mut self, peer: PeerId) {
+        self.by_peer.forget(peer);
     }
 
     /// The deadline of call `id`, if it has one.
@@ -395,6 +482,12 @@ impl PendingCalls {
         if let Ok(e) = self.by_caller.find_entry(hash, |&i| i as usize == idx) {
             e.remove();
         }
+        self.by_peer
+            .unlink(&mut self.pages, List::Made, p.caller, idx as u32);
+        if let Stage::Delivered(t) = p.stage() {
+            self.by_peer
+                .unlink(&mut self.pages, List::Delivered, t, idx as u32);
+        }
         if let Some(key) = &p.timer {
             self.timers.disarm(key);
         }
@@ -417,21 +510,6 @@ impl PendingCalls {
             p.timer = None;
         }
         Poll::Ready(id)
-    }
-
-    /// [`ids_where`](Self::ids_where) when a counter the caller keeps says
-    /// whether any call matches (`any`): the scan of the whole table is
-    /// skipped when it says none. Debug builds check the counter against
-    /// the scan.
-    pub fn ids_where_counted(&self, any: bool, f: impl Fn(&Pending) -> bool) -> Vec<u64> {
-        if any {
-            return self.ids_where(f);
-        }
-        debug_assert!(
-            self.ids_where(f).is_empty(),
-            "a peer's pending-call counter is out of step with the table"
-        );
-        Vec::new()
     }
 
     /// Ids of calls matching a predicate, in slot order.
@@ -466,6 +544,12 @@ impl PendingCalls {
     /// deadline; exposed so tests can check nothing leaks).
     pub fn timers_len(&self) -> usize {
         self.timers.len()
+    }
+
+    /// Connections the table keeps list heads for (exposed so tests can
+    /// check they do not leak).
+    pub fn peers_len(&self) -> usize {
+        self.by_peer.len()
     }
 
     /// Number of interned `(service, method)` pairs, used or idle (exposed
@@ -506,7 +590,7 @@ mod tests {
         // The broker's memory per pending call (target: 256 bytes including
         // the table's overhead) depends on this.
         assert!(
-            std::mem::size_of::<Slot>() <= 136,
+            std::mem::size_of::<Slot>() <= 152,
             "{}",
             std::mem::size_of::<Slot>()
         );
@@ -558,6 +642,7 @@ mod tests {
         assert_eq!((&*r.service, &*r.method), ("s", "m"));
         assert!(t.remove(a).is_none());
         assert_eq!(t.timers_len(), 0);
+        assert!(t.made_by(1).is_empty());
         // The slot is reused, the id is not.
         let b = t.insert(call(1, 1, "s"), now, None);
         assert_ne!(a, b);
@@ -574,11 +659,78 @@ mod tests {
             assert_eq!(t.find_by_caller(2, i as u64), Some(*id));
         }
         assert_eq!(t.ids_where(|p| p.caller == 2).len(), 3000);
+        assert_eq!(t.made_by(2), ids, "the caller's list, oldest first");
         for id in &ids {
             t.remove(*id).expect("pending");
         }
         assert_eq!(t.len(), 1);
         assert_eq!(t.ids_where(|_| true), vec![b]);
+    }
+
+    #[test]
+    fn each_connections_calls_are_listed() {
+        let rt = timer_runtime();
+        let _g = rt.enter();
+        let mut t = PendingCalls::default();
+        let now = Instant::now();
+        // Callers 1 and 2, services 8 and 9, calls interleaved.
+        let ids: Vec<u64> = (0..40)
+            .map(|i| t.insert(call(1 + i % 2, i, "s"), now, None))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            if i % 3 != 0 {
+                t.set_stage(*id, Stage::Delivered(8 + (i as PeerId % 3) % 2));
+            }
+        }
+        let of = |caller: PeerId| -> Vec<u64> {
+            ids.iter()
+                .enumerate()
+                .filter(|(i, _)| 1 + *i as PeerId % 2 == caller)
+                .map(|(_, id)| *id)
+                .collect()
+        };
+        assert_eq!(t.made_by(1), of(1));
+        assert_eq!(t.made_by(2), of(2));
+        assert_eq!(t.made_by(3), Vec::<u64>::new());
+        let at = |t: &PendingCalls, svc: PeerId| -> Vec<u64> {
+            t.ids_where(|c| c.stage() == Stage::Delivered(svc))
+        };
+        let mut d8 = t.delivered_to(8);
+        d8.sort_unstable();
+        let mut s8 = at(&t, 8);
+        s8.sort_unstable();
+        assert_eq!(d8, s8);
+        assert!(!d8.is_empty());
+        // Moving calls: parked again, delivered elsewhere, removed from
+        // the middle, the head and the tail of the lists.
+        for (i, id) in ids.iter().enumerate() {
+            match i % 5 {
+                0 => t.set_stage(*id, Stage::Parked),
+                1 => t.set_stage(*id, Stage::Delivered(9)),
+                2 => {
+                    t.remove(*id).expect("pending");
+                }
+                _ => {}
+            }
+        }
+        for svc in [8, 9] {
+            let mut d = t.delivered_to(svc);
+            d.sort_unstable();
+            let mut s = at(&t, svc);
+            s.sort_unstable();
+            assert_eq!(d, s, "service {svc}");
+        }
+        assert_eq!(t.made_by(1).len() + t.made_by(2).len(), t.len());
+        // Everything ends: nothing is left listed, and departed
+        // connections leave no entry behind.
+        for id in t.ids_where(|_| true) {
+            t.remove(id).expect("pending");
+        }
+        for peer in [1, 2, 8, 9] {
+            assert!(t.made_by(peer).is_empty() && t.delivered_to(peer).is_empty());
+            t.forget_peer(peer);
+        }
+        assert_eq!(t.peers_len(), 0);
     }
 
     #[test]
