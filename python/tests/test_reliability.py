@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import Call, find_zrpcd, lines, service_names, wait_for, wait_registered
+from conftest import Call, find_zrpcd, lines, rust_bin, service_names, wait_for, wait_registered
 from zrpc import _proto, errors
 from zrpc.client import Client
 
@@ -40,7 +40,7 @@ WORKER = textwrap.dedent('''
                 time.sleep(0.01)
             return "slow done %s" % payload
 
-    Worker(shared=True).run()
+    Worker(shared=True, reply_cache=int(os.environ.get("CACHE", "10000"))).run()
 ''')
 
 
@@ -190,6 +190,47 @@ def test_resubmitted_call_is_answered_from_the_reply_cache(broker, procs, files)
         sock.close()
     assert answers[0] == answers[1] and answers[0]["counter"] == 1
     assert len(lines(log)) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to call as another uid")
+def test_another_users_flood_does_not_evict_a_cached_reply(broker, procs, files, socket_dir):
+    """docs/security.md: a user calling fast evicts its own cached replies, not the one
+    another user's resubmission needs (the cache holds 50; the other user makes 300 calls)."""
+    log, _ = files
+    os.chmod(socket_dir, 0o755)
+    procs.spawn([sys.executable, "-c", WORKER], env=dict(procs.env, CACHE="50"))
+    wait_registered(broker.socket_dir, "worker")
+    instance = _proto.random_id()
+
+    def call_once():
+        sock, _w, reader, frames = _proto.connect(broker.socket_dir, instance)
+        sock.settimeout(30)
+        sock.sendall(_proto.call_frame(7, "worker", "work", 10_000, 0, _proto.pack("once")))
+        while not frames:
+            frames = reader.feed(sock.recv(65536))
+        env, payload = frames[0]
+        assert env[:3] == [_proto.RESULT, 7, 0]
+        sock.close()
+        return _proto.unpack(payload)
+
+    first = call_once()
+    out = os.path.join(socket_dir, "flood.out")
+    with open(out, "w") as f:
+        procs.spawn(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                     rust_bin("zrpc-test-peer"), "park", "--service", "worker", "--method", "work",
+                     "--count", "300", "--payload", _proto.pack("flood").hex()], stdout=f)
+
+    def answered():
+        with open(out) as f:
+            return sum(1 for ln in f if ln.startswith("result"))
+
+    wait_for(lambda: answered() == 300, timeout=60, what="the other user's 300 calls to be answered")
+    with open(out) as f:
+        results = [ln.strip() for ln in f if ln.startswith("result")]
+    assert all(r.startswith("result ok") for r in results), results[:3]
+    assert call_once() == first, "the call ran again"
+    assert [ln.split()[0] for ln in lines(log)].count("once") == 1
+    assert len(lines(log)) == 301
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to run zrpcd as another uid")

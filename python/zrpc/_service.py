@@ -129,38 +129,71 @@ def _type_name(t: Any) -> str:
 
 
 class ReplyCache:
-    """Recent outcomes by call identity ``(caller_instance, caller_call, caller_uid)``, oldest evicted first.
+    """Recent outcomes by call identity ``(caller_instance, caller_call, caller_uid)``.
 
     An entry holds ``(service, method, code, message, payload)``; it answers
-    only a request to the same service and method.
+    only a request to the same service and method. Each caller uid has its
+    own entries, oldest evicted first, and the bounds hold for all uids
+    together: when they are reached, the entry evicted is the oldest of the
+    uid holding the largest share of the cache (the larger of its fractions
+    of the two bounds), so one user calling fast evicts its own replies, not
+    the ones another user's client needs after a reconnect (as zrpc-service
+    does, docs/security.md).
     """
 
     def __init__(self, max_entries: int = DEFAULT_CACHE_ENTRIES, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self.count = 0
+        #: uid -> [OrderedDict of its entries, its bytes]
+        self.users: Dict[int, list] = {}
+
+    def __len__(self) -> int:
+        return self.count
 
     def get(self, key: tuple, service: str, method: str) -> Optional[tuple]:
         """The cached outcome ``(code, message, payload)`` of ``key`` for this service and method."""
-        e = self.entries.get(key)
+        u = self.users.get(key[2])
+        e = None if u is None else u[0].get(key)
         if e is None or e[0] != service or e[1] != method:
             return None
         return e[2:]
 
+    def _share(self, u: list) -> int:
+        return max(len(u[0]) * self.max_bytes, u[1] * self.max_entries)
+
+    def _evict_largest(self) -> None:
+        uid = max(self.users, key=lambda k: self._share(self.users[k]))
+        u = self.users[uid]
+        _, e = u[0].popitem(last=False)
+        size = len(e[4]) + len(e[3])
+        u[1] -= size
+        self.bytes -= size
+        self.count -= 1
+        if not u[0]:
+            del self.users[uid]
+
     def put(self, key: tuple, service: str, method: str, code: int, message: str, payload: bytes) -> None:
         """Keeps an outcome (not when the cache is disabled or the outcome is larger than the byte bound)."""
         size = len(payload) + len(message)
-        if self.max_entries <= 0 or size > self.max_bytes:
+        if self.max_entries <= 0 or self.max_bytes <= 0 or size > self.max_bytes:
             return
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.bytes -= len(old[4]) + len(old[3])
-        self.entries[key] = (service, method, code, message, payload)
+        u = self.users.get(key[2])
+        if u is not None:
+            old = u[0].pop(key, None)
+            if old is not None:
+                old_size = len(old[4]) + len(old[3])
+                u[1] -= old_size
+                self.bytes -= old_size
+                self.count -= 1
+        while self.users and (self.count + 1 > self.max_entries or self.bytes + size > self.max_bytes):
+            self._evict_largest()
+        u = self.users.setdefault(key[2], [OrderedDict(), 0])
+        u[0][key] = (service, method, code, message, payload)
+        u[1] += size
         self.bytes += size
-        while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
-            _, e = self.entries.popitem(last=False)
-            self.bytes -= len(e[4]) + len(e[3])
+        self.count += 1
 
 
 def reply_frame(rid: int, code: int, message: str, payload: bytes = b"") -> bytes:

@@ -62,7 +62,8 @@ class Server(_service.ServerBase):
     ``my_httpserver``). ``socket_dir``:
     the broker's socket directory, resolved as in :class:`zrpc.client.Client`.
     ``shared``: register the name shared, so that several instances split the
-    calls. ``reply_cache``: bound on cached replies (0 disables the cache).
+    calls. ``reply_cache``: bound on cached replies, shared among caller uids (the
+    largest holder's oldest entry is evicted first; 0 disables the cache).
     ``drain_timeout``: seconds a graceful stop waits for the calls already
     delivered (see :meth:`run`). ``stop_on_signals``: whether :meth:`run`
     stops gracefully on SIGTERM and SIGINT (``False`` leaves the signals'

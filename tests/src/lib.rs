@@ -151,6 +151,9 @@ pub struct Proc {
     pub child: Child,
     /// A name for messages.
     pub name: String,
+    /// Its stdout once [`Proc::read_until`] read it, buffered across calls
+    /// (a reader made per call would drop the lines it read ahead).
+    out: Option<BufReader<std::process::ChildStdout>>,
 }
 
 impl Proc {
@@ -163,9 +166,16 @@ impl Proc {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc::adopt(child, name)
+    }
+
+    /// Takes charge of a child spawned elsewhere (killed by pid on drop;
+    /// its stdout, if piped, is what [`Proc::read_until`] reads).
+    pub fn adopt(child: Child, name: &str) -> Proc {
         Proc {
             child,
             name: name.to_string(),
+            out: None,
         }
     }
 
@@ -214,8 +224,10 @@ impl Proc {
     /// Reads lines from stdout until one satisfies `pred` (bounded by the
     /// child's lifetime; the caller keeps its own bound by killing it).
     pub fn read_until(&mut self, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let out = self.child.stdout.as_mut()?;
-        let mut r = BufReader::new(out);
+        if self.out.is_none() {
+            self.out = self.child.stdout.take().map(BufReader::new);
+        }
+        let r = self.out.as_mut()?;
         let mut line = String::new();
         loop {
             line.clear();
@@ -230,7 +242,10 @@ impl Proc {
     /// Collects all of stdout until the process exits, with a bound: the
     /// process is killed if it runs longer.
     pub fn output(mut self, bound: Duration) -> (Option<std::process::ExitStatus>, String) {
-        let mut stdout = self.child.stdout.take();
+        let mut stdout = self
+            .out
+            .take()
+            .or_else(|| self.child.stdout.take().map(BufReader::new));
         let reader = std::thread::spawn(move || {
             let mut s = String::new();
             if let Some(o) = stdout.as_mut() {
@@ -386,12 +401,10 @@ fn spawn_broker(dir: &Path, args: &[&str], log: Option<&Path>) -> Proc {
         .open(log)
         .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
     c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(file);
-    Proc {
-        child: c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start zrpcd: {e}")),
-        name: "zrpcd".into(),
-    }
+    let child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start zrpcd: {e}"));
+    Proc::adopt(child, "zrpcd")
 }
 
 /// Waits (bounded by [`WAIT`]) until the broker in `dir` lists `name` with

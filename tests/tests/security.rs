@@ -52,10 +52,7 @@ fn stderr_of(mut cmd: Command) -> (bool, String) {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().expect("spawn");
-    let mut p = Proc {
-        child,
-        name: "bounded".into(),
-    };
+    let mut p = Proc::adopt(child, "bounded");
     let mut stderr = p.child.stderr.take().expect("stderr");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -238,6 +235,84 @@ fn the_reply_cache_is_not_reachable_across_uids() {
     let mut root = Raw::connect(b.dir());
     assert!(matches!(root.hello_as(INSTANCE), Some((Kind::Welcome, _))));
     assert_eq!(call(&mut root, 2, secret), secret, "root's call 2 ran");
+}
+
+/// A user calling a shared service fast cannot evict the reply-cache
+/// entry another user's resubmission needs (docs/security.md): root's
+/// call is answered from the cache, not run again, after another user made
+/// six times the cache's entries in calls.
+#[test]
+fn another_users_flood_does_not_evict_a_callers_cached_reply() {
+    if !is_root(
+        "another_users_flood_does_not_evict_a_callers_cached_reply",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    let b = Broker::start();
+    let mut c = b.command("zrpc-test-svc");
+    c.env("ZRPC_TEST_REPLY_CACHE", "50");
+    let _svc = Proc::spawn("zrpc-test-svc", c);
+    wait_registered(b.dir(), "echo", 1);
+    const INSTANCE: u64 = 0x5151;
+    const KEY: u64 = 424_242;
+    // record(KEY, 0), as root's call 1.
+    let record = [0x92, 0xce, 0x00, 0x06, 0x79, 0x32, 0x00];
+    let call = |r: &mut Raw, id: u64| -> Vec<u8> {
+        r.send(
+            &Envelope::Call {
+                id,
+                service: "echo",
+                method: "record",
+                timeout_ms: Some(10_000),
+                flags: 0,
+            },
+            &record,
+        );
+        loop {
+            let f = r.recv_frame().expect("result");
+            if let Ok(Envelope::Result { id: rid, code, .. }) = f.decode() {
+                assert_eq!((rid, code), (id, None));
+                return f.payload.to_vec();
+            }
+        }
+    };
+    // (KEY, 1): the first execution.
+    let first = vec![0x92, 0xce, 0x00, 0x06, 0x79, 0x32, 0x01];
+    let mut root = Raw::connect(b.dir());
+    assert!(matches!(root.hello_as(INSTANCE), Some((Kind::Welcome, _))));
+    assert_eq!(call(&mut root, 1), first);
+    drop(root);
+    // The other user: 300 calls, each answered (and cached) before it ends.
+    let mut flood = other(
+        &b,
+        &[
+            "park",
+            "--service",
+            "echo",
+            "--method",
+            "echo",
+            "--count",
+            "300",
+        ],
+    );
+    for i in 0..300 {
+        let line = flood
+            .read_until(|l| l.starts_with("result"))
+            .unwrap_or_else(|| panic!("result {i} of the other user's calls"));
+        assert!(line.starts_with("result ok"), "{line}");
+    }
+    // Root comes back and resubmits call 1 (as a client does after a
+    // reconnect): the cached reply answers it, the handler does not run
+    // again.
+    let mut root = Raw::connect(b.dir());
+    assert!(matches!(root.hello_as(INSTANCE), Some((Kind::Welcome, _))));
+    assert_eq!(call(&mut root, 1), first, "call 1 ran again");
+    let runs: u64 = zrpc_client::BlockingClient::connect_to(b.dir())
+        .expect("client")
+        .call("echo", "executions", &KEY, Some(WAIT))
+        .expect("executions");
+    assert_eq!(runs, 1);
 }
 
 #[test]
@@ -1764,10 +1839,7 @@ fn park_then_call(broker_uid: u32, nofile: u32, max_fds: &str) -> (Vec<String>, 
     let log = ShowLog(base.path().join("zrpcd.log"));
     c.stdin(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log.0).expect("log file"));
-    let _broker = Proc {
-        child: c.spawn().expect("start zrpcd"),
-        name: "zrpcd".into(),
-    };
+    let _broker = Proc::adopt(c.spawn().expect("start zrpcd"), "zrpcd");
     let sock = dir.join("zrpcd.sock");
     assert!(
         wait_until(WAIT, || std::os::unix::net::UnixStream::connect(&sock)

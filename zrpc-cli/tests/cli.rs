@@ -41,10 +41,7 @@ fn run_cmd(mut cmd: Command, stdin: Option<&str>) -> Out {
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let child = cmd.spawn().expect("start zrpc");
-    let mut p = Proc {
-        child,
-        name: "zrpc".into(),
-    };
+    let mut p = Proc::adopt(child, "zrpc");
     if let (Some(data), Some(mut si)) = (stdin, p.child.stdin.take()) {
         si.write_all(data.as_bytes()).expect("write stdin");
     }

@@ -58,10 +58,7 @@ fn run(mut cmd: Command, input: &str) -> (bool, String, String) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = cmd.spawn().expect("spawn");
-    let mut p = Proc {
-        child,
-        name: "child".into(),
-    };
+    let mut p = Proc::adopt(child, "child");
     let mut stdin = p.child.stdin.take().expect("stdin");
     let input = input.to_owned();
     let writer = std::thread::spawn(move || {

@@ -152,7 +152,10 @@
 //! `Cancel` leaves no outcome, so a later re-send of the same call runs it
 //! again (a `Cancel` that arrives together with the end of the connection,
 //! as in zrpcd's shutdown, is ignored: the handler finishes). The guarantee is therefore *at most one execution per call per
-//! service process, within the cache's bounds*.
+//! service process, within the cache's bounds*. The bounds are shared
+//! among the callers' uids: when they are reached, the oldest entry of the
+//! uid holding the largest share goes first, so one user calling fast
+//! evicts its own entries, not another user's (docs/security.md).
 //!
 //! ## Concurrency
 //!

@@ -163,6 +163,13 @@ fn main() {
     {
         server = server.drain_timeout(Duration::from_millis(ms));
     }
+    if let Some(n) = std::env::var("ZRPC_TEST_REPLY_CACHE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        // Entries (the byte bound stays the default).
+        server = server.reply_cache(n, 16 << 20);
+    }
     if let Some(n) = name {
         server = server.name(n);
     }

@@ -105,9 +105,11 @@ impl<S: Service> Server<S> {
     }
 
     /// Bounds of the reply cache (defaults: 10,000 entries and 16 MiB of
-    /// reply payloads and error messages); the oldest entry is evicted
-    /// first. Either bound 0 disables the cache, and with it the
-    /// de-duplication of re-sent calls. See the crate documentation.
+    /// reply payloads and error messages), for all callers together; the
+    /// oldest entry of the caller uid holding the largest share is evicted
+    /// first (one user calling fast does not evict another's). Either bound
+    /// 0 disables the cache, and with it the de-duplication of re-sent
+    /// calls. See the crate documentation.
     ///
     /// The cache must hold the replies sent shortly before a connection
     /// broke, until their calls are re-sent after the reconnect; while the

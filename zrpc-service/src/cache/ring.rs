@@ -1,6 +1,6 @@
-//! The reply cache: recent outcomes by call identity, so that a call re-sent
-//! after a reconnect (of the client, of this service, or a broker restart)
-//! is answered again instead of running twice.
+//! One user's reply cache: recent outcomes by call identity, in a ring in
+//! insertion order ([`UserCache`]). [`super::ReplyCache`] keeps one per
+//! caller uid and shares the bounds among them.
 //!
 //! Every request passes through here (one lookup, one insert, one eviction
 //! once the cache is full), so its layout is chosen for that path:
@@ -21,6 +21,8 @@
 //!   The per-entry heap blocks and the 1.4 MB `HashMap<CallKey, Entry>` of
 //!   the first design cost the echo benchmark about a sixth of its
 //!   throughput at 64 calls in flight (docs/performance.md).
+//! - The ring shrinks by half when a quarter of it is in use, so a user
+//!   whose entries were evicted for others does not keep the room.
 
 use std::hash::{Hash, Hasher};
 
@@ -29,27 +31,11 @@ use hashbrown::HashTable;
 use rustc_hash::FxHasher;
 use zrpc_proto::ErrorCode;
 
-/// What was (or will be) sent in a `Reply`: the return value, or an error
-/// code, message and the handler's error value (MessagePack, sent as the
-/// `Reply`'s payload; empty when the error has no serialisable value).
-pub(crate) type Outcome = Result<Bytes, (ErrorCode, String, Bytes)>;
-
-/// The identity of a call that survives reconnects and re-deliveries:
-/// `(caller_instance, caller_call, caller_uid)` from the `Request`. The uid
-/// is the one the broker read from the kernel, so a caller of another uid
-/// that presents the same instance and call id never reaches this entry.
-pub(crate) type CallKey = (u64, u64, u32);
-
-/// Default bound on the number of cached replies.
-pub(crate) const DEFAULT_MAX_ENTRIES: usize = 10_000;
-
-/// Default bound on the bytes of cached replies (payloads and error
-/// messages).
-pub(crate) const DEFAULT_MAX_BYTES: usize = 16 * 1024 * 1024;
+use super::{CallKey, Outcome};
 
 /// Successful replies up to this many bytes are copied into the ring of
 /// reply bytes.
-pub(crate) const INLINE: usize = 96;
+pub(super) const INLINE: usize = 96;
 
 /// What a slot holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -113,7 +99,7 @@ impl Side {
 
 /// A bounded map from call identity to outcome; the oldest entry is evicted
 /// first (insertion order).
-pub(crate) struct ReplyCache {
+pub(super) struct UserCache {
     max_entries: usize,
     max_bytes: usize,
     /// The ring of slot metadata; its length is the ring's capacity.
@@ -136,9 +122,9 @@ pub(crate) struct ReplyCache {
     bytes: usize,
 }
 
-impl ReplyCache {
-    pub(crate) fn new(max_entries: usize, max_bytes: usize) -> Self {
-        ReplyCache {
+impl UserCache {
+    pub(super) fn new(max_entries: usize, max_bytes: usize) -> Self {
+        UserCache {
             max_entries: max_entries.min(u32::MAX as usize / 2),
             max_bytes,
             meta: Vec::new(),
@@ -154,44 +140,22 @@ impl ReplyCache {
     }
 
     /// Whether the cache is in use (both bounds non-zero).
-    pub(crate) fn enabled(&self) -> bool {
+    pub(super) fn enabled(&self) -> bool {
         self.max_entries > 0 && self.max_bytes > 0
     }
 
     /// Changes the bounds, evicting as needed.
-    pub(crate) fn set_bounds(&mut self, max_entries: usize, max_bytes: usize) {
+    pub(super) fn set_bounds(&mut self, max_entries: usize, max_bytes: usize) {
         self.max_entries = max_entries.min(u32::MAX as usize / 2);
         self.max_bytes = max_bytes;
         if !self.enabled() {
-            *self = ReplyCache::new(self.max_entries, self.max_bytes);
+            *self = UserCache::new(self.max_entries, self.max_bytes);
         } else {
             self.evict(None);
             if self.meta.len() > self.max_entries {
                 self.resize(self.max_entries);
             }
         }
-    }
-
-    /// The key under which a request is cached, if it has an identity (a
-    /// caller instance of 0 means none: the broker sends 0 when the caller
-    /// is unknown) and the cache is on.
-    pub(crate) fn key(
-        &self,
-        caller_instance: u64,
-        caller_call: u64,
-        caller_uid: u32,
-    ) -> Option<CallKey> {
-        (self.enabled() && caller_instance != 0).then_some((
-            caller_instance,
-            caller_call,
-            caller_uid,
-        ))
-    }
-
-    /// Whether [`insert`](Self::insert) copies this outcome into its slot
-    /// whatever its ownership (so the caller need not work that out).
-    pub(crate) fn stores_inline(outcome: &Outcome) -> bool {
-        matches!(outcome, Ok(p) if p.len() <= INLINE)
     }
 
     /// Ring position of sequence number `seq`.
@@ -201,7 +165,7 @@ impl ReplyCache {
 
     /// The cached outcome of call `key` if it addressed the same
     /// service and method (a copy: this is the rare path of a re-sent call).
-    pub(crate) fn get(&self, key: CallKey, service: &str, method: &str) -> Option<Outcome> {
+    pub(super) fn get(&self, key: CallKey, service: &str, method: &str) -> Option<Outcome> {
         let seq = *self
             .index
             .find(hash(key), |&s| self.meta[self.pos(s)].key() == key)?;
@@ -240,7 +204,7 @@ impl ReplyCache {
     /// return value into); otherwise it may be a view into a larger buffer
     /// the cache must not pin (the read buffer a request arrived in, a
     /// user's shared buffer), and it is copied.
-    pub(crate) fn insert(
+    pub(super) fn insert(
         &mut self,
         key: CallKey,
         service: &str,
@@ -378,29 +342,50 @@ impl ReplyCache {
             if self.count == 0 {
                 break;
             }
-            let p = self.head;
-            let m = self.meta[p];
-            let seq = self.first;
-            self.head = if p + 1 == self.meta.len() { 0 } else { p + 1 };
-            self.count -= 1;
-            self.first = self.first.wrapping_add(1);
-            if m.kind == Kind::Dead {
-                continue;
-            }
-            self.kill(p);
-            if let Ok(e) = self.index.find_entry(hash(m.key()), |&s| s == seq) {
-                e.remove();
-            }
+            self.pop_oldest();
         }
     }
 
+    /// Frees the oldest slot; true if it held an entry (not a dead slot).
+    fn pop_oldest(&mut self) -> bool {
+        let p = self.head;
+        let m = self.meta[p];
+        let seq = self.first;
+        self.head = if p + 1 == self.meta.len() { 0 } else { p + 1 };
+        self.count -= 1;
+        self.first = self.first.wrapping_add(1);
+        if m.kind == Kind::Dead {
+            return false;
+        }
+        self.kill(p);
+        if let Ok(e) = self.index.find_entry(hash(m.key()), |&s| s == seq) {
+            e.remove();
+        }
+        true
+    }
+
+    /// Evicts the oldest entry (for another user's, see
+    /// [`super::ReplyCache`]); false if there is none. The ring shrinks by
+    /// half once a quarter of it is in use.
+    pub(super) fn evict_oldest(&mut self) -> bool {
+        let mut evicted = false;
+        while self.count > 0 && !evicted {
+            evicted = self.pop_oldest();
+        }
+        let cap = self.meta.len();
+        if cap > 8 && self.count * 4 <= cap {
+            self.resize(cap / 2);
+        }
+        evicted
+    }
+
     /// Number of cached replies.
-    pub(crate) fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.index.len()
     }
 
     /// Bytes of cached replies.
-    pub(crate) fn bytes(&self) -> usize {
+    pub(super) fn bytes(&self) -> usize {
         self.bytes
     }
 }
@@ -472,7 +457,7 @@ mod tests {
             rng % n
         };
         for (max_entries, max_bytes) in [(1, 1000), (7, 300), (50, 100_000), (64, 2_000)] {
-            let mut c = ReplyCache::new(max_entries, max_bytes);
+            let mut c = UserCache::new(max_entries, max_bytes);
             c.first = u32::MAX - 20;
             // (key, outcome, cost); `None` once superseded.
             let mut model: VecDeque<(CallKey, Option<Outcome>, usize)> = VecDeque::new();
@@ -527,7 +512,7 @@ mod tests {
 
     #[test]
     fn evicts_oldest_by_count() {
-        let mut c = ReplyCache::new(2, 1000);
+        let mut c = UserCache::new(2, 1000);
         c.insert((1, 1, 0), "s", "m", ok(1), true);
         c.insert((1, 2, 0), "s", "m", ok(1), true);
         c.insert((1, 3, 0), "s", "m", ok(1), true);
@@ -539,7 +524,7 @@ mod tests {
 
     #[test]
     fn another_uid_never_reaches_an_entry() {
-        let mut c = ReplyCache::new(10, 1000);
+        let mut c = UserCache::new(10, 1000);
         c.insert((7, 1, 0), "s", "m", ok(3), true);
         // Same instance and call id from uid 1001: a miss, run as its own
         // call; its outcome does not replace root's.
@@ -551,7 +536,7 @@ mod tests {
 
     #[test]
     fn evicts_oldest_by_bytes() {
-        let mut c = ReplyCache::new(100, 10);
+        let mut c = UserCache::new(100, 10);
         c.insert((1, 1, 0), "s", "m", ok(4), true);
         c.insert((1, 2, 0), "s", "m", ok(4), true);
         c.insert((1, 3, 0), "s", "m", ok(4), true);
@@ -573,19 +558,41 @@ mod tests {
     }
 
     #[test]
-    fn disabled_and_identityless() {
-        let mut c = ReplyCache::new(0, 1000);
-        assert!(c.key(1, 1, 0).is_none());
+    fn disabled() {
+        let mut c = UserCache::new(0, 1000);
         c.insert((1, 1, 0), "s", "m", ok(1), true);
         assert_eq!(c.len(), 0);
-        let c = ReplyCache::new(10, 1000);
-        assert!(c.key(0, 1, 0).is_none());
-        assert_eq!(c.key(3, 1, 1000), Some((3, 1, 1000)));
+    }
+
+    #[test]
+    fn evicting_for_others_takes_the_oldest_and_gives_back_the_room() {
+        let mut c = UserCache::new(1000, 1_000_000);
+        for i in 0..600 {
+            c.insert((1, i, 0), "s", "m", ok(200), true);
+        }
+        // A superseded entry (dead slot) is skipped, not counted.
+        c.insert((1, 0, 0), "s", "m", ok(1), true);
+        let cap = c.meta.len();
+        assert!(cap >= 600, "{cap}");
+        assert!(c.evict_oldest());
+        assert!(c.get((1, 0, 0), "s", "m").is_some(), "re-inserted: newest");
+        assert!(
+            c.get((1, 1, 0), "s", "m").is_none(),
+            "the oldest live entry"
+        );
+        assert_eq!(c.len(), 599);
+        while c.evict_oldest() {}
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+        assert!(c.meta.len() <= 8, "the ring shrank: {}", c.meta.len());
+        assert!(!c.evict_oldest());
+        // Still usable.
+        c.insert((1, 7, 0), "s", "m", ok(3), true);
+        assert_eq!(c.get((1, 7, 0), "s", "m"), Some(ok(3)));
     }
 
     #[test]
     fn other_method_is_a_miss_and_shrinking_evicts() {
-        let mut c = ReplyCache::new(10, 1000);
+        let mut c = UserCache::new(10, 1000);
         c.insert((1, 1, 0), "s", "m", ok(1), true);
         assert!(c.get((1, 1, 0), "s", "other").is_none());
         assert!(c.get((1, 1, 0), "s", "m").is_some());
