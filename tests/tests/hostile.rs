@@ -766,6 +766,119 @@ fn a_refusal_on_each_of_many_connections_logs_a_handful_of_warnings() {
     );
 }
 
+/// `--warn-interval`: with 0, every connection's first refusal is a
+/// warning (the interval is the flag, not a constant).
+#[test]
+fn the_interval_between_warnings_is_a_flag() {
+    let mut b = Broker::start_logged(&["--max-names", "0", "--warn-interval", "0"]);
+    const REFUSED: usize = 20;
+    for i in 0..REFUSED {
+        let mut r = Raw::hello(b.dir());
+        r.send(
+            &Envelope::Register {
+                req: 1,
+                name: &format!("n{i}"),
+                shared: false,
+            },
+            b"",
+        );
+        let code = loop {
+            let f = r.recv_frame().expect("ack");
+            if let Ok(Envelope::Ack { code, .. }) = f.decode() {
+                break code;
+            }
+        };
+        assert_eq!(code, Some(ErrorCode::LimitExceeded));
+    }
+    let warnings = warnings_logged(&mut b, "refused");
+    assert_eq!(warnings, REFUSED, "one warning per refused connection");
+}
+
+/// `--max-monitor-names`: a `zrpcd.monitor` filter of more names is
+/// refused with `BadPayload` naming the flag; one of that many is taken.
+#[test]
+fn the_monitor_filter_bound_is_a_flag() {
+    let b = Broker::start_with(&["--max-monitor-names", "2"]);
+    let subscribe = |payload: &[u8]| {
+        let mut mon = Raw::hello(b.dir());
+        mon.send(
+            &Envelope::Call {
+                id: 1,
+                service: "zrpcd",
+                method: "monitor",
+                timeout_ms: None,
+                flags: 0,
+            },
+            payload,
+        );
+        next_result(&mut mon)
+    };
+    let (_, code, msg) = subscribe(b"\x93\xa1a\xa1b\xa1c");
+    assert_eq!(code, Some(ErrorCode::BadPayload), "{msg}");
+    assert!(
+        msg.contains("at most 2") && msg.contains("--max-monitor-names"),
+        "{msg}"
+    );
+    let (_, code, msg) = subscribe(b"\x92\xa1a\xa1b");
+    assert_eq!(code, None, "{msg}");
+}
+
+/// `--close-flush-timeout`: a connection the broker closed, whose peer
+/// does not read, has its socket closed once the flag's time is up (0.1 s
+/// here; the default, 2 s, is far past the bound of the wait), its unsent
+/// frames, the `Fatal` last, dropped.
+#[test]
+fn the_closing_flush_bound_is_a_flag() {
+    let b = Broker::start_with(&[
+        "--max-queued-bytes",
+        "20000",
+        "--close-flush-timeout",
+        "0.1",
+    ]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", b.proc.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let mut caller = Raw::hello(b.dir());
+    let mut mon = Raw::hello(b.dir());
+    mon.send(
+        &Envelope::Call {
+            id: 1,
+            service: "zrpcd",
+            method: "monitor",
+            timeout_ms: None,
+            flags: 0,
+        },
+        b"\xc0",
+    );
+    assert_eq!(next_result(&mut mon).1, None);
+    let with_monitor = fds();
+    let mut id = 0;
+    let gone = wait_until(WAIT, || {
+        for _ in 0..200 {
+            id += 1;
+            send_call(&mut caller, id, "nobody", None, flags::NO_WAIT);
+        }
+        for _ in 0..200 {
+            assert_eq!(next_result(&mut caller).1, Some(ErrorCode::NoSuchService));
+        }
+        broker_stat(b.dir(), "monitors") == 0
+    });
+    assert!(gone, "the monitor was not disconnected after {id} events");
+    // Its socket is closed within the flag's time (and some scheduling),
+    // well before the default's 2 s.
+    let closed = wait_until(Duration::from_millis(1500), || fds() < with_monitor);
+    assert!(closed, "the broker still holds the closed monitor's socket");
+    // What the monitor finds when it reads: events, then the end, no Fatal
+    // (it was dropped with the frames before it).
+    while let Some(f) = mon.recv_frame() {
+        if let Ok(Envelope::Fatal { code, message }) = f.decode() {
+            panic!("the Fatal ({code}: {message}) was flushed, not dropped");
+        }
+    }
+}
+
 /// A service connection serving several names shares its window among
 /// them: a flood of calls to one name does not take every slot the others
 /// need (turns were per name, and the first name with calls waiting took

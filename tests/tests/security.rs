@@ -1509,6 +1509,28 @@ fn stats_rows(b: &Broker) -> Vec<String> {
         .collect()
 }
 
+/// The per-uid share of `zrpcd.stats` rows is a quota of the policy
+/// (`stats_names` in `[quota]`), a quarter of `--max-stats-names` unless
+/// set.
+#[test]
+fn the_stats_rows_quota_is_set_in_the_policy() {
+    if !is_root("the_stats_rows_quota_is_set_in_the_policy", AS_OTHER) {
+        return;
+    }
+    let (_d, path) = policy("[quota]\nstats_names = 3\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    let (refused, held, _hog) = register_many(&b, OTHER, "hog", 10);
+    assert_eq!(held, 10, "{refused}");
+    let mut rows = Vec::new();
+    let counted = wait_until(WAIT, || {
+        rows = stats_rows(&b);
+        rows.iter().any(|r| r.starts_with("hog"))
+    });
+    assert!(counted, "no rows for the user's names: {rows:?}");
+    let hogs = rows.iter().filter(|r| r.starts_with("hog")).count();
+    assert_eq!(hogs, 3, "uid {OTHER}'s rows: {rows:?}");
+}
+
 /// One user registers as many names as `zrpcd.stats` has rows, then
 /// leaves (the rows stay): each answer carried 1,024 rows of some 400
 /// bytes, 20-36 ms of the broker's only thread to encode, and calling

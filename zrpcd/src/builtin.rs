@@ -76,6 +76,8 @@ pub struct View<'a> {
     pub started: Instant,
     /// Most bytes an answer's payload may take (from `--max-message-size`).
     pub budget: usize,
+    /// Most names in a `monitor` filter (`--max-monitor-names`).
+    pub max_monitor_names: usize,
     /// The NATS bridge's connection and counters, if it runs.
     #[cfg(feature = "nats")]
     pub bridge: Option<(PeerId, &'a crate::broker::bridged::BridgeCounters)>,
@@ -267,8 +269,8 @@ fn describe() -> Value {
 }
 
 fn subscribe(v: &mut View<'_>, payload: &[u8]) -> Answer {
-    let filter =
-        crate::monitor::parse_filter(payload).map_err(|msg| (ErrorCode::BadPayload, msg))?;
+    let filter = crate::monitor::parse_filter(payload, v.max_monitor_names)
+        .map_err(|msg| (ErrorCode::BadPayload, msg))?;
     v.monitors.subscribe(v.caller, filter);
     Ok(encode(&Value::Boolean(true)))
 }

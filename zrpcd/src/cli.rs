@@ -62,6 +62,20 @@ pub struct Args {
     /// Seconds a new connection may take to send its Hello
     #[arg(long, default_value_t = 5.0)]
     pub handshake_timeout: f64,
+    /// Seconds a connection the broker closes (a fatal error, a limit) may
+    /// take to read the frames it was sent last; then they are dropped. At
+    /// exit the broker waits this long plus 1 s for all connections
+    #[arg(long, default_value_t = crate::config::DEFAULT_CLOSE_FLUSH_TIMEOUT.as_secs_f64())]
+    pub close_flush_timeout: f64,
+    /// Most service names in one `zrpcd.monitor` filter (`zrpc monitor
+    /// NAME...`)
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_MONITOR_NAMES)]
+    pub max_monitor_names: usize,
+    /// Seconds between two warnings of one kind that any user can cause
+    /// (refused connections, closed connections, refused calls); the
+    /// others are logged at debug level, and all are counted in zrpcd.stats
+    #[arg(long, default_value_t = crate::config::DEFAULT_WARN_INTERVAL.as_secs_f64())]
+    pub warn_interval: f64,
     /// Seconds a frame may take to arrive completely once its first bytes
     /// arrived; a connection whose frame stalls longer is closed
     #[arg(long, default_value_t = crate::config::DEFAULT_FRAME_TIMEOUT.as_secs_f64())]

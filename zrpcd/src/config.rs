@@ -52,6 +52,17 @@ pub const DEFAULT_MAX_DELIVERED_PER_CONN: u32 = 1024;
 /// service's handler much longer.
 pub const DEFAULT_CALLER_GRACE: Duration = Duration::from_secs(5);
 
+/// Default of `--close-flush-timeout`: how long a connection the broker
+/// closes may take to read the frames it was sent last.
+pub const DEFAULT_CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Default of `--max-monitor-names`: names in one `zrpcd.monitor` filter.
+pub const DEFAULT_MAX_MONITOR_NAMES: usize = 256;
+
+/// Default of `--warn-interval`: warnings a user can cause at will are
+/// logged at warn at most once per this interval ([`crate::log`]).
+pub const DEFAULT_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Everything the broker needs to know to run. Built from command-line flags
 /// by `main.rs`; tests and embedders can build it directly.
 #[derive(Debug, Clone)]
@@ -92,6 +103,18 @@ pub struct Config {
     pub max_queued_total: usize,
     /// How long a new connection may take to send `Hello`.
     pub handshake_timeout: Duration,
+    /// How long a connection the broker closes (a `Fatal`, a limit, its
+    /// peer gone) may take to read the frames it was sent last; then they
+    /// are dropped and the socket closed (`--close-flush-timeout`). At
+    /// exit the broker waits this long plus 1 s for all of them.
+    pub close_flush_timeout: Duration,
+    /// Most names in one `zrpcd.monitor` filter (`--max-monitor-names`).
+    pub max_monitor_names: usize,
+    /// Warnings a user can cause at will (refused connections, closed
+    /// connections, refused calls, `ETOOMANYREFS`) are logged at warn at
+    /// most once per this interval per kind, the others at debug
+    /// (`--warn-interval`).
+    pub warn_interval: Duration,
     /// How long shutdown lets delivered calls finish (and queued frames
     /// flush) before answering the rest with `Shutdown`.
     pub shutdown_grace: Duration,
@@ -155,6 +178,7 @@ impl Config {
             max_fds: self.max_fds,
             max_names: self.max_names,
             max_queued_total: self.max_queued_total,
+            max_stats_names: self.max_stats_names,
         }
     }
 
@@ -177,6 +201,9 @@ impl Config {
             max_queued_bytes: 64 * 1024 * 1024,
             max_queued_total: DEFAULT_MAX_QUEUED_TOTAL,
             handshake_timeout: Duration::from_secs(5),
+            close_flush_timeout: DEFAULT_CLOSE_FLUSH_TIMEOUT,
+            max_monitor_names: DEFAULT_MAX_MONITOR_NAMES,
+            warn_interval: DEFAULT_WARN_INTERVAL,
             shutdown_grace: Duration::from_secs(2),
             caller_grace: DEFAULT_CALLER_GRACE,
             heartbeat_interval: Duration::from_secs(5),

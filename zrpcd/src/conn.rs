@@ -27,9 +27,6 @@ use crate::peers::{Creds, PeerId};
 use crate::pending::SMALL_PAYLOAD_COPY;
 use crate::queue::PeerIo;
 
-/// How long a closing connection may take to accept its last frames.
-const CLOSE_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Frames with payloads up to this size are handled in place in the read
 /// buffer (their payload is copied wherever it goes, pending slots
 /// included); larger ones are split off as `Bytes` and forwarded by
@@ -45,6 +42,8 @@ pub struct Admitted {
     rd: Rc<AsyncFd<std::os::unix::net::UnixStream>>,
     decoder: FrameDecoder,
     handshake: std::time::Duration,
+    /// `--close-flush-timeout`.
+    close_flush: std::time::Duration,
 }
 
 /// Why [`admit`] did not take a connection.
@@ -117,6 +116,7 @@ pub fn admit_as(
         rd,
         decoder: FrameDecoder::new(b.config.max_message_size),
         handshake: b.config.handshake_timeout,
+        close_flush: b.config.close_flush_timeout,
     })
 }
 
@@ -136,6 +136,7 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, conn: Admitted) {
         rd,
         decoder,
         handshake,
+        close_flush,
     } = conn;
     // From here on, however this task ends, the connection is released.
     let teardown = Teardown {
@@ -143,7 +144,7 @@ pub async fn serve(broker: Rc<RefCell<Broker>>, conn: Admitted) {
         io: &io,
         id,
     };
-    let writer = tokio::task::spawn_local(write_loop(io.clone()));
+    let writer = tokio::task::spawn_local(write_loop(io.clone(), close_flush));
     let reason = read_loop(
         &broker,
         &io,
@@ -427,7 +428,7 @@ async fn read_some(
 /// writable, through a registration of its own that exists only while the
 /// socket is full), and on close flushes what is left and shuts the write
 /// side down.
-async fn write_loop(io: Rc<PeerIo>) {
+async fn write_loop(io: Rc<PeerIo>, close_flush: std::time::Duration) {
     let mut waiter: Option<AsyncFd<std::os::unix::net::UnixStream>> = None;
     // Once the connection is closing, one deadline for all that is left: a
     // peer that reads a little now and then must not keep it alive.
@@ -460,7 +461,7 @@ async fn write_loop(io: Rc<PeerIo>) {
         // socket and its queued frames alive forever.
         let closing = io.closed.get();
         if closing && close_deadline.is_none() {
-            close_deadline = Some(Instant::now() + CLOSE_FLUSH_BOUND);
+            close_deadline = Some(Instant::now() + close_flush);
         }
         let deadline = close_deadline.unwrap_or_else(Instant::now);
         let ready = tokio::select! {

@@ -13,6 +13,7 @@
 use std::backtrace::{Backtrace, BacktraceStatus};
 use std::io::IsTerminal;
 use std::panic::PanicHookInfo;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Sends `tracing` events to stderr, filtered by `$RUST_LOG` if set and
@@ -65,16 +66,31 @@ pub fn log_panic(info: &PanicHookInfo<'_>) {
 }
 
 /// Warnings a user can cause at will (a connection refused at accept, a
-/// connection closed for a protocol error or a quota, a request refused)
-/// are logged at warn at most once per this interval, the others at
-/// debug: a user reconnecting in a loop must not flood the log (journald's
-/// default rate limit, 10,000 lines in 30 s, would then drop zrpcd's other
-/// lines, and the log is written from the event loop). `zrpcd.stats`
-/// counts them all (`connections_refused`, `protocol_errors`).
-pub(crate) const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// connection closed for a protocol error or a quota, a request refused,
+/// descriptors the kernel would not pass) are logged at warn at most once
+/// per this interval for each kind, the others at debug: a user
+/// reconnecting in a loop must not flood the log (journald's default rate
+/// limit, 10,000 lines in 30 s, would then drop zrpcd's other lines, and
+/// the log is written from the event loop). `zrpcd.stats` counts them all
+/// (`connections_refused`, `protocol_errors`). In milliseconds;
+/// `--warn-interval` ([`set_warn_interval`]).
+static WARN_INTERVAL_MS: AtomicU64 =
+    AtomicU64::new(crate::config::DEFAULT_WARN_INTERVAL.as_millis() as u64);
+
+/// Sets the interval between two warnings of one kind (`--warn-interval`;
+/// the broker sets it from its [`crate::Config`] when it starts).
+pub fn set_warn_interval(every: Duration) {
+    let ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+    WARN_INTERVAL_MS.store(ms, Ordering::Relaxed);
+}
+
+/// The interval between two warnings of one kind.
+pub(crate) fn warn_interval() -> Duration {
+    Duration::from_millis(WARN_INTERVAL_MS.load(Ordering::Relaxed))
+}
 
 /// One kind of warning, rate-limited: when it was last logged at warn,
-/// and how many were not since ([`REFUSAL_LOG_EVERY`]).
+/// and how many were not since ([`warn_interval`]).
 #[derive(Debug, Default)]
 pub(crate) struct RefusalLog {
     last_warn: Option<Instant>,
@@ -86,7 +102,7 @@ impl RefusalLog {
     /// many were logged at debug only since the last one.
     pub(crate) fn warn_now(&mut self, now: Instant) -> Option<u64> {
         match self.last_warn {
-            Some(t) if now.saturating_duration_since(t) < REFUSAL_LOG_EVERY => {
+            Some(t) if now.saturating_duration_since(t) < warn_interval() => {
                 self.quiet += 1;
                 None
             }
@@ -110,9 +126,10 @@ mod tests {
         for i in 1..=5 {
             assert_eq!(log.warn_now(t0 + Duration::from_millis(i)), None);
         }
-        let later = t0 + REFUSAL_LOG_EVERY;
+        let every = warn_interval();
+        let later = t0 + every;
         assert_eq!(log.warn_now(later), Some(5));
         assert_eq!(log.warn_now(later + Duration::from_millis(1)), None);
-        assert_eq!(log.warn_now(later + REFUSAL_LOG_EVERY), Some(1));
+        assert_eq!(log.warn_now(later + every), Some(1));
     }
 }

@@ -75,6 +75,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.heartbeat_timeout = secs(args.heartbeat_timeout, "heartbeat-timeout")?;
     config.busy_poll = std::time::Duration::from_micros(args.busy_poll_us);
     config.frame_timeout = secs(args.frame_timeout, "frame-timeout")?;
+    config.close_flush_timeout = secs(args.close_flush_timeout, "close-flush-timeout")?;
+    config.max_monitor_names = args.max_monitor_names;
+    config.warn_interval = secs(args.warn_interval, "warn-interval")?;
     config.max_partial_bytes = args.max_partial_bytes;
     config.max_fds_per_conn = args.max_fds_per_conn;
     config.max_fds = args.max_fds;

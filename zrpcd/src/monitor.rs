@@ -15,7 +15,7 @@ pub struct Monitor {
     /// The subscribed connection.
     pub peer: PeerId,
     /// Only calls to these services (all if `None`); at most
-    /// [`MAX_FILTER_NAMES`] valid names.
+    /// `--max-monitor-names` valid names.
     pub filter: Option<rustc_hash::FxHashSet<Box<str>>>,
     /// Last event sequence number sent.
     pub seq: u64,
@@ -103,23 +103,23 @@ impl Monitors {
     }
 }
 
-/// Most service names one `zrpcd.monitor` subscription may list.
-pub const MAX_FILTER_NAMES: u32 = 256;
-
 /// Reads a `zrpcd.monitor` argument: nil (or no payload) for all services,
-/// or an array of at most [`MAX_FILTER_NAMES`] valid service names. The
-/// array's length is checked before anything is decoded, so a huge
-/// argument costs nothing.
-pub fn parse_filter(payload: &[u8]) -> Result<Option<rustc_hash::FxHashSet<Box<str>>>, String> {
+/// or an array of at most `max_names` valid service names
+/// (`--max-monitor-names`). The array's length is checked before anything
+/// is decoded, so a huge argument costs nothing.
+pub fn parse_filter(
+    payload: &[u8],
+    max_names: usize,
+) -> Result<Option<rustc_hash::FxHashSet<Box<str>>>, String> {
     const USAGE: &str = "monitor takes nil or an array of service names";
     if payload.is_empty() || payload == zrpc_proto::NIL_PAYLOAD {
         return Ok(None);
     }
     let mut r = zrpc_proto::mp::Reader::new(payload);
     let n = r.array_len().map_err(|_| USAGE.to_string())?;
-    if n > MAX_FILTER_NAMES {
+    if n as usize > max_names {
         return Err(format!(
-            "monitor takes at most {MAX_FILTER_NAMES} service names, not {n}"
+            "monitor takes at most {max_names} service names (--max-monitor-names), not {n}"
         ));
     }
     let mut names = rustc_hash::FxHashSet::default();
@@ -175,15 +175,23 @@ mod tests {
 
     #[test]
     fn filters_are_bounded_and_validated() {
-        assert_eq!(parse_filter(b""), Ok(None));
-        assert_eq!(parse_filter(b"\xc0"), Ok(None));
-        let two = parse_filter(b"\x92\xa4echo\xa4calc").expect("two names");
+        assert_eq!(parse_filter(b"", 256), Ok(None));
+        assert_eq!(parse_filter(b"\xc0", 256), Ok(None));
+        let two = parse_filter(b"\x92\xa4echo\xa4calc", 256).expect("two names");
         assert!(two.is_some_and(|f| f.len() == 2 && f.contains("echo")));
         // An array announcing 16M entries is refused before decoding.
-        let err = parse_filter(b"\xdd\x01\x00\x00\x00\xa0").expect_err("too many");
+        let err = parse_filter(b"\xdd\x01\x00\x00\x00\xa0", 256).expect_err("too many");
         assert!(err.contains("at most 256"), "{err}");
-        assert!(parse_filter(b"\x91\xa0").is_err(), "empty name");
-        assert!(parse_filter(b"\x91\x01").is_err(), "not a string");
-        assert!(parse_filter(b"\x91\xa4echo\x00").is_err(), "trailing bytes");
+        assert!(
+            parse_filter(b"\x92\xa4echo\xa4calc", 1).is_err(),
+            "past the flag"
+        );
+        assert!(parse_filter(b"\x91\xa4echo", 1).is_ok());
+        assert!(parse_filter(b"\x91\xa0", 256).is_err(), "empty name");
+        assert!(parse_filter(b"\x91\x01", 256).is_err(), "not a string");
+        assert!(
+            parse_filter(b"\x91\xa4echo\x00", 256).is_err(),
+            "trailing bytes"
+        );
     }
 }

@@ -440,33 +440,31 @@ impl PeerIo {
     }
 }
 
-/// `ETOOMANYREFS` is logged at warn at most once per this interval, the
-/// other times at debug.
-const TOO_MANY_REFS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
 thread_local! {
     /// When `ETOOMANYREFS` was last logged at warn, and how many times it
     /// was logged at debug only since.
-    static TOO_MANY_REFS: Cell<(Option<std::time::Instant>, u64)> = const { Cell::new((None, 0)) };
+    static TOO_MANY_REFS: RefCell<crate::log::RefusalLog> =
+        RefCell::new(crate::log::RefusalLog::default());
 }
 
 /// Logs that `n` payloads went inline because the kernel refused to pass
 /// more descriptors (`ETOOMANYREFS`), at warn at most once per
-/// [`TOO_MANY_REFS_LOG_EVERY`].
+/// `--warn-interval`.
 fn warn_too_many_refs(n: usize) {
-    let now = std::time::Instant::now();
-    TOO_MANY_REFS.with(|c| match c.get() {
-        (Some(t), quiet) if now.saturating_duration_since(t) < TOO_MANY_REFS_LOG_EVERY => {
-            c.set((Some(t), quiet + 1));
-            tracing::debug!(frames = n, "cannot pass descriptors (ETOOMANYREFS); sending their payloads inline");
+    let warn = TOO_MANY_REFS.with(|log| log.borrow_mut().warn_now(std::time::Instant::now()));
+    match warn {
+        None => {
+            tracing::debug!(
+                frames = n,
+                "cannot pass descriptors (ETOOMANYREFS); sending their payloads inline"
+            );
         }
-        (_, quiet) => {
-            c.set((Some(now), 0));
+        Some(quiet) => {
             tracing::warn!(
                 frames = n,
                 since_last_warning = quiet,
-                "cannot pass descriptors: the kernel counts too many sent by zrpcd's uid and not yet received (ETOOMANYREFS, RLIMIT_NOFILE); sending their payloads inline (later occurrences within 10 s at debug level)"
+                "cannot pass descriptors: the kernel counts too many sent by zrpcd's uid and not yet received (ETOOMANYREFS, RLIMIT_NOFILE); sending their payloads inline (later occurrences within --warn-interval at debug level)"
             );
         }
-    });
+    }
 }

@@ -33,6 +33,10 @@ pub struct Quota {
     /// Names registered (a name held by several of its connections, shared,
     /// counts once for each).
     pub names: usize,
+    /// Rows of per-name statistics in `zrpcd.stats` for the names the
+    /// user registered (a quarter of `--max-stats-names` by default, see
+    /// [`crate::stats::Stats::registered`]).
+    pub stats_names: usize,
     /// `--max-queued-total`: not a quota of one user, but what all users'
     /// queues may hold together before those holding more than their
     /// share are pushed back ([`Users::over_share`]).
@@ -57,6 +61,8 @@ pub struct QuotaOverrides {
     pub fds: Option<usize>,
     /// Names registered by one uid's connections.
     pub names: Option<usize>,
+    /// Rows of per-name statistics for one uid's names.
+    pub stats_names: Option<usize>,
 }
 
 /// The broker-wide limits a quota's defaults are shares of (from the
@@ -79,6 +85,8 @@ pub struct Limits {
     pub max_names: usize,
     /// `--max-queued-total`.
     pub max_queued_total: usize,
+    /// `--max-stats-names`.
+    pub max_stats_names: usize,
 }
 
 impl Quota {
@@ -106,6 +114,9 @@ impl Quota {
                 .unwrap_or(limits.max_queued_bytes.saturating_mul(4)),
             fds: overrides.fds.unwrap_or(quarter(limits.max_fds)),
             names: overrides.names.unwrap_or(quarter(limits.max_names)),
+            stats_names: overrides.stats_names.unwrap_or(quarter(
+                limits.max_stats_names.min(crate::stats::MAX_STATS_NAMES),
+            )),
             queued_total: limits.max_queued_total,
         }
     }
@@ -419,6 +430,16 @@ mod tests {
             ..QuotaOverrides::default()
         };
         assert_eq!(Quota::new(limits, set).names, 3);
+        let q = Quota::new(limits, QuotaOverrides::default());
+        assert_eq!(
+            q.stats_names,
+            crate::config::DEFAULT_MAX_STATS_NAMES as usize / 4
+        );
+        let set = QuotaOverrides {
+            stats_names: Some(7),
+            ..QuotaOverrides::default()
+        };
+        assert_eq!(Quota::new(limits, set).stats_names, 7);
         let u = Usage::default();
         u.charge_connection();
         u.hold_name(true);

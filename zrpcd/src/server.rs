@@ -31,6 +31,7 @@ pub async fn run(
     listener.set_nonblocking(true)?;
     let listener = UnixListener::from_std(listener)?;
     let grace = config.shutdown_grace;
+    crate::log::set_warn_interval(config.warn_interval);
     let broker = Rc::new(RefCell::new(Broker::new(config)));
     let mut timers = tokio::task::spawn_local(timer_loop(broker.clone()));
     let mut flusher = tokio::task::spawn_local(flush_loop(broker.clone()));
@@ -122,7 +123,8 @@ pub async fn run(
     // before it ends. Not the peer table: a peer leaves it before its
     // writer has flushed.
     let drained = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(FLUSH_BOUND, drained).await.is_err() {
+    let flush_bound = broker.borrow().config.close_flush_timeout + FLUSH_MARGIN;
+    if tokio::time::timeout(flush_bound, drained).await.is_err() {
         tracing::warn!("connections still flushing at exit");
     }
     timers.abort();
@@ -190,10 +192,10 @@ fn refuse(
     let _ = stream.try_write(&out);
 }
 
-/// How long shutdown waits for final frames to be flushed: longer than a
-/// closing connection's own bound (`conn::CLOSE_FLUSH_BOUND`, 2 s), so
-/// that each writer ends by its own rule first.
-const FLUSH_BOUND: Duration = Duration::from_secs(3);
+/// How much longer than a closing connection's own bound
+/// (`--close-flush-timeout`) shutdown waits for final frames to be
+/// flushed, so that each writer ends by its own rule first.
+const FLUSH_MARGIN: Duration = Duration::from_secs(1);
 
 async fn heartbeat_loop(broker: Rc<RefCell<Broker>>) {
     let every = broker.borrow().config.heartbeat_interval;

@@ -309,6 +309,7 @@ impl Broker {
             started: self.started,
             // Room for the envelope (see the check below).
             budget: (self.config.max_message_size as usize).saturating_sub(ANSWER_HEADROOM),
+            max_monitor_names: self.config.max_monitor_names,
             #[cfg(feature = "nats")]
             bridge: self.bridge.as_ref().map(|(p, c)| (*p, &**c)),
         };

@@ -169,7 +169,11 @@ impl Broker {
             peers: Peers::default(),
             names: Names::default(),
             pending: PendingCalls::default(),
-            stats: Stats::new(max_stats_names),
+            stats: {
+                let mut s = Stats::new(max_stats_names);
+                s.set_max_per_uid(quota.stats_names);
+                s
+            },
             started: Instant::now(),
             shutting_down: false,
             monitors: Monitors::default(),
@@ -251,6 +255,7 @@ impl Broker {
     pub fn set_policy(&mut self, policy: crate::policy::Policy) {
         self.quota = Quota::new(self.config.quota_limits(), policy.quota());
         self.fd_accounts.per_user.set(self.quota.fds);
+        self.stats.set_max_per_uid(self.quota.stats_names);
         self.config.policy = policy;
         let (peers, policy) = (&self.peers, &self.config.policy);
         self.monitors.retain(|m| {

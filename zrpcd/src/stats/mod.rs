@@ -114,16 +114,6 @@ struct RowState {
 /// row's slot and generation share one 32-bit tag).
 pub const MAX_STATS_NAMES: usize = 65_000;
 
-/// The rows one uid other than root may have: a quarter of
-/// `--max-stats-names` (at least one), the share [`crate::quota`] gives a
-/// user of the broker-wide limits by default. Every row is in every
-/// `zrpcd.stats` answer and stays after its name is unregistered, so
-/// without a share one user could fill the table with made-up names and
-/// make every answer, for everyone, as large as the table.
-pub fn per_uid_share(max_names: usize) -> usize {
-    (max_names / 4).max(1)
-}
-
 /// Slot of the broker's own service.
 const BROKER_SLOT: u32 = 0;
 /// Slot of [`OTHER`].
@@ -131,7 +121,8 @@ const OTHER_SLOT: u32 = 1;
 
 impl Stats {
     /// Empty counters, with rows for at most `max_names` registered names
-    /// (capped at [`MAX_STATS_NAMES`]).
+    /// (capped at [`MAX_STATS_NAMES`]), a quarter of them per uid other than
+    /// root until [`set_max_per_uid`](Self::set_max_per_uid).
     pub fn new(max_names: usize) -> Stats {
         let mut s = Stats {
             connections_total: 0,
@@ -151,7 +142,7 @@ impl Stats {
             slots: hashbrown::HashMap::default(),
             max_names: max_names.min(MAX_STATS_NAMES),
             owned: FxHashMap::default(),
-            max_per_uid: per_uid_share(max_names.min(MAX_STATS_NAMES)),
+            max_per_uid: (max_names.min(MAX_STATS_NAMES) / 4).max(1),
             version: 0,
         };
         s.push_row(zrpc_proto::BROKER_SERVICE);
@@ -220,6 +211,13 @@ impl Stats {
         &mut self.services[BROKER_SLOT as usize].1
     }
 
+    /// Sets the rows a uid other than root may have (the policy's
+    /// `stats_names` quota, at least one); rows already held past it stay
+    /// until their names are unregistered and their rows reused.
+    pub fn set_max_per_uid(&mut self, n: usize) {
+        self.max_per_uid = n.max(1);
+    }
+
     /// The tag of `name`'s row, if it has one: kept with a route, it finds
     /// the row without a name lookup ([`Stats::service_in`]).
     pub fn tag_of(&self, name: &str) -> Option<u32> {
@@ -230,7 +228,10 @@ impl Stats {
     /// it has none, while there are fewer than `max_names`, else the row
     /// of the name that stopped being registered longest ago (its counts
     /// are dropped). A uid other than root has at most its share of the
-    /// rows ([`per_uid_share`]): past it, the name gets the uid's own row
+    /// rows (the policy's `stats_names` quota, [`Stats::set_max_per_uid`];
+    /// without a share one user could fill the table with made-up names and
+    /// make every `zrpcd.stats` answer, for everyone, as large as the
+    /// table): past it, the name gets the uid's own row
     /// that stopped being registered longest ago. Returns the row's tag;
     /// `None` when no row may be given (the name is then counted under
     /// [`OTHER`]). O(1) amortised; O(`max_names`) when a uid at its share
@@ -363,7 +364,7 @@ mod tests {
     fn a_uid_has_at_most_its_share_of_the_rows() {
         // 8 rows, 2 per uid other than root.
         let mut s = Stats::new(8);
-        assert_eq!(per_uid_share(8), 2);
+        assert_eq!(s.max_per_uid, 2, "a quarter of 8");
         let a = s.registered("a1", 1000).expect("row");
         s.registered("a2", 1000).expect("row");
         // Past its share, while its rows are registered: under OTHER.
