@@ -417,11 +417,9 @@ fn a_call_at_the_size_limit_reaches_the_service() {
     assert_eq!(broker_stat(b.dir(), "redelivered"), 0);
 }
 
-/// A monitor that never reads is disconnected once its events pass
-/// --max-queued-bytes, like a client that never reads its results.
-#[test]
-fn a_monitor_that_never_reads_is_disconnected() {
-    let b = Broker::start_with(&["--max-queued-bytes", "20000"]);
+/// Calls `zrpcd.monitor` with `payload` on a new connection: the
+/// connection and the result.
+fn monitor_call(b: &Broker, payload: &[u8]) -> (Raw, (u64, Option<ErrorCode>, String)) {
     let mut mon = Raw::hello(b.dir());
     mon.send(
         &Envelope::Call {
@@ -431,25 +429,46 @@ fn a_monitor_that_never_reads_is_disconnected() {
             timeout_ms: None,
             flags: 0,
         },
-        b"\xc0",
+        payload,
     );
-    assert_eq!(next_result(&mut mon).1, None);
-    assert_eq!(broker_stat(b.dir(), "monitors"), 1);
-    // Each failed call is one event (~100 bytes) for the monitor, which
-    // does not read: past the socket buffer, they queue in the broker.
-    let mut caller = Raw::hello(b.dir());
+    let result = next_result(&mut mon);
+    (mon, result)
+}
+
+/// A `zrpcd.monitor` subscription to every service, on a new connection.
+fn subscribe_monitor(b: &Broker) -> Raw {
+    let (mon, result) = monitor_call(b, b"\xc0");
+    assert_eq!(result.1, None, "{}", result.2);
+    mon
+}
+
+/// Makes `caller` fail calls (one event each for the monitor, ~100 bytes)
+/// until the broker has disconnected the monitor, which does not read:
+/// past the socket buffer, its events queue in the broker.
+fn flood_a_monitor_until_disconnected(b: &Broker, caller: &mut Raw) {
     let mut id = 0;
     let gone = wait_until(WAIT, || {
         for _ in 0..200 {
             id += 1;
-            send_call(&mut caller, id, "nobody", None, flags::NO_WAIT);
+            send_call(caller, id, "nobody", None, flags::NO_WAIT);
         }
         for _ in 0..200 {
-            assert_eq!(next_result(&mut caller).1, Some(ErrorCode::NoSuchService));
+            assert_eq!(next_result(caller).1, Some(ErrorCode::NoSuchService));
         }
         broker_stat(b.dir(), "monitors") == 0
     });
     assert!(gone, "the monitor was not disconnected after {id} events");
+}
+
+/// A monitor that never reads is disconnected once its events pass
+/// --max-queued-bytes, like a client that never reads its results.
+#[test]
+fn a_monitor_that_never_reads_is_disconnected() {
+    let b = Broker::start_with(&["--max-queued-bytes", "20000"]);
+    let mut mon = subscribe_monitor(&b);
+    assert_eq!(broker_stat(b.dir(), "monitors"), 1);
+    let mut caller = Raw::hello(b.dir());
+    flood_a_monitor_until_disconnected(&b, &mut caller);
     // What it finds when it finally reads: events, then the reason.
     let fatal = loop {
         let f = mon.recv_frame().expect("a Fatal frame before close");
@@ -734,14 +753,10 @@ fn a_flood_of_bad_connections_logs_a_handful_of_warnings() {
     );
 }
 
-/// The same with a request refused on each new connection (a connection's
-/// first refusal is logged at warn): at most one warning per interval for
-/// all connections together.
-#[test]
-fn a_refusal_on_each_of_many_connections_logs_a_handful_of_warnings() {
-    let mut b = Broker::start_logged(&["--max-names", "0"]);
-    const REFUSED: usize = 500;
-    for i in 0..REFUSED {
+/// Registers a name on each of `n` new connections, each refused with
+/// `LimitExceeded` (the broker runs with `--max-names 0`).
+fn refuse_a_name_on_new_connections(b: &Broker, n: usize) {
+    for i in 0..n {
         let mut r = Raw::hello(b.dir());
         r.send(
             &Envelope::Register {
@@ -759,6 +774,16 @@ fn a_refusal_on_each_of_many_connections_logs_a_handful_of_warnings() {
         };
         assert_eq!(code, Some(ErrorCode::LimitExceeded));
     }
+}
+
+/// The same with a request refused on each new connection (a connection's
+/// first refusal is logged at warn): at most one warning per interval for
+/// all connections together.
+#[test]
+fn a_refusal_on_each_of_many_connections_logs_a_handful_of_warnings() {
+    let mut b = Broker::start_logged(&["--max-names", "0"]);
+    const REFUSED: usize = 500;
+    refuse_a_name_on_new_connections(&b, REFUSED);
     let warnings = warnings_logged(&mut b, "refused");
     assert!(
         (1..=3).contains(&warnings),
@@ -772,24 +797,7 @@ fn a_refusal_on_each_of_many_connections_logs_a_handful_of_warnings() {
 fn the_interval_between_warnings_is_a_flag() {
     let mut b = Broker::start_logged(&["--max-names", "0", "--warn-interval", "0"]);
     const REFUSED: usize = 20;
-    for i in 0..REFUSED {
-        let mut r = Raw::hello(b.dir());
-        r.send(
-            &Envelope::Register {
-                req: 1,
-                name: &format!("n{i}"),
-                shared: false,
-            },
-            b"",
-        );
-        let code = loop {
-            let f = r.recv_frame().expect("ack");
-            if let Ok(Envelope::Ack { code, .. }) = f.decode() {
-                break code;
-            }
-        };
-        assert_eq!(code, Some(ErrorCode::LimitExceeded));
-    }
+    refuse_a_name_on_new_connections(&b, REFUSED);
     let warnings = warnings_logged(&mut b, "refused");
     assert_eq!(warnings, REFUSED, "one warning per refused connection");
 }
@@ -799,20 +807,7 @@ fn the_interval_between_warnings_is_a_flag() {
 #[test]
 fn the_monitor_filter_bound_is_a_flag() {
     let b = Broker::start_with(&["--max-monitor-names", "2"]);
-    let subscribe = |payload: &[u8]| {
-        let mut mon = Raw::hello(b.dir());
-        mon.send(
-            &Envelope::Call {
-                id: 1,
-                service: "zrpcd",
-                method: "monitor",
-                timeout_ms: None,
-                flags: 0,
-            },
-            payload,
-        );
-        next_result(&mut mon)
-    };
+    let subscribe = |payload: &[u8]| monitor_call(&b, payload).1;
     let (_, code, msg) = subscribe(b"\x93\xa1a\xa1b\xa1c");
     assert_eq!(code, Some(ErrorCode::BadPayload), "{msg}");
     assert!(
@@ -841,31 +836,9 @@ fn the_closing_flush_bound_is_a_flag() {
             .unwrap_or(0)
     };
     let mut caller = Raw::hello(b.dir());
-    let mut mon = Raw::hello(b.dir());
-    mon.send(
-        &Envelope::Call {
-            id: 1,
-            service: "zrpcd",
-            method: "monitor",
-            timeout_ms: None,
-            flags: 0,
-        },
-        b"\xc0",
-    );
-    assert_eq!(next_result(&mut mon).1, None);
+    let mut mon = subscribe_monitor(&b);
     let with_monitor = fds();
-    let mut id = 0;
-    let gone = wait_until(WAIT, || {
-        for _ in 0..200 {
-            id += 1;
-            send_call(&mut caller, id, "nobody", None, flags::NO_WAIT);
-        }
-        for _ in 0..200 {
-            assert_eq!(next_result(&mut caller).1, Some(ErrorCode::NoSuchService));
-        }
-        broker_stat(b.dir(), "monitors") == 0
-    });
-    assert!(gone, "the monitor was not disconnected after {id} events");
+    flood_a_monitor_until_disconnected(&b, &mut caller);
     // Its socket is closed within the flag's time (and some scheduling),
     // well before the default's 2 s.
     let closed = wait_until(Duration::from_millis(1500), || fds() < with_monitor);

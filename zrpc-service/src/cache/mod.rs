@@ -40,6 +40,25 @@ pub(crate) const DEFAULT_MAX_ENTRIES: usize = 10_000;
 /// messages).
 pub(crate) const DEFAULT_MAX_BYTES: usize = 16 * 1024 * 1024;
 
+/// The bytes `outcome` counts against the byte bound (payload, or error
+/// message and value), if it may be cached at all: one larger than
+/// `max_bytes` is not (logged at debug level).
+fn cacheable_cost(outcome: &Outcome, max_bytes: usize) -> Option<usize> {
+    let cost = match outcome {
+        Ok(p) => p.len(),
+        Err((_, msg, value)) => msg.len() + value.len(),
+    };
+    if cost > max_bytes {
+        tracing::debug!(
+            cost,
+            max_bytes,
+            "reply too large for the reply cache; not cached"
+        );
+        return None;
+    }
+    Some(cost)
+}
+
 /// A bounded map from call identity to outcome, shared fairly among the
 /// callers' uids (see the module documentation).
 pub(crate) struct ReplyCache {
@@ -55,6 +74,9 @@ pub(crate) struct ReplyCache {
 }
 
 impl ReplyCache {
+    /// A cache of at most `max_entries` replies (and at most 2^31, so that
+    /// a ring's sequence numbers never wrap onto a live slot) and
+    /// `max_bytes` bytes; either 0 disables it.
     pub(crate) fn new(max_entries: usize, max_bytes: usize) -> Self {
         ReplyCache {
             max_entries: max_entries.min(u32::MAX as usize / 2),
@@ -134,18 +156,9 @@ impl ReplyCache {
         if !self.enabled() {
             return;
         }
-        let cost = match &outcome {
-            Ok(p) => p.len(),
-            Err((_, msg, value)) => msg.len() + value.len(),
-        };
-        if cost > self.max_bytes {
-            tracing::debug!(
-                cost,
-                max_bytes = self.max_bytes,
-                "reply too large for the reply cache; not cached"
-            );
+        let Some(cost) = cacheable_cost(&outcome, self.max_bytes) else {
             return;
-        }
+        };
         let uid = key.2;
         if self.users.len() == 1 {
             if let Some(u) = self.users.get_mut(&uid) {
@@ -247,8 +260,19 @@ impl ReplyCache {
 mod tests {
     use super::*;
 
-    fn ok(n: usize) -> Outcome {
+    /// A successful outcome of `n` bytes.
+    pub(super) fn ok(n: usize) -> Outcome {
         Ok(Bytes::from(vec![0u8; n]))
+    }
+
+    /// A xorshift generator from `seed`: each call, a number below `n`.
+    pub(super) fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
     }
 
     #[test]
@@ -305,13 +329,7 @@ mod tests {
     /// evenly at worst, and the bounds hold in all.
     #[test]
     fn shares_even_out_and_bounds_hold() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = rng(0x9e37_79b9_7f4a_7c15_u64);
         let mut c = ReplyCache::new(90, 10_000);
         let mut call = 0;
         for _ in 0..20_000 {

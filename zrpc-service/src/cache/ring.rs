@@ -125,7 +125,7 @@ pub(super) struct UserCache {
 impl UserCache {
     pub(super) fn new(max_entries: usize, max_bytes: usize) -> Self {
         UserCache {
-            max_entries: max_entries.min(u32::MAX as usize / 2),
+            max_entries,
             max_bytes,
             meta: Vec::new(),
             cells: Vec::new(),
@@ -139,22 +139,14 @@ impl UserCache {
         }
     }
 
-    /// Whether the cache is in use (both bounds non-zero).
-    pub(super) fn enabled(&self) -> bool {
-        self.max_entries > 0 && self.max_bytes > 0
-    }
-
-    /// Changes the bounds, evicting as needed.
+    /// Changes the bounds (non-zero: [`super::ReplyCache`] keeps no user
+    /// cache while it is disabled), evicting as needed.
     pub(super) fn set_bounds(&mut self, max_entries: usize, max_bytes: usize) {
-        self.max_entries = max_entries.min(u32::MAX as usize / 2);
+        self.max_entries = max_entries;
         self.max_bytes = max_bytes;
-        if !self.enabled() {
-            *self = UserCache::new(self.max_entries, self.max_bytes);
-        } else {
-            self.evict(None);
-            if self.meta.len() > self.max_entries {
-                self.resize(self.max_entries);
-            }
+        self.evict(None);
+        if self.meta.len() > self.max_entries {
+            self.resize(self.max_entries);
         }
     }
 
@@ -212,21 +204,9 @@ impl UserCache {
         outcome: Outcome,
         owned: bool,
     ) {
-        if !self.enabled() {
+        let Some(cost) = super::cacheable_cost(&outcome, self.max_bytes) else {
             return;
-        }
-        let cost = match &outcome {
-            Ok(p) => p.len(),
-            Err((_, msg, value)) => msg.len() + value.len(),
         };
-        if cost > self.max_bytes {
-            tracing::debug!(
-                cost,
-                max_bytes = self.max_bytes,
-                "reply too large for the reply cache; not cached"
-            );
-            return;
-        }
         let h = hash(key);
         let (index, ring) = self.index_and_ring();
         if let Ok(old) = index.find_entry(h, |&s| ring.key(s) == key) {
@@ -431,12 +411,9 @@ fn target(service: &str, method: &str) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::ok;
     use super::*;
     use std::collections::VecDeque;
-
-    fn ok(n: usize) -> Outcome {
-        Ok(Bytes::from(vec![0u8; n]))
-    }
 
     #[test]
     fn slot_metadata_is_half_a_cache_line() {
@@ -449,13 +426,7 @@ mod tests {
     /// and large payloads, errors and both bounds.
     #[test]
     fn matches_a_model_through_wrapping_sequence_numbers() {
-        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = super::super::tests::rng(0x2545_f491_4f6c_dd1d_u64);
         for (max_entries, max_bytes) in [(1, 1000), (7, 300), (50, 100_000), (64, 2_000)] {
             let mut c = UserCache::new(max_entries, max_bytes);
             c.first = u32::MAX - 20;
@@ -558,13 +529,6 @@ mod tests {
     }
 
     #[test]
-    fn disabled() {
-        let mut c = UserCache::new(0, 1000);
-        c.insert((1, 1, 0), "s", "m", ok(1), true);
-        assert_eq!(c.len(), 0);
-    }
-
-    #[test]
     fn evicting_for_others_takes_the_oldest_and_gives_back_the_room() {
         let mut c = UserCache::new(1000, 1_000_000);
         for i in 0..600 {
@@ -600,7 +564,5 @@ mod tests {
         c.set_bounds(1, 1000);
         assert!(c.get((1, 1, 0), "s", "m").is_none());
         assert_eq!(c.len(), 1);
-        c.set_bounds(0, 0);
-        assert_eq!(c.len(), 0);
     }
 }
