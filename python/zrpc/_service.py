@@ -128,6 +128,11 @@ def _type_name(t: Any) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
 
 
+def _cost(payload: bytes, message: str) -> int:
+    """Bytes an outcome counts against the byte bound (as zrpc-service: the message in UTF-8)."""
+    return len(payload) + (len(message.encode("utf-8", "replace")) if message else 0)
+
+
 class ReplyCache:
     """Recent outcomes by call identity ``(caller_instance, caller_call, caller_uid)``.
 
@@ -167,7 +172,7 @@ class ReplyCache:
         uid = max(self.users, key=lambda k: self._share(self.users[k]))
         u = self.users[uid]
         _, e = u[0].popitem(last=False)
-        size = len(e[4]) + len(e[3])
+        size = _cost(e[4], e[3])
         u[1] -= size
         self.bytes -= size
         self.count -= 1
@@ -176,14 +181,14 @@ class ReplyCache:
 
     def put(self, key: tuple, service: str, method: str, code: int, message: str, payload: bytes) -> None:
         """Keeps an outcome (not when the cache is disabled or the outcome is larger than the byte bound)."""
-        size = len(payload) + len(message)
+        size = _cost(payload, message)
         if self.max_entries <= 0 or self.max_bytes <= 0 or size > self.max_bytes:
             return
         u = self.users.get(key[2])
         if u is not None:
             old = u[0].pop(key, None)
             if old is not None:
-                old_size = len(old[4]) + len(old[3])
+                old_size = _cost(old[4], old[3])
                 u[1] -= old_size
                 self.bytes -= old_size
                 self.count -= 1

@@ -72,8 +72,9 @@ pub struct Args {
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_MONITOR_NAMES)]
     pub max_monitor_names: usize,
     /// Seconds between two warnings of one kind that any user can cause
-    /// (refused connections, closed connections, refused calls); the
-    /// others are logged at debug level, and all are counted in zrpcd.stats
+    /// (refused connections, closed connections, refused calls, descriptors
+    /// the kernel would not pass); the others are logged at debug level,
+    /// and all are counted in zrpcd.stats
     #[arg(long, default_value_t = crate::config::DEFAULT_WARN_INTERVAL.as_secs_f64())]
     pub warn_interval: f64,
     /// Seconds a frame may take to arrive completely once its first bytes

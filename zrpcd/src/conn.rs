@@ -461,7 +461,10 @@ async fn write_loop(io: Rc<PeerIo>, close_flush: std::time::Duration) {
         // socket and its queued frames alive forever.
         let closing = io.closed.get();
         if closing && close_deadline.is_none() {
-            close_deadline = Some(Instant::now() + close_flush);
+            // (Bounded by `Config`'s users too: an `Instant` overflows.)
+            let bound =
+                close_flush.min(std::time::Duration::from_millis(zrpc_proto::MAX_TIMEOUT_MS));
+            close_deadline = Some(Instant::now() + bound);
         }
         let deadline = close_deadline.unwrap_or_else(Instant::now);
         let ready = tokio::select! {

@@ -8,8 +8,19 @@ use tokio::signal::unix::{signal, SignalKind};
 use zrpcd::cli::Args;
 use zrpcd::Config;
 
+/// A duration flag: non-negative seconds, at most 365 days (the longest a
+/// call's deadline may be; longer ones would overflow the clock when added
+/// to it).
 fn secs(v: f64, what: &str) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(v).map_err(|e| format!("--{what}: {e}"))
+    let d = Duration::try_from_secs_f64(v).map_err(|e| format!("--{what}: {e}"))?;
+    let max = Duration::from_millis(zrpc_proto::MAX_TIMEOUT_MS);
+    if d > max {
+        return Err(format!(
+            "--{what}: {v} s is more than the longest allowed, 365 days ({} s)",
+            max.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 /// Keeps large freed buffers in the heap for reuse. By default glibc returns

@@ -123,7 +123,11 @@ pub async fn run(
     // before it ends. Not the peer table: a peer leaves it before its
     // writer has flushed.
     let drained = async { while conns.join_next().await.is_some() {} };
-    let flush_bound = broker.borrow().config.close_flush_timeout + FLUSH_MARGIN;
+    let flush_bound = broker
+        .borrow()
+        .config
+        .close_flush_timeout
+        .saturating_add(FLUSH_MARGIN);
     if tokio::time::timeout(flush_bound, drained).await.is_err() {
         tracing::warn!("connections still flushing at exit");
     }

@@ -212,3 +212,27 @@ fn signal_right_after_start_exits_cleanly() {
         assert!(!sock.exists(), "start {i}, {name}: socket left behind");
     }
 }
+
+/// A duration flag past the longest allowed (365 days) is refused at
+/// start, naming the flag: added to the clock it would overflow and panic
+/// a connection's writer (`--close-flush-timeout`) or the exit.
+#[test]
+fn a_duration_flag_past_a_year_is_refused_at_start() {
+    let dir = zrpc_tests::TempDir::new();
+    let mut c = Command::new(bin("zrpcd"));
+    c.arg("--socket-dir")
+        .arg(dir.path())
+        .args(["--close-flush-timeout", "1e12"])
+        .stderr(std::process::Stdio::piped());
+    let mut p = zrpc_tests::Proc::adopt(c.spawn().expect("start zrpcd"), "zrpcd");
+    let status = p.wait_exit(WAIT).expect("zrpcd did not exit");
+    assert!(!status.success());
+    let mut err = String::new();
+    if let Some(mut e) = p.child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).expect("stderr");
+    }
+    assert!(
+        err.contains("--close-flush-timeout") && err.contains("365 days"),
+        "{err}"
+    );
+}

@@ -4,15 +4,14 @@
 //!
 //! Each caller uid has a cache of its own (`ring::UserCache`, a ring in
 //! insertion order), and the bounds (entries, bytes) hold for all of them
-//! together. When they are reached, the entry evicted is the oldest of a
-//! user holding at least as large a share of the cache as the user whose
-//! reply is being kept (its share: the larger of its fractions of the two
-//! bounds), preferring the largest holder. So one user calling a shared
-//! service fast evicts its own oldest replies, not the ones another
-//! user's client needs to be answered from after a reconnect, whatever its
-//! rate; several users share the cache evenly at worst (each uid gets
-//! its share: a user with many uids gets many shares). A service called by
-//! one user behaves as one cache in insertion order.
+//! together. When they are reached, the entry evicted is the oldest of the
+//! user holding the largest share of the cache (its share: the larger of
+//! its fractions of the two bounds). So one user calling a shared service
+//! fast evicts its own oldest replies, not the ones another user's client
+//! needs to be answered from after a reconnect, whatever its rate; users
+//! calling at once end up with even shares at worst (each uid gets one: a
+//! user with many uids gets many). A service called by one user behaves
+//! as one cache in insertion order.
 
 mod ring;
 
@@ -66,11 +65,15 @@ pub(crate) struct ReplyCache {
     max_bytes: usize,
     /// Each caller uid's entries (a uid with none has no cache).
     users: FxHashMap<u32, UserCache>,
-    /// Entries and bytes of all users.
-    len: usize,
+    /// Slots (entries, and dead slots of superseded outcomes: what the
+    /// entry bound counts) and bytes of all users.
+    slots: usize,
     bytes: usize,
-    /// The user evicted from last (the largest holder when it was chosen).
+    /// The largest holder, evicted from while it stays the largest
+    /// ([`ReplyCache::victim`]).
     victim: Option<u32>,
+    /// At least the largest share of the users other than `victim`.
+    runner_up: u128,
 }
 
 impl ReplyCache {
@@ -82,9 +85,10 @@ impl ReplyCache {
             max_entries: max_entries.min(u32::MAX as usize / 2),
             max_bytes,
             users: FxHashMap::default(),
-            len: 0,
+            slots: 0,
             bytes: 0,
             victim: None,
+            runner_up: 0,
         }
     }
 
@@ -105,8 +109,10 @@ impl ReplyCache {
             u.set_bounds(self.max_entries, self.max_bytes);
         }
         self.recount();
-        while self.len > self.max_entries || self.bytes > self.max_bytes {
-            let Some(v) = self.victim_for(None) else {
+        // Shares are measured against the bounds: scan again.
+        self.victim = None;
+        while self.slots > self.max_entries || self.bytes > self.max_bytes {
+            let Some(v) = self.victim() else {
                 break;
             };
             self.evict_from(v);
@@ -164,15 +170,15 @@ impl ReplyCache {
             if let Some(u) = self.users.get_mut(&uid) {
                 // The only user: its own bounds are the cache's, its ring
                 // evicts for itself (the common case, one lookup).
-                let (len, bytes) = (u.len(), u.bytes());
+                let (slots, bytes) = (u.slots(), u.bytes());
                 u.insert(key, service, method, outcome, owned);
-                self.len = self.len - len + u.len();
+                self.slots = self.slots - slots + u.slots();
                 self.bytes = self.bytes - bytes + u.bytes();
                 return;
             }
         }
-        while self.len + 1 > self.max_entries || self.bytes + cost > self.max_bytes {
-            let Some(v) = self.victim_for(Some(uid)) else {
+        while self.slots + 1 > self.max_entries || self.bytes + cost > self.max_bytes {
+            let Some(v) = self.victim() else {
                 break;
             };
             self.evict_from(v);
@@ -182,52 +188,66 @@ impl ReplyCache {
             .users
             .entry(uid)
             .or_insert_with(|| UserCache::new(max_entries, max_bytes));
-        let (len, bytes) = (u.len(), u.bytes());
+        let (slots, bytes) = (u.slots(), u.bytes());
         u.insert(key, service, method, outcome, owned);
-        self.len = self.len - len + u.len();
+        self.slots = self.slots - slots + u.slots();
         self.bytes = self.bytes - bytes + u.bytes();
+        if self.victim != Some(uid) {
+            // Another user grew: the victim stays the largest holder only
+            // while it holds at least this much.
+            let grown = self.users.get(&uid).map_or(0, |u| self.share(u));
+            self.runner_up = self.runner_up.max(grown);
+        }
     }
 
     /// A user's share of the cache, comparable between users: the larger of
-    /// its fractions of the two bounds (scaled by their product).
+    /// its fractions of the two bounds (scaled by their product). Its slots
+    /// count, dead ones too: they hold memory until evicted.
     fn share(&self, u: &UserCache) -> u128 {
-        (u.len() as u128 * self.max_bytes as u128).max(u.bytes() as u128 * self.max_entries as u128)
+        (u.slots() as u128 * self.max_bytes as u128)
+            .max(u.bytes() as u128 * self.max_entries as u128)
     }
 
-    /// The user to evict an entry from to make room for `uid`'s (`None`:
-    /// for the bounds alone): the last one chosen while it holds at least
-    /// `uid`'s share, else the largest holder (a scan of the users).
-    fn victim_for(&mut self, uid: Option<u32>) -> Option<u32> {
-        let mine = uid
-            .and_then(|uid| self.users.get(&uid))
-            .map_or(0, |u| self.share(u));
-        if let Some(v) = self.victim {
-            if let Some(u) = self.users.get(&v) {
-                if uid.is_some() && u.len() > 0 && self.share(u) >= mine {
-                    return Some(v);
+    /// The user to evict an entry from: the largest holder. The one found
+    /// by the last scan of the users stays it while its share is at least
+    /// `runner_up` (the largest of the others', raised as they insert);
+    /// then the users are scanned again (O(users), each with an entry).
+    fn victim(&mut self) -> Option<u32> {
+        if let Some(u) = self.victim.and_then(|v| self.users.get(&v)) {
+            if u.slots() > 0 && self.share(u) >= self.runner_up {
+                return self.victim;
+            }
+        }
+        let (mut first, mut second): (Option<(u32, u128)>, u128) = (None, 0);
+        for (&uid, u) in &self.users {
+            if u.slots() == 0 {
+                continue;
+            }
+            let share = self.share(u);
+            match first {
+                Some((_, best)) if share <= best => second = second.max(share),
+                _ => {
+                    second = first.map_or(second, |(_, best)| second.max(best));
+                    first = Some((uid, share));
                 }
             }
         }
-        let v = self
-            .users
-            .iter()
-            .filter(|(_, u)| u.len() > 0)
-            .max_by_key(|(_, u)| self.share(u))
-            .map(|(uid, _)| *uid);
-        self.victim = v;
-        v
+        self.victim = first.map(|(uid, _)| uid);
+        self.runner_up = second;
+        self.victim
     }
 
-    /// Evicts the oldest entry of user `uid`; drops its cache once empty.
+    /// Frees the oldest slot of user `uid` (an entry, or a dead slot);
+    /// drops its cache once empty.
     fn evict_from(&mut self, uid: u32) {
         let Some(u) = self.users.get_mut(&uid) else {
             return;
         };
-        let (len, bytes) = (u.len(), u.bytes());
-        u.evict_oldest();
-        self.len = self.len - len + u.len();
+        let (slots, bytes) = (u.slots(), u.bytes());
+        u.pop_slot();
+        self.slots = self.slots - slots + u.slots();
         self.bytes = self.bytes - bytes + u.bytes();
-        if u.len() == 0 {
+        if u.slots() == 0 {
             self.users.remove(&uid);
             if self.victim == Some(uid) {
                 self.victim = None;
@@ -237,17 +257,18 @@ impl ReplyCache {
 
     /// Recomputes the totals, and drops the users left with nothing.
     fn recount(&mut self) {
-        self.users.retain(|_, u| u.len() > 0);
-        self.len = self.users.values().map(UserCache::len).sum();
+        self.users.retain(|_, u| u.slots() > 0);
+        self.slots = self.users.values().map(UserCache::slots).sum();
         self.bytes = self.users.values().map(UserCache::bytes).sum();
         if self.victim.is_some_and(|v| !self.users.contains_key(&v)) {
             self.victim = None;
         }
     }
 
-    /// Number of cached replies.
+    /// Number of cached replies (a sum over the users: not for the call
+    /// path).
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.users.values().map(UserCache::len).sum()
     }
 
     /// Bytes of cached replies.
@@ -342,7 +363,10 @@ mod tests {
             call += 1;
             c.insert((9, call, uid), "s", "m", ok(next(120) as usize), true);
             assert!(c.len() <= 90 && c.bytes() <= 10_000);
-            assert_eq!(c.len(), c.users.values().map(UserCache::len).sum::<usize>());
+            assert_eq!(
+                c.slots,
+                c.users.values().map(UserCache::slots).sum::<usize>()
+            );
             assert_eq!(
                 c.bytes(),
                 c.users.values().map(UserCache::bytes).sum::<usize>()
@@ -359,6 +383,49 @@ mod tests {
                 (held(1), held(2), held(3))
             );
         }
+    }
+
+    /// The largest holder is evicted from, not a smaller one chosen
+    /// earlier: 44 / 46 of 90, then a third user calls 1,000 times; all end
+    /// at a third (the review's case: the first-chosen user fell to 21,
+    /// the other kept 34).
+    #[test]
+    fn the_largest_holder_is_evicted_from() {
+        let mut c = ReplyCache::new(90, 1_000_000);
+        for i in 0..46 {
+            c.insert((1, i, 1), "s", "m", ok(1), true);
+        }
+        for i in 0..44 {
+            c.insert((1, i, 2), "s", "m", ok(1), true);
+        }
+        for i in 0..1000 {
+            c.insert((1, i, 3), "s", "m", ok(1), true);
+        }
+        // A third each, within one entry (the inserting user's own, evicted
+        // from a tie before it is added).
+        let held: Vec<usize> = (1..=3).map(|uid| c.users[&uid].len()).collect();
+        assert_eq!(held.iter().sum::<usize>(), 90);
+        assert!(held.iter().all(|n| (29..=31).contains(n)), "{held:?}");
+    }
+
+    /// A re-run of a call (its earlier outcome superseded) leaves a dead
+    /// slot, counted against its user until evicted: a user re-running
+    /// calls under another method evicts its own slots, and its ring does
+    /// not grow past its share.
+    #[test]
+    fn superseded_outcomes_count_against_their_user() {
+        let mut c = ReplyCache::new(40, 100_000);
+        for i in 0..20 {
+            c.insert((1, i, 1), "s", "m", ok(1), true);
+        }
+        for round in 0..500 {
+            let method = if round % 2 == 0 { "a" } else { "b" };
+            c.insert((1, 0, 2), "s", method, ok(1), true);
+        }
+        assert!(c.slots <= 40);
+        assert_eq!(c.users[&1].len(), 20, "uid 1 under its share");
+        assert_eq!(c.users[&2].len(), 1);
+        assert!(c.users[&2].slots() <= 20, "{}", c.users[&2].slots());
     }
 
     #[test]

@@ -344,19 +344,24 @@ impl UserCache {
         true
     }
 
-    /// Evicts the oldest entry (for another user's, see
-    /// [`super::ReplyCache`]); false if there is none. The ring shrinks by
-    /// half once a quarter of it is in use.
-    pub(super) fn evict_oldest(&mut self) -> bool {
-        let mut evicted = false;
-        while self.count > 0 && !evicted {
-            evicted = self.pop_oldest();
+    /// Frees the oldest slot, an entry or a dead slot (for another user's
+    /// entry, see [`super::ReplyCache`]). The ring shrinks by half once a
+    /// quarter of it is in use.
+    pub(super) fn pop_slot(&mut self) {
+        if self.count == 0 {
+            return;
         }
+        self.pop_oldest();
         let cap = self.meta.len();
         if cap > 8 && self.count * 4 <= cap {
             self.resize(cap / 2);
         }
-        evicted
+    }
+
+    /// Slots in use: entries, and the dead slots of superseded outcomes
+    /// not yet evicted (what the entry bound counts).
+    pub(super) fn slots(&self) -> usize {
+        self.count
     }
 
     /// Number of cached replies.
@@ -534,21 +539,29 @@ mod tests {
         for i in 0..600 {
             c.insert((1, i, 0), "s", "m", ok(200), true);
         }
-        // A superseded entry (dead slot) is skipped, not counted.
-        c.insert((1, 0, 0), "s", "m", ok(1), true);
+        // A superseded entry leaves a dead slot, counted until popped.
+        c.insert((1, 0, 0), "s", "other", ok(1), true);
+        assert_eq!((c.len(), c.slots()), (600, 601));
         let cap = c.meta.len();
-        assert!(cap >= 600, "{cap}");
-        assert!(c.evict_oldest());
-        assert!(c.get((1, 0, 0), "s", "m").is_some(), "re-inserted: newest");
+        assert!(cap >= 601, "{cap}");
+        c.pop_slot();
+        assert_eq!((c.len(), c.slots()), (600, 600), "the dead slot went");
+        c.pop_slot();
+        assert!(
+            c.get((1, 0, 0), "s", "other").is_some(),
+            "re-inserted: newest"
+        );
         assert!(
             c.get((1, 1, 0), "s", "m").is_none(),
             "the oldest live entry"
         );
         assert_eq!(c.len(), 599);
-        while c.evict_oldest() {}
+        while c.slots() > 0 {
+            c.pop_slot();
+        }
         assert_eq!((c.len(), c.bytes()), (0, 0));
         assert!(c.meta.len() <= 8, "the ring shrank: {}", c.meta.len());
-        assert!(!c.evict_oldest());
+        c.pop_slot();
         // Still usable.
         c.insert((1, 7, 0), "s", "m", ok(3), true);
         assert_eq!(c.get((1, 7, 0), "s", "m"), Some(ok(3)));

@@ -421,7 +421,13 @@ impl Broker {
             })
         });
         let Some(t) = self.peers.get(target) else {
-            return;
+            // Not reached (targets are live connections), but a call must
+            // never be left neither parked nor answered.
+            debug_assert!(
+                false,
+                "call {bid} routed to connection {target}, which is gone"
+            );
+            return self.park(service, bid, caller, caller_ident);
         };
         // Every instance has its window of calls in hand (`pick` chose the
         // one with the fewest): the call waits for an answer to free a

@@ -225,6 +225,12 @@ impl Broker {
         let Some(p) = self.peers.remove(peer) else {
             return;
         };
+        // Calls to imported names park from now on (or fail, with
+        // NO_WAIT), instead of being routed to a bridge that is gone.
+        #[cfg(feature = "nats")]
+        if self.bridge_peer() == Some(peer) {
+            self.bridge = None;
+        }
         let now = Instant::now();
         p.io().close();
         self.monitors.remove(peer);
