@@ -6,7 +6,8 @@
 //! the routing logic itself, not only on the decoder.
 //!
 //! After the input is consumed every peer disconnects, and the broker must
-//! be empty again: no pending call, no name, no partial-frame bytes.
+//! be empty again: no pending call, no name, no partial-frame bytes, no
+//! per-connection call list.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -246,6 +247,11 @@ fn drive_in_runtime(data: &[u8]) {
     assert_eq!(b.names().len(), 0, "names left once every peer is gone");
     assert_eq!(b.peers().partial_total(), 0, "partial-frame bytes left");
     assert_eq!(b.pending.payload_bytes(), 0, "pending payload bytes left");
+    assert_eq!(
+        b.pending.peers_len(),
+        0,
+        "per-connection call lists left once every peer is gone"
+    );
     assert!(
         b.users().is_empty(),
         "per-user accounts left: {}",
