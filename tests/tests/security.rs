@@ -237,6 +237,111 @@ fn the_reply_cache_is_not_reachable_across_uids() {
     assert_eq!(call(&mut root, 2, secret), secret, "root's call 2 ran");
 }
 
+/// The next `Request` a raw service connection gets within [`WAIT`]
+/// (answering pings meanwhile): its broker id and the caller's uid.
+fn next_request_uid(svc: &mut Raw) -> (u64, u32) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Request within {WAIT:?}"
+        );
+        let f = svc.recv_frame().expect("a Request");
+        match f.decode() {
+            Ok(Envelope::Request { id, caller, .. }) => {
+                return (id, caller.map_or(u32::MAX, |c| c.uid));
+            }
+            Ok(Envelope::Ping { nonce }) => svc.send(&Envelope::Pong { nonce }, b""),
+            _ => {}
+        }
+    }
+}
+
+/// A user that calls a shared service and leaves, in a loop, gets no more
+/// of the service's window than one that stays: the calls it left running
+/// (orphans) keep their places in the window (`--max-delivered-per-conn`)
+/// until the service answers them, their grace ends or they are adopted.
+/// Before, each round's calls took a fresh window, and another user's call
+/// waited behind all of them at the service (docs/security.md).
+#[test]
+fn calls_left_running_keep_their_places_in_the_services_window() {
+    if !is_root(
+        "calls_left_running_keep_their_places_in_the_services_window",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    let b = Broker::start_with(&["--max-delivered-per-conn", "4", "--caller-grace", "60"]);
+    let mut svc = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut svc, "shared");
+    let stat = |key: &str| zrpc_tests::broker_stat(b.dir(), key);
+    // Round 1: four calls fill the window, and their caller leaves.
+    let mut first = Vec::new();
+    {
+        let mut p = other(&b, &["park", "--service", "shared", "--count", "4"]);
+        p.read_until(|l| l.starts_with("sent")).expect("sent");
+        for _ in 0..4 {
+            let (bid, uid) = next_request_uid(&mut svc);
+            assert_eq!(uid, OTHER);
+            first.push(bid);
+        }
+    }
+    assert!(wait_until(WAIT, || stat("orphans") == 4 && stat("pending") == 0));
+    // Rounds 2 and 3: the window is still full, so their calls wait in the
+    // broker, and end with their caller.
+    for round in 2..=3 {
+        let mut p = other(&b, &["park", "--service", "shared", "--count", "4"]);
+        p.read_until(|l| l.starts_with("sent")).expect("sent");
+        assert!(
+            wait_until(WAIT, || stat("waiting") == 4),
+            "round {round}: the calls were delivered past the window ({} waiting)",
+            stat("waiting")
+        );
+        drop(p);
+        assert!(wait_until(WAIT, || stat("pending") == 0));
+    }
+    // Root's call waits too, until the service answers one of the calls
+    // left running: then it takes that place.
+    let mut root = Raw::hello(b.dir());
+    root.send(
+        &Envelope::Call {
+            id: 1,
+            service: "shared",
+            method: "m",
+            timeout_ms: Some(30_000),
+            flags: 0,
+        },
+        b"\xc0",
+    );
+    assert!(wait_until(WAIT, || stat("waiting") == 1));
+    svc.send(
+        &Envelope::Reply {
+            id: first[0],
+            code: None,
+            message: "",
+        },
+        b"\xc0",
+    );
+    let (bid, uid) = next_request_uid(&mut svc);
+    assert_eq!(uid, 0, "the next request is root's, not a left caller's");
+    svc.send(
+        &Envelope::Reply {
+            id: bid,
+            code: None,
+            message: "",
+        },
+        b"\xc3",
+    );
+    loop {
+        let f = root.recv_frame().expect("root's result");
+        if let Ok(Envelope::Result { id, code, .. }) = f.decode() {
+            assert_eq!((id, code), (1, None));
+            assert_eq!(&f.payload[..], b"\xc3");
+            break;
+        }
+    }
+}
+
 /// A user calling a shared service fast cannot evict the reply-cache
 /// entry another user's resubmission needs (docs/security.md): root's
 /// call is answered from the cache, not run again, after another user made

@@ -23,9 +23,16 @@
 //! cancelled at the service), so a user that calls, leaves and calls again
 //! cannot keep more work going at services than its quota allows.
 //!
+//! An orphan its service still runs takes a place in that service
+//! connection's window (`--max-delivered-per-conn`, [`Orphans::running_on`])
+//! until the service answers it ([`Orphans::answered`]), its grace ends or
+//! it is adopted: a user that calls and leaves in a loop gets no more of a
+//! service's attention than one that stays.
+//!
 //! Private state behind a narrow API: [`Orphans::add`] when a caller
 //! leaves, [`Orphans::adopt`] when a call arrives, [`Orphans::expired`]
-//! when the timer fires, [`Orphans::service_gone`] when a service leaves.
+//! when the timer fires, [`Orphans::answered`] when a service answers one,
+//! [`Orphans::service_gone`] when a service leaves.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
@@ -93,6 +100,11 @@ pub struct Orphans {
     /// [`NO_SERVICE`]), so that a connection leaving without any costs no
     /// walk of them all.
     per_service: HashMap<PeerId, usize>,
+    /// The deliveries of orphans their service has not answered yet (by
+    /// request id), and how many each service connection has: its window
+    /// counts them.
+    running: HashMap<u64, PeerId>,
+    running_per_service: HashMap<PeerId, u32>,
     /// The deliveries adopted by a pending call (its request id): while it
     /// lives, and moved into its orphan if its caller leaves again.
     adopted: HashMap<u64, Vec<u64>>,
@@ -140,8 +152,10 @@ impl Orphans {
             earlier: self.adopted.remove(&request).unwrap_or_default(),
         };
         self.count(service, true);
+        self.start_running(request, service);
         if let Some((old, old_until)) = self.by_caller.insert(caller, (orphan, until)) {
             self.count(old.service, false);
+            self.stop_running(old.request);
             self.unindex(old_until, caller);
         }
         let earliest = self.next_deadline().is_none_or(|t| until < t);
@@ -179,7 +193,50 @@ impl Orphans {
         self.unindex(until, caller);
         let (orphan, _) = self.by_caller.remove(&caller)?;
         self.count(orphan.service, false);
+        self.stop_running(orphan.request);
         Some(orphan)
+    }
+
+    /// Counts delivery `request` as running at `service` (not answered).
+    fn start_running(&mut self, request: u64, service: PeerId) {
+        if service == NO_SERVICE {
+            return;
+        }
+        self.running.insert(request, service);
+        *self.running_per_service.entry(service).or_default() += 1;
+    }
+
+    /// Delivery `request` no longer runs at its service (answered, cancelled
+    /// or adopted); returns the service, if it was counted.
+    fn stop_running(&mut self, request: u64) -> Option<PeerId> {
+        let service = self.running.remove(&request)?;
+        if let Some(n) = self.running_per_service.get_mut(&service) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.running_per_service.remove(&service);
+            }
+        }
+        Some(service)
+    }
+
+    /// The orphans `service` runs and has not answered: they take places
+    /// in its window, like the calls delivered to it.
+    pub fn running_on(&self, service: PeerId) -> u32 {
+        if self.running_per_service.is_empty() {
+            return 0;
+        }
+        self.running_per_service.get(&service).copied().unwrap_or(0)
+    }
+
+    /// `service` answered delivery `request` (a call whose caller left): if
+    /// it is an orphan's, it no longer takes a place in the service's
+    /// window (the orphan stays for its grace, for a resubmission to be
+    /// answered from the service's reply cache). True if it was.
+    pub fn answered(&mut self, service: PeerId, request: u64) -> bool {
+        match self.running.get(&request) {
+            Some(&s) if s == service => self.stop_running(request).is_some(),
+            _ => false,
+        }
     }
 
     /// Counts an orphan in (`true`) or out of its service's tally.
@@ -216,6 +273,7 @@ impl Orphans {
         let (orphan, until) = self.by_caller.remove(&caller)?;
         self.unindex(until, caller);
         self.count(orphan.service, false);
+        self.stop_running(orphan.request);
         Some(orphan)
     }
 
@@ -255,6 +313,9 @@ impl Orphans {
     pub fn service_gone(&mut self, service: PeerId) {
         if self.per_service.remove(&service).is_none() {
             return;
+        }
+        if self.running_per_service.remove(&service).is_some() {
+            self.running.retain(|_, s| *s != service);
         }
         for (o, _) in self.by_caller.values_mut() {
             if o.service == service {
@@ -380,6 +441,45 @@ mod tests {
         assert_eq!(o.expired(at(60)).len(), 1);
         assert!(o.is_empty() && o.by_time.is_empty() && o.by_uid.is_empty());
         assert!(o.per_service.is_empty());
+        assert!(o.running.is_empty() && o.running_per_service.is_empty());
+    }
+
+    #[test]
+    fn running_orphans_are_counted_until_answered_cancelled_adopted_or_gone() {
+        let mut o = Orphans::default();
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        o.add((1000, 1, 1), 7, 1, at(1), FREE);
+        o.add((1000, 1, 2), 7, 2, at(2), FREE);
+        o.add((1000, 1, 3), 7, 3, at(3), FREE);
+        o.add((1000, 1, 4), 8, 4, at(4), FREE);
+        o.add((1000, 1, 5), NO_SERVICE, 5, at(5), FREE);
+        assert_eq!((o.running_on(7), o.running_on(8)), (3, 1));
+        assert_eq!(o.running_on(NO_SERVICE), 0);
+        // Answered: no longer in the window, still an orphan.
+        assert!(!o.answered(8, 1), "another service's request");
+        assert!(o.answered(7, 1));
+        assert!(!o.answered(7, 1), "once");
+        assert_eq!(o.running_on(7), 2);
+        assert_eq!(o.len(), 5);
+        // Its grace ends: nothing more to free.
+        assert_eq!(o.expired(at(1)).len(), 1);
+        assert_eq!(o.running_on(7), 2);
+        // Expired unanswered, adopted: freed.
+        assert_eq!(o.expired(at(2)).len(), 1);
+        assert_eq!(o.running_on(7), 1);
+        assert!(o.adopt((1000, 1, 3)).is_some());
+        assert_eq!(o.running_on(7), 0);
+        // Its service gone: freed.
+        o.service_gone(8);
+        assert_eq!(o.running_on(8), 0);
+        assert!(o.running.is_empty() && o.running_per_service.is_empty());
+        // The same caller's call orphaned again replaces the first.
+        o.add((1000, 2, 1), 9, 10, at(9), FREE);
+        o.add((1000, 2, 1), 9, 11, at(9), FREE);
+        assert_eq!(o.running_on(9), 1);
+        assert!(o.answered(9, 11));
+        assert!(o.running.is_empty() && o.running_per_service.is_empty());
     }
 
     /// Root's bounds with `total` in all.

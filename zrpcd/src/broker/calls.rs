@@ -387,12 +387,11 @@ impl Broker {
         };
         let (caller, caller_call, call_flags) = (p.caller, p.caller_call, p.call_flags());
         let redelivery = p.was_delivered();
-        let peers = &self.peers;
+        let (peers, orphans) = (&self.peers, &self.orphans);
         let preferred = prefer.filter(|p| self.names.is_instance(service, *p));
         let target = preferred.or_else(|| {
-            self.names.pick(service, |id| {
-                peers.get(id).map_or(u32::MAX, |p| p.outstanding())
-            })
+            self.names
+                .pick(service, |id| super::turns::in_hand(peers, orphans, id))
         });
         #[cfg(feature = "nats")]
         let target = target.or_else(|| self.bridge_by_pattern(service));
@@ -433,7 +432,7 @@ impl Broker {
         // one with the fewest): the call waits for an answer to free a
         // slot (`Broker::pull_waiting`), in turns with other users' calls.
         // A resubmission goes to the instance running it whatever its load.
-        if t.outstanding() >= self.config.max_delivered_per_conn
+        if self.in_hand(target) >= self.config.max_delivered_per_conn
             && preferred.is_none()
             && !self.unwindowed(target)
         {
@@ -704,6 +703,11 @@ impl Broker {
             _ => {
                 self.stats.late_replies += 1;
                 tracing::debug!(peer, bid, "dropped a reply to a call that already ended");
+                // The answer to a call whose caller left: a place in the
+                // service's window is free.
+                if self.orphans.answered(peer, bid) && self.names.waiting() > 0 {
+                    self.pull_waiting(peer, now);
+                }
             }
         }
     }

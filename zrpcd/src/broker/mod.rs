@@ -213,11 +213,15 @@ impl Broker {
     }
 
     /// Cancels an orphaned call (and the deliveries it adopted) at the
-    /// service running it, if that service is still connected.
+    /// service running it, if that service is still connected; the place
+    /// it took in the service's window goes to a call waiting for one.
     pub(crate) fn cancel_orphan(&mut self, o: &crate::orphans::Orphan) {
         if o.service != crate::orphans::NO_SERVICE && self.peers.get(o.service).is_some() {
             for id in o.requests() {
                 self.send(o.service, &Envelope::Cancel { id }, Payload::EMPTY);
+            }
+            if self.names.waiting() > 0 {
+                self.pull_waiting(o.service, Instant::now());
             }
         }
     }

@@ -29,6 +29,15 @@ impl Broker {
         self.pending.set_stage(bid, Stage::Parked);
     }
 
+    /// The calls service connection `peer` has in hand: delivered and not
+    /// answered, its own callers' and those whose caller left
+    /// ([`crate::orphans::Orphans::running_on`]). Its window
+    /// (`--max-delivered-per-conn`) bounds them, and instances are picked
+    /// by the fewest.
+    pub(crate) fn in_hand(&self, peer: PeerId) -> u32 {
+        in_hand(&self.peers, &self.orphans, peer)
+    }
+
     /// Whether `peer` takes calls without a window: the NATS bridge, which
     /// forwards them and bounds what it has in flight itself.
     pub(crate) fn unwindowed(&self, peer: PeerId) -> bool {
@@ -91,14 +100,13 @@ impl Broker {
     /// if an instance of it has room; returns whether it did.
     fn pull_one(&mut self, name: &str, now: Instant) -> bool {
         let window = self.config.max_delivered_per_conn;
-        let peers = &self.peers;
+        let (peers, orphans) = (&self.peers, &self.orphans);
         let room = self
             .names
-            .pick(name, |id| {
-                peers.get(id).map_or(u32::MAX, |p| p.outstanding())
-            })
+            .pick(name, |id| in_hand(peers, orphans, id))
             .is_some_and(|t| {
-                self.unwindowed(t) || peers.get(t).is_some_and(|p| p.outstanding() < window)
+                self.unwindowed(t)
+                    || (peers.get(t).is_some() && in_hand(peers, orphans, t) < window)
             });
         if !room {
             return false;
@@ -145,4 +153,16 @@ impl Broker {
             self.finish(bid, Outcome::Error(code, msg), now);
         }
     }
+}
+
+/// [`Broker::in_hand`] from the two tables it reads (for closures that
+/// borrow them apart); `u32::MAX` for a connection that is gone.
+pub(crate) fn in_hand(
+    peers: &crate::peers::Peers,
+    orphans: &crate::orphans::Orphans,
+    peer: PeerId,
+) -> u32 {
+    peers.get(peer).map_or(u32::MAX, |p| {
+        p.outstanding().saturating_add(orphans.running_on(peer))
+    })
 }
