@@ -18,10 +18,13 @@
 //!
 //! Orphans are bounded like the pending calls they were: at most a uid's
 //! `pending_calls` quota of them per uid (root: no per-uid bound) and
-//! `--max-pending-total` in all. Past a bound, the orphans whose grace ends
-//! first are given up at once, as if their grace had ended (their calls are
-//! cancelled at the service), so a user that calls, leaves and calls again
-//! cannot keep more work going at services than its quota allows.
+//! `--max-pending-total` in all. Past a bound, an orphan whose grace ends
+//! first is given up at once, as if its grace had ended (its call is
+//! cancelled at the service): the uid's own past its quota, and past the
+//! bound in all, one of the uid holding the most (an O(uids) walk, only
+//! then). So a user that calls, leaves and calls again cannot keep more
+//! work going at services than its quota allows, nor have another user's
+//! orphans given up while it holds more of them.
 //!
 //! An orphan its service still runs takes a place in that service
 //! connection's window (`--max-delivered-per-conn`, [`Orphans::running_on`])
@@ -178,8 +181,20 @@ impl Orphans {
                 given_up.extend(self.give_up(first));
             }
         }
+        // Past the bound in all, the uid holding the most orphans gives up
+        // its first-ending one: users under their share keep theirs.
         while self.by_caller.len() > bounds.total {
-            let Some(&first) = self.by_time.keys().next() else {
+            let Some(first) = self
+                .by_uid
+                .values()
+                .max_by(|a, b| {
+                    // Ties: the one whose first orphan's grace ends first.
+                    a.len()
+                        .cmp(&b.len())
+                        .then_with(|| b.first().cmp(&a.first()))
+                })
+                .and_then(|set| set.first().copied())
+            else {
                 break;
             };
             given_up.extend(self.give_up(first));
@@ -405,7 +420,7 @@ mod tests {
     }
 
     #[test]
-    fn past_a_bound_the_orphans_whose_grace_ends_first_are_given_up() {
+    fn past_a_bound_the_largest_holders_first_ending_orphans_are_given_up() {
         let mut o = Orphans::default();
         let t0 = Instant::now();
         let at = |s| t0 + Duration::from_secs(s);
@@ -424,21 +439,28 @@ mod tests {
             "a given-up orphan is forgotten"
         );
         // Root (no per-uid bound) is held by the total only: past it, the
-        // orphans whose grace ends first are given up, whoever's.
+        // uid holding the most gives up its first-ending orphan (a tie: the
+        // one whose first ends first), so uid 1000 keeps one.
         assert!(o.add((0, 9, 1), 8, 4, at(9), FREE).is_empty());
         let gone = o.add((0, 9, 2), 8, 5, at(8), two_each_root(2));
         assert_eq!(
             gone.iter().map(|g| g.request).collect::<Vec<_>>(),
-            vec![3, 1]
+            vec![3, 5]
         );
         assert_eq!(o.len(), 2);
-        // The indexes follow: nothing of uid 1000 is left behind.
-        assert!(!o.by_uid.contains_key(&1000));
+        // Root floods on: it gives up its own, never uid 1000's last one.
+        for call in 3..50 {
+            let gone = o.add((0, 9, call), 8, 100 + call, at(10 + call), two_each_root(2));
+            assert_eq!(gone.len(), 1);
+            assert_eq!(gone[0].service, 8, "root's own");
+        }
+        assert!(o.by_uid.contains_key(&1000));
+        // The indexes follow.
         assert_eq!(o.by_time.len(), 2);
-        assert_eq!(o.next_deadline(), Some(at(8)));
+        assert_eq!(o.next_deadline(), Some(at(5)));
         // Adoption and expiry leave nothing behind either.
-        assert!(o.adopt((0, 9, 2)).is_some());
-        assert_eq!(o.expired(at(60)).len(), 1);
+        assert!(o.adopt((1000, 1, 1)).is_some());
+        assert_eq!(o.expired(at(600)).len(), 1);
         assert!(o.is_empty() && o.by_time.is_empty() && o.by_uid.is_empty());
         assert!(o.per_service.is_empty());
         assert!(o.running.is_empty() && o.running_per_service.is_empty());
