@@ -162,14 +162,12 @@ impl ReplyCache {
         if !self.enabled() {
             return;
         }
-        let Some(cost) = cacheable_cost(&outcome, self.max_bytes) else {
-            return;
-        };
         let uid = key.2;
         if self.users.len() == 1 {
             if let Some(u) = self.users.get_mut(&uid) {
                 // The only user: its own bounds are the cache's, its ring
-                // evicts for itself (the common case, one lookup).
+                // evicts for itself (and refuses an outcome too large):
+                // the common case, one lookup.
                 let (slots, bytes) = (u.slots(), u.bytes());
                 u.insert(key, service, method, outcome, owned);
                 self.slots = self.slots - slots + u.slots();
@@ -177,6 +175,9 @@ impl ReplyCache {
                 return;
             }
         }
+        let Some(cost) = cacheable_cost(&outcome, self.max_bytes) else {
+            return;
+        };
         while self.slots + 1 > self.max_entries || self.bytes + cost > self.max_bytes {
             let Some(v) = self.victim() else {
                 break;
