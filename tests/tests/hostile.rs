@@ -852,6 +852,59 @@ fn the_closing_flush_bound_is_a_flag() {
     }
 }
 
+/// A connection the broker closed but still flushes (its peer does not
+/// read) holds a socket, and counts against `--max-connections` (and its
+/// user's `connections` quota) until it is closed: it was no longer
+/// counted, so connections closed that way in a loop could pile up sockets
+/// past the limit (docs/security.md).
+#[test]
+fn a_closing_connection_counts_until_its_socket_is_closed() {
+    let b = Broker::start_with(&[
+        "--max-connections",
+        "3",
+        "--max-queued-bytes",
+        "20000",
+        "--close-flush-timeout",
+        "60",
+    ]);
+    let mut mon = subscribe_monitor(&b);
+    let mut caller = Raw::hello(b.dir());
+    flood_a_monitor_until_disconnected(&b, &mut caller);
+    // The monitor's socket is open, flushing: with the caller, two of the
+    // three places are taken; a third connection is taken (once the
+    // connection that asked for the stats above is closed), a fourth is not.
+    let mut third = None;
+    let taken = wait_until(WAIT, || {
+        let mut r = Raw::connect(b.dir());
+        let welcome = matches!(r.hello_as(3), Some((Kind::Welcome, _)));
+        if welcome {
+            third = Some(r);
+        }
+        welcome
+    });
+    assert!(taken, "no third connection");
+    let mut fourth = Raw::connect(b.dir());
+    match fourth.hello_as(1) {
+        Some((Kind::Fatal, f)) => match f.decode() {
+            Ok(Envelope::Fatal { code, message }) => {
+                assert_eq!(code, ErrorCode::LimitExceeded, "{message}");
+                assert!(message.contains("--max-connections"), "{message}");
+            }
+            other => panic!("not a Fatal: {other:?}"),
+        },
+        other => panic!("a fourth connection was taken: {other:?}"),
+    }
+    // The monitor reads what it was sent, to the end: its socket is closed,
+    // and its place free.
+    while mon.recv_frame().is_some() {}
+    drop(third);
+    let taken = wait_until(WAIT, || {
+        let mut r = Raw::connect(b.dir());
+        matches!(r.hello_as(2), Some((Kind::Welcome, _)))
+    });
+    assert!(taken, "the closed monitor's place was not freed");
+}
+
 /// A service connection serving several names shares its window among
 /// them: a flood of calls to one name does not take every slot the others
 /// need (turns were per name, and the first name with calls waiting took

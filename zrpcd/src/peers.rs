@@ -351,7 +351,6 @@ impl Peers {
     ) -> PeerId {
         self.next_id += 1;
         let id = self.next_id;
-        user.charge_connection();
         self.order.insert(id);
         self.map.insert(
             id,

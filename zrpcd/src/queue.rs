@@ -90,10 +90,14 @@ pub struct FdAccounts {
 
 impl Drop for OutQueue {
     fn drop(&mut self) {
-        // Frames never written (a closed connection) leave the account.
+        // Frames never written (a closed connection) leave the account,
+        // and so does the socket (the queue lives as long as it).
         self.set_bytes(0);
         self.fds = self.set_fds(0);
         self.set_in_flight(0);
+        if let Some(u) = &self.user {
+            u.release_connection();
+        }
     }
 }
 
@@ -253,8 +257,11 @@ impl OutQueue {
         self.recount();
     }
 
-    /// Counts this queue's bytes in `user`'s account from now on.
+    /// Counts this queue's bytes, and its socket, in `user`'s account from
+    /// now on (once per queue).
     pub fn set_user(&mut self, user: Rc<crate::quota::Usage>) {
+        debug_assert!(self.user.is_none(), "a queue's user set twice");
+        user.charge_connection();
         user.requeue(0, self.bytes);
         user.requeue_fds(0, self.fds);
         self.user = Some(user);

@@ -134,6 +134,9 @@ impl Quota {
 pub struct QueuedTotal {
     bytes: Cell<usize>,
     holders: Cell<usize>,
+    /// Sockets the broker holds open for all users (see
+    /// [`Usage::connections`]).
+    connections: Cell<usize>,
 }
 
 /// What one uid's connections hold now. The counters change only in
@@ -143,7 +146,11 @@ pub struct QueuedTotal {
 #[derive(Debug, Default)]
 pub struct Usage {
     uid: u32,
-    /// Live connections.
+    /// Sockets the broker holds open for the user: its live connections,
+    /// and the closed ones still flushing their last frames
+    /// (`--close-flush-timeout`) or waiting for their peer to take the
+    /// descriptors sent to it. Charged and released by the connection's
+    /// outbound queue ([`crate::queue`]), which lives as long as its socket.
     connections: Cell<usize>,
     /// Calls pending.
     pending_calls: Cell<usize>,
@@ -188,7 +195,8 @@ impl Usage {
         self.uid != 0
     }
 
-    /// Live connections.
+    /// Sockets the broker holds open for the user (live connections and
+    /// closing ones).
     pub fn connections(&self) -> usize {
         self.connections.get()
     }
@@ -249,14 +257,22 @@ impl Usage {
         }
     }
 
-    /// A connection of this user was accepted.
+    /// The broker holds a socket of this user's (a connection accepted).
     pub(crate) fn charge_connection(&self) {
         add(&self.connections, 1);
+        add(&self.total.connections, 1);
+    }
+
+    /// A socket charged by [`Usage::charge_connection`] is closed.
+    pub(crate) fn release_connection(&self) {
+        sub(&self.connections, 1);
+        sub(&self.total.connections, 1);
     }
 
     /// A connection of this user went away, with `calls` pending calls of
     /// `call_bytes` argument bytes, `partial` bytes of partial frame and
-    /// `names` names.
+    /// `names` names (its socket counts until it is closed,
+    /// [`Usage::release_connection`]).
     pub(crate) fn release_peer(
         &self,
         calls: usize,
@@ -264,7 +280,6 @@ impl Usage {
         partial: usize,
         names: usize,
     ) {
-        sub(&self.connections, 1);
         sub(&self.names, names);
         sub(&self.pending_calls, calls);
         sub(&self.pending_bytes, call_bytes);
@@ -391,9 +406,16 @@ impl Users {
         (user.queued_bytes() > level).then_some((total, level))
     }
 
-    /// Connections `uid` has now.
+    /// Sockets the broker holds open for `uid` now (live connections and
+    /// closing ones).
     pub fn connections(&self, uid: u32) -> usize {
         self.map.get(&uid).map_or(0, |u| u.connections())
+    }
+
+    /// Sockets the broker holds open for all users (`--max-connections`
+    /// bounds them).
+    pub fn open_connections(&self) -> usize {
+        self.total.connections.get()
     }
 
     /// Forgets the users nothing refers to any more: no connection, and no

@@ -38,9 +38,9 @@ impl Broker {
     /// ([`Broker::over_closing_limits`]).
     pub fn refuse_connection(&self, uid: u32) -> Option<String> {
         let max = self.config.max_connections;
-        if self.peers.len() >= max {
+        if self.users.open_connections() >= max {
             return Some(format!(
-                "zrpcd already has {max} connections, the limit (--max-connections)"
+                "zrpcd already has {max} connections (closing ones included), the limit (--max-connections)"
             ));
         }
         self.over_connection_quota(uid)
