@@ -1,0 +1,238 @@
+//! Unit tests of the pending-calls table.
+
+use super::routes::IDLE_ROUTES;
+use super::*;
+use crate::payload::Payload;
+
+/// A runtime to enter, for the timer wheel (DelayQueue) of the table.
+fn timer_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime")
+}
+
+fn call<'a>(caller: PeerId, caller_call: u64, service: &'a str) -> NewCall<'a> {
+    NewCall {
+        caller,
+        caller_call,
+        service,
+        method: "m",
+        route: None,
+        payload: KeptPayload::new(Payload::EMPTY),
+        flags: 0,
+    }
+}
+
+#[test]
+fn pending_entries_stay_small() {
+    // The broker's memory per pending call (target: 256 bytes including
+    // the table's overhead) depends on this.
+    assert!(
+        std::mem::size_of::<Slot>() <= 152,
+        "{}",
+        std::mem::size_of::<Slot>()
+    );
+}
+
+#[test]
+fn stage_round_trips() {
+    let rt = timer_runtime();
+    let _g = rt.enter();
+    let mut t = PendingCalls::default();
+    let id = t.insert(call(3, 4, "s"), Instant::now(), None);
+    let p = t.get_mut(id).expect("pending");
+    assert_eq!(p.stage(), Stage::Parked);
+    p.set_stage(Stage::Parked);
+    assert!(!p.was_delivered());
+    p.set_stage(Stage::Delivered(9));
+    assert_eq!(p.stage(), Stage::Delivered(9));
+    assert!(p.was_delivered());
+    p.set_stage(Stage::Parked);
+    assert_eq!(p.stage(), Stage::Parked);
+    assert!(p.was_delivered(), "parked again after a delivery");
+    p.set_stage(Stage::Delivered(3));
+    assert_eq!(p.stage(), Stage::Delivered(3));
+    p.set_stage(Stage::Parked);
+    assert_eq!(p.stage(), Stage::Parked);
+    assert!(p.was_delivered());
+    // A resubmission adopting an orphan: parked, delivered before.
+    let id = t.insert(call(3, 5, "s"), Instant::now(), None);
+    let p = t.get_mut(id).expect("pending");
+    p.delivered_before();
+    assert_eq!(p.stage(), Stage::Parked);
+    assert!(p.was_delivered());
+    p.set_stage(Stage::Parked);
+    assert!(p.was_delivered(), "still, once parked");
+    p.set_stage(Stage::Delivered(9));
+    p.delivered_before();
+    assert_eq!(p.stage(), Stage::Delivered(9), "a delivered call stays so");
+}
+
+#[test]
+fn ids_are_not_reused() {
+    let rt = timer_runtime();
+    let _g = rt.enter();
+    let mut t = PendingCalls::default();
+    let now = Instant::now();
+    let a = t.insert(call(1, 1, "s"), now, Some(now + Duration::from_secs(9)));
+    assert_eq!(t.find_by_caller(1, 1), Some(a));
+    let r = t.remove(a).expect("pending");
+    assert_eq!((&*r.service, &*r.method), ("s", "m"));
+    assert!(t.remove(a).is_none());
+    assert_eq!(t.timers_len(), 0);
+    assert!(t.made_by(1).is_empty());
+    // The slot is reused, the id is not.
+    let b = t.insert(call(1, 1, "s"), now, None);
+    assert_ne!(a, b);
+    assert!(t.get(a).is_none());
+    assert!(t.get(b).is_some());
+    assert_eq!(t.find_by_caller(1, 1), Some(b));
+    assert_eq!(t.find_by_caller(1, 2), None);
+    assert_eq!(t.len(), 1);
+    // Many calls, over several pages, all found again.
+    let ids: Vec<u64> = (0..3000)
+        .map(|i| t.insert(call(2, i, "s"), now, None))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(t.find_by_caller(2, i as u64), Some(*id));
+    }
+    assert_eq!(t.ids_where(|p| p.caller == 2).len(), 3000);
+    assert_eq!(t.made_by(2), ids, "the caller's list, oldest first");
+    for id in &ids {
+        t.remove(*id).expect("pending");
+    }
+    assert_eq!(t.len(), 1);
+    assert_eq!(t.ids_where(|_| true), vec![b]);
+}
+
+#[test]
+fn each_connections_calls_are_listed() {
+    let rt = timer_runtime();
+    let _g = rt.enter();
+    let mut t = PendingCalls::default();
+    let now = Instant::now();
+    // Callers 1 and 2, services 8 and 9, calls interleaved.
+    let ids: Vec<u64> = (0..40)
+        .map(|i| t.insert(call(1 + i % 2, i, "s"), now, None))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        if i % 3 != 0 {
+            t.set_stage(*id, Stage::Delivered(8 + (i as PeerId % 3) % 2));
+        }
+    }
+    let of = |caller: PeerId| -> Vec<u64> {
+        ids.iter()
+            .enumerate()
+            .filter(|(i, _)| 1 + *i as PeerId % 2 == caller)
+            .map(|(_, id)| *id)
+            .collect()
+    };
+    assert_eq!(t.made_by(1), of(1));
+    assert_eq!(t.made_by(2), of(2));
+    assert_eq!(t.made_by(3), Vec::<u64>::new());
+    let at = |t: &PendingCalls, svc: PeerId| -> Vec<u64> {
+        t.ids_where(|c| c.stage() == Stage::Delivered(svc))
+    };
+    let mut d8 = t.delivered_to(8);
+    d8.sort_unstable();
+    let mut s8 = at(&t, 8);
+    s8.sort_unstable();
+    assert_eq!(d8, s8);
+    assert!(!d8.is_empty());
+    // Moving calls: parked again, delivered elsewhere, removed from
+    // the middle, the head and the tail of the lists.
+    for (i, id) in ids.iter().enumerate() {
+        match i % 5 {
+            0 => t.set_stage(*id, Stage::Parked),
+            1 => t.set_stage(*id, Stage::Delivered(9)),
+            2 => {
+                t.remove(*id).expect("pending");
+            }
+            _ => {}
+        }
+    }
+    for svc in [8, 9] {
+        let mut d = t.delivered_to(svc);
+        d.sort_unstable();
+        let mut s = at(&t, svc);
+        s.sort_unstable();
+        assert_eq!(d, s, "service {svc}");
+    }
+    assert_eq!(t.made_by(1).len() + t.made_by(2).len(), t.len());
+    // Everything ends: nothing is left listed, and departed
+    // connections leave no entry behind.
+    for id in t.ids_where(|_| true) {
+        t.remove(id).expect("pending");
+    }
+    for peer in [1, 2, 8, 9] {
+        assert!(t.made_by(peer).is_empty() && t.delivered_to(peer).is_empty());
+        t.forget_peer(peer);
+    }
+    assert_eq!(t.peers_len(), 0);
+}
+
+#[test]
+fn freed_slots_are_reused_first_in_first_out() {
+    let rt = timer_runtime();
+    let _g = rt.enter();
+    let mut t = PendingCalls::default();
+    let now = Instant::now();
+    let ids: Vec<u64> = (0..3)
+        .map(|i| t.insert(call(1, i, "s"), now, None))
+        .collect();
+    t.remove(ids[0]).expect("pending");
+    t.remove(ids[1]).expect("pending");
+    let a = t.insert(call(1, 10, "s"), now, None);
+    let b = t.insert(call(1, 11, "s"), now, None);
+    assert_eq!(
+        split_id(a).0,
+        split_id(ids[0]).0,
+        "the first freed slot first"
+    );
+    assert_eq!(split_id(b).0, split_id(ids[1]).0);
+    assert_ne!(a, ids[0]);
+    // One call at a time: the slots take turns.
+    t.remove(a).expect("pending");
+    t.remove(b).expect("pending");
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..4 {
+        let id = t.insert(call(1, 20 + i, "s"), now, None);
+        seen.insert(split_id(id).0);
+        t.remove(id).expect("pending");
+    }
+    assert_eq!(seen.len(), 2, "both free slots are used in turn");
+}
+
+#[test]
+fn routes_are_shared_and_bounded() {
+    let rt = timer_runtime();
+    let _g = rt.enter();
+    let mut t = PendingCalls::default();
+    let now = Instant::now();
+    let a = t.insert(call(1, 1, "s"), now, None);
+    let b = t.insert(call(1, 2, "s"), now, None);
+    assert_eq!(t.routes_len(), 1);
+    let route = t.find_route("s", "m").expect("interned");
+    assert_eq!(t.get(a).map(|p| p.route), Some(route));
+    assert_eq!(t.find_route("s", "x"), None);
+    t.remove(a);
+    t.remove(b);
+    // Kept idle for the next call.
+    assert_eq!(t.find_route("s", "m"), Some(route));
+    // Calls to ever new names: the idle routes stay bounded.
+    for i in 0..(IDLE_ROUTES as u64 + 500) {
+        let name = format!("n{i}");
+        let id = t.insert(call(1, i, &name), now, None);
+        t.remove(id);
+    }
+    assert!(t.routes_len() <= IDLE_ROUTES, "{}", t.routes_len());
+    // Used routes are never freed.
+    let c = t.insert(call(1, 1, "s"), now, None);
+    for i in 0..(IDLE_ROUTES as u64 + 10) {
+        let name = format!("o{i}");
+        let id = t.insert(call(1, 100_000 + i, &name), now, None);
+        t.remove(id);
+    }
+    assert_eq!(t.names(t.get(c).expect("pending")), ("s", "m"));
+}
