@@ -870,6 +870,22 @@ fn a_closing_connection_counts_until_its_socket_is_closed() {
     let mut mon = subscribe_monitor(&b);
     let mut caller = Raw::hello(b.dir());
     flood_a_monitor_until_disconnected(&b, &mut caller);
+    // zrpcd.stats tells the sockets apart: the monitor's is open, not a
+    // live connection (one answer; retried while the connection that asked
+    // last is still closing and the limit refuses the next).
+    let mut seen = (0, 0);
+    let told = wait_until(WAIT, || {
+        let stats: Option<Value> = BlockingClient::connect_to(b.dir())
+            .ok()
+            .and_then(|c| c.call("zrpcd", "stats", &(), Some(WAIT)).ok());
+        let Some(stats) = stats else { return false };
+        seen = (
+            stats["connections_open"].as_u64().unwrap_or(0),
+            stats["connections"].as_u64().unwrap_or(0),
+        );
+        seen.0 > seen.1
+    });
+    assert!(told, "sockets open vs connections: {seen:?}");
     // The monitor's socket is open, flushing: with the caller, two of the
     // three places are taken; a third connection is taken (once the
     // connection that asked for the stats above is closed), a fourth is not.

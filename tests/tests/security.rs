@@ -342,6 +342,96 @@ fn calls_left_running_keep_their_places_in_the_services_window() {
     }
 }
 
+/// A caller leaving with calls still waiting for a place at a service has
+/// them ended with it, none delivered in its name: before, giving up one
+/// of its user's orphans (past the `pending_calls` quota) as it left freed
+/// a place, and the broker delivered the caller's next waiting call, to a
+/// caller that was gone, as uid 0.
+#[test]
+fn a_departing_callers_waiting_calls_are_never_delivered() {
+    if !is_root(
+        "a_departing_callers_waiting_calls_are_never_delivered",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    let (_d, path) = policy("[quota]\npending_calls = 4\n");
+    let b = Broker::start_with(&[
+        "--policy",
+        &path,
+        "--max-delivered-per-conn",
+        "4",
+        "--caller-grace",
+        "60",
+    ]);
+    let mut s = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut s, "s");
+    let mut t = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut t, "t");
+    let stat = |key: &str| zrpc_tests::broker_stat(b.dir(), key);
+    // Four calls to s, left running: the user's quota of orphans, and s's
+    // window full.
+    {
+        let mut p = other(&b, &["park", "--service", "s", "--count", "4"]);
+        p.read_until(|l| l.starts_with("sent")).expect("sent");
+        for _ in 0..4 {
+            next_request_uid(&mut s);
+        }
+    }
+    assert!(wait_until(WAIT, || stat("orphans") == 4 && stat("pending") == 0));
+    // A call to t (delivered), then three to s (waiting); the caller
+    // leaves: its call to t is a fifth orphan, one of s's is given up.
+    {
+        let mut p = other(
+            &b,
+            &[
+                "park",
+                "--service",
+                "t",
+                "--count",
+                "1",
+                "--then-service",
+                "s",
+                "--then-count",
+                "3",
+            ],
+        );
+        p.read_until(|l| l.starts_with("sent")).expect("sent");
+        next_request_uid(&mut t);
+        assert!(wait_until(WAIT, || stat("waiting") == 3));
+    }
+    assert!(wait_until(WAIT, || stat("pending") == 0));
+    // s's next request is root's call, not one of the gone caller's.
+    let mut root = Raw::hello(b.dir());
+    root.send(
+        &Envelope::Call {
+            id: 1,
+            service: "s",
+            method: "root",
+            timeout_ms: Some(30_000),
+            flags: 0,
+        },
+        b"\xc0",
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    let method = loop {
+        assert!(std::time::Instant::now() < deadline, "no Request at s");
+        let f = s.recv_frame().expect("a frame at s");
+        match f.decode() {
+            Ok(Envelope::Request { method, caller, .. }) => {
+                assert_eq!(caller.map(|c| c.uid), Some(0));
+                break method.to_string();
+            }
+            Ok(Envelope::Ping { nonce }) => s.send(&Envelope::Pong { nonce }, b""),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        method, "root",
+        "a call of the caller that left was delivered"
+    );
+}
+
 /// A user calling a shared service fast cannot evict the reply-cache
 /// entry another user's resubmission needs (docs/security.md): root's
 /// call is answered from the cache, not run again, after another user made

@@ -64,6 +64,9 @@ pub struct View<'a> {
     /// Closed connections kept open until their peer has received the
     /// descriptors sent to it.
     pub lingering: usize,
+    /// Sockets the broker holds open: live connections, and closed ones
+    /// still flushing or lingering (what `--max-connections` bounds).
+    pub open_connections: usize,
     /// Counters.
     pub stats: &'a Stats,
     /// The access policy in force.
@@ -532,6 +535,7 @@ fn stats(b: &mut View<'_>) -> Answer {
     let fields = vec![
         ("uptime_s", Value::from(b.started.elapsed().as_secs_f64())),
         ("connections", Value::from(b.peers.len() as u64)),
+        ("connections_open", Value::from(b.open_connections as u64)),
         ("connections_total", Value::from(s.connections_total)),
         ("connections_refused", Value::from(s.connections_refused)),
         ("names", Value::from(b.names.len() as u64)),

@@ -156,10 +156,15 @@ impl Orphans {
         };
         self.count(service, true);
         self.start_running(request, service);
+        let mut given_up = Vec::new();
         if let Some((old, old_until)) = self.by_caller.insert(caller, (orphan, until)) {
+            // The same call left running twice (one instance id on several
+            // connections): the older is given up (cancelled), not left to
+            // run outside the window.
             self.count(old.service, false);
             self.stop_running(old.request);
             self.unindex(old_until, caller);
+            given_up.push(old);
         }
         let earliest = self.next_deadline().is_none_or(|t| until < t);
         self.by_time.insert((until, caller), ());
@@ -170,7 +175,6 @@ impl Orphans {
         if earliest {
             self.wake.notify_one();
         }
-        let mut given_up = Vec::new();
         if let Some(max) = bounds.per_uid {
             while let Some(first) = self
                 .by_uid
@@ -496,9 +500,11 @@ mod tests {
         o.service_gone(8);
         assert_eq!(o.running_on(8), 0);
         assert!(o.running.is_empty() && o.running_per_service.is_empty());
-        // The same caller's call orphaned again replaces the first.
-        o.add((1000, 2, 1), 9, 10, at(9), FREE);
-        o.add((1000, 2, 1), 9, 11, at(9), FREE);
+        // The same caller's call orphaned again replaces the first, which
+        // is given up (cancelled), not left running outside the window.
+        assert!(o.add((1000, 2, 1), 9, 10, at(9), FREE).is_empty());
+        let gone = o.add((1000, 2, 1), 9, 11, at(9), FREE);
+        assert_eq!(gone.iter().map(|g| g.request).collect::<Vec<_>>(), vec![10]);
         assert_eq!(o.running_on(9), 1);
         assert!(o.answered(9, 11));
         assert!(o.running.is_empty() && o.running_per_service.is_empty());

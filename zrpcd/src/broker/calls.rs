@@ -158,10 +158,23 @@ impl Broker {
         } else {
             self.orphans.adopt((caller_ident.1.uid, caller_ident.0, id))
         };
+        // The instance running it must still hold the name to take the
+        // resubmission; if it gave the name up (stopping), the execution
+        // there answers nobody now: it is cancelled, and its place in the
+        // window freed.
+        let gave_up = adopted.as_ref().filter(|o| {
+            o.service != crate::orphans::NO_SERVICE && !self.names.is_instance(service, o.service)
+        });
+        if let Some(o) = gave_up.cloned() {
+            self.cancel_orphan(&o);
+            if self.names.waiting() > 0 && self.peers.get(o.service).is_some() {
+                self.pull_waiting(o.service, now);
+            }
+        }
         let prefer = adopted
             .as_ref()
             .map(|o| o.service)
-            .filter(|&s| s != crate::orphans::NO_SERVICE);
+            .filter(|&s| s != crate::orphans::NO_SERVICE && self.names.is_instance(service, s));
         let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         let kept = KeptPayload::new(payload);
         let new = NewCall {
@@ -175,7 +188,7 @@ impl Broker {
         };
         let bid = self.pending.insert(new, now, deadline);
         if let Some(orphan) = adopted {
-            if orphan.service != crate::orphans::NO_SERVICE {
+            if prefer.is_some() {
                 self.orphans.adopted_by(bid, orphan);
             }
             // Delivered before: if its instance gave up the name meanwhile
@@ -297,11 +310,16 @@ impl Broker {
             return self.park(service, bid, caller, caller_ident);
         };
         let max_queued = self.config.max_queued_bytes;
-        let (caller_instance, caller_id) = caller_ident.unwrap_or_else(|| {
-            self.peers.get(caller).map_or((0, Caller::default()), |p| {
-                (p.instance(), p.creds().caller())
-            })
+        let ident = caller_ident.or_else(|| {
+            self.peers
+                .get(caller)
+                .map(|p| (p.instance(), p.creds().caller()))
         });
+        // A caller that is gone has its calls ended with it
+        // (`Broker::remove_peer`); never deliver one in its name.
+        let Some((caller_instance, caller_id)) = ident else {
+            return self.finish(bid, Outcome::CallerLeft, now);
+        };
         let Some(t) = self.peers.get(target) else {
             // Not reached (targets are live connections), but a call must
             // never be left neither parked nor answered.

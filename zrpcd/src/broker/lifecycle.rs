@@ -246,8 +246,18 @@ impl Broker {
         }
         // The calls it made end first (nobody to answer), so that none of
         // them is re-delivered below on behalf of a caller that is gone.
-        let calls = self.pending.made_by(peer);
+        // Its calls still waiting go first: ending a delivered one frees a
+        // place in its service's window, which must not go to a call of
+        // this caller, gone.
+        let mut calls = self.pending.made_by(peer);
+        calls.sort_by_key(|&bid| {
+            self.pending
+                .get(bid)
+                .is_some_and(|c| matches!(c.stage(), Stage::Delivered(_)))
+        });
         let grace = self.config.caller_grace;
+        // Services whose window got a place back (orphans given up).
+        let mut freed = Vec::new();
         // Its calls left running count against its user's quota as its
         // pending calls did (crate::orphans).
         let bounds = crate::orphans::Bounds {
@@ -286,6 +296,7 @@ impl Broker {
                             "too many calls whose caller left; cancelling the oldest at its service"
                         );
                         self.cancel_orphan(&o);
+                        freed.push(o.service);
                     }
                     Outcome::CallerLeft
                 }
@@ -314,6 +325,13 @@ impl Broker {
             }
         }
         self.pending.forget_peer(peer);
+        freed.sort_unstable();
+        freed.dedup();
+        for svc in freed {
+            if self.names.waiting() > 0 && self.peers.get(svc).is_some() {
+                self.pull_waiting(svc, now);
+            }
+        }
     }
 
     /// Pings services and disconnects the ones that stayed silent longer

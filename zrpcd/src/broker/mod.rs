@@ -211,19 +211,21 @@ impl Broker {
                 "the caller did not come back; cancelling its call at the service"
             );
             self.cancel_orphan(&o);
+            // Its place in the window goes to a call waiting for one.
+            if self.names.waiting() > 0 && self.peers.get(o.service).is_some() {
+                self.pull_waiting(o.service, now);
+            }
         }
     }
 
     /// Cancels an orphaned call (and the deliveries it adopted) at the
-    /// service running it, if that service is still connected; the place
-    /// it took in the service's window goes to a call waiting for one.
+    /// service running it, if that service is still connected. The place
+    /// it took in the service's window is for the caller to hand on
+    /// ([`Broker::pull_waiting`]) once it is done changing the tables.
     pub(crate) fn cancel_orphan(&mut self, o: &crate::orphans::Orphan) {
         if o.service != crate::orphans::NO_SERVICE && self.peers.get(o.service).is_some() {
             for id in o.requests() {
                 self.send(o.service, &Envelope::Cancel { id }, Payload::EMPTY);
-            }
-            if self.names.waiting() > 0 {
-                self.pull_waiting(o.service, Instant::now());
             }
         }
     }

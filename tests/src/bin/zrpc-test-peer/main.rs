@@ -6,6 +6,7 @@
 //! zrpc-test-peer call --service S --method M [--instance I] [--id N] [--payload HEX]
 //!     -> "result ok <payload hex>" | "result <code> <message>" | "fatal <code> <message>"
 //! zrpc-test-peer park --service S --count N [--payload-size B | --payload HEX] [--method M]
+//!         [--then-service S2 --then-count N2]
 //!     -> the immediate answers ("result ..."), then "sent N"; stays
 //! zrpc-test-peer partial --size N --sent M
 //!     -> "sent" once M bytes of an N-byte frame are written; "closed ..."
@@ -119,6 +120,12 @@ enum Cmd {
         /// Hello instance id (default: from the pid, unique per process).
         #[arg(long)]
         instance: Option<u64>,
+        /// Then this many more calls (ids after the first COUNT) ...
+        #[arg(long, default_value_t = 0)]
+        then_count: u64,
+        /// ... to this service (default: SERVICE).
+        #[arg(long)]
+        then_service: Option<String>,
     },
     /// Subscribe with zrpcd.monitor, print the result, then one line
     /// `event <service>.<method>` per Event frame (until killed).
@@ -449,6 +456,8 @@ fn main() {
             payload,
             method,
             instance,
+            then_count,
+            then_service,
         } => {
             let mut r = connect(instance);
             let payload = if let Some(hex) = payload {
@@ -461,11 +470,12 @@ fn main() {
                 p.resize(5 + payload_size, 0x55);
                 p
             };
-            for id in 1..=count {
+            let then = then_service.as_deref().unwrap_or(&service);
+            for id in 1..=count + then_count {
                 r.send(
                     &Envelope::Call {
                         id,
-                        service: &service,
+                        service: if id <= count { &service } else { then },
                         method: &method,
                         timeout_ms: None,
                         flags: 0,
