@@ -3,8 +3,8 @@
 //! textfile collector or any scraper that runs a command.
 //!
 //! Families (all prefixed `zrpc_`):
-//! - gauges: `uptime_seconds`, `connections`, `names`, `pending_calls`,
-//!   `timers`, `monitors`;
+//! - gauges: `uptime_seconds`, `connections`, `connections_open`, `names`,
+//!   `pending_calls`, `timers`, `monitors`;
 //! - counters (`_total` samples): `connections_accepted`,
 //!   `connections_refused`, `calls`, `calls_ok`, `timeouts`, `cancelled`,
 //!   `redelivered`, `late_replies`, `protocol_errors`, `heartbeat_timeouts`,
@@ -29,6 +29,12 @@ const TOP: &[(&str, &str, &str, &str)] = &[
         "gauge",
         "connections",
         "Open connections.",
+    ),
+    (
+        "zrpc_connections_open",
+        "gauge",
+        "connections_open",
+        "Sockets zrpcd holds open, closed connections still flushing or waiting for their peer included (what --max-connections bounds).",
     ),
     ("zrpc_names", "gauge", "names", "Registered service names."),
     (

@@ -160,6 +160,13 @@ fn openmetrics_export_parses_and_counts_the_calls() {
     assert_eq!(family_type("zrpc_service_latency_seconds"), "histogram");
     assert_eq!(family_type("zrpc_calls"), "counter");
     assert_eq!(family_type("zrpc_connections"), "gauge");
+    assert_eq!(family_type("zrpc_connections_open"), "gauge");
+    // The test's own connection at least, and never fewer sockets than
+    // live connections.
+    assert!(
+        sample(parsed, "zrpc_connections_open", &[]) >= sample(parsed, "zrpc_connections", &[])
+    );
+    assert!(sample(parsed, "zrpc_connections_open", &[]) >= 1.0);
 
     let echo = [("service", "echo")];
     // 6 calls answered by the service, one of them with its own error.
