@@ -921,6 +921,59 @@ fn a_closing_connection_counts_until_its_socket_is_closed() {
     assert!(taken, "the closed monitor's place was not freed");
 }
 
+/// A call resubmitted by a caller that came back, while the instance that
+/// ran it for the caller's first connection has given up the name
+/// (stopping): that execution answers nobody now, and is cancelled there
+/// (it ran on uncounted before, its place in the window given back).
+#[test]
+fn a_resubmission_cancels_the_execution_its_instance_gave_up() {
+    let b = Broker::start_with(&["--caller-grace", "60"]);
+    let mut svc = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut svc, "s");
+    let call = |r: &mut Raw| {
+        r.send(
+            &Envelope::Call {
+                id: 7,
+                service: "s",
+                method: "m",
+                timeout_ms: None,
+                flags: 0,
+            },
+            b"\xc0",
+        );
+    };
+    const INSTANCE: u64 = 0x6a6a;
+    let mut caller = Raw::connect(b.dir());
+    assert!(matches!(
+        caller.hello_as(INSTANCE),
+        Some((Kind::Welcome, _))
+    ));
+    call(&mut caller);
+    let (first, _) = next_request(&mut svc);
+    drop(caller);
+    assert!(wait_until(WAIT, || broker_stat(b.dir(), "orphans") == 1));
+    // The service gives the name up; the caller comes back and sends the
+    // call again.
+    svc.send(&Envelope::Unregister { req: 2, name: "s" }, b"");
+    let mut again = Raw::connect(b.dir());
+    assert!(matches!(again.hello_as(INSTANCE), Some((Kind::Welcome, _))));
+    call(&mut again);
+    let deadline = std::time::Instant::now() + WAIT;
+    let cancelled = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Cancel at the service"
+        );
+        let f = svc.recv_frame().expect("a frame at the service");
+        match f.decode() {
+            Ok(Envelope::Cancel { id }) => break id,
+            Ok(Envelope::Ping { nonce }) => svc.send(&Envelope::Pong { nonce }, b""),
+            _ => {}
+        }
+    };
+    assert_eq!(cancelled, first);
+}
+
 /// A service connection serving several names shares its window among
 /// them: a flood of calls to one name does not take every slot the others
 /// need (turns were per name, and the first name with calls waiting took
