@@ -238,8 +238,9 @@ fn the_reply_cache_is_not_reachable_across_uids() {
 }
 
 /// The next `Request` a raw service connection gets within [`WAIT`]
-/// (answering pings meanwhile): its broker id and the caller's uid.
-fn next_request_uid(svc: &mut Raw) -> (u64, u32) {
+/// (answering pings meanwhile): its broker id, the caller's uid and the
+/// method.
+fn next_request_uid(svc: &mut Raw) -> (u64, u32, String) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         assert!(
@@ -248,8 +249,10 @@ fn next_request_uid(svc: &mut Raw) -> (u64, u32) {
         );
         let f = svc.recv_frame().expect("a Request");
         match f.decode() {
-            Ok(Envelope::Request { id, caller, .. }) => {
-                return (id, caller.map_or(u32::MAX, |c| c.uid));
+            Ok(Envelope::Request {
+                id, caller, method, ..
+            }) => {
+                return (id, caller.map_or(u32::MAX, |c| c.uid), method.to_string());
             }
             Ok(Envelope::Ping { nonce }) => svc.send(&Envelope::Pong { nonce }, b""),
             _ => {}
@@ -281,7 +284,7 @@ fn calls_left_running_keep_their_places_in_the_services_window() {
         let mut p = other(&b, &["park", "--service", "shared", "--count", "4"]);
         p.read_until(|l| l.starts_with("sent")).expect("sent");
         for _ in 0..4 {
-            let (bid, uid) = next_request_uid(&mut svc);
+            let (bid, uid, _) = next_request_uid(&mut svc);
             assert_eq!(uid, OTHER);
             first.push(bid);
         }
@@ -322,7 +325,7 @@ fn calls_left_running_keep_their_places_in_the_services_window() {
         },
         b"\xc0",
     );
-    let (bid, uid) = next_request_uid(&mut svc);
+    let (bid, uid, _) = next_request_uid(&mut svc);
     assert_eq!(uid, 0, "the next request is root's, not a left caller's");
     svc.send(
         &Envelope::Reply {
@@ -413,19 +416,8 @@ fn a_departing_callers_waiting_calls_are_never_delivered() {
         },
         b"\xc0",
     );
-    let deadline = std::time::Instant::now() + WAIT;
-    let method = loop {
-        assert!(std::time::Instant::now() < deadline, "no Request at s");
-        let f = s.recv_frame().expect("a frame at s");
-        match f.decode() {
-            Ok(Envelope::Request { method, caller, .. }) => {
-                assert_eq!(caller.map(|c| c.uid), Some(0));
-                break method.to_string();
-            }
-            Ok(Envelope::Ping { nonce }) => s.send(&Envelope::Pong { nonce }, b""),
-            _ => {}
-        }
-    };
+    let (_, uid, method) = next_request_uid(&mut s);
+    assert_eq!(uid, 0);
     assert_eq!(
         method, "root",
         "a call of the caller that left was delivered"

@@ -333,7 +333,10 @@ impl Broker {
         // one with the fewest): the call waits for an answer to free a
         // slot (`Broker::pull_waiting`), in turns with other users' calls.
         // A resubmission goes to the instance running it whatever its load.
-        if self.in_hand(target) >= self.config.max_delivered_per_conn
+        let in_hand = t
+            .outstanding()
+            .saturating_add(self.orphans.running_on(target));
+        if in_hand >= self.config.max_delivered_per_conn
             && preferred.is_none()
             && !self.unwindowed(target)
         {

@@ -29,15 +29,6 @@ impl Broker {
         self.pending.set_stage(bid, Stage::Parked);
     }
 
-    /// The calls service connection `peer` has in hand: delivered and not
-    /// answered, its own callers' and those whose caller left
-    /// ([`crate::orphans::Orphans::running_on`]). Its window
-    /// (`--max-delivered-per-conn`) bounds them, and instances are picked
-    /// by the fewest.
-    pub(crate) fn in_hand(&self, peer: PeerId) -> u32 {
-        in_hand(&self.peers, &self.orphans, peer)
-    }
-
     /// Whether `peer` takes calls without a window: the NATS bridge, which
     /// forwards them and bounds what it has in flight itself.
     pub(crate) fn unwindowed(&self, peer: PeerId) -> bool {
@@ -105,8 +96,8 @@ impl Broker {
             .names
             .pick(name, |id| in_hand(peers, orphans, id))
             .is_some_and(|t| {
-                self.unwindowed(t)
-                    || (peers.get(t).is_some() && in_hand(peers, orphans, t) < window)
+                // (u32::MAX for a connection that is gone: no room.)
+                self.unwindowed(t) || in_hand(peers, orphans, t) < window
             });
         if !room {
             return false;
@@ -155,8 +146,12 @@ impl Broker {
     }
 }
 
-/// [`Broker::in_hand`] from the two tables it reads (for closures that
-/// borrow them apart); `u32::MAX` for a connection that is gone.
+/// The calls service connection `peer` has in hand: delivered and not
+/// answered, its own callers' and those whose caller left
+/// ([`crate::orphans::Orphans::running_on`]); `u32::MAX` for a connection
+/// that is gone. Its window (`--max-delivered-per-conn`) bounds them, and
+/// instances are picked by the fewest. From the two tables it reads, for
+/// closures that borrow them apart.
 pub(crate) fn in_hand(
     peers: &crate::peers::Peers,
     orphans: &crate::orphans::Orphans,
