@@ -8,10 +8,11 @@
 //! The handling is split by concern, each part an `impl Broker` of its own:
 //! [`calls`] (a call's way in, to its service and back: the hot path),
 //! [`answers`] (what the broker answers itself: refusals, its built-in
-//! methods, deadlines), [`owning`] (registering names, with the access checks), [`lifecycle`]
-//! (a connection's start and end, heartbeats, shutdown), [`turns`] (calls
-//! waiting on a name, for an instance or for room in one, taken in turns
-//! by caller uid) and [`partial`] (bounds on partly received frames).
+//! methods, deadlines), [`owning`] (registering names, with the access
+//! checks), [`lifecycle`] (a connection's start and end, heartbeats,
+//! shutdown), [`turns`] (calls waiting on a name, for an instance or for
+//! room in one, taken in turns by caller uid) and [`partial`] (bounds on
+//! partly received frames).
 
 pub mod answers;
 #[cfg(feature = "nats")]
