@@ -1718,6 +1718,85 @@ fn the_stats_rows_quota_is_set_in_the_policy() {
     assert_eq!(hogs, 3, "uid {OTHER}'s rows: {rows:?}");
 }
 
+/// Calls `zrpcd.<method>` `count` times at once as `uid` (one connection):
+/// how many were answered, how many refused with `LimitExceeded`, and the
+/// first refusal's message.
+fn introspect_burst(b: &Broker, uid: u32, method: &str, count: u64) -> (u64, u64, String) {
+    let count = count.to_string();
+    let args = [
+        "park",
+        "--service",
+        "zrpcd",
+        "--method",
+        method,
+        "--count",
+        &count,
+    ];
+    let mut p = as_uid(b, uid, &args);
+    let tally = std::cell::RefCell::new((0, 0, String::new()));
+    let end = p.read_until(|l| {
+        let mut t = tally.borrow_mut();
+        if l.starts_with("result ok") {
+            t.0 += 1;
+        } else if let Some(m) = l.strip_prefix("result limit_exceeded ") {
+            t.1 += 1;
+            if t.2.is_empty() {
+                t.2 = m.to_string();
+            }
+        }
+        l.starts_with("sent") || l.starts_with("fatal")
+    });
+    assert_eq!(end.as_deref(), Some(&*format!("sent {count}")));
+    tally.into_inner()
+}
+
+/// Answers that grow with the broker (`zrpcd.list`, `peers`, `stats`)
+/// cost its only thread far more than routing a call: one user calling
+/// them in a loop had it write 10,000-15,000 `zrpcd.stats` answers of
+/// 100 KB a second. Each uid but root may now make at most
+/// `introspection_per_second` (`[quota]` of the policy) such calls a
+/// second, a second's worth at once; past it they are refused with
+/// `LimitExceeded`. Another uid and root are not held back, and the
+/// allowance comes back with time.
+#[test]
+fn introspection_calls_are_rate_limited_per_user() {
+    if !is_root("introspection_calls_are_rate_limited_per_user", AS_OTHER) {
+        return;
+    }
+    let (_d, path) = policy("[quota]\nintrospection_per_second = 20\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    // 200 calls sent at once take far less than the 1.5 s in which the
+    // allowance could have refilled by another 30 calls.
+    let (ok, refused, why) = introspect_burst(&b, OTHER, "stats", 200);
+    assert!(
+        (20..50).contains(&ok) && ok + refused == 200,
+        "uid {OTHER}: {ok} answered, {refused} refused"
+    );
+    assert!(
+        why.contains(&format!("uid {OTHER}")) && why.contains("introspection_per_second"),
+        "{why}"
+    );
+    // The other metered methods share the allowance; ping is not metered.
+    let (ok, refused, _) = introspect_burst(&b, OTHER, "list", 100);
+    assert!(refused > 50, "list: {ok} answered, {refused} refused");
+    let (ok, refused, _) = introspect_burst(&b, OTHER, "ping", 200);
+    assert_eq!((ok, refused), (200, 0), "ping");
+    // Another uid has its own allowance; root has none to run out of.
+    let (ok, refused, _) = introspect_burst(&b, 65533, "stats", 200);
+    assert!(
+        (20..50).contains(&ok),
+        "uid 65533: {ok} answered, {refused} refused"
+    );
+    let (ok, refused, _) = introspect_burst(&b, 0, "stats", 200);
+    assert_eq!((ok, refused), (200, 0), "root");
+    // The allowance comes back (20 a second).
+    let back = wait_until(WAIT, || {
+        other_says(&b, &["call", "--service", "zrpcd", "--method", "stats"])
+            .starts_with("result ok")
+    });
+    assert!(back, "uid {OTHER} was never allowed zrpcd.stats again");
+}
+
 /// One user registers as many names as `zrpcd.stats` has rows, then
 /// leaves (the rows stay): each answer carried 1,024 rows of some 400
 /// bytes, 20-36 ms of the broker's only thread to encode, and calling

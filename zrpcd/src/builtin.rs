@@ -25,6 +25,10 @@
 //!   from then on the connection receives an `Event` frame for each finished
 //!   call (see [`crate::monitor`]) until it disconnects. Returns `true`.
 //! - `zrpc.describe`: the methods above.
+//!
+//! Calls to `list`, `peers` and `stats`, whose answers grow with the broker,
+//! count against the caller's `introspection_per_second` quota
+//! ([`Method::metered`]).
 
 use std::time::Instant;
 
@@ -38,6 +42,8 @@ use crate::paging;
 use crate::peers::{Peer, PeerId, Peers};
 use crate::pending::PendingCalls;
 use crate::policy::{Introspection, Policy};
+use crate::quota::Users;
+use crate::rate::{Gcra, Rate};
 use crate::stats::{Histogram, ServiceStats, Stats};
 
 /// What the built-in methods see of the broker: the registries they read,
@@ -77,6 +83,12 @@ pub struct View<'a> {
     pub stats_cache: &'a mut StatsCache,
     /// When the broker started.
     pub started: Instant,
+    /// When the call arrived.
+    pub now: Instant,
+    /// Every user's rate of calls to the metered methods ([`Method::metered`]).
+    pub users: &'a mut Users,
+    /// The policy's `introspection_per_second` quota (0: no limit).
+    pub introspection_per_second: u32,
     /// Most bytes an answer's payload may take (from `--max-message-size`).
     pub budget: usize,
     /// Most names in a `monitor` filter (`--max-monitor-names`).
@@ -124,7 +136,16 @@ pub struct Method {
     /// The right a caller needs (else `AccessDenied`); `None`: anyone may
     /// call it (the handler may still show less to some callers).
     pub requires: Option<Introspection>,
+    /// Its answer grows with the broker: calls count against the caller's
+    /// `introspection_per_second` quota ([`crate::quota::Users::introspect`]).
+    pub metered: bool,
     handler: fn(&mut View<'_>, &[u8]) -> Answer,
+}
+
+/// Whether calls to the built-in method `method` count against the
+/// caller's `introspection_per_second` quota (see [`Method::metered`]).
+pub fn is_metered(method: &str) -> bool {
+    METHODS.iter().any(|m| m.metered && m.name == method)
 }
 
 /// The methods of the broker's service, in the order `zrpc.describe` lists
@@ -136,6 +157,7 @@ pub const METHODS: &[Method] = &[
         returns: "String",
         doc: "Returns \"pong\".",
         requires: None,
+        metered: false,
         handler: |_, _| Ok(encode(&Value::from("pong"))),
     },
     Method {
@@ -144,6 +166,7 @@ pub const METHODS: &[Method] = &[
         returns: "Vec<{name, instances}> | {entries: Vec<{name, instances}>, next: Option<String>}",
         doc: "The registered service names with the connection ids of their instances, sorted by name. Payload nil: all of them (LimitExceeded if they pass --max-message-size); {after, limit}: the page after the name `after`, and `next` to pass as `after` for the following one (nil on the last).",
         requires: None,
+        metered: true,
         handler: list,
     },
     Method {
@@ -152,6 +175,7 @@ pub const METHODS: &[Method] = &[
         returns: "Vec<{conn_id, pid, uid, gid, agent, names, connected_s, outstanding, calling, served, failed, calls_made}> | {entries: Vec<...>, next: Option<u64>}",
         doc: "Every connection, by conn_id; pid, uid and gid come from the socket (SO_PEERCRED). Payload nil: all of them (LimitExceeded if they pass --max-message-size); {after, limit}: the page after the conn_id `after`, and `next` to pass as `after` for the following one (nil on the last).",
         requires: None,
+        metered: true,
         handler: peers,
     },
     Method {
@@ -160,6 +184,7 @@ pub const METHODS: &[Method] = &[
         returns: "{uptime_s, connections, calls, timeouts, errors, services, ...}",
         doc: "Broker-wide counters and per-service latency: answered, errors, p50_us/p90_us/p99_us (interpolated within 1/8-octave buckets, within 12.5 %), sum_us, buckets ([le_us, cumulative count]); the same over the last minute under recent.",
         requires: Some(Introspection::Stats),
+        metered: true,
         handler: |v, _| stats(v),
     },
     Method {
@@ -171,6 +196,7 @@ pub const METHODS: &[Method] = &[
         returns: "bool",
         doc: "Subscribes this connection to Event frames, one per finished call (all services, or only these). Use `zrpc monitor`.",
         requires: Some(Introspection::Monitor),
+        metered: false,
         handler: subscribe,
     },
 ];
@@ -232,6 +258,17 @@ fn call(view: &mut View<'_>, m: &Method, payload: &[u8]) -> Answer {
                 m.name
             );
             return Err((ErrorCode::AccessDenied, msg));
+        }
+    }
+    if m.metered {
+        let uid = view.caller().map_or(u32::MAX, |p| p.creds().uid);
+        let n = view.introspection_per_second;
+        if !view.users.introspect(uid, view.now, n) {
+            let msg = format!(
+                "uid {uid} called zrpcd.list, zrpcd.peers and zrpcd.stats more than {n} times in a second, past its per-user quota (introspection_per_second in [quota] of {}); call again later",
+                view.policy.source()
+            );
+            return Err((ErrorCode::LimitExceeded, msg));
         }
     }
     (m.handler)(view, payload)
@@ -430,6 +467,11 @@ pub const STATS_ROWS_EVERY: std::time::Duration = std::time::Duration::from_mill
 /// See [`STATS_ROWS_EVERY`].
 pub const STATS_ROWS_BURST: u32 = 8;
 
+const ROWS_RATE: Rate = Rate {
+    every: STATS_ROWS_EVERY,
+    burst: STATS_ROWS_BURST,
+};
+
 /// The per-service rows of `zrpcd.stats` (all but the broker's own),
 /// encoded once and shared by the answers that follow.
 ///
@@ -454,10 +496,9 @@ pub struct StatsCache {
     /// What they were encoded from, and when.
     version: u64,
     epoch: u64,
-    /// Whether they were encoded yet, and the rate limit: the time by
-    /// which the encodings so far would be paid for at one per
-    /// [`STATS_ROWS_EVERY`] (a generic cell rate algorithm).
-    paid_until: Option<Instant>,
+    /// The rate limit of encodings (`ROWS_RATE`); started once the rows
+    /// were encoded.
+    limit: Gcra,
     /// Times the rows were encoded (`stats_rows_encoded` in the answer).
     pub encoded: u64,
     /// Answers that reused them (`stats_rows_reused`).
@@ -468,13 +509,11 @@ impl StatsCache {
     /// Encodes the rows again if they are out of date and the rate limit
     /// allows it at `now`.
     fn refresh(&mut self, s: &Stats, now: Instant, now_epoch: u64) {
-        if let Some(paid) = self.paid_until {
-            let current = self.version == s.version() && self.epoch == now_epoch;
-            let ahead = paid.saturating_duration_since(now);
-            if current || ahead > STATS_ROWS_EVERY * (STATS_ROWS_BURST - 1) {
-                self.reused += 1;
-                return;
-            }
+        let current =
+            self.limit.started() && self.version == s.version() && self.epoch == now_epoch;
+        if current || !self.limit.allow(now, ROWS_RATE) {
+            self.reused += 1;
+            return;
         }
         // The `(other)` row only once something was counted in it.
         let mut rows: Vec<_> = s
@@ -497,7 +536,6 @@ impl StatsCache {
         self.count = rows.len();
         self.version = s.version();
         self.epoch = now_epoch;
-        self.paid_until = Some(self.paid_until.map_or(now, |p| p.max(now)) + STATS_ROWS_EVERY);
         self.encoded += 1;
     }
 }

@@ -45,6 +45,7 @@ pub mod pending;
 pub mod policy;
 pub mod queue;
 pub mod quota;
+pub mod rate;
 pub mod replay;
 pub mod server;
 pub mod socket;

@@ -8,9 +8,12 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 use serde::Deserialize;
+
+use crate::rate::{Gcra, Rate};
 
 /// What one uid may hold, all its connections together. `None` in the
 /// policy file means the default: a quarter of the broker-wide limit.
@@ -37,6 +40,11 @@ pub struct Quota {
     /// user registered (a quarter of `--max-stats-names` by default, see
     /// [`crate::stats::Stats::registered`]).
     pub stats_names: usize,
+    /// Calls to the introspection methods whose answers grow with the
+    /// broker (`zrpcd.list`, `zrpcd.peers`, `zrpcd.stats`) per second, at
+    /// most that many at once after a pause; 0: no limit (see
+    /// [`Users::introspect`]).
+    pub introspection_per_second: u32,
     /// `--max-queued-total`: not a quota of one user, but what all users'
     /// queues may hold together before those holding more than their
     /// share are pushed back ([`Users::over_share`]).
@@ -63,7 +71,16 @@ pub struct QuotaOverrides {
     pub names: Option<usize>,
     /// Rows of per-name statistics for one uid's names.
     pub stats_names: Option<usize>,
+    /// Calls to `zrpcd.list`, `zrpcd.peers` and `zrpcd.stats` per second
+    /// by one uid (0: no limit).
+    pub introspection_per_second: Option<u32>,
 }
+
+/// The default of [`Quota::introspection_per_second`]: far more than a
+/// person or a monitoring system asks (`zrpc list` makes two such calls),
+/// far less than the 10,000-15,000 `zrpcd.stats` answers a second one
+/// user could have the broker encode and write, 100 KB each.
+pub const DEFAULT_INTROSPECTION_PER_SECOND: u32 = 100;
 
 /// The broker-wide limits a quota's defaults are shares of (from the
 /// [`crate::Config`], [`crate::Config::quota_limits`]).
@@ -117,6 +134,9 @@ impl Quota {
             stats_names: overrides.stats_names.unwrap_or(quarter(
                 limits.max_stats_names.min(crate::stats::MAX_STATS_NAMES),
             )),
+            introspection_per_second: overrides
+                .introspection_per_second
+                .unwrap_or(DEFAULT_INTROSPECTION_PER_SECOND),
             queued_total: limits.max_queued_total,
         }
     }
@@ -362,6 +382,10 @@ pub struct Users {
     /// The last fair level computed ([`Users::over_share`]), and the total
     /// it was computed at.
     level: Cell<(usize, usize)>,
+    /// Each uid's rate of introspection calls ([`Users::introspect`]),
+    /// kept apart from its usage: a user must not get a fresh allowance by
+    /// closing all its connections and coming back. Forgotten once idle.
+    introspection: FxHashMap<u32, Gcra>,
 }
 
 impl Users {
@@ -418,12 +442,31 @@ impl Users {
         self.total.connections.get()
     }
 
+    /// Whether `uid` may make a call to an introspection method whose
+    /// answer grows with the broker (`zrpcd.list`, `zrpcd.peers`,
+    /// `zrpcd.stats`) at `now`, at most `per_second` a second (0: no
+    /// limit); an allowed call is counted. Root is not limited.
+    ///
+    /// Such an answer costs the broker's only thread far more than routing
+    /// a call (a `zrpcd.stats` answer is some 100 KB with a few hundred
+    /// names registered): without a bound, one user calling them in a loop
+    /// took a large part of the broker's CPU from everyone else.
+    pub fn introspect(&mut self, uid: u32, now: Instant, per_second: u32) -> bool {
+        match Rate::per_second(per_second) {
+            Some(rate) if uid != 0 => self.introspection.entry(uid).or_default().allow(now, rate),
+            _ => true,
+        }
+    }
+
     /// Forgets the users nothing refers to any more: no connection, and no
     /// closing connection's queue still holding unsent frames (those keep
     /// counting against their user until they are dropped, so that a user
-    /// cannot shed its account by reconnecting).
+    /// cannot shed its account by reconnecting); and the rates of
+    /// introspection calls that are back to a full allowance.
     pub fn collect(&mut self) {
         self.map.retain(|_, u| Rc::strong_count(u) > 1);
+        let now = Instant::now();
+        self.introspection.retain(|_, g| !g.is_idle(now));
     }
 
     /// Users with a live connection.
@@ -440,6 +483,7 @@ impl Users {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn the_names_quota_is_a_quarter_of_max_names_unless_set() {
@@ -470,6 +514,39 @@ mod tests {
         assert_eq!(u.names(), 1);
         u.release_peer(0, 0, 0, 1);
         assert_eq!(u.names(), 0);
+    }
+
+    #[test]
+    fn introspection_is_metered_per_uid_and_kept_until_idle() {
+        let mut users = Users::default();
+        let now = Instant::now();
+        let allowed = |users: &mut Users, uid: u32, at: Instant, n: u32| {
+            (0..50).filter(|_| users.introspect(uid, at, n)).count()
+        };
+        assert_eq!(allowed(&mut users, 1000, now, 10), 10, "one second's worth");
+        assert_eq!(allowed(&mut users, 1001, now, 10), 10, "each uid its own");
+        assert_eq!(allowed(&mut users, 0, now, 10), 50, "root is not metered");
+        assert_eq!(allowed(&mut users, 1002, now, 0), 50, "0: no limit");
+        // No connection holds uid 1000 (never did here): its rate is kept
+        // all the same until it is back to a full allowance, so that
+        // coming back on a new connection does not refill it.
+        users.collect();
+        assert_eq!(allowed(&mut users, 1000, now, 10), 0);
+        assert_eq!(
+            allowed(&mut users, 1000, now + Duration::from_millis(200), 10),
+            2
+        );
+        // Calls long past are paid for: forgotten.
+        let past = now - Duration::from_secs(10);
+        assert!(users.introspect(1003, past, 10));
+        users.collect();
+        assert!(users.introspection.contains_key(&1000));
+        assert!(!users.introspection.contains_key(&1003));
+        let q = Quota::new(
+            crate::Config::new(None).quota_limits(),
+            QuotaOverrides::default(),
+        );
+        assert_eq!(q.introspection_per_second, DEFAULT_INTROSPECTION_PER_SECOND);
     }
 
     #[test]

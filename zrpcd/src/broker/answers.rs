@@ -100,6 +100,9 @@ impl Broker {
             monitors: &mut self.monitors,
             stats_cache: &mut self.stats_cache,
             started: self.started,
+            now: started,
+            users: &mut self.users,
+            introspection_per_second: self.quota.introspection_per_second,
             // Room for the envelope (see the check below).
             budget: (self.config.max_message_size as usize).saturating_sub(ANSWER_HEADROOM),
             max_monitor_names: self.config.max_monitor_names,
@@ -119,7 +122,10 @@ impl Broker {
             );
             payload = bytes::Bytes::new();
         }
-        if code == Some(ErrorCode::AccessDenied) {
+        if matches!(
+            code,
+            Some(ErrorCode::AccessDenied | ErrorCode::LimitExceeded)
+        ) {
             self.log_refusal(peer, &message);
         }
         let env = Envelope::Result {
