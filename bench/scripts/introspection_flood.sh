@@ -13,7 +13,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 B=${B:-$ROOT/target/release}
 D=$(mktemp -d)
 chmod 755 "$D"
-trap 'kill $RP $ZP 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
+trap 'kill ${RP:-} ${ZP:-} 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
 printf '[quota]\nintrospection_per_second = %s\n' "$1" > "$D/policy.toml"
 "$B/zrpcd" --socket-dir "$D" --policy "$D/policy.toml" --log error --max-names-per-conn 2048 & ZP=$!
 for _ in $(seq 500); do [ -S "$D/zrpcd.sock" ] && break; sleep 0.01; done

@@ -453,6 +453,29 @@ fn the_bridge_pages_through_more_names_than_one_message_holds() {
     let Some(h) = start_hosts(&["--max-message-size", "16384"]) else {
         return;
     };
+    exports_a_name_listed_after_full_pages(&h);
+}
+
+/// The bridge lists the names to export every 250 ms, page by page, as
+/// its configured uid: the broker does not hold it to that uid's
+/// `introspection_per_second` quota (here 1 a second, while a round of
+/// listing takes some 20 pages), so that a local user of that uid cannot
+/// starve it. Without the exemption, "cable" is never exported.
+#[test]
+fn the_bridge_is_not_held_to_its_uids_introspection_quota() {
+    let dir = TempDir::new();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "[quota]\nintrospection_per_second = 1\n").expect("write policy");
+    let policy = policy.display().to_string();
+    let Some(h) = start_hosts(&["--max-message-size", "16384", "--policy", &policy]) else {
+        return;
+    };
+    exports_a_name_listed_after_full_pages(&h);
+}
+
+/// Host A gets 1,000 names more than a 16 KiB message lists, then "cable"
+/// (exported as ca*, sorting after them): B must reach it.
+fn exports_a_name_listed_after_full_pages(h: &Hosts) {
     let prefix = "a-rather-long-service-name-to-fill-the-pages-";
     let mut hogs = Vec::new();
     for i in 0..4 {

@@ -1776,9 +1776,11 @@ fn introspection_calls_are_rate_limited_per_user() {
         why.contains(&format!("uid {OTHER}")) && why.contains("introspection_per_second"),
         "{why}"
     );
-    // The other metered methods share the allowance; ping is not metered.
+    // The other metered methods share the allowance, also on a new
+    // connection (the burst above is spent: not even a second of it came
+    // back yet); ping is not metered.
     let (ok, refused, _) = introspect_burst(&b, OTHER, "list", 100);
-    assert!(refused > 50, "list: {ok} answered, {refused} refused");
+    assert!(ok < 20, "list: {ok} answered, {refused} refused");
     let (ok, refused, _) = introspect_burst(&b, OTHER, "ping", 200);
     assert_eq!((ok, refused), (200, 0), "ping");
     // Another uid has its own allowance; root has none to run out of.

@@ -87,7 +87,8 @@ pub struct View<'a> {
     pub now: Instant,
     /// Every user's rate of calls to the metered methods ([`Method::metered`]).
     pub users: &'a mut Users,
-    /// The policy's `introspection_per_second` quota (0: no limit).
+    /// The policy's `introspection_per_second` quota for this caller (0:
+    /// no limit, as for the broker's own NATS bridge).
     pub introspection_per_second: u32,
     /// Most bytes an answer's payload may take (from `--max-message-size`).
     pub budget: usize,
@@ -140,12 +141,6 @@ pub struct Method {
     /// `introspection_per_second` quota ([`crate::quota::Users::introspect`]).
     pub metered: bool,
     handler: fn(&mut View<'_>, &[u8]) -> Answer,
-}
-
-/// Whether calls to the built-in method `method` count against the
-/// caller's `introspection_per_second` quota (see [`Method::metered`]).
-pub fn is_metered(method: &str) -> bool {
-    METHODS.iter().any(|m| m.metered && m.name == method)
 }
 
 /// The methods of the broker's service, in the order `zrpc.describe` lists

@@ -512,6 +512,27 @@ mod tests {
     }
 
     #[test]
+    fn quotas_parse_and_out_of_range_values_are_refused() {
+        let p = Policy::parse(
+            "[quota]\nintrospection_per_second = 7\nnames = 3\n",
+            "test",
+            0,
+            &Table,
+        )
+        .expect("valid");
+        assert_eq!(p.quota().introspection_per_second, Some(7));
+        assert_eq!(p.quota().names, Some(3));
+        assert_eq!(
+            Policy::default_for(0).quota().introspection_per_second,
+            None
+        );
+        for bad in ["-1", "4294967296", "\"fast\""] {
+            let text = format!("[quota]\nintrospection_per_second = {bad}\n");
+            assert!(Policy::parse(&text, "test", 0, &Table).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn own_rules_reserve_names() {
         let p = Policy::parse(EXAMPLE, "test", 0, &Table).expect("valid");
         assert_eq!(p.rules(), 4);

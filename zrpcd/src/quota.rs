@@ -373,7 +373,8 @@ fn fair_level(holdings: impl Iterator<Item = usize>, max: usize) -> usize {
     max
 }
 
-/// Every user with a live connection.
+/// Every user with a live connection (or a closing one), and the recent
+/// introspection rates of users with or without one.
 #[derive(Debug, Default)]
 pub struct Users {
     map: FxHashMap<u32, Rc<Usage>>,
@@ -463,9 +464,8 @@ impl Users {
     /// counting against their user until they are dropped, so that a user
     /// cannot shed its account by reconnecting); and the rates of
     /// introspection calls that are back to a full allowance.
-    pub fn collect(&mut self) {
+    pub fn collect(&mut self, now: Instant) {
         self.map.retain(|_, u| Rc::strong_count(u) > 1);
-        let now = Instant::now();
         self.introspection.retain(|_, g| !g.is_idle(now));
     }
 
@@ -530,16 +530,16 @@ mod tests {
         // No connection holds uid 1000 (never did here): its rate is kept
         // all the same until it is back to a full allowance, so that
         // coming back on a new connection does not refill it.
-        users.collect();
+        users.collect(now);
         assert_eq!(allowed(&mut users, 1000, now, 10), 0);
         assert_eq!(
             allowed(&mut users, 1000, now + Duration::from_millis(200), 10),
             2
         );
-        // Calls long past are paid for: forgotten.
-        let past = now - Duration::from_secs(10);
-        assert!(users.introspect(1003, past, 10));
-        users.collect();
+        // Calls paid for are forgotten (1003's by now + 100 ms; 1000's not
+        // before now + 1.2 s).
+        assert!(users.introspect(1003, now, 10));
+        users.collect(now + Duration::from_millis(500));
         assert!(users.introspection.contains_key(&1000));
         assert!(!users.introspection.contains_key(&1003));
         let q = Quota::new(

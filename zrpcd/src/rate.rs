@@ -21,10 +21,10 @@ pub struct Rate {
 
 impl Rate {
     /// `n` events a second, at most `n` of them at once (`None` for 0:
-    /// no limit).
+    /// no limit). Past 1,000,000,000 a second, one per nanosecond.
     pub fn per_second(n: u32) -> Option<Rate> {
         (n > 0).then(|| Rate {
-            every: Duration::from_secs(1) / n,
+            every: (Duration::from_secs(1) / n).max(Duration::from_nanos(1)),
             burst: n,
         })
     }
@@ -44,11 +44,13 @@ impl Gcra {
     pub fn allow(&mut self, now: Instant, rate: Rate) -> bool {
         if let Some(paid) = self.paid_until {
             let ahead = paid.saturating_duration_since(now);
-            if ahead > rate.every * rate.burst.saturating_sub(1) {
+            if ahead > rate.every.saturating_mul(rate.burst.saturating_sub(1)) {
                 return false;
             }
         }
-        self.paid_until = Some(self.paid_until.map_or(now, |p| p.max(now)) + rate.every);
+        let from = self.paid_until.map_or(now, |p| p.max(now));
+        // An `every` so long that the instant overflows: at most one event.
+        self.paid_until = Some(from.checked_add(rate.every).unwrap_or(from));
         true
     }
 

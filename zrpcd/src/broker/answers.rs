@@ -84,6 +84,13 @@ impl Broker {
             p.count_call();
         }
         let started = Instant::now();
+        // The bridge lists the names to export every 250 ms, page by page,
+        // as its configured uid (nobody by default): a local user of that
+        // uid must not starve it of its introspection allowance.
+        #[cfg(feature = "nats")]
+        let metered = self.bridge_peer() != Some(peer);
+        #[cfg(not(feature = "nats"))]
+        let metered = true;
         let view = crate::builtin::View {
             caller: peer,
             peers: &self.peers,
@@ -102,7 +109,11 @@ impl Broker {
             started: self.started,
             now: started,
             users: &mut self.users,
-            introspection_per_second: self.quota.introspection_per_second,
+            introspection_per_second: if metered {
+                self.quota.introspection_per_second
+            } else {
+                0
+            },
             // Room for the envelope (see the check below).
             budget: (self.config.max_message_size as usize).saturating_sub(ANSWER_HEADROOM),
             max_monitor_names: self.config.max_monitor_names,

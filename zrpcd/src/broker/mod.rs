@@ -253,7 +253,7 @@ impl Broker {
 
     /// Forgets the users nothing refers to any more (see [`Users::collect`]).
     pub fn collect_users(&mut self) {
-        self.users.collect();
+        self.users.collect(Instant::now());
     }
 
     /// Puts a reloaded access policy in force: its quota from now on, and
