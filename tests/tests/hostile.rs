@@ -1039,3 +1039,88 @@ fn a_no_wait_call_held_by_the_window_fails_when_the_name_goes() {
     assert_eq!((id, code), (2, Some(ErrorCode::NoSuchService)), "{msg}");
     assert_eq!(broker_stat(b.dir(), "waiting"), 1);
 }
+
+/// `zrpcd.stats`' count of calls, asked on `r` (a call of its own, id `id`).
+fn calls_counted(r: &mut Raw, id: u64) -> u64 {
+    let (code, msg, payload) = r.call(id, "zrpcd", "stats", None);
+    assert_eq!(code, None, "zrpcd.stats: {msg}");
+    let stats = rmpv::decode::read_value(&mut &payload[..]).expect("stats payload");
+    stats
+        .as_map()
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("calls")))
+        .and_then(|(_, v)| v.as_u64())
+        .unwrap_or_else(|| panic!("no calls in {stats}"))
+}
+
+/// The broker has one thread, and a connection's task used to go on
+/// reading while its socket stayed readable, up to tokio's budget of 128
+/// reads of 8 KiB: some 35,000 small frames in a row while everyone else
+/// waited. A peer that keeps its socket full now gets turns of 256 frames
+/// (`FRAMES_PER_TURN` in zrpcd/src/conn.rs). Seen from another
+/// connection: between two of its calls in a row, the broker handles at
+/// most a few turns of the flood, not tens of thousands of its calls.
+#[test]
+fn a_connection_that_keeps_its_socket_full_does_not_hold_up_the_others() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let b = Broker::start_with(&[]);
+    let flood = Raw::hello(b.dir());
+    let mut w = flood.s.try_clone().expect("clone the socket");
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    // 400,000 NO_WAIT calls to a name nobody holds, each answered at once
+    // (answers left unread: ~40 MB, under --max-queued-bytes), written as
+    // fast as the socket takes them, 2,000 per write.
+    let writer = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut chunk = bytes::BytesMut::new();
+            for round in 0..200u64 {
+                chunk.clear();
+                for i in 0..2000 {
+                    let call = Envelope::Call {
+                        id: round * 2000 + i + 1,
+                        service: "nobody",
+                        method: "m",
+                        timeout_ms: None,
+                        flags: flags::NO_WAIT,
+                    };
+                    zrpc_proto::encode_frame(&mut chunk, &call, b"\xc0");
+                }
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            done.store(true, Ordering::Release);
+        })
+    };
+    let mut probe = Raw::hello(b.dir());
+    let mut id = 0;
+    let mut next = || {
+        id += 1;
+        id
+    };
+    // The flood is under way.
+    let started = wait_until(WAIT, || calls_counted(&mut probe, next()) > 20_000);
+    assert!(started, "the flood did not start");
+    let mut gaps = Vec::new();
+    let mut last = calls_counted(&mut probe, next());
+    while !done.load(Ordering::Acquire) && gaps.len() < 50 {
+        let now = calls_counted(&mut probe, next());
+        gaps.push(now - last);
+        last = now;
+    }
+    let _ = writer.join();
+    drop(flood);
+    // Without turns, the probe's calls waited for the end of the flood
+    // (none answered while it lasted), or for tens of thousands of its
+    // calls each; with them, about four turns (1,311 calls) each here.
+    assert!(
+        gaps.len() >= 5,
+        "only {} of another connection's calls were answered while the flood lasted: {gaps:?}",
+        gaps.len()
+    );
+    let least = gaps.iter().copied().min().unwrap_or(u64::MAX);
+    assert!(
+        least <= 10_000,
+        "between two calls in a row of another connection, the broker handled at least {least} of the flood's calls: {gaps:?}"
+    );
+}
