@@ -334,3 +334,24 @@ def test_maps_with_map_keys_are_a_clear_error(my_class, broker):
         _proto.unpack(map_keyed)
     with pytest.raises(errors.DecodeError, match="map key"):
         _proto.unpack(b"\x81\x91\x81\x01\x02\x03")  # {[{1: 2}]: 3}
+
+
+@pytest.mark.parametrize("nested", [
+    b"\x91" * 50_000 + b"\xc0",  # [[[...nil...]]]: past msgpack's bound
+    b"\x81" + b"\x91" * 1000 + b"\xc0\xc0",  # {[[...]]: nil}: the key made hashable
+])
+def test_values_nested_too_deeply_are_a_clear_error(my_class, broker, nested):
+    """A payload nesting arrays 50,000 deep (msgpack's bound), or a map key nesting them
+    1,000 deep (past Python's recursion limit when made hashable), is answered BadPayload
+    naming the depth, as the Rust services do; the service carries on."""
+    from zrpc import _proto
+    sock, _w, reader, frames = _proto.connect(broker.socket_dir, _proto.random_id())
+    sock.sendall(_proto.call_frame(1, "my_class", "echo", 10_000, 0, nested))
+    while not frames:
+        frames = reader.feed(sock.recv(65536))
+    sock.close()
+    env, _ = frames[0]
+    assert env[:3] == [_proto.RESULT, 1, errors.BAD_PAYLOAD] and "depth limit" in env[3], env
+    with pytest.raises(errors.DecodeError, match="depth limit"):
+        _proto.unpack(nested)
+    assert my_class.call("my_class", "echo", [1], timeout=5) == [1]

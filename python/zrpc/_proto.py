@@ -118,11 +118,17 @@ def unpack(data: bytes) -> Any:
     if not data:
         return None
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
-    except TypeError:
-        # An unhashable map key: decode again, building maps from their pairs.
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
-                               object_pairs_hook=_map_of_pairs)
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        except TypeError:
+            # An unhashable map key: decode again, building maps from their pairs.
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                                   object_pairs_hook=_map_of_pairs)
+    except (msgpack.StackError, RecursionError):
+        # msgpack's own bound (1,024 levels; its error has no message), or
+        # Python's on array map keys made hashable: the Rust libraries stop
+        # at 1,024 levels too.
+        raise errors.DecodeError("depth limit exceeded: the value nests arrays and maps too deeply") from None
 
 
 def _map_of_pairs(pairs: list) -> dict:
