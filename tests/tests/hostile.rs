@@ -1124,3 +1124,35 @@ fn a_connection_that_keeps_its_socket_full_does_not_hold_up_the_others() {
         "between two calls in a row of another connection, the broker handled at least {least} of the flood's calls: {gaps:?}"
     );
 }
+
+/// A payload nesting arrays 50,000 deep would overflow a recursive
+/// decoder's stack and abort the service (and with it every call it
+/// holds): the Rust services stop at 1,024 levels (rmpv, rmp-serde) and
+/// answer `BadPayload` naming the depth, then carry on. (The Python
+/// service: `python/tests/test_api.py`
+/// `test_values_nested_too_deeply_are_a_clear_error`.)
+#[test]
+fn a_payload_nested_too_deeply_is_a_bad_payload_not_a_crash() {
+    let b = Broker::start_with(&[]);
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let mut r = Raw::hello(b.dir());
+    let mut nested = vec![0x91u8; 50_000];
+    nested.push(0xc0);
+    let call = |id| Envelope::Call {
+        id,
+        service: "echo",
+        method: "echo",
+        timeout_ms: Some(10_000),
+        flags: 0,
+    };
+    r.send(&call(1), &nested);
+    let (id, code, message) = next_result(&mut r);
+    assert_eq!(id, 1);
+    assert_eq!(code, Some(ErrorCode::BadPayload), "{message}");
+    assert!(message.contains("depth limit"), "{message}");
+    // The service is still there.
+    r.send(&call(2), b"\x91\x01");
+    let (id, code, message) = next_result(&mut r);
+    assert_eq!((id, code), (2, None), "{message}");
+}
