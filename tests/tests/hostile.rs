@@ -1055,10 +1055,10 @@ fn calls_counted(r: &mut Raw, id: u64) -> u64 {
 /// The broker has one thread, and a connection's task used to go on
 /// reading while its socket stayed readable, up to tokio's budget of 128
 /// reads of 8 KiB: some 35,000 small frames in a row while everyone else
-/// waited. A peer that keeps its socket full now gets turns of 256 frames
-/// (`FRAMES_PER_TURN` in zrpcd/src/conn.rs). Seen from another
-/// connection: between two of its calls in a row, the broker handles at
-/// most a few turns of the flood, not tens of thousands of its calls.
+/// waited. A peer that keeps its socket full now gets turns of 250 µs or
+/// 256 frames (`TURN` in zrpcd/src/conn.rs). Seen from another connection: its calls
+/// are answered while the flood lasts, and between two of them in a row
+/// the broker handles a few turns of the flood, not all of it.
 #[test]
 fn a_connection_that_keeps_its_socket_full_does_not_hold_up_the_others() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1111,8 +1111,9 @@ fn a_connection_that_keeps_its_socket_full_does_not_hold_up_the_others() {
     let _ = writer.join();
     drop(flood);
     // Without turns, the probe's calls waited for the end of the flood
-    // (none answered while it lasted), or for tens of thousands of its
-    // calls each; with them, about four turns (1,311 calls) each here.
+    // (none answered while it lasted); with them, 656-1,966 of the flood's
+    // calls were handled between two of them here (debug build).
+    // The bound below is loose (tokio's budget alone allowed some 35,000).
     assert!(
         gaps.len() >= 5,
         "only {} of another connection's calls were answered while the flood lasted: {gaps:?}",
@@ -1120,7 +1121,7 @@ fn a_connection_that_keeps_its_socket_full_does_not_hold_up_the_others() {
     );
     let least = gaps.iter().copied().min().unwrap_or(u64::MAX);
     assert!(
-        least <= 10_000,
+        least <= 30_000,
         "between two calls in a row of another connection, the broker handled at least {least} of the flood's calls: {gaps:?}"
     );
 }

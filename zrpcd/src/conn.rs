@@ -33,18 +33,26 @@ use crate::queue::PeerIo;
 /// reference.
 const IN_PLACE_MAX: usize = SMALL_PAYLOAD_COPY;
 
-/// Frames a connection's task may handle in a row, read after read without
-/// its socket running dry, before it lets the other connections' tasks run.
+/// How long a connection's task may go on reading and handling frames, read
+/// after read without its socket running dry, before it lets the other
+/// connections' tasks run: this long, or [`TURN_FRAMES`] frames, whichever
+/// comes first.
 ///
 /// The broker has one thread, and tokio lets a task go on while its socket
 /// stays readable for up to 128 reads (its cooperative budget): up to 128
 /// chunks of 8 KiB, some 35,000 small frames, tens of milliseconds in which
-/// no other connection is served. A peer that keeps its socket full (many
-/// calls in flight, answers read as they come) delayed everyone else's
-/// calls that long. A turn of 256 frames takes a few hundred microseconds;
-/// a connection whose socket runs dry (all ordinary traffic: a batch is
-/// read, then the socket is empty) never reaches it.
-const FRAMES_PER_TURN: u32 = 256;
+/// no other connection is served. A peer that keeps its socket full delayed
+/// everyone else's calls that long. A connection whose socket runs dry
+/// (most traffic: a batch is read, then the socket is empty) never reaches
+/// a turn's end: 300,000 calls with 64 in flight on one connection
+/// (`bench/scripts/run.sh multi|current 64 64 300000`) made no yield at
+/// all. The bound in time covers what frames do not count: costly frames,
+/// and large ones read in many chunks.
+const TURN: std::time::Duration = std::time::Duration::from_micros(250);
+
+/// See [`TURN`]: 256 small frames take a few hundred microseconds in a
+/// debug build, less in a release one.
+const TURN_FRAMES: u32 = 256;
 
 /// A connection the broker took on: registered with the runtime and in the
 /// broker, counted in its user's account.
@@ -228,13 +236,15 @@ async fn read_loop(
     // Read buffer held for a partly received frame, as last reported to the
     // broker (`Broker::note_partial`).
     let mut held = 0;
-    // Frames handled since the socket last ran dry (`FRAMES_PER_TURN`),
-    // and whether the last read had to wait for it.
-    let mut turn = 0u32;
+    // When this turn began (the first batch read since the socket last ran
+    // dry, see `TURN`) and the frames handled in it, and whether the last
+    // read had to wait.
+    let mut turn: Option<(std::time::Instant, u32)> = None;
+    let mut turn_over = false;
     let waited = std::cell::Cell::new(false);
     loop {
-        if turn >= FRAMES_PER_TURN {
-            turn = 0;
+        if std::mem::take(&mut turn_over) {
+            turn = None;
             tokio::task::yield_now().await;
         }
         let had_fds = fds.len();
@@ -414,9 +424,11 @@ async fn read_loop(
             buf = BytesMut::new();
         }
         if waited.replace(false) {
-            turn = 0;
+            turn = None;
         }
-        turn = turn.saturating_add(frames);
+        let (began, handled) = turn.get_or_insert((now, 0));
+        *handled = handled.saturating_add(frames);
+        turn_over = *handled >= TURN_FRAMES || now.saturating_duration_since(*began) >= TURN;
     }
 }
 
