@@ -19,7 +19,15 @@ pub struct NameEntry {
     /// Broker call ids waiting for an instance, or for room in one
     /// (see [`crate::waiting`]).
     waiting: Waiting,
+    /// Where the next [`Names::pick`] among many instances starts.
+    next: std::cell::Cell<usize>,
 }
+
+/// The most instances [`Names::pick`] compares for one call. Each costs a
+/// lookup; a user can give a shared name of its own thousands of instances
+/// (one per connection), and comparing them all made every call to it cost
+/// the broker's only thread that many lookups.
+pub const PICK_AMONG: usize = 16;
 
 /// Why a registration was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -112,13 +120,23 @@ impl Names {
             .is_some_and(|e| e.instances.contains(&peer))
     }
 
-    /// Picks the instance of `name` with the fewest outstanding calls.
+    /// Picks the instance of `name` with the fewest outstanding calls: of
+    /// all of them when there are at most [`PICK_AMONG`], else of the next
+    /// `PICK_AMONG` in turn (a window that moves on at each pick, so that
+    /// every instance comes up, and idle ones share the calls).
     pub fn pick(&self, name: &str, outstanding: impl Fn(PeerId) -> u32) -> Option<PeerId> {
         let entry = self.map.get(name)?;
         match entry.instances.as_slice() {
             [] => None,
             [one] => Some(*one),
-            many => many.iter().copied().min_by_key(|p| outstanding(*p)),
+            few if few.len() <= PICK_AMONG => few.iter().copied().min_by_key(|p| outstanding(*p)),
+            many => {
+                let start = entry.next.get() % many.len();
+                entry.next.set(start + PICK_AMONG);
+                (0..PICK_AMONG)
+                    .map(|i| many[(start + i) % many.len()])
+                    .min_by_key(|p| outstanding(*p))
+            }
         }
     }
 
@@ -244,6 +262,44 @@ mod tests {
         let out = |p| if p == 2 { 5 } else { 1 };
         assert_eq!(n.pick("a", out), Some(3));
         assert_eq!(n.len(), 1);
+    }
+
+    #[test]
+    fn a_pick_among_many_instances_looks_at_a_few_and_every_one_comes_up() {
+        let mut n = Names::default();
+        let count = 1000u64;
+        for p in 0..count {
+            n.register("wide", p, true).expect("shared");
+        }
+        let looked = std::cell::Cell::new(0);
+        let mut picked = std::collections::HashSet::new();
+        // All idle: each pick is another instance (idle ones share calls).
+        for _ in 0..count.div_ceil(PICK_AMONG as u64) {
+            let p = n.pick("wide", |_| {
+                looked.set(looked.get() + 1);
+                0
+            });
+            picked.insert(p.expect("an instance"));
+        }
+        assert_eq!(
+            looked.get() as u64,
+            count.div_ceil(PICK_AMONG as u64) * PICK_AMONG as u64
+        );
+        assert_eq!(picked.len() as u64, count.div_ceil(PICK_AMONG as u64));
+        // Each pick is the least busy of the window it looks at.
+        let busy = |p: PeerId| if p % 7 == 3 { 0 } else { 10 };
+        for _ in 0..200 {
+            let p = n.pick("wide", busy).expect("an instance");
+            assert_eq!(p % 7, 3, "picked {p}, not an idle instance of its window");
+        }
+        // A few instances: all compared, as before.
+        for p in 0..PICK_AMONG as u64 {
+            n.register("few", p, true).expect("shared");
+        }
+        let last = PICK_AMONG as u64 - 1;
+        for _ in 0..50 {
+            assert_eq!(n.pick("few", |p| u32::from(p != last)), Some(last));
+        }
     }
 
     #[test]
