@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::ops::Bound;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use crate::hashing::{PeerKeyedMap, PeerKeyedSet};
 
 use crate::peers::PeerId;
 use crate::waiting::Waiting;
@@ -41,7 +41,7 @@ pub enum RegisterError {
 /// All names.
 #[derive(Debug, Default)]
 pub struct Names {
-    map: FxHashMap<Box<str>, NameEntry>,
+    map: PeerKeyedMap<Box<str>, NameEntry>,
     /// The names with at least one instance, in order (for paging through
     /// `zrpcd.list`; the call path reads only `map`).
     held: BTreeSet<Box<str>>,
@@ -50,7 +50,7 @@ pub struct Names {
     waiting: usize,
     /// The names with calls waiting (so that a freed slot looks only at
     /// them, not at every name of its connection).
-    waiting_names: FxHashSet<Box<str>>,
+    waiting_names: PeerKeyedSet<Box<str>>,
 }
 
 impl Names {

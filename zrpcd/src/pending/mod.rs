@@ -23,12 +23,13 @@ pub mod routes;
 mod timers;
 
 use std::hash::BuildHasher;
+
+use crate::hashing::PeerKeyState;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
-use rustc_hash::FxBuildHasher;
 
 use crate::peers::PeerId;
 use by_peer::{LinkStore, Links, List, PeerLists};
@@ -219,6 +220,9 @@ pub struct PendingCalls {
     /// Payload bytes kept by all pending calls (`--max-pending-bytes`).
     payload_bytes: usize,
     by_caller: HashTable<u32>,
+    /// The hash of `by_caller`'s keys, which callers choose (their call
+    /// ids): see [`crate::hashing`].
+    caller_hasher: PeerKeyState,
     by_peer: PeerLists,
     routes: Routes,
     timers: Timers,
@@ -234,6 +238,7 @@ impl Default for PendingCalls {
             len: 0,
             payload_bytes: 0,
             by_caller: HashTable::new(),
+            caller_hasher: PeerKeyState::default(),
             by_peer: PeerLists::default(),
             routes: Routes::default(),
             timers: Timers::default(),
@@ -241,8 +246,8 @@ impl Default for PendingCalls {
     }
 }
 
-fn caller_hash(caller: PeerId, caller_call: u64) -> u64 {
-    FxBuildHasher.hash_one((caller, caller_call))
+fn caller_hash(hasher: &PeerKeyState, caller: PeerId, caller_call: u64) -> u64 {
+    hasher.hash_one((caller, caller_call))
 }
 
 /// Splits a broker call id into slot index and generation.
@@ -318,14 +323,15 @@ impl PendingCalls {
             flags: call.flags & !REDELIVERED,
             route,
         });
-        let hash = caller_hash(call.caller, call.caller_call);
+        let hasher = &self.caller_hasher;
+        let hash = caller_hash(hasher, call.caller, call.caller_call);
         let pages = &self.pages;
         self.by_caller.insert_unique(hash, idx as u32, |&i| {
             let i = i as usize;
             pages[i / PAGE][i % PAGE]
                 .call
                 .as_ref()
-                .map_or(0, |p| caller_hash(p.caller, p.caller_call))
+                .map_or(0, |p| caller_hash(hasher, p.caller, p.caller_call))
         });
         self.by_peer
             .push(&mut self.pages, List::Made, call.caller, idx as u32);
@@ -405,7 +411,7 @@ impl PendingCalls {
 
     /// The broker id of `caller`'s call `caller_call`, if pending.
     pub fn find_by_caller(&self, caller: PeerId, caller_call: u64) -> Option<u64> {
-        let hash = caller_hash(caller, caller_call);
+        let hash = caller_hash(&self.caller_hasher, caller, caller_call);
         let idx = *self.by_caller.find(hash, |&i| {
             self.slot(i as usize)
                 .call
@@ -478,7 +484,7 @@ impl PendingCalls {
         self.free_tail = idx as u32;
         self.len -= 1;
         self.payload_bytes -= p.payload.len();
-        let hash = caller_hash(p.caller, p.caller_call);
+        let hash = caller_hash(&self.caller_hasher, p.caller, p.caller_call);
         if let Ok(e) = self.by_caller.find_entry(hash, |&i| i as usize == idx) {
             e.remove();
         }

@@ -6,11 +6,12 @@
 //! finds its row without a name lookup. Up to [`IDLE_ROUTES`] routes that
 //! no call uses are kept for the next call to the same method.
 
-use std::hash::Hasher;
+use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
 use hashbrown::HashTable;
-use rustc_hash::FxHasher;
+
+use crate::hashing::PeerKeyState;
 
 /// Index of an interned `(service, method)` pair.
 pub type RouteId = u32;
@@ -38,11 +39,14 @@ pub(super) struct Routes {
     entries: Vec<Option<Route>>,
     free: Vec<RouteId>,
     index: HashTable<RouteId>,
+    /// The hash of `index`, whose keys callers choose (see
+    /// [`crate::hashing`]).
+    hasher: PeerKeyState,
     idle: usize,
 }
 
-fn route_hash(service: &str, method: &str) -> u64 {
-    let mut h = FxHasher::default();
+fn route_hash(hasher: &PeerKeyState, service: &str, method: &str) -> u64 {
+    let mut h = hasher.build_hasher();
     h.write(service.as_bytes());
     h.write_u8(0xff);
     h.write(method.as_bytes());
@@ -51,7 +55,7 @@ fn route_hash(service: &str, method: &str) -> u64 {
 
 impl Routes {
     pub(super) fn find(&self, service: &str, method: &str) -> Option<RouteId> {
-        let hash = route_hash(service, method);
+        let hash = route_hash(&self.hasher, service, method);
         let entries = &self.entries;
         self.index
             .find(hash, |&id| {
@@ -84,7 +88,7 @@ impl Routes {
     }
 
     fn create(&mut self, service: &str, method: &str) -> RouteId {
-        let hash = route_hash(service, method);
+        let hash = route_hash(&self.hasher, service, method);
         let route = Route {
             service: service.into(),
             method: method.into(),

@@ -236,3 +236,53 @@ fn routes_are_shared_and_bounded() {
     }
     assert_eq!(t.names(t.get(c).expect("pending")), ("s", "m"));
 }
+
+/// Call ids crafted to collide under FxHash (the table's hash before):
+/// FxHash of `(peer, call)` is `rotl((peer * K + call) * K, 26)`, so ids
+/// whose product differs only in its low 31 bits share the bucket bits and
+/// the 7-bit tag of every table smaller than 2^26 slots, and every lookup
+/// among them compared them all. The table's hash is seeded at random
+/// (`crate::hashing`): the same ids spread over the buckets.
+#[test]
+fn call_ids_crafted_to_collide_do_not_collide() {
+    use std::hash::BuildHasher;
+    const K: u64 = 0xf135_7aea_2e62_a9c5;
+    // K's inverse modulo 2^64 (Newton's iteration: K is odd).
+    let mut kinv = K;
+    for _ in 0..6 {
+        kinv = kinv.wrapping_mul(2u64.wrapping_sub(K.wrapping_mul(kinv)));
+    }
+    assert_eq!(K.wrapping_mul(kinv), 1);
+    let peer: PeerId = 7;
+    let ids: Vec<u64> = (0..4096u64)
+        .map(|j| {
+            (0x1234_5678_0000_0000u64 + j)
+                .wrapping_mul(kinv)
+                .wrapping_sub(peer.wrapping_mul(K))
+        })
+        .collect();
+    // Bucket bits of a 4,096-slot table, and hashbrown's tag.
+    let slot_and_tag = |h: u64| (h & 0xfff, h >> 57);
+    let fx: std::collections::HashSet<_> = ids
+        .iter()
+        .map(|&c| slot_and_tag(rustc_hash::FxBuildHasher.hash_one((peer, c))))
+        .collect();
+    assert_eq!(fx.len(), 1, "the crafted ids collide under FxHash");
+    let rt = timer_runtime();
+    let _g = rt.enter();
+    let mut t = PendingCalls::default();
+    let spread: std::collections::HashSet<_> = ids
+        .iter()
+        .map(|&c| caller_hash(&t.caller_hasher, peer, c) & 0xfff)
+        .collect();
+    // 4,096 random values fill about 63% of 4,096 buckets.
+    assert!(spread.len() > 2_000, "{} buckets of 4,096", spread.len());
+    let now = Instant::now();
+    let made: Vec<u64> = ids
+        .iter()
+        .map(|&c| t.insert(call(peer, c, "s"), now, None))
+        .collect();
+    for (c, id) in ids.iter().zip(&made) {
+        assert_eq!(t.find_by_caller(peer, *c), Some(*id));
+    }
+}

@@ -10,7 +10,7 @@ mod window;
 pub use histogram::{Histogram, EXPORT_BOUNDS_US};
 pub use window::{epoch, Recent, Window, SLOT, SLOTS};
 
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxHashMap;
 use zrpc_proto::ErrorCode;
 
 /// Counters for one service name.
@@ -88,7 +88,7 @@ pub struct Stats {
     idle: VecDeque<u32>,
     /// Slot in `services` by name (hashbrown for `entry_ref`: a key
     /// allocated only for a new name).
-    slots: hashbrown::HashMap<String, u32, FxBuildHasher>,
+    slots: hashbrown::HashMap<String, u32, crate::hashing::PeerKeyState>,
     /// Most rows for registered names.
     max_names: usize,
     /// Rows per uid (the uid that registered the row's name when it got
