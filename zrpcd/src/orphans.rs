@@ -37,7 +37,7 @@
 //! when the timer fires, [`Orphans::answered`] when a service answers one,
 //! [`Orphans::service_gone`] when a service leaves.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -99,15 +99,15 @@ pub struct Orphans {
     /// Each uid's orphans (the first element of [`CallerKey`]), for its
     /// bound; no entry for a uid without any.
     by_uid: HashMap<u32, BTreeSet<(Instant, CallerKey)>>,
-    /// How many orphans run on each service connection (none for
-    /// [`NO_SERVICE`]), so that a connection leaving without any costs no
-    /// walk of them all.
-    per_service: HashMap<PeerId, usize>,
+    /// The orphans delivered to each service connection (none for
+    /// [`NO_SERVICE`]), so that a connection leaving walks its own, not all
+    /// of them (all users' orphans, up to `--max-pending-total`).
+    per_service: HashMap<PeerId, HashSet<CallerKey>>,
     /// The deliveries of orphans their service has not answered yet (by
-    /// request id), and how many each service connection has: its window
+    /// request id), and those of each service connection: its window
     /// counts them.
     running: HashMap<u64, PeerId>,
-    running_per_service: HashMap<PeerId, u32>,
+    running_per_service: HashMap<PeerId, HashSet<u64>>,
     /// The deliveries adopted by a pending call (its request id): while it
     /// lives, and moved into its orphan if its caller leaves again.
     adopted: HashMap<u64, Vec<u64>>,
@@ -154,18 +154,18 @@ impl Orphans {
             request,
             earlier: self.adopted.remove(&request).unwrap_or_default(),
         };
-        self.count(service, true);
-        self.start_running(request, service);
         let mut given_up = Vec::new();
         if let Some((old, old_until)) = self.by_caller.insert(caller, (orphan, until)) {
             // The same call left running twice (one instance id on several
             // connections): the older is given up (cancelled), not left to
             // run outside the window.
-            self.count(old.service, false);
+            self.count(old.service, caller, false);
             self.stop_running(old.request);
             self.unindex(old_until, caller);
             given_up.push(old);
         }
+        self.count(service, caller, true);
+        self.start_running(request, service);
         let earliest = self.next_deadline().is_none_or(|t| until < t);
         self.by_time.insert((until, caller), ());
         self.by_uid
@@ -211,7 +211,7 @@ impl Orphans {
     fn give_up(&mut self, (until, caller): (Instant, CallerKey)) -> Option<Orphan> {
         self.unindex(until, caller);
         let (orphan, _) = self.by_caller.remove(&caller)?;
-        self.count(orphan.service, false);
+        self.count(orphan.service, caller, false);
         self.stop_running(orphan.request);
         Some(orphan)
     }
@@ -222,16 +222,19 @@ impl Orphans {
             return;
         }
         self.running.insert(request, service);
-        *self.running_per_service.entry(service).or_default() += 1;
+        self.running_per_service
+            .entry(service)
+            .or_default()
+            .insert(request);
     }
 
     /// Delivery `request` no longer runs at its service (answered, cancelled
     /// or adopted); returns the service, if it was counted.
     fn stop_running(&mut self, request: u64) -> Option<PeerId> {
         let service = self.running.remove(&request)?;
-        if let Some(n) = self.running_per_service.get_mut(&service) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(set) = self.running_per_service.get_mut(&service) {
+            set.remove(&request);
+            if set.is_empty() {
                 self.running_per_service.remove(&service);
             }
         }
@@ -244,7 +247,9 @@ impl Orphans {
         if self.running_per_service.is_empty() {
             return 0;
         }
-        self.running_per_service.get(&service).copied().unwrap_or(0)
+        self.running_per_service
+            .get(&service)
+            .map_or(0, |set| u32::try_from(set.len()).unwrap_or(u32::MAX))
     }
 
     /// `service` answered delivery `request` (a call whose caller left): if
@@ -258,17 +263,17 @@ impl Orphans {
         }
     }
 
-    /// Counts an orphan in (`true`) or out of its service's tally.
-    fn count(&mut self, service: PeerId, add: bool) {
+    /// Lists the orphan of `caller` under its service (`true`), or takes
+    /// it off the list.
+    fn count(&mut self, service: PeerId, caller: CallerKey, add: bool) {
         if service == NO_SERVICE {
             return;
         }
-        let n = self.per_service.entry(service).or_default();
         if add {
-            *n += 1;
-        } else {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+            self.per_service.entry(service).or_default().insert(caller);
+        } else if let Some(set) = self.per_service.get_mut(&service) {
+            set.remove(&caller);
+            if set.is_empty() {
                 self.per_service.remove(&service);
             }
         }
@@ -291,7 +296,7 @@ impl Orphans {
     pub fn adopt(&mut self, caller: CallerKey) -> Option<Orphan> {
         let (orphan, until) = self.by_caller.remove(&caller)?;
         self.unindex(until, caller);
-        self.count(orphan.service, false);
+        self.count(orphan.service, caller, false);
         self.stop_running(orphan.request);
         Some(orphan)
     }
@@ -330,14 +335,18 @@ impl Orphans {
     /// nothing to cancel); they stay until their grace ends, as calls
     /// delivered before ([`NO_SERVICE`]).
     pub fn service_gone(&mut self, service: PeerId) {
-        if self.per_service.remove(&service).is_none() {
+        let Some(callers) = self.per_service.remove(&service) else {
             return;
+        };
+        for request in self
+            .running_per_service
+            .remove(&service)
+            .unwrap_or_default()
+        {
+            self.running.remove(&request);
         }
-        if self.running_per_service.remove(&service).is_some() {
-            self.running.retain(|_, s| *s != service);
-        }
-        for (o, _) in self.by_caller.values_mut() {
-            if o.service == service {
+        for caller in callers {
+            if let Some((o, _)) = self.by_caller.get_mut(&caller) {
                 *o = Orphan {
                     service: NO_SERVICE,
                     request: o.request,
@@ -379,10 +388,10 @@ mod tests {
         assert_eq!(o.expired(t0 + Duration::from_secs(2)), vec![orphan(7, 1)]);
         // Only service 7 has an orphan left (call 3): another connection
         // leaving changes nothing.
-        assert_eq!(o.per_service.get(&7), Some(&1));
+        assert_eq!(o.per_service.get(&7).map(HashSet::len), Some(1));
         assert_eq!(o.per_service.len(), 1);
         o.service_gone(8);
-        assert_eq!(o.per_service.get(&7), Some(&1));
+        assert_eq!(o.per_service.get(&7).map(HashSet::len), Some(1));
         // Its service gone, call 3 is still known until its grace ends, as
         // a call that runs nowhere.
         o.service_gone(7);
@@ -394,6 +403,44 @@ mod tests {
             vec![orphan(NO_SERVICE, 3)]
         );
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn a_service_leaving_changes_only_its_own_orphans() {
+        let mut o = Orphans::default();
+        let until = Instant::now() + Duration::from_secs(5);
+        for (service, request) in [(1, 10), (2, 20), (2, 21), (3, 30)] {
+            o.add((1000, request, request), service, request, until, FREE);
+        }
+        assert_eq!(
+            (o.running_on(1), o.running_on(2), o.running_on(3)),
+            (1, 2, 1)
+        );
+        o.service_gone(2);
+        assert_eq!(
+            (o.running_on(1), o.running_on(2), o.running_on(3)),
+            (1, 0, 1)
+        );
+        assert!(!o.per_service.contains_key(&2));
+        let services = |o: &Orphans| {
+            let mut s: Vec<_> = o
+                .by_caller
+                .values()
+                .map(|(x, _)| (x.request, x.service))
+                .collect();
+            s.sort_unstable();
+            s
+        };
+        assert_eq!(
+            services(&o),
+            vec![(10, 1), (20, NO_SERVICE), (21, NO_SERVICE), (30, 3)]
+        );
+        // Service 1 answers; service 3 leaves: nothing of 1's is touched.
+        assert!(o.answered(1, 10));
+        o.service_gone(3);
+        assert_eq!(o.running_on(1), 0);
+        assert_eq!(services(&o)[0], (10, 1));
+        assert!(o.running.is_empty() && o.running_per_service.is_empty());
     }
 
     #[test]
