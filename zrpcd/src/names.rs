@@ -140,15 +140,15 @@ impl Names {
         }
     }
 
-    /// Parks a call of a caller of uid `uid` until `name` has an instance
-    /// with room for it.
-    pub fn park(&mut self, name: &str, call: u64, uid: u32) {
+    /// Parks a call of a caller of uid `uid` (made with `NO_WAIT` if
+    /// `no_wait`) until `name` has an instance with room for it.
+    pub fn park(&mut self, name: &str, call: u64, uid: u32, no_wait: bool) {
         let entry = match self.map.get_mut(name) {
             Some(e) => e,
             None => self.map.entry(name.into()).or_default(),
         };
         let before = entry.waiting.len();
-        entry.waiting.push(call, uid);
+        entry.waiting.push(call, uid, no_wait);
         self.waiting += entry.waiting.len() - before;
         if before == 0 && !entry.waiting.is_empty() {
             self.waiting_names.insert(name.into());
@@ -202,11 +202,12 @@ impl Names {
         self.waiting_names.contains(name)
     }
 
-    /// The calls waiting on `name`, in no particular order.
-    pub fn waiting_ids(&self, name: &str) -> Vec<u64> {
+    /// The calls made with `NO_WAIT` waiting on `name` (see
+    /// [`Waiting::take_no_wait`]).
+    pub fn take_no_wait(&mut self, name: &str) -> Vec<u64> {
         self.map
-            .get(name)
-            .map_or_else(Vec::new, |e| e.waiting.ids())
+            .get_mut(name)
+            .map_or_else(Vec::new, |e| e.waiting.take_no_wait())
     }
 
     /// Calls parked on all names together.
@@ -305,8 +306,8 @@ mod tests {
     #[test]
     fn parking() {
         let mut n = Names::default();
-        n.park("b", 10, 1000);
-        n.park("b", 11, 1000);
+        n.park("b", 10, 1000, false);
+        n.park("b", 11, 1000, false);
         n.unpark("b", 10);
         assert_eq!(n.waiting(), 1);
         assert_eq!(n.pick("b", |_| 0), None);
@@ -326,7 +327,7 @@ mod tests {
             n.register(name, peer, true).expect("free");
         }
         n.register("b", 4, true).expect("shared");
-        n.park("waiting", 9, 1000);
+        n.park("waiting", 9, 1000, false);
         let all: Vec<_> = n.after(None).map(|(k, _)| k).collect();
         assert_eq!(
             all,

@@ -35,13 +35,27 @@ pub struct Waiting {
     by_uid: FxHashMap<u32, UidQueue>,
     /// Whose turn is next: each uid of `by_uid` once.
     turns: VecDeque<u32>,
+    /// The waiting calls made with `NO_WAIT` (some of them no longer
+    /// waiting): they fail when the name loses its last instance
+    /// ([`Waiting::take_no_wait`]), which then looks at them only, not at
+    /// every waiting call (a user could keep as many waiting as its quota
+    /// of pending calls, and register and unregister the name in a loop).
+    no_wait: Vec<u64>,
 }
 
 impl Waiting {
-    /// Adds `call`, made by `uid`, behind that uid's other waiting calls.
-    pub fn push(&mut self, call: u64, uid: u32) {
+    /// Adds `call`, made by `uid` (with `NO_WAIT` if `no_wait`), behind
+    /// that uid's other waiting calls.
+    pub fn push(&mut self, call: u64, uid: u32, no_wait: bool) {
         if self.live.insert(call, uid).is_some() {
             return;
+        }
+        if no_wait {
+            if self.no_wait.len() > 2 * self.live.len() + 16 {
+                let live = &self.live;
+                self.no_wait.retain(|c| live.contains_key(c));
+            }
+            self.no_wait.push(call);
         }
         let q = self.by_uid.entry(uid).or_insert_with(|| {
             self.turns.push_back(uid);
@@ -101,9 +115,12 @@ impl Waiting {
         None
     }
 
-    /// The waiting calls, in no particular order.
-    pub fn ids(&self) -> Vec<u64> {
-        self.live.keys().copied().collect()
+    /// The waiting calls made with `NO_WAIT`, forgotten here (they are
+    /// about to end); the calls stay waiting until taken out.
+    pub fn take_no_wait(&mut self) -> Vec<u64> {
+        let mut calls = std::mem::take(&mut self.no_wait);
+        calls.retain(|c| self.live.contains_key(c));
+        calls
     }
 
     /// How many calls wait.
@@ -130,12 +147,12 @@ mod tests {
         let mut w = Waiting::default();
         // uid 1 has five calls waiting before uid 2's two and uid 3's one.
         for c in 1..=5 {
-            w.push(c, 1);
+            w.push(c, 1, false);
         }
-        w.push(20, 2);
-        w.push(21, 2);
-        w.push(30, 3);
-        w.push(20, 2); // already waiting: nothing changes
+        w.push(20, 2, false);
+        w.push(21, 2, false);
+        w.push(30, 3, false);
+        w.push(20, 2, false); // already waiting: nothing changes
         assert_eq!(w.len(), 8);
         assert_eq!(drain(&mut w), vec![1, 20, 30, 2, 21, 3, 4, 5]);
         assert!(w.is_empty() && w.by_uid.is_empty() && w.turns.is_empty());
@@ -145,7 +162,7 @@ mod tests {
     fn calls_end_in_any_order_without_a_search() {
         let mut w = Waiting::default();
         for c in 0..1000 {
-            w.push(c, 7);
+            w.push(c, 7, false);
         }
         // Newest first, then nine in ten of the rest from the middle: the
         // queue stays within twice the live calls (plus a little).
@@ -168,21 +185,40 @@ mod tests {
     #[test]
     fn a_uid_whose_calls_all_ended_loses_its_turn_and_gets_one_again() {
         let mut w = Waiting::default();
-        w.push(1, 1);
-        w.push(2, 2);
+        w.push(1, 1, false);
+        w.push(2, 2, false);
         w.remove(1);
         assert_eq!(w.len(), 1);
         // uid 1 comes back: one turn, not two (its old entry is reused).
-        w.push(3, 1);
-        w.push(4, 1);
+        w.push(3, 1, false);
+        w.push(4, 1, false);
         assert_eq!(w.turns.len(), 2);
         assert_eq!(drain(&mut w), vec![3, 2, 4]);
         // Leaving and coming back in a loop does not grow the turns.
         for c in 10..1000 {
-            w.push(c, 9);
+            w.push(c, 9, false);
             w.remove(c);
         }
         assert!(w.turns.len() <= 1, "{}", w.turns.len());
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn no_wait_calls_are_listed_apart_and_the_list_stays_small() {
+        let mut w = Waiting::default();
+        w.push(1, 1, true);
+        w.push(2, 1, false);
+        w.push(3, 2, true);
+        w.remove(3);
+        assert_eq!(w.take_no_wait(), vec![1], "the NO_WAIT calls still waiting");
+        assert!(w.take_no_wait().is_empty(), "taken");
+        assert_eq!(w.len(), 2, "they stay waiting until taken out");
+        // NO_WAIT calls that come and go (delivered as slots free) do not
+        // pile up in the list.
+        for c in 100..10_100u64 {
+            w.push(c, 3, true);
+            w.remove(c);
+        }
+        assert!(w.no_wait.len() <= 2 * w.len() + 17, "{}", w.no_wait.len());
     }
 }

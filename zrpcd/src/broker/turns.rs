@@ -25,7 +25,11 @@ impl Broker {
             .map(|(_, c)| c.uid)
             .or_else(|| self.peers.get(caller).map(|p| p.creds().uid))
             .unwrap_or(0);
-        self.names.park(service, bid, uid);
+        let no_wait = self
+            .pending
+            .get(bid)
+            .is_some_and(|p| p.call_flags() & flags::NO_WAIT != 0);
+        self.names.park(service, bid, uid, no_wait);
         self.pending.set_stage(bid, Stage::Parked);
     }
 
@@ -125,7 +129,7 @@ impl Broker {
         if !self.names.has_waiting(name) {
             return;
         }
-        for bid in self.names.waiting_ids(name) {
+        for bid in self.names.take_no_wait(name) {
             let Some(p) = self.pending.get(bid) else {
                 continue;
             };
