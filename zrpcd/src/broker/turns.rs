@@ -45,43 +45,50 @@ impl Broker {
         }
     }
 
-    /// Delivers calls waiting on the names `svc` holds while an instance
-    /// has room for them (an answer of `svc` just freed a slot): one call
-    /// per name in turn, starting from a name that moves on at each pull,
-    /// so that one name's flood does not take every slot of a connection
-    /// serving several. Looks only at names with calls waiting.
+    /// Delivers calls waiting on the names `svc` holds (an answer of `svc`
+    /// just freed a slot): one call per name in turn, starting from a name
+    /// that moves on at each pull, so that one name's flood does not take
+    /// every slot of a connection serving several; until `svc` has no room
+    /// left, or a round of its names delivered nothing.
+    ///
+    /// It stops as soon as `svc` is full: an answer frees one slot, and
+    /// this runs on every answer while calls wait anywhere, so it must not
+    /// cost a look at every name `svc` holds (up to
+    /// `--max-names-per-conn`) and an instance pick for each, twice, as it
+    /// did (a user's service with 256 names and calls waiting on them made
+    /// each of its answers cost thousands of lookups).
     pub(crate) fn pull_waiting(&mut self, svc: PeerId, now: Instant) {
-        let Some(p) = self.peers.get(svc) else {
-            return;
-        };
-        let mut names: Vec<Box<str>> = if p.names().len() <= self.names.waiting_names_len() {
-            p.names()
-                .iter()
-                .filter(|n| self.names.has_waiting(n))
-                .cloned()
-                .collect()
-        } else {
-            self.names
-                .waiting_names()
-                .filter(|n| self.names.is_instance(n, svc))
-                .map(Box::from)
-                .collect()
-        };
-        if names.is_empty() {
+        let window = self.config.max_delivered_per_conn;
+        let count = self.peers.get(svc).map_or(0, |p| p.names().len());
+        if count == 0 || self.names.waiting() == 0 {
             return;
         }
-        names.sort_unstable();
         self.pull_turn = self.pull_turn.wrapping_add(1);
-        let first = self.pull_turn % names.len();
-        names.rotate_left(first);
-        loop {
-            let mut pulled = false;
-            for name in &names {
-                pulled |= self.pull_one(name, now);
-            }
-            if !pulled {
+        let first = self.pull_turn % count;
+        // Names in a row that delivered nothing.
+        let mut idle = 0;
+        let mut i = first;
+        while idle < count {
+            let (peers, orphans) = (&self.peers, &self.orphans);
+            if !self.unwindowed(svc) && in_hand(peers, orphans, svc) >= window {
                 return;
             }
+            let Some(name) = peers
+                .get(svc)
+                .and_then(|p| p.names().get(i % count))
+                .filter(|n| self.names.has_waiting(n))
+                .cloned()
+            else {
+                idle += 1;
+                i += 1;
+                continue;
+            };
+            if self.pull_one(&name, now) {
+                idle = 0;
+            } else {
+                idle += 1;
+            }
+            i += 1;
         }
     }
 
