@@ -105,13 +105,19 @@ impl Broker {
         let policy = &self.config.policy;
         policy.may_own(&p.identity(), name, shared)?;
         let uid = p.creds().uid;
-        let other = self
-            .names
-            .holders(name)
-            .iter()
-            .filter_map(|&h| self.peers.get(h))
-            .map(|h| h.creds().uid)
-            .find(|&u| u != uid);
+        // All holders of a name are of one uid (this check is what keeps
+        // it so), so the first live one tells: a look at each (one lookup
+        // per instance, thousands for a user's widely shared name) on every
+        // Register would let a user make the broker's thread pay that at
+        // will.
+        let holders = self.names.holders(name);
+        let uid_of = |h: &PeerId| self.peers.get(*h).map(|h| h.creds().uid);
+        let first = holders.iter().find_map(uid_of);
+        debug_assert!(
+            holders.iter().filter_map(uid_of).all(|u| Some(u) == first),
+            "the holders of {name:?} are of several uids"
+        );
+        let other = first.filter(|&u| u != uid);
         // The holder's uid only for those who may see every connection's
         // uid (`zrpcd.peers` in full): to the others, another user's uid is
         // private.
