@@ -318,17 +318,25 @@ def test_maps_with_array_keys_round_trip(my_class):
     assert got == value and isinstance(got["s"]["t"], list)
 
 
+def _raw_echo_result(broker, payload: bytes) -> list:
+    """The ``Result`` envelope of one ``my_class.echo`` call whose payload bytes are sent as
+    they are, on a raw connection (the client would refuse to encode some of them)."""
+    from zrpc import _proto
+    sock, _w, reader, frames = _proto.connect(broker.socket_dir, _proto.random_id())
+    sock.sendall(_proto.call_frame(1, "my_class", "echo", 10_000, 0, payload))
+    while not frames:
+        frames = reader.feed(sock.recv(65536))
+    sock.close()
+    env, _ = frames[0]
+    return env
+
+
 def test_maps_with_map_keys_are_a_clear_error(my_class, broker):
     """A map key that is itself a map has no hashable Python form: the service answers
     BadPayload naming the problem; a client gets DecodeError."""
     from zrpc import _proto
     map_keyed = b"\x81\x81\x01\x02\x03"  # {{1: 2}: 3}
-    sock, _w, reader, frames = _proto.connect(broker.socket_dir, _proto.random_id())
-    sock.sendall(_proto.call_frame(1, "my_class", "echo", 10_000, 0, map_keyed))
-    while not frames:
-        frames = reader.feed(sock.recv(65536))
-    sock.close()
-    env, _ = frames[0]
+    env = _raw_echo_result(broker, map_keyed)
     assert env[:3] == [_proto.RESULT, 1, errors.BAD_PAYLOAD] and "map key" in env[3], env
     with pytest.raises(errors.DecodeError, match="map key"):
         _proto.unpack(map_keyed)
@@ -345,12 +353,7 @@ def test_values_nested_too_deeply_are_a_clear_error(my_class, broker, nested):
     1,000 deep (past Python's recursion limit when made hashable), is answered BadPayload
     naming the depth, as the Rust services do; the service carries on."""
     from zrpc import _proto
-    sock, _w, reader, frames = _proto.connect(broker.socket_dir, _proto.random_id())
-    sock.sendall(_proto.call_frame(1, "my_class", "echo", 10_000, 0, nested))
-    while not frames:
-        frames = reader.feed(sock.recv(65536))
-    sock.close()
-    env, _ = frames[0]
+    env = _raw_echo_result(broker, nested)
     assert env[:3] == [_proto.RESULT, 1, errors.BAD_PAYLOAD] and "depth limit" in env[3], env
     with pytest.raises(errors.DecodeError, match="depth limit"):
         _proto.unpack(nested)
