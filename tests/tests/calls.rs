@@ -824,3 +824,42 @@ fn payloads_of_every_size_in_one_write_are_each_routed() {
     check(&mut raw, &mut expect);
     assert!(expect.is_empty());
 }
+
+/// A call compares at most 16 instances of a shared name at a time
+/// (`PICK_AMONG` in zrpcd/src/names.rs), from a window that moves on with
+/// each delivery. With 32 instances taking one call each
+/// (`--max-delivered-per-conn 1`) and more calls than instances, every
+/// call must still reach an instance with room as one frees: a first
+/// version looked at different windows when checking for room and when
+/// delivering, and could park a waiting call again and again without end
+/// (a review found it). All calls finish, spread over all instances, and
+/// the broker answers meanwhile.
+#[test]
+fn calls_to_a_name_with_more_instances_than_a_pick_compares_all_finish() {
+    let b = Broker::start_with(&["--max-delivered-per-conn", "1"]);
+    let _svcs: Vec<_> = (0..32)
+        .map(|_| b.spawn("zrpc-test-svc", &["--name", "wide", "--shared"]))
+        .collect();
+    wait_registered(b.dir(), "wide", 32);
+    let client = BlockingClient::connect_to(b.dir()).expect("connect");
+    let pids = std::sync::Mutex::new(HashSet::new());
+    std::thread::scope(|s| {
+        for _ in 0..48 {
+            s.spawn(|| {
+                for _ in 0..3 {
+                    let pid: u32 = client
+                        .call("wide", "sleep", &50u64, Some(Duration::from_secs(30)))
+                        .expect("wide.sleep");
+                    pids.lock().expect("lock").insert(pid);
+                }
+            });
+        }
+        // The broker's thread is not stuck meanwhile.
+        let pong: String = client
+            .call("zrpcd", "ping", &(), Some(Duration::from_secs(10)))
+            .expect("zrpcd.ping during the calls");
+        assert_eq!(pong, "pong");
+    });
+    let pids = pids.into_inner().expect("lock");
+    assert_eq!(pids.len(), 32, "instances that ran calls: {}", pids.len());
+}

@@ -121,10 +121,19 @@ impl Names {
     }
 
     /// Picks the instance of `name` with the fewest outstanding calls: of
-    /// all of them when there are at most [`PICK_AMONG`], else of the next
-    /// `PICK_AMONG` in turn (a window that moves on at each pick, so that
-    /// every instance comes up, and idle ones share the calls).
-    pub fn pick(&self, name: &str, outstanding: impl Fn(PeerId) -> u32) -> Option<PeerId> {
+    /// all of them when there are at most [`PICK_AMONG`]; else of the
+    /// `PICK_AMONG` from where the name's window stands, or, if the best
+    /// of those has no room (`room`: fewer outstanding calls than that),
+    /// of as many more windows as it takes to find one with room (all of
+    /// them only when every instance is full). Looking does not move the
+    /// window ([`Names::advance`] does, once a call is delivered), so two
+    /// picks in a row with nothing delivered in between agree.
+    pub fn pick(
+        &self,
+        name: &str,
+        outstanding: impl Fn(PeerId) -> u32,
+        room: u32,
+    ) -> Option<PeerId> {
         let entry = self.map.get(name)?;
         match entry.instances.as_slice() {
             [] => None,
@@ -132,10 +141,30 @@ impl Names {
             few if few.len() <= PICK_AMONG => few.iter().copied().min_by_key(|p| outstanding(*p)),
             many => {
                 let start = entry.next.get() % many.len();
-                entry.next.set(start + PICK_AMONG);
-                (0..PICK_AMONG)
-                    .map(|i| many[(start + i) % many.len()])
-                    .min_by_key(|p| outstanding(*p))
+                let mut best: Option<(u32, PeerId)> = None;
+                for i in 0..many.len() {
+                    let p = many[(start + i) % many.len()];
+                    let o = outstanding(p);
+                    if best.is_none_or(|(b, _)| o < b) {
+                        best = Some((o, p));
+                    }
+                    // A window looked at whole, and its best has room.
+                    if (i + 1) % PICK_AMONG == 0 && best.is_some_and(|(b, _)| b < room) {
+                        break;
+                    }
+                }
+                best.map(|(_, p)| p)
+            }
+        }
+    }
+
+    /// A call was delivered to an instance [`Names::pick`] chose: the
+    /// window of `name` moves on, so that every instance comes up and idle
+    /// ones share the calls.
+    pub fn advance(&self, name: &str) {
+        if let Some(e) = self.map.get(name) {
+            if e.instances.len() > PICK_AMONG {
+                e.next.set(e.next.get().wrapping_add(PICK_AMONG));
             }
         }
     }
@@ -261,7 +290,7 @@ mod tests {
         assert_eq!(n.register("a", 3, true), Ok(()));
         assert_eq!(n.register("a", 4, false), Err(RegisterError::Taken));
         let out = |p| if p == 2 { 5 } else { 1 };
-        assert_eq!(n.pick("a", out), Some(3));
+        assert_eq!(n.pick("a", out, u32::MAX), Some(3));
         assert_eq!(n.len(), 1);
     }
 
@@ -273,33 +302,47 @@ mod tests {
             n.register("wide", p, true).expect("shared");
         }
         let looked = std::cell::Cell::new(0);
+        let idle = |_| {
+            looked.set(looked.get() + 1);
+            0
+        };
+        // Looking does not move the window: two picks agree.
+        assert_eq!(n.pick("wide", idle, 1), n.pick("wide", idle, 1));
+        looked.set(0);
+        // All idle: a window of 16 is looked at, and each delivery moves
+        // the window on, so that the calls go round the instances.
+        let rounds = count.div_ceil(PICK_AMONG as u64);
         let mut picked = std::collections::HashSet::new();
-        // All idle: each pick is another instance (idle ones share calls).
-        for _ in 0..count.div_ceil(PICK_AMONG as u64) {
-            let p = n.pick("wide", |_| {
-                looked.set(looked.get() + 1);
-                0
-            });
-            picked.insert(p.expect("an instance"));
+        for _ in 0..rounds {
+            picked.insert(n.pick("wide", idle, 1).expect("an instance"));
+            n.advance("wide");
         }
-        assert_eq!(
-            looked.get() as u64,
-            count.div_ceil(PICK_AMONG as u64) * PICK_AMONG as u64
-        );
-        assert_eq!(picked.len() as u64, count.div_ceil(PICK_AMONG as u64));
+        assert_eq!(looked.get() as u64, rounds * PICK_AMONG as u64);
+        assert_eq!(picked.len() as u64, rounds);
         // Each pick is the least busy of the window it looks at.
         let busy = |p: PeerId| if p % 7 == 3 { 0 } else { 10 };
         for _ in 0..200 {
-            let p = n.pick("wide", busy).expect("an instance");
+            let p = n.pick("wide", busy, 1).expect("an instance");
             assert_eq!(p % 7, 3, "picked {p}, not an idle instance of its window");
+            n.advance("wide");
         }
+        // Every instance full but one, far from the window: the pick goes
+        // on until it finds it (a full window must not make a call wait
+        // while an instance has room).
+        let full_but_700 = |p: PeerId| if p == 700 { 0 } else { 5 };
+        assert_eq!(n.pick("wide", full_but_700, 5), Some(700));
+        // All full: the least busy of all, which the caller finds full.
+        assert_eq!(n.pick("wide", |p| 5 + u32::from(p != 42), 5), Some(42));
         // A few instances: all compared, as before.
         for p in 0..PICK_AMONG as u64 {
             n.register("few", p, true).expect("shared");
         }
         let last = PICK_AMONG as u64 - 1;
         for _ in 0..50 {
-            assert_eq!(n.pick("few", |p| u32::from(p != last)), Some(last));
+            assert_eq!(
+                n.pick("few", |p| u32::from(p != last), u32::MAX),
+                Some(last)
+            );
         }
     }
 
@@ -310,7 +353,7 @@ mod tests {
         n.park("b", 11, 1000, false);
         n.unpark("b", 10);
         assert_eq!(n.waiting(), 1);
-        assert_eq!(n.pick("b", |_| 0), None);
+        assert_eq!(n.pick("b", |_| 0, 1), None);
         n.register("b", 1, false).expect("free");
         assert_eq!(n.pop_waiting("b"), Some(11));
         assert_eq!(n.pop_waiting("b"), None);

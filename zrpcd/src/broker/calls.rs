@@ -285,9 +285,13 @@ impl Broker {
         let redelivery = p.was_delivered();
         let (peers, orphans) = (&self.peers, &self.orphans);
         let preferred = prefer.filter(|p| self.names.is_instance(service, *p));
+        let window = self.config.max_delivered_per_conn;
         let target = preferred.or_else(|| {
-            self.names
-                .pick(service, |id| super::turns::in_hand(peers, orphans, id))
+            self.names.pick(
+                service,
+                |id| super::turns::in_hand(peers, orphans, id),
+                window,
+            )
         });
         #[cfg(feature = "nats")]
         let target = target.or_else(|| self.bridge_by_pattern(service));
@@ -329,9 +333,9 @@ impl Broker {
             );
             return self.park(service, bid, caller, caller_ident);
         };
-        // Every instance has its window of calls in hand (`pick` chose the
-        // one with the fewest): the call waits for an answer to free a
-        // slot (`Broker::pull_waiting`), in turns with other users' calls.
+        // Every instance has its window of calls in hand (`pick` looks on
+        // until it finds one with room, and chose the one with the fewest
+        // it saw): the call waits for an answer to free a slot (`Broker::pull_waiting`), in turns with other users' calls.
         // A resubmission goes to the instance running it whatever its load.
         let in_hand = t
             .outstanding()
@@ -411,6 +415,9 @@ impl Broker {
         t.deliver();
         self.out.enqueue_for(t.io(), &env, payload, busy);
         self.pending.set_stage(bid, Stage::Delivered(target));
+        if preferred.is_none() {
+            self.names.advance(service);
+        }
         if redelivery {
             if let Some(p) = self.pending.get_mut(bid) {
                 p.mark_redelivered();

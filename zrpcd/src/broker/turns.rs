@@ -59,31 +59,42 @@ impl Broker {
     /// each of its answers cost thousands of lookups).
     pub(crate) fn pull_waiting(&mut self, svc: PeerId, now: Instant) {
         let window = self.config.max_delivered_per_conn;
-        let count = self.peers.get(svc).map_or(0, |p| p.names().len());
-        if count == 0 || self.names.waiting() == 0 {
+        if self.names.waiting() == 0 {
             return;
         }
+        let Some(p) = self.peers.get(svc) else {
+            return;
+        };
+        // `svc`'s names with calls waiting, found from the shorter side
+        // (its names, or the names with calls waiting).
+        let mut names: Vec<Box<str>> = if p.names().len() <= self.names.waiting_names_len() {
+            p.names()
+                .iter()
+                .filter(|n| self.names.has_waiting(n))
+                .cloned()
+                .collect()
+        } else {
+            self.names
+                .waiting_names()
+                .filter(|n| self.names.is_instance(n, svc))
+                .map(Box::from)
+                .collect()
+        };
+        if names.is_empty() {
+            return;
+        }
+        names.sort_unstable();
         self.pull_turn = self.pull_turn.wrapping_add(1);
-        let first = self.pull_turn % count;
+        let first = self.pull_turn % names.len();
         // Names in a row that delivered nothing.
         let mut idle = 0;
         let mut i = first;
-        while idle < count {
+        while idle < names.len() {
             let (peers, orphans) = (&self.peers, &self.orphans);
             if !self.unwindowed(svc) && in_hand(peers, orphans, svc) >= window {
                 return;
             }
-            let Some(name) = peers
-                .get(svc)
-                .and_then(|p| p.names().get(i % count))
-                .filter(|n| self.names.has_waiting(n))
-                .cloned()
-            else {
-                idle += 1;
-                i += 1;
-                continue;
-            };
-            if self.pull_one(&name, now) {
+            if self.pull_one(&names[i % names.len()], now) {
                 idle = 0;
             } else {
                 idle += 1;
@@ -105,7 +116,7 @@ impl Broker {
         let (peers, orphans) = (&self.peers, &self.orphans);
         let room = self
             .names
-            .pick(name, |id| in_hand(peers, orphans, id))
+            .pick(name, |id| in_hand(peers, orphans, id), window)
             .is_some_and(|t| {
                 // (u32::MAX for a connection that is gone: no room.)
                 self.unwindowed(t) || in_hand(peers, orphans, t) < window
