@@ -24,7 +24,7 @@
 //! - The ring shrinks by half when a quarter of it is in use, so a user
 //!   whose entries were evicted for others does not keep the room.
 
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use bytes::Bytes;
 use hashbrown::HashTable;
@@ -118,6 +118,10 @@ pub(super) struct UserCache {
     free: Vec<u32>,
     /// Sequence numbers of the live slots, by hash of their key.
     index: HashTable<u32>,
+    /// The hash of `index`: the keys are call ids the callers choose, so
+    /// it is seeded at random (foldhash); with FxHash a caller could pick
+    /// ids that all collide and make every lookup walk its entries.
+    hasher: foldhash::fast::RandomState,
     /// Cost of the live slots.
     bytes: usize,
 }
@@ -135,6 +139,7 @@ impl UserCache {
             side: Vec::new(),
             free: Vec::new(),
             index: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
             bytes: 0,
         }
     }
@@ -158,9 +163,9 @@ impl UserCache {
     /// The cached outcome of call `key` if it addressed the same
     /// service and method (a copy: this is the rare path of a re-sent call).
     pub(super) fn get(&self, key: CallKey, service: &str, method: &str) -> Option<Outcome> {
-        let seq = *self
-            .index
-            .find(hash(key), |&s| self.meta[self.pos(s)].key() == key)?;
+        let seq = *self.index.find(hash(&self.hasher, key), |&s| {
+            self.meta[self.pos(s)].key() == key
+        })?;
         let p = self.pos(seq);
         let m = self.meta[p];
         if m.target != target(service, method) {
@@ -207,7 +212,7 @@ impl UserCache {
         let Some(cost) = super::cacheable_cost(&outcome, self.max_bytes) else {
             return;
         };
-        let h = hash(key);
+        let h = hash(&self.hasher, key);
         let (index, ring) = self.index_and_ring();
         if let Ok(old) = index.find_entry(h, |&s| ring.key(s) == key) {
             // The same call again (a re-run after a cache miss): the
@@ -251,8 +256,9 @@ impl UserCache {
         self.count += 1;
         self.bytes += cost;
         let seq = self.first.wrapping_add((self.count - 1) as u32);
+        let hasher = self.hasher.clone();
         let (index, ring) = self.index_and_ring();
-        index.insert_unique(h, seq, |&s| hash(ring.key(s)));
+        index.insert_unique(h, seq, |&s| hash(&hasher, ring.key(s)));
     }
 
     /// The index, and the ring its entries point into, borrowed apart.
@@ -338,7 +344,10 @@ impl UserCache {
             return false;
         }
         self.kill(p);
-        if let Ok(e) = self.index.find_entry(hash(m.key()), |&s| s == seq) {
+        if let Ok(e) = self
+            .index
+            .find_entry(hash(&self.hasher, m.key()), |&s| s == seq)
+        {
             e.remove();
         }
         true
@@ -400,10 +409,8 @@ fn ring_pos(head: usize, first: u32, cap: usize, seq: u32) -> usize {
     }
 }
 
-fn hash(key: CallKey) -> u64 {
-    let mut h = FxHasher::default();
-    key.hash(&mut h);
-    h.finish()
+fn hash(hasher: &foldhash::fast::RandomState, key: CallKey) -> u64 {
+    hasher.hash_one(key)
 }
 
 fn target(service: &str, method: &str) -> u32 {
@@ -484,6 +491,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Call ids crafted to collide under FxHash (the index's hash before):
+    /// FxHash of `(instance, call, uid)` is `rotl(((instance * K + call) *
+    /// K + uid) * K, 26)`, so ids whose last product differs only in its
+    /// low 31 bits share the bucket bits and the 7-bit tag of every table
+    /// smaller than 2^26 slots, and a lookup among them compared them all.
+    /// The index is seeded at random now: the same ids spread.
+    #[test]
+    fn call_ids_crafted_to_collide_do_not_collide() {
+        const K: u64 = 0xf135_7aea_2e62_a9c5;
+        let mut kinv = K;
+        for _ in 0..6 {
+            kinv = kinv.wrapping_mul(2u64.wrapping_sub(K.wrapping_mul(kinv)));
+        }
+        let (instance, uid) = (1u64, 1000u32);
+        let keys: Vec<CallKey> = (0..4096u64)
+            .map(|j| {
+                let h2 = (0x1234_5678_0000_0000u64 + j)
+                    .wrapping_mul(kinv)
+                    .wrapping_sub(u64::from(uid));
+                let call = h2.wrapping_mul(kinv).wrapping_sub(instance.wrapping_mul(K));
+                (instance, call, uid)
+            })
+            .collect();
+        let slot_and_tag = |h: u64| (h & 0xfff, h >> 57);
+        let fx: std::collections::HashSet<_> = keys
+            .iter()
+            .map(|k| {
+                let mut h = FxHasher::default();
+                k.hash(&mut h);
+                slot_and_tag(h.finish())
+            })
+            .collect();
+        assert_eq!(fx.len(), 1, "the crafted ids collide under FxHash");
+        let mut c = UserCache::new(10_000, 1 << 30);
+        let spread: std::collections::HashSet<_> =
+            keys.iter().map(|&k| hash(&c.hasher, k) & 0xfff).collect();
+        assert!(spread.len() > 2_000, "{} buckets of 4,096", spread.len());
+        for &k in &keys {
+            c.insert(k, "s", "m", ok(1), true);
+        }
+        assert!(keys.iter().all(|&k| c.get(k, "s", "m").is_some()));
     }
 
     #[test]
