@@ -345,6 +345,224 @@ fn calls_left_running_keep_their_places_in_the_services_window() {
     }
 }
 
+/// A result frame for call `id` on `r` (pings answered): its code and
+/// message.
+fn result_of(r: &mut Raw, id: u64) -> (Option<ErrorCode>, String, Vec<u8>) {
+    loop {
+        let f = r.recv_frame().expect("a Result");
+        match f.decode() {
+            Ok(Envelope::Result {
+                id: got,
+                code,
+                message,
+            }) if got == id => return (code, message.to_string(), f.payload.to_vec()),
+            Ok(Envelope::Ping { nonce }) => r.send(&Envelope::Pong { nonce }, b""),
+            _ => {}
+        }
+    }
+}
+
+fn call_frame(r: &mut Raw, id: u64, service: &str, method: &str) {
+    r.send(
+        &Envelope::Call {
+            id,
+            service,
+            method,
+            timeout_ms: Some(30_000),
+            flags: 0,
+        },
+        b"\xa6secret",
+    );
+}
+
+/// A call whose service instance disconnected while it had it is
+/// re-delivered to another instance of the same user only: another user
+/// that registers the free name first gets the calls made after, not the
+/// caller's arguments already given to the first user's service (it may
+/// have run). Before, the waiting call went to whoever held the name next.
+#[test]
+fn a_call_whose_instance_left_is_not_given_to_another_user_taking_the_name() {
+    if !is_root(
+        "a_call_whose_instance_left_is_not_given_to_another_user_taking_the_name",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    let b = Broker::start_with(&["--name-grace", "0"]);
+    let stat = |key: &str| zrpc_tests::broker_stat(b.dir(), key);
+    let mut caller = Raw::hello(b.dir());
+    {
+        let mut svc = Raw::hello(b.dir());
+        zrpc_tests::raw::register(&mut svc, "pinned");
+        call_frame(&mut caller, 1, "pinned", "first");
+        let (_, uid, method) = next_request_uid(&mut svc);
+        assert_eq!((uid, method.as_str()), (0, "first"));
+        // The service leaves without answering: the call waits for the
+        // name again.
+    }
+    assert!(wait_until(WAIT, || stat("waiting") == 1 && stat("redelivered") == 1));
+    let mut thief = other(&b, &["register", "--name", "pinned"]);
+    let ack = thief.read_until(|l| l.starts_with("ack")).expect("ack");
+    assert_eq!(ack, "ack ok", "the free name is first come, first served");
+    let (code, msg, _) = result_of(&mut caller, 1);
+    assert_eq!(code, Some(ErrorCode::ServiceGone), "{msg}");
+    assert!(msg.contains("another user's service"), "{msg}");
+    // The other user serves the name now (a check that could not fail
+    // otherwise): a new call goes to it, and is the first it sees.
+    call_frame(&mut caller, 2, "pinned", "second");
+    let (code, msg, payload) = result_of(&mut caller, 2);
+    assert_eq!((code, &payload[..]), (None, &b"\xa8HIJACKED"[..]), "{msg}");
+    let line = thief
+        .read_until(|l| l.starts_with("request"))
+        .expect("a request");
+    assert_eq!(line, "request pinned.second uid 0");
+}
+
+/// The pin of a call to its instance's user holds through its caller's
+/// departure: a caller that left while its call waited for a new instance
+/// (its first instance gone), and resubmits it within its grace, gets
+/// `ServiceGone` when another user's service holds the name by then, and
+/// that service is not given the call.
+#[test]
+fn a_resubmitted_call_whose_instance_left_is_not_given_to_another_user() {
+    if !is_root(
+        "a_resubmitted_call_whose_instance_left_is_not_given_to_another_user",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    let b = Broker::start_with(&["--name-grace", "0", "--caller-grace", "60"]);
+    let stat = |key: &str| zrpc_tests::broker_stat(b.dir(), key);
+    const INSTANCE: u64 = 0x5eed;
+    let connect = || {
+        let mut r = Raw::connect(b.dir());
+        let (kind, _) = r.hello_as(INSTANCE).expect("welcome");
+        assert_eq!(kind, Kind::Welcome);
+        r
+    };
+    {
+        let mut caller = connect();
+        let mut svc = Raw::hello(b.dir());
+        zrpc_tests::raw::register(&mut svc, "pinned");
+        call_frame(&mut caller, 5, "pinned", "first");
+        next_request_uid(&mut svc);
+        drop(svc);
+        assert!(wait_until(WAIT, || stat("waiting") == 1 && stat("redelivered") == 1));
+    }
+    // The caller left: its call is remembered for its grace.
+    assert!(wait_until(WAIT, || stat("orphans") == 1 && stat("pending") == 0));
+    let mut thief = other(&b, &["register", "--name", "pinned"]);
+    let ack = thief.read_until(|l| l.starts_with("ack")).expect("ack");
+    assert_eq!(ack, "ack ok");
+    let mut caller = connect();
+    call_frame(&mut caller, 5, "pinned", "first");
+    let (code, msg, _) = result_of(&mut caller, 5);
+    assert_eq!(code, Some(ErrorCode::ServiceGone), "{msg}");
+    assert!(msg.contains("another user's service"), "{msg}");
+    call_frame(&mut caller, 6, "pinned", "second");
+    let (code, msg, _) = result_of(&mut caller, 6);
+    assert_eq!(code, None, "{msg}");
+    let line = thief
+        .read_until(|l| l.starts_with("request"))
+        .expect("a request");
+    assert_eq!(line, "request pinned.second uid 0");
+}
+
+/// The other user's peer registering `name`: the broker's answer ("ack
+/// ok" or "ack <code> <message>"); the peer is then killed.
+fn other_registers(b: &Broker, name: &str) -> String {
+    let mut p = other(b, &["register", "--name", name]);
+    p.read_until(|l| l.starts_with("ack")).unwrap_or_default()
+}
+
+/// A name whose last instance left (disconnected or unregistered it) is
+/// kept for its user for `--name-grace`: another user cannot register it
+/// meanwhile (a service restarting keeps its name, and the calls waiting
+/// for it), the same user can, and takes the waiting calls. After the
+/// grace the name is first come again; names the policy file mentions
+/// follow its rules only. Before, another user could register the name the
+/// moment the service's connection closed.
+#[test]
+fn a_name_whose_service_left_is_kept_for_its_user_for_the_grace() {
+    if !is_root(
+        "a_name_whose_service_left_is_kept_for_its_user_for_the_grace",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    let (_p, path) = policy(&format!(
+        "[[own]]\nname = \"ruled\"\nusers = [\"root\", {OTHER}]\n"
+    ));
+    let b = Broker::start_with(&["--name-grace", "60", "--policy", &path]);
+    let stat = |key: &str| zrpc_tests::broker_stat(b.dir(), key);
+    let mut caller = Raw::hello(b.dir());
+    {
+        let mut svc = Raw::hello(b.dir());
+        zrpc_tests::raw::register(&mut svc, "kept");
+        call_frame(&mut caller, 1, "kept", "first");
+        next_request_uid(&mut svc);
+    }
+    assert!(wait_until(WAIT, || stat("waiting") == 1));
+    let line = other_registers(&b, "kept");
+    assert!(line.starts_with("ack access_denied"), "{line}");
+    assert!(
+        line.contains("kept for another user") && line.contains("--name-grace"),
+        "{line}"
+    );
+    assert!(!line.contains("uid 0"), "root's uid is private: {line}");
+    // Its user comes back: the name and the waiting call are its.
+    let mut back = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut back, "kept");
+    let (bid, uid, method) = next_request_uid(&mut back);
+    assert_eq!((uid, method.as_str()), (0, "first"));
+    back.send(
+        &Envelope::Reply {
+            id: bid,
+            code: None,
+            message: "",
+        },
+        b"\xc3",
+    );
+    let (code, msg, payload) = result_of(&mut caller, 1);
+    assert_eq!((code, &payload[..]), (None, &b"\xc3"[..]), "{msg}");
+    // Given up by unregistering: kept all the same.
+    back.send(
+        &Envelope::Unregister {
+            req: 2,
+            name: "kept",
+        },
+        b"",
+    );
+    assert!(wait_until(WAIT, || stat("names") == 0));
+    let line = other_registers(&b, "kept");
+    assert!(line.starts_with("ack access_denied"), "{line}");
+    // A name the policy mentions follows its rules alone: free for the
+    // other user at once, whoever held it last.
+    {
+        let mut svc = Raw::hello(b.dir());
+        zrpc_tests::raw::register(&mut svc, "ruled");
+    }
+    assert!(wait_until(WAIT, || stat("names") == 0));
+    let line = other_registers(&b, "ruled");
+    assert_eq!(line, "ack ok");
+    drop(b);
+
+    // After the grace, the name is free for anyone.
+    let b = Broker::start_with(&["--name-grace", "0.2"]);
+    {
+        let mut svc = Raw::hello(b.dir());
+        zrpc_tests::raw::register(&mut svc, "brief");
+    }
+    assert!(wait_until(WAIT, || zrpc_tests::broker_stat(
+        b.dir(),
+        "names"
+    ) == 0));
+    assert!(
+        wait_until(WAIT, || other_registers(&b, "brief") == "ack ok"),
+        "the name stayed kept past its grace"
+    );
+}
+
 /// A caller leaving with calls still waiting for a place at a service has
 /// them ended with it, none delivered in its name: before, giving up one
 /// of its user's orphans (past the `pending_calls` quota) as it left freed

@@ -52,6 +52,12 @@ pub const DEFAULT_MAX_DELIVERED_PER_CONN: u32 = 1024;
 /// service's handler much longer.
 pub const DEFAULT_CALLER_GRACE: Duration = Duration::from_secs(5);
 
+/// Default `--name-grace`: a service restarted by systemd
+/// (`RestartSec=100ms` by default, a few seconds with backoff) or by hand
+/// registers its names again well within it; a name whose user is gone for
+/// good is free again soon after.
+pub const DEFAULT_NAME_GRACE: Duration = Duration::from_secs(10);
+
 /// Default of `--close-flush-timeout`: how long a connection the broker
 /// closes may take to read the frames it was sent last.
 pub const DEFAULT_CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -122,6 +128,9 @@ pub struct Config {
     /// caller disconnected, for the caller to come back and resubmit it
     /// (capped by the call's deadline); then the service is sent `Cancel`.
     pub caller_grace: Duration,
+    /// How long a name the policy does not reserve stays its user's after
+    /// its last instance left (see [`crate::reserved`]); zero: not kept.
+    pub name_grace: Duration,
     /// How often services (connections holding names or handling calls) are
     /// pinged.
     pub heartbeat_interval: Duration,
@@ -206,6 +215,7 @@ impl Config {
             warn_interval: DEFAULT_WARN_INTERVAL,
             shutdown_grace: Duration::from_secs(2),
             caller_grace: DEFAULT_CALLER_GRACE,
+            name_grace: DEFAULT_NAME_GRACE,
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
             busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),

@@ -48,6 +48,7 @@ pub mod queue;
 pub mod quota;
 pub mod rate;
 pub mod replay;
+pub mod reserved;
 pub mod server;
 pub mod socket;
 pub mod stats;

@@ -272,6 +272,12 @@ impl Policy {
         Ok(())
     }
 
+    /// Whether an `[[own]]` rule mentions `name` (its rules then say who
+    /// may own it, free or not).
+    pub fn mentions(&self, name: &str) -> bool {
+        self.own.iter().any(|r| r.name.matches(name))
+    }
+
     /// Whether any `[[own]]` rule reserves names.
     pub fn reserves_names(&self) -> bool {
         !self.own.is_empty()

@@ -188,14 +188,16 @@ impl Broker {
         };
         let bid = self.pending.insert(new, now, deadline);
         if let Some(orphan) = adopted {
+            let uid = orphan.service_uid;
             if prefer.is_some() {
                 self.orphans.adopted_by(bid, orphan);
             }
             // Delivered before: if its instance gave up the name meanwhile
             // (stopping, still running it) or disconnected, "no service"
-            // answers must not say that it never ran.
+            // answers must not say that it never ran, and it goes to no
+            // other user's instance.
             if let Some(p) = self.pending.get_mut(bid) {
-                p.delivered_before();
+                p.delivered_before(uid);
             }
         }
         // The call's route keeps the tag of the service's statistics row
@@ -283,6 +285,7 @@ impl Broker {
         };
         let (caller, caller_call, call_flags) = (p.caller, p.caller_call, p.call_flags());
         let redelivery = p.was_delivered();
+        let pinned = p.pinned_to();
         let (peers, orphans) = (&self.peers, &self.orphans);
         let preferred = prefer.filter(|p| self.names.is_instance(service, *p));
         let window = self.config.max_delivered_per_conn;
@@ -333,6 +336,17 @@ impl Broker {
             );
             return self.park(service, bid, caller, caller_ident);
         };
+        // A call whose instance disconnected goes to another instance of
+        // the same user, never to another user's service that registered
+        // the name since (its arguments were given to the first user, and
+        // it may have run). All instances of a name are of one user, so
+        // none would do. The NATS bridge forwards for the broker itself.
+        if pinned.is_some_and(|u| u != t.creds().uid) && !self.is_bridge(target) {
+            let msg = format!(
+                "the service instance that had the call disconnected, and the name {service:?} is now held by another user's service, which is not given the call (it may have run)"
+            );
+            return self.finish(bid, Outcome::Error(ErrorCode::ServiceGone, msg), now);
+        }
         // Every instance has its window of calls in hand (`pick` looks on
         // until it finds one with room, and chose the one with the fewest
         // it saw): the call waits for an answer to free a slot (`Broker::pull_waiting`), in turns with other users' calls.

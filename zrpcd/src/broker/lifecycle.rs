@@ -10,7 +10,7 @@ use zrpc_proto::{flags, Envelope, ErrorCode, PROTOCOL_VERSION};
 use super::{Broker, Fatal, Outcome};
 use crate::payload::Payload;
 use crate::peers::{Creds, PeerId};
-use crate::pending::Stage;
+use crate::pending::{Stage, NOBODY};
 use crate::queue::PeerIo;
 use crate::quota::Quota;
 
@@ -225,6 +225,8 @@ impl Broker {
         let Some(p) = self.peers.remove(peer) else {
             return;
         };
+        // The bridge's imported names are not kept for it.
+        let keeps_names = !self.is_bridge(peer);
         // Calls to imported names park from now on (or fail, with
         // NO_WAIT), instead of being routed to a bridge that is gone.
         #[cfg(feature = "nats")]
@@ -234,10 +236,14 @@ impl Broker {
         let now = Instant::now();
         p.io().close();
         self.monitors.remove(peer);
+        let (uid, limited) = (p.creds().uid, p.user().limited());
         for name in p.names() {
             self.names.unregister(name, peer);
             if !self.names.is_held(name) {
                 self.stats.unregistered(name);
+                if keeps_names {
+                    self.keep_name_for(name, uid, limited, now);
+                }
                 self.no_instance_left(name, now);
             }
         }
@@ -273,12 +279,16 @@ impl Broker {
             // A call parked again after its instance disconnected is
             // remembered too (running nowhere): its resubmission must not
             // be answered as if it never ran.
+            // With the user whose instance had it: a resubmission goes to
+            // no other user's instance.
             let delivered = self.pending.get(bid).and_then(|c| match c.stage() {
-                Stage::Delivered(svc) => Some((svc, c.caller_call)),
-                Stage::Parked if c.was_delivered() => {
-                    Some((crate::orphans::NO_SERVICE, c.caller_call))
+                Stage::Delivered(svc) => {
+                    let uid = self.peers.get(svc).map_or(NOBODY, |s| s.creds().uid);
+                    Some(((svc, uid), c.caller_call))
                 }
-                Stage::Parked => None,
+                Stage::Parked => c
+                    .pinned_to()
+                    .map(|uid| ((crate::orphans::NO_SERVICE, uid), c.caller_call)),
             });
             let until = self
                 .pending
@@ -319,8 +329,10 @@ impl Broker {
                 let msg = "the service instance handling the call disconnected".to_string();
                 self.finish(bid, Outcome::Error(ErrorCode::ServiceGone, msg), now);
             } else {
+                // To another instance of the same user only (see
+                // `Pending::pinned_to`).
                 self.stats.redelivered += 1;
-                self.pending.set_stage(bid, Stage::Parked);
+                self.pending.repark(bid, uid);
                 self.dispatch(bid, now);
             }
         }
@@ -340,6 +352,7 @@ impl Broker {
     /// [`Broker::remove_peer`]. Plain clients are not pinged.
     pub fn heartbeat(&mut self) {
         let now = Instant::now();
+        self.reserved.prune(now);
         let timeout = self.config.heartbeat_timeout;
         let mut dead = Vec::new();
         let mut ping = Vec::new();

@@ -132,6 +132,9 @@ pub struct Broker {
     /// Delivered calls whose caller left, cancelled at their service unless
     /// resubmitted within the caller's grace (see [`crate::orphans`]).
     orphans: Orphans,
+    /// Names kept for their user after their last instance left (see
+    /// [`crate::reserved`]).
+    reserved: crate::reserved::Reserved,
     /// Payload descriptors the broker holds: received and kept, or queued
     /// towards peers (`--max-fds`).
     fds_total: Rc<std::cell::Cell<usize>>,
@@ -166,6 +169,7 @@ impl Broker {
             per_user: quota.fds.into(),
             max_total: config.max_fds,
         });
+        let reserved = crate::reserved::Reserved::new(config.name_grace, config.max_names);
         Broker {
             busy_poll: BusyPoll::new_or_off(config.busy_poll),
             config,
@@ -188,6 +192,7 @@ impl Broker {
             users: Users::default(),
             quota,
             orphans: Orphans::default(),
+            reserved,
             pull_turn: 0,
             fds_total,
             fd_accounts,

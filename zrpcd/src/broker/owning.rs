@@ -33,7 +33,7 @@ impl Broker {
         }
         #[cfg(feature = "nats")]
         self.yield_imported(peer, name, shared);
-        if let Err(msg) = self.may_own(peer, name, shared) {
+        if let Err(msg) = self.may_own(peer, name, shared, now) {
             self.stats.error(ErrorCode::AccessDenied);
             self.log_refusal(peer, &msg);
             return self.ack(peer, req, Some(ErrorCode::AccessDenied), &msg);
@@ -48,6 +48,7 @@ impl Broker {
         }
         match self.names.register(name, peer, shared) {
             Ok(()) => {
+                self.reserved.taken(name);
                 self.peers.add_name(peer, name);
                 tracing::info!(peer, name, shared, "name registered");
                 // Its statistics row (the calls that waited for the name
@@ -97,8 +98,15 @@ impl Broker {
 
     /// Whether `peer` may own `name`: the policy file's rules, and never a
     /// name that a connection of another uid holds (no taking over or
-    /// joining another user's service).
-    pub(crate) fn may_own(&self, peer: PeerId, name: &str, shared: bool) -> Result<(), String> {
+    /// joining another user's service) or that is kept for another user
+    /// after its last instance left (`--name-grace`, [`crate::reserved`]).
+    pub(crate) fn may_own(
+        &self,
+        peer: PeerId,
+        name: &str,
+        shared: bool,
+        now: Instant,
+    ) -> Result<(), String> {
         let Some(p) = self.peers.get(peer) else {
             return Ok(());
         };
@@ -121,28 +129,58 @@ impl Broker {
         // The holder's uid only for those who may see every connection's
         // uid (`zrpcd.peers` in full): to the others, another user's uid is
         // private.
-        let holder = |o: u32| {
+        let user = |o: u32| {
             if policy.may_introspect(&p.identity(), crate::policy::Introspection::Peers) {
-                format!("a service of uid {o}")
+                format!("uid {o}")
             } else {
-                "a service of another user".to_owned()
+                "another user".to_owned()
             }
         };
-        match other {
-            Some(o) => Err(format!(
-                "the name {name:?} is held by {}; uid {uid} may not take it over or join it",
-                holder(o)
-            )),
-            None => Ok(()),
+        if let Some(o) = other {
+            return Err(format!(
+                "the name {name:?} is held by a service of {}; uid {uid} may not take it over or join it",
+                user(o)
+            ));
         }
+        // Free: kept for its last user for a while, unless the policy's
+        // rules say who owns it.
+        if first.is_none() && !self.reserved.is_empty() && !policy.mentions(name) {
+            if let Some((o, ago)) = self.reserved.kept_for(name, now).filter(|&(o, _)| o != uid) {
+                return Err(format!(
+                    "the name {name:?} is kept for {}, whose service held it until {:.1} s ago, for --name-grace ({:.1} s) after its last instance left; uid {uid} may not take it over until then",
+                    user(o),
+                    ago.as_secs_f64(),
+                    self.config.name_grace.as_secs_f64(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `name` lost its last instance, of user `uid` (`limited`: not root):
+    /// kept for that user for `--name-grace`, unless the policy's rules say
+    /// who owns it (see [`crate::reserved`]).
+    pub(crate) fn keep_name_for(&mut self, name: &str, uid: u32, limited: bool, now: Instant) {
+        if self.config.name_grace.is_zero() || self.config.policy.mentions(name) {
+            return;
+        }
+        let per_uid = limited.then_some(self.quota.names);
+        self.reserved.release(name, uid, now, per_uid);
     }
 
     pub(crate) fn on_unregister(&mut self, peer: PeerId, req: u64, name: &str) {
         if self.names.unregister(name, peer) {
             self.peers.remove_name(peer, name);
             if !self.names.is_held(name) {
+                let now = Instant::now();
                 self.stats.unregistered(name);
-                self.no_instance_left(name, Instant::now());
+                if let Some(p) = self.peers.get(peer) {
+                    let (uid, limited) = (p.creds().uid, p.user().limited());
+                    if !self.is_bridge(peer) {
+                        self.keep_name_for(name, uid, limited, now);
+                    }
+                }
+                self.no_instance_left(name, now);
             }
             tracing::info!(peer, name, "name unregistered");
             self.ack(peer, req, None, "");

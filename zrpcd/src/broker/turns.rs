@@ -36,6 +36,11 @@ impl Broker {
     /// Whether `peer` takes calls without a window: the NATS bridge, which
     /// forwards them and bounds what it has in flight itself.
     pub(crate) fn unwindowed(&self, peer: PeerId) -> bool {
+        self.is_bridge(peer)
+    }
+
+    /// Whether `peer` is the broker's own NATS bridge.
+    pub(crate) fn is_bridge(&self, peer: PeerId) -> bool {
         #[cfg(feature = "nats")]
         return self.bridge_peer() == Some(peer);
         #[cfg(not(feature = "nats"))]

@@ -41,10 +41,15 @@ use timers::{TimerKey, Timers};
 /// Slots per slab page.
 const PAGE: usize = 1024;
 
-/// `Pending::target` of a call parked again after a delivery (the
-/// instance that had it disconnected). Peer ids count up from 1 and never
-/// reach it.
-const PARKED_AFTER_DELIVERY: PeerId = PeerId::MAX;
+/// The bit of `Pending::target` that marks a call parked again after a
+/// delivery (the instance that had it disconnected); the low 32 bits then
+/// hold the uid of that instance's user (see [`Pending::pinned_to`]). Peer
+/// ids count up from 1 and never reach it.
+const PARKED_AFTER_DELIVERY: PeerId = 1 << 63;
+
+/// The uid of a call parked again without a known user (not reached: every
+/// way back to `Parked` names the user); it matches no instance.
+pub const NOBODY: u32 = u32::MAX;
 
 /// The broker's own bit of `Pending::flags`, never a caller's (cleared when
 /// a call is stored): the call's current delivery is a re-delivery, after
@@ -74,8 +79,9 @@ pub struct Pending {
     /// The timer entry, if the call has a deadline.
     timer: Option<TimerKey>,
     /// The service connection it was delivered to; while parked, 0 if it
-    /// was never delivered, else [`PARKED_AFTER_DELIVERY`] (no field of
-    /// its own: the slot would grow by 8 bytes).
+    /// was never delivered, else [`PARKED_AFTER_DELIVERY`] with the uid of
+    /// the user whose instance had it (no field of its own: the slot would
+    /// grow by 8 bytes).
     target: PeerId,
     /// When the broker accepted it, in microseconds since the table was
     /// created.
@@ -109,31 +115,43 @@ impl Pending {
     /// Where the call is.
     pub fn stage(&self) -> Stage {
         match self.target {
-            0 | PARKED_AFTER_DELIVERY => Stage::Parked,
+            0 => Stage::Parked,
+            t if t & PARKED_AFTER_DELIVERY != 0 => Stage::Parked,
             t => Stage::Delivered(t),
         }
     }
 
     /// Moves the call (peer ids start at 1, so 0 can mean parked). The
     /// table's [`PendingCalls::set_stage`] is the way in: it keeps the
-    /// per-connection lists in step.
+    /// per-connection lists in step. A delivered call parked this way is
+    /// pinned to [`NOBODY`] until [`PendingCalls::repark`] names the user.
     fn set_stage(&mut self, stage: Stage) {
         self.target = match stage {
-            Stage::Parked if self.target == 0 => 0,
-            Stage::Parked => PARKED_AFTER_DELIVERY,
+            Stage::Parked if self.stage() == Stage::Parked => self.target,
+            Stage::Parked => PARKED_AFTER_DELIVERY | u64::from(NOBODY),
             Stage::Delivered(t) => t,
         };
     }
 
-    /// The call was delivered before this entry existed: it resubmits a
-    /// call whose caller left while an instance had it (an orphan it
-    /// adopted, see `crate::orphans`). It counts as delivered (see
-    /// [`was_delivered`](Self::was_delivered)): that instance may have run
-    /// it, or still runs it.
-    pub fn delivered_before(&mut self) {
+    /// The call was delivered before this entry existed, to an instance of
+    /// user `uid`: it resubmits a call whose caller left while an instance
+    /// had it (an orphan it adopted, see `crate::orphans`). It counts as
+    /// delivered (see [`was_delivered`](Self::was_delivered)): that
+    /// instance may have run it, or still runs it; and it goes to no other
+    /// user's instance ([`pinned_to`](Self::pinned_to)).
+    pub fn delivered_before(&mut self, uid: u32) {
         if self.target == 0 {
-            self.target = PARKED_AFTER_DELIVERY;
+            self.target = PARKED_AFTER_DELIVERY | u64::from(uid);
         }
+    }
+
+    /// The uid of the user whose instance had the call, while it waits to
+    /// be delivered again (its instance disconnected): its arguments were
+    /// given to that user's service, and a re-delivery goes to that user's
+    /// services only, never to whoever registers the name next. `None`
+    /// while it is delivered, or was never delivered.
+    pub fn pinned_to(&self) -> Option<u32> {
+        (self.target & PARKED_AFTER_DELIVERY != 0).then_some(self.target as u32)
     }
 
     /// Whether the call was ever delivered to a service, also if it is
@@ -337,6 +355,16 @@ impl PendingCalls {
             .push(&mut self.pages, List::Made, call.caller, idx as u32);
         self.len += 1;
         id
+    }
+
+    /// Parks call `id` again after the instance that had it disconnected:
+    /// pinned to the user of that instance, `uid` (see
+    /// [`Pending::pinned_to`]).
+    pub fn repark(&mut self, id: u64, uid: u32) {
+        self.set_stage(id, Stage::Parked);
+        if let Some(p) = self.get_mut(id) {
+            p.target = PARKED_AFTER_DELIVERY | u64::from(uid);
+        }
     }
 
     /// Moves call `id` (see [`Pending::stage`]), keeping the list of the

@@ -48,24 +48,45 @@ fn stage_round_trips() {
     p.set_stage(Stage::Delivered(9));
     assert_eq!(p.stage(), Stage::Delivered(9));
     assert!(p.was_delivered());
+    assert_eq!(p.pinned_to(), None, "delivered: no pin");
     p.set_stage(Stage::Parked);
     assert_eq!(p.stage(), Stage::Parked);
     assert!(p.was_delivered(), "parked again after a delivery");
+    assert_eq!(p.pinned_to(), Some(NOBODY), "no user named: nobody's");
     p.set_stage(Stage::Delivered(3));
     assert_eq!(p.stage(), Stage::Delivered(3));
     p.set_stage(Stage::Parked);
     assert_eq!(p.stage(), Stage::Parked);
     assert!(p.was_delivered());
+    // Parked again by the table for a user: pinned to it, and it stays so
+    // while parked.
+    t.set_stage(id, Stage::Delivered(3));
+    t.repark(id, 1000);
+    let p = t.get_mut(id).expect("pending");
+    assert_eq!((p.stage(), p.pinned_to()), (Stage::Parked, Some(1000)));
+    p.set_stage(Stage::Parked);
+    assert_eq!(p.pinned_to(), Some(1000));
+    p.set_stage(Stage::Delivered(4));
+    assert_eq!((p.stage(), p.pinned_to()), (Stage::Delivered(4), None));
+    // The largest uid and the largest peer id keep apart.
+    t.repark(id, u32::MAX - 1);
+    let p = t.get_mut(id).expect("pending");
+    assert_eq!(
+        (p.stage(), p.pinned_to()),
+        (Stage::Parked, Some(u32::MAX - 1))
+    );
     // A resubmission adopting an orphan: parked, delivered before.
     let id = t.insert(call(3, 5, "s"), Instant::now(), None);
     let p = t.get_mut(id).expect("pending");
-    p.delivered_before();
+    assert_eq!(p.pinned_to(), None, "never delivered: no pin");
+    p.delivered_before(0);
     assert_eq!(p.stage(), Stage::Parked);
     assert!(p.was_delivered());
+    assert_eq!(p.pinned_to(), Some(0));
     p.set_stage(Stage::Parked);
     assert!(p.was_delivered(), "still, once parked");
     p.set_stage(Stage::Delivered(9));
-    p.delivered_before();
+    p.delivered_before(7);
     assert_eq!(p.stage(), Stage::Delivered(9), "a delivered call stays so");
 }
 
