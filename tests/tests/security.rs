@@ -468,6 +468,48 @@ fn a_resubmitted_call_whose_instance_left_is_not_given_to_another_user() {
     assert_eq!(line, "request pinned.second uid 0");
 }
 
+/// A connection that calls its own name (the call delivered to itself)
+/// and leaves keeps its call pinned to its own user, not to no one: its
+/// resubmission from a new connection goes to that user's next instance.
+/// (A first version pinned it to no user, and the resubmission failed
+/// with `ServiceGone`; found by review.)
+#[test]
+fn a_call_a_service_made_to_itself_is_resubmitted_to_its_users_next_instance() {
+    let b = Broker::start_with(&["--caller-grace", "60"]);
+    let stat = |key: &str| zrpc_tests::broker_stat(b.dir(), key);
+    const INSTANCE: u64 = 0xca11;
+    let connect = || {
+        let mut r = Raw::connect(b.dir());
+        let (kind, _) = r.hello_as(INSTANCE).expect("welcome");
+        assert_eq!(kind, Kind::Welcome);
+        r
+    };
+    {
+        let mut both = connect();
+        zrpc_tests::raw::register(&mut both, "selfie");
+        call_frame(&mut both, 9, "selfie", "own");
+        let (_, uid, method) = next_request_uid(&mut both);
+        assert_eq!((uid, method.as_str()), (0, "own"));
+    }
+    assert!(wait_until(WAIT, || stat("orphans") == 1 && stat("names") == 0));
+    let mut next = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut next, "selfie");
+    let mut caller = connect();
+    call_frame(&mut caller, 9, "selfie", "own");
+    let (bid, uid, method) = next_request_uid(&mut next);
+    assert_eq!((uid, method.as_str()), (0, "own"));
+    next.send(
+        &Envelope::Reply {
+            id: bid,
+            code: None,
+            message: "",
+        },
+        b"\xc3",
+    );
+    let (code, msg, payload) = result_of(&mut caller, 9);
+    assert_eq!((code, &payload[..]), (None, &b"\xc3"[..]), "{msg}");
+}
+
 /// The other user's peer registering `name`: the broker's answer ("ack
 /// ok" or "ack <code> <message>"); the peer is then killed.
 fn other_registers(b: &Broker, name: &str) -> String {
@@ -510,6 +552,10 @@ fn a_name_whose_service_left_is_kept_for_its_user_for_the_grace() {
         "{line}"
     );
     assert!(!line.contains("uid 0"), "root's uid is private: {line}");
+    assert!(
+        !line.contains(" s ago"),
+        "so is when its service left: {line}"
+    );
     // Its user comes back: the name and the waiting call are its.
     let mut back = Raw::hello(b.dir());
     zrpc_tests::raw::register(&mut back, "kept");

@@ -110,10 +110,11 @@ pub struct Args {
     /// oldest are cancelled at once
     #[arg(long, default_value_t = crate::config::DEFAULT_CALLER_GRACE.as_secs_f64())]
     pub caller_grace: f64,
-    /// Seconds a name the policy file does not reserve stays its user's
-    /// after its last instance unregistered it or disconnected: within them
-    /// only that user may register it again (a restarting service keeps its
-    /// name and its waiting calls from other users). 0: free at once
+    /// Seconds a name no `[[own]]` rule of the policy file mentions stays its
+    /// user's after its last instance unregistered it or disconnected:
+    /// within them only that user (not even root, unless it is that user)
+    /// may register it again, so a restarting service keeps its name and
+    /// its waiting calls from other users. 0: free at once
     #[arg(long, default_value_t = crate::config::DEFAULT_NAME_GRACE.as_secs_f64())]
     pub name_grace: f64,
     /// Seconds between pings to services

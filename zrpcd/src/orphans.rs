@@ -64,8 +64,8 @@ pub struct Orphan {
     pub service: PeerId,
     /// The uid of the user whose instance had it (kept when that instance
     /// disconnects): a resubmission goes to no other user's instance
-    /// (`Pending::pinned_to`).
-    pub service_uid: u32,
+    /// (`Pending::pinned_to`). `None`: the NATS bridge had it.
+    pub service_uid: Option<u32>,
     /// The broker's request id of the delivery (what `Cancel` names).
     pub request: u64,
     /// The earlier deliveries of the same call to that service, adopted by
@@ -149,7 +149,7 @@ impl Orphans {
     pub fn add(
         &mut self,
         caller: CallerKey,
-        (service, service_uid): (PeerId, u32),
+        (service, service_uid): (PeerId, Option<u32>),
         request: u64,
         until: Instant,
         bounds: Bounds,
@@ -381,13 +381,31 @@ mod tests {
         let t0 = Instant::now();
         let orphan = |service, request| Orphan {
             service,
-            service_uid: 1,
+            service_uid: Some(1),
             request,
             earlier: Vec::new(),
         };
-        o.add((1000, 1, 1), (7, 1), 1, t0 + Duration::from_secs(1), FREE);
-        o.add((1000, 1, 2), (8, 1), 2, t0 + Duration::from_secs(2), FREE);
-        o.add((1000, 2, 1), (7, 1), 3, t0 + Duration::from_secs(3), FREE);
+        o.add(
+            (1000, 1, 1),
+            (7, Some(1)),
+            1,
+            t0 + Duration::from_secs(1),
+            FREE,
+        );
+        o.add(
+            (1000, 1, 2),
+            (8, Some(1)),
+            2,
+            t0 + Duration::from_secs(2),
+            FREE,
+        );
+        o.add(
+            (1000, 2, 1),
+            (7, Some(1)),
+            3,
+            t0 + Duration::from_secs(3),
+            FREE,
+        );
         assert_eq!(o.next_deadline(), Some(t0 + Duration::from_secs(1)));
         // The resubmission of call 2 adopts it: never expires.
         assert_eq!(o.adopt((1000, 1, 2)), Some(orphan(8, 2)));
@@ -418,7 +436,13 @@ mod tests {
         let mut o = Orphans::default();
         let until = Instant::now() + Duration::from_secs(5);
         for (service, request) in [(1, 10), (2, 20), (2, 21), (3, 30)] {
-            o.add((1000, request, request), (service, 1), request, until, FREE);
+            o.add(
+                (1000, request, request),
+                (service, Some(1)),
+                request,
+                until,
+                FREE,
+            );
         }
         assert_eq!(
             (o.running_on(1), o.running_on(2), o.running_on(3)),
@@ -458,19 +482,19 @@ mod tests {
         let caller = (1000, 1, 7);
         // Delivery 1 orphaned, adopted by delivery 2, orphaned again,
         // adopted by 3, orphaned again: its expiry names all three.
-        o.add(caller, (5, 1), 1, t0, FREE);
+        o.add(caller, (5, Some(1)), 1, t0, FREE);
         let adopted = o.adopt(caller).expect("orphan 1");
         o.adopted_by(2, adopted);
-        o.add(caller, (5, 1), 2, t0, FREE);
+        o.add(caller, (5, Some(1)), 2, t0, FREE);
         let adopted = o.adopt(caller).expect("orphan 2");
         o.adopted_by(3, adopted);
-        o.add(caller, (5, 1), 3, t0, FREE);
+        o.add(caller, (5, Some(1)), 3, t0, FREE);
         let gone = o.expired(t0);
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].requests().collect::<Vec<_>>(), vec![3, 2, 1]);
         // A call that adopted one and then ended otherwise hands it over
         // once, and nothing stays behind.
-        o.add(caller, (5, 1), 4, t0, FREE);
+        o.add(caller, (5, Some(1)), 4, t0, FREE);
         let adopted = o.adopt(caller).expect("orphan 4");
         o.adopted_by(5, adopted);
         assert_eq!(o.ended(5), vec![4]);
@@ -488,9 +512,13 @@ mod tests {
             total: 3,
         };
         // uid 1000: its third orphan gives up its first-ending one.
-        assert!(o.add((1000, 1, 1), (7, 1), 1, at(5), two_each).is_empty());
-        assert!(o.add((1000, 1, 2), (7, 1), 2, at(3), two_each).is_empty());
-        let gone = o.add((1000, 1, 3), (7, 1), 3, at(4), two_each);
+        assert!(o
+            .add((1000, 1, 1), (7, Some(1)), 1, at(5), two_each)
+            .is_empty());
+        assert!(o
+            .add((1000, 1, 2), (7, Some(1)), 2, at(3), two_each)
+            .is_empty());
+        let gone = o.add((1000, 1, 3), (7, Some(1)), 3, at(4), two_each);
         assert_eq!(gone.iter().map(|g| g.request).collect::<Vec<_>>(), vec![2]);
         assert_eq!(
             o.adopt((1000, 1, 2)),
@@ -500,8 +528,8 @@ mod tests {
         // Root (no per-uid bound) is held by the total only: past it, the
         // uid holding the most gives up its first-ending orphan (a tie: the
         // one whose first ends first), so uid 1000 keeps one.
-        assert!(o.add((0, 9, 1), (8, 1), 4, at(9), FREE).is_empty());
-        let gone = o.add((0, 9, 2), (8, 1), 5, at(8), two_each_root(2));
+        assert!(o.add((0, 9, 1), (8, Some(1)), 4, at(9), FREE).is_empty());
+        let gone = o.add((0, 9, 2), (8, Some(1)), 5, at(8), two_each_root(2));
         assert_eq!(
             gone.iter().map(|g| g.request).collect::<Vec<_>>(),
             vec![3, 5]
@@ -511,7 +539,7 @@ mod tests {
         for call in 3..50 {
             let gone = o.add(
                 (0, 9, call),
-                (8, 1),
+                (8, Some(1)),
                 100 + call,
                 at(10 + call),
                 two_each_root(2),
@@ -536,11 +564,11 @@ mod tests {
         let mut o = Orphans::default();
         let t0 = Instant::now();
         let at = |s| t0 + Duration::from_secs(s);
-        o.add((1000, 1, 1), (7, 1), 1, at(1), FREE);
-        o.add((1000, 1, 2), (7, 1), 2, at(2), FREE);
-        o.add((1000, 1, 3), (7, 1), 3, at(3), FREE);
-        o.add((1000, 1, 4), (8, 1), 4, at(4), FREE);
-        o.add((1000, 1, 5), (NO_SERVICE, 1), 5, at(5), FREE);
+        o.add((1000, 1, 1), (7, Some(1)), 1, at(1), FREE);
+        o.add((1000, 1, 2), (7, Some(1)), 2, at(2), FREE);
+        o.add((1000, 1, 3), (7, Some(1)), 3, at(3), FREE);
+        o.add((1000, 1, 4), (8, Some(1)), 4, at(4), FREE);
+        o.add((1000, 1, 5), (NO_SERVICE, Some(1)), 5, at(5), FREE);
         assert_eq!((o.running_on(7), o.running_on(8)), (3, 1));
         assert_eq!(o.running_on(NO_SERVICE), 0);
         // Answered: no longer in the window, still an orphan.
@@ -563,8 +591,10 @@ mod tests {
         assert!(o.running.is_empty() && o.running_per_service.is_empty());
         // The same caller's call orphaned again replaces the first, which
         // is given up (cancelled), not left running outside the window.
-        assert!(o.add((1000, 2, 1), (9, 1), 10, at(9), FREE).is_empty());
-        let gone = o.add((1000, 2, 1), (9, 1), 11, at(9), FREE);
+        assert!(o
+            .add((1000, 2, 1), (9, Some(1)), 10, at(9), FREE)
+            .is_empty());
+        let gone = o.add((1000, 2, 1), (9, Some(1)), 11, at(9), FREE);
         assert_eq!(gone.iter().map(|g| g.request).collect::<Vec<_>>(), vec![10]);
         assert_eq!(o.running_on(9), 1);
         assert!(o.answered(9, 11));

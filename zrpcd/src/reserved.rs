@@ -15,9 +15,11 @@
 //! (root: no per-user bound; past it the user's oldest go first) and
 //! `--max-names` in all; past that bound, the user keeping the most gives
 //! up its oldest, so that users keeping many names (or many uids' worth)
-//! cannot push out another user's one. Each release costs O(1) (O(users
-//! keeping names) past the bound in all), and what has expired is
-//! forgotten on the broker's heartbeat tick ([`Reserved::prune`]).
+//! cannot push out another user's one. Each release costs amortised O(1)
+//! (O(users keeping names) past the bound in all), and what has expired is
+//! forgotten on the broker's heartbeat tick ([`Reserved::prune`]). The
+//! broker's own NATS bridge is not held to kept names (it forwards for the
+//! broker, docs/bridge.md), and does not keep its imported names.
 //!
 //! Private state behind a narrow API: [`Reserved::release`] when a name
 //! loses its last instance, [`Reserved::kept_for`] when a connection
@@ -39,11 +41,26 @@ pub struct Reserved {
     max: usize,
     /// Each kept name: for whom, until when.
     by_name: PeerKeyedMap<Rc<str>, (u32, Instant)>,
-    /// Each user's kept names, oldest first. An entry whose name was taken
-    /// since (or kept again, later) no longer matches `by_name` and is
-    /// skipped when it comes out.
-    by_uid: HashMap<u32, VecDeque<(Instant, Rc<str>)>>,
+    /// Each user's kept names, oldest first.
+    by_uid: HashMap<u32, Kept>,
 }
+
+/// One user's kept names.
+#[derive(Debug, Default)]
+struct Kept {
+    /// Oldest first. An entry whose name was taken since (or kept again,
+    /// later) no longer matches `by_name`: it is stale, skipped when it
+    /// comes out, and dropped when stale entries pass the live ones by
+    /// [`STALE_SLACK`] (so that a user registering and releasing one name
+    /// in a loop holds no more than that).
+    queue: VecDeque<(Instant, Rc<str>)>,
+    /// The entries of `queue` that are not stale: what the bounds count.
+    live: usize,
+}
+
+/// Stale entries a user's queue may hold past twice its live ones before
+/// it is compacted (amortised O(1) per release).
+const STALE_SLACK: usize = 64;
 
 impl Reserved {
     /// Names kept for `grace` (zero: none), at most `max` of them.
@@ -77,68 +94,101 @@ impl Reserved {
         if self.grace.is_zero() || self.max == 0 {
             return;
         }
+        self.taken(name);
         let until = now + self.grace;
         let name: Rc<str> = Rc::from(name);
         self.by_name.insert(name.clone(), (uid, until));
         let mine = self.by_uid.entry(uid).or_default();
-        mine.push_back((until, name));
+        mine.queue.push_back((until, name));
+        mine.live += 1;
         if let Some(max) = per_uid {
-            while mine.len() > max {
-                let Some(first) = mine.pop_front() else {
+            while mine.live > max {
+                if !pop_oldest(&mut self.by_name, uid, mine) {
                     break;
-                };
-                forget(&mut self.by_name, uid, first);
+                }
             }
+        }
+        if mine.queue.len() > 2 * mine.live + STALE_SLACK {
+            let by_name = &self.by_name;
+            mine.queue
+                .retain(|(until, n)| by_name.get(n) == Some(&(uid, *until)));
         }
         // Past the bound in all, the user keeping the most gives one up.
         while self.by_name.len() > self.max {
             let Some((&most, _)) = self
                 .by_uid
                 .iter()
-                .filter(|(_, q)| !q.is_empty())
-                .max_by_key(|(&u, q)| (q.len(), std::cmp::Reverse(u)))
+                .filter(|(_, k)| k.live > 0)
+                .max_by_key(|(&u, k)| (k.live, std::cmp::Reverse(u)))
             else {
                 break;
             };
-            let Some(first) = self.by_uid.get_mut(&most).and_then(|q| q.pop_front()) else {
+            let Some(kept) = self.by_uid.get_mut(&most) else {
                 break;
             };
-            forget(&mut self.by_name, most, first);
+            let popped = pop_oldest(&mut self.by_name, most, kept);
+            if kept.queue.is_empty() {
+                self.by_uid.remove(&most);
+            }
+            if !popped {
+                break;
+            }
         }
-        self.by_uid.retain(|_, q| !q.is_empty());
     }
 
     /// `name` was registered again (by the user it was kept for, or after
     /// its grace): no longer kept.
     pub fn taken(&mut self, name: &str) {
-        if !self.by_name.is_empty() {
-            self.by_name.remove(name);
+        if self.by_name.is_empty() {
+            return;
+        }
+        if let Some((uid, _)) = self.by_name.remove(name) {
+            if let Some(k) = self.by_uid.get_mut(&uid) {
+                k.live = k.live.saturating_sub(1);
+            }
         }
     }
 
     /// Forgets the names whose grace ended at `now`.
     pub fn prune(&mut self, now: Instant) {
         let by_name = &mut self.by_name;
-        self.by_uid.retain(|&uid, q| {
-            while q.front().is_some_and(|(until, _)| *until <= now) {
-                if let Some(first) = q.pop_front() {
-                    forget(by_name, uid, first);
+        self.by_uid.retain(|&uid, k| {
+            while k.queue.front().is_some_and(|(until, _)| *until <= now) {
+                if let Some(first) = k.queue.pop_front() {
+                    if forget(by_name, uid, first) {
+                        k.live = k.live.saturating_sub(1);
+                    }
                 }
             }
-            !q.is_empty()
+            !k.queue.is_empty()
         });
     }
 }
 
+/// Forgets `uid`'s oldest kept name (skipping stale entries); whether
+/// there was one.
+fn pop_oldest(by_name: &mut PeerKeyedMap<Rc<str>, (u32, Instant)>, uid: u32, k: &mut Kept) -> bool {
+    while let Some(first) = k.queue.pop_front() {
+        if forget(by_name, uid, first) {
+            k.live = k.live.saturating_sub(1);
+            return true;
+        }
+    }
+    false
+}
+
 /// Removes `name` from `by_name` if it is still kept for `uid` until
-/// `until` (not taken since, nor kept again later).
+/// `until` (the entry is not stale); whether it was.
 fn forget(
     by_name: &mut PeerKeyedMap<Rc<str>, (u32, Instant)>,
     uid: u32,
     (until, name): (Instant, Rc<str>),
-) {
+) -> bool {
     if by_name.get(&name) == Some(&(uid, until)) {
         by_name.remove(&name);
+        true
+    } else {
+        false
     }
 }
 
@@ -233,5 +283,39 @@ mod tests {
         // The three others share the rest evenly, newest kept.
         assert!(r.kept_for("x49", t0).is_some());
         assert_eq!(r.kept_for("x0", t0), None);
+    }
+
+    #[test]
+    fn a_name_flapping_does_not_push_out_the_users_other_names_nor_pile_up() {
+        let t0 = Instant::now();
+        let mut r = Reserved::new(GRACE, 1_000_000);
+        r.release("kept", 1000, t0, Some(4));
+        for i in 0..10_000u64 {
+            let at = t0 + Duration::from_micros(i);
+            r.release("flap", 1000, at, Some(4));
+            r.taken("flap");
+        }
+        assert!(
+            r.kept_for("kept", t0).is_some(),
+            "pushed out by stale entries"
+        );
+        let k = &r.by_uid[&1000];
+        assert_eq!(k.live, 1);
+        assert!(
+            k.queue.len() <= 2 * k.live + STALE_SLACK + 1,
+            "{}",
+            k.queue.len()
+        );
+        // Root has no per-user bound, and is compacted all the same.
+        for i in 0..10_000u64 {
+            r.release("rflap", 0, t0 + Duration::from_micros(i), None);
+        }
+        let k = &r.by_uid[&0];
+        assert_eq!(k.live, 1);
+        assert!(
+            k.queue.len() <= 2 * k.live + STALE_SLACK + 1,
+            "{}",
+            k.queue.len()
+        );
     }
 }

@@ -10,7 +10,7 @@ use zrpc_proto::{flags, Envelope, ErrorCode, PROTOCOL_VERSION};
 use super::{Broker, Fatal, Outcome};
 use crate::payload::Payload;
 use crate::peers::{Creds, PeerId};
-use crate::pending::{Stage, NOBODY};
+use crate::pending::Stage;
 use crate::queue::PeerIo;
 use crate::quota::Quota;
 
@@ -225,8 +225,9 @@ impl Broker {
         let Some(p) = self.peers.remove(peer) else {
             return;
         };
-        // The bridge's imported names are not kept for it.
-        let keeps_names = !self.is_bridge(peer);
+        // The bridge's imported names are not kept for it, nor its calls
+        // pinned to its uid.
+        let is_bridge = self.is_bridge(peer);
         // Calls to imported names park from now on (or fail, with
         // NO_WAIT), instead of being routed to a bridge that is gone.
         #[cfg(feature = "nats")]
@@ -241,7 +242,7 @@ impl Broker {
             self.names.unregister(name, peer);
             if !self.names.is_held(name) {
                 self.stats.unregistered(name);
-                if keeps_names {
+                if !is_bridge {
                     self.keep_name_for(name, uid, limited, now);
                 }
                 self.no_instance_left(name, now);
@@ -283,12 +284,24 @@ impl Broker {
             // no other user's instance.
             let delivered = self.pending.get(bid).and_then(|c| match c.stage() {
                 Stage::Delivered(svc) => {
-                    let uid = self.peers.get(svc).map_or(NOBODY, |s| s.creds().uid);
-                    Some(((svc, uid), c.caller_call))
+                    // A call it made to its own name, delivered to itself
+                    // (removed from the table above).
+                    let svc_uid = if svc == peer {
+                        (!is_bridge).then_some(uid)
+                    } else if self.is_bridge(svc) {
+                        None
+                    } else {
+                        // Live (a departing service's calls are parked
+                        // again as it leaves); if not, pinned to no one.
+                        let uid = self.peers.get(svc).map(|s| s.creds().uid);
+                        Some(uid.unwrap_or(crate::pending::NOBODY))
+                    };
+                    Some(((svc, svc_uid), c.caller_call))
                 }
-                Stage::Parked => c
-                    .pinned_to()
-                    .map(|uid| ((crate::orphans::NO_SERVICE, uid), c.caller_call)),
+                Stage::Parked if c.was_delivered() => {
+                    Some(((crate::orphans::NO_SERVICE, c.pinned_to()), c.caller_call))
+                }
+                Stage::Parked => None,
             });
             let until = self
                 .pending
@@ -332,7 +345,7 @@ impl Broker {
                 // To another instance of the same user only (see
                 // `Pending::pinned_to`).
                 self.stats.redelivered += 1;
-                self.pending.repark(bid, uid);
+                self.pending.repark(bid, (!is_bridge).then_some(uid));
                 self.dispatch(bid, now);
             }
         }

@@ -10,6 +10,7 @@ use super::Broker;
 use crate::names::RegisterError;
 use crate::payload::Payload;
 use crate::peers::PeerId;
+use crate::policy::Introspection;
 
 impl Broker {
     pub(crate) fn ack(&mut self, peer: PeerId, req: u64, code: Option<ErrorCode>, message: &str) {
@@ -130,7 +131,7 @@ impl Broker {
         // uid (`zrpcd.peers` in full): to the others, another user's uid is
         // private.
         let user = |o: u32| {
-            if policy.may_introspect(&p.identity(), crate::policy::Introspection::Peers) {
+            if policy.may_introspect(&p.identity(), Introspection::Peers) {
                 format!("uid {o}")
             } else {
                 "another user".to_owned()
@@ -143,13 +144,23 @@ impl Broker {
             ));
         }
         // Free: kept for its last user for a while, unless the policy's
-        // rules say who owns it.
-        if first.is_none() && !self.reserved.is_empty() && !policy.mentions(name) {
+        // rules say who owns it (or it is the broker's own NATS bridge,
+        // which takes back its imported names when they are free).
+        if first.is_none()
+            && !self.reserved.is_empty()
+            && !policy.mentions(name)
+            && !self.is_bridge(peer)
+        {
             if let Some((o, ago)) = self.reserved.kept_for(name, now).filter(|&(o, _)| o != uid) {
+                // When another user's service left is as private as its uid.
+                let since = if policy.may_introspect(&p.identity(), Introspection::Peers) {
+                    format!(" (it left {:.1} s ago)", ago.as_secs_f64())
+                } else {
+                    String::new()
+                };
                 return Err(format!(
-                    "the name {name:?} is kept for {}, whose service held it until {:.1} s ago, for --name-grace ({:.1} s) after its last instance left; uid {uid} may not take it over until then",
+                    "the name {name:?} is kept for {}{since}: a name stays its user's for --name-grace ({:.1} s) after its last instance leaves; uid {uid} may not take it over until then",
                     user(o),
-                    ago.as_secs_f64(),
                     self.config.name_grace.as_secs_f64(),
                 ));
             }

@@ -42,14 +42,28 @@ use timers::{TimerKey, Timers};
 const PAGE: usize = 1024;
 
 /// The bit of `Pending::target` that marks a call parked again after a
-/// delivery (the instance that had it disconnected); the low 32 bits then
-/// hold the uid of that instance's user (see [`Pending::pinned_to`]). Peer
-/// ids count up from 1 and never reach it.
+/// delivery (the instance that had it disconnected). Peer ids count up
+/// from 1 and never reach it.
 const PARKED_AFTER_DELIVERY: PeerId = 1 << 63;
 
-/// The uid of a call parked again without a known user (not reached: every
-/// way back to `Parked` names the user); it matches no instance.
+/// With [`PARKED_AFTER_DELIVERY`]: the call is pinned to a user, whose uid
+/// is in the low 32 bits of `Pending::target` (see [`Pending::pinned_to`]).
+const PINNED: PeerId = 1 << 62;
+
+/// The uid a call parked again is pinned to when no way back to `Parked`
+/// named its user (not reached: [`PendingCalls::repark`] and
+/// [`Pending::delivered_before`] always say): it matches no instance, so
+/// such a call fails rather than reach anyone.
 pub const NOBODY: u32 = u32::MAX;
+
+/// `Pending::target` of a call parked again after a delivery, pinned to
+/// `uid` or not.
+fn parked_after_delivery(uid: Option<u32>) -> PeerId {
+    match uid {
+        Some(uid) => PARKED_AFTER_DELIVERY | PINNED | u64::from(uid),
+        None => PARKED_AFTER_DELIVERY,
+    }
+}
 
 /// The broker's own bit of `Pending::flags`, never a caller's (cleared when
 /// a call is stored): the call's current delivery is a re-delivery, after
@@ -79,9 +93,9 @@ pub struct Pending {
     /// The timer entry, if the call has a deadline.
     timer: Option<TimerKey>,
     /// The service connection it was delivered to; while parked, 0 if it
-    /// was never delivered, else [`PARKED_AFTER_DELIVERY`] with the uid of
-    /// the user whose instance had it (no field of its own: the slot would
-    /// grow by 8 bytes).
+    /// was never delivered, else [`PARKED_AFTER_DELIVERY`] with, if it is
+    /// pinned, [`PINNED`] and the uid of the user whose instance had it (no
+    /// field of its own: the slot would grow by 8 bytes).
     target: PeerId,
     /// When the broker accepted it, in microseconds since the table was
     /// created.
@@ -124,34 +138,40 @@ impl Pending {
     /// Moves the call (peer ids start at 1, so 0 can mean parked). The
     /// table's [`PendingCalls::set_stage`] is the way in: it keeps the
     /// per-connection lists in step. A delivered call parked this way is
-    /// pinned to [`NOBODY`] until [`PendingCalls::repark`] names the user.
+    /// pinned to [`NOBODY`] (it fails rather than reach anyone): the
+    /// broker's ways back to `Parked` name its user with
+    /// [`PendingCalls::repark`].
     fn set_stage(&mut self, stage: Stage) {
         self.target = match stage {
             Stage::Parked if self.stage() == Stage::Parked => self.target,
-            Stage::Parked => PARKED_AFTER_DELIVERY | u64::from(NOBODY),
+            Stage::Parked => parked_after_delivery(Some(NOBODY)),
             Stage::Delivered(t) => t,
         };
     }
 
-    /// The call was delivered before this entry existed, to an instance of
-    /// user `uid`: it resubmits a call whose caller left while an instance
-    /// had it (an orphan it adopted, see `crate::orphans`). It counts as
-    /// delivered (see [`was_delivered`](Self::was_delivered)): that
-    /// instance may have run it, or still runs it; and it goes to no other
-    /// user's instance ([`pinned_to`](Self::pinned_to)).
-    pub fn delivered_before(&mut self, uid: u32) {
+    /// The call was delivered before this entry existed (to an instance of
+    /// user `uid`, `None` for the NATS bridge): it resubmits a call whose
+    /// caller left while an instance had it (an orphan it adopted, see
+    /// `crate::orphans`). It counts as delivered (see
+    /// [`was_delivered`](Self::was_delivered)): that instance may have run
+    /// it, or still runs it; and it goes to no other user's instance
+    /// ([`pinned_to`](Self::pinned_to)).
+    pub fn delivered_before(&mut self, uid: Option<u32>) {
         if self.target == 0 {
-            self.target = PARKED_AFTER_DELIVERY | u64::from(uid);
+            self.target = parked_after_delivery(uid);
         }
     }
 
     /// The uid of the user whose instance had the call, while it waits to
-    /// be delivered again (its instance disconnected): its arguments were
-    /// given to that user's service, and a re-delivery goes to that user's
-    /// services only, never to whoever registers the name next. `None`
-    /// while it is delivered, or was never delivered.
+    /// be delivered again (that instance disconnected, or gave up the name
+    /// while its caller was away): its arguments were given to that user's
+    /// service, and a re-delivery goes to that user's services only, never
+    /// to whoever registers the name next. `None` while it is delivered,
+    /// if it was never delivered, or if it was the NATS bridge that had it
+    /// (it forwards for the broker itself).
     pub fn pinned_to(&self) -> Option<u32> {
-        (self.target & PARKED_AFTER_DELIVERY != 0).then_some(self.target as u32)
+        let pinned = PARKED_AFTER_DELIVERY | PINNED;
+        (self.target & pinned == pinned).then_some(self.target as u32)
     }
 
     /// Whether the call was ever delivered to a service, also if it is
@@ -358,12 +378,12 @@ impl PendingCalls {
     }
 
     /// Parks call `id` again after the instance that had it disconnected:
-    /// pinned to the user of that instance, `uid` (see
-    /// [`Pending::pinned_to`]).
-    pub fn repark(&mut self, id: u64, uid: u32) {
+    /// pinned to the user of that instance, `uid` (`None`: not pinned, it
+    /// was the NATS bridge; see [`Pending::pinned_to`]).
+    pub fn repark(&mut self, id: u64, uid: Option<u32>) {
         self.set_stage(id, Stage::Parked);
         if let Some(p) = self.get_mut(id) {
-            p.target = PARKED_AFTER_DELIVERY | u64::from(uid);
+            p.target = parked_after_delivery(uid);
         }
     }
 

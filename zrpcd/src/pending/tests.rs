@@ -59,35 +59,50 @@ fn stage_round_trips() {
     assert_eq!(p.stage(), Stage::Parked);
     assert!(p.was_delivered());
     // Parked again by the table for a user: pinned to it, and it stays so
-    // while parked.
+    // while parked (the table's moves only, to keep its lists in step).
+    let id = t.insert(call(3, 7, "s"), Instant::now(), None);
     t.set_stage(id, Stage::Delivered(3));
-    t.repark(id, 1000);
+    t.repark(id, Some(1000));
     let p = t.get_mut(id).expect("pending");
     assert_eq!((p.stage(), p.pinned_to()), (Stage::Parked, Some(1000)));
-    p.set_stage(Stage::Parked);
-    assert_eq!(p.pinned_to(), Some(1000));
-    p.set_stage(Stage::Delivered(4));
+    t.set_stage(id, Stage::Parked);
+    assert_eq!(t.get(id).and_then(Pending::pinned_to), Some(1000));
+    t.set_stage(id, Stage::Delivered(4));
+    let p = t.get(id).expect("pending");
     assert_eq!((p.stage(), p.pinned_to()), (Stage::Delivered(4), None));
     // The largest uid and the largest peer id keep apart.
-    t.repark(id, u32::MAX - 1);
-    let p = t.get_mut(id).expect("pending");
+    t.repark(id, Some(u32::MAX - 1));
+    let p = t.get(id).expect("pending");
     assert_eq!(
         (p.stage(), p.pinned_to()),
         (Stage::Parked, Some(u32::MAX - 1))
     );
+    // Parked again after the NATS bridge had it: delivered before, not
+    // pinned.
+    t.set_stage(id, Stage::Delivered(5));
+    t.repark(id, None);
+    let p = t.get(id).expect("pending");
+    assert_eq!((p.stage(), p.pinned_to()), (Stage::Parked, None));
+    assert!(p.was_delivered());
+    assert!(t.delivered_to(5).is_empty() && t.delivered_to(4).is_empty());
     // A resubmission adopting an orphan: parked, delivered before.
     let id = t.insert(call(3, 5, "s"), Instant::now(), None);
     let p = t.get_mut(id).expect("pending");
     assert_eq!(p.pinned_to(), None, "never delivered: no pin");
-    p.delivered_before(0);
+    p.delivered_before(Some(0));
     assert_eq!(p.stage(), Stage::Parked);
     assert!(p.was_delivered());
     assert_eq!(p.pinned_to(), Some(0));
     p.set_stage(Stage::Parked);
     assert!(p.was_delivered(), "still, once parked");
     p.set_stage(Stage::Delivered(9));
-    p.delivered_before(7);
+    p.delivered_before(Some(7));
     assert_eq!(p.stage(), Stage::Delivered(9), "a delivered call stays so");
+    let id = t.insert(call(3, 6, "s"), Instant::now(), None);
+    let p = t.get_mut(id).expect("pending");
+    p.delivered_before(None);
+    assert_eq!((p.stage(), p.pinned_to()), (Stage::Parked, None));
+    assert!(p.was_delivered());
 }
 
 #[test]
