@@ -510,6 +510,61 @@ fn a_call_a_service_made_to_itself_is_resubmitted_to_its_users_next_instance() {
     assert_eq!((code, &payload[..]), (None, &b"\xc3"[..]), "{msg}");
 }
 
+/// A user's many connections get no more of the broker's one thread than
+/// one connection gets: the thread goes in rounds, each user a quantum of
+/// work a round (`zrpcd/src/fair.rs`). Turns alone (zrpcd/src/conn.rs,
+/// `TURN`) share it by connection: with 256 connections kept full by one
+/// user, another user's call waited for a turn of each (tens of thousands
+/// of the flood's calls between two of its calls). Root's probe is not
+/// held to rounds, but that is not what the test measures: the flooding
+/// user's connections wait once their quantum is used, so the probe is
+/// served after about one quantum.
+#[test]
+fn a_users_many_busy_connections_get_no_more_of_the_broker_than_one() {
+    if !is_root(
+        "a_users_many_busy_connections_get_no_more_of_the_broker_than_one",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    let b = Broker::start();
+    let calls = || zrpc_tests::broker_stat(b.dir(), "calls");
+    let mut flood = other(&b, &["flood-calls", "--conns", "256", "--count", "4000"]);
+    flood.read_until(|l| l == "flooding").expect("flooding");
+    assert!(
+        wait_until(WAIT, || calls() > 20_000),
+        "the flood did not start"
+    );
+    // The flood's calls handled between two calls of another user (each
+    // on a new connection: the connection and its Hello wait their turn
+    // too), while the flood lasts.
+    let mut gaps = Vec::new();
+    let mut last = calls();
+    while gaps.len() < 40 {
+        let now = calls();
+        if now - last <= 1 {
+            break; // the flood is over: only the probe's own call
+        }
+        gaps.push(now - last);
+        last = now;
+    }
+    let waits = zrpc_tests::broker_stat(b.dir(), "round_waits");
+    drop(flood);
+    assert!(
+        gaps.len() >= 5,
+        "only {} probes while the flood lasted: {gaps:?}",
+        gaps.len()
+    );
+    gaps.sort_unstable();
+    let median = gaps[gaps.len() / 2];
+    println!("flood calls between two probes (sorted): {gaps:?}; round waits {waits}");
+    assert!(waits > 0, "the flooding user never waited for a round");
+    assert!(
+        median <= 10_000,
+        "another user's call waited for {median} of the flood's calls (median): {gaps:?}"
+    );
+}
+
 /// The other user's peer registering `name`: the broker's answer ("ack
 /// ok" or "ack <code> <message>"); the peer is then killed.
 fn other_registers(b: &Broker, name: &str) -> String {

@@ -70,6 +70,9 @@ pub struct View<'a> {
     /// Closed connections kept open until their peer has received the
     /// descriptors sent to it.
     pub lingering: usize,
+    /// Rounds of the broker's thread ended early because a user had used
+    /// its quantum (`crate::fair`).
+    pub round_waits: u64,
     /// Sockets the broker holds open: live connections, and closed ones
     /// still flushing or lingering (what `--max-connections` bounds).
     pub open_connections: usize,
@@ -584,6 +587,7 @@ fn stats(b: &mut View<'_>) -> Answer {
         ("fds_held", Value::from(b.fds_held as u64)),
         ("fds_in_flight", Value::from(b.fds_in_flight as u64)),
         ("connections_lingering", Value::from(b.lingering as u64)),
+        ("round_waits", Value::from(b.round_waits)),
         ("calls", Value::from(s.calls)),
         ("calls_ok", Value::from(s.calls_ok)),
         ("timeouts", Value::from(s.timeouts)),

@@ -117,6 +117,13 @@ pub struct Args {
     /// its waiting calls from other users. 0: free at once
     #[arg(long, default_value_t = crate::config::DEFAULT_NAME_GRACE.as_secs_f64())]
     pub name_grace: f64,
+    /// Frames each user other than root may have handled in a round of the
+    /// broker's thread, however many connections it uses; then its
+    /// connections wait for the next round, so that a user with many busy
+    /// connections gets no more of the broker than one with a single one
+    /// (large reads count one more per 64 KiB). 0: no rounds
+    #[arg(long, default_value_t = crate::fair::QUANTUM)]
+    pub round_quantum: u32,
     /// Seconds between pings to services
     #[arg(long, default_value_t = 5.0)]
     pub heartbeat_interval: f64,

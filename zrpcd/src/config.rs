@@ -131,6 +131,9 @@ pub struct Config {
     /// How long a name the policy does not reserve stays its user's after
     /// its last instance left (see [`crate::reserved`]); zero: not kept.
     pub name_grace: Duration,
+    /// Frames each user other than root handles per round of the broker's
+    /// thread (see [`crate::fair`]); 0: no rounds.
+    pub round_quantum: u32,
     /// How often services (connections holding names or handling calls) are
     /// pinged.
     pub heartbeat_interval: Duration,
@@ -216,6 +219,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(2),
             caller_grace: DEFAULT_CALLER_GRACE,
             name_grace: DEFAULT_NAME_GRACE,
+            round_quantum: crate::fair::QUANTUM,
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
             busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),

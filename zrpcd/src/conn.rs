@@ -242,10 +242,24 @@ async fn read_loop(
     let mut turn: Option<(std::time::Instant, u32)> = None;
     let mut turn_over = false;
     let waited = std::cell::Cell::new(false);
+    // Turns share the thread by connection; rounds share it by user
+    // (`crate::fair`): past its user's quantum in this round, a connection
+    // waits for the next before it reads again.
+    let (rounds, user) = broker.borrow().rounds_for(id);
+    let limited = user.as_ref().is_some_and(|u| u.limited());
     loop {
         if std::mem::take(&mut turn_over) {
             turn = None;
             tokio::task::yield_now().await;
+        }
+        // Again once woken: the user's other connections woken with this
+        // one may have used the new round's quantum first.
+        while user.as_ref().is_some_and(|u| rounds.spent(u.share())) {
+            tokio::select! {
+                _ = rounds.next_round() => {}
+                _ = io.kill.notified() => return "closed by the broker".into(),
+            }
+            turn = None;
         }
         let had_fds = fds.len();
         // No room for descriptors once the sender's waiting for their
@@ -412,6 +426,9 @@ async fn read_loop(
             }
         }
         b.end_read_batch(now, read_bytes);
+        if let Some(u) = &user {
+            rounds.charge(u.share(), limited, frames, read_bytes);
+        }
         if !ready && b.is_ready(id) {
             ready = true;
             // Frames after `Hello` may carry descriptors if it offered them

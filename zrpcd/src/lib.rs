@@ -33,6 +33,7 @@ pub mod cli;
 pub mod closer;
 pub mod config;
 pub mod conn;
+pub mod fair;
 pub mod hashing;
 pub mod log;
 pub mod monitor;

@@ -187,6 +187,9 @@ pub struct Usage {
     queued_fds: Cell<usize>,
     /// Names registered by its connections.
     names: Cell<usize>,
+    /// Its work in the current round of the broker's thread
+    /// ([`crate::fair`]).
+    share: crate::fair::Share,
     /// All users' queued bytes (shared by every user's `Usage`).
     total: Rc<QueuedTotal>,
 }
@@ -208,6 +211,11 @@ impl Usage {
     /// The uid.
     pub fn uid(&self) -> u32 {
         self.uid
+    }
+
+    /// Its work in the current round of the broker's thread.
+    pub fn share(&self) -> &crate::fair::Share {
+        &self.share
     }
 
     /// Whether quotas apply to this user (not to root).

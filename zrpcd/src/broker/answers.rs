@@ -101,6 +101,7 @@ impl Broker {
             fds_held: self.fds_total.get(),
             fds_in_flight: self.fd_accounts.in_flight.get(),
             lingering: self.lingering.len(),
+            round_waits: self.rounds.waits(),
             open_connections: self.users.open_connections(),
             stats: &self.stats,
             policy: &self.config.policy,

@@ -135,6 +135,8 @@ pub struct Broker {
     /// Names kept for their user after their last instance left (see
     /// [`crate::reserved`]).
     reserved: crate::reserved::Reserved,
+    /// The broker's thread shared out by user (see [`crate::fair`]).
+    rounds: Rc<crate::fair::Rounds>,
     /// Payload descriptors the broker holds: received and kept, or queued
     /// towards peers (`--max-fds`).
     fds_total: Rc<std::cell::Cell<usize>>,
@@ -170,6 +172,7 @@ impl Broker {
             max_total: config.max_fds,
         });
         let reserved = crate::reserved::Reserved::new(config.name_grace, config.max_names);
+        let round_quantum = config.round_quantum;
         Broker {
             busy_poll: BusyPoll::new_or_off(config.busy_poll),
             config,
@@ -193,6 +196,7 @@ impl Broker {
             quota,
             orphans: Orphans::default(),
             reserved,
+            rounds: Rc::new(crate::fair::Rounds::new(round_quantum)),
             pull_turn: 0,
             fds_total,
             fd_accounts,
@@ -493,6 +497,16 @@ impl Broker {
         if let Some(bp) = &self.busy_poll {
             bp.batch(now, read_bytes);
         }
+    }
+
+    /// The rounds in which the broker's thread is shared out by user
+    /// ([`crate::fair`]), and `peer`'s user's account (its share in them).
+    pub fn rounds_for(
+        &self,
+        peer: PeerId,
+    ) -> (Rc<crate::fair::Rounds>, Option<Rc<crate::quota::Usage>>) {
+        let user = self.peers.get(peer).map(|p| p.user_rc().clone());
+        (self.rounds.clone(), user)
     }
 
     /// Whether `peer` sent its `Hello`.

@@ -15,6 +15,11 @@
 //!        "event <service>.<method>" per call event; stays
 //! zrpc-test-peer flood --count N [--register NAME] [--conns C]
 //!     -> "flooded" once N pings are written (pongs never read); stays
+//! zrpc-test-peer flood-calls --conns C --count N
+//!     -> on C connections at once, N NO_WAIT calls each to a name nobody
+//!        holds, written as fast as the broker takes them (answers read and
+//!        dropped): "flooding" once all are connected, "flooded" when all
+//!        are written; stays
 //! zrpc-test-peer register --name N [--shared] [--instance I] [--stay]
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
 //!        every request with the string "HIJACKED" and printing
@@ -147,6 +152,13 @@ enum Cmd {
         /// NAME1, ...) before any floods.
         #[arg(long, default_value_t = 1)]
         conns: usize,
+    },
+    /// NO_WAIT calls to a name nobody holds, on many connections at once.
+    FloodCalls {
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        count: u64,
     },
     /// Send the first SENT bytes of a frame announcing SIZE bytes, print
     /// "sent", then wait (printing "fatal ..." if the broker closes it).
@@ -552,6 +564,45 @@ fn main() {
                 // The broker may close the connection before taking it all.
                 let _ = std::io::Write::write_all(&mut r.s, &out);
             }
+            say("flooded");
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+        Cmd::FloodCalls { conns, count } => {
+            let all: Vec<_> = (0..conns.max(1)).map(|_| connect(None)).collect();
+            let mut out = bytes::BytesMut::new();
+            for id in 1..=count {
+                let call = Envelope::Call {
+                    id,
+                    service: "nobody",
+                    method: "m",
+                    timeout_ms: None,
+                    flags: zrpc_proto::flags::NO_WAIT,
+                };
+                zrpc_proto::encode_frame(&mut out, &call, b"\xc0");
+            }
+            let out = out.freeze();
+            say("flooding");
+            let writers: Vec<_> = all
+                .into_iter()
+                .map(|r| {
+                    let out = out.clone();
+                    std::thread::spawn(move || {
+                        let mut rd = r.s.try_clone().expect("clone the socket");
+                        let _ = rd.set_read_timeout(None);
+                        std::thread::spawn(move || {
+                            let mut buf = vec![0u8; 1 << 16];
+                            while matches!(std::io::Read::read(&mut rd, &mut buf), Ok(n) if n > 0) {
+                            }
+                        });
+                        let mut w = r.s;
+                        // The broker may close the connection before taking it all.
+                        let _ = w.write_all(&out);
+                        w
+                    })
+                })
+                .collect();
+            // Kept open (answers still drained) until killed.
+            let _open: Vec<_> = writers.into_iter().filter_map(|w| w.join().ok()).collect();
             say("flooded");
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
