@@ -120,8 +120,8 @@ pub struct Args {
     /// Frames each user other than root may have handled in a round of the
     /// broker's thread, however many connections it uses; then its
     /// connections wait for the next round, so that a user with many busy
-    /// connections gets no more of the broker than one with a single one
-    /// (large reads count one more per 64 KiB). 0: no rounds
+    /// connections gets about what one busy connection gets (large reads
+    /// count one more per 64 KiB, a new connection 16). 0: no rounds
     #[arg(long, default_value_t = crate::fair::QUANTUM)]
     pub round_quantum: u32,
     /// Seconds between pings to services

@@ -243,23 +243,16 @@ async fn read_loop(
     let mut turn_over = false;
     let waited = std::cell::Cell::new(false);
     // Turns share the thread by connection; rounds share it by user
-    // (`crate::fair`): past its user's quantum in this round, a connection
-    // waits for the next before it reads again.
-    let (rounds, user) = broker.borrow().rounds_for(id);
-    let limited = user.as_ref().is_some_and(|u| u.limited());
+    // (`crate::fair`): with data to read and its user's quantum used in
+    // this round, a connection waits for its turn in the next.
+    let (rounds, share) = broker.borrow().rounds_for(id);
+    if let Some(s) = &share {
+        rounds.charge(s, crate::fair::CONNECT_UNITS, 0);
+    }
     loop {
         if std::mem::take(&mut turn_over) {
             turn = None;
             tokio::task::yield_now().await;
-        }
-        // Again once woken: the user's other connections woken with this
-        // one may have used the new round's quantum first.
-        while user.as_ref().is_some_and(|u| rounds.spent(u.share())) {
-            tokio::select! {
-                _ = rounds.next_round() => {}
-                _ = io.kill.notified() => return "closed by the broker".into(),
-            }
-            turn = None;
         }
         let had_fds = fds.len();
         // No room for descriptors once the sender's waiting for their
@@ -274,8 +267,11 @@ async fn read_loop(
                 MAX_FDS_PER_MSG
             }
         };
-        let read = tokio::select! {
-            r = noting_a_wait(read_some(&rd, &mut buf, &mut fds, &decoder, fd_room), &waited) => r,
+        let (read, my_turn) = tokio::select! {
+            r = noting_a_wait(
+                fair_read(&rd, &rounds, share.as_ref(), read_some(&rd, &mut buf, &mut fds, &decoder, fd_room)),
+                &waited,
+            ) => r,
             _ = io.kill.notified() => return "closed by the broker".into(),
             _ = tokio::time::sleep_until(hello_deadline), if !ready => {
                 let fatal = Fatal {
@@ -426,9 +422,11 @@ async fn read_loop(
             }
         }
         b.end_read_batch(now, read_bytes);
-        if let Some(u) = &user {
-            rounds.charge(u.share(), limited, frames, read_bytes);
+        if let Some(s) = &share {
+            rounds.charge(s, frames, read_bytes);
         }
+        // The user's next connection may take its turn.
+        drop(my_turn);
         if !ready && b.is_ready(id) {
             ready = true;
             // Frames after `Hello` may carry descriptors if it offered them
@@ -447,6 +445,31 @@ async fn read_loop(
         *handled = handled.saturating_add(frames);
         turn_over = *handled >= TURN_FRAMES || now.saturating_duration_since(*began) >= TURN;
     }
+}
+
+/// Reads with `read` once data is there to read and the connection's user
+/// (`share`; `None`: root, not held to rounds) has its turn in the round
+/// (see [`crate::fair`]): checked after the wait for data, not before, so
+/// that a connection that sends a batch only once its socket was drained
+/// does not read it past its user's quantum.
+/// The turn is returned, to be dropped once the batch read is handled and
+/// charged (it is passed on then).
+async fn fair_read<'a, F: std::future::Future<Output = std::io::Result<usize>>>(
+    rd: &AsyncFd<std::os::unix::net::UnixStream>,
+    rounds: &'a crate::fair::Rounds,
+    share: Option<&'a Rc<crate::fair::Share>>,
+    read: F,
+) -> (std::io::Result<usize>, Option<crate::fair::Turn<'a>>) {
+    let Some(share) = share else {
+        return (read.await, None);
+    };
+    // Readiness is kept (the guard is dropped without clearing it): the
+    // read below finds it.
+    if let Err(e) = rd.readable().await {
+        return (Err(e), None);
+    }
+    let turn = rounds.wait_turn(share).await;
+    (read.await, Some(turn))
 }
 
 /// Runs `f`, setting `waited` if it had to wait (it returned `Pending`

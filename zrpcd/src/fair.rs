@@ -9,39 +9,58 @@
 //! a turn of each, up to a second.
 //!
 //! So the thread's time also goes in rounds. In a round, each user other
-//! than root has a quantum of work (`--round-quantum`, default [`QUANTUM`]
-//! frames, large reads counting more), however many connections it uses; a connection whose
-//! user has had its quantum waits for the next round before it reads
-//! again. A round ends once the tasks that were ready when a connection
-//! first had to wait have run (the first such connection yields to them,
-//! then starts the next round and wakes the others). A user alone on the
-//! broker loses nothing but that yield every quantum; a user that floods
-//! gets a quantum a round, as one with a single connection does. Root is
-//! not held to it (as to quotas).
+//! than root (and the broker's own NATS bridge) has a quantum of work
+//! (`--round-quantum`, default [`QUANTUM`] frames, as many as one turn;
+//! large reads count more; a new connection counts [`CONNECT_UNITS`]),
+//! however many connections it uses. A connection with data to read whose
+//! user has had its quantum waits for the next round. A round ends once
+//! the tasks that were ready when a connection first had to wait have run:
+//! that connection yields to them, then starts the next round. Each user
+//! with waiting connections then has one of them woken, and each turn a
+//! connection takes passes it on when it ends (however it ends: a batch
+//! handled, the connection closed): to the user's next waiting connection
+//! while quantum is left, else to whichever of them ends the round next.
+//! A round costs O(users waiting), not O(connections waiting).
+//! So a user that floods on many connections gets about one turn's worth a
+//! round, as one with a single connection whose socket stays full does,
+//! and a user alone on the broker loses only a yield every quantum.
 //!
-//! Private state behind a narrow API: [`Rounds::charge`] after each read,
-//! [`Rounds::spent`] before each read, [`Rounds::next_round`] to wait.
+//! Private state behind a narrow API: [`Rounds::wait_turn`] before each
+//! read (once data is there to read), [`Rounds::charge`] after it, then
+//! the [`Turn`] dropped.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 
 use tokio::sync::Notify;
 
 /// Default `--round-quantum`: frames a user's connections handle in a
 /// round before they wait for the next (a read of large frames counts one
-/// more for each 64 KiB). With calls of ~1 µs of the broker's time, a round
-/// of two busy users is a couple of milliseconds.
-pub const QUANTUM: u32 = 1024;
+/// more for each 64 KiB), as many as a connection handles in one turn
+/// (`crate::conn`, `TURN_FRAMES`).
+pub const QUANTUM: u32 = 256;
+
+/// What a new connection costs its user's quantum (its accept, admission
+/// and handshake), so that connecting in a loop is not free.
+pub const CONNECT_UNITS: u32 = 16;
 
 /// Bytes read that count as one frame more (see [`QUANTUM`]).
 const BYTES_PER_UNIT: usize = 64 * 1024;
 
-/// One user's work in the current round (in its `crate::quota::Usage`).
+/// One user's place in the rounds (in its `crate::quota::Usage`).
 #[derive(Debug, Default)]
 pub struct Share {
     /// The round `work` was counted in.
     round: Cell<u64>,
     /// Work counted in it.
     work: Cell<u32>,
+    /// Its connections waiting for a turn.
+    waiting: Cell<u32>,
+    /// Wakes one of them at a time.
+    turn: Notify,
+    /// Whether it is on the list of users to wake when the next round
+    /// starts.
+    listed: Cell<bool>,
 }
 
 /// The rounds (one per broker).
@@ -54,10 +73,10 @@ pub struct Rounds {
     /// Whether a task is ending the current round (yielding to the tasks
     /// ready before it).
     ending: Cell<bool>,
-    /// Wakes the tasks waiting for the next round.
-    next: Notify,
-    /// Rounds ended early because a connection had used its user's
-    /// quantum (for `zrpcd.stats`, and tests).
+    /// Users with connections waiting for the next round.
+    listed: RefCell<Vec<Rc<Share>>>,
+    /// Rounds ended early because a user had had its quantum (for
+    /// `zrpcd.stats`).
     waits: Cell<u64>,
 }
 
@@ -71,13 +90,10 @@ impl Rounds {
         }
     }
 
-    /// Counts a read of `frames` frames and `bytes` bytes against `share`
-    /// (nothing for root: `limited` false).
+    /// Counts `frames` frames and `bytes` bytes against `share` (a read
+    /// counts one frame at least).
     #[inline]
-    pub fn charge(&self, share: &Share, limited: bool, frames: u32, bytes: usize) {
-        if !limited {
-            return;
-        }
+    pub fn charge(&self, share: &Share, frames: u32, bytes: usize) {
         let round = self.round.get();
         if share.round.get() != round {
             share.round.set(round);
@@ -96,44 +112,128 @@ impl Rounds {
             && share.work.get() >= self.quantum
     }
 
-    /// Waits for the next round. The first task to wait in a round ends it:
-    /// it yields, so that the tasks ready before it run, then starts the
-    /// next round and wakes the others. Cancelled while ending the round
-    /// (its connection closed), it still starts the next one.
-    pub async fn next_round(&self) {
-        let round = self.round.get();
-        if self.ending.replace(true) {
-            let next = self.next.notified();
-            if self.round.get() == round {
-                next.await;
-            }
-            return;
+    /// Before a read with data waiting: returns at once while `share`'s
+    /// user has quantum left in this round, else waits for its turn in the
+    /// next. The first connection to wait in a round ends it: it yields,
+    /// so that the tasks ready before it run, then starts the next round.
+    /// The turn is passed on when the [`Turn`] is dropped.
+    pub async fn wait_turn<'a>(&'a self, share: &'a Rc<Share>) -> Turn<'a> {
+        self.wait(share).await;
+        Turn {
+            rounds: self,
+            share,
         }
-        self.waits.set(self.waits.get() + 1);
-        let ending = Ending(self);
-        tokio::task::yield_now().await;
-        drop(ending);
     }
 
-    /// Rounds ended early so far (see [`Rounds::next_round`]).
+    async fn wait(&self, share: &Rc<Share>) {
+        while self.spent(share) {
+            if self.ending.replace(true) {
+                share.waiting.set(share.waiting.get() + 1);
+                let _waiting = Waiting(share);
+                self.list(share);
+                share.turn.notified().await;
+                continue;
+            }
+            self.waits.set(self.waits.get() + 1);
+            let mut ending = Ending {
+                rounds: self,
+                done: false,
+            };
+            tokio::task::yield_now().await;
+            ending.done = true;
+        }
+    }
+
+    /// Rounds ended early so far (see [`Rounds::wait_turn`]).
     pub fn waits(&self) -> u64 {
         self.waits.get()
     }
 
+    /// A turn of `share`'s user ended: its next waiting connection takes
+    /// one while quantum is left; else the user waits for the next round,
+    /// which one of them ends if no one is ending it.
+    fn pass_on(&self, share: &Rc<Share>) {
+        if share.waiting.get() == 0 {
+            return;
+        }
+        if self.spent(share) {
+            self.list(share);
+            if self.ending.get() {
+                return;
+            }
+        }
+        share.turn.notify_one();
+    }
+
+    fn list(&self, share: &Rc<Share>) {
+        if !share.listed.replace(true) {
+            self.listed.borrow_mut().push(share.clone());
+        }
+    }
+
+    /// Starts the next round: one waiting connection of each listed user
+    /// is woken (the rest follow as it handles its batches).
     fn start_next(&self) {
         self.round.set(self.round.get() + 1);
         self.ending.set(false);
-        self.next.notify_waiters();
+        self.wake_listed(true);
+    }
+
+    /// Wakes one waiting connection of each listed user, forgetting the
+    /// list if `forget`.
+    fn wake_listed(&self, forget: bool) {
+        let listed = if forget {
+            std::mem::take(&mut *self.listed.borrow_mut())
+        } else {
+            self.listed.borrow().clone()
+        };
+        for share in listed {
+            if forget {
+                share.listed.set(false);
+            }
+            share.turn.notify_one();
+        }
     }
 }
 
-/// Starts the next round when dropped: after the yield, or if the task
-/// ending the round is cancelled during it.
-struct Ending<'a>(&'a Rounds);
+/// A connection's turn to read and handle a batch (see
+/// [`Rounds::wait_turn`]); passed on when dropped.
+pub struct Turn<'a> {
+    rounds: &'a Rounds,
+    share: &'a Rc<Share>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.rounds.pass_on(self.share);
+    }
+}
+
+/// Counts a connection as waiting for its turn while it lives.
+struct Waiting<'a>(&'a Share);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.set(self.0.waiting.get().saturating_sub(1));
+    }
+}
+
+/// Starts the next round when dropped after the yield. Dropped during it
+/// (its connection closed), it leaves the round running and wakes a
+/// waiting connection of each listed user, one of which then ends it.
+struct Ending<'a> {
+    rounds: &'a Rounds,
+    done: bool,
+}
 
 impl Drop for Ending<'_> {
     fn drop(&mut self) {
-        self.0.start_next();
+        if self.done {
+            self.rounds.start_next();
+        } else {
+            self.rounds.ending.set(false);
+            self.rounds.wake_listed(false);
+        }
     }
 }
 
@@ -141,66 +241,68 @@ impl Drop for Ending<'_> {
 mod tests {
     use super::*;
     use std::future::Future;
-    use std::rc::Rc;
 
     #[test]
-    fn a_user_has_a_quantum_a_round_and_root_none() {
+    fn a_user_has_a_quantum_a_round() {
         let r = Rounds::new(QUANTUM);
-        let s = Share::default();
-        r.charge(&s, true, QUANTUM - 1, 0);
+        let s = Rc::new(Share::default());
+        r.charge(&s, QUANTUM - 1, 0);
         assert!(!r.spent(&s));
-        r.charge(&s, true, 0, 0);
+        r.charge(&s, 0, 0);
         assert!(r.spent(&s), "an empty read counts one");
         r.start_next();
         assert!(!r.spent(&s), "a new round");
-        r.charge(&s, true, 1, 64 * 1024 * (QUANTUM as usize));
+        r.charge(&s, 1, BYTES_PER_UNIT * (QUANTUM as usize));
         assert!(r.spent(&s), "large reads count by size");
-        let root = Share::default();
-        r.charge(&root, false, u32::MAX, usize::MAX);
-        assert!(!r.spent(&root));
         let off = Rounds::new(0);
-        off.charge(&s, true, u32::MAX, 0);
+        off.charge(&s, u32::MAX, 0);
         assert!(!off.spent(&s), "--round-quantum 0: no rounds");
     }
 
     #[test]
-    fn waiters_resume_in_the_next_round_also_if_the_first_is_cancelled() {
+    fn waiting_connections_get_their_turn_also_if_the_round_ender_is_cancelled() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async {
-            let r = Rc::new(Rounds::new(QUANTUM));
-            // The first waiter ends the round: polled once, it is in its
-            // yield.
-            let mut first = Box::pin(r.next_round());
+            let r = Rc::new(Rounds::new(2));
+            let (a, b) = (Rc::new(Share::default()), Rc::new(Share::default()));
+            r.charge(&a, 2, 0);
+            r.charge(&b, 2, 0);
+            // A connection of user a ends the round: polled once, it is in
+            // its yield.
+            let mut ender = Box::pin(r.wait_turn(&a));
             std::future::poll_fn(|cx| {
-                assert!(first.as_mut().poll(cx).is_pending());
+                assert!(ender.as_mut().poll(cx).is_pending());
                 std::task::Poll::Ready(())
             })
             .await;
             assert!(r.ending.get());
-            // Three more wait for it.
-            let others: Vec<_> = (0..3)
-                .map(|_| {
-                    let r = r.clone();
-                    tokio::task::spawn_local(async move {
-                        r.next_round().await;
-                        r.round.get()
-                    })
+            // Two more of a's and one of b's wait for their turn.
+            let wait = |s: &Rc<Share>| {
+                let (r, s) = (r.clone(), s.clone());
+                tokio::task::spawn_local(async move {
+                    r.wait_turn(&s).await;
+                    r.round.get()
                 })
-                .collect();
+            };
+            let waiters = [wait(&a), wait(&a), wait(&b)];
             tokio::task::yield_now().await;
+            assert_eq!((a.waiting.get(), b.waiting.get()), (2, 1));
+            assert_eq!(r.listed.borrow().len(), 2, "each user listed once");
             assert_eq!(r.round.get(), 0, "nobody ended the round yet");
-            // Its connection closes: cancelled mid-yield, it still ends it.
-            drop(first);
-            for o in others {
-                assert_eq!(o.await.expect("woken"), 1);
+            // Its connection closes mid-yield: another ends the round.
+            drop(ender);
+            for w in waiters {
+                assert_eq!(w.await.expect("woken"), 1);
             }
-            assert!(!r.ending.get());
-            // And the next round goes as the first, uncancelled.
-            r.next_round().await;
-            assert_eq!((r.round.get(), r.waits()), (2, 2));
+            assert_eq!((a.waiting.get(), b.waiting.get()), (0, 0));
+            assert!(!r.ending.get() && r.listed.borrow().is_empty());
+            assert_eq!(r.waits(), 2, "the cancelled ender and the next");
+            // With quantum left, no wait at all.
+            r.wait_turn(&a).await;
+            assert_eq!(r.round.get(), 1);
         });
     }
 }

@@ -189,7 +189,7 @@ pub struct Usage {
     names: Cell<usize>,
     /// Its work in the current round of the broker's thread
     /// ([`crate::fair`]).
-    share: crate::fair::Share,
+    share: Rc<crate::fair::Share>,
     /// All users' queued bytes (shared by every user's `Usage`).
     total: Rc<QueuedTotal>,
 }
@@ -214,7 +214,7 @@ impl Usage {
     }
 
     /// Its work in the current round of the broker's thread.
-    pub fn share(&self) -> &crate::fair::Share {
+    pub fn share(&self) -> &Rc<crate::fair::Share> {
         &self.share
     }
 

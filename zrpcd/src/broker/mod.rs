@@ -500,13 +500,18 @@ impl Broker {
     }
 
     /// The rounds in which the broker's thread is shared out by user
-    /// ([`crate::fair`]), and `peer`'s user's account (its share in them).
+    /// ([`crate::fair`]), and `peer`'s user's place in them (none for root
+    /// and for the broker's own NATS bridge, which are not held to them).
     pub fn rounds_for(
         &self,
         peer: PeerId,
-    ) -> (Rc<crate::fair::Rounds>, Option<Rc<crate::quota::Usage>>) {
-        let user = self.peers.get(peer).map(|p| p.user_rc().clone());
-        (self.rounds.clone(), user)
+    ) -> (Rc<crate::fair::Rounds>, Option<Rc<crate::fair::Share>>) {
+        let share = self
+            .peers
+            .get(peer)
+            .filter(|p| p.user().limited() && !self.is_bridge(peer))
+            .map(|p| p.user().share().clone());
+        (self.rounds.clone(), share)
     }
 
     /// Whether `peer` sent its `Hello`.

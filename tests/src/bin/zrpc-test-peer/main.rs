@@ -15,11 +15,16 @@
 //!        "event <service>.<method>" per call event; stays
 //! zrpc-test-peer flood --count N [--register NAME] [--conns C]
 //!     -> "flooded" once N pings are written (pongs never read); stays
-//! zrpc-test-peer flood-calls --conns C --count N
+//! zrpc-test-peer flood-calls --conns C --count N [--paced B]
 //!     -> on C connections at once, N NO_WAIT calls each to a name nobody
 //!        holds, written as fast as the broker takes them (answers read and
-//!        dropped): "flooding" once all are connected, "flooded" when all
-//!        are written; stays
+//!        dropped; with --paced: B calls at a time, each burst once the
+//!        answers to the last are read, so that the socket runs dry
+//!        between bursts): "flooding" once all are connected, "flooded"
+//!        when all are written; stays
+//! zrpc-test-peer probe-stats --count N
+//!     -> N calls of zrpcd.stats one after another on one connection,
+//!        printing "calls <count>" (its counter of calls) for each
 //! zrpc-test-peer register --name N [--shared] [--instance I] [--stay]
 //!     -> "ack ok" | "ack <code> <message>"; then serves the name, answering
 //!        every request with the string "HIJACKED" and printing
@@ -157,6 +162,13 @@ enum Cmd {
     FloodCalls {
         #[arg(long)]
         conns: usize,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        paced: Option<u64>,
+    },
+    /// zrpcd.stats calls in a row, printing its counter of calls.
+    ProbeStats {
         #[arg(long)]
         count: u64,
     },
@@ -567,10 +579,15 @@ fn main() {
             say("flooded");
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
-        Cmd::FloodCalls { conns, count } => {
+        Cmd::FloodCalls {
+            conns,
+            count,
+            paced,
+        } => {
             let all: Vec<_> = (0..conns.max(1)).map(|_| connect(None)).collect();
+            let burst = paced.unwrap_or(count).clamp(1, count.max(1));
             let mut out = bytes::BytesMut::new();
-            for id in 1..=count {
+            for id in 1..=burst {
                 let call = Envelope::Call {
                     id,
                     service: "nobody",
@@ -584,9 +601,23 @@ fn main() {
             say("flooding");
             let writers: Vec<_> = all
                 .into_iter()
-                .map(|r| {
+                .map(|mut r| {
                     let out = out.clone();
                     std::thread::spawn(move || {
+                        if paced.is_some() {
+                            // A burst, then its answers, then the next.
+                            for _ in 0..count / burst {
+                                if r.s.write_all(&out).is_err() {
+                                    break;
+                                }
+                                for _ in 0..burst {
+                                    if r.recv_frame().is_none() {
+                                        return r.s;
+                                    }
+                                }
+                            }
+                            return r.s;
+                        }
                         let mut rd = r.s.try_clone().expect("clone the socket");
                         let _ = rd.set_read_timeout(None);
                         std::thread::spawn(move || {
@@ -594,17 +625,54 @@ fn main() {
                             while matches!(std::io::Read::read(&mut rd, &mut buf), Ok(n) if n > 0) {
                             }
                         });
-                        let mut w = r.s;
                         // The broker may close the connection before taking it all.
-                        let _ = w.write_all(&out);
-                        w
+                        for _ in 0..count / burst {
+                            if r.s.write_all(&out).is_err() {
+                                break;
+                            }
+                        }
+                        r.s
                     })
                 })
                 .collect();
-            // Kept open (answers still drained) until killed.
+            // Kept open until killed.
             let _open: Vec<_> = writers.into_iter().filter_map(|w| w.join().ok()).collect();
             say("flooded");
             std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+        Cmd::ProbeStats { count } => {
+            let mut r = connect(None);
+            for id in 1..=count {
+                r.send(
+                    &Envelope::Call {
+                        id,
+                        service: "zrpcd",
+                        method: "stats",
+                        timeout_ms: None,
+                        flags: 0,
+                    },
+                    b"\xc0",
+                );
+                let Some(f) = r.recv_frame() else {
+                    return say("fatal closed");
+                };
+                match f.decode() {
+                    Ok(Envelope::Result { code: None, .. }) => {
+                        let stats =
+                            rmpv::decode::read_value(&mut &f.payload[..]).expect("a stats map");
+                        let calls = stats
+                            .as_map()
+                            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("calls")))
+                            .and_then(|(_, v)| v.as_u64())
+                            .expect("calls in the stats");
+                        say(&format!("calls {calls}"));
+                    }
+                    Ok(Envelope::Result { code, message, .. }) => {
+                        return say(&format!("result {code:?} {message}"));
+                    }
+                    _ => return say("unexpected frame"),
+                }
+            }
         }
         Cmd::Register {
             name,
