@@ -318,25 +318,30 @@ pub async fn read_some_fds(
     fds: &mut FdQueue,
     room: impl FnMut(&mut BytesMut),
 ) -> io::Result<usize> {
-    read_some_fds_at_most(rd, buf, fds, room, || MAX_FDS_PER_MSG).await
+    let gate = || std::future::ready(());
+    let (n, ()) = read_some_fds_at_most(rd, buf, fds, room, || MAX_FDS_PER_MSG, gate).await?;
+    Ok(n)
 }
 
 /// [`read_some_fds`] taking at most `max()` descriptors
 /// ([`read_spare_fds_at_most`]), `max` asked when the socket is readable,
-/// just before the read.
-pub async fn read_some_fds_at_most(
+/// just before the read; and awaiting `gate()` before each read, once the
+/// socket is readable, its value returned with the bytes read (see
+/// `read::read_with`).
+pub async fn read_some_fds_at_most<G, Gate: std::future::Future<Output = G>>(
     rd: &Registered,
     buf: &mut BytesMut,
     fds: &mut FdQueue,
     room: impl FnMut(&mut BytesMut),
     mut max: impl FnMut() -> usize,
-) -> io::Result<usize> {
-    crate::read::read_with(rd, buf, room, |sock, buf| {
+    gate: impl FnMut() -> Gate,
+) -> io::Result<(usize, G)> {
+    let read = |sock: &std::os::unix::net::UnixStream, buf: &mut BytesMut| {
         let before = fds.len();
         let n = read_spare_fds_at_most(sock, buf, fds, max())?;
         Ok((n, fds.len() != before))
-    })
-    .await
+    };
+    crate::read::read_with(rd, buf, room, read, gate).await
 }
 
 /// What the peer of the Unix stream socket `fd` has not read yet of what

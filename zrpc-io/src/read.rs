@@ -137,24 +137,35 @@ pub async fn read_some(
     buf: &mut BytesMut,
     room: impl FnMut(&mut BytesMut),
 ) -> io::Result<usize> {
-    read_with(rd, buf, room, |sock, buf| {
+    let read = |sock: &std::os::unix::net::UnixStream, buf: &mut BytesMut| {
         Ok((read_spare(sock, buf)?, false))
-    })
-    .await
+    };
+    let (n, ()) = read_with(rd, buf, room, read, || std::future::ready(())).await?;
+    Ok(n)
 }
 
 /// The loop of [`read_some`], with the read itself as `read`: it returns
 /// the bytes read and whether the read may have ended early with data left
 /// (the kernel ends a read at a message carrying descriptors, see
 /// [`crate::fdpass::read_some_fds`]), in which case readiness is kept.
-pub(crate) async fn read_with(
+///
+/// Once the socket is readable, and before each read, `gate()` is
+/// awaited: its value is returned with what was read, and dropped if the
+/// read would block after all (readiness kept from a read that filled the
+/// buffer, or took descriptors, with nothing left). The broker waits there
+/// for the connection's turn in its user's round (`zrpcd`'s `fair`), so
+/// that a turn is taken only with data to read and never held while the
+/// read waits.
+pub(crate) async fn read_with<G, Gate: std::future::Future<Output = G>>(
     rd: &Registered,
     buf: &mut BytesMut,
     mut room: impl FnMut(&mut BytesMut),
     mut read: impl FnMut(&std::os::unix::net::UnixStream, &mut BytesMut) -> io::Result<(usize, bool)>,
-) -> io::Result<usize> {
+    mut gate: impl FnMut() -> Gate,
+) -> io::Result<(usize, G)> {
     loop {
         let mut guard = rd.readable().await?;
+        let passed = gate().await;
         room(buf);
         let cap = buf.capacity() - buf.len();
         match read(rd.get_ref(), buf) {
@@ -162,7 +173,7 @@ pub(crate) async fn read_with(
                 if n > 0 && n < cap && !ended_early {
                     guard.clear_ready();
                 }
-                return Ok(n);
+                return Ok((n, passed));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -174,6 +185,53 @@ pub(crate) async fn read_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gate value passed before a read that would block after all
+    /// (readiness kept with nothing left) is dropped before the read waits
+    /// for more: the broker must not hold a connection's turn while its
+    /// read waits.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gate_passed_before_a_read_that_would_block_is_dropped() {
+        use std::cell::Cell;
+        use std::io::Write;
+        use std::rc::Rc;
+        struct Pass(Rc<Cell<u32>>);
+        impl Drop for Pass {
+            fn drop(&mut self) {
+                self.0.set(self.0.get() + 1);
+            }
+        }
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let rd = crate::reactor::register(a, tokio::io::Interest::READABLE).expect("register");
+        b.write_all(b"x").expect("write");
+        let (passed, dropped) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+        let mut first = true;
+        // The first read says it would block (as after readiness kept from
+        // a read that filled the buffer); the peer then sends more, for a
+        // new edge.
+        let read = |sock: &std::os::unix::net::UnixStream, buf: &mut BytesMut| {
+            if std::mem::take(&mut first) {
+                assert_eq!(dropped.get(), 0, "dropped too early");
+                b.write_all(b"y").expect("write");
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            assert_eq!(dropped.get(), 1, "the first pass was still held");
+            Ok((read_spare(sock, buf)?, false))
+        };
+        let gate = || {
+            passed.set(passed.get() + 1);
+            std::future::ready(Pass(dropped.clone()))
+        };
+        let mut buf = BytesMut::with_capacity(64);
+        let (n, pass) = read_with(&rd, &mut buf, |_| {}, read, gate)
+            .await
+            .expect("read");
+        assert_eq!((n, &buf[..]), (2, &b"xy"[..]));
+        assert_eq!((passed.get(), dropped.get()), (2, 1));
+        drop(pass);
+        assert_eq!(dropped.get(), 2);
+    }
 
     #[test]
     fn a_partial_frame_is_reserved_whole_up_to_the_bound() {

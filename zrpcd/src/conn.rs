@@ -269,7 +269,7 @@ async fn read_loop(
         };
         let (read, my_turn) = tokio::select! {
             r = noting_a_wait(
-                fair_read(&rd, &rounds, share.as_ref(), read_some(&rd, &mut buf, &mut fds, &decoder, fd_room)),
+                read_some(&rd, &mut buf, &mut fds, &decoder, fd_room, &rounds, share.as_ref()),
                 &waited,
             ) => r,
             _ = io.kill.notified() => return "closed by the broker".into(),
@@ -447,31 +447,6 @@ async fn read_loop(
     }
 }
 
-/// Reads with `read` once data is there to read and the connection's user
-/// (`share`; `None`: root, not held to rounds) has its turn in the round
-/// (see [`crate::fair`]): checked after the wait for data, not before, so
-/// that a connection that sends a batch only once its socket was drained
-/// does not read it past its user's quantum.
-/// The turn is returned, to be dropped once the batch read is handled and
-/// charged (it is passed on then).
-async fn fair_read<'a, F: std::future::Future<Output = std::io::Result<usize>>>(
-    rd: &AsyncFd<std::os::unix::net::UnixStream>,
-    rounds: &'a crate::fair::Rounds,
-    share: Option<&'a Rc<crate::fair::Share>>,
-    read: F,
-) -> (std::io::Result<usize>, Option<crate::fair::Turn<'a>>) {
-    let Some(share) = share else {
-        return (read.await, None);
-    };
-    // Readiness is kept (the guard is dropped without clearing it): the
-    // read below finds it.
-    if let Err(e) = rd.readable().await {
-        return (Err(e), None);
-    }
-    let turn = rounds.wait_turn(share).await;
-    (read.await, Some(turn))
-}
-
 /// Runs `f`, setting `waited` if it had to wait (it returned `Pending`
 /// once at least: the task was suspended and others ran).
 async fn noting_a_wait<F: std::future::Future>(f: F, waited: &std::cell::Cell<bool>) -> F::Output {
@@ -498,21 +473,43 @@ async fn noting_a_wait<F: std::future::Future>(f: F, waited: &std::cell::Cell<bo
 /// negotiated them are taken off the socket and closed by the caller), at
 /// most `max_fds()` of them, asked just before the read (more fail it,
 /// `InvalidData`).
-async fn read_some(
+///
+/// Once data is there to read, and before the read, the connection waits
+/// for its turn in its user's round (`share`; `None`: root or the NATS
+/// bridge, not held to rounds; see [`crate::fair`]): checked with data
+/// there, not before the wait for it, so that a connection sending a batch
+/// only once its socket was drained does not read it past its user's
+/// quantum. The turn is returned, to be dropped once the batch is handled
+/// and charged (it is passed on then); it is never held while the read
+/// waits.
+async fn read_some<'a>(
     rd: &AsyncFd<std::os::unix::net::UnixStream>,
     buf: &mut BytesMut,
     fds: &mut FdQueue,
     decoder: &FrameDecoder,
     max_fds: impl FnMut() -> usize,
-) -> std::io::Result<usize> {
-    zrpc_io::fdpass::read_some_fds_at_most(
+    rounds: &'a crate::fair::Rounds,
+    share: Option<&'a Rc<crate::fair::Share>>,
+) -> (std::io::Result<usize>, Option<crate::fair::Turn<'a>>) {
+    let turn = || async move {
+        match share {
+            Some(s) => Some(rounds.wait_turn(s).await),
+            None => None,
+        }
+    };
+    match zrpc_io::fdpass::read_some_fds_at_most(
         rd,
         buf,
         fds,
         |b| ReadPolicy::BROKER.make_room(decoder, b),
         max_fds,
+        turn,
     )
     .await
+    {
+        Ok((n, turn)) => (Ok(n), turn),
+        Err(e) => (Err(e), None),
+    }
 }
 
 /// Takes over flushing when the socket is full (waits until it is

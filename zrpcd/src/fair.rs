@@ -127,20 +127,25 @@ impl Rounds {
 
     async fn wait(&self, share: &Rc<Share>) {
         while self.spent(share) {
-            if self.ending.replace(true) {
-                share.waiting.set(share.waiting.get() + 1);
-                let _waiting = Waiting(share);
-                self.list(share);
-                share.turn.notified().await;
-                continue;
+            // In line with the user's other waiting connections, oldest
+            // first (the one that ends the round too: it must not go
+            // ahead of connections that waited longer).
+            share.waiting.set(share.waiting.get() + 1);
+            let _waiting = Waiting(share);
+            self.list(share);
+            let turn = share.turn.notified();
+            tokio::pin!(turn);
+            turn.as_mut().enable();
+            if !self.ending.replace(true) {
+                self.waits.set(self.waits.get() + 1);
+                let mut ending = Ending {
+                    rounds: self,
+                    done: false,
+                };
+                tokio::task::yield_now().await;
+                ending.done = true;
             }
-            self.waits.set(self.waits.get() + 1);
-            let mut ending = Ending {
-                rounds: self,
-                done: false,
-            };
-            tokio::task::yield_now().await;
-            ending.done = true;
+            turn.await;
         }
     }
 
@@ -220,7 +225,8 @@ impl Drop for Waiting<'_> {
 
 /// Starts the next round when dropped after the yield. Dropped during it
 /// (its connection closed), it leaves the round running and wakes a
-/// waiting connection of each listed user, one of which then ends it.
+/// waiting connection of each listed user (its own user is listed), one
+/// of which then ends it.
 struct Ending<'a> {
     rounds: &'a Rounds,
     done: bool,
@@ -289,7 +295,11 @@ mod tests {
             };
             let waiters = [wait(&a), wait(&a), wait(&b)];
             tokio::task::yield_now().await;
-            assert_eq!((a.waiting.get(), b.waiting.get()), (2, 1));
+            assert_eq!(
+                (a.waiting.get(), b.waiting.get()),
+                (3, 1),
+                "the ender waits in line too"
+            );
             assert_eq!(r.listed.borrow().len(), 2, "each user listed once");
             assert_eq!(r.round.get(), 0, "nobody ended the round yet");
             // Its connection closes mid-yield: another ends the round.
