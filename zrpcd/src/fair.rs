@@ -13,14 +13,17 @@
 //! (`--round-quantum`, default [`QUANTUM`] frames, as many as one turn;
 //! large reads count more; a new connection counts [`CONNECT_UNITS`]),
 //! however many connections it uses. A connection with data to read whose
-//! user has had its quantum waits for the next round. A round ends once
-//! the tasks that were ready when a connection first had to wait have run:
-//! that connection yields to them, then starts the next round. Each user
-//! with waiting connections then has one of them woken, and each turn a
+//! user has had its quantum waits for the next round, in line behind the
+//! user's connections that waited before it. A round ends once the tasks
+//! that were ready when a connection first had to wait have run: that
+//! connection yields to them, then starts the next round. Each user with
+//! waiting connections then has its oldest woken, and each turn a
 //! connection takes passes it on when it ends (however it ends: a batch
 //! handled, the connection closed): to the user's next waiting connection
 //! while quantum is left, else to whichever of them ends the round next.
-//! A round costs O(users waiting), not O(connections waiting).
+//! A round costs O(users waiting), not O(connections waiting). A turn is
+//! taken only once data is there to read (the gate of `zrpc_io`'s read
+//! loop) and is never held while a read waits.
 //! So a user that floods on many connections gets about one turn's worth a
 //! round, as one with a single connection whose socket stays full does,
 //! and a user alone on the broker loses only a yield every quantum.
