@@ -401,6 +401,64 @@ fn connect_as(b: &Broker, instance: u64) -> Raw {
     r
 }
 
+/// The names a broker held or kept stay their users' across a restart
+/// of the broker (`zrpcd.names` in the socket directory, written on the
+/// heartbeat tick when they changed and at shutdown): the services come
+/// back within their reconnect backoff, and another user connecting in a
+/// loop must not take their names first. Before, every name was anyone's
+/// the moment the new broker listened.
+#[test]
+fn names_stay_their_users_across_a_broker_restart() {
+    if !is_root("names_stay_their_users_across_a_broker_restart", AS_OTHER) {
+        return;
+    }
+    let mut b = Broker::start_with(&["--heartbeat-interval", "0.1"]);
+    let state = b.dir().join("zrpcd.names");
+    let _svc = {
+        let mut svc = Raw::hello(b.dir());
+        zrpc_tests::raw::register(&mut svc, "held");
+        svc
+    };
+    {
+        let mut gone = Raw::hello(b.dir());
+        zrpc_tests::raw::register(&mut gone, "gone");
+    }
+    let saved = |names: &[&str]| {
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        names
+            .iter()
+            .all(|n| text.lines().any(|l| l == format!("0 {n}")))
+    };
+    assert!(
+        wait_until(WAIT, || saved(&["held", "gone"])),
+        "not saved: {:?}",
+        std::fs::read_to_string(&state)
+    );
+    // Killed: the next broker reads what the heartbeat tick wrote.
+    b.restart(libc::SIGKILL);
+    for name in ["held", "gone"] {
+        let line = other_registers(&b, name);
+        assert!(line.starts_with("ack access_denied"), "{name}: {line}");
+        assert!(line.contains("kept for another user"), "{name}: {line}");
+    }
+    let mut back = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut back, "held");
+    // A name the file does not hold is first come, as before.
+    assert_eq!(other_registers(&b, "fresh"), "ack ok");
+    drop(b);
+    // Stopped: the shutdown writes them. No heartbeat tick in between
+    // (the first comes at start, before the name is registered).
+    let mut b = Broker::start_with(&["--heartbeat-interval", "600", "--heartbeat-timeout", "1800"]);
+    let _svc = {
+        let mut svc = Raw::hello(b.dir());
+        zrpc_tests::raw::register(&mut svc, "stopped");
+        svc
+    };
+    b.restart(libc::SIGTERM);
+    let line = other_registers(&b, "stopped");
+    assert!(line.starts_with("ack access_denied"), "{line}");
+}
+
 /// A call whose service instance disconnected while it had it is
 /// re-delivered to another instance of the same user only: another user
 /// that registers the free name first gets the calls made after, not the

@@ -114,7 +114,9 @@ pub struct Args {
     /// user's after its last instance unregistered it or disconnected:
     /// within them only that user (not even root, unless it is that user)
     /// may register it again, so a restarting service keeps its name and
-    /// its waiting calls from other users. 0: free at once
+    /// its waiting calls from other users. Names held or kept when the
+    /// broker stops or dies are kept as long after the next one starts
+    /// (saved in zrpcd.names in the socket directory). 0: free at once
     #[arg(long, default_value_t = crate::config::DEFAULT_NAME_GRACE.as_secs_f64())]
     pub name_grace: f64,
     /// Frames each user other than root may have handled in a round of the

@@ -131,6 +131,10 @@ pub struct Config {
     /// How long a name the policy does not reserve stays its user's after
     /// its last instance left (see [`crate::reserved`]); zero: not kept.
     pub name_grace: Duration,
+    /// Where the names held and kept are saved for the next broker (see
+    /// [`crate::reserved`]); `None`: nowhere (zrpcd sets its socket
+    /// directory's [`crate::reserved::STATE_FILE`]).
+    pub names_file: Option<PathBuf>,
     /// Frames each user other than root handles per round of the broker's
     /// thread (see [`crate::fair`]); 0: no rounds.
     pub round_quantum: u32,
@@ -219,6 +223,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(2),
             caller_grace: DEFAULT_CALLER_GRACE,
             name_grace: DEFAULT_NAME_GRACE,
+            names_file: None,
             round_quantum: crate::fair::QUANTUM,
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),

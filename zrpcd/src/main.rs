@@ -83,6 +83,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.shutdown_grace = secs(args.shutdown_grace, "shutdown-grace")?;
     config.caller_grace = secs(args.caller_grace, "caller-grace")?;
     config.name_grace = secs(args.name_grace, "name-grace")?;
+    config.names_file =
+        (!config.name_grace.is_zero()).then(|| config.socket_dir.join(zrpcd::reserved::STATE_FILE));
     config.round_quantum = args.round_quantum;
     config.heartbeat_interval = secs(args.heartbeat_interval, "heartbeat-interval")?;
     config.heartbeat_timeout = secs(args.heartbeat_timeout, "heartbeat-timeout")?;

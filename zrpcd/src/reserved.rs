@@ -21,16 +21,108 @@
 //! broker's own NATS bridge is not held to kept names (it forwards for the
 //! broker, docs/bridge.md), and does not keep its imported names.
 //!
+//! Kept across a restart of the broker too: a restart drops every
+//! connection at once, and the services come back within their reconnect
+//! backoff (up to a second), while another user connecting in a loop would
+//! be first. So the broker writes the names held and kept, each with its
+//! user, to [`STATE_FILE`] in its socket directory (`0600`, on the
+//! heartbeat tick when they changed, and at shutdown; [`save`]), and a
+//! broker starting keeps each for its user for the grace ([`load`]).
+//!
 //! Private state behind a narrow API: [`Reserved::release`] when a name
 //! loses its last instance, [`Reserved::kept_for`] when a connection
 //! registers one, [`Reserved::taken`] once it did, [`Reserved::prune`]
 //! now and then.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::hashing::PeerKeyedMap;
+
+/// The file in the socket directory that keeps the names and their users
+/// across a restart (see the module docs).
+pub const STATE_FILE: &str = "zrpcd.names";
+
+/// The first line of [`STATE_FILE`] (its format: then one `uid name` a
+/// line).
+const STATE_HEADER: &str = "# zrpcd names v1: uid name";
+
+/// Largest [`STATE_FILE`] read: 65,536 names held and as many kept, of
+/// 128 bytes (`zrpc_proto::MAX_NAME_LEN`) and a uid each, fit. A longer
+/// file is read up to it (its last, cut, line dropped).
+const STATE_MAX_BYTES: u64 = 32 << 20;
+
+/// Writes `names` (name and user) to `path` in place of what it held:
+/// a temporary file, readable by the broker's user only, renamed over it.
+/// The temporary file is made anew (`O_EXCL`, `O_NOFOLLOW`): a link or a
+/// file left there is removed first, never written through.
+pub fn save<'a>(path: &Path, names: impl Iterator<Item = (&'a str, u32)>) -> std::io::Result<()> {
+    let tmp = path.with_extension("names.tmp");
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    let mut w = std::io::BufWriter::new(f);
+    writeln!(w, "{STATE_HEADER}")?;
+    for (name, uid) in names {
+        writeln!(w, "{uid} {name}")?;
+    }
+    w.into_inner().map_err(|e| e.into_error())?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The names and users [`save`] wrote to `path` (none if it does not
+/// exist, or is not a regular file of this format); lines that are not a
+/// uid and a valid name are skipped.
+pub fn load(path: &Path) -> std::io::Result<Vec<(String, u32)>> {
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(f, STATE_MAX_BYTES), &mut text)?;
+    Ok(parse(&text))
+}
+
+/// The names of a [`STATE_FILE`]'s text: none unless it begins with
+/// [`STATE_HEADER`]; only whole lines (a line cut by the size bound is
+/// dropped: `1000 billing.v2` must not come back as `1000 billing`).
+fn parse(text: &str) -> Vec<(String, u32)> {
+    let Some(body) = text
+        .strip_prefix(STATE_HEADER)
+        .and_then(|t| t.strip_prefix('\n'))
+    else {
+        return Vec::new();
+    };
+    let whole = body.rfind('\n').map_or("", |end| &body[..end]);
+    whole
+        .lines()
+        .filter_map(|l| {
+            let (uid, name) = l.split_once(' ')?;
+            let uid = uid.parse::<u32>().ok()?;
+            zrpc_proto::validate_name(name).ok()?;
+            Some((name.to_owned(), uid))
+        })
+        .collect()
+}
 
 /// The names kept for their last user (see the module docs).
 #[derive(Debug, Default)]
@@ -136,6 +228,14 @@ impl Reserved {
         }
     }
 
+    /// The names kept at `now`, with their users.
+    pub fn iter(&self, now: Instant) -> impl Iterator<Item = (&str, u32)> + '_ {
+        self.by_name
+            .iter()
+            .filter(move |(_, &(_, until))| until > now)
+            .map(|(name, &(uid, _))| (&**name, uid))
+    }
+
     /// `name` was registered again (by the user it was kept for, or after
     /// its grace): no longer kept.
     pub fn taken(&mut self, name: &str) {
@@ -149,8 +249,10 @@ impl Reserved {
         }
     }
 
-    /// Forgets the names whose grace ended at `now`.
-    pub fn prune(&mut self, now: Instant) {
+    /// Forgets the names whose grace ended at `now`; whether any was
+    /// kept until then.
+    pub fn prune(&mut self, now: Instant) -> bool {
+        let before = self.by_name.len();
         let by_name = &mut self.by_name;
         self.by_uid.retain(|&uid, k| {
             while k.queue.front().is_some_and(|(until, _)| *until <= now) {
@@ -162,6 +264,7 @@ impl Reserved {
             }
             !k.queue.is_empty()
         });
+        self.by_name.len() != before
     }
 }
 
@@ -317,5 +420,41 @@ mod tests {
             "{}",
             k.queue.len()
         );
+    }
+
+    #[test]
+    fn the_state_file_round_trips_and_bad_lines_are_skipped() {
+        let dir = std::env::temp_dir().join(format!("zrpcd-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(STATE_FILE);
+        assert!(load(&path).expect("no file").is_empty());
+        save(&path, [("billing", 1000), ("a.b-c", 0)].into_iter()).expect("save");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).expect("metadata").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let mut got = load(&path).expect("load");
+        got.sort();
+        assert_eq!(got, vec![("a.b-c".into(), 0), ("billing".into(), 1000)]);
+        let bad = format!("{STATE_HEADER}\n1000\nx billing\n-1 billing\n1000 bad name\n1000 ok\n");
+        assert_eq!(parse(&bad), vec![("ok".into(), 1000)]);
+        // Another format, or none: nothing.
+        assert!(parse("# zrpcd names v2\n1000 ok\n").is_empty());
+        assert!(parse("1000 ok\n").is_empty());
+        // A last line cut by the size bound is dropped, not shortened.
+        let cut = format!("{STATE_HEADER}\n1000 ok\n1000 billing");
+        assert_eq!(parse(&cut), vec![("ok".into(), 1000)]);
+        // A link where the temporary file goes is replaced, not followed.
+        let target = dir.join("target");
+        std::fs::write(&target, "untouched").expect("target");
+        let tmp = path.with_extension("names.tmp");
+        std::os::unix::fs::symlink(&target, &tmp).expect("symlink");
+        save(&path, [("x", 1)].into_iter()).expect("save over a link");
+        assert_eq!(
+            std::fs::read_to_string(&target).expect("target"),
+            "untouched"
+        );
+        assert_eq!(load(&path).expect("load"), vec![("x".into(), 1)]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -365,7 +365,10 @@ impl Broker {
     /// [`Broker::remove_peer`]. Plain clients are not pinged.
     pub fn heartbeat(&mut self) {
         let now = Instant::now();
-        self.reserved.prune(now);
+        if self.reserved.prune(now) {
+            self.names_changed = true;
+        }
+        self.save_names(false);
         let timeout = self.config.heartbeat_timeout;
         let mut dead = Vec::new();
         let mut ping = Vec::new();
@@ -417,6 +420,8 @@ impl Broker {
     /// flushed.
     pub fn shutdown(&mut self) {
         self.shutting_down = true;
+        // Before the connections go: the names they hold.
+        self.save_names(true);
         let now = Instant::now();
         for bid in self.pending.ids_where(|_| true) {
             let msg = "zrpcd is shutting down".to_string();

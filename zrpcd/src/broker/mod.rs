@@ -135,6 +135,14 @@ pub struct Broker {
     /// Names kept for their user after their last instance left (see
     /// [`crate::reserved`]).
     reserved: crate::reserved::Reserved,
+    /// Whether names were registered or released since they were last
+    /// saved (`Config::names_file`).
+    names_changed: bool,
+    /// Whether the last save failed (logged once).
+    names_unsaved: bool,
+    /// When the names were last saved (at most once a second, however
+    /// fast they change).
+    names_saved_at: Option<Instant>,
     /// The broker's thread shared out by user (see [`crate::fair`]).
     rounds: Rc<crate::fair::Rounds>,
     /// Payload descriptors the broker holds: received and kept, or queued
@@ -171,7 +179,32 @@ impl Broker {
             per_user: quota.fds.into(),
             max_total: config.max_fds,
         });
-        let reserved = crate::reserved::Reserved::new(config.name_grace, config.max_names);
+        let mut reserved = crate::reserved::Reserved::new(config.name_grace, config.max_names);
+        let mut loaded = false;
+        // The names the last broker held or kept stay their users' for the
+        // grace: the services come back to them after a restart.
+        if let Some(path) = &config.names_file {
+            match crate::reserved::load(path) {
+                Ok(names) => {
+                    let now = Instant::now();
+                    for (name, uid) in &names {
+                        if !config.policy.mentions(name) {
+                            reserved.release(name, *uid, now, (*uid != 0).then_some(quota.names));
+                        }
+                    }
+                    // Saved again (and so dropped once their grace ends:
+                    // a broker restarting in a loop must not keep them for
+                    // ever).
+                    loaded = !names.is_empty();
+                    if loaded {
+                        tracing::info!(names = names.len(), path = %path.display(), "names kept for their users from the last run");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot read the names of the last run; none kept")
+                }
+            }
+        }
         let round_quantum = config.round_quantum;
         Broker {
             busy_poll: BusyPoll::new_or_off(config.busy_poll),
@@ -196,6 +229,9 @@ impl Broker {
             quota,
             orphans: Orphans::default(),
             reserved,
+            names_changed: loaded,
+            names_unsaved: false,
+            names_saved_at: None,
             rounds: Rc::new(crate::fair::Rounds::new(round_quantum)),
             pull_turn: 0,
             fds_total,
@@ -311,6 +347,7 @@ impl Broker {
                 continue;
             }
             self.peers.remove_name(peer, &name);
+            self.names_changed = true;
             if !self.names.is_held(&name) {
                 self.stats.unregistered(&name);
                 self.no_instance_left(&name, Instant::now());

@@ -50,6 +50,7 @@ impl Broker {
         match self.names.register(name, peer, shared) {
             Ok(()) => {
                 self.reserved.taken(name);
+                self.names_changed = true;
                 self.peers.add_name(peer, name);
                 tracing::info!(peer, name, shared, "name registered");
                 // Its statistics row (the calls that waited for the name
@@ -168,10 +169,45 @@ impl Broker {
         Ok(())
     }
 
+    /// Writes the names held and kept, with their users, for the next
+    /// broker (`Config::names_file`, see [`crate::reserved`]), if they
+    /// changed since the last time (`force`: whether or not). Names the
+    /// NATS bridge holds are left out (it imports them again).
+    pub(crate) fn save_names(&mut self, force: bool) {
+        let Some(path) = self.config.names_file.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        // A user registering and releasing names in a loop must not make
+        // the broker's thread write the file more than once a second.
+        let recent = self
+            .names_saved_at
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1));
+        if !force && (!self.names_changed || recent) {
+            return;
+        }
+        self.names_saved_at = Some(now);
+        let held = self.names.after(None).filter_map(|(name, holders)| {
+            let first = holders.iter().find(|&&h| !self.is_bridge(h))?;
+            Some((name, self.peers.get(*first)?.creds().uid))
+        });
+        let kept = self.reserved.iter(now);
+        match crate::reserved::save(&path, held.chain(kept)) {
+            // Once until it works again (it is tried on every heartbeat).
+            Err(e) if !self.names_unsaved => {
+                self.names_unsaved = true;
+                tracing::warn!(error = %e, path = %path.display(), "cannot save the names for the next run; a restart will not keep them for their users");
+            }
+            Err(_) => {}
+            Ok(()) => (self.names_changed, self.names_unsaved) = (false, false),
+        }
+    }
+
     /// `name` lost its last instance, of user `uid` (`limited`: not root):
     /// kept for that user for `--name-grace`, unless the policy's rules say
     /// who owns it (see [`crate::reserved`]).
     pub(crate) fn keep_name_for(&mut self, name: &str, uid: u32, limited: bool, now: Instant) {
+        self.names_changed = true;
         if self.config.name_grace.is_zero() || self.config.policy.mentions(name) {
             return;
         }
