@@ -22,6 +22,9 @@
 //!        answers to the last are read, so that the socket runs dry
 //!        between bursts): "flooding" once all are connected, "flooded"
 //!        when all are written; stays
+//! zrpc-test-peer churn --threads T --count N
+//!     -> T threads each connect, complete the handshake and close, N
+//!        times; "churned K" with the handshakes completed
 //! zrpc-test-peer probe-stats --count N
 //!     -> N calls of zrpcd.stats one after another on one connection,
 //!        printing "calls <count>" (its counter of calls) for each
@@ -166,6 +169,13 @@ enum Cmd {
         count: u64,
         #[arg(long)]
         paced: Option<u64>,
+    },
+    /// Connections made and closed in a loop.
+    Churn {
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        count: u64,
     },
     /// zrpcd.stats calls in a row, printing its counter of calls.
     ProbeStats {
@@ -639,6 +649,27 @@ fn main() {
             let _open: Vec<_> = writers.into_iter().filter_map(|w| w.join().ok()).collect();
             say("flooded");
             std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+        Cmd::Churn { threads, count } => {
+            let done: u64 = (0..threads.max(1))
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let mut n = 0;
+                        for _ in 0..count {
+                            let dir = zrpc_proto::resolve_socket_dir(None);
+                            let mut r = Raw::connect(&dir);
+                            if matches!(r.hello_as(7), Some((Kind::Welcome, _))) {
+                                n += 1;
+                            }
+                        }
+                        n
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap_or(0))
+                .sum();
+            say(&format!("churned {done}"));
         }
         Cmd::ProbeStats { count } => {
             let mut r = connect(None);
