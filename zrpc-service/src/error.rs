@@ -60,7 +60,9 @@ pub enum Error {
         name: String,
     },
     /// The broker's access policy does not let this user own the name (it
-    /// is reserved for another user, or held by another user's service).
+    /// is reserved for another user, held by another user's service, or
+    /// kept for the user whose service held it until less than
+    /// `zrpcd --name-grace` ago).
     #[error("not allowed to register service name {name:?}: {message}")]
     AccessDenied {
         /// The name.
