@@ -152,8 +152,9 @@ pub enum ProtoError {
         /// Configured limit.
         max: u32,
     },
-    /// The header's envelope length is larger than the body.
-    #[error("envelope length {env_len} exceeds frame body length {body_len}")]
+    /// The header's envelope length is 0 or larger than the body (or, on a
+    /// frame whose payload travels in a descriptor, not equal to it).
+    #[error("bad envelope length {env_len} in a frame body of {body_len} bytes (it must be from 1 to the body length, and equal to it with the descriptor flag)")]
     BadEnvelopeLength {
         /// Announced envelope length.
         env_len: u32,

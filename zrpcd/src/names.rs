@@ -284,6 +284,10 @@ mod tests {
         assert_eq!(n.register("a", 2, false), Err(RegisterError::Taken));
         assert_eq!(n.register("a", 2, true), Err(RegisterError::Taken));
         assert_eq!(n.register("a", 1, false), Err(RegisterError::AlreadyHeld));
+        // Held already with another flag: nothing changes, the name stays
+        // exclusive (docs/protocol.md).
+        assert_eq!(n.register("a", 1, true), Err(RegisterError::AlreadyHeld));
+        assert_eq!(n.register("a", 2, true), Err(RegisterError::Taken));
         assert!(n.unregister("a", 1));
         assert!(!n.unregister("a", 1));
         assert_eq!(n.register("a", 2, true), Ok(()));
