@@ -184,6 +184,15 @@ impl Proc {
         self.child.id() as i32
     }
 
+    /// Its resident memory (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     /// Sends a signal.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) with our own child's pid.

@@ -1654,25 +1654,15 @@ fn requests_joining_a_running_call_are_bounded_by_max_joins() {
     );
 }
 
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn identities_longer_than_a_host_id_are_not_remembered() {
     let Some(h) = start_hosts(&[]) else { return };
     let mut peer = Peer::connect(&h);
-    let pid = h.a.proc.pid();
+    let rss_kib = || h.a.proc.rss_kib();
     // Sizes settle after a first message of each kind.
     peer.send(&Peer::barrier("echo", "warm"));
     assert!(peer.replies(1, WAIT).contains_key("warm"));
-    let before = rss_kib(pid);
+    let before = rss_kib();
     // N cancels naming no call and N requests, each with an identity of
     // 256 KiB (a NATS message may carry 1 MiB of headers): A's bridge
     // remembers the cancels (the last 1,024) and the requests' keys (the
@@ -1711,13 +1701,13 @@ fn identities_longer_than_a_host_id_are_not_remembered() {
     // 2 * 2 * N * 256 KiB = 192 MiB (two copies each); the allocator may
     // keep some freed memory, and the NATS client its buffers, hence the
     // margin.
-    let grew = |limit: u64| rss_kib(pid).saturating_sub(before) < limit;
+    let grew = |limit: u64| rss_kib().saturating_sub(before) < limit;
     let settled = wait_until(WAIT, || grew(64 * 1024));
-    eprintln!("host A's zrpcd: {before} KiB, then {} KiB", rss_kib(pid));
+    eprintln!("host A's zrpcd: {before} KiB, then {} KiB", rss_kib());
     assert!(
         settled,
         "host A's zrpcd grew from {before} KiB to {} KiB",
-        rss_kib(pid)
+        rss_kib()
     );
     // The requests were refused as malformed, not run.
     for (tag, m) in &replies {

@@ -349,7 +349,7 @@ fn client_that_never_reads_is_disconnected_and_others_carry_on() {
         .expect("still served");
     assert_eq!(r, Value::from("after"));
     // Memory stayed bounded: far below 400 x 256 KiB = 100 MiB.
-    let rss = vm_rss_kib(b.proc.pid());
+    let rss = b.proc.rss_kib();
     assert!(rss < 64 * 1024, "broker RSS {rss} KiB");
 }
 
@@ -389,7 +389,7 @@ fn service_that_never_reads_gets_calls_refused_not_memory() {
     // Other services are not affected.
     let r: Value = c.call("echo", "echo", &1, T).expect("echo served");
     assert_eq!(r, Value::from(1));
-    let rss = vm_rss_kib(b.proc.pid());
+    let rss = b.proc.rss_kib();
     assert!(rss < 64 * 1024, "broker RSS {rss} KiB");
     drop(sink);
 }
@@ -427,14 +427,6 @@ fn announced_frame_sizes_do_not_reserve_memory_up_front() {
         "VmSize grew by {grown_mib} MiB for 40 header-only 15 MiB frames"
     );
     drop(conns);
-}
-
-fn vm_rss_kib(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 #[test]

@@ -229,25 +229,27 @@ pub fn read_spare_fds(
     buf: &mut BytesMut,
     fds: &mut FdQueue,
 ) -> io::Result<usize> {
-    read_spare_fds_at_most(sock, buf, fds, MAX_FDS_PER_MSG)
+    read_spare_fds_at_most(sock, buf, fds, MAX_FDS_PER_MSG, usize::MAX)
 }
 
 /// [`read_spare_fds`] with room for `max` descriptors (at most
-/// [`MAX_FDS_PER_MSG`]; 0: none): a message that carries more is an
-/// `InvalidData` error, its descriptors past `max` never installed in this
-/// process (the kernel drops them, as it drops those of a socket closed
-/// unread: no close(2) of them here).
+/// [`MAX_FDS_PER_MSG`]; 0: none) and taking at most `max_len` bytes: a
+/// message that carries more descriptors is an `InvalidData` error, its
+/// descriptors past `max` never installed in this process (the kernel drops
+/// them, as it drops those of a socket closed unread: no close(2) of them
+/// here).
 pub fn read_spare_fds_at_most(
     sock: &impl AsRawFd,
     buf: &mut BytesMut,
     fds: &mut FdQueue,
     max: usize,
+    max_len: usize,
 ) -> io::Result<usize> {
     let max = max.min(MAX_FDS_PER_MSG);
     let spare = buf.chunk_mut();
     let mut iov = libc::iovec {
         iov_base: spare.as_mut_ptr().cast(),
-        iov_len: spare.len(),
+        iov_len: spare.len().min(max_len),
     };
     let mut cbuf = CmsgBuf([0; 512]);
     debug_assert!(cmsg_space(MAX_FDS_PER_MSG) <= cbuf.0.len());
@@ -316,7 +318,7 @@ pub async fn read_some_fds(
     rd: &Registered,
     buf: &mut BytesMut,
     fds: &mut FdQueue,
-    room: impl FnMut(&mut BytesMut),
+    room: impl FnMut(&mut BytesMut) -> usize,
 ) -> io::Result<usize> {
     let gate = || std::future::ready(());
     let (n, ()) = read_some_fds_at_most(rd, buf, fds, room, || MAX_FDS_PER_MSG, gate).await?;
@@ -332,13 +334,13 @@ pub async fn read_some_fds_at_most<G, Gate: std::future::Future<Output = G>>(
     rd: &Registered,
     buf: &mut BytesMut,
     fds: &mut FdQueue,
-    room: impl FnMut(&mut BytesMut),
+    room: impl FnMut(&mut BytesMut) -> usize,
     mut max: impl FnMut() -> usize,
     gate: impl FnMut() -> Gate,
 ) -> io::Result<(usize, G)> {
-    let read = |sock: &std::os::unix::net::UnixStream, buf: &mut BytesMut| {
+    let read = |sock: &std::os::unix::net::UnixStream, buf: &mut BytesMut, max_len: usize| {
         let before = fds.len();
-        let n = read_spare_fds_at_most(sock, buf, fds, max())?;
+        let n = read_spare_fds_at_most(sock, buf, fds, max(), max_len)?;
         Ok((n, fds.len() != before))
     };
     crate::read::read_with(rd, buf, room, read, gate).await
@@ -526,7 +528,7 @@ mod tests {
             send_with_fds(a.as_raw_fd(), &[b"x"], &both).expect("send");
             let mut buf = BytesMut::with_capacity(64);
             let mut fds = FdQueue::new();
-            let got = read_spare_fds_at_most(&b, &mut buf, &mut fds, max);
+            let got = read_spare_fds_at_most(&b, &mut buf, &mut fds, max, usize::MAX);
             assert_eq!(fds.len(), installed, "room for {max}");
             if max < 2 {
                 let e = got.expect_err("truncated");
@@ -540,7 +542,7 @@ mod tests {
         let mut buf = BytesMut::with_capacity(64);
         let mut fds = FdQueue::new();
         assert_eq!(
-            read_spare_fds_at_most(&b, &mut buf, &mut fds, 0).expect("recv"),
+            read_spare_fds_at_most(&b, &mut buf, &mut fds, 0, usize::MAX).expect("recv"),
             5
         );
     }

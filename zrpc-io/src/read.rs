@@ -31,6 +31,13 @@ pub struct ReadPolicy {
     /// peer sending only a header announcing a huge frame cannot make the
     /// reader reserve the whole maximum message size.
     pub upfront: usize,
+    /// Most bytes one read takes, unless the rest of the partial frame at
+    /// the front of the buffer is more (the read then takes that rest and
+    /// no more). A reader whose frames from one read are handled as one
+    /// batch, on a thread other peers share, bounds how long that batch
+    /// may be: however large its buffer grew, a read does not take all
+    /// that the socket holds.
+    pub max_read: usize,
 }
 
 impl ReadPolicy {
@@ -40,6 +47,7 @@ impl ReadPolicy {
         chunk: 8 * 1024,
         min_free: 8 * 1024,
         upfront: 4 * 1024 * 1024,
+        max_read: 64 * 1024,
     };
 
     /// A client's connection: 64 KiB chunks (one connection carries every
@@ -52,6 +60,7 @@ impl ReadPolicy {
         chunk: 64 * 1024,
         min_free: 16 * 1024,
         upfront: usize::MAX,
+        max_read: usize::MAX,
     };
 
     /// A service's connection: 16 KiB chunks (requests are read in
@@ -61,6 +70,7 @@ impl ReadPolicy {
         chunk: 16 * 1024,
         min_free: 16 * 1024,
         upfront: 4 * 1024 * 1024,
+        max_read: usize::MAX,
     };
 
     /// How much free room the next read wants: the rest of the partial
@@ -84,11 +94,15 @@ impl ReadPolicy {
     /// holders have dropped them `reserve` reuses that allocation instead of
     /// taking a fresh one (for a 1 MiB reply a fresh buffer costs ~256 page
     /// faults).
-    pub fn make_room(&self, dec: &FrameDecoder, buf: &mut BytesMut) {
+    ///
+    /// Returns the most the next read is to take (see
+    /// [`max_read`](Self::max_read)).
+    pub fn make_room(&self, dec: &FrameDecoder, buf: &mut BytesMut) -> usize {
         let want = self.wanted(dec, buf);
         if buf.capacity() - buf.len() < want {
             buf.reserve(want.max(self.chunk));
         }
+        want.max(self.max_read)
     }
 }
 
@@ -98,8 +112,17 @@ impl ReadPolicy {
 /// capacity first: no `&mut [u8]` to uninitialised memory is ever made.
 /// Errors (`WouldBlock` included) are `read(2)`'s.
 pub fn read_spare(sock: &impl AsRawFd, buf: &mut BytesMut) -> io::Result<usize> {
+    read_spare_at_most(sock, buf, usize::MAX)
+}
+
+/// [`read_spare`] taking at most `max_len` bytes.
+pub fn read_spare_at_most(
+    sock: &impl AsRawFd,
+    buf: &mut BytesMut,
+    max_len: usize,
+) -> io::Result<usize> {
     let spare = buf.chunk_mut();
-    let (ptr, cap) = (spare.as_mut_ptr(), spare.len());
+    let (ptr, cap) = (spare.as_mut_ptr(), spare.len().min(max_len));
     // SAFETY: `ptr` points to `cap` bytes of `buf`'s spare capacity, valid
     // for writes while `buf` is borrowed here; read(2) writes at most `cap`
     // bytes there and nothing else, through a raw pointer (no reference to
@@ -125,8 +148,9 @@ pub fn is_timeout(e: &io::Error) -> bool {
 
 /// Waits until `rd` is readable, calls `room` to size `buf` (only then: the
 /// holders of frames handed out by the last read have usually dropped them
-/// by now, see [`ReadPolicy::make_room`]) and reads once into it. Returns
-/// what `read(2)` returned; `Ok(0)` is the end of the stream.
+/// by now, see [`ReadPolicy::make_room`]) and reads once into it, at most
+/// what `room` returned. Returns what `read(2)` returned; `Ok(0)` is the
+/// end of the stream.
 ///
 /// Cancel-safe: bytes land in `buf` only when read, and the read itself is
 /// not interrupted. A short read is taken to have drained the socket: the
@@ -135,10 +159,10 @@ pub fn is_timeout(e: &io::Error) -> bool {
 pub async fn read_some(
     rd: &Registered,
     buf: &mut BytesMut,
-    room: impl FnMut(&mut BytesMut),
+    room: impl FnMut(&mut BytesMut) -> usize,
 ) -> io::Result<usize> {
-    let read = |sock: &std::os::unix::net::UnixStream, buf: &mut BytesMut| {
-        Ok((read_spare(sock, buf)?, false))
+    let read = |sock: &std::os::unix::net::UnixStream, buf: &mut BytesMut, max: usize| {
+        Ok((read_spare_at_most(sock, buf, max)?, false))
     };
     let (n, ()) = read_with(rd, buf, room, read, || std::future::ready(())).await?;
     Ok(n)
@@ -159,16 +183,21 @@ pub async fn read_some(
 pub(crate) async fn read_with<G, Gate: std::future::Future<Output = G>>(
     rd: &Registered,
     buf: &mut BytesMut,
-    mut room: impl FnMut(&mut BytesMut),
-    mut read: impl FnMut(&std::os::unix::net::UnixStream, &mut BytesMut) -> io::Result<(usize, bool)>,
+    mut room: impl FnMut(&mut BytesMut) -> usize,
+    mut read: impl FnMut(
+        &std::os::unix::net::UnixStream,
+        &mut BytesMut,
+        usize,
+    ) -> io::Result<(usize, bool)>,
     mut gate: impl FnMut() -> Gate,
 ) -> io::Result<(usize, G)> {
     loop {
         let mut guard = rd.readable().await?;
         let passed = gate().await;
-        room(buf);
-        let cap = buf.capacity() - buf.len();
-        match read(rd.get_ref(), buf) {
+        let max = room(buf);
+        // A read that took all it could may have left more.
+        let cap = (buf.capacity() - buf.len()).min(max);
+        match read(rd.get_ref(), buf, max) {
             Ok((n, ended_early)) => {
                 if n > 0 && n < cap && !ended_early {
                     guard.clear_ready();
@@ -210,7 +239,7 @@ mod tests {
         // The first read says it would block (as after readiness kept from
         // a read that filled the buffer); the peer then sends more, for a
         // new edge.
-        let read = |sock: &std::os::unix::net::UnixStream, buf: &mut BytesMut| {
+        let read = |sock: &std::os::unix::net::UnixStream, buf: &mut BytesMut, _max: usize| {
             if std::mem::take(&mut first) {
                 assert_eq!(dropped.get(), 0, "dropped too early");
                 b.write_all(b"y").expect("write");
@@ -224,7 +253,7 @@ mod tests {
             std::future::ready(Pass(dropped.clone()))
         };
         let mut buf = BytesMut::with_capacity(64);
-        let (n, pass) = read_with(&rd, &mut buf, |_| {}, read, gate)
+        let (n, pass) = read_with(&rd, &mut buf, |_| usize::MAX, read, gate)
             .await
             .expect("read");
         assert_eq!((n, &buf[..]), (2, &b"xy"[..]));
@@ -255,6 +284,43 @@ mod tests {
         let mut buf = BytesMut::new();
         p.make_room(&dec, &mut buf);
         assert!(buf.capacity() >= p.chunk);
+    }
+
+    /// However large a broker's buffer grew, one read takes at most
+    /// `max_read` (the frames of a read are one batch on the broker's
+    /// shared thread), or the rest of a larger partial frame and no more.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_brokers_read_takes_a_bounded_batch() {
+        use std::io::Write;
+        let p = ReadPolicy::BROKER;
+        let dec = FrameDecoder::new(16 * 1024 * 1024);
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let rd = crate::reactor::register(a, tokio::io::Interest::READABLE).expect("register");
+        // A large frame's first 8 KiB, then 200 KiB more: the rest of it
+        // (100 KiB in all) and 108 KiB of whatever follows.
+        let frame = 100 * 1024u32;
+        let mut first = Vec::new();
+        first.extend_from_slice(&(frame - 8).to_be_bytes());
+        first.extend_from_slice(&[0, 0, 0, 1]);
+        first.resize(8 * 1024, 0);
+        b.write_all(&first).expect("write");
+        let mut buf = BytesMut::with_capacity(16 * 1024 * 1024);
+        let room = |b: &mut BytesMut| p.make_room(&dec, b);
+        let n = read_some(&rd, &mut buf, room).await.expect("read");
+        assert_eq!(n, 8 * 1024);
+        b.write_all(&vec![0; 200 * 1024]).expect("write");
+        let n = read_some(&rd, &mut buf, room).await.expect("read");
+        assert_eq!(n, (frame - 8 * 1024) as usize, "the rest of the frame only");
+        // Between frames: at most `max_read`, with a 16 MiB buffer.
+        buf.clear();
+        let n = read_some(&rd, &mut buf, room).await.expect("read");
+        assert_eq!(n, p.max_read);
+        // A client's read takes what its buffer has room for.
+        let mut buf = BytesMut::with_capacity(1024 * 1024);
+        let client = |b: &mut BytesMut| ReadPolicy::CLIENT.make_room(&dec, b);
+        let n = read_some(&rd, &mut buf, client).await.expect("read");
+        assert_eq!(n, 200 * 1024 - (frame as usize - 8 * 1024) - p.max_read);
     }
 
     #[test]

@@ -266,9 +266,10 @@ impl Conn {
             self.rbuf.reserve(total - self.rbuf.len());
         }
         let read = if self.fd_payloads {
-            zrpc_io::fdpass::read_some_fds(&self.rd, &mut self.rbuf, &mut self.fds, |_| {}).await
+            zrpc_io::fdpass::read_some_fds(&self.rd, &mut self.rbuf, &mut self.fds, |_| usize::MAX)
+                .await
         } else {
-            zrpc_io::read::read_some(&self.rd, &mut self.rbuf, |_| {}).await
+            zrpc_io::read::read_some(&self.rd, &mut self.rbuf, |_| usize::MAX).await
         };
         if self.fds.len() > zrpc_io::fdpass::MAX_FDS_PER_MSG * 4 {
             return Err(Error::FdPayload(format!(

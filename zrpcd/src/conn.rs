@@ -413,6 +413,21 @@ async fn read_loop(
                 }
             }
         }
+        // The rest of a frame left behind frames handled from the same
+        // buffer moves to a buffer of its own size: the bytes advanced past
+        // stay allocated with a `BytesMut` but leave its `capacity()`, so a
+        // connection could hold megabytes counted as the few bytes of a
+        // partial frame (one user held 3.5 GB against a 64 MiB quota). A
+        // byte is copied once at most (it is then at the front, and its
+        // frame is handled where it lies), and a read takes at most
+        // `ReadPolicy::BROKER.max_read` past a partial frame, so at most
+        // that much is copied. The buffer then starts at its allocation, and
+        // its capacity is what it holds.
+        if frames > 0 && !buf.is_empty() {
+            let mut rest = BytesMut::with_capacity(buf.len().max(ReadPolicy::BROKER.chunk));
+            rest.extend_from_slice(&buf);
+            buf = rest;
+        }
         let now_held = if buf.is_empty() { 0 } else { buf.capacity() };
         if now_held != held || (held != 0 && frames > 0) {
             held = now_held;

@@ -53,10 +53,14 @@ const BYTES_PER_UNIT: usize = 64 * 1024;
 /// One user's place in the rounds (in its `crate::quota::Usage`).
 #[derive(Debug, Default)]
 pub struct Share {
-    /// The round `work` was counted in.
+    /// The round `work` was last counted in.
     round: Cell<u64>,
-    /// Work counted in it.
-    work: Cell<u32>,
+    /// Work counted up to then and not yet paid for: each round pays one
+    /// quantum of it. A batch larger than what was left of the quantum
+    /// (one read is handled whole) is paid for in the rounds after it, so
+    /// over time no user gets more than its quantum a round, however its
+    /// frames fall into reads.
+    work: Cell<u64>,
     /// Its connections waiting for a turn.
     waiting: Cell<u32>,
     /// Wakes one of them at a time.
@@ -97,22 +101,26 @@ impl Rounds {
     /// counts one frame at least).
     #[inline]
     pub fn charge(&self, share: &Share, frames: u32, bytes: usize) {
-        let round = self.round.get();
-        if share.round.get() != round {
-            share.round.set(round);
-            share.work.set(0);
-        }
-        let units = (bytes / BYTES_PER_UNIT).min(u32::MAX as usize) as u32;
-        let work = frames.max(1).saturating_add(units);
-        share.work.set(share.work.get().saturating_add(work));
+        let owed = self.owed(share);
+        share.round.set(self.round.get());
+        let units = (bytes / BYTES_PER_UNIT) as u64;
+        let work = u64::from(frames.max(1)).saturating_add(units);
+        share.work.set(owed.saturating_add(work));
+    }
+
+    /// Work of `share`'s user not yet paid for in the current round: what
+    /// was counted, less a quantum for each round since.
+    #[inline]
+    fn owed(&self, share: &Share) -> u64 {
+        let rounds = self.round.get().saturating_sub(share.round.get());
+        let paid = rounds.saturating_mul(u64::from(self.quantum));
+        share.work.get().saturating_sub(paid)
     }
 
     /// Whether `share`'s user has had its quantum in the current round.
     #[inline]
     pub fn spent(&self, share: &Share) -> bool {
-        self.quantum != 0
-            && share.round.get() == self.round.get()
-            && share.work.get() >= self.quantum
+        self.quantum != 0 && self.owed(share) >= u64::from(self.quantum)
     }
 
     /// Before a read with data waiting: returns at once while `share`'s
@@ -266,6 +274,35 @@ mod tests {
         let off = Rounds::new(0);
         off.charge(&s, u32::MAX, 0);
         assert!(!off.spent(&s), "--round-quantum 0: no rounds");
+    }
+
+    /// One read is handled whole, however many frames it brings: what
+    /// passes the quantum is paid for in the rounds after it.
+    #[test]
+    fn a_batch_past_the_quantum_is_paid_for_in_the_next_rounds() {
+        let r = Rounds::new(QUANTUM);
+        let s = Rc::new(Share::default());
+        r.charge(&s, QUANTUM * 3 + 10, 0);
+        for round in 1..=2 {
+            r.start_next();
+            assert!(r.spent(&s), "round {round} after it: still paying");
+        }
+        r.start_next();
+        assert!(!r.spent(&s), "paid for but 10");
+        r.charge(&s, QUANTUM - 11, 0);
+        assert!(!r.spent(&s), "what was left of the quantum");
+        r.charge(&s, 1, 0);
+        assert!(r.spent(&s));
+        // A user idle for rounds owes nothing and has one quantum, no more.
+        let t = Rc::new(Share::default());
+        r.charge(&t, 1, 0);
+        for _ in 0..10 {
+            r.start_next();
+        }
+        r.charge(&t, QUANTUM - 1, 0);
+        assert!(!r.spent(&t));
+        r.charge(&t, 1, 0);
+        assert!(r.spent(&t));
     }
 
     #[test]

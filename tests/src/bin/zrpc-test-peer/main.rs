@@ -15,13 +15,19 @@
 //!        "event <service>.<method>" per call event; stays
 //! zrpc-test-peer flood --count N [--register NAME] [--conns C]
 //!     -> "flooded" once N pings are written (pongs never read); stays
-//! zrpc-test-peer flood-calls --conns C --count N [--paced B]
+//! zrpc-test-peer flood-calls --conns C --count N [--paced B] [--ragged]
 //!     -> on C connections at once, N NO_WAIT calls each to a name nobody
 //!        holds, written as fast as the broker takes them (answers read and
 //!        dropped; with --paced: B calls at a time, each burst once the
 //!        answers to the last are read, so that the socket runs dry
-//!        between bursts): "flooding" once all are connected, "flooded"
-//!        when all are written; stays
+//!        between bursts; with --ragged: first frames that grow the
+//!        broker's read buffer to 16 MiB, then every write ends inside a
+//!        frame, so that it never empties): "flooding" once all are
+//!        connected, "flooded" when all are written; stays
+//! zrpc-test-peer bloat --conns C
+//!     -> on each of C connections, frames that grow the broker's read
+//!        buffer to about 8 MiB and leave a partial frame at its end:
+//!        "bloated K" once sent on K connections; stays
 //! zrpc-test-peer churn --threads T --count N
 //!     -> T threads each connect, complete the handshake and close, N
 //!        times; "churned K" with the handshakes completed
@@ -94,6 +100,7 @@ use clap::Parser;
 use zrpc_proto::{Envelope, Kind};
 use zrpc_tests::raw::Raw;
 
+mod buffers;
 mod fds;
 mod names;
 
@@ -169,6 +176,17 @@ enum Cmd {
         count: u64,
         #[arg(long)]
         paced: Option<u64>,
+        /// First grow the broker's read buffer for each connection to
+        /// 16 MiB, then end every write inside a frame (so that the buffer
+        /// never empties), with a 4 MiB send buffer.
+        #[arg(long)]
+        ragged: bool,
+    },
+    /// Read buffers grown to about 8 MiB holding a partial frame at their
+    /// end, on CONNS connections.
+    Bloat {
+        #[arg(long)]
+        conns: usize,
     },
     /// Connections made and closed in a loop.
     Churn {
@@ -593,9 +611,11 @@ fn main() {
             conns,
             count,
             paced,
+            ragged,
         } => {
             let all: Vec<_> = (0..conns.max(1)).map(|_| connect(None)).collect();
-            let burst = paced.unwrap_or(count).clamp(1, count.max(1));
+            let whole = if ragged { 10_000 } else { count };
+            let burst = paced.unwrap_or(whole).clamp(1, count.max(1));
             let mut out = bytes::BytesMut::new();
             for id in 1..=burst {
                 let call = Envelope::Call {
@@ -636,6 +656,10 @@ fn main() {
                             }
                         });
                         // The broker may close the connection before taking it all.
+                        if ragged {
+                            buffers::ragged(&mut r.s, &out, count / burst);
+                            return r.s;
+                        }
                         for _ in 0..count / burst {
                             if r.s.write_all(&out).is_err() {
                                 break;
@@ -650,6 +674,7 @@ fn main() {
             say("flooded");
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
+        Cmd::Bloat { conns } => buffers::bloat(conns),
         Cmd::Churn { threads, count } => {
             let done: u64 = (0..threads.max(1))
                 .map(|_| {
