@@ -397,10 +397,15 @@ impl Broker {
 fn spawn_broker(dir: &Path, args: &[&str], log: Option<&Path>) -> Proc {
     let mut c = Command::new(bin("zrpcd"));
     c.arg("--socket-dir").arg(dir).args(args);
-    c.env(
-        "RUST_LOG",
-        std::env::var("ZRPC_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-    );
+    if args.contains(&"--log") {
+        // The test's own filter (`RUST_LOG` would override it).
+        c.env_remove("RUST_LOG");
+    } else {
+        c.env(
+            "RUST_LOG",
+            std::env::var("ZRPC_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+    }
     let Some(log) = log else {
         return Proc::spawn("zrpcd", c);
     };

@@ -71,6 +71,12 @@ pub struct Args {
     /// NAME...`)
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_MONITOR_NAMES)]
     pub max_monitor_names: usize,
+    /// Name events (a name registered, unregistered, or released by a
+    /// connection that closed) of one user other than root logged at info
+    /// level a second, ten seconds' worth at once; the rest at debug level,
+    /// counted in the user's next line at info. 0: no limit
+    #[arg(long, default_value_t = crate::config::DEFAULT_NAME_LOGS_PER_SECOND)]
+    pub name_logs_per_second: u32,
     /// Seconds between two warnings of one kind that any user can cause
     /// (refused connections, closed connections, refused calls, descriptors
     /// the kernel would not pass); the others are logged at debug level,

@@ -69,6 +69,9 @@ pub const DEFAULT_MAX_MONITOR_NAMES: usize = 256;
 /// logged at warn at most once per this interval ([`crate::log`]).
 pub const DEFAULT_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Default `--name-logs-per-second`.
+pub const DEFAULT_NAME_LOGS_PER_SECOND: u32 = 10;
+
 /// Everything the broker needs to know to run. Built from command-line flags
 /// by `main.rs`; tests and embedders can build it directly.
 #[derive(Debug, Clone)]
@@ -121,6 +124,11 @@ pub struct Config {
     /// most once per this interval per kind, the others at debug
     /// (`--warn-interval`).
     pub warn_interval: Duration,
+    /// Name events of one user other than root logged at info a second,
+    /// ten seconds' worth at once, the rest at debug
+    /// (`--name-logs-per-second`; 0: no limit; see
+    /// [`crate::quota::Users::log_name_event`]).
+    pub name_logs_per_second: u32,
     /// How long shutdown lets delivered calls finish (and queued frames
     /// flush) before answering the rest with `Shutdown`.
     pub shutdown_grace: Duration,
@@ -220,6 +228,7 @@ impl Config {
             close_flush_timeout: DEFAULT_CLOSE_FLUSH_TIMEOUT,
             max_monitor_names: DEFAULT_MAX_MONITOR_NAMES,
             warn_interval: DEFAULT_WARN_INTERVAL,
+            name_logs_per_second: DEFAULT_NAME_LOGS_PER_SECOND,
             shutdown_grace: Duration::from_secs(2),
             caller_grace: DEFAULT_CALLER_GRACE,
             name_grace: DEFAULT_NAME_GRACE,

@@ -93,6 +93,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.close_flush_timeout = secs(args.close_flush_timeout, "close-flush-timeout")?;
     config.max_monitor_names = args.max_monitor_names;
     config.warn_interval = secs(args.warn_interval, "warn-interval")?;
+    config.name_logs_per_second = args.name_logs_per_second;
     config.max_partial_bytes = args.max_partial_bytes;
     config.max_fds_per_conn = args.max_fds_per_conn;
     config.max_fds = args.max_fds;

@@ -395,6 +395,11 @@ pub struct Users {
     /// kept apart from its usage: a user must not get a fresh allowance by
     /// closing all its connections and coming back. Forgotten once idle.
     introspection: FxHashMap<u32, Gcra>,
+    /// Each uid's rate of name events logged at info
+    /// ([`Users::log_name_event`]), kept apart from its usage likewise,
+    /// with how many of its events were logged at debug only since its
+    /// last one at info.
+    name_logs: FxHashMap<u32, (Gcra, u64)>,
 }
 
 impl Users {
@@ -467,14 +472,54 @@ impl Users {
         }
     }
 
+    /// Whether an event of `uid` at `now` that changes who holds a name (a
+    /// name registered or unregistered, names released by a connection
+    /// that closed) is logged at info: at most `per_second` of them a
+    /// second, ten seconds' worth at once (0: no limit), the rest at debug.
+    /// `Some(n)`: at info, and `n` of the user's events were logged at
+    /// debug only since its last one there. Root is not limited.
+    ///
+    /// Any user can cause such events at will: registering and
+    /// unregistering a name in a loop wrote a million lines (206 MB) in
+    /// 3 s from the broker's only thread, past journald's rate limit,
+    /// which then drops the broker's other lines too.
+    pub fn log_name_event(&mut self, uid: u32, now: Instant, per_second: u32) -> Option<u64> {
+        let Some(rate) = Rate::per_second(per_second).filter(|_| uid != 0) else {
+            return Some(0);
+        };
+        let rate = Rate {
+            burst: rate.burst.saturating_mul(10),
+            ..rate
+        };
+        let (gcra, quiet) = self.name_logs.entry(uid).or_default();
+        if gcra.allow(now, rate) {
+            Some(std::mem::take(quiet))
+        } else {
+            *quiet += 1;
+            None
+        }
+    }
+
     /// Forgets the users nothing refers to any more: no connection, and no
     /// closing connection's queue still holding unsent frames (those keep
     /// counting against their user until they are dropped, so that a user
     /// cannot shed its account by reconnecting); and the rates of
-    /// introspection calls that are back to a full allowance.
+    /// introspection calls and name events that are back to a full
+    /// allowance (saying how many of a user's name events were logged at
+    /// debug only, if any).
     pub fn collect(&mut self, now: Instant) {
         self.map.retain(|_, u| Rc::strong_count(u) > 1);
         self.introspection.retain(|_, g| !g.is_idle(now));
+        self.name_logs.retain(|&uid, (g, quiet)| {
+            let idle = g.is_idle(now);
+            if idle && *quiet > 0 {
+                tracing::info!(
+                    uid,
+                    "{quiet} more name events of this user were logged at debug level only (--name-logs-per-second)"
+                );
+            }
+            !idle
+        });
     }
 
     /// Users with a live connection.
@@ -492,6 +537,35 @@ impl Users {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn name_events_are_logged_at_info_within_a_rate_per_uid() {
+        let mut users = Users::default();
+        let now = Instant::now();
+        let at_info = |users: &mut Users, uid, at| users.log_name_event(uid, at, 2);
+        // Ten seconds' worth at once, then the rest at debug, counted.
+        for _ in 0..20 {
+            assert_eq!(at_info(&mut users, 1000, now), Some(0));
+        }
+        for _ in 0..7 {
+            assert_eq!(at_info(&mut users, 1000, now), None);
+        }
+        // Another uid has its own allowance; root is not limited.
+        assert_eq!(at_info(&mut users, 1001, now), Some(0));
+        for _ in 0..100 {
+            assert_eq!(at_info(&mut users, 0, now), Some(0));
+        }
+        // Half a second later: one more, saying how many were not.
+        let later = now + Duration::from_millis(500);
+        assert_eq!(at_info(&mut users, 1000, later), Some(7));
+        assert_eq!(at_info(&mut users, 1000, later), None);
+        // Kept until back to a full allowance.
+        users.collect(now + Duration::from_secs(5));
+        assert!(users.name_logs.contains_key(&1000));
+        users.collect(now + Duration::from_secs(11));
+        assert!(users.name_logs.is_empty());
+        assert_eq!(users.log_name_event(1000, now, 0), Some(0), "0: no limit");
+    }
 
     #[test]
     fn the_names_quota_is_a_quarter_of_max_names_unless_set() {

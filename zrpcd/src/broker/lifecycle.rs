@@ -249,7 +249,13 @@ impl Broker {
             }
         }
         if !p.names().is_empty() {
-            tracing::info!(peer, names = ?p.names(), "service disconnected, names released");
+            // A connection may hold hundreds of names: a few are shown.
+            let (count, shown) = (p.names().len(), &p.names()[..p.names().len().min(8)]);
+            if self.name_event_of_uid_at_info(uid) {
+                tracing::info!(peer, count, names = ?shown, "service disconnected, names released");
+            } else {
+                tracing::debug!(peer, count, names = ?shown, "service disconnected, names released");
+            }
         }
         // The calls it made end first (nobody to answer), so that none of
         // them is re-delivered below on behalf of a caller that is gone.
@@ -388,7 +394,10 @@ impl Broker {
             self.send(id, &Envelope::Ping { nonce }, Payload::EMPTY);
         }
         for (id, pid) in dead {
-            tracing::warn!(
+            // At debug: the `Fatal` below is logged at warn, at most once
+            // per --warn-interval (a user can make any number of services
+            // go silent).
+            tracing::debug!(
                 peer = id,
                 pid,
                 ?timeout,

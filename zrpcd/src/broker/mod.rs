@@ -296,6 +296,34 @@ impl Broker {
         self.busy_poll.as_ref()
     }
 
+    /// Whether an event of `peer`'s user that changes who holds a name is
+    /// logged at info (see [`Users::log_name_event`]).
+    pub(crate) fn name_event_at_info(&mut self, peer: PeerId) -> bool {
+        match self.peers.get(peer).map(|p| p.creds().uid) {
+            Some(uid) => self.name_event_of_uid_at_info(uid),
+            None => false,
+        }
+    }
+
+    /// Whether an event of `uid` that changes who holds a name is logged
+    /// at info (see [`Users::log_name_event`]); if the user's events were
+    /// logged at debug only since its last one at info, a line says how
+    /// many first.
+    pub(crate) fn name_event_of_uid_at_info(&mut self, uid: u32) -> bool {
+        let per_second = self.config.name_logs_per_second;
+        match self.users.log_name_event(uid, Instant::now(), per_second) {
+            Some(0) => true,
+            Some(quiet) => {
+                tracing::info!(
+                    uid,
+                    "{quiet} more name events of this user were logged at debug level only (--name-logs-per-second)"
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Forgets the users nothing refers to any more (see [`Users::collect`]).
     pub fn collect_users(&mut self) {
         self.users.collect(Instant::now());

@@ -52,7 +52,11 @@ impl Broker {
                 self.reserved.taken(name);
                 self.names_changed = true;
                 self.peers.add_name(peer, name);
-                tracing::info!(peer, name, shared, "name registered");
+                if self.name_event_at_info(peer) {
+                    tracing::info!(peer, name, shared, "name registered");
+                } else {
+                    tracing::debug!(peer, name, shared, "name registered");
+                }
                 // Its statistics row (the calls that waited for the name
                 // are moved to it as they are delivered).
                 let uid = self.peers.get(peer).map_or(u32::MAX, |p| p.creds().uid);
@@ -229,7 +233,11 @@ impl Broker {
                 }
                 self.no_instance_left(name, now);
             }
-            tracing::info!(peer, name, "name unregistered");
+            if self.name_event_at_info(peer) {
+                tracing::info!(peer, name, "name unregistered");
+            } else {
+                tracing::debug!(peer, name, "name unregistered");
+            }
             self.ack(peer, req, None, "");
         } else {
             let msg = format!("this connection does not hold the name {name:?}");

@@ -44,11 +44,11 @@
 //!        --stay: after a refusal too, staying connected and serving
 //!        whatever the broker sends it, until killed or closed, then
 //!        "fatal closed")
-//! zrpc-test-peer register-many --prefix P --count N [--cycle]
+//! zrpc-test-peer register-many --prefix P --count N [--cycle [--cycles C]]
 //!     -> registers P0, P1, ... P<N-1> on one connection, one at a time,
 //!        stopping at the first refusal, which it prints as
 //!        "ack <code> <message>" (with --cycle: then unregisters them all
-//!        and registers them again); then "registered K" with the names it
+//!        and registers them again, C times); then "registered K" with the names it
 //!        holds; stays (answering pings) until killed
 //! zrpc-test-peer listen --path P
 //!     -> a plain listening socket at P (not a broker): "listening", then
@@ -287,6 +287,9 @@ enum Cmd {
         /// Unregister them all, then register them again.
         #[arg(long)]
         cycle: bool,
+        /// With --cycle: that many times.
+        #[arg(long, default_value_t = 1)]
+        cycles: u64,
     },
     /// A plain listener at PATH: how many bytes each connection sent
     /// before closing (its first read).
@@ -396,7 +399,8 @@ fn main() {
             prefix,
             count,
             cycle,
-        } => names::register_many(&prefix, count, cycle),
+            cycles,
+        } => names::register_many(&prefix, count, if cycle { cycles } else { 0 }),
         Cmd::Page { method, limit } => names::page(&method, limit),
         Cmd::Listen { path } => {
             let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");

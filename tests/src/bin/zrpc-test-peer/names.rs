@@ -46,11 +46,15 @@ fn register_all(r: &mut Raw, prefix: &str, count: u64) -> u64 {
     count
 }
 
-/// `register-many`: see the module docs.
-pub fn register_many(prefix: &str, count: u64, cycle: bool) {
+/// `register-many` (unregistering and registering them again `cycles`
+/// times): see the module docs.
+pub fn register_many(prefix: &str, count: u64, cycles: u64) {
     let mut r = connect(None);
     let mut held = register_all(&mut r, prefix, count);
-    if cycle && held == count {
+    for _ in 0..cycles {
+        if held != count {
+            break;
+        }
         for i in 0..count {
             let name = format!("{prefix}{i}");
             if let Some(refused) = acked(
