@@ -2314,6 +2314,35 @@ fn introspection_calls_are_rate_limited_per_user() {
     assert!(back, "uid {OTHER} was never allowed zrpcd.stats again");
 }
 
+/// An introspection answer counts as one call more for each 64 KiB past
+/// the first: a user holding 16,000 names on 4,000 connections made each
+/// `zrpcd.peers` answer 3.6 MB, 7.6 ms of the broker's only thread, and 64
+/// of them a second, within the call quota, took half of it (red-team pass
+/// 3). Root is not held to it.
+#[test]
+fn large_introspection_answers_count_by_their_size() {
+    if !is_root("large_introspection_answers_count_by_their_size", AS_OTHER) {
+        return;
+    }
+    let (_d, path) = policy("[quota]\nintrospection_per_second = 20\n");
+    let b = Broker::start_with(&["--policy", &path, "--max-names-per-conn", "5000"]);
+    // 4,000 names of 100 bytes: a whole `list` of about 500 KB, eight
+    // calls' worth.
+    let prefix = "x".repeat(96);
+    let (_, held, _holder) = register_many_with(&b, OTHER, &prefix, 4000, &[]);
+    assert_eq!(held, 4000);
+    // A second's worth of calls at once: 20 small answers (the test
+    // above), but about three of these.
+    let (ok, refused, why) = introspect_burst(&b, 65533, "list", 20);
+    assert!(
+        (1..=5).contains(&ok) && ok + refused == 20,
+        "{ok} answered, {refused} refused"
+    );
+    assert!(why.contains("64 KiB"), "{why}");
+    let (ok, refused, _) = introspect_burst(&b, 0, "list", 20);
+    assert_eq!((ok, refused), (20, 0), "root");
+}
+
 /// One user registers as many names as `zrpcd.stats` has rows, then
 /// leaves (the rows stay): each answer carried 1,024 rows of some 400
 /// bytes, 20-36 ms of the broker's only thread to encode, and calling

@@ -28,7 +28,8 @@
 //!
 //! Calls to `list`, `peers` and `stats`, whose answers grow with the broker,
 //! count against the caller's `introspection_per_second` quota
-//! ([`Method::metered`]).
+//! ([`Method::metered`]), one more for each 64 KiB of the answer past the
+//! first ([`crate::quota::Users::charge_introspection`]).
 
 use std::time::Instant;
 
@@ -263,11 +264,16 @@ fn call(view: &mut View<'_>, m: &Method, payload: &[u8]) -> Answer {
         let n = view.introspection_per_second;
         if !view.users.introspect(uid, view.now, n) {
             let msg = format!(
-                "uid {uid} called zrpcd.list, zrpcd.peers and zrpcd.stats more than {n} times in a second, past its per-user quota (introspection_per_second in [quota] of {}); call again later",
+                "uid {uid} called zrpcd.list, zrpcd.peers and zrpcd.stats more than {n} times in a second (each 64 KiB of an answer past the first counts as a call more), past its per-user quota (introspection_per_second in [quota] of {}); call again later, or ask for smaller pages",
                 view.policy.source()
             );
             return Err((ErrorCode::LimitExceeded, msg));
         }
+        let answer = (m.handler)(view, payload);
+        if let Ok(bytes) = &answer {
+            view.users.charge_introspection(uid, bytes.len(), n);
+        }
+        return answer;
     }
     (m.handler)(view, payload)
 }

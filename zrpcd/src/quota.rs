@@ -381,6 +381,10 @@ fn fair_level(holdings: impl Iterator<Item = usize>, max: usize) -> usize {
     max
 }
 
+/// Bytes of an introspection answer that count as one call
+/// ([`Users::charge_introspection`]).
+pub const INTROSPECTION_UNIT: usize = 64 * 1024;
+
 /// Every user with a live connection (or a closing one), and the recent
 /// introspection rates of users with or without one.
 #[derive(Debug, Default)]
@@ -469,6 +473,26 @@ impl Users {
         match Rate::per_second(per_second) {
             Some(rate) if uid != 0 => self.introspection.entry(uid).or_default().allow(now, rate),
             _ => true,
+        }
+    }
+
+    /// An introspection call of `uid` that [`Users::introspect`] allowed
+    /// answered `bytes`: each [`INTROSPECTION_UNIT`] bytes of it past the
+    /// first count as one call more (at `per_second`, as there). So a
+    /// user's introspection answers cost the broker at most about
+    /// `per_second` units a second however large the broker grew: a user
+    /// holding 16,000 names on 4,000 connections made each `zrpcd.peers`
+    /// answer 3.6 MB (7.6 ms of the broker's thread), and 64 of them a
+    /// second took half of it.
+    pub fn charge_introspection(&mut self, uid: u32, bytes: usize, per_second: u32) {
+        let units = u32::try_from(bytes / INTROSPECTION_UNIT).unwrap_or(u32::MAX);
+        match Rate::per_second(per_second) {
+            Some(rate) if uid != 0 && units > 0 => {
+                if let Some(g) = self.introspection.get_mut(&uid) {
+                    g.charge(rate, units);
+                }
+            }
+            _ => {}
         }
     }
 

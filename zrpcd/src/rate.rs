@@ -54,6 +54,16 @@ impl Gcra {
         true
     }
 
+    /// Counts `n` more events at `rate` after one was allowed (an event
+    /// found to weigh more once done): the events after it are refused
+    /// until they are paid for.
+    pub fn charge(&mut self, rate: Rate, n: u32) {
+        if let Some(paid) = self.paid_until {
+            let more = rate.every.saturating_mul(n);
+            self.paid_until = Some(paid.checked_add(more).unwrap_or(paid));
+        }
+    }
+
     /// Whether an event was ever allowed.
     pub fn started(&self) -> bool {
         self.paid_until.is_some()
@@ -90,6 +100,25 @@ mod tests {
         let t2 = t0 + Duration::from_millis(400);
         assert!(g.is_idle(t2));
         assert_eq!((0..10).filter(|_| g.allow(t2, rate)).count(), 3);
+    }
+
+    #[test]
+    fn an_event_charged_more_is_paid_for_before_the_next() {
+        let rate = Rate {
+            every: Duration::from_millis(100),
+            burst: 3,
+        };
+        let t0 = Instant::now();
+        let mut g = Gcra::default();
+        g.charge(rate, 5);
+        assert!(!g.started(), "nothing to charge before an event");
+        assert!(g.allow(t0, rate));
+        g.charge(rate, 4);
+        // Paid until t0 + 500 ms: refused until 300 ms (two intervals of
+        // slack for a burst of three).
+        assert!(!g.allow(t0 + Duration::from_millis(250), rate));
+        assert!(g.allow(t0 + Duration::from_millis(300), rate));
+        assert!(g.is_idle(t0 + Duration::from_millis(600)));
     }
 
     #[test]
