@@ -194,7 +194,8 @@ pub(crate) async fn read_with<G, Gate: std::future::Future<Output = G>>(
     loop {
         let mut guard = rd.readable().await?;
         let passed = gate().await;
-        let max = room(buf);
+        // At least a byte: a read of none would look like the end.
+        let max = room(buf).max(1);
         // A read that took all it could may have left more.
         let cap = (buf.capacity() - buf.len()).min(max);
         match read(rd.get_ref(), buf, max) {
@@ -292,11 +293,27 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_brokers_read_takes_a_bounded_batch() {
         use std::io::Write;
+        use std::os::fd::AsRawFd;
         let p = ReadPolicy::BROKER;
         let dec = FrameDecoder::new(16 * 1024 * 1024);
         let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
         a.set_nonblocking(true).expect("nonblocking");
         let rd = crate::reactor::register(a, tokio::io::Interest::READABLE).expect("register");
+        // Room for all that is written below before it is read (the
+        // kernel doubles what is asked, up to twice `wmem_max`, 2 x 208 KiB
+        // by default).
+        let size: libc::c_int = 1 << 20;
+        // SAFETY: setsockopt with a pointer to a live c_int and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                b.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_SNDBUF");
         // A large frame's first 8 KiB, then 200 KiB more: the rest of it
         // (100 KiB in all) and 108 KiB of whatever follows.
         let frame = 100 * 1024u32;

@@ -270,9 +270,14 @@ fn call(view: &mut View<'_>, m: &Method, payload: &[u8]) -> Answer {
             return Err((ErrorCode::LimitExceeded, msg));
         }
         let answer = (m.handler)(view, payload);
-        if let Ok(bytes) = &answer {
-            view.users.charge_introspection(uid, bytes.len(), n);
-        }
+        let size = match &answer {
+            Ok(bytes) => bytes.len(),
+            // A whole answer found too large once a message's worth of it
+            // was encoded (`paging`).
+            Err((ErrorCode::LimitExceeded, _)) => view.budget,
+            Err(_) => 0,
+        };
+        view.users.charge_introspection(uid, size, n);
         return answer;
     }
     (m.handler)(view, payload)

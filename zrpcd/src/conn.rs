@@ -386,6 +386,18 @@ async fn read_loop(
                 let (env, payload) = size.parts(&buf[done..]);
                 done += size.total();
                 b.on_frame_parts(id, env, Payload::Borrowed(payload), now)
+            } else if size.total() < ReadPolicy::BROKER.max_read {
+                // Kept by reference, a payload would keep its whole read
+                // buffer allocated with it (one of a few hundred bytes
+                // behind a large frame handled in place pinned megabytes,
+                // counted as its own size): one smaller than a read is
+                // copied into an allocation of its own. A larger one fills
+                // at least half of the buffer it was read into (reads end
+                // at the end of a large frame, `ReadPolicy::max_read`).
+                let (env, payload) = size.parts(&buf[done..]);
+                let payload = bytes::Bytes::copy_from_slice(payload);
+                done += size.total();
+                b.on_frame_parts(id, env, Payload::Shared(&payload), now)
             } else {
                 // A large payload is split off and forwarded by reference.
                 buf.advance(std::mem::take(&mut done));
@@ -424,7 +436,11 @@ async fn read_loop(
         // that much is copied. The buffer then starts at its allocation, and
         // its capacity is what it holds.
         if frames > 0 && !buf.is_empty() {
-            let mut rest = BytesMut::with_capacity(buf.len().max(ReadPolicy::BROKER.chunk));
+            // With the room the next read wants: not moved again then.
+            let room = ReadPolicy::BROKER
+                .wanted(&decoder, &buf)
+                .max(ReadPolicy::BROKER.chunk);
+            let mut rest = BytesMut::with_capacity(buf.len() + room);
             rest.extend_from_slice(&buf);
             buf = rest;
         }

@@ -478,14 +478,18 @@ impl Users {
 
     /// An introspection call of `uid` that [`Users::introspect`] allowed
     /// answered `bytes`: each [`INTROSPECTION_UNIT`] bytes of it past the
-    /// first count as one call more (at `per_second`, as there). So a
+    /// first count as one call more (at `per_second`, as there), at most
+    /// ten seconds' worth (so that one answer keeps its user refused for
+    /// ten seconds at most, whatever `--max-message-size` allows). So a
     /// user's introspection answers cost the broker at most about
     /// `per_second` units a second however large the broker grew: a user
     /// holding 16,000 names on 4,000 connections made each `zrpcd.peers`
     /// answer 3.6 MB (7.6 ms of the broker's thread), and 64 of them a
     /// second took half of it.
     pub fn charge_introspection(&mut self, uid: u32, bytes: usize, per_second: u32) {
-        let units = u32::try_from(bytes / INTROSPECTION_UNIT).unwrap_or(u32::MAX);
+        let units = u32::try_from(bytes / INTROSPECTION_UNIT)
+            .unwrap_or(u32::MAX)
+            .min(per_second.saturating_mul(10));
         match Rate::per_second(per_second) {
             Some(rate) if uid != 0 && units > 0 => {
                 if let Some(g) = self.introspection.get_mut(&uid) {
@@ -561,6 +565,25 @@ impl Users {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn an_introspection_answer_is_charged_by_size_for_ten_seconds_at_most() {
+        let mut users = Users::default();
+        let now = Instant::now();
+        assert!(users.introspect(1000, now, 10));
+        // 1 GiB: 16,384 units, charged as 100 (ten seconds at 10 a second).
+        users.charge_introspection(1000, 1 << 30, 10);
+        assert!(!users.introspect(1000, now + Duration::from_secs(9), 10));
+        assert!(users.introspect(1000, now + Duration::from_secs(11), 10));
+        // Under one unit: the call alone.
+        let later = now + Duration::from_secs(100);
+        assert!(users.introspect(1001, later, 1));
+        users.charge_introspection(1001, INTROSPECTION_UNIT - 1, 1);
+        assert!(users.introspect(1001, later + Duration::from_secs(1), 1));
+        // Root is not charged.
+        users.charge_introspection(0, 1 << 30, 10);
+        assert!(users.introspect(0, now, 10));
+    }
 
     #[test]
     fn name_events_are_logged_at_info_within_a_rate_per_uid() {

@@ -27,15 +27,32 @@ fn padded_pong(total: usize) -> Vec<u8> {
 /// 8 MiB; once the broker has read it (bounded wait), that last KiB and the
 /// first 20 bytes of a small frame in one write, which the broker reads
 /// together: the large frame is handled and the small one stays, partial,
-/// near the end of the buffer. Prints "bloated N" once the broker has read
+/// near the end of the buffer. With `call`, a whole call with a 300-byte
+/// argument instead of the partial frame, to a name nobody holds: it stays
+/// pending, its argument kept. Prints "bloated N" once the broker has read
 /// everything (or "refused K ..." at the first connection the broker
 /// closed, "unread" if it did not read it within the tests' bound), then
 /// stays, sending nothing more.
-pub fn bloat(conns: usize) {
+pub fn bloat(conns: usize, call: bool) {
     let first = padded_pong(4_718_592 + 8);
     let (head, last) = first.split_at(first.len() - 1024);
     let mut rest = last.to_vec();
-    rest.extend_from_slice(&padded_pong(99)[..20]);
+    if call {
+        let mut frame = bytes::BytesMut::new();
+        let env = zrpc_proto::Envelope::Call {
+            id: 1,
+            service: "nobody",
+            method: "m",
+            timeout_ms: Some(600_000),
+            flags: 0,
+        };
+        let mut arg = vec![0xc5, 0x01, 0x2c];
+        arg.resize(3 + 300, 0);
+        zrpc_proto::encode_frame(&mut frame, &env, &arg);
+        rest.extend_from_slice(&frame);
+    } else {
+        rest.extend_from_slice(&padded_pong(99)[..20]);
+    }
     let mut held = Vec::with_capacity(conns);
     for i in 0..conns {
         let mut r = connect(None);
@@ -75,8 +92,9 @@ fn read_by_the_broker(s: &std::os::unix::net::UnixStream) -> bool {
 /// for it to 16 MiB (a ladder of frames without payload, each larger than
 /// the last), and ending every write inside a frame: a buffer that never
 /// empties is never dropped, and before reads were bounded each of them
-/// took all that the socket held (up to the 4 MiB send buffer asked here)
-/// as one batch of the broker's thread.
+/// took all that the socket held (up to the send buffer: 4 MiB asked here,
+/// as much as the system's `wmem_max` allows) as one batch of the
+/// broker's thread.
 pub fn ragged(s: &mut std::os::unix::net::UnixStream, batch: &[u8], times: u64) {
     let size: libc::c_int = 4 << 20;
     // SAFETY: setsockopt with a pointer to a live c_int and its size.

@@ -24,9 +24,10 @@
 //!        broker's read buffer to 16 MiB, then every write ends inside a
 //!        frame, so that it never empties): "flooding" once all are
 //!        connected, "flooded" when all are written; stays
-//! zrpc-test-peer bloat --conns C
+//! zrpc-test-peer bloat --conns C [--call]
 //!     -> on each of C connections, frames that grow the broker's read
-//!        buffer to about 8 MiB and leave a partial frame at its end:
+//!        buffer to about 8 MiB and leave a partial frame at its end (with
+//!        --call: a pending call's 300-byte argument read with them):
 //!        "bloated K" once sent on K connections; stays
 //! zrpc-test-peer churn --threads T --count N
 //!     -> T threads each connect, complete the handshake and close, N
@@ -187,6 +188,10 @@ enum Cmd {
     Bloat {
         #[arg(long)]
         conns: usize,
+        /// A pending call with a 300-byte argument in place of the
+        /// partial frame.
+        #[arg(long)]
+        call: bool,
     },
     /// Connections made and closed in a loop.
     Churn {
@@ -678,7 +683,7 @@ fn main() {
             say("flooded");
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
-        Cmd::Bloat { conns } => buffers::bloat(conns),
+        Cmd::Bloat { conns, call } => buffers::bloat(conns, call),
         Cmd::Churn { threads, count } => {
             let done: u64 = (0..threads.max(1))
                 .map(|_| {
