@@ -84,10 +84,18 @@ pub enum FdError {
         /// The largest size accepted.
         max: usize,
     },
+    /// A memfd of another file system than shmem: one created with
+    /// `MFD_HUGETLB` may not be mappable by its receiver (with no huge
+    /// pages reserved, mapping it fails), so it could not be passed on.
+    #[error("the payload memfd is not a plain shared-memory memfd (one made with MFD_HUGETLB?); create payload memfds without MFD_HUGETLB")]
+    NotShmem,
     /// `fstat` failed.
     #[error("cannot inspect the payload descriptor: {0}")]
     Io(#[from] io::Error),
 }
+
+/// `statfs`' `f_type` of shmem, where plain memfds live.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
 
 /// A payload in a sealed memfd: created here ([`SealedFd::create`]) or
 /// received and verified ([`SealedFd::verify`]). Its bytes cannot change.
@@ -142,6 +150,16 @@ impl SealedFd {
         let st = rustix::fs::fstat(&fd).map_err(io::Error::from)?;
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
             return Err(FdError::NotMemfd);
+        }
+        // Plain memfds live on the kernel's internal shmem mount; a
+        // hugetlbfs one (MFD_HUGETLB) may fail to map for the broker or a
+        // receiver that is handed it (a call whose payload no one could
+        // map closed every instance of the service it was delivered to).
+        let fs = rustix::fs::fstatfs(&fd).map_err(io::Error::from)?;
+        // (`f_type`'s type differs by architecture; the magic numbers are
+        // 32 bits.)
+        if fs.f_type as u64 & 0xffff_ffff != TMPFS_MAGIC {
+            return Err(FdError::NotShmem);
         }
         let len = u64::try_from(st.st_size).unwrap_or(0);
         match usize::try_from(len) {
@@ -462,6 +480,31 @@ mod tests {
                 len: 200_000,
                 max: 1000
             })
+        ));
+    }
+
+    /// A sealed memfd made with `MFD_HUGETLB` (sized, never written) passed
+    /// every check, and with no huge pages reserved no one could map it:
+    /// the broker closed each instance of the service it was delivered to
+    /// (red-team pass 4). Only plain shmem memfds are taken.
+    #[test]
+    fn huge_page_memfds_are_refused() {
+        let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::HUGETLB;
+        let fd = match rustix::fs::memfd_create("zrpc-test", flags) {
+            Ok(fd) => fd,
+            Err(e) => {
+                eprintln!("SKIPPED huge_page_memfds_are_refused: no hugetlbfs memfds here ({e})");
+                return;
+            }
+        };
+        rustix::fs::ftruncate(&fd, 2 << 20).expect("size");
+        rustix::fs::fcntl_add_seals(&fd, SEALS).expect("seal");
+        assert!(rustix::fs::fcntl_get_seals(&fd)
+            .expect("seals")
+            .contains(SealFlags::SEAL));
+        assert!(matches!(
+            SealedFd::verify(fd, 16 << 20),
+            Err(FdError::NotShmem)
         ));
     }
 

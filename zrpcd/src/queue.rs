@@ -396,7 +396,7 @@ impl PeerIo {
         let mut q = self.queue.borrow_mut();
         let fds = self.fds.get().then(|| self.sock.get_ref());
         if let Err(e) = q.push(env, payload, batch, fds) {
-            tracing::warn!(error = %e, "cannot map a payload memfd for a peer without descriptor passing; closing it");
+            warn_unmappable(&e);
             drop(q);
             self.close();
             return false;
@@ -452,6 +452,29 @@ thread_local! {
     /// was logged at debug only since.
     static TOO_MANY_REFS: RefCell<crate::log::RefusalLog> =
         RefCell::new(crate::log::RefusalLog::default());
+}
+
+thread_local! {
+    /// The same for payload memfds that could not be mapped for a peer.
+    static UNMAPPABLE: RefCell<crate::log::RefusalLog> =
+        RefCell::new(crate::log::RefusalLog::default());
+}
+
+/// Logs that a payload memfd could not be mapped for a peer that takes no
+/// descriptors (which is closed), at warn at most once per
+/// `--warn-interval`: a peer could cause it again and again.
+fn warn_unmappable(e: &dyn std::fmt::Display) {
+    let warn = UNMAPPABLE.with(|log| log.borrow_mut().warn_now(std::time::Instant::now()));
+    match warn {
+        None => {
+            tracing::debug!(error = %e, "cannot map a payload memfd for a peer without descriptor passing; closing it")
+        }
+        Some(quiet) => tracing::warn!(
+            error = %e,
+            since_last_warning = quiet,
+            "cannot map a payload memfd for a peer without descriptor passing; closing it (later occurrences within --warn-interval at debug level)"
+        ),
+    }
 }
 
 /// Logs that `n` payloads went inline because the kernel refused to pass

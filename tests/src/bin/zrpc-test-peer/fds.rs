@@ -285,3 +285,15 @@ pub fn junk_together(path: &str, count: usize, per_conn: usize) {
         say(&line);
     }
 }
+
+/// A sealed 2 MiB memfd made with `MFD_HUGETLB`, never written (`None` if
+/// this kernel makes none).
+pub fn huge_memfd() -> Option<std::os::fd::OwnedFd> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::HUGETLB;
+    let fd = rustix::fs::memfd_create("zrpc-test-peer", flags).ok()?;
+    rustix::fs::ftruncate(&fd, 2 << 20).ok()?;
+    let seals = SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL;
+    rustix::fs::fcntl_add_seals(&fd, seals).ok()?;
+    Some(fd)
+}

@@ -77,9 +77,11 @@
 //!     -> one call, offering payload descriptors: "result ok fd <bytes>" or
 //!        "result ok inline <bytes>" (how the payload came), or as `call`
 //!        prints the others
-//! zrpc-test-peer fd-call --service S [--count N]
-//!     -> N NO_WAIT calls whose argument is a payload descriptor, sent at
-//!        once; their results as `call` prints them
+//! zrpc-test-peer fd-call --service S [--count N] [--huge]
+//!     -> N NO_WAIT calls whose argument is a payload descriptor (with
+//!        --huge: a sealed 2 MiB memfd made with MFD_HUGETLB and never
+//!        written; "unsupported" if none can be made), sent at once; their
+//!        results as `call` prints them
 //! zrpc-test-peer junk-fd --path P [--count N] [--per-conn M] [--plain]
 //!     -> on each of N connections: Hello (offering payload descriptors
 //!        unless --plain), then M pings each sent with a fresh descriptor
@@ -259,6 +261,9 @@ enum Cmd {
         service: String,
         #[arg(long, default_value_t = 1)]
         count: u64,
+        /// A sealed 2 MiB memfd made with MFD_HUGETLB, never written.
+        #[arg(long)]
+        huge: bool,
     },
     /// Descriptors that are not payloads (PATH opened anew for each),
     /// sent on COUNT connections, PER_CONN pings each.
@@ -438,9 +443,23 @@ fn main() {
         } => fds::fd_hog(count, clients, paced, junk, size, plain_client),
         Cmd::FdServe { name, size } => fds::fd_serve(&name, size),
         Cmd::FdGet { service } => fds::fd_get(&service),
-        Cmd::FdCall { service, count } => {
+        Cmd::FdCall {
+            service,
+            count,
+            huge,
+        } => {
             let mut r = connect_caps(None, zrpc_proto::caps::FD_PAYLOADS);
-            let memfd = zrpc_io::fdpass::SealedFd::create(b"\xc0").expect("memfd");
+            let memfd: std::os::fd::OwnedFd = if huge {
+                match fds::huge_memfd() {
+                    Some(fd) => fd,
+                    None => return say("unsupported"),
+                }
+            } else {
+                let memfd = zrpc_io::fdpass::SealedFd::create(b"\xc0").expect("memfd");
+                std::os::fd::AsFd::as_fd(&memfd)
+                    .try_clone_to_owned()
+                    .expect("dup")
+            };
             for id in 1..=count {
                 r.send_fd(
                     &Envelope::Call {
