@@ -565,9 +565,10 @@ fn a_call_a_service_made_to_itself_is_resubmitted_to_its_users_next_instance() {
 }
 
 /// The flood's calls handled between two calls in a row of a third user
-/// (uid 65533, one connection) while `flood` (uid 65534) floods, as
-/// sorted gaps; and the rounds the broker ended early.
-fn gaps_during(b: &Broker, flood: &[&str]) -> (Vec<u64>, u64) {
+/// (uid 65533, one connection) while `flood` (uid 65534, `total` calls)
+/// floods, as sorted gaps (none: the flooding user was waiting for rounds
+/// it owed); and the rounds the broker ended early.
+fn gaps_during(b: &Broker, flood: &[&str], total: u64) -> (Vec<u64>, u64) {
     let start = zrpc_tests::broker_stat(b.dir(), "calls");
     let mut flood = other(b, flood);
     flood.read_until(|l| l == "flooding").expect("flooding");
@@ -584,13 +585,12 @@ fn gaps_during(b: &Broker, flood: &[&str]) -> (Vec<u64>, u64) {
         let Some(now) = count(&line) else {
             panic!("the probe's call failed: {line}");
         };
+        if now >= start + total {
+            break; // the flood is over
+        }
         if let Some(last) = last {
             // Less its own call.
-            let gap = now - last - 1;
-            if gap == 0 {
-                break; // the flood is over
-            }
-            gaps.push(gap);
+            gaps.push(now - last - 1);
         }
         last = Some(now);
     }
@@ -630,28 +630,37 @@ fn a_users_many_busy_connections_get_no_more_of_the_broker_than_one() {
         return;
     }
     let b = Broker::start();
-    for flood in [
-        &["flood-calls", "--conns", "256", "--count", "4000"][..],
-        &[
-            "flood-calls",
-            "--conns",
-            "256",
-            "--count",
-            "2000",
-            "--paced",
-            "100",
-        ][..],
-        &[
-            "flood-calls",
-            "--conns",
-            "1",
-            "--count",
-            "4000000",
-            "--ragged",
-        ][..],
+    for (flood, total) in [
+        (
+            &["flood-calls", "--conns", "256", "--count", "4000"][..],
+            256 * 4000,
+        ),
+        (
+            &[
+                "flood-calls",
+                "--conns",
+                "256",
+                "--count",
+                "2000",
+                "--paced",
+                "100",
+            ][..],
+            256 * 2000,
+        ),
+        (
+            &[
+                "flood-calls",
+                "--conns",
+                "1",
+                "--count",
+                "4000000",
+                "--ragged",
+            ][..],
+            4_000_000,
+        ),
     ] {
         let before = zrpc_tests::broker_stat(b.dir(), "round_waits");
-        let (gaps, waits) = gaps_during(&b, flood);
+        let (gaps, waits) = gaps_during(&b, flood, total);
         println!(
             "{flood:?}: flood calls between two probes (sorted): {gaps:?}; rounds ended early {}",
             waits - before
