@@ -127,3 +127,106 @@ pub fn ragged(s: &mut std::os::unix::net::UnixStream, batch: &[u8], times: u64) 
     }
     let _ = s.write_all(&batch[cut..]);
 }
+
+/// On each of `conns` connections (a receive buffer of 4 KiB asked), calls
+/// to a service of its own answered with 8,000 bytes each, `mib` MiB of
+/// answers in all, left unread until all are answered (they queue in the
+/// broker); then all of them read but the last `leave` bytes. Prints
+/// "pinned N" once done on N connections; stays, reading nothing more.
+pub fn backlog(conns: usize, mib: usize, leave: usize) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use zrpc_proto::Envelope;
+    let name = format!("backlog{}", std::process::id());
+    let mut svc = connect(None);
+    zrpc_tests::raw::register(&mut svc, &name);
+    let answered = Arc::new(AtomicU64::new(0));
+    let payload = {
+        let mut p = vec![0xc5, 0x1f, 0x38]; // bin 16 of 7,992 bytes
+        p.resize(3 + 7992, 7);
+        p
+    };
+    {
+        let (answered, payload) = (answered.clone(), payload.clone());
+        let _ = svc.s.set_read_timeout(None);
+        std::thread::spawn(move || {
+            while let Some(f) = svc.recv_frame() {
+                match f.decode() {
+                    Ok(Envelope::Request { id, .. }) => {
+                        let reply = Envelope::Reply {
+                            id,
+                            code: None,
+                            message: "",
+                        };
+                        svc.send(&reply, &payload);
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Envelope::Ping { nonce }) => svc.send(&Envelope::Pong { nonce }, b""),
+                    _ => {}
+                }
+            }
+        });
+    }
+    let calls = (mib << 20) / payload.len();
+    let mut held = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let mut c = connect(None);
+        let size: libc::c_int = 4096;
+        // SAFETY: setsockopt with a pointer to a live c_int and its size.
+        unsafe {
+            libc::setsockopt(
+                c.s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        let before = answered.load(Ordering::SeqCst);
+        let mut out = bytes::BytesMut::new();
+        let mut total = 0;
+        for id in 1..=calls as u64 {
+            let call = Envelope::Call {
+                id,
+                service: &name,
+                method: "m",
+                timeout_ms: Some(600_000),
+                flags: 0,
+            };
+            zrpc_proto::encode_frame(&mut out, &call, b"\xc0");
+            let mut result = bytes::BytesMut::new();
+            let env = Envelope::Result {
+                id,
+                code: None,
+                message: "",
+            };
+            zrpc_proto::encode_frame(&mut result, &env, &payload);
+            total += result.len();
+        }
+        if c.s.write_all(&out).is_err() {
+            return say("refused");
+        }
+        let deadline = std::time::Instant::now() + zrpc_tests::WAIT;
+        while answered.load(Ordering::SeqCst) < before + calls as u64 {
+            if std::time::Instant::now() > deadline {
+                return say("unanswered");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // All but `leave` bytes of the answers.
+        let mut left = total - leave.min(total);
+        let mut buf = vec![0u8; 1 << 16];
+        while left > 0 {
+            match c.s.read(&mut buf[..left.min(1 << 16)]) {
+                Ok(0) | Err(_) => return say("closed"),
+                Ok(n) => left -= n,
+            }
+        }
+        held.push(c);
+    }
+    say(&format!("pinned {}", held.len()));
+    loop {
+        std::thread::park();
+    }
+}

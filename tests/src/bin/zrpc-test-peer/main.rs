@@ -29,6 +29,12 @@
 //!        buffer to about 8 MiB and leave a partial frame at its end (with
 //!        --call: a pending call's 300-byte argument read with them):
 //!        "bloated K" once sent on K connections; stays
+//! zrpc-test-peer backlog --conns C --mib M --leave L
+//!     -> a service of its own answers calls of C connections of its own
+//!        with 8,000 bytes each, M MiB per connection, left queued in the
+//!        broker until all are answered, then read but the last L bytes:
+//!        "pinned K" once done on K connections ("refused", "unanswered"
+//!        or "closed" if not); stays
 //! zrpc-test-peer churn --threads T --count N
 //!     -> T threads each connect, complete the handshake and close, N
 //!        times; "churned K" with the handshakes completed
@@ -194,6 +200,16 @@ enum Cmd {
         /// partial frame.
         #[arg(long)]
         call: bool,
+    },
+    /// Answers queued in the broker for CONNS connections of its own,
+    /// MIB MiB each, then read but the last LEAVE bytes.
+    Backlog {
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        mib: usize,
+        #[arg(long)]
+        leave: usize,
     },
     /// Connections made and closed in a loop.
     Churn {
@@ -703,6 +719,7 @@ fn main() {
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
         Cmd::Bloat { conns, call } => buffers::bloat(conns, call),
+        Cmd::Backlog { conns, mib, leave } => buffers::backlog(conns, mib, leave),
         Cmd::Churn { threads, count } => {
             let done: u64 = (0..threads.max(1))
                 .map(|_| {
