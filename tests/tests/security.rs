@@ -491,6 +491,46 @@ fn a_call_whose_instance_left_is_not_given_to_another_user_taking_the_name() {
     not_given_to(&mut caller, 1, &mut thief);
 }
 
+/// A call that waits in the broker because every instance of its name had
+/// its window full (`--max-delivered-per-conn`) was made to that user's
+/// service: when its service leaves and another user takes the name, it is
+/// not given the call either (`NoSuchService`: it never ran). Before, the
+/// waiting calls went to whoever registered the name next, arguments and
+/// all (red-team pass 4).
+#[test]
+fn a_call_held_back_for_a_busy_service_is_not_given_to_another_user() {
+    if !is_root(
+        "a_call_held_back_for_a_busy_service_is_not_given_to_another_user",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    let b = Broker::start_with(&["--name-grace", "0", "--max-delivered-per-conn", "1"]);
+    let stat = |key: &str| zrpc_tests::broker_stat(b.dir(), key);
+    let mut caller = Raw::hello(b.dir());
+    {
+        let mut svc = Raw::hello(b.dir());
+        zrpc_tests::raw::register(&mut svc, "pinned");
+        call_frame(&mut caller, 1, "pinned", "first");
+        next_request_uid(&mut svc);
+        // Held back: the service has its window of one in hand.
+        call_frame(&mut caller, 2, "pinned", "held");
+        assert!(wait_until(WAIT, || stat("waiting") == 1));
+    }
+    assert!(wait_until(WAIT, || stat("waiting") == 2 && stat("redelivered") == 1));
+    let mut thief = other(&b, &["register", "--name", "pinned"]);
+    let ack = thief.read_until(|l| l.starts_with("ack")).expect("ack");
+    assert_eq!(ack, "ack ok", "the free name is first come, first served");
+    let (code, msg, _) = result_of(&mut caller, 2);
+    assert_eq!(code, Some(ErrorCode::NoSuchService), "{msg}");
+    assert!(
+        msg.contains("another user's service") && msg.contains("never ran"),
+        "{msg}"
+    );
+    // The delivered one as before; then a new call is the thief's.
+    not_given_to(&mut caller, 1, &mut thief);
+}
+
 /// The pin of a call to its instance's user holds through its caller's
 /// departure: a caller that left while its call waited for a new instance
 /// (its first instance gone), and resubmits it within its grace, gets

@@ -342,10 +342,18 @@ impl Broker {
         // it may have run). All instances of a name are of one user, so
         // none would do. The NATS bridge forwards for the broker itself.
         if pinned.is_some_and(|u| u != t.creds().uid) && !self.is_bridge(target) {
-            let msg = format!(
-                "the service instance that had the call disconnected, and the name {service:?} is now held by another user's service, which is not given the call (it may have run)"
-            );
-            return self.finish(bid, Outcome::Error(ErrorCode::ServiceGone, msg), now);
+            let (code, msg) = if redelivery {
+                let msg = format!(
+                    "the service instance that had the call disconnected, and the name {service:?} is now held by another user's service, which is not given the call (it may have run)"
+                );
+                (ErrorCode::ServiceGone, msg)
+            } else {
+                let msg = format!(
+                    "the service the call was made to left before taking it, and the name {service:?} is now held by another user's service, which is not given the call (it never ran)"
+                );
+                (ErrorCode::NoSuchService, msg)
+            };
+            return self.finish(bid, Outcome::Error(code, msg), now);
         }
         // Every instance has its window of calls in hand (`pick` looks on
         // until it finds one with room, and chose the one with the fewest
@@ -358,6 +366,9 @@ impl Broker {
             && preferred.is_none()
             && !self.unwindowed(target)
         {
+            // Made to this user's service: held for it (`Pending::hold_for`).
+            let holder = t.creds().uid;
+            self.pending.hold_for(bid, holder);
             return self.park(service, bid, caller, caller_ident);
         }
         let queued = t.io().queue.borrow().len_bytes();

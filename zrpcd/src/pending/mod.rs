@@ -48,6 +48,8 @@ const PARKED_AFTER_DELIVERY: PeerId = 1 << 63;
 
 /// With [`PARKED_AFTER_DELIVERY`]: the call is pinned to a user, whose uid
 /// is in the low 32 bits of `Pending::target` (see [`Pending::pinned_to`]).
+/// Alone: a call never delivered, held back for the user whose service
+/// held its name when it came (see [`Pending::hold_for`]).
 const PINNED: PeerId = 1 << 62;
 
 /// The uid a call parked again is pinned to when no way back to `Parked`
@@ -130,7 +132,7 @@ impl Pending {
     pub fn stage(&self) -> Stage {
         match self.target {
             0 => Stage::Parked,
-            t if t & PARKED_AFTER_DELIVERY != 0 => Stage::Parked,
+            t if t & (PARKED_AFTER_DELIVERY | PINNED) != 0 => Stage::Parked,
             t => Stage::Delivered(t),
         }
     }
@@ -170,8 +172,19 @@ impl Pending {
     /// if it was never delivered, or if it was the NATS bridge that had it
     /// (it forwards for the broker itself).
     pub fn pinned_to(&self) -> Option<u32> {
-        let pinned = PARKED_AFTER_DELIVERY | PINNED;
-        (self.target & pinned == pinned).then_some(self.target as u32)
+        (self.target & PINNED != 0).then_some(self.target as u32)
+    }
+
+    /// The call, never delivered, waits because every instance of its name
+    /// had its window full (`--max-delivered-per-conn`), and they are
+    /// `uid`'s: it was made to that user's service, and goes to that
+    /// user's services only ([`pinned_to`](Self::pinned_to)), not to
+    /// another user's that registers the name after they left (which was
+    /// given the calls waiting, their arguments included).
+    pub fn hold_for(&mut self, uid: u32) {
+        if self.target == 0 {
+            self.target = PINNED | u64::from(uid);
+        }
     }
 
     /// Whether the call was ever delivered to a service, also if it is
@@ -179,7 +192,7 @@ impl Pending {
     /// then have run, and must not be answered with a code that says it
     /// never did (`NoSuchService`, `TimeoutNoService`).
     pub fn was_delivered(&self) -> bool {
-        self.target != 0
+        self.target & PARKED_AFTER_DELIVERY != 0 || matches!(self.stage(), Stage::Delivered(_))
     }
 }
 
@@ -375,6 +388,13 @@ impl PendingCalls {
             .push(&mut self.pages, List::Made, call.caller, idx as u32);
         self.len += 1;
         id
+    }
+
+    /// See [`Pending::hold_for`].
+    pub fn hold_for(&mut self, id: u64, uid: u32) {
+        if let Some(p) = self.get_mut(id) {
+            p.hold_for(uid);
+        }
     }
 
     /// Parks call `id` again after the instance that had it disconnected:

@@ -103,6 +103,20 @@ fn stage_round_trips() {
     p.delivered_before(None);
     assert_eq!((p.stage(), p.pinned_to()), (Stage::Parked, None));
     assert!(p.was_delivered());
+    // Held back for the holder's user, never delivered: pinned, parked,
+    // not delivered; parking again keeps it; delivered, it is a delivery.
+    let id = t.insert(call(3, 7, "s"), Instant::now(), None);
+    let p = t.get_mut(id).expect("pending");
+    p.hold_for(1000);
+    assert_eq!((p.stage(), p.pinned_to()), (Stage::Parked, Some(1000)));
+    assert!(!p.was_delivered());
+    p.set_stage(Stage::Parked);
+    assert_eq!(p.pinned_to(), Some(1000));
+    p.hold_for(1001);
+    assert_eq!(p.pinned_to(), Some(1000), "held for the first holder");
+    p.set_stage(Stage::Delivered(9));
+    assert_eq!((p.stage(), p.pinned_to()), (Stage::Delivered(9), None));
+    assert!(p.was_delivered());
 }
 
 #[test]
