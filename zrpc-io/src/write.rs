@@ -315,7 +315,12 @@ impl OutQueue {
             let Some(c) = self.chunks.front_mut() else {
                 self.tail.advance(n);
                 self.tail_written += n;
-                if self.tail_written > self.tail.len().max(COMPACT_MIN) && !self.tail.is_empty() {
+                if self.tail.is_empty() {
+                    // Written whole: its room is reused (or given back by
+                    // `shrink`), nothing written is kept for something
+                    // left.
+                    self.tail_written = 0;
+                } else if self.tail_written > self.tail.len().max(COMPACT_MIN) {
                     let mut rest = BytesMut::with_capacity(self.tail.len());
                     rest.extend_from_slice(&self.tail);
                     self.tail = rest;
