@@ -1667,7 +1667,7 @@ fn read_buffers_hold_no_more_than_their_partial_frames() {
     // re-delivery: it was kept as a view of the whole buffer).
     for (what, more) in [
         ("partial frames of 20 bytes", None),
-        ("pending calls' arguments of 300 bytes", Some("--call")),
+        ("pending calls' arguments of 9,000 bytes", Some("--call")),
     ] {
         let b = Broker::start();
         let before = b.proc.rss_kib();

@@ -63,15 +63,25 @@ pub struct OutQueue {
     tail_written: usize,
 }
 
-/// A chunk, or the tail, whose written front has passed both this and
-/// what is left of it is moved into an allocation of its own size: the
-/// written bytes of a `Bytes` or `BytesMut` stay allocated with the rest,
-/// and a peer that reads all but a little of a large backlog made the
-/// broker keep megabytes per connection while its queued bytes (what
-/// quotas count) were a few KiB. Each byte is moved once at most on
-/// average (a move costs what was left, less than what was written
-/// since the last one).
+/// A chunk the queue alone holds, or the tail, whose written front has
+/// passed both this and three times what is left of it is moved into an
+/// allocation of its own size: the written bytes of a `Bytes` or
+/// `BytesMut` stay allocated with the rest, and a peer that reads all but
+/// a little of a large backlog made the broker keep megabytes per
+/// connection while its queued bytes (what quotas count) were a few KiB.
+/// So what a queue keeps allocated is at most four times what it counts,
+/// plus this. A move copies a third of what was written since the last
+/// one at most (a large payload written in many partial writes is copied
+/// about a quarter over); a chunk someone else also holds (a payload a
+/// pending call keeps for re-delivery, a caller's own `Bytes`) is not
+/// moved: that would free nothing.
 pub const COMPACT_MIN: usize = 16 * 1024;
+
+/// Whether a buffer of which `written` bytes are written and `left` are
+/// not is to be moved (see [`COMPACT_MIN`]).
+fn worth_moving(written: usize, left: usize) -> bool {
+    written > COMPACT_MIN && written / 3 > left
+}
 
 impl OutQueue {
     /// An empty queue whose tail starts with `capacity` bytes.
@@ -267,18 +277,23 @@ impl OutQueue {
         }
     }
 
-    /// Moves the tail into `chunks`, with its allocation: the next small
-    /// frame starts a new one (a tail split off its allocation would keep
-    /// the whole of it alive through its spare room, however much of the
-    /// chunk is written). A tail mostly written already is moved first.
+    /// Moves the tail into `chunks`. A large one takes its allocation with
+    /// it, and the next small frame starts a new tail (split off it, the
+    /// tail's spare room would keep the whole allocation alive however
+    /// much of the chunk is written); a small one is split off, keeping
+    /// the rest of its room for the next frames. A tail mostly written
+    /// already is moved first.
     fn seal(&mut self) {
         if !self.tail.is_empty() {
-            let t = if self.tail_written > self.tail.len().max(COMPACT_MIN) {
-                Bytes::copy_from_slice(&self.tail)
+            let t = if worth_moving(self.tail_written, self.tail.len()) {
+                let t = Bytes::copy_from_slice(&self.tail);
+                self.tail = BytesMut::new();
+                t
+            } else if self.tail.capacity() <= COMPACT_MIN {
+                self.tail.split().freeze()
             } else {
                 std::mem::take(&mut self.tail).freeze()
             };
-            self.tail = BytesMut::new();
             self.tail_written = 0;
             if self.chunks.is_empty() {
                 self.chunk_written = 0;
@@ -320,7 +335,7 @@ impl OutQueue {
                     // `shrink`), nothing written is kept for something
                     // left.
                     self.tail_written = 0;
-                } else if self.tail_written > self.tail.len().max(COMPACT_MIN) {
+                } else if worth_moving(self.tail_written, self.tail.len()) {
                     let mut rest = BytesMut::with_capacity(self.tail.len());
                     rest.extend_from_slice(&self.tail);
                     self.tail = rest;
@@ -332,7 +347,7 @@ impl OutQueue {
                 c.advance(n);
                 self.chunk_bytes -= n;
                 self.chunk_written += n;
-                if self.chunk_written > c.len().max(COMPACT_MIN) {
+                if worth_moving(self.chunk_written, c.len()) && c.is_unique() {
                     *c = Bytes::copy_from_slice(c);
                     self.chunk_written = 0;
                 }
@@ -684,19 +699,28 @@ mod tests {
     /// keep megabytes per connection, counted as the little).
     #[test]
     fn the_written_front_of_a_queue_does_not_stay_allocated() {
-        let big = Bytes::from(vec![7u8; 1 << 20]);
-        let within = |b: &[u8], of: &Bytes| {
-            let (p, start) = (b.as_ptr() as usize, of.as_ptr() as usize);
-            p >= start && p < start + of.len()
+        let big = || Bytes::from(vec![7u8; 1 << 20]);
+        let within = |b: &[u8], (start, len): (usize, usize)| {
+            let p = b.as_ptr() as usize;
+            p >= start && p < start + len
         };
+        // A chunk only the queue holds: moved once most of it is written.
+        let b = big();
+        let alloc = (b.as_ptr() as usize, b.len());
         let mut q = OutQueue::default();
-        q.push_shared(big.clone());
-        q.consume(100);
-        assert!(within(&q.chunks[0], &big), "a little written: kept as is");
-        q.consume((1 << 20) - 100 - 10);
+        q.push_shared(b);
+        q.consume(600 * 1024);
+        assert!(within(&q.chunks[0], alloc), "half written: kept as is");
+        q.consume((1 << 20) - 600 * 1024 - 10);
         assert_eq!(q.len(), 10);
-        assert!(!within(&q.chunks[0], &big), "moved");
+        assert!(!within(&q.chunks[0], alloc), "moved");
         assert_eq!(&q.chunks[0][..], &[7u8; 10]);
+        // One someone else holds too: moving it would free nothing.
+        let b = big();
+        let mut q = OutQueue::default();
+        q.push_shared(b.clone());
+        q.consume((1 << 20) - 10);
+        assert!(within(&q.chunks[0], (b.as_ptr() as usize, b.len())));
         // The tail: 1 MiB of small frames, all but 10 bytes written.
         let mut q = OutQueue::default();
         for _ in 0..1024 {
@@ -706,11 +730,11 @@ mod tests {
         q.consume((1 << 20) - 10);
         assert_eq!(q.len(), 10);
         assert!(q.tail.capacity() < COMPACT_MIN, "{}", q.tail.capacity());
-        // Sealed with its allocation: the tail's spare room does not keep
-        // the chunk's allocation alive once the chunk is written.
+        // A large tail is sealed with its allocation: its spare room does
+        // not keep the chunk's allocation alive once the chunk is written.
         let mut q = OutQueue::default();
-        q.push_copy(&[1u8; 100]);
-        q.push_shared(big.clone());
+        q.push_copy(&[1u8; 64 * 1024]);
+        q.push_shared(big());
         assert_eq!(q.tail.capacity(), 0);
         // Order kept through the moves.
         q.consume(50);
@@ -718,7 +742,7 @@ mod tests {
         let mut rest = Vec::new();
         q.take_into(&mut rest);
         let all: Vec<u8> = rest.iter().flat_map(|b| b.iter().copied()).collect();
-        assert_eq!(all.len(), 50 + (1 << 20) + 3);
+        assert_eq!(all.len(), 64 * 1024 - 50 + (1 << 20) + 3);
         assert_eq!(&all[..50], &[1u8; 50]);
         assert_eq!(&all[all.len() - 3..], b"end");
     }

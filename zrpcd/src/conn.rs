@@ -24,14 +24,15 @@ use zrpc_proto::{ErrorCode, FrameDecoder, ProtoError};
 use crate::broker::{Broker, Fatal};
 use crate::payload::Payload;
 use crate::peers::{Creds, PeerId};
-use crate::pending::SMALL_PAYLOAD_COPY;
 use crate::queue::PeerIo;
 
 /// Frames with payloads up to this size are handled in place in the read
-/// buffer (their payload is copied wherever it goes, pending slots
-/// included); larger ones are split off as `Bytes` and forwarded by
-/// reference.
-const IN_PLACE_MAX: usize = SMALL_PAYLOAD_COPY;
+/// buffer: their payload is copied wherever it goes (a pending slot, or an
+/// allocation of its own kept by a pending call; a peer's queue copies
+/// payloads under `queue::ZERO_COPY_MIN` anyway); larger ones are copied
+/// into an allocation of their own up to a read's size, or split off as
+/// `Bytes`, and forwarded by reference.
+const IN_PLACE_MAX: usize = crate::queue::ZERO_COPY_MIN - 1;
 
 /// How long a connection's task may go on reading and handling frames, read
 /// after read without its socket running dry, before it lets the other
@@ -236,6 +237,10 @@ async fn read_loop(
     // Read buffer held for a partly received frame, as last reported to the
     // broker (`Broker::note_partial`).
     let mut held = 0;
+    // Bytes of the read buffer's allocation taken by frames handled in
+    // place, since it was allocated (or its data moved: `at`, where its
+    // data started at the end of the last batch).
+    let (mut waste, mut at) = (0usize, std::ptr::null::<u8>());
     // When this turn began (the first batch read since the socket last ran
     // dry, see `TURN`) and the frames handled in it, and whether the last
     // read had to wait.
@@ -349,6 +354,9 @@ async fn read_loop(
         // Bytes at the front of `buf` already handled in place; advanced
         // past once, at the end of the batch.
         let mut done = 0;
+        if buf.as_ptr() != at {
+            waste = 0;
+        }
         // Frames completed in this batch.
         let mut frames = 0u32;
         loop {
@@ -372,6 +380,7 @@ async fn read_loop(
             let handled = if size.has_fd() {
                 let (env, _) = size.parts(&buf[done..]);
                 done += size.total();
+                waste += size.total();
                 match fds.pop_front() {
                     Some(fd) => b.on_fd_frame(id, env, fd, now),
                     None => Err(Fatal::protocol(
@@ -385,15 +394,16 @@ async fn read_loop(
                 // handles to split off and drop.
                 let (env, payload) = size.parts(&buf[done..]);
                 done += size.total();
+                waste += size.total();
                 b.on_frame_parts(id, env, Payload::Borrowed(payload), now)
-            } else if size.total() < ReadPolicy::BROKER.max_read {
-                // Kept by reference, a payload would keep its whole read
-                // buffer allocated with it (one of a few hundred bytes
-                // behind a large frame handled in place pinned megabytes,
-                // counted as its own size): one smaller than a read is
-                // copied into an allocation of its own. A larger one fills
-                // at least half of the buffer it was read into (reads end
-                // at the end of a large frame, `ReadPolicy::max_read`).
+            } else if waste > size.total().max(ReadPolicy::BROKER.max_read) {
+                // Kept by reference, a payload keeps its whole read buffer
+                // allocated with it, counted as its own size: behind a
+                // large frame handled in place, an 8 KiB one pinned
+                // megabytes. Then it is copied into an allocation of its
+                // own. Otherwise what it pins is what it and the frames
+                // read with it count, and what a read may bring besides
+                // (`ReadPolicy::max_read`).
                 let (env, payload) = size.parts(&buf[done..]);
                 let payload = bytes::Bytes::copy_from_slice(payload);
                 done += size.total();
@@ -443,6 +453,7 @@ async fn read_loop(
             let mut rest = BytesMut::with_capacity(buf.len() + room);
             rest.extend_from_slice(&buf);
             buf = rest;
+            waste = 0;
         }
         let now_held = if buf.is_empty() { 0 } else { buf.capacity() };
         if now_held != held || (held != 0 && frames > 0) {
@@ -468,7 +479,9 @@ async fn read_loop(
         // An idle connection keeps no read buffer.
         if buf.is_empty() {
             buf = BytesMut::new();
+            waste = 0;
         }
+        at = buf.as_ptr();
         if waited.replace(false) {
             turn = None;
         }

@@ -180,10 +180,12 @@ impl Pending {
     /// `uid`'s: it was made to that user's service, and goes to that
     /// user's services only ([`pinned_to`](Self::pinned_to)), not to
     /// another user's that registers the name after they left (which was
-    /// given the calls waiting, their arguments included).
+    /// given the calls waiting, their arguments included). A call parked
+    /// again after the NATS bridge had it (not pinned) is pinned the same
+    /// way, and stays one that may have run.
     pub fn hold_for(&mut self, uid: u32) {
-        if self.target == 0 {
-            self.target = PINNED | u64::from(uid);
+        if self.stage() == Stage::Parked && self.target & PINNED == 0 {
+            self.target |= PINNED | u64::from(uid);
         }
     }
 

@@ -117,6 +117,20 @@ fn stage_round_trips() {
     p.set_stage(Stage::Delivered(9));
     assert_eq!((p.stage(), p.pinned_to()), (Stage::Delivered(9), None));
     assert!(p.was_delivered());
+    p.hold_for(1002);
+    assert_eq!(
+        p.stage(),
+        Stage::Delivered(9),
+        "a delivered call is not held"
+    );
+    // Parked again after the NATS bridge had it (not pinned): held, and
+    // still one that may have run.
+    let id = t.insert(call(3, 8, "s"), Instant::now(), None);
+    let p = t.get_mut(id).expect("pending");
+    p.delivered_before(None);
+    p.hold_for(1000);
+    assert_eq!((p.stage(), p.pinned_to()), (Stage::Parked, Some(1000)));
+    assert!(p.was_delivered());
 }
 
 #[test]

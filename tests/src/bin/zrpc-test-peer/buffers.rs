@@ -27,7 +27,7 @@ fn padded_pong(total: usize) -> Vec<u8> {
 /// 8 MiB; once the broker has read it (bounded wait), that last KiB and the
 /// first 20 bytes of a small frame in one write, which the broker reads
 /// together: the large frame is handled and the small one stays, partial,
-/// near the end of the buffer. With `call`, a whole call with a 300-byte
+/// near the end of the buffer. With `call`, a whole call with a 9,000-byte
 /// argument instead of the partial frame, to a name nobody holds: it stays
 /// pending, its argument kept. Prints "bloated N" once the broker has read
 /// everything (or "refused K ..." at the first connection the broker
@@ -46,8 +46,9 @@ pub fn bloat(conns: usize, call: bool) {
             timeout_ms: Some(600_000),
             flags: 0,
         };
-        let mut arg = vec![0xc5, 0x01, 0x2c];
-        arg.resize(3 + 300, 0);
+        // Past what the broker copies anyway (`queue::ZERO_COPY_MIN`).
+        let mut arg = vec![0xc5, 0x23, 0x28];
+        arg.resize(3 + 9000, 0);
         zrpc_proto::encode_frame(&mut frame, &env, &arg);
         rest.extend_from_slice(&frame);
     } else {

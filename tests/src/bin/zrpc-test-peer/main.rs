@@ -27,7 +27,7 @@
 //! zrpc-test-peer bloat --conns C [--call]
 //!     -> on each of C connections, frames that grow the broker's read
 //!        buffer to about 8 MiB and leave a partial frame at its end (with
-//!        --call: a pending call's 300-byte argument read with them):
+//!        --call: a pending call's 9,000-byte argument read with them):
 //!        "bloated K" once sent on K connections; stays
 //! zrpc-test-peer backlog --conns C --mib M --leave L
 //!     -> a service of its own answers calls of C connections of its own
@@ -196,7 +196,7 @@ enum Cmd {
     Bloat {
         #[arg(long)]
         conns: usize,
-        /// A pending call with a 300-byte argument in place of the
+        /// A pending call with a 9,000-byte argument in place of the
         /// partial frame.
         #[arg(long)]
         call: bool,
