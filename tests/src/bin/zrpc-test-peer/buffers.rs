@@ -97,17 +97,7 @@ fn read_by_the_broker(s: &std::os::unix::net::UnixStream) -> bool {
 /// as much as the system's `wmem_max` allows) as one batch of the
 /// broker's thread.
 pub fn ragged(s: &mut std::os::unix::net::UnixStream, batch: &[u8], times: u64) {
-    let size: libc::c_int = 4 << 20;
-    // SAFETY: setsockopt with a pointer to a live c_int and its size.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    set_buffer(s, libc::SO_SNDBUF, 4 << 20);
     let mut ladder = Vec::new();
     let mut n = 12.0 * 1024.0;
     for _ in 0..12 {
@@ -173,17 +163,7 @@ pub fn backlog(conns: usize, mib: usize, leave: usize) {
     let mut held = Vec::with_capacity(conns);
     for _ in 0..conns {
         let mut c = connect(None);
-        let size: libc::c_int = 4096;
-        // SAFETY: setsockopt with a pointer to a live c_int and its size.
-        unsafe {
-            libc::setsockopt(
-                c.s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        set_buffer(&c.s, libc::SO_RCVBUF, 4096);
         let before = answered.load(Ordering::SeqCst);
         let mut out = bytes::BytesMut::new();
         let mut total = 0;
@@ -229,5 +209,20 @@ pub fn backlog(conns: usize, mib: usize, leave: usize) {
     say(&format!("pinned {}", held.len()));
     loop {
         std::thread::park();
+    }
+}
+
+/// Asks for a socket buffer (`SO_SNDBUF` or `SO_RCVBUF`) of `bytes`; the
+/// kernel caps it (`wmem_max`, `rmem_max`) for a user other than root.
+fn set_buffer(s: &std::os::unix::net::UnixStream, opt: libc::c_int, bytes: libc::c_int) {
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
