@@ -29,9 +29,10 @@ use crate::queue::PeerIo;
 /// Frames with payloads up to this size are handled in place in the read
 /// buffer: their payload is copied wherever it goes (a pending slot, or an
 /// allocation of its own kept by a pending call; a peer's queue copies
-/// payloads under `queue::ZERO_COPY_MIN` anyway); larger ones are copied
-/// into an allocation of their own up to a read's size, or split off as
-/// `Bytes`, and forwarded by reference.
+/// payloads under `queue::ZERO_COPY_MIN` anyway); larger ones are split
+/// off as `Bytes` and forwarded by reference, or copied into an allocation
+/// of their own when that would pin a buffer mostly taken by frames handled
+/// in place (see `read_loop`).
 const IN_PLACE_MAX: usize = crate::queue::ZERO_COPY_MIN - 1;
 
 /// How long a connection's task may go on reading and handling frames, read
