@@ -45,6 +45,32 @@ def rust_bin(name: str) -> str:
     return path
 
 
+def colliding_tuple_keys(uid, n):
+    """``n`` keys ``(instance, call, uid)`` whose Python tuple hashes are all equal: the
+    tuple hash (xxHash's round, since Python 3.8) of ints is unseeded and invertible."""
+    m = 1 << 64
+    p1, p2, p5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
+
+    def rotl(x, r):
+        return ((x << r) | (x >> (64 - r))) % m
+
+    def rotr(x, r):
+        return ((x >> r) | (x << (64 - r))) % m
+
+    p1i, p2i = pow(p1, -1, m), pow(p2, -1, m)
+    acc3 = (0x123456789ABCDEF - (3 ^ (p5 ^ 3527539))) % m
+    acc2 = (rotr(acc3 * p1i % m, 31) - uid * p2) % m
+    want = rotr(acc2 * p1i % m, 31)
+    keys, instance = [], 1
+    while len(keys) < n:
+        acc1 = rotl((p5 + instance * p2) % m, 31) * p1 % m
+        call = (want - acc1) * p2i % m
+        if call < (1 << 61) - 1:  # hash(call) == call
+            keys.append((instance, call, uid))
+        instance += 1
+    return keys
+
+
 def wait_for(cond, timeout=10.0, what="condition"):
     """Polls ``cond()`` every 10 ms until it is truthy (returns it) or ``timeout`` passes (fails the test)."""
     deadline = time.monotonic() + timeout

@@ -344,6 +344,31 @@ def test_maps_with_map_keys_are_a_clear_error(my_class, broker):
         _proto.unpack(b"\x81\x91\x81\x01\x02\x03")  # {[{1: 2}]: 3}
 
 
+def test_map_keys_crafted_to_share_a_hash_are_refused(my_class, broker):
+    """Python hashes ints and tuples without a seed: a map whose array keys were crafted
+    so that their tuples share a hash made building the dict quadratic (one call of
+    60,000 keys held a service's only thread for a minute, its pings unanswered, and the
+    broker handed the call on to the next instance). Such a map is refused with
+    BadPayload; maps keyed otherwise decode as before."""
+    import msgpack
+    from conftest import colliding_tuple_keys
+    from zrpc import _proto
+    keys = colliding_tuple_keys(1000, 5_000)
+    # Packed by hand: a dict cannot hold them without the very cost at stake.
+    crafted = b"\xde" + len(keys).to_bytes(2, "big") + b"".join(
+        msgpack.packb(list(k)) + b"\xc0" for k in keys)
+    env = _raw_echo_result(broker, crafted)
+    assert env[:3] == [_proto.RESULT, 1, errors.BAD_PAYLOAD] and "same hash" in env[3], env
+    with pytest.raises(errors.DecodeError, match="same hash"):
+        _proto.unpack(crafted)
+    assert my_class.call("my_class", "echo", [1], timeout=5) == [1]
+    # Int, tuple and str keys as usual, also many of them.
+    many = {i: i for i in range(10_000)}
+    assert _proto.unpack(msgpack.packb(many)) == many
+    assert _proto.unpack(msgpack.packb({(1, 2): 3, "a": 1})) == {(1, 2): 3, "a": 1}
+    assert my_class.call("my_class", "echo", {7: [1, 2]}, timeout=5) == {7: [1, 2]}
+
+
 @pytest.mark.parametrize("nested", [
     b"\x91" * 50_000 + b"\xc0",  # [[[...nil...]]]: past msgpack's bound
     b"\x81" + b"\x91" * 1000 + b"\xc0\xc0",  # {[[...]]: nil}: the key made hashable

@@ -4,6 +4,7 @@ docs/security.md). Unit tests of ``zrpc._service.ReplyCache``; the end-to-end ca
 
 import random
 
+from conftest import colliding_tuple_keys
 from zrpc._service import ReplyCache
 
 
@@ -60,38 +61,12 @@ def test_superseded_and_oversized_and_disabled():
     assert len(off) == 0
 
 
-def _colliding_tuple_keys(uid, n):
-    """``n`` keys ``(instance, call, uid)`` whose Python tuple hashes are all equal: the
-    tuple hash (xxHash's round, since Python 3.8) of ints is unseeded and invertible."""
-    m = 1 << 64
-    p1, p2, p5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
-
-    def rotl(x, r):
-        return ((x << r) | (x >> (64 - r))) % m
-
-    def rotr(x, r):
-        return ((x >> r) | (x << (64 - r))) % m
-
-    p1i, p2i = pow(p1, -1, m), pow(p2, -1, m)
-    acc3 = (0x123456789ABCDEF - (3 ^ (p5 ^ 3527539))) % m
-    acc2 = (rotr(acc3 * p1i % m, 31) - uid * p2) % m
-    want = rotr(acc2 * p1i % m, 31)
-    keys, instance = [], 1
-    while len(keys) < n:
-        acc1 = rotl((p5 + instance * p2) % m, 31) * p1 % m
-        call = (want - acc1) * p2i % m
-        if call < (1 << 61) - 1:  # hash(call) == call
-            keys.append((instance, call, uid))
-        instance += 1
-    return keys
-
-
 def test_call_ids_crafted_to_collide_do_not_collide():
     """A caller picks its instance and call ids: keys crafted so that their tuples all hash
     alike made each insertion compare with all of them (2,000 entries: ~100 us a put). The
     cache keys its entries by bytes, hashed with the process's random seed."""
     from zrpc._service import _dict_key
-    keys = _colliding_tuple_keys(1000, 2000)
+    keys = colliding_tuple_keys(1000, 2000)
     assert len({hash(k) for k in keys}) == 1, "the crafted tuples collide"
     assert len({hash(_dict_key(k)) for k in keys}) == len(keys)
     c = ReplyCache(10_000, 1 << 30)

@@ -119,9 +119,12 @@ def unpack(data: bytes) -> Any:
         return None
     try:
         try:
-            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
-        except TypeError:
-            # An unhashable map key: decode again, building maps from their pairs.
+            # Maps keyed by str and bytes only: their hashes are seeded.
+            return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        except ValueError:
+            # Other map keys (ints, arrays...): decode again, building maps
+            # from their pairs, with keys checked for crafted hashes. (Not
+            # a map key: the same error again.)
             return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
                                    object_pairs_hook=_map_of_pairs)
     except (msgpack.StackError, RecursionError):
@@ -131,8 +134,28 @@ def unpack(data: bytes) -> Any:
         raise errors.DecodeError("depth limit exceeded: the value nests arrays and maps too deeply") from None
 
 
+#: Most keys of one map that may share a hash. Python hashes str and bytes
+#: with a seed chosen at random per process, but not ints, floats or
+#: tuples: keys crafted to share one make building the dict quadratic (one
+#: call with 60,000 such keys, 1.1 MB, held a service's only thread for a
+#: minute, its pings unanswered, and the broker handed the call on to the
+#: next instance). A map with more is refused (:class:`errors.DecodeError`).
+MAX_KEYS_SHARING_A_HASH = 64
+
+
 def _map_of_pairs(pairs: list) -> dict:
-    return {_hashable_key(k): v for k, v in pairs}
+    keys = [_hashable_key(k) for k, _ in pairs]
+    if len(keys) > MAX_KEYS_SHARING_A_HASH:
+        seen: Dict[int, int] = {}
+        for k in keys:
+            h = hash(k)
+            n = seen.get(h, 0) + 1
+            if n > MAX_KEYS_SHARING_A_HASH:
+                raise errors.DecodeError(
+                    "a map has more than %d keys with the same hash (keys crafted to make "
+                    "decoding slow?)" % MAX_KEYS_SHARING_A_HASH)
+            seen[h] = n
+    return dict(zip(keys, (v for _, v in pairs)))
 
 
 def _hashable_key(key: Any) -> Any:
