@@ -1282,6 +1282,56 @@ fn services_see_the_callers_kernel_identity() {
     assert!(fields[2] > 0, "{who}");
 }
 
+/// A call waiting for its name when a reload denies it is refused then
+/// (`AccessDenied`), not delivered under the old rules once the name is
+/// registered: a user expecting a rule could park calls ahead of it (red-
+/// team pass 5). Root's waiting call, which the new rule allows, stays.
+#[test]
+fn a_reload_that_denies_a_waiting_call_refuses_it() {
+    if !is_root("a_reload_that_denies_a_waiting_call_refuses_it", AS_OTHER) {
+        return;
+    }
+    let (pdir, path) = policy("");
+    let b = Broker::start_with(&["--policy", &path]);
+    let stat = |key: &str| zrpc_tests::broker_stat(b.dir(), key);
+    let park = [
+        "park",
+        "--service",
+        "billing",
+        "--method",
+        "refund",
+        "--count",
+        "2",
+    ];
+    let mut parked = other(&b, &park);
+    assert_eq!(
+        parked.read_until(|l| l.starts_with("sent")).as_deref(),
+        Some("sent 2")
+    );
+    let mut root = b.spawn("zrpc-test-peer", &[&park[..6], &["1"]].concat());
+    assert_eq!(
+        root.read_until(|l| l.starts_with("sent")).as_deref(),
+        Some("sent 1")
+    );
+    assert!(wait_until(WAIT, || stat("waiting") == 3));
+    let rule = "[[call]]\nservice = \"billing\"\nmethod = \"refund\"\nusers = [\"root\"]\n";
+    std::fs::write(pdir.path().join("policy.toml"), rule).expect("rewrite policy");
+    b.proc.signal(libc::SIGHUP);
+    for _ in 0..2 {
+        let line = parked
+            .read_until(|l| l.starts_with("result"))
+            .expect("a result");
+        assert!(
+            line.starts_with("result access_denied") && line.contains("billing.refund"),
+            "{line}"
+        );
+    }
+    assert!(
+        wait_until(WAIT, || stat("waiting") == 1),
+        "root's call stays"
+    );
+}
+
 const CALL_POLICY: &str = r#"
 [[call]]
 service = "echo"

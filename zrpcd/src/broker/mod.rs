@@ -346,6 +346,42 @@ impl Broker {
             })
         });
         self.release_reserved_names();
+        self.deny_waiting_calls();
+    }
+
+    /// Fails with `AccessDenied` the calls waiting for their name (parked,
+    /// or held back for a busy service) that the policy, just reloaded, no
+    /// longer lets their callers make: checked when they came, they would
+    /// be delivered under the old rules (a user expecting a rule could park
+    /// calls ahead of it). A scan of the pending calls, on a reload only.
+    fn deny_waiting_calls(&mut self) {
+        if !self.config.policy.guards_calls() {
+            return;
+        }
+        let waiting = self
+            .pending
+            .ids_where(|p| p.stage() == crate::pending::Stage::Parked);
+        let mut denied = Vec::new();
+        for id in waiting {
+            let Some(p) = self.pending.get(id) else {
+                continue;
+            };
+            let Some(caller) = self.peers.get(p.caller) else {
+                continue;
+            };
+            let (service, method) = self.pending.names(p);
+            if let Err(msg) = self
+                .config
+                .policy
+                .may_call(&caller.identity(), service, method)
+            {
+                denied.push((id, msg));
+            }
+        }
+        let now = Instant::now();
+        for (id, msg) in denied {
+            self.finish(id, Outcome::Error(ErrorCode::AccessDenied, msg), now);
+        }
     }
 
     /// Takes every name from the connections the policy's `[[own]]` rules
