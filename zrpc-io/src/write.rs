@@ -285,11 +285,8 @@ impl OutQueue {
     /// already is moved first.
     fn seal(&mut self) {
         if !self.tail.is_empty() {
-            let t = if worth_moving(self.tail_written, self.tail.len()) {
-                let t = Bytes::copy_from_slice(&self.tail);
-                self.tail = BytesMut::new();
-                t
-            } else if self.tail.capacity() <= COMPACT_MIN {
+            self.compact_tail();
+            let t = if self.tail.capacity() <= COMPACT_MIN {
                 self.tail.split().freeze()
             } else {
                 std::mem::take(&mut self.tail).freeze()
@@ -300,6 +297,15 @@ impl OutQueue {
             }
             self.chunk_bytes += t.len();
             self.chunks.push_back(t);
+        }
+    }
+
+    /// Moves what is left of the tail into an allocation of its own size
+    /// if most of it is written (see [`COMPACT_MIN`]).
+    fn compact_tail(&mut self) {
+        if worth_moving(self.tail_written, self.tail.len()) {
+            self.tail = BytesMut::from(&self.tail[..]);
+            self.tail_written = 0;
         }
     }
 
@@ -335,11 +341,8 @@ impl OutQueue {
                     // `shrink`), nothing written is kept for something
                     // left.
                     self.tail_written = 0;
-                } else if worth_moving(self.tail_written, self.tail.len()) {
-                    let mut rest = BytesMut::with_capacity(self.tail.len());
-                    rest.extend_from_slice(&self.tail);
-                    self.tail = rest;
-                    self.tail_written = 0;
+                } else {
+                    self.compact_tail();
                 }
                 return;
             };
