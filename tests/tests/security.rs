@@ -722,6 +722,156 @@ fn a_users_many_busy_connections_get_no_more_of_the_broker_than_one() {
     }
 }
 
+/// Probes `zrpcd.stats` back to back as uid 65533, reading counter `key`,
+/// until `done(value)`; the changes of the counter between two answers
+/// while `during(value)`, sorted.
+fn probe_changes(
+    b: &Broker,
+    key: &str,
+    during: impl Fn(u64) -> bool,
+    done: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let mut probe = as_uid(
+        b,
+        65533,
+        &["probe-stats", "--count", "1000000", "--key", key],
+    );
+    let prefix = format!("{key} ");
+    let mut last = None;
+    let mut gaps = Vec::new();
+    while let Some(line) = probe.read_until(|l| l.starts_with(&prefix) || l.starts_with("result")) {
+        let Some(now) = line
+            .strip_prefix(&prefix)
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            panic!("the probe's call failed: {line}");
+        };
+        if done(now) {
+            break;
+        }
+        if during(now) {
+            if let Some(last) = last {
+                gaps.push(now.abs_diff(last));
+            }
+            last = Some(now);
+        }
+    }
+    gaps.sort_unstable();
+    gaps
+}
+
+/// The assertions on [`probe_changes`] during `what`: another user's calls
+/// were answered throughout.
+fn assert_answered_throughout(what: &str, gaps: &[u64]) {
+    println!(
+        "{what}: {} probes answered meanwhile; ended between two: median {}, most {}",
+        gaps.len(),
+        gaps.get(gaps.len() / 2).copied().unwrap_or(0),
+        gaps.last().copied().unwrap_or(0),
+    );
+    // Ended all in one go, they left no probe answered in between.
+    assert!(
+        gaps.len() >= 5,
+        "only {} probes answered while {what} were ended: {gaps:?}",
+        gaps.len()
+    );
+    // A few batches a probe here (64 to 128 in a quiet run): how many the
+    // broker runs while the probe's process waits for a CPU is the load's,
+    // not the broker's, so the bound is loose.
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        median <= 2_000,
+        "another user's call waited for {median} of {what} to end (median): {gaps:?}"
+    );
+}
+
+/// One user's calls due at one instant do not hold up another user's calls
+/// until they are all ended: the broker ends at most `DUE_BATCH` (64) before
+/// its connections get a turn (`zrpcd/src/server.rs` `timer_loop`). Before,
+/// only tokio's cooperative budget bounded them (tokio-util's queue polls a
+/// fresh timer per expiry: 128 to 256 between two probes, median 256 in one
+/// run), with one write to the caller per call ended.
+#[test]
+fn calls_due_at_one_instant_do_not_hold_up_another_users_calls() {
+    if !is_root(
+        "calls_due_at_one_instant_do_not_hold_up_another_users_calls",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    const DUE: u64 = 40_000;
+    // The probe calls zrpcd.stats back to back.
+    let (_p, path) = policy("[quota]\nintrospection_per_second = 0\n");
+    let b = Broker::start_with(&["--policy", &path]);
+    let start = zrpc_tests::broker_stat(b.dir(), "timeouts");
+    let mut storm = other(
+        &b,
+        &[
+            "park",
+            "--service",
+            "nobody.serves",
+            "--count",
+            &DUE.to_string(),
+            "--due-in-ms",
+            "5000",
+        ],
+    );
+    storm
+        .read_until(|l| l.starts_with("sent"))
+        .expect("the calls were not parked");
+    assert_eq!(
+        zrpc_tests::broker_stat(b.dir(), "timeouts"),
+        start,
+        "calls timed out before their common deadline: parking them took too long"
+    );
+    let gaps = probe_changes(&b, "timeouts", |n| n > start, |n| n >= start + DUE);
+    storm
+        .read_until(|l| l.starts_with("results"))
+        .expect("the parked calls' results did not all come");
+    assert_answered_throughout(&format!("{DUE} calls due together"), &gaps);
+}
+
+/// The calls a user left running at a service when it left (orphans) are
+/// cancelled when its grace ends, all at one instant: at most `DUE_BATCH`
+/// (64) before the broker's connections get a turn (`zrpcd/src/server.rs`
+/// `orphan_loop`). Before, the broker cancelled all of them in one go.
+#[test]
+fn orphans_given_up_at_one_instant_do_not_hold_up_another_users_calls() {
+    if !is_root(
+        "orphans_given_up_at_one_instant_do_not_hold_up_another_users_calls",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    const LEFT: u64 = 30_000;
+    let (_p, path) = policy("[quota]\nintrospection_per_second = 0\n");
+    let b = Broker::start_with(&[
+        "--policy",
+        &path,
+        "--caller-grace",
+        "3",
+        "--max-delivered-per-conn",
+        "65536",
+    ]);
+    // The user's own service, which never answers: every call stays
+    // delivered.
+    let mut svc = other(&b, &["register", "--name", "sink", "--silent"]);
+    svc.read_until(|l| l == "ack ok").expect("sink registered");
+    let mut caller = other(
+        &b,
+        &["park", "--service", "sink", "--count", &LEFT.to_string()],
+    );
+    let line = caller.read_until(|l| l.starts_with("sent") || l.starts_with("result"));
+    assert_eq!(line.as_deref(), Some(&*format!("sent {LEFT}")));
+    drop(caller);
+    assert!(
+        wait_until(WAIT, || zrpc_tests::broker_stat(b.dir(), "orphans") == LEFT),
+        "the left calls did not become orphans"
+    );
+    let gaps = probe_changes(&b, "orphans", |n| n < LEFT, |n| n == 0);
+    assert_answered_throughout(&format!("{LEFT} orphans given up together"), &gaps);
+}
+
 /// The other user's peer registering `name`: the broker's answer ("ack
 /// ok" or "ack <code> <message>"); the peer is then killed.
 fn other_registers(b: &Broker, name: &str) -> String {

@@ -325,10 +325,14 @@ impl Orphans {
         self.adopted.remove(&request).unwrap_or_default()
     }
 
-    /// Takes the orphans whose grace ended at `now`.
-    pub fn expired(&mut self, now: Instant) -> Vec<Orphan> {
+    /// Takes up to `max` of the orphans whose grace ended at `now`, the
+    /// first-ending first.
+    pub fn expired(&mut self, now: Instant, max: usize) -> Vec<Orphan> {
         let mut out = Vec::new();
-        while let Some(&first) = self.by_time.keys().next() {
+        while out.len() < max {
+            let Some(&first) = self.by_time.keys().next() else {
+                break;
+            };
             if first.0 > now {
                 break;
             }
@@ -410,8 +414,11 @@ mod tests {
         // The resubmission of call 2 adopts it: never expires.
         assert_eq!(o.adopt((1000, 1, 2)), Some(orphan(8, 2)));
         assert_eq!(o.adopt((1000, 1, 2)), None);
-        assert!(o.expired(t0).is_empty());
-        assert_eq!(o.expired(t0 + Duration::from_secs(2)), vec![orphan(7, 1)]);
+        assert!(o.expired(t0, usize::MAX).is_empty());
+        assert_eq!(
+            o.expired(t0 + Duration::from_secs(2), usize::MAX),
+            vec![orphan(7, 1)]
+        );
         // Only service 7 has an orphan left (call 3): another connection
         // leaving changes nothing.
         assert_eq!(o.per_service.get(&7).map(HashSet::len), Some(1));
@@ -425,9 +432,32 @@ mod tests {
         assert_eq!(o.len(), 1);
         assert_eq!(o.next_deadline(), Some(t0 + Duration::from_secs(3)));
         assert_eq!(
-            o.expired(t0 + Duration::from_secs(9)),
+            o.expired(t0 + Duration::from_secs(9), usize::MAX),
             vec![orphan(NO_SERVICE, 3)]
         );
+        assert!(o.is_empty());
+    }
+
+    /// The broker ends orphans due together a batch at a time
+    /// (`server::orphan_loop`): a bounded take leaves the rest, in order.
+    #[test]
+    fn orphans_due_together_are_taken_at_most_max_at_a_time() {
+        let mut o = Orphans::default();
+        let t0 = Instant::now();
+        for call in 1..=5 {
+            o.add(
+                (1000, 1, call),
+                (7, Some(1)),
+                call,
+                t0 + Duration::from_millis(call),
+                FREE,
+            );
+        }
+        let requests = |v: Vec<Orphan>| v.iter().map(|o| o.request).collect::<Vec<_>>();
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(requests(o.expired(later, 2)), vec![1, 2]);
+        assert_eq!(requests(o.expired(later, 2)), vec![3, 4]);
+        assert_eq!(requests(o.expired(later, 2)), vec![5]);
         assert!(o.is_empty());
     }
 
@@ -489,7 +519,7 @@ mod tests {
         let adopted = o.adopt(caller).expect("orphan 2");
         o.adopted_by(3, adopted);
         o.add(caller, (5, Some(1)), 3, t0, FREE);
-        let gone = o.expired(t0);
+        let gone = o.expired(t0, usize::MAX);
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].requests().collect::<Vec<_>>(), vec![3, 2, 1]);
         // A call that adopted one and then ended otherwise hands it over
@@ -553,7 +583,7 @@ mod tests {
         assert_eq!(o.next_deadline(), Some(at(5)));
         // Adoption and expiry leave nothing behind either.
         assert!(o.adopt((1000, 1, 1)).is_some());
-        assert_eq!(o.expired(at(600)).len(), 1);
+        assert_eq!(o.expired(at(600), usize::MAX).len(), 1);
         assert!(o.is_empty() && o.by_time.is_empty() && o.by_uid.is_empty());
         assert!(o.per_service.is_empty());
         assert!(o.running.is_empty() && o.running_per_service.is_empty());
@@ -578,10 +608,10 @@ mod tests {
         assert_eq!(o.running_on(7), 2);
         assert_eq!(o.len(), 5);
         // Its grace ends: nothing more to free.
-        assert_eq!(o.expired(at(1)).len(), 1);
+        assert_eq!(o.expired(at(1), usize::MAX).len(), 1);
         assert_eq!(o.running_on(7), 2);
         // Expired unanswered, adopted: freed.
-        assert_eq!(o.expired(at(2)).len(), 1);
+        assert_eq!(o.expired(at(2), usize::MAX).len(), 1);
         assert_eq!(o.running_on(7), 1);
         assert!(o.adopt((1000, 1, 3)).is_some());
         assert_eq!(o.running_on(7), 0);

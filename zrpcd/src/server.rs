@@ -288,7 +288,8 @@ async fn sweep_loop(broker: Rc<RefCell<Broker>>) {
 }
 
 /// Cancels orphaned calls at their services when their caller's grace
-/// ends (see [`crate::orphans`]).
+/// ends (see [`crate::orphans`]), at most [`DUE_BATCH`] before the other
+/// tasks get a turn.
 async fn orphan_loop(broker: Rc<RefCell<Broker>>) {
     let wake = broker.borrow().orphans().waker();
     loop {
@@ -305,17 +306,50 @@ async fn orphan_loop(broker: Rc<RefCell<Broker>>) {
                 continue;
             }
         }
-        let mut b = broker.borrow_mut();
-        b.cancel_orphans(std::time::Instant::now());
-        b.flush();
+        loop {
+            let full = {
+                let mut b = broker.borrow_mut();
+                let n = b.cancel_orphans(std::time::Instant::now(), DUE_BATCH);
+                b.flush();
+                n == DUE_BATCH
+            };
+            if !full {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
     }
 }
 
+/// How many calls due at one instant (deadlines, orphans' graces) the
+/// broker ends before its connections get a turn: one user's calls due
+/// together hold up another user's call for at most this many.
+const DUE_BATCH: usize = 64;
+
+/// Ends the calls whose deadline passed, [`DUE_BATCH`] at a time.
 async fn timer_loop(broker: Rc<RefCell<Broker>>) {
     loop {
-        let id = std::future::poll_fn(|cx| broker.borrow_mut().pending.poll_expired(cx)).await;
-        let mut b = broker.borrow_mut();
-        b.on_timeout(id);
-        b.flush();
+        let first = std::future::poll_fn(|cx| broker.borrow_mut().pending.poll_expired(cx)).await;
+        let full = {
+            let mut b = broker.borrow_mut();
+            b.on_timeout(first);
+            // The rest of a batch without waiting: polled with a waker that
+            // does nothing, so the loop's next `poll_fn` registers the task's
+            // own again before it can sleep.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let mut n = 1;
+            while n < DUE_BATCH {
+                let std::task::Poll::Ready(id) = b.pending.poll_expired(&mut cx) else {
+                    break;
+                };
+                b.on_timeout(id);
+                n += 1;
+            }
+            b.flush();
+            n == DUE_BATCH
+        };
+        if full {
+            tokio::task::yield_now().await;
+        }
     }
 }

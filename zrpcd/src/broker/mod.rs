@@ -247,10 +247,13 @@ impl Broker {
         &self.orphans
     }
 
-    /// Cancels, at their services, the orphaned calls whose caller did not
-    /// come back within its grace (see [`crate::orphans`]).
-    pub fn cancel_orphans(&mut self, now: Instant) {
-        for o in self.orphans.expired(now) {
+    /// Cancels, at their services, up to `max` of the orphaned calls whose
+    /// caller did not come back within its grace (see [`crate::orphans`]);
+    /// returns how many.
+    pub fn cancel_orphans(&mut self, now: Instant, max: usize) -> usize {
+        let expired = self.orphans.expired(now, max);
+        let n = expired.len();
+        for o in expired {
             tracing::debug!(
                 service = o.service,
                 request = o.request,
@@ -262,6 +265,7 @@ impl Broker {
                 self.pull_waiting(o.service, now);
             }
         }
+        n
     }
 
     /// Cancels an orphaned call (and the deliveries it adopted) at the

@@ -155,6 +155,11 @@ enum Cmd {
         /// ... to this service (default: SERVICE).
         #[arg(long)]
         then_service: Option<String>,
+        /// Every call due this many milliseconds after the first is sent
+        /// (all at one instant); results are then counted, not printed:
+        /// "results N" once N have come.
+        #[arg(long)]
+        due_in_ms: Option<u64>,
     },
     /// Subscribe with zrpcd.monitor, print the result, then one line
     /// `event <service>.<method>` per Event frame (until killed).
@@ -218,10 +223,14 @@ enum Cmd {
         #[arg(long)]
         count: u64,
     },
-    /// zrpcd.stats calls in a row, printing its counter of calls.
+    /// zrpcd.stats calls in a row, printing one of its counters each time
+    /// ("KEY N").
     ProbeStats {
         #[arg(long)]
         count: u64,
+        /// The counter (default: calls).
+        #[arg(long, default_value = "calls")]
+        key: String,
     },
     /// Send the first SENT bytes of a frame announcing SIZE bytes, print
     /// "sent", then wait (printing "fatal ..." if the broker closes it).
@@ -554,8 +563,12 @@ fn main() {
             instance,
             then_count,
             then_service,
+            due_in_ms,
         } => {
             let mut r = connect(instance);
+            let start = std::time::Instant::now();
+            let timeout_ms =
+                || due_in_ms.map(|d| d.saturating_sub(start.elapsed().as_millis() as u64).max(1));
             let payload = if let Some(hex) = payload {
                 unhex(&hex)
             } else if payload_size == 0 {
@@ -573,7 +586,7 @@ fn main() {
                         id,
                         service: if id <= count { &service } else { then },
                         method: &method,
-                        timeout_ms: None,
+                        timeout_ms: timeout_ms(),
                         flags: 0,
                     },
                     &payload,
@@ -581,8 +594,15 @@ fn main() {
             }
             // A ping round trip: every immediate answer has arrived.
             r.send(&Envelope::Ping { nonce: 7 }, b"");
+            let mut results = 0;
             while let Some(f) = r.recv_frame() {
                 match f.decode() {
+                    Ok(Envelope::Result { .. }) if due_in_ms.is_some() => {
+                        results += 1;
+                        if results == count + then_count {
+                            say(&format!("results {results}"));
+                        }
+                    }
                     Ok(Envelope::Result { code, message, .. }) => say(&format!(
                         "result {} {message}",
                         code.map_or("ok".to_string(), |c| c.to_string())
@@ -741,7 +761,7 @@ fn main() {
                 .sum();
             say(&format!("churned {done}"));
         }
-        Cmd::ProbeStats { count } => {
+        Cmd::ProbeStats { count, key } => {
             let mut r = connect(None);
             for id in 1..=count {
                 r.send(
@@ -761,12 +781,12 @@ fn main() {
                     Ok(Envelope::Result { code: None, .. }) => {
                         let stats =
                             rmpv::decode::read_value(&mut &f.payload[..]).expect("a stats map");
-                        let calls = stats
+                        let n = stats
                             .as_map()
-                            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("calls")))
+                            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some(key.as_str())))
                             .and_then(|(_, v)| v.as_u64())
-                            .expect("calls in the stats");
-                        say(&format!("calls {calls}"));
+                            .expect("the counter in the stats");
+                        say(&format!("{key} {n}"));
                     }
                     Ok(Envelope::Result { code, message, .. }) => {
                         return say(&format!("result {code:?} {message}"));
