@@ -148,7 +148,10 @@ async fn services(client: &Client, args: &ListArgs) -> Result<(), Failure> {
     for e in &combined {
         let instances = field(e, "instances").and_then(Value::as_array);
         for i in instances.map(Vec::as_slice).unwrap_or_default() {
-            let num = |k: &str| field(i, k).map_or("-".to_string(), |v| v.to_string());
+            // What the broker does not show this user (another uid's
+            // instance: pid, uptime, counts) comes as nil: "-".
+            let shown = |k: &str| field(i, k).filter(|v| !v.is_nil());
+            let num = |k: &str| shown(k).map_or("-".to_string(), |v| v.to_string());
             let remote = field(e, "remote").and_then(Value::as_bool) == Some(true);
             rows.push(vec![
                 if remote {
@@ -159,7 +162,7 @@ async fn services(client: &Client, args: &ListArgs) -> Result<(), Failure> {
                 num("conn_id"),
                 num("pid"),
                 num("uid"),
-                field(i, "connected_s").map_or("-".into(), |_| fmt::secs(fmt::f(i, "connected_s"))),
+                shown("connected_s").map_or("-".into(), |_| fmt::secs(fmt::f(i, "connected_s"))),
                 num("served"),
                 num("failed"),
                 s(i, "agent").to_string(),

@@ -666,3 +666,33 @@ fn permission_denied_is_reported_as_such() {
         );
     }
 }
+
+/// What the broker hides from a non-root user about another user's
+/// instance (pid, uptime, counts) comes as nil; `zrpc list` shows "-", not
+/// "nil" or an uptime of 0.0s. Needs root (to run `zrpc` as another uid).
+#[test]
+fn list_shows_a_dash_for_what_another_users_instance_hides() {
+    use std::os::unix::process::CommandExt;
+    if !zrpc_tests::is_root(
+        "list_shows_a_dash_for_what_another_users_instance_hides",
+        "needs root to run zrpc as another uid",
+    ) {
+        return;
+    }
+    let (b, svc) = echo_broker();
+    let mut c = b.command("zrpc");
+    c.arg("list").uid(65534).gid(65534);
+    let out = run_cmd(c, None).ok();
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("echo "))
+        .unwrap_or_else(|| panic!("no echo line: {out:?}"));
+    assert!(!line.contains("nil"), "{line}");
+    assert!(!line.contains("0.0s"), "{line}");
+    assert!(
+        !line.split_whitespace().any(|w| w == svc.pid().to_string()),
+        "another user's pid shown: {line}"
+    );
+    assert!(line.split_whitespace().any(|w| w == "-"), "{line}");
+}
