@@ -1634,6 +1634,25 @@ fn a_socket_directory_another_user_could_write_is_refused() {
     assert!(err.contains("lets other users write"), "{err}");
 }
 
+/// A user other than root without `$XDG_RUNTIME_DIR` (cron, `su`) gets the
+/// system broker's directory by default, where it may not create or bind:
+/// `zrpcd` says why and what to do instead of a bare "Permission denied".
+#[test]
+fn a_user_without_a_runtime_dir_is_told_how_to_run_a_broker() {
+    if !is_root(
+        "a_user_without_a_runtime_dir_is_told_how_to_run_a_broker",
+        AS_OTHER,
+    ) {
+        return;
+    }
+    let mut c = Command::new(bin("zrpcd"));
+    c.env_clear().uid(OTHER).gid(OTHER);
+    let (ok, err) = stderr_of(c);
+    assert!(!ok, "zrpcd started as uid {OTHER} in /run/zrpc: {err}");
+    assert!(err.contains("XDG_RUNTIME_DIR is not set"), "{err}");
+    assert!(err.contains("--socket-dir"), "{err}");
+}
+
 #[test]
 fn clients_and_services_refuse_another_users_broker() {
     if !is_root("clients_and_services_refuse_another_users_broker", AS_OTHER) {

@@ -195,9 +195,9 @@ impl<S: Service> Server<S> {
         self.fds.retain(|w| w.fd != fd);
     }
 
-    /// Number of requests received so far (the original `self.counter`).
-    /// Requests answered from the reply cache do not count: only those
-    /// whose handler ran.
+    /// Number of requests received so far (the original `self.counter`):
+    /// every request, `zrpc.describe` and unknown methods included; re-sent
+    /// calls answered from the reply cache do not count.
     pub fn counter(&self) -> u64 {
         self.counter
     }

@@ -12,7 +12,8 @@ use clap::Parser;
 #[command(name = "zrpcd", version, about)]
 pub struct Args {
     /// Directory of the broker socket (zrpcd.sock) [default: /run/zrpc for
-    /// root; $XDG_RUNTIME_DIR/zrpc for other users]
+    /// root; $XDG_RUNTIME_DIR/zrpc for other users, /run/zrpc if it is
+    /// unset]
     #[arg(long, env = "ZRPC_SOCKET_DIR")]
     pub socket_dir: Option<PathBuf>,
     /// Permission bits of the socket file, in octal (who may connect)

@@ -66,6 +66,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let dir_chosen = args.socket_dir.is_some()
+        || std::env::var_os(zrpc_proto::SOCKET_DIR_ENV).is_some_and(|d| !d.is_empty());
     let mut config = Config::new(args.socket_dir);
     config.socket_mode = args.socket_mode;
     config.max_message_size = args.max_message_size;
@@ -145,7 +147,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!(socket = %b.path.display(), "adopted the socket passed by systemd");
             b
         }
-        None => zrpcd::socket::bind(&config.socket_dir, config.socket_mode)?,
+        None => zrpcd::socket::bind(&config.socket_dir, config.socket_mode)
+            .map_err(|e| with_dir_hint(e, dir_chosen))?,
     };
     let local = tokio::task::LocalSet::new();
     let path = bound.path.clone();
@@ -175,4 +178,23 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!("zrpcd stopped");
     result?;
     Ok(())
+}
+
+/// A user other than root without `$XDG_RUNTIME_DIR` (a cron job, `su`
+/// without a login session) gets the system broker's directory by default,
+/// which only root may create or bind in: say so, and what to do.
+fn with_dir_hint(e: zrpcd::socket::SetupError, dir_chosen: bool) -> Box<dyn std::error::Error> {
+    let denied = matches!(&e, zrpcd::socket::SetupError::Io { source, .. }
+        if source.kind() == std::io::ErrorKind::PermissionDenied);
+    let no_runtime_dir = std::env::var_os("XDG_RUNTIME_DIR").is_none_or(|d| d.is_empty());
+    if denied && !dir_chosen && no_runtime_dir {
+        format!(
+            "{e} ($XDG_RUNTIME_DIR is not set, so the default is the system broker's directory {}; pass --socket-dir DIR or set {} to run a broker of your own)",
+            zrpc_proto::SYSTEM_SOCKET_DIR,
+            zrpc_proto::SOCKET_DIR_ENV
+        )
+        .into()
+    } else {
+        e.into()
+    }
 }

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Run `test_server` first. The socket directory comes from
-//! `$ZRPC_SOCKET_DIR` (default `/run/zrpc`).
+//! `$ZRPC_SOCKET_DIR` (default: `/run/zrpc` for root or when a system broker
+//! runs there, else `$XDG_RUNTIME_DIR/zrpc`).
 
 use std::time::{Duration, SystemTime};
 

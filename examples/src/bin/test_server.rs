@@ -11,7 +11,8 @@
 //! ```
 //!
 //! The service name `test_server` is derived from the interface's name. The
-//! socket directory comes from `$ZRPC_SOCKET_DIR` (default `/run/zrpc`).
+//! socket directory comes from `$ZRPC_SOCKET_DIR` (default: `/run/zrpc` for
+//! root or when a system broker runs there, else `$XDG_RUNTIME_DIR/zrpc`).
 
 use zrpc_examples::TestServer;
 use zrpc_service::{service, Context, Server, Value};
