@@ -139,7 +139,7 @@ pub enum Error {
     #[error("cannot encode the call's arguments: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
     /// The result could not be decoded into the requested type.
-    #[error("cannot decode the call's result: {0}")]
+    #[error("cannot decode the call's result: {}", zrpc_proto::blob::decode_error_text(.0))]
     Decode(#[from] rmp_serde::decode::Error),
     /// Any other error code from the broker.
     #[error("zrpcd error ({code}): {message}")]

@@ -121,6 +121,32 @@ pub fn decode_from<T>(source: &Bytes, f: impl FnOnce(&[u8]) -> T) -> T {
     f(source)
 }
 
+/// A decode error as a user reads it: `rmp_serde` names a type mismatch
+/// by the msgpack marker found ("wrong msgpack marker FixStr(3)"); this
+/// says what kind of value came instead ("got a string (msgpack marker
+/// FixStr(3))"). Other errors keep their own text.
+pub fn decode_error_text(e: &rmp_serde::decode::Error) -> String {
+    use rmp::Marker as M;
+    let rmp_serde::decode::Error::TypeMismatch(marker) = e else {
+        return e.to_string();
+    };
+    let kind = match marker {
+        M::Null => "nil",
+        M::True | M::False => "a boolean",
+        M::FixPos(_) | M::FixNeg(_) => "an integer",
+        M::U8 | M::U16 | M::U32 | M::U64 | M::I8 | M::I16 | M::I32 | M::I64 => "an integer",
+        M::F32 | M::F64 => "a float",
+        M::FixStr(_) | M::Str8 | M::Str16 | M::Str32 => "a string",
+        M::Bin8 | M::Bin16 | M::Bin32 => "binary data",
+        M::FixArray(_) | M::Array16 | M::Array32 => "an array",
+        M::FixMap(_) | M::Map16 | M::Map32 => "a map",
+        M::FixExt1 | M::FixExt2 | M::FixExt4 | M::FixExt8 | M::FixExt16 => "an extension value",
+        M::Ext8 | M::Ext16 | M::Ext32 => "an extension value",
+        M::Reserved => "a reserved byte (0xc1), not a value",
+    };
+    format!("invalid type: got {kind} (msgpack marker {marker:?})")
+}
+
 /// Blobs shorter than this are copied even inside [`decode_from`]: a view
 /// keeps the whole buffer it points into alive (a read buffer shared with
 /// other messages), which a small value kept for long must not do.
@@ -191,6 +217,21 @@ impl<'de> Deserialize<'de> for Blob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_type_mismatch_says_what_came() {
+        let wire = rmp_serde::to_vec("abc").expect("encode");
+        let e = rmp_serde::from_slice::<u64>(&wire).expect_err("a string is no u64");
+        assert_eq!(
+            super::decode_error_text(&e),
+            "invalid type: got a string (msgpack marker FixStr(3))"
+        );
+        let e = rmp_serde::from_slice::<u64>(&[0x91, 0x01]).expect_err("an array is no u64");
+        assert!(super::decode_error_text(&e).starts_with("invalid type: got an array"));
+        // Other errors keep their text.
+        let e = rmp_serde::from_slice::<u64>(&[]).expect_err("nothing");
+        assert_eq!(super::decode_error_text(&e), e.to_string());
+    }
 
     #[test]
     fn decodes_as_a_view_inside_decode_from_and_as_a_copy_outside() {

@@ -13,7 +13,7 @@ pub fn decode<T: serde::de::DeserializeOwned>(
             "cannot decode the payload of method {:?} as {}: {}",
             method,
             std::any::type_name::<T>(),
-            e
+            zrpc_proto::blob::decode_error_text(&e)
         ))
     })
 }
