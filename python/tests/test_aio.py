@@ -89,7 +89,7 @@ def test_async_errors_and_types(sleeper):
                 await c.call("nobody", "x", no_wait=True)
             d = await c.call("sleeper", "zrpc.describe")
             assert {"name": "sleep", "doc": "Sleeps, then returns its argument.",
-                    "params": [{"name": "seconds", "type": ""}], "returns": ""} in d["methods"]
+                    "params": [{"name": "seconds", "type": "any"}], "returns": "any"} in d["methods"]
         finally:
             await c.close()
 

@@ -166,7 +166,7 @@ def test_describe_reports_docstrings(my_class):
     d = my_class.call("my_class", "zrpc.describe", timeout=5)
     assert d["service"] == "my_class"
     echo = next(m for m in d["methods"] if m["name"] == "echo")
-    assert echo["doc"] == "Returns its payload." and echo["params"] == [{"name": "payload", "type": ""}]
+    assert echo["doc"] == "Returns its payload." and echo["params"] == [{"name": "payload", "type": "any"}]
 
 
 def test_broker_builtins(my_class):

@@ -58,9 +58,40 @@ NO_RETRY = 2
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 
 
+#: The naming rule of services and methods (docs/protocol.md, "Names"), as error messages state it.
+NAME_RULE = ("names are 1-128 bytes of ASCII letters, digits, '_', '-' and '.', "
+             "starting with a letter or '_'")
+
+
 def valid_name(name: str) -> bool:
     """Whether ``name`` follows the naming rules (1-128 ASCII letters, digits, ``_-.``, starting with a letter or ``_``)."""
-    return isinstance(name, str) and _NAME.match(name) is not None and name.isascii()
+    # (fullmatch: `$` alone also matches before a final newline.)
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None and name.isascii()
+
+
+def a_type(value: Any) -> str:
+    """The type of ``value`` with its article, for error messages: ``a dict``, ``an int``."""
+    name = type(value).__name__
+    return ("an " if name[:1] in "aeiou" else "a ") + name
+
+
+def name_error(kind: str, name: Any, service: Any = None, method: Any = None) -> errors.InvalidNameError:
+    """The :class:`errors.InvalidNameError` of an invalid ``kind`` (``"service"`` or ``"method"``)
+    name: what is wrong with it, and the rule (:data:`NAME_RULE`)."""
+    if not isinstance(name, str):
+        why = "it is %s, not a str" % a_type(name)
+    elif not name:
+        why = "it is empty"
+    elif len(name.encode("utf-8", "replace")) > 128:
+        why = "it is %d bytes long" % len(name.encode("utf-8", "replace"))
+    elif not (name[0].isascii() and (name[0].isalpha() or name[0] == "_")):
+        why = "it starts with %r" % name[0]
+    else:
+        bad = next((c for c in name if not (c.isascii() and (c.isalnum() or c in "_-."))), None)
+        why = "it breaks the rule" if bad is None else "%r is not allowed in it" % bad
+    shown = name if not isinstance(name, str) or len(name) <= 60 else name[:40] + "..."
+    return errors.InvalidNameError("invalid %s name %r: %s; %s" % (kind, shown, why, NAME_RULE),
+                                   service=service, method=method)
 
 
 def snake_case(name: str) -> str:
@@ -580,9 +611,9 @@ class CallTable:
             no_wait: bool, no_retry: bool, max_message_size: int) -> PendingCall:
         """Registers a new call; raises for bad names, bad payloads and oversized payloads."""
         if not valid_name(service):
-            raise errors.InvalidNameError("invalid service name %r" % (service,), service=service, method=method)
+            raise name_error("service", service, service, method)
         if not valid_name(method):
-            raise errors.InvalidNameError("invalid method name %r" % (method,), service=service, method=method)
+            raise name_error("method", method, service, method)
         data = pack(payload)
         if len(data) + 64 + len(service) + len(method) > max_message_size:
             raise errors.LimitExceededError(

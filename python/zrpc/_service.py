@@ -4,8 +4,10 @@ payloads), building ``Reply`` frames, and the reply cache. Internal.
 """
 
 import contextvars
+import errno
 import inspect
 import logging
+import selectors
 import signal
 import time
 from collections import OrderedDict
@@ -53,15 +55,23 @@ def rpc_method(func: Callable) -> Callable:
     """Marks a method of a :class:`zrpc.server.Server` (or :class:`zrpc.aio.Server`) subclass as callable over zrpc.
 
     The method is called with the decoded payload as its one argument and
-    its return value is sent back (tuples arrive as arrays). An exception it
+    its return value is sent back (tuples arrive as arrays). A method that
+    takes no payload parameter (``def ping(self)``) is called without one,
+    whatever payload came (callers send ``None``; as a Rust method without
+    parameters). An exception it
     raises is sent as a ``Remote`` error with its type and text; raising a
     :class:`zrpc.errors.ZRPCError` whose code a service may send
     (``AccessDenied``, ``LimitExceeded``, ``BadPayload``, ``NoSuchMethod``,
     ``Remote``) sends that code; one with a code only the broker sends
     (``Shutdown``, ``Timeout``, ``ServiceGone``, ...) is sent as ``Remote``
     too. A message too long for the broker's max message size (or longer
-    than 64 KiB) is truncated, ending with ``... [truncated]``. Its
-    docstring is what ``zrpc.describe`` reports.
+    than 64 KiB) is truncated, ending with ``... [truncated]``. A handler
+    raising ``SystemExit`` (``sys.exit()``) ends the process, as in any
+    Python code; the ``zrpc`` logger says so, naming the method, and the
+    broker re-delivers the call (or fails a ``no_retry`` call with
+    ``ServiceGone``). Its docstring and annotations are what
+    ``zrpc.describe`` reports (``"any"`` for a parameter or return value
+    without annotation).
     """
     setattr(func, _MARK, True)
     return func
@@ -109,24 +119,39 @@ def methods_of(obj: Any) -> Dict[str, Callable]:
     return out
 
 
+#: The type ``zrpc.describe`` reports for a parameter or return value without annotation (the
+#: name of the shape of a dynamic value, docs/protocol.md; what ``zrpc list`` then prints).
+ANY_TYPE = "any"
+
+
+def takes_payload(fn: Callable) -> bool:
+    """Whether the (bound) handler ``fn`` has a parameter for the payload: a positional
+    parameter or ``*args``. One without (``def ping(self)``) is called with no argument."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): as before, one argument
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+
+
 def describe(service: str, methods: Dict[str, Callable]) -> dict:
-    """The answer to ``zrpc.describe``: the service's methods with their docstrings and annotations."""
+    """The answer to ``zrpc.describe``: the service's methods with their docstrings and
+    annotations (:data:`ANY_TYPE` where there is none)."""
     out = []
     for name in sorted(methods):
         fn = methods[name]
         sig = inspect.signature(fn)
         params = []
         for p in sig.parameters.values():
-            ann = "" if p.annotation is inspect.Parameter.empty else _type_name(p.annotation)
+            ann = ANY_TYPE if p.annotation is inspect.Parameter.empty else _type_name(p.annotation)
             params.append({"name": p.name, "type": ann})
-        ret = "" if sig.return_annotation is inspect.Signature.empty else _type_name(sig.return_annotation)
+        ret = ANY_TYPE if sig.return_annotation is inspect.Signature.empty else _type_name(sig.return_annotation)
         out.append({"name": name, "doc": inspect.getdoc(fn) or "", "params": params, "returns": ret})
     return {"service": service, "methods": out}
 
 
 def _type_name(t: Any) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
-
 
 _U64 = 1 << 64
 
@@ -233,6 +258,10 @@ def bound_message(message: str, room: int) -> str:
     return data[:room - len(TRUNCATED_MARK)].decode("utf-8", "ignore") + TRUNCATED_MARK
 
 
+#: The ``arg`` of a :class:`Job` whose handler takes no payload parameter.
+NO_PAYLOAD = object()
+
+
 class Job:
     """A request that is to run a handler: what :meth:`ServiceCore.plan` hands to the server loop."""
 
@@ -244,6 +273,22 @@ class Job:
         self.info = info
         self.handler = handler
         self.arg = arg
+
+    def call(self) -> Any:
+        """Calls the handler: with the payload, or with no argument if it takes none
+        (:data:`NO_PAYLOAD`). Returns what it returns (a coroutine for an ``async def``)."""
+        if self.arg is NO_PAYLOAD:
+            return self.handler()
+        return self.handler(self.arg)
+
+
+def handler_exits(job: Job, exc: SystemExit) -> None:
+    """Says on the ``zrpc`` logger that the handler of ``job`` raised ``SystemExit``, which the
+    caller then lets end the process (as it would without zrpc): otherwise the service would
+    vanish without a word."""
+    log.error("the handler of %s.%s raised SystemExit(%r): the process exits without answering "
+              "(the broker re-delivers the call, or fails it with ServiceGone if no_retry)",
+              job.info.service, job.info.method, exc.code)
 
 
 class ServerBase:
@@ -277,11 +322,17 @@ class ServiceCore:
     """The request logic of a service object, independent of how it does I/O."""
 
     def __init__(self, obj: Any, name: str, cache_entries: int, cache_bytes: int):
-        if not _proto.valid_name(name) or name == _proto.BROKER_SERVICE:
-            raise errors.InvalidNameError("invalid service name %r" % (name,), service=name)
+        if name == _proto.BROKER_SERVICE:
+            raise errors.InvalidNameError(
+                "invalid service name %r: the name %r is reserved for the broker (zrpcd's built-in "
+                "service); choose another name" % (name, name), service=name)
+        if not _proto.valid_name(name):
+            raise _proto.name_error("service", name, service=name)
         self.obj = obj
         self.name = name
         self.methods = methods_of(obj)
+        #: The names of the methods that take no payload parameter (called without one).
+        self.no_payload = {n for n, fn in self.methods.items() if not takes_payload(fn)}
         self.cache = ReplyCache(cache_entries, cache_bytes)
         self.counter = 0
         self.max_reply = _proto.DEFAULT_MAX_MESSAGE_SIZE
@@ -314,6 +365,10 @@ class ServiceCore:
         except Exception as e:
             return self._outcome(rid, key, service, method, errors.BAD_PAYLOAD,
                                  "cannot decode the arguments: %s" % e, b""), None
+        if method in self.no_payload:
+            # As a Rust method without parameters (docs/protocol.md, Payloads):
+            # whatever payload came is ignored.
+            arg = NO_PAYLOAD
         self.counter += 1
         return None, Job(rid, key, CallInfo(env, self.counter), handler, arg)
 
@@ -369,12 +424,45 @@ class ServiceCore:
         """Runs a synchronous handler and returns its reply frame."""
         token = _current.set(job.info)
         try:
-            result = job.handler(job.arg)
+            result = job.call()
         except Exception as e:
             return self.finish(job, exc=e)
+        except SystemExit as e:
+            handler_exits(job, e)
+            raise
         finally:
             _current.reset(token)
         return self.finish(job, result)
+
+
+def fileno(fd: Any) -> int:
+    """The descriptor number of ``fd``: a file-like object (``fileno()``) or a number."""
+    return fd if isinstance(fd, int) else fd.fileno()
+
+
+def not_pollable(n: int, exc: OSError) -> errors.NotPollableError:
+    """The error of a descriptor ``n`` that a selector refused to watch with ``exc``."""
+    if exc.errno == errno.EPERM:
+        why = ("epoll cannot watch it: it is a regular file or a directory (always readable); "
+               "read such a file directly, or watch a pipe, socket, FIFO, terminal or eventfd")
+    elif exc.errno == errno.EBADF:
+        why = "it is not an open file descriptor"
+    else:
+        why = exc.strerror or str(exc)
+    return errors.NotPollableError("cannot watch file descriptor %d for reading: %s" % (n, why))
+
+
+def check_pollable(fd: Any) -> None:
+    """Raises :class:`zrpc.errors.NotPollableError` if ``fd`` cannot be watched for
+    readability (with the ``OSError`` as its cause)."""
+    n = fileno(fd)
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(n, selectors.EVENT_READ)
+    except OSError as e:
+        raise not_pollable(n, e) from e
+    finally:
+        sel.close()
 
 
 def reregister_may_help(exc: BaseException) -> bool:

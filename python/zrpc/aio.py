@@ -123,8 +123,16 @@ async def _open(socket_dir: str, instance: int, agent: str, on_frames, timeout: 
     return conn, welcome, frames
 
 
+def _raise(exc: BaseException) -> None:
+    """Raises ``exc`` (from a callback of the event loop: a ``SystemExit`` then ends ``run_forever``)."""
+    raise exc
+
+
 class Client:
-    """An asyncio client of the zrpcd broker; create it with ``await Client.connect(socket_dir=None)``.
+    """An asyncio client of the zrpcd broker; create it with ``await Client.connect(socket_dir=None)``,
+    or use ``async with Client(socket_dir=None) as c:``, which connects on entering (and fails
+    as ``connect()`` does). A ``Client()`` connected neither way refuses calls at once with
+    :class:`zrpc.errors.DisconnectedError` (the constructor cannot connect: it is not ``async``).
 
     ``socket_dir`` is resolved as in :class:`zrpc.client.Client`.
     ``connect_timeout`` (seconds, default 5; a number > 0, else
@@ -156,9 +164,14 @@ class Client:
         """Connects to the broker (failing fast with :class:`zrpc.errors.ConnectError` if none
         answers, or none answers within ``connect_timeout`` seconds)."""
         c = cls(socket_dir, agent=agent, connect_timeout=connect_timeout)
-        await c._install()
-        c._supervisor = asyncio.get_running_loop().create_task(c._supervise())
+        await c._start()
         return c
+
+    async def _start(self) -> None:
+        """Makes the first connection (its error is raised) and starts the supervisor, which
+        reconnects after a loss."""
+        await self._install()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
     async def _install(self) -> None:
         conn, welcome, frames = await _open(self.socket_dir, self.instance, self.agent, self._on_frames,
@@ -229,6 +242,10 @@ class Client:
         """
         if self._closed:
             raise errors.DisconnectedError("the client is closed", service=service, method=method)
+        if self._supervisor is None:
+            raise errors.DisconnectedError(
+                "the client is not connected: make it with `await aio.Client.connect()`, or use it "
+                "as `async with aio.Client() as c:`, which connects", service=service, method=method)
         call = self._table.new(service, method, payload, timeout, no_wait, no_retry, self._max)
         call.waiter = asyncio.get_running_loop().create_future()
         conn = self._conn
@@ -275,6 +292,12 @@ class Client:
                                                                 method=c.method))
 
     async def __aenter__(self) -> "Client":
+        """Connects a client made with ``Client()`` (as :meth:`connect`: its errors are raised);
+        a client already connected (``async with await Client.connect()``) is used as it is."""
+        if self._closed:
+            raise errors.DisconnectedError("the client is closed")
+        if self._supervisor is None:
+            await self._start()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -305,6 +328,8 @@ class Server(_service.ServerBase):
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop_requests = 0
         self._stop_wake: Optional[asyncio.Event] = None
+        #: The watched descriptors (see `register`): number -> (what was given, callback).
+        self._fds: Dict[int, tuple] = {}
 
     @property
     def registered(self) -> asyncio.Event:
@@ -388,6 +413,7 @@ class Server(_service.ServerBase):
         handlers (waiting at most 1 s for them to unwind).
         """
         loop = asyncio.get_running_loop()
+        self._watch_fds(loop)
         self._loop = loop
         self._stop_wake = asyncio.Event()
         if self._stop_requests:
@@ -411,6 +437,8 @@ class Server(_service.ServerBase):
             raise
         finally:
             self._restore_signals(loop, restore)
+            for n in self._fds:  # kept for the next serve()
+                loop.remove_reader(n)
             self._loop = None
             self._stop_wake = None
             self._stop_requests = 0
@@ -653,19 +681,33 @@ class Server(_service.ServerBase):
             del self._tasks[key]
 
     async def _execute(self, job: _service.Job) -> bytes:
-        """Runs the handler of ``job`` (awaited if it is a coroutine function); returns the reply frame."""
-        if not asyncio.iscoroutinefunction(job.handler):
-            return self._core.run_sync(job)
-        token = _service._current.set(job.info)
+        """Runs the handler of ``job`` (awaited if it is a coroutine function); returns the reply frame.
+
+        A handler raising ``SystemExit`` ends the process, as a plain handler run from the
+        event loop's callback does (:func:`zrpc._service.handler_exits` says so): it is
+        raised again from a callback of the loop, out of ``serve()``, and the handler's task
+        ends cancelled (no outcome, no reply), so that asyncio does not also print it as a
+        task exception "never retrieved".
+        """
         try:
-            result = await job.handler(job.arg)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            return self._core.finish(job, exc=e)
-        finally:
-            _service._current.reset(token)
-        return self._core.finish(job, result)
+            if not asyncio.iscoroutinefunction(job.handler):
+                return self._core.run_sync(job)
+            token = _service._current.set(job.info)
+            try:
+                result = await job.call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                return self._core.finish(job, exc=e)
+            except SystemExit as e:
+                _service.handler_exits(job, e)
+                raise
+            finally:
+                _service._current.reset(token)
+            return self._core.finish(job, result)
+        except SystemExit as e:
+            asyncio.get_running_loop().call_soon(_raise, e)
+            raise asyncio.CancelledError() from None
 
     async def _run(self, conn: _Conn, job: _service.Job, done: Optional[asyncio.Future]) -> None:
         try:
@@ -703,9 +745,48 @@ class Server(_service.ServerBase):
             conn.send(reply)
 
     def register(self, fd: Any, callback: Callable[[], Any]) -> None:
-        """Calls ``callback()`` whenever ``fd`` is readable (the callback reads it)."""
-        asyncio.get_running_loop().add_reader(fd, callback)
+        """Calls ``callback()`` whenever ``fd`` (a file-like object or a descriptor number) is
+        readable while :meth:`serve` runs (the callback reads it), with the event loop's
+        ``add_reader``.
+
+        May be called at any time, as with the blocking server: before ``serve()`` (in
+        ``__init__``, say, with no event loop running yet) the registration is kept and
+        applied when ``serve()`` starts; it is kept too when ``serve()`` returns, for the
+        next one. Call it from the server's event loop (or before ``serve()``).
+
+        A descriptor that cannot be watched (a regular file or a directory: epoll refuses
+        them, they are always readable; a closed descriptor) raises
+        :class:`zrpc.errors.NotPollableError` at once, with the ``OSError`` as its cause.
+        """
+        n = _service.fileno(fd)
+        self.unregister(n)
+        loop = self._loop
+        if loop is None:
+            _service.check_pollable(fd)
+        else:
+            try:
+                loop.add_reader(fd, callback)
+            except OSError as e:
+                raise _service.not_pollable(n, e) from e
+        self._fds[n] = (fd, callback)
 
     def unregister(self, fd: Any) -> None:
-        """Stops watching ``fd``."""
-        asyncio.get_running_loop().remove_reader(fd)
+        """Stops watching ``fd`` (unknown descriptors are ignored)."""
+        n = _service.fileno(fd)
+        if self._fds.pop(n, None) is not None and self._loop is not None:
+            self._loop.remove_reader(n)
+
+    def _watch_fds(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Starts watching the descriptors registered before :meth:`serve` (on its loop)."""
+        done = []
+        try:
+            for n, (fd, callback) in self._fds.items():
+                try:
+                    loop.add_reader(fd, callback)
+                except OSError as e:  # closed (or replaced) since register()
+                    raise _service.not_pollable(n, e) from e
+                done.append(n)
+        except BaseException:
+            for n in done:
+                loop.remove_reader(n)
+            raise

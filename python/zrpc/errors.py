@@ -99,8 +99,9 @@ class RPCError(ZRPCError):
     :class:`LimitExceededError`, :class:`CancelledError`, :class:`AccessDeniedError`,
     :class:`DisconnectedError` and :class:`BrokerError`. Not: :class:`ConnectError`
     and :class:`SerializationError` (separate in the original too), nor the errors of
-    connecting (:class:`VersionMismatchError`, :class:`UntrustedBrokerError`) and of a
-    server's name (:class:`NameTakenError`, :class:`NotRegisteredError`); catch
+    connecting (:class:`VersionMismatchError`, :class:`UntrustedBrokerError`), of a
+    server's name (:class:`NameTakenError`, :class:`NotRegisteredError`) and of a
+    server's ``register(fd, ...)`` (:class:`NotPollableError`); catch
     :class:`ZRPCError` for everything.
     """
 
@@ -238,6 +239,15 @@ class UntrustedBrokerError(ZRPCError):
 
 class DisconnectedError(RPCError):
     """The connection to the broker was lost while a ``no_retry`` call was on the broker, or the client was closed."""
+
+
+class NotPollableError(ZRPCError, ValueError):
+    """A server's ``register(fd, callback)`` was given a descriptor that cannot be watched for
+    readability: a regular file or a directory (epoll refuses them: they are always readable),
+    or a descriptor that is not open. The ``OSError`` of the refusal is ``__cause__``.
+
+    Also a :class:`ValueError` (the argument is unsuitable); not an :class:`RPCError`.
+    """
 
 
 class EncodeError(SerializationError):

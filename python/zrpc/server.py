@@ -49,10 +49,6 @@ class _StopNow(BaseException):
     (second signal, drain timeout): unwinds the handler; :meth:`Server.run` catches it."""
 
 
-def _fileno(fd: Any) -> int:
-    return fd if isinstance(fd, int) else fd.fileno()
-
-
 class Server(_service.ServerBase):
     """A zrpc service: subclass it and mark methods with :func:`rpc_method`.
 
@@ -139,16 +135,23 @@ class Server(_service.ServerBase):
     def register(self, fd: Any, callback: Callable[[], Any]) -> None:
         """Calls ``callback()`` whenever ``fd`` (a file-like object or a descriptor number) is readable.
 
-        The server does not read from ``fd``: the callback must.
+        The server does not read from ``fd``: the callback must. A descriptor
+        that cannot be watched (a regular file or a directory: epoll refuses
+        them, they are always readable; a closed descriptor) raises
+        :class:`zrpc.errors.NotPollableError`, with the ``OSError`` as its
+        cause, and is not registered.
         """
         self.unregister(fd)
-        n = _fileno(fd)
+        n = _service.fileno(fd)
+        try:
+            self._sel.register(n, selectors.EVENT_READ, ("fd", callback))
+        except OSError as e:
+            raise _service.not_pollable(n, e) from e
         self._fds[n] = callback
-        self._sel.register(n, selectors.EVENT_READ, ("fd", callback))
 
     def unregister(self, fd: Any) -> None:
         """Stops watching ``fd`` (unknown descriptors are ignored)."""
-        n = _fileno(fd)
+        n = _service.fileno(fd)
         if self._fds.pop(n, None) is not None:
             self._sel.unregister(n)
 
