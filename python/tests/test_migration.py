@@ -271,6 +271,15 @@ def test_cli_logs_errors(my_class, procs):
     assert code == 1 and "ERROR:root:" in err, err
 
 
+def test_cli_escapes_what_could_drive_the_terminal(my_class, procs):
+    hostile = "\x1b]0;owned\x07\x1b[2J\rzrpc \u202e ok\nline two"
+    code, out, err = run_cli(procs, "my_class", "echo", repr(hostile))
+    assert code == 0, err
+    assert out == "\\x1b]0;owned\\x07\\x1b[2J\\rzrpc \\u202e ok\nline two\n", out
+    code, out, err = run_cli(procs, "my_class", "boom", repr(hostile))
+    assert code == 1 and "\x1b" not in err and "\r" not in err and "\\x1b]0;owned" in err, err
+
+
 def test_cli_without_broker(procs, socket_dir):
     code, out, err = run_cli(procs, "my_class", "echo", "1")
     assert code == 1 and "ERROR:root:" in err and "is zrpcd running" in err, err

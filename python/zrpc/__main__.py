@@ -30,9 +30,9 @@ def main(argv=None) -> int:
         call(args.service, args.method, args.payload)
     except Exception as exc:
         if isinstance(exc, errors.RemoteError) and exc.remote_message is not None:
-            logging.error(exc.remote_message)
+            logging.error(printable(exc.remote_message))
         else:
-            logging.error(exc)
+            logging.error(printable(str(exc)))
         return 1
     except KeyboardInterrupt:
         pass
@@ -63,11 +63,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def printable(text: str) -> str:
+    """``text`` with what must not reach a terminal as it is escaped (``\\x1b``): control
+    characters but new lines and tabs, and format characters such as bidirectional
+    overrides. Results and error messages are another user's text: raw, they could set the
+    terminal's title, clear it, or rewrite a line (``\\r``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
 def call(service, method, payload) -> None:
-    """Calls ``service.method`` with ``payload`` (no timeout) and prints the result."""
+    """Calls ``service.method`` with ``payload`` (no timeout) and prints the result (a string
+    :func:`printable`; other values print their ``repr``s, escaped already)."""
     with Client() as client:
         response = client.call(service, method, payload)
-    print(response)
+    print(printable(response) if isinstance(response, str) else response)
 
 
 if __name__ == '__main__':

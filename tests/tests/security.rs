@@ -1632,6 +1632,44 @@ fn a_socket_directory_another_user_could_write_is_refused() {
     let (ok, err) = try_start(&d);
     assert!(!ok, "{err}");
     assert!(err.contains("lets other users write"), "{err}");
+    // Root's and 0755, but in a directory the other user may change (it
+    // could rename the checked directory away and put one of its own in
+    // its place: red-team pass 6 had the broker read its names file).
+    for (why, owner, mode) in [
+        ("owned by uid 65534", OTHER, 0o755),
+        ("writable by other users and not sticky", 0, 0o777),
+    ] {
+        let base = TempDir::new();
+        let parent = base.path().join("shared");
+        std::fs::create_dir(&parent).expect("mkdir");
+        std::os::unix::fs::chown(&parent, Some(owner), Some(owner)).expect("chown");
+        std::fs::set_permissions(&parent, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+        let d = parent.join("zrpc");
+        std::fs::create_dir(&d).expect("mkdir");
+        let (ok, err) = try_start(&d);
+        assert!(!ok, "{why}: {err}");
+        assert!(err.contains("the directory above it"), "{why}: {err}");
+        assert!(err.contains(why), "{why}: {err}");
+    }
+    // A sticky parent writable by all (as /tmp) is fine: nobody else may
+    // rename what is ours in it.
+    let base = TempDir::new();
+    let parent = base.path().join("tmp");
+    std::fs::create_dir(&parent).expect("mkdir");
+    std::fs::set_permissions(
+        &parent,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .expect("chmod");
+    let d = parent.join("zrpc");
+    let mut c = Command::new(bin("zrpcd"));
+    c.arg("--socket-dir").arg(&d);
+    let _broker = Proc::spawn("zrpcd", c);
+    assert!(
+        wait_until(WAIT, || d.join("zrpcd.sock").exists()),
+        "no broker in a directory under a sticky one"
+    );
 }
 
 /// A user other than root without `$XDG_RUNTIME_DIR` (cron, `su`) gets the

@@ -1,5 +1,7 @@
 //! Small formatting helpers: reading fields of MessagePack maps, durations,
-//! tables.
+//! tables, and what another user's strings may show on a terminal.
+
+use std::borrow::Cow;
 
 use rmpv::Value;
 
@@ -85,18 +87,72 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// Whether `c` must not reach a terminal as it is: a control character
+/// (C0, DEL, C1: escape sequences, carriage returns, new lines) or a
+/// bidirectional override. Services, agents and error messages come from
+/// other users; printed raw, they could set the terminal's title, clear
+/// it, or forge lines of output (red-team pass 6).
+fn unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with the characters that must not reach a terminal as `\u{1b}`
+/// escapes (see [`unsafe_char`]); borrowed when there are none.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// JSON text with the characters serde_json leaves as they are (DEL, C1,
+/// bidirectional overrides) written as `\uXXXX` escapes: the same JSON,
+/// safe on a terminal (serde_json escapes C0 itself).
+fn json_safe(text: String) -> String {
+    // Outside strings, only the layout's new lines (indented JSON).
+    let escape = |c: char| c != '\n' && unsafe_char(c);
+    if !text.chars().any(escape) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if escape(c) {
+            // Outside the C0 range serde_json escaped, and all in the
+            // basic multilingual plane: one \uXXXX each.
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Lays out rows as left-aligned columns separated by two spaces (the last
-/// column is not padded). Widths count characters.
+/// column is not padded). Widths count characters. Cells are shown
+/// [`printable`].
 pub fn table(rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<Cow<'_, str>>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0; cols];
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
         }
     }
     let mut out = String::new();
-    for r in rows {
+    for r in &rows {
         let mut line = String::new();
         for (i, c) in r.iter().enumerate() {
             if i > 0 {
@@ -114,20 +170,47 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Compact one-line JSON of a MessagePack value.
+/// Compact one-line JSON of a MessagePack value (safe on a terminal: see
+/// [`json_safe`]).
 pub fn json_line(v: &Value) -> String {
-    crate::json::to_json(v).to_string()
+    json_safe(crate::json::to_json(v).to_string())
 }
 
 /// Indented JSON of a MessagePack value, for humans.
 pub fn json_pretty(v: &Value) -> String {
     let j = crate::json::to_json(v);
-    serde_json::to_string_pretty(&j).unwrap_or_else(|_| j.to_string())
+    json_safe(serde_json::to_string_pretty(&j).unwrap_or_else(|_| j.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_users_text_reaches_the_terminal_escaped() {
+        let hostile = "a\u{1b}]0;title\u{7}\u{1b}[2J\r\nzrpc: call ok\u{9b}1m\u{202e}z";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(unsafe_char), "{shown}");
+        assert_eq!(
+            shown,
+            "a\\u{1b}]0;title\\u{7}\\u{1b}[2J\\u{d}\\u{a}zrpc: call ok\\u{9b}1m\\u{202e}z"
+        );
+        assert!(matches!(printable("plain ünïcode"), Cow::Borrowed(_)));
+        // JSON: the same value, with what serde_json leaves raw escaped
+        // (and the indented form's new lines kept).
+        let v = Value::Array(vec![Value::from(hostile)]);
+        for text in [json_line(&v), json_pretty(&v)] {
+            assert!(!text.chars().any(|c| c != '\n' && unsafe_char(c)), "{text}");
+            let back: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+            assert_eq!(back, serde_json::json!([hostile]));
+        }
+        // Tables: cells escaped, columns still aligned on what is shown.
+        let t = table(&[
+            vec!["A".into(), "B".into()],
+            vec!["x\u{1b}".into(), "y".into()],
+        ]);
+        assert_eq!(t, "A        B\nx\\u{1b}  y\n");
+    }
 
     #[test]
     fn human_units() {

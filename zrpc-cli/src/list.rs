@@ -198,12 +198,13 @@ async fn methods(client: &Client, name: &str, args: &ListArgs) -> Result<(), Fai
                 ),
             )
         })?;
+    // What a service says of itself is its user's text: shown printable.
     let mut out = format!(
         "service {}: {} method{}\n",
-        match s(&desc, "service") {
+        fmt::printable(match s(&desc, "service") {
             "" => name,
             n => n,
-        },
+        }),
         methods.len(),
         if methods.len() == 1 { "" } else { "s" }
     );
@@ -214,8 +215,16 @@ async fn methods(client: &Client, name: &str, args: &ListArgs) -> Result<(), Fai
             .unwrap_or_default()
             .iter()
             .map(|p| match shape(p, "shape") {
-                Some(sh) => format!("{}: {sh}", s(p, "name")),
-                None => format!("{}: {}", s(p, "name"), s(p, "type")),
+                Some(sh) => format!(
+                    "{}: {}",
+                    fmt::printable(s(p, "name")),
+                    fmt::printable(&sh.to_string())
+                ),
+                None => format!(
+                    "{}: {}",
+                    fmt::printable(s(p, "name")),
+                    fmt::printable(s(p, "type"))
+                ),
             })
             .collect();
         let written = s(m, "returns");
@@ -228,9 +237,13 @@ async fn methods(client: &Client, name: &str, args: &ListArgs) -> Result<(), Fai
             (None, None) => written.to_string(),
         };
         out.push('\n');
-        out.push_str(&format!("{}({})", s(m, "name"), params.join(", ")));
+        out.push_str(&format!(
+            "{}({})",
+            fmt::printable(s(m, "name")),
+            params.join(", ")
+        ));
         if !ret.is_empty() && ret != "()" {
-            out.push_str(&format!(" -> {ret}"));
+            out.push_str(&format!(" -> {}", fmt::printable(&ret)));
         }
         out.push('\n');
         let doc = s(m, "doc").trim();
@@ -238,7 +251,7 @@ async fn methods(client: &Client, name: &str, args: &ListArgs) -> Result<(), Fai
             out.push_str("    (undocumented)\n");
         }
         for line in doc.lines() {
-            out.push_str(format!("    {line}").trim_end());
+            out.push_str(format!("    {}", fmt::printable(line)).trim_end());
             out.push('\n');
         }
     }

@@ -52,7 +52,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::from(exit::OK),
         Err(f) => {
             if !f.message.is_empty() {
-                eprintln!("zrpc: {}", f.message);
+                // Error messages carry services' text (another user's).
+                eprintln!("zrpc: {}", fmt::printable(&f.message));
             }
             ExitCode::from(f.code)
         }

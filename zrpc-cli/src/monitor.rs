@@ -53,7 +53,7 @@ fn resubscribe(mon: &mut Monitor, lost: zrpc_client::Error) -> Result<(), Failur
     if !reconnectable(&lost) {
         return Err(lost);
     }
-    eprintln!("zrpc: {}; reconnecting...", lost.message);
+    eprintln!("zrpc: {}; reconnecting...", fmt::printable(&lost.message));
     mon.resubscribe()?;
     eprintln!("zrpc: reconnected to zrpcd; watching again");
     Ok(())

@@ -696,3 +696,33 @@ fn list_shows_a_dash_for_what_another_users_instance_hides() {
     );
     assert!(line.split_whitespace().any(|w| w == "-"), "{line}");
 }
+
+/// A service's error message (another user's text) reaches the terminal
+/// with its control characters escaped: no escape sequence, no forged line.
+#[test]
+fn a_services_error_message_cannot_drive_the_terminal() {
+    let (b, _svc) = echo_broker();
+    let out = zrpc(
+        &b,
+        &[
+            "call",
+            "echo",
+            "fail",
+            r#""\u001b]0;owned\u0007\u001b[2J\r\nzrpc: call ok""#,
+        ],
+    );
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("owned"), "{out:?}");
+    assert!(
+        !out.stderr.contains(['\u{1b}', '\u{7}', '\r']),
+        "raw control characters: {out:?}"
+    );
+    assert!(
+        !out.stderr.lines().any(|l| l.starts_with("zrpc: call ok")),
+        "a forged line: {out:?}"
+    );
+    // A result carrying them prints as JSON escapes.
+    let out = zrpc(&b, &["call", "echo", "echo", r#""\u009b2J\u001b[2J""#]).ok();
+    assert!(!out.stdout.contains(['\u{1b}', '\u{9b}']), "{out:?}");
+    assert!(out.stdout.contains(r"\u009b2J\u001b[2J"), "{out:?}");
+}

@@ -116,6 +116,36 @@ pub fn prepare_dir(dir: &Path) -> Result<(), SetupError> {
             ),
         });
     }
+    check_parents(dir, me)
+}
+
+/// The directories above the socket directory: each owned by us or root,
+/// and not writable by other users unless sticky (as `/tmp`). Otherwise
+/// another user could rename the checked directory away and put one of
+/// theirs in its place between the check and the broker's later use of
+/// the path (its lock, socket and `zrpcd.names`; red-team pass 6 did, and
+/// had a poisoned names file read).
+fn check_parents(dir: &Path, me: u32) -> Result<(), SetupError> {
+    let full = fs::canonicalize(dir).map_err(io_err("cannot resolve socket directory", dir))?;
+    for parent in full.ancestors().skip(1) {
+        let meta =
+            fs::metadata(parent).map_err(io_err("cannot inspect the directory above", parent))?;
+        let mode = meta.mode() & 0o7777;
+        let why = if meta.uid() != me && meta.uid() != 0 {
+            format!("owned by uid {}", meta.uid())
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            format!("mode {mode:04o}, writable by other users and not sticky")
+        } else {
+            continue;
+        };
+        return Err(SetupError::UnsafeDir {
+            path: dir.into(),
+            reason: format!(
+                "the directory above it, {}, is {why}: another user could swap the socket directory for one of theirs; use a directory whose parents only root or the broker's user may change",
+                parent.display()
+            ),
+        });
+    }
     Ok(())
 }
 

@@ -94,7 +94,7 @@ impl Broker {
             // would let a user who learnt an id block its owner's
             // reconnection.)
             p.greet(instance, agent);
-            tracing::debug!(peer, pid = p.creds().pid, agent = %p.agent(), "peer connected");
+            tracing::debug!(peer, pid = p.creds().pid, agent = ?p.agent(), "peer connected");
         }
         let welcome = Envelope::Welcome {
             version: PROTOCOL_VERSION,
