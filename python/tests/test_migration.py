@@ -278,6 +278,11 @@ def test_cli_escapes_what_could_drive_the_terminal(my_class, procs):
     assert out == "\\x1b]0;owned\\x07\\x1b[2J\\rzrpc \\u202e ok\nline two\n", out
     code, out, err = run_cli(procs, "my_class", "boom", repr(hostile))
     assert code == 1 and "\x1b" not in err and "\r" not in err and "\\x1b]0;owned" in err, err
+    assert "\\nline two" in err and "\nline two" not in err, err
+    # What is not a control is shown as it is (a family emoji: three joined by U+200D).
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467 \u00a0x"
+    code, out, err = run_cli(procs, "my_class", "echo", repr(family))
+    assert (code, out) == (0, family + "\n"), (out, err)
 
 
 def test_cli_without_broker(procs, socket_dir):

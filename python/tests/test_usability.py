@@ -231,6 +231,24 @@ def test_a_method_without_a_payload_parameter_is_callable(broker, procs):
     assert methods["typed"]["params"] == [{"name": "n", "type": "int"}] and methods["typed"]["returns"] == "str"
 
 
+def test_a_method_without_a_payload_parameter_does_not_decode_it(broker, procs):
+    """Ignored, as by a Rust method without parameters: not even decoded (an undecodable or
+    costly payload changes nothing)."""
+    from zrpc import _proto
+    procs.spawn([sys.executable, "-c", NO_PAYLOAD_SERVICE, "blocking"])
+    wait_registered(broker.socket_dir, "no_arg")
+    sock, _w, reader, frames = _proto.connect(broker.socket_dir, _proto.random_id())
+    try:
+        sock.sendall(_proto.call_frame(1, "no_arg", "noarg", 10_000, 0, b"\xc1"))  # not msgpack
+        while not frames:
+            frames = reader.feed(sock.recv(65536))
+    finally:
+        sock.close()
+    env, payload = frames[0]
+    assert env[:3] == [_proto.RESULT, 1, 0], env  # code 0: a value
+    assert _proto.unpack(payload) == "noarg ran 1"
+
+
 def test_an_aio_method_without_a_payload_parameter_is_callable(broker, procs):
     procs.spawn([sys.executable, "-c", NO_PAYLOAD_SERVICE, "aio"])
     wait_registered(broker.socket_dir, "aio_no_arg")

@@ -29,10 +29,11 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
         call(args.service, args.method, args.payload)
     except Exception as exc:
+        # One line each: a new line in a service's message could forge an ``ERROR:root:`` one.
         if isinstance(exc, errors.RemoteError) and exc.remote_message is not None:
-            logging.error(printable(exc.remote_message))
+            logging.error(printable(exc.remote_message, keep=""))
         else:
-            logging.error(printable(str(exc)))
+            logging.error(printable(str(exc), keep=""))
         return 1
     except KeyboardInterrupt:
         pass
@@ -63,14 +64,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def printable(text: str) -> str:
+#: Bidirectional controls (format characters that reorder what a terminal shows).
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str, keep: str = "\n\t") -> str:
     """``text`` with what must not reach a terminal as it is escaped (``\\x1b``): control
-    characters but new lines and tabs, and format characters such as bidirectional
-    overrides. Results and error messages are another user's text: raw, they could set the
-    terminal's title, clear it, or rewrite a line (``\\r``)."""
-    if text.isprintable():
+    characters (C0, DEL, C1) but those in ``keep``, and bidirectional controls. Results and
+    error messages are another user's text: raw, they could set the terminal's title, clear
+    it, or rewrite a line (``\\r``). Other characters (emoji joiners, no-break spaces...)
+    are shown as they are."""
+    def unsafe(c: str) -> bool:
+        return (c < " " or "\x7f" <= c <= "\x9f" or c in _BIDI) and c not in keep
+    if not any(unsafe(c) for c in text):
         return text
-    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+    return "".join(repr(c)[1:-1] if unsafe(c) else c for c in text)
 
 
 def call(service, method, payload) -> None:

@@ -360,15 +360,16 @@ class ServiceCore:
         if handler is None:
             return self._outcome(rid, key, service, method, errors.NO_SUCH_METHOD,
                                  "service %r has no method %r" % (self.name, method), b""), None
-        try:
-            arg = _proto.unpack(payload)
-        except Exception as e:
-            return self._outcome(rid, key, service, method, errors.BAD_PAYLOAD,
-                                 "cannot decode the arguments: %s" % e, b""), None
         if method in self.no_payload:
             # As a Rust method without parameters (docs/protocol.md, Payloads):
-            # whatever payload came is ignored.
+            # whatever payload came is ignored, not even decoded.
             arg = NO_PAYLOAD
+        else:
+            try:
+                arg = _proto.unpack(payload)
+            except Exception as e:
+                return self._outcome(rid, key, service, method, errors.BAD_PAYLOAD,
+                                     "cannot decode the arguments: %s" % e, b""), None
         self.counter += 1
         return None, Job(rid, key, CallInfo(env, self.counter), handler, arg)
 

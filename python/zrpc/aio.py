@@ -155,7 +155,10 @@ class Client:
         self._gen = 0
         self._max = _proto.DEFAULT_MAX_MESSAGE_SIZE
         self._supervisor: Optional[asyncio.Task] = None
-        self._wake = asyncio.Event()
+        #: Wakes the supervisor; made by `_start`, in the running loop (on Python 3.9 an
+        #: ``asyncio.Event`` binds to the loop current when it is made, and a ``Client()``
+        #: may be made before any runs).
+        self._wake: Optional[asyncio.Event] = None
         self._closed = False
 
     @classmethod
@@ -170,6 +173,7 @@ class Client:
     async def _start(self) -> None:
         """Makes the first connection (its error is raised) and starts the supervisor, which
         reconnects after a loss."""
+        self._wake = asyncio.Event()
         await self._install()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
@@ -253,7 +257,7 @@ class Client:
             frame = self._table.frame(call, self._gen, time.monotonic())
             if frame is not None:
                 conn.send(frame)
-        else:
+        elif self._wake is not None:
             self._wake.set()
         try:
             if call.deadline is None:
@@ -279,7 +283,8 @@ class Client:
     async def close(self) -> None:
         """Closes the connection; pending calls fail with :class:`zrpc.errors.DisconnectedError`."""
         self._closed = True
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
         if self._conn is not None:
             self._conn.abort("closed")
         if self._supervisor is not None:
@@ -785,6 +790,10 @@ class Server(_service.ServerBase):
                     loop.add_reader(fd, callback)
                 except OSError as e:  # closed (or replaced) since register()
                     raise _service.not_pollable(n, e) from e
+                except ValueError as e:  # a file object closed since register()
+                    raise errors.NotPollableError(
+                        "cannot watch file descriptor %d for reading: it was closed after "
+                        "register()" % n) from e
                 done.append(n)
         except BaseException:
             for n in done:

@@ -1652,6 +1652,21 @@ fn a_socket_directory_another_user_could_write_is_refused() {
         assert!(err.contains("the directory above it"), "{why}: {err}");
         assert!(err.contains(why), "{why}: {err}");
     }
+    // Another user's symbolic link on the way (in a sticky directory, where
+    // they may repoint it whenever they like), even to root's directory.
+    let base = TempDir::new();
+    let target = base.path().join("roots");
+    std::fs::create_dir(&target).expect("mkdir");
+    let link = base.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    std::os::unix::fs::lchown(&link, Some(OTHER), Some(OTHER)).expect("lchown");
+    let (ok, err) = try_start(&link.join("zrpc"));
+    assert!(!ok, "{err}");
+    assert!(err.contains("a symbolic link owned by uid 65534"), "{err}");
+    assert!(
+        !target.join("zrpc").exists(),
+        "the broker made its directory through the link before refusing it"
+    );
     // A sticky parent writable by all (as /tmp) is fine: nobody else may
     // rename what is ours in it.
     let base = TempDir::new();

@@ -94,7 +94,7 @@ pub fn bytes(n: u64) -> String {
 /// it, or forge lines of output (red-team pass 6).
 fn unsafe_char(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `s` with the characters that must not reach a terminal as `\u{1b}`

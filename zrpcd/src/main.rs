@@ -187,7 +187,9 @@ fn with_dir_hint(e: zrpcd::socket::SetupError, dir_chosen: bool) -> Box<dyn std:
     let denied = matches!(&e, zrpcd::socket::SetupError::Io { source, .. }
         if source.kind() == std::io::ErrorKind::PermissionDenied);
     let no_runtime_dir = std::env::var_os("XDG_RUNTIME_DIR").is_none_or(|d| d.is_empty());
-    if denied && !dir_chosen && no_runtime_dir {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if denied && !dir_chosen && no_runtime_dir && !root {
         format!(
             "{e} ($XDG_RUNTIME_DIR is not set, so the default is the system broker's directory {}; pass --socket-dir DIR or set {} to run a broker of your own)",
             zrpc_proto::SYSTEM_SOCKET_DIR,

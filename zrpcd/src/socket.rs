@@ -73,6 +73,8 @@ pub struct BoundSocket {
 /// Creates `dir` if missing (mode 0755) and checks it is safe: a real
 /// directory (not a symlink) owned by us or by root.
 pub fn prepare_dir(dir: &Path) -> Result<(), SetupError> {
+    // SAFETY: geteuid has no preconditions.
+    check_links(dir, unsafe { libc::geteuid() })?;
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             fs::create_dir_all(dir).map_err(io_err("cannot create socket directory", dir))?;
@@ -120,31 +122,79 @@ pub fn prepare_dir(dir: &Path) -> Result<(), SetupError> {
 }
 
 /// The directories above the socket directory: each owned by us or root,
-/// and not writable by other users unless sticky (as `/tmp`). Otherwise
-/// another user could rename the checked directory away and put one of
-/// theirs in its place between the check and the broker's later use of
-/// the path (its lock, socket and `zrpcd.names`; red-team pass 6 did, and
-/// had a poisoned names file read).
+/// and not writable by other users unless sticky (as `/tmp`); and every
+/// symbolic link on the path as given owned by us or root. Otherwise
+/// another user could rename the checked directory away (or repoint a link
+/// of theirs on the way to it) and put one of theirs in its place between
+/// the check and the broker's later use of the path (its lock, socket and
+/// `zrpcd.names`; red-team pass 6 did, and had a poisoned names file read).
+/// Both the path as given and the path it resolves to are checked.
 fn check_parents(dir: &Path, me: u32) -> Result<(), SetupError> {
+    let refuse = |place: &Path, why: String| {
+        SetupError::UnsafeDir {
+        path: dir.into(),
+        reason: format!(
+            "the directory above it, {}, is {why}: another user could swap the socket directory for one of theirs; use a directory whose parents only root or the broker's user may change",
+            place.display()
+        ),
+    }
+    };
+    let unsafe_owner = |meta: &fs::Metadata| meta.uid() != me && meta.uid() != 0;
+    let given = absolute(dir)?;
+    check_links(dir, me)?;
     let full = fs::canonicalize(dir).map_err(io_err("cannot resolve socket directory", dir))?;
-    for parent in full.ancestors().skip(1) {
+    let real_parents = full.ancestors().skip(1).map(Path::to_path_buf);
+    let given_parents = given
+        .ancestors()
+        .skip(1)
+        .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()))
+        .map(Path::to_path_buf);
+    for place in real_parents.chain(given_parents) {
         let meta =
-            fs::metadata(parent).map_err(io_err("cannot inspect the directory above", parent))?;
+            fs::metadata(&place).map_err(io_err("cannot inspect the directory above", &place))?;
         let mode = meta.mode() & 0o7777;
-        let why = if meta.uid() != me && meta.uid() != 0 {
-            format!("owned by uid {}", meta.uid())
-        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            format!("mode {mode:04o}, writable by other users and not sticky")
-        } else {
-            continue;
+        if unsafe_owner(&meta) {
+            return Err(refuse(&place, format!("owned by uid {}", meta.uid())));
+        }
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(refuse(
+                &place,
+                format!("mode {mode:04o}, writable by other users and not sticky"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `dir` made absolute (against the working directory), not resolved.
+fn absolute(dir: &Path) -> Result<PathBuf, SetupError> {
+    if dir.is_absolute() {
+        return Ok(dir.to_path_buf());
+    }
+    Ok(std::env::current_dir()
+        .map_err(io_err("cannot resolve socket directory", dir))?
+        .join(dir))
+}
+
+/// Every symbolic link on the way to `dir` (the parts that exist) is owned
+/// by us or root: another user's could be repointed at a directory of
+/// theirs at any time. Checked before the directory is made, too.
+fn check_links(dir: &Path, me: u32) -> Result<(), SetupError> {
+    for place in absolute(dir)?.ancestors().skip(1) {
+        let meta = match fs::symlink_metadata(place) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            other => other.map_err(io_err("cannot inspect the directory above", place))?,
         };
-        return Err(SetupError::UnsafeDir {
-            path: dir.into(),
-            reason: format!(
-                "the directory above it, {}, is {why}: another user could swap the socket directory for one of theirs; use a directory whose parents only root or the broker's user may change",
-                parent.display()
-            ),
-        });
+        if meta.file_type().is_symlink() && meta.uid() != me && meta.uid() != 0 {
+            return Err(SetupError::UnsafeDir {
+                path: dir.into(),
+                reason: format!(
+                    "the directory above it, {}, is a symbolic link owned by uid {}: another user could point it at a directory of theirs; use a path without other users' links",
+                    place.display(),
+                    meta.uid()
+                ),
+            });
+        }
     }
     Ok(())
 }
