@@ -75,7 +75,7 @@ async fn sequential(
         } else {
             call.await?
         };
-        let v = fmt::decode(&result)?;
+        let v = fmt::decode_at_most(&result, args.max_values)?;
         write_line(&render(&v, args.json))?;
         done += 1;
     }

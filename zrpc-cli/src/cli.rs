@@ -204,6 +204,10 @@ fn parse_concurrency(s: &str) -> Result<usize, String> {
     }
 }
 
+/// How many values (elements, keys and values at any depth) a result may
+/// hold before `zrpc` refuses to decode it (`zrpc call --max-values`).
+pub const DEFAULT_MAX_VALUES: u64 = 1_000_000;
+
 /// `zrpc call`.
 #[derive(Debug, Args)]
 pub struct CallArgs {
@@ -236,6 +240,12 @@ pub struct CallArgs {
     /// Print results as compact JSON, one per line.
     #[arg(long)]
     pub json: bool,
+    /// Refuse a result holding more than N values (elements, keys and
+    /// values at any depth) before decoding it: each takes tens of bytes
+    /// in memory however short its encoding (a service's 16 MiB of empty
+    /// arrays would take gigabytes).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_VALUES)]
+    pub max_values: u64,
 }
 
 /// `zrpc list`.

@@ -726,3 +726,38 @@ fn a_services_error_message_cannot_drive_the_terminal() {
     assert!(!out.stdout.contains(['\u{1b}', '\u{9b}']), "{out:?}");
     assert!(out.stdout.contains(r"\u009b2J\u001b[2J"), "{out:?}");
 }
+
+/// A result is counted before it is decoded: past `--max-values` values
+/// (1,000,000 by default) `zrpc call` refuses it instead of building it in
+/// memory (16 MiB of empty arrays took it to 1.96 GB; red-team pass 6).
+#[test]
+fn a_result_with_too_many_values_is_refused_before_it_is_decoded() {
+    let (b, _svc) = echo_broker();
+    let out = zrpc(
+        &b,
+        &["call", "echo", "echo", "[[],[],[]]", "--max-values", "3"],
+    );
+    assert_eq!(out.code, 10, "{out:?}"); // a limit: PROTOCOL
+    assert!(out.stderr.contains("more than 3 values"), "{out:?}");
+    assert!(out.stderr.contains("--max-values"), "{out:?}");
+    let out = zrpc(
+        &b,
+        &["call", "echo", "echo", "[[],[],[]]", "--max-values", "4"],
+    )
+    .ok();
+    assert_eq!(
+        out.stdout.split_whitespace().collect::<String>(),
+        "[[],[],[]]"
+    );
+    // The default bound, with a payload of 1,000,001 values.
+    let many = format!("[{}0]", "0,".repeat(1_000_000));
+    let mut c = b.command("zrpc");
+    c.args(["call", "echo", "echo", "-", "--json"]);
+    let out = run_cmd(c, Some(&many));
+    assert_eq!(out.code, 10, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("more than 1000000 values"),
+        "{}",
+        out.stderr
+    );
+}

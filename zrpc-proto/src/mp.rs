@@ -347,6 +347,34 @@ impl<'a> Reader<'a> {
         if depth > MAX_SKIP_DEPTH {
             return Err(bad!("envelope nested too deeply"));
         }
+        for _ in 0..self.header()? {
+            self.skip_depth(depth + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Skips one complete value of any type and any depth (no recursion),
+    /// counting the values in it: itself, the elements of its arrays, the
+    /// keys and values of its maps. Fails past `most` values, before the
+    /// rest is read: a caller about to build the value in memory (each
+    /// taking tens of bytes however short its encoding) can refuse one
+    /// that would not fit.
+    pub fn count_values(&mut self, most: u64) -> Result<u64, Malformed> {
+        let (mut left, mut seen) = (1u64, 0u64);
+        while left > 0 {
+            left -= 1;
+            seen += 1;
+            if seen > most {
+                return Err(bad!("more values than allowed"));
+            }
+            left += self.header()?;
+        }
+        Ok(seen)
+    }
+
+    /// Reads a value's header and the bytes of a scalar; returns how many
+    /// values (elements, keys and values) follow it as its children.
+    fn header(&mut self) -> Result<u64, Malformed> {
         let b = self.byte()?;
         let (skip_bytes, children): (usize, u64) = match b {
             0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
@@ -381,16 +409,28 @@ impl<'a> Reader<'a> {
         if children > self.remaining() as u64 {
             return Err(bad!("truncated envelope"));
         }
-        for _ in 0..children {
-            self.skip_depth(depth + 1)?;
-        }
-        Ok(())
+        Ok(children)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_are_counted_at_any_depth_and_bounded() {
+        // [1, {"a": [nil]}, "x"]: the array, 1, the map, "a", [nil], nil, "x".
+        let v = [0x93, 0x01, 0x81, 0xa1, b'a', 0x91, 0xc0, 0xa1, b'x'];
+        assert_eq!(Reader::new(&v).count_values(100), Ok(7));
+        assert!(Reader::new(&v).count_values(6).is_err());
+        // 100,000 nested arrays: no recursion.
+        let mut deep = vec![0x91; 100_000];
+        deep.push(0xc0);
+        assert_eq!(Reader::new(&deep).count_values(u64::MAX), Ok(100_001));
+        // Truncated or invalid.
+        assert!(Reader::new(&[0x92, 0x01]).count_values(100).is_err());
+        assert!(Reader::new(&[0xc1]).count_values(100).is_err());
+    }
 
     fn read_str(s: &[u8]) -> Result<String, Malformed> {
         let mut buf = vec![0xa0 | s.len() as u8];
