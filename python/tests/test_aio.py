@@ -169,6 +169,32 @@ def test_async_server_register_and_counter(broker):
     run(main())
 
 
+def test_async_server_served_again_in_another_loop(broker):
+    """A server served in one ``asyncio.run`` and then in another: ``registered`` works in
+    both (an asyncio.Event is bound to the loop that first waits on it)."""
+    class Again(aio.Server):
+        @aio.rpc_method
+        async def ping(self, payload):
+            return "pong"
+
+    s = Again()
+
+    async def once():
+        serving = asyncio.ensure_future(s.serve())
+        await asyncio.wait_for(s.registered.wait(), 10)
+        c = await aio.Client.connect()
+        assert await c.call("again", "ping", timeout=5) == "pong"
+        await c.close()
+        serving.cancel()
+        try:
+            await serving
+        except asyncio.CancelledError:
+            pass
+
+    run(once())
+    run(once())
+
+
 def test_async_local_safety_timeout_is_rpc_timeout_error(broker):
     """A broker that stops answering (SIGSTOP): the call fails locally at its deadline plus the
     safety margin, with RPCTimeoutError (the documented timeout error), not CancelledError."""

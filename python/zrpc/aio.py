@@ -329,6 +329,7 @@ class Server(_service.ServerBase):
         self._acks: Dict[int, asyncio.Future] = {}
         self._req = 0
         self._registered: Optional[asyncio.Event] = None
+        self._registered_loop: Optional[asyncio.AbstractEventLoop] = None
         # The stop: requests counted by `_request_stop` (in the loop), `_stop_wake` set on each.
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop_requests = 0
@@ -339,8 +340,17 @@ class Server(_service.ServerBase):
     @property
     def registered(self) -> asyncio.Event:
         """An event set while the name is held on a live connection (use it inside the server's event loop)."""
-        if self._registered is None:
+        try:
+            loop: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        # An asyncio.Event belongs to one loop: a server served again in another loop (a second
+        # asyncio.run) gets a new one, as it is not registered between the two.
+        if self._registered is None or (loop is not None and self._registered_loop not in (None, loop)):
             self._registered = asyncio.Event()
+            self._registered_loop = loop
+        elif self._registered_loop is None:
+            self._registered_loop = loop
         return self._registered
 
     @property
