@@ -20,8 +20,18 @@ use std::time::{Duration, Instant};
 /// valid, else by `default_filter` (`--log`), colored only on a terminal;
 /// then reports panics through it ([`log_panic`]). Call once, at startup.
 pub fn init(default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let text = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // The NATS client of the bridge logs each of its events at info (a
+    // NATS publisher flooding an exported name made it log "slow
+    // consumers" 5,000 times a second); the bridge logs those that matter
+    // itself, rate-limited. Named in the filter, it is logged as asked.
+    if !text.contains("async_nats") && !default_filter.contains("async_nats") {
+        if let Ok(quiet) = "async_nats=warn".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -91,13 +101,27 @@ pub(crate) fn warn_interval() -> Duration {
 
 /// One kind of warning, rate-limited: when it was last logged at warn,
 /// and how many were not since ([`warn_interval`]).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct RefusalLog {
     last_warn: Option<Instant>,
     quiet: u64,
 }
 
+impl Default for RefusalLog {
+    fn default() -> RefusalLog {
+        RefusalLog::new()
+    }
+}
+
 impl RefusalLog {
+    /// None logged yet.
+    pub(crate) const fn new() -> RefusalLog {
+        RefusalLog {
+            last_warn: None,
+            quiet: 0,
+        }
+    }
+
     /// Whether an occurrence at `now` is logged at warn; if so, also how
     /// many were logged at debug only since the last one.
     pub(crate) fn warn_now(&mut self, now: Instant) -> Option<u64> {

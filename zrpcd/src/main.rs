@@ -172,6 +172,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             )))
         })
     });
+    // The tasks still in the LocalSet (the NATS bridge's subscriptions
+    // among them, which spawn a task of their own when dropped) are
+    // dropped inside the runtime: outside it that spawn panicked, in a
+    // destructor, and the process aborted.
+    {
+        let _rt = rt.enter();
+        drop(local);
+    }
     if bound.remove_on_exit {
         let _ = std::fs::remove_file(&bound.path);
     }

@@ -62,6 +62,10 @@ pub struct BridgeConfig {
     /// caller may wait for its answer at once, in all (`[export]
     /// max_joins`); beyond, they are refused with `LimitExceeded`.
     pub max_joins: usize,
+    /// Requests from NATS answered at once, in all (`[export]
+    /// max_in_flight`); beyond, they are refused with `LimitExceeded`
+    /// without a local call.
+    pub max_in_flight: usize,
     /// Names called on NATS when no local service holds them: exact
     /// (registered by the bridge), or a prefix ending in `*` (routed to
     /// the bridge by the broker when nobody holds the name).
@@ -79,6 +83,7 @@ impl std::fmt::Debug for BridgeConfig {
             .field("servers", &self.servers)
             .field("export", &self.export)
             .field("max_joins", &self.max_joins)
+            .field("max_in_flight", &self.max_in_flight)
             .field("import", &self.import)
             .finish_non_exhaustive()
     }
@@ -125,10 +130,14 @@ struct Export {
     #[serde(default)]
     names: Vec<String>,
     max_joins: Option<usize>,
+    max_in_flight: Option<usize>,
 }
 
 /// Default `[export] max_joins`.
 const DEFAULT_MAX_JOINS: usize = 1_024;
+
+/// Default `[export] max_in_flight`.
+const DEFAULT_MAX_IN_FLIGHT: usize = 1_024;
 
 /// `nobody`: the default identity of remote callers.
 const NOBODY: u32 = 65534;
@@ -249,6 +258,7 @@ impl BridgeConfig {
             client_cert,
             export: file.export.names,
             max_joins: file.export.max_joins.unwrap_or(DEFAULT_MAX_JOINS),
+            max_in_flight: file.export.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
             import: file.import.names,
         })
     }
@@ -356,6 +366,7 @@ mod tests {
         assert!(!c.exports("billing"));
         assert_eq!(c.subject("billing.eu"), "zrpc.svc.billing.eu");
         assert_eq!(c.max_joins, DEFAULT_MAX_JOINS);
+        assert_eq!(c.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
         assert!(
             !format!("{c:?}").contains("\"p\""),
             "secrets are not printed"

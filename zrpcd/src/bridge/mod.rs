@@ -74,6 +74,9 @@ pub enum BridgeError {
         /// The cause.
         source: async_nats::ConnectError,
     },
+    /// The NATS client's thread could not be started.
+    #[error("cannot start the NATS client's thread: {0}")]
+    Thread(String),
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     Shutdown,
@@ -112,6 +115,8 @@ struct Shared {
     counters: Rc<BridgeCounters>,
     /// Resubmitted exported calls (at most once).
     dedupe: RefCell<dedupe::Dedupe>,
+    /// Requests from NATS being answered (`[export] max_in_flight`).
+    exported_in_flight: std::cell::Cell<usize>,
 }
 
 /// Starts the bridge: admits its connection to `broker` and spawns its
@@ -172,6 +177,7 @@ async fn run(
         exports: RefCell::default(),
         counters,
         dedupe,
+        exported_in_flight: std::cell::Cell::new(0),
     });
     shared.link.send(
         &Envelope::Hello {

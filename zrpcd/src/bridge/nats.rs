@@ -144,6 +144,21 @@ impl Nats {
     }
 }
 
+/// The NATS client's events logged at warn (error) at most once per
+/// `--warn-interval` each kind, the rest at debug.
+static SERVER_ERRORS: std::sync::Mutex<crate::log::RefusalLog> =
+    std::sync::Mutex::new(crate::log::RefusalLog::new());
+static OTHER_EVENTS: std::sync::Mutex<crate::log::RefusalLog> =
+    std::sync::Mutex::new(crate::log::RefusalLog::new());
+
+/// Whether an event of the kind `log` counts is logged at warn now (and how
+/// many were not since).
+fn warn_now(log: &std::sync::Mutex<crate::log::RefusalLog>) -> Option<u64> {
+    log.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .warn_now(std::time::Instant::now())
+}
+
 /// Connects a client for the bridge (in the background: it returns at
 /// once, and the client connects and reconnects by itself). Errors only
 /// on servers that cannot be parsed.
@@ -157,12 +172,22 @@ pub(super) async fn connect(config: &BridgeConfig) -> Result<async_nats::Client,
                 async_nats::Event::Closed => {
                     tracing::info!("the bridge's NATS connection is closed")
                 }
-                // Authorization errors come from the server.
-                async_nats::Event::ServerError(_) => tracing::error!(
-                    %event,
-                    "the NATS server refused the bridge: check [nats] in the bridge configuration"
-                ),
-                _ => tracing::warn!(%event, "NATS bridge"),
+                // Authorization errors come from the server (so do refusals
+                // of what a request made it do: its reason says which).
+                async_nats::Event::ServerError(_) => match warn_now(&SERVER_ERRORS) {
+                    Some(quiet) => tracing::error!(
+                        %event,
+                        quiet,
+                        "the NATS server refused something the bridge did (an authorization error: check [nats] in the bridge configuration; `quiet` more since the last such line)"
+                    ),
+                    None => tracing::debug!(%event, "the NATS server refused something the bridge did"),
+                },
+                // Slow consumers, disconnections: a NATS publisher flooding
+                // an exported name causes them at will.
+                _ => match warn_now(&OTHER_EVENTS) {
+                    Some(quiet) => tracing::warn!(%event, quiet, "NATS bridge (`quiet` more events since the last such line, at debug level)"),
+                    None => tracing::debug!(%event, "NATS bridge"),
+                },
             }
         });
     if let Some((user, password)) = &config.user_password {
@@ -180,12 +205,43 @@ pub(super) async fn connect(config: &BridgeConfig) -> Result<async_nats::Client,
     if let Some((cert, key)) = &config.client_cert {
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
-    opts.connect(config.servers.as_slice())
+    let servers = config.servers.clone();
+    let connected = runtime()?
+        .spawn(async move { opts.connect(servers.as_slice()).await })
         .await
-        .map_err(|source| BridgeError::Connect {
-            servers: config.servers.join(","),
-            source,
-        })
+        .map_err(|e| BridgeError::Thread(e.to_string()))?;
+    connected.map_err(|source| BridgeError::Connect {
+        servers: config.servers.join(","),
+        source,
+    })
+}
+
+/// The thread the NATS clients run on: their connection task reads and
+/// parses what the server sends there, not on the broker's thread, whose
+/// time is shared out between local users in rounds. A NATS publisher
+/// flooding an exported name sends hundreds of thousands of messages a
+/// second; parsed on the broker's thread they made another user's calls
+/// wait for seconds (red-team pass 7). What the bridge does with the
+/// messages (one local call each, at most `[export] max_in_flight` at
+/// once) stays on the broker's thread, in the bridge's own share of the
+/// rounds.
+fn runtime() -> Result<&'static tokio::runtime::Runtime, BridgeError> {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("zrpcd-nats")
+        .enable_all()
+        .build()
+        .map_err(|e| BridgeError::Thread(e.to_string()))?;
+    // Another thread may have set it first: then this one is dropped
+    // (outside any runtime: it has run nothing yet).
+    let _ = RUNTIME.set(rt);
+    RUNTIME
+        .get()
+        .ok_or_else(|| BridgeError::Thread("the runtime was not kept".into()))
 }
 
 /// Keeps the bridge's NATS client alive: whenever the current one's

@@ -158,6 +158,11 @@ pub struct Broker {
     /// The NATS bridge's connection and counters (see [`bridged`]).
     #[cfg(feature = "nats")]
     bridge: Option<(PeerId, Rc<bridged::BridgeCounters>)>,
+    /// The NATS bridge's place in the rounds: its own, not its uid's (a
+    /// local user of that uid must not take the bridge's turns, nor the
+    /// bridge a local user's).
+    #[cfg(feature = "nats")]
+    bridge_share: Rc<crate::fair::Share>,
     /// Moves on at each pull of waiting calls (see `turns`), so that a
     /// connection's freed slots go round its names.
     pull_turn: usize,
@@ -239,6 +244,8 @@ impl Broker {
             lingering: Vec::new(),
             #[cfg(feature = "nats")]
             bridge: None,
+            #[cfg(feature = "nats")]
+            bridge_share: Rc::default(),
         }
     }
 
@@ -605,16 +612,23 @@ impl Broker {
     }
 
     /// The rounds in which the broker's thread is shared out by user
-    /// ([`crate::fair`]), and `peer`'s user's place in them (none for root
-    /// and for the broker's own NATS bridge, which are not held to them).
+    /// ([`crate::fair`]), and `peer`'s user's place in them (none for root,
+    /// which is not held to them; the broker's own NATS bridge has a place
+    /// of its own, as one more user: before, it was not held to them, and
+    /// a NATS publisher's requests made another user's calls wait for
+    /// seconds, red-team pass 7).
     pub fn rounds_for(
         &self,
         peer: PeerId,
     ) -> (Rc<crate::fair::Rounds>, Option<Rc<crate::fair::Share>>) {
+        #[cfg(feature = "nats")]
+        if self.is_bridge(peer) {
+            return (self.rounds.clone(), Some(self.bridge_share.clone()));
+        }
         let share = self
             .peers
             .get(peer)
-            .filter(|p| p.user().limited() && !self.is_bridge(peer))
+            .filter(|p| p.user().limited())
             .map(|p| p.user().share().clone());
         (self.rounds.clone(), share)
     }
