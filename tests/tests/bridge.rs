@@ -1464,12 +1464,11 @@ fn a_nats_flood_does_not_hold_up_the_brokers_other_calls() {
         sent >= 100_000,
         "the flood was too slow to tell: {sent} requests"
     );
-    // 1,100 to 6,000 here; 149 with the NATS client on the broker's thread
-    // (the bound and the rounds alone); 4 in 9 s before either. The bound
-    // is set against the last (stalls of seconds), loose enough for a
-    // loaded machine.
+    // Here 1,100 to 9,500 (alone or beside the other bridge tests); 149
+    // with the NATS client on the broker's thread (the bound and the rounds
+    // alone), 54 with none of the three.
     assert!(
-        answered >= 30,
+        answered >= 300,
         "{answered} pings answered in 3 s of a NATS flood of {sent} requests"
     );
 }
