@@ -224,6 +224,13 @@ impl BridgeConfig {
                 ))
             }
         };
+        if file.export.max_in_flight == Some(0) {
+            return Err(ParseError::Invalid(
+                "[export] max_in_flight = 0 would refuse every request from NATS: \
+                 give at least 1 (default 1024), or export no names"
+                    .into(),
+            ));
+        }
         for pattern in &file.export.names {
             let name = pattern.strip_suffix('*').unwrap_or(pattern);
             if !(name.is_empty() || zrpc_proto::validate_name(name).is_ok() || name.ends_with('.'))
@@ -367,6 +374,13 @@ mod tests {
         assert_eq!(c.subject("billing.eu"), "zrpc.svc.billing.eu");
         assert_eq!(c.max_joins, DEFAULT_MAX_JOINS);
         assert_eq!(c.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        let zero = BridgeConfig::parse(
+            "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[export]\nmax_in_flight = 0",
+        );
+        assert!(
+            matches!(&zero, Err(ParseError::Invalid(m)) if m.contains("max_in_flight")),
+            "a zero max_in_flight was taken"
+        );
         assert!(
             !format!("{c:?}").contains("\"p\""),
             "secrets are not printed"
