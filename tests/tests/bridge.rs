@@ -1473,6 +1473,50 @@ fn a_nats_flood_does_not_hold_up_the_brokers_other_calls() {
     );
 }
 
+/// zrpcd warns at start about each exported or imported pattern that no
+/// `[[own]]` rule reserves: any local user may serve such a name and take
+/// calls meant for the service on this or another host (red-team pass 7).
+#[test]
+fn exports_and_imports_without_an_own_rule_are_warned_about() {
+    if !zrpcd_has_bridge() {
+        skip("zrpcd was built without the feature `nats` (cargo build -p zrpcd --features nats)");
+        return;
+    }
+    let Some((_nats, url)) = start_nats() else {
+        return;
+    };
+    let configs = TempDir::new();
+    let conf = write_config(
+        &configs,
+        "host-w",
+        &url,
+        "\"echo\", \"billing.*\"",
+        "\"inventory\"",
+    );
+    let policy = configs.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[own]]\nname = \"billing.*\"\nusers = [\"root\"]\n",
+    )
+    .expect("write the policy");
+    let b = Broker::start_logged(&["--bridge", &conf, "--policy", &policy.to_string_lossy()]);
+    let warned = |pattern: &str| {
+        b.log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(&format!("{pattern:?} has no [[own]] rule")))
+    };
+    assert!(
+        wait_until(WAIT, || warned("echo") && warned("inventory")),
+        "no warning for echo and inventory:\n{}",
+        b.log()
+    );
+    assert!(
+        !warned("billing.*"),
+        "a reserved prefix warned about:\n{}",
+        b.log()
+    );
+}
+
 /// A local user registering many names the exports match does not make
 /// the bridge log a line at info for each: exports and withdrawals are
 /// logged at info once per `--warn-interval`, the rest at debug (red-team

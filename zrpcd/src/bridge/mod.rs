@@ -119,10 +119,33 @@ struct Shared {
     exported_in_flight: std::cell::Cell<usize>,
 }
 
+/// Warns about each `[export]` and `[import]` pattern that no `[[own]]`
+/// rule of the policy covers: any local user may then serve such a name,
+/// and take a share of its calls from every host (exported names: one NATS
+/// queue group per name) or the calls of this host's callers (an exact
+/// imported name: local first). Red-team pass 7 did both; docs/bridge.md.
+fn warn_unreserved(policy: &crate::policy::Policy, config: &BridgeConfig) {
+    let covered = |pattern: &str| policy.mentions(pattern.strip_suffix('*').unwrap_or(pattern));
+    for (kind, pattern) in config
+        .export
+        .iter()
+        .map(|p| ("export", p))
+        .chain(config.import.iter().map(|p| ("import", p)))
+    {
+        if !covered(pattern) {
+            tracing::warn!(
+                pattern = %pattern,
+                "[{kind}] {pattern:?} has no [[own]] rule in the policy: any local user may serve such a name and take calls meant for the service on this or another host; reserve it for the uid that serves it (docs/bridge.md)"
+            );
+        }
+    }
+}
+
 /// Starts the bridge: admits its connection to `broker` and spawns its
 /// task (on the current `LocalSet`). Errors only if the connection cannot
 /// be made.
 pub fn start(broker: &Rc<RefCell<Broker>>, config: BridgeConfig) -> std::io::Result<Bridge> {
+    warn_unreserved(&broker.borrow().config.policy, &config);
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     ours.set_nonblocking(true)?;
     theirs.set_nonblocking(true)?;
