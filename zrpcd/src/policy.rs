@@ -278,6 +278,19 @@ impl Policy {
         self.own.iter().any(|r| r.name.matches(name))
     }
 
+    /// Whether `[[own]]` rules cover every name `pattern` can match (a
+    /// pattern of the NATS bridge's `[export]` or `[import]`: exact, or a
+    /// prefix ending in `*`, which only a prefix rule covers whole).
+    pub fn covers(&self, pattern: &str) -> bool {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => self
+                .own
+                .iter()
+                .any(|r| matches!(&r.name, Pattern::Prefix(p) if prefix.starts_with(p.as_str()))),
+            None => self.mentions(pattern),
+        }
+    }
+
     /// Whether any `[[own]]` rule reserves names.
     pub fn reserves_names(&self) -> bool {
         !self.own.is_empty()
@@ -536,6 +549,19 @@ mod tests {
             let text = format!("[quota]\nintrospection_per_second = {bad}\n");
             assert!(Policy::parse(&text, "test", 0, &Table).is_err(), "{bad}");
         }
+    }
+
+    /// The bridge warns about patterns no rule covers whole: an exact rule
+    /// covers that name only, a prefix rule the prefixes under it.
+    #[test]
+    fn patterns_are_covered_by_rules_that_match_all_their_names() {
+        let p = Policy::parse(EXAMPLE, "test", 0, &Table).expect("valid");
+        assert!(p.covers("billing"));
+        assert!(!p.covers("billing*"), "an exact rule covers no prefix");
+        assert!(!p.covers("bill*"));
+        assert!(p.covers("team.*") && p.covers("team.eu.*") && p.covers("team.x"));
+        assert!(!p.covers("team*"), "team.* leaves teamwork free");
+        assert!(!p.covers("calc"));
     }
 
     #[test]

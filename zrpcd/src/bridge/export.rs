@@ -372,8 +372,18 @@ async fn refuse_busy(shared: &Shared, name: &str, msg: async_nats::Message) {
              ([export] max_in_flight, docs/bridge.md); try again later"
         ),
     );
-    publish_answer(shared, name, reply, answer).await;
+    // Bounded: while the client reconnects it takes no commands, and this
+    // loop must not stop handling the subscription's cancels meanwhile
+    // (the requester times out anyway).
+    let _ = tokio::time::timeout(
+        REFUSAL_PUBLISH_WAIT,
+        publish_answer(shared, name, reply, answer),
+    )
+    .await;
 }
+
+/// How long a refusal's reply may wait to be handed to the NATS client.
+const REFUSAL_PUBLISH_WAIT: Duration = Duration::from_millis(100);
 
 /// Makes one NATS request a local call and publishes its outcome.
 async fn answer(place: Place, name: String, msg: async_nats::Message) {

@@ -125,14 +125,13 @@ struct Shared {
 /// queue group per name) or the calls of this host's callers (an exact
 /// imported name: local first). Red-team pass 7 did both; docs/bridge.md.
 fn warn_unreserved(policy: &crate::policy::Policy, config: &BridgeConfig) {
-    let covered = |pattern: &str| policy.mentions(pattern.strip_suffix('*').unwrap_or(pattern));
     for (kind, pattern) in config
         .export
         .iter()
         .map(|p| ("export", p))
         .chain(config.import.iter().map(|p| ("import", p)))
     {
-        if !covered(pattern) {
+        if !policy.covers(pattern) {
             tracing::warn!(
                 pattern = %pattern,
                 "[{kind}] {pattern:?} has no [[own]] rule in the policy: any local user may serve such a name and take calls meant for the service on this or another host; reserve it for the uid that serves it (docs/bridge.md)"

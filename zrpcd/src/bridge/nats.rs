@@ -226,22 +226,21 @@ pub(super) async fn connect(config: &BridgeConfig) -> Result<async_nats::Client,
 /// once) stays on the broker's thread, in the bridge's own share of the
 /// rounds.
 fn runtime() -> Result<&'static tokio::runtime::Runtime, BridgeError> {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    if let Some(rt) = RUNTIME.get() {
-        return Ok(rt);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("zrpcd-nats")
-        .enable_all()
-        .build()
-        .map_err(|e| BridgeError::Thread(e.to_string()))?;
-    // Another thread may have set it first: then this one is dropped
-    // (outside any runtime: it has run nothing yet).
-    let _ = RUNTIME.set(rt);
+    // Built once, by the first caller (`get_or_init` runs one builder: a
+    // second runtime dropped from within async code would panic).
+    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
     RUNTIME
-        .get()
-        .ok_or_else(|| BridgeError::Thread("the runtime was not kept".into()))
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("zrpcd-nats")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| BridgeError::Thread(e.clone()))
 }
 
 /// Keeps the bridge's NATS client alive: whenever the current one's
@@ -407,28 +406,12 @@ mod tests {
         assert_eq!(replaced.get(), 1);
     }
 
-    /// CPU time of the calling thread (the runtime's, with async-nats's
-    /// tasks and the panics' reports).
-    fn thread_cpu() -> Duration {
-        // SAFETY: getrusage fills the struct it is given.
-        let usage = unsafe {
-            let mut usage = std::mem::zeroed::<libc::rusage>();
-            libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
-            usage
-        };
-        let tv = |t: libc::timeval| {
-            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-        };
-        tv(usage.ru_utime) + tv(usage.ru_stime)
-    }
-
     #[tokio::test(flavor = "current_thread")]
     async fn clients_killed_as_soon_as_they_connect_are_replaced_at_a_bounded_rate() {
         let (url, clients) = fake_server(usize::MAX).await;
         let config = config(&url);
         let nats = Nats::new(connect(&config).await.expect("a client"));
         let replaced = Cell::new(0);
-        let cpu = thread_cpu();
         // Not a wait for a condition: the time over which the clients are
         // counted.
         let window = Duration::from_secs(3);
@@ -441,15 +424,15 @@ mod tests {
                 }
             })
             .await;
-        let cpu = thread_cpu().saturating_sub(cpu);
         let made = clients.load(Ordering::SeqCst);
-        eprintln!("{made} clients in {window:?}, {cpu:?} of CPU");
+        eprintln!("{made} clients in {window:?}");
         // Delays from 10 ms doubling to 1 s, times 0.75 at least: the first
         // 7 take 0.95 s, each next one 0.75 s, so in 3 s the first client
-        // and at most 7 + 3 more (9 in all when measured, with 18 ms of
-        // CPU). With a zero backoff: 618 clients, 0.83 s of CPU.
+        // and at most 7 + 3 more (9 in all when measured). With a zero
+        // backoff: 618 clients (and 0.83 s of CPU, measured when the client
+        // ran on the test's thread; it runs on `zrpcd-nats`, shared with the
+        // tests running beside this one, so its CPU is not asserted).
         assert!(made <= 11, "{made} clients in {window:?}");
         assert!(made >= 4, "it stopped making clients: {made} in {window:?}");
-        assert!(cpu < window / 6, "{cpu:?} of CPU in {window:?}");
     }
 }
