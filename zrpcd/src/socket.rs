@@ -128,7 +128,9 @@ pub fn prepare_dir(dir: &Path) -> Result<(), SetupError> {
 /// of theirs on the way to it) and put one of theirs in its place between
 /// the check and the broker's later use of the path (its lock, socket and
 /// `zrpcd.names`; red-team pass 6 did, and had a poisoned names file read).
-/// Both the path as given and the path it resolves to are checked.
+/// Both the path as given and the path it resolves to are checked, each
+/// directory once (the links on the way: [`check_links`], which
+/// [`prepare_dir`] ran before making the directory).
 fn check_parents(dir: &Path, me: u32) -> Result<(), SetupError> {
     let refuse = |place: &Path, why: String| {
         SetupError::UnsafeDir {
@@ -141,24 +143,24 @@ fn check_parents(dir: &Path, me: u32) -> Result<(), SetupError> {
     };
     let unsafe_owner = |meta: &fs::Metadata| meta.uid() != me && meta.uid() != 0;
     let given = absolute(dir)?;
-    check_links(dir, me)?;
     let full = fs::canonicalize(dir).map_err(io_err("cannot resolve socket directory", dir))?;
-    let real_parents = full.ancestors().skip(1).map(Path::to_path_buf);
-    let given_parents = given
+    let given_dirs = given
         .ancestors()
         .skip(1)
-        .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()))
-        .map(Path::to_path_buf);
-    for place in real_parents.chain(given_parents) {
+        .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()));
+    // The same directories twice unless a link is on the way: once each.
+    let places: std::collections::BTreeSet<&Path> =
+        full.ancestors().skip(1).chain(given_dirs).collect();
+    for place in places {
         let meta =
-            fs::metadata(&place).map_err(io_err("cannot inspect the directory above", &place))?;
+            fs::metadata(place).map_err(io_err("cannot inspect the directory above", place))?;
         let mode = meta.mode() & 0o7777;
         if unsafe_owner(&meta) {
-            return Err(refuse(&place, format!("owned by uid {}", meta.uid())));
+            return Err(refuse(place, format!("owned by uid {}", meta.uid())));
         }
         if mode & 0o022 != 0 && mode & 0o1000 == 0 {
             return Err(refuse(
-                &place,
+                place,
                 format!("mode {mode:04o}, writable by other users and not sticky"),
             ));
         }
