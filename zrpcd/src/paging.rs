@@ -71,8 +71,13 @@ pub fn parse<K: Key>(payload: &[u8]) -> Result<Request<K>, String> {
     if payload.is_empty() {
         return Ok(Request::Whole);
     }
-    let value = rmpv::decode::read_value(&mut &payload[..])
+    let mut rest = payload;
+    let value = rmpv::decode::read_value(&mut rest)
         .map_err(|e| format!("the payload is not MessagePack: {e}"))?;
+    if !rest.is_empty() {
+        // One value, as everywhere a payload is decoded (docs/protocol.md).
+        return Err(usage("the payload has bytes after its value"));
+    }
     let map = match value {
         Value::Nil => return Ok(Request::Whole),
         Value::Map(m) => m,
@@ -286,9 +291,11 @@ mod tests {
             })
         );
         // limit 0, a string where a conn_id is due, an unknown key, an
-        // array, a map cut short.
+        // array, a map cut short, bytes after nil or after a map.
         for bad in [
             &b"\x81\xa5limit\x00"[..],
+            b"\xc0\xc0",
+            b"\x80\xc0",
             b"\x81\xa5after\xa1a",
             b"\x81\xa4size\x01",
             b"\x90",
