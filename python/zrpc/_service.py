@@ -408,17 +408,16 @@ class ServiceCore:
         The outcome is bounded (see :meth:`_bounded`) before it is cached, so that a
         re-sent call is answered with a frame the broker accepts too.
         """
-        if exc is None:
-            try:
-                data = _proto.pack(result)
-            except errors.EncodeError as e:
-                code, message, data = errors.REMOTE, "cannot encode the return value: %s" % e, b""
-            else:
-                code, message = 0, ""
-        elif isinstance(exc, errors.ZRPCError) and exc.code in SERVICE_CODES:
-            code, message, data = exc.code, exc.message or str(exc), b""
-        else:
-            code, message, data = errors.REMOTE, "%s: %s" % (type(exc).__name__, exc), b""
+        try:
+            code, message, data = _wire_outcome(result, exc)
+        except Exception as e:
+            # Making the text of an exception runs the handler's code (its
+            # ``__str__``) and ``repr`` of whatever it holds, which may be a
+            # caller's payload: a 1,000-deep list makes ``str`` raise
+            # RecursionError. Every call gets an answer all the same.
+            name = type(exc).__name__ if exc is not None else "the return value"
+            code, message, data = (errors.REMOTE, "%s (its text could not be made: %s)"
+                                   % (name, type(e).__name__), b"")
         return self._outcome(job.rid, job.key, job.info.service, job.info.method, code, message, data)
 
     def run_sync(self, job: Job) -> bytes:
@@ -434,6 +433,18 @@ class ServiceCore:
         finally:
             _current.reset(token)
         return self.finish(job, result)
+
+
+def _wire_outcome(result: Any, exc: Optional[BaseException]) -> Tuple[int, str, bytes]:
+    """The code, message and payload a handler's return value (or exception) is answered with."""
+    if exc is None:
+        try:
+            return 0, "", _proto.pack(result)
+        except errors.EncodeError as e:
+            return errors.REMOTE, "cannot encode the return value: %s" % e, b""
+    if isinstance(exc, errors.ZRPCError) and exc.code in SERVICE_CODES:
+        return exc.code, exc.message or str(exc), b""
+    return errors.REMOTE, "%s: %s" % (type(exc).__name__, exc), b""
 
 
 def fileno(fd: Any) -> int:

@@ -150,6 +150,32 @@ class RemoteError(RPCError):
     (what the original zrpc's ``str(RPCError)`` was).
     """
 
+    _value: Any = None
+    #: The value as it came, until :attr:`value` is first read.
+    _encoded: Optional[bytes] = None
+
+    @property
+    def value(self) -> Any:  # type: ignore[override]
+        """The error value, decoded when first read (``None`` if it cannot be decoded)."""
+        if self._encoded is not None:
+            encoded, self._encoded = self._encoded, None
+            from . import _proto
+            try:
+                self._value = _proto.unpack(encoded)
+            except Exception:  # the value is optional: the message says it all
+                self._value = None
+        return self._value
+
+    @value.setter
+    def value(self, value: Any) -> None:
+        self._encoded = None
+        self._value = value
+
+    def set_encoded_value(self, encoded: bytes) -> None:
+        """Keeps the value as received, to be decoded when :attr:`value` is read."""
+        self._encoded = bytes(encoded)
+        self._value = None
+
     code = REMOTE
 
 
