@@ -9,6 +9,7 @@
 #              (default 16), FLAV the zrpc client flavour (default current;
 #              multi is the README's #[tokio::main] client)
 #   env CENV   environment for the clients, e.g. CENV=ZRPC_BUSY_POLL_US=0
+#   env ZNICE  a nice value for the broker (or the relay), e.g. ZNICE=-5
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 B=${B:-$ROOT/target/release}
@@ -26,6 +27,7 @@ else
   CL="$B/zrpc-bench raw-client --path $D/relay.sock --inflight ${INFL:-16} --warmup 100 --calls $2 --size 64"
 fi
 sleep 0.5
+[ -n "${ZNICE:-}" ] && renice -n "$ZNICE" -p "$ZP" > /dev/null
 st() { awk '{print $14, $15}' "/proc/$1/stat"; }
 read -r zu0 zs0 < <(st $ZP); read -r su0 ss0 < <(st $SP)
 cat > "$D/go.sh" <<EOS
