@@ -1128,7 +1128,7 @@ fn a_connection_that_keeps_its_socket_full_does_not_hold_up_the_others() {
 
 /// A payload nesting arrays 50,000 deep would overflow a recursive
 /// decoder's stack and abort the service (and with it every call it
-/// holds): the Rust services stop at 1,024 levels (rmpv, rmp-serde) and
+/// holds): the Rust services stop at 256 levels (`zrpc_proto::depth`) and
 /// answer `BadPayload` naming the depth, then carry on. (The Python
 /// service: `python/tests/test_api.py`
 /// `test_values_nested_too_deeply_are_a_clear_error`.)
@@ -1156,4 +1156,41 @@ fn a_payload_nested_too_deeply_is_a_bad_payload_not_a_crash() {
     r.send(&call(2), b"\x91\x01");
     let (id, code, message) = next_result(&mut r);
     assert_eq!((id, code), (2, None), "{message}");
+}
+
+/// Levels rmp-serde does not count (enum variants, newtypes, options)
+/// overflowed a service's stack: 100,000 levels of `{"Neg": ...}` (500 KB)
+/// into a recursive enum, and the one byte `01` into
+/// `struct Chain(Option<Box<Chain>>)`, which recursed for ever (red-team
+/// pass 9). The service answers `BadPayload` and carries on.
+#[test]
+fn levels_of_enum_variants_and_options_cannot_overflow_a_services_stack() {
+    let b = Broker::start_with(&[]);
+    let _svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let mut r = Raw::hello(b.dir());
+    let call = |id, method| Envelope::Call {
+        id,
+        service: "echo",
+        method,
+        timeout_ms: Some(10_000),
+        flags: 0,
+    };
+    let mut negs = b"\x81\xa3Neg".repeat(100_000);
+    negs.extend_from_slice(b"\x81\xa3Lit\x07");
+    r.send(&call(1, "eval"), &negs);
+    let (id, code, message) = next_result(&mut r);
+    assert_eq!((id, code), (1, Some(ErrorCode::BadPayload)), "{message}");
+    assert!(message.contains("depth limit"), "{message}");
+    r.send(&call(2, "chain"), b"\x01");
+    let (id, code, message) = next_result(&mut r);
+    assert_eq!((id, code), (2, Some(ErrorCode::BadPayload)), "{message}");
+    assert!(message.contains("depth limit"), "{message}");
+    // Within the bound both decode, and the service is still there.
+    r.send(&call(3, "eval"), b"\x81\xa3Neg\x81\xa3Neg\x81\xa3Lit\x07");
+    let (id, code, message) = next_result(&mut r);
+    assert_eq!((id, code), (3, None), "{message}");
+    r.send(&call(4, "chain"), b"\xc0");
+    let (id, code, message) = next_result(&mut r);
+    assert_eq!((id, code), (4, None), "{message}");
 }

@@ -30,6 +30,7 @@ pub mod fdpass;
 pub mod handshake;
 pub mod mapped;
 pub mod prefill;
+pub mod ratelog;
 pub mod reactor;
 pub mod read;
 pub mod sd;

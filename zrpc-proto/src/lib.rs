@@ -18,6 +18,7 @@
 mod bits;
 pub mod blob;
 mod codec;
+pub mod depth;
 mod envelope;
 mod error;
 mod inline;

@@ -21,7 +21,9 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, rmp_serd
         payload
     };
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
-    let value = T::deserialize(&mut de)?;
+    // Every level counted, not only arrays and maps (see `crate::depth`).
+    let levels = crate::depth::Levels::default();
+    let value = T::deserialize(crate::depth::Limited::new(&mut de, &levels))?;
     // The deserializer continues after the value: at the end of the input
     // the next read fails at once (no extra pass over the value); anything
     // else means trailing bytes.

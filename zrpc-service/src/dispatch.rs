@@ -349,7 +349,9 @@ impl<S: Service> Dispatch<'_, S> {
             });
         };
         if let Err(e) = &result {
-            tracing::debug!(method, code = %e.code(), "request failed: {e}");
+            // Quoted: the text may hold what the caller sent (serde's
+            // "unknown variant ..."), line breaks included.
+            tracing::debug!(method, code = %e.code(), error = ?e.to_string(), "request failed");
         }
         let mut outcome = wire_outcome(result, self.link.max_message_size);
         let mut owned = false;

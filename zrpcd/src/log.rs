@@ -99,13 +99,10 @@ pub(crate) fn warn_interval() -> Duration {
     Duration::from_millis(WARN_INTERVAL_MS.load(Ordering::Relaxed))
 }
 
-/// One kind of warning, rate-limited: when it was last logged at warn,
-/// and how many were not since ([`warn_interval`]).
+/// One kind of warning, rate-limited: logged at warn at most once per
+/// [`warn_interval`] ([`zrpc_io::ratelog::RateLog`]).
 #[derive(Debug)]
-pub(crate) struct RefusalLog {
-    last_warn: Option<Instant>,
-    quiet: u64,
-}
+pub(crate) struct RefusalLog(zrpc_io::ratelog::RateLog);
 
 impl Default for RefusalLog {
     fn default() -> RefusalLog {
@@ -116,25 +113,13 @@ impl Default for RefusalLog {
 impl RefusalLog {
     /// None logged yet.
     pub(crate) const fn new() -> RefusalLog {
-        RefusalLog {
-            last_warn: None,
-            quiet: 0,
-        }
+        RefusalLog(zrpc_io::ratelog::RateLog::new())
     }
 
     /// Whether an occurrence at `now` is logged at warn; if so, also how
     /// many were logged at debug only since the last one.
     pub(crate) fn warn_now(&mut self, now: Instant) -> Option<u64> {
-        match self.last_warn {
-            Some(t) if now.saturating_duration_since(t) < warn_interval() => {
-                self.quiet += 1;
-                None
-            }
-            _ => {
-                self.last_warn = Some(now);
-                Some(std::mem::take(&mut self.quiet))
-            }
-        }
+        self.0.warn_now(now, warn_interval())
     }
 }
 

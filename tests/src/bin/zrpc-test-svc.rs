@@ -19,6 +19,33 @@ struct Point {
     raw: Vec<u8>,
 }
 
+/// A recursive argument whose levels are enum variants (an expression
+/// tree): how deep a caller may nest it is bounded by the library.
+#[derive(Debug, Serialize, Deserialize)]
+enum Expr {
+    Lit(i64),
+    Neg(Box<Expr>),
+}
+
+impl Expr {
+    fn eval(&self) -> i64 {
+        let (mut e, mut sign) = (self, 1i64);
+        loop {
+            match e {
+                Expr::Lit(n) => return sign.wrapping_mul(*n),
+                Expr::Neg(inner) => {
+                    sign = -sign;
+                    e = inner;
+                }
+            }
+        }
+    }
+}
+
+/// A newtype around an option of itself.
+#[derive(Debug, Serialize, Deserialize)]
+struct Chain(Option<Box<Chain>>);
+
 #[derive(Default)]
 struct TestSvc {
     /// How often `record` ran for each key (to detect double execution).
@@ -66,6 +93,23 @@ impl TestSvc {
     #[rpc_method]
     fn fail_io(&mut self, msg: String) -> Result<(), std::io::Error> {
         Err(std::io::Error::other(msg))
+    }
+
+    /// Evaluates an expression tree.
+    #[rpc_method]
+    fn eval(&mut self, e: Expr) -> i64 {
+        e.eval()
+    }
+
+    /// How many links a chain has.
+    #[rpc_method]
+    fn chain(&mut self, c: Chain) -> u64 {
+        let (mut n, mut next) = (0, c.0.as_deref());
+        while let Some(c) = next {
+            n += 1;
+            next = c.0.as_deref();
+        }
+        n
     }
 
     /// Panics.

@@ -33,6 +33,44 @@ use zrpc_proto::ErrorCode;
 
 use super::{CallKey, Outcome};
 
+/// The interval between two warnings of a call re-using another call's
+/// identity: a caller chooses its identity, so it could make every call
+/// one (red-team pass 9: 20,000 warn lines in 0.9 s, past journald's rate
+/// limit, after which the service's own lines are dropped).
+const REUSE_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Logs a call that re-uses the identity of an earlier call to another
+/// method: at warn at most once per [`REUSE_WARN_EVERY`] (with how many
+/// were not), the others at debug.
+fn reused_identity(key: CallKey, service: &str, method: &str) {
+    static LOG: std::sync::Mutex<zrpc_io::ratelog::RateLog> =
+        std::sync::Mutex::new(zrpc_io::ratelog::RateLog::new());
+    let warn = LOG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .warn_now(std::time::Instant::now(), REUSE_WARN_EVERY);
+    let (caller_instance, caller_call, caller_uid) = key;
+    match warn {
+        Some(quiet) => tracing::warn!(
+            caller_instance,
+            caller_call,
+            caller_uid,
+            service,
+            method,
+            not_logged_since = quiet,
+            "a call re-uses the identity of an earlier call to another method; running it"
+        ),
+        None => tracing::debug!(
+            caller_instance,
+            caller_call,
+            caller_uid,
+            service,
+            method,
+            "a call re-uses the identity of an earlier call to another method; running it"
+        ),
+    }
+}
+
 /// Successful replies up to this many bytes are copied into the ring of
 /// reply bytes.
 pub(super) const INLINE: usize = 96;
@@ -169,14 +207,7 @@ impl UserCache {
         let p = self.pos(seq);
         let m = self.meta[p];
         if m.target != target(service, method) {
-            tracing::warn!(
-                caller_instance = key.0,
-                caller_call = key.1,
-                caller_uid = key.2,
-                service,
-                method,
-                "a call re-uses the identity of an earlier call to another method; running it"
-            );
+            reused_identity(key, service, method);
             return None;
         }
         match m.kind {
@@ -558,6 +589,51 @@ mod tests {
         c.insert((7, 1, 1001), "s", "m", ok(5), true);
         assert_eq!(c.get((7, 1, 0), "s", "m"), Some(ok(3)));
         assert_eq!(c.get((7, 1, 1001), "s", "m"), Some(ok(5)));
+    }
+
+    /// What a caller chooses cannot flood the service's log: a call
+    /// re-using another method's identity is logged at warn at most once
+    /// per interval, the rest at debug (red-team pass 9).
+    #[test]
+    fn identities_reused_for_another_method_are_logged_at_warn_rarely() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lines").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut c = UserCache::new(10, 1000);
+            c.insert((7, 1, 0), "s", "m", ok(3), true);
+            for _ in 0..100 {
+                assert!(
+                    c.get((7, 1, 0), "s", "other").is_none(),
+                    "run, not answered"
+                );
+            }
+        });
+        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        let reused = |level: &str| {
+            text.lines()
+                .filter(|l| l.contains(level) && l.contains("re-uses the identity"))
+                .count()
+        };
+        // Other tests of this process may have had the one warning of this
+        // interval (the rate is per process): at most one here.
+        assert!(reused("WARN") <= 1, "{text}");
+        assert_eq!(reused("WARN") + reused("DEBUG"), 100, "{text}");
     }
 
     #[test]
