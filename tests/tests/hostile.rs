@@ -1194,3 +1194,54 @@ fn levels_of_enum_variants_and_options_cannot_overflow_a_services_stack() {
     let (id, code, message) = next_result(&mut r);
     assert_eq!((id, code), (4, None), "{message}");
 }
+
+/// The client side of the above: another user's service (names are first
+/// come) answering a typed client with 100,000 levels of enum variants, as
+/// a result or as a `Remote` error's value, aborted the client with a stack
+/// overflow (red-team pass 9). The client reports a decode error, or no
+/// error value, and carries on.
+#[test]
+fn a_hostile_result_cannot_overflow_a_clients_stack() {
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    enum Expr {
+        Lit(i64),
+        Neg(Box<Expr>),
+    }
+    let b = Broker::start();
+    let mut svc = Raw::hello(b.dir());
+    zrpc_tests::raw::register(&mut svc, "svc");
+    let mut negs = b"\x81\xa3Neg".repeat(100_000);
+    negs.extend_from_slice(b"\x81\xa3Lit\x07");
+    // The client calls from a thread with a tokio worker's stack (2 MiB).
+    let dir = b.dir().to_path_buf();
+    let client = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            let c = BlockingClient::connect_to(&dir).expect("connect");
+            let result = c.call::<_, Expr>("svc", "get", &(), Some(Duration::from_secs(10)));
+            let error = c.call::<_, Expr>("svc", "fail", &(), Some(Duration::from_secs(10)));
+            let value = error.as_ref().err().map(|e| e.remote_value::<Expr>());
+            (
+                format!("{result:?}"),
+                format!("{error:?}"),
+                value.is_some_and(|v| v.is_none()),
+            )
+        })
+        .expect("spawn");
+    let (bid, _) = next_request(&mut svc);
+    reply(&mut svc, bid, &negs);
+    let (bid, _) = next_request(&mut svc);
+    svc.send(
+        &Envelope::Reply {
+            id: bid,
+            code: Some(ErrorCode::Remote),
+            message: "no",
+        },
+        &negs,
+    );
+    let (result, error, no_value) = client.join().expect("the client overflowed or panicked");
+    assert!(result.contains("depth limit"), "{result}");
+    assert!(error.contains("Remote"), "{error}");
+    assert!(no_value, "the error value decoded: {error}");
+}
