@@ -192,8 +192,8 @@ def unpack(data: bytes) -> Any:
                                        object_pairs_hook=_map_of_pairs)
     except (msgpack.StackError, RecursionError):
         # msgpack's own bound (1,024 levels; its error has no message), or
-        # Python's on array map keys made hashable: the Rust libraries stop
-        # at 1,024 levels too.
+        # Python's on array map keys made hashable (the Rust libraries stop
+        # at 256 levels, counting enum variants and options too).
         raise errors.DecodeError("depth limit exceeded: the value nests arrays and maps too deeply") from None
 
 
