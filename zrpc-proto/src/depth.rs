@@ -362,6 +362,14 @@ mod tests {
     }
 
     #[test]
+    fn the_message_names_the_limit() {
+        assert!(
+            TOO_DEEP.contains(&format!(" {MAX_DEPTH} levels")),
+            "{TOO_DEEP}"
+        );
+    }
+
+    #[test]
     fn an_option_that_does_not_consume_its_marker_cannot_recurse_for_ever() {
         let err = on_small_stack(|| {
             decode_payload::<Chain>(b"\x01")
