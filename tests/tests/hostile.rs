@@ -1126,6 +1126,17 @@ fn a_connection_that_keeps_its_socket_full_does_not_hold_up_the_others() {
     );
 }
 
+/// A `Call` of `method` of the test service (`echo`) with a 10 s deadline.
+fn echo_call(id: u64, method: &'static str) -> Envelope<'static> {
+    Envelope::Call {
+        id,
+        service: "echo",
+        method,
+        timeout_ms: Some(10_000),
+        flags: 0,
+    }
+}
+
 /// A payload nesting arrays 50,000 deep would overflow a recursive
 /// decoder's stack and abort the service (and with it every call it
 /// holds): the Rust services stop at 256 levels (`zrpc_proto::depth`) and
@@ -1140,13 +1151,7 @@ fn a_payload_nested_too_deeply_is_a_bad_payload_not_a_crash() {
     let mut r = Raw::hello(b.dir());
     let mut nested = vec![0x91u8; 50_000];
     nested.push(0xc0);
-    let call = |id| Envelope::Call {
-        id,
-        service: "echo",
-        method: "echo",
-        timeout_ms: Some(10_000),
-        flags: 0,
-    };
+    let call = |id| echo_call(id, "echo");
     r.send(&call(1), &nested);
     let (id, code, message) = next_result(&mut r);
     assert_eq!(id, 1);
@@ -1169,13 +1174,7 @@ fn levels_of_enum_variants_and_options_cannot_overflow_a_services_stack() {
     let _svc = b.spawn("zrpc-test-svc", &[]);
     wait_registered(b.dir(), "echo", 1);
     let mut r = Raw::hello(b.dir());
-    let call = |id, method| Envelope::Call {
-        id,
-        service: "echo",
-        method,
-        timeout_ms: Some(10_000),
-        flags: 0,
-    };
+    let call = echo_call;
     let mut negs = b"\x81\xa3Neg".repeat(100_000);
     negs.extend_from_slice(b"\x81\xa3Lit\x07");
     r.send(&call(1, "eval"), &negs);
