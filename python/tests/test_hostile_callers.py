@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import wait_registered
-from zrpc import _proto, errors
+from zrpc import _calls, _proto, errors
 from zrpc.client import Client
 
 # 1,000 nested one-element arrays: within msgpack's depth limit (1,024), past
@@ -141,12 +141,12 @@ def test_a_remote_error_value_is_decoded_only_when_read(monkeypatch):
         return real(data)
 
     monkeypatch.setattr(_proto, "unpack", counting)
-    table = _proto.CallTable()
+    table = _calls.CallTable()
     call = table.new("svc", "m", None, None, False, False, 1 << 20)
     env = [_proto.RESULT, call.cid, errors.REMOTE, "boom"]
     table.on_result(env, _proto.pack({"why": "x"}))
     with pytest.raises(errors.RemoteError) as e:
-        _proto.result_value(call)
+        _calls.result_value(call)
     assert decoded == [], "decoded before anyone read it"
     assert e.value.value == {"why": "x"}
     assert e.value.value == {"why": "x"}
@@ -155,5 +155,5 @@ def test_a_remote_error_value_is_decoded_only_when_read(monkeypatch):
     call = table.new("svc", "m", None, None, False, False, 1 << 20)
     table.on_result([_proto.RESULT, call.cid, errors.REMOTE, "boom"], b"\xa1\xff")
     with pytest.raises(errors.RemoteError) as e:
-        _proto.result_value(call)
+        _calls.result_value(call)
     assert e.value.value is None

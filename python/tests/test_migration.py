@@ -4,7 +4,6 @@ and ``python -m zrpc``."""
 
 import asyncio
 import re
-import subprocess
 import sys
 import textwrap
 import time

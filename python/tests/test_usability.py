@@ -8,12 +8,11 @@ import asyncio
 import os
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
 
-from conftest import wait_for, wait_registered
+from conftest import wait_registered
 from zrpc import aio, errors
 from zrpc.client import Client
 from zrpc.server import Server, rpc_method

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from . import _proto, errors
+from . import _calls, _proto, errors
 from .errors import RPCTimeoutError  # noqa: F401  (the original's import path)
 
 __all__ = ["Client", "RPCTimeoutError"]
@@ -64,7 +64,7 @@ class Client:
         self.instance = _proto.random_id()
         self.agent = agent
         self._lock = threading.Lock()
-        self._table = _proto.CallTable()
+        self._table = _calls.CallTable()
         self._backoff = _proto.Backoff()
         self._sock = None
         self._reader: Optional[_proto.FrameReader] = None
@@ -106,7 +106,7 @@ class Client:
             self._backoff.connection_ended(time.monotonic() - self._up_since)
             self._table.lost(self._gen, why)
 
-    def _reconnect(self, call: _proto.PendingCall) -> None:
+    def _reconnect(self, call: _calls.PendingCall) -> None:
         """One reconnect attempt, after the backoff delay (the call fails at its deadline meanwhile)."""
         retry_at = time.monotonic() + self._backoff.next_delay()
         while True:
@@ -213,16 +213,16 @@ class Client:
             finally:
                 if self._closed:  # by another thread while this call waited
                     self._shut()
-            return _proto.result_value(call)
+            return _calls.result_value(call)
 
-    def _wait(self, call: _proto.PendingCall) -> None:
+    def _wait(self, call: _calls.PendingCall) -> None:
         while not call.done:
             if self._closed:
                 self._table.finish(call, self._closed_error(call))
                 return
             now = time.monotonic()
             if call.deadline is not None and now >= call.deadline + _proto.SAFETY_MARGIN:
-                self._cancel(call, _proto.timeout_error(call, "no answer from zrpcd"))
+                self._cancel(call, _calls.timeout_error(call, "no answer from zrpcd"))
                 return
             if self._sock is None:
                 self._reconnect(call)
@@ -230,12 +230,12 @@ class Client:
             wait = None if call.deadline is None else call.deadline + _proto.SAFETY_MARGIN - now
             self._read(wait)
 
-    def _cancel(self, call: _proto.PendingCall, outcome: Any = None) -> None:
-        """Abandons ``call`` (see :meth:`zrpc._proto.CallTable.abandon`)."""
+    def _cancel(self, call: _calls.PendingCall, outcome: Any = None) -> None:
+        """Abandons ``call`` (see :meth:`zrpc._calls.CallTable.abandon`)."""
         self._table.abandon(call, self._gen, self._send if self._sock is not None else None, outcome)
 
     @staticmethod
-    def _closed_error(call: _proto.PendingCall) -> errors.DisconnectedError:
+    def _closed_error(call: _calls.PendingCall) -> errors.DisconnectedError:
         return errors.DisconnectedError("the client was closed while %s.%s waited for its answer"
                                         % (call.service, call.method), service=call.service, method=call.method)
 
