@@ -70,6 +70,15 @@ pub(super) fn default_client(
         Some(Target::RatioAtLeast(0.8)),
         false,
     )?;
+    // A few calls in flight from one process: where tokio's second worker
+    // costs most (docs/performance.md, "Fourteenth pass"); informational.
+    pair(
+        "default_conc_4",
+        "calls/s",
+        (1, 4, (c.conc / 2).max(1_000)),
+        None,
+        false,
+    )?;
     let (procs, inflight) = PROCS_16X4;
     pair(
         "default_procs_16x4",
