@@ -157,3 +157,80 @@ def test_a_remote_error_value_is_decoded_only_when_read(monkeypatch):
     with pytest.raises(errors.RemoteError) as e:
         _calls.result_value(call)
     assert e.value.value is None
+
+
+def nested_empty_maps(outer: int, inner: int) -> bytes:
+    """``outer`` arrays of ``inner`` empty maps each: a byte a value."""
+    one = b"\xdc" + inner.to_bytes(2, "big") + b"\x80" * inner
+    return b"\xdd" + outer.to_bytes(4, "big") + one * outer
+
+
+def test_a_payload_of_more_values_than_the_bound_is_refused(monkeypatch):
+    monkeypatch.setattr(_proto, "MAX_VALUES", 1000)
+    refused = [
+        [[]] * 2000,                              # one array past the bound (from its header)
+        {str(i): i for i in range(600)},          # one map past half of it
+        {i: i for i in range(600)},               # the same, through the second decode
+        [[0] * 400, [0] * 400, [0] * 400],        # small containers, too many values in all
+        {(i,): [0] * 300 for i in range(4)},      # array keys: the second decode counts too
+    ]
+    for value in refused:
+        data = _proto.pack(value)
+        assert len(data) > 1000
+        with pytest.raises(errors.DecodeError, match="more than 1000 values"):
+            _proto.unpack(data)
+    # At the bound, and large payloads of few values, decode.
+    assert _proto.unpack(_proto.pack([0] * 999)) == [0] * 999
+    assert len(_proto.unpack(_proto.pack({str(i): i for i in range(499)}))) == 499
+    assert _proto.unpack(_proto.pack(b"x" * 100_000)) == b"x" * 100_000
+    assert _proto.unpack(_proto.pack(["y" * 5000] * 10)) == ["y" * 5000] * 10
+    # No bound.
+    monkeypatch.setattr(_proto, "MAX_VALUES", 0)
+    assert len(_proto.unpack(_proto.pack([[]] * 2000))) == 2000
+
+
+def test_a_client_refuses_a_result_of_too_many_values(monkeypatch):
+    monkeypatch.setattr(_proto, "MAX_VALUES", 1000)
+    table = _calls.CallTable()
+    call = table.new("svc", "m", None, None, False, False, 1 << 20)
+    table.on_result([_proto.RESULT, call.cid, 0, ""], nested_empty_maps(10, 200))
+    with pytest.raises(errors.DecodeError, match="more than 1000 values"):
+        _calls.result_value(call)
+
+
+@pytest.mark.parametrize("env,expected", [(None, 1 << 20), ("5000", 5000), ("0", 0), ("many", 1 << 20)])
+def test_the_bound_on_values_comes_from_the_environment(env, expected):
+    import os
+    import subprocess
+    e = dict(os.environ)
+    e.pop("ZRPC_MAX_PAYLOAD_VALUES", None)
+    if env is not None:
+        e["ZRPC_MAX_PAYLOAD_VALUES"] = env
+    out = subprocess.run([sys.executable, "-c", "from zrpc import _proto; print(_proto.MAX_VALUES)"],
+                         env=e, capture_output=True, text=True, timeout=60, check=True)
+    assert int(out.stdout) == expected
+    if env == "many":
+        assert "ZRPC_MAX_PAYLOAD_VALUES='many' is not a number of values" in out.stderr
+
+
+def peak_rss_kib(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_a_service_refuses_an_argument_of_too_many_values(broker, procs, socket_dir, kind):
+    service = procs.spawn([sys.executable, "-c", SERVICES[kind]])
+    wait_registered(socket_dir, "victim")
+    # 8 MiB: 2,048 arrays of 4,095 empty maps, 8.4 million values. Decoded
+    # whole it takes about 600 MB (a process decoding it, peak RSS); refused
+    # past the bound (1,048,576 values), about 60 MB.
+    code, message, _ = raw_call(socket_dir, "victim", "echo", nested_empty_maps(2048, 4095), timeout_s=30)
+    assert code == errors.BAD_PAYLOAD, (code, message)
+    assert "more than 1048576 values" in message, message
+    assert peak_rss_kib(service.pid) < 250 * 1024, peak_rss_kib(service.pid)
+    assert Client().call("victim", "echo", "still here", timeout=10) == "still here"
+    assert service.poll() is None

@@ -9,6 +9,7 @@ sides share. Internal: the format is described in ``docs/protocol.md``.
 
 import contextlib
 import gc
+import logging
 import numbers
 import os
 import random
@@ -166,31 +167,129 @@ def _gc_paused(size: int):
         gc.enable()
 
 
+#: The environment variable that sets :data:`MAX_VALUES` (0: no bound).
+MAX_VALUES_ENV = "ZRPC_MAX_PAYLOAD_VALUES"
+
+#: The default of :data:`MAX_VALUES`.
+DEFAULT_MAX_VALUES = 1 << 20
+
+
+def _max_values_from_env() -> int:
+    value = os.environ.get(MAX_VALUES_ENV)
+    if value is None:
+        return DEFAULT_MAX_VALUES
+    try:
+        n = int(value.strip())
+    except ValueError:
+        n = -1
+    if n < 0:
+        logging.getLogger("zrpc").warning(
+            "%s=%r is not a number of values; using the default, %d",
+            MAX_VALUES_ENV, value, DEFAULT_MAX_VALUES)
+        return DEFAULT_MAX_VALUES
+    return n
+
+
+#: The most values one payload may decode into, counting the elements of
+#: every array and the keys and values of every map (0: no bound). Each
+#: decoded value is a Python object of up to ~70 bytes (an empty dict) for
+#: one byte on the wire: a caller's 16 MiB of empty maps took a service to
+#: 1.5 GB while its handler ran (red-team pass 8). Past the bound a service
+#: answers ``BadPayload`` and a client raises :class:`errors.DecodeError`.
+#: Payloads of at most this many bytes are not counted (each value takes at
+#: least a byte). From ``$ZRPC_MAX_PAYLOAD_VALUES`` when the module is
+#: imported, else 1,048,576.
+MAX_VALUES = _max_values_from_env()
+
+
+class _ValueCount:
+    """msgpack hooks that count the values decoded and stop past a bound."""
+
+    __slots__ = ("left", "bound")
+
+    def __init__(self, bound: int):
+        self.left = bound
+        self.bound = bound
+
+    def _take(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise self.too_many()
+
+    def too_many(self) -> errors.DecodeError:
+        return errors.DecodeError(
+            "the payload holds more than %d values (a bound on what one payload may "
+            "allocate; $%s raises it, docs/security.md)" % (self.bound, MAX_VALUES_ENV))
+
+    # Each container counts itself and what it holds (its hook runs once it
+    # is complete; a single container longer than the bound is refused from
+    # its header, see `unpack`).
+
+    def array(self, items: list) -> list:
+        self._take(1 + len(items))
+        return items
+
+    def map(self, m: dict) -> dict:
+        self._take(1 + 2 * len(m))
+        return m
+
+    def pairs(self, pairs: list) -> dict:
+        self._take(1 + 2 * len(pairs))
+        return _map_of_pairs(pairs)
+
+    def limits(self) -> dict:
+        """msgpack's own bounds on one container's length, checked from its
+        header before anything is made: no array or map longer than the bound."""
+        return {"max_array_len": self.bound, "max_map_len": self.bound // 2}
+
+
+def _unpackb(data: bytes, count: Optional[_ValueCount], strict: bool) -> Any:
+    """One decode: map keys str and bytes only (``strict``), or any, with the
+    maps built from their pairs; with ``count``'s hooks and bounds, if any."""
+    kw: Dict[str, Any] = {"raw": False, "use_list": True, "strict_map_key": strict}
+    if not strict:
+        kw["object_pairs_hook"] = count.pairs if count else _map_of_pairs
+    elif count:
+        kw["object_hook"] = count.map
+    if count:
+        # msgpack checks these from a container's header, before making it.
+        kw.update(list_hook=count.array, max_array_len=count.bound, max_map_len=count.bound // 2)
+    try:
+        return msgpack.unpackb(data, **kw)
+    except ValueError as e:
+        if count and ("max_array_len" in str(e) or "max_map_len" in str(e)):
+            raise count.too_many() from None
+        raise
+
+
 def unpack(data: bytes) -> Any:
     """Decodes a payload: exactly one MessagePack value; empty means nil.
 
     Arrays decode as lists, except map keys that are arrays: those decode as
     tuples (nested arrays in them too), since dict keys must be hashable. A
     map key that is (or holds) a map has no such form: :class:`errors.DecodeError`.
+    So has a payload of more than :data:`MAX_VALUES` values.
     Raises ``ValueError`` (or a subclass) when ``data`` is not exactly one value.
     """
     if not data:
         return None
+    bound = MAX_VALUES
+    # Each value takes at least a byte: a payload this short cannot exceed it.
+    counted = bool(bound) and len(data) > bound
     try:
         with _gc_paused(len(data)):
             try:
                 # Maps keyed by str and bytes only: their hashes are seeded.
-                return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+                return _unpackb(data, _ValueCount(bound) if counted else None, strict=True)
             except ValueError as e:
                 if "strict_map_key" not in str(e):
                     # Not a map key (bad UTF-8, bytes after the value, a value
-                    # cut short, too deep): decoding again would fail the same
-                    # way, at the same cost.
+                    # cut short, too deep, too many values): decoding again
+                    # would fail the same way, at the same cost.
                     raise
                 # Other map keys (ints, arrays...): decode again, building maps
                 # from their pairs, with keys checked for crafted hashes.
-                return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
-                                       object_pairs_hook=_map_of_pairs)
+                return _unpackb(data, _ValueCount(bound) if counted else None, strict=False)
     except (msgpack.StackError, RecursionError):
         # msgpack's own bound (1,024 levels; its error has no message), or
         # Python's on array map keys made hashable (the Rust libraries stop
