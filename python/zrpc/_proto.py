@@ -202,63 +202,55 @@ def _max_values_from_env() -> int:
 MAX_VALUES = _max_values_from_env()
 
 
-class _ValueCount:
-    """msgpack hooks that count the values decoded and stop past a bound."""
+def _too_many(bound: int) -> errors.DecodeError:
+    return errors.DecodeError(
+        "the payload holds more than %d values (a bound on what one payload may "
+        "allocate; $%s raises it, docs/security.md)" % (bound, MAX_VALUES_ENV))
 
-    __slots__ = ("left", "bound")
 
-    def __init__(self, bound: int):
-        self.left = bound
-        self.bound = bound
+def _unpackb(data: bytes, bound: int, strict: bool) -> Any:
+    """One decode: map keys str and bytes only (``strict``), or any, with the
+    maps built from their pairs; at most ``bound`` values (0: no bound).
 
-    def _take(self, n: int) -> None:
-        self.left -= n
-        if self.left < 0:
-            raise self.too_many()
+    The bound: no array longer than it and no map longer than half of it is
+    made (msgpack checks a container's header before making it), and hooks
+    count each smaller container and what it holds as it completes. The
+    hooks cost: a 1 MiB payload of 150,000 small maps decodes in 57 ms
+    instead of 37 ms. Payloads no longer than ``bound`` in bytes are not
+    counted (a value takes a byte at least).
+    """
+    kw: Dict[str, Any] = {"raw": False, "use_list": True, "strict_map_key": strict}
+    if not bound or len(data) <= bound:
+        if not strict:
+            kw["object_pairs_hook"] = _map_of_pairs
+        return msgpack.unpackb(data, **kw)
+    left = [bound]
 
-    def too_many(self) -> errors.DecodeError:
-        return errors.DecodeError(
-            "the payload holds more than %d values (a bound on what one payload may "
-            "allocate; $%s raises it, docs/security.md)" % (self.bound, MAX_VALUES_ENV))
-
-    # Each container counts itself and what it holds (its hook runs once it
-    # is complete; a single container longer than the bound is refused from
-    # its header, see `unpack`).
-
-    def array(self, items: list) -> list:
-        self._take(1 + len(items))
+    def array(items: list, len=len) -> list:
+        left[0] -= 1 + len(items)
+        if left[0] < 0:
+            raise _too_many(bound)
         return items
 
-    def map(self, m: dict) -> dict:
-        self._take(1 + 2 * len(m))
+    def map_(m: Any, len=len) -> Any:
+        left[0] -= 1 + 2 * len(m)
+        if left[0] < 0:
+            raise _too_many(bound)
         return m
 
-    def pairs(self, pairs: list) -> dict:
-        self._take(1 + 2 * len(pairs))
-        return _map_of_pairs(pairs)
+    def pairs(p: list) -> dict:
+        return _map_of_pairs(map_(p))
 
-    def limits(self) -> dict:
-        """msgpack's own bounds on one container's length, checked from its
-        header before anything is made: no array or map longer than the bound."""
-        return {"max_array_len": self.bound, "max_map_len": self.bound // 2}
-
-
-def _unpackb(data: bytes, count: Optional[_ValueCount], strict: bool) -> Any:
-    """One decode: map keys str and bytes only (``strict``), or any, with the
-    maps built from their pairs; with ``count``'s hooks and bounds, if any."""
-    kw: Dict[str, Any] = {"raw": False, "use_list": True, "strict_map_key": strict}
-    if not strict:
-        kw["object_pairs_hook"] = count.pairs if count else _map_of_pairs
-    elif count:
-        kw["object_hook"] = count.map
-    if count:
-        # msgpack checks these from a container's header, before making it.
-        kw.update(list_hook=count.array, max_array_len=count.bound, max_map_len=count.bound // 2)
+    kw.update(list_hook=array, max_array_len=bound, max_map_len=bound // 2)
+    if strict:
+        kw["object_hook"] = map_
+    else:
+        kw["object_pairs_hook"] = pairs
     try:
         return msgpack.unpackb(data, **kw)
     except ValueError as e:
-        if count and ("max_array_len" in str(e) or "max_map_len" in str(e)):
-            raise count.too_many() from None
+        if "max_array_len" in str(e) or "max_map_len" in str(e):
+            raise _too_many(bound) from None
         raise
 
 
@@ -273,14 +265,11 @@ def unpack(data: bytes) -> Any:
     """
     if not data:
         return None
-    bound = MAX_VALUES
-    # Each value takes at least a byte: a payload this short cannot exceed it.
-    counted = bool(bound) and len(data) > bound
     try:
         with _gc_paused(len(data)):
             try:
                 # Maps keyed by str and bytes only: their hashes are seeded.
-                return _unpackb(data, _ValueCount(bound) if counted else None, strict=True)
+                return _unpackb(data, MAX_VALUES, strict=True)
             except ValueError as e:
                 if "strict_map_key" not in str(e):
                     # Not a map key (bad UTF-8, bytes after the value, a value
@@ -289,7 +278,7 @@ def unpack(data: bytes) -> Any:
                     raise
                 # Other map keys (ints, arrays...): decode again, building maps
                 # from their pairs, with keys checked for crafted hashes.
-                return _unpackb(data, _ValueCount(bound) if counted else None, strict=False)
+                return _unpackb(data, MAX_VALUES, strict=False)
     except (msgpack.StackError, RecursionError):
         # msgpack's own bound (1,024 levels; its error has no message), or
         # Python's on array map keys made hashable (the Rust libraries stop
