@@ -1194,6 +1194,39 @@ fn levels_of_enum_variants_and_options_cannot_overflow_a_services_stack() {
     assert_eq!((id, code), (4, None), "{message}");
 }
 
+/// Each decoded value can take tens of bytes for one byte on the wire: 8
+/// MiB of nils in 2,048 arrays, decoded into `rmpv::Value`s, took a
+/// service to 350 MB (16 MiB: twice that). The Rust libraries decode at most
+/// `zrpc_proto::depth::max_values()` values a payload (4,194,304 by
+/// default) and answer `BadPayload` naming the bound. (The Python library:
+/// `python/tests/test_hostile_callers.py`
+/// `test_a_service_refuses_an_argument_of_too_many_values`.)
+#[test]
+fn a_payload_of_more_values_than_the_bound_is_a_bad_payload() {
+    let b = Broker::start_with(&[]);
+    let svc = b.spawn("zrpc-test-svc", &[]);
+    wait_registered(b.dir(), "echo", 1);
+    let mut r = Raw::hello(b.dir());
+    // 2,048 arrays of 4,095 nils: 8,388,609 values in 8 MiB.
+    let mut one = vec![0xdc, 0x0f, 0xff];
+    one.resize(3 + 4095, 0xc0);
+    let mut many = vec![0xdd, 0x00, 0x00, 0x08, 0x00];
+    for _ in 0..2048 {
+        many.extend_from_slice(&one);
+    }
+    r.send(&echo_call(1, "echo"), &many);
+    let (id, code, message) = next_result(&mut r);
+    assert_eq!((id, code), (1, Some(ErrorCode::BadPayload)), "{message}");
+    assert!(message.contains("more than 4194304 values"), "{message}");
+    // Measured (debug build): 178 MB at the bound, 350 MB decoding it all.
+    let peak = svc.peak_rss_kib();
+    assert!(peak < 260 * 1024, "the service's peak RSS: {peak} KiB");
+    // The service is still there.
+    r.send(&echo_call(2, "echo"), b"\x91\x01");
+    let (id, code, message) = next_result(&mut r);
+    assert_eq!((id, code), (2, None), "{message}");
+}
+
 /// The client side of the above: another user's service (names are first
 /// come) answering a typed client with 100,000 levels of enum variants, as
 /// a result or as a `Remote` error's value, aborted the client with a stack

@@ -16,6 +16,13 @@
 //! nested value. Past [`MAX_DEPTH`] the decode fails with an error instead
 //! of recursing further. The wrappers only forward (borrowed strings and
 //! bytes stay borrowed, `is_human_readable` is the inner one's).
+//!
+//! The same wrappers count the values decoded (every `deserialize_*` call
+//! but those of options, newtypes and field names, which make nothing of
+//! their own) and stop past [`max_values`]: each value can become tens of
+//! bytes of memory for one byte on the wire (an `rmpv::Value`, an empty
+//! `String` or `Vec`), so 16 MiB of nils decoded into `Vec<rmpv::Value>`
+//! would take hundreds of megabytes.
 
 use std::cell::Cell;
 use std::fmt;
@@ -34,19 +41,85 @@ pub const MAX_DEPTH: usize = 256;
 pub const TOO_DEEP: &str =
     "depth limit exceeded: the value nests arrays, maps, enum variants, options or newtypes more than 256 levels deep";
 
-/// The levels entered and not yet left, shared by the wrappers of one
-/// decode.
-#[derive(Debug, Default)]
-pub struct Levels(Cell<usize>);
+/// The environment variable that sets [`max_values`] (`0`: no bound).
+pub const MAX_VALUES_ENV: &str = "ZRPC_MAX_PAYLOAD_VALUES";
+
+/// The default of [`max_values`]: 4,194,304. A payload within the default
+/// message size (16 MiB) whose values take 4 bytes or more on average
+/// never reaches it; one of more, smaller values is mostly bytes sent as
+/// an array of integers (send those as `Blob` or `serde_bytes`: one value)
+/// or a payload made to take memory.
+pub const DEFAULT_MAX_VALUES: usize = 4 << 20;
+
+/// The most values one payload decodes into in the Rust libraries (0: no
+/// bound): `$ZRPC_MAX_PAYLOAD_VALUES`, read once, else
+/// [`DEFAULT_MAX_VALUES`]. A value that is not a number is logged (a
+/// warning) and the default used.
+pub fn max_values() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| match std::env::var(MAX_VALUES_ENV) {
+        Err(_) => DEFAULT_MAX_VALUES,
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(
+                value = %v,
+                default = DEFAULT_MAX_VALUES,
+                "{MAX_VALUES_ENV} is not a number of values; using the default"
+            );
+            DEFAULT_MAX_VALUES
+        }),
+    })
+}
+
+/// The message of the error a decode of too many values fails with.
+pub fn too_many_values(max: usize) -> String {
+    format!(
+        "the payload holds more than {max} values (a bound on what one payload may allocate; \
+         ${MAX_VALUES_ENV} raises it; send bytes as Blob or serde_bytes, one value)"
+    )
+}
+
+/// The levels entered and not yet left, and the values decoded, shared by
+/// the wrappers of one decode.
+#[derive(Debug)]
+pub struct Levels {
+    depth: Cell<usize>,
+    values: Cell<usize>,
+    max_values: usize,
+}
+
+impl Default for Levels {
+    /// Counting against [`MAX_DEPTH`] and [`max_values`].
+    fn default() -> Self {
+        Levels::with_max_values(max_values())
+    }
+}
 
 impl Levels {
-    /// Enters one level; fails past [`MAX_DEPTH`].
-    fn enter<E: de::Error>(&self) -> Result<Leave<'_>, E> {
-        let n = self.0.get();
+    /// Counting against [`MAX_DEPTH`] and at most `max_values` values (0:
+    /// no bound).
+    pub fn with_max_values(max_values: usize) -> Self {
+        Levels {
+            depth: Cell::new(0),
+            values: Cell::new(0),
+            max_values,
+        }
+    }
+
+    /// Enters one level, a value of its own if `value`; fails past
+    /// [`MAX_DEPTH`] or past the bound on values.
+    fn enter<E: de::Error>(&self, value: bool) -> Result<Leave<'_>, E> {
+        let n = self.depth.get();
         if n >= MAX_DEPTH {
             return Err(E::custom(TOO_DEEP));
         }
-        self.0.set(n + 1);
+        if value {
+            let v = self.values.get() + 1;
+            if v > self.max_values && self.max_values != 0 {
+                return Err(E::custom(too_many_values(self.max_values)));
+            }
+            self.values.set(v);
+        }
+        self.depth.set(n + 1);
         Ok(Leave(self))
     }
 }
@@ -56,7 +129,7 @@ struct Leave<'a>(&'a Levels);
 
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
-        self.0 .0.set(self.0 .0.get().saturating_sub(1));
+        self.0.depth.set(self.0.depth.get().saturating_sub(1));
     }
 }
 
@@ -86,12 +159,12 @@ impl<'l, T> Wrap<'l, T> {
     }
 }
 
-/// One `deserialize_*` method: enter a level, forward with the visitor
-/// wrapped.
+/// One `deserialize_*` method: enter a level (a value of its own if
+/// `$value`), forward with the visitor wrapped.
 macro_rules! forward {
-    ($($name:ident($($arg:ident: $ty:ty),*);)*) => {$(
+    ($value:literal: $($name:ident($($arg:ident: $ty:ty),*);)*) => {$(
         fn $name<V: Visitor<'de>>(self, $($arg: $ty,)* visitor: V) -> Result<V::Value, D::Error> {
-            let _leave = self.levels.enter::<D::Error>()?;
+            let _leave = self.levels.enter::<D::Error>($value)?;
             self.inner.$name($($arg,)* Wrap::new(visitor, self.levels))
         }
     )*};
@@ -100,7 +173,7 @@ macro_rules! forward {
 impl<'de, D: Deserializer<'de>> Deserializer<'de> for Limited<'_, D> {
     type Error = D::Error;
 
-    forward! {
+    forward! { true:
         deserialize_any();
         deserialize_bool();
         deserialize_i8();
@@ -120,18 +193,23 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Limited<'_, D> {
         deserialize_string();
         deserialize_bytes();
         deserialize_byte_buf();
-        deserialize_option();
         deserialize_unit();
         deserialize_unit_struct(name: &'static str);
-        deserialize_newtype_struct(name: &'static str);
         deserialize_seq();
         deserialize_tuple(len: usize);
         deserialize_tuple_struct(name: &'static str, len: usize);
         deserialize_map();
         deserialize_struct(name: &'static str, fields: &'static [&'static str]);
         deserialize_enum(name: &'static str, variants: &'static [&'static str]);
-        deserialize_identifier();
         deserialize_ignored_any();
+    }
+
+    // Levels that make nothing of their own: an option's, a newtype's
+    // (their value counts), a field name's.
+    forward! { false:
+        deserialize_option();
+        deserialize_newtype_struct(name: &'static str);
+        deserialize_identifier();
     }
 
     fn is_human_readable(&self) -> bool {
@@ -273,13 +351,13 @@ impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Wrap<'_, A> {
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
         // A level of its own: the variant's value may not go through a
         // `deserialize_*` of ours (rmp-serde decodes it in place).
-        let _leave = self.levels.enter::<A::Error>()?;
+        let _leave = self.levels.enter::<A::Error>(true)?;
         self.inner
             .newtype_variant_seed(Wrap::new(seed, self.levels))
     }
 
     fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, A::Error> {
-        let _leave = self.levels.enter::<A::Error>()?;
+        let _leave = self.levels.enter::<A::Error>(true)?;
         self.inner
             .tuple_variant(len, Wrap::new(visitor, self.levels))
     }
@@ -289,7 +367,7 @@ impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Wrap<'_, A> {
         fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, A::Error> {
-        let _leave = self.levels.enter::<A::Error>()?;
+        let _leave = self.levels.enter::<A::Error>(true)?;
         self.inner
             .struct_variant(fields, Wrap::new(visitor, self.levels))
     }
@@ -377,6 +455,94 @@ mod tests {
                 .to_string()
         });
         assert!(err.contains(TOO_DEEP), "{err}");
+    }
+
+    /// `decode_payload`'s decode, with `max` values at most.
+    fn decode_with<T: serde::de::DeserializeOwned>(
+        max: usize,
+        bytes: &[u8],
+    ) -> Result<T, rmp_serde::decode::Error> {
+        let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+        T::deserialize(Limited::new(&mut de, &Levels::with_max_values(max)))
+    }
+
+    /// An array of `n` nils.
+    fn nils(n: usize) -> Vec<u8> {
+        let mut v = vec![0xdd];
+        v.extend_from_slice(&u32::try_from(n).expect("n").to_be_bytes());
+        v.resize(v.len() + n, 0xc0);
+        v
+    }
+
+    #[test]
+    fn values_past_the_bound_are_refused() {
+        // The array and 999 nils are 1,000 values; one more is too many.
+        let ok = decode_with::<Vec<rmpv::Value>>(1000, &nils(999)).expect("at the bound");
+        assert_eq!(ok.len(), 999);
+        let err = decode_with::<Vec<rmpv::Value>>(1000, &nils(1000))
+            .expect_err("past the bound")
+            .to_string();
+        assert!(err.contains(&too_many_values(1000)), "{err}");
+        assert!(err.contains("more than 1000 values"), "{err}");
+        // The same bytes as one `bin` are one value.
+        let mut bin = vec![0xc5, 0x13, 0x88];
+        bin.resize(3 + 5000, 7);
+        let b: rmpv::Value = decode_with(1000, &bin).expect("one value");
+        assert_eq!(b.as_slice().map(<[u8]>::len), Some(5000));
+        // Nested: counted across the arrays, not per array.
+        let mut nested = vec![0x93];
+        for _ in 0..3 {
+            nested.extend_from_slice(&nils(400));
+        }
+        assert!(decode_with::<Vec<Vec<()>>>(1000, &nested).is_err());
+        assert_eq!(
+            decode_with::<Vec<Vec<()>>>(2000, &nested)
+                .expect("under a higher bound")
+                .len(),
+            3
+        );
+        // 0: no bound.
+        assert_eq!(
+            decode_with::<Vec<()>>(0, &nils(5000))
+                .expect("no bound")
+                .len(),
+            5000
+        );
+    }
+
+    #[test]
+    fn options_newtypes_and_field_names_make_no_value_of_their_own() {
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct Rec {
+            a: Option<u32>,
+            b: Id,
+        }
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct Id(u32);
+        // A struct and its two field values: 3 values a record, whatever
+        // the options, newtypes and names around them.
+        let recs: Vec<std::collections::BTreeMap<&str, u32>> = (0..100)
+            .map(|i| [("a", i), ("b", i)].into_iter().collect())
+            .collect();
+        let bytes = rmp_serde::to_vec_named(&recs).expect("encode");
+        assert_eq!(
+            decode_with::<Vec<Rec>>(301, &bytes)
+                .expect("1 + 100 x 3 values")
+                .len(),
+            100
+        );
+        assert!(decode_with::<Vec<Rec>>(300, &bytes).is_err());
+    }
+
+    #[test]
+    fn the_default_bound_is_the_documented_one() {
+        if std::env::var_os(MAX_VALUES_ENV).is_none() {
+            assert_eq!(max_values(), DEFAULT_MAX_VALUES);
+        }
+        assert_eq!(DEFAULT_MAX_VALUES, 4_194_304);
+        assert!(too_many_values(7).contains(MAX_VALUES_ENV));
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub const MAX_TIMEOUT_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Decodes one MessagePack value that must fill `payload` exactly; an empty
 /// payload decodes as nil. Bytes left after the value are an error (a
 /// payload is one value, see `docs/protocol.md`), so that `\x01\x02` is not
-/// silently read as `1`.
+/// silently read as `1`. So are a value nested more than
+/// [`MAX_DEPTH`](crate::depth::MAX_DEPTH) levels and a payload of more than
+/// [`max_values`](crate::depth::max_values) values.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, rmp_serde::decode::Error> {
     let bytes = if payload.is_empty() {
         crate::NIL_PAYLOAD
