@@ -169,9 +169,10 @@ def test_a_payload_of_more_values_than_the_bound_is_refused(monkeypatch):
     monkeypatch.setattr(_proto, "MAX_VALUES", 1000)
     refused = [
         [[]] * 2000,                              # one array past the bound (from its header)
-        {str(i): i for i in range(600)},          # one map past half of it
-        {i: i for i in range(600)},               # the same, through the second decode
+        {str(i): i for i in range(1001)},         # one map past it
+        {i: i for i in range(1001)},              # the same, through the second decode
         [[0] * 400, [0] * 400, [0] * 400],        # small containers, too many values in all
+        [{str(i): i for i in range(400)}] * 3,    # maps: their values count
         {(i,): [0] * 300 for i in range(4)},      # array keys: the second decode counts too
     ]
     for value in refused:
@@ -181,7 +182,9 @@ def test_a_payload_of_more_values_than_the_bound_is_refused(monkeypatch):
             _proto.unpack(data)
     # At the bound, and large payloads of few values, decode.
     assert _proto.unpack(_proto.pack([0] * 999)) == [0] * 999
-    assert len(_proto.unpack(_proto.pack({str(i): i for i in range(499)}))) == 499
+    assert len(_proto.unpack(_proto.pack({str(i): i for i in range(999)}))) == 999
+    # Records: each map and its values count, its keys do not (333 x 3).
+    assert len(_proto.unpack(_proto.pack([{"a": i, "b": i} for i in range(333)]))) == 333
     assert _proto.unpack(_proto.pack(b"x" * 100_000)) == b"x" * 100_000
     assert _proto.unpack(_proto.pack(["y" * 5000] * 10)) == ["y" * 5000] * 10
     # No bound.
@@ -198,7 +201,7 @@ def test_a_client_refuses_a_result_of_too_many_values(monkeypatch):
         _calls.result_value(call)
 
 
-@pytest.mark.parametrize("env,expected", [(None, 1 << 20), ("5000", 5000), ("0", 0), ("many", 1 << 20)])
+@pytest.mark.parametrize("env,expected", [(None, 4 << 20), ("5000", 5000), ("0", 0), ("many", 4 << 20)])
 def test_the_bound_on_values_comes_from_the_environment(env, expected):
     import os
     import subprocess
@@ -225,12 +228,12 @@ def peak_rss_kib(pid: int) -> int:
 def test_a_service_refuses_an_argument_of_too_many_values(broker, procs, socket_dir, kind):
     service = procs.spawn([sys.executable, "-c", SERVICES[kind]])
     wait_registered(socket_dir, "victim")
-    # 8 MiB: 2,048 arrays of 4,095 empty maps, 8.4 million values. Decoded
-    # whole it takes about 600 MB (a process decoding it, peak RSS); refused
-    # past the bound (1,048,576 values), about 60 MB.
-    code, message, _ = raw_call(socket_dir, "victim", "echo", nested_empty_maps(2048, 4095), timeout_s=30)
+    # 15 MiB: 3,840 arrays of 4,095 empty maps, 15.7 million values. Decoded
+    # whole it takes 1.1 GB (a process decoding it, peak RSS); refused past
+    # the bound (4,194,304 values), 172 MB.
+    code, message, _ = raw_call(socket_dir, "victim", "echo", nested_empty_maps(3840, 4095), timeout_s=30)
     assert code == errors.BAD_PAYLOAD, (code, message)
-    assert "more than 1048576 values" in message, message
-    assert peak_rss_kib(service.pid) < 250 * 1024, peak_rss_kib(service.pid)
+    assert "more than 4194304 values" in message, message
+    assert peak_rss_kib(service.pid) < 400 * 1024, peak_rss_kib(service.pid)
     assert Client().call("victim", "echo", "still here", timeout=10) == "still here"
     assert service.poll() is None

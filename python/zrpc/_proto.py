@@ -170,8 +170,8 @@ def _gc_paused(size: int):
 #: The environment variable that sets :data:`MAX_VALUES` (0: no bound).
 MAX_VALUES_ENV = "ZRPC_MAX_PAYLOAD_VALUES"
 
-#: The default of :data:`MAX_VALUES`.
-DEFAULT_MAX_VALUES = 1 << 20
+#: The default of :data:`MAX_VALUES` (the Rust libraries' too).
+DEFAULT_MAX_VALUES = 4 << 20
 
 
 def _max_values_from_env() -> int:
@@ -191,30 +191,36 @@ def _max_values_from_env() -> int:
 
 
 #: The most values one payload may decode into, counting the elements of
-#: every array and the keys and values of every map (0: no bound). Each
-#: decoded value is a Python object of up to ~70 bytes (an empty dict) for
-#: one byte on the wire: a caller's 16 MiB of empty maps took a service to
-#: 1.5 GB while its handler ran (red-team pass 8). Past the bound a service
-#: answers ``BadPayload`` and a client raises :class:`errors.DecodeError`.
-#: Payloads of at most this many bytes are not counted (each value takes at
-#: least a byte). From ``$ZRPC_MAX_PAYLOAD_VALUES`` when the module is
-#: imported, else 1,048,576.
+#: every array and the values of every map, once each (map keys are not
+#: counted: msgpack interns str keys, and field names are not counted in
+#: Rust either) (0: no bound). Each decoded value is a Python object of
+#: up to ~70 bytes (an empty dict) for one byte on the wire: a caller's 16
+#: MiB of empty maps took a service to 1.5 GB while its handler ran
+#: (red-team pass 8). Past the bound a service answers ``BadPayload`` and a
+#: client raises :class:`errors.DecodeError`. Payloads of at most this many
+#: bytes are not counted (each value takes at least a byte). What it does
+#: not bound: see docs/security.md (values of an array are counted when the
+#: array completes, so arrays nested in the last element of others hold up
+#: to about 40 bytes per payload byte before the count sees them). From
+#: ``$ZRPC_MAX_PAYLOAD_VALUES`` when the module is imported, else
+#: 4,194,304.
 MAX_VALUES = _max_values_from_env()
 
 
 def _too_many(bound: int) -> errors.DecodeError:
     return errors.DecodeError(
-        "the payload holds more than %d values (a bound on what one payload may "
-        "allocate; $%s raises it, docs/security.md)" % (bound, MAX_VALUES_ENV))
+        "the payload holds more than %d values (a bound on what one payload may allocate, "
+        "set by $%s where the payload is decoded; send bytes as bin, one value; "
+        "docs/security.md)" % (bound, MAX_VALUES_ENV))
 
 
 def _unpackb(data: bytes, bound: int, strict: bool) -> Any:
     """One decode: map keys str and bytes only (``strict``), or any, with the
     maps built from their pairs; at most ``bound`` values (0: no bound).
 
-    The bound: no array longer than it and no map longer than half of it is
-    made (msgpack checks a container's header before making it), and hooks
-    count each smaller container and what it holds as it completes. The
+    The bound: no array or map longer than it is made (msgpack checks a
+    container's header before making it), and hooks count each smaller
+    container's elements (an array's, a map's values) as it completes. The
     hooks cost: a 1 MiB payload of 150,000 small maps decodes in 57 ms
     instead of 37 ms. Payloads no longer than ``bound`` in bytes are not
     counted (a value takes a byte at least).
@@ -227,13 +233,13 @@ def _unpackb(data: bytes, bound: int, strict: bool) -> Any:
     left = [bound]
 
     def array(items: list, len=len) -> list:
-        left[0] -= 1 + len(items)
+        left[0] -= len(items)
         if left[0] < 0:
             raise _too_many(bound)
         return items
 
     def map_(m: Any, len=len) -> Any:
-        left[0] -= 1 + 2 * len(m)
+        left[0] -= len(m)
         if left[0] < 0:
             raise _too_many(bound)
         return m
@@ -241,7 +247,7 @@ def _unpackb(data: bytes, bound: int, strict: bool) -> Any:
     def pairs(p: list) -> dict:
         return _map_of_pairs(map_(p))
 
-    kw.update(list_hook=array, max_array_len=bound, max_map_len=bound // 2)
+    kw.update(list_hook=array, max_array_len=bound, max_map_len=bound)
     if strict:
         kw["object_hook"] = map_
     else:

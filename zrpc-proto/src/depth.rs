@@ -73,8 +73,9 @@ pub fn max_values() -> usize {
 /// The message of the error a decode of too many values fails with.
 pub fn too_many_values(max: usize) -> String {
     format!(
-        "the payload holds more than {max} values (a bound on what one payload may allocate; \
-         ${MAX_VALUES_ENV} raises it; send bytes as Blob or serde_bytes, one value)"
+        "the payload holds more than {max} values (a bound on what one payload may allocate, \
+         set by ${MAX_VALUES_ENV} where the payload is decoded; send bytes as Blob or \
+         serde_bytes, one value)"
     )
 }
 
