@@ -85,6 +85,7 @@ pub fn too_many_values(max: usize) -> String {
 pub struct Levels {
     depth: Cell<usize>,
     values: Cell<usize>,
+    /// `usize::MAX` for no bound.
     max_values: usize,
 }
 
@@ -102,7 +103,11 @@ impl Levels {
         Levels {
             depth: Cell::new(0),
             values: Cell::new(0),
-            max_values,
+            max_values: if max_values == 0 {
+                usize::MAX
+            } else {
+                max_values
+            },
         }
     }
 
@@ -115,7 +120,7 @@ impl Levels {
         }
         if value {
             let v = self.values.get() + 1;
-            if v > self.max_values && self.max_values != 0 {
+            if v > self.max_values {
                 return Err(E::custom(too_many_values(self.max_values)));
             }
             self.values.set(v);
