@@ -7,7 +7,9 @@
 #   env B      directory of zrpcd and zrpc-bench (default: target/release)
 #   env NCL    client processes (default 16), INFL calls in flight each
 #              (default 16), FLAV the zrpc client flavour (default current;
-#              multi is the README's #[tokio::main] client)
+#              multi is the README's #[tokio::main] client; for the relay,
+#              tokio-multi or tokio-current run the tokio floor client,
+#              bench/src/raw_tokio.rs, instead of the blocking raw client)
 #   env CENV   environment for the clients, e.g. CENV=ZRPC_BUSY_POLL_US=0
 #   env ZNICE  a nice value for the broker (or the relay), e.g. ZNICE=-5
 set -u
@@ -24,7 +26,10 @@ else
   "$B/zrpc-bench" relay --path "$D/relay.sock" < /dev/null > /dev/null & ZP=$!
   for _ in $(seq 500); do [ -S "$D/relay.sock" ] && break; sleep 0.01; done
   "$B/zrpc-bench" raw-server --path "$D/relay.sock" < /dev/null > /dev/null & SP=$!
-  CL="$B/zrpc-bench raw-client --path $D/relay.sock --inflight ${INFL:-16} --warmup 100 --calls $2 --size 64"
+  case "${FLAV:-}" in
+    tokio-*) CL="$B/zrpc-bench raw-tokio-client --flavour ${FLAV#tokio-} --path $D/relay.sock --inflight ${INFL:-16} --warmup 100 --calls $2 --size 64" ;;
+    *) CL="$B/zrpc-bench raw-client --path $D/relay.sock --inflight ${INFL:-16} --warmup 100 --calls $2 --size 64" ;;
+  esac
 fi
 sleep 0.5
 [ -n "${ZNICE:-}" ] && renice -n "$ZNICE" -p "$ZP" > /dev/null

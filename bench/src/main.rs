@@ -8,7 +8,7 @@
 //!
 //! The binary plays every role: without a subcommand it orchestrates; the
 //! hidden subcommands (`service`, `client`, `relay`, `raw-server`,
-//! `raw-client`, `idle`, `namer`, `sink`, `caller`) are the processes it
+//! `raw-client`, `raw-tokio-client`, `idle`, `namer`, `sink`, `caller`) are the processes it
 //! starts by re-executing itself. See `docs/performance.md`.
 
 #![warn(missing_docs)]
@@ -16,6 +16,7 @@
 mod guard;
 mod orchestrate;
 mod raw;
+mod raw_tokio;
 mod roles;
 mod util;
 
@@ -126,6 +127,14 @@ fn main() {
         "raw-server" => raw::server(&PathBuf::from(a.need("path"))),
         "raw-client" => raw::client(
             &PathBuf::from(a.need("path")),
+            a.get("inflight", 1),
+            a.get("warmup", 0),
+            a.get("calls", 1000),
+            a.get("size", 64),
+        ),
+        "raw-tokio-client" => raw_tokio::client(
+            &PathBuf::from(a.need("path")),
+            a.str("flavour") != Some("current"),
             a.get("inflight", 1),
             a.get("warmup", 0),
             a.get("calls", 1000),

@@ -38,63 +38,103 @@ pub(super) fn default_client(
             .map(|_| raw_client(relay_path, inflight, warm, per, SMALL))
             .collect::<Vec<_>>()
     };
-    let mut pair = |scenario: &'static str,
-                    metric: &'static str,
-                    (procs, inflight, calls): (usize, usize, usize),
-                    target: Option<Target>,
-                    latency: bool|
+    let floor = |procs: usize, inflight: usize, calls: usize| {
+        let warm = (c.seq_warmup / procs).max(50);
+        let per = (calls / procs).max(100);
+        (0..procs)
+            .map(|_| raw_tokio_client(relay_path, inflight, warm, per, SMALL))
+            .collect::<Vec<_>>()
+    };
+    // One `default_*` row: zrpc's README client and the relay's blocking
+    // client under the same load; with `floor_metric`, also the tokio floor
+    // (two more rows, `floor_rows`).
+    let pair = |rows: &mut Vec<Row>,
+                scenario: &'static str,
+                metric: &'static str,
+                (procs, inflight, calls): (usize, usize, usize),
+                target: Option<Target>,
+                latency: bool,
+                floor_metric: Option<&'static str>|
      -> Result<(Measure, Measure), String> {
         let z = ctx.measure(daemons, &|| zrpc(procs, inflight, calls), SMALL)?;
         let r = ctx.measure(daemons, &|| relay(procs, inflight, calls), SMALL)?;
-        let (zv, rv) = if latency {
-            (z.p50_us, r.p50_us)
-        } else {
-            (z.calls_per_s, r.calls_per_s)
-        };
+        let pick = |m: &Measure| if latency { m.p50_us } else { m.calls_per_s };
         rows.push(Row {
             scenario,
             metric,
-            zrpc: zv,
-            baseline: Some(rv),
+            zrpc: pick(&z),
+            baseline: Some(pick(&r)),
             target,
             guard: Some(z.guard),
             note: format!("{}; {}", guard_note(&r), ipi_note(&z, &r)),
         });
+        if let Some(metric) = floor_metric {
+            let f = ctx.measure(daemons, &|| floor(procs, inflight, calls), SMALL)?;
+            floor_rows(metric, [pick(&z), pick(&r), pick(&f)], f.guard, rows);
+        }
         Ok((z, r))
     };
-    let (seq, relay_seq) = pair("default_seq", "p50 (us)", (1, 1, c.seq), None, true)?;
+    let (seq, relay_seq) = pair(
+        rows,
+        "default_seq",
+        "p50 (us)",
+        (1, 1, c.seq),
+        None,
+        true,
+        Some("p50 (us), sequential"),
+    )?;
     pair(
+        rows,
         "default_conc_64",
         "calls/s",
         (1, CONC_INFLIGHT, c.conc),
         Some(Target::RatioAtLeast(0.8)),
         false,
+        Some("calls/s, 1 process x 64"),
     )?;
     // A few calls in flight from one process: where tokio's second worker
     // costs most (docs/performance.md, "Fourteenth pass"); informational.
     pair(
+        rows,
         "default_conc_4",
         "calls/s",
         (1, 4, (c.conc / 2).max(1_000)),
         None,
         false,
+        Some("calls/s, 1 process x 4"),
     )?;
     let (procs, inflight) = PROCS_16X4;
     pair(
+        rows,
         "default_procs_16x4",
         "calls/s",
         (procs, inflight, c.conc),
         Some(Target::RatioAtLeast(0.5)),
         false,
+        Some("calls/s, 16 processes x 4"),
     )?;
     for procs in SCALING {
-        let metric: &'static str = match procs {
-            1 => "calls/s, 1 process x 1",
-            4 => "calls/s, 4 processes x 1",
-            16 => "calls/s, 16 processes x 1",
-            _ => "calls/s, 64 processes x 1",
+        let (metric, floor_metric): (&'static str, _) = match procs {
+            1 => ("calls/s, 1 process x 1", None),
+            4 => ("calls/s, 4 processes x 1", None),
+            16 => (
+                "calls/s, 16 processes x 1",
+                Some("calls/s, 16 processes x 1"),
+            ),
+            _ => (
+                "calls/s, 64 processes x 1",
+                Some("calls/s, 64 processes x 1"),
+            ),
         };
-        pair("default_scaling", metric, (procs, 1, c.conc), None, false)?;
+        pair(
+            rows,
+            "default_scaling",
+            metric,
+            (procs, 1, c.conc),
+            None,
+            false,
+            floor_metric,
+        )?;
     }
     // What the defaults cost in CPU during the sequential loop (busy
     // polling in the broker and the service), per process, and at rest.
@@ -149,6 +189,35 @@ pub(super) fn default_client(
         note: "no calls: an idle system spends nothing".into(),
     });
     Ok(())
+}
+
+/// The tokio floor beside a `default_*` row: the plainest client of the
+/// relay's protocol written as tasks on the runtime `#[tokio::main]` builds
+/// (`raw-tokio-client`, bench/src/raw_tokio.rs; a sequential loop runs in
+/// the `block_on` future, as a README `main` does), against the relay's
+/// blocking client and against zrpc's README client, all three measured in
+/// the same run (`[zrpc, relay, floor]`, calls/s or p50). What the floor
+/// loses to the relay is what the runtime costs any library that runs its
+/// callers as the user's tasks, before any broker or service work.
+fn floor_rows(metric: &'static str, [z, r, f]: [f64; 3], guard: GuardInfo, rows: &mut Vec<Row>) {
+    rows.push(Row {
+        scenario: "tokio_floor",
+        metric,
+        zrpc: f,
+        baseline: Some(r),
+        target: None,
+        guard: Some(guard),
+        note: "no zrpc: the relay's protocol from tokio tasks (raw-tokio-client), against the relay's blocking client".into(),
+    });
+    rows.push(Row {
+        scenario: "default_vs_tokio_floor",
+        metric,
+        zrpc: z,
+        baseline: Some(f),
+        target: None,
+        guard: None,
+        note: "zrpc's README client against the tokio floor of the same load (baseline column: the floor)".into(),
+    });
 }
 
 /// `default_seq` with every kind of polling off (`zrpcd --busy-poll-us 0`,

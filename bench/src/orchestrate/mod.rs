@@ -331,6 +331,33 @@ fn raw_client(path: &Path, inflight: usize, warmup: usize, calls: usize, size: u
     ])
 }
 
+/// The tokio floor client of the relay (`raw-tokio-client`, the
+/// multi-thread runtime), with the same arguments as [`raw_client`].
+fn raw_tokio_client(
+    path: &Path,
+    inflight: usize,
+    warmup: usize,
+    calls: usize,
+    size: usize,
+) -> Spawn {
+    let p = path.to_string_lossy().to_string();
+    Spawn::role(&[
+        "raw-tokio-client",
+        "--flavour",
+        "multi",
+        "--path",
+        &p,
+        "--inflight",
+        &inflight.to_string(),
+        "--warmup",
+        &warmup.to_string(),
+        "--calls",
+        &calls.to_string(),
+        "--size",
+        &size.to_string(),
+    ])
+}
+
 /// One line of the result table.
 struct Row {
     scenario: &'static str,
