@@ -37,8 +37,6 @@ pub struct ClientBuilder {
     socket_dir: Option<PathBuf>,
     agent: Option<String>,
     backoff: Backoff,
-    /// The writer's longest hold, when not [`crate::hold::MAX_HOLD`] (tests).
-    max_hold: Option<Duration>,
     /// See [`ClientBuilder::connect_timeout`].
     connect_timeout: Option<Duration>,
 }
@@ -90,20 +88,8 @@ impl ClientBuilder {
         self.backoff
     }
 
-    /// The writer's longest hold (see [`crate::hold`]), for tests that
-    /// need a hold to outlast a loaded machine's scheduling delays, or to
-    /// run out often.
-    #[cfg(test)]
-    pub(crate) fn max_hold(mut self, max: Duration) -> ClientBuilder {
-        self.max_hold = Some(max);
-        self
-    }
-
     pub(crate) fn settings(self) -> Settings {
         let mut s = Settings::new(self.socket_dir.as_deref(), self.agent, self.backoff);
-        if let Some(max) = self.max_hold {
-            s.max_hold = max;
-        }
         if let Some(t) = self.connect_timeout {
             s.handshake_timeout = t;
         }
@@ -133,7 +119,7 @@ impl ClientBuilder {
             }),
             wake: Notify::new(),
         });
-        conn.start_writer(lock(&shared.state).core.handout(), shared.settings.max_hold);
+        conn.start_writer();
         tokio::spawn(supervise(shared.clone(), Some((conn, buf))));
         Ok(Client {
             inner: Arc::new(Inner { shared }),
@@ -377,23 +363,6 @@ impl Client {
     /// How many answered calls wait for their callers.
     pub(crate) fn answered(&self) -> usize {
         lock(&self.inner.shared.state).core.answered()
-    }
-
-    /// Holds of the live connection's writer that ran out.
-    pub(crate) fn holds_ran_out(&self) -> usize {
-        self.hold_count(|c| &c.holds_ran_out)
-    }
-
-    /// Holds the live connection's writer started.
-    pub(crate) fn holds_started(&self) -> usize {
-        self.hold_count(|c| &c.holds_started)
-    }
-
-    fn hold_count(&self, which: impl Fn(&Conn) -> &std::sync::atomic::AtomicUsize) -> usize {
-        lock(&self.inner.shared.state)
-            .conn
-            .as_ref()
-            .map_or(0, |c| which(c).load(Ordering::Relaxed))
     }
 }
 

@@ -30,8 +30,6 @@ pub(crate) struct Settings {
     pub agent: String,
     pub instance: u64,
     pub backoff: Backoff,
-    /// The async client writer's longest hold (see [`crate::hold`]).
-    pub max_hold: std::time::Duration,
     /// How long connecting and the handshake may take
     /// ([`crate::ClientBuilder::connect_timeout`]).
     pub handshake_timeout: std::time::Duration,
@@ -48,7 +46,6 @@ impl Settings {
             agent: agent.unwrap_or_else(default_agent),
             instance: new_instance_id(),
             backoff,
-            max_hold: crate::hold::MAX_HOLD,
             handshake_timeout: crate::DEFAULT_CONNECT_TIMEOUT,
         }
     }

@@ -15,8 +15,6 @@
 //! [`BlockingClient`]: crate::BlockingClient
 
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::thread::Thread;
 use std::time::Instant;
@@ -25,7 +23,6 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
-use tokio::sync::Notify;
 use zrpc_proto::{Batch, Envelope, ErrorCode};
 
 use crate::common::{control_frame, reconnect_timeout, resubmit_parts, Dead, OutFrame, Outcome};
@@ -35,14 +32,6 @@ use crate::{Error, Result};
 /// stops taking them while the connection is still read (the broker itself
 /// disconnects a monitor whose connection is not read).
 const MAX_EVENTS: usize = 65_536;
-
-/// A call leaves the core: its outcome, if any, is taken.
-fn take(handout: &Handout, c: Call) -> Option<Outcome> {
-    if c.handed {
-        handout.taken();
-    }
-    c.done
-}
 
 /// Who waits for a call's outcome.
 #[derive(Debug)]
@@ -72,62 +61,6 @@ impl Waiter {
     }
 }
 
-/// Outcomes that the reader handed to their callers and that the callers
-/// have not taken yet. The async client's writer task holds the callers'
-/// next frames until every caller woken by one read has taken its outcome
-/// (and so has queued its next call, if it makes one at once), so that
-/// they leave in one write (see `conn::writer_task`).
-#[derive(Debug, Default)]
-pub(crate) struct Handout {
-    untaken: AtomicUsize,
-    /// The writer waits in [`Handout::all_taken`].
-    writer_waits: AtomicBool,
-    /// Times the count went back to zero.
-    clears: AtomicUsize,
-    all_taken: Notify,
-}
-
-impl Handout {
-    fn handed(&self, n: usize) {
-        self.untaken.fetch_add(n, SeqCst);
-    }
-
-    fn taken(&self) {
-        // SeqCst pairs with `all_taken`: either this sees `writer_waits`
-        // set, or the writer sees the count at zero.
-        if self.untaken.fetch_sub(1, SeqCst) == 1 {
-            self.clears.fetch_add(1, SeqCst);
-            if self.writer_waits.swap(false, SeqCst) {
-                self.all_taken.notify_one();
-            }
-        }
-    }
-
-    /// How many times every outcome handed out had been taken, so far: a
-    /// change tells that it happened since.
-    pub fn clears(&self) -> usize {
-        self.clears.load(SeqCst)
-    }
-
-    /// Whether every outcome handed out has been taken.
-    pub fn is_clear(&self) -> bool {
-        self.untaken.load(SeqCst) == 0
-    }
-
-    /// Waits until every outcome handed out has been taken, by its caller
-    /// or by dropping its call.
-    pub async fn all_taken(&self) {
-        loop {
-            self.writer_waits.store(true, SeqCst);
-            if self.is_clear() {
-                self.writer_waits.store(false, SeqCst);
-                return;
-            }
-            self.all_taken.notified().await;
-        }
-    }
-}
-
 /// A call whose caller has not taken its outcome yet.
 #[derive(Debug)]
 struct Call {
@@ -146,8 +79,6 @@ struct Call {
     /// Generation of the connection the call was sent on; `None` while it
     /// waits for the next connection.
     sent_on: Option<u64>,
-    /// The outcome came from a read and is counted in [`Handout`].
-    handed: bool,
     /// The call was sent on a connection that ended (or was answered
     /// `Shutdown`) before its outcome came: a broker may have delivered it,
     /// so a later broker's "no service held the name" does not prove it
@@ -246,8 +177,6 @@ pub(crate) struct Core {
     events: Option<VecDeque<Bytes>>,
     /// The client was closed: no more calls.
     closed: bool,
-    /// Outcomes handed out by reads and not taken yet.
-    handout: Arc<Handout>,
 }
 
 impl Core {
@@ -278,7 +207,6 @@ impl Core {
                 deadline,
                 no_retry,
                 sent_on: on,
-                handed: false,
                 may_have_run: false,
             },
         );
@@ -290,9 +218,7 @@ impl Core {
     /// unknown.
     pub fn poll(&mut self, id: u64, waker: &Waker) -> Poll<Option<Outcome>> {
         match self.calls.entry(id) {
-            Entry::Occupied(e) if e.get().answered() => {
-                Poll::Ready(take(&self.handout, e.remove()))
-            }
+            Entry::Occupied(e) if e.get().answered() => Poll::Ready(e.remove().done),
             Entry::Occupied(mut e) => {
                 let c = e.get_mut();
                 if !matches!(&c.waiter, Some(Waiter::Task(w)) if w.will_wake(waker)) {
@@ -307,7 +233,7 @@ impl Core {
     /// Where call `id` stands; an answered call leaves the core.
     pub fn stand(&mut self, id: u64) -> Stand {
         match self.calls.entry(id) {
-            Entry::Occupied(e) if e.get().answered() => match take(&self.handout, e.remove()) {
+            Entry::Occupied(e) if e.get().answered() => match e.remove().done {
                 Some(o) => Stand::Done(o),
                 None => Stand::Gone,
             },
@@ -354,16 +280,7 @@ impl Core {
     /// sent on, if any (the face sends `Cancel` there if that connection is
     /// still live; an answered call is on none).
     pub fn cancel(&mut self, id: u64) -> Option<u64> {
-        let c = self.calls.remove(&id)?;
-        let sent_on = c.sent_on;
-        take(&self.handout, c);
-        sent_on
-    }
-
-    /// The count of outcomes handed out and not taken (shared with the
-    /// async client's writer task).
-    pub fn handout(&self) -> Arc<Handout> {
-        self.handout.clone()
+        self.calls.remove(&id)?.sent_on
     }
 
     /// The client was closed: every unanswered call fails with `why`.
@@ -529,7 +446,6 @@ impl Core {
                             }
                             None => Outcome::Ok(payload_of(payload)),
                         });
-                        c.handed = true;
                         out.delivered += 1;
                     }
                     out.watched |= watch == Some(id);
@@ -567,10 +483,6 @@ impl Core {
                     break;
                 }
             }
-        }
-        // Under the state lock, as the callers take their outcomes.
-        if out.delivered > 0 {
-            self.handout.handed(out.delivered);
         }
         out
     }

@@ -119,7 +119,6 @@ mod conn;
 mod core;
 mod error;
 mod fds;
-mod hold;
 mod monitor;
 mod options;
 mod supervisor;

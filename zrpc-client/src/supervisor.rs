@@ -216,7 +216,7 @@ async fn reconnect(shared: &Arc<Shared>, retry: &mut Retry) -> Option<(Arc<Conn>
         shared.unless_closed(tokio::time::sleep(delay)).await?;
         match shared.unless_closed(Conn::open(&shared.settings)).await? {
             Ok((conn, buf)) => {
-                conn.start_writer(lock(&shared.state).core.handout(), shared.settings.max_hold);
+                conn.start_writer();
                 if !shared.install(&conn) {
                     conn.kill(Dead::Disconnected("the client was closed".into()));
                     return None;

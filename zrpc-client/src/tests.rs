@@ -1008,92 +1008,9 @@ fn async_answered_call_dropped_before_its_caller_looks_sends_no_cancel() {
     finish(&rt, peer);
 }
 
-/// The writer holds the next calls back while outcomes handed out by a
-/// read are not taken (so that the callers' next calls leave in one
-/// write), and an outcome whose caller drops its call counts as taken:
-/// the held call goes out once the last outcome is taken or dropped.
-#[test]
-fn async_writer_holds_calls_until_outcomes_are_taken_or_dropped() {
-    writer_holds_calls(Duration::ZERO);
-}
-
-/// The same for a connection's first hold, long after its writer started:
-/// the holds' timer, never polled until then, must not count as run out
-/// (it did, and that hold ended at once).
-#[test]
-fn async_first_hold_long_after_connect_still_holds() {
-    writer_holds_calls(TEST_HOLD + Duration::from_millis(100));
-}
-
-/// The bound of the holds in the tests that need a hold to last (one the
-/// scheduling delays of a loaded machine cannot outlast).
-const TEST_HOLD: Duration = Duration::from_secs(2);
-
-/// Calls a, b and d; a and b are answered; `idle` later, call c goes to
-/// the writer, which holds it: the fake broker does not see it while a is
-/// untaken, nor after a is dropped while b is untaken, and sees it once b
-/// is taken.
-fn writer_holds_calls(idle: Duration) {
-    let fake = Fake::new();
-    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<()>();
-    let peer = fake.serve(move |mut p| {
-        p.handshake();
-        let mut ids = std::collections::HashMap::new();
-        for _ in 0..3 {
-            let (id, method, ..) = p.call();
-            ids.insert(method, id);
-        }
-        p.result(ids["a"], &[0x0a]);
-        p.result(ids["b"], &[0x0b]);
-        let (id, method, ..) = p.call();
-        assert_eq!(method, "c");
-        seen_tx.send(()).expect("seen");
-        p.result(id, &[0x0c]);
-        p.result(ids["d"], &[0x0d]);
-        p.expect_eof();
-    });
-    let dir = fake.dir();
-    let rt = rt_multi();
-    rt.block_on(async move {
-        let builder = Client::builder().socket_dir(&dir).max_hold(TEST_HOLD);
-        let client = bounded(builder.connect()).await.expect("connect");
-        // Not synchronisation: the precondition of the first-hold case.
-        tokio::time::sleep(idle).await;
-        let call = |m: &'static str| {
-            let c = client.clone();
-            Box::pin(async move { c.call::<_, u8>("svc", m, &(), None).await })
-        };
-        let (mut a, mut b, mut d) = (call("a"), call("b"), call("d"));
-        for f in [&mut a, &mut b, &mut d] {
-            // Polled once: sent, its caller registered.
-            poll_once(f).await;
-        }
-        wait_answered(&client, 2).await;
-        // Three calls in flight: c goes through the writer, which holds it.
-        let c = tokio::spawn(call("c"));
-        wait_until(|| client.holds_started() == 1).await;
-        // A window to see c leave (it would within microseconds), far
-        // shorter than the hold's bound.
-        let window = Duration::from_millis(100);
-        let unseen = |what| {
-            let r = seen_rx.recv_timeout(window);
-            assert!(r.is_err(), "call c was written while {what}");
-        };
-        unseen("outcomes a and b were not taken");
-        drop(a);
-        unseen("outcome b was not taken");
-        assert_eq!(bounded(b).await.expect("b"), 0x0b);
-        assert_eq!(bounded(c).await.expect("task").expect("c"), 0x0c);
-        assert_eq!(bounded(d).await.expect("d"), 0x0d);
-        assert_eq!(client.holds_ran_out(), 0);
-        seen_rx.try_recv().expect("c was seen");
-    });
-    finish(&rt, peer);
-}
-
 /// An outcome its caller keeps without taking it (a future polled once,
-/// then left aside) does not hold other callers' calls back for longer
-/// than the writer's bound: they are written and answered.
+/// then left aside) does not hold other callers' calls back: they are
+/// written and answered.
 #[test]
 fn async_an_untaken_outcome_does_not_hold_other_calls() {
     let fake = Fake::new();
@@ -1126,66 +1043,6 @@ fn async_an_untaken_outcome_does_not_hold_other_calls() {
         assert_eq!(bounded(kept).await.expect("kept"), 0x01);
     });
     finish(&rt, peer);
-}
-
-/// A task that takes one of two outcomes, then waits for its own next
-/// call before it takes the other (a `select!` loop, say), defeats every
-/// hold: the hold waits for an outcome only the held call's caller can
-/// take. Each hold that ran out turns holding off for twice as many
-/// batches as the last, so over 20 such rounds only the holds of rounds
-/// 1, 2, 4, 8 and 16 run out, not one per round.
-#[test]
-fn async_holds_that_keep_running_out_are_tried_less_and_less() {
-    const ROUNDS: usize = 20;
-    let fake = Fake::new();
-    let peer = fake.serve(move |mut p| {
-        p.handshake();
-        for _ in 0..ROUNDS {
-            let calls = p.calls(2);
-            // Both results in one write: one read hands both out.
-            let mut out = BytesMut::new();
-            for (m, v) in [("a", 0x0a), ("b", 0x0b)] {
-                let env = Envelope::Result {
-                    id: calls[m].id,
-                    code: None,
-                    message: "",
-                };
-                encode_frame(&mut out, &env, &[v]);
-            }
-            p.s.write_all(&out).expect("write");
-            let (id, method, ..) = p.call();
-            assert_eq!(method, "f");
-            p.result(id, &[0x0f]);
-        }
-        p.expect_eof();
-    });
-    let dir = fake.dir();
-    let rt = rt_multi();
-    let ran_out = rt.block_on(async move {
-        let builder = Client::builder()
-            .socket_dir(&dir)
-            .max_hold(Duration::from_millis(2));
-        let client = bounded(builder.connect()).await.expect("connect");
-        for _ in 0..ROUNDS {
-            let call = |m: &'static str| {
-                let c = client.clone();
-                Box::pin(async move { c.call::<_, u8>("svc", m, &(), None).await })
-            };
-            let (mut a, mut b) = (call("a"), call("b"));
-            poll_once(&mut a).await;
-            poll_once(&mut b).await;
-            wait_answered(&client, 2).await;
-            assert_eq!(bounded(&mut a).await.expect("a"), 0x0a);
-            // b is answered and not taken: f (not alone) waits for the writer.
-            assert_eq!(bounded(call("f")).await.expect("f"), 0x0f);
-            assert_eq!(bounded(&mut b).await.expect("b"), 0x0b);
-        }
-        client.holds_ran_out()
-    });
-    finish(&rt, peer);
-    // 20 without the backing off; fewer than 5 if a stray wake-up of the
-    // writer ended a hold early (it then writes at once).
-    assert!((1..=5).contains(&ran_out), "{ran_out} holds ran out");
 }
 
 #[test]
