@@ -8,7 +8,8 @@
 //! `inflight` spawned tasks take calls from one counter (one call in flight:
 //! a loop in the `block_on` future, as a README `main` writes it); each call puts a
 //! oneshot sender in a shared map, appends its frame to a shared buffer and
-//! notifies the writer task (which writes everything queued in one write);
+//! notifies the writer task (which yields once, then writes everything
+//! queued in one write);
 //! the reader task reads whatever is available and completes each frame's
 //! oneshot. `--flavour multi` runs on the runtime `#[tokio::main]` builds,
 //! `current` on a current-thread runtime.
@@ -57,6 +58,10 @@ async fn writer(shared: Arc<Shared>, mut w: tokio::net::unix::OwnedWriteHalf) {
     let mut buf = Vec::new();
     loop {
         shared.wake_writer.notified().await;
+        // Let the callers woken with this one queue their frames first, so
+        // that one write carries them all (without it the LIFO slot runs the
+        // writer after each caller: +10-20% calls/s at 64 in flight here).
+        tokio::task::yield_now().await;
         std::mem::swap(
             &mut buf,
             &mut *shared.out.lock().unwrap_or_else(|e| e.into_inner()),
