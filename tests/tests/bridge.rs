@@ -1909,6 +1909,77 @@ fn requests_from_nats_in_flight_are_bounded_by_max_in_flight() {
     );
 }
 
+/// A call from NATS runs here at most `[export] max_timeout_ms`: a request
+/// without a deadline, or with a longer one, is answered `Timeout` naming
+/// the bound (a request's shorter deadline is its own), and gives its place
+/// of `max_in_flight` back. Before the bound, one remote caller sending
+/// `max_in_flight` requests without deadline to a method that never ends
+/// kept every place. Host B's own client, calling without a deadline,
+/// gets `Timeout` too.
+#[test]
+fn calls_from_nats_are_bounded_by_max_timeout_ms() {
+    let Some(h) = start_hosts_with(&[], "max_in_flight = 1\nmax_timeout_ms = 300\n") else {
+        return;
+    };
+    let mut peer = Peer::connect(&h);
+    let call = |caller, request, timeout_ms| Req {
+        name: "echo",
+        method: "sleep",
+        caller,
+        request,
+        timeout_ms,
+    };
+    // Each sleeps 30 s unless its deadline ends it first.
+    for (caller, request, timeout_ms, bounded) in [
+        ("8.1.1", 1, None, true),
+        ("8.1.2", 2, Some(60_000), true),
+        ("8.1.3", 3, Some(100), false),
+    ] {
+        let started = Instant::now();
+        let id = format!("r{request}");
+        peer.send(&Peer::request(
+            &call(caller, request, timeout_ms),
+            &30_000u64,
+            &id,
+        ));
+        let replies = peer.replies(1, Duration::from_secs(10));
+        let r = replies
+            .get(&id)
+            .unwrap_or_else(|| panic!("no answer to {id} within 10 s: {replies:?}"));
+        assert_eq!(reply_code(r), Some(ErrorCode::Timeout), "{id}: {r:?}");
+        let names_bound = r
+            .header("Zrpc-Message")
+            .is_some_and(|m| m.contains("max_timeout_ms = 300 ms"));
+        assert_eq!(names_bound, bounded, "{id}: {r:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // Its place is free again: with max_in_flight = 1 the next request
+        // would otherwise be refused.
+        assert!(
+            wait_until(WAIT, || broker_stat(h.a.dir(), "pending") == 0),
+            "{id}: host A still runs the call"
+        );
+    }
+    // A short call with max_in_flight = 1: answered, so no place is kept.
+    peer.send(&Peer::request(
+        &call("8.1.4", 4, Some(5_000)),
+        &1u64,
+        "after",
+    ));
+    let replies = peer.replies(1, WAIT);
+    let after = replies.get("after").expect("no answer after the bound");
+    assert_eq!(reply_code(after), None, "{after:?}");
+    // Host B's client, no deadline: answered by A's bound.
+    let started = Instant::now();
+    let r = h
+        .client_b()
+        .call::<_, u32>("echo", "sleep", &30_000u64, None);
+    assert!(
+        matches!(r, Err(Error::Timeout { .. })),
+        "a call from B without deadline: {r:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
 #[test]
 fn identities_longer_than_a_host_id_are_not_remembered() {
     let Some(h) = start_hosts(&[]) else { return };

@@ -66,6 +66,10 @@ pub struct BridgeConfig {
     /// max_in_flight`); beyond, they are refused with `LimitExceeded`
     /// without a local call.
     pub max_in_flight: usize,
+    /// The longest a call from NATS runs here, in milliseconds (`[export]
+    /// max_timeout_ms`; 0: no bound): a request without `Zrpc-Timeout-Ms`,
+    /// or with a longer one, gets this deadline.
+    pub max_timeout_ms: u64,
     /// Names called on NATS when no local service holds them: exact
     /// (registered by the bridge), or a prefix ending in `*` (routed to
     /// the bridge by the broker when nobody holds the name).
@@ -84,6 +88,7 @@ impl std::fmt::Debug for BridgeConfig {
             .field("export", &self.export)
             .field("max_joins", &self.max_joins)
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_timeout_ms", &self.max_timeout_ms)
             .field("import", &self.import)
             .finish_non_exhaustive()
     }
@@ -131,6 +136,7 @@ struct Export {
     names: Vec<String>,
     max_joins: Option<usize>,
     max_in_flight: Option<usize>,
+    max_timeout_ms: Option<u64>,
 }
 
 /// Default `[export] max_joins`.
@@ -138,6 +144,10 @@ const DEFAULT_MAX_JOINS: usize = 1_024;
 
 /// Default `[export] max_in_flight`.
 const DEFAULT_MAX_IN_FLIGHT: usize = 1_024;
+
+/// Default `[export] max_timeout_ms`: five minutes. A remote caller that
+/// sends no deadline cannot keep a place of `max_in_flight` for longer.
+pub const DEFAULT_MAX_TIMEOUT_MS: u64 = 300_000;
 
 /// `nobody`: the default identity of remote callers.
 const NOBODY: u32 = 65534;
@@ -266,6 +276,7 @@ impl BridgeConfig {
             export: file.export.names,
             max_joins: file.export.max_joins.unwrap_or(DEFAULT_MAX_JOINS),
             max_in_flight: file.export.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            max_timeout_ms: file.export.max_timeout_ms.unwrap_or(DEFAULT_MAX_TIMEOUT_MS),
             import: file.import.names,
         })
     }
@@ -278,6 +289,18 @@ impl BridgeConfig {
                 Some(prefix) => name.starts_with(prefix),
                 None => p == name,
             })
+    }
+
+    /// The deadline a call from NATS gets here, from the request's own
+    /// (`None`: none), and whether `[export] max_timeout_ms` set it: the
+    /// request's deadline, at most that bound; the bound when the request
+    /// has none.
+    pub fn cap_timeout(&self, requested: Option<u64>) -> (Option<u64>, bool) {
+        match (requested, self.max_timeout_ms) {
+            (r, 0) => (r, false),
+            (Some(r), max) if r <= max => (Some(r), false),
+            (_, max) => (Some(max), true),
+        }
     }
 
     /// The exact `[import]` names (the bridge registers them).
@@ -399,6 +422,31 @@ mod tests {
         .ok()
         .expect("valid");
         assert_eq!(c.max_joins, 0);
+    }
+
+    #[test]
+    fn calls_from_nats_get_at_most_max_timeout_ms() {
+        let with = |extra: &str| {
+            BridgeConfig::parse(&format!(
+                "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[export]\n{extra}"
+            ))
+            .ok()
+            .expect("valid")
+        };
+        let default = with("");
+        assert_eq!(default.max_timeout_ms, DEFAULT_MAX_TIMEOUT_MS);
+        assert_eq!(
+            default.cap_timeout(None),
+            (Some(DEFAULT_MAX_TIMEOUT_MS), true)
+        );
+        let c = with("max_timeout_ms = 500");
+        assert_eq!(c.cap_timeout(None), (Some(500), true));
+        assert_eq!(c.cap_timeout(Some(60_000)), (Some(500), true));
+        assert_eq!(c.cap_timeout(Some(500)), (Some(500), false));
+        assert_eq!(c.cap_timeout(Some(20)), (Some(20), false));
+        let none = with("max_timeout_ms = 0");
+        assert_eq!(none.cap_timeout(None), (None, false));
+        assert_eq!(none.cap_timeout(Some(u64::MAX)), (Some(u64::MAX), false));
     }
 
     #[test]

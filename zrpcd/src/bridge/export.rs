@@ -444,11 +444,14 @@ async fn outcome(
     payload: bytes::Bytes,
 ) -> Option<Answer> {
     let h = headers.as_ref();
-    let timeout_ms = match header(h, H_TIMEOUT_MS).map(str::parse::<u64>) {
+    let requested = match header(h, H_TIMEOUT_MS).map(str::parse::<u64>) {
         None => None,
         Some(Ok(ms)) => Some(ms),
         Some(Err(_)) => return Some(malformed()),
     };
+    // A remote caller without a deadline must not keep a place of
+    // max_in_flight (or max_joins) for ever.
+    let (timeout_ms, capped) = shared.config.cap_timeout(requested);
     let Some(method) = header(h, H_METHOD) else {
         return Some(malformed());
     };
@@ -481,7 +484,7 @@ async fn outcome(
         once,
         cancel_key: CancelKey::new(name, h),
     };
-    match plan {
+    let answer = match plan {
         Plan::Full(max) => {
             tracing::debug!(service = %name, max, "a resubmitted call refused: max_joins requests wait already");
             Some(error(
@@ -503,7 +506,25 @@ async fn outcome(
             call_local(shared, local(payload), Some(id)).await
         }
         Plan::New => call_local(shared, local(payload), None).await,
+    }?;
+    Some(if capped {
+        bounded_by_max_timeout(answer, shared.config.max_timeout_ms)
+    } else {
+        answer
+    })
+}
+
+/// A `Timeout` whose deadline came from `[export] max_timeout_ms` (not
+/// from the request) says so: its caller may have sent none.
+fn bounded_by_max_timeout(mut answer: Answer, max: u64) -> Answer {
+    if answer.code == Some(ErrorCode::Timeout) {
+        answer.message = format!(
+            "{} (the exporting host's bridge bounds calls from NATS to [export] \
+             max_timeout_ms = {max} ms, docs/bridge.md)",
+            answer.message
+        );
     }
+    answer
 }
 
 /// The answer to a request without `Zrpc-Method`, with a non-numeric
