@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import Broker, wait_registered
-from zrpc import _proto, _service, errors
+from zrpc import _calls, _proto, _service, errors
 from zrpc.client import Client
 
 # `big` raises an exception whose text is $SIZE characters long (appending a line to
@@ -32,6 +32,10 @@ SERVICE = textwrap.dedent('''
         def code(self, name):
             cls = getattr(errors, name)
             raise cls("nested call failed: " + name, code=cls.code)
+
+        @rpc_method
+        def echo(self, payload):
+            return payload
 
         @rpc_method
         def no_service(self, payload):
@@ -94,6 +98,23 @@ def test_oversized_error_message_is_truncated_to_fit(procs, socket_dir, monkeypa
         sock.close()
     assert answers[0] == answers[1] and _service.TRUNCATED_MARK in answers[0]
     assert lines(log) == ["ran", "ran"]
+
+
+@pytest.mark.parametrize("module", SERVERS)
+def test_a_value_accepted_as_a_payload_can_be_echoed(procs, socket_dir, monkeypatch, module):
+    """A payload that fits in a ``Call`` at the broker's limit fits in the ``Reply`` too: the
+    library keeps 16 bytes for a result's envelope, as zrpc-service (it kept 64, longer than a
+    ``Call``'s envelope, so an echo close to the limit was answered ``LimitExceeded``)."""
+    limit = 65536
+    monkeypatch.setenv("ZRPC_SOCKET_DIR", socket_dir)
+    Broker(procs, socket_dir, ["--max-message-size", str(limit)])
+    start(procs, socket_dir, module)
+    # The largest payload the client sends at this limit (it counts the longest Call envelope
+    # the two names can make): a bin16 of n bytes.
+    n = limit - _calls.CALL_OVERHEAD - len("failing") - len("echo") - 3
+    packed = len(_proto.pack(b"x" * n))
+    assert limit - 64 < packed <= limit - 16
+    assert Client().call("failing", "echo", b"x" * n, timeout=10) == b"x" * n
 
 
 @pytest.mark.parametrize("module", SERVERS)

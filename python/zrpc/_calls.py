@@ -46,6 +46,12 @@ class PendingCall:
 MAY_HAVE_RUN = {errors.NO_SUCH_SERVICE: errors.SERVICE_GONE, errors.TIMEOUT_NO_SERVICE: errors.TIMEOUT}
 
 
+#: The most a ``Call`` envelope takes besides its two names: ``[CALL, cid, service, method,
+#: timeout_ms, flags]`` with a u64 id (9 bytes), str8 headers (names are at most 128 ASCII
+#: bytes), a u64 timeout and flags below 256 (2 bytes) is 1 + 1 + 9 + 2 + 2 + 9 + 2 bytes.
+CALL_OVERHEAD = 26
+
+
 class CallTable:
     """The client's pending calls, shared by the blocking and the asyncio client.
 
@@ -66,7 +72,7 @@ class CallTable:
         if not valid_name(method):
             raise name_error("method", method, service, method)
         data = pack(payload)
-        if len(data) + 64 + len(service) + len(method) > max_message_size:
+        if len(data) + CALL_OVERHEAD + len(service) + len(method) > max_message_size:
             raise errors.LimitExceededError(
                 "the payload of %d bytes exceeds the broker's maximum message size of %d bytes"
                 % (len(data), max_message_size), service=service, method=method)

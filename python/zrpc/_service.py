@@ -22,8 +22,12 @@ DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
 #: Longest error message (UTF-8 bytes) sent in a ``Reply`` (as zrpc-service); longer ones,
 #: and ones that would not fit in the broker's max message size, are truncated.
 MAX_ERROR_MESSAGE = 64 * 1024
-#: Room kept for a ``Reply`` envelope besides its payload or message.
+#: Room kept for an error ``Reply``'s envelope besides its message.
 REPLY_OVERHEAD = 64
+#: Room kept for a successful ``Reply``'s envelope besides its payload (as zrpc-service):
+#: ``[REPLY, rid, 0, ""]`` takes at most 13 bytes. A value the broker accepted as a call's
+#: payload therefore fits in the reply (the ``Call`` envelope is longer).
+RESULT_OVERHEAD = 16
 #: What ends a truncated error message.
 TRUNCATED_MARK = "... [truncated]"
 #: Default bound, in seconds, on a graceful stop's drain (as zrpc-service).
@@ -377,7 +381,7 @@ class ServiceCore:
         """The outcome as sent, within the broker's max message size: a return value too large
         becomes a ``LimitExceeded`` error, an error message too long is truncated."""
         if code == 0:
-            if len(payload) + REPLY_OVERHEAD <= self.max_reply:
+            if len(payload) + RESULT_OVERHEAD <= self.max_reply:
                 return code, message, payload
             code, message = (errors.LIMIT_EXCEEDED,
                              "the reply of %d bytes exceeds the broker's maximum message size of %d bytes"
