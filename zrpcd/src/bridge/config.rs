@@ -241,6 +241,17 @@ impl BridgeConfig {
                     .into(),
             ));
         }
+        if file
+            .export
+            .max_timeout_ms
+            .is_some_and(|ms| ms > zrpc_proto::MAX_TIMEOUT_MS)
+        {
+            return Err(ParseError::Invalid(format!(
+                "[export] max_timeout_ms is at most {} (365 days; a longer deadline is none); \
+                 0 for no bound",
+                zrpc_proto::MAX_TIMEOUT_MS
+            )));
+        }
         for pattern in &file.export.names {
             let name = pattern.strip_suffix('*').unwrap_or(pattern);
             if !(name.is_empty() || zrpc_proto::validate_name(name).is_ok() || name.ends_with('.'))
@@ -461,6 +472,7 @@ mod tests {
             "host_id = \"a\"\n[nats]\nservers = [\"x\"]\nbogus = 1",
             "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[export]\nmax_joins = -1",
             "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[import]\nmax_joins = 1",
+            "host_id = \"a\"\n[nats]\nservers = [\"x\"]\n[export]\nmax_timeout_ms = 31536000001",
         ] {
             assert!(BridgeConfig::parse(bad).is_err(), "accepted: {bad}");
         }

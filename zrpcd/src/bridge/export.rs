@@ -259,6 +259,8 @@ struct LocalCall<'a> {
     name: &'a str,
     method: &'a str,
     timeout_ms: Option<u64>,
+    /// `timeout_ms` is `[export] max_timeout_ms`, not the request's own.
+    capped: bool,
     /// The arguments, dropped once sent to the broker.
     payload: bytes::Bytes,
     /// The at-most-once key (name, origin, caller).
@@ -307,7 +309,12 @@ async fn call_local(shared: &Shared, call: LocalCall<'_>, id: Option<u64>) -> Op
     if let Some(key) = &call.cancel_key {
         shared.exports.borrow_mut().file(key.clone(), id);
     }
-    let answer = rx.await.ok();
+    // Annotated before the answer is shared with requests that joined the
+    // call: the bound was this call's deadline, whatever theirs.
+    let answer = rx
+        .await
+        .ok()
+        .map(|a| bounded_by_max_timeout(a, call.capped, shared.config.max_timeout_ms));
     if let Some(key) = &call.cancel_key {
         shared.exports.borrow_mut().unfile(key, id);
     }
@@ -316,17 +323,22 @@ async fn call_local(shared: &Shared, call: LocalCall<'_>, id: Option<u64>) -> Op
 }
 
 /// Waits for the answer of the running call a request joined, at most
-/// until the request's own deadline; None if the link to the broker
-/// closed.
-async fn join(joined: Joined, timeout_ms: Option<u64>) -> Option<Answer> {
+/// until the request's own deadline (`capped`: `[export] max_timeout_ms`,
+/// `max`); None if the link to the broker closed.
+async fn join(joined: Joined, timeout_ms: Option<u64>, capped: bool, max: u64) -> Option<Answer> {
     let Some(ms) = timeout_ms else {
         return joined.answer.await.ok();
     };
     match tokio::time::timeout(Duration::from_millis(ms), joined.answer).await {
         Ok(answer) => answer.ok(),
-        Err(_) => Some(error(
-            ErrorCode::Timeout,
-            "the call this request repeats did not answer within the request's deadline".to_owned(),
+        Err(_) => Some(bounded_by_max_timeout(
+            error(
+                ErrorCode::Timeout,
+                "the call this request repeats did not answer within the request's deadline"
+                    .to_owned(),
+            ),
+            capped,
+            max,
         )),
     }
 }
@@ -480,11 +492,12 @@ async fn outcome(
         name,
         method,
         timeout_ms,
+        capped,
         payload,
         once,
         cancel_key: CancelKey::new(name, h),
     };
-    let answer = match plan {
+    match plan {
         Plan::Full(max) => {
             tracing::debug!(service = %name, max, "a resubmitted call refused: max_joins requests wait already");
             Some(error(
@@ -499,25 +512,21 @@ async fn outcome(
             tracing::debug!(service = %name, "a resubmitted call joins the one running");
             // Held until the call answers: only its place in max_joins.
             drop((payload, headers));
-            join(joined, timeout_ms).await
+            join(joined, timeout_ms, capped, shared.config.max_timeout_ms).await
         }
         Plan::Resend(id) => {
             tracing::debug!(service = %name, id, "a resubmitted call is sent again with its id");
             call_local(shared, local(payload), Some(id)).await
         }
         Plan::New => call_local(shared, local(payload), None).await,
-    }?;
-    Some(if capped {
-        bounded_by_max_timeout(answer, shared.config.max_timeout_ms)
-    } else {
-        answer
-    })
+    }
 }
 
-/// A `Timeout` whose deadline came from `[export] max_timeout_ms` (not
-/// from the request) says so: its caller may have sent none.
-fn bounded_by_max_timeout(mut answer: Answer, max: u64) -> Answer {
-    if answer.code == Some(ErrorCode::Timeout) {
+/// A timeout (`Timeout` or `TimeoutNoService`) of a call whose deadline
+/// came from `[export] max_timeout_ms` (`capped`), not from the request,
+/// says so: its caller may have sent none.
+fn bounded_by_max_timeout(mut answer: Answer, capped: bool, max: u64) -> Answer {
+    if capped && answer.code.is_some_and(ErrorCode::is_timeout) {
         answer.message = format!(
             "{} (the exporting host's bridge bounds calls from NATS to [export] \
              max_timeout_ms = {max} ms, docs/bridge.md)",
