@@ -1,18 +1,21 @@
-//! The floor for a client written as tokio tasks: the relay's raw protocol
-//! (`raw.rs`) spoken by the plainest pipelining client tokio offers, the
-//! shape of mini-redis's and tarpc's clients. No serialisation, no
-//! deadlines, no reconnection, no broker: whatever this client loses
-//! against the blocking `raw-client` on the same relay is what the runtime
-//! costs, and no library built on the user's tasks can do better.
+//! A floor for a client written on tokio: the relay's raw protocol
+//! (`raw.rs`) spoken by the plainest clients tokio offers. No
+//! serialisation, no deadlines, no reconnection, no broker: what this
+//! client loses against the blocking `raw-client` on the same relay is what
+//! the runtime costs a plain design. It is a reference, not a proof that no
+//! design can do better (zrpc's client beats it with one call in flight
+//! per process, where zrpc's broker and service poll and the relay does
+//! not).
 //!
-//! `inflight` spawned tasks take calls from one counter (one call in flight:
-//! a loop in the `block_on` future, as a README `main` writes it); each call puts a
-//! oneshot sender in a shared map, appends its frame to a shared buffer and
+//! One call in flight: a loop in the `block_on` future, as a README `main`
+//! writes it, that writes each frame and reads its echo itself (the shape
+//! of mini-redis's client). More: `inflight` spawned tasks take calls from
+//! one counter (the shape of tarpc's client); each call puts a oneshot
+//! sender in a shared map, appends its frame to a shared buffer and
 //! notifies the writer task (which yields once, then writes everything
-//! queued in one write);
-//! the reader task reads whatever is available and completes each frame's
-//! oneshot. `--flavour multi` runs on the runtime `#[tokio::main]` builds,
-//! `current` on a current-thread runtime.
+//! queued in one write); the reader task reads whatever is available and
+//! completes each frame's oneshot. `--flavour multi` runs on the runtime
+//! `#[tokio::main]` builds, `current` on a current-thread runtime.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -115,18 +118,32 @@ async fn reader(shared: Arc<Shared>, mut r: tokio::net::unix::OwnedReadHalf) {
     }
 }
 
-async fn run(shared: &Arc<Shared>, inflight: usize, n: usize) -> Vec<u64> {
-    if inflight == 1 {
-        // A sequential loop in the `block_on` future, as a README `main`.
-        let payload = vec![0x5au8; shared.size];
-        let mut lat = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = mono_ns();
-            shared.call(&payload).await;
-            lat.push(mono_ns() - t);
+/// `n` calls one after the other from the calling future, which writes each
+/// frame and reads its echo itself; `next_id` numbers them.
+async fn sequential(s: &mut UnixStream, size: usize, n: usize, next_id: &mut u64) -> Vec<u64> {
+    let payload = vec![0x5au8; size];
+    let mut frame = Vec::with_capacity(RAW_HEADER + size);
+    let mut echo = vec![0u8; RAW_HEADER + size];
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = mono_ns();
+        frame.clear();
+        frame.extend_from_slice(&((12 + size) as u32).to_be_bytes());
+        frame.extend_from_slice(&0u32.to_be_bytes());
+        frame.extend_from_slice(&next_id.to_be_bytes());
+        frame.extend_from_slice(&payload);
+        s.write_all(&frame).await.unwrap_or_else(|e| die(e));
+        s.read_exact(&mut echo).await.unwrap_or_else(|e| die(e));
+        if echo[..4] != frame[..4] || echo[8..16] != frame[8..16] {
+            die("bad echo frame");
         }
-        return lat;
+        *next_id += 1;
+        lat.push(mono_ns() - t);
     }
+    lat
+}
+
+async fn run(shared: &Arc<Shared>, inflight: usize, n: usize) -> Vec<u64> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..inflight {
@@ -167,6 +184,25 @@ pub fn client(path: &Path, multi: bool, inflight: usize, warmup: usize, calls: u
             .await
             .unwrap_or_else(|e| die(format!("connect relay: {e}")));
         s.write_all(b"C").await.unwrap_or_else(|e| die(e));
+        let report = |lat, start, end, cpu0| {
+            let cpu = crate::guard::cpu_seconds(std::process::id()) - cpu0;
+            println!(
+                "{}",
+                ClientResult::from_latencies(lat, start, end)
+                    .with_cpu(cpu)
+                    .to_line()
+            );
+        };
+        if inflight == 1 {
+            let mut next_id = 0;
+            sequential(&mut s, size, warmup, &mut next_id).await;
+            barrier();
+            let cpu0 = crate::guard::cpu_seconds(std::process::id());
+            let start = mono_ns();
+            let lat = sequential(&mut s, size, calls, &mut next_id).await;
+            report(lat, start, mono_ns(), cpu0);
+            return;
+        }
         let (r, w) = s.into_split();
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
@@ -182,13 +218,6 @@ pub fn client(path: &Path, multi: bool, inflight: usize, warmup: usize, calls: u
         let cpu0 = crate::guard::cpu_seconds(std::process::id());
         let start = mono_ns();
         let lat = run(&shared, inflight, calls).await;
-        let end = mono_ns();
-        let cpu = crate::guard::cpu_seconds(std::process::id()) - cpu0;
-        println!(
-            "{}",
-            ClientResult::from_latencies(lat, start, end)
-                .with_cpu(cpu)
-                .to_line()
-        );
+        report(lat, start, mono_ns(), cpu0);
     });
 }

@@ -192,13 +192,14 @@ pub(super) fn default_client(
 }
 
 /// The tokio floor beside a `default_*` row: the plainest client of the
-/// relay's protocol written as tasks on the runtime `#[tokio::main]` builds
-/// (`raw-tokio-client`, bench/src/raw_tokio.rs; a sequential loop runs in
-/// the `block_on` future, as a README `main` does), against the relay's
-/// blocking client and against zrpc's README client, all three measured in
-/// the same run (`[zrpc, relay, floor]`, calls/s or p50). What the floor
-/// loses to the relay is what the runtime costs any library that runs its
-/// callers as the user's tasks, before any broker or service work.
+/// relay's protocol on the runtime `#[tokio::main]` builds
+/// (`raw-tokio-client`, bench/src/raw_tokio.rs: a loop in the `block_on`
+/// future for one call in flight, tasks with a reader and a writer task for
+/// more), against the relay's blocking client and against zrpc's README
+/// client, all three measured in the same run (`[zrpc, relay, floor]`,
+/// calls/s or p50). What the floor loses to the relay is what the runtime
+/// costs a plain client design before any broker or service work; it is a
+/// reference, not a bound no design can pass.
 fn floor_rows(metric: &'static str, [z, r, f]: [f64; 3], guard: GuardInfo, rows: &mut Vec<Row>) {
     rows.push(Row {
         scenario: "tokio_floor",
