@@ -70,7 +70,7 @@ pub(super) fn default_client(
         });
         if let Some(metric) = floor_metric {
             let f = ctx.measure(daemons, &|| floor(procs, inflight, calls), SMALL)?;
-            floor_rows(metric, [pick(&z), pick(&r), pick(&f)], f.guard, rows);
+            floor_rows(metric, [pick(&z), pick(&r), pick(&f)], &f, rows);
         }
         Ok((z, r))
     };
@@ -200,15 +200,18 @@ pub(super) fn default_client(
 /// calls/s or p50). What the floor loses to the relay is what the runtime
 /// costs a plain client design before any broker or service work; it is a
 /// reference, not a bound no design can pass.
-fn floor_rows(metric: &'static str, [z, r, f]: [f64; 3], guard: GuardInfo, rows: &mut Vec<Row>) {
+fn floor_rows(metric: &'static str, [z, r, f]: [f64; 3], floor: &Measure, rows: &mut Vec<Row>) {
     rows.push(Row {
         scenario: "tokio_floor",
         metric,
         zrpc: f,
         baseline: Some(r),
         target: None,
-        guard: Some(guard),
-        note: "no zrpc: the relay's protocol from tokio tasks (raw-tokio-client), against the relay's blocking client".into(),
+        guard: Some(floor.guard),
+        note: format!(
+            "no zrpc: the relay's protocol from tokio (raw-tokio-client), against the relay's blocking client; IPIs per call {}",
+            floor.ipis_per_call.map_or("?".into(), |x| format!("{x:.2}"))
+        ),
     });
     rows.push(Row {
         scenario: "default_vs_tokio_floor",
