@@ -27,7 +27,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Notify};
 
 use crate::raw::RAW_HEADER;
-use crate::util::{barrier, die, mono_ns, ClientResult};
+use crate::util::{die, measured, mono_ns};
 
 struct Shared {
     pending: Mutex<HashMap<u64, oneshot::Sender<()>>>,
@@ -184,23 +184,10 @@ pub fn client(path: &Path, multi: bool, inflight: usize, warmup: usize, calls: u
             .await
             .unwrap_or_else(|e| die(format!("connect relay: {e}")));
         s.write_all(b"C").await.unwrap_or_else(|e| die(e));
-        let report = |lat, start, end, cpu0| {
-            let cpu = crate::guard::cpu_seconds(std::process::id()) - cpu0;
-            println!(
-                "{}",
-                ClientResult::from_latencies(lat, start, end)
-                    .with_cpu(cpu)
-                    .to_line()
-            );
-        };
         if inflight == 1 {
             let mut next_id = 0;
             sequential(&mut s, size, warmup, &mut next_id).await;
-            barrier();
-            let cpu0 = crate::guard::cpu_seconds(std::process::id());
-            let start = mono_ns();
-            let lat = sequential(&mut s, size, calls, &mut next_id).await;
-            report(lat, start, mono_ns(), cpu0);
+            measured(sequential(&mut s, size, calls, &mut next_id)).await;
             return;
         }
         let (r, w) = s.into_split();
@@ -214,10 +201,6 @@ pub fn client(path: &Path, multi: bool, inflight: usize, warmup: usize, calls: u
         tokio::spawn(reader(shared.clone(), r));
         tokio::spawn(writer(shared.clone(), w));
         run(&shared, inflight, warmup).await;
-        barrier();
-        let cpu0 = crate::guard::cpu_seconds(std::process::id());
-        let start = mono_ns();
-        let lat = run(&shared, inflight, calls).await;
-        report(lat, start, mono_ns(), cpu0);
+        measured(run(&shared, inflight, calls)).await;
     });
 }

@@ -281,18 +281,7 @@ pub fn client(
             .unwrap_or_else(|e| die(format!("connect: {e}")));
         run_async(&c, flavour, inflight, warmup, size).await;
         // The barrier blocks this thread; nothing is in flight meanwhile.
-        barrier();
-        let cpu0 = crate::guard::cpu_seconds(std::process::id());
-        let start = mono_ns();
-        let lat = run_async(&c, flavour, inflight, calls, size).await;
-        let end = mono_ns();
-        let cpu = crate::guard::cpu_seconds(std::process::id()) - cpu0;
-        println!(
-            "{}",
-            ClientResult::from_latencies(lat, start, end)
-                .with_cpu(cpu)
-                .to_line()
-        );
+        crate::util::measured(run_async(&c, flavour, inflight, calls, size)).await;
     });
 }
 

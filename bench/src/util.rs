@@ -137,6 +137,24 @@ pub fn barrier() {
     let _ = std::io::stdin().read_line(&mut line);
 }
 
+/// The measured phase of an async client: the start barrier, then `run`
+/// (a future, so nothing runs before the barrier) timed, with this
+/// process's CPU time over it; prints the result line.
+pub async fn measured(run: impl std::future::Future<Output = Vec<u64>>) {
+    barrier();
+    let cpu0 = crate::guard::cpu_seconds(std::process::id());
+    let start = mono_ns();
+    let lat = run.await;
+    let end = mono_ns();
+    let cpu = crate::guard::cpu_seconds(std::process::id()) - cpu0;
+    println!(
+        "{}",
+        ClientResult::from_latencies(lat, start, end)
+            .with_cpu(cpu)
+            .to_line()
+    );
+}
+
 /// Waits until stdin is closed (the orchestrator ends a holding role that
 /// way, or kills it).
 pub fn hold() {

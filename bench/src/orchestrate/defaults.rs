@@ -24,27 +24,22 @@ pub(super) fn default_client(
 ) -> Result<(), String> {
     let c = ctx.counts;
     ctx.log("default_client");
-    let zrpc = |procs: usize, inflight: usize, calls: usize| {
+    // `procs` client processes with `inflight` calls in flight each and
+    // `calls` in all, each made by `one(inflight, warmup, calls)`.
+    type One<'a> = &'a dyn Fn(usize, usize, usize) -> Spawn;
+    let clients = |one: One<'_>, procs: usize, inflight: usize, calls: usize| {
         let warm = (c.seq_warmup / procs).max(50);
         let per = (calls / procs).max(100);
         (0..procs)
-            .map(|_| zrpc_client(zdir, "multi", inflight, warm, per, SMALL))
+            .map(|_| one(inflight, warm, per))
             .collect::<Vec<_>>()
     };
-    let relay = |procs: usize, inflight: usize, calls: usize| {
-        let warm = (c.seq_warmup / procs).max(50);
-        let per = (calls / procs).max(100);
-        (0..procs)
-            .map(|_| raw_client(relay_path, inflight, warm, per, SMALL))
-            .collect::<Vec<_>>()
-    };
-    let floor = |procs: usize, inflight: usize, calls: usize| {
-        let warm = (c.seq_warmup / procs).max(50);
-        let per = (calls / procs).max(100);
-        (0..procs)
-            .map(|_| raw_tokio_client(relay_path, inflight, warm, per, SMALL))
-            .collect::<Vec<_>>()
-    };
+    let zrpc_one = |i, w, n| zrpc_client(zdir, "multi", i, w, n, SMALL);
+    let relay_one = |i, w, n| raw_client(relay_path, i, w, n, SMALL);
+    let floor_one = |i, w, n| raw_tokio_client(relay_path, i, w, n, SMALL);
+    let zrpc = |procs, inflight, calls| clients(&zrpc_one, procs, inflight, calls);
+    let relay = |procs, inflight, calls| clients(&relay_one, procs, inflight, calls);
+    let floor = |procs, inflight, calls| clients(&floor_one, procs, inflight, calls);
     // One `default_*` row: zrpc's README client and the relay's blocking
     // client under the same load; with `floor_metric`, also the tokio floor
     // (two more rows, `floor_rows`).

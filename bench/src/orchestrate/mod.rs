@@ -315,20 +315,7 @@ fn zrpc_client(
 }
 
 fn raw_client(path: &Path, inflight: usize, warmup: usize, calls: usize, size: usize) -> Spawn {
-    let p = path.to_string_lossy().to_string();
-    Spawn::role(&[
-        "raw-client",
-        "--path",
-        &p,
-        "--inflight",
-        &inflight.to_string(),
-        "--warmup",
-        &warmup.to_string(),
-        "--calls",
-        &calls.to_string(),
-        "--size",
-        &size.to_string(),
-    ])
+    relay_client(&["raw-client"], path, inflight, warmup, calls, size)
 }
 
 /// The tokio floor client of the relay (`raw-tokio-client`, the
@@ -340,22 +327,41 @@ fn raw_tokio_client(
     calls: usize,
     size: usize,
 ) -> Spawn {
+    let role = ["raw-tokio-client", "--flavour", "multi"];
+    relay_client(&role, path, inflight, warmup, calls, size)
+}
+
+/// A client of the relay: `role` (the subcommand and its own arguments)
+/// with the common ones.
+fn relay_client(
+    role: &[&str],
+    path: &Path,
+    inflight: usize,
+    warmup: usize,
+    calls: usize,
+    size: usize,
+) -> Spawn {
     let p = path.to_string_lossy().to_string();
-    Spawn::role(&[
-        "raw-tokio-client",
-        "--flavour",
-        "multi",
+    let (inflight, warmup, calls, size) = (
+        inflight.to_string(),
+        warmup.to_string(),
+        calls.to_string(),
+        size.to_string(),
+    );
+    let mut args = role.to_vec();
+    args.extend_from_slice(&[
         "--path",
         &p,
         "--inflight",
-        &inflight.to_string(),
+        &inflight,
         "--warmup",
-        &warmup.to_string(),
+        &warmup,
         "--calls",
-        &calls.to_string(),
+        &calls,
         "--size",
-        &size.to_string(),
-    ])
+        &size,
+    ]);
+    Spawn::role(&args)
 }
 
 /// One line of the result table.
